@@ -1,0 +1,16 @@
+"""swarmllm: run large language models across a swarm of volunteer machines."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+__all__ = ["AutoDistributedModelForCausalLM", "DistributedModelForCausalLM", "__version__"]
+
+
+def __getattr__(name: str):
+    # Lazy, so `swarmllm dht` and other light commands don't pay for importing transformers.
+    if name in ("AutoDistributedModelForCausalLM", "DistributedModelForCausalLM"):
+        from swarmllm.client import model
+
+        return getattr(model, name)
+    raise AttributeError(f"module 'swarmllm' has no attribute {name!r}")

@@ -1,0 +1,23 @@
+"""`swarmllm dht`: a DHT peer that holds no blocks, so a swarm has a stable address to join through."""
+
+from __future__ import annotations
+
+import signal
+import threading
+
+from swarmllm.dht import start_dht, visible_maddrs
+from swarmllm.wire import Identity
+
+
+def run_bootstrap(initial_peers: list[str], *, host: str, port: int, identity_path: str | None) -> int:
+    identity = Identity.load_or_create(identity_path) if identity_path else Identity.generate()
+    dht, _ = start_dht(identity, initial_peers=initial_peers, host=host, port=port)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    maddrs = visible_maddrs(dht)
+    print("Bootstrap peer is running. Others join with:", flush=True)
+    print("  --initial-peers " + " ".join(maddrs), flush=True)
+    stop.wait()
+    dht.shutdown()
+    return 0

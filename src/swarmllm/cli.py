@@ -1,0 +1,142 @@
+"""The `swarmllm` command: `dht` (bootstrap peer), `serve` (donate blocks), `generate` (use a swarm), `demo`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+
+def _blocks(text: str) -> tuple[int, int]:
+    try:
+        start, end = (int(x) for x in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected START:END, got {text!r}") from None
+    return start, end
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    logging.getLogger("swarmllm").setLevel(logging.DEBUG if verbose else logging.INFO)
+    try:
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.set_verbosity_error()
+    except ImportError:
+        pass
+
+
+def _peers(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--initial-peers", nargs="*", default=[], metavar="MULTIADDR",
+                        help="multiaddrs of peers already in the swarm (printed by `swarmllm dht`)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="swarmllm", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logs")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    dht = commands.add_parser("dht", help="run a bootstrap DHT peer and print its multiaddrs")
+    _peers(dht)
+    dht.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    dht.add_argument("--port", type=int, default=0, help="TCP port (0 = any free port)")
+    dht.add_argument("--identity", help="key file: keeps the peer id (and so the multiaddrs) across restarts")
+
+    serve = commands.add_parser("serve", help="serve a range of a model's blocks to the swarm")
+    serve.add_argument("model", help="Hugging Face hub id or local checkpoint folder")
+    which = serve.add_mutually_exclusive_group()
+    which.add_argument("--blocks", type=_blocks, metavar="START:END", help="serve blocks [START, END)")
+    which.add_argument("--num-blocks", type=int, help="serve this many blocks where the swarm needs them most")
+    _peers(serve)
+    serve.add_argument("--new-swarm", action="store_true", help="start a new swarm (no --initial-peers)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    serve.add_argument("--port", type=int, default=0, help="libp2p TCP port (0 = any free port)")
+    serve.add_argument("--direct-port", type=int, default=0, help="direct tensor path TCP port (0 = any)")
+    serve.add_argument("--announce-host", help="address others should dial, if not --host")
+    serve.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    serve.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
+    serve.add_argument("--max-cache-tokens", type=int, default=16384,
+                       help="KV-cache budget in tokens (batch x length) over all sessions")
+    serve.add_argument("--public-name", help="a name shown to others (e.g. your site or handle)")
+    serve.add_argument("--dht-prefix", help="swarm key of the model (default: its repository or folder name)")
+    serve.add_argument("--identity", help="key file: keeps the peer id across restarts")
+    serve.add_argument("--num-threads", type=int, help="torch CPU threads (set it when servers share a machine)")
+    serve.add_argument("--throughput", type=float, help="announced blocks/s instead of measuring it")
+    serve.add_argument("--update-period", type=float, default=30.0, help="seconds between re-announcements")
+
+    gen = commands.add_parser("generate", help="generate text with a model served by a swarm")
+    gen.add_argument("model", help="hub id or local folder (the client loads only embeddings and LM head)")
+    _peers(gen)
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--max-new-tokens", type=int, default=32)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=50)
+    gen.add_argument("--seed", type=int, default=0)
+
+    demo = commands.add_parser("demo", help="start a local swarm with a small bundled model and generate through it")
+    demo.add_argument("--servers", type=int, default=2, help="number of server processes")
+    demo.add_argument("--max-new-tokens", type=int, default=24)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    if args.command == "dht":
+        from swarmllm.bootstrap import run_bootstrap
+
+        return run_bootstrap(args.initial_peers, host=args.host, port=args.port, identity_path=args.identity)
+    if args.command == "serve":
+        return _serve(args)
+    if args.command == "generate":
+        return _generate(args)
+    if args.command == "demo":
+        from swarmllm.demo import run_demo
+
+        return run_demo(num_servers=args.servers, max_new_tokens=args.max_new_tokens)
+    return 2
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from swarmllm.server.server import ServerConfig, run_server
+
+    if not args.initial_peers and not args.new_swarm:
+        print("swarmllm serve: give --initial-peers (join a swarm) or --new-swarm (start one)", file=sys.stderr)
+        return 2
+    run_server(ServerConfig(
+        model=args.model, blocks=args.blocks, num_blocks=args.num_blocks, initial_peers=args.initial_peers,
+        host=args.host, port=args.port, direct_port=args.direct_port, announce_host=args.announce_host,
+        dtype=args.dtype, device=args.device, max_cache_tokens=args.max_cache_tokens,
+        public_name=args.public_name, dht_prefix=args.dht_prefix, identity_path=args.identity,
+        num_threads=args.num_threads, throughput=args.throughput, update_period_s=args.update_period,
+    ))
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    import torch
+    from transformers import AutoTokenizer
+
+    from swarmllm import AutoDistributedModelForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    model = AutoDistributedModelForCausalLM.from_pretrained(args.model, initial_peers=args.initial_peers)
+    inputs = tokenizer(args.prompt, return_tensors="pt")
+    torch.manual_seed(args.seed)
+    sampling = {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k}
+    out = model.generate(
+        **inputs, max_new_tokens=args.max_new_tokens, **(sampling if args.temperature > 0 else {"do_sample": False})
+    )
+    print(tokenizer.decode(out[0], skip_special_tokens=True))
+    model.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,42 @@
+"""One background event loop per client process, so synchronous user code (generate, forward) can drive the
+asynchronous swarm: each call hands a coroutine to the loop thread and waits for its result."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+_lock = threading.Lock()
+_loop: asyncio.AbstractEventLoop | None = None
+
+
+def event_loop() -> asyncio.AbstractEventLoop:
+    global _loop
+    with _lock:
+        if _loop is None or _loop.is_closed():
+            try:
+                import uvloop
+
+                loop = uvloop.new_event_loop()
+            except ImportError:
+                loop = asyncio.new_event_loop()
+            threading.Thread(target=loop.run_forever, name="swarmllm-client-loop", daemon=True).start()
+            _loop = loop
+        return _loop
+
+
+def run_sync(coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
+    """Run a coroutine on the client loop from any other thread and return its result."""
+    loop = event_loop()
+    try:
+        running = asyncio.get_running_loop()
+    except RuntimeError:
+        running = None
+    if running is loop:
+        coro.close()
+        raise RuntimeError("run_sync was called from the client loop itself; await the coroutine instead")
+    return asyncio.run_coroutine_threadsafe(coro, loop).result(timeout)

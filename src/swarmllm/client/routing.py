@@ -1,0 +1,128 @@
+"""Choosing servers for a request: pure functions over announced spans and measured latencies.
+
+Inference wants the chain with the lowest expected time per step (a shortest path over block boundaries, each
+hop costing a round trip plus its blocks' compute); batch forward wants load spread over servers, so it picks
+among the servers that cover each next block at random, weighted by their throughput.
+"""
+
+from __future__ import annotations
+
+import heapq
+import random
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from swarmllm.dht import ServerInfo, ServerState
+
+DEFAULT_RTT_S = 0.05  # assumed round trip to a server not yet pinged
+
+
+class MissingBlocksError(RuntimeError):
+    """No online server holds some blocks of the model."""
+
+    def __init__(self, missing: list[int], num_blocks: int):
+        self.missing = missing
+        super().__init__(
+            f"no online server holds blocks {_ranges(missing)} of {num_blocks}; start a server for them "
+            f"(swarmllm serve MODEL --blocks a:b) or wait for one to join"
+        )
+
+
+@dataclass(frozen=True)
+class Hop:
+    """Blocks [start, end) computed by one server."""
+
+    peer_id: str
+    start: int
+    end: int
+
+
+def _ranges(blocks: list[int]) -> str:
+    out, first = [], None
+    for i, b in enumerate(blocks):
+        if first is None:
+            first = b
+        if i + 1 == len(blocks) or blocks[i + 1] != b + 1:
+            out.append(f"{first}" if first == b else f"{first}..{b}")
+            first = None
+    return ", ".join(out)
+
+
+def _online(servers: Sequence[ServerInfo]) -> list[ServerInfo]:
+    return [s for s in servers if s.state == ServerState.ONLINE]
+
+
+def missing_blocks(servers: Sequence[ServerInfo], num_blocks: int) -> list[int]:
+    covered = [False] * num_blocks
+    for s in _online(servers):
+        for b in range(s.start_block, min(s.end_block, num_blocks)):
+            covered[b] = True
+    return [b for b, ok in enumerate(covered) if not ok]
+
+
+def route_inference(
+    servers: Sequence[ServerInfo],
+    num_blocks: int,
+    rtt_s: Mapping[str, float],
+    *,
+    start: int = 0,
+    end: int | None = None,
+    min_cache_tokens: int = 0,
+) -> list[Hop]:
+    """The chain of hops covering [start, end) with the least expected step time.
+
+    Dijkstra over block boundaries: from boundary b a server holding b can take us to any boundary up to its end,
+    at the cost of its round trip plus its compute per block. Servers without room for the session's cache are
+    avoided unless nothing else covers their blocks.
+    """
+    end = num_blocks if end is None else end
+    online = _online(servers)
+    if missing := [b for b in missing_blocks(online, num_blocks) if start <= b < end]:
+        raise MissingBlocksError(missing, num_blocks)
+    best: dict[int, float] = {start: 0.0}
+    came_from: dict[int, Hop] = {}
+    queue = [(0.0, start)]
+    while queue:
+        cost, boundary = heapq.heappop(queue)
+        if boundary == end:
+            break
+        if cost > best.get(boundary, float("inf")):
+            continue
+        for s in online:
+            if not s.start_block <= boundary < s.end_block:
+                continue
+            per_block = 1.0 / max(s.inference_rps, 1e-9)
+            penalty = 0.0 if s.cache_tokens_left >= min_cache_tokens else 100.0
+            hop_cost = rtt_s.get(s.peer_id, DEFAULT_RTT_S) + penalty
+            for stop in range(boundary + 1, min(s.end_block, end) + 1):
+                new_cost = cost + hop_cost + per_block * (stop - boundary)
+                if new_cost < best.get(stop, float("inf")):
+                    best[stop] = new_cost
+                    came_from[stop] = Hop(s.peer_id, boundary, stop)
+                    heapq.heappush(queue, (new_cost, stop))
+    hops, boundary = [], end
+    while boundary != start:
+        hop = came_from[boundary]
+        hops.append(hop)
+        boundary = hop.start
+    return hops[::-1]
+
+
+def route_forward(
+    servers: Sequence[ServerInfo], num_blocks: int, rng: random.Random, *, start: int = 0, end: int | None = None
+) -> list[Hop]:
+    """Hops covering [start, end), each chosen at random among the servers holding the next block,
+    weighted by throughput, and run as far as that server's span reaches."""
+    end = num_blocks if end is None else end
+    online = _online(servers)
+    if missing := [b for b in missing_blocks(online, num_blocks) if start <= b < end]:
+        raise MissingBlocksError(missing, num_blocks)
+    hops, boundary = [], start
+    while boundary < end:
+        candidates = [s for s in online if s.start_block <= boundary < s.end_block]
+        weights = [max(s.forward_rps, 1e-9) for s in candidates]
+        chosen = rng.choices(candidates, weights=weights)[0]
+        stop = min(chosen.end_block, end)
+        hops.append(Hop(chosen.peer_id, boundary, stop))
+        boundary = stop
+    return hops

@@ -1,0 +1,137 @@
+"""A client's view of one model's swarm: who serves what, how far they are, and a connection to each.
+
+Look-ups hit the DHT only when the cached server list is older than `refresh_s` (never per step). Each server
+gets one persistent connection, direct TCP when it announces a direct address that answers and proves the
+expected peer id, otherwise libp2p, which reaches peers behind NAT and relays.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Sequence
+
+import hivemind
+import torch
+
+from swarmllm.client.routing import Hop, route_forward, route_inference
+from swarmllm.dht import ServerInfo, find_servers, start_dht
+from swarmllm.wire import Connection, Identity, Message, WireError, connect_direct, connect_libp2p
+
+logger = logging.getLogger(__name__)
+
+
+class SwarmClient:
+    def __init__(
+        self,
+        initial_peers: Sequence[str],
+        dht_prefix: str,
+        num_blocks: int,
+        *,
+        identity: Identity | None = None,
+        refresh_s: float = 30.0,
+        connect_timeout_s: float = 5.0,
+        request_timeout_s: float = 600.0,
+        prefer_direct: bool = True,
+    ):
+        self.initial_peers = list(initial_peers)
+        self.dht_prefix = dht_prefix
+        self.num_blocks = num_blocks
+        self.identity = identity or Identity.generate()
+        self.refresh_s = refresh_s
+        self.connect_timeout_s = connect_timeout_s
+        self.request_timeout_s = request_timeout_s
+        self.prefer_direct = prefer_direct
+        self.rng = random.Random()
+        self.dht: hivemind.DHT | None = None
+        self._p2p: hivemind.P2P | None = None
+        self._servers: dict[str, ServerInfo] = {}
+        self._servers_at = -float("inf")
+        self._connections: dict[str, Connection] = {}
+        self._connecting: dict[str, asyncio.Future] = {}
+        self.rtt_s: dict[str, float] = {}
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.dht, _ = await loop.run_in_executor(
+            None, lambda: start_dht(self.identity, initial_peers=self.initial_peers, client_mode=True)
+        )
+        self._p2p = await self.dht.replicate_p2p()
+
+    async def shutdown(self) -> None:
+        for conn in list(self._connections.values()):
+            await conn.close()
+        self._connections.clear()
+        if self.dht is not None:
+            self.dht.shutdown()
+            self.dht = None
+
+    async def servers(self, *, refresh: bool = False) -> list[ServerInfo]:
+        if refresh or time.monotonic() - self._servers_at > self.refresh_s:
+            found = await find_servers(self.dht, self.dht_prefix, self.num_blocks)
+            self._servers = {s.peer_id: s for s in found}
+            self._servers_at = time.monotonic()
+        return list(self._servers.values())
+
+    async def connection(self, peer_id: str) -> Connection:
+        """The persistent connection to a server, opened on first use (concurrent callers share one attempt)."""
+        conn = self._connections.get(peer_id)
+        if conn is not None and not conn.is_closed:
+            return conn
+        pending = self._connecting.get(peer_id)
+        if pending is None:
+            pending = asyncio.ensure_future(self._connect(peer_id))
+            self._connecting[peer_id] = pending
+            pending.add_done_callback(lambda _: self._connecting.pop(peer_id, None))
+        conn = await asyncio.shield(pending)
+        self._connections[peer_id] = conn
+        return conn
+
+    async def _connect(self, peer_id: str) -> Connection:
+        info = self._servers.get(peer_id)
+        if self.prefer_direct and info is not None:
+            for addr in info.direct_addrs:
+                host, _, port = addr.rpartition(":")
+                try:
+                    return await connect_direct(
+                        host, int(port), self.identity, expected_peer_id=peer_id, timeout=self.connect_timeout_s
+                    )
+                except (OSError, asyncio.TimeoutError, WireError, ValueError) as e:
+                    logger.info("direct path to %s at %s failed (%s); falling back to libp2p", peer_id, addr, e)
+        return await connect_libp2p(self._p2p, peer_id, timeout=self.connect_timeout_s)
+
+    async def ping(self, peer_id: str) -> float:
+        """Round trip of an `info` call in seconds (also opens the connection)."""
+        conn = await self.connection(peer_id)
+        began = time.perf_counter()
+        await conn.call("info", Message(), timeout=self.connect_timeout_s)
+        self.rtt_s[peer_id] = rtt = time.perf_counter() - began
+        return rtt
+
+    async def _ping_unmeasured(self, servers: Sequence[ServerInfo]) -> None:
+        todo = [s.peer_id for s in servers if s.peer_id not in self.rtt_s]
+        results = await asyncio.gather(*(self.ping(p) for p in todo), return_exceptions=True)
+        for peer_id, result in zip(todo, results):
+            if isinstance(result, BaseException):
+                logger.info("ping to %s failed: %s", peer_id, result)
+
+    async def route_inference(self, *, min_cache_tokens: int = 0, refresh: bool = False) -> list[Hop]:
+        servers = await self.servers(refresh=refresh)
+        await self._ping_unmeasured(servers)
+        return route_inference(servers, self.num_blocks, self.rtt_s, min_cache_tokens=min_cache_tokens)
+
+    async def forward(self, hidden: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Hidden states through every block, spread over servers by throughput (no cache kept anywhere)."""
+        hops = route_forward(await self.servers(), self.num_blocks, self.rng)
+        extra = [key_mask] if key_mask is not None else []
+        for hop in hops:
+            conn = await self.connection(hop.peer_id)
+            reply = await conn.call(
+                "forward",
+                Message({"start": hop.start, "end": hop.end}, [hidden, *extra]),
+                timeout=self.request_timeout_s,
+            )
+            hidden = reply.tensors[0]
+        return hidden

@@ -1,0 +1,83 @@
+"""What a server announces about itself, and what a swarm announces about its models.
+
+`ServerInfo` is defined here and nowhere else: servers write it to the DHT, clients, the router and the monitor
+read it. Values travel as plain dicts (msgpack-able); `parse_server_info` is the only way back, and it drops
+anything malformed instead of letting one bad peer break a look-up.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ServerState(str, Enum):
+    JOINING = "joining"
+    ONLINE = "online"
+    OFFLINE = "offline"
+
+
+class ServerInfo(BaseModel):
+    """A server's announcement for the blocks [start_block, end_block) of one model."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    peer_id: str
+    state: ServerState
+    start_block: int = Field(ge=0)
+    end_block: int = Field(gt=0)
+    throughput: float = Field(ge=0, description="tokens/s the server can add to the swarm (min of compute and net)")
+    inference_rps: float = Field(ge=0, description="single-token decode steps/s over one block")
+    forward_rps: float = Field(ge=0, description="tokens/s of batch forward over one block")
+    network_rps: float | None = None
+    cache_tokens_left: int = Field(ge=0)
+    version: str
+    dtype: str
+    quantization: str = "none"
+    public_name: str | None = None
+    adapters: tuple[str, ...] = ()
+    using_relay: bool = False
+    direct_addrs: tuple[str, ...] = Field(default=(), description="host:port of the direct tensor path")
+
+    @model_validator(mode="after")
+    def _span_not_empty(self) -> ServerInfo:
+        if self.end_block <= self.start_block:
+            raise ValueError(f"empty span [{self.start_block}, {self.end_block})")
+        return self
+
+    @property
+    def num_blocks(self) -> int:
+        return self.end_block - self.start_block
+
+    def to_record(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+class ModelInfo(BaseModel):
+    """One entry of the swarm's model registry."""
+
+    model_config = ConfigDict(frozen=True, extra="ignore")
+
+    dht_prefix: str
+    num_blocks: int = Field(gt=0)
+    repository: str | None = None
+
+    def to_record(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+def parse_server_info(value: Any) -> ServerInfo | None:
+    """A ServerInfo from a DHT value, or None for garbage (never raises)."""
+    try:
+        return ServerInfo.model_validate(value)
+    except (ValidationError, TypeError, ValueError):
+        return None
+
+
+def parse_model_info(value: Any) -> ModelInfo | None:
+    try:
+        return ModelInfo.model_validate(value)
+    except (ValidationError, TypeError, ValueError):
+        return None

@@ -1,0 +1,104 @@
+"""DHT keys and the announce / look-up of servers and models.
+
+Layout: one key per (model, block) = "{dht_prefix}.{block}"; under it one subkey per server, the server's
+signed owner tag ("[owner:<rsa public key>]"), holding its `ServerInfo`. hivemind's RSASignatureValidator makes
+every such record signed by its owner, and readers check that the announced peer id is the one derived from the
+owner key, so nobody can announce under another's name. The registry key lists the models a swarm serves.
+Every record expires; servers re-announce before it does.
+"""
+
+from __future__ import annotations
+
+import re
+from functools import partial
+from collections.abc import Sequence
+from typing import Any
+
+import hivemind
+from hivemind.dht.crypto import RSASignatureValidator
+from hivemind.utils import get_dht_time
+from hivemind.utils.crypto import RSAPublicKey
+
+from swarmllm.dht.info import ModelInfo, ServerInfo, parse_model_info, parse_server_info
+from swarmllm.wire.identity import peer_id_from_public_key
+
+MODELS_KEY = "_swarmllm.models"
+_OWNER_RE = re.compile(RSASignatureValidator.PUBLIC_KEY_REGEX)
+
+
+def block_key(dht_prefix: str, block: int) -> str:
+    return f"{dht_prefix}.{block}"
+
+
+def owner_peer_id(subkey: Any) -> str | None:
+    """The peer id proven by a record's owner tag, or None when the subkey carries no valid key."""
+    if not isinstance(subkey, bytes):
+        return None
+    match = _OWNER_RE.search(subkey)
+    if match is None:
+        return None
+    try:
+        return peer_id_from_public_key(RSAPublicKey.from_bytes(match.group(1)))
+    except (ValueError, TypeError):
+        return None
+
+
+async def _store_records(_dht: hivemind.DHT, node: hivemind.DHTNode, keys, subkey, values, expiration) -> bool:
+    results = await node.store_many(keys, values, expiration, subkeys=[subkey] * len(keys))
+    return all(results.values())
+
+
+async def _get_records(_dht: hivemind.DHT, node: hivemind.DHTNode, keys: Sequence[str]) -> dict[str, Any]:
+    found = await node.get_many(keys, sufficient_expiration_time=float("inf"))
+    out: dict[str, Any] = {}
+    for key, entry in found.items():
+        if entry is not None and isinstance(entry.value, dict):
+            out[key] = {subkey: item.value for subkey, item in entry.value.items()}
+    return out
+
+
+async def announce(
+    dht: hivemind.DHT,
+    owner_tag: bytes,
+    dht_prefix: str,
+    info: ServerInfo,
+    model: ModelInfo,
+    expiration_s: float,
+) -> bool:
+    """Write `info` under every block key of its span and the model registry, signed by `owner_tag`'s key."""
+    expiration = get_dht_time() + expiration_s
+    keys = [block_key(dht_prefix, b) for b in range(info.start_block, info.end_block)] + [MODELS_KEY]
+    values = [info.to_record()] * info.num_blocks + [model.to_record()]
+    store = partial(_store_records, keys=keys, subkey=owner_tag, values=values, expiration=expiration)
+    return await dht.run_coroutine(store, return_future=True)
+
+
+async def find_servers(dht: hivemind.DHT, dht_prefix: str, num_blocks: int) -> list[ServerInfo]:
+    """Every valid server of a model, one entry per peer (records whose owner doesn't match are dropped)."""
+    keys = [block_key(dht_prefix, b) for b in range(num_blocks)]
+    found = await dht.run_coroutine(partial(_get_records, keys=keys), return_future=True)
+    servers: dict[str, ServerInfo] = {}
+    for key in keys:
+        for subkey, value in found.get(key, {}).items():
+            info = parse_server_info(value)
+            if info is None or owner_peer_id(subkey) != info.peer_id or info.end_block > num_blocks:
+                continue
+            servers.setdefault(info.peer_id, info)
+    return list(servers.values())
+
+
+async def list_models(dht: hivemind.DHT) -> list[ModelInfo]:
+    """The models announced in a swarm (deduplicated by DHT prefix)."""
+    found = await dht.run_coroutine(partial(_get_records, keys=[MODELS_KEY]), return_future=True)
+    models: dict[str, ModelInfo] = {}
+    for subkey, value in found.get(MODELS_KEY, {}).items():
+        info = parse_model_info(value)
+        if info is not None and owner_peer_id(subkey) is not None:
+            models.setdefault(info.dht_prefix, info)
+    return sorted(models.values(), key=lambda m: m.dht_prefix)
+
+
+def dht_prefix_for(name_or_path: str) -> str:
+    """The DHT prefix of a model: its hub repository name or local folder name (clients derive the same)."""
+    name = name_or_path.rstrip("/").split("/")[-1]
+    return re.sub(r"[^A-Za-z0-9_.-]", "-", name) or "model"

@@ -1,0 +1,126 @@
+"""A swarm of real processes on this machine (bootstrap peer + servers on 127.0.0.1), for the demo,
+the tests and the benchmarks. Each process reports readiness on stdout; we wait for that line, never a sleep."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+
+class ProcessFailed(RuntimeError):
+    pass
+
+
+@dataclass
+class ManagedProcess:
+    name: str
+    proc: subprocess.Popen
+    lines: queue.Queue = field(default_factory=queue.Queue)
+    log: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        threading.Thread(target=self._pump, daemon=True).start()
+
+    def _pump(self) -> None:
+        for line in self.proc.stdout:
+            self.log.append(line)
+            self.lines.put(line)
+        self.lines.put(None)
+
+    def wait_for(self, predicate, timeout_s: float) -> str:
+        """The first stdout line for which predicate(line) is true."""
+        while True:
+            try:
+                line = self.lines.get(timeout=timeout_s)
+            except queue.Empty:
+                raise ProcessFailed(f"{self.name} was not ready in {timeout_s} s:\n{''.join(self.log[-40:])}") from None
+            if line is None:
+                raise ProcessFailed(f"{self.name} exited with {self.proc.wait()}:\n{''.join(self.log[-40:])}")
+            if predicate(line):
+                return line
+
+    def stop(self, timeout_s: float = 20.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                return self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        return self.proc.wait()
+
+
+def _spawn(name: str, args: Sequence[str], env: dict[str, str] | None = None) -> ManagedProcess:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "swarmllm.cli", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+    )
+    return ManagedProcess(name, proc)
+
+
+class LocalSwarm:
+    """Bootstrap peer plus servers, each a real `swarmllm` process on 127.0.0.1."""
+
+    def __init__(self) -> None:
+        self.bootstrap: ManagedProcess | None = None
+        self.servers: list[ManagedProcess] = []
+        self.initial_peers: list[str] = []
+        self.server_info: list[dict] = []
+
+    def start_bootstrap(self, timeout_s: float = 60.0) -> list[str]:
+        self.bootstrap = _spawn("bootstrap", ["dht"])
+        line = self.bootstrap.wait_for(lambda s: s.strip().startswith("--initial-peers"), timeout_s)
+        self.initial_peers = line.split()[1:]
+        return self.initial_peers
+
+    def add_server(
+        self, model: str, blocks: tuple[int, int] | None = None, *, extra: Sequence[str] = (), timeout_s: float = 180.0
+    ) -> dict:
+        """Start a server and return its readiness record (peer_id, start, end, direct address)."""
+        return self.add_servers([(model, blocks)], extra=extra, timeout_s=timeout_s)[0]
+
+    def add_servers(
+        self,
+        specs: Sequence[tuple[str, tuple[int, int] | None]],
+        *,
+        extra: Sequence[str] = (),
+        timeout_s: float = 180.0,
+    ) -> list[dict]:
+        """Start several servers at once (they load in parallel) and wait until each is online."""
+        started = []
+        for model, blocks in specs:
+            args = ["serve", model, "--initial-peers", *self.initial_peers, "--num-threads", "1", *extra]
+            if blocks is not None:
+                args += ["--blocks", f"{blocks[0]}:{blocks[1]}"]
+            started.append(_spawn(f"server {len(self.servers) + len(started)} ({model} {blocks})", args))
+        self.servers.extend(started)
+        infos = []
+        for server in started:
+            line = server.wait_for(lambda s: s.startswith("{") and '"server_online"' in s, timeout_s)
+            infos.append(json.loads(line))
+        self.server_info.extend(infos)
+        return infos
+
+    def stop_server(self, index: int) -> int:
+        return self.servers[index].stop()
+
+    def close(self) -> None:
+        for server in self.servers:
+            server.stop()
+        if self.bootstrap is not None:
+            self.bootstrap.stop()
+
+    def __enter__(self) -> LocalSwarm:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,41 @@
+"""Model math and checkpoint loading; imports only torch, transformers, safetensors and huggingface_hub.
+
+llama.py       BlockConfig, KVCache, RotaryEmbedding, LlamaBlock, BlockSpan (a server's blocks), ClientHead
+               (a client's embeddings + final norm + LM head) for Llama 2/3.x, Mistral and Qwen2/2.5
+checkpoint.py  resolve a local or hub checkpoint, load a span of blocks or the client head reading only their tensors
+tiny.py        tiny random checkpoints (with a tokenizer) for tests and the demo
+"""
+
+from swarmllm.models.checkpoint import (
+    files_for_tensors,
+    load_client_head,
+    load_config,
+    load_span,
+    resolve_checkpoint,
+    tensor_names_for_blocks,
+)
+from swarmllm.models.llama import (
+    BlockConfig,
+    BlockSpan,
+    ClientHead,
+    KVCache,
+    LlamaBlock,
+    RMSNorm,
+    RotaryEmbedding,
+)
+
+__all__ = [
+    "BlockConfig",
+    "BlockSpan",
+    "ClientHead",
+    "KVCache",
+    "LlamaBlock",
+    "RMSNorm",
+    "RotaryEmbedding",
+    "files_for_tensors",
+    "load_client_head",
+    "load_config",
+    "load_span",
+    "resolve_checkpoint",
+    "tensor_names_for_blocks",
+]

@@ -1,0 +1,200 @@
+"""Loading parts of a Hugging Face checkpoint: a server's span of blocks, or a client's embeddings and LM head.
+
+Owns finding a checkpoint (local directory or hub repo), reading only the tensors asked for from safetensors
+files, and mapping Hugging Face tensor names to ours. From the hub it fetches the JSON files first, then only
+the shards that hold the wanted tensors. It does not decide which blocks to serve or how much memory to use.
+
+Name mapping (the rest of each name is identical on both sides):
+    model.layers.{i}.*      -> BlockSpan.blocks[i - start].*
+    model.embed_tokens.*    -> ClientHead.embed_tokens.*
+    model.norm.*            -> ClientHead.norm.*
+    lm_head.*               -> ClientHead.lm_head.*   (absent in tied checkpoints: tied to embed_tokens)
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import ExitStack, contextmanager
+from dataclasses import replace
+from os import PathLike
+from pathlib import Path
+
+import torch
+from huggingface_hub import snapshot_download
+from safetensors import safe_open
+from transformers import AutoConfig, PretrainedConfig
+
+from swarmllm.models.llama import BlockConfig, BlockSpan, ClientHead
+
+logger = logging.getLogger(__name__)
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+HEAD_TENSORS = {
+    "model.embed_tokens.weight": "embed_tokens.weight",
+    "model.norm.weight": "norm.weight",
+    "lm_head.weight": "lm_head.weight",
+}
+_BLOCK_TENSOR = re.compile(r"model\.layers\.(\d+)\.(.+)")
+# Some older Llama 2 conversions saved the RoPE frequencies per layer; they are recomputed, never loaded.
+_STALE_SUFFIX = "rotary_emb.inv_freq"
+
+
+def resolve_checkpoint(
+    name_or_path: str | PathLike,
+    *,
+    revision: str | None = None,
+    cache_dir: str | PathLike | None = None,
+    allow_patterns: list[str] | None = None,
+) -> Path:
+    """A local directory as is; otherwise the local snapshot of a hub repo, fetching the files `allow_patterns` match.
+
+    Calling again with other patterns adds files to the same snapshot directory, which is how loaders fetch
+    the index first and then only the shards they need.
+    """
+    local = Path(name_or_path).expanduser()
+    if local.is_dir():
+        return local
+    return Path(
+        snapshot_download(
+            str(name_or_path), revision=revision, cache_dir=cache_dir, allow_patterns=allow_patterns
+        )
+    )
+
+
+def load_config(
+    name_or_path: str | PathLike, *, revision: str | None = None, cache_dir: str | PathLike | None = None
+) -> tuple[PretrainedConfig, BlockConfig]:
+    root = resolve_checkpoint(name_or_path, revision=revision, cache_dir=cache_dir, allow_patterns=["*.json"])
+    hf_config = AutoConfig.from_pretrained(root)
+    return hf_config, BlockConfig.from_hf(hf_config)
+
+
+def tensor_names_for_blocks(index_or_names: Mapping | Iterable[str], start: int, end: int) -> list[str]:
+    """Names of the tensors of blocks [start, end), ordered by block then name.
+
+    Takes a parsed index file, its weight_map, or any iterable of tensor names.
+    """
+    if isinstance(index_or_names, Mapping) and "weight_map" in index_or_names:
+        index_or_names = index_or_names["weight_map"]
+    selected = []
+    for name in index_or_names:
+        match = _BLOCK_TENSOR.fullmatch(name)
+        if match and start <= int(match[1]) < end and not name.endswith(_STALE_SUFFIX):
+            selected.append((int(match[1]), name))
+    return [name for _, name in sorted(selected)]
+
+
+def files_for_tensors(weight_map: Mapping[str, str], names: Iterable[str]) -> dict[str, list[str]]:
+    """Group the wanted tensor names by the file holding them: exactly the files a loader opens."""
+    files: dict[str, list[str]] = {}
+    for name in names:
+        files.setdefault(weight_map[name], []).append(name)
+    return files
+
+
+def load_span(
+    name_or_path: str | PathLike,
+    start: int,
+    end: int,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    revision: str | None = None,
+    cache_dir: str | PathLike | None = None,
+) -> BlockSpan:
+    """Blocks [start, end) with their weights, reading no other block's tensors.
+
+    Modules are built on the meta device and take the loaded tensors as their parameters, so peak memory
+    is about the span's weights plus one tensor.
+    """
+    _check_dtype(dtype)
+    _, config = load_config(name_or_path, revision=revision, cache_dir=cache_dir)
+    with torch.device("meta"):
+        span = BlockSpan(config, start, end)
+    span.rotary.to(device)
+    root, files = _locate(
+        name_or_path, lambda names: tensor_names_for_blocks(names, start, end), revision, cache_dir
+    )
+    names = [name for file_names in files.values() for name in file_names]
+    with _tensor_reader(root, files, dtype, device) as read:
+        for i in range(start, end):
+            prefix = f"model.layers.{i}."
+            state = {name.removeprefix(prefix): read(name) for name in names if name.startswith(prefix)}
+            span.blocks[i - start].load_state_dict(state, strict=True, assign=True)
+            logger.info("loaded block %d (%d of %d in [%d, %d))", i, i - start + 1, end - start, start, end)
+    return span
+
+
+def load_client_head(
+    name_or_path: str | PathLike,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: torch.device | str = "cpu",
+    revision: str | None = None,
+    cache_dir: str | PathLike | None = None,
+) -> tuple[PretrainedConfig, ClientHead]:
+    """The embeddings, final norm and LM head; the LM head is tied to the embeddings when the checkpoint has none."""
+    _check_dtype(dtype)
+    hf_config, config = load_config(name_or_path, revision=revision, cache_dir=cache_dir)
+    wanted = [name for name in HEAD_TENSORS if not (config.tie_word_embeddings and name == "lm_head.weight")]
+    root, files = _locate(name_or_path, lambda names: [n for n in wanted if n in names], revision, cache_dir)
+    with _tensor_reader(root, files, dtype, device) as read:
+        state = {HEAD_TENSORS[name]: read(name) for file_names in files.values() for name in file_names}
+    tied = "lm_head.weight" not in state
+    with torch.device("meta"):
+        head = ClientHead(replace(config, tie_word_embeddings=tied))
+    if tied:
+        state["lm_head.weight"] = state["embed_tokens.weight"]
+    head.load_state_dict(state, strict=True, assign=True)
+    if tied:
+        head.lm_head.weight = head.embed_tokens.weight  # assign=True loaded two Parameters; share one again
+    return hf_config, head
+
+
+def _check_dtype(dtype: torch.dtype) -> None:
+    if dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"unsupported dtype {dtype}; use one of {SUPPORTED_DTYPES}")
+
+
+def _locate(
+    name_or_path: str | PathLike,
+    select: Callable[[Iterable[str]], list[str]],
+    revision: str | None,
+    cache_dir: str | PathLike | None,
+) -> tuple[Path, dict[str, list[str]]]:
+    """The checkpoint root and {file: tensor names} for the tensors `select` picks; fetches only those files."""
+    root = resolve_checkpoint(name_or_path, revision=revision, cache_dir=cache_dir, allow_patterns=["*.json"])
+    if (root / INDEX_FILE).is_file():
+        weight_map = json.loads((root / INDEX_FILE).read_text())["weight_map"]
+    else:
+        root = resolve_checkpoint(
+            name_or_path, revision=revision, cache_dir=cache_dir, allow_patterns=[SINGLE_FILE]
+        )
+        if not (root / SINGLE_FILE).is_file():
+            raise FileNotFoundError(f"{name_or_path}: neither {INDEX_FILE} nor {SINGLE_FILE} found")
+        with safe_open(root / SINGLE_FILE, framework="pt") as f:
+            weight_map = dict.fromkeys(f.keys(), SINGLE_FILE)
+    files = files_for_tensors(weight_map, select(weight_map))
+    root = resolve_checkpoint(
+        name_or_path, revision=revision, cache_dir=cache_dir, allow_patterns=sorted(files)
+    )
+    return root, files
+
+
+@contextmanager
+def _tensor_reader(
+    root: Path, files: dict[str, list[str]], dtype: torch.dtype, device: torch.device | str
+) -> Iterator[Callable[[str], torch.Tensor]]:
+    """A function reading one tensor by name, cast to `dtype` on `device`; each file is opened once."""
+    file_of = {name: file for file, names in files.items() for name in names}
+    with ExitStack() as stack:
+        handles = {
+            file: stack.enter_context(safe_open(root / file, framework="pt", device=str(device)))
+            for file in files
+        }
+        yield lambda name: handles[file_of[name]].get_tensor(name).to(dtype)

@@ -1,0 +1,362 @@
+"""Llama-family decoder blocks: Llama 2/3.x, Mistral and Qwen2/2.5, written to match transformers' numerics.
+
+Owns the block math: the config, rotary embedding, attention over an explicit KV cache, the span of blocks a
+server runs, and the embeddings + final norm + LM head a client holds. It knows nothing about files
+(checkpoint.py loads weights), sessions, memory budgets or the network.
+
+Parameter names mirror Hugging Face's decoder layer (`self_attn.q_proj`, `mlp.gate_proj`, `input_layernorm`, ...)
+so a checkpoint's `model.layers.{i}.*` tensors load into `BlockSpan.blocks[i - start]` by stripping a prefix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from transformers import LlamaConfig
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+FAMILIES = ("llama", "mistral", "qwen2")
+# transformers recomputes these frequencies from the sequence length at run time; we only do static RoPE.
+_DYNAMIC_ROPE_TYPES = ("dynamic", "longrope")
+
+
+@dataclass(frozen=True)
+class BlockConfig:
+    """Shapes and options of one Llama-family model, as plain data (comparable, easy to send or log)."""
+
+    family: str  # Hugging Face model_type: "llama" | "mistral" | "qwen2"
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    rms_norm_eps: float
+    vocab_size: int
+    # q/k/v bias and o_proj bias: Llama's attention_bias sets both, Qwen2 has q/k/v bias only
+    attention_bias: bool = False
+    attention_out_bias: bool = False
+    mlp_bias: bool = False
+    sliding_window: int | None = None  # tokens a query sees, itself included; None = full causal attention
+    sliding_layers: tuple[int, ...] | None = None  # layers using the window (Qwen2 mixes); None = all
+    tie_word_embeddings: bool = False
+    rope_parameters: dict = field(default_factory=lambda: {"rope_type": "default", "rope_theta": 10000.0})
+    max_position_embeddings: int = 4096  # read by scaled RoPE variants (yarn) only
+
+    @classmethod
+    def from_hf(cls, hf_config) -> BlockConfig:
+        """Read a transformers config; raises ValueError for anything this module would compute differently."""
+        family = hf_config.model_type
+        if family not in FAMILIES:
+            raise ValueError(f"unsupported model_type {family!r}; supported: {', '.join(FAMILIES)}")
+        if hf_config.hidden_act != "silu":
+            raise ValueError(f"unsupported hidden_act {hf_config.hidden_act!r}; only 'silu' is implemented")
+        rope = dict(hf_config.rope_parameters)
+        rope_type = rope.get("rope_type", "default")
+        if rope_type in _DYNAMIC_ROPE_TYPES or (
+            rope_type != "default" and rope_type not in ROPE_INIT_FUNCTIONS
+        ):
+            raise ValueError(f"unsupported rope_type {rope_type!r}")
+        if rope.get("partial_rotary_factor", 1.0) != 1.0:
+            raise ValueError("partial rotary embeddings are not supported")
+        sliding_window = getattr(hf_config, "sliding_window", None)
+        sliding_layers = None
+        if family == "qwen2" and sliding_window is not None:
+            sliding_layers = tuple(
+                i for i, kind in enumerate(hf_config.layer_types) if kind == "sliding_attention"
+            )
+        bias = bool(getattr(hf_config, "attention_bias", False))
+        return cls(
+            family=family,
+            hidden_size=hf_config.hidden_size,
+            num_layers=hf_config.num_hidden_layers,
+            num_heads=hf_config.num_attention_heads,
+            num_kv_heads=hf_config.num_key_value_heads or hf_config.num_attention_heads,
+            head_dim=getattr(hf_config, "head_dim", None)
+            or hf_config.hidden_size // hf_config.num_attention_heads,
+            intermediate_size=hf_config.intermediate_size,
+            rms_norm_eps=hf_config.rms_norm_eps,
+            vocab_size=hf_config.vocab_size,
+            attention_bias=bias or family == "qwen2",
+            attention_out_bias=bias,
+            mlp_bias=bool(getattr(hf_config, "mlp_bias", False)),
+            sliding_window=sliding_window,
+            sliding_layers=sliding_layers,
+            tie_word_embeddings=bool(hf_config.tie_word_embeddings),
+            rope_parameters=rope,
+            max_position_embeddings=hf_config.max_position_embeddings,
+        )
+
+    def window(self, layer: int) -> int | None:
+        """The sliding window of layer `layer` (absolute index), or None when it attends to the whole prefix."""
+        if self.sliding_layers is not None and layer not in self.sliding_layers:
+            return None
+        return self.sliding_window
+
+
+class KVCache:
+    """Preallocated keys/values for one session over a span of blocks."""
+
+    def __init__(
+        self,
+        num_blocks: int,
+        batch_size: int,
+        max_length: int,
+        config: BlockConfig,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ):
+        shape = (num_blocks, batch_size, config.num_kv_heads, max_length, config.head_dim)
+        self.keys = torch.zeros(shape, dtype=dtype, device=device)
+        self.values = torch.zeros(shape, dtype=dtype, device=device)
+
+    @property
+    def max_length(self) -> int:
+        return self.keys.shape[3]
+
+    @staticmethod
+    def bytes_per_token(num_blocks: int, config: BlockConfig, dtype: torch.dtype) -> int:
+        """Cache bytes one token of one sequence costs over `num_blocks` blocks, for memory budgeting."""
+        return 2 * num_blocks * config.num_kv_heads * config.head_dim * dtype.itemsize
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        # Normalise in float32 and scale after casting back, exactly as transformers does, so bf16 matches too.
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables for rotary position embedding; scaled variants (linear, llama3, yarn) use transformers' init."""
+
+    def __init__(self, config: BlockConfig, device: torch.device | str | None = None):
+        super().__init__()
+        rope_type = config.rope_parameters.get("rope_type", "default")
+        # An explicit device (CPU by default) keeps the frequencies real when a span is built on the meta device.
+        with torch.device(device or "cpu"):
+            if rope_type == "default":
+                exponents = torch.arange(0, config.head_dim, 2, dtype=torch.float) / config.head_dim
+                inv_freq, self.attention_scaling = (
+                    1.0 / (config.rope_parameters["rope_theta"] ** exponents),
+                    1.0,
+                )
+            else:
+                inv_freq, self.attention_scaling = ROPE_INIT_FUNCTIONS[rope_type](_rope_hf_config(config))
+        self.register_buffer("inv_freq", inv_freq.float(), persistent=False)  # [head_dim / 2]
+
+    def forward(self, position_ids: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        freqs = position_ids[..., None].float() * self.inv_freq.float()  # [B, T, head_dim / 2]
+        angles = torch.cat((freqs, freqs), dim=-1)  # [B, T, head_dim]
+        return (angles.cos() * self.attention_scaling).to(dtype), (angles.sin() * self.attention_scaling).to(
+            dtype
+        )
+
+
+def _rope_hf_config(config: BlockConfig) -> LlamaConfig:
+    """The fields transformers' RoPE init functions read, in the config object they expect."""
+    return LlamaConfig(
+        hidden_size=config.hidden_size,
+        num_attention_heads=config.num_heads,
+        num_key_value_heads=config.num_kv_heads,
+        head_dim=config.head_dim,
+        max_position_embeddings=config.max_position_embeddings,
+        rope_parameters=dict(config.rope_parameters),
+    )
+
+
+def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Apply RoPE to x [B, heads, T, head_dim] with cos/sin [B, T, head_dim] (half-split layout, as in HF)."""
+    cos, sin = cos[:, None], sin[:, None]
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+def attention_mask(
+    key_mask: Tensor | None, length: int, pos: int, window: int | None, device: torch.device
+) -> Tensor | None:
+    """Bool [B or 1, 1, T, pos+T], True = may attend; None when SDPA's own causal handling is exact.
+
+    Indices are cache slots, so a sliding window counts left pads like transformers does. Every query may
+    attend to its own slot, which keeps pad rows finite (a fully masked row would softmax to NaN).
+    """
+    total = pos + length
+    if key_mask is None and (window is None or total <= window) and (pos == 0 or length == 1):
+        return None
+    q = torch.arange(pos, total, device=device)[:, None]  # [T, 1]
+    kv = torch.arange(total, device=device)[None, :]  # [1, pos+T]
+    allowed = kv <= q
+    if window is not None:
+        allowed = allowed & (kv > q - window)
+    allowed = allowed[None]  # [1, T, pos+T]
+    if key_mask is not None:
+        allowed = (allowed & key_mask[:, None, :]) | (kv == q)  # [B, T, pos+T]
+    return allowed[:, None]
+
+
+def position_ids(
+    key_mask: Tensor | None, batch_size: int, length: int, pos: int, device: torch.device
+) -> Tensor:
+    """[B, T] positions of the new tokens: counted over real tokens only, like transformers' generate with left pads."""
+    if key_mask is None:
+        return torch.arange(pos, pos + length, device=device).expand(batch_size, length)
+    ids = key_mask.long().cumsum(-1) - 1
+    return ids.masked_fill(~key_mask, 1)[:, pos:]
+
+
+class Attention(nn.Module):
+    def __init__(self, config: BlockConfig):
+        super().__init__()
+        self.head_dim = config.head_dim
+        q_size, kv_size = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+        self.q_proj = nn.Linear(config.hidden_size, q_size, bias=config.attention_bias)
+        self.k_proj = nn.Linear(config.hidden_size, kv_size, bias=config.attention_bias)
+        self.v_proj = nn.Linear(config.hidden_size, kv_size, bias=config.attention_bias)
+        self.o_proj = nn.Linear(q_size, config.hidden_size, bias=config.attention_out_bias)
+
+    def forward(
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        mask: Tensor | None,
+        cache: tuple[Tensor, Tensor] | None,
+        pos: int,
+    ) -> Tensor:
+        batch, length, _ = x.shape
+        q = self.q_proj(x).view(batch, length, -1, self.head_dim).transpose(1, 2)  # [B, heads, T, hd]
+        k = self.k_proj(x).view(batch, length, -1, self.head_dim).transpose(1, 2)  # [B, kv_heads, T, hd]
+        v = self.v_proj(x).view(batch, length, -1, self.head_dim).transpose(1, 2)  # [B, kv_heads, T, hd]
+        q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+        if cache is not None:
+            keys, values = cache
+            keys[:, :, pos : pos + length] = k
+            values[:, :, pos : pos + length] = v
+            k, v = keys[:, :, : pos + length], values[:, :, : pos + length]  # [B, kv_heads, pos+T, hd]
+            if mask is None and length > 1 and pos > 0:
+                # SDPA's is_causal aligns to the top-left corner, which is wrong once the cache holds a prefix.
+                mask = attention_mask(None, length, pos, None, x.device)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None and length > 1, enable_gqa=True
+        )  # [B, heads, T, hd]
+        return self.o_proj(y.transpose(1, 2).reshape(batch, length, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: BlockConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class LlamaBlock(nn.Module):
+    """One decoder layer.
+
+    `cache` is this block's (keys, values) [B, kv_heads, max_length, hd]: the new keys/values go to slots
+    [pos, pos+T) and attention reads slots [0, pos+T). `mask` is bool [B, 1, T, pos+T] (True = may attend);
+    None means plain causal attention.
+    """
+
+    def __init__(self, config: BlockConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        mask: Tensor | None,
+        cache: tuple[Tensor, Tensor] | None,
+        pos: int,
+    ) -> Tensor:
+        h = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, pos)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class BlockSpan(nn.Module):
+    """Blocks [start, end) of a model plus their rotary embedding: what a server runs."""
+
+    def __init__(self, config: BlockConfig, start: int, end: int):
+        super().__init__()
+        if not 0 <= start < end <= config.num_layers:
+            raise ValueError(f"span [{start}, {end}) is not inside the model's {config.num_layers} blocks")
+        self.config, self.start, self.end = config, start, end
+        self.rotary = RotaryEmbedding(config)
+        self.blocks = nn.ModuleList(LlamaBlock(config) for _ in range(start, end))
+
+    def forward(
+        self,
+        hidden: Tensor,
+        *,
+        pos: int = 0,
+        key_mask: Tensor | None = None,
+        cache: KVCache | None = None,
+        blocks: slice | None = None,
+    ) -> Tensor:
+        """Run hidden [B, T, H] at cache slots [pos, pos+T) through the span, or through its sub-range `blocks`.
+
+        key_mask: bool [B, pos+T], False at (left) pad slots, like transformers' attention_mask.
+        cache: one entry per block run; the caller owns it and advances `pos` between calls.
+        """
+        batch, length, _ = hidden.shape
+        indices = range(len(self.blocks))[blocks or slice(None)]
+        if not indices or indices.step != 1:
+            raise ValueError(f"blocks must be a non-empty contiguous sub-range, got {blocks}")
+        if cache is None and pos != 0:
+            raise ValueError("without a cache there is no prefix to continue from: pos must be 0")
+        if cache is not None and (
+            cache.keys.shape[:2] != (len(indices), batch) or pos + length > cache.max_length
+        ):
+            raise ValueError(
+                f"cache of {cache.keys.shape[0]} blocks x {cache.keys.shape[1]} sequences x {cache.max_length} "
+                f"slots cannot hold {len(indices)} blocks x {batch} sequences x {pos + length} slots"
+            )
+        if key_mask is not None:
+            if key_mask.shape != (batch, pos + length):
+                raise ValueError(f"key_mask shape {tuple(key_mask.shape)} != {(batch, pos + length)}")
+            key_mask = key_mask.to(device=hidden.device, dtype=torch.bool)
+
+        ids = position_ids(key_mask, batch, length, pos, hidden.device)
+        cos, sin = self.rotary(ids, hidden.dtype)
+        windows = [self.config.window(self.start + i) for i in indices]
+        masks = {w: attention_mask(key_mask, length, pos, w, hidden.device) for w in set(windows)}
+        for slot, (i, window) in enumerate(zip(indices, windows, strict=True)):
+            block_cache = None if cache is None else (cache.keys[slot], cache.values[slot])
+            hidden = self.blocks[i](hidden, cos, sin, masks[window], block_cache, pos)
+        return hidden
+
+
+class ClientHead(nn.Module):
+    """What a client holds: token embeddings, final norm and LM head (tied when the checkpoint ties them)."""
+
+    def __init__(self, config: BlockConfig):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def embed(self, input_ids: Tensor) -> Tensor:
+        return self.embed_tokens(input_ids)  # [B, T, H]
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        return self.lm_head(self.norm(hidden))  # [B, T, vocab]

@@ -1,0 +1,133 @@
+"""The compute side of a server: a span of blocks, the sessions' KV caches, one compute thread.
+
+The backend trusts its inputs: the RPC handler validates every message before calling it. Compute runs on a
+single dedicated thread so the event loop keeps answering (pings, info, other sessions' frames) while a long
+prefill runs, and so that two steps never race on one cache.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+
+from swarmllm.models import BlockSpan, KVCache
+from swarmllm.server.cache import CacheBudget
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Session:
+    """One client's inference state over blocks [start, end) of this server."""
+
+    session_id: str
+    start: int
+    end: int
+    batch_size: int
+    max_length: int
+    cache: KVCache
+    key_mask: torch.Tensor  # [batch, max_length] bool: which cached positions are real tokens (left padding)
+    length: int = 0
+    padded: bool = False
+    last_used: float = field(default_factory=time.monotonic)
+
+
+class Backend:
+    """Runs forward passes and inference steps over this server's span."""
+
+    def __init__(self, span: BlockSpan, *, cache_tokens: int, device: torch.device | str = "cpu"):
+        self.span = span
+        self.device = torch.device(device)
+        self.dtype = next(span.parameters()).dtype
+        self.budget = CacheBudget(cache_tokens)
+        self.sessions: dict[str, Session] = {}
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="swarmllm-compute")
+        self._ids = itertools.count()
+
+    @property
+    def start(self) -> int:
+        return self.span.start
+
+    @property
+    def end(self) -> int:
+        return self.span.end
+
+    @property
+    def hidden_size(self) -> int:
+        return self.span.config.hidden_size
+
+    async def run(self, fn, *args):
+        """Run `fn(*args)` on the compute thread without blocking the event loop."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    def _blocks(self, start: int, end: int) -> slice:
+        return slice(start - self.span.start, end - self.span.start)
+
+    async def forward(self, hidden: torch.Tensor, key_mask: torch.Tensor | None, start: int, end: int) -> torch.Tensor:
+        return await self.run(self._forward, hidden, key_mask, self._blocks(start, end))
+
+    @torch.inference_mode()
+    def _forward(self, hidden: torch.Tensor, key_mask: torch.Tensor | None, blocks: slice) -> torch.Tensor:
+        hidden = hidden.to(self.device, self.dtype)
+        if key_mask is not None:
+            key_mask = key_mask.to(self.device)
+        return self.span(hidden, key_mask=key_mask, blocks=blocks)
+
+    def open_session(self, start: int, end: int, batch_size: int, max_length: int) -> Session:
+        """Reserve and allocate a session's cache; raises CacheFullError when it does not fit."""
+        session_id = f"s{next(self._ids)}"
+        self.budget.reserve(session_id, batch_size * max_length)
+        try:
+            cache = KVCache(end - start, batch_size, max_length, self.span.config, self.dtype, self.device)
+        except BaseException:
+            self.budget.release(session_id)
+            raise
+        key_mask = torch.ones(batch_size, max_length, dtype=torch.bool, device=self.device)
+        session = Session(session_id, start, end, batch_size, max_length, cache, key_mask)
+        self.sessions[session_id] = session
+        return session
+
+    def close_session(self, session: Session) -> None:
+        self.sessions.pop(session.session_id, None)
+        self.budget.release(session.session_id)
+
+    async def step(
+        self, session: Session, hidden: torch.Tensor, position: int, new_mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Process tokens [position, position + T) of a session; position < length rewinds (drops the tail)."""
+        session.last_used = time.monotonic()
+        return await self.run(self._step, session, hidden, position, new_mask)
+
+    @torch.inference_mode()
+    def _step(
+        self, session: Session, hidden: torch.Tensor, position: int, new_mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        end = position + hidden.shape[1]
+        if position == 0:
+            session.padded = False
+        if new_mask is None:
+            session.key_mask[:, position:end] = True
+        else:
+            session.key_mask[:, position:end] = new_mask.to(self.device)
+            session.padded = session.padded or not bool(new_mask.all())
+        key_mask = session.key_mask[:, :end] if session.padded else None
+        out = self.span(
+            hidden.to(self.device, self.dtype),
+            pos=position,
+            key_mask=key_mask,
+            cache=session.cache,
+            blocks=self._blocks(session.start, session.end),
+        )
+        session.length = end
+        return out
+
+    def shutdown(self) -> None:
+        for session in list(self.sessions.values()):
+            self.close_session(session)
+        self._executor.shutdown(wait=False, cancel_futures=True)

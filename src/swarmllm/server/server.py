@@ -1,0 +1,176 @@
+"""A swarm server's life: join the DHT, choose and load blocks, serve them, announce, leave cleanly.
+
+Order matters to the swarm: the server announces JOINING before it loads (so others balance around it), ONLINE
+only once both transports answer, and OFFLINE before it exits on SIGTERM/SIGINT.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+import sys
+from dataclasses import dataclass, field
+
+import torch
+
+import swarmllm
+from swarmllm.balancing import choose_blocks
+from swarmllm.dht import ModelInfo, ServerInfo, ServerState, announce, find_servers, start_dht, visible_maddrs
+from swarmllm.dht.records import dht_prefix_for
+from swarmllm.models import load_config, load_span
+from swarmllm.server.backend import Backend
+from swarmllm.server.handler import RequestHandler, ServerLimits
+from swarmllm.server.throughput import measure_throughput
+from swarmllm.wire import DirectServer, Identity, serve_libp2p
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class ServerConfig:
+    model: str
+    blocks: tuple[int, int] | None = None
+    num_blocks: int | None = None
+    initial_peers: list[str] = field(default_factory=list)
+    host: str = "127.0.0.1"
+    port: int = 0
+    direct_port: int = 0
+    announce_host: str | None = None
+    dtype: str = "float32"
+    device: str = "cpu"
+    max_cache_tokens: int = 16384
+    public_name: str | None = None
+    dht_prefix: str | None = None
+    identity_path: str | None = None
+    num_threads: int | None = None
+    throughput: float | None = None
+    update_period_s: float = 30.0
+    expiration_s: float | None = None
+    limits: ServerLimits = field(default_factory=ServerLimits)
+
+
+class Server:
+    def __init__(self, config: ServerConfig):
+        self.config = config
+        self.identity = Identity.load_or_create(config.identity_path) if config.identity_path else Identity.generate()
+        self.dht_prefix = config.dht_prefix or dht_prefix_for(config.model)
+        self.state = ServerState.JOINING
+        self._stop = asyncio.Event()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def run(self) -> None:
+        cfg = self.config
+        if cfg.num_threads:
+            torch.set_num_threads(cfg.num_threads)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stop)
+
+        hf_config, block_config = load_config(cfg.model)
+        self.model_info = ModelInfo(dht_prefix=self.dht_prefix, num_blocks=block_config.num_layers, repository=cfg.model)
+        self.dht, self.owner_tag = await loop.run_in_executor(
+            None,
+            lambda: start_dht(
+                self.identity, initial_peers=cfg.initial_peers, host=cfg.host, port=cfg.port,
+                announce_host=cfg.announce_host,
+            ),
+        )
+        try:
+            await self._serve(block_config.num_layers)
+        finally:
+            self.dht.shutdown()
+
+    async def _serve(self, total_blocks: int) -> None:
+        cfg = self.config
+        start, end = await self._choose_span(total_blocks)
+        self.start, self.end = start, end
+        self.inference_rps = self.forward_rps = cfg.throughput or 1.0
+        await self._announce()
+        logger.info("loading blocks [%d, %d) of %s as %s", start, end, cfg.model, cfg.dtype)
+        span = await asyncio.get_running_loop().run_in_executor(
+            None, lambda: load_span(cfg.model, start, end, dtype=DTYPES[cfg.dtype], device=cfg.device)
+        )
+        if cfg.throughput is None:
+            self.inference_rps, self.forward_rps = measure_throughput(span)
+        self.backend = Backend(span, cache_tokens=cfg.max_cache_tokens, device=cfg.device)
+        handlers = RequestHandler(self.backend, self._info_record, cfg.limits).handlers()
+        direct = DirectServer(handlers, self.identity, host=cfg.announce_host or cfg.host, port=cfg.direct_port)
+        await direct.start()
+        self.direct_addr = "%s:%d" % direct.address
+        self.p2p = await self.dht.replicate_p2p()
+        await serve_libp2p(self.p2p, handlers)
+        self.state = ServerState.ONLINE
+        await self._announce()
+        print(json.dumps({
+            "event": "server_online", "peer_id": self.identity.peer_id, "start": start, "end": end,
+            "direct": self.direct_addr, "maddrs": visible_maddrs(self.dht),
+        }), flush=True)
+        try:
+            while not self._stop.is_set():
+                try:
+                    await asyncio.wait_for(self._stop.wait(), cfg.update_period_s)
+                except asyncio.TimeoutError:
+                    await self._announce()
+        finally:
+            self.state = ServerState.OFFLINE
+            await self._announce()
+            await direct.stop()
+            self.backend.shutdown()
+            logger.info("server %s left the swarm", self.identity.peer_id)
+
+    async def _choose_span(self, total_blocks: int) -> tuple[int, int]:
+        cfg = self.config
+        if cfg.blocks is not None:
+            start, end = cfg.blocks
+            if not 0 <= start < end <= total_blocks:
+                raise ValueError(f"--blocks {start}:{end} is outside the model's {total_blocks} blocks")
+            return start, end
+        length = min(cfg.num_blocks or total_blocks, total_blocks)
+        servers = await find_servers(self.dht, self.dht_prefix, total_blocks)
+        live = [(s.start_block, s.end_block, s.throughput) for s in servers if s.state != ServerState.OFFLINE]
+        return choose_blocks(total_blocks, length, live)
+
+    def _info(self) -> ServerInfo:
+        free = self.backend.budget.free_tokens if hasattr(self, "backend") else self.config.max_cache_tokens
+        return ServerInfo(
+            peer_id=self.identity.peer_id,
+            state=self.state,
+            start_block=self.start,
+            end_block=self.end,
+            throughput=self.inference_rps,
+            inference_rps=self.inference_rps,
+            forward_rps=self.forward_rps,
+            cache_tokens_left=free,
+            version=swarmllm.__version__,
+            dtype=self.config.dtype,
+            public_name=self.config.public_name,
+            direct_addrs=(self.direct_addr,) if hasattr(self, "direct_addr") else (),
+        )
+
+    def _info_record(self) -> dict:
+        return {**self._info().to_record(), "dht_prefix": self.dht_prefix, "total_blocks": self.model_info.num_blocks}
+
+    async def _announce(self) -> None:
+        expiration = self.config.expiration_s or 3 * self.config.update_period_s
+        ok = await announce(self.dht, self.owner_tag, self.dht_prefix, self._info(), self.model_info, expiration)
+        if not ok:
+            logger.warning("announcing %s to the DHT failed; retrying next period", self.state.value)
+
+
+def run_server(config: ServerConfig) -> None:
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    try:
+        asyncio.run(Server(config).run())
+    except KeyboardInterrupt:
+        sys.exit(130)

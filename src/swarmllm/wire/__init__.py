@@ -1,0 +1,69 @@
+"""The one wire format and both transports, used by the client, the server and server-to-server traffic.
+
+- framing.py: the byte layout of a frame (header + msgpack metadata + raw tensor bytes), limits, wire errors
+- connection.py: calls over one byte stream: the caller's Connection/Stream and the callee's serve_connection
+- identity.py: our RSA key and libp2p peer id (the same key file hivemind's P2P uses)
+- direct.py: persistent TCP with a mutual identity handshake (the fast path)
+- libp2p.py: the same frames over hivemind P2P binary streams (for peers behind NAT or relays)
+"""
+
+from swarmllm.wire.connection import (
+    CallContext,
+    Connection,
+    Handlers,
+    RequestError,
+    Stream,
+    StreamClosed,
+    StreamHandler,
+    UnaryHandler,
+    serve_connection,
+)
+from swarmllm.wire.direct import DirectServer, HandshakeError, IdentityMismatch, connect_direct
+from swarmllm.wire.framing import (
+    DEFAULT_LIMITS,
+    ConnectionLost,
+    Frame,
+    FrameError,
+    Kind,
+    Message,
+    RemoteError,
+    WireError,
+    WireLimits,
+    encode_frame,
+    read_frame,
+)
+from swarmllm.wire.identity import Identity, peer_id_from_public_key, verify
+from swarmllm.wire.libp2p import PROTOCOL, connect_libp2p, serve_libp2p
+
+__all__ = [
+    "DEFAULT_LIMITS",
+    "PROTOCOL",
+    "CallContext",
+    "Connection",
+    "ConnectionLost",
+    "DirectServer",
+    "Frame",
+    "FrameError",
+    "Handlers",
+    "HandshakeError",
+    "Identity",
+    "IdentityMismatch",
+    "Kind",
+    "Message",
+    "RemoteError",
+    "RequestError",
+    "Stream",
+    "StreamClosed",
+    "StreamHandler",
+    "UnaryHandler",
+    "WireError",
+    "WireLimits",
+    "connect_direct",
+    "connect_libp2p",
+    "encode_frame",
+    "peer_id_from_public_key",
+    "read_frame",
+    "serve_connection",
+    "serve_libp2p",
+    "verify",
+]

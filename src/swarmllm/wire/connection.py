@@ -1,0 +1,435 @@
+"""Calls over one byte stream: the caller's ``Connection`` and the callee's ``serve_connection``.
+
+Many concurrent calls share one persistent connection per peer, told apart by call id. A unary call is one REQUEST
+answered by one REPLY or ERROR; a stream is a REQUEST followed by MESSAGEs both ways until either side sends END
+(or ERROR). Frames of one call are handled in order, different calls run concurrently. Each frame goes out with a
+single ``writelines``, which the event loop never interleaves with another, so no write lock is needed.
+
+This module does not know how the byte stream was opened or who is at the other end: ``direct`` and ``libp2p``
+open it, prove the peer's identity and hand the result here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import aclosing, suppress
+from dataclasses import dataclass
+
+from swarmllm.wire.framing import (
+    ConnectionLost,
+    Frame,
+    FrameError,
+    Kind,
+    Message,
+    RemoteError,
+    WireError,
+    WireLimits,
+    encode_frame,
+    read_frame,
+)
+
+logger = logging.getLogger(__name__)
+
+# Stream messages wait in a queue of this size per call; when it is full, the connection stops reading (backpressure).
+STREAM_QUEUE_SIZE = 64
+# Writes go to the transport's buffer; past this many buffered bytes a sender waits for the kernel to catch up.
+_DRAIN_ABOVE_BYTES = 1 << 20
+_CONNECTION_CALL_ID = 0  # ERROR frames about the connection itself (a frame we could not parse)
+
+
+class StreamClosed(WireError):
+    """The stream is over: the peer sent END, or this side already closed it."""
+
+
+class RequestError(Exception):
+    """Raised by a handler to answer the caller with an ERROR frame carrying this code and message."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+@dataclass
+class CallContext:
+    peer_id: str | None  # the caller's proven libp2p peer id (base58), if the transport proved one
+    transport: str  # "direct" | "libp2p"
+    method: str
+
+
+UnaryHandler = Callable[[Message, CallContext], Awaitable[Message]]
+StreamHandler = Callable[[Message, AsyncIterator[Message], CallContext], AsyncIterator[Message]]
+
+
+class Handlers:
+    """The methods a server answers, by name; shared by all its connections and transports."""
+
+    def __init__(self) -> None:
+        self.unary: dict[str, UnaryHandler] = {}
+        self.stream: dict[str, StreamHandler] = {}
+
+    def add_unary(self, method: str, fn: UnaryHandler) -> None:
+        self._check_new(method)
+        self.unary[method] = fn
+
+    def add_stream(self, method: str, fn: StreamHandler) -> None:
+        """``fn`` is an async generator: each Message it yields goes to the caller; returning ends the stream."""
+        self._check_new(method)
+        self.stream[method] = fn
+
+    def _check_new(self, method: str) -> None:
+        if not method or len(method.encode()) > 255:
+            raise ValueError(f"method names must be 1-255 bytes, got {method!r}")
+        if method in self.unary or method in self.stream:
+            raise ValueError(f"method {method!r} is already registered")
+
+
+class _FrameWriter:
+    """Writes whole frames to one transport; shared by every call on a connection."""
+
+    def __init__(self, writer: asyncio.StreamWriter, limits: WireLimits):
+        self._writer = writer
+        self._transport = writer.transport
+        self._limits = limits
+
+    def write(self, frame: Frame) -> None:
+        """Queue a frame without waiting for the buffer to drain (for small control frames)."""
+        parts = encode_frame(frame, self._limits)
+        if self._transport.is_closing():
+            raise ConnectionLost("the connection is closed")
+        self._writer.writelines(parts)
+
+    async def send(self, frame: Frame, timeout: float | None = None) -> None:
+        self.write(frame)
+        if self._transport.get_write_buffer_size() > _DRAIN_ABOVE_BYTES:
+            try:
+                await asyncio.wait_for(self._writer.drain(), timeout)
+            except OSError as e:
+                raise ConnectionLost(f"connection broke while sending: {e!r}") from e
+
+    def write_error(self, call_id: int, code: str, message: str) -> None:
+        """Best effort: the peer may already be gone, which is then not worth another error."""
+        try:
+            self.write(Frame(Kind.ERROR, call_id, Message({"code": code, "message": message})))
+        except ConnectionLost:
+            pass
+
+
+def _remote_error(message: Message) -> RemoteError:
+    return RemoteError(str(message.meta.get("code", "unknown")), str(message.meta.get("message", "")))
+
+
+def _expire(future: asyncio.Future, method: str, timeout: float) -> None:
+    if not future.done():
+        future.set_exception(asyncio.TimeoutError(f"{method!r} got no reply in {timeout} s"))
+
+
+class Connection:
+    """Many concurrent calls multiplexed over one byte stream (one persistent connection per peer)."""
+
+    def __init__(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        *,
+        transport: str,
+        remote_peer_id: str | None,
+        limits: WireLimits,
+    ):
+        self.remote_peer_id = remote_peer_id
+        self.transport = transport
+        self._reader = reader
+        self._writer = writer
+        self._out = _FrameWriter(writer, limits)
+        self._limits = limits
+        self._call_ids = itertools.count(1)
+        self._calls: dict[int, asyncio.Future[Message] | Stream] = {}
+        self._lost: ConnectionLost | None = None
+        self._read_task = asyncio.create_task(self._read_loop())
+
+    def __repr__(self) -> str:
+        state = "closed" if self.is_closed else "open"
+        return f"<Connection {self.transport} peer={self.remote_peer_id} {state}>"
+
+    @property
+    def is_closed(self) -> bool:
+        return self._lost is not None
+
+    async def call(self, method: str, message: Message, *, timeout: float | None = None) -> Message:
+        """One request, one reply. Raises RemoteError, ConnectionLost or asyncio.TimeoutError."""
+        self._check_open()
+        loop = asyncio.get_running_loop()
+        call_id = next(self._call_ids)
+        reply = loop.create_future()
+        self._calls[call_id] = reply
+        deadline = None if timeout is None else loop.time() + timeout
+        timer = None
+        try:
+            await self._out.send(Frame(Kind.REQUEST, call_id, message, method), timeout)
+            if deadline is not None:
+                timer = loop.call_later(max(0.0, deadline - loop.time()), _expire, reply, method, timeout)
+            return await reply
+        finally:
+            if timer is not None:
+                timer.cancel()
+            if self._calls.pop(call_id, None) is not None and not self.is_closed:
+                # we gave up (timeout, cancellation, failed send): END lets the server cancel the handler
+                with suppress(ConnectionLost):
+                    self._out.write(Frame(Kind.END, call_id, Message()))
+
+    async def open_stream(self, method: str, message: Message) -> Stream:
+        """Open a bidirectional stream; ``message`` is the handler's opening message."""
+        self._check_open()
+        call_id = next(self._call_ids)
+        stream = Stream(self, call_id, method)
+        self._calls[call_id] = stream
+        try:
+            await self._out.send(Frame(Kind.REQUEST, call_id, message, method))
+        except BaseException:
+            self._calls.pop(call_id, None)
+            raise
+        return stream
+
+    async def close(self) -> None:
+        """Close the connection; pending calls fail with ConnectionLost. Idempotent."""
+        self._read_task.cancel()
+        self._writer.close()
+        await asyncio.wait([self._read_task])
+        with suppress(OSError):  # the connection was already broken; closing it is all we wanted
+            await self._writer.wait_closed()
+
+    def _check_open(self) -> None:
+        if self._lost is not None:
+            raise ConnectionLost(str(self._lost))
+
+    async def _read_loop(self) -> None:
+        lost = ConnectionLost("the connection was closed locally")
+        try:
+            while True:
+                frame = await read_frame(self._reader, self._limits)
+                target = self._calls.get(frame.call_id)
+                if isinstance(target, Stream):
+                    if frame.kind is not Kind.MESSAGE:
+                        del self._calls[frame.call_id]
+                    await target._deliver(frame)
+                elif target is not None:
+                    del self._calls[frame.call_id]
+                    if target.done():
+                        continue
+                    if frame.kind is Kind.REPLY:
+                        target.set_result(frame.message)
+                    elif frame.kind is Kind.ERROR:
+                        target.set_exception(_remote_error(frame.message))
+                    else:
+                        target.set_exception(FrameError(f"a unary call got a {frame.kind.name} frame"))
+                elif frame.kind is Kind.ERROR and frame.call_id == _CONNECTION_CALL_ID:
+                    logger.warning(
+                        f"{self!r}: the peer rejected our connection: {_remote_error(frame.message)}"
+                    )
+                # any other frame is for a call we already gave up on
+        except ConnectionLost as e:
+            lost = e
+        except FrameError as e:
+            logger.warning(f"{self!r}: the peer sent a bad frame: {e}")
+            lost = ConnectionLost(f"the peer sent a bad frame: {e}")
+        finally:
+            self._lost = lost
+            self._writer.close()
+            calls, self._calls = self._calls, {}
+            for target in calls.values():
+                if isinstance(target, Stream):
+                    target._connection_lost(lost)
+                elif not target.done():
+                    target.set_exception(ConnectionLost(str(lost)))
+
+
+class Stream:
+    """One bidirectional stream on a Connection; usable as ``async with``."""
+
+    def __init__(self, connection: Connection, call_id: int, method: str):
+        self.method = method
+        self._connection = connection
+        self._call_id = call_id
+        self._inbox: asyncio.Queue[Message | WireError] = asyncio.Queue(STREAM_QUEUE_SIZE)
+        self._ended: WireError | None = None  # how the stream ended, raised again by every later recv
+        self._lost: ConnectionLost | None = None
+        self._closed = False
+
+    async def __aenter__(self) -> Stream:
+        return self
+
+    async def __aexit__(self, *exc_info) -> None:
+        await self.close()
+
+    async def send(self, message: Message) -> None:
+        if self._closed:
+            raise StreamClosed(f"stream {self.method!r} was closed by this side")
+        if self._ended is not None:
+            raise self._ended
+        await self._connection._out.send(Frame(Kind.MESSAGE, self._call_id, message))
+
+    async def recv(self, *, timeout: float | None = None) -> Message:
+        """The peer's next message; StreamClosed after its END, RemoteError after its ERROR, or ConnectionLost."""
+        if self._ended is not None:
+            raise self._ended
+        if self._closed:
+            raise StreamClosed(f"stream {self.method!r} was closed by this side")
+        if not self._inbox.empty():
+            item = self._inbox.get_nowait()
+        elif self._lost is not None:
+            item = self._lost
+        elif timeout is None:
+            item = await self._inbox.get()
+        else:
+            item = await asyncio.wait_for(self._inbox.get(), timeout)
+        if isinstance(item, WireError):
+            self._ended = item
+            raise item
+        return item
+
+    async def close(self) -> None:
+        """Send END (once) and forget the stream; messages still in flight from the peer are dropped."""
+        if self._closed:
+            return
+        self._closed = True
+        connection = self._connection
+        if connection._calls.pop(self._call_id, None) is not None and not connection.is_closed:
+            with suppress(ConnectionLost):
+                connection._out.write(Frame(Kind.END, self._call_id, Message()))
+
+    async def _deliver(self, frame: Frame) -> None:
+        if frame.kind is Kind.MESSAGE:
+            item: Message | WireError = frame.message
+        elif frame.kind is Kind.END:
+            item = StreamClosed(f"the peer ended stream {self.method!r}")
+        elif frame.kind is Kind.ERROR:
+            item = _remote_error(frame.message)
+        else:
+            item = FrameError(f"a stream got a {frame.kind.name} frame")
+        await self._inbox.put(item)
+
+    def _connection_lost(self, error: ConnectionLost) -> None:
+        self._lost = ConnectionLost(str(error))
+        if self._inbox.empty():
+            self._inbox.put_nowait(self._lost)  # wakes a recv that is waiting; a full inbox has no waiter
+
+
+class _ServerCall:
+    __slots__ = ("task", "inbox")
+
+    def __init__(self, task: asyncio.Task, inbox: asyncio.Queue[Message | None] | None):
+        self.task = task
+        self.inbox = inbox  # a stream's incoming messages; None for unary calls
+
+
+async def serve_connection(
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    handlers: Handlers,
+    *,
+    limits: WireLimits,
+    peer_id: str | None,
+    transport: str,
+) -> None:
+    """Answer calls on one connection until it closes; handler failures become ERROR frames, never crashes.
+
+    When the connection ends, every running handler is cancelled, so session resources can be freed in their
+    ``finally`` blocks.
+    """
+    out = _FrameWriter(writer, limits)
+    calls: dict[int, _ServerCall] = {}
+
+    async def run_unary(call_id: int, fn: UnaryHandler, request: Message, context: CallContext) -> None:
+        try:
+            reply = await fn(request, context)
+            await out.send(Frame(Kind.REPLY, call_id, reply))
+        except Exception as e:
+            _report_failure(out, call_id, context, e)
+        finally:
+            calls.pop(call_id, None)
+
+    async def run_stream(
+        call_id: int, fn: StreamHandler, opening: Message, inbox: asyncio.Queue, context: CallContext
+    ) -> None:
+        try:
+            async with aclosing(fn(opening, _incoming(inbox), context)) as replies:
+                async for reply in replies:
+                    await out.send(Frame(Kind.MESSAGE, call_id, reply))
+            await out.send(Frame(Kind.END, call_id, Message()))
+        except Exception as e:
+            _report_failure(out, call_id, context, e)
+        finally:
+            calls.pop(call_id, None)
+
+    def start_call(frame: Frame) -> None:
+        call_id, method = frame.call_id, frame.method
+        if call_id in calls:
+            out.write_error(call_id, "duplicate_call", f"call {call_id} is already open")
+            return
+        if len(calls) >= limits.max_open_calls:
+            out.write_error(
+                call_id, "too_many_calls", f"{len(calls)} calls are already open on this connection"
+            )
+            return
+        context = CallContext(peer_id=peer_id, transport=transport, method=method)
+        if method in handlers.unary:
+            task = asyncio.create_task(run_unary(call_id, handlers.unary[method], frame.message, context))
+            calls[call_id] = _ServerCall(task, None)
+        elif method in handlers.stream:
+            inbox: asyncio.Queue[Message | None] = asyncio.Queue(STREAM_QUEUE_SIZE)
+            task = asyncio.create_task(
+                run_stream(call_id, handlers.stream[method], frame.message, inbox, context)
+            )
+            calls[call_id] = _ServerCall(task, inbox)
+        else:
+            out.write_error(call_id, "unknown_method", f"no method {method!r}")
+
+    try:
+        while True:
+            try:
+                frame = await read_frame(reader, limits)
+            except ConnectionLost:
+                return
+            except FrameError as e:
+                logger.warning(f"Closing a {transport} connection from {peer_id}: bad frame: {e}")
+                out.write_error(_CONNECTION_CALL_ID, "bad_frame", str(e))
+                return
+            if frame.kind is Kind.REQUEST:
+                start_call(frame)
+                continue
+            call = calls.get(frame.call_id)
+            if call is None:
+                continue  # the call already finished; late MESSAGE/END frames are expected
+            if frame.kind is Kind.MESSAGE and call.inbox is not None:
+                await call.inbox.put(frame.message)
+            elif frame.kind is Kind.END:
+                if call.inbox is not None:
+                    await call.inbox.put(None)
+                else:
+                    call.task.cancel()  # the caller gave up on this unary call
+            else:
+                logger.debug(f"Ignoring a {frame.kind.name} frame for call {frame.call_id} from {peer_id}")
+    finally:
+        tasks = [call.task for call in calls.values()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        writer.close()
+
+
+async def _incoming(inbox: asyncio.Queue[Message | None]) -> AsyncIterator[Message]:
+    while (message := await inbox.get()) is not None:
+        yield message
+
+
+def _report_failure(out: _FrameWriter, call_id: int, context: CallContext, error: Exception) -> None:
+    if isinstance(error, RequestError):
+        out.write_error(call_id, error.code, error.message)
+    elif isinstance(error, ConnectionLost):
+        logger.debug(f"{context.method!r} from {context.peer_id}: the caller is gone ({error})")
+    else:
+        logger.warning(f"{context.method!r} from {context.peer_id} failed", exc_info=True)
+        out.write_error(call_id, "internal", f"{type(error).__name__}: {error}")

@@ -1,0 +1,243 @@
+"""The direct transport: one persistent TCP connection per peer, opened with a mutual identity handshake.
+
+The handshake runs once per connection, as frames of the ordinary wire format on call id 0:
+
+    client -> server   hello  {key, nonce}
+    server -> client   hello  {key, nonce, sig}   sig = server signs transcript("server")
+    client -> server   proof  {sig}                sig = client signs transcript("client")
+    server -> client   accept {}                  (or an ERROR frame, then close)
+
+The transcript binds a fixed context string, the role, both public keys and both fresh nonces, so a signature
+cannot be replayed on another connection or reflected back with the other role. This proves who holds each key
+when the connection opens; it does not encrypt or authenticate the bytes that follow (peers that need that use
+the libp2p transport, which runs over TLS/Noise).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+import socket
+
+from swarmllm.wire.connection import Connection, Handlers, serve_connection
+from swarmllm.wire.framing import (
+    DEFAULT_LIMITS,
+    ConnectionLost,
+    Frame,
+    FrameError,
+    Kind,
+    Message,
+    WireError,
+    WireLimits,
+    encode_frame,
+    read_frame,
+)
+from swarmllm.wire.identity import Identity, peer_id_from_public_key, public_key_from_bytes, verify
+
+logger = logging.getLogger(__name__)
+
+TRANSPORT = "direct"
+_CONTEXT = b"swarmllm/wire/1 direct handshake\0"
+_NONCE_BYTES = 32
+_HANDSHAKE_LIMITS = WireLimits(max_meta_bytes=16 * 1024, max_payload_bytes=0, max_tensors=0, max_dims=0)
+# A larger stream buffer than asyncio's 64 KiB default means fewer wake-ups per large tensor.
+_READ_BUFFER_BYTES = 1 << 20
+
+
+class HandshakeError(WireError):
+    """The identity handshake failed: malformed messages, a bad signature, or the peer refused us."""
+
+
+class IdentityMismatch(HandshakeError):
+    """The peer proved an identity other than the one we meant to reach."""
+
+
+def _transcript(
+    role: bytes, client_key: bytes, server_key: bytes, client_nonce: bytes, server_nonce: bytes
+) -> bytes:
+    client_key_hash, server_key_hash = (
+        hashlib.sha256(client_key).digest(),
+        hashlib.sha256(server_key).digest(),
+    )
+    return b"".join((_CONTEXT, role, client_key_hash, server_key_hash, client_nonce, server_nonce))
+
+
+def _set_nodelay(writer: asyncio.StreamWriter) -> None:
+    sock = writer.get_extra_info("socket")
+    if sock is not None:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def _write_meta(writer: asyncio.StreamWriter, meta: dict) -> None:
+    writer.writelines(encode_frame(Frame(Kind.MESSAGE, 0, Message(meta)), _HANDSHAKE_LIMITS))
+
+
+async def _read_meta(
+    reader: asyncio.StreamReader, expected: tuple[tuple[str, type, int | None], ...]
+) -> dict:
+    """The next handshake message, checked to hold the expected fields (name, type, exact length if given)."""
+    try:
+        frame = await read_frame(reader, _HANDSHAKE_LIMITS)
+    except FrameError as e:
+        raise HandshakeError(f"the peer does not speak the wire protocol: {e}") from None
+    meta = frame.message.meta
+    if frame.kind is Kind.ERROR:
+        raise HandshakeError(f"the peer refused the handshake: {meta.get('code')}: {meta.get('message')}")
+    if frame.kind is not Kind.MESSAGE or frame.call_id != 0:
+        raise HandshakeError(f"expected a handshake message, got {frame.kind.name} for call {frame.call_id}")
+    for name, kind, length in expected:
+        value = meta.get(name)
+        if not isinstance(value, kind) or (length is not None and len(value) != length):
+            raise HandshakeError(f"handshake field {name!r} is missing or malformed")
+    return meta
+
+
+async def _client_handshake(
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    identity: Identity,
+    expected_peer_id: str | None,
+) -> str:
+    client_nonce = os.urandom(_NONCE_BYTES)
+    _write_meta(writer, {"key": identity.public_key_bytes, "nonce": client_nonce})
+    hello = await _read_meta(
+        reader, (("key", bytes, None), ("nonce", bytes, _NONCE_BYTES), ("sig", bytes, None))
+    )
+    server_key, server_nonce = hello["key"], hello["nonce"]
+    try:
+        server_peer_id = peer_id_from_public_key(public_key_from_bytes(server_key))
+    except ValueError as e:
+        raise HandshakeError(f"the server sent a bad public key: {e}") from None
+    if expected_peer_id is not None and server_peer_id != expected_peer_id:
+        raise IdentityMismatch(f"expected peer {expected_peer_id}, but the server is {server_peer_id}")
+    transcript = (identity.public_key_bytes, server_key, client_nonce, server_nonce)
+    if not verify(server_key, _transcript(b"server", *transcript), hello["sig"]):
+        raise HandshakeError(f"the server's signature does not match its key (claimed {server_peer_id})")
+    _write_meta(writer, {"sig": identity.sign(_transcript(b"client", *transcript))})
+    await _read_meta(reader, ())
+    return server_peer_id
+
+
+async def _server_handshake(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, identity: Identity
+) -> str:
+    hello = await _read_meta(reader, (("key", bytes, None), ("nonce", bytes, _NONCE_BYTES)))
+    client_key, client_nonce = hello["key"], hello["nonce"]
+    try:
+        client_peer_id = peer_id_from_public_key(public_key_from_bytes(client_key))
+    except ValueError as e:
+        raise HandshakeError(f"the client sent a bad public key: {e}") from None
+    server_nonce = os.urandom(_NONCE_BYTES)
+    transcript = (client_key, identity.public_key_bytes, client_nonce, server_nonce)
+    signature = identity.sign(_transcript(b"server", *transcript))
+    _write_meta(writer, {"key": identity.public_key_bytes, "nonce": server_nonce, "sig": signature})
+    proof = await _read_meta(reader, (("sig", bytes, None),))
+    if not verify(client_key, _transcript(b"client", *transcript), proof["sig"]):
+        raise HandshakeError(f"the client's signature does not match its key (claimed {client_peer_id})")
+    _write_meta(writer, {})
+    return client_peer_id
+
+
+class DirectServer:
+    """Accepts direct connections, proves our identity, learns the caller's, then serves calls."""
+
+    def __init__(
+        self,
+        handlers: Handlers,
+        identity: Identity,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        limits: WireLimits = DEFAULT_LIMITS,
+        handshake_timeout: float = 10.0,
+    ):
+        self.handlers = handlers
+        self.identity = identity
+        self.limits = limits
+        self.handshake_timeout = handshake_timeout
+        self._host = host
+        self._port = port
+        self._server: asyncio.Server | None = None
+        self._connections: dict[asyncio.Task, asyncio.StreamWriter] = {}
+        self.address: tuple[str, int] | None = None
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(
+            self._on_connection, self._host, self._port, limit=_READ_BUFFER_BYTES
+        )
+        host, port = self._server.sockets[0].getsockname()[:2]
+        self.address = (host, port)
+
+    async def stop(self) -> None:
+        """Stop accepting, drop every open connection and wait until their handlers are done."""
+        if self._server is None:
+            return
+        self._server.close()
+        for writer in self._connections.values():
+            writer.transport.abort()
+        if self._connections:
+            await asyncio.wait(list(self._connections))
+        await self._server.wait_closed()
+        self._server = None
+
+    async def _on_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        self._connections[task] = writer
+        peer_address = writer.get_extra_info("peername")
+        try:
+            _set_nodelay(writer)
+            try:
+                peer_id = await asyncio.wait_for(
+                    _server_handshake(reader, writer, self.identity), self.handshake_timeout
+                )
+            except (WireError, asyncio.TimeoutError, OSError) as e:
+                logger.info(f"Direct handshake with {peer_address} failed: {e!r}")
+                if not isinstance(e, (ConnectionLost, OSError)):
+                    refusal = Frame(Kind.ERROR, 0, Message({"code": "bad_handshake", "message": str(e)}))
+                    writer.writelines(encode_frame(refusal))
+                return
+            await serve_connection(
+                reader, writer, self.handlers, limits=self.limits, peer_id=peer_id, transport=TRANSPORT
+            )
+        except asyncio.CancelledError:
+            pass  # Python 3.11 logs a spurious error when a connection callback task ends cancelled
+        except Exception:
+            logger.warning(f"Direct connection from {peer_address} failed", exc_info=True)
+        finally:
+            del self._connections[task]
+            writer.close()
+
+
+async def connect_direct(
+    host: str,
+    port: int,
+    identity: Identity,
+    *,
+    expected_peer_id: str | None,
+    limits: WireLimits = DEFAULT_LIMITS,
+    timeout: float = 5.0,
+) -> Connection:
+    """Open a direct connection and prove both identities.
+
+    ``expected_peer_id=None`` accepts whoever answers (its proven id is still in ``remote_peer_id``).
+    Raises ConnectionLost if the address is unreachable, HandshakeError / IdentityMismatch if the peer is not
+    who it should be, asyncio.TimeoutError if connecting and the handshake take longer than ``timeout``.
+    """
+
+    async def open_and_prove() -> tuple[asyncio.StreamReader, asyncio.StreamWriter, str]:
+        try:
+            reader, writer = await asyncio.open_connection(host, port, limit=_READ_BUFFER_BYTES)
+        except OSError as e:
+            raise ConnectionLost(f"cannot connect to {host}:{port}: {e!r}") from e
+        try:
+            _set_nodelay(writer)
+            peer_id = await _client_handshake(reader, writer, identity, expected_peer_id)
+        except BaseException:
+            writer.close()
+            raise
+        return reader, writer, peer_id
+
+    reader, writer, peer_id = await asyncio.wait_for(open_and_prove(), timeout)
+    return Connection(reader, writer, transport=TRANSPORT, remote_peer_id=peer_id, limits=limits)

@@ -1,0 +1,306 @@
+"""The wire format: how one frame (metadata + tensors) is laid out as bytes, written and read back.
+
+A frame is three parts, each read with a single ``readexactly``:
+
+1. a fixed 30-byte header (magic, version, kind, sizes, call id);
+2. the head: the method name (REQUEST frames only), msgpack metadata and one binary descriptor per tensor
+   (dtype code, ndim, dims as u64);
+3. the payload: the raw bytes of every tensor, each starting at an 8-byte aligned offset.
+
+Every declared size is checked against ``WireLimits`` before anything is allocated, so a garbage or hostile frame
+costs at most one header read. This module knows nothing about calls, connections or transports.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+from dataclasses import dataclass, field
+from enum import IntEnum
+from typing import Any
+
+import msgpack
+import torch
+
+MAGIC = b"SW"
+VERSION = 1
+_ALIGN = (
+    8  # every tensor starts 8-byte aligned, so torch.frombuffer views are naturally aligned for any dtype
+)
+_PADDING = bytes(_ALIGN)
+# magic, version, kind, method_len, n_tensors, call_id, meta_len, desc_len, payload_len
+_HEADER = struct.Struct("<2sBBBBQIIQ")
+HEADER_SIZE = _HEADER.size
+_DESC_PREFIX = struct.Struct("<BB")  # dtype code, ndim; followed by ndim u64 dims
+_DIM = struct.Struct("<Q")
+# Payloads above this are received in chunks into one preallocated buffer, so a 1 GiB tensor needs ~1 GiB of RAM
+# instead of the ~3 GiB that readexactly (stream buffer + bytes + bytearray) would hold at its peak.
+_CHUNKED_PAYLOAD_BYTES = 1 << 20
+_CHUNK_BYTES = 1 << 20
+
+_DTYPE_CODES: dict[torch.dtype, int] = {
+    torch.float32: 1,
+    torch.float16: 2,
+    torch.bfloat16: 3,
+    torch.float64: 4,
+    torch.int64: 5,
+    torch.int32: 6,
+    torch.int16: 7,
+    torch.int8: 8,
+    torch.uint8: 9,
+    torch.bool: 10,
+}
+_CODE_DTYPES: dict[int, torch.dtype] = {code: dtype for dtype, code in _DTYPE_CODES.items()}
+
+
+class Kind(IntEnum):
+    REQUEST = 1  # opens a call (unary or stream); carries the method name
+    MESSAGE = 2  # one stream message, either direction
+    REPLY = 3  # the answer to a unary call
+    END = 4  # this side is done with the call (stream end, or a caller cancelling a unary call)
+    ERROR = 5  # the call failed; meta holds "code" and "message"
+
+
+@dataclass
+class Message:
+    """What a call carries: plain msgpack-able metadata and a list of tensors.
+
+    Tensors are sent straight from their storage (no copy), so a sent tensor must not be modified in place
+    until the send has completed. Received tensors share one freshly allocated buffer per frame.
+    msgpack turns tuples into lists.
+    """
+
+    meta: dict[str, Any] = field(default_factory=dict)
+    tensors: list[torch.Tensor] = field(default_factory=list)
+
+
+@dataclass
+class Frame:
+    kind: Kind
+    call_id: int
+    message: Message
+    method: str = ""  # only REQUEST frames name a method
+
+
+@dataclass(frozen=True)
+class WireLimits:
+    """What a peer may make us allocate or track; checked before allocation."""
+
+    max_meta_bytes: int = 64 * 1024
+    max_payload_bytes: int = 1 << 30
+    max_tensors: int = 16
+    max_dims: int = 8
+    max_open_calls: int = 4096  # concurrent calls one connection may have open on a server
+
+
+DEFAULT_LIMITS = WireLimits()
+
+
+class WireError(Exception):
+    """Base of every error this package raises about the wire."""
+
+
+class FrameError(WireError):
+    """A frame is malformed, truncated, oversized or otherwise not something we will decode."""
+
+
+class ConnectionLost(WireError):
+    """The peer closed the connection or it broke; every pending call on it fails with this at once."""
+
+
+class RemoteError(WireError):
+    """The peer answered a call with an ERROR frame."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+def _aligned(offset: int) -> int:
+    return (offset + _ALIGN - 1) // _ALIGN * _ALIGN
+
+
+def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    """A byte view of the tensor's (contiguous, CPU) storage: no copy for the common case."""
+    if tensor.requires_grad:
+        tensor = tensor.detach()
+    if tensor.device.type != "cpu":
+        tensor = tensor.cpu()
+    if not tensor.is_contiguous():
+        tensor = tensor.contiguous()
+    # via uint8 because bfloat16 has no numpy dtype; reshape(-1) also handles 0-d tensors
+    return memoryview(tensor.reshape(-1).view(torch.uint8).numpy())
+
+
+def encode_frame(frame: Frame, limits: WireLimits | None = None) -> list[bytes | memoryview]:
+    """Lay a frame out as buffers for ``writer.writelines``; tensor buffers alias the tensors' memory.
+
+    With ``limits``, a frame the peer would reject is refused here with FrameError, so a too-large message fails
+    only its own call instead of getting the whole connection closed by the peer.
+    """
+    message = frame.message
+    method = frame.method.encode()
+    meta = msgpack.packb(message.meta) if message.meta else b""
+    head = [b"", method, meta]  # head[0] becomes the fixed header once the sizes are known
+    buffers: list[bytes | memoryview] = []
+    payload_len = 0
+    for tensor in message.tensors:
+        code = _DTYPE_CODES.get(tensor.dtype)
+        if code is None:
+            raise TypeError(f"dtype {tensor.dtype} cannot be sent over the wire")
+        shape = tuple(tensor.shape)
+        head.append(struct.pack(f"<BB{len(shape)}Q", code, len(shape), *shape))
+        data = _tensor_bytes(tensor)
+        if data.nbytes:
+            start = _aligned(payload_len)
+            if start != payload_len:
+                buffers.append(_PADDING[: start - payload_len])
+            buffers.append(data)
+            payload_len = start + data.nbytes
+    desc_len = sum(len(part) for part in head[3:])
+    if len(method) > 255 or len(message.tensors) > 255:  # the header's u8 fields
+        raise FrameError(
+            f"method name of {len(method)} bytes or {len(message.tensors)} tensors (max 255 each)"
+        )
+    if limits is not None:
+        _check_sizes(len(message.tensors), len(meta), desc_len, payload_len, limits)
+    head[0] = _HEADER.pack(
+        MAGIC,
+        VERSION,
+        frame.kind,
+        len(method),
+        len(message.tensors),
+        frame.call_id,
+        len(meta),
+        desc_len,
+        payload_len,
+    )
+    return [b"".join(head), *buffers]
+
+
+def _check_sizes(n_tensors: int, meta_len: int, desc_len: int, payload_len: int, limits: WireLimits) -> None:
+    if n_tensors > limits.max_tensors:
+        raise FrameError(f"{n_tensors} tensors (max {limits.max_tensors})")
+    if meta_len > limits.max_meta_bytes:
+        raise FrameError(f"metadata of {meta_len} bytes (max {limits.max_meta_bytes})")
+    if desc_len > n_tensors * (_DESC_PREFIX.size + _DIM.size * limits.max_dims):
+        raise FrameError(f"tensor descriptors of {desc_len} bytes for {n_tensors} tensors")
+    if payload_len > limits.max_payload_bytes:
+        raise FrameError(f"payload of {payload_len} bytes (max {limits.max_payload_bytes})")
+
+
+async def read_frame(reader: asyncio.StreamReader, limits: WireLimits) -> Frame:
+    """Read one frame. ConnectionLost on a clean EOF between frames or a broken socket, FrameError otherwise."""
+    try:
+        header = await reader.readexactly(HEADER_SIZE)
+    except asyncio.IncompleteReadError as e:
+        if e.partial:
+            raise FrameError(f"truncated header ({len(e.partial)} of {HEADER_SIZE} bytes)") from None
+        raise ConnectionLost("the peer closed the connection") from None
+    except OSError as e:
+        raise ConnectionLost(f"connection broke: {e!r}") from e
+
+    magic, version, kind, method_len, n_tensors, call_id, meta_len, desc_len, payload_len = _HEADER.unpack(
+        header
+    )
+    if magic != MAGIC:
+        raise FrameError(f"bad magic {magic!r}")
+    if version != VERSION:
+        raise FrameError(f"unsupported wire version {version} (expected {VERSION})")
+    try:
+        kind = Kind(kind)
+    except ValueError:
+        raise FrameError(f"unknown frame kind {kind}") from None
+    _check_sizes(n_tensors, meta_len, desc_len, payload_len, limits)
+
+    head = await _read_part(reader, method_len + meta_len + desc_len, "head")
+    try:
+        method = head[:method_len].decode()
+        meta = (
+            msgpack.unpackb(head[method_len : method_len + meta_len], strict_map_key=False)
+            if meta_len
+            else {}
+        )
+    except (
+        Exception
+    ) as e:  # msgpack raises a zoo of types (ExtraData, FormatError, ValueError, ...) on garbage
+        raise FrameError(f"undecodable metadata: {e!r}") from None
+    if not isinstance(meta, dict):
+        raise FrameError(f"metadata must be a map, got {type(meta).__name__}")
+    layout = _parse_descriptors(head, method_len + meta_len, n_tensors, payload_len, limits)
+
+    payload = await _read_payload(reader, payload_len)
+    tensors = []
+    for dtype, shape, offset, count in layout:
+        if count:
+            tensors.append(torch.frombuffer(payload, dtype=dtype, count=count, offset=offset).view(shape))
+        else:  # torch.frombuffer refuses empty buffers
+            tensors.append(torch.empty(shape, dtype=dtype))
+    return Frame(kind, call_id, Message(meta, tensors), method)
+
+
+def _parse_descriptors(
+    head: bytes, start: int, n_tensors: int, payload_len: int, limits: WireLimits
+) -> list[tuple[torch.dtype, tuple[int, ...], int, int]]:
+    """(dtype, shape, byte offset, element count) per tensor; checks they tile the declared payload exactly."""
+    layout = []
+    pos, end = start, len(head)
+    offset = 0
+    for _ in range(n_tensors):
+        if pos + _DESC_PREFIX.size > end:
+            raise FrameError("truncated tensor descriptor")
+        code, ndim = _DESC_PREFIX.unpack_from(head, pos)
+        pos += _DESC_PREFIX.size
+        dtype = _CODE_DTYPES.get(code)
+        if dtype is None:
+            raise FrameError(f"unknown dtype code {code}")
+        if ndim > limits.max_dims:
+            raise FrameError(f"tensor of {ndim} dims (max {limits.max_dims})")
+        if pos + ndim * _DIM.size > end:
+            raise FrameError("truncated tensor shape")
+        shape = struct.unpack_from(f"<{ndim}Q", head, pos)
+        pos += ndim * _DIM.size
+        count = 1
+        for dim in shape:
+            count *= dim
+        nbytes = count * dtype.itemsize
+        if nbytes:
+            offset = _aligned(offset)
+            if offset + nbytes > payload_len:
+                raise FrameError(f"tensor shapes need more than the declared {payload_len} payload bytes")
+        layout.append((dtype, shape, offset, count))
+        offset += nbytes
+    if pos != end:
+        raise FrameError(f"{end - pos} stray bytes after the tensor descriptors")
+    if offset != payload_len:
+        raise FrameError(f"tensor shapes cover {offset} bytes but the payload declares {payload_len}")
+    return layout
+
+
+async def _read_part(reader: asyncio.StreamReader, size: int, what: str) -> bytes:
+    try:
+        return await reader.readexactly(size)
+    except asyncio.IncompleteReadError as e:
+        raise FrameError(f"truncated {what} ({len(e.partial)} of {size} bytes)") from None
+    except OSError as e:
+        raise ConnectionLost(f"connection broke: {e!r}") from e
+
+
+async def _read_payload(reader: asyncio.StreamReader, size: int) -> bytearray:
+    """Tensor bytes in a writable buffer, so torch.frombuffer gives ordinary writable tensors."""
+    if size <= _CHUNKED_PAYLOAD_BYTES:
+        return bytearray(await _read_part(reader, size, "payload"))
+    payload = bytearray(size)
+    view = memoryview(payload)
+    pos = 0
+    try:
+        while pos < size:
+            chunk = await reader.read(min(size - pos, _CHUNK_BYTES))
+            if not chunk:
+                raise FrameError(f"truncated payload ({pos} of {size} bytes)")
+            view[pos : pos + len(chunk)] = chunk
+            pos += len(chunk)
+    except OSError as e:
+        raise ConnectionLost(f"connection broke: {e!r}") from e
+    return payload

@@ -1,0 +1,59 @@
+"""Checks every tensor and field that arrives from a peer before it reaches a model or a cache.
+
+Each failure raises `RequestError("bad_request", ...)` with a message that names the field, so the caller learns
+what was wrong and the server carries on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping
+from typing import Any
+
+import torch
+
+from swarmllm.wire.connection import RequestError
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def bad_request(message: str) -> RequestError:
+    return RequestError("bad_request", message)
+
+
+def get_int(meta: Mapping[str, Any], name: str, *, low: int, high: int) -> int:
+    """An integer field with low <= value <= high."""
+    value = meta.get(name)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise bad_request(f"{name} must be an integer, got {type(value).__name__}")
+    if not low <= value <= high:
+        raise bad_request(f"{name}={value} is outside [{low}, {high}]")
+    return value
+
+
+def check_tensor(
+    tensor: torch.Tensor,
+    name: str,
+    *,
+    ndim: int,
+    dtypes: Collection[torch.dtype],
+    shape: Mapping[int, int] | None = None,
+    finite: bool = False,
+) -> torch.Tensor:
+    """Rank, dtype, fixed dimensions (axis -> size) and, for activations, finiteness."""
+    if tensor.ndim != ndim:
+        raise bad_request(f"{name} must have {ndim} dimensions, got shape {tuple(tensor.shape)}")
+    if tensor.dtype not in dtypes:
+        raise bad_request(f"{name} has dtype {tensor.dtype}, expected one of {[str(d) for d in dtypes]}")
+    for axis, size in (shape or {}).items():
+        if tensor.shape[axis] != size:
+            raise bad_request(f"{name} has size {tensor.shape[axis]} on axis {axis}, expected {size}")
+    if any(size == 0 for size in tensor.shape):
+        raise bad_request(f"{name} is empty (shape {tuple(tensor.shape)})")
+    if finite and not bool(torch.isfinite(tensor).all()):
+        raise bad_request(f"{name} contains NaN or infinity")
+    return tensor
+
+
+def check_count(tensors: list[torch.Tensor], low: int, high: int, what: str) -> None:
+    if not low <= len(tensors) <= high:
+        raise bad_request(f"{what} takes {low}..{high} tensors, got {len(tensors)}")

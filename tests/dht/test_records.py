@@ -1,0 +1,92 @@
+"""Announce and look-up on real hivemind DHT peers (in this process, on 127.0.0.1)."""
+
+import asyncio
+import time
+
+from hivemind.utils import get_dht_time
+import pytest
+
+from swarmllm.dht import (
+    ModelInfo,
+    ServerInfo,
+    ServerState,
+    announce,
+    block_key,
+    find_servers,
+    list_models,
+    start_dht,
+    visible_maddrs,
+)
+from swarmllm.dht.records import MODELS_KEY
+from swarmllm.wire import Identity
+
+
+def info_for(peer_id: str, start=0, end=4, state=ServerState.ONLINE) -> ServerInfo:
+    return ServerInfo(
+        peer_id=peer_id, state=state, start_block=start, end_block=end, throughput=10.0, inference_rps=10.0,
+        forward_rps=100.0, cache_tokens_left=1000, version="test", dtype="float32",
+    )
+
+
+MODEL = ModelInfo(dht_prefix="tiny", num_blocks=8, repository="local/tiny")
+
+
+@pytest.fixture(scope="module")
+def peers():
+    identities = [Identity.generate() for _ in range(3)]
+    first, first_tag = start_dht(identities[0])
+    others = [start_dht(i, initial_peers=visible_maddrs(first)) for i in identities[1:]]
+    nodes = [(identities[0], first, first_tag)] + [(i, d, t) for i, (d, t) in zip(identities[1:], others)]
+    yield nodes
+    for _, dht, _ in nodes:
+        dht.shutdown()
+
+
+async def test_dht_peer_id_is_the_identity(peers):
+    for identity, dht, _ in peers:
+        assert str(dht.peer_id) == identity.peer_id
+
+
+async def test_announce_then_find_from_another_peer(peers):
+    (server_id, server_dht, tag), (_, client_dht, _), _ = peers
+    assert await announce(server_dht, tag, "tiny", info_for(server_id.peer_id, 2, 5), MODEL, expiration_s=60)
+    found = await find_servers(client_dht, "tiny", 8)
+    assert [(s.peer_id, s.start_block, s.end_block) for s in found] == [(server_id.peer_id, 2, 5)]
+    assert [m.dht_prefix for m in await list_models(client_dht)] == ["tiny"]
+    # a later announcement replaces the earlier one (same owner subkey)
+    await announce(server_dht, tag, "tiny", info_for(server_id.peer_id, 2, 5, ServerState.OFFLINE), MODEL, 60)
+    found = await find_servers(client_dht, "tiny", 8)
+    assert [s.state for s in found] == [ServerState.OFFLINE]
+
+
+async def test_nobody_can_announce_under_another_name(peers):
+    (victim, _, victim_tag), (_, client_dht, _), (_, forger_dht, forger_tag) = peers
+    # signed with the forger's own key but claiming the victim's peer id: readers drop it
+    await announce(forger_dht, forger_tag, "forged", info_for(victim.peer_id), MODEL, 60)
+    assert await find_servers(client_dht, "forged", 8) == []
+    # written under the victim's owner tag without the victim's key: the DHT refuses to store it
+    expiration = get_dht_time() + 60
+    stored = forger_dht.store(block_key("forged2", 0), info_for(victim.peer_id).to_record(), expiration,
+                              subkey=victim_tag)
+    assert not stored
+    assert await find_servers(client_dht, "forged2", 8) == []
+
+
+async def test_garbage_records_are_ignored(peers):
+    (_, _, _), (_, client_dht, _), (forger, forger_dht, forger_tag) = peers
+    expiration = get_dht_time() + 60
+    forger_dht.store(block_key("junk", 0), {"peer_id": 5, "state": "??"}, expiration, subkey=forger_tag)
+    forger_dht.store(block_key("junk", 1), b"\x00garbage", expiration, subkey=forger_tag)
+    forger_dht.store(MODELS_KEY, {"num_blocks": -1}, expiration, subkey=b"no owner")
+    assert await find_servers(client_dht, "junk", 8) == []
+    assert all(m.num_blocks > 0 for m in await list_models(client_dht))
+
+
+async def test_records_expire(peers):
+    (server_id, server_dht, tag), (_, client_dht, _), _ = peers
+    await announce(server_dht, tag, "brief", info_for(server_id.peer_id), MODEL, expiration_s=1.0)
+    assert len(await find_servers(client_dht, "brief", 8)) == 1
+    deadline = time.monotonic() + 10
+    while await find_servers(client_dht, "brief", 8):
+        assert time.monotonic() < deadline, "an expired record was still returned"
+        await asyncio.sleep(0.2)

@@ -1,0 +1,153 @@
+"""The server's RPCs over a real direct connection: correct results, and clear errors for bad input."""
+
+import asyncio
+
+import pytest
+import torch
+
+from swarmllm.models import load_span
+from swarmllm.server.backend import Backend
+from swarmllm.server.handler import RequestHandler, ServerLimits
+from swarmllm.wire import DirectServer, Identity, Message, RemoteError, StreamClosed, connect_direct
+
+HIDDEN = 64
+
+
+@pytest.fixture(scope="module")
+def span(llama_checkpoint):
+    return load_span(str(llama_checkpoint), 0, 4)
+
+
+@pytest.fixture
+async def served(span):
+    backend = Backend(span, cache_tokens=64)
+    limits = ServerLimits(max_batch_size=4, max_forward_tokens=256, max_session_length=32, session_idle_timeout_s=5)
+    handler = RequestHandler(backend, lambda: {"start_block": 0, "end_block": 4}, limits)
+    server = DirectServer(handler.handlers(), Identity.generate())
+    await server.start()
+    conn = await connect_direct(*server.address, Identity.generate(), expected_peer_id=None)
+    yield backend, conn, server
+    await conn.close()
+    await server.stop()
+
+
+def expected(span, hidden, blocks=slice(0, 4)):
+    with torch.inference_mode():
+        return span(hidden, blocks=blocks)
+
+
+async def test_forward_matches_the_span(served, span):
+    _, conn, _ = served
+    hidden = torch.randn(2, 5, HIDDEN)
+    reply = await conn.call("forward", Message({"start": 1, "end": 3}, [hidden]))
+    torch.testing.assert_close(reply.tensors[0], expected(span, hidden, slice(1, 3)), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("meta", "tensors", "match"),
+    [
+        ({"start": 0, "end": 4}, [torch.randn(1, 3, HIDDEN + 1)], "axis 2"),
+        ({"start": 0, "end": 4}, [torch.randn(3, HIDDEN)], "3 dimensions"),
+        ({"start": 0, "end": 4}, [torch.ones(1, 3, HIDDEN, dtype=torch.int64)], "dtype"),
+        ({"start": 0, "end": 4}, [torch.full((1, 2, HIDDEN), float("nan"))], "NaN"),
+        ({"start": 0, "end": 4}, [torch.randn(1, 300, HIDDEN)], "limit"),
+        ({"start": 0, "end": 4}, [torch.randn(1, 0, HIDDEN)], "empty"),
+        ({"start": 0, "end": 4}, [], "tensors"),
+        ({"start": 3, "end": 9}, [torch.randn(1, 2, HIDDEN)], "end=9"),
+        ({"start": "0", "end": 4}, [torch.randn(1, 2, HIDDEN)], "integer"),
+        ({"start": 0, "end": 4}, [torch.randn(1, 2, HIDDEN), torch.ones(1, 3, dtype=torch.bool)], "key_mask"),
+    ],
+)
+async def test_bad_forward_requests_get_clear_errors(served, span, meta, tensors, match):
+    _, conn, _ = served
+    with pytest.raises(RemoteError, match=match) as info:
+        await conn.call("forward", Message(meta, tensors))
+    assert info.value.code in ("bad_request", "too_large")
+    # the connection and the server are still fine
+    hidden = torch.randn(1, 2, HIDDEN)
+    reply = await conn.call("forward", Message({"start": 0, "end": 4}, [hidden]))
+    torch.testing.assert_close(reply.tensors[0], expected(span, hidden), rtol=0, atol=0)
+
+
+async def test_session_steps_match_a_full_forward(served, span):
+    _, conn, _ = served
+    hidden = torch.randn(1, 6, HIDDEN)
+    stream = await conn.open_stream("inference", Message({"start": 0, "end": 4, "batch_size": 1, "max_length": 8}))
+    outs = []
+    for lo, hi in [(0, 4), (4, 5), (5, 6)]:
+        await stream.send(Message({"position": lo}, [hidden[:, lo:hi]]))
+        outs.append((await stream.recv()).tensors[0])
+    await stream.close()
+    torch.testing.assert_close(torch.cat(outs, 1), expected(span, hidden), rtol=1e-5, atol=1e-5)
+
+
+async def test_bad_steps_keep_the_session(served, span):
+    backend, conn, _ = served
+    hidden = torch.randn(1, 3, HIDDEN)
+    stream = await conn.open_stream("inference", Message({"start": 0, "end": 4, "batch_size": 1, "max_length": 4}))
+    await stream.send(Message({"position": 0}, [hidden[:, :2]]))
+    first = (await stream.recv()).tensors[0]
+    for bad in [
+        Message({"position": 5}, [hidden[:, 2:]]),                        # beyond what the session holds
+        Message({"position": 2}, [torch.randn(1, 3, HIDDEN)]),            # past max_length
+        Message({"position": 2}, [torch.randn(2, 1, HIDDEN)]),            # wrong batch size
+        Message({"position": 2}, [torch.full((1, 1, HIDDEN), float("inf"))]),
+        Message({}, [hidden[:, 2:]]),
+    ]:
+        await stream.send(bad)
+        reply = await stream.recv()
+        assert reply.meta["error"]["code"] in ("bad_request", "too_long"), reply.meta
+    await stream.send(Message({"position": 2}, [hidden[:, 2:]]))
+    last = (await stream.recv()).tensors[0]
+    torch.testing.assert_close(torch.cat([first, last], 1), expected(span, hidden), rtol=1e-5, atol=1e-5)
+    await stream.close()
+
+
+async def test_cache_budget_is_reserved_refused_and_returned(served):
+    backend, conn, server = served
+    opening = {"start": 0, "end": 4, "batch_size": 2, "max_length": 32}
+    first = await conn.open_stream("inference", Message(opening))
+    await first.send(Message({"position": 0}, [torch.randn(2, 1, HIDDEN)]))
+    await first.recv()
+    assert backend.budget.free_tokens == 0
+    second = await conn.open_stream("inference", Message(opening))
+    with pytest.raises(RemoteError) as info:
+        await second.recv()
+    assert info.value.code == "cache_full"
+    await first.close()
+    await _until(lambda: backend.budget.free_tokens == 64)
+    # a client that vanishes without closing gives its cache back too
+    other = await connect_direct(*server.address, Identity.generate(), expected_peer_id=None)
+    stream = await other.open_stream("inference", Message(opening))
+    await stream.send(Message({"position": 0}, [torch.randn(2, 1, HIDDEN)]))
+    await stream.recv()
+    assert backend.budget.free_tokens == 0
+    await other.close()
+    await _until(lambda: backend.budget.free_tokens == 64 and not backend.sessions)
+
+
+async def test_idle_sessions_time_out(served):
+    backend, conn, _ = served
+    backend_limits = ServerLimits(session_idle_timeout_s=0.3)
+    handler = RequestHandler(backend, dict, backend_limits)
+    server = DirectServer(handler.handlers(), Identity.generate())
+    await server.start()
+    try:
+        client = await connect_direct(*server.address, Identity.generate(), expected_peer_id=None)
+        stream = await client.open_stream("inference", Message({"start": 0, "end": 4, "batch_size": 1,
+                                                                "max_length": 8}))
+        with pytest.raises(StreamClosed):
+            await stream.recv(timeout=10)
+        assert not backend.sessions and backend.budget.free_tokens == 64
+        await client.close()
+    finally:
+        await server.stop()
+
+
+async def _until(condition, timeout_s: float = 10.0) -> None:
+    """Wait for a server-side effect of a client action (the server runs in this event loop)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while not condition():
+        assert loop.time() < deadline, "condition not reached"
+        await asyncio.sleep(0.01)

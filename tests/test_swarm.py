@@ -1,0 +1,160 @@
+"""End to end: a bootstrap peer and server processes on 127.0.0.1, a client generating through them, compared
+with transformers running the same checkpoint locally."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.generation.streamers import BaseStreamer
+
+from swarmllm import AutoDistributedModelForCausalLM
+from swarmllm.client.loop import run_sync
+from swarmllm.client.routing import MissingBlocksError
+from swarmllm.dht import ServerState, find_servers
+from swarmllm.local import LocalSwarm
+
+# blocks per server; llama has two overlapping servers
+SPLITS = {"llama": [(0, 2), (2, 4), (1, 4)], "mistral": [(0, 3), (3, 4)], "qwen2": [(0, 2), (2, 4)]}
+PROMPTS = ["the cat and the dog", "what is the sun", "a b c d e f g"]
+
+
+@pytest.fixture(scope="module")
+def swarm(checkpoints):
+    paths = {family: checkpoints(family) for family in SPLITS}
+    with LocalSwarm() as local:
+        local.start_bootstrap()
+        local.add_servers([(str(paths[f]), span) for f, spans in SPLITS.items() for span in spans])
+        yield local, paths
+
+
+@pytest.fixture(scope="module")
+def models(swarm):
+    local, paths = swarm
+    loaded = {}
+    for family, path in paths.items():
+        remote = AutoDistributedModelForCausalLM.from_pretrained(str(path), initial_peers=local.initial_peers)
+        reference = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        loaded[family] = (remote, reference, AutoTokenizer.from_pretrained(path))
+    yield loaded
+    for remote, _, _ in loaded.values():
+        remote.shutdown()
+
+
+@pytest.mark.parametrize("family", list(SPLITS))
+def test_greedy_tokens_equal_transformers(models, family):
+    remote, reference, tokenizer = models[family]
+    for prompt in PROMPTS:
+        inputs = tokenizer(prompt, return_tensors="pt")
+        ours = remote.generate(**inputs, max_new_tokens=12, do_sample=False)
+        theirs = reference.generate(**inputs, max_new_tokens=12, do_sample=False)
+        assert ours.tolist() == theirs.tolist(), prompt
+
+
+@pytest.mark.parametrize("family", list(SPLITS))
+def test_forward_logits_match(models, family):
+    remote, reference, tokenizer = models[family]
+    inputs = tokenizer(PROMPTS[0], return_tensors="pt")
+    with torch.no_grad():
+        ours = remote(**inputs).logits
+        theirs = reference(**inputs).logits
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+
+
+def test_every_split_is_used(models, swarm):
+    """Routes through the overlapping servers give the same tokens whichever chain is taken."""
+    remote, reference, tokenizer = models["llama"]
+    local, _ = swarm
+    servers = run_sync(find_servers(remote.swarm.dht, remote.swarm.dht_prefix, 4))
+    assert sorted((s.start_block, s.end_block) for s in servers) == sorted(SPLITS["llama"])
+    inputs = tokenizer(PROMPTS[1], return_tensors="pt")
+    theirs = reference.generate(**inputs, max_new_tokens=8, do_sample=False)
+    for _ in range(4):
+        remote.swarm.rng.seed(_)
+        assert remote.generate(**inputs, max_new_tokens=8, do_sample=False).tolist() == theirs.tolist()
+
+
+def test_padded_batch_equals_transformers(models):
+    remote, reference, tokenizer = models["llama"]
+    tokenizer.padding_side = "left"
+    batch = tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    assert not bool(batch["attention_mask"].all())
+    ours = remote.generate(**batch, max_new_tokens=10, do_sample=False)
+    theirs = reference.generate(**batch, max_new_tokens=10, do_sample=False)
+    assert ours.tolist() == theirs.tolist()
+    with torch.no_grad():
+        mask = batch["attention_mask"].bool()
+        ours_logits = remote(**batch).logits[mask]
+        theirs_logits = reference(**batch).logits[mask]
+    torch.testing.assert_close(ours_logits, theirs_logits, rtol=1e-4, atol=1e-4)
+
+
+def test_sampling_with_a_seed_is_reproducible(models):
+    remote, _, tokenizer = models["qwen2"]
+    inputs = tokenizer(PROMPTS[0], return_tensors="pt")
+    runs = []
+    for seed in (7, 7, 8):
+        torch.manual_seed(seed)
+        runs.append(remote.generate(**inputs, max_new_tokens=16, do_sample=True, temperature=1.5, top_k=40,
+                                    top_p=0.95).tolist())
+    assert runs[0] == runs[1]
+    assert runs[0] != runs[2]
+
+
+def test_eos_and_streamer(models):
+    remote, reference, tokenizer = models["mistral"]
+    inputs = tokenizer(PROMPTS[2], return_tensors="pt")
+    free = reference.generate(**inputs, max_new_tokens=10, do_sample=False)[0]
+    stop_token = int(free[inputs["input_ids"].shape[1] + 3])
+
+    class Collect(BaseStreamer):
+        def __init__(self):
+            self.tokens = []
+
+        def put(self, value):
+            self.tokens.extend(value.flatten().tolist())
+
+        def end(self):
+            self.tokens.append("end")
+
+    streamer = Collect()
+    ours = remote.generate(**inputs, max_new_tokens=10, do_sample=False, eos_token_id=stop_token, streamer=streamer)
+    theirs = reference.generate(**inputs, max_new_tokens=10, do_sample=False, eos_token_id=stop_token)
+    assert ours.tolist() == theirs.tolist()
+    assert ours[0, -1] == stop_token and ours.shape[1] < free.shape[0]
+    assert streamer.tokens == [*ours[0].tolist(), "end"]
+
+
+def test_inference_session_keeps_the_cache_across_turns(models):
+    remote, reference, tokenizer = models["llama"]
+    first = tokenizer("the cat", return_tensors="pt")["input_ids"]
+    with remote.inference_session(max_length=64) as session:
+        turn1 = remote.generate(first, max_new_tokens=6, do_sample=False)
+        held = session.position
+        assert held == turn1.shape[1] - 1  # the last sampled token was never fed back
+        follow_up = tokenizer("and the dog", return_tensors="pt")["input_ids"]
+        conversation = torch.cat([turn1, follow_up], dim=1)
+        turn2 = remote.generate(conversation, max_new_tokens=6, do_sample=False)
+        assert session.position == turn2.shape[1] - 1
+    assert turn2.tolist() == reference.generate(conversation, max_new_tokens=6, do_sample=False).tolist()
+
+
+def test_missing_blocks_give_a_clear_error(swarm, checkpoints):
+    local, paths = swarm
+    remote = AutoDistributedModelForCausalLM.from_pretrained(
+        str(paths["llama"]), initial_peers=local.initial_peers, dht_prefix="nobody-serves-this"
+    )
+    try:
+        with pytest.raises(MissingBlocksError, match="0..3"):
+            remote.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=2)
+    finally:
+        remote.shutdown()
+
+
+def test_server_announces_offline_and_exits_cleanly(swarm, models):
+    local, paths = swarm
+    remote = models["qwen2"][0]
+    info = local.add_server(str(paths["qwen2"]), (0, 4), extra=["--update-period", "60"])
+    servers = {s.peer_id: s for s in run_sync(find_servers(remote.swarm.dht, remote.swarm.dht_prefix, 4))}
+    assert servers[info["peer_id"]].state == ServerState.ONLINE
+    assert local.stop_server(len(local.servers) - 1) == 0
+    servers = {s.peer_id: s for s in run_sync(find_servers(remote.swarm.dht, remote.swarm.dht_prefix, 4))}
+    assert servers[info["peer_id"]].state == ServerState.OFFLINE
