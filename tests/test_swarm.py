@@ -93,8 +93,11 @@ def test_sampling_with_a_seed_is_reproducible(models):
     runs = []
     for seed in (7, 7, 8):
         torch.manual_seed(seed)
-        runs.append(remote.generate(**inputs, max_new_tokens=16, do_sample=True, temperature=1.5, top_k=40,
-                                    top_p=0.95).tolist())
+        runs.append(
+            remote.generate(
+                **inputs, max_new_tokens=16, do_sample=True, temperature=1.5, top_k=40, top_p=0.95
+            ).tolist()
+        )
     assert runs[0] == runs[1]
     assert runs[0] != runs[2]
 
@@ -116,7 +119,9 @@ def test_eos_and_streamer(models):
             self.tokens.append("end")
 
     streamer = Collect()
-    ours = remote.generate(**inputs, max_new_tokens=10, do_sample=False, eos_token_id=stop_token, streamer=streamer)
+    ours = remote.generate(
+        **inputs, max_new_tokens=10, do_sample=False, eos_token_id=stop_token, streamer=streamer
+    )
     theirs = reference.generate(**inputs, max_new_tokens=10, do_sample=False, eos_token_id=stop_token)
     assert ours.tolist() == theirs.tolist()
     assert ours[0, -1] == stop_token and ours.shape[1] < free.shape[0]

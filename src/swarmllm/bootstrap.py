@@ -11,7 +11,9 @@ from swarmllm.wire import Identity
 
 def run_bootstrap(initial_peers: list[str], *, host: str, port: int, identity_path: str | None) -> int:
     identity = Identity.load_or_create(identity_path) if identity_path else Identity.generate()
-    dht, _ = start_dht(identity, initial_peers=initial_peers, host=host, port=port)
+    dht, _ = start_dht(
+        identity, initial_peers=initial_peers, host=host, port=port, fresh_identity=identity_path is None
+    )
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

@@ -32,8 +32,13 @@ def _setup_logging(verbose: bool) -> None:
 
 
 def _peers(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--initial-peers", nargs="*", default=[], metavar="MULTIADDR",
-                        help="multiaddrs of peers already in the swarm (printed by `swarmllm dht`)")
+    parser.add_argument(
+        "--initial-peers",
+        nargs="*",
+        default=[],
+        metavar="MULTIADDR",
+        help="multiaddrs of peers already in the swarm (printed by `swarmllm dht`)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,7 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("model", help="Hugging Face hub id or local checkpoint folder")
     which = serve.add_mutually_exclusive_group()
     which.add_argument("--blocks", type=_blocks, metavar="START:END", help="serve blocks [START, END)")
-    which.add_argument("--num-blocks", type=int, help="serve this many blocks where the swarm needs them most")
+    which.add_argument(
+        "--num-blocks", type=int, help="serve this many blocks where the swarm needs them most"
+    )
     _peers(serve)
     serve.add_argument("--new-swarm", action="store_true", help="start a new swarm (no --initial-peers)")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
@@ -60,12 +67,18 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--announce-host", help="address others should dial, if not --host")
     serve.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     serve.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
-    serve.add_argument("--max-cache-tokens", type=int, default=16384,
-                       help="KV-cache budget in tokens (batch x length) over all sessions")
+    serve.add_argument(
+        "--max-cache-tokens",
+        type=int,
+        default=16384,
+        help="KV-cache budget in tokens (batch x length) over all sessions",
+    )
     serve.add_argument("--public-name", help="a name shown to others (e.g. your site or handle)")
     serve.add_argument("--dht-prefix", help="swarm key of the model (default: its repository or folder name)")
     serve.add_argument("--identity", help="key file: keeps the peer id across restarts")
-    serve.add_argument("--num-threads", type=int, help="torch CPU threads (set it when servers share a machine)")
+    serve.add_argument(
+        "--num-threads", type=int, help="torch CPU threads (set it when servers share a machine)"
+    )
     serve.add_argument("--throughput", type=float, help="announced blocks/s instead of measuring it")
     serve.add_argument("--update-period", type=float, default=30.0, help="seconds between re-announcements")
 
@@ -79,7 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-k", type=int, default=50)
     gen.add_argument("--seed", type=int, default=0)
 
-    demo = commands.add_parser("demo", help="start a local swarm with a small bundled model and generate through it")
+    demo = commands.add_parser(
+        "demo", help="start a local swarm with a small bundled model and generate through it"
+    )
     demo.add_argument("--servers", type=int, default=2, help="number of server processes")
     demo.add_argument("--max-new-tokens", type=int, default=24)
     return parser
@@ -107,15 +122,31 @@ def _serve(args: argparse.Namespace) -> int:
     from swarmllm.server.server import ServerConfig, run_server
 
     if not args.initial_peers and not args.new_swarm:
-        print("swarmllm serve: give --initial-peers (join a swarm) or --new-swarm (start one)", file=sys.stderr)
+        print(
+            "swarmllm serve: give --initial-peers (join a swarm) or --new-swarm (start one)", file=sys.stderr
+        )
         return 2
-    run_server(ServerConfig(
-        model=args.model, blocks=args.blocks, num_blocks=args.num_blocks, initial_peers=args.initial_peers,
-        host=args.host, port=args.port, direct_port=args.direct_port, announce_host=args.announce_host,
-        dtype=args.dtype, device=args.device, max_cache_tokens=args.max_cache_tokens,
-        public_name=args.public_name, dht_prefix=args.dht_prefix, identity_path=args.identity,
-        num_threads=args.num_threads, throughput=args.throughput, update_period_s=args.update_period,
-    ))
+    run_server(
+        ServerConfig(
+            model=args.model,
+            blocks=args.blocks,
+            num_blocks=args.num_blocks,
+            initial_peers=args.initial_peers,
+            host=args.host,
+            port=args.port,
+            direct_port=args.direct_port,
+            announce_host=args.announce_host,
+            dtype=args.dtype,
+            device=args.device,
+            max_cache_tokens=args.max_cache_tokens,
+            public_name=args.public_name,
+            dht_prefix=args.dht_prefix,
+            identity_path=args.identity,
+            num_threads=args.num_threads,
+            throughput=args.throughput,
+            update_period_s=args.update_period,
+        )
+    )
     return 0
 
 
@@ -131,7 +162,9 @@ def _generate(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     sampling = {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k}
     out = model.generate(
-        **inputs, max_new_tokens=args.max_new_tokens, **(sampling if args.temperature > 0 else {"do_sample": False})
+        **inputs,
+        max_new_tokens=args.max_new_tokens,
+        **(sampling if args.temperature > 0 else {"do_sample": False}),
     )
     print(tokenizer.decode(out[0], skip_special_tokens=True))
     model.shutdown()

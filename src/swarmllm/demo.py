@@ -36,7 +36,9 @@ def run_demo(num_servers: int = 2, max_new_tokens: int = 24) -> int:
         print("bootstrap peer:", " ".join(swarm.initial_peers))
         for start, end in zip(cuts, cuts[1:]):
             info = swarm.add_server(str(path), (start, end))
-            print(f"server {info['peer_id'][-8:]} holds blocks [{start}, {end}), direct path {info['direct']}")
+            print(
+                f"server {info['peer_id'][-8:]} holds blocks [{start}, {end}), direct path {info['direct']}"
+            )
 
         tokenizer = AutoTokenizer.from_pretrained(path)
         inputs = tokenizer(DEMO_PROMPT, return_tensors="pt")
@@ -57,5 +59,7 @@ def run_demo(num_servers: int = 2, max_new_tokens: int = 24) -> int:
     print(f"swarm output: {tokenizer.decode(swarm_out[0], skip_special_tokens=True)!r}")
     print(f"local output: {tokenizer.decode(local_out[0], skip_special_tokens=True)!r}")
     print(f"tokens identical to local transformers: {same}")
-    print(f"speed: swarm {max_new_tokens / swarm_s:.1f} tokens/s, local {max_new_tokens / local_s:.1f} tokens/s")
+    print(
+        f"speed: swarm {max_new_tokens / swarm_s:.1f} tokens/s, local {max_new_tokens / local_s:.1f} tokens/s"
+    )
     return 0 if same else 1

@@ -40,7 +40,9 @@ class ManagedProcess:
             try:
                 line = self.lines.get(timeout=timeout_s)
             except queue.Empty:
-                raise ProcessFailed(f"{self.name} was not ready in {timeout_s} s:\n{''.join(self.log[-40:])}") from None
+                raise ProcessFailed(
+                    f"{self.name} was not ready in {timeout_s} s:\n{''.join(self.log[-40:])}"
+                ) from None
             if line is None:
                 raise ProcessFailed(f"{self.name} exited with {self.proc.wait()}:\n{''.join(self.log[-40:])}")
             if predicate(line):
@@ -83,7 +85,12 @@ class LocalSwarm:
         return self.initial_peers
 
     def add_server(
-        self, model: str, blocks: tuple[int, int] | None = None, *, extra: Sequence[str] = (), timeout_s: float = 180.0
+        self,
+        model: str,
+        blocks: tuple[int, int] | None = None,
+        *,
+        extra: Sequence[str] = (),
+        timeout_s: float = 180.0,
     ) -> dict:
         """Start a server and return its readiness record (peer_id, start, end, direct address)."""
         return self.add_servers([(model, blocks)], extra=extra, timeout_s=timeout_s)[0]

@@ -6,10 +6,20 @@ from swarmllm.client.routing import Hop, MissingBlocksError, route_forward, rout
 from swarmllm.dht import ServerInfo, ServerState
 
 
-def server(peer: str, start: int, end: int, rps: float = 100.0, cache: int = 10_000, state=ServerState.ONLINE):
+def server(
+    peer: str, start: int, end: int, rps: float = 100.0, cache: int = 10_000, state=ServerState.ONLINE
+):
     return ServerInfo(
-        peer_id=peer, state=state, start_block=start, end_block=end, throughput=rps, inference_rps=rps,
-        forward_rps=rps, cache_tokens_left=cache, version="test", dtype="float32",
+        peer_id=peer,
+        state=state,
+        start_block=start,
+        end_block=end,
+        throughput=rps,
+        inference_rps=rps,
+        forward_rps=rps,
+        cache_tokens_left=cache,
+        version="test",
+        dtype="float32",
     )
 
 
@@ -24,7 +34,10 @@ def test_prefers_fewer_hops_when_round_trips_dominate():
 
 def test_prefers_fast_servers_when_compute_dominates():
     servers = [server("a", 0, 4, rps=1000), server("b", 4, 8, rps=1000), server("slow", 0, 8, rps=1)]
-    assert route_inference(servers, 8, {"a": 0.001, "b": 0.001, "slow": 0.001}) == [Hop("a", 0, 4), Hop("b", 4, 8)]
+    assert route_inference(servers, 8, {"a": 0.001, "b": 0.001, "slow": 0.001}) == [
+        Hop("a", 0, 4),
+        Hop("b", 4, 8),
+    ]
 
 
 def test_overlapping_spans_are_cut_where_the_next_server_starts():

@@ -3,8 +3,8 @@
 import asyncio
 import time
 
-from hivemind.utils import get_dht_time
 import pytest
+from hivemind.utils import get_dht_time
 
 from swarmllm.dht import (
     ModelInfo,
@@ -23,8 +23,16 @@ from swarmllm.wire import Identity
 
 def info_for(peer_id: str, start=0, end=4, state=ServerState.ONLINE) -> ServerInfo:
     return ServerInfo(
-        peer_id=peer_id, state=state, start_block=start, end_block=end, throughput=10.0, inference_rps=10.0,
-        forward_rps=100.0, cache_tokens_left=1000, version="test", dtype="float32",
+        peer_id=peer_id,
+        state=state,
+        start_block=start,
+        end_block=end,
+        throughput=10.0,
+        inference_rps=10.0,
+        forward_rps=100.0,
+        cache_tokens_left=1000,
+        version="test",
+        dtype="float32",
     )
 
 
@@ -66,8 +74,9 @@ async def test_nobody_can_announce_under_another_name(peers):
     assert await find_servers(client_dht, "forged", 8) == []
     # written under the victim's owner tag without the victim's key: the DHT refuses to store it
     expiration = get_dht_time() + 60
-    stored = forger_dht.store(block_key("forged2", 0), info_for(victim.peer_id).to_record(), expiration,
-                              subkey=victim_tag)
+    stored = forger_dht.store(
+        block_key("forged2", 0), info_for(victim.peer_id).to_record(), expiration, subkey=victim_tag
+    )
     assert not stored
     assert await find_servers(client_dht, "forged2", 8) == []
 

@@ -21,7 +21,9 @@ def span(llama_checkpoint):
 @pytest.fixture
 async def served(span):
     backend = Backend(span, cache_tokens=64)
-    limits = ServerLimits(max_batch_size=4, max_forward_tokens=256, max_session_length=32, session_idle_timeout_s=5)
+    limits = ServerLimits(
+        max_batch_size=4, max_forward_tokens=256, max_session_length=32, session_idle_timeout_s=5
+    )
     handler = RequestHandler(backend, lambda: {"start_block": 0, "end_block": 4}, limits)
     server = DirectServer(handler.handlers(), Identity.generate())
     await server.start()
@@ -72,7 +74,9 @@ async def test_bad_forward_requests_get_clear_errors(served, span, meta, tensors
 async def test_session_steps_match_a_full_forward(served, span):
     _, conn, _ = served
     hidden = torch.randn(1, 6, HIDDEN)
-    stream = await conn.open_stream("inference", Message({"start": 0, "end": 4, "batch_size": 1, "max_length": 8}))
+    stream = await conn.open_stream(
+        "inference", Message({"start": 0, "end": 4, "batch_size": 1, "max_length": 8})
+    )
     outs = []
     for lo, hi in [(0, 4), (4, 5), (5, 6)]:
         await stream.send(Message({"position": lo}, [hidden[:, lo:hi]]))
@@ -84,13 +88,15 @@ async def test_session_steps_match_a_full_forward(served, span):
 async def test_bad_steps_keep_the_session(served, span):
     backend, conn, _ = served
     hidden = torch.randn(1, 3, HIDDEN)
-    stream = await conn.open_stream("inference", Message({"start": 0, "end": 4, "batch_size": 1, "max_length": 4}))
+    stream = await conn.open_stream(
+        "inference", Message({"start": 0, "end": 4, "batch_size": 1, "max_length": 4})
+    )
     await stream.send(Message({"position": 0}, [hidden[:, :2]]))
     first = (await stream.recv()).tensors[0]
     for bad in [
-        Message({"position": 5}, [hidden[:, 2:]]),                        # beyond what the session holds
-        Message({"position": 2}, [torch.randn(1, 3, HIDDEN)]),            # past max_length
-        Message({"position": 2}, [torch.randn(2, 1, HIDDEN)]),            # wrong batch size
+        Message({"position": 5}, [hidden[:, 2:]]),  # beyond what the session holds
+        Message({"position": 2}, [torch.randn(1, 3, HIDDEN)]),  # past max_length
+        Message({"position": 2}, [torch.randn(2, 1, HIDDEN)]),  # wrong batch size
         Message({"position": 2}, [torch.full((1, 1, HIDDEN), float("inf"))]),
         Message({}, [hidden[:, 2:]]),
     ]:
@@ -134,8 +140,9 @@ async def test_idle_sessions_time_out(served):
     await server.start()
     try:
         client = await connect_direct(*server.address, Identity.generate(), expected_peer_id=None)
-        stream = await client.open_stream("inference", Message({"start": 0, "end": 4, "batch_size": 1,
-                                                                "max_length": 8}))
+        stream = await client.open_stream(
+            "inference", Message({"start": 0, "end": 4, "batch_size": 1, "max_length": 8})
+        )
         with pytest.raises(StreamClosed):
             await stream.recv(timeout=10)
         assert not backend.sessions and backend.budget.free_tokens == 64

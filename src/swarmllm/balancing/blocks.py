@@ -14,7 +14,9 @@ def block_throughputs(num_blocks: int, spans: Iterable[tuple[int, int, float]]) 
     return totals
 
 
-def choose_blocks(num_blocks: int, span_length: int, spans: Iterable[tuple[int, int, float]]) -> tuple[int, int]:
+def choose_blocks(
+    num_blocks: int, span_length: int, spans: Iterable[tuple[int, int, float]]
+) -> tuple[int, int]:
     """The window of `span_length` blocks that lifts the swarm's weakest blocks the most.
 
     Windows are compared by their sorted per-block throughput, smallest first, so a window containing an

@@ -4,6 +4,7 @@ asynchronous swarm: each call hands a coroutine to the loop thread and waits for
 from __future__ import annotations
 
 import asyncio
+import atexit
 import threading
 from collections.abc import Coroutine
 from typing import Any, TypeVar
@@ -25,8 +26,26 @@ def event_loop() -> asyncio.AbstractEventLoop:
             except ImportError:
                 loop = asyncio.new_event_loop()
             threading.Thread(target=loop.run_forever, name="swarmllm-client-loop", daemon=True).start()
+            atexit.register(_stop, loop)
             _loop = loop
         return _loop
+
+
+def _stop(loop: asyncio.AbstractEventLoop) -> None:
+    """At exit, cancel what still runs on the loop (e.g. libp2p control tasks) so nothing dies mid-flight."""
+
+    async def cancel_all() -> None:
+        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    if loop.is_running():
+        try:
+            asyncio.run_coroutine_threadsafe(cancel_all(), loop).result(timeout=5)
+        except Exception:  # noqa: BLE001 - best effort at interpreter exit
+            pass
+        loop.call_soon_threadsafe(loop.stop)
 
 
 def run_sync(coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:

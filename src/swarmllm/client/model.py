@@ -49,7 +49,9 @@ class RemoteSession:
         if self.input_ids is None or self.input_ids.shape[0] != input_ids.shape[0]:
             return 0
         n = min(self.position, input_ids.shape[1])
-        same = (self.input_ids[:, :n] == input_ids[:, :n]) & (self.attention_mask[:, :n] == attention_mask[:, :n])
+        same = (self.input_ids[:, :n] == input_ids[:, :n]) & (
+            self.attention_mask[:, :n] == attention_mask[:, :n]
+        )
         mismatch = (~same.all(dim=0)).nonzero()
         return int(mismatch[0]) if len(mismatch) else n
 
@@ -80,9 +82,14 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         """Load the local parts of a model (hub id or local folder) and join the swarm serving its blocks."""
         hf_config, head = load_client_head(name_or_path, dtype=dtype, device=device)
         if hf_config.model_type not in SUPPORTED_MODEL_TYPES:
-            raise ValueError(f"model type {hf_config.model_type!r} is not supported ({SUPPORTED_MODEL_TYPES})")
+            raise ValueError(
+                f"model type {hf_config.model_type!r} is not supported ({SUPPORTED_MODEL_TYPES})"
+            )
         swarm = SwarmClient(
-            initial_peers, dht_prefix or dht_prefix_for(name_or_path), hf_config.num_hidden_layers, **swarm_options
+            initial_peers,
+            dht_prefix or dht_prefix_for(name_or_path),
+            hf_config.num_hidden_layers,
+            **swarm_options,
         )
         run_sync(swarm.start())
         model = cls(hf_config, head, swarm)
@@ -121,7 +128,11 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
             raise ValueError("generate needs input_ids")
         config = kwargs.get("generation_config") or self.generation_config
         max_new = kwargs.get("max_new_tokens", config.max_new_tokens)
-        max_length = input_ids.shape[1] + max_new if max_new is not None else kwargs.get("max_length", config.max_length)
+        max_length = (
+            input_ids.shape[1] + max_new
+            if max_new is not None
+            else kwargs.get("max_length", config.max_length)
+        )
         with self.inference_session(max_length=max_length):
             return super().generate(inputs, *args, **kwargs)
 
@@ -150,7 +161,9 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
 
     def _session_forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         active = self._active
-        mask = torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        mask = (
+            torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        )
         start = min(active.reusable_prefix(input_ids, mask), input_ids.shape[1] - 1)
         new_mask = mask[:, start:]
         hidden = self.head.embed(input_ids[:, start:])

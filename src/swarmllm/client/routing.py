@@ -109,7 +109,12 @@ def route_inference(
 
 
 def route_forward(
-    servers: Sequence[ServerInfo], num_blocks: int, rng: random.Random, *, start: int = 0, end: int | None = None
+    servers: Sequence[ServerInfo],
+    num_blocks: int,
+    rng: random.Random,
+    *,
+    start: int = 0,
+    end: int | None = None,
 ) -> list[Hop]:
     """Hops covering [start, end), each chosen at random among the servers holding the next block,
     weighted by throughput, and run as far as that server's span reaches."""

@@ -42,7 +42,12 @@ class InferenceSession:
         self.hops = await self.swarm.route_inference(min_cache_tokens=batch_size * self.max_length)
         for hop in self.hops:
             conn = await self.swarm.connection(hop.peer_id)
-            opening = {"start": hop.start, "end": hop.end, "batch_size": batch_size, "max_length": self.max_length}
+            opening = {
+                "start": hop.start,
+                "end": hop.end,
+                "batch_size": batch_size,
+                "max_length": self.max_length,
+            }
             self._streams.append(await conn.open_stream("inference", Message(opening)))
         logger.debug("session over %s", [(h.peer_id[-6:], h.start, h.end) for h in self.hops])
 
@@ -63,7 +68,9 @@ class InferenceSession:
         if self.batch_size is None:
             await self._open(hidden.shape[0])
         elif hidden.shape[0] != self.batch_size:
-            raise ValueError(f"the session was opened for batch size {self.batch_size}, got {hidden.shape[0]}")
+            raise ValueError(
+                f"the session was opened for batch size {self.batch_size}, got {hidden.shape[0]}"
+            )
         extra = [key_mask] if key_mask is not None else []
         for hop, stream in zip(self.hops, self._streams):
             await stream.send(Message({"position": position}, [hidden, *extra]))

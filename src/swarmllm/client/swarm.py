@@ -64,6 +64,9 @@ class SwarmClient:
         for conn in list(self._connections.values()):
             await conn.close()
         self._connections.clear()
+        if self._p2p is not None:
+            await self._p2p.shutdown()
+            self._p2p = None
         if self.dht is not None:
             self.dht.shutdown()
             self.dht = None
@@ -96,10 +99,16 @@ class SwarmClient:
                 host, _, port = addr.rpartition(":")
                 try:
                     return await connect_direct(
-                        host, int(port), self.identity, expected_peer_id=peer_id, timeout=self.connect_timeout_s
+                        host,
+                        int(port),
+                        self.identity,
+                        expected_peer_id=peer_id,
+                        timeout=self.connect_timeout_s,
                     )
                 except (OSError, asyncio.TimeoutError, WireError, ValueError) as e:
-                    logger.info("direct path to %s at %s failed (%s); falling back to libp2p", peer_id, addr, e)
+                    logger.info(
+                        "direct path to %s at %s failed (%s); falling back to libp2p", peer_id, addr, e
+                    )
         return await connect_libp2p(self._p2p, peer_id, timeout=self.connect_timeout_s)
 
     async def ping(self, peer_id: str) -> float:

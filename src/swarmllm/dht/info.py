@@ -28,7 +28,9 @@ class ServerInfo(BaseModel):
     state: ServerState
     start_block: int = Field(ge=0)
     end_block: int = Field(gt=0)
-    throughput: float = Field(ge=0, description="tokens/s the server can add to the swarm (min of compute and net)")
+    throughput: float = Field(
+        ge=0, description="tokens/s the server can add to the swarm (min of compute and net)"
+    )
     inference_rps: float = Field(ge=0, description="single-token decode steps/s over one block")
     forward_rps: float = Field(ge=0, description="tokens/s of batch forward over one block")
     network_rps: float | None = None

@@ -24,8 +24,12 @@ def start_dht(
     host: str = "127.0.0.1",
     port: int = 0,
     announce_host: str | None = None,
+    fresh_identity: bool = True,
 ) -> tuple[hivemind.DHT, bytes]:
-    """A running DHT peer and its owner tag (the subkey under which it announces)."""
+    """A running DHT peer and its owner tag (the subkey under which it announces).
+
+    `fresh_identity` skips hivemind's check that no other peer uses the key (a just-generated key can't be).
+    """
     validator = RSASignatureValidator(identity.private_key)
     fd, identity_path = tempfile.mkstemp(prefix="swarmllm-id-")
     os.close(fd)
@@ -41,6 +45,7 @@ def start_dht(
             identity_path=identity_path,
             host_maddrs=[f"/ip4/{host}/tcp/{port}"],
             announce_maddrs=announce,
+            check_if_identity_free=not fresh_identity,
         )
     finally:
         os.unlink(identity_path)

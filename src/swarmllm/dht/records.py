@@ -10,8 +10,8 @@ Every record expires; servers re-announce before it does.
 from __future__ import annotations
 
 import re
-from functools import partial
 from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 import hivemind
@@ -43,7 +43,9 @@ def owner_peer_id(subkey: Any) -> str | None:
         return None
 
 
-async def _store_records(_dht: hivemind.DHT, node: hivemind.DHTNode, keys, subkey, values, expiration) -> bool:
+async def _store_records(
+    _dht: hivemind.DHT, node: hivemind.DHTNode, keys, subkey, values, expiration
+) -> bool:
     results = await node.store_many(keys, values, expiration, subkeys=[subkey] * len(keys))
     return all(results.values())
 

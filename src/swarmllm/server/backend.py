@@ -69,7 +69,9 @@ class Backend:
     def _blocks(self, start: int, end: int) -> slice:
         return slice(start - self.span.start, end - self.span.start)
 
-    async def forward(self, hidden: torch.Tensor, key_mask: torch.Tensor | None, start: int, end: int) -> torch.Tensor:
+    async def forward(
+        self, hidden: torch.Tensor, key_mask: torch.Tensor | None, start: int, end: int
+    ) -> torch.Tensor:
         return await self.run(self._forward, hidden, key_mask, self._blocks(start, end))
 
     @torch.inference_mode()

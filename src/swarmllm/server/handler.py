@@ -36,7 +36,9 @@ class ServerLimits:
 class RequestHandler:
     """Binds the backend to RPC names; `handlers()` is what both transports serve."""
 
-    def __init__(self, backend: Backend, info: Callable[[], dict[str, Any]], limits: ServerLimits = ServerLimits()):
+    def __init__(
+        self, backend: Backend, info: Callable[[], dict[str, Any]], limits: ServerLimits = ServerLimits()
+    ):
         self.backend = backend
         self.info = info
         self.limits = limits
@@ -73,8 +75,15 @@ class RequestHandler:
             session = self.backend.open_session(start, end, batch_size, max_length)
         except CacheFullError as e:
             raise RequestError("cache_full", str(e)) from None
-        logger.debug("session %s opened by %s: blocks [%d, %d) batch %d max_length %d",
-                     session.session_id, context.peer_id, start, end, batch_size, max_length)
+        logger.debug(
+            "session %s opened by %s: blocks [%d, %d) batch %d max_length %d",
+            session.session_id,
+            context.peer_id,
+            start,
+            end,
+            batch_size,
+            max_length,
+        )
         try:
             while True:
                 try:
@@ -82,8 +91,11 @@ class RequestHandler:
                 except StopAsyncIteration:
                     break
                 except asyncio.TimeoutError:
-                    logger.info("session %s idle for %.0f s, closing", session.session_id,
-                                self.limits.session_idle_timeout_s)
+                    logger.info(
+                        "session %s idle for %.0f s, closing",
+                        session.session_id,
+                        self.limits.session_idle_timeout_s,
+                    )
                     break
                 try:
                     yield await self._step(session, step)
@@ -101,7 +113,8 @@ class RequestHandler:
         length = hidden.shape[1]
         if position + length > session.max_length:
             raise RequestError(
-                "too_long", f"positions [{position}, {position + length}) exceed max_length {session.max_length}"
+                "too_long",
+                f"positions [{position}, {position + length}) exceed max_length {session.max_length}",
             )
         new_mask = self._mask(step.tensors, session.batch_size, length)
         return Message({"position": position}, [await self.backend.step(session, hidden, position, new_mask)])

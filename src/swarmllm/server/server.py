@@ -56,9 +56,15 @@ class ServerConfig:
 class Server:
     def __init__(self, config: ServerConfig):
         self.config = config
-        self.identity = Identity.load_or_create(config.identity_path) if config.identity_path else Identity.generate()
+        self.identity = (
+            Identity.load_or_create(config.identity_path) if config.identity_path else Identity.generate()
+        )
         self.dht_prefix = config.dht_prefix or dht_prefix_for(config.model)
         self.state = ServerState.JOINING
+        self.start = self.end = 0
+        self.inference_rps = self.forward_rps = config.throughput or 1.0
+        self.backend: Backend | None = None
+        self.direct_addr: str | None = None
         self._stop = asyncio.Event()
 
     def stop(self) -> None:
@@ -73,12 +79,18 @@ class Server:
             loop.add_signal_handler(sig, self.stop)
 
         hf_config, block_config = load_config(cfg.model)
-        self.model_info = ModelInfo(dht_prefix=self.dht_prefix, num_blocks=block_config.num_layers, repository=cfg.model)
+        self.model_info = ModelInfo(
+            dht_prefix=self.dht_prefix, num_blocks=block_config.num_layers, repository=cfg.model
+        )
         self.dht, self.owner_tag = await loop.run_in_executor(
             None,
             lambda: start_dht(
-                self.identity, initial_peers=cfg.initial_peers, host=cfg.host, port=cfg.port,
+                self.identity,
+                initial_peers=cfg.initial_peers,
+                host=cfg.host,
+                port=cfg.port,
                 announce_host=cfg.announce_host,
+                fresh_identity=cfg.identity_path is None,
             ),
         )
         try:
@@ -90,7 +102,6 @@ class Server:
         cfg = self.config
         start, end = await self._choose_span(total_blocks)
         self.start, self.end = start, end
-        self.inference_rps = self.forward_rps = cfg.throughput or 1.0
         await self._announce()
         logger.info("loading blocks [%d, %d) of %s as %s", start, end, cfg.model, cfg.dtype)
         span = await asyncio.get_running_loop().run_in_executor(
@@ -100,17 +111,27 @@ class Server:
             self.inference_rps, self.forward_rps = measure_throughput(span)
         self.backend = Backend(span, cache_tokens=cfg.max_cache_tokens, device=cfg.device)
         handlers = RequestHandler(self.backend, self._info_record, cfg.limits).handlers()
-        direct = DirectServer(handlers, self.identity, host=cfg.announce_host or cfg.host, port=cfg.direct_port)
+        direct = DirectServer(handlers, self.identity, host=cfg.host, port=cfg.direct_port)
         await direct.start()
-        self.direct_addr = "%s:%d" % direct.address
+        host, port = direct.address
+        self.direct_addr = f"{cfg.announce_host or host}:{port}"
         self.p2p = await self.dht.replicate_p2p()
         await serve_libp2p(self.p2p, handlers)
         self.state = ServerState.ONLINE
         await self._announce()
-        print(json.dumps({
-            "event": "server_online", "peer_id": self.identity.peer_id, "start": start, "end": end,
-            "direct": self.direct_addr, "maddrs": visible_maddrs(self.dht),
-        }), flush=True)
+        print(
+            json.dumps(
+                {
+                    "event": "server_online",
+                    "peer_id": self.identity.peer_id,
+                    "start": start,
+                    "end": end,
+                    "direct": self.direct_addr,
+                    "maddrs": visible_maddrs(self.dht),
+                }
+            ),
+            flush=True,
+        )
         try:
             while not self._stop.is_set():
                 try:
@@ -137,7 +158,7 @@ class Server:
         return choose_blocks(total_blocks, length, live)
 
     def _info(self) -> ServerInfo:
-        free = self.backend.budget.free_tokens if hasattr(self, "backend") else self.config.max_cache_tokens
+        free = self.backend.budget.free_tokens if self.backend else self.config.max_cache_tokens
         return ServerInfo(
             peer_id=self.identity.peer_id,
             state=self.state,
@@ -150,15 +171,21 @@ class Server:
             version=swarmllm.__version__,
             dtype=self.config.dtype,
             public_name=self.config.public_name,
-            direct_addrs=(self.direct_addr,) if hasattr(self, "direct_addr") else (),
+            direct_addrs=(self.direct_addr,) if self.direct_addr else (),
         )
 
     def _info_record(self) -> dict:
-        return {**self._info().to_record(), "dht_prefix": self.dht_prefix, "total_blocks": self.model_info.num_blocks}
+        return {
+            **self._info().to_record(),
+            "dht_prefix": self.dht_prefix,
+            "total_blocks": self.model_info.num_blocks,
+        }
 
     async def _announce(self) -> None:
         expiration = self.config.expiration_s or 3 * self.config.update_period_s
-        ok = await announce(self.dht, self.owner_tag, self.dht_prefix, self._info(), self.model_info, expiration)
+        ok = await announce(
+            self.dht, self.owner_tag, self.dht_prefix, self._info(), self.model_info, expiration
+        )
         if not ok:
             logger.warning("announcing %s to the DHT failed; retrying next period", self.state.value)
 

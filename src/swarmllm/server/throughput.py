@@ -10,7 +10,9 @@ from swarmllm.models import BlockSpan, KVCache
 
 
 @torch.inference_mode()
-def measure_throughput(span: BlockSpan, *, decode_steps: int = 8, forward_tokens: int = 128) -> tuple[float, float]:
+def measure_throughput(
+    span: BlockSpan, *, decode_steps: int = 8, forward_tokens: int = 128
+) -> tuple[float, float]:
     """(inference_rps, forward_rps) per block: decode steps/s and batch-forward tokens/s of one block."""
     param = next(span.parameters())
     num_blocks = span.end - span.start
