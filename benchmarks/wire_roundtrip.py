@@ -73,7 +73,7 @@ async def serve(loop_name: str, conn: mp.connection.Connection) -> None:
             yield message
 
     handlers.add_unary("echo", echo)
-    handlers.add_stream("echo", echo_stream)
+    handlers.add_stream("echo_stream", echo_stream)
     identity = Identity.generate()
     direct = DirectServer(handlers, identity)
     await direct.start()
@@ -129,7 +129,7 @@ async def measure_wire(transport: str, connection: Connection, x: torch.Tensor, 
         assert reply.tensors[0].shape == x.shape
 
     await add(f"swarmllm {transport} unary", unary_step)
-    stream = await connection.open_stream("echo", Message())
+    stream = await connection.open_stream("echo_stream", Message())
 
     async def stream_step() -> None:
         await stream.send(Message({"position": 1}, [x]))
@@ -245,6 +245,7 @@ def main() -> None:
     parent_conn, child_conn = context.Pipe()
     server = context.Process(target=server_main, args=(args.loop, child_conn), daemon=True)
     server.start()
+    child_conn.close()  # so that recv() fails instead of hanging if the server process dies
     try:
         addresses = parent_conn.recv()
         install_loop(args.loop)

@@ -163,3 +163,51 @@ def test_server_announces_offline_and_exits_cleanly(swarm, models):
     assert local.stop_server(len(local.servers) - 1) == 0
     servers = {s.peer_id: s for s in run_sync(find_servers(remote.swarm.dht, remote.swarm.dht_prefix, 4))}
     assert servers[info["peer_id"]].state == ServerState.OFFLINE
+
+
+def test_long_forward_is_pipelined_in_chunks_and_exact(models):
+    remote, reference, _ = models["llama"]
+    generator = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(3, 150, (2, 200), generator=generator)
+    mask = torch.ones_like(input_ids)
+    mask[1, :37] = 0
+    with torch.no_grad():
+        theirs = reference(input_ids=input_ids, attention_mask=mask).logits[mask.bool()]
+        for chunk_tokens in (64, 1000):  # 64: pipelined chunks of 32 positions; 1000: one plain call per hop
+            remote.swarm.forward_chunk_tokens = chunk_tokens
+            ours = remote(input_ids=input_ids, attention_mask=mask).logits[mask.bool()]
+            torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+    remote.swarm.forward_chunk_tokens = 128
+
+
+def test_libp2p_path_gives_the_same_tokens(swarm, models):
+    local, paths = swarm
+    _, reference, tokenizer = models["llama"]
+    remote = AutoDistributedModelForCausalLM.from_pretrained(
+        str(paths["llama"]), initial_peers=local.initial_peers, prefer_direct=False
+    )
+    try:
+        inputs = tokenizer(PROMPTS[0], return_tensors="pt")
+        ours = remote.generate(**inputs, max_new_tokens=8, do_sample=False)
+        assert ours.tolist() == reference.generate(**inputs, max_new_tokens=8, do_sample=False).tolist()
+        transports = {run_sync(remote.swarm.connection(p)).transport for p in remote.swarm.rtt_s}
+        assert transports == {"libp2p"}
+    finally:
+        remote.shutdown()
+
+
+def test_falls_back_to_libp2p_when_the_direct_address_is_unreachable(swarm, checkpoints):
+    local, _ = swarm
+    path = checkpoints("llama3")
+    # the server listens on 127.0.0.1 but announces its direct path at 127.0.0.2, where nothing answers
+    info = local.add_server(str(path), (0, 4), extra=["--announce-host", "127.0.0.2"])
+    assert info["direct"].startswith("127.0.0.2:")
+    remote = AutoDistributedModelForCausalLM.from_pretrained(str(path), initial_peers=local.initial_peers)
+    reference = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    try:
+        prompt = torch.tensor([[1, 30, 40, 50]])
+        ours = remote.generate(prompt, max_new_tokens=8, do_sample=False)
+        assert ours.tolist() == reference.generate(prompt, max_new_tokens=8, do_sample=False).tolist()
+        assert run_sync(remote.swarm.connection(info["peer_id"])).transport == "libp2p"
+    finally:
+        remote.shutdown()

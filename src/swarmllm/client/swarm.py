@@ -8,6 +8,7 @@ expected peer id, otherwise libp2p, which reaches peers behind NAT and relays.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
@@ -18,7 +19,16 @@ import torch
 
 from swarmllm.client.routing import Hop, route_forward, route_inference
 from swarmllm.dht import ServerInfo, find_servers, start_dht
-from swarmllm.wire import Connection, Identity, Message, WireError, connect_direct, connect_libp2p
+from swarmllm.wire import (
+    Connection,
+    Identity,
+    Message,
+    RemoteError,
+    Stream,
+    WireError,
+    connect_direct,
+    connect_libp2p,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +45,7 @@ class SwarmClient:
         connect_timeout_s: float = 5.0,
         request_timeout_s: float = 600.0,
         prefer_direct: bool = True,
+        forward_chunk_tokens: int = 128,
     ):
         self.initial_peers = list(initial_peers)
         self.dht_prefix = dht_prefix
@@ -44,6 +55,7 @@ class SwarmClient:
         self.connect_timeout_s = connect_timeout_s
         self.request_timeout_s = request_timeout_s
         self.prefer_direct = prefer_direct
+        self.forward_chunk_tokens = forward_chunk_tokens
         self.rng = random.Random()
         self.dht: hivemind.DHT | None = None
         self._p2p: hivemind.P2P | None = None
@@ -132,8 +144,22 @@ class SwarmClient:
         return route_inference(servers, self.num_blocks, self.rtt_s, min_cache_tokens=min_cache_tokens)
 
     async def forward(self, hidden: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Hidden states through every block, spread over servers by throughput (no cache kept anywhere)."""
+        """Hidden states through every block, spread over servers by throughput.
+
+        A long input is cut into chunks of positions and pipelined along the chain: while a server computes
+        chunk k, the next one already works on chunk k-1. The chunks go through temporary sessions (their KV
+        cache carries attention across chunks); an input of one chunk, or one that finds no cache room, goes
+        through plain `forward` calls instead.
+        """
         hops = route_forward(await self.servers(), self.num_blocks, self.rng)
+        batch, length = hidden.shape[:2]
+        chunk = max(1, self.forward_chunk_tokens // batch)
+        if length > chunk:
+            try:
+                return await self._pipelined_forward(hops, hidden, key_mask, chunk)
+            except RemoteError as e:
+                if e.code != "cache_full":
+                    raise
         extra = [key_mask] if key_mask is not None else []
         for hop in hops:
             conn = await self.connection(hop.peer_id)
@@ -144,3 +170,48 @@ class SwarmClient:
             )
             hidden = reply.tensors[0]
         return hidden
+
+    async def _pipelined_forward(
+        self, hops: list[Hop], hidden: torch.Tensor, key_mask: torch.Tensor | None, chunk: int
+    ) -> torch.Tensor:
+        batch, length = hidden.shape[:2]
+        bounds = list(range(0, length, chunk))
+        streams: list[Stream] = []
+        try:
+            for hop in hops:
+                conn = await self.connection(hop.peer_id)
+                opening = {"start": hop.start, "end": hop.end, "batch_size": batch, "max_length": length}
+                streams.append(await conn.open_stream("inference", Message(opening)))
+            # stage i reads chunks from queues[i], sends each to its server, passes the outputs to queues[i + 1]
+            queues: list[asyncio.Queue] = [asyncio.Queue() for _ in range(len(hops) + 1)]
+            for lo in bounds:
+                mask = [key_mask[:, lo : lo + chunk]] if key_mask is not None else []
+                queues[0].put_nowait((lo, [hidden[:, lo : lo + chunk], *mask]))
+
+            async def stage(i: int, stream: Stream) -> None:
+                async def send_all() -> None:
+                    for _ in bounds:
+                        lo, tensors = await queues[i].get()
+                        await stream.send(Message({"position": lo}, tensors))
+
+                sender = asyncio.ensure_future(send_all())
+                try:
+                    for lo in bounds:
+                        reply = await stream.recv(timeout=self.request_timeout_s)
+                        if "error" in reply.meta:
+                            raise RemoteError(
+                                reply.meta["error"].get("code"), reply.meta["error"].get("message")
+                            )
+                        mask = [key_mask[:, lo : lo + chunk]] if key_mask is not None else []
+                        queues[i + 1].put_nowait((lo, [reply.tensors[0], *mask]))
+                    await sender
+                finally:
+                    sender.cancel()
+
+            await asyncio.gather(*(stage(i, stream) for i, stream in enumerate(streams)))
+            outputs = [queues[-1].get_nowait()[1][0] for _ in bounds]
+            return torch.cat(outputs, dim=1)
+        finally:
+            for stream in streams:
+                with contextlib.suppress(WireError):
+                    await stream.close()
