@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -105,3 +106,84 @@ def append_results(title: str, table: str, notes: str = "") -> None:
         block += f"\n{notes}\n"
     with RESULTS.open("a") as f:
         f.write(block)
+
+
+@dataclass
+class SwarmRun:
+    swarm_steps: float  # single-session decode steps/s through the swarm
+    local_steps: float  # the same generate with local transformers
+    swarm_fwd_tps: float  # batch forward tokens/s
+    local_fwd_tps: float
+    tokens_equal: bool
+    hop_timings: list = field(default_factory=list)  # per-hop HopTiming of the decode steps of one generate
+    step_s: float = 0.0  # median InferenceSession.step seconds during generate
+
+
+def measure_swarm(
+    name: str,
+    *,
+    new_tokens: int,
+    forward_tokens: int,
+    repeats: int,
+    servers: int = 2,
+    threads: int | None = None,
+) -> SwarmRun:
+    """One model through a fresh local swarm of `servers` processes, beside local transformers, in one run."""
+    from transformers import AutoModelForCausalLM
+
+    from swarmllm import AutoDistributedModelForCausalLM
+    from swarmllm.client import session as session_module
+    from swarmllm.local import LocalSwarm
+
+    path = checkpoint(name)
+    local = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    num_blocks = local.config.num_hidden_layers
+    prompt = torch.tensor(PROMPT)
+    batch = torch.randint(
+        0, local.config.vocab_size, (1, forward_tokens), generator=torch.Generator().manual_seed(0)
+    )
+    cuts = [round(i * num_blocks / servers) for i in range(servers + 1)]
+    extra = ["--num-threads", str(threads)] if threads else []
+    with LocalSwarm() as swarm:
+        swarm.start_bootstrap()
+        swarm.add_servers([(str(path), span) for span in zip(cuts, cuts[1:])], extra=extra)
+        remote = AutoDistributedModelForCausalLM.from_pretrained(str(path), initial_peers=swarm.initial_peers)
+        try:
+            with torch.no_grad():
+                want = local.generate(prompt, max_new_tokens=new_tokens, do_sample=False)
+                got = remote.generate(prompt, max_new_tokens=new_tokens, do_sample=False)
+                remote(batch)  # warm-up of the forward path
+                swarm_gen, local_gen = paired_median_times(
+                    lambda: remote.generate(prompt, max_new_tokens=new_tokens, do_sample=False),
+                    lambda: local.generate(prompt, max_new_tokens=new_tokens, do_sample=False),
+                    repeats,
+                )
+                swarm_fwd, local_fwd = paired_median_times(
+                    lambda: remote(batch), lambda: local(batch), repeats
+                )
+                hop_timings, step_times = [], []
+                original_step = session_module.InferenceSession.step
+
+                async def timed_step(self, *args, **kwargs):
+                    began = time.perf_counter()
+                    out = await original_step(self, *args, **kwargs)
+                    step_times.append(time.perf_counter() - began)
+                    hop_timings.append(self.last_timings)
+                    return out
+
+                session_module.InferenceSession.step = timed_step
+                try:
+                    remote.generate(prompt, max_new_tokens=new_tokens, do_sample=False)
+                finally:
+                    session_module.InferenceSession.step = original_step
+        finally:
+            remote.shutdown()
+    return SwarmRun(
+        swarm_steps=new_tokens / swarm_gen,
+        local_steps=new_tokens / local_gen,
+        swarm_fwd_tps=forward_tokens / swarm_fwd,
+        local_fwd_tps=forward_tokens / local_fwd,
+        tokens_equal=got.tolist() == want.tolist(),
+        hop_timings=hop_timings[1:],  # the first step is the prefill
+        step_s=statistics.median(step_times[1:]),
+    )

@@ -8,54 +8,21 @@ from __future__ import annotations
 
 import argparse
 
-import torch
-from common import PROMPT, append_results, checkpoint, markdown_table, paired_median_times
-from transformers import AutoModelForCausalLM
+from common import append_results, markdown_table, measure_swarm
 from transformers.utils import logging as hf_logging
-
-from swarmllm import AutoDistributedModelForCausalLM
-from swarmllm.local import LocalSwarm
 
 
 def bench_model(name: str, new_tokens: int, forward_tokens: int, repeats: int) -> list[object]:
-    path = checkpoint(name)
-    local = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    num_blocks = local.config.num_hidden_layers
-    prompt = torch.tensor(PROMPT)
-    batch = torch.randint(
-        0, local.config.vocab_size, (1, forward_tokens), generator=torch.Generator().manual_seed(0)
-    )
-    with LocalSwarm() as swarm:
-        swarm.start_bootstrap()
-        swarm.add_servers([(str(path), (0, num_blocks // 2)), (str(path), (num_blocks // 2, num_blocks))])
-        remote = AutoDistributedModelForCausalLM.from_pretrained(str(path), initial_peers=swarm.initial_peers)
-        try:
-            with torch.no_grad():
-                want = local.generate(prompt, max_new_tokens=new_tokens, do_sample=False)
-                got = remote.generate(prompt, max_new_tokens=new_tokens, do_sample=False)
-                remote(batch)  # warm-up of the forward path
-                # swarm and local runs alternate, so the machine's noise falls on both alike
-                swarm_gen, local_gen = paired_median_times(
-                    lambda: remote.generate(prompt, max_new_tokens=new_tokens, do_sample=False),
-                    lambda: local.generate(prompt, max_new_tokens=new_tokens, do_sample=False),
-                    repeats,
-                )
-                swarm_fwd, local_fwd = paired_median_times(
-                    lambda: remote(batch), lambda: local(batch), repeats
-                )
-        finally:
-            remote.shutdown()
-    swarm_steps, local_steps = new_tokens / swarm_gen, new_tokens / local_gen
-    swarm_tps, local_tps = forward_tokens / swarm_fwd, forward_tokens / local_fwd
+    r = measure_swarm(name, new_tokens=new_tokens, forward_tokens=forward_tokens, repeats=repeats)
     return [
         name,
-        f"{swarm_steps:.1f}",
-        f"{local_steps:.1f}",
-        f"{swarm_steps / local_steps:.2f}",
-        f"{swarm_tps:,.0f}",
-        f"{local_tps:,.0f}",
-        f"{swarm_tps / local_tps:.2f}",
-        got.tolist() == want.tolist(),
+        f"{r.swarm_steps:.1f}",
+        f"{r.local_steps:.1f}",
+        f"{r.swarm_steps / r.local_steps:.2f}",
+        f"{r.swarm_fwd_tps:,.0f}",
+        f"{r.local_fwd_tps:,.0f}",
+        f"{r.swarm_fwd_tps / r.local_fwd_tps:.2f}",
+        r.tokens_equal,
     ]
 
 

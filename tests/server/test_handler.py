@@ -158,3 +158,19 @@ async def _until(condition, timeout_s: float = 10.0) -> None:
     while not condition():
         assert loop.time() < deadline, "condition not reached"
         await asyncio.sleep(0.01)
+
+
+async def test_bfloat16_server_computes_in_bfloat16(llama_checkpoint, span):
+    backend = Backend(load_span(str(llama_checkpoint), 0, 4, dtype=torch.bfloat16), cache_tokens=64)
+    server = DirectServer(RequestHandler(backend, dict).handlers(), Identity.generate())
+    await server.start()
+    try:
+        conn = await connect_direct(*server.address, Identity.generate(), expected_peer_id=None)
+        hidden = torch.randn(1, 5, HIDDEN)
+        out = (await conn.call("forward", Message({"start": 0, "end": 4}, [hidden]))).tensors[0]
+        assert out.dtype == torch.bfloat16
+        want = expected(span, hidden)
+        assert float((out.float() - want).norm() / want.norm()) < 0.03
+        await conn.close()
+    finally:
+        await server.stop()

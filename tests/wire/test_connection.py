@@ -74,6 +74,9 @@ def make_handlers(probe: Probe) -> Handlers:
     async def crash(request: Message, context: CallContext) -> Message:
         raise ValueError("boom")
 
+    async def wrong_type(request: Message, context: CallContext) -> Message:
+        return {"not": "a Message"}
+
     async def accumulate(opening: Message, incoming, context: CallContext):
         """Yields the running sum of every tensor it gets; fails on request; reports when it is cleaned up."""
         total = opening.tensors[0].clone()
@@ -87,6 +90,14 @@ def make_handlers(probe: Probe) -> Handlers:
         finally:
             probe.events["accumulate finished"].set()
 
+    async def ignore_input(opening: Message, incoming, context: CallContext):
+        await probe.gates[opening.meta["gate"]].wait()
+        yield Message({"done": True})
+
+    async def open_gate(request: Message, context: CallContext) -> Message:
+        probe.gates[request.meta["gate"]].set()
+        return Message()
+
     async def countdown(opening: Message, incoming, context: CallContext):
         for i in reversed(range(opening.meta["n"])):
             yield Message({"left": i})
@@ -96,8 +107,11 @@ def make_handlers(probe: Probe) -> Handlers:
     handlers.add_unary("hang", hang)
     handlers.add_unary("fail_request", fail_request)
     handlers.add_unary("crash", crash)
+    handlers.add_unary("wrong_type", wrong_type)
     handlers.add_stream("accumulate", accumulate)
     handlers.add_stream("countdown", countdown)
+    handlers.add_stream("ignore_input", ignore_input)
+    handlers.add_unary("open_gate", open_gate)
     return handlers
 
 
@@ -186,6 +200,33 @@ async def test_stream_ended_by_server(connection):
                 await stream.recv(timeout=BOUND)
 
 
+async def test_closing_an_unread_stream_unblocks_the_connection(connection):
+    stream = await connection.open_stream("countdown", Message({"n": 1000}))  # far more than its inbox holds
+    first = await stream.recv(timeout=BOUND)
+    assert first.meta == {"left": 999}
+    await stream.close()
+    assert (await connection.call("echo", Message({"ok": 1}), timeout=BOUND)).meta["ok"] == 1
+
+
+async def test_server_handler_that_ignores_input_does_not_block_the_connection(
+    connection, server, client_identity
+):
+    stream = await connection.open_stream("ignore_input", Message({"gate": 7}))
+    for step in range(
+        1000
+    ):  # far more than the handler's inbox holds: the server stops reading this connection
+        await stream.send(Message({"step": step}))
+    echo = asyncio.create_task(connection.call("echo", Message({"ok": 1})))
+    other = await connect_direct(*server.address, client_identity, expected_peer_id=None)
+    await other.call(
+        "open_gate", Message({"gate": 7}), timeout=BOUND
+    )  # the handler returns, never having read
+    await other.close()
+    assert (await stream.recv(timeout=BOUND)).meta == {"done": True}
+    assert (await asyncio.wait_for(echo, BOUND)).meta["ok"] == 1
+    await stream.close()
+
+
 async def test_request_error_and_crash_become_remote_errors(connection):
     with pytest.raises(RemoteError) as info:
         await connection.call("fail_request", Message(), timeout=BOUND)
@@ -193,6 +234,8 @@ async def test_request_error_and_crash_become_remote_errors(connection):
     with pytest.raises(RemoteError) as info:
         await connection.call("crash", Message(), timeout=BOUND)
     assert info.value.code == "internal" and info.value.message == "ValueError: boom"
+    with pytest.raises(RemoteError, match="TypeError"):
+        await connection.call("wrong_type", Message(), timeout=BOUND)
     assert (await connection.call("echo", Message({"still": "up"}), timeout=BOUND)).meta["still"] == "up"
 
 
@@ -271,6 +314,26 @@ async def test_oversized_message_fails_only_its_call(server, server_identity, cl
         assert (await connection.call("echo", Message({"ok": 1}), timeout=BOUND)).meta["ok"] == 1
     finally:
         await connection.close()
+
+
+async def test_open_calls_per_connection_are_limited(probe, server_identity, client_identity):
+    server = DirectServer(make_handlers(probe), server_identity, limits=WireLimits(max_open_calls=2))
+    await server.start()
+    connection = await connect_direct(*server.address, client_identity, expected_peer_id=None)
+    try:
+        probe.expected = 2
+        calls = [asyncio.create_task(connection.call("gated", Message({"gate": i}))) for i in range(2)]
+        await asyncio.wait_for(probe.all_started.wait(), BOUND)
+        with pytest.raises(RemoteError) as info:
+            await connection.call("echo", Message(), timeout=BOUND)
+        assert info.value.code == "too_many_calls"
+        probe.gates[0].set()
+        probe.gates[1].set()
+        await asyncio.wait_for(asyncio.gather(*calls), BOUND)
+        assert (await connection.call("echo", Message({"ok": 1}), timeout=BOUND)).meta["ok"] == 1
+    finally:
+        await connection.close()
+        await server.stop()
 
 
 async def test_garbage_to_direct_server_closes_only_that_connection(connection, server, server_identity):

@@ -7,6 +7,8 @@ persistent connection to its server; a step is one message down each hop, with n
 from __future__ import annotations
 
 import logging
+import time
+from dataclasses import dataclass
 
 import torch
 
@@ -15,6 +17,14 @@ from swarmllm.client.swarm import SwarmClient
 from swarmllm.wire import Message, Stream, WireError
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class HopTiming:
+    """Where one hop's time went: the whole round trip as the client saw it, and the server's compute in it."""
+
+    round_trip_s: float
+    compute_s: float
 
 
 class SessionError(RuntimeError):
@@ -35,6 +45,7 @@ class InferenceSession:
         self.batch_size: int | None = None
         self.hops: list[Hop] = []
         self._streams: list[Stream] = []
+        self.last_timings: list[HopTiming] = []
         self.closed = False
 
     async def _open(self, batch_size: int) -> None:
@@ -72,13 +83,17 @@ class InferenceSession:
                 f"the session was opened for batch size {self.batch_size}, got {hidden.shape[0]}"
             )
         extra = [key_mask] if key_mask is not None else []
+        timings = []
         for hop, stream in zip(self.hops, self._streams):
+            began = time.perf_counter()
             await stream.send(Message({"position": position}, [hidden, *extra]))
             reply = await stream.recv(timeout=self.swarm.request_timeout_s)
             if "error" in reply.meta:
                 error = reply.meta["error"]
                 raise SessionError(hop.peer_id, str(error.get("code")), str(error.get("message")))
             hidden = reply.tensors[0]
+            timings.append(HopTiming(time.perf_counter() - began, float(reply.meta.get("compute_s", 0.0))))
+        self.last_timings = timings
         self.position = position + hidden.shape[1]
         return hidden
 

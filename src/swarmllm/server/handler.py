@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -117,7 +118,10 @@ class RequestHandler:
                 f"positions [{position}, {position + length}) exceed max_length {session.max_length}",
             )
         new_mask = self._mask(step.tensors, session.batch_size, length)
-        return Message({"position": position}, [await self.backend.step(session, hidden, position, new_mask)])
+        began = time.perf_counter()
+        out = await self.backend.step(session, hidden, position, new_mask)
+        # the compute time lets clients and benchmarks split a hop into network and server work
+        return Message({"position": position, "compute_s": time.perf_counter() - began}, [out])
 
     def _span(self, meta: dict[str, Any]) -> tuple[int, int]:
         start = get_int(meta, "start", low=self.backend.start, high=self.backend.end - 1)

@@ -38,6 +38,7 @@ STREAM_QUEUE_SIZE = 64
 # Writes go to the transport's buffer; past this many buffered bytes a sender waits for the kernel to catch up.
 _DRAIN_ABOVE_BYTES = 1 << 20
 _CONNECTION_CALL_ID = 0  # ERROR frames about the connection itself (a frame we could not parse)
+_MAX_ERROR_CHARS = 2000  # error texts are cut so that an ERROR frame always fits the metadata limit
 
 
 class StreamClosed(WireError):
@@ -112,10 +113,9 @@ class _FrameWriter:
 
     def write_error(self, call_id: int, code: str, message: str) -> None:
         """Best effort: the peer may already be gone, which is then not worth another error."""
-        try:
-            self.write(Frame(Kind.ERROR, call_id, Message({"code": code, "message": message})))
-        except ConnectionLost:
-            pass
+        meta = {"code": code[:_MAX_ERROR_CHARS], "message": message[:_MAX_ERROR_CHARS]}
+        with suppress(ConnectionLost):
+            self.write(Frame(Kind.ERROR, call_id, Message(meta)))
 
 
 def _remote_error(message: Message) -> RemoteError:
@@ -247,7 +247,11 @@ class Connection:
 
 
 class Stream:
-    """One bidirectional stream on a Connection; usable as ``async with``."""
+    """One bidirectional stream on a Connection; usable as ``async with``.
+
+    Up to STREAM_QUEUE_SIZE received messages wait here for ``recv``; beyond that the whole connection stops
+    reading until this stream is read or closed, so a stream that is no longer read must be closed.
+    """
 
     def __init__(self, connection: Connection, call_id: int, method: str):
         self.method = method
@@ -295,6 +299,8 @@ class Stream:
         if self._closed:
             return
         self._closed = True
+        while not self._inbox.empty():  # a read loop blocked on our full inbox must not stay blocked
+            self._inbox.get_nowait()
         connection = self._connection
         if connection._calls.pop(self._call_id, None) is not None and not connection.is_closed:
             with suppress(ConnectionLost):
@@ -345,7 +351,7 @@ async def serve_connection(
     async def run_unary(call_id: int, fn: UnaryHandler, request: Message, context: CallContext) -> None:
         try:
             reply = await fn(request, context)
-            await out.send(Frame(Kind.REPLY, call_id, reply))
+            await out.send(Frame(Kind.REPLY, call_id, _checked_reply(reply, context)))
         except Exception as e:
             _report_failure(out, call_id, context, e)
         finally:
@@ -357,12 +363,14 @@ async def serve_connection(
         try:
             async with aclosing(fn(opening, _incoming(inbox), context)) as replies:
                 async for reply in replies:
-                    await out.send(Frame(Kind.MESSAGE, call_id, reply))
+                    await out.send(Frame(Kind.MESSAGE, call_id, _checked_reply(reply, context)))
             await out.send(Frame(Kind.END, call_id, Message()))
         except Exception as e:
             _report_failure(out, call_id, context, e)
         finally:
             calls.pop(call_id, None)
+            while not inbox.empty():  # the read loop may be blocked on this full inbox; unblock it
+                inbox.get_nowait()
 
     def start_call(frame: Frame) -> None:
         call_id, method = frame.call_id, frame.method
@@ -418,6 +426,12 @@ async def serve_connection(
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         writer.close()
+
+
+def _checked_reply(reply: Message, context: CallContext) -> Message:
+    if not isinstance(reply, Message):
+        raise TypeError(f"handler {context.method!r} produced a {type(reply).__name__}, not a Message")
+    return reply
 
 
 async def _incoming(inbox: asyncio.Queue[Message | None]) -> AsyncIterator[Message]:

@@ -110,11 +110,13 @@ async def _client_handshake(
         server_peer_id = peer_id_from_public_key(public_key_from_bytes(server_key))
     except ValueError as e:
         raise HandshakeError(f"the server sent a bad public key: {e}") from None
-    if expected_peer_id is not None and server_peer_id != expected_peer_id:
-        raise IdentityMismatch(f"expected peer {expected_peer_id}, but the server is {server_peer_id}")
     transcript = (identity.public_key_bytes, server_key, client_nonce, server_nonce)
     if not verify(server_key, _transcript(b"server", *transcript), hello["sig"]):
         raise HandshakeError(f"the server's signature does not match its key (claimed {server_peer_id})")
+    if expected_peer_id is not None and server_peer_id != expected_peer_id:
+        raise IdentityMismatch(
+            f"expected peer {expected_peer_id}, but the server proved to be {server_peer_id}"
+        )
     _write_meta(writer, {"sig": identity.sign(_transcript(b"client", *transcript))})
     await _read_meta(reader, ())
     return server_peer_id

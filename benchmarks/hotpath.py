@@ -1,0 +1,227 @@
+"""The hot path in one run: transport round trips, where a decode step's time goes, and single-session steps/s
+and batch-forward tokens/s for the tiny and medium models through 2 servers, beside local transformers and
+Petals 2.2 (its own venv, the recipe in shared/petals-peer).
+
+    python benchmarks/hotpath.py [--models tiny medium] [--petals-venv /tmp/pvenv] [--no-record]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from common import append_results, markdown_table, measure_swarm
+from transformers.utils import logging as hf_logging
+from wire_roundtrip import format_table, run_roundtrips
+
+from swarmllm.wire import Frame, Kind, Message, encode_frame
+
+PETALS_PEER = Path(__file__).resolve().parents[1].parent / "shared" / "petals-peer"
+NEW_TOKENS = {"tiny": 64, "medium": 32}
+BLOCKS = {"tiny": 6, "medium": 16}
+
+
+def serialization_s(hidden_size: int, repeats: int = 2000) -> float:
+    """Encode + decode of one decode step's hidden state (what each end of a hop does once)."""
+    import asyncio
+
+    from swarmllm.wire import DEFAULT_LIMITS, read_frame
+
+    frame = Frame(Kind.MESSAGE, 1, Message({"position": 7}, [torch.randn(1, 1, hidden_size)]))
+
+    async def run() -> float:
+        times = []
+        for _ in range(repeats):
+            began = time.perf_counter()
+            data = b"".join(bytes(part) for part in encode_frame(frame))
+            reader = asyncio.StreamReader()
+            reader.feed_data(data)
+            reader.feed_eof()
+            await read_frame(reader, DEFAULT_LIMITS)
+            times.append(time.perf_counter() - began)
+        return statistics.median(times)
+
+    return asyncio.run(run())
+
+
+def breakdown(name: str, run) -> list[list[object]]:
+    """Rows of ms per decode step: client side, then per hop the server compute, serialization and the rest."""
+    from common import SHAPES
+
+    per_token_s = 1 / run.swarm_steps
+    step_s = run.step_s
+    rows = [
+        [name, "whole token (generate)", f"{per_token_s * 1e3:.3f}"],
+        [
+            name,
+            "client: HF generate logic, embed, LM head, thread hand-off",
+            f"{(per_token_s - step_s) * 1e3:.3f}",
+        ],
+    ]
+    serial = serialization_s(SHAPES[name]["hidden_size"])
+    for hop in range(len(run.hop_timings[0])):
+        trips = [step[hop].round_trip_s for step in run.hop_timings]
+        compute = [step[hop].compute_s for step in run.hop_timings]
+        trip, comp = statistics.median(trips), statistics.median(compute)
+        rows += [
+            [name, f"hop {hop + 1}: server compute", f"{comp * 1e3:.3f}"],
+            [name, f"hop {hop + 1}: serialization (encode+decode, both ends)", f"{2 * serial * 1e3:.3f}"],
+            [name, f"hop {hop + 1}: network, wake-ups, handler", f"{(trip - comp - 2 * serial) * 1e3:.3f}"],
+        ]
+    return rows
+
+
+def run_petals(
+    venv: Path, name: str, workdir: Path, timeout_s: float = 900
+) -> tuple[float, float, bool] | str:
+    """(petals steps/s, its local transformers 4.34 steps/s, tokens equal), or why it could not run."""
+    python = venv / "bin" / "python"
+    if not python.exists():
+        return f"no Petals venv at {venv} (see shared/petals-peer/README.md)"
+    if not (PETALS_PEER / "swarm_petals.sh").exists():
+        return f"no Petals recipe at {PETALS_PEER}"
+    workdir.mkdir(parents=True, exist_ok=True)
+    half = BLOCKS[name] // 2
+    env = {
+        **os.environ,
+        "W": str(workdir),
+        "CKPT": str(workdir / name),
+        "HALF": str(half),
+        "ALL": str(BLOCKS[name]),
+        "NEW": str(NEW_TOKENS[name]),
+        "PYTHONPATH": str(PETALS_PEER),
+        "HF_HUB_OFFLINE": "1",
+        "PATH": f"{venv / 'bin'}:{os.environ['PATH']}",
+    }
+    pids_file = workdir / "pids"
+    try:
+        subprocess.run(
+            ["bash", str(PETALS_PEER / "swarm_petals.sh")],
+            env=env,
+            check=True,
+            timeout=timeout_s,
+            capture_output=True,
+        )
+        deadline = time.monotonic() + timeout_s
+        for log in ("s0.log", "s1.log"):
+            while "Started" not in _read(workdir / log):
+                if time.monotonic() > deadline:
+                    return f"Petals servers not ready in {timeout_s} s: {_read(workdir / log)[-300:]}"
+                time.sleep(1)  # polling a log file written by another venv's process
+        out = subprocess.run(
+            [str(python), str(PETALS_PEER / "bench_petals.py")],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+        )
+        match = re.search(
+            r"petals single-session: ([\d.]+) steps/s; local transformers: ([\d.]+)", out.stdout
+        )
+        if not match:
+            return f"Petals benchmark failed: {(out.stdout + out.stderr)[-300:]}"
+        return float(match[1]), float(match[2]), "tokens equal to transformers: True" in out.stdout
+    except (subprocess.SubprocessError, OSError) as e:
+        return f"Petals run failed: {e}"
+    finally:
+        for pid in _read(pids_file).split():
+            try:
+                os.kill(int(pid), signal.SIGTERM)
+            except (ProcessLookupError, ValueError):
+                pass
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text()
+    except OSError:
+        return ""
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--models", nargs="+", default=["tiny", "medium"], choices=["tiny", "medium"])
+    parser.add_argument("--forward-tokens", type=int, default=512)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--calls", type=int, default=500, help="round trips per transport row")
+    parser.add_argument("--petals-venv", type=Path, default=Path("/tmp/pvenv"))
+    parser.add_argument("--petals-dir", type=Path, default=Path("/tmp/pbench"))
+    parser.add_argument("--no-record", action="store_true")
+    args = parser.parse_args()
+    hf_logging.disable_progress_bar()
+
+    print("round trips, 1x1x4096 fp32 ...", file=sys.stderr)
+    trips = format_table(run_roundtrips(calls=args.calls, warmup=50, loop="uvloop", shape=(1, 1, 4096)))
+    print(trips)
+
+    speed_rows, step_rows = [], []
+    for name in args.models:
+        print(f"{name}: swarm and local ...", file=sys.stderr)
+        run = measure_swarm(
+            name, new_tokens=NEW_TOKENS[name], forward_tokens=args.forward_tokens, repeats=args.repeats
+        )
+        print(f"{name}: Petals ...", file=sys.stderr)
+        petals = run_petals(args.petals_venv, name, args.petals_dir)
+        if isinstance(petals, str):
+            petals_cols = [petals, "", ""]
+        else:
+            petals_cols = [
+                f"{petals[0]:.1f} (its local 4.34: {petals[1]:.1f}, tokens equal: {petals[2]})",
+                f"{run.swarm_steps / petals[0]:.1f}x",
+                f"{petals[0] / petals[1]:.2f}",
+            ]
+        speed_rows.append(
+            [
+                name,
+                f"{run.swarm_steps:.1f}",
+                f"{run.local_steps:.1f}",
+                f"{run.swarm_steps / run.local_steps:.2f}",
+                *petals_cols,
+                f"{run.swarm_fwd_tps:,.0f}",
+                f"{run.local_fwd_tps:,.0f}",
+                f"{run.swarm_fwd_tps / run.local_fwd_tps:.2f}",
+                run.tokens_equal,
+            ]
+        )
+        step_rows += breakdown(name, run)
+    speed = markdown_table(
+        [
+            "model",
+            "swarm steps/s",
+            "local steps/s (5.x)",
+            "swarm/local",
+            "Petals 2.2 steps/s",
+            "swarm/Petals",
+            "Petals/its local",
+            f"swarm fwd tok/s (1x{args.forward_tokens})",
+            "local fwd tok/s",
+            "fwd ratio",
+            "tokens equal",
+        ],
+        speed_rows,
+    )
+    steps = markdown_table(["model", "part of one decode step", "ms (median)"], step_rows)
+    print(speed)
+    print(steps)
+    if not args.no_record:
+        append_results(
+            "Hot path: transports, step breakdown, swarm vs local vs Petals (2 servers)",
+            f"Round trips, 1x1x4096 fp32, uvloop, {args.calls} calls:\n\n{trips}\n\n{speed}\n\n{steps}",
+            f"Single session, batch 1, 6-token prompt, greedy, {NEW_TOKENS} new tokens; medians of "
+            f"{args.repeats}, swarm and local runs alternating. Petals: shared/petals-peer recipe in its own venv "
+            "(transformers 4.34), median of 3, run right after ours.",
+        )
+
+
+if __name__ == "__main__":
+    main()
