@@ -116,8 +116,9 @@ def run_petals(
                 if time.monotonic() > deadline:
                     return f"Petals servers not ready in {timeout_s} s: {_read(workdir / log)[-300:]}"
                 time.sleep(1)  # polling a log file written by another venv's process
+        client = Path(__file__).with_name("petals_client.py")  # bench_petals.py with a fix for a client hang
         out = subprocess.run(
-            [str(python), str(PETALS_PEER / "bench_petals.py")],
+            [str(python), str(client), str(PETALS_PEER / "bench_petals.py")],
             env=env,
             capture_output=True,
             text=True,

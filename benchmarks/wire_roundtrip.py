@@ -42,6 +42,10 @@ from swarmllm.wire import (
 )
 
 RESULTS = Path(__file__).parent / "RESULTS.md"
+SUMMARY = (
+    "Full round trips (request out, reply in, tensors decoded) from a client process to a server in a child "
+    "process on loopback; rows are explained in benchmarks/wire_roundtrip.py."
+)
 HOST_MADDRS = ["/ip4/127.0.0.1/tcp/0"]
 
 
@@ -234,6 +238,25 @@ def machine() -> str:
     )
 
 
+def run_roundtrips(*, calls: int, warmup: int, loop: str, shape: tuple[int, ...]) -> list:
+    """Every row of the table: the server side in a child process, the client in this one."""
+    context = mp.get_context("spawn")
+    parent_conn, child_conn = context.Pipe()
+    server = context.Process(target=server_main, args=(loop, child_conn), daemon=True)
+    server.start()
+    child_conn.close()  # so that recv() fails instead of hanging if the server process dies
+    try:
+        addresses = parent_conn.recv()
+        install_loop(loop)
+        options = argparse.Namespace(calls=calls, warmup=warmup, shape=shape)
+        return asyncio.run(run_client(options, addresses))
+    finally:
+        parent_conn.close()
+        server.join(timeout=30)
+        if server.is_alive():
+            server.terminate()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -247,27 +270,17 @@ def main() -> None:
     parser.add_argument("--append-results", action="store_true", help=f"append the table to {RESULTS.name}")
     args = parser.parse_args()
 
-    context = mp.get_context("spawn")
-    parent_conn, child_conn = context.Pipe()
-    server = context.Process(target=server_main, args=(args.loop, child_conn), daemon=True)
-    server.start()
-    child_conn.close()  # so that recv() fails instead of hanging if the server process dies
-    try:
-        addresses = parent_conn.recv()
-        install_loop(args.loop)
-        rows = asyncio.run(run_client(args, addresses))
-    finally:
-        parent_conn.close()
-        server.join(timeout=30)
-        if server.is_alive():
-            server.terminate()
-
+    rows = run_roundtrips(calls=args.calls, warmup=args.warmup, loop=args.loop, shape=args.shape)
     shape = "x".join(map(str, args.shape))
     title = f"{shape} fp32 ({torch.Size(args.shape).numel() * 4} bytes), {args.calls} calls, loop={args.loop}"
     table = format_table(rows)
     print(f"{title}\n{table}")
     if args.append_results:
         command = "python benchmarks/wire_roundtrip.py " + " ".join(sys.argv[1:])
+        heading = "## Wire round trip"
+        if heading not in (RESULTS.read_text() if RESULTS.exists() else ""):
+            with open(RESULTS, "a") as f:
+                f.write(f"\n{heading}\n\n{SUMMARY}\n")
         with open(RESULTS, "a") as f:
             f.write(f"\n{title}. Machine: {machine()}.\nCommand: `{command}`\n\n{table}\n")
 

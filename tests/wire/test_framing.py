@@ -138,11 +138,12 @@ def test_encoding_does_not_copy_tensor_memory():
 def test_encoding_refuses_unsupported_and_oversized():
     with pytest.raises(TypeError):
         encode_frame(Frame(Kind.MESSAGE, 1, Message(tensors=[torch.zeros(2, dtype=torch.complex64)])))
-    small = WireLimits(max_meta_bytes=16, max_payload_bytes=64, max_tensors=1)
+    small = WireLimits(max_meta_bytes=16, max_payload_bytes=64, max_tensors=1, max_dims=8)
     for message in [
         Message({"text": "x" * 100}),
         Message(tensors=[torch.zeros(100)]),
         Message(tensors=[torch.zeros(1), torch.zeros(1)]),
+        Message(tensors=[torch.zeros((1,) * 9)]),
     ]:
         with pytest.raises(FrameError):
             encode_frame(Frame(Kind.MESSAGE, 1, message), small)

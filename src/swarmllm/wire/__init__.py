@@ -2,6 +2,7 @@
 
 - framing.py: the byte layout of a frame (header + msgpack metadata + raw tensor bytes), limits, wire errors
 - connection.py: calls over one byte stream: the caller's Connection/Stream and the callee's serve_connection
+- validation.py: checks on the fields and tensors a peer sends, before they reach a model or a cache
 - identity.py: our RSA key and libp2p peer id (the same key file hivemind's P2P uses)
 - direct.py: persistent TCP with a mutual identity handshake (the fast path)
 - libp2p.py: the same frames over hivemind P2P binary streams (for peers behind NAT or relays)

@@ -1,6 +1,6 @@
 """The wire format: how one frame (metadata + tensors) is laid out as bytes, written and read back.
 
-A frame is three parts, each read with a single ``readexactly``:
+A frame is three parts, each read with a single ``readexactly`` (payloads above 1 MiB in chunks):
 
 1. a fixed 30-byte header (magic, version, kind, sizes, call id);
 2. the head: the method name (REQUEST frames only), msgpack metadata and one binary descriptor per tensor
@@ -24,9 +24,8 @@ import torch
 
 MAGIC = b"SW"
 VERSION = 1
-_ALIGN = (
-    8  # every tensor starts 8-byte aligned, so torch.frombuffer views are naturally aligned for any dtype
-)
+# every tensor starts 8-byte aligned, so torch.frombuffer views are naturally aligned for any dtype
+_ALIGN = 8
 _PADDING = bytes(_ALIGN)
 # magic, version, kind, method_len, n_tensors, call_id, meta_len, desc_len, payload_len
 _HEADER = struct.Struct("<2sBBBBQIIQ")
@@ -150,6 +149,8 @@ def encode_frame(frame: Frame, limits: WireLimits | None = None) -> list[bytes |
         if code is None:
             raise TypeError(f"dtype {tensor.dtype} cannot be sent over the wire")
         shape = tuple(tensor.shape)
+        if limits is not None and len(shape) > limits.max_dims:
+            raise FrameError(f"tensor of {len(shape)} dims (max {limits.max_dims})")
         head.append(struct.pack(f"<BB{len(shape)}Q", code, len(shape), *shape))
         data = _tensor_bytes(tensor)
         if data.nbytes:

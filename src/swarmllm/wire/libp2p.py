@@ -3,10 +3,12 @@
 libp2p proves and encrypts the peer's identity itself, so there is no handshake here. One libp2p stream is one
 Connection; calls are multiplexed inside it exactly as on the direct transport.
 
-Daemon quirks (hivemind 1.1.12 p2pd), checked by tests/wire/test_transports.py:
-- bytes pass through the daemon's unix sockets intact for large frames (64 MiB was checked);
+Daemon behaviour (hivemind 1.1.12 p2pd) this relies on, checked in tests/wire/test_transports.py and
+benchmarks/wire_roundtrip.py:
+- bytes pass through the daemons' unix sockets intact for large frames (16 MiB in the tests, 64 MiB benchmarked);
 - closing either end's writer ends the other end's reader (EOF), and a daemon shutdown does too;
-- there is no half-close: ``write_eof`` tears the whole stream down, so only full ``close`` is used.
+- there is no half-close: ``write_eof`` tears the whole stream down, so only full ``close`` is used;
+- a failed stream open (peer unreachable, protocol not served) leaks one unix socket inside hivemind until GC.
 """
 
 from __future__ import annotations
