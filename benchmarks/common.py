@@ -53,7 +53,12 @@ def checkpoint(name: str, root: Path | None = None) -> Path:
     if not (path / "config.json").exists():
         torch.manual_seed(7)
         config = LlamaConfig(**SHAPES[name], eos_token_id=None)
-        LlamaForCausalLM(config).save_pretrained(path)
+        if name == "llama7b":  # 7B parameters: initialise on the GPU in float16, CPU init would take minutes
+            with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+                model = LlamaForCausalLM(config).half()
+        else:
+            model = LlamaForCausalLM(config)
+        model.save_pretrained(path)
     return path
 
 
@@ -66,6 +71,8 @@ def paired_median_times(
         for fn, out in zip((first, second), times):
             began = time.perf_counter()
             fn()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
             out.append(time.perf_counter() - began)
     return statistics.median(times[0]), statistics.median(times[1])
 
@@ -127,8 +134,11 @@ def measure_swarm(
     repeats: int,
     servers: int = 2,
     threads: int | None = None,
+    device: str = "cpu",
+    dtype: str = "float32",
 ) -> SwarmRun:
-    """One model through a fresh local swarm of `servers` processes, beside local transformers, in one run."""
+    """One model through a fresh local swarm of `servers` processes, beside local transformers, in one run.
+    On a GPU (`device="cuda"`) all servers share it, and the client keeps its embeddings and head there too."""
     from transformers import AutoModelForCausalLM
 
     from swarmllm import AutoDistributedModelForCausalLM
@@ -136,18 +146,20 @@ def measure_swarm(
     from swarmllm.local import LocalSwarm
 
     path = checkpoint(name)
-    local = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    torch_dtype = getattr(torch, dtype)
+    local = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype).to(device).eval()
     num_blocks = local.config.num_hidden_layers
-    prompt = torch.tensor(PROMPT)
-    batch = torch.randint(
-        0, local.config.vocab_size, (1, forward_tokens), generator=torch.Generator().manual_seed(0)
-    )
+    prompt = torch.tensor(PROMPT, device=device)
+    generator = torch.Generator().manual_seed(0)
+    batch = torch.randint(0, local.config.vocab_size, (1, forward_tokens), generator=generator).to(device)
     cuts = [round(i * num_blocks / servers) for i in range(servers + 1)]
-    extra = ["--num-threads", str(threads)] if threads else []
+    extra = ["--device", device, "--dtype", dtype] + (["--num-threads", str(threads)] if threads else [])
     with LocalSwarm() as swarm:
         swarm.start_bootstrap()
         swarm.add_servers([(str(path), span) for span in zip(cuts, cuts[1:])], extra=extra)
-        remote = AutoDistributedModelForCausalLM.from_pretrained(str(path), initial_peers=swarm.initial_peers)
+        remote = AutoDistributedModelForCausalLM.from_pretrained(
+            str(path), initial_peers=swarm.initial_peers, device=device, dtype=torch_dtype
+        )
         try:
             with torch.no_grad():
                 want = local.generate(prompt, max_new_tokens=new_tokens, do_sample=False)

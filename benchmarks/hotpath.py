@@ -25,8 +25,8 @@ from wire_roundtrip import format_table, run_roundtrips
 from swarmllm.wire import Frame, Kind, Message, encode_frame
 
 PETALS_PEER = Path(__file__).resolve().parents[1].parent / "shared" / "petals-peer"
-NEW_TOKENS = {"tiny": 64, "medium": 32}
-BLOCKS = {"tiny": 6, "medium": 16}
+NEW_TOKENS = {"tiny": 64, "medium": 32, "llama7b": 64}
+BLOCKS = {"tiny": 6, "medium": 16, "llama7b": 32}
 
 
 def serialization_s(hidden_size: int, repeats: int = 2000) -> float:
@@ -151,7 +151,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--models", nargs="+", default=["tiny", "medium"], choices=["tiny", "medium"])
+    parser.add_argument(
+        "--models", nargs="+", default=["tiny", "medium"], choices=["tiny", "medium", "llama7b"]
+    )
+    parser.add_argument(
+        "--device", default="cpu", help="cuda: servers and client share the GPU (use llama7b)"
+    )
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--forward-tokens", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--calls", type=int, default=500, help="round trips per transport row")
@@ -169,10 +175,18 @@ def main() -> None:
     for name in args.models:
         print(f"{name}: swarm and local ...", file=sys.stderr)
         run = measure_swarm(
-            name, new_tokens=NEW_TOKENS[name], forward_tokens=args.forward_tokens, repeats=args.repeats
+            name,
+            new_tokens=NEW_TOKENS[name],
+            forward_tokens=args.forward_tokens,
+            repeats=args.repeats,
+            device=args.device,
+            dtype=args.dtype,
         )
-        print(f"{name}: Petals ...", file=sys.stderr)
-        petals = run_petals(args.petals_venv, name, args.petals_dir)
+        if name == "llama7b":  # the Petals GPU recipe lives in shared/petals-peer/gpu/ and runs on its own
+            petals = "run shared/petals-peer/gpu/ on the same machine"
+        else:
+            print(f"{name}: Petals ...", file=sys.stderr)
+            petals = run_petals(args.petals_venv, name, args.petals_dir)
         if isinstance(petals, str):
             petals_cols = [petals, "", ""]
         else:

@@ -173,11 +173,12 @@ def test_long_forward_is_pipelined_in_chunks_and_exact(models):
     mask[1, :37] = 0
     with torch.no_grad():
         theirs = reference(input_ids=input_ids, attention_mask=mask).logits[mask.bool()]
+        remote.swarm.min_chunk_s = 0.0
         for chunk_tokens in (64, 1000):  # 64: pipelined chunks of 32 positions; 1000: one plain call per hop
             remote.swarm.forward_chunk_tokens = chunk_tokens
             ours = remote(input_ids=input_ids, attention_mask=mask).logits[mask.bool()]
             torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
-    remote.swarm.forward_chunk_tokens = 128
+    remote.swarm.forward_chunk_tokens, remote.swarm.min_chunk_s = 128, 0.02
 
 
 def test_libp2p_path_gives_the_same_tokens(swarm, models):

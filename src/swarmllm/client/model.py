@@ -151,7 +151,8 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
             hidden = self.head.embed(input_ids) if inputs_embeds is None else inputs_embeds
             mask = None if attention_mask is None or bool(attention_mask.all()) else attention_mask.bool()
             hidden = run_sync(self.swarm.forward(hidden, mask))
-        logits = self.head.logits(hidden.to(self.head.lm_head.weight.dtype))
+        weight = self.head.lm_head.weight
+        logits = self.head.logits(hidden.to(weight.device, weight.dtype))
         loss = None
         if labels is not None:
             loss = torch.nn.functional.cross_entropy(

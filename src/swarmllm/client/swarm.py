@@ -46,6 +46,7 @@ class SwarmClient:
         request_timeout_s: float = 600.0,
         prefer_direct: bool = True,
         forward_chunk_tokens: int = 128,
+        min_chunk_s: float = 0.02,
     ):
         self.initial_peers = list(initial_peers)
         self.dht_prefix = dht_prefix
@@ -56,6 +57,7 @@ class SwarmClient:
         self.request_timeout_s = request_timeout_s
         self.prefer_direct = prefer_direct
         self.forward_chunk_tokens = forward_chunk_tokens
+        self.min_chunk_s = min_chunk_s
         self.rng = random.Random()
         self.dht: hivemind.DHT | None = None
         self._p2p: hivemind.P2P | None = None
@@ -147,13 +149,14 @@ class SwarmClient:
         """Hidden states through every block, spread over servers by throughput.
 
         A long input is cut into chunks of positions and pipelined along the chain: while a server computes
-        chunk k, the next one already works on chunk k-1. The chunks go through temporary sessions (their KV
+        chunk k, the next one already works on chunk k-1 (chunk size: see `_chunk_tokens`). The chunks go through temporary sessions (their KV
         cache carries attention across chunks); an input of one chunk, or one that finds no cache room, goes
         through plain `forward` calls instead.
         """
-        hops = route_forward(await self.servers(), self.num_blocks, self.rng)
+        servers = await self.servers()
+        hops = route_forward(servers, self.num_blocks, self.rng)
         batch, length = hidden.shape[:2]
-        chunk = max(1, self.forward_chunk_tokens // batch)
+        chunk = max(1, self._chunk_tokens(hops, servers) // batch)
         if length > chunk:
             try:
                 return await self._pipelined_forward(hops, hidden, key_mask, chunk)
@@ -170,6 +173,13 @@ class SwarmClient:
             )
             hidden = reply.tensors[0]
         return hidden
+
+    def _chunk_tokens(self, hops: list[Hop], servers: list[ServerInfo]) -> int:
+        """Tokens per pipelined chunk: at least `forward_chunk_tokens`, and enough that the slowest hop computes
+        for `min_chunk_s` per chunk (by its announced speed), so per-chunk overheads stay small."""
+        speed = {s.peer_id: max(s.forward_rps, 1e-9) for s in servers}
+        slowest_s_per_token = max((h.end - h.start) / speed[h.peer_id] for h in hops)
+        return max(self.forward_chunk_tokens, int(self.min_chunk_s / slowest_s_per_token))
 
     async def _pipelined_forward(
         self, hops: list[Hop], hidden: torch.Tensor, key_mask: torch.Tensor | None, chunk: int
