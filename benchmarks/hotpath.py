@@ -68,7 +68,7 @@ def breakdown(name: str, run) -> list[list[object]]:
     ]
     serial = serialization_s(SHAPES[name]["hidden_size"])
     for hop in range(len(run.hop_timings[0])):
-        trips = [step[hop].round_trip_s for step in run.hop_timings]
+        trips = [step[hop].elapsed_s for step in run.hop_timings]
         compute = [step[hop].compute_s for step in run.hop_timings]
         trip, comp = statistics.median(trips), statistics.median(compute)
         rows += [

@@ -212,3 +212,18 @@ def test_falls_back_to_libp2p_when_the_direct_address_is_unreachable(swarm, chec
         assert run_sync(remote.swarm.connection(info["peer_id"])).transport == "libp2p"
     finally:
         remote.shutdown()
+
+
+def test_servers_push_activations_along_the_chain(models):
+    remote, reference, tokenizer = models["qwen2"]
+    inputs = tokenizer(PROMPTS[1], return_tensors="pt")
+    theirs = reference.generate(**inputs, max_new_tokens=8, do_sample=False)
+    for push in (True, False):
+        remote.swarm.push = push
+        with remote.inference_session(max_length=32) as session:
+            ours = remote.generate(**inputs, max_new_tokens=8, do_sample=False)
+            assert len(session.session.hops) == 2
+            # every step but the last token's has its second hop's input pushed by the first server
+            assert session.session.pushed_hops == (8 if push else 0)
+        assert ours.tolist() == theirs.tolist()
+    remote.swarm.push = True

@@ -174,3 +174,69 @@ async def test_bfloat16_server_computes_in_bfloat16(llama_checkpoint, span):
         await conn.close()
     finally:
         await server.stop()
+
+
+async def test_push_hands_the_output_to_the_next_server(span, llama_checkpoint):
+    """Two servers of one chain: the first pushes its output into the second's session; only the peer the
+    client named may push, and a failed push is reported so the client can send the input itself."""
+    first_id, second_id, client_id, stranger_id = (Identity.generate() for _ in range(4))
+    second_backend = Backend(load_span(str(llama_checkpoint), 2, 4), cache_tokens=64)
+    second = DirectServer(RequestHandler(second_backend, dict).handlers(), second_id)
+    await second.start()
+
+    async def connect(peer_id: str):
+        assert peer_id == second_id.peer_id
+        return await connect_direct(*second.address, first_id, expected_peer_id=peer_id)
+
+    first_backend = Backend(load_span(str(llama_checkpoint), 0, 2), cache_tokens=64)
+    first = DirectServer(RequestHandler(first_backend, dict, connect=connect).handlers(), first_id)
+    await first.start()
+    try:
+        to_first = await connect_direct(*first.address, client_id, expected_peer_id=first_id.peer_id)
+        to_second = await connect_direct(*second.address, client_id, expected_peer_id=second_id.peer_id)
+        opening = {"batch_size": 1, "max_length": 8}
+        s1 = await to_first.open_stream(
+            "inference", Message({**opening, "start": 0, "end": 2, "session_id": "a" * 24})
+        )
+        s2 = await to_second.open_stream(
+            "inference",
+            Message(
+                {
+                    **opening,
+                    "start": 2,
+                    "end": 4,
+                    "session_id": "b" * 24,
+                    "accept_push_from": first_id.peer_id,
+                }
+            ),
+        )
+        hidden = torch.randn(1, 3, HIDDEN)
+        chain = [{"peer_id": second_id.peer_id, "session_id": "b" * 24}]
+        await s1.send(Message({"position": 0, "step": 1, "push": chain}, [hidden]))
+        r1 = await s1.recv()
+        assert r1.meta["pushed"] is True and r1.meta["step"] == 1
+        r2 = await s2.recv()  # the client never sent this input: the first server did
+        assert r2.meta["step"] == 1
+        torch.testing.assert_close(r2.tensors[0], expected(span, hidden), rtol=1e-5, atol=1e-5)
+
+        # a stranger can't push into the session, nor can anyone push into an unknown one
+        stranger = await connect_direct(*second.address, stranger_id, expected_peer_id=None)
+        with pytest.raises(RemoteError) as info:
+            await stranger.call("push", Message({"session_id": "b" * 24, "position": 3}, [hidden[:, :1]]))
+        assert info.value.code == "forbidden"
+        with pytest.raises(RemoteError) as info:
+            await stranger.call("push", Message({"session_id": "c" * 24, "position": 3}, [hidden[:, :1]]))
+        assert info.value.code == "unknown_session"
+
+        # a push that fails (no such session downstream) is reported, and the session goes on
+        bad_chain = [{"peer_id": second_id.peer_id, "session_id": "d" * 24}]
+        await s1.send(Message({"position": 3, "step": 2, "push": bad_chain}, [hidden[:, :1]]))
+        r1 = await s1.recv()
+        assert r1.meta["pushed"] is False
+        await s2.send(Message({"position": 3, "step": 2}, [r1.tensors[0]]))
+        assert (await s2.recv()).meta["step"] == 2
+        for conn in (to_first, to_second, stranger):
+            await conn.close()
+    finally:
+        await first.stop()
+        await second.stop()

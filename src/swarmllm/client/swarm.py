@@ -26,9 +26,8 @@ from swarmllm.wire import (
     RemoteError,
     Stream,
     WireError,
-    connect_direct,
-    connect_libp2p,
 )
+from swarmllm.wire.pool import ConnectionPool
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +44,7 @@ class SwarmClient:
         connect_timeout_s: float = 5.0,
         request_timeout_s: float = 600.0,
         prefer_direct: bool = True,
+        push: bool = True,
         forward_chunk_tokens: int = 128,
         min_chunk_s: float = 0.02,
     ):
@@ -55,16 +55,17 @@ class SwarmClient:
         self.refresh_s = refresh_s
         self.connect_timeout_s = connect_timeout_s
         self.request_timeout_s = request_timeout_s
-        self.prefer_direct = prefer_direct
         self.forward_chunk_tokens = forward_chunk_tokens
         self.min_chunk_s = min_chunk_s
+        self.push = push  # servers hand activations to the next server themselves (see client.session)
         self.rng = random.Random()
         self.dht: hivemind.DHT | None = None
         self._p2p: hivemind.P2P | None = None
         self._servers: dict[str, ServerInfo] = {}
         self._servers_at = -float("inf")
-        self._connections: dict[str, Connection] = {}
-        self._connecting: dict[str, asyncio.Future] = {}
+        self.pool = ConnectionPool(
+            self.identity, None, connect_timeout_s=connect_timeout_s, prefer_direct=prefer_direct
+        )
         self.rtt_s: dict[str, float] = {}
 
     async def start(self) -> None:
@@ -72,12 +73,10 @@ class SwarmClient:
         self.dht, _ = await loop.run_in_executor(
             None, lambda: start_dht(self.identity, initial_peers=self.initial_peers, client_mode=True)
         )
-        self._p2p = await self.dht.replicate_p2p()
+        self._p2p = self.pool.p2p = await self.dht.replicate_p2p()
 
     async def shutdown(self) -> None:
-        for conn in list(self._connections.values()):
-            await conn.close()
-        self._connections.clear()
+        await self.pool.close()
         if self._p2p is not None:
             await self._p2p.shutdown()
             self._p2p = None
@@ -93,37 +92,9 @@ class SwarmClient:
         return list(self._servers.values())
 
     async def connection(self, peer_id: str) -> Connection:
-        """The persistent connection to a server, opened on first use (concurrent callers share one attempt)."""
-        conn = self._connections.get(peer_id)
-        if conn is not None and not conn.is_closed:
-            return conn
-        pending = self._connecting.get(peer_id)
-        if pending is None:
-            pending = asyncio.ensure_future(self._connect(peer_id))
-            self._connecting[peer_id] = pending
-            pending.add_done_callback(lambda _: self._connecting.pop(peer_id, None))
-        conn = await asyncio.shield(pending)
-        self._connections[peer_id] = conn
-        return conn
-
-    async def _connect(self, peer_id: str) -> Connection:
+        """The persistent connection to a server (direct when its announced address answers, else libp2p)."""
         info = self._servers.get(peer_id)
-        if self.prefer_direct and info is not None:
-            for addr in info.direct_addrs:
-                host, _, port = addr.rpartition(":")
-                try:
-                    return await connect_direct(
-                        host,
-                        int(port),
-                        self.identity,
-                        expected_peer_id=peer_id,
-                        timeout=self.connect_timeout_s,
-                    )
-                except (OSError, asyncio.TimeoutError, WireError, ValueError) as e:
-                    logger.info(
-                        "direct path to %s at %s failed (%s); falling back to libp2p", peer_id, addr, e
-                    )
-        return await connect_libp2p(self._p2p, peer_id, timeout=self.connect_timeout_s)
+        return await self.pool.get(peer_id, info.direct_addrs if info is not None else ())
 
     async def ping(self, peer_id: str) -> float:
         """Round trip of an `info` call in seconds (also opens the connection)."""

@@ -11,6 +11,7 @@ import json
 import logging
 import signal
 import sys
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -23,10 +24,11 @@ from swarmllm.models import load_config, load_span
 from swarmllm.server.backend import Backend
 from swarmllm.server.handler import RequestHandler, ServerLimits
 from swarmllm.server.throughput import measure_throughput
-from swarmllm.wire import DirectServer, Identity, serve_libp2p
+from swarmllm.wire import Connection, ConnectionPool, DirectServer, Identity, serve_libp2p
 
 logger = logging.getLogger(__name__)
 
+PEERS_REFRESH_S = 5.0  # at most this often, an unknown push target makes us look the swarm up again
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -65,6 +67,8 @@ class Server:
         self.inference_rps = self.forward_rps = config.throughput or 1.0
         self.backend: Backend | None = None
         self.direct_addr: str | None = None
+        self.peers: dict[str, ServerInfo] = {}  # the other servers of this model, for pushes to the next one
+        self._peers_at = -float("inf")
         self._stop = asyncio.Event()
 
     def stop(self) -> None:
@@ -110,12 +114,13 @@ class Server:
         if cfg.throughput is None:
             self.inference_rps, self.forward_rps = measure_throughput(span)
         self.backend = Backend(span, cache_tokens=cfg.max_cache_tokens, device=cfg.device)
-        handlers = RequestHandler(self.backend, self._info_record, cfg.limits).handlers()
+        self.p2p = await self.dht.replicate_p2p()
+        self.pool = ConnectionPool(self.identity, self.p2p)
+        handlers = RequestHandler(self.backend, self._info_record, cfg.limits, self._connect).handlers()
         direct = DirectServer(handlers, self.identity, host=cfg.host, port=cfg.direct_port)
         await direct.start()
         host, port = direct.address
         self.direct_addr = f"{cfg.announce_host or host}:{port}"
-        self.p2p = await self.dht.replicate_p2p()
         await serve_libp2p(self.p2p, handlers)
         self.state = ServerState.ONLINE
         await self._announce()
@@ -138,10 +143,12 @@ class Server:
                     await asyncio.wait_for(self._stop.wait(), cfg.update_period_s)
                 except asyncio.TimeoutError:
                     await self._announce()
+                    await self._refresh_peers()
         finally:
             self.state = ServerState.OFFLINE
             await self._announce()
             await direct.stop()
+            await self.pool.close()
             self.backend.shutdown()
             logger.info("server %s left the swarm", self.identity.peer_id)
 
@@ -180,6 +187,18 @@ class Server:
             "dht_prefix": self.dht_prefix,
             "total_blocks": self.model_info.num_blocks,
         }
+
+    async def _connect(self, peer_id: str) -> Connection:
+        """A connection to another server of the model: direct at its announced address, else libp2p."""
+        if peer_id not in self.peers and time.monotonic() - self._peers_at > PEERS_REFRESH_S:
+            await self._refresh_peers()
+        info = self.peers.get(peer_id)
+        return await self.pool.get(peer_id, info.direct_addrs if info is not None else ())
+
+    async def _refresh_peers(self) -> None:
+        self._peers_at = time.monotonic()
+        found = await find_servers(self.dht, self.dht_prefix, self.model_info.num_blocks)
+        self.peers = {s.peer_id: s for s in found if s.peer_id != self.identity.peer_id}
 
     async def _announce(self) -> None:
         expiration = self.config.expiration_s or 3 * self.config.update_period_s

@@ -6,6 +6,7 @@
 - identity.py: our RSA key and libp2p peer id (the same key file hivemind's P2P uses)
 - direct.py: persistent TCP with a mutual identity handshake (the fast path)
 - libp2p.py: the same frames over hivemind P2P binary streams (for peers behind NAT or relays)
+- pool.py: one connection per peer, direct when it answers and proves its id, libp2p otherwise
 """
 
 from swarmllm.wire.connection import (
@@ -35,12 +36,14 @@ from swarmllm.wire.framing import (
 )
 from swarmllm.wire.identity import Identity, peer_id_from_public_key, verify
 from swarmllm.wire.libp2p import PROTOCOL, connect_libp2p, serve_libp2p
+from swarmllm.wire.pool import ConnectionPool
 
 __all__ = [
     "DEFAULT_LIMITS",
     "PROTOCOL",
     "CallContext",
     "Connection",
+    "ConnectionPool",
     "ConnectionLost",
     "DirectServer",
     "Frame",

@@ -1,0 +1,68 @@
+"""One persistent connection per peer, chosen per peer: the direct TCP path when one of the peer's announced
+addresses answers and proves the expected peer id, libp2p otherwise (NAT, relays). Clients use a pool to reach
+servers; servers use one to push activations to the next server of a chain."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+
+from hivemind.p2p import P2P
+
+from swarmllm.wire.connection import Connection
+from swarmllm.wire.direct import connect_direct
+from swarmllm.wire.framing import WireError
+from swarmllm.wire.identity import Identity
+from swarmllm.wire.libp2p import connect_libp2p
+
+logger = logging.getLogger(__name__)
+
+
+class ConnectionPool:
+    def __init__(
+        self,
+        identity: Identity,
+        p2p: P2P | None,
+        *,
+        connect_timeout_s: float = 5.0,
+        prefer_direct: bool = True,
+    ):
+        self.identity = identity
+        self.p2p = p2p
+        self.connect_timeout_s = connect_timeout_s
+        self.prefer_direct = prefer_direct
+        self._connections: dict[str, Connection] = {}
+        self._connecting: dict[str, asyncio.Future[Connection]] = {}
+
+    async def get(self, peer_id: str, direct_addrs: Sequence[str] = ()) -> Connection:
+        """The open connection to `peer_id`, made on first use (concurrent callers share one attempt)."""
+        conn = self._connections.get(peer_id)
+        if conn is not None and not conn.is_closed:
+            return conn
+        pending = self._connecting.get(peer_id)
+        if pending is None:
+            pending = asyncio.ensure_future(self._connect(peer_id, tuple(direct_addrs)))
+            self._connecting[peer_id] = pending
+            pending.add_done_callback(lambda _: self._connecting.pop(peer_id, None))
+        conn = await asyncio.shield(pending)
+        self._connections[peer_id] = conn
+        return conn
+
+    async def _connect(self, peer_id: str, direct_addrs: tuple[str, ...]) -> Connection:
+        for addr in direct_addrs if self.prefer_direct else ():
+            host, _, port = addr.rpartition(":")
+            try:
+                return await connect_direct(
+                    host, int(port), self.identity, expected_peer_id=peer_id, timeout=self.connect_timeout_s
+                )
+            except (OSError, asyncio.TimeoutError, WireError, ValueError) as e:
+                logger.info("direct path to %s at %s failed (%s); trying the next way", peer_id, addr, e)
+        if self.p2p is None:
+            raise WireError(f"no direct address of {peer_id} answered and this pool has no libp2p peer")
+        return await connect_libp2p(self.p2p, peer_id, timeout=self.connect_timeout_s)
+
+    async def close(self) -> None:
+        connections, self._connections = list(self._connections.values()), {}
+        for conn in connections:
+            await conn.close()
