@@ -101,15 +101,17 @@ def run_petals(
         "HF_HUB_OFFLINE": "1",
         "PATH": f"{venv / 'bin'}:{os.environ['PATH']}",
     }
-    pids_file = workdir / "pids"
+    # the recipe starts its processes in the background: a session of their own lets us stop all of them
+    # (their p2pd daemons included) with one signal to the group
+    starter = subprocess.Popen(
+        ["bash", str(PETALS_PEER / "swarm_petals.sh")],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
-        subprocess.run(
-            ["bash", str(PETALS_PEER / "swarm_petals.sh")],
-            env=env,
-            check=True,
-            timeout=timeout_s,
-            capture_output=True,
-        )
+        starter.wait(timeout_s)
         deadline = time.monotonic() + timeout_s
         for log in ("s0.log", "s1.log"):
             while "Started" not in _read(workdir / log):
@@ -133,11 +135,10 @@ def run_petals(
     except (subprocess.SubprocessError, OSError) as e:
         return f"Petals run failed: {e}"
     finally:
-        for pid in _read(pids_file).split():
-            try:
-                os.kill(int(pid), signal.SIGTERM)
-            except (ProcessLookupError, ValueError):
-                pass
+        try:
+            os.killpg(starter.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
 
 
 def _read(path: Path) -> str:
