@@ -122,8 +122,10 @@ class SwarmRun:
     swarm_fwd_tps: float  # batch forward tokens/s
     local_fwd_tps: float
     tokens_equal: bool
-    hop_timings: list = field(default_factory=list)  # per-hop HopTiming of the decode steps of one generate
-    step_s: float = 0.0  # median InferenceSession.step seconds during generate
+    # from one more generate, instrumented: per-step HopTimings of its decode steps, median step, time per token
+    hop_timings: list = field(default_factory=list)
+    step_s: float = 0.0
+    token_s: float = 0.0
 
 
 def measure_swarm(
@@ -185,7 +187,9 @@ def measure_swarm(
 
                 session_module.InferenceSession.step = timed_step
                 try:
+                    began = time.perf_counter()
                     remote.generate(prompt, max_new_tokens=new_tokens, do_sample=False)
+                    instrumented_s = time.perf_counter() - began
                 finally:
                     session_module.InferenceSession.step = original_step
         finally:
@@ -198,4 +202,5 @@ def measure_swarm(
         tokens_equal=got.tolist() == want.tolist(),
         hop_timings=hop_timings[1:],  # the first step is the prefill
         step_s=statistics.median(step_times[1:]),
+        token_s=instrumented_s / new_tokens,
     )

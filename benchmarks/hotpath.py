@@ -53,29 +53,26 @@ def serialization_s(hidden_size: int, repeats: int = 2000) -> float:
 
 
 def breakdown(name: str, run) -> list[list[object]]:
-    """Rows of ms per decode step: client side, then per hop the server compute, serialization and the rest."""
+    """Rows of ms per token, all from one instrumented generate: the client's share, each server's compute,
+    serialization, and the rest of the step (network, process wake-ups, handlers)."""
     from common import SHAPES
 
-    per_token_s = 1 / run.swarm_steps
-    step_s = run.step_s
+    hops = len(run.hop_timings[0])
+    compute = [statistics.median(step[hop].compute_s for step in run.hop_timings) for hop in range(hops)]
+    serial = 2 * hops * serialization_s(SHAPES[name]["hidden_size"])
     rows = [
-        [name, "whole token (generate)", f"{per_token_s * 1e3:.3f}"],
+        [name, "whole token (generate)", f"{run.token_s * 1e3:.3f}"],
         [
             name,
             "client: HF generate logic, embed, LM head, thread hand-off",
-            f"{(per_token_s - step_s) * 1e3:.3f}",
+            f"{(run.token_s - run.step_s) * 1e3:.3f}",
         ],
     ]
-    serial = serialization_s(SHAPES[name]["hidden_size"])
-    for hop in range(len(run.hop_timings[0])):
-        trips = [step[hop].elapsed_s for step in run.hop_timings]
-        compute = [step[hop].compute_s for step in run.hop_timings]
-        trip, comp = statistics.median(trips), statistics.median(compute)
-        rows += [
-            [name, f"hop {hop + 1}: server compute", f"{comp * 1e3:.3f}"],
-            [name, f"hop {hop + 1}: serialization (encode+decode, both ends)", f"{2 * serial * 1e3:.3f}"],
-            [name, f"hop {hop + 1}: network, wake-ups, handler", f"{(trip - comp - 2 * serial) * 1e3:.3f}"],
-        ]
+    rows += [[name, f"server {hop + 1}: compute", f"{c * 1e3:.3f}"] for hop, c in enumerate(compute)]
+    rows += [
+        [name, f"serialization (encode+decode at both ends of {hops} hops)", f"{serial * 1e3:.3f}"],
+        [name, "network, process wake-ups, handlers", f"{(run.step_s - sum(compute) - serial) * 1e3:.3f}"],
+    ]
     return rows
 
 

@@ -16,16 +16,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import multiprocessing as mp
-import os
-import platform
 import statistics
 import sys
 import time
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 
 import torch
 import uvloop
+from common import append_results
 from hivemind.compression import deserialize_torch_tensor, serialize_torch_tensor
 from hivemind.p2p import P2P, PeerID
 from hivemind.proto import runtime_pb2
@@ -41,7 +39,6 @@ from swarmllm.wire import (
     serve_libp2p,
 )
 
-RESULTS = Path(__file__).parent / "RESULTS.md"
 SUMMARY = (
     "Full round trips (request out, reply in, tensors decoded) from a client process to a server in a child "
     "process on loopback; rows are explained in benchmarks/wire_roundtrip.py."
@@ -223,21 +220,6 @@ def format_table(rows: list[tuple[str, list[float] | str]]) -> str:
     return "\n".join(lines)
 
 
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    import hivemind
-
-    return (
-        f"{cpu}, {os.cpu_count()} cores, Linux {platform.release()}, Python {platform.python_version()}, "
-        f"torch {torch.__version__}, hivemind {hivemind.__version__}, uvloop {uvloop.__version__}"
-    )
-
-
 def run_roundtrips(*, calls: int, warmup: int, loop: str, shape: tuple[int, ...]) -> list:
     """Every row of the table: the server side in a child process, the client in this one."""
     context = mp.get_context("spawn")
@@ -267,7 +249,7 @@ def main() -> None:
         "--loop", choices=["uvloop", "asyncio"], default="uvloop", help="event loop, both processes"
     )
     parser.add_argument("--shape", type=lambda s: tuple(int(d) for d in s.split(",")), default=(1, 1, 4096))
-    parser.add_argument("--append-results", action="store_true", help=f"append the table to {RESULTS.name}")
+    parser.add_argument("--append-results", action="store_true", help="append the table to RESULTS.md")
     args = parser.parse_args()
 
     rows = run_roundtrips(calls=args.calls, warmup=args.warmup, loop=args.loop, shape=args.shape)
@@ -276,13 +258,7 @@ def main() -> None:
     table = format_table(rows)
     print(f"{title}\n{table}")
     if args.append_results:
-        command = "python benchmarks/wire_roundtrip.py " + " ".join(sys.argv[1:])
-        heading = "## Wire round trip"
-        if heading not in (RESULTS.read_text() if RESULTS.exists() else ""):
-            with open(RESULTS, "a") as f:
-                f.write(f"\n{heading}\n\n{SUMMARY}\n")
-        with open(RESULTS, "a") as f:
-            f.write(f"\n{title}. Machine: {machine()}.\nCommand: `{command}`\n\n{table}\n")
+        append_results(f"Wire round trip: {title}", table)
 
 
 if __name__ == "__main__":
