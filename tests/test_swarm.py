@@ -1,6 +1,8 @@
 """End to end: a bootstrap peer and server processes on 127.0.0.1, a client generating through them, compared
 with transformers running the same checkpoint locally."""
 
+import time
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -11,6 +13,7 @@ from swarmllm.client.loop import run_sync
 from swarmllm.client.routing import MissingBlocksError
 from swarmllm.dht import ServerState, find_servers
 from swarmllm.local import LocalSwarm
+from swarmllm.wire import WireError
 
 # blocks per server; llama has two overlapping servers
 SPLITS = {"llama": [(0, 2), (2, 4), (1, 4)], "mistral": [(0, 3), (3, 4)], "qwen2": [(0, 2), (2, 4)]}
@@ -227,3 +230,22 @@ def test_servers_push_activations_along_the_chain(models):
             assert session.session.pushed_hops == (8 if push else 0)
         assert ours.tolist() == theirs.tolist()
     remote.swarm.push = True
+
+
+def test_a_server_that_dies_mid_session_fails_the_next_step_at_once(swarm, checkpoints):
+    local, _ = swarm
+    path = checkpoints("llama", num_layers=2)
+    local.add_server(str(path), (0, 2))
+    remote = AutoDistributedModelForCausalLM.from_pretrained(str(path), initial_peers=local.initial_peers)
+    try:
+        with remote.inference_session(max_length=32):
+            prompt = torch.tensor([[1, 30, 40, 50]])
+            remote(input_ids=prompt)
+            local.servers[-1].proc.kill()
+            local.servers[-1].proc.wait()
+            began = time.monotonic()
+            with pytest.raises(WireError):
+                remote(input_ids=torch.cat([prompt, torch.tensor([[7]])], dim=1))
+            assert time.monotonic() - began < 5.0
+    finally:
+        remote.shutdown()

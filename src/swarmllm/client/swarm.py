@@ -129,6 +129,7 @@ class SwarmClient:
         batch, length = hidden.shape[:2]
         chunk = max(1, self._chunk_tokens(hops, servers) // batch)
         if length > chunk:
+            chunk = -(-length // -(-length // chunk))  # as many chunks as needed, all of about the same size
             try:
                 return await self._pipelined_forward(hops, hidden, key_mask, chunk)
             except RemoteError as e:
