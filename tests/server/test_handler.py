@@ -235,7 +235,14 @@ async def test_push_hands_the_output_to_the_next_server(span, llama_checkpoint):
         assert r1.meta["pushed"] is False
         await s2.send(Message({"position": 3, "step": 2}, [r1.tensors[0]]))
         assert (await s2.recv()).meta["step"] == 2
-        for conn in (to_first, to_second, stranger):
+
+        # a push that arrives after the client sent that step itself is dropped, not computed again
+        as_first = await connect_direct(*second.address, first_id, expected_peer_id=None)
+        late = Message({"session_id": "b" * 24, "position": 3, "step": 2}, [r1.tensors[0]])
+        await as_first.call("push", late)
+        await s2.send(Message({"position": 4, "step": 3}, [torch.randn(1, 1, HIDDEN)]))
+        assert (await s2.recv()).meta["step"] == 3
+        for conn in (to_first, to_second, stranger, as_first):
             await conn.close()
     finally:
         await first.stop()

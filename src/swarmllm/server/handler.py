@@ -50,6 +50,10 @@ class _PushTarget:
     accept_from: str | None
 
 
+class _Pushed(Message):
+    """A session input that came from the previous server rather than from the client."""
+
+
 # what the server needs to push: a connection to a peer, given its id
 Connector = Callable[[str], Awaitable[Connection]]
 
@@ -129,6 +133,7 @@ class RequestHandler:
             await inbox.put(None)
 
         pumping = asyncio.ensure_future(pump())
+        last_step = -1
         try:
             while True:
                 try:
@@ -142,6 +147,11 @@ class RequestHandler:
                     break
                 if step is None:
                     break
+                number = step.meta.get("step")
+                if isinstance(step, _Pushed) and isinstance(number, int) and number <= last_step:
+                    continue  # a push that arrived after the client had already sent this step itself
+                if isinstance(number, int):
+                    last_step = max(last_step, number)
                 try:
                     yield await self._step(session, step)
                 except RequestError as e:
@@ -162,7 +172,7 @@ class RequestHandler:
         if target.accept_from is None or target.accept_from != context.peer_id:
             raise RequestError("forbidden", f"this session does not accept pushes from {context.peer_id}")
         try:
-            target.inbox.put_nowait(request)
+            target.inbox.put_nowait(_Pushed(request.meta, request.tensors))
         except asyncio.QueueFull:
             raise RequestError("busy", "the session's queue is full") from None
         return Message()
