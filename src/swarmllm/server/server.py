@@ -82,7 +82,7 @@ class Server:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop)
 
-        hf_config, block_config = load_config(cfg.model)
+        _, block_config = load_config(cfg.model)
         self.model_info = ModelInfo(
             dht_prefix=self.dht_prefix, num_blocks=block_config.num_layers, repository=cfg.model
         )
