@@ -230,7 +230,7 @@ def main() -> None:
         append_results(
             "Hot path: transports, step breakdown, swarm vs local vs Petals (2 servers)",
             f"Round trips, 1x1x4096 fp32, uvloop, {args.calls} calls:\n\n{trips}\n\n{speed}\n\n{steps}",
-            f"Single session, batch 1, 6-token prompt, greedy, {NEW_TOKENS} new tokens; medians of "
+            f"Single session, batch 1, 6-token prompt, greedy, new tokens {', '.join(f'{k} {v}' for k, v in NEW_TOKENS.items())}; medians of "
             f"{args.repeats}, swarm and local runs alternating. Petals: shared/petals-peer recipe in its own venv "
             "(transformers 4.34), median of 3, run right after ours.",
         )

@@ -1,23 +1,84 @@
 """`swarmllm demo`: a whole swarm on this machine, a bootstrap peer and servers as real processes on 127.0.0.1,
-serving a small bundled model (a tiny Llama built from a fixed seed, so no download is needed); a client
-generates through it and checks the tokens against `transformers` running the same checkpoint locally."""
+serving a small bundled model; a client generates through it and checks the tokens against `transformers`
+running the same checkpoint locally.
+
+The model is a tiny Llama built from a fixed seed and trained for a few seconds on simple sentences made from
+its word-level vocabulary (nothing is downloaded), so that what it writes through the swarm reads like text.
+"""
 
 from __future__ import annotations
 
 import time
 from pathlib import Path
 
-DEMO_PROMPT = "the cat and the dog"
+DEMO_PROMPT = "the cat"
+SUBJECTS = ["the cat", "the dog", "a dog", "the sun", "the moon", "the tree", "i", "you", "we", "they"]
+VERBS = ["see", "meet", "hold", "help", "find", "hear", "want", "bring", "keep", "show"]
+OBJECTS = ["the sea", "the tree", "the moon", "the sun", "a cat", "the dog", "them", "us", "her", "him"]
+TEMPLATES = [
+    "{s} {v} {o} .",
+    "{s} can {v} {o} .",
+    "{s} will {v} {o} with {o2} .",
+    "when {s} {v} {o} , {s2} {v2} {o2} .",
+    "{s} and {s2} {v} {o} .",
+    "do {s} {v} {o} ? yes , {s} do .",
+]
 
 
 def demo_checkpoint(root: Path | None = None) -> Path:
-    """The bundled demo model, built once into the user's cache."""
+    """The bundled demo model, built and trained once into the user's cache."""
     from swarmllm.models.tiny import make_tiny_checkpoint
 
-    path = (root or Path.home() / ".cache" / "swarmllm") / "demo-tiny-llama"
+    path = (root or Path.home() / ".cache" / "swarmllm") / "demo-tiny-llama-v2"
     if not (path / "config.json").exists():
+        print("building the demo model (once): a tiny Llama trained for a few seconds on simple sentences")
         make_tiny_checkpoint(path, "llama", num_layers=6, seed=2026)
+        _train(path)
     return path
+
+
+def _train(path: Path, steps: int = 300, batch: int = 32, length: int = 32, seed: int = 2026) -> None:
+    import random
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    rng = random.Random(seed)
+    torch.manual_seed(seed)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+
+    def sentence() -> str:
+        pick = {
+            k: rng.choice(v)
+            for k, v in (
+                ("s", SUBJECTS),
+                ("s2", SUBJECTS),
+                ("v", VERBS),
+                ("v2", VERBS),
+                ("o", OBJECTS),
+                ("o2", OBJECTS),
+            )
+        }
+        return rng.choice(TEMPLATES).format(**pick)
+
+    model.train()
+    for step in range(steps):
+        rows = []
+        for _ in range(batch):
+            ids: list[int] = []
+            while len(ids) < length:
+                ids += tokenizer(sentence())["input_ids"]
+            rows.append(ids[:length])
+        ids = torch.tensor(rows)
+        loss = model(input_ids=ids, labels=ids).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if step % 100 == 0 or step == steps - 1:
+            print(f"  training step {step + 1}/{steps}: loss {loss.item():.2f}")
+    model.eval().save_pretrained(path)
 
 
 def run_demo(num_servers: int = 2, max_new_tokens: int = 24) -> int:
