@@ -246,8 +246,7 @@ def test_a_server_that_dies_mid_session_fails_the_next_step_at_once(swarm, check
         with remote.inference_session(max_length=32):
             prompt = torch.tensor([[1, 30, 40, 50]])
             remote(input_ids=prompt)
-            local.servers[-1].proc.kill()
-            local.servers[-1].proc.wait()
+            local.servers[-1].kill()
             began = time.monotonic()
             with pytest.raises(WireError):
                 remote(input_ids=torch.cat([prompt, torch.tensor([[7]])], dim=1))

@@ -49,12 +49,21 @@ class ManagedProcess:
                 return line
 
     def stop(self, timeout_s: float = 20.0) -> int:
+        """SIGTERM (a server announces it is leaving and exits); SIGKILL to the whole group if that hangs."""
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
                 return self.proc.wait(timeout_s)
             except subprocess.TimeoutExpired:
-                self.proc.kill()
+                self.kill()
+        return self.proc.wait()
+
+    def kill(self) -> int:
+        """Die at once, as a crashed machine would: the process and its children (DHT process, p2pd daemons)."""
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
         return self.proc.wait()
 
 
@@ -65,6 +74,7 @@ def _spawn(name: str, args: Sequence[str], env: dict[str, str] | None = None) ->
         stderr=subprocess.STDOUT,
         text=True,
         env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+        start_new_session=True,  # its own process group, so kill() reaches its DHT process and daemons too
     )
     return ManagedProcess(name, proc)
 
