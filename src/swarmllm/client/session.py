@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from swarmllm.client.routing import Hop
-from swarmllm.client.swarm import SwarmClient
+from swarmllm.client.swarm import SwarmClient, hidden_from
 from swarmllm.wire import Message, Stream, WireError
 
 logger = logging.getLogger(__name__)
@@ -105,7 +105,7 @@ class InferenceSession:
                     meta["push"] = self._chain[i + 1 :]
                 await stream.send(Message(meta, [hidden, *extra]))
             reply = await self._reply(hop, stream)
-            hidden = reply.tensors[0]
+            hidden = hidden_from(reply, hop.peer_id, hidden)
             pushed = bool(reply.meta.get("pushed"))
             self.pushed_hops += pushed
             now = time.perf_counter()

@@ -32,6 +32,27 @@ from swarmllm.wire.pool import ConnectionPool
 logger = logging.getLogger(__name__)
 
 
+class BadReplyError(RuntimeError):
+    """A server answered with something that is not the hidden states it was asked for."""
+
+    def __init__(self, peer_id: str, problem: str):
+        self.peer_id = peer_id
+        super().__init__(f"server {peer_id} sent a bad reply: {problem}")
+
+
+def hidden_from(reply: Message, peer_id: str, sent: torch.Tensor) -> torch.Tensor:
+    """The hidden states in a server's reply, checked like anything else that comes from a peer: one floating
+    tensor of the shape that was sent, all finite."""
+    if not reply.tensors:
+        raise BadReplyError(peer_id, "no tensor")
+    hidden = reply.tensors[0]
+    if not hidden.is_floating_point() or hidden.shape != sent.shape:
+        raise BadReplyError(peer_id, f"{hidden.dtype} {tuple(hidden.shape)}, expected {tuple(sent.shape)}")
+    if not bool(torch.isfinite(hidden).all()):
+        raise BadReplyError(peer_id, "NaN or infinity")
+    return hidden
+
+
 class SwarmClient:
     def __init__(
         self,
@@ -85,11 +106,17 @@ class SwarmClient:
             self.dht = None
 
     async def servers(self, *, refresh: bool = False) -> list[ServerInfo]:
-        if refresh or time.monotonic() - self._servers_at > self.refresh_s:
+        """The model's servers from the DHT, looked up again only when the list is older than `refresh_s`."""
+        if self.dht is not None and (refresh or time.monotonic() - self._servers_at > self.refresh_s):
             found = await find_servers(self.dht, self.dht_prefix, self.num_blocks)
             self._servers = {s.peer_id: s for s in found}
             self._servers_at = time.monotonic()
         return list(self._servers.values())
+
+    def use_servers(self, servers: Sequence[ServerInfo]) -> None:
+        """Route over exactly these servers from now on, without DHT look-ups (a fixed set of servers)."""
+        self._servers = {s.peer_id: s for s in servers}
+        self._servers_at = float("inf")
 
     async def connection(self, peer_id: str) -> Connection:
         """The persistent connection to a server (direct when its announced address answers, else libp2p)."""
@@ -143,7 +170,7 @@ class SwarmClient:
                 Message({"start": hop.start, "end": hop.end}, [hidden, *extra]),
                 timeout=self.request_timeout_s,
             )
-            hidden = reply.tensors[0]
+            hidden = hidden_from(reply, hop.peer_id, hidden)
         return hidden
 
     def _chunk_tokens(self, hops: list[Hop], servers: list[ServerInfo]) -> int:
@@ -185,7 +212,8 @@ class SwarmClient:
                                 reply.meta["error"].get("code"), reply.meta["error"].get("message")
                             )
                         mask = [key_mask[:, lo : lo + chunk]] if key_mask is not None else []
-                        queues[i + 1].put_nowait((lo, [reply.tensors[0], *mask]))
+                        out = hidden_from(reply, hops[i].peer_id, hidden[:, lo : lo + chunk])
+                        queues[i + 1].put_nowait((lo, [out, *mask]))
                     await sender
                 finally:
                     sender.cancel()

@@ -1,0 +1,75 @@
+"""A server that answers with garbage gets a clear error at the client, never a crash deep inside the model."""
+
+import pytest
+import torch
+
+from swarmllm.client.session import InferenceSession
+from swarmllm.client.swarm import BadReplyError, SwarmClient
+from swarmllm.dht import ServerInfo, ServerState
+from swarmllm.wire import DirectServer, Handlers, Identity, Message
+
+HIDDEN = 8
+
+
+def garbage_server(reply_tensor: torch.Tensor) -> Handlers:
+    handlers = Handlers()
+
+    async def info(request, context):
+        return Message()
+
+    async def forward(request, context):
+        return Message({}, [reply_tensor])
+
+    async def inference(request, incoming, context):
+        async for step in incoming:
+            yield Message({"position": step.meta["position"], "step": step.meta.get("step")}, [reply_tensor])
+
+    handlers.add_unary("info", info)
+    handlers.add_unary("forward", forward)
+    handlers.add_stream("inference", inference)
+    return handlers
+
+
+@pytest.mark.parametrize(
+    ("reply", "problem"),
+    [
+        (torch.randn(1, 2, HIDDEN + 1), "expected"),
+        (torch.ones(1, 2, HIDDEN, dtype=torch.int64), "expected"),
+        (torch.full((1, 2, HIDDEN), float("nan")), "NaN"),
+    ],
+)
+async def test_garbage_replies_raise_bad_reply_errors(reply, problem):
+    identity = Identity.generate()
+    server = DirectServer(garbage_server(reply), identity)
+    await server.start()
+    swarm = SwarmClient([], "garbage", 2)
+    host, port = server.address
+    swarm.use_servers(
+        [
+            ServerInfo(
+                peer_id=identity.peer_id,
+                state=ServerState.ONLINE,
+                start_block=0,
+                end_block=2,
+                throughput=1.0,
+                inference_rps=1.0,
+                forward_rps=1.0,
+                cache_tokens_left=100,
+                version="evil",
+                dtype="float32",
+                direct_addrs=(f"{host}:{port}",),
+            )
+        ]
+    )
+    try:
+        hidden = torch.randn(1, 2, HIDDEN)
+        with pytest.raises(BadReplyError, match=problem) as info:
+            await swarm.forward(hidden)
+        assert info.value.peer_id == identity.peer_id
+        session = InferenceSession(swarm, max_length=8)
+        with pytest.raises(BadReplyError, match=problem):
+            await session.step(hidden)
+        await session.close()
+    finally:
+        await swarm.shutdown()
+        await server.stop()
