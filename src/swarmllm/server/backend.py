@@ -12,9 +12,8 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -37,7 +36,6 @@ class Session:
     key_mask: torch.Tensor  # [batch, max_length] bool: which cached positions are real tokens (left padding)
     length: int = 0
     padded: bool = False
-    last_used: float = field(default_factory=time.monotonic)
 
 
 class Backend:
@@ -117,7 +115,6 @@ class Backend:
         self, session: Session, hidden: torch.Tensor, position: int, new_mask: torch.Tensor | None
     ) -> torch.Tensor:
         """Process tokens [position, position + T) of a session; position < length rewinds (drops the tail)."""
-        session.last_used = time.monotonic()
         return await self.run(
             hidden.shape[0] * hidden.shape[1], self._step, session, hidden, position, new_mask
         )

@@ -20,7 +20,7 @@ import swarmllm
 from swarmllm.balancing import choose_blocks
 from swarmllm.dht import ModelInfo, ServerInfo, ServerState, announce, find_servers, start_dht, visible_maddrs
 from swarmllm.dht.records import dht_prefix_for
-from swarmllm.models import load_config, load_span
+from swarmllm.models import KVCache, load_config, load_span
 from swarmllm.server.backend import Backend
 from swarmllm.server.handler import RequestHandler, ServerLimits
 from swarmllm.server.throughput import measure_throughput
@@ -114,6 +114,12 @@ class Server:
         if cfg.throughput is None:
             self.inference_rps, self.forward_rps = measure_throughput(span)
         self.backend = Backend(span, cache_tokens=cfg.max_cache_tokens, device=cfg.device)
+        cache_mib = (
+            cfg.max_cache_tokens
+            * KVCache.bytes_per_token(end - start, span.config, DTYPES[cfg.dtype])
+            / 2**20
+        )
+        logger.info("KV-cache budget: %d tokens, up to %.0f MiB", cfg.max_cache_tokens, cache_mib)
         self.p2p = await self.dht.replicate_p2p()
         self.pool = ConnectionPool(self.identity, self.p2p)
         handlers = RequestHandler(self.backend, self._info_record, cfg.limits, self._connect).handlers()
