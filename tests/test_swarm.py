@@ -10,6 +10,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.generation.streamers import BaseStreamer
 
 from swarmllm import AutoDistributedModelForCausalLM
+from swarmllm.cli import main
 from swarmllm.client.loop import run_sync
 from swarmllm.client.routing import MissingBlocksError, route_forward
 from swarmllm.dht import ServerState, find_servers
@@ -253,3 +254,13 @@ def test_a_server_that_dies_mid_session_fails_the_next_step_at_once(swarm, check
             assert time.monotonic() - began < 5.0
     finally:
         remote.shutdown()
+
+
+def test_cli_generate_prints_the_same_text_as_transformers(swarm, models, capsys):
+    local, paths = swarm
+    _, reference, tokenizer = models["llama"]
+    args = ["generate", str(paths["llama"]), "--initial-peers", *local.initial_peers, "--prompt", PROMPTS[0]]
+    assert main([*args, "--max-new-tokens", "6"]) == 0
+    printed = capsys.readouterr().out.strip().splitlines()[-1]
+    want = reference.generate(**tokenizer(PROMPTS[0], return_tensors="pt"), max_new_tokens=6, do_sample=False)
+    assert printed == tokenizer.decode(want[0], skip_special_tokens=True)
