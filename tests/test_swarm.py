@@ -1,7 +1,6 @@
 """End to end: a bootstrap peer and server processes on 127.0.0.1, a client generating through them, compared
 with transformers running the same checkpoint locally."""
 
-import random
 import time
 
 import pytest
@@ -12,7 +11,7 @@ from transformers.generation.streamers import BaseStreamer
 from swarmllm import AutoDistributedModelForCausalLM
 from swarmllm.cli import main
 from swarmllm.client.loop import run_sync
-from swarmllm.client.routing import MissingBlocksError, route_forward
+from swarmllm.client.routing import MissingBlocksError
 from swarmllm.dht import ServerState, find_servers
 from swarmllm.local import LocalSwarm
 from swarmllm.wire import WireError
@@ -65,20 +64,26 @@ def test_forward_logits_match(models, family):
 
 
 def test_every_split_is_used(models, swarm):
-    """Batch forward spreads over the overlapping servers; every chain it takes gives transformers' logits."""
+    """Both chains over the overlapping llama servers give transformers' tokens and logits."""
     remote, reference, tokenizer = models["llama"]
     servers = run_sync(find_servers(remote.swarm.dht, remote.swarm.dht_prefix, 4))
     assert sorted((s.start_block, s.end_block) for s in servers) == sorted(SPLITS["llama"])
     inputs = tokenizer(PROMPTS[1], return_tensors="pt")
     with torch.no_grad():
-        theirs = reference(**inputs).logits
-    chains = set()
-    for seed in range(12):
-        remote.swarm.rng.seed(seed)
-        chains.add(tuple(route_forward(servers, 4, random.Random(seed))))
-        with torch.no_grad():
-            torch.testing.assert_close(remote(**inputs).logits, theirs, rtol=1e-4, atol=1e-4)
-    assert len(chains) > 1
+        want_logits = reference(**inputs).logits
+    want_tokens = reference.generate(**inputs, max_new_tokens=8, do_sample=False).tolist()
+    try:
+        for left_out in ((2, 4), (1, 4)):  # pin the client to one chain, then to the other
+            chain = [s for s in servers if (s.start_block, s.end_block) != left_out]
+            remote.swarm.use_servers(chain)
+            with torch.no_grad():
+                torch.testing.assert_close(remote(**inputs).logits, want_logits, rtol=1e-4, atol=1e-4)
+            with remote.inference_session(max_length=32) as session:
+                assert remote.generate(**inputs, max_new_tokens=8, do_sample=False).tolist() == want_tokens
+                used = {hop.peer_id for hop in session.session.hops}
+            assert used == {s.peer_id for s in chain}
+    finally:
+        run_sync(remote.swarm.servers(refresh=True))
 
 
 def test_padded_batch_equals_transformers(models):
