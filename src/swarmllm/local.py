@@ -86,7 +86,6 @@ class LocalSwarm:
         self.bootstrap: ManagedProcess | None = None
         self.servers: list[ManagedProcess] = []
         self.initial_peers: list[str] = []
-        self.server_info: list[dict] = []
 
     def start_bootstrap(self, timeout_s: float = 60.0) -> list[str]:
         self.bootstrap = _spawn("bootstrap", ["dht"])
@@ -124,7 +123,6 @@ class LocalSwarm:
         for server in started:
             line = server.wait_for(lambda s: s.startswith("{") and '"server_online"' in s, timeout_s)
             infos.append(json.loads(line))
-        self.server_info.extend(infos)
         return infos
 
     def stop_server(self, index: int) -> int:

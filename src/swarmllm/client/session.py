@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from swarmllm.client.routing import Hop
-from swarmllm.client.swarm import SwarmClient, hidden_from
+from swarmllm.client.swarm import SwarmClient, hidden_from, raise_refusal
 from swarmllm.wire import Message, Stream, WireError
 
 logger = logging.getLogger(__name__)
@@ -30,14 +30,6 @@ class HopTiming:
 
     elapsed_s: float
     compute_s: float
-
-
-class SessionError(RuntimeError):
-    """A server refused a step; the session is still usable."""
-
-    def __init__(self, peer_id: str, code: str, message: str):
-        self.peer_id, self.code = peer_id, code
-        super().__init__(f"server {peer_id} refused the step ({code}): {message}")
 
 
 class InferenceSession:
@@ -120,9 +112,7 @@ class InferenceSession:
         after the client had sent the input itself) is dropped."""
         while True:
             reply = await stream.recv(timeout=self.swarm.request_timeout_s)
-            if "error" in reply.meta:
-                error = reply.meta["error"]
-                raise SessionError(hop.peer_id, str(error.get("code")), str(error.get("message")))
+            raise_refusal(reply, hop.peer_id)
             if reply.meta.get("step") == self._steps:
                 return reply
             logger.debug("dropping a stale reply from %s: %s", hop.peer_id, reply.meta)

@@ -40,6 +40,21 @@ class BadReplyError(RuntimeError):
         super().__init__(f"server {peer_id} sent a bad reply: {problem}")
 
 
+class SessionError(RuntimeError):
+    """A server refused a step of a session (answered in-band); the session is still usable."""
+
+    def __init__(self, peer_id: str, code: str, message: str):
+        self.peer_id, self.code = peer_id, code
+        super().__init__(f"server {peer_id} refused the step ({code}): {message}")
+
+
+def raise_refusal(reply: Message, peer_id: str) -> None:
+    """Raise SessionError if a session's reply is a refusal rather than hidden states."""
+    if "error" in reply.meta:
+        error = reply.meta["error"]
+        raise SessionError(peer_id, str(error.get("code")), str(error.get("message")))
+
+
 def hidden_from(reply: Message, peer_id: str, sent: torch.Tensor) -> torch.Tensor:
     """The hidden states in a server's reply, checked like anything else that comes from a peer: one floating
     tensor of the shape that was sent, all finite."""
@@ -81,7 +96,6 @@ class SwarmClient:
         self.push = push  # servers hand activations to the next server themselves (see client.session)
         self.rng = random.Random()
         self.dht: hivemind.DHT | None = None
-        self._p2p: hivemind.P2P | None = None
         self._servers: dict[str, ServerInfo] = {}
         self._servers_at = -float("inf")
         self.pool = ConnectionPool(
@@ -94,13 +108,13 @@ class SwarmClient:
         self.dht, _ = await loop.run_in_executor(
             None, lambda: start_dht(self.identity, initial_peers=self.initial_peers, client_mode=True)
         )
-        self._p2p = self.pool.p2p = await self.dht.replicate_p2p()
+        self.pool.p2p = await self.dht.replicate_p2p()
 
     async def shutdown(self) -> None:
         await self.pool.close()
-        if self._p2p is not None:
-            await self._p2p.shutdown()
-            self._p2p = None
+        if self.pool.p2p is not None:
+            await self.pool.p2p.shutdown()
+            self.pool.p2p = None
         if self.dht is not None:
             self.dht.shutdown()
             self.dht = None
@@ -207,10 +221,7 @@ class SwarmClient:
                 try:
                     for lo in bounds:
                         reply = await stream.recv(timeout=self.request_timeout_s)
-                        if "error" in reply.meta:
-                            raise RemoteError(
-                                reply.meta["error"].get("code"), reply.meta["error"].get("message")
-                            )
+                        raise_refusal(reply, hops[i].peer_id)
                         mask = [key_mask[:, lo : lo + chunk]] if key_mask is not None else []
                         out = hidden_from(reply, hops[i].peer_id, hidden[:, lo : lo + chunk])
                         queues[i + 1].put_nowait((lo, [out, *mask]))

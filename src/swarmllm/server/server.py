@@ -120,14 +120,14 @@ class Server:
             / 2**20
         )
         logger.info("KV-cache budget: %d tokens, up to %.0f MiB", cfg.max_cache_tokens, cache_mib)
-        self.p2p = await self.dht.replicate_p2p()
-        self.pool = ConnectionPool(self.identity, self.p2p)
+        p2p = await self.dht.replicate_p2p()
+        self.pool = ConnectionPool(self.identity, p2p)
         handlers = RequestHandler(self.backend, self._info_record, cfg.limits, self._connect).handlers()
         direct = DirectServer(handlers, self.identity, host=cfg.host, port=cfg.direct_port)
         await direct.start()
         host, port = direct.address
         self.direct_addr = f"{cfg.announce_host or host}:{port}"
-        await serve_libp2p(self.p2p, handlers)
+        await serve_libp2p(p2p, handlers)
         self.state = ServerState.ONLINE
         await self._announce()
         print(
