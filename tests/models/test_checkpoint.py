@@ -19,6 +19,7 @@ from swarmllm.models import (
     tensor_names_for_blocks,
 )
 from swarmllm.models.checkpoint import INDEX_FILE
+from swarmllm.models.llama import block_state_from_hf
 
 BLOCK_TENSORS = [
     "input_layernorm.weight",
@@ -83,9 +84,10 @@ def test_load_span_holds_only_its_blocks_with_the_checkpoint_values(sharded, sha
     span = load_span(sharded, 2, 4)
     assert (span.start, span.end, len(span.blocks)) == (2, 4, 2)
     state = span.state_dict()
-    assert sorted(state) == sorted(f"blocks.{i}.{t}" for i in (0, 1) for t in BLOCK_TENSORS)
+    ours = sorted(block_state_from_hf(dict.fromkeys(BLOCK_TENSORS, torch.zeros(1))))
+    assert sorted(state) == sorted(f"blocks.{i}.{t}" for i in (0, 1) for t in ours)
     for i, layer in ((0, 2), (1, 3)):
-        for name, tensor in sharded_hf.model.layers[layer].state_dict().items():
+        for name, tensor in block_state_from_hf(sharded_hf.model.layers[layer].state_dict()).items():
             assert torch.equal(state[f"blocks.{i}.{name}"], tensor), name
     assert not any(p.is_meta for p in span.parameters())
 
@@ -115,8 +117,13 @@ def test_single_file_checkpoint(checkpoints):
     assert not (path / INDEX_FILE).exists()
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     span = load_span(path, 1, 3)
-    for name, tensor in hf.model.layers[2].state_dict().items():
-        assert torch.equal(span.blocks[1].state_dict()[name], tensor)
+    state = span.blocks[1].state_dict()
+    for name, tensor in block_state_from_hf(hf.model.layers[2].state_dict()).items():
+        assert torch.equal(state[name], tensor)
+    # the stacked projections hold HF's parts in order
+    qkv = state["self_attn.qkv_proj.weight"]
+    hf_attn = hf.model.layers[2].self_attn
+    assert torch.equal(qkv, torch.cat([hf_attn.q_proj.weight, hf_attn.k_proj.weight, hf_attn.v_proj.weight]))
 
 
 def test_untied_client_head_has_its_own_lm_head(sharded, sharded_hf):
@@ -160,7 +167,8 @@ def test_bfloat16_checkpoint_loads_as_float32(checkpoints):
     assert hf.dtype == torch.bfloat16
     span = load_span(path, 0, 1, dtype=torch.float32)
     assert {p.dtype for p in span.parameters()} == {torch.float32}
-    assert torch.equal(span.blocks[0].mlp.up_proj.weight, hf.model.layers[0].mlp.up_proj.weight.float())
+    up = span.blocks[0].mlp.gate_up_proj.weight[span.config.intermediate_size :]
+    assert torch.equal(up, hf.model.layers[0].mlp.up_proj.weight.float())
 
 
 def test_config_and_local_resolution(sharded):

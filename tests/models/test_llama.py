@@ -20,7 +20,7 @@ from swarmllm.models import (
     load_client_head,
     load_span,
 )
-from swarmllm.models.llama import attention_mask, position_ids
+from swarmllm.models.llama import _rotate_decode, attention_mask, position_ids
 from swarmllm.models.tiny import FAMILIES
 
 BLOCK_ATOL = 1e-5
@@ -120,6 +120,67 @@ def test_cached_decoding_equals_full_forward(pair, chunks):
     )
 
 
+def decode_steps(span: BlockSpan, hidden, cache, start: int, key_mask=None, static_length=None):
+    """Tokens [start, T) of hidden [B, T, H] one at a time through span.decode, the servers' hot path.
+
+    static_length: attend to that many cache slots every step (what a CUDA graph does) instead of exactly
+    the slots so far; the key mask then covers them all and masks the future ones."""
+    outputs = []
+    batch = hidden.shape[0]
+    for pos in range(start, hidden.shape[1]):
+        length = static_length or pos + 1
+        mask = None
+        if key_mask is not None or static_length:
+            mask = torch.ones(batch, length, dtype=torch.bool)
+            if key_mask is not None:
+                mask[:, : pos + 1] = key_mask[:, : pos + 1]
+        if key_mask is None:
+            positions = torch.full((batch,), pos)
+        else:
+            positions = (key_mask[:, : pos + 1].sum(-1) - 1).masked_fill(~key_mask[:, pos], 1)
+        out = span.decode(
+            hidden[:, pos],
+            positions,
+            torch.tensor([pos]),
+            cache.keys[:, :, :, :length],
+            cache.values[:, :, :, :length],
+            mask,
+        )
+        outputs.append(out[:, None])
+    return torch.cat(outputs, dim=1)
+
+
+@pytest.mark.parametrize("static_length", [None, SEQ_LEN + 6], ids=["exact", "static"])
+def test_decode_path_equals_full_forward(pair, static_length):
+    """span.decode after a prefill gives forward()'s outputs (mistral's window of 4 < SEQ_LEN is exercised),
+    attending to exactly the slots so far or to a fixed number of them with the future masked out."""
+    ids = random_ids(pair)
+    hidden = pair.head.embed(ids)
+    full = pair.span(hidden)
+    cache = KVCache(pair.span.config.num_layers, 2, SEQ_LEN + 6, pair.span.config, torch.float32, "cpu")
+    cache.keys.fill_(1e4)  # garbage in the unused slots must never leak into attention
+    cache.values.fill_(1e4)
+    prefill = pair.span(hidden[:, :3], cache=cache)
+    decoded = decode_steps(pair.span, hidden, cache, 3, static_length=static_length)
+    torch.testing.assert_close(torch.cat([prefill, decoded], dim=1), full, atol=BLOCK_ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("static_length", [None, SEQ_LEN + 3], ids=["exact", "static"])
+def test_decode_path_with_left_padding_matches_hf(pair, static_length):
+    ids = random_ids(pair, length=SEQ_LEN)
+    key_mask = torch.ones(2, SEQ_LEN, dtype=torch.bool)
+    key_mask[1, :4] = False
+    ids[1, :4] = pair.hf.config.pad_token_id
+    expected = pair.hf(ids, attention_mask=key_mask.long(), position_ids=hf_positions(key_mask)).logits
+    cache = KVCache(pair.span.config.num_layers, 2, SEQ_LEN + 3, pair.span.config, torch.float32, "cpu")
+    hidden = pair.head.embed(ids)
+    prefill = pair.span(hidden[:, :5], key_mask=key_mask[:, :5], cache=cache)
+    decoded = decode_steps(pair.span, hidden, cache, 5, key_mask, static_length)
+    logits = pair.head.logits(torch.cat([prefill, decoded], dim=1))
+    torch.testing.assert_close(logits[key_mask], expected[key_mask], atol=LOGITS_ATOL, rtol=0)
+    assert torch.isfinite(logits).all()
+
+
 def test_left_padded_batch_matches_hf_with_attention_mask(pair):
     ids = random_ids(pair, length=SEQ_LEN + 1)
     short = 6
@@ -211,6 +272,13 @@ def test_qwen2_sliding_on_some_layers_only(qwen2_sliding):
     expected = qwen2_sliding.hf(ids).logits
     logits = qwen2_sliding.head.logits(qwen2_sliding.span(qwen2_sliding.head.embed(ids)))
     torch.testing.assert_close(logits, expected, atol=LOGITS_ATOL, rtol=0)
+    cache = KVCache(config.num_layers, 2, SEQ_LEN, config, torch.float32, "cpu")
+    hidden = qwen2_sliding.head.embed(ids)
+    prefill = qwen2_sliding.span(hidden[:, :2], cache=cache)
+    decoded = decode_steps(qwen2_sliding.span, hidden, cache, 2)
+    torch.testing.assert_close(
+        qwen2_sliding.head.logits(torch.cat([prefill, decoded], dim=1)), expected, atol=LOGITS_ATOL, rtol=0
+    )
 
 
 @pytest.mark.parametrize(
@@ -240,9 +308,15 @@ def test_rotary_embedding_matches_hf(rope):
     )
     positions = torch.arange(0, 256, 7)[None]
     expected = LlamaRotaryEmbedding(hf_config)(torch.zeros(1, dtype=torch.float32), positions)
-    ours = RotaryEmbedding(BlockConfig.from_hf(hf_config))(positions, torch.float32)
+    rotary = RotaryEmbedding(BlockConfig.from_hf(hf_config))
+    ours = rotary(positions, torch.float32)
     for got, want in zip(ours, expected, strict=True):
         torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+    # the decode path's sign-folded tables rotate like HF's rotate_half formula
+    x = torch.randn(positions.shape[1], 3, 16)  # [B, heads, hd], one token per sequence
+    cos, sin = (t[0, :, None] for t in expected)  # [B, 1, hd]
+    want = x * cos + torch.cat((-x[..., 8:], x[..., :8]), dim=-1) * sin
+    torch.testing.assert_close(_rotate_decode(x, *rotary.for_decode(positions[0], torch.float32)), want)
 
 
 def test_config_reads_hf_fields(pair):

@@ -5,7 +5,7 @@ files, and mapping Hugging Face tensor names to ours. From the hub it fetches th
 the shards that hold the wanted tensors. It does not decide which blocks to serve or how much memory to use.
 
 Name mapping (the rest of each name is identical on both sides):
-    model.layers.{i}.*      -> BlockSpan.blocks[i - start].*
+    model.layers.{i}.*      -> BlockSpan.blocks[i - start].*   (q/k/v and gate/up stacked: block_state_from_hf)
     model.embed_tokens.*    -> ClientHead.embed_tokens.*
     model.norm.*            -> ClientHead.norm.*
     lm_head.*               -> ClientHead.lm_head.*   (absent in tied checkpoints: tied to embed_tokens)
@@ -27,7 +27,7 @@ from huggingface_hub import snapshot_download
 from safetensors import safe_open
 from transformers import AutoConfig, PretrainedConfig
 
-from swarmllm.models.llama import BlockConfig, BlockSpan, ClientHead
+from swarmllm.models.llama import BlockConfig, BlockSpan, ClientHead, block_state_from_hf
 
 logger = logging.getLogger(__name__)
 
@@ -125,7 +125,7 @@ def load_span(
         for i in range(start, end):
             prefix = f"model.layers.{i}."
             state = {name.removeprefix(prefix): read(name) for name in names if name.startswith(prefix)}
-            span.blocks[i - start].load_state_dict(state, strict=True, assign=True)
+            span.blocks[i - start].load_state_dict(block_state_from_hf(state), strict=True, assign=True)
             logger.info("loaded block %d (%d of %d in [%d, %d))", i, i - start + 1, end - start, start, end)
     return span
 

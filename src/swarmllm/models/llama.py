@@ -4,8 +4,9 @@ Owns the block math: the config, rotary embedding, attention over an explicit KV
 server runs, and the embeddings + final norm + LM head a client holds. It knows nothing about files
 (checkpoint.py loads weights), sessions, memory budgets or the network.
 
-Parameter names mirror Hugging Face's decoder layer (`self_attn.q_proj`, `mlp.gate_proj`, `input_layernorm`, ...)
-so a checkpoint's `model.layers.{i}.*` tensors load into `BlockSpan.blocks[i - start]` by stripping a prefix.
+Parameter names mirror Hugging Face's decoder layer (`self_attn.o_proj`, `input_layernorm`, ...), except that
+q/k/v and gate/up are stacked into one matmul each (`qkv_proj`, `gate_up_proj`): a checkpoint's
+`model.layers.{i}.*` tensors load into `BlockSpan.blocks[i - start]` through `block_state_from_hf`.
 """
 
 from __future__ import annotations
@@ -130,10 +131,14 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        # Normalise in float32 and scale after casting back, exactly as transformers does, so bf16 matches too.
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        return _rms_norm(x, self.weight, self.eps)
+
+
+def _rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    # Normalise in float32 and scale after casting back, exactly as transformers does, so bf16 matches too.
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * x32.to(x.dtype)
 
 
 class RotaryEmbedding(nn.Module):
@@ -161,6 +166,14 @@ class RotaryEmbedding(nn.Module):
             dtype
         )
 
+    def for_decode(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """cos [B, 1, hd] and sign-folded sin for one token per sequence at `positions` [B]: with these,
+        RoPE is `x * cos + x.roll(hd / 2, -1) * sin`, three ops (see `_rotate_decode`)."""
+        freqs = positions[:, None].float() * self.inv_freq  # [B, hd / 2]
+        cos = torch.cat((freqs, freqs), dim=-1).cos() * self.attention_scaling
+        sin = freqs.sin() * self.attention_scaling
+        return cos.to(dtype)[:, None], torch.cat((-sin, sin), dim=-1).to(dtype)[:, None]
+
 
 def _rope_hf_config(config: BlockConfig) -> LlamaConfig:
     """The fields transformers' RoPE init functions read, in the config object they expect."""
@@ -179,6 +192,12 @@ def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     cos, sin = cos[:, None], sin[:, None]
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+def _rotate_decode(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """`_rotate` for x [B, heads, hd] with RotaryEmbedding.for_decode's tables: roll(x) * [-sin, sin] equals
+    cat(-x2, x1) * [sin, sin]."""
+    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, -1), sin)
 
 
 def attention_mask(
@@ -216,11 +235,15 @@ def position_ids(
 class Attention(nn.Module):
     def __init__(self, config: BlockConfig):
         super().__init__()
-        self.head_dim = config.head_dim
+        self.head_dim, self.num_heads, self.num_kv_heads = (
+            config.head_dim,
+            config.num_heads,
+            config.num_kv_heads,
+        )
         q_size, kv_size = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
-        self.q_proj = nn.Linear(config.hidden_size, q_size, bias=config.attention_bias)
-        self.k_proj = nn.Linear(config.hidden_size, kv_size, bias=config.attention_bias)
-        self.v_proj = nn.Linear(config.hidden_size, kv_size, bias=config.attention_bias)
+        self.sizes = [q_size, kv_size, kv_size]
+        # q, k and v projections as one matmul (HF's q_proj, k_proj, v_proj stacked; see block_state_from_hf)
+        self.qkv_proj = nn.Linear(config.hidden_size, q_size + 2 * kv_size, bias=config.attention_bias)
         self.o_proj = nn.Linear(q_size, config.hidden_size, bias=config.attention_out_bias)
 
     def forward(
@@ -233,9 +256,10 @@ class Attention(nn.Module):
         pos: int,
     ) -> Tensor:
         batch, length, _ = x.shape
-        q = self.q_proj(x).view(batch, length, -1, self.head_dim).transpose(1, 2)  # [B, heads, T, hd]
-        k = self.k_proj(x).view(batch, length, -1, self.head_dim).transpose(1, 2)  # [B, kv_heads, T, hd]
-        v = self.v_proj(x).view(batch, length, -1, self.head_dim).transpose(1, 2)  # [B, kv_heads, T, hd]
+        q, k, v = (
+            t.view(batch, length, -1, self.head_dim).transpose(1, 2)
+            for t in self.qkv_proj(x).split(self.sizes, -1)
+        )  # q [B, heads, T, hd], k and v [B, kv_heads, T, hd]
         q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
         if cache is not None:
             keys, values = cache
@@ -250,16 +274,58 @@ class Attention(nn.Module):
         )  # [B, heads, T, hd]
         return self.o_proj(y.transpose(1, 2).reshape(batch, length, -1))
 
+    def decode(
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        slot: Tensor,
+        keys: Tensor,
+        values: Tensor,
+        mask: Tensor | None,
+    ) -> Tensor:
+        """One token per sequence: x [B, H]; writes cache slot `slot` ([1] long) of keys/values [B, kv, S, hd]
+        and attends to their S slots (all of them when mask is None)."""
+        batch, heads = x.shape[0], self.num_heads
+        qkv = F.linear(x, self.qkv_proj.weight, self.qkv_proj.bias).view(batch, -1, self.head_dim)
+        qk = _rotate_decode(qkv[:, : heads + self.num_kv_heads], cos, sin)  # q and k heads rotate as one
+        keys.index_copy_(2, slot, qk[:, heads:, None])
+        values.index_copy_(2, slot, qkv[:, heads + self.num_kv_heads :, None])
+        y = F.scaled_dot_product_attention(
+            qk[:, :heads, None], keys, values, attn_mask=mask, enable_gqa=True
+        )  # [B, heads, 1, hd]
+        return F.linear(y.view(batch, -1), self.o_proj.weight, self.o_proj.bias)
+
 
 class MLP(nn.Module):
     def __init__(self, config: BlockConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
-        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
+        # HF's gate_proj and up_proj stacked, one matmul
+        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=config.mlp_bias)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = F.linear(x, self.gate_up_proj.weight, self.gate_up_proj.bias).chunk(2, dim=-1)
+        return F.linear(F.silu(gate) * up, self.down_proj.weight, self.down_proj.bias)
+
+
+# Tensors of a Hugging Face decoder layer that LlamaBlock keeps stacked: ours -> HF's parts, in order.
+FUSED_PARAMETERS = {
+    "self_attn.qkv_proj": ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+    "mlp.gate_up_proj": ("mlp.gate_proj", "mlp.up_proj"),
+}
+
+
+def block_state_from_hf(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """A HF decoder layer's tensors (names relative to the layer) as a LlamaBlock state dict: the fused
+    projections' weights (and biases) are their parts concatenated along the output dimension."""
+    state = dict(state)
+    for fused, parts in FUSED_PARAMETERS.items():
+        for kind in ("weight", "bias"):
+            names = [f"{part}.{kind}" for part in parts]
+            if names[0] in state:
+                state[f"{fused}.{kind}"] = torch.cat([state.pop(name) for name in names])
+    return state
 
 
 class LlamaBlock(nn.Module):
@@ -288,6 +354,24 @@ class LlamaBlock(nn.Module):
     ) -> Tensor:
         h = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, pos)
         return h + self.mlp(self.post_attention_layernorm(h))
+
+    def decode(
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        slot: Tensor,
+        keys: Tensor,
+        values: Tensor,
+        mask: Tensor | None,
+    ) -> Tensor:
+        """`forward` for one token per sequence, x [B, H], with module calls and reshapes cut to the minimum:
+        a decode step is a few dozen small ops, so their fixed costs are most of its time on a CPU."""
+        norm1, norm2 = self.input_layernorm, self.post_attention_layernorm
+        h = x + self.self_attn.decode(
+            _rms_norm(x, norm1.weight, norm1.eps), cos, sin, slot, keys, values, mask
+        )
+        return h + self.mlp.forward(_rms_norm(h, norm2.weight, norm2.eps))
 
 
 class BlockSpan(nn.Module):
@@ -341,6 +425,46 @@ class BlockSpan(nn.Module):
             block_cache = None if cache is None else (cache.keys[slot], cache.values[slot])
             hidden = self.blocks[i](hidden, cos, sin, masks[window], block_cache, pos)
         return hidden
+
+    def decode(
+        self,
+        hidden: Tensor,
+        positions: Tensor,
+        slot: Tensor,
+        keys: Tensor,
+        values: Tensor,
+        key_mask: Tensor | None = None,
+        blocks: slice | None = None,
+    ) -> Tensor:
+        """One token per sequence through the span (or its sub-range `blocks`): the decode hot path.
+
+        hidden [B, H]; positions [B] long: the tokens' rotary positions; slot [1] long: the cache slot they
+        take; keys/values [n, B, kv, S, hd]: the first S slots of a cache (S > slot), all attended to. With
+        key_mask None, S must be slot + 1 and no slot a pad; otherwise key_mask [B, S] marks the real tokens
+        and slots after `slot` are masked out, so S may be any fixed size: every shape depends on (B, S) only
+        and `slot` is a tensor, which is what lets a CUDA graph captured once replay for every step.
+        """
+        indices = range(len(self.blocks))[blocks or slice(None)]
+        length = keys.shape[3]
+        cos, sin = self.rotary.for_decode(positions, hidden.dtype)
+        windows = [self.config.window(self.start + i) for i in indices]
+        masks = {w: self._decode_mask(key_mask, slot, length, w) for w in set(windows)}
+        for n, (i, window) in enumerate(zip(indices, windows, strict=True)):
+            hidden = self.blocks[i].decode(hidden, cos, sin, slot, keys[n], values[n], masks[window])
+        return hidden
+
+    @staticmethod
+    def _decode_mask(key_mask: Tensor | None, slot: Tensor, length: int, window: int | None) -> Tensor | None:
+        """Bool [B or 1, 1, 1, S] for decode; the token's own slot is always allowed (pad rows stay finite)."""
+        if key_mask is None and (window is None or length <= window):
+            return None
+        kv = torch.arange(length, device=slot.device)
+        allowed = kv <= slot
+        if window is not None:
+            allowed = allowed & (kv > slot - window)
+        if key_mask is not None:
+            allowed = (allowed & key_mask) | (kv == slot)  # [B, S]
+        return allowed.view(-1, 1, 1, length)
 
 
 class ClientHead(nn.Module):

@@ -132,6 +132,8 @@ class Backend:
             session.key_mask[:, position:end] = new_mask.to(self.device)
             session.padded = session.padded or not bool(new_mask.all())
         key_mask = session.key_mask[:, :end] if session.padded else None
+        if hidden.shape[1] == 1:
+            return self._decode(session, hidden, position, key_mask)
         out = self.span(
             hidden.to(self.device, self.dtype),
             pos=position,
@@ -141,6 +143,29 @@ class Backend:
         )
         session.length = end
         return out
+
+    def _decode(
+        self, session: Session, hidden: torch.Tensor, position: int, key_mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """One token per sequence through the span's lean decode path, attending to exactly the slots so far."""
+        end = position + 1
+        slot = torch.tensor([position], device=self.device)
+        if key_mask is None:
+            positions = slot.expand(session.batch_size)
+        else:  # real tokens before this one; a pad's position is never read (HF gives it 1)
+            positions = (key_mask.sum(-1) - 1).masked_fill(~key_mask[:, -1], 1)
+        cache = session.cache
+        out = self.span.decode(
+            hidden[:, 0].to(self.device, self.dtype),
+            positions,
+            slot,
+            cache.keys[:, :, :, :end],
+            cache.values[:, :, :, :end],
+            key_mask,
+            self._blocks(session.start, session.end),
+        )
+        session.length = end
+        return out[:, None]
 
     def shutdown(self) -> None:
         for session in list(self.sessions.values()):
