@@ -269,3 +269,25 @@ def test_cli_generate_prints_the_same_text_as_transformers(swarm, models, capsys
     printed = capsys.readouterr().out.strip().splitlines()[-1]
     want = reference.generate(**tokenizer(PROMPTS[0], return_tensors="pt"), max_new_tokens=6, do_sample=False)
     assert printed == tokenizer.decode(want[0], skip_special_tokens=True)
+
+
+def test_compiled_decode_gives_transformers_tokens(swarm, checkpoints):
+    """A server started with --compile (torch.compile'd decode step; mistral: sliding window of 4) gives
+    transformers' greedy tokens, for a plain prompt and for a left-padded batch."""
+    local, _ = swarm
+    path = checkpoints("mistral", num_layers=2)
+    local.add_server(str(path), (0, 2), extra=["--compile"])
+    remote = AutoDistributedModelForCausalLM.from_pretrained(str(path), initial_peers=local.initial_peers)
+    reference = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer.padding_side = "left"
+    try:
+        for batch in (
+            tokenizer(PROMPTS[:1], return_tensors="pt"),
+            tokenizer(PROMPTS, return_tensors="pt", padding=True),
+        ):
+            ours = remote.generate(**batch, max_new_tokens=10, do_sample=False)
+            assert ours.tolist() == reference.generate(**batch, max_new_tokens=10, do_sample=False).tolist()
+        assert any("decode steps run compiled" in line for line in local.servers[-1].log)
+    finally:
+        remote.shutdown()

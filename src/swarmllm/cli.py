@@ -79,6 +79,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--num-threads", type=int, help="torch CPU threads (set it when servers share a machine)"
     )
+    serve.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile the decode step: about 2x faster steps on a CPU, after a compilation at start",
+    )
+    serve.add_argument(
+        "--no-cuda-graphs", action="store_true", help="on CUDA, run decode steps eagerly instead of as graphs"
+    )
     serve.add_argument("--throughput", type=float, help="announced blocks/s instead of measuring it")
     serve.add_argument("--update-period", type=float, default=30.0, help="seconds between re-announcements")
 
@@ -138,6 +146,8 @@ def _serve(args: argparse.Namespace) -> int:
             announce_host=args.announce_host,
             dtype=args.dtype,
             device=args.device,
+            compile=args.compile,
+            cuda_graphs=not args.no_cuda_graphs,
             max_cache_tokens=args.max_cache_tokens,
             public_name=args.public_name,
             dht_prefix=args.dht_prefix,

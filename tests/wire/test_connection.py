@@ -112,6 +112,24 @@ def make_handlers(probe: Probe) -> Handlers:
     handlers.add_stream("countdown", countdown)
     handlers.add_stream("ignore_input", ignore_input)
     handlers.add_unary("open_gate", open_gate)
+
+    def inline_echo(request: Message, context: CallContext) -> Message:
+        if request.meta.get("fail"):
+            raise RequestError("bad_input", "asked to fail")
+        if request.meta.get("crash"):
+            raise ValueError("inline boom")
+        return Message({**request.meta, "peer_id": context.peer_id}, request.tensors)
+
+    async def inject(opening: Message, incoming, context: CallContext):
+        """Messages its own code puts into `incoming` are handled in order with the caller's."""
+        incoming.put_nowait(Message({"injected": 0}))
+        async for message in incoming:
+            yield Message({"got": message.meta})
+            if message.meta.get("inject"):
+                incoming.put_nowait(Message({"injected": message.meta["inject"]}))
+
+    handlers.add_inline("inline_echo", inline_echo)
+    handlers.add_stream("inject", inject)
     return handlers
 
 
@@ -237,6 +255,33 @@ async def test_request_error_and_crash_become_remote_errors(connection):
     with pytest.raises(RemoteError, match="TypeError"):
         await connection.call("wrong_type", Message(), timeout=BOUND)
     assert (await connection.call("echo", Message({"still": "up"}), timeout=BOUND)).meta["still"] == "up"
+
+
+async def test_inline_handler_answers_from_the_read_loop_and_reports_errors(connection, client_identity):
+    hidden = torch.randn(2, 3)
+    reply = await connection.call("inline_echo", Message({"x": 1}, [hidden]), timeout=BOUND)
+    assert reply.meta == {"x": 1, "peer_id": client_identity.peer_id} and torch.equal(
+        reply.tensors[0], hidden
+    )
+    with pytest.raises(RemoteError) as info:
+        await connection.call("inline_echo", Message({"fail": True}), timeout=BOUND)
+    assert (info.value.code, info.value.message) == ("bad_input", "asked to fail")
+    with pytest.raises(RemoteError) as info:
+        await connection.call("inline_echo", Message({"crash": True}), timeout=BOUND)
+    assert info.value.code == "internal" and info.value.message == "ValueError: inline boom"
+    assert (await connection.call("inline_echo", Message({"still": "up"}), timeout=BOUND)).meta[
+        "still"
+    ] == "up"
+
+
+async def test_stream_handler_can_queue_its_own_messages_in_order(connection):
+    async with await connection.open_stream("inject", Message()) as stream:
+        assert (await stream.recv(timeout=BOUND)).meta == {"got": {"injected": 0}}
+        await stream.send(Message({"inject": 5}))
+        assert (await stream.recv(timeout=BOUND)).meta == {"got": {"inject": 5}}
+        assert (await stream.recv(timeout=BOUND)).meta == {"got": {"injected": 5}}
+        await stream.send(Message({"step": 1}))
+        assert (await stream.recv(timeout=BOUND)).meta == {"got": {"step": 1}}
 
 
 async def test_stream_handler_error(connection, probe):

@@ -7,13 +7,13 @@ anything malformed instead of letting one bad peer break a look-up.
 
 from __future__ import annotations
 
-from enum import Enum
+from enum import StrEnum
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 
-class ServerState(str, Enum):
+class ServerState(StrEnum):
     JOINING = "joining"
     ONLINE = "online"
     OFFLINE = "offline"

@@ -19,6 +19,7 @@ import torch
 
 from swarmllm.models import BlockSpan, KVCache
 from swarmllm.server.cache import CacheBudget
+from swarmllm.server.decode import DecodeRunner
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +49,8 @@ class Backend:
         cache_tokens: int,
         device: torch.device | str = "cpu",
         inline_tokens: int = 32,
+        compile: bool = False,
+        cuda_graphs: bool = True,
     ):
         self.span = span
         self.device = torch.device(device)
@@ -57,6 +60,7 @@ class Backend:
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="swarmllm-compute")
         self._ids = itertools.count()
         self.inline_tokens = inline_tokens
+        self.decoder = DecodeRunner(span, self.device, compile=compile, cuda_graphs=cuda_graphs)
 
     @property
     def start(self) -> int:
@@ -109,6 +113,7 @@ class Backend:
 
     def close_session(self, session: Session) -> None:
         self.sessions.pop(session.session_id, None)
+        self.decoder.forget(session.cache)
         self.budget.release(session.session_id)
 
     async def step(
@@ -131,9 +136,9 @@ class Backend:
         else:
             session.key_mask[:, position:end] = new_mask.to(self.device)
             session.padded = session.padded or not bool(new_mask.all())
-        key_mask = session.key_mask[:, :end] if session.padded else None
         if hidden.shape[1] == 1:
-            return self._decode(session, hidden, position, key_mask)
+            return self._decode(session, hidden, position)
+        key_mask = session.key_mask[:, :end] if session.padded else None
         out = self.span(
             hidden.to(self.device, self.dtype),
             pos=position,
@@ -144,27 +149,16 @@ class Backend:
         session.length = end
         return out
 
-    def _decode(
-        self, session: Session, hidden: torch.Tensor, position: int, key_mask: torch.Tensor | None
-    ) -> torch.Tensor:
-        """One token per sequence through the span's lean decode path, attending to exactly the slots so far."""
-        end = position + 1
-        slot = torch.tensor([position], device=self.device)
-        if key_mask is None:
-            positions = slot.expand(session.batch_size)
-        else:  # real tokens before this one; a pad's position is never read (HF gives it 1)
-            positions = (key_mask.sum(-1) - 1).masked_fill(~key_mask[:, -1], 1)
-        cache = session.cache
-        out = self.span.decode(
+    def _decode(self, session: Session, hidden: torch.Tensor, position: int) -> torch.Tensor:
+        out = self.decoder.step(
             hidden[:, 0].to(self.device, self.dtype),
-            positions,
-            slot,
-            cache.keys[:, :, :, :end],
-            cache.values[:, :, :, :end],
-            key_mask,
+            position,
+            session.key_mask,
+            session.padded,
+            session.cache,
             self._blocks(session.start, session.end),
         )
-        session.length = end
+        session.length = position + 1
         return out[:, None]
 
     def shutdown(self) -> None:

@@ -26,7 +26,7 @@ import torch
 
 from swarmllm.server.backend import Backend, Session
 from swarmllm.server.cache import CacheFullError
-from swarmllm.wire import CallContext, Connection, Handlers, Message, RequestError, WireError
+from swarmllm.wire import CallContext, Connection, Handlers, Incoming, Message, RequestError, WireError
 from swarmllm.wire.validation import FLOAT_DTYPES, check_count, check_tensor, get_int
 
 logger = logging.getLogger(__name__)
@@ -41,12 +41,11 @@ class ServerLimits:
     max_session_length: int = 8192
     session_idle_timeout_s: float = 300.0
     push_timeout_s: float = 10.0
-    session_queue: int = 64
 
 
 @dataclass
 class _PushTarget:
-    inbox: asyncio.Queue
+    inbox: Incoming  # the session's stream: pushes join the client's steps there
     accept_from: str | None
 
 
@@ -79,7 +78,7 @@ class RequestHandler:
         handlers.add_unary("info", self.rpc_info)
         handlers.add_unary("forward", self.rpc_forward)
         handlers.add_stream("inference", self.rpc_inference)
-        handlers.add_unary("push", self.rpc_push)
+        handlers.add_inline("push", self.rpc_push)
         return handlers
 
     async def rpc_info(self, request: Message, context: CallContext) -> Message:
@@ -98,7 +97,7 @@ class RequestHandler:
         return Message({}, [await self.backend.forward(hidden, key_mask, start, end)])
 
     async def rpc_inference(
-        self, request: Message, incoming: AsyncIterator[Message], context: CallContext
+        self, request: Message, incoming: Incoming, context: CallContext
     ) -> AsyncIterator[Message]:
         start, end = self._span(request.meta)
         batch_size = get_int(request.meta, "batch_size", low=1, high=self.limits.max_batch_size)
@@ -122,23 +121,16 @@ class RequestHandler:
             batch_size,
             max_length,
         )
-        # client steps and pushes from the previous server share one queue, so they are processed in order
-        inbox: asyncio.Queue[Message | None] = asyncio.Queue(self.limits.session_queue)
+        # pushes from the previous server join the client's steps in the stream's queue, so all are in order
         if token is not None:
-            self._push_targets[token] = _PushTarget(inbox, accept_from)
-
-        async def pump() -> None:
-            async for message in incoming:
-                await inbox.put(message)
-            await inbox.put(None)
-
-        pumping = asyncio.ensure_future(pump())
+            self._push_targets[token] = _PushTarget(incoming, accept_from)
         last_step = -1
         try:
             while True:
                 try:
-                    step = await asyncio.wait_for(inbox.get(), self.limits.session_idle_timeout_s)
-                except asyncio.TimeoutError:
+                    async with asyncio.timeout(self.limits.session_idle_timeout_s):
+                        step = await incoming.get()
+                except TimeoutError:
                     logger.info(
                         "session %s idle for %.0f s, closing",
                         session.session_id,
@@ -157,14 +149,14 @@ class RequestHandler:
                 except RequestError as e:
                     yield Message({"error": {"code": e.code, "message": e.message}})
         finally:
-            pumping.cancel()
             if token is not None:
                 self._push_targets.pop(token, None)
             self.backend.close_session(session)
             logger.debug("session %s closed", session.session_id)
 
-    async def rpc_push(self, request: Message, context: CallContext) -> Message:
-        """An input for one of our sessions, computed by the previous server of the client's chain."""
+    def rpc_push(self, request: Message, context: CallContext) -> Message:
+        """An input for one of our sessions, computed by the previous server of the client's chain (answered in
+        the read loop: a push is on every step's critical path)."""
         token = _session_token(request.meta)
         target = self._push_targets.get(token) if token is not None else None
         if target is None:
@@ -211,7 +203,7 @@ class RequestHandler:
             message = Message({**meta, "push": hops[1:]}, tensors)
             await conn.call("push", message, timeout=self.limits.push_timeout_s)
             return True
-        except (WireError, OSError, asyncio.TimeoutError) as e:
+        except (TimeoutError, WireError, OSError) as e:
             logger.info("push to %s failed (%s); the client will send it", peer_id, e)
             return False
 

@@ -49,6 +49,10 @@ class ServerConfig:
     dht_prefix: str | None = None
     identity_path: str | None = None
     num_threads: int | None = None
+    compile: bool = (
+        False  # torch.compile the decode step (CPU: ~2x faster steps, seconds to compile at start)
+    )
+    cuda_graphs: bool = True  # on CUDA, replay captured graphs of the decode step
     throughput: float | None = None
     update_period_s: float = 30.0
     expiration_s: float | None = None
@@ -113,7 +117,17 @@ class Server:
         )
         if cfg.throughput is None:
             self.inference_rps, self.forward_rps = measure_throughput(span)
-        self.backend = Backend(span, cache_tokens=cfg.max_cache_tokens, device=cfg.device)
+        self.backend = await asyncio.get_running_loop().run_in_executor(
+            None,
+            lambda: Backend(
+                span,
+                cache_tokens=cfg.max_cache_tokens,
+                device=cfg.device,
+                compile=cfg.compile,
+                cuda_graphs=cfg.cuda_graphs,
+            ),
+        )
+        logger.info("decode steps run %s", self.backend.decoder.mode)
         cache_mib = (
             cfg.max_cache_tokens
             * KVCache.bytes_per_token(end - start, span.config, DTYPES[cfg.dtype])
@@ -147,7 +161,7 @@ class Server:
             while not self._stop.is_set():
                 try:
                     await asyncio.wait_for(self._stop.wait(), cfg.update_period_s)
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     await self._announce()
                     await self._refresh_peers()
         finally:

@@ -61,8 +61,26 @@ class CallContext:
     method: str
 
 
+class Incoming(asyncio.Queue):
+    """A stream call's messages from the caller, in order; None marks the caller's END. Iterating stops there.
+
+    The handler may `put_nowait` messages of its own (a server puts what another peer pushed into a session),
+    which are then handled in order with the caller's, with no task in between.
+    """
+
+    def __aiter__(self) -> Incoming:
+        return self
+
+    async def __anext__(self) -> Message:
+        message = await self.get()
+        if message is None:
+            raise StopAsyncIteration
+        return message
+
+
 UnaryHandler = Callable[[Message, CallContext], Awaitable[Message]]
-StreamHandler = Callable[[Message, AsyncIterator[Message], CallContext], AsyncIterator[Message]]
+InlineHandler = Callable[[Message, CallContext], Message]
+StreamHandler = Callable[[Message, Incoming, CallContext], AsyncIterator[Message]]
 
 
 class Handlers:
@@ -70,11 +88,18 @@ class Handlers:
 
     def __init__(self) -> None:
         self.unary: dict[str, UnaryHandler] = {}
+        self.inline: dict[str, InlineHandler] = {}
         self.stream: dict[str, StreamHandler] = {}
 
     def add_unary(self, method: str, fn: UnaryHandler) -> None:
         self._check_new(method)
         self.unary[method] = fn
+
+    def add_inline(self, method: str, fn: InlineHandler) -> None:
+        """A unary method answered by a plain function, called in the connection's read loop (no task): for
+        quick handlers with small replies on the hot path."""
+        self._check_new(method)
+        self.inline[method] = fn
 
     def add_stream(self, method: str, fn: StreamHandler) -> None:
         """``fn`` is an async generator: each Message it yields goes to the caller; returning ends the stream."""
@@ -84,7 +109,7 @@ class Handlers:
     def _check_new(self, method: str) -> None:
         if not method or len(method.encode()) > 255:
             raise ValueError(f"method names must be 1-255 bytes, got {method!r}")
-        if method in self.unary or method in self.stream:
+        if method in self.unary or method in self.inline or method in self.stream:
             raise ValueError(f"method {method!r} is already registered")
 
 
@@ -124,7 +149,7 @@ def _remote_error(message: Message) -> RemoteError:
 
 def _expire(future: asyncio.Future, method: str, timeout: float) -> None:
     if not future.done():
-        future.set_exception(asyncio.TimeoutError(f"{method!r} got no reply in {timeout} s"))
+        future.set_exception(TimeoutError(f"{method!r} got no reply in {timeout} s"))
 
 
 class Connection:
@@ -285,10 +310,10 @@ class Stream:
             item = self._inbox.get_nowait()
         elif self._lost is not None:
             item = self._lost
-        elif timeout is None:
-            item = await self._inbox.get()
         else:
-            item = await asyncio.wait_for(self._inbox.get(), timeout)
+            # asyncio.timeout, unlike wait_for on Python 3.11, runs no extra task: this is the client's hot path
+            async with asyncio.timeout(timeout):
+                item = await self._inbox.get()
         if isinstance(item, WireError):
             self._ended = item
             raise item
@@ -326,7 +351,7 @@ class Stream:
 class _ServerCall:
     __slots__ = ("task", "inbox")
 
-    def __init__(self, task: asyncio.Task, inbox: asyncio.Queue[Message | None] | None):
+    def __init__(self, task: asyncio.Task, inbox: Incoming | None):
         self.task = task
         self.inbox = inbox  # a stream's incoming messages; None for unary calls
 
@@ -358,10 +383,10 @@ async def serve_connection(
             calls.pop(call_id, None)
 
     async def run_stream(
-        call_id: int, fn: StreamHandler, opening: Message, inbox: asyncio.Queue, context: CallContext
+        call_id: int, fn: StreamHandler, opening: Message, inbox: Incoming, context: CallContext
     ) -> None:
         try:
-            async with aclosing(fn(opening, _incoming(inbox), context)) as replies:
+            async with aclosing(fn(opening, inbox, context)) as replies:
                 async for reply in replies:
                     await out.send(Frame(Kind.MESSAGE, call_id, _checked_reply(reply, context)))
             await out.send(Frame(Kind.END, call_id, Message()))
@@ -383,11 +408,22 @@ async def serve_connection(
             )
             return
         context = CallContext(peer_id=peer_id, transport=transport, method=method)
-        if method in handlers.unary:
+        if method in handlers.inline:
+            try:
+                out.write(
+                    Frame(
+                        Kind.REPLY,
+                        call_id,
+                        _checked_reply(handlers.inline[method](frame.message, context), context),
+                    )
+                )
+            except Exception as e:
+                _report_failure(out, call_id, context, e)
+        elif method in handlers.unary:
             task = asyncio.create_task(run_unary(call_id, handlers.unary[method], frame.message, context))
             calls[call_id] = _ServerCall(task, None)
         elif method in handlers.stream:
-            inbox: asyncio.Queue[Message | None] = asyncio.Queue(STREAM_QUEUE_SIZE)
+            inbox = Incoming(STREAM_QUEUE_SIZE)
             task = asyncio.create_task(
                 run_stream(call_id, handlers.stream[method], frame.message, inbox, context)
             )
@@ -432,11 +468,6 @@ def _checked_reply(reply: Message, context: CallContext) -> Message:
     if not isinstance(reply, Message):
         raise TypeError(f"handler {context.method!r} produced a {type(reply).__name__}, not a Message")
     return reply
-
-
-async def _incoming(inbox: asyncio.Queue[Message | None]) -> AsyncIterator[Message]:
-    while (message := await inbox.get()) is not None:
-        yield message
 
 
 def _report_failure(out: _FrameWriter, call_id: int, context: CallContext, error: Exception) -> None:

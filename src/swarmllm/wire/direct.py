@@ -194,7 +194,7 @@ class DirectServer:
                 peer_id = await asyncio.wait_for(
                     _server_handshake(reader, writer, self.identity), self.handshake_timeout
                 )
-            except (WireError, asyncio.TimeoutError, OSError) as e:
+            except (TimeoutError, WireError, OSError) as e:
                 logger.info(f"Direct handshake with {peer_address} failed: {e!r}")
                 if not isinstance(e, (ConnectionLost, OSError)):
                     refusal = Frame(Kind.ERROR, 0, Message({"code": "bad_handshake", "message": str(e)}))

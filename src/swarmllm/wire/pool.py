@@ -56,7 +56,7 @@ class ConnectionPool:
                 return await connect_direct(
                     host, int(port), self.identity, expected_peer_id=peer_id, timeout=self.connect_timeout_s
                 )
-            except (OSError, asyncio.TimeoutError, WireError, ValueError) as e:
+            except (TimeoutError, OSError, WireError, ValueError) as e:
                 logger.info("direct path to %s at %s failed (%s); trying the next way", peer_id, addr, e)
         if self.p2p is None:
             raise WireError(f"no direct address of {peer_id} answered and this pool has no libp2p peer")
