@@ -9,7 +9,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -138,9 +138,11 @@ def measure_swarm(
     threads: int | None = None,
     device: str = "cpu",
     dtype: str = "float32",
+    server_args: Sequence[str] = (),
 ) -> SwarmRun:
     """One model through a fresh local swarm of `servers` processes, beside local transformers, in one run.
-    On a GPU (`device="cuda"`) all servers share it, and the client keeps its embeddings and head there too."""
+    On a GPU (`device="cuda"`) all servers share it, and the client keeps its embeddings and head there too.
+    `server_args` go to every `swarmllm serve` (e.g. --compile)."""
     from transformers import AutoModelForCausalLM
 
     from swarmllm import AutoDistributedModelForCausalLM
@@ -155,7 +157,8 @@ def measure_swarm(
     generator = torch.Generator().manual_seed(0)
     batch = torch.randint(0, local.config.vocab_size, (1, forward_tokens), generator=generator).to(device)
     cuts = [round(i * num_blocks / servers) for i in range(servers + 1)]
-    extra = ["--device", device, "--dtype", dtype] + (["--num-threads", str(threads)] if threads else [])
+    extra = ["--device", device, "--dtype", dtype, *server_args]
+    extra += ["--num-threads", str(threads)] if threads else []
     with LocalSwarm() as swarm:
         swarm.start_bootstrap()
         swarm.add_servers([(str(path), span) for span in zip(cuts, cuts[1:])], extra=extra)

@@ -25,6 +25,8 @@ from wire_roundtrip import format_table, run_roundtrips
 from swarmllm.wire import Frame, Kind, Message, encode_frame
 
 PETALS_PEER = Path(__file__).resolve().parents[1].parent / "shared" / "petals-peer"
+# how servers run decode steps (server/decode.py) -> their `swarmllm serve` flags
+DECODE_MODES = {"eager": ["--no-cuda-graphs"], "compiled": ["--compile"], "cuda-graphs": []}
 NEW_TOKENS = {"tiny": 64, "medium": 32, "llama7b": 64}
 BLOCKS = {"tiny": 6, "medium": 16, "llama7b": 32}
 
@@ -52,7 +54,7 @@ def serialization_s(hidden_size: int, repeats: int = 2000) -> float:
     return asyncio.run(run())
 
 
-def breakdown(name: str, run) -> list[list[object]]:
+def breakdown(label: str, name: str, run) -> list[list[object]]:
     """Rows of ms per token, all from one instrumented generate: the client's share, each server's compute,
     serialization, and the rest of the step (network, process wake-ups, handlers)."""
     from common import SHAPES
@@ -61,17 +63,17 @@ def breakdown(name: str, run) -> list[list[object]]:
     compute = [statistics.median(step[hop].compute_s for step in run.hop_timings) for hop in range(hops)]
     serial = 2 * hops * serialization_s(SHAPES[name]["hidden_size"])
     rows = [
-        [name, "whole token (generate)", f"{run.token_s * 1e3:.3f}"],
+        [label, "whole token (generate)", f"{run.token_s * 1e3:.3f}"],
         [
-            name,
+            label,
             "client: HF generate logic, embed, LM head, thread hand-off",
             f"{(run.token_s - run.step_s) * 1e3:.3f}",
         ],
     ]
-    rows += [[name, f"server {hop + 1}: compute", f"{c * 1e3:.3f}"] for hop, c in enumerate(compute)]
+    rows += [[label, f"server {hop + 1}: compute", f"{c * 1e3:.3f}"] for hop, c in enumerate(compute)]
     rows += [
-        [name, f"serialization (encode+decode at both ends of {hops} hops)", f"{serial * 1e3:.3f}"],
-        [name, "network, process wake-ups, handlers", f"{(run.step_s - sum(compute) - serial) * 1e3:.3f}"],
+        [label, f"serialization (encode+decode at both ends of {hops} hops)", f"{serial * 1e3:.3f}"],
+        [label, "network, process wake-ups, handlers", f"{(run.step_s - sum(compute) - serial) * 1e3:.3f}"],
     ]
     return rows
 
@@ -156,6 +158,12 @@ def main() -> None:
         "--device", default="cpu", help="cuda: servers and client share the GPU (use llama7b)"
     )
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    parser.add_argument(
+        "--decode",
+        nargs="+",
+        choices=list(DECODE_MODES),
+        help="server decode modes to measure (default: eager compiled on CPU, cuda-graphs eager on CUDA)",
+    )
     parser.add_argument("--forward-tokens", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--calls", type=int, default=500, help="round trips per transport row")
@@ -169,47 +177,36 @@ def main() -> None:
     trips = format_table(run_roundtrips(calls=args.calls, warmup=50, loop="uvloop", shape=(1, 1, 4096)))
     print(trips)
 
+    modes = args.decode or (
+        ["cuda-graphs", "eager"] if args.device.startswith("cuda") else ["eager", "compiled"]
+    )
     speed_rows, step_rows = [], []
     for name in args.models:
-        print(f"{name}: swarm and local ...", file=sys.stderr)
-        run = measure_swarm(
-            name,
-            new_tokens=NEW_TOKENS[name],
-            forward_tokens=args.forward_tokens,
-            repeats=args.repeats,
-            device=args.device,
-            dtype=args.dtype,
-        )
+        runs = []
+        for mode in modes:
+            print(f"{name}: swarm ({mode} decode) and local ...", file=sys.stderr)
+            run = measure_swarm(
+                name,
+                new_tokens=NEW_TOKENS[name],
+                forward_tokens=args.forward_tokens,
+                repeats=args.repeats,
+                device=args.device,
+                dtype=args.dtype,
+                server_args=DECODE_MODES[mode],
+            )
+            runs.append((mode, run))
         if name == "llama7b":  # the Petals GPU recipe lives in shared/petals-peer/gpu/ and runs on its own
             petals = "run shared/petals-peer/gpu/ on the same machine"
         else:
             print(f"{name}: Petals ...", file=sys.stderr)
             petals = run_petals(args.petals_venv, name, args.petals_dir)
-        if isinstance(petals, str):
-            petals_cols = [petals, "", ""]
-        else:
-            petals_cols = [
-                f"{petals[0]:.1f} (its local 4.34: {petals[1]:.1f}, tokens equal: {petals[2]})",
-                f"{run.swarm_steps / petals[0]:.1f}x",
-                f"{petals[0] / petals[1]:.2f}",
-            ]
-        speed_rows.append(
-            [
-                name,
-                f"{run.swarm_steps:.1f}",
-                f"{run.local_steps:.1f}",
-                f"{run.swarm_steps / run.local_steps:.2f}",
-                *petals_cols,
-                f"{run.swarm_fwd_tps:,.0f}",
-                f"{run.local_fwd_tps:,.0f}",
-                f"{run.swarm_fwd_tps / run.local_fwd_tps:.2f}",
-                run.tokens_equal,
-            ]
-        )
-        step_rows += breakdown(name, run)
+        for mode, run in runs:
+            speed_rows.append([name, mode, *_speed_cols(run, petals)])
+            step_rows += breakdown(f"{name} ({mode})", name, run)
     speed = markdown_table(
         [
             "model",
+            "server decode",
             "swarm steps/s",
             "local steps/s (5.x)",
             "swarm/local",
@@ -231,9 +228,32 @@ def main() -> None:
             "Hot path: transports, step breakdown, swarm vs local vs Petals (2 servers)",
             f"Round trips, 1x1x4096 fp32, uvloop, {args.calls} calls:\n\n{trips}\n\n{speed}\n\n{steps}",
             f"Single session, batch 1, 6-token prompt, greedy, new tokens {', '.join(f'{k} {v}' for k, v in NEW_TOKENS.items())}; medians of "
-            f"{args.repeats}, swarm and local runs alternating. Petals: shared/petals-peer recipe in its own venv "
-            "(transformers 4.34), median of 3, run right after ours.",
+            f"{args.repeats}, swarm and local runs alternating (a fresh swarm and local run per decode mode). "
+            "Server decode: eager = BlockSpan.decode as is; compiled = `swarmllm serve --compile`; cuda-graphs = "
+            "the CUDA default. Petals: shared/petals-peer recipe in its own venv (transformers 4.34), median of 3, "
+            "run right after ours.",
         )
+
+
+def _speed_cols(run, petals: tuple[float, float, bool] | str) -> list[object]:
+    if isinstance(petals, str):
+        petals_cols = [petals, "", ""]
+    else:
+        petals_cols = [
+            f"{petals[0]:.1f} (its local 4.34: {petals[1]:.1f}, tokens equal: {petals[2]})",
+            f"{run.swarm_steps / petals[0]:.1f}x",
+            f"{petals[0] / petals[1]:.2f}",
+        ]
+    return [
+        f"{run.swarm_steps:.1f}",
+        f"{run.local_steps:.1f}",
+        f"{run.swarm_steps / run.local_steps:.2f}",
+        *petals_cols,
+        f"{run.swarm_fwd_tps:,.0f}",
+        f"{run.local_fwd_tps:,.0f}",
+        f"{run.swarm_fwd_tps / run.local_fwd_tps:.2f}",
+        run.tokens_equal,
+    ]
 
 
 if __name__ == "__main__":

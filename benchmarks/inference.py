@@ -1,7 +1,7 @@
 """Single-session decode steps/s and batch-forward tokens/s through a local swarm of 2 servers, beside the same
 checkpoint run locally with transformers (the no-network limit), as ratios measured in one run.
 
-    python benchmarks/inference.py [--models tiny medium] [--new-tokens 64] [--forward-tokens 512]
+    python benchmarks/inference.py [--models tiny medium] [--new-tokens 64] [--forward-tokens 512] [--compile]
 """
 
 from __future__ import annotations
@@ -12,8 +12,14 @@ from common import append_results, markdown_table, measure_swarm
 from transformers.utils import logging as hf_logging
 
 
-def bench_model(name: str, new_tokens: int, forward_tokens: int, repeats: int) -> list[object]:
-    r = measure_swarm(name, new_tokens=new_tokens, forward_tokens=forward_tokens, repeats=repeats)
+def bench_model(name: str, new_tokens: int, forward_tokens: int, repeats: int, compile: bool) -> list[object]:
+    r = measure_swarm(
+        name,
+        new_tokens=new_tokens,
+        forward_tokens=forward_tokens,
+        repeats=repeats,
+        server_args=["--compile"] if compile else [],
+    )
     return [
         name,
         f"{r.swarm_steps:.1f}",
@@ -34,13 +40,14 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=None, help="default: 64 tiny, 32 medium")
     parser.add_argument("--forward-tokens", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--compile", action="store_true", help="servers torch.compile their decode step")
     parser.add_argument("--no-record", action="store_true", help="print only, don't append to RESULTS.md")
     args = parser.parse_args()
     hf_logging.disable_progress_bar()
     rows = []
     for name in args.models:
         new_tokens = args.new_tokens or (64 if name == "tiny" else 32)
-        rows.append(bench_model(name, new_tokens, args.forward_tokens, args.repeats))
+        rows.append(bench_model(name, new_tokens, args.forward_tokens, args.repeats, args.compile))
     header = [
         "model",
         "swarm steps/s",
@@ -55,7 +62,9 @@ def main() -> None:
     print(table)
     if not args.no_record:
         append_results(
-            "Inference through a local swarm (2 servers, 1 CPU thread each) vs local transformers",
+            "Inference through a local swarm (2 servers, 1 CPU thread each"
+            + (", --compile" if args.compile else "")
+            + ") vs local transformers",
             table,
             f"Median of {args.repeats}; single session, batch 1, 6-token prompt, greedy; local transformers uses the "
             "default torch threads.",

@@ -172,8 +172,7 @@ class RequestHandler:
     async def _step(self, session: Session, step: Message) -> Message:
         position = get_int(step.meta, "position", low=0, high=session.length)
         check_count(step.tensors, 1, 2, "an inference step")
-        hidden = self._hidden(step.tensors[0])
-        check_tensor(hidden, "hidden", ndim=3, dtypes=FLOAT_DTYPES, shape={0: session.batch_size})
+        hidden = self._hidden(step.tensors[0], batch=session.batch_size)
         length = hidden.shape[1]
         if position + length > session.max_length:
             raise RequestError(
@@ -212,10 +211,9 @@ class RequestHandler:
         end = get_int(meta, "end", low=start + 1, high=self.backend.end)
         return start, end
 
-    def _hidden(self, tensor: torch.Tensor) -> torch.Tensor:
-        return check_tensor(
-            tensor, "hidden", ndim=3, dtypes=FLOAT_DTYPES, shape={2: self.backend.hidden_size}, finite=True
-        )
+    def _hidden(self, tensor: torch.Tensor, batch: int | None = None) -> torch.Tensor:
+        shape = {2: self.backend.hidden_size} if batch is None else {0: batch, 2: self.backend.hidden_size}
+        return check_tensor(tensor, "hidden", ndim=3, dtypes=FLOAT_DTYPES, shape=shape, finite=True)
 
     @staticmethod
     def _mask(tensors: list[torch.Tensor], batch: int, length: int) -> torch.Tensor | None:
