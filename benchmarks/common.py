@@ -40,6 +40,16 @@ SHAPES = {
         num_key_value_heads=4,
         max_position_embeddings=2048,
     ),
+    # Llama-2-7B's shape, random weights (the Petals GPU peer's, shared/petals-peer/gpu/gpu_anchor.py)
+    "llama7b": dict(
+        vocab_size=32000,
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        max_position_embeddings=4096,
+    ),
 }
 
 

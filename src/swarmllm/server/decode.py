@@ -53,6 +53,7 @@ class DecodeRunner:
         self.span = span
         self.device = device
         self.cuda_graphs = cuda_graphs and device.type == "cuda" and not compile
+        self.compiled = compile
         self._decode = span.decode
         self._graphs: dict[int, _Graphs] = {}  # by id() of the session's cache
         if compile:
@@ -61,13 +62,7 @@ class DecodeRunner:
 
     @property
     def mode(self) -> str:
-        return (
-            "cuda-graphs"
-            if self.cuda_graphs
-            else "compiled"
-            if self._decode is not self.span.decode
-            else "eager"
-        )
+        return "cuda-graphs" if self.cuda_graphs else "compiled" if self.compiled else "eager"
 
     def _warm_up(self) -> None:
         """Compile now for batch size 1, rather than stalling the first client for seconds."""
@@ -82,7 +77,7 @@ class DecodeRunner:
                     self.step(hidden, slot, key_mask, False, cache, None)
         except Exception as e:  # noqa: BLE001 - any compiler failure: serve eagerly rather than not at all
             logger.warning("torch.compile failed (%s: %s); decoding eagerly", type(e).__name__, e)
-            self._decode = self.span.decode
+            self.compiled, self._decode = False, self.span.decode
 
     def step(
         self,
@@ -95,17 +90,21 @@ class DecodeRunner:
     ) -> torch.Tensor:
         """hidden [B, H] of the tokens taking cache slot `slot`. key_mask [B, max_length] is the session's
         (False at pads, it outlives the step); padded says whether any slot up to `slot` is a pad. -> [B, H]"""
-        if (
-            padded
-        ):  # count real tokens, as transformers does with left padding; a pad's own position is unused
+        # positions count real tokens, as transformers does with left padding (a pad's own is never used)
+        if padded:
             positions = (key_mask[:, : slot + 1].sum(-1) - 1).masked_fill(~key_mask[:, slot], 1)
         else:
             positions = torch.full((hidden.shape[0],), slot, device=self.device)
         if self.cuda_graphs:
-            return self._replay(hidden, positions, slot, key_mask, cache, blocks)
+            try:
+                return self._replay(hidden, positions, slot, key_mask, cache, blocks)
+            except RuntimeError as e:  # a capture this GPU or driver refuses: serve eagerly rather than fail
+                logger.warning("CUDA graph capture failed (%s); decoding eagerly from now on", e)
+                self.cuda_graphs = False
+                self._graphs.clear()
         keys, values = cache.keys[:, :, :, : slot + 1], cache.values[:, :, :, : slot + 1]
         mask = key_mask[:, : slot + 1] if padded else None
-        if self._decode is not self.span.decode:  # the attended length varies: compile it as a symbol
+        if self.compiled:  # the attended length varies: compile it as a symbol
             torch._dynamo.mark_dynamic(keys, 3)
             torch._dynamo.mark_dynamic(values, 3)
             if mask is not None:

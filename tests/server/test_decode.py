@@ -1,0 +1,37 @@
+"""The decode runner's pure parts and its eager path against the span's general forward."""
+
+import pytest
+import torch
+
+from swarmllm.models import KVCache, load_span
+from swarmllm.server.decode import MIN_BUCKET, DecodeRunner, bucket
+
+
+def test_buckets_are_powers_of_two_capped_at_the_cache():
+    assert bucket(1, 4096) == MIN_BUCKET
+    assert bucket(MIN_BUCKET, 4096) == MIN_BUCKET
+    assert bucket(MIN_BUCKET + 1, 4096) == 2 * MIN_BUCKET
+    assert bucket(1000, 4096) == 1024
+    assert bucket(3000, 3000) == 3000  # never past the session's cache
+    assert bucket(10, 32) == 32
+    sizes = {bucket(n, 8192) for n in range(1, 8193)}
+    assert sizes == {64, 128, 256, 512, 1024, 2048, 4096, 8192}  # a long session needs few graphs
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_eager_runner_steps_equal_the_span_forward(checkpoints, padded):
+    span = load_span(checkpoints("llama"), 0, 4)
+    runner = DecodeRunner(span, torch.device("cpu"))
+    assert runner.mode == "eager"  # no CUDA here: graphs are for CUDA only
+    hidden = torch.randn(2, 8, span.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    key_mask = torch.ones(2, 16, dtype=torch.bool)
+    if padded:
+        key_mask[1, :3] = False
+    with torch.inference_mode():
+        want = span(hidden, key_mask=key_mask[:, :8] if padded else None)
+        cache = KVCache(4, 2, 16, span.config, torch.float32, "cpu")
+        prefill = span(hidden[:, :5], key_mask=key_mask[:, :5] if padded else None, cache=cache)
+        steps = [runner.step(hidden[:, t], t, key_mask, padded, cache, None) for t in range(5, 8)]
+    got = torch.cat([prefill, torch.stack(steps, dim=1)], dim=1)
+    real = key_mask[:, :8]
+    torch.testing.assert_close(got[real], want[real], atol=1e-5, rtol=0)
