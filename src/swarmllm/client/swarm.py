@@ -28,6 +28,7 @@ from swarmllm.wire import (
     WireError,
 )
 from swarmllm.wire.pool import ConnectionPool
+from swarmllm.wire.validation import all_finite
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +64,7 @@ def hidden_from(reply: Message, peer_id: str, sent: torch.Tensor) -> torch.Tenso
     hidden = reply.tensors[0]
     if not hidden.is_floating_point() or hidden.shape != sent.shape:
         raise BadReplyError(peer_id, f"{hidden.dtype} {tuple(hidden.shape)}, expected {tuple(sent.shape)}")
-    if not bool(torch.isfinite(hidden).all()):
+    if not all_finite(hidden):
         raise BadReplyError(peer_id, "NaN or infinity")
     return hidden
 
