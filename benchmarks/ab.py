@@ -1,0 +1,156 @@
+"""Paired A/B of single-session decode speed: two local swarms side by side, generate calls alternating
+between them, so the noise of a shared machine hits both alike. A and B differ in source tree (a git
+commit, checked out to a temporary folder) and/or in server flags.
+
+    python benchmarks/ab.py --a-commit 7cc298e                   # that commit vs the working tree
+    python benchmarks/ab.py --b-args="--compile"                 # eager vs compiled servers, same tree
+    python benchmarks/ab.py --model medium --rounds 15 --new-tokens 24
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from common import PROMPT, append_results, checkpoint, markdown_table
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def worker(model: str, new_tokens: int, server_args: list[str]) -> None:
+    """One swarm of 2 servers and a client; on each stdin line, one timed generate, printed as steps/s."""
+    from transformers import AutoConfig
+
+    from swarmllm import AutoDistributedModelForCausalLM
+    from swarmllm.local import LocalSwarm
+
+    path = checkpoint(model)
+    num_blocks = AutoConfig.from_pretrained(path).num_hidden_layers
+    half = num_blocks // 2
+    prompt = torch.tensor(PROMPT)
+    with LocalSwarm() as swarm:
+        swarm.start_bootstrap()
+        swarm.add_servers([(str(path), (0, half)), (str(path), (half, num_blocks))], extra=server_args)
+        remote = AutoDistributedModelForCausalLM.from_pretrained(str(path), initial_peers=swarm.initial_peers)
+        with torch.no_grad():
+            first = remote.generate(prompt, max_new_tokens=new_tokens, do_sample=False)
+            print("ready", flush=True)
+            for _ in sys.stdin:
+                began = time.perf_counter()
+                out = remote.generate(prompt, max_new_tokens=new_tokens, do_sample=False)
+                elapsed = time.perf_counter() - began
+                print(f"{new_tokens / elapsed:.3f} {out.tolist() == first.tolist()}", flush=True)
+        remote.shutdown()
+
+
+def start(src: Path, args: argparse.Namespace, server_args: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(src)}
+    command = [
+        sys.executable,
+        __file__,
+        "--worker",
+        "--model",
+        args.model,
+        "--new-tokens",
+        str(args.new_tokens),
+    ]
+    proc = subprocess.Popen(
+        [*command, f"--server-args={server_args}"],
+        env=env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    while (line := proc.stdout.readline()) and line.strip() != "ready":
+        pass
+    if not line:
+        raise RuntimeError(f"the worker for {src} ({server_args!r}) did not start")
+    return proc
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--a-commit", help="A runs this commit (default: the working tree, like B)")
+    parser.add_argument("--a-args", default="", help="server flags for A")
+    parser.add_argument("--b-args", default="", help="server flags for B")
+    parser.add_argument("--model", default="tiny", choices=["tiny", "medium"])
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=40)
+    parser.add_argument("--no-record", action="store_true")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--server-args", default="", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        return worker(args.model, args.new_tokens, args.server_args.split())
+
+    with tempfile.TemporaryDirectory() as tmp:
+        a_src = ROOT / "src"
+        if args.a_commit:
+            archive = subprocess.run(
+                ["git", "archive", args.a_commit], cwd=ROOT, capture_output=True, check=True
+            )
+            subprocess.run(["tar", "-x", "-C", tmp], input=archive.stdout, check=True)
+            a_src = Path(tmp) / "src"
+        workers = [start(a_src, args, args.a_args), start(ROOT / "src", args, args.b_args)]
+        speeds: tuple[list[float], list[float]] = ([], [])
+        same = True
+        try:
+            for _ in range(args.rounds):
+                for proc, out in zip(workers, speeds):
+                    proc.stdin.write("go\n")
+                    proc.stdin.flush()
+                    steps, equal = proc.stdout.readline().split()
+                    out.append(float(steps))
+                    same = same and equal == "True"
+        finally:
+            for proc in workers:
+                proc.stdin.close()
+                proc.wait()
+    ratios = [b / a for a, b in zip(*speeds)]
+    a_name = f"{args.a_commit or 'working tree'} {args.a_args}".strip()
+    b_name = f"working tree {args.b_args}".strip()
+    table = markdown_table(
+        [
+            "model",
+            "A",
+            "B",
+            "A steps/s",
+            "B steps/s",
+            "B/A (median of pairs)",
+            "B faster in",
+            "tokens stable",
+        ],
+        [
+            [
+                args.model,
+                a_name,
+                b_name,
+                f"{statistics.median(speeds[0]):.1f}",
+                f"{statistics.median(speeds[1]):.1f}",
+                f"{statistics.median(ratios):.3f}",
+                f"{sum(r > 1 for r in ratios)}/{len(ratios)}",
+                same,
+            ]
+        ],
+    )
+    print(table)
+    if not args.no_record:
+        append_results(
+            "Paired A/B, single-session decode through 2 servers",
+            table,
+            f"{args.rounds} rounds of a {args.new_tokens}-token greedy generate, alternating A and B; "
+            "'tokens stable': every generate gave its swarm's first output.",
+        )
+
+
+if __name__ == "__main__":
+    main()
