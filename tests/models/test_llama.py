@@ -134,10 +134,7 @@ def decode_steps(span: BlockSpan, hidden, cache, start: int, key_mask=None, stat
             mask = torch.ones(batch, length, dtype=torch.bool)
             if key_mask is not None:
                 mask[:, : pos + 1] = key_mask[:, : pos + 1]
-        if key_mask is None:
-            positions = torch.full((batch,), pos)
-        else:
-            positions = (key_mask[:, : pos + 1].sum(-1) - 1).masked_fill(~key_mask[:, pos], 1)
+        positions = torch.full((batch,), pos) if key_mask is None else hf_positions(key_mask)[:, pos]
         out = span.decode(
             hidden[:, pos],
             positions,

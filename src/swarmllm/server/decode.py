@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from swarmllm.models import BlockSpan, KVCache
+from swarmllm.models.llama import position_ids
 
 logger = logging.getLogger(__name__)
 
@@ -90,11 +91,8 @@ class DecodeRunner:
     ) -> torch.Tensor:
         """hidden [B, H] of the tokens taking cache slot `slot`. key_mask [B, max_length] is the session's
         (False at pads, it outlives the step); padded says whether any slot up to `slot` is a pad. -> [B, H]"""
-        # positions count real tokens, as transformers does with left padding (a pad's own is never used)
-        if padded:
-            positions = (key_mask[:, : slot + 1].sum(-1) - 1).masked_fill(~key_mask[:, slot], 1)
-        else:
-            positions = torch.full((hidden.shape[0],), slot, device=self.device)
+        mask = key_mask[:, : slot + 1] if padded else None
+        positions = position_ids(mask, hidden.shape[0], 1, slot, self.device)[:, 0]
         if self.cuda_graphs:
             try:
                 return self._replay(hidden, positions, slot, key_mask, cache, blocks)
@@ -103,7 +101,6 @@ class DecodeRunner:
                 self.cuda_graphs = False
                 self._graphs.clear()
         keys, values = cache.keys[:, :, :, : slot + 1], cache.values[:, :, :, : slot + 1]
-        mask = key_mask[:, : slot + 1] if padded else None
         if self.compiled:  # the attended length varies: compile it as a symbol
             torch._dynamo.mark_dynamic(keys, 3)
             torch._dynamo.mark_dynamic(values, 3)
