@@ -58,12 +58,27 @@ class ManagedProcess:
                 self.kill()
         return self.proc.wait()
 
-    def kill(self) -> int:
-        """Die at once, as a crashed machine would: the process and its children (DHT process, p2pd daemons)."""
+    def pause(self) -> None:
+        """SIGSTOP the process group: the server hangs with its sockets open, as a frozen machine would."""
+        self._signal_group(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        self._signal_group(signal.SIGCONT)
+
+    def terminate(self) -> None:
+        """SIGTERM without waiting: a server announces offline, hands back its sessions and exits."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+
+    def _signal_group(self, sig: int) -> None:
         try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
+            os.killpg(self.proc.pid, sig)
         except ProcessLookupError:
             pass
+
+    def kill(self) -> int:
+        """Die at once, as a crashed machine would: the process and its children (DHT process, p2pd daemons)."""
+        self._signal_group(signal.SIGKILL)
         return self.proc.wait()
 
 
@@ -79,12 +94,18 @@ def _spawn(name: str, args: Sequence[str], env: dict[str, str] | None = None) ->
     return ManagedProcess(name, proc)
 
 
+def _online_record(server: ManagedProcess, timeout_s: float) -> dict:
+    line = server.wait_for(lambda s: s.startswith("{") and '"server_online"' in s, timeout_s)
+    return json.loads(line)
+
+
 class LocalSwarm:
     """Bootstrap peer plus servers, each a real `swarmllm` process on 127.0.0.1."""
 
     def __init__(self) -> None:
         self.bootstrap: ManagedProcess | None = None
         self.servers: list[ManagedProcess] = []
+        self.server_args: list[list[str]] = []  # each server's command line, to restart it
         self.initial_peers: list[str] = []
 
     def start_bootstrap(self, timeout_s: float = 60.0) -> list[str]:
@@ -118,18 +139,23 @@ class LocalSwarm:
             if blocks is not None:
                 args += ["--blocks", f"{blocks[0]}:{blocks[1]}"]
             started.append(_spawn(f"server {len(self.servers) + len(started)} ({model} {blocks})", args))
+            self.server_args.append(args)
         self.servers.extend(started)
-        infos = []
-        for server in started:
-            line = server.wait_for(lambda s: s.startswith("{") and '"server_online"' in s, timeout_s)
-            infos.append(json.loads(line))
-        return infos
+        return [_online_record(server, timeout_s) for server in started]
+
+    def restart_server(self, index: int, timeout_s: float = 180.0) -> dict:
+        """Start server `index` again with the same command line (after it was killed or stopped)."""
+        old = self.servers[index]
+        old.kill()
+        self.servers[index] = _spawn(old.name, self.server_args[index])
+        return _online_record(self.servers[index], timeout_s)
 
     def stop_server(self, index: int) -> int:
         return self.servers[index].stop()
 
     def close(self) -> None:
         for server in self.servers:
+            server.resume()  # a paused server could not handle SIGTERM
             server.stop()
         if self.bootstrap is not None:
             self.bootstrap.stop()
