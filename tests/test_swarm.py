@@ -1,7 +1,6 @@
 """End to end: a bootstrap peer and server processes on 127.0.0.1, a client generating through them, compared
 with transformers running the same checkpoint locally."""
 
-import time
 
 import pytest
 import torch
@@ -14,7 +13,6 @@ from swarmllm.client.loop import run_sync
 from swarmllm.client.routing import MissingBlocksError
 from swarmllm.dht import ServerState, find_servers
 from swarmllm.local import LocalSwarm
-from swarmllm.wire import WireError
 
 # blocks per server; llama has two overlapping servers
 SPLITS = {"llama": [(0, 2), (2, 4), (1, 4)], "mistral": [(0, 3), (3, 4)], "qwen2": [(0, 2), (2, 4)]}
@@ -83,7 +81,7 @@ def test_every_split_is_used(models, swarm):
                 used = {hop.peer_id for hop in session.session.hops}
             assert used == {s.peer_id for s in chain}
     finally:
-        run_sync(remote.swarm.servers(refresh=True))
+        remote.swarm.use_dht()
 
 
 def test_padded_batch_equals_transformers(models):
@@ -159,11 +157,16 @@ def test_inference_session_keeps_the_cache_across_turns(models):
 def test_missing_blocks_give_a_clear_error(swarm, checkpoints):
     local, paths = swarm
     remote = AutoDistributedModelForCausalLM.from_pretrained(
-        str(paths["llama"]), initial_peers=local.initial_peers, dht_prefix="nobody-serves-this"
+        str(paths["llama"]),
+        initial_peers=local.initial_peers,
+        dht_prefix="nobody-serves-this",
+        missing_blocks_timeout_s=1.0,
     )
     try:
         with pytest.raises(MissingBlocksError, match="0..3"):
             remote.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=2)
+        with pytest.raises(MissingBlocksError, match="0..3"):
+            remote(input_ids=torch.tensor([[1, 2, 3]]))
     finally:
         remote.shutdown()
 
@@ -241,24 +244,6 @@ def test_servers_push_activations_along_the_chain(models):
             assert session.session.pushed_hops == (8 if push else 0)
         assert ours.tolist() == theirs.tolist()
     remote.swarm.push = True
-
-
-def test_a_server_that_dies_mid_session_fails_the_next_step_at_once(swarm, checkpoints):
-    local, _ = swarm
-    path = checkpoints("llama", num_layers=2)
-    local.add_server(str(path), (0, 2))
-    remote = AutoDistributedModelForCausalLM.from_pretrained(str(path), initial_peers=local.initial_peers)
-    try:
-        with remote.inference_session(max_length=32):
-            prompt = torch.tensor([[1, 30, 40, 50]])
-            remote(input_ids=prompt)
-            local.servers[-1].kill()
-            began = time.monotonic()
-            with pytest.raises(WireError):
-                remote(input_ids=torch.cat([prompt, torch.tensor([[7]])], dim=1))
-            assert time.monotonic() - began < 5.0
-    finally:
-        remote.shutdown()
 
 
 def test_cli_generate_prints_the_same_text_as_transformers(swarm, models, capsys):

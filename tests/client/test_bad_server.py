@@ -1,10 +1,13 @@
-"""A server that answers with garbage gets a clear error at the client, never a crash deep inside the model."""
+"""A server that answers with garbage gets a clear error at the client, never a crash deep inside the model: it
+is banned, and with no other server for its blocks the user learns which blocks and why."""
 
 import pytest
 import torch
 
+from swarmllm.client.replies import BadReplyError
+from swarmllm.client.routing import MissingBlocksError
 from swarmllm.client.session import InferenceSession
-from swarmllm.client.swarm import BadReplyError, SwarmClient
+from swarmllm.client.swarm import SwarmClient
 from swarmllm.dht import ServerInfo, ServerState
 from swarmllm.wire import DirectServer, Handlers, Identity, Message
 
@@ -42,7 +45,7 @@ async def test_garbage_replies_raise_bad_reply_errors(reply, problem):
     identity = Identity.generate()
     server = DirectServer(garbage_server(reply), identity)
     await server.start()
-    swarm = SwarmClient([], "garbage", 2)
+    swarm = SwarmClient([], "garbage", 2, missing_blocks_timeout_s=0)
     host, port = server.address
     swarm.use_servers(
         [
@@ -63,12 +66,16 @@ async def test_garbage_replies_raise_bad_reply_errors(reply, problem):
     )
     try:
         hidden = torch.randn(1, 2, HIDDEN)
-        with pytest.raises(BadReplyError, match=problem) as info:
+        with pytest.raises(MissingBlocksError, match="0..1 of 2 that works") as info:
             await swarm.forward(hidden)
-        assert info.value.peer_id == identity.peer_id
+        assert isinstance(info.value.__cause__, BadReplyError)
+        assert info.value.__cause__.peer_id == identity.peer_id
+        assert problem in str(info.value.__cause__)
+        swarm.bans.lift(identity.peer_id)
         session = InferenceSession(swarm, max_length=8)
-        with pytest.raises(BadReplyError, match=problem):
+        with pytest.raises(MissingBlocksError) as info:
             await session.step(hidden)
+        assert isinstance(info.value.__cause__, BadReplyError) and problem in str(info.value.__cause__)
         await session.close()
     finally:
         await swarm.shutdown()

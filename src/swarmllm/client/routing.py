@@ -20,10 +20,10 @@ DEFAULT_RTT_S = 0.05  # assumed round trip to a server not yet pinged
 class MissingBlocksError(RuntimeError):
     """No online server holds some blocks of the model."""
 
-    def __init__(self, missing: list[int], num_blocks: int):
+    def __init__(self, missing: list[int], num_blocks: int, detail: str = ""):
         self.missing = missing
         super().__init__(
-            f"no online server holds blocks {_ranges(missing)} of {num_blocks}; start a server for them "
+            f"no online server holds blocks {_ranges(missing)} of {num_blocks}{detail}; start a server for them "
             f"(swarmllm serve MODEL --blocks a:b) or wait for one to join"
         )
 

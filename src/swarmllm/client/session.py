@@ -1,26 +1,36 @@
-"""An inference session: KV caches kept on a chain of servers, stepped one chunk of tokens at a time.
+"""An inference session: KV caches kept on a chain of servers, stepped one chunk of tokens at a time, surviving
+servers that crash, hang or leave.
 
-The chain is chosen on the first step (when the batch size is known) and each hop gets one stream over the
-persistent connection to its server; a step involves no DHT look-up. With push (the default), the client sends a
-step to the first server only, and each server hands its output straight to the next one (the client names the
-chain and each server's session secret); every server still replies to the client, which keeps each hop's output
-and sends it on itself whenever a server reports that its push failed.
+The chain is chosen on the first step (when the batch size is known); each hop is a `HopSession` with one stream
+over the persistent connection to its server, and a step involves no DHT look-up. With push (the default), the
+client sends a step to the first server only, and each server hands its output straight to the next one (the
+client names the chain and each server's session secret); every server still replies to the client, which keeps
+each hop's input and sends it on itself whenever a server reports that its push failed.
+
+Failover: when a hop fails (broken connection, error, no reply by its deadline, the server leaving), the client
+bans that server, routes a replacement for exactly the hop's blocks (one server or several), replays the hop's
+kept inputs to rebuild their caches, re-points the next hop's push permission to the new server and carries on
+with the same step. Nothing else of the session changes, so the tokens are those of a fault-free run.
 """
 
 from __future__ import annotations
 
 import logging
-import secrets
 import time
 from dataclasses import dataclass
 
 import torch
 
+from swarmllm.client.hop import HopSession, KeptInput
 from swarmllm.client.routing import Hop
-from swarmllm.client.swarm import SwarmClient, hidden_from, raise_refusal
-from swarmllm.wire import Message, Stream, WireError
+from swarmllm.client.swarm import HOP_FAILURES, SwarmClient, describe
+from swarmllm.wire.messages import PushTarget, Step
 
 logger = logging.getLogger(__name__)
+
+
+class ReplayBudgetError(RuntimeError):
+    """The inputs a session keeps for failover would exceed the client's `max_replay_bytes`."""
 
 
 @dataclass(frozen=True)
@@ -32,6 +42,20 @@ class HopTiming:
     compute_s: float
 
 
+@dataclass(frozen=True)
+class Failover:
+    """One replaced hop: who failed and why, who took over, and what it cost."""
+
+    peer_id: str
+    start: int
+    end: int
+    reason: str
+    replacement: tuple[Hop, ...]
+    route_s: float  # finding the replacement (including waiting for blocks to get a server again)
+    replay_s: float  # opening the new sessions and replaying the kept inputs
+    replayed_tokens: int
+
+
 class InferenceSession:
     def __init__(self, swarm: SwarmClient, max_length: int):
         if max_length < 1:
@@ -40,32 +64,21 @@ class InferenceSession:
         self.max_length = max_length
         self.position = 0
         self.batch_size: int | None = None
-        self.hops: list[Hop] = []
-        self._streams: list[Stream] = []
-        self._chain: list[dict[str, str]] = []  # per hop: peer id and the session's secret, for pushes
+        self._hops: list[HopSession] = []
         self._steps = 0
         self.pushed_hops = 0  # hop inputs that a server pushed to the next one (the client did not send them)
         self.last_timings: list[HopTiming] = []
+        self.failovers: list[Failover] = []
         self.closed = False
 
-    async def _open(self, batch_size: int) -> None:
-        self.batch_size = batch_size
-        self.hops = await self.swarm.route_inference(min_cache_tokens=batch_size * self.max_length)
-        for i, hop in enumerate(self.hops):
-            conn = await self.swarm.connection(hop.peer_id)
-            token = secrets.token_urlsafe(24)
-            opening = {
-                "start": hop.start,
-                "end": hop.end,
-                "batch_size": batch_size,
-                "max_length": self.max_length,
-                "session_id": token,
-            }
-            if i > 0 and self.swarm.push:
-                opening["accept_push_from"] = self.hops[i - 1].peer_id
-            self._chain.append({"peer_id": hop.peer_id, "session_id": token})
-            self._streams.append(await conn.open_stream("inference", Message(opening)))
-        logger.debug("session over %s", [(h.peer_id[-6:], h.start, h.end) for h in self.hops])
+    @property
+    def hops(self) -> list[Hop]:
+        return [h.hop for h in self._hops]
+
+    @property
+    def kept_bytes(self) -> int:
+        """Memory held for failover: every hop's inputs (batch x tokens x hidden each)."""
+        return sum(h.history.nbytes for h in self._hops)
 
     async def step(
         self, hidden: torch.Tensor, key_mask: torch.Tensor | None = None, *, position: int | None = None
@@ -77,53 +90,151 @@ class InferenceSession:
         position = self.position if position is None else position
         if not 0 <= position <= self.position:
             raise ValueError(f"position {position} is outside [0, {self.position}]")
-        if position + hidden.shape[1] > self.max_length:
-            raise ValueError(
-                f"the session's max_length {self.max_length} is too small for {position + hidden.shape[1]} tokens"
-            )
+        end = position + hidden.shape[1]
+        if end > self.max_length:
+            raise ValueError(f"the session's max_length {self.max_length} is too small for {end} tokens")
         if self.batch_size is None:
-            await self._open(hidden.shape[0])
+            self.batch_size = hidden.shape[0]
+            await self._open()
         elif hidden.shape[0] != self.batch_size:
             raise ValueError(
                 f"the session was opened for batch size {self.batch_size}, got {hidden.shape[0]}"
             )
-        extra = [key_mask] if key_mask is not None else []
+        kept = len(self._hops) * hidden.shape[0] * end * hidden.shape[2] * hidden.element_size()
+        if kept > self.swarm.max_replay_bytes:
+            raise ReplayBudgetError(
+                f"this session would keep {kept / 2**20:.0f} MiB of inputs for failover ({len(self._hops)} hops "
+                f"x batch {hidden.shape[0]} x {end} tokens x hidden {hidden.shape[2]}), over the client's "
+                f"max_replay_bytes of {self.swarm.max_replay_bytes / 2**20:.0f} MiB; raise it or use shorter sessions"
+            )
         self._steps += 1
-        timings, pushed, began = [], False, time.perf_counter()
-        for i, (hop, stream) in enumerate(zip(self.hops, self._streams)):
-            if not pushed:
-                meta = {"position": position, "step": self._steps}
-                if self.swarm.push and i + 1 < len(self.hops):
-                    meta["push"] = self._chain[i + 1 :]
-                await stream.send(Message(meta, [hidden, *extra]))
-            reply = await self._reply(hop, stream)
-            hidden = hidden_from(reply, hop.peer_id, hidden)
-            pushed = bool(reply.meta.get("pushed"))
+        timings, pushed, began, i = [], False, time.perf_counter(), 0
+        while i < len(self._hops):
+            hop = self._hops[i]
+            pushing = self.swarm.push and i + 1 < len(self._hops)
+            tokens = hidden.shape[0] * hidden.shape[1]
+            deadline = self.swarm.deadline_s(hop.hop, tokens, decode=hidden.shape[1] == 1)
+            try:
+                if not pushed:
+                    chain = (
+                        [PushTarget(h.peer_id, h.session_id) for h in self._hops[i + 1 :]] if pushing else []
+                    )
+                    step = Step(position, hidden, key_mask, self._steps, chain, self.swarm.push_timeout_s)
+                    await hop.send(step, deadline)
+                # a pushing server may spend up to push_timeout_s on its push before it replies
+                reply = await hop.recv(self._steps, hidden, deadline + pushing * self.swarm.push_timeout_s)
+            except HOP_FAILURES as e:
+                await self._replace(i, e)
+                pushed = False
+                continue
+            hop.history.add(KeptInput(position, hidden, key_mask))
+            hidden, pushed = reply.hidden, reply.pushed
             self.pushed_hops += pushed
             now = time.perf_counter()
-            timings.append(HopTiming(now - began, float(reply.meta.get("compute_s", 0.0))))
-            began = now
+            timings.append(HopTiming(now - began, reply.compute_s))
+            began, i = now, i + 1
         self.last_timings = timings
-        self.position = position + hidden.shape[1]
+        self.position = end
         return hidden
 
-    async def _reply(self, hop: Hop, stream: Stream):
-        """This step's reply from a hop; a reply to an earlier step (a push that timed out but still arrived
-        after the client had sent the input itself) is dropped."""
+    async def _open(self) -> None:
+        self._hops, _, _ = await self._chain(0, self.swarm.num_blocks, None, [])
+        logger.debug("session over %s", self._hops)
+
+    async def _chain(
+        self,
+        start: int,
+        end: int,
+        accept_from: str | None,
+        inputs: list[KeptInput],
+        failure: BaseException | None = None,
+    ) -> tuple[list[HopSession], float, float]:
+        """New hop sessions covering blocks [start, end), brought to the state that `inputs` (kept inputs of
+        block `start`) produce; a server that fails meanwhile is banned and routed around. Returns the hops and
+        the seconds spent routing and opening + replaying."""
+        route_s = replay_s = 0.0
         while True:
-            reply = await stream.recv(timeout=self.swarm.request_timeout_s)
-            raise_refusal(reply, hop.peer_id)
-            if reply.meta.get("step") == self._steps:
-                return reply
-            logger.debug("dropping a stale reply from %s: %s", hop.peer_id, reply.meta)
+            began = time.perf_counter()
+            hops = await self.swarm.route_inference(
+                start=start, end=end, min_cache_tokens=self.batch_size * self.max_length, failure=failure
+            )
+            routed = time.perf_counter()
+            route_s += routed - began
+            new: list[HopSession] = []
+            try:
+                x = inputs
+                for hop in hops:
+                    previous = new[-1].peer_id if new else accept_from
+                    new.append(
+                        HopSession(
+                            hop, self.batch_size, self.max_length, previous if self.swarm.push else None
+                        )
+                    )
+                    await new[-1].open(await self.swarm.connection(hop.peer_id), self.swarm.connect_timeout_s)
+                    if x:
+                        tokens = sum(e.hidden.shape[0] * e.hidden.shape[1] for e in x)
+                        floor_s = self.swarm.replay_timeout_s
+                        x = await new[-1].replay(
+                            x, self.swarm.deadline_s(hop, tokens, decode=False, floor_s=floor_s)
+                        )
+                return new, route_s, replay_s + time.perf_counter() - routed
+            except HOP_FAILURES as e:
+                replay_s += time.perf_counter() - routed
+                logger.warning(
+                    "%s failed while joining the session (%s); trying another", new[-1], describe(e)
+                )
+                self.swarm.ban(new[-1].peer_id, e)
+                failure = e
+                for hop in new:
+                    await hop.close()
+
+    async def _replace(self, i: int, error: BaseException) -> None:
+        """Replace hop i, which failed with `error`, by servers that hold its blocks, brought to its state."""
+        failed = self._hops[i]
+        logger.warning("%s failed (%s); replacing it", failed, describe(error))
+        self.swarm.ban(failed.peer_id, error)
+        await failed.close()
+        accept_from = self._hops[i - 1].peer_id if i > 0 else None
+        try:
+            new, route_s, replay_s = await self._chain(
+                failed.start, failed.end, accept_from, failed.history.entries, error
+            )
+        except Exception as e:
+            e.add_note(f"while replacing {failed}, which failed with {describe(error)}")
+            raise
+        self._hops[i : i + 1] = new
+        after = i + len(new)
+        if self.swarm.push and after < len(self._hops):
+            try:
+                await self._hops[after].repoint(new[-1].peer_id, self.swarm.connect_timeout_s)
+            except HOP_FAILURES as e:
+                logger.info("re-pointing %s failed (%s); it is replaced when used", self._hops[after], e)
+        record = Failover(
+            failed.peer_id,
+            failed.start,
+            failed.end,
+            describe(error),
+            tuple(h.hop for h in new),
+            route_s,
+            replay_s,
+            failed.history.length,
+        )
+        self.failovers.append(record)
+        self.swarm.failovers.append(record)
+        logger.warning(
+            "blocks [%d, %d) moved from %s to %s: %.2f s routing, %.2f s replaying %d tokens",
+            failed.start,
+            failed.end,
+            failed.peer_id,
+            [h.peer_id for h in new],
+            route_s,
+            replay_s,
+            record.replayed_tokens,
+        )
 
     async def close(self) -> None:
         if self.closed:
             return
         self.closed = True
-        for stream in self._streams:
-            try:
-                await stream.close()
-            except WireError as e:
-                logger.debug("closing a session stream: %s", e)
-        self._streams.clear()
+        for hop in self._hops:
+            await hop.close()

@@ -1,8 +1,10 @@
-"""A client's view of one model's swarm: who serves what, how far they are, and a connection to each.
+"""A client's view of one model's swarm: who serves what, who failed us, how far they are, and a connection to each.
 
-Look-ups hit the DHT only when the cached server list is older than `refresh_s` (never per step). Each server
-gets one persistent connection, direct TCP when it announces a direct address that answers and proves the
-expected peer id, otherwise libp2p, which reaches peers behind NAT and relays.
+Look-ups hit the DHT only when the cached server list is older than `refresh_s` (never per step), or when routing
+finds blocks without a usable server. Each server gets one persistent connection, direct TCP when it announces a
+direct address that answers and proves the expected peer id, otherwise libp2p, which reaches peers behind NAT and
+relays. Servers that fail a request are banned for a while (`health.Bans`) and routed around; when some blocks
+have no usable server, routing waits for one up to `missing_blocks_timeout_s`.
 """
 
 from __future__ import annotations
@@ -12,61 +14,39 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import hivemind
 import torch
 
-from swarmllm.client.routing import Hop, route_forward, route_inference
-from swarmllm.dht import ServerInfo, find_servers, start_dht
-from swarmllm.wire import (
-    Connection,
-    Identity,
-    Message,
-    RemoteError,
-    Stream,
-    WireError,
-)
+from swarmllm.client.health import Bans, step_deadline_s
+from swarmllm.client.replies import BadReplyError, checked_hidden, step_reply
+from swarmllm.client.routing import Hop, MissingBlocksError, route_forward, route_inference
+from swarmllm.dht import ServerInfo, ServerState, find_servers, start_dht
+from swarmllm.wire import Connection, ConnectionLost, Identity, Message, RemoteError, Stream, WireError
+from swarmllm.wire.messages import ForwardRequest, OpenSession, Step
 from swarmllm.wire.pool import ConnectionPool
-from swarmllm.wire.validation import all_finite
 
 logger = logging.getLogger(__name__)
 
+# what a failed server can do to a request: break the connection, refuse, time out, answer garbage
+HOP_FAILURES = (WireError, TimeoutError, OSError, BadReplyError)
+MAX_ROUTE_RETRY_S = 5.0  # the longest wait between two look-ups while blocks have no usable server
 
-class BadReplyError(RuntimeError):
-    """A server answered with something that is not the hidden states it was asked for."""
-
-    def __init__(self, peer_id: str, problem: str):
-        self.peer_id = peer_id
-        super().__init__(f"server {peer_id} sent a bad reply: {problem}")
+R = TypeVar("R")
 
 
-class SessionError(RuntimeError):
-    """A server refused a step of a session (answered in-band); the session is still usable."""
+class HopFailed(Exception):
+    """A request to one server of a route failed (wraps the cause, names the server and its blocks)."""
 
-    def __init__(self, peer_id: str, code: str, message: str):
-        self.peer_id, self.code = peer_id, code
-        super().__init__(f"server {peer_id} refused the step ({code}): {message}")
-
-
-def raise_refusal(reply: Message, peer_id: str) -> None:
-    """Raise SessionError if a session's reply is a refusal rather than hidden states."""
-    if "error" in reply.meta:
-        error = reply.meta["error"]
-        raise SessionError(peer_id, str(error.get("code")), str(error.get("message")))
+    def __init__(self, hop: Hop, cause: BaseException):
+        self.hop, self.cause = hop, cause
+        super().__init__(f"server {hop.peer_id} (blocks [{hop.start}, {hop.end})) failed: {describe(cause)}")
 
 
-def hidden_from(reply: Message, peer_id: str, sent: torch.Tensor) -> torch.Tensor:
-    """The hidden states in a server's reply, checked like anything else that comes from a peer: one floating
-    tensor of the shape that was sent, all finite."""
-    if not reply.tensors:
-        raise BadReplyError(peer_id, "no tensor")
-    hidden = reply.tensors[0]
-    if not hidden.is_floating_point() or hidden.shape != sent.shape:
-        raise BadReplyError(peer_id, f"{hidden.dtype} {tuple(hidden.shape)}, expected {tuple(sent.shape)}")
-    if not all_finite(hidden):
-        raise BadReplyError(peer_id, "NaN or infinity")
-    return hidden
+def describe(error: BaseException) -> str:
+    return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
 
 
 class SwarmClient:
@@ -80,6 +60,12 @@ class SwarmClient:
         refresh_s: float = 30.0,
         connect_timeout_s: float = 5.0,
         request_timeout_s: float = 600.0,
+        step_timeout_s: float = 5.0,
+        replay_timeout_s: float = 30.0,
+        push_timeout_s: float = 1.0,
+        ban_s: float = 15.0,
+        missing_blocks_timeout_s: float = 60.0,
+        max_replay_bytes: int = 1 << 30,
         prefer_direct: bool = True,
         push: bool = True,
         forward_chunk_tokens: int = 128,
@@ -91,14 +77,22 @@ class SwarmClient:
         self.identity = identity or Identity.generate()
         self.refresh_s = refresh_s
         self.connect_timeout_s = connect_timeout_s
-        self.request_timeout_s = request_timeout_s
+        self.request_timeout_s = request_timeout_s  # the most any one request may take, whatever its size
+        self.step_timeout_s = step_timeout_s  # a step's deadline: this floor + slack x announced compute time
+        self.replay_timeout_s = replay_timeout_s  # the floor of a replay's deadline, likewise
+        self.push_timeout_s = push_timeout_s  # how long a server may try to push before it replies
+        self.missing_blocks_timeout_s = missing_blocks_timeout_s
+        self.max_replay_bytes = max_replay_bytes  # the kept inputs of one inference session
         self.forward_chunk_tokens = forward_chunk_tokens
         self.min_chunk_s = min_chunk_s
         self.push = push  # servers hand activations to the next server themselves (see client.session)
         self.rng = random.Random()
+        self.bans = Bans(base_s=ban_s)
+        self.failovers: list = []  # every `session.Failover` of this client's sessions, oldest first
         self.dht: hivemind.DHT | None = None
         self._servers: dict[str, ServerInfo] = {}
         self._servers_at = -float("inf")
+        self._fixed = False
         self.pool = ConnectionPool(
             self.identity, None, connect_timeout_s=connect_timeout_s, prefer_direct=prefer_direct
         )
@@ -122,8 +116,10 @@ class SwarmClient:
 
     async def servers(self, *, refresh: bool = False) -> list[ServerInfo]:
         """The model's servers from the DHT, looked up again only when the list is older than `refresh_s`."""
-        if self.dht is not None and (refresh or time.monotonic() - self._servers_at > self.refresh_s):
-            found = await find_servers(self.dht, self.dht_prefix, self.num_blocks)
+        stale = time.monotonic() - self._servers_at > self.refresh_s
+        if self.dht is not None and not self._fixed and (refresh or stale):
+            async with asyncio.timeout(self.request_timeout_s):
+                found = await find_servers(self.dht, self.dht_prefix, self.num_blocks)
             self._servers = {s.peer_id: s for s in found}
             self._servers_at = time.monotonic()
         return list(self._servers.values())
@@ -131,7 +127,15 @@ class SwarmClient:
     def use_servers(self, servers: Sequence[ServerInfo]) -> None:
         """Route over exactly these servers from now on, without DHT look-ups (a fixed set of servers)."""
         self._servers = {s.peer_id: s for s in servers}
-        self._servers_at = float("inf")
+        self._fixed = True
+
+    def use_dht(self) -> None:
+        """Undo `use_servers`: look servers up in the DHT again."""
+        self._fixed = False
+        self._servers_at = -float("inf")
+
+    def info(self, peer_id: str) -> ServerInfo | None:
+        return self._servers.get(peer_id)
 
     async def connection(self, peer_id: str) -> Connection:
         """The persistent connection to a server (direct when its announced address answers, else libp2p)."""
@@ -140,59 +144,162 @@ class SwarmClient:
 
     async def ping(self, peer_id: str) -> float:
         """Round trip of an `info` call in seconds (also opens the connection)."""
-        conn = await self.connection(peer_id)
-        began = time.perf_counter()
-        await conn.call("info", Message(), timeout=self.connect_timeout_s)
+        async with asyncio.timeout(self.connect_timeout_s * 2):
+            conn = await self.connection(peer_id)
+            began = time.perf_counter()
+            await conn.call("info", Message(), timeout=self.connect_timeout_s)
         self.rtt_s[peer_id] = rtt = time.perf_counter() - began
         return rtt
+
+    def ban(self, peer_id: str, error: BaseException) -> None:
+        """Avoid a server that failed a request, for a while that grows with each failure."""
+        unreachable = isinstance(error, ConnectionLost | TimeoutError | OSError)
+        duration = self.bans.ban(peer_id, time.monotonic(), unreachable=unreachable)
+        self.rtt_s.pop(peer_id, None)  # measured again if it comes back
+        logger.info("banning %s for %.0f s: %s", peer_id, duration, describe(error))
 
     async def _ping_unmeasured(self, servers: Sequence[ServerInfo]) -> None:
         todo = [s.peer_id for s in servers if s.peer_id not in self.rtt_s]
         results = await asyncio.gather(*(self.ping(p) for p in todo), return_exceptions=True)
         for peer_id, result in zip(todo, results):
             if isinstance(result, BaseException):
-                logger.info("ping to %s failed: %s", peer_id, result)
+                logger.info("ping to %s failed: %s", peer_id, describe(result))
 
-    async def route_inference(self, *, min_cache_tokens: int = 0, refresh: bool = False) -> list[Hop]:
-        servers = await self.servers(refresh=refresh)
-        await self._ping_unmeasured(servers)
-        return route_inference(servers, self.num_blocks, self.rtt_s, min_cache_tokens=min_cache_tokens)
+    async def route(
+        self, plan: Callable[[list[ServerInfo]], R], *, failure: BaseException | None = None
+    ) -> R:
+        """`plan(usable servers)`, a routing function that raises MissingBlocksError when they don't cover its
+        blocks. Banned servers are left out; while blocks lack a usable server, the server list is looked up
+        again (with backoff) and banned servers that answer a ping are taken back, for up to
+        `missing_blocks_timeout_s`, after which the MissingBlocksError goes to the caller (caused by `failure`,
+        the error that sent us looking, if any)."""
+        give_up_at = time.monotonic() + self.missing_blocks_timeout_s
+        delay, attempt = 0.25, 0
+        while True:
+            servers = await self.servers(refresh=attempt > 0)
+            banned = self.bans.banned(time.monotonic())
+            usable = [s for s in servers if s.peer_id not in banned]
+            try:
+                await self._ping_unmeasured(usable)
+                return plan(usable)
+            except MissingBlocksError as e:
+                if attempt > 0 and await self._take_back(servers, e.missing):
+                    continue
+                if attempt > 0 and time.monotonic() + delay > give_up_at:
+                    held = [s for s in servers if s.peer_id in banned and s.state == ServerState.ONLINE]
+                    held = [s for s in held if any(s.start_block <= b < s.end_block for b in e.missing)]
+                    detail = f" that works ({len(held)} failed this client and are banned)" if held else ""
+                    raise MissingBlocksError(e.missing, self.num_blocks, detail) from failure
+                if attempt > 0:
+                    logger.info("%s; looking again in %.1f s", e, delay)
+                    await asyncio.sleep(delay)
+                    delay = min(delay * 2, MAX_ROUTE_RETRY_S)
+                attempt += 1
+
+    async def _take_back(self, servers: list[ServerInfo], missing: list[int]) -> bool:
+        """Ping the servers banned for not answering that hold missing blocks; lift the bans of those that
+        answer now."""
+        unreachable = self.bans.unreachable(time.monotonic())
+        candidates = [
+            s.peer_id
+            for s in servers
+            if s.peer_id in unreachable and any(s.start_block <= b < s.end_block for b in missing)
+        ]
+        results = await asyncio.gather(*(self.ping(p) for p in candidates), return_exceptions=True)
+        alive = [p for p, r in zip(candidates, results) if not isinstance(r, BaseException)]
+        for peer_id in alive:
+            logger.info("%s answers again; lifting its ban", peer_id)
+            self.bans.lift(peer_id)
+        return bool(alive)
+
+    async def route_inference(
+        self,
+        *,
+        start: int = 0,
+        end: int | None = None,
+        min_cache_tokens: int = 0,
+        failure: BaseException | None = None,
+    ) -> list[Hop]:
+        """The fastest chain over [start, end) among usable servers (see `route`)."""
+
+        def plan(servers: list[ServerInfo]) -> list[Hop]:
+            return route_inference(
+                servers, self.num_blocks, self.rtt_s, start=start, end=end, min_cache_tokens=min_cache_tokens
+            )
+
+        return await self.route(plan, failure=failure)
+
+    def deadline_s(self, hop: Hop, tokens: int, *, decode: bool, floor_s: float | None = None) -> float:
+        """How long `hop` may take for `tokens` (batch x length) tokens, by its announced speed."""
+        info = self._servers.get(hop.peer_id)
+        rate = 1.0 if info is None else (info.inference_rps if decode else info.forward_rps)
+        floor_s = self.step_timeout_s if floor_s is None else floor_s
+        deadline = step_deadline_s(tokens, hop.end - hop.start, rate, floor_s=floor_s)
+        return min(deadline, self.request_timeout_s)
 
     async def forward(self, hidden: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Hidden states through every block, spread over servers by throughput.
+        """Hidden states through every block, spread over servers by throughput; a server that fails is banned
+        and its part computed again elsewhere.
 
         A long input is cut into chunks of positions and pipelined along the chain: while a server computes
-        chunk k, the next one already works on chunk k-1 (chunk size: see `_chunk_tokens`). The chunks go through temporary sessions (their KV
-        cache carries attention across chunks); an input of one chunk, or one that finds no cache room, goes
-        through plain `forward` calls instead.
+        chunk k, the next one already works on chunk k-1 (chunk size: see `_chunk_tokens`). The chunks go
+        through temporary sessions (their KV cache carries attention across chunks), and a failure restarts the
+        pipeline on a new route. An input of one chunk, or one that finds no cache room, goes hop by hop
+        through plain `forward` calls, and a failed hop is retried on another server from its own input.
         """
-        servers = await self.servers()
-        hops = route_forward(servers, self.num_blocks, self.rng)
         batch, length = hidden.shape[:2]
-        chunk = max(1, self._chunk_tokens(hops, servers) // batch)
-        if length > chunk:
+        failure: BaseException | None = None
+        while True:
+            hops = await self.route(lambda s: route_forward(s, self.num_blocks, self.rng), failure=failure)
+            chunk = max(1, self._chunk_tokens(hops) // batch)
+            if length <= chunk:
+                break
             chunk = -(-length // -(-length // chunk))  # as many chunks as needed, all of about the same size
             try:
                 return await self._pipelined_forward(hops, hidden, key_mask, chunk)
-            except RemoteError as e:
-                if e.code != "cache_full":
-                    raise
-        extra = [key_mask] if key_mask is not None else []
-        for hop in hops:
-            conn = await self.connection(hop.peer_id)
-            reply = await conn.call(
-                "forward",
-                Message({"start": hop.start, "end": hop.end}, [hidden, *extra]),
-                timeout=self.request_timeout_s,
-            )
-            hidden = hidden_from(reply, hop.peer_id, hidden)
+            except HopFailed as e:
+                if isinstance(e.cause, RemoteError) and e.cause.code == "cache_full":
+                    break
+                logger.warning("%s; computing the batch again on another route", e)
+                self.ban(e.hop.peer_id, e.cause)
+                failure = e.cause
+        boundary = 0
+        while boundary < self.num_blocks:
+
+            def plan(servers: list[ServerInfo], start: int = boundary) -> list[Hop]:
+                return route_forward(servers, self.num_blocks, self.rng, start=start)
+
+            hop = (await self.route(plan, failure=failure))[0]
+            try:
+                hidden = await self._forward_hop(hop, hidden, key_mask)
+                boundary = hop.end
+            except HopFailed as e:
+                logger.warning("%s; computing its blocks on another server", e)
+                self.ban(hop.peer_id, e.cause)
+                failure = e.cause
         return hidden
 
-    def _chunk_tokens(self, hops: list[Hop], servers: list[ServerInfo]) -> int:
+    async def _forward_hop(
+        self, hop: Hop, hidden: torch.Tensor, key_mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        request = ForwardRequest(hop.start, hop.end, hidden, key_mask).to_message()
+        timeout = self.deadline_s(hop, hidden.shape[0] * hidden.shape[1], decode=False)
+        try:
+            conn = await self.connection(hop.peer_id)
+            reply = await conn.call("forward", request, timeout=timeout)
+            return checked_hidden(reply.tensors, hop.peer_id, hidden)
+        except HOP_FAILURES as e:
+            raise HopFailed(hop, e) from e
+
+    def _chunk_tokens(self, hops: list[Hop]) -> int:
         """Tokens per pipelined chunk: at least `forward_chunk_tokens`, and enough that the slowest hop computes
         for `min_chunk_s` per chunk (by its announced speed), so per-chunk overheads stay small."""
-        speed = {s.peer_id: max(s.forward_rps, 1e-9) for s in servers}
-        slowest_s_per_token = max((h.end - h.start) / speed[h.peer_id] for h in hops)
+
+        def seconds_per_token(hop: Hop) -> float:
+            info = self._servers.get(hop.peer_id)
+            return (hop.end - hop.start) / max(info.forward_rps if info else 1.0, 1e-9)
+
+        slowest_s_per_token = max(seconds_per_token(h) for h in hops)
         return max(self.forward_chunk_tokens, int(self.min_chunk_s / slowest_s_per_token))
 
     async def _pipelined_forward(
@@ -201,37 +308,49 @@ class SwarmClient:
         batch, length = hidden.shape[:2]
         bounds = list(range(0, length, chunk))
         streams: list[Stream] = []
+
+        def mask(lo: int) -> torch.Tensor | None:
+            return None if key_mask is None else key_mask[:, lo : lo + chunk]
+
         try:
             for hop in hops:
-                conn = await self.connection(hop.peer_id)
-                opening = {"start": hop.start, "end": hop.end, "batch_size": batch, "max_length": length}
-                streams.append(await conn.open_stream("inference", Message(opening)))
+                try:
+                    conn = await self.connection(hop.peer_id)
+                    opening = OpenSession(hop.start, hop.end, batch, length).to_message()
+                    streams.append(
+                        await conn.open_stream("inference", opening, timeout=self.connect_timeout_s)
+                    )
+                except HOP_FAILURES as e:
+                    raise HopFailed(hop, e) from e
             # stage i reads chunks from queues[i], sends each to its server, passes the outputs to queues[i + 1]
             queues: list[asyncio.Queue] = [asyncio.Queue() for _ in range(len(hops) + 1)]
             for lo in bounds:
-                mask = [key_mask[:, lo : lo + chunk]] if key_mask is not None else []
-                queues[0].put_nowait((lo, [hidden[:, lo : lo + chunk], *mask]))
+                queues[0].put_nowait((lo, hidden[:, lo : lo + chunk]))
 
             async def stage(i: int, stream: Stream) -> None:
+                hop = hops[i]
+                timeout = self.deadline_s(hop, batch * chunk, decode=False)
+
                 async def send_all() -> None:
                     for _ in bounds:
-                        lo, tensors = await queues[i].get()
-                        await stream.send(Message({"position": lo}, tensors))
+                        lo, x = await queues[i].get()
+                        await stream.send(Step(lo, x, mask(lo)).to_message(), timeout=timeout)
 
                 sender = asyncio.ensure_future(send_all())
                 try:
                     for lo in bounds:
-                        reply = await stream.recv(timeout=self.request_timeout_s)
-                        raise_refusal(reply, hops[i].peer_id)
-                        mask = [key_mask[:, lo : lo + chunk]] if key_mask is not None else []
-                        out = hidden_from(reply, hops[i].peer_id, hidden[:, lo : lo + chunk])
-                        queues[i + 1].put_nowait((lo, [out, *mask]))
+                        sent = hidden[:, lo : lo + chunk]
+                        # a stage waits for its input as long as the stages before it take
+                        reply = await stream.recv(timeout=timeout * (i + 1) * len(bounds))
+                        queues[i + 1].put_nowait((lo, step_reply(reply, hop.peer_id, sent).hidden))
                     await sender
+                except HOP_FAILURES as e:
+                    raise HopFailed(hop, e) from e
                 finally:
                     sender.cancel()
 
             await asyncio.gather(*(stage(i, stream) for i, stream in enumerate(streams)))
-            outputs = [queues[-1].get_nowait()[1][0] for _ in bounds]
+            outputs = [queues[-1].get_nowait()[1] for _ in bounds]
             return torch.cat(outputs, dim=1)
         finally:
             for stream in streams:

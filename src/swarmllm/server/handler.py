@@ -1,16 +1,19 @@
 """The server's RPCs: `info`, `forward` over a span, the `inference` stream that owns a KV-cache session, and
 `push`, by which the previous server of a chain hands its output straight to this one.
 
-Everything a peer sends is validated here before it reaches the backend. A bad opening request or a full cache
-ends the call with an error frame; a bad step inside a session is answered in-band (`{"error": ...}`) and the
-session stays usable, so a client's mistake never costs it the cache it built.
+Everything a peer sends is validated here before it reaches the backend (message types: `wire.messages`). A
+bad opening request or a full cache ends the call with an error frame; a bad step inside a session is answered
+in-band (`StepError`) and the session stays usable, so a client's mistake never costs it the cache it built.
 
 Push: a client opens its session with a secret `session_id` and names the one peer allowed to push into it
-(`accept_push_from`, the previous server). A step may carry `push`, the remaining hops as
-[{"peer_id", "session_id"}, ...]: after computing, this server sends its output to the first of them and tells
-the client whether that worked (`pushed`), so a failed push costs one client round trip, never a hang. The
-pushed input enters the receiver's session queue as if the client had sent it, and the reply goes to the
-client's stream.
+(`accept_push_from`, the previous server); a `Repoint` message changes that peer when the client replaced the
+previous hop. A step may carry `push`, the remaining hops: after computing, this server sends its output to the
+first of them (within the step's `push_timeout_s`) and tells the client whether that worked (`pushed`), so a
+failed push costs one client round trip, never a hang. The pushed input enters the receiver's session queue as
+if the client had sent it, and the reply goes to the client's stream.
+
+Leaving: `leave()` makes every session finish the steps already queued, then end with `server_leaving`, and
+refuses new sessions, so clients move to other servers before this one goes.
 """
 
 from __future__ import annotations
@@ -27,7 +30,16 @@ import torch
 from swarmllm.server.backend import Backend, Session
 from swarmllm.server.cache import CacheFullError
 from swarmllm.wire import CallContext, Connection, Handlers, Incoming, Message, RequestError, WireError
-from swarmllm.wire.validation import FLOAT_DTYPES, check_count, check_tensor, get_int
+from swarmllm.wire.messages import (
+    ForwardRequest,
+    OpenSession,
+    Repoint,
+    Step,
+    StepError,
+    StepReply,
+    parse_session_input,
+)
+from swarmllm.wire.validation import FLOAT_DTYPES, check_range, check_tensor
 
 logger = logging.getLogger(__name__)
 
@@ -40,11 +52,11 @@ class ServerLimits:
     max_forward_tokens: int = 16384
     max_session_length: int = 8192
     session_idle_timeout_s: float = 300.0
-    push_timeout_s: float = 10.0
+    push_timeout_s: float = 10.0  # the most a step's push may take (a client may ask for less)
 
 
 @dataclass
-class _PushTarget:
+class _SessionInbox:
     inbox: Incoming  # the session's stream: pushes join the client's steps there
     accept_from: str | None
 
@@ -52,6 +64,8 @@ class _PushTarget:
 class _Pushed(Message):
     """A session input that came from the previous server rather than from the client."""
 
+
+_LEAVING = Message({"kind": "leaving"})  # put into every session's queue when the server leaves
 
 # what the server needs to push: a connection to a peer, given its id
 Connector = Callable[[str], Awaitable[Connection]]
@@ -71,7 +85,11 @@ class RequestHandler:
         self.info = info
         self.limits = limits
         self.connect = connect
-        self._push_targets: dict[str, _PushTarget] = {}
+        self.leaving = False
+        self._by_token: dict[str, _SessionInbox] = {}  # sessions that may receive pushes, by secret id
+        self._open: set[Incoming] = set()  # every open session's queue
+        self._all_closed = asyncio.Event()
+        self._all_closed.set()
 
     def handlers(self) -> Handlers:
         handlers = Handlers()
@@ -81,35 +99,50 @@ class RequestHandler:
         handlers.add_inline("push", self.rpc_push)
         return handlers
 
+    async def leave(self, timeout_s: float) -> None:
+        """Hand back every session (after the steps it already received) and wait up to `timeout_s` for them
+        to close."""
+        self.leaving = True
+        for inbox in self._open:
+            try:
+                inbox.put_nowait(_LEAVING)
+            except asyncio.QueueFull:
+                pass  # the session sees `leaving` after its next step
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self._all_closed.wait()
+        except TimeoutError:
+            logger.warning("%d sessions still open after %.0f s; leaving anyway", len(self._open), timeout_s)
+
     async def rpc_info(self, request: Message, context: CallContext) -> Message:
         return Message(self.info())
 
     async def rpc_forward(self, request: Message, context: CallContext) -> Message:
-        start, end = self._span(request.meta)
-        check_count(request.tensors, 1, 2, "forward")
-        hidden = self._hidden(request.tensors[0])
+        req = ForwardRequest.parse(request)
+        start, end = self._span(req.start, req.end)
+        hidden = self._hidden(req.hidden)
         batch, length = hidden.shape[:2]
         if batch * length > self.limits.max_forward_tokens:
             raise RequestError(
                 "too_large", f"{batch}x{length} tokens exceed the limit of {self.limits.max_forward_tokens}"
             )
-        key_mask = self._mask(request.tensors, batch, length)
+        key_mask = self._mask(req.key_mask, batch, length)
         return Message({}, [await self.backend.forward(hidden, key_mask, start, end)])
 
     async def rpc_inference(
         self, request: Message, incoming: Incoming, context: CallContext
     ) -> AsyncIterator[Message]:
-        start, end = self._span(request.meta)
-        batch_size = get_int(request.meta, "batch_size", low=1, high=self.limits.max_batch_size)
-        max_length = get_int(request.meta, "max_length", low=1, high=self.limits.max_session_length)
-        token = _session_token(request.meta)
-        accept_from = request.meta.get("accept_push_from")
-        if accept_from is not None and not isinstance(accept_from, str):
-            raise RequestError("bad_request", "accept_push_from must be a peer id string")
-        if token is not None and token in self._push_targets:
+        opening = OpenSession.parse(request)
+        start, end = self._span(opening.start, opening.end)
+        check_range("batch_size", opening.batch_size, 1, self.limits.max_batch_size)
+        check_range("max_length", opening.max_length, 1, self.limits.max_session_length)
+        token = opening.session_id
+        if token is not None and token in self._by_token:
             raise RequestError("bad_request", "session_id is already in use")
+        if self.leaving:
+            raise RequestError("server_leaving", "this server is leaving the swarm")
         try:
-            session = self.backend.open_session(start, end, batch_size, max_length)
+            session = self.backend.open_session(start, end, opening.batch_size, opening.max_length)
         except CacheFullError as e:
             raise RequestError("cache_full", str(e)) from None
         logger.debug(
@@ -118,18 +151,23 @@ class RequestHandler:
             context.peer_id,
             start,
             end,
-            batch_size,
-            max_length,
+            opening.batch_size,
+            opening.max_length,
         )
         # pushes from the previous server join the client's steps in the stream's queue, so all are in order
+        target = _SessionInbox(incoming, opening.accept_push_from)
         if token is not None:
-            self._push_targets[token] = _PushTarget(incoming, accept_from)
+            self._by_token[token] = target
+        self._open.add(incoming)
+        self._all_closed.clear()
         last_step = -1
         try:
             while True:
+                if self.leaving:
+                    raise RequestError("server_leaving", "this server is leaving the swarm")
                 try:
                     async with asyncio.timeout(self.limits.session_idle_timeout_s):
-                        step = await incoming.get()
+                        message = await incoming.get()
                 except TimeoutError:
                     logger.info(
                         "session %s idle for %.0f s, closing",
@@ -137,28 +175,35 @@ class RequestHandler:
                         self.limits.session_idle_timeout_s,
                     )
                     break
-                if step is None:
+                if message is None:
                     break
-                number = step.meta.get("step")
-                if isinstance(step, _Pushed) and isinstance(number, int) and number <= last_step:
-                    continue  # a push that arrived after the client had already sent this step itself
-                if isinstance(number, int):
-                    last_step = max(last_step, number)
+                if message is _LEAVING:
+                    continue  # `leaving` is checked at the top
                 try:
-                    yield await self._step(session, step)
+                    item = parse_session_input(message)
+                    if isinstance(item, Repoint):
+                        target.accept_from = item.accept_push_from
+                        continue
+                    if isinstance(message, _Pushed) and item.step <= last_step:
+                        continue  # a push that arrived after the client had already sent this step itself
+                    last_step = max(last_step, item.step)
+                    yield await self._step(session, item)
                 except RequestError as e:
-                    yield Message({"error": {"code": e.code, "message": e.message}})
+                    yield StepError.from_request_error(e).to_message()
         finally:
             if token is not None:
-                self._push_targets.pop(token, None)
+                self._by_token.pop(token, None)
+            self._open.discard(incoming)
+            if not self._open:
+                self._all_closed.set()
             self.backend.close_session(session)
             logger.debug("session %s closed", session.session_id)
 
     def rpc_push(self, request: Message, context: CallContext) -> Message:
         """An input for one of our sessions, computed by the previous server of the client's chain (answered in
         the read loop: a push is on every step's critical path)."""
-        token = _session_token(request.meta)
-        target = self._push_targets.get(token) if token is not None else None
+        step = Step.parse(request)
+        target = self._by_token.get(step.session_id) if step.session_id is not None else None
         if target is None:
             raise RequestError("unknown_session", "no open session with this session_id")
         if target.accept_from is None or target.accept_from != context.peer_id:
@@ -169,46 +214,44 @@ class RequestHandler:
             raise RequestError("busy", "the session's queue is full") from None
         return Message()
 
-    async def _step(self, session: Session, step: Message) -> Message:
-        position = get_int(step.meta, "position", low=0, high=session.length)
-        check_count(step.tensors, 1, 2, "an inference step")
-        hidden = self._hidden(step.tensors[0], batch=session.batch_size)
+    async def _step(self, session: Session, step: Step) -> Message:
+        check_range("position", step.position, 0, session.length)
+        hidden = self._hidden(step.hidden, batch=session.batch_size)
         length = hidden.shape[1]
-        if position + length > session.max_length:
+        if step.position + length > session.max_length:
             raise RequestError(
                 "too_long",
-                f"positions [{position}, {position + length}) exceed max_length {session.max_length}",
+                f"positions [{step.position}, {step.position + length}) exceed max_length {session.max_length}",
             )
-        new_mask = self._mask(step.tensors, session.batch_size, length)
+        new_mask = self._mask(step.key_mask, session.batch_size, length)
         began = time.perf_counter()
-        out = await self.backend.step(session, hidden, position, new_mask)
+        out = await self.backend.step(session, hidden, step.position, new_mask)
         # the compute time lets clients and benchmarks split a hop into network and server work
-        meta = {"position": position, "step": step.meta.get("step"), "compute_s": time.perf_counter() - began}
-        if step.meta.get("push"):
-            meta["pushed"] = await self._push(step.meta, [out, *step.tensors[1:]])
-        return Message(meta, [out])
+        compute_s = time.perf_counter() - began
+        pushed = bool(step.push) and await self._push(step, out)
+        return StepReply(step.position, step.step, out, compute_s, pushed).to_message()
 
-    async def _push(self, step_meta: dict[str, Any], tensors: list[torch.Tensor]) -> bool:
+    async def _push(self, step: Step, out: torch.Tensor) -> bool:
         """Send our output to the next server of the chain; False (and the client sends it) if that fails."""
-        hops = step_meta["push"]
-        if self.connect is None or not isinstance(hops, list) or not all(isinstance(h, dict) for h in hops):
+        if self.connect is None:
             return False
-        peer_id, token = hops[0].get("peer_id"), hops[0].get("session_id")
-        if not isinstance(peer_id, str) or not isinstance(token, str):
-            return False
+        target, *rest = step.push
+        timeout = min(step.push_timeout_s or self.limits.push_timeout_s, self.limits.push_timeout_s)
+        pushed = Step(
+            step.position, out, step.key_mask, step.step, rest, step.push_timeout_s, target.session_id
+        )
         try:
-            conn = await self.connect(peer_id)
-            meta = {"session_id": token, "position": step_meta["position"], "step": step_meta.get("step")}
-            message = Message({**meta, "push": hops[1:]}, tensors)
-            await conn.call("push", message, timeout=self.limits.push_timeout_s)
+            async with asyncio.timeout(timeout):
+                conn = await self.connect(target.peer_id)
+                await conn.call("push", pushed.to_message())
             return True
         except (TimeoutError, WireError, OSError) as e:
-            logger.info("push to %s failed (%s); the client will send it", peer_id, e)
+            logger.info("push to %s failed (%r); the client will send it", target.peer_id, e)
             return False
 
-    def _span(self, meta: dict[str, Any]) -> tuple[int, int]:
-        start = get_int(meta, "start", low=self.backend.start, high=self.backend.end - 1)
-        end = get_int(meta, "end", low=start + 1, high=self.backend.end)
+    def _span(self, start: int, end: int) -> tuple[int, int]:
+        check_range("start", start, self.backend.start, self.backend.end - 1)
+        check_range("end", end, start + 1, self.backend.end)
         return start, end
 
     def _hidden(self, tensor: torch.Tensor, batch: int | None = None) -> torch.Tensor:
@@ -216,17 +259,7 @@ class RequestHandler:
         return check_tensor(tensor, "hidden", ndim=3, dtypes=FLOAT_DTYPES, shape=shape, finite=True)
 
     @staticmethod
-    def _mask(tensors: list[torch.Tensor], batch: int, length: int) -> torch.Tensor | None:
-        if len(tensors) < 2:
+    def _mask(mask: torch.Tensor | None, batch: int, length: int) -> torch.Tensor | None:
+        if mask is None:
             return None
-        return check_tensor(tensors[1], "key_mask", ndim=2, dtypes=(torch.bool,), shape={0: batch, 1: length})
-
-
-def _session_token(meta: dict[str, Any]) -> str | None:
-    """The client-chosen secret id of a session (it is what lets the previous server push into it)."""
-    token = meta.get("session_id")
-    if token is None:
-        return None
-    if not isinstance(token, str) or not 16 <= len(token) <= 128:
-        raise RequestError("bad_request", "session_id must be a string of 16 to 128 characters")
-    return token
+        return check_tensor(mask, "key_mask", ndim=2, dtypes=(torch.bool,), shape={0: batch, 1: length})

@@ -1,7 +1,8 @@
 """A swarm server's life: join the DHT, choose and load blocks, serve them, announce, leave cleanly.
 
 Order matters to the swarm: the server announces JOINING before it loads (so others balance around it), ONLINE
-only once both transports answer, and OFFLINE before it exits on SIGTERM/SIGINT.
+only once both transports answer, and OFFLINE on SIGTERM/SIGINT, before it hands its sessions back to their
+clients (each finishes the step it has, then ends with `server_leaving`) and exits.
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ class ServerConfig:
     cuda_graphs: bool = True  # on CUDA, replay captured graphs of the decode step
     throughput: float | None = None
     update_period_s: float = 30.0
+    leave_timeout_s: float = 5.0  # on SIGTERM, how long open sessions may take to finish their current step
     expiration_s: float | None = None
     limits: ServerLimits = field(default_factory=ServerLimits)
 
@@ -136,7 +138,8 @@ class Server:
         logger.info("KV-cache budget: %d tokens, up to %.0f MiB", cfg.max_cache_tokens, cache_mib)
         p2p = await self.dht.replicate_p2p()
         self.pool = ConnectionPool(self.identity, p2p)
-        handlers = RequestHandler(self.backend, self._info_record, cfg.limits, self._connect).handlers()
+        handler = RequestHandler(self.backend, self._info_record, cfg.limits, self._connect)
+        handlers = handler.handlers()
         direct = DirectServer(handlers, self.identity, host=cfg.host, port=cfg.direct_port)
         await direct.start()
         host, port = direct.address
@@ -167,6 +170,7 @@ class Server:
         finally:
             self.state = ServerState.OFFLINE
             await self._announce()
+            await handler.leave(cfg.leave_timeout_s)
             await direct.stop()
             await self.pool.close()
             self.backend.shutdown()

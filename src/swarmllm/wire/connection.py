@@ -205,14 +205,15 @@ class Connection:
                 with suppress(ConnectionLost):
                     self._out.write(Frame(Kind.END, call_id, Message()))
 
-    async def open_stream(self, method: str, message: Message) -> Stream:
-        """Open a bidirectional stream; ``message`` is the handler's opening message."""
+    async def open_stream(self, method: str, message: Message, *, timeout: float | None = None) -> Stream:
+        """Open a bidirectional stream; ``message`` is the handler's opening message. A refusal (e.g. a full
+        cache) arrives as the stream's first ``recv``."""
         self._check_open()
         call_id = next(self._call_ids)
         stream = Stream(self, call_id, method)
         self._calls[call_id] = stream
         try:
-            await self._out.send(Frame(Kind.REQUEST, call_id, message, method))
+            await self._out.send(Frame(Kind.REQUEST, call_id, message, method), timeout)
         except BaseException:
             self._calls.pop(call_id, None)
             raise
@@ -284,6 +285,9 @@ class Stream:
         self._call_id = call_id
         self._inbox: asyncio.Queue[Message | WireError] = asyncio.Queue(STREAM_QUEUE_SIZE)
         self._ended: WireError | None = None  # how the stream ended, raised again by every later recv
+        self._peer_ended: WireError | None = (
+            None  # the peer's END or ERROR, received but perhaps not yet read
+        )
         self._lost: ConnectionLost | None = None
         self._closed = False
 
@@ -293,12 +297,15 @@ class Stream:
     async def __aexit__(self, *exc_info) -> None:
         await self.close()
 
-    async def send(self, message: Message) -> None:
+    async def send(self, message: Message, *, timeout: float | None = None) -> None:
+        """Queue a message; waits (up to `timeout`) only when the connection's send buffer is full."""
         if self._closed:
             raise StreamClosed(f"stream {self.method!r} was closed by this side")
         if self._ended is not None:
             raise self._ended
-        await self._connection._out.send(Frame(Kind.MESSAGE, self._call_id, message))
+        if self._peer_ended is not None:
+            raise self._peer_ended  # the peer's reason beats a later "connection closed"
+        await self._connection._out.send(Frame(Kind.MESSAGE, self._call_id, message), timeout)
 
     async def recv(self, *, timeout: float | None = None) -> Message:
         """The peer's next message; StreamClosed after its END, RemoteError after its ERROR, or ConnectionLost."""
@@ -340,6 +347,8 @@ class Stream:
             item = _remote_error(frame.message)
         else:
             item = FrameError(f"a stream got a {frame.kind.name} frame")
+        if isinstance(item, WireError):
+            self._peer_ended = item
         await self._inbox.put(item)
 
     def _connection_lost(self, error: ConnectionLost) -> None:

@@ -27,14 +27,18 @@ def bad_request(message: str) -> RequestError:
     return RequestError("bad_request", message)
 
 
-def get_int(meta: Mapping[str, Any], name: str, *, low: int, high: int) -> int:
-    """An integer field with low <= value <= high."""
+def get_int(meta: Mapping[str, Any], name: str, *, low: int | None = None, high: int | None = None) -> int:
+    """An integer field (not a bool), with low <= value <= high where they are given."""
     value = meta.get(name)
     if not isinstance(value, int) or isinstance(value, bool):
         raise bad_request(f"{name} must be an integer, got {type(value).__name__}")
-    if not low <= value <= high:
-        raise bad_request(f"{name}={value} is outside [{low}, {high}]")
+    check_range(name, value, low, high)
     return value
+
+
+def check_range(name: str, value: int, low: int | None, high: int | None) -> None:
+    if (low is not None and value < low) or (high is not None and value > high):
+        raise bad_request(f"{name}={value} is outside [{low}, {high}]")
 
 
 def check_tensor(

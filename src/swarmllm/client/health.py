@@ -1,0 +1,58 @@
+"""What the client knows about servers that failed it, and how long it waits for a healthy one: pure functions
+and plain data, tested without a network.
+
+A failed server is banned for `base_s`, doubling with every further failure up to `max_s`; routing avoids banned
+peers. A step's deadline is what the hop should take by its announced speed, times a slack, plus a floor, so a
+hung server is noticed in seconds while a slow but honest one is left alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+DEADLINE_SLACK = 4.0  # a hop may take this many times its announced compute time before it counts as hung
+
+
+@dataclass
+class Bans:
+    """Peers to avoid until a time (seconds on a monotonic clock), with exponential backoff per peer."""
+
+    base_s: float = 15.0
+    max_s: float = 300.0
+    _until: dict[str, float] = field(default_factory=dict)
+    _strikes: dict[str, int] = field(default_factory=dict)
+    _unreachable: set[str] = field(default_factory=set)
+
+    def ban(self, peer_id: str, now: float, *, unreachable: bool = False) -> float:
+        """Ban `peer_id` from `now`; returns the ban's length (longer for each repeated failure). `unreachable`:
+        it failed by not answering (a broken connection, a timeout), so answering again may end the ban early;
+        a peer that answered wrongly stays banned."""
+        strikes = self._strikes.get(peer_id, 0) + 1
+        self._strikes[peer_id] = strikes
+        duration = min(self.max_s, self.base_s * 2 ** (strikes - 1))
+        self._until[peer_id] = now + duration
+        if unreachable:
+            self._unreachable.add(peer_id)
+        else:
+            self._unreachable.discard(peer_id)
+        return duration
+
+    def lift(self, peer_id: str) -> None:
+        """End a ban early (the peer proved alive); its strikes stay, so a flapping peer is banned longer."""
+        self._until.pop(peer_id, None)
+        self._unreachable.discard(peer_id)
+
+    def banned(self, now: float) -> set[str]:
+        return {peer for peer, until in self._until.items() if until > now}
+
+    def unreachable(self, now: float) -> set[str]:
+        """Banned peers whose ban may end as soon as they answer again."""
+        return self.banned(now) & self._unreachable
+
+
+def step_deadline_s(
+    tokens: int, blocks: int, blocks_per_s: float, *, floor_s: float, slack: float = DEADLINE_SLACK
+) -> float:
+    """How long a hop may take for `tokens` tokens through `blocks` blocks, at an announced `blocks_per_s`
+    (block-tokens per second) before the client gives up on it."""
+    return floor_s + slack * tokens * blocks / max(blocks_per_s, 1e-9)

@@ -1,0 +1,153 @@
+"""One hop of an inference session: a span of blocks on one server, its stream, its push secret, and the inputs
+it has received (kept so that a replacement server can be brought to the same state by replaying them).
+
+The kept inputs are the hop's own inputs, step by step, as sent (or as pushed: the client receives every hop's
+output, so it knows every hop's input without extra traffic). They cost batch x tokens x hidden values per hop.
+Replaying them step by step, with the shapes of the original steps, makes the replacement compute exactly what
+the lost server had computed (the same kernels on the same inputs), so no logit of the session changes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from dataclasses import dataclass
+
+import torch
+
+from swarmllm.client.replies import step_reply
+from swarmllm.client.routing import Hop
+from swarmllm.wire import Connection, Stream, WireError
+from swarmllm.wire.messages import OpenSession, Repoint, Step, StepReply
+
+
+class HopTimeoutError(TimeoutError):
+    """A server did not answer within its deadline (it may be hung); names the server and the hop."""
+
+
+@dataclass(frozen=True)
+class KeptInput:
+    """One step's input to a hop: tokens [position, position + T)."""
+
+    position: int
+    hidden: torch.Tensor  # [batch, T, hidden]
+    key_mask: torch.Tensor | None  # [batch, T] bool, with left padding
+
+    @property
+    def end(self) -> int:
+        return self.position + self.hidden.shape[1]
+
+
+class History:
+    """A hop's kept inputs, in order, covering positions [0, length)."""
+
+    def __init__(self, entries: list[KeptInput] | None = None):
+        self.entries: list[KeptInput] = list(entries or [])
+
+    @property
+    def length(self) -> int:
+        return self.entries[-1].end if self.entries else 0
+
+    @property
+    def nbytes(self) -> int:
+        return sum(e.hidden.nelement() * e.hidden.element_size() for e in self.entries)
+
+    def add(self, entry: KeptInput) -> None:
+        """Record a step; a step at an earlier position rewinds (the session forgets what came after it)."""
+        self.truncate(entry.position)
+        self.entries.append(entry)
+
+    def truncate(self, position: int) -> None:
+        kept = []
+        for e in self.entries:
+            if e.end <= position:
+                kept.append(e)
+            elif e.position < position:
+                cut = position - e.position
+                mask = None if e.key_mask is None else e.key_mask[:, :cut]
+                kept.append(KeptInput(e.position, e.hidden[:, :cut], mask))
+        self.entries = kept
+
+
+class HopSession:
+    """Blocks [start, end) of one session on one server."""
+
+    def __init__(self, hop: Hop, batch_size: int, max_length: int, accept_push_from: str | None):
+        self.hop = hop
+        self.batch_size = batch_size
+        self.max_length = max_length
+        self.accept_push_from = accept_push_from
+        self.session_id = secrets.token_urlsafe(24)  # what the previous server must quote to push to us
+        self.history = History()
+        self._stream: Stream | None = None
+
+    def __repr__(self) -> str:
+        return f"<hop [{self.start}, {self.end}) on {self.peer_id}>"
+
+    @property
+    def peer_id(self) -> str:
+        return self.hop.peer_id
+
+    @property
+    def start(self) -> int:
+        return self.hop.start
+
+    @property
+    def end(self) -> int:
+        return self.hop.end
+
+    async def open(self, conn: Connection, timeout_s: float) -> None:
+        opening = OpenSession(
+            self.start, self.end, self.batch_size, self.max_length, self.session_id, self.accept_push_from
+        )
+        self._stream = await conn.open_stream("inference", opening.to_message(), timeout=timeout_s)
+
+    async def send(self, step: Step, timeout_s: float) -> None:
+        await self._stream.send(step.to_message(), timeout=timeout_s)
+
+    async def recv(self, step: int, sent: torch.Tensor, timeout_s: float) -> StepReply:
+        """This hop's reply to step number `step`; replies to earlier steps (a push that arrived after the client
+        had sent the input itself) are dropped."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                while True:
+                    reply = step_reply(await self._stream.recv(), self.peer_id, sent)
+                    if reply.step == step:
+                        return reply
+        except TimeoutError:
+            raise HopTimeoutError(
+                f"server {self.peer_id} (blocks [{self.start}, {self.end})) did not answer step {step} "
+                f"within {timeout_s:.1f} s"
+            ) from None
+
+    async def replay(self, entries: list[KeptInput], timeout_s: float) -> list[KeptInput]:
+        """Bring a fresh session to the state of the lost one: send every kept input as the step it was (all at
+        once, so the replay costs the server's compute and one round trip), check every reply, keep the
+        inputs, and return this hop's outputs as the next hop's inputs."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                for e in entries:
+                    await self.send(Step(e.position, e.hidden, e.key_mask, step=0), timeout_s)
+                outputs = [
+                    KeptInput(e.position, (await self.recv(0, e.hidden, timeout_s)).hidden, e.key_mask)
+                    for e in entries
+                ]
+        except TimeoutError:
+            raise HopTimeoutError(
+                f"server {self.peer_id} (blocks [{self.start}, {self.end})) did not finish replaying "
+                f"{len(entries)} steps within {timeout_s:.1f} s"
+            ) from None
+        self.history = History(entries)
+        return outputs
+
+    async def repoint(self, accept_push_from: str, timeout_s: float) -> None:
+        """The previous hop was replaced: accept pushes from its replacement."""
+        self.accept_push_from = accept_push_from
+        await self._stream.send(Repoint(accept_push_from).to_message(), timeout=timeout_s)
+
+    async def close(self) -> None:
+        if self._stream is not None:
+            try:
+                await self._stream.close()
+            except WireError:
+                pass  # the connection is already gone, and the server frees the session with it
