@@ -9,6 +9,7 @@ from swarmllm.models import load_span
 from swarmllm.server.backend import Backend
 from swarmllm.server.handler import RequestHandler, ServerLimits
 from swarmllm.wire import DirectServer, Identity, Message, RemoteError, StreamClosed, connect_direct
+from swarmllm.wire.messages import OpenSession, Repoint, Step
 
 HIDDEN = 64
 
@@ -247,3 +248,57 @@ async def test_push_hands_the_output_to_the_next_server(span, llama_checkpoint):
     finally:
         await first.stop()
         await second.stop()
+
+
+async def test_repoint_moves_the_push_permission(served):
+    """After the client replaced the previous hop, only the replacement may push into the session."""
+    _, conn, server = served
+    old, new = Identity.generate(), Identity.generate()
+    stream = await conn.open_stream(
+        "inference", OpenSession(0, 4, 1, 8, "r" * 24, accept_push_from=old.peer_id).to_message()
+    )
+    hidden = torch.randn(1, 1, HIDDEN)
+    from_old = await connect_direct(*server.address, old, expected_peer_id=None)
+    from_new = await connect_direct(*server.address, new, expected_peer_id=None)
+    await from_old.call("push", Step(0, hidden, step=1, session_id="r" * 24).to_message())
+    assert (await stream.recv()).meta["step"] == 1
+    await stream.send(Repoint(new.peer_id).to_message())
+    await stream.send(Step(1, hidden, step=2).to_message())  # the repoint is in effect once this is answered
+    assert (await stream.recv()).meta["step"] == 2
+    with pytest.raises(RemoteError) as info:
+        await from_old.call("push", Step(2, hidden, step=3, session_id="r" * 24).to_message())
+    assert info.value.code == "forbidden"
+    await from_new.call("push", Step(2, hidden, step=3, session_id="r" * 24).to_message())
+    assert (await stream.recv()).meta["step"] == 3
+    for c in (from_old, from_new):
+        await c.close()
+    await stream.close()
+
+
+async def test_leaving_finishes_queued_steps_then_hands_sessions_back(span):
+    backend = Backend(span, cache_tokens=64)
+    handler = RequestHandler(backend, dict)
+    server = DirectServer(handler.handlers(), Identity.generate())
+    await server.start()
+    try:
+        conn = await connect_direct(*server.address, Identity.generate(), expected_peer_id=None)
+        stream = await conn.open_stream("inference", OpenSession(0, 4, 1, 8).to_message())
+        hidden = torch.randn(1, 2, HIDDEN)
+        await stream.send(Step(0, hidden[:, :1], step=1).to_message())
+        assert (await stream.recv()).meta["step"] == 1
+        await stream.send(Step(1, hidden[:, 1:], step=2).to_message())
+        await _until(lambda: [s.length for s in backend.sessions.values()] == [2])
+        await handler.leave(timeout_s=10)
+        assert not backend.sessions and backend.budget.free_tokens == 64
+        # the step the server had was answered, then the session ended with server_leaving
+        assert (await stream.recv(timeout=5)).meta["step"] == 2
+        with pytest.raises(RemoteError) as info:
+            await stream.recv(timeout=5)
+        assert info.value.code == "server_leaving"
+        late = await conn.open_stream("inference", OpenSession(0, 4, 1, 8).to_message())
+        with pytest.raises(RemoteError) as info:
+            await late.recv(timeout=5)
+        assert info.value.code == "server_leaving"
+        await conn.close()
+    finally:
+        await server.stop()

@@ -158,12 +158,13 @@ class SwarmClient:
         self.rtt_s.pop(peer_id, None)  # measured again if it comes back
         logger.info("banning %s for %.0f s: %s", peer_id, duration, describe(error))
 
-    async def _ping_unmeasured(self, servers: Sequence[ServerInfo]) -> None:
-        todo = [s.peer_id for s in servers if s.peer_id not in self.rtt_s]
+    async def _ping_unknown(self, servers: Sequence[ServerInfo]) -> None:
+        """Ping the servers not measured yet and those whose connection broke; ban those that don't answer."""
+        todo = [s.peer_id for s in servers if s.peer_id not in self.rtt_s or self.pool.is_broken(s.peer_id)]
         results = await asyncio.gather(*(self.ping(p) for p in todo), return_exceptions=True)
         for peer_id, result in zip(todo, results):
-            if isinstance(result, BaseException):
-                logger.info("ping to %s failed: %s", peer_id, describe(result))
+            if isinstance(result, Exception):
+                self.ban(peer_id, result)
 
     async def route(
         self, plan: Callable[[list[ServerInfo]], R], *, failure: BaseException | None = None
@@ -178,9 +179,12 @@ class SwarmClient:
         while True:
             servers = await self.servers(refresh=attempt > 0)
             banned = self.bans.banned(time.monotonic())
+            await self._ping_unknown(
+                [s for s in servers if s.state == ServerState.ONLINE and s.peer_id not in banned]
+            )
+            banned = self.bans.banned(time.monotonic())
             usable = [s for s in servers if s.peer_id not in banned]
             try:
-                await self._ping_unmeasured(usable)
                 return plan(usable)
             except MissingBlocksError as e:
                 if attempt > 0 and await self._take_back(servers, e.missing):

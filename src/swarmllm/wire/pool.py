@@ -49,6 +49,11 @@ class ConnectionPool:
         self._connections[peer_id] = conn
         return conn
 
+    def is_broken(self, peer_id: str) -> bool:
+        """Whether our last connection to `peer_id` has closed (the peer may be gone)."""
+        conn = self._connections.get(peer_id)
+        return conn is not None and conn.is_closed
+
     async def _connect(self, peer_id: str, direct_addrs: tuple[str, ...]) -> Connection:
         for addr in direct_addrs if self.prefer_direct else ():
             host, _, port = addr.rpartition(":")
