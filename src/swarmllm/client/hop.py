@@ -54,7 +54,8 @@ class History:
 
     def add(self, entry: KeptInput) -> None:
         """Record a step; a step at an earlier position rewinds (the session forgets what came after it)."""
-        self.truncate(entry.position)
+        if entry.position != self.length:  # the common case, the next step, needs no truncation
+            self.truncate(entry.position)
         self.entries.append(entry)
 
     def truncate(self, position: int) -> None:
