@@ -112,9 +112,9 @@ class HopSession:
         try:
             async with asyncio.timeout(timeout_s):
                 while True:
-                    reply = step_reply(await self._stream.recv(), self.peer_id, sent)
-                    if reply.step == step:
-                        return reply
+                    message = await self._stream.recv()
+                    if message.meta.get("step", step) == step:  # an in-band refusal carries no step number
+                        return step_reply(message, self.peer_id, sent)
         except TimeoutError:
             raise HopTimeoutError(
                 f"server {self.peer_id} (blocks [{self.start}, {self.end})) did not answer step {step} "
