@@ -15,7 +15,7 @@ import logging
 import random
 import time
 from collections.abc import Callable, Sequence
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import hivemind
 import torch
@@ -27,6 +27,9 @@ from swarmllm.dht import ServerInfo, ServerState, find_servers, start_dht
 from swarmllm.wire import Connection, ConnectionLost, Identity, Message, RemoteError, Stream, WireError
 from swarmllm.wire.messages import ForwardRequest, OpenSession, Step
 from swarmllm.wire.pool import ConnectionPool
+
+if TYPE_CHECKING:
+    from swarmllm.client.session import Failover
 
 logger = logging.getLogger(__name__)
 
@@ -88,7 +91,7 @@ class SwarmClient:
         self.push = push  # servers hand activations to the next server themselves (see client.session)
         self.rng = random.Random()
         self.bans = Bans(base_s=ban_s)
-        self.failovers: list = []  # every `session.Failover` of this client's sessions, oldest first
+        self.failovers: list[Failover] = []  # every session's hop replacements, oldest first
         self.dht: hivemind.DHT | None = None
         self._servers: dict[str, ServerInfo] = {}
         self._servers_at = -float("inf")
@@ -334,20 +337,30 @@ class SwarmClient:
             async def stage(i: int, stream: Stream) -> None:
                 hop = hops[i]
                 timeout = self.deadline_s(hop, batch * chunk, decode=False)
+                sent: asyncio.Queue = asyncio.Queue()  # chunks sent, or the error that stopped the sending
 
                 async def send_all() -> None:
-                    for _ in bounds:
-                        lo, x = await queues[i].get()
-                        await stream.send(Step(lo, x, mask(lo)).to_message(), timeout=timeout)
+                    try:
+                        for _ in bounds:
+                            lo, x = await queues[
+                                i
+                            ].get()  # as late as the stages before take (they have deadlines)
+                            await stream.send(Step(lo, x, mask(lo)).to_message(), timeout=timeout)
+                            sent.put_nowait(lo)
+                    except Exception as e:  # noqa: BLE001 - handed to the receiving loop, which raises it
+                        sent.put_nowait(e)
 
                 sender = asyncio.ensure_future(send_all())
                 try:
-                    for lo in bounds:
-                        sent = hidden[:, lo : lo + chunk]
-                        # a stage waits for its input as long as the stages before it take
-                        reply = await stream.recv(timeout=timeout * (i + 1) * len(bounds))
-                        queues[i + 1].put_nowait((lo, step_reply(reply, hop.peer_id, sent).hidden))
-                    await sender
+                    for _ in bounds:
+                        lo = await sent.get()
+                        if isinstance(lo, Exception):
+                            raise lo
+                        # the server computes chunks in order: this one's deadline starts once it is sent and
+                        # the previous one came back
+                        reply = await stream.recv(timeout=timeout)
+                        out = step_reply(reply, hop.peer_id, hidden[:, lo : lo + chunk]).hidden
+                        queues[i + 1].put_nowait((lo, out))
                 except HOP_FAILURES as e:
                     raise HopFailed(hop, e) from e
                 finally:
