@@ -180,9 +180,7 @@ class InferenceSession:
                 return new, route_s, replay_s + time.perf_counter() - routed
             except HOP_FAILURES as e:
                 replay_s += time.perf_counter() - routed
-                logger.warning(
-                    "%s failed while joining the session (%s); trying another", new[-1], describe(e)
-                )
+                logger.info("%s failed while joining the session (%s); trying another", new[-1], describe(e))
                 self.swarm.ban(new[-1].peer_id, e)
                 failure = e
                 for hop in new:
@@ -191,7 +189,7 @@ class InferenceSession:
     async def _replace(self, i: int, error: BaseException) -> None:
         """Replace hop i, which failed with `error`, by servers that hold its blocks, brought to its state."""
         failed = self._hops[i]
-        logger.warning("%s failed (%s); replacing it", failed, describe(error))
+        logger.info("%s failed (%s); replacing it", failed, describe(error))
         self.swarm.ban(failed.peer_id, error)
         await failed.close()
         accept_from = self._hops[i - 1].peer_id if i > 0 else None
@@ -222,10 +220,11 @@ class InferenceSession:
         self.failovers.append(record)
         self.swarm.failovers.append(record)
         logger.warning(
-            "blocks [%d, %d) moved from %s to %s: %.2f s routing, %.2f s replaying %d tokens",
+            "blocks [%d, %d) moved from %s (%s) to %s: %.2f s routing, %.2f s replaying %d tokens",
             failed.start,
             failed.end,
             failed.peer_id,
+            record.reason,
             [h.peer_id for h in new],
             route_s,
             replay_s,
