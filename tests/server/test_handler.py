@@ -9,7 +9,7 @@ from swarmllm.models import load_span
 from swarmllm.server.backend import Backend
 from swarmllm.server.handler import RequestHandler, ServerLimits
 from swarmllm.wire import DirectServer, Identity, Message, RemoteError, StreamClosed, connect_direct
-from swarmllm.wire.messages import OpenSession, Repoint, Step
+from swarmllm.wire.messages import OpenSession, PushTarget, Repoint, Step
 
 HIDDEN = 64
 
@@ -299,6 +299,30 @@ async def test_leaving_finishes_queued_steps_then_hands_sessions_back(span):
         with pytest.raises(RemoteError) as info:
             await late.recv(timeout=5)
         assert info.value.code == "server_leaving"
+        await conn.close()
+    finally:
+        await server.stop()
+
+
+async def test_a_push_to_our_own_session_skips_the_network(span):
+    """After a failover a server may hold two consecutive hops of a chain: it pushes to itself directly."""
+    identity = Identity.generate()
+    handler = RequestHandler(Backend(span, cache_tokens=64), dict, peer_id=identity.peer_id)  # no connector
+    server = DirectServer(handler.handlers(), identity)
+    await server.start()
+    try:
+        conn = await connect_direct(*server.address, Identity.generate(), expected_peer_id=identity.peer_id)
+        first = await conn.open_stream("inference", OpenSession(0, 2, 1, 8).to_message())
+        second = await conn.open_stream(
+            "inference", OpenSession(2, 4, 1, 8, "s" * 24, accept_push_from=identity.peer_id).to_message()
+        )
+        await _until(lambda: len(handler._open) == 2)  # both sessions are open on the server
+        hidden = torch.randn(1, 3, HIDDEN)
+        chain = [PushTarget(identity.peer_id, "s" * 24)]
+        await first.send(Step(0, hidden, step=1, push=chain).to_message())
+        assert (await first.recv()).meta["pushed"] is True
+        reply = await second.recv()
+        torch.testing.assert_close(reply.tensors[0], expected(span, hidden), rtol=1e-5, atol=1e-5)
         await conn.close()
     finally:
         await server.stop()

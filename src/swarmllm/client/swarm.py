@@ -35,7 +35,7 @@ logger = logging.getLogger(__name__)
 
 # what a failed server can do to a request: break the connection, refuse, time out, answer garbage
 HOP_FAILURES = (WireError, TimeoutError, OSError, BadReplyError)
-MAX_ROUTE_RETRY_S = 5.0  # the longest wait between two look-ups while blocks have no usable server
+MAX_ROUTE_RETRY_S = 2.0  # the longest wait between two look-ups while blocks have no usable server
 
 R = TypeVar("R")
 

@@ -80,11 +80,13 @@ class RequestHandler:
         info: Callable[[], dict[str, Any]],
         limits: ServerLimits = ServerLimits(),
         connect: Connector | None = None,
+        peer_id: str | None = None,
     ):
         self.backend = backend
         self.info = info
         self.limits = limits
         self.connect = connect
+        self.peer_id = peer_id  # ours: a push to ourselves (two hops of a chain here) skips the network
         self.leaving = False
         self._by_token: dict[str, _SessionInbox] = {}  # sessions that may receive pushes, by secret id
         self._open: set[Incoming] = set()  # every open session's queue
@@ -202,17 +204,20 @@ class RequestHandler:
     def rpc_push(self, request: Message, context: CallContext) -> Message:
         """An input for one of our sessions, computed by the previous server of the client's chain (answered in
         the read loop: a push is on every step's critical path)."""
-        step = Step.parse(request)
+        self._deliver_push(request, context.peer_id)
+        return Message()
+
+    def _deliver_push(self, message: Message, sender: str | None) -> None:
+        step = Step.parse(message)
         target = self._by_token.get(step.session_id) if step.session_id is not None else None
         if target is None:
             raise RequestError("unknown_session", "no open session with this session_id")
-        if target.accept_from is None or target.accept_from != context.peer_id:
-            raise RequestError("forbidden", f"this session does not accept pushes from {context.peer_id}")
+        if target.accept_from is None or target.accept_from != sender:
+            raise RequestError("forbidden", f"this session does not accept pushes from {sender}")
         try:
-            target.inbox.put_nowait(_Pushed(request.meta, request.tensors))
+            target.inbox.put_nowait(_Pushed(message.meta, message.tensors))
         except asyncio.QueueFull:
             raise RequestError("busy", "the session's queue is full") from None
-        return Message()
 
     async def _step(self, session: Session, step: Step) -> Message:
         check_range("position", step.position, 0, session.length)
@@ -233,19 +238,22 @@ class RequestHandler:
 
     async def _push(self, step: Step, out: torch.Tensor) -> bool:
         """Send our output to the next server of the chain; False (and the client sends it) if that fails."""
-        if self.connect is None:
-            return False
         target, *rest = step.push
+        if self.connect is None and target.peer_id != self.peer_id:
+            return False
         timeout = min(step.push_timeout_s or self.limits.push_timeout_s, self.limits.push_timeout_s)
         pushed = Step(
             step.position, out, step.key_mask, step.step, rest, step.push_timeout_s, target.session_id
         )
         try:
+            if target.peer_id == self.peer_id:
+                self._deliver_push(pushed.to_message(), self.peer_id)
+                return True
             async with asyncio.timeout(timeout):
                 conn = await self.connect(target.peer_id)
                 await conn.call("push", pushed.to_message())
             return True
-        except (TimeoutError, WireError, OSError) as e:
+        except (TimeoutError, WireError, OSError, RequestError) as e:
             logger.info("push to %s failed (%r); the client will send it", target.peer_id, e)
             return False
 

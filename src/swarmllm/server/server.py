@@ -138,7 +138,9 @@ class Server:
         logger.info("KV-cache budget: %d tokens, up to %.0f MiB", cfg.max_cache_tokens, cache_mib)
         p2p = await self.dht.replicate_p2p()
         self.pool = ConnectionPool(self.identity, p2p)
-        handler = RequestHandler(self.backend, self._info_record, cfg.limits, self._connect)
+        handler = RequestHandler(
+            self.backend, self._info_record, cfg.limits, self._connect, self.identity.peer_id
+        )
         handlers = handler.handlers()
         direct = DirectServer(handlers, self.identity, host=cfg.host, port=cfg.direct_port)
         await direct.start()
