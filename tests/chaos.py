@@ -128,6 +128,7 @@ class Result:
     generations_ok: int = 0
     generations: int = 0
     token_diffs: int = 0
+    new_tokens: int = 0  # generated tokens checked against the reference
     problems: list[str] = field(default_factory=list)
     wall_s: float = 0.0
     quiesce_s: float = 0.0  # of wall_s: waiting for restarts, resuming, until every server is healthy
@@ -212,11 +213,13 @@ class Chaos:
         step_timeout_s: float = 2.0,
         missing_blocks_timeout_s: float = 60.0,
         echo: Callable[[str], None] = print,
+        log_level: int = logging.INFO,
     ):
         self.path = path
         self.step_timeout_s = step_timeout_s
         self.missing_blocks_timeout_s = missing_blocks_timeout_s
         self.echo = echo
+        self.log_level = log_level  # of the client's `swarmllm` loggers during a schedule
         self.swarm = LocalSwarm()
         self.model = None
         self.reference = None
@@ -274,7 +277,7 @@ class Chaos:
         log = _LogBuffer()
         logging.getLogger("swarmllm").addHandler(log)
         previous_level = logging.getLogger("swarmllm").level
-        logging.getLogger("swarmllm").setLevel(logging.INFO)
+        logging.getLogger("swarmllm").setLevel(self.log_level)
         state = _ScheduleState()
         try:
             for g, (prompt, new_tokens) in enumerate(zip(schedule.prompts, schedule.new_tokens)):
@@ -332,6 +335,7 @@ class Chaos:
             return
         diffs = sum(a != b for a, b in zip(got, want)) + abs(len(got) - len(want))
         result.token_diffs += diffs
+        result.new_tokens += len(got) - len(PROMPTS[prompt])
         if diffs:
             result.problems.append(
                 f"generation {g} (prompt {prompt}, {new_tokens} tokens): {diffs} tokens differ\n"
@@ -511,7 +515,8 @@ def summary(results: list[Result], wall_s: float, stopped_early: str | None) -> 
         "recovery s median",
         "recovery s p90",
         "recovery s max",
-        "tokens compared",
+        "generations checked",
+        "tokens checked",
         "token diffs",
         "wall s",
     ]
@@ -524,6 +529,7 @@ def summary(results: list[Result], wall_s: float, stopped_early: str | None) -> 
         pct(0.9),
         f"{recoveries[-1]:.2f}" if recoveries else "-",
         sum(r.generations for r in results),
+        sum(r.new_tokens for r in results),
         sum(r.token_diffs for r in results),
         f"{wall_s:.0f}",
     ]
@@ -539,6 +545,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--first-seed", type=int, default=0)
     parser.add_argument("--step-timeout", type=float, default=2.0, help="client step_timeout_s (hang floor)")
     parser.add_argument("--record", action="store_true", help="append a summary to benchmarks/RESULTS.md")
+    parser.add_argument("--debug", action="store_true", help="the client's debug logs (with --seed)")
     parser.add_argument("--deadline", help="HH:MM UTC: start no schedule after it (the summary says so)")
     parser.add_argument("--checkpoint", help="a 6-layer llama checkpoint (default: a tiny one built here)")
     args = parser.parse_args(argv)
@@ -564,7 +571,8 @@ def main(argv: list[str] | None = None) -> int:
         stopped_early = None
         began = time.monotonic()
         header = ["seed", "actions", "failovers", "recovery s", "tokens ok", "wall s"]
-        with Chaos(path, step_timeout_s=args.step_timeout) as chaos:
+        level = logging.DEBUG if args.debug else logging.INFO
+        with Chaos(path, step_timeout_s=args.step_timeout, log_level=level) as chaos:
             print(f"swarm up in {time.monotonic() - began:.1f} s", flush=True)
             try:
                 for schedule in planned:
@@ -602,8 +610,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{NEW_TOKENS[0]}-{NEW_TOKENS[1]} tokens through 4 server processes (spans {SPANS}, tiny 6-layer "
             f"llama, 1 thread each) and 1 or 2 seeded faults (weights kill/pause/term/add {WEIGHTS}), then "
             f"quiesce. Client step_timeout_s={args.step_timeout}. Recovery: the longest wait for a token after "
-            "a generation's first fault, over the schedules with a failover. Tokens compared: generations, each "
-            "checked token for token against transformers' greedy output."
+            "a generation's first fault, over the schedules with a failover. Every generation is checked token for "
+            "token against transformers' greedy output."
         )
         append_results(
             "Chaos soak: seeded server faults during generation", markdown_table(sum_header, sum_rows), notes
