@@ -38,6 +38,7 @@ STREAM_QUEUE_SIZE = 64
 # Writes go to the transport's buffer; past this many buffered bytes a sender waits for the kernel to catch up.
 _DRAIN_ABOVE_BYTES = 1 << 20
 _CONNECTION_CALL_ID = 0  # ERROR frames about the connection itself (a frame we could not parse)
+_CLOSE_TIMEOUT_S = 5.0  # how long closing waits for buffered bytes to reach a peer that may be hung
 _MAX_ERROR_CHARS = 2000  # error texts are cut so that an ERROR frame always fits the metadata limit
 
 
@@ -224,8 +225,13 @@ class Connection:
         self._read_task.cancel()
         self._writer.close()
         await asyncio.wait([self._read_task])
-        with suppress(OSError):  # the connection was already broken; closing it is all we wanted
-            await self._writer.wait_closed()
+        try:
+            async with asyncio.timeout(_CLOSE_TIMEOUT_S):
+                await self._writer.wait_closed()
+        except TimeoutError:
+            self._writer.transport.abort()  # a hung peer does not read what we still had to send: drop it
+        except OSError:
+            pass  # the connection was already broken; closing it is all we wanted
 
     def _check_open(self) -> None:
         if self._lost is not None:
