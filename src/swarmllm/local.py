@@ -135,7 +135,7 @@ class LocalSwarm:
         """Start several servers at once (they load in parallel) and wait until each is online."""
         started = []
         for model, blocks in specs:
-            args = ["serve", model, "--initial-peers", *self.initial_peers, "--num-threads", "1", *extra]
+            args = ["serve", model, "--initial-peers", *self.initial_peers, *extra]
             if blocks is not None:
                 args += ["--blocks", f"{blocks[0]}:{blocks[1]}"]
             started.append(_spawn(f"server {len(self.servers) + len(started)} ({model} {blocks})", args))

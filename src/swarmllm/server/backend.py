@@ -161,6 +161,10 @@ class Backend:
         session.length = position + 1
         return out[:, None]
 
+    def set_threads(self, threads: int) -> None:
+        """Torch's CPU thread count for the compute thread too (each thread keeps the count it started with)."""
+        self._executor.submit(torch.set_num_threads, threads).result()
+
     def shutdown(self) -> None:
         for session in list(self.sessions.values()):
             self.close_session(session)

@@ -24,6 +24,7 @@ from swarmllm.dht.records import dht_prefix_for
 from swarmllm.models import KVCache, load_config, load_span
 from swarmllm.server.backend import Backend
 from swarmllm.server.handler import RequestHandler, ServerLimits
+from swarmllm.server.host import HostShare, host_cores, threads_per_server
 from swarmllm.server.throughput import measure_throughput
 from swarmllm.wire import Connection, ConnectionPool, DirectServer, Identity, serve_libp2p
 
@@ -76,6 +77,8 @@ class Server:
         self.peers: dict[str, ServerInfo] = {}  # the other servers of this model, for pushes to the next one
         self._peers_at = -float("inf")
         self._stop = asyncio.Event()
+        self.host_share: HostShare | None = None  # CPU servers without --num-threads split the host's cores
+        self._threads: int | None = None
 
     def stop(self) -> None:
         self._stop.set()
@@ -84,6 +87,9 @@ class Server:
         cfg = self.config
         if cfg.num_threads:
             torch.set_num_threads(cfg.num_threads)
+        elif torch.device(cfg.device).type == "cpu":
+            self.host_share = HostShare()
+            self.host_share.join()  # early, so that servers starting together see each other
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop)
@@ -107,6 +113,8 @@ class Server:
             await self._serve(block_config.num_layers)
         finally:
             self.dht.shutdown()
+            if self.host_share is not None:
+                self.host_share.leave()
 
     async def _serve(self, total_blocks: int) -> None:
         cfg = self.config
@@ -117,6 +125,7 @@ class Server:
         span = await asyncio.get_running_loop().run_in_executor(
             None, lambda: load_span(cfg.model, start, end, dtype=DTYPES[cfg.dtype], device=cfg.device)
         )
+        self._share_cores()
         if cfg.throughput is None:
             self.inference_rps, self.forward_rps = measure_throughput(span)
         self.backend = await asyncio.get_running_loop().run_in_executor(
@@ -167,6 +176,7 @@ class Server:
                 try:
                     await asyncio.wait_for(self._stop.wait(), cfg.update_period_s)
                 except TimeoutError:
+                    self._share_cores()
                     await self._announce()
                     await self._refresh_peers()
         finally:
@@ -177,6 +187,19 @@ class Server:
             await self.pool.close()
             self.backend.shutdown()
             logger.info("server %s left the swarm", self.identity.peer_id)
+
+    def _share_cores(self) -> None:
+        """Use this server's share of the host's cores (see `server.host`)."""
+        if self.host_share is None:
+            return
+        servers = self.host_share.servers()
+        threads = threads_per_server(host_cores(), servers)
+        if threads != self._threads:
+            logger.info("using %d CPU threads (%d CPU servers on this host)", threads, servers)
+            self._threads = threads
+            torch.set_num_threads(threads)
+            if self.backend is not None:
+                self.backend.set_threads(threads)
 
     async def _choose_span(self, total_blocks: int) -> tuple[int, int]:
         cfg = self.config
