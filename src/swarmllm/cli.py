@@ -73,6 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=16384,
         help="KV-cache budget in tokens (batch x length) over all sessions",
     )
+    serve.add_argument(
+        "--max-memory",
+        help="memory for weights + KV cache, e.g. 6GiB (default: 80%% of the free memory); without --blocks "
+        "or --num-blocks, the server holds as many blocks as fit",
+    )
     serve.add_argument("--public-name", help="a name shown to others (e.g. your site or handle)")
     serve.add_argument("--dht-prefix", help="swarm key of the model (default: its repository or folder name)")
     serve.add_argument("--identity", help="key file: keeps the peer id across restarts")
@@ -127,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from swarmllm.server.memory import parse_size
     from swarmllm.server.server import ServerConfig, run_server
 
     if not args.initial_peers and not args.new_swarm:
@@ -149,6 +155,7 @@ def _serve(args: argparse.Namespace) -> int:
             compile=args.compile,
             cuda_graphs=not args.no_cuda_graphs,
             max_cache_tokens=args.max_cache_tokens,
+            max_memory=parse_size(args.max_memory) if args.max_memory else None,
             public_name=args.public_name,
             dht_prefix=args.dht_prefix,
             identity_path=args.identity,

@@ -19,12 +19,19 @@ import torch
 
 import swarmllm
 from swarmllm.balancing import choose_blocks
+from swarmllm.balancing.memory import blocks_that_fit
 from swarmllm.dht import ModelInfo, ServerInfo, ServerState, announce, find_servers, start_dht, visible_maddrs
 from swarmllm.dht.records import dht_prefix_for
-from swarmllm.models import KVCache, load_config, load_span
+from swarmllm.models import BlockConfig, KVCache, load_config, load_span
 from swarmllm.server.backend import Backend
 from swarmllm.server.handler import RequestHandler, ServerLimits
 from swarmllm.server.host import HostShare, host_cores, threads_per_server
+from swarmllm.server.memory import (
+    DEFAULT_MEMORY_FRACTION,
+    available_memory,
+    block_bytes,
+    cache_bytes_per_block,
+)
 from swarmllm.server.throughput import measure_throughput
 from swarmllm.wire import Connection, ConnectionPool, DirectServer, Identity, serve_libp2p
 
@@ -47,6 +54,7 @@ class ServerConfig:
     dtype: str = "float32"
     device: str = "cpu"
     max_cache_tokens: int = 16384
+    max_memory: int | None = None  # bytes for weights + KV cache; default: a fraction of the free memory
     public_name: str | None = None
     dht_prefix: str | None = None
     identity_path: str | None = None
@@ -110,15 +118,15 @@ class Server:
             ),
         )
         try:
-            await self._serve(block_config.num_layers)
+            await self._serve(block_config)
         finally:
             self.dht.shutdown()
             if self.host_share is not None:
                 self.host_share.leave()
 
-    async def _serve(self, total_blocks: int) -> None:
+    async def _serve(self, block_config: BlockConfig) -> None:
         cfg = self.config
-        start, end = await self._choose_span(total_blocks)
+        start, end = await self._choose_span(block_config)
         self.start, self.end = start, end
         await self._announce()
         logger.info("loading blocks [%d, %d) of %s as %s", start, end, cfg.model, cfg.dtype)
@@ -201,17 +209,34 @@ class Server:
             if self.backend is not None:
                 self.backend.set_threads(threads)
 
-    async def _choose_span(self, total_blocks: int) -> tuple[int, int]:
+    async def _choose_span(self, block_config: BlockConfig) -> tuple[int, int]:
         cfg = self.config
+        total_blocks = block_config.num_layers
         if cfg.blocks is not None:
             start, end = cfg.blocks
             if not 0 <= start < end <= total_blocks:
                 raise ValueError(f"--blocks {start}:{end} is outside the model's {total_blocks} blocks")
             return start, end
-        length = min(cfg.num_blocks or total_blocks, total_blocks)
+        length = min(cfg.num_blocks or self._blocks_that_fit(block_config), total_blocks)
         servers = await find_servers(self.dht, self.dht_prefix, total_blocks)
         live = [(s.start_block, s.end_block, s.throughput) for s in servers if s.state != ServerState.OFFLINE]
         return choose_blocks(total_blocks, length, live)
+
+    def _blocks_that_fit(self, block_config: BlockConfig) -> int:
+        """The number of blocks whose weights and KV-cache budget fit the memory this server may use."""
+        cfg, dtype = self.config, DTYPES[self.config.dtype]
+        memory = cfg.max_memory or int(available_memory(cfg.device) * DEFAULT_MEMORY_FRACTION)
+        weights = block_bytes(block_config, dtype)
+        cache = cache_bytes_per_block(block_config, dtype, cfg.max_cache_tokens)
+        fit = blocks_that_fit(memory, weights, cache, block_config.num_layers)
+        logger.info(
+            "memory for blocks: %.0f MiB; a block takes %.1f MiB of weights + %.1f MiB of KV cache: %d blocks",
+            memory / 2**20,
+            weights / 2**20,
+            cache / 2**20,
+            fit,
+        )
+        return fit
 
     def _info(self) -> ServerInfo:
         free = self.backend.budget.free_tokens if self.backend else self.config.max_cache_tokens

@@ -1,0 +1,48 @@
+"""What a server's blocks cost in memory, and how much memory it may use: the numbers behind the default
+number of blocks (`balancing.memory.blocks_that_fit`)."""
+
+from __future__ import annotations
+
+import psutil
+import torch
+from accelerate import init_empty_weights
+from accelerate.utils import compute_module_sizes
+
+from swarmllm.models import BlockConfig, KVCache, LlamaBlock
+
+DEFAULT_MEMORY_FRACTION = 0.8  # of the memory available when the server starts, unless --max-memory says
+
+
+def block_bytes(config: BlockConfig, dtype: torch.dtype) -> int:
+    """One block's weights at `dtype`, computed on an empty (meta) block: no memory is allocated."""
+    with init_empty_weights():
+        block = LlamaBlock(config)
+    return compute_module_sizes(block, dtype=dtype)[""]
+
+
+def cache_bytes_per_block(config: BlockConfig, dtype: torch.dtype, cache_tokens: int) -> int:
+    return cache_tokens * KVCache.bytes_per_token(1, config, dtype)
+
+
+def available_memory(device: str) -> int:
+    """Bytes free now on `device` (CUDA: free device memory; CPU: the memory the OS can still give)."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(dev)
+        return free
+    return psutil.virtual_memory().available
+
+
+def parse_size(text: str) -> int:
+    """'4GiB', '512MB', '2.5G', '1024' (bytes) -> bytes."""
+    units = {"": 1, "b": 1, "k": 2**10, "m": 2**20, "g": 2**30, "t": 2**40}
+    cleaned = text.strip().lower().removesuffix("ib").removesuffix("b")
+    number = cleaned.rstrip("kmgt")
+    unit = cleaned[len(number) :]
+    try:
+        value = float(number)
+    except ValueError:
+        raise ValueError(f"expected a size like 4GiB or 512MB, got {text!r}") from None
+    if unit not in units or value <= 0:
+        raise ValueError(f"expected a size like 4GiB or 512MB, got {text!r}")
+    return int(value * units[unit])
