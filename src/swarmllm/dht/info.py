@@ -29,11 +29,13 @@ class ServerInfo(BaseModel):
     start_block: int = Field(ge=0)
     end_block: int = Field(gt=0)
     throughput: float = Field(
-        ge=0, description="tokens/s the server can add to the swarm (min of compute and net)"
+        ge=0,
+        description="what block balancing counts for this server, per block: its inference_rps (and the min "
+        "with network_rps once that is measured)",
     )
-    inference_rps: float = Field(ge=0, description="single-token decode steps/s over one block")
-    forward_rps: float = Field(ge=0, description="tokens/s of batch forward over one block")
-    network_rps: float | None = None
+    inference_rps: float = Field(ge=0, description="single-token decode steps/s through one block, batch 1")
+    forward_rps: float = Field(ge=0, description="batch-forward tokens/s through one block")
+    network_rps: float | None = Field(default=None, description="not measured yet: always None for now")
     cache_tokens_left: int = Field(ge=0)
     version: str
     dtype: str

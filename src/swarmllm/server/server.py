@@ -32,7 +32,7 @@ from swarmllm.server.memory import (
     block_bytes,
     cache_bytes_per_block,
 )
-from swarmllm.server.throughput import measure_throughput
+from swarmllm.server.throughput import cached_throughput
 from swarmllm.wire import Connection, ConnectionPool, DirectServer, Identity, serve_libp2p
 
 logger = logging.getLogger(__name__)
@@ -135,7 +135,13 @@ class Server:
         )
         self._share_cores()
         if cfg.throughput is None:
-            self.inference_rps, self.forward_rps = measure_throughput(span)
+            threads = torch.get_num_threads() if torch.device(cfg.device).type == "cpu" else 0
+            self.inference_rps, self.forward_rps = cached_throughput(span, cfg.device, cfg.dtype, threads)
+            logger.info(
+                "throughput per block: %.1f decode steps/s, %.0f forward tokens/s",
+                self.inference_rps,
+                self.forward_rps,
+            )
         self.backend = await asyncio.get_running_loop().run_in_executor(
             None,
             lambda: Backend(

@@ -1,8 +1,18 @@
-"""A quick measurement of what a server's span can do, announced so clients can route and balance by it."""
+"""A quick measurement of what a server's span can do, announced so clients can route and balance by it.
+
+Both figures are per block: `inference_rps` is single-token decode steps per second through one block (batch 1),
+`forward_rps` is batch-forward tokens per second through one block; a span of n blocks takes n times as long.
+Measurements are cached on disk per model shape, device, dtype and thread count, so a restart does not pay for
+them again (and a busy machine does not re-measure itself as slower than it is).
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import time
+from pathlib import Path
 
 import torch
 
@@ -41,3 +51,31 @@ def _synchronize(device: torch.device) -> None:
     """CUDA kernels run asynchronously: wait for them, or the timings measure only the launches."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+CACHE_PATH = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "swarmllm" / "throughput.json"
+
+
+def cached_throughput(
+    span: BlockSpan, device: str, dtype: str, threads: int, *, path: Path = CACHE_PATH
+) -> tuple[float, float]:
+    """`measure_throughput(span)`, from the cache when this block shape was measured on this device, dtype and
+    thread count before."""
+    shape = hashlib.sha256(repr(span.config).encode()).hexdigest()[:16]
+    key = f"{shape}/{device}/{dtype}/{threads}"
+    try:
+        cache = json.loads(path.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    if isinstance(cache.get(key), list) and len(cache[key]) == 2:
+        return float(cache[key][0]), float(cache[key][1])
+    measured = measure_throughput(span)
+    cache[key] = list(measured)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(cache, indent=1))
+        tmp.replace(path)  # atomic: servers starting together never read half a file
+    except OSError:
+        pass  # a read-only home: measure again next time
+    return measured

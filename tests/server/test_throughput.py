@@ -1,0 +1,21 @@
+"""Throughput is measured once per block shape, device, dtype and thread count, then read from the cache."""
+
+import json
+
+from swarmllm.models import load_span
+from swarmllm.server.throughput import cached_throughput
+
+
+def test_measured_once_then_cached(llama_checkpoint, tmp_path):
+    span = load_span(str(llama_checkpoint), 0, 2)
+    path = tmp_path / "throughput.json"
+    first = cached_throughput(span, "cpu", "float32", 1, path=path)
+    assert all(x > 0 for x in first)
+    (key,) = json.loads(path.read_text())
+    assert key.endswith("/cpu/float32/1")
+    path.write_text(json.dumps({key: [123.0, 456.0]}))  # what a cached measurement looks like
+    assert cached_throughput(span, "cpu", "float32", 1, path=path) == (123.0, 456.0)
+    other = cached_throughput(span, "cpu", "float32", 2, path=path)  # another thread count: measured
+    assert other != (123.0, 456.0) and len(json.loads(path.read_text())) == 2
+    path.write_text("garbage")  # a broken cache is measured over, never an error
+    assert all(x > 0 for x in cached_throughput(span, "cpu", "float32", 1, path=path))
