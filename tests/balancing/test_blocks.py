@@ -1,6 +1,9 @@
-import pytest
+import random
 
-from swarmllm.balancing import block_throughputs, choose_blocks
+import pytest
+from balancing_oracle import random_swarm
+
+from swarmllm.balancing import block_throughputs, choose_blocks, swarm_bottleneck
 
 
 def test_empty_swarm_starts_at_the_front():
@@ -24,3 +27,38 @@ def test_throughputs_add_up_and_clip():
 def test_rejects_impossible_lengths():
     with pytest.raises(ValueError):
         choose_blocks(4, 5, [])
+
+
+@pytest.mark.parametrize("seed", range(60))
+def test_a_joiner_reaches_the_best_bottleneck_it_can(seed):
+    num_blocks, spans = random_swarm(seed)
+    joiner_length, joiner_throughput = random.Random(seed).randint(1, num_blocks), 2.5
+    best = max(
+        swarm_bottleneck(num_blocks, [*spans, (s, s + joiner_length, joiner_throughput)])
+        for s in range(num_blocks - joiner_length + 1)
+    )
+    for rng in (None, random.Random(seed)):
+        start, end = choose_blocks(num_blocks, joiner_length, spans, throughput=joiner_throughput, rng=rng)
+        assert end - start == joiner_length
+        got = swarm_bottleneck(num_blocks, [*spans, (start, end, joiner_throughput)])
+        assert got == pytest.approx(best)
+
+
+@pytest.mark.parametrize("seed", range(60))
+def test_lexicographic_rule_matches_sorting_every_window(seed):
+    num_blocks, spans = random_swarm(seed)
+    totals = block_throughputs(num_blocks, spans)
+    for length in range(1, num_blocks + 1):
+        want = min(range(num_blocks - length + 1), key=lambda s: sorted(totals[s : s + length]))
+        assert choose_blocks(num_blocks, length, spans) == (want, want + length)
+
+
+def test_simultaneous_joiners_spread_with_jitter():
+    starts = {choose_blocks(12, 3, [], throughput=1.0, rng=random.Random(seed))[0] for seed in range(40)}
+    assert len(starts) > 5
+    assert choose_blocks(12, 3, [], throughput=1.0) == (0, 3)
+
+
+def test_server_call_is_unchanged():
+    live = [(0, 4, 10.0), (4, 6, 1.0)]
+    assert choose_blocks(8, 2, live) == (6, 8)

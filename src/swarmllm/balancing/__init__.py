@@ -1,5 +1,27 @@
 """Where servers should sit in the swarm: pure functions, no networking."""
 
-from swarmllm.balancing.blocks import block_throughputs, choose_blocks
+from swarmllm.balancing.blocks import (
+    BlockLoad,
+    Span,
+    block_throughputs,
+    choose_blocks,
+    choose_start,
+    swarm_bottleneck,
+)
+from swarmllm.balancing.moves import DEFAULT_MIN_GAIN, petals_should_move, should_move
+from swarmllm.balancing.optimum import ServerSpec, bottleneck_upper_bound, optimal_bottleneck
 
-__all__ = ["block_throughputs", "choose_blocks"]
+__all__ = [
+    "DEFAULT_MIN_GAIN",
+    "BlockLoad",
+    "ServerSpec",
+    "Span",
+    "block_throughputs",
+    "bottleneck_upper_bound",
+    "choose_blocks",
+    "choose_start",
+    "optimal_bottleneck",
+    "petals_should_move",
+    "should_move",
+    "swarm_bottleneck",
+]

@@ -1,29 +1,172 @@
-"""Which blocks a joining server should hold: pure functions over the spans already in the swarm."""
+"""Which blocks a joining server should hold: pure functions over the spans already in the swarm.
+
+The swarm serves a request only as fast as its weakest block (the bottleneck: the least total throughput of the
+servers holding one block), so a joining server takes the window that raises that minimum the most. This module
+owns the per-block load (`BlockLoad`), the bottleneck and the choice of a window; whether a server already in
+the swarm should move lives in `moves.py`, the best any arrangement can do in `optimum.py`. No networking.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import random
+from collections import deque
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import NamedTuple
+
+_REL_TOL = 1e-9  # throughputs this close count as equal (sums in another order differ in the last bits)
+
+
+class Span(NamedTuple):
+    """A server's blocks [start, end) and the throughput it adds to each of them."""
+
+    start: int
+    end: int
+    throughput: float
+
+
+@dataclass
+class BlockLoad:
+    """Per block: the summed throughput and the number of servers holding it (counts tell "uncovered" exactly,
+    where a float total may keep a rounding residue after a server leaves)."""
+
+    totals: list[float]
+    holders: list[int]
+
+    @classmethod
+    def from_spans(cls, num_blocks: int, spans: Iterable[tuple[int, int, float]]) -> BlockLoad:
+        load = cls([0.0] * num_blocks, [0] * num_blocks)
+        for start, end, throughput in spans:
+            load.add(start, end, throughput)
+        return load
+
+    def add(self, start: int, end: int, throughput: float, sign: int = 1) -> None:
+        for block in range(max(start, 0), min(end, len(self.totals))):
+            self.totals[block] += sign * throughput
+            self.holders[block] += sign
+
+    def remove(self, start: int, end: int, throughput: float) -> None:
+        self.add(start, end, throughput, sign=-1)
+
+    def values(self) -> list[float]:
+        """The totals, with exactly 0 where no server is left (a float total may keep a rounding residue)."""
+        return [t if h > 0 else 0.0 for t, h in zip(self.totals, self.holders)]
+
+    def copy(self) -> BlockLoad:
+        return BlockLoad(list(self.totals), list(self.holders))
+
+    @property
+    def bottleneck(self) -> float:
+        """The swarm's throughput: its weakest block's (0 while a block has no server)."""
+        return min(self.values(), default=0.0)
+
+    @property
+    def uncovered(self) -> int:
+        return sum(1 for count in self.holders if count <= 0)
 
 
 def block_throughputs(num_blocks: int, spans: Iterable[tuple[int, int, float]]) -> list[float]:
     """Total announced throughput per block, from (start, end, throughput) of every live server."""
-    totals = [0.0] * num_blocks
-    for start, end, throughput in spans:
-        for block in range(max(start, 0), min(end, num_blocks)):
-            totals[block] += throughput
-    return totals
+    return BlockLoad.from_spans(num_blocks, spans).totals
+
+
+def swarm_bottleneck(num_blocks: int, spans: Iterable[tuple[int, int, float]]) -> float:
+    """The least total throughput over the blocks (0 if a block has no server): what the swarm can serve."""
+    return BlockLoad.from_spans(num_blocks, spans).bottleneck
 
 
 def choose_blocks(
-    num_blocks: int, span_length: int, spans: Iterable[tuple[int, int, float]]
+    num_blocks: int,
+    span_length: int,
+    spans: Iterable[tuple[int, int, float]],
+    *,
+    throughput: float | None = None,
+    rng: random.Random | None = None,
 ) -> tuple[int, int]:
     """The window of `span_length` blocks that lifts the swarm's weakest blocks the most.
 
     Windows are compared by their sorted per-block throughput, smallest first, so a window containing an
-    uncovered block always wins, and ties go to the earliest window.
+    uncovered block always wins, and ties go to the earliest window. This is also the window that raises the
+    bottleneck most, whatever the joiner's throughput (the smallest sorted window leaves the largest sorted rest).
+    With `rng`, the joiner instead picks at random among the windows that reach the best bottleneck with its
+    `throughput` and hold the weakest block any of them holds, so that servers joining at the same moment,
+    which see the same swarm, spread out.
     """
     if not 0 < span_length <= num_blocks:
         raise ValueError(f"cannot hold {span_length} of {num_blocks} blocks")
-    totals = block_throughputs(num_blocks, spans)
-    best = min(range(num_blocks - span_length + 1), key=lambda s: sorted(totals[s : s + span_length]))
-    return best, best + span_length
+    load = BlockLoad.from_spans(num_blocks, spans)
+    start = choose_start(load, span_length, throughput=throughput, rng=rng)
+    return start, start + span_length
+
+
+def choose_start(
+    load: BlockLoad, span_length: int, *, throughput: float | None = None, rng: random.Random | None = None
+) -> int:
+    """`choose_blocks` on a `BlockLoad` the caller keeps (the rebalancing rules and the simulator)."""
+    totals = load.values()
+    windows = range(len(totals) - span_length + 1)
+    if throughput is not None and rng is not None:
+        lifted = _bottlenecks_with(load, span_length, throughput)
+        best = max(lifted)
+        windows = [s for s in windows if _close(lifted[s], best)]
+    if rng is not None and len(windows) > 1:
+        floors = {s: min(totals[s : s + span_length]) for s in windows}
+        lowest = min(floors.values())
+        return rng.choice([s for s in windows if _close(floors[s], lowest)])
+    return lexicographic_start(totals, span_length, windows)
+
+
+def lexicographic_start(totals: Sequence[float], span_length: int, windows: Iterable[int]) -> int:
+    """The window (among `windows`) whose sorted per-block throughputs are lexicographically smallest.
+
+    Rather than sorting every window, blocks are visited from the weakest up: at each value, the windows holding
+    the most blocks of that value win (their sorted vector has it where the others have something larger), until
+    one window is left; equal vectors go to the earliest window.
+    """
+    candidates = sorted(windows)
+    order = sorted(range(len(totals)), key=totals.__getitem__)
+    i = 0
+    while len(candidates) > 1 and i < len(order):
+        value, marks = totals[order[i]], [0] * (len(totals) + 1)
+        while i < len(order) and _close(totals[order[i]], value):
+            marks[order[i] + 1] = 1
+            i += 1
+        for block in range(len(totals)):
+            marks[block + 1] += marks[block]
+        counts = [marks[s + span_length] - marks[s] for s in candidates]
+        most = max(counts)
+        candidates = [s for s, c in zip(candidates, counts) if c == most]
+    return candidates[0]
+
+
+def _bottlenecks_with(load: BlockLoad, span_length: int, throughput: float) -> list[float]:
+    """For each window: the swarm's bottleneck if one more server of `throughput` held it. O(blocks)."""
+    values = load.values()
+    n = len(values)
+    inf = float("inf")
+    prefix_min, suffix_min = [inf] * (n + 1), [inf] * (n + 1)
+    for b in range(n):
+        prefix_min[b + 1] = min(prefix_min[b], values[b])
+    for b in range(n - 1, -1, -1):
+        suffix_min[b] = min(suffix_min[b + 1], values[b])
+    inside = _sliding_min(values, span_length)
+    return [
+        min(prefix_min[s], suffix_min[s + span_length], inside[s] + throughput) for s in range(len(inside))
+    ]
+
+
+def _sliding_min(values: Sequence[float], width: int) -> list[float]:
+    out, window = [], deque()
+    for i, v in enumerate(values):
+        while window and values[window[-1]] >= v:
+            window.pop()
+        window.append(i)
+        if window[0] <= i - width:
+            window.popleft()
+        if i >= width - 1:
+            out.append(values[window[0]])
+    return out
+
+
+def _close(a: float, b: float) -> bool:
+    return abs(a - b) <= _REL_TOL * max(abs(a), abs(b), 1e-12)
