@@ -1,3 +1,5 @@
+import itertools
+
 import pytest
 from balancing_oracle import best_bottleneck, random_swarm
 
@@ -13,16 +15,16 @@ def test_a_move_never_lowers_the_bottleneck(seed):
     num_blocks, spans = random_swarm(seed)
     before = swarm_bottleneck(num_blocks, spans)
     best = best_bottleneck(num_blocks, [(e - s, t) for s, e, t in spans])
-    for min_gain in (1.0, 1.1, 1.5):
+    for min_gain, lookahead in itertools.product((1.0, 1.15, 1.5), (False, True)):
         for me in range(len(spans)):
-            new_span = should_move(num_blocks, spans, me, min_gain)
+            new_span = should_move(num_blocks, spans, me, min_gain, lookahead=lookahead)
             if new_span is None:
                 continue
             assert new_span[1] - new_span[0] == spans[me][1] - spans[me][0]
             after = swarm_bottleneck(num_blocks, _moved(spans, me, new_span))
             assert after >= before
             assert after <= best + 1e-9
-            if before > 0:
+            if before > 0 and not lookahead:
                 assert after >= min_gain * before - 1e-9
 
 
@@ -64,3 +66,24 @@ def test_petals_rule_keeps_span_lengths(seed):
     for me, (start, end, _) in enumerate(spans):
         new_span = petals_should_move(num_blocks, spans, me)
         assert new_span is None or new_span[1] - new_span[0] == end - start
+
+
+def test_only_the_server_whose_move_helps_most_moves():
+    # blocks 2-3 lost their server; either 0-1 server can fill them, the faster one lifts the bottleneck more
+    spans = [(0, 2, 2.0), (0, 2, 3.0), (0, 2, 1.0), (2, 4, 0.5)]
+    assert should_move(4, spans, 1) == (2, 4)
+    assert should_move(4, spans, 0) is None
+    # ... unless that server never moves
+    assert should_move(4, spans, 0, movable=[True, False, True, True]) == (2, 4)
+
+
+def test_lookahead_moves_when_a_second_move_then_pays():
+    spans = [(2, 6, 1.3), (3, 6, 2.4), (0, 5, 3.9), (2, 5, 5.1)]
+    before = swarm_bottleneck(6, spans)  # 3.7, on block 5
+    assert all(should_move(6, spans, me) is None for me in range(4))
+    # the 5.1 server taking 3-6 lifts block 5 but leaves block 2 as weak (3.9, +5%)...
+    assert should_move(6, spans, 3, lookahead=True) == (3, 6)
+    spans = _moved(spans, 3, (3, 6))
+    # ... so the 2.4 server, no longer needed there, can lift blocks 0-2
+    assert should_move(6, spans, 1) == (0, 3)
+    assert swarm_bottleneck(6, _moved(spans, 1, (0, 3))) >= 1.15 * before

@@ -100,15 +100,26 @@ def choose_blocks(
 
 
 def choose_start(
-    load: BlockLoad, span_length: int, *, throughput: float | None = None, rng: random.Random | None = None
+    load: BlockLoad,
+    span_length: int,
+    *,
+    throughput: float | None = None,
+    rng: random.Random | None = None,
+    keep: tuple[int, int] | None = None,
 ) -> int:
-    """`choose_blocks` on a `BlockLoad` the caller keeps (the rebalancing rules and the simulator)."""
+    """`choose_blocks` on a `BlockLoad` the caller keeps (the rebalancing rules and the simulator). `keep`: the
+    span a moving server holds now; among the windows that reach the best bottleneck, the one that keeps the
+    most of it wins (fewer blocks to load), before the lexicographic rule."""
     totals = load.values()
     windows = range(len(totals) - span_length + 1)
-    if throughput is not None and rng is not None:
-        lifted = _bottlenecks_with(load, span_length, throughput)
-        best = max(lifted)
-        windows = [s for s in windows if _close(lifted[s], best)]
+    if throughput is not None and (rng is not None or keep is not None):
+        scores = _scores_with(load, span_length, throughput)
+        best = max(scores)
+        windows = [s for s in windows if scores[s][0] == best[0] and _close(scores[s][1], best[1])]
+    if keep is not None and len(windows) > 1:
+        kept = {s: min(s + span_length, keep[1]) - max(s, keep[0]) for s in windows}
+        most = max(kept.values())
+        windows = [s for s in windows if kept[s] == most]
     if rng is not None and len(windows) > 1:
         floors = {s: min(totals[s : s + span_length]) for s in windows}
         lowest = min(floors.values())
@@ -139,8 +150,9 @@ def lexicographic_start(totals: Sequence[float], span_length: int, windows: Iter
     return candidates[0]
 
 
-def _bottlenecks_with(load: BlockLoad, span_length: int, throughput: float) -> list[float]:
-    """For each window: the swarm's bottleneck if one more server of `throughput` held it. O(blocks)."""
+def _scores_with(load: BlockLoad, span_length: int, throughput: float) -> list[tuple[int, float]]:
+    """For each window, if one more server of `throughput` held it: (uncovered blocks it covers, the swarm's
+    bottleneck then). Larger is better. O(blocks)."""
     values = load.values()
     n = len(values)
     inf = float("inf")
@@ -149,9 +161,16 @@ def _bottlenecks_with(load: BlockLoad, span_length: int, throughput: float) -> l
         prefix_min[b + 1] = min(prefix_min[b], values[b])
     for b in range(n - 1, -1, -1):
         suffix_min[b] = min(suffix_min[b + 1], values[b])
+    empty = [0] * (n + 1)
+    for b in range(n):
+        empty[b + 1] = empty[b] + (load.holders[b] <= 0)
     inside = _sliding_min(values, span_length)
     return [
-        min(prefix_min[s], suffix_min[s + span_length], inside[s] + throughput) for s in range(len(inside))
+        (
+            empty[s + span_length] - empty[s],
+            min(prefix_min[s], suffix_min[s + span_length], inside[s] + throughput),
+        )
+        for s in range(len(inside))
     ]
 
 

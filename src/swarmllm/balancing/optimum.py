@@ -7,7 +7,6 @@ cheap bound that holds for any size. Pure functions; the simulator and the tests
 
 from __future__ import annotations
 
-import math
 from collections import Counter
 from collections.abc import Sequence
 from itertools import combinations
@@ -33,11 +32,14 @@ def bottleneck_upper_bound(num_blocks: int, servers: Sequence[tuple[int, float]]
     """
     if not servers:
         return 0.0
-    best = math.inf
-    for d in range(1, num_blocks):
+    by_length: dict[int, float] = {}  # a thousand servers have a few dozen lengths
+    for length, t in servers:
+        by_length[length] = by_length.get(length, 0.0) + t
+    best = sum(t * length for length, t in by_length.items()) / num_blocks
+    for d in range(2, num_blocks):
         m = (num_blocks - 1) // d + 1
-        best = min(best, sum(t * min(m, -(-length // d)) for length, t in servers) / m)
-    return min(best, sum(t * length for length, t in servers) / num_blocks)
+        best = min(best, sum(t * min(m, -(-length // d)) for length, t in by_length.items()) / m)
+    return best
 
 
 def optimal_bottleneck(num_blocks: int, servers: Sequence[tuple[int, float]]) -> float:
