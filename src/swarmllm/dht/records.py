@@ -19,7 +19,7 @@ from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.utils import get_dht_time
 from hivemind.utils.crypto import RSAPublicKey
 
-from swarmllm.dht.info import ModelInfo, ServerInfo, parse_model_info, parse_server_info
+from swarmllm.dht.info import ModelInfo, ServerInfo, ServerState, parse_model_info, parse_server_info
 from swarmllm.wire.identity import peer_id_from_public_key
 
 MODELS_KEY = "_swarmllm.models"
@@ -85,8 +85,15 @@ async def find_servers(dht: hivemind.DHT, dht_prefix: str, num_blocks: int) -> l
             info = parse_server_info(value)
             if info is None or owner_peer_id(subkey) != info.peer_id or info.end_block > num_blocks:
                 continue
-            servers.setdefault(info.peer_id, info)
+            known = servers.get(info.peer_id)
+            if known is None or _PREFERENCE[info.state] < _PREFERENCE[known.state]:
+                servers[info.peer_id] = info
     return list(servers.values())
+
+
+# A server that moved leaves an offline record under the blocks it gave up (until it expires) and an online one
+# under its new blocks: the online one is the server.
+_PREFERENCE = {ServerState.ONLINE: 0, ServerState.JOINING: 1, ServerState.OFFLINE: 2}
 
 
 async def list_models(dht: hivemind.DHT) -> list[ModelInfo]:

@@ -106,23 +106,34 @@ def load_span(
     device: torch.device | str = "cpu",
     revision: str | None = None,
     cache_dir: str | PathLike | None = None,
+    reuse: BlockSpan | None = None,
 ) -> BlockSpan:
     """Blocks [start, end) with their weights, reading no other block's tensors.
 
     Modules are built on the meta device and take the loaded tensors as their parameters, so peak memory
-    is about the span's weights plus one tensor.
+    is about the span's weights plus one tensor. Blocks that `reuse` (a span of the same model, dtype and device
+    already loaded) holds are shared with it, not read again: a server moving its span loads only what is new.
     """
     _check_dtype(dtype)
     _, config = load_config(name_or_path, revision=revision, cache_dir=cache_dir)
     with torch.device("meta"):
         span = BlockSpan(config, start, end)
     span.rotary.to(device)
+    held = set(range(reuse.start, reuse.end)) if reuse is not None else set()
+    for i in held & set(range(start, end)):
+        span.blocks[i - start] = reuse.blocks[i - reuse.start]
+    missing = [i for i in range(start, end) if i not in held]
+    if not missing:
+        return span
     root, files = _locate(
-        name_or_path, lambda names: tensor_names_for_blocks(names, start, end), revision, cache_dir
+        name_or_path,
+        lambda names: tensor_names_for_blocks(names, missing[0], missing[-1] + 1),
+        revision,
+        cache_dir,
     )
     names = [name for file_names in files.values() for name in file_names]
     with _tensor_reader(root, files, dtype, device) as read:
-        for i in range(start, end):
+        for i in missing:
             prefix = f"model.layers.{i}."
             state = {name.removeprefix(prefix): read(name) for name in names if name.startswith(prefix)}
             span.blocks[i - start].load_state_dict(block_state_from_hf(state), strict=True, assign=True)

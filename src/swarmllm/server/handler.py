@@ -13,7 +13,8 @@ failed push costs one client round trip, never a hang. The pushed input enters t
 if the client had sent it, and the reply goes to the client's stream.
 
 Leaving: `leave()` makes every session finish the steps already queued, then end with `server_leaving`, and
-refuses new sessions, so clients move to other servers before this one goes.
+refuses new sessions, so clients move to other servers before this one goes. Moving: `use_backend()` serves new
+requests from a backend over the server's new blocks and hands the old backend's sessions back the same way.
 """
 
 from __future__ import annotations
@@ -89,7 +90,7 @@ class RequestHandler:
         self.peer_id = peer_id  # ours: a push to ourselves (two hops of a chain here) skips the network
         self.leaving = False
         self._by_token: dict[str, _SessionInbox] = {}  # sessions that may receive pushes, by secret id
-        self._open: set[Incoming] = set()  # every open session's queue
+        self._open: dict[Incoming, Backend] = {}  # every open session's queue, and the backend it runs on
         self._all_closed = asyncio.Event()
         self._all_closed.set()
 
@@ -101,15 +102,33 @@ class RequestHandler:
         handlers.add_inline("push", self.rpc_push)
         return handlers
 
+    def use_backend(self, backend: Backend) -> None:
+        """Serve new requests from `backend` (the server moved to other blocks); sessions on the old one are
+        handed back to their clients after the steps they already received, as when the server leaves."""
+        old, self.backend = self.backend, backend
+        self._wake([inbox for inbox, b in self._open.items() if b is old])
+
+    async def sessions_closed(self, backend: Backend, timeout_s: float) -> None:
+        """Wait up to `timeout_s` until no session runs on `backend`."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                while backend in self._open.values():
+                    await asyncio.sleep(0.05)
+        except TimeoutError:
+            logger.warning("sessions still open on the old blocks after %.0f s", timeout_s)
+
+    def _wake(self, inboxes: list[Incoming]) -> None:
+        for inbox in inboxes:
+            try:
+                inbox.put_nowait(_LEAVING)
+            except asyncio.QueueFull:
+                pass  # the session sees it is handed back after its next step
+
     async def leave(self, timeout_s: float) -> None:
         """Hand back every session (after the steps it already received) and wait up to `timeout_s` for them
         to close."""
         self.leaving = True
-        for inbox in self._open:
-            try:
-                inbox.put_nowait(_LEAVING)
-            except asyncio.QueueFull:
-                pass  # the session sees `leaving` after its next step
+        self._wake(list(self._open))
         try:
             async with asyncio.timeout(timeout_s):
                 await self._all_closed.wait()
@@ -143,8 +162,9 @@ class RequestHandler:
             raise RequestError("bad_request", "session_id is already in use")
         if self.leaving:
             raise RequestError("server_leaving", "this server is leaving the swarm")
+        backend = self.backend  # a session stays on the blocks it opened on, even if the server moves
         try:
-            session = self.backend.open_session(start, end, opening.batch_size, opening.max_length)
+            session = backend.open_session(start, end, opening.batch_size, opening.max_length)
         except CacheFullError as e:
             raise RequestError("cache_full", str(e)) from None
         logger.debug(
@@ -160,13 +180,13 @@ class RequestHandler:
         target = _SessionInbox(incoming, opening.accept_push_from)
         if token is not None:
             self._by_token[token] = target
-        self._open.add(incoming)
+        self._open[incoming] = backend
         self._all_closed.clear()
         last_step = -1
         try:
             while True:
-                if self.leaving:
-                    raise RequestError("server_leaving", "this server is leaving the swarm")
+                if self.leaving or backend is not self.backend:
+                    raise RequestError("server_leaving", "this server is leaving these blocks")
                 try:
                     async with asyncio.timeout(self.limits.session_idle_timeout_s):
                         message = await incoming.get()
@@ -189,16 +209,16 @@ class RequestHandler:
                     if isinstance(message, _Pushed) and item.step <= last_step:
                         continue  # a push that arrived after the client had already sent this step itself
                     last_step = max(last_step, item.step)
-                    yield await self._step(session, item)
+                    yield await self._step(backend, session, item)
                 except RequestError as e:
                     yield StepError.from_request_error(e).to_message()
         finally:
             if token is not None:
                 self._by_token.pop(token, None)
-            self._open.discard(incoming)
+            self._open.pop(incoming, None)
             if not self._open:
                 self._all_closed.set()
-            self.backend.close_session(session)
+            backend.close_session(session)
             logger.debug("session %s closed", session.session_id)
 
     def rpc_push(self, request: Message, context: CallContext) -> Message:
@@ -219,9 +239,16 @@ class RequestHandler:
         except asyncio.QueueFull:
             raise RequestError("busy", "the session's queue is full") from None
 
-    async def _step(self, session: Session, step: Step) -> Message:
+    async def _step(self, backend: Backend, session: Session, step: Step) -> Message:
         check_range("position", step.position, 0, session.length)
-        hidden = self._hidden(step.hidden, batch=session.batch_size)
+        hidden = check_tensor(
+            step.hidden,
+            "hidden",
+            ndim=3,
+            dtypes=FLOAT_DTYPES,
+            shape={0: session.batch_size, 2: backend.hidden_size},
+            finite=True,
+        )
         length = hidden.shape[1]
         if step.position + length > session.max_length:
             raise RequestError(
@@ -230,7 +257,7 @@ class RequestHandler:
             )
         new_mask = self._mask(step.key_mask, session.batch_size, length)
         began = time.perf_counter()
-        out = await self.backend.step(session, hidden, step.position, new_mask)
+        out = await backend.step(session, hidden, step.position, new_mask)
         # the compute time lets clients and benchmarks split a hop into network and server work
         compute_s = time.perf_counter() - began
         pushed = bool(step.push) and await self._push(step, out)
@@ -262,8 +289,8 @@ class RequestHandler:
         check_range("end", end, start + 1, self.backend.end)
         return start, end
 
-    def _hidden(self, tensor: torch.Tensor, batch: int | None = None) -> torch.Tensor:
-        shape = {2: self.backend.hidden_size} if batch is None else {0: batch, 2: self.backend.hidden_size}
+    def _hidden(self, tensor: torch.Tensor) -> torch.Tensor:
+        shape = {2: self.backend.hidden_size}
         return check_tensor(tensor, "hidden", ndim=3, dtypes=FLOAT_DTYPES, shape=shape, finite=True)
 
     @staticmethod

@@ -20,9 +20,10 @@ import torch
 import swarmllm
 from swarmllm.balancing import choose_blocks
 from swarmllm.balancing.memory import blocks_that_fit
+from swarmllm.balancing.moves import should_move
 from swarmllm.dht import ModelInfo, ServerInfo, ServerState, announce, find_servers, start_dht, visible_maddrs
 from swarmllm.dht.records import dht_prefix_for
-from swarmllm.models import BlockConfig, KVCache, load_config, load_span
+from swarmllm.models import BlockConfig, BlockSpan, KVCache, load_config, load_span
 from swarmllm.server.backend import Backend
 from swarmllm.server.handler import RequestHandler, ServerLimits
 from swarmllm.server.host import HostShare, host_cores, threads_per_server
@@ -33,11 +34,21 @@ from swarmllm.server.memory import (
     cache_bytes_per_block,
 )
 from swarmllm.server.throughput import cached_throughput
-from swarmllm.wire import Connection, ConnectionPool, DirectServer, Identity, serve_libp2p
+from swarmllm.wire import (
+    Connection,
+    ConnectionPool,
+    DirectServer,
+    Identity,
+    Message,
+    WireError,
+    serve_libp2p,
+)
 
 logger = logging.getLogger(__name__)
 
-PEERS_REFRESH_S = 5.0  # at most this often, an unknown push target makes us look the swarm up again
+PEERS_REFRESH_S = 5.0
+MAX_PINGS = 64  # peers pinged before each rebalancing decision
+PING_TIMEOUT_S = 3.0  # at most this often, an unknown push target makes us look the swarm up again
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -142,26 +153,10 @@ class Server:
                 self.inference_rps,
                 self.forward_rps,
             )
-        self.backend = await asyncio.get_running_loop().run_in_executor(
-            None,
-            lambda: Backend(
-                span,
-                cache_tokens=cfg.max_cache_tokens,
-                device=cfg.device,
-                compile=cfg.compile,
-                cuda_graphs=cfg.cuda_graphs,
-            ),
-        )
-        logger.info("decode steps run %s", self.backend.decoder.mode)
-        cache_mib = (
-            cfg.max_cache_tokens
-            * KVCache.bytes_per_token(end - start, span.config, DTYPES[cfg.dtype])
-            / 2**20
-        )
-        logger.info("KV-cache budget: %d tokens, up to %.0f MiB", cfg.max_cache_tokens, cache_mib)
+        self.backend = await self._make_backend(span)
         p2p = await self.dht.replicate_p2p()
         self.pool = ConnectionPool(self.identity, p2p)
-        handler = RequestHandler(
+        self.handler = handler = RequestHandler(
             self.backend, self._info_record, cfg.limits, self._connect, self.identity.peer_id
         )
         handlers = handler.handlers()
@@ -172,6 +167,7 @@ class Server:
         await serve_libp2p(p2p, handlers)
         self.state = ServerState.ONLINE
         await self._announce()
+        await self._refresh_peers()  # now, not inside the first push's time budget
         print(
             json.dumps(
                 {
@@ -193,6 +189,8 @@ class Server:
                     self._share_cores()
                     await self._announce()
                     await self._refresh_peers()
+                    if cfg.blocks is None:  # an operator's --blocks is kept; a chosen span may move
+                        await self._rebalance()
         finally:
             self.state = ServerState.OFFLINE
             await self._announce()
@@ -201,6 +199,75 @@ class Server:
             await self.pool.close()
             self.backend.shutdown()
             logger.info("server %s left the swarm", self.identity.peer_id)
+
+    async def _make_backend(self, span: BlockSpan) -> Backend:
+        cfg = self.config
+        backend = await asyncio.get_running_loop().run_in_executor(
+            None,
+            lambda: Backend(
+                span,
+                cache_tokens=cfg.max_cache_tokens,
+                device=cfg.device,
+                compile=cfg.compile,
+                cuda_graphs=cfg.cuda_graphs,
+            ),
+        )
+        logger.info("decode steps run %s", backend.decoder.mode)
+        cache_mib = (
+            cfg.max_cache_tokens
+            * KVCache.bytes_per_token(span.end - span.start, span.config, DTYPES[cfg.dtype])
+            / 2**20
+        )
+        logger.info("KV-cache budget: %d tokens, up to %.0f MiB", cfg.max_cache_tokens, cache_mib)
+        return backend
+
+    async def _rebalance(self) -> None:
+        """Move to other blocks when that raises the swarm's bottleneck enough (`balancing.should_move`). Peers
+        are pinged first: a server that died keeps its record until it expires, and its blocks may need us now."""
+        others = [s for s in self.peers.values() if s.state != ServerState.OFFLINE]
+        alive = await asyncio.gather(*(self._answers(s.peer_id) for s in others[:MAX_PINGS]))
+        others = [s for s, ok in zip(others, alive) if ok] + others[MAX_PINGS:]
+        # every server orders the swarm alike (by peer id), so all agree on which one of them should move
+        swarm = sorted([*others, self._info()], key=lambda s: s.peer_id)
+        spans = [(s.start_block, s.end_block, s.throughput) for s in swarm]
+        me = next(i for i, s in enumerate(swarm) if s.peer_id == self.identity.peer_id)
+        target = should_move(self.model_info.num_blocks, spans, me)
+        if target is not None:
+            await self._move(*target)
+
+    async def _answers(self, peer_id: str) -> bool:
+        try:
+            async with asyncio.timeout(PING_TIMEOUT_S):
+                conn = await self._connect(peer_id)
+                await conn.call("info", Message())
+            return True
+        except (TimeoutError, WireError, OSError):
+            logger.info("peer %s does not answer; balancing without it", peer_id)
+            return False
+
+    async def _move(self, start: int, end: int) -> None:
+        """Serve blocks [start, end) instead: load only the new blocks while still serving the old ones, switch
+        (sessions on the old blocks go back to their clients, whose failover moves them), then announce."""
+        cfg, old_backend = self.config, self.backend
+        old_start, old_end = self.start, self.end
+        logger.info("moving from blocks [%d, %d) to [%d, %d)", old_start, old_end, start, end)
+        began = time.perf_counter()
+        span = await asyncio.get_running_loop().run_in_executor(
+            None,
+            lambda: load_span(
+                cfg.model, start, end, dtype=DTYPES[cfg.dtype], device=cfg.device, reuse=old_backend.span
+            ),
+        )
+        self.backend = await self._make_backend(span)
+        self.handler.use_backend(self.backend)
+        gone = self._info().model_copy(update={"state": ServerState.OFFLINE})
+        self.start, self.end = start, end
+        await self._announce()  # the new blocks first: a reader prefers a peer's online record
+        await self._announce(gone)  # then off the blocks it left (records of blocks it kept are rewritten)
+        await self._announce()
+        await self.handler.sessions_closed(old_backend, cfg.leave_timeout_s)
+        old_backend.shutdown()
+        logger.info("moved to blocks [%d, %d) in %.1f s", start, end, time.perf_counter() - began)
 
     def _share_cores(self) -> None:
         """Use this server's share of the host's cores (see `server.host`)."""
@@ -280,11 +347,10 @@ class Server:
         found = await find_servers(self.dht, self.dht_prefix, self.model_info.num_blocks)
         self.peers = {s.peer_id: s for s in found if s.peer_id != self.identity.peer_id}
 
-    async def _announce(self) -> None:
+    async def _announce(self, info: ServerInfo | None = None) -> None:
         expiration = self.config.expiration_s or 3 * self.config.update_period_s
-        ok = await announce(
-            self.dht, self.owner_tag, self.dht_prefix, self._info(), self.model_info, expiration
-        )
+        info = info or self._info()
+        ok = await announce(self.dht, self.owner_tag, self.dht_prefix, info, self.model_info, expiration)
         if not ok:
             logger.warning("announcing %s to the DHT failed; retrying next period", self.state.value)
 
