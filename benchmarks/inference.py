@@ -62,7 +62,7 @@ def main() -> None:
     print(table)
     if not args.no_record:
         append_results(
-            "Inference through a local swarm (2 servers, 1 CPU thread each"
+            "Inference through a local swarm (2 servers with default flags: they split the cores"
             + (", --compile" if args.compile else "")
             + ") vs local transformers",
             table,
