@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-import swarmllm
 from swarmllm.balancing import choose_blocks
 from swarmllm.balancing.memory import blocks_that_fit
 from swarmllm.balancing.moves import should_move
@@ -34,6 +33,7 @@ from swarmllm.server.memory import (
     cache_bytes_per_block,
 )
 from swarmllm.server.throughput import cached_throughput
+from swarmllm.version import __version__
 from swarmllm.wire import (
     Connection,
     ConnectionPool,
@@ -322,7 +322,7 @@ class Server:
             inference_rps=self.inference_rps,
             forward_rps=self.forward_rps,
             cache_tokens_left=free,
-            version=swarmllm.__version__,
+            version=__version__,
             dtype=self.config.dtype,
             public_name=self.config.public_name,
             direct_addrs=(self.direct_addr,) if self.direct_addr else (),
