@@ -1,4 +1,4 @@
-"""Load balancing under churn: our rule (`should_move` with a `min_gain`) against Petals' published rule.
+"""Load balancing under churn: our rule (`should_move`, with its `min_gain` and `min_lift`) against Petals' rule.
 
 Seeded swarms of heterogeneous servers (throughput log-uniform over 10x, span length 20-60% of the model) join
 and leave; after each event every policy runs rebalancing rounds (each server, in a seeded random order, asks its
@@ -9,18 +9,20 @@ rule whether to move, until a round moves nobody or `--rounds` rounds). Both pol
   `bottleneck_upper_bound`, and the step latency of an inference route (a shortest path over block boundaries,
   each hop costing the server's round trip plus its blocks' compute, as `route_inference` computes it). At this
   size only a seeded sample of servers checks after each event (the same servers for every policy), as a
-  periodic check would in a swarm with churn faster than the check period.
+  periodic check would in a swarm with churn faster than the check period. Some churn events are outages: every
+  server starting in 4 neighbouring blocks leaves at once (a data center, a cloud region).
 
 Moves count servers that move; "blocks loaded" counts the blocks a moving server did not hold before (a joiner's
 first load is the same for every policy and not counted).
 
-    python benchmarks/balancing_sim.py [--scenarios 40] [--events 40] [--min-gains 1.0 1.05 1.1 1.2 1.5]
-        [--large-servers 1000] [--large-events 200] [--large-checks 5] [--no-record]
+    python benchmarks/balancing_sim.py [--scenarios 40] [--events 40] [--min-gains 1.1 1.2 1.3]
+        [--min-lifts 1.0 0.5 inf] [--large-servers 1000] [--large-events 200] [--large-checks 5] [--no-record]
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
 import random
 import statistics
@@ -31,6 +33,8 @@ from dataclasses import dataclass, field
 from common import append_results, markdown_table
 
 from swarmllm.balancing import (
+    DEFAULT_MIN_GAIN,
+    DEFAULT_MIN_LIFT,
     BlockLoad,
     bottleneck_upper_bound,
     choose_start,
@@ -80,10 +84,13 @@ class Trace:
     seconds: float = 0.0
 
 
-def ours(min_gain: float, lookahead: bool = False) -> Policy:
+def ours(min_gain: float, min_lift: float, lookahead: bool = False) -> Policy:
+    name = f"ours, min_gain {min_gain:g}, min_lift {min_lift:g}" + (", lookahead" if lookahead else "")
     return Policy(
-        f"ours, min_gain {min_gain:g}" + (", lookahead" if lookahead else ""),
-        lambda n, spans, me, load: should_move(n, spans, me, min_gain, lookahead=lookahead, load=load),
+        name,
+        lambda n, spans, me, load: should_move(
+            n, spans, me, min_gain, min_lift=min_lift, lookahead=lookahead, load=load
+        ),
     )
 
 
@@ -361,23 +368,21 @@ def main() -> None:
     parser.add_argument(
         "--rounds", type=int, default=5, help="rebalancing rounds after each small-swarm event"
     )
-    parser.add_argument("--min-gains", type=float, nargs="+", default=[1.0, 1.05, 1.1, 1.2, 1.5])
-    parser.add_argument(
-        "--lookahead", type=float, default=None, help="also run ours with lookahead at this gain"
-    )
+    parser.add_argument("--min-gains", type=float, nargs="+", default=[1.1, DEFAULT_MIN_GAIN, 1.3])
+    parser.add_argument("--min-lifts", type=float, nargs="+", default=[DEFAULT_MIN_LIFT, 0.5, math.inf])
     parser.add_argument("--large-servers", type=int, default=1000)
     parser.add_argument("--large-events", type=int, default=200)
     parser.add_argument(
         "--large-checks", type=int, default=5, help="servers that check after each large event"
     )
-    parser.add_argument("--large-min-gain", type=float, default=None, help="default: DEFAULT_MIN_GAIN")
+    parser.add_argument("--large-outages", type=int, default=4, help="outages among the large churn events")
     parser.add_argument("--no-record", action="store_true")
     args = parser.parse_args()
 
     check_route_cost()
-    policies = [*(ours(g) for g in args.min_gains), PETALS, NO_MOVES]
-    if args.lookahead:
-        policies.insert(len(args.min_gains), ours(args.lookahead, lookahead=True))
+    variants = itertools.product(args.min_gains, args.min_lifts)
+    lookahead = ours(DEFAULT_MIN_GAIN, DEFAULT_MIN_LIFT, lookahead=True)
+    policies = [*(ours(*variant) for variant in variants), lookahead, PETALS, NO_MOVES]
     began = time.perf_counter()
     small = small_runs(args, policies)
     small_s = time.perf_counter() - began
@@ -410,14 +415,11 @@ def main() -> None:
     small_table = markdown_table(header, rows)
     print(small_table)
 
-    from swarmllm.balancing import DEFAULT_MIN_GAIN
-
-    gain = args.large_min_gain or DEFAULT_MIN_GAIN
     print(
         f"internet scale: {args.large_servers} servers, 80 blocks, {args.large_events} churn events",
         flush=True,
     )
-    large = large_runs(args, [ours(gain), PETALS, NO_MOVES])
+    large = large_runs(args, [*(ours(DEFAULT_MIN_GAIN, lift) for lift in args.min_lifts), PETALS, NO_MOVES])
     rows = []
     for name, trace in large.items():
         rows.append(
@@ -459,11 +461,14 @@ def main() -> None:
         append_results(
             f"Load balancing at internet scale: {args.large_servers} servers, 80 blocks, churn",
             large_table,
-            f"{args.large_servers} joins, then {args.large_events} joins or leaves (within +-10%); after each, "
+            f"{args.large_servers} joins, then {args.large_events} joins or leaves (between 80% and 110% of the "
+            f"servers), {args.large_outages} of them outages (every server starting in 4 neighbouring blocks "
+            f"leaves at once); after each, "
             f"{args.large_checks} seeded servers check their rule once. Ratios over the churn events, against "
             f"`bottleneck_upper_bound` (not the optimum, so a lower bound of the true ratio). Route: the fastest "
             f"inference chain for one step (round trip 10-300 ms per server, compute 1/throughput per block, "
-            f"throughput {LARGE_SPEED[0]:g}-{LARGE_SPEED[1]:g} steps/s per block), every {max(1, args.large_events // 20)} events. "
+            f"throughput {LARGE_SPEED[0]:g}-{LARGE_SPEED[1]:g} steps/s per block), every "
+            f"{max(1, args.large_events // 20)} events. "
             f"sim s: wall time of the policy's whole run (joins, churn, checks, routes).",
         )
 

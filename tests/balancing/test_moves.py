@@ -1,9 +1,10 @@
 import itertools
+import math
 
 import pytest
 from balancing_oracle import best_bottleneck, random_swarm
 
-from swarmllm.balancing import petals_should_move, should_move, swarm_bottleneck
+from swarmllm.balancing import DEFAULT_MIN_LIFT, petals_should_move, should_move, swarm_bottleneck
 
 
 def _moved(spans, me, new_span):
@@ -25,7 +26,8 @@ def test_a_move_never_lowers_the_bottleneck(seed):
             assert after >= before
             assert after <= best + 1e-9
             if before > 0 and not lookahead:
-                assert after >= min_gain * before - 1e-9
+                lift = after - before
+                assert after >= min_gain * before - 1e-9 or lift >= DEFAULT_MIN_LIFT * spans[me][2] - 1e-9
 
 
 def test_moves_to_cover_blocks_no_one_holds():
@@ -36,8 +38,11 @@ def test_moves_to_cover_blocks_no_one_holds():
 def test_stays_unless_the_gain_pays_for_the_move():
     spans = [(0, 2, 10.0), (2, 4, 5.0), (2, 4, 5.3), (2, 4, 0.4)]  # bottleneck 10.0 on blocks 0-1
     # the 0.4 server moving to the front would give min(10.4, 10.3) / 10.0 = 1.03
-    assert should_move(4, spans, 3, min_gain=1.01) == (0, 2)
-    assert should_move(4, spans, 3, min_gain=1.1) is None
+    assert should_move(4, spans, 3, min_gain=1.01, min_lift=math.inf) == (0, 2)
+    assert should_move(4, spans, 3, min_gain=1.1, min_lift=math.inf) is None
+    # ... or if the bottleneck rises by enough of the server's own throughput: 0.3 of its 0.4 here
+    assert should_move(4, spans, 3, min_gain=1.1, min_lift=0.7) == (0, 2)
+    assert should_move(4, spans, 3, min_gain=1.1, min_lift=0.8) is None
 
 
 def test_stays_where_it_already_is_best():

@@ -8,11 +8,12 @@ from swarmllm.balancing.blocks import (
     choose_start,
     swarm_bottleneck,
 )
-from swarmllm.balancing.moves import DEFAULT_MIN_GAIN, petals_should_move, should_move
+from swarmllm.balancing.moves import DEFAULT_MIN_GAIN, DEFAULT_MIN_LIFT, petals_should_move, should_move
 from swarmllm.balancing.optimum import ServerSpec, bottleneck_upper_bound, optimal_bottleneck
 
 __all__ = [
     "DEFAULT_MIN_GAIN",
+    "DEFAULT_MIN_LIFT",
     "BlockLoad",
     "ServerSpec",
     "Span",

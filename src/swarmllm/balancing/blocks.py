@@ -150,9 +150,8 @@ def lexicographic_start(totals: Sequence[float], span_length: int, windows: Iter
     return candidates[0]
 
 
-def _scores_with(load: BlockLoad, span_length: int, throughput: float) -> list[tuple[int, float]]:
-    """For each window, if one more server of `throughput` held it: (uncovered blocks it covers, the swarm's
-    bottleneck then). Larger is better. O(blocks)."""
+def window_minima(load: BlockLoad, span_length: int) -> tuple[list[float], list[float]]:
+    """For each window of `span_length` blocks: the least throughput outside it and inside it. O(blocks)."""
     values = load.values()
     n = len(values)
     inf = float("inf")
@@ -161,15 +160,19 @@ def _scores_with(load: BlockLoad, span_length: int, throughput: float) -> list[t
         prefix_min[b + 1] = min(prefix_min[b], values[b])
     for b in range(n - 1, -1, -1):
         suffix_min[b] = min(suffix_min[b + 1], values[b])
-    empty = [0] * (n + 1)
-    for b in range(n):
-        empty[b + 1] = empty[b] + (load.holders[b] <= 0)
     inside = _sliding_min(values, span_length)
+    return [min(prefix_min[s], suffix_min[s + span_length]) for s in range(len(inside))], inside
+
+
+def _scores_with(load: BlockLoad, span_length: int, throughput: float) -> list[tuple[int, float]]:
+    """For each window, if one more server of `throughput` held it: (uncovered blocks it covers, the swarm's
+    bottleneck then). Larger is better. O(blocks)."""
+    outside, inside = window_minima(load, span_length)
+    empty = [0] * (len(load.holders) + 1)
+    for b, count in enumerate(load.holders):
+        empty[b + 1] = empty[b] + (count <= 0)
     return [
-        (
-            empty[s + span_length] - empty[s],
-            min(prefix_min[s], suffix_min[s + span_length], inside[s] + throughput),
-        )
+        (empty[s + span_length] - empty[s], min(outside[s], inside[s] + throughput))
         for s in range(len(inside))
     ]
 

@@ -2,22 +2,28 @@
 
 Servers leave and join, so the arrangement chosen at join time decays. Moving costs a server its loaded blocks
 (it reads new weights and drops the sessions it serves), so a move must pay for itself: `should_move` moves only
-when the swarm's bottleneck rises by a factor of at least `min_gain`, or when the move covers blocks no server
-holds. `petals_should_move` is Petals' published rule, re-implemented from its description for comparison
+when the swarm's bottleneck rises by a factor of at least `min_gain` (what counts in a small swarm), or by at
+least `min_lift` of the mover's own throughput (in a large one, where no single server lifts the bottleneck by
+much, but one that fills a dip left by an outage lifts it by all it brings), or when the move covers blocks no
+server holds; and only the server whose move helps most moves. `petals_should_move` is Petals' published rule, re-implemented from its description for comparison
 (`benchmarks/balancing_sim.py`). No networking; the caller announces the move.
 """
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Sequence
 
-from swarmllm.balancing.blocks import BlockLoad, choose_start
+from swarmllm.balancing.blocks import BlockLoad, choose_start, window_minima
 
-# From benchmarks/balancing_sim.py (RESULTS.md, "Load balancing under churn"): at 1.15 the swarm stays closer to
-# the optimum than under Petals' rule, with fewer moves and fewer blocks loaded; 1.0-1.1 gain 1-2% more for
-# 10-60% more moves, 1.3 and above fall behind Petals'.
-DEFAULT_MIN_GAIN = 1.15
+# From benchmarks/balancing_sim.py (RESULTS.md, "Load balancing under churn"). Small swarms: min_gain 1.2 keeps
+# the swarm closer to the optimum than Petals' rule does, with fewer moves and blocks loaded (1.1: +1% for 15%
+# more moves; 1.3 falls behind Petals). 1,000 servers: min_lift 1.0 (a move must bring the bottleneck all of the
+# mover's throughput) recovers from outages that no min_gain below 2 would act on, at ~0.2 moves per event;
+# 0.5 recovers a little more for twice the moves.
+DEFAULT_MIN_GAIN = 1.2
+DEFAULT_MIN_LIFT = 1.0
 PETALS_BALANCE_QUALITY = 0.75  # Petals moves if old bottleneck / new bottleneck < this
 
 Outcome = tuple[int, float]  # the swarm's (uncovered blocks, bottleneck)
@@ -31,6 +37,7 @@ def should_move(
     *,
     movable: Sequence[bool] | None = None,
     lookahead: bool = False,
+    min_lift: float = DEFAULT_MIN_LIFT,
     rng: random.Random | None = None,
     load: BlockLoad | None = None,
 ) -> tuple[int, int] | None:
@@ -38,8 +45,8 @@ def should_move(
 
     Simulates the server leaving and choosing again as a joiner would (`choose_blocks` with its throughput,
     keeping as many of its blocks as an equally good window allows). It moves if the swarm's bottleneck then
-    rises by a factor >= `min_gain` (>= 1), or, while some blocks have no server, if the move leaves fewer of
-    them uncovered; so a move never lowers the bottleneck.
+    rises by a factor >= `min_gain` (>= 1) or by >= `min_lift` times the server's throughput, or, while some
+    blocks have no server, if the move leaves fewer of them uncovered; so a move never lowers the bottleneck.
 
     Every server sees the same spans, so each can tell whether another server's move would help more; it then
     stays and lets that one move (servers checking at the same moment would otherwise all rush to one weak
@@ -58,12 +65,21 @@ def should_move(
         return None
     new_start, after = mine
     new_span = (new_start, new_start + spans[me][1] - spans[me][0])
-    if _pays(old, after, min_gain):
-        for other in others:
-            theirs = _best_move(load, spans[other], rng)
-            if theirs is not None and (_rank(theirs[1]), -other) > (_rank(after), -me):
-                return None
-        return new_span
+    if _pays(old, after, min_gain, min_lift * spans[me][2]):
+        better = _better_move(load, spans, me, after, others, rng)
+        if better is None:
+            return new_span
+        # stay if that move makes mine useless, move too if mine still pays after it
+        other, start = better
+        then, then_spans = load.copy(), list(spans)
+        then_spans[other] = (start, start + spans[other][1] - spans[other][0], spans[other][2])
+        then.remove(*spans[other])
+        then.add(*then_spans[other])
+        still = _best_move(then, then_spans[me], rng)
+        then_old = (then.uncovered, then.bottleneck)
+        if still is not None and _pays(then_old, still[1], min_gain, min_lift * spans[me][2]):
+            return new_span
+        return None
     if lookahead and _rank(after) >= _rank(old):
         moved, moved_spans = load.copy(), list(spans)
         moved.remove(*spans[me])
@@ -71,7 +87,7 @@ def should_move(
         moved_spans[me] = (*new_span, spans[me][2])
         for other in others:
             follow = _best_move(moved, moved_spans[other], rng)
-            if follow is not None and _pays(old, follow[1], min_gain):
+            if follow is not None and _pays(old, follow[1], min_gain, min_lift * spans[other][2]):
                 return new_span
     return None
 
@@ -90,10 +106,44 @@ def _best_move(
     return new_start, (trial.uncovered, trial.bottleneck)
 
 
-def _pays(old: Outcome, new: Outcome, min_gain: float) -> bool:
+def _better_move(
+    load: BlockLoad,
+    spans: Sequence[tuple[int, int, float]],
+    me: int,
+    mine: Outcome,
+    others: list[int],
+    rng: random.Random | None,
+) -> tuple[int, int] | None:
+    """Another server whose move leaves the swarm better off than mine (ties: the lower index), as (its index,
+    its new start), or None. The fastest are tried first, since they are the likeliest to lift the bottleneck
+    most, and those too slow to reach my outcome are skipped, so a large swarm costs a few simulated moves."""
+    needed: dict[int, float] = {}
+    for other in sorted(others, key=lambda i: -spans[i][2]):
+        start, end, throughput = spans[other]
+        if not mine[0] and load.uncovered == 0:
+            if end - start not in needed:
+                needed[end - start] = _throughput_to_reach(load, end - start, mine[1])
+            if throughput < needed[end - start]:
+                continue
+        theirs = _best_move(load, spans[other], rng)
+        if theirs is not None and (_rank(theirs[1]), -other) > (_rank(mine), -me):
+            return other, theirs[0]
+    return None
+
+
+def _throughput_to_reach(load: BlockLoad, span_length: int, target: float) -> float:
+    """Below this throughput, no server of `span_length` blocks can bring the bottleneck to `target` by moving
+    (its leaving only lowers blocks, so the current load bounds what it reaches). Slightly generous, so that a
+    move reaching exactly `target` is never ruled out by rounding."""
+    outside, inside = window_minima(load, span_length)
+    reachable = [target - low for out, low in zip(outside, inside) if out >= target * (1 - 1e-9)]
+    return min(reachable, default=math.inf) - 1e-9 * abs(target)
+
+
+def _pays(old: Outcome, new: Outcome, min_gain: float, min_lift: float) -> bool:
     if old[0]:
         return new[0] < old[0]
-    return new[1] > old[1] and new[1] >= min_gain * old[1]
+    return new[1] > old[1] and (new[1] >= min_gain * old[1] or new[1] - old[1] >= min_lift * (1 - 1e-9))
 
 
 def _rank(outcome: Outcome) -> tuple[int, float]:
