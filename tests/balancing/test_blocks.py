@@ -62,3 +62,10 @@ def test_simultaneous_joiners_spread_with_jitter():
 def test_server_call_is_unchanged():
     live = [(0, 4, 10.0), (4, 6, 1.0)]
     assert choose_blocks(8, 2, live) == (6, 8)
+
+
+def test_jitter_still_covers_the_most_uncovered_blocks():
+    # blocks 0, 1, 3, 4, 5 have no server; a 2-block window covers two of them at best
+    for seed in range(20):
+        start, _ = choose_blocks(6, 2, [(2, 3, 1.0)], throughput=1.0, rng=random.Random(seed))
+        assert start in (0, 3, 4)
