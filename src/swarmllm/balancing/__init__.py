@@ -2,21 +2,18 @@
 
 from swarmllm.balancing.blocks import (
     BlockLoad,
-    Span,
     block_throughputs,
     choose_blocks,
     choose_start,
     swarm_bottleneck,
 )
 from swarmllm.balancing.moves import DEFAULT_MIN_GAIN, DEFAULT_MIN_LIFT, petals_should_move, should_move
-from swarmllm.balancing.optimum import ServerSpec, bottleneck_upper_bound, optimal_bottleneck
+from swarmllm.balancing.optimum import bottleneck_upper_bound, optimal_bottleneck
 
 __all__ = [
     "DEFAULT_MIN_GAIN",
     "DEFAULT_MIN_LIFT",
     "BlockLoad",
-    "ServerSpec",
-    "Span",
     "block_throughputs",
     "bottleneck_upper_bound",
     "choose_blocks",

@@ -12,17 +12,8 @@ import random
 from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import NamedTuple
 
 _REL_TOL = 1e-9  # throughputs this close count as equal (sums in another order differ in the last bits)
-
-
-class Span(NamedTuple):
-    """A server's blocks [start, end) and the throughput it adds to each of them."""
-
-    start: int
-    end: int
-    throughput: float
 
 
 @dataclass

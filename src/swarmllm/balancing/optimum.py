@@ -10,16 +10,8 @@ from __future__ import annotations
 from collections import Counter
 from collections.abc import Sequence
 from itertools import combinations
-from typing import NamedTuple
 
 _REL_TOL = 1e-9
-
-
-class ServerSpec(NamedTuple):
-    """A server as the balancer sees it: how many blocks it holds and the throughput it adds to each."""
-
-    length: int
-    throughput: float
 
 
 def bottleneck_upper_bound(num_blocks: int, servers: Sequence[tuple[int, float]]) -> float:
