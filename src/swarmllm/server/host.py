@@ -3,7 +3,7 @@
 Each CPU server registers its process id in a per-host folder; its torch thread count is the cores it may use
 divided by the CPU servers registered there (at least 1). Two servers that each took every core would fight over
 them: on 2 cores, two tiny-model servers decode 4-5x slower that way than with one thread each. The count is
-checked again every announce period, so a server that leaves gives its cores back. `--num-threads` overrides.
+checked again every 2 s, so a server that starts or leaves re-splits them soon. `--num-threads` overrides.
 """
 
 from __future__ import annotations

@@ -48,7 +48,8 @@ logger = logging.getLogger(__name__)
 
 PEERS_REFRESH_S = 5.0
 MAX_PINGS = 64  # peers pinged before each rebalancing decision
-PING_TIMEOUT_S = 3.0  # at most this often, an unknown push target makes us look the swarm up again
+PING_TIMEOUT_S = 3.0
+HOST_CHECK_S = 2.0  # how often a CPU server looks for other servers on its host  # at most this often, an unknown push target makes us look the swarm up again
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -181,17 +182,18 @@ class Server:
             ),
             flush=True,
         )
+        host_watch = asyncio.create_task(self._watch_host())
         try:
             while not self._stop.is_set():
                 try:
                     await asyncio.wait_for(self._stop.wait(), cfg.update_period_s)
                 except TimeoutError:
-                    self._share_cores()
                     await self._announce()
                     await self._refresh_peers()
                     if cfg.blocks is None:  # an operator's --blocks is kept; a chosen span may move
                         await self._rebalance()
         finally:
+            host_watch.cancel()
             self.state = ServerState.OFFLINE
             await self._announce()
             await handler.leave(cfg.leave_timeout_s)
@@ -268,6 +270,12 @@ class Server:
         await self.handler.sessions_closed(old_backend, cfg.leave_timeout_s)
         old_backend.shutdown()
         logger.info("moved to blocks [%d, %d) in %.1f s", start, end, time.perf_counter() - began)
+
+    async def _watch_host(self) -> None:
+        """Re-split the host's cores soon after a server on it starts or stops (the check is a folder listing)."""
+        while self.host_share is not None:
+            await asyncio.sleep(HOST_CHECK_S)
+            self._share_cores()
 
     def _share_cores(self) -> None:
         """Use this server's share of the host's cores (see `server.host`)."""
