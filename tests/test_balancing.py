@@ -53,54 +53,59 @@ class KillAt(BaseStreamer):
         pass
 
 
-def test_servers_spread_over_the_model_and_cover_blocks_whose_servers_died(checkpoints):
+def test_servers_spread_over_the_model_and_a_spare_covers_blocks_whose_server_died(checkpoints):
     path = checkpoints("llama", num_layers=NUM_LAYERS)
     _, config = load_config(str(path))
     per_block = block_bytes(config, torch.float32) + cache_bytes_per_block(
         config, torch.float32, CACHE_TOKENS
     )
-    memory = MIN_HEADROOM_BYTES + int(2.5 * per_block)  # room for 2 blocks each: 4 servers, 8 of 6 blocks
+    memory = MIN_HEADROOM_BYTES + int(2.5 * per_block)  # room for 2 blocks each
     extra = [
         "--max-memory", str(memory), "--max-cache-tokens", str(CACHE_TOKENS),
         "--update-period", str(UPDATE_PERIOD_S),
     ]  # fmt: skip
     with LocalSwarm() as swarm:
         swarm.start_bootstrap()
-        infos = swarm.add_servers([(str(path), None)] * 4, extra=extra)  # all at once: they collide first
+        infos = swarm.add_servers([(str(path), None)] * 3, extra=extra)  # at once: they may collide at first
         assert all(i["end"] - i["start"] == 2 for i in infos)
         model = AutoDistributedModelForCausalLM.from_pretrained(str(path), initial_peers=swarm.initial_peers)
         reference = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
         try:
             spread_s = wait_until(lambda: min(coverage(model)) >= 1, timeout_s=60)
-            print(
-                f"\n4 servers started together cover all {NUM_LAYERS} blocks after {spread_s:.1f} s: {coverage(model)}"
-            )
+            print(f"\n3 servers started together cover all {NUM_LAYERS} blocks after {spread_s:.1f} s")
+            spare = swarm.add_server(str(path), None, extra=extra)  # a fourth: some blocks held twice
 
-            # a generation across the death of every server of some blocks: another server moves there
+            # a generation across the death of the only server of some blocks: servers move to cover them
             prompt = torch.tensor([[1, 30, 40, 50, 7]])
             want = reference.generate(prompt, max_new_tokens=20, do_sample=False).tolist()
             killed = []
 
-            def kill_sole_holders():
-                counts = coverage(model)
-                lonely = next(b for b, c in enumerate(counts) if c == 1)
+            def kill_a_sole_holder():
                 servers = run_sync(find_servers(model.swarm.dht, model.swarm.dht_prefix, NUM_LAYERS))
-                victim = next(s.peer_id for s in servers if s.start_block <= lonely < s.end_block)
-                index = next(i for i, info in enumerate(infos) if info["peer_id"] == victim)
+                spare_info = next(s for s in servers if s.peer_id == spare["peer_id"])
+                victim = next(  # a server none of whose blocks the spare holds
+                    s
+                    for s in servers
+                    if s.peer_id != spare["peer_id"]
+                    and (s.end_block <= spare_info.start_block or s.start_block >= spare_info.end_block)
+                )
+                index = next(i for i, info in enumerate(infos) if info["peer_id"] == victim.peer_id)
                 swarm.servers[index].kill()
-                killed.append((time.monotonic(), lonely))
+                killed.append((victim.start_block, victim.end_block))
 
             began = time.monotonic()
             got = model.generate(
-                prompt, max_new_tokens=20, do_sample=False, streamer=KillAt(6, kill_sole_holders)
+                prompt, max_new_tokens=20, do_sample=False, streamer=KillAt(6, kill_a_sole_holder)
             )
             took = time.monotonic() - began
             assert got.tolist() == want
             assert model.swarm.failovers, "the generation should have lost a server"
-            moved = [line for s in swarm.servers for line in s.log if "moved to blocks" in line]
-            assert moved, "some server should have moved to the dead server's blocks"
+            # the spare moved there, or a neighbour did and the spare took the neighbour's place
+            moved = [line.strip() for s in swarm.servers for line in s.log if "moved to blocks" in line]
+            assert any("moved to blocks [{}, {})".format(*killed[0]) in line for line in moved)
+            wait_until(lambda: min(coverage(model)) >= 1, timeout_s=30)
             print(
-                f"block {killed[0][1]} lost its only server; a generation across it took {took:.1f} s: {moved}"
+                f"blocks {killed[0]} lost their only server; a generation across it took {took:.1f} s: {moved}"
             )
         finally:
             model.shutdown()

@@ -62,7 +62,7 @@ def should_move(
     old = (load.uncovered, load.bottleneck)
     mine = _best_move(load, spans[me], rng)
     if mine is None:
-        return None
+        return _unstick(load, spans, me, others, min_gain, min_lift) if lookahead and old[0] else None
     new_start, after = mine
     new_span = (new_start, new_start + spans[me][1] - spans[me][0])
     if _pays(old, after, min_gain, min_lift * spans[me][2]):
@@ -89,6 +89,59 @@ def should_move(
             follow = _best_move(moved, moved_spans[other], rng)
             if follow is not None and _pays(old, follow[1], min_gain, min_lift * spans[other][2]):
                 return new_span
+    return None
+
+
+def next_move(
+    num_blocks: int,
+    spans: Sequence[tuple[int, int, float]],
+    *,
+    movable: Sequence[bool] | None = None,
+    lookahead: bool = False,
+    **options,
+) -> tuple[int, tuple[int, int]] | None:
+    """The one move the swarm makes now, as (server index, new span): the first server, in the order given, whose
+    move pays by itself (`should_move`), else, with `lookahead`, the first whose move prepares one that pays.
+    Servers that see the same spans in the same order agree on it, so exactly one of them moves per round, and
+    a move that only prepares another never goes ahead of one that pays now (they would undo each other)."""
+    load = BlockLoad.from_spans(num_blocks, spans)
+    for ahead in (False, True) if lookahead else (False,):
+        for i in range(len(spans)):
+            if movable is None or movable[i]:
+                target = should_move(
+                    num_blocks, spans, i, movable=movable, lookahead=ahead, load=load, **options
+                )
+                if target is not None:
+                    return i, target
+    return None
+
+
+def _unstick(
+    load: BlockLoad,
+    spans: Sequence[tuple[int, int, float]],
+    me: int,
+    others: list[int],
+    min_gain: float,
+    min_lift: float,
+) -> tuple[int, int] | None:
+    """While blocks have no server and no single move helps (e.g. spans (1, 3) and (3, 5) around uncovered 0:
+    each holds a block alone), the first window for me that leaves as many blocks uncovered and lets another
+    server's move then cover more. Tried only in that case: it simulates a move per window and other server."""
+    start, end, throughput = spans[me]
+    old = (load.uncovered, load.bottleneck)
+    for window in range(len(load.totals) - (end - start) + 1):
+        if window == start:
+            continue
+        moved, moved_spans = load.copy(), list(spans)
+        moved.remove(start, end, throughput)
+        moved.add(window, window + end - start, throughput)
+        if moved.uncovered > old[0]:
+            continue
+        moved_spans[me] = (window, window + end - start, throughput)
+        for other in others:
+            follow = _best_move(moved, moved_spans[other], None)
+            if follow is not None and _pays(old, follow[1], min_gain, min_lift * spans[other][2]):
+                return window, window + end - start
     return None
 
 

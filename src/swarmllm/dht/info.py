@@ -44,6 +44,7 @@ class ServerInfo(BaseModel):
     adapters: tuple[str, ...] = ()
     using_relay: bool = False
     direct_addrs: tuple[str, ...] = Field(default=(), description="host:port of the direct tensor path")
+    movable: bool = Field(default=True, description="False when its operator pinned its blocks (--blocks)")
 
     @model_validator(mode="after")
     def _span_not_empty(self) -> ServerInfo:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import random
 import signal
 import sys
 import time
@@ -19,7 +20,7 @@ import torch
 
 from swarmllm.balancing import choose_blocks
 from swarmllm.balancing.memory import blocks_that_fit
-from swarmllm.balancing.moves import should_move
+from swarmllm.balancing.moves import next_move
 from swarmllm.dht import ModelInfo, ServerInfo, ServerState, announce, find_servers, start_dht, visible_maddrs
 from swarmllm.dht.records import dht_prefix_for
 from swarmllm.models import BlockConfig, BlockSpan, KVCache, load_config, load_span
@@ -233,9 +234,14 @@ class Server:
         swarm = sorted([*others, self._info()], key=lambda s: s.peer_id)
         spans = [(s.start_block, s.end_block, s.throughput) for s in swarm]
         me = next(i for i, s in enumerate(swarm) if s.peer_id == self.identity.peer_id)
-        target = should_move(self.model_info.num_blocks, spans, me)
-        if target is not None:
-            await self._move(*target)
+        # servers pinned by --blocks never move, so nobody waits for them to
+        # lookahead: also a move that costs nothing and lets another one pay (two servers overlapping around a
+        # gap that neither can fill alone: the balancing simulator found it worth its extra moves)
+        movable = [s.movable for s in swarm]
+        move = next_move(self.model_info.num_blocks, spans, movable=movable, lookahead=True)
+        logger.debug("rebalancing over %s as %d: %s", spans, me, move)
+        if move is not None and move[0] == me:
+            await self._move(*move[1])
 
     async def _answers(self, peer_id: str) -> bool:
         try:
@@ -301,7 +307,8 @@ class Server:
         length = min(cfg.num_blocks or self._blocks_that_fit(block_config), total_blocks)
         servers = await find_servers(self.dht, self.dht_prefix, total_blocks)
         live = [(s.start_block, s.end_block, s.throughput) for s in servers if s.state != ServerState.OFFLINE]
-        return choose_blocks(total_blocks, length, live)
+        # jitter among equally good windows, so that servers starting together spread out
+        return choose_blocks(total_blocks, length, live, throughput=self.inference_rps, rng=random.Random())
 
     def _blocks_that_fit(self, block_config: BlockConfig) -> int:
         """The number of blocks whose weights and KV-cache budget fit the memory this server may use."""
@@ -333,6 +340,7 @@ class Server:
             version=__version__,
             dtype=self.config.dtype,
             public_name=self.config.public_name,
+            movable=self.config.blocks is None,
             direct_addrs=(self.direct_addr,) if self.direct_addr else (),
         )
 
