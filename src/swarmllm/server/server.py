@@ -47,7 +47,7 @@ from swarmllm.wire import (
 
 logger = logging.getLogger(__name__)
 
-PEERS_REFRESH_S = 5.0
+PEERS_REFRESH_S = 1.0  # at most this often, a push to a peer we do not know makes us look the swarm up again
 MAX_PINGS = 64  # peers pinged before each rebalancing decision
 PING_TIMEOUT_S = 3.0
 HOST_CHECK_S = 2.0  # how often a CPU server looks for other servers on its host  # at most this often, an unknown push target makes us look the swarm up again
