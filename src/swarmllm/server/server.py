@@ -353,9 +353,11 @@ class Server:
 
     async def _connect(self, peer_id: str) -> Connection:
         """A connection to another server of the model: direct at its announced address, else libp2p."""
-        if peer_id not in self.peers and time.monotonic() - self._peers_at > PEERS_REFRESH_S:
-            await self._refresh_peers()
         info = self.peers.get(peer_id)
+        # unknown, or known from before it served (a joining record has no direct address yet): look again
+        if (info is None or not info.direct_addrs) and time.monotonic() - self._peers_at > PEERS_REFRESH_S:
+            await self._refresh_peers()
+            info = self.peers.get(peer_id)
         return await self.pool.get(peer_id, info.direct_addrs if info is not None else ())
 
     async def _refresh_peers(self) -> None:
