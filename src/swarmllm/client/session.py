@@ -93,7 +93,7 @@ class InferenceSession:
         end = position + hidden.shape[1]
         if end > self.max_length:
             raise ValueError(f"the session's max_length {self.max_length} is too small for {end} tokens")
-        if self.batch_size is None:
+        if not self._hops:  # the first step, or the first one after an opening that failed
             self.batch_size = hidden.shape[0]
             await self._open()
         elif hidden.shape[0] != self.batch_size:
