@@ -131,8 +131,14 @@ def test_sigkill_at_random_steps_while_redundant_servers_hold_the_spans(make_swa
 
 def test_a_replacement_of_several_servers_replays_through_each(make_swarm, reference):
     """The one server of [0, 4) dies; [0, 2) and [2, 4) take over, the kept inputs replayed through both."""
-    swarm = make_swarm([(0, 4), (0, 2), (2, 4)])
-    tokens, seconds = swarm.generate({9: lambda: swarm.server_of_hop(0).kill()}, do_sample=False)
+    swarm = make_swarm([(0, 4)])  # alone when the session opens, so that its chain is this one server
+
+    def add_halves():
+        swarm.add((0, 2))
+        swarm.add((2, 4))
+
+    actions = {1: add_halves, 9: lambda: swarm.server_of_hop(0).kill()}
+    tokens, seconds = swarm.generate(actions, do_sample=False)
     report("SIGKILL of a whole-model server", swarm, seconds)
     assert tokens == reference
     (failover,) = swarm.model.swarm.failovers
