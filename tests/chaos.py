@@ -255,9 +255,6 @@ class Chaos:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def _failovers(self) -> list:
-        return getattr(self.model.swarm, "failovers", [])
-
     def expected(self, prompt: int, new_tokens: int) -> list[int]:
         key = (prompt, new_tokens)
         if key not in self._references:
@@ -273,7 +270,7 @@ class Chaos:
         schedule = plan(seed)
         result = Result(seed, schedule.actions, generations=len(schedule.prompts))
         began = time.monotonic()
-        failovers_before = len(self._failovers())
+        failovers_before = len(self.model.swarm.failovers)
         log = _LogBuffer()
         logging.getLogger("swarmllm").addHandler(log)
         previous_level = logging.getLogger("swarmllm").level
@@ -289,7 +286,7 @@ class Chaos:
             result.quiesce_s = time.monotonic() - quiesce_began
             logging.getLogger("swarmllm").removeHandler(log)
             logging.getLogger("swarmllm").setLevel(previous_level)
-        result.failovers = list(self._failovers()[failovers_before:])
+        result.failovers = list(self.model.swarm.failovers[failovers_before:])
         result.wall_s = time.monotonic() - began
         if not result.ok:
             result.client_log = log.lines

@@ -91,8 +91,7 @@ class RequestHandler:
         self.leaving = False
         self._by_token: dict[str, _SessionInbox] = {}  # sessions that may receive pushes, by secret id
         self._open: dict[Incoming, Backend] = {}  # every open session's queue, and the backend it runs on
-        self._all_closed = asyncio.Event()
-        self._all_closed.set()
+        self._session_closed = asyncio.Event()  # set whenever a session closes
 
     def handlers(self) -> Handlers:
         handlers = Handlers()
@@ -108,14 +107,15 @@ class RequestHandler:
         old, self.backend = self.backend, backend
         self._wake([inbox for inbox, b in self._open.items() if b is old])
 
-    async def sessions_closed(self, backend: Backend, timeout_s: float) -> None:
-        """Wait up to `timeout_s` until no session runs on `backend`."""
+    async def sessions_closed(self, backend: Backend | None, timeout_s: float) -> None:
+        """Wait up to `timeout_s` until no session runs on `backend` (None: on any backend)."""
         try:
             async with asyncio.timeout(timeout_s):
-                while backend in self._open.values():
-                    await asyncio.sleep(0.05)
+                while any(backend is None or b is backend for b in self._open.values()):
+                    self._session_closed.clear()
+                    await self._session_closed.wait()
         except TimeoutError:
-            logger.warning("sessions still open on the old blocks after %.0f s", timeout_s)
+            logger.warning("%d sessions still open after %.0f s; going on", len(self._open), timeout_s)
 
     def _wake(self, inboxes: list[Incoming]) -> None:
         for inbox in inboxes:
@@ -129,11 +129,7 @@ class RequestHandler:
         to close."""
         self.leaving = True
         self._wake(list(self._open))
-        try:
-            async with asyncio.timeout(timeout_s):
-                await self._all_closed.wait()
-        except TimeoutError:
-            logger.warning("%d sessions still open after %.0f s; leaving anyway", len(self._open), timeout_s)
+        await self.sessions_closed(None, timeout_s)
 
     async def rpc_info(self, request: Message, context: CallContext) -> Message:
         return Message(self.info())
@@ -181,7 +177,6 @@ class RequestHandler:
         if token is not None:
             self._by_token[token] = target
         self._open[incoming] = backend
-        self._all_closed.clear()
         last_step = -1
         try:
             while True:
@@ -216,8 +211,7 @@ class RequestHandler:
             if token is not None:
                 self._by_token.pop(token, None)
             self._open.pop(incoming, None)
-            if not self._open:
-                self._all_closed.set()
+            self._session_closed.set()
             backend.close_session(session)
             logger.debug("session %s closed", session.session_id)
 
