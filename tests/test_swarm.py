@@ -240,8 +240,9 @@ def test_servers_push_activations_along_the_chain(models):
         with remote.inference_session(max_length=32) as session:
             ours = remote.generate(**inputs, max_new_tokens=8, do_sample=False)
             assert len(session.session.hops) == 2
-            # every step but the last token's has its second hop's input pushed by the first server
-            assert session.session.pushed_hops == (8 if push else 0)
+            # every step after the first (the second session had not answered yet, so a push could outrun
+            # its opening) has its second hop's input pushed by the first server
+            assert session.session.pushed_hops == (7 if push else 0)
         assert ours.tolist() == theirs.tolist()
     remote.swarm.push = True
 

@@ -80,6 +80,7 @@ class HopSession:
         self.accept_push_from = accept_push_from
         self.session_id = secrets.token_urlsafe(24)  # what the previous server must quote to push to us
         self.history = History()
+        self.answered = False  # the server has answered a step: its session is open, pushes into it can land
         self._stream: Stream | None = None
 
     def __repr__(self) -> str:
@@ -114,7 +115,9 @@ class HopSession:
                 while True:
                     message = await self._stream.recv()
                     if message.meta.get("step", step) == step:  # an in-band refusal carries no step number
-                        return step_reply(message, self.peer_id, sent)
+                        reply = step_reply(message, self.peer_id, sent)
+                        self.answered = True
+                        return reply
         except TimeoutError:
             raise HopTimeoutError(
                 f"server {self.peer_id} (blocks [{self.start}, {self.end})) did not answer step {step} "

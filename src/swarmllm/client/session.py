@@ -15,6 +15,7 @@ with the same step. Nothing else of the session changes, so the tokens are those
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from dataclasses import dataclass
@@ -111,13 +112,20 @@ class InferenceSession:
         timings, pushed, began, i = [], False, time.perf_counter(), 0
         while i < len(self._hops):
             hop = self._hops[i]
-            pushing = self.swarm.push and i + 1 < len(self._hops)
+            # a server pushes only into sessions that have answered once: a push that outruns the opening of
+            # the next session (another connection) would find no session and cost a fallback round trip
+            pushing = self.swarm.push and i + 1 < len(self._hops) and self._hops[i + 1].answered
             tokens = hidden.shape[0] * hidden.shape[1]
             deadline = self.swarm.deadline_s(hop.hop, tokens, decode=hidden.shape[1] == 1)
             try:
                 if not pushed:
                     chain = (
-                        [PushTarget(h.peer_id, h.session_id) for h in self._hops[i + 1 :]] if pushing else []
+                        [
+                            PushTarget(h.peer_id, h.session_id)
+                            for h in itertools.takewhile(lambda h: h.answered, self._hops[i + 1 :])
+                        ]
+                        if pushing
+                        else []
                     )
                     step = Step(position, hidden, key_mask, self._steps, chain, self.swarm.push_timeout_s)
                     await hop.send(step, deadline)
