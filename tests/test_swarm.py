@@ -1,7 +1,6 @@
 """End to end: a bootstrap peer and server processes on 127.0.0.1, a client generating through them, compared
 with transformers running the same checkpoint locally."""
 
-
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer

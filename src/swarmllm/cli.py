@@ -92,8 +92,20 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--no-cuda-graphs", action="store_true", help="on CUDA, run decode steps eagerly instead of as graphs"
     )
-    serve.add_argument("--throughput", type=float, help="announced blocks/s instead of measuring it")
+    serve.add_argument(
+        "--throughput", type=float, help="announced decode steps/s per block instead of measuring it"
+    )
+    serve.add_argument(
+        "--bandwidth", type=float, help="uplink in Mbit/s instead of measuring it with pings to a few peers"
+    )
     serve.add_argument("--update-period", type=float, default=30.0, help="seconds between re-announcements")
+    serve.add_argument(
+        "--balance-period",
+        type=float,
+        default=15.0,
+        help="seconds between checks whether to move to other blocks (also soon after a peer's connection "
+        "breaks); servers started with --blocks never move",
+    )
 
     gen = commands.add_parser("generate", help="generate text with a model served by a swarm")
     gen.add_argument("model", help="hub id or local folder (the client loads only embeddings and LM head)")
@@ -133,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _serve(args: argparse.Namespace) -> int:
     from swarmllm.server.memory import parse_size
+    from swarmllm.server.network import parse_bandwidth
     from swarmllm.server.server import ServerConfig, run_server
 
     if not args.initial_peers and not args.new_swarm:
@@ -161,7 +174,9 @@ def _serve(args: argparse.Namespace) -> int:
             identity_path=args.identity,
             num_threads=args.num_threads,
             throughput=args.throughput,
+            bandwidth=parse_bandwidth(args.bandwidth) if args.bandwidth else None,
             update_period_s=args.update_period,
+            balance_period_s=args.balance_period,
         )
     )
     return 0

@@ -99,3 +99,21 @@ async def test_records_expire(peers):
     while await find_servers(client_dht, "brief", 8):
         assert time.monotonic() < deadline, "an expired record was still returned"
         await asyncio.sleep(0.2)
+
+
+async def test_a_moving_server_announces_its_new_blocks_as_joining_and_stays_online(peers):
+    """A move announces only the new blocks as joining: readers still see the server online on its old span."""
+    _, (server_id, server_dht, tag), (_, client_dht, _) = peers
+    old = info_for(server_id.peer_id, 0, 2)
+    assert await announce(server_dht, tag, "moving", old, MODEL, 60)
+    joining = info_for(server_id.peer_id, 4, 6, ServerState.JOINING)
+    assert await announce(server_dht, tag, "moving", joining, MODEL, 60, blocks=[4, 5])
+    found = await find_servers(client_dht, "moving", 8)
+    assert [(s.state, s.start_block, s.end_block) for s in found] == [(ServerState.ONLINE, 0, 2)]
+    # once moved: online on the new span, offline on the blocks it left; the online record wins
+    assert await announce(server_dht, tag, "moving", info_for(server_id.peer_id, 4, 6), MODEL, 60)
+    assert await announce(
+        server_dht, tag, "moving", old.model_copy(update={"state": ServerState.OFFLINE}), MODEL, 60
+    )
+    found = await find_servers(client_dht, "moving", 8)
+    assert [(s.state, s.start_block, s.end_block) for s in found] == [(ServerState.ONLINE, 4, 6)]

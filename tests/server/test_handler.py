@@ -8,7 +8,22 @@ import torch
 from swarmllm.models import load_span
 from swarmllm.server.backend import Backend
 from swarmllm.server.handler import RequestHandler, ServerLimits
-from swarmllm.wire import DirectServer, Identity, Message, RemoteError, StreamClosed, connect_direct
+from swarmllm.server.network import (
+    PING_MAX_BYTES,
+    measure_link,
+    measure_network,
+    network_rps,
+    parse_bandwidth,
+)
+from swarmllm.wire import (
+    ConnectionPool,
+    DirectServer,
+    Identity,
+    Message,
+    RemoteError,
+    StreamClosed,
+    connect_direct,
+)
 from swarmllm.wire.messages import OpenSession, PushTarget, Repoint, Step
 
 HIDDEN = 64
@@ -326,3 +341,43 @@ async def test_a_push_to_our_own_session_skips_the_network(span):
         await conn.close()
     finally:
         await server.stop()
+
+
+async def test_pings_measure_the_link_and_refuse_oversized_payloads(served):
+    _, conn, server = served
+    assert (await conn.call("ping", Message())).meta == {"bytes": 0}
+    payload = torch.zeros(1000, dtype=torch.uint8)
+    assert (await conn.call("ping", Message(tensors=[payload]))).meta == {"bytes": 1000}
+    with pytest.raises(RemoteError, match="at most"):
+        await conn.call("ping", Message(tensors=[torch.zeros(PING_MAX_BYTES + 1, dtype=torch.uint8)]))
+    speed = await measure_link(conn, probe_bytes=2**20)
+    assert 0 < speed.rtt_s < 1 and speed.bandwidth > 10e6  # loopback: well over 10 MB/s
+
+    async def connect(peer_id):
+        if peer_id == "gone":
+            raise OSError("connection refused")
+        return conn
+
+    assert (await measure_network(connect, ["gone"])) is None
+    both = await measure_network(connect, ["gone", "here"])
+    assert both is not None and both.bandwidth > 10e6
+    # one token's activations of a 4096-wide float16 model are 8 KiB: 1 Gbit/s carries ~15k of them a second
+    assert round(network_rps(parse_bandwidth(1000), 4096, 2)) == 15259
+
+
+async def test_the_pool_reports_connections_that_broke_once(span):
+    handler = RequestHandler(Backend(span, cache_tokens=64), dict)
+    identity = Identity.generate()
+    server = DirectServer(handler.handlers(), identity)
+    await server.start()
+    host, port = server.address
+    pool = ConnectionPool(Identity.generate(), None)
+    try:
+        await pool.get(identity.peer_id, [f"{host}:{port}"])
+        assert pool.drop_broken() == []
+        await server.stop()  # the peer goes away
+        await _until(lambda: pool.is_broken(identity.peer_id))
+        assert pool.drop_broken() == [identity.peer_id]
+        assert pool.drop_broken() == []  # reported once
+    finally:
+        await pool.close()

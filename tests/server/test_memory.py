@@ -6,7 +6,7 @@ import torch
 from swarmllm.balancing.memory import MIN_HEADROOM_BYTES, blocks_that_fit
 from swarmllm.local import LocalSwarm
 from swarmllm.models import LlamaBlock, load_config
-from swarmllm.server.memory import block_bytes, cache_bytes_per_block, parse_size
+from swarmllm.server.memory import block_bytes, cache_bytes_per_block, memory_share, parse_size
 
 
 def test_blocks_that_fit_leave_headroom_and_stay_in_range():
@@ -43,3 +43,12 @@ def test_a_server_without_a_span_holds_what_fits_its_memory(llama_checkpoint):
         )
         assert info["end"] - info["start"] == 2
         assert any("blocks" in line and "KV cache: 2 blocks" in line for line in swarm.servers[0].log)
+
+
+def test_servers_sharing_a_device_split_its_memory():
+    gib = 2**30
+    assert memory_share(free=80 * gib, total=80 * gib, servers=1) == int(64 * gib)  # 80% of it
+    assert memory_share(free=80 * gib, total=80 * gib, servers=2) == int(32 * gib)  # started together
+    # a second server starting after the first took 30 GiB: its share, capped by what is free
+    assert memory_share(free=50 * gib, total=80 * gib, servers=2) == int(32 * gib)
+    assert memory_share(free=20 * gib, total=80 * gib, servers=2) == int(16 * gib)

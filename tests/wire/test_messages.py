@@ -48,7 +48,10 @@ def test_session_messages_round_trip():
     ("message", "match"),
     [
         (Message({"start": 0, "end": "4", "batch_size": 1, "max_length": 8}), "end must be an integer"),
-        (Message({"start": 0, "end": 4, "batch_size": 1, "max_length": 8, "session_id": "short"}), "16 to 128"),
+        (
+            Message({"start": 0, "end": 4, "batch_size": 1, "max_length": 8, "session_id": "short"}),
+            "16 to 128",
+        ),
         (Message({"start": 0, "end": 4, "batch_size": True, "max_length": 8}), "batch_size"),
     ],
 )

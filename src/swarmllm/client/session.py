@@ -8,7 +8,8 @@ client names the chain and each server's session secret); every server still rep
 each hop's input and sends it on itself whenever a server reports that its push failed.
 
 Failover: when a hop fails (broken connection, error, no reply by its deadline, the server leaving), the client
-bans that server, routes a replacement for exactly the hop's blocks (one server or several), replays the hop's
+bans that server (unless it handed the session back in order: it leaves or moved, and announced so), looks the
+swarm up again, routes a replacement for exactly the hop's blocks (one server or several), replays the hop's
 kept inputs to rebuild their caches, re-points the next hop's push permission to the new server and carries on
 with the same step. Nothing else of the session changes, so the tokens are those of a fault-free run.
 """
@@ -25,6 +26,7 @@ import torch
 from swarmllm.client.hop import HopSession, KeptInput
 from swarmllm.client.routing import Hop
 from swarmllm.client.swarm import HOP_FAILURES, SwarmClient, describe
+from swarmllm.wire import RemoteError
 from swarmllm.wire.messages import PushTarget, Step
 
 logger = logging.getLogger(__name__)
@@ -198,7 +200,8 @@ class InferenceSession:
         """Replace hop i, which failed with `error`, by servers that hold its blocks, brought to its state."""
         failed = self._hops[i]
         logger.info("%s failed (%s); replacing it", failed, describe(error))
-        self.swarm.ban(failed.peer_id, error)
+        if not (isinstance(error, RemoteError) and error.code == "server_leaving"):
+            self.swarm.ban(failed.peer_id, error)  # one that moved or leaves in order is healthy, not banned
         await failed.close()
         accept_from = self._hops[i - 1].peer_id if i > 0 else None
         try:

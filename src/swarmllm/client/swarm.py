@@ -180,7 +180,8 @@ class SwarmClient:
         give_up_at = time.monotonic() + self.missing_blocks_timeout_s
         delay, attempt = 0.25, 0
         while True:
-            servers = await self.servers(refresh=attempt > 0)
+            # after a failure, the swarm as it is now (a server that moved or left has announced it)
+            servers = await self.servers(refresh=attempt > 0 or failure is not None)
             banned = self.bans.banned(time.monotonic())
             await self._ping_unknown(
                 [s for s in servers if s.state == ServerState.ONLINE and s.peer_id not in banned]

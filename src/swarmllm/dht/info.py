@@ -30,12 +30,16 @@ class ServerInfo(BaseModel):
     end_block: int = Field(gt=0)
     throughput: float = Field(
         ge=0,
-        description="what block balancing counts for this server, per block: its inference_rps (and the min "
-        "with network_rps once that is measured)",
+        description="what block balancing adds to each block of the span for this server: the smaller of "
+        "inference_rps and network_rps (inference_rps alone until the network is measured)",
     )
     inference_rps: float = Field(ge=0, description="single-token decode steps/s through one block, batch 1")
     forward_rps: float = Field(ge=0, description="batch-forward tokens/s through one block")
-    network_rps: float | None = Field(default=None, description="not measured yet: always None for now")
+    network_rps: float | None = Field(
+        default=None,
+        description="hidden states/s this server's uplink carries (measured bandwidth to a few peers, or "
+        "--bandwidth, over one token's activations); None until measured",
+    )
     cache_tokens_left: int = Field(ge=0)
     version: str
     dtype: str

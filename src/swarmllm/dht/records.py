@@ -66,11 +66,14 @@ async def announce(
     info: ServerInfo,
     model: ModelInfo,
     expiration_s: float,
+    blocks: Sequence[int] | None = None,
 ) -> bool:
-    """Write `info` under every block key of its span and the model registry, signed by `owner_tag`'s key."""
+    """Write `info` under every block key of its span (or only of `blocks`: a moving server announces its new
+    blocks as joining while it still serves the old ones) and the model registry, signed by `owner_tag`'s key."""
     expiration = get_dht_time() + expiration_s
-    keys = [block_key(dht_prefix, b) for b in range(info.start_block, info.end_block)] + [MODELS_KEY]
-    values = [info.to_record()] * info.num_blocks + [model.to_record()]
+    blocks = range(info.start_block, info.end_block) if blocks is None else blocks
+    keys = [block_key(dht_prefix, b) for b in blocks] + [MODELS_KEY]
+    values = [info.to_record()] * len(blocks) + [model.to_record()]
     store = partial(_store_records, keys=keys, subkey=owner_tag, values=values, expiration=expiration)
     return await dht.run_coroutine(store, return_future=True)
 

@@ -1,5 +1,6 @@
-"""The server's RPCs: `info`, `forward` over a span, the `inference` stream that owns a KV-cache session, and
-`push`, by which the previous server of a chain hands its output straight to this one.
+"""The server's RPCs: `info`, `ping` (peers time it to measure their link), `forward` over a span, the
+`inference` stream that owns a KV-cache session, and `push`, by which the previous server of a chain hands its
+output straight to this one.
 
 Everything a peer sends is validated here before it reaches the backend (message types: `wire.messages`). A
 bad opening request or a full cache ends the call with an error frame; a bad step inside a session is answered
@@ -14,7 +15,8 @@ if the client had sent it, and the reply goes to the client's stream.
 
 Leaving: `leave()` makes every session finish the steps already queued, then end with `server_leaving`, and
 refuses new sessions, so clients move to other servers before this one goes. Moving: `use_backend()` serves new
-requests from a backend over the server's new blocks and hands the old backend's sessions back the same way.
+requests from a backend over the server's new blocks, and `hand_back()` hands the old backend's sessions back the
+same way.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import torch
 
 from swarmllm.server.backend import Backend, Session
 from swarmllm.server.cache import CacheFullError
+from swarmllm.server.network import PING_MAX_BYTES
 from swarmllm.wire import CallContext, Connection, Handlers, Incoming, Message, RequestError, WireError
 from swarmllm.wire.messages import (
     ForwardRequest,
@@ -40,7 +43,7 @@ from swarmllm.wire.messages import (
     StepReply,
     parse_session_input,
 )
-from swarmllm.wire.validation import FLOAT_DTYPES, check_range, check_tensor
+from swarmllm.wire.validation import FLOAT_DTYPES, check_count, check_range, check_tensor
 
 logger = logging.getLogger(__name__)
 
@@ -96,16 +99,21 @@ class RequestHandler:
     def handlers(self) -> Handlers:
         handlers = Handlers()
         handlers.add_unary("info", self.rpc_info)
+        handlers.add_unary("ping", self.rpc_ping)
         handlers.add_unary("forward", self.rpc_forward)
         handlers.add_stream("inference", self.rpc_inference)
         handlers.add_inline("push", self.rpc_push)
         return handlers
 
     def use_backend(self, backend: Backend) -> None:
-        """Serve new requests from `backend` (the server moved to other blocks); sessions on the old one are
-        handed back to their clients after the steps they already received, as when the server leaves."""
-        old, self.backend = self.backend, backend
-        self._wake([inbox for inbox, b in self._open.items() if b is old])
+        """Serve new requests from `backend` (the server moved to other blocks); sessions already open stay on
+        their backend until `hand_back`."""
+        self.backend = backend
+
+    def hand_back(self, backend: Backend) -> None:
+        """Hand the sessions on `backend` back to their clients after the steps they already received, as when
+        the server leaves (the server moved, and announced where, so their failover finds the blocks)."""
+        self._wake([inbox for inbox, b in self._open.items() if b is backend])
 
     async def sessions_closed(self, backend: Backend | None, timeout_s: float) -> None:
         """Wait up to `timeout_s` until no session runs on `backend` (None: on any backend)."""
@@ -133,6 +141,14 @@ class RequestHandler:
 
     async def rpc_info(self, request: Message, context: CallContext) -> Message:
         return Message(self.info())
+
+    async def rpc_ping(self, request: Message, context: CallContext) -> Message:
+        """Echo the payload's size: peers time it to measure their link to us (`server.network`)."""
+        check_count(request.tensors, 0, 1, "ping")
+        size = sum(t.numel() * t.element_size() for t in request.tensors)
+        if size > PING_MAX_BYTES:
+            raise RequestError("bad_request", f"a ping carries at most {PING_MAX_BYTES} bytes, got {size}")
+        return Message({"bytes": size})
 
     async def rpc_forward(self, request: Message, context: CallContext) -> Message:
         req = ForwardRequest.parse(request)

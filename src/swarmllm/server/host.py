@@ -1,9 +1,10 @@
-"""Servers that share a host split its CPU cores without the user's help.
+"""Servers that share a host split its CPU cores and each device's memory without the user's help.
 
-Each CPU server registers its process id in a per-host folder; its torch thread count is the cores it may use
-divided by the CPU servers registered there (at least 1). Two servers that each took every core would fight over
-them: on 2 cores, two tiny-model servers decode 4-5x slower that way than with one thread each. The count is
-checked again every 2 s, so a server that starts or leaves re-splits them soon. `--num-threads` overrides.
+Each server registers its process id in a per-host folder of its device ("cpu", "cuda0", ...). A CPU server's
+torch thread count is the cores it may use divided by the CPU servers registered there (at least 1): two servers
+that each took every core would fight over them (on 2 cores, two tiny-model servers decode 4-5x slower that way
+than with one thread each). The count is checked again every 2 s, so a server that starts or leaves re-splits
+them soon; `--num-threads` overrides. Memory is split once, when a server sizes its span (`server.memory`).
 """
 
 from __future__ import annotations
@@ -24,6 +25,11 @@ def host_cores() -> int:
         return os.cpu_count() or 1
 
 
+def device_folder(device: str) -> Path:
+    """The registry of the servers using `device` on this host."""
+    return REGISTRY / device.replace(":", "")
+
+
 def threads_per_server(cores: int, servers: int) -> int:
     return max(1, cores // max(1, servers))
 
@@ -39,9 +45,9 @@ def _alive(pid: int) -> bool:
 
 
 class HostShare:
-    """This server's entry in the host's registry of CPU servers."""
+    """This server's entry in the host's registry of the servers of one device."""
 
-    def __init__(self, folder: Path = REGISTRY, pid: int | None = None):
+    def __init__(self, folder: Path, pid: int | None = None):
         self.folder = folder
         self.pid = os.getpid() if pid is None else pid
 
@@ -54,7 +60,8 @@ class HostShare:
             (self.folder / str(self.pid)).unlink()
 
     def servers(self) -> int:
-        """CPU servers running on this host, this one included; entries of dead processes are removed."""
+        """Servers of this device running on this host, this one included; entries of dead processes are
+        removed."""
         count = 0
         for entry in self.folder.glob("*"):
             if not entry.name.isdigit():

@@ -10,7 +10,7 @@ from accelerate.utils import compute_module_sizes
 
 from swarmllm.models import BlockConfig, KVCache, LlamaBlock
 
-DEFAULT_MEMORY_FRACTION = 0.8  # of the memory available when the server starts, unless --max-memory says
+DEFAULT_MEMORY_FRACTION = 0.8  # of the device's memory, split between its servers, unless --max-memory says
 
 
 def block_bytes(config: BlockConfig, dtype: torch.dtype) -> int:
@@ -24,13 +24,20 @@ def cache_bytes_per_block(config: BlockConfig, dtype: torch.dtype, cache_tokens:
     return cache_tokens * KVCache.bytes_per_token(1, config, dtype)
 
 
-def available_memory(device: str) -> int:
-    """Bytes free now on `device` (CUDA: free device memory; CPU: the memory the OS can still give)."""
+def device_memory(device: str) -> tuple[int, int]:
+    """(free, total) bytes of `device` now (CPU: what the OS can still give, and the machine's RAM)."""
     dev = torch.device(device)
     if dev.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(dev)
-        return free
-    return psutil.virtual_memory().available
+        return torch.cuda.mem_get_info(dev)
+    memory = psutil.virtual_memory()
+    return memory.available, memory.total
+
+
+def memory_share(free: int, total: int, servers: int, fraction: float = DEFAULT_MEMORY_FRACTION) -> int:
+    """The bytes one of `servers` servers sharing a device may use: its share of `fraction` of the device, and
+    never more than is free now. Servers starting together each take their share; one starting beside servers
+    that already loaded finds the rest of the memory taken and gets what is free."""
+    return int(min(free * fraction, total * fraction / max(1, servers)))
 
 
 def parse_size(text: str) -> int:

@@ -26,13 +26,9 @@ from swarmllm.dht.records import dht_prefix_for
 from swarmllm.models import BlockConfig, BlockSpan, KVCache, load_config, load_span
 from swarmllm.server.backend import Backend
 from swarmllm.server.handler import RequestHandler, ServerLimits
-from swarmllm.server.host import HostShare, host_cores, threads_per_server
-from swarmllm.server.memory import (
-    DEFAULT_MEMORY_FRACTION,
-    available_memory,
-    block_bytes,
-    cache_bytes_per_block,
-)
+from swarmllm.server.host import HostShare, device_folder, host_cores, threads_per_server
+from swarmllm.server.memory import block_bytes, cache_bytes_per_block, device_memory, memory_share
+from swarmllm.server.network import measure_network, network_rps
 from swarmllm.server.throughput import cached_throughput
 from swarmllm.version import __version__
 from swarmllm.wire import (
@@ -50,7 +46,8 @@ logger = logging.getLogger(__name__)
 PEERS_REFRESH_S = 1.0  # at most this often, a push to a peer we do not know makes us look the swarm up again
 MAX_PINGS = 64  # peers pinged before each rebalancing decision
 PING_TIMEOUT_S = 3.0
-HOST_CHECK_S = 2.0  # how often a CPU server looks for other servers on its host  # at most this often, an unknown push target makes us look the swarm up again
+HOST_CHECK_S = 2.0  # how often a CPU server looks for other servers on its host
+WATCH_S = 1.0  # how often the server looks for broken connections to its peers (one may have died)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -76,8 +73,11 @@ class ServerConfig:
         False  # torch.compile the decode step (CPU: ~2x faster steps, seconds to compile at start)
     )
     cuda_graphs: bool = True  # on CUDA, replay captured graphs of the decode step
-    throughput: float | None = None
-    update_period_s: float = 30.0
+    throughput: float | None = None  # announced decode steps/s per block instead of measuring
+    bandwidth: float | None = None  # bytes/s of this server's uplink instead of measuring it to peers
+    update_period_s: float = 30.0  # re-announce this often (records expire after 3 periods)
+    balance_period_s: float = 15.0  # a movable server checks whether to move this often, and soon after a
+    # connection to a peer breaks
     leave_timeout_s: float = 5.0  # on SIGTERM, how long open sessions may take to finish their current step
     expiration_s: float | None = None
     limits: ServerLimits = field(default_factory=ServerLimits)
@@ -93,12 +93,15 @@ class Server:
         self.state = ServerState.JOINING
         self.start = self.end = 0
         self.inference_rps = self.forward_rps = config.throughput or 1.0
+        self.network_rps: float | None = None
         self.backend: Backend | None = None
         self.direct_addr: str | None = None
         self.peers: dict[str, ServerInfo] = {}  # the other servers of this model, for pushes to the next one
         self._peers_at = -float("inf")
         self._stop = asyncio.Event()
-        self.host_share: HostShare | None = None  # CPU servers without --num-threads split the host's cores
+        # servers of one device on this host split its memory, and CPU ones without --num-threads its cores
+        self.host_share = HostShare(device_folder(config.device))
+        self._share_threads = config.num_threads is None and torch.device(config.device).type == "cpu"
         self._threads: int | None = None
 
     def stop(self) -> None:
@@ -108,9 +111,7 @@ class Server:
         cfg = self.config
         if cfg.num_threads:
             torch.set_num_threads(cfg.num_threads)
-        elif torch.device(cfg.device).type == "cpu":
-            self.host_share = HostShare()
-            self.host_share.join()  # early, so that servers starting together see each other
+        self.host_share.join()  # early, so that servers starting together see each other
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stop)
@@ -134,8 +135,7 @@ class Server:
             await self._serve(block_config)
         finally:
             self.dht.shutdown()
-            if self.host_share is not None:
-                self.host_share.leave()
+            self.host_share.leave()
 
     async def _serve(self, block_config: BlockConfig) -> None:
         cfg = self.config
@@ -147,6 +147,8 @@ class Server:
             None, lambda: load_span(cfg.model, start, end, dtype=DTYPES[cfg.dtype], device=cfg.device)
         )
         self._share_cores()
+        if cfg.bandwidth is not None:
+            self.network_rps = network_rps(cfg.bandwidth, span.config.hidden_size, DTYPES[cfg.dtype].itemsize)
         if cfg.throughput is None:
             threads = torch.get_num_threads() if torch.device(cfg.device).type == "cpu" else 0
             self.inference_rps, self.forward_rps = cached_throughput(span, cfg.device, cfg.dtype, threads)
@@ -170,6 +172,7 @@ class Server:
         self.state = ServerState.ONLINE
         await self._announce()
         await self._refresh_peers()  # now, not inside the first push's time budget
+        await self._measure_network()
         print(
             json.dumps(
                 {
@@ -183,18 +186,32 @@ class Server:
             ),
             flush=True,
         )
-        host_watch = asyncio.create_task(self._watch_host())
+        host_watch = asyncio.create_task(self._watch_host()) if self._share_threads else None
+        next_announce = next_balance = time.monotonic()
+        next_announce += cfg.update_period_s
+        next_balance += cfg.balance_period_s
         try:
             while not self._stop.is_set():
                 try:
-                    await asyncio.wait_for(self._stop.wait(), cfg.update_period_s)
+                    await asyncio.wait_for(self._stop.wait(), WATCH_S)
+                    break
                 except TimeoutError:
+                    pass
+                now, lost = time.monotonic(), self.pool.drop_broken()
+                if now >= next_announce:
+                    next_announce = now + cfg.update_period_s
                     await self._announce()
                     await self._refresh_peers()
-                    if cfg.blocks is None:  # an operator's --blocks is kept; a chosen span may move
-                        await self._rebalance()
+                    await self._measure_network()
+                # an operator's --blocks is kept; a chosen span may move
+                if cfg.blocks is None and (now >= next_balance or lost):
+                    if lost:
+                        logger.info("connections to %s broke; checking the swarm now", ", ".join(lost))
+                    next_balance = now + cfg.balance_period_s
+                    await self._rebalance()
         finally:
-            host_watch.cancel()
+            if host_watch is not None:
+                host_watch.cancel()
             self.state = ServerState.OFFLINE
             await self._announce()
             await handler.leave(cfg.leave_timeout_s)
@@ -227,6 +244,7 @@ class Server:
     async def _rebalance(self) -> None:
         """Move to other blocks when that raises the swarm's bottleneck enough (`balancing.should_move`). Peers
         are pinged first: a server that died keeps its record until it expires, and its blocks may need us now."""
+        await self._refresh_peers()
         others = [s for s in self.peers.values() if s.state != ServerState.OFFLINE]
         alive = await asyncio.gather(*(self._answers(s.peer_id) for s in others[:MAX_PINGS]))
         others = [s for s, ok in zip(others, alive) if ok] + others[MAX_PINGS:]
@@ -254,38 +272,56 @@ class Server:
             return False
 
     async def _move(self, start: int, end: int) -> None:
-        """Serve blocks [start, end) instead: load only the new blocks while still serving the old ones, switch
-        (sessions on the old blocks go back to their clients, whose failover moves them), then announce."""
+        """Serve blocks [start, end) instead: announce the new blocks as joining, load only those while still
+        serving the old ones, switch, announce, and hand the sessions on the old blocks back to their clients
+        (whose failover moves them without banning us: we are healthy, only elsewhere)."""
         cfg, old_backend = self.config, self.backend
         old_start, old_end = self.start, self.end
         logger.info("moving from blocks [%d, %d) to [%d, %d)", old_start, old_end, start, end)
         began = time.perf_counter()
+        info = self._info()
+        joining = info.model_copy(
+            update={"state": ServerState.JOINING, "start_block": start, "end_block": end}
+        )
+        # the new blocks as joining, so that others balance around them; the old ones stay online meanwhile
+        new_blocks = [b for b in range(start, end) if not old_start <= b < old_end]
+        if new_blocks:
+            await self._announce(joining, blocks=new_blocks)
         span = await asyncio.get_running_loop().run_in_executor(
             None,
             lambda: load_span(
                 cfg.model, start, end, dtype=DTYPES[cfg.dtype], device=cfg.device, reuse=old_backend.span
             ),
         )
+        loaded = time.perf_counter()
         self.backend = await self._make_backend(span)
         self.handler.use_backend(self.backend)
-        gone = self._info().model_copy(update={"state": ServerState.OFFLINE})
         self.start, self.end = start, end
-        await self._announce()  # the new blocks first: a reader prefers a peer's online record
-        await self._announce(gone)  # then off the blocks it left (records of blocks it kept are rewritten)
-        await self._announce()
+        await self._announce()  # the new blocks online first: a reader prefers a peer's online record
+        gone = info.model_copy(update={"state": ServerState.OFFLINE})
+        await self._announce(gone, blocks=[b for b in range(old_start, old_end) if not start <= b < end])
+        announced = time.perf_counter()
+        self.handler.hand_back(old_backend)  # now that a client's failover finds where the blocks went
         await self.handler.sessions_closed(old_backend, cfg.leave_timeout_s)
         old_backend.shutdown()
-        logger.info("moved to blocks [%d, %d) in %.1f s", start, end, time.perf_counter() - began)
+        logger.info(
+            "moved to blocks [%d, %d): loaded in %.2f s, online %.2f s later, old sessions closed %.2f s later",
+            start,
+            end,
+            loaded - began,
+            announced - loaded,
+            time.perf_counter() - announced,
+        )
 
     async def _watch_host(self) -> None:
         """Re-split the host's cores soon after a server on it starts or stops (the check is a folder listing)."""
-        while self.host_share is not None:
+        while True:
             await asyncio.sleep(HOST_CHECK_S)
             self._share_cores()
 
     def _share_cores(self) -> None:
         """Use this server's share of the host's cores (see `server.host`)."""
-        if self.host_share is None:
+        if not self._share_threads:
             return
         servers = self.host_share.servers()
         threads = threads_per_server(host_cores(), servers)
@@ -313,13 +349,17 @@ class Server:
     def _blocks_that_fit(self, block_config: BlockConfig) -> int:
         """The number of blocks whose weights and KV-cache budget fit the memory this server may use."""
         cfg, dtype = self.config, DTYPES[self.config.dtype]
-        memory = cfg.max_memory or int(available_memory(cfg.device) * DEFAULT_MEMORY_FRACTION)
+        servers = self.host_share.servers()
+        memory = cfg.max_memory or memory_share(*device_memory(cfg.device), servers)
         weights = block_bytes(block_config, dtype)
         cache = cache_bytes_per_block(block_config, dtype, cfg.max_cache_tokens)
         fit = blocks_that_fit(memory, weights, cache, block_config.num_layers)
         logger.info(
-            "memory for blocks: %.0f MiB; a block takes %.1f MiB of weights + %.1f MiB of KV cache: %d blocks",
+            "memory for blocks: %.0f MiB (%d servers on %s); a block takes %.1f MiB of weights + %.1f MiB of KV "
+            "cache: %d blocks",
             memory / 2**20,
+            servers,
+            cfg.device,
             weights / 2**20,
             cache / 2**20,
             fit,
@@ -333,9 +373,10 @@ class Server:
             state=self.state,
             start_block=self.start,
             end_block=self.end,
-            throughput=self.inference_rps,
+            throughput=min(self.inference_rps, self.network_rps or float("inf")),
             inference_rps=self.inference_rps,
             forward_rps=self.forward_rps,
+            network_rps=self.network_rps,
             cache_tokens_left=free,
             version=__version__,
             dtype=self.config.dtype,
@@ -365,10 +406,30 @@ class Server:
         found = await find_servers(self.dht, self.dht_prefix, self.model_info.num_blocks)
         self.peers = {s.peer_id: s for s in found if s.peer_id != self.identity.peer_id}
 
-    async def _announce(self, info: ServerInfo | None = None) -> None:
+    async def _measure_network(self) -> None:
+        """Time pings to a few online peers, once (`server.network`); until then, or with --bandwidth, the
+        announced throughput is the compute figure alone."""
+        if self.network_rps is not None:
+            return
+        peers = [p for p, s in self.peers.items() if s.state == ServerState.ONLINE]
+        speed = await measure_network(self._connect, random.sample(peers, len(peers)))
+        if speed is None:
+            return
+        hidden, dtype = self.backend.span.config.hidden_size, DTYPES[self.config.dtype]
+        self.network_rps = network_rps(speed.bandwidth, hidden, dtype.itemsize)
+        logger.info(
+            "network: %.1f ms round trip, %.0f Mbit/s to peers: %.0f hidden states/s",
+            speed.rtt_s * 1e3,
+            speed.bandwidth * 8 / 1e6,
+            self.network_rps,
+        )
+
+    async def _announce(self, info: ServerInfo | None = None, blocks: list[int] | None = None) -> None:
         expiration = self.config.expiration_s or 3 * self.config.update_period_s
         info = info or self._info()
-        ok = await announce(self.dht, self.owner_tag, self.dht_prefix, info, self.model_info, expiration)
+        ok = await announce(
+            self.dht, self.owner_tag, self.dht_prefix, info, self.model_info, expiration, blocks=blocks
+        )
         if not ok:
             logger.warning("announcing %s to the DHT failed; retrying next period", self.state.value)
 

@@ -54,6 +54,14 @@ class ConnectionPool:
         conn = self._connections.get(peer_id)
         return conn is not None and conn.is_closed
 
+    def drop_broken(self) -> list[str]:
+        """Forget the connections that have closed since the last call; returns their peers (who may be gone:
+        a server checks the swarm soon after one of its peers' connections breaks)."""
+        broken = [peer_id for peer_id, conn in self._connections.items() if conn.is_closed]
+        for peer_id in broken:
+            del self._connections[peer_id]
+        return broken
+
     async def _connect(self, peer_id: str, direct_addrs: tuple[str, ...]) -> Connection:
         for addr in direct_addrs if self.prefer_direct else ():
             host, _, port = addr.rpartition(":")
