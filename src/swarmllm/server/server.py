@@ -1,8 +1,11 @@
-"""A swarm server's life: join the DHT, choose and load blocks, serve them, announce, leave cleanly.
+"""A swarm server's life: join the DHT, choose and load blocks, serve them, announce, move, leave cleanly.
 
 Order matters to the swarm: the server announces JOINING before it loads (so others balance around it), ONLINE
 only once both transports answer, and OFFLINE on SIGTERM/SIGINT, before it hands its sessions back to their
-clients (each finishes the step it has, then ends with `server_leaving`) and exits.
+clients (each finishes the step it has, then ends with `server_leaving`) and exits. A server that chose its
+blocks checks every balance period (and at once when a connection to a peer breaks) whether the swarm is better
+off with it elsewhere (`balancing.next_move`), and moves the same way: new blocks joining, online, then the
+sessions on the old ones handed back.
 """
 
 from __future__ import annotations
