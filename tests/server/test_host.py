@@ -9,6 +9,7 @@ from swarmllm.local import LocalSwarm
 from swarmllm.server.host import HostShare, host_cores, threads_per_server
 
 SPLIT = re.compile(r"using (\d+) CPU threads \((\d+) CPU servers")
+MEASURED = re.compile(r"throughput per block: .* \((\d+) threads\)")
 
 
 def test_threads_split_the_cores_and_never_drop_to_zero():
@@ -33,7 +34,8 @@ def test_the_registry_counts_live_servers_and_forgets_dead_ones(tmp_path):
 
 
 def test_servers_started_with_default_flags_share_the_cores(llama_checkpoint):
-    """Each server ends up using its share of the cores, whichever of them finished loading first."""
+    """Each server ends up using its share of the cores, whichever of them finished loading first, and the
+    throughput it announces is the one measured with that share."""
     with LocalSwarm() as swarm:
         swarm.start_bootstrap()
         swarm.add_servers([(str(llama_checkpoint), (0, 2)), (str(llama_checkpoint), (2, 4))])
@@ -47,3 +49,9 @@ def test_servers_started_with_default_flags_share_the_cores(llama_checkpoint):
                 time.sleep(0.2)
             assert servers >= 2  # it saw the other one
             assert threads == threads_per_server(host_cores(), servers)
+            while True:  # measured (or looked up) again for the new share
+                measured = [m for m in map(MEASURED.search, server.log) if m]
+                if (measured and int(measured[-1].group(1)) == threads) or time.monotonic() > deadline:
+                    break
+                time.sleep(0.2)
+            assert int(measured[-1].group(1)) == threads

@@ -78,6 +78,10 @@ class Backend:
         """`fn(*args)` inline when it touches at most `inline_tokens` tokens, else on the compute thread."""
         if tokens <= self.inline_tokens:
             return fn(*args)
+        return await self.on_compute_thread(fn, *args)
+
+    async def on_compute_thread(self, fn, *args):
+        """`fn(*args)` on the compute thread, after the work queued there (and with its torch thread count)."""
         return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     def _blocks(self, start: int, end: int) -> slice:

@@ -152,15 +152,8 @@ class Server:
         self._share_cores()
         if cfg.bandwidth is not None:
             self.network_rps = network_rps(cfg.bandwidth, span.config.hidden_size, DTYPES[cfg.dtype].itemsize)
-        if cfg.throughput is None:
-            threads = torch.get_num_threads() if torch.device(cfg.device).type == "cpu" else 0
-            self.inference_rps, self.forward_rps = cached_throughput(span, cfg.device, cfg.dtype, threads)
-            logger.info(
-                "throughput per block: %.1f decode steps/s, %.0f forward tokens/s",
-                self.inference_rps,
-                self.forward_rps,
-            )
         self.backend = await self._make_backend(span)
+        await self._measure_compute()
         p2p = await self.dht.replicate_p2p()
         self.pool = ConnectionPool(self.identity, p2p)
         self.handler = handler = RequestHandler(
@@ -317,23 +310,45 @@ class Server:
         )
 
     async def _watch_host(self) -> None:
-        """Re-split the host's cores soon after a server on it starts or stops (the check is a folder listing)."""
+        """Re-split the host's cores soon after a server on it starts or stops (the check is a folder listing),
+        and measure (or look up) what the new share computes, so the next announcement says it."""
         while True:
             await asyncio.sleep(HOST_CHECK_S)
-            self._share_cores()
+            if self._share_cores():
+                await self._measure_compute()
 
-    def _share_cores(self) -> None:
-        """Use this server's share of the host's cores (see `server.host`)."""
+    def _share_cores(self) -> bool:
+        """Use this server's share of the host's cores (see `server.host`); whether it changed."""
         if not self._share_threads:
-            return
+            return False
         servers = self.host_share.servers()
         threads = threads_per_server(host_cores(), servers)
-        if threads != self._threads:
-            logger.info("using %d CPU threads (%d CPU servers on this host)", threads, servers)
-            self._threads = threads
-            torch.set_num_threads(threads)
-            if self.backend is not None:
-                self.backend.set_threads(threads)
+        if threads == self._threads:
+            return False
+        logger.info("using %d CPU threads (%d CPU servers on this host)", threads, servers)
+        self._threads = threads
+        torch.set_num_threads(threads)
+        if self.backend is not None:
+            self.backend.set_threads(threads)
+        return True
+
+    async def _measure_compute(self) -> None:
+        """Decode steps/s and forward tokens/s per block at this device, dtype and thread count, measured on the
+        compute thread (or found in the on-disk cache), unless --throughput gave them."""
+        cfg = self.config
+        if cfg.throughput is not None:
+            return
+        threads = torch.get_num_threads() if torch.device(cfg.device).type == "cpu" else 0
+        span = self.backend.span
+        self.inference_rps, self.forward_rps = await self.backend.on_compute_thread(
+            cached_throughput, span, cfg.device, cfg.dtype, threads
+        )
+        logger.info(
+            "throughput per block: %.1f decode steps/s, %.0f forward tokens/s (%d threads)",
+            self.inference_rps,
+            self.forward_rps,
+            threads,
+        )
 
     async def _choose_span(self, block_config: BlockConfig) -> tuple[int, int]:
         cfg = self.config
