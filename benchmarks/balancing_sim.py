@@ -2,7 +2,10 @@
 
 Seeded swarms of heterogeneous servers (throughput log-uniform over 10x, span length 20-60% of the model) join
 and leave; after each event every policy runs rebalancing rounds (each server, in a seeded random order, asks its
-rule whether to move, until a round moves nobody or `--rounds` rounds). Both policies see the same events.
+rule whether to move, until a round moves nobody or `--rounds` rounds). All policies see the same events.
+The server's own policy ("server: next_move") runs what `Server._rebalance` runs: each round, `next_move` with
+lookahead over the spans in peer-id order, and only the one server it names moves; rounds repeat until it names
+nobody or a cap of moves per event (`--rounds` times the servers present; at internet scale `--large-checks`).
 
 - small swarms (2-9 servers over 8-14 blocks): the bottleneck against the exact optimum of the servers present;
 - an internet-scale swarm (1,000 servers over 80 blocks, round trips 10-300 ms): the bottleneck against
@@ -42,9 +45,12 @@ from swarmllm.balancing import (
     petals_should_move,
     should_move,
 )
+from swarmllm.balancing.moves import next_move
 
 # (num_blocks, spans, me, load) -> new span or None
 MoveRule = Callable[[int, list[tuple[int, int, float]], int, BlockLoad], tuple[int, int] | None]
+# (num_blocks, spans in peer-id order) -> (index of the one server that moves, its new span) or None
+RoundRule = Callable[[int, list[tuple[int, int, float]]], tuple[int, tuple[int, int]] | None]
 
 
 @dataclass(frozen=True)
@@ -70,7 +76,8 @@ class Event:
 @dataclass
 class Policy:
     name: str
-    rule: MoveRule | None  # None: servers never move
+    rule: MoveRule | None = None  # each server asks whether it should move
+    round_rule: RoundRule | None = None  # or the swarm makes one move per round; neither: servers never move
 
 
 @dataclass
@@ -80,6 +87,7 @@ class Trace:
     moves: int = 0
     blocks_loaded: int = 0
     events: int = 0
+    capped: int = 0  # events after which a round rule used all its moves (it may have had more to make)
     route_s: list[float] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -95,7 +103,12 @@ def ours(min_gain: float, min_lift: float, lookahead: bool = False) -> Policy:
 
 
 PETALS = Policy("Petals (0.75)", lambda n, spans, me, load: petals_should_move(n, spans, me, load=load))
-NO_MOVES = Policy("no moves (join only)", None)
+# as `Server._rebalance` calls it; all servers of the simulation rebalance, so `movable` is all True (None)
+SERVER = Policy(
+    f"server: next_move (min_gain {DEFAULT_MIN_GAIN:g}, min_lift {DEFAULT_MIN_LIFT:g}, lookahead)",
+    round_rule=lambda n, spans: next_move(n, spans, lookahead=True),
+)
+NO_MOVES = Policy("no moves (join only)")
 LARGE_SPEED = (20.0, 200.0)  # steps/s over one block: 5-50 ms of compute per block
 
 
@@ -146,8 +159,11 @@ class Swarm:
         self.starts: dict[int, int] = {}
         self.load = BlockLoad.from_spans(num_blocks, [])
 
-    def spans(self) -> tuple[list[int], list[tuple[int, int, float]]]:
-        ids = sorted(self.peers)
+    def spans(
+        self, key: Callable[[int], int] | None = None
+    ) -> tuple[list[int], list[tuple[int, int, float]]]:
+        """The ids present, ordered by `key` of the id (default: the id), and their spans in that order."""
+        ids = sorted(self.peers, key=key)
         return ids, [
             (self.starts[i], self.starts[i] + self.peers[i].length, self.peers[i].throughput) for i in ids
         ]
@@ -200,6 +216,28 @@ class Swarm:
                 break
         self.load = BlockLoad.from_spans(self.num_blocks, self.spans()[1])  # drop float drift
         return moves, loaded
+
+    def settle(self, rule: RoundRule, max_moves: int) -> tuple[int, int, bool]:
+        """Rounds of the swarm's one move until the rule names nobody or after `max_moves`; returns (moves,
+        blocks loaded, whether it stopped at the cap). Servers order the swarm by peer id, which in a real swarm
+        is a hash of the server's key, unrelated to when it joined; here ids count joins, so they are scrambled
+        first (a fixed permutation) lest the oldest servers always move first."""
+        moves = loaded = 0
+        capped = True
+        for _ in range(max_moves):
+            ids, spans = self.spans(key=scrambled_id)
+            move = rule(self.num_blocks, spans)
+            if move is None:
+                capped = False
+                break
+            loaded += self.move(ids[move[0]], move[1][0])
+            moves += 1
+        self.load = BlockLoad.from_spans(self.num_blocks, self.spans()[1])  # drop float drift
+        return moves, loaded, capped
+
+
+def scrambled_id(peer_id: int) -> int:
+    return (peer_id * 0x9E3779B1) % 2**32  # an odd multiplier: a permutation of 32-bit ids
 
 
 def route_latency_s(num_blocks: int, peers: list[Peer], starts: list[int]) -> float:
@@ -261,6 +299,14 @@ def run(
             moves, loaded = swarm.rebalance(policy.rule, rng, rounds, checkers)
             trace.moves += moves
             trace.blocks_loaded += loaded
+        elif policy.round_rule is not None:
+            # a round is one check by every server, which all compute the same move: as many moves as the
+            # per-server rules may make (`rounds` rounds of every server, or `checks` checks)
+            cap = rounds * len(swarm.peers) if checks is None else checks
+            moves, loaded, capped = swarm.settle(policy.round_rule, cap)
+            trace.moves += moves
+            trace.blocks_loaded += loaded
+            trace.capped += capped
         if best > 0:
             trace.ratios.append(swarm.load.bottleneck / best)
         if route_every and (index - judge_from) % route_every == 0 and not swarm.load.uncovered:
@@ -382,7 +428,7 @@ def main() -> None:
     check_route_cost()
     variants = itertools.product(args.min_gains, args.min_lifts)
     lookahead = ours(DEFAULT_MIN_GAIN, DEFAULT_MIN_LIFT, lookahead=True)
-    policies = [*(ours(*variant) for variant in variants), lookahead, PETALS, NO_MOVES]
+    policies = [*(ours(*variant) for variant in variants), lookahead, SERVER, PETALS, NO_MOVES]
     began = time.perf_counter()
     small = small_runs(args, policies)
     small_s = time.perf_counter() - began
@@ -414,12 +460,16 @@ def main() -> None:
     ]
     small_table = markdown_table(header, rows)
     print(small_table)
+    small_capped = sum(t.capped for t in small[SERVER.name])
+    small_events = sum(t.events for t in small[SERVER.name])
+    print(f"next_move used all its moves after {small_capped} of {small_events} events")
 
     print(
         f"internet scale: {args.large_servers} servers, 80 blocks, {args.large_events} churn events",
         flush=True,
     )
-    large = large_runs(args, [*(ours(DEFAULT_MIN_GAIN, lift) for lift in args.min_lifts), PETALS, NO_MOVES])
+    large_policies = [*(ours(DEFAULT_MIN_GAIN, lift) for lift in args.min_lifts), SERVER, PETALS, NO_MOVES]
+    large = large_runs(args, large_policies)
     rows = []
     for name, trace in large.items():
         rows.append(
@@ -446,6 +496,8 @@ def main() -> None:
     ]
     large_table = markdown_table(header, rows)
     print(large_table)
+    large_capped = large[SERVER.name].capped
+    print(f"next_move used all its moves after {large_capped} of {args.large_events} events")
     print(f"small scenarios: {small_s:.1f} s")
 
     if not args.no_record:
@@ -454,9 +506,13 @@ def main() -> None:
             small_table,
             f"{args.scenarios} seeded scenarios, each 3 joins then {args.events} joins or leaves (2-9 servers over "
             f"8-14 blocks; span 20-60% of the model, throughput log-uniform 1-10); after each event up to "
-            f"{args.rounds} rounds in which every server asks its rule whether to move. Optimum: "
-            f"`optimal_bottleneck` (exact) of the servers present. 'before moves': right after the event (joiners "
-            f"choose with the same rule for every policy). {small_s:.1f} s for all policies.",
+            f"{args.rounds} rounds in which every server asks its rule whether to move; 'server: next_move' (what "
+            f"`Server._rebalance` runs) instead makes one move per round, `next_move(..., lookahead=True)` over "
+            f"the spans in peer-id order (ids scrambled: a real peer id is a key's hash, unrelated to join "
+            f"order), until it names nobody or after {args.rounds} x the servers present moves (the most the "
+            f"per-server rules can make), which it reached after {small_capped} of {small_events} events. "
+            f"Optimum: `optimal_bottleneck` (exact) of the servers present. 'before moves': right after the event "
+            f"(joiners choose with the same rule for every policy). {small_s:.1f} s for all policies.",
         )
         append_results(
             f"Load balancing at internet scale: {args.large_servers} servers, 80 blocks, churn",
@@ -464,10 +520,13 @@ def main() -> None:
             f"{args.large_servers} joins, then {args.large_events} joins or leaves (between 80% and 110% of the "
             f"servers), {args.large_outages} of them outages (every server starting in 4 neighbouring blocks "
             f"leaves at once); after each, "
-            f"{args.large_checks} seeded servers check their rule once. Ratios over the churn events, against "
-            f"`bottleneck_upper_bound` (not the optimum, so a lower bound of the true ratio). Route: the fastest "
-            f"inference chain for one step (round trip 10-300 ms per server, compute 1/throughput per block, "
-            f"throughput {LARGE_SPEED[0]:g}-{LARGE_SPEED[1]:g} steps/s per block), every "
+            f"{args.large_checks} seeded servers check their rule once; for 'server: next_move' a check is one "
+            f"`next_move` call over the whole swarm (every server computes the same one, and the server it names "
+            f"moves): up to {args.large_checks} rounds after each event, stopping when it names nobody, which "
+            f"it had not done after {large_capped} of {args.large_events} events. Ratios over the churn events, "
+            f"against `bottleneck_upper_bound` (not the optimum, so a lower bound of the true ratio). Route: the "
+            f"fastest inference chain for one step (round trip 10-300 ms per server, compute 1/throughput per "
+            f"block, throughput {LARGE_SPEED[0]:g}-{LARGE_SPEED[1]:g} steps/s per block), every "
             f"{max(1, args.large_events // 20)} events. "
             f"sim s: wall time of the policy's whole run (joins, churn, checks, routes).",
         )

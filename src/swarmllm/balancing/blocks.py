@@ -8,8 +8,8 @@ the swarm should move lives in `moves.py`, the best any arrangement can do in `o
 
 from __future__ import annotations
 
+import itertools
 import random
-from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
@@ -32,15 +32,18 @@ class BlockLoad:
         return load
 
     def add(self, start: int, end: int, throughput: float, sign: int = 1) -> None:
-        for block in range(max(start, 0), min(end, len(self.totals))):
-            self.totals[block] += sign * throughput
-            self.holders[block] += sign
+        first, step = max(start, 0), sign * throughput
+        last = max(first, min(end, len(self.totals)))  # an empty slice, never a negative index, if end <= 0
+        self.totals[first:last] = [total + step for total in self.totals[first:last]]
+        self.holders[first:last] = [count + sign for count in self.holders[first:last]]
 
     def remove(self, start: int, end: int, throughput: float) -> None:
         self.add(start, end, throughput, sign=-1)
 
     def values(self) -> list[float]:
         """The totals, with exactly 0 where no server is left (a float total may keep a rounding residue)."""
+        if self.covered:
+            return list(self.totals)
         return [t if h > 0 else 0.0 for t, h in zip(self.totals, self.holders)]
 
     def copy(self) -> BlockLoad:
@@ -53,7 +56,12 @@ class BlockLoad:
 
     @property
     def uncovered(self) -> int:
-        return sum(1 for count in self.holders if count <= 0)
+        return 0 if self.covered else sum(1 for count in self.holders if count <= 0)
+
+    @property
+    def covered(self) -> bool:
+        """Whether every block has a server (the common case, checked first since it is cheap)."""
+        return min(self.holders, default=1) > 0
 
 
 def block_throughputs(num_blocks: int, spans: Iterable[tuple[int, int, float]]) -> list[float]:
@@ -106,7 +114,13 @@ def choose_start(
     if throughput is not None and (rng is not None or keep is not None):
         scores = _scores_with(load, span_length, throughput)
         best = max(scores)
-        windows = [s for s in windows if scores[s][0] == best[0] and _close(scores[s][1], best[1])]
+        # a cheap bound first (the windows _close to the best lie within twice the tolerance of it), then _close
+        near = best[1] - 2 * _REL_TOL * max(abs(best[1]), 1e-12)
+        windows = [
+            s
+            for s in windows
+            if scores[s][0] == best[0] and scores[s][1] >= near and _close(scores[s][1], best[1])
+        ]
     if keep is not None and len(windows) > 1:
         kept = {s: min(s + span_length, keep[1]) - max(s, keep[0]) for s in windows}
         most = max(kept.values())
@@ -126,6 +140,8 @@ def lexicographic_start(totals: Sequence[float], span_length: int, windows: Iter
     one window is left; equal vectors go to the earliest window.
     """
     candidates = sorted(windows)
+    if len(candidates) <= 1:
+        return candidates[0]
     order = sorted(range(len(totals)), key=totals.__getitem__)
     i = 0
     while len(candidates) > 1 and i < len(order):
@@ -144,13 +160,9 @@ def lexicographic_start(totals: Sequence[float], span_length: int, windows: Iter
 def window_minima(load: BlockLoad, span_length: int) -> tuple[list[float], list[float]]:
     """For each window of `span_length` blocks: the least throughput outside it and inside it. O(blocks)."""
     values = load.values()
-    n = len(values)
     inf = float("inf")
-    prefix_min, suffix_min = [inf] * (n + 1), [inf] * (n + 1)
-    for b in range(n):
-        prefix_min[b + 1] = min(prefix_min[b], values[b])
-    for b in range(n - 1, -1, -1):
-        suffix_min[b] = min(suffix_min[b + 1], values[b])
+    prefix_min = [inf, *itertools.accumulate(values, min)]  # prefix_min[b]: least of values[:b]
+    suffix_min = [*itertools.accumulate(reversed(values), min)][::-1] + [inf]  # least of values[b:]
     inside = _sliding_min(values, span_length)
     return [min(prefix_min[s], suffix_min[s + span_length]) for s in range(len(inside))], inside
 
@@ -159,9 +171,9 @@ def _scores_with(load: BlockLoad, span_length: int, throughput: float) -> list[t
     """For each window, if one more server of `throughput` held it: (uncovered blocks it covers, the swarm's
     bottleneck then). Larger is better. O(blocks)."""
     outside, inside = window_minima(load, span_length)
-    empty = [0] * (len(load.holders) + 1)
-    for b, count in enumerate(load.holders):
-        empty[b + 1] = empty[b] + (count <= 0)
+    if load.covered:
+        return [(0, min(out, low + throughput)) for out, low in zip(outside, inside)]
+    empty = [0, *itertools.accumulate(int(count <= 0) for count in load.holders)]
     return [
         (empty[s + span_length] - empty[s], min(outside[s], inside[s] + throughput))
         for s in range(len(inside))
@@ -169,16 +181,15 @@ def _scores_with(load: BlockLoad, span_length: int, throughput: float) -> list[t
 
 
 def _sliding_min(values: Sequence[float], width: int) -> list[float]:
-    out, window = [], deque()
-    for i, v in enumerate(values):
-        while window and values[window[-1]] >= v:
-            window.pop()
-        window.append(i)
-        if window[0] <= i - width:
-            window.popleft()
-        if i >= width - 1:
-            out.append(values[window[0]])
-    return out
+    """The least value of every window of `width` (van Herk / Gil-Werman: cut the values into pieces of `width`;
+    a window spans the end of one piece and the start of the next, whose running minima are precomputed)."""
+    forward: list[float] = []  # least from the start of the piece up to here
+    backward: list[float] = []  # least from here to the end of the piece
+    for begin in range(0, len(values), width):
+        piece = values[begin : begin + width]
+        forward += itertools.accumulate(piece, min)
+        backward += [*itertools.accumulate(reversed(piece), min)][::-1]
+    return [min(backward[s], forward[s + width - 1]) for s in range(len(values) - width + 1)]
 
 
 def _close(a: float, b: float) -> bool:

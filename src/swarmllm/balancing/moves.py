@@ -11,9 +11,11 @@ server holds; and only the server whose move helps most moves. `petals_should_mo
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import math
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from swarmllm.balancing.blocks import BlockLoad, choose_start, window_minima
 
@@ -55,41 +57,8 @@ def should_move(
     bottleneck and lets one other server's move then pay (escapes arrangements no single move improves, for
     more moves). `load`: the caller's `BlockLoad` of `spans`, to skip recomputing it (left unchanged).
     """
-    if min_gain < 1:
-        raise ValueError(f"min_gain {min_gain} < 1 would let moves lower the swarm's throughput")
     load = load if load is not None else BlockLoad.from_spans(num_blocks, spans)
-    others = [i for i in range(len(spans)) if i != me and (movable is None or movable[i])]
-    old = (load.uncovered, load.bottleneck)
-    mine = _best_move(load, spans[me], rng)
-    if mine is None:
-        return _unstick(load, spans, me, others, min_gain, min_lift) if lookahead and old[0] else None
-    new_start, after = mine
-    new_span = (new_start, new_start + spans[me][1] - spans[me][0])
-    if _pays(old, after, min_gain, min_lift * spans[me][2]):
-        better = _better_move(load, spans, me, after, others, rng)
-        if better is None:
-            return new_span
-        # stay if that move makes mine useless, move too if mine still pays after it
-        other, start = better
-        then, then_spans = load.copy(), list(spans)
-        then_spans[other] = (start, start + spans[other][1] - spans[other][0], spans[other][2])
-        then.remove(*spans[other])
-        then.add(*then_spans[other])
-        still = _best_move(then, then_spans[me], rng)
-        then_old = (then.uncovered, then.bottleneck)
-        if still is not None and _pays(then_old, still[1], min_gain, min_lift * spans[me][2]):
-            return new_span
-        return None
-    if lookahead and _rank(after) >= _rank(old):
-        moved, moved_spans = load.copy(), list(spans)
-        moved.remove(*spans[me])
-        moved.add(*new_span, spans[me][2])
-        moved_spans[me] = (*new_span, spans[me][2])
-        for other in others:
-            follow = _best_move(moved, moved_spans[other], rng)
-            if follow is not None and _pays(old, follow[1], min_gain, min_lift * spans[other][2]):
-                return new_span
-    return None
+    return _Swarm(load, spans, movable, min_gain, min_lift, rng).should_move(me, lookahead)
 
 
 def next_move(
@@ -98,51 +67,146 @@ def next_move(
     *,
     movable: Sequence[bool] | None = None,
     lookahead: bool = False,
-    **options,
+    min_gain: float = DEFAULT_MIN_GAIN,
+    min_lift: float = DEFAULT_MIN_LIFT,
+    rng: random.Random | None = None,
 ) -> tuple[int, tuple[int, int]] | None:
     """The one move the swarm makes now, as (server index, new span): the first server, in the order given, whose
     move pays by itself (`should_move`), else, with `lookahead`, the first whose move prepares one that pays.
     Servers that see the same spans in the same order agree on it, so exactly one of them moves per round, and
     a move that only prepares another never goes ahead of one that pays now (they would undo each other)."""
-    load = BlockLoad.from_spans(num_blocks, spans)
+    swarm = _Swarm(BlockLoad.from_spans(num_blocks, spans), spans, movable, min_gain, min_lift, rng)
     for ahead in (False, True) if lookahead else (False,):
-        for i in range(len(spans)):
-            if movable is None or movable[i]:
-                target = should_move(
-                    num_blocks, spans, i, movable=movable, lookahead=ahead, load=load, **options
-                )
-                if target is not None:
-                    return i, target
+        for i in swarm.movers:
+            target = swarm.should_move(i, ahead)
+            if target is not None:
+                return i, target
     return None
 
 
-def _unstick(
-    load: BlockLoad,
-    spans: Sequence[tuple[int, int, float]],
-    me: int,
-    others: list[int],
-    min_gain: float,
-    min_lift: float,
-) -> tuple[int, int] | None:
-    """While blocks have no server and no single move helps (e.g. spans (1, 3) and (3, 5) around uncovered 0:
-    each holds a block alone), the first window for me that leaves as many blocks uncovered and lets another
-    server's move then cover more. Tried only in that case: it simulates a move per window and other server."""
-    start, end, throughput = spans[me]
-    old = (load.uncovered, load.bottleneck)
-    for window in range(len(load.totals) - (end - start) + 1):
-        if window == start:
-            continue
-        moved, moved_spans = load.copy(), list(spans)
-        moved.remove(start, end, throughput)
-        moved.add(window, window + end - start, throughput)
-        if moved.uncovered > old[0]:
-            continue
-        moved_spans[me] = (window, window + end - start, throughput)
-        for other in others:
-            follow = _best_move(moved, moved_spans[other], None)
-            if follow is not None and _pays(old, follow[1], min_gain, min_lift * spans[other][2]):
-                return window, window + end - start
-    return None
+class _Swarm:
+    """The swarm one decision looks at: its spans, their load, who may move, and each server's own best move,
+    simulated once however often it is asked for (`next_move` asks about every server twice, and each question
+    looks at other servers' moves). With an `rng` every simulation draws afresh, in the order it always did."""
+
+    def __init__(
+        self,
+        load: BlockLoad,
+        spans: Sequence[tuple[int, int, float]],
+        movable: Sequence[bool] | None,
+        min_gain: float,
+        min_lift: float,
+        rng: random.Random | None,
+    ):
+        if min_gain < 1:
+            raise ValueError(f"min_gain {min_gain} < 1 would let moves lower the swarm's throughput")
+        self.load, self.spans, self.rng = load, spans, rng
+        self.min_gain, self.min_lift = min_gain, min_lift
+        self.old: Outcome = (load.uncovered, load.bottleneck)
+        self.movers = [i for i in range(len(spans)) if movable is None or movable[i]]
+        self._fastest_first: list[int] | None = None
+        self._moves: dict[int, tuple[int, Outcome] | None] = {}
+        self._may_pay: Callable[[tuple[int, int, float]], bool] | None = None
+        self._minima: dict[int, tuple[list[float], list[float]]] = {}  # window_minima by span length
+
+    def best_move(self, i: int) -> tuple[int, Outcome] | None:
+        """`_best_move` of server i in this swarm."""
+        if self.rng is not None:
+            return _best_move(self.load, self.spans[i], self.rng)
+        if i not in self._moves:
+            self._moves[i] = _best_move(self.load, self.spans[i], None)
+        return self._moves[i]
+
+    def pays(self, i: int, outcome: Outcome, old: Outcome | None = None) -> bool:
+        """Whether server i's move to `outcome` pays against `old` (default: the swarm now)."""
+        return _pays(old or self.old, outcome, self.min_gain, self.min_lift * self.spans[i][2])
+
+    def should_move(self, me: int, lookahead: bool) -> tuple[int, int] | None:
+        """`should_move` of server `me`."""
+        spans, old = self.spans, self.old
+        if not lookahead and self.rng is None:
+            if self._may_pay is None:
+                self._may_pay = _may_pay(self.load, old, self.min_gain, self.min_lift)
+            if not self._may_pay(spans[me]):
+                return None  # my move cannot pay, and only lookahead moves me otherwise
+        mine = self.best_move(me)
+        if mine is None:
+            return self._unstick(me) if lookahead and old[0] else None
+        new_start, after = mine
+        new_span = (new_start, new_start + spans[me][1] - spans[me][0])
+        if self.pays(me, after):
+            better = self._better_move(me, after)
+            if better is None:
+                return new_span
+            # stay if that move makes mine useless, move too if mine still pays after it
+            other, start = better
+            then, then_spans = self.load.copy(), list(spans)
+            then_spans[other] = (start, start + spans[other][1] - spans[other][0], spans[other][2])
+            then.remove(*spans[other])
+            then.add(*then_spans[other])
+            still = _best_move(then, then_spans[me], self.rng)
+            if still is not None and self.pays(me, still[1], (then.uncovered, then.bottleneck)):
+                return new_span
+            return None
+        if lookahead and _rank(after) >= _rank(old):
+            moved = self.load.copy()
+            moved.remove(*spans[me])
+            moved.add(*new_span, spans[me][2])
+            may_pay = _may_pay(moved, old, self.min_gain, self.min_lift) if self.rng is None else None
+            for other in self.movers:
+                if other == me or (may_pay is not None and not may_pay(spans[other])):
+                    continue
+                follow = _best_move(moved, spans[other], self.rng)
+                if follow is not None and self.pays(other, follow[1]):
+                    return new_span
+        return None
+
+    def _unstick(self, me: int) -> tuple[int, int] | None:
+        """While blocks have no server and no single move helps (e.g. spans (1, 3) and (3, 5) around uncovered 0:
+        each holds a block alone), the first window for me that leaves as many blocks uncovered and lets another
+        server's move then cover more. Tried only in that case: it simulates a move per window and other
+        server."""
+        start, end, throughput = self.spans[me]
+        for window in range(len(self.load.totals) - (end - start) + 1):
+            if window == start:
+                continue
+            moved = self.load.copy()
+            moved.remove(start, end, throughput)
+            moved.add(window, window + end - start, throughput)
+            if moved.uncovered > self.old[0]:
+                continue
+            for other in self.movers:
+                if other == me:
+                    continue
+                follow = _best_move(moved, self.spans[other], None)
+                if follow is not None and self.pays(other, follow[1]):
+                    return window, window + end - start
+        return None
+
+    def _better_move(self, me: int, mine: Outcome) -> tuple[int, int] | None:
+        """Another server whose move leaves the swarm better off than mine (ties: the lower index), as (its
+        index, its new start), or None. The fastest are tried first, since they are the likeliest to lift the
+        bottleneck most, and those too slow to reach my outcome are skipped, so a large swarm costs a few
+        simulated moves."""
+        spans, load = self.spans, self.load
+        if self._fastest_first is None:
+            self._fastest_first = sorted(self.movers, key=lambda i: -spans[i][2])
+        needed: dict[int, float] = {}
+        for other in self._fastest_first:
+            if other == me:
+                continue
+            start, end, throughput = spans[other]
+            if not mine[0] and self.old[0] == 0:
+                if end - start not in needed:
+                    if end - start not in self._minima:
+                        self._minima[end - start] = window_minima(load, end - start)
+                    needed[end - start] = _throughput_to_reach(self._minima[end - start], mine[1])
+                if throughput < needed[end - start]:
+                    continue
+            theirs = self.best_move(other)
+            if theirs is not None and (_rank(theirs[1]), -other) > (_rank(mine), -me):
+                return other, theirs[0]
+        return None
 
 
 def _best_move(
@@ -159,36 +223,35 @@ def _best_move(
     return new_start, (trial.uncovered, trial.bottleneck)
 
 
-def _better_move(
-    load: BlockLoad,
-    spans: Sequence[tuple[int, int, float]],
-    me: int,
-    mine: Outcome,
-    others: list[int],
-    rng: random.Random | None,
-) -> tuple[int, int] | None:
-    """Another server whose move leaves the swarm better off than mine (ties: the lower index), as (its index,
-    its new start), or None. The fastest are tried first, since they are the likeliest to lift the bottleneck
-    most, and those too slow to reach my outcome are skipped, so a large swarm costs a few simulated moves."""
-    needed: dict[int, float] = {}
-    for other in sorted(others, key=lambda i: -spans[i][2]):
-        start, end, throughput = spans[other]
-        if not mine[0] and load.uncovered == 0:
-            if end - start not in needed:
-                needed[end - start] = _throughput_to_reach(load, end - start, mine[1])
-            if throughput < needed[end - start]:
-                continue
-        theirs = _best_move(load, spans[other], rng)
-        if theirs is not None and (_rank(theirs[1]), -other) > (_rank(mine), -me):
-            return other, theirs[0]
-    return None
+def _may_pay(
+    load: BlockLoad, old: Outcome, min_gain: float, min_lift: float
+) -> Callable[[tuple[int, int, float]], bool]:
+    """A quick test that rules out servers whose move in `load` cannot pay against `old` (True: it may). Wherever
+    a server goes, the blocks outside its new window keep at most their load now, so every block below the
+    bottleneck a paying move must reach has to fit in its window. Only while every block has a server (else
+    a move pays by covering blocks, whatever the bottleneck); slightly generous, as `_throughput_to_reach`."""
+    if old[0]:
+        return lambda span: True
+    values = load.values()
+    order = sorted(range(len(values)), key=values.__getitem__)
+    ordered = [values[b] for b in order]
+    first, last = list(itertools.accumulate(order, min)), list(itertools.accumulate(order, max))
+
+    def may_pay(span: tuple[int, int, float]) -> bool:
+        start, end, throughput = span
+        # the least a paying move reaches: min_gain times the bottleneck, or min_lift of its throughput more
+        target = min(min_gain * old[1], old[1] + min_lift * throughput * (1 - 1e-9))
+        below = bisect.bisect_left(ordered, target - 1e-9 * abs(target))
+        return below == 0 or last[below - 1] - first[below - 1] < end - start
+
+    return may_pay
 
 
-def _throughput_to_reach(load: BlockLoad, span_length: int, target: float) -> float:
-    """Below this throughput, no server of `span_length` blocks can bring the bottleneck to `target` by moving
-    (its leaving only lowers blocks, so the current load bounds what it reaches). Slightly generous, so that a
-    move reaching exactly `target` is never ruled out by rounding."""
-    outside, inside = window_minima(load, span_length)
+def _throughput_to_reach(minima: tuple[list[float], list[float]], target: float) -> float:
+    """Below this throughput, no server of a span length can bring the bottleneck to `target` by moving, given
+    `window_minima` of the load for that length (its leaving only lowers blocks, so the current load bounds what
+    it reaches). Slightly generous, so that a move reaching exactly `target` is never ruled out by rounding."""
+    outside, inside = minima
     reachable = [target - low for out, low in zip(outside, inside) if out >= target * (1 - 1e-9)]
     return min(reachable, default=math.inf) - 1e-9 * abs(target)
 
