@@ -105,7 +105,7 @@ def ours(min_gain: float, min_lift: float, lookahead: bool = False) -> Policy:
 PETALS = Policy("Petals (0.75)", lambda n, spans, me, load: petals_should_move(n, spans, me, load=load))
 # as `Server._rebalance` calls it; all servers of the simulation rebalance, so `movable` is all True (None)
 SERVER = Policy(
-    f"server: next_move (min_gain {DEFAULT_MIN_GAIN:g}, min_lift {DEFAULT_MIN_LIFT:g}, lookahead)",
+    f"server: next_move (min_gain {DEFAULT_MIN_GAIN:g}, min_lift {DEFAULT_MIN_LIFT:g}, lookahead while uncovered)",
     round_rule=lambda n, spans: next_move(n, spans, lookahead=True),
 )
 NO_MOVES = Policy("no moves (join only)")

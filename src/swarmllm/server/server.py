@@ -51,6 +51,7 @@ MAX_PINGS = 64  # peers pinged before each rebalancing decision
 PING_TIMEOUT_S = 3.0
 HOST_CHECK_S = 2.0  # how often a CPU server looks for other servers on its host
 WATCH_S = 1.0  # how often the server looks for broken connections to its peers (one may have died)
+UNSETTLED_CHECK_S = 2.0  # while a move is due (by us or another server), check again this soon
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -97,6 +98,7 @@ class Server:
         self.start = self.end = 0
         self.inference_rps = self.forward_rps = config.throughput or 1.0
         self.network_rps: float | None = None
+        self._network_task: asyncio.Task | None = None
         self.backend: Backend | None = None
         self.direct_addr: str | None = None
         self.peers: dict[str, ServerInfo] = {}  # the other servers of this model, for pushes to the next one
@@ -168,7 +170,7 @@ class Server:
         self.state = ServerState.ONLINE
         await self._announce()
         await self._refresh_peers()  # now, not inside the first push's time budget
-        await self._measure_network()
+        self._measure_network_soon()
         print(
             json.dumps(
                 {
@@ -198,16 +200,21 @@ class Server:
                     next_announce = now + cfg.update_period_s
                     await self._announce()
                     await self._refresh_peers()
-                    await self._measure_network()
+                    self._measure_network_soon()
                 # an operator's --blocks is kept; a chosen span may move
                 if cfg.blocks is None and (now >= next_balance or lost):
                     if lost:
                         logger.info("connections to %s broke; checking the swarm now", ", ".join(lost))
-                    next_balance = now + cfg.balance_period_s
-                    await self._rebalance()
+                    # a repair may take several moves, by servers that notice at different times: check again
+                    # soon while one is due, so the next one doesn't wait a whole period
+                    unsettled = await self._rebalance()
+                    next_balance = time.monotonic() + (
+                        UNSETTLED_CHECK_S if unsettled else cfg.balance_period_s
+                    )
         finally:
-            if host_watch is not None:
-                host_watch.cancel()
+            for task in (host_watch, self._network_task):
+                if task is not None:
+                    task.cancel()
             self.state = ServerState.OFFLINE
             await self._announce()
             await handler.leave(cfg.leave_timeout_s)
@@ -237,9 +244,10 @@ class Server:
         logger.info("KV-cache budget: %d tokens, up to %.0f MiB", cfg.max_cache_tokens, cache_mib)
         return backend
 
-    async def _rebalance(self) -> None:
+    async def _rebalance(self) -> bool:
         """Move to other blocks when that raises the swarm's bottleneck enough (`balancing.should_move`). Peers
-        are pinged first: a server that died keeps its record until it expires, and its blocks may need us now."""
+        are pinged first: a server that died keeps its record until it expires, and its blocks may need us now.
+        Returns whether a move was due (ours, now made, or another server's)."""
         await self._refresh_peers()
         others = [s for s in self.peers.values() if s.state != ServerState.OFFLINE]
         alive = await asyncio.gather(*(self._answers(s.peer_id) for s in others[:MAX_PINGS]))
@@ -256,6 +264,7 @@ class Server:
         logger.debug("rebalancing over %s as %d: %s", spans, me, move)
         if move is not None and move[0] == me:
             await self._move(*move[1])
+        return move is not None
 
     async def _answers(self, peer_id: str) -> bool:
         try:
@@ -281,14 +290,14 @@ class Server:
         )
         # the new blocks as joining, so that others balance around them; the old ones stay online meanwhile
         new_blocks = [b for b in range(start, end) if not old_start <= b < old_end]
-        if new_blocks:
-            await self._announce(joining, blocks=new_blocks)
-        span = await asyncio.get_running_loop().run_in_executor(
+        load = asyncio.get_running_loop().run_in_executor(
             None,
             lambda: load_span(
                 cfg.model, start, end, dtype=DTYPES[cfg.dtype], device=cfg.device, reuse=old_backend.span
             ),
         )
+        # the joining records go out while the blocks load (a store may wait seconds on a slow DHT peer)
+        span, _ = await asyncio.gather(load, self._announce(joining, blocks=new_blocks))
         loaded = time.perf_counter()
         self.backend = await self._make_backend(span)
         self.handler.use_backend(self.backend)
@@ -423,6 +432,11 @@ class Server:
         self._peers_at = time.monotonic()
         found = await find_servers(self.dht, self.dht_prefix, self.model_info.num_blocks)
         self.peers = {s.peer_id: s for s in found if s.peer_id != self.identity.peer_id}
+
+    def _measure_network_soon(self) -> None:
+        """Measure the network in the background (it may wait seconds on peers that do not answer)."""
+        if self.network_rps is None and (self._network_task is None or self._network_task.done()):
+            self._network_task = asyncio.create_task(self._measure_network())
 
     async def _measure_network(self) -> None:
         """Time pings to a few online peers, once (`server.network`); until then, or with --bandwidth, the
