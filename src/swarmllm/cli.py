@@ -107,6 +107,34 @@ def build_parser() -> argparse.ArgumentParser:
         "breaks); servers started with --blocks never move",
     )
 
+    # defaults live in WireLimits / ServerConfig (not imported here: `swarmllm --help` stays light)
+    serve.add_argument(
+        "--max-connections",
+        type=int,
+        help="connections this server holds at most, direct and libp2p together (default 1024); more are refused",
+    )
+    serve.add_argument(
+        "--max-connections-per-peer",
+        type=int,
+        help="connections this server holds at most from one peer id (default 8); more are refused",
+    )
+    serve.add_argument(
+        "--frame-timeout",
+        type=float,
+        help="seconds a started frame may take (default 30), plus its size at --min-frame-rate; a peer that "
+        "stalls mid-frame is disconnected (idle connections between frames are kept)",
+    )
+    serve.add_argument(
+        "--min-frame-rate",
+        type=float,
+        help="bytes/s a started frame must arrive at, on top of --frame-timeout (default 262144)",
+    )
+    serve.add_argument(
+        "--handshake-timeout",
+        type=float,
+        help="seconds a direct connection may take to prove its peer id before it is dropped (default 10)",
+    )
+
     gen = commands.add_parser("generate", help="generate text with a model served by a swarm")
     gen.add_argument("model", help="hub id or local folder (the client loads only embeddings and LM head)")
     _peers(gen)
@@ -147,6 +175,14 @@ def _serve(args: argparse.Namespace) -> int:
     from swarmllm.server.memory import parse_size
     from swarmllm.server.network import parse_bandwidth
     from swarmllm.server.server import ServerConfig, run_server
+    from swarmllm.wire import WireLimits
+
+    wire_options = {
+        "max_connections": args.max_connections,
+        "max_connections_per_peer": args.max_connections_per_peer,
+        "frame_timeout_s": args.frame_timeout,
+        "min_frame_rate": args.min_frame_rate,
+    }
 
     if not args.initial_peers and not args.new_swarm:
         print(
@@ -177,6 +213,8 @@ def _serve(args: argparse.Namespace) -> int:
             bandwidth=parse_bandwidth(args.bandwidth) if args.bandwidth else None,
             update_period_s=args.update_period,
             balance_period_s=args.balance_period,
+            wire=WireLimits(**{name: value for name, value in wire_options.items() if value is not None}),
+            **({} if args.handshake_timeout is None else {"handshake_timeout_s": args.handshake_timeout}),
         )
     )
     return 0

@@ -228,12 +228,28 @@ def descriptor(code: int, shape: tuple[int, ...]) -> bytes:
         ([descriptor(99, (4,))], 16, "unknown dtype"),
         ([descriptor(1, (4,))], 8, "need more than"),  # 4 float32 = 16 bytes declared as 8
         ([descriptor(1, (4,))], 24, "cover 16 bytes"),  # ... or as 24
-        ([descriptor(1, (1 << 62, 1 << 62))], 16, "need more than"),  # dims whose product overflows 64 bits
+        (
+            [descriptor(1, (1 << 62, 1 << 62))],
+            16,
+            "larger than any frame",
+        ),  # dims whose product overflows 64 bits
+        ([descriptor(1, (0, 1 << 63))], 0, "larger than any frame"),  # empty, but not an int64 shape
+        ([descriptor(1, (0, 1 << 62, 1 << 62))], 0, "larger than any frame"),  # empty, strides overflow
         ([descriptor(1, ()), descriptor(1, (1,) * 9)], 8, "9 dims"),
         ([descriptor(1, (4,))[:5]], 16, "truncated tensor shape"),
         ([descriptor(1, (4,)) + b"\x00"], 16, "stray"),
     ],
-    ids=["dtype", "short-payload", "long-payload", "huge-dims", "too-many-dims", "short-descriptor", "stray"],
+    ids=[
+        "dtype",
+        "short-payload",
+        "long-payload",
+        "huge-dims",
+        "empty-huge-dim",
+        "empty-huge-strides",
+        "too-many-dims",
+        "short-descriptor",
+        "stray",
+    ],
 )
 async def test_bad_tensor_descriptors(descriptors, payload_len, match):
     desc = b"".join(descriptors)

@@ -97,13 +97,24 @@ class RequestHandler:
         self._session_closed = asyncio.Event()  # set whenever a session closes
 
     def handlers(self) -> Handlers:
+        """The RPCs, each capped at the largest payload it can validly carry, so a peer's declared size costs
+        memory only up to what the method may take."""
+        limits = self.limits
+        step_bytes = self._activation_bytes(limits.max_batch_size * limits.max_session_length)
         handlers = Handlers()
-        handlers.add_unary("info", self.rpc_info)
-        handlers.add_unary("ping", self.rpc_ping)
-        handlers.add_unary("forward", self.rpc_forward)
-        handlers.add_stream("inference", self.rpc_inference)
-        handlers.add_inline("push", self.rpc_push)
+        handlers.add_unary("info", self.rpc_info, max_payload_bytes=0)
+        handlers.add_unary("ping", self.rpc_ping, max_payload_bytes=PING_MAX_BYTES)
+        handlers.add_unary(
+            "forward", self.rpc_forward, max_payload_bytes=self._activation_bytes(limits.max_forward_tokens)
+        )
+        handlers.add_stream("inference", self.rpc_inference, max_payload_bytes=step_bytes)
+        handlers.add_inline("push", self.rpc_push, max_payload_bytes=step_bytes)
         return handlers
+
+    def _activation_bytes(self, tokens: int) -> int:
+        """The payload of `tokens` hidden states in the widest accepted dtype, with a key mask (and padding)."""
+        widest = max(dtype.itemsize for dtype in FLOAT_DTYPES)
+        return tokens * (self.backend.hidden_size * widest + 1) + 16
 
     def use_backend(self, backend: Backend) -> None:
         """Serve new requests from `backend` (the server moved to other blocks); sessions already open stay on
@@ -143,12 +154,10 @@ class RequestHandler:
         return Message(self.info())
 
     async def rpc_ping(self, request: Message, context: CallContext) -> Message:
-        """Echo the payload's size: peers time it to measure their link to us (`server.network`)."""
+        """Echo the payload's size: peers time it to measure their link to us (`server.network`); the payload
+        is capped at PING_MAX_BYTES where the method is registered."""
         check_count(request.tensors, 0, 1, "ping")
-        size = sum(t.numel() * t.element_size() for t in request.tensors)
-        if size > PING_MAX_BYTES:
-            raise RequestError("bad_request", f"a ping carries at most {PING_MAX_BYTES} bytes, got {size}")
-        return Message({"bytes": size})
+        return Message({"bytes": sum(t.numel() * t.element_size() for t in request.tensors)})
 
     async def rpc_forward(self, request: Message, context: CallContext) -> Message:
         req = ForwardRequest.parse(request)

@@ -37,10 +37,12 @@ from swarmllm.version import __version__
 from swarmllm.wire import (
     Connection,
     ConnectionPool,
+    ConnectionSlots,
     DirectServer,
     Identity,
     Message,
     WireError,
+    WireLimits,
     serve_libp2p,
 )
 
@@ -85,6 +87,9 @@ class ServerConfig:
     leave_timeout_s: float = 5.0  # on SIGTERM, how long open sessions may take to finish their current step
     expiration_s: float | None = None
     limits: ServerLimits = field(default_factory=ServerLimits)
+    # frame sizes and deadlines, stream inbox bytes, connection caps (shared by the direct and libp2p transports)
+    wire: WireLimits = field(default_factory=WireLimits)
+    handshake_timeout_s: float = 10.0  # a direct connection that has not proven its peer by then is dropped
 
 
 class Server:
@@ -162,11 +167,20 @@ class Server:
             self.backend, self._info_record, cfg.limits, self._connect, self.identity.peer_id
         )
         handlers = handler.handlers()
-        direct = DirectServer(handlers, self.identity, host=cfg.host, port=cfg.direct_port)
+        slots = ConnectionSlots(cfg.wire)
+        direct = DirectServer(
+            handlers,
+            self.identity,
+            host=cfg.host,
+            port=cfg.direct_port,
+            limits=cfg.wire,
+            handshake_timeout=cfg.handshake_timeout_s,
+            slots=slots,
+        )
         await direct.start()
         host, port = direct.address
         self.direct_addr = f"{cfg.announce_host or host}:{port}"
-        await serve_libp2p(p2p, handlers)
+        await serve_libp2p(p2p, handlers, limits=cfg.wire, slots=slots)
         self.state = ServerState.ONLINE
         await self._announce()
         await self._refresh_peers()  # now, not inside the first push's time budget

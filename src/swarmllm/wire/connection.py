@@ -5,6 +5,11 @@ answered by one REPLY or ERROR; a stream is a REQUEST followed by MESSAGEs both 
 (or ERROR). Frames of one call are handled in order, different calls run concurrently. Each frame goes out with a
 single ``writelines``, which the event loop never interleaves with another, so no write lock is needed.
 
+What a peer can make either side hold is bounded: a frame that has started must finish within its deadline
+(``FrameClock``), a server reads a call's payload only up to what the method may carry (registered with its
+handler), stream inboxes are bounded in bytes as well as messages, and ``ConnectionSlots`` caps a server's
+connections in total and per peer.
+
 This module does not know how the byte stream was opened or who is at the other end: ``direct`` and ``libp2p``
 open it, prove the peer's identity and hand the result here.
 """
@@ -21,9 +26,11 @@ from dataclasses import dataclass
 from swarmllm.wire.framing import (
     ConnectionLost,
     Frame,
+    FrameClock,
     FrameError,
     Kind,
     Message,
+    PayloadTooLarge,
     RemoteError,
     WireError,
     WireLimits,
@@ -33,7 +40,8 @@ from swarmllm.wire.framing import (
 
 logger = logging.getLogger(__name__)
 
-# Stream messages wait in a queue of this size per call; when it is full, the connection stops reading (backpressure).
+# Stream messages wait in a queue of this size per call (and of WireLimits.max_inbox_bytes); when it is full, the
+# connection stops reading (backpressure).
 STREAM_QUEUE_SIZE = 64
 # Writes go to the transport's buffer; past this many buffered bytes a sender waits for the kernel to catch up.
 _DRAIN_ABOVE_BYTES = 1 << 20
@@ -62,7 +70,38 @@ class CallContext:
     method: str
 
 
-class Incoming(asyncio.Queue):
+class Inbox(asyncio.Queue):
+    """A queue of received messages bounded in messages and in their tensors' bytes.
+
+    A message is admitted while less than ``max_bytes`` wait, so one message of any (capped) size always fits and
+    the queue holds at most ``max_bytes`` + one message.
+    """
+
+    def __init__(self, maxsize: int, max_bytes: int):
+        super().__init__(maxsize)
+        self.max_bytes = max_bytes
+        self.queued_bytes = 0
+
+    def full(self) -> bool:
+        return super().full() or self.queued_bytes >= self.max_bytes
+
+    def _put(self, item) -> None:
+        self.queued_bytes += _nbytes(item)
+        super()._put(item)
+
+    def _get(self):
+        item = super()._get()
+        self.queued_bytes -= _nbytes(item)
+        return item
+
+
+def _nbytes(item: object) -> int:
+    if not isinstance(item, Message):
+        return 0
+    return sum(tensor.numel() * tensor.element_size() for tensor in item.tensors)
+
+
+class Incoming(Inbox):
     """A stream call's messages from the caller, in order; None marks the caller's END. Iterating stops there.
 
     The handler may `put_nowait` messages of its own (a server puts what another peer pushed into a session),
@@ -85,33 +124,87 @@ StreamHandler = Callable[[Message, Incoming, CallContext], AsyncIterator[Message
 
 
 class Handlers:
-    """The methods a server answers, by name; shared by all its connections and transports."""
+    """The methods a server answers, by name; shared by all its connections and transports.
+
+    Each method may cap the payload of the frames its calls carry (the REQUEST and, for streams, every MESSAGE):
+    the connection compares a frame's declared size with it before reading the payload, and refuses the call
+    with ``too_large`` without holding the bytes. Without a cap, WireLimits.max_payload_bytes applies.
+    """
 
     def __init__(self) -> None:
         self.unary: dict[str, UnaryHandler] = {}
         self.inline: dict[str, InlineHandler] = {}
         self.stream: dict[str, StreamHandler] = {}
+        self.max_payload_bytes: dict[str, int] = {}
 
-    def add_unary(self, method: str, fn: UnaryHandler) -> None:
-        self._check_new(method)
+    def add_unary(self, method: str, fn: UnaryHandler, *, max_payload_bytes: int | None = None) -> None:
+        self._check_new(method, max_payload_bytes)
         self.unary[method] = fn
 
-    def add_inline(self, method: str, fn: InlineHandler) -> None:
+    def add_inline(self, method: str, fn: InlineHandler, *, max_payload_bytes: int | None = None) -> None:
         """A unary method answered by a plain function, called in the connection's read loop (no task): for
         quick handlers with small replies on the hot path."""
-        self._check_new(method)
+        self._check_new(method, max_payload_bytes)
         self.inline[method] = fn
 
-    def add_stream(self, method: str, fn: StreamHandler) -> None:
+    def add_stream(self, method: str, fn: StreamHandler, *, max_payload_bytes: int | None = None) -> None:
         """``fn`` is an async generator: each Message it yields goes to the caller; returning ends the stream."""
-        self._check_new(method)
+        self._check_new(method, max_payload_bytes)
         self.stream[method] = fn
 
-    def _check_new(self, method: str) -> None:
+    def _check_new(self, method: str, max_payload_bytes: int | None) -> None:
         if not method or len(method.encode()) > 255:
             raise ValueError(f"method names must be 1-255 bytes, got {method!r}")
         if method in self.unary or method in self.inline or method in self.stream:
             raise ValueError(f"method {method!r} is already registered")
+        if max_payload_bytes is not None:
+            self.max_payload_bytes[method] = max_payload_bytes
+
+
+class TooManyConnections(WireError):
+    """A server refused a connection: it holds as many as its limits allow, in total or from this peer."""
+
+
+class ConnectionSlots:
+    """Counts a server's connections, in total and per proven peer id, against WireLimits' caps.
+
+    One instance may be shared by both transports, so that the caps hold over direct and libp2p connections
+    together. ``open`` is called when a connection arrives and ``identify`` once its peer id is proven.
+    """
+
+    def __init__(self, limits: WireLimits):
+        self.limits = limits
+        self.total = 0
+        self.per_peer: dict[str, int] = {}
+
+    def open(self) -> None:
+        if self.total >= self.limits.max_connections:
+            raise TooManyConnections(f"this server already holds {self.total} connections")
+        self.total += 1
+
+    def identify(self, peer_id: str) -> None:
+        count = self.per_peer.get(peer_id, 0)
+        if count >= self.limits.max_connections_per_peer:
+            raise TooManyConnections(f"this server already holds {count} connections from {peer_id}")
+        self.per_peer[peer_id] = count + 1
+
+    def close(self, peer_id: str | None) -> None:
+        """Release an ``open`` slot, and the peer's if ``identify`` accepted it."""
+        self.total -= 1
+        if peer_id is not None:
+            left = self.per_peer.pop(peer_id) - 1
+            if left:
+                self.per_peer[peer_id] = left
+
+
+def refuse_connection(writer: asyncio.StreamWriter, code: str, message: str) -> None:
+    """Tell the peer why we close its connection (an ERROR frame about the connection itself), then close."""
+    frame = Frame(
+        Kind.ERROR, _CONNECTION_CALL_ID, Message({"code": code, "message": message[:_MAX_ERROR_CHARS]})
+    )
+    with suppress(OSError, RuntimeError):
+        writer.writelines(encode_frame(frame))
+    writer.close()
 
 
 class _FrameWriter:
@@ -174,6 +267,9 @@ class Connection:
         self._call_ids = itertools.count(1)
         self._calls: dict[int, asyncio.Future[Message] | Stream] = {}
         self._lost: ConnectionLost | None = None
+        # why the connection is ending, when we know before the read loop does: a refusal or a late frame
+        self._why_lost: ConnectionLost | None = None
+        self._clock = FrameClock(limits, self._frame_late)
         self._read_task = asyncio.create_task(self._read_loop())
 
     def __repr__(self) -> str:
@@ -237,11 +333,20 @@ class Connection:
         if self._lost is not None:
             raise ConnectionLost(str(self._lost))
 
+    def _frame_late(self) -> None:
+        limits = self._limits
+        self._why_lost = ConnectionLost(
+            f"the peer did not finish a frame within its deadline ({limits.frame_timeout_s} s + its size at "
+            f"{limits.min_frame_rate:.0f} bytes/s)"
+        )
+        logger.warning(f"{self!r}: {self._why_lost}")
+        self._writer.transport.abort()
+
     async def _read_loop(self) -> None:
         lost = ConnectionLost("the connection was closed locally")
         try:
             while True:
-                frame = await read_frame(self._reader, self._limits)
+                frame = await read_frame(self._reader, self._limits, self._clock)
                 target = self._calls.get(frame.call_id)
                 if isinstance(target, Stream):
                     if frame.kind is not Kind.MESSAGE:
@@ -258,16 +363,17 @@ class Connection:
                     else:
                         target.set_exception(FrameError(f"a unary call got a {frame.kind.name} frame"))
                 elif frame.kind is Kind.ERROR and frame.call_id == _CONNECTION_CALL_ID:
-                    logger.warning(
-                        f"{self!r}: the peer rejected our connection: {_remote_error(frame.message)}"
-                    )
+                    refusal = _remote_error(frame.message)
+                    logger.warning(f"{self!r}: the peer rejected our connection: {refusal}")
+                    self._why_lost = ConnectionLost(f"the peer rejected the connection: {refusal}")
                 # any other frame is for a call we already gave up on
         except ConnectionLost as e:
-            lost = e
+            lost = self._why_lost or e
         except FrameError as e:
             logger.warning(f"{self!r}: the peer sent a bad frame: {e}")
-            lost = ConnectionLost(f"the peer sent a bad frame: {e}")
+            lost = self._why_lost or ConnectionLost(f"the peer sent a bad frame: {e}")
         finally:
+            self._clock.stop()
             self._lost = lost
             self._writer.close()
             calls, self._calls = self._calls, {}
@@ -281,15 +387,16 @@ class Connection:
 class Stream:
     """One bidirectional stream on a Connection; usable as ``async with``.
 
-    Up to STREAM_QUEUE_SIZE received messages wait here for ``recv``; beyond that the whole connection stops
-    reading until this stream is read or closed, so a stream that is no longer read must be closed.
+    Up to STREAM_QUEUE_SIZE received messages (and WireLimits.max_inbox_bytes) wait here for ``recv``; beyond
+    that the whole connection stops reading until this stream is read or closed, so a stream that is no longer
+    read must be closed.
     """
 
     def __init__(self, connection: Connection, call_id: int, method: str):
         self.method = method
         self._connection = connection
         self._call_id = call_id
-        self._inbox: asyncio.Queue[Message | WireError] = asyncio.Queue(STREAM_QUEUE_SIZE)
+        self._inbox: Inbox = Inbox(STREAM_QUEUE_SIZE, connection._limits.max_inbox_bytes)
         self._ended: WireError | None = None  # how the stream ended, raised again by every later recv
         self._peer_ended: WireError | None = (
             None  # the peer's END or ERROR, received but perhaps not yet read
@@ -364,11 +471,12 @@ class Stream:
 
 
 class _ServerCall:
-    __slots__ = ("task", "inbox")
+    __slots__ = ("task", "inbox", "max_payload_bytes")
 
-    def __init__(self, task: asyncio.Task, inbox: Incoming | None):
+    def __init__(self, task: asyncio.Task, inbox: Incoming | None, max_payload_bytes: int):
         self.task = task
         self.inbox = inbox  # a stream's incoming messages; None for unary calls
+        self.max_payload_bytes = max_payload_bytes  # of each MESSAGE frame the caller sends on a stream
 
 
 async def serve_connection(
@@ -383,10 +491,43 @@ async def serve_connection(
     """Answer calls on one connection until it closes; handler failures become ERROR frames, never crashes.
 
     When the connection ends, every running handler is cancelled, so session resources can be freed in their
-    ``finally`` blocks.
+    ``finally`` blocks. A frame larger than its method may carry fails only its call; a frame that does not
+    arrive within its deadline closes the connection.
     """
     out = _FrameWriter(writer, limits)
     calls: dict[int, _ServerCall] = {}
+    caps = handlers.max_payload_bytes
+    methods = handlers.unary.keys() | handlers.inline.keys() | handlers.stream.keys()
+
+    def payload_cap(kind: Kind, call_id: int, method: str) -> int:
+        if kind is Kind.REQUEST:
+            return caps.get(method, limits.max_payload_bytes) if method in methods else 0
+        if kind is Kind.MESSAGE:
+            call = calls.get(call_id)
+            return call.max_payload_bytes if call is not None and call.inbox is not None else 0
+        return 0  # END, and the REPLY/ERROR frames a caller has no reason to send
+
+    def frame_late() -> None:
+        message = f"a frame did not arrive within its deadline ({limits.frame_timeout_s} s + its size at "
+        message += f"{limits.min_frame_rate:.0f} bytes/s)"
+        logger.warning(f"Closing a {transport} connection from {peer_id}: {message}")
+        out.write_error(_CONNECTION_CALL_ID, "frame_timeout", message)
+        writer.transport.abort()
+
+    def refuse_call(error: PayloadTooLarge) -> None:
+        frame = error.frame
+        if frame.kind is Kind.REQUEST:
+            if frame.method in methods:
+                out.write_error(frame.call_id, "too_large", str(error))
+            else:
+                out.write_error(frame.call_id, "unknown_method", f"no method {frame.method!r}")
+            return
+        call = calls.pop(frame.call_id, None)
+        if call is not None:  # a stream message too large for its method ends the stream
+            call.task.cancel()
+            out.write_error(frame.call_id, "too_large", str(error))
+
+    clock = FrameClock(limits, frame_late)
 
     async def run_unary(call_id: int, fn: UnaryHandler, request: Message, context: CallContext) -> None:
         try:
@@ -436,23 +577,28 @@ async def serve_connection(
                 _report_failure(out, call_id, context, e)
         elif method in handlers.unary:
             task = asyncio.create_task(run_unary(call_id, handlers.unary[method], frame.message, context))
-            calls[call_id] = _ServerCall(task, None)
+            calls[call_id] = _ServerCall(task, None, 0)
         elif method in handlers.stream:
-            inbox = Incoming(STREAM_QUEUE_SIZE)
+            inbox = Incoming(STREAM_QUEUE_SIZE, limits.max_inbox_bytes)
             task = asyncio.create_task(
                 run_stream(call_id, handlers.stream[method], frame.message, inbox, context)
             )
-            calls[call_id] = _ServerCall(task, inbox)
+            calls[call_id] = _ServerCall(task, inbox, caps.get(method, limits.max_payload_bytes))
         else:
             out.write_error(call_id, "unknown_method", f"no method {method!r}")
 
     try:
         while True:
             try:
-                frame = await read_frame(reader, limits)
+                frame = await read_frame(reader, limits, clock, payload_cap)
+            except PayloadTooLarge as e:
+                refuse_call(e)
+                continue
             except ConnectionLost:
                 return
             except FrameError as e:
+                if writer.transport.is_closing():
+                    return  # we closed it (a late frame), which cut the frame short
                 logger.warning(f"Closing a {transport} connection from {peer_id}: bad frame: {e}")
                 out.write_error(_CONNECTION_CALL_ID, "bad_frame", str(e))
                 return
@@ -472,6 +618,7 @@ async def serve_connection(
             else:
                 logger.debug(f"Ignoring a {frame.kind.name} frame for call {frame.call_id} from {peer_id}")
     finally:
+        clock.stop()
         tasks = [call.task for call in calls.values()]
         for task in tasks:
             task.cancel()

@@ -21,7 +21,14 @@ import logging
 import os
 import socket
 
-from swarmllm.wire.connection import Connection, Handlers, serve_connection
+from swarmllm.wire.connection import (
+    Connection,
+    ConnectionSlots,
+    Handlers,
+    TooManyConnections,
+    refuse_connection,
+    serve_connection,
+)
 from swarmllm.wire.framing import (
     DEFAULT_LIMITS,
     ConnectionLost,
@@ -143,7 +150,11 @@ async def _server_handshake(
 
 
 class DirectServer:
-    """Accepts direct connections, proves our identity, learns the caller's, then serves calls."""
+    """Accepts direct connections, proves our identity, learns the caller's, then serves calls.
+
+    A connection that has not completed the handshake within ``handshake_timeout`` is dropped; one past the caps
+    of ``slots`` (in total on arrival, per peer once its id is proven) is refused with ``too_many_connections``.
+    """
 
     def __init__(
         self,
@@ -154,11 +165,13 @@ class DirectServer:
         port: int = 0,
         limits: WireLimits = DEFAULT_LIMITS,
         handshake_timeout: float = 10.0,
+        slots: ConnectionSlots | None = None,
     ):
         self.handlers = handlers
         self.identity = identity
         self.limits = limits
         self.handshake_timeout = handshake_timeout
+        self.slots = slots or ConnectionSlots(limits)
         self._host = host
         self._port = port
         self._server: asyncio.Server | None = None
@@ -185,9 +198,16 @@ class DirectServer:
         self._server = None
 
     async def _on_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer_address = writer.get_extra_info("peername")
+        try:
+            self.slots.open()
+        except TooManyConnections as e:
+            logger.info(f"Refusing a direct connection from {peer_address}: {e}")
+            refuse_connection(writer, "too_many_connections", str(e))
+            return
         task = asyncio.current_task()
         self._connections[task] = writer
-        peer_address = writer.get_extra_info("peername")
+        peer_id = None
         try:
             _set_nodelay(writer)
             try:
@@ -200,6 +220,13 @@ class DirectServer:
                     refusal = Frame(Kind.ERROR, 0, Message({"code": "bad_handshake", "message": str(e)}))
                     writer.writelines(encode_frame(refusal))
                 return
+            try:
+                self.slots.identify(peer_id)
+            except TooManyConnections as e:
+                peer_id = None
+                logger.info(f"Refusing a direct connection from {peer_address}: {e}")
+                refuse_connection(writer, "too_many_connections", str(e))
+                return
             await serve_connection(
                 reader, writer, self.handlers, limits=self.limits, peer_id=peer_id, transport=TRANSPORT
             )
@@ -208,6 +235,7 @@ class DirectServer:
         except Exception:
             logger.warning(f"Direct connection from {peer_address} failed", exc_info=True)
         finally:
+            self.slots.close(peer_id)
             del self._connections[task]
             writer.close()
 

@@ -1,20 +1,24 @@
 """The wire format: how one frame (metadata + tensors) is laid out as bytes, written and read back.
 
-A frame is three parts, each read with a single ``readexactly`` (payloads above 1 MiB in chunks):
+A frame is three parts, each read with a single ``readexactly`` (payloads above 1 MiB in chunks, into a buffer
+that grows as they arrive):
 
 1. a fixed 30-byte header (magic, version, kind, sizes, call id);
 2. the head: the method name (REQUEST frames only), msgpack metadata and one binary descriptor per tensor
    (dtype code, ndim, dims as u64);
 3. the payload: the raw bytes of every tensor, each starting at an 8-byte aligned offset.
 
-Every declared size is checked against ``WireLimits`` before anything is allocated, so a garbage or hostile frame
-costs at most one header read. This module knows nothing about calls, connections or transports.
+Every declared size is checked against ``WireLimits`` (and the reader's per-call cap on the payload) before
+anything is allocated, and memory is committed only as bytes arrive, so a garbage or hostile frame costs at most
+what its peer actually sent. Once a frame has started, a ``FrameClock`` says by when the rest must be in, and
+tells its connection when it is not. This module knows nothing about calls, connections or transports.
 """
 
 from __future__ import annotations
 
 import asyncio
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any
@@ -32,8 +36,9 @@ _HEADER = struct.Struct("<2sBBBBQIIQ")
 HEADER_SIZE = _HEADER.size
 _DESC_PREFIX = struct.Struct("<BB")  # dtype code, ndim; followed by ndim u64 dims
 _DIM = struct.Struct("<Q")
-# Payloads above this are received in chunks into one preallocated buffer, so a 1 GiB tensor needs ~1 GiB of RAM
-# instead of the ~3 GiB that readexactly (stream buffer + bytes + bytearray) would hold at its peak.
+# Payloads above this are received in chunks appended to one growing buffer (realloc grows large buffers in place),
+# so a 1 GiB tensor needs ~1.1 GiB of RAM instead of the ~3 GiB that readexactly (stream buffer + bytes + bytearray)
+# would hold at its peak, and a peer that declares 1 GiB and stalls costs only what it sent.
 _CHUNKED_PAYLOAD_BYTES = 1 << 20
 _CHUNK_BYTES = 1 << 20
 
@@ -83,13 +88,20 @@ class Frame:
 
 @dataclass(frozen=True)
 class WireLimits:
-    """What a peer may make us allocate or track; checked before allocation."""
+    """What a peer may make us allocate, track or wait for; sizes are checked before allocation."""
 
     max_meta_bytes: int = 64 * 1024
-    max_payload_bytes: int = 1 << 30
+    max_payload_bytes: int = 1 << 30  # per frame; a server also caps each method's payload (``Handlers``)
     max_tensors: int = 16
     max_dims: int = 8
     max_open_calls: int = 4096  # concurrent calls one connection may have open on a server
+    # once a frame has started, the rest must arrive within frame_timeout_s + its size at min_frame_rate, or the
+    # connection is dropped (idle connections between frames may stay open)
+    frame_timeout_s: float = 30.0
+    min_frame_rate: float = 256 * 1024  # bytes/s
+    max_inbox_bytes: int = 64 << 20  # a stream's queued messages; past it the connection stops reading
+    max_connections: int = 1024  # a server's connections (direct and libp2p together, handshakes included)
+    max_connections_per_peer: int = 8  # a server's connections from one proven peer id
 
 
 DEFAULT_LIMITS = WireLimits()
@@ -105,6 +117,62 @@ class FrameError(WireError):
 
 class ConnectionLost(WireError):
     """The peer closed the connection or it broke; every pending call on it fails with this at once."""
+
+
+class PayloadTooLarge(WireError):
+    """A well-formed frame whose payload exceeds what its call may carry; the payload was read and dropped, so
+    the connection stays usable and only the call is refused."""
+
+    def __init__(self, frame: Frame, payload_len: int, cap: int):
+        super().__init__(f"a payload of {payload_len} bytes exceeds the {cap} bytes this call may carry")
+        self.frame = frame  # kind, call id and method; its message is empty
+
+
+class FrameClock:
+    """By when the frame being read must be complete, and the timer that calls ``on_late`` once it is not.
+
+    ``read_frame`` starts the deadline at a frame's first byte, extends it once the frame's size is known and
+    clears it at the frame's end: between frames there is none, so idle connections may stay open. The hot path
+    pays one clock read per frame; the timer wakes only once per ``frame_timeout_s`` (no frame can be late
+    sooner), or at the deadline of the frame in progress.
+    """
+
+    __slots__ = ("deadline", "_started", "_limits", "_loop", "_on_late", "_timer")
+
+    def __init__(self, limits: WireLimits, on_late: Callable[[], None]):
+        self.deadline: float | None = None
+        self._started: float | None = None
+        self._limits = limits
+        self._loop = asyncio.get_running_loop()
+        self._on_late = on_late
+        self._timer: asyncio.TimerHandle | None = self._loop.call_later(limits.frame_timeout_s, self._check)
+
+    def begin(self, remaining_bytes: int) -> None:
+        if self._started is None:
+            self._started = self._loop.time()
+        limits = self._limits
+        self.deadline = self._started + limits.frame_timeout_s + remaining_bytes / limits.min_frame_rate
+
+    def end(self) -> None:
+        self.deadline = self._started = None
+
+    def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _check(self) -> None:
+        now = self._loop.time()
+        if self.deadline is not None and now >= self.deadline:
+            self._timer = None
+            self._on_late()
+            return
+        wake = self.deadline if self.deadline is not None else now + self._limits.frame_timeout_s
+        self._timer = self._loop.call_at(wake, self._check)
+
+
+# the largest payload a frame may carry, given its kind, call id and method (called before the payload is read)
+PayloadCap = Callable[[Kind, int, str], int]
 
 
 class RemoteError(WireError):
@@ -191,14 +259,30 @@ def _check_sizes(n_tensors: int, meta_len: int, desc_len: int, payload_len: int,
         raise FrameError(f"payload of {payload_len} bytes (max {limits.max_payload_bytes})")
 
 
-async def read_frame(reader: asyncio.StreamReader, limits: WireLimits) -> Frame:
-    """Read one frame. ConnectionLost on a clean EOF between frames or a broken socket, FrameError otherwise."""
+async def read_frame(
+    reader: asyncio.StreamReader,
+    limits: WireLimits,
+    clock: FrameClock | None = None,
+    payload_cap: PayloadCap | None = None,
+) -> Frame:
+    """Read one frame. ConnectionLost on a clean EOF between frames or a broken socket, FrameError otherwise;
+    PayloadTooLarge (after dropping the payload) when ``payload_cap`` refuses its size.
+
+    Waiting for a frame to start has no deadline; from its first byte on, ``clock`` holds the deadline.
+    """
     try:
-        header = await reader.readexactly(HEADER_SIZE)
+        # read(), unlike readexactly(), returns as soon as the frame has started, so its deadline can start too
+        header = await reader.read(HEADER_SIZE)
+        if not header:
+            raise ConnectionLost("the peer closed the connection")
+        if len(header) < HEADER_SIZE:
+            if clock is not None:
+                clock.begin(0)
+            header += await reader.readexactly(HEADER_SIZE - len(header))
     except asyncio.IncompleteReadError as e:
-        if e.partial:
-            raise FrameError(f"truncated header ({len(e.partial)} of {HEADER_SIZE} bytes)") from None
-        raise ConnectionLost("the peer closed the connection") from None
+        raise FrameError(
+            f"truncated header ({len(header) + len(e.partial)} of {HEADER_SIZE} bytes)"
+        ) from None
     except OSError as e:
         raise ConnectionLost(f"connection broke: {e!r}") from e
 
@@ -214,8 +298,11 @@ async def read_frame(reader: asyncio.StreamReader, limits: WireLimits) -> Frame:
     except ValueError:
         raise FrameError(f"unknown frame kind {kind}") from None
     _check_sizes(n_tensors, meta_len, desc_len, payload_len, limits)
+    head_len = method_len + meta_len + desc_len
+    if clock is not None:
+        clock.begin(head_len + payload_len)
 
-    head = await _read_part(reader, method_len + meta_len + desc_len, "head")
+    head = await _read_part(reader, head_len, "head")
     try:
         method = head[:method_len].decode()
         meta = (
@@ -231,7 +318,16 @@ async def read_frame(reader: asyncio.StreamReader, limits: WireLimits) -> Frame:
         raise FrameError(f"metadata must be a map, got {type(meta).__name__}")
     layout = _parse_descriptors(head, method_len + meta_len, n_tensors, payload_len, limits)
 
+    if payload_cap is not None:
+        cap = payload_cap(kind, call_id, method)
+        if payload_len > cap:
+            await _drop_payload(reader, payload_len)
+            if clock is not None:
+                clock.end()
+            raise PayloadTooLarge(Frame(kind, call_id, Message(meta), method), payload_len, cap)
     payload = await _read_payload(reader, payload_len)
+    if clock is not None:
+        clock.end()
     tensors = []
     for dtype, shape, offset, count in layout:
         if count:
@@ -262,9 +358,14 @@ def _parse_descriptors(
             raise FrameError("truncated tensor shape")
         shape = struct.unpack_from(f"<{ndim}Q", head, pos)
         pos += ndim * _DIM.size
-        count = 1
+        count = extent = 1
         for dim in shape:
             count *= dim
+            extent *= max(dim, 1)
+        if extent * dtype.itemsize > limits.max_payload_bytes:
+            # even an empty tensor's other dims must fit a frame: torch cannot make one with int64-overflowing
+            # sizes or strides
+            raise FrameError(f"tensor shape {shape} is larger than any frame may carry")
         nbytes = count * dtype.itemsize
         if nbytes:
             offset = _aligned(offset)
@@ -292,16 +393,26 @@ async def _read_payload(reader: asyncio.StreamReader, size: int) -> bytearray:
     """Tensor bytes in a writable buffer, so torch.frombuffer gives ordinary writable tensors."""
     if size <= _CHUNKED_PAYLOAD_BYTES:
         return bytearray(await _read_part(reader, size, "payload"))
-    payload = bytearray(size)
-    view = memoryview(payload)
-    pos = 0
+    payload = bytearray()
     try:
-        while pos < size:
-            chunk = await reader.read(min(size - pos, _CHUNK_BYTES))
+        while len(payload) < size:
+            chunk = await reader.read(min(size - len(payload), _CHUNK_BYTES))
             if not chunk:
-                raise FrameError(f"truncated payload ({pos} of {size} bytes)")
-            view[pos : pos + len(chunk)] = chunk
-            pos += len(chunk)
+                raise FrameError(f"truncated payload ({len(payload)} of {size} bytes)")
+            payload += chunk
     except OSError as e:
         raise ConnectionLost(f"connection broke: {e!r}") from e
     return payload
+
+
+async def _drop_payload(reader: asyncio.StreamReader, size: int) -> None:
+    """Read and forget a payload we refuse, keeping the stream in step without holding the bytes."""
+    left = size
+    try:
+        while left:
+            chunk = await reader.read(min(left, _CHUNK_BYTES))
+            if not chunk:
+                raise FrameError(f"truncated payload ({size - left} of {size} bytes)")
+            left -= len(chunk)
+    except OSError as e:
+        raise ConnectionLost(f"connection broke: {e!r}") from e

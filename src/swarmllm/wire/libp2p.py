@@ -20,7 +20,14 @@ from hivemind.p2p import P2P, PeerID
 from hivemind.p2p.p2p_daemon_bindings.datastructures import StreamInfo
 from hivemind.p2p.p2p_daemon_bindings.utils import P2PDaemonError
 
-from swarmllm.wire.connection import Connection, Handlers, serve_connection
+from swarmllm.wire.connection import (
+    Connection,
+    ConnectionSlots,
+    Handlers,
+    TooManyConnections,
+    refuse_connection,
+    serve_connection,
+)
 from swarmllm.wire.framing import DEFAULT_LIMITS, ConnectionLost, WireLimits
 
 logger = logging.getLogger(__name__)
@@ -29,19 +36,45 @@ PROTOCOL = "swarmllm/wire/1"
 TRANSPORT = "libp2p"
 
 
-async def serve_libp2p(p2p: P2P, handlers: Handlers, *, limits: WireLimits = DEFAULT_LIMITS) -> None:
-    """Answer wire connections that peers open to us through ``p2p``; returns once the handler is registered."""
+async def serve_libp2p(
+    p2p: P2P,
+    handlers: Handlers,
+    *,
+    limits: WireLimits = DEFAULT_LIMITS,
+    slots: ConnectionSlots | None = None,
+) -> None:
+    """Answer wire connections that peers open to us through ``p2p``; returns once the handler is registered.
+
+    A stream past the caps of ``slots`` (share the direct server's to cap both transports together) is refused
+    with ``too_many_connections``.
+    """
+    slots = slots or ConnectionSlots(limits)
 
     async def on_stream(info: StreamInfo, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer_id = info.peer_id.to_base58()
+        try:
+            slots.open()
+        except TooManyConnections as e:
+            logger.info(f"Refusing a libp2p connection from {peer_id}: {e}")
+            refuse_connection(writer, "too_many_connections", str(e))
+            return
+        try:
+            slots.identify(peer_id)
+        except TooManyConnections as e:
+            slots.close(None)
+            logger.info(f"Refusing a libp2p connection from {peer_id}: {e}")
+            refuse_connection(writer, "too_many_connections", str(e))
+            return
         try:
             await serve_connection(
-                reader, writer, handlers, limits=limits, peer_id=info.peer_id.to_base58(), transport=TRANSPORT
+                reader, writer, handlers, limits=limits, peer_id=peer_id, transport=TRANSPORT
             )
         except asyncio.CancelledError:
             pass  # Python 3.11 logs a spurious error when a connection callback task ends cancelled
         except Exception:
             logger.warning(f"libp2p connection from {info.peer_id} failed", exc_info=True)
         finally:
+            slots.close(peer_id)
             writer.close()
 
     await p2p.add_binary_stream_handler(PROTOCOL, on_stream)
