@@ -106,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds between checks whether to move to other blocks (also soon after a peer's connection "
         "breaks); servers started with --blocks never move",
     )
+    # for tests of the client's spot checks only (server/corrupt.py): every Nth output is made wrong
+    serve.add_argument("--corrupt-every", type=int, default=0, help=argparse.SUPPRESS)
 
     gen = commands.add_parser("generate", help="generate text with a model served by a swarm")
     gen.add_argument("model", help="hub id or local folder (the client loads only embeddings and LM head)")
@@ -177,6 +179,7 @@ def _serve(args: argparse.Namespace) -> int:
             bandwidth=parse_bandwidth(args.bandwidth) if args.bandwidth else None,
             update_period_s=args.update_period,
             balance_period_s=args.balance_period,
+            corrupt_every=args.corrupt_every,
         )
     )
     return 0

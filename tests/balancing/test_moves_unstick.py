@@ -22,9 +22,7 @@ def rounds_until_covered(num_blocks: int, spans: list[tuple[int, int, float]], l
     raise AssertionError(f"not covered after {limit} rounds: {spans}")
 
 
-@pytest.mark.parametrize(
-    "starts", [s for s in itertools.product(range(5), repeat=3) if list(s) == sorted(s)]
-)
+@pytest.mark.parametrize("starts", [s for s in itertools.product(range(5), repeat=3) if list(s) == sorted(s)])
 def test_three_servers_of_two_blocks_always_end_up_tiling_six(starts):
     """Every arrangement of 3 servers x 2 blocks over 6 blocks reaches full cover, one move per round."""
     spans = [(s, s + 2, 1.0) for s in starts]

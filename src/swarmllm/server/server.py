@@ -28,6 +28,7 @@ from swarmllm.dht import ModelInfo, ServerInfo, ServerState, announce, find_serv
 from swarmllm.dht.records import dht_prefix_for
 from swarmllm.models import BlockConfig, BlockSpan, KVCache, load_config, load_span
 from swarmllm.server.backend import Backend
+from swarmllm.server.corrupt import corrupt_outputs
 from swarmllm.server.handler import RequestHandler, ServerLimits
 from swarmllm.server.host import HostShare, device_folder, host_cores, threads_per_server
 from swarmllm.server.memory import block_bytes, cache_bytes_per_block, device_memory, memory_share
@@ -84,6 +85,7 @@ class ServerConfig:
     leave_timeout_s: float = 5.0  # on SIGTERM, how long open sessions may take to finish their current step
     expiration_s: float | None = None
     limits: ServerLimits = field(default_factory=ServerLimits)
+    corrupt_every: int = 0  # FOR TESTS ONLY: every Nth output is made wrong (server/corrupt.py)
 
 
 class Server:
@@ -229,6 +231,7 @@ class Server:
             ),
         )
         logger.info("decode steps run %s", backend.decoder.mode)
+        corrupt_outputs(backend, cfg.corrupt_every)
         cache_mib = (
             cfg.max_cache_tokens
             * KVCache.bytes_per_token(span.end - span.start, span.config, DTYPES[cfg.dtype])
