@@ -106,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds between checks whether to move to other blocks (also soon after a peer's connection "
         "breaks); servers started with --blocks never move",
     )
+    # for tests of the client's spot checks only (server/corrupt.py): every Nth output is made wrong
+    serve.add_argument("--corrupt-every", type=int, default=0, help=argparse.SUPPRESS)
 
     # defaults live in WireLimits / ServerConfig (not imported here: `swarmllm --help` stays light)
     serve.add_argument(
@@ -215,6 +217,7 @@ def _serve(args: argparse.Namespace) -> int:
             balance_period_s=args.balance_period,
             wire=WireLimits(**{name: value for name, value in wire_options.items() if value is not None}),
             **({} if args.handshake_timeout is None else {"handshake_timeout_s": args.handshake_timeout}),
+            corrupt_every=args.corrupt_every,
         )
     )
     return 0

@@ -8,6 +8,8 @@ hung server is noticed in seconds while a slow but honest one is left alone.
 
 from __future__ import annotations
 
+import statistics
+from collections import deque
 from dataclasses import dataclass, field
 
 DEADLINE_SLACK = 4.0  # a hop may take this many times its announced compute time before it counts as hung
@@ -23,13 +25,13 @@ class Bans:
     _strikes: dict[str, int] = field(default_factory=dict)
     _unreachable: set[str] = field(default_factory=set)
 
-    def ban(self, peer_id: str, now: float, *, unreachable: bool = False) -> float:
+    def ban(self, peer_id: str, now: float, *, unreachable: bool = False, longest: bool = False) -> float:
         """Ban `peer_id` from `now`; returns the ban's length (longer for each repeated failure). `unreachable`:
         it failed by not answering (a broken connection, a timeout), so answering again may end the ban early;
-        a peer that answered wrongly stays banned."""
+        a peer that answered wrongly stays banned. `longest`: for `max_s` at once (its outputs were wrong)."""
         strikes = self._strikes.get(peer_id, 0) + 1
         self._strikes[peer_id] = strikes
-        duration = min(self.max_s, self.base_s * 2 ** (strikes - 1))
+        duration = self.max_s if longest else min(self.max_s, self.base_s * 2 ** (strikes - 1))
         self._until[peer_id] = now + duration
         if unreachable:
             self._unreachable.add(peer_id)
@@ -56,3 +58,21 @@ def step_deadline_s(
     """How long a hop may take for `tokens` tokens through `blocks` blocks, at an announced `blocks_per_s`
     (block-tokens per second) before the client gives up on it."""
     return floor_s + slack * tokens * blocks / max(blocks_per_s, 1e-9)
+
+
+@dataclass
+class Speeds:
+    """What the client measured of each server's speed: the median of its last `window` samples, per kind of
+    work ("inference": decode steps/s through one block; "forward": tokens/s through one block). Routing uses
+    the smaller of this and what the server announces, so announcing more than it delivers wins it nothing."""
+
+    window: int = 16
+    _samples: dict[tuple[str, str], deque[float]] = field(default_factory=dict)
+
+    def observe(self, peer_id: str, kind: str, rate: float) -> None:
+        if rate > 0 and rate != float("inf"):
+            self._samples.setdefault((peer_id, kind), deque(maxlen=self.window)).append(rate)
+
+    def measured(self, kind: str) -> dict[str, float]:
+        """Each measured peer's median rate for `kind`."""
+        return {peer: statistics.median(s) for (peer, k), s in self._samples.items() if k == kind}

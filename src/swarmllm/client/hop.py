@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from swarmllm.client.replies import step_reply
+from swarmllm.client.replies import BadReplyError, reply_step, step_reply
 from swarmllm.client.routing import Hop
 from swarmllm.wire import Connection, Stream, WireError
 from swarmllm.wire.messages import OpenSession, Repoint, Step, StepReply
@@ -107,15 +107,18 @@ class HopSession:
     async def send(self, step: Step, timeout_s: float) -> None:
         await self._stream.send(step.to_message(), timeout=timeout_s)
 
-    async def recv(self, step: int, sent: torch.Tensor, timeout_s: float) -> StepReply:
-        """This hop's reply to step number `step`; replies to earlier steps (a push that arrived after the client
-        had sent the input itself) are dropped."""
+    async def recv(self, step: int, sent: torch.Tensor, timeout_s: float, position: int) -> StepReply:
+        """This hop's reply to step number `step` (at `position`); replies to earlier steps (a push that arrived
+        after the client had sent the input itself) are dropped."""
         try:
             async with asyncio.timeout(timeout_s):
                 while True:
                     message = await self._stream.recv()
-                    if message.meta.get("step", step) == step:  # an in-band refusal carries no step number
-                        reply = step_reply(message, self.peer_id, sent)
+                    replied = reply_step(message, self.peer_id)
+                    if replied is not None and replied > step:
+                        raise BadReplyError(self.peer_id, f"a reply to step {replied}, expected step {step}")
+                    if replied is None or replied == step:  # an in-band refusal carries no step number
+                        reply = step_reply(message, self.peer_id, sent, position)
                         self.answered = True
                         return reply
         except TimeoutError:
@@ -133,7 +136,9 @@ class HopSession:
                 for e in entries:
                     await self.send(Step(e.position, e.hidden, e.key_mask, step=0), timeout_s)
                 outputs = [
-                    KeptInput(e.position, (await self.recv(0, e.hidden, timeout_s)).hidden, e.key_mask)
+                    KeptInput(
+                        e.position, (await self.recv(0, e.hidden, timeout_s, e.position)).hidden, e.key_mask
+                    )
                     for e in entries
                 ]
         except TimeoutError:

@@ -1,14 +1,18 @@
 """Checks on what servers answer, in one place: a reply is hidden states of the shape that was sent, finite, for
-the step that was asked; anything else is the server's fault (`BadReplyError`), except an in-band refusal of the
-client's own input (`SessionError`)."""
+the step and position that were asked; anything else is the server's fault (`BadReplyError`), except an in-band
+refusal of the client's own input (`SessionError`). Every field a server sends is checked here before the client
+reads it, and every error names the server, so nothing a server sends makes the client fail with anything else.
+"""
 
 from __future__ import annotations
+
+import math
 
 import torch
 
 from swarmllm.wire import Message
 from swarmllm.wire.messages import StepReply
-from swarmllm.wire.validation import all_finite
+from swarmllm.wire.validation import FLOAT_DTYPES, all_finite
 
 
 class BadReplyError(RuntimeError):
@@ -17,6 +21,11 @@ class BadReplyError(RuntimeError):
     def __init__(self, peer_id: str, problem: str):
         self.peer_id = peer_id
         super().__init__(f"server {peer_id} sent a bad reply: {problem}")
+
+
+class CorruptOutputError(BadReplyError):
+    """A spot check found a server's output wrong: other servers computing the same blocks on the same inputs
+    disagree with it beyond the tolerance of their dtypes (see `client.verify`)."""
 
 
 class SessionError(RuntimeError):
@@ -32,27 +41,53 @@ def checked_hidden(tensors: list[torch.Tensor], peer_id: str, sent: torch.Tensor
     if not tensors:
         raise BadReplyError(peer_id, "no tensor")
     hidden = tensors[0]
-    if not hidden.is_floating_point() or hidden.shape != sent.shape:
+    if hidden.dtype not in FLOAT_DTYPES or hidden.shape != sent.shape:
         raise BadReplyError(peer_id, f"{hidden.dtype} {tuple(hidden.shape)}, expected {tuple(sent.shape)}")
     if not all_finite(hidden):
         raise BadReplyError(peer_id, "NaN or infinity")
     return hidden
 
 
-def step_reply(message: Message, peer_id: str, sent: torch.Tensor) -> StepReply:
-    """A session's reply to a step that sent `sent`; raises SessionError for an in-band refusal."""
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def reply_step(message: Message, peer_id: str) -> int | None:
+    """The step number a session's reply answers (None: an in-band refusal, which answers the current step)."""
     meta = message.meta
     if "error" in meta:
-        error = meta["error"] if isinstance(meta["error"], dict) else {}
-        raise SessionError(peer_id, str(error.get("code")), str(error.get("message")))
-    step, position = meta.get("step"), meta.get("position")
-    if not isinstance(step, int) or not isinstance(position, int):
-        raise BadReplyError(peer_id, f"no step number or position in {sorted(meta)}")
+        return None
+    step = meta.get("step")
+    if not _is_int(step):
+        raise BadReplyError(peer_id, f"a step reply without a step number ({_short(step)})")
+    return step
+
+
+def step_reply(message: Message, peer_id: str, sent: torch.Tensor, position: int | None = None) -> StepReply:
+    """A session's reply to a step that sent `sent` (at `position`, when given); raises SessionError for an
+    in-band refusal."""
+    meta = message.meta
+    if "error" in meta:
+        error = meta["error"]
+        if not isinstance(error, dict) or not all(isinstance(error.get(k), str) for k in ("code", "message")):
+            raise BadReplyError(peer_id, f"a malformed error: {_short(error)}")
+        raise SessionError(peer_id, error["code"][:100], error["message"][:1000])
+    step, replied_at = reply_step(message, peer_id), meta.get("position")
+    if not _is_int(replied_at) or (position is not None and replied_at != position):
+        raise BadReplyError(peer_id, f"a reply for position {_short(replied_at)}, expected {position}")
     compute_s = meta.get("compute_s", 0.0)
+    if isinstance(compute_s, bool) or not isinstance(compute_s, int | float) or not 0 <= compute_s < math.inf:
+        raise BadReplyError(peer_id, f"compute_s {_short(compute_s)} is not a duration")
     return StepReply(
-        position,
+        replied_at,
         step,
         checked_hidden(message.tensors, peer_id, sent),
-        float(compute_s) if isinstance(compute_s, int | float) else 0.0,
+        float(compute_s),
         meta.get("pushed") is True,
     )
+
+
+def _short(value: object) -> str:
+    """A peer's value, cut short for an error message."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."

@@ -52,6 +52,21 @@ def _online(servers: Sequence[ServerInfo]) -> list[ServerInfo]:
     return [s for s in servers if s.state == ServerState.ONLINE]
 
 
+def cap_throughput(
+    servers: Sequence[ServerInfo], inference_rps: Mapping[str, float], forward_rps: Mapping[str, float]
+) -> list[ServerInfo]:
+    """The servers with their announced speeds capped by what the client measured of them (peer id -> rate):
+    a server that announces more than it delivers is routed by what it delivers."""
+    out = []
+    for s in servers:
+        decode = min(s.inference_rps, inference_rps.get(s.peer_id, float("inf")))
+        forward = min(s.forward_rps, forward_rps.get(s.peer_id, float("inf")))
+        if (decode, forward) != (s.inference_rps, s.forward_rps):
+            s = s.model_copy(update={"inference_rps": decode, "forward_rps": forward})
+        out.append(s)
+    return out
+
+
 def missing_blocks(servers: Sequence[ServerInfo], num_blocks: int) -> list[int]:
     covered = [False] * num_blocks
     for s in _online(servers):

@@ -12,10 +12,17 @@ bans that server (unless it handed the session back in order: it leaves or moved
 swarm up again, routes a replacement for exactly the hop's blocks (one server or several), replays the hop's
 kept inputs to rebuild their caches, re-points the next hop's push permission to the new server and carries on
 with the same step. Nothing else of the session changes, so the tokens are those of a fault-free run.
+
+Spot checks: a random fraction of each hop's steps is computed again by other servers from the hop's kept
+inputs (one plain `forward` over all of them, compared on this step's positions: no session, no cache held on
+the checker, and rewinds need nothing special), while the next hops go on; the step returns only when its checks
+agree. A server found wrong is banned, and since its earlier outputs (unchecked) fed every later hop, the chain is
+rebuilt from it to the end: its kept inputs are replayed through new servers, and the step goes on from there.
 """
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 import time
@@ -23,9 +30,11 @@ from dataclasses import dataclass
 
 import torch
 
-from swarmllm.client.hop import HopSession, KeptInput
+from swarmllm.client.hop import History, HopSession, KeptInput
+from swarmllm.client.replies import CorruptOutputError
 from swarmllm.client.routing import Hop
-from swarmllm.client.swarm import HOP_FAILURES, SwarmClient, describe
+from swarmllm.client.swarm import HOP_FAILURES, SpotCheck, SwarmClient, corrupt_output_error, describe
+from swarmllm.client.verify import should_check
 from swarmllm.wire import RemoteError
 from swarmllm.wire.messages import PushTarget, Step
 
@@ -112,40 +121,90 @@ class InferenceSession:
             )
         self._steps += 1
         timings, pushed, began, i = [], False, time.perf_counter(), 0
-        while i < len(self._hops):
-            hop = self._hops[i]
-            # a server pushes only into sessions that have answered once: a push that outruns the opening of
-            # the next session (another connection) would find no session and cost a fallback round trip
-            pushing = self.swarm.push and i + 1 < len(self._hops) and self._hops[i + 1].answered
-            tokens = hidden.shape[0] * hidden.shape[1]
-            deadline = self.swarm.deadline_s(hop.hop, tokens, decode=hidden.shape[1] == 1)
-            try:
-                if not pushed:
-                    chain = (
-                        [
-                            PushTarget(h.peer_id, h.session_id)
-                            for h in itertools.takewhile(lambda h: h.answered, self._hops[i + 1 :])
-                        ]
-                        if pushing
-                        else []
-                    )
-                    step = Step(position, hidden, key_mask, self._steps, chain, self.swarm.push_timeout_s)
-                    await hop.send(step, deadline)
-                # a pushing server may spend up to push_timeout_s on its push before it replies
-                reply = await hop.recv(self._steps, hidden, deadline + pushing * self.swarm.push_timeout_s)
-            except HOP_FAILURES as e:
-                await self._replace(i, e)
-                pushed = False
-                continue
-            hop.history.add(KeptInput(position, hidden, key_mask))
-            hidden, pushed = reply.hidden, reply.pushed
-            self.pushed_hops += pushed
-            now = time.perf_counter()
-            timings.append(HopTiming(now - began, reply.compute_s))
-            began, i = now, i + 1
+        inputs: list[torch.Tensor] = []  # each hop's input of this step
+        checks: list[tuple[HopSession, asyncio.Future[SpotCheck]]] = []
+        try:
+            while True:
+                while i < len(self._hops):
+                    hop = self._hops[i]
+                    del inputs[i:]
+                    inputs.append(hidden)
+                    # a server pushes only into sessions that have answered once: a push that outruns the
+                    # opening of the next session (another connection) would find no session and cost a
+                    # fallback round trip
+                    pushing = self.swarm.push and i + 1 < len(self._hops) and self._hops[i + 1].answered
+                    tokens = hidden.shape[0] * hidden.shape[1]
+                    deadline = self.swarm.deadline_s(hop.hop, tokens, decode=hidden.shape[1] == 1)
+                    try:
+                        if not pushed:
+                            chain = (
+                                [
+                                    PushTarget(h.peer_id, h.session_id)
+                                    for h in itertools.takewhile(lambda h: h.answered, self._hops[i + 1 :])
+                                ]
+                                if pushing
+                                else []
+                            )
+                            step = Step(
+                                position, hidden, key_mask, self._steps, chain, self.swarm.push_timeout_s
+                            )
+                            await hop.send(step, deadline)
+                        # a pushing server may spend up to push_timeout_s on its push before it replies
+                        timeout = deadline + pushing * self.swarm.push_timeout_s
+                        reply = await hop.recv(self._steps, hidden, timeout, position)
+                    except HOP_FAILURES as e:
+                        await self._replace(i, e)
+                        pushed = False
+                        continue
+                    hop.history.add(KeptInput(position, hidden, key_mask))
+                    if check := self._maybe_check(hop, reply.hidden):
+                        checks.append((hop, check))
+                    hidden, pushed = reply.hidden, reply.pushed
+                    self.pushed_hops += pushed
+                    now = time.perf_counter()
+                    timings.append(HopTiming(now - began, reply.compute_s))
+                    if reply.hidden.shape[1] == 1:
+                        self.swarm.observe_step(hop.hop, now - began, reply.compute_s)
+                    began, i = now, i + 1
+                wrong = await self._first_wrong(checks)
+                if wrong is None:
+                    break
+                i, error = wrong
+                hop = self._hops[i]
+                hop.history.truncate(position)  # this step is sent again, to the new servers
+                await self._replace(i, error, to_end=True)
+                hidden, pushed = inputs[i], False
+                del timings[i:]
+        finally:
+            for _, check in checks:
+                check.cancel()
         self.last_timings = timings
         self.position = end
         return hidden
+
+    def _maybe_check(self, hop: HopSession, output: torch.Tensor) -> asyncio.Future[SpotCheck] | None:
+        """Start a spot check of this step of `hop` (whose kept inputs end with this step's) with probability
+        `spot_check_fraction`: one forward over all of the hop's inputs on other servers."""
+        swarm = self.swarm
+        if not should_check(swarm.spot_rng, swarm.spot_check_fraction):
+            return None
+        hidden, key_mask = _concat(hop.history)
+        return asyncio.ensure_future(swarm.spot_check(hop.hop, hidden, key_mask, output))
+
+    async def _first_wrong(
+        self, checks: list[tuple[HopSession, asyncio.Future[SpotCheck]]]
+    ) -> tuple[int, CorruptOutputError] | None:
+        """Wait for this step's checks; the first hop of the chain found wrong (banned by then), or None. Checks
+        done are removed from `checks`."""
+        first: tuple[int, CorruptOutputError] | None = None
+        while checks:
+            hop, check = checks.pop(0)
+            record = await check
+            if hop.peer_id in record.wrong and hop in self._hops:  # (a hop replaced meanwhile is gone anyway)
+                i = self._hops.index(hop)
+                if first is None or i < first[0]:
+                    first = i, corrupt_output_error(record)
+        return first
 
     async def _open(self) -> None:
         self._hops, _, _ = await self._chain(0, self.swarm.num_blocks, None, [])
@@ -196,22 +255,27 @@ class InferenceSession:
                 for hop in new:
                     await hop.close()
 
-    async def _replace(self, i: int, error: BaseException) -> None:
-        """Replace hop i, which failed with `error`, by servers that hold its blocks, brought to its state."""
+    async def _replace(self, i: int, error: BaseException, *, to_end: bool = False) -> None:
+        """Replace hop i, which failed with `error`, by servers that hold its blocks, brought to its state;
+        `to_end`: every hop after it too (its outputs were wrong, so theirs may be)."""
         failed = self._hops[i]
         logger.info("%s failed (%s); replacing it", failed, describe(error))
-        if not (isinstance(error, RemoteError) and error.code == "server_leaving"):
+        leaving = isinstance(error, RemoteError) and error.code == "server_leaving"
+        if not leaving and not isinstance(error, CorruptOutputError):  # a spot check banned it already
             self.swarm.ban(failed.peer_id, error)  # one that moved or leaves in order is healthy, not banned
-        await failed.close()
+        replaced = self._hops[i:] if to_end else [failed]
+        for hop in replaced:
+            await hop.close()
         accept_from = self._hops[i - 1].peer_id if i > 0 else None
+        end = self.swarm.num_blocks if to_end else failed.end
         try:
             new, route_s, replay_s = await self._chain(
-                failed.start, failed.end, accept_from, failed.history.entries, error
+                failed.start, end, accept_from, failed.history.entries, error
             )
         except Exception as e:
             e.add_note(f"while replacing {failed}, which failed with {describe(error)}")
             raise
-        self._hops[i : i + 1] = new
+        self._hops[i : i + len(replaced)] = new
         after = i + len(new)
         if self.swarm.push and after < len(self._hops):
             try:
@@ -221,7 +285,7 @@ class InferenceSession:
         record = Failover(
             failed.peer_id,
             failed.start,
-            failed.end,
+            end,
             describe(error),
             tuple(h.hop for h in new),
             route_s,
@@ -233,7 +297,7 @@ class InferenceSession:
         logger.warning(
             "blocks [%d, %d) moved from %s (%s) to %s: %.2f s routing, %.2f s replaying %d tokens",
             failed.start,
-            failed.end,
+            end,
             failed.peer_id,
             record.reason,
             [h.peer_id for h in new],
@@ -248,3 +312,18 @@ class InferenceSession:
         self.closed = True
         for hop in self._hops:
             await hop.close()
+
+
+def _concat(history: History) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A hop's kept inputs as one input from position 0 (and its key mask, if any step had one)."""
+    entries = history.entries
+    dtypes = {e.hidden.dtype for e in entries}
+    dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
+    hidden = torch.cat([e.hidden.to(dtype) for e in entries], dim=1)
+    if all(e.key_mask is None for e in entries):
+        return hidden, None
+    masks = [
+        torch.ones(e.hidden.shape[:2], dtype=torch.bool) if e.key_mask is None else e.key_mask.bool()
+        for e in entries
+    ]
+    return hidden, torch.cat(masks, dim=1)

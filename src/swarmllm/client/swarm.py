@@ -4,7 +4,13 @@ Look-ups hit the DHT only when the cached server list is older than `refresh_s` 
 finds blocks without a usable server. Each server gets one persistent connection, direct TCP when it announces a
 direct address that answers and proves the expected peer id, otherwise libp2p, which reaches peers behind NAT and
 relays. Servers that fail a request are banned for a while (`health.Bans`) and routed around; when some blocks
-have no usable server, routing waits for one up to `missing_blocks_timeout_s`.
+have no usable server, routing waits for one up to `missing_blocks_timeout_s`. Routing uses each server's
+announced speed capped by the speed this client measured (`health.Speeds`).
+
+Spot checks (`spot_check`): a random `spot_check_fraction` of hop computations (a session's steps, a batch
+forward's hops) is computed again by other servers holding the same blocks, from the same inputs, and compared
+(`client.verify`); on a disagreement a third opinion decides, the server(s) in the minority are banned for
+`Bans.max_s` and reported (`reports`, and a warning in the log). Every check is recorded in `spot_checks`.
 """
 
 from __future__ import annotations
@@ -14,15 +20,24 @@ import contextlib
 import logging
 import random
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar
 
 import hivemind
 import torch
 
-from swarmllm.client.health import Bans, step_deadline_s
-from swarmllm.client.replies import BadReplyError, checked_hidden, step_reply
-from swarmllm.client.routing import Hop, MissingBlocksError, route_forward, route_inference
+from swarmllm.client.health import Bans, Speeds, step_deadline_s
+from swarmllm.client.replies import (
+    BadReplyError,
+    CorruptOutputError,
+    SessionError,
+    checked_hidden,
+    step_reply,
+)
+from swarmllm.client.routing import Hop, MissingBlocksError, cap_throughput, route_forward, route_inference
+from swarmllm.client.verify import judge, mismatch, should_check, tolerance
 from swarmllm.dht import ServerInfo, ServerState, find_servers, start_dht
 from swarmllm.wire import Connection, ConnectionLost, Identity, Message, RemoteError, Stream, WireError
 from swarmllm.wire.messages import ForwardRequest, OpenSession, Step
@@ -34,8 +49,29 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 # what a failed server can do to a request: break the connection, refuse, time out, answer garbage
-HOP_FAILURES = (WireError, TimeoutError, OSError, BadReplyError)
+HOP_FAILURES = (WireError, TimeoutError, OSError, BadReplyError, SessionError)
 MAX_ROUTE_RETRY_S = 2.0  # the longest wait between two look-ups while blocks have no usable server
+SPOT_CHECKS_KEPT = 10_000  # records of the latest spot checks a client keeps
+
+
+@dataclass(frozen=True)
+class SpotCheck:
+    """One spot check: a server's output for blocks [start, end) (its last `tokens` positions) against other
+    servers' recomputation of it. `outcome`: "agreed", "disagreed" (then `wrong` names the banned servers) or
+    "skipped: why" (no other server holds the blocks, or a checker failed)."""
+
+    peer_id: str
+    start: int
+    end: int
+    tokens: int
+    checkers: tuple[
+        tuple[str, ...], ...
+    ]  # each opinion after the checked server's: the servers that computed it
+    mismatch: float  # the checked output's distance to the first checker's (see verify.mismatch)
+    tolerance: float
+    outcome: str
+    wrong: tuple[str, ...] = ()
+
 
 R = TypeVar("R")
 
@@ -46,6 +82,15 @@ class HopFailed(Exception):
     def __init__(self, hop: Hop, cause: BaseException):
         self.hop, self.cause = hop, cause
         super().__init__(f"server {hop.peer_id} (blocks [{hop.start}, {hop.end})) failed: {describe(cause)}")
+
+
+def corrupt_output_error(record: SpotCheck) -> CorruptOutputError:
+    return CorruptOutputError(
+        record.peer_id,
+        f"its output for blocks [{record.start}, {record.end}) disagrees with other servers' "
+        f"(spot check: mismatch {record.mismatch:.3g}, tolerance {record.tolerance:.3g}; judged wrong: "
+        f"{', '.join(record.wrong)})",
+    )
 
 
 def describe(error: BaseException) -> str:
@@ -73,6 +118,8 @@ class SwarmClient:
         push: bool = True,
         forward_chunk_tokens: int = 128,
         min_chunk_s: float = 0.02,
+        spot_check_fraction: float = 0.05,
+        spot_check_seed: int | None = None,
     ):
         self.initial_peers = list(initial_peers)
         self.dht_prefix = dht_prefix
@@ -92,6 +139,15 @@ class SwarmClient:
         self.rng = random.Random()
         self.bans = Bans(base_s=ban_s)
         self.failovers: list[Failover] = []  # every session's hop replacements, oldest first
+        if not 0 <= spot_check_fraction <= 1:
+            raise ValueError(f"spot_check_fraction must be in [0, 1], got {spot_check_fraction}")
+        self.spot_check_fraction = (
+            spot_check_fraction  # of hop computations, recomputed elsewhere and compared
+        )
+        self.spot_rng = random.Random(spot_check_seed)  # which steps are checked, and by whom
+        self.spot_checks: deque[SpotCheck] = deque(maxlen=SPOT_CHECKS_KEPT)  # the latest checks, oldest first
+        self.reports: list[SpotCheck] = []  # every check that found wrong outputs, oldest first
+        self.speeds = Speeds()  # measured speed of each server, which caps its announced one in routing
         self.dht: hivemind.DHT | None = None
         self._servers: dict[str, ServerInfo] = {}
         self._servers_at = -float("inf")
@@ -154,10 +210,15 @@ class SwarmClient:
         self.rtt_s[peer_id] = rtt = time.perf_counter() - began
         return rtt
 
+    def _capped(self, servers: Sequence[ServerInfo]) -> list[ServerInfo]:
+        return cap_throughput(servers, self.speeds.measured("inference"), self.speeds.measured("forward"))
+
     def ban(self, peer_id: str, error: BaseException) -> None:
-        """Avoid a server that failed a request, for a while that grows with each failure."""
+        """Avoid a server that failed a request, for a while that grows with each failure (the longest ban at
+        once for a server whose output was wrong)."""
         unreachable = isinstance(error, ConnectionLost | TimeoutError | OSError)
-        duration = self.bans.ban(peer_id, time.monotonic(), unreachable=unreachable)
+        wrong = isinstance(error, CorruptOutputError)
+        duration = self.bans.ban(peer_id, time.monotonic(), unreachable=unreachable, longest=wrong)
         self.rtt_s.pop(peer_id, None)  # measured again if it comes back
         logger.info("banning %s for %.0f s: %s", peer_id, duration, describe(error))
 
@@ -187,7 +248,7 @@ class SwarmClient:
                 [s for s in servers if s.state == ServerState.ONLINE and s.peer_id not in banned]
             )
             banned = self.bans.banned(time.monotonic())
-            usable = [s for s in servers if s.peer_id not in banned]
+            usable = self._capped([s for s in servers if s.peer_id not in banned])
             try:
                 return plan(usable)
             except MissingBlocksError as e:
@@ -238,8 +299,10 @@ class SwarmClient:
         return await self.route(plan, failure=failure)
 
     def deadline_s(self, hop: Hop, tokens: int, *, decode: bool, floor_s: float | None = None) -> float:
-        """How long `hop` may take for `tokens` (batch x length) tokens, by its announced speed."""
+        """How long `hop` may take for `tokens` (batch x length) tokens, by its announced speed (capped by the
+        measured one)."""
         info = self._servers.get(hop.peer_id)
+        info = None if info is None else self._capped([info])[0]
         rate = 1.0 if info is None else (info.inference_rps if decode else info.forward_rps)
         floor_s = self.step_timeout_s if floor_s is None else floor_s
         deadline = step_deadline_s(tokens, hop.end - hop.start, rate, floor_s=floor_s)
@@ -254,6 +317,7 @@ class SwarmClient:
         through temporary sessions (their KV cache carries attention across chunks), and a failure restarts the
         pipeline on a new route. An input of one chunk, or one that finds no cache room, goes hop by hop
         through plain `forward` calls, and a failed hop is retried on another server from its own input.
+        A spot check that finds a hop's output wrong makes the forward start again from that hop's input.
         """
         batch, length = hidden.shape[:2]
         failure: BaseException | None = None
@@ -264,14 +328,20 @@ class SwarmClient:
                 break
             chunk = -(-length // -(-length // chunk))  # as many chunks as needed, all of about the same size
             try:
-                return await self._pipelined_forward(hops, hidden, key_mask, chunk)
+                outputs = await self._pipelined_forward(hops, hidden, key_mask, chunk)
             except HopFailed as e:
                 if isinstance(e.cause, RemoteError) and e.cause.code == "cache_full":
                     break
                 logger.warning("%s; computing the batch again on another route", e)
                 self.ban(e.hop.peer_id, e.cause)
                 failure = e.cause
-        boundary = 0
+                continue
+            inputs = [hidden, *outputs[:-1]]
+            checks = [self._maybe_check(h, x, key_mask, y) for h, x, y in zip(hops, inputs, outputs)]
+            if (wrong := await self._first_wrong(checks)) is None:
+                return outputs[-1]
+            failure = wrong[1]
+        boundary, checks, inputs = 0, [], {0: hidden}
         while boundary < self.num_blocks:
 
             def plan(servers: list[ServerInfo], start: int = boundary) -> list[Hop]:
@@ -279,25 +349,169 @@ class SwarmClient:
 
             hop = (await self.route(plan, failure=failure))[0]
             try:
-                hidden = await self._forward_hop(hop, hidden, key_mask)
-                boundary = hop.end
+                out = await self._forward_hop(hop, inputs[boundary], key_mask)
             except HopFailed as e:
                 logger.warning("%s; computing its blocks on another server", e)
                 self.ban(hop.peer_id, e.cause)
                 failure = e.cause
-        return hidden
+                continue
+            checks.append(self._maybe_check(hop, inputs[boundary], key_mask, out))
+            boundary, inputs[hop.end] = hop.end, out
+            if boundary == self.num_blocks and (wrong := await self._first_wrong(checks)) is not None:
+                (boundary, failure), checks = (
+                    (wrong[0].start, wrong[1]),
+                    [],
+                )  # again from the wrong hop's input
+        return inputs[self.num_blocks]
+
+    def _maybe_check(
+        self, hop: Hop, hidden: torch.Tensor, key_mask: torch.Tensor | None, output: torch.Tensor
+    ) -> tuple[Hop, asyncio.Task[SpotCheck] | None]:
+        """Start a spot check of `hop` (output `output` for the last positions of `hidden`) with probability
+        `spot_check_fraction`; it runs while the caller goes on."""
+        if not should_check(self.spot_rng, self.spot_check_fraction):
+            return hop, None
+        return hop, asyncio.ensure_future(self.spot_check(hop, hidden, key_mask, output))
+
+    async def _first_wrong(
+        self, checks: Sequence[tuple[Hop, asyncio.Task[SpotCheck] | None]]
+    ) -> tuple[Hop, CorruptOutputError] | None:
+        """Wait for spot checks in route order; the first hop found wrong (its server is banned by then) and
+        why, or None. Checks of later hops are dropped then: their inputs were wrong."""
+        for i, (hop, task) in enumerate(checks):
+            if task is None:
+                continue
+            record = await task
+            if hop.peer_id in record.wrong:
+                for _, later in checks[i + 1 :]:
+                    if later is not None:
+                        later.cancel()
+                return hop, corrupt_output_error(record)
+        return None
+
+    async def spot_check(
+        self, hop: Hop, hidden: torch.Tensor, key_mask: torch.Tensor | None, output: torch.Tensor
+    ) -> SpotCheck:
+        """Compute `hop`'s blocks on `hidden` (all of the hop's inputs, from position 0) on other servers and
+        compare with `output`, the hop's output for the last `output.shape[1]` positions. On a disagreement a
+        third opinion is asked for; the opinions that agree with no other are wrong, and their servers banned
+        and reported. Never raises for a peer's fault: a checker that fails is banned and the check skipped."""
+        tokens = output.shape[1]
+        opinions, parties = [output], [(hop.peer_id,)]
+        distance, tol = float("nan"), tolerance([])
+        while len(opinions) < 3:
+            checker = self._checker_route(hop, {p for party in parties for p in party})
+            if checker is None:
+                break
+            try:
+                out = hidden
+                for h in checker:
+                    out = await self._forward_hop(h, out, key_mask)
+            except HopFailed as e:
+                if not isinstance(e.cause, RemoteError):  # a refusal (too large, busy) is no fault
+                    self.ban(e.hop.peer_id, e.cause)
+                return self._record(
+                    SpotCheck(
+                        hop.peer_id,
+                        hop.start,
+                        hop.end,
+                        tokens,
+                        tuple(parties[1:]),
+                        distance,
+                        tol,
+                        f"skipped: {e}",
+                    )
+                )
+            opinions.append(out[:, -tokens:])
+            parties.append(tuple(h.peer_id for h in checker))
+            tol = tolerance([self._dtype(p) for party in parties for p in party])
+            if len(opinions) == 2:
+                distance = mismatch(opinions[0], opinions[1])
+            if not judge(opinions, tol):
+                return self._record(
+                    SpotCheck(
+                        hop.peer_id, hop.start, hop.end, tokens, tuple(parties[1:]), distance, tol, "agreed"
+                    )
+                )
+        if len(opinions) == 1:
+            return self._record(
+                SpotCheck(
+                    hop.peer_id,
+                    hop.start,
+                    hop.end,
+                    tokens,
+                    (),
+                    distance,
+                    tol,
+                    "skipped: no other server holds these blocks",
+                )
+            )
+        wrong = tuple(p for i in judge(opinions, tol) for p in parties[i])
+        record = self._record(
+            SpotCheck(
+                hop.peer_id, hop.start, hop.end, tokens, tuple(parties[1:]), distance, tol, "disagreed", wrong
+            )
+        )
+        self.reports.append(record)
+        logger.warning(
+            "spot check of blocks [%d, %d): %s disagree with the other opinions (%s vs checkers %s, mismatch %.3g "
+            "> tolerance %.3g); banning them",
+            hop.start,
+            hop.end,
+            list(wrong),
+            hop.peer_id,
+            [list(p) for p in parties[1:]],
+            distance,
+            tol,
+        )
+        error = corrupt_output_error(record)
+        for peer_id in wrong:
+            self.ban(peer_id, error)
+        return record
+
+    def _record(self, record: SpotCheck) -> SpotCheck:
+        self.spot_checks.append(record)
+        return record
+
+    def _dtype(self, peer_id: str) -> str:
+        info = self._servers.get(peer_id)
+        return "unknown" if info is None else info.dtype
+
+    def _checker_route(self, hop: Hop, exclude: set[str]) -> list[Hop] | None:
+        """Other servers to compute `hop`'s blocks (one, or several that together cover them), or None."""
+        banned = self.bans.banned(time.monotonic()) | exclude
+        usable = [s for s in self._servers.values() if s.peer_id not in banned]
+        try:
+            return route_forward(
+                self._capped(usable), self.num_blocks, self.spot_rng, start=hop.start, end=hop.end
+            )
+        except MissingBlocksError:
+            return None
 
     async def _forward_hop(
         self, hop: Hop, hidden: torch.Tensor, key_mask: torch.Tensor | None
     ) -> torch.Tensor:
         request = ForwardRequest(hop.start, hop.end, hidden, key_mask).to_message()
-        timeout = self.deadline_s(hop, hidden.shape[0] * hidden.shape[1], decode=False)
+        tokens = hidden.shape[0] * hidden.shape[1]
+        timeout = self.deadline_s(hop, tokens, decode=False)
         try:
             conn = await self.connection(hop.peer_id)
+            began = time.perf_counter()
             reply = await conn.call("forward", request, timeout=timeout)
-            return checked_hidden(reply.tensors, hop.peer_id, hidden)
+            out = checked_hidden(reply.tensors, hop.peer_id, hidden)
         except HOP_FAILURES as e:
             raise HopFailed(hop, e) from e
+        # what it took, less a round trip, is at most its compute: a lower bound on its speed
+        compute_s = time.perf_counter() - began - self.rtt_s.get(hop.peer_id, 0.0)
+        self.speeds.observe(hop.peer_id, "forward", tokens * (hop.end - hop.start) / max(compute_s, 1e-6))
+        return out
+
+    def observe_step(self, hop: Hop, elapsed_s: float, compute_s: float) -> None:
+        """A decode step of `hop` took `elapsed_s` as the client saw it (from the previous hop's reply) and
+        `compute_s` by the server's word: its speed is taken from the larger of the word and the elapsed time
+        less a round trip, so a server cannot claim to be faster than it was."""
+        seconds = max(compute_s, elapsed_s - self.rtt_s.get(hop.peer_id, 0.0), 1e-6)
+        self.speeds.observe(hop.peer_id, "inference", (hop.end - hop.start) / seconds)
 
     def _chunk_tokens(self, hops: list[Hop]) -> int:
         """Tokens per pipelined chunk: at least `forward_chunk_tokens`, and enough that the slowest hop computes
@@ -312,7 +526,8 @@ class SwarmClient:
 
     async def _pipelined_forward(
         self, hops: list[Hop], hidden: torch.Tensor, key_mask: torch.Tensor | None, chunk: int
-    ) -> torch.Tensor:
+    ) -> list[torch.Tensor]:
+        """Each hop's output (the last one's is the result)."""
         batch, length = hidden.shape[:2]
         bounds = list(range(0, length, chunk))
         streams: list[Stream] = []
@@ -332,6 +547,7 @@ class SwarmClient:
                     raise HopFailed(hop, e) from e
             # stage i reads chunks from queues[i], sends each to its server, passes the outputs to queues[i + 1]
             queues: list[asyncio.Queue] = [asyncio.Queue() for _ in range(len(hops) + 1)]
+            outputs: list[list[torch.Tensor]] = [[] for _ in hops]  # each hop's output chunks, in order
             for lo in bounds:
                 queues[0].put_nowait((lo, hidden[:, lo : lo + chunk]))
 
@@ -360,7 +576,8 @@ class SwarmClient:
                         # the server computes chunks in order: this one's deadline starts once it is sent and
                         # the previous one came back
                         reply = await stream.recv(timeout=timeout)
-                        out = step_reply(reply, hop.peer_id, hidden[:, lo : lo + chunk]).hidden
+                        out = step_reply(reply, hop.peer_id, hidden[:, lo : lo + chunk], lo).hidden
+                        outputs[i].append(out)
                         queues[i + 1].put_nowait((lo, out))
                 except HOP_FAILURES as e:
                     raise HopFailed(hop, e) from e
@@ -368,8 +585,7 @@ class SwarmClient:
                     sender.cancel()
 
             await asyncio.gather(*(stage(i, stream) for i, stream in enumerate(streams)))
-            outputs = [queues[-1].get_nowait()[1] for _ in bounds]
-            return torch.cat(outputs, dim=1)
+            return [torch.cat(chunks, dim=1) for chunks in outputs]
         finally:
             for stream in streams:
                 with contextlib.suppress(WireError):

@@ -28,6 +28,7 @@ from swarmllm.dht import ModelInfo, ServerInfo, ServerState, announce, find_serv
 from swarmllm.dht.records import dht_prefix_for
 from swarmllm.models import BlockConfig, BlockSpan, KVCache, load_config, load_span
 from swarmllm.server.backend import Backend
+from swarmllm.server.corrupt import corrupt_outputs
 from swarmllm.server.handler import RequestHandler, ServerLimits
 from swarmllm.server.host import HostShare, device_folder, host_cores, threads_per_server
 from swarmllm.server.memory import block_bytes, cache_bytes_per_block, device_memory, memory_share
@@ -90,6 +91,7 @@ class ServerConfig:
     # frame sizes and deadlines, stream inbox bytes, connection caps (shared by the direct and libp2p transports)
     wire: WireLimits = field(default_factory=WireLimits)
     handshake_timeout_s: float = 10.0  # a direct connection that has not proven its peer by then is dropped
+    corrupt_every: int = 0  # FOR TESTS ONLY: every Nth output is made wrong (server/corrupt.py)
 
 
 class Server:
@@ -250,6 +252,7 @@ class Server:
             ),
         )
         logger.info("decode steps run %s", backend.decoder.mode)
+        corrupt_outputs(backend, cfg.corrupt_every)
         cache_mib = (
             cfg.max_cache_tokens
             * KVCache.bytes_per_token(span.end - span.start, span.config, DTYPES[cfg.dtype])

@@ -1,0 +1,42 @@
+"""FOR TESTS ONLY: a server that lies. `--corrupt-every N` (hidden from `swarmllm serve --help`) makes every Nth
+output of this server's backend (inference steps and forwards alike, pushed or not) wrong by noise of about half
+the output's norm, so that the client's spot checks (`client.verify`) can be tested against a real process.
+Never set it on a server that serves anyone."""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+
+from swarmllm.server.backend import Backend
+
+NOISE = 0.5  # the noise's norm per token, relative to the output's
+
+
+def corrupted(out: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """`out` plus Gaussian noise of NOISE x its norm per token (the same noise whatever the output's dtype)."""
+    noise = torch.randn(out.shape, generator=generator, dtype=torch.float32)
+    noise *= (
+        NOISE * out.float().norm(dim=-1, keepdim=True) / noise.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    )
+    return (out.float() + noise.to(out.device)).to(out.dtype)
+
+
+def corrupt_outputs(backend: Backend, every: int) -> None:
+    """Make every `every`-th output of `backend` wrong (0: leave it honest)."""
+    if every <= 0:
+        return
+    count, generator = itertools.count(1), torch.Generator().manual_seed(every)
+    step, forward = backend.step, backend.forward
+
+    def maybe(out: torch.Tensor) -> torch.Tensor:
+        return corrupted(out, generator) if next(count) % every == 0 else out
+
+    async def corrupt_step(*args, **kwargs) -> torch.Tensor:
+        return maybe(await step(*args, **kwargs))
+
+    async def corrupt_forward(*args, **kwargs) -> torch.Tensor:
+        return maybe(await forward(*args, **kwargs))
+
+    backend.step, backend.forward = corrupt_step, corrupt_forward

@@ -1,0 +1,80 @@
+"""The pure parts of spot checks: tolerances, the comparison, the vote, the odds; and routing by measured speed."""
+
+import random
+
+import torch
+
+from swarmllm.client.health import Speeds
+from swarmllm.client.routing import cap_throughput, route_inference
+from swarmllm.client.verify import (
+    detection_odds,
+    judge,
+    mismatch,
+    should_check,
+    steps_to_catch,
+    tolerance,
+)
+from swarmllm.dht import ServerInfo, ServerState
+
+
+def test_tolerance_is_the_coarsest_dtypes():
+    assert tolerance(["float32", "float32"]) < tolerance(["float32", "float16"]) < tolerance(["bfloat16"])
+    assert tolerance(["float32", "something new"]) == tolerance(["bfloat16"])
+
+
+def test_mismatch_is_relative_per_token():
+    a = torch.randn(2, 3, 16)
+    assert mismatch(a, a.clone()) == 0.0
+    b = a.clone()
+    b[1, 2] *= 1.1  # one token 10% off, however large the others are
+    assert abs(mismatch(a, b) - 0.1 / 1.1) < 1e-5
+    assert abs(mismatch(a * 1000, b * 1000) - mismatch(a, b)) < 1e-6
+    assert mismatch(a, a[:, :2]) == float("inf")
+
+
+def test_judge_bans_the_minority_or_everyone_when_undecided():
+    x = torch.randn(1, 1, 8)
+    noise = torch.randn(1, 1, 8)
+    assert judge([x, x + 1e-6 * noise], 1e-3) == []
+    assert judge([x, x + noise], 1e-3) == [0, 1]  # two opinions that disagree: nobody can be trusted
+    assert judge([x + noise, x, x], 1e-3) == [0]  # the checked server is outvoted
+    assert judge([x, x + noise, x], 1e-3) == [1]  # its first checker is
+    assert judge([x, x + noise, x - noise], 1e-3) == [0, 1, 2]
+
+
+def test_seeded_detection_matches_the_odds():
+    runs = 2000
+    caught = sum(steps_to_catch(random.Random(s), 0.05, None, 0.05, 2000) is not None for s in range(runs))
+    odds = detection_odds(0.05, 0.05, 2000)
+    assert abs(caught / runs - odds) < 0.01
+    assert (
+        steps_to_catch(random.Random(0), 0.05, [False], 1.0, 1000) is None
+    )  # an honest server is never caught
+    assert not any(should_check(random.Random(s), 0.0) for s in range(100))
+
+
+def info(peer_id, start, end, rps):
+    return ServerInfo(
+        peer_id=peer_id,
+        state=ServerState.ONLINE,
+        start_block=start,
+        end_block=end,
+        throughput=rps,
+        inference_rps=rps,
+        forward_rps=rps,
+        cache_tokens_left=10_000,
+        version="test",
+        dtype="float32",
+    )
+
+
+def test_a_server_announcing_infinite_speed_is_routed_by_its_measured_one():
+    servers = [info("boaster", 0, 4, float("inf")), info("honest", 0, 4, 100.0)]
+    assert [h.peer_id for h in route_inference(servers, 4, {})] == ["boaster"]
+    speeds = Speeds()
+    for rate in (10.0, 12.0, 1e6):  # the median resists one outlier
+        speeds.observe("boaster", "inference", rate)
+    capped = cap_throughput(servers, speeds.measured("inference"), speeds.measured("forward"))
+    assert capped[0].inference_rps == 12.0 and capped[0].forward_rps == float("inf")
+    assert capped[1] is servers[1]
+    assert [h.peer_id for h in route_inference(capped, 4, {})] == ["honest"]

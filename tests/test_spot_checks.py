@@ -1,0 +1,94 @@
+"""Spot checks against a server that lies: real server processes on 127.0.0.1, one of them started with the
+test-only `--corrupt-every N` (every Nth output it computes is wrong) and announcing a huge throughput so that
+routes go through it. The client checks every step (`spot_check_fraction=1`), bans the liar, reports it, and the
+tokens and logits are still those of `transformers`."""
+
+import random
+import time
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from swarmllm import AutoDistributedModelForCausalLM
+from swarmllm.local import LocalSwarm
+
+PROMPT = torch.tensor([[1, 30, 40, 50, 7]])
+NEW_TOKENS = 12
+PREFIX = "spot-checks"
+
+
+@pytest.fixture(scope="module")
+def path(checkpoints):
+    return str(checkpoints("llama"))  # 4 blocks
+
+
+@pytest.fixture(scope="module")
+def swarm(path):
+    """A liar on [0, 2) that corrupts every 2nd output, two honest servers of [0, 2), one of [2, 4). The liar
+    announces a huge throughput and the honest servers of [0, 2) a tiny one, so that routes go through the liar
+    and it is the checked server, not a checker."""
+    with LocalSwarm() as local:
+        local.start_bootstrap()
+        extra = ["--dht-prefix", PREFIX]
+        (liar,) = local.add_servers(
+            [(path, (0, 2))], extra=[*extra, "--corrupt-every", "2", "--throughput", "1e9"]
+        )
+        local.add_servers([(path, (0, 2)), (path, (0, 2))], extra=[*extra, "--throughput", "1"])
+        local.add_servers([(path, (2, 4))], extra=extra)
+        yield local, liar["peer_id"]
+
+
+def client(local: LocalSwarm, path: str):
+    return AutoDistributedModelForCausalLM.from_pretrained(
+        path, initial_peers=local.initial_peers, dht_prefix=PREFIX, spot_check_fraction=1.0, spot_check_seed=0
+    )
+
+
+def test_a_lying_server_is_banned_and_the_tokens_stay_right(swarm, path):
+    local, liar = swarm
+    want = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    want = want.generate(PROMPT, max_new_tokens=NEW_TOKENS, do_sample=False).tolist()
+    model = client(local, path)
+    try:
+        with model.inference_session(max_length=PROMPT.shape[1] + NEW_TOKENS):
+            tokens = model.generate(PROMPT, max_new_tokens=NEW_TOKENS, do_sample=False).tolist()
+            first_hop = model._active.session.hops[0].peer_id
+        assert tokens == want
+        reports = model.swarm.reports
+        assert [r.wrong for r in reports] == [(liar,)]  # caught at its 2nd output, the first decode step
+        assert len(reports[0].checkers) == 2  # a third opinion decided between the liar and its checker
+        assert reports[0].mismatch > reports[0].tolerance
+        assert liar in model.swarm.bans.banned(time.monotonic()) and first_hop != liar
+        (failover,) = model.swarm.failovers
+        assert failover.peer_id == liar and "CorruptOutputError" in failover.reason
+        assert (failover.start, failover.end) == (0, 4)  # the hops after it were rebuilt too
+        outcomes = {(c.start, c.outcome) for c in model.swarm.spot_checks}
+        assert outcomes == {
+            (0, "agreed"),
+            (0, "disagreed"),
+            (2, "skipped: no other server holds these blocks"),
+        }
+    finally:
+        model.shutdown()
+
+
+def test_batch_forward_recomputes_a_wrong_hop(swarm, path):
+    local, liar = swarm
+    reference = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    inputs = torch.randint(3, 150, (2, 20), generator=torch.Generator().manual_seed(0))
+    model = client(local, path)
+    model.swarm.rng = random.Random(0)
+    try:
+        with torch.no_grad():
+            want = reference(input_ids=inputs).logits
+            # the liar is routed by its announced throughput until the client has measured it, then by the
+            # measured one (one time in three), and it lies every 2nd time
+            for _ in range(30):
+                torch.testing.assert_close(model(input_ids=inputs).logits, want, rtol=1e-4, atol=1e-4)
+                if model.swarm.reports:
+                    break
+        assert [r.wrong for r in model.swarm.reports] == [(liar,)]
+        assert liar in model.swarm.bans.banned(time.monotonic())
+    finally:
+        model.shutdown()
