@@ -41,6 +41,47 @@ def _peers(parser: argparse.ArgumentParser) -> None:
     )
 
 
+# `swarmllm serve` flags for `ServerLimits` fields: flag, field, type, help. Unset flags keep the field's default
+# (listed in the README), so defaults live in one place and the command line does not import torch to parse.
+_LIMIT_FLAGS = [
+    ("--max-sessions-per-peer", "max_sessions_per_peer", int, "open inference sessions per peer"),
+    (
+        "--max-cache-share-per-peer",
+        "max_cache_share_per_peer",
+        float,
+        "the largest fraction of the KV-cache budget one peer's sessions may hold",
+    ),
+    ("--max-queued-per-peer", "max_queued_per_peer", int, "forward calls of one peer waiting for compute"),
+    (
+        "--max-queued-total",
+        "max_queued_total",
+        int,
+        "forward calls of all peers waiting for compute; beyond it the server answers `busy`",
+    ),
+    (
+        "--peer-rate",
+        "peer_rate_per_s",
+        float,
+        "calls and session openings per second per peer (token bucket)",
+    ),
+    ("--peer-burst", "peer_burst", int, "calls a peer may make at once (token bucket size)"),
+    (
+        "--reply-timeout",
+        "reply_timeout_s",
+        float,
+        "seconds a session's reply may wait for the client to read it; then the session is closed",
+    ),
+]
+
+
+def _limits(serve: argparse.ArgumentParser) -> None:
+    group = serve.add_argument_group(
+        "limits per peer (a peer = an authenticated peer id; defaults in README)"
+    )
+    for flag, dest, kind, help in _LIMIT_FLAGS:
+        group.add_argument(flag, dest=dest, type=kind, help=help)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="swarmllm", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logs")
@@ -136,6 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         help="seconds a direct connection may take to prove its peer id before it is dropped (default 10)",
     )
+    _limits(serve)
 
     gen = commands.add_parser("generate", help="generate text with a model served by a swarm")
     gen.add_argument("model", help="hub id or local folder (the client loads only embeddings and LM head)")
@@ -174,6 +216,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from swarmllm.server.handler import ServerLimits
     from swarmllm.server.memory import parse_size
     from swarmllm.server.network import parse_bandwidth
     from swarmllm.server.server import ServerConfig, run_server
@@ -218,6 +261,13 @@ def _serve(args: argparse.Namespace) -> int:
             wire=WireLimits(**{name: value for name, value in wire_options.items() if value is not None}),
             **({} if args.handshake_timeout is None else {"handshake_timeout_s": args.handshake_timeout}),
             corrupt_every=args.corrupt_every,
+            limits=ServerLimits(
+                **{
+                    dest: getattr(args, dest)
+                    for _, dest, _, _ in _LIMIT_FLAGS
+                    if getattr(args, dest) is not None
+                }
+            ),
         )
     )
     return 0

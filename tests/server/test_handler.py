@@ -38,7 +38,11 @@ def span(llama_checkpoint):
 async def served(span):
     backend = Backend(span, cache_tokens=64)
     limits = ServerLimits(
-        max_batch_size=4, max_forward_tokens=256, max_session_length=32, session_idle_timeout_s=5
+        max_batch_size=4,
+        max_forward_tokens=256,
+        max_session_length=32,
+        session_idle_timeout_s=5,
+        max_cache_share_per_peer=1.0,  # one client may fill the cache here (per-peer limits: test_limits.py)
     )
     handler = RequestHandler(backend, lambda: {"start_block": 0, "end_block": 4}, limits)
     server = DirectServer(handler.handlers(), Identity.generate())
@@ -132,10 +136,13 @@ async def test_cache_budget_is_reserved_refused_and_returned(served):
     await first.send(Message({"position": 0}, [torch.randn(2, 1, HIDDEN)]))
     await first.recv()
     assert backend.budget.free_tokens == 0
-    second = await conn.open_stream("inference", Message(opening))
+    # another peer (the same one would hit its own share first: `quota`, test_limits.py)
+    someone = await connect_direct(*server.address, Identity.generate(), expected_peer_id=None)
+    second = await someone.open_stream("inference", Message(opening))
     with pytest.raises(RemoteError) as info:
         await second.recv()
     assert info.value.code == "cache_full"
+    await someone.close()
     await first.close()
     await _until(lambda: backend.budget.free_tokens == 64)
     # a client that vanishes without closing gives its cache back too

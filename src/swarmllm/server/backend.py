@@ -2,9 +2,10 @@
 
 The backend trusts its inputs: the RPC handler validates every message before calling it. Large work (prefill,
 batch forward) runs on one dedicated thread so the event loop keeps answering pings, info and other sessions
-meanwhile; small work (a decode step) runs inline on the loop, because handing it to a thread and back costs
-more than computing it (~0.4 ms a hop on a 2-core box). A session's steps arrive one after another on its
-stream, so two steps never race on one cache either way.
+meanwhile; that thread takes the peers' work in turn (`server.compute`), so one peer's pile of batch work
+cannot starve another's. Small work (a decode step) runs inline on the loop, because handing it to a thread and
+back costs more than computing it (~0.4 ms a hop on a 2-core box), and so it never waits behind anyone's batch
+work. A session's steps arrive one after another on its stream, so two steps never race on one cache either way.
 """
 
 from __future__ import annotations
@@ -12,13 +13,13 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
 
 from swarmllm.models import BlockSpan, KVCache
 from swarmllm.server.cache import CacheBudget
+from swarmllm.server.compute import ComputeThread
 from swarmllm.server.decode import DecodeRunner
 
 logger = logging.getLogger(__name__)
@@ -35,6 +36,7 @@ class Session:
     max_length: int
     cache: KVCache
     key_mask: torch.Tensor  # [batch, max_length] bool: which cached positions are real tokens (left padding)
+    owner: str = ""  # the peer that opened it: its prefill waits in that peer's compute queue
     length: int = 0
     padded: bool = False
 
@@ -57,7 +59,7 @@ class Backend:
         self.dtype = next(span.parameters()).dtype
         self.budget = CacheBudget(cache_tokens)
         self.sessions: dict[str, Session] = {}
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="swarmllm-compute")
+        self.compute = ComputeThread()
         self._ids = itertools.count()
         self.inline_tokens = inline_tokens
         self.decoder = DecodeRunner(span, self.device, compile=compile, cuda_graphs=cuda_graphs)
@@ -74,25 +76,30 @@ class Backend:
     def hidden_size(self) -> int:
         return self.span.config.hidden_size
 
-    async def run(self, tokens: int, fn, *args):
-        """`fn(*args)` inline when it touches at most `inline_tokens` tokens, else on the compute thread."""
-        if tokens <= self.inline_tokens:
-            return fn(*args)
-        return await self.on_compute_thread(fn, *args)
+    def inline(self, tokens: int) -> bool:
+        """Whether work over `tokens` tokens runs inline on the event loop (else on the compute thread)."""
+        return tokens <= self.inline_tokens
 
-    async def on_compute_thread(self, fn, *args):
-        """`fn(*args)` on the compute thread, after the work queued there (and with its torch thread count)."""
-        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+    async def run(self, tokens: int, owner: str, fn, *args):
+        """`fn(*args)` inline when it touches at most `inline_tokens` tokens, else on the compute thread in
+        `owner`'s turn."""
+        if self.inline(tokens):
+            return fn(*args)
+        return await self.on_compute_thread(fn, *args, owner=owner)
+
+    async def on_compute_thread(self, fn, *args, owner: str = ""):
+        """`fn(*args)` on the compute thread (with its torch thread count), in `owner`'s turn among the peers
+        with work queued there."""
+        return await asyncio.wrap_future(self.compute.submit(owner, fn, *args))
 
     def _blocks(self, start: int, end: int) -> slice:
         return slice(start - self.span.start, end - self.span.start)
 
     async def forward(
-        self, hidden: torch.Tensor, key_mask: torch.Tensor | None, start: int, end: int
+        self, hidden: torch.Tensor, key_mask: torch.Tensor | None, start: int, end: int, owner: str = ""
     ) -> torch.Tensor:
-        return await self.run(
-            hidden.shape[0] * hidden.shape[1], self._forward, hidden, key_mask, self._blocks(start, end)
-        )
+        tokens = hidden.shape[0] * hidden.shape[1]
+        return await self.run(tokens, owner, self._forward, hidden, key_mask, self._blocks(start, end))
 
     @torch.inference_mode()
     def _forward(self, hidden: torch.Tensor, key_mask: torch.Tensor | None, blocks: slice) -> torch.Tensor:
@@ -101,7 +108,9 @@ class Backend:
             key_mask = key_mask.to(self.device)
         return self.span(hidden, key_mask=key_mask, blocks=blocks)
 
-    def open_session(self, start: int, end: int, batch_size: int, max_length: int) -> Session:
+    def open_session(
+        self, start: int, end: int, batch_size: int, max_length: int, owner: str = ""
+    ) -> Session:
         """Reserve and allocate a session's cache; raises CacheFullError when it does not fit."""
         session_id = f"s{next(self._ids)}"
         self.budget.reserve(session_id, batch_size * max_length)
@@ -111,7 +120,7 @@ class Backend:
             self.budget.release(session_id)
             raise
         key_mask = torch.ones(batch_size, max_length, dtype=torch.bool, device=self.device)
-        session = Session(session_id, start, end, batch_size, max_length, cache, key_mask)
+        session = Session(session_id, start, end, batch_size, max_length, cache, key_mask, owner)
         self.sessions[session_id] = session
         return session
 
@@ -124,9 +133,8 @@ class Backend:
         self, session: Session, hidden: torch.Tensor, position: int, new_mask: torch.Tensor | None
     ) -> torch.Tensor:
         """Process tokens [position, position + T) of a session; position < length rewinds (drops the tail)."""
-        return await self.run(
-            hidden.shape[0] * hidden.shape[1], self._step, session, hidden, position, new_mask
-        )
+        tokens = hidden.shape[0] * hidden.shape[1]
+        return await self.run(tokens, session.owner, self._step, session, hidden, position, new_mask)
 
     @torch.inference_mode()
     def _step(
@@ -167,9 +175,9 @@ class Backend:
 
     def set_threads(self, threads: int) -> None:
         """Torch's CPU thread count for the compute thread too (each thread keeps the count it started with)."""
-        self._executor.submit(torch.set_num_threads, threads).result()
+        self.compute.submit("", torch.set_num_threads, threads).result()
 
     def shutdown(self) -> None:
         for session in list(self.sessions.values()):
             self.close_session(session)
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        self.compute.shutdown()

@@ -13,6 +13,12 @@ first of them (within the step's `push_timeout_s`) and tells the client whether 
 failed push costs one client round trip, never a hang. The pushed input enters the receiver's session queue as
 if the client had sent it, and the reply goes to the client's stream.
 
+Quotas (`server.quota`): each peer may hold a bounded number of sessions and share of the cache budget, have a
+bounded number of calls waiting for compute, and call at a bounded rate. A request beyond a peer's limit is
+refused with `quota`, one beyond the server's capacity with `busy` (and a cache too full for a session with
+`cache_full`); the message names the limit, and the refusal touches nothing else the peer holds. A session whose
+replies the client does not take within `reply_timeout_s` (it stopped reading) is closed and its cache freed.
+
 Leaving: `leave()` makes every session finish the steps already queued, then end with `server_leaving`, and
 refuses new sessions, so clients move to other servers before this one goes. Moving: `use_backend()` serves new
 requests from a backend over the server's new blocks, and `hand_back()` hands the old backend's sessions back the
@@ -33,6 +39,7 @@ import torch
 from swarmllm.server.backend import Backend, Session
 from swarmllm.server.cache import CacheFullError
 from swarmllm.server.network import PING_MAX_BYTES
+from swarmllm.server.quota import PeerLimits, PeerQuotas, Refusal
 from swarmllm.wire import CallContext, Connection, Handlers, Incoming, Message, RequestError, WireError
 from swarmllm.wire.messages import (
     ForwardRequest,
@@ -57,6 +64,24 @@ class ServerLimits:
     max_session_length: int = 8192
     session_idle_timeout_s: float = 300.0
     push_timeout_s: float = 10.0  # the most a step's push may take (a client may ask for less)
+    reply_timeout_s: float = 30.0  # a session whose reply the client does not take this long is closed
+    # per peer (a peer = an authenticated peer id), see `server.quota`
+    max_sessions_per_peer: int = 16
+    max_cache_share_per_peer: float = 0.5  # of the KV-cache budget
+    max_queued_per_peer: int = 8  # forward calls waiting for (or on) the compute thread
+    max_queued_total: int = 64  # the same over all peers; beyond it: `busy`
+    peer_rate_per_s: float = 50.0  # calls and session openings per second (token bucket)
+    peer_burst: int = 100
+
+    def peer_limits(self) -> PeerLimits:
+        return PeerLimits(
+            max_sessions=self.max_sessions_per_peer,
+            max_cache_share=self.max_cache_share_per_peer,
+            max_queued=self.max_queued_per_peer,
+            max_queued_total=self.max_queued_total,
+            rate_per_s=self.peer_rate_per_s,
+            burst=self.peer_burst,
+        )
 
 
 @dataclass
@@ -70,6 +95,17 @@ class _Pushed(Message):
 
 
 _LEAVING = Message({"kind": "leaving"})  # put into every session's queue when the server leaves
+_ANONYMOUS = "anonymous"  # the quota key of callers whose transport proved no peer id
+
+
+def _peer(context: CallContext) -> str:
+    return context.peer_id or _ANONYMOUS
+
+
+def _refuse(refusal: Refusal | None) -> None:
+    if refusal is not None:
+        raise RequestError(refusal.code, refusal.message)
+
 
 # what the server needs to push: a connection to a peer, given its id
 Connector = Callable[[str], Awaitable[Connection]]
@@ -92,6 +128,7 @@ class RequestHandler:
         self.connect = connect
         self.peer_id = peer_id  # ours: a push to ourselves (two hops of a chain here) skips the network
         self.leaving = False
+        self.quotas = PeerQuotas(limits.peer_limits())
         self._by_token: dict[str, _SessionInbox] = {}  # sessions that may receive pushes, by secret id
         self._open: dict[Incoming, Backend] = {}  # every open session's queue, and the backend it runs on
         self._session_closed = asyncio.Event()  # set whenever a session closes
@@ -151,15 +188,19 @@ class RequestHandler:
         await self.sessions_closed(None, timeout_s)
 
     async def rpc_info(self, request: Message, context: CallContext) -> Message:
+        _refuse(self.quotas.request(_peer(context)))
         return Message(self.info())
 
     async def rpc_ping(self, request: Message, context: CallContext) -> Message:
         """Echo the payload's size: peers time it to measure their link to us (`server.network`); the payload
         is capped at PING_MAX_BYTES where the method is registered."""
+        _refuse(self.quotas.request(_peer(context)))
         check_count(request.tensors, 0, 1, "ping")
         return Message({"bytes": sum(t.numel() * t.element_size() for t in request.tensors)})
 
     async def rpc_forward(self, request: Message, context: CallContext) -> Message:
+        peer = _peer(context)
+        _refuse(self.quotas.request(peer))
         req = ForwardRequest.parse(request)
         start, end = self._span(req.start, req.end)
         hidden = self._hidden(req.hidden)
@@ -169,11 +210,19 @@ class RequestHandler:
                 "too_large", f"{batch}x{length} tokens exceed the limit of {self.limits.max_forward_tokens}"
             )
         key_mask = self._mask(req.key_mask, batch, length)
-        return Message({}, [await self.backend.forward(hidden, key_mask, start, end)])
+        if self.backend.inline(batch * length):
+            return Message({}, [await self.backend.forward(hidden, key_mask, start, end, peer)])
+        _refuse(self.quotas.enqueue(peer))
+        try:
+            return Message({}, [await self.backend.forward(hidden, key_mask, start, end, peer)])
+        finally:
+            self.quotas.dequeue(peer)
 
     async def rpc_inference(
         self, request: Message, incoming: Incoming, context: CallContext
     ) -> AsyncIterator[Message]:
+        peer = _peer(context)
+        _refuse(self.quotas.request(peer))
         opening = OpenSession.parse(request)
         start, end = self._span(opening.start, opening.end)
         check_range("batch_size", opening.batch_size, 1, self.limits.max_batch_size)
@@ -184,10 +233,15 @@ class RequestHandler:
         if self.leaving:
             raise RequestError("server_leaving", "this server is leaving the swarm")
         backend = self.backend  # a session stays on the blocks it opened on, even if the server moves
+        cache_tokens = opening.batch_size * opening.max_length
+        _refuse(self.quotas.open_session(peer, cache_tokens, backend.budget.capacity_tokens))
         try:
-            session = backend.open_session(start, end, opening.batch_size, opening.max_length)
-        except CacheFullError as e:
-            raise RequestError("cache_full", str(e)) from None
+            session = backend.open_session(start, end, opening.batch_size, opening.max_length, peer)
+        except BaseException as e:
+            self.quotas.close_session(peer, cache_tokens)
+            if isinstance(e, CacheFullError):
+                raise RequestError("cache_full", str(e)) from None
+            raise
         logger.debug(
             "session %s opened by %s: blocks [%d, %d) batch %d max_length %d",
             session.session_id,
@@ -203,6 +257,7 @@ class RequestHandler:
             self._by_token[token] = target
         self._open[incoming] = backend
         last_step = -1
+        loop, task = asyncio.get_running_loop(), asyncio.current_task()
         try:
             while True:
                 if self.leaving or backend is not self.backend:
@@ -229,16 +284,32 @@ class RequestHandler:
                     if isinstance(message, _Pushed) and item.step <= last_step:
                         continue  # a push that arrived after the client had already sent this step itself
                     last_step = max(last_step, item.step)
-                    yield await self._step(backend, session, item)
+                    reply = await self._step(backend, session, item)
                 except RequestError as e:
-                    yield StepError.from_request_error(e).to_message()
+                    reply = StepError.from_request_error(e).to_message()
+                # the stream's task sends the reply while we wait here: a client that stops reading makes that
+                # send wait for ever, so a deadline ends the whole call (and this session, in `finally`)
+                deadline = loop.call_later(self.limits.reply_timeout_s, self._reply_late, task, session)
+                try:
+                    yield reply
+                finally:
+                    deadline.cancel()
         finally:
+            self.quotas.close_session(peer, cache_tokens)
             if token is not None:
                 self._by_token.pop(token, None)
             self._open.pop(incoming, None)
             self._session_closed.set()
             backend.close_session(session)
             logger.debug("session %s closed", session.session_id)
+
+    def _reply_late(self, task: asyncio.Task, session: Session) -> None:
+        logger.info(
+            "session %s: the client took no reply for %.0f s, closing",
+            session.session_id,
+            self.limits.reply_timeout_s,
+        )
+        task.cancel()
 
     def rpc_push(self, request: Message, context: CallContext) -> Message:
         """An input for one of our sessions, computed by the previous server of the client's chain (answered in

@@ -1,0 +1,197 @@
+"""Per-peer quotas and fair compute over a real direct connection: each refusal with its code and the limit it
+names, a refused peer's other sessions untouched, the cache share cap, the reply deadline that frees the cache
+of a client that stopped reading, and an honest peer's work not stuck behind another peer's pile."""
+
+import asyncio
+import threading
+from contextlib import asynccontextmanager
+
+import pytest
+import torch
+
+from swarmllm.models import load_span
+from swarmllm.server.backend import Backend
+from swarmllm.server.handler import RequestHandler, ServerLimits
+from swarmllm.wire import DirectServer, Identity, Message, RemoteError, connect_direct
+
+HIDDEN = 64
+
+
+@pytest.fixture(scope="module")
+def span(llama_checkpoint):
+    return load_span(str(llama_checkpoint), 0, 4)
+
+
+@asynccontextmanager
+async def serving(span, cache_tokens=64, **limits):
+    """A handler over a fresh backend on a real DirectServer; yields (backend, handler, connect)."""
+    backend = Backend(span, cache_tokens=cache_tokens)
+    handler = RequestHandler(backend, dict, ServerLimits(**limits))
+    server = DirectServer(handler.handlers(), Identity.generate())
+    await server.start()
+    conns = []
+
+    async def connect(identity=None):
+        conns.append(
+            await connect_direct(*server.address, identity or Identity.generate(), expected_peer_id=None)
+        )
+        return conns[-1]
+
+    try:
+        yield backend, handler, connect
+    finally:
+        for conn in conns:
+            await conn.close()
+        await server.stop()
+        backend.shutdown()
+
+
+def expected(span, hidden):
+    with torch.inference_mode():
+        return span(hidden)
+
+
+async def open_session(conn, batch_size=1, max_length=8):
+    opening = {"start": 0, "end": 4, "batch_size": batch_size, "max_length": max_length}
+    return await conn.open_stream("inference", Message(opening))
+
+
+async def check_steps(stream, span, positions=3):
+    """The session still computes right: a prefill from position 0, then single decode steps."""
+    hidden = torch.randn(1, positions, HIDDEN)
+    await stream.send(Message({"position": 0}, [hidden[:, :1]]))
+    outs = [(await stream.recv()).tensors[0]]
+    for p in range(1, positions):
+        await stream.send(Message({"position": p}, [hidden[:, p : p + 1]]))
+        outs.append((await stream.recv()).tensors[0])
+    torch.testing.assert_close(torch.cat(outs, 1), expected(span, hidden), rtol=1e-5, atol=1e-5)
+
+
+async def refused(stream) -> RemoteError:
+    with pytest.raises(RemoteError) as info:
+        await stream.recv()
+    return info.value
+
+
+async def _until(condition, timeout_s: float = 20.0) -> None:
+    """Wait for a server-side effect of a client action (the server runs in this event loop)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while not condition():
+        assert loop.time() < deadline, "condition not reached"
+        await asyncio.sleep(0.01)
+
+
+async def test_sessions_per_peer_are_capped_and_a_refusal_touches_nothing(span):
+    async with serving(span, max_sessions_per_peer=2) as (backend, _, connect):
+        conn = await connect()
+        first, second = await open_session(conn), await open_session(conn)
+        await check_steps(first, span)
+        error = await refused(await open_session(conn))
+        assert error.code == "quota" and "open sessions limit" in str(error)
+        await check_steps(first, span)  # the peer's sessions go on as if nothing happened
+        await check_steps(second, span)
+        await check_steps(await open_session(await connect()), span)  # another peer is not limited by it
+        await first.close()
+        await _until(lambda: len(backend.sessions) == 2)
+        await check_steps(await open_session(conn), span)  # a closed session frees its place
+
+
+async def test_one_peer_gets_at_most_its_share_of_the_cache(span):
+    async with serving(span, cache_tokens=64) as (backend, _, connect):  # default share: 50%
+        greedy = await connect()
+        error = await refused(await open_session(greedy, batch_size=2, max_length=32))
+        assert error.code == "quota" and "cache share limit" in str(error) and "50% of 64" in str(error)
+        mine = await open_session(greedy, batch_size=1, max_length=32)
+        await check_steps(mine, span)
+        error = await refused(await open_session(greedy, batch_size=1, max_length=1))
+        assert error.code == "quota" and "holds 32" in str(error)
+        await check_steps(await open_session(await connect(), batch_size=1, max_length=32), span)
+        assert backend.budget.free_tokens == 0
+        error = await refused(await open_session(await connect(), batch_size=1, max_length=1))
+        assert error.code == "cache_full"  # the server's budget, not a peer's share
+        await check_steps(mine, span)
+
+
+async def test_request_rate_is_limited_per_peer_and_sessions_keep_stepping(span):
+    async with serving(span, peer_rate_per_s=0.001, peer_burst=3) as (_, _, connect):
+        conn = await connect()
+        session = await open_session(conn)  # 1 of the burst
+        hidden = torch.randn(1, 2, HIDDEN)
+        forward = Message({"start": 0, "end": 4}, [hidden])
+        for _ in range(2):
+            await conn.call("forward", forward)
+        with pytest.raises(RemoteError) as info:
+            await conn.call("forward", forward)
+        assert info.value.code == "quota" and "request rate limit" in str(info.value)
+        await check_steps(session, span, positions=5)  # steps in an open session are not calls
+        reply = await (await connect()).call("forward", forward)
+        torch.testing.assert_close(reply.tensors[0], expected(span, hidden), rtol=0, atol=0)
+
+
+async def test_queued_compute_is_capped_per_peer_then_the_server_is_busy(span):
+    limits = dict(max_queued_per_peer=2, max_queued_total=3, max_forward_tokens=256)
+    async with serving(span, **limits) as (backend, handler, connect):
+        gate = threading.Event()
+        blocker = backend.compute.submit("test", gate.wait)  # holds the compute thread until we open the gate
+        a_id, b_id = Identity.generate(), Identity.generate()
+        a, b, c = await connect(a_id), await connect(b_id), await connect()
+        hidden = torch.randn(1, 64, HIDDEN)  # above inline_tokens: these go to the compute thread
+        forward = Message({"start": 0, "end": 4}, [hidden])
+        queued = [asyncio.ensure_future(a.call("forward", forward)) for _ in range(2)]
+        await _until(lambda: handler.quotas.held(a_id.peer_id)[2] == 2)
+        with pytest.raises(RemoteError) as info:
+            await a.call("forward", forward)
+        assert info.value.code == "quota" and "queued compute limit" in str(info.value)
+        queued.append(asyncio.ensure_future(b.call("forward", forward)))
+        await _until(lambda: handler.quotas.queued_total == 3)
+        with pytest.raises(RemoteError) as info:
+            await c.call("forward", forward)
+        assert info.value.code == "busy"
+        small = Message({"start": 0, "end": 4}, [hidden[:, :2]])  # inline work never queues
+        await c.call("forward", small)
+        gate.set()
+        for reply in await asyncio.gather(*queued):
+            torch.testing.assert_close(reply.tensors[0], expected(span, hidden), rtol=0, atol=0)
+        assert blocker.result() is True and handler.quotas.queued_total == 0
+
+
+async def test_an_honest_peer_is_not_stuck_behind_another_peers_pile(span):
+    async with serving(span, max_queued_per_peer=64, max_forward_tokens=256) as (backend, _, connect):
+        gate = threading.Event()
+        backend.compute.submit("test", gate.wait)
+        abuser_id = Identity.generate()
+        abuser, honest = await connect(abuser_id), await connect()
+        hidden = torch.randn(1, 64, HIDDEN)
+        forward = Message({"start": 0, "end": 4}, [hidden])
+        done: list[str] = []
+
+        def call(conn, label):
+            task = asyncio.ensure_future(conn.call("forward", forward))
+            task.add_done_callback(lambda _: done.append(label))
+            return task
+
+        pile = [call(abuser, f"abuser{i}") for i in range(12)]
+        await _until(lambda: backend.compute.waiting(abuser_id.peer_id) == 12)
+        mine = call(honest, "honest")
+        # while the compute thread is busy and 12 forwards wait, the honest peer's decode steps run inline
+        session = await open_session(honest)
+        await check_steps(session, span)
+        assert not done and not gate.is_set()
+        gate.set()
+        await asyncio.gather(mine, *pile)
+        assert done.index("honest") <= 1, done  # FIFO would have made it last (12)
+
+
+async def test_a_client_that_stops_reading_loses_its_session_and_its_cache(span):
+    limits = dict(reply_timeout_s=0.5, max_batch_size=4, max_session_length=512, max_cache_share_per_peer=1.0)
+    async with serving(span, cache_tokens=4 * 512, **limits) as (backend, _, connect):
+        conn = await connect()
+        stream = await open_session(conn, batch_size=4, max_length=512)
+        conn._writer.transport.pause_reading()  # the client stops reading its replies
+        hidden = torch.randn(4, 512, HIDDEN)  # each reply is 512 KiB: some fill the socket buffers
+        for _ in range(40):
+            await stream.send(Message({"position": 0}, [hidden]))
+        await _until(lambda: backend.budget.free_tokens == 4 * 512 and not backend.sessions)
+        honest = await open_session(await connect(), batch_size=1, max_length=8)
+        await check_steps(honest, span)
