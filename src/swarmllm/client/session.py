@@ -260,9 +260,13 @@ class InferenceSession:
         `to_end`: every hop after it too (its outputs were wrong, so theirs may be)."""
         failed = self._hops[i]
         logger.info("%s failed (%s); replacing it", failed, describe(error))
+        # one that moved or leaves in order is healthy and not banned, unless it hands sessions back again and
+        # again (a server could otherwise keep every client re-routing forever)
         leaving = isinstance(error, RemoteError) and error.code == "server_leaving"
+        if leaving and self.swarm.handed_back_again(failed.peer_id):
+            leaving = False
         if not leaving and not isinstance(error, CorruptOutputError):  # a spot check banned it already
-            self.swarm.ban(failed.peer_id, error)  # one that moved or leaves in order is healthy, not banned
+            self.swarm.ban(failed.peer_id, error)
         replaced = self._hops[i:] if to_end else [failed]
         for hop in replaced:
             await hop.close()

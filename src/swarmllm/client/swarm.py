@@ -138,6 +138,7 @@ class SwarmClient:
         self.push = push  # servers hand activations to the next server themselves (see client.session)
         self.rng = random.Random()
         self.bans = Bans(base_s=ban_s)
+        self._handed_back: dict[str, float] = {}  # peer -> when it last handed a session back
         self.failovers: list[Failover] = []  # every session's hop replacements, oldest first
         if not 0 <= spot_check_fraction <= 1:
             raise ValueError(f"spot_check_fraction must be in [0, 1], got {spot_check_fraction}")
@@ -212,6 +213,13 @@ class SwarmClient:
 
     def _capped(self, servers: Sequence[ServerInfo]) -> list[ServerInfo]:
         return cap_throughput(servers, self.speeds.measured("inference"), self.speeds.measured("forward"))
+
+    def handed_back_again(self, peer_id: str) -> bool:
+        """Whether `peer_id` handed a session back (`server_leaving`) within the last ban period before this
+        time (which is recorded)."""
+        now = time.monotonic()
+        last, self._handed_back[peer_id] = self._handed_back.get(peer_id), now
+        return last is not None and now - last < self.bans.base_s
 
     def ban(self, peer_id: str, error: BaseException) -> None:
         """Avoid a server that failed a request, for a while that grows with each failure (the longest ban at
@@ -330,7 +338,9 @@ class SwarmClient:
             try:
                 outputs = await self._pipelined_forward(hops, hidden, key_mask, chunk)
             except HopFailed as e:
-                if isinstance(e.cause, RemoteError) and e.cause.code == "cache_full":
+                # no room for the temporary sessions (the whole cache, or this client's share of it): go hop
+                # by hop through plain forwards, which hold no cache
+                if isinstance(e.cause, RemoteError) and e.cause.code in ("cache_full", "quota", "busy"):
                     break
                 logger.warning("%s; computing the batch again on another route", e)
                 self.ban(e.hop.peer_id, e.cause)
