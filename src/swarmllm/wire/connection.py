@@ -239,6 +239,7 @@ class Connection:
 
     async def _read_loop(self) -> None:
         lost = ConnectionLost("the connection was closed locally")
+        rejected: ConnectionLost | None = None
         try:
             while True:
                 frame = await read_frame(self._reader, self._limits)
@@ -258,12 +259,14 @@ class Connection:
                     else:
                         target.set_exception(FrameError(f"a unary call got a {frame.kind.name} frame"))
                 elif frame.kind is Kind.ERROR and frame.call_id == _CONNECTION_CALL_ID:
-                    logger.warning(
-                        f"{self!r}: the peer rejected our connection: {_remote_error(frame.message)}"
+                    # the peer closes next; its reason (e.g. not_a_member) is what our callers should see
+                    rejected = ConnectionLost(
+                        f"the peer rejected our connection: {_remote_error(frame.message)}"
                     )
+                    logger.warning(f"{self!r}: {rejected}")
                 # any other frame is for a call we already gave up on
         except ConnectionLost as e:
-            lost = e
+            lost = rejected or e
         except FrameError as e:
             logger.warning(f"{self!r}: the peer sent a bad frame: {e}")
             lost = ConnectionLost(f"the peer sent a bad frame: {e}")
