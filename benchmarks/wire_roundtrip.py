@@ -3,7 +3,9 @@
 The server side runs in a child process (as in a real swarm); the client measures complete round trips:
 request out, reply in, tensor decoded. Rows:
   raw TCP echo        asyncio streams echoing the 16 KiB of bytes (the floor for any Python protocol)
-  direct unary/stream swarmllm.wire over TCP: Connection.call, and one Stream send+recv per step
+  raw TLS echo        the same over TLS 1.3 (the standard library's ssl, as the direct path uses it): the
+                      encryption's own cost, next to the row above
+  direct unary/stream swarmllm.wire over TLS 1.3 over TCP: Connection.call, and one Stream send+recv per step
   libp2p unary/stream swarmllm.wire over a hivemind P2P binary stream (through both p2pd daemons)
   hivemind unary      hivemind's protobuf unary RPC (call_protobuf_handler, ExpertRequest/serialize_torch_tensor)
   hivemind stream     hivemind's protobuf bidirectional stream, one message each way per step (Petals' pattern)
@@ -38,6 +40,7 @@ from swarmllm.wire import (
     connect_libp2p,
     serve_libp2p,
 )
+from swarmllm.wire.tls import client_context, server_context
 
 SUMMARY = (
     "Full round trips (request out, reply in, tensors decoded) from a client process to a server in a child "
@@ -63,6 +66,8 @@ async def serve(loop_name: str, conn: mp.connection.Connection) -> None:
             writer.close()
 
     raw_server = await asyncio.start_server(raw_echo, "127.0.0.1", 0)
+    tls_identity = Identity.generate()
+    tls_server = await asyncio.start_server(raw_echo, "127.0.0.1", 0, ssl=server_context(tls_identity))
 
     handlers = Handlers()
 
@@ -96,12 +101,14 @@ async def serve(loop_name: str, conn: mp.connection.Connection) -> None:
         "echo_stream", hivemind_stream, runtime_pb2.ExpertRequest, stream_input=True, stream_output=True
     )
     maddrs = [str(m) for m in await p2p.get_visible_maddrs()]
-    addresses = (raw_server.sockets[0].getsockname()[:2], direct.address, identity.peer_id)
+    raw_addresses = [s.sockets[0].getsockname()[:2] for s in (raw_server, tls_server)]
+    addresses = (*raw_addresses, direct.address, identity.peer_id)
     conn.send((*addresses, p2p.peer_id.to_base58(), maddrs))
     await asyncio.get_running_loop().run_in_executor(
         None, conn.recv
     )  # returns (or raises EOFError) at shutdown
     await direct.stop()
+    tls_server.close()
     await p2p.shutdown()
 
 
@@ -143,7 +150,7 @@ async def measure_wire(transport: str, connection: Connection, x: torch.Tensor, 
 
 
 async def run_client(args: argparse.Namespace, addresses) -> list[tuple[str, list[float] | str]]:
-    raw_address, direct_address, direct_peer_id, p2p_peer_id, maddrs = addresses
+    raw_address, tls_address, direct_address, direct_peer_id, p2p_peer_id, maddrs = addresses
     x = torch.randn(*args.shape)
     rows: list[tuple[str, list[float] | str]] = []
 
@@ -154,16 +161,20 @@ async def run_client(args: argparse.Namespace, addresses) -> list[tuple[str, lis
             rows.append((name, f"failed: {type(e).__name__}: {str(e)[:80]}"))
         print(f"  {name}: done", file=sys.stderr)
 
-    reader, writer = await asyncio.open_connection(*raw_address)
     payload = x.numpy().tobytes()
-    writer.write(len(payload).to_bytes(8, "little"))
+    for name, address, tls in (
+        ("raw TCP echo", raw_address, None),
+        ("raw TLS echo", tls_address, client_context()),
+    ):
+        reader, writer = await asyncio.open_connection(*address, ssl=tls, server_hostname="" if tls else None)
+        writer.write(len(payload).to_bytes(8, "little"))
 
-    async def raw_step() -> None:
-        writer.write(payload)
-        await reader.readexactly(len(payload))
+        async def raw_step(reader=reader, writer=writer) -> None:
+            writer.write(payload)
+            await reader.readexactly(len(payload))
 
-    await add("raw TCP echo (bytes only)", raw_step)
-    writer.close()
+        await add(f"{name} (bytes only)", raw_step)
+        writer.close()
 
     client_p2p = await P2P.create(host_maddrs=HOST_MADDRS, initial_peers=maddrs)
     connections = {

@@ -6,19 +6,32 @@ import signal
 import threading
 
 from swarmllm.dht import start_dht, visible_maddrs
-from swarmllm.wire import Identity
+from swarmllm.wire import Identity, load_swarm_key
 
 
-def run_bootstrap(initial_peers: list[str], *, host: str, port: int, identity_path: str | None) -> int:
+def run_bootstrap(
+    initial_peers: list[str],
+    *,
+    host: str,
+    port: int,
+    identity_path: str | None,
+    swarm_key_path: str | None = None,
+) -> int:
     identity = Identity.load_or_create(identity_path) if identity_path else Identity.generate()
     dht, _ = start_dht(
-        identity, initial_peers=initial_peers, host=host, port=port, fresh_identity=identity_path is None
+        identity,
+        initial_peers=initial_peers,
+        host=host,
+        port=port,
+        fresh_identity=identity_path is None,
+        swarm_key=load_swarm_key(swarm_key_path),
     )
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     maddrs = visible_maddrs(dht)
-    print("Bootstrap peer is running. Others join with:", flush=True)
+    kind = "private swarm (members need its --swarm-key)" if swarm_key_path else "public swarm"
+    print(f"Bootstrap peer of a {kind} is running. Others join with:", flush=True)
     print("  --initial-peers " + " ".join(maddrs), flush=True)
     stop.wait()
     dht.shutdown()

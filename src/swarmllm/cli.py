@@ -82,6 +82,15 @@ def _limits(serve: argparse.ArgumentParser) -> None:
         group.add_argument(flag, dest=dest, type=kind, help=help)
 
 
+def _swarm_key(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--swarm-key",
+        metavar="FILE",
+        help="a private swarm's key file (its bytes are the secret; make one with "
+        "`head -c 32 /dev/urandom > swarm.key`): only peers holding it may join the DHT, announce and call",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="swarmllm", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logs")
@@ -92,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     dht.add_argument("--host", default="127.0.0.1", help="address to listen on")
     dht.add_argument("--port", type=int, default=0, help="TCP port (0 = any free port)")
     dht.add_argument("--identity", help="key file: keeps the peer id (and so the multiaddrs) across restarts")
+    _swarm_key(dht)
 
     serve = commands.add_parser("serve", help="serve a range of a model's blocks to the swarm")
     serve.add_argument("model", help="Hugging Face hub id or local checkpoint folder")
@@ -122,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--public-name", help="a name shown to others (e.g. your site or handle)")
     serve.add_argument("--dht-prefix", help="swarm key of the model (default: its repository or folder name)")
     serve.add_argument("--identity", help="key file: keeps the peer id across restarts")
+    _swarm_key(serve)
     serve.add_argument(
         "--num-threads", type=int, help="torch CPU threads (set it when servers share a machine)"
     )
@@ -182,6 +193,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen = commands.add_parser("generate", help="generate text with a model served by a swarm")
     gen.add_argument("model", help="hub id or local folder (the client loads only embeddings and LM head)")
     _peers(gen)
+    _swarm_key(gen)
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--max-new-tokens", type=int, default=32)
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -203,7 +215,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "dht":
         from swarmllm.bootstrap import run_bootstrap
 
-        return run_bootstrap(args.initial_peers, host=args.host, port=args.port, identity_path=args.identity)
+        return run_bootstrap(
+            args.initial_peers,
+            host=args.host,
+            port=args.port,
+            identity_path=args.identity,
+            swarm_key_path=args.swarm_key,
+        )
     if args.command == "serve":
         return _serve(args)
     if args.command == "generate":
@@ -253,6 +271,7 @@ def _serve(args: argparse.Namespace) -> int:
             public_name=args.public_name,
             dht_prefix=args.dht_prefix,
             identity_path=args.identity,
+            swarm_key_path=args.swarm_key,
             num_threads=args.num_threads,
             throughput=args.throughput,
             bandwidth=parse_bandwidth(args.bandwidth) if args.bandwidth else None,
@@ -280,7 +299,9 @@ def _generate(args: argparse.Namespace) -> int:
     from swarmllm import AutoDistributedModelForCausalLM
 
     tokenizer = AutoTokenizer.from_pretrained(args.model)
-    model = AutoDistributedModelForCausalLM.from_pretrained(args.model, initial_peers=args.initial_peers)
+    model = AutoDistributedModelForCausalLM.from_pretrained(
+        args.model, initial_peers=args.initial_peers, swarm_key=args.swarm_key
+    )
     inputs = tokenizer(args.prompt, return_tensors="pt")
     torch.manual_seed(args.seed)
     sampling = {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k}

@@ -108,8 +108,8 @@ class LocalSwarm:
         self.server_args: list[list[str]] = []  # each server's command line, to restart it
         self.initial_peers: list[str] = []
 
-    def start_bootstrap(self, timeout_s: float = 60.0) -> list[str]:
-        self.bootstrap = _spawn("bootstrap", ["dht"])
+    def start_bootstrap(self, timeout_s: float = 60.0, *, extra: Sequence[str] = ()) -> list[str]:
+        self.bootstrap = _spawn("bootstrap", ["dht", *extra])
         line = self.bootstrap.wait_for(lambda s: s.strip().startswith("--initial-peers"), timeout_s)
         self.initial_peers = line.split()[1:]
         return self.initial_peers

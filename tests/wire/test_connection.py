@@ -28,6 +28,7 @@ from swarmllm.wire import (
     read_frame,
     serve_connection,
 )
+from swarmllm.wire.tls import client_context
 
 BOUND = 10  # seconds; only to fail a test instead of hanging, never to wait for something to happen
 
@@ -382,11 +383,15 @@ async def test_open_calls_per_connection_are_limited(probe, server_identity, cli
 
 
 async def test_garbage_to_direct_server_closes_only_that_connection(connection, server, server_identity):
-    reader, writer = await asyncio.open_connection(*server.address)
-    writer.write(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" + bytes(range(256)) * 4)
-    rest = await asyncio.wait_for(reader.read(), BOUND)  # read() returns at EOF: the server closed it
-    writer.close()
-    assert b"bad_handshake" in rest
+    garbage = b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" + bytes(range(256)) * 4
+    for tls in (None, client_context()):  # instead of TLS, and inside TLS instead of the identity handshake
+        reader, writer = await asyncio.open_connection(
+            *server.address, ssl=tls, server_hostname="" if tls else None
+        )
+        writer.write(garbage)
+        rest = await asyncio.wait_for(reader.read(), BOUND)  # read() returns at EOF: the server closed it
+        writer.close()
+        assert tls is None or b"bad_handshake" in rest
     assert (await connection.call("echo", Message({"ok": 1}), timeout=BOUND)).meta["ok"] == 1
     fresh = await connect_direct(
         *server.address, Identity.generate(), expected_peer_id=server_identity.peer_id

@@ -27,6 +27,7 @@ from swarmllm.wire import (
     read_frame,
     serve_libp2p,
 )
+from swarmllm.wire.tls import client_context, peer_id_of
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -106,7 +107,9 @@ async def test_wrong_expected_peer_id(direct_server, server_identity, client_ide
 async def test_impersonation_is_refused(direct_server, server_identity):
     """A client claiming someone else's public key cannot sign for it; the server refuses and stays up."""
     victim, attacker = Identity.generate(), Identity.generate()
-    reader, writer = await asyncio.open_connection(*direct_server.address)
+    reader, writer = await asyncio.open_connection(
+        *direct_server.address, ssl=client_context(), server_hostname=""
+    )
     handshake_limits = WireLimits(max_payload_bytes=0)
     writer.writelines(
         encode_frame(
@@ -126,8 +129,26 @@ async def test_impersonation_is_refused(direct_server, server_identity):
     await connection.close()
 
 
+async def test_the_server_certificate_carries_its_identity_key(direct_server, server_identity):
+    _, writer = await asyncio.open_connection(
+        *direct_server.address, ssl=client_context(), server_hostname=""
+    )
+    try:
+        ssl_object = writer.get_extra_info("ssl_object")
+        assert ssl_object.version() == "TLSv1.3"
+        assert peer_id_of(ssl_object) == server_identity.peer_id
+    finally:
+        writer.close()
+
+
 async def test_silent_client_is_dropped_after_handshake_timeout(direct_server):
+    """Silent before TLS, and silent after TLS but before the identity handshake."""
     reader, writer = await asyncio.open_connection(*direct_server.address)
+    assert await asyncio.wait_for(reader.read(), BOUND) == b""
+    writer.close()
+    reader, writer = await asyncio.open_connection(
+        *direct_server.address, ssl=client_context(), server_hostname=""
+    )
     assert await asyncio.wait_for(reader.read(), BOUND) == b""
     writer.close()
 

@@ -83,7 +83,10 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         device: str | torch.device = "cpu",
         **swarm_options,
     ) -> DistributedModelForCausalLM:
-        """Load the local parts of a model (hub id or local folder) and join the swarm serving its blocks."""
+        """Load the local parts of a model (hub id or local folder) and join the swarm serving its blocks.
+
+        ``swarm_key=FILE`` joins a private swarm (the file its servers were started with ``--swarm-key``); the
+        other ``swarm_options`` go to `SwarmClient`."""
         hf_config, head = load_client_head(name_or_path, dtype=dtype, device=device)
         if hf_config.model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(

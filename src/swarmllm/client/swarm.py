@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import random
 import time
 from collections import deque
@@ -39,7 +40,17 @@ from swarmllm.client.replies import (
 from swarmllm.client.routing import Hop, MissingBlocksError, cap_throughput, route_forward, route_inference
 from swarmllm.client.verify import judge, mismatch, should_check, tolerance
 from swarmllm.dht import ServerInfo, ServerState, find_servers, start_dht
-from swarmllm.wire import Connection, ConnectionLost, Identity, Message, RemoteError, Stream, WireError
+from swarmllm.wire import (
+    Connection,
+    ConnectionLost,
+    Identity,
+    Message,
+    RemoteError,
+    Stream,
+    SwarmKey,
+    WireError,
+    load_swarm_key,
+)
 from swarmllm.wire.messages import ForwardRequest, OpenSession, Step
 from swarmllm.wire.pool import ConnectionPool
 
@@ -105,6 +116,7 @@ class SwarmClient:
         num_blocks: int,
         *,
         identity: Identity | None = None,
+        swarm_key: str | os.PathLike | SwarmKey | None = None,
         refresh_s: float = 30.0,
         connect_timeout_s: float = 5.0,
         request_timeout_s: float = 600.0,
@@ -125,6 +137,8 @@ class SwarmClient:
         self.dht_prefix = dht_prefix
         self.num_blocks = num_blocks
         self.identity = identity or Identity.generate()
+        # a private swarm's key (a file, or a loaded key): the DHT and every server check that we hold it
+        self.swarm_key = swarm_key if isinstance(swarm_key, SwarmKey | None) else load_swarm_key(swarm_key)
         self.refresh_s = refresh_s
         self.connect_timeout_s = connect_timeout_s
         self.request_timeout_s = request_timeout_s  # the most any one request may take, whatever its size
@@ -154,14 +168,21 @@ class SwarmClient:
         self._servers_at = -float("inf")
         self._fixed = False
         self.pool = ConnectionPool(
-            self.identity, None, connect_timeout_s=connect_timeout_s, prefer_direct=prefer_direct
+            self.identity,
+            None,
+            connect_timeout_s=connect_timeout_s,
+            prefer_direct=prefer_direct,
+            swarm_key=self.swarm_key,
         )
         self.rtt_s: dict[str, float] = {}
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         self.dht, _ = await loop.run_in_executor(
-            None, lambda: start_dht(self.identity, initial_peers=self.initial_peers, client_mode=True)
+            None,
+            lambda: start_dht(
+                self.identity, initial_peers=self.initial_peers, client_mode=True, swarm_key=self.swarm_key
+            ),
         )
         self.pool.p2p = await self.dht.replicate_p2p()
 

@@ -13,7 +13,9 @@ from collections.abc import Sequence
 import hivemind
 from hivemind.dht.crypto import RSASignatureValidator
 
+from swarmllm.dht.membership import record_validators
 from swarmllm.wire.identity import Identity
+from swarmllm.wire.swarm_key import SwarmKey
 
 
 def start_dht(
@@ -25,12 +27,14 @@ def start_dht(
     port: int = 0,
     announce_host: str | None = None,
     fresh_identity: bool = True,
+    swarm_key: SwarmKey | None = None,
 ) -> tuple[hivemind.DHT, bytes]:
     """A running DHT peer and its owner tag (the subkey under which it announces).
 
     `fresh_identity` skips hivemind's check that no other peer uses the key (a just-generated key can't be).
+    With `swarm_key`, the peer stores and reads only records sealed with it (`membership.py`).
     """
-    validator = RSASignatureValidator(identity.private_key)
+    signer = RSASignatureValidator(identity.private_key)
     fd, identity_path = tempfile.mkstemp(prefix="swarmllm-id-")
     os.close(fd)
     os.unlink(identity_path)
@@ -41,7 +45,7 @@ def start_dht(
             initial_peers=list(initial_peers),
             start=True,
             client_mode=client_mode,
-            record_validators=[validator],
+            record_validators=record_validators(signer, swarm_key),
             identity_path=identity_path,
             host_maddrs=[f"/ip4/{host}/tcp/{port}"],
             announce_maddrs=announce,
@@ -49,7 +53,7 @@ def start_dht(
         )
     finally:
         os.unlink(identity_path)
-    return dht, validator.local_public_key
+    return dht, signer.local_public_key
 
 
 def visible_maddrs(dht: hivemind.DHT) -> list[str]:

@@ -44,6 +44,7 @@ from swarmllm.wire import (
     Message,
     WireError,
     WireLimits,
+    load_swarm_key,
     serve_libp2p,
 )
 
@@ -75,6 +76,9 @@ class ServerConfig:
     public_name: str | None = None
     dht_prefix: str | None = None
     identity_path: str | None = None
+    swarm_key_path: str | None = (
+        None  # a private swarm's key file: only its members may store, announce and call
+    )
     num_threads: int | None = None
     compile: bool = (
         False  # torch.compile the decode step (CPU: ~2x faster steps, seconds to compile at start)
@@ -100,6 +104,7 @@ class Server:
         self.identity = (
             Identity.load_or_create(config.identity_path) if config.identity_path else Identity.generate()
         )
+        self.swarm_key = load_swarm_key(config.swarm_key_path)
         self.dht_prefix = config.dht_prefix or dht_prefix_for(config.model)
         self.state = ServerState.JOINING
         self.start = self.end = 0
@@ -141,6 +146,7 @@ class Server:
                 port=cfg.port,
                 announce_host=cfg.announce_host,
                 fresh_identity=cfg.identity_path is None,
+                swarm_key=self.swarm_key,
             ),
         )
         try:
@@ -164,7 +170,7 @@ class Server:
         self.backend = await self._make_backend(span)
         await self._measure_compute()
         p2p = await self.dht.replicate_p2p()
-        self.pool = ConnectionPool(self.identity, p2p)
+        self.pool = ConnectionPool(self.identity, p2p, swarm_key=self.swarm_key)
         self.handler = handler = RequestHandler(
             self.backend, self._info_record, cfg.limits, self._connect, self.identity.peer_id
         )
@@ -178,11 +184,12 @@ class Server:
             limits=cfg.wire,
             handshake_timeout=cfg.handshake_timeout_s,
             slots=slots,
+            swarm_key=self.swarm_key,
         )
         await direct.start()
         host, port = direct.address
         self.direct_addr = f"{cfg.announce_host or host}:{port}"
-        await serve_libp2p(p2p, handlers, limits=cfg.wire, slots=slots)
+        await serve_libp2p(p2p, handlers, limits=cfg.wire, slots=slots, swarm_key=self.swarm_key)
         self.state = ServerState.ONLINE
         await self._announce()
         await self._refresh_peers()  # now, not inside the first push's time budget
@@ -480,7 +487,11 @@ class Server:
             self.dht, self.owner_tag, self.dht_prefix, info, self.model_info, expiration, blocks=blocks
         )
         if not ok:
-            logger.warning("announcing %s to the DHT failed; retrying next period", self.state.value)
+            logger.warning(
+                "announcing %s to the DHT failed; retrying next period%s",
+                self.state.value,
+                "" if self.swarm_key else " (a private swarm refuses peers without its --swarm-key)",
+            )
 
 
 def run_server(config: ServerConfig) -> None:

@@ -4,7 +4,9 @@
 - connection.py: calls over one byte stream: the caller's Connection/Stream and the callee's serve_connection
 - validation.py: checks on the fields and tensors a peer sends, before they reach a model or a cache
 - identity.py: our RSA key and libp2p peer id (the same key file hivemind's P2P uses)
-- direct.py: persistent TCP with a mutual identity handshake (the fast path)
+- tls.py: TLS 1.3 contexts with self-signed certificates whose key is the peer's identity key
+- swarm_key.py: a private swarm's secret, and the membership tags handshakes exchange
+- direct.py: persistent TLS over TCP with a mutual identity handshake (the fast path)
 - libp2p.py: the same frames over hivemind P2P binary streams (for peers behind NAT or relays)
 - pool.py: one connection per peer, direct when it answers and proves its id, libp2p otherwise
 """
@@ -24,7 +26,7 @@ from swarmllm.wire.connection import (
     UnaryHandler,
     serve_connection,
 )
-from swarmllm.wire.direct import DirectServer, HandshakeError, IdentityMismatch, connect_direct
+from swarmllm.wire.direct import DirectServer, HandshakeError, IdentityMismatch, NotAMember, connect_direct
 from swarmllm.wire.framing import (
     DEFAULT_LIMITS,
     ConnectionLost,
@@ -42,6 +44,7 @@ from swarmllm.wire.framing import (
 from swarmllm.wire.identity import Identity, peer_id_from_public_key, verify
 from swarmllm.wire.libp2p import PROTOCOL, connect_libp2p, serve_libp2p
 from swarmllm.wire.pool import ConnectionPool
+from swarmllm.wire.swarm_key import SwarmKey, load_swarm_key
 
 __all__ = [
     "DEFAULT_LIMITS",
@@ -61,10 +64,12 @@ __all__ = [
     "Kind",
     "Message",
     "PayloadTooLarge",
+    "NotAMember",
     "RemoteError",
     "RequestError",
     "Stream",
     "StreamClosed",
+    "SwarmKey",
     "Incoming",
     "InlineHandler",
     "StreamHandler",
@@ -75,6 +80,7 @@ __all__ = [
     "connect_direct",
     "connect_libp2p",
     "encode_frame",
+    "load_swarm_key",
     "peer_id_from_public_key",
     "read_frame",
     "serve_connection",

@@ -1,16 +1,18 @@
-"""The direct transport: one persistent TCP connection per peer, opened with a mutual identity handshake.
+"""The direct transport: one persistent TLS 1.3 connection per peer, opened with a mutual identity handshake.
 
-The handshake runs once per connection, as frames of the ordinary wire format on call id 0:
+TLS (`tls.py`) encrypts and authenticates every byte and proves the server's identity: its certificate's key is its
+identity key. Inside the encrypted channel, the handshake runs once per connection, as frames of the ordinary
+wire format on call id 0:
 
     client -> server   hello  {key, nonce}
-    server -> client   hello  {key, nonce, sig}   sig = server signs transcript("server")
-    client -> server   proof  {sig}                sig = client signs transcript("client")
-    server -> client   accept {}                  (or an ERROR frame, then close)
+    server -> client   hello  {key, nonce, tag?}     key must be the TLS certificate's key
+    client -> server   proof  {sig, tag?}            sig = client signs transcript("client")
+    server -> client   accept {}                    (or an ERROR frame, then close)
 
-The transcript binds a fixed context string, the role, both public keys and both fresh nonces, so a signature
-cannot be replayed on another connection or reflected back with the other role. This proves who holds each key
-when the connection opens; it does not encrypt or authenticate the bytes that follow (peers that need that use
-the libp2p transport, which runs over TLS/Noise).
+The transcript binds a fixed context string, the role, both public keys and both fresh nonces, so the client's
+signature cannot be replayed on another connection or relayed to another server (it names the server's key,
+which TLS proved). In a private swarm each side also sends ``tag``, an HMAC of the transcript under the swarm key
+(`swarm_key.py`); a side that sees no valid tag refuses with code ``not_a_member`` before any call is served.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import hashlib
 import logging
 import os
 import socket
+import ssl
 
 from swarmllm.wire.connection import (
     Connection,
@@ -42,11 +45,14 @@ from swarmllm.wire.framing import (
     read_frame,
 )
 from swarmllm.wire.identity import Identity, peer_id_from_public_key, public_key_from_bytes, verify
+from swarmllm.wire.swarm_key import SwarmKey
+from swarmllm.wire.tls import CertificateError, client_context, peer_id_of, server_context
 
 logger = logging.getLogger(__name__)
 
 TRANSPORT = "direct"
-_CONTEXT = b"swarmllm/wire/1 direct handshake\0"
+NOT_A_MEMBER = "not_a_member"
+_CONTEXT = b"swarmllm/wire/2 direct handshake\0"
 _NONCE_BYTES = 32
 _HANDSHAKE_LIMITS = WireLimits(max_meta_bytes=16 * 1024, max_payload_bytes=0, max_tensors=0, max_dims=0)
 # A larger stream buffer than asyncio's 64 KiB default means fewer wake-ups per large tensor.
@@ -59,6 +65,10 @@ class HandshakeError(WireError):
 
 class IdentityMismatch(HandshakeError):
     """The peer proved an identity other than the one we meant to reach."""
+
+
+class NotAMember(HandshakeError):
+    """One side of the handshake did not prove the private swarm's key."""
 
 
 def _transcript(
@@ -77,11 +87,15 @@ def _set_nodelay(writer: asyncio.StreamWriter) -> None:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
-def _write_meta(writer: asyncio.StreamWriter, meta: dict) -> None:
+def write_handshake_message(writer: asyncio.StreamWriter, meta: dict) -> None:
     writer.writelines(encode_frame(Frame(Kind.MESSAGE, 0, Message(meta)), _HANDSHAKE_LIMITS))
 
 
-async def _read_meta(
+def _with_tag(meta: dict, swarm_key: SwarmKey | None, transcript: bytes) -> dict:
+    return meta if swarm_key is None else {**meta, "tag": swarm_key.tag(transcript)}
+
+
+async def read_handshake_message(
     reader: asyncio.StreamReader, expected: tuple[tuple[str, type, int | None], ...]
 ) -> dict:
     """The next handshake message, checked to hold the expected fields (name, type, exact length if given)."""
@@ -91,7 +105,8 @@ async def _read_meta(
         raise HandshakeError(f"the peer does not speak the wire protocol: {e}") from None
     meta = frame.message.meta
     if frame.kind is Kind.ERROR:
-        raise HandshakeError(f"the peer refused the handshake: {meta.get('code')}: {meta.get('message')}")
+        error = NotAMember if meta.get("code") == NOT_A_MEMBER else HandshakeError
+        raise error(f"the peer refused the handshake: {meta.get('code')}: {meta.get('message')}")
     if frame.kind is not Kind.MESSAGE or frame.call_id != 0:
         raise HandshakeError(f"expected a handshake message, got {frame.kind.name} for call {frame.call_id}")
     for name, kind, length in expected:
@@ -106,33 +121,43 @@ async def _client_handshake(
     writer: asyncio.StreamWriter,
     identity: Identity,
     expected_peer_id: str | None,
+    swarm_key: SwarmKey | None,
 ) -> str:
+    try:
+        certified_peer_id = peer_id_of(writer.get_extra_info("ssl_object"))
+    except CertificateError as e:
+        raise HandshakeError(str(e)) from None
+    if expected_peer_id is not None and certified_peer_id != expected_peer_id:
+        raise IdentityMismatch(
+            f"expected peer {expected_peer_id}, but the server's certificate is {certified_peer_id}"
+        )
     client_nonce = os.urandom(_NONCE_BYTES)
-    _write_meta(writer, {"key": identity.public_key_bytes, "nonce": client_nonce})
-    hello = await _read_meta(
-        reader, (("key", bytes, None), ("nonce", bytes, _NONCE_BYTES), ("sig", bytes, None))
-    )
+    write_handshake_message(writer, {"key": identity.public_key_bytes, "nonce": client_nonce})
+    hello = await read_handshake_message(reader, (("key", bytes, None), ("nonce", bytes, _NONCE_BYTES)))
     server_key, server_nonce = hello["key"], hello["nonce"]
     try:
         server_peer_id = peer_id_from_public_key(public_key_from_bytes(server_key))
     except ValueError as e:
         raise HandshakeError(f"the server sent a bad public key: {e}") from None
-    transcript = (identity.public_key_bytes, server_key, client_nonce, server_nonce)
-    if not verify(server_key, _transcript(b"server", *transcript), hello["sig"]):
-        raise HandshakeError(f"the server's signature does not match its key (claimed {server_peer_id})")
-    if expected_peer_id is not None and server_peer_id != expected_peer_id:
-        raise IdentityMismatch(
-            f"expected peer {expected_peer_id}, but the server proved to be {server_peer_id}"
+    if server_peer_id != certified_peer_id:
+        raise HandshakeError(
+            f"the server claimed {server_peer_id} but its TLS certificate is {certified_peer_id}"
         )
-    _write_meta(writer, {"sig": identity.sign(_transcript(b"client", *transcript))})
-    await _read_meta(reader, ())
+    transcript = (identity.public_key_bytes, server_key, client_nonce, server_nonce)
+    if swarm_key is not None and not swarm_key.check(
+        _transcript(b"server member", *transcript), hello.get("tag")
+    ):
+        raise NotAMember(f"server {server_peer_id} did not prove the private swarm's key")
+    proof = {"sig": identity.sign(_transcript(b"client", *transcript))}
+    write_handshake_message(writer, _with_tag(proof, swarm_key, _transcript(b"client member", *transcript)))
+    await read_handshake_message(reader, ())
     return server_peer_id
 
 
 async def _server_handshake(
-    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, identity: Identity
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, identity: Identity, swarm_key: SwarmKey | None
 ) -> str:
-    hello = await _read_meta(reader, (("key", bytes, None), ("nonce", bytes, _NONCE_BYTES)))
+    hello = await read_handshake_message(reader, (("key", bytes, None), ("nonce", bytes, _NONCE_BYTES)))
     client_key, client_nonce = hello["key"], hello["nonce"]
     try:
         client_peer_id = peer_id_from_public_key(public_key_from_bytes(client_key))
@@ -140,17 +165,25 @@ async def _server_handshake(
         raise HandshakeError(f"the client sent a bad public key: {e}") from None
     server_nonce = os.urandom(_NONCE_BYTES)
     transcript = (client_key, identity.public_key_bytes, client_nonce, server_nonce)
-    signature = identity.sign(_transcript(b"server", *transcript))
-    _write_meta(writer, {"key": identity.public_key_bytes, "nonce": server_nonce, "sig": signature})
-    proof = await _read_meta(reader, (("sig", bytes, None),))
+    reply = {"key": identity.public_key_bytes, "nonce": server_nonce}
+    write_handshake_message(writer, _with_tag(reply, swarm_key, _transcript(b"server member", *transcript)))
+    proof = await read_handshake_message(reader, (("sig", bytes, None),))
     if not verify(client_key, _transcript(b"client", *transcript), proof["sig"]):
         raise HandshakeError(f"the client's signature does not match its key (claimed {client_peer_id})")
-    _write_meta(writer, {})
+    if swarm_key is not None and not swarm_key.check(
+        _transcript(b"client member", *transcript), proof.get("tag")
+    ):
+        raise NotAMember(
+            f"this server belongs to a private swarm and {client_peer_id} did not prove its key "
+            "(join with --swarm-key FILE, or swarm_key=FILE in from_pretrained)"
+        )
+    write_handshake_message(writer, {})
     return client_peer_id
 
 
 class DirectServer:
-    """Accepts direct connections, proves our identity, learns the caller's, then serves calls.
+    """Accepts TLS connections, proves our identity, learns the caller's (and checks it is a member of a private
+    swarm when ``swarm_key`` is set), then serves calls.
 
     A connection that has not completed the handshake within ``handshake_timeout`` is dropped; one past the caps
     of ``slots`` (in total on arrival, per peer once its id is proven) is refused with ``too_many_connections``.
@@ -166,9 +199,12 @@ class DirectServer:
         limits: WireLimits = DEFAULT_LIMITS,
         handshake_timeout: float = 10.0,
         slots: ConnectionSlots | None = None,
+        swarm_key: SwarmKey | None = None,
     ):
         self.handlers = handlers
         self.identity = identity
+        self.swarm_key = swarm_key
+        self._tls = server_context(identity)
         self.limits = limits
         self.handshake_timeout = handshake_timeout
         self.slots = slots or ConnectionSlots(limits)
@@ -180,7 +216,12 @@ class DirectServer:
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(
-            self._on_connection, self._host, self._port, limit=_READ_BUFFER_BYTES
+            self._on_connection,
+            self._host,
+            self._port,
+            limit=_READ_BUFFER_BYTES,
+            ssl=self._tls,
+            ssl_handshake_timeout=self.handshake_timeout,
         )
         host, port = self._server.sockets[0].getsockname()[:2]
         self.address = (host, port)
@@ -212,12 +253,13 @@ class DirectServer:
             _set_nodelay(writer)
             try:
                 peer_id = await asyncio.wait_for(
-                    _server_handshake(reader, writer, self.identity), self.handshake_timeout
+                    _server_handshake(reader, writer, self.identity, self.swarm_key), self.handshake_timeout
                 )
             except (TimeoutError, WireError, OSError) as e:
                 logger.info(f"Direct handshake with {peer_address} failed: {e!r}")
                 if not isinstance(e, (ConnectionLost, OSError)):
-                    refusal = Frame(Kind.ERROR, 0, Message({"code": "bad_handshake", "message": str(e)}))
+                    code = NOT_A_MEMBER if isinstance(e, NotAMember) else "bad_handshake"
+                    refusal = Frame(Kind.ERROR, 0, Message({"code": code, "message": str(e)}))
                     writer.writelines(encode_frame(refusal))
                 return
             try:
@@ -248,22 +290,27 @@ async def connect_direct(
     expected_peer_id: str | None,
     limits: WireLimits = DEFAULT_LIMITS,
     timeout: float = 5.0,
+    swarm_key: SwarmKey | None = None,
 ) -> Connection:
-    """Open a direct connection and prove both identities.
+    """Open a TLS connection, prove both identities and, with ``swarm_key``, both sides' membership.
 
     ``expected_peer_id=None`` accepts whoever answers (its proven id is still in ``remote_peer_id``).
-    Raises ConnectionLost if the address is unreachable, HandshakeError / IdentityMismatch if the peer is not
-    who it should be, asyncio.TimeoutError if connecting and the handshake take longer than ``timeout``.
+    Raises ConnectionLost if the address is unreachable or TLS fails, HandshakeError / IdentityMismatch /
+    NotAMember if the peer is not who it should be or one side is not a member of the private swarm, asyncio.TimeoutError if connecting and the handshake take longer than ``timeout``.
     """
 
     async def open_and_prove() -> tuple[asyncio.StreamReader, asyncio.StreamWriter, str]:
         try:
-            reader, writer = await asyncio.open_connection(host, port, limit=_READ_BUFFER_BYTES)
+            reader, writer = await asyncio.open_connection(
+                host, port, limit=_READ_BUFFER_BYTES, ssl=client_context(), server_hostname=""
+            )
+        except ssl.SSLError as e:
+            raise HandshakeError(f"TLS with {host}:{port} failed (not a swarmllm server?): {e!r}") from e
         except OSError as e:
             raise ConnectionLost(f"cannot connect to {host}:{port}: {e!r}") from e
         try:
             _set_nodelay(writer)
-            peer_id = await _client_handshake(reader, writer, identity, expected_peer_id)
+            peer_id = await _client_handshake(reader, writer, identity, expected_peer_id, swarm_key)
         except BaseException:
             writer.close()
             raise

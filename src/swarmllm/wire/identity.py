@@ -77,6 +77,11 @@ def peer_id_from_public_key(public_key: RSAPublicKey) -> str:
     der = serialization.load_ssh_public_key(public_key.to_bytes()).public_bytes(
         encoding=serialization.Encoding.DER, format=serialization.PublicFormat.SubjectPublicKeyInfo
     )
+    return peer_id_from_der_public_key(der)
+
+
+def peer_id_from_der_public_key(der: bytes) -> str:
+    """The peer id of an RSA public key in DER SubjectPublicKeyInfo form (as a TLS certificate carries it)."""
     encoded = crypto_pb2.PublicKey(key_type=crypto_pb2.KeyType.RSA, data=der).SerializeToString()
     return PeerID(_SHA2_256_MULTIHASH_PREFIX + hashlib.sha256(encoded).digest()).to_base58()
 

@@ -1,7 +1,14 @@
 """The libp2p transport: the same frames over a hivemind P2P binary stream, for peers we cannot dial directly.
 
-libp2p proves and encrypts the peer's identity itself, so there is no handshake here. One libp2p stream is one
-Connection; calls are multiplexed inside it exactly as on the direct transport.
+libp2p proves the peer's identity and encrypts the stream itself, so a public swarm needs no handshake here. In a
+private swarm (``swarm_key``) both sides first prove the swarm key on call id 0, before any call is served:
+
+    caller -> callee   {nonce}
+    callee -> caller   {nonce, tag}        tag = HMAC under the swarm key of the transcript (both peer ids, nonces)
+    caller -> callee   {tag}
+    callee -> caller   {}                  (or an ERROR frame ``not_a_member``, then close)
+
+One libp2p stream is one Connection; calls are multiplexed inside it exactly as on the direct transport.
 
 Daemon behaviour (hivemind 1.1.12 p2pd) this relies on, checked in tests/wire/test_transports.py and
 benchmarks/wire_roundtrip.py:
@@ -15,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 
 from hivemind.p2p import P2P, PeerID
 from hivemind.p2p.p2p_daemon_bindings.datastructures import StreamInfo
@@ -28,12 +36,69 @@ from swarmllm.wire.connection import (
     refuse_connection,
     serve_connection,
 )
-from swarmllm.wire.framing import DEFAULT_LIMITS, ConnectionLost, WireLimits
+from swarmllm.wire.direct import (
+    NOT_A_MEMBER,
+    HandshakeError,
+    NotAMember,
+    read_handshake_message,
+    write_handshake_message,
+)
+from swarmllm.wire.framing import (
+    DEFAULT_LIMITS,
+    ConnectionLost,
+    Frame,
+    Kind,
+    Message,
+    WireError,
+    WireLimits,
+    encode_frame,
+)
+from swarmllm.wire.swarm_key import SwarmKey
 
 logger = logging.getLogger(__name__)
 
 PROTOCOL = "swarmllm/wire/1"
 TRANSPORT = "libp2p"
+_CONTEXT = b"swarmllm/wire/2 libp2p membership\0"
+_NONCE_BYTES = 32
+
+
+def _transcript(role: bytes, caller: str, callee: str, caller_nonce: bytes, callee_nonce: bytes) -> bytes:
+    return b"\0".join((_CONTEXT, role, caller.encode(), callee.encode(), caller_nonce, callee_nonce))
+
+
+async def _prove_membership_as_callee(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, swarm_key: SwarmKey, caller: str, callee: str
+) -> None:
+    refusal = (
+        f"this server belongs to a private swarm and {caller} did not prove its key "
+        "(join with --swarm-key FILE, or swarm_key=FILE in from_pretrained)"
+    )
+    try:
+        hello = await read_handshake_message(reader, (("nonce", bytes, _NONCE_BYTES),))
+    except HandshakeError:
+        raise NotAMember(refusal) from None  # a caller of a public swarm starts with its first call
+    callee_nonce = os.urandom(_NONCE_BYTES)
+    nonces = (hello["nonce"], callee_nonce)
+    tag = swarm_key.tag(_transcript(b"callee", caller, callee, *nonces))
+    write_handshake_message(writer, {"nonce": callee_nonce, "tag": tag})
+    proof = await read_handshake_message(reader, ())
+    if not swarm_key.check(_transcript(b"caller", caller, callee, *nonces), proof.get("tag")):
+        raise NotAMember(refusal)
+    write_handshake_message(writer, {})
+
+
+async def _prove_membership_as_caller(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, swarm_key: SwarmKey, caller: str, callee: str
+) -> None:
+    caller_nonce = os.urandom(_NONCE_BYTES)
+    write_handshake_message(writer, {"nonce": caller_nonce})
+    hello = await read_handshake_message(reader, (("nonce", bytes, _NONCE_BYTES),))
+    nonces = (caller_nonce, hello["nonce"])
+    if not swarm_key.check(_transcript(b"callee", caller, callee, *nonces), hello.get("tag")):
+        raise NotAMember(f"server {callee} did not prove the private swarm's key")
+    write_handshake_message(writer, {"tag": swarm_key.tag(_transcript(b"caller", caller, callee, *nonces))})
+    await read_handshake_message(reader, ())
 
 
 async def serve_libp2p(
@@ -42,13 +107,16 @@ async def serve_libp2p(
     *,
     limits: WireLimits = DEFAULT_LIMITS,
     slots: ConnectionSlots | None = None,
+    swarm_key: SwarmKey | None = None,
+    handshake_timeout: float = 10.0,
 ) -> None:
     """Answer wire connections that peers open to us through ``p2p``; returns once the handler is registered.
 
     A stream past the caps of ``slots`` (share the direct server's to cap both transports together) is refused
-    with ``too_many_connections``.
+    with ``too_many_connections``. With ``swarm_key``, only callers that prove it are served.
     """
     slots = slots or ConnectionSlots(limits)
+    me = p2p.peer_id.to_base58()
 
     async def on_stream(info: StreamInfo, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer_id = info.peer_id.to_base58()
@@ -66,6 +134,19 @@ async def serve_libp2p(
             refuse_connection(writer, "too_many_connections", str(e))
             return
         try:
+            if swarm_key is not None:
+                try:
+                    await asyncio.wait_for(
+                        _prove_membership_as_callee(reader, writer, swarm_key, info.peer_id.to_base58(), me),
+                        handshake_timeout,
+                    )
+                except (TimeoutError, WireError, OSError) as e:
+                    logger.info(f"libp2p membership check of {info.peer_id} failed: {e!r}")
+                    if not isinstance(e, (ConnectionLost, OSError)):
+                        code = NOT_A_MEMBER if isinstance(e, NotAMember) else "bad_handshake"
+                        refusal = Frame(Kind.ERROR, 0, Message({"code": code, "message": str(e)}))
+                        writer.writelines(encode_frame(refusal))
+                    return
             await serve_connection(
                 reader, writer, handlers, limits=limits, peer_id=peer_id, transport=TRANSPORT
             )
@@ -81,17 +162,32 @@ async def serve_libp2p(
 
 
 async def connect_libp2p(
-    p2p: P2P, peer_id: str, *, limits: WireLimits = DEFAULT_LIMITS, timeout: float = 10.0
+    p2p: P2P,
+    peer_id: str,
+    *,
+    limits: WireLimits = DEFAULT_LIMITS,
+    timeout: float = 10.0,
+    swarm_key: SwarmKey | None = None,
 ) -> Connection:
     """Open a wire connection to ``peer_id`` through libp2p (direct, hole-punched or relayed, as libp2p finds).
 
     Raises ConnectionLost if the daemon cannot reach the peer or the peer does not serve the wire protocol,
+    NotAMember / HandshakeError if one side does not prove the private swarm's key (with ``swarm_key``),
     asyncio.TimeoutError after ``timeout``.
     """
-    try:
-        _, reader, writer = await asyncio.wait_for(
-            p2p.call_binary_stream_handler(PeerID.from_base58(peer_id), PROTOCOL), timeout
-        )
-    except P2PDaemonError as e:
-        raise ConnectionLost(f"cannot open a libp2p stream to {peer_id}: {e}") from e
+
+    async def open_and_prove() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        try:
+            _, reader, writer = await p2p.call_binary_stream_handler(PeerID.from_base58(peer_id), PROTOCOL)
+        except P2PDaemonError as e:
+            raise ConnectionLost(f"cannot open a libp2p stream to {peer_id}: {e}") from e
+        if swarm_key is not None:
+            try:
+                await _prove_membership_as_caller(reader, writer, swarm_key, p2p.peer_id.to_base58(), peer_id)
+            except BaseException:
+                writer.close()
+                raise
+        return reader, writer
+
+    reader, writer = await asyncio.wait_for(open_and_prove(), timeout)
     return Connection(reader, writer, transport=TRANSPORT, remote_peer_id=peer_id, limits=limits)

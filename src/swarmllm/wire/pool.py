@@ -11,10 +11,11 @@ from collections.abc import Sequence
 from hivemind.p2p import P2P
 
 from swarmllm.wire.connection import Connection
-from swarmllm.wire.direct import connect_direct
+from swarmllm.wire.direct import NotAMember, connect_direct
 from swarmllm.wire.framing import WireError
 from swarmllm.wire.identity import Identity
 from swarmllm.wire.libp2p import connect_libp2p
+from swarmllm.wire.swarm_key import SwarmKey
 
 logger = logging.getLogger(__name__)
 
@@ -27,8 +28,10 @@ class ConnectionPool:
         *,
         connect_timeout_s: float = 5.0,
         prefer_direct: bool = True,
+        swarm_key: SwarmKey | None = None,
     ):
         self.identity = identity
+        self.swarm_key = swarm_key
         self.p2p = p2p
         self.connect_timeout_s = connect_timeout_s
         self.prefer_direct = prefer_direct
@@ -67,13 +70,22 @@ class ConnectionPool:
             host, _, port = addr.rpartition(":")
             try:
                 return await connect_direct(
-                    host, int(port), self.identity, expected_peer_id=peer_id, timeout=self.connect_timeout_s
+                    host,
+                    int(port),
+                    self.identity,
+                    expected_peer_id=peer_id,
+                    timeout=self.connect_timeout_s,
+                    swarm_key=self.swarm_key,
                 )
+            except NotAMember:
+                raise  # the peer answered: libp2p would get the same refusal
             except (TimeoutError, OSError, WireError, ValueError) as e:
                 logger.info("direct path to %s at %s failed (%s); trying the next way", peer_id, addr, e)
         if self.p2p is None:
             raise WireError(f"no direct address of {peer_id} answered and this pool has no libp2p peer")
-        return await connect_libp2p(self.p2p, peer_id, timeout=self.connect_timeout_s)
+        return await connect_libp2p(
+            self.p2p, peer_id, timeout=self.connect_timeout_s, swarm_key=self.swarm_key
+        )
 
     async def close(self) -> None:
         connections, self._connections = list(self._connections.values()), {}
