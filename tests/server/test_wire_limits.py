@@ -12,6 +12,7 @@ import torch
 from swarmllm.local import LocalSwarm
 from swarmllm.wire import ConnectionLost, Identity, Kind, Message, RemoteError, connect_direct
 from swarmllm.wire.direct import _client_handshake
+from swarmllm.wire.tls import client_context
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -58,8 +59,8 @@ async def test_stalled_1gib_declarations_cost_no_memory_and_are_dropped_in_time(
     process, (host, port) = server
     peers = []
     for _ in range(2):
-        reader, writer = await asyncio.open_connection(host, port)
-        await _client_handshake(reader, writer, Identity.generate(), None)
+        reader, writer = await asyncio.open_connection(host, port, ssl=client_context(), server_hostname="")
+        await _client_handshake(reader, writer, Identity.generate(), None, None)
         peers.append((reader, writer))
     rss_before = process.memory_info().rss
     loop = asyncio.get_running_loop()

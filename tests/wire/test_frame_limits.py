@@ -27,6 +27,7 @@ from swarmllm.wire import (
 from swarmllm.wire.connection import Inbox
 from swarmllm.wire.direct import _client_handshake
 from swarmllm.wire.framing import HEADER_SIZE
+from swarmllm.wire.tls import client_context
 
 BOUND = 10  # seconds; only to fail a test instead of hanging
 MiB = 1 << 20
@@ -43,8 +44,8 @@ def declaration(method: str, payload_len: int, call_id: int = 1) -> bytes:
 
 async def open_raw(server: DirectServer) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     """A connection that has proven a fresh identity, as raw streams (to send hand-made frames)."""
-    reader, writer = await asyncio.open_connection(*server.address)
-    await _client_handshake(reader, writer, Identity.generate(), None)
+    reader, writer = await asyncio.open_connection(*server.address, ssl=client_context(), server_hostname="")
+    await _client_handshake(reader, writer, Identity.generate(), None, None)
     return reader, writer
 
 
