@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from swarmllm import AutoDistributedModelForCausalLM
 from swarmllm.client.loop import run_sync
+from swarmllm.client.routing import MissingBlocksError
 from swarmllm.dht import ModelInfo, ServerInfo, ServerState, announce, find_servers, list_models, start_dht
 from swarmllm.local import LocalSwarm
 from swarmllm.wire import (
@@ -48,6 +49,19 @@ def test_a_member_generates_through_the_private_swarm(private_swarm, llama_check
         ours = model.generate(**inputs, max_new_tokens=6, do_sample=False)
         theirs = reference.generate(**inputs, max_new_tokens=6, do_sample=False)
         assert torch.equal(ours, theirs)
+    finally:
+        model.shutdown()
+
+
+def test_an_outsider_client_is_told_it_may_need_the_swarm_key(private_swarm, llama_checkpoint):
+    """Without the key, the swarm's records cannot be read: the client finds no server and says what to check."""
+    local, _, _ = private_swarm
+    model = AutoDistributedModelForCausalLM.from_pretrained(
+        str(llama_checkpoint), initial_peers=local.initial_peers, missing_blocks_timeout_s=2
+    )
+    try:
+        with pytest.raises(MissingBlocksError, match="swarm_key"):
+            model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=2, do_sample=False)
     finally:
         model.shutdown()
 

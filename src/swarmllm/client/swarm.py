@@ -287,6 +287,11 @@ class SwarmClient:
                     held = [s for s in servers if s.peer_id in banned and s.state == ServerState.ONLINE]
                     held = [s for s in held if any(s.start_block <= b < s.end_block for b in e.missing)]
                     detail = f" that works ({len(held)} failed this client and are banned)" if held else ""
+                    if not servers:  # e.g. a private swarm's records, which only its members can read
+                        detail = (
+                            " (no server of this model was found at all: check initial_peers, the model's name, "
+                            "and, for a private swarm, swarm_key)"
+                        )
                     raise MissingBlocksError(e.missing, self.num_blocks, detail) from failure
                 if attempt > 0:
                     logger.info("%s; looking again in %.1f s", e, delay)
