@@ -8,7 +8,7 @@ import tracemalloc
 
 import pytest
 from fuzz_strategies import DTYPES, damaged, frame_bytes, handmade_frames, seed_frames
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from swarmllm.wire import ConnectionLost, FrameError, Kind, PayloadTooLarge, WireLimits, read_frame
@@ -20,6 +20,10 @@ FUZZ = settings(
     derandomize=True,
     database=None,
     suppress_health_check=[HealthCheck.too_slow],
+    phases=[
+        Phase.explicit,
+        Phase.generate,
+    ],  # no shrinking: a failure is reported at once, CI never stalls on it
 )
 LIMITS = WireLimits()
 SMALL = WireLimits(max_meta_bytes=256, max_payload_bytes=4096, max_tensors=3, max_dims=3)

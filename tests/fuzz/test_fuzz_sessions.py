@@ -12,7 +12,7 @@ import asyncio
 
 import pytest
 import torch
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     Bundle,
@@ -257,5 +257,6 @@ def test_sessions(llama_checkpoint, runner):
             derandomize=True,
             database=None,
             suppress_health_check=[HealthCheck.too_slow],
+            phases=[Phase.explicit, Phase.generate],  # no shrinking: a failure is reported at once
         ),
     )
