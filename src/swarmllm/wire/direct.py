@@ -258,9 +258,9 @@ class DirectServer:
             except (TimeoutError, WireError, OSError) as e:
                 logger.info(f"Direct handshake with {peer_address} failed: {e!r}")
                 if not isinstance(e, (ConnectionLost, OSError)):
-                    code = NOT_A_MEMBER if isinstance(e, NotAMember) else "bad_handshake"
-                    refusal = Frame(Kind.ERROR, 0, Message({"code": code, "message": str(e)}))
-                    writer.writelines(encode_frame(refusal))
+                    refuse_connection(
+                        writer, NOT_A_MEMBER if isinstance(e, NotAMember) else "bad_handshake", str(e)
+                    )
                 return
             try:
                 self.slots.identify(peer_id)

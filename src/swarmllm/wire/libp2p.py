@@ -46,12 +46,8 @@ from swarmllm.wire.direct import (
 from swarmllm.wire.framing import (
     DEFAULT_LIMITS,
     ConnectionLost,
-    Frame,
-    Kind,
-    Message,
     WireError,
     WireLimits,
-    encode_frame,
 )
 from swarmllm.wire.swarm_key import SwarmKey
 
@@ -143,9 +139,9 @@ async def serve_libp2p(
                 except (TimeoutError, WireError, OSError) as e:
                     logger.info(f"libp2p membership check of {info.peer_id} failed: {e!r}")
                     if not isinstance(e, (ConnectionLost, OSError)):
-                        code = NOT_A_MEMBER if isinstance(e, NotAMember) else "bad_handshake"
-                        refusal = Frame(Kind.ERROR, 0, Message({"code": code, "message": str(e)}))
-                        writer.writelines(encode_frame(refusal))
+                        refuse_connection(
+                            writer, NOT_A_MEMBER if isinstance(e, NotAMember) else "bad_handshake", str(e)
+                        )
                     return
             await serve_connection(
                 reader, writer, handlers, limits=limits, peer_id=peer_id, transport=TRANSPORT
