@@ -49,23 +49,7 @@ async def test_garbage_replies_raise_bad_reply_errors(reply, problem):
     await server.start()
     swarm = SwarmClient([], "garbage", 2, missing_blocks_timeout_s=0)
     host, port = server.address
-    swarm.use_servers(
-        [
-            ServerInfo(
-                peer_id=identity.peer_id,
-                state=ServerState.ONLINE,
-                start_block=0,
-                end_block=2,
-                throughput=1.0,
-                inference_rps=1.0,
-                forward_rps=1.0,
-                cache_tokens_left=100,
-                version="evil",
-                dtype="float32",
-                direct_addrs=(f"{host}:{port}",),
-            )
-        ]
-    )
+    swarm.use_servers([_info(identity, host, port)])
     try:
         hidden = torch.randn(1, 2, HIDDEN)
         with pytest.raises(MissingBlocksError, match="0..1 of 2 that works") as info:
