@@ -525,7 +525,9 @@ class BlockSpan(nn.Module):
         masks = {w: self._decode_mask(key_mask, slot, length, w) for w in set(windows)}
         for n, (i, window) in enumerate(zip(indices, windows, strict=True)):
             block_lora = NO_LORA if lora is None else lora[n]
-            hidden = self.blocks[i].decode(hidden, cos, sin, slot, keys[n], values[n], masks[window], block_lora)
+            hidden = self.blocks[i].decode(
+                hidden, cos, sin, slot, keys[n], values[n], masks[window], block_lora
+            )
         return hidden
 
     @staticmethod

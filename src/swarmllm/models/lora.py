@@ -92,7 +92,11 @@ class LoraSettings:
 
 def module_features(config: BlockConfig, module: str) -> tuple[int, int]:
     """(in, out) features of a target module (PEFT's short name) in a layer of this model."""
-    hidden, q, kv = config.hidden_size, config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+    hidden, q, kv = (
+        config.hidden_size,
+        config.num_heads * config.head_dim,
+        config.num_kv_heads * config.head_dim,
+    )
     return {
         "q_proj": (hidden, q),
         "k_proj": (hidden, kv),
@@ -132,7 +136,10 @@ def block_lora(
     `generator` turns dropout on (a training forward); without it the adapter is applied deterministically.
     """
     parts_of = {
-        "qkv_proj": (["q_proj", "k_proj", "v_proj"], [config.num_heads, config.num_kv_heads, config.num_kv_heads]),
+        "qkv_proj": (
+            ["q_proj", "k_proj", "v_proj"],
+            [config.num_heads, config.num_kv_heads, config.num_kv_heads],
+        ),
         "o_proj": (["o_proj"], [1]),
         "gate_up_proj": (["gate_proj", "up_proj"], [1, 1]),
         "down_proj": (["down_proj"], [1]),
@@ -179,7 +186,9 @@ def peft_key(name: str) -> str:
     return f"base_model.model.model.layers.{layer}.{rest}.weight"
 
 
-def write_peft_adapter(path: str | Path, settings: LoraSettings, tensors: dict[str, Tensor], base_model: str) -> None:
+def write_peft_adapter(
+    path: str | Path, settings: LoraSettings, tensors: dict[str, Tensor], base_model: str
+) -> None:
     """A standard PEFT LoRA folder: `adapter_config.json` and `adapter_model.safetensors`."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -210,7 +219,9 @@ def read_peft_adapter(path: str | Path, config: BlockConfig) -> tuple[LoraSettin
     for key, tensor in load_file(path / WEIGHTS_FILE).items():
         match = _PEFT_KEY.fullmatch(key)
         if match is None:
-            raise ValueError(f"{path}: unexpected tensor {key!r} (only LoRA A/B of decoder layers are supported)")
+            raise ValueError(
+                f"{path}: unexpected tensor {key!r} (only LoRA A/B of decoder layers are supported)"
+            )
         layer, module, matrix = match.groups()
         tensors[f"{layer}.{module}.{matrix}"] = tensor
     expected = lora_shapes(config, settings, range(config.num_layers))
@@ -219,5 +230,7 @@ def read_peft_adapter(path: str | Path, config: BlockConfig) -> tuple[LoraSettin
         missing = sorted(expected.keys() - got.keys())[:3]
         extra = sorted(got.keys() - expected.keys())[:3]
         wrong = [n for n in expected.keys() & got.keys() if expected[n] != got[n]][:3]
-        raise ValueError(f"{path}: adapter does not fit the model (missing {missing}, extra {extra}, shape of {wrong})")
+        raise ValueError(
+            f"{path}: adapter does not fit the model (missing {missing}, extra {extra}, shape of {wrong})"
+        )
     return settings, tensors
