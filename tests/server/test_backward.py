@@ -161,7 +161,7 @@ async def test_bad_uploads_are_refused_in_band(served, span):
         (upload_of("x", 1, not_finite), "finite"),
         (AdapterUpload("x", 1, 2, 4.0, 0.0, ("lm_head",), False, 0, 4, good).to_message(), "target modules"),
         (AdapterUpload("x", 1, 2, 4.0, 0.0, SETTINGS.modules, False, 0, 9, good).to_message(), "not in"),
-        (Message({"name": "x", "version": 1, "modules": ["q_proj"]}, [torch.zeros(3)]), "manifest"),
+        (Message({**upload_of("x", 1, good).meta, "manifest": [["a", [2]]]}, [torch.zeros(3)]), "manifest"),
     ]:
         await stream.send(message)
         error = (await stream.recv()).meta["error"]
