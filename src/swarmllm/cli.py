@@ -130,6 +130,14 @@ def build_parser() -> argparse.ArgumentParser:
         "or --num-blocks, the server holds as many blocks as fit",
     )
     serve.add_argument("--public-name", help="a name shown to others (e.g. your site or handle)")
+    serve.add_argument(
+        "--adapters",
+        nargs="+",
+        default=[],
+        metavar="DIR",
+        help="PEFT LoRA adapter folders to serve, announced by folder name (clients pick one with "
+        "from_pretrained(..., active_adapter=NAME))",
+    )
     serve.add_argument("--dht-prefix", help="swarm key of the model (default: its repository or folder name)")
     serve.add_argument("--identity", help="key file: keeps the peer id across restarts")
     _swarm_key(serve)
@@ -269,6 +277,7 @@ def _serve(args: argparse.Namespace) -> int:
             max_cache_tokens=args.max_cache_tokens,
             max_memory=parse_size(args.max_memory) if args.max_memory else None,
             public_name=args.public_name,
+            adapters=args.adapters,
             dht_prefix=args.dht_prefix,
             identity_path=args.identity,
             swarm_key_path=args.swarm_key,
