@@ -117,8 +117,8 @@ def main() -> None:
         notes = (
             f"Median of {args.repeats} paired steps (forward + backward + AdamW step; loss over every token); "
             f"ptune: {PRE_SEQ_LEN} prompts; LoRA: r=8 on q_proj and v_proj. Swarm: 2 servers (1 thread each, "
-            "the host's cores split between them), the client's autograd function, one micro-batch per step at "
-            "this size; local: transformers (+ peft) with the default torch threads, same checkpoint and batch."
+            "the host's cores split between them), the client's autograd function, rows cut into micro-batches by the "
+            "servers' announced speeds (up to 4); local: transformers (+ peft) with the default torch threads, same checkpoint and batch."
         )
         append_results("Fine-tuning through a local swarm (2 servers) vs local training", table, notes)
 
