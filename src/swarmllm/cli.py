@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 
@@ -241,7 +242,15 @@ def main(argv: list[str] | None = None) -> int:
     return 2
 
 
+# After each parallel region torch's OpenMP workers spin before they sleep: 300,000 rounds by default, which on a
+# host shared with clients and other servers burns a core doing nothing (a server answering a flood of small calls
+# used 61% of a core instead of 20%). 30,000 rounds cost no measured speed (benchmarks/RESULTS.md).
+SERVER_OMP_SPINCOUNT = "30000"
+
+
 def _serve(args: argparse.Namespace) -> int:
+    if "torch" not in sys.modules:  # read once, when torch loads its OpenMP runtime; an operator's value wins
+        os.environ.setdefault("GOMP_SPINCOUNT", SERVER_OMP_SPINCOUNT)
     from swarmllm.server.handler import ServerLimits
     from swarmllm.server.memory import parse_size
     from swarmllm.server.network import parse_bandwidth
