@@ -127,15 +127,25 @@ def main() -> None:
 
     failures: list[str] = []
 
-    def honest_steps(remote) -> float:
+    def cpu_s(pid: int) -> float:
+        """CPU seconds a process has used (all its threads), from /proc."""
+        fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    server_cpu: dict[str, list[float]] = {"alone": [], "attacked": []}
+
+    def honest_steps(remote, phase: str) -> float:
         """Steps/s of one generate; 0 when the swarm refused it (e.g. the abuser holds the whole cache)."""
-        began = time.perf_counter()
+        pid = swarm.servers[0].proc.pid
+        began, cpu_began = time.perf_counter(), cpu_s(pid)
         try:
             remote.generate(prompt, max_new_tokens=args.new_tokens, do_sample=False)
         except Exception as e:  # noqa: BLE001 - the outcome being measured, reported in the table
             failures.append(f"{type(e).__name__}: {str(e).splitlines()[-1]}")
             return 0.0
-        return args.new_tokens / (time.perf_counter() - began)
+        took = time.perf_counter() - began
+        server_cpu[phase].append((cpu_s(pid) - cpu_began) / took)
+        return args.new_tokens / took
 
     def tell(command: str) -> None:
         abuser.stdin.write(command + "\n")
@@ -173,9 +183,9 @@ def main() -> None:
                     raise RuntimeError("the abuser did not start")
                 # alternate: the machine's other load hits both phases alike
                 for _ in range(args.rounds):
-                    alone.append(honest_steps(remote))
+                    alone.append(honest_steps(remote, "alone"))
                     tell("on")
-                    attacked.append(honest_steps(remote))
+                    attacked.append(honest_steps(remote, "attacked"))
                     tell("off")
                     if abuser.stdout.readline().strip() != "off":
                         raise RuntimeError("the abuser did not pause")
@@ -201,6 +211,7 @@ def main() -> None:
             "honest steps/s alone",
             "under abuse",
             "cost (median of pairs)",
+            "server CPU cores alone / under abuse",
             "tokens equal",
         ],
         [
@@ -211,6 +222,10 @@ def main() -> None:
                 f"{statistics.median(alone):.1f}",
                 f"{statistics.median(attacked):.1f}",
                 f"{cost:.1%}",
+                " / ".join(
+                    f"{statistics.median(server_cpu[p]):.2f}" if server_cpu[p] else "-"
+                    for p in ("alone", "attacked")
+                ),
                 tokens_equal,
             ]
         ],
