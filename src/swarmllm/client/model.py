@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 from collections.abc import Iterator, Sequence
 
 import torch
@@ -69,7 +70,7 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         super().__init__(config)
         self.head = head
         self.swarm = swarm
-        self._active: RemoteSession | None = None
+        self._sessions = threading.local()  # each thread its own active session: concurrent generates
         self.generation_config.use_cache = False  # the cache is on the servers, see the module docstring
 
     @classmethod
@@ -105,6 +106,15 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
             model.generation_config.use_cache = False
         return model.eval()
 
+    @property
+    def _active(self) -> RemoteSession | None:
+        """The inference session of the calling thread (threads that generate at once each have their own)."""
+        return getattr(self._sessions, "active", None)
+
+    @_active.setter
+    def _active(self, session: RemoteSession | None) -> None:
+        self._sessions.active = session
+
     def get_input_embeddings(self) -> torch.nn.Module:
         return self.head.embed_tokens
 
@@ -113,7 +123,8 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
 
     @contextlib.contextmanager
     def inference_session(self, max_length: int) -> Iterator[RemoteSession]:
-        """Keep server caches across calls: every `generate` / forward inside reuses this session."""
+        """Keep server caches across calls: every `generate` / forward inside reuses this session (it belongs to
+        the calling thread: several threads may each hold one on the same model and generate at once)."""
         if self._active is not None:
             raise RuntimeError("an inference session is already active on this model")
         self._active = RemoteSession(InferenceSession(self.swarm, max_length))

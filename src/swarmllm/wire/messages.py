@@ -48,7 +48,8 @@ def _session_id(meta: dict[str, Any]) -> str | None:
 class OpenSession:
     """Opens an inference session over blocks [start, end): the server reserves batch_size x max_length cache
     tokens. `session_id` is the client's secret name for it (what a push must quote), `accept_push_from` the one
-    peer allowed to push into it."""
+    peer allowed to push into it. `replay`: the session takes over a failed server's blocks, and its first steps
+    replay what that server had computed (the server only counts these, for its metrics)."""
 
     start: int
     end: int
@@ -56,6 +57,7 @@ class OpenSession:
     max_length: int
     session_id: str | None = None
     accept_push_from: str | None = None
+    replay: bool = False
 
     def to_message(self) -> Message:
         meta = {
@@ -68,6 +70,8 @@ class OpenSession:
             meta["session_id"] = self.session_id
         if self.accept_push_from is not None:
             meta["accept_push_from"] = self.accept_push_from
+        if self.replay:
+            meta["replay"] = True
         return Message(meta)
 
     @classmethod
@@ -80,6 +84,7 @@ class OpenSession:
             _int(meta, "max_length"),
             _session_id(meta),
             _optional_str(meta, "accept_push_from"),
+            meta.get("replay") is True,
         )
 
 
