@@ -26,7 +26,9 @@ def find_chromium() -> str | None:
     if shutil.which("apt-get") and hasattr(__import__("os"), "geteuid") and __import__("os").geteuid() == 0:
         env = {"DEBIAN_FRONTEND": "noninteractive", "PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}
         subprocess.run(["apt-get", "update", "-qq"], check=False, env=env, capture_output=True)
-        subprocess.run(["apt-get", "install", "-y", "-qq", "chromium"], check=False, env=env, capture_output=True)
+        subprocess.run(
+            ["apt-get", "install", "-y", "-qq", "chromium"], check=False, env=env, capture_output=True
+        )
         return shutil.which("chromium")
     return None
 
@@ -102,7 +104,9 @@ class Browser:
                 last = e
             if last and not isinstance(last, Exception):
                 return last
-            self.loop.run_until_complete(asyncio.sleep(0.2))  # the poll interval of a condition with a deadline
+            self.loop.run_until_complete(
+                asyncio.sleep(0.2)
+            )  # the poll interval of a condition with a deadline
         raise AssertionError(f"page never showed {what or expression} within {timeout_s} s (last: {last!r})")
 
     def emulate(self, width: int, height: int, mobile: bool) -> None:

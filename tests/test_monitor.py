@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from browser import Browser, find_chromium
 from prometheus_client.parser import text_string_to_metric_families
 from transformers import AutoModelForCausalLM
 from transformers.generation.streamers import BaseStreamer
 
-from browser import Browser, find_chromium
 from swarmllm import AutoDistributedModelForCausalLM
 from swarmllm.local import LocalSwarm
 
@@ -51,7 +51,9 @@ def wait_state(monitor: str, predicate, timeout_s: float = 60.0) -> dict:
         if predicate(current):
             return current
         if time.monotonic() > deadline:
-            raise AssertionError(f"the monitor never reached the expected state: {json.dumps(current)[:2000]}")
+            raise AssertionError(
+                f"the monitor never reached the expected state: {json.dumps(current)[:2000]}"
+            )
         time.sleep(0.2)  # the poll interval of a condition with a deadline
 
 
@@ -59,7 +61,9 @@ def wait_state(monitor: str, predicate, timeout_s: float = 60.0) -> dict:
 def swarm(llama_checkpoint):
     with LocalSwarm() as local:
         local.start_bootstrap()
-        local.infos = local.add_servers([(str(llama_checkpoint), (0, 2)), (str(llama_checkpoint), (2, 4))], extra=SERVER_ARGS)
+        local.infos = local.add_servers(
+            [(str(llama_checkpoint), (0, 2)), (str(llama_checkpoint), (2, 4))], extra=SERVER_ARGS
+        )
         local.url = local.start_monitor(extra=["--refresh", "1"])
         yield local
 
@@ -92,7 +96,12 @@ def test_state_and_metrics_match_the_swarm(swarm):
     assert [block["throughput_tps"] for block in model["blocks"]] == [50.0] * 4
     rows = {row["peer_id"]: row for row in current["servers"]}
     assert set(rows) == {a, b}
-    assert (rows[a]["start_block"], rows[a]["end_block"], rows[b]["start_block"], rows[b]["end_block"]) == (0, 2, 2, 4)
+    assert (rows[a]["start_block"], rows[a]["end_block"], rows[b]["start_block"], rows[b]["end_block"]) == (
+        0,
+        2,
+        2,
+        4,
+    )
     for row in rows.values():
         assert row["state"] == "online" and row["connection"] == "direct" and row["rtt_ms"] > 0
         assert row["dtype"] == "float32" and row["cache_tokens_left"] == CACHE_TOKENS
@@ -155,7 +164,9 @@ def test_page_follows_the_swarm_and_servers_count_their_work(swarm, browser, lla
 
     try:
         with model.inference_session(max_length=PROMPT.shape[1] + NEW_TOKENS):
-            out = model.generate(PROMPT, max_new_tokens=NEW_TOKENS, do_sample=False, streamer=AtToken(5, kill_first_hop))
+            out = model.generate(
+                PROMPT, max_new_tokens=NEW_TOKENS, do_sample=False, streamer=AtToken(5, kill_first_hop)
+            )
     finally:
         model.shutdown()
     assert torch.equal(out, expected)
@@ -167,10 +178,14 @@ def test_page_follows_the_swarm_and_servers_count_their_work(swarm, browser, lla
     browser.screenshot(shots / "monitor.png")
 
     infos = {info["peer_id"]: info for info in [*swarm.infos, spare]}
-    generated = out.shape[1] - PROMPT.shape[1]  # (the random model may end early, with EOS, as transformers does)
+    generated = (
+        out.shape[1] - PROMPT.shape[1]
+    )  # (the random model may end early, with EOS, as transformers does)
     steps_sent = PROMPT.shape[1] + generated - 1  # every token but the last one goes through the blocks
     deadline = time.monotonic() + 30
-    while True:  # the servers close the session when the client's stream ends, a moment after generate returns
+    while (
+        True
+    ):  # the servers close the session when the client's stream ends, a moment after generate returns
         last = metrics(infos[b]["metrics"])
         if last[("swarmllm_server_sessions_open", ())] == 0 or time.monotonic() > deadline:
             break

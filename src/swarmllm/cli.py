@@ -256,6 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     api.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     api.add_argument("--port", type=int, default=8001, help="HTTP port (0 = any free port)")
     api.add_argument("--name", help="the model's id in the API (default: its folder or repository name)")
+    api.add_argument("--dht-prefix", help="the model's key in the swarm, if its servers were given one")
     api.add_argument(
         "--context-length", type=int, help="prompt + answer tokens at most (default: the model's, up to 4096)"
     )
@@ -486,6 +487,7 @@ def _api(args: argparse.Namespace) -> int:
         swarm_key=args.swarm_key,
         context_length=args.context_length,
         max_concurrent=args.max_concurrent,
+        dht_prefix=args.dht_prefix,
     )
 
     async def serve() -> None:
