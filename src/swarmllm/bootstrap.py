@@ -34,12 +34,12 @@ def run_bootstrap(
         signal.signal(sig, lambda *_: stop.set())
     maddrs = visible_maddrs(dht)
     kind = "private swarm (members need its --swarm-key)" if swarm_key_path else "public swarm"
-    print(f"Bootstrap peer of a {kind} is running. Others join with:", flush=True)
-    print("  --initial-peers " + " ".join(maddrs), flush=True)
     if peers_file:
         # written whole, then renamed, so a reader never sees half a file
         Path(peers_file + ".tmp").write_text("\n".join(maddrs) + "\n")
         os.replace(peers_file + ".tmp", peers_file)
+    print(f"Bootstrap peer of a {kind} is running. Others join with:", flush=True)
+    print("  --initial-peers " + " ".join(maddrs), flush=True)
     try:
         stop.wait()
     finally:

