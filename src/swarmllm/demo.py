@@ -84,7 +84,7 @@ def _train(path: Path, steps: int = 300, batch: int = 32, length: int = 32, seed
 
 
 CHAT_PROMPT = "What is the capital of France?"
-KILL_AT_TOKEN = 8
+KILL_AT_TOKEN = 3  # early: a chat answer may end (EOS) after a few tokens
 
 
 class _AtToken(BaseStreamer):
@@ -201,6 +201,8 @@ def run_demo(
                     **inputs, **greedy, streamer=_AtToken(KILL_AT_TOKEN, kill_first_hop)
                 )
             print(f"killed {killed[0]} with SIGKILL after token {KILL_AT_TOKEN}")
+            if not distributed.swarm.failovers:
+                print("  (the generation ended before its next step: no failover was needed)")
             for failover in distributed.swarm.failovers:
                 to = ", ".join(f"{h.peer_id[-8:]} [{h.start}, {h.end})" for h in failover.replacement)
                 print(
