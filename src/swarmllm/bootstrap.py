@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
+from pathlib import Path
 
 from swarmllm.dht import start_dht, visible_maddrs
 from swarmllm.wire import Identity, load_swarm_key
@@ -16,6 +18,7 @@ def run_bootstrap(
     port: int,
     identity_path: str | None,
     swarm_key_path: str | None = None,
+    peers_file: str | None = None,
 ) -> int:
     identity = Identity.load_or_create(identity_path) if identity_path else Identity.generate()
     dht, _ = start_dht(
@@ -31,8 +34,16 @@ def run_bootstrap(
         signal.signal(sig, lambda *_: stop.set())
     maddrs = visible_maddrs(dht)
     kind = "private swarm (members need its --swarm-key)" if swarm_key_path else "public swarm"
+    if peers_file:
+        # written whole, then renamed, so a reader never sees half a file
+        Path(peers_file + ".tmp").write_text("\n".join(maddrs) + "\n")
+        os.replace(peers_file + ".tmp", peers_file)
     print(f"Bootstrap peer of a {kind} is running. Others join with:", flush=True)
     print("  --initial-peers " + " ".join(maddrs), flush=True)
-    stop.wait()
-    dht.shutdown()
+    try:
+        stop.wait()
+    finally:
+        if peers_file:
+            Path(peers_file).unlink(missing_ok=True)
+        dht.shutdown()
     return 0

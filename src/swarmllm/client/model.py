@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -94,7 +95,7 @@ class DistributedModel(PreTrainedModel):
         self.block_config = BlockConfig.from_hf(config)
         self.ptune: PromptTuning | None = None
         self.lora: RemoteLora | None = None
-        self._active: RemoteSession | None = None
+        self._sessions = threading.local()  # each thread its own active session: concurrent generates
 
     @classmethod
     def from_pretrained(
@@ -143,6 +144,15 @@ class DistributedModel(PreTrainedModel):
                 model.generation_config = model.generation_config.from_pretrained(name_or_path)
             model.generation_config.use_cache = False  # the cache is on the servers
         return model.eval()
+
+    @property
+    def _active(self) -> RemoteSession | None:
+        """The inference session of the calling thread (threads that generate at once each have their own)."""
+        return getattr(self._sessions, "active", None)
+
+    @_active.setter
+    def _active(self, session: RemoteSession | None) -> None:
+        self._sessions.active = session
 
     @property
     def prompt_length(self) -> int:
@@ -207,8 +217,9 @@ class DistributedModel(PreTrainedModel):
 
     @contextlib.contextmanager
     def inference_session(self, max_length: int) -> Iterator[RemoteSession]:
-        """Keep server caches across calls: every `generate` / forward inside reuses this session. The prompts and
-        adapter are those of when it opens."""
+        """Keep server caches across calls: every `generate` / forward inside reuses this session (it belongs to
+        the calling thread: several threads may each hold one on the same model and generate at once). The
+        prompts and adapter are those of when it opens."""
         if self._active is not None:
             raise RuntimeError("an inference session is already active on this model")
         n = self.prompt_length

@@ -260,7 +260,9 @@ class InferenceSession:
                     )
                     if self.tuning.weights is not None:
                         await self.swarm.uploads.ensure(hop.peer_id, self.tuning.weights)
-                    await new[-1].open(await self.swarm.connection(hop.peer_id), self.swarm.connect_timeout_s)
+                    await new[-1].open(
+                        await self.swarm.connection(hop.peer_id), self.swarm.connect_timeout_s, replay=bool(x)
+                    )
                     if x:
                         tokens = sum(e.hidden.shape[0] * e.hidden.shape[1] for e in x)
                         floor_s = self.swarm.replay_timeout_s

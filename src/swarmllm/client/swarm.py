@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, TypeVar
 import hivemind
 import torch
 
+from swarmllm.client.directory import Directory
 from swarmllm.client.health import Bans, Speeds, step_deadline_s
 from swarmllm.client.replies import (
     BadReplyError,
@@ -49,7 +50,7 @@ from swarmllm.client.replies import (
 from swarmllm.client.routing import Hop, MissingBlocksError, cap_throughput, route_forward, route_inference
 from swarmllm.client.tuning import NO_TUNING, AdapterUploads, Tuning
 from swarmllm.client.verify import judge, mismatch, should_check, tolerance
-from swarmllm.dht import ServerInfo, ServerState, find_servers, start_dht
+from swarmllm.dht import ServerInfo, ServerState
 from swarmllm.wire import (
     Connection,
     ConnectionLost,
@@ -59,10 +60,8 @@ from swarmllm.wire import (
     Stream,
     SwarmKey,
     WireError,
-    load_swarm_key,
 )
 from swarmllm.wire.messages import BackwardReply, BackwardRequest, ForwardRequest, OpenSession, Step
-from swarmllm.wire.pool import ConnectionPool
 
 if TYPE_CHECKING:
     from swarmllm.client.session import Failover
@@ -148,9 +147,19 @@ class SwarmClient:
         self.initial_peers = list(initial_peers)
         self.dht_prefix = dht_prefix
         self.num_blocks = num_blocks
-        self.identity = identity or Identity.generate()
-        # a private swarm's key (a file, or a loaded key): the DHT and every server check that we hold it
-        self.swarm_key = swarm_key if isinstance(swarm_key, SwarmKey | None) else load_swarm_key(swarm_key)
+        # the DHT look-ups and the connections (a private swarm's key, if any, is checked by both)
+        self.directory = Directory(
+            initial_peers,
+            identity=identity,
+            swarm_key=swarm_key,
+            connect_timeout_s=connect_timeout_s,
+            prefer_direct=prefer_direct,
+        )
+        self.identity, self.swarm_key, self.pool = (
+            self.directory.identity,
+            self.directory.swarm_key,
+            self.directory.pool,
+        )
         self.refresh_s = refresh_s
         self.connect_timeout_s = connect_timeout_s
         self.request_timeout_s = request_timeout_s  # the most any one request may take, whatever its size
@@ -175,48 +184,31 @@ class SwarmClient:
         self.spot_checks: deque[SpotCheck] = deque(maxlen=SPOT_CHECKS_KEPT)  # the latest checks, oldest first
         self.reports: list[SpotCheck] = []  # every check that found wrong outputs, oldest first
         self.speeds = Speeds()  # measured speed of each server, which caps its announced one in routing
-        self.dht: hivemind.DHT | None = None
         self._servers: dict[str, ServerInfo] = {}
         self._servers_at = -float("inf")
         self._fixed = False
-        self.pool = ConnectionPool(
-            self.identity,
-            None,
-            connect_timeout_s=connect_timeout_s,
-            prefer_direct=prefer_direct,
-            swarm_key=self.swarm_key,
-        )
         self.rtt_s: dict[str, float] = {}
         self.active_adapter = active_adapter  # a hosted adapter: only servers announcing it are used
         self.uploads = AdapterUploads(self)
         self.max_micro_batches = max_micro_batches  # in flight at once in a training forward/backward
 
+    @property
+    def dht(self) -> hivemind.DHT | None:
+        return self.directory.dht
+
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
-        self.dht, _ = await loop.run_in_executor(
-            None,
-            lambda: start_dht(
-                self.identity, initial_peers=self.initial_peers, client_mode=True, swarm_key=self.swarm_key
-            ),
-        )
-        self.pool.p2p = await self.dht.replicate_p2p()
+        await self.directory.start()
 
     async def shutdown(self) -> None:
         await self.uploads.close()
-        await self.pool.close()
-        if self.pool.p2p is not None:
-            await self.pool.p2p.shutdown()
-            self.pool.p2p = None
-        if self.dht is not None:
-            self.dht.shutdown()
-            self.dht = None
+        await self.directory.shutdown()
 
     async def servers(self, *, refresh: bool = False) -> list[ServerInfo]:
         """The model's servers from the DHT, looked up again only when the list is older than `refresh_s`."""
         stale = time.monotonic() - self._servers_at > self.refresh_s
         if self.dht is not None and not self._fixed and (refresh or stale):
             async with asyncio.timeout(self.request_timeout_s):
-                found = await find_servers(self.dht, self.dht_prefix, self.num_blocks)
+                found = await self.directory.servers(self.dht_prefix, self.num_blocks)
             self._servers = {s.peer_id: s for s in found}
             self._servers_at = time.monotonic()
         return list(self._servers.values())
@@ -237,15 +229,13 @@ class SwarmClient:
     async def connection(self, peer_id: str) -> Connection:
         """The persistent connection to a server (direct when its announced address answers, else libp2p)."""
         info = self._servers.get(peer_id)
-        return await self.pool.get(peer_id, info.direct_addrs if info is not None else ())
+        return await self.directory.connection(peer_id, info.direct_addrs if info is not None else ())
 
     async def ping(self, peer_id: str) -> float:
         """Round trip of an `info` call in seconds (also opens the connection)."""
-        async with asyncio.timeout(self.connect_timeout_s * 2):
-            conn = await self.connection(peer_id)
-            began = time.perf_counter()
-            await conn.call("info", Message(), timeout=self.connect_timeout_s)
-        self.rtt_s[peer_id] = rtt = time.perf_counter() - began
+        info = self._servers.get(peer_id)
+        rtt = await self.directory.ping(peer_id, info.direct_addrs if info is not None else ())
+        self.rtt_s[peer_id] = rtt
         return rtt
 
     def _capped(self, servers: Sequence[ServerInfo]) -> list[ServerInfo]:

@@ -40,6 +40,7 @@ import torch
 from swarmllm.server.adapters import Adapter, AdapterStore
 from swarmllm.server.backend import Backend, Session
 from swarmllm.server.cache import CacheFullError
+from swarmllm.server.metrics import ServerMetrics
 from swarmllm.server.network import PING_MAX_BYTES
 from swarmllm.server.quota import PeerLimits, PeerQuotas, Refusal
 from swarmllm.wire import CallContext, Connection, Handlers, Incoming, Message, RequestError, WireError
@@ -114,11 +115,6 @@ def _peer(context: CallContext) -> str:
     return context.peer_id or _ANONYMOUS
 
 
-def _refuse(refusal: Refusal | None) -> None:
-    if refusal is not None:
-        raise RequestError(refusal.code, refusal.message)
-
-
 # what the server needs to push: a connection to a peer, given its id
 Connector = Callable[[str], Awaitable[Connection]]
 
@@ -134,8 +130,10 @@ class RequestHandler:
         connect: Connector | None = None,
         peer_id: str | None = None,
         adapters: AdapterStore | None = None,
+        metrics: ServerMetrics | None = None,
     ):
         self.backend = backend
+        self.metrics = metrics or ServerMetrics()
         self.adapters = adapters or AdapterStore(
             backend.span.config,
             backend.dtype,
@@ -184,6 +182,15 @@ class RequestHandler:
         widest = max(dtype.itemsize for dtype in FLOAT_DTYPES)
         return tokens * (self.backend.hidden_size * widest + 1) + 16
 
+    def _refuse(self, refusal: Refusal | None) -> None:
+        if refusal is not None:
+            raise self._refusal(refusal.code, refusal.message)
+
+    def _refusal(self, code: str, message: str) -> RequestError:
+        """A refusal (the server cannot or will not take the request now), counted by code in the metrics."""
+        self.metrics.refused(code)
+        return RequestError(code, message)
+
     def use_backend(self, backend: Backend) -> None:
         """Serve new requests from `backend` (the server moved to other blocks); sessions already open stay on
         their backend until `hand_back`."""
@@ -219,34 +226,35 @@ class RequestHandler:
         await self.sessions_closed(None, timeout_s)
 
     async def rpc_info(self, request: Message, context: CallContext) -> Message:
-        _refuse(self.quotas.request(_peer(context)))
+        self._refuse(self.quotas.request(_peer(context)))
         return Message(self.info())
 
     async def rpc_ping(self, request: Message, context: CallContext) -> Message:
         """Echo the payload's size: peers time it to measure their link to us (`server.network`); the payload
         is capped at PING_MAX_BYTES where the method is registered."""
-        _refuse(self.quotas.request(_peer(context)))
+        self._refuse(self.quotas.request(_peer(context)))
         check_count(request.tensors, 0, 1, "ping")
         return Message({"bytes": sum(t.numel() * t.element_size() for t in request.tensors)})
 
     async def rpc_forward(self, request: Message, context: CallContext) -> Message:
         peer = _peer(context)
-        _refuse(self.quotas.request(peer))
+        self._refuse(self.quotas.request(peer))
         req = ForwardRequest.parse(request)
         start, end = self._span(req.start, req.end)
         hidden = self._hidden(req.hidden)
         batch, length = hidden.shape[:2]
         if batch * length > self.limits.max_forward_tokens:
-            raise RequestError(
+            raise self._refusal(
                 "too_large", f"{batch}x{length} tokens exceed the limit of {self.limits.max_forward_tokens}"
             )
         key_mask = self._mask(req.key_mask, batch, length)
         prompts = self._prompts(req.prompts, end - start, batch, length)
         adapter = self._adapter(peer, req.adapter, start, end)
         args = (hidden, key_mask, start, end, peer, prompts, adapter, req.dropout_seed)
+        self.metrics.forward(batch * length)
         if self.backend.inline(batch * length):
             return Message({}, [await self.backend.forward(*args)])
-        _refuse(self.quotas.enqueue(peer))
+        self._refuse(self.quotas.enqueue(peer))
         try:
             return Message({}, [await self.backend.forward(*args)])
         finally:
@@ -256,7 +264,7 @@ class RequestHandler:
         """Gradients of a span's inputs (and of the request's prompts and adapter) from its inputs and the
         gradient of its outputs; the forward is recomputed with autograd (see `Backend.backward`)."""
         peer = _peer(context)
-        _refuse(self.quotas.request(peer))
+        self._refuse(self.quotas.request(peer))
         req = BackwardRequest.parse(request)
         start, end = self._span(req.start, req.end)
         hidden = self._hidden(req.hidden)
@@ -272,7 +280,7 @@ class RequestHandler:
         adapter = self._adapter(peer, req.adapter, start, end)
         if req.lora_grads and (adapter is None or adapter.version is None):
             raise RequestError("bad_request", "lora_grads needs an adapter the client uploaded")
-        _refuse(self.quotas.enqueue(peer))
+        self._refuse(self.quotas.enqueue(peer))
         try:
             grads = await self.backend.backward(
                 hidden, grad, key_mask, start, end, peer, prompts, adapter, req.dropout_seed, req.lora_grads
@@ -287,7 +295,7 @@ class RequestHandler:
         """A client's adapter uploads, each answered by an `AdapterAck` (or an in-band error); what it uploaded
         is dropped when the stream ends, or when none of it was used for `adapter_idle_timeout_s`."""
         peer = _peer(context)
-        _refuse(self.quotas.request(peer))
+        self._refuse(self.quotas.request(peer))
         held: dict[str, Adapter] = {}
         try:
             while True:
@@ -319,7 +327,7 @@ class RequestHandler:
         self, request: Message, incoming: Incoming, context: CallContext
     ) -> AsyncIterator[Message]:
         peer = _peer(context)
-        _refuse(self.quotas.request(peer))
+        self._refuse(self.quotas.request(peer))
         opening = OpenSession.parse(request)
         start, end = self._span(opening.start, opening.end)
         check_range("batch_size", opening.batch_size, 1, self.limits.max_batch_size)
@@ -328,17 +336,17 @@ class RequestHandler:
         if token is not None and token in self._by_token:
             raise RequestError("bad_request", "session_id is already in use")
         if self.leaving:
-            raise RequestError("server_leaving", "this server is leaving the swarm")
+            raise self._refusal("server_leaving", "this server is leaving the swarm")
         backend = self.backend  # a session stays on the blocks it opened on, even if the server moves
         adapter = self._adapter(peer, opening.adapter, start, end)
         cache_tokens = opening.batch_size * opening.max_length
-        _refuse(self.quotas.open_session(peer, cache_tokens, backend.budget.capacity_tokens))
+        self._refuse(self.quotas.open_session(peer, cache_tokens, backend.budget.capacity_tokens))
         try:
             session = backend.open_session(start, end, opening.batch_size, opening.max_length, peer, adapter)
         except BaseException as e:
             self.quotas.close_session(peer, cache_tokens)
             if isinstance(e, CacheFullError):
-                raise RequestError("cache_full", str(e)) from None
+                raise self._refusal("cache_full", str(e)) from None
             raise
         logger.debug(
             "session %s opened by %s: blocks [%d, %d) batch %d max_length %d",
@@ -354,12 +362,16 @@ class RequestHandler:
         if token is not None:
             self._by_token[token] = target
         self._open[incoming] = backend
+        self.metrics.sessions_opened.inc()
+        self.metrics.sessions_open.inc()
+        if opening.replay:
+            self.metrics.replays.inc()
         last_step = -1
         loop, task = asyncio.get_running_loop(), asyncio.current_task()
         try:
             while True:
                 if self.leaving or backend is not self.backend:
-                    raise RequestError("server_leaving", "this server is leaving these blocks")
+                    raise self._refusal("server_leaving", "this server is leaving these blocks")
                 try:
                     async with asyncio.timeout(self.limits.session_idle_timeout_s):
                         message = await incoming.get()
@@ -381,6 +393,8 @@ class RequestHandler:
                         continue
                     if isinstance(message, _Pushed) and item.step <= last_step:
                         continue  # a push that arrived after the client had already sent this step itself
+                    if opening.replay and item.step == 0 and not isinstance(message, _Pushed):
+                        self.metrics.replayed_tokens.inc(item.hidden.shape[0] * item.hidden.shape[1])
                     last_step = max(last_step, item.step)
                     reply = await self._step(backend, session, item)
                 except RequestError as e:
@@ -397,6 +411,7 @@ class RequestHandler:
             if token is not None:
                 self._by_token.pop(token, None)
             self._open.pop(incoming, None)
+            self.metrics.sessions_open.dec()
             self._session_closed.set()
             backend.close_session(session)
             logger.debug("session %s closed", session.session_id)
@@ -451,6 +466,7 @@ class RequestHandler:
         out = await backend.step(session, hidden, step.position, new_mask, prompts)
         # the compute time lets clients and benchmarks split a hop into network and server work
         compute_s = time.perf_counter() - began
+        self.metrics.step(hidden.shape[0] * length, length, compute_s)
         pushed = bool(step.push) and await self._push(step, out)
         return StepReply(step.position, step.step, out, compute_s, pushed).to_message()
 

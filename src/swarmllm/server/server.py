@@ -33,6 +33,7 @@ from swarmllm.server.corrupt import corrupt_outputs
 from swarmllm.server.handler import RequestHandler, ServerLimits
 from swarmllm.server.host import HostShare, device_folder, host_cores, threads_per_server
 from swarmllm.server.memory import block_bytes, cache_bytes_per_block, device_memory, memory_share
+from swarmllm.server.metrics import ServerMetrics, serve_metrics
 from swarmllm.server.network import measure_network, network_rps
 from swarmllm.server.throughput import cached_throughput
 from swarmllm.version import __version__
@@ -97,6 +98,7 @@ class ServerConfig:
     # frame sizes and deadlines, stream inbox bytes, connection caps (shared by the direct and libp2p transports)
     wire: WireLimits = field(default_factory=WireLimits)
     handshake_timeout_s: float = 10.0  # a direct connection that has not proven its peer by then is dropped
+    metrics_port: int | None = None  # serve Prometheus `/metrics` on this port (0: any free port) at `host`
     corrupt_every: int = 0  # FOR TESTS ONLY: every Nth output is made wrong (server/corrupt.py)
 
 
@@ -185,8 +187,19 @@ class Server:
         await self._measure_compute()
         p2p = await self.dht.replicate_p2p()
         self.pool = ConnectionPool(self.identity, p2p, swarm_key=self.swarm_key)
+        self.metrics = ServerMetrics()
+        self.metrics.watch_cache(
+            lambda: self.backend.budget.used_tokens, lambda: self.backend.budget.capacity_tokens
+        )
+        self.metrics.serving(self.dht_prefix, start, end)
         self.handler = handler = RequestHandler(
-            self.backend, self._info_record, cfg.limits, self._connect, self.identity.peer_id, self.adapters
+            self.backend,
+            self._info_record,
+            cfg.limits,
+            self._connect,
+            self.identity.peer_id,
+            self.adapters,
+            self.metrics,
         )
         handlers = handler.handlers()
         slots = ConnectionSlots(cfg.wire)
@@ -204,6 +217,10 @@ class Server:
         host, port = direct.address
         self.direct_addr = f"{cfg.announce_host or host}:{port}"
         await serve_libp2p(p2p, handlers, limits=cfg.wire, slots=slots, swarm_key=self.swarm_key)
+        metrics_page, metrics_url = None, None
+        if cfg.metrics_port is not None:
+            metrics_page, bound = await serve_metrics(self.metrics, cfg.host, cfg.metrics_port)
+            metrics_url = f"http://{cfg.announce_host or cfg.host}:{bound}/metrics"
         self.state = ServerState.ONLINE
         await self._announce()
         await self._refresh_peers()  # now, not inside the first push's time budget
@@ -217,6 +234,7 @@ class Server:
                     "end": end,
                     "direct": self.direct_addr,
                     "maddrs": visible_maddrs(self.dht),
+                    "metrics": metrics_url,
                 }
             ),
             flush=True,
@@ -256,6 +274,8 @@ class Server:
             await self._announce()
             await handler.leave(cfg.leave_timeout_s)
             await direct.stop()
+            if metrics_page is not None:
+                await metrics_page.cleanup()
             await self.pool.close()
             self.backend.shutdown()
             logger.info("server %s left the swarm", self.identity.peer_id)
@@ -340,6 +360,7 @@ class Server:
         self.backend = await self._make_backend(span)
         self.handler.use_backend(self.backend)
         self.start, self.end = start, end
+        self.metrics.serving(self.dht_prefix, start, end)
         await self._announce()  # the new blocks online first: a reader prefers a peer's online record
         gone = info.model_copy(update={"state": ServerState.OFFLINE})
         await self._announce(gone, blocks=[b for b in range(old_start, old_end) if not start <= b < end])

@@ -150,7 +150,8 @@ def _adapter_meta(adapter: AdapterRef | None) -> dict[str, Any]:
 class OpenSession:
     """Opens an inference session over blocks [start, end): the server reserves batch_size x max_length cache
     tokens. `session_id` is the client's secret name for it (what a push must quote), `accept_push_from` the one
-    peer allowed to push into it."""
+    peer allowed to push into it. `replay`: the session takes over a failed server's blocks, and its first steps
+    replay what that server had computed (the server only counts these, for its metrics)."""
 
     start: int
     end: int
@@ -159,6 +160,7 @@ class OpenSession:
     session_id: str | None = None
     accept_push_from: str | None = None
     adapter: AdapterRef | None = None  # applies to every step of the session
+    replay: bool = False
 
     def to_message(self) -> Message:
         meta = {
@@ -172,6 +174,8 @@ class OpenSession:
             meta["session_id"] = self.session_id
         if self.accept_push_from is not None:
             meta["accept_push_from"] = self.accept_push_from
+        if self.replay:
+            meta["replay"] = True
         return Message(meta)
 
     @classmethod
@@ -185,6 +189,7 @@ class OpenSession:
             _session_id(meta),
             _optional_str(meta, "accept_push_from"),
             AdapterRef.parse(meta),
+            meta.get("replay") is True,
         )
 
 

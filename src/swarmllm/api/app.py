@@ -1,0 +1,384 @@
+"""`swarmllm api MODEL`: an OpenAI-compatible HTTP API over a swarm (`/v1/models`, `/v1/completions`,
+`/v1/chat/completions`, with `stream: true` as server-sent events).
+
+Each request runs `generate()` of one shared `DistributedModelForCausalLM` in a worker thread with its own
+inference session (sessions are per thread), so concurrent requests each hold their own caches on the servers
+and never wait for one another's tokens. Text comes out of `api.generation.TextAssembler` piece by piece; a
+non-streamed answer is those pieces joined. Errors use OpenAI's format: 404 for an unknown model, 400 for an
+invalid parameter, 503 when the swarm cannot serve the request (e.g. blocks without a server).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+from aiohttp import web
+from pydantic import ValidationError
+from transformers import (
+    LogitsProcessorList,
+    StoppingCriteriaList,
+    TemperatureLogitsWarper,
+    TopPLogitsWarper,
+)
+
+from swarmllm.api.generation import PieceStreamer, SeededSampler, StopWhen, TextAssembler, chat_prompt
+from swarmllm.api.schemas import ChatRequest, CompletionRequest, error_body, validation_error
+
+logger = logging.getLogger(__name__)
+
+_END = object()  # the end of a generation's pieces
+
+
+class ApiError(Exception):
+    def __init__(
+        self, status: int, message: str, kind: str, param: str | None = None, code: str | None = None
+    ):
+        super().__init__(message)
+        self.status, self.body = status, error_body(message, kind, param, code)
+
+
+@dataclass
+class Generation:
+    """One request's generate, running in a worker thread: its text pieces arrive in `pieces`."""
+
+    prompt_tokens: int
+    max_new_tokens: int
+    assembler: TextAssembler
+    pieces: asyncio.Queue = field(default_factory=asyncio.Queue)
+    cancelled: bool = False  # the requester went away: the generate stops at its next token
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.assembler.tokens)
+
+    @property
+    def finish_reason(self) -> str:
+        return self.assembler.finish_reason or "length"
+
+    def usage(self) -> dict:
+        total = self.prompt_tokens + self.completion_tokens
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": total,
+        }
+
+    async def text(self) -> AsyncIterator[str]:
+        """The pieces as they come; raises what the generate raised."""
+        while True:
+            piece = await self.pieces.get()
+            if piece is _END:
+                return
+            if isinstance(piece, BaseException):
+                raise piece
+            yield piece
+
+
+class Engine:
+    """The model, its tokenizer and the worker threads that run requests' generates."""
+
+    def __init__(self, model, tokenizer, name: str, *, context_length: int, max_concurrent: int = 16):
+        self.model, self.tokenizer, self.name = model, tokenizer, name
+        self.context_length = context_length
+        self.executor = ThreadPoolExecutor(max_workers=max_concurrent, thread_name_prefix="swarmllm-api")
+        eos = model.generation_config.eos_token_id
+        self.eos_ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+        self.pad_id = model.generation_config.pad_token_id
+        if self.pad_id is None:
+            self.pad_id = self.eos_ids[0] if self.eos_ids else 0
+
+    def decode(self, tokens: list[int]) -> str:
+        return self.tokenizer.decode(tokens, skip_special_tokens=True)
+
+    def start(self, prompt_ids: list[int], max_new_tokens: int | None, request) -> Generation:
+        room = self.context_length - len(prompt_ids)
+        if max_new_tokens is None:
+            max_new_tokens = room
+        if max_new_tokens > room:
+            raise ApiError(
+                400,
+                f"This model's context is {self.context_length} tokens; the prompt has {len(prompt_ids)} and "
+                f"{max_new_tokens} more were asked for",
+                "invalid_request_error",
+                "max_tokens",
+                "context_length_exceeded",
+            )
+        loop = asyncio.get_running_loop()
+        gen = Generation(
+            len(prompt_ids), max_new_tokens, TextAssembler(self.decode, request.stop_strings(), self.eos_ids)
+        )
+
+        def put(item) -> None:
+            loop.call_soon_threadsafe(gen.pieces.put_nowait, item)
+
+        def work() -> None:
+            try:
+                self._generate(prompt_ids, gen, request, put)
+                tail = gen.assembler.finish()
+                if tail:
+                    put(tail)
+                put(_END)
+            except BaseException as e:  # noqa: BLE001 - handed to the request, which answers with it
+                logger.warning("generation failed: %r", e)
+                put(e)
+
+        loop.run_in_executor(self.executor, work)
+        return gen
+
+    def _generate(self, prompt_ids: list[int], gen: Generation, request, emit) -> None:
+        ids = torch.tensor([prompt_ids])
+        options: dict = {}
+        if request.temperature > 0:
+            warpers = []
+            if request.temperature != 1.0:
+                warpers.append(TemperatureLogitsWarper(request.temperature))
+            if request.top_p < 1.0:
+                warpers.append(TopPLogitsWarper(request.top_p))
+            seed = (
+                request.seed if request.seed is not None else int.from_bytes(uuid.uuid4().bytes[:8], "little")
+            )
+            options["logits_processor"] = LogitsProcessorList([*warpers, SeededSampler(seed)])
+        self.model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=gen.max_new_tokens,
+            do_sample=False,  # sampling, when asked, is SeededSampler's (see there)
+            pad_token_id=self.pad_id,
+            streamer=PieceStreamer(gen.assembler, emit),
+            stopping_criteria=StoppingCriteriaList(
+                [StopWhen(lambda: gen.assembler.stopped or gen.cancelled)]
+            ),
+            **options,
+        )
+
+    def shutdown(self) -> None:
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _error(e: ApiError) -> web.Response:
+    return web.json_response(e.body, status=e.status)
+
+
+def _swarm_error(e: BaseException) -> ApiError:
+    return ApiError(
+        503, f"the swarm could not serve this request: {e}", "server_error", None, "swarm_unavailable"
+    )
+
+
+class Api:
+    def __init__(self, engine: Engine):
+        self.engine = engine
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_get("/v1/models", self.models)
+        app.router.add_get("/v1/models/{model:.+}", self.model)
+        app.router.add_post("/v1/completions", self.completions)
+        app.router.add_post("/v1/chat/completions", self.chat)
+        return app
+
+    def _model_card(self) -> dict:
+        return {"id": self.engine.name, "object": "model", "created": 0, "owned_by": "swarmllm"}
+
+    async def models(self, _request: web.Request) -> web.Response:
+        return web.json_response({"object": "list", "data": [self._model_card()]})
+
+    async def model(self, request: web.Request) -> web.Response:
+        try:
+            self._check_model(request.match_info["model"])
+        except ApiError as e:
+            return _error(e)
+        return web.json_response(self._model_card())
+
+    def _check_model(self, name: str) -> None:
+        if name != self.engine.name:
+            raise ApiError(
+                404,
+                f"The model '{name}' does not exist (this API serves '{self.engine.name}')",
+                "invalid_request_error",
+                "model",
+                "model_not_found",
+            )
+
+    @staticmethod
+    async def _body(request: web.Request, schema):
+        try:
+            data = await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise ApiError(400, "The request body is not valid JSON", "invalid_request_error") from None
+        if not isinstance(data, dict):
+            raise ApiError(400, "The request body must be a JSON object", "invalid_request_error")
+        try:
+            return schema.model_validate(data)
+        except ValidationError as e:
+            body = validation_error(e)["error"]
+            raise ApiError(400, body["message"], body["type"], body["param"], body["code"]) from None
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        try:
+            body = await self._body(request, CompletionRequest)
+            self._check_model(body.model)
+            prompt = (
+                body.prompt[0]
+                if isinstance(body.prompt, list) and body.prompt and isinstance(body.prompt[0], str)
+                else body.prompt
+            )
+            if isinstance(prompt, str):
+                ids = self.engine.tokenizer(prompt)["input_ids"]
+            else:
+                vocab = self.engine.model.config.vocab_size
+                if not prompt or any(not 0 <= t < vocab for t in prompt):
+                    raise ApiError(
+                        400, f"prompt token ids must be in [0, {vocab})", "invalid_request_error", "prompt"
+                    )
+                ids = list(prompt)
+            gen = self.engine.start(ids, body.max_new_tokens(), body)
+        except ApiError as e:
+            return _error(e)
+        reply = _Reply("cmpl", "text_completion", self.engine.name)
+        if body.stream:
+            return await reply.stream(
+                request,
+                gen,
+                body,
+                lambda piece: {"text": piece, "logprobs": None},
+                lambda: {"text": "", "logprobs": None},
+            )
+        return await reply.whole(gen, lambda text: {"text": text, "logprobs": None})
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        try:
+            body = await self._body(request, ChatRequest)
+            self._check_model(body.model)
+            messages = [{"role": m.role, "content": m.content} for m in body.messages]
+            text = chat_prompt(self.engine.tokenizer, messages)
+            ids = self.engine.tokenizer(text, add_special_tokens=False)["input_ids"]
+            gen = self.engine.start(ids, body.max_new_tokens(), body)
+        except ApiError as e:
+            return _error(e)
+        reply = _Reply("chatcmpl", "chat.completion", self.engine.name)
+        if body.stream:
+            return await reply.stream(
+                request,
+                gen,
+                body,
+                lambda piece: {"delta": {"content": piece}, "logprobs": None},
+                lambda: {"delta": {}, "logprobs": None},
+                first={"delta": {"role": "assistant", "content": ""}, "logprobs": None},
+            )
+        return await reply.whole(
+            gen, lambda text: {"message": {"role": "assistant", "content": text}, "logprobs": None}
+        )
+
+
+class _Reply:
+    """One response's envelope (id, object, created, model) around its choice, whole or as SSE chunks."""
+
+    def __init__(self, prefix: str, kind: str, model: str):
+        self.id = f"{prefix}-{uuid.uuid4().hex[:24]}"
+        self.kind, self.model, self.created = kind, model, int(time.time())
+
+    def _envelope(self, kind: str, **fields) -> dict:
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.model, **fields}
+
+    async def whole(self, gen: Generation, choice) -> web.Response:
+        try:
+            text = "".join([piece async for piece in gen.text()])
+        except Exception as e:  # noqa: BLE001 - the swarm's failure, reported as OpenAI does
+            return _error(_swarm_error(e))
+        body = self._envelope(
+            self.kind,
+            choices=[{"index": 0, **choice(text), "finish_reason": gen.finish_reason}],
+            usage=gen.usage(),
+        )
+        return web.json_response(body)
+
+    async def stream(
+        self, request: web.Request, gen: Generation, body, piece_choice, last_choice, first=None
+    ):
+        kind = self.kind + ".chunk" if self.kind == "chat.completion" else self.kind
+        response = web.StreamResponse(
+            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+        )
+        await response.prepare(request)
+
+        async def send(data: dict) -> None:
+            await response.write(f"data: {json.dumps(data)}\n\n".encode())
+
+        def chunk(choice: dict, finish_reason: str | None) -> dict:
+            return self._envelope(kind, choices=[{"index": 0, **choice, "finish_reason": finish_reason}])
+
+        try:
+            if first is not None:
+                await send(chunk(first, None))
+            try:
+                async for piece in gen.text():
+                    await send(chunk(piece_choice(piece), None))
+            except (ConnectionResetError, asyncio.CancelledError):
+                raise
+            except Exception as e:  # noqa: BLE001 - the stream has started: the error goes in it
+                await send(_swarm_error(e).body)
+                await response.write(b"data: [DONE]\n\n")
+                return response
+            await send(chunk(last_choice(), gen.finish_reason))
+            if body.stream_options is not None and body.stream_options.include_usage:
+                await send(self._envelope(kind, choices=[], usage=gen.usage()))
+            await response.write(b"data: [DONE]\n\n")
+        except (ConnectionResetError, asyncio.CancelledError):
+            gen.cancelled = True  # the requester left: stop generating for it
+            raise
+        return response
+
+
+def load_engine(
+    model: str,
+    initial_peers: list[str],
+    *,
+    name: str | None = None,
+    swarm_key: str | None = None,
+    context_length: int | None = None,
+    max_concurrent: int = 16,
+    **client_options,
+) -> Engine:
+    """The tokenizer and the client's part of `model` (embeddings, LM head), joined to the swarm."""
+    from transformers import AutoTokenizer
+
+    from swarmllm import AutoDistributedModelForCausalLM
+    from swarmllm.dht.records import dht_prefix_for
+
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    distributed = AutoDistributedModelForCausalLM.from_pretrained(
+        model, initial_peers=initial_peers, swarm_key=swarm_key, **client_options
+    )
+    limit = getattr(distributed.config, "max_position_embeddings", None) or DEFAULT_CONTEXT
+    return Engine(
+        distributed,
+        tokenizer,
+        name or dht_prefix_for(model),
+        context_length=context_length or min(limit, DEFAULT_CONTEXT),
+        max_concurrent=max_concurrent,
+    )
+
+
+DEFAULT_CONTEXT = 4096  # tokens of prompt + answer, unless --context-length (servers cap sessions at 8192)
+
+
+async def run_api(engine: Engine, sock) -> None:
+    """Serve the API on `sock` (bound by the caller) until cancelled."""
+    from swarmllm.web import serve_app
+
+    runner = await serve_app(Api(engine).app(), sock)
+    host, port = sock.getsockname()[:2]
+    print(f"OpenAI-compatible API: http://{host}:{port}/v1 (model '{engine.name}')", flush=True)
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await runner.cleanup()

@@ -1,0 +1,144 @@
+"""What the API adds around `generate()`: prompts from chat messages, text from tokens as they come (with stop
+strings and incomplete characters held back), and sampling that a request's `seed` makes reproducible even while
+other requests sample at the same time.
+
+Streamed and whole answers are made by the same `TextAssembler`: the whole answer is the streamed pieces joined,
+so the two can never differ.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from transformers import LogitsProcessor, StoppingCriteria
+from transformers.generation.streamers import BaseStreamer
+
+# A tokenizer without a chat template gets this plain layout (documented in the README): one "role: content"
+# line per message, then "assistant:" for the model to continue.
+FALLBACK_ROLE_LINE = "{role}: {content}\n"
+FALLBACK_GENERATION_PROMPT = "assistant:"
+
+
+def chat_prompt(tokenizer, messages: Sequence[dict[str, str]]) -> str:
+    """The prompt text for chat `messages` (each with `role` and `content`): the tokenizer's chat template with
+    the assistant's turn opened, or the plain fallback layout when the tokenizer has no template."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
+    lines = "".join(FALLBACK_ROLE_LINE.format(role=m["role"], content=m["content"]) for m in messages)
+    return lines + FALLBACK_GENERATION_PROMPT
+
+
+class TextAssembler:
+    """Turns generated token ids into text pieces that are safe to send: a piece never ends inside a UTF-8
+    character (decoders show those as U+FFFD until the next token completes them) nor with the beginning of a
+    stop string, and nothing from a stop string on is ever sent. EOS tokens end the text and are not shown."""
+
+    def __init__(
+        self, decode: Callable[[list[int]], str], stop: Sequence[str] = (), eos_ids: Sequence[int] = ()
+    ):
+        self.decode = decode
+        self.stop = [s for s in stop if s]
+        self.eos_ids = set(eos_ids)
+        self.tokens: list[int] = []  # every generated token, EOS included (what usage counts)
+        self._text_tokens: list[int] = []
+        self._sent = 0  # characters of the decoded text already handed out
+        self.finish_reason: str | None = None  # "stop" (EOS or a stop string); the caller sets "length"
+
+    @property
+    def stopped(self) -> bool:
+        return self.finish_reason is not None
+
+    def add(self, token: int) -> str:
+        """The text that `token` makes safe to send ("" when it must wait for more tokens)."""
+        if self.stopped:
+            return ""
+        self.tokens.append(token)
+        if token in self.eos_ids:
+            self.finish_reason = "stop"
+            return self._flush()
+        self._text_tokens.append(token)
+        text = self.decode(self._text_tokens)
+        cut = self._stop_at(text)
+        if cut is not None:
+            self.finish_reason = "stop"
+            return self._take(text, cut)
+        if text.endswith("\ufffd"):
+            return ""  # a character split across tokens: wait for the rest
+        return self._take(text, len(text) - self._held_back(text))
+
+    def finish(self) -> str:
+        """What is still held back once generation has ended (none of it can start a stop string any more)."""
+        return self._flush()
+
+    def _flush(self) -> str:
+        text = self.decode(self._text_tokens)
+        cut = self._stop_at(text)
+        return self._take(text, len(text) if cut is None else cut)
+
+    def _take(self, text: str, end: int) -> str:
+        piece = text[self._sent : max(end, self._sent)]
+        self._sent = max(end, self._sent)
+        return piece
+
+    def _stop_at(self, text: str) -> int | None:
+        """Where the first stop string in the unsent part (or straddling its start) begins, if any."""
+        longest = max((len(s) for s in self.stop), default=0)
+        start = max(0, self._sent - longest + 1)
+        found = [i for i in (text.find(s, start) for s in self.stop) if i >= 0]
+        return min(found) if found else None
+
+    def _held_back(self, text: str) -> int:
+        """The length of the longest end of `text` that a stop string starts with (it may grow into one)."""
+        best = 0
+        for s in self.stop:
+            for n in range(min(len(s) - 1, len(text)), best, -1):
+                if text.endswith(s[:n]):
+                    best = n
+                    break
+        return best
+
+
+class PieceStreamer(BaseStreamer):
+    """Feeds each new token of a generate (batch 1) to an assembler and hands the resulting text to `emit`."""
+
+    def __init__(self, assembler: TextAssembler, emit: Callable[[str], None]):
+        self.assembler, self.emit = assembler, emit
+        self._prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self._prompt_seen:  # generate's first call carries the prompt
+            self._prompt_seen = True
+            return
+        for token in value.reshape(-1).tolist():
+            piece = self.assembler.add(int(token))
+            if piece:
+                self.emit(piece)
+
+    def end(self) -> None:
+        pass
+
+
+class StopWhen(StoppingCriteria):
+    """Ends a generate when `done()` says so (a stop string was produced, or the requester went away)."""
+
+    def __init__(self, done: Callable[[], bool]):
+        self.done = done
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        return torch.full((input_ids.shape[0],), self.done(), dtype=torch.bool, device=input_ids.device)
+
+
+class SeededSampler(LogitsProcessor):
+    """Draws the next token from the (already temperature- and top-p-shaped) distribution with a generator of
+    the request's own, and leaves only that token possible, so that greedy selection picks it. transformers'
+    own sampling draws from the process-wide generator, which concurrent requests would share."""
+
+    def __init__(self, seed: int):
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        probs = torch.softmax(scores.float(), dim=-1)
+        chosen = torch.multinomial(probs.cpu(), 1, generator=self.generator).to(scores.device)
+        out = torch.full_like(scores, -float("inf"))
+        return out.scatter_(1, chosen, 0.0)

@@ -1,0 +1,91 @@
+"""The request bodies the API accepts, checked at the edge (pydantic), and OpenAI's error body.
+
+Only what the API does is accepted: `n` and `best_of` other than 1, `logprobs` and `echo` are refused with a
+400 rather than silently ignored; fields the API does not know are ignored, as OpenAI's own server does with
+fields newer than it.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+Stop = str | Annotated[list[str], Field(max_length=4)] | None
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class _Sampling(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    model: str
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    stop: Stop = None
+    seed: int | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: Literal[1] = 1
+    user: str | None = None
+
+    def stop_strings(self) -> list[str]:
+        if self.stop is None:
+            return []
+        return [self.stop] if isinstance(self.stop, str) else list(self.stop)
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | Annotated[list[str], Field(min_length=1, max_length=1)] | list[int]
+    max_tokens: int | None = Field(default=16, ge=1)
+    echo: Literal[False] = False
+    logprobs: None = None
+    best_of: Literal[1] | None = None
+
+    def max_new_tokens(self) -> int | None:
+        return self.max_tokens
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: str
+    content: str | list[dict] | None = ""
+
+    @field_validator("content")
+    @classmethod
+    def _text(cls, content):
+        """Text parts joined (the only kind of part a text model takes)."""
+        if isinstance(content, list):
+            if any(part.get("type") != "text" for part in content):
+                raise ValueError("only text content parts are supported")
+            return "".join(str(part.get("text", "")) for part in content)
+        return content or ""
+
+
+class ChatRequest(_Sampling):
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    logprobs: Literal[False] | None = None
+
+    def max_new_tokens(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+
+def error_body(message: str, kind: str, param: str | None = None, code: str | None = None) -> dict:
+    """OpenAI's error format."""
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+def validation_error(e: ValidationError) -> dict:
+    """The first problem of a request body as OpenAI reports it: a message and the parameter at fault."""
+    first = e.errors()[0]
+    param = ".".join(str(part) for part in first["loc"] if not isinstance(part, int)) or None
+    if param is not None:
+        # union members show up in the location ("prompt.str"); the parameter is the first part
+        param = param.split(".")[0]
+    message = f"Invalid value for '{param}': {first['msg']}" if param else first["msg"]
+    return error_body(message, "invalid_request_error", param, "invalid_value")

