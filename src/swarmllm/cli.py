@@ -1,10 +1,13 @@
-"""The `swarmllm` command: `dht` (bootstrap peer), `serve` (donate blocks), `generate` (use a swarm), `demo`."""
+"""The `swarmllm` command: `dht` (bootstrap peer), `serve` (donate blocks), `generate` (use a swarm), `demo`,
+`ladder` (convert a checkpoint to Ladder Residual and retrain it: ladder_commands.py)."""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
+
+from swarmllm import ladder_commands
 
 
 def _blocks(text: str) -> tuple[int, int]:
@@ -206,6 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--servers", type=int, default=2, help="number of server processes")
     demo.add_argument("--max-new-tokens", type=int, default=24)
+    ladder_commands.add_parser(commands)
     return parser
 
 
@@ -230,6 +234,8 @@ def main(argv: list[str] | None = None) -> int:
         from swarmllm.demo import run_demo
 
         return run_demo(num_servers=args.servers, max_new_tokens=args.max_new_tokens)
+    if args.command == "ladder":
+        return ladder_commands.run(args)
     return 2
 
 
