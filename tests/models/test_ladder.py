@@ -1,5 +1,5 @@
-"""Ladder Residual blocks against a reference recurrence written here from the semantics (issue 20), over
-transformers' own sub-layers; conversion and retraining of a tiny checkpoint."""
+"""Ladder Residual blocks against the issue's recurrence written over transformers' own sub-layers
+(tests/ladder_reference.py); conversion and retraining of a tiny checkpoint."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from ladder_reference import reference_logits
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
@@ -20,41 +21,6 @@ ATOL = 1e-4
 SEQ_LEN = 10  # longer than mistral's tiny sliding window (4)
 # mixed (standard, ladder, ladder, standard) and all ladder, over the tiny checkpoints' 4 layers
 LAYERS = {"mixed": (1, 3), "all": (0, 4)}
-
-
-def reference_logits(hf, ids: torch.Tensor, ladder_layers: set[int]) -> torch.Tensor:
-    """The issue's recurrence over transformers' modules: r the stream, p the pending sub-layer output."""
-    model = hf.model
-    length = ids.shape[1]
-    positions = torch.arange(length)[None]
-    rope = model.rotary_emb(model.embed_tokens(ids), position_ids=positions)
-    q, kv = torch.arange(length)[:, None], torch.arange(length)[None]
-    allowed = kv <= q
-    window = getattr(hf.config, "sliding_window", None)
-    if window is not None and hf.config.model_type == "mistral":
-        allowed &= kv > q - window
-    mask = torch.zeros(length, length).masked_fill(~allowed, float("-inf"))[None, None]
-
-    r, p = model.embed_tokens(ids), torch.zeros(())
-    for i, layer in enumerate(model.layers):
-
-        def attn(x, layer=layer):
-            return layer.self_attn(hidden_states=x, position_embeddings=rope, attention_mask=mask)[0]
-
-        if i in ladder_layers:
-            a = attn(layer.input_layernorm(r))
-            r = r + p
-            p = a
-            m = layer.mlp(layer.post_attention_layernorm(r))
-            r = r + p
-            p = m
-        else:
-            r = r + p
-            p = torch.zeros(())
-            r = r + attn(layer.input_layernorm(r))
-            r = r + layer.mlp(layer.post_attention_layernorm(r))
-    r = r + p
-    return hf.lm_head(model.norm(r))
 
 
 @pytest.fixture(scope="module")
