@@ -3,14 +3,19 @@ blocks) and against the issue's recurrence (ladder blocks), for full forwards an
 
 from __future__ import annotations
 
+import socket
+from datetime import timedelta
+
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from ladder_reference import reference_logits
 from transformers import AutoModelForCausalLM
 
 from swarmllm.models import KVCache, load_client_head, load_span
 from swarmllm.models.convert import convert_to_ladder
-from swarmllm.models.tp import check_shardable
+from swarmllm.models.tp import FunctionalComm, TensorParallelComm, check_shardable, shard_span
 from swarmllm.server.tp import TensorParallelSpan
 
 ATOL = 1e-5
@@ -95,3 +100,41 @@ def test_shapes_that_do_not_split_are_refused(checkpoints):
     check_shardable(config, 2)
     with pytest.raises(ValueError, match="num_kv_heads=2"):
         check_shardable(config, 4)
+
+
+def _compiled_decode_rank(rank: int, path: str, port: int) -> None:
+    """One rank: the sharded ladder decode step traced whole by torch.compile with functional collectives equals
+    the eager step with async dist.all_reduce (spawned: a failure here fails mp.spawn in the test)."""
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2, timeout=timedelta(seconds=120)
+    )
+    try:
+        eager = shard_span(load_span(path, 0, 4), rank, 2, TensorParallelComm())
+        traced = shard_span(load_span(path, 0, 4), rank, 2, FunctionalComm())
+        config = eager.config
+        cache = KVCache(
+            4, 1, 4, traced.config.__class__(**{**config.__dict__, "num_kv_heads": 1}), torch.float32, "cpu"
+        )
+        hidden = torch.randn(1, config.hidden_size, generator=torch.Generator().manual_seed(2))
+        args = (
+            torch.tensor([0]),
+            torch.tensor([0]),
+            cache.keys,
+            cache.values,
+            torch.ones(1, 4, dtype=torch.bool),
+        )
+        with torch.inference_mode():
+            want, _ = eager.decode_pair(hidden, None, *args)
+            got, _ = torch.compile(traced.decode_pair, fullgraph=True, backend="eager")(hidden, None, *args)
+        torch.testing.assert_close(got, want, atol=ATOL, rtol=0)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sharded_ladder_decode_traces_as_one_graph_with_functional_collectives(checkpoints, tmp_path):
+    path = convert_to_ladder(checkpoints("llama"), tmp_path / "c", 1, 4)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_compiled_decode_rank, args=(str(path), port), nprocs=2, join=True)

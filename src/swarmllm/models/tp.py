@@ -1,5 +1,7 @@
 """Tensor parallelism for a built BlockSpan: a transform that keeps one rank's shard of every block's weights
-(Megatron-style) and hands the span a `Comm` that sums sub-layer outputs over the ranks with torch.distributed.
+(Megatron-style) and hands the span a `Comm` that sums sub-layer outputs over the ranks with torch.distributed:
+`TensorParallelComm` (dist.all_reduce, async_op=True in ladder layers; eager) or `FunctionalComm` (functional
+collectives, for torch.compile and CUDA graphs).
 
 Column-parallel: q/k/v (whole heads; rank i keeps q heads and kv heads [i*n/N, (i+1)*n/N), so every q head stays
 with the kv head it shares under GQA) and gate/up (the same columns of both). Row-parallel: o_proj and down_proj
@@ -17,6 +19,7 @@ from dataclasses import replace
 
 import torch
 import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
 from torch import Tensor, nn
 
 from swarmllm.models.ladder import Comm
@@ -45,6 +48,24 @@ class TensorParallelComm(Comm):
     def all_reduce(self, x: Tensor) -> Tensor:
         dist.all_reduce(x, group=self.group)
         return x
+
+
+class FunctionalComm(Comm):
+    """The same sums through functional collectives (torch.distributed._functional_collectives): out of place,
+    traceable by torch.compile (fullgraph) and capturable in CUDA graphs, where Inductor can reorder compute
+    around the launched all-reduce. `start` returns the not-yet-waited result tensor; `wait` waits on it."""
+
+    def __init__(self, group: dist.ProcessGroup | None = None):
+        self.group = group if group is not None else dist.group.WORLD
+
+    def start(self, x: Tensor) -> Tensor:
+        return funcol.all_reduce(x, "sum", self.group)
+
+    def wait(self, handle: Tensor) -> Tensor:
+        return funcol.wait_tensor(handle)
+
+    def all_reduce(self, x: Tensor) -> Tensor:
+        return funcol.wait_tensor(funcol.all_reduce(x, "sum", self.group))
 
 
 def check_shardable(config: BlockConfig, world: int) -> None:
