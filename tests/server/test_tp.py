@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM
 
 from swarmllm.models import KVCache, load_client_head, load_span
 from swarmllm.models.convert import convert_to_ladder
-from swarmllm.models.tp import FunctionalComm, TensorParallelComm, check_shardable, shard_span
+from swarmllm.models.tp import FunctionalComm, TensorParallelComm, check_shardable, local_config, shard_span
 from swarmllm.server.tp import TensorParallelSpan
 
 ATOL = 1e-5
@@ -113,9 +113,7 @@ def _compiled_decode_rank(rank: int, path: str, port: int) -> None:
         eager = shard_span(load_span(path, 0, 4), rank, 2, TensorParallelComm())
         traced = shard_span(load_span(path, 0, 4), rank, 2, FunctionalComm())
         config = eager.config
-        cache = KVCache(
-            4, 1, 4, traced.config.__class__(**{**config.__dict__, "num_kv_heads": 1}), torch.float32, "cpu"
-        )
+        cache = KVCache(4, 1, 4, local_config(config, 2), torch.float32, "cpu")
         hidden = torch.randn(1, config.hidden_size, generator=torch.Generator().manual_seed(2))
         args = (
             torch.tensor([0]),
