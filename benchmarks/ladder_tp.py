@@ -80,12 +80,12 @@ def device_for(args, rank: int) -> torch.device:
     return torch.device(f"cuda:{rank}") if args.device == "cuda" else torch.device("cpu")
 
 
-def build(args, rank: int, world: int, ladder: bool, comm: Comm) -> BlockSpan:
+def build(args, rank: int, world: int, ladder: bool) -> BlockSpan:
     base = config(args)
     cfg = replace(base, ladder_layers=tuple(range(base.num_layers)) if ladder else ())
     torch.manual_seed(0)  # every rank builds the same whole span, then keeps its shard
     span = BlockSpan(cfg, 0, cfg.num_layers).to(device_for(args, rank))
-    return shard_span(span, rank, world, comm).eval()
+    return shard_span(span, rank, world, TensorParallelComm()).eval()
 
 
 def worker(rank: int, args, port: int, results) -> None:
@@ -104,17 +104,20 @@ def worker(rank: int, args, port: int, results) -> None:
     hidden = torch.randn(1, args.tokens, args.hidden, generator=torch.Generator().manual_seed(1)).to(device)
     times: dict[tuple[str, float], list[float]] = {}
     with torch.inference_mode():
-        spans = {}
+        # one sharded span per architecture; each variant is a span and the comm it sums through
+        standard, ladder = build(args, rank, 2, False), build(args, rank, 2, True)
+        variants = {("no-comm", 0.0): (standard, NoComm())}
         for latency_ms in args.latencies_ms:
             delayed = DelayedComm(latency_ms / 1000)
-            spans["standard", latency_ms] = build(args, rank, 2, False, delayed)
-            spans["ladder", latency_ms] = build(args, rank, 2, True, delayed)
-        spans["no-comm", 0.0] = build(args, rank, 2, False, NoComm())
+            variants["standard", latency_ms] = (standard, delayed)
+            variants["ladder", latency_ms] = (ladder, delayed)
         for _ in range(args.warmup):
-            for span in spans.values():
+            for span, comm in variants.values():
+                span.comm = comm
                 span(hidden)
         for _ in range(args.repeats):
-            for key, span in spans.items():
+            for key, (span, comm) in variants.items():
+                span.comm = comm
                 dist.barrier()
                 if device.type == "cuda":
                     torch.cuda.synchronize()
