@@ -26,12 +26,14 @@ from swarmllm.models.checkpoint import HEAD_TENSORS, STALE_SUFFIX, load_config, 
 from swarmllm.models.llama import FUSED_PARAMETERS
 
 CONVERSION_FILE = "ladder_conversion.json"
+# what a hub checkpoint's conversion fetches and copies: config, weights, tokenizer (not e.g. original/*.pth)
+CHECKPOINT_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken"]
 
 
 def convert_to_ladder(src: str | PathLike, dst: str | PathLike, start: int, end: int) -> Path:
     """Copy checkpoint `src` (a folder or hub id) to the new folder `dst` with layers [start, end) made ladder
     layers (added to any it already has). Refuses layers outside the model and an existing non-empty `dst`."""
-    root = resolve_checkpoint(src)
+    root = resolve_checkpoint(src, allow_patterns=CHECKPOINT_FILES)
     _, config = load_config(root)
     if not 0 <= start < end <= config.num_layers:
         raise ValueError(

@@ -474,10 +474,8 @@ class BlockSpan(nn.Module):
         comm = self.comm
         p = None if p is None else comm.ready(p)
         for slot, (i, window) in enumerate(zip(indices, windows, strict=True)):
-            block, block_cache = (
-                self.blocks[i],
-                None if cache is None else (cache.keys[slot], cache.values[slot]),
-            )
+            block = self.blocks[i]
+            block_cache = None if cache is None else (cache.keys[slot], cache.values[slot])
             if self.ladder[i]:
                 r, p = ladder_forward(block, r, p, comm, cos, sin, masks[window], block_cache, pos)
                 continue

@@ -7,8 +7,8 @@ meet in all-reduces inside it (asynchronous ones in ladder layers) and rank 0 re
 rank holds. torch.distributed with gloo on CPU, NCCL on CUDA (rank i on cuda:i).
 
 It knows nothing of sessions, the wire or the swarm: the backend decides what to run and names caches by the ids
-`open_cache` returns. Not done here yet: CUDA graphs or torch.compile of the sharded decode step, and loading only
-each rank's shard (every rank reads the whole span, then drops the rest).
+`open_cache` returns. Each rank reads the whole of one block at a time and keeps its shard. Not done here yet: CUDA
+graphs or torch.compile of the sharded decode step (models/tp.py's FunctionalComm makes it traceable).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import Tensor
 
-from swarmllm.models import KVCache, load_span
+from swarmllm.models import BlockSpan, KVCache, load_config, load_span
 from swarmllm.models.tp import TensorParallelComm, local_config, shard_span
 
 logger = logging.getLogger(__name__)
@@ -236,8 +236,22 @@ def _join(rank: int, setup: _Setup):
         world_size=setup.world,
         timeout=timedelta(seconds=STARTUP_TIMEOUT_S),
     )
-    span = load_span(setup.checkpoint, setup.start, setup.end, dtype=setup.dtype, device=device)
-    return shard_span(span, rank, setup.world, TensorParallelComm())
+    return _load_shard(setup, rank, device)
+
+
+def _load_shard(setup: _Setup, rank: int, device: torch.device) -> BlockSpan:
+    """This rank's shard of the span, read one block at a time on the CPU and sharded before it moves to
+    `device`: a rank never holds more than its shard plus one whole block."""
+    comm = TensorParallelComm()
+    _, config = load_config(setup.checkpoint)
+    with torch.device("meta"):
+        span = BlockSpan(config, setup.start, setup.end)
+    span.rotary.to(device)
+    for i in range(setup.start, setup.end):
+        block = shard_span(load_span(setup.checkpoint, i, i + 1, dtype=setup.dtype), rank, setup.world, comm)
+        span.blocks[i - setup.start] = block.blocks[0].to(device)
+    span.comm = comm
+    return span
 
 
 def _worker(rank: int, setup: _Setup) -> None:
