@@ -8,7 +8,7 @@ space: an all-reduce's wait returns no earlier than its issue time + latency (th
 Variants and latencies alternate within each repeat, so machine noise hits them alike; medians and the
 interquartile range over repeats.
 
-    python benchmarks/ladder_tp.py [--latencies-ms 0 2 5 10] [--repeats 15] [--no-record]
+    python benchmarks/ladder_tp.py [--latencies-ms 0 2 5 10] [--repeats 15] [--decode] [--no-record]
     python benchmarks/ladder_tp.py --device cuda   # NCCL, 2 GPUs (no injected latency)
 """
 
@@ -28,9 +28,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from common import append_results, markdown_table
 
-from swarmllm.models import BlockConfig, BlockSpan
+from swarmllm.models import BlockConfig, BlockSpan, KVCache
 from swarmllm.models.ladder import Comm
-from swarmllm.models.tp import TensorParallelComm, shard_span
+from swarmllm.models.tp import TensorParallelComm, local_config, shard_span
 
 VARIANTS = ("standard", "ladder", "no-comm")
 
@@ -88,6 +88,24 @@ def build(args, rank: int, world: int, ladder: bool) -> BlockSpan:
     return shard_span(span, rank, world, TensorParallelComm()).eval()
 
 
+def forward(args, device: torch.device):
+    """A forward of batch 1 x args.tokens tokens, no cache."""
+    hidden = torch.randn(1, args.tokens, args.hidden, generator=torch.Generator().manual_seed(1)).to(device)
+    return lambda span: span(hidden)
+
+
+def decode_step(args, device: torch.device):
+    """One decode step of batch 1 after args.context cached tokens (random keys and values): the serving hot path."""
+    generator = torch.Generator().manual_seed(1)
+    cache = KVCache(args.layers, 1, args.context + 1, local_config(config(args), 2), torch.float32, "cpu")
+    cache.keys.normal_(generator=generator)
+    cache.values.normal_(generator=generator)
+    keys, values = cache.keys.to(device), cache.values.to(device)
+    hidden = torch.randn(1, args.hidden, generator=generator).to(device)
+    position = torch.tensor([args.context], device=device)
+    return lambda span: span.decode(hidden, position, position, keys, values)
+
+
 def worker(rank: int, args, port: int, results) -> None:
     torch.set_num_threads(1)
     device = device_for(args, rank)
@@ -101,11 +119,11 @@ def worker(rank: int, args, port: int, results) -> None:
         world_size=2,
         timeout=timedelta(seconds=300),
     )
-    hidden = torch.randn(1, args.tokens, args.hidden, generator=torch.Generator().manual_seed(1)).to(device)
     times: dict[tuple[str, float], list[float]] = {}
     with torch.inference_mode():
         # one sharded span per architecture; each variant is a span and the comm it sums through
         standard, ladder = build(args, rank, 2, False), build(args, rank, 2, True)
+        run = decode_step(args, device) if args.decode else forward(args, device)
         variants = {("no-comm", 0.0): (standard, NoComm())}
         for latency_ms in args.latencies_ms:
             delayed = DelayedComm(latency_ms / 1000)
@@ -114,7 +132,7 @@ def worker(rank: int, args, port: int, results) -> None:
         for _ in range(args.warmup):
             for span, comm in variants.values():
                 span.comm = comm
-                span(hidden)
+                run(span)
         for _ in range(args.repeats):
             for key, (span, comm) in variants.items():
                 span.comm = comm
@@ -123,7 +141,7 @@ def worker(rank: int, args, port: int, results) -> None:
                     torch.cuda.synchronize()
                 began = time.perf_counter()
                 for _ in range(args.calls):
-                    span(hidden)
+                    run(span)
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 times.setdefault(key, []).append((time.perf_counter() - began) / args.calls)
@@ -146,6 +164,12 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--tokens", type=int, default=4, help="tokens per forward (batch 1)")
+    parser.add_argument(
+        "--decode",
+        action="store_true",
+        help="time one-token decode steps after --context cached tokens instead",
+    )
+    parser.add_argument("--context", type=int, default=128, help="cached tokens before a decode step")
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--calls", type=int, default=3, help="forwards per timed sample")
     parser.add_argument("--warmup", type=int, default=2)
@@ -192,11 +216,16 @@ def main() -> None:
     table = markdown_table(header, rows)
     cfg = config(args)
     uptime = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+    workload = (
+        f"one decode step of batch 1 after {args.context} cached tokens"
+        if args.decode
+        else f"forward of batch 1 x {args.tokens} tokens"
+    )
     notes = (
         f"TP=2 ({args.device}, {'NCCL' if args.device == 'cuda' else 'gloo on 127.0.0.1, 1 thread per rank'}); "
         f"span of {cfg.num_layers} random layers, hidden {cfg.hidden_size}, heads {cfg.num_heads}/"
-        f"{cfg.num_kv_heads} kv, MLP {cfg.intermediate_size}; forward of batch 1 x {args.tokens} tokens; "
-        f"per sample the mean of {args.calls} forwards, median and interquartile range over {args.repeats} "
+        f"{cfg.num_kv_heads} kv, MLP {cfg.intermediate_size}; {workload}; "
+        f"per sample the mean of {args.calls} calls, median and interquartile range over {args.repeats} "
         f"samples, variants alternating. Speed-up = standard / ladder; upper bound = standard / no-comm; comm "
         f"hidden = the share of standard's communication time the ladder model saves. Load average before/after: "
         f"{load_before[0]:.2f}/{load_after[0]:.2f} (`uptime` after: {uptime})."
@@ -204,7 +233,10 @@ def main() -> None:
     print(table)
     print(notes)
     if not args.no_record:
-        append_results("Ladder Residual vs standard blocks, tensor parallel over 2 processes", table, notes)
+        kind = "decode steps" if args.decode else "forwards"
+        append_results(
+            f"Ladder Residual vs standard blocks, tensor parallel over 2 processes ({kind})", table, notes
+        )
 
 
 if __name__ == "__main__":

@@ -57,6 +57,9 @@ def test_standard_tp2_equals_tp1(checkpoints):
         assert sharded.local_config.num_kv_heads == whole.config.num_kv_heads // 2
         torch.testing.assert_close(sharded.forward(hidden), whole(hidden), atol=ATOL, rtol=0)
         torch.testing.assert_close(prefill_then_decode(sharded, hidden, 5), whole(hidden), atol=ATOL, rtol=0)
+        with pytest.raises(ValueError, match="p must be None"):  # every rank refuses it, none hangs
+            sharded.forward_pair(hidden, hidden)
+        torch.testing.assert_close(sharded.forward(hidden), whole(hidden), atol=ATOL, rtol=0)
 
 
 def test_ladder_tp2_equals_the_reference_recurrence(checkpoints, tmp_path):

@@ -265,7 +265,10 @@ def _worker(rank: int, setup: _Setup) -> None:
         header = message[0]
         if header["op"] == "stop":
             break
-        _run(span, caches, setup, header, _receive(header, device))
+        try:
+            _run(span, caches, setup, header, _receive(header, device))
+        except Exception:  # noqa: BLE001 - rank 0 meets the same error in the same place and reports it
+            logger.debug("rank %d: command %s failed", rank, header["op"], exc_info=True)
     dist.destroy_process_group()
 
 
