@@ -4,12 +4,18 @@ from __future__ import annotations
 
 from swarmllm.version import __version__
 
-__all__ = ["AutoDistributedModelForCausalLM", "DistributedModelForCausalLM", "__version__"]
+_MODELS = (
+    "AutoDistributedModelForCausalLM",
+    "AutoDistributedModelForSequenceClassification",
+    "DistributedModelForCausalLM",
+    "DistributedModelForSequenceClassification",
+)
+__all__ = [*_MODELS, "__version__"]
 
 
 def __getattr__(name: str):
     # Lazy, so `swarmllm dht` and other light commands don't pay for importing transformers.
-    if name in ("AutoDistributedModelForCausalLM", "DistributedModelForCausalLM"):
+    if name in _MODELS:
         from swarmllm.client import model
 
         return getattr(model, name)

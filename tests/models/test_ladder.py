@@ -264,3 +264,43 @@ def test_retrain_command_reports_three_perplexities_and_writes_the_weights(check
     assert "step 6/6" in out
     after = load_causal_lm(path).state_dict()["span.blocks.3.mlp.down_proj.weight"]
     assert not torch.equal(before, after)
+
+
+def test_lora_and_deep_prompts_reach_ladder_layers(ladder_checkpoints):
+    """A request's LoRA on every projection equals the same span with the update merged into its weights, in
+    forward and decode; a deep prompt before a ladder layer equals adding it to the stream by hand."""
+    from swarmllm.models.llama import BlockLora, Lora
+
+    path = ladder_checkpoints("qwen2", "mixed")
+    span, merged = load_span(path, 0, 4), load_span(path, 0, 4)
+    generator = torch.Generator().manual_seed(6)
+    loras = []
+    for block, target in zip(span.blocks, merged.blocks, strict=True):
+        parts = {}
+        for name, module, merged_module in (
+            ("qkv_proj", block.self_attn.qkv_proj, target.self_attn.qkv_proj),
+            ("o_proj", block.self_attn.o_proj, target.self_attn.o_proj),
+            ("gate_up_proj", block.mlp.gate_up_proj, target.mlp.gate_up_proj),
+            ("down_proj", block.mlp.down_proj, target.mlp.down_proj),
+        ):
+            down = torch.randn(2, module.in_features, generator=generator) * 0.1
+            up = torch.randn(module.out_features, 2, generator=generator) * 0.1
+            parts[name] = Lora(down, up, (2,))
+            merged_module.weight += up @ down
+        loras.append(BlockLora(**parts))
+    hidden = torch.randn(1, 6, span.config.hidden_size, generator=generator)
+    want = merged(hidden)
+    torch.testing.assert_close(span(hidden, lora=loras), want, atol=1e-5, rtol=0)
+    cache = KVCache(4, 1, 6, span.config, torch.float32, "cpu")
+    span(hidden[:, :5], cache=cache, lora=loras)
+    step = span.decode(
+        hidden[:, 5], torch.tensor([5]), torch.tensor([5]), cache.keys, cache.values, lora=loras
+    )
+    torch.testing.assert_close(step, want[:, 5], atol=1e-5, rtol=0)
+
+    prompts = torch.zeros(4, 1, 2, span.config.hidden_size)
+    prompts[2] = torch.randn(1, 2, span.config.hidden_size, generator=generator)  # before ladder layer 2
+    first, second = load_span(path, 0, 2), load_span(path, 2, 4)
+    r, p = first.forward_pair(hidden, None)
+    r = torch.cat([r[:, :2] + prompts[2], r[:, 2:]], dim=1)
+    torch.testing.assert_close(span(hidden, prompts=prompts), second.forward_pair(r, p)[0], atol=1e-5, rtol=0)

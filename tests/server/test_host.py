@@ -1,10 +1,13 @@
-"""Servers sharing a host split its cores: the registry of CPU servers, and two real servers started with
-default flags."""
+"""Servers sharing a host split its cores: the registry of CPU servers, two real servers started with default
+flags, and OpenMP workers that sleep soon instead of spinning on a shared core."""
 
+import os
 import re
 import subprocess
+import sys
 import time
 
+from swarmllm.cli import SERVER_OMP_SPINCOUNT
 from swarmllm.local import LocalSwarm
 from swarmllm.server.host import HostShare, host_cores, threads_per_server
 
@@ -55,3 +58,22 @@ def test_servers_started_with_default_flags_share_the_cores(llama_checkpoint):
                     break
                 time.sleep(0.2)
             assert int(measured[-1].group(1)) == threads
+
+
+def _spincount_seen_by_serve(env: dict[str, str]) -> str:
+    """GOMP_SPINCOUNT as `swarmllm serve` leaves it, in a fresh interpreter (it exits early: no peers given)."""
+    code = (
+        "import os, sys\n"
+        "from swarmllm import cli\n"
+        "assert cli.main(['serve', 'some-model']) == 2\n"
+        "import torch\n"  # what the server's torch would read
+        "print(os.environ.get('GOMP_SPINCOUNT'))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    return out.stdout.strip()
+
+
+def test_serve_shortens_openmp_spinning_unless_the_operator_chose():
+    env = {k: v for k, v in os.environ.items() if k != "GOMP_SPINCOUNT"}
+    assert _spincount_seen_by_serve(env) == SERVER_OMP_SPINCOUNT
+    assert _spincount_seen_by_serve({**env, "GOMP_SPINCOUNT": "5"}) == "5"

@@ -17,6 +17,7 @@ import torch
 
 from swarmllm.client.replies import BadReplyError, reply_step, step_reply
 from swarmllm.client.routing import Hop
+from swarmllm.client.tuning import NO_TUNING, Tuning
 from swarmllm.wire import Connection, Stream, WireError
 from swarmllm.wire.messages import OpenSession, Repoint, Step, StepReply
 
@@ -73,8 +74,16 @@ class History:
 class HopSession:
     """Blocks [start, end) of one session on one server."""
 
-    def __init__(self, hop: Hop, batch_size: int, max_length: int, accept_push_from: str | None):
+    def __init__(
+        self,
+        hop: Hop,
+        batch_size: int,
+        max_length: int,
+        accept_push_from: str | None,
+        tuning: Tuning = NO_TUNING,
+    ):
         self.hop = hop
+        self.tuning = tuning  # the session's adapter and deep prompts (this hop sends its blocks' share)
         self.batch_size = batch_size
         self.max_length = max_length
         self.accept_push_from = accept_push_from
@@ -100,7 +109,13 @@ class HopSession:
 
     async def open(self, conn: Connection, timeout_s: float) -> None:
         opening = OpenSession(
-            self.start, self.end, self.batch_size, self.max_length, self.session_id, self.accept_push_from
+            self.start,
+            self.end,
+            self.batch_size,
+            self.max_length,
+            self.session_id,
+            self.accept_push_from,
+            self.tuning.adapter,
         )
         self._stream = await conn.open_stream("inference", opening.to_message(), timeout=timeout_s)
 
@@ -134,7 +149,10 @@ class HopSession:
         try:
             async with asyncio.timeout(timeout_s):
                 for e in entries:
-                    await self.send(Step(e.position, e.hidden, e.key_mask, step=0), timeout_s)
+                    prompts = self.prompts(e.position, e.hidden.shape[1])
+                    await self.send(
+                        Step(e.position, e.hidden, e.key_mask, step=0, prompts=prompts), timeout_s
+                    )
                 outputs = [
                     KeptInput(
                         e.position, (await self.recv(0, e.hidden, timeout_s, e.position)).hidden, e.key_mask
@@ -148,6 +166,10 @@ class HopSession:
             ) from None
         self.history = History(entries)
         return outputs
+
+    def prompts(self, position: int, length: int) -> torch.Tensor | None:
+        """This hop's deep prompts for tokens [position, position + length), if any are prompt positions."""
+        return self.tuning.hop_prompts(self.start, self.end, position, length)
 
     async def repoint(self, accept_push_from: str, timeout_s: float) -> None:
         """The previous hop was replaced: accept pushes from its replacement."""

@@ -1,10 +1,18 @@
-"""The user-facing model: embeddings, final norm and LM head held locally, every block served by the swarm.
+"""The user-facing models: embeddings, final norm and LM head held locally, every block served by the swarm.
 
-It is a `transformers` PreTrainedModel with GenerationMixin, so `generate()` brings greedy and sampled decoding,
-stopping criteria, streamers and padded batches as users know them. Generation runs with transformers' own cache
-off: the KV cache lives on the servers, in an `InferenceSession`; each forward call sends only the tokens the
-session has not seen yet (the longest common prefix with what it holds is reused, so a chat that resends the
-whole conversation costs only its new turn).
+`DistributedModelForCausalLM` is a `transformers` PreTrainedModel with GenerationMixin, so `generate()` brings
+greedy and sampled decoding, stopping criteria, streamers and padded batches as users know them. Generation runs
+with transformers' own cache off: the KV cache lives on the servers, in an `InferenceSession`; each forward call
+sends only the tokens the session has not seen yet (the longest common prefix with what it holds is reused, so a
+chat that resends the whole conversation costs only its new turn).
+
+Fine-tuning (`client.remote`): `tuning_mode="ptune" | "deep_ptune"` with `pre_seq_len=N` holds trainable prompts
+(positions 0..N-1, before the input; logits and loss cover the input tokens only, and `generate` prepends them
+once); `add_adapter(peft.LoraConfig(...))` a trainable LoRA adapter for every block, which servers apply to this
+client's requests only. The client's own weights are frozen unless the user unfreezes them. `save_pretrained`
+writes a PEFT adapter folder (and the client-side trainable tensors, if any); `load_adapter` reads one back.
+`active_adapter=NAME` uses an adapter the servers host instead (routing only via servers that announce it).
+`DistributedModelForSequenceClassification` puts a trainable classification head over the same blocks.
 """
 
 from __future__ import annotations
@@ -12,37 +20,46 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
-from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.modeling_outputs import CausalLMOutputWithPast, SequenceClassifierOutput
 
 from swarmllm.client.loop import run_sync
+from swarmllm.client.remote import PromptTuning, RemoteLora, run_blocks
 from swarmllm.client.session import InferenceSession
 from swarmllm.client.swarm import SwarmClient
+from swarmllm.client.tuning import Tuning
 from swarmllm.dht.records import dht_prefix_for
-from swarmllm.models import ClientHead, load_client_head
+from swarmllm.models import BlockConfig, ClientHead, load_client_head
+from swarmllm.models.lora import CONFIG_FILE, LoraSettings, read_peft_adapter, write_peft_adapter
 
 logger = logging.getLogger(__name__)
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+TUNING_MODES = ("ptune", "deep_ptune")
+CLIENT_WEIGHTS_FILE = "client_weights.safetensors"  # trainable tensors the client holds (prompts, a head)
 
 
 class RemoteSession:
-    """A user's handle on an inference session, plus the tokens it holds (for prefix reuse)."""
+    """A user's handle on an inference session, plus the tokens it holds (for prefix reuse). With prompts, the
+    servers hold N more positions before the tokens: `position` counts tokens only."""
 
-    def __init__(self, session: InferenceSession):
+    def __init__(self, session: InferenceSession, prompt_length: int = 0):
         self.session = session
+        self.prompt_length = prompt_length
         self.input_ids: torch.Tensor | None = None  # [batch, position]
         self.attention_mask: torch.Tensor | None = None
 
     @property
     def position(self) -> int:
-        return self.session.position
+        return max(self.session.position - self.prompt_length, 0)
 
     @property
     def max_length(self) -> int:
-        return self.session.max_length
+        return self.session.max_length - self.prompt_length
 
     def reusable_prefix(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> int:
         """How many leading tokens of `input_ids` the servers already hold."""
@@ -60,17 +77,24 @@ class RemoteSession:
         return int(mismatch[0]) if len(mismatch) else n
 
 
-class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
+class DistributedModel(PreTrainedModel):
+    """What every distributed model shares: the local head, the swarm, prompts and adapters."""
+
     config_class = PretrainedConfig
     base_model_prefix = "head"
     main_input_name = "input_ids"
 
-    def __init__(self, config: PretrainedConfig, head: ClientHead, swarm: SwarmClient):
+    def __init__(
+        self, config: PretrainedConfig, head: ClientHead, swarm: SwarmClient, name_or_path: str = ""
+    ):
         super().__init__(config)
-        self.head = head
+        self.head = head.requires_grad_(False)  # frozen unless the user unfreezes it
         self.swarm = swarm
+        self.name_or_path = name_or_path
+        self.block_config = BlockConfig.from_hf(config)
+        self.ptune: PromptTuning | None = None
+        self.lora: RemoteLora | None = None
         self._active: RemoteSession | None = None
-        self.generation_config.use_cache = False  # the cache is on the servers, see the module docstring
 
     @classmethod
     def from_pretrained(
@@ -81,47 +105,130 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         dht_prefix: str | None = None,
         dtype: torch.dtype = torch.float32,
         device: str | torch.device = "cpu",
-        **swarm_options,
-    ) -> DistributedModelForCausalLM:
+        tuning_mode: str | None = None,
+        pre_seq_len: int = 0,
+        active_adapter: str | None = None,
+        **options,
+    ):
         """Load the local parts of a model (hub id or local folder) and join the swarm serving its blocks.
 
-        ``swarm_key=FILE`` joins a private swarm (the file its servers were started with ``--swarm-key``); the
-        other ``swarm_options`` go to `SwarmClient`."""
+        ``swarm_key=FILE`` joins a private swarm (the file its servers were started with ``--swarm-key``);
+        ``tuning_mode`` ("ptune" or "deep_ptune") with ``pre_seq_len`` adds trainable prompts;
+        ``active_adapter`` uses a LoRA adapter the servers host (``swarmllm serve --adapters``). The other
+        options go to `SwarmClient` (and ``num_labels`` to a classification model)."""
         hf_config, head = load_client_head(name_or_path, dtype=dtype, device=device)
         if hf_config.model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(
                 f"model type {hf_config.model_type!r} is not supported ({SUPPORTED_MODEL_TYPES})"
             )
+        if tuning_mode not in (None, *TUNING_MODES):
+            raise ValueError(f"tuning_mode must be one of {TUNING_MODES} or None, got {tuning_mode!r}")
+        if "num_labels" in options:
+            hf_config.num_labels = options.pop("num_labels")
         swarm = SwarmClient(
             initial_peers,
             dht_prefix or dht_prefix_for(name_or_path),
             hf_config.num_hidden_layers,
-            **swarm_options,
+            active_adapter=active_adapter,
+            **options,
         )
         run_sync(swarm.start())
-        model = cls(hf_config, head, swarm)
-        with contextlib.suppress(OSError, ValueError):
-            model.generation_config = model.generation_config.from_pretrained(name_or_path)
-            model.generation_config.use_cache = False
+        model = cls(hf_config, head, swarm, str(name_or_path))
+        if tuning_mode is not None:
+            std = getattr(hf_config, "initializer_range", 0.02)
+            model.ptune = PromptTuning(model.block_config, pre_seq_len, tuning_mode == "deep_ptune", std)
+            model.ptune.to(device)
+        if isinstance(model, GenerationMixin):
+            with contextlib.suppress(OSError, ValueError):
+                model.generation_config = model.generation_config.from_pretrained(name_or_path)
+            model.generation_config.use_cache = False  # the cache is on the servers
         return model.eval()
 
-    def get_input_embeddings(self) -> torch.nn.Module:
-        return self.head.embed_tokens
+    @property
+    def prompt_length(self) -> int:
+        return 0 if self.ptune is None else self.ptune.length
 
-    def get_output_embeddings(self) -> torch.nn.Module:
-        return self.head.lm_head
+    def add_adapter(self, adapter_config, adapter_name: str | None = None) -> None:
+        """A trainable LoRA adapter for every remote block (a `peft.LoraConfig`): its A/B matrices live here,
+        and the servers apply them to this client's requests only."""
+        if self.lora is not None:
+            raise ValueError("this model already has an adapter")
+        if self.swarm.active_adapter is not None:
+            raise ValueError(f"this model uses the hosted adapter {self.swarm.active_adapter!r}")
+        settings = LoraSettings.from_peft(adapter_config)
+        self.lora = RemoteLora(self.block_config, settings, adapter_name)
+
+    def save_pretrained(self, save_directory: str | Path, **_) -> None:
+        """A standard PEFT adapter folder for the LoRA adapter (what `peft.PeftModel.from_pretrained` loads onto
+        the local transformers model), plus the client-side trainable tensors (prompts, a head) if any."""
+        path = Path(save_directory)
+        path.mkdir(parents=True, exist_ok=True)
+        if self.lora is not None:
+            write_peft_adapter(path, self.lora.settings, self.lora.tensors(), self.name_or_path)
+        own = {n: p.detach().contiguous() for n, p in self.named_parameters() if p.requires_grad}
+        own = {n: p for n, p in own.items() if not n.startswith("lora.")}
+        if own:
+            save_file(own, path / CLIENT_WEIGHTS_FILE)
+        if self.lora is None and not own:
+            raise ValueError("nothing to save: the model has no adapter and no trainable parameters")
+
+    def load_adapter(self, path: str | Path, adapter_name: str | None = None) -> None:
+        """Load what `save_pretrained` wrote (a PEFT LoRA folder, and client-side tensors if present)."""
+        path = Path(path)
+        if (path / CONFIG_FILE).exists():
+            settings, tensors = read_peft_adapter(path, self.block_config)
+            if self.lora is None or self.lora.settings != settings:
+                self.lora = None
+                self.add_adapter(settings.to_peft_dict(), adapter_name)
+            self.lora.load_tensors(tensors)
+        if (path / CLIENT_WEIGHTS_FILE).exists():
+            params = dict(self.named_parameters())
+            with torch.no_grad():
+                for name, tensor in load_file(path / CLIENT_WEIGHTS_FILE).items():
+                    if name not in params or params[name].shape != tensor.shape:
+                        raise ValueError(f"{path}: {name} does not fit this model")
+                    params[name].copy_(tensor)
+
+    def _blocks(self, embeds: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """The input's hidden states after every block (prompts prepended, and cut off again)."""
+        mask = None if attention_mask is None else attention_mask.bool()
+        if self.ptune is not None:
+            embeds = self.ptune.prepend(embeds)
+            if mask is not None:
+                mask = torch.cat([mask.new_ones(mask.shape[0], self.prompt_length), mask], dim=1)
+        key_mask = None if mask is None or bool(mask.all()) else mask
+        hidden = run_blocks(self.swarm, embeds, key_mask, self.ptune, self.lora, self.training)
+        return hidden[:, self.prompt_length :]
+
+    def _session_tuning(self) -> Tuning:
+        deep = None if self.ptune is None or self.ptune.deep is None else self.ptune.deep.detach()[:, None]
+        weights = None if self.lora is None else self.lora.snapshot()
+        return Tuning(deep, self.swarm.active_adapter, weights)
 
     @contextlib.contextmanager
     def inference_session(self, max_length: int) -> Iterator[RemoteSession]:
-        """Keep server caches across calls: every `generate` / forward inside reuses this session."""
+        """Keep server caches across calls: every `generate` / forward inside reuses this session. The prompts and
+        adapter are those of when it opens."""
         if self._active is not None:
             raise RuntimeError("an inference session is already active on this model")
-        self._active = RemoteSession(InferenceSession(self.swarm, max_length))
+        n = self.prompt_length
+        self._active = RemoteSession(InferenceSession(self.swarm, max_length + n, self._session_tuning()), n)
         try:
             yield self._active
         finally:
             session, self._active = self._active, None
             run_sync(session.session.close())
+
+    def shutdown(self) -> None:
+        run_sync(self.swarm.shutdown())
+
+
+class DistributedModelForCausalLM(DistributedModel, GenerationMixin):
+    def get_input_embeddings(self) -> torch.nn.Module:
+        return self.head.embed_tokens
+
+    def get_output_embeddings(self) -> torch.nn.Module:
+        return self.head.lm_head
 
     @torch.no_grad()
     def generate(self, inputs: torch.Tensor | None = None, *args, **kwargs):
@@ -151,13 +258,13 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         labels: torch.Tensor | None = None,
         **_: object,
     ) -> CausalLMOutputWithPast:
-        """Logits of the tokens sent: all of them without a session; inside one, only those it had not seen."""
+        """Logits of the tokens sent: all of them without a session; inside one, only those it had not seen.
+        Differentiable in whatever requires grad (prompts, the adapter, unfrozen local weights)."""
         if self._active is not None and input_ids is not None:
             hidden = self._session_forward(input_ids, attention_mask)
         else:
-            hidden = self.head.embed(input_ids) if inputs_embeds is None else inputs_embeds
-            mask = None if attention_mask is None or bool(attention_mask.all()) else attention_mask.bool()
-            hidden = run_sync(self.swarm.forward(hidden, mask))
+            embeds = self.head.embed(input_ids) if inputs_embeds is None else inputs_embeds
+            hidden = self._blocks(embeds, attention_mask)
         weight = self.head.lm_head.weight
         logits = self.head.logits(hidden.to(weight.device, weight.dtype))
         loss = None
@@ -168,20 +275,60 @@ class DistributedModelForCausalLM(PreTrainedModel, GenerationMixin):
         return CausalLMOutputWithPast(loss=loss, logits=logits)
 
     def _session_forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-        active = self._active
+        active, n = self._active, self.prompt_length
         mask = (
             torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
         )
         start = min(active.reusable_prefix(input_ids, mask), input_ids.shape[1] - 1)
         new_mask = mask[:, start:]
         hidden = self.head.embed(input_ids[:, start:])
+        if n and start == 0:  # the prompts go first, once
+            hidden = self.ptune.prepend(hidden)
+            new_mask = torch.cat([new_mask.new_ones(new_mask.shape[0], n), new_mask], dim=1)
         padded = not bool(mask.all())
-        out = run_sync(active.session.step(hidden, new_mask if padded else None, position=start))
+        position = start + n if start else 0
+        out = run_sync(active.session.step(hidden, new_mask if padded else None, position=position))
         active.input_ids, active.attention_mask = input_ids, mask
-        return out
+        return out[:, n:] if n and start == 0 else out
 
-    def shutdown(self) -> None:
-        run_sync(self.swarm.shutdown())
+
+class DistributedModelForSequenceClassification(DistributedModel):
+    """Classification over the swarm's blocks: the final norm's output at each sequence's last real token,
+    through a linear `score` head held (and trained) by the client."""
+
+    def __init__(
+        self, config: PretrainedConfig, head: ClientHead, swarm: SwarmClient, name_or_path: str = ""
+    ):
+        super().__init__(config, head, swarm, name_or_path)
+        self.num_labels = config.num_labels
+        self.score = torch.nn.Linear(config.hidden_size, config.num_labels, bias=False)
+        torch.nn.init.normal_(self.score.weight, std=getattr(config, "initializer_range", 0.02))
+        self.score.to(head.lm_head.weight.device)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        **_: object,
+    ) -> SequenceClassifierOutput:
+        embeds = self.head.embed(input_ids) if inputs_embeds is None else inputs_embeds
+        hidden = self.head.norm(self._blocks(embeds, attention_mask))
+        if attention_mask is None:
+            last = torch.full((hidden.shape[0],), hidden.shape[1] - 1, device=hidden.device)
+        else:  # the rightmost real token (left or right padding alike)
+            positions = torch.arange(hidden.shape[1], device=hidden.device)
+            last = (attention_mask.bool() * positions).argmax(-1)
+        pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+        logits = self.score(pooled.to(self.score.weight.dtype))
+        loss = None
+        if labels is not None:
+            if self.num_labels == 1:
+                loss = torch.nn.functional.mse_loss(logits.squeeze(-1).float(), labels.float())
+            else:
+                loss = torch.nn.functional.cross_entropy(logits.float(), labels)
+        return SequenceClassifierOutput(loss=loss, logits=logits)
 
 
 class AutoDistributedModelForCausalLM:
@@ -190,3 +337,9 @@ class AutoDistributedModelForCausalLM:
     @staticmethod
     def from_pretrained(name_or_path: str, **kwargs) -> DistributedModelForCausalLM:
         return DistributedModelForCausalLM.from_pretrained(name_or_path, **kwargs)
+
+
+class AutoDistributedModelForSequenceClassification:
+    @staticmethod
+    def from_pretrained(name_or_path: str, **kwargs) -> DistributedModelForSequenceClassification:
+        return DistributedModelForSequenceClassification.from_pretrained(name_or_path, **kwargs)

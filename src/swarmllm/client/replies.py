@@ -10,8 +10,8 @@ import math
 
 import torch
 
-from swarmllm.wire import Message
-from swarmllm.wire.messages import StepReply
+from swarmllm.wire import Message, RequestError
+from swarmllm.wire.messages import BackwardReply, StepReply
 from swarmllm.wire.validation import FLOAT_DTYPES, all_finite
 
 
@@ -46,6 +46,32 @@ def checked_hidden(tensors: list[torch.Tensor], peer_id: str, sent: torch.Tensor
     if not all_finite(hidden):
         raise BadReplyError(peer_id, "NaN or infinity")
     return hidden
+
+
+def checked_gradients(
+    message: Message,
+    peer_id: str,
+    hidden: torch.Tensor,
+    prompts: torch.Tensor | None,
+    lora_shapes: dict[str, tuple[int, ...]] | None,
+) -> BackwardReply:
+    """A backward's reply: gradients of the shapes sent, finite, and, when `lora_shapes` asks for them, of
+    exactly those adapter tensors."""
+    try:
+        reply = BackwardReply.parse(message)
+    except RequestError as e:
+        raise BadReplyError(peer_id, e.message) from None
+    checked_hidden([reply.grad_hidden], peer_id, hidden)
+    if (prompts is None) != (reply.grad_prompts is None):
+        raise BadReplyError(peer_id, "prompt gradients do not match the prompts sent")
+    if prompts is not None:
+        checked_hidden([reply.grad_prompts], peer_id, prompts)
+    got = {name: tuple(t.shape) for name, t in reply.grad_lora.items()}
+    if got != (lora_shapes or {}):
+        raise BadReplyError(peer_id, f"adapter gradients {sorted(got)[:3]} are not those asked for")
+    if any(t.dtype not in FLOAT_DTYPES or not all_finite(t) for t in reply.grad_lora.values()):
+        raise BadReplyError(peer_id, "adapter gradients with NaN, infinity or no float dtype")
+    return reply
 
 
 def _is_int(value: object) -> bool:

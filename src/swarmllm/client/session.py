@@ -34,6 +34,7 @@ from swarmllm.client.hop import History, HopSession, KeptInput
 from swarmllm.client.replies import CorruptOutputError
 from swarmllm.client.routing import Hop
 from swarmllm.client.swarm import HOP_FAILURES, SpotCheck, SwarmClient, corrupt_output_error, describe
+from swarmllm.client.tuning import NO_TUNING, Tuning
 from swarmllm.client.verify import should_check
 from swarmllm.wire import RemoteError
 from swarmllm.wire.messages import PushTarget, Step
@@ -69,10 +70,11 @@ class Failover:
 
 
 class InferenceSession:
-    def __init__(self, swarm: SwarmClient, max_length: int):
+    def __init__(self, swarm: SwarmClient, max_length: int, tuning: Tuning = NO_TUNING):
         if max_length < 1:
             raise ValueError(f"max_length must be positive, got {max_length}")
         self.swarm = swarm
+        self.tuning = tuning.for_inference()  # an adapter for every hop, deep prompts for positions 0..N-1
         self.max_length = max_length
         self.position = 0
         self.batch_size: int | None = None
@@ -131,8 +133,15 @@ class InferenceSession:
                     inputs.append(hidden)
                     # a server pushes only into sessions that have answered once: a push that outruns the
                     # opening of the next session (another connection) would find no session and cost a
-                    # fallback round trip
-                    pushing = self.swarm.push and i + 1 < len(self._hops) and self._hops[i + 1].answered
+                    # fallback round trip; and not steps with deep prompts (each hop has its own)
+                    prompts = hop.prompts(position, hidden.shape[1])
+                    pushing = (
+                        self.swarm.push
+                        and i + 1 < len(self._hops)
+                        and self._hops[i + 1].answered
+                        and self.tuning.hop_prompts(0, self.swarm.num_blocks, position, hidden.shape[1])
+                        is None
+                    )
                     tokens = hidden.shape[0] * hidden.shape[1]
                     deadline = self.swarm.deadline_s(hop.hop, tokens, decode=hidden.shape[1] == 1)
                     try:
@@ -146,7 +155,13 @@ class InferenceSession:
                                 else []
                             )
                             step = Step(
-                                position, hidden, key_mask, self._steps, chain, self.swarm.push_timeout_s
+                                position,
+                                hidden,
+                                key_mask,
+                                self._steps,
+                                chain,
+                                self.swarm.push_timeout_s,
+                                prompts=prompts,
                             )
                             await hop.send(step, deadline)
                         # a pushing server may spend up to push_timeout_s on its push before it replies
@@ -189,7 +204,7 @@ class InferenceSession:
         if not should_check(swarm.spot_rng, swarm.spot_check_fraction):
             return None
         hidden, key_mask = _concat(hop.history)
-        return asyncio.ensure_future(swarm.spot_check(hop.hop, hidden, key_mask, output))
+        return asyncio.ensure_future(swarm.spot_check(hop.hop, hidden, key_mask, output, self.tuning))
 
     async def _first_wrong(
         self, checks: list[tuple[HopSession, asyncio.Future[SpotCheck]]]
@@ -236,9 +251,15 @@ class InferenceSession:
                     previous = new[-1].peer_id if new else accept_from
                     new.append(
                         HopSession(
-                            hop, self.batch_size, self.max_length, previous if self.swarm.push else None
+                            hop,
+                            self.batch_size,
+                            self.max_length,
+                            previous if self.swarm.push else None,
+                            self.tuning,
                         )
                     )
+                    if self.tuning.weights is not None:
+                        await self.swarm.uploads.ensure(hop.peer_id, self.tuning.weights)
                     await new[-1].open(await self.swarm.connection(hop.peer_id), self.swarm.connect_timeout_s)
                     if x:
                         tokens = sum(e.hidden.shape[0] * e.hidden.shape[1] for e in x)

@@ -7,6 +7,14 @@ relays. Servers that fail a request are banned for a while (`health.Bans`) and r
 have no usable server, routing waits for one up to `missing_blocks_timeout_s`. Routing uses each server's
 announced speed capped by the speed this client measured (`health.Speeds`).
 
+Fine-tuning (`train_forward` / `train_backward`, driven by `client.remote`'s autograd function): a batch is cut
+into micro-batches of rows that go through the chain concurrently (server 2 works on one while server 1 computes
+the next); each keeps every hop's input, and the backward walks the same hops in reverse, asking each server for
+the gradients of its span. A failed hop is retried on another server of its blocks (in the backward, the new
+servers' inputs are recomputed from the kept input first). Requests carry the client's `Tuning` (deep prompts, an
+adapter, dropout seed); a client adapter is uploaded to each server once per version (`client.tuning`). With
+`active_adapter` (a name servers host), routing uses only servers that announce it.
+
 Spot checks (`spot_check`): a random `spot_check_fraction` of hop computations (a session's steps, a batch
 forward's hops) is computed again by other servers holding the same blocks, from the same inputs, and compared
 (`client.verify`); on a disagreement a third opinion decides, the server(s) in the minority are banned for
@@ -34,10 +42,12 @@ from swarmllm.client.replies import (
     BadReplyError,
     CorruptOutputError,
     SessionError,
+    checked_gradients,
     checked_hidden,
     step_reply,
 )
 from swarmllm.client.routing import Hop, MissingBlocksError, cap_throughput, route_forward, route_inference
+from swarmllm.client.tuning import NO_TUNING, AdapterUploads, Tuning
 from swarmllm.client.verify import judge, mismatch, should_check, tolerance
 from swarmllm.dht import ServerInfo, ServerState, find_servers, start_dht
 from swarmllm.wire import (
@@ -51,7 +61,7 @@ from swarmllm.wire import (
     WireError,
     load_swarm_key,
 )
-from swarmllm.wire.messages import ForwardRequest, OpenSession, Step
+from swarmllm.wire.messages import BackwardReply, BackwardRequest, ForwardRequest, OpenSession, Step
 from swarmllm.wire.pool import ConnectionPool
 
 if TYPE_CHECKING:
@@ -132,6 +142,8 @@ class SwarmClient:
         min_chunk_s: float = 0.02,
         spot_check_fraction: float = 0.05,
         spot_check_seed: int | None = None,
+        active_adapter: str | None = None,
+        max_micro_batches: int = 4,
     ):
         self.initial_peers = list(initial_peers)
         self.dht_prefix = dht_prefix
@@ -175,6 +187,9 @@ class SwarmClient:
             swarm_key=self.swarm_key,
         )
         self.rtt_s: dict[str, float] = {}
+        self.active_adapter = active_adapter  # a hosted adapter: only servers announcing it are used
+        self.uploads = AdapterUploads(self)
+        self.max_micro_batches = max_micro_batches  # in flight at once in a training forward/backward
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -187,6 +202,7 @@ class SwarmClient:
         self.pool.p2p = await self.dht.replicate_p2p()
 
     async def shutdown(self) -> None:
+        await self.uploads.close()
         await self.pool.close()
         if self.pool.p2p is not None:
             await self.pool.p2p.shutdown()
@@ -277,7 +293,7 @@ class SwarmClient:
                 [s for s in servers if s.state == ServerState.ONLINE and s.peer_id not in banned]
             )
             banned = self.bans.banned(time.monotonic())
-            usable = self._capped([s for s in servers if s.peer_id not in banned])
+            usable = self._capped([s for s in servers if s.peer_id not in banned and self._serves_adapter(s)])
             try:
                 return plan(usable)
             except MissingBlocksError as e:
@@ -287,6 +303,8 @@ class SwarmClient:
                     held = [s for s in servers if s.peer_id in banned and s.state == ServerState.ONLINE]
                     held = [s for s in held if any(s.start_block <= b < s.end_block for b in e.missing)]
                     detail = f" that works ({len(held)} failed this client and are banned)" if held else ""
+                    if self.active_adapter is not None:
+                        detail += f" and announces adapter {self.active_adapter!r}"
                     if not servers:  # e.g. a private swarm's records, which only its members can read
                         detail = (
                             " (no server of this model was found at all: check initial_peers, the model's name, "
@@ -298,6 +316,9 @@ class SwarmClient:
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, MAX_ROUTE_RETRY_S)
                 attempt += 1
+
+    def _serves_adapter(self, server: ServerInfo) -> bool:
+        return self.active_adapter is None or self.active_adapter in server.adapters
 
     async def _take_back(self, servers: list[ServerInfo], missing: list[int]) -> bool:
         """Ping the servers banned for not answering that hold missing blocks; lift the bans of those that
@@ -342,7 +363,9 @@ class SwarmClient:
         deadline = step_deadline_s(tokens, hop.end - hop.start, rate, floor_s=floor_s)
         return min(deadline, self.request_timeout_s)
 
-    async def forward(self, hidden: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+    async def forward(
+        self, hidden: torch.Tensor, key_mask: torch.Tensor | None = None, tuning: Tuning = NO_TUNING
+    ) -> torch.Tensor:
         """Hidden states through every block, spread over servers by throughput; a server that fails is banned
         and its part computed again elsewhere.
 
@@ -352,6 +375,7 @@ class SwarmClient:
         pipeline on a new route. An input of one chunk, or one that finds no cache room, goes hop by hop
         through plain `forward` calls, and a failed hop is retried on another server from its own input.
         A spot check that finds a hop's output wrong makes the forward start again from that hop's input.
+        `tuning`: deep prompts and an adapter for this request.
         """
         batch, length = hidden.shape[:2]
         failure: BaseException | None = None
@@ -362,7 +386,7 @@ class SwarmClient:
                 break
             chunk = -(-length // -(-length // chunk))  # as many chunks as needed, all of about the same size
             try:
-                outputs = await self._pipelined_forward(hops, hidden, key_mask, chunk)
+                outputs = await self._pipelined_forward(hops, hidden, key_mask, chunk, tuning)
             except HopFailed as e:
                 # no room for the temporary sessions (the whole cache, or this client's share of it): go hop
                 # by hop through plain forwards, which hold no cache
@@ -373,7 +397,7 @@ class SwarmClient:
                 failure = e.cause
                 continue
             inputs = [hidden, *outputs[:-1]]
-            checks = [self._maybe_check(h, x, key_mask, y) for h, x, y in zip(hops, inputs, outputs)]
+            checks = [self._maybe_check(h, x, key_mask, y, tuning) for h, x, y in zip(hops, inputs, outputs)]
             if (wrong := await self._first_wrong(checks)) is None:
                 return outputs[-1]
             failure = wrong[1]
@@ -385,13 +409,13 @@ class SwarmClient:
 
             hop = (await self.route(plan, failure=failure))[0]
             try:
-                out = await self._forward_hop(hop, inputs[boundary], key_mask)
+                out = await self._forward_hop(hop, inputs[boundary], key_mask, tuning)
             except HopFailed as e:
                 logger.warning("%s; computing its blocks on another server", e)
                 self.ban(hop.peer_id, e.cause)
                 failure = e.cause
                 continue
-            checks.append(self._maybe_check(hop, inputs[boundary], key_mask, out))
+            checks.append(self._maybe_check(hop, inputs[boundary], key_mask, out, tuning))
             boundary, inputs[hop.end] = hop.end, out
             if boundary == self.num_blocks and (wrong := await self._first_wrong(checks)) is not None:
                 (boundary, failure), checks = (
@@ -401,13 +425,18 @@ class SwarmClient:
         return inputs[self.num_blocks]
 
     def _maybe_check(
-        self, hop: Hop, hidden: torch.Tensor, key_mask: torch.Tensor | None, output: torch.Tensor
+        self,
+        hop: Hop,
+        hidden: torch.Tensor,
+        key_mask: torch.Tensor | None,
+        output: torch.Tensor,
+        tuning: Tuning = NO_TUNING,
     ) -> tuple[Hop, asyncio.Task[SpotCheck] | None]:
         """Start a spot check of `hop` (output `output` for the last positions of `hidden`) with probability
         `spot_check_fraction`; it runs while the caller goes on."""
         if not should_check(self.spot_rng, self.spot_check_fraction):
             return hop, None
-        return hop, asyncio.ensure_future(self.spot_check(hop, hidden, key_mask, output))
+        return hop, asyncio.ensure_future(self.spot_check(hop, hidden, key_mask, output, tuning))
 
     async def _first_wrong(
         self, checks: Sequence[tuple[Hop, asyncio.Task[SpotCheck] | None]]
@@ -426,7 +455,12 @@ class SwarmClient:
         return None
 
     async def spot_check(
-        self, hop: Hop, hidden: torch.Tensor, key_mask: torch.Tensor | None, output: torch.Tensor
+        self,
+        hop: Hop,
+        hidden: torch.Tensor,
+        key_mask: torch.Tensor | None,
+        output: torch.Tensor,
+        tuning: Tuning = NO_TUNING,
     ) -> SpotCheck:
         """Compute `hop`'s blocks on `hidden` (all of the hop's inputs, from position 0) on other servers and
         compare with `output`, the hop's output for the last `output.shape[1]` positions. On a disagreement a
@@ -442,7 +476,7 @@ class SwarmClient:
             try:
                 out = hidden
                 for h in checker:
-                    out = await self._forward_hop(h, out, key_mask)
+                    out = await self._forward_hop(h, out, key_mask, tuning)
             except HopFailed as e:
                 if not isinstance(e.cause, RemoteError):  # a refusal (too large, busy) is no fault
                     self.ban(e.hop.peer_id, e.cause)
@@ -516,7 +550,7 @@ class SwarmClient:
     def _checker_route(self, hop: Hop, exclude: set[str]) -> list[Hop] | None:
         """Other servers to compute `hop`'s blocks (one, or several that together cover them), or None."""
         banned = self.bans.banned(time.monotonic()) | exclude
-        usable = [s for s in self._servers.values() if s.peer_id not in banned]
+        usable = [s for s in self._servers.values() if s.peer_id not in banned and self._serves_adapter(s)]
         try:
             return route_forward(
                 self._capped(usable), self.num_blocks, self.spot_rng, start=hop.start, end=hop.end
@@ -525,22 +559,182 @@ class SwarmClient:
             return None
 
     async def _forward_hop(
-        self, hop: Hop, hidden: torch.Tensor, key_mask: torch.Tensor | None
+        self, hop: Hop, hidden: torch.Tensor, key_mask: torch.Tensor | None, tuning: Tuning = NO_TUNING
     ) -> torch.Tensor:
-        request = ForwardRequest(hop.start, hop.end, hidden, key_mask).to_message()
+        request = ForwardRequest(
+            hop.start,
+            hop.end,
+            hidden,
+            key_mask,
+            tuning.hop_prompts(hop.start, hop.end),
+            tuning.adapter,
+            tuning.dropout_seed,
+        ).to_message()
         tokens = hidden.shape[0] * hidden.shape[1]
-        timeout = self.deadline_s(hop, tokens, decode=False)
+        began = time.perf_counter()
+        reply = await self._call(hop, "forward", request, tokens, tuning)
         try:
-            conn = await self.connection(hop.peer_id)
-            began = time.perf_counter()
-            reply = await conn.call("forward", request, timeout=timeout)
             out = checked_hidden(reply.tensors, hop.peer_id, hidden)
-        except HOP_FAILURES as e:
+        except BadReplyError as e:
             raise HopFailed(hop, e) from e
         # what it took, less a round trip, is at most its compute: a lower bound on its speed
         compute_s = time.perf_counter() - began - self.rtt_s.get(hop.peer_id, 0.0)
         self.speeds.observe(hop.peer_id, "forward", tokens * (hop.end - hop.start) / max(compute_s, 1e-6))
         return out
+
+    async def _call(self, hop: Hop, method: str, request: Message, tokens: int, tuning: Tuning) -> Message:
+        """One unary call to `hop`'s server, with the client's adapter uploaded there first (and again, once,
+        if the server says it does not hold it: it restarted, moved, or dropped it unused). Failures raise
+        HopFailed."""
+        timeout = self.deadline_s(hop, tokens, decode=False)
+        for attempt in range(2):
+            try:
+                conn = await self.connection(hop.peer_id)
+                if tuning.weights is not None:
+                    await self.uploads.ensure(hop.peer_id, tuning.weights)
+                return await conn.call(method, request, timeout=timeout)
+            except RemoteError as e:
+                if e.code == "unknown_adapter" and tuning.weights is not None and attempt == 0:
+                    self.uploads.forget(hop.peer_id)
+                    continue
+                raise HopFailed(hop, e) from e
+            except HOP_FAILURES as e:
+                raise HopFailed(hop, e) from e
+        raise AssertionError("unreachable")
+
+    async def _backward_hop(
+        self,
+        hop: Hop,
+        hidden: torch.Tensor,
+        grad: torch.Tensor,
+        key_mask: torch.Tensor | None,
+        tuning: Tuning,
+    ) -> BackwardReply:
+        """The gradients of `hop`'s span at input `hidden` for output gradient `grad`, checked."""
+        prompts = tuning.hop_prompts(hop.start, hop.end)
+        lora = tuning.weights.layers(hop.start, hop.end) if tuning.lora_grads and tuning.weights else None
+        request = BackwardRequest(
+            hop.start,
+            hop.end,
+            hidden,
+            grad,
+            key_mask,
+            prompts,
+            tuning.adapter,
+            tuning.dropout_seed,
+            lora is not None,
+        ).to_message()
+        # a backward recomputes the forward and differentiates it: about three forwards' work
+        reply = await self._call(hop, "backward", request, 3 * hidden.shape[0] * hidden.shape[1], tuning)
+        shapes = None if lora is None else {name: tuple(t.shape) for name, t in lora.items()}
+        try:
+            return checked_gradients(reply, hop.peer_id, hidden, prompts, shapes)
+        except BadReplyError as e:
+            raise HopFailed(hop, e) from e
+
+    def _micro_batches(self, hidden: torch.Tensor) -> list[slice]:
+        """A training batch's rows cut into micro-batches of at least `_chunk_tokens` tokens each (by the
+        servers' announced speeds), at most `max_micro_batches` of them."""
+        batch, length = hidden.shape[:2]
+        hops = [Hop(s.peer_id, s.start_block, s.end_block) for s in self._servers.values()]
+        target = self._chunk_tokens(hops) if hops else self.forward_chunk_tokens
+        count = max(1, min(batch, self.max_micro_batches, batch * length // target))
+        size = -(-batch // count)
+        return [slice(lo, min(lo + size, batch)) for lo in range(0, batch, size)]
+
+    def _forward_plan(self, start: int, end: int | None = None) -> Callable[[list[ServerInfo]], list[Hop]]:
+        return lambda servers: route_forward(servers, self.num_blocks, self.rng, start=start, end=end)
+
+    async def train_forward(
+        self, hidden: torch.Tensor, key_mask: torch.Tensor | None, tuning: Tuning
+    ) -> tuple[torch.Tensor, list[tuple[slice, list[tuple[Hop, torch.Tensor]]]]]:
+        """A forward to be differentiated: the output, and per micro-batch (its rows) every hop with its input,
+        for `train_backward`. Hop by hop, a failed hop retried on another server of its blocks; the
+        micro-batches concurrently, so that they pipeline along the chain. No spot checks here (dropout draws
+        differ when other servers split the blocks differently)."""
+
+        async def micro_batch(rows: slice) -> tuple[torch.Tensor, list[tuple[Hop, torch.Tensor]]]:
+            x, mask = hidden[rows], None if key_mask is None else key_mask[rows]
+            kept: list[tuple[Hop, torch.Tensor]] = []
+            failure: BaseException | None = None
+            while not kept or kept[-1][0].end < self.num_blocks:
+                start = kept[-1][0].end if kept else 0
+                hop = (await self.route(self._forward_plan(start), failure=failure))[0]
+                try:
+                    out = await self._forward_hop(hop, x, mask, tuning)
+                except HopFailed as e:
+                    logger.warning("%s; computing its blocks on another server", e)
+                    self.ban(hop.peer_id, e.cause)
+                    failure = e.cause
+                    continue
+                kept.append((hop, x))
+                x = out
+            return x, kept
+
+        parts = self._micro_batches(hidden)
+        results = await asyncio.gather(*(micro_batch(rows) for rows in parts))
+        output = torch.cat([out for out, _ in results])
+        return output, [(rows, kept) for rows, (_, kept) in zip(parts, results, strict=True)]
+
+    async def train_backward(
+        self,
+        kept: list[tuple[slice, list[tuple[Hop, torch.Tensor]]]],
+        grad: torch.Tensor,
+        key_mask: torch.Tensor | None,
+        tuning: Tuning,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor]]:
+        """Gradients of the inputs, of the deep prompts (all blocks) and of the adapter's tensors, walking each
+        micro-batch's hops of `train_forward` in reverse. A hop that fails is replaced by other servers of its
+        blocks: their inputs are computed from the hop's kept input, then their backwards run in reverse."""
+
+        async def micro_batch(rows: slice, hops: list[tuple[Hop, torch.Tensor]]):
+            g, mask = grad[rows], None if key_mask is None else key_mask[rows]
+            prompts = None if tuning.prompts is None else torch.zeros_like(tuning.prompts)
+            lora: dict[str, torch.Tensor] = {}
+            todo = list(hops)
+            while todo:
+                hop, x = todo.pop()
+                try:
+                    reply = await self._backward_hop(hop, x, g, mask, tuning)
+                except HopFailed as e:
+                    logger.warning("%s; computing its backward on other servers", e)
+                    self.ban(hop.peer_id, e.cause)
+                    try:
+                        todo += await self._reroute(hop, x, mask, tuning, e.cause)
+                    except HopFailed as again:  # a new server failed the recomputation: route again
+                        self.ban(again.hop.peer_id, again.cause)
+                        todo.append((hop, x))
+                    continue
+                g = reply.grad_hidden.to(grad.dtype)
+                if prompts is not None:
+                    prompts[hop.start : hop.end, :, : reply.grad_prompts.shape[2]] += reply.grad_prompts
+                for name, t in reply.grad_lora.items():
+                    lora[name] = t.float() if name not in lora else lora[name] + t.float()
+            return g, prompts, lora
+
+        results = await asyncio.gather(*(micro_batch(rows, hops) for rows, hops in kept))
+        grad_hidden = torch.cat([g for g, _, _ in results])
+        grad_prompts = None if tuning.prompts is None else sum(p for _, p, _ in results)
+        grad_lora: dict[str, torch.Tensor] = {}
+        for _, _, lora in results:
+            for name, t in lora.items():
+                grad_lora[name] = t if name not in grad_lora else grad_lora[name] + t
+        return grad_hidden, grad_prompts, grad_lora
+
+    async def _reroute(
+        self,
+        hop: Hop,
+        hidden: torch.Tensor,
+        key_mask: torch.Tensor | None,
+        tuning: Tuning,
+        failure: BaseException,
+    ) -> list[tuple[Hop, torch.Tensor]]:
+        """Other servers for `hop`'s blocks, each with its input (computed from `hidden`, the hop's input)."""
+        hops = await self.route(self._forward_plan(hop.start, hop.end), failure=failure)
+        inputs = [hidden]
+        for h in hops[:-1]:
+            inputs.append(await self._forward_hop(h, inputs[-1], key_mask, tuning))
+        return list(zip(hops, inputs, strict=True))
 
     def observe_step(self, hop: Hop, elapsed_s: float, compute_s: float) -> None:
         """A decode step of `hop` took `elapsed_s` as the client saw it (from the previous hop's reply) and
@@ -561,7 +755,12 @@ class SwarmClient:
         return max(self.forward_chunk_tokens, int(self.min_chunk_s / slowest_s_per_token))
 
     async def _pipelined_forward(
-        self, hops: list[Hop], hidden: torch.Tensor, key_mask: torch.Tensor | None, chunk: int
+        self,
+        hops: list[Hop],
+        hidden: torch.Tensor,
+        key_mask: torch.Tensor | None,
+        chunk: int,
+        tuning: Tuning = NO_TUNING,
     ) -> list[torch.Tensor]:
         """Each hop's output (the last one's is the result)."""
         batch, length = hidden.shape[:2]
@@ -575,7 +774,11 @@ class SwarmClient:
             for hop in hops:
                 try:
                     conn = await self.connection(hop.peer_id)
-                    opening = OpenSession(hop.start, hop.end, batch, length).to_message()
+                    if tuning.weights is not None:
+                        await self.uploads.ensure(hop.peer_id, tuning.weights)
+                    opening = OpenSession(
+                        hop.start, hop.end, batch, length, adapter=tuning.adapter
+                    ).to_message()
                     streams.append(
                         await conn.open_stream("inference", opening, timeout=self.connect_timeout_s)
                     )
@@ -598,7 +801,9 @@ class SwarmClient:
                             lo, x = await queues[
                                 i
                             ].get()  # as late as the stages before take (they have deadlines)
-                            await stream.send(Step(lo, x, mask(lo)).to_message(), timeout=timeout)
+                            prompts = tuning.hop_prompts(hop.start, hop.end, lo, chunk)
+                            step = Step(lo, x, mask(lo), prompts=prompts)
+                            await stream.send(step.to_message(), timeout=timeout)
                             sent.put_nowait(lo)
                     except Exception as e:  # noqa: BLE001 - handed to the receiving loop, which raises it
                         sent.put_nowait(e)

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 from torch import Tensor
 
 if TYPE_CHECKING:
-    from swarmllm.models.llama import LlamaBlock
+    from swarmllm.models.llama import BlockLora, LlamaBlock
 
 
 class Comm:
@@ -63,13 +63,14 @@ def ladder_forward(
     mask: Tensor | None,
     cache: tuple[Tensor, Tensor] | None,
     pos: int,
+    lora: BlockLora,
 ) -> tuple[Tensor, Any]:
     """A ladder layer over r [B, T, H]; p is the handle of the previous sub-layer's output, or None.
     Returns (r, handle of this layer's MLP output, still being summed)."""
-    a = comm.start(block.self_attn(block.input_layernorm(r), cos, sin, mask, cache, pos))
+    a = comm.start(block.self_attn(block.input_layernorm(r), cos, sin, mask, cache, pos, lora))
     if p is not None:
         r = r + comm.wait(p)
-    m = comm.start(block.mlp(block.post_attention_layernorm(r)))
+    m = comm.start(block.mlp(block.post_attention_layernorm(r), lora))
     return r + comm.wait(a), m
 
 
@@ -84,14 +85,14 @@ def ladder_decode(
     keys: Tensor,
     values: Tensor,
     mask: Tensor | None,
+    lora: BlockLora,
 ) -> tuple[Tensor, Any]:
     """`ladder_forward` for one token per sequence, r [B, H], through the lean decode calls (`LlamaBlock.decode`)."""
-    a = comm.start(
-        block.self_attn.decode(block.input_layernorm.forward(r), cos, sin, slot, keys, values, mask)
-    )
+    attn = block.self_attn.decode(block.input_layernorm.forward(r), cos, sin, slot, keys, values, mask, lora)
+    a = comm.start(attn)
     if p is not None:
         r = r + comm.wait(p)
-    m = comm.start(block.mlp.forward(block.post_attention_layernorm.forward(r)))
+    m = comm.start(block.mlp.forward(block.post_attention_layernorm.forward(r), lora))
     return r + comm.wait(a), m
 
 
@@ -104,11 +105,12 @@ def standard_forward(
     mask: Tensor | None,
     cache: tuple[Tensor, Tensor] | None,
     pos: int,
+    lora: BlockLora,
 ) -> Tensor:
     """A standard layer with each sub-layer's output summed over the ranks before it joins r (`LlamaBlock.forward`
     with an all-reduce; without tensor parallelism the span calls the block itself)."""
-    r = r + comm.all_reduce(block.self_attn(block.input_layernorm(r), cos, sin, mask, cache, pos))
-    return r + comm.all_reduce(block.mlp(block.post_attention_layernorm(r)))
+    r = r + comm.all_reduce(block.self_attn(block.input_layernorm(r), cos, sin, mask, cache, pos, lora))
+    return r + comm.all_reduce(block.mlp(block.post_attention_layernorm(r), lora))
 
 
 def standard_decode(
@@ -121,8 +123,9 @@ def standard_decode(
     keys: Tensor,
     values: Tensor,
     mask: Tensor | None,
+    lora: BlockLora,
 ) -> Tensor:
     """`standard_forward` for one token per sequence, r [B, H] (`LlamaBlock.decode` with an all-reduce)."""
-    attn = block.self_attn.decode(block.input_layernorm.forward(r), cos, sin, slot, keys, values, mask)
+    attn = block.self_attn.decode(block.input_layernorm.forward(r), cos, sin, slot, keys, values, mask, lora)
     r = r + comm.all_reduce(attn)
-    return r + comm.all_reduce(block.mlp.forward(block.post_attention_layernorm.forward(r)))
+    return r + comm.all_reduce(block.mlp.forward(block.post_attention_layernorm.forward(r), lora))

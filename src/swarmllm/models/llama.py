@@ -7,10 +7,16 @@ server runs, and the embeddings + final norm + LM head a client holds. It knows 
 Parameter names mirror Hugging Face's decoder layer (`self_attn.o_proj`, `input_layernorm`, ...), except that
 q/k/v and gate/up are stacked into one matmul each (`qkv_proj`, `gate_up_proj`): a checkpoint's
 `model.layers.{i}.*` tensors load into `BlockSpan.blocks[i - start]` through `block_state_from_hf`.
+
+Every linear layer of a block is a `Projection`: the one entry point that the full forward, the lean decode path
+and CUDA graph capture all go through, so a request's LoRA adapter (`Lora`, per block a `BlockLora`) hooks in
+there once. Per-request trainable inputs (deep prompts, adapters) are arguments of `BlockSpan.forward` and
+`BlockSpan.decode`, never state of the modules: one span serves many clients at once.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -257,6 +263,54 @@ def position_ids(
     return ids.masked_fill(~key_mask, 1)[:, pos:]
 
 
+@dataclass(frozen=True)
+class Lora:
+    """A low-rank update of one projection for one request: y += up @ (down @ dropout(x)).
+
+    A stacked projection (q/k/v, gate/up) gets one `Lora` for all its adapted parts: `down` stacks their A
+    matrices [R, in] (R = the sum of their ranks), `up` [out, R] holds each part's B, times its scale, at the
+    part's output rows and zeros elsewhere. Dropout (training only) draws from `generator`, so that a server
+    recomputing a forward for its backward draws the same masks; one mask per part, as PEFT does.
+    """
+
+    down: Tensor
+    up: Tensor
+    ranks: tuple[int, ...]
+    dropout: float = 0.0
+    generator: torch.Generator | None = None
+
+    def __call__(self, x: Tensor) -> Tensor:
+        if self.generator is None or self.dropout == 0.0:
+            return F.linear(F.linear(x, self.down), self.up)
+        keep = 1.0 - self.dropout
+        parts = [
+            F.linear(x * (torch.rand(x.shape, generator=self.generator, device=x.device) < keep) / keep, a)
+            for a in self.down.split(self.ranks)
+        ]
+        return F.linear(torch.cat(parts, dim=-1), self.up)
+
+
+@dataclass(frozen=True)
+class BlockLora:
+    """One block's adapter, by projection (None: that projection is not adapted)."""
+
+    qkv_proj: Lora | None = None
+    o_proj: Lora | None = None
+    gate_up_proj: Lora | None = None
+    down_proj: Lora | None = None
+
+
+NO_LORA = BlockLora()
+
+
+class Projection(nn.Linear):
+    """A block's linear layer, and the one place where a request's adapter changes it."""
+
+    def forward(self, x: Tensor, lora: Lora | None = None) -> Tensor:
+        y = F.linear(x, self.weight, self.bias)
+        return y if lora is None else y + lora(x)
+
+
 class Attention(nn.Module):
     def __init__(self, config: BlockConfig):
         super().__init__()
@@ -268,8 +322,8 @@ class Attention(nn.Module):
         q_size, kv_size = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
         self.sizes = [q_size, kv_size, kv_size]
         # q, k and v projections as one matmul (HF's q_proj, k_proj, v_proj stacked; see block_state_from_hf)
-        self.qkv_proj = nn.Linear(config.hidden_size, q_size + 2 * kv_size, bias=config.attention_bias)
-        self.o_proj = nn.Linear(q_size, config.hidden_size, bias=config.attention_out_bias)
+        self.qkv_proj = Projection(config.hidden_size, q_size + 2 * kv_size, bias=config.attention_bias)
+        self.o_proj = Projection(q_size, config.hidden_size, bias=config.attention_out_bias)
 
     def forward(
         self,
@@ -279,11 +333,12 @@ class Attention(nn.Module):
         mask: Tensor | None,
         cache: tuple[Tensor, Tensor] | None,
         pos: int,
+        lora: BlockLora = NO_LORA,
     ) -> Tensor:
         batch, length, _ = x.shape
         q, k, v = (
             t.view(batch, length, -1, self.head_dim).transpose(1, 2)
-            for t in self.qkv_proj(x).split(self.sizes, -1)
+            for t in self.qkv_proj(x, lora.qkv_proj).split(self.sizes, -1)
         )  # q [B, heads, T, hd], k and v [B, kv_heads, T, hd]
         q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
         if cache is not None:
@@ -297,7 +352,7 @@ class Attention(nn.Module):
         y = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, is_causal=mask is None and length > 1, enable_gqa=True
         )  # [B, heads, T, hd]
-        return self.o_proj(y.transpose(1, 2).reshape(batch, length, -1))
+        return self.o_proj(y.transpose(1, 2).reshape(batch, length, -1), lora.o_proj)
 
     def decode(
         self,
@@ -308,30 +363,31 @@ class Attention(nn.Module):
         keys: Tensor,
         values: Tensor,
         mask: Tensor | None,
+        lora: BlockLora = NO_LORA,
     ) -> Tensor:
         """One token per sequence: x [B, H]; writes cache slot `slot` ([1] long) of keys/values [B, kv, S, hd]
         and attends to their S slots (all of them when mask is None)."""
         batch, heads = x.shape[0], self.num_heads
-        qkv = F.linear(x, self.qkv_proj.weight, self.qkv_proj.bias).view(batch, -1, self.head_dim)
+        qkv = self.qkv_proj.forward(x, lora.qkv_proj).view(batch, -1, self.head_dim)
         qk = _rotate_decode(qkv[:, : heads + self.num_kv_heads], cos, sin)  # q and k heads rotate as one
         keys.index_copy_(2, slot, qk[:, heads:, None])
         values.index_copy_(2, slot, qkv[:, heads + self.num_kv_heads :, None])
         y = F.scaled_dot_product_attention(
             qk[:, :heads, None], keys, values, attn_mask=mask, enable_gqa=True
         )  # [B, heads, 1, hd]
-        return F.linear(y.view(batch, -1), self.o_proj.weight, self.o_proj.bias)
+        return self.o_proj.forward(y.view(batch, -1), lora.o_proj)
 
 
 class MLP(nn.Module):
     def __init__(self, config: BlockConfig):
         super().__init__()
         # HF's gate_proj and up_proj stacked, one matmul
-        self.gate_up_proj = nn.Linear(config.hidden_size, 2 * config.intermediate_size, bias=config.mlp_bias)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
+        self.gate_up_proj = Projection(config.hidden_size, 2 * config.intermediate_size, bias=config.mlp_bias)
+        self.down_proj = Projection(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
 
-    def forward(self, x: Tensor) -> Tensor:
-        gate, up = F.linear(x, self.gate_up_proj.weight, self.gate_up_proj.bias).chunk(2, dim=-1)
-        return F.linear(F.silu(gate) * up, self.down_proj.weight, self.down_proj.bias)
+    def forward(self, x: Tensor, lora: BlockLora = NO_LORA) -> Tensor:
+        gate, up = self.gate_up_proj.forward(x, lora.gate_up_proj).chunk(2, dim=-1)
+        return self.down_proj.forward(F.silu(gate) * up, lora.down_proj)
 
 
 # Tensors of a Hugging Face decoder layer that LlamaBlock keeps stacked: ours -> HF's parts, in order.
@@ -376,9 +432,10 @@ class LlamaBlock(nn.Module):
         mask: Tensor | None,
         cache: tuple[Tensor, Tensor] | None,
         pos: int,
+        lora: BlockLora = NO_LORA,
     ) -> Tensor:
-        h = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, pos)
-        return h + self.mlp(self.post_attention_layernorm(h))
+        h = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, pos, lora)
+        return h + self.mlp(self.post_attention_layernorm(h), lora)
 
     def decode(
         self,
@@ -389,14 +446,22 @@ class LlamaBlock(nn.Module):
         keys: Tensor,
         values: Tensor,
         mask: Tensor | None,
+        lora: BlockLora = NO_LORA,
     ) -> Tensor:
         """`forward` for one token per sequence, x [B, H], with module calls and reshapes cut to the minimum:
         a decode step is a few dozen small ops, so their fixed costs are most of its time on a CPU."""
         norm1, norm2 = self.input_layernorm, self.post_attention_layernorm
         h = x + self.self_attn.decode(
-            _rms_norm(x, norm1.weight, norm1.eps), cos, sin, slot, keys, values, mask
+            _rms_norm(x, norm1.weight, norm1.eps), cos, sin, slot, keys, values, mask, lora
         )
-        return h + self.mlp.forward(_rms_norm(h, norm2.weight, norm2.eps))
+        return h + self.mlp.forward(_rms_norm(h, norm2.weight, norm2.eps), lora)
+
+
+def add_prompt(hidden: Tensor, prompt: Tensor) -> Tensor:
+    """hidden [B, T, H] with prompt [B or 1, P, H] (P <= T) added to its first P positions, out of place (so
+    that autograd reaches both)."""
+    length = prompt.shape[1]
+    return torch.cat([hidden[:, :length] + prompt.to(hidden.dtype), hidden[:, length:]], dim=1)
 
 
 class BlockSpan(nn.Module):
@@ -427,15 +492,21 @@ class BlockSpan(nn.Module):
         key_mask: Tensor | None = None,
         cache: KVCache | None = None,
         blocks: slice | None = None,
+        prompts: Tensor | None = None,
+        lora: Sequence[BlockLora] | None = None,
     ) -> Tensor:
         """Run hidden [B, T, H] at cache slots [pos, pos+T) through the span, or through its sub-range `blocks`.
 
         key_mask: bool [B, pos+T], False at (left) pad slots, like transformers' attention_mask.
         cache: one entry per block run; the caller owns it and advances `pos` between calls.
+        prompts: [n, B or 1, P, H], one per block run, added to the first P positions of the hidden states
+        before that block (deep prompt tuning). lora: one `BlockLora` per block run.
         Neither edge may lie inside a ladder region (use forward_pair there).
         """
         indices = self._indices(blocks, pair=False)
-        return self.forward_pair(hidden, None, pos=pos, key_mask=key_mask, cache=cache, blocks=indices)[0]
+        return self.forward_pair(
+            hidden, None, pos=pos, key_mask=key_mask, cache=cache, blocks=indices, prompts=prompts, lora=lora
+        )[0]
 
     def forward_pair(
         self,
@@ -446,10 +517,13 @@ class BlockSpan(nn.Module):
         key_mask: Tensor | None = None,
         cache: KVCache | None = None,
         blocks: slice | range | None = None,
+        prompts: Tensor | None = None,
+        lora: Sequence[BlockLora] | None = None,
     ) -> tuple[Tensor, Tensor | None]:
         """`forward` for the pair (r, p): r [B, T, H] the residual stream, p [B, T, H] the pending output of the
         sub-layer before the span, None where the first layer's boundary carries r alone. Returns (r, p), with p
-        None where the boundary after the last layer carries r alone (the span then has settled r = r + p)."""
+        None where the boundary after the last layer carries r alone (the span then has settled r = r + p). Deep
+        prompts are added to r (p joins it later: the sum is the same); prompts and lora as in `forward`."""
         batch, length, _ = r.shape
         indices = self._indices(blocks, pair=True)
         self._check_pending(indices, p)
@@ -476,15 +550,20 @@ class BlockSpan(nn.Module):
         for slot, (i, window) in enumerate(zip(indices, windows, strict=True)):
             block = self.blocks[i]
             block_cache = None if cache is None else (cache.keys[slot], cache.values[slot])
+            if prompts is not None:  # added to the stream; p joins it later, and addition commutes
+                r = add_prompt(r, prompts[slot])
+            block_lora = NO_LORA if lora is None else lora[slot]
             if self.ladder[i]:
-                r, p = ladder_forward(block, r, p, comm, cos, sin, masks[window], block_cache, pos)
+                r, p = ladder_forward(
+                    block, r, p, comm, cos, sin, masks[window], block_cache, pos, block_lora
+                )
                 continue
             if p is not None:  # a standard layer reads the whole stream
                 r, p = r + comm.wait(p), None
             if comm is LOCAL:
-                r = block(r, cos, sin, masks[window], block_cache, pos)
+                r = block(r, cos, sin, masks[window], block_cache, pos, block_lora)
             else:
-                r = standard_forward(block, r, comm, cos, sin, masks[window], block_cache, pos)
+                r = standard_forward(block, r, comm, cos, sin, masks[window], block_cache, pos, block_lora)
         return self._settle(indices, r, p)
 
     def decode(
@@ -496,6 +575,7 @@ class BlockSpan(nn.Module):
         values: Tensor,
         key_mask: Tensor | None = None,
         blocks: slice | None = None,
+        lora: Sequence[BlockLora] | None = None,
     ) -> Tensor:
         """One token per sequence through the span (or its sub-range `blocks`): the decode hot path.
 
@@ -504,10 +584,11 @@ class BlockSpan(nn.Module):
         key_mask None, S must be slot + 1 and no slot a pad; otherwise key_mask [B, S] marks the real tokens
         and slots after `slot` are masked out, so S may be any fixed size: every shape depends on (B, S) only
         and `slot` is a tensor, which is what lets a CUDA graph captured once replay for every step.
+        lora: one `BlockLora` per block run (a session's adapter; a captured graph holds its tensors).
         Neither edge may lie inside a ladder region (use decode_pair there).
         """
         indices = self._indices(blocks, pair=False)
-        return self.decode_pair(hidden, None, positions, slot, keys, values, key_mask, indices)[0]
+        return self.decode_pair(hidden, None, positions, slot, keys, values, key_mask, indices, lora)[0]
 
     def decode_pair(
         self,
@@ -519,6 +600,7 @@ class BlockSpan(nn.Module):
         values: Tensor,
         key_mask: Tensor | None = None,
         blocks: slice | range | None = None,
+        lora: Sequence[BlockLora] | None = None,
     ) -> tuple[Tensor, Tensor | None]:
         """`decode` for the pair (r [B, H], p [B, H] or None), with `forward_pair`'s contract on p. Which layers
         take p, settle it or return it depends on the config only, so a captured CUDA graph stays valid."""
@@ -531,16 +613,14 @@ class BlockSpan(nn.Module):
         comm = self.comm
         p = None if p is None else comm.ready(p)
         for n, (i, window) in enumerate(zip(indices, windows, strict=True)):
-            block = self.blocks[i]
+            block, block_lora = self.blocks[i], NO_LORA if lora is None else lora[n]
+            args = (cos, sin, slot, keys[n], values[n], masks[window], block_lora)
             if self.ladder[i]:
-                r, p = ladder_decode(block, r, p, comm, cos, sin, slot, keys[n], values[n], masks[window])
+                r, p = ladder_decode(block, r, p, comm, *args)
                 continue
             if p is not None:
                 r, p = r + comm.wait(p), None
-            if comm is LOCAL:
-                r = block.decode(r, cos, sin, slot, keys[n], values[n], masks[window])
-            else:
-                r = standard_decode(block, r, comm, cos, sin, slot, keys[n], values[n], masks[window])
+            r = block.decode(r, *args) if comm is LOCAL else standard_decode(block, r, comm, *args)
         return self._settle(indices, r, p)
 
     def _indices(self, blocks: slice | range | None, *, pair: bool) -> range:

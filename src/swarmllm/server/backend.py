@@ -6,6 +6,12 @@ meanwhile; that thread takes the peers' work in turn (`server.compute`), so one 
 cannot starve another's. Small work (a decode step) runs inline on the loop, because handing it to a thread and
 back costs more than computing it (~0.4 ms a hop on a 2-core box), and so it never waits behind anyone's batch
 work. A session's steps arrive one after another on its stream, so two steps never race on one cache either way.
+
+Fine-tuning: a request may bring deep prompts and a LoRA adapter (`server.adapters`), which apply to it alone.
+Inference and forwards run under `torch.inference_mode()`; `backward` recomputes the span's forward with autograd
+on the compute thread (the weights are frozen: they never require grad) and returns the gradients of the inputs,
+of the prompts and of the adapter's A/B matrices. A training forward and its backward pass the same dropout seed,
+so the recomputation draws the same dropout masks.
 """
 
 from __future__ import annotations
@@ -18,6 +24,9 @@ from dataclasses import dataclass
 import torch
 
 from swarmllm.models import BlockSpan, KVCache
+from swarmllm.models.llama import BlockLora
+from swarmllm.models.lora import span_lora
+from swarmllm.server.adapters import Adapter
 from swarmllm.server.cache import CacheBudget
 from swarmllm.server.compute import ComputeThread
 from swarmllm.server.decode import DecodeRunner
@@ -39,6 +48,17 @@ class Session:
     owner: str = ""  # the peer that opened it: its prefill waits in that peer's compute queue
     length: int = 0
     padded: bool = False
+    lora: list[BlockLora] | None = None  # the session's adapter, fixed when it opened
+
+
+@dataclass
+class Gradients:
+    """What `Backend.backward` returns: the gradient of the span's inputs, of the deep prompts sent, and of the
+    adapter's tensors (by name) when asked."""
+
+    hidden: torch.Tensor
+    prompts: torch.Tensor | None
+    lora: dict[str, torch.Tensor]
 
 
 class Backend:
@@ -54,7 +74,7 @@ class Backend:
         compile: bool = False,
         cuda_graphs: bool = True,
     ):
-        self.span = span
+        self.span = span.requires_grad_(False)  # frozen: backward computes gradients of inputs only
         self.device = torch.device(device)
         self.dtype = next(span.parameters()).dtype
         self.budget = CacheBudget(cache_tokens)
@@ -96,20 +116,120 @@ class Backend:
         return slice(start - self.span.start, end - self.span.start)
 
     async def forward(
-        self, hidden: torch.Tensor, key_mask: torch.Tensor | None, start: int, end: int, owner: str = ""
+        self,
+        hidden: torch.Tensor,
+        key_mask: torch.Tensor | None,
+        start: int,
+        end: int,
+        owner: str = "",
+        prompts: torch.Tensor | None = None,
+        adapter: Adapter | None = None,
+        dropout_seed: int | None = None,
     ) -> torch.Tensor:
         tokens = hidden.shape[0] * hidden.shape[1]
-        return await self.run(tokens, owner, self._forward, hidden, key_mask, self._blocks(start, end))
+        blocks = self._blocks(start, end)
+        return await self.run(
+            tokens, owner, self._forward, hidden, key_mask, blocks, prompts, adapter, dropout_seed
+        )
 
     @torch.inference_mode()
-    def _forward(self, hidden: torch.Tensor, key_mask: torch.Tensor | None, blocks: slice) -> torch.Tensor:
+    def _forward(
+        self,
+        hidden: torch.Tensor,
+        key_mask: torch.Tensor | None,
+        blocks: slice,
+        prompts: torch.Tensor | None = None,
+        adapter: Adapter | None = None,
+        dropout_seed: int | None = None,
+    ) -> torch.Tensor:
         hidden = hidden.to(self.device, self.dtype)
         if key_mask is not None:
             key_mask = key_mask.to(self.device)
-        return self.span(hidden, key_mask=key_mask, blocks=blocks)
+        if prompts is not None:
+            prompts = prompts.to(self.device, self.dtype)
+        lora = self._lora(adapter, blocks, dropout_seed)
+        return self.span(hidden, key_mask=key_mask, blocks=blocks, prompts=prompts, lora=lora)
+
+    def _lora(
+        self,
+        adapter: Adapter | None,
+        blocks: slice,
+        dropout_seed: int | None,
+        tensors: dict[str, torch.Tensor] | None = None,
+    ) -> list[BlockLora] | None:
+        """The adapter of blocks `blocks` as the span applies it; a dropout seed turns its dropout on."""
+        if adapter is None:
+            return None
+        generator = None
+        if dropout_seed is not None and adapter.settings.dropout > 0:
+            generator = torch.Generator(self.device).manual_seed(dropout_seed)
+        layers = range(self.span.start + blocks.start, self.span.start + blocks.stop)
+        return span_lora(self.span.config, adapter.settings, tensors or adapter.tensors, layers, generator)
+
+    async def backward(
+        self,
+        hidden: torch.Tensor,
+        grad: torch.Tensor,
+        key_mask: torch.Tensor | None,
+        start: int,
+        end: int,
+        owner: str = "",
+        prompts: torch.Tensor | None = None,
+        adapter: Adapter | None = None,
+        dropout_seed: int | None = None,
+        lora_grads: bool = False,
+    ) -> Gradients:
+        """Gradients of a forward over blocks [start, end) given the gradient of its outputs; always on the
+        compute thread (a backward is several forwards' work)."""
+        args = (hidden, grad, key_mask, self._blocks(start, end), prompts, adapter, dropout_seed, lora_grads)
+        return await self.on_compute_thread(self._backward, *args, owner=owner)
+
+    def _backward(
+        self,
+        hidden: torch.Tensor,
+        grad: torch.Tensor,
+        key_mask: torch.Tensor | None,
+        blocks: slice,
+        prompts: torch.Tensor | None,
+        adapter: Adapter | None,
+        dropout_seed: int | None,
+        lora_grads: bool,
+    ) -> Gradients:
+        with torch.enable_grad():
+            hidden = hidden.to(self.device, self.dtype).requires_grad_()
+            leaves = [hidden]
+            if prompts is not None:
+                prompts = prompts.to(self.device, self.dtype).requires_grad_()
+                leaves.append(prompts)
+            tensors = None
+            if adapter is not None and lora_grads:
+                layers = range(self.span.start + blocks.start, self.span.start + blocks.stop)
+                prefixes = tuple(f"{layer}." for layer in layers)
+                tensors = {
+                    name: t.detach().requires_grad_() if name.startswith(prefixes) else t
+                    for name, t in adapter.tensors.items()
+                }
+                trained = [name for name in tensors if name.startswith(prefixes)]
+                leaves += [tensors[name] for name in trained]
+            if key_mask is not None:
+                key_mask = key_mask.to(self.device)
+            lora = self._lora(adapter, blocks, dropout_seed, tensors)
+            out = self.span(hidden, key_mask=key_mask, blocks=blocks, prompts=prompts, lora=lora)
+            grads = torch.autograd.grad(out, leaves, grad.to(self.device, self.dtype))
+        grads = list(grads)
+        grad_hidden = grads.pop(0)
+        grad_prompts = grads.pop(0) if prompts is not None else None
+        lora = dict(zip(trained, grads, strict=True)) if tensors is not None else {}
+        return Gradients(grad_hidden, grad_prompts, lora)
 
     def open_session(
-        self, start: int, end: int, batch_size: int, max_length: int, owner: str = ""
+        self,
+        start: int,
+        end: int,
+        batch_size: int,
+        max_length: int,
+        owner: str = "",
+        adapter: Adapter | None = None,
     ) -> Session:
         """Reserve and allocate a session's cache; raises CacheFullError when it does not fit."""
         session_id = f"s{next(self._ids)}"
@@ -121,6 +241,7 @@ class Backend:
             raise
         key_mask = torch.ones(batch_size, max_length, dtype=torch.bool, device=self.device)
         session = Session(session_id, start, end, batch_size, max_length, cache, key_mask, owner)
+        session.lora = self._lora(adapter, self._blocks(start, end), None)
         self.sessions[session_id] = session
         return session
 
@@ -130,15 +251,26 @@ class Backend:
         self.budget.release(session.session_id)
 
     async def step(
-        self, session: Session, hidden: torch.Tensor, position: int, new_mask: torch.Tensor | None
+        self,
+        session: Session,
+        hidden: torch.Tensor,
+        position: int,
+        new_mask: torch.Tensor | None,
+        prompts: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Process tokens [position, position + T) of a session; position < length rewinds (drops the tail)."""
+        """Process tokens [position, position + T) of a session; position < length rewinds (drops the tail).
+        prompts: deep prompts for the first P of these tokens ([blocks, B or 1, P, H])."""
         tokens = hidden.shape[0] * hidden.shape[1]
-        return await self.run(tokens, session.owner, self._step, session, hidden, position, new_mask)
+        return await self.run(tokens, session.owner, self._step, session, hidden, position, new_mask, prompts)
 
     @torch.inference_mode()
     def _step(
-        self, session: Session, hidden: torch.Tensor, position: int, new_mask: torch.Tensor | None
+        self,
+        session: Session,
+        hidden: torch.Tensor,
+        position: int,
+        new_mask: torch.Tensor | None,
+        prompts: torch.Tensor | None = None,
     ) -> torch.Tensor:
         end = position + hidden.shape[1]
         if position == 0:
@@ -148,7 +280,7 @@ class Backend:
         else:
             session.key_mask[:, position:end] = new_mask.to(self.device)
             session.padded = session.padded or not bool(new_mask.all())
-        if hidden.shape[1] == 1:
+        if hidden.shape[1] == 1 and prompts is None:
             return self._decode(session, hidden, position)
         key_mask = session.key_mask[:, :end] if session.padded else None
         out = self.span(
@@ -157,6 +289,8 @@ class Backend:
             key_mask=key_mask,
             cache=session.cache,
             blocks=self._blocks(session.start, session.end),
+            prompts=None if prompts is None else prompts.to(self.device, self.dtype),
+            lora=session.lora,
         )
         session.length = end
         return out
@@ -169,6 +303,7 @@ class Backend:
             session.padded,
             session.cache,
             self._blocks(session.start, session.end),
+            session.lora,
         )
         session.length = position + 1
         return out[:, None]

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from swarmllm.models import BlockSpan, KVCache
-from swarmllm.models.llama import position_ids
+from swarmllm.models.llama import BlockLora, position_ids
 
 logger = logging.getLogger(__name__)
 
@@ -88,14 +88,16 @@ class DecodeRunner:
         padded: bool,
         cache: KVCache,
         blocks: slice | None,
+        lora: list[BlockLora] | None = None,
     ) -> torch.Tensor:
         """hidden [B, H] of the tokens taking cache slot `slot`. key_mask [B, max_length] is the session's
-        (False at pads, it outlives the step); padded says whether any slot up to `slot` is a pad. -> [B, H]"""
+        (False at pads, it outlives the step); padded says whether any slot up to `slot` is a pad; lora the
+        session's adapter (it outlives the step too, so a captured graph may hold its tensors). -> [B, H]"""
         mask = key_mask[:, : slot + 1] if padded else None
         positions = position_ids(mask, hidden.shape[0], 1, slot, self.device)[:, 0]
         if self.cuda_graphs:
             try:
-                return self._replay(hidden, positions, slot, key_mask, cache, blocks)
+                return self._replay(hidden, positions, slot, key_mask, cache, blocks, lora)
             except RuntimeError as e:  # a capture this GPU or driver refuses: serve eagerly rather than fail
                 logger.warning("CUDA graph capture failed (%s); decoding eagerly from now on", e)
                 self.cuda_graphs = False
@@ -107,6 +109,8 @@ class DecodeRunner:
             if mask is not None:
                 torch._dynamo.mark_dynamic(mask, 1)
         slot_tensor = torch.tensor([slot], device=self.device)
+        if lora is not None:  # compiled for plain steps only: an adapter's step runs the same code eagerly
+            return self.span.decode(hidden, positions, slot_tensor, keys, values, mask, blocks, lora)
         return self._decode(hidden, positions, slot_tensor, keys, values, mask, blocks)
 
     def _replay(
@@ -117,6 +121,7 @@ class DecodeRunner:
         key_mask: torch.Tensor,
         cache: KVCache,
         blocks: slice | None,
+        lora: list[BlockLora] | None,
     ) -> torch.Tensor:
         graphs = self._graphs.get(id(cache))
         if graphs is None:
@@ -132,17 +137,23 @@ class DecodeRunner:
         graphs.slot.fill_(slot)
         size = bucket(slot + 1, cache.max_length)
         if size not in graphs.by_bucket:
-            graphs.by_bucket[size] = self._capture(graphs, size, key_mask, cache, blocks)
+            graphs.by_bucket[size] = self._capture(graphs, size, key_mask, cache, blocks, lora)
         graph, out = graphs.by_bucket[size]
         graph.replay()
         return out.clone()  # the next replay overwrites `out`
 
     def _capture(
-        self, graphs: _Graphs, size: int, key_mask: torch.Tensor, cache: KVCache, blocks: slice | None
+        self,
+        graphs: _Graphs,
+        size: int,
+        key_mask: torch.Tensor,
+        cache: KVCache,
+        blocks: slice | None,
+        lora: list[BlockLora] | None,
     ) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         """Capture the span's step over the first `size` slots of this session's cache and key mask (tensors
-        that live as long as the session). Masking the slots after `slot` makes one graph valid for every
-        step in the bucket, padded or not."""
+        that live as long as the session), with the session's adapter (fixed for its life). Masking the slots
+        after `slot` makes one graph valid for every step in the bucket, padded or not."""
         args = (
             graphs.hidden,
             graphs.positions,
@@ -151,6 +162,7 @@ class DecodeRunner:
             cache.values[:, :, :, :size],
             key_mask[:, :size],
             blocks,
+            lora,
         )
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))

@@ -1,6 +1,7 @@
 """The server's RPCs: `info`, `ping` (peers time it to measure their link), `forward` over a span, the
-`inference` stream that owns a KV-cache session, and `push`, by which the previous server of a chain hands its
-output straight to this one.
+`inference` stream that owns a KV-cache session, `push`, by which the previous server of a chain hands its
+output straight to this one, and for fine-tuning `backward` over a span and the `adapters` stream on which a
+client uploads its LoRA adapters (`server.adapters`; they live as long as that stream, or until unused).
 
 Everything a peer sends is validated here before it reaches the backend (message types: `wire.messages`). A
 bad opening request or a full cache ends the call with an error frame; a bad step inside a session is answered
@@ -36,12 +37,18 @@ from typing import Any
 
 import torch
 
+from swarmllm.server.adapters import Adapter, AdapterStore
 from swarmllm.server.backend import Backend, Session
 from swarmllm.server.cache import CacheFullError
 from swarmllm.server.network import PING_MAX_BYTES
 from swarmllm.server.quota import PeerLimits, PeerQuotas, Refusal
 from swarmllm.wire import CallContext, Connection, Handlers, Incoming, Message, RequestError, WireError
 from swarmllm.wire.messages import (
+    AdapterAck,
+    AdapterRef,
+    AdapterUpload,
+    BackwardReply,
+    BackwardRequest,
     ForwardRequest,
     OpenSession,
     Repoint,
@@ -72,6 +79,11 @@ class ServerLimits:
     max_queued_total: int = 64  # the same over all peers; beyond it: `busy`
     peer_rate_per_s: float = 50.0  # calls and session openings per second (token bucket)
     peer_burst: int = 100
+    # fine-tuning
+    max_prompt_tokens: int = 4096  # deep prompts per block of one request: batch x prompt positions
+    max_adapters_per_peer: int = 4  # LoRA adapters one peer may have uploaded at once
+    max_adapter_bytes_per_peer: int = 256 << 20
+    adapter_idle_timeout_s: float = 600.0  # an uploaded adapter unused this long is dropped
 
     def peer_limits(self) -> PeerLimits:
         return PeerLimits(
@@ -121,8 +133,17 @@ class RequestHandler:
         limits: ServerLimits = ServerLimits(),
         connect: Connector | None = None,
         peer_id: str | None = None,
+        adapters: AdapterStore | None = None,
     ):
         self.backend = backend
+        self.adapters = adapters or AdapterStore(
+            backend.span.config,
+            backend.dtype,
+            backend.device,
+            max_adapters_per_peer=limits.max_adapters_per_peer,
+            max_bytes_per_peer=limits.max_adapter_bytes_per_peer,
+            idle_timeout_s=limits.adapter_idle_timeout_s,
+        )
         self.info = info
         self.limits = limits
         self.connect = connect
@@ -137,16 +158,26 @@ class RequestHandler:
         """The RPCs, each capped at the largest payload it can validly carry, so a peer's declared size costs
         memory only up to what the method may take."""
         limits = self.limits
-        step_bytes = self._activation_bytes(limits.max_batch_size * limits.max_session_length)
+        prompt_bytes = self._prompt_bytes()
+        step_bytes = self._activation_bytes(limits.max_batch_size * limits.max_session_length) + prompt_bytes
+        forward_bytes = self._activation_bytes(limits.max_forward_tokens) + prompt_bytes
         handlers = Handlers()
         handlers.add_unary("info", self.rpc_info, max_payload_bytes=0)
         handlers.add_unary("ping", self.rpc_ping, max_payload_bytes=PING_MAX_BYTES)
-        handlers.add_unary(
-            "forward", self.rpc_forward, max_payload_bytes=self._activation_bytes(limits.max_forward_tokens)
-        )
+        handlers.add_unary("forward", self.rpc_forward, max_payload_bytes=forward_bytes)
+        handlers.add_unary("backward", self.rpc_backward, max_payload_bytes=2 * forward_bytes)
         handlers.add_stream("inference", self.rpc_inference, max_payload_bytes=step_bytes)
         handlers.add_inline("push", self.rpc_push, max_payload_bytes=step_bytes)
+        handlers.add_stream(
+            "adapters", self.rpc_adapters, max_payload_bytes=limits.max_adapter_bytes_per_peer
+        )
         return handlers
+
+    def _prompt_bytes(self) -> int:
+        """The largest deep prompts a request may carry: max_prompt_tokens per block of the span."""
+        widest = max(dtype.itemsize for dtype in FLOAT_DTYPES)
+        blocks = self.backend.end - self.backend.start
+        return blocks * self.limits.max_prompt_tokens * self.backend.hidden_size * widest
 
     def _activation_bytes(self, tokens: int) -> int:
         """The payload of `tokens` hidden states in the widest accepted dtype, with a key mask (and padding)."""
@@ -210,13 +241,79 @@ class RequestHandler:
                 "too_large", f"{batch}x{length} tokens exceed the limit of {self.limits.max_forward_tokens}"
             )
         key_mask = self._mask(req.key_mask, batch, length)
+        prompts = self._prompts(req.prompts, end - start, batch, length)
+        adapter = self._adapter(peer, req.adapter, start, end)
+        args = (hidden, key_mask, start, end, peer, prompts, adapter, req.dropout_seed)
         if self.backend.inline(batch * length):
-            return Message({}, [await self.backend.forward(hidden, key_mask, start, end, peer)])
+            return Message({}, [await self.backend.forward(*args)])
         _refuse(self.quotas.enqueue(peer))
         try:
-            return Message({}, [await self.backend.forward(hidden, key_mask, start, end, peer)])
+            return Message({}, [await self.backend.forward(*args)])
         finally:
             self.quotas.dequeue(peer)
+
+    async def rpc_backward(self, request: Message, context: CallContext) -> Message:
+        """Gradients of a span's inputs (and of the request's prompts and adapter) from its inputs and the
+        gradient of its outputs; the forward is recomputed with autograd (see `Backend.backward`)."""
+        peer = _peer(context)
+        _refuse(self.quotas.request(peer))
+        req = BackwardRequest.parse(request)
+        start, end = self._span(req.start, req.end)
+        hidden = self._hidden(req.hidden)
+        batch, length = hidden.shape[:2]
+        if batch * length > self.limits.max_forward_tokens:
+            raise RequestError(
+                "too_large", f"{batch}x{length} tokens exceed the limit of {self.limits.max_forward_tokens}"
+            )
+        shape = dict(enumerate(hidden.shape))
+        grad = check_tensor(req.grad, "grad", ndim=3, dtypes=FLOAT_DTYPES, shape=shape, finite=True)
+        key_mask = self._mask(req.key_mask, batch, length)
+        prompts = self._prompts(req.prompts, end - start, batch, length)
+        adapter = self._adapter(peer, req.adapter, start, end)
+        if req.lora_grads and (adapter is None or adapter.version is None):
+            raise RequestError("bad_request", "lora_grads needs an adapter the client uploaded")
+        _refuse(self.quotas.enqueue(peer))
+        try:
+            grads = await self.backend.backward(
+                hidden, grad, key_mask, start, end, peer, prompts, adapter, req.dropout_seed, req.lora_grads
+            )
+        finally:
+            self.quotas.dequeue(peer)
+        return BackwardReply(grads.hidden, grads.prompts, grads.lora).to_message()
+
+    async def rpc_adapters(
+        self, request: Message, incoming: Incoming, context: CallContext
+    ) -> AsyncIterator[Message]:
+        """A client's adapter uploads, each answered by an `AdapterAck` (or an in-band error); what it uploaded
+        is dropped when the stream ends, or when none of it was used for `adapter_idle_timeout_s`."""
+        peer = _peer(context)
+        _refuse(self.quotas.request(peer))
+        held: dict[str, Adapter] = {}
+        try:
+            while True:
+                try:
+                    async with asyncio.timeout(self.adapters.idle_timeout_s):
+                        message = await incoming.get()
+                except TimeoutError:
+                    if self.adapters.idle(held):
+                        logger.info(
+                            "adapters of %s unused for %.0f s, dropping", peer, self.adapters.idle_timeout_s
+                        )
+                        break
+                    continue
+                if message is None:
+                    break
+                try:
+                    upload = AdapterUpload.parse(message)
+                    held[upload.name] = self.adapters.upload(
+                        peer, upload, (self.backend.start, self.backend.end)
+                    )
+                    reply = AdapterAck(upload.name, upload.version).to_message()
+                except RequestError as e:
+                    reply = StepError.from_request_error(e).to_message()
+                yield reply
+        finally:
+            self.adapters.drop(peer, held)
 
     async def rpc_inference(
         self, request: Message, incoming: Incoming, context: CallContext
@@ -233,10 +330,11 @@ class RequestHandler:
         if self.leaving:
             raise RequestError("server_leaving", "this server is leaving the swarm")
         backend = self.backend  # a session stays on the blocks it opened on, even if the server moves
+        adapter = self._adapter(peer, opening.adapter, start, end)
         cache_tokens = opening.batch_size * opening.max_length
         _refuse(self.quotas.open_session(peer, cache_tokens, backend.budget.capacity_tokens))
         try:
-            session = backend.open_session(start, end, opening.batch_size, opening.max_length, peer)
+            session = backend.open_session(start, end, opening.batch_size, opening.max_length, peer, adapter)
         except BaseException as e:
             self.quotas.close_session(peer, cache_tokens)
             if isinstance(e, CacheFullError):
@@ -346,8 +444,11 @@ class RequestHandler:
                 f"positions [{step.position}, {step.position + length}) exceed max_length {session.max_length}",
             )
         new_mask = self._mask(step.key_mask, session.batch_size, length)
+        prompts = self._prompts(step.prompts, session.end - session.start, session.batch_size, length)
+        if prompts is not None and step.push:
+            raise RequestError("bad_request", "a step with deep prompts cannot be pushed (they are per hop)")
         began = time.perf_counter()
-        out = await backend.step(session, hidden, step.position, new_mask)
+        out = await backend.step(session, hidden, step.position, new_mask, prompts)
         # the compute time lets clients and benchmarks split a hop into network and server work
         compute_s = time.perf_counter() - began
         pushed = bool(step.push) and await self._push(step, out)
@@ -382,6 +483,28 @@ class RequestHandler:
     def _hidden(self, tensor: torch.Tensor) -> torch.Tensor:
         shape = {2: self.backend.hidden_size}
         return check_tensor(tensor, "hidden", ndim=3, dtypes=FLOAT_DTYPES, shape=shape, finite=True)
+
+    def _prompts(
+        self, prompts: torch.Tensor | None, blocks: int, batch: int, length: int
+    ) -> torch.Tensor | None:
+        """Deep prompts [blocks, batch or 1, P <= length, hidden], finite."""
+        if prompts is None:
+            return None
+        shape = {0: blocks, 3: self.backend.hidden_size}
+        check_tensor(prompts, "prompts", ndim=4, dtypes=FLOAT_DTYPES, shape=shape, finite=True)
+        if prompts.shape[1] not in (1, batch) or prompts.shape[2] > length:
+            raise RequestError(
+                "bad_request",
+                f"prompts of shape {tuple(prompts.shape)} do not fit {batch} sequences of {length} positions",
+            )
+        if prompts.shape[1] * prompts.shape[2] > self.limits.max_prompt_tokens:
+            raise RequestError(
+                "too_large", f"prompts exceed {self.limits.max_prompt_tokens} tokens per block"
+            )
+        return prompts
+
+    def _adapter(self, peer: str, ref: AdapterRef | None, start: int, end: int) -> Adapter | None:
+        return None if ref is None else self.adapters.find(peer, ref, start, end)
 
     @staticmethod
     def _mask(mask: torch.Tensor | None, batch: int, length: int) -> torch.Tensor | None:

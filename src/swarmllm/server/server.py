@@ -27,6 +27,7 @@ from swarmllm.balancing.moves import next_move
 from swarmllm.dht import ModelInfo, ServerInfo, ServerState, announce, find_servers, start_dht, visible_maddrs
 from swarmllm.dht.records import dht_prefix_for
 from swarmllm.models import BlockConfig, BlockSpan, KVCache, load_config, load_span
+from swarmllm.server.adapters import AdapterStore
 from swarmllm.server.backend import Backend
 from swarmllm.server.corrupt import corrupt_outputs
 from swarmllm.server.handler import RequestHandler, ServerLimits
@@ -74,6 +75,7 @@ class ServerConfig:
     max_cache_tokens: int = 16384
     max_memory: int | None = None  # bytes for weights + KV cache; default: a fraction of the free memory
     public_name: str | None = None
+    adapters: list[str] = field(default_factory=list)  # PEFT LoRA folders to host, announced by folder name
     dht_prefix: str | None = None
     identity_path: str | None = None
     swarm_key_path: str | None = (
@@ -112,6 +114,7 @@ class Server:
         self.network_rps: float | None = None
         self._network_task: asyncio.Task | None = None
         self.backend: Backend | None = None
+        self.adapters: AdapterStore | None = None  # hosted (--adapters) and clients' uploaded LoRA adapters
         self.direct_addr: str | None = None
         self.peers: dict[str, ServerInfo] = {}  # the other servers of this model, for pushes to the next one
         self._peers_at = -float("inf")
@@ -134,6 +137,17 @@ class Server:
             loop.add_signal_handler(sig, self.stop)
 
         _, block_config = load_config(cfg.model)
+        limits = cfg.limits
+        self.adapters = AdapterStore(
+            block_config,
+            DTYPES[cfg.dtype],
+            cfg.device,
+            max_adapters_per_peer=limits.max_adapters_per_peer,
+            max_bytes_per_peer=limits.max_adapter_bytes_per_peer,
+            idle_timeout_s=limits.adapter_idle_timeout_s,
+        )
+        for path in cfg.adapters:  # before joining: a bad folder stops the server at once
+            logger.info("hosting adapter %r from %s", self.adapters.host(path), path)
         self.model_info = ModelInfo(
             dht_prefix=self.dht_prefix, num_blocks=block_config.num_layers, repository=cfg.model
         )
@@ -172,7 +186,7 @@ class Server:
         p2p = await self.dht.replicate_p2p()
         self.pool = ConnectionPool(self.identity, p2p, swarm_key=self.swarm_key)
         self.handler = handler = RequestHandler(
-            self.backend, self._info_record, cfg.limits, self._connect, self.identity.peer_id
+            self.backend, self._info_record, cfg.limits, self._connect, self.identity.peer_id, self.adapters
         )
         handlers = handler.handlers()
         slots = ConnectionSlots(cfg.wire)
@@ -432,6 +446,7 @@ class Server:
             version=__version__,
             dtype=self.config.dtype,
             public_name=self.config.public_name,
+            adapters=tuple(sorted(self.adapters.hosted)) if self.adapters else (),
             movable=self.config.blocks is None,
             direct_addrs=(self.direct_addr,) if self.direct_addr else (),
         )

@@ -8,10 +8,18 @@ Range checks that depend on the receiver (its span, its limits, the session) sta
 
 An inference stream carries: `OpenSession` (the opening), then `Step` and `Repoint` from the client (and `Step`
 pushed by the previous server), answered by one `StepReply` per step, or an in-band `StepError`.
+
+Fine-tuning adds: `BackwardRequest` / `BackwardReply` (a unary `backward` over a span), an `adapters` stream whose
+messages are `AdapterUpload`s (a client's LoRA weights, once per version) answered by `AdapterAck`, and on the
+forward-side messages an `AdapterRef` (which adapter applies), deep `prompts` and a `dropout_seed`. Tensors beyond
+the hidden states and key mask travel by name (the meta's `tensors` list); many small tensors (an adapter's A/B
+matrices, their gradients) travel as one flat tensor plus a manifest of names and shapes (`pack_tensors`).
 """
 
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +30,8 @@ from swarmllm.wire.framing import Message
 from swarmllm.wire.validation import bad_request, check_count, get_int
 
 STEP, REPOINT = "step", "repoint"
+MAX_PACKED_TENSORS = 4096  # named tensors in one flat tensor (an adapter: layers x modules x 2)
+_NAME = r"[A-Za-z0-9_.]{1,128}"
 
 
 def _int(meta: dict[str, Any], name: str, default: int | None = None) -> int:
@@ -44,6 +54,98 @@ def _session_id(meta: dict[str, Any]) -> str | None:
     return token
 
 
+def _optional_int(meta: dict[str, Any], name: str) -> int | None:
+    return None if meta.get(name) is None else get_int(meta, name)
+
+
+def _tensors(message: Message, allowed: tuple[str, ...], what: str) -> dict[str, torch.Tensor]:
+    """A message's tensors by name: the meta's `tensors` list names them in order; without it they are
+    positional, the first names of `allowed` (the layout older messages had)."""
+    names = message.meta.get("tensors")
+    if names is None:
+        names = list(allowed[: len(message.tensors)])
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise bad_request(f"{what}: tensors must be a list of names")
+    if len(set(names)) != len(names) or not set(names) <= set(allowed) or len(names) != len(message.tensors):
+        raise bad_request(f"{what}: tensor names {names[:8]} do not match its {len(message.tensors)} tensors")
+    return dict(zip(names, message.tensors, strict=True))
+
+
+def _message(meta: dict[str, Any], named: dict[str, torch.Tensor | None], positional: int = 2) -> Message:
+    """Lay out named tensors (None = absent); positional when only the first `positional` may be present."""
+    present = {name: t for name, t in named.items() if t is not None}
+    if not set(present) <= set(list(named)[:positional]) or list(present) != list(named)[: len(present)]:
+        meta = {**meta, "tensors": list(present)}
+    return Message(meta, list(present.values()))
+
+
+def pack_tensors(named: dict[str, torch.Tensor]) -> tuple[list[list], torch.Tensor]:
+    """Many named tensors of one dtype as (manifest [[name, shape], ...], one flat tensor), for the wire."""
+    manifest = [[name, list(t.shape)] for name, t in named.items()]
+    flat = torch.cat([t.detach().reshape(-1) for t in named.values()]) if named else torch.zeros(0)
+    return manifest, flat
+
+
+def unpack_tensors(manifest: Any, flat: torch.Tensor, what: str) -> dict[str, torch.Tensor]:
+    """`pack_tensors` undone, checking the manifest's structure and that its sizes add up to the tensor's."""
+    if not isinstance(manifest, list) or len(manifest) > MAX_PACKED_TENSORS:
+        raise bad_request(f"{what}: the manifest must be a list of at most {MAX_PACKED_TENSORS} entries")
+    if flat.ndim != 1:
+        raise bad_request(f"{what}: packed tensors must be one flat tensor, got shape {tuple(flat.shape)}")
+    shapes, names = [], set()
+    for entry in manifest:
+        ok = (
+            isinstance(entry, list)
+            and len(entry) == 2
+            and isinstance(entry[0], str)
+            and isinstance(entry[1], list)
+        )
+        if not ok or not re.fullmatch(_NAME, entry[0]) or entry[0] in names:
+            raise bad_request(f"{what}: bad manifest entry {str(entry)[:80]}")
+        if len(entry[1]) > 4 or not all(
+            isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in entry[1]
+        ):
+            raise bad_request(f"{what}: bad shape for {entry[0]}: {str(entry[1])[:80]}")
+        names.add(entry[0])
+        shapes.append(entry[1])
+    sizes = [math.prod(shape) for shape in shapes]
+    if sum(sizes) != flat.numel():
+        raise bad_request(
+            f"{what}: the manifest describes {sum(sizes)} values, the tensor holds {flat.numel()}"
+        )
+    return {
+        entry[0]: part.view(shape)
+        for entry, part, shape in zip(manifest, flat.split(sizes), shapes, strict=True)
+    }
+
+
+@dataclass(frozen=True)
+class AdapterRef:
+    """Which adapter applies to a request: a client's own (by the name it chose and the version it uploaded on
+    its `adapters` stream) or, with no version, one the server hosts (`--adapters`)."""
+
+    name: str
+    version: int | None = None
+
+    def to_meta(self) -> dict[str, Any]:
+        return {"name": self.name} if self.version is None else {"name": self.name, "version": self.version}
+
+    @classmethod
+    def parse(cls, meta: dict[str, Any]) -> AdapterRef | None:
+        value = meta.get("adapter")
+        if value is None:
+            return None
+        if not isinstance(value, dict) or not isinstance(value.get("name"), str):
+            raise bad_request("adapter must be {name, version?}")
+        if not re.fullmatch(_NAME, value["name"]):
+            raise bad_request("an adapter's name is 1 to 128 letters, digits, '_' or '.'")
+        return cls(value["name"], _optional_int(value, "version"))
+
+
+def _adapter_meta(adapter: AdapterRef | None) -> dict[str, Any]:
+    return {} if adapter is None else {"adapter": adapter.to_meta()}
+
+
 @dataclass(frozen=True)
 class OpenSession:
     """Opens an inference session over blocks [start, end): the server reserves batch_size x max_length cache
@@ -56,6 +158,7 @@ class OpenSession:
     max_length: int
     session_id: str | None = None
     accept_push_from: str | None = None
+    adapter: AdapterRef | None = None  # applies to every step of the session
 
     def to_message(self) -> Message:
         meta = {
@@ -63,6 +166,7 @@ class OpenSession:
             "end": self.end,
             "batch_size": self.batch_size,
             "max_length": self.max_length,
+            **_adapter_meta(self.adapter),
         }
         if self.session_id is not None:
             meta["session_id"] = self.session_id
@@ -80,6 +184,7 @@ class OpenSession:
             _int(meta, "max_length"),
             _session_id(meta),
             _optional_str(meta, "accept_push_from"),
+            AdapterRef.parse(meta),
         )
 
 
@@ -107,6 +212,7 @@ class Step:
     push: list[PushTarget] = field(default_factory=list)
     push_timeout_s: float | None = None
     session_id: str | None = None  # set in a push: which of the receiver's sessions it is for
+    prompts: torch.Tensor | None = None  # [blocks, B or 1, P, H]: deep prompts for the first P positions
 
     def to_message(self) -> Message:
         meta: dict[str, Any] = {"kind": STEP, "position": self.position, "step": self.step}
@@ -116,13 +222,15 @@ class Step:
                 meta["push_timeout_s"] = self.push_timeout_s
         if self.session_id is not None:
             meta["session_id"] = self.session_id
-        tensors = [self.hidden] if self.key_mask is None else [self.hidden, self.key_mask]
-        return Message(meta, tensors)
+        return _message(meta, {"hidden": self.hidden, "key_mask": self.key_mask, "prompts": self.prompts})
 
     @classmethod
     def parse(cls, message: Message) -> Step:
         meta = message.meta
-        check_count(message.tensors, 1, 2, "an inference step")
+        check_count(message.tensors, 1, 3, "an inference step")
+        tensors = _tensors(message, ("hidden", "key_mask", "prompts"), "an inference step")
+        if "hidden" not in tensors:
+            raise bad_request("an inference step needs hidden states")
         push = meta.get("push") or []
         if not isinstance(push, list) or not all(
             isinstance(h, dict) and isinstance(h.get("peer_id"), str) and isinstance(h.get("session_id"), str)
@@ -134,12 +242,13 @@ class Step:
             raise bad_request("push_timeout_s must be a number")
         return cls(
             position=_int(meta, "position"),
-            hidden=message.tensors[0],
-            key_mask=message.tensors[1] if len(message.tensors) > 1 else None,
+            hidden=tensors["hidden"],
+            key_mask=tensors.get("key_mask"),
             step=_int(meta, "step", 0),
             push=[PushTarget(h["peer_id"], h["session_id"]) for h in push],
             push_timeout_s=None if timeout is None else float(timeout),
             session_id=_session_id(meta),
+            prompts=tensors.get("prompts"),
         )
 
 
@@ -208,23 +317,191 @@ class StepError:
 
 @dataclass(frozen=True)
 class ForwardRequest:
-    """A plain forward over blocks [start, end), no cache."""
+    """A plain forward over blocks [start, end), no cache; optionally with deep prompts for the first P positions
+    ([blocks, B or 1, P, H]), an adapter, and (a training forward) the seed of the adapter's dropout masks."""
 
     start: int
     end: int
     hidden: torch.Tensor
     key_mask: torch.Tensor | None = None
+    prompts: torch.Tensor | None = None
+    adapter: AdapterRef | None = None
+    dropout_seed: int | None = None
 
     def to_message(self) -> Message:
-        tensors = [self.hidden] if self.key_mask is None else [self.hidden, self.key_mask]
-        return Message({"start": self.start, "end": self.end}, tensors)
+        meta = {"start": self.start, "end": self.end, **_adapter_meta(self.adapter)}
+        if self.dropout_seed is not None:
+            meta["dropout_seed"] = self.dropout_seed
+        return _message(meta, {"hidden": self.hidden, "key_mask": self.key_mask, "prompts": self.prompts})
 
     @classmethod
     def parse(cls, message: Message) -> ForwardRequest:
-        check_count(message.tensors, 1, 2, "forward")
+        check_count(message.tensors, 1, 3, "forward")
+        tensors = _tensors(message, ("hidden", "key_mask", "prompts"), "forward")
+        if "hidden" not in tensors:
+            raise bad_request("forward needs hidden states")
+        meta = message.meta
         return cls(
-            _int(message.meta, "start"),
-            _int(message.meta, "end"),
-            message.tensors[0],
-            message.tensors[1] if len(message.tensors) > 1 else None,
+            _int(meta, "start"),
+            _int(meta, "end"),
+            tensors["hidden"],
+            tensors.get("key_mask"),
+            tensors.get("prompts"),
+            AdapterRef.parse(meta),
+            _optional_int(meta, "dropout_seed"),
         )
+
+
+@dataclass(frozen=True)
+class BackwardRequest:
+    """The gradient of a span's inputs given its inputs `hidden` and the gradient `grad` of its outputs: the
+    server recomputes the forward (with the same prompts, adapter and dropout seed as the forward it answers)
+    with autograd. `lora_grads`: also return the gradients of the client's adapter's A/B matrices."""
+
+    start: int
+    end: int
+    hidden: torch.Tensor
+    grad: torch.Tensor
+    key_mask: torch.Tensor | None = None
+    prompts: torch.Tensor | None = None
+    adapter: AdapterRef | None = None
+    dropout_seed: int | None = None
+    lora_grads: bool = False
+
+    def to_message(self) -> Message:
+        meta = {
+            "start": self.start,
+            "end": self.end,
+            "lora_grads": self.lora_grads,
+            **_adapter_meta(self.adapter),
+        }
+        if self.dropout_seed is not None:
+            meta["dropout_seed"] = self.dropout_seed
+        named = {"hidden": self.hidden, "grad": self.grad, "key_mask": self.key_mask, "prompts": self.prompts}
+        return _message(meta, named)
+
+    @classmethod
+    def parse(cls, message: Message) -> BackwardRequest:
+        check_count(message.tensors, 2, 4, "backward")
+        tensors = _tensors(message, ("hidden", "grad", "key_mask", "prompts"), "backward")
+        if "hidden" not in tensors or "grad" not in tensors:
+            raise bad_request("backward needs hidden states and their gradient")
+        meta = message.meta
+        lora_grads = meta.get("lora_grads", False)
+        if not isinstance(lora_grads, bool):
+            raise bad_request("lora_grads must be true or false")
+        return cls(
+            _int(meta, "start"),
+            _int(meta, "end"),
+            tensors["hidden"],
+            tensors["grad"],
+            tensors.get("key_mask"),
+            tensors.get("prompts"),
+            AdapterRef.parse(meta),
+            _optional_int(meta, "dropout_seed"),
+            lora_grads,
+        )
+
+
+@dataclass(frozen=True)
+class BackwardReply:
+    """Gradients: of the span's inputs, of the deep prompts sent (if any), of the adapter's A/B (if asked)."""
+
+    grad_hidden: torch.Tensor
+    grad_prompts: torch.Tensor | None = None
+    grad_lora: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def to_message(self) -> Message:
+        meta: dict[str, Any] = {}
+        named = {"grad_hidden": self.grad_hidden, "grad_prompts": self.grad_prompts, "grad_lora": None}
+        if self.grad_lora:
+            meta["lora"], named["grad_lora"] = pack_tensors(self.grad_lora)
+        return _message(meta, named, positional=1)
+
+    @classmethod
+    def parse(cls, message: Message) -> BackwardReply:
+        """Raises RequestError("bad_request") for a malformed reply (the client turns it into a BadReplyError)."""
+        tensors = _tensors(message, ("grad_hidden", "grad_prompts", "grad_lora"), "a backward reply")
+        if "grad_hidden" not in tensors:
+            raise bad_request("a backward reply needs grad_hidden")
+        lora = {}
+        if "grad_lora" in tensors:
+            lora = unpack_tensors(message.meta.get("lora"), tensors["grad_lora"], "a backward reply")
+        return cls(tensors["grad_hidden"], tensors.get("grad_prompts"), lora)
+
+
+@dataclass(frozen=True)
+class AdapterUpload:
+    """A client's LoRA adapter (its `name`, `version` and settings) over layers [start, end) of the receiving
+    server, on the client's `adapters` stream; the server keeps it (the latest version of each name) for that
+    client until the stream ends or the adapter goes unused. Tensors: A [rank, in] and B [out, rank] per layer
+    and target module, named as in `models.lora` (`"3.self_attn.q_proj.lora_A"`), packed into one."""
+
+    name: str
+    version: int
+    rank: int
+    alpha: float
+    dropout: float
+    modules: tuple[str, ...]
+    rslora: bool
+    start: int
+    end: int
+    tensors: dict[str, torch.Tensor]
+
+    def to_message(self) -> Message:
+        manifest, flat = pack_tensors(self.tensors)
+        meta = {
+            "name": self.name,
+            "version": self.version,
+            "rank": self.rank,
+            "alpha": self.alpha,
+            "dropout": self.dropout,
+            "modules": list(self.modules),
+            "rslora": self.rslora,
+            "start": self.start,
+            "end": self.end,
+            "manifest": manifest,
+        }
+        return Message(meta, [flat])
+
+    @classmethod
+    def parse(cls, message: Message) -> AdapterUpload:
+        meta = message.meta
+        check_count(message.tensors, 1, 1, "an adapter upload")
+        ref = AdapterRef.parse({"adapter": {"name": meta.get("name"), "version": meta.get("version")}})
+        if ref is None or ref.version is None:
+            raise bad_request("an adapter upload needs a name and a version")
+        modules = meta.get("modules")
+        if not isinstance(modules, list) or not all(isinstance(m, str) for m in modules) or len(modules) > 16:
+            raise bad_request("modules must be a list of module names")
+        numbers = {}
+        for name in ("alpha", "dropout"):
+            value = meta.get(name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+                raise bad_request(f"{name} must be a number")
+            numbers[name] = float(value)
+        if not isinstance(meta.get("rslora", False), bool):
+            raise bad_request("rslora must be true or false")
+        return cls(
+            ref.name,
+            ref.version,
+            _int(meta, "rank"),
+            numbers["alpha"],
+            numbers["dropout"],
+            tuple(modules),
+            meta.get("rslora", False),
+            _int(meta, "start"),
+            _int(meta, "end"),
+            unpack_tensors(meta.get("manifest"), message.tensors[0], "an adapter upload"),
+        )
+
+
+@dataclass(frozen=True)
+class AdapterAck:
+    """The server holds this version of the adapter now."""
+
+    name: str
+    version: int
+
+    def to_message(self) -> Message:
+        return Message({"name": self.name, "version": self.version})

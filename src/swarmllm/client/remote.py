@@ -1,0 +1,143 @@
+"""The swarm's blocks as one differentiable function, and the trainable parameters a client holds for them.
+
+`PromptTuning` holds prompts (Petals' conventions: `ptune` prepends N trainable vectors to the input embeddings;
+`deep_ptune` also adds N trainable vectors per block to the first N positions before each block). `RemoteLora`
+holds a LoRA adapter's A/B matrices for every block, named as PEFT names them; a plain `optimizer.step()` is
+enough: a changed tensor bumps its `_version` counter, and the next request uploads the new weights once per
+server. `run_blocks` sends hidden states through the swarm with them, through `RemoteBlocks` (a
+`torch.autograd.Function` whose backward asks the same servers for the gradients) when gradients are needed.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import torch
+from torch import nn
+
+from swarmllm.client.loop import run_sync
+from swarmllm.client.swarm import SwarmClient
+from swarmllm.client.tuning import AdapterWeights, Tuning
+from swarmllm.models import BlockConfig
+from swarmllm.models.lora import LoraSettings, lora_shapes
+
+_names = itertools.count()
+
+
+class PromptTuning(nn.Module):
+    """N trainable prompt vectors (and with `deep`, N more per block, starting at zero, as Petals does)."""
+
+    def __init__(self, config: BlockConfig, pre_seq_len: int, deep: bool, init_std: float = 0.02):
+        super().__init__()
+        if pre_seq_len < 1:
+            raise ValueError(f"prompt tuning needs pre_seq_len >= 1, got {pre_seq_len}")
+        self.prompts = nn.Parameter(torch.randn(pre_seq_len, config.hidden_size) * init_std)
+        self.deep = (
+            nn.Parameter(torch.zeros(config.num_layers, pre_seq_len, config.hidden_size)) if deep else None
+        )
+
+    @property
+    def length(self) -> int:
+        return self.prompts.shape[0]
+
+    def prepend(self, embeds: torch.Tensor) -> torch.Tensor:
+        """[B, T, H] -> [B, N + T, H]: the prompts take positions 0..N-1."""
+        prompts = self.prompts.to(embeds.dtype).expand(embeds.shape[0], -1, -1)
+        return torch.cat([prompts, embeds], dim=1)
+
+
+class RemoteLora(nn.Module):
+    """A LoRA adapter for every remote block, held (and trained) by the client; PEFT's initialisation (A
+    Kaiming-uniform, B zero, so the adapter starts as a no-op)."""
+
+    def __init__(self, config: BlockConfig, settings: LoraSettings, name: str | None = None):
+        super().__init__()
+        self.settings = settings
+        self.name = name or f"lora{next(_names)}"
+        shapes = lora_shapes(config, settings, range(config.num_layers))
+        self.names = list(shapes)
+        self.weights = nn.ParameterList(nn.Parameter(torch.empty(shape)) for shape in shapes.values())
+        for name, weight in zip(self.names, self.weights, strict=True):
+            if name.endswith("lora_A"):
+                nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
+            else:
+                nn.init.zeros_(weight)
+        self._signature: tuple | None = None
+        self._snapshot: AdapterWeights | None = None
+        self._version = 0
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return dict(zip(self.names, self.weights, strict=True))
+
+    def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        if set(tensors) != set(self.names):
+            raise ValueError("the adapter's tensors do not match its settings")
+        with torch.no_grad():
+            for name, weight in zip(self.names, self.weights, strict=True):
+                weight.copy_(tensors[name])
+
+    def snapshot(self) -> AdapterWeights:
+        """The weights as they are now, with a version that changes whenever any of them changed (an optimizer
+        step or any in-place update bumps the tensors' version counters; no sync call needed)."""
+        signature = tuple((id(w), w._version) for w in self.weights)
+        if signature != self._signature:
+            self._signature, self._version = signature, self._version + 1
+            tensors = {name: w.detach().float().clone() for name, w in self.tensors().items()}
+            self._snapshot = AdapterWeights(self.name, self._version, self.settings, tensors)
+        return self._snapshot
+
+
+class RemoteBlocks(torch.autograd.Function):
+    """Hidden states through every block of the swarm, differentiable in the hidden states, the deep prompts
+    and the adapter's tensors. Gradients come from the servers that computed the forward (or others of the same
+    blocks if they fail), exact in float32."""
+
+    @staticmethod
+    def forward(ctx, swarm, key_mask, tuning, names, hidden, prompts, *lora):
+        out, kept = run_sync(swarm.train_forward(hidden.detach(), key_mask, tuning))
+        ctx.swarm, ctx.key_mask, ctx.tuning, ctx.names, ctx.kept = swarm, key_mask, tuning, names, kept
+        ctx.hidden_dtype = hidden.dtype
+        return out.to(hidden.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad_hidden, grad_prompts, grad_lora = run_sync(
+            ctx.swarm.train_backward(ctx.kept, grad.float().contiguous(), ctx.key_mask, ctx.tuning)
+        )
+        grads = [grad_hidden.to(ctx.hidden_dtype), grad_prompts]
+        grads += [grad_lora.get(name) for name in ctx.names]
+        return None, None, None, None, *grads
+
+
+def run_blocks(
+    swarm: SwarmClient,
+    hidden: torch.Tensor,
+    key_mask: torch.Tensor | None,
+    ptune: PromptTuning | None,
+    lora: RemoteLora | None,
+    training: bool,
+) -> torch.Tensor:
+    """`hidden` (prompts already prepended) through the swarm's blocks with the client's deep prompts and
+    adapter: differentiably when gradients are wanted and anything requires them, else plainly (pipelined).
+    In training mode the adapter's dropout applies, with a fresh seed per call (from torch's generator)."""
+    deep = None if ptune is None or ptune.deep is None else ptune.deep[:, None]  # [L, 1, N, H]
+    params = [] if lora is None else list(lora.weights)
+    trainable = [t for t in (hidden, deep, *params) if t is not None and t.requires_grad]
+    needs_grad = torch.is_grad_enabled() and bool(trainable)
+    weights = None if lora is None else lora.snapshot()
+    seed = None
+    if needs_grad and training and weights is not None and weights.settings.dropout > 0:
+        seed = int(torch.randint(0, 2**62, ()).item())
+    tuning = Tuning(
+        prompts=None if deep is None else deep.detach().float(),
+        hosted_adapter=swarm.active_adapter,
+        weights=weights,
+        dropout_seed=seed,
+        lora_grads=needs_grad and any(p.requires_grad for p in params),
+    )
+    if not needs_grad:
+        return run_sync(swarm.forward(hidden.detach(), key_mask, tuning))
+    names = [] if lora is None else lora.names
+    prompts = deep if deep is not None else torch.zeros(0)  # autograd.Function inputs must be tensors
+    return RemoteBlocks.apply(swarm, key_mask, tuning, names, hidden, prompts, *params)

@@ -1,0 +1,295 @@
+"""Fine-tuning through real server processes: gradients (inputs, shallow and deep prompts, LoRA A/B) equal local
+autograd on the same checkpoint across a 3-server route, adapters of concurrent clients stay apart, adapters
+round-trip through PEFT folders, hosted adapters route only via the servers that announce them, and a backward
+survives the loss of a server."""
+
+from __future__ import annotations
+
+import logging
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from swarmllm import AutoDistributedModelForCausalLM, AutoDistributedModelForSequenceClassification
+from swarmllm.client.loop import run_sync
+from swarmllm.dht import find_servers
+from swarmllm.local import LocalSwarm
+from swarmllm.models import load_client_head, load_config, load_span
+from swarmllm.models.lora import LoraSettings, lora_shapes, write_peft_adapter
+
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+peft = pytest.importorskip("peft")
+
+CHAIN = [(0, 1), (1, 3), (3, 4)]  # the route gradients are checked over: 3 servers
+WHOLE = (0, 4)  # one more server, hosting an adapter; the backward's replacement when a chain server dies
+HOSTED = "styled"
+TOL = dict(rtol=1e-4, atol=1e-5)
+LORA = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj", "up_proj", "down_proj"])
+
+
+def random_lora(config, settings, seed):
+    generator = torch.Generator().manual_seed(seed)
+    shapes = lora_shapes(config, settings, range(config.num_layers))
+    return {name: torch.randn(shape, generator=generator) * 0.1 for name, shape in shapes.items()}
+
+
+@pytest.fixture(scope="module")
+def swarm(llama_checkpoint, tmp_path_factory):
+    _, config = load_config(llama_checkpoint)
+    hosted = tmp_path_factory.mktemp("adapters") / HOSTED
+    settings = LoraSettings(rank=2, alpha=4, modules=("q_proj", "v_proj"))
+    write_peft_adapter(hosted, settings, random_lora(config, settings, 99), str(llama_checkpoint))
+    with LocalSwarm() as local:
+        local.start_bootstrap()
+        local.add_servers([(str(llama_checkpoint), span) for span in CHAIN])
+        local.add_server(str(llama_checkpoint), WHOLE, extra=["--adapters", str(hosted)])
+        yield local, hosted
+
+
+@pytest.fixture(scope="module")
+def reference(llama_checkpoint):
+    return AutoModelForCausalLM.from_pretrained(llama_checkpoint, dtype=torch.float32).eval()
+
+
+def remote_model(path, local, cls=AutoDistributedModelForCausalLM, chain=True, **kwargs):
+    model = cls.from_pretrained(str(path), initial_peers=local.initial_peers, spot_check_fraction=0, **kwargs)
+    if chain:  # the three servers of CHAIN only
+        servers = run_sync(find_servers(model.swarm.dht, model.swarm.dht_prefix, 4))
+        model.swarm.use_servers([s for s in servers if (s.start_block, s.end_block) in CHAIN])
+    return model
+
+
+def ids(batch=2, length=7, seed=0):
+    return torch.randint(3, 150, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def with_random_adapter(model, seed):
+    model.add_adapter(peft.LoraConfig(**LORA))
+    model.lora.load_tensors(random_lora(model.block_config, model.lora.settings, seed))
+    return model
+
+
+def peft_reference(path, adapter_dir, trainable=False):
+    base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    return peft.PeftModel.from_pretrained(base, adapter_dir, is_trainable=trainable).eval()
+
+
+def test_lora_gradients_equal_peft_autograd(swarm, llama_checkpoint, tmp_path):
+    local, _ = swarm
+    model = with_random_adapter(remote_model(llama_checkpoint, local), seed=1)
+    try:
+        assert {n for n, p in model.named_parameters() if p.requires_grad} == {
+            f"lora.weights.{i}" for i in range(len(model.lora.names))
+        }
+        x = ids()
+        loss = model(x, labels=x).loss
+        loss.backward()
+        model.save_pretrained(tmp_path)
+        theirs = peft_reference(llama_checkpoint, tmp_path, trainable=True)
+        their_loss = theirs(input_ids=x, labels=x).loss
+        their_loss.backward()
+        torch.testing.assert_close(loss, their_loss, **TOL)
+        their_grads = {n: p.grad for n, p in theirs.named_parameters() if p.requires_grad}
+        assert len(their_grads) == len(model.lora.names)
+        for name, weight in zip(model.lora.names, model.lora.weights, strict=True):
+            layer, rest = name.split(".", 1)
+            want = their_grads[f"base_model.model.model.layers.{layer}.{rest}.default.weight"]
+            torch.testing.assert_close(weight.grad, want, **TOL)
+        assert model.swarm.uploads.uploads == len(CHAIN)  # once per server for this version
+    finally:
+        model.shutdown()
+
+
+@pytest.mark.parametrize("mode", ["ptune", "deep_ptune"])
+def test_prompt_and_input_gradients_equal_local_autograd(swarm, llama_checkpoint, mode):
+    local, _ = swarm
+    model = remote_model(llama_checkpoint, local, tuning_mode=mode, pre_seq_len=3)
+    try:
+        generator = torch.Generator().manual_seed(2)
+        with torch.no_grad():
+            if model.ptune.deep is not None:
+                model.ptune.deep.copy_(torch.randn(model.ptune.deep.shape, generator=generator) * 0.1)
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        assert trainable == {"ptune.prompts"} | ({"ptune.deep"} if mode == "deep_ptune" else set())
+        x = ids(seed=3)
+        embeds = model.head.embed(x).detach().requires_grad_()
+        out = model(inputs_embeds=embeds, labels=x)
+        assert out.logits.shape[1] == x.shape[1]  # the input tokens only
+        out.loss.backward()
+
+        _, head = load_client_head(llama_checkpoint)
+        span = load_span(llama_checkpoint, 0, 4)
+        prompts = model.ptune.prompts.detach().clone().requires_grad_()
+        deep = None if model.ptune.deep is None else model.ptune.deep.detach().clone().requires_grad_()
+        local_embeds = embeds.detach().clone().requires_grad_()
+        hidden = torch.cat([prompts.expand(2, -1, -1), local_embeds], dim=1)
+        hidden = span(hidden, prompts=None if deep is None else deep[:, None])
+        logits = head.logits(hidden[:, 3:])
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), x[:, 1:].flatten())
+        loss.backward()
+        torch.testing.assert_close(out.loss, loss, **TOL)
+        torch.testing.assert_close(embeds.grad, local_embeds.grad, **TOL)
+        torch.testing.assert_close(model.ptune.prompts.grad, prompts.grad, **TOL)
+        if deep is not None:
+            torch.testing.assert_close(model.ptune.deep.grad, deep.grad, **TOL)
+
+        # generate prepends the prompts once: its greedy tokens are those of repeated full forwards
+        prompt = ids(batch=1, length=4, seed=4)
+        tokens = model.generate(prompt, max_new_tokens=5, do_sample=False)
+        want = prompt
+        with torch.no_grad():
+            for _ in range(5):
+                want = torch.cat([want, model(want).logits[:, -1:].argmax(-1)], dim=1)
+        assert tokens.tolist() == want.tolist()
+    finally:
+        model.shutdown()
+
+
+def test_concurrent_clients_adapters_never_mix(swarm, llama_checkpoint, reference, tmp_path):
+    local, _ = swarm
+    models = [with_random_adapter(remote_model(llama_checkpoint, local), seed) for seed in (5, 6)]
+    plain = remote_model(llama_checkpoint, local)
+    try:
+        x = ids(seed=7)
+        wants = []
+        for i, model in enumerate(models):
+            model.save_pretrained(tmp_path / str(i))
+            with torch.no_grad():
+                wants.append(peft_reference(llama_checkpoint, tmp_path / str(i))(x).logits)
+        with torch.no_grad():
+            plain_want = reference(x).logits
+
+        def use(model, want, rounds=4):
+            for _ in range(rounds):
+                with torch.no_grad():
+                    torch.testing.assert_close(model(x).logits, want, **TOL)
+                if model.lora is not None:  # training traffic interleaved with the other clients'
+                    model(x, labels=x).loss.backward()
+            return True
+
+        with ThreadPoolExecutor(3) as pool:
+            jobs = [pool.submit(use, m, w) for m, w in zip([*models, plain], [*wants, plain_want])]
+            assert all(job.result(timeout=120) for job in jobs)
+        # a generation (inference sessions on the same servers) with each adapter too
+        prompt = ids(batch=1, length=4, seed=8)
+        for i, model in enumerate(models):
+            theirs = peft_reference(llama_checkpoint, tmp_path / str(i))
+            want = theirs.generate(input_ids=prompt, max_new_tokens=6, do_sample=False)
+            assert model.generate(prompt, max_new_tokens=6, do_sample=False).tolist() == want.tolist()
+    finally:
+        for model in [*models, plain]:
+            model.shutdown()
+
+
+def test_optimizer_steps_upload_each_version_once_and_round_trip(swarm, llama_checkpoint, tmp_path):
+    local, _ = swarm
+    model = with_random_adapter(remote_model(llama_checkpoint, local), seed=9)
+    try:
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        x = ids(seed=10)
+        losses = []
+        for _ in range(3):
+            loss = model(x, labels=x).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            losses.append(loss.item())
+        assert losses[-1] < losses[0]
+        assert model.swarm.uploads.uploads == 3 * len(CHAIN)  # each version once per server
+        with torch.no_grad():
+            ours = model(x).logits
+        model.save_pretrained(tmp_path)
+        with torch.no_grad():
+            torch.testing.assert_close(peft_reference(llama_checkpoint, tmp_path)(x).logits, ours, **TOL)
+        again = remote_model(llama_checkpoint, local)
+        try:
+            again.load_adapter(tmp_path)
+            with torch.no_grad():
+                torch.testing.assert_close(again(x).logits, ours, **TOL)
+        finally:
+            again.shutdown()
+    finally:
+        model.shutdown()
+
+
+def test_sequence_classification_trains_its_head_and_prompts(swarm, llama_checkpoint):
+    local, _ = swarm
+    model = remote_model(
+        llama_checkpoint,
+        local,
+        cls=AutoDistributedModelForSequenceClassification,
+        tuning_mode="ptune",
+        pre_seq_len=2,
+        num_labels=2,
+    )
+    try:
+        assert {n for n, p in model.named_parameters() if p.requires_grad} == {
+            "ptune.prompts",
+            "score.weight",
+        }
+        model.train()
+        x, labels = ids(batch=4, length=5, seed=11), torch.tensor([0, 1, 0, 1])
+        mask = torch.ones_like(x)
+        mask[1, :2] = 0  # left padding
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.05)
+        losses = []
+        for _ in range(4):
+            out = model(x, attention_mask=mask, labels=labels)
+            out.loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            losses.append(out.loss.item())
+        assert out.logits.shape == (4, 2)
+        assert losses[-1] < losses[0]
+    finally:
+        model.shutdown()
+
+
+def test_hosted_adapter_routes_only_via_servers_announcing_it(swarm, llama_checkpoint):
+    local, hosted = swarm
+    model = remote_model(llama_checkpoint, local, chain=False, active_adapter=HOSTED)
+    try:
+        theirs = peft_reference(llama_checkpoint, hosted)
+        x = ids(batch=1, length=5, seed=12)
+        with torch.no_grad():
+            torch.testing.assert_close(model(x).logits, theirs(x).logits, **TOL)
+        with model.inference_session(max_length=16) as session:
+            want = theirs.generate(input_ids=x, max_new_tokens=6, do_sample=False)
+            assert model.generate(x, max_new_tokens=6, do_sample=False).tolist() == want.tolist()
+            hops = session.session.hops
+        servers = {s.peer_id: s for s in run_sync(find_servers(model.swarm.dht, model.swarm.dht_prefix, 4))}
+        assert all(HOSTED in servers[h.peer_id].adapters for h in hops)
+        assert sum(HOSTED in s.adapters for s in servers.values()) == 1
+    finally:
+        model.shutdown()
+
+
+def test_backward_survives_a_dead_server(swarm, llama_checkpoint, tmp_path):
+    """Last in this module: it kills a chain server (after the forward) and starts it again."""
+    local, _ = swarm
+    model = with_random_adapter(remote_model(llama_checkpoint, local, chain=False), seed=13)
+    try:
+        servers = run_sync(find_servers(model.swarm.dht, model.swarm.dht_prefix, 4))
+        by_span = {(s.start_block, s.end_block): s for s in servers}
+        model.swarm.use_servers([by_span[span] for span in CHAIN])
+        x = ids(seed=14)
+        loss = model(x, labels=x).loss
+        local.servers[CHAIN.index((1, 3))].kill()
+        model.swarm.use_servers(servers)  # the whole-model server may take over now
+        loss.backward()
+        model.save_pretrained(tmp_path)
+        theirs = peft_reference(llama_checkpoint, tmp_path, trainable=True)
+        theirs(input_ids=x, labels=x).loss.backward()
+        their_grads = {n: p.grad for n, p in theirs.named_parameters() if p.requires_grad}
+        for name, weight in zip(model.lora.names, model.lora.weights, strict=True):
+            layer, rest = name.split(".", 1)
+            torch.testing.assert_close(
+                weight.grad,
+                their_grads[f"base_model.model.model.layers.{layer}.{rest}.default.weight"],
+                **TOL,
+            )
+    finally:
+        model.shutdown()
+        local.restart_server(CHAIN.index((1, 3)))
