@@ -1,5 +1,6 @@
 """The `swarmllm` command: `dht` (bootstrap peer), `serve` (donate blocks), `generate` (use a swarm), `monitor`
-(a web page of the swarm's health), `api` (an OpenAI-compatible API), `fetch` (a bundled model), `demo`.
+(a web page of the swarm's health), `api` (an OpenAI-compatible API), `fetch` (a bundled model), `demo`,
+`ladder` (convert a checkpoint to Ladder Residual and retrain it: ladder_commands.py).
 
 It speaks to people: a common mistake (a model folder that does not exist, a peer address that is malformed or
 does not answer, blocks without a server, a port in use) ends with one line saying what to do and exit status 1;
@@ -16,6 +17,8 @@ import socket
 import sys
 import traceback
 from pathlib import Path
+
+from swarmllm import ladder_commands
 
 
 def _blocks(text: str) -> tuple[int, int]:
@@ -295,6 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--monitor-port", type=int, default=0, help="the demo's monitor page port (0 = any free)"
     )
+    ladder_commands.add_parser(commands)
     return parser
 
 
@@ -455,6 +459,8 @@ def _run(args: argparse.Namespace) -> int:
             model=args.model,
             monitor_port=args.monitor_port,
         )
+    if args.command == "ladder":
+        return ladder_commands.run(args)
     return 2
 
 

@@ -41,7 +41,7 @@ HEAD_TENSORS = {
 }
 _BLOCK_TENSOR = re.compile(r"model\.layers\.(\d+)\.(.+)")
 # Some older Llama 2 conversions saved the RoPE frequencies per layer; they are recomputed, never loaded.
-_STALE_SUFFIX = "rotary_emb.inv_freq"
+STALE_SUFFIX = "rotary_emb.inv_freq"
 
 
 def resolve_checkpoint(
@@ -84,7 +84,7 @@ def tensor_names_for_blocks(index_or_names: Mapping | Iterable[str], start: int,
     selected = []
     for name in index_or_names:
         match = _BLOCK_TENSOR.fullmatch(name)
-        if match and start <= int(match[1]) < end and not name.endswith(_STALE_SUFFIX):
+        if match and start <= int(match[1]) < end and not name.endswith(STALE_SUFFIX):
             selected.append((int(match[1]), name))
     return [name for _, name in sorted(selected)]
 

@@ -25,6 +25,15 @@ from torch import Tensor, nn
 from transformers import LlamaConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
+from swarmllm.models.ladder import (
+    LOCAL,
+    Comm,
+    ladder_decode,
+    ladder_forward,
+    standard_decode,
+    standard_forward,
+)
+
 FAMILIES = ("llama", "mistral", "qwen2")
 # transformers recomputes these frequencies from the sequence length at run time; we only do static RoPE.
 _DYNAMIC_ROPE_TYPES = ("dynamic", "longrope")
@@ -52,6 +61,7 @@ class BlockConfig:
     tie_word_embeddings: bool = False
     rope_parameters: dict = field(default_factory=lambda: {"rope_type": "default", "rope_theta": 10000.0})
     max_position_embeddings: int = 4096  # read by scaled RoPE variants (yarn) only
+    ladder_layers: tuple[int, ...] = ()  # Ladder Residual layers (models/ladder.py); () = the standard model
 
     @classmethod
     def from_hf(cls, hf_config) -> BlockConfig:
@@ -76,6 +86,14 @@ class BlockConfig:
                 i for i, kind in enumerate(hf_config.layer_types) if kind == "sliding_attention"
             )
         bias = bool(getattr(hf_config, "attention_bias", False))
+        ladder_layers = tuple(getattr(hf_config, "ladder_layers", None) or ())
+        if list(ladder_layers) != sorted(set(ladder_layers)) or not all(
+            isinstance(i, int) and 0 <= i < hf_config.num_hidden_layers for i in ladder_layers
+        ):
+            raise ValueError(
+                f"ladder_layers must be sorted distinct layer indices in [0, {hf_config.num_hidden_layers}), "
+                f"got {list(ladder_layers)}"
+            )
         return cls(
             family=family,
             hidden_size=hf_config.hidden_size,
@@ -95,6 +113,7 @@ class BlockConfig:
             tie_word_embeddings=bool(hf_config.tie_word_embeddings),
             rope_parameters=rope,
             max_position_embeddings=hf_config.max_position_embeddings,
+            ladder_layers=ladder_layers,
         )
 
     def window(self, layer: int) -> int | None:
@@ -102,6 +121,12 @@ class BlockConfig:
         if self.sliding_layers is not None and layer not in self.sliding_layers:
             return None
         return self.sliding_window
+
+    def carries_pending(self, boundary: int) -> bool:
+        """Whether the state crossing the boundary before layer `boundary` is the pair (r, p) rather than r alone:
+        only between two ladder layers. Elsewhere p is settled into r by then (a standard layer settles first,
+        the model's end settles before the final norm), so a span may settle it early and hand on r alone."""
+        return boundary - 1 in self.ladder_layers and boundary in self.ladder_layers
 
 
 class KVCache:
@@ -440,7 +465,14 @@ def add_prompt(hidden: Tensor, prompt: Tensor) -> Tensor:
 
 
 class BlockSpan(nn.Module):
-    """Blocks [start, end) of a model plus their rotary embedding: what a server runs."""
+    """Blocks [start, end) of a model plus their rotary embedding: what a server runs.
+
+    The state entering and leaving a span is the residual stream r, plus the pending sub-layer output p where
+    the boundary lies inside a ladder region (`BlockConfig.carries_pending`; never in a standard model).
+    `forward` / `decode` take and return r alone and are what a standard model uses; `forward_pair` /
+    `decode_pair` take and return (r, p). `comm` sums sub-layer outputs over tensor-parallel ranks once
+    models/tp.py has sharded the span; by default there is nothing to sum.
+    """
 
     def __init__(self, config: BlockConfig, start: int, end: int):
         super().__init__()
@@ -449,6 +481,8 @@ class BlockSpan(nn.Module):
         self.config, self.start, self.end = config, start, end
         self.rotary = RotaryEmbedding(config)
         self.blocks = nn.ModuleList(LlamaBlock(config) for _ in range(start, end))
+        self.ladder = [i in config.ladder_layers for i in range(start, end)]  # per block: a ladder layer?
+        self.comm: Comm = LOCAL
 
     def forward(
         self,
@@ -467,11 +501,32 @@ class BlockSpan(nn.Module):
         cache: one entry per block run; the caller owns it and advances `pos` between calls.
         prompts: [n, B or 1, P, H], one per block run, added to the first P positions of the hidden states
         before that block (deep prompt tuning). lora: one `BlockLora` per block run.
+        Neither edge may lie inside a ladder region (use forward_pair there).
         """
-        batch, length, _ = hidden.shape
-        indices = range(len(self.blocks))[blocks or slice(None)]
-        if not indices or indices.step != 1:
-            raise ValueError(f"blocks must be a non-empty contiguous sub-range, got {blocks}")
+        indices = self._indices(blocks, pair=False)
+        return self.forward_pair(
+            hidden, None, pos=pos, key_mask=key_mask, cache=cache, blocks=indices, prompts=prompts, lora=lora
+        )[0]
+
+    def forward_pair(
+        self,
+        r: Tensor,
+        p: Tensor | None,
+        *,
+        pos: int = 0,
+        key_mask: Tensor | None = None,
+        cache: KVCache | None = None,
+        blocks: slice | range | None = None,
+        prompts: Tensor | None = None,
+        lora: Sequence[BlockLora] | None = None,
+    ) -> tuple[Tensor, Tensor | None]:
+        """`forward` for the pair (r, p): r [B, T, H] the residual stream, p [B, T, H] the pending output of the
+        sub-layer before the span, None where the first layer's boundary carries r alone. Returns (r, p), with p
+        None where the boundary after the last layer carries r alone (the span then has settled r = r + p). Deep
+        prompts are added to r (p joins it later: the sum is the same); prompts and lora as in `forward`."""
+        batch, length, _ = r.shape
+        indices = self._indices(blocks, pair=True)
+        self._check_pending(indices, p)
         if cache is None and pos != 0:
             raise ValueError("without a cache there is no prefix to continue from: pos must be 0")
         if cache is not None and (
@@ -484,19 +539,32 @@ class BlockSpan(nn.Module):
         if key_mask is not None:
             if key_mask.shape != (batch, pos + length):
                 raise ValueError(f"key_mask shape {tuple(key_mask.shape)} != {(batch, pos + length)}")
-            key_mask = key_mask.to(device=hidden.device, dtype=torch.bool)
+            key_mask = key_mask.to(device=r.device, dtype=torch.bool)
 
-        ids = position_ids(key_mask, batch, length, pos, hidden.device)
-        cos, sin = self.rotary(ids, hidden.dtype)
+        ids = position_ids(key_mask, batch, length, pos, r.device)
+        cos, sin = self.rotary(ids, r.dtype)
         windows = [self.config.window(self.start + i) for i in indices]
-        masks = {w: attention_mask(key_mask, length, pos, w, hidden.device) for w in set(windows)}
+        masks = {w: attention_mask(key_mask, length, pos, w, r.device) for w in set(windows)}
+        comm = self.comm
+        p = None if p is None else comm.ready(p)
         for slot, (i, window) in enumerate(zip(indices, windows, strict=True)):
+            block = self.blocks[i]
             block_cache = None if cache is None else (cache.keys[slot], cache.values[slot])
-            if prompts is not None:
-                hidden = add_prompt(hidden, prompts[slot])
+            if prompts is not None:  # added to the stream; p joins it later, and addition commutes
+                r = add_prompt(r, prompts[slot])
             block_lora = NO_LORA if lora is None else lora[slot]
-            hidden = self.blocks[i](hidden, cos, sin, masks[window], block_cache, pos, block_lora)
-        return hidden
+            if self.ladder[i]:
+                r, p = ladder_forward(
+                    block, r, p, comm, cos, sin, masks[window], block_cache, pos, block_lora
+                )
+                continue
+            if p is not None:  # a standard layer reads the whole stream
+                r, p = r + comm.wait(p), None
+            if comm is LOCAL:
+                r = block(r, cos, sin, masks[window], block_cache, pos, block_lora)
+            else:
+                r = standard_forward(block, r, comm, cos, sin, masks[window], block_cache, pos, block_lora)
+        return self._settle(indices, r, p)
 
     def decode(
         self,
@@ -517,18 +585,73 @@ class BlockSpan(nn.Module):
         and slots after `slot` are masked out, so S may be any fixed size: every shape depends on (B, S) only
         and `slot` is a tensor, which is what lets a CUDA graph captured once replay for every step.
         lora: one `BlockLora` per block run (a session's adapter; a captured graph holds its tensors).
+        Neither edge may lie inside a ladder region (use decode_pair there).
         """
-        indices = range(len(self.blocks))[blocks or slice(None)]
+        indices = self._indices(blocks, pair=False)
+        return self.decode_pair(hidden, None, positions, slot, keys, values, key_mask, indices, lora)[0]
+
+    def decode_pair(
+        self,
+        r: Tensor,
+        p: Tensor | None,
+        positions: Tensor,
+        slot: Tensor,
+        keys: Tensor,
+        values: Tensor,
+        key_mask: Tensor | None = None,
+        blocks: slice | range | None = None,
+        lora: Sequence[BlockLora] | None = None,
+    ) -> tuple[Tensor, Tensor | None]:
+        """`decode` for the pair (r [B, H], p [B, H] or None), with `forward_pair`'s contract on p. Which layers
+        take p, settle it or return it depends on the config only, so a captured CUDA graph stays valid."""
+        indices = self._indices(blocks, pair=True)
+        self._check_pending(indices, p)
         length = keys.shape[3]
-        cos, sin = self.rotary.for_decode(positions, hidden.dtype)
+        cos, sin = self.rotary.for_decode(positions, r.dtype)
         windows = [self.config.window(self.start + i) for i in indices]
         masks = {w: self._decode_mask(key_mask, slot, length, w) for w in set(windows)}
+        comm = self.comm
+        p = None if p is None else comm.ready(p)
         for n, (i, window) in enumerate(zip(indices, windows, strict=True)):
-            block_lora = NO_LORA if lora is None else lora[n]
-            hidden = self.blocks[i].decode(
-                hidden, cos, sin, slot, keys[n], values[n], masks[window], block_lora
+            block, block_lora = self.blocks[i], NO_LORA if lora is None else lora[n]
+            args = (cos, sin, slot, keys[n], values[n], masks[window], block_lora)
+            if self.ladder[i]:
+                r, p = ladder_decode(block, r, p, comm, *args)
+                continue
+            if p is not None:
+                r, p = r + comm.wait(p), None
+            r = block.decode(r, *args) if comm is LOCAL else standard_decode(block, r, comm, *args)
+        return self._settle(indices, r, p)
+
+    def _indices(self, blocks: slice | range | None, *, pair: bool) -> range:
+        """The block indices to run; for the single-tensor API, refuses edges inside a ladder region."""
+        indices = blocks if isinstance(blocks, range) else range(len(self.blocks))[blocks or slice(None)]
+        if not indices or indices.step != 1:
+            raise ValueError(f"blocks must be a non-empty contiguous sub-range, got {blocks}")
+        if not pair:
+            for edge in (self.start + indices[0], self.start + indices[-1] + 1):
+                if self.config.carries_pending(edge):
+                    raise ValueError(
+                        f"the state at layer boundary {edge} is the ladder pair (r, p): use forward_pair/decode_pair"
+                    )
+        return indices
+
+    def _check_pending(self, indices: range, p: Tensor | None) -> None:
+        wanted = self.config.carries_pending(self.start + indices[0])
+        if wanted != (p is not None):
+            raise ValueError(
+                f"layer boundary {self.start + indices[0]} carries "
+                + ("(r, p): p is required" if wanted else "r alone: p must be None")
             )
-        return hidden
+
+    def _settle(self, indices: range, r: Tensor, p) -> tuple[Tensor, Tensor | None]:
+        """(r, p) leaving the span: p handed on where the next boundary carries it, else settled into r."""
+        if p is None:
+            return r, None
+        p = self.comm.wait(p)
+        if self.config.carries_pending(self.start + indices[-1] + 1):
+            return r, p
+        return r + p, None
 
     @staticmethod
     def _decode_mask(key_mask: Tensor | None, slot: Tensor, length: int, window: int | None) -> Tensor | None:

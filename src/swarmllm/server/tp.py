@@ -1,0 +1,278 @@
+"""Tensor parallelism inside one server: one span of blocks run across N processes (N devices on a GPU host).
+
+This process is rank 0 and the caller's face; it spawns ranks 1..N-1. Every rank loads the span, keeps its
+Megatron shard (models/tp.py) and holds its share of every session's KV cache (its kv heads). Each call on rank 0
+broadcasts a small header and the input tensors, then all ranks run the same span method; the sub-layer outputs
+meet in all-reduces inside it (asynchronous ones in ladder layers) and rank 0 returns the result, which every
+rank holds. torch.distributed with gloo on CPU, NCCL on CUDA (rank i on cuda:i).
+
+It knows nothing of sessions, the wire or the swarm: the backend decides what to run and names caches by the ids
+`open_cache` returns. Each rank reads the whole of one block at a time and keeps its shard. Not done here yet: CUDA
+graphs or torch.compile of the sharded decode step (models/tp.py's FunctionalComm makes it traceable).
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from dataclasses import dataclass
+from datetime import timedelta
+from os import PathLike
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import Tensor
+
+from swarmllm.models import BlockSpan, KVCache, load_config, load_span
+from swarmllm.models.tp import TensorParallelComm, local_config, shard_span
+
+logger = logging.getLogger(__name__)
+
+STARTUP_TIMEOUT_S = 300.0
+
+
+@dataclass(frozen=True)
+class _Setup:
+    """What every rank needs to join the group and build its shard (picklable, sent to spawned ranks)."""
+
+    checkpoint: str
+    start: int
+    end: int
+    world: int
+    dtype: torch.dtype
+    backend: str
+    init_method: str
+    threads: int | None
+
+    def device(self, rank: int) -> torch.device:
+        return torch.device(f"cuda:{rank}") if self.backend == "nccl" else torch.device("cpu")
+
+
+class TensorParallelSpan:
+    """Blocks [start, end) of `checkpoint` sharded over `world` processes; this process is rank 0.
+
+    The methods mirror BlockSpan's (the (r, p) pair included) with caches named by id; inputs may be on any
+    device, outputs are on rank 0's. `threads` sets torch's CPU threads in every rank, this process included.
+    """
+
+    def __init__(
+        self,
+        checkpoint: str | PathLike,
+        start: int,
+        end: int,
+        *,
+        world: int,
+        dtype: torch.dtype = torch.float32,
+        device: str = "cpu",
+        threads: int | None = None,
+    ):
+        backend = "nccl" if device.startswith("cuda") else "gloo"
+        if backend == "nccl" and torch.cuda.device_count() < world:
+            raise ValueError(f"--tp {world} needs {world} CUDA devices, found {torch.cuda.device_count()}")
+        self.setup = _Setup(
+            str(checkpoint), start, end, world, dtype, backend, f"tcp://127.0.0.1:{_free_port()}", threads
+        )
+        context = mp.get_context("spawn")
+        self._workers = [
+            context.Process(target=_worker, args=(rank, self.setup), daemon=True) for rank in range(1, world)
+        ]
+        for worker in self._workers:
+            worker.start()
+        self.device = self.setup.device(0)
+        self.span = _join(0, self.setup)
+        self.config, self.start, self.end = self.span.config, start, end
+        self.local_config = local_config(self.config, world)
+        self._caches: dict[int, KVCache] = {}
+        self._next_cache = 0
+        logger.info("span [%d, %d) sharded over %d ranks (%s)", start, end, world, backend)
+
+    def open_cache(self, batch: int, max_length: int) -> int:
+        """Allocate a session's KV cache on every rank (each its kv heads); returns its id."""
+        cache_id = self._next_cache
+        self._next_cache += 1
+        header = self._command("open", cache_id=cache_id, batch=batch, max_length=max_length)
+        _run(self.span, self._caches, self.setup, header)
+        return cache_id
+
+    def close_cache(self, cache_id: int) -> None:
+        _run(self.span, self._caches, self.setup, self._command("free", cache_id=cache_id))
+
+    def forward(self, hidden: Tensor, **kwargs) -> Tensor:
+        r, _ = self.forward_pair(hidden, None, **kwargs)
+        return r
+
+    def forward_pair(
+        self,
+        r: Tensor,
+        p: Tensor | None,
+        *,
+        pos: int = 0,
+        key_mask: Tensor | None = None,
+        cache: int | None = None,
+    ) -> tuple[Tensor, Tensor | None]:
+        """BlockSpan.forward_pair over the ranks; `cache` is an id from open_cache (or None: no cache)."""
+        tensors = {"r": r, "p": p, "key_mask": key_mask}
+        header = self._command("forward", pos=pos, cache_id=cache, **_shapes(tensors))
+        return _run(self.span, self._caches, self.setup, header, self._send(tensors))
+
+    def decode_pair(
+        self,
+        r: Tensor,
+        p: Tensor | None,
+        positions: Tensor,
+        slot: int,
+        cache: int,
+        length: int,
+        key_mask: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor | None]:
+        """BlockSpan.decode_pair over the ranks, attending to the first `length` slots of cache `cache`."""
+        tensors = {"r": r, "p": p, "positions": positions, "key_mask": key_mask}
+        header = self._command("decode", slot=slot, cache_id=cache, length=length, **_shapes(tensors))
+        return _run(self.span, self._caches, self.setup, header, self._send(tensors))
+
+    def close(self) -> None:
+        """Stop the other ranks and leave the process group."""
+        if not self._workers:
+            return
+        self._command("stop")
+        for worker in self._workers:
+            worker.join(timeout=30)
+        self._workers = []
+        dist.destroy_process_group()
+
+    def __enter__(self) -> TensorParallelSpan:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _command(self, op: str, **fields) -> dict:
+        """Tell every other rank what comes next; returns the header, for this rank to run too."""
+        header = {"op": op, **fields}
+        dist.broadcast_object_list([header], src=0)
+        return header
+
+    def _send(self, tensors: dict[str, Tensor | None]) -> dict[str, Tensor | None]:
+        sent = {}
+        for name, tensor in tensors.items():
+            if tensor is not None:
+                tensor = tensor.to(self.device).contiguous()
+                dist.broadcast(tensor, src=0)
+            sent[name] = tensor
+        return sent
+
+
+def _shapes(tensors: dict[str, Tensor | None]) -> dict[str, object]:
+    """The header fields a rank needs to receive the tensors: shape and dtype of each (None when absent)."""
+    return {
+        "tensors": {name: None if t is None else (tuple(t.shape), t.dtype) for name, t in tensors.items()}
+    }
+
+
+def _receive(header: dict, device: torch.device) -> dict[str, Tensor | None]:
+    received = {}
+    for name, spec in header.get("tensors", {}).items():
+        if spec is not None:
+            tensor = torch.empty(spec[0], dtype=spec[1], device=device)
+            dist.broadcast(tensor, src=0)
+            spec = tensor
+        received[name] = spec
+    return received
+
+
+def _run(span, caches: dict[int, KVCache], setup: _Setup, header: dict, tensors: dict | None = None):
+    """Execute one command on this rank: the same code on every rank, so the collectives inside line up."""
+    op = header["op"]
+    with torch.inference_mode():
+        if op == "open":
+            config = local_config(span.config, setup.world)
+            caches[header["cache_id"]] = KVCache(
+                span.end - span.start,
+                header["batch"],
+                header["max_length"],
+                config,
+                setup.dtype,
+                _device_of(span),
+            )
+            return None
+        if op == "free":
+            caches.pop(header["cache_id"], None)
+            return None
+        cache = caches[header["cache_id"]] if header.get("cache_id") is not None else None
+        if op == "forward":
+            return span.forward_pair(
+                tensors["r"], tensors["p"], pos=header["pos"], key_mask=tensors["key_mask"], cache=cache
+            )
+        if op == "decode":
+            length = header["length"]
+            return span.decode_pair(
+                tensors["r"],
+                tensors["p"],
+                tensors["positions"],
+                torch.tensor([header["slot"]], device=tensors["r"].device),
+                cache.keys[:, :, :, :length],
+                cache.values[:, :, :, :length],
+                tensors["key_mask"],
+            )
+    raise ValueError(f"unknown tensor-parallel command {op!r}")
+
+
+def _device_of(span) -> torch.device:
+    return next(span.parameters()).device
+
+
+def _join(rank: int, setup: _Setup):
+    """Join the process group and build this rank's shard of the span."""
+    if setup.threads:
+        torch.set_num_threads(setup.threads)
+    device = setup.device(rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group(
+        setup.backend,
+        init_method=setup.init_method,
+        rank=rank,
+        world_size=setup.world,
+        timeout=timedelta(seconds=STARTUP_TIMEOUT_S),
+    )
+    return _load_shard(setup, rank, device)
+
+
+def _load_shard(setup: _Setup, rank: int, device: torch.device) -> BlockSpan:
+    """This rank's shard of the span, read one block at a time on the CPU and sharded before it moves to
+    `device`: a rank never holds more than its shard plus one whole block."""
+    comm = TensorParallelComm()
+    _, config = load_config(setup.checkpoint)
+    with torch.device("meta"):
+        span = BlockSpan(config, setup.start, setup.end)
+    span.rotary.to(device)
+    for i in range(setup.start, setup.end):
+        block = shard_span(load_span(setup.checkpoint, i, i + 1, dtype=setup.dtype), rank, setup.world, comm)
+        span.blocks[i - setup.start] = block.blocks[0].to(device)
+    span.comm = comm
+    return span
+
+
+def _worker(rank: int, setup: _Setup) -> None:
+    """Ranks 1..N-1: run rank 0's commands until it says stop."""
+    span = _join(rank, setup)
+    device = setup.device(rank)
+    caches: dict[int, KVCache] = {}
+    while True:
+        message = [None]
+        dist.broadcast_object_list(message, src=0)
+        header = message[0]
+        if header["op"] == "stop":
+            break
+        try:
+            _run(span, caches, setup, header, _receive(header, device))
+        except Exception:  # noqa: BLE001 - rank 0 meets the same error in the same place and reports it
+            logger.debug("rank %d: command %s failed", rank, header["op"], exc_info=True)
+    dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
