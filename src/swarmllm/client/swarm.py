@@ -544,8 +544,11 @@ class SwarmClient:
         return record
 
     def _dtype(self, peer_id: str) -> str:
+        """What sets the precision of a server's outputs: its quantization if any, else its dtype."""
         info = self._servers.get(peer_id)
-        return "unknown" if info is None else info.dtype
+        if info is None:
+            return "unknown"
+        return info.dtype if info.quantization == "none" else info.quantization
 
     def _checker_route(self, hop: Hop, exclude: set[str]) -> list[Hop] | None:
         """Other servers to compute `hop`'s blocks (one, or several that together cover them), or None."""

@@ -1,8 +1,10 @@
-"""Model math and checkpoint loading; imports only torch, transformers, safetensors and huggingface_hub.
+"""Model math and checkpoint loading; imports only torch, transformers, safetensors and huggingface_hub
+(and bitsandbytes, lazily, for quantized weights).
 
 llama.py       BlockConfig, KVCache, RotaryEmbedding, LlamaBlock, BlockSpan (a server's blocks), ClientHead
                (a client's embeddings + final norm + LM head) for Llama 2/3.x, Mistral and Qwen2/2.5
 checkpoint.py  resolve a local or hub checkpoint, load a span of blocks or the client head reading only their tensors
+quant.py       int8 / nf4 projections through bitsandbytes (imported only when used), their memory size
 tiny.py        tiny random checkpoints (with a tokenizer) for tests and the demo
 """
 
