@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 
-import torch
 from torch import Tensor, nn
 
 from swarmllm.models.llama import LlamaBlock, Lora, Projection
