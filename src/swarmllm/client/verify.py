@@ -28,11 +28,17 @@ import torch
 # nf4 server a spot check catches only gross corruption
 TOLERANCE = {"float32": 1e-3, "float16": 2e-2, "bfloat16": 1e-1, "int8": 0.15, "nf4": 1.0}
 UNKNOWN_DTYPE_TOLERANCE = TOLERANCE["bfloat16"]
+# what compressing a server's output for the wire adds (wire.compression; measured in benchmarks/compression.py)
+COMPRESSION_TOLERANCE = {"none": 0.0, "float16": 2e-3, "bfloat16": 1e-2, "blockwise8": 5e-2}
 
 
-def tolerance(dtypes: Sequence[str]) -> float:
-    """The tolerance for comparing outputs of servers computing in these dtypes: the coarsest one's."""
-    return max((TOLERANCE.get(d, UNKNOWN_DTYPE_TOLERANCE) for d in dtypes), default=UNKNOWN_DTYPE_TOLERANCE)
+def tolerance(dtypes: Sequence[str], compression: str = "none") -> float:
+    """The tolerance for comparing outputs of servers computing in these dtypes, one of which came over the wire
+    compressed with `compression`: the coarsest dtype's, plus the codec's error."""
+    coarsest = max(
+        (TOLERANCE.get(d, UNKNOWN_DTYPE_TOLERANCE) for d in dtypes), default=UNKNOWN_DTYPE_TOLERANCE
+    )
+    return coarsest + COMPRESSION_TOLERANCE.get(compression, max(COMPRESSION_TOLERANCE.values()))
 
 
 def mismatch(a: torch.Tensor, b: torch.Tensor) -> float:
