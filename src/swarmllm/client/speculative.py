@@ -87,13 +87,13 @@ class _Draft:
     def next_logits(self, ids: Tensor) -> Tensor:
         """Logits [V] after ids [1, n], reading only what the cache lacks."""
         new = ids[:, self.length :]
-        out = self.model(input_ids=new, past_key_values=self.cache, use_cache=True)
+        out = self.model(input_ids=new, cache=self.cache, use_cache=True)
         self.length = ids.shape[1]
         return out.logits[0, -1].float()
 
     def keep(self, length: int) -> None:
         if length < self.length:
-            self.cache.crop(length)
+            self.cache.crop(length - self.length)  # transformers 5 crops by a negative count to remove
             self.length = length
 
 
