@@ -142,6 +142,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--direct-port", type=int, default=0, help="direct tensor path TCP port (0 = any)")
     serve.add_argument("--announce-host", help="address others should dial, if not --host")
     serve.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    serve.add_argument(
+        "--quant",
+        choices=["none", "int8", "nf4"],
+        default="none",
+        help="store the blocks' linear weights quantized through bitsandbytes (int8: ~1/2, nf4: ~1/4 of "
+        "float16's memory; norms, biases and the KV cache stay in --dtype); counted when choosing how many "
+        "blocks fit, and announced",
+    )
     serve.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
     serve.add_argument(
         "--max-cache-tokens",
@@ -559,6 +567,7 @@ def _serve(args: argparse.Namespace) -> int:
             direct_port=args.direct_port,
             announce_host=args.announce_host,
             dtype=args.dtype,
+            quant=args.quant,
             device=args.device,
             compile=args.compile,
             cuda_graphs=not args.no_cuda_graphs,

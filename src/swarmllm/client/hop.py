@@ -10,6 +10,7 @@ the lost server had computed (the same kernels on the same inputs), so no logit 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import secrets
 from dataclasses import dataclass
 
@@ -81,8 +82,10 @@ class HopSession:
         max_length: int,
         accept_push_from: str | None,
         tuning: Tuning = NO_TUNING,
+        compression: str = "none",
     ):
         self.hop = hop
+        self.compression = compression  # how the session's hidden states travel (wire.compression)
         self.tuning = tuning  # the session's adapter and deep prompts (this hop sends its blocks' share)
         self.batch_size = batch_size
         self.max_length = max_length
@@ -118,10 +121,12 @@ class HopSession:
             self.accept_push_from,
             self.tuning.adapter,
             replay,
+            self.compression,
         )
         self._stream = await conn.open_stream("inference", opening.to_message(), timeout=timeout_s)
 
     async def send(self, step: Step, timeout_s: float) -> None:
+        step = dataclasses.replace(step, compression=self.compression)
         await self._stream.send(step.to_message(), timeout=timeout_s)
 
     async def recv(self, step: int, sent: torch.Tensor, timeout_s: float, position: int) -> StepReply:

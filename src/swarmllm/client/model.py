@@ -18,6 +18,7 @@ writes a PEFT adapter folder (and the client-side trainable tensors, if any); `l
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import threading
 from collections.abc import Iterator, Sequence
@@ -25,12 +26,21 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
+from transformers import (
+    GenerationMixin,
+    LogitsProcessorList,
+    PretrainedConfig,
+    PreTrainedModel,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 from transformers.modeling_outputs import CausalLMOutputWithPast, SequenceClassifierOutput
 
 from swarmllm.client.loop import run_sync
 from swarmllm.client.remote import PromptTuning, RemoteLora, run_blocks
 from swarmllm.client.session import InferenceSession
+from swarmllm.client.speculative import SpeculationStats, speculative_generate
 from swarmllm.client.swarm import SwarmClient
 from swarmllm.client.tuning import Tuning
 from swarmllm.dht.records import dht_prefix_for
@@ -41,6 +51,16 @@ logger = logging.getLogger(__name__)
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 TUNING_MODES = ("ptune", "deep_ptune")
+DEFAULT_DRAFT_TOKENS = 5  # k of speculative decoding when the generation config sets no num_assistant_tokens
+# generation options that change the distribution beyond temperature / top-k / top-p: not applied by the
+# speculative loop, so refused there rather than ignored
+_UNSPECULATIVE = (
+    "repetition_penalty",
+    "no_repeat_ngram_size",
+    "bad_words_ids",
+    "min_new_tokens",
+    "min_length",
+)
 CLIENT_WEIGHTS_FILE = "client_weights.safetensors"  # trainable tensors the client holds (prompts, a head)
 
 
@@ -96,6 +116,7 @@ class DistributedModel(PreTrainedModel):
         self.ptune: PromptTuning | None = None
         self.lora: RemoteLora | None = None
         self._sessions = threading.local()  # each thread its own active session: concurrent generates
+        self.last_speculation: SpeculationStats | None = None  # of the latest generate(assistant_model=...)
 
     @classmethod
     def from_pretrained(
@@ -216,14 +237,17 @@ class DistributedModel(PreTrainedModel):
         return Tuning(deep, self.swarm.active_adapter, weights)
 
     @contextlib.contextmanager
-    def inference_session(self, max_length: int) -> Iterator[RemoteSession]:
+    def inference_session(self, max_length: int, compression: str | None = None) -> Iterator[RemoteSession]:
         """Keep server caches across calls: every `generate` / forward inside reuses this session (it belongs to
         the calling thread: several threads may each hold one on the same model and generate at once). The
-        prompts and adapter are those of when it opens."""
+        prompts and adapter are those of when it opens. `compression` ("float16", "bfloat16", "blockwise8";
+        default: the client's `compression` option, "none" unless set) is how its hidden states travel
+        (`wire.compression`)."""
         if self._active is not None:
             raise RuntimeError("an inference session is already active on this model")
         n = self.prompt_length
-        self._active = RemoteSession(InferenceSession(self.swarm, max_length + n, self._session_tuning()), n)
+        session = InferenceSession(self.swarm, max_length + n, self._session_tuning(), compression)
+        self._active = RemoteSession(session, n)
         try:
             yield self._active
         finally:
@@ -243,6 +267,14 @@ class DistributedModelForCausalLM(DistributedModel, GenerationMixin):
 
     @torch.no_grad()
     def generate(self, inputs: torch.Tensor | None = None, *args, **kwargs):
+        """transformers' `generate` over the swarm; with `assistant_model=DRAFT` (a local causal LM with the same
+        vocabulary), speculative decoding (`client.speculative`): greedy or sampled (temperature, top_k, top_p),
+        `num_assistant_tokens` drafts per round ("heuristic" `num_assistant_tokens_schedule` adapts it),
+        batch size 1. `self.last_speculation` then says how many drafts were accepted."""
+        if kwargs.get("assistant_model") is not None:
+            if args:
+                raise TypeError("with assistant_model, pass generation options by keyword")
+            return self._speculative_generate(inputs, **kwargs)
         if kwargs.get("num_beams", 1) > 1:
             raise NotImplementedError("beam search is not supported yet; use greedy or sampling")
         kwargs["use_cache"] = False
@@ -260,6 +292,79 @@ class DistributedModelForCausalLM(DistributedModel, GenerationMixin):
         )
         with self.inference_session(max_length=max_length):
             return super().generate(inputs, *args, **kwargs)
+
+    def _speculative_generate(self, inputs: torch.Tensor | None, **kwargs) -> torch.Tensor:
+        draft = kwargs.pop("assistant_model")
+        input_ids = inputs if inputs is not None else kwargs.pop("input_ids", None)
+        if input_ids is None:
+            raise ValueError("generate needs input_ids")
+        mask = kwargs.pop("attention_mask", None)
+        if mask is not None and not bool(mask.all()):
+            raise ValueError("speculative decoding takes one unpadded sequence")
+        generator = kwargs.pop("generator", None)
+        config = copy.deepcopy(kwargs.pop("generation_config", None) or self.generation_config)
+        unused = config.update(**kwargs)
+        unused.pop("use_cache", None)
+        if unused:
+            raise ValueError(f"unknown generation options {sorted(unused)}")
+        refused = [name for name in _UNSPECULATIVE if getattr(config, name, None) not in (None, 0, 1.0)]
+        if refused or (config.num_beams or 1) > 1 or config.return_dict_in_generate:
+            raise NotImplementedError(
+                f"speculative decoding supports greedy and sampling (temperature, top_k, top_p), not {refused}"
+                " / beams / return_dict_in_generate"
+            )
+        if self.ptune is not None:
+            raise NotImplementedError("speculative decoding with trainable prompts is not supported")
+        if draft.config.vocab_size != self.config.vocab_size:
+            raise ValueError(
+                f"the draft's vocabulary ({draft.config.vocab_size}) differs from the model's "
+                f"({self.config.vocab_size})"
+            )
+        max_new = config.max_new_tokens
+        if max_new is None:
+            max_new = (config.max_length or 20) - input_ids.shape[1]
+        warpers = LogitsProcessorList()
+        if config.do_sample:
+            if config.temperature is not None and config.temperature != 1.0:
+                warpers.append(TemperatureLogitsWarper(config.temperature))
+            if config.top_k:
+                warpers.append(TopKLogitsWarper(config.top_k))
+            if config.top_p is not None and config.top_p < 1.0:
+                warpers.append(TopPLogitsWarper(config.top_p))
+        eos = config.eos_token_id
+        eos = set() if eos is None else {eos} if isinstance(eos, int) else set(eos)
+        self.last_speculation = stats = SpeculationStats()
+        opened = self._active is None
+        with (
+            self.inference_session(input_ids.shape[1] + max_new)
+            if opened
+            else contextlib.nullcontext(self._active) as remote
+        ):
+            held = input_ids[:, :0]
+
+            def verify(tokens: torch.Tensor, position: int) -> torch.Tensor:
+                nonlocal held
+                hidden = run_sync(remote.session.step(self.head.embed(tokens), position=position))
+                held = torch.cat([held[:, :position], tokens], dim=1)
+                weight = self.head.lm_head.weight
+                return self.head.logits(hidden.to(weight.device, weight.dtype))
+
+            out = speculative_generate(
+                verify,
+                draft,
+                input_ids,
+                max_new_tokens=max_new,
+                num_draft_tokens=config.num_assistant_tokens or DEFAULT_DRAFT_TOKENS,
+                adaptive=config.num_assistant_tokens_schedule == "heuristic",
+                do_sample=bool(config.do_sample),
+                warpers=warpers,
+                eos_token_ids=eos,
+                generator=generator,
+                stats=stats,
+            )
+            # what the servers hold, so that a later call in this session reuses it
+            remote.input_ids, remote.attention_mask = held, torch.ones_like(held, dtype=torch.bool)
+        return out
 
     def forward(
         self,

@@ -104,10 +104,14 @@ def step_reply(message: Message, peer_id: str, sent: torch.Tensor, position: int
     compute_s = meta.get("compute_s", 0.0)
     if isinstance(compute_s, bool) or not isinstance(compute_s, int | float) or not 0 <= compute_s < math.inf:
         raise BadReplyError(peer_id, f"compute_s {_short(compute_s)} is not a duration")
+    try:
+        hidden = StepReply.hidden_states(message)  # float32 again, when the session compresses activations
+    except RequestError as e:
+        raise BadReplyError(peer_id, e.message) from None
     return StepReply(
         replied_at,
         step,
-        checked_hidden(message.tensors, peer_id, sent),
+        checked_hidden([hidden], peer_id, sent),
         float(compute_s),
         meta.get("pushed") is True,
     )

@@ -37,6 +37,7 @@ from swarmllm.client.swarm import HOP_FAILURES, SpotCheck, SwarmClient, corrupt_
 from swarmllm.client.tuning import NO_TUNING, Tuning
 from swarmllm.client.verify import should_check
 from swarmllm.wire import RemoteError
+from swarmllm.wire.compression import check_codec
 from swarmllm.wire.messages import PushTarget, Step
 
 logger = logging.getLogger(__name__)
@@ -70,10 +71,18 @@ class Failover:
 
 
 class InferenceSession:
-    def __init__(self, swarm: SwarmClient, max_length: int, tuning: Tuning = NO_TUNING):
+    def __init__(
+        self,
+        swarm: SwarmClient,
+        max_length: int,
+        tuning: Tuning = NO_TUNING,
+        compression: str | None = None,
+    ):
         if max_length < 1:
             raise ValueError(f"max_length must be positive, got {max_length}")
         self.swarm = swarm
+        # how this session's hidden states travel (wire.compression); default: the client's
+        self.compression = check_codec(compression or swarm.compression)
         self.tuning = tuning.for_inference()  # an adapter for every hop, deep prompts for positions 0..N-1
         self.max_length = max_length
         self.position = 0
@@ -204,7 +213,9 @@ class InferenceSession:
         if not should_check(swarm.spot_rng, swarm.spot_check_fraction):
             return None
         hidden, key_mask = _concat(hop.history)
-        return asyncio.ensure_future(swarm.spot_check(hop.hop, hidden, key_mask, output, self.tuning))
+        return asyncio.ensure_future(
+            swarm.spot_check(hop.hop, hidden, key_mask, output, self.tuning, self.compression)
+        )
 
     async def _first_wrong(
         self, checks: list[tuple[HopSession, asyncio.Future[SpotCheck]]]
@@ -256,6 +267,7 @@ class InferenceSession:
                             self.max_length,
                             previous if self.swarm.push else None,
                             self.tuning,
+                            self.compression,
                         )
                     )
                     if self.tuning.weights is not None:

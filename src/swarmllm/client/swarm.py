@@ -61,6 +61,7 @@ from swarmllm.wire import (
     SwarmKey,
     WireError,
 )
+from swarmllm.wire.compression import check_codec
 from swarmllm.wire.messages import BackwardReply, BackwardRequest, ForwardRequest, OpenSession, Step
 
 if TYPE_CHECKING:
@@ -143,8 +144,11 @@ class SwarmClient:
         spot_check_seed: int | None = None,
         active_adapter: str | None = None,
         max_micro_batches: int = 4,
+        compression: str = "none",
     ):
         self.initial_peers = list(initial_peers)
+        # how inference sessions' hidden states travel unless a session says otherwise (wire.compression)
+        self.compression = check_codec(compression)
         self.dht_prefix = dht_prefix
         self.num_blocks = num_blocks
         # the DHT look-ups and the connections (a private swarm's key, if any, is checked by both)
@@ -451,14 +455,16 @@ class SwarmClient:
         key_mask: torch.Tensor | None,
         output: torch.Tensor,
         tuning: Tuning = NO_TUNING,
+        compression: str = "none",
     ) -> SpotCheck:
         """Compute `hop`'s blocks on `hidden` (all of the hop's inputs, from position 0) on other servers and
         compare with `output`, the hop's output for the last `output.shape[1]` positions. On a disagreement a
         third opinion is asked for; the opinions that agree with no other are wrong, and their servers banned
-        and reported. Never raises for a peer's fault: a checker that fails is banned and the check skipped."""
+        and reported. Never raises for a peer's fault: a checker that fails is banned and the check skipped.
+        `compression`: the codec `output` travelled in (its error widens the tolerance)."""
         tokens = output.shape[1]
         opinions, parties = [output], [(hop.peer_id,)]
-        distance, tol = float("nan"), tolerance([])
+        distance, tol = float("nan"), tolerance([], compression)
         while len(opinions) < 3:
             checker = self._checker_route(hop, {p for party in parties for p in party})
             if checker is None:
@@ -484,7 +490,7 @@ class SwarmClient:
                 )
             opinions.append(out[:, -tokens:])
             parties.append(tuple(h.peer_id for h in checker))
-            tol = tolerance([self._dtype(p) for party in parties for p in party])
+            tol = tolerance([self._dtype(p) for party in parties for p in party], compression)
             if len(opinions) == 2:
                 distance = mismatch(opinions[0], opinions[1])
             if not judge(opinions, tol):
@@ -534,8 +540,11 @@ class SwarmClient:
         return record
 
     def _dtype(self, peer_id: str) -> str:
+        """What sets the precision of a server's outputs: its quantization if any, else its dtype."""
         info = self._servers.get(peer_id)
-        return "unknown" if info is None else info.dtype
+        if info is None:
+            return "unknown"
+        return info.dtype if info.quantization == "none" else info.quantization
 
     def _checker_route(self, hop: Hop, exclude: set[str]) -> list[Hop] | None:
         """Other servers to compute `hop`'s blocks (one, or several that together cover them), or None."""

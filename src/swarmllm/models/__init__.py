@@ -1,4 +1,5 @@
-"""Model math and checkpoint loading; imports only torch, transformers, safetensors and huggingface_hub.
+"""Model math and checkpoint loading; imports only torch, transformers, safetensors and huggingface_hub
+(and bitsandbytes, lazily, for quantized weights).
 
 llama.py       BlockConfig, KVCache, RotaryEmbedding, LlamaBlock, BlockSpan (a server's blocks), ClientHead
                (a client's embeddings + final norm + LM head) for Llama 2/3.x, Mistral and Qwen2/2.5
@@ -8,6 +9,7 @@ tp.py          the tensor-parallel transform of a built span (Megatron-style sha
 checkpoint.py  resolve a local or hub checkpoint, load a span of blocks or the client head reading only their tensors
 causal_lm.py   a whole model in one process (reference outputs, greedy generation, perplexity)
 convert.py     ladder conversion of a checkpoint folder, distillation, writing trained weights back
+quant.py       int8 / nf4 projections through bitsandbytes (imported only when used), their memory size
 tiny.py        tiny random checkpoints (with a tokenizer) for tests and the demo
 """
 

@@ -28,6 +28,7 @@ from safetensors import safe_open
 from transformers import AutoConfig, PretrainedConfig
 
 from swarmllm.models.llama import BlockConfig, BlockSpan, ClientHead, block_state_from_hf
+from swarmllm.models.quant import check_quant, quantize_block
 
 logger = logging.getLogger(__name__)
 
@@ -107,14 +108,18 @@ def load_span(
     revision: str | None = None,
     cache_dir: str | PathLike | None = None,
     reuse: BlockSpan | None = None,
+    quant: str = "none",
 ) -> BlockSpan:
-    """Blocks [start, end) with their weights, reading no other block's tensors.
+    """Blocks [start, end) with their weights, reading no other block's tensors; with `quant` ("int8", "nf4")
+    their projections are quantized (`models.quant`) as each block loads.
 
     Modules are built on the meta device and take the loaded tensors as their parameters, so peak memory
     is about the span's weights plus one tensor. Blocks that `reuse` (a span of the same model, dtype and device
     already loaded) holds are shared with it, not read again: a server moving its span loads only what is new.
+    `reuse` must be quantized alike.
     """
     _check_dtype(dtype)
+    check_quant(quant)
     _, config = load_config(name_or_path, revision=revision, cache_dir=cache_dir)
     with torch.device("meta"):
         span = BlockSpan(config, start, end)
@@ -137,6 +142,7 @@ def load_span(
             prefix = f"model.layers.{i}."
             state = {name.removeprefix(prefix): read(name) for name in names if name.startswith(prefix)}
             span.blocks[i - start].load_state_dict(block_state_from_hf(state), strict=True, assign=True)
+            quantize_block(span.blocks[i - start], quant)
             logger.info("loaded block %d (%d of %d in [%d, %d))", i, i - start + 1, end - start, start, end)
     return span
 

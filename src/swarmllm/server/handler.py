@@ -396,7 +396,7 @@ class RequestHandler:
                     if opening.replay and item.step == 0 and not isinstance(message, _Pushed):
                         self.metrics.replayed_tokens.inc(item.hidden.shape[0] * item.hidden.shape[1])
                     last_step = max(last_step, item.step)
-                    reply = await self._step(backend, session, item)
+                    reply = await self._step(backend, session, item, opening.compression)
                 except RequestError as e:
                     reply = StepError.from_request_error(e).to_message()
                 # the stream's task sends the reply while we wait here: a client that stops reading makes that
@@ -442,7 +442,8 @@ class RequestHandler:
         except asyncio.QueueFull:
             raise RequestError("busy", "the session's queue is full") from None
 
-    async def _step(self, backend: Backend, session: Session, step: Step) -> Message:
+    async def _step(self, backend: Backend, session: Session, step: Step, compression: str) -> Message:
+        """One step of a session; its output goes on (push) and back (reply) in the session's `compression`."""
         check_range("position", step.position, 0, session.length)
         hidden = check_tensor(
             step.hidden,
@@ -467,17 +468,24 @@ class RequestHandler:
         # the compute time lets clients and benchmarks split a hop into network and server work
         compute_s = time.perf_counter() - began
         self.metrics.step(hidden.shape[0] * length, length, compute_s)
-        pushed = bool(step.push) and await self._push(step, out)
-        return StepReply(step.position, step.step, out, compute_s, pushed).to_message()
+        pushed = bool(step.push) and await self._push(step, out, compression)
+        return StepReply(step.position, step.step, out, compute_s, pushed, compression).to_message()
 
-    async def _push(self, step: Step, out: torch.Tensor) -> bool:
+    async def _push(self, step: Step, out: torch.Tensor, compression: str) -> bool:
         """Send our output to the next server of the chain; False (and the client sends it) if that fails."""
         target, *rest = step.push
         if self.connect is None and target.peer_id != self.peer_id:
             return False
         timeout = min(step.push_timeout_s or self.limits.push_timeout_s, self.limits.push_timeout_s)
         pushed = Step(
-            step.position, out, step.key_mask, step.step, rest, step.push_timeout_s, target.session_id
+            step.position,
+            out,
+            step.key_mask,
+            step.step,
+            rest,
+            step.push_timeout_s,
+            target.session_id,
+            compression=compression,
         )
         try:
             if target.peer_id == self.peer_id:

@@ -9,15 +9,25 @@ from accelerate import init_empty_weights
 from accelerate.utils import compute_module_sizes
 
 from swarmllm.models import BlockConfig, KVCache, LlamaBlock
+from swarmllm.models.llama import Projection
+from swarmllm.models.quant import check_quant, quantized_weight_bytes
 
 DEFAULT_MEMORY_FRACTION = 0.8  # of the device's memory, split between its servers, unless --max-memory says
 
 
-def block_bytes(config: BlockConfig, dtype: torch.dtype) -> int:
-    """One block's weights at `dtype`, computed on an empty (meta) block: no memory is allocated."""
+def block_bytes(config: BlockConfig, dtype: torch.dtype, quant: str = "none") -> int:
+    """One block's weights at `dtype`, with its projections' weights quantized as `quant` says ("none", "int8",
+    "nf4"), computed on an empty (meta) block: no memory is allocated."""
     with init_empty_weights():
         block = LlamaBlock(config)
-    return compute_module_sizes(block, dtype=dtype)[""]
+    total = compute_module_sizes(block, dtype=dtype)[""]
+    if check_quant(quant) != "none":
+        for module in block.modules():
+            if isinstance(module, Projection):
+                out_features, in_features = module.weight.shape
+                total += quantized_weight_bytes(out_features, in_features, quant)
+                total -= module.weight.numel() * dtype.itemsize
+    return total
 
 
 def cache_bytes_per_block(config: BlockConfig, dtype: torch.dtype, cache_tokens: int) -> int:

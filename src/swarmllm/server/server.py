@@ -72,6 +72,7 @@ class ServerConfig:
     direct_port: int = 0
     announce_host: str | None = None
     dtype: str = "float32"
+    quant: str = "none"  # "int8" | "nf4": the blocks' projections stored quantized (models.quant)
     device: str = "cpu"
     max_cache_tokens: int = 16384
     max_memory: int | None = None  # bytes for weights + KV cache; default: a fraction of the free memory
@@ -176,9 +177,19 @@ class Server:
         start, end = await self._choose_span(block_config)
         self.start, self.end = start, end
         await self._announce()
-        logger.info("loading blocks [%d, %d) of %s as %s", start, end, cfg.model, cfg.dtype)
+        logger.info(
+            "loading blocks [%d, %d) of %s as %s (quantization: %s)",
+            start,
+            end,
+            cfg.model,
+            cfg.dtype,
+            cfg.quant,
+        )
         span = await asyncio.get_running_loop().run_in_executor(
-            None, lambda: load_span(cfg.model, start, end, dtype=DTYPES[cfg.dtype], device=cfg.device)
+            None,
+            lambda: load_span(
+                cfg.model, start, end, dtype=DTYPES[cfg.dtype], device=cfg.device, quant=cfg.quant
+            ),
         )
         self._share_cores()
         if cfg.bandwidth is not None:
@@ -351,7 +362,13 @@ class Server:
         load = asyncio.get_running_loop().run_in_executor(
             None,
             lambda: load_span(
-                cfg.model, start, end, dtype=DTYPES[cfg.dtype], device=cfg.device, reuse=old_backend.span
+                cfg.model,
+                start,
+                end,
+                dtype=DTYPES[cfg.dtype],
+                device=cfg.device,
+                reuse=old_backend.span,
+                quant=cfg.quant,
             ),
         )
         # the joining records go out while the blocks load (a store may wait seconds on a slow DHT peer)
@@ -409,7 +426,11 @@ class Server:
         threads = torch.get_num_threads() if torch.device(cfg.device).type == "cpu" else 0
         span = self.backend.span
         self.inference_rps, self.forward_rps = await self.backend.on_compute_thread(
-            cached_throughput, span, cfg.device, cfg.dtype, threads
+            cached_throughput,
+            span,
+            cfg.device,
+            cfg.dtype if cfg.quant == "none" else f"{cfg.dtype}+{cfg.quant}",
+            threads,
         )
         logger.info(
             "throughput per block: %.1f decode steps/s, %.0f forward tokens/s (%d threads)",
@@ -437,7 +458,7 @@ class Server:
         cfg, dtype = self.config, DTYPES[self.config.dtype]
         servers = self.host_share.servers()
         memory = cfg.max_memory or memory_share(*device_memory(cfg.device), servers)
-        weights = block_bytes(block_config, dtype)
+        weights = block_bytes(block_config, dtype, cfg.quant)
         cache = cache_bytes_per_block(block_config, dtype, cfg.max_cache_tokens)
         fit = blocks_that_fit(memory, weights, cache, block_config.num_layers)
         logger.info(
@@ -466,6 +487,7 @@ class Server:
             cache_tokens_left=free,
             version=__version__,
             dtype=self.config.dtype,
+            quantization=self.config.quant,
             public_name=self.config.public_name,
             adapters=tuple(sorted(self.adapters.hosted)) if self.adapters else (),
             movable=self.config.blocks is None,

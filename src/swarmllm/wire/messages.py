@@ -7,7 +7,10 @@ Each message is a dataclass with named fields and named tensors; `to_message()` 
 Range checks that depend on the receiver (its span, its limits, the session) stay with the receiver.
 
 An inference stream carries: `OpenSession` (the opening), then `Step` and `Repoint` from the client (and `Step`
-pushed by the previous server), answered by one `StepReply` per step, or an in-band `StepError`.
+pushed by the previous server), answered by one `StepReply` per step, or an in-band `StepError`. The opening
+names the session's activation compression (`wire.compression`): every step, push and reply of the session carries
+its hidden states in that form (blockwise8: int8 codes as `hidden`, plus `hidden_scales`); `parse` gives them back
+as float32.
 
 Fine-tuning adds: `BackwardRequest` / `BackwardReply` (a unary `backward` over a span), an `adapters` stream whose
 messages are `AdapterUpload`s (a client's LoRA weights, once per version) answered by `AdapterAck`, and on the
@@ -25,6 +28,7 @@ from typing import Any
 
 import torch
 
+from swarmllm.wire.compression import CODECS, compress, decompress, scale_blocks
 from swarmllm.wire.connection import RequestError
 from swarmllm.wire.framing import Message
 from swarmllm.wire.validation import bad_request, check_count, get_int
@@ -56,6 +60,27 @@ def _session_id(meta: dict[str, Any]) -> str | None:
 
 def _optional_int(meta: dict[str, Any], name: str) -> int | None:
     return None if meta.get(name) is None else get_int(meta, name)
+
+
+def _codec(meta: dict[str, Any]) -> str:
+    codec = meta.get("compression", "none")
+    if codec not in CODECS:
+        raise bad_request(f"compression must be one of {list(CODECS)}, got {str(codec)[:40]!r}")
+    return codec
+
+
+def _hidden(values: torch.Tensor, scales: torch.Tensor | None, what: str) -> torch.Tensor:
+    """Hidden states as float32 from their wire form: as sent, or blockwise8 codes [..., H] (int8) with their
+    bfloat16 scales [..., ceil(H / BLOCK)]. Checks that the two fit each other; the receiver checks the shape."""
+    if scales is None:
+        if values.dtype == torch.int8:
+            raise bad_request(f"{what}: int8 hidden states need hidden_scales")
+        return values
+    if values.dtype != torch.int8 or scales.dtype != torch.bfloat16 or values.ndim != 3:
+        raise bad_request(f"{what}: blockwise8 hidden states are int8 [B, T, H] with bfloat16 scales")
+    if scales.shape != (*values.shape[:-1], scale_blocks(values.shape[-1])):
+        raise bad_request(f"{what}: scales of shape {tuple(scales.shape)} do not fit {tuple(values.shape)}")
+    return decompress(values, scales)
 
 
 def _tensors(message: Message, allowed: tuple[str, ...], what: str) -> dict[str, torch.Tensor]:
@@ -161,6 +186,7 @@ class OpenSession:
     accept_push_from: str | None = None
     adapter: AdapterRef | None = None  # applies to every step of the session
     replay: bool = False
+    compression: str = "none"  # how the session's hidden states travel (wire.compression.CODECS)
 
     def to_message(self) -> Message:
         meta = {
@@ -170,6 +196,8 @@ class OpenSession:
             "max_length": self.max_length,
             **_adapter_meta(self.adapter),
         }
+        if self.compression != "none":
+            meta["compression"] = self.compression
         if self.session_id is not None:
             meta["session_id"] = self.session_id
         if self.accept_push_from is not None:
@@ -190,6 +218,7 @@ class OpenSession:
             _optional_str(meta, "accept_push_from"),
             AdapterRef.parse(meta),
             meta.get("replay") is True,
+            _codec(meta),
         )
 
 
@@ -218,6 +247,7 @@ class Step:
     push_timeout_s: float | None = None
     session_id: str | None = None  # set in a push: which of the receiver's sessions it is for
     prompts: torch.Tensor | None = None  # [blocks, B or 1, P, H]: deep prompts for the first P positions
+    compression: str = "none"  # how `hidden` travels (the session's codec); parse gives it back as float32
 
     def to_message(self) -> Message:
         meta: dict[str, Any] = {"kind": STEP, "position": self.position, "step": self.step}
@@ -227,13 +257,20 @@ class Step:
                 meta["push_timeout_s"] = self.push_timeout_s
         if self.session_id is not None:
             meta["session_id"] = self.session_id
-        return _message(meta, {"hidden": self.hidden, "key_mask": self.key_mask, "prompts": self.prompts})
+        values, scales = compress(self.hidden, self.compression)
+        named = {
+            "hidden": values,
+            "key_mask": self.key_mask,
+            "prompts": self.prompts,
+            "hidden_scales": scales,
+        }
+        return _message(meta, named)
 
     @classmethod
     def parse(cls, message: Message) -> Step:
         meta = message.meta
-        check_count(message.tensors, 1, 3, "an inference step")
-        tensors = _tensors(message, ("hidden", "key_mask", "prompts"), "an inference step")
+        check_count(message.tensors, 1, 4, "an inference step")
+        tensors = _tensors(message, ("hidden", "key_mask", "prompts", "hidden_scales"), "an inference step")
         if "hidden" not in tensors:
             raise bad_request("an inference step needs hidden states")
         push = meta.get("push") or []
@@ -247,7 +284,7 @@ class Step:
             raise bad_request("push_timeout_s must be a number")
         return cls(
             position=_int(meta, "position"),
-            hidden=tensors["hidden"],
+            hidden=_hidden(tensors["hidden"], tensors.get("hidden_scales"), "an inference step"),
             key_mask=tensors.get("key_mask"),
             step=_int(meta, "step", 0),
             push=[PushTarget(h["peer_id"], h["session_id"]) for h in push],
@@ -294,6 +331,7 @@ class StepReply:
     hidden: torch.Tensor
     compute_s: float = 0.0
     pushed: bool = False
+    compression: str = "none"  # how `hidden` travels (the session's codec)
 
     def to_message(self) -> Message:
         meta = {
@@ -302,7 +340,17 @@ class StepReply:
             "compute_s": self.compute_s,
             "pushed": self.pushed,
         }
-        return Message(meta, [self.hidden])
+        values, scales = compress(self.hidden, self.compression)
+        return _message(meta, {"hidden": values, "hidden_scales": scales}, positional=1)
+
+    @staticmethod
+    def hidden_states(message: Message) -> torch.Tensor:
+        """A reply's hidden states as float32 (from blockwise8) or as sent; raises RequestError("bad_request")
+        for a malformed layout (the client turns it into a BadReplyError)."""
+        tensors = _tensors(message, ("hidden", "hidden_scales"), "a step reply")
+        if "hidden" not in tensors:
+            raise bad_request("a step reply needs hidden states")
+        return _hidden(tensors["hidden"], tensors.get("hidden_scales"), "a step reply")
 
 
 @dataclass(frozen=True)

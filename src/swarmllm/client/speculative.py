@@ -1,0 +1,172 @@
+"""Speculative decoding: a small local draft model proposes k tokens, the swarm checks them all in one step.
+
+Each round costs one trip through the swarm's chain (k + 1 tokens at once) instead of one per token: the draft
+(any local transformers causal LM with the same vocabulary, keeping its own cache) proposes tokens d1..dk, the
+target (the swarm) computes its distributions p1..p(k+1) after each prefix, and the longest acceptable prefix is
+kept plus one token from the target, so a round yields 1 to k + 1 tokens.
+
+The acceptance rule (`accept_drafts`) is the exact one of speculative sampling (Leviathan et al. 2023, Chen et
+al. 2023): accept d_i with probability min(1, p_i(d_i) / q_i(d_i)); at the first rejection draw from the
+normalised residual max(0, p_i - q_i); if all are accepted draw the extra token from p(k+1). The tokens then
+follow the target's (warped) distribution exactly, whatever the draft. Greedy keeps drafts while they equal the
+target's argmax, so its tokens are plain greedy decoding's.
+
+Rejected tokens need no undo on the servers: the next round steps at the position after the last accepted token,
+and a session step at an earlier position than the session's length rewinds it (`InferenceSession.step`; the
+servers overwrite those cache slots and never attend past the step). The draft's cache is cropped likewise.
+
+This module holds the loop and the rule; `client.model` gives it the swarm as a function from (tokens, position)
+to logits, which is also how the tests give it a local model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+from transformers import DynamicCache, LogitsProcessorList
+
+# (tokens [1, n], position of the first) -> the target's logits [1, n, vocab] after each of them; a call at a
+# position below what the target holds forgets everything from there on
+Verifier = Callable[[Tensor, int], Tensor]
+
+
+@dataclass
+class SpeculationStats:
+    """What a speculative generation did: rounds through the swarm, tokens drafted and accepted."""
+
+    rounds: int = 0
+    drafted: int = 0
+    accepted: int = 0
+
+    @property
+    def acceptance(self) -> float:
+        """The fraction of drafted tokens the target accepted."""
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+
+def accept_drafts(
+    drafts: Tensor, q: Tensor, p: Tensor, generator: torch.Generator | None = None
+) -> tuple[int, int]:
+    """The exact speculative sampling rule. drafts [k] were drawn from q [k, V]; p [k + 1, V] are the target's
+    distributions after each prefix. Returns (number of drafts accepted, the next token)."""
+    k = drafts.shape[0]
+    for i in range(k):
+        d = int(drafts[i])
+        # accept with probability min(1, p/q): r * q < p for r uniform in [0, 1) (q[d] > 0: d was drawn from q)
+        if torch.rand((), generator=generator, device=p.device) * q[i, d] < p[i, d]:
+            continue
+        residual = (p[i] - q[i]).clamp_min(0)
+        total = residual.sum()
+        # p <= q everywhere (rounding only: a rejection needs some p > q) leaves nothing to draw from but p
+        residual = residual / total if total > 0 else p[i]
+        return i, int(torch.multinomial(residual, 1, generator=generator))
+    return k, int(torch.multinomial(p[k], 1, generator=generator))
+
+
+def accept_greedy(drafts: Tensor, target_logits: Tensor) -> tuple[int, int]:
+    """Greedy: drafts [k] are kept while they are the target's argmax (target_logits [k + 1, V]); the next token
+    is the target's argmax after them."""
+    best = target_logits.argmax(-1)
+    matches = (drafts == best[: drafts.shape[0]]).int().cumprod(0)
+    accepted = int(matches.sum())
+    return accepted, int(best[accepted])
+
+
+class _Draft:
+    """The local draft model and its cache over the tokens it has read."""
+
+    def __init__(self, model):
+        self.model = model
+        self.cache = DynamicCache(config=model.config)
+        self.length = 0  # tokens its cache holds
+
+    @torch.no_grad()
+    def next_logits(self, ids: Tensor) -> Tensor:
+        """Logits [V] after ids [1, n], reading only what the cache lacks."""
+        new = ids[:, self.length :]
+        out = self.model(input_ids=new, cache=self.cache, use_cache=True)
+        self.length = ids.shape[1]
+        return out.logits[0, -1].float()
+
+    def keep(self, length: int) -> None:
+        if length < self.length:
+            self.cache.crop(length - self.length)  # transformers 5 crops by a negative count to remove
+            self.length = length
+
+
+def speculative_generate(
+    verify: Verifier,
+    draft_model,
+    input_ids: Tensor,
+    *,
+    max_new_tokens: int,
+    num_draft_tokens: int = 4,
+    adaptive: bool = False,
+    do_sample: bool = False,
+    warpers: LogitsProcessorList | None = None,
+    eos_token_ids: set[int] | frozenset[int] = frozenset(),
+    generator: torch.Generator | None = None,
+    stats: SpeculationStats | None = None,
+) -> Tensor:
+    """input_ids [1, n] followed by up to `max_new_tokens` tokens (fewer after an EOS token).
+
+    `verify` is the target; it holds nothing yet. `num_draft_tokens` is k; `adaptive` changes it as transformers'
+    "heuristic" schedule does (+2 after a round that accepted every draft, -1 otherwise). `warpers` (temperature,
+    top-k, top-p) shape both models' distributions when sampling: the tokens follow the warped target's.
+    """
+    if input_ids.shape[0] != 1:
+        raise ValueError(
+            "speculative decoding runs one sequence at a time (batch size 1), as in transformers"
+        )
+    stats = stats if stats is not None else SpeculationStats()
+    warpers = warpers or LogitsProcessorList()
+    draft = _Draft(draft_model)
+    ids = input_ids
+    if ids.shape[1] > 1:  # the target reads the prompt but its last token, which starts the first round
+        verify(ids[:, :-1], 0)
+    k, produced = num_draft_tokens, 0
+
+    def distribution(prefix: Tensor, logits: Tensor) -> Tensor:
+        return torch.softmax(warpers(prefix, logits[None])[0], dim=-1)
+
+    while produced < max_new_tokens:
+        n = ids.shape[1]
+        drafting = max(0, min(k, max_new_tokens - produced - 1))  # room for the target's own extra token
+        drafts, q = [], []
+        prefix = ids
+        for _ in range(drafting):
+            logits = draft.next_logits(prefix)
+            if do_sample:
+                q.append(distribution(prefix, logits))
+                token = torch.multinomial(q[-1], 1, generator=generator)
+            else:
+                token = logits.argmax(-1, keepdim=True)
+            drafts.append(token)
+            prefix = torch.cat([prefix, token[None].to(prefix.dtype)], dim=1)
+        drafted = torch.cat(drafts) if drafts else ids.new_zeros(0)
+        target = verify(prefix[:, n - 1 :], n - 1)[0].float()  # [drafting + 1, V]
+        if do_sample:
+            p = torch.stack([distribution(prefix[:, : n + i], target[i]) for i in range(drafting + 1)])
+            accepted, token = accept_drafts(drafted, torch.stack(q) if q else p[:0], p, generator)
+        else:
+            accepted, token = accept_greedy(drafted, target)
+        new = [*drafted[:accepted].tolist(), token]
+        stats.rounds, stats.drafted, stats.accepted = (
+            stats.rounds + 1,
+            stats.drafted + drafting,
+            stats.accepted + accepted,
+        )
+        stop = next((i for i, t in enumerate(new) if t in eos_token_ids), None)
+        if stop is not None:
+            new = new[: stop + 1]
+        ids = torch.cat([ids, torch.tensor([new], dtype=ids.dtype, device=ids.device)], dim=1)
+        produced += len(new)
+        draft.keep(n + accepted)  # the draft read the accepted drafts (and perhaps rejected ones: forgotten)
+        if stop is not None:
+            break
+        if adaptive and drafting:
+            k = k + 2 if accepted == drafting else max(1, k - 1)
+    return ids

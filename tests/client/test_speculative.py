@@ -1,0 +1,146 @@
+"""Speculative decoding's loop and acceptance rule against a local target (our blocks over a KV cache that rewinds
+as a server's does): greedy tokens equal transformers' plain and assisted greedy decoding, and sampled tokens
+follow the target's distribution (chi-square over every pair of first tokens on a tiny vocabulary)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from scipy.stats import chisquare
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, LogitsProcessorList
+from transformers import TemperatureLogitsWarper as Temperature
+
+from swarmllm.client.speculative import SpeculationStats, accept_drafts, speculative_generate
+from swarmllm.models import KVCache, load_client_head, load_span
+
+
+class LocalTarget:
+    """The target as the swarm gives it to the loop: (tokens, position) -> logits, over a cache that a step at
+    an earlier position rewinds; `session()` starts a new one (a fresh cache)."""
+
+    def __init__(self, path, max_length=64):
+        _, self.head = load_client_head(path)
+        self.span = load_span(path, 0, self.head.config.num_layers)
+        self.max_length = max_length
+
+    def session(self):
+        cache = KVCache(len(self.span.blocks), 1, self.max_length, self.span.config, torch.float32, "cpu")
+
+        @torch.no_grad()
+        def verify(tokens, position):
+            return self.head.logits(self.span(self.head.embed(tokens), pos=position, cache=cache))
+
+        return verify
+
+
+def local_target(path, max_length=64):
+    return LocalTarget(path, max_length).session()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Hundreds of tiny forwards: torch's second thread only costs its handoffs (and on a loaded machine waits
+    for a core), so they run on one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def perturbed(path, noise, seed=0):
+    """A draft: the target's checkpoint with noise on every weight (more noise, less agreement)."""
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(torch.randn(param.shape, generator=generator) * noise * param.std())
+    return model
+
+
+def test_accept_drafts_first_token_follows_the_target():
+    generator = torch.Generator().manual_seed(0)
+    vocab, k, runs = 5, 3, 8000
+    p = torch.softmax(torch.randn(k + 1, vocab, generator=generator), -1)
+    q = torch.softmax(torch.randn(k, vocab, generator=generator), -1)
+    counts = torch.zeros(vocab)
+    accepted = 0
+    for _ in range(runs):
+        drafts = torch.stack([torch.multinomial(q[i], 1, generator=generator)[0] for i in range(k)])
+        n, token = accept_drafts(drafts, q, p, generator)
+        counts[int(drafts[0]) if n else token] += 1
+        accepted += n
+    assert chisquare(counts.numpy(), (p[0] * runs).numpy()).pvalue > 1e-3
+    assert 0 < accepted < k * runs  # both paths taken
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_greedy_tokens_equal_plain_and_assisted_greedy(checkpoints, family):
+    path = checkpoints(family)
+    reference = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    draft = perturbed(path, noise=0.05)
+    prompt = torch.tensor([[1, 17, 42, 99, 5, 23]])
+    want = reference.generate(prompt, max_new_tokens=20, do_sample=False)
+    assisted = reference.generate(prompt, max_new_tokens=20, do_sample=False, assistant_model=draft)
+    assert assisted.tolist() == want.tolist()
+    for k, adaptive in ((1, False), (4, False), (3, True)):
+        stats = SpeculationStats()
+        ours = speculative_generate(
+            local_target(path),
+            draft,
+            prompt,
+            max_new_tokens=20,
+            num_draft_tokens=k,
+            adaptive=adaptive,
+            stats=stats,
+        )
+        assert ours.tolist() == want.tolist(), (k, adaptive)
+        assert 0 < stats.accepted < stats.drafted  # drafts accepted and rejected (the cache rewound)
+        assert stats.rounds < 20
+
+
+def test_sampled_tokens_follow_the_target_distribution(tmp_path):
+    """Two sampled tokens after a prompt, many times over, on a 6-token vocabulary: their joint frequencies
+    match the target's p(x1) p(x2 | x1) (temperature 2 on both models), whatever the draft proposes."""
+    torch.manual_seed(0)
+    shape = dict(
+        vocab_size=6,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=16,
+        eos_token_id=None,
+    )
+    LlamaForCausalLM(LlamaConfig(**shape)).save_pretrained(tmp_path / "target")
+    draft = LlamaForCausalLM(LlamaConfig(**shape)).eval()  # another random model: it disagrees often
+    path, prompt, vocab = tmp_path / "target", torch.tensor([[1, 3]]), 6
+    warpers = LogitsProcessorList([Temperature(2.0)])
+
+    target = LocalTarget(path, max_length=8)
+    verify = target.session()
+    with torch.no_grad():
+        first = torch.softmax(warpers(prompt, verify(prompt, 0)[:, -1]), -1)[0]
+        want = torch.stack(
+            [
+                first[a] * torch.softmax(warpers(None, verify(torch.tensor([[a]]), 2)[:, -1]), -1)[0]
+                for a in range(vocab)
+            ]
+        ).flatten()
+    generator = torch.Generator().manual_seed(1)
+    runs, counts, stats = 1000, torch.zeros(vocab * vocab), SpeculationStats()
+    for _ in range(runs):
+        out = speculative_generate(
+            target.session(),
+            draft,
+            prompt,
+            max_new_tokens=2,
+            num_draft_tokens=2,
+            do_sample=True,
+            warpers=warpers,
+            generator=generator,
+            stats=stats,
+        )
+        counts[out[0, 2] * vocab + out[0, 3]] += 1
+    assert chisquare(counts.numpy(), (want * runs).numpy()).pvalue > 1e-3
+    assert 0 < stats.accepted < stats.drafted

@@ -1,0 +1,82 @@
+"""End to end through server processes: a quantized server (announced, computing what `models.quant` computes),
+sessions whose activations travel compressed, and speculative decoding whose rejected drafts the servers' caches
+forget."""
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from swarmllm import AutoDistributedModelForCausalLM
+from swarmllm.client.loop import run_sync
+from swarmllm.dht import find_servers
+from swarmllm.local import LocalSwarm
+from swarmllm.models import load_client_head, load_span
+from swarmllm.wire.compression import CODECS
+
+pytest.importorskip("bitsandbytes")
+
+PROMPT = torch.tensor([[1, 17, 42, 99, 5, 23, 8]])
+# per-token relative L2 distance of logits from an uncompressed session's, through 2 servers (3 crossings)
+MAX_LOGIT_ERROR = {"none": 0.0, "float16": 2e-3, "bfloat16": 1e-2, "blockwise8": 5e-2}
+
+
+@pytest.fixture(scope="module")
+def swarm(llama_checkpoint):
+    with LocalSwarm() as local:
+        local.start_bootstrap()
+        local.add_server(str(llama_checkpoint), (0, 2), extra=["--quant", "int8"])
+        local.add_server(str(llama_checkpoint), (2, 4))
+        model = AutoDistributedModelForCausalLM.from_pretrained(
+            str(llama_checkpoint), initial_peers=local.initial_peers
+        )
+        yield model
+        model.shutdown()
+
+
+def rel_l2(a, b):
+    return float(((a - b).norm(dim=-1) / b.norm(dim=-1)).max())
+
+
+def test_a_quantized_server_announces_it_and_computes_quantized_blocks(swarm, llama_checkpoint):
+    servers = run_sync(find_servers(swarm.swarm.dht, swarm.swarm.dht_prefix, 4))
+    assert {(s.start_block, s.quantization) for s in servers} == {(0, "int8"), (2, "none")}
+    _, head = load_client_head(llama_checkpoint)
+    with torch.no_grad():
+        hidden = load_span(llama_checkpoint, 0, 2, quant="int8")(head.embed(PROMPT))
+        want = head.logits(load_span(llama_checkpoint, 2, 4)(hidden))
+        got = swarm(PROMPT).logits
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        full = AutoModelForCausalLM.from_pretrained(llama_checkpoint, dtype=torch.float32)(PROMPT).logits
+    assert 1e-4 < rel_l2(got, full) < 0.08  # int8's stated tolerance (tests/models/test_quant.py)
+
+
+def test_compressed_sessions_stay_within_their_codec_error(swarm):
+    logits = {}
+    for codec in CODECS:
+        with swarm.inference_session(max_length=32, compression=codec) as session:
+            with torch.no_grad():
+                logits[codec] = swarm(PROMPT).logits
+                step = swarm(torch.cat([PROMPT, torch.tensor([[9]])], dim=1)).logits  # a decode step
+            assert step.shape[1] == 1 and session.session.compression == codec
+    for codec in CODECS:
+        assert rel_l2(logits[codec], logits["none"]) <= MAX_LOGIT_ERROR[codec], codec
+    assert rel_l2(logits["blockwise8"], logits["none"]) > 0  # it really went compressed
+
+
+def test_speculative_decoding_through_the_swarm(swarm, llama_checkpoint):
+    draft = AutoModelForCausalLM.from_pretrained(llama_checkpoint, dtype=torch.float32).eval()
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for param in draft.parameters():
+            param.add_(torch.randn(param.shape, generator=generator) * 0.05 * param.std())
+    want = swarm.generate(PROMPT, max_new_tokens=16, do_sample=False)
+    got = swarm.generate(
+        PROMPT, max_new_tokens=16, do_sample=False, assistant_model=draft, num_assistant_tokens=3
+    )
+    assert got.tolist() == want.tolist()
+    stats = swarm.last_speculation
+    assert 0 < stats.accepted < stats.drafted and stats.rounds < 16  # servers rewound past rejected drafts
+    sampled = swarm.generate(
+        PROMPT, max_new_tokens=10, do_sample=True, temperature=0.8, assistant_model=draft, generator=generator
+    )
+    assert sampled.shape == (1, PROMPT.shape[1] + 10) and torch.equal(sampled[:, : PROMPT.shape[1]], PROMPT)
