@@ -459,6 +459,9 @@ class Server:
             **self._info().to_record(),
             "dht_prefix": self.dht_prefix,
             "total_blocks": self.model_info.num_blocks,
+            # continuous batching so far: merged decode steps run, and session steps run in them
+            "decode_steps": self.backend.batcher.steps if self.backend else 0,
+            "decode_session_steps": self.backend.batcher.merged if self.backend else 0,
         }
 
     async def _connect(self, peer_id: str) -> Connection:
