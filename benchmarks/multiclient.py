@@ -126,7 +126,32 @@ def local_batch_tps(model, vocab: int, clients: int, new_tokens: int, repeats: i
     return clients * new_tokens / statistics.median(times), out.tolist()
 
 
-def bench(name: str, network: str, args: argparse.Namespace, local) -> list[list[object]]:
+def petals_rates(name: str, args: argparse.Namespace) -> tuple[dict[int, float], bool] | str:
+    """Petals 2.2's aggregate tokens/s per client count (loopback; its own venv and recipe, as hotpath.py runs
+    it), and whether every client's tokens equal its solo run; or why it could not run."""
+    from hotpath import petals_swarm
+
+    with petals_swarm(args.petals_venv, name, args.petals_dir) as env:
+        if isinstance(env, str):
+            return env
+        script = Path(__file__).with_name("petals_multiclient.py")
+        command = [
+            str(args.petals_venv / "bin" / "python"),
+            str(script),
+            str(NEW_TOKENS[name]),
+            str(args.repeats),
+        ]
+        try:
+            out = subprocess.run(
+                [*command, *map(str, args.clients)], env=env, capture_output=True, text=True, timeout=1800
+            )
+            result = json.loads(out.stdout.strip().splitlines()[-1])
+        except (subprocess.SubprocessError, OSError, ValueError, IndexError) as e:
+            return f"Petals run failed: {e!r}"
+        return {int(k): v for k, v in result["clients"].items()}, result["equal"]
+
+
+def bench(name: str, network: str, args: argparse.Namespace, local, petals) -> list[list[object]]:
     from swarmllm.local import LocalSwarm
 
     path = checkpoint(name)
@@ -176,6 +201,7 @@ def bench(name: str, network: str, args: argparse.Namespace, local) -> list[list
                     merged,
                     f"{local_tps:.1f}",
                     f"{tps / local_tps:.2f}",
+                    _petals_cell(petals, count, network),
                     equal,
                     solo_equal_local,
                 ]
@@ -183,8 +209,19 @@ def bench(name: str, network: str, args: argparse.Namespace, local) -> list[list
     return rows
 
 
+def _petals_cell(petals, count: int, network: str) -> str:
+    if network != "loopback":
+        return "not run (Petals' traffic goes over libp2p, which the emulator does not carry)"
+    if isinstance(petals, str):
+        return petals
+    rates, equal = petals
+    return f"{rates[count]:.1f} (tokens = solo: {equal})" if count in rates else ""
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--peers", nargs="+", help=argparse.SUPPRESS)
     parser.add_argument("--models", nargs="+", default=["tiny", "medium"], choices=list(NEW_TOKENS))
@@ -195,6 +232,9 @@ def main() -> None:
     parser.add_argument("--batch-wait-ms", type=float, default=10.0)
     parser.add_argument("--server-args", nargs="*", default=[], help="more `swarmllm serve` flags")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--petals-venv", type=Path, default=Path("/tmp/pvenv"))
+    parser.add_argument("--petals-dir", type=Path, default=Path("/tmp/pbench-multi"))
+    parser.add_argument("--no-petals", action="store_true")
     parser.add_argument("--no-record", action="store_true")
     args = parser.parse_args()
     if args.worker:
@@ -208,8 +248,12 @@ def main() -> None:
     rows = []
     for name in args.models:
         local = AutoModelForCausalLM.from_pretrained(checkpoint(name), dtype=torch.float32).eval()
+        petals = "not run (--no-petals)"
+        if not args.no_petals and "loopback" in args.networks:
+            print(f"{name}: Petals ...", file=sys.stderr)
+            petals = petals_rates(name, args)
         for network in args.networks:
-            rows += bench(name, network, args, local)
+            rows += bench(name, network, args, local, petals)
         del local
     table = markdown_table(
         [
@@ -221,6 +265,7 @@ def main() -> None:
             "sessions per server step (server 1 / 2)",
             "local transformers, same batch, tokens/s",
             "swarm/local",
+            "Petals 2.2 tokens/s (all clients)",
             "every client's tokens = its solo run",
             "solo runs = local transformers",
         ],

@@ -119,7 +119,9 @@ class Emulator:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--rtt-ms", type=float, default=100.0)
     parser.add_argument("--mbit", type=float, default=None, help="bandwidth per direction (default: no cap)")
     parser.add_argument("pairs", nargs="+", help="LISTEN:TARGET port pairs on 127.0.0.1")

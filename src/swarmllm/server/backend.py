@@ -5,7 +5,13 @@ batch forward) runs on one dedicated thread so the event loop keeps answering pi
 meanwhile; that thread takes the peers' work in turn (`server.compute`), so one peer's pile of batch work
 cannot starve another's. Small work (a decode step) runs inline on the loop, because handing it to a thread and
 back costs more than computing it (~0.4 ms a hop on a 2-core box), and so it never waits behind anyone's batch
-work. A session's steps arrive one after another on its stream, so two steps never race on one cache either way.
+work (a prefill chunk on the compute thread runs beside the decode steps, it does not stall them). Concurrent
+sessions' decode steps are merged into one forward pass (continuous batching, `server.batching`): the weights are
+read once per step for all of them, each session keeping its own cache, positions, padding and adapter. A
+session's steps arrive one after another on its stream, so two steps never race on one cache either way.
+
+On CUDA a lone session's step replays its captured graph (`server.decode`); a merged step of several sessions runs
+eagerly (their caches are separate tensors, so a graph per batch size would need one shared cache arena).
 
 Fine-tuning: a request may bring deep prompts and a LoRA adapter (`server.adapters`), which apply to it alone.
 Inference and forwards run under `torch.inference_mode()`; `backward` recomputes the span's forward with autograd
