@@ -15,6 +15,7 @@ import statistics
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -78,15 +79,17 @@ def breakdown(label: str, name: str, run) -> list[list[object]]:
     return rows
 
 
-def run_petals(
-    venv: Path, name: str, workdir: Path, timeout_s: float = 900
-) -> tuple[float, float, bool] | str:
-    """(petals steps/s, its local transformers 4.34 steps/s, tokens equal), or why it could not run."""
+@contextmanager
+def petals_swarm(venv: Path, name: str, workdir: Path, timeout_s: float = 900):
+    """A Petals swarm of 2 servers of `name` (the shared/petals-peer recipe); yields the environment its
+    clients run in, or a string saying why it could not start."""
     python = venv / "bin" / "python"
     if not python.exists():
-        return f"no Petals venv at {venv} (see shared/petals-peer/README.md)"
+        yield f"no Petals venv at {venv} (see shared/petals-peer/README.md)"
+        return
     if not (PETALS_PEER / "swarm_petals.sh").exists():
-        return f"no Petals recipe at {PETALS_PEER}"
+        yield f"no Petals recipe at {PETALS_PEER}"
+        return
     workdir.mkdir(parents=True, exist_ok=True)
     half = BLOCKS[name] // 2
     env = {
@@ -115,29 +118,41 @@ def run_petals(
         for log in ("s0.log", "s1.log"):
             while "Started" not in _read(workdir / log):
                 if time.monotonic() > deadline:
-                    return f"Petals servers not ready in {timeout_s} s: {_read(workdir / log)[-300:]}"
+                    yield f"Petals servers not ready in {timeout_s} s: {_read(workdir / log)[-300:]}"
+                    return
                 time.sleep(1)  # polling a log file written by another venv's process
+        yield env
+    finally:
+        try:
+            os.killpg(starter.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+
+
+def run_petals(
+    venv: Path, name: str, workdir: Path, timeout_s: float = 900
+) -> tuple[float, float, bool] | str:
+    """(petals steps/s, its local transformers 4.34 steps/s, tokens equal), or why it could not run."""
+    with petals_swarm(venv, name, workdir, timeout_s) as env:
+        if isinstance(env, str):
+            return env
         client = Path(__file__).with_name("petals_client.py")  # bench_petals.py with a fix for a client hang
-        out = subprocess.run(
-            [str(python), str(client), str(PETALS_PEER / "bench_petals.py")],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=timeout_s,
-        )
+        try:
+            out = subprocess.run(
+                [str(venv / "bin" / "python"), str(client), str(PETALS_PEER / "bench_petals.py")],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=timeout_s,
+            )
+        except (subprocess.SubprocessError, OSError) as e:
+            return f"Petals run failed: {e}"
         match = re.search(
             r"petals single-session: ([\d.]+) steps/s; local transformers: ([\d.]+)", out.stdout
         )
         if not match:
             return f"Petals benchmark failed: {(out.stdout + out.stderr)[-300:]}"
         return float(match[1]), float(match[2]), "tokens equal to transformers: True" in out.stdout
-    except (subprocess.SubprocessError, OSError) as e:
-        return f"Petals run failed: {e}"
-    finally:
-        try:
-            os.killpg(starter.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
 
 
 def _read(path: Path) -> str:

@@ -246,6 +246,44 @@ def test_servers_push_activations_along_the_chain(models):
     remote.swarm.push = True
 
 
+def test_concurrent_clients_are_batched_and_each_gets_its_own_tokens(models):
+    """Sessions generating at once through the same 2 servers (with push): the servers merge their decode
+    steps (continuous batching), and every session's tokens equal transformers' for its own prompt."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from swarmllm.client.loop import run_sync
+    from swarmllm.wire import Message
+
+    remote, reference, tokenizer = models["qwen2"]
+    prompts = [*PROMPTS, "one two three", "the sun and the cat"]
+
+    def merged() -> tuple[int, int]:
+        async def ask():
+            steps = sessions = 0
+            for info in await remote.swarm.servers(refresh=True):
+                if info.state != ServerState.ONLINE:  # one an earlier test stopped
+                    continue
+                meta = (await (await remote.swarm.connection(info.peer_id)).call("info", Message({}))).meta
+                steps, sessions = steps + meta["decode_steps"], sessions + meta["decode_session_steps"]
+            return steps, sessions
+
+        return run_sync(ask())
+
+    def generate(prompt):
+        inputs = tokenizer(prompt, return_tensors="pt")
+        return remote.generate(**inputs, max_new_tokens=16, do_sample=False).tolist()
+
+    before = merged()
+    with ThreadPoolExecutor(len(prompts)) as pool:
+        ours = list(pool.map(generate, prompts))
+    after = merged()
+    for prompt, tokens in zip(prompts, ours, strict=True):
+        inputs = tokenizer(prompt, return_tensors="pt")
+        assert tokens == reference.generate(**inputs, max_new_tokens=16, do_sample=False).tolist(), prompt
+    steps, sessions = after[0] - before[0], after[1] - before[1]
+    assert sessions > steps  # some decode steps ran merged
+
+
 def test_cli_generate_prints_the_same_text_as_transformers(swarm, models, capsys):
     local, paths = swarm
     _, reference, tokenizer = models["llama"]

@@ -141,6 +141,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=0, help="libp2p TCP port (0 = any free port)")
     serve.add_argument("--direct-port", type=int, default=0, help="direct tensor path TCP port (0 = any)")
     serve.add_argument("--announce-host", help="address others should dial, if not --host")
+    serve.add_argument(
+        "--announce-direct-port",
+        type=int,
+        help="direct path port others should dial, if not the one listened on (a port forward or proxy)",
+    )
     serve.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     serve.add_argument(
         "--quant",
@@ -184,6 +189,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--no-cuda-graphs", action="store_true", help="on CUDA, run decode steps eagerly instead of as graphs"
+    )
+    serve.add_argument(
+        "--batch-wait-ms",
+        type=float,
+        default=10.0,
+        help="how long a decode step may wait for other sessions' steps to be merged with it (continuous "
+        "batching; never longer than a step takes, and not at all when no other session is decoding)",
     )
     serve.add_argument(
         "--throughput", type=float, help="announced decode steps/s per block instead of measuring it"
@@ -566,11 +578,13 @@ def _serve(args: argparse.Namespace) -> int:
             port=args.port,
             direct_port=args.direct_port,
             announce_host=args.announce_host,
+            announce_direct_port=args.announce_direct_port,
             dtype=args.dtype,
             quant=args.quant,
             device=args.device,
             compile=args.compile,
             cuda_graphs=not args.no_cuda_graphs,
+            batch_wait_s=args.batch_wait_ms / 1e3,
             max_cache_tokens=args.max_cache_tokens,
             max_memory=parse_size(args.max_memory) if args.max_memory else None,
             public_name=args.public_name,

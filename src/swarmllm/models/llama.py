@@ -294,19 +294,60 @@ class Lora:
 class BlockLora:
     """One block's adapter, by projection (None: that projection is not adapted)."""
 
-    qkv_proj: Lora | None = None
-    o_proj: Lora | None = None
-    gate_up_proj: Lora | None = None
-    down_proj: Lora | None = None
+    qkv_proj: Lora | RowLoras | None = None
+    o_proj: Lora | RowLoras | None = None
+    gate_up_proj: Lora | RowLoras | None = None
+    down_proj: Lora | RowLoras | None = None
 
 
 NO_LORA = BlockLora()
 
 
+@dataclass(frozen=True)
+class RowLoras:
+    """Several requests' adapters of one projection in a batch that merges them: each applies to its own rows
+    (`parts`: (rows, Lora) pairs; rows of no part are not adapted). Projection applies it as it does a `Lora`."""
+
+    parts: tuple[tuple[slice, Lora], ...]
+
+    def __call__(self, x: Tensor) -> Tensor:
+        out = x.new_zeros(*x.shape[:-1], self.parts[0][1].up.shape[0])
+        for rows, lora in self.parts:
+            out[rows] = lora(x[rows])
+        return out
+
+
+def batch_lora(loras: Sequence[BlockLora | None], rows: Sequence[slice]) -> BlockLora:
+    """One block's adapters of the requests of a merged batch (request i owns `rows[i]`) as one BlockLora."""
+    fields = {}
+    for name in ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"):
+        parts = tuple(
+            (r, getattr(lora, name))
+            for r, lora in zip(rows, loras, strict=True)
+            if lora is not None and getattr(lora, name) is not None
+        )
+        fields[name] = RowLoras(parts) if parts else None
+    return BlockLora(**fields)
+
+
+@dataclass(frozen=True)
+class DecodeSegment:
+    """One session's part of a batched decode step (`BlockSpan.decode_batch`): its rows of the batch, the cache
+    slot its tokens take, the attended slots of its cache, its key mask and its adapter (as `BlockSpan.decode`
+    takes them for one session)."""
+
+    rows: slice
+    slot: Tensor  # [1] long
+    keys: Tensor  # [n, B, kv, S, hd]
+    values: Tensor
+    key_mask: Tensor | None = None  # [B, S]; None: S == slot + 1 and no pads
+    lora: Sequence[BlockLora] | None = None
+
+
 class Projection(nn.Linear):
     """A block's linear layer, and the one place where a request's adapter changes it."""
 
-    def forward(self, x: Tensor, lora: Lora | None = None) -> Tensor:
+    def forward(self, x: Tensor, lora: Lora | RowLoras | None = None) -> Tensor:
         y = F.linear(x, self.weight, self.bias)
         return y if lora is None else y + lora(x)
 
@@ -367,15 +408,48 @@ class Attention(nn.Module):
     ) -> Tensor:
         """One token per sequence: x [B, H]; writes cache slot `slot` ([1] long) of keys/values [B, kv, S, hd]
         and attends to their S slots (all of them when mask is None)."""
-        batch, heads = x.shape[0], self.num_heads
-        qkv = self.qkv_proj.forward(x, lora.qkv_proj).view(batch, -1, self.head_dim)
-        qk = _rotate_decode(qkv[:, : heads + self.num_kv_heads], cos, sin)  # q and k heads rotate as one
+        qkv, qk = self._qkv_decode(x, cos, sin, lora)
+        y = self._attend_cache(qkv, qk, slot, keys, values, mask)
+        return self.o_proj.forward(y, lora.o_proj)
+
+    def decode_batch(
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        segments: Sequence[DecodeSegment],
+        block: int,
+        masks: Sequence[Tensor | None],
+        lora: BlockLora,
+    ) -> Tensor:
+        """`decode` for several sessions at once: the projections run over all rows of x [N, H] in one matmul
+        each (the weights are read once), attention per session over its own cache (block `block` of each
+        segment's keys/values, with its mask of `masks`)."""
+        qkv, qk = self._qkv_decode(x, cos, sin, lora)
+        y = torch.cat(
+            [
+                self._attend_cache(qkv[s.rows], qk[s.rows], s.slot, s.keys[block], s.values[block], mask)
+                for s, mask in zip(segments, masks, strict=True)
+            ]
+        )
+        return self.o_proj.forward(y, lora.o_proj)
+
+    def _qkv_decode(self, x: Tensor, cos: Tensor, sin: Tensor, lora: BlockLora) -> tuple[Tensor, Tensor]:
+        """q/k/v of one token per row [B, heads + 2 kv, hd], and q and k rotated (they rotate as one)."""
+        qkv = self.qkv_proj.forward(x, lora.qkv_proj).view(x.shape[0], -1, self.head_dim)
+        return qkv, _rotate_decode(qkv[:, : self.num_heads + self.num_kv_heads], cos, sin)
+
+    def _attend_cache(
+        self, qkv: Tensor, qk: Tensor, slot: Tensor, keys: Tensor, values: Tensor, mask: Tensor | None
+    ) -> Tensor:
+        """Write the rows' k/v into cache slot `slot` of keys/values [B, kv, S, hd]; their attention [B, q]."""
+        heads = self.num_heads
         keys.index_copy_(2, slot, qk[:, heads:, None])
         values.index_copy_(2, slot, qkv[:, heads + self.num_kv_heads :, None])
         y = F.scaled_dot_product_attention(
             qk[:, :heads, None], keys, values, attn_mask=mask, enable_gqa=True
         )  # [B, heads, 1, hd]
-        return self.o_proj.forward(y.view(batch, -1), lora.o_proj)
+        return y.view(qk.shape[0], -1)
 
 
 class MLP(nn.Module):
@@ -453,6 +527,23 @@ class LlamaBlock(nn.Module):
         norm1, norm2 = self.input_layernorm, self.post_attention_layernorm
         h = x + self.self_attn.decode(
             _rms_norm(x, norm1.weight, norm1.eps), cos, sin, slot, keys, values, mask, lora
+        )
+        return h + self.mlp.forward(_rms_norm(h, norm2.weight, norm2.eps), lora)
+
+    def decode_batch(
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        segments: Sequence[DecodeSegment],
+        block: int,
+        masks: Sequence[Tensor | None],
+        lora: BlockLora,
+    ) -> Tensor:
+        """`decode` for several sessions' rows at once (see `Attention.decode_batch`)."""
+        norm1, norm2 = self.input_layernorm, self.post_attention_layernorm
+        h = x + self.self_attn.decode_batch(
+            _rms_norm(x, norm1.weight, norm1.eps), cos, sin, segments, block, masks, lora
         )
         return h + self.mlp.forward(_rms_norm(h, norm2.weight, norm2.eps), lora)
 
@@ -652,6 +743,33 @@ class BlockSpan(nn.Module):
         if self.config.carries_pending(self.start + indices[-1] + 1):
             return r, p
         return r + p, None
+
+    def decode_batch(
+        self,
+        hidden: Tensor,
+        positions: Tensor,
+        segments: Sequence[DecodeSegment],
+        blocks: slice | None = None,
+    ) -> Tensor:
+        """One token per sequence of several sessions through the span (or its sub-range `blocks`) in one pass:
+        hidden [N, H] and positions [N] hold every session's rows, each `DecodeSegment` says which rows are
+        whose and brings that session's cache, mask and adapter. Row for row the same math as `decode` per
+        session; the projections read the weights once for all of them (continuous batching)."""
+        indices = range(len(self.blocks))[blocks or slice(None)]
+        cos, sin = self.rotary.for_decode(positions, hidden.dtype)
+        windows = [self.config.window(self.start + i) for i in indices]
+        masks = {
+            w: [self._decode_mask(s.key_mask, s.slot, s.keys.shape[3], w) for s in segments]
+            for w in set(windows)
+        }
+        rows = [s.rows for s in segments]
+        adapted = any(s.lora is not None for s in segments)
+        for n, (i, window) in enumerate(zip(indices, windows, strict=True)):
+            lora = NO_LORA
+            if adapted:
+                lora = batch_lora([None if s.lora is None else s.lora[n] for s in segments], rows)
+            hidden = self.blocks[i].decode_batch(hidden, cos, sin, segments, n, masks[window], lora)
+        return hidden
 
     @staticmethod
     def _decode_mask(key_mask: Tensor | None, slot: Tensor, length: int, window: int | None) -> Tensor | None:

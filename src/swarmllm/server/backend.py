@@ -5,7 +5,13 @@ batch forward) runs on one dedicated thread so the event loop keeps answering pi
 meanwhile; that thread takes the peers' work in turn (`server.compute`), so one peer's pile of batch work
 cannot starve another's. Small work (a decode step) runs inline on the loop, because handing it to a thread and
 back costs more than computing it (~0.4 ms a hop on a 2-core box), and so it never waits behind anyone's batch
-work. A session's steps arrive one after another on its stream, so two steps never race on one cache either way.
+work (a prefill chunk on the compute thread runs beside the decode steps, it does not stall them). Concurrent
+sessions' decode steps are merged into one forward pass (continuous batching, `server.batching`): the weights are
+read once per step for all of them, each session keeping its own cache, positions, padding and adapter. A
+session's steps arrive one after another on its stream, so two steps never race on one cache either way.
+
+On CUDA a lone session's step replays its captured graph (`server.decode`); a merged step of several sessions runs
+eagerly (their caches are separate tensors, so a graph per batch size would need one shared cache arena).
 
 Fine-tuning: a request may bring deep prompts and a LoRA adapter (`server.adapters`), which apply to it alone.
 Inference and forwards run under `torch.inference_mode()`; `backward` recomputes the span's forward with autograd
@@ -24,9 +30,10 @@ from dataclasses import dataclass
 import torch
 
 from swarmllm.models import BlockSpan, KVCache
-from swarmllm.models.llama import BlockLora
+from swarmllm.models.llama import BlockLora, DecodeSegment, position_ids
 from swarmllm.models.lora import span_lora
 from swarmllm.server.adapters import Adapter
+from swarmllm.server.batching import DecodeBatcher
 from swarmllm.server.cache import CacheBudget
 from swarmllm.server.compute import ComputeThread
 from swarmllm.server.decode import DecodeRunner
@@ -51,6 +58,16 @@ class Session:
     lora: list[BlockLora] | None = None  # the session's adapter, fixed when it opened
 
 
+@dataclass(frozen=True)
+class _Decode:
+    """One session's decode step, waiting to be merged with others' (`server.batching`)."""
+
+    session: Session
+    hidden: torch.Tensor  # [B, 1, H]
+    position: int
+    new_mask: torch.Tensor | None
+
+
 @dataclass
 class Gradients:
     """What `Backend.backward` returns: the gradient of the span's inputs, of the deep prompts sent, and of the
@@ -73,6 +90,7 @@ class Backend:
         inline_tokens: int = 32,
         compile: bool = False,
         cuda_graphs: bool = True,
+        batch_wait_s: float = 0.01,
     ):
         self.span = span.requires_grad_(False)  # frozen: backward computes gradients of inputs only
         self.device = torch.device(device)
@@ -83,6 +101,7 @@ class Backend:
         self._ids = itertools.count()
         self.inline_tokens = inline_tokens
         self.decoder = DecodeRunner(span, self.device, compile=compile, cuda_graphs=cuda_graphs)
+        self.batcher: DecodeBatcher[_Decode] = DecodeBatcher(self._decode_many, max_wait_s=batch_wait_s)
 
     @property
     def start(self) -> int:
@@ -247,6 +266,7 @@ class Backend:
 
     def close_session(self, session: Session) -> None:
         self.sessions.pop(session.session_id, None)
+        self.batcher.forget(session.session_id)
         self.decoder.forget(session.cache)
         self.budget.release(session.session_id)
 
@@ -261,7 +281,20 @@ class Backend:
         """Process tokens [position, position + T) of a session; position < length rewinds (drops the tail).
         prompts: deep prompts for the first P of these tokens ([blocks, B or 1, P, H])."""
         tokens = hidden.shape[0] * hidden.shape[1]
+        if hidden.shape[1] == 1 and prompts is None and self.inline(tokens):
+            # merged with the other sessions' decode steps (continuous batching), inline on the loop
+            return await self.batcher.step(session.session_id, _Decode(session, hidden, position, new_mask))
         return await self.run(tokens, session.owner, self._step, session, hidden, position, new_mask, prompts)
+
+    def _note_mask(self, session: Session, position: int, end: int, new_mask: torch.Tensor | None) -> None:
+        """Record which of the slots [position, end) hold real tokens (False: left padding)."""
+        if position == 0:
+            session.padded = False
+        if new_mask is None:
+            session.key_mask[:, position:end] = True
+        else:
+            session.key_mask[:, position:end] = new_mask.to(self.device)
+            session.padded = session.padded or not bool(new_mask.all())
 
     @torch.inference_mode()
     def _step(
@@ -273,13 +306,7 @@ class Backend:
         prompts: torch.Tensor | None = None,
     ) -> torch.Tensor:
         end = position + hidden.shape[1]
-        if position == 0:
-            session.padded = False
-        if new_mask is None:
-            session.key_mask[:, position:end] = True
-        else:
-            session.key_mask[:, position:end] = new_mask.to(self.device)
-            session.padded = session.padded or not bool(new_mask.all())
+        self._note_mask(session, position, end, new_mask)
         if hidden.shape[1] == 1 and prompts is None:
             return self._decode(session, hidden, position)
         key_mask = session.key_mask[:, :end] if session.padded else None
@@ -307,6 +334,50 @@ class Backend:
         )
         session.length = position + 1
         return out[:, None]
+
+    @torch.inference_mode()
+    def _decode_many(self, steps: list[_Decode]) -> list[torch.Tensor]:
+        """Several sessions' decode steps as one pass per group of sessions over the same blocks (sessions of
+        one server may hold different sub-ranges of its span); a lone step takes the single-session path
+        (compiled or CUDA graphs where enabled)."""
+        for d in steps:
+            self._note_mask(d.session, d.position, d.position + 1, d.new_mask)
+        if len(steps) == 1:
+            d = steps[0]
+            return [self._decode(d.session, d.hidden, d.position)]
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, d in enumerate(steps):
+            groups.setdefault((d.session.start, d.session.end), []).append(i)
+        outputs: list[torch.Tensor | None] = [None] * len(steps)
+        for (start, end), members in groups.items():
+            if len(members) == 1:
+                d = steps[members[0]]
+                outputs[members[0]] = self._decode(d.session, d.hidden, d.position)
+                continue
+            segments, positions, rows = [], [], 0
+            for i in members:
+                d = steps[i]
+                session, slot, batch = d.session, d.position, d.hidden.shape[0]
+                mask = session.key_mask[:, : slot + 1] if session.padded else None
+                positions.append(position_ids(mask, batch, 1, slot, self.device)[:, 0])
+                segments.append(
+                    DecodeSegment(
+                        slice(rows, rows + batch),
+                        torch.tensor([slot], device=self.device),
+                        session.cache.keys[:, :, :, : slot + 1],
+                        session.cache.values[:, :, :, : slot + 1],
+                        mask,
+                        session.lora,
+                    )
+                )
+                rows += batch
+            hidden = torch.cat([steps[i].hidden[:, 0].to(self.device, self.dtype) for i in members])
+            out = self.span.decode_batch(hidden, torch.cat(positions), segments, self._blocks(start, end))
+            for i, segment in zip(members, segments, strict=True):
+                d = steps[i]
+                d.session.length = d.position + 1
+                outputs[i] = out[segment.rows, None]
+        return outputs
 
     def set_threads(self, threads: int) -> None:
         """Torch's CPU thread count for the compute thread too (each thread keeps the count it started with)."""

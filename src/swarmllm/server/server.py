@@ -71,6 +71,7 @@ class ServerConfig:
     port: int = 0
     direct_port: int = 0
     announce_host: str | None = None
+    announce_direct_port: int | None = None  # the direct port others dial, if not ours (a forward or proxy)
     dtype: str = "float32"
     quant: str = "none"  # "int8" | "nf4": the blocks' projections stored quantized (models.quant)
     device: str = "cpu"
@@ -88,6 +89,7 @@ class ServerConfig:
         False  # torch.compile the decode step (CPU: ~2x faster steps, seconds to compile at start)
     )
     cuda_graphs: bool = True  # on CUDA, replay captured graphs of the decode step
+    batch_wait_s: float = 0.01  # the most a decode step waits for others to merge with (server/batching.py)
     throughput: float | None = None  # announced decode steps/s per block instead of measuring
     bandwidth: float | None = None  # bytes/s of this server's uplink instead of measuring it to peers
     update_period_s: float = 30.0  # re-announce this often (records expire after 3 periods)
@@ -226,7 +228,7 @@ class Server:
         )
         await direct.start()
         host, port = direct.address
-        self.direct_addr = f"{cfg.announce_host or host}:{port}"
+        self.direct_addr = f"{cfg.announce_host or host}:{cfg.announce_direct_port or port}"
         await serve_libp2p(p2p, handlers, limits=cfg.wire, slots=slots, swarm_key=self.swarm_key)
         metrics_page, metrics_url = None, None
         if cfg.metrics_port is not None:
@@ -301,6 +303,7 @@ class Server:
                 device=cfg.device,
                 compile=cfg.compile,
                 cuda_graphs=cfg.cuda_graphs,
+                batch_wait_s=cfg.batch_wait_s,
             ),
         )
         logger.info("decode steps run %s", backend.decoder.mode)
@@ -499,6 +502,9 @@ class Server:
             **self._info().to_record(),
             "dht_prefix": self.dht_prefix,
             "total_blocks": self.model_info.num_blocks,
+            # continuous batching so far: merged decode steps run, and session steps run in them
+            "decode_steps": self.backend.batcher.steps if self.backend else 0,
+            "decode_session_steps": self.backend.batcher.merged if self.backend else 0,
         }
 
     async def _connect(self, peer_id: str) -> Connection:

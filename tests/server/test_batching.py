@@ -1,0 +1,218 @@
+"""Continuous batching: when merged steps run (the batcher alone), and that a session's outputs through merged
+steps equal its solo run, with its own cache length, padding and LoRA adapter (the span and the backend)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from swarmllm.models import KVCache, load_span
+from swarmllm.models.llama import DecodeSegment
+from swarmllm.models.lora import LoraSettings, lora_shapes, span_lora
+from swarmllm.server.adapters import Adapter
+from swarmllm.server.backend import Backend
+from swarmllm.server.batching import DecodeBatcher
+
+MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def random_adapter(config, settings, seed):
+    generator = torch.Generator().manual_seed(seed)
+    shapes = lora_shapes(config, settings, range(config.num_layers))
+    return {name: torch.randn(shape, generator=generator) * 0.1 for name, shape in shapes.items()}
+
+
+@pytest.fixture(scope="module")
+def span(llama_checkpoint):
+    return load_span(llama_checkpoint, 0, 4)
+
+
+# ---- the batcher's decisions, with a trivial run function ----
+
+
+class Recorder:
+    def __init__(self):
+        self.batches: list[list[str]] = []
+
+    def __call__(self, requests):
+        self.batches.append(list(requests))
+        return [f"out-{r}" for r in requests]
+
+
+def test_a_lone_session_runs_at_once_and_lockstep_sessions_merge():
+    async def main():
+        run = Recorder()
+        batcher = DecodeBatcher(run, max_wait_s=10.0)
+        assert await batcher.step("a", "a0") == "out-a0"  # nobody else decoding: no wait at all
+        assert run.batches == [["a0"]]
+        # b joins, a steps first: a does not wait for b, which it does not know as decoding yet; b's first
+        # decode step waits (within its budget) for a, now decoding, and runs alone when a does not come
+        assert await batcher.step("a", "a1") == "out-a1"
+        assert await batcher.step("b", "b1") == "out-b1"
+        assert run.batches == [["a0"], ["a1"], ["b1"]]
+        # now both are decoding: a's step waits for b's, and the two run merged as soon as both wait
+        first = asyncio.ensure_future(batcher.step("a", "a2"))
+        await asyncio.sleep(0)
+        assert len(run.batches) == 3
+        assert await asyncio.gather(first, batcher.step("b", "b2")) == ["out-a2", "out-b2"]
+        assert run.batches[-1] == ["a2", "b2"]
+        # b leaves: a runs alone again without waiting for it
+        batcher.forget("b")
+        assert await batcher.step("a", "a3") == "out-a3"
+        assert run.batches[-1] == ["a3"]
+
+    asyncio.run(main())
+
+
+def test_a_late_session_costs_at_most_the_wait_budget():
+    async def main():
+        run = Recorder()
+        batcher = DecodeBatcher(run, max_wait_s=0.05)
+        await asyncio.gather(batcher.step("a", "a0"), batcher.step("b", "b0"))
+        batcher._last_step_s = 1.0  # a slow step: the budget is max_wait_s
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        assert await batcher.step("a", "a1") == "out-a1"  # b never comes
+        assert 0.04 <= loop.time() - began < 1.0
+        assert run.batches[-1] == ["a1"]
+
+    asyncio.run(main())
+
+
+def test_an_error_reaches_every_session_of_the_merged_step():
+    def fail(requests):
+        raise RuntimeError("boom")
+
+    async def main():
+        batcher = DecodeBatcher(fail)
+        with pytest.raises(RuntimeError, match="boom"):
+            await batcher.step("a", 0)
+
+    asyncio.run(main())
+
+
+# ---- the math: merged steps equal solo steps ----
+
+
+def test_decode_batch_equals_each_sessions_solo_decode(span):
+    """Sessions at different lengths, one padded, two with different adapters, one without: each row of the
+    merged step equals that session's own `decode`, and its cache gets the same keys/values."""
+    config = span.config
+    settings = LoraSettings(rank=4, alpha=8, modules=MODULES)
+    loras = [
+        span_lora(config, settings, random_adapter(config, settings, seed), range(4)) for seed in (1, 2)
+    ] + [None]
+    lengths, batches = [5, 9, 2], [1, 2, 1]
+    generator = torch.Generator().manual_seed(0)
+    caches, masks = [], []
+    for length, batch in zip(lengths, batches, strict=True):
+        cache = KVCache(4, batch, 16, config, torch.float32, "cpu")
+        cache.keys.normal_(generator=generator)
+        cache.values.normal_(generator=generator)
+        mask = torch.ones(batch, length + 1, dtype=torch.bool)
+        caches.append(cache)
+        masks.append(mask)
+    masks[1][1, :3] = False  # the second sequence of session 1 is left-padded
+    hidden = torch.randn(sum(batches), config.hidden_size, generator=generator)
+    positions = torch.tensor([5, 9, 6, 2])  # session 1's padded row counts real tokens only
+    solo_caches = [KVCache(4, b, 16, config, torch.float32, "cpu") for b in batches]
+    for solo, cache in zip(solo_caches, caches, strict=True):
+        solo.keys.copy_(cache.keys)
+        solo.values.copy_(cache.values)
+    with torch.inference_mode():
+        want, row = [], 0
+        for cache, mask, lora, length, batch in zip(solo_caches, masks, loras, lengths, batches, strict=True):
+            slot = torch.tensor([length])
+            key_mask = mask if not bool(mask.all()) else None
+            keys, values = cache.keys[:, :, :, : length + 1], cache.values[:, :, :, : length + 1]
+            want.append(
+                span.decode(
+                    hidden[row : row + batch],
+                    positions[row : row + batch],
+                    slot,
+                    keys,
+                    values,
+                    key_mask,
+                    lora=lora,
+                )
+            )
+            row += batch
+        segments, row = [], 0
+        for cache, mask, lora, length, batch in zip(caches, masks, loras, lengths, batches, strict=True):
+            key_mask = mask if not bool(mask.all()) else None
+            segments.append(
+                DecodeSegment(
+                    slice(row, row + batch),
+                    torch.tensor([length]),
+                    cache.keys[:, :, :, : length + 1],
+                    cache.values[:, :, :, : length + 1],
+                    key_mask,
+                    lora,
+                )
+            )
+            row += batch
+        got = span.decode_batch(hidden, positions, segments)
+    torch.testing.assert_close(got, torch.cat(want), rtol=1e-5, atol=1e-5)
+    for solo, cache in zip(solo_caches, caches, strict=True):
+        torch.testing.assert_close(cache.keys, solo.keys, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(cache.values, solo.values, rtol=1e-5, atol=1e-5)
+
+
+def test_concurrent_sessions_on_a_backend_merge_and_match_their_solo_runs(span):
+    """Sessions that join and leave at different times, with different prompts, lengths and adapters, stepping
+    concurrently through one backend: their steps are merged, and every output equals the session's solo run."""
+    config = span.config
+    settings = LoraSettings(rank=4, alpha=8, modules=MODULES)
+    adapters = [
+        Adapter(settings, random_adapter(config, settings, seed), 0, config.num_layers) for seed in (3, 4)
+    ]
+    plans = [  # (prompt length, decode steps, adapter, steps to wait before joining)
+        (6, 10, None, 0),
+        (3, 12, adapters[0], 0),
+        (8, 5, adapters[1], 2),
+        (4, 7, None, 4),
+    ]
+    generator = torch.Generator().manual_seed(5)
+    inputs = [
+        torch.randn(1, prompt + steps, config.hidden_size, generator=generator)
+        for prompt, steps, _, _ in plans
+    ]
+
+    async def run_session(backend, plan, x, started: asyncio.Event | None = None):
+        prompt, steps, adapter, delay = plan
+        for _ in range(delay):
+            await asyncio.sleep(0)  # join a few loop turns late
+        session = backend.open_session(0, 4, 1, 32, adapter=adapter)
+        try:
+            outs = [await backend.step(session, x[:, :prompt], 0, None)]
+            for t in range(prompt, prompt + steps):
+                await asyncio.sleep(0)  # the round trip to the client: other sessions' steps come meanwhile
+                outs.append(await backend.step(session, x[:, t : t + 1], t, None))
+            return torch.cat(outs, dim=1)
+        finally:
+            backend.close_session(session)
+
+    async def main():
+        backend = Backend(span, cache_tokens=4096, batch_wait_s=0.05)
+        try:
+            solo = [await run_session(backend, plan, x) for plan, x in zip(plans, inputs, strict=True)]
+            solo_steps = backend.batcher.steps
+            together = await asyncio.gather(
+                *(run_session(backend, plan, x) for plan, x in zip(plans, inputs, strict=True))
+            )
+            merged_steps = backend.batcher.steps - solo_steps
+            decode_steps = sum(steps for _, steps, _, _ in plans)
+        finally:
+            backend.shutdown()
+        return solo, together, merged_steps, decode_steps
+
+    solo, together, merged_steps, decode_steps = asyncio.run(main())
+    assert merged_steps < decode_steps * 0.6  # most steps ran merged with others
+    for a, b in zip(solo, together, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+    with torch.inference_mode():  # and the solo runs equal the span's plain forward (with each adapter)
+        for (_, _, adapter, _), x, out in zip(plans, inputs, solo, strict=True):
+            lora = None if adapter is None else span_lora(config, settings, adapter.tensors, range(4))
+            torch.testing.assert_close(out, span(x, lora=lora), rtol=1e-5, atol=1e-5)
