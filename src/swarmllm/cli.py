@@ -488,6 +488,8 @@ def _run(args: argparse.Namespace) -> int:
 # host shared with clients and other servers burns a core doing nothing (a server answering a flood of small calls
 # used 0.56-0.61 of a core instead of 0.20-0.24); no speed difference was resolved (benchmarks/omp_spin.py).
 SERVER_OMP_SPINCOUNT = "30000"
+
+
 def _monitor(args: argparse.Namespace) -> int:
     import asyncio
 

@@ -112,7 +112,7 @@ def _ok(step, **meta):
             BadReplyError,
             "float64",
         ),
-        (lambda s: Message(_ok(s)), BadReplyError, "no tensor"),
+        (lambda s: Message(_ok(s)), BadReplyError, "needs hidden states"),
     ],
 )
 async def test_garbage_in_a_session_is_a_typed_error_naming_the_server(reply, error, problem):

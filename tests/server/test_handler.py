@@ -251,11 +251,15 @@ async def test_push_hands_the_output_to_the_next_server(span, llama_checkpoint):
             await stranger.call("push", Message({"session_id": "c" * 24, "position": 3}, [hidden[:, :1]]))
         assert info.value.code == "unknown_session"
 
-        # a push that fails (no such session downstream) is reported, and the session goes on
+        # a push that fails (no such session downstream): the reply does not wait for it, the failure follows
+        # on the stream, and the session goes on
         bad_chain = [{"peer_id": second_id.peer_id, "session_id": "d" * 24}]
         await s1.send(Message({"position": 3, "step": 2, "push": bad_chain}, [hidden[:, :1]]))
         r1 = await s1.recv()
-        assert r1.meta["pushed"] is False
+        assert r1.meta["pushed"] is True
+        notice = await s1.recv(timeout=10)
+        assert notice.meta["kind"] == "push_failed" and notice.meta["step"] == 2
+        assert "unknown_session" in notice.meta["reason"]
         await s2.send(Message({"position": 3, "step": 2}, [r1.tensors[0]]))
         assert (await s2.recv()).meta["step"] == 2
 
@@ -265,11 +269,46 @@ async def test_push_hands_the_output_to_the_next_server(span, llama_checkpoint):
         await as_first.call("push", late)
         await s2.send(Message({"position": 4, "step": 3}, [torch.randn(1, 1, HIDDEN)]))
         assert (await s2.recv()).meta["step"] == 3
+
+        # and a step the client sends after its push had landed (it took the push as failed) is dropped too:
+        # the session answers each step once
+        await as_first.call("push", Message({"session_id": "b" * 24, "position": 5, "step": 4}, [hidden[:, :1]]))
+        assert (await s2.recv()).meta["step"] == 4
+        await s2.send(Message({"position": 5, "step": 4}, [hidden[:, :1]]))
+        await s2.send(Message({"position": 6, "step": 5}, [hidden[:, :1]]))
+        assert (await s2.recv()).meta["step"] == 5
         for conn in (to_first, to_second, stranger, as_first):
             await conn.close()
     finally:
         await first.stop()
         await second.stop()
+
+
+async def test_the_reply_does_not_wait_for_the_push(span):
+    """The next server's ack is not on the chain's critical path: the reply leaves while the push is still
+    under way, and the push's failure follows as a notice."""
+    link_down = asyncio.Event()
+
+    async def connect(peer_id: str):
+        await link_down.wait()  # the push hangs until the test lets it fail
+        raise OSError("injected: link down")
+
+    handler = RequestHandler(Backend(span, cache_tokens=64), dict, connect=connect)
+    server = DirectServer(handler.handlers(), Identity.generate())
+    await server.start()
+    try:
+        conn = await connect_direct(*server.address, Identity.generate(), expected_peer_id=None)
+        stream = await conn.open_stream("inference", OpenSession(0, 4, 1, 8).to_message())
+        chain = [PushTarget(Identity.generate().peer_id, "n" * 24)]
+        await stream.send(Step(0, torch.randn(1, 2, HIDDEN), step=1, push=chain, push_timeout_s=60).to_message())
+        reply = await stream.recv(timeout=10)
+        assert reply.meta["step"] == 1 and reply.meta["pushed"] is True
+        link_down.set()
+        notice = await stream.recv(timeout=10)
+        assert notice.meta == {"kind": "push_failed", "step": 1, "reason": "OSError('injected: link down')"}
+        await conn.close()
+    finally:
+        await server.stop()
 
 
 async def test_repoint_moves_the_push_permission(served):

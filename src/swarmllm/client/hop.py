@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from swarmllm.client.replies import BadReplyError, reply_step, step_reply
+from swarmllm.client.replies import BadReplyError, push_failure, reply_step, step_reply
 from swarmllm.client.routing import Hop
 from swarmllm.client.tuning import NO_TUNING, Tuning
 from swarmllm.wire import Connection, Stream, WireError
@@ -136,6 +136,8 @@ class HopSession:
             async with asyncio.timeout(timeout_s):
                 while True:
                     message = await self._stream.recv()
+                    if push_failure(message) is not None:
+                        continue  # about an earlier step, whose next hop replied after all
                     replied = reply_step(message, self.peer_id)
                     if replied is not None and replied > step:
                         raise BadReplyError(self.peer_id, f"a reply to step {replied}, expected step {step}")
@@ -148,6 +150,18 @@ class HopSession:
                 f"server {self.peer_id} (blocks [{self.start}, {self.end})) did not answer step {step} "
                 f"within {timeout_s:.1f} s"
             ) from None
+
+    async def push_failure(self, step: int) -> None:
+        """Return when the server reports that its push of step `step` failed (after its reply said `pushed`);
+        notices about earlier steps are dropped. Raises what the stream raises, or BadReplyError for anything
+        but a notice: nothing else may come between a reply and the next step."""
+        while True:
+            message = await self._stream.recv()
+            failed = push_failure(message)
+            if failed is None:
+                raise BadReplyError(self.peer_id, "a message after the step's reply that is no push notice")
+            if failed == step:
+                return
 
     async def replay(self, entries: list[KeptInput], timeout_s: float) -> list[KeptInput]:
         """Bring a fresh session to the state of the lost one: send every kept input as the step it was (all at

@@ -11,7 +11,7 @@ import math
 import torch
 
 from swarmllm.wire import Message, RequestError
-from swarmllm.wire.messages import BackwardReply, StepReply
+from swarmllm.wire.messages import PUSH_FAILED, BackwardReply, StepReply
 from swarmllm.wire.validation import FLOAT_DTYPES, all_finite
 
 
@@ -87,6 +87,14 @@ def reply_step(message: Message, peer_id: str) -> int | None:
     if not _is_int(step):
         raise BadReplyError(peer_id, f"a step reply without a step number ({_short(step)})")
     return step
+
+
+def push_failure(message: Message) -> int | None:
+    """The step whose push failed, when a session's message is a `PushFailed` notice (else None)."""
+    meta = message.meta
+    if meta.get("kind") != PUSH_FAILED:
+        return None
+    return meta.get("step") if _is_int(meta.get("step")) else -1
 
 
 def step_reply(message: Message, peer_id: str, sent: torch.Tensor, position: int | None = None) -> StepReply:

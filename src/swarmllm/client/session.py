@@ -153,33 +153,44 @@ class InferenceSession:
                     )
                     tokens = hidden.shape[0] * hidden.shape[1]
                     deadline = self.swarm.deadline_s(hop.hop, tokens, decode=hidden.shape[1] == 1)
+                    chain = (
+                        [
+                            PushTarget(h.peer_id, h.session_id)
+                            for h in itertools.takewhile(lambda h: h.answered, self._hops[i + 1 :])
+                        ]
+                        if pushing
+                        else []
+                    )
+                    step = Step(
+                        position,
+                        hidden,
+                        key_mask,
+                        self._steps,
+                        chain,
+                        self.swarm.push_timeout_s,
+                        prompts=prompts,
+                    )
+                    # the previous server pushed this input and replied at once; should its push fail, it says
+                    # so on its stream within push_timeout_s, and then the client sends the input itself
+                    fallback = (
+                        asyncio.ensure_future(
+                            self._send_if_push_fails(self._hops[i - 1], hop, step, deadline)
+                        )
+                        if pushed
+                        else None
+                    )
                     try:
                         if not pushed:
-                            chain = (
-                                [
-                                    PushTarget(h.peer_id, h.session_id)
-                                    for h in itertools.takewhile(lambda h: h.answered, self._hops[i + 1 :])
-                                ]
-                                if pushing
-                                else []
-                            )
-                            step = Step(
-                                position,
-                                hidden,
-                                key_mask,
-                                self._steps,
-                                chain,
-                                self.swarm.push_timeout_s,
-                                prompts=prompts,
-                            )
                             await hop.send(step, deadline)
-                        # a pushing server may spend up to push_timeout_s on its push before it replies
-                        timeout = deadline + pushing * self.swarm.push_timeout_s
+                        timeout = deadline + (fallback is not None) * self.swarm.push_timeout_s
                         reply = await hop.recv(self._steps, hidden, timeout, position)
                     except HOP_FAILURES as e:
                         await self._replace(i, e)
                         pushed = False
                         continue
+                    finally:
+                        if fallback is not None:
+                            fallback.cancel()
                     hop.history.add(KeptInput(position, hidden, key_mask))
                     if check := self._maybe_check(hop, reply.hidden):
                         checks.append((hop, check))
@@ -205,6 +216,21 @@ class InferenceSession:
         self.last_timings = timings
         self.position = end
         return hidden
+
+    async def _send_if_push_fails(
+        self, previous: HopSession, hop: HopSession, step: Step, deadline: float
+    ) -> None:
+        """Send `step` to `hop` if the previous hop reports that its push of it failed (or if its stream breaks
+        first: that failure then shows at its next step)."""
+        try:
+            await previous.push_failure(step.step)
+        except HOP_FAILURES:
+            pass
+        self.pushed_hops -= 1
+        try:
+            await hop.send(step, deadline)
+        except HOP_FAILURES:
+            pass  # this hop's stream is broken: its recv fails too, and the hop is replaced
 
     def _maybe_check(self, hop: HopSession, output: torch.Tensor) -> asyncio.Future[SpotCheck] | None:
         """Start a spot check of this step of `hop` (whose kept inputs end with this step's) with probability

@@ -10,9 +10,10 @@ in-band (`StepError`) and the session stays usable, so a client's mistake never 
 Push: a client opens its session with a secret `session_id` and names the one peer allowed to push into it
 (`accept_push_from`, the previous server); a `Repoint` message changes that peer when the client replaced the
 previous hop. A step may carry `push`, the remaining hops: after computing, this server sends its output to the
-first of them (within the step's `push_timeout_s`) and tells the client whether that worked (`pushed`), so a
-failed push costs one client round trip, never a hang. The pushed input enters the receiver's session queue as
-if the client had sent it, and the reply goes to the client's stream.
+first of them and replies to the client at once (`pushed`), without waiting for the next server's ack; if the push
+then fails (within the step's `push_timeout_s`), a `PushFailed` follows on the session's stream and the client
+sends that input itself, so a failed push costs one client round trip, never a hang. The pushed input enters the
+receiver's session queue as if the client had sent it, and the reply goes to the client's stream.
 
 Quotas (`server.quota`): each peer may hold a bounded number of sessions and share of the cache budget, have a
 bounded number of calls waiting for compute, and call at a bounded rate. A request beyond a peer's limit is
@@ -52,6 +53,7 @@ from swarmllm.wire.messages import (
     BackwardRequest,
     ForwardRequest,
     OpenSession,
+    PushFailed,
     Repoint,
     Step,
     StepError,
@@ -107,6 +109,10 @@ class _Pushed(Message):
     """A session input that came from the previous server rather than from the client."""
 
 
+class _PushFailed(Message):
+    """A `PushFailed` notice for the client, queued behind the session's inputs by a push that failed."""
+
+
 _LEAVING = Message({"kind": "leaving"})  # put into every session's queue when the server leaves
 _ANONYMOUS = "anonymous"  # the quota key of callers whose transport proved no peer id
 
@@ -151,6 +157,7 @@ class RequestHandler:
         self._by_token: dict[str, _SessionInbox] = {}  # sessions that may receive pushes, by secret id
         self._open: dict[Incoming, Backend] = {}  # every open session's queue, and the backend it runs on
         self._session_closed = asyncio.Event()  # set whenever a session closes
+        self._pushes: set[asyncio.Task] = set()  # pushes in flight (a reply does not wait for them)
 
     def handlers(self) -> Handlers:
         """The RPCs, each capped at the largest payload it can validly carry, so a peer's declared size costs
@@ -366,7 +373,7 @@ class RequestHandler:
         self.metrics.sessions_open.inc()
         if opening.replay:
             self.metrics.replays.inc()
-        last_step = -1
+        last_step = last_pushed = -1
         loop, task = asyncio.get_running_loop(), asyncio.current_task()
         try:
             while True:
@@ -386,19 +393,26 @@ class RequestHandler:
                     break
                 if message is _LEAVING:
                     continue  # `leaving` is checked at the top
-                try:
-                    item = parse_session_input(message)
-                    if isinstance(item, Repoint):
-                        target.accept_from = item.accept_push_from
-                        continue
-                    if isinstance(message, _Pushed) and item.step <= last_step:
-                        continue  # a push that arrived after the client had already sent this step itself
-                    if opening.replay and item.step == 0 and not isinstance(message, _Pushed):
-                        self.metrics.replayed_tokens.inc(item.hidden.shape[0] * item.hidden.shape[1])
-                    last_step = max(last_step, item.step)
-                    reply = await self._step(backend, session, item, opening.compression)
-                except RequestError as e:
-                    reply = StepError.from_request_error(e).to_message()
+                if isinstance(message, _PushFailed):
+                    reply = message  # a push of ours failed: the client sends that input itself
+                else:
+                    try:
+                        item = parse_session_input(message)
+                        if isinstance(item, Repoint):
+                            target.accept_from = item.accept_push_from
+                            continue
+                        if isinstance(message, _Pushed) and item.step <= last_step:
+                            continue  # a push that arrived after the client had already sent this step itself
+                        if not isinstance(message, _Pushed) and item.step == last_pushed:
+                            continue  # the client sent a step whose push had landed (it took the push as failed)
+                        if isinstance(message, _Pushed):
+                            last_pushed = item.step
+                        if opening.replay and item.step == 0 and not isinstance(message, _Pushed):
+                            self.metrics.replayed_tokens.inc(item.hidden.shape[0] * item.hidden.shape[1])
+                        last_step = max(last_step, item.step)
+                        reply = await self._step(backend, session, item, opening.compression, incoming)
+                    except RequestError as e:
+                        reply = StepError.from_request_error(e).to_message()
                 # the stream's task sends the reply while we wait here: a client that stops reading makes that
                 # send wait for ever, so a deadline ends the whole call (and this session, in `finally`)
                 deadline = loop.call_later(self.limits.reply_timeout_s, self._reply_late, task, session)
@@ -442,7 +456,9 @@ class RequestHandler:
         except asyncio.QueueFull:
             raise RequestError("busy", "the session's queue is full") from None
 
-    async def _step(self, backend: Backend, session: Session, step: Step, compression: str) -> Message:
+    async def _step(
+        self, backend: Backend, session: Session, step: Step, compression: str, inbox: Incoming
+    ) -> Message:
         """One step of a session; its output goes on (push) and back (reply) in the session's `compression`."""
         check_range("position", step.position, 0, session.length)
         hidden = check_tensor(
@@ -468,15 +484,15 @@ class RequestHandler:
         # the compute time lets clients and benchmarks split a hop into network and server work
         compute_s = time.perf_counter() - began
         self.metrics.step(hidden.shape[0] * length, length, compute_s)
-        pushed = bool(step.push) and await self._push(step, out, compression)
+        pushed = bool(step.push) and await self._start_push(step, out, compression, inbox)
         return StepReply(step.position, step.step, out, compute_s, pushed, compression).to_message()
 
-    async def _push(self, step: Step, out: torch.Tensor, compression: str) -> bool:
-        """Send our output to the next server of the chain; False (and the client sends it) if that fails."""
+    async def _start_push(self, step: Step, out: torch.Tensor, compression: str, inbox: Incoming) -> bool:
+        """Send our output to the next server of the chain, and return as soon as it is sent: the reply to the
+        client does not wait for the next server's ack (a round trip on the chain's critical path). If the push
+        then fails, a `PushFailed` joins this session's queue and reaches the client after the reply, which
+        sends the input itself. False (nothing was pushed, the client sends it): no way to push at all."""
         target, *rest = step.push
-        if self.connect is None and target.peer_id != self.peer_id:
-            return False
-        timeout = min(step.push_timeout_s or self.limits.push_timeout_s, self.limits.push_timeout_s)
         pushed = Step(
             step.position,
             out,
@@ -486,18 +502,35 @@ class RequestHandler:
             step.push_timeout_s,
             target.session_id,
             compression=compression,
-        )
-        try:
-            if target.peer_id == self.peer_id:
-                self._deliver_push(pushed.to_message(), self.peer_id)
+        ).to_message()
+        if target.peer_id == self.peer_id:
+            try:
+                self._deliver_push(pushed, self.peer_id)
                 return True
-            async with asyncio.timeout(timeout):
-                conn = await self.connect(target.peer_id)
-                await conn.call("push", pushed.to_message())
-            return True
-        except (TimeoutError, WireError, OSError, RequestError) as e:
-            logger.info("push to %s failed (%r); the client will send it", target.peer_id, e)
+            except RequestError as e:
+                logger.info("push to our own session failed (%s); the client will send it", e)
+                return False
+        if self.connect is None:
             return False
+        task = asyncio.create_task(self._push(target.peer_id, pushed, step, inbox))
+        self._pushes.add(task)
+        task.add_done_callback(self._pushes.discard)
+        # let the push task write its frame now, before our reply: the push is on the chain's critical path
+        await asyncio.sleep(0)
+        return True
+
+    async def _push(self, peer_id: str, pushed: Message, step: Step, inbox: Incoming) -> None:
+        timeout = min(step.push_timeout_s or self.limits.push_timeout_s, self.limits.push_timeout_s)
+        try:
+            async with asyncio.timeout(timeout):
+                conn = await self.connect(peer_id)
+                await conn.call("push", pushed)
+        except (TimeoutError, WireError, OSError, RequestError) as e:
+            logger.info("push to %s failed (%r); telling the client to send it", peer_id, e)
+            try:
+                inbox.put_nowait(_PushFailed(PushFailed(step.step, repr(e)).to_message().meta))
+            except asyncio.QueueFull:
+                pass  # only a client flooding its own session fills it; its wait for the next hop times out
 
     def _span(self, start: int, end: int) -> tuple[int, int]:
         check_range("start", start, self.backend.start, self.backend.end - 1)

@@ -7,7 +7,8 @@ Each message is a dataclass with named fields and named tensors; `to_message()` 
 Range checks that depend on the receiver (its span, its limits, the session) stay with the receiver.
 
 An inference stream carries: `OpenSession` (the opening), then `Step` and `Repoint` from the client (and `Step`
-pushed by the previous server), answered by one `StepReply` per step, or an in-band `StepError`. The opening
+pushed by the previous server), answered by one `StepReply` per step, or an in-band `StepError`, and, rarely, a
+`PushFailed` after a reply that said its output was pushed on. The opening
 names the session's activation compression (`wire.compression`): every step, push and reply of the session carries
 its hidden states in that form (blockwise8: int8 codes as `hidden`, plus `hidden_scales`); `parse` gives them back
 as float32.
@@ -33,7 +34,7 @@ from swarmllm.wire.connection import RequestError
 from swarmllm.wire.framing import Message
 from swarmllm.wire.validation import bad_request, check_count, get_int
 
-STEP, REPOINT = "step", "repoint"
+STEP, REPOINT, PUSH_FAILED = "step", "repoint", "push_failed"
 MAX_PACKED_TENSORS = 4096  # named tensors in one flat tensor (an adapter: layers x modules x 2)
 _NAME = r"[A-Za-z0-9_.]{1,128}"
 
@@ -309,6 +310,19 @@ class Repoint:
         if peer is None:
             raise bad_request("a repoint needs accept_push_from")
         return cls(peer)
+
+
+@dataclass(frozen=True)
+class PushFailed:
+    """Server -> client, on the session's stream, after the reply to `step` (which said `pushed`): the push of
+    that step's output to the next hop failed, so the client must send it there itself. A server replies as
+    soon as its push is sent, so the next hop's ack never delays the chain; this notice is the rare way back."""
+
+    step: int
+    reason: str = ""
+
+    def to_message(self) -> Message:
+        return Message({"kind": PUSH_FAILED, "step": self.step, "reason": self.reason[:200]})
 
 
 def parse_session_input(message: Message) -> Step | Repoint:
