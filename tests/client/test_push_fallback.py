@@ -63,7 +63,9 @@ async def test_a_failed_push_is_reported_and_the_client_sends_the_input_itself(l
     try:
         hidden = torch.randn(1, 9, 64)
         session = InferenceSession(swarm, max_length=16)
-        outputs = [await session.step(hidden[:, :3])]  # the prompt: not pushed (the next hop has not answered)
+        outputs = [
+            await session.step(hidden[:, :3])
+        ]  # the prompt: not pushed (the next hop has not answered)
         for t in range(3, 9):
             outputs.append(await session.step(hidden[:, t : t + 1]))
         await session.close()

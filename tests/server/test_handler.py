@@ -272,7 +272,9 @@ async def test_push_hands_the_output_to_the_next_server(span, llama_checkpoint):
 
         # and a step the client sends after its push had landed (it took the push as failed) is dropped too:
         # the session answers each step once
-        await as_first.call("push", Message({"session_id": "b" * 24, "position": 5, "step": 4}, [hidden[:, :1]]))
+        await as_first.call(
+            "push", Message({"session_id": "b" * 24, "position": 5, "step": 4}, [hidden[:, :1]])
+        )
         assert (await s2.recv()).meta["step"] == 4
         await s2.send(Message({"position": 5, "step": 4}, [hidden[:, :1]]))
         await s2.send(Message({"position": 6, "step": 5}, [hidden[:, :1]]))
@@ -300,7 +302,9 @@ async def test_the_reply_does_not_wait_for_the_push(span):
         conn = await connect_direct(*server.address, Identity.generate(), expected_peer_id=None)
         stream = await conn.open_stream("inference", OpenSession(0, 4, 1, 8).to_message())
         chain = [PushTarget(Identity.generate().peer_id, "n" * 24)]
-        await stream.send(Step(0, torch.randn(1, 2, HIDDEN), step=1, push=chain, push_timeout_s=60).to_message())
+        await stream.send(
+            Step(0, torch.randn(1, 2, HIDDEN), step=1, push=chain, push_timeout_s=60).to_message()
+        )
         reply = await stream.recv(timeout=10)
         assert reply.meta["step"] == 1 and reply.meta["pushed"] is True
         link_down.set()

@@ -129,8 +129,21 @@ def make_handlers(probe: Probe) -> Handlers:
             if message.meta.get("inject"):
                 incoming.put_nowait(Message({"injected": message.meta["inject"]}))
 
+    async def mailbox(opening: Message, incoming, context: CallContext):
+        """Answers every message put into it, by the caller or by the inline `post`."""
+        probe.mailbox = incoming
+        probe.events["mailbox open"].set()
+        async for message in incoming:
+            yield Message({"answered": message.meta})
+
+    def post(request: Message, context: CallContext) -> Message:
+        probe.mailbox.put_nowait(Message(request.meta))
+        return Message({"posted": True})
+
     handlers.add_inline("inline_echo", inline_echo)
     handlers.add_stream("inject", inject)
+    handlers.add_stream("mailbox", mailbox)
+    handlers.add_inline("post", post, reply_later=True)
     return handlers
 
 
@@ -421,6 +434,30 @@ async def test_bad_frame_mid_connection_gets_error_frame_then_close(probe):
         assert error.kind is Kind.ERROR and error.call_id == 0 and error.message.meta["code"] == "bad_frame"
         with pytest.raises(ConnectionLost):
             await asyncio.wait_for(read_frame(reader, limits), BOUND)
+        writer.close()
+    finally:
+        tcp_server.close()
+
+
+async def test_a_reply_later_goes_out_after_the_work_its_handler_woke(probe):
+    """A push's ack waits for the session it fed: on the wire, the stream's answer comes before the reply."""
+    limits = WireLimits()
+
+    async def serve(reader, writer):
+        await serve_connection(
+            reader, writer, make_handlers(probe), limits=limits, peer_id=None, transport="direct"
+        )
+
+    tcp_server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    try:
+        reader, writer = await asyncio.open_connection(*tcp_server.sockets[0].getsockname()[:2])
+        writer.writelines(encode_frame(Frame(Kind.REQUEST, 1, Message(), "mailbox")))
+        await probe.wait("mailbox open")
+        writer.writelines(encode_frame(Frame(Kind.REQUEST, 2, Message({"n": 1}), "post")))
+        first = await asyncio.wait_for(read_frame(reader, limits), BOUND)
+        second = await asyncio.wait_for(read_frame(reader, limits), BOUND)
+        assert (first.kind, first.call_id, first.message.meta) == (Kind.MESSAGE, 1, {"answered": {"n": 1}})
+        assert (second.kind, second.call_id, second.message.meta) == (Kind.REPLY, 2, {"posted": True})
         writer.close()
     finally:
         tcp_server.close()

@@ -172,7 +172,7 @@ class RequestHandler:
         handlers.add_unary("forward", self.rpc_forward, max_payload_bytes=forward_bytes)
         handlers.add_unary("backward", self.rpc_backward, max_payload_bytes=2 * forward_bytes)
         handlers.add_stream("inference", self.rpc_inference, max_payload_bytes=step_bytes)
-        handlers.add_inline("push", self.rpc_push, max_payload_bytes=step_bytes)
+        handlers.add_inline("push", self.rpc_push, max_payload_bytes=step_bytes, reply_later=True)
         handlers.add_stream(
             "adapters", self.rpc_adapters, max_payload_bytes=limits.max_adapter_bytes_per_peer
         )

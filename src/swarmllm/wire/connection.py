@@ -134,6 +134,7 @@ class Handlers:
     def __init__(self) -> None:
         self.unary: dict[str, UnaryHandler] = {}
         self.inline: dict[str, InlineHandler] = {}
+        self.reply_later: set[str] = set()  # inline methods whose reply waits for the loop's next turn
         self.stream: dict[str, StreamHandler] = {}
         self.max_payload_bytes: dict[str, int] = {}
 
@@ -141,11 +142,22 @@ class Handlers:
         self._check_new(method, max_payload_bytes)
         self.unary[method] = fn
 
-    def add_inline(self, method: str, fn: InlineHandler, *, max_payload_bytes: int | None = None) -> None:
+    def add_inline(
+        self,
+        method: str,
+        fn: InlineHandler,
+        *,
+        max_payload_bytes: int | None = None,
+        reply_later: bool = False,
+    ) -> None:
         """A unary method answered by a plain function, called in the connection's read loop (no task): for
-        quick handlers with small replies on the hot path."""
+        quick handlers with small replies on the hot path. `reply_later`: the reply is written on the event
+        loop's next turn, after the tasks the handler woke (a push's ack goes out after the session it fed has
+        computed and replied: the ack is off the chain's critical path, the compute is on it)."""
         self._check_new(method, max_payload_bytes)
         self.inline[method] = fn
+        if reply_later:
+            self.reply_later.add(method)
 
     def add_stream(self, method: str, fn: StreamHandler, *, max_payload_bytes: int | None = None) -> None:
         """``fn`` is an async generator: each Message it yields goes to the caller; returning ends the stream."""
@@ -235,6 +247,11 @@ class _FrameWriter:
         meta = {"code": code[:_MAX_ERROR_CHARS], "message": message[:_MAX_ERROR_CHARS]}
         with suppress(ConnectionLost):
             self.write(Frame(Kind.ERROR, call_id, Message(meta)))
+
+
+def _write_late(out: _FrameWriter, frame: Frame) -> None:
+    with suppress(ConnectionLost):  # the caller is gone: nobody waits for this reply any more
+        out.write(frame)
 
 
 def _remote_error(message: Message) -> RemoteError:
@@ -566,13 +583,15 @@ async def serve_connection(
         context = CallContext(peer_id=peer_id, transport=transport, method=method)
         if method in handlers.inline:
             try:
-                out.write(
-                    Frame(
-                        Kind.REPLY,
-                        call_id,
-                        _checked_reply(handlers.inline[method](frame.message, context), context),
-                    )
+                reply = Frame(
+                    Kind.REPLY,
+                    call_id,
+                    _checked_reply(handlers.inline[method](frame.message, context), context),
                 )
+                if method in handlers.reply_later:
+                    asyncio.get_running_loop().call_soon(_write_late, out, reply)
+                else:
+                    out.write(reply)
             except Exception as e:
                 _report_failure(out, call_id, context, e)
         elif method in handlers.unary:
