@@ -1,6 +1,7 @@
 """Calls over real loopback sockets: multiplexing, streams, errors, timeouts and connections that break."""
 
 import asyncio
+import contextlib
 from collections import defaultdict
 
 import pytest
@@ -415,8 +416,9 @@ async def test_garbage_to_direct_server_closes_only_that_connection(connection, 
         await fresh.close()
 
 
-async def test_bad_frame_mid_connection_gets_error_frame_then_close(probe):
-    limits = WireLimits()
+@contextlib.asynccontextmanager
+async def _raw_connection(probe: Probe, limits: WireLimits):
+    """A plain TCP connection to `serve_connection` with the test handlers: the test writes and reads frames."""
 
     async def serve(reader, writer):
         await serve_connection(
@@ -426,6 +428,15 @@ async def test_bad_frame_mid_connection_gets_error_frame_then_close(probe):
     tcp_server = await asyncio.start_server(serve, "127.0.0.1", 0)
     try:
         reader, writer = await asyncio.open_connection(*tcp_server.sockets[0].getsockname()[:2])
+        yield reader, writer
+        writer.close()
+    finally:
+        tcp_server.close()
+
+
+async def test_bad_frame_mid_connection_gets_error_frame_then_close(probe):
+    limits = WireLimits()
+    async with _raw_connection(probe, limits) as (reader, writer):
         writer.writelines(encode_frame(Frame(Kind.REQUEST, 1, Message({"a": 1}), "echo")))
         reply = await asyncio.wait_for(read_frame(reader, limits), BOUND)
         assert reply.kind is Kind.REPLY and reply.call_id == 1 and reply.message.meta["a"] == 1
@@ -434,23 +445,12 @@ async def test_bad_frame_mid_connection_gets_error_frame_then_close(probe):
         assert error.kind is Kind.ERROR and error.call_id == 0 and error.message.meta["code"] == "bad_frame"
         with pytest.raises(ConnectionLost):
             await asyncio.wait_for(read_frame(reader, limits), BOUND)
-        writer.close()
-    finally:
-        tcp_server.close()
 
 
 async def test_a_reply_later_goes_out_after_the_work_its_handler_woke(probe):
     """A push's ack waits for the session it fed: on the wire, the stream's answer comes before the reply."""
     limits = WireLimits()
-
-    async def serve(reader, writer):
-        await serve_connection(
-            reader, writer, make_handlers(probe), limits=limits, peer_id=None, transport="direct"
-        )
-
-    tcp_server = await asyncio.start_server(serve, "127.0.0.1", 0)
-    try:
-        reader, writer = await asyncio.open_connection(*tcp_server.sockets[0].getsockname()[:2])
+    async with _raw_connection(probe, limits) as (reader, writer):
         writer.writelines(encode_frame(Frame(Kind.REQUEST, 1, Message(), "mailbox")))
         await probe.wait("mailbox open")
         writer.writelines(encode_frame(Frame(Kind.REQUEST, 2, Message({"n": 1}), "post")))
@@ -458,9 +458,6 @@ async def test_a_reply_later_goes_out_after_the_work_its_handler_woke(probe):
         second = await asyncio.wait_for(read_frame(reader, limits), BOUND)
         assert (first.kind, first.call_id, first.message.meta) == (Kind.MESSAGE, 1, {"answered": {"n": 1}})
         assert (second.kind, second.call_id, second.message.meta) == (Kind.REPLY, 2, {"posted": True})
-        writer.close()
-    finally:
-        tcp_server.close()
 
 
 @pytest.mark.parametrize("scenario", ["calls", "stream", "large", "server_stops"])
