@@ -356,3 +356,19 @@ def test_span_refuses_inputs_it_cannot_hold(pair):
         pair.span(hidden, pos=2)
     with pytest.raises(ValueError, match="inside"):
         BlockSpan(config, 2, config.num_layers + 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("hidden", [64, 1024, 4096])
+def test_rms_norm_equals_transformers_to_the_bit(dtype, hidden):
+    """Our norm (decode path and forward alike) gives transformers' LlamaRMSNorm to the bit, bf16 included."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from swarmllm.models.llama import _rms_norm
+
+    torch.manual_seed(hidden)
+    theirs = LlamaRMSNorm(hidden, eps=1e-5).to(dtype)
+    with torch.no_grad():
+        theirs.weight.copy_(torch.randn(hidden))
+    x = (torch.randn(3, 5, hidden) * 4).to(dtype)
+    assert torch.equal(_rms_norm(x, theirs.weight, 1e-5), theirs(x))
