@@ -492,19 +492,26 @@ SERVER_OMP_SPINCOUNT = "30000"
 
 def _monitor(args: argparse.Namespace) -> int:
     import asyncio
+    import signal
 
     from swarmllm.monitor.app import run_monitor
 
     peers = _initial_peers(args)
     _check_ports(args.host, args.port)
-    try:
-        asyncio.run(
-            run_monitor(
+
+    async def serve() -> None:
+        # SIGTERM too ends in run_monitor's cleanup, which stops the DHT's own process (else it outlives us)
+        task = asyncio.current_task()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            asyncio.get_running_loop().add_signal_handler(sig, task.cancel)
+        try:
+            await run_monitor(
                 peers, host=args.host, port=args.port, refresh_s=args.refresh, swarm_key=args.swarm_key
             )
-        )
-    except KeyboardInterrupt:
-        pass
+        except asyncio.CancelledError:
+            pass
+
+    asyncio.run(serve())
     return 0
 
 

@@ -1,0 +1,35 @@
+"""Every process of a local swarm (bootstrap, server, monitor, API) takes its own children with it when it is
+stopped with SIGTERM: hivemind runs each DHT in a child process with a p2pd daemon, and a face that died without
+its cleanup left both running for ever."""
+
+import os
+
+from swarmllm.local import LocalSwarm
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_stopping_a_local_swarm_leaves_no_process_behind(llama_checkpoint):
+    with LocalSwarm() as local:
+        local.start_bootstrap()
+        local.add_server(str(llama_checkpoint), (0, 4))
+        local.start_monitor()
+        local.start_api(str(llama_checkpoint))
+        groups = {
+            name: os.getpgid(process.proc.pid)
+            for name, process in [
+                ("bootstrap", local.bootstrap),
+                ("server", local.servers[0]),
+                ("monitor", local.monitor),
+                ("api", local.api),
+            ]
+        }
+        assert all(_group_alive(pgid) for pgid in groups.values())
+    # each stop() waited for its process; its children exit during its cleanup, before it does
+    assert {name for name, pgid in groups.items() if _group_alive(pgid)} == set()
