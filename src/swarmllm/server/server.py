@@ -27,6 +27,7 @@ from swarmllm.balancing.moves import next_move
 from swarmllm.dht import ModelInfo, ServerInfo, ServerState, announce, find_servers, start_dht, visible_maddrs
 from swarmllm.dht.records import dht_prefix_for
 from swarmllm.models import BlockConfig, BlockSpan, KVCache, load_config, load_span
+from swarmllm.models.ladder import layer_ranges
 from swarmllm.server.adapters import AdapterStore
 from swarmllm.server.backend import Backend
 from swarmllm.server.corrupt import corrupt_outputs
@@ -122,6 +123,7 @@ class Server:
         self.adapters: AdapterStore | None = None  # hosted (--adapters) and clients' uploaded LoRA adapters
         self.direct_addr: str | None = None
         self.peers: dict[str, ServerInfo] = {}  # the other servers of this model, for pushes to the next one
+        self.ladder: tuple[tuple[int, int], ...] = ()  # the checkpoint's ladder layers, as announced
         self._peers_at = -float("inf")
         self._stop = asyncio.Event()
         # servers of one device on this host split its memory, and CPU ones without --num-threads its cores
@@ -142,6 +144,7 @@ class Server:
             loop.add_signal_handler(sig, self.stop)
 
         _, block_config = load_config(cfg.model)
+        self.ladder = layer_ranges(block_config.ladder_layers)
         limits = cfg.limits
         self.adapters = AdapterStore(
             block_config,
@@ -451,7 +454,7 @@ class Server:
                 raise ValueError(f"--blocks {start}:{end} is outside the model's {total_blocks} blocks")
             return start, end
         length = min(cfg.num_blocks or self._blocks_that_fit(block_config), total_blocks)
-        servers = await find_servers(self.dht, self.dht_prefix, total_blocks)
+        servers = await self._find_servers()
         live = [(s.start_block, s.end_block, s.throughput) for s in servers if s.state != ServerState.OFFLINE]
         # jitter among equally good windows, so that servers starting together spread out
         return choose_blocks(total_blocks, length, live, throughput=self.inference_rps, rng=random.Random())
@@ -495,6 +498,7 @@ class Server:
             adapters=tuple(sorted(self.adapters.hosted)) if self.adapters else (),
             movable=self.config.blocks is None,
             direct_addrs=(self.direct_addr,) if self.direct_addr else (),
+            ladder=self.ladder,
         )
 
     def _info_record(self) -> dict:
@@ -518,8 +522,14 @@ class Server:
 
     async def _refresh_peers(self) -> None:
         self._peers_at = time.monotonic()
-        found = await find_servers(self.dht, self.dht_prefix, self.model_info.num_blocks)
+        found = await self._find_servers()
         self.peers = {s.peer_id: s for s in found if s.peer_id != self.identity.peer_id}
+
+    async def _find_servers(self) -> list[ServerInfo]:
+        """The model's servers that serve our checkpoint: those of another one under the same name (other ladder
+        layers) are never chained with us, so they neither cover our blocks nor take our pushes."""
+        found = await find_servers(self.dht, self.dht_prefix, self.model_info.num_blocks)
+        return [s for s in found if s.ladder == self.ladder]
 
     def _measure_network_soon(self) -> None:
         """Measure the network in the background (it may wait seconds on peers that do not answer)."""
