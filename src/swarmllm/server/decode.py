@@ -68,7 +68,11 @@ class DecodeRunner:
         return "cuda-graphs" if self.cuda_graphs else "compiled" if self.compiled else "eager"
 
     def _warm_up(self) -> None:
-        """Compile now for batch size 1, rather than stalling the first client for seconds."""
+        """Compile now for batch size 1, rather than stalling the first client for seconds (a span with an edge
+        inside a ladder region compiles on a plain session's first step: the whole span's step is a pair step)."""
+        config, span = self.span.config, self.span
+        if config.carries_pending(span.start) or config.carries_pending(span.end):
+            return
         logger.info("compiling the decode step (torch.compile); this takes a while once")
         dtype = next(self.span.parameters()).dtype
         cache = KVCache(len(self.span.blocks), 1, 4, self.span.config, dtype, self.device)
