@@ -166,6 +166,24 @@ def test_a_standard_client_under_the_same_name_never_chains_ladder_servers(paths
         remote.shutdown()
 
 
+def test_gradients_through_cuts_inside_the_ladder_region_equal_local_autograd(paths, cut_swarm, reference):
+    """A training forward and backward (micro-batches, hop by hop): each hop inside the region takes (r, p) and
+    the gradients of both; the input embeddings' gradient equals local autograd through the whole model."""
+    local, _ = cut_swarm
+    model, _ = reference
+    remote = client(paths[1], local, spot_check_fraction=0.0)
+    try:
+        x = torch.randint(3, model.config.vocab_size, (2, 6), generator=torch.Generator().manual_seed(8))
+        weights = torch.randn(2, 6, model.config.vocab_size, generator=torch.Generator().manual_seed(9))
+        embeds = remote.head.embed(x).detach().requires_grad_()
+        (remote(inputs_embeds=embeds).logits * weights).sum().backward()
+        mine = model.head.embed(x).detach().requires_grad_()
+        (model.head.logits(model.span(mine)) * weights).sum().backward()
+        torch.testing.assert_close(embeds.grad, mine.grad, atol=1e-4, rtol=1e-4)
+    finally:
+        remote.shutdown()
+
+
 def test_killing_the_middle_server_mid_generation_replays_the_pair(paths, cut_swarm, reference):
     """SIGKILL of the server of hop [2, 4) after the third token: its kept inputs (r, p) are replayed into the
     other [2, 4) server, and the tokens are still the local model's (runs last: one server is gone after it)."""
