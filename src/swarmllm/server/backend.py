@@ -56,7 +56,7 @@ class Session:
     end: int
     batch_size: int
     max_length: int
-    cache: KVCache
+    cache: KVCache | int  # its KV cache (a tensor-parallel backend's: its id on the ranks, `server.tp_backend`)
     key_mask: torch.Tensor  # [batch, max_length] bool: which cached positions are real tokens (left padding)
     owner: str = ""  # the peer that opened it: its prefill waits in that peer's compute queue
     length: int = 0
@@ -89,6 +89,8 @@ class Gradients:
 
 class Backend:
     """Runs forward passes and inference steps over this server's span."""
+
+    tunable = True  # requests may bring deep prompts and adapters, and ask for a backward
 
     def __init__(
         self,
@@ -286,7 +288,7 @@ class Backend:
         session_id = f"s{next(self._ids)}"
         self.budget.reserve(session_id, batch_size * max_length)
         try:
-            cache = KVCache(end - start, batch_size, max_length, self.span.config, self.dtype, self.device)
+            cache = self._new_cache(end - start, batch_size, max_length)
         except BaseException:
             self.budget.release(session_id)
             raise
@@ -296,6 +298,9 @@ class Backend:
         session.pair = self.span.config.carries_pending(start) or self.span.config.carries_pending(end)
         self.sessions[session_id] = session
         return session
+
+    def _new_cache(self, blocks: int, batch_size: int, max_length: int) -> KVCache | int:
+        return KVCache(blocks, batch_size, max_length, self.span.config, self.dtype, self.device)
 
     def close_session(self, session: Session) -> None:
         self.sessions.pop(session.session_id, None)

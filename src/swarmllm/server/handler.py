@@ -281,6 +281,7 @@ class RequestHandler:
         gradient of its outputs; the forward is recomputed with autograd (see `Backend.backward`)."""
         peer = _peer(context)
         self._refuse(self.quotas.request(peer))
+        self._check_tunable("backward")
         req = BackwardRequest.parse(request)
         start, end = self._span(req.start, req.end)
         hidden = self._hidden(req.hidden)
@@ -325,6 +326,7 @@ class RequestHandler:
         is dropped when the stream ends, or when none of it was used for `adapter_idle_timeout_s`."""
         peer = _peer(context)
         self._refuse(self.quotas.request(peer))
+        self._check_tunable("adapters")
         held: dict[str, Adapter] = {}
         try:
             while True:
@@ -601,6 +603,7 @@ class RequestHandler:
         """Deep prompts [blocks, batch or 1, P <= length, hidden], finite."""
         if prompts is None:
             return None
+        self._check_tunable("deep prompts")
         shape = {0: blocks, 3: self.backend.hidden_size}
         check_tensor(prompts, "prompts", ndim=4, dtypes=FLOAT_DTYPES, shape=shape, finite=True)
         if prompts.shape[1] not in (1, batch) or prompts.shape[2] > length:
@@ -615,7 +618,18 @@ class RequestHandler:
         return prompts
 
     def _adapter(self, peer: str, ref: AdapterRef | None, start: int, end: int) -> Adapter | None:
-        return None if ref is None else self.adapters.find(peer, ref, start, end)
+        if ref is None:
+            return None
+        self._check_tunable("adapters")
+        return self.adapters.find(peer, ref, start, end)
+
+    def _check_tunable(self, what: str) -> None:
+        if not self.backend.tunable:
+            raise RequestError(
+                "bad_request",
+                f"{what}: not supported by this server (it runs its blocks tensor-parallel, --tp, which has no "
+                "deep prompts, adapters or backward yet)",
+            )
 
     @staticmethod
     def _mask(mask: torch.Tensor | None, batch: int, length: int) -> torch.Tensor | None:
