@@ -37,7 +37,7 @@ import torch
 from swarmllm.client.hop import History, HopSession, KeptInput
 from swarmllm.client.replies import CorruptOutputError
 from swarmllm.client.routing import Hop
-from swarmllm.client.swarm import HOP_FAILURES, SpotCheck, SwarmClient, corrupt_output_error, describe
+from swarmllm.client.swarm import HOP_FAILURES, SpotCheck, State, SwarmClient, corrupt_output_error, describe
 from swarmllm.client.tuning import NO_TUNING, Tuning
 from swarmllm.client.verify import should_check
 from swarmllm.wire import RemoteError
@@ -128,7 +128,9 @@ class InferenceSession:
             raise ValueError(
                 f"the session was opened for batch size {self.batch_size}, got {hidden.shape[0]}"
             )
-        states = sum(1 + self.swarm.carries_pending(h.start) for h in self._hops)  # a ladder pair is 2 states
+        states = len(self._hops)
+        if self.swarm.ladder_layers:  # a hop whose input is a ladder pair keeps two states
+            states += sum(self.swarm.carries_pending(h.start) for h in self._hops)
         kept = states * hidden.shape[0] * end * hidden.shape[2] * hidden.element_size()
         if kept > self.swarm.max_replay_bytes:
             raise ReplayBudgetError(
@@ -139,7 +141,7 @@ class InferenceSession:
         self._steps += 1
         timings, pushed, began, i = [], False, time.perf_counter(), 0
         pending: torch.Tensor | None = None  # p beside `hidden` where the hop's first boundary carries the pair
-        inputs: list[tuple[torch.Tensor, torch.Tensor | None]] = []  # each hop's input of this step
+        inputs: list[State] = []  # each hop's input of this step
         checks: list[tuple[HopSession, asyncio.Future[SpotCheck]]] = []
         try:
             while True:

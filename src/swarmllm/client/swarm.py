@@ -357,7 +357,8 @@ class SwarmClient:
                             f"{len(other)} server(s) of {self.dht_prefix!r} hold them for another checkpoint "
                             f"({'; '.join(kinds)}), which is never chained with it"
                         )
-                    if not servers and not self.other_checkpoints:  # e.g. a private swarm's records, which only its members can read
+                    # none at all: e.g. a private swarm's records, which only its members can read
+                    if not servers and not self.other_checkpoints:
                         detail = (
                             " (no server of this model was found at all: check initial_peers, the model's name, "
                             "and, for a private swarm, swarm_key)"
