@@ -90,11 +90,11 @@ async def honest(path: str, comparisons: int, length: int) -> tuple[list[list[ob
             hidden = head.embed(ids).float()
             session = servers[checked].open_session(0, blocks, 1, length)
             prompt = 1 + seq % 8  # a prompt of 1-8 tokens, then one token per step
-            outs = [await servers[checked].step(session, hidden[:, :prompt], 0, None)]
+            outs = [(await servers[checked].step(session, hidden[:, :prompt], 0, None))[0]]
             for pos in range(prompt, length):
-                outs.append(await servers[checked].step(session, hidden[:, pos : pos + 1], pos, None))
+                outs.append((await servers[checked].step(session, hidden[:, pos : pos + 1], pos, None))[0])
             servers[checked].close_session(session)
-            whole = await servers[checker].forward(hidden, None, 0, blocks)
+            whole, _ = await servers[checker].forward(hidden, None, 0, blocks)
             at = 0
             for out in outs:
                 n = out.shape[1]

@@ -191,6 +191,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-cuda-graphs", action="store_true", help="on CUDA, run decode steps eagerly instead of as graphs"
     )
     serve.add_argument(
+        "--tp",
+        type=int,
+        default=1,
+        metavar="N",
+        help="run the blocks tensor-parallel over N processes (gloo on CPU; NCCL on CUDA, rank i on cuda:i), "
+        "weights sharded Megatron-style; needs --blocks; no --compile, --quant or --adapters, and requests with "
+        "deep prompts, adapters or a backward are refused",
+    )
+    serve.add_argument(
         "--batch-wait-ms",
         type=float,
         default=10.0,
@@ -553,6 +562,19 @@ def _api(args: argparse.Namespace) -> int:
     return 0
 
 
+def _tp_problem(args: argparse.Namespace) -> str | None:
+    """Why `serve --tp N` cannot run with the other flags given (None: it can)."""
+    if args.tp < 1:
+        return "must be at least 1"
+    if args.tp == 1:
+        return None
+    if args.blocks is None:
+        return "needs --blocks (a tensor-parallel server does not choose or move its blocks yet)"
+    flags = {"--compile": args.compile, "--quant": args.quant != "none", "--adapters": bool(args.adapters)}
+    clash = [flag for flag, used in flags.items() if used]
+    return f"does not work with {', '.join(clash)} yet" if clash else None
+
+
 def _serve(args: argparse.Namespace) -> int:
     if "torch" not in sys.modules:  # read once, when torch loads its OpenMP runtime; an operator's value wins
         os.environ.setdefault("GOMP_SPINCOUNT", SERVER_OMP_SPINCOUNT)
@@ -577,6 +599,9 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
     _check_model(args.model)
     _check_ports(args.host, args.port, args.direct_port, args.metrics_port)
+    if problem := _tp_problem(args):
+        print(f"swarmllm serve: --tp {args.tp} {problem}", file=sys.stderr)
+        return 2
     run_server(
         ServerConfig(
             model=args.model,
@@ -594,6 +619,7 @@ def _serve(args: argparse.Namespace) -> int:
             compile=args.compile,
             cuda_graphs=not args.no_cuda_graphs,
             batch_wait_s=args.batch_wait_ms / 1e3,
+            tp=args.tp,
             max_cache_tokens=args.max_cache_tokens,
             max_memory=parse_size(args.max_memory) if args.max_memory else None,
             public_name=args.public_name,

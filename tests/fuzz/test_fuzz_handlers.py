@@ -96,9 +96,9 @@ class Fuzzed:
         """The honest client's outputs by position, from a Backend over the same span without the network."""
         backend = Backend(self.span, cache_tokens=HONEST_LENGTH)
         session = backend.open_session(0, 4, 1, HONEST_LENGTH)
-        outputs = {0: await backend.step(session, self.honest_inputs[:, :HONEST_PROMPT], 0, None)}
+        outputs = {0: (await backend.step(session, self.honest_inputs[:, :HONEST_PROMPT], 0, None))[0]}
         for position in range(HONEST_PROMPT, HONEST_LENGTH):
-            outputs[position] = await backend.step(
+            outputs[position], _ = await backend.step(
                 session, self.honest_inputs[:, position : position + 1], position, None
             )
         backend.shutdown()

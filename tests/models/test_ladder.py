@@ -137,6 +137,53 @@ def test_decode_pair_across_a_ladder_boundary(ladder_checkpoints):
     torch.testing.assert_close(out, whole(hidden)[:, 5], atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("cut", [None, 2])
+def test_merged_decode_of_several_sessions_equals_their_own_decode(ladder_checkpoints, cut):
+    """Continuous batching (`decode_batch`) runs ladder layers as ladder layers, and carries the pair where the
+    span ends (cut 2) or starts inside the ladder region: every session's rows equal its own `decode_pair`."""
+    from swarmllm.models.llama import DecodeSegment
+
+    path = ladder_checkpoints("llama", "all")
+    config = load_config(path)[1]
+    spans = [load_span(path, 0, 4)] if cut is None else [load_span(path, 0, cut), load_span(path, cut, 4)]
+    generator = torch.Generator().manual_seed(7)
+    lengths = [3, 6]  # two sessions, at different positions
+    caches = [[KVCache(len(s.blocks), 1, 8, config, torch.float32, "cpu") for s in spans] for _ in lengths]
+    for session in caches:
+        for cache in session:
+            cache.keys.normal_(generator=generator)
+            cache.values.normal_(generator=generator)
+    r = torch.randn(len(lengths), config.hidden_size, generator=generator)
+    positions, p = torch.tensor(lengths), None
+    for n, span in enumerate(spans):
+        want_r, want_p = [], []
+        for row, length in enumerate(lengths):
+            cache, slot = caches[row][n], torch.tensor([length])
+            keys, values = cache.keys[:, :, :, : length + 1], cache.values[:, :, :, : length + 1]
+            mine = None if p is None else p[row : row + 1]
+            out_r, out_p = span.decode_pair(r[row : row + 1], mine, positions[row : row + 1], slot, keys, values)
+            want_r.append(out_r)
+            want_p.append(out_p)
+        segments = [
+            DecodeSegment(
+                slice(row, row + 1),
+                torch.tensor([length]),
+                caches[row][n].keys[:, :, :, : length + 1],
+                caches[row][n].values[:, :, :, : length + 1],
+                None,
+                None,
+            )
+            for row, length in enumerate(lengths)
+        ]
+        r, p = span.decode_batch_pair(r, p, positions, segments)
+        torch.testing.assert_close(r, torch.cat(want_r), atol=1e-5, rtol=0)
+        assert (p is None) == (want_p[0] is None) == (span.end == 4)
+        if p is not None:
+            torch.testing.assert_close(p, torch.cat(want_p), atol=1e-5, rtol=0)
+            with pytest.raises(ValueError, match="ladder pair"):
+                span.decode_batch(r, positions, segments)
+
+
 def test_decode_traces_as_one_graph(ladder_checkpoints):
     """torch.compile(fullgraph=True), as DecodeRunner compiles it: no graph break in the ladder wiring."""
     span = load_span(ladder_checkpoints("llama", "mixed"), 0, 4)

@@ -186,10 +186,10 @@ def test_concurrent_sessions_on_a_backend_merge_and_match_their_solo_runs(span):
             await asyncio.sleep(0)  # join a few loop turns late
         session = backend.open_session(0, 4, 1, 32, adapter=adapter)
         try:
-            outs = [await backend.step(session, x[:, :prompt], 0, None)]
+            outs = [(await backend.step(session, x[:, :prompt], 0, None))[0]]
             for t in range(prompt, prompt + steps):
                 await asyncio.sleep(0)  # the round trip to the client: other sessions' steps come meanwhile
-                outs.append(await backend.step(session, x[:, t : t + 1], t, None))
+                outs.append((await backend.step(session, x[:, t : t + 1], t, None))[0])
             return torch.cat(outs, dim=1)
         finally:
             backend.close_session(session)

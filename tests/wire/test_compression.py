@@ -62,13 +62,22 @@ def test_8bit_activations_halve_the_bytes_on_the_wire():
 
 @pytest.mark.parametrize("codec", CODECS)
 def test_step_and_reply_carry_compressed_hidden_states(codec):
-    x = activations(hidden_size=64, tokens=3)
+    """r, and a ladder pair's p where one travels, in the session's codec both."""
+    x, p = activations(hidden_size=64, tokens=3), activations(hidden_size=64, tokens=3) * 0.5
     step = Step.parse(Step(4, x, step=2, compression=codec).to_message())
-    want = decompress(*compress(x, codec))
-    assert step.position == 4 and step.hidden.shape == x.shape
+    want, want_p = decompress(*compress(x, codec)), decompress(*compress(p, codec))
+    assert step.position == 4 and step.hidden.shape == x.shape and step.pending is None
     torch.testing.assert_close(step.hidden.float(), want, rtol=0, atol=0)
     reply = StepReply(4, 2, x, compression=codec).to_message()
-    torch.testing.assert_close(StepReply.hidden_states(reply).float(), want, rtol=0, atol=0)
+    hidden, pending = StepReply.states(reply)
+    torch.testing.assert_close(hidden.float(), want, rtol=0, atol=0)
+    assert pending is None
+    pair = Step.parse(Step(4, x, step=2, compression=codec, pending=p).to_message())
+    torch.testing.assert_close(pair.hidden.float(), want, rtol=0, atol=0)
+    torch.testing.assert_close(pair.pending.float(), want_p, rtol=0, atol=0)
+    hidden, pending = StepReply.states(StepReply(4, 2, x, compression=codec, pending=p).to_message())
+    torch.testing.assert_close(hidden.float(), want, rtol=0, atol=0)
+    torch.testing.assert_close(pending.float(), want_p, rtol=0, atol=0)
     opened = OpenSession.parse(OpenSession(0, 2, 2, 16, compression=codec).to_message())
     assert opened.compression == codec
 

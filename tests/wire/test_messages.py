@@ -8,11 +8,15 @@ import torch
 from swarmllm.wire import Message, RequestError
 from swarmllm.wire.framing import DEFAULT_LIMITS, Frame, Kind, encode_frame, read_frame
 from swarmllm.wire.messages import (
+    BackwardReply,
+    BackwardRequest,
+    ForwardReply,
     ForwardRequest,
     OpenSession,
     PushTarget,
     Repoint,
     Step,
+    StepReply,
     parse_session_input,
 )
 
@@ -42,6 +46,44 @@ def test_session_messages_round_trip():
     assert parse_session_input(through_the_wire(Repoint("QmNew").to_message())) == Repoint("QmNew")
     forward = ForwardRequest.parse(through_the_wire(ForwardRequest(1, 3, hidden).to_message()))
     assert (forward.start, forward.end, forward.key_mask) == (1, 3, None)
+
+
+def test_ladder_pairs_round_trip_and_standard_layouts_stay_positional():
+    """p travels by name beside r where a boundary carries the ladder pair; without it every message keeps the
+    positional layout that standard models (and older peers) use."""
+    r, p, mask = torch.randn(2, 3, 8), torch.randn(2, 3, 8), torch.ones(2, 3, dtype=torch.bool)
+    step = Step(4, r, mask, step=2, push=[PushTarget("QmNext", "t" * 20)], pending=p)
+    parsed = parse_session_input(through_the_wire(step.to_message()))
+    assert torch.equal(parsed.hidden, r) and torch.equal(parsed.pending, p) and torch.equal(parsed.key_mask, mask)
+    assert Step(4, r, mask).to_message().meta.get("tensors") is None
+    assert parse_session_input(through_the_wire(Step(4, r).to_message())).pending is None
+
+    hidden, pending = StepReply.states(through_the_wire(StepReply(4, 2, r, pending=p).to_message()))
+    assert torch.equal(hidden, r) and torch.equal(pending, p)
+    assert StepReply(4, 2, r).to_message().meta.get("tensors") is None
+
+    forward = ForwardRequest.parse(through_the_wire(ForwardRequest(2, 4, r, mask, pending=p).to_message()))
+    assert torch.equal(forward.pending, p) and torch.equal(forward.key_mask, mask)
+    reply = ForwardReply.parse(through_the_wire(ForwardReply(r, p).to_message()))
+    assert torch.equal(reply.hidden, r) and torch.equal(reply.pending, p)
+    plain = ForwardReply(r).to_message()
+    assert plain.meta == {} and len(plain.tensors) == 1  # what servers always answered to a forward
+
+    g, gp = torch.randn(2, 3, 8), torch.randn(2, 3, 8)
+    backward = BackwardRequest.parse(
+        through_the_wire(BackwardRequest(2, 4, r, g, pending=p, grad_pending=gp).to_message())
+    )
+    assert all(torch.equal(a, b) for a, b in ((backward.hidden, r), (backward.grad, g), (backward.pending, p)))
+    assert torch.equal(backward.grad_pending, gp)
+    grads = BackwardReply.parse(through_the_wire(BackwardReply(g, grad_pending=gp).to_message()))
+    assert torch.equal(grads.grad_hidden, g) and torch.equal(grads.grad_pending, gp) and grads.grad_prompts is None
+
+
+def test_pending_scales_without_pending_are_refused():
+    scales = torch.ones(1, 3, 1, dtype=torch.bfloat16)
+    message = Message({"position": 0, "tensors": ["hidden", "pending_scales"]}, [torch.randn(1, 3, 8), scales])
+    with pytest.raises(RequestError, match="pending_scales without pending"):
+        parse_session_input(message)
 
 
 @pytest.mark.parametrize(

@@ -2,7 +2,8 @@
 it has received (kept so that a replacement server can be brought to the same state by replaying them).
 
 The kept inputs are the hop's own inputs, step by step, as sent (or as pushed: the client receives every hop's
-output, so it knows every hop's input without extra traffic). They cost batch x tokens x hidden values per hop.
+output, so it knows every hop's input without extra traffic). They cost batch x tokens x hidden values per hop
+(twice that where the hop's first boundary lies inside a Ladder Residual region: the input is the pair (r, p)).
 Replaying them step by step, with the shapes of the original steps, makes the replacement compute exactly what
 the lost server had computed (the same kernels on the same inputs), so no logit of the session changes.
 """
@@ -34,6 +35,7 @@ class KeptInput:
     position: int
     hidden: torch.Tensor  # [batch, T, hidden]
     key_mask: torch.Tensor | None  # [batch, T] bool, with left padding
+    pending: torch.Tensor | None = None  # [batch, T, hidden]: p, where the input is a ladder pair (r, p)
 
     @property
     def end(self) -> int:
@@ -52,7 +54,10 @@ class History:
 
     @property
     def nbytes(self) -> int:
-        return sum(e.hidden.nelement() * e.hidden.element_size() for e in self.entries)
+        return sum(
+            sum(t.nelement() * t.element_size() for t in (e.hidden, e.pending) if t is not None)
+            for e in self.entries
+        )
 
     def add(self, entry: KeptInput) -> None:
         """Record a step; a step at an earlier position rewinds (the session forgets what came after it)."""
@@ -68,12 +73,14 @@ class History:
             elif e.position < position:
                 cut = position - e.position
                 mask = None if e.key_mask is None else e.key_mask[:, :cut]
-                kept.append(KeptInput(e.position, e.hidden[:, :cut], mask))
+                pending = None if e.pending is None else e.pending[:, :cut]
+                kept.append(KeptInput(e.position, e.hidden[:, :cut], mask, pending))
         self.entries = kept
 
 
 class HopSession:
-    """Blocks [start, end) of one session on one server."""
+    """Blocks [start, end) of one session on one server. `returns_pending`: the boundary after its blocks lies
+    inside a ladder region, so its replies carry p beside r."""
 
     def __init__(
         self,
@@ -83,8 +90,10 @@ class HopSession:
         accept_push_from: str | None,
         tuning: Tuning = NO_TUNING,
         compression: str = "none",
+        returns_pending: bool = False,
     ):
         self.hop = hop
+        self.returns_pending = returns_pending
         self.compression = compression  # how the session's hidden states travel (wire.compression)
         self.tuning = tuning  # the session's adapter and deep prompts (this hop sends its blocks' share)
         self.batch_size = batch_size
@@ -142,7 +151,7 @@ class HopSession:
                     if replied is not None and replied > step:
                         raise BadReplyError(self.peer_id, f"a reply to step {replied}, expected step {step}")
                     if replied is None or replied == step:  # an in-band refusal carries no step number
-                        reply = step_reply(message, self.peer_id, sent, position)
+                        reply = step_reply(message, self.peer_id, sent, position, self.returns_pending)
                         self.answered = True
                         return reply
         except TimeoutError:
@@ -171,15 +180,12 @@ class HopSession:
             async with asyncio.timeout(timeout_s):
                 for e in entries:
                     prompts = self.prompts(e.position, e.hidden.shape[1])
-                    await self.send(
-                        Step(e.position, e.hidden, e.key_mask, step=0, prompts=prompts), timeout_s
-                    )
-                outputs = [
-                    KeptInput(
-                        e.position, (await self.recv(0, e.hidden, timeout_s, e.position)).hidden, e.key_mask
-                    )
-                    for e in entries
-                ]
+                    step = Step(e.position, e.hidden, e.key_mask, step=0, prompts=prompts, pending=e.pending)
+                    await self.send(step, timeout_s)
+                outputs = []
+                for e in entries:
+                    reply = await self.recv(0, e.hidden, timeout_s, e.position)
+                    outputs.append(KeptInput(e.position, reply.hidden, e.key_mask, reply.pending))
         except TimeoutError:
             raise HopTimeoutError(
                 f"server {self.peer_id} (blocks [{self.start}, {self.end})) did not finish replaying "

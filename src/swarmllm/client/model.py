@@ -152,6 +152,7 @@ class DistributedModel(PreTrainedModel):
             dht_prefix or dht_prefix_for(name_or_path),
             hf_config.num_hidden_layers,
             active_adapter=active_adapter,
+            ladder_layers=BlockConfig.from_hf(hf_config).ladder_layers,
             **options,
         )
         run_sync(swarm.start())

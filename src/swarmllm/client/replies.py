@@ -1,7 +1,9 @@
 """Checks on what servers answer, in one place: a reply is hidden states of the shape that was sent, finite, for
-the step and position that were asked; anything else is the server's fault (`BadReplyError`), except an in-band
-refusal of the client's own input (`SessionError`). Every field a server sends is checked here before the client
-reads it, and every error names the server, so nothing a server sends makes the client fail with anything else.
+the step and position that were asked (with a ladder checkpoint's pending output p exactly where the hop's last
+boundary carries the pair (r, p), of the same shape); anything else is the server's fault (`BadReplyError`),
+except an in-band refusal of the client's own input (`SessionError`). Every field a server sends is checked here
+before the client reads it, and every error names the server, so nothing a server sends makes the client fail
+with anything else.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ import math
 import torch
 
 from swarmllm.wire import Message, RequestError
-from swarmllm.wire.messages import PUSH_FAILED, BackwardReply, StepReply
+from swarmllm.wire.messages import PUSH_FAILED, BackwardReply, ForwardReply, StepReply
 from swarmllm.wire.validation import FLOAT_DTYPES, all_finite
 
 
@@ -48,20 +50,45 @@ def checked_hidden(tensors: list[torch.Tensor], peer_id: str, sent: torch.Tensor
     return hidden
 
 
+def checked_pending(
+    pending: torch.Tensor | None, peer_id: str, sent: torch.Tensor, expected: bool, name: str = "pending"
+) -> torch.Tensor | None:
+    """A reply's `name` (a ladder pair's p, or its gradient): present exactly when `expected`, then of the shape
+    of `sent`, finite."""
+    if (pending is not None) != expected:
+        state = "the pair (r, p)" if expected else "r alone"
+        raise BadReplyError(peer_id, f"{name} {'missing' if expected else 'sent'} where the state is {state}")
+    return None if pending is None else checked_hidden([pending], peer_id, sent)
+
+
+def checked_forward(message: Message, peer_id: str, sent: torch.Tensor, pending: bool) -> ForwardReply:
+    """A forward's reply: hidden states of the shape sent, and p exactly when `pending` (the hop's last boundary
+    carries the ladder pair)."""
+    try:
+        reply = ForwardReply.parse(message)
+    except RequestError as e:
+        raise BadReplyError(peer_id, e.message) from None
+    return ForwardReply(
+        checked_hidden([reply.hidden], peer_id, sent), checked_pending(reply.pending, peer_id, sent, pending)
+    )
+
+
 def checked_gradients(
     message: Message,
     peer_id: str,
     hidden: torch.Tensor,
     prompts: torch.Tensor | None,
     lora_shapes: dict[str, tuple[int, ...]] | None,
+    pending: torch.Tensor | None = None,
 ) -> BackwardReply:
-    """A backward's reply: gradients of the shapes sent, finite, and, when `lora_shapes` asks for them, of
-    exactly those adapter tensors."""
+    """A backward's reply: gradients of the shapes sent, finite (of p too where `pending`, the input p, was
+    sent), and, when `lora_shapes` asks for them, of exactly those adapter tensors."""
     try:
         reply = BackwardReply.parse(message)
     except RequestError as e:
         raise BadReplyError(peer_id, e.message) from None
     checked_hidden([reply.grad_hidden], peer_id, hidden)
+    checked_pending(reply.grad_pending, peer_id, hidden, pending is not None, "grad_pending")
     if (prompts is None) != (reply.grad_prompts is None):
         raise BadReplyError(peer_id, "prompt gradients do not match the prompts sent")
     if prompts is not None:
@@ -97,9 +124,11 @@ def push_failure(message: Message) -> int | None:
     return meta.get("step") if _is_int(meta.get("step")) else -1
 
 
-def step_reply(message: Message, peer_id: str, sent: torch.Tensor, position: int | None = None) -> StepReply:
-    """A session's reply to a step that sent `sent` (at `position`, when given); raises SessionError for an
-    in-band refusal."""
+def step_reply(
+    message: Message, peer_id: str, sent: torch.Tensor, position: int | None = None, pending: bool = False
+) -> StepReply:
+    """A session's reply to a step that sent `sent` (at `position`, when given), with p exactly when `pending`
+    (the hop's last boundary carries the ladder pair); raises SessionError for an in-band refusal."""
     meta = message.meta
     if "error" in meta:
         error = meta["error"]
@@ -113,7 +142,7 @@ def step_reply(message: Message, peer_id: str, sent: torch.Tensor, position: int
     if isinstance(compute_s, bool) or not isinstance(compute_s, int | float) or not 0 <= compute_s < math.inf:
         raise BadReplyError(peer_id, f"compute_s {_short(compute_s)} is not a duration")
     try:
-        hidden = StepReply.hidden_states(message)  # float32 again, when the session compresses activations
+        hidden, p = StepReply.states(message)  # float32 again, when the session compresses activations
     except RequestError as e:
         raise BadReplyError(peer_id, e.message) from None
     return StepReply(
@@ -122,6 +151,7 @@ def step_reply(message: Message, peer_id: str, sent: torch.Tensor, position: int
         checked_hidden([hidden], peer_id, sent),
         float(compute_s),
         meta.get("pushed") is True,
+        pending=checked_pending(p, peer_id, sent, pending),
     )
 
 

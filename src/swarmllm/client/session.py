@@ -13,6 +13,10 @@ swarm up again, routes a replacement for exactly the hop's blocks (one server or
 kept inputs to rebuild their caches, re-points the next hop's push permission to the new server and carries on
 with the same step. Nothing else of the session changes, so the tokens are those of a fault-free run.
 
+Ladder Residual: where a hop boundary lies inside a ladder region of the model (`SwarmClient.carries_pending`), the
+state crossing it is the pair (r, p): the hop before returns p beside r (checked), the hop after gets both (sent,
+pushed, kept and replayed together), and spot checks compare both. The chain's own ends always carry r alone.
+
 Spot checks: a random fraction of each hop's steps is computed again by other servers from the hop's kept
 inputs (one plain `forward` over all of them, compared on this step's positions: no session, no cache held on
 the checker, and rewinds need nothing special), while the next hops go on; the step returns only when its checks
@@ -33,7 +37,7 @@ import torch
 from swarmllm.client.hop import History, HopSession, KeptInput
 from swarmllm.client.replies import CorruptOutputError
 from swarmllm.client.routing import Hop
-from swarmllm.client.swarm import HOP_FAILURES, SpotCheck, SwarmClient, corrupt_output_error, describe
+from swarmllm.client.swarm import HOP_FAILURES, SpotCheck, State, SwarmClient, corrupt_output_error, describe
 from swarmllm.client.tuning import NO_TUNING, Tuning
 from swarmllm.client.verify import should_check
 from swarmllm.wire import RemoteError
@@ -100,7 +104,8 @@ class InferenceSession:
 
     @property
     def kept_bytes(self) -> int:
-        """Memory held for failover: every hop's inputs (batch x tokens x hidden each)."""
+        """Memory held for failover: every hop's inputs (batch x tokens x hidden each, or twice that for a ladder
+        pair)."""
         return sum(h.history.nbytes for h in self._hops)
 
     async def step(
@@ -123,23 +128,27 @@ class InferenceSession:
             raise ValueError(
                 f"the session was opened for batch size {self.batch_size}, got {hidden.shape[0]}"
             )
-        kept = len(self._hops) * hidden.shape[0] * end * hidden.shape[2] * hidden.element_size()
+        states = len(self._hops)
+        if self.swarm.ladder_layers:  # a hop whose input is a ladder pair keeps two states
+            states += sum(self.swarm.carries_pending(h.start) for h in self._hops)
+        kept = states * hidden.shape[0] * end * hidden.shape[2] * hidden.element_size()
         if kept > self.swarm.max_replay_bytes:
             raise ReplayBudgetError(
-                f"this session would keep {kept / 2**20:.0f} MiB of inputs for failover ({len(self._hops)} hops "
+                f"this session would keep {kept / 2**20:.0f} MiB of inputs for failover ({states} hop inputs "
                 f"x batch {hidden.shape[0]} x {end} tokens x hidden {hidden.shape[2]}), over the client's "
                 f"max_replay_bytes of {self.swarm.max_replay_bytes / 2**20:.0f} MiB; raise it or use shorter sessions"
             )
         self._steps += 1
         timings, pushed, began, i = [], False, time.perf_counter(), 0
-        inputs: list[torch.Tensor] = []  # each hop's input of this step
+        pending: torch.Tensor | None = None  # p beside `hidden` where the hop's first boundary carries the pair
+        inputs: list[State] = []  # each hop's input of this step
         checks: list[tuple[HopSession, asyncio.Future[SpotCheck]]] = []
         try:
             while True:
                 while i < len(self._hops):
                     hop = self._hops[i]
                     del inputs[i:]
-                    inputs.append(hidden)
+                    inputs.append((hidden, pending))
                     # a server pushes only into sessions that have answered once: a push that outruns the
                     # opening of the next session (another connection) would find no session and cost a
                     # fallback round trip; and not steps with deep prompts (each hop has its own)
@@ -169,6 +178,7 @@ class InferenceSession:
                         chain,
                         self.swarm.push_timeout_s,
                         prompts=prompts,
+                        pending=pending,
                     )
                     # the previous server pushed this input and replied at once; should its push fail, it says
                     # so on its stream within push_timeout_s, and then the client sends the input itself
@@ -191,10 +201,10 @@ class InferenceSession:
                     finally:
                         if fallback is not None:
                             fallback.cancel()
-                    hop.history.add(KeptInput(position, hidden, key_mask))
-                    if check := self._maybe_check(hop, reply.hidden):
+                    hop.history.add(KeptInput(position, hidden, key_mask, pending))
+                    if check := self._maybe_check(hop, reply.hidden, reply.pending):
                         checks.append((hop, check))
-                    hidden, pushed = reply.hidden, reply.pushed
+                    hidden, pending, pushed = reply.hidden, reply.pending, reply.pushed
                     self.pushed_hops += pushed
                     now = time.perf_counter()
                     timings.append(HopTiming(now - began, reply.compute_s))
@@ -208,7 +218,7 @@ class InferenceSession:
                 hop = self._hops[i]
                 hop.history.truncate(position)  # this step is sent again, to the new servers
                 await self._replace(i, error, to_end=True)
-                hidden, pushed = inputs[i], False
+                (hidden, pending), pushed = inputs[i], False
                 del timings[i:]
         finally:
             for _, check in checks:
@@ -232,15 +242,19 @@ class InferenceSession:
         except HOP_FAILURES:
             pass  # this hop's stream is broken: its recv fails too, and the hop is replaced
 
-    def _maybe_check(self, hop: HopSession, output: torch.Tensor) -> asyncio.Future[SpotCheck] | None:
+    def _maybe_check(
+        self, hop: HopSession, output: torch.Tensor, output_pending: torch.Tensor | None
+    ) -> asyncio.Future[SpotCheck] | None:
         """Start a spot check of this step of `hop` (whose kept inputs end with this step's) with probability
         `spot_check_fraction`: one forward over all of the hop's inputs on other servers."""
         swarm = self.swarm
         if not should_check(swarm.spot_rng, swarm.spot_check_fraction):
             return None
-        hidden, key_mask = _concat(hop.history)
+        hidden, key_mask, pending = _concat(hop.history)
         return asyncio.ensure_future(
-            swarm.spot_check(hop.hop, hidden, key_mask, output, self.tuning, self.compression)
+            swarm.spot_check(
+                hop.hop, hidden, key_mask, output, self.tuning, self.compression, pending, output_pending
+            )
         )
 
     async def _first_wrong(
@@ -294,6 +308,7 @@ class InferenceSession:
                             previous if self.swarm.push else None,
                             self.tuning,
                             self.compression,
+                            self.swarm.carries_pending(hop.end),
                         )
                     )
                     if self.tuning.weights is not None:
@@ -379,16 +394,20 @@ class InferenceSession:
             await hop.close()
 
 
-def _concat(history: History) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """A hop's kept inputs as one input from position 0 (and its key mask, if any step had one)."""
+def _concat(history: History) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """A hop's kept inputs as one input from position 0: hidden states, key mask (if any step had one), and p (if
+    the hop's input is a ladder pair: then every step's is)."""
     entries = history.entries
     dtypes = {e.hidden.dtype for e in entries}
     dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
     hidden = torch.cat([e.hidden.to(dtype) for e in entries], dim=1)
+    pending = None
+    if entries[0].pending is not None:
+        pending = torch.cat([e.pending.to(dtype) for e in entries], dim=1)
     if all(e.key_mask is None for e in entries):
-        return hidden, None
+        return hidden, None, pending
     masks = [
         torch.ones(e.hidden.shape[:2], dtype=torch.bool) if e.key_mask is None else e.key_mask.bool()
         for e in entries
     ]
-    return hidden, torch.cat(masks, dim=1)
+    return hidden, torch.cat(masks, dim=1), pending

@@ -15,6 +15,12 @@ servers' inputs are recomputed from the kept input first). Requests carry the cl
 adapter, dropout seed); a client adapter is uploaded to each server once per version (`client.tuning`). With
 `active_adapter` (a name servers host), routing uses only servers that announce it.
 
+Ladder Residual: a client of a ladder checkpoint (`ladder_layers` from its config) routes only over servers that
+announce the same ladder layers (`ServerInfo.ladder`), and a standard model's client only over servers that announce
+none: two checkpoints under one model name are never chained. Where a hop boundary lies inside a ladder region
+(`carries_pending`), the state handed on there is the pair (r, p): forwards send and check p beside r, training
+passes their gradients, spot checks compare both.
+
 Spot checks (`spot_check`): a random `spot_check_fraction` of hop computations (a session's steps, a batch
 forward's hops) is computed again by other servers holding the same blocks, from the same inputs, and compared
 (`client.verify`); on a disagreement a third opinion decides, the server(s) in the minority are banned for
@@ -43,14 +49,15 @@ from swarmllm.client.replies import (
     BadReplyError,
     CorruptOutputError,
     SessionError,
+    checked_forward,
     checked_gradients,
-    checked_hidden,
     step_reply,
 )
 from swarmllm.client.routing import Hop, MissingBlocksError, cap_throughput, route_forward, route_inference
 from swarmllm.client.tuning import NO_TUNING, AdapterUploads, Tuning
 from swarmllm.client.verify import judge, mismatch, should_check, tolerance
 from swarmllm.dht import ServerInfo, ServerState
+from swarmllm.models.ladder import carries_pending, layer_ranges
 from swarmllm.wire import (
     Connection,
     ConnectionLost,
@@ -71,6 +78,8 @@ logger = logging.getLogger(__name__)
 
 # what a failed server can do to a request: break the connection, refuse, time out, answer garbage
 HOP_FAILURES = (WireError, TimeoutError, OSError, BadReplyError, SessionError)
+# a hop's input or output: hidden states r, and the pending output p where its boundary carries the ladder pair
+State = tuple[torch.Tensor, torch.Tensor | None]
 MAX_ROUTE_RETRY_S = 2.0  # the longest wait between two look-ups while blocks have no usable server
 SPOT_CHECKS_KEPT = 10_000  # records of the latest spot checks a client keeps
 
@@ -118,6 +127,18 @@ def describe(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
 
 
+def describe_ladder(ranges: Sequence[tuple[int, int]]) -> str:
+    """A checkpoint's ladder layers as announced, for people: "ladder layers 1:5" or "standard"."""
+    if not ranges:
+        return "standard (no ladder layers)"
+    return "ladder layers " + ", ".join(f"{start}:{end}" for start, end in ranges)
+
+
+def joined(hidden: torch.Tensor, pending: torch.Tensor | None) -> torch.Tensor:
+    """A state as one tensor to compare (spot checks): r, or r and p side by side where it is a ladder pair."""
+    return hidden if pending is None else torch.cat([hidden, pending.to(hidden.dtype)], dim=-1)
+
+
 class SwarmClient:
     def __init__(
         self,
@@ -145,8 +166,12 @@ class SwarmClient:
         active_adapter: str | None = None,
         max_micro_batches: int = 4,
         compression: str = "none",
+        ladder_layers: Sequence[int] = (),
     ):
         self.initial_peers = list(initial_peers)
+        # the model's Ladder Residual layers (its config's): which boundaries carry (r, p), and which servers fit
+        self.ladder_layers = tuple(ladder_layers)
+        self.ladder = layer_ranges(self.ladder_layers)
         # how inference sessions' hidden states travel unless a session says otherwise (wire.compression)
         self.compression = check_codec(compression)
         self.dht_prefix = dht_prefix
@@ -189,6 +214,8 @@ class SwarmClient:
         self.reports: list[SpotCheck] = []  # every check that found wrong outputs, oldest first
         self.speeds = Speeds()  # measured speed of each server, which caps its announced one in routing
         self._servers: dict[str, ServerInfo] = {}
+        # servers under this model name that serve another checkpoint (other ladder layers): never used
+        self.other_checkpoints: dict[str, ServerInfo] = {}
         self._servers_at = -float("inf")
         self._fixed = False
         self.rtt_s: dict[str, float] = {}
@@ -213,14 +240,33 @@ class SwarmClient:
         if self.dht is not None and not self._fixed and (refresh or stale):
             async with asyncio.timeout(self.request_timeout_s):
                 found = await self.directory.servers(self.dht_prefix, self.num_blocks)
-            self._servers = {s.peer_id: s for s in found}
+            self._keep(found)
             self._servers_at = time.monotonic()
         return list(self._servers.values())
 
     def use_servers(self, servers: Sequence[ServerInfo]) -> None:
-        """Route over exactly these servers from now on, without DHT look-ups (a fixed set of servers)."""
-        self._servers = {s.peer_id: s for s in servers}
+        """Route over exactly these servers from now on, without DHT look-ups (a fixed set of servers; those of
+        another checkpoint are left out all the same)."""
+        self._keep(servers)
         self._fixed = True
+
+    def _keep(self, servers: Sequence[ServerInfo]) -> None:
+        """Use the servers of this client's checkpoint; set those of another one aside (and say so, once)."""
+        self._servers = {s.peer_id: s for s in servers if s.ladder == self.ladder}
+        others = {s.peer_id: s for s in servers if s.ladder != self.ladder}
+        for peer_id in others.keys() - self.other_checkpoints.keys():
+            logger.warning(
+                "server %s serves %s under %r; this client's checkpoint is %s: not using it",
+                peer_id,
+                describe_ladder(others[peer_id].ladder),
+                self.dht_prefix,
+                describe_ladder(self.ladder),
+            )
+        self.other_checkpoints = others
+
+    def carries_pending(self, boundary: int) -> bool:
+        """Whether the state crossing layer boundary `boundary` is the ladder pair (r, p) (`models.ladder`)."""
+        return carries_pending(self.ladder_layers, boundary)
 
     def use_dht(self) -> None:
         """Undo `use_servers`: look servers up in the DHT again."""
@@ -299,7 +345,20 @@ class SwarmClient:
                     detail = f" that works ({len(held)} failed this client and are banned)" if held else ""
                     if self.active_adapter is not None:
                         detail += f" and announces adapter {self.active_adapter!r}"
-                    if not servers:  # e.g. a private swarm's records, which only its members can read
+                    other = [
+                        s
+                        for s in self.other_checkpoints.values()
+                        if any(s.start_block <= b < s.end_block for b in e.missing)
+                    ]
+                    if other:
+                        kinds = sorted({describe_ladder(s.ladder) for s in other})
+                        detail += (
+                            f" and serves this client's checkpoint, {describe_ladder(self.ladder)}; "
+                            f"{len(other)} server(s) of {self.dht_prefix!r} hold them for another checkpoint "
+                            f"({'; '.join(kinds)}), which is never chained with it"
+                        )
+                    # none at all: e.g. a private swarm's records, which only its members can read
+                    if not servers and not self.other_checkpoints:
                         detail = (
                             " (no server of this model was found at all: check initial_peers, the model's name, "
                             "and, for a private swarm, swarm_key)"
@@ -390,12 +449,12 @@ class SwarmClient:
                 self.ban(e.hop.peer_id, e.cause)
                 failure = e.cause
                 continue
-            inputs = [hidden, *outputs[:-1]]
+            inputs = [(hidden, None), *outputs[:-1]]
             checks = [self._maybe_check(h, x, key_mask, y, tuning) for h, x, y in zip(hops, inputs, outputs)]
             if (wrong := await self._first_wrong(checks)) is None:
-                return outputs[-1]
+                return outputs[-1][0]
             failure = wrong[1]
-        boundary, checks, inputs = 0, [], {0: hidden}
+        boundary, checks, inputs = 0, [], {0: (hidden, None)}
         while boundary < self.num_blocks:
 
             def plan(servers: list[ServerInfo], start: int = boundary) -> list[Hop]:
@@ -403,7 +462,7 @@ class SwarmClient:
 
             hop = (await self.route(plan, failure=failure))[0]
             try:
-                out = await self._forward_hop(hop, inputs[boundary], key_mask, tuning)
+                out = await self._forward_hop(hop, *inputs[boundary], key_mask, tuning)
             except HopFailed as e:
                 logger.warning("%s; computing its blocks on another server", e)
                 self.ban(hop.peer_id, e.cause)
@@ -416,21 +475,18 @@ class SwarmClient:
                     (wrong[0].start, wrong[1]),
                     [],
                 )  # again from the wrong hop's input
-        return inputs[self.num_blocks]
+        return inputs[self.num_blocks][0]  # the model's last boundary carries r alone
 
     def _maybe_check(
-        self,
-        hop: Hop,
-        hidden: torch.Tensor,
-        key_mask: torch.Tensor | None,
-        output: torch.Tensor,
-        tuning: Tuning = NO_TUNING,
+        self, hop: Hop, state: State, key_mask: torch.Tensor | None, output: State, tuning: Tuning = NO_TUNING
     ) -> tuple[Hop, asyncio.Task[SpotCheck] | None]:
-        """Start a spot check of `hop` (output `output` for the last positions of `hidden`) with probability
-        `spot_check_fraction`; it runs while the caller goes on."""
+        """Start a spot check of `hop` (output `output` for the last positions of its input `state`) with
+        probability `spot_check_fraction`; it runs while the caller goes on."""
         if not should_check(self.spot_rng, self.spot_check_fraction):
             return hop, None
-        return hop, asyncio.ensure_future(self.spot_check(hop, hidden, key_mask, output, tuning))
+        (hidden, pending), (out, out_pending) = state, output
+        check = self.spot_check(hop, hidden, key_mask, out, tuning, pending=pending, output_pending=out_pending)
+        return hop, asyncio.ensure_future(check)
 
     async def _first_wrong(
         self, checks: Sequence[tuple[Hop, asyncio.Task[SpotCheck] | None]]
@@ -456,23 +512,26 @@ class SwarmClient:
         output: torch.Tensor,
         tuning: Tuning = NO_TUNING,
         compression: str = "none",
+        pending: torch.Tensor | None = None,
+        output_pending: torch.Tensor | None = None,
     ) -> SpotCheck:
         """Compute `hop`'s blocks on `hidden` (all of the hop's inputs, from position 0) on other servers and
         compare with `output`, the hop's output for the last `output.shape[1]` positions. On a disagreement a
         third opinion is asked for; the opinions that agree with no other are wrong, and their servers banned
         and reported. Never raises for a peer's fault: a checker that fails is banned and the check skipped.
-        `compression`: the codec `output` travelled in (its error widens the tolerance)."""
+        `compression`: the codec `output` travelled in (its error widens the tolerance). Where the hop's edges
+        carry the ladder pair, `pending` is its input p and `output_pending` its output p, compared beside r."""
         tokens = output.shape[1]
-        opinions, parties = [output], [(hop.peer_id,)]
+        opinions, parties = [joined(output, output_pending)], [(hop.peer_id,)]
         distance, tol = float("nan"), tolerance([], compression)
         while len(opinions) < 3:
             checker = self._checker_route(hop, {p for party in parties for p in party})
             if checker is None:
                 break
             try:
-                out = hidden
+                out = hidden, pending
                 for h in checker:
-                    out = await self._forward_hop(h, out, key_mask, tuning)
+                    out = await self._forward_hop(h, *out, key_mask, tuning)
             except HopFailed as e:
                 if not isinstance(e.cause, RemoteError):  # a refusal (too large, busy) is no fault
                     self.ban(e.hop.peer_id, e.cause)
@@ -488,7 +547,7 @@ class SwarmClient:
                         f"skipped: {e}",
                     )
                 )
-            opinions.append(out[:, -tokens:])
+            opinions.append(joined(*out)[:, -tokens:])
             parties.append(tuple(h.peer_id for h in checker))
             tol = tolerance([self._dtype(p) for party in parties for p in party], compression)
             if len(opinions) == 2:
@@ -558,8 +617,14 @@ class SwarmClient:
             return None
 
     async def _forward_hop(
-        self, hop: Hop, hidden: torch.Tensor, key_mask: torch.Tensor | None, tuning: Tuning = NO_TUNING
-    ) -> torch.Tensor:
+        self,
+        hop: Hop,
+        hidden: torch.Tensor,
+        pending: torch.Tensor | None,
+        key_mask: torch.Tensor | None,
+        tuning: Tuning = NO_TUNING,
+    ) -> State:
+        """`hop`'s blocks over the state (hidden, pending) -> its output state, checked."""
         request = ForwardRequest(
             hop.start,
             hop.end,
@@ -568,18 +633,19 @@ class SwarmClient:
             tuning.hop_prompts(hop.start, hop.end),
             tuning.adapter,
             tuning.dropout_seed,
+            pending,
         ).to_message()
         tokens = hidden.shape[0] * hidden.shape[1]
         began = time.perf_counter()
         reply = await self._call(hop, "forward", request, tokens, tuning)
         try:
-            out = checked_hidden(reply.tensors, hop.peer_id, hidden)
+            out = checked_forward(reply, hop.peer_id, hidden, self.carries_pending(hop.end))
         except BadReplyError as e:
             raise HopFailed(hop, e) from e
         # what it took, less a round trip, is at most its compute: a lower bound on its speed
         compute_s = time.perf_counter() - began - self.rtt_s.get(hop.peer_id, 0.0)
         self.speeds.observe(hop.peer_id, "forward", tokens * (hop.end - hop.start) / max(compute_s, 1e-6))
-        return out
+        return out.hidden, out.pending
 
     async def _call(self, hop: Hop, method: str, request: Message, tokens: int, tuning: Tuning) -> Message:
         """One unary call to `hop`'s server, with the client's adapter uploaded there first (and again, once,
@@ -602,32 +668,31 @@ class SwarmClient:
         raise AssertionError("unreachable")
 
     async def _backward_hop(
-        self,
-        hop: Hop,
-        hidden: torch.Tensor,
-        grad: torch.Tensor,
-        key_mask: torch.Tensor | None,
-        tuning: Tuning,
+        self, hop: Hop, state: State, grad: State, key_mask: torch.Tensor | None, tuning: Tuning
     ) -> BackwardReply:
-        """The gradients of `hop`'s span at input `hidden` for output gradient `grad`, checked."""
+        """The gradients of `hop`'s span at input `state` for the gradient `grad` of its output state (each p
+        where the edge carries the ladder pair), checked."""
+        (hidden, pending), (grad_hidden, grad_pending) = state, grad
         prompts = tuning.hop_prompts(hop.start, hop.end)
         lora = tuning.weights.layers(hop.start, hop.end) if tuning.lora_grads and tuning.weights else None
         request = BackwardRequest(
             hop.start,
             hop.end,
             hidden,
-            grad,
+            grad_hidden,
             key_mask,
             prompts,
             tuning.adapter,
             tuning.dropout_seed,
             lora is not None,
+            pending,
+            grad_pending,
         ).to_message()
         # a backward recomputes the forward and differentiates it: about three forwards' work
         reply = await self._call(hop, "backward", request, 3 * hidden.shape[0] * hidden.shape[1], tuning)
         shapes = None if lora is None else {name: tuple(t.shape) for name, t in lora.items()}
         try:
-            return checked_gradients(reply, hop.peer_id, hidden, prompts, shapes)
+            return checked_gradients(reply, hop.peer_id, hidden, prompts, shapes, pending)
         except BadReplyError as e:
             raise HopFailed(hop, e) from e
 
@@ -646,21 +711,22 @@ class SwarmClient:
 
     async def train_forward(
         self, hidden: torch.Tensor, key_mask: torch.Tensor | None, tuning: Tuning
-    ) -> tuple[torch.Tensor, list[tuple[slice, list[tuple[Hop, torch.Tensor]]]]]:
-        """A forward to be differentiated: the output, and per micro-batch (its rows) every hop with its input,
-        for `train_backward`. Hop by hop, a failed hop retried on another server of its blocks; the
+    ) -> tuple[torch.Tensor, list[tuple[slice, list[tuple[Hop, State]]]]]:
+        """A forward to be differentiated: the output, and per micro-batch (its rows) every hop with its input
+        state, for `train_backward`. Hop by hop, a failed hop retried on another server of its blocks; the
         micro-batches concurrently, so that they pipeline along the chain. No spot checks here (dropout draws
         differ when other servers split the blocks differently)."""
 
-        async def micro_batch(rows: slice) -> tuple[torch.Tensor, list[tuple[Hop, torch.Tensor]]]:
-            x, mask = hidden[rows], None if key_mask is None else key_mask[rows]
-            kept: list[tuple[Hop, torch.Tensor]] = []
+        async def micro_batch(rows: slice) -> tuple[torch.Tensor, list[tuple[Hop, State]]]:
+            x: State = hidden[rows], None
+            mask = None if key_mask is None else key_mask[rows]
+            kept: list[tuple[Hop, State]] = []
             failure: BaseException | None = None
             while not kept or kept[-1][0].end < self.num_blocks:
                 start = kept[-1][0].end if kept else 0
                 hop = (await self.route(self._forward_plan(start), failure=failure))[0]
                 try:
-                    out = await self._forward_hop(hop, x, mask, tuning)
+                    out = await self._forward_hop(hop, *x, mask, tuning)
                 except HopFailed as e:
                     logger.warning("%s; computing its blocks on another server", e)
                     self.ban(hop.peer_id, e.cause)
@@ -668,7 +734,7 @@ class SwarmClient:
                     continue
                 kept.append((hop, x))
                 x = out
-            return x, kept
+            return x[0], kept
 
         parts = self._micro_batches(hidden)
         results = await asyncio.gather(*(micro_batch(rows) for rows in parts))
@@ -677,17 +743,19 @@ class SwarmClient:
 
     async def train_backward(
         self,
-        kept: list[tuple[slice, list[tuple[Hop, torch.Tensor]]]],
+        kept: list[tuple[slice, list[tuple[Hop, State]]]],
         grad: torch.Tensor,
         key_mask: torch.Tensor | None,
         tuning: Tuning,
     ) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor]]:
         """Gradients of the inputs, of the deep prompts (all blocks) and of the adapter's tensors, walking each
-        micro-batch's hops of `train_forward` in reverse. A hop that fails is replaced by other servers of its
-        blocks: their inputs are computed from the hop's kept input, then their backwards run in reverse."""
+        micro-batch's hops of `train_forward` in reverse (with the gradient of p beside r's where a boundary
+        carries the ladder pair). A hop that fails is replaced by other servers of its blocks: their inputs are
+        computed from the hop's kept input, then their backwards run in reverse."""
 
-        async def micro_batch(rows: slice, hops: list[tuple[Hop, torch.Tensor]]):
-            g, mask = grad[rows], None if key_mask is None else key_mask[rows]
+        async def micro_batch(rows: slice, hops: list[tuple[Hop, State]]):
+            g: State = grad[rows], None
+            mask = None if key_mask is None else key_mask[rows]
             prompts = None if tuning.prompts is None else torch.zeros_like(tuning.prompts)
             lora: dict[str, torch.Tensor] = {}
             todo = list(hops)
@@ -704,12 +772,12 @@ class SwarmClient:
                         self.ban(again.hop.peer_id, again.cause)
                         todo.append((hop, x))
                     continue
-                g = reply.grad_hidden.to(grad.dtype)
+                g = reply.grad_hidden.to(grad.dtype), reply.grad_pending
                 if prompts is not None:
                     prompts[hop.start : hop.end, :, : reply.grad_prompts.shape[2]] += reply.grad_prompts
                 for name, t in reply.grad_lora.items():
                     lora[name] = t.float() if name not in lora else lora[name] + t.float()
-            return g, prompts, lora
+            return g[0], prompts, lora
 
         results = await asyncio.gather(*(micro_batch(rows, hops) for rows, hops in kept))
         grad_hidden = torch.cat([g for g, _, _ in results])
@@ -723,16 +791,16 @@ class SwarmClient:
     async def _reroute(
         self,
         hop: Hop,
-        hidden: torch.Tensor,
+        state: State,
         key_mask: torch.Tensor | None,
         tuning: Tuning,
         failure: BaseException,
-    ) -> list[tuple[Hop, torch.Tensor]]:
-        """Other servers for `hop`'s blocks, each with its input (computed from `hidden`, the hop's input)."""
+    ) -> list[tuple[Hop, State]]:
+        """Other servers for `hop`'s blocks, each with its input (computed from `state`, the hop's input)."""
         hops = await self.route(self._forward_plan(hop.start, hop.end), failure=failure)
-        inputs = [hidden]
+        inputs = [state]
         for h in hops[:-1]:
-            inputs.append(await self._forward_hop(h, inputs[-1], key_mask, tuning))
+            inputs.append(await self._forward_hop(h, *inputs[-1], key_mask, tuning))
         return list(zip(hops, inputs, strict=True))
 
     def observe_step(self, hop: Hop, elapsed_s: float, compute_s: float) -> None:
@@ -760,8 +828,9 @@ class SwarmClient:
         key_mask: torch.Tensor | None,
         chunk: int,
         tuning: Tuning = NO_TUNING,
-    ) -> list[torch.Tensor]:
-        """Each hop's output (the last one's is the result)."""
+    ) -> list[State]:
+        """Each hop's output state (the last one's is the result); chunks carry p beside r across boundaries
+        inside a ladder region."""
         batch, length = hidden.shape[:2]
         bounds = list(range(0, length, chunk))
         streams: list[Stream] = []
@@ -785,9 +854,9 @@ class SwarmClient:
                     raise HopFailed(hop, e) from e
             # stage i reads chunks from queues[i], sends each to its server, passes the outputs to queues[i + 1]
             queues: list[asyncio.Queue] = [asyncio.Queue() for _ in range(len(hops) + 1)]
-            outputs: list[list[torch.Tensor]] = [[] for _ in hops]  # each hop's output chunks, in order
+            outputs: list[list[State]] = [[] for _ in hops]  # each hop's output chunks, in order
             for lo in bounds:
-                queues[0].put_nowait((lo, hidden[:, lo : lo + chunk]))
+                queues[0].put_nowait((lo, hidden[:, lo : lo + chunk], None))
 
             async def stage(i: int, stream: Stream) -> None:
                 hop = hops[i]
@@ -797,11 +866,10 @@ class SwarmClient:
                 async def send_all() -> None:
                     try:
                         for _ in bounds:
-                            lo, x = await queues[
-                                i
-                            ].get()  # as late as the stages before take (they have deadlines)
+                            # as late as the stages before take (they have deadlines)
+                            lo, x, p = await queues[i].get()
                             prompts = tuning.hop_prompts(hop.start, hop.end, lo, chunk)
-                            step = Step(lo, x, mask(lo), prompts=prompts)
+                            step = Step(lo, x, mask(lo), prompts=prompts, pending=p)
                             await stream.send(step.to_message(), timeout=timeout)
                             sent.put_nowait(lo)
                     except Exception as e:  # noqa: BLE001 - handed to the receiving loop, which raises it
@@ -816,17 +884,26 @@ class SwarmClient:
                         # the server computes chunks in order: this one's deadline starts once it is sent and
                         # the previous one came back
                         reply = await stream.recv(timeout=timeout)
-                        out = step_reply(reply, hop.peer_id, hidden[:, lo : lo + chunk], lo).hidden
-                        outputs[i].append(out)
-                        queues[i + 1].put_nowait((lo, out))
+                        pending = self.carries_pending(hop.end)
+                        out = step_reply(reply, hop.peer_id, hidden[:, lo : lo + chunk], lo, pending)
+                        outputs[i].append((out.hidden, out.pending))
+                        queues[i + 1].put_nowait((lo, out.hidden, out.pending))
                 except HOP_FAILURES as e:
                     raise HopFailed(hop, e) from e
                 finally:
                     sender.cancel()
 
             await asyncio.gather(*(stage(i, stream) for i, stream in enumerate(streams)))
-            return [torch.cat(chunks, dim=1) for chunks in outputs]
+            return [_cat_states(chunks) for chunks in outputs]
         finally:
             for stream in streams:
                 with contextlib.suppress(WireError):
                     await stream.close()
+
+
+def _cat_states(chunks: list[State]) -> State:
+    """Chunks of positions of one state, in order, as one state."""
+    hidden = torch.cat([h for h, _ in chunks], dim=1)
+    if chunks[0][1] is None:
+        return hidden, None
+    return hidden, torch.cat([p for _, p in chunks], dim=1)

@@ -49,6 +49,12 @@ class ServerInfo(BaseModel):
     using_relay: bool = False
     direct_addrs: tuple[str, ...] = Field(default=(), description="host:port of the direct tensor path")
     movable: bool = Field(default=True, description="False when its operator pinned its blocks (--blocks)")
+    ladder: tuple[tuple[int, int], ...] = Field(
+        default=(),
+        description="the checkpoint's Ladder Residual layers as half-open [start, end) ranges "
+        "(models.ladder.layer_ranges); () for a standard model. Clients chain only servers that announce "
+        "the ladder layers of their own config",
+    )
 
     @model_validator(mode="after")
     def _span_not_empty(self) -> ServerInfo:

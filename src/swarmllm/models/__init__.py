@@ -3,8 +3,8 @@
 
 llama.py       BlockConfig, KVCache, RotaryEmbedding, LlamaBlock, BlockSpan (a server's blocks), ClientHead
                (a client's embeddings + final norm + LM head) for Llama 2/3.x, Mistral and Qwen2/2.5
-ladder.py      Ladder Residual: one layer's residual wiring (ladder and, under tensor parallelism, standard) and
-               `Comm`, where tensor parallelism sums sub-layer outputs
+ladder.py      Ladder Residual: which boundaries carry the pair (r, p), one layer's residual wiring (ladder and,
+               under tensor parallelism, standard) and `Comm`, where tensor parallelism sums sub-layer outputs
 tp.py          the tensor-parallel transform of a built span (Megatron-style shards) and its torch.distributed Comms
 checkpoint.py  resolve a local or hub checkpoint, load a span of blocks or the client head reading only their tensors
 causal_lm.py   a whole model in one process (reference outputs, greedy generation, perplexity)

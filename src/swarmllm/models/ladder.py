@@ -13,19 +13,41 @@ parallelism that output's all-reduce then runs while the next sub-layer computes
 between two layers is the pair (r, p); it is r alone wherever p is none, which is every boundary except those
 between two ladder layers (`BlockConfig.carries_pending`).
 
-Owns those per-layer functions (full-sequence and the lean one-token form, both over a block's own Attention and
-MLP submodules) and `Comm`, the seam where tensor parallelism (models/tp.py) plugs in its all-reduces. The span
-loop that strings the layers together is `BlockSpan.forward_pair` / `decode_pair`.
+Owns the rule of which boundaries carry p (`carries_pending`), those per-layer functions (full-sequence, the lean
+one-token form and the merged one-token form of several sessions, all over a block's own Attention and MLP
+submodules) and `Comm`, the seam where tensor parallelism (models/tp.py) plugs in its all-reduces. The span loop
+that strings the layers together is `BlockSpan.forward_pair` / `decode_pair` / `decode_batch_pair`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Collection, Sequence
 from typing import TYPE_CHECKING, Any
 
 from torch import Tensor
 
 if TYPE_CHECKING:
-    from swarmllm.models.llama import BlockLora, LlamaBlock
+    from swarmllm.models.llama import BlockLora, DecodeSegment, LlamaBlock
+
+
+def carries_pending(ladder_layers: Collection[int], boundary: int) -> bool:
+    """Whether the state crossing the boundary before layer `boundary` is the pair (r, p) rather than r alone:
+    only between two ladder layers. Elsewhere p is settled into r by then (a standard layer settles first, the
+    model's end settles before the final norm), so a span may settle it early and hand on r alone. So the
+    model's first and last boundaries (the client's embeddings and final norm) always carry r alone."""
+    return boundary - 1 in ladder_layers and boundary in ladder_layers
+
+
+def layer_ranges(layers: Sequence[int]) -> tuple[tuple[int, int], ...]:
+    """Sorted distinct layer indices as half-open [start, end) ranges: (1, 2, 3, 7) -> ((1, 4), (7, 8)). How a
+    server announces its ladder layers: short whatever the model's depth."""
+    ranges: list[tuple[int, int]] = []
+    for layer in layers:
+        if ranges and ranges[-1][1] == layer:
+            ranges[-1] = (ranges[-1][0], layer + 1)
+        else:
+            ranges.append((layer, layer + 1))
+    return tuple(ranges)
 
 
 class Comm:
@@ -129,3 +151,23 @@ def standard_decode(
     attn = block.self_attn.decode(block.input_layernorm.forward(r), cos, sin, slot, keys, values, mask, lora)
     r = r + comm.all_reduce(attn)
     return r + comm.all_reduce(block.mlp.forward(block.post_attention_layernorm.forward(r), lora))
+
+
+def ladder_decode_batch(
+    block: LlamaBlock,
+    r: Tensor,
+    p: Tensor | None,
+    cos: Tensor,
+    sin: Tensor,
+    segments: Sequence[DecodeSegment],
+    n: int,
+    masks: Sequence[Tensor | None],
+    lora: BlockLora,
+) -> tuple[Tensor, Tensor]:
+    """`ladder_decode` for several sessions' rows at once (`LlamaBlock.decode_batch`'s ladder form; merged steps
+    run in one process, so there is nothing to sum over ranks)."""
+    a = block.self_attn.decode_batch(block.input_layernorm.forward(r), cos, sin, segments, n, masks, lora)
+    if p is not None:
+        r = r + p
+    m = block.mlp.forward(block.post_attention_layernorm.forward(r), lora)
+    return r + a, m

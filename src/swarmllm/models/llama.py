@@ -28,7 +28,9 @@ from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from swarmllm.models.ladder import (
     LOCAL,
     Comm,
+    carries_pending,
     ladder_decode,
+    ladder_decode_batch,
     ladder_forward,
     standard_decode,
     standard_forward,
@@ -123,10 +125,9 @@ class BlockConfig:
         return self.sliding_window
 
     def carries_pending(self, boundary: int) -> bool:
-        """Whether the state crossing the boundary before layer `boundary` is the pair (r, p) rather than r alone:
-        only between two ladder layers. Elsewhere p is settled into r by then (a standard layer settles first,
-        the model's end settles before the final norm), so a span may settle it early and hand on r alone."""
-        return boundary - 1 in self.ladder_layers and boundary in self.ladder_layers
+        """Whether the state crossing the boundary before layer `boundary` is the pair (r, p) rather than r alone
+        (`models.ladder.carries_pending`)."""
+        return carries_pending(self.ladder_layers, boundary)
 
 
 class KVCache:
@@ -754,9 +755,24 @@ class BlockSpan(nn.Module):
         """One token per sequence of several sessions through the span (or its sub-range `blocks`) in one pass:
         hidden [N, H] and positions [N] hold every session's rows, each `DecodeSegment` says which rows are
         whose and brings that session's cache, mask and adapter. Row for row the same math as `decode` per
-        session; the projections read the weights once for all of them (continuous batching)."""
-        indices = range(len(self.blocks))[blocks or slice(None)]
-        cos, sin = self.rotary.for_decode(positions, hidden.dtype)
+        session; the projections read the weights once for all of them (continuous batching). Neither edge may
+        lie inside a ladder region (use decode_batch_pair there)."""
+        indices = self._indices(blocks, pair=False)
+        return self.decode_batch_pair(hidden, None, positions, segments, indices)[0]
+
+    def decode_batch_pair(
+        self,
+        r: Tensor,
+        p: Tensor | None,
+        positions: Tensor,
+        segments: Sequence[DecodeSegment],
+        blocks: slice | range | None = None,
+    ) -> tuple[Tensor, Tensor | None]:
+        """`decode_batch` for the pair (r [N, H], p [N, H] or None), with `forward_pair`'s contract on p: the
+        sessions merged share their blocks, so all of them carry p or none does."""
+        indices = self._indices(blocks, pair=True)
+        self._check_pending(indices, p)
+        cos, sin = self.rotary.for_decode(positions, r.dtype)
         windows = [self.config.window(self.start + i) for i in indices]
         masks = {
             w: [self._decode_mask(s.key_mask, s.slot, s.keys.shape[3], w) for s in segments]
@@ -768,8 +784,14 @@ class BlockSpan(nn.Module):
             lora = NO_LORA
             if adapted:
                 lora = batch_lora([None if s.lora is None else s.lora[n] for s in segments], rows)
-            hidden = self.blocks[i].decode_batch(hidden, cos, sin, segments, n, masks[window], lora)
-        return hidden
+            block = self.blocks[i]
+            if self.ladder[i]:
+                r, p = ladder_decode_batch(block, r, p, cos, sin, segments, n, masks[window], lora)
+                continue
+            if p is not None:
+                r, p = r + p, None
+            r = block.decode_batch(r, cos, sin, segments, n, masks[window], lora)
+        return self._settle(indices, r, p)
 
     @staticmethod
     def _decode_mask(key_mask: Tensor | None, slot: Tensor, length: int, window: int | None) -> Tensor | None:

@@ -18,6 +18,12 @@ Inference and forwards run under `torch.inference_mode()`; `backward` recomputes
 on the compute thread (the weights are frozen: they never require grad) and returns the gradients of the inputs,
 of the prompts and of the adapter's A/B matrices. A training forward and its backward pass the same dropout seed,
 so the recomputation draws the same dropout masks.
+
+Ladder Residual: where an edge of a request's blocks lies inside a ladder region, its state there is the pair
+(r, p) (`BlockSpan.forward_pair`); the handler has checked that p comes exactly where the config says. A session
+with such an edge (`Session.pair`) decodes eagerly (`DecodeRunner.step_pair`: no CUDA graph or compilation of the
+pair step yet), and its decode steps merge with other sessions over the same blocks like any others (they all
+carry p or none does). Every method returns (r, p), p None where the last edge carries r alone.
 """
 
 from __future__ import annotations
@@ -50,12 +56,13 @@ class Session:
     end: int
     batch_size: int
     max_length: int
-    cache: KVCache
+    cache: KVCache | int  # its KV cache (a tensor-parallel backend's: its id on the ranks, `server.tp_backend`)
     key_mask: torch.Tensor  # [batch, max_length] bool: which cached positions are real tokens (left padding)
     owner: str = ""  # the peer that opened it: its prefill waits in that peer's compute queue
     length: int = 0
     padded: bool = False
     lora: list[BlockLora] | None = None  # the session's adapter, fixed when it opened
+    pair: bool = False  # an edge lies inside a ladder region: its steps take or return p (Ladder Residual)
 
 
 @dataclass(frozen=True)
@@ -66,20 +73,24 @@ class _Decode:
     hidden: torch.Tensor  # [B, 1, H]
     position: int
     new_mask: torch.Tensor | None
+    pending: torch.Tensor | None  # [B, 1, H]: p, where the session's first edge carries the ladder pair
 
 
 @dataclass
 class Gradients:
     """What `Backend.backward` returns: the gradient of the span's inputs, of the deep prompts sent, and of the
-    adapter's tensors (by name) when asked."""
+    adapter's tensors (by name) when asked; of the input p where the span's first edge carries the ladder pair."""
 
     hidden: torch.Tensor
     prompts: torch.Tensor | None
     lora: dict[str, torch.Tensor]
+    pending: torch.Tensor | None = None
 
 
 class Backend:
     """Runs forward passes and inference steps over this server's span."""
+
+    tunable = True  # requests may bring deep prompts and adapters, and ask for a backward
 
     def __init__(
         self,
@@ -144,11 +155,12 @@ class Backend:
         prompts: torch.Tensor | None = None,
         adapter: Adapter | None = None,
         dropout_seed: int | None = None,
-    ) -> torch.Tensor:
+        pending: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         tokens = hidden.shape[0] * hidden.shape[1]
         blocks = self._blocks(start, end)
         return await self.run(
-            tokens, owner, self._forward, hidden, key_mask, blocks, prompts, adapter, dropout_seed
+            tokens, owner, self._forward, hidden, key_mask, blocks, prompts, adapter, dropout_seed, pending
         )
 
     @torch.inference_mode()
@@ -160,14 +172,20 @@ class Backend:
         prompts: torch.Tensor | None = None,
         adapter: Adapter | None = None,
         dropout_seed: int | None = None,
-    ) -> torch.Tensor:
+        pending: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         hidden = hidden.to(self.device, self.dtype)
         if key_mask is not None:
             key_mask = key_mask.to(self.device)
         if prompts is not None:
             prompts = prompts.to(self.device, self.dtype)
         lora = self._lora(adapter, blocks, dropout_seed)
-        return self.span(hidden, key_mask=key_mask, blocks=blocks, prompts=prompts, lora=lora)
+        return self.span.forward_pair(
+            hidden, self._on_device(pending), key_mask=key_mask, blocks=blocks, prompts=prompts, lora=lora
+        )
+
+    def _on_device(self, pending: torch.Tensor | None) -> torch.Tensor | None:
+        return None if pending is None else pending.to(self.device, self.dtype)
 
     def _lora(
         self,
@@ -197,10 +215,14 @@ class Backend:
         adapter: Adapter | None = None,
         dropout_seed: int | None = None,
         lora_grads: bool = False,
+        pending: torch.Tensor | None = None,
+        grad_pending: torch.Tensor | None = None,
     ) -> Gradients:
-        """Gradients of a forward over blocks [start, end) given the gradient of its outputs; always on the
-        compute thread (a backward is several forwards' work)."""
-        args = (hidden, grad, key_mask, self._blocks(start, end), prompts, adapter, dropout_seed, lora_grads)
+        """Gradients of a forward over blocks [start, end) given the gradient of its outputs (r, and p where the
+        last edge carries the ladder pair: `grad_pending`); always on the compute thread (a backward is several
+        forwards' work)."""
+        blocks = self._blocks(start, end)
+        args = (hidden, grad, key_mask, blocks, prompts, adapter, dropout_seed, lora_grads, pending, grad_pending)
         return await self.on_compute_thread(self._backward, *args, owner=owner)
 
     def _backward(
@@ -213,10 +235,15 @@ class Backend:
         adapter: Adapter | None,
         dropout_seed: int | None,
         lora_grads: bool,
+        pending: torch.Tensor | None = None,
+        grad_pending: torch.Tensor | None = None,
     ) -> Gradients:
         with torch.enable_grad():
             hidden = hidden.to(self.device, self.dtype).requires_grad_()
             leaves = [hidden]
+            if pending is not None:
+                pending = pending.to(self.device, self.dtype).requires_grad_()
+                leaves.append(pending)
             if prompts is not None:
                 prompts = prompts.to(self.device, self.dtype).requires_grad_()
                 leaves.append(prompts)
@@ -233,13 +260,20 @@ class Backend:
             if key_mask is not None:
                 key_mask = key_mask.to(self.device)
             lora = self._lora(adapter, blocks, dropout_seed, tensors)
-            out = self.span(hidden, key_mask=key_mask, blocks=blocks, prompts=prompts, lora=lora)
-            grads = torch.autograd.grad(out, leaves, grad.to(self.device, self.dtype))
+            out, out_pending = self.span.forward_pair(
+                hidden, pending, key_mask=key_mask, blocks=blocks, prompts=prompts, lora=lora
+            )
+            outputs, out_grads = [out], [grad.to(self.device, self.dtype)]
+            if out_pending is not None:
+                outputs.append(out_pending)
+                out_grads.append(self._on_device(grad_pending))
+            grads = torch.autograd.grad(outputs, leaves, out_grads)
         grads = list(grads)
         grad_hidden = grads.pop(0)
+        grad_pending = grads.pop(0) if pending is not None else None
         grad_prompts = grads.pop(0) if prompts is not None else None
         lora = dict(zip(trained, grads, strict=True)) if tensors is not None else {}
-        return Gradients(grad_hidden, grad_prompts, lora)
+        return Gradients(grad_hidden, grad_prompts, lora, grad_pending)
 
     def open_session(
         self,
@@ -254,15 +288,19 @@ class Backend:
         session_id = f"s{next(self._ids)}"
         self.budget.reserve(session_id, batch_size * max_length)
         try:
-            cache = KVCache(end - start, batch_size, max_length, self.span.config, self.dtype, self.device)
+            cache = self._new_cache(end - start, batch_size, max_length)
         except BaseException:
             self.budget.release(session_id)
             raise
         key_mask = torch.ones(batch_size, max_length, dtype=torch.bool, device=self.device)
         session = Session(session_id, start, end, batch_size, max_length, cache, key_mask, owner)
         session.lora = self._lora(adapter, self._blocks(start, end), None)
+        session.pair = self.span.config.carries_pending(start) or self.span.config.carries_pending(end)
         self.sessions[session_id] = session
         return session
+
+    def _new_cache(self, blocks: int, batch_size: int, max_length: int) -> KVCache | int:
+        return KVCache(blocks, batch_size, max_length, self.span.config, self.dtype, self.device)
 
     def close_session(self, session: Session) -> None:
         self.sessions.pop(session.session_id, None)
@@ -277,14 +315,18 @@ class Backend:
         position: int,
         new_mask: torch.Tensor | None,
         prompts: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+        pending: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Process tokens [position, position + T) of a session; position < length rewinds (drops the tail).
-        prompts: deep prompts for the first P of these tokens ([blocks, B or 1, P, H])."""
+        prompts: deep prompts for the first P of these tokens ([blocks, B or 1, P, H]); pending: their p, where
+        the session's first edge carries the ladder pair. Returns (r, p) (see the module doc)."""
         tokens = hidden.shape[0] * hidden.shape[1]
         if hidden.shape[1] == 1 and prompts is None and self.inline(tokens):
             # merged with the other sessions' decode steps (continuous batching), inline on the loop
-            return await self.batcher.step(session.session_id, _Decode(session, hidden, position, new_mask))
-        return await self.run(tokens, session.owner, self._step, session, hidden, position, new_mask, prompts)
+            step = _Decode(session, hidden, position, new_mask, pending)
+            return await self.batcher.step(session.session_id, step)
+        args = (session, hidden, position, new_mask, prompts, pending)
+        return await self.run(tokens, session.owner, self._step, *args)
 
     def _note_mask(self, session: Session, position: int, end: int, new_mask: torch.Tensor | None) -> None:
         """Record which of the slots [position, end) hold real tokens (False: left padding)."""
@@ -304,14 +346,16 @@ class Backend:
         position: int,
         new_mask: torch.Tensor | None,
         prompts: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+        pending: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         end = position + hidden.shape[1]
         self._note_mask(session, position, end, new_mask)
         if hidden.shape[1] == 1 and prompts is None:
-            return self._decode(session, hidden, position)
+            return self._decode(session, hidden, position, pending)
         key_mask = session.key_mask[:, :end] if session.padded else None
-        out = self.span(
+        out = self.span.forward_pair(
             hidden.to(self.device, self.dtype),
+            self._on_device(pending),
             pos=position,
             key_mask=key_mask,
             cache=session.cache,
@@ -322,37 +366,39 @@ class Backend:
         session.length = end
         return out
 
-    def _decode(self, session: Session, hidden: torch.Tensor, position: int) -> torch.Tensor:
-        out = self.decoder.step(
-            hidden[:, 0].to(self.device, self.dtype),
-            position,
-            session.key_mask,
-            session.padded,
-            session.cache,
-            self._blocks(session.start, session.end),
-            session.lora,
-        )
+    def _decode(
+        self, session: Session, hidden: torch.Tensor, position: int, pending: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        args = (position, session.key_mask, session.padded, session.cache)
+        blocks = self._blocks(session.start, session.end)
+        hidden = hidden[:, 0].to(self.device, self.dtype)
+        if session.pair:
+            p = None if pending is None else pending[:, 0].to(self.device, self.dtype)
+            out, p = self.decoder.step_pair(hidden, p, *args, blocks, session.lora)
+        else:
+            out, p = self.decoder.step(hidden, *args, blocks, session.lora), None
         session.length = position + 1
-        return out[:, None]
+        return out[:, None], None if p is None else p[:, None]
 
     @torch.inference_mode()
-    def _decode_many(self, steps: list[_Decode]) -> list[torch.Tensor]:
+    def _decode_many(self, steps: list[_Decode]) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
         """Several sessions' decode steps as one pass per group of sessions over the same blocks (sessions of
-        one server may hold different sub-ranges of its span); a lone step takes the single-session path
-        (compiled or CUDA graphs where enabled)."""
+        one server may hold different sub-ranges of its span; those of a group all carry the ladder pair at
+        their edges or none does); a lone step takes the single-session path (compiled or CUDA graphs where
+        enabled)."""
         for d in steps:
             self._note_mask(d.session, d.position, d.position + 1, d.new_mask)
         if len(steps) == 1:
             d = steps[0]
-            return [self._decode(d.session, d.hidden, d.position)]
+            return [self._decode(d.session, d.hidden, d.position, d.pending)]
         groups: dict[tuple[int, int], list[int]] = {}
         for i, d in enumerate(steps):
             groups.setdefault((d.session.start, d.session.end), []).append(i)
-        outputs: list[torch.Tensor | None] = [None] * len(steps)
+        outputs: list[tuple[torch.Tensor, torch.Tensor | None] | None] = [None] * len(steps)
         for (start, end), members in groups.items():
             if len(members) == 1:
                 d = steps[members[0]]
-                outputs[members[0]] = self._decode(d.session, d.hidden, d.position)
+                outputs[members[0]] = self._decode(d.session, d.hidden, d.position, d.pending)
                 continue
             segments, positions, rows = [], [], 0
             for i in members:
@@ -372,11 +418,15 @@ class Backend:
                 )
                 rows += batch
             hidden = torch.cat([steps[i].hidden[:, 0].to(self.device, self.dtype) for i in members])
-            out = self.span.decode_batch(hidden, torch.cat(positions), segments, self._blocks(start, end))
+            pending = None
+            if steps[members[0]].pending is not None:
+                pending = torch.cat([steps[i].pending[:, 0].to(self.device, self.dtype) for i in members])
+            blocks = self._blocks(start, end)
+            out, p = self.span.decode_batch_pair(hidden, pending, torch.cat(positions), segments, blocks)
             for i, segment in zip(members, segments, strict=True):
                 d = steps[i]
                 d.session.length = d.position + 1
-                outputs[i] = out[segment.rows, None]
+                outputs[i] = out[segment.rows, None], None if p is None else p[segment.rows, None]
         return outputs
 
     def set_threads(self, threads: int) -> None:

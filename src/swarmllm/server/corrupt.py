@@ -30,13 +30,15 @@ def corrupt_outputs(backend: Backend, every: int) -> None:
     count, generator = itertools.count(1), torch.Generator().manual_seed(every)
     step, forward = backend.step, backend.forward
 
-    def maybe(out: torch.Tensor) -> torch.Tensor:
-        return corrupted(out, generator) if next(count) % every == 0 else out
+    def maybe(out: tuple[torch.Tensor, torch.Tensor | None]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The output r is corrupted (a ladder pair's p is left as it is)."""
+        hidden, pending = out
+        return (corrupted(hidden, generator) if next(count) % every == 0 else hidden), pending
 
-    async def corrupt_step(*args, **kwargs) -> torch.Tensor:
+    async def corrupt_step(*args, **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
         return maybe(await step(*args, **kwargs))
 
-    async def corrupt_forward(*args, **kwargs) -> torch.Tensor:
+    async def corrupt_forward(*args, **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
         return maybe(await forward(*args, **kwargs))
 
     backend.step, backend.forward = corrupt_step, corrupt_forward

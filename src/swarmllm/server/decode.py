@@ -9,6 +9,8 @@ All three ways run `BlockSpan.decode`, so they compute the same thing:
 - CUDA graphs: the default on CUDA. Each session gets static input buffers and, per power-of-two bucket of
   attended cache slots, one captured graph of the whole span's step, replayed with the slot and positions as
   tensors: one launch per step instead of hundreds.
+A session whose edge lies inside a Ladder Residual region steps the pair (r, p) through `step_pair`, eagerly: its
+graphs would need a static buffer for p too (not built yet).
 """
 
 from __future__ import annotations
@@ -66,7 +68,11 @@ class DecodeRunner:
         return "cuda-graphs" if self.cuda_graphs else "compiled" if self.compiled else "eager"
 
     def _warm_up(self) -> None:
-        """Compile now for batch size 1, rather than stalling the first client for seconds."""
+        """Compile now for batch size 1, rather than stalling the first client for seconds (a span with an edge
+        inside a ladder region compiles on a plain session's first step: the whole span's step is a pair step)."""
+        config, span = self.span.config, self.span
+        if config.carries_pending(span.start) or config.carries_pending(span.end):
+            return
         logger.info("compiling the decode step (torch.compile); this takes a while once")
         dtype = next(self.span.parameters()).dtype
         cache = KVCache(len(self.span.blocks), 1, 4, self.span.config, dtype, self.device)
@@ -93,8 +99,7 @@ class DecodeRunner:
         """hidden [B, H] of the tokens taking cache slot `slot`. key_mask [B, max_length] is the session's
         (False at pads, it outlives the step); padded says whether any slot up to `slot` is a pad; lora the
         session's adapter (it outlives the step too, so a captured graph may hold its tensors). -> [B, H]"""
-        mask = key_mask[:, : slot + 1] if padded else None
-        positions = position_ids(mask, hidden.shape[0], 1, slot, self.device)[:, 0]
+        mask, positions = self._attended(hidden, slot, key_mask, padded)
         if self.cuda_graphs:
             try:
                 return self._replay(hidden, positions, slot, key_mask, cache, blocks, lora)
@@ -112,6 +117,30 @@ class DecodeRunner:
         if lora is not None:  # compiled for plain steps only: an adapter's step runs the same code eagerly
             return self.span.decode(hidden, positions, slot_tensor, keys, values, mask, blocks, lora)
         return self._decode(hidden, positions, slot_tensor, keys, values, mask, blocks)
+
+    def step_pair(
+        self,
+        hidden: torch.Tensor,
+        pending: torch.Tensor | None,
+        slot: int,
+        key_mask: torch.Tensor,
+        padded: bool,
+        cache: KVCache,
+        blocks: slice | None,
+        lora: list[BlockLora] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`step` for the ladder pair (r [B, H], p [B, H] or None; `BlockSpan.decode_pair`), eagerly."""
+        mask, positions = self._attended(hidden, slot, key_mask, padded)
+        keys, values = cache.keys[:, :, :, : slot + 1], cache.values[:, :, :, : slot + 1]
+        slot_tensor = torch.tensor([slot], device=self.device)
+        return self.span.decode_pair(hidden, pending, positions, slot_tensor, keys, values, mask, blocks, lora)
+
+    def _attended(
+        self, hidden: torch.Tensor, slot: int, key_mask: torch.Tensor, padded: bool
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """The key mask of slots [0, slot] (None when none is a pad) and the tokens' rotary positions [B]."""
+        mask = key_mask[:, : slot + 1] if padded else None
+        return mask, position_ids(mask, hidden.shape[0], 1, slot, self.device)[:, 0]
 
     def _replay(
         self,

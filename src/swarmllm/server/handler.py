@@ -15,6 +15,11 @@ then fails (within the step's `push_timeout_s`), a `PushFailed` follows on the s
 sends that input itself, so a failed push costs one client round trip, never a hang. The pushed input enters the
 receiver's session queue as if the client had sent it, and the reply goes to the client's stream.
 
+Ladder Residual: where the first edge of a request's blocks lies inside a ladder region of the checkpoint
+(`BlockConfig.carries_pending`), its input is the pair (r, p) and `pending` must come with `hidden`, of the same
+shape; anywhere else it must not. Replies and pushes carry p where the last edge lies inside one. A request that
+gets this wrong is refused (`bad_request`, naming the boundary) and the session stays usable.
+
 Quotas (`server.quota`): each peer may hold a bounded number of sessions and share of the cache budget, have a
 bounded number of calls waiting for compute, and call at a bounded rate. A request beyond a peer's limit is
 refused with `quota`, one beyond the server's capacity with `busy` (and a cache too full for a session with
@@ -51,6 +56,7 @@ from swarmllm.wire.messages import (
     AdapterUpload,
     BackwardReply,
     BackwardRequest,
+    ForwardReply,
     ForwardRequest,
     OpenSession,
     PushFailed,
@@ -185,9 +191,11 @@ class RequestHandler:
         return blocks * self.limits.max_prompt_tokens * self.backend.hidden_size * widest
 
     def _activation_bytes(self, tokens: int) -> int:
-        """The payload of `tokens` hidden states in the widest accepted dtype, with a key mask (and padding)."""
+        """The payload of `tokens` hidden states in the widest accepted dtype (twice that for a ladder checkpoint,
+        whose requests may carry p beside r), with a key mask (and padding)."""
         widest = max(dtype.itemsize for dtype in FLOAT_DTYPES)
-        return tokens * (self.backend.hidden_size * widest + 1) + 16
+        states = 2 if self.backend.span.config.ladder_layers else 1
+        return tokens * (states * self.backend.hidden_size * widest + 1) + 16
 
     def _refuse(self, refusal: Refusal | None) -> None:
         if refusal is not None:
@@ -257,13 +265,14 @@ class RequestHandler:
         key_mask = self._mask(req.key_mask, batch, length)
         prompts = self._prompts(req.prompts, end - start, batch, length)
         adapter = self._adapter(peer, req.adapter, start, end)
-        args = (hidden, key_mask, start, end, peer, prompts, adapter, req.dropout_seed)
+        pending = self._pending(req.pending, hidden, start)
+        args = (hidden, key_mask, start, end, peer, prompts, adapter, req.dropout_seed, pending)
         self.metrics.forward(batch * length)
         if self.backend.inline(batch * length):
-            return Message({}, [await self.backend.forward(*args)])
+            return ForwardReply(*await self.backend.forward(*args)).to_message()
         self._refuse(self.quotas.enqueue(peer))
         try:
-            return Message({}, [await self.backend.forward(*args)])
+            return ForwardReply(*await self.backend.forward(*args)).to_message()
         finally:
             self.quotas.dequeue(peer)
 
@@ -272,6 +281,7 @@ class RequestHandler:
         gradient of its outputs; the forward is recomputed with autograd (see `Backend.backward`)."""
         peer = _peer(context)
         self._refuse(self.quotas.request(peer))
+        self._check_tunable("backward")
         req = BackwardRequest.parse(request)
         start, end = self._span(req.start, req.end)
         hidden = self._hidden(req.hidden)
@@ -287,14 +297,27 @@ class RequestHandler:
         adapter = self._adapter(peer, req.adapter, start, end)
         if req.lora_grads and (adapter is None or adapter.version is None):
             raise RequestError("bad_request", "lora_grads needs an adapter the client uploaded")
+        pending = self._pending(req.pending, hidden, start)
+        grad_pending = self._pending(req.grad_pending, hidden, end, "grad_pending")
         self._refuse(self.quotas.enqueue(peer))
         try:
             grads = await self.backend.backward(
-                hidden, grad, key_mask, start, end, peer, prompts, adapter, req.dropout_seed, req.lora_grads
+                hidden,
+                grad,
+                key_mask,
+                start,
+                end,
+                peer,
+                prompts,
+                adapter,
+                req.dropout_seed,
+                req.lora_grads,
+                pending,
+                grad_pending,
             )
         finally:
             self.quotas.dequeue(peer)
-        return BackwardReply(grads.hidden, grads.prompts, grads.lora).to_message()
+        return BackwardReply(grads.hidden, grads.prompts, grads.lora, grads.pending).to_message()
 
     async def rpc_adapters(
         self, request: Message, incoming: Incoming, context: CallContext
@@ -303,6 +326,7 @@ class RequestHandler:
         is dropped when the stream ends, or when none of it was used for `adapter_idle_timeout_s`."""
         peer = _peer(context)
         self._refuse(self.quotas.request(peer))
+        self._check_tunable("adapters")
         held: dict[str, Adapter] = {}
         try:
             while True:
@@ -479,15 +503,26 @@ class RequestHandler:
         prompts = self._prompts(step.prompts, session.end - session.start, session.batch_size, length)
         if prompts is not None and step.push:
             raise RequestError("bad_request", "a step with deep prompts cannot be pushed (they are per hop)")
+        pending = None  # (a session whose edges carry r alone, given no p, skips the check: the hot path)
+        if step.pending is not None or session.pair:
+            pending = self._pending(step.pending, hidden, session.start)
         began = time.perf_counter()
-        out = await backend.step(session, hidden, step.position, new_mask, prompts)
+        out, out_pending = await backend.step(session, hidden, step.position, new_mask, prompts, pending)
         # the compute time lets clients and benchmarks split a hop into network and server work
         compute_s = time.perf_counter() - began
         self.metrics.step(hidden.shape[0] * length, length, compute_s)
-        pushed = bool(step.push) and await self._start_push(step, out, compression, inbox)
-        return StepReply(step.position, step.step, out, compute_s, pushed, compression).to_message()
+        pushed = bool(step.push) and await self._start_push(step, out, out_pending, compression, inbox)
+        reply = StepReply(step.position, step.step, out, compute_s, pushed, compression, out_pending)
+        return reply.to_message()
 
-    async def _start_push(self, step: Step, out: torch.Tensor, compression: str, inbox: Incoming) -> bool:
+    async def _start_push(
+        self,
+        step: Step,
+        out: torch.Tensor,
+        out_pending: torch.Tensor | None,
+        compression: str,
+        inbox: Incoming,
+    ) -> bool:
         """Send our output to the next server of the chain, and return as soon as it is sent: the reply to the
         client does not wait for the next server's ack (a round trip on the chain's critical path). If the push
         then fails, a `PushFailed` joins this session's queue and reaches the client after the reply, which
@@ -502,6 +537,7 @@ class RequestHandler:
             step.push_timeout_s,
             target.session_id,
             compression=compression,
+            pending=out_pending,
         ).to_message()
         if target.peer_id == self.peer_id:
             try:
@@ -541,12 +577,35 @@ class RequestHandler:
         shape = {2: self.backend.hidden_size}
         return check_tensor(tensor, "hidden", ndim=3, dtypes=FLOAT_DTYPES, shape=shape, finite=True)
 
+    def _pending(
+        self, pending: torch.Tensor | None, hidden: torch.Tensor, boundary: int, name: str = "pending"
+    ) -> torch.Tensor | None:
+        """`name` (p, or its gradient) of a request at layer boundary `boundary`: required exactly where that
+        boundary lies inside a ladder region of our checkpoint, of the shape of `hidden`, finite."""
+        if not self.backend.span.config.carries_pending(boundary):
+            if pending is not None:
+                raise RequestError(
+                    "bad_request",
+                    f"layer boundary {boundary} carries r alone in this checkpoint (it is not inside a ladder "
+                    f"region): {name} must be absent",
+                )
+            return None
+        if pending is None:
+            raise RequestError(
+                "bad_request",
+                f"layer boundary {boundary} lies inside a ladder region of this checkpoint (ladder layers "
+                f"{boundary - 1} and {boundary}): the state there is the pair (r, p), and {name} is missing",
+            )
+        shape = dict(enumerate(hidden.shape))
+        return check_tensor(pending, name, ndim=3, dtypes=FLOAT_DTYPES, shape=shape, finite=True)
+
     def _prompts(
         self, prompts: torch.Tensor | None, blocks: int, batch: int, length: int
     ) -> torch.Tensor | None:
         """Deep prompts [blocks, batch or 1, P <= length, hidden], finite."""
         if prompts is None:
             return None
+        self._check_tunable("deep prompts")
         shape = {0: blocks, 3: self.backend.hidden_size}
         check_tensor(prompts, "prompts", ndim=4, dtypes=FLOAT_DTYPES, shape=shape, finite=True)
         if prompts.shape[1] not in (1, batch) or prompts.shape[2] > length:
@@ -561,7 +620,18 @@ class RequestHandler:
         return prompts
 
     def _adapter(self, peer: str, ref: AdapterRef | None, start: int, end: int) -> Adapter | None:
-        return None if ref is None else self.adapters.find(peer, ref, start, end)
+        if ref is None:
+            return None
+        self._check_tunable("adapters")
+        return self.adapters.find(peer, ref, start, end)
+
+    def _check_tunable(self, what: str) -> None:
+        if not self.backend.tunable:
+            raise RequestError(
+                "bad_request",
+                f"{what}: not supported by this server (it runs its blocks tensor-parallel, --tp, which has no "
+                "deep prompts, adapters or backward yet)",
+            )
 
     @staticmethod
     def _mask(mask: torch.Tensor | None, batch: int, length: int) -> torch.Tensor | None:

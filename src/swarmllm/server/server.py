@@ -27,6 +27,7 @@ from swarmllm.balancing.moves import next_move
 from swarmllm.dht import ModelInfo, ServerInfo, ServerState, announce, find_servers, start_dht, visible_maddrs
 from swarmllm.dht.records import dht_prefix_for
 from swarmllm.models import BlockConfig, BlockSpan, KVCache, load_config, load_span
+from swarmllm.models.ladder import layer_ranges
 from swarmllm.server.adapters import AdapterStore
 from swarmllm.server.backend import Backend
 from swarmllm.server.corrupt import corrupt_outputs
@@ -36,6 +37,8 @@ from swarmllm.server.memory import block_bytes, cache_bytes_per_block, device_me
 from swarmllm.server.metrics import ServerMetrics, serve_metrics
 from swarmllm.server.network import measure_network, network_rps
 from swarmllm.server.throughput import cached_throughput
+from swarmllm.server.tp import TensorParallelSpan
+from swarmllm.server.tp_backend import TensorParallelBackend
 from swarmllm.version import __version__
 from swarmllm.wire import (
     Connection,
@@ -90,6 +93,7 @@ class ServerConfig:
     )
     cuda_graphs: bool = True  # on CUDA, replay captured graphs of the decode step
     batch_wait_s: float = 0.01  # the most a decode step waits for others to merge with (server/batching.py)
+    tp: int = 1  # processes (devices) the span runs across, tensor-parallel (server/tp_backend.py); needs blocks
     throughput: float | None = None  # announced decode steps/s per block instead of measuring
     bandwidth: float | None = None  # bytes/s of this server's uplink instead of measuring it to peers
     update_period_s: float = 30.0  # re-announce this often (records expire after 3 periods)
@@ -122,11 +126,15 @@ class Server:
         self.adapters: AdapterStore | None = None  # hosted (--adapters) and clients' uploaded LoRA adapters
         self.direct_addr: str | None = None
         self.peers: dict[str, ServerInfo] = {}  # the other servers of this model, for pushes to the next one
+        self.ladder: tuple[tuple[int, int], ...] = ()  # the checkpoint's ladder layers, as announced
         self._peers_at = -float("inf")
         self._stop = asyncio.Event()
         # servers of one device on this host split its memory, and CPU ones without --num-threads its cores
         self.host_share = HostShare(device_folder(config.device))
-        self._share_threads = config.num_threads is None and torch.device(config.device).type == "cpu"
+        # (a tensor-parallel span's ranks keep the threads they started with)
+        self._share_threads = (
+            config.num_threads is None and torch.device(config.device).type == "cpu" and config.tp == 1
+        )
         self._threads: int | None = None
 
     def stop(self) -> None:
@@ -142,6 +150,7 @@ class Server:
             loop.add_signal_handler(sig, self.stop)
 
         _, block_config = load_config(cfg.model)
+        self.ladder = layer_ranges(block_config.ladder_layers)
         limits = cfg.limits
         self.adapters = AdapterStore(
             block_config,
@@ -187,12 +196,7 @@ class Server:
             cfg.dtype,
             cfg.quant,
         )
-        span = await asyncio.get_running_loop().run_in_executor(
-            None,
-            lambda: load_span(
-                cfg.model, start, end, dtype=DTYPES[cfg.dtype], device=cfg.device, quant=cfg.quant
-            ),
-        )
+        span = await asyncio.get_running_loop().run_in_executor(None, lambda: self._load(start, end))
         self._share_cores()
         if cfg.bandwidth is not None:
             self.network_rps = network_rps(cfg.bandwidth, span.config.hidden_size, DTYPES[cfg.dtype].itemsize)
@@ -293,20 +297,35 @@ class Server:
             self.backend.shutdown()
             logger.info("server %s left the swarm", self.identity.peer_id)
 
-    async def _make_backend(self, span: BlockSpan) -> Backend:
+    def _load(self, start: int, end: int) -> BlockSpan | TensorParallelSpan:
+        """Blocks [start, end) in this process, or sharded over `tp` processes (each with its share of the
+        host's cores, unless --num-threads says otherwise)."""
         cfg = self.config
-        backend = await asyncio.get_running_loop().run_in_executor(
-            None,
-            lambda: Backend(
-                span,
-                cache_tokens=cfg.max_cache_tokens,
-                device=cfg.device,
-                compile=cfg.compile,
-                cuda_graphs=cfg.cuda_graphs,
-                batch_wait_s=cfg.batch_wait_s,
-            ),
-        )
-        logger.info("decode steps run %s", backend.decoder.mode)
+        if cfg.tp > 1:
+            threads = cfg.num_threads or max(1, host_cores() // cfg.tp)
+            return TensorParallelSpan(
+                cfg.model, start, end, world=cfg.tp, dtype=DTYPES[cfg.dtype], device=cfg.device, threads=threads
+            )
+        return load_span(cfg.model, start, end, dtype=DTYPES[cfg.dtype], device=cfg.device, quant=cfg.quant)
+
+    async def _make_backend(self, span: BlockSpan | TensorParallelSpan) -> Backend:
+        cfg = self.config
+        if isinstance(span, TensorParallelSpan):
+            backend = TensorParallelBackend(span, cache_tokens=cfg.max_cache_tokens)
+            logger.info("steps run tensor-parallel over %d processes, eagerly", cfg.tp)
+        else:
+            backend = await asyncio.get_running_loop().run_in_executor(
+                None,
+                lambda: Backend(
+                    span,
+                    cache_tokens=cfg.max_cache_tokens,
+                    device=cfg.device,
+                    compile=cfg.compile,
+                    cuda_graphs=cfg.cuda_graphs,
+                    batch_wait_s=cfg.batch_wait_s,
+                ),
+            )
+            logger.info("decode steps run %s", backend.decoder.mode)
         corrupt_outputs(backend, cfg.corrupt_every)
         cache_mib = (
             cfg.max_cache_tokens
@@ -427,13 +446,11 @@ class Server:
         if cfg.throughput is not None:
             return
         threads = torch.get_num_threads() if torch.device(cfg.device).type == "cpu" else 0
-        span = self.backend.span
+        backend = self.backend
+        span = backend.parallel if isinstance(backend, TensorParallelBackend) else backend.span
+        dtype = cfg.dtype if cfg.quant == "none" else f"{cfg.dtype}+{cfg.quant}"
         self.inference_rps, self.forward_rps = await self.backend.on_compute_thread(
-            cached_throughput,
-            span,
-            cfg.device,
-            cfg.dtype if cfg.quant == "none" else f"{cfg.dtype}+{cfg.quant}",
-            threads,
+            cached_throughput, span, cfg.device, dtype if cfg.tp == 1 else f"{dtype}+tp{cfg.tp}", threads
         )
         logger.info(
             "throughput per block: %.1f decode steps/s, %.0f forward tokens/s (%d threads)",
@@ -451,7 +468,7 @@ class Server:
                 raise ValueError(f"--blocks {start}:{end} is outside the model's {total_blocks} blocks")
             return start, end
         length = min(cfg.num_blocks or self._blocks_that_fit(block_config), total_blocks)
-        servers = await find_servers(self.dht, self.dht_prefix, total_blocks)
+        servers = await self._find_servers()
         live = [(s.start_block, s.end_block, s.throughput) for s in servers if s.state != ServerState.OFFLINE]
         # jitter among equally good windows, so that servers starting together spread out
         return choose_blocks(total_blocks, length, live, throughput=self.inference_rps, rng=random.Random())
@@ -495,6 +512,7 @@ class Server:
             adapters=tuple(sorted(self.adapters.hosted)) if self.adapters else (),
             movable=self.config.blocks is None,
             direct_addrs=(self.direct_addr,) if self.direct_addr else (),
+            ladder=self.ladder,
         )
 
     def _info_record(self) -> dict:
@@ -518,8 +536,14 @@ class Server:
 
     async def _refresh_peers(self) -> None:
         self._peers_at = time.monotonic()
-        found = await find_servers(self.dht, self.dht_prefix, self.model_info.num_blocks)
+        found = await self._find_servers()
         self.peers = {s.peer_id: s for s in found if s.peer_id != self.identity.peer_id}
+
+    async def _find_servers(self) -> list[ServerInfo]:
+        """The model's servers that serve our checkpoint: those of another one under the same name (other ladder
+        layers) are never chained with us, so they neither cover our blocks nor take our pushes."""
+        found = await find_servers(self.dht, self.dht_prefix, self.model_info.num_blocks)
+        return [s for s in found if s.ladder == self.ladder]
 
     def _measure_network_soon(self) -> None:
         """Measure the network in the background (it may wait seconds on peers that do not answer)."""

@@ -17,34 +17,48 @@ from pathlib import Path
 import torch
 
 from swarmllm.models import BlockSpan, KVCache
+from swarmllm.server.tp import TensorParallelSpan
 
 
 @torch.inference_mode()
 def measure_throughput(
-    span: BlockSpan, *, decode_steps: int = 8, forward_tokens: int = 128
+    span: BlockSpan | TensorParallelSpan, *, decode_steps: int = 8, forward_tokens: int = 128
 ) -> tuple[float, float]:
-    """(inference_rps, forward_rps) per block: decode steps/s and batch-forward tokens/s of one block."""
-    param = next(span.parameters())
+    """(inference_rps, forward_rps) per block: decode steps/s and batch-forward tokens/s of one block (of a
+    tensor-parallel span: over all its ranks, measured from rank 0)."""
+    parallel = isinstance(span, TensorParallelSpan)
+    param = next((span.span if parallel else span).parameters())
     num_blocks = span.end - span.start
     hidden_size = span.config.hidden_size
-    cache = KVCache(num_blocks, 1, decode_steps + 1, span.config, param.dtype, param.device)
+    if parallel:
+        cache = span.open_cache(1, decode_steps + 1)
+    else:
+        cache = KVCache(num_blocks, 1, decode_steps + 1, span.config, param.dtype, param.device)
     token = torch.randn(1, 1, hidden_size, dtype=param.dtype, device=param.device)
-    span(token, pos=0, cache=cache)  # warm-up: first calls pay for kernel selection and allocation
+    _run(span, token, pos=0, cache=cache)  # warm-up: first calls pay for kernel selection and allocation
     _synchronize(param.device)
     began = time.perf_counter()
     for pos in range(1, decode_steps + 1):
-        span(token, pos=pos, cache=cache)
+        _run(span, token, pos=pos, cache=cache)
     _synchronize(param.device)
     inference_rps = num_blocks * decode_steps / (time.perf_counter() - began)
 
     prompt = torch.randn(1, forward_tokens, hidden_size, dtype=param.dtype, device=param.device)
-    span(prompt[:, :8])
+    _run(span, prompt[:, :8])
     _synchronize(param.device)
     began = time.perf_counter()
-    span(prompt)
+    _run(span, prompt)
     _synchronize(param.device)
     forward_rps = num_blocks * forward_tokens / (time.perf_counter() - began)
+    if parallel:
+        span.close_cache(cache)
     return inference_rps, forward_rps
+
+
+def _run(span: BlockSpan | TensorParallelSpan, hidden: torch.Tensor, **kwargs) -> None:
+    """The span over `hidden` (and `hidden` as its p too, where its first edge lies inside a ladder region)."""
+    pending = hidden if span.config.carries_pending(span.start) else None
+    span.forward_pair(hidden, pending, **kwargs)
 
 
 def _synchronize(device: torch.device) -> None:
@@ -57,7 +71,7 @@ CACHE_PATH = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "s
 
 
 def cached_throughput(
-    span: BlockSpan, device: str, dtype: str, threads: int, *, path: Path = CACHE_PATH
+    span: BlockSpan | TensorParallelSpan, device: str, dtype: str, threads: int, *, path: Path = CACHE_PATH
 ) -> tuple[float, float]:
     """`measure_throughput(span)`, from the cache when this block shape was measured on this device, dtype and
     thread count before."""

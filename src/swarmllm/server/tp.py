@@ -7,7 +7,10 @@ meet in all-reduces inside it (asynchronous ones in ladder layers) and rank 0 re
 rank holds. torch.distributed with gloo on CPU, NCCL on CUDA (rank i on cuda:i).
 
 It knows nothing of sessions, the wire or the swarm: the backend decides what to run and names caches by the ids
-`open_cache` returns. Each rank reads the whole of one block at a time and keeps its shard. Not done here yet: CUDA
+`open_cache` returns. Every method is a sequence of collectives that all ranks must meet in the same order, so one
+thread calls them, one at a time; `open_cache` alone sends nothing (the ranks allocate a cache with the first
+command that uses it), so it may be called from anywhere. Each rank reads the whole of one block at a time and
+keeps its shard. Not done here yet: CUDA
 graphs or torch.compile of the sharded decode step (models/tp.py's FunctionalComm makes it traceable).
 """
 
@@ -85,18 +88,21 @@ class TensorParallelSpan:
         self.local_config = local_config(self.config, world)
         self._caches: dict[int, KVCache] = {}
         self._next_cache = 0
+        self._unallocated: dict[int, dict[str, int]] = {}  # caches opened, to be allocated with their first use
         logger.info("span [%d, %d) sharded over %d ranks (%s)", start, end, world, backend)
 
-    def open_cache(self, batch: int, max_length: int) -> int:
-        """Allocate a session's KV cache on every rank (each its kv heads); returns its id."""
+    def open_cache(self, batch: int, max_length: int, blocks: int | None = None) -> int:
+        """A session's KV cache over `blocks` blocks (default: the span's) on every rank (each its kv heads),
+        allocated by the first command that uses it; returns its id."""
         cache_id = self._next_cache
         self._next_cache += 1
-        header = self._command("open", cache_id=cache_id, batch=batch, max_length=max_length)
-        _run(self.span, self._caches, self.setup, header)
+        blocks = self.end - self.start if blocks is None else blocks
+        self._unallocated[cache_id] = {"batch": batch, "max_length": max_length, "blocks": blocks}
         return cache_id
 
     def close_cache(self, cache_id: int) -> None:
-        _run(self.span, self._caches, self.setup, self._command("free", cache_id=cache_id))
+        if self._unallocated.pop(cache_id, None) is None:
+            _run(self.span, self._caches, self.setup, self._command("free", cache_id=cache_id))
 
     def forward(self, hidden: Tensor, **kwargs) -> Tensor:
         r, _ = self.forward_pair(hidden, None, **kwargs)
@@ -110,10 +116,12 @@ class TensorParallelSpan:
         pos: int = 0,
         key_mask: Tensor | None = None,
         cache: int | None = None,
+        blocks: slice | None = None,
     ) -> tuple[Tensor, Tensor | None]:
-        """BlockSpan.forward_pair over the ranks; `cache` is an id from open_cache (or None: no cache)."""
+        """BlockSpan.forward_pair over the ranks (or over the sub-range `blocks` of the span); `cache` is an id
+        from open_cache (or None: no cache)."""
         tensors = {"r": r, "p": p, "key_mask": key_mask}
-        header = self._command("forward", pos=pos, cache_id=cache, **_shapes(tensors))
+        header = self._command("forward", pos=pos, **self._cache(cache), **_blocks(blocks), **_shapes(tensors))
         return _run(self.span, self._caches, self.setup, header, self._send(tensors))
 
     def decode_pair(
@@ -125,10 +133,13 @@ class TensorParallelSpan:
         cache: int,
         length: int,
         key_mask: Tensor | None = None,
+        blocks: slice | None = None,
     ) -> tuple[Tensor, Tensor | None]:
-        """BlockSpan.decode_pair over the ranks, attending to the first `length` slots of cache `cache`."""
+        """BlockSpan.decode_pair over the ranks (or the sub-range `blocks`), attending to the first `length`
+        slots of cache `cache`."""
         tensors = {"r": r, "p": p, "positions": positions, "key_mask": key_mask}
-        header = self._command("decode", slot=slot, cache_id=cache, length=length, **_shapes(tensors))
+        fields = {**self._cache(cache), **_blocks(blocks), **_shapes(tensors)}
+        header = self._command("decode", slot=slot, length=length, **fields)
         return _run(self.span, self._caches, self.setup, header, self._send(tensors))
 
     def close(self) -> None:
@@ -147,6 +158,13 @@ class TensorParallelSpan:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    def _cache(self, cache_id: int | None) -> dict[str, object]:
+        """The header fields naming a cache: its id, and what to allocate if this is its first use."""
+        if cache_id is None:
+            return {"cache_id": None}
+        allocate = self._unallocated.pop(cache_id, None)
+        return {"cache_id": cache_id} if allocate is None else {"cache_id": cache_id, "allocate": allocate}
+
     def _command(self, op: str, **fields) -> dict:
         """Tell every other rank what comes next; returns the header, for this rank to run too."""
         header = {"op": op, **fields}
@@ -161,6 +179,11 @@ class TensorParallelSpan:
                 dist.broadcast(tensor, src=0)
             sent[name] = tensor
         return sent
+
+
+def _blocks(blocks: slice | None) -> dict[str, object]:
+    """The header field of a sub-range of the span's blocks (indices from its start), None for all of them."""
+    return {"blocks": None if blocks is None else (blocks.start, blocks.stop)}
 
 
 def _shapes(tensors: dict[str, Tensor | None]) -> dict[str, object]:
@@ -185,24 +208,25 @@ def _run(span, caches: dict[int, KVCache], setup: _Setup, header: dict, tensors:
     """Execute one command on this rank: the same code on every rank, so the collectives inside line up."""
     op = header["op"]
     with torch.inference_mode():
-        if op == "open":
-            config = local_config(span.config, setup.world)
-            caches[header["cache_id"]] = KVCache(
-                span.end - span.start,
-                header["batch"],
-                header["max_length"],
-                config,
-                setup.dtype,
-                _device_of(span),
-            )
-            return None
         if op == "free":
             caches.pop(header["cache_id"], None)
             return None
+        if "allocate" in header:
+            size = header["allocate"]
+            config = local_config(span.config, setup.world)
+            caches[header["cache_id"]] = KVCache(
+                size["blocks"], size["batch"], size["max_length"], config, setup.dtype, _device_of(span)
+            )
         cache = caches[header["cache_id"]] if header.get("cache_id") is not None else None
+        blocks = None if header.get("blocks") is None else slice(*header["blocks"])
         if op == "forward":
             return span.forward_pair(
-                tensors["r"], tensors["p"], pos=header["pos"], key_mask=tensors["key_mask"], cache=cache
+                tensors["r"],
+                tensors["p"],
+                pos=header["pos"],
+                key_mask=tensors["key_mask"],
+                cache=cache,
+                blocks=blocks,
             )
         if op == "decode":
             length = header["length"]
@@ -214,6 +238,7 @@ def _run(span, caches: dict[int, KVCache], setup: _Setup, header: dict, tensors:
                 cache.keys[:, :, :, :length],
                 cache.values[:, :, :, :length],
                 tensors["key_mask"],
+                blocks,
             )
     raise ValueError(f"unknown tensor-parallel command {op!r}")
 

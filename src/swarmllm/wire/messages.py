@@ -13,6 +13,12 @@ names the session's activation compression (`wire.compression`): every step, pus
 its hidden states in that form (blockwise8: int8 codes as `hidden`, plus `hidden_scales`); `parse` gives them back
 as float32.
 
+Ladder Residual (`models.ladder`): where a hop's boundary lies inside a ladder region, the state crossing it is the
+pair (r, p). The forward-side messages and their replies then carry `pending` (p, [B, T, H] like `hidden`, and
+compressed like it in a session: `pending_scales`) beside `hidden` (r), and a backward `grad_pending` with its
+gradient; a standard model's messages never carry it, and their layout is unchanged. Which boundaries carry p
+depends on the checkpoint only: the receiver checks presence against its own config.
+
 Fine-tuning adds: `BackwardRequest` / `BackwardReply` (a unary `backward` over a span), an `adapters` stream whose
 messages are `AdapterUpload`s (a client's LoRA weights, once per version) answered by `AdapterAck`, and on the
 forward-side messages an `AdapterRef` (which adapter applies), deep `prompts` and a `dropout_seed`. Tensors beyond
@@ -35,6 +41,7 @@ from swarmllm.wire.framing import Message
 from swarmllm.wire.validation import bad_request, check_count, get_int
 
 STEP, REPOINT, PUSH_FAILED = "step", "repoint", "push_failed"
+STEP_TENSORS = ("hidden", "key_mask", "prompts", "hidden_scales", "pending", "pending_scales")
 MAX_PACKED_TENSORS = 4096  # named tensors in one flat tensor (an adapter: layers x modules x 2)
 _NAME = r"[A-Za-z0-9_.]{1,128}"
 
@@ -70,18 +77,36 @@ def _codec(meta: dict[str, Any]) -> str:
     return codec
 
 
-def _hidden(values: torch.Tensor, scales: torch.Tensor | None, what: str) -> torch.Tensor:
+def _hidden(values: torch.Tensor, scales: torch.Tensor | None, what: str, name: str = "hidden") -> torch.Tensor:
     """Hidden states as float32 from their wire form: as sent, or blockwise8 codes [..., H] (int8) with their
     bfloat16 scales [..., ceil(H / BLOCK)]. Checks that the two fit each other; the receiver checks the shape."""
     if scales is None:
         if values.dtype == torch.int8:
-            raise bad_request(f"{what}: int8 hidden states need hidden_scales")
+            raise bad_request(f"{what}: int8 {name} states need {name}_scales")
         return values
     if values.dtype != torch.int8 or scales.dtype != torch.bfloat16 or values.ndim != 3:
-        raise bad_request(f"{what}: blockwise8 hidden states are int8 [B, T, H] with bfloat16 scales")
+        raise bad_request(f"{what}: blockwise8 {name} states are int8 [B, T, H] with bfloat16 scales")
     if scales.shape != (*values.shape[:-1], scale_blocks(values.shape[-1])):
         raise bad_request(f"{what}: scales of shape {tuple(scales.shape)} do not fit {tuple(values.shape)}")
     return decompress(values, scales)
+
+
+def _pending(tensors: dict[str, torch.Tensor], what: str) -> torch.Tensor | None:
+    """A ladder message's pending output p (as float32, like `_hidden`), or None when it carries r alone."""
+    if "pending" not in tensors:
+        if "pending_scales" in tensors:
+            raise bad_request(f"{what}: pending_scales without pending")
+        return None
+    return _hidden(tensors["pending"], tensors.get("pending_scales"), what, "pending")
+
+
+def _compressed(hidden: torch.Tensor, pending: torch.Tensor | None, codec: str) -> dict[str, torch.Tensor | None]:
+    """hidden (and p, when the message carries one) in the session's wire form, named."""
+    values, scales = compress(hidden, codec)
+    named = {"hidden": values, "hidden_scales": scales, "pending": None, "pending_scales": None}
+    if pending is not None:
+        named["pending"], named["pending_scales"] = compress(pending, codec)
+    return named
 
 
 def _tensors(message: Message, allowed: tuple[str, ...], what: str) -> dict[str, torch.Tensor]:
@@ -249,6 +274,7 @@ class Step:
     session_id: str | None = None  # set in a push: which of the receiver's sessions it is for
     prompts: torch.Tensor | None = None  # [blocks, B or 1, P, H]: deep prompts for the first P positions
     compression: str = "none"  # how `hidden` travels (the session's codec); parse gives it back as float32
+    pending: torch.Tensor | None = None  # [B, T, H]: p, where the receiver's first boundary carries (r, p)
 
     def to_message(self) -> Message:
         meta: dict[str, Any] = {"kind": STEP, "position": self.position, "step": self.step}
@@ -258,20 +284,22 @@ class Step:
                 meta["push_timeout_s"] = self.push_timeout_s
         if self.session_id is not None:
             meta["session_id"] = self.session_id
-        values, scales = compress(self.hidden, self.compression)
+        wire = _compressed(self.hidden, self.pending, self.compression)
         named = {
-            "hidden": values,
+            "hidden": wire["hidden"],
             "key_mask": self.key_mask,
             "prompts": self.prompts,
-            "hidden_scales": scales,
+            "hidden_scales": wire["hidden_scales"],
+            "pending": wire["pending"],
+            "pending_scales": wire["pending_scales"],
         }
         return _message(meta, named)
 
     @classmethod
     def parse(cls, message: Message) -> Step:
         meta = message.meta
-        check_count(message.tensors, 1, 4, "an inference step")
-        tensors = _tensors(message, ("hidden", "key_mask", "prompts", "hidden_scales"), "an inference step")
+        check_count(message.tensors, 1, len(STEP_TENSORS), "an inference step")
+        tensors = _tensors(message, STEP_TENSORS, "an inference step")
         if "hidden" not in tensors:
             raise bad_request("an inference step needs hidden states")
         push = meta.get("push") or []
@@ -292,6 +320,7 @@ class Step:
             push_timeout_s=None if timeout is None else float(timeout),
             session_id=_session_id(meta),
             prompts=tensors.get("prompts"),
+            pending=_pending(tensors, "an inference step"),
         )
 
 
@@ -337,8 +366,9 @@ def parse_session_input(message: Message) -> Step | Repoint:
 
 @dataclass(frozen=True)
 class StepReply:
-    """A session's answer to one step: the output hidden states, the server's compute time (so a hop's time can
-    be split into network and compute), and whether it pushed the output on to the next hop itself."""
+    """A session's answer to one step: the output hidden states (and p where the span's last boundary carries
+    the ladder pair), the server's compute time (so a hop's time can be split into network and compute), and
+    whether it pushed the output on to the next hop itself."""
 
     position: int
     step: int
@@ -346,6 +376,7 @@ class StepReply:
     compute_s: float = 0.0
     pushed: bool = False
     compression: str = "none"  # how `hidden` travels (the session's codec)
+    pending: torch.Tensor | None = None
 
     def to_message(self) -> Message:
         meta = {
@@ -354,17 +385,18 @@ class StepReply:
             "compute_s": self.compute_s,
             "pushed": self.pushed,
         }
-        values, scales = compress(self.hidden, self.compression)
-        return _message(meta, {"hidden": values, "hidden_scales": scales}, positional=1)
+        return _message(meta, _compressed(self.hidden, self.pending, self.compression), positional=1)
 
     @staticmethod
-    def hidden_states(message: Message) -> torch.Tensor:
-        """A reply's hidden states as float32 (from blockwise8) or as sent; raises RequestError("bad_request")
-        for a malformed layout (the client turns it into a BadReplyError)."""
-        tensors = _tensors(message, ("hidden", "hidden_scales"), "a step reply")
+    def states(message: Message) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A reply's hidden states and p (None if absent) as float32 (from blockwise8) or as sent; raises
+        RequestError("bad_request") for a malformed layout (the client turns it into a BadReplyError)."""
+        names = ("hidden", "hidden_scales", "pending", "pending_scales")
+        tensors = _tensors(message, names, "a step reply")
         if "hidden" not in tensors:
             raise bad_request("a step reply needs hidden states")
-        return _hidden(tensors["hidden"], tensors.get("hidden_scales"), "a step reply")
+        hidden = _hidden(tensors["hidden"], tensors.get("hidden_scales"), "a step reply")
+        return hidden, _pending(tensors, "a step reply")
 
 
 @dataclass(frozen=True)
@@ -385,7 +417,8 @@ class StepError:
 @dataclass(frozen=True)
 class ForwardRequest:
     """A plain forward over blocks [start, end), no cache; optionally with deep prompts for the first P positions
-    ([blocks, B or 1, P, H]), an adapter, and (a training forward) the seed of the adapter's dropout masks."""
+    ([blocks, B or 1, P, H]), an adapter, and (a training forward) the seed of the adapter's dropout masks.
+    `pending`: p, where boundary `start` carries the ladder pair."""
 
     start: int
     end: int
@@ -394,17 +427,19 @@ class ForwardRequest:
     prompts: torch.Tensor | None = None
     adapter: AdapterRef | None = None
     dropout_seed: int | None = None
+    pending: torch.Tensor | None = None
 
     def to_message(self) -> Message:
         meta = {"start": self.start, "end": self.end, **_adapter_meta(self.adapter)}
         if self.dropout_seed is not None:
             meta["dropout_seed"] = self.dropout_seed
-        return _message(meta, {"hidden": self.hidden, "key_mask": self.key_mask, "prompts": self.prompts})
+        named = {"hidden": self.hidden, "key_mask": self.key_mask, "prompts": self.prompts, "pending": self.pending}
+        return _message(meta, named)
 
     @classmethod
     def parse(cls, message: Message) -> ForwardRequest:
-        check_count(message.tensors, 1, 3, "forward")
-        tensors = _tensors(message, ("hidden", "key_mask", "prompts"), "forward")
+        check_count(message.tensors, 1, 4, "forward")
+        tensors = _tensors(message, ("hidden", "key_mask", "prompts", "pending"), "forward")
         if "hidden" not in tensors:
             raise bad_request("forward needs hidden states")
         meta = message.meta
@@ -416,14 +451,36 @@ class ForwardRequest:
             tensors.get("prompts"),
             AdapterRef.parse(meta),
             _optional_int(meta, "dropout_seed"),
+            tensors.get("pending"),
         )
+
+
+@dataclass(frozen=True)
+class ForwardReply:
+    """A forward's output: the hidden states, and p where boundary `end` carries the ladder pair."""
+
+    hidden: torch.Tensor
+    pending: torch.Tensor | None = None
+
+    def to_message(self) -> Message:
+        return _message({}, {"hidden": self.hidden, "pending": self.pending}, positional=1)
+
+    @classmethod
+    def parse(cls, message: Message) -> ForwardReply:
+        """Raises RequestError("bad_request") for a malformed reply (the client turns it into a BadReplyError)."""
+        tensors = _tensors(message, ("hidden", "pending"), "a forward reply")
+        if "hidden" not in tensors:
+            raise bad_request("a forward reply needs hidden states")
+        return cls(tensors["hidden"], tensors.get("pending"))
 
 
 @dataclass(frozen=True)
 class BackwardRequest:
     """The gradient of a span's inputs given its inputs `hidden` and the gradient `grad` of its outputs: the
     server recomputes the forward (with the same prompts, adapter and dropout seed as the forward it answers)
-    with autograd. `lora_grads`: also return the gradients of the client's adapter's A/B matrices."""
+    with autograd. `lora_grads`: also return the gradients of the client's adapter's A/B matrices. Inside a
+    ladder region, `pending` is the input p (boundary `start` carries the pair) and `grad_pending` the gradient
+    of the output p (boundary `end` does)."""
 
     start: int
     end: int
@@ -434,6 +491,8 @@ class BackwardRequest:
     adapter: AdapterRef | None = None
     dropout_seed: int | None = None
     lora_grads: bool = False
+    pending: torch.Tensor | None = None
+    grad_pending: torch.Tensor | None = None
 
     def to_message(self) -> Message:
         meta = {
@@ -444,13 +503,21 @@ class BackwardRequest:
         }
         if self.dropout_seed is not None:
             meta["dropout_seed"] = self.dropout_seed
-        named = {"hidden": self.hidden, "grad": self.grad, "key_mask": self.key_mask, "prompts": self.prompts}
+        named = {
+            "hidden": self.hidden,
+            "grad": self.grad,
+            "key_mask": self.key_mask,
+            "prompts": self.prompts,
+            "pending": self.pending,
+            "grad_pending": self.grad_pending,
+        }
         return _message(meta, named)
 
     @classmethod
     def parse(cls, message: Message) -> BackwardRequest:
-        check_count(message.tensors, 2, 4, "backward")
-        tensors = _tensors(message, ("hidden", "grad", "key_mask", "prompts"), "backward")
+        names = ("hidden", "grad", "key_mask", "prompts", "pending", "grad_pending")
+        check_count(message.tensors, 2, len(names), "backward")
+        tensors = _tensors(message, names, "backward")
         if "hidden" not in tensors or "grad" not in tensors:
             raise bad_request("backward needs hidden states and their gradient")
         meta = message.meta
@@ -467,20 +534,29 @@ class BackwardRequest:
             AdapterRef.parse(meta),
             _optional_int(meta, "dropout_seed"),
             lora_grads,
+            tensors.get("pending"),
+            tensors.get("grad_pending"),
         )
 
 
 @dataclass(frozen=True)
 class BackwardReply:
-    """Gradients: of the span's inputs, of the deep prompts sent (if any), of the adapter's A/B (if asked)."""
+    """Gradients: of the span's inputs (r, and p where the request sent one), of the deep prompts sent (if any),
+    of the adapter's A/B (if asked)."""
 
     grad_hidden: torch.Tensor
     grad_prompts: torch.Tensor | None = None
     grad_lora: dict[str, torch.Tensor] = field(default_factory=dict)
+    grad_pending: torch.Tensor | None = None
 
     def to_message(self) -> Message:
         meta: dict[str, Any] = {}
-        named = {"grad_hidden": self.grad_hidden, "grad_prompts": self.grad_prompts, "grad_lora": None}
+        named = {
+            "grad_hidden": self.grad_hidden,
+            "grad_prompts": self.grad_prompts,
+            "grad_lora": None,
+            "grad_pending": self.grad_pending,
+        }
         if self.grad_lora:
             meta["lora"], named["grad_lora"] = pack_tensors(self.grad_lora)
         return _message(meta, named, positional=1)
@@ -488,13 +564,14 @@ class BackwardReply:
     @classmethod
     def parse(cls, message: Message) -> BackwardReply:
         """Raises RequestError("bad_request") for a malformed reply (the client turns it into a BadReplyError)."""
-        tensors = _tensors(message, ("grad_hidden", "grad_prompts", "grad_lora"), "a backward reply")
+        names = ("grad_hidden", "grad_prompts", "grad_lora", "grad_pending")
+        tensors = _tensors(message, names, "a backward reply")
         if "grad_hidden" not in tensors:
             raise bad_request("a backward reply needs grad_hidden")
         lora = {}
         if "grad_lora" in tensors:
             lora = unpack_tensors(message.meta.get("lora"), tensors["grad_lora"], "a backward reply")
-        return cls(tensors["grad_hidden"], tensors.get("grad_prompts"), lora)
+        return cls(tensors["grad_hidden"], tensors.get("grad_prompts"), lora, tensors.get("grad_pending"))
 
 
 @dataclass(frozen=True)
