@@ -5,12 +5,12 @@ import asyncio
 
 import pytest
 import torch
+from server_infos import online_server
 
 from swarmllm.client.replies import BadReplyError, SessionError
 from swarmllm.client.routing import MissingBlocksError
 from swarmllm.client.session import InferenceSession
 from swarmllm.client.swarm import SwarmClient
-from swarmllm.dht import ServerInfo, ServerState
 from swarmllm.wire import DirectServer, Handlers, Identity, Message
 
 HIDDEN = 8
@@ -49,7 +49,7 @@ async def test_garbage_replies_raise_bad_reply_errors(reply, problem):
     await server.start()
     swarm = SwarmClient([], "garbage", 2, missing_blocks_timeout_s=0)
     host, port = server.address
-    swarm.use_servers([_info(identity, host, port)])
+    swarm.use_servers([online_server(identity.peer_id, 0, 2, address=(host, port), version="evil")])
     try:
         hidden = torch.randn(1, 2, HIDDEN)
         with pytest.raises(MissingBlocksError, match="0..1 of 2 that works") as info:
@@ -121,7 +121,7 @@ async def test_garbage_in_a_session_is_a_typed_error_naming_the_server(reply, er
     await server.start()
     swarm = SwarmClient([], "garbage", 2, missing_blocks_timeout_s=0, step_timeout_s=30)
     host, port = server.address
-    swarm.use_servers([_info(identity, host, port)])
+    swarm.use_servers([online_server(identity.peer_id, 0, 2, address=(host, port), version="evil")])
     session = InferenceSession(swarm, max_length=8)
     try:
         async with asyncio.timeout(10):  # an error at once, not a wait for the step's deadline
@@ -134,19 +134,3 @@ async def test_garbage_in_a_session_is_a_typed_error_naming_the_server(reply, er
         await session.close()
         await swarm.shutdown()
         await server.stop()
-
-
-def _info(identity, host, port):
-    return ServerInfo(
-        peer_id=identity.peer_id,
-        state=ServerState.ONLINE,
-        start_block=0,
-        end_block=2,
-        throughput=1.0,
-        inference_rps=1.0,
-        forward_rps=1.0,
-        cache_tokens_left=100,
-        version="evil",
-        dtype="float32",
-        direct_addrs=(f"{host}:{port}",),
-    )

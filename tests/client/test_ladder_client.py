@@ -4,12 +4,13 @@ inputs that carry p for replay."""
 
 import pytest
 import torch
+from server_infos import online_server
 
 from swarmllm.client.hop import History, KeptInput
 from swarmllm.client.replies import BadReplyError, step_reply
 from swarmllm.client.routing import MissingBlocksError
 from swarmllm.client.swarm import SwarmClient
-from swarmllm.dht import ServerInfo, ServerState, parse_server_info
+from swarmllm.dht import ServerInfo, parse_server_info
 from swarmllm.models.ladder import carries_pending, layer_ranges
 from swarmllm.wire.messages import StepReply
 
@@ -17,19 +18,7 @@ LADDER = (1, 2, 3, 4)  # of 6 layers
 
 
 def info(peer_id: str, start: int, end: int, ladder: tuple = ()) -> ServerInfo:
-    return ServerInfo(
-        peer_id=peer_id,
-        state=ServerState.ONLINE,
-        start_block=start,
-        end_block=end,
-        throughput=1.0,
-        inference_rps=1.0,
-        forward_rps=1.0,
-        cache_tokens_left=1000,
-        version="test",
-        dtype="float32",
-        ladder=ladder,
-    )
+    return online_server(peer_id, start, end, ladder=ladder)
 
 
 def test_layer_ranges_and_the_boundaries_that_carry_the_pair():

@@ -3,30 +3,14 @@ session's stream and the client sends the input itself. Two real servers in this
 to the second failing on every other push: the session's outputs still equal the blocks computed locally."""
 
 import torch
+from server_infos import online_server
 
 from swarmllm.client.session import InferenceSession
 from swarmllm.client.swarm import SwarmClient
-from swarmllm.dht import ServerInfo, ServerState
 from swarmllm.models import load_span
 from swarmllm.server.backend import Backend
 from swarmllm.server.handler import RequestHandler
 from swarmllm.wire import DirectServer, Identity, connect_direct
-
-
-def _info(identity: Identity, address: tuple[str, int], start: int, end: int) -> ServerInfo:
-    return ServerInfo(
-        peer_id=identity.peer_id,
-        state=ServerState.ONLINE,
-        start_block=start,
-        end_block=end,
-        throughput=1.0,
-        inference_rps=1.0,
-        forward_rps=1.0,
-        cache_tokens_left=100,
-        version="test",
-        dtype="float32",
-        direct_addrs=(f"{address[0]}:{address[1]}",),
-    )
 
 
 async def test_a_failed_push_is_reported_and_the_client_sends_the_input_itself(llama_checkpoint):
@@ -59,7 +43,12 @@ async def test_a_failed_push_is_reported_and_the_client_sends_the_input_itself(l
     )
     await first.start()
     swarm = SwarmClient([], "push-fallback", 4, missing_blocks_timeout_s=0)
-    swarm.use_servers([_info(first_id, first.address, 0, 2), _info(second_id, second.address, 2, 4)])
+    swarm.use_servers(
+        [
+            online_server(first_id.peer_id, 0, 2, address=first.address),
+            online_server(second_id.peer_id, 2, 4, address=second.address),
+        ]
+    )
     try:
         hidden = torch.randn(1, 9, 64)
         session = InferenceSession(swarm, max_length=16)

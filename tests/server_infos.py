@@ -1,0 +1,23 @@
+"""`ServerInfo` records for client tests that route over given servers (`SwarmClient.use_servers`) without a DHT:
+an online server of blocks [start, end), unit speeds, room in its cache; any field can be overridden."""
+
+from swarmllm.dht import ServerInfo, ServerState
+
+
+def online_server(
+    peer_id: str, start: int, end: int, *, address: tuple[str, int] | None = None, **fields
+) -> ServerInfo:
+    values = {
+        "peer_id": peer_id,
+        "state": ServerState.ONLINE,
+        "start_block": start,
+        "end_block": end,
+        "throughput": 1.0,
+        "inference_rps": 1.0,
+        "forward_rps": 1.0,
+        "cache_tokens_left": 1000,
+        "version": "test",
+        "dtype": "float32",
+        **({"direct_addrs": (f"{address[0]}:{address[1]}",)} if address else {}),
+    }
+    return ServerInfo(**{**values, **fields})
