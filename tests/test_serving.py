@@ -17,6 +17,9 @@ pytest.importorskip("bitsandbytes")
 
 PROMPT = torch.tensor([[1, 17, 42, 99, 5, 23, 8]])
 # per-token relative L2 distance of logits from an uncompressed session's, through 2 servers (3 crossings)
+WIDE = dict(
+    hidden_size=1024, intermediate_size=1024, num_attention_heads=8, num_key_value_heads=4, num_layers=2
+)
 MAX_LOGIT_ERROR = {"none": 0.0, "float16": 2e-3, "bfloat16": 1e-2, "blockwise8": 5e-2}
 
 
@@ -80,3 +83,47 @@ def test_speculative_decoding_through_the_swarm(swarm, llama_checkpoint):
         PROMPT, max_new_tokens=10, do_sample=True, temperature=0.8, assistant_model=draft, generator=generator
     )
     assert sampled.shape == (1, PROMPT.shape[1] + 10) and torch.equal(sampled[:, : PROMPT.shape[1]], PROMPT)
+
+
+def test_servers_with_packed_weights_generate_transformers_tokens(checkpoints):
+    """A server whose projections are packed for oneDNN (the CPU default at hidden size 1024) and one with
+    --no-packed-weights: one session and concurrent ones (whose merged steps the packed server may run in either
+    layout) give transformers' greedy tokens."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from swarmllm.client.loop import run_sync
+    from swarmllm.wire import Message
+
+    path = str(checkpoints("qwen2", **WIDE))
+    reference = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    prompts = [PROMPT, PROMPT[:, :4], PROMPT.flip(1)]
+    with LocalSwarm() as local, torch.no_grad():
+        local.start_bootstrap()
+        local.add_server(path, (0, 1))
+        local.add_server(path, (1, 2), extra=["--no-packed-weights"])
+        model = AutoDistributedModelForCausalLM.from_pretrained(path, initial_peers=local.initial_peers)
+
+        def layouts() -> dict[int, str]:
+            async def ask():
+                servers = await model.swarm.servers(refresh=True)
+                records = [
+                    (await (await model.swarm.connection(s.peer_id)).call("info", Message({}))).meta
+                    for s in servers
+                ]
+                return {r["start_block"]: r["weights_layout"] for r in records}
+
+            return run_sync(ask())
+
+        try:
+            assert layouts() == {0: "packed for 1 row", 1: "plain"}
+            want = [reference.generate(p, max_new_tokens=40, do_sample=False).tolist() for p in prompts]
+            assert model.generate(prompts[0], max_new_tokens=40, do_sample=False).tolist() == want[0]
+            with ThreadPoolExecutor(len(prompts)) as pool:
+                got = list(
+                    pool.map(
+                        lambda p: model.generate(p, max_new_tokens=40, do_sample=False).tolist(), prompts
+                    )
+                )
+            assert got == want
+        finally:
+            model.shutdown()

@@ -191,6 +191,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-cuda-graphs", action="store_true", help="on CUDA, run decode steps eagerly instead of as graphs"
     )
     serve.add_argument(
+        "--no-packed-weights",
+        action="store_true",
+        help="on a CPU, keep projections in PyTorch's plain layout instead of oneDNN's (slower decode steps)",
+    )
+    serve.add_argument(
         "--tp",
         type=int,
         default=1,
@@ -618,6 +623,7 @@ def _serve(args: argparse.Namespace) -> int:
             device=args.device,
             compile=args.compile,
             cuda_graphs=not args.no_cuda_graphs,
+            packed_weights=not args.no_packed_weights,
             batch_wait_s=args.batch_wait_ms / 1e3,
             tp=args.tp,
             max_cache_tokens=args.max_cache_tokens,

@@ -28,6 +28,7 @@ from safetensors import safe_open
 from transformers import AutoConfig, PretrainedConfig
 
 from swarmllm.models.llama import BlockConfig, BlockSpan, ClientHead, block_state_from_hf
+from swarmllm.models.packed import pack_block
 from swarmllm.models.quant import check_quant, quantize_block
 
 logger = logging.getLogger(__name__)
@@ -109,9 +110,11 @@ def load_span(
     cache_dir: str | PathLike | None = None,
     reuse: BlockSpan | None = None,
     quant: str = "none",
+    pack: bool = False,
 ) -> BlockSpan:
     """Blocks [start, end) with their weights, reading no other block's tensors; with `quant` ("int8", "nf4")
-    their projections are quantized (`models.quant`) as each block loads.
+    their projections are quantized (`models.quant`) as each block loads; with `pack`, large projections of a CPU
+    span are stored in oneDNN's layout (`models.packed`: a server's decode steps, merged or not, run faster).
 
     Modules are built on the meta device and take the loaded tensors as their parameters, so peak memory
     is about the span's weights plus one tensor. Blocks that `reuse` (a span of the same model, dtype and device
@@ -143,6 +146,8 @@ def load_span(
             state = {name.removeprefix(prefix): read(name) for name in names if name.startswith(prefix)}
             span.blocks[i - start].load_state_dict(block_state_from_hf(state), strict=True, assign=True)
             quantize_block(span.blocks[i - start], quant)
+            if pack:
+                pack_block(span.blocks[i - start])
             logger.info("loaded block %d (%d of %d in [%d, %d))", i, i - start + 1, end - start, start, end)
     return span
 

@@ -10,6 +10,11 @@ sessions' decode steps are merged into one forward pass (continuous batching, `s
 read once per step for all of them, each session keeping its own cache, positions, padding and adapter. A
 session's steps arrive one after another on its stream, so two steps never race on one cache either way.
 
+On a CPU the large projections are stored packed for oneDNN (`models.packed`), laid out for one row while the
+steps carry one, for many while they merge several: the backend watches its last `LAYOUT_WINDOW` decode steps and
+re-lays the weights out on the compute thread when `layout_for` says so (a step running meanwhile uses the old
+layout; both compute the same product).
+
 On CUDA a lone session's step replays its captured graph (`server.decode`); a merged step of several sessions runs
 eagerly (their caches are separate tensors, so a graph per batch size would need one shared cache arena).
 
@@ -31,6 +36,8 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+from collections import deque
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 import torch
@@ -38,6 +45,7 @@ import torch
 from swarmllm.models import BlockSpan, KVCache
 from swarmllm.models.llama import BlockLora, DecodeSegment, position_ids
 from swarmllm.models.lora import span_lora
+from swarmllm.models.packed import initial_rows, layout_for, packed_projections
 from swarmllm.server.adapters import Adapter
 from swarmllm.server.batching import DecodeBatcher
 from swarmllm.server.cache import CacheBudget
@@ -45,6 +53,8 @@ from swarmllm.server.compute import ComputeThread
 from swarmllm.server.decode import DecodeRunner
 
 logger = logging.getLogger(__name__)
+
+LAYOUT_WINDOW = 32  # decode steps between looks at the packed weights' layout, and the steps each look weighs
 
 
 @dataclass
@@ -113,6 +123,12 @@ class Backend:
         self.inline_tokens = inline_tokens
         self.decoder = DecodeRunner(span, self.device, compile=compile, cuda_graphs=cuda_graphs)
         self.batcher: DecodeBatcher[_Decode] = DecodeBatcher(self._decode_many, max_wait_s=batch_wait_s)
+        self._packed = packed_projections(span)
+        self.layout_rows = initial_rows(self.dtype)
+        # packed float32 weights follow the load (module doc); other dtypes keep their one best layout
+        self._follows_load = bool(self._packed) and self.dtype == torch.float32
+        self._recent_rows: deque[int] = deque(maxlen=LAYOUT_WINDOW)
+        self._relayout: Future | None = None
 
     @property
     def start(self) -> int:
@@ -125,6 +141,13 @@ class Backend:
     @property
     def hidden_size(self) -> int:
         return self.span.config.hidden_size
+
+    @property
+    def weights_layout(self) -> str:
+        """How the span's large projections are stored: "plain", or packed for oneDNN and how many rows."""
+        if not self._packed:
+            return "plain"
+        return f"packed for {self.layout_rows} row{'s' if self.layout_rows > 1 else ''}"
 
     def inline(self, tokens: int) -> bool:
         """Whether work over `tokens` tokens runs inline on the event loop (else on the compute thread)."""
@@ -388,6 +411,8 @@ class Backend:
         enabled)."""
         for d in steps:
             self._note_mask(d.session, d.position, d.position + 1, d.new_mask)
+        if self._follows_load:
+            self._follow_load(sum(d.hidden.shape[0] for d in steps))
         if len(steps) == 1:
             d = steps[0]
             return [self._decode(d.session, d.hidden, d.position, d.pending)]
@@ -428,6 +453,23 @@ class Backend:
                 d.session.length = d.position + 1
                 outputs[i] = out[segment.rows, None], None if p is None else p[segment.rows, None]
         return outputs
+
+    def _follow_load(self, rows: int) -> None:
+        """Note a decode step's rows; every `LAYOUT_WINDOW` steps, re-lay the packed weights out if `layout_for`
+        says so (on the compute thread, one weight at a time: decode steps go on meanwhile)."""
+        self._recent_rows.append(rows)
+        if len(self._recent_rows) < LAYOUT_WINDOW or (self._relayout is not None and not self._relayout.done()):
+            return
+        want = layout_for(self._recent_rows, self.layout_rows)
+        self._recent_rows.clear()
+        if want != self.layout_rows:
+            logger.info("decode steps carry %s rows: weights laid out for %d", "one" if want == 1 else "many", want)
+            self.layout_rows = want
+            self._relayout = self.compute.submit("", self._relay, want)
+
+    def _relay(self, rows: int) -> None:
+        for projection in self._packed:
+            projection.repack(rows)
 
     def set_threads(self, threads: int) -> None:
         """Torch's CPU thread count for the compute thread too (each thread keeps the count it started with)."""

@@ -92,6 +92,7 @@ class ServerConfig:
         False  # torch.compile the decode step (CPU: ~2x faster steps, seconds to compile at start)
     )
     cuda_graphs: bool = True  # on CUDA, replay captured graphs of the decode step
+    packed_weights: bool = True  # on a CPU, large projections in oneDNN's layout (models.packed; not --compile)
     batch_wait_s: float = 0.01  # the most a decode step waits for others to merge with (server/batching.py)
     tp: int = 1  # processes (devices) the span runs across, tensor-parallel (server/tp_backend.py); needs blocks
     throughput: float | None = None  # announced decode steps/s per block instead of measuring
@@ -306,7 +307,14 @@ class Server:
             return TensorParallelSpan(
                 cfg.model, start, end, world=cfg.tp, dtype=DTYPES[cfg.dtype], device=cfg.device, threads=threads
             )
-        return load_span(cfg.model, start, end, dtype=DTYPES[cfg.dtype], device=cfg.device, quant=cfg.quant)
+        return load_span(
+            cfg.model, start, end, dtype=DTYPES[cfg.dtype], device=cfg.device, quant=cfg.quant, pack=self._pack
+        )
+
+    @property
+    def _pack(self) -> bool:
+        """Whether loaded blocks get packed weights (torch.compile lays weights out itself)."""
+        return self.config.packed_weights and not self.config.compile
 
     async def _make_backend(self, span: BlockSpan | TensorParallelSpan) -> Backend:
         cfg = self.config
@@ -325,7 +333,7 @@ class Server:
                     batch_wait_s=cfg.batch_wait_s,
                 ),
             )
-            logger.info("decode steps run %s", backend.decoder.mode)
+            logger.info("decode steps run %s; weights %s", backend.decoder.mode, backend.weights_layout)
         corrupt_outputs(backend, cfg.corrupt_every)
         cache_mib = (
             cfg.max_cache_tokens
@@ -391,6 +399,7 @@ class Server:
                 device=cfg.device,
                 reuse=old_backend.span,
                 quant=cfg.quant,
+                pack=self._pack,
             ),
         )
         # the joining records go out while the blocks load (a store may wait seconds on a slow DHT peer)
@@ -523,6 +532,7 @@ class Server:
             # continuous batching so far: merged decode steps run, and session steps run in them
             "decode_steps": self.backend.batcher.steps if self.backend else 0,
             "decode_session_steps": self.backend.batcher.merged if self.backend else 0,
+            "weights_layout": self.backend.weights_layout if self.backend else None,
         }
 
     async def _connect(self, peer_id: str) -> Connection:

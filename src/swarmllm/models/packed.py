@@ -1,0 +1,124 @@
+"""Projections whose weights are stored in oneDNN's blocked layout, for a server's CPU blocks.
+
+With the weight in PyTorch's plain layout, the CPU matmul (MKL) costs 1.5-2.5x as much for 2-16 rows as for
+one: it repacks the weight on every call. Reordered once, at load, for oneDNN's own kernels
+(`torch.ops.mkldnn._reorder_linear_weight`, what Inductor's frozen CPU graphs use), a float32 weight serves one
+row ~20% faster than the plain layout when laid out for one row, and 8 rows in ~1.3x one row's time when laid
+out for many (measured in `benchmarks/RESULTS.md`). In float32 no one layout is best for both, so a server's
+projections follow its load: laid out for one row while its decode steps carry one session, for `MANY_ROWS`
+while it merges several (continuous batching), switched by `layout_for` over its recent steps. In bfloat16 the
+layout for many rows is as fast for one row as the other, so it is kept.
+
+Each oneDNN call costs ~12 us more than a plain `F.linear`, so only weights of at least `MIN_PACKED_ELEMENTS`
+values are packed (at hidden size 64 that overhead would double a matmul). `PackedProjection` keeps
+`Projection`'s interface, `forward(x, lora)`: an adapter adds its update on top as on a plain projection, and the
+input's gradient (fine-tuning through frozen servers) is computed from the plain weight recovered for the
+backward pass, so the packed weight is the only copy held.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from swarmllm.models.llama import LlamaBlock, Lora, Projection, RowLoras
+
+MIN_PACKED_ELEMENTS = 1 << 20  # e.g. 1024 x 1024: ~0.3 ms a row in float32 on one core
+ONE_ROW, MANY_ROWS = 1, 16  # the row counts a weight is laid out for
+PACKED_DTYPES = (torch.float32, torch.bfloat16)
+MERGED_SHARE_UP, MERGED_SHARE_DOWN = 0.5, 0.2  # hysteresis of `layout_for`
+
+
+def can_pack(device: torch.device | str, dtype: torch.dtype) -> bool:
+    """Whether this PyTorch build packs weights of `dtype` on `device` (CPU builds with oneDNN)."""
+    return (
+        torch.device(device).type == "cpu" and dtype in PACKED_DTYPES and torch.backends.mkldnn.is_available()
+    )
+
+
+def initial_rows(dtype: torch.dtype) -> int:
+    """The layout a weight of `dtype` starts in: one row in float32 (a lone session), else many (as fast)."""
+    return ONE_ROW if dtype == torch.float32 else MANY_ROWS
+
+
+def layout_for(recent_rows: Sequence[int], current: int) -> int:
+    """The row count to lay float32 weights out for, given the rows of the recent decode steps: many once at
+    least half of them merged several rows, one once at most a fifth did, else unchanged (no flapping)."""
+    if not recent_rows:
+        return current
+    merged = sum(rows > 1 for rows in recent_rows) / len(recent_rows)
+    if merged >= MERGED_SHARE_UP:
+        return MANY_ROWS
+    if merged <= MERGED_SHARE_DOWN:
+        return ONE_ROW
+    return current
+
+
+def _reorder(weight: Tensor, rows: int) -> Tensor:
+    return torch.ops.mkldnn._reorder_linear_weight(weight, rows)
+
+
+class _PackedLinear(torch.autograd.Function):
+    """y = x W^T + b with W packed; backward gives x's gradient only (server weights are frozen)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, packed: Tensor, bias: Tensor | None) -> Tensor:
+        ctx.save_for_backward(packed)
+        return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (packed,) = ctx.saved_tensors
+        return grad @ packed.to_dense(), None, None
+
+
+class PackedProjection(nn.Module):
+    """A `Projection` whose weight is stored packed for oneDNN, laid out for `rows` rows (see the module doc)."""
+
+    def __init__(self, packed: Tensor, bias: Tensor | None, rows: int):
+        super().__init__()
+        self.register_buffer("packed", packed)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self.rows = rows
+
+    @classmethod
+    def from_projection(cls, projection: Projection, rows: int) -> PackedProjection:
+        bias = None if projection.bias is None else projection.bias.detach()
+        return cls(_reorder(projection.weight.detach(), rows), bias, rows)
+
+    @property
+    def weight(self) -> Tensor:
+        """The plain [out, in] weight (a copy: for inspection and tests, not for the hot path)."""
+        return self.packed.to_dense()
+
+    def repack(self, rows: int) -> None:
+        """Lay the weight out for `rows` rows. A step running meanwhile (on another thread) keeps the old one."""
+        if rows != self.rows:
+            self.packed, self.rows = _reorder(self.packed.to_dense(), rows), rows
+
+    def forward(self, x: Tensor, lora: Lora | RowLoras | None = None) -> Tensor:
+        if torch.is_grad_enabled() and x.requires_grad:
+            y = _PackedLinear.apply(x, self.packed, self.bias)
+        else:
+            y = torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
+        return y if lora is None else y + lora(x)
+
+
+def pack_block(block: LlamaBlock) -> LlamaBlock:
+    """Pack the block's large plain projections in place, where `can_pack` (quantized and small ones stay)."""
+    for parent in (block.self_attn, block.mlp):
+        for name, child in list(parent.named_children()):
+            weight = child.weight if isinstance(child, Projection) else None
+            if (
+                weight is not None
+                and weight.numel() >= MIN_PACKED_ELEMENTS
+                and can_pack(weight.device, weight.dtype)
+            ):
+                setattr(parent, name, PackedProjection.from_projection(child, initial_rows(weight.dtype)))
+    return block
+
+
+def packed_projections(module: nn.Module) -> list[PackedProjection]:
+    return [m for m in module.modules() if isinstance(m, PackedProjection)]
