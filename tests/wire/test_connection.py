@@ -396,6 +396,39 @@ async def test_open_calls_per_connection_are_limited(probe, server_identity, cli
         await server.stop()
 
 
+async def test_a_call_refused_at_its_header_never_reaches_its_handler(probe, server_identity, client_identity):
+    """`Handlers.admit` refuses calls before their payload is read: the caller gets the refusal's code, the
+    handler never runs, inline methods are not asked about, and the connection goes on with the next call."""
+    handlers = make_handlers(probe)
+    asked: list[str | None] = []
+    refuse = [True, False, True]
+
+    def admit(peer_id: str | None) -> RequestError | None:
+        asked.append(peer_id)
+        return RequestError("quota", "over the rate") if refuse[len(asked) - 1] else None
+
+    handlers.admit = admit
+    server = DirectServer(handlers, server_identity)
+    await server.start()
+    connection = await connect_direct(*server.address, client_identity, expected_peer_id=None)
+    try:
+        with pytest.raises(RemoteError) as info:
+            await connection.call("gated", Message({"gate": 0}, [torch.zeros(1 << 16)]), timeout=BOUND)
+        assert (info.value.code, info.value.message) == ("quota", "over the rate")
+        assert probe.started == 0  # the handler never ran
+        reply = await connection.call("inline_echo", Message({"n": 1}), timeout=BOUND)  # not asked about
+        assert reply.meta["n"] == 1
+        assert (await connection.call("echo", Message({"ok": 1}), timeout=BOUND)).meta["ok"] == 1
+        stream = await connection.open_stream("accumulate", Message({}))
+        with pytest.raises(RemoteError) as info:
+            await stream.recv()
+        assert info.value.code == "quota"
+        assert asked == [client_identity.peer_id] * 3
+    finally:
+        await connection.close()
+        await server.stop()
+
+
 async def test_garbage_to_direct_server_closes_only_that_connection(connection, server, server_identity):
     garbage = b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" + bytes(range(256)) * 4
     for tls in (None, client_context()):  # instead of TLS, and inside TLS instead of the identity handshake

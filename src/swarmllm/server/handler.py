@@ -173,6 +173,7 @@ class RequestHandler:
         step_bytes = self._activation_bytes(limits.max_batch_size * limits.max_session_length) + prompt_bytes
         forward_bytes = self._activation_bytes(limits.max_forward_tokens) + prompt_bytes
         handlers = Handlers()
+        handlers.admit = self._admit
         handlers.add_unary("info", self.rpc_info, max_payload_bytes=0)
         handlers.add_unary("ping", self.rpc_ping, max_payload_bytes=PING_MAX_BYTES)
         handlers.add_unary("forward", self.rpc_forward, max_payload_bytes=forward_bytes)
@@ -183,6 +184,12 @@ class RequestHandler:
             "adapters", self.rpc_adapters, max_payload_bytes=limits.max_adapter_bytes_per_peer
         )
         return handlers
+
+    def _admit(self, peer_id: str | None) -> RequestError | None:
+        """Every call (a session opening too) takes a token of its peer's request rate, checked before the
+        call's payload is read (`Handlers.admit`); the calls of an open session's stream and pushes do not."""
+        refusal = self.quotas.request(peer_id or _ANONYMOUS)
+        return None if refusal is None else RequestError(refusal.code, refusal.message)
 
     def _prompt_bytes(self) -> int:
         """The largest deep prompts a request may carry: max_prompt_tokens per block of the span."""
@@ -241,19 +248,16 @@ class RequestHandler:
         await self.sessions_closed(None, timeout_s)
 
     async def rpc_info(self, request: Message, context: CallContext) -> Message:
-        self._refuse(self.quotas.request(_peer(context)))
         return Message(self.info())
 
     async def rpc_ping(self, request: Message, context: CallContext) -> Message:
         """Echo the payload's size: peers time it to measure their link to us (`server.network`); the payload
         is capped at PING_MAX_BYTES where the method is registered."""
-        self._refuse(self.quotas.request(_peer(context)))
         check_count(request.tensors, 0, 1, "ping")
         return Message({"bytes": sum(t.numel() * t.element_size() for t in request.tensors)})
 
     async def rpc_forward(self, request: Message, context: CallContext) -> Message:
         peer = _peer(context)
-        self._refuse(self.quotas.request(peer))
         req = ForwardRequest.parse(request)
         start, end = self._span(req.start, req.end)
         hidden = self._hidden(req.hidden)
@@ -280,7 +284,6 @@ class RequestHandler:
         """Gradients of a span's inputs (and of the request's prompts and adapter) from its inputs and the
         gradient of its outputs; the forward is recomputed with autograd (see `Backend.backward`)."""
         peer = _peer(context)
-        self._refuse(self.quotas.request(peer))
         self._check_tunable("backward")
         req = BackwardRequest.parse(request)
         start, end = self._span(req.start, req.end)
@@ -325,7 +328,6 @@ class RequestHandler:
         """A client's adapter uploads, each answered by an `AdapterAck` (or an in-band error); what it uploaded
         is dropped when the stream ends, or when none of it was used for `adapter_idle_timeout_s`."""
         peer = _peer(context)
-        self._refuse(self.quotas.request(peer))
         self._check_tunable("adapters")
         held: dict[str, Adapter] = {}
         try:
@@ -358,7 +360,6 @@ class RequestHandler:
         self, request: Message, incoming: Incoming, context: CallContext
     ) -> AsyncIterator[Message]:
         peer = _peer(context)
-        self._refuse(self.quotas.request(peer))
         opening = OpenSession.parse(request)
         start, end = self._span(opening.start, opening.end)
         check_range("batch_size", opening.batch_size, 1, self.limits.max_batch_size)

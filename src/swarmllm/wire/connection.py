@@ -137,6 +137,10 @@ class Handlers:
         self.reply_later: set[str] = set()  # inline methods whose reply waits for the loop's next turn
         self.stream: dict[str, StreamHandler] = {}
         self.max_payload_bytes: dict[str, int] = {}
+        # asked for every call of a unary or stream method, by the caller's peer id, once the call's header is
+        # read and before its payload is: a RequestError refuses the call and its payload is dropped unread and
+        # never decoded (a peer over its request rate costs the server next to nothing); None admits every call
+        self.admit: Callable[[str | None], RequestError | None] | None = None
 
     def add_unary(self, method: str, fn: UnaryHandler, *, max_payload_bytes: int | None = None) -> None:
         self._check_new(method, max_payload_bytes)
@@ -516,9 +520,17 @@ async def serve_connection(
     caps = handlers.max_payload_bytes
     methods = handlers.unary.keys() | handlers.inline.keys() | handlers.stream.keys()
 
+    refused: dict[int, RequestError] = {}  # calls refused at their header, until their error is written
+
     def payload_cap(kind: Kind, call_id: int, method: str) -> int:
         if kind is Kind.REQUEST:
-            return caps.get(method, limits.max_payload_bytes) if method in methods else 0
+            if method not in methods:
+                return 0
+            if handlers.admit is not None and method not in handlers.inline:
+                if (refusal := handlers.admit(peer_id)) is not None:
+                    refused[call_id] = refusal
+                    return -1  # drop the payload, however small
+            return caps.get(method, limits.max_payload_bytes)
         if kind is Kind.MESSAGE:
             call = calls.get(call_id)
             return call.max_payload_bytes if call is not None and call.inbox is not None else 0
@@ -534,7 +546,9 @@ async def serve_connection(
     def refuse_call(error: PayloadTooLarge) -> None:
         frame = error.frame
         if frame.kind is Kind.REQUEST:
-            if frame.method in methods:
+            if (refusal := refused.pop(frame.call_id, None)) is not None:
+                out.write_error(frame.call_id, refusal.code, refusal.message)
+            elif frame.method in methods:
                 out.write_error(frame.call_id, "too_large", str(error))
             else:
                 out.write_error(frame.call_id, "unknown_method", f"no method {frame.method!r}")
