@@ -148,6 +148,8 @@ def petals_rates(name: str, args: argparse.Namespace) -> tuple[dict[int, float],
             result = json.loads(out.stdout.strip().splitlines()[-1])
         except (subprocess.SubprocessError, OSError, ValueError, IndexError) as e:
             return f"Petals run failed: {e!r}"
+        if "error" in result:
+            return f"Petals run failed: {result['error']}"
         return {int(k): v for k, v in result["clients"].items()}, result["equal"]
 
 
