@@ -465,9 +465,9 @@ class Backend:
         if want != self.layout_rows:
             logger.info("decode steps carry %s rows: weights laid out for %d", "one" if want == 1 else "many", want)
             self.layout_rows = want
-            self._relayout = self.compute.submit("", self._relay, want)
+            self._relayout = self.compute.submit("", self._lay_out, want)
 
-    def _relay(self, rows: int) -> None:
+    def _lay_out(self, rows: int) -> None:
         for projection in self._packed:
             projection.repack(rows)
 
