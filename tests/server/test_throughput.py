@@ -3,7 +3,7 @@
 import json
 
 from swarmllm.models import load_span
-from swarmllm.server.throughput import cached_throughput
+from swarmllm.server.throughput import cached_threads, cached_throughput
 
 
 def test_measured_once_then_cached(llama_checkpoint, tmp_path):
@@ -19,3 +19,16 @@ def test_measured_once_then_cached(llama_checkpoint, tmp_path):
     assert other != (123.0, 456.0) and len(json.loads(path.read_text())) == 2
     path.write_text("garbage")  # a broken cache is measured over, never an error
     assert all(x > 0 for x in cached_throughput(span, "cpu", "float32", 1, path=path))
+
+
+def test_the_threads_that_pay_are_measured_once_then_cached(llama_checkpoint, tmp_path):
+    span = load_span(str(llama_checkpoint), 0, 2)
+    path = tmp_path / "throughput.json"
+    assert cached_threads(span, "cpu", "float32", 1, path=path) == 1  # nothing to choose
+    chosen = cached_threads(span, "cpu", "float32", 4, path=path)
+    assert chosen in (1, 4)
+    (key,) = [k for k in json.loads(path.read_text()) if k.endswith("/cpu/float32/4/threads")]
+    path.write_text(json.dumps({key: 5 - chosen}))  # the other answer, as if measured before
+    assert cached_threads(span, "cpu", "float32", 4, path=path) == 5 - chosen
+    path.write_text(json.dumps({key: 3}))  # neither 1 nor 4: not a measurement of ours, measured again
+    assert cached_threads(span, "cpu", "float32", 4, path=path) in (1, 4)

@@ -36,7 +36,7 @@ from swarmllm.server.host import HostShare, device_folder, host_cores, threads_p
 from swarmllm.server.memory import block_bytes, cache_bytes_per_block, device_memory, memory_share
 from swarmllm.server.metrics import ServerMetrics, serve_metrics
 from swarmllm.server.network import measure_network, network_rps
-from swarmllm.server.throughput import cached_throughput
+from swarmllm.server.throughput import cached_threads, cached_throughput
 from swarmllm.server.tp import TensorParallelSpan
 from swarmllm.server.tp_backend import TensorParallelBackend
 from swarmllm.version import __version__
@@ -450,14 +450,22 @@ class Server:
 
     async def _measure_compute(self) -> None:
         """Decode steps/s and forward tokens/s per block at this device, dtype and thread count, measured on the
-        compute thread (or found in the on-disk cache), unless --throughput gave them."""
+        compute thread (or found in the on-disk cache), unless --throughput gave them. First, a CPU server whose
+        share of the cores runs its blocks no faster than one thread uses one (`throughput.threads_that_pay`)."""
         cfg = self.config
-        if cfg.throughput is not None:
-            return
         threads = torch.get_num_threads() if torch.device(cfg.device).type == "cpu" else 0
         backend = self.backend
         span = backend.parallel if isinstance(backend, TensorParallelBackend) else backend.span
         dtype = cfg.dtype if cfg.quant == "none" else f"{cfg.dtype}+{cfg.quant}"
+        if self._share_threads and threads > 1:  # (--num-threads: the operator's count stands)
+            useful = await backend.on_compute_thread(cached_threads, span, cfg.device, dtype, threads)
+            if useful < threads:
+                logger.info("%d CPU threads are no faster than 1 for these blocks: using 1", threads)
+                torch.set_num_threads(useful)
+                backend.set_threads(useful)
+                threads = useful
+        if cfg.throughput is not None:
+            return
         self.inference_rps, self.forward_rps = await self.backend.on_compute_thread(
             cached_throughput, span, cfg.device, dtype if cfg.tp == 1 else f"{dtype}+tp{cfg.tp}", threads
         )

@@ -55,6 +55,52 @@ def measure_throughput(
     return inference_rps, forward_rps
 
 
+# a server uses its share of the cores only if that makes its decode steps or its batch work this much faster
+THREADS_GAIN = {"decode": 1.1, "forward": 1.5}
+
+
+@torch.inference_mode()
+def threads_that_pay(span: BlockSpan, threads: int, *, rounds: int = 7) -> int:
+    """1 or `threads`: the CPU threads a server should use, timed on its span's first block with each count (32
+    decode steps, and a forward of 128 tokens; medians of `rounds`, the counts alternating): all of them if either
+    kind of work runs `THREADS_GAIN` times faster so. A small model's ops are tiny: its decode steps gain nothing
+    from more threads (each parallel op waits for OpenMP workers to wake, which costs more on a busy host), and
+    one thread leaves the other cores to other work (an honest session's decode steps beside another peer's batch
+    work, other processes)."""
+    if threads < 2:
+        return 1
+    param = next(span.parameters())
+    token = torch.randn(1, 1, span.config.hidden_size, dtype=param.dtype, device=param.device)
+    prompt = torch.randn(1, 128, span.config.hidden_size, dtype=param.dtype, device=param.device)
+    first = range(0, 1)
+
+    def decode() -> None:
+        cache = KVCache(1, 1, 33, span.config, param.dtype, param.device)
+        for pos in range(32):
+            _run(span, token, pos=pos, cache=cache, blocks=first)
+
+    def forward() -> None:
+        _run(span, prompt, blocks=first)
+
+    times: dict[tuple[str, int], list[float]] = {}
+    before = torch.get_num_threads()
+    try:
+        for _ in range(rounds + 1):  # the first round warms up
+            for count in (1, threads):
+                torch.set_num_threads(count)
+                for name, work in (("decode", decode), ("forward", forward)):
+                    began = time.perf_counter()
+                    work()
+                    times.setdefault((name, count), []).append(time.perf_counter() - began)
+    finally:
+        torch.set_num_threads(before)
+    for name in ("decode", "forward"):
+        one, many = (sorted(times[name, n][1:])[rounds // 2] for n in (1, threads))
+        if one > many * THREADS_GAIN[name]:
+            return threads
+    return 1
+
+
 def _run(span: BlockSpan | TensorParallelSpan, hidden: torch.Tensor, **kwargs) -> None:
     """The span over `hidden` (and `hidden` as its p too, where its first edge lies inside a ladder region)."""
     pending = hidden if span.config.carries_pending(span.start) else None
@@ -85,6 +131,26 @@ def cached_throughput(
         return float(cache[key][0]), float(cache[key][1])
     measured = measure_throughput(span)
     cache[key] = list(measured)
+    _save(cache, path)
+    return measured
+
+
+def cached_threads(span: BlockSpan, device: str, dtype: str, threads: int, *, path: Path = CACHE_PATH) -> int:
+    """`threads_that_pay(span, threads)`, cached like `cached_throughput`."""
+    shape = hashlib.sha256(repr(span.config).encode()).hexdigest()[:16]
+    key = f"{shape}/{device}/{dtype}/{threads}/threads"
+    try:
+        cache = json.loads(path.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    if cache.get(key) in (1, threads):
+        return cache[key]
+    cache[key] = chosen = threads_that_pay(span, threads)
+    _save(cache, path)
+    return chosen
+
+
+def _save(cache: dict, path: Path) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
@@ -92,4 +158,3 @@ def cached_throughput(
         tmp.replace(path)  # atomic: servers starting together never read half a file
     except OSError:
         pass  # a read-only home: measure again next time
-    return measured
