@@ -119,6 +119,7 @@ async def test_bad_steps_keep_the_session(served, span):
         Message({"position": 2}, [torch.randn(2, 1, HIDDEN)]),  # wrong batch size
         Message({"position": 2}, [torch.full((1, 1, HIDDEN), float("inf"))]),
         Message({}, [hidden[:, 2:]]),
+        Message({"position": 2, "step": -1}, [hidden[:, 2:]]),  # was dropped unanswered (fuzzing found it)
     ]:
         await stream.send(bad)
         reply = await stream.recv()

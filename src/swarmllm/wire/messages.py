@@ -311,11 +311,14 @@ class Step:
         timeout = meta.get("push_timeout_s")
         if timeout is not None and (not isinstance(timeout, int | float) or isinstance(timeout, bool)):
             raise bad_request("push_timeout_s must be a number")
+        step = _int(meta, "step", 0)
+        if step < 0:
+            raise bad_request(f"step must be >= 0, got {step}")
         return cls(
             position=_int(meta, "position"),
             hidden=_hidden(tensors["hidden"], tensors.get("hidden_scales"), "an inference step"),
             key_mask=tensors.get("key_mask"),
-            step=_int(meta, "step", 0),
+            step=step,
             push=[PushTarget(h["peer_id"], h["session_id"]) for h in push],
             push_timeout_s=None if timeout is None else float(timeout),
             session_id=_session_id(meta),
