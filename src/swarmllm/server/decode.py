@@ -107,13 +107,12 @@ class DecodeRunner:
                 logger.warning("CUDA graph capture failed (%s); decoding eagerly from now on", e)
                 self.cuda_graphs = False
                 self._graphs.clear()
-        keys, values = cache.keys[:, :, :, : slot + 1], cache.values[:, :, :, : slot + 1]
+        keys, values, slot_tensor = self._slots(cache, slot)
         if self.compiled:  # the attended length varies: compile it as a symbol
             torch._dynamo.mark_dynamic(keys, 3)
             torch._dynamo.mark_dynamic(values, 3)
             if mask is not None:
                 torch._dynamo.mark_dynamic(mask, 1)
-        slot_tensor = torch.tensor([slot], device=self.device)
         if lora is not None:  # compiled for plain steps only: an adapter's step runs the same code eagerly
             return self.span.decode(hidden, positions, slot_tensor, keys, values, mask, blocks, lora)
         return self._decode(hidden, positions, slot_tensor, keys, values, mask, blocks)
@@ -131,8 +130,7 @@ class DecodeRunner:
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """`step` for the ladder pair (r [B, H], p [B, H] or None; `BlockSpan.decode_pair`), eagerly."""
         mask, positions = self._attended(hidden, slot, key_mask, padded)
-        keys, values = cache.keys[:, :, :, : slot + 1], cache.values[:, :, :, : slot + 1]
-        slot_tensor = torch.tensor([slot], device=self.device)
+        keys, values, slot_tensor = self._slots(cache, slot)
         return self.span.decode_pair(hidden, pending, positions, slot_tensor, keys, values, mask, blocks, lora)
 
     def _attended(
@@ -141,6 +139,11 @@ class DecodeRunner:
         """The key mask of slots [0, slot] (None when none is a pad) and the tokens' rotary positions [B]."""
         mask = key_mask[:, : slot + 1] if padded else None
         return mask, position_ids(mask, hidden.shape[0], 1, slot, self.device)[:, 0]
+
+    def _slots(self, cache: KVCache, slot: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The cache's keys and values over slots [0, slot], and `slot` as the [1] tensor decode takes."""
+        keys, values = cache.keys[:, :, :, : slot + 1], cache.values[:, :, :, : slot + 1]
+        return keys, values, torch.tensor([slot], device=self.device)
 
     def _replay(
         self,

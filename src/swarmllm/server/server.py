@@ -443,10 +443,14 @@ class Server:
             return False
         logger.info("using %d CPU threads (%d CPU servers on this host)", threads, servers)
         self._threads = threads
+        self._use_threads(threads)
+        return True
+
+    def _use_threads(self, threads: int) -> None:
+        """torch's CPU thread count, here and on the backend's compute thread."""
         torch.set_num_threads(threads)
         if self.backend is not None:
             self.backend.set_threads(threads)
-        return True
 
     async def _measure_compute(self) -> None:
         """Decode steps/s and forward tokens/s per block at this device, dtype and thread count, measured on the
@@ -461,8 +465,7 @@ class Server:
             useful = await backend.on_compute_thread(cached_threads, span, cfg.device, dtype, threads)
             if useful < threads:
                 logger.info("%d CPU threads are no faster than 1 for these blocks: using 1", threads)
-                torch.set_num_threads(useful)
-                backend.set_threads(useful)
+                self._use_threads(useful)
                 threads = useful
         if cfg.throughput is not None:
             return

@@ -121,36 +121,47 @@ def cached_throughput(
 ) -> tuple[float, float]:
     """`measure_throughput(span)`, from the cache when this block shape was measured on this device, dtype and
     thread count before."""
-    shape = hashlib.sha256(repr(span.config).encode()).hexdigest()[:16]
-    key = f"{shape}/{device}/{dtype}/{threads}"
-    try:
-        cache = json.loads(path.read_text())
-    except (OSError, ValueError):
-        cache = {}
-    if isinstance(cache.get(key), list) and len(cache[key]) == 2:
-        return float(cache[key][0]), float(cache[key][1])
+    kept = _cached(_key(span, device, dtype, threads), path, lambda v: isinstance(v, list) and len(v) == 2)
+    if kept is not None:
+        return float(kept[0]), float(kept[1])
     measured = measure_throughput(span)
-    cache[key] = list(measured)
-    _save(cache, path)
+    _store(_key(span, device, dtype, threads), list(measured), path)
     return measured
 
 
 def cached_threads(span: BlockSpan, device: str, dtype: str, threads: int, *, path: Path = CACHE_PATH) -> int:
     """`threads_that_pay(span, threads)`, cached like `cached_throughput`."""
-    shape = hashlib.sha256(repr(span.config).encode()).hexdigest()[:16]
-    key = f"{shape}/{device}/{dtype}/{threads}/threads"
-    try:
-        cache = json.loads(path.read_text())
-    except (OSError, ValueError):
-        cache = {}
-    if cache.get(key) in (1, threads):
-        return cache[key]
-    cache[key] = chosen = threads_that_pay(span, threads)
-    _save(cache, path)
+    key = _key(span, device, dtype, threads) + "/threads"
+    kept = _cached(key, path, lambda v: v in (1, threads))
+    if kept is not None:
+        return kept
+    chosen = threads_that_pay(span, threads)
+    _store(key, chosen, path)
     return chosen
 
 
-def _save(cache: dict, path: Path) -> None:
+def _key(span: BlockSpan | TensorParallelSpan, device: str, dtype: str, threads: int) -> str:
+    shape = hashlib.sha256(repr(span.config).encode()).hexdigest()[:16]
+    return f"{shape}/{device}/{dtype}/{threads}"
+
+
+def _load(path: Path) -> dict:
+    try:
+        cache = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return cache if isinstance(cache, dict) else {}
+
+
+def _cached(key: str, path: Path, valid):
+    """The value cached under `key`, or None when there is none or it is not one of ours (`valid`)."""
+    value = _load(path).get(key)
+    return value if value is not None and valid(value) else None
+
+
+def _store(key: str, value, path: Path) -> None:
+    cache = _load(path)  # read again after measuring: a server starting beside us may have added its own
+    cache[key] = value
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
