@@ -27,7 +27,7 @@ from swarmllm.wire import Frame, Kind, Message, encode_frame
 
 PETALS_PEER = Path(__file__).resolve().parents[1].parent / "shared" / "petals-peer"
 # how servers run decode steps (server/decode.py) -> their `swarmllm serve` flags
-DECODE_MODES = {"eager": ["--no-cuda-graphs"], "compiled": ["--compile"], "cuda-graphs": []}
+DECODE_MODES = {"eager": ["--no-cuda-graphs", "--no-compile"], "compiled": ["--compile"], "cuda-graphs": []}
 NEW_TOKENS = {"tiny": 64, "medium": 32, "llama7b": 64}
 BLOCKS = {"tiny": 6, "medium": 16, "llama7b": 32}
 

@@ -2,6 +2,9 @@
 checkpoint run locally with transformers (the no-network limit), as ratios measured in one run.
 
     python benchmarks/inference.py [--models tiny medium] [--new-tokens 64] [--forward-tokens 512] [--compile]
+
+The servers run with default flags (so the tiny model's decode step compiled, the medium one's eager on packed
+weights); --compile makes every server compile.
 """
 
 from __future__ import annotations

@@ -1,8 +1,14 @@
 """Shared fixtures: tiny checkpoints built once per test session."""
 
+import os
+
 import pytest
 
 from swarmllm.models.tiny import make_tiny_checkpoint
+
+# Servers of the tiny test models would torch.compile their decode step by default (server/decode.py), seconds
+# per start; the suite's servers run eagerly, and the tests of compiling ask for it.
+os.environ.setdefault("SWARMLLM_COMPILE", "0")
 
 
 @pytest.fixture(scope="session")

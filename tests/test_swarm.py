@@ -294,12 +294,17 @@ def test_cli_generate_prints_the_same_text_as_transformers(swarm, models, capsys
     assert printed == tokenizer.decode(want[0], skip_special_tokens=True)
 
 
-def test_compiled_decode_gives_transformers_tokens(swarm, checkpoints):
-    """A server started with --compile (torch.compile'd decode step; mistral: sliding window of 4) gives
-    transformers' greedy tokens, for a plain prompt and for a left-padded batch."""
+def test_compiled_decode_gives_transformers_tokens(swarm, checkpoints, monkeypatch):
+    """A CPU server of small blocks compiles its decode step by default (torch.compile; mistral: sliding window
+    of 4) and gives transformers' greedy tokens, for a plain prompt and for a left-padded batch, whose steps run
+    eagerly: nothing is compiled again once it serves (torch logs every recompilation)."""
     local, _ = swarm
     path = checkpoints("mistral", num_layers=2)
-    local.add_server(str(path), (0, 2), extra=["--compile"])
+    monkeypatch.delenv("SWARMLLM_COMPILE", raising=False)  # the suite's servers skip compiling (conftest)
+    monkeypatch.setenv("TORCH_LOGS", "recompiles")
+    local.add_server(str(path), (0, 2))
+    log = local.servers[-1].log
+    compiled_at_start = sum("Recompiling" in line for line in log)  # the warm-up's, for a second cache length
     remote = AutoDistributedModelForCausalLM.from_pretrained(str(path), initial_peers=local.initial_peers)
     reference = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -311,6 +316,7 @@ def test_compiled_decode_gives_transformers_tokens(swarm, checkpoints):
         ):
             ours = remote.generate(**batch, max_new_tokens=10, do_sample=False)
             assert ours.tolist() == reference.generate(**batch, max_new_tokens=10, do_sample=False).tolist()
-        assert any("decode steps run compiled" in line for line in local.servers[-1].log)
+        assert any("decode steps run compiled" in line for line in log)
+        assert sum("Recompiling" in line for line in log) == compiled_at_start, log[-20:]
     finally:
         remote.shutdown()

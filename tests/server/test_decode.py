@@ -1,10 +1,12 @@
 """The decode runner's pure parts and its eager path against the span's general forward."""
 
+import dataclasses
+
 import pytest
 import torch
 
-from swarmllm.models import KVCache, load_span
-from swarmllm.server.decode import MIN_BUCKET, DecodeRunner, bucket
+from swarmllm.models import KVCache, load_config, load_span
+from swarmllm.server.decode import MIN_BUCKET, DecodeRunner, bucket, compiles_by_default
 
 
 def test_buckets_are_powers_of_two_capped_at_the_cache():
@@ -35,3 +37,18 @@ def test_eager_runner_steps_equal_the_span_forward(checkpoints, padded):
     got = torch.cat([prefill, torch.stack(steps, dim=1)], dim=1)
     real = key_mask[:, :8]
     torch.testing.assert_close(got[real], want[real], atol=1e-5, rtol=0)
+
+
+def test_small_cpu_blocks_compile_by_default(checkpoints):
+    """Compiling pays where a step's fixed per-op costs dominate: small blocks on a CPU; blocks large enough to be
+    packed (reading weights dominates), quantized ones and other devices decode eagerly."""
+    _, config = load_config(checkpoints("llama"))
+    assert compiles_by_default(config, "cpu", quantized=False)
+    assert not compiles_by_default(config, "cpu", quantized=True)
+    assert not compiles_by_default(config, "cuda", quantized=False)
+    medium = dataclasses.replace(config, hidden_size=1024, intermediate_size=2816, num_heads=16, head_dim=64)
+    assert not compiles_by_default(medium, "cpu", quantized=False)
+    wide_attention = dataclasses.replace(
+        config, hidden_size=1024, intermediate_size=512, num_heads=16, head_dim=64
+    )
+    assert not compiles_by_default(wide_attention, "cpu", quantized=False)

@@ -472,8 +472,11 @@ class Backend:
             projection.repack(rows)
 
     def set_threads(self, threads: int) -> None:
-        """Torch's CPU thread count for the compute thread too (each thread keeps the count it started with)."""
+        """Torch's CPU thread count for the compute thread too (each thread keeps the count it started with);
+        a compiled decode step compiles for it there meanwhile (`DecodeRunner.warm_up`)."""
         self.compute.submit("", torch.set_num_threads, threads).result()
+        if self.decoder.compiled:
+            self.compute.submit("", self.decoder.warm_up, threads)
 
     def shutdown(self) -> None:
         for session in list(self.sessions.values()):

@@ -1,11 +1,16 @@
 """How a server runs one-token decode steps, the hot path of every generation.
 
 All three ways run `BlockSpan.decode`, so they compute the same thing:
-- eager: attends to exactly the slots so far; the default on CPU.
-- compiled (`--compile`): torch.compile (Inductor, C++ wrapper) with the cache length marked dynamic, so one
-  compilation serves every step; on a CPU it fuses a block's few dozen small ops into a handful of loops and
-  runs a decode step about 2x faster. Compiled once at start-up for batch size 1; a failure to compile (no
-  C++ compiler, say) falls back to eager with a warning.
+- eager: attends to exactly the slots so far; the default on CPU for blocks large enough to be bound by
+  reading their weights (their projections are packed instead, `models.packed`).
+- compiled (`--compile`; the default on CPU for small blocks, see `compiles_by_default`): torch.compile
+  (Inductor, C++ wrapper) with the cache length marked dynamic, so one compilation serves every step; on a CPU
+  it fuses a block's few dozen small ops into a handful of loops and runs a decode step about 2x faster.
+  Compiled on the compute thread (`warm_up`), at start-up and again whenever the server's CPU thread count
+  changes (torch guards a compiled step on it), for the steps of one sequence over the whole span without
+  padding, which is what it then serves: any other step (a batch, padding, a sub-range of the span, an adapter,
+  or a thread count not compiled yet) runs eagerly, so no step ever waits for a compilation. A failure to
+  compile (no C++ compiler, say) falls back to eager with a warning.
 - CUDA graphs: the default on CUDA. Each session gets static input buffers and, per power-of-two bucket of
   attended cache slots, one captured graph of the whole span's step, replayed with the slot and positions as
   tensors: one launch per step instead of hundreds.
@@ -20,12 +25,24 @@ from dataclasses import dataclass, field
 
 import torch
 
-from swarmllm.models import BlockSpan, KVCache
+from swarmllm.models import BlockConfig, BlockSpan, KVCache
 from swarmllm.models.llama import BlockLora, position_ids
+from swarmllm.models.packed import MIN_PACKED_ELEMENTS
 
 logger = logging.getLogger(__name__)
 
 MIN_BUCKET = 64  # the smallest number of cache slots a CUDA graph attends to
+
+
+def compiles_by_default(config: BlockConfig, device: torch.device | str, quantized: bool) -> bool:
+    """Whether a server compiles its decode step when not told: on a CPU, for unquantized blocks whose largest
+    projection is too small to be packed. Such a step is a few dozen ops that each cost more in fixed overhead
+    than in arithmetic, which compiling fuses away (the tiny model's 2 servers: ~1.2x the tokens/s). Larger
+    blocks are bound by reading their weights, which the packed layout speeds up instead, and merge concurrent
+    sessions' steps into one (continuous batching), which a compiled step does not serve."""
+    hidden, inner = config.hidden_size, config.intermediate_size
+    largest = max(hidden * inner, hidden * config.num_heads * config.head_dim)
+    return torch.device(device).type == "cpu" and not quantized and largest < MIN_PACKED_ELEMENTS
 
 
 def bucket(slots: int, max_length: int) -> int:
@@ -59,21 +76,27 @@ class DecodeRunner:
         self.compiled = compile
         self._decode = span.decode
         self._graphs: dict[int, _Graphs] = {}  # by id() of the session's cache
+        self._warm: set[int] = set()  # the CPU thread counts the decode step is compiled for
         if compile:
             self._decode = torch.compile(span.decode, fullgraph=True, options={"cpp_wrapper": True})
-            self._warm_up()
 
     @property
     def mode(self) -> str:
         return "cuda-graphs" if self.cuda_graphs else "compiled" if self.compiled else "eager"
 
-    def _warm_up(self) -> None:
-        """Compile now for batch size 1, rather than stalling the first client for seconds (a span with an edge
-        inside a ladder region compiles on a plain session's first step: the whole span's step is a pair step)."""
+    def warm_up(self, threads: int) -> None:
+        """Compile the steps it serves (see the module doc) for `threads` CPU threads, set on the calling thread
+        (the compute thread, off the event loop), so that no client's step waits seconds for it (a span with an
+        edge inside a ladder region steps the ladder pair, eagerly: nothing to compile)."""
         config, span = self.span.config, self.span
+        if not self.compiled or threads in self._warm:
+            return
         if config.carries_pending(span.start) or config.carries_pending(span.end):
             return
-        logger.info("compiling the decode step (torch.compile); this takes a while once")
+        logger.info(
+            "compiling the decode step for %d CPU threads (torch.compile); this takes a while once", threads
+        )
+        torch.set_num_threads(threads)
         dtype = next(self.span.parameters()).dtype
         cache = KVCache(len(self.span.blocks), 1, 4, self.span.config, dtype, self.device)
         hidden = torch.zeros(1, self.span.config.hidden_size, dtype=dtype, device=self.device)
@@ -81,10 +104,47 @@ class DecodeRunner:
         try:
             with torch.inference_mode():
                 for slot in (0, 1):  # the second call proves that a new cache length needs no new compilation
-                    self.step(hidden, slot, key_mask, False, cache, None)
+                    _, positions = self._attended(hidden, slot, key_mask, False)
+                    self._compiled_step(hidden, positions, *self._slots(cache, slot))
         except Exception as e:  # noqa: BLE001 - any compiler failure: serve eagerly rather than not at all
             logger.warning("torch.compile failed (%s: %s); decoding eagerly", type(e).__name__, e)
             self.compiled, self._decode = False, self.span.decode
+            return
+        self._warm.add(threads)
+
+    def _compiled_for(
+        self,
+        hidden: torch.Tensor,
+        slot: int,
+        mask: torch.Tensor | None,
+        blocks: slice | None,
+        lora: list[BlockLora] | None,
+    ) -> bool:
+        """Whether the compiled step serves this step: one sequence, no padding, no adapter, the whole span, a
+        thread count compiled for, and (sliding window) no more slots than the window, past which the graph
+        would branch anew."""
+        n, window = len(self.span.blocks), self.span.config.sliding_window
+        return (
+            hidden.shape[0] == 1
+            and mask is None
+            and lora is None
+            and (blocks is None or range(n)[blocks] == range(n))
+            and (window is None or slot < window)
+            and torch.get_num_threads() in self._warm
+        )
+
+    def _compiled_step(
+        self,
+        hidden: torch.Tensor,
+        positions: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        slot: torch.Tensor,
+    ) -> torch.Tensor:
+        """The compiled step: one sequence, the whole span, no padding; the attended length is a symbol."""
+        torch._dynamo.mark_dynamic(keys, 3)
+        torch._dynamo.mark_dynamic(values, 3)
+        return self._decode(hidden, positions, slot, keys, values, None, None)
 
     def step(
         self,
@@ -108,14 +168,10 @@ class DecodeRunner:
                 self.cuda_graphs = False
                 self._graphs.clear()
         keys, values, slot_tensor = self._slots(cache, slot)
-        if self.compiled:  # the attended length varies: compile it as a symbol
-            torch._dynamo.mark_dynamic(keys, 3)
-            torch._dynamo.mark_dynamic(values, 3)
-            if mask is not None:
-                torch._dynamo.mark_dynamic(mask, 1)
-        if lora is not None:  # compiled for plain steps only: an adapter's step runs the same code eagerly
-            return self.span.decode(hidden, positions, slot_tensor, keys, values, mask, blocks, lora)
-        return self._decode(hidden, positions, slot_tensor, keys, values, mask, blocks)
+        if self._warm and self._compiled_for(hidden, slot, mask, blocks, lora):
+            return self._compiled_step(hidden, positions, keys, values, slot_tensor)
+        # any other step would compile a graph of its own, for seconds, on the event loop: eager instead
+        return self.span.decode(hidden, positions, slot_tensor, keys, values, mask, blocks, lora)
 
     def step_pair(
         self,
@@ -131,7 +187,9 @@ class DecodeRunner:
         """`step` for the ladder pair (r [B, H], p [B, H] or None; `BlockSpan.decode_pair`), eagerly."""
         mask, positions = self._attended(hidden, slot, key_mask, padded)
         keys, values, slot_tensor = self._slots(cache, slot)
-        return self.span.decode_pair(hidden, pending, positions, slot_tensor, keys, values, mask, blocks, lora)
+        return self.span.decode_pair(
+            hidden, pending, positions, slot_tensor, keys, values, mask, blocks, lora
+        )
 
     def _attended(
         self, hidden: torch.Tensor, slot: int, key_mask: torch.Tensor, padded: bool

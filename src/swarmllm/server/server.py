@@ -31,6 +31,7 @@ from swarmllm.models.ladder import layer_ranges
 from swarmllm.server.adapters import AdapterStore
 from swarmllm.server.backend import Backend
 from swarmllm.server.corrupt import corrupt_outputs
+from swarmllm.server.decode import compiles_by_default
 from swarmllm.server.handler import RequestHandler, ServerLimits
 from swarmllm.server.host import HostShare, device_folder, host_cores, threads_per_server
 from swarmllm.server.memory import block_bytes, cache_bytes_per_block, device_memory, memory_share
@@ -88,9 +89,9 @@ class ServerConfig:
         None  # a private swarm's key file: only its members may store, announce and call
     )
     num_threads: int | None = None
-    compile: bool = (
-        False  # torch.compile the decode step (CPU: ~2x faster steps, seconds to compile at start)
-    )
+    # torch.compile the decode step (seconds to compile at start, then ~1.2-2x faster steps on a CPU); None: on
+    # a CPU for small blocks only (`decode.compiles_by_default`)
+    compile: bool | None = None
     cuda_graphs: bool = True  # on CUDA, replay captured graphs of the decode step
     packed_weights: bool = True  # on a CPU, large projections in oneDNN's layout (models.packed; not --compile)
     batch_wait_s: float = 0.01  # the most a decode step waits for others to merge with (server/batching.py)
@@ -128,6 +129,7 @@ class Server:
         self.direct_addr: str | None = None
         self.peers: dict[str, ServerInfo] = {}  # the other servers of this model, for pushes to the next one
         self.ladder: tuple[tuple[int, int], ...] = ()  # the checkpoint's ladder layers, as announced
+        self.compiles = False  # config.compile, resolved for this checkpoint and device
         self._peers_at = -float("inf")
         self._stop = asyncio.Event()
         # servers of one device on this host split its memory, and CPU ones without --num-threads its cores
@@ -152,6 +154,9 @@ class Server:
 
         _, block_config = load_config(cfg.model)
         self.ladder = layer_ranges(block_config.ladder_layers)
+        self.compiles = cfg.compile
+        if self.compiles is None:
+            self.compiles = cfg.tp == 1 and compiles_by_default(block_config, cfg.device, cfg.quant != "none")
         limits = cfg.limits
         self.adapters = AdapterStore(
             block_config,
@@ -203,6 +208,8 @@ class Server:
             self.network_rps = network_rps(cfg.bandwidth, span.config.hidden_size, DTYPES[cfg.dtype].itemsize)
         self.backend = await self._make_backend(span)
         await self._measure_compute()
+        if self.compiles:  # for the settled thread count, which torch guards a compiled step on
+            await self.backend.on_compute_thread(self.backend.decoder.warm_up, torch.get_num_threads())
         p2p = await self.dht.replicate_p2p()
         self.pool = ConnectionPool(self.identity, p2p, swarm_key=self.swarm_key)
         self.metrics = ServerMetrics()
@@ -314,7 +321,7 @@ class Server:
     @property
     def _pack(self) -> bool:
         """Whether loaded blocks get packed weights (torch.compile lays weights out itself)."""
-        return self.config.packed_weights and not self.config.compile
+        return self.config.packed_weights and not self.compiles
 
     async def _make_backend(self, span: BlockSpan | TensorParallelSpan) -> Backend:
         cfg = self.config
@@ -328,7 +335,7 @@ class Server:
                     span,
                     cache_tokens=cfg.max_cache_tokens,
                     device=cfg.device,
-                    compile=cfg.compile,
+                    compile=self.compiles,
                     cuda_graphs=cfg.cuda_graphs,
                     batch_wait_s=cfg.batch_wait_s,
                 ),
@@ -406,6 +413,8 @@ class Server:
         span, _ = await asyncio.gather(load, self._announce(joining, blocks=new_blocks))
         loaded = time.perf_counter()
         self.backend = await self._make_backend(span)
+        if self.compiles:  # the new span's step compiles on the compute thread; until then steps run eagerly
+            self.backend.set_threads(torch.get_num_threads())
         self.handler.use_backend(self.backend)
         self.start, self.end = start, end
         self.metrics.serving(self.dht_prefix, start, end)
