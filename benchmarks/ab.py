@@ -5,6 +5,7 @@ commit, checked out to a temporary folder) and/or in server flags.
     python benchmarks/ab.py --a-commit 7cc298e                   # that commit vs the working tree
     python benchmarks/ab.py --b-args="--compile"                 # eager vs compiled servers, same tree
     python benchmarks/ab.py --model medium --rounds 15 --new-tokens 24
+    python benchmarks/ab.py --model ~/.cache/swarmllm/smollm2-135m-instruct --b-args="--no-compile"
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ def worker(model: str, new_tokens: int, server_args: list[str]) -> None:
     from swarmllm import AutoDistributedModelForCausalLM
     from swarmllm.local import LocalSwarm
 
-    path = checkpoint(model)
+    path = checkpoint(model) if model in ("tiny", "medium") else Path(model)
     num_blocks = AutoConfig.from_pretrained(path).num_hidden_layers
     half = num_blocks // 2
     prompt = torch.tensor(PROMPT)
@@ -82,7 +83,7 @@ def main() -> None:
     parser.add_argument("--a-commit", help="A runs this commit (default: the working tree, like B)")
     parser.add_argument("--a-args", default="", help="server flags for A")
     parser.add_argument("--b-args", default="", help="server flags for B")
-    parser.add_argument("--model", default="tiny", choices=["tiny", "medium"])
+    parser.add_argument("--model", default="tiny", help="tiny, medium or a checkpoint folder")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=40)
     parser.add_argument("--no-record", action="store_true")

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from swarmllm.models import KVCache, load_config, load_span
-from swarmllm.server.decode import MIN_BUCKET, DecodeRunner, bucket, compiles_by_default
+from swarmllm.server.decode import MIN_BUCKET, DecodeRunner, block_weights, bucket, compiles_by_default
 
 
 def test_buckets_are_powers_of_two_capped_at_the_cache():
@@ -40,15 +40,16 @@ def test_eager_runner_steps_equal_the_span_forward(checkpoints, padded):
 
 
 def test_small_cpu_blocks_compile_by_default(checkpoints):
-    """Compiling pays where a step's fixed per-op costs dominate: small blocks on a CPU; blocks large enough to be
-    packed (reading weights dominates), quantized ones and other devices decode eagerly."""
+    """Compiling pays where a step's fixed per-op costs dominate: small blocks on a CPU; larger blocks (reading
+    weights dominates), quantized ones and other devices decode eagerly."""
     _, config = load_config(checkpoints("llama"))
     assert compiles_by_default(config, "cpu", quantized=False)
     assert not compiles_by_default(config, "cpu", quantized=True)
     assert not compiles_by_default(config, "cuda", quantized=False)
-    medium = dataclasses.replace(config, hidden_size=1024, intermediate_size=2816, num_heads=16, head_dim=64)
-    assert not compiles_by_default(medium, "cpu", quantized=False)
-    wide_attention = dataclasses.replace(
-        config, hidden_size=1024, intermediate_size=512, num_heads=16, head_dim=64
+    small = dataclasses.replace(config, hidden_size=256, intermediate_size=512, num_heads=4, num_kv_heads=4)
+    assert block_weights(small) < 2**20 and compiles_by_default(small, "cpu", quantized=False)
+    smollm2 = dataclasses.replace(
+        config, hidden_size=576, intermediate_size=1536, num_heads=9, num_kv_heads=3, head_dim=64
     )
-    assert not compiles_by_default(wide_attention, "cpu", quantized=False)
+    assert block_weights(smollm2) == 2 * 576 * 576 + 2 * 576 * 192 + 3 * 576 * 1536  # q o, k v, gate up down
+    assert not compiles_by_default(smollm2, "cpu", quantized=False)

@@ -3,7 +3,7 @@
 All three ways run `BlockSpan.decode`, so they compute the same thing:
 - eager: attends to exactly the slots so far; the default on CPU for blocks large enough to be bound by
   reading their weights (their projections are packed instead, `models.packed`).
-- compiled (`--compile`; the default on CPU for small blocks, see `compiles_by_default`): torch.compile
+- compiled (`--compile`; the default on CPU for blocks of under 2^20 weights, see `compiles_by_default`): torch.compile
   (Inductor, C++ wrapper) with the cache length marked dynamic, so one compilation serves every step; on a CPU
   it fuses a block's few dozen small ops into a handful of loops and runs a decode step about 2x faster.
   Compiled on the compute thread (`warm_up`), at start-up and again whenever the server's CPU thread count
@@ -27,22 +27,29 @@ import torch
 
 from swarmllm.models import BlockConfig, BlockSpan, KVCache
 from swarmllm.models.llama import BlockLora, position_ids
-from swarmllm.models.packed import MIN_PACKED_ELEMENTS
 
 logger = logging.getLogger(__name__)
 
 MIN_BUCKET = 64  # the smallest number of cache slots a CUDA graph attends to
+COMPILE_BELOW_WEIGHTS = 1 << 20  # weights of a block whose step is bound by per-op costs (4 MiB in float32)
+
+
+def block_weights(config: BlockConfig) -> int:
+    """The weights of one block's projections (q, k, v, o, gate, up, down)."""
+    hidden, head_dim = config.hidden_size, config.head_dim
+    attention = 2 * hidden * head_dim * (config.num_heads + config.num_kv_heads)
+    return attention + 3 * hidden * config.intermediate_size
 
 
 def compiles_by_default(config: BlockConfig, device: torch.device | str, quantized: bool) -> bool:
-    """Whether a server compiles its decode step when not told: on a CPU, for unquantized blocks whose largest
-    projection is too small to be packed. Such a step is a few dozen ops that each cost more in fixed overhead
-    than in arithmetic, which compiling fuses away (the tiny model's 2 servers: ~1.2x the tokens/s). Larger
-    blocks are bound by reading their weights, which the packed layout speeds up instead, and merge concurrent
-    sessions' steps into one (continuous batching), which a compiled step does not serve."""
-    hidden, inner = config.hidden_size, config.intermediate_size
-    largest = max(hidden * inner, hidden * config.num_heads * config.head_dim)
-    return torch.device(device).type == "cpu" and not quantized and largest < MIN_PACKED_ELEMENTS
+    """Whether a server compiles its decode step when not told: on a CPU, for unquantized blocks of fewer than
+    `COMPILE_BELOW_WEIGHTS` weights. Their step is a few dozen ops that each cost more in fixed overhead than in
+    arithmetic, which compiling fuses away (the tiny model's 2 servers: ~1.2x the tokens/s). A larger block's
+    step is bound by reading its weights (SmolLM2-135M's 3.5M a block: as fast compiled as eager, measured),
+    which the packed layout speeds up where a projection is large enough, and concurrent sessions' steps merge
+    into one (continuous batching), which a compiled step does not serve."""
+    small = block_weights(config) < COMPILE_BELOW_WEIGHTS
+    return torch.device(device).type == "cpu" and not quantized and small
 
 
 def bucket(slots: int, max_length: int) -> int:
