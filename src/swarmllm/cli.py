@@ -187,8 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
         action=argparse.BooleanOptionalAction,
         default={"0": False, "1": True}.get(os.environ.get("SWARMLLM_COMPILE", "")),
         help="torch.compile the decode step: 1.2-2x faster steps on a CPU, after a compilation at start "
-        "(seconds; cached on disk). Default: on a CPU for blocks too small for packed weights (the environment's "
-        "SWARMLLM_COMPILE=0 or 1 sets the default)",
+        "(seconds; cached on disk). Default: on a CPU for blocks of under 2^20 weights, whose steps are bound by "
+        "per-op costs (the environment's SWARMLLM_COMPILE=0 or 1 sets the default)",
     )
     serve.add_argument(
         "--no-cuda-graphs", action="store_true", help="on CUDA, run decode steps eagerly instead of as graphs"
@@ -578,7 +578,11 @@ def _tp_problem(args: argparse.Namespace) -> str | None:
         return None
     if args.blocks is None:
         return "needs --blocks (a tensor-parallel server does not choose or move its blocks yet)"
-    flags = {"--compile": args.compile is True, "--quant": args.quant != "none", "--adapters": bool(args.adapters)}
+    flags = {
+        "--compile": args.compile is True,
+        "--quant": args.quant != "none",
+        "--adapters": bool(args.adapters),
+    }
     clash = [flag for flag, used in flags.items() if used]
     return f"does not work with {', '.join(clash)} yet" if clash else None
 
