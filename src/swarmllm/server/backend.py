@@ -471,12 +471,12 @@ class Backend:
         for projection in self._packed:
             projection.repack(rows)
 
-    def set_threads(self, threads: int) -> None:
-        """Torch's CPU thread count for the compute thread too (each thread keeps the count it started with);
-        a compiled decode step compiles for it there meanwhile (`DecodeRunner.warm_up`)."""
+    def set_threads(self, threads: int) -> Future:
+        """Torch's CPU thread count for the compute thread too (each thread keeps the count it started with).
+        A compiled decode step then compiles for it there (`DecodeRunner.warm_up`), while steps run eagerly;
+        returns that job, done at once when nothing compiles."""
         self.compute.submit("", torch.set_num_threads, threads).result()
-        if self.decoder.compiled:
-            self.compute.submit("", self.decoder.warm_up, threads)
+        return self.compute.submit("", self.decoder.warm_up)
 
     def shutdown(self) -> None:
         for session in list(self.sessions.values()):

@@ -208,8 +208,8 @@ class Server:
             self.network_rps = network_rps(cfg.bandwidth, span.config.hidden_size, DTYPES[cfg.dtype].itemsize)
         self.backend = await self._make_backend(span)
         await self._measure_compute()
-        if self.compiles:  # for the settled thread count, which torch guards a compiled step on
-            await self.backend.on_compute_thread(self.backend.decoder.warm_up, torch.get_num_threads())
+        if self.compiles:  # compiled for the settled thread count (torch guards a compiled step on it)
+            await asyncio.wrap_future(self.backend.set_threads(torch.get_num_threads()))
         p2p = await self.dht.replicate_p2p()
         self.pool = ConnectionPool(self.identity, p2p, swarm_key=self.swarm_key)
         self.metrics = ServerMetrics()
