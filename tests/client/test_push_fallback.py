@@ -1,6 +1,6 @@
 """A server replies as soon as its push to the next server is sent; when that push then fails, it says so on the
-session's stream and the client sends the input itself. Two real servers in this process, the first one's link
-to the second failing on every other push: the session's outputs still equal the blocks computed locally."""
+session's stream and the client sends the input itself. Two real servers in this process, the second one refusing
+every other push: the session's outputs still equal the blocks computed locally."""
 
 import torch
 from server_infos import online_server
@@ -10,27 +10,30 @@ from swarmllm.client.swarm import SwarmClient
 from swarmllm.models import load_span
 from swarmllm.server.backend import Backend
 from swarmllm.server.handler import RequestHandler
-from swarmllm.wire import DirectServer, Identity, connect_direct
+from swarmllm.wire import CallContext, DirectServer, Identity, Message, RequestError, connect_direct
 
 
 async def test_a_failed_push_is_reported_and_the_client_sends_the_input_itself(llama_checkpoint):
     first_id, second_id = Identity.generate(), Identity.generate()
+    pushes = {"tried": 0, "broken": 0}
+
+    class Flaky(RequestHandler):
+        def rpc_push(self, request: Message, context: CallContext) -> None:
+            pushes["tried"] += 1
+            if pushes["tried"] % 2 == 0:  # every other push is refused
+                pushes["broken"] += 1
+                raise RequestError("busy", "injected: refused")
+            super().rpc_push(request, context)
+
     second = DirectServer(
-        RequestHandler(Backend(load_span(str(llama_checkpoint), 2, 4), cache_tokens=64), dict).handlers(),
-        second_id,
+        Flaky(Backend(load_span(str(llama_checkpoint), 2, 4), cache_tokens=64), dict).handlers(), second_id
     )
     await second.start()
-    pushes = {"tried": 0, "broken": 0}
     links = []
 
     async def connect(peer_id: str):
-        pushes["tried"] += 1
-        if pushes["tried"] % 2 == 0:  # every other push: the link to the next server is down
-            pushes["broken"] += 1
-            raise OSError("injected: link down")
-        if not links:
-            links.append(await connect_direct(*second.address, first_id, expected_peer_id=peer_id))
-        return links[0]
+        links.append(await connect_direct(*second.address, first_id, expected_peer_id=peer_id))
+        return links[-1]
 
     first = DirectServer(
         RequestHandler(
@@ -63,7 +66,7 @@ async def test_a_failed_push_is_reported_and_the_client_sends_the_input_itself(l
         with torch.inference_mode():
             want = span(hidden)
         torch.testing.assert_close(torch.cat(outputs, dim=1), want, rtol=1e-5, atol=1e-5)
-        assert pushes["tried"] == 6 and pushes["broken"] == 3
+        assert pushes["tried"] == 6 and pushes["broken"] == 3 and len(links) == 1  # one connection for all
         assert session.pushed_hops == 3  # the other 3 inputs the client sent itself, after the notices
         assert not session.failovers  # a failed push is no reason to replace anyone
     finally:

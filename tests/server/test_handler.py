@@ -53,6 +53,18 @@ async def served(span):
     await server.stop()
 
 
+async def refusal(conn, message: Message) -> RemoteError:
+    """The error a push (a notice: one that lands is never answered) is refused with."""
+    refused = asyncio.get_running_loop().create_future()
+    await conn.notify("push", message, refused.set_result)
+    return await asyncio.wait_for(refused, 10)
+
+
+def landed(errors: list):
+    """An on_error for pushes that must land: the test asserts that `errors` stays empty."""
+    return errors.append
+
+
 def expected(span, hidden, blocks=slice(0, 4)):
     with torch.inference_mode():
         return span(hidden, blocks=blocks)
@@ -245,12 +257,10 @@ async def test_push_hands_the_output_to_the_next_server(span, llama_checkpoint):
 
         # a stranger can't push into the session, nor can anyone push into an unknown one
         stranger = await connect_direct(*second.address, stranger_id, expected_peer_id=None)
-        with pytest.raises(RemoteError) as info:
-            await stranger.call("push", Message({"session_id": "b" * 24, "position": 3}, [hidden[:, :1]]))
-        assert info.value.code == "forbidden"
-        with pytest.raises(RemoteError) as info:
-            await stranger.call("push", Message({"session_id": "c" * 24, "position": 3}, [hidden[:, :1]]))
-        assert info.value.code == "unknown_session"
+        forbidden = Message({"session_id": "b" * 24, "position": 3}, [hidden[:, :1]])
+        assert (await refusal(stranger, forbidden)).code == "forbidden"
+        unknown = Message({"session_id": "c" * 24, "position": 3}, [hidden[:, :1]])
+        assert (await refusal(stranger, unknown)).code == "unknown_session"
 
         # a push that fails (no such session downstream): the reply does not wait for it, the failure follows
         # on the stream, and the session goes on
@@ -265,21 +275,25 @@ async def test_push_hands_the_output_to_the_next_server(span, llama_checkpoint):
         assert (await s2.recv()).meta["step"] == 2
 
         # a push that arrives after the client sent that step itself is dropped, not computed again
-        as_first = await connect_direct(*second.address, first_id, expected_peer_id=None)
+        # (on another connection, so it may be handled before or after the next step: dropped either way)
+        as_first, errors = await connect_direct(*second.address, first_id, expected_peer_id=None), []
         late = Message({"session_id": "b" * 24, "position": 3, "step": 2}, [r1.tensors[0]])
-        await as_first.call("push", late)
+        await as_first.notify("push", late, landed(errors))
         await s2.send(Message({"position": 4, "step": 3}, [torch.randn(1, 1, HIDDEN)]))
         assert (await s2.recv()).meta["step"] == 3
 
         # and a step the client sends after its push had landed (it took the push as failed) is dropped too:
         # the session answers each step once
-        await as_first.call(
-            "push", Message({"session_id": "b" * 24, "position": 5, "step": 4}, [hidden[:, :1]])
+        await as_first.notify(
+            "push",
+            Message({"session_id": "b" * 24, "position": 5, "step": 4}, [hidden[:, :1]]),
+            landed(errors),
         )
         assert (await s2.recv()).meta["step"] == 4
         await s2.send(Message({"position": 5, "step": 4}, [hidden[:, :1]]))
         await s2.send(Message({"position": 6, "step": 5}, [hidden[:, :1]]))
         assert (await s2.recv()).meta["step"] == 5
+        assert errors == []
         for conn in (to_first, to_second, stranger, as_first):
             await conn.close()
     finally:
@@ -287,9 +301,53 @@ async def test_push_hands_the_output_to_the_next_server(span, llama_checkpoint):
         await second.stop()
 
 
+async def test_a_push_whose_connection_ends_is_reported(span, llama_checkpoint):
+    """A push is a notice, answered only when refused: when the connection it went over ends before the
+    session's next step, the server cannot know whether it was taken and tells the client (who drops the notice
+    if the next hop had answered); a later push finds the next server gone and is reported too."""
+    first_id, second_id, client_id = (Identity.generate() for _ in range(3))
+    second_backend = Backend(load_span(str(llama_checkpoint), 2, 4), cache_tokens=64)
+    second = DirectServer(RequestHandler(second_backend, dict).handlers(), second_id)
+    await second.start()
+    address = second.address
+
+    async def connect(peer_id: str):
+        return await connect_direct(*address, first_id, expected_peer_id=peer_id)
+
+    first = DirectServer(
+        RequestHandler(Backend(span, cache_tokens=64), dict, connect=connect).handlers(), first_id
+    )
+    await first.start()
+    try:
+        to_first = await connect_direct(*first.address, client_id, expected_peer_id=None)
+        to_second = await connect_direct(*address, client_id, expected_peer_id=None)
+        s1 = await to_first.open_stream("inference", OpenSession(0, 2, 1, 8).to_message())
+        s2 = await to_second.open_stream(
+            "inference", OpenSession(2, 4, 1, 8, "b" * 24, accept_push_from=first_id.peer_id).to_message()
+        )
+        chain = [PushTarget(second_id.peer_id, "b" * 24)]
+        hidden = torch.randn(1, 1, HIDDEN)
+        await s1.send(Step(0, hidden, step=1, push=chain).to_message())
+        assert (await s1.recv(timeout=10)).meta["pushed"] is True
+        assert (await s2.recv(timeout=10)).meta["step"] == 1
+        await to_second.close()
+        await second.stop()
+        notice = await s1.recv(timeout=10)
+        assert notice.meta["kind"] == "push_failed" and notice.meta["step"] == 1
+        assert "ConnectionLost" in notice.meta["reason"]
+        await s1.send(Step(1, hidden, step=2, push=chain).to_message())
+        assert (await s1.recv(timeout=10)).meta["pushed"] is True
+        notice = await s1.recv(timeout=10)
+        assert notice.meta["kind"] == "push_failed" and notice.meta["step"] == 2
+        await to_first.close()
+    finally:
+        await first.stop()
+        await second.stop()
+
+
 async def test_the_reply_does_not_wait_for_the_push(span):
-    """The next server's ack is not on the chain's critical path: the reply leaves while the push is still
-    under way, and the push's failure follows as a notice."""
+    """Connecting to the next server is not on the chain's critical path: the reply leaves while the push is
+    still under way, and the push's failure follows as a notice."""
     link_down = asyncio.Event()
 
     async def connect(peer_id: str):
@@ -326,16 +384,17 @@ async def test_repoint_moves_the_push_permission(served):
     hidden = torch.randn(1, 1, HIDDEN)
     from_old = await connect_direct(*server.address, old, expected_peer_id=None)
     from_new = await connect_direct(*server.address, new, expected_peer_id=None)
-    await from_old.call("push", Step(0, hidden, step=1, session_id="r" * 24).to_message())
+    errors = []
+    await from_old.notify("push", Step(0, hidden, step=1, session_id="r" * 24).to_message(), landed(errors))
     assert (await stream.recv()).meta["step"] == 1
     await stream.send(Repoint(new.peer_id).to_message())
     await stream.send(Step(1, hidden, step=2).to_message())  # the repoint is in effect once this is answered
     assert (await stream.recv()).meta["step"] == 2
-    with pytest.raises(RemoteError) as info:
-        await from_old.call("push", Step(2, hidden, step=3, session_id="r" * 24).to_message())
-    assert info.value.code == "forbidden"
-    await from_new.call("push", Step(2, hidden, step=3, session_id="r" * 24).to_message())
+    late = Step(2, hidden, step=3, session_id="r" * 24).to_message()
+    assert (await refusal(from_old, late)).code == "forbidden"
+    await from_new.notify("push", Step(2, hidden, step=3, session_id="r" * 24).to_message(), landed(errors))
     assert (await stream.recv()).meta["step"] == 3
+    assert errors == []
     for c in (from_old, from_new):
         await c.close()
     await stream.close()

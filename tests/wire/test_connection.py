@@ -43,6 +43,7 @@ class Probe:
         self.started = 0
         self.all_started = asyncio.Event()
         self.expected = 0
+        self.notes: list[tuple[dict, str | None]] = []  # what the `note` notice was given, and by whom
 
     async def wait(self, name: str) -> None:
         await asyncio.wait_for(self.events[name].wait(), BOUND)
@@ -115,12 +116,12 @@ def make_handlers(probe: Probe) -> Handlers:
     handlers.add_stream("ignore_input", ignore_input)
     handlers.add_unary("open_gate", open_gate)
 
-    def inline_echo(request: Message, context: CallContext) -> Message:
+    def note(request: Message, context: CallContext) -> None:
         if request.meta.get("fail"):
             raise RequestError("bad_input", "asked to fail")
         if request.meta.get("crash"):
-            raise ValueError("inline boom")
-        return Message({**request.meta, "peer_id": context.peer_id}, request.tensors)
+            raise ValueError("notice boom")
+        probe.notes.append((request.meta, context.peer_id))
 
     async def inject(opening: Message, incoming, context: CallContext):
         """Messages its own code puts into `incoming` are handled in order with the caller's."""
@@ -131,20 +132,19 @@ def make_handlers(probe: Probe) -> Handlers:
                 incoming.put_nowait(Message({"injected": message.meta["inject"]}))
 
     async def mailbox(opening: Message, incoming, context: CallContext):
-        """Answers every message put into it, by the caller or by the inline `post`."""
+        """Answers every message put into it, by the caller or by the notice `post`."""
         probe.mailbox = incoming
         probe.events["mailbox open"].set()
         async for message in incoming:
             yield Message({"answered": message.meta})
 
-    def post(request: Message, context: CallContext) -> Message:
+    def post(request: Message, context: CallContext) -> None:
         probe.mailbox.put_nowait(Message(request.meta))
-        return Message({"posted": True})
 
-    handlers.add_inline("inline_echo", inline_echo)
+    handlers.add_notice("note", note)
     handlers.add_stream("inject", inject)
     handlers.add_stream("mailbox", mailbox)
-    handlers.add_inline("post", post, reply_later=True)
+    handlers.add_notice("post", post)
     return handlers
 
 
@@ -272,21 +272,42 @@ async def test_request_error_and_crash_become_remote_errors(connection):
     assert (await connection.call("echo", Message({"still": "up"}), timeout=BOUND)).meta["still"] == "up"
 
 
-async def test_inline_handler_answers_from_the_read_loop_and_reports_errors(connection, client_identity):
-    hidden = torch.randn(2, 3)
-    reply = await connection.call("inline_echo", Message({"x": 1}, [hidden]), timeout=BOUND)
-    assert reply.meta == {"x": 1, "peer_id": client_identity.peer_id} and torch.equal(
-        reply.tensors[0], hidden
-    )
-    with pytest.raises(RemoteError) as info:
-        await connection.call("inline_echo", Message({"fail": True}), timeout=BOUND)
-    assert (info.value.code, info.value.message) == ("bad_input", "asked to fail")
-    with pytest.raises(RemoteError) as info:
-        await connection.call("inline_echo", Message({"crash": True}), timeout=BOUND)
-    assert info.value.code == "internal" and info.value.message == "ValueError: inline boom"
-    assert (await connection.call("inline_echo", Message({"still": "up"}), timeout=BOUND)).meta[
-        "still"
-    ] == "up"
+async def test_a_notice_is_answered_only_when_it_fails(probe, connection, client_identity):
+    """A notice runs in the read loop, in order with the connection's other frames (so by the time a later
+    call is answered it has run); success sends nothing back, a failure reaches the caller's on_error."""
+    errors: list = []
+    probe.notes.clear()
+    await connection.notify("note", Message({"x": 1}, [torch.randn(2, 3)]), errors.append)
+    await connection.call("echo", Message(), timeout=BOUND)
+    assert probe.notes == [({"x": 1}, client_identity.peer_id)] and errors == []
+
+    failed = asyncio.get_running_loop().create_future()
+    await connection.notify("note", Message({"fail": True}), failed.set_result)
+    error = await asyncio.wait_for(failed, BOUND)
+    assert isinstance(error, RemoteError) and (error.code, error.message) == ("bad_input", "asked to fail")
+    crashed = asyncio.get_running_loop().create_future()
+    await connection.notify("note", Message({"crash": True}), crashed.set_result)
+    error = await asyncio.wait_for(crashed, BOUND)
+    assert error.code == "internal" and error.message == "ValueError: notice boom"
+    await connection.notify("note", Message({"still": "up"}), errors.append)
+    await connection.call("echo", Message(), timeout=BOUND)
+    assert probe.notes[-1][0] == {"still": "up"} and errors == []
+
+
+async def test_a_notice_learns_that_its_connection_ended(probe, server_identity, client_identity):
+    """Whether a notice ran is unknown once its connection is gone, so the last ones sent hear of the loss."""
+    server = DirectServer(make_handlers(probe), server_identity)
+    await server.start()
+    connection = await connect_direct(*server.address, client_identity, expected_peer_id=None)
+    lost = asyncio.get_running_loop().create_future()
+    await connection.notify("note", Message({"n": 1}), lost.set_result)
+    await connection.call("echo", Message(), timeout=BOUND)  # the notice ran: no answer came for it
+    assert not lost.done()
+    await server.stop()
+    assert isinstance(await asyncio.wait_for(lost, BOUND), ConnectionLost)
+    with pytest.raises(ConnectionLost):
+        await connection.notify("note", Message(), lost.set_result)
+    await connection.close()
 
 
 async def test_stream_handler_can_queue_its_own_messages_in_order(connection):
@@ -398,7 +419,7 @@ async def test_open_calls_per_connection_are_limited(probe, server_identity, cli
 
 async def test_a_call_refused_at_its_header_never_reaches_its_handler(probe, server_identity, client_identity):
     """`Handlers.admit` refuses calls before their payload is read: the caller gets the refusal's code, the
-    handler never runs, inline methods are not asked about, and the connection goes on with the next call."""
+    handler never runs, notices are not asked about, and the connection goes on with the next call."""
     handlers = make_handlers(probe)
     asked: list[str | None] = []
     refuse = [True, False, True]
@@ -416,14 +437,15 @@ async def test_a_call_refused_at_its_header_never_reaches_its_handler(probe, ser
             await connection.call("gated", Message({"gate": 0}, [torch.zeros(1 << 16)]), timeout=BOUND)
         assert (info.value.code, info.value.message) == ("quota", "over the rate")
         assert probe.started == 0  # the handler never ran
-        reply = await connection.call("inline_echo", Message({"n": 1}), timeout=BOUND)  # not asked about
-        assert reply.meta["n"] == 1
+        errors: list = []
+        await connection.notify("note", Message({"n": 1}), errors.append)  # not asked about
         assert (await connection.call("echo", Message({"ok": 1}), timeout=BOUND)).meta["ok"] == 1
         stream = await connection.open_stream("accumulate", Message({}))
         with pytest.raises(RemoteError) as info:
             await stream.recv()
         assert info.value.code == "quota"
         assert asked == [client_identity.peer_id] * 3
+        assert probe.notes[-1][0] == {"n": 1} and errors == []
     finally:
         await connection.close()
         await server.stop()
@@ -480,17 +502,18 @@ async def test_bad_frame_mid_connection_gets_error_frame_then_close(probe):
             await asyncio.wait_for(read_frame(reader, limits), BOUND)
 
 
-async def test_a_reply_later_goes_out_after_the_work_its_handler_woke(probe):
-    """A push's ack waits for the session it fed: on the wire, the stream's answer comes before the reply."""
+async def test_a_notice_that_succeeds_puts_no_frame_on_the_wire(probe):
+    """What a notice hands to a stream (a push into a session) is answered there, and the notice itself never
+    is: the next frame on the wire answers the call after it."""
     limits = WireLimits()
     async with _raw_connection(probe, limits) as (reader, writer):
         writer.writelines(encode_frame(Frame(Kind.REQUEST, 1, Message(), "mailbox")))
         await probe.wait("mailbox open")
         writer.writelines(encode_frame(Frame(Kind.REQUEST, 2, Message({"n": 1}), "post")))
-        first = await asyncio.wait_for(read_frame(reader, limits), BOUND)
-        second = await asyncio.wait_for(read_frame(reader, limits), BOUND)
-        assert (first.kind, first.call_id, first.message.meta) == (Kind.MESSAGE, 1, {"answered": {"n": 1}})
-        assert (second.kind, second.call_id, second.message.meta) == (Kind.REPLY, 2, {"posted": True})
+        writer.writelines(encode_frame(Frame(Kind.REQUEST, 3, Message({"after": 1}), "echo")))
+        frames = [await asyncio.wait_for(read_frame(reader, limits), BOUND) for _ in range(2)]
+        assert sorted((f.kind.name, f.call_id) for f in frames) == [("MESSAGE", 1), ("REPLY", 3)]
+        assert next(f for f in frames if f.call_id == 1).message.meta == {"answered": {"n": 1}}
 
 
 @pytest.mark.parametrize("scenario", ["calls", "stream", "large", "server_stops"])

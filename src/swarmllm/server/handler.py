@@ -10,10 +10,12 @@ in-band (`StepError`) and the session stays usable, so a client's mistake never 
 Push: a client opens its session with a secret `session_id` and names the one peer allowed to push into it
 (`accept_push_from`, the previous server); a `Repoint` message changes that peer when the client replaced the
 previous hop. A step may carry `push`, the remaining hops: after computing, this server sends its output to the
-first of them and replies to the client at once (`pushed`), without waiting for the next server's ack; if the push
-then fails (within the step's `push_timeout_s`), a `PushFailed` follows on the session's stream and the client
-sends that input itself, so a failed push costs one client round trip, never a hang. The pushed input enters the
-receiver's session queue as if the client had sent it, and the reply goes to the client's stream.
+first of them and replies to the client at once (`pushed`). A push is a notice (`Connection.notify`): one frame,
+which the next server answers only to refuse it, so a hop costs no ack. If the push fails (it cannot be sent within
+the step's `push_timeout_s`, the next server refuses it, or the connection to it breaks before the session's next
+step), a `PushFailed` follows on the session's stream and the client sends that input itself, so a failed push
+costs one client round trip, never a hang. The pushed input enters the receiver's session queue as if the client
+had sent it, and the reply goes to the client's stream.
 
 Ladder Residual: where the first edge of a request's blocks lies inside a ladder region of the checkpoint
 (`BlockConfig.carries_pending`), its input is the pair (r, p) and `pending` must come with `hidden`, of the same
@@ -109,6 +111,7 @@ class ServerLimits:
 class _SessionInbox:
     inbox: Incoming  # the session's stream: pushes join the client's steps there
     accept_from: str | None
+    pushed_step: int = -1  # the last step whose output this session pushed on (only its failure matters)
 
 
 class _Pushed(Message):
@@ -163,7 +166,8 @@ class RequestHandler:
         self._by_token: dict[str, _SessionInbox] = {}  # sessions that may receive pushes, by secret id
         self._open: dict[Incoming, Backend] = {}  # every open session's queue, and the backend it runs on
         self._session_closed = asyncio.Event()  # set whenever a session closes
-        self._pushes: set[asyncio.Task] = set()  # pushes in flight (a reply does not wait for them)
+        self._pushes: set[asyncio.Task] = set()  # pushes waiting for a connection (a reply does not wait)
+        self._push_connections: dict[str, Connection] = {}  # the next servers pushed to, by peer id
 
     def handlers(self) -> Handlers:
         """The RPCs, each capped at the largest payload it can validly carry, so a peer's declared size costs
@@ -179,7 +183,7 @@ class RequestHandler:
         handlers.add_unary("forward", self.rpc_forward, max_payload_bytes=forward_bytes)
         handlers.add_unary("backward", self.rpc_backward, max_payload_bytes=2 * forward_bytes)
         handlers.add_stream("inference", self.rpc_inference, max_payload_bytes=step_bytes)
-        handlers.add_inline("push", self.rpc_push, max_payload_bytes=step_bytes, reply_later=True)
+        handlers.add_notice("push", self.rpc_push, max_payload_bytes=step_bytes)
         handlers.add_stream(
             "adapters", self.rpc_adapters, max_payload_bytes=limits.max_adapter_bytes_per_peer
         )
@@ -435,7 +439,7 @@ class RequestHandler:
                         if opening.replay and item.step == 0 and not isinstance(message, _Pushed):
                             self.metrics.replayed_tokens.inc(item.hidden.shape[0] * item.hidden.shape[1])
                         last_step = max(last_step, item.step)
-                        reply = await self._step(backend, session, item, opening.compression, incoming)
+                        reply = await self._step(backend, session, item, opening.compression, target)
                     except RequestError as e:
                         reply = StepError.from_request_error(e).to_message()
                 # the stream's task sends the reply while we wait here: a client that stops reading makes that
@@ -463,11 +467,10 @@ class RequestHandler:
         )
         task.cancel()
 
-    def rpc_push(self, request: Message, context: CallContext) -> Message:
-        """An input for one of our sessions, computed by the previous server of the client's chain (answered in
-        the read loop: a push is on every step's critical path)."""
+    def rpc_push(self, request: Message, context: CallContext) -> None:
+        """An input for one of our sessions, computed by the previous server of the client's chain (a notice,
+        handled in the read loop: a push is on every step's critical path)."""
         self._deliver_push(request, context.peer_id)
-        return Message()
 
     def _deliver_push(self, message: Message, sender: str | None) -> None:
         step = Step.parse(message)
@@ -482,7 +485,7 @@ class RequestHandler:
             raise RequestError("busy", "the session's queue is full") from None
 
     async def _step(
-        self, backend: Backend, session: Session, step: Step, compression: str, inbox: Incoming
+        self, backend: Backend, session: Session, step: Step, compression: str, target: _SessionInbox
     ) -> Message:
         """One step of a session; its output goes on (push) and back (reply) in the session's `compression`."""
         check_range("position", step.position, 0, session.length)
@@ -512,7 +515,7 @@ class RequestHandler:
         # the compute time lets clients and benchmarks split a hop into network and server work
         compute_s = time.perf_counter() - began
         self.metrics.step(hidden.shape[0] * length, length, compute_s)
-        pushed = bool(step.push) and await self._start_push(step, out, out_pending, compression, inbox)
+        pushed = bool(step.push) and await self._start_push(step, out, out_pending, compression, target)
         reply = StepReply(step.position, step.step, out, compute_s, pushed, compression, out_pending)
         return reply.to_message()
 
@@ -522,12 +525,13 @@ class RequestHandler:
         out: torch.Tensor,
         out_pending: torch.Tensor | None,
         compression: str,
-        inbox: Incoming,
+        session: _SessionInbox,
     ) -> bool:
-        """Send our output to the next server of the chain, and return as soon as it is sent: the reply to the
-        client does not wait for the next server's ack (a round trip on the chain's critical path). If the push
-        then fails, a `PushFailed` joins this session's queue and reaches the client after the reply, which
-        sends the input itself. False (nothing was pushed, the client sends it): no way to push at all."""
+        """Send our output to the next server of the chain before the reply to the client (the push is on the
+        chain's critical path), and return once it is sent: over an open connection that is at once; a first
+        push to a server connects in a task, so the reply does not wait for that either. If the push then fails,
+        a `PushFailed` joins this session's queue and reaches the client after the reply, which sends the input
+        itself. False (nothing was pushed, the client sends it): no way to push at all."""
         target, *rest = step.push
         pushed = Step(
             step.position,
@@ -549,25 +553,53 @@ class RequestHandler:
                 return False
         if self.connect is None:
             return False
-        task = asyncio.create_task(self._push(target.peer_id, pushed, step, inbox))
+        session.pushed_step = step.step
+        conn = self._push_connections.get(target.peer_id)
+        if conn is not None and not conn.is_closed:
+            await self._notify(conn, target.peer_id, pushed, step, session)
+            return True
+        task = asyncio.create_task(self._connect_and_push(target.peer_id, pushed, step, session))
         self._pushes.add(task)
         task.add_done_callback(self._pushes.discard)
-        # let the push task write its frame now, before our reply: the push is on the chain's critical path
-        await asyncio.sleep(0)
+        await asyncio.sleep(0)  # let the task write the push now if it can, before our reply
         return True
 
-    async def _push(self, peer_id: str, pushed: Message, step: Step, inbox: Incoming) -> None:
-        timeout = min(step.push_timeout_s or self.limits.push_timeout_s, self.limits.push_timeout_s)
+    def _push_timeout(self, step: Step) -> float:
+        return min(step.push_timeout_s or self.limits.push_timeout_s, self.limits.push_timeout_s)
+
+    async def _connect_and_push(
+        self, peer_id: str, pushed: Message, step: Step, session: _SessionInbox
+    ) -> None:
         try:
-            async with asyncio.timeout(timeout):
+            async with asyncio.timeout(self._push_timeout(step)):
                 conn = await self.connect(peer_id)
-                await conn.call("push", pushed)
         except (TimeoutError, WireError, OSError, RequestError) as e:
-            logger.info("push to %s failed (%r); telling the client to send it", peer_id, e)
-            try:
-                inbox.put_nowait(_PushFailed(PushFailed(step.step, repr(e)).to_message().meta))
-            except asyncio.QueueFull:
-                pass  # only a client flooding its own session fills it; its wait for the next hop times out
+            self._push_failed(session, step.step, peer_id, e)
+            return
+        self._push_connections[peer_id] = conn
+        await self._notify(conn, peer_id, pushed, step, session)
+
+    async def _notify(
+        self, conn: Connection, peer_id: str, pushed: Message, step: Step, session: _SessionInbox
+    ) -> None:
+        """Push over `conn`; a failure of this push is reported to the client while it is the session's last."""
+
+        def failed(error: WireError) -> None:
+            if session.pushed_step == step.step:
+                self._push_failed(session, step.step, peer_id, error)
+
+        try:
+            await conn.notify("push", pushed, failed, timeout=self._push_timeout(step))
+        except (TimeoutError, WireError, OSError) as e:
+            self._push_failed(session, step.step, peer_id, e)
+
+    def _push_failed(self, session: _SessionInbox, step: int, peer_id: str, error: BaseException) -> None:
+        """Tell the client, after the step's reply, that it must send this step's input to the next hop itself."""
+        logger.info("push to %s failed (%r); telling the client to send it", peer_id, error)
+        try:
+            session.inbox.put_nowait(_PushFailed(PushFailed(step, repr(error)).to_message().meta))
+        except asyncio.QueueFull:
+            pass  # only a client flooding its own session fills it; its wait for the next hop times out
 
     def _span(self, start: int, end: int) -> tuple[int, int]:
         check_range("start", start, self.backend.start, self.backend.end - 1)

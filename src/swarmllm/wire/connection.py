@@ -1,7 +1,8 @@
 """Calls over one byte stream: the caller's ``Connection`` and the callee's ``serve_connection``.
 
 Many concurrent calls share one persistent connection per peer, told apart by call id. A unary call is one REQUEST
-answered by one REPLY or ERROR; a stream is a REQUEST followed by MESSAGEs both ways until either side sends END
+answered by one REPLY or ERROR; a notice is a REQUEST answered only if it fails (an ERROR), for the hot path where an
+ack would cost a frame each way; a stream is a REQUEST followed by MESSAGEs both ways until either side sends END
 (or ERROR). Frames of one call are handled in order, different calls run concurrently. Each frame goes out with a
 single ``writelines``, which the event loop never interleaves with another, so no write lock is needed.
 
@@ -48,6 +49,9 @@ _DRAIN_ABOVE_BYTES = 1 << 20
 _CONNECTION_CALL_ID = 0  # ERROR frames about the connection itself (a frame we could not parse)
 _CLOSE_TIMEOUT_S = 5.0  # how long closing waits for buffered bytes to reach a peer that may be hung
 _MAX_ERROR_CHARS = 2000  # error texts are cut so that an ERROR frame always fits the metadata limit
+# A notice that succeeded is never answered, so a caller remembers only its last this many, to hand an ERROR (or
+# the connection's loss) to their `on_error`; an answer comes within a round trip, thousands of notices sooner.
+MAX_NOTICES = 4096
 
 
 class StreamClosed(WireError):
@@ -119,7 +123,8 @@ class Incoming(Inbox):
 
 
 UnaryHandler = Callable[[Message, CallContext], Awaitable[Message]]
-InlineHandler = Callable[[Message, CallContext], Message]
+NoticeHandler = Callable[[Message, CallContext], None]
+ErrorCallback = Callable[[WireError], None]
 StreamHandler = Callable[[Message, Incoming, CallContext], AsyncIterator[Message]]
 
 
@@ -133,8 +138,7 @@ class Handlers:
 
     def __init__(self) -> None:
         self.unary: dict[str, UnaryHandler] = {}
-        self.inline: dict[str, InlineHandler] = {}
-        self.reply_later: set[str] = set()  # inline methods whose reply waits for the loop's next turn
+        self.notice: dict[str, NoticeHandler] = {}
         self.stream: dict[str, StreamHandler] = {}
         self.max_payload_bytes: dict[str, int] = {}
         # asked for every call of a unary or stream method, by the caller's peer id, once the call's header is
@@ -146,22 +150,12 @@ class Handlers:
         self._check_new(method, max_payload_bytes)
         self.unary[method] = fn
 
-    def add_inline(
-        self,
-        method: str,
-        fn: InlineHandler,
-        *,
-        max_payload_bytes: int | None = None,
-        reply_later: bool = False,
-    ) -> None:
-        """A unary method answered by a plain function, called in the connection's read loop (no task): for
-        quick handlers with small replies on the hot path. `reply_later`: the reply is written on the event
-        loop's next turn, after the tasks the handler woke (a push's ack goes out after the session it fed has
-        computed and replied: the ack is off the chain's critical path, the compute is on it)."""
+    def add_notice(self, method: str, fn: NoticeHandler, *, max_payload_bytes: int | None = None) -> None:
+        """A one-way method (`Connection.notify`): a plain function called in the connection's read loop (no
+        task), answered only when it raises, with an ERROR frame; for quick handlers on the hot path (a push
+        between servers costs one frame, not a frame and an ack)."""
         self._check_new(method, max_payload_bytes)
-        self.inline[method] = fn
-        if reply_later:
-            self.reply_later.add(method)
+        self.notice[method] = fn
 
     def add_stream(self, method: str, fn: StreamHandler, *, max_payload_bytes: int | None = None) -> None:
         """``fn`` is an async generator: each Message it yields goes to the caller; returning ends the stream."""
@@ -171,7 +165,7 @@ class Handlers:
     def _check_new(self, method: str, max_payload_bytes: int | None) -> None:
         if not method or len(method.encode()) > 255:
             raise ValueError(f"method names must be 1-255 bytes, got {method!r}")
-        if method in self.unary or method in self.inline or method in self.stream:
+        if method in self.unary or method in self.notice or method in self.stream:
             raise ValueError(f"method {method!r} is already registered")
         if max_payload_bytes is not None:
             self.max_payload_bytes[method] = max_payload_bytes
@@ -253,11 +247,6 @@ class _FrameWriter:
             self.write(Frame(Kind.ERROR, call_id, Message(meta)))
 
 
-def _write_late(out: _FrameWriter, frame: Frame) -> None:
-    with suppress(ConnectionLost):  # the caller is gone: nobody waits for this reply any more
-        out.write(frame)
-
-
 def _remote_error(message: Message) -> RemoteError:
     return RemoteError(str(message.meta.get("code", "unknown")), str(message.meta.get("message", "")))
 
@@ -287,6 +276,7 @@ class Connection:
         self._limits = limits
         self._call_ids = itertools.count(1)
         self._calls: dict[int, asyncio.Future[Message] | Stream] = {}
+        self._notices: dict[int, ErrorCallback] = {}  # the last MAX_NOTICES notices sent, oldest first
         self._lost: ConnectionLost | None = None
         # why the connection is ending, when we know before the read loop does: a refusal or a late frame
         self._why_lost: ConnectionLost | None = None
@@ -322,6 +312,26 @@ class Connection:
                 # we gave up (timeout, cancellation, failed send): END lets the server cancel the handler
                 with suppress(ConnectionLost):
                     self._out.write(Frame(Kind.END, call_id, Message()))
+
+    async def notify(
+        self, method: str, message: Message, on_error: ErrorCallback, *, timeout: float | None = None
+    ) -> None:
+        """A one-way call (`Handlers.add_notice`): returns once the frame is written, waiting (up to `timeout`)
+        only while the send buffer is full. `on_error` gets the peer's ERROR, or ConnectionLost should the
+        connection end while the notice is among the last MAX_NOTICES sent on it (the peer may not have
+        handled it); a notice that succeeded is never answered. Raises ConnectionLost or asyncio.TimeoutError
+        if it cannot be sent."""
+        self._check_open()
+        call_id = next(self._call_ids)
+        notices = self._notices
+        notices[call_id] = on_error
+        if len(notices) > MAX_NOTICES:
+            del notices[next(iter(notices))]
+        try:
+            await self._out.send(Frame(Kind.REQUEST, call_id, message, method), timeout)
+        except BaseException:
+            notices.pop(call_id, None)
+            raise
 
     async def open_stream(self, method: str, message: Message, *, timeout: float | None = None) -> Stream:
         """Open a bidirectional stream; ``message`` is the handler's opening message. A refusal (e.g. a full
@@ -387,7 +397,9 @@ class Connection:
                     refusal = _remote_error(frame.message)
                     logger.warning(f"{self!r}: the peer rejected our connection: {refusal}")
                     self._why_lost = ConnectionLost(f"the peer rejected the connection: {refusal}")
-                # any other frame is for a call we already gave up on
+                elif frame.kind is Kind.ERROR and (on_error := self._notices.pop(frame.call_id, None)):
+                    _tell(on_error, _remote_error(frame.message))
+                # any other frame is for a call we already gave up on, or a notice forgotten
         except ConnectionLost as e:
             lost = self._why_lost or e
         except FrameError as e:
@@ -403,6 +415,17 @@ class Connection:
                     target._connection_lost(lost)
                 elif not target.done():
                     target.set_exception(ConnectionLost(str(lost)))
+            notices, self._notices = self._notices, {}
+            for on_error in notices.values():
+                _tell(on_error, ConnectionLost(str(lost)))
+
+
+def _tell(on_error: ErrorCallback, error: WireError) -> None:
+    """Hand a notice's failure to its caller's callback, which must not break the read loop."""
+    try:
+        on_error(error)
+    except Exception:
+        logger.warning("a notice's on_error callback failed", exc_info=True)
 
 
 class Stream:
@@ -518,7 +541,7 @@ async def serve_connection(
     out = _FrameWriter(writer, limits)
     calls: dict[int, _ServerCall] = {}
     caps = handlers.max_payload_bytes
-    methods = handlers.unary.keys() | handlers.inline.keys() | handlers.stream.keys()
+    methods = handlers.unary.keys() | handlers.notice.keys() | handlers.stream.keys()
 
     refused: dict[int, RequestError] = {}  # calls refused at their header, until their error is written
 
@@ -526,7 +549,7 @@ async def serve_connection(
         if kind is Kind.REQUEST:
             if method not in methods:
                 return 0
-            if handlers.admit is not None and method not in handlers.inline:
+            if handlers.admit is not None and method not in handlers.notice:
                 if (refusal := handlers.admit(peer_id)) is not None:
                     refused[call_id] = refusal
                     return -1  # drop the payload, however small
@@ -595,17 +618,9 @@ async def serve_connection(
             )
             return
         context = CallContext(peer_id=peer_id, transport=transport, method=method)
-        if method in handlers.inline:
+        if method in handlers.notice:
             try:
-                reply = Frame(
-                    Kind.REPLY,
-                    call_id,
-                    _checked_reply(handlers.inline[method](frame.message, context), context),
-                )
-                if method in handlers.reply_later:
-                    asyncio.get_running_loop().call_soon(_write_late, out, reply)
-                else:
-                    out.write(reply)
+                handlers.notice[method](frame.message, context)
             except Exception as e:
                 _report_failure(out, call_id, context, e)
         elif method in handlers.unary:
