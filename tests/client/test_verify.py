@@ -78,3 +78,8 @@ def test_a_server_announcing_infinite_speed_is_routed_by_its_measured_one():
     assert capped[0].inference_rps == 12.0 and capped[0].forward_rps == float("inf")
     assert capped[1] is servers[1]
     assert [h.peer_id for h in route_inference(capped, 4, {})] == ["honest"]
+    # a hop's deadline caps one server the same way, without copying the server list
+    for s in servers:
+        for kind, announced in (("inference", s.inference_rps), ("forward", s.forward_rps)):
+            want = next(c for c in capped if c.peer_id == s.peer_id).model_dump()[f"{kind}_rps"]
+            assert speeds.capped(s.peer_id, kind, announced) == want

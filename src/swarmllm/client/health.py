@@ -76,3 +76,9 @@ class Speeds:
     def measured(self, kind: str) -> dict[str, float]:
         """Each measured peer's median rate for `kind`."""
         return {peer: statistics.median(s) for (peer, k), s in self._samples.items() if k == kind}
+
+    def capped(self, peer_id: str, kind: str, announced: float) -> float:
+        """`announced` capped by the peer's median measured rate for `kind`, if any: what `cap_throughput`
+        does for one server, cheap enough for every hop of every step."""
+        samples = self._samples.get((peer_id, kind))
+        return min(announced, statistics.median(samples)) if samples else announced

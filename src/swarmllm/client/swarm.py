@@ -410,8 +410,10 @@ class SwarmClient:
         """How long `hop` may take for `tokens` (batch x length) tokens, by its announced speed (capped by the
         measured one)."""
         info = self._servers.get(hop.peer_id)
-        info = None if info is None else self._capped([info])[0]
-        rate = 1.0 if info is None else (info.inference_rps if decode else info.forward_rps)
+        rate = 1.0
+        if info is not None:
+            kind, announced = ("inference", info.inference_rps) if decode else ("forward", info.forward_rps)
+            rate = self.speeds.capped(hop.peer_id, kind, announced)
         floor_s = self.step_timeout_s if floor_s is None else floor_s
         deadline = step_deadline_s(tokens, hop.end - hop.start, rate, floor_s=floor_s)
         return min(deadline, self.request_timeout_s)

@@ -114,8 +114,12 @@ class _SessionInbox:
     pushed_step: int = -1  # the last step whose output this session pushed on (only its failure matters)
 
 
+@dataclass
 class _Pushed(Message):
-    """A session input that came from the previous server rather than from the client."""
+    """A session input that came from the previous server rather than from the client (parsed on arrival, to
+    find its session)."""
+
+    step: Step | None = None
 
 
 class _PushFailed(Message):
@@ -426,7 +430,7 @@ class RequestHandler:
                     reply = message  # a push of ours failed: the client sends that input itself
                 else:
                     try:
-                        item = parse_session_input(message)
+                        item = message.step if isinstance(message, _Pushed) else parse_session_input(message)
                         if isinstance(item, Repoint):
                             target.accept_from = item.accept_push_from
                             continue
@@ -473,14 +477,16 @@ class RequestHandler:
         self._deliver_push(request, context.peer_id)
 
     def _deliver_push(self, message: Message, sender: str | None) -> None:
-        step = Step.parse(message)
+        step = parse_session_input(message)
+        if not isinstance(step, Step):
+            raise RequestError("bad_request", "a push carries a step, nothing else")
         target = self._by_token.get(step.session_id) if step.session_id is not None else None
         if target is None:
             raise RequestError("unknown_session", "no open session with this session_id")
         if target.accept_from is None or target.accept_from != sender:
             raise RequestError("forbidden", f"this session does not accept pushes from {sender}")
         try:
-            target.inbox.put_nowait(_Pushed(message.meta, message.tensors))
+            target.inbox.put_nowait(_Pushed(message.meta, message.tensors, step))
         except asyncio.QueueFull:
             raise RequestError("busy", "the session's queue is full") from None
 
