@@ -53,3 +53,27 @@ def test_small_cpu_blocks_compile_by_default(checkpoints):
     )
     assert block_weights(smollm2) == 2 * 576 * 576 + 2 * 576 * 192 + 3 * 576 * 1536  # q o, k v, gate up down
     assert not compiles_by_default(smollm2, "cpu", quantized=False)
+
+
+def test_compiled_steps_need_no_compilation_after_the_warm_up(checkpoints):
+    """Once warmed up, the compiled step serves sessions of any cache length, up to the step that fills the
+    cache (its keys are contiguous, which torch guards apart), without compiling again, and equals eager."""
+    from torch._dynamo.utils import counters
+
+    span = load_span(checkpoints("llama"), 0, 2)
+    compiled = DecodeRunner(span, torch.device("cpu"), compile=True)
+    compiled.warm_up()
+    assert compiled.mode == "compiled"
+    eager = DecodeRunner(span, torch.device("cpu"))
+    graphs = counters["stats"]["unique_graphs"]
+    generator = torch.Generator().manual_seed(0)
+    for max_length in (1, 6, 17):
+        caches = [KVCache(2, 1, max_length, span.config, torch.float32, "cpu") for _ in range(2)]
+        key_mask = torch.ones(1, max_length, dtype=torch.bool)
+        for slot in range(max_length):
+            hidden = torch.randn(1, span.config.hidden_size, generator=generator)
+            with torch.inference_mode():
+                got = compiled.step(hidden, slot, key_mask, False, caches[0], None)
+                want = eager.step(hidden, slot, key_mask, False, caches[1], None)
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert counters["stats"]["unique_graphs"] == graphs

@@ -104,14 +104,20 @@ class DecodeRunner:
             "compiling the decode step for %d CPU threads (torch.compile); this takes a while once", threads
         )
         dtype = next(self.span.parameters()).dtype
-        cache = KVCache(len(self.span.blocks), 1, 4, self.span.config, dtype, self.device)
         hidden = torch.zeros(1, self.span.config.hidden_size, dtype=dtype, device=self.device)
-        key_mask = torch.ones(1, 4, dtype=torch.bool, device=self.device)
+        # torch guards apart the shapes a step's cache slice can take: one slot of a longer cache, several (slot 1
+        # makes the attended length a symbol), and the whole cache (slot 3 of 4, and the single slot of a 1-token
+        # cache), whose keys are then contiguous; each is compiled here, else a session's first step of that shape
+        # (its last step, say) would compile, for seconds. The caches are made as a session's are (outside
+        # inference mode), which torch guards too
+        caches = {length: KVCache(len(span.blocks), 1, length, config, dtype, self.device) for length in (4, 1)}
         try:
             with torch.inference_mode():
-                for slot in (0, 1):  # the second call proves that a new cache length needs no new compilation
-                    _, positions = self._attended(hidden, slot, key_mask, False)
-                    self._compiled_step(hidden, positions, *self._slots(cache, slot))
+                for length, slots in ((4, (0, 1, 3)), (1, (0,))):
+                    key_mask = torch.ones(1, length, dtype=torch.bool, device=self.device)
+                    for slot in slots:
+                        _, positions = self._attended(hidden, slot, key_mask, False)
+                        self._compiled_step(hidden, positions, *self._slots(caches[length], slot))
         except Exception as e:  # noqa: BLE001 - any compiler failure: serve eagerly rather than not at all
             logger.warning("torch.compile failed (%s: %s); decoding eagerly", type(e).__name__, e)
             self.compiled, self._decode = False, self.span.decode
