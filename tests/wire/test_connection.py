@@ -310,6 +310,33 @@ async def test_a_notice_learns_that_its_connection_ended(probe, server_identity,
     await connection.close()
 
 
+async def test_a_watcher_sees_what_a_stream_receives_while_it_is_received_as_usual(connection):
+    """`Stream.watch`: what already waits, then each arrival and the stream's end, as it comes; recv still gets
+    all of it, and `watch(None)` stops the showing."""
+    stream = await connection.open_stream("countdown", Message({"n": 3}))
+    first = await stream.recv(timeout=BOUND)
+    await connection.call("echo", Message(), timeout=BOUND)  # the rest has arrived by now (frames in order)
+    seen: list = []
+    stream.watch(seen.append)
+    assert [m.meta for m in seen[:2]] == [{"left": 1}, {"left": 0}] and isinstance(seen[2], StreamClosed)
+    assert [first.meta, (await stream.recv()).meta, (await stream.recv()).meta] == [
+        {"left": 2},
+        {"left": 1},
+        {"left": 0},
+    ]
+    with pytest.raises(StreamClosed):
+        await stream.recv()
+
+    async with await connection.open_stream("accumulate", Message(tensors=[torch.zeros(1)])) as live:
+        seen.clear()
+        live.watch(seen.append)
+        await live.send(Message({"step": 0}, [torch.ones(1)]))
+        assert (await live.recv(timeout=BOUND)).meta == {"step": 0} and [m.meta for m in seen] == [{"step": 0}]
+        live.watch(None)
+        await live.send(Message({"step": 1}, [torch.ones(1)]))
+        assert (await live.recv(timeout=BOUND)).meta == {"step": 1} and len(seen) == 1
+
+
 async def test_stream_handler_can_queue_its_own_messages_in_order(connection):
     async with await connection.open_stream("inject", Message()) as stream:
         assert (await stream.recv(timeout=BOUND)).meta == {"got": {"injected": 0}}

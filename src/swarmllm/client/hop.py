@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -20,7 +21,7 @@ import torch
 from swarmllm.client.replies import BadReplyError, push_failure, reply_step, step_reply
 from swarmllm.client.routing import Hop
 from swarmllm.client.tuning import NO_TUNING, Tuning
-from swarmllm.wire import Connection, Stream, WireError
+from swarmllm.wire import Connection, Message, Stream, WireError
 from swarmllm.wire.messages import OpenSession, Repoint, Step, StepReply
 
 
@@ -160,17 +161,9 @@ class HopSession:
                 f"within {timeout_s:.1f} s"
             ) from None
 
-    async def push_failure(self, step: int) -> None:
-        """Return when the server reports that its push of step `step` failed (after its reply said `pushed`);
-        notices about earlier steps are dropped. Raises what the stream raises, or BadReplyError for anything
-        but a notice: nothing else may come between a reply and the next step."""
-        while True:
-            message = await self._stream.recv()
-            failed = push_failure(message)
-            if failed is None:
-                raise BadReplyError(self.peer_id, "a message after the step's reply that is no push notice")
-            if failed == step:
-                return
+    def watch(self, watcher: Callable[[Message | WireError], None] | None) -> None:
+        """Show `watcher` what this hop's stream receives (`Stream.watch`) while the client waits on another hop."""
+        self._stream.watch(watcher)
 
     async def replay(self, entries: list[KeptInput], timeout_s: float) -> list[KeptInput]:
         """Bring a fresh session to the state of the lost one: send every kept input as the step it was (all at

@@ -35,12 +35,12 @@ from dataclasses import dataclass
 import torch
 
 from swarmllm.client.hop import History, HopSession, KeptInput
-from swarmllm.client.replies import CorruptOutputError
+from swarmllm.client.replies import CorruptOutputError, push_failure
 from swarmllm.client.routing import Hop
 from swarmllm.client.swarm import HOP_FAILURES, SpotCheck, State, SwarmClient, corrupt_output_error, describe
 from swarmllm.client.tuning import NO_TUNING, Tuning
 from swarmllm.client.verify import should_check
-from swarmllm.wire import RemoteError
+from swarmllm.wire import Message, RemoteError, WireError
 from swarmllm.wire.compression import check_codec
 from swarmllm.wire.messages import PushTarget, Step
 
@@ -182,13 +182,10 @@ class InferenceSession:
                     )
                     # the previous server pushed this input and replied at once; should its push fail, it says
                     # so on its stream within push_timeout_s, and then the client sends the input itself
-                    fallback = (
-                        asyncio.ensure_future(
-                            self._send_if_push_fails(self._hops[i - 1], hop, step, deadline)
-                        )
-                        if pushed
-                        else None
-                    )
+                    fallback = previous = None
+                    if pushed:
+                        fallback, previous = _Fallback(self, hop, step, deadline), self._hops[i - 1]
+                        previous.watch(fallback.see)
                     try:
                         if not pushed:
                             await hop.send(step, deadline)
@@ -200,6 +197,7 @@ class InferenceSession:
                         continue
                     finally:
                         if fallback is not None:
+                            previous.watch(None)
                             fallback.cancel()
                     hop.history.add(KeptInput(position, hidden, key_mask, pending))
                     if check := self._maybe_check(hop, reply.hidden, reply.pending):
@@ -226,21 +224,6 @@ class InferenceSession:
         self.last_timings = timings
         self.position = end
         return hidden
-
-    async def _send_if_push_fails(
-        self, previous: HopSession, hop: HopSession, step: Step, deadline: float
-    ) -> None:
-        """Send `step` to `hop` if the previous hop reports that its push of it failed (or if its stream breaks
-        first: that failure then shows at its next step)."""
-        try:
-            await previous.push_failure(step.step)
-        except HOP_FAILURES:
-            pass
-        self.pushed_hops -= 1
-        try:
-            await hop.send(step, deadline)
-        except HOP_FAILURES:
-            pass  # this hop's stream is broken: its recv fails too, and the hop is replaced
 
     def _maybe_check(
         self, hop: HopSession, output: torch.Tensor, output_pending: torch.Tensor | None
@@ -392,6 +375,34 @@ class InferenceSession:
         self.closed = True
         for hop in self._hops:
             await hop.close()
+
+
+class _Fallback:
+    """Sends a pushed step's input to its hop itself if the previous hop reports that its push failed, or its
+    stream ends (or carries anything but a push notice) first: a watcher of the previous hop's stream
+    (`HopSession.watch`), so a step spends no task per hop on a failure that rarely comes."""
+
+    def __init__(self, session: InferenceSession, hop: HopSession, step: Step, deadline: float):
+        self.session, self.hop, self.step, self.deadline = session, hop, step, deadline
+        self.task: asyncio.Future | None = None
+
+    def see(self, item: Message | WireError) -> None:
+        if self.task is not None:
+            return
+        if isinstance(item, Message) and push_failure(item) not in (None, self.step.step):
+            return  # a notice about an earlier step, whose next hop replied after all
+        self.session.pushed_hops -= 1
+        self.task = asyncio.ensure_future(self._send())
+
+    async def _send(self) -> None:
+        try:
+            await self.hop.send(self.step, self.deadline)
+        except HOP_FAILURES:
+            pass  # this hop's stream is broken: its recv fails too, and the hop is replaced
+
+    def cancel(self) -> None:
+        if self.task is not None:
+            self.task.cancel()
 
 
 def _concat(history: History) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:

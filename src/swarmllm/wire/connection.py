@@ -98,6 +98,10 @@ class Inbox(asyncio.Queue):
         self.queued_bytes -= _nbytes(item)
         return item
 
+    def queued(self) -> list:
+        """What waits in the queue, oldest first (left in it)."""
+        return list(self._queue)
+
 
 def _nbytes(item: object) -> int:
     if not isinstance(item, Message):
@@ -447,6 +451,7 @@ class Stream:
         )
         self._lost: ConnectionLost | None = None
         self._closed = False
+        self._watcher: Callable[[Message | WireError], None] | None = None
 
     async def __aenter__(self) -> Stream:
         return self
@@ -483,6 +488,20 @@ class Stream:
             raise item
         return item
 
+    def watch(self, watcher: Callable[[Message | WireError], None] | None) -> None:
+        """Show `watcher` what waits to be received and, until `watch(None)`, each message (or the error that
+        ends the stream) as it arrives; all of it is still received as usual. For a caller that waits on
+        another stream meanwhile and must react to this one without a task of its own."""
+        self._watcher = watcher
+        for item in self._inbox.queued() if watcher is not None else ():
+            self._show(item)
+
+    def _show(self, item: Message | WireError) -> None:
+        try:
+            self._watcher(item)
+        except Exception:  # the watcher runs in the connection's read loop, which must go on
+            logger.warning(f"a watcher of stream {self.method!r} failed", exc_info=True)
+
     async def close(self) -> None:
         """Send END (once) and forget the stream; messages still in flight from the peer are dropped."""
         if self._closed:
@@ -506,10 +525,14 @@ class Stream:
             item = FrameError(f"a stream got a {frame.kind.name} frame")
         if isinstance(item, WireError):
             self._peer_ended = item
+        if self._watcher is not None:
+            self._show(item)
         await self._inbox.put(item)
 
     def _connection_lost(self, error: ConnectionLost) -> None:
         self._lost = ConnectionLost(str(error))
+        if self._watcher is not None:
+            self._show(self._lost)
         if self._inbox.empty():
             self._inbox.put_nowait(self._lost)  # wakes a recv that is waiting; a full inbox has no waiter
 

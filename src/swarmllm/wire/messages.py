@@ -348,7 +348,7 @@ class Repoint:
 class PushFailed:
     """Server -> client, on the session's stream, after the reply to `step` (which said `pushed`): the push of
     that step's output to the next hop failed, so the client must send it there itself. A server replies as
-    soon as its push is sent, so the next hop's ack never delays the chain; this notice is the rare way back."""
+    soon as its push is sent, and a push is never acked (`Connection.notify`); this notice is the rare way back."""
 
     step: int
     reason: str = ""
