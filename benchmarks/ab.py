@@ -1,11 +1,14 @@
 """Paired A/B of single-session decode speed: two local swarms side by side, generate calls alternating
 between them, so the noise of a shared machine hits both alike. A and B differ in source tree (a git
-commit, checked out to a temporary folder) and/or in server flags.
+commit, checked out to a temporary folder) and/or in server flags. Each swarm chains `--servers` servers (the
+model's blocks split evenly); besides steps/s, the CPU time of all its processes (servers and client) per token,
+from /proc, which a shared machine disturbs less than the wall clock.
 
     python benchmarks/ab.py --a-commit 7cc298e                   # that commit vs the working tree
     python benchmarks/ab.py --b-args="--compile"                 # eager vs compiled servers, same tree
     python benchmarks/ab.py --model medium --rounds 15 --new-tokens 24
     python benchmarks/ab.py --model ~/.cache/swarmllm/smollm2-135m-instruct --b-args="--no-compile"
+    python benchmarks/ab.py --a-commit 77c1ab9 --servers 6 --rounds 12   # a hop's cost, old vs new
 """
 
 from __future__ import annotations
@@ -25,8 +28,15 @@ from common import PROMPT, append_results, checkpoint, markdown_table
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def worker(model: str, new_tokens: int, server_args: list[str]) -> None:
-    """One swarm of 2 servers and a client; on each stdin line, one timed generate, printed as steps/s."""
+def cpu_s(pid: int) -> float:
+    """The CPU time (user + system) a process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def worker(model: str, new_tokens: int, server_args: list[str], servers: int) -> None:
+    """One swarm of `servers` servers and a client; on each stdin line, one timed generate, printed as steps/s,
+    whether its tokens equal the first generate's, and the CPU ms per token of all the swarm's processes."""
     from transformers import AutoConfig
 
     from swarmllm import AutoDistributedModelForCausalLM
@@ -34,20 +44,23 @@ def worker(model: str, new_tokens: int, server_args: list[str]) -> None:
 
     path = checkpoint(model) if model in ("tiny", "medium") else Path(model)
     num_blocks = AutoConfig.from_pretrained(path).num_hidden_layers
-    half = num_blocks // 2
+    cuts = [round(i * num_blocks / servers) for i in range(servers + 1)]
     prompt = torch.tensor(PROMPT)
     with LocalSwarm() as swarm:
         swarm.start_bootstrap()
-        swarm.add_servers([(str(path), (0, half)), (str(path), (half, num_blocks))], extra=server_args)
+        swarm.add_servers([(str(path), span) for span in zip(cuts, cuts[1:])], extra=server_args)
         remote = AutoDistributedModelForCausalLM.from_pretrained(str(path), initial_peers=swarm.initial_peers)
+        pids = [server.proc.pid for server in swarm.servers] + [os.getpid()]
         with torch.no_grad():
             first = remote.generate(prompt, max_new_tokens=new_tokens, do_sample=False)
             print("ready", flush=True)
             for _ in sys.stdin:
+                cpu = sum(cpu_s(pid) for pid in pids)
                 began = time.perf_counter()
                 out = remote.generate(prompt, max_new_tokens=new_tokens, do_sample=False)
                 elapsed = time.perf_counter() - began
-                print(f"{new_tokens / elapsed:.3f} {out.tolist() == first.tolist()}", flush=True)
+                cpu_ms = (sum(cpu_s(pid) for pid in pids) - cpu) / new_tokens * 1e3
+                print(f"{new_tokens / elapsed:.3f} {out.tolist() == first.tolist()} {cpu_ms:.3f}", flush=True)
         remote.shutdown()
 
 
@@ -61,6 +74,8 @@ def start(src: Path, args: argparse.Namespace, server_args: str) -> subprocess.P
         args.model,
         "--new-tokens",
         str(args.new_tokens),
+        "--servers",
+        str(args.servers),
     ]
     proc = subprocess.Popen(
         [*command, f"--server-args={server_args}"],
@@ -85,13 +100,14 @@ def main() -> None:
     parser.add_argument("--b-args", default="", help="server flags for B")
     parser.add_argument("--model", default="tiny", help="tiny, medium or a checkpoint folder")
     parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--servers", type=int, default=2, help="servers in each chain")
     parser.add_argument("--rounds", type=int, default=40)
     parser.add_argument("--no-record", action="store_true")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--server-args", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        return worker(args.model, args.new_tokens, args.server_args.split())
+        return worker(args.model, args.new_tokens, args.server_args.split(), args.servers)
 
     with tempfile.TemporaryDirectory() as tmp:
         a_src = ROOT / "src"
@@ -103,42 +119,53 @@ def main() -> None:
             a_src = Path(tmp) / "src"
         workers = [start(a_src, args, args.a_args), start(ROOT / "src", args, args.b_args)]
         speeds: tuple[list[float], list[float]] = ([], [])
+        cpus: tuple[list[float], list[float]] = ([], [])
         same = True
         try:
             for _ in range(args.rounds):
-                for proc, out in zip(workers, speeds):
+                for proc, out, cpu in zip(workers, speeds, cpus, strict=True):
                     proc.stdin.write("go\n")
                     proc.stdin.flush()
-                    steps, equal = proc.stdout.readline().split()
+                    steps, equal, cpu_ms = proc.stdout.readline().split()
                     out.append(float(steps))
+                    cpu.append(float(cpu_ms))
                     same = same and equal == "True"
         finally:
             for proc in workers:
                 proc.stdin.close()
                 proc.wait()
     ratios = [b / a for a, b in zip(*speeds)]
+    cpu_ratios = [b / a for a, b in zip(*cpus)]
     a_name = f"{args.a_commit or 'working tree'} {args.a_args}".strip()
     b_name = f"working tree {args.b_args}".strip()
     table = markdown_table(
         [
             "model",
+            "servers",
             "A",
             "B",
             "A steps/s",
             "B steps/s",
             "B/A (median of pairs)",
             "B faster in",
+            "A CPU ms/token",
+            "B CPU ms/token",
+            "B/A CPU (median of pairs)",
             "tokens stable",
         ],
         [
             [
                 args.model,
+                args.servers,
                 a_name,
                 b_name,
                 f"{statistics.median(speeds[0]):.1f}",
                 f"{statistics.median(speeds[1]):.1f}",
                 f"{statistics.median(ratios):.3f}",
                 f"{sum(r > 1 for r in ratios)}/{len(ratios)}",
+                f"{statistics.median(cpus[0]):.2f}",
+                f"{statistics.median(cpus[1]):.2f}",
+                f"{statistics.median(cpu_ratios):.3f}",
                 same,
             ]
         ],
@@ -146,9 +173,10 @@ def main() -> None:
     print(table)
     if not args.no_record:
         append_results(
-            "Paired A/B, single-session decode through 2 servers",
+            f"Paired A/B, single-session decode through {args.servers} servers",
             table,
             f"{args.rounds} rounds of a {args.new_tokens}-token greedy generate, alternating A and B; "
+            "CPU: user + system time of the swarm's servers and client per generated token (/proc); "
             "'tokens stable': every generate gave its swarm's first output.",
         )
 

@@ -3,7 +3,7 @@
 One in-process server over a tiny 4-block span serves the whole module. For each RPC (info, ping, forward,
 opening an inference session, steps inside one, repoints, push) at least 5,000 generated messages (metadata with
 right and wrong keys and types, tensors of every dtype and of right and wrong shapes, NaN, infinity, empty) are
-sent in pipelined batches. Each must be answered within 1 s, by a reply or an error frame (inside a session: a
+sent in pipelined batches. Each must be answered within 3 s, by a reply or an error frame (inside a session: a
 StepReply or an in-band StepError), never with `internal` (a handler that raised something unexpected); the
 fuzzing connection must stay open, since every frame it sends is well-formed. Meanwhile an honest client steps
 its own session, and its outputs must be bit-identical to the same steps run on a Backend without the network.
@@ -35,7 +35,7 @@ from swarmllm.wire.validation import FLOAT_DTYPES
 HIDDEN = 64
 MESSAGES_PER_HANDLER = 5000
 BATCH = 25  # messages per generated example, sent at once
-REPLY_WITHIN_S = 1.0
+REPLY_WITHIN_S = 3.0  # for a batch of 25, served one after another by a loop shared with the caller
 FUZZ = settings(
     max_examples=MESSAGES_PER_HANDLER // BATCH,
     deadline=None,
@@ -274,7 +274,7 @@ OPENING_FIELDS = {
 
 
 def test_inference_openings(fuzzed):
-    """Each opening is answered within 1 s: refused with an error, or opened, which a message of an unknown
+    """Each opening is answered within 3 s: refused with an error, or opened, which a message of an unknown
     kind proves (answered in-band); every session it opened is closed and its cache returned."""
     outcomes: dict[str, int] = {}
 
@@ -425,7 +425,7 @@ def test_repoints(fuzzed):
 
 def test_push(fuzzed):
     """Pushes into a session that accepts them from the fuzzer, one that accepts them from another peer, and
-    unknown ones: each push is taken or refused within 1 s, and every push the session took is answered on its stream
+    unknown ones: each push is taken or refused within 3 s, and every push the session took is answered on its stream
     (a StepReply or StepError, to be read by its client)."""
     outcomes: dict[str, int] = {}
     answers: dict[str, int] = {}

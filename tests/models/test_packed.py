@@ -35,8 +35,9 @@ def wide_checkpoint(checkpoints):
 
 
 def close(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Equal up to float32 rounding: oneDNN sums the products in another order than MKL."""
-    return torch.allclose(a, b, rtol=1e-4, atol=1e-5 * float(b.abs().max()))
+    """Equal up to float32 rounding: oneDNN sums the products in another order than MKL (on an AVX2-only CPU,
+    through two blocks, up to 1.6e-5 of the largest value, measured)."""
+    return torch.allclose(a, b, rtol=1e-4, atol=3e-5 * float(b.abs().max()))
 
 
 @pytest.mark.parametrize("rows", [ONE_ROW, MANY_ROWS])
@@ -77,7 +78,13 @@ def test_only_large_plain_weights_are_packed(checkpoints, wide_checkpoint):
     assert all(p.rows == ONE_ROW for p in packed_projections(wide))
     assert all(p.packed.numel() >= MIN_PACKED_ELEMENTS for p in packed_projections(wide))
     half = load_span(wide_checkpoint, 0, 1, dtype=torch.bfloat16, pack=True)
-    assert {p.rows for p in packed_projections(half)} == {MANY_ROWS}  # as fast for one row in bfloat16
+    if can_pack("cpu", torch.bfloat16):
+        assert {p.rows for p in packed_projections(half)} == {MANY_ROWS}  # as fast for one row in bfloat16
+    else:  # a CPU without oneDNN's bfloat16 instructions (AVX2 only) keeps the plain layout, and still serves
+        assert (
+            packed_projections(half) == []
+            and half(torch.ones(1, 2, 1024, dtype=torch.bfloat16)).isfinite().all()
+        )
     assert (
         packed_projections(pack_block(load_span(wide_checkpoint, 0, 1, dtype=torch.float16).blocks[0])) == []
     )

@@ -32,10 +32,15 @@ MERGED_SHARE_UP, MERGED_SHARE_DOWN = 0.5, 0.2  # hysteresis of `layout_for`
 
 
 def can_pack(device: torch.device | str, dtype: torch.dtype) -> bool:
-    """Whether this PyTorch build packs weights of `dtype` on `device` (CPU builds with oneDNN)."""
-    return (
-        torch.device(device).type == "cpu" and dtype in PACKED_DTYPES and torch.backends.mkldnn.is_available()
-    )
+    """Whether this PyTorch build packs weights of `dtype` on `device` (CPU builds with oneDNN; bfloat16 only on
+    CPUs whose instructions oneDNN needs for it, AVX-512 or AVX-NE-CONVERT: an AVX2-only CPU refuses)."""
+    if (
+        torch.device(device).type != "cpu"
+        or dtype not in PACKED_DTYPES
+        or not torch.backends.mkldnn.is_available()
+    ):
+        return False
+    return dtype != torch.bfloat16 or torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 def initial_rows(dtype: torch.dtype) -> int:
