@@ -173,7 +173,7 @@ def main() -> None:
     print(table)
     if not args.no_record:
         append_results(
-            f"Paired A/B, single-session decode through {args.servers} servers",
+            f"Paired A/B, single-session decode through {args.servers} server{'s' * (args.servers > 1)}",
             table,
             f"{args.rounds} rounds of a {args.new_tokens}-token greedy generate, alternating A and B; "
             "CPU: user + system time of the swarm's servers and client per generated token (/proc); "
