@@ -150,34 +150,39 @@ class Fuzzed:
 
     async def call(self, method: str, message: Message) -> str:
         """One call; how it was answered ("reply" or the error code)."""
-        began = time.monotonic()
-        try:
-            async with asyncio.timeout(REPLY_WITHIN_S):
-                await self.conn.call(method, message)
-            outcome = "reply"
-        except RemoteError as e:
-            outcome = e.code
-        except TimeoutError:
-            raise AssertionError(f"{method} not answered within {REPLY_WITHIN_S} s: {message.meta}") from None
-        assert outcome != "internal", f"{method} crashed on {message.meta}: {outcome}"
-        assert time.monotonic() - began < REPLY_WITHIN_S
-        return outcome
+
+        async def answer() -> str:
+            await self.conn.call(method, message)
+            return "reply"
+
+        return await self._answered(method, message, answer())
 
     async def push(self, message: Message) -> str:
         """One push, a notice (answered only when refused); how it was answered ("reply": it was taken, or the
         error code), known once a ping sent after it on the connection is answered (frames are handled in
         order, so a refusal comes first)."""
+
+        async def answer() -> str:
+            refused: list = []
+            await self.conn.notify("push", message, refused.append)
+            with contextlib.suppress(RemoteError):  # a ping over the peer's rate is refused, as late
+                await self.conn.call("ping", Message())
+            return refused[0].code if refused else "reply"
+
+        return await self._answered("push", message, answer())
+
+    async def _answered(self, method: str, message: Message, answer) -> str:
+        """The outcome `answer` gives (a RemoteError: its code), which must come within REPLY_WITHIN_S and
+        never be `internal`."""
         began = time.monotonic()
-        refused: list = []
         try:
             async with asyncio.timeout(REPLY_WITHIN_S):
-                await self.conn.notify("push", message, refused.append)
-                with contextlib.suppress(RemoteError):  # a ping over the peer's rate is refused, as late
-                    await self.conn.call("ping", Message())
+                outcome = await answer
+        except RemoteError as e:
+            outcome = e.code
         except TimeoutError:
-            raise AssertionError(f"push not answered within {REPLY_WITHIN_S} s: {message.meta}") from None
-        outcome = refused[0].code if refused else "reply"
-        assert outcome != "internal", f"push crashed on {message.meta}: {outcome}"
+            raise AssertionError(f"{method} not answered within {REPLY_WITHIN_S} s: {message.meta}") from None
+        assert outcome != "internal", f"{method} crashed on {message.meta}: {outcome}"
         assert time.monotonic() - began < REPLY_WITHIN_S
         return outcome
 

@@ -60,11 +60,6 @@ async def refusal(conn, message: Message) -> RemoteError:
     return await asyncio.wait_for(refused, 10)
 
 
-def landed(errors: list):
-    """An on_error for pushes that must land: the test asserts that `errors` stays empty."""
-    return errors.append
-
-
 def expected(span, hidden, blocks=slice(0, 4)):
     with torch.inference_mode():
         return span(hidden, blocks=blocks)
@@ -278,7 +273,7 @@ async def test_push_hands_the_output_to_the_next_server(span, llama_checkpoint):
         # (on another connection, so it may be handled before or after the next step: dropped either way)
         as_first, errors = await connect_direct(*second.address, first_id, expected_peer_id=None), []
         late = Message({"session_id": "b" * 24, "position": 3, "step": 2}, [r1.tensors[0]])
-        await as_first.notify("push", late, landed(errors))
+        await as_first.notify("push", late, errors.append)
         await s2.send(Message({"position": 4, "step": 3}, [torch.randn(1, 1, HIDDEN)]))
         assert (await s2.recv()).meta["step"] == 3
 
@@ -287,7 +282,7 @@ async def test_push_hands_the_output_to_the_next_server(span, llama_checkpoint):
         await as_first.notify(
             "push",
             Message({"session_id": "b" * 24, "position": 5, "step": 4}, [hidden[:, :1]]),
-            landed(errors),
+            errors.append,
         )
         assert (await s2.recv()).meta["step"] == 4
         await s2.send(Message({"position": 5, "step": 4}, [hidden[:, :1]]))
@@ -385,14 +380,14 @@ async def test_repoint_moves_the_push_permission(served):
     from_old = await connect_direct(*server.address, old, expected_peer_id=None)
     from_new = await connect_direct(*server.address, new, expected_peer_id=None)
     errors = []
-    await from_old.notify("push", Step(0, hidden, step=1, session_id="r" * 24).to_message(), landed(errors))
+    await from_old.notify("push", Step(0, hidden, step=1, session_id="r" * 24).to_message(), errors.append)
     assert (await stream.recv()).meta["step"] == 1
     await stream.send(Repoint(new.peer_id).to_message())
     await stream.send(Step(1, hidden, step=2).to_message())  # the repoint is in effect once this is answered
     assert (await stream.recv()).meta["step"] == 2
     late = Step(2, hidden, step=3, session_id="r" * 24).to_message()
     assert (await refusal(from_old, late)).code == "forbidden"
-    await from_new.notify("push", Step(2, hidden, step=3, session_id="r" * 24).to_message(), landed(errors))
+    await from_new.notify("push", Step(2, hidden, step=3, session_id="r" * 24).to_message(), errors.append)
     assert (await stream.recv()).meta["step"] == 3
     assert errors == []
     for c in (from_old, from_new):

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import secrets
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -21,7 +20,8 @@ import torch
 from swarmllm.client.replies import BadReplyError, push_failure, reply_step, step_reply
 from swarmllm.client.routing import Hop
 from swarmllm.client.tuning import NO_TUNING, Tuning
-from swarmllm.wire import Connection, Message, Stream, WireError
+from swarmllm.wire import Connection, Stream, WireError
+from swarmllm.wire.connection import Watcher
 from swarmllm.wire.messages import OpenSession, Repoint, Step, StepReply
 
 
@@ -161,7 +161,7 @@ class HopSession:
                 f"within {timeout_s:.1f} s"
             ) from None
 
-    def watch(self, watcher: Callable[[Message | WireError], None] | None) -> None:
+    def watch(self, watcher: Watcher | None) -> None:
         """Show `watcher` what this hop's stream receives (`Stream.watch`) while the client waits on another hop."""
         self._stream.watch(watcher)
 

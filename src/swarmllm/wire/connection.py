@@ -23,6 +23,7 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing, suppress
 from dataclasses import dataclass
+from typing import Any
 
 from swarmllm.wire.framing import (
     ConnectionLost,
@@ -129,6 +130,7 @@ class Incoming(Inbox):
 UnaryHandler = Callable[[Message, CallContext], Awaitable[Message]]
 NoticeHandler = Callable[[Message, CallContext], None]
 ErrorCallback = Callable[[WireError], None]
+Watcher = Callable[[Message | WireError], None]
 StreamHandler = Callable[[Message, Incoming, CallContext], AsyncIterator[Message]]
 
 
@@ -402,7 +404,7 @@ class Connection:
                     logger.warning(f"{self!r}: the peer rejected our connection: {refusal}")
                     self._why_lost = ConnectionLost(f"the peer rejected the connection: {refusal}")
                 elif frame.kind is Kind.ERROR and (on_error := self._notices.pop(frame.call_id, None)):
-                    _tell(on_error, _remote_error(frame.message))
+                    _tell(on_error, _remote_error(frame.message), "a notice's on_error")
                 # any other frame is for a call we already gave up on, or a notice forgotten
         except ConnectionLost as e:
             lost = self._why_lost or e
@@ -421,15 +423,15 @@ class Connection:
                     target.set_exception(ConnectionLost(str(lost)))
             notices, self._notices = self._notices, {}
             for on_error in notices.values():
-                _tell(on_error, ConnectionLost(str(lost)))
+                _tell(on_error, ConnectionLost(str(lost)), "a notice's on_error")
 
 
-def _tell(on_error: ErrorCallback, error: WireError) -> None:
-    """Hand a notice's failure to its caller's callback, which must not break the read loop."""
+def _tell(callback: Callable[[Any], None], item: object, what: str) -> None:
+    """Hand `item` to a caller's callback, run in the connection's read loop, which must go on if it fails."""
     try:
-        on_error(error)
+        callback(item)
     except Exception:
-        logger.warning("a notice's on_error callback failed", exc_info=True)
+        logger.warning(f"{what} failed", exc_info=True)
 
 
 class Stream:
@@ -451,7 +453,7 @@ class Stream:
         )
         self._lost: ConnectionLost | None = None
         self._closed = False
-        self._watcher: Callable[[Message | WireError], None] | None = None
+        self._watcher: Watcher | None = None
 
     async def __aenter__(self) -> Stream:
         return self
@@ -488,19 +490,13 @@ class Stream:
             raise item
         return item
 
-    def watch(self, watcher: Callable[[Message | WireError], None] | None) -> None:
+    def watch(self, watcher: Watcher | None) -> None:
         """Show `watcher` what waits to be received and, until `watch(None)`, each message (or the error that
         ends the stream) as it arrives; all of it is still received as usual. For a caller that waits on
         another stream meanwhile and must react to this one without a task of its own."""
         self._watcher = watcher
         for item in self._inbox.queued() if watcher is not None else ():
-            self._show(item)
-
-    def _show(self, item: Message | WireError) -> None:
-        try:
-            self._watcher(item)
-        except Exception:  # the watcher runs in the connection's read loop, which must go on
-            logger.warning(f"a watcher of stream {self.method!r} failed", exc_info=True)
+            _tell(watcher, item, f"a watcher of stream {self.method!r}")
 
     async def close(self) -> None:
         """Send END (once) and forget the stream; messages still in flight from the peer are dropped."""
@@ -526,13 +522,13 @@ class Stream:
         if isinstance(item, WireError):
             self._peer_ended = item
         if self._watcher is not None:
-            self._show(item)
+            _tell(self._watcher, item, f"a watcher of stream {self.method!r}")
         await self._inbox.put(item)
 
     def _connection_lost(self, error: ConnectionLost) -> None:
         self._lost = ConnectionLost(str(error))
         if self._watcher is not None:
-            self._show(self._lost)
+            _tell(self._watcher, self._lost, f"a watcher of stream {self.method!r}")
         if self._inbox.empty():
             self._inbox.put_nowait(self._lost)  # wakes a recv that is waiting; a full inbox has no waiter
 
