@@ -58,6 +58,13 @@ class DecodeBatcher(Generic[R]):
 
     async def step(self, session: Hashable, request: R) -> object:
         """This session's output of the merged step that takes `request`."""
+        if not self._waiting and all(other == session for other in self._decoding):
+            # alone (the common case on a chain): run it, without the bookkeeping a merge needs
+            began = time.monotonic()
+            try:
+                return self._run([request])[0]
+            finally:
+                self._ran([session], began)
         future = asyncio.get_running_loop().create_future()
         self._waiting.append(Waiting(session, request, future))
         if self._due():
@@ -101,11 +108,15 @@ class DecodeBatcher(Generic[R]):
             for w, out in zip(batch, outputs, strict=True):
                 if not w.future.done():  # (its session's task may have been cancelled meanwhile)
                     w.future.set_result(out)
+        self._ran([w.session for w in batch], began)
+        if self._waiting:  # more than max_sessions were waiting: the rest go next, without a wait
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _ran(self, sessions: list[Hashable], began: float) -> None:
+        """A merged step of `sessions`, begun at `began`, is done (whether it succeeded or not)."""
         now = time.monotonic()
         self._last_step_s = now - began
         self.steps += 1
-        self.merged += len(batch)
-        for w in batch:
-            self._decoding[w.session] = now
-        if self._waiting:  # more than max_sessions were waiting: the rest go next, without a wait
-            asyncio.get_running_loop().call_soon(self._flush)
+        self.merged += len(sessions)
+        for session in sessions:
+            self._decoding[session] = now

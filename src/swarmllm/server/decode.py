@@ -117,7 +117,12 @@ class DecodeRunner:
                     key_mask = torch.ones(1, length, dtype=torch.bool, device=self.device)
                     for slot in slots:
                         _, positions = self._attended(hidden, slot, key_mask, False)
-                        self._compiled_step(hidden, positions, *self._slots(caches[length], slot))
+                        keys, values, slot_tensor = self._slots(caches[length], slot)
+                        # the attended length is a symbol of the graphs compiled here; the steps they then serve
+                        # match them without the mark (torch guards their lengths against the symbol's range)
+                        torch._dynamo.mark_dynamic(keys, 3)
+                        torch._dynamo.mark_dynamic(values, 3)
+                        self._compiled_step(hidden, positions, keys, values, slot_tensor)
         except Exception as e:  # noqa: BLE001 - any compiler failure: serve eagerly rather than not at all
             logger.warning("torch.compile failed (%s: %s); decoding eagerly", type(e).__name__, e)
             self.compiled, self._decode = False, self.span.decode
@@ -154,8 +159,6 @@ class DecodeRunner:
         slot: torch.Tensor,
     ) -> torch.Tensor:
         """The compiled step: one sequence, the whole span, no padding; the attended length is a symbol."""
-        torch._dynamo.mark_dynamic(keys, 3)
-        torch._dynamo.mark_dynamic(values, 3)
         return self._decode(hidden, positions, slot, keys, values, None, None)
 
     def step(
@@ -205,13 +208,15 @@ class DecodeRunner:
         self, hidden: torch.Tensor, slot: int, key_mask: torch.Tensor, padded: bool
     ) -> tuple[torch.Tensor | None, torch.Tensor]:
         """The key mask of slots [0, slot] (None when none is a pad) and the tokens' rotary positions [B]."""
-        mask = key_mask[:, : slot + 1] if padded else None
+        if not padded:  # every position is the slot (one op: this is on every step's path)
+            return None, torch.full((hidden.shape[0],), slot, dtype=torch.long, device=self.device)
+        mask = key_mask[:, : slot + 1]
         return mask, position_ids(mask, hidden.shape[0], 1, slot, self.device)[:, 0]
 
     def _slots(self, cache: KVCache, slot: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The cache's keys and values over slots [0, slot], and `slot` as the [1] tensor decode takes."""
         keys, values = cache.keys[:, :, :, : slot + 1], cache.values[:, :, :, : slot + 1]
-        return keys, values, torch.tensor([slot], device=self.device)
+        return keys, values, torch.full((1,), slot, dtype=torch.long, device=self.device)
 
     def _replay(
         self,

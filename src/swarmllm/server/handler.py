@@ -520,8 +520,8 @@ class RequestHandler:
         out, out_pending = await backend.step(session, hidden, step.position, new_mask, prompts, pending)
         # the compute time lets clients and benchmarks split a hop into network and server work
         compute_s = time.perf_counter() - began
-        self.metrics.step(hidden.shape[0] * length, length, compute_s)
         pushed = bool(step.push) and await self._start_push(step, out, out_pending, compression, target)
+        self.metrics.step(hidden.shape[0] * length, length, compute_s)  # after the push: off the chain's path
         reply = StepReply(step.position, step.step, out, compute_s, pushed, compression, out_pending)
         return reply.to_message()
 

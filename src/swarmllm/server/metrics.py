@@ -77,11 +77,12 @@ class ServerMetrics:
             ["model", "start_block", "end_block"],
             registry=registry,
         )
-        # created at 0, so that a scrape lists them before the first one happens
-        for kind in ("decode", "prefill"):
-            self.steps.labels(kind)
-            self.step_seconds.labels(kind)
-            self.tokens.labels(kind)
+        # created at 0, so that a scrape lists them before the first one happens; a step's three are looked up
+        # once here (`labels` takes a lock and builds a key: on every step's path otherwise)
+        self._by_kind = {
+            kind: (self.steps.labels(kind), self.tokens.labels(kind), self.step_seconds.labels(kind))
+            for kind in ("decode", "prefill")
+        }
         self.tokens.labels("forward")
 
     def watch_cache(self, used_tokens: Callable[[], int], capacity_tokens: Callable[[], int]) -> None:
@@ -94,10 +95,10 @@ class ServerMetrics:
         self.blocks.labels(model, str(start), str(end)).set(end - start)
 
     def step(self, tokens: int, length: int, seconds: float) -> None:
-        kind = "decode" if length == 1 else "prefill"
-        self.steps.labels(kind).inc()
-        self.tokens.labels(kind).inc(tokens)
-        self.step_seconds.labels(kind).observe(seconds)
+        steps, counted, duration = self._by_kind["decode" if length == 1 else "prefill"]
+        steps.inc()
+        counted.inc(tokens)
+        duration.observe(seconds)
 
     def forward(self, tokens: int) -> None:
         self.forwards.inc()

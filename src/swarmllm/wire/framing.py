@@ -1,7 +1,7 @@
 """The wire format: how one frame (metadata + tensors) is laid out as bytes, written and read back.
 
-A frame is three parts, each read with a single ``readexactly`` (payloads above 1 MiB in chunks, into a buffer
-that grows as they arrive):
+A frame is three parts, each read with a single ``readexactly`` (the head and payload of a frame under 64 KiB
+together, payloads above 1 MiB in chunks, into a buffer that grows as they arrive):
 
 1. a fixed 30-byte header (magic, version, kind, sizes, call id);
 2. the head: the method name (REQUEST frames only), msgpack metadata and one binary descriptor per tensor
@@ -41,6 +41,9 @@ _DIM = struct.Struct("<Q")
 # would hold at its peak, and a peer that declares 1 GiB and stalls costs only what it sent.
 _CHUNKED_PAYLOAD_BYTES = 1 << 20
 _CHUNK_BYTES = 1 << 20
+# A frame whose head and payload together are at most this is read whole, with one read: a refused payload of
+# that size is then read rather than dropped, which costs the same
+_ONE_READ_BYTES = 64 << 10
 
 _DTYPE_CODES: dict[torch.dtype, int] = {
     torch.float32: 1,
@@ -302,7 +305,11 @@ async def read_frame(
     if clock is not None:
         clock.begin(head_len + payload_len)
 
-    head = await _read_part(reader, head_len, "head")
+    if head_len + payload_len <= _ONE_READ_BYTES:
+        # a small frame (every decode step's): head and payload in one read, one buffer
+        head, payload, base = await _read_small(reader, head_len, payload_len)
+    else:
+        head, payload, base = await _read_part(reader, head_len, "head"), None, 0
     try:
         method = head[:method_len].decode()
         meta = (
@@ -321,17 +328,20 @@ async def read_frame(
     if payload_cap is not None:
         cap = payload_cap(kind, call_id, method)
         if payload_len > cap:
-            await _drop_payload(reader, payload_len)
+            if payload is None:
+                await _drop_payload(reader, payload_len)
             if clock is not None:
                 clock.end()
             raise PayloadTooLarge(Frame(kind, call_id, Message(meta), method), payload_len, cap)
-    payload = await _read_payload(reader, payload_len)
+    if payload is None:
+        payload = await _read_payload(reader, payload_len)
     if clock is not None:
         clock.end()
     tensors = []
     for dtype, shape, offset, count in layout:
         if count:
-            tensors.append(torch.frombuffer(payload, dtype=dtype, count=count, offset=offset).view(shape))
+            tensor = torch.frombuffer(payload, dtype=dtype, count=count, offset=base + offset)
+            tensors.append(tensor.view(shape))
         else:  # torch.frombuffer refuses empty buffers
             tensors.append(torch.empty(shape, dtype=dtype))
     return Frame(kind, call_id, Message(meta, tensors), method)
@@ -387,6 +397,26 @@ async def _read_part(reader: asyncio.StreamReader, size: int, what: str) -> byte
         raise FrameError(f"truncated {what} ({len(e.partial)} of {size} bytes)") from None
     except OSError as e:
         raise ConnectionLost(f"connection broke: {e!r}") from e
+
+
+async def _read_small(
+    reader: asyncio.StreamReader, head_len: int, payload_len: int
+) -> tuple[bytes, bytearray, int]:
+    """A small frame's head, and a writable buffer (torch.frombuffer then gives writable tensors) holding its
+    payload from an 8-byte aligned offset, returned too."""
+    try:
+        data = await reader.readexactly(head_len + payload_len)
+    except asyncio.IncompleteReadError as e:
+        got = len(e.partial)
+        if got < head_len:
+            raise FrameError(f"truncated head ({got} of {head_len} bytes)") from None
+        raise FrameError(f"truncated payload ({got - head_len} of {payload_len} bytes)") from None
+    except OSError as e:
+        raise ConnectionLost(f"connection broke: {e!r}") from e
+    base = _aligned(head_len)
+    buffer = bytearray(base - head_len + len(data))
+    buffer[base - head_len :] = data
+    return data[:head_len], buffer, base
 
 
 async def _read_payload(reader: asyncio.StreamReader, size: int) -> bytearray:
