@@ -1,18 +1,26 @@
 """What each hop of a chain costs: single-session ms/token of the tiny model through chains of 1, 2, 3 and 6
 servers on loopback (the model's 6 blocks split evenly), and the cost per added hop (a least-squares slope).
 
-    python benchmarks/chain.py [--servers 1 2 3 6] [--new-tokens 64] [--repeats 5] [--server-args ...]
+    python benchmarks/chain.py [--servers 1 2 3 6] [--new-tokens 64] [--repeats 9] [--server-args ...]
         [--rtt-ms 0] [--no-record]
 
 The tiny model computes next to nothing, so the slope is the hop's overhead: the wire, the push to the next
 server, the event loops' wake-ups and the per-step Python on both ends. With --rtt-ms (and --mbit), every server
 sits behind the network emulator (netem.py) instead.
+
+Every chain runs at once, each with its own swarm and client process, and the generates go round them in turn
+(the first chain of each round rotating), the way `ab.py` pairs two trees: on a shared machine, whose speed drifts
+by tens of percent over a minute, a chain measured after another would carry that drift into the slope. Besides
+the slope of the medians, each round's own slope is taken, and their median reported.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import statistics
+import subprocess
 import sys
 import time
 from contextlib import ExitStack
@@ -22,8 +30,12 @@ from common import PROMPT, append_results, checkpoint, markdown_table
 from netem import Emulator
 from transformers.utils import logging as hf_logging
 
+ARGS_ENV = "SWARMLLM_CHAIN_ARGS"  # the parent's arguments, for a worker (server flags may start with "--")
 
-def ms_per_token(servers: int, args: argparse.Namespace) -> tuple[float, bool]:
+
+def worker(servers: int, args: argparse.Namespace) -> None:
+    """One chain of `servers` servers and its client: says `ready` and whether its tokens equal local
+    transformers', then, on each stdin line, times one generate and prints its seconds."""
     from transformers import AutoModelForCausalLM
 
     from swarmllm import AutoDistributedModelForCausalLM
@@ -49,12 +61,28 @@ def ms_per_token(servers: int, args: argparse.Namespace) -> tuple[float, bool]:
         with torch.no_grad():
             want = local.generate(prompt, max_new_tokens=args.new_tokens, do_sample=False)
             got = remote.generate(prompt, max_new_tokens=args.new_tokens, do_sample=False)
-            times = []
-            for _ in range(args.repeats):
+            print(f"ready {got.tolist() == want.tolist()}", flush=True)
+            for _ in sys.stdin:
                 began = time.perf_counter()
                 remote.generate(prompt, max_new_tokens=args.new_tokens, do_sample=False)
-                times.append(time.perf_counter() - began)
-    return statistics.median(times) / args.new_tokens * 1e3, got.tolist() == want.tolist()
+                print(f"{time.perf_counter() - began:.6f}", flush=True)
+
+
+def start(servers: int, args: argparse.Namespace) -> tuple[subprocess.Popen, bool]:
+    """A worker process for one chain, once it is ready; and whether its tokens equal transformers'."""
+    env = {**os.environ, ARGS_ENV: json.dumps(vars(args))}
+    proc = subprocess.Popen(
+        [sys.executable, __file__, "--worker", str(servers)],
+        env=env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    while (line := proc.stdout.readline()) and not line.startswith("ready"):
+        pass
+    if not line:
+        raise RuntimeError(f"the chain of {servers} servers did not start")
+    return proc, line.split()[1] == "True"
 
 
 def slope(xs: list[float], ys: list[float]) -> float:
@@ -68,27 +96,48 @@ def main() -> None:
     )
     parser.add_argument("--servers", nargs="+", type=int, default=[1, 2, 3, 6])
     parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--rounds", type=int, default=1, help="measure every chain length this many times")
+    parser.add_argument("--repeats", type=int, default=9, help="rounds of one generate through every chain")
     parser.add_argument("--server-args", nargs="*", default=[])
     parser.add_argument("--rtt-ms", type=float, default=0.0)
     parser.add_argument("--mbit", type=float, default=None)
     parser.add_argument("--no-record", action="store_true")
+    parser.add_argument("--worker", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     hf_logging.disable_progress_bar()
-    results: dict[int, list[float]] = {n: [] for n in args.servers}
+    if args.worker:
+        worker(args.worker, argparse.Namespace(**json.loads(os.environ[ARGS_ENV])))
+        return
+    chains: dict[int, subprocess.Popen] = {}
     equal = True
-    for _ in range(args.rounds):
+    try:
         for n in args.servers:
-            print(f"chain of {n} servers ...", file=sys.stderr)
-            ms, same = ms_per_token(n, args)
-            results[n].append(ms)
+            print(f"starting a chain of {n} servers ...", file=sys.stderr)
+            chains[n], same = start(n, args)
             equal &= same
+        results: dict[int, list[float]] = {n: [] for n in args.servers}
+        for r in range(args.repeats):
+            k = r % len(args.servers)
+            for n in args.servers[k:] + args.servers[:k]:
+                chains[n].stdin.write("go\n")
+                chains[n].stdin.flush()
+                results[n].append(float(chains[n].stdout.readline()) / args.new_tokens * 1e3)
+    finally:
+        for proc in chains.values():
+            proc.stdin.close()
+        for proc in chains.values():
+            proc.wait(timeout=120)
+    xs = list(map(float, args.servers))
     medians = {n: statistics.median(v) for n, v in results.items()}
-    per_hop = slope(list(map(float, medians)), list(medians.values()))
-    rows = [[n, f"{medians[n]:.2f}", " ".join(f"{v:.2f}" for v in results[n])] for n in args.servers]
-    table = markdown_table(["servers in the chain", "ms/token (median)", "each round"], rows)
-    summary = f"Cost per added hop (least-squares slope): {per_hop:.2f} ms/token; tokens equal to transformers: {equal}."
+    per_hop = slope(xs, list(medians.values()))
+    per_round = statistics.median(
+        slope(xs, [results[n][r] for n in args.servers]) for r in range(args.repeats)
+    )
+    rows = [[n, f"{medians[n]:.2f}", f"{min(results[n]):.2f}"] for n in args.servers]
+    table = markdown_table(["servers in the chain", "ms/token (median)", "fastest"], rows)
+    summary = (
+        f"Cost per added hop (least-squares slope of the medians): {per_hop:.2f} ms/token; median of the rounds' "
+        f"own slopes: {per_round:.2f}; tokens equal to transformers: {equal}."
+    )
     print(table)
     print(summary)
     if not args.no_record:
@@ -96,9 +145,9 @@ def main() -> None:
         append_results(
             f"Chain length: tiny model, single session, {network}",
             table,
-            f"{summary} Greedy, 6-token prompt, {args.new_tokens} new tokens, median of {args.repeats} "
-            f"generates per chain (a fresh swarm per chain length, {args.rounds} round(s)); server flags: "
-            f"{' '.join(args.server_args) or 'defaults'}.",
+            f"{summary} Greedy, 6-token prompt, {args.new_tokens} new tokens; every chain up at once, each with "
+            f"its own swarm and client process, {args.repeats} rounds of one generate per chain in turn; server "
+            f"flags: {' '.join(args.server_args) or 'defaults'}.",
         )
 
 
