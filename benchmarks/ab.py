@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import PROMPT, append_results, checkpoint, markdown_table
+from common import PROMPT, append_results, checkpoint, markdown_table, start_worker
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -77,17 +77,7 @@ def start(src: Path, args: argparse.Namespace, server_args: str) -> subprocess.P
         "--servers",
         str(args.servers),
     ]
-    proc = subprocess.Popen(
-        [*command, f"--server-args={server_args}"],
-        env=env,
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    while (line := proc.stdout.readline()) and line.strip() != "ready":
-        pass
-    if not line:
-        raise RuntimeError(f"the worker for {src} ({server_args!r}) did not start")
+    proc, _ = start_worker([*command, f"--server-args={server_args}"], env)
     return proc
 
 

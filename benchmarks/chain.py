@@ -26,7 +26,7 @@ import time
 from contextlib import ExitStack
 
 import torch
-from common import PROMPT, append_results, checkpoint, markdown_table
+from common import PROMPT, append_results, checkpoint, markdown_table, start_worker
 from netem import Emulator
 from transformers.utils import logging as hf_logging
 
@@ -71,18 +71,8 @@ def worker(servers: int, args: argparse.Namespace) -> None:
 def start(servers: int, args: argparse.Namespace) -> tuple[subprocess.Popen, bool]:
     """A worker process for one chain, once it is ready; and whether its tokens equal transformers'."""
     env = {**os.environ, ARGS_ENV: json.dumps(vars(args))}
-    proc = subprocess.Popen(
-        [sys.executable, __file__, "--worker", str(servers)],
-        env=env,
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    while (line := proc.stdout.readline()) and not line.startswith("ready"):
-        pass
-    if not line:
-        raise RuntimeError(f"the chain of {servers} servers did not start")
-    return proc, line.split()[1] == "True"
+    proc, ready = start_worker([sys.executable, __file__, "--worker", str(servers)], env)
+    return proc, ready.split()[1] == "True"
 
 
 def slope(xs: list[float], ys: list[float]) -> float:

@@ -217,3 +217,14 @@ def measure_swarm(
         step_s=statistics.median(step_times[1:]),
         token_s=instrumented_s / new_tokens,
     )
+
+
+def start_worker(command: Sequence[str], env: dict[str, str]) -> tuple[subprocess.Popen, str]:
+    """A benchmark's worker process (stdin and stdout piped, text), once it has printed its line starting with
+    `ready`; that line is returned too (a worker may add what it checked while starting)."""
+    proc = subprocess.Popen(command, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    while (line := proc.stdout.readline()) and not line.startswith("ready"):
+        pass
+    if not line:
+        raise RuntimeError(f"a worker exited before it was ready: {' '.join(command)}")
+    return proc, line.strip()

@@ -58,8 +58,9 @@ class DecodeBatcher(Generic[R]):
 
     async def step(self, session: Hashable, request: R) -> object:
         """This session's output of the merged step that takes `request`."""
-        if not self._waiting and all(other == session for other in self._decoding):
-            # alone (the common case on a chain): run it, without the bookkeeping a merge needs
+        if not self._waiting and self._due(session):
+            # due on arrival with no other step waiting (a lone session, as on a chain): run it, without the
+            # future and queue entry a merge needs
             began = time.monotonic()
             try:
                 return self._run([request])[0]
@@ -80,14 +81,17 @@ class DecodeBatcher(Generic[R]):
         if self._waiting and self._due():
             self._flush()
 
-    def _due(self) -> bool:
-        if len(self._waiting) >= self.max_sessions:
+    def _due(self, arriving: Hashable | None = None) -> bool:
+        """Whether a merged step of the waiting steps (and `arriving`'s, not queued yet) should run now."""
+        if len(self._waiting) + (arriving is not None) >= self.max_sessions:
             return True
         now = time.monotonic()
         for session, last in list(self._decoding.items()):
             if now - last > self.active_s:
                 del self._decoding[session]  # it stopped decoding (prefilling, thinking, or gone)
         waiting = {w.session for w in self._waiting}
+        if arriving is not None:
+            waiting.add(arriving)
         return all(session in waiting for session in self._decoding)
 
     def _flush(self) -> None:
