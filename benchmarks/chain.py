@@ -94,6 +94,8 @@ def main() -> None:
     parser.add_argument("--worker", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     hf_logging.disable_progress_bar()
+    if not args.worker and len(set(args.servers)) < 2:
+        parser.error("--servers needs at least two chain lengths (the cost per hop is a slope)")
     if args.worker:
         worker(args.worker, argparse.Namespace(**json.loads(os.environ[ARGS_ENV])))
         return

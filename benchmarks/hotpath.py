@@ -3,6 +3,7 @@ and batch-forward tokens/s for the tiny and medium models through 2 servers, bes
 Petals 2.2 (its own venv, the recipe in shared/petals-peer).
 
     python benchmarks/hotpath.py [--models tiny medium] [--petals-venv /tmp/pvenv] [--no-record]
+    python benchmarks/hotpath.py --models llama7b --device cuda --dtype float16 [--quant none nf4]
 """
 
 from __future__ import annotations
@@ -179,6 +180,13 @@ def main() -> None:
         choices=list(DECODE_MODES),
         help="server decode modes to measure (default: eager compiled on CPU, cuda-graphs eager on CUDA)",
     )
+    parser.add_argument(
+        "--quant",
+        nargs="+",
+        default=["none"],
+        choices=["none", "int8", "nf4"],
+        help="servers' weights, each a run",
+    )
     parser.add_argument("--forward-tokens", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--calls", type=int, default=500, help="round trips per transport row")
@@ -199,17 +207,19 @@ def main() -> None:
     for name in args.models:
         runs = []
         for mode in modes:
-            print(f"{name}: swarm ({mode} decode) and local ...", file=sys.stderr)
-            run = measure_swarm(
-                name,
-                new_tokens=NEW_TOKENS[name],
-                forward_tokens=args.forward_tokens,
-                repeats=args.repeats,
-                device=args.device,
-                dtype=args.dtype,
-                server_args=DECODE_MODES[mode],
-            )
-            runs.append((mode, run))
+            for quant in args.quant:
+                label = mode if quant == "none" else f"{mode}, {quant}"
+                print(f"{name}: swarm ({label} decode) and local ...", file=sys.stderr)
+                run = measure_swarm(
+                    name,
+                    new_tokens=NEW_TOKENS[name],
+                    forward_tokens=args.forward_tokens,
+                    repeats=args.repeats,
+                    device=args.device,
+                    dtype=args.dtype,
+                    server_args=[*DECODE_MODES[mode], "--quant", quant],
+                )
+                runs.append((label, run))
         if name == "llama7b":  # the Petals GPU recipe lives in shared/petals-peer/gpu/ and runs on its own
             petals = "run shared/petals-peer/gpu/ on the same machine"
         else:
@@ -245,7 +255,7 @@ def main() -> None:
             f"Single session, batch 1, 6-token prompt, greedy, new tokens {', '.join(f'{k} {v}' for k, v in NEW_TOKENS.items())}; medians of "
             f"{args.repeats}, swarm and local runs alternating (a fresh swarm and local run per decode mode). "
             "Server decode: eager = BlockSpan.decode as is; compiled = `swarmllm serve --compile`; cuda-graphs = "
-            "the CUDA default. Petals: shared/petals-peer recipe in its own venv (transformers 4.34), median of 3, "
+            "the CUDA default; int8 / nf4 = `swarmllm serve --quant`. Petals: shared/petals-peer recipe in its own venv (transformers 4.34), median of 3, "
             "run right after ours.",
         )
 

@@ -5,6 +5,7 @@ are checked against its own solo run through the same swarm, and the solo runs a
 
     python benchmarks/multiclient.py [--models tiny medium] [--clients 1 4 8] [--rtt-ms 100 --mbit 100]
         [--networks loopback wan] [--batch-wait-ms 10] [--no-record]
+    python benchmarks/multiclient.py --models llama7b --device cuda --dtype float16 --networks loopback
 
 Servers continuously batch the sessions' decode steps (server/batching.py); `--server-args=--batch-wait-ms=0`
 shows what merging without waiting gives.
@@ -27,7 +28,7 @@ from common import append_results, checkpoint, markdown_table
 from netem import Emulator
 from transformers.utils import logging as hf_logging
 
-NEW_TOKENS = {"tiny": 64, "medium": 32}
+NEW_TOKENS = {"tiny": 64, "medium": 32, "llama7b": 64}
 PROMPT_LENGTH = 6
 
 
@@ -36,16 +37,22 @@ def prompt(seed: int, vocab_size: int) -> list[int]:
     return torch.randint(3, vocab_size, (PROMPT_LENGTH,), generator=generator).tolist()
 
 
-def worker(path: str, peers: list[str]) -> None:
+def worker(path: str, peers: list[str], device: str, dtype: str) -> None:
     """A client process: on each stdin line `SEED NEW_TOKENS`, one greedy generate of that seed's prompt,
     answered with its tokens and its start and end (CLOCK_MONOTONIC, comparable across processes)."""
     from swarmllm import AutoDistributedModelForCausalLM
 
     torch.set_num_threads(1)  # many clients share the machine's cores with the servers
-    remote = AutoDistributedModelForCausalLM.from_pretrained(path, initial_peers=peers)
+    remote = AutoDistributedModelForCausalLM.from_pretrained(
+        path, initial_peers=peers, device=device, dtype=getattr(torch, dtype)
+    )
     vocab = remote.config.vocab_size
+
+    def ids(seed: int) -> torch.Tensor:
+        return torch.tensor([prompt(seed, vocab)], device=device)
+
     with torch.no_grad():
-        remote.generate(torch.tensor([prompt(0, vocab)]), max_new_tokens=2, do_sample=False)  # warm-up
+        remote.generate(ids(0), max_new_tokens=2, do_sample=False)  # warm-up
         print("ready", flush=True)
         for line in sys.stdin:
             if line.strip() == "stats":
@@ -53,7 +60,7 @@ def worker(path: str, peers: list[str]) -> None:
                 continue
             seed, new = (int(x) for x in line.split())
             began = time.monotonic()
-            out = remote.generate(torch.tensor([prompt(seed, vocab)]), max_new_tokens=new, do_sample=False)
+            out = remote.generate(ids(seed), max_new_tokens=new, do_sample=False)
             ended = time.monotonic()
             print(json.dumps({"tokens": out[0].tolist(), "began": began, "ended": ended}), flush=True)
     remote.shutdown()
@@ -77,9 +84,10 @@ def batching_stats(swarm) -> list[tuple[int, int]]:
 class Clients:
     """Client processes, started once per swarm and reused by every run."""
 
-    def __init__(self, count: int, path: Path, peers: list[str]):
+    def __init__(self, count: int, path: Path, peers: list[str], device: str, dtype: str):
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        command = [sys.executable, __file__, "--worker", str(path), "--peers", *peers]
+        command = [sys.executable, __file__, "--worker", str(path), "--device", device, "--dtype", dtype]
+        command += ["--peers", *peers]
         self.procs = [
             subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
             for _ in range(count)
@@ -115,13 +123,15 @@ def aggregate_tps(results: list[dict], new_tokens: int) -> float:
 
 
 def local_batch_tps(model, vocab: int, clients: int, new_tokens: int, repeats: int) -> tuple[float, list]:
-    ids = torch.tensor([prompt(seed, vocab) for seed in range(clients)])
+    ids = torch.tensor([prompt(seed, vocab) for seed in range(clients)], device=model.device)
     times, out = [], None
     with torch.no_grad():
         model.generate(ids, max_new_tokens=2, do_sample=False)
         for _ in range(repeats):
             began = time.perf_counter()
             out = model.generate(ids, max_new_tokens=new_tokens, do_sample=False)
+            if model.device.type == "cuda":
+                torch.cuda.synchronize()
             times.append(time.perf_counter() - began)
     return clients * new_tokens / statistics.median(times), out.tolist()
 
@@ -171,10 +181,11 @@ def bench(name: str, network: str, args: argparse.Namespace, local, petals) -> l
         swarm = stack.enter_context(LocalSwarm())
         swarm.start_bootstrap()
         half = blocks // 2
-        extra = ["--batch-wait-ms", str(args.batch_wait_ms), *args.server_args]
+        extra = ["--batch-wait-ms", str(args.batch_wait_ms), "--device", args.device, "--dtype", args.dtype]
+        extra += args.server_args
         for span, own in zip([(0, half), (half, blocks)], per_server, strict=True):
             swarm.add_server(str(path), span, extra=[*extra, *own])
-        clients = Clients(most, path, swarm.initial_peers)
+        clients = Clients(most, path, swarm.initial_peers, args.device, args.dtype)
         stack.callback(clients.close)
         print(f"{name} {network}: solo runs ...", file=sys.stderr)
         solo = {seed: clients.run([seed], new)[0] for seed in range(most)}
@@ -226,6 +237,10 @@ def main() -> None:
     )
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--peers", nargs="+", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--device", default="cpu", help="cuda: servers and clients share the GPU (use llama7b)"
+    )
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--models", nargs="+", default=["tiny", "medium"], choices=list(NEW_TOKENS))
     parser.add_argument("--clients", nargs="+", type=int, default=[1, 4, 8])
     parser.add_argument("--networks", nargs="+", default=["loopback", "wan"], choices=["loopback", "wan"])
@@ -240,7 +255,7 @@ def main() -> None:
     parser.add_argument("--no-record", action="store_true")
     args = parser.parse_args()
     if args.worker:
-        worker(args.worker, args.peers)
+        worker(args.worker, args.peers, args.device, args.dtype)
         return
     if args.clients[0] != 1:
         parser.error("--clients must start with 1 (the single-session rate the others are compared with)")
@@ -249,9 +264,12 @@ def main() -> None:
 
     rows = []
     for name in args.models:
-        local = AutoModelForCausalLM.from_pretrained(checkpoint(name), dtype=torch.float32).eval()
+        dtype = getattr(torch, args.dtype)
+        local = AutoModelForCausalLM.from_pretrained(checkpoint(name), dtype=dtype).to(args.device).eval()
         petals = "not run (--no-petals)"
-        if not args.no_petals and "loopback" in args.networks:
+        if name == "llama7b":  # the Petals GPU recipe lives in shared/petals-peer/gpu/ and runs on its own
+            petals = "run shared/petals-peer/gpu/ (AGG=1) on the same machine"
+        elif not args.no_petals and "loopback" in args.networks:
             print(f"{name}: Petals ...", file=sys.stderr)
             petals = petals_rates(name, args)
         for network in args.networks:
@@ -283,7 +301,8 @@ def main() -> None:
             f"{', '.join(f'{k} {v}' for k, v in NEW_TOKENS.items())}; aggregate = all clients' new tokens / "
             f"(last end - first start), median of {args.repeats}. Emulated WAN: {wan}, on every direct "
             f"connection to a server (client to server and the push between servers). Servers: "
-            f"--batch-wait-ms {args.batch_wait_ms:g} {' '.join(args.server_args)}. Local transformers: one "
+            f"--batch-wait-ms {args.batch_wait_ms:g} --device {args.device} --dtype {args.dtype} "
+            f"{' '.join(args.server_args)}. Local transformers: one "
             "generate of the same prompts as one batch (default torch threads), no network.",
         )
 

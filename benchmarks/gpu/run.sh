@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Issue 21's GPU checks in one lease, on the lent machine (the `device` tool), with the wheels of `wheels.sh`:
+#     run(command="bash benchmarks/gpu/run.sh", carry=[".whl"], timeout_s=590)
+#     bash benchmarks/gpu/run.sh multiclient     # only the steps named: hotpath, multiclient, smoke
+# Each step has its own time limit (GNU timeout stops its whole process group: servers, clients, p2pd), so one
+# that hangs leaves time for the next. Logs and benchmarks/RESULTS.md (which the benchmarks append to) come back
+# in $OUT; copy the new RESULTS sections into the repository's.
+#   hotpath      the Llama-2-7B shape through 2 servers, fp16: CUDA graphs and eager decode, each with fp16 and
+#                nf4 weights (the issue's nf4 >= 0.9x fp16), beside local transformers (~5 min)
+#   multiclient  1, 4 and 8 concurrent clients of the same, loopback (the issue's >= 1,000 tokens/s) (~3 min)
+#   smoke        the tiny model on CUDA, fp32, both decode modes: a first look when hotpath fails (~1 min)
+set -u
+cd "$(dirname "$0")/../.." || exit 1
+OUT=${OUT:-/tmp/out}
+mkdir -p "$OUT"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || { echo "no wheels: run benchmarks/gpu/wheels.sh here first and carry .whl"; exit 1; }
+export PYTHONPATH="/tmp/site:$PWD/src" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+nvidia-smi --query-gpu=name,memory.total,memory.used,driver_version --format=csv | tee "$OUT/gpu.txt"
+python3 -c "import torch, transformers, hivemind, bitsandbytes, swarmllm
+print('torch', torch.__version__, 'cuda', torch.cuda.is_available(), 'transformers', transformers.__version__,
+      'bitsandbytes', bitsandbytes.__version__)" 2>&1 | tee -a "$OUT/gpu.txt"
+
+step() {  # name, seconds, benchmark and its arguments
+    local name=$1 limit=$2
+    shift 2
+    echo "== $name (at most ${limit} s): $*"
+    local began=$SECONDS
+    timeout -k 10 "$limit" python3 "$@" > "$OUT/$name.log" 2>&1
+    local rc=$?
+    tail -n 40 "$OUT/$name.log"
+    echo "== $name: exit $rc after $((SECONDS - began)) s"
+    pkill -f 'swarmllm.cli' 2>/dev/null  # whatever a stopped step left behind
+    cp benchmarks/RESULTS.md "$OUT/RESULTS.md"
+}
+
+steps=("$@")
+[ ${#steps[@]} -gt 0 ] || steps=(hotpath multiclient)
+for name in "${steps[@]}"; do
+    case $name in
+        hotpath) step hotpath 320 benchmarks/hotpath.py --models llama7b --device cuda --dtype float16 \
+            --quant none nf4 --repeats 3 --calls 200 ;;
+        multiclient) step multiclient 200 benchmarks/multiclient.py --models llama7b --device cuda \
+            --dtype float16 --networks loopback --clients 1 4 8 --repeats 2 ;;
+        smoke) step smoke 120 benchmarks/hotpath.py --models tiny --device cuda --repeats 2 --calls 100 ;;
+        *) echo "unknown step $name (hotpath, multiclient, smoke)" ;;
+    esac
+done
