@@ -4,6 +4,7 @@ steps equal its solo run, with its own cache length, padding and LoRA adapter (t
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from swarmllm.models.lora import LoraSettings, lora_shapes, span_lora
 from swarmllm.server.adapters import Adapter
 from swarmllm.server.backend import Backend
 from swarmllm.server.batching import DecodeBatcher
+from swarmllm.server.decode import MAX_COHORTS, DecodeRunner, Member, cohort_key
 
 MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -158,6 +160,48 @@ def test_decode_batch_equals_each_sessions_solo_decode(span):
     for solo, cache in zip(solo_caches, caches, strict=True):
         torch.testing.assert_close(cache.keys, solo.keys, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(cache.values, solo.values, rtol=1e-5, atol=1e-5)
+
+
+def test_a_cohorts_graph_step_equals_the_eager_merged_step(span):
+    """What a cohort's CUDA graph runs (each member's whole bucket of cache slots, stale keys past its slot, the
+    slot and positions read from static buffers) equals the eager merged step, for members at lengths in
+    different buckets, one padded, two with adapters; and a closed session's cohorts are dropped."""
+    config = span.config
+    settings = LoraSettings(rank=4, alpha=8, modules=MODULES)
+    loras = [span_lora(config, settings, random_adapter(config, settings, seed), range(4)) for seed in (5, 6)]
+    plans = [(5, 1, 100, loras[0]), (70, 2, 200, None), (3, 1, 80, loras[1])]  # slot, batch, max_length, lora
+    generator = torch.Generator().manual_seed(1)
+    runner = DecodeRunner(span, torch.device("cpu"))
+
+    eager = []
+    for slot, batch, max_length, lora in plans:
+        cache = KVCache(4, batch, max_length, config, torch.float32, "cpu")
+        cache.keys.normal_(generator=generator)  # stale keys/values past the slot too
+        cache.values.normal_(generator=generator)
+        key_mask = torch.ones(batch, max_length, dtype=torch.bool)
+        key_mask[1:, :4] = False  # a second sequence is left-padded
+        hidden = torch.randn(batch, config.hidden_size, generator=generator)
+        eager.append(Member(hidden, slot, key_mask, batch > 1, cache, lora))
+    graphed = []
+    for m in eager:
+        cache = KVCache(4, m.hidden.shape[0], m.cache.max_length, config, torch.float32, "cpu")
+        cache.keys.copy_(m.cache.keys)
+        cache.values.copy_(m.cache.values)
+        graphed.append(dataclasses.replace(m, cache=cache))
+    assert [m.bucket() for m in graphed] == [64, 128, 64]
+    with torch.inference_mode():
+        want, _ = runner.step_many(eager, None, slice(0, 4))
+        key = cohort_key(graphed, slice(0, 4))
+        got = runner._cohort_step(runner._cohort(key, graphed), graphed, slice(0, 4))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for a, b in zip(eager, graphed, strict=True):  # the same keys/values written at the slot
+        torch.testing.assert_close(b.cache.keys, a.cache.keys, rtol=1e-5, atol=1e-5)
+    for n in range(MAX_COHORTS + 2):  # the least recently used cohorts go beyond MAX_COHORTS
+        runner._cohort((n,), graphed)
+    assert len(runner._cohorts) == MAX_COHORTS and (0,) not in runner._cohorts
+    runner._cohorts[key] = runner._cohort(key, graphed)
+    runner.forget(graphed[1].cache)
+    assert key not in runner._cohorts and (MAX_COHORTS + 1,) in runner._cohorts
 
 
 def test_concurrent_sessions_on_a_backend_merge_and_match_their_solo_runs(span):

@@ -43,14 +43,14 @@ from dataclasses import dataclass
 import torch
 
 from swarmllm.models import BlockSpan, KVCache
-from swarmllm.models.llama import BlockLora, DecodeSegment, position_ids
+from swarmllm.models.llama import BlockLora
 from swarmllm.models.lora import span_lora
 from swarmllm.models.packed import initial_rows, layout_for, packed_projections
 from swarmllm.server.adapters import Adapter
 from swarmllm.server.batching import DecodeBatcher
 from swarmllm.server.cache import CacheBudget
 from swarmllm.server.compute import ComputeThread
-from swarmllm.server.decode import DecodeRunner
+from swarmllm.server.decode import DecodeRunner, Member
 
 logger = logging.getLogger(__name__)
 
@@ -425,33 +425,28 @@ class Backend:
                 d = steps[members[0]]
                 outputs[members[0]] = self._decode(d.session, d.hidden, d.position, d.pending)
                 continue
-            segments, positions, rows = [], [], 0
-            for i in members:
-                d = steps[i]
-                session, slot, batch = d.session, d.position, d.hidden.shape[0]
-                mask = session.key_mask[:, : slot + 1] if session.padded else None
-                positions.append(position_ids(mask, batch, 1, slot, self.device)[:, 0])
-                segments.append(
-                    DecodeSegment(
-                        slice(rows, rows + batch),
-                        torch.tensor([slot], device=self.device),
-                        session.cache.keys[:, :, :, : slot + 1],
-                        session.cache.values[:, :, :, : slot + 1],
-                        mask,
-                        session.lora,
-                    )
+            group = [steps[i] for i in members]
+            merged = [
+                Member(
+                    d.hidden[:, 0].to(self.device, self.dtype),
+                    d.position,
+                    d.session.key_mask,
+                    d.session.padded,
+                    d.session.cache,
+                    d.session.lora,
                 )
-                rows += batch
-            hidden = torch.cat([steps[i].hidden[:, 0].to(self.device, self.dtype) for i in members])
+                for d in group
+            ]
             pending = None
-            if steps[members[0]].pending is not None:
-                pending = torch.cat([steps[i].pending[:, 0].to(self.device, self.dtype) for i in members])
-            blocks = self._blocks(start, end)
-            out, p = self.span.decode_batch_pair(hidden, pending, torch.cat(positions), segments, blocks)
-            for i, segment in zip(members, segments, strict=True):
-                d = steps[i]
+            if group[0].pending is not None:
+                pending = torch.cat([d.pending[:, 0].to(self.device, self.dtype) for d in group])
+            out, p = self.decoder.step_many(merged, pending, self._blocks(start, end))
+            rows = 0
+            for i, d in zip(members, group, strict=True):
+                own = slice(rows, rows + d.hidden.shape[0])
                 d.session.length = d.position + 1
-                outputs[i] = out[segment.rows, None], None if p is None else p[segment.rows, None]
+                outputs[i] = out[own, None], None if p is None else p[own, None]
+                rows = own.stop
         return outputs
 
     def _follow_load(self, rows: int) -> None:

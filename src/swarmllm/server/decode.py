@@ -13,7 +13,10 @@ All three ways run `BlockSpan.decode`, so they compute the same thing:
   compile (no C++ compiler, say) falls back to eager with a warning.
 - CUDA graphs: the default on CUDA. Each session gets static input buffers and, per power-of-two bucket of
   attended cache slots, one captured graph of the whole span's step, replayed with the slot and positions as
-  tensors: one launch per step instead of hundreds.
+  tensors: one launch per step instead of hundreds. Merged steps (`step_many`, continuous batching) get one
+  graph per cohort: the same sessions, in the same order, each in the same bucket (the cohorts of sessions in
+  lockstep repeat step after step). A cohort is captured once it has run `CAPTURE_AFTER` times, and the last
+  `MAX_COHORTS` cohorts' graphs are kept; until then, and for cohorts carrying the ladder pair, it runs eagerly.
 A session whose edge lies inside a Ladder Residual region steps the pair (r, p) through `step_pair`, eagerly: its
 graphs would need a static buffer for p too (not built yet).
 """
@@ -21,16 +24,20 @@ graphs would need a static buffer for p too (not built yet).
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
 from swarmllm.models import BlockConfig, BlockSpan, KVCache
-from swarmllm.models.llama import BlockLora, position_ids
+from swarmllm.models.llama import BlockLora, DecodeSegment, position_ids
 
 logger = logging.getLogger(__name__)
 
 MIN_BUCKET = 64  # the smallest number of cache slots a CUDA graph attends to
+CAPTURE_AFTER = 3  # merged steps of one cohort before its CUDA graph is captured (a passing mix is not)
+MAX_COHORTS = 8  # cohorts whose merged-step graphs are kept (least recently used dropped)
 COMPILE_BELOW_WEIGHTS = 1 << 20  # weights of a block whose step is bound by per-op costs (4 MiB in float32)
 
 
@@ -71,6 +78,39 @@ class _Graphs:
     by_bucket: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = field(default_factory=dict)
 
 
+@dataclass
+class Member:
+    """One session's part of a merged decode step (`DecodeRunner.step_many`)."""
+
+    hidden: torch.Tensor  # [B, H]
+    slot: int  # the cache slot its tokens take
+    key_mask: torch.Tensor  # [B, max_length]: the session's (it outlives the step)
+    padded: bool  # whether any slot up to `slot` is a pad
+    cache: KVCache
+    lora: list[BlockLora] | None  # the session's adapter (fixed for its life)
+
+    def bucket(self) -> int:
+        return bucket(self.slot + 1, self.cache.max_length)
+
+
+def cohort_key(members: Sequence[Member], blocks: slice | None) -> tuple:
+    """What a merged step's graph is valid for: the blocks run, then each member's cache, rows and bucket."""
+    span = None if blocks is None else (blocks.start, blocks.stop)  # (a slice is unhashable before 3.12)
+    return (span, *((id(m.cache), m.hidden.shape[0], m.bucket()) for m in members))
+
+
+@dataclass
+class _Cohort:
+    """A merged step's static input buffers and, once captured, its graph (see the module doc)."""
+
+    hidden: torch.Tensor  # [N, H]
+    positions: torch.Tensor  # [N] long
+    slots: list[torch.Tensor]  # [1] long per member
+    runs: int = 0
+    graph: torch.cuda.CUDAGraph | None = None
+    out: torch.Tensor | None = None
+
+
 class DecodeRunner:
     """Runs one token per sequence through a span: eagerly, compiled, or from CUDA graphs (see module doc)."""
 
@@ -83,6 +123,8 @@ class DecodeRunner:
         self.compiled = compile
         self._decode = span.decode
         self._graphs: dict[int, _Graphs] = {}  # by id() of the session's cache
+        # merged-step graphs by `cohort_key`
+        self._cohorts: OrderedDict[tuple, _Cohort] = OrderedDict()
         self._warm: set[int] = set()  # the CPU thread counts the decode step is compiled for
         if compile:
             self._decode = torch.compile(span.decode, fullgraph=True, options={"cpp_wrapper": True})
@@ -269,17 +311,105 @@ class DecodeRunner:
             blocks,
             lora,
         )
-        side = torch.cuda.Stream(self.device)
-        side.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(side):  # warm-up outside the capture (lazy cuBLAS init and the like)
-            self.span.decode(*args)
-        torch.cuda.current_stream(self.device).wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = self.span.decode(*args)
+        graph, out = self._captured(lambda: self.span.decode(*args))
         logger.debug("captured a decode graph over %d cache slots", size)
         return graph, out
 
+    def _captured(self, run: Callable[[], torch.Tensor]) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        """`run` captured as a CUDA graph, and the tensor its replays write, after one run outside the capture
+        (lazy cuBLAS initialisation and the like)."""
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            run()
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = run()
+        return graph, out
+
+    def step_many(
+        self, members: Sequence[Member], pending: torch.Tensor | None, blocks: slice | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Several sessions' steps over the same blocks in one pass (continuous batching): rows in the members'
+        order, (r [N, H], p [N, H] or None) as `BlockSpan.decode_batch_pair` returns them; from the cohort's
+        CUDA graph where there is one (see the module doc), else eagerly."""
+        if self.cuda_graphs and pending is None:
+            try:
+                out = self._replay_many(members, blocks)
+            except RuntimeError as e:  # a capture this GPU or driver refuses: merge eagerly from now on
+                logger.warning("CUDA graph capture of a merged step failed (%s); merging eagerly", e)
+                out = None
+                self.cuda_graphs = False
+                self._graphs.clear()
+                self._cohorts.clear()
+            if out is not None:
+                return out, None
+        segments, positions, rows = [], [], 0
+        for m in members:
+            batch = m.hidden.shape[0]
+            mask = m.key_mask[:, : m.slot + 1] if m.padded else None
+            positions.append(position_ids(mask, batch, 1, m.slot, self.device)[:, 0])
+            keys, values, slot = self._slots(m.cache, m.slot)
+            segments.append(DecodeSegment(slice(rows, rows + batch), slot, keys, values, mask, m.lora))
+            rows += batch
+        hidden = torch.cat([m.hidden for m in members])
+        return self.span.decode_batch_pair(hidden, pending, torch.cat(positions), segments, blocks)
+
+    def _replay_many(self, members: Sequence[Member], blocks: slice | None) -> torch.Tensor | None:
+        """The merged step from its cohort's graph, captured now if the cohort has run often enough; None while
+        it has not (the caller then runs it eagerly)."""
+        cohort = self._cohort(cohort_key(members, blocks), members)
+        cohort.runs += 1
+        if cohort.graph is None:
+            if cohort.runs < CAPTURE_AFTER:
+                return None
+            cohort.graph, cohort.out = self._captured(lambda: self._cohort_step(cohort, members, blocks))
+            logger.debug("captured a merged decode graph of %d sessions", len(members))
+        cohort.graph.replay()
+        return cohort.out.clone()  # the next replay overwrites `out`
+
+    def _cohort(self, key: tuple, members: Sequence[Member]) -> _Cohort:
+        """The cohort's buffers (made on its first step, the least recently used cohort dropped beyond
+        MAX_COHORTS), filled with this step's inputs."""
+        cohort = self._cohorts.get(key)
+        if cohort is None:
+            hidden = torch.cat([m.hidden for m in members])
+            cohort = _Cohort(
+                torch.empty_like(hidden),
+                torch.empty(hidden.shape[0], dtype=torch.long, device=self.device),
+                [torch.empty(1, dtype=torch.long, device=self.device) for _ in members],
+            )
+            self._cohorts[key] = cohort
+            while len(self._cohorts) > MAX_COHORTS:
+                self._cohorts.popitem(last=False)
+        self._cohorts.move_to_end(key)
+        rows = 0
+        for m, slot in zip(members, cohort.slots, strict=True):
+            batch = m.hidden.shape[0]
+            cohort.hidden[rows : rows + batch].copy_(m.hidden)
+            positions = self._attended(m.hidden, m.slot, m.key_mask, m.padded)[1]
+            cohort.positions[rows : rows + batch].copy_(positions)
+            slot.fill_(m.slot)
+            rows += batch
+        return cohort
+
+    def _cohort_step(self, cohort: _Cohort, members: Sequence[Member], blocks: slice | None) -> torch.Tensor:
+        """What a cohort's graph runs: the merged step over each member's bucket of cache slots and key mask
+        (tensors that live as long as the session), with the slots after each member's own masked out, so one
+        graph serves every step of the cohort while its members stay in their buckets."""
+        segments, rows = [], 0
+        for m, slot in zip(members, cohort.slots, strict=True):
+            batch, size = m.hidden.shape[0], m.bucket()
+            keys, values = m.cache.keys[:, :, :, :size], m.cache.values[:, :, :, :size]
+            mask = m.key_mask[:, :size]
+            segments.append(DecodeSegment(slice(rows, rows + batch), slot, keys, values, mask, m.lora))
+            rows += batch
+        return self.span.decode_batch_pair(cohort.hidden, None, cohort.positions, segments, blocks)[0]
+
     def forget(self, cache: KVCache) -> None:
-        """Drop a closed session's graphs (and with them their memory)."""
+        """Drop a closed session's graphs, and those of the cohorts it was in (and with them their memory)."""
         self._graphs.pop(id(cache), None)
+        gone = id(cache)
+        for key in [key for key in self._cohorts if any(member[0] == gone for member in key[1:])]:
+            del self._cohorts[key]
