@@ -220,6 +220,11 @@ def main() -> None:
                     server_args=[*DECODE_MODES[mode], "--quant", quant],
                 )
                 runs.append((label, run))
+                print(  # as it comes, so that a run stopped later still leaves it in the log
+                    f"{name} ({label}): swarm {run.swarm_steps:.1f} steps/s, local {run.local_steps:.1f}, "
+                    f"tokens equal: {run.tokens_equal}",
+                    file=sys.stderr,
+                )
         if name == "llama7b":  # the Petals GPU recipe lives in shared/petals-peer/gpu/ and runs on its own
             petals = "run shared/petals-peer/gpu/ on the same machine"
         else:

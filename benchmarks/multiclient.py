@@ -219,6 +219,10 @@ def bench(name: str, network: str, args: argparse.Namespace, local, petals) -> l
                     solo_equal_local,
                 ]
             )
+            print(
+                f"{name} {network}: {count} clients, {tps:.1f} tokens/s, tokens = solo: {equal}",
+                file=sys.stderr,
+            )
     return rows
 
 

@@ -38,7 +38,7 @@ steps=("$@")
 [ ${#steps[@]} -gt 0 ] || steps=(hotpath multiclient)
 for name in "${steps[@]}"; do
     case $name in
-        hotpath) step hotpath 320 benchmarks/hotpath.py --models llama7b --device cuda --dtype float16 \
+        hotpath) step hotpath 330 benchmarks/hotpath.py --models llama7b --device cuda --dtype float16 \
             --quant none nf4 --repeats 3 --calls 200 ;;
         multiclient) step multiclient 200 benchmarks/multiclient.py --models llama7b --device cuda \
             --dtype float16 --networks loopback --clients 1 4 8 --repeats 2 ;;
