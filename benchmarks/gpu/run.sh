@@ -30,7 +30,9 @@ step() {  # name, seconds, benchmark and its arguments
     local rc=$?
     tail -n 40 "$OUT/$name.log"
     echo "== $name: exit $rc after $((SECONDS - began)) s"
-    pkill -f 'swarmllm.cli' 2>/dev/null  # whatever a stopped step left behind
+    # what a stopped step left behind: servers run in sessions of their own (`swarmllm.local`), out of reach
+    # of timeout's signal to the step's group, and hold GPU memory
+    pkill -f 'swarmllm.cli|--worker|p2pd' 2>/dev/null
     cp benchmarks/RESULTS.md "$OUT/RESULTS.md"
 }
 
