@@ -407,8 +407,8 @@ class Backend:
     def _decode_many(self, steps: list[_Decode]) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
         """Several sessions' decode steps as one pass per group of sessions over the same blocks (sessions of
         one server may hold different sub-ranges of its span; those of a group all carry the ladder pair at
-        their edges or none does); a lone step takes the single-session path (compiled or CUDA graphs where
-        enabled)."""
+        their edges or none does), run by `DecodeRunner.step_many` (a cohort's CUDA graph where enabled); a lone
+        step takes the single-session path (compiled or CUDA graphs where enabled)."""
         for d in steps:
             self._note_mask(d.session, d.position, d.position + 1, d.new_mask)
         if self._follows_load:
