@@ -16,6 +16,8 @@ def test_buckets_are_powers_of_two_capped_at_the_cache():
     assert bucket(1000, 4096) == 1024
     assert bucket(3000, 3000) == 3000  # never past the session's cache
     assert bucket(10, 32) == 32
+    assert bucket(1, 70) == bucket(64, 70) == 70  # a short session: one graph for its whole cache
+    assert bucket(65, 255) == 255 and bucket(65, 256) == 128
     sizes = {bucket(n, 8192) for n in range(1, 8193)}
     assert sizes == {64, 128, 256, 512, 1024, 2048, 4096, 8192}  # a long session needs few graphs
 

@@ -61,11 +61,12 @@ def compiles_by_default(config: BlockConfig, device: torch.device | str, quantiz
 
 def bucket(slots: int, max_length: int) -> int:
     """Cache slots a captured graph attends to when `slots` are in use: the next power of two (at least
-    MIN_BUCKET), capped at the cache's length, so a session needs few graphs and wastes at most half."""
+    MIN_BUCKET), so a session needs few graphs and mostly wastes at most half; the whole cache once the next
+    power of two would reach past it (a 70-slot session gets one graph, not one of 64 slots and one of 70)."""
     size = MIN_BUCKET
     while size < slots:
         size *= 2
-    return min(size, max_length)
+    return max_length if 2 * size > max_length else size
 
 
 @dataclass
