@@ -17,6 +17,8 @@ import torch
 
 RESULTS = Path(__file__).with_name("RESULTS.md")
 PROMPT = [[1, 17, 42, 99, 5, 23]]
+# the Petals cell of a llama7b row: Petals' GPU recipe lives in shared/petals-peer/gpu/ and runs on its own
+PETALS_ON_GPU = "run shared/petals-peer/gpu/ on the same machine"
 
 SHAPES = {
     # hidden 64, 6 layers, vocab 160 (Petals peer "tiny")

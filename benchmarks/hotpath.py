@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from common import append_results, markdown_table, measure_swarm
+from common import PETALS_ON_GPU, append_results, markdown_table, measure_swarm
 from transformers.utils import logging as hf_logging
 from wire_roundtrip import format_table, run_roundtrips
 
@@ -225,8 +225,8 @@ def main() -> None:
                     f"tokens equal: {run.tokens_equal}",
                     file=sys.stderr,
                 )
-        if name == "llama7b":  # the Petals GPU recipe lives in shared/petals-peer/gpu/ and runs on its own
-            petals = "run shared/petals-peer/gpu/ on the same machine"
+        if name == "llama7b":
+            petals = PETALS_ON_GPU
         else:
             print(f"{name}: Petals ...", file=sys.stderr)
             petals = run_petals(args.petals_venv, name, args.petals_dir)

@@ -24,7 +24,7 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import torch
-from common import append_results, checkpoint, markdown_table
+from common import PETALS_ON_GPU, append_results, checkpoint, markdown_table
 from netem import Emulator
 from transformers.utils import logging as hf_logging
 
@@ -271,8 +271,8 @@ def main() -> None:
         dtype = getattr(torch, args.dtype)
         local = AutoModelForCausalLM.from_pretrained(checkpoint(name), dtype=dtype).to(args.device).eval()
         petals = "not run (--no-petals)"
-        if name == "llama7b":  # the Petals GPU recipe lives in shared/petals-peer/gpu/ and runs on its own
-            petals = "run shared/petals-peer/gpu/ (AGG=1) on the same machine"
+        if name == "llama7b":
+            petals = f"{PETALS_ON_GPU} (AGG=1)"
         elif not args.no_petals and "loopback" in args.networks:
             print(f"{name}: Petals ...", file=sys.stderr)
             petals = petals_rates(name, args)

@@ -169,7 +169,8 @@ def test_a_cohorts_graph_step_equals_the_eager_merged_step(span):
     config = span.config
     settings = LoraSettings(rank=4, alpha=8, modules=MODULES)
     loras = [span_lora(config, settings, random_adapter(config, settings, seed), range(4)) for seed in (5, 6)]
-    plans = [(5, 1, 200, loras[0]), (70, 2, 300, None), (3, 1, 100, loras[1])]  # slot, batch, max_length, lora
+    # (slot, batch, max_length, lora) of each member
+    plans = [(5, 1, 200, loras[0]), (70, 2, 300, None), (3, 1, 100, loras[1])]
     generator = torch.Generator().manual_seed(1)
     runner = DecodeRunner(span, torch.device("cpu"))
 
@@ -199,7 +200,7 @@ def test_a_cohorts_graph_step_equals_the_eager_merged_step(span):
     for n in range(MAX_COHORTS + 2):  # the least recently used cohorts go beyond MAX_COHORTS
         runner._cohort((n,), graphed)
     assert len(runner._cohorts) == MAX_COHORTS and (0,) not in runner._cohorts
-    runner._cohorts[key] = runner._cohort(key, graphed)
+    runner._cohort(key, graphed)
     runner.forget(graphed[1].cache)
     assert key not in runner._cohorts and (MAX_COHORTS + 1,) in runner._cohorts
 

@@ -222,9 +222,7 @@ class DecodeRunner:
             try:
                 return self._replay(hidden, positions, slot, key_mask, cache, blocks, lora)
             except RuntimeError as e:  # a capture this GPU or driver refuses: serve eagerly rather than fail
-                logger.warning("CUDA graph capture failed (%s); decoding eagerly from now on", e)
-                self.cuda_graphs = False
-                self._graphs.clear()
+                self._without_graphs(e)
         keys, values, slot_tensor = self._slots(cache, slot)
         if self._warm and self._compiled_for(hidden, slot, mask, blocks, lora):
             return self._compiled_step(hidden, positions, keys, values, slot_tensor)
@@ -316,6 +314,13 @@ class DecodeRunner:
         logger.debug("captured a decode graph over %d cache slots", size)
         return graph, out
 
+    def _without_graphs(self, error: RuntimeError) -> None:
+        """A capture failed: every step (single or merged) runs eagerly from now on, and the graphs go."""
+        logger.warning("CUDA graph capture failed (%s); decoding eagerly from now on", error)
+        self.cuda_graphs = False
+        self._graphs.clear()
+        self._cohorts.clear()
+
     def _captured(self, run: Callable[[], torch.Tensor]) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         """`run` captured as a CUDA graph, and the tensor its replays write, after one run outside the capture
         (lazy cuBLAS initialisation and the like)."""
@@ -338,19 +343,16 @@ class DecodeRunner:
         if self.cuda_graphs and pending is None:
             try:
                 out = self._replay_many(members, blocks)
-            except RuntimeError as e:  # a capture this GPU or driver refuses: merge eagerly from now on
-                logger.warning("CUDA graph capture of a merged step failed (%s); merging eagerly", e)
+            except RuntimeError as e:  # a capture this GPU or driver refuses: merge eagerly rather than fail
+                self._without_graphs(e)
                 out = None
-                self.cuda_graphs = False
-                self._graphs.clear()
-                self._cohorts.clear()
             if out is not None:
                 return out, None
         segments, positions, rows = [], [], 0
         for m in members:
             batch = m.hidden.shape[0]
-            mask = m.key_mask[:, : m.slot + 1] if m.padded else None
-            positions.append(position_ids(mask, batch, 1, m.slot, self.device)[:, 0])
+            mask, own = self._attended(m.hidden, m.slot, m.key_mask, m.padded)
+            positions.append(own)
             keys, values, slot = self._slots(m.cache, m.slot)
             segments.append(DecodeSegment(slice(rows, rows + batch), slot, keys, values, mask, m.lora))
             rows += batch
@@ -410,7 +412,7 @@ class DecodeRunner:
 
     def forget(self, cache: KVCache) -> None:
         """Drop a closed session's graphs, and those of the cohorts it was in (and with them their memory)."""
-        self._graphs.pop(id(cache), None)
         gone = id(cache)
+        self._graphs.pop(gone, None)
         for key in [key for key in self._cohorts if any(member[0] == gone for member in key[1:])]:
             del self._cohorts[key]
