@@ -208,6 +208,13 @@ def build_parser() -> argparse.ArgumentParser:
         "deep prompts, adapters or a backward are refused",
     )
     serve.add_argument(
+        "--arena-length",
+        type=int,
+        default=None,
+        help="on CUDA, the longest session whose cache is a row of the shared cache arena, where steps of any "
+        "mix of sessions replay CUDA graphs captured once (default 1024; 0: a cache and graphs per session)",
+    )
+    serve.add_argument(
         "--batch-wait-ms",
         type=float,
         default=10.0,
@@ -632,6 +639,7 @@ def _serve(args: argparse.Namespace) -> int:
             cuda_graphs=not args.no_cuda_graphs,
             packed_weights=not args.no_packed_weights,
             batch_wait_s=args.batch_wait_ms / 1e3,
+            arena_length=args.arena_length,
             tp=args.tp,
             max_cache_tokens=args.max_cache_tokens,
             max_memory=parse_size(args.max_memory) if args.max_memory else None,

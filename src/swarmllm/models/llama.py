@@ -146,6 +146,13 @@ class KVCache:
         self.keys = torch.zeros(shape, dtype=dtype, device=device)
         self.values = torch.zeros(shape, dtype=dtype, device=device)
 
+    @classmethod
+    def over(cls, keys: Tensor, values: Tensor) -> KVCache:
+        """A cache over existing tensors [n, B, kv, S, hd]: a session's rows of a server's shared cache arena."""
+        cache = cls.__new__(cls)
+        cache.keys, cache.values = keys, values
+        return cache
+
     @property
     def max_length(self) -> int:
         return self.keys.shape[3]
@@ -443,10 +450,17 @@ class Attention(nn.Module):
     def _attend_cache(
         self, qkv: Tensor, qk: Tensor, slot: Tensor, keys: Tensor, values: Tensor, mask: Tensor | None
     ) -> Tensor:
-        """Write the rows' k/v into cache slot `slot` of keys/values [B, kv, S, hd]; their attention [B, q]."""
+        """Write the rows' k/v into cache slot `slot` of keys/values [B, kv, S, hd] (slot [1]: one for all rows;
+        [B]: each row's own); their attention [B, q]."""
         heads = self.num_heads
-        keys.index_copy_(2, slot, qk[:, heads:, None])
-        values.index_copy_(2, slot, qkv[:, heads + self.num_kv_heads :, None])
+        k, v = qk[:, heads:, None], qkv[:, heads + self.num_kv_heads :, None]
+        if slot.numel() == 1:
+            keys.index_copy_(2, slot, k)
+            values.index_copy_(2, slot, v)
+        else:
+            index = slot.view(-1, 1, 1, 1).expand_as(k)
+            keys.scatter_(2, index, k)
+            values.scatter_(2, index, v)
         y = F.scaled_dot_product_attention(
             qk[:, :heads, None], keys, values, attn_mask=mask, enable_gqa=True
         )  # [B, heads, 1, hd]
@@ -672,10 +686,11 @@ class BlockSpan(nn.Module):
         """One token per sequence through the span (or its sub-range `blocks`): the decode hot path.
 
         hidden [B, H]; positions [B] long: the tokens' rotary positions; slot [1] long: the cache slot they
-        take; keys/values [n, B, kv, S, hd]: the first S slots of a cache (S > slot), all attended to. With
-        key_mask None, S must be slot + 1 and no slot a pad; otherwise key_mask [B, S] marks the real tokens
-        and slots after `slot` are masked out, so S may be any fixed size: every shape depends on (B, S) only
-        and `slot` is a tensor, which is what lets a CUDA graph captured once replay for every step.
+        take (or [B]: each row its own, rows of different sessions in one shared cache); keys/values [n, B, kv,
+        S, hd]: the first S slots of a cache (S > slot), all attended to. With key_mask None, S must be slot + 1
+        and no slot a pad; otherwise key_mask [B, S] marks the real tokens and slots after `slot` are masked
+        out, so S may be any fixed size: every shape depends on (B, S) only and `slot` is a tensor, which is
+        what lets a CUDA graph captured once replay for every step.
         lora: one `BlockLora` per block run (a session's adapter; a captured graph holds its tensors).
         Neither edge may lie inside a ladder region (use decode_pair there).
         """
@@ -795,10 +810,11 @@ class BlockSpan(nn.Module):
 
     @staticmethod
     def _decode_mask(key_mask: Tensor | None, slot: Tensor, length: int, window: int | None) -> Tensor | None:
-        """Bool [B or 1, 1, 1, S] for decode; the token's own slot is always allowed (pad rows stay finite)."""
+        """Bool [B or 1, 1, 1, S] for decode, slot [1] or [B] (each row's own); the token's own slot is always
+        allowed (pad rows stay finite)."""
         if key_mask is None and (window is None or length <= window):
             return None
-        kv = torch.arange(length, device=slot.device)
+        kv, slot = torch.arange(length, device=slot.device), slot.view(-1, 1)
         allowed = kv <= slot
         if window is not None:
             allowed = allowed & (kv > slot - window)

@@ -15,8 +15,9 @@ steps carry one, for many while they merge several: the backend watches its last
 re-lays the weights out on the compute thread when `layout_for` says so (a step running meanwhile uses the old
 layout; both compute the same product).
 
-On CUDA a lone session's step replays its captured graph (`server.decode`); a merged step of several sessions runs
-eagerly (their caches are separate tensors, so a graph per batch size would need one shared cache arena).
+On CUDA the sessions' caches are rows of one shared cache arena where they fit (`server.arena`), so that a step
+of any of them, lone or merged, replays a CUDA graph of its bucket of rows and slots, captured once per server
+(`server.decode`); a session that does not fit gets a cache of its own and graphs of its own.
 
 Fine-tuning: a request may bring deep prompts and a LoRA adapter (`server.adapters`), which apply to it alone.
 Inference and forwards run under `torch.inference_mode()`; `backward` recomputes the span's forward with autograd
@@ -47,6 +48,7 @@ from swarmllm.models.llama import BlockLora
 from swarmllm.models.lora import span_lora
 from swarmllm.models.packed import initial_rows, layout_for, packed_projections
 from swarmllm.server.adapters import Adapter
+from swarmllm.server.arena import ARENA_LENGTH, CacheArena, arena_rows
 from swarmllm.server.batching import DecodeBatcher
 from swarmllm.server.cache import CacheBudget
 from swarmllm.server.compute import ComputeThread
@@ -73,6 +75,7 @@ class Session:
     padded: bool = False
     lora: list[BlockLora] | None = None  # the session's adapter, fixed when it opened
     pair: bool = False  # an edge lies inside a ladder region: its steps take or return p (Ladder Residual)
+    row: int | None = None  # its first row of the cache arena, where its cache is one (`server.arena`)
 
 
 @dataclass(frozen=True)
@@ -112,7 +115,10 @@ class Backend:
         compile: bool = False,
         cuda_graphs: bool = True,
         batch_wait_s: float = 0.01,
+        arena_length: int | None = None,
     ):
+        """arena_length: the slots of a row of the shared cache arena (`server.arena`), 0 for none; by default
+        `ARENA_LENGTH` where steps replay CUDA graphs, else none (on a CPU the arena gains nothing)."""
         self.span = span.requires_grad_(False)  # frozen: backward computes gradients of inputs only
         self.device = torch.device(device)
         self.dtype = next(span.parameters()).dtype
@@ -121,7 +127,11 @@ class Backend:
         self.compute = ComputeThread()
         self._ids = itertools.count()
         self.inline_tokens = inline_tokens
-        self.decoder = DecodeRunner(span, self.device, compile=compile, cuda_graphs=cuda_graphs)
+        graphs = cuda_graphs and self.device.type == "cuda" and not compile
+        self.arena = self._make_arena(ARENA_LENGTH if arena_length is None and graphs else arena_length or 0)
+        self.decoder = DecodeRunner(
+            span, self.device, compile=compile, cuda_graphs=cuda_graphs, arena=self.arena
+        )
         self.batcher: DecodeBatcher[_Decode] = DecodeBatcher(self._decode_many, max_wait_s=batch_wait_s)
         self._packed = packed_projections(span)
         self.layout_rows = initial_rows(self.dtype)
@@ -129,6 +139,25 @@ class Backend:
         self._follows_load = bool(self._packed) and self.dtype == torch.float32
         self._recent_rows: deque[int] = deque(maxlen=LAYOUT_WINDOW)
         self._relayout: Future | None = None
+
+    def _make_arena(self, length: int) -> CacheArena | None:
+        """The shared cache arena, its tokens reserved in the budget (None if the budget has no room for a row)."""
+        rows = arena_rows(self.budget.capacity_tokens, length)
+        if rows == 0:
+            return None
+        arena = CacheArena(len(self.span.blocks), rows, length, self.span.config, self.dtype, self.device)
+        self.budget.reserve("arena", arena.tokens)
+        return arena
+
+    @property
+    def free_tokens(self) -> int:
+        """Cache tokens free for new sessions: the budget's, and the arena's free rows."""
+        arena = 0 if self.arena is None else self.arena.free_rows * self.arena.length
+        return self.budget.free_tokens + arena
+
+    @property
+    def used_tokens(self) -> int:
+        return self.budget.capacity_tokens - self.free_tokens
 
     @property
     def start(self) -> int:
@@ -307,16 +336,22 @@ class Backend:
         owner: str = "",
         adapter: Adapter | None = None,
     ) -> Session:
-        """Reserve and allocate a session's cache; raises CacheFullError when it does not fit."""
+        """A session's cache: rows of the arena where it fits, else reserved and allocated; raises CacheFullError
+        when it does not fit either way."""
         session_id = f"s{next(self._ids)}"
-        self.budget.reserve(session_id, batch_size * max_length)
-        try:
-            cache = self._new_cache(end - start, batch_size, max_length)
-        except BaseException:
-            self.budget.release(session_id)
-            raise
-        key_mask = torch.ones(batch_size, max_length, dtype=torch.bool, device=self.device)
-        session = Session(session_id, start, end, batch_size, max_length, cache, key_mask, owner)
+        placed = None if self.arena is None else self.arena.take(batch_size, max_length)
+        if placed is None:
+            self.budget.reserve(session_id, batch_size * max_length)
+            try:
+                cache = self._new_cache(end - start, batch_size, max_length)
+            except BaseException:
+                self.budget.release(session_id)
+                raise
+            row, key_mask = None, torch.ones(batch_size, max_length, dtype=torch.bool, device=self.device)
+        else:
+            row, cache, key_mask = placed
+            cache = KVCache.over(*(t[self._blocks(start, end)] for t in (cache.keys, cache.values)))
+        session = Session(session_id, start, end, batch_size, max_length, cache, key_mask, owner, row=row)
         session.lora = self._lora(adapter, self._blocks(start, end), None)
         session.pair = self.span.config.carries_pending(start) or self.span.config.carries_pending(end)
         self.sessions[session_id] = session
@@ -326,10 +361,14 @@ class Backend:
         return KVCache(blocks, batch_size, max_length, self.span.config, self.dtype, self.device)
 
     def close_session(self, session: Session) -> None:
-        self.sessions.pop(session.session_id, None)
+        """Free a session's cache (closing it twice is harmless: its arena rows may be another's by then)."""
+        open_ = self.sessions.pop(session.session_id, None) is not None
         self.batcher.forget(session.session_id)
         self.decoder.forget(session.cache)
-        self.budget.release(session.session_id)
+        if session.row is None:
+            self.budget.release(session.session_id)
+        elif open_:
+            self.arena.give(session.row, session.batch_size)
 
     async def step(
         self,
@@ -399,7 +438,7 @@ class Backend:
             p = None if pending is None else pending[:, 0].to(self.device, self.dtype)
             out, p = self.decoder.step_pair(hidden, p, *args, blocks, session.lora)
         else:
-            out, p = self.decoder.step(hidden, *args, blocks, session.lora), None
+            out, p = self.decoder.step(hidden, *args, blocks, session.lora, session.row), None
         session.length = position + 1
         return out[:, None], None if p is None else p[:, None]
 
@@ -434,6 +473,7 @@ class Backend:
                     d.session.padded,
                     d.session.cache,
                     d.session.lora,
+                    d.session.row,
                 )
                 for d in group
             ]

@@ -11,12 +11,17 @@ All three ways run `BlockSpan.decode`, so they compute the same thing:
   padding, which is what it then serves: any other step (a batch, padding, a sub-range of the span, an adapter,
   or a thread count not compiled yet) runs eagerly, so no step ever waits for a compilation. A failure to
   compile (no C++ compiler, say) falls back to eager with a warning.
-- CUDA graphs: the default on CUDA. Each session gets static input buffers and, per power-of-two bucket of
-  attended cache slots, one captured graph of the whole span's step, replayed with the slot and positions as
-  tensors: one launch per step instead of hundreds. Merged steps (`step_many`, continuous batching) get one
-  graph per cohort: the same sessions, in the same order, each in the same bucket (the cohorts of sessions in
-  lockstep repeat step after step). A cohort is captured once it has run `CAPTURE_AFTER` times, and the last
-  `MAX_COHORTS` cohorts' graphs are kept; until then, and for cohorts carrying the ladder pair, it runs eagerly.
+- CUDA graphs: the default on CUDA, replayed with the slots and positions as tensors: one launch per step
+  instead of hundreds. Sessions whose caches are rows of the server's cache arena (`server.arena`; those
+  without an adapter) share row graphs: one per bucket of rows (a power of two that covers the highest row in
+  the step) and of attended slots (`bucket`), each a step over the arena's rows [0, N) in which every row in
+  use writes at its own slot and the rows without a step write to the scratch slot. Any mix of such sessions,
+  single or merged (`step_many`, continuous batching), replays one of these graphs, captured once per server.
+  Any other session gets static input buffers of its own and, per bucket of attended slots, one captured
+  graph of the whole span's step; a merged step of such sessions gets one graph per cohort: the same sessions,
+  in the same order, each in the same bucket (the cohorts of sessions in lockstep repeat step after step). A
+  cohort is captured once it has run `CAPTURE_AFTER` times, and the last `MAX_COHORTS` cohorts' graphs are
+  kept; until then, and for cohorts carrying the ladder pair, it runs eagerly.
 A session whose edge lies inside a Ladder Residual region steps the pair (r, p) through `step_pair`, eagerly: its
 graphs would need a static buffer for p too (not built yet).
 """
@@ -32,6 +37,7 @@ import torch
 
 from swarmllm.models import BlockConfig, BlockSpan, KVCache
 from swarmllm.models.llama import BlockLora, DecodeSegment, position_ids
+from swarmllm.server.arena import CacheArena
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +75,15 @@ def bucket(slots: int, max_length: int) -> int:
     return max_length if 2 * size > max_length else size
 
 
+def row_bucket(top: int, rows: int) -> int:
+    """Arena rows a row graph runs when rows [0, top) hold the step's sessions: the next power of two, at most
+    the arena's `rows`."""
+    size = 1
+    while size < top:
+        size *= 2
+    return min(size, rows)
+
+
 @dataclass
 class _Graphs:
     """One session's static buffers and its captured graphs, by bucket."""
@@ -89,6 +104,7 @@ class Member:
     padded: bool  # whether any slot up to `slot` is a pad
     cache: KVCache
     lora: list[BlockLora] | None  # the session's adapter (fixed for its life)
+    row: int | None = None  # its first row of the cache arena, where its cache is one (`server.arena`)
 
     def bucket(self) -> int:
         return bucket(self.slot + 1, self.cache.max_length)
@@ -112,20 +128,39 @@ class _Cohort:
     out: torch.Tensor | None = None
 
 
+@dataclass
+class _RowInputs:
+    """The row graphs' static inputs, one per arena row (a graph over rows [0, N) reads the first N)."""
+
+    hidden: torch.Tensor  # [rows, H]
+    positions: torch.Tensor  # [rows] long
+    slots: torch.Tensor  # [rows] long: each row's arena slot (0, the scratch, for a row without a step)
+
+
 class DecodeRunner:
     """Runs one token per sequence through a span: eagerly, compiled, or from CUDA graphs (see module doc)."""
 
     def __init__(
-        self, span: BlockSpan, device: torch.device, *, compile: bool = False, cuda_graphs: bool = True
+        self,
+        span: BlockSpan,
+        device: torch.device,
+        *,
+        compile: bool = False,
+        cuda_graphs: bool = True,
+        arena: CacheArena | None = None,
     ):
         self.span = span
         self.device = device
         self.cuda_graphs = cuda_graphs and device.type == "cuda" and not compile
         self.compiled = compile
+        self.arena = arena
         self._decode = span.decode
         self._graphs: dict[int, _Graphs] = {}  # by id() of the session's cache
         # merged-step graphs by `cohort_key`
         self._cohorts: OrderedDict[tuple, _Cohort] = OrderedDict()
+        self._rows: _RowInputs | None = None  # made on the first row step
+        # row graphs and the tensors their replays write, by (blocks' bounds, rows, attended slots)
+        self._row_graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._warm: set[int] = set()  # the CPU thread counts the decode step is compiled for
         if compile:
             self._decode = torch.compile(span.decode, fullgraph=True, options={"cpp_wrapper": True})
@@ -213,10 +248,17 @@ class DecodeRunner:
         cache: KVCache,
         blocks: slice | None,
         lora: list[BlockLora] | None = None,
+        row: int | None = None,
     ) -> torch.Tensor:
         """hidden [B, H] of the tokens taking cache slot `slot`. key_mask [B, max_length] is the session's
         (False at pads, it outlives the step); padded says whether any slot up to `slot` is a pad; lora the
-        session's adapter (it outlives the step too, so a captured graph may hold its tensors). -> [B, H]"""
+        session's adapter (it outlives the step too, so a captured graph may hold its tensors); row the
+        session's first arena row, where its cache is one. -> [B, H]"""
+        if self.cuda_graphs and row is not None and lora is None:
+            try:
+                return self._replay_rows([Member(hidden, slot, key_mask, padded, cache, lora, row)], blocks)
+            except RuntimeError as e:  # a capture this GPU or driver refuses: serve eagerly rather than fail
+                self._without_graphs(e)
         mask, positions = self._attended(hidden, slot, key_mask, padded)
         if self.cuda_graphs:
             try:
@@ -320,6 +362,7 @@ class DecodeRunner:
         self.cuda_graphs = False
         self._graphs.clear()
         self._cohorts.clear()
+        self._row_graphs.clear()
 
     def _captured(self, run: Callable[[], torch.Tensor]) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         """`run` captured as a CUDA graph, and the tensor its replays write, after one run outside the capture
@@ -342,7 +385,10 @@ class DecodeRunner:
         CUDA graph where there is one (see the module doc), else eagerly."""
         if self.cuda_graphs and pending is None:
             try:
-                out = self._replay_many(members, blocks)
+                if all(m.row is not None and m.lora is None for m in members):
+                    out = self._replay_rows(members, blocks)
+                else:
+                    out = self._replay_many(members, blocks)
             except RuntimeError as e:  # a capture this GPU or driver refuses: merge eagerly rather than fail
                 self._without_graphs(e)
                 out = None
@@ -409,6 +455,65 @@ class DecodeRunner:
             segments.append(DecodeSegment(slice(rows, rows + batch), slot, keys, values, mask, m.lora))
             rows += batch
         return self.span.decode_batch_pair(cohort.hidden, None, cohort.positions, segments, blocks)[0]
+
+    def _replay_rows(self, members: Sequence[Member], blocks: slice | None) -> torch.Tensor:
+        """The step of arena sessions (one or several) from the row graph of its bucket, captured now if this
+        server has not run that bucket yet; rows in the members' order."""
+        rows, size, index = self._fill_rows(members)
+        key = (None if blocks is None else (blocks.start, blocks.stop), rows, size)
+        if key not in self._row_graphs:
+            self._row_graphs[key] = self._captured(lambda: self._rows_step(rows, size, blocks))
+            logger.debug("captured a decode graph over %d arena rows and %d slots", rows, size)
+        graph, out = self._row_graphs[key]
+        graph.replay()
+        return out.index_select(0, index)  # (a copy: the next replay overwrites `out`)
+
+    def _fill_rows(self, members: Sequence[Member]) -> tuple[int, int, torch.Tensor]:
+        """Fill the row graphs' inputs with the members' step: (the rows the step runs, the slots it attends, the
+        members' rows in their order as an index)."""
+        arena = self.arena
+        if self._rows is None:
+            shape, dtype = (arena.rows, self.span.config.hidden_size), members[0].hidden.dtype
+            self._rows = _RowInputs(
+                torch.zeros(shape, dtype=dtype, device=self.device),
+                torch.zeros(arena.rows, dtype=torch.long, device=self.device),
+                torch.zeros(arena.rows, dtype=torch.long, device=self.device),
+            )
+        inputs = self._rows
+        rows = row_bucket(max(m.row + m.hidden.shape[0] for m in members), arena.rows)
+        size = bucket(max(m.slot for m in members) + 1, arena.length)
+        # built on the host and copied once each: a handful of small copies per step, whatever the members
+        slots, positions, index = torch.zeros(rows, dtype=torch.long), torch.zeros(rows, dtype=torch.long), []
+        for m in members:
+            own = slice(m.row, m.row + m.hidden.shape[0])
+            slots[own], positions[own] = m.slot + 1, m.slot  # (arena slot 0 is the scratch)
+            index.extend(range(own.start, own.stop))
+        index = torch.tensor(index, device=self.device)
+        inputs.slots[:rows].copy_(slots)
+        inputs.positions[:rows].copy_(positions)
+        for m in members:
+            if m.padded:  # its rotary positions count its real tokens only
+                positions = self._attended(m.hidden, m.slot, m.key_mask, m.padded)[1]
+                inputs.positions[m.row : m.row + m.hidden.shape[0]].copy_(positions)
+        inputs.hidden[:rows].zero_()
+        inputs.hidden.index_copy_(0, index, torch.cat([m.hidden for m in members]))
+        return rows, size, index
+
+    def _rows_step(self, rows: int, size: int, blocks: slice | None) -> torch.Tensor:
+        """What a row graph runs: the step of arena rows [0, rows) over the scratch slot and the first `size`
+        slots of each (see the module doc): each row writes its keys and values at its slot of `_rows` and
+        attends to its real slots up to there. -> [rows, H]"""
+        arena, inputs, run = self.arena, self._rows, slice(None) if blocks is None else blocks
+        keys, values = arena.keys[run, :rows, :, : 1 + size], arena.values[run, :rows, :, : 1 + size]
+        return self.span.decode(
+            inputs.hidden[:rows],
+            inputs.positions[:rows],
+            inputs.slots[:rows],
+            keys,
+            values,
+            arena.key_mask[:rows, : 1 + size],
+            blocks,
+        )
 
     def forget(self, cache: KVCache) -> None:
         """Drop a closed session's graphs, and those of the cohorts it was in (and with them their memory)."""

@@ -95,6 +95,9 @@ class ServerConfig:
     cuda_graphs: bool = True  # on CUDA, replay captured graphs of the decode step
     packed_weights: bool = True  # on a CPU, large projections in oneDNN's layout (models.packed; not --compile)
     batch_wait_s: float = 0.01  # the most a decode step waits for others to merge with (server/batching.py)
+    # slots of a row of the shared cache arena (server/arena.py), 0 for none; None: 1024 where steps replay CUDA
+    # graphs, else none
+    arena_length: int | None = None
     tp: int = 1  # processes (devices) the span runs across, tensor-parallel (server/tp_backend.py); needs blocks
     throughput: float | None = None  # announced decode steps/s per block instead of measuring
     bandwidth: float | None = None  # bytes/s of this server's uplink instead of measuring it to peers
@@ -214,7 +217,7 @@ class Server:
         self.pool = ConnectionPool(self.identity, p2p, swarm_key=self.swarm_key)
         self.metrics = ServerMetrics()
         self.metrics.watch_cache(
-            lambda: self.backend.budget.used_tokens, lambda: self.backend.budget.capacity_tokens
+            lambda: self.backend.used_tokens, lambda: self.backend.budget.capacity_tokens
         )
         self.metrics.serving(self.dht_prefix, start, end)
         self.handler = handler = RequestHandler(
@@ -338,9 +341,13 @@ class Server:
                     compile=self.compiles,
                     cuda_graphs=cfg.cuda_graphs,
                     batch_wait_s=cfg.batch_wait_s,
+                    arena_length=cfg.arena_length,
                 ),
             )
             logger.info("decode steps run %s; weights %s", backend.decoder.mode, backend.weights_layout)
+            if backend.arena is not None:
+                arena = backend.arena
+                logger.info("cache arena: %d rows of %d slots (sessions up to that long)", arena.rows, arena.length)
         corrupt_outputs(backend, cfg.corrupt_every)
         cache_mib = (
             cfg.max_cache_tokens
@@ -523,7 +530,7 @@ class Server:
         return fit
 
     def _info(self) -> ServerInfo:
-        free = self.backend.budget.free_tokens if self.backend else self.config.max_cache_tokens
+        free = self.backend.free_tokens if self.backend else self.config.max_cache_tokens
         return ServerInfo(
             peer_id=self.identity.peer_id,
             state=self.state,
