@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 21's GPU checks in one lease, on the lent machine (the `device` tool), with the wheels of `wheels.sh`:
 #     run(command="bash benchmarks/gpu/run.sh", carry=[".whl"], timeout_s=590)
-#     bash benchmarks/gpu/run.sh multiclient     # only the steps named: hotpath, multiclient, smoke
+#     bash benchmarks/gpu/run.sh multiclient     # only the steps named (below)
 # Each step has its own time limit (GNU timeout stops its whole process group: servers, clients, p2pd), so one
 # that hangs leaves time for the next. Logs and benchmarks/RESULTS.md (which the benchmarks append to) come back
 # in $OUT; copy the new RESULTS sections into the repository's.
@@ -9,6 +9,8 @@
 #                nf4 weights (the issue's nf4 >= 0.9x fp16), beside local transformers (~5 min)
 #   multiclient  1, 4 and 8 concurrent clients of the same, loopback (the issue's >= 1,000 tokens/s) (~3 min)
 #   smoke        the tiny model on CUDA, fp32, both decode modes: a first look when hotpath fails (~1 min)
+#   multiclient-own  multiclient without the cache arena (--arena-length=0): caches and graphs per session and
+#                per cohort, the A/B of the arena's graphs per batch-size bucket (~3 min)
 set -u
 cd "$(dirname "$0")/../.." || exit 1
 OUT=${OUT:-/tmp/out}
@@ -44,7 +46,9 @@ for name in "${steps[@]}"; do
             --quant none nf4 --repeats 3 --calls 200 ;;
         multiclient) step multiclient 200 benchmarks/multiclient.py --models llama7b --device cuda \
             --dtype float16 --networks loopback --clients 1 4 8 --repeats 2 ;;
+        multiclient-own) step multiclient-own 200 benchmarks/multiclient.py --models llama7b --device cuda \
+            --dtype float16 --networks loopback --clients 1 4 8 --repeats 2 --server-args=--arena-length=0 ;;
         smoke) step smoke 120 benchmarks/hotpath.py --models tiny --device cuda --repeats 2 --calls 100 ;;
-        *) echo "unknown step $name (hotpath, multiclient, smoke)" ;;
+        *) echo "unknown step $name (hotpath, multiclient, multiclient-own, smoke)" ;;
     esac
 done
