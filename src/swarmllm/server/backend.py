@@ -454,7 +454,7 @@ class Backend:
             self._follow_load(sum(d.hidden.shape[0] for d in steps))
         if len(steps) == 1:
             d = steps[0]
-            return [self._decode(d.session, d.hidden, d.position, d.pending)]
+            return [self._on_host(*self._decode(d.session, d.hidden, d.position, d.pending))]
         groups: dict[tuple[int, int], list[int]] = {}
         for i, d in enumerate(steps):
             groups.setdefault((d.session.start, d.session.end), []).append(i)
@@ -462,7 +462,7 @@ class Backend:
         for (start, end), members in groups.items():
             if len(members) == 1:
                 d = steps[members[0]]
-                outputs[members[0]] = self._decode(d.session, d.hidden, d.position, d.pending)
+                outputs[members[0]] = self._on_host(*self._decode(d.session, d.hidden, d.position, d.pending))
                 continue
             group = [steps[i] for i in members]
             merged = [
@@ -480,7 +480,7 @@ class Backend:
             pending = None
             if group[0].pending is not None:
                 pending = torch.cat([d.pending[:, 0].to(self.device, self.dtype) for d in group])
-            out, p = self.decoder.step_many(merged, pending, self._blocks(start, end))
+            out, p = self._on_host(*self.decoder.step_many(merged, pending, self._blocks(start, end)))
             rows = 0
             for i, d in zip(members, group, strict=True):
                 own = slice(rows, rows + d.hidden.shape[0])
@@ -488,6 +488,15 @@ class Backend:
                 outputs[i] = out[own, None], None if p is None else p[own, None]
                 rows = own.stop
         return outputs
+
+    def _on_host(self, out: torch.Tensor, p: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """A decode step's outputs on the host, copied inside the step on a GPU: they go on the wire anyway (one
+        copy per merged step rather than one per session), and the batcher's clock then times the whole step,
+        where a GPU step otherwise returns once its kernels are launched (its wait for late sessions is capped
+        at the last step's time, `server.batching`)."""
+        if self.device.type == "cpu":
+            return out, p
+        return out.cpu(), None if p is None else p.cpu()
 
     def _follow_load(self, rows: int) -> None:
         """Note a decode step's rows; every `LAYOUT_WINDOW` steps, re-lay the packed weights out if `layout_for`
