@@ -5,7 +5,8 @@ batch forward) runs on one dedicated thread so the event loop keeps answering pi
 meanwhile; that thread takes the peers' work in turn (`server.compute`), so one peer's pile of batch work
 cannot starve another's. Small work (a decode step) runs inline on the loop, because handing it to a thread and
 back costs more than computing it (~0.4 ms a hop on a 2-core box), and so it never waits behind anyone's batch
-work (a prefill chunk on the compute thread runs beside the decode steps, it does not stall them). Concurrent
+work (a prefill chunk on the compute thread runs beside the decode steps, it does not stall them; on a GPU every
+output is copied to the host where it is computed, so the loop never waits for a GPU's work, `_host`). Concurrent
 sessions' decode steps are merged into one forward pass (continuous batching, `server.batching`): the weights are
 read once per step for all of them, each session keeping its own cache, positions, padding and adapter. A
 session's steps arrive one after another on its stream, so two steps never race on one cache either way.
@@ -232,9 +233,10 @@ class Backend:
         if prompts is not None:
             prompts = prompts.to(self.device, self.dtype)
         lora = self._lora(adapter, blocks, dropout_seed)
-        return self.span.forward_pair(
+        out = self.span.forward_pair(
             hidden, self._on_device(pending), key_mask=key_mask, blocks=blocks, prompts=prompts, lora=lora
         )
+        return self._on_host(*out)
 
     def _on_device(self, pending: torch.Tensor | None) -> torch.Tensor | None:
         return None if pending is None else pending.to(self.device, self.dtype)
@@ -325,7 +327,10 @@ class Backend:
         grad_pending = grads.pop(0) if pending is not None else None
         grad_prompts = grads.pop(0) if prompts is not None else None
         lora = dict(zip(trained, grads, strict=True)) if tensors is not None else {}
-        return Gradients(grad_hidden, grad_prompts, lora, grad_pending)
+        host = self._host
+        return Gradients(
+            host(grad_hidden), host(grad_prompts), {k: host(t) for k, t in lora.items()}, host(grad_pending)
+        )
 
     def open_session(
         self,
@@ -413,7 +418,7 @@ class Backend:
         end = position + hidden.shape[1]
         self._note_mask(session, position, end, new_mask)
         if hidden.shape[1] == 1 and prompts is None:
-            return self._decode(session, hidden, position, pending)
+            return self._on_host(*self._decode(session, hidden, position, pending))
         key_mask = session.key_mask[:, :end] if session.padded else None
         out = self.span.forward_pair(
             hidden.to(self.device, self.dtype),
@@ -426,7 +431,7 @@ class Backend:
             lora=session.lora,
         )
         session.length = end
-        return out
+        return self._on_host(*out)
 
     def _decode(
         self, session: Session, hidden: torch.Tensor, position: int, pending: torch.Tensor | None
@@ -489,14 +494,16 @@ class Backend:
                 rows = own.stop
         return outputs
 
+    def _host(self, tensor: torch.Tensor | None) -> torch.Tensor | None:
+        """An output on the host, copied where it is computed on a GPU. It goes on the wire anyway, and a GPU
+        call returns once its kernels are launched: copied later, by the framing on the event loop, a prefill
+        or backward on the compute thread would stall the loop (every session's decode steps) until it has
+        run, and a decode step would look to the batcher as if it took no time (its wait for late sessions is
+        capped at the last step's time, `server.batching`). A merged step is copied once, not once a session."""
+        return tensor if tensor is None or self.device.type == "cpu" else tensor.cpu()
+
     def _on_host(self, out: torch.Tensor, p: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """A decode step's outputs on the host, copied inside the step on a GPU: they go on the wire anyway (one
-        copy per merged step rather than one per session), and the batcher's clock then times the whole step,
-        where a GPU step otherwise returns once its kernels are launched (its wait for late sessions is capped
-        at the last step's time, `server.batching`)."""
-        if self.device.type == "cpu":
-            return out, p
-        return out.cpu(), None if p is None else p.cpu()
+        return self._host(out), self._host(p)
 
     def _follow_load(self, rows: int) -> None:
         """Note a decode step's rows; every `LAYOUT_WINDOW` steps, re-lay the packed weights out if `layout_for`
