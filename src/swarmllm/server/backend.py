@@ -5,8 +5,9 @@ batch forward) runs on one dedicated thread so the event loop keeps answering pi
 meanwhile; that thread takes the peers' work in turn (`server.compute`), so one peer's pile of batch work
 cannot starve another's. Small work (a decode step) runs inline on the loop, because handing it to a thread and
 back costs more than computing it (~0.4 ms a hop on a 2-core box), and so it never waits behind anyone's batch
-work (a prefill chunk on the compute thread runs beside the decode steps, it does not stall them; on a GPU every
-output is copied to the host where it is computed, so the loop never waits for a GPU's work, `_host`). Concurrent
+work (a prefill chunk on the compute thread runs beside the decode steps, it does not stall them: on a GPU it runs
+on a CUDA stream of its own, `_on_stream`, and every output is copied to the host where it is computed, `_host`,
+so the loop never waits for the compute thread's GPU work). Concurrent
 sessions' decode steps are merged into one forward pass (continuous batching, `server.batching`): the weights are
 read once per step for all of them, each session keeping its own cache, positions, padding and adapter. A
 session's steps arrive one after another on its stream, so two steps never race on one cache either way.
@@ -126,6 +127,8 @@ class Backend:
         self.budget = CacheBudget(cache_tokens)
         self.sessions: dict[str, Session] = {}
         self.compute = ComputeThread()
+        # on a GPU the compute thread's work runs on a stream of its own (`on_compute_thread`)
+        self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self._ids = itertools.count()
         self.inline_tokens = inline_tokens
         graphs = cuda_graphs and self.device.type == "cuda" and not compile
@@ -192,8 +195,19 @@ class Backend:
 
     async def on_compute_thread(self, fn, *args, owner: str = ""):
         """`fn(*args)` on the compute thread (with its torch thread count), in `owner`'s turn among the peers
-        with work queued there."""
+        with work queued there; on a GPU, on the thread's own CUDA stream (`_on_stream`)."""
+        if self._stream is not None:
+            fn, args = self._on_stream, (fn, *args)
         return await asyncio.wrap_future(self.compute.submit(owner, fn, *args))
+
+    def _on_stream(self, fn, *args):
+        """`fn(*args)` on the compute thread's CUDA stream, after the work queued so far on the event loop's (the
+        caches it allocated, the decode steps that wrote them). On one stream, the decode steps' kernels would
+        queue behind a prefill's, however long; on two, the GPU runs them side by side. Outputs are copied to
+        the host before the job ends (`_host`), so the loop's next step over them finds them done."""
+        self._stream.wait_stream(torch.cuda.default_stream(self.device))
+        with torch.cuda.stream(self._stream):
+            return fn(*args)
 
     def _blocks(self, start: int, end: int) -> slice:
         return slice(start - self.span.start, end - self.span.start)
