@@ -366,14 +366,16 @@ class DecodeRunner:
 
     def _captured(self, run: Callable[[], torch.Tensor]) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         """`run` captured as a CUDA graph, and the tensor its replays write, after one run outside the capture
-        (lazy cuBLAS initialisation and the like)."""
+        (lazy cuBLAS initialisation and the like). The capture checks only this thread's CUDA calls: the
+        backend's compute thread may allocate or wait on its own stream meanwhile (`Backend._on_stream`), which
+        the default, process-wide check would turn into a failed capture, or a failed prefill."""
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
             run()
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             out = run()
         return graph, out
 
