@@ -20,7 +20,7 @@ from swarmllm.server.adapters import Adapter
 from swarmllm.server.arena import CacheArena, arena_rows, first_fit
 from swarmllm.server.backend import Backend
 from swarmllm.server.cache import CacheFullError
-from swarmllm.server.decode import DecodeRunner, Member, row_bucket
+from swarmllm.server.decode import CAPTURE_AFTER, DecodeRunner, Member, row_bucket
 
 
 @pytest.fixture(scope="module")
@@ -123,6 +123,44 @@ def test_a_row_step_equals_the_eager_merged_step(span):
         torch.testing.assert_close(b.cache.values, a.cache.values, rtol=1e-5, atol=1e-5)
     for before, cache in idle:
         assert torch.equal(cache.keys, before)
+
+
+def test_a_mixed_merged_step_replays_the_row_graph_and_the_others_graphs(span):
+    """A merged step of arena sessions and others (a cache of its own, an arena session with an adapter) runs
+    the arena sessions from their row graph and the others from their cohort's graph (eagerly until it is
+    captured), and equals the eager merged step of them all, rows in the members' order."""
+    config = span.config
+    settings = LoraSettings(rank=4, alpha=8, modules=MODULES)
+    lora = span_lora(config, settings, random_adapter(config, settings, 7), range(4))
+    generator = torch.Generator().manual_seed(4)
+    arena = CacheArena(4, 4, 64, config, torch.float32, "cpu")
+    runner = DecodeRunner(span, torch.device("cpu"), arena=arena)
+    runner.cuda_graphs, runner._captured = True, replayed
+    graphed, eager = [], []
+    for slot, max_length, adapter in [(5, 64, None), (70, 80, None), (9, 64, lora), (3, 32, None)]:
+        placed = arena.take(1, max_length)
+        row, cache, key_mask = (None, KVCache(4, 1, max_length, config, torch.float32, "cpu"), None)
+        if placed is not None:
+            row, cache, key_mask = placed
+        else:
+            key_mask = torch.ones(1, max_length, dtype=torch.bool)
+        cache.keys.normal_(generator=generator)
+        cache.values.normal_(generator=generator)
+        hidden = torch.randn(1, config.hidden_size, generator=generator)
+        graphed.append(Member(hidden, slot, key_mask, False, cache, adapter, row))
+        own = KVCache.over(cache.keys.clone(), cache.values.clone())
+        eager.append(Member(hidden, slot, key_mask.clone(), False, own, adapter))
+    assert [m.row for m in graphed] == [0, None, 1, 2]
+    with torch.inference_mode():
+        want = runner._merged(eager, None, None)[0]
+        for _ in range(CAPTURE_AFTER):  # the others' cohort is captured on its third step
+            got, _ = runner.step_many(graphed, None, None)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for a, b in zip(eager, graphed, strict=True):
+        torch.testing.assert_close(b.cache.keys, a.cache.keys, rtol=1e-5, atol=1e-5)
+    assert set(runner._row_graphs) == {(None, 4, 64)}  # rows 0 and 2: a bucket of 4 rows, 64 slots
+    (cohort,) = runner._cohorts.values()
+    assert cohort.graph is not None
 
 
 def test_arena_sessions_through_row_graphs_match_their_solo_runs(span):

@@ -21,7 +21,8 @@ All three ways run `BlockSpan.decode`, so they compute the same thing:
   graph of the whole span's step; a merged step of such sessions gets one graph per cohort: the same sessions,
   in the same order, each in the same bucket (the cohorts of sessions in lockstep repeat step after step). A
   cohort is captured once it has run `CAPTURE_AFTER` times, and the last `MAX_COHORTS` cohorts' graphs are
-  kept; until then, and for cohorts carrying the ladder pair, it runs eagerly.
+  kept; until then, and for cohorts carrying the ladder pair, it runs eagerly. A merged step that mixes arena
+  sessions and others replays the row graph for the ones and the others' graph for the rest (`_replay_mixed`).
 A session whose edge lies inside a Ladder Residual region steps the pair (r, p) through `step_pair`, eagerly: its
 graphs would need a static buffer for p too (not built yet).
 """
@@ -383,19 +384,19 @@ class DecodeRunner:
         self, members: Sequence[Member], pending: torch.Tensor | None, blocks: slice | None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Several sessions' steps over the same blocks in one pass (continuous batching): rows in the members'
-        order, (r [N, H], p [N, H] or None) as `BlockSpan.decode_batch_pair` returns them; from the cohort's
-        CUDA graph where there is one (see the module doc), else eagerly."""
+        order, (r [N, H], p [N, H] or None) as `BlockSpan.decode_batch_pair` returns them; from CUDA graphs
+        where enabled (`_replay_mixed`), else eagerly."""
         if self.cuda_graphs and pending is None:
             try:
-                if all(m.row is not None and m.lora is None for m in members):
-                    out = self._replay_rows(members, blocks)
-                else:
-                    out = self._replay_many(members, blocks)
+                return self._replay_mixed(members, blocks), None
             except RuntimeError as e:  # a capture this GPU or driver refuses: merge eagerly rather than fail
                 self._without_graphs(e)
-                out = None
-            if out is not None:
-                return out, None
+        return self._merged(members, pending, blocks)
+
+    def _merged(
+        self, members: Sequence[Member], pending: torch.Tensor | None, blocks: slice | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The merged step, eagerly."""
         segments, positions, rows = [], [], 0
         for m in members:
             batch = m.hidden.shape[0]
@@ -406,6 +407,36 @@ class DecodeRunner:
             rows += batch
         hidden = torch.cat([m.hidden for m in members])
         return self.span.decode_batch_pair(hidden, pending, torch.cat(positions), segments, blocks)
+
+    def _replay_mixed(self, members: Sequence[Member], blocks: slice | None) -> torch.Tensor:
+        """The merged step from graphs: the arena sessions without an adapter from their row graph, the others
+        (an adapter, a cache of their own) from their own graph if alone, else their cohort's, or eagerly until
+        it is captured. A step that mixes the two runs both (on a GPU two graph replays cost less than one
+        eager pass, launch by launch); rows in the members' order."""
+        in_arena = [m.row is not None and m.lora is None for m in members]
+        parts = []
+        for arena in (True, False):
+            group = [m for m, a in zip(members, in_arena, strict=True) if a == arena]
+            if not group:
+                continue
+            if arena:
+                out = self._replay_rows(group, blocks)
+            elif len(group) == 1:
+                m = group[0]
+                positions = self._attended(m.hidden, m.slot, m.key_mask, m.padded)[1]
+                out = self._replay(m.hidden, positions, m.slot, m.key_mask, m.cache, blocks, m.lora)
+            else:
+                out = self._replay_many(group, blocks)
+                if out is None:
+                    out = self._merged(group, None, blocks)[0]
+            parts.append((group, out))
+        if len(parts) == 1:
+            return parts[0][1]
+        rows_of = {}
+        for group, out in parts:
+            for m, rows in zip(group, out.split([m.hidden.shape[0] for m in group]), strict=True):
+                rows_of[id(m)] = rows
+        return torch.cat([rows_of[id(m)] for m in members])
 
     def _replay_many(self, members: Sequence[Member], blocks: slice | None) -> torch.Tensor | None:
         """The merged step from its cohort's graph, captured now if the cohort has run often enough; None while
