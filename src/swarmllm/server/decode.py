@@ -255,17 +255,12 @@ class DecodeRunner:
         (False at pads, it outlives the step); padded says whether any slot up to `slot` is a pad; lora the
         session's adapter (it outlives the step too, so a captured graph may hold its tensors); row the
         session's first arena row, where its cache is one. -> [B, H]"""
-        if self.cuda_graphs and row is not None and lora is None:
+        if self.cuda_graphs:
             try:
-                return self._replay_rows([Member(hidden, slot, key_mask, padded, cache, lora, row)], blocks)
+                return self._replay_mixed([Member(hidden, slot, key_mask, padded, cache, lora, row)], blocks)
             except RuntimeError as e:  # a capture this GPU or driver refuses: serve eagerly rather than fail
                 self._without_graphs(e)
         mask, positions = self._attended(hidden, slot, key_mask, padded)
-        if self.cuda_graphs:
-            try:
-                return self._replay(hidden, positions, slot, key_mask, cache, blocks, lora)
-            except RuntimeError as e:  # a capture this GPU or driver refuses: serve eagerly rather than fail
-                self._without_graphs(e)
         keys, values, slot_tensor = self._slots(cache, slot)
         if self._warm and self._compiled_for(hidden, slot, mask, blocks, lora):
             return self._compiled_step(hidden, positions, keys, values, slot_tensor)
@@ -409,9 +404,9 @@ class DecodeRunner:
         return self.span.decode_batch_pair(hidden, pending, torch.cat(positions), segments, blocks)
 
     def _replay_mixed(self, members: Sequence[Member], blocks: slice | None) -> torch.Tensor:
-        """The merged step from graphs: the arena sessions without an adapter from their row graph, the others
-        (an adapter, a cache of their own) from their own graph if alone, else their cohort's, or eagerly until
-        it is captured. A step that mixes the two runs both: two replays read the weights twice, but launch two
+        """The step of one session or several from graphs: the arena sessions without an adapter from their row
+        graph, the others (an adapter, a cache of their own) from their own graph if alone, else their cohort's,
+        or eagerly until it is captured. A step that mixes the two runs both: two replays read the weights twice, but launch two
         graphs instead of an eager pass's hundreds of kernels (expected to win on a GPU, not measured yet); rows
         in the members' order."""
         in_arena = [m.row is not None and m.lora is None for m in members]
