@@ -320,3 +320,34 @@ def test_compiled_decode_gives_transformers_tokens(swarm, checkpoints, monkeypat
         assert sum("Recompiling" in line for line in log) == compiled_at_start, log[-20:]
     finally:
         remote.shutdown()
+
+
+def test_a_server_with_a_cache_arena_gives_transformers_tokens(swarm, checkpoints):
+    """Sessions whose caches are rows of a server's cache arena (`--arena-length`, CUDA's default, forced here on
+    the CPU; mistral: sliding window of 4), lone and merged, beside sessions too long for a row, and a
+    left-padded batch taking three rows: every session gets transformers' greedy tokens."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    local, _ = swarm
+    path = checkpoints("mistral", num_layers=3)
+    local.add_server(str(path), (0, 3), extra=["--arena-length", "24"])
+    log = local.servers[-1].log
+    assert any("cache arena: " in line and "rows of 24 slots" in line for line in log)
+    remote = AutoDistributedModelForCausalLM.from_pretrained(str(path), initial_peers=local.initial_peers)
+    reference = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer.padding_side = "left"
+
+    def generate(prompts, new_tokens):
+        batch = tokenizer(prompts, return_tensors="pt", padding=True)
+        ours = remote.generate(**batch, max_new_tokens=new_tokens, do_sample=False)
+        return ours.tolist(), reference.generate(**batch, max_new_tokens=new_tokens, do_sample=False).tolist()
+
+    # a row holds 24 slots: 8 new tokens fit, 30 do not (a cache of its own)
+    jobs = [([prompt], 8) for prompt in PROMPTS] + [([PROMPTS[0]], 30), (PROMPTS, 8)]
+    try:
+        with ThreadPoolExecutor(len(jobs)) as pool:
+            for ours, theirs in pool.map(lambda job: generate(*job), jobs):
+                assert ours == theirs
+    finally:
+        remote.shutdown()

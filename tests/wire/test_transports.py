@@ -1,6 +1,7 @@
 """Both transports end to end: the direct handshake and identities, and the wire over real hivemind P2P daemons."""
 
 import asyncio
+import logging
 import os
 
 import pytest
@@ -27,6 +28,7 @@ from swarmllm.wire import (
     read_frame,
     serve_libp2p,
 )
+from swarmllm.wire.libp2p import EMPTY_ROUTING_TABLE
 from swarmllm.wire.tls import client_context, peer_id_of
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -250,6 +252,31 @@ async def test_libp2p_peer_without_the_protocol(p2p_pair):
     server, client, _ = p2p_pair
     with pytest.raises(ConnectionLost):
         await connect_libp2p(server, client.peer_id.to_base58())
+
+
+async def test_libp2p_a_daemon_that_has_met_no_peer_yet_is_asked_again(p2p_pair, caplog):
+    """A daemon's routing table fills as it meets its initial peers, a moment after it starts, so an empty one
+    is asked again for a while (`_open_stream`): a connection opened before the daemon meets the server gets
+    through once it has; one that never meets a peer ends in ConnectionLost, within the connection's timeout."""
+    server, _, _ = p2p_pair
+    caplog.set_level(logging.DEBUG, logger="swarmllm.wire.libp2p")
+    lonely = await P2P.create(host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+    try:
+        with pytest.raises(ConnectionLost, match=EMPTY_ROUTING_TABLE):
+            await connect_libp2p(lonely, server.peer_id.to_base58(), timeout=1.0)
+        caplog.clear()
+        opening = asyncio.create_task(connect_libp2p(lonely, server.peer_id.to_base58(), timeout=BOUND))
+        async with asyncio.timeout(BOUND):
+            while not any("met no peer yet" in r.getMessage() for r in caplog.records):
+                await asyncio.sleep(0.01)  # (until the first attempt has failed)
+        suffix = f"/p2p/{server.peer_id.to_base58()}"
+        maddrs = [maddr.decapsulate(suffix) for maddr in await server.get_visible_maddrs()]
+        await lonely._client.connect(server.peer_id, maddrs)  # now it meets the server
+        connection = await opening
+        assert connection.remote_peer_id == server.peer_id.to_base58()
+        await connection.close()
+    finally:
+        await lonely.shutdown()
 
 
 async def test_libp2p_server_shutdown_fails_pending_calls(p2p_pair):

@@ -120,7 +120,8 @@ class Backend:
         arena_length: int | None = None,
     ):
         """arena_length: the slots of a row of the shared cache arena (`server.arena`), 0 for none; by default
-        `ARENA_LENGTH` where steps replay CUDA graphs, else none (on a CPU the arena gains nothing)."""
+        `ARENA_LENGTH` where steps replay CUDA graphs, else none (on a CPU the arena gains nothing), and never
+        with a compiled step (compiled for caches of their own, whose layout its guards check)."""
         self.span = span.requires_grad_(False)  # frozen: backward computes gradients of inputs only
         self.device = torch.device(device)
         self.dtype = next(span.parameters()).dtype
@@ -132,7 +133,9 @@ class Backend:
         self._ids = itertools.count()
         self.inline_tokens = inline_tokens
         graphs = cuda_graphs and self.device.type == "cuda" and not compile
-        self.arena = self._make_arena(ARENA_LENGTH if arena_length is None and graphs else arena_length or 0)
+        if arena_length is None:
+            arena_length = ARENA_LENGTH if graphs else 0
+        self.arena = None if compile else self._make_arena(arena_length)
         self.decoder = DecodeRunner(
             span, self.device, compile=compile, cuda_graphs=cuda_graphs, arena=self.arena
         )

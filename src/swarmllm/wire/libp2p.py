@@ -157,6 +157,27 @@ async def serve_libp2p(
     await p2p.add_binary_stream_handler(PROTOCOL, on_stream)
 
 
+EMPTY_ROUTING_TABLE = "failed to find any peer in table"  # the daemon's DHT has met no peer yet
+
+
+async def _open_stream(
+    p2p: P2P, peer_id: str, patience_s: float
+) -> tuple[StreamInfo, asyncio.StreamReader, asyncio.StreamWriter]:
+    """A libp2p stream to `peer_id`. A daemon that has just started looks peers up in a routing table that it
+    fills as it meets its initial peers, a moment later: while the table is empty it is asked again, with a
+    growing pause, for up to `patience_s`. Any other failure raises ConnectionLost at once."""
+    deadline, pause = asyncio.get_running_loop().time() + patience_s, 0.05
+    while True:
+        try:
+            return await p2p.call_binary_stream_handler(PeerID.from_base58(peer_id), PROTOCOL)
+        except P2PDaemonError as e:
+            if EMPTY_ROUTING_TABLE not in str(e) or asyncio.get_running_loop().time() + pause > deadline:
+                raise ConnectionLost(f"cannot open a libp2p stream to {peer_id}: {e}") from e
+        logger.debug("the libp2p daemon has met no peer yet: asking again for %s in %.2f s", peer_id, pause)
+        await asyncio.sleep(pause)
+        pause = min(2 * pause, 1.0)
+
+
 async def connect_libp2p(
     p2p: P2P,
     peer_id: str,
@@ -173,10 +194,7 @@ async def connect_libp2p(
     """
 
     async def open_and_prove() -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        try:
-            _, reader, writer = await p2p.call_binary_stream_handler(PeerID.from_base58(peer_id), PROTOCOL)
-        except P2PDaemonError as e:
-            raise ConnectionLost(f"cannot open a libp2p stream to {peer_id}: {e}") from e
+        _, reader, writer = await _open_stream(p2p, peer_id, timeout / 2)
         if swarm_key is not None:
             try:
                 await _prove_membership_as_caller(reader, writer, swarm_key, p2p.peer_id.to_base58(), peer_id)
