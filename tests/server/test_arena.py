@@ -125,6 +125,36 @@ def test_a_row_step_equals_the_eager_merged_step(span):
         assert torch.equal(cache.keys, before)
 
 
+def test_the_row_graphs_are_captured_at_start_and_serve_the_steps_after(span):
+    """`capture_rows` captures every bucket of rows and slots over the whole span, once; a step of arena
+    sessions then replays one of them (no capture in a client's step) and equals the eager merged step."""
+    config = span.config
+    arena = CacheArena(4, 6, 200, config, torch.float32, "cpu")
+    runner = DecodeRunner(span, torch.device("cpu"), arena=arena)
+    captures = []
+
+    def counted(run):
+        captures.append(run)
+        return replayed(run)
+
+    runner.cuda_graphs, runner._captured = True, counted
+    with torch.inference_mode():
+        assert runner.capture_rows() == 4 * 2  # rows 1, 2, 4, 6 by slots 64 and 200 (the whole row)
+        assert runner.capture_rows() == 0
+        generator = torch.Generator().manual_seed(8)
+        graphed, eager = [], []
+        for slot in (30, 70, 4):
+            row, cache, key_mask = arena.take(1, 120)
+            hidden = torch.randn(1, config.hidden_size, generator=generator)
+            graphed.append(Member(hidden, slot, key_mask, False, cache, None, row))
+            own = KVCache.over(cache.keys.clone(), cache.values.clone())
+            eager.append(Member(hidden, slot, key_mask.clone(), False, own, None))
+        want = runner._merged(eager, None, slice(0, 4))[0]
+        got, _ = runner.step_many(graphed, None, slice(0, 4))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert len(captures) == 8
+
+
 def test_a_mixed_merged_step_replays_the_row_graph_and_the_others_graphs(span):
     """A merged step of arena sessions and others (a cache of its own, an arena session with an adapter) runs
     the arena sessions from their row graph and the others from their cohort's graph (eagerly until it is

@@ -16,7 +16,8 @@ All three ways run `BlockSpan.decode`, so they compute the same thing:
   without an adapter) share row graphs: one per bucket of rows (a power of two that covers the highest row in
   the step) and of attended slots (`bucket`), each a step over the arena's rows [0, N) in which every row in
   use writes at its own slot and the rows without a step write to the scratch slot. Any mix of such sessions,
-  single or merged (`step_many`, continuous batching), replays one of these graphs, captured once per server.
+  single or merged (`step_many`, continuous batching), replays one of these graphs, captured once per server,
+  when it starts (`capture_rows`; those over part of the span on first use).
   Any other session gets static input buffers of its own and, per bucket of attended slots, one captured
   graph of the whole span's step; a merged step of such sessions gets one graph per cohort: the same sessions,
   in the same order, each in the same bucket (the cohorts of sessions in lockstep repeat step after step). A
@@ -500,15 +501,7 @@ class DecodeRunner:
     def _fill_rows(self, members: Sequence[Member]) -> tuple[int, int, torch.Tensor]:
         """Fill the row graphs' inputs with the members' step: (the rows the step runs, the slots it attends, the
         members' rows in their order as an index)."""
-        arena = self.arena
-        if self._rows is None:
-            shape, dtype = (arena.rows, self.span.config.hidden_size), members[0].hidden.dtype
-            self._rows = _RowInputs(
-                torch.zeros(shape, dtype=dtype, device=self.device),
-                torch.zeros(arena.rows, dtype=torch.long, device=self.device),
-                torch.zeros(arena.rows, dtype=torch.long, device=self.device),
-            )
-        inputs = self._rows
+        arena, inputs = self.arena, self._row_inputs()
         rows = row_bucket(max(m.row + m.hidden.shape[0] for m in members), arena.rows)
         size = bucket(max(m.slot for m in members) + 1, arena.length)
         # built on the host and copied once each: a handful of small copies per step, whatever the members
@@ -527,6 +520,39 @@ class DecodeRunner:
         inputs.hidden[:rows].zero_()
         inputs.hidden.index_copy_(0, index, torch.cat([m.hidden for m in members]))
         return rows, size, index
+
+    def _row_inputs(self) -> _RowInputs:
+        """The row graphs' static inputs, made on first use."""
+        if self._rows is None:
+            arena = self.arena
+            hidden = (arena.rows, self.span.config.hidden_size)
+            self._rows = _RowInputs(
+                torch.zeros(hidden, dtype=arena.keys.dtype, device=self.device),
+                torch.zeros(arena.rows, dtype=torch.long, device=self.device),
+                torch.zeros(arena.rows, dtype=torch.long, device=self.device),
+            )
+        return self._rows
+
+    def capture_rows(self) -> int:
+        """Capture the row graph of every bucket of rows and slots over the whole span, before any session
+        steps (at start, on the compute thread): otherwise the first step of each bucket waits for its capture,
+        tens of milliseconds on a GPU, in the middle of a client's generation. Returns how many it captured (0
+        without an arena or graphs, or once a capture failed: steps then run eagerly)."""
+        if not self.cuda_graphs or self.arena is None:
+            return 0
+        arena, blocks, before = self.arena, slice(0, len(self.span.blocks)), len(self._row_graphs)
+        self._row_inputs()  # (its zeros: every row writes to the scratch slot and attends to it alone)
+        for rows in sorted({row_bucket(top, arena.rows) for top in range(1, arena.rows + 1)}):
+            for size in sorted({bucket(slots, arena.length) for slots in range(1, arena.length + 1)}):
+                key = ((blocks.start, blocks.stop), rows, size)
+                if key in self._row_graphs:
+                    continue
+                try:
+                    self._row_graphs[key] = self._captured(lambda r=rows, n=size: self._rows_step(r, n, blocks))
+                except RuntimeError as e:  # a capture this GPU or driver refuses: serve eagerly rather than fail
+                    self._without_graphs(e)
+                    return 0
+        return len(self._row_graphs) - before
 
     def _rows_step(self, rows: int, size: int, blocks: slice | None) -> torch.Tensor:
         """What a row graph runs: the step of arena rows [0, rows) over the scratch slot and the first `size`

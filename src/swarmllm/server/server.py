@@ -346,8 +346,11 @@ class Server:
             )
             logger.info("decode steps run %s; weights %s", backend.decoder.mode, backend.weights_layout)
             if backend.arena is not None:
-                arena = backend.arena
+                arena, began = backend.arena, time.perf_counter()
                 logger.info("cache arena: %d rows of %d slots (sessions up to that long)", arena.rows, arena.length)
+                captured = await backend.on_compute_thread(backend.decoder.capture_rows)
+                if captured:
+                    logger.info("captured %d decode graphs in %.1f s", captured, time.perf_counter() - began)
         corrupt_outputs(backend, cfg.corrupt_every)
         cache_mib = (
             cfg.max_cache_tokens
