@@ -15,7 +15,9 @@ import torch
 from test_batching import MODULES, random_adapter
 
 from swarmllm.models import KVCache, load_span
+from swarmllm.models.convert import convert_to_ladder
 from swarmllm.models.lora import LoraSettings, span_lora
+from swarmllm.models.tiny import make_tiny_checkpoint
 from swarmllm.server.adapters import Adapter
 from swarmllm.server.arena import CacheArena, arena_rows, first_fit
 from swarmllm.server.backend import Backend
@@ -153,6 +155,16 @@ def test_the_row_graphs_are_captured_at_start_and_serve_the_steps_after(span):
         got, _ = runner.step_many(graphed, None, slice(0, 4))
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert len(captures) == 8
+
+
+def test_no_row_graphs_are_captured_for_a_span_whose_edge_carries_the_ladder_pair(tmp_path):
+    """Such a span's whole-span steps take the pair (r, p), eagerly: `capture_rows` leaves it, graphs stay on."""
+    source = make_tiny_checkpoint(tmp_path / "source", "llama", num_layers=6)
+    ladder = load_span(str(convert_to_ladder(source, tmp_path / "ladder", 1, 5)), 2, 5)  # boundary 2: (r, p)
+    arena = CacheArena(3, 2, 64, ladder.config, torch.float32, "cpu")
+    runner = DecodeRunner(ladder, torch.device("cpu"), arena=arena)
+    runner.cuda_graphs, runner._captured = True, replayed
+    assert runner.capture_rows() == 0 and runner.cuda_graphs
 
 
 def test_a_mixed_merged_step_replays_the_row_graph_and_the_others_graphs(span):

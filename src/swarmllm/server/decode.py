@@ -538,9 +538,12 @@ class DecodeRunner:
         steps (at start, on the compute thread): otherwise the first step of each bucket waits for its capture,
         tens of milliseconds on a GPU, in the middle of a client's generation. Returns how many it captured (0
         without an arena or graphs, or once a capture failed: steps then run eagerly)."""
+        config, span = self.span.config, self.span
         if not self.cuda_graphs or self.arena is None:
             return 0
-        arena, blocks, before = self.arena, slice(0, len(self.span.blocks)), len(self._row_graphs)
+        if config.carries_pending(span.start) or config.carries_pending(span.end):
+            return 0  # its whole-span steps carry the ladder pair: eager (see the module doc)
+        arena, blocks, before = self.arena, slice(0, len(span.blocks)), len(self._row_graphs)
         self._row_inputs()  # (its zeros: every row writes to the scratch slot and attends to it alone)
         for rows in sorted({row_bucket(top, arena.rows) for top in range(1, arena.rows + 1)}):
             for size in sorted({bucket(slots, arena.length) for slots in range(1, arena.length + 1)}):
