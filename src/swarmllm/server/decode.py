@@ -407,9 +407,9 @@ class DecodeRunner:
     def _replay_mixed(self, members: Sequence[Member], blocks: slice | None) -> torch.Tensor:
         """The step of one session or several from graphs: the arena sessions without an adapter from their row
         graph, the others (an adapter, a cache of their own) from their own graph if alone, else their cohort's,
-        or eagerly until it is captured. A step that mixes the two runs both: two replays read the weights twice, but launch two
-        graphs instead of an eager pass's hundreds of kernels (expected to win on a GPU, not measured yet); rows
-        in the members' order."""
+        or eagerly until it is captured. A step that mixes the two runs both: two replays read the weights
+        twice, but launch two graphs instead of an eager pass's hundreds of kernels (expected to win on a GPU,
+        not measured yet); rows in the members' order."""
         in_arena = [m.row is not None and m.lora is None for m in members]
         parts = []
         for arena in (True, False):
