@@ -51,7 +51,7 @@ class TensorParallelBackend(Backend):
         pending: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         hidden, pending = hidden.to(self.device, self.dtype), self._on_device(pending)
-        return self.parallel.forward_pair(hidden, pending, key_mask=key_mask, blocks=blocks)
+        return self._on_host(*self.parallel.forward_pair(hidden, pending, key_mask=key_mask, blocks=blocks))
 
     def _step(
         self,
@@ -80,7 +80,7 @@ class TensorParallelBackend(Backend):
                 hidden, pending, pos=position, key_mask=key_mask, cache=session.cache, blocks=blocks
             )
         session.length = end
-        return out
+        return self._on_host(*out)  # (on a GPU, copied on the compute thread's stream: `Backend._host`)
 
     def shutdown(self) -> None:
         """Close the sessions, then stop the other ranks (after the calls already queued for them)."""
