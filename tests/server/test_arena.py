@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import threading
 
 import pytest
 import torch
@@ -23,6 +24,8 @@ from swarmllm.server.arena import CacheArena, arena_rows, first_fit
 from swarmllm.server.backend import Backend
 from swarmllm.server.cache import CacheFullError
 from swarmllm.server.decode import CAPTURE_AFTER, DecodeRunner, Member, row_bucket
+
+BOUND = 10  # seconds; only to fail a test instead of hanging
 
 
 @pytest.fixture(scope="module")
@@ -59,12 +62,18 @@ def test_row_buckets():
 
 
 def test_sessions_take_arena_rows_where_they_fit_and_the_budget_counts_them(span):
+    """Rows where a session fits, a cache of its own where it does not; a closed session's rows come back only
+    once the compute thread has finished the work it was doing for it (a prefill writing them)."""
     backend = Backend(span, cache_tokens=300, arena_length=32)  # 300 // 2 // 32: 4 rows of 32 slots
+
+    def compute_done(owner=""):  # the compute thread has run what the owner queued so far
+        backend.compute.submit(owner, lambda: None).result()
+
     try:
         arena = backend.arena
         assert arena.rows == 4 and backend.budget.free_tokens == 300 - 4 * 33
         assert backend.free_tokens == 300 - 4 * 33 + 4 * 32
-        a = backend.open_session(0, 4, 1, 32)
+        a = backend.open_session(0, 4, 1, 32, owner="peer-a")
         b = backend.open_session(1, 3, 2, 20)  # a sub-range of the span: its view covers those blocks
         long = backend.open_session(0, 4, 1, 40)  # longer than a row: a cache of its own
         assert (a.row, b.row, long.row) == (0, 1, None)
@@ -78,14 +87,29 @@ def test_sessions_take_arena_rows_where_they_fit_and_the_budget_counts_them(span
             backend.open_session(0, 4, 2, 70)
         backend.close_session(b)
         backend.close_session(b)  # twice: harmless
+        compute_done()
         c = backend.open_session(0, 4, 2, 32)  # b's rows again (lowest first), its mask reset
         d = backend.open_session(0, 4, 1, 8)
         assert (c.row, d.row) == (1, 3) and c.key_mask.all()
         backend.close_session(b)  # a stale close of b must not free c's rows
+        compute_done()
         assert arena.free_rows == 0 and backend.free_tokens == backend.budget.free_tokens
+        # a's prefill still runs on the compute thread when a closes: its row stays taken until it is done
+        prefilling, finish = threading.Event(), threading.Event()
+        running = backend.compute.submit("peer-a", lambda: (prefilling.set(), finish.wait(BOUND)))
+        assert prefilling.wait(BOUND)
+        backend.close_session(a)
+        assert arena.free_rows == 0
+        finish.set()
+        running.result()
+        compute_done("peer-a")
+        assert arena.free_rows == 1
+        for session in (c, d, long):
+            backend.close_session(session)
+        compute_done()
+        assert arena.free_rows == 4 and backend.budget.free_tokens == 300 - 4 * 33
     finally:
         backend.shutdown()
-    assert arena.free_rows == 4 and backend.budget.free_tokens == 300 - 4 * 33
 
 
 def test_a_row_step_equals_the_eager_merged_step(span):

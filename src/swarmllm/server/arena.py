@@ -18,6 +18,7 @@ gets a cache of its own as before.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 
 import torch
@@ -67,6 +68,7 @@ class CacheArena:
         self.key_mask[:, 0] = False  # the scratch slot: never attended
         self.length = length
         self._taken = [False] * rows
+        self._lock = threading.Lock()  # rows are taken on the event loop, given back on the compute thread
 
     @property
     def rows(self) -> int:
@@ -79,22 +81,25 @@ class CacheArena:
 
     @property
     def free_rows(self) -> int:
-        return self._taken.count(False)
+        with self._lock:
+            return self._taken.count(False)
 
     def take(self, batch_size: int, max_length: int) -> tuple[int, KVCache, torch.Tensor] | None:
         """Rows for a session of `batch_size` sequences of up to `max_length` tokens: (its first row, its cache,
         its key mask [batch_size, max_length], all True), views into the arena; None when it does not fit."""
         if max_length > self.length:
             return None
-        row = first_fit(self._taken, batch_size)
-        if row is None:
-            return None
+        with self._lock:
+            row = first_fit(self._taken, batch_size)
+            if row is None:
+                return None
+            self._taken[row : row + batch_size] = [True] * batch_size
         rows, slots = slice(row, row + batch_size), slice(1, 1 + max_length)
-        self._taken[rows] = [True] * batch_size
         key_mask = self.key_mask[rows, slots]
         key_mask.fill_(True)
         return row, KVCache.over(self.keys[:, rows, :, slots], self.values[:, rows, :, slots]), key_mask
 
     def give(self, row: int, batch_size: int) -> None:
         """A session's rows are free again (what they hold is never attended before it is overwritten)."""
-        self._taken[row : row + batch_size] = [False] * batch_size
+        with self._lock:
+            self._taken[row : row + batch_size] = [False] * batch_size

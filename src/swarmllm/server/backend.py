@@ -383,14 +383,17 @@ class Backend:
         return KVCache(blocks, batch_size, max_length, self.span.config, self.dtype, self.device)
 
     def close_session(self, session: Session) -> None:
-        """Free a session's cache (closing it twice is harmless: its arena rows may be another's by then)."""
+        """Free a session's cache (closing it twice is harmless: its arena rows may be another's by then). A cache
+        of its own is kept alive by the work that still uses it; arena rows are given back after that work."""
         open_ = self.sessions.pop(session.session_id, None) is not None
         self.batcher.forget(session.session_id)
         self.decoder.forget(session.cache)
         if session.row is None:
             self.budget.release(session.session_id)
         elif open_:
-            self.arena.give(session.row, session.batch_size)
+            # its rows go back once the compute thread is done with the session's work (a prefill running or
+            # queued would write them): the give waits behind it, in the owner's turn
+            self.compute.submit(session.owner, self.arena.give, session.row, session.batch_size)
 
     async def step(
         self,
