@@ -54,7 +54,7 @@ from swarmllm.server.arena import ARENA_LENGTH, CacheArena, arena_rows
 from swarmllm.server.batching import DecodeBatcher
 from swarmllm.server.cache import CacheBudget
 from swarmllm.server.compute import ComputeThread
-from swarmllm.server.decode import DecodeRunner, Member
+from swarmllm.server.decode import DecodeRunner, Member, graphs_enabled
 
 logger = logging.getLogger(__name__)
 
@@ -132,9 +132,8 @@ class Backend:
         self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self._ids = itertools.count()
         self.inline_tokens = inline_tokens
-        graphs = cuda_graphs and self.device.type == "cuda" and not compile
         if arena_length is None:
-            arena_length = ARENA_LENGTH if graphs else 0
+            arena_length = ARENA_LENGTH if graphs_enabled(self.device, cuda_graphs, compile) else 0
         self.arena = None if compile else self._make_arena(arena_length)
         self.decoder = DecodeRunner(
             span, self.device, compile=compile, cuda_graphs=cuda_graphs, arena=self.arena

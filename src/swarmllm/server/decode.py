@@ -77,6 +77,16 @@ def bucket(slots: int, max_length: int) -> int:
     return max_length if 2 * size > max_length else size
 
 
+def graphs_enabled(device: torch.device, cuda_graphs: bool, compile: bool) -> bool:
+    """Whether decode steps replay CUDA graphs: on CUDA unless told not to, and never beside a compiled step."""
+    return cuda_graphs and device.type == "cuda" and not compile
+
+
+def _bounds(blocks: slice | None) -> tuple[int, int] | None:
+    """A blocks slice as a dict key (a slice is unhashable before Python 3.12)."""
+    return None if blocks is None else (blocks.start, blocks.stop)
+
+
 def row_bucket(top: int, rows: int) -> int:
     """Arena rows a row graph runs when rows [0, top) hold the step's sessions: the next power of two, at most
     the arena's `rows`."""
@@ -114,8 +124,7 @@ class Member:
 
 def cohort_key(members: Sequence[Member], blocks: slice | None) -> tuple:
     """What a merged step's graph is valid for: the blocks run, then each member's cache, rows and bucket."""
-    span = None if blocks is None else (blocks.start, blocks.stop)  # (a slice is unhashable before 3.12)
-    return (span, *((id(m.cache), m.hidden.shape[0], m.bucket()) for m in members))
+    return (_bounds(blocks), *((id(m.cache), m.hidden.shape[0], m.bucket()) for m in members))
 
 
 @dataclass
@@ -153,7 +162,7 @@ class DecodeRunner:
     ):
         self.span = span
         self.device = device
-        self.cuda_graphs = cuda_graphs and device.type == "cuda" and not compile
+        self.cuda_graphs = graphs_enabled(device, cuda_graphs, compile)
         self.compiled = compile
         self.arena = arena
         self._decode = span.decode
@@ -490,11 +499,7 @@ class DecodeRunner:
         """The step of arena sessions (one or several) from the row graph of its bucket, captured now if this
         server has not run that bucket yet; rows in the members' order."""
         rows, size, index = self._fill_rows(members)
-        key = (None if blocks is None else (blocks.start, blocks.stop), rows, size)
-        if key not in self._row_graphs:
-            self._row_graphs[key] = self._captured(lambda: self._rows_step(rows, size, blocks))
-            logger.debug("captured a decode graph over %d arena rows and %d slots", rows, size)
-        graph, out = self._row_graphs[key]
+        graph, out = self._row_graph(rows, size, blocks)
         graph.replay()
         return out.index_select(0, index)  # (a copy: the next replay overwrites `out`)
 
@@ -544,24 +549,31 @@ class DecodeRunner:
         if config.carries_pending(span.start) or config.carries_pending(span.end):
             return 0  # its whole-span steps carry the ladder pair: eager (see the module doc)
         arena, blocks, before = self.arena, slice(0, len(span.blocks)), len(self._row_graphs)
-        self._row_inputs()  # (its zeros: every row writes to the scratch slot and attends to it alone)
-        for rows in sorted({row_bucket(top, arena.rows) for top in range(1, arena.rows + 1)}):
-            for size in sorted({bucket(slots, arena.length) for slots in range(1, arena.length + 1)}):
-                key = ((blocks.start, blocks.stop), rows, size)
-                if key in self._row_graphs:
-                    continue
-                try:
-                    self._row_graphs[key] = self._captured(lambda r=rows, n=size: self._rows_step(r, n, blocks))
-                except RuntimeError as e:  # a capture this GPU or driver refuses: serve eagerly rather than fail
-                    self._without_graphs(e)
-                    return 0
+        # (the inputs' zeros meanwhile: every row writes to the scratch slot and attends to it alone)
+        try:
+            for rows in sorted({row_bucket(top, arena.rows) for top in range(1, arena.rows + 1)}):
+                for size in sorted({bucket(slots, arena.length) for slots in range(1, arena.length + 1)}):
+                    self._row_graph(rows, size, blocks)
+        except RuntimeError as e:  # a capture this GPU or driver refuses: serve eagerly rather than fail
+            self._without_graphs(e)
+            return 0
         return len(self._row_graphs) - before
+
+    def _row_graph(
+        self, rows: int, size: int, blocks: slice | None
+    ) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        """The row graph of a bucket and the tensor its replays write, captured the first time it is asked for."""
+        key = (_bounds(blocks), rows, size)
+        if key not in self._row_graphs:
+            self._row_graphs[key] = self._captured(lambda: self._rows_step(rows, size, blocks))
+            logger.debug("captured a decode graph over %d arena rows and %d slots", rows, size)
+        return self._row_graphs[key]
 
     def _rows_step(self, rows: int, size: int, blocks: slice | None) -> torch.Tensor:
         """What a row graph runs: the step of arena rows [0, rows) over the scratch slot and the first `size`
         slots of each (see the module doc): each row writes its keys and values at its slot of `_rows` and
         attends to its real slots up to there. -> [rows, H]"""
-        arena, inputs, run = self.arena, self._rows, slice(None) if blocks is None else blocks
+        arena, inputs, run = self.arena, self._row_inputs(), slice(None) if blocks is None else blocks
         keys, values = arena.keys[run, :rows, :, : 1 + size], arena.values[run, :rows, :, : 1 + size]
         return self.span.decode(
             inputs.hidden[:rows],
