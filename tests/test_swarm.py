@@ -322,15 +322,16 @@ def test_compiled_decode_gives_transformers_tokens(swarm, checkpoints, monkeypat
         remote.shutdown()
 
 
-def test_a_server_with_a_cache_arena_gives_transformers_tokens(swarm, checkpoints):
+def test_a_server_with_a_cache_arena_and_chunked_prefills_gives_transformers_tokens(swarm, checkpoints):
     """Sessions whose caches are rows of a server's cache arena (`--arena-length`, CUDA's default, forced here on
     the CPU; mistral: sliding window of 4), lone and merged, beside sessions too long for a row, and a
-    left-padded batch taking three rows: every session gets transformers' greedy tokens."""
+    left-padded batch taking three rows, their prompts prefilled in chunks of 6 tokens (`--prefill-chunk-tokens`:
+    2 positions a chunk for the batch, across the window): every session gets transformers' greedy tokens."""
     from concurrent.futures import ThreadPoolExecutor
 
     local, _ = swarm
     path = checkpoints("mistral", num_layers=3)
-    local.add_server(str(path), (0, 3), extra=["--arena-length", "24"])
+    local.add_server(str(path), (0, 3), extra=["--arena-length", "24", "--prefill-chunk-tokens", "6"])
     log = local.servers[-1].log
     assert any("cache arena: " in line and "rows of 24 slots" in line for line in log)
     remote = AutoDistributedModelForCausalLM.from_pretrained(str(path), initial_peers=local.initial_peers)
@@ -344,7 +345,7 @@ def test_a_server_with_a_cache_arena_gives_transformers_tokens(swarm, checkpoint
         return ours.tolist(), reference.generate(**batch, max_new_tokens=new_tokens, do_sample=False).tolist()
 
     # a row holds 24 slots: 8 new tokens fit, 30 do not (a cache of its own)
-    jobs = [([prompt], 8) for prompt in PROMPTS] + [([PROMPTS[0]], 30), (PROMPTS, 8)]
+    jobs = [([prompt], 8) for prompt in PROMPTS] + [([PROMPTS[0]], 30), (PROMPTS, 8), ([" ".join(PROMPTS)], 4)]
     try:
         with ThreadPoolExecutor(len(jobs)) as pool:
             for ours, theirs in pool.map(lambda job: generate(*job), jobs):

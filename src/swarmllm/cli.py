@@ -29,6 +29,17 @@ def _blocks(text: str) -> tuple[int, int]:
     return start, end
 
 
+def _count(text: str) -> int:
+    """A whole number, 0 or more."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected 0 or more, got {value}")
+    return value
+
+
 def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(
         level=logging.WARNING,
@@ -220,6 +231,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=10.0,
         help="how long a decode step may wait for other sessions' steps to be merged with it (continuous "
         "batching; never longer than a step takes, and not at all when no other session is decoding)",
+    )
+    serve.add_argument(
+        "--prefill-chunk-tokens",
+        type=_count,
+        default=None,
+        help="a session's prefill over more tokens than this runs as chunks, and other peers' prefills between "
+        "them, so they wait for one chunk, not a whole long prompt (default 512; 0: in one piece)",
     )
     serve.add_argument(
         "--throughput", type=float, help="announced decode steps/s per block instead of measuring it"
@@ -640,6 +658,7 @@ def _serve(args: argparse.Namespace) -> int:
             packed_weights=not args.no_packed_weights,
             batch_wait_s=args.batch_wait_ms / 1e3,
             arena_length=args.arena_length,
+            prefill_chunk_tokens=args.prefill_chunk_tokens,
             tp=args.tp,
             max_cache_tokens=args.max_cache_tokens,
             max_memory=parse_size(args.max_memory) if args.max_memory else None,

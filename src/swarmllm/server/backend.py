@@ -3,7 +3,8 @@
 The backend trusts its inputs: the RPC handler validates every message before calling it. Large work (prefill,
 batch forward) runs on one dedicated thread so the event loop keeps answering pings, info and other sessions
 meanwhile; that thread takes the peers' work in turn (`server.compute`), so one peer's pile of batch work
-cannot starve another's. Small work (a decode step) runs inline on the loop, because handing it to a thread and
+cannot starve another's; a long prefill runs there as chunks (`prefill_chunks`), each in its owner's turn, so
+another peer's prefill waits for one chunk, not a whole long prompt. Small work (a decode step) runs inline on the loop, because handing it to a thread and
 back costs more than computing it (~0.4 ms a hop on a 2-core box), and so it never waits behind anyone's batch
 work (a prefill chunk on the compute thread runs beside the decode steps, it does not stall them: on a GPU it runs
 on a CUDA stream of its own, `_on_stream`, and every output is copied to the host where it is computed, `_host`,
@@ -59,6 +60,22 @@ from swarmllm.server.decode import DecodeRunner, Member, graphs_enabled
 logger = logging.getLogger(__name__)
 
 LAYOUT_WINDOW = 32  # decode steps between looks at the packed weights' layout, and the steps each look weighs
+PREFILL_CHUNK_TOKENS = 512  # a longer prefill (over its rows) runs as chunks, other peers' work between them
+
+
+def prefill_chunks(length: int, batch: int, chunk_tokens: int, at_least: int = 0) -> list[tuple[int, int]]:
+    """The positions [a, b) of a step over `length` positions of `batch` rows, cut into chunks of at most
+    `chunk_tokens` tokens (one position at least), all of about the same size, except that the first covers at
+    least `at_least` positions (those its deep prompts apply to). chunk_tokens 0, or a step that fits: one chunk."""
+    if not chunk_tokens or length * batch <= chunk_tokens:
+        return [(0, length)]
+    per = max(1, chunk_tokens // batch)
+    first = min(length, max(at_least, per)) if at_least else 0  # a first chunk held open for the prompts
+    rest = length - first
+    count = -(-rest // per)
+    bounds = [0, first] if first else [0]
+    bounds += [first + rest * i // count for i in range(1, count + 1)]
+    return list(itertools.pairwise(bounds))
 
 
 @dataclass
@@ -118,10 +135,14 @@ class Backend:
         cuda_graphs: bool = True,
         batch_wait_s: float = 0.01,
         arena_length: int | None = None,
+        prefill_chunk_tokens: int | None = None,
     ):
         """arena_length: the slots of a row of the shared cache arena (`server.arena`), 0 for none; by default
         `ARENA_LENGTH` where steps replay CUDA graphs, else none (on a CPU the arena gains nothing), and never
-        with a compiled step (compiled for caches of their own, whose layout its guards check)."""
+        with a compiled step (compiled for caches of their own, whose layout its guards check).
+        prefill_chunk_tokens: a session's step over more tokens than this runs as several jobs of the compute
+        thread (`prefill_chunks`), so another peer's prefill waits for one chunk, not the whole; 0: one job; by
+        default `PREFILL_CHUNK_TOKENS`."""
         self.span = span.requires_grad_(False)  # frozen: backward computes gradients of inputs only
         self.device = torch.device(device)
         self.dtype = next(span.parameters()).dtype
@@ -132,6 +153,9 @@ class Backend:
         self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self._ids = itertools.count()
         self.inline_tokens = inline_tokens
+        self.prefill_chunk_tokens = (
+            PREFILL_CHUNK_TOKENS if prefill_chunk_tokens is None else prefill_chunk_tokens
+        )
         if arena_length is None:
             arena_length = ARENA_LENGTH if graphs_enabled(self.device, cuda_graphs, compile) else 0
         self.arena = None if compile else self._make_arena(arena_length)
@@ -405,14 +429,26 @@ class Backend:
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Process tokens [position, position + T) of a session; position < length rewinds (drops the tail).
         prompts: deep prompts for the first P of these tokens ([blocks, B or 1, P, H]); pending: their p, where
-        the session's first edge carries the ladder pair. Returns (r, p) (see the module doc)."""
+        the session's first edge carries the ladder pair. Returns (r, p) (see the module doc). A step over more
+        than `prefill_chunk_tokens` tokens runs chunk after chunk (`prefill_chunks`); a client gone meanwhile
+        (the call cancelled) stops it between two chunks."""
         tokens = hidden.shape[0] * hidden.shape[1]
         if hidden.shape[1] == 1 and prompts is None and self.inline(tokens):
             # merged with the other sessions' decode steps (continuous batching), inline on the loop
             step = _Decode(session, hidden, position, new_mask, pending)
             return await self.batcher.step(session.session_id, step)
-        args = (session, hidden, position, new_mask, prompts, pending)
-        return await self.run(tokens, session.owner, self._step, *args)
+        # a long prefill runs as chunks, each a job in the owner's turn: other peers' jobs run between them
+        batch, at_least = hidden.shape[0], 0 if prompts is None else prompts.shape[2]
+        outs = []
+        for a, b in prefill_chunks(hidden.shape[1], batch, self.prefill_chunk_tokens, at_least):
+            mask = None if new_mask is None else new_mask[:, a:b]
+            p = None if pending is None else pending[:, a:b]
+            args = (session, hidden[:, a:b], position + a, mask, prompts if a == 0 else None, p)
+            outs.append(await self.run(batch * (b - a), session.owner, self._step, *args))
+        if len(outs) == 1:
+            return outs[0]
+        r, p = zip(*outs, strict=True)
+        return torch.cat(r, 1), None if p[0] is None else torch.cat(p, 1)
 
     def _note_mask(self, session: Session, position: int, end: int, new_mask: torch.Tensor | None) -> None:
         """Record which of the slots [position, end) hold real tokens (False: left padding)."""

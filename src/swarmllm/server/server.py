@@ -98,6 +98,9 @@ class ServerConfig:
     # slots of a row of the shared cache arena (server/arena.py), 0 for none; None: 1024 where steps replay CUDA
     # graphs, else none
     arena_length: int | None = None
+    # a prefill over more tokens runs as chunks on the compute thread, other peers' work between them; 0: in one
+    # piece; None: the backend's PREFILL_CHUNK_TOKENS
+    prefill_chunk_tokens: int | None = None
     tp: int = 1  # processes (devices) the span runs across, tensor-parallel (server/tp_backend.py); needs blocks
     throughput: float | None = None  # announced decode steps/s per block instead of measuring
     bandwidth: float | None = None  # bytes/s of this server's uplink instead of measuring it to peers
@@ -329,7 +332,9 @@ class Server:
     async def _make_backend(self, span: BlockSpan | TensorParallelSpan) -> Backend:
         cfg = self.config
         if isinstance(span, TensorParallelSpan):
-            backend = TensorParallelBackend(span, cache_tokens=cfg.max_cache_tokens)
+            backend = TensorParallelBackend(
+                span, cache_tokens=cfg.max_cache_tokens, prefill_chunk_tokens=cfg.prefill_chunk_tokens
+            )
             logger.info("steps run tensor-parallel over %d processes, eagerly", cfg.tp)
         else:
             backend = await asyncio.get_running_loop().run_in_executor(
@@ -342,6 +347,7 @@ class Server:
                     cuda_graphs=cfg.cuda_graphs,
                     batch_wait_s=cfg.batch_wait_s,
                     arena_length=cfg.arena_length,
+                    prefill_chunk_tokens=cfg.prefill_chunk_tokens,
                 ),
             )
             logger.info("decode steps run %s; weights %s", backend.decoder.mode, backend.weights_layout)

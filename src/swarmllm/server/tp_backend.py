@@ -27,9 +27,16 @@ class TensorParallelBackend(Backend):
 
     tunable = False
 
-    def __init__(self, parallel: TensorParallelSpan, *, cache_tokens: int):
+    def __init__(
+        self, parallel: TensorParallelSpan, *, cache_tokens: int, prefill_chunk_tokens: int | None = None
+    ):
         super().__init__(
-            parallel.span, cache_tokens=cache_tokens, device=parallel.device, inline_tokens=0, cuda_graphs=False
+            parallel.span,
+            cache_tokens=cache_tokens,
+            device=parallel.device,
+            inline_tokens=0,
+            cuda_graphs=False,
+            prefill_chunk_tokens=prefill_chunk_tokens,
         )
         self.parallel = parallel
 
