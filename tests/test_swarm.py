@@ -326,29 +326,41 @@ def test_a_server_with_a_cache_arena_and_chunked_prefills_gives_transformers_tok
     """Sessions whose caches are rows of a server's cache arena (`--arena-length`, CUDA's default, forced here on
     the CPU; mistral: sliding window of 4), lone and merged, beside sessions too long for a row, and a
     left-padded batch taking three rows, their prompts prefilled in chunks of 6 tokens (`--prefill-chunk-tokens`:
-    2 positions a chunk for the batch, across the window): every session gets transformers' greedy tokens."""
+    2 positions a chunk for the batch, across the window) by two servers, the first pushing each chunk's output
+    on as a part of the step: every session gets transformers' greedy tokens."""
     from concurrent.futures import ThreadPoolExecutor
 
     local, _ = swarm
     path = checkpoints("mistral", num_layers=3)
-    local.add_server(str(path), (0, 3), extra=["--arena-length", "24", "--prefill-chunk-tokens", "6"])
-    log = local.servers[-1].log
-    assert any("cache arena: " in line and "rows of 24 slots" in line for line in log)
+    flags = ["--arena-length", "24", "--prefill-chunk-tokens", "6"]
+    local.add_servers([(str(path), (0, 2)), (str(path), (2, 3))], extra=flags)
+    for server in local.servers[-2:]:
+        assert any("cache arena: " in line and "rows of 24 slots" in line for line in server.log)
     remote = AutoDistributedModelForCausalLM.from_pretrained(str(path), initial_peers=local.initial_peers)
     reference = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
     tokenizer.padding_side = "left"
 
     def generate(prompts, new_tokens):
-        batch = tokenizer(prompts, return_tensors="pt", padding=True)
+        if isinstance(prompts, torch.Tensor):  # token ids
+            batch = {"input_ids": prompts, "attention_mask": torch.ones_like(prompts)}
+        else:
+            batch = tokenizer(prompts, return_tensors="pt", padding=True)
         ours = remote.generate(**batch, max_new_tokens=new_tokens, do_sample=False)
         return ours.tolist(), reference.generate(**batch, max_new_tokens=new_tokens, do_sample=False).tolist()
 
-    # a row holds 24 slots: 8 new tokens fit, 30 do not (a cache of its own)
+    # a row holds 24 slots: 8 new tokens fit, 30 do not (a cache of its own); a prompt of 2 x 130 tokens is long
+    # enough for the client to let the first server push it on in parts (`PUSH_UNANSWERED_TOKENS`)
+    long = torch.randint(3, reference.config.vocab_size, (2, 130), generator=torch.Generator().manual_seed(0))
     jobs = [([prompt], 8) for prompt in PROMPTS] + [([PROMPTS[0]], 30), (PROMPTS, 8), ([" ".join(PROMPTS)], 4)]
     try:
         with ThreadPoolExecutor(len(jobs)) as pool:
             for ours, theirs in pool.map(lambda job: generate(*job), jobs):
                 assert ours == theirs
+        with remote.inference_session(max_length=134) as session:
+            ours, theirs = generate(long, 4)
+            assert ours == theirs
+            # the second hop's input of every step came from the first server, the prompt's in parts
+            assert session.session.pushed_hops == 4 and not remote.swarm.failovers
     finally:
         remote.shutdown()

@@ -15,8 +15,12 @@ from swarmllm.models import load_span
 from swarmllm.models.convert import convert_to_ladder
 from swarmllm.models.tiny import make_tiny_checkpoint
 from swarmllm.server.backend import Backend, prefill_chunks
+from swarmllm.server.handler import RequestHandler
+from swarmllm.wire import DirectServer, Identity, Message, connect_direct
+from swarmllm.wire.messages import PushTarget, Step
 
 BOUND = 10  # seconds; only to fail a test instead of hanging
+HIDDEN = 64  # the tiny llama's
 
 
 def test_prefill_chunks_cut_a_long_step_into_even_chunks():
@@ -172,3 +176,120 @@ def test_another_peers_prefill_runs_between_the_chunks(mistral_span, chunk_token
         assert ran == [("peer-a", 0, 40), ("peer-b", 0, 40), ("peer-a", 40, 40), ("peer-a", 80, 40)]
     else:
         assert ran == [("peer-a", 0, 120), ("peer-b", 0, 40)]
+
+
+async def test_a_prefill_goes_on_in_parts_and_the_next_server_answers_once(llama_checkpoint):
+    """Two servers of one chain, over real connections: the first prefills a 12-position step in chunks of 4
+    and pushes each chunk's output on at once, so the second computes part k while the first computes k + 1
+    (the first's second chunk waits until the second server has computed part 0: without the parts it would
+    wait in vain). The second answers the client once, with the whole step, equal to the span's forward, and
+    its cache is right for the next step. A part that does not start its step is dropped (the client sends the
+    step itself), and a step pushed again from its start (a replacement of the previous server) is answered
+    once."""
+    span = load_span(str(llama_checkpoint), 0, 4)
+    first_id, second_id, client_id = (Identity.generate() for _ in range(3))
+    second_backend = Backend(load_span(str(llama_checkpoint), 2, 4), cache_tokens=64, inline_tokens=0)
+    parts, part_done = [], threading.Event()
+    _record(second_backend, parts)
+    step2 = second_backend._step
+    second_backend._step = lambda *args: (step2(*args), part_done.set())[0]
+    second = DirectServer(RequestHandler(second_backend, dict).handlers(), second_id)
+    await second.start()
+
+    async def connect(peer_id: str):
+        return await connect_direct(*second.address, first_id, expected_peer_id=peer_id)
+
+    first_backend = Backend(
+        load_span(str(llama_checkpoint), 0, 2), cache_tokens=64, inline_tokens=0, prefill_chunk_tokens=4
+    )
+    step1 = first_backend._step
+
+    def gated(session, hidden, position, *args):  # the first's later chunks wait for the second's part 0
+        assert position == 0 or part_done.wait(BOUND), (
+            "the second server got no part while the first prefilled"
+        )
+        return step1(session, hidden, position, *args)
+
+    first_backend._step = gated
+    first = DirectServer(RequestHandler(first_backend, dict, connect=connect).handlers(), first_id)
+    await first.start()
+    try:
+        to_first = await connect_direct(*first.address, client_id, expected_peer_id=first_id.peer_id)
+        to_second = await connect_direct(*second.address, client_id, expected_peer_id=second_id.peer_id)
+        opening = {"batch_size": 1, "max_length": 32}
+        s1 = await to_first.open_stream("inference", Message({**opening, "start": 0, "end": 2}))
+        s2 = await to_second.open_stream(
+            "inference",
+            Message(
+                {
+                    **opening,
+                    "start": 2,
+                    "end": 4,
+                    "session_id": "b" * 24,
+                    "accept_push_from": first_id.peer_id,
+                }
+            ),
+        )
+        hidden = torch.randn(1, 12, HIDDEN)
+        chain = [PushTarget(second_id.peer_id, "b" * 24)]
+        await s1.send(Step(0, hidden, step=1, push=chain).to_message())
+        r1 = await s1.recv(timeout=BOUND)
+        assert r1.meta["pushed"] is True
+        r2 = await s2.recv(timeout=BOUND)
+        assert r2.meta["step"] == 1 and r2.meta["position"] == 0
+        torch.testing.assert_close(r2.tensors[0], span(hidden), rtol=1e-5, atol=1e-5)
+        assert [(position, size) for _, position, size in parts] == [(0, 4), (4, 4), (8, 4)]
+
+        inputs = [r1.tensors[0]]  # the second server's inputs so far
+
+        def want(new):  # the second server's output for `new`, after all its inputs so far
+            inputs.append(new)
+            with torch.inference_mode():
+                return span(torch.cat(inputs, 1), blocks=slice(2, 4))[:, -new.shape[1] :]
+
+        # its cache holds the 12 positions: a decode step after them is right
+        token = torch.randn(1, 1, HIDDEN)
+        await s2.send(Step(12, token, step=2).to_message())
+        reply = await s2.recv(timeout=BOUND)
+        torch.testing.assert_close(reply.tensors[0], want(token), rtol=1e-5, atol=1e-5)
+
+        as_first = await connect_direct(*second.address, first_id, expected_peer_id=None)
+        errors = []
+
+        async def push(position, new, step, whole):
+            message = Step(position, new, step=step, session_id="b" * 24, whole=whole).to_message()
+            await as_first.notify("push", message, errors.append)
+
+        # a part that does not start its step is dropped; the client's own step is answered
+        three = torch.randn(1, 6, HIDDEN)
+        await push(16, three[:, 3:], 3, (13, 19))
+        await s2.send(Step(13, three, step=3).to_message())
+        reply = await s2.recv(timeout=BOUND)
+        assert reply.meta["step"] == 3
+        torch.testing.assert_close(reply.tensors[0], want(three), rtol=1e-5, atol=1e-5)
+
+        # a step pushed again from its start: computed again, answered once, with the second push's outputs
+        four = torch.randn(1, 6, HIDDEN)
+        await push(19, torch.randn(1, 3, HIDDEN), 4, (19, 25))
+        await push(19, four[:, :3], 4, (19, 25))
+        await push(22, four[:, 3:], 4, (19, 25))
+        reply = await s2.recv(timeout=BOUND)
+        assert reply.meta["step"] == 4 and reply.meta["position"] == 19
+        torch.testing.assert_close(reply.tensors[0], want(four), rtol=1e-5, atol=1e-5)
+        five = torch.randn(1, 1, HIDDEN)
+        await s2.send(Step(25, five, step=5).to_message())
+        reply = await s2.recv(timeout=BOUND)
+        assert reply.meta["step"] == 5  # no second answer to step 4 came before it
+        torch.testing.assert_close(reply.tensors[0], want(five), rtol=1e-5, atol=1e-5)
+        assert errors == []
+
+        # a client may not send part of a step
+        await s2.send(Step(26, five, step=6, whole=(26, 28)).to_message())
+        reply = await s2.recv(timeout=BOUND)
+        assert reply.meta["error"]["code"] == "bad_request", reply.meta
+        assert "only the previous server" in reply.meta["error"]["message"]
+        for conn in (to_first, to_second, as_first):
+            await conn.close()
+    finally:
+        await first.stop()
+        await second.stop()

@@ -46,6 +46,11 @@ from swarmllm.wire.messages import PushTarget, Step
 
 logger = logging.getLogger(__name__)
 
+# a step of this many tokens is pushed on even into sessions that have not answered yet (a prompt's prefill: the
+# first step), so that servers that prefill in chunks pipeline it along the chain; its first hop computes far
+# longer than the next session takes to open, and a push that outruns the opening costs a fallback round trip
+PUSH_UNANSWERED_TOKENS = 256
+
 
 class ReplayBudgetError(RuntimeError):
     """The inputs a session keeps for failover would exceed the client's `max_replay_bytes`."""
@@ -149,23 +154,25 @@ class InferenceSession:
                     hop = self._hops[i]
                     del inputs[i:]
                     inputs.append((hidden, pending))
-                    # a server pushes only into sessions that have answered once: a push that outruns the
-                    # opening of the next session (another connection) would find no session and cost a
-                    # fallback round trip; and not steps with deep prompts (each hop has its own)
+                    # a server pushes only into sessions that have answered once (or for a long step): a push
+                    # that outruns the opening of the next session (another connection) would find no session
+                    # and cost a fallback round trip; and not steps with deep prompts (each hop has its own)
                     prompts = hop.prompts(position, hidden.shape[1])
+                    tokens = hidden.shape[0] * hidden.shape[1]
+                    long = tokens >= PUSH_UNANSWERED_TOKENS
                     pushing = (
                         self.swarm.push
                         and i + 1 < len(self._hops)
-                        and self._hops[i + 1].answered
+                        and (long or self._hops[i + 1].answered)
                         and self.tuning.hop_prompts(0, self.swarm.num_blocks, position, hidden.shape[1])
                         is None
                     )
-                    tokens = hidden.shape[0] * hidden.shape[1]
                     deadline = self.swarm.deadline_s(hop.hop, tokens, decode=hidden.shape[1] == 1)
+                    later = self._hops[i + 1 :]
                     chain = (
                         [
                             PushTarget(h.peer_id, h.session_id)
-                            for h in itertools.takewhile(lambda h: h.answered, self._hops[i + 1 :])
+                            for h in (later if long else itertools.takewhile(lambda h: h.answered, later))
                         ]
                         if pushing
                         else []

@@ -4,14 +4,15 @@ The backend trusts its inputs: the RPC handler validates every message before ca
 batch forward) runs on one dedicated thread so the event loop keeps answering pings, info and other sessions
 meanwhile; that thread takes the peers' work in turn (`server.compute`), so one peer's pile of batch work
 cannot starve another's; a long prefill runs there as chunks (`prefill_chunks`), each in its owner's turn, so
-another peer's prefill waits for one chunk, not a whole long prompt. Small work (a decode step) runs inline on the loop, because handing it to a thread and
-back costs more than computing it (~0.4 ms a hop on a 2-core box), and so it never waits behind anyone's batch
-work (a prefill chunk on the compute thread runs beside the decode steps, it does not stall them: on a GPU it runs
-on a CUDA stream of its own, `_on_stream`, and every output is copied to the host where it is computed, `_host`,
-so the loop never waits for the compute thread's GPU work). Concurrent
-sessions' decode steps are merged into one forward pass (continuous batching, `server.batching`): the weights are
-read once per step for all of them, each session keeping its own cache, positions, padding and adapter. A
-session's steps arrive one after another on its stream, so two steps never race on one cache either way.
+another peer's prefill waits for one chunk, not a whole long prompt. Small work (a decode step) runs inline on
+the loop, because handing it to a thread and back costs more than computing it (~0.4 ms a hop on a 2-core box),
+and so it never waits behind anyone's batch work (a prefill chunk on the compute thread runs beside the decode
+steps, it does not stall them: on a GPU it runs on a CUDA stream of its own, `_on_stream`, and every output is
+copied to the host where it is computed, `_host`, so the loop never waits for the compute thread's GPU work).
+Concurrent sessions' decode steps are merged into one forward pass (continuous batching, `server.batching`):
+the weights are read once per step for all of them, each session keeping its own cache, positions, padding and
+adapter. A session's steps arrive one after another on its stream, so two steps never race on one cache either
+way.
 
 On a CPU the large projections are stored packed for oneDNN (`models.packed`), laid out for one row while the
 steps carry one, for many while they merge several: the backend watches its last `LAYOUT_WINDOW` decode steps and
@@ -41,6 +42,7 @@ import asyncio
 import itertools
 import logging
 from collections import deque
+from collections.abc import AsyncIterator
 from concurrent.futures import Future
 from dataclasses import dataclass
 
@@ -76,6 +78,14 @@ def prefill_chunks(length: int, batch: int, chunk_tokens: int, at_least: int = 0
     bounds = [0, first] if first else [0]
     bounds += [first + rest * i // count for i in range(1, count + 1)]
     return list(itertools.pairwise(bounds))
+
+
+def joined(outs: list[tuple[torch.Tensor, torch.Tensor | None]]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A step's (r, p) from its chunks' (r, p), in order."""
+    if len(outs) == 1:
+        return outs[0]
+    r, p = zip(*outs, strict=True)
+    return torch.cat(r, 1), None if p[0] is None else torch.cat(p, 1)
 
 
 @dataclass
@@ -429,26 +439,35 @@ class Backend:
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Process tokens [position, position + T) of a session; position < length rewinds (drops the tail).
         prompts: deep prompts for the first P of these tokens ([blocks, B or 1, P, H]); pending: their p, where
-        the session's first edge carries the ladder pair. Returns (r, p) (see the module doc). A step over more
-        than `prefill_chunk_tokens` tokens runs chunk after chunk (`prefill_chunks`); a client gone meanwhile
-        (the call cancelled) stops it between two chunks."""
+        the session's first edge carries the ladder pair. Returns (r, p) (see the module doc)."""
+        chunks = self.step_chunks(session, hidden, position, new_mask, prompts, pending)
+        return joined([(r, p) async for _, _, r, p in chunks])
+
+    async def step_chunks(
+        self,
+        session: Session,
+        hidden: torch.Tensor,
+        position: int,
+        new_mask: torch.Tensor | None,
+        prompts: torch.Tensor | None = None,
+        pending: torch.Tensor | None = None,
+    ) -> AsyncIterator[tuple[int, int, torch.Tensor, torch.Tensor | None]]:
+        """`step`, chunk by chunk: (a, b, r, p) for the step's tokens [a, b) as each chunk is done, so that a
+        server can push each on at once (the next server computes chunk k while this one computes k + 1). A step
+        over more than `prefill_chunk_tokens` tokens runs as several (`prefill_chunks`), each a job of the
+        compute thread in the owner's turn; a client gone meanwhile (the call cancelled) stops it between two."""
         tokens = hidden.shape[0] * hidden.shape[1]
         if hidden.shape[1] == 1 and prompts is None and self.inline(tokens):
             # merged with the other sessions' decode steps (continuous batching), inline on the loop
             step = _Decode(session, hidden, position, new_mask, pending)
-            return await self.batcher.step(session.session_id, step)
-        # a long prefill runs as chunks, each a job in the owner's turn: other peers' jobs run between them
+            yield 0, 1, *await self.batcher.step(session.session_id, step)
+            return
         batch, at_least = hidden.shape[0], 0 if prompts is None else prompts.shape[2]
-        outs = []
         for a, b in prefill_chunks(hidden.shape[1], batch, self.prefill_chunk_tokens, at_least):
             mask = None if new_mask is None else new_mask[:, a:b]
             p = None if pending is None else pending[:, a:b]
             args = (session, hidden[:, a:b], position + a, mask, prompts if a == 0 else None, p)
-            outs.append(await self.run(batch * (b - a), session.owner, self._step, *args))
-        if len(outs) == 1:
-            return outs[0]
-        r, p = zip(*outs, strict=True)
-        return torch.cat(r, 1), None if p[0] is None else torch.cat(p, 1)
+            yield a, b, *await self.run(batch * (b - a), session.owner, self._step, *args)
 
     def _note_mask(self, session: Session, position: int, end: int, new_mask: torch.Tensor | None) -> None:
         """Record which of the slots [position, end) hold real tokens (False: left padding)."""

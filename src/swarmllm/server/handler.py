@@ -46,7 +46,7 @@ from typing import Any
 import torch
 
 from swarmllm.server.adapters import Adapter, AdapterStore
-from swarmllm.server.backend import Backend, Session
+from swarmllm.server.backend import Backend, Session, joined
 from swarmllm.server.cache import CacheFullError
 from swarmllm.server.metrics import ServerMetrics
 from swarmllm.server.network import PING_MAX_BYTES
@@ -108,10 +108,31 @@ class ServerLimits:
 
 
 @dataclass
+class _Parts:
+    """A step arriving in parts, pushed by a previous server that prefilled it in chunks: our outputs so far."""
+
+    step: int
+    whole: tuple[int, int]  # the step's positions [start, end)
+    next: int  # where the next part starts
+    outs: list[tuple[torch.Tensor, torch.Tensor | None]]
+    compute_s: float = 0.0
+    pushed: bool = True  # every part's output went on to the next server
+
+
+@dataclass
 class _SessionInbox:
     inbox: Incoming  # the session's stream: pushes join the client's steps there
     accept_from: str | None
     pushed_step: int = -1  # the last step whose output this session pushed on (only its failure matters)
+    parts: _Parts | None = None  # a step arriving in parts, until its last part is done
+
+    def takes_part(self, step: Step) -> bool:
+        """Whether a pushed part of the step being assembled continues it, or starts it again (a replacement of
+        the previous server pushes it anew)."""
+        parts = self.parts
+        if parts is None or step.whole != parts.whole or step.step != parts.step:
+            return False
+        return step.position in (parts.next, parts.whole[0])
 
 
 @dataclass
@@ -434,17 +455,32 @@ class RequestHandler:
                         if isinstance(item, Repoint):
                             target.accept_from = item.accept_push_from
                             continue
-                        if isinstance(message, _Pushed) and item.step <= last_step:
+                        pushed = isinstance(message, _Pushed)
+                        if not pushed and item.whole is not None:
+                            raise RequestError(
+                                "bad_request", "only the previous server pushes part of a step"
+                            )
+                        if pushed and item.whole is not None:
+                            if not (item.step > last_step and item.position == item.whole[0]) and not (
+                                target.takes_part(item)
+                            ):
+                                continue  # a part out of order, or of a step done: the client sends it itself
+                        elif pushed and item.step <= last_step:
                             continue  # a push that arrived after the client had already sent this step itself
-                        if not isinstance(message, _Pushed) and item.step == last_pushed:
+                        if not pushed and item.step == last_pushed:
                             continue  # the client sent a step whose push had landed (it took the push as failed)
-                        if isinstance(message, _Pushed):
-                            last_pushed = item.step
+                        if pushed and (
+                            item.whole is None or item.position + item.hidden.shape[1] == item.whole[1]
+                        ):
+                            last_pushed = item.step  # (a step pushed in parts has landed with its last)
                         if opening.replay and item.step == 0 and not isinstance(message, _Pushed):
                             self.metrics.replayed_tokens.inc(item.hidden.shape[0] * item.hidden.shape[1])
                         last_step = max(last_step, item.step)
                         reply = await self._step(backend, session, item, opening.compression, target)
+                        if reply is None:
+                            continue  # a part of a step: the client gets one reply, after the last
                     except RequestError as e:
+                        target.parts = None
                         reply = StepError.from_request_error(e).to_message()
                 # the stream's task sends the reply while we wait here: a client that stops reading makes that
                 # send wait for ever, so a deadline ends the whole call (and this session, in `finally`)
@@ -492,8 +528,11 @@ class RequestHandler:
 
     async def _step(
         self, backend: Backend, session: Session, step: Step, compression: str, target: _SessionInbox
-    ) -> Message:
-        """One step of a session; its output goes on (push) and back (reply) in the session's `compression`."""
+    ) -> Message | None:
+        """One step of a session; its output goes on (push) and back (reply) in the session's `compression`. A
+        step computed in chunks (`Backend.step_chunks`) is pushed chunk by chunk, as parts, so that the next
+        server works on one while this one computes the next; a part received is computed and pushed on at once,
+        and only the part that ends its step gets a reply (None before that)."""
         check_range("position", step.position, 0, session.length)
         hidden = check_tensor(
             step.hidden,
@@ -516,39 +555,84 @@ class RequestHandler:
         pending = None  # (a session whose edges carry r alone, given no p, skips the check: the hot path)
         if step.pending is not None or session.pair:
             pending = self._pending(step.pending, hidden, session.start)
+        whole = step.whole or (step.position, step.position + length)
+        outs, pushed, compute_s = [], bool(step.push), 0.0
         began = time.perf_counter()
-        out, out_pending = await backend.step(session, hidden, step.position, new_mask, prompts, pending)
-        # the compute time lets clients and benchmarks split a hop into network and server work
-        compute_s = time.perf_counter() - began
-        pushed = bool(step.push) and await self._start_push(step, out, out_pending, compression, target)
+        async for a, b, out, out_pending in backend.step_chunks(
+            session, hidden, step.position, new_mask, prompts, pending
+        ):
+            # the compute time lets clients and benchmarks split a hop into network and server work
+            compute_s += time.perf_counter() - began
+            outs.append((out, out_pending))
+            if pushed:
+                part = (step.position + a, step.position + b)
+                pushed = await self._start_push(step, part, whole, out, out_pending, compression, target)
+            began = time.perf_counter()
         self.metrics.step(hidden.shape[0] * length, length, compute_s)  # after the push: off the chain's path
+        if step.whole is not None:
+            return self._assemble(step, target, outs, compute_s, pushed, compression)
+        target.parts = None
+        out, out_pending = joined(outs)
         reply = StepReply(step.position, step.step, out, compute_s, pushed, compression, out_pending)
+        return reply.to_message()
+
+    @staticmethod
+    def _assemble(
+        step: Step,
+        target: _SessionInbox,
+        outs: list[tuple[torch.Tensor, torch.Tensor | None]],
+        compute_s: float,
+        pushed: bool,
+        compression: str,
+    ) -> Message | None:
+        """Add a part's outputs to its step's; the reply to the client once the part that ends the step is in."""
+        if step.position == step.whole[0]:
+            target.parts = _Parts(step.step, step.whole, step.whole[0], [])
+        parts = target.parts
+        parts.outs += outs
+        parts.next = step.position + step.hidden.shape[1]
+        parts.compute_s += compute_s
+        parts.pushed = parts.pushed and pushed
+        if parts.next < parts.whole[1]:
+            return None
+        target.parts = None
+        out, out_pending = joined(parts.outs)
+        reply = StepReply(
+            parts.whole[0], step.step, out, parts.compute_s, parts.pushed, compression, out_pending
+        )
         return reply.to_message()
 
     async def _start_push(
         self,
         step: Step,
+        part: tuple[int, int],
+        whole: tuple[int, int],
         out: torch.Tensor,
         out_pending: torch.Tensor | None,
         compression: str,
         session: _SessionInbox,
     ) -> bool:
-        """Send our output to the next server of the chain before the reply to the client (the push is on the
-        chain's critical path), and return once it is sent: over an open connection that is at once; a first
-        push to a server connects in a task, so the reply does not wait for that either. If the push then fails,
-        a `PushFailed` joins this session's queue and reaches the client after the reply, which sends the input
-        itself. False (nothing was pushed, the client sends it): no way to push at all."""
+        """Send our output for the step's positions `part` to the next server of the chain before the reply to
+        the client (the push is on the chain's critical path), and return once it is sent: over an open
+        connection that is at once; a first push of a whole step to a server connects in a task, so the reply
+        does not wait for that either (a part waits for it: the parts must go out in order). If the push then
+        fails, a `PushFailed` joins this session's queue and reaches the client after the reply, which sends the
+        input itself. False (nothing was pushed, the client sends it): no way to push at all."""
         target, *rest = step.push
+        mask = step.key_mask
+        if mask is not None and part != (step.position, step.position + mask.shape[1]):
+            mask = mask[:, part[0] - step.position : part[1] - step.position]
         pushed = Step(
-            step.position,
+            part[0],
             out,
-            step.key_mask,
+            mask,
             step.step,
             rest,
             step.push_timeout_s,
             target.session_id,
             compression=compression,
             pending=out_pending,
+            whole=None if part == whole else whole,
         ).to_message()
         if target.peer_id == self.peer_id:
             try:
@@ -563,6 +647,9 @@ class RequestHandler:
         conn = self._push_connections.get(target.peer_id)
         if conn is not None and not conn.is_closed:
             await self._notify(conn, target.peer_id, pushed, step, session)
+            return True
+        if part != whole:
+            await self._connect_and_push(target.peer_id, pushed, step, session)
             return True
         task = asyncio.create_task(self._connect_and_push(target.peer_id, pushed, step, session))
         self._pushes.add(task)

@@ -7,7 +7,8 @@ Each message is a dataclass with named fields and named tensors; `to_message()` 
 Range checks that depend on the receiver (its span, its limits, the session) stay with the receiver.
 
 An inference stream carries: `OpenSession` (the opening), then `Step` and `Repoint` from the client (and `Step`
-pushed by the previous server), answered by one `StepReply` per step, or an in-band `StepError`, and, rarely, a
+pushed by the previous server, whole or, where it prefilled a long step in chunks, in parts that name the whole
+step's positions), answered by one `StepReply` per step, or an in-band `StepError`, and, rarely, a
 `PushFailed` after a reply that said its output was pushed on. The opening
 names the session's activation compression (`wire.compression`): every step, push and reply of the session carries
 its hidden states in that form (blockwise8: int8 codes as `hidden`, plus `hidden_scales`); `parse` gives them back
@@ -275,9 +276,14 @@ class Step:
     prompts: torch.Tensor | None = None  # [blocks, B or 1, P, H]: deep prompts for the first P positions
     compression: str = "none"  # how `hidden` travels (the session's codec); parse gives it back as float32
     pending: torch.Tensor | None = None  # [B, T, H]: p, where the receiver's first boundary carries (r, p)
+    # set in a push that carries part of a step (the previous server prefilled it in chunks): the whole step's
+    # positions [start, end); the receiver replies to the client once it has computed the part that ends it
+    whole: tuple[int, int] | None = None
 
     def to_message(self) -> Message:
         meta: dict[str, Any] = {"kind": STEP, "position": self.position, "step": self.step}
+        if self.whole is not None:
+            meta["whole"] = list(self.whole)
         if self.push:
             meta["push"] = [target.to_meta() for target in self.push]
             if self.push_timeout_s is not None:
@@ -314,9 +320,20 @@ class Step:
         step = _int(meta, "step", 0)
         if step < 0:
             raise bad_request(f"step must be >= 0, got {step}")
+        position = _int(meta, "position")
+        hidden = _hidden(tensors["hidden"], tensors.get("hidden_scales"), "an inference step")
+        whole = meta.get("whole")
+        if whole is not None:
+            if not (isinstance(whole, list) and len(whole) == 2 and all(type(x) is int for x in whole)):
+                raise bad_request("whole must be [start, end], two integers")
+            if not whole[0] <= position < position + hidden.shape[1] <= whole[1]:
+                raise bad_request(
+                    f"a part at positions {position}+{hidden.shape[1]} lies outside its step {whole}"
+                )
+            whole = (whole[0], whole[1])
         return cls(
-            position=_int(meta, "position"),
-            hidden=_hidden(tensors["hidden"], tensors.get("hidden_scales"), "an inference step"),
+            position=position,
+            hidden=hidden,
             key_mask=tensors.get("key_mask"),
             step=step,
             push=[PushTarget(h["peer_id"], h["session_id"]) for h in push],
@@ -324,6 +341,7 @@ class Step:
             session_id=_session_id(meta),
             prompts=tensors.get("prompts"),
             pending=_pending(tensors, "an inference step"),
+            whole=whole,
         )
 
 
