@@ -1,6 +1,7 @@
-"""A long prompt beside other users: how long another user's shorter prompt waits behind it (its time to first
-token), and whether the decode steps of a third user stall meanwhile, with servers that prefill in chunks
-(`--prefill-chunk-tokens`, default 512) against servers that prefill in one piece (`--prefill-chunk-tokens 0`).
+"""A long prompt alone and beside other users: its time to first token, how long another user's shorter prompt
+waits behind it, and whether the decode steps of a third user stall meanwhile, with servers that prefill in chunks
+(`--prefill-chunk-tokens`, default 512; each chunk's output goes on to the next server at once, so the prefill is
+pipelined along the chain) against servers that prefill in one piece (`--prefill-chunk-tokens 0`).
 
     python benchmarks/prefill.py [--model medium] [--long 1536] [--short 256] [--decode-tokens 96] [--rounds 3]
         [--server-args ...] [--no-record]
