@@ -1,11 +1,13 @@
 """FOR TESTS ONLY: a server that lies. `--corrupt-every N` (hidden from `swarmllm serve --help`) makes every Nth
-output of this server's backend (inference steps and forwards alike, pushed or not) wrong by noise of about half
+output of this server's backend (inference steps and forwards alike, pushed or not; each chunk of a prefill
+counts as one) wrong by noise of about half
 the output's norm, so that the client's spot checks (`client.verify`) can be tested against a real process.
 Never set it on a server that serves anyone."""
 
 from __future__ import annotations
 
 import itertools
+from collections.abc import AsyncIterator
 
 import torch
 
@@ -28,17 +30,19 @@ def corrupt_outputs(backend: Backend, every: int) -> None:
     if every <= 0:
         return
     count, generator = itertools.count(1), torch.Generator().manual_seed(every)
-    step, forward = backend.step, backend.forward
+    step_chunks, forward = backend.step_chunks, backend.forward
 
     def maybe(out: tuple[torch.Tensor, torch.Tensor | None]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The output r is corrupted (a ladder pair's p is left as it is)."""
         hidden, pending = out
         return (corrupted(hidden, generator) if next(count) % every == 0 else hidden), pending
 
-    async def corrupt_step(*args, **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
-        return maybe(await step(*args, **kwargs))
+    async def corrupt_steps(*args, **kwargs) -> AsyncIterator[tuple]:
+        async for a, b, *out in step_chunks(*args, **kwargs):
+            yield a, b, *maybe(out)
 
     async def corrupt_forward(*args, **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
         return maybe(await forward(*args, **kwargs))
 
-    backend.step, backend.forward = corrupt_step, corrupt_forward
+    # steps reach the handler chunk by chunk (`Backend.step_chunks`, which `Backend.step` runs too)
+    backend.step_chunks, backend.forward = corrupt_steps, corrupt_forward
