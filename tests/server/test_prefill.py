@@ -10,6 +10,7 @@ import threading
 
 import pytest
 import torch
+from test_handler import _until
 
 from swarmllm.models import load_span
 from swarmllm.models.convert import convert_to_ladder
@@ -148,11 +149,6 @@ def test_another_peers_prefill_runs_between_the_chunks(mistral_span, chunk_token
     ran = []
     _record(backend, ran)
 
-    async def until(condition):
-        async with asyncio.timeout(BOUND):
-            while not condition():
-                await asyncio.sleep(0.001)
-
     async def main():
         a = backend.open_session(0, 4, 1, 120, owner="peer-a")
         b = backend.open_session(0, 4, 1, 40, owner="peer-b")
@@ -161,9 +157,9 @@ def test_another_peers_prefill_runs_between_the_chunks(mistral_span, chunk_token
             "gate", gate.wait, BOUND
         )  # holds the compute thread until the gate opens
         long = asyncio.ensure_future(backend.step(a, torch.randn(1, 120, config.hidden_size), 0, None))
-        await until(lambda: backend.compute.waiting("peer-a") == 1)  # a's first job is queued
+        await _until(lambda: backend.compute.waiting("peer-a") == 1)  # a's first job is queued
         short = asyncio.ensure_future(backend.step(b, torch.randn(1, 40, config.hidden_size), 0, None))
-        await until(lambda: backend.compute.waiting("peer-b") == 1)
+        await _until(lambda: backend.compute.waiting("peer-b") == 1)
         gate.set()
         await asyncio.wrap_future(held)
         await asyncio.gather(long, short)
