@@ -9,7 +9,7 @@ import time
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, LogitsProcessor, LogitsProcessorList
 from transformers.generation.streamers import BaseStreamer
 
 from swarmllm import AutoDistributedModelForCausalLM
@@ -206,6 +206,48 @@ def test_sampling_with_a_seed_gives_the_same_tokens_through_a_failure(make_swarm
     report("SIGKILL during sampling", swarm, seconds)
     assert len(swarm.model.swarm.failovers) == 1
     assert tokens == fault_free
+
+
+class AtBeamStep(LogitsProcessor):
+    """Calls `actions[k]()` when the scores of the k-th step come (k from 1), inside generate: beam search takes
+    no streamer."""
+
+    def __init__(self, actions):
+        self.actions, self.steps = actions, 0
+
+    def __call__(self, input_ids, scores):
+        self.steps += 1
+        if self.steps in self.actions:
+            self.actions[self.steps]()
+        return scores
+
+
+@pytest.mark.parametrize("hop", [0, 1])
+def test_beam_search_survives_a_server_killed_mid_generation(make_swarm, path, hop):
+    """The replacement gets the lost hop's kept inputs with its rows as the beams left them (reorders noted
+    since they were kept, applied for the replay), then the step's own reorder: the tokens of a fault-free run."""
+    swarm = make_swarm([(0, 2), (2, 4), (0, 2), (2, 4)])
+    beams = dict(num_beams=3, max_new_tokens=NEW_TOKENS, do_sample=False, output_scores=True)
+    beams["return_dict_in_generate"] = True
+    want = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval().generate(PROMPT, **beams)
+    before = []
+
+    def kill():
+        before.append(swarm.model._active.session.reorders)
+        swarm.server_of_hop(hop).kill()
+
+    with swarm.model.inference_session(max_length=PROMPT.shape[1] + NEW_TOKENS) as session:
+        began = time.perf_counter()
+        processors = LogitsProcessorList([AtBeamStep({9: kill})])
+        tokens = swarm.model.generate(PROMPT, logits_processor=processors, **beams)
+        reorders = session.session.reorders
+    report(f"SIGKILL of hop {hop} during beam search", swarm, time.perf_counter() - began)
+    assert tokens.sequences.tolist() == want.sequences.tolist()
+    # every beam's scores, at every step: a beam pruned later would not show in the tokens
+    torch.testing.assert_close(torch.stack(tokens.scores), torch.stack(want.scores), atol=1e-4, rtol=1e-4)
+    (failover,) = swarm.model.swarm.failovers
+    assert failover.replayed_tokens == PROMPT.shape[1] + 8
+    assert 0 < before[0] < reorders  # kept inputs were reordered, and the steps after the kill reorder
 
 
 def test_missing_blocks_past_the_budget_name_the_blocks(make_swarm):

@@ -1,9 +1,11 @@
 """End to end: a bootstrap peer and server processes on 127.0.0.1, a client generating through them, compared
 with transformers running the same checkpoint locally."""
 
+import itertools
+
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, LogitsProcessor, LogitsProcessorList
 from transformers.generation.streamers import BaseStreamer
 
 from swarmllm import AutoDistributedModelForCausalLM
@@ -153,6 +155,38 @@ def test_inference_session_keeps_the_cache_across_turns(models):
     assert turn2.tolist() == reference.generate(conversation, max_new_tokens=6, do_sample=False).tolist()
 
 
+class _Sequences(LogitsProcessor):
+    """Records the sequences each step of a generate computes."""
+
+    def __init__(self):
+        self.inputs = []
+
+    def __call__(self, input_ids, scores):
+        self.inputs.append(input_ids.clone())
+        return scores
+
+
+def test_beam_search_equals_transformers_and_reorders_the_servers_rows(models):
+    """Each beam step sends one token a row and moves the servers' cache rows to the beams kept (no history is
+    sent again); padded prompts, several sequences returned, a length penalty."""
+    remote, reference, tokenizer = models["llama"]
+    tokenizer.padding_side = "left"
+    batch = tokenizer(PROMPTS[:2], return_tensors="pt", padding=True)
+    for options in ({"num_beams": 3}, {"num_beams": 4, "num_return_sequences": 2, "length_penalty": 0.5}):
+        options.update(max_new_tokens=12, do_sample=False, output_scores=True, return_dict_in_generate=True)
+        with remote.inference_session(max_length=batch["input_ids"].shape[1] + 12) as session:
+            ours = remote.generate(**batch, **options)
+            reorders = session.session.reorders
+        seen = _Sequences()
+        theirs = reference.generate(**batch, logits_processor=LogitsProcessorList([seen]), **options)
+        assert ours.sequences.tolist() == theirs.sequences.tolist(), options
+        # every beam's scores at every step, also those of beams pruned later
+        torch.testing.assert_close(torch.stack(ours.scores), torch.stack(theirs.scores), atol=1e-4, rtol=1e-4)
+        # a step whose beams do not continue the previous step's rows in order is a reorder (one token a row)
+        moved = [not torch.equal(now[:, :-1], then) for then, now in itertools.pairwise(seen.inputs)]
+        assert reorders == sum(moved) > 0, options
+
+
 def test_missing_blocks_give_a_clear_error(swarm, checkpoints):
     local, paths = swarm
     remote = AutoDistributedModelForCausalLM.from_pretrained(
@@ -291,6 +325,10 @@ def test_cli_generate_prints_the_same_text_as_transformers(swarm, models, capsys
     assert main([*args, "--max-new-tokens", "6"]) == 0
     printed = capsys.readouterr().out.strip().splitlines()[-1]
     want = reference.generate(**tokenizer(PROMPTS[0], return_tensors="pt"), max_new_tokens=6, do_sample=False)
+    assert printed == tokenizer.decode(want[0], skip_special_tokens=True)
+    assert main([*args, "--max-new-tokens", "6", "--num-beams", "3"]) == 0
+    printed = capsys.readouterr().out.strip().splitlines()[-1]
+    want = reference.generate(**tokenizer(PROMPTS[0], return_tensors="pt"), max_new_tokens=6, num_beams=3)
     assert printed == tokenizer.decode(want[0], skip_special_tokens=True)
 
 

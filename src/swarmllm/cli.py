@@ -299,6 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     gen.add_argument("--top-p", type=float, default=1.0)
     gen.add_argument("--top-k", type=int, default=50)
+    gen.add_argument("--num-beams", type=_count, default=1, help="beam search over N beams (greedy; 1: none)")
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument(
         "--wait-for-blocks",
@@ -705,13 +706,18 @@ def _generate(args: argparse.Namespace) -> int:
     )
     inputs = tokenizer(args.prompt, return_tensors="pt")
     torch.manual_seed(args.seed)
-    sampling = {"do_sample": True, "temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k}
+    options: dict[str, object] = {"do_sample": False}  # greedy
+    if args.num_beams > 1:
+        options["num_beams"] = args.num_beams
+    elif args.temperature > 0:
+        options = {
+            "do_sample": True,
+            "temperature": args.temperature,
+            "top_p": args.top_p,
+            "top_k": args.top_k,
+        }
     try:
-        out = model.generate(
-            **inputs,
-            max_new_tokens=args.max_new_tokens,
-            **(sampling if args.temperature > 0 else {"do_sample": False}),
-        )
+        out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, **options)
     finally:
         model.shutdown()
     print(tokenizer.decode(out[0], skip_special_tokens=True))

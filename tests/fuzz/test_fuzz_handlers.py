@@ -337,6 +337,7 @@ STEP_FIELDS = {  # session_id and push targets are never a live session's: a pus
     "push_timeout_s": st.floats(-1, 20) | st.integers(-1, 20),
     "session_id": st.text(min_size=15, max_size=17),
     "accept_push_from": st.text(max_size=3),
+    "reorder": st.lists(st.integers(-1, 2), max_size=3) | st.text(max_size=2),  # beam search's rows
 }
 
 
@@ -413,7 +414,8 @@ def fuzz_session(fuzzed: Fuzzed, valid, fields: dict, tensor_strategy) -> dict[s
 
 def test_inference_steps(fuzzed):
     fields = {
-        key: STEP_FIELDS[key] for key in ["kind", "position", "step", "push", "push_timeout_s", "session_id"]
+        key: STEP_FIELDS[key]
+        for key in ["kind", "position", "step", "push", "push_timeout_s", "session_id", "reorder"]
     }
     fields["position"] = st.integers(0, 4) | fields["position"]
     valid = st.fixed_dictionaries({"position": st.integers(0, 4)}, optional={"step": st.integers(0, 9)})
@@ -468,8 +470,13 @@ def test_push(fuzzed):
 
     receiver, streams, readers = fuzzed.runner.run(open_targets())
 
+    # well-formed pushes, into the two sessions and into one that does not exist
     valid = st.fixed_dictionaries(
-        {"session_id": st.sampled_from(tokens), "position": st.integers(0, 2), "step": st.integers(0, 10**6)}
+        {
+            "session_id": st.sampled_from([*tokens, *tokens, "r" * 16]),
+            "position": st.integers(0, 2),
+            "step": st.integers(0, 10**6),
+        }
     )
 
     @FUZZ

@@ -3,6 +3,7 @@ blocks) and against the issue's recurrence (ladder blocks), for full forwards an
 
 from __future__ import annotations
 
+import asyncio
 import socket
 from datetime import timedelta
 
@@ -17,6 +18,7 @@ from swarmllm.models import KVCache, load_client_head, load_span
 from swarmllm.models.convert import convert_to_ladder
 from swarmllm.models.tp import FunctionalComm, TensorParallelComm, check_shardable, local_config, shard_span
 from swarmllm.server.tp import TensorParallelSpan
+from swarmllm.server.tp_backend import TensorParallelBackend
 
 ATOL = 1e-5
 LENGTH = 8
@@ -139,3 +141,20 @@ def test_sharded_ladder_decode_traces_as_one_graph_with_functional_collectives(c
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     mp.spawn(_compiled_decode_rank, args=(str(path), port), nprocs=2, join=True)
+
+
+def test_a_tensor_parallel_backend_reorders_the_rows_on_every_rank(checkpoints):
+    """Beam search over a sharded span: each rank's kv heads move with the rows (`TensorParallelSpan.reorder_cache`),
+    queued on the compute thread before the session's next step."""
+    from test_reorder import _check, _expected, _session_steps
+
+    path = checkpoints("llama")
+    whole = load_span(path, 0, 4)
+    with TensorParallelSpan(path, 0, 4, world=2, threads=1) as sharded:
+        backend = TensorParallelBackend(sharded, cache_tokens=200)
+        try:
+            session = backend.open_session(0, 4, 3, 16)
+            outs = asyncio.run(_session_steps(backend, session, whole, 3, seed=0))
+        finally:
+            backend.shutdown()
+    _check(outs, _expected(whole, 3, 0, True))

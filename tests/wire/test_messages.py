@@ -86,6 +86,26 @@ def test_pending_scales_without_pending_are_refused():
         parse_session_input(message)
 
 
+def test_a_reorder_round_trips_and_bad_ones_are_refused_by_name():
+    step = Step(6, torch.randn(3, 1, 8), step=9, reorder=(2, 0, 0))
+    assert parse_session_input(through_the_wire(step.to_message())).reorder == (2, 0, 0)
+    assert parse_session_input(through_the_wire(Step(6, torch.randn(3, 1, 8)).to_message())).reorder is None
+    bad = [
+        ({"reorder": [0, 3, 1]}, torch.zeros(3, 1, 2), "row numbers in \\[0, 3\\)"),
+        ({"reorder": [0, -1, 1]}, torch.zeros(3, 1, 2), "row numbers"),
+        ({"reorder": [0, 1.0, 1]}, torch.zeros(3, 1, 2), "row numbers"),
+        ({"reorder": "012"}, torch.zeros(3, 1, 2), "row numbers"),
+        ({"reorder": [0, 1]}, torch.zeros(3, 1, 2), "a row number for each of its rows"),
+        ({"reorder": [0, 1, 2]}, torch.zeros(3, 2, 2), "one-token step"),
+        ({"reorder": [0, 1, 2], "whole": [6, 9]}, torch.zeros(3, 1, 2), "one-token step"),
+        ({"reorder": [0, 1, 2]}, torch.zeros(3, 2), "\\[batch, tokens, hidden\\], got 2-d"),
+        ({"whole": [6, 9]}, torch.zeros(3), "got 1-d"),
+    ]
+    for meta, hidden, match in bad:
+        with pytest.raises(RequestError, match=match):
+            parse_session_input(Message({"kind": "step", "position": 6, **meta}, [hidden]))
+
+
 @pytest.mark.parametrize(
     ("message", "match"),
     [

@@ -42,41 +42,74 @@ class KeptInput:
     def end(self) -> int:
         return self.position + self.hidden.shape[1]
 
+    def rows(self, index: torch.Tensor) -> KeptInput:
+        """This input with row i taken from row index[i]."""
+        mask = None if self.key_mask is None else self.key_mask[index]
+        pending = None if self.pending is None else self.pending[index]
+        return KeptInput(self.position, self.hidden[index], mask, pending)
+
 
 class History:
-    """A hop's kept inputs, in order, covering positions [0, length)."""
+    """A hop's kept inputs, in order, covering positions [0, length), with its rows as the session's now are.
 
-    def __init__(self, entries: list[KeptInput] | None = None):
-        self.entries: list[KeptInput] = list(entries or [])
+    Beam search reorders the rows at every step (`reorder`); copying every kept input each time would cost the
+    whole history per token, so a reorder is only noted, and `entries` applies the reorders noted since an input
+    was kept when someone needs the inputs (a replay, a spot check)."""
+
+    def __init__(self, entries: list[KeptInput] | None = None, reordered_at: int = -1):
+        self.reordered_at = reordered_at  # the session's step whose reorder its rows took last
+        self._reorders = 0  # reorders noted so far
+        # each input with the count of reorders noted when it was kept
+        self._kept: list[tuple[KeptInput, int]] = [(e, 0) for e in entries or []]
+        self._since: list[torch.Tensor] = []  # the reorders noted since `entries` last applied them
+
+    @property
+    def entries(self) -> list[KeptInput]:
+        if self._since:
+            index, applied = {}, None  # reorders then -> the rows of that time that make today's
+            for k, rows in zip(range(self._reorders - 1, -1, -1), reversed(self._since), strict=False):
+                applied = rows if applied is None else rows[applied]
+                index[k] = applied
+            now = self._reorders
+            self._kept = [(e if k == now else e.rows(index[k]), now) for e, k in self._kept]
+            self._since = []
+        return [e for e, _ in self._kept]
 
     @property
     def length(self) -> int:
-        return self.entries[-1].end if self.entries else 0
+        return self._kept[-1][0].end if self._kept else 0
 
     @property
     def nbytes(self) -> int:
         return sum(
             sum(t.nelement() * t.element_size() for t in (e.hidden, e.pending) if t is not None)
-            for e in self.entries
+            for e, _ in self._kept
         )
 
     def add(self, entry: KeptInput) -> None:
         """Record a step; a step at an earlier position rewinds (the session forgets what came after it)."""
         if entry.position != self.length:  # the common case, the next step, needs no truncation
             self.truncate(entry.position)
-        self.entries.append(entry)
+        self._kept.append((entry, self._reorders))
+
+    def reorder(self, rows: torch.Tensor, step: int) -> None:
+        """Row i becomes what row rows[i] was, as the session's step `step` asked (beam search: the server's
+        cache rows moved likewise)."""
+        self._since.append(rows)
+        self._reorders += 1
+        self.reordered_at = step
 
     def truncate(self, position: int) -> None:
         kept = []
-        for e in self.entries:
+        for e, k in self._kept:
             if e.end <= position:
-                kept.append(e)
+                kept.append((e, k))
             elif e.position < position:
                 cut = position - e.position
                 mask = None if e.key_mask is None else e.key_mask[:, :cut]
                 pending = None if e.pending is None else e.pending[:, :cut]
-                kept.append(KeptInput(e.position, e.hidden[:, :cut], mask, pending))
-        self.entries = kept
+                kept.append((KeptInput(e.position, e.hidden[:, :cut], mask, pending), k))
+        self._kept = kept
 
 
 class HopSession:
@@ -165,10 +198,13 @@ class HopSession:
         """Show `watcher` what this hop's stream receives (`Stream.watch`) while the client waits on another hop."""
         self._stream.watch(watcher)
 
-    async def replay(self, entries: list[KeptInput], timeout_s: float) -> list[KeptInput]:
+    async def replay(
+        self, entries: list[KeptInput], timeout_s: float, reordered_at: int = -1
+    ) -> list[KeptInput]:
         """Bring a fresh session to the state of the lost one: send every kept input as the step it was (all at
         once, so the replay costs the server's compute and one round trip), check every reply, keep the
-        inputs, and return this hop's outputs as the next hop's inputs."""
+        inputs (their rows as the session's step `reordered_at` reordered them last), and return this hop's
+        outputs as the next hop's inputs."""
         try:
             async with asyncio.timeout(timeout_s):
                 for e in entries:
@@ -184,7 +220,7 @@ class HopSession:
                 f"server {self.peer_id} (blocks [{self.start}, {self.end})) did not finish replaying "
                 f"{len(entries)} steps within {timeout_s:.1f} s"
             ) from None
-        self.history = History(entries)
+        self.history = History(entries, reordered_at)
         return outputs
 
     def prompts(self, position: int, length: int) -> torch.Tensor | None:

@@ -82,20 +82,28 @@ class RemoteSession:
     def max_length(self) -> int:
         return self.session.max_length - self.prompt_length
 
-    def reusable_prefix(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> int:
-        """How many leading tokens of `input_ids` the servers already hold."""
+    def reusable_prefix(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> tuple[int, list[int] | None]:
+        """How many leading tokens of `input_ids` the servers already hold, and the rows to reorder them by
+        first (or None). Beam search asks for each beam's next token with the sequences of the beams it kept:
+        row i then continues the held row reorder[i], and with one new token a row the step reorders the
+        servers' rows (`InferenceSession.step`) instead of sending the diverged history again."""
         if self.input_ids is None or self.input_ids.shape[0] != input_ids.shape[0]:
-            return 0
+            return 0, None
         n = min(self.position, input_ids.shape[1])
-        if torch.equal(self.input_ids[:, :n], input_ids[:, :n]) and torch.equal(
-            self.attention_mask[:, :n], attention_mask[:, :n]
-        ):
-            return n  # the common case, a generate's next step: everything held is reused
-        same = (self.input_ids[:, :n] == input_ids[:, :n]) & (
-            self.attention_mask[:, :n] == attention_mask[:, :n]
-        )
+        held, held_mask = self.input_ids[:, :n], self.attention_mask[:, :n]
+        if torch.equal(held, input_ids[:, :n]) and torch.equal(held_mask, attention_mask[:, :n]):
+            return n, None  # the common case, a generate's next step: everything held is reused
+        if n == self.position == input_ids.shape[1] - 1:
+            # continues[i, j]: row i's tokens so far are those of held row j
+            same = (input_ids[:, None, :n] == held) & (attention_mask[:, None, :n] == held_mask)
+            continues = same.all(dim=-1)
+            if bool(continues.any(dim=1).all()):
+                return n, continues.int().argmax(dim=1).tolist()
+        same = (held == input_ids[:, :n]) & (held_mask == attention_mask[:, :n])
         mismatch = (~same.all(dim=0)).nonzero()
-        return int(mismatch[0]) if len(mismatch) else n
+        return (int(mismatch[0]) if len(mismatch) else n), None
 
 
 class DistributedModel(PreTrainedModel):
@@ -276,8 +284,6 @@ class DistributedModelForCausalLM(DistributedModel, GenerationMixin):
             if args:
                 raise TypeError("with assistant_model, pass generation options by keyword")
             return self._speculative_generate(inputs, **kwargs)
-        if kwargs.get("num_beams", 1) > 1:
-            raise NotImplementedError("beam search is not supported yet; use greedy or sampling")
         kwargs["use_cache"] = False
         if self._active is not None:
             return super().generate(inputs, *args, **kwargs)
@@ -396,7 +402,8 @@ class DistributedModelForCausalLM(DistributedModel, GenerationMixin):
         mask = (
             torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
         )
-        start = min(active.reusable_prefix(input_ids, mask), input_ids.shape[1] - 1)
+        start, reorder = active.reusable_prefix(input_ids, mask)
+        start = min(start, input_ids.shape[1] - 1)
         new_mask = mask[:, start:]
         hidden = self.head.embed(input_ids[:, start:])
         if n and start == 0:  # the prompts go first, once
@@ -404,7 +411,8 @@ class DistributedModelForCausalLM(DistributedModel, GenerationMixin):
             new_mask = torch.cat([new_mask.new_ones(new_mask.shape[0], n), new_mask], dim=1)
         padded = not bool(mask.all())
         position = start + n if start else 0
-        out = run_sync(active.session.step(hidden, new_mask if padded else None, position=position))
+        step = active.session.step(hidden, new_mask if padded else None, position=position, reorder=reorder)
+        out = run_sync(step)
         active.input_ids, active.attention_mask = input_ids, mask
         return out[:, n:] if n and start == 0 else out
 

@@ -17,6 +17,11 @@ Ladder Residual: where a hop boundary lies inside a ladder region of the model (
 state crossing it is the pair (r, p): the hop before returns p beside r (checked), the hop after gets both (sent,
 pushed, kept and replayed together), and spot checks compare both. The chain's own ends always carry r alone.
 
+Beam search: a one-token step may first reorder the rows (`Step.reorder`: row i continues the held row
+reorder[i]). Every hop takes it once: the servers move their cache rows, a hop notes the move in its kept inputs
+(`History.reorder`, applied when they are read), and a hop rebuilt from inputs that had taken the step's move
+(after a spot check) is sent the step without it. A step that fails half-way leaves the session at position 0.
+
 Spot checks: a random fraction of each hop's steps is computed again by other servers from the hop's kept
 inputs (one plain `forward` over all of them, compared on this step's positions: no session, no cache held on
 the checker, and rewinds need nothing special), while the next hops go on; the step returns only when its checks
@@ -30,6 +35,7 @@ import asyncio
 import itertools
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -98,6 +104,7 @@ class InferenceSession:
         self.batch_size: int | None = None
         self._hops: list[HopSession] = []
         self._steps = 0
+        self.reorders = 0  # steps that reordered the rows (beam search)
         self.pushed_hops = 0  # hop inputs that a server pushed to the next one (the client did not send them)
         self.last_timings: list[HopTiming] = []
         self.failovers: list[Failover] = []
@@ -114,15 +121,32 @@ class InferenceSession:
         return sum(h.history.nbytes for h in self._hops)
 
     async def step(
-        self, hidden: torch.Tensor, key_mask: torch.Tensor | None = None, *, position: int | None = None
+        self,
+        hidden: torch.Tensor,
+        key_mask: torch.Tensor | None = None,
+        *,
+        position: int | None = None,
+        reorder: Sequence[int] | None = None,
     ) -> torch.Tensor:
         """Hidden states of tokens [position, position + T) through every block; position defaults to the end
-        of what the session holds, and an earlier position rewinds (later tokens are forgotten)."""
+        of what the session holds, and an earlier position rewinds (later tokens are forgotten). `reorder`
+        (beam search, a one-token step): first, row i of what the session holds becomes what row reorder[i]
+        held, on every server and in the inputs kept for failover (a step that fails then leaves the session at
+        position 0, since its servers' rows may disagree)."""
         if self.closed:
             raise RuntimeError("the inference session is closed")
         position = self.position if position is None else position
         if not 0 <= position <= self.position:
             raise ValueError(f"position {position} is outside [0, {self.position}]")
+        rows = None
+        if reorder is not None:
+            reorder = tuple(int(r) for r in reorder)
+            rows = torch.tensor(reorder, dtype=torch.long)
+            batch = self.batch_size if self._hops else None
+            if hidden.shape[1] != 1 or rows.shape != (hidden.shape[0],) or batch != hidden.shape[0]:
+                raise ValueError("reorder comes with a one-token step of an open session, a row number a row")
+            if not bool(((rows >= 0) & (rows < batch)).all()):
+                raise ValueError(f"reorder's row numbers must lie in [0, {batch})")
         end = position + hidden.shape[1]
         if end > self.max_length:
             raise ValueError(f"the session's max_length {self.max_length} is too small for {end} tokens")
@@ -144,6 +168,7 @@ class InferenceSession:
                 f"max_replay_bytes of {self.swarm.max_replay_bytes / 2**20:.0f} MiB; raise it or use shorter sessions"
             )
         self._steps += 1
+        self.reorders += rows is not None
         timings, pushed, began, i = [], False, time.perf_counter(), 0
         pending: torch.Tensor | None = None  # p beside `hidden` where the hop's first boundary carries the pair
         inputs: list[State] = []  # each hop's input of this step
@@ -158,6 +183,8 @@ class InferenceSession:
                     # that outruns the opening of the next session (another connection) would find no session
                     # and cost a fallback round trip; and not steps with deep prompts (each hop has its own)
                     prompts = hop.prompts(position, hidden.shape[1])
+                    # (a hop rebuilt from kept inputs that had taken this step's reorder must not take it again)
+                    taken = rows is None or hop.history.reordered_at == self._steps
                     tokens = hidden.shape[0] * hidden.shape[1]
                     long = tokens >= PUSH_UNANSWERED_TOKENS
                     pushing = (
@@ -186,6 +213,7 @@ class InferenceSession:
                         self.swarm.push_timeout_s,
                         prompts=prompts,
                         pending=pending,
+                        reorder=None if taken else reorder,
                     )
                     # the previous server pushed this input and replied at once; should its push fail, it says
                     # so on its stream within push_timeout_s, and then the client sends the input itself
@@ -206,6 +234,8 @@ class InferenceSession:
                         if fallback is not None:
                             previous.watch(None)
                             fallback.cancel()
+                    if step.reorder is not None:
+                        hop.history.reorder(rows, self._steps)
                     hop.history.add(KeptInput(position, hidden, key_mask, pending))
                     if check := self._maybe_check(hop, reply.hidden, reply.pending):
                         checks.append((hop, check))
@@ -225,6 +255,10 @@ class InferenceSession:
                 await self._replace(i, error, to_end=True)
                 (hidden, pending), pushed = inputs[i], False
                 del timings[i:]
+        except BaseException:
+            if rows is not None:  # some servers may have reordered their rows and others not: start again
+                self.position = 0
+            raise
         finally:
             for _, check in checks:
                 check.cancel()
@@ -273,9 +307,10 @@ class InferenceSession:
         accept_from: str | None,
         inputs: list[KeptInput],
         failure: BaseException | None = None,
+        reordered_at: int = -1,
     ) -> tuple[list[HopSession], float, float]:
         """New hop sessions covering blocks [start, end), brought to the state that `inputs` (kept inputs of
-        block `start`) produce; a server that fails meanwhile is banned and routed around. Returns the hops and
+        block `start`, their rows as the step `reordered_at` reordered them last) produce; a server that fails meanwhile is banned and routed around. Returns the hops and
         the seconds spent routing and opening + replaying."""
         route_s = replay_s = 0.0
         while True:
@@ -310,7 +345,7 @@ class InferenceSession:
                         tokens = sum(e.hidden.shape[0] * e.hidden.shape[1] for e in x)
                         floor_s = self.swarm.replay_timeout_s
                         x = await new[-1].replay(
-                            x, self.swarm.deadline_s(hop, tokens, decode=False, floor_s=floor_s)
+                            x, self.swarm.deadline_s(hop, tokens, decode=False, floor_s=floor_s), reordered_at
                         )
                 return new, route_s, replay_s + time.perf_counter() - routed
             except HOP_FAILURES as e:
@@ -340,7 +375,7 @@ class InferenceSession:
         end = self.swarm.num_blocks if to_end else failed.end
         try:
             new, route_s, replay_s = await self._chain(
-                failed.start, end, accept_from, failed.history.entries, error
+                failed.start, end, accept_from, failed.history.entries, error, failed.history.reordered_at
             )
         except Exception as e:
             e.add_note(f"while replacing {failed}, which failed with {describe(error)}")

@@ -157,6 +157,12 @@ class KVCache:
     def max_length(self) -> int:
         return self.keys.shape[3]
 
+    def reorder(self, rows: Tensor, length: int) -> None:
+        """Row i of slots [0, length) becomes what row rows[i] held (beam search keeps some beams, some twice),
+        in place: a CUDA graph or compiled step over this cache still reads the same memory."""
+        for t in (self.keys, self.values):
+            t[:, :, :, :length] = t[:, rows, :, :length]
+
     @staticmethod
     def bytes_per_token(num_blocks: int, config: BlockConfig, dtype: torch.dtype) -> int:
         """Cache bytes one token of one sequence costs over `num_blocks` blocks, for memory budgeting."""

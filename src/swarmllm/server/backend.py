@@ -42,7 +42,7 @@ import asyncio
 import itertools
 import logging
 from collections import deque
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 
@@ -427,6 +427,14 @@ class Backend:
             # its rows go back once the compute thread is done with the session's work (a prefill running or
             # queued would write them): the give waits behind it, in the owner's turn
             self.compute.submit(session.owner, self.arena.give, session.row, session.batch_size)
+
+    def reorder(self, session: Session, rows: Sequence[int], length: int) -> None:
+        """Before a session's next step (beam search): row i of its cache and key mask, over positions
+        [0, length), becomes what row rows[i] held. On the event loop: the session's previous step is done and its
+        next one waits for this (on a GPU, the compute thread's stream waits for the loop's, `_on_stream`)."""
+        index = torch.tensor(rows, device=self.device)
+        session.cache.reorder(index, length)
+        session.key_mask[:, :length] = session.key_mask[index, :length]
 
     async def step(
         self,

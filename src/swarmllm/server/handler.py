@@ -555,6 +555,8 @@ class RequestHandler:
         pending = None  # (a session whose edges carry r alone, given no p, skips the check: the hot path)
         if step.pending is not None or session.pair:
             pending = self._pending(step.pending, hidden, session.start)
+        if step.reorder is not None:  # (one row number per row: `Step.parse` checked it against the batch)
+            backend.reorder(session, step.reorder, min(step.position, session.length))
         whole = step.whole or (step.position, step.position + length)
         outs, pushed, compute_s = [], bool(step.push), 0.0
         began = time.perf_counter()
@@ -633,6 +635,7 @@ class RequestHandler:
             compression=compression,
             pending=out_pending,
             whole=None if part == whole else whole,
+            reorder=step.reorder,
         ).to_message()
         if target.peer_id == self.peer_id:
             try:

@@ -104,6 +104,13 @@ class TensorParallelSpan:
         if self._unallocated.pop(cache_id, None) is None:
             _run(self.span, self._caches, self.setup, self._command("free", cache_id=cache_id))
 
+    def reorder_cache(self, cache_id: int, rows: list[int], length: int) -> None:
+        """`KVCache.reorder` of cache `cache_id` on every rank (beam search); a cache not allocated yet holds
+        nothing to reorder."""
+        if cache_id not in self._unallocated:
+            header = self._command("reorder", cache_id=cache_id, rows=rows, length=length)
+            _run(self.span, self._caches, self.setup, header)
+
     def forward(self, hidden: Tensor, **kwargs) -> Tensor:
         r, _ = self.forward_pair(hidden, None, **kwargs)
         return r
@@ -210,6 +217,10 @@ def _run(span, caches: dict[int, KVCache], setup: _Setup, header: dict, tensors:
     with torch.inference_mode():
         if op == "free":
             caches.pop(header["cache_id"], None)
+            return None
+        if op == "reorder":
+            cache = caches[header["cache_id"]]
+            cache.reorder(torch.tensor(header["rows"], device=cache.keys.device), header["length"])
             return None
         if "allocate" in header:
             size = header["allocate"]

@@ -8,7 +8,8 @@ Range checks that depend on the receiver (its span, its limits, the session) sta
 
 An inference stream carries: `OpenSession` (the opening), then `Step` and `Repoint` from the client (and `Step`
 pushed by the previous server, whole or, where it prefilled a long step in chunks, in parts that name the whole
-step's positions), answered by one `StepReply` per step, or an in-band `StepError`, and, rarely, a
+step's positions; a one-token step may first reorder the session's rows, for beam search), answered by one
+`StepReply` per step, or an in-band `StepError`, and, rarely, a
 `PushFailed` after a reply that said its output was pushed on. The opening
 names the session's activation compression (`wire.compression`): every step, push and reply of the session carries
 its hidden states in that form (blockwise8: int8 codes as `hidden`, plus `hidden_scales`); `parse` gives them back
@@ -279,11 +280,16 @@ class Step:
     # set in a push that carries part of a step (the previous server prefilled it in chunks): the whole step's
     # positions [start, end); the receiver replies to the client once it has computed the part that ends it
     whole: tuple[int, int] | None = None
+    # beam search: before this one-token step, row i of the session's cache becomes what row reorder[i] held (the
+    # beams kept, each continuing one of the previous step's); pushed on with the step, so every hop applies it once
+    reorder: tuple[int, ...] | None = None
 
     def to_message(self) -> Message:
         meta: dict[str, Any] = {"kind": STEP, "position": self.position, "step": self.step}
         if self.whole is not None:
             meta["whole"] = list(self.whole)
+        if self.reorder is not None:
+            meta["reorder"] = list(self.reorder)
         if self.push:
             meta["push"] = [target.to_meta() for target in self.push]
             if self.push_timeout_s is not None:
@@ -322,7 +328,9 @@ class Step:
             raise bad_request(f"step must be >= 0, got {step}")
         position = _int(meta, "position")
         hidden = _hidden(tensors["hidden"], tensors.get("hidden_scales"), "an inference step")
-        whole = meta.get("whole")
+        whole, reorder = meta.get("whole"), meta.get("reorder")
+        if (whole is not None or reorder is not None) and hidden.ndim != 3:
+            raise bad_request(f"an inference step's hidden states are [batch, tokens, hidden], got {hidden.ndim}-d")
         if whole is not None:
             if not (isinstance(whole, list) and len(whole) == 2 and all(type(x) is int for x in whole)):
                 raise bad_request("whole must be [start, end], two integers")
@@ -331,6 +339,13 @@ class Step:
                     f"a part at positions {position}+{hidden.shape[1]} lies outside its step {whole}"
                 )
             whole = (whole[0], whole[1])
+        if reorder is not None:
+            batch = hidden.shape[0]
+            if not (isinstance(reorder, list) and all(type(x) is int and 0 <= x < batch for x in reorder)):
+                raise bad_request(f"reorder must be a list of row numbers in [0, {batch})")
+            if len(reorder) != batch or hidden.shape[1] != 1 or whole is not None:
+                raise bad_request("reorder comes with a one-token step, a row number for each of its rows")
+            reorder = tuple(reorder)
         return cls(
             position=position,
             hidden=hidden,
@@ -342,6 +357,7 @@ class Step:
             prompts=tensors.get("prompts"),
             pending=_pending(tensors, "an inference step"),
             whole=whole,
+            reorder=reorder,
         )
 
 
