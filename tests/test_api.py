@@ -28,9 +28,13 @@ def smollm2():
 
 
 @pytest.fixture(scope="module")
-def local(smollm2):
-    tokenizer = AutoTokenizer.from_pretrained(smollm2)
-    model = AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32).eval()
+def reference(smollm2):
+    return AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def local(smollm2, reference):
+    tokenizer, model = AutoTokenizer.from_pretrained(smollm2), reference
 
     def complete(ids: list[int], max_new_tokens: int = MAX_TOKENS) -> tuple[str, int]:
         """Greedy text after `ids` and the number of tokens generated, by transformers."""
@@ -83,6 +87,60 @@ def test_completion_greedy_equals_transformers_streamed_or_not(client, local):
     )
     assert "".join(c.choices[0].text for c in chunks) == expected
     assert chunks[-1].choices[0].finish_reason == whole.choices[0].finish_reason
+
+
+def _model_logprobs(model, prompt_ids: list[int], max_new_tokens: int) -> tuple[list[int], torch.Tensor]:
+    """transformers' greedy tokens after the prompt, and the log-probabilities of every step (EOS's included)."""
+    out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=max_new_tokens, do_sample=False)
+    with torch.no_grad():
+        logits = model(out).logits[0, len(prompt_ids) - 1 : -1]
+    return out[0, len(prompt_ids) :].tolist(), torch.log_softmax(logits.float(), dim=-1)
+
+
+def test_logprobs_are_the_models_own_streamed_or_not(client, local, reference):
+    tokenizer, _, _ = local
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    tokens, logprobs = _model_logprobs(reference, tokenizer(text, add_special_tokens=False)["input_ids"], 24)
+    options = {"model": NAME, "messages": messages, "max_tokens": 24, "temperature": 0, "logprobs": True}
+    whole = client.chat.completions.create(**options, top_logprobs=3)
+    content = whole.choices[0].logprobs.content
+    shown = [t for t in tokens if t not in tokenizer.all_special_ids]  # EOS ends the text and has none
+    assert [c.token for c in content] == [tokenizer.decode([t]) for t in shown]
+    assert "".join(c.token for c in content) == whole.choices[0].message.content
+    for step, c in enumerate(content):
+        assert c.logprob == pytest.approx(float(logprobs[step, shown[step]]), abs=1e-3)
+        assert len(c.top_logprobs) == 3 and (c.top_logprobs[0].token, c.top_logprobs[0].logprob) == (
+            c.token,
+            c.logprob,
+        )  # greedy: the chosen token is the most likely
+        assert c.bytes == list(c.token.encode())
+    chunks = list(client.chat.completions.create(**options, stream=True))
+    streamed = [c for chunk in chunks if chunk.choices[0].logprobs for c in chunk.choices[0].logprobs.content]
+    assert [c.token for c in streamed] == [c.token for c in content]
+    assert [c.logprob for c in streamed] == pytest.approx([c.logprob for c in content], abs=1e-4)
+    assert all(c.top_logprobs == [] for c in streamed)  # top_logprobs not asked: none listed
+    # sampling hot: the first step (the same prompt) lists the model's own log-probabilities, not the flattened
+    # ones it draws from
+    hot = {**options, "temperature": 1.9, "seed": 3, "max_tokens": 1}
+    first = client.chat.completions.create(**hot, top_logprobs=3).choices[0].logprobs.content[0]
+    assert [t.token for t in first.top_logprobs] == [t.token for t in content[0].top_logprobs]
+    assert [t.logprob for t in first.top_logprobs] == pytest.approx(
+        [t.logprob for t in content[0].top_logprobs], abs=1e-4
+    )
+    prompt = "The capital of France is"
+    tokens, logprobs = _model_logprobs(reference, tokenizer(prompt)["input_ids"], MAX_TOKENS)
+    completion = client.completions.create(
+        model=NAME, prompt=prompt, max_tokens=MAX_TOKENS, temperature=0, logprobs=2
+    ).choices[0]
+    got = completion.logprobs
+    assert got.tokens == [tokenizer.decode([t]) for t in tokens if t not in tokenizer.all_special_ids]
+    assert got.token_logprobs == pytest.approx(
+        [float(logprobs[i, t]) for i, t in enumerate(tokens[: len(got.tokens)])], abs=1e-3
+    )
+    assert [len(top) for top in got.top_logprobs] == [2] * len(got.tokens)
+    assert got.text_offset == [len("".join(got.tokens[:i])) for i in range(len(got.tokens))]
+    assert "".join(got.tokens) == completion.text
 
 
 def test_chat_uses_the_template_and_stops_at_eos(client, local):
@@ -185,6 +243,13 @@ def test_bad_requests_get_openai_errors(client, api):
     assert hot.value.param == "temperature"
     cases = [
         ("/completions", {"model": NAME, "prompt": "hi", "n": 2}, 400, "n"),
+        ("/completions", {"model": NAME, "prompt": "hi", "logprobs": 6}, 400, "logprobs"),
+        (
+            "/chat/completions",
+            {"model": NAME, "messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2},
+            400,
+            None,
+        ),
         ("/completions", {"model": NAME, "prompt": "hi", "max_tokens": 100_000}, 400, "max_tokens"),
         ("/chat/completions", {"model": NAME, "messages": []}, 400, "messages"),
         ("/completions", {"prompt": "hi"}, 400, "model"),

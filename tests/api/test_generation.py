@@ -1,9 +1,10 @@
 """Text from tokens as the API sends it (no network): pieces never end inside a character or the start of a stop
 string, stop strings and EOS end the text, and the pieces joined are the whole text."""
 
+import pytest
 import torch
 
-from swarmllm.api.generation import SeededSampler, TextAssembler, chat_prompt
+from swarmllm.api.generation import LogprobRecorder, PieceStreamer, SeededSampler, TextAssembler, chat_prompt
 
 # a toy detokenizer: each token id is one character of this table; 9 and 10 are the two halves of "é"
 TABLE = {i: c for i, c in enumerate("abc XYZ\n!")}
@@ -73,3 +74,32 @@ def test_seeded_sampler_is_reproducible_and_respects_the_distribution():
     sampler = SeededSampler(0)
     picks = {int(sampler(None, scores).argmax()) for _ in range(50)}
     assert picks == {1, 2}
+
+
+def test_each_piece_carries_the_logprobs_of_the_tokens_it_sends():
+    """Token by token as generate calls them: the recorder sees a step's scores, then the streamer its token. The
+    split character's first half waits for its second, and its log-probability travels with it; EOS has none."""
+    tokens = [0, 9, 10, 3, 1, 8]  # "a", "é" in two tokens, " ", "b", EOS
+    generator = torch.Generator().manual_seed(0)
+    scores = [torch.randn(1, 11, generator=generator) for _ in tokens]
+    recorder, emitted = LogprobRecorder(top=3), []
+    streamer = PieceStreamer(TextAssembler(decode, eos_ids=[8]), emitted.append, recorder)
+    streamer.put(torch.tensor([[5, 5]]))  # the prompt
+    for token, step_scores in zip(tokens, scores, strict=True):
+        recorder(None, step_scores)
+        streamer.put(torch.tensor([token]))
+    tail = streamer.finish()
+    pieces = emitted + ([tail] if tail is not None else [])
+    assert [(p.text, [e.token for e in p.logprobs]) for p in pieces] == [
+        ("a", [0]),
+        ("é", [9, 10]),
+        (" ", [3]),
+        ("b", [1]),
+    ]
+    entries = [e for p in pieces for e in p.logprobs]
+    for entry, step_scores in zip(entries, scores, strict=False):
+        logprobs = torch.log_softmax(step_scores[0], dim=-1)
+        assert entry.logprob == pytest.approx(float(logprobs[entry.token]))
+        want = logprobs.topk(3)
+        assert [t for t, _ in entry.top] == want.indices.tolist()
+        assert [lp for _, lp in entry.top] == pytest.approx(want.values.tolist())

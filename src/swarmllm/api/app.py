@@ -29,7 +29,16 @@ from transformers import (
     TopPLogitsWarper,
 )
 
-from swarmllm.api.generation import PieceStreamer, SeededSampler, StopWhen, TextAssembler, chat_prompt
+from swarmllm.api.generation import (
+    LogprobRecorder,
+    Piece,
+    PieceStreamer,
+    SeededSampler,
+    StopWhen,
+    TextAssembler,
+    TokenLogprob,
+    chat_prompt,
+)
 from swarmllm.api.schemas import ChatRequest, CompletionRequest, error_body, validation_error
 
 logger = logging.getLogger(__name__)
@@ -71,7 +80,7 @@ class Generation:
             "total_tokens": total,
         }
 
-    async def text(self) -> AsyncIterator[str]:
+    async def text(self) -> AsyncIterator[Piece]:
         """The pieces as they come; raises what the generate raised."""
         while True:
             piece = await self.pieces.get()
@@ -121,9 +130,10 @@ class Engine:
 
         def work() -> None:
             try:
-                self._generate(prompt_ids, gen, request, put)
-                tail = gen.assembler.finish()
-                if tail:
+                streamer = PieceStreamer(gen.assembler, put, self._recorder(request))
+                self._generate(prompt_ids, gen, request, streamer)
+                tail = streamer.finish()
+                if tail is not None:
                     put(tail)
                 put(_END)
             except BaseException as e:  # noqa: BLE001 - handed to the request, which answers with it
@@ -133,31 +143,63 @@ class Engine:
         loop.run_in_executor(self.executor, work)
         return gen
 
-    def _generate(self, prompt_ids: list[int], gen: Generation, request, emit) -> None:
+    @staticmethod
+    def _recorder(request) -> LogprobRecorder | None:
+        top = request.logprob_top()
+        return None if top is None else LogprobRecorder(top)
+
+    def _generate(self, prompt_ids: list[int], gen: Generation, request, streamer: PieceStreamer) -> None:
         ids = torch.tensor([prompt_ids])
-        options: dict = {}
+        # the recorder first: the model's own log-probabilities
+        processors = [] if streamer.recorder is None else [streamer.recorder]
         if request.temperature > 0:
-            warpers = []
             if request.temperature != 1.0:
-                warpers.append(TemperatureLogitsWarper(request.temperature))
+                processors.append(TemperatureLogitsWarper(request.temperature))
             if request.top_p < 1.0:
-                warpers.append(TopPLogitsWarper(request.top_p))
+                processors.append(TopPLogitsWarper(request.top_p))
             seed = (
                 request.seed if request.seed is not None else int.from_bytes(uuid.uuid4().bytes[:8], "little")
             )
-            options["logits_processor"] = LogitsProcessorList([*warpers, SeededSampler(seed)])
+            processors.append(SeededSampler(seed))
         self.model.generate(
             ids,
             attention_mask=torch.ones_like(ids),
             max_new_tokens=gen.max_new_tokens,
             do_sample=False,  # sampling, when asked, is SeededSampler's (see there)
             pad_token_id=self.pad_id,
-            streamer=PieceStreamer(gen.assembler, emit),
+            streamer=streamer,
+            logits_processor=LogitsProcessorList(processors),
             stopping_criteria=StoppingCriteriaList(
                 [StopWhen(lambda: gen.assembler.stopped or gen.cancelled)]
             ),
-            **options,
         )
+
+    def token_text(self, token: int) -> str:
+        return self.tokenizer.decode([token])
+
+    def chat_logprobs(self, entries: list[TokenLogprob]) -> dict:
+        """OpenAI's chat `logprobs`: each token's text, bytes and log-probability, with its step's top tokens."""
+
+        def one(token: int, logprob: float) -> dict:
+            text = self.token_text(token)
+            return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+        return {
+            "content": [
+                {**one(e.token, e.logprob), "top_logprobs": [one(t, lp) for t, lp in e.top]} for e in entries
+            ]
+        }
+
+    def completion_logprobs(self, entries: list[TokenLogprob], offset: int, top: bool) -> dict:
+        """OpenAI's (legacy) completion `logprobs`; `offset`: where the first token's text starts in the answer."""
+        tokens = [self.token_text(e.token) for e in entries]
+        starts = [offset + sum(len(t) for t in tokens[:i]) for i in range(len(tokens))]
+        return {
+            "tokens": tokens,
+            "token_logprobs": [e.logprob for e in entries],
+            "top_logprobs": [{self.token_text(t): lp for t, lp in e.top} for e in entries] if top else None,
+            "text_offset": starts,
+        }
 
     def shutdown(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
@@ -244,15 +286,25 @@ class Api:
         except ApiError as e:
             return _error(e)
         reply = _Reply("cmpl", "text_completion", self.engine.name)
+        top, offset = body.logprob_top(), 0
+
+        def logprobs(piece: Piece) -> dict | None:
+            nonlocal offset
+            if top is None:
+                return None
+            out = self.engine.completion_logprobs(piece.logprobs, offset, top > 0)
+            offset += len(piece.text)
+            return out
+
         if body.stream:
             return await reply.stream(
                 request,
                 gen,
                 body,
-                lambda piece: {"text": piece, "logprobs": None},
+                lambda piece: {"text": piece.text, "logprobs": logprobs(piece)},
                 lambda: {"text": "", "logprobs": None},
             )
-        return await reply.whole(gen, lambda text: {"text": text, "logprobs": None})
+        return await reply.whole(gen, lambda piece: {"text": piece.text, "logprobs": logprobs(piece)})
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
         try:
@@ -265,17 +317,25 @@ class Api:
         except ApiError as e:
             return _error(e)
         reply = _Reply("chatcmpl", "chat.completion", self.engine.name)
+
+        def logprobs(piece: Piece) -> dict | None:
+            return None if body.logprob_top() is None else self.engine.chat_logprobs(piece.logprobs)
+
         if body.stream:
             return await reply.stream(
                 request,
                 gen,
                 body,
-                lambda piece: {"delta": {"content": piece}, "logprobs": None},
+                lambda piece: {"delta": {"content": piece.text}, "logprobs": logprobs(piece)},
                 lambda: {"delta": {}, "logprobs": None},
                 first={"delta": {"role": "assistant", "content": ""}, "logprobs": None},
             )
         return await reply.whole(
-            gen, lambda text: {"message": {"role": "assistant", "content": text}, "logprobs": None}
+            gen,
+            lambda piece: {
+                "message": {"role": "assistant", "content": piece.text},
+                "logprobs": logprobs(piece),
+            },
         )
 
 
@@ -290,13 +350,15 @@ class _Reply:
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model, **fields}
 
     async def whole(self, gen: Generation, choice) -> web.Response:
+        """`choice(piece)` of the pieces joined into one."""
         try:
-            text = "".join([piece async for piece in gen.text()])
+            pieces = [piece async for piece in gen.text()]
         except Exception as e:  # noqa: BLE001 - the swarm's failure, reported as OpenAI does
             return _error(_swarm_error(e))
+        whole = Piece("".join(p.text for p in pieces), [e for p in pieces for e in p.logprobs])
         body = self._envelope(
             self.kind,
-            choices=[{"index": 0, **choice(text), "finish_reason": gen.finish_reason}],
+            choices=[{"index": 0, **choice(whole), "finish_reason": gen.finish_reason}],
             usage=gen.usage(),
         )
         return web.json_response(body)

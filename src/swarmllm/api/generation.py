@@ -1,14 +1,16 @@
 """What the API adds around `generate()`: prompts from chat messages, text from tokens as they come (with stop
-strings and incomplete characters held back), and sampling that a request's `seed` makes reproducible even while
-other requests sample at the same time.
+strings and incomplete characters held back), each generated token's log-probability when asked, and sampling
+that a request's `seed` makes reproducible even while other requests sample at the same time.
 
 Streamed and whole answers are made by the same `TextAssembler`: the whole answer is the streamed pieces joined,
-so the two can never differ.
+so the two can never differ. A piece carries the log-probabilities of the tokens it was made from (those held back
+travel with the piece that sends their text), so the streamed ones joined are the whole answer's too.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import torch
 from transformers import LogitsProcessor, StoppingCriteria
@@ -99,24 +101,80 @@ class TextAssembler:
         return best
 
 
-class PieceStreamer(BaseStreamer):
-    """Feeds each new token of a generate (batch 1) to an assembler and hands the resulting text to `emit`."""
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token's log-probability under the model, and the `top` most likely tokens of its step."""
 
-    def __init__(self, assembler: TextAssembler, emit: Callable[[str], None]):
-        self.assembler, self.emit = assembler, emit
+    token: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()  # (token, logprob), the most likely first
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Text that is safe to send, and the log-probabilities of the tokens that made it (if they were asked for)."""
+
+    text: str
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+
+
+class LogprobRecorder(LogitsProcessor):
+    """Keeps the log-probabilities of a generate's latest step (batch 1), for the token chosen from them. First
+    in the processors, so they are the model's own, before temperature and top-p."""
+
+    def __init__(self, top: int):
+        self.top = top
+        self._last: torch.Tensor | None = None
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        self._last = torch.log_softmax(scores[0].float(), dim=-1)
+        return scores
+
+    def entry(self, token: int) -> TokenLogprob:
+        top = ()
+        if self.top:
+            values, ids = self._last.topk(self.top)
+            top = tuple(zip(ids.tolist(), values.tolist(), strict=True))
+        return TokenLogprob(token, float(self._last[token]), top)
+
+
+class PieceStreamer(BaseStreamer):
+    """Feeds each new token of a generate (batch 1) to an assembler and hands the resulting pieces to `emit`,
+    with the tokens' log-probabilities when a `recorder` is given (EOS has none: it is not part of the text)."""
+
+    def __init__(
+        self,
+        assembler: TextAssembler,
+        emit: Callable[[Piece], None],
+        recorder: LogprobRecorder | None = None,
+    ):
+        self.assembler, self.emit, self.recorder = assembler, emit, recorder
         self._prompt_seen = False
+        self._pending: list[TokenLogprob] = []  # of tokens whose text has not been sent yet
 
     def put(self, value: torch.Tensor) -> None:
         if not self._prompt_seen:  # generate's first call carries the prompt
             self._prompt_seen = True
             return
         for token in value.reshape(-1).tolist():
-            piece = self.assembler.add(int(token))
-            if piece:
-                self.emit(piece)
+            shown = token not in self.assembler.eos_ids and not self.assembler.stopped
+            if self.recorder is not None and shown:
+                self._pending.append(self.recorder.entry(int(token)))
+            text = self.assembler.add(int(token))
+            if text:
+                self.emit(self._piece(text))
 
     def end(self) -> None:
         pass
+
+    def finish(self) -> Piece | None:
+        """What is still held back once generation has ended, if anything."""
+        text = self.assembler.finish()
+        return self._piece(text) if text or self._pending else None
+
+    def _piece(self, text: str) -> Piece:
+        piece, self._pending = Piece(text, self._pending), []
+        return piece
 
 
 class StopWhen(StoppingCriteria):

@@ -1,7 +1,7 @@
 """The request bodies the API accepts, checked at the edge (pydantic), and OpenAI's error body.
 
-Only what the API does is accepted: `n` and `best_of` other than 1, `logprobs` and `echo` are refused with a
-400 rather than silently ignored; fields the API does not know are ignored, as OpenAI's own server does with
+Only what the API does is accepted: `n` and `best_of` other than 1 and `echo` are refused with a 400 rather than
+silently ignored; fields the API does not know are ignored, as OpenAI's own server does with
 fields newer than it.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 Stop = str | Annotated[list[str], Field(max_length=4)] | None
 
@@ -41,11 +41,15 @@ class CompletionRequest(_Sampling):
     prompt: str | Annotated[list[str], Field(min_length=1, max_length=1)] | list[int]
     max_tokens: int | None = Field(default=16, ge=1)
     echo: Literal[False] = False
-    logprobs: None = None
+    logprobs: int | None = Field(default=None, ge=0, le=5)  # how many top tokens each token lists
     best_of: Literal[1] | None = None
 
     def max_new_tokens(self) -> int | None:
         return self.max_tokens
+
+    def logprob_top(self) -> int | None:
+        """None: no log-probabilities; else how many most likely tokens each step lists beside the chosen one."""
+        return self.logprobs
 
 
 class ChatMessage(BaseModel):
@@ -69,10 +73,21 @@ class ChatRequest(_Sampling):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
-    logprobs: Literal[False] | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+
+    @model_validator(mode="after")
+    def _top_needs_logprobs(self):
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        return self
 
     def max_new_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
+
+    def logprob_top(self) -> int | None:
+        """None: no log-probabilities; else how many most likely tokens each step lists beside the chosen one."""
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 def error_body(message: str, kind: str, param: str | None = None, code: str | None = None) -> dict:
