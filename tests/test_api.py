@@ -143,6 +143,39 @@ def test_logprobs_are_the_models_own_streamed_or_not(client, local, reference):
     assert "".join(got.tokens) == completion.text
 
 
+def test_echo_scores_a_prompt_as_lm_eval_does(api, local, reference):
+    """lm-eval-harness' loglikelihood request: token ids in, echo, one token, logprobs=1; the prompt's tokens'
+    log-probabilities (the first has none) are transformers', and the completion follows them."""
+    tokenizer, complete, _ = local
+    ids = tokenizer("The capital of France is Paris")["input_ids"]
+    with torch.no_grad():
+        want = torch.log_softmax(reference(torch.tensor([ids])).logits[0].float(), dim=-1)
+    body = {"model": NAME, "prompt": [ids], "echo": True, "max_tokens": 1, "logprobs": 1, "temperature": 0}
+    code, reply = post(api, "/completions", body)
+    assert code == 200, reply
+    (choice,) = reply["choices"]
+    got = choice["logprobs"]
+    expected, _ = complete(ids, 1)
+    assert choice["text"] == tokenizer.decode(ids) + expected
+    assert (
+        len(got["tokens"]) == len(ids) + 1
+        and got["token_logprobs"][0] is None
+        and got["top_logprobs"][0] is None
+    )
+    assert got["token_logprobs"][1 : len(ids)] == pytest.approx(
+        [float(want[i - 1, ids[i]]) for i in range(1, len(ids))], abs=1e-3
+    )
+    assert all(len(top) == 1 for top in got["top_logprobs"][1:])
+    assert got["text_offset"] == [len("".join(got["tokens"][:i])) for i in range(len(got["tokens"]))]
+    # max_tokens 0: the prompt alone, scored
+    body.update(max_tokens=0, logprobs=0)
+    code, scored = post(api, "/completions", body)
+    assert code == 200 and scored["choices"][0]["text"] == tokenizer.decode(ids)
+    scores = scored["choices"][0]["logprobs"]["token_logprobs"]
+    assert scores[0] is None and scores[1:] == pytest.approx(got["token_logprobs"][1 : len(ids)], abs=1e-4)
+    assert scored["usage"]["completion_tokens"] == 0 and scored["choices"][0]["finish_reason"] == "length"
+
+
 def test_chat_uses_the_template_and_stops_at_eos(client, local):
     _, _, chat = local
     question = "What is 2+2?"

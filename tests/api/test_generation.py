@@ -4,7 +4,14 @@ string, stop strings and EOS end the text, and the pieces joined are the whole t
 import pytest
 import torch
 
-from swarmllm.api.generation import LogprobRecorder, PieceStreamer, SeededSampler, TextAssembler, chat_prompt
+from swarmllm.api.generation import (
+    LogprobRecorder,
+    PieceStreamer,
+    SeededSampler,
+    TextAssembler,
+    chat_prompt,
+    prompt_logprobs,
+)
 
 # a toy detokenizer: each token id is one character of this table; 9 and 10 are the two halves of "é"
 TABLE = {i: c for i, c in enumerate("abc XYZ\n!")}
@@ -103,3 +110,14 @@ def test_each_piece_carries_the_logprobs_of_the_tokens_it_sends():
         want = logprobs.topk(3)
         assert [t for t, _ in entry.top] == want.indices.tolist()
         assert [lp for _, lp in entry.top] == pytest.approx(want.values.tolist())
+
+
+def test_a_prompts_logprobs_come_from_the_position_before_each_token():
+    logits = torch.randn(4, 11, generator=torch.Generator().manual_seed(1))
+    entries = prompt_logprobs([3, 7, 0, 5], logits, top=2)
+    assert [e.token for e in entries] == [3, 7, 0, 5]
+    assert entries[0].logprob is None and entries[0].top == ()
+    logprobs = torch.log_softmax(logits, dim=-1)
+    for i, e in enumerate(entries[1:]):
+        assert e.logprob == pytest.approx(float(logprobs[i, e.token]))
+        assert [t for t, _ in e.top] == logprobs[i].topk(2).indices.tolist()

@@ -38,6 +38,7 @@ from swarmllm.api.generation import (
     TextAssembler,
     TokenLogprob,
     chat_prompt,
+    prompt_logprobs,
 )
 from swarmllm.api.schemas import ChatRequest, CompletionRequest, error_body, validation_error
 
@@ -131,7 +132,10 @@ class Engine:
         def work() -> None:
             try:
                 streamer = PieceStreamer(gen.assembler, put, self._recorder(request))
-                self._generate(prompt_ids, gen, request, streamer)
+                if getattr(request, "echo", False):
+                    self._echo(prompt_ids, gen, request, streamer, put)
+                else:
+                    self._generate(prompt_ids, gen, request, streamer)
                 tail = streamer.finish()
                 if tail is not None:
                     put(tail)
@@ -142,6 +146,19 @@ class Engine:
 
         loop.run_in_executor(self.executor, work)
         return gen
+
+    def _echo(self, prompt_ids: list[int], gen: Generation, request, streamer: PieceStreamer, put) -> None:
+        """The prompt first (its tokens' log-probabilities from one forward over it, if asked), then the
+        completion, in one inference session: the generate reuses what the forward left on the servers."""
+        top = request.logprob_top()
+        with self.model.inference_session(max_length=len(prompt_ids) + max(gen.max_new_tokens, 1)):
+            entries = []
+            if top is not None:
+                logits = self.model(torch.tensor([prompt_ids])).logits[0]
+                entries = prompt_logprobs(prompt_ids, logits, top)
+            put(Piece(self.tokenizer.decode(prompt_ids), entries))  # as given: special tokens too
+            if gen.max_new_tokens > 0:
+                self._generate(prompt_ids, gen, request, streamer)
 
     @staticmethod
     def _recorder(request) -> LogprobRecorder | None:
@@ -194,10 +211,11 @@ class Engine:
         """OpenAI's (legacy) completion `logprobs`; `offset`: where the first token's text starts in the answer."""
         tokens = [self.token_text(e.token) for e in entries]
         starts = [offset + sum(len(t) for t in tokens[:i]) for i in range(len(tokens))]
+        tops = [None if e.logprob is None else {self.token_text(t): lp for t, lp in e.top} for e in entries]
         return {
             "tokens": tokens,
             "token_logprobs": [e.logprob for e in entries],
-            "top_logprobs": [{self.token_text(t): lp for t, lp in e.top} for e in entries] if top else None,
+            "top_logprobs": tops if top else None,
             "text_offset": starts,
         }
 
@@ -268,9 +286,9 @@ class Api:
         try:
             body = await self._body(request, CompletionRequest)
             self._check_model(body.model)
-            prompt = (
+            prompt = (  # one prompt: its text, or its token ids
                 body.prompt[0]
-                if isinstance(body.prompt, list) and body.prompt and isinstance(body.prompt[0], str)
+                if isinstance(body.prompt, list) and body.prompt and isinstance(body.prompt[0], str | list)
                 else body.prompt
             )
             if isinstance(prompt, str):

@@ -103,11 +103,28 @@ class TextAssembler:
 
 @dataclass(frozen=True)
 class TokenLogprob:
-    """A generated token's log-probability under the model, and the `top` most likely tokens of its step."""
+    """A token's log-probability under the model, and the `top` most likely tokens of its step (None and none for
+    a prompt's first token, which nothing predicts)."""
 
     token: int
-    logprob: float
+    logprob: float | None
     top: tuple[tuple[int, float], ...] = ()  # (token, logprob), the most likely first
+
+
+def _entry(token: int, logprobs: torch.Tensor, top: int) -> TokenLogprob:
+    """`token`'s entry from its step's log-probabilities [vocab]."""
+    best = ()
+    if top:
+        values, ids = logprobs.topk(top)
+        best = tuple(zip(ids.tolist(), values.tolist(), strict=True))
+    return TokenLogprob(token, float(logprobs[token]), best)
+
+
+def prompt_logprobs(tokens: Sequence[int], logits: torch.Tensor, top: int) -> list[TokenLogprob]:
+    """Each prompt token's log-probability given the ones before it, from the model's logits over the prompt
+    ([tokens, vocab]: position i predicts token i + 1)."""
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    return [TokenLogprob(tokens[0], None)] + [_entry(t, logprobs[i], top) for i, t in enumerate(tokens[1:])]
 
 
 @dataclass(frozen=True)
@@ -131,11 +148,7 @@ class LogprobRecorder(LogitsProcessor):
         return scores
 
     def entry(self, token: int) -> TokenLogprob:
-        top = ()
-        if self.top:
-            values, ids = self._last.topk(self.top)
-            top = tuple(zip(ids.tolist(), values.tolist(), strict=True))
-        return TokenLogprob(token, float(self._last[token]), top)
+        return _entry(token, self._last, self.top)
 
 
 class PieceStreamer(BaseStreamer):

@@ -1,7 +1,7 @@
 """The request bodies the API accepts, checked at the edge (pydantic), and OpenAI's error body.
 
-Only what the API does is accepted: `n` and `best_of` other than 1 and `echo` are refused with a 400 rather than
-silently ignored; fields the API does not know are ignored, as OpenAI's own server does with
+Only what the API does is accepted: `n` and `best_of` other than 1 are refused with a 400 rather than silently
+ignored; fields the API does not know are ignored, as OpenAI's own server does with
 fields newer than it.
 """
 
@@ -38,11 +38,23 @@ class _Sampling(BaseModel):
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | Annotated[list[str], Field(min_length=1, max_length=1)] | list[int]
-    max_tokens: int | None = Field(default=16, ge=1)
-    echo: Literal[False] = False
+    prompt: (
+        str
+        | Annotated[list[str], Field(min_length=1, max_length=1)]
+        | list[int]
+        | Annotated[list[list[int]], Field(min_length=1, max_length=1)]
+    )
+    echo: bool = False  # the prompt comes back before the completion, with its tokens' logprobs if asked
+    max_tokens: int | None = Field(default=16, ge=0)  # (after echo: its check reads echo)
     logprobs: int | None = Field(default=None, ge=0, le=5)  # how many top tokens each token lists
     best_of: Literal[1] | None = None
+
+    @field_validator("max_tokens")
+    @classmethod
+    def _zero_only_with_echo(cls, max_tokens, info):
+        if max_tokens == 0 and not info.data.get("echo"):
+            raise ValueError("max_tokens must be at least 1 (0 only with echo: scoring a prompt)")
+        return max_tokens
 
     def max_new_tokens(self) -> int | None:
         return self.max_tokens
