@@ -176,6 +176,30 @@ def test_echo_scores_a_prompt_as_lm_eval_does(api, local, reference):
     assert scored["usage"]["completion_tokens"] == 0 and scored["choices"][0]["finish_reason"] == "length"
 
 
+def test_several_choices_each_sample_with_a_seed_of_their_own(client):
+    """n = 3: choice i is what a request of one choice with seed + i gives, whole or streamed (chunks of the
+    choices interleaved), and the usage counts every choice's tokens."""
+    options = {"model": NAME, "prompt": "Once upon a time", "max_tokens": 8, "temperature": 1.0, "seed": 5}
+    whole = client.completions.create(**options, n=3)
+    assert [c.index for c in whole.choices] == [0, 1, 2]
+    texts = [c.text for c in whole.choices]
+    assert len(set(texts)) > 1
+    singles = [client.completions.create(**{**options, "seed": 5 + i}) for i in range(3)]
+    assert texts == [s.choices[0].text for s in singles]
+    assert whole.usage.completion_tokens == sum(s.usage.completion_tokens for s in singles)
+    assert whole.usage.prompt_tokens == singles[0].usage.prompt_tokens
+    chunks = list(client.completions.create(**options, n=3, stream=True))
+    for i, text in enumerate(texts):
+        mine = [c.choices[0] for c in chunks if c.choices[0].index == i]
+        assert "".join(c.text for c in mine) == text
+        assert mine[-1].finish_reason == whole.choices[i].finish_reason
+        assert all(c.finish_reason is None for c in mine[:-1])
+    greedy = client.chat.completions.create(
+        model=NAME, messages=[{"role": "user", "content": "Hi"}], max_tokens=6, temperature=0, n=2
+    )
+    assert greedy.choices[0].message.content == greedy.choices[1].message.content
+
+
 def test_chat_uses_the_template_and_stops_at_eos(client, local):
     _, _, chat = local
     question = "What is 2+2?"
@@ -275,7 +299,7 @@ def test_bad_requests_get_openai_errors(client, api):
         )
     assert hot.value.param == "temperature"
     cases = [
-        ("/completions", {"model": NAME, "prompt": "hi", "n": 2}, 400, "n"),
+        ("/completions", {"model": NAME, "prompt": "hi", "n": 17}, 400, "n"),
         ("/completions", {"model": NAME, "prompt": "hi", "logprobs": 6}, 400, "logprobs"),
         (
             "/chat/completions",

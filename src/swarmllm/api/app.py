@@ -1,9 +1,9 @@
 """`swarmllm api MODEL`: an OpenAI-compatible HTTP API over a swarm (`/v1/models`, `/v1/completions`,
 `/v1/chat/completions`, with `stream: true` as server-sent events).
 
-Each request runs `generate()` of one shared `DistributedModelForCausalLM` in a worker thread with its own
-inference session (sessions are per thread), so concurrent requests each hold their own caches on the servers
-and never wait for one another's tokens. Text comes out of `api.generation.TextAssembler` piece by piece; a
+Each request (each of its `n` choices) runs `generate()` of one shared `DistributedModelForCausalLM` in a worker
+thread with its own inference session (sessions are per thread), so concurrent requests each hold their own
+caches on the servers and never wait for one another's tokens. Text comes out of `api.generation.TextAssembler` piece by piece; a
 non-streamed answer is those pieces joined. Errors use OpenAI's format: 404 for an unknown model, 400 for an
 invalid parameter, 503 when the swarm cannot serve the request (e.g. blocks without a server).
 """
@@ -73,14 +73,6 @@ class Generation:
     def finish_reason(self) -> str:
         return self.assembler.finish_reason or "length"
 
-    def usage(self) -> dict:
-        total = self.prompt_tokens + self.completion_tokens
-        return {
-            "prompt_tokens": self.prompt_tokens,
-            "completion_tokens": self.completion_tokens,
-            "total_tokens": total,
-        }
-
     async def text(self) -> AsyncIterator[Piece]:
         """The pieces as they come; raises what the generate raised."""
         while True:
@@ -108,7 +100,11 @@ class Engine:
     def decode(self, tokens: list[int]) -> str:
         return self.tokenizer.decode(tokens, skip_special_tokens=True)
 
-    def start(self, prompt_ids: list[int], max_new_tokens: int | None, request) -> Generation:
+    def start_all(self, prompt_ids: list[int], max_new_tokens: int | None, request) -> list[Generation]:
+        """The request's `n` choices, each a generate of its own (seeded `seed + i`, when seeded)."""
+        return [self.start(prompt_ids, max_new_tokens, request, i) for i in range(request.n)]
+
+    def start(self, prompt_ids: list[int], max_new_tokens: int | None, request, index: int = 0) -> Generation:
         room = self.context_length - len(prompt_ids)
         if max_new_tokens is None:
             max_new_tokens = room
@@ -133,9 +129,9 @@ class Engine:
             try:
                 streamer = PieceStreamer(gen.assembler, put, self._recorder(request))
                 if getattr(request, "echo", False):
-                    self._echo(prompt_ids, gen, request, streamer, put)
+                    self._echo(prompt_ids, gen, request, streamer, put, index)
                 else:
-                    self._generate(prompt_ids, gen, request, streamer)
+                    self._generate(prompt_ids, gen, request, streamer, index)
                 tail = streamer.finish()
                 if tail is not None:
                     put(tail)
@@ -147,7 +143,9 @@ class Engine:
         loop.run_in_executor(self.executor, work)
         return gen
 
-    def _echo(self, prompt_ids: list[int], gen: Generation, request, streamer: PieceStreamer, put) -> None:
+    def _echo(
+        self, prompt_ids: list[int], gen: Generation, request, streamer: PieceStreamer, put, index: int
+    ) -> None:
         """The prompt first (its tokens' log-probabilities from one forward over it, if asked), then the
         completion, in one inference session: the generate reuses what the forward left on the servers."""
         top = request.logprob_top()
@@ -158,14 +156,16 @@ class Engine:
                 entries = prompt_logprobs(prompt_ids, logits, top)
             put(Piece(self.tokenizer.decode(prompt_ids), entries))  # as given: special tokens too
             if gen.max_new_tokens > 0:
-                self._generate(prompt_ids, gen, request, streamer)
+                self._generate(prompt_ids, gen, request, streamer, index)
 
     @staticmethod
     def _recorder(request) -> LogprobRecorder | None:
         top = request.logprob_top()
         return None if top is None else LogprobRecorder(top)
 
-    def _generate(self, prompt_ids: list[int], gen: Generation, request, streamer: PieceStreamer) -> None:
+    def _generate(
+        self, prompt_ids: list[int], gen: Generation, request, streamer: PieceStreamer, index: int
+    ) -> None:
         ids = torch.tensor([prompt_ids])
         # the recorder first: the model's own log-probabilities
         processors = [] if streamer.recorder is None else [streamer.recorder]
@@ -175,7 +175,9 @@ class Engine:
             if request.top_p < 1.0:
                 processors.append(TopPLogitsWarper(request.top_p))
             seed = (
-                request.seed if request.seed is not None else int.from_bytes(uuid.uuid4().bytes[:8], "little")
+                request.seed + index
+                if request.seed is not None
+                else int.from_bytes(uuid.uuid4().bytes[:8], "little")
             )
             processors.append(SeededSampler(seed))
         self.model.generate(
@@ -300,29 +302,25 @@ class Api:
                         400, f"prompt token ids must be in [0, {vocab})", "invalid_request_error", "prompt"
                     )
                 ids = list(prompt)
-            gen = self.engine.start(ids, body.max_new_tokens(), body)
+            gens = self.engine.start_all(ids, body.max_new_tokens(), body)
         except ApiError as e:
             return _error(e)
         reply = _Reply("cmpl", "text_completion", self.engine.name)
-        top, offset = body.logprob_top(), 0
+        top, offsets = body.logprob_top(), [0] * len(gens)  # each choice's text so far
 
-        def logprobs(piece: Piece) -> dict | None:
-            nonlocal offset
+        def logprobs(i: int, piece: Piece) -> dict | None:
             if top is None:
                 return None
-            out = self.engine.completion_logprobs(piece.logprobs, offset, top > 0)
-            offset += len(piece.text)
+            out = self.engine.completion_logprobs(piece.logprobs, offsets[i], top > 0)
+            offsets[i] += len(piece.text)
             return out
 
+        def choice(i: int, piece: Piece) -> dict:
+            return {"text": piece.text, "logprobs": logprobs(i, piece)}
+
         if body.stream:
-            return await reply.stream(
-                request,
-                gen,
-                body,
-                lambda piece: {"text": piece.text, "logprobs": logprobs(piece)},
-                lambda: {"text": "", "logprobs": None},
-            )
-        return await reply.whole(gen, lambda piece: {"text": piece.text, "logprobs": logprobs(piece)})
+            return await reply.stream(request, gens, body, choice, {"text": "", "logprobs": None})
+        return await reply.whole(gens, choice)
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
         try:
@@ -331,7 +329,7 @@ class Api:
             messages = [{"role": m.role, "content": m.content} for m in body.messages]
             text = chat_prompt(self.engine.tokenizer, messages)
             ids = self.engine.tokenizer(text, add_special_tokens=False)["input_ids"]
-            gen = self.engine.start(ids, body.max_new_tokens(), body)
+            gens = self.engine.start_all(ids, body.max_new_tokens(), body)
         except ApiError as e:
             return _error(e)
         reply = _Reply("chatcmpl", "chat.completion", self.engine.name)
@@ -342,15 +340,15 @@ class Api:
         if body.stream:
             return await reply.stream(
                 request,
-                gen,
+                gens,
                 body,
-                lambda piece: {"delta": {"content": piece.text}, "logprobs": logprobs(piece)},
-                lambda: {"delta": {}, "logprobs": None},
+                lambda _, piece: {"delta": {"content": piece.text}, "logprobs": logprobs(piece)},
+                {"delta": {}, "logprobs": None},
                 first={"delta": {"role": "assistant", "content": ""}, "logprobs": None},
             )
         return await reply.whole(
-            gen,
-            lambda piece: {
+            gens,
+            lambda _, piece: {
                 "message": {"role": "assistant", "content": piece.text},
                 "logprobs": logprobs(piece),
             },
@@ -367,23 +365,26 @@ class _Reply:
     def _envelope(self, kind: str, **fields) -> dict:
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model, **fields}
 
-    async def whole(self, gen: Generation, choice) -> web.Response:
-        """`choice(piece)` of the pieces joined into one."""
+    async def whole(self, gens: list[Generation], choice) -> web.Response:
+        """Choice i is `choice(i, piece)` of generation i's pieces joined into one."""
+        choices = []
         try:
-            pieces = [piece async for piece in gen.text()]
+            for i, gen in enumerate(gens):  # (they all run meanwhile, each in its worker thread)
+                pieces = [piece async for piece in gen.text()]
+                whole = Piece("".join(p.text for p in pieces), [e for p in pieces for e in p.logprobs])
+                choices.append({"index": i, **choice(i, whole), "finish_reason": gen.finish_reason})
         except Exception as e:  # noqa: BLE001 - the swarm's failure, reported as OpenAI does
+            for gen in gens:
+                gen.cancelled = True
             return _error(_swarm_error(e))
-        whole = Piece("".join(p.text for p in pieces), [e for p in pieces for e in p.logprobs])
-        body = self._envelope(
-            self.kind,
-            choices=[{"index": 0, **choice(whole), "finish_reason": gen.finish_reason}],
-            usage=gen.usage(),
-        )
+        body = self._envelope(self.kind, choices=choices, usage=_usage(gens))
         return web.json_response(body)
 
     async def stream(
-        self, request: web.Request, gen: Generation, body, piece_choice, last_choice, first=None
+        self, request: web.Request, gens: list[Generation], body, choice, last: dict, first=None
     ):
+        """Each piece of each choice as it comes (`choice(i, piece)`), then each choice's `last` chunk with its
+        finish reason, then the usage if asked."""
         kind = self.kind + ".chunk" if self.kind == "chat.completion" else self.kind
         response = web.StreamResponse(
             headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
@@ -393,29 +394,68 @@ class _Reply:
         async def send(data: dict) -> None:
             await response.write(f"data: {json.dumps(data)}\n\n".encode())
 
-        def chunk(choice: dict, finish_reason: str | None) -> dict:
-            return self._envelope(kind, choices=[{"index": 0, **choice, "finish_reason": finish_reason}])
+        def chunk(i: int, data: dict, finish_reason: str | None) -> dict:
+            return self._envelope(kind, choices=[{"index": i, **data, "finish_reason": finish_reason}])
 
         try:
-            if first is not None:
-                await send(chunk(first, None))
+            for i in range(len(gens)) if first is not None else ():
+                await send(chunk(i, first, None))
             try:
-                async for piece in gen.text():
-                    await send(chunk(piece_choice(piece), None))
+                async for i, piece in _merged(gens):
+                    if piece is None:  # choice i has ended
+                        await send(chunk(i, last, gens[i].finish_reason))
+                    else:
+                        await send(chunk(i, choice(i, piece), None))
             except (ConnectionResetError, asyncio.CancelledError):
                 raise
             except Exception as e:  # noqa: BLE001 - the stream has started: the error goes in it
+                for gen in gens:
+                    gen.cancelled = True
                 await send(_swarm_error(e).body)
                 await response.write(b"data: [DONE]\n\n")
                 return response
-            await send(chunk(last_choice(), gen.finish_reason))
             if body.stream_options is not None and body.stream_options.include_usage:
-                await send(self._envelope(kind, choices=[], usage=gen.usage()))
+                await send(self._envelope(kind, choices=[], usage=_usage(gens)))
             await response.write(b"data: [DONE]\n\n")
         except (ConnectionResetError, asyncio.CancelledError):
-            gen.cancelled = True  # the requester left: stop generating for it
+            for gen in gens:
+                gen.cancelled = True  # the requester left: stop generating for it
             raise
         return response
+
+
+async def _merged(gens: list[Generation]) -> AsyncIterator[tuple[int, Piece | None]]:
+    """(i, piece) as the generations' pieces come, and (i, None) when generation i has ended; raises the first
+    error of any."""
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int, gen: Generation) -> None:
+        try:
+            async for piece in gen.text():
+                queue.put_nowait((i, piece))
+            queue.put_nowait((i, None))
+        except Exception as e:  # noqa: BLE001 - handed to the reader
+            queue.put_nowait((i, e))
+
+    tasks = [asyncio.create_task(pump(i, gen)) for i, gen in enumerate(gens)]
+    ended = 0
+    try:
+        while ended < len(gens):
+            i, item = await queue.get()
+            if isinstance(item, Exception):
+                raise item
+            ended += item is None
+            yield i, item
+    finally:
+        for task in tasks:
+            task.cancel()
+
+
+def _usage(gens: list[Generation]) -> dict:
+    """The prompt once, every choice's completion tokens."""
+    completion = sum(gen.completion_tokens for gen in gens)
+    prompt = gens[0].prompt_tokens
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 
 def load_engine(

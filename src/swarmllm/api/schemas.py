@@ -1,7 +1,6 @@
 """The request bodies the API accepts, checked at the edge (pydantic), and OpenAI's error body.
 
-Only what the API does is accepted: `n` and `best_of` other than 1 are refused with a 400 rather than silently
-ignored; fields the API does not know are ignored, as OpenAI's own server does with
+Only what the API does is accepted: `best_of` other than 1 is refused with a 400 rather than silently ignored; fields the API does not know are ignored, as OpenAI's own server does with
 fields newer than it.
 """
 
@@ -28,7 +27,7 @@ class _Sampling(BaseModel):
     seed: int | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: Literal[1] = 1
+    n: int = Field(default=1, ge=1, le=16)  # choices, each a generate of its own
     user: str | None = None
 
     def stop_strings(self) -> list[str]:
