@@ -173,6 +173,17 @@ def test_echo_scores_a_prompt_as_lm_eval_does(api, local, reference):
     assert code == 200 and scored["choices"][0]["text"] == tokenizer.decode(ids)
     scores = scored["choices"][0]["logprobs"]["token_logprobs"]
     assert scores[0] is None and scores[1:] == pytest.approx(got["token_logprobs"][1 : len(ids)], abs=1e-4)
+    # a batch of prompts, as lm-eval sends with batch_size > 1: one choice each, in order, as if sent alone
+    other = tokenizer("Two plus two is")["input_ids"]
+    body.update(prompt=[other, ids], max_tokens=1, logprobs=1)
+    code, batch = post(api, "/completions", body)
+    assert code == 200 and [c["index"] for c in batch["choices"]] == [0, 1]
+    assert batch["choices"][1]["text"] == choice["text"]
+    assert batch["choices"][1]["logprobs"]["token_logprobs"][1:] == pytest.approx(
+        got["token_logprobs"][1:], abs=1e-4
+    )
+    assert batch["choices"][0]["text"] == tokenizer.decode(other) + complete(other, 1)[0]
+    assert batch["usage"]["prompt_tokens"] == len(ids) + len(other)
     assert scored["usage"]["completion_tokens"] == 0 and scored["choices"][0]["finish_reason"] == "length"
 
 

@@ -222,8 +222,7 @@ class AtBeamStep(LogitsProcessor):
         return scores
 
 
-@pytest.mark.parametrize("hop", [0, 1])
-def test_beam_search_survives_a_server_killed_mid_generation(make_swarm, path, hop):
+def test_beam_search_survives_a_server_killed_mid_generation(make_swarm, path):
     """The replacement gets the lost hop's kept inputs with its rows as the beams left them (reorders noted
     since they were kept, applied for the replay), then the step's own reorder: the tokens of a fault-free run."""
     swarm = make_swarm([(0, 2), (2, 4), (0, 2), (2, 4)])
@@ -234,14 +233,14 @@ def test_beam_search_survives_a_server_killed_mid_generation(make_swarm, path, h
 
     def kill():
         before.append(swarm.model._active.session.reorders)
-        swarm.server_of_hop(hop).kill()
+        swarm.server_of_hop(1).kill()
 
     with swarm.model.inference_session(max_length=PROMPT.shape[1] + NEW_TOKENS) as session:
         began = time.perf_counter()
         processors = LogitsProcessorList([AtBeamStep({9: kill})])
         tokens = swarm.model.generate(PROMPT, logits_processor=processors, **beams)
         reorders = session.session.reorders
-    report(f"SIGKILL of hop {hop} during beam search", swarm, time.perf_counter() - began)
+    report("SIGKILL during beam search", swarm, time.perf_counter() - began)
     assert tokens.sequences.tolist() == want.sequences.tolist()
     # every beam's scores, at every step: a beam pruned later would not show in the tokens
     torch.testing.assert_close(torch.stack(tokens.scores), torch.stack(want.scores), atol=1e-4, rtol=1e-4)

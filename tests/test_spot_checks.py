@@ -23,30 +23,49 @@ def path(checkpoints):
     return str(checkpoints("llama"))  # 4 blocks
 
 
-def liar_swarm(path: str, prefix: str, every: int):
-    """A liar on [0, 2) that corrupts every `every`-th output, two honest servers of [0, 2), one of [2, 4). The
-    liar announces a huge throughput and the honest servers of [0, 2) a tiny one, so that routes go through the
-    liar and it is the checked server, not a checker. Yields the swarm and the liar's peer id."""
+@pytest.fixture(scope="module")
+def swarm(path):
+    """A liar on [0, 2) that corrupts every 4th output, two honest servers of [0, 2), one of [2, 4). The liar
+    announces a huge throughput and the honest servers of [0, 2) a tiny one, so that routes go through the liar
+    and it is the checked server, not a checker."""
     with LocalSwarm() as local:
         local.start_bootstrap()
-        extra = ["--dht-prefix", prefix]
+        extra = ["--dht-prefix", PREFIX]
         (liar,) = local.add_servers(
-            [(path, (0, 2))], extra=[*extra, "--corrupt-every", str(every), "--throughput", "1e9"]
+            [(path, (0, 2))], extra=[*extra, "--corrupt-every", "4", "--throughput", "1e9"]
         )
         local.add_servers([(path, (0, 2)), (path, (0, 2))], extra=[*extra, "--throughput", "1"])
         local.add_servers([(path, (2, 4))], extra=extra)
         yield local, liar["peer_id"]
 
 
-@pytest.fixture(scope="module")
-def swarm(path):
-    yield from liar_swarm(path, PREFIX, every=2)
-
-
 def client(local: LocalSwarm, path: str):
     return AutoDistributedModelForCausalLM.from_pretrained(
         path, initial_peers=local.initial_peers, dht_prefix=PREFIX, spot_check_fraction=1.0, spot_check_seed=0
     )
+
+
+def test_a_liar_caught_in_a_beam_search_step_is_routed_around_with_the_rows_reordered_once(swarm, path):
+    """First in this file, so that the liar's 4th output is the 4th step of this beam search, which swaps two
+    beams (rows (1, 0, 2)): the chain is rebuilt from kept inputs that took that reorder already, and taking it
+    again would swap them back."""
+    local, liar = swarm
+    beams = dict(num_beams=3, max_new_tokens=NEW_TOKENS, do_sample=False, output_scores=True)
+    beams["return_dict_in_generate"] = True
+    want = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval().generate(PROMPT, **beams)
+    model = client(local, path)
+    try:
+        with model.inference_session(max_length=PROMPT.shape[1] + NEW_TOKENS) as session:
+            out = model.generate(PROMPT, **beams)
+            assert session.session.reorders > 0
+        assert out.sequences.tolist() == want.sequences.tolist()
+        torch.testing.assert_close(torch.stack(out.scores), torch.stack(want.scores), atol=1e-4, rtol=1e-4)
+        assert [r.wrong for r in model.swarm.reports] == [(liar,)]
+        (failover,) = model.swarm.failovers
+        assert failover.peer_id == liar and (failover.start, failover.end) == (0, 4)
+        assert failover.replayed_tokens == PROMPT.shape[1] + 2  # the prompt, 2 steps: caught at the 4th
+    finally:
+        model.shutdown()
 
 
 def test_a_lying_server_is_banned_and_the_tokens_stay_right(swarm, path):
@@ -60,7 +79,7 @@ def test_a_lying_server_is_banned_and_the_tokens_stay_right(swarm, path):
             first_hop = model._active.session.hops[0].peer_id
         assert tokens == want
         reports = model.swarm.reports
-        assert [r.wrong for r in reports] == [(liar,)]  # caught at its 2nd output, the first decode step
+        assert [r.wrong for r in reports] == [(liar,)]  # caught at its 4th output here, the 4th step
         assert len(reports[0].checkers) == 2  # a third opinion decided between the liar and its checker
         assert reports[0].mismatch > reports[0].tolerance
         assert liar in model.swarm.bans.banned(time.monotonic()) and first_hop != liar
@@ -94,35 +113,5 @@ def test_batch_forward_recomputes_a_wrong_hop(swarm, path):
                     break
         assert [r.wrong for r in model.swarm.reports] == [(liar,)]
         assert liar in model.swarm.bans.banned(time.monotonic())
-    finally:
-        model.shutdown()
-
-
-@pytest.fixture(scope="module")
-def beam_swarm(path):
-    """As `swarm`, under a prefix of its own, with a liar that corrupts every 4th output: the 4th step of the beam
-    search below, which swaps two beams (rows (1, 0, 2)), so the chain is rebuilt from kept inputs that took
-    that reorder already, and taking it again would swap them back."""
-    yield from liar_swarm(path, f"{PREFIX}-beams", every=4)
-
-
-def test_a_liar_caught_in_a_beam_search_step_is_routed_around_with_the_rows_reordered_once(beam_swarm, path):
-    (local, liar), prefix = beam_swarm, f"{PREFIX}-beams"
-    beams = dict(num_beams=3, max_new_tokens=NEW_TOKENS, do_sample=False, output_scores=True)
-    beams["return_dict_in_generate"] = True
-    want = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval().generate(PROMPT, **beams)
-    model = AutoDistributedModelForCausalLM.from_pretrained(
-        path, initial_peers=local.initial_peers, dht_prefix=prefix, spot_check_fraction=1.0, spot_check_seed=0
-    )
-    try:
-        with model.inference_session(max_length=PROMPT.shape[1] + NEW_TOKENS) as session:
-            out = model.generate(PROMPT, **beams)
-            assert session.session.reorders > 0
-        assert out.sequences.tolist() == want.sequences.tolist()
-        torch.testing.assert_close(torch.stack(out.scores), torch.stack(want.scores), atol=1e-4, rtol=1e-4)
-        assert [r.wrong for r in model.swarm.reports] == [(liar,)]
-        (failover,) = model.swarm.failovers
-        assert failover.peer_id == liar and (failover.start, failover.end) == (0, 4)
-        assert failover.replayed_tokens == PROMPT.shape[1] + 2  # the prompt, 2 steps: caught at the 4th
     finally:
         model.shutdown()

@@ -62,6 +62,7 @@ class Generation:
     prompt_tokens: int
     max_new_tokens: int
     assembler: TextAssembler
+    index: int = 0  # which of its prompt's `n` choices
     pieces: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: bool = False  # the requester went away: the generate stops at its next token
 
@@ -119,7 +120,10 @@ class Engine:
             )
         loop = asyncio.get_running_loop()
         gen = Generation(
-            len(prompt_ids), max_new_tokens, TextAssembler(self.decode, request.stop_strings(), self.eos_ids)
+            len(prompt_ids),
+            max_new_tokens,
+            TextAssembler(self.decode, request.stop_strings(), self.eos_ids),
+            index,
         )
 
         def put(item) -> None:
@@ -284,25 +288,31 @@ class Api:
             body = validation_error(e)["error"]
             raise ApiError(400, body["message"], body["type"], body["param"], body["code"]) from None
 
+    def _prompt_ids(self, prompt) -> list[list[int]]:
+        """Each prompt's token ids: one text, texts, one list of ids, or lists of ids."""
+        several = isinstance(prompt, list) and prompt and isinstance(prompt[0], str | list)
+        ids = []
+        for one in prompt if several else [prompt]:
+            if isinstance(one, str):
+                ids.append(self.engine.tokenizer(one)["input_ids"])
+                continue
+            vocab = self.engine.model.config.vocab_size
+            if not one or any(not 0 <= t < vocab for t in one):
+                raise ApiError(
+                    400, f"prompt token ids must be in [0, {vocab})", "invalid_request_error", "prompt"
+                )
+            ids.append(list(one))
+        return ids
+
     async def completions(self, request: web.Request) -> web.StreamResponse:
         try:
             body = await self._body(request, CompletionRequest)
             self._check_model(body.model)
-            prompt = (  # one prompt: its text, or its token ids
-                body.prompt[0]
-                if isinstance(body.prompt, list) and body.prompt and isinstance(body.prompt[0], str | list)
-                else body.prompt
-            )
-            if isinstance(prompt, str):
-                ids = self.engine.tokenizer(prompt)["input_ids"]
-            else:
-                vocab = self.engine.model.config.vocab_size
-                if not prompt or any(not 0 <= t < vocab for t in prompt):
-                    raise ApiError(
-                        400, f"prompt token ids must be in [0, {vocab})", "invalid_request_error", "prompt"
-                    )
-                ids = list(prompt)
-            gens = self.engine.start_all(ids, body.max_new_tokens(), body)
+            gens = [
+                gen
+                for ids in self._prompt_ids(body.prompt)
+                for gen in self.engine.start_all(ids, body.max_new_tokens(), body)
+            ]
         except ApiError as e:
             return _error(e)
         reply = _Reply("cmpl", "text_completion", self.engine.name)
@@ -452,9 +462,9 @@ async def _merged(gens: list[Generation]) -> AsyncIterator[tuple[int, Piece | No
 
 
 def _usage(gens: list[Generation]) -> dict:
-    """The prompt once, every choice's completion tokens."""
+    """Each prompt once, every choice's completion tokens."""
     completion = sum(gen.completion_tokens for gen in gens)
-    prompt = gens[0].prompt_tokens
+    prompt = sum(gen.prompt_tokens for gen in gens if gen.index == 0)
     return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
 

@@ -11,6 +11,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 Stop = str | Annotated[list[str], Field(max_length=4)] | None
+MAX_PROMPTS = 64  # in one completions request (lm-evaluation-harness batches its requests)
 
 
 class StreamOptions(BaseModel):
@@ -37,11 +38,11 @@ class _Sampling(BaseModel):
 
 
 class CompletionRequest(_Sampling):
-    prompt: (
+    prompt: (  # several prompts (texts or lists of ids): choices n x i to n x (i + 1) - 1 are prompt i's
         str
-        | Annotated[list[str], Field(min_length=1, max_length=1)]
+        | Annotated[list[str], Field(min_length=1, max_length=MAX_PROMPTS)]
         | list[int]
-        | Annotated[list[list[int]], Field(min_length=1, max_length=1)]
+        | Annotated[list[list[int]], Field(min_length=1, max_length=MAX_PROMPTS)]
     )
     echo: bool = False  # the prompt comes back before the completion, with its tokens' logprobs if asked
     max_tokens: int | None = Field(default=16, ge=0)  # (after echo: its check reads echo)
