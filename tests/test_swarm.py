@@ -168,16 +168,23 @@ class _Sequences(LogitsProcessor):
 
 def test_beam_search_equals_transformers_and_reorders_the_servers_rows(models):
     """Each beam step sends one token a row and moves the servers' cache rows to the beams kept (no history is
-    sent again); padded prompts, several sequences returned, a length penalty."""
+    sent again); padded prompts, several sequences returned, a length penalty, beam sampling with a seed."""
     remote, reference, tokenizer = models["llama"]
     tokenizer.padding_side = "left"
     batch = tokenizer(PROMPTS[:2], return_tensors="pt", padding=True)
-    for options in ({"num_beams": 3}, {"num_beams": 4, "num_return_sequences": 2, "length_penalty": 0.5}):
-        options.update(max_new_tokens=12, do_sample=False, output_scores=True, return_dict_in_generate=True)
+    cases = [
+        {"num_beams": 3, "do_sample": False},
+        {"num_beams": 4, "num_return_sequences": 2, "length_penalty": 0.5, "do_sample": False},
+        {"num_beams": 3, "do_sample": True, "temperature": 0.9},
+    ]
+    for options in cases:
+        options.update(max_new_tokens=12, output_scores=True, return_dict_in_generate=True)
         with remote.inference_session(max_length=batch["input_ids"].shape[1] + 12) as session:
+            torch.manual_seed(0)
             ours = remote.generate(**batch, **options)
             reorders = session.session.reorders
         seen = _Sequences()
+        torch.manual_seed(0)
         theirs = reference.generate(**batch, logits_processor=LogitsProcessorList([seen]), **options)
         assert ours.sequences.tolist() == theirs.sequences.tolist(), options
         # every beam's scores at every step, also those of beams pruned later
