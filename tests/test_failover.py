@@ -249,6 +249,21 @@ def test_beam_search_survives_a_server_killed_mid_generation(make_swarm, path):
     assert 0 < before[0] < reorders  # kept inputs were reordered, and the steps after the kill reorder
 
 
+def test_a_beam_step_that_fails_half_way_starts_the_session_over(make_swarm, path):
+    """Hop 0 has moved its rows when hop 1's blocks turn out to have no server: the session goes back to position
+    0, and the next generate in it (once a server is back) gives transformers' beams."""
+    swarm = make_swarm([(0, 2), (2, 4)], missing_blocks_timeout_s=1.0)
+    beams = dict(num_beams=3, max_new_tokens=NEW_TOKENS, do_sample=False)
+    want = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval().generate(PROMPT, **beams)
+    kill = LogitsProcessorList([AtBeamStep({9: lambda: swarm.server_of_hop(1).kill()})])  # step 10 reorders
+    with swarm.model.inference_session(max_length=PROMPT.shape[1] + NEW_TOKENS) as session:
+        with pytest.raises(MissingBlocksError):
+            swarm.model.generate(PROMPT, logits_processor=kill, **beams)
+        assert session.position == 0
+        swarm.add((2, 4))
+        assert swarm.model.generate(PROMPT, **beams).tolist() == want.tolist()
+
+
 def test_missing_blocks_past_the_budget_name_the_blocks(make_swarm):
     swarm = make_swarm([(0, 2), (2, 4)], missing_blocks_timeout_s=2.0)
     began = []
