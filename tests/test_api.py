@@ -311,6 +311,7 @@ def test_bad_requests_get_openai_errors(client, api):
     assert hot.value.param == "temperature"
     cases = [
         ("/completions", {"model": NAME, "prompt": "hi", "n": 17}, 400, "n"),
+        ("/completions", {"model": NAME, "prompt": "hi", "stop": [str(i) for i in range(17)]}, 400, "stop"),
         ("/completions", {"model": NAME, "prompt": "hi", "logprobs": 6}, 400, "logprobs"),
         (
             "/chat/completions",

@@ -10,7 +10,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-Stop = str | Annotated[list[str], Field(max_length=4)] | None
+# OpenAI takes 4 stop strings; lm-evaluation-harness sends a task's whole list (and the EOS text) to completions
+Stop = str | Annotated[list[str], Field(max_length=16)] | None
 MAX_PROMPTS = 64  # in one completions request (lm-evaluation-harness batches its requests)
 
 
