@@ -120,9 +120,8 @@ def main() -> None:
             servers = [(path, (0, 15)), (path, (15, 30))]
             swarm.add_servers(servers, extra=["--throughput", "50", "--bandwidth", "1000"])
             url = swarm.start_api(path, extra=["--name", "smollm2"])
-            api_args = (
-                f"model=smollm2,base_url={url}/completions,tokenizer={path},tokenizer_backend=huggingface"
-            )
+            # no tokenizer named: lm-eval finds the API's own (`/tokenizer_info`, `/tokenize`, `/detokenize`)
+            api_args = f"model=smollm2,base_url={url}/completions"
             ours, ours_s = run_lm_eval(
                 args.lm_eval_venv, folder, "local-completions", api_args, folder / "swarm"
             )
@@ -177,7 +176,8 @@ def main() -> None:
         notes = (
             "lm-evaluation-harness 0.4.13 (its own venv), `local-completions` against `swarmllm api` over 2 local "
             "servers of SmolLM2-135M-Instruct (token-id prompts, `echo` + `logprobs: 1` + `max_tokens: 1` for "
-            "log-likelihoods, its stop lists for generations), beside its `hf` model on the same checkpoint "
+            "log-likelihoods, its stop lists for generations, and the API's tokenizer endpoints, which lm-eval "
+            "finds by itself), beside its `hf` model on the same checkpoint "
             f"(float32). Run times: {ours_s:.0f} s through the API, {theirs_s:.0f} s locally (both including "
             "lm-eval's start-up)."
         )

@@ -211,6 +211,28 @@ def test_several_choices_each_sample_with_a_seed_of_their_own(client):
     assert greedy.choices[0].message.content == greedy.choices[1].message.content
 
 
+def test_tokenizer_endpoints_are_vllms(api, local):
+    """`/tokenizer_info`, `/tokenize` and `/detokenize` at the root, as vLLM has them (lm-evaluation-harness'
+    remote tokenizer)."""
+    tokenizer, _, _ = local
+    with urllib.request.urlopen(api.removesuffix("/v1") + "/tokenizer_info", timeout=60) as reply:
+        info = json.loads(reply.read())
+    assert info["eos_token"] == tokenizer.eos_token and info["chat_template"] == tokenizer.chat_template
+    root = api.removesuffix("/v1")
+    code, tokens = post(root, "/tokenize", {"prompt": "The capital of France", "add_special_tokens": False})
+    assert (
+        code == 200
+        and tokens["tokens"] == tokenizer("The capital of France", add_special_tokens=False)["input_ids"]
+    )
+    assert tokens["count"] == len(tokens["tokens"])
+    code, text = post(root, "/detokenize", {"tokens": tokens["tokens"]})
+    assert code == 200 and text["prompt"] == "The capital of France"
+    code, error = post(root, "/detokenize", {"tokens": [-1]})
+    assert code == 400 and error["error"]["param"] == "tokens"
+    code, error = post(root, "/tokenize", {"text": "no prompt"})
+    assert code == 400 and error["error"]["param"] == "prompt"
+
+
 def test_chat_uses_the_template_and_stops_at_eos(client, local):
     _, _, chat = local
     question = "What is 2+2?"

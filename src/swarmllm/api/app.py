@@ -40,7 +40,14 @@ from swarmllm.api.generation import (
     chat_prompt,
     prompt_logprobs,
 )
-from swarmllm.api.schemas import ChatRequest, CompletionRequest, error_body, validation_error
+from swarmllm.api.schemas import (
+    ChatRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    TokenizeRequest,
+    error_body,
+    validation_error,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -249,6 +256,10 @@ class Api:
         app.router.add_get("/v1/models/{model:.+}", self.model)
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_post("/v1/chat/completions", self.chat)
+        # vLLM's tokenizer endpoints, at the root as there: lm-evaluation-harness tokenizes through them
+        app.router.add_get("/tokenizer_info", self.tokenizer_info)
+        app.router.add_post("/tokenize", self.tokenize)
+        app.router.add_post("/detokenize", self.detokenize)
         return app
 
     def _model_card(self) -> dict:
@@ -296,13 +307,48 @@ class Api:
             if isinstance(one, str):
                 ids.append(self.engine.tokenizer(one)["input_ids"])
                 continue
-            vocab = self.engine.model.config.vocab_size
-            if not one or any(not 0 <= t < vocab for t in one):
+            if not one:
                 raise ApiError(
-                    400, f"prompt token ids must be in [0, {vocab})", "invalid_request_error", "prompt"
+                    400, "a prompt of token ids needs at least one", "invalid_request_error", "prompt"
                 )
+            self._check_ids(one, "prompt")
             ids.append(list(one))
         return ids
+
+    async def tokenizer_info(self, _request: web.Request) -> web.Response:
+        tokenizer = self.engine.tokenizer
+        return web.json_response(
+            {
+                "eos_token": tokenizer.eos_token,
+                "bos_token": tokenizer.bos_token,
+                "pad_token": tokenizer.pad_token,
+                "chat_template": getattr(tokenizer, "chat_template", None),
+                "model_max_length": self.engine.context_length,
+            }
+        )
+
+    async def tokenize(self, request: web.Request) -> web.Response:
+        try:
+            body = await self._body(request, TokenizeRequest)
+        except ApiError as e:
+            return _error(e)
+        tokens = self.engine.tokenizer(body.prompt, add_special_tokens=body.add_special_tokens)["input_ids"]
+        return web.json_response(
+            {"tokens": tokens, "count": len(tokens), "max_model_len": self.engine.context_length}
+        )
+
+    async def detokenize(self, request: web.Request) -> web.Response:
+        try:
+            body = await self._body(request, DetokenizeRequest)
+            self._check_ids(body.tokens, "tokens")
+        except ApiError as e:
+            return _error(e)
+        return web.json_response({"prompt": self.engine.tokenizer.decode(body.tokens)})
+
+    def _check_ids(self, ids: list[int], param: str) -> None:
+        vocab = self.engine.model.config.vocab_size
+        if any(not 0 <= t < vocab for t in ids):
+            raise ApiError(400, f"token ids must be in [0, {vocab})", "invalid_request_error", param)
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         try:

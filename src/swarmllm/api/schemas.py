@@ -103,6 +103,21 @@ class ChatRequest(_Sampling):
         return (self.top_logprobs or 0) if self.logprobs else None
 
 
+class TokenizeRequest(BaseModel):
+    """vLLM's `/tokenize` (what lm-evaluation-harness' remote tokenizer calls)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    prompt: str
+    add_special_tokens: bool = True
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    tokens: list[int]
+
+
 def error_body(message: str, kind: str, param: str | None = None, code: str | None = None) -> dict:
     """OpenAI's error format."""
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
