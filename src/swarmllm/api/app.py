@@ -11,6 +11,7 @@ invalid parameter, 503 when the swarm cannot serve the request (e.g. blocks with
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import logging
 import time
@@ -223,7 +224,7 @@ class Engine:
     def completion_logprobs(self, entries: list[TokenLogprob], offset: int, top: bool) -> dict:
         """OpenAI's (legacy) completion `logprobs`; `offset`: where the first token's text starts in the answer."""
         tokens = [self.token_text(e.token) for e in entries]
-        starts = [offset + sum(len(t) for t in tokens[:i]) for i in range(len(tokens))]
+        starts = list(itertools.accumulate((len(t) for t in tokens[:-1]), initial=offset))[: len(tokens)]
         tops = [None if e.logprob is None else {self.token_text(t): lp for t, lp in e.top} for e in entries]
         return {
             "tokens": tokens,
