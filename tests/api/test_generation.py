@@ -9,9 +9,11 @@ from swarmllm.api.generation import (
     PieceStreamer,
     SeededSampler,
     TextAssembler,
+    TokenTexts,
     chat_prompt,
     prompt_logprobs,
 )
+from swarmllm.models.tiny import tiny_tokenizer
 
 # a toy detokenizer: each token id is one character of this table; 9 and 10 are the two halves of "é"
 TABLE = {i: c for i, c in enumerate("abc XYZ\n!")}
@@ -121,3 +123,17 @@ def test_a_prompts_logprobs_come_from_the_position_before_each_token():
     for i, e in enumerate(entries[1:]):
         assert e.logprob == pytest.approx(float(logprobs[i, e.token]))
         assert [t for t, _ in e.top] == logprobs[i].topk(2).indices.tolist()
+
+
+def test_token_texts_join_to_the_text_where_tokens_decoded_alone_do_not():
+    """A word-level tokenizer (like SentencePiece) decodes a token alone without the space before it."""
+    tokenizer = tiny_tokenizer()
+    ids = tokenizer("the cat and the dog")["input_ids"]
+    assert "".join(tokenizer.decode([t]) for t in ids) != tokenizer.decode(ids)
+    texts = TokenTexts(tokenizer.decode, ids[:2])
+    pieces = []
+    for token in ids[2:]:
+        pieces.append(texts.text(token))
+        texts.push(token)
+    assert "".join(pieces) == tokenizer.decode(ids)[len(tokenizer.decode(ids[:2])) :]
+    assert pieces[0] == " and"

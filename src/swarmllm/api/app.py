@@ -38,6 +38,7 @@ from swarmllm.api.generation import (
     StopWhen,
     TextAssembler,
     TokenLogprob,
+    TokenTexts,
     chat_prompt,
     prompt_logprobs,
 )
@@ -70,6 +71,7 @@ class Generation:
     prompt_tokens: int
     max_new_tokens: int
     assembler: TextAssembler
+    texts: TokenTexts  # the texts of its tokens, for `logprobs`, in the order they come
     index: int = 0  # which of its prompt's `n` choices
     pieces: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: bool = False  # the requester went away: the generate stops at its next token
@@ -127,10 +129,12 @@ class Engine:
                 "context_length_exceeded",
             )
         loop = asyncio.get_running_loop()
+        echo = getattr(request, "echo", False)  # (then the prompt's tokens come first)
         gen = Generation(
             len(prompt_ids),
             max_new_tokens,
             TextAssembler(self.decode, request.stop_strings(), self.eos_ids),
+            TokenTexts(self.tokenizer.decode, () if echo else prompt_ids),
             index,
         )
 
@@ -140,7 +144,7 @@ class Engine:
         def work() -> None:
             try:
                 streamer = PieceStreamer(gen.assembler, put, self._recorder(request))
-                if getattr(request, "echo", False):
+                if echo:
                     self._echo(prompt_ids, gen, request, streamer, put, index)
                 else:
                     self._generate(prompt_ids, gen, request, streamer, index)
@@ -205,27 +209,42 @@ class Engine:
             ),
         )
 
-    def token_text(self, token: int) -> str:
-        return self.tokenizer.decode([token])
+    @staticmethod
+    def _texts(entries: list[TokenLogprob], texts: TokenTexts) -> list[tuple[str, list[str]]]:
+        """Each entry's token text and its top tokens' (in place of it), the context moving on token by token."""
+        out = []
+        for e in entries:
+            out.append((texts.text(e.token), [texts.text(t) for t, _ in e.top]))
+            texts.push(e.token)
+        return out
 
-    def chat_logprobs(self, entries: list[TokenLogprob]) -> dict:
+    def chat_logprobs(self, entries: list[TokenLogprob], texts: TokenTexts) -> dict:
         """OpenAI's chat `logprobs`: each token's text, bytes and log-probability, with its step's top tokens."""
 
-        def one(token: int, logprob: float) -> dict:
-            text = self.token_text(token)
+        def one(text: str, logprob: float) -> dict:
             return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
 
         return {
             "content": [
-                {**one(e.token, e.logprob), "top_logprobs": [one(t, lp) for t, lp in e.top]} for e in entries
+                {
+                    **one(text, e.logprob),
+                    "top_logprobs": [one(t, lp) for t, (_, lp) in zip(tops, e.top, strict=True)],
+                }
+                for e, (text, tops) in zip(entries, self._texts(entries, texts), strict=True)
             ]
         }
 
-    def completion_logprobs(self, entries: list[TokenLogprob], offset: int, top: bool) -> dict:
+    def completion_logprobs(
+        self, entries: list[TokenLogprob], offset: int, top: bool, texts: TokenTexts
+    ) -> dict:
         """OpenAI's (legacy) completion `logprobs`; `offset`: where the first token's text starts in the answer."""
-        tokens = [self.token_text(e.token) for e in entries]
+        named = self._texts(entries, texts)
+        tokens = [text for text, _ in named]
         starts = list(itertools.accumulate((len(t) for t in tokens[:-1]), initial=offset))[: len(tokens)]
-        tops = [None if e.logprob is None else {self.token_text(t): lp for t, lp in e.top} for e in entries]
+        tops = [
+            None if e.logprob is None else {t: lp for t, (_, lp) in zip(alts, e.top, strict=True)}
+            for e, (_, alts) in zip(entries, named, strict=True)
+        ]
         return {
             "tokens": tokens,
             "token_logprobs": [e.logprob for e in entries],
@@ -368,7 +387,7 @@ class Api:
         def logprobs(i: int, piece: Piece) -> dict | None:
             if top is None:
                 return None
-            out = self.engine.completion_logprobs(piece.logprobs, offsets[i], top > 0)
+            out = self.engine.completion_logprobs(piece.logprobs, offsets[i], top > 0, gens[i].texts)
             offsets[i] += len(piece.text)
             return out
 
@@ -391,23 +410,25 @@ class Api:
             return _error(e)
         reply = _Reply("chatcmpl", "chat.completion", self.engine.name)
 
-        def logprobs(piece: Piece) -> dict | None:
-            return None if body.logprob_top() is None else self.engine.chat_logprobs(piece.logprobs)
+        def logprobs(i: int, piece: Piece) -> dict | None:
+            if body.logprob_top() is None:
+                return None
+            return self.engine.chat_logprobs(piece.logprobs, gens[i].texts)
 
         if body.stream:
             return await reply.stream(
                 request,
                 gens,
                 body,
-                lambda _, piece: {"delta": {"content": piece.text}, "logprobs": logprobs(piece)},
+                lambda i, piece: {"delta": {"content": piece.text}, "logprobs": logprobs(i, piece)},
                 {"delta": {}, "logprobs": None},
                 first={"delta": {"role": "assistant", "content": ""}, "logprobs": None},
             )
         return await reply.whole(
             gens,
-            lambda _, piece: {
+            lambda i, piece: {
                 "message": {"role": "assistant", "content": piece.text},
-                "logprobs": logprobs(piece),
+                "logprobs": logprobs(i, piece),
             },
         )
 

@@ -127,6 +127,28 @@ def prompt_logprobs(tokens: Sequence[int], logits: torch.Tensor, top: int) -> li
     return [TokenLogprob(tokens[0], None)] + [_entry(t, logprobs[i], top) for i, t in enumerate(tokens[1:])]
 
 
+class TokenTexts:
+    """Each token's text as it reads in its sequence: what it adds to the text of the tokens before it. Decoded
+    alone, a SentencePiece or word-level token loses the space before it (" Paris" reads "Paris"), and the
+    tokens joined would not be the text. A few tokens of context are enough for that."""
+
+    CONTEXT = 6
+
+    def __init__(self, decode: Callable[[list[int]], str], context: Sequence[int] = ()):
+        self.decode = decode
+        self.context = list(context)[-self.CONTEXT :]
+
+    def text(self, token: int) -> str:
+        """`token`'s text after the context (its own decoding where the context's text changes with it: a
+        character split across tokens)."""
+        before = self.decode(self.context)
+        after = self.decode([*self.context, token])
+        return after[len(before) :] if after.startswith(before) else self.decode([token])
+
+    def push(self, token: int) -> None:
+        self.context = [*self.context, token][-self.CONTEXT :]
+
+
 @dataclass(frozen=True)
 class Piece:
     """Text that is safe to send, and the log-probabilities of the tokens that made it (if they were asked for)."""
