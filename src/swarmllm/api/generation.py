@@ -137,16 +137,17 @@ class TokenTexts:
     def __init__(self, decode: Callable[[list[int]], str], context: Sequence[int] = ()):
         self.decode = decode
         self.context = list(context)[-self.CONTEXT :]
+        self._before = decode(self.context)  # the context's text, asked for each token and its alternatives
 
     def text(self, token: int) -> str:
         """`token`'s text after the context (its own decoding where the context's text changes with it: a
         character split across tokens)."""
-        before = self.decode(self.context)
         after = self.decode([*self.context, token])
-        return after[len(before) :] if after.startswith(before) else self.decode([token])
+        return after[len(self._before) :] if after.startswith(self._before) else self.decode([token])
 
     def push(self, token: int) -> None:
         self.context = [*self.context, token][-self.CONTEXT :]
+        self._before = self.decode(self.context)
 
 
 @dataclass(frozen=True)

@@ -58,20 +58,18 @@ class History:
 
     def __init__(self, entries: list[KeptInput] | None = None, reordered_at: int = -1):
         self.reordered_at = reordered_at  # the session's step whose reorder its rows took last
-        self._reorders = 0  # reorders noted so far
-        # each input with the count of reorders noted when it was kept
-        self._kept: list[tuple[KeptInput, int]] = [(e, 0) for e in entries or []]
         self._since: list[torch.Tensor] = []  # the reorders noted since `entries` last applied them
+        # each input with how many of those were noted before it was kept
+        self._kept: list[tuple[KeptInput, int]] = [(e, 0) for e in entries or []]
 
     @property
     def entries(self) -> list[KeptInput]:
         if self._since:
-            index, applied = {}, None  # reorders then -> the rows of that time that make today's
-            for k, rows in zip(range(self._reorders - 1, -1, -1), reversed(self._since), strict=False):
-                applied = rows if applied is None else rows[applied]
+            index, applied = {}, None  # k -> the rows, before the k-th noted reorder, that make today's
+            for k in range(len(self._since) - 1, -1, -1):
+                applied = self._since[k] if applied is None else self._since[k][applied]
                 index[k] = applied
-            now = self._reorders
-            self._kept = [(e if k == now else e.rows(index[k]), now) for e, k in self._kept]
+            self._kept = [(e if k == len(self._since) else e.rows(index[k]), 0) for e, k in self._kept]
             self._since = []
         return [e for e, _ in self._kept]
 
@@ -90,13 +88,12 @@ class History:
         """Record a step; a step at an earlier position rewinds (the session forgets what came after it)."""
         if entry.position != self.length:  # the common case, the next step, needs no truncation
             self.truncate(entry.position)
-        self._kept.append((entry, self._reorders))
+        self._kept.append((entry, len(self._since)))
 
     def reorder(self, rows: torch.Tensor, step: int) -> None:
         """Row i becomes what row rows[i] was, as the session's step `step` asked (beam search: the server's
         cache rows moved likewise)."""
         self._since.append(rows)
-        self._reorders += 1
         self.reordered_at = step
 
     def truncate(self, position: int) -> None:

@@ -433,8 +433,11 @@ class Backend:
         [0, length), becomes what row rows[i] held. On the event loop: the session's previous step is done and its
         next one waits for this (on a GPU, the compute thread's stream waits for the loop's, `_on_stream`)."""
         index = torch.tensor(rows, device=self.device)
-        session.cache.reorder(index, length)
         session.key_mask[:, :length] = session.key_mask[index, :length]
+        self._reorder_cache(session, index, length)
+
+    def _reorder_cache(self, session: Session, index: torch.Tensor, length: int) -> None:
+        session.cache.reorder(index, length)
 
     async def step(
         self,

@@ -13,8 +13,6 @@ sharded span has no prompt, adapter or autograd path.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 
 from swarmllm.models.llama import position_ids
@@ -49,11 +47,10 @@ class TensorParallelBackend(Backend):
         super().close_session(session)
         self.compute.submit(session.owner, self.parallel.close_cache, session.cache)
 
-    def reorder(self, session: Session, rows: Sequence[int], length: int) -> None:
-        """`Backend.reorder`, on the ranks' caches: a job of the compute thread, queued before the session's
-        next step in its owner's turn."""
-        session.key_mask[:, :length] = session.key_mask[torch.tensor(rows), :length]
-        self.compute.submit(session.owner, self.parallel.reorder_cache, session.cache, list(rows), length)
+    def _reorder_cache(self, session: Session, index: torch.Tensor, length: int) -> None:
+        """On the ranks' caches: a job of the compute thread, queued before the session's next step in its
+        owner's turn."""
+        self.compute.submit(session.owner, self.parallel.reorder_cache, session.cache, index.tolist(), length)
 
     def _forward(
         self,
