@@ -309,6 +309,120 @@ def test_stop_strings_and_seeded_sampling(client, local):
     assert sample(1) == sample(1)
 
 
+def _greedy_loop(
+    model, ids, steps, *, bias=None, repetition=1.0, frequency=0.0, presence=0.0, min_tokens=0, stop_ids=()
+):
+    """Greedy tokens after `ids`, the logits shaped by OpenAI's and vLLM's rules written out token by token
+    (the oracle for the API's logit processors): bias, then the repetition penalty over every token seen, then
+    the frequency and presence penalties over the generated ones; `stop_ids` banned before `min_tokens` and
+    ending the loop after."""
+    out = list(ids)
+    with torch.no_grad():
+        for _ in range(steps):
+            logits = model(torch.tensor([out])).logits[0, -1].double()
+            new = out[len(ids) :]
+            for token, value in (bias or {}).items():
+                logits[token] += value
+            for token in set(out) if repetition != 1.0 else ():
+                logits[token] = (
+                    logits[token] / repetition if logits[token] > 0 else logits[token] * repetition
+                )
+            for token in set(new):
+                logits[token] -= frequency * new.count(token) + presence
+            for token in stop_ids if len(new) < min_tokens else ():
+                logits[token] = -float("inf")
+            out.append(int(logits.argmax()))
+            if out[-1] in stop_ids:
+                break
+    return out[len(ids) :]
+
+
+def test_penalties_bias_and_vllms_extras_equal_the_rules_written_out(client, local, reference):
+    """logit_bias, frequency/presence/repetition penalties, min_tokens, ignore_eos and stop_token_ids give the
+    tokens of a plain loop over transformers' logits that applies each rule by hand; top_k 1 and min_p 1 leave
+    only the most likely token, so sampling hot with them is greedy."""
+    tokenizer, complete, _ = local
+    eos = tokenizer.eos_token_id
+    prompt = "The capital of France is"
+    ids = tokenizer(prompt)["input_ids"]
+    plain = _greedy_loop(reference, ids, 16, stop_ids=[eos])
+
+    def text(tokens: list[int]) -> str:
+        return tokenizer.decode(tokens, skip_special_tokens=True)
+
+    def ask(**options):
+        return client.completions.create(model=NAME, prompt=prompt, max_tokens=16, temperature=0, **options)
+
+    bias = {plain[0]: -100.0, plain[1]: 4.0}
+    for options, expected in [
+        (
+            {"logit_bias": {str(t): b for t, b in bias.items()}},
+            _greedy_loop(reference, ids, 16, bias=bias, stop_ids=[eos]),
+        ),
+        (
+            {"frequency_penalty": 0.8, "presence_penalty": 0.6},
+            _greedy_loop(reference, ids, 16, frequency=0.8, presence=0.6, stop_ids=[eos]),
+        ),
+        (
+            {"extra_body": {"repetition_penalty": 1.3}},
+            _greedy_loop(reference, ids, 16, repetition=1.3, stop_ids=[eos]),
+        ),
+    ]:
+        assert expected != plain  # the rule changes the answer, so the comparison can fail
+        got = ask(**options)
+        assert (got.choices[0].text, got.usage.completion_tokens) == (text(expected), len(expected)), options
+    # min_tokens holds EOS back; ignore_eos generates through it; stop_token_ids end the text
+    short_ids = tokenizer(
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": "Say only: hi"}], add_generation_prompt=True, tokenize=False
+        ),
+        add_special_tokens=False,
+    )["input_ids"]
+    short = _greedy_loop(reference, short_ids, 40, stop_ids=[eos])
+    assert short[-1] == eos and len(short) < 30
+
+    def ask_ids(max_tokens: int, **extra):
+        return client.completions.create(
+            model=NAME, prompt=short_ids, max_tokens=max_tokens, temperature=0, extra_body=extra
+        ).choices[0]
+
+    longer = _greedy_loop(reference, short_ids, len(short) + 8, min_tokens=len(short) + 3, stop_ids=[eos])
+    got = ask_ids(len(short) + 8, min_tokens=len(short) + 3)
+    assert got.text == text(longer) and len(longer) > len(short)
+    through = _greedy_loop(reference, short_ids, len(short) + 4)
+    got = ask_ids(len(short) + 4, ignore_eos=True)
+    assert (got.text, got.finish_reason) == (text(through), "length") and text(through) != text(short)
+    got = ask_ids(40, stop_token_ids=[short[2]])
+    assert (got.text, got.finish_reason) == (text(short[:2]), "stop")
+    hot = {"temperature": 1.5, "seed": 11}
+    for extra in [{"top_k": 1}, {"min_p": 1.0}]:
+        got = client.completions.create(model=NAME, prompt=prompt, max_tokens=16, **hot, extra_body=extra)
+        assert got.choices[0].text == text(plain), extra
+
+
+def test_best_of_returns_the_most_likely_candidates(client):
+    """best_of 4, n 2: the two of the four seeded candidates (each the request of one choice with seed + i) with
+    the highest log-probability per token, the best first; usage counts all four."""
+    options = {
+        "model": NAME,
+        "prompt": "Once upon a time",
+        "max_tokens": 6,
+        "temperature": 1.0,
+        "logprobs": 0,
+    }
+    extra = {"ignore_eos": True}  # every token then has a log-probability in the reply
+    singles = [
+        client.completions.create(**options, seed=21 + i, extra_body=extra).choices[0] for i in range(4)
+    ]
+    means = {c.text: sum(c.logprobs.token_logprobs) / 6 for c in singles}
+    assert len(means) > 2
+    best = client.completions.create(**options, seed=21, n=2, best_of=4, extra_body=extra)
+    assert [c.index for c in best.choices] == [0, 1] and best.usage.completion_tokens == 4 * 6
+    picked = [means[c.text] for c in best.choices]
+    others = [m for t, m in means.items() if t not in {c.text for c in best.choices}]
+    assert picked[0] >= picked[1] - 1e-3 and min(picked) >= max(others) - 1e-3
+
+
 def post(api: str, path: str, body) -> tuple[int, dict]:
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
     request = urllib.request.Request(api + path, data=data, headers={"Content-Type": "application/json"})
@@ -343,6 +457,30 @@ def test_bad_requests_get_openai_errors(client, api):
         ),
         ("/completions", {"model": NAME, "prompt": "hi", "max_tokens": 100_000}, 400, "max_tokens"),
         ("/chat/completions", {"model": NAME, "messages": []}, 400, "messages"),
+        ("/completions", {"model": NAME, "prompt": "hi", "logit_bias": {"999999": 1}}, 400, "logit_bias"),
+        ("/completions", {"model": NAME, "prompt": "hi", "logit_bias": {"1": 101}}, 400, "logit_bias"),
+        ("/completions", {"model": NAME, "prompt": "hi", "stop_token_ids": [-3]}, 400, "stop_token_ids"),
+        ("/completions", {"model": NAME, "prompt": "hi", "frequency_penalty": 2.5}, 400, "frequency_penalty"),
+        ("/completions", {"model": NAME, "prompt": "hi", "n": 3, "best_of": 2}, 400, None),
+        ("/completions", {"model": NAME, "prompt": "hi", "best_of": 2, "stream": True}, 400, None),
+        ("/completions", {"model": NAME, "prompt": "hi", "suffix": "!"}, 400, "suffix"),
+        ("/completions", {"model": NAME, "prompt": "hi", "min_tokens": 20, "max_tokens": 4}, 400, None),
+        (
+            "/chat/completions",
+            {"model": NAME, "messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function"}]},
+            400,
+            "tools",
+        ),
+        (
+            "/chat/completions",
+            {
+                "model": NAME,
+                "messages": [{"role": "user", "content": "hi"}],
+                "response_format": {"type": "json_object"},
+            },
+            400,
+            "response_format",
+        ),
         ("/completions", {"prompt": "hi"}, 400, "model"),
         ("/completions", b"{not json", 400, None),
         (

@@ -5,7 +5,9 @@ import pytest
 import torch
 
 from swarmllm.api.generation import (
+    LogitBias,
     LogprobRecorder,
+    OutputPenalties,
     PieceStreamer,
     SeededSampler,
     TextAssembler,
@@ -31,8 +33,8 @@ def decode(tokens: list[int]) -> str:
     return out
 
 
-def run(tokens, stop=(), eos=()):
-    assembler = TextAssembler(decode, stop, eos)
+def run(tokens, stop=(), eos=(), min_tokens=0):
+    assembler = TextAssembler(decode, stop, eos, min_tokens)
     pieces = [assembler.add(t) for t in tokens]
     pieces.append(assembler.finish())
     return pieces, assembler
@@ -137,3 +139,46 @@ def test_token_texts_join_to_the_text_where_tokens_decoded_alone_do_not():
         texts.push(token)
     assert "".join(pieces) == tokenizer.decode(ids)[len(tokenizer.decode(ids[:2])) :]
     assert pieces[0] == " and"
+
+
+def test_stop_strings_count_only_after_min_tokens():
+    """vLLM's rule: a stop string made within the first min_tokens tokens neither ends nor holds back the text."""
+    pieces, assembler = run([0, 4, 5, 1, 4, 5, 2], stop=["XY"], min_tokens=3)
+    assert pieces[:3] == ["a", "X", "Y"] and assembler.finish_reason == "stop"
+    assert "".join(pieces) == "aXYb"  # cut at the second "XY", made after the third token
+    pieces, assembler = run([0, 4, 5], stop=["XY"], min_tokens=2)
+    assert "".join(pieces) == "aX" and assembler.finish_reason == "stop"  # its third token may stop it
+
+
+def test_best_of_ranks_by_every_generated_tokens_logprob_eos_included():
+    tokens = [0, 1, 8]
+    scores = [torch.randn(1, 11, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    recorder = LogprobRecorder(top=0)
+    streamer = PieceStreamer(TextAssembler(decode, eos_ids=[8]), lambda piece: None, recorder)
+    streamer.put(torch.tensor([[5]]))
+    for token, step_scores in zip(tokens, scores, strict=True):
+        recorder(None, step_scores)
+        streamer.put(torch.tensor([token]))
+    want = sum(float(torch.log_softmax(s[0], -1)[t]) for t, s in zip(tokens, scores, strict=True))
+    assert streamer.logprob_sum == pytest.approx(want)
+
+
+def test_logit_bias_and_output_penalties_equal_their_formulas():
+    """Against a loop over tokens: bias adds per token; frequency counts each generated occurrence, presence
+    once per generated token, and the prompt's tokens count for neither."""
+    generator = torch.Generator().manual_seed(2)
+    scores = torch.randn(2, 11, generator=generator, dtype=torch.float64)
+    bias = {3: -100.0, 7: 2.5, 0: 0.25}
+    want = scores.clone()
+    for token, value in bias.items():
+        want[:, token] += value
+    assert torch.equal(LogitBias(bias)(None, scores), want)
+    ids = torch.tensor([[1, 2, 2, 3, 3, 3, 9], [4, 4, 4, 5, 6, 6, 1]])
+    prompt_length, frequency, presence = 3, 0.7, -0.4
+    got = OutputPenalties(prompt_length, frequency, presence)(ids, scores)
+    want = scores.clone()
+    for row in range(2):
+        generated = ids[row, prompt_length:].tolist()
+        for token in set(generated):
+            want[row, token] -= frequency * generated.count(token) + presence
+    assert torch.allclose(got, want)

@@ -16,7 +16,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -25,13 +25,19 @@ from aiohttp import web
 from pydantic import ValidationError
 from transformers import (
     LogitsProcessorList,
+    MinNewTokensLengthLogitsProcessor,
+    MinPLogitsWarper,
+    RepetitionPenaltyLogitsProcessor,
     StoppingCriteriaList,
     TemperatureLogitsWarper,
+    TopKLogitsWarper,
     TopPLogitsWarper,
 )
 
 from swarmllm.api.generation import (
+    LogitBias,
     LogprobRecorder,
+    OutputPenalties,
     Piece,
     PieceStreamer,
     SeededSampler,
@@ -72,9 +78,15 @@ class Generation:
     max_new_tokens: int
     assembler: TextAssembler
     texts: TokenTexts  # the texts of its tokens, for `logprobs`, in the order they come
-    index: int = 0  # which of its prompt's `n` choices
+    index: int = 0  # which of its prompt's choices (or best_of candidates)
     pieces: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: bool = False  # the requester went away: the generate stops at its next token
+    logprob_sum: float = 0.0  # of its tokens under the model, when recorded (set when it ends)
+
+    @property
+    def mean_logprob(self) -> float:
+        """What `best_of` ranks candidates by: OpenAI's "highest log probability per token"."""
+        return self.logprob_sum / max(self.completion_tokens, 1)
 
     @property
     def completion_tokens(self) -> int:
@@ -112,8 +124,13 @@ class Engine:
         return self.tokenizer.decode(tokens, skip_special_tokens=True)
 
     def start_all(self, prompt_ids: list[int], max_new_tokens: int | None, request) -> list[Generation]:
-        """The request's `n` choices, each a generate of its own (seeded `seed + i`, when seeded)."""
-        return [self.start(prompt_ids, max_new_tokens, request, i) for i in range(request.n)]
+        """The request's `n` choices (or `best_of` candidates), each a generate of its own (seeded `seed + i`,
+        when seeded)."""
+        return [self.start(prompt_ids, max_new_tokens, request, i) for i in range(request.candidates())]
+
+    def stop_ids(self, request) -> list[int]:
+        """The tokens that end a generate's text: EOS (unless `ignore_eos`) and the request's `stop_token_ids`."""
+        return ([] if request.ignore_eos else self.eos_ids) + list(request.stop_token_ids or ())
 
     def start(self, prompt_ids: list[int], max_new_tokens: int | None, request, index: int = 0) -> Generation:
         room = self.context_length - len(prompt_ids)
@@ -133,7 +150,7 @@ class Engine:
         gen = Generation(
             len(prompt_ids),
             max_new_tokens,
-            TextAssembler(self.decode, request.stop_strings(), self.eos_ids),
+            TextAssembler(self.decode, request.stop_strings(), self.stop_ids(request), request.min_tokens),
             TokenTexts(self.tokenizer.decode, () if echo else prompt_ids),
             index,
         )
@@ -151,6 +168,7 @@ class Engine:
                 tail = streamer.finish()
                 if tail is not None:
                     put(tail)
+                gen.logprob_sum = streamer.logprob_sum
                 put(_END)
             except BaseException as e:  # noqa: BLE001 - handed to the request, which answers with it
                 logger.warning("generation failed: %r", e)
@@ -177,37 +195,62 @@ class Engine:
     @staticmethod
     def _recorder(request) -> LogprobRecorder | None:
         top = request.logprob_top()
+        if top is None and request.candidates() > request.n:
+            top = 0  # best_of ranks by the tokens' log-probabilities
         return None if top is None else LogprobRecorder(top)
 
     def _generate(
         self, prompt_ids: list[int], gen: Generation, request, streamer: PieceStreamer, index: int
     ) -> None:
         ids = torch.tensor([prompt_ids])
-        # the recorder first: the model's own log-probabilities
-        processors = [] if streamer.recorder is None else [streamer.recorder]
-        if request.temperature > 0:
-            if request.temperature != 1.0:
-                processors.append(TemperatureLogitsWarper(request.temperature))
-            if request.top_p < 1.0:
-                processors.append(TopPLogitsWarper(request.top_p))
-            seed = (
-                request.seed + index
-                if request.seed is not None
-                else int.from_bytes(uuid.uuid4().bytes[:8], "little")
-            )
-            processors.append(SeededSampler(seed))
         self.model.generate(
             ids,
             attention_mask=torch.ones_like(ids),
             max_new_tokens=gen.max_new_tokens,
             do_sample=False,  # sampling, when asked, is SeededSampler's (see there)
             pad_token_id=self.pad_id,
+            eos_token_id=None if request.ignore_eos else self.eos_ids,  # stop_token_ids: the assembler's
             streamer=streamer,
-            logits_processor=LogitsProcessorList(processors),
+            logits_processor=LogitsProcessorList(
+                self._processors(len(prompt_ids), request, streamer.recorder, index)
+            ),
             stopping_criteria=StoppingCriteriaList(
                 [StopWhen(lambda: gen.assembler.stopped or gen.cancelled)]
             ),
         )
+
+    def _processors(self, prompt_length: int, request, recorder: LogprobRecorder | None, index: int) -> list:
+        """What turns the model's logits into the next token, in vLLM's order: the recorder first (the model's
+        own log-probabilities), then `min_tokens` and `logit_bias`, the penalties, and when sampling
+        temperature, top-k, top-p, min-p and the draw."""
+        processors = [] if recorder is None else [recorder]
+        stop_ids = self.stop_ids(request)
+        if request.min_tokens and stop_ids:
+            processors.append(MinNewTokensLengthLogitsProcessor(prompt_length, request.min_tokens, stop_ids))
+        if request.logit_bias:
+            processors.append(LogitBias(request.logit_bias))
+        if request.repetition_penalty != 1.0:
+            processors.append(RepetitionPenaltyLogitsProcessor(request.repetition_penalty))
+        if request.frequency_penalty or request.presence_penalty:
+            processors.append(
+                OutputPenalties(prompt_length, request.frequency_penalty, request.presence_penalty)
+            )
+        if request.temperature > 0:
+            if request.temperature != 1.0:
+                processors.append(TemperatureLogitsWarper(request.temperature))
+            if request.top_k > 0:
+                processors.append(TopKLogitsWarper(request.top_k))
+            if request.top_p < 1.0:
+                processors.append(TopPLogitsWarper(request.top_p))
+            if request.min_p > 0:
+                processors.append(MinPLogitsWarper(request.min_p))
+            seed = (
+                request.seed + index
+                if request.seed is not None
+                else int.from_bytes(uuid.uuid4().bytes[:8], "little")
+            )
+            processors.append(SeededSampler(seed))
+        return processors
 
     @staticmethod
     def _texts(entries: list[TokenLogprob], texts: TokenTexts) -> list[tuple[str, list[str]]]:
@@ -370,10 +413,16 @@ class Api:
         if any(not 0 <= t < vocab for t in ids):
             raise ApiError(400, f"token ids must be in [0, {vocab})", "invalid_request_error", param)
 
+    def _check_sampling(self, body) -> None:
+        """The token ids a request names besides its prompt are the model's."""
+        self._check_ids(list(body.logit_bias or ()), "logit_bias")
+        self._check_ids(body.stop_token_ids or [], "stop_token_ids")
+
     async def completions(self, request: web.Request) -> web.StreamResponse:
         try:
             body = await self._body(request, CompletionRequest)
             self._check_model(body.model)
+            self._check_sampling(body)
             gens = [
                 gen
                 for ids in self._prompt_ids(body.prompt)
@@ -396,12 +445,25 @@ class Api:
 
         if body.stream:
             return await reply.stream(request, gens, body, choice, {"text": "", "logprobs": None})
-        return await reply.whole(gens, choice)
+        per_prompt = body.candidates()
+
+        def best() -> list[int]:
+            """Each prompt's n candidates with the highest log-probability per token, the best first."""
+            return [
+                i
+                for first in range(0, len(gens), per_prompt)
+                for i in sorted(range(first, first + per_prompt), key=lambda i: -gens[i].mean_logprob)[
+                    : body.n
+                ]
+            ]
+
+        return await reply.whole(gens, choice, best if per_prompt > body.n else None)
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
         try:
             body = await self._body(request, ChatRequest)
             self._check_model(body.model)
+            self._check_sampling(body)
             messages = [{"role": m.role, "content": m.content} for m in body.messages]
             text = chat_prompt(self.engine.tokenizer, messages)
             ids = self.engine.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -443,18 +505,25 @@ class _Reply:
     def _envelope(self, kind: str, **fields) -> dict:
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model, **fields}
 
-    async def whole(self, gens: list[Generation], choice) -> web.Response:
-        """Choice i is `choice(i, piece)` of generation i's pieces joined into one."""
-        choices = []
+    async def whole(
+        self, gens: list[Generation], choice, chosen: Callable[[], list[int]] | None = None
+    ) -> web.Response:
+        """The choices are `choice(i, piece)` of generation i's pieces joined into one, for each generation or
+        for those `chosen()` picks once all have ended (best_of); usage counts all of them."""
+        joined = []
         try:
-            for i, gen in enumerate(gens):  # (they all run meanwhile, each in its worker thread)
+            for gen in gens:  # (they all run meanwhile, each in its worker thread)
                 pieces = [piece async for piece in gen.text()]
-                whole = Piece("".join(p.text for p in pieces), [e for p in pieces for e in p.logprobs])
-                choices.append({"index": i, **choice(i, whole), "finish_reason": gen.finish_reason})
+                joined.append(Piece("".join(p.text for p in pieces), [e for p in pieces for e in p.logprobs]))
         except Exception as e:  # noqa: BLE001 - the swarm's failure, reported as OpenAI does
             for gen in gens:
                 gen.cancelled = True
             return _error(_swarm_error(e))
+        picked = range(len(gens)) if chosen is None else chosen()
+        choices = [
+            {"index": k, **choice(i, joined[i]), "finish_reason": gens[i].finish_reason}
+            for k, i in enumerate(picked)
+        ]
         body = self._envelope(self.kind, choices=choices, usage=_usage(gens))
         return web.json_response(body)
 

@@ -37,11 +37,16 @@ class TextAssembler:
     stop string, and nothing from a stop string on is ever sent. EOS tokens end the text and are not shown."""
 
     def __init__(
-        self, decode: Callable[[list[int]], str], stop: Sequence[str] = (), eos_ids: Sequence[int] = ()
+        self,
+        decode: Callable[[list[int]], str],
+        stop: Sequence[str] = (),
+        eos_ids: Sequence[int] = (),
+        min_tokens: int = 0,
     ):
         self.decode = decode
         self.stop = [s for s in stop if s]
         self.eos_ids = set(eos_ids)
+        self.min_tokens = min_tokens  # stop strings count only after this many tokens (as in vLLM)
         self.tokens: list[int] = []  # every generated token, EOS included (what usage counts)
         self._text_tokens: list[int] = []
         self._sent = 0  # characters of the decoded text already handed out
@@ -61,6 +66,8 @@ class TextAssembler:
             return self._flush()
         self._text_tokens.append(token)
         text = self.decode(self._text_tokens)
+        if len(self.tokens) <= self.min_tokens:  # too early for stop strings: neither cut nor held back
+            return "" if text.endswith("\ufffd") else self._take(text, len(text))
         cut = self._stop_at(text)
         if cut is not None:
             self.finish_reason = "stop"
@@ -75,7 +82,7 @@ class TextAssembler:
 
     def _flush(self) -> str:
         text = self.decode(self._text_tokens)
-        cut = self._stop_at(text)
+        cut = self._stop_at(text) if len(self.tokens) > self.min_tokens else None
         return self._take(text, len(text) if cut is None else cut)
 
     def _take(self, text: str, end: int) -> str:
@@ -187,6 +194,7 @@ class PieceStreamer(BaseStreamer):
         self.assembler, self.emit, self.recorder = assembler, emit, recorder
         self._prompt_seen = False
         self._pending: list[TokenLogprob] = []  # of tokens whose text has not been sent yet
+        self.logprob_sum = 0.0  # of every generated token, EOS included (with a recorder): what best_of ranks
 
     def put(self, value: torch.Tensor) -> None:
         if not self._prompt_seen:  # generate's first call carries the prompt
@@ -194,8 +202,11 @@ class PieceStreamer(BaseStreamer):
             return
         for token in value.reshape(-1).tolist():
             shown = token not in self.assembler.eos_ids and not self.assembler.stopped
-            if self.recorder is not None and shown:
-                self._pending.append(self.recorder.entry(int(token)))
+            if self.recorder is not None and not self.assembler.stopped:
+                entry = self.recorder.entry(int(token))
+                self.logprob_sum += entry.logprob
+                if shown:
+                    self._pending.append(entry)
             text = self.assembler.add(int(token))
             if text:
                 self.emit(self._piece(text))
@@ -236,3 +247,31 @@ class SeededSampler(LogitsProcessor):
         chosen = torch.multinomial(probs.cpu(), 1, generator=self.generator).to(scores.device)
         out = torch.full_like(scores, -float("inf"))
         return out.scatter_(1, chosen, 0.0)
+
+
+class LogitBias(LogitsProcessor):
+    """OpenAI's `logit_bias`: a value added to the logits of some tokens before they are chosen from (-100 bans a
+    token, 100 all but forces it)."""
+
+    def __init__(self, bias: dict[int, float]):
+        self.ids = torch.tensor(list(bias), dtype=torch.long)
+        self.values = torch.tensor(list(bias.values()), dtype=torch.float32)
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        values = self.values.to(scores.device, scores.dtype).expand(scores.shape[0], -1)
+        return scores.index_add(1, self.ids.to(scores.device), values)
+
+
+class OutputPenalties(LogitsProcessor):
+    """OpenAI's `frequency_penalty` and `presence_penalty`: a token's logit loses `frequency` for each time it was
+    generated already and `presence` once if it was at all. They count the generated tokens, not the prompt's
+    (as vLLM does; `repetition_penalty` is the one that reads the prompt too)."""
+
+    def __init__(self, prompt_length: int, frequency: float, presence: float):
+        self.prompt_length, self.frequency, self.presence = prompt_length, frequency, presence
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        generated = input_ids[:, self.prompt_length :]
+        counts = torch.zeros(scores.shape, dtype=scores.dtype, device=scores.device)
+        counts.scatter_add_(1, generated, torch.ones_like(generated, dtype=scores.dtype))
+        return scores - self.frequency * counts - self.presence * (counts > 0).to(scores.dtype)

@@ -1,17 +1,20 @@
 """The request bodies the API accepts, checked at the edge (pydantic), and OpenAI's error body.
 
-Only what the API does is accepted: `best_of` other than 1 is refused with a 400 rather than silently ignored; fields the API does not know are ignored, as OpenAI's own server does with
-fields newer than it.
+OpenAI's sampling fields are all honoured, with vLLM's extras (`top_k`, `min_p`, `repetition_penalty`,
+`min_tokens`, `ignore_eos`, `stop_token_ids`). What the API cannot do is refused with a 400 rather than silently
+ignored: tools, a JSON `response_format`, a completion `suffix`. Fields it does not know are ignored, as OpenAI's own
+server does with fields newer than it.
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 # OpenAI takes 4 stop strings; lm-evaluation-harness sends a task's whole list (and the EOS text) to completions
 Stop = str | Annotated[list[str], Field(max_length=16)] | None
+Bias = Annotated[float, Field(ge=-100.0, le=100.0)]
 MAX_PROMPTS = 64  # in one completions request (lm-evaluation-harness batches its requests)
 
 
@@ -31,6 +34,25 @@ class _Sampling(BaseModel):
     stream_options: StreamOptions | None = None
     n: int = Field(default=1, ge=1, le=16)  # choices, each a generate of its own
     user: str | None = None
+    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    # token id -> what is added to its logit
+    logit_bias: Annotated[dict[int, Bias], Field(max_length=1024)] | None = None
+    # vLLM's extras
+    top_k: int = Field(default=0, ge=-1)  # 0 or -1: every token
+    min_p: float = Field(default=0.0, ge=0.0, le=1.0)
+    # > 1 discourages every token seen, the prompt's too
+    repetition_penalty: float = Field(default=1.0, gt=0.0, le=10.0)
+    min_tokens: int = Field(default=0, ge=0)  # before EOS, a stop token id or a stop string may end the text
+    ignore_eos: bool = False
+    stop_token_ids: Annotated[list[int], Field(max_length=16)] | None = None
+
+    @model_validator(mode="after")
+    def _min_tokens_fit(self):
+        limit = self.max_new_tokens()
+        if limit is not None and self.min_tokens > limit:
+            raise ValueError("min_tokens must not exceed max_tokens")
+        return self
 
     def stop_strings(self) -> list[str]:
         if self.stop is None:
@@ -48,7 +70,28 @@ class CompletionRequest(_Sampling):
     echo: bool = False  # the prompt comes back before the completion, with its tokens' logprobs if asked
     max_tokens: int | None = Field(default=16, ge=0)  # (after echo: its check reads echo)
     logprobs: int | None = Field(default=None, ge=0, le=5)  # how many top tokens each token lists
-    best_of: Literal[1] | None = None
+    # candidates per prompt; the n most likely are returned
+    best_of: int | None = Field(default=None, ge=1, le=16)
+    suffix: str | None = None
+
+    @field_validator("suffix")
+    @classmethod
+    def _no_suffix(cls, suffix):
+        if suffix:
+            raise ValueError("suffix (inserting text) is not supported by this API")
+        return suffix
+
+    @model_validator(mode="after")
+    def _best_of(self):
+        if self.best_of is not None and self.best_of < self.n:
+            raise ValueError("best_of must be at least n")
+        if self.stream and self.candidates() > self.n:
+            raise ValueError("best_of greater than n cannot be streamed (the best are known at the end)")
+        return self
+
+    def candidates(self) -> int:
+        """Generates per prompt: `best_of` when sampling (greedy ones would all be the same), else `n`."""
+        return self.best_of if self.best_of and self.temperature > 0 else self.n
 
     @field_validator("max_tokens")
     @classmethod
@@ -88,12 +131,41 @@ class ChatRequest(_Sampling):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool | None = None
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    # refused unless empty or the default: this API calls no tools and constrains no output to a schema
+    tools: list | None = None
+    functions: list | None = None
+    tool_choice: str | dict | None = None
+    response_format: dict | None = None
+
+    @field_validator("tools", "functions")
+    @classmethod
+    def _no_tools(cls, tools):
+        if tools:
+            raise ValueError("tool calling is not supported by this API")
+        return tools
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _no_tool_choice(cls, choice):
+        if choice not in (None, "none", "auto"):
+            raise ValueError("tool calling is not supported by this API")
+        return choice
+
+    @field_validator("response_format")
+    @classmethod
+    def _text_only(cls, fmt):
+        if fmt is not None and fmt.get("type") != "text":
+            raise ValueError("only the text response_format is supported (no JSON mode or schema)")
+        return fmt
 
     @model_validator(mode="after")
     def _top_needs_logprobs(self):
         if self.top_logprobs and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs: true")
         return self
+
+    def candidates(self) -> int:
+        return self.n
 
     def max_new_tokens(self) -> int | None:
         return self.max_completion_tokens or self.max_tokens
