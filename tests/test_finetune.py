@@ -54,7 +54,8 @@ def reference(llama_checkpoint):
 
 
 def remote_model(path, local, cls=AutoDistributedModelForCausalLM, chain=True, **kwargs):
-    model = cls.from_pretrained(str(path), initial_peers=local.initial_peers, spot_check_fraction=0, **kwargs)
+    kwargs = {"spot_check_fraction": 0, **kwargs}
+    model = cls.from_pretrained(str(path), initial_peers=local.initial_peers, **kwargs)
     if chain:  # the three servers of CHAIN only
         servers = run_sync(find_servers(model.swarm.dht, model.swarm.dht_prefix, 4))
         model.swarm.use_servers([s for s in servers if (s.start_block, s.end_block) in CHAIN])
@@ -262,6 +263,37 @@ def test_hosted_adapter_routes_only_via_servers_announcing_it(swarm, llama_check
         servers = {s.peer_id: s for s in run_sync(find_servers(model.swarm.dht, model.swarm.dht_prefix, 4))}
         assert all(HOSTED in servers[h.peer_id].adapters for h in hops)
         assert sum(HOSTED in s.adapters for s in servers.values()) == 1
+    finally:
+        model.shutdown()
+
+
+@pytest.mark.parametrize("codec, bound", [("bfloat16", 0.02), ("blockwise8", 0.05)])
+def test_compressed_states_and_gradients_stay_near_float32(swarm, llama_checkpoint, codec, bound):
+    """With the client's `compression`, forwards and backwards carry the states and their gradients in that codec
+    both ways: the LoRA and input gradients stay within `bound` (relative L2) of an uncompressed client's, but
+    differ from them (the codec was used). A spot check of a compressed forward allows for the codec's error, so
+    honest servers agree."""
+    local, _ = swarm
+    x = ids(seed=15)
+
+    def gradients(**kwargs) -> torch.Tensor:
+        model = with_random_adapter(remote_model(llama_checkpoint, local, **kwargs), seed=16)
+        try:
+            embeds = model.head.embed(x).detach().requires_grad_()
+            model(inputs_embeds=embeds, labels=x).loss.backward()
+            return torch.cat([embeds.grad.flatten(), *(w.grad.flatten() for w in model.lora.weights)])
+        finally:
+            model.shutdown()
+
+    plain, compressed = gradients(), gradients(compression=codec)
+    error = float((compressed - plain).norm() / plain.norm())
+    assert 0 < error < bound, error
+    model = remote_model(llama_checkpoint, local, chain=False, compression=codec, spot_check_fraction=1.0)
+    try:
+        with torch.no_grad():
+            model(x)
+        checks = model.swarm.spot_checks
+        assert checks and all(c.outcome == "agreed" for c in checks), checks
     finally:
         model.shutdown()
 

@@ -172,7 +172,8 @@ class SwarmClient:
         # the model's Ladder Residual layers (its config's): which boundaries carry (r, p), and which servers fit
         self.ladder_layers = tuple(ladder_layers)
         self.ladder = layer_ranges(self.ladder_layers)
-        # how inference sessions' hidden states travel unless a session says otherwise (wire.compression)
+        # how hidden states (and their gradients) travel: in forwards, backwards, and inference sessions unless
+        # a session says otherwise (wire.compression)
         self.compression = check_codec(compression)
         self.dht_prefix = dht_prefix
         self.num_blocks = num_blocks
@@ -487,7 +488,9 @@ class SwarmClient:
         if not should_check(self.spot_rng, self.spot_check_fraction):
             return hop, None
         (hidden, pending), (out, out_pending) = state, output
-        check = self.spot_check(hop, hidden, key_mask, out, tuning, pending=pending, output_pending=out_pending)
+        check = self.spot_check(
+            hop, hidden, key_mask, out, tuning, self.compression, pending=pending, output_pending=out_pending
+        )
         return hop, asyncio.ensure_future(check)
 
     async def _first_wrong(
@@ -636,6 +639,7 @@ class SwarmClient:
             tuning.adapter,
             tuning.dropout_seed,
             pending,
+            self.compression,
         ).to_message()
         tokens = hidden.shape[0] * hidden.shape[1]
         began = time.perf_counter()
@@ -689,6 +693,7 @@ class SwarmClient:
             lora is not None,
             pending,
             grad_pending,
+            self.compression,
         ).to_message()
         # a backward recomputes the forward and differentiates it: about three forwards' work
         reply = await self._call(hop, "backward", request, 3 * hidden.shape[0] * hidden.shape[1], tuning)
@@ -847,7 +852,12 @@ class SwarmClient:
                     if tuning.weights is not None:
                         await self.uploads.ensure(hop.peer_id, tuning.weights)
                     opening = OpenSession(
-                        hop.start, hop.end, batch, length, adapter=tuning.adapter
+                        hop.start,
+                        hop.end,
+                        batch,
+                        length,
+                        adapter=tuning.adapter,
+                        compression=self.compression,
                     ).to_message()
                     streams.append(
                         await conn.open_stream("inference", opening, timeout=self.connect_timeout_s)
@@ -871,7 +881,9 @@ class SwarmClient:
                             # as late as the stages before take (they have deadlines)
                             lo, x, p = await queues[i].get()
                             prompts = tuning.hop_prompts(hop.start, hop.end, lo, chunk)
-                            step = Step(lo, x, mask(lo), prompts=prompts, pending=p)
+                            step = Step(
+                                lo, x, mask(lo), prompts=prompts, compression=self.compression, pending=p
+                            )
                             await stream.send(step.to_message(), timeout=timeout)
                             sent.put_nowait(lo)
                     except Exception as e:  # noqa: BLE001 - handed to the receiving loop, which raises it

@@ -302,10 +302,10 @@ class RequestHandler:
         args = (hidden, key_mask, start, end, peer, prompts, adapter, req.dropout_seed, pending)
         self.metrics.forward(batch * length)
         if self.backend.inline(batch * length):
-            return ForwardReply(*await self.backend.forward(*args)).to_message()
+            return ForwardReply(*await self.backend.forward(*args), req.compression).to_message()
         self._refuse(self.quotas.enqueue(peer))
         try:
-            return ForwardReply(*await self.backend.forward(*args)).to_message()
+            return ForwardReply(*await self.backend.forward(*args), req.compression).to_message()
         finally:
             self.quotas.dequeue(peer)
 
@@ -349,7 +349,9 @@ class RequestHandler:
             )
         finally:
             self.quotas.dequeue(peer)
-        return BackwardReply(grads.hidden, grads.prompts, grads.lora, grads.pending).to_message()
+        return BackwardReply(
+            grads.hidden, grads.prompts, grads.lora, grads.pending, req.compression
+        ).to_message()
 
     async def rpc_adapters(
         self, request: Message, incoming: Incoming, context: CallContext

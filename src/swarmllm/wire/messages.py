@@ -44,6 +44,11 @@ from swarmllm.wire.validation import bad_request, check_count, get_int
 
 STEP, REPOINT, PUSH_FAILED = "step", "repoint", "push_failed"
 STEP_TENSORS = ("hidden", "key_mask", "prompts", "hidden_scales", "pending", "pending_scales")
+FORWARD_TENSORS = ("hidden", "key_mask", "prompts", "pending", "hidden_scales", "pending_scales")
+BACKWARD_TENSORS = (
+    *("hidden", "grad", "key_mask", "prompts", "pending", "grad_pending"),
+    *("hidden_scales", "grad_scales", "pending_scales", "grad_pending_scales"),
+)
 MAX_PACKED_TENSORS = 4096  # named tensors in one flat tensor (an adapter: layers x modules x 2)
 _NAME = r"[A-Za-z0-9_.]{1,128}"
 
@@ -79,7 +84,9 @@ def _codec(meta: dict[str, Any]) -> str:
     return codec
 
 
-def _hidden(values: torch.Tensor, scales: torch.Tensor | None, what: str, name: str = "hidden") -> torch.Tensor:
+def _hidden(
+    values: torch.Tensor, scales: torch.Tensor | None, what: str, name: str = "hidden"
+) -> torch.Tensor:
     """Hidden states as float32 from their wire form: as sent, or blockwise8 codes [..., H] (int8) with their
     bfloat16 scales [..., ceil(H / BLOCK)]. Checks that the two fit each other; the receiver checks the shape."""
     if scales is None:
@@ -93,22 +100,41 @@ def _hidden(values: torch.Tensor, scales: torch.Tensor | None, what: str, name: 
     return decompress(values, scales)
 
 
+def _state(tensors: dict[str, torch.Tensor], what: str, name: str) -> torch.Tensor | None:
+    """A message's optional state `name` (a ladder pair's p, a gradient) from its wire form, like `_hidden`."""
+    if name not in tensors:
+        if f"{name}_scales" in tensors:
+            raise bad_request(f"{what}: {name}_scales without {name}")
+        return None
+    return _hidden(tensors[name], tensors.get(f"{name}_scales"), what, name)
+
+
 def _pending(tensors: dict[str, torch.Tensor], what: str) -> torch.Tensor | None:
     """A ladder message's pending output p (as float32, like `_hidden`), or None when it carries r alone."""
-    if "pending" not in tensors:
-        if "pending_scales" in tensors:
-            raise bad_request(f"{what}: pending_scales without pending")
-        return None
-    return _hidden(tensors["pending"], tensors.get("pending_scales"), what, "pending")
+    return _state(tensors, what, "pending")
 
 
-def _compressed(hidden: torch.Tensor, pending: torch.Tensor | None, codec: str) -> dict[str, torch.Tensor | None]:
+def _wire(states: dict[str, torch.Tensor | None], codec: str) -> dict[str, torch.Tensor | None]:
+    """Named states (None = absent) in a codec's wire form: each as its values, then all the scales (blockwise8),
+    each named `<name>_scales`."""
+    values: dict[str, torch.Tensor | None] = {}
+    scales: dict[str, torch.Tensor | None] = {}
+    for name, state in states.items():
+        values[name], scales[f"{name}_scales"] = (None, None) if state is None else compress(state, codec)
+    return {**values, **scales}
+
+
+def _compressed(
+    hidden: torch.Tensor, pending: torch.Tensor | None, codec: str
+) -> dict[str, torch.Tensor | None]:
     """hidden (and p, when the message carries one) in the session's wire form, named."""
-    values, scales = compress(hidden, codec)
-    named = {"hidden": values, "hidden_scales": scales, "pending": None, "pending_scales": None}
-    if pending is not None:
-        named["pending"], named["pending_scales"] = compress(pending, codec)
-    return named
+    wire = _wire({"hidden": hidden, "pending": pending}, codec)
+    return {name: wire[name] for name in ("hidden", "hidden_scales", "pending", "pending_scales")}
+
+
+def _codec_meta(codec: str) -> dict[str, str]:
+    """What a request says of its codec (nothing for "none", the layout older peers send)."""
+    return {} if codec == "none" else {"compression": codec}
 
 
 def _tensors(message: Message, allowed: tuple[str, ...], what: str) -> dict[str, torch.Tensor]:
@@ -330,7 +356,9 @@ class Step:
         hidden = _hidden(tensors["hidden"], tensors.get("hidden_scales"), "an inference step")
         whole, reorder = meta.get("whole"), meta.get("reorder")
         if (whole is not None or reorder is not None) and hidden.ndim != 3:
-            raise bad_request(f"an inference step's hidden states are [batch, tokens, hidden], got {hidden.ndim}-d")
+            raise bad_request(
+                f"an inference step's hidden states are [batch, tokens, hidden], got {hidden.ndim}-d"
+            )
         if whole is not None:
             if not (isinstance(whole, list) and len(whole) == 2 and all(type(x) is int for x in whole)):
                 raise bad_request("whole must be [start, end], two integers")
@@ -465,30 +493,38 @@ class ForwardRequest:
     adapter: AdapterRef | None = None
     dropout_seed: int | None = None
     pending: torch.Tensor | None = None
+    compression: str = "none"  # how the states travel, both ways (wire.compression)
 
     def to_message(self) -> Message:
-        meta = {"start": self.start, "end": self.end, **_adapter_meta(self.adapter)}
+        meta = {
+            "start": self.start,
+            "end": self.end,
+            **_adapter_meta(self.adapter),
+            **_codec_meta(self.compression),
+        }
         if self.dropout_seed is not None:
             meta["dropout_seed"] = self.dropout_seed
-        named = {"hidden": self.hidden, "key_mask": self.key_mask, "prompts": self.prompts, "pending": self.pending}
+        wire = _wire({"hidden": self.hidden, "pending": self.pending}, self.compression)
+        named = {"hidden": wire["hidden"], "key_mask": self.key_mask, "prompts": self.prompts, **wire}
         return _message(meta, named)
 
     @classmethod
     def parse(cls, message: Message) -> ForwardRequest:
-        check_count(message.tensors, 1, 4, "forward")
-        tensors = _tensors(message, ("hidden", "key_mask", "prompts", "pending"), "forward")
+        check_count(message.tensors, 1, len(FORWARD_TENSORS), "forward")
+        tensors = _tensors(message, FORWARD_TENSORS, "forward")
         if "hidden" not in tensors:
             raise bad_request("forward needs hidden states")
         meta = message.meta
         return cls(
             _int(meta, "start"),
             _int(meta, "end"),
-            tensors["hidden"],
+            _state(tensors, "forward", "hidden"),
             tensors.get("key_mask"),
             tensors.get("prompts"),
             AdapterRef.parse(meta),
             _optional_int(meta, "dropout_seed"),
-            tensors.get("pending"),
+            _state(tensors, "forward", "pending"),
+            _codec(meta),
         )
 
 
@@ -498,17 +534,24 @@ class ForwardReply:
 
     hidden: torch.Tensor
     pending: torch.Tensor | None = None
+    compression: str = "none"  # the request's codec
 
     def to_message(self) -> Message:
-        return _message({}, {"hidden": self.hidden, "pending": self.pending}, positional=1)
+        return _message(
+            {}, _wire({"hidden": self.hidden, "pending": self.pending}, self.compression), positional=1
+        )
 
     @classmethod
     def parse(cls, message: Message) -> ForwardReply:
         """Raises RequestError("bad_request") for a malformed reply (the client turns it into a BadReplyError)."""
-        tensors = _tensors(message, ("hidden", "pending"), "a forward reply")
+        tensors = _tensors(
+            message, ("hidden", "pending", "hidden_scales", "pending_scales"), "a forward reply"
+        )
         if "hidden" not in tensors:
             raise bad_request("a forward reply needs hidden states")
-        return cls(tensors["hidden"], tensors.get("pending"))
+        return cls(
+            _state(tensors, "a forward reply", "hidden"), _state(tensors, "a forward reply", "pending")
+        )
 
 
 @dataclass(frozen=True)
@@ -530,6 +573,7 @@ class BackwardRequest:
     lora_grads: bool = False
     pending: torch.Tensor | None = None
     grad_pending: torch.Tensor | None = None
+    compression: str = "none"  # how the states and their gradients travel, both ways (wire.compression)
 
     def to_message(self) -> Message:
         meta = {
@@ -537,24 +581,30 @@ class BackwardRequest:
             "end": self.end,
             "lora_grads": self.lora_grads,
             **_adapter_meta(self.adapter),
+            **_codec_meta(self.compression),
         }
         if self.dropout_seed is not None:
             meta["dropout_seed"] = self.dropout_seed
-        named = {
+        states = {
             "hidden": self.hidden,
             "grad": self.grad,
-            "key_mask": self.key_mask,
-            "prompts": self.prompts,
             "pending": self.pending,
             "grad_pending": self.grad_pending,
+        }
+        wire = _wire(states, self.compression)
+        named = {
+            "hidden": wire["hidden"],
+            "grad": wire["grad"],
+            "key_mask": self.key_mask,
+            "prompts": self.prompts,
+            **wire,
         }
         return _message(meta, named)
 
     @classmethod
     def parse(cls, message: Message) -> BackwardRequest:
-        names = ("hidden", "grad", "key_mask", "prompts", "pending", "grad_pending")
-        check_count(message.tensors, 2, len(names), "backward")
-        tensors = _tensors(message, names, "backward")
+        check_count(message.tensors, 2, len(BACKWARD_TENSORS), "backward")
+        tensors = _tensors(message, BACKWARD_TENSORS, "backward")
         if "hidden" not in tensors or "grad" not in tensors:
             raise bad_request("backward needs hidden states and their gradient")
         meta = message.meta
@@ -564,15 +614,16 @@ class BackwardRequest:
         return cls(
             _int(meta, "start"),
             _int(meta, "end"),
-            tensors["hidden"],
-            tensors["grad"],
+            _state(tensors, "backward", "hidden"),
+            _state(tensors, "backward", "grad"),
             tensors.get("key_mask"),
             tensors.get("prompts"),
             AdapterRef.parse(meta),
             _optional_int(meta, "dropout_seed"),
             lora_grads,
-            tensors.get("pending"),
-            tensors.get("grad_pending"),
+            _state(tensors, "backward", "pending"),
+            _state(tensors, "backward", "grad_pending"),
+            _codec(meta),
         )
 
 
@@ -585,14 +636,18 @@ class BackwardReply:
     grad_prompts: torch.Tensor | None = None
     grad_lora: dict[str, torch.Tensor] = field(default_factory=dict)
     grad_pending: torch.Tensor | None = None
+    compression: str = (
+        "none"  # the request's codec, for the inputs' gradients (prompts' and A/B's travel as computed)
+    )
 
     def to_message(self) -> Message:
         meta: dict[str, Any] = {}
+        wire = _wire({"grad_hidden": self.grad_hidden, "grad_pending": self.grad_pending}, self.compression)
         named = {
-            "grad_hidden": self.grad_hidden,
+            "grad_hidden": wire["grad_hidden"],
             "grad_prompts": self.grad_prompts,
             "grad_lora": None,
-            "grad_pending": self.grad_pending,
+            **wire,
         }
         if self.grad_lora:
             meta["lora"], named["grad_lora"] = pack_tensors(self.grad_lora)
@@ -601,14 +656,27 @@ class BackwardReply:
     @classmethod
     def parse(cls, message: Message) -> BackwardReply:
         """Raises RequestError("bad_request") for a malformed reply (the client turns it into a BadReplyError)."""
-        names = ("grad_hidden", "grad_prompts", "grad_lora", "grad_pending")
-        tensors = _tensors(message, names, "a backward reply")
+        names = (
+            "grad_hidden",
+            "grad_prompts",
+            "grad_lora",
+            "grad_pending",
+            "grad_hidden_scales",
+            "grad_pending_scales",
+        )
+        what = "a backward reply"
+        tensors = _tensors(message, names, what)
         if "grad_hidden" not in tensors:
             raise bad_request("a backward reply needs grad_hidden")
         lora = {}
         if "grad_lora" in tensors:
-            lora = unpack_tensors(message.meta.get("lora"), tensors["grad_lora"], "a backward reply")
-        return cls(tensors["grad_hidden"], tensors.get("grad_prompts"), lora, tensors.get("grad_pending"))
+            lora = unpack_tensors(message.meta.get("lora"), tensors["grad_lora"], what)
+        return cls(
+            _state(tensors, what, "grad_hidden"),
+            tensors.get("grad_prompts"),
+            lora,
+            _state(tensors, what, "grad_pending"),
+        )
 
 
 @dataclass(frozen=True)
