@@ -125,7 +125,7 @@ def bad_backwards(span):
     return [
         (BackwardRequest(0, 4, h, torch.randn(1, 2, HIDDEN)).to_message(), "axis 1"),
         (BackwardRequest(0, 4, h, torch.full((1, 3, HIDDEN), float("nan"))).to_message(), "NaN"),
-        (Message({"start": 0, "end": 4}, [h]), "2..6 tensors"),
+        (Message({"start": 0, "end": 4}, [h]), "2..10 tensors"),
         (BackwardRequest(0, 4, h, h, prompts=torch.randn(3, 1, 2, HIDDEN)).to_message(), "axis 0"),
         (BackwardRequest(0, 4, h, h, prompts=torch.randn(4, 1, 5, HIDDEN)).to_message(), "do not fit"),
         (BackwardRequest(0, 4, h, h, adapter=AdapterRef("nobody", 3)).to_message(), "unknown_adapter"),
