@@ -16,7 +16,12 @@ from swarmllm.dht import ServerState, find_servers
 from swarmllm.local import LocalSwarm
 
 # blocks per server; llama has two overlapping servers
-SPLITS = {"llama": [(0, 2), (2, 4), (1, 4)], "mistral": [(0, 3), (3, 4)], "qwen2": [(0, 2), (2, 4)]}
+SPLITS = {
+    "llama": [(0, 2), (2, 4), (1, 4)],
+    "mistral": [(0, 3), (3, 4)],
+    "qwen2": [(0, 2), (2, 4)],
+    "qwen3": [(0, 1), (1, 4)],
+}
 PROMPTS = ["the cat and the dog", "what is the sun", "a b c d e f g"]
 
 

@@ -319,9 +319,11 @@ def test_rotary_embedding_matches_hf(rope):
 def test_config_reads_hf_fields(pair):
     hf_config, config = pair.hf.config, pair.span.config
     assert config.family == hf_config.model_type
-    assert (config.num_heads, config.num_kv_heads, config.head_dim) == (4, 2, 16)
-    assert config.tie_word_embeddings == (config.family == "qwen2")
+    assert (config.num_heads, config.num_kv_heads) == (4, 2)
+    assert config.head_dim == (32 if config.family == "qwen3" else 16)  # Qwen3's is its own
+    assert config.tie_word_embeddings == (config.family in ("qwen2", "qwen3"))
     assert config.attention_bias == (config.family == "qwen2") and not config.attention_out_bias
+    assert config.qk_norm == (config.family == "qwen3")
     assert (pair.head.lm_head.weight is pair.head.embed_tokens.weight) == config.tie_word_embeddings
 
 

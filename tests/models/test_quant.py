@@ -23,7 +23,7 @@ bnb = pytest.importorskip("bitsandbytes")
 # do not (see RESULTS.md for SmolLM2-135M).
 TOLERANCE = {"int8": 0.08, "nf4": 0.9}
 MIN_ARGMAX_AGREEMENT = {"int8": 0.85, "nf4": 0.3}
-FAMILIES = ("llama", "mistral", "qwen2")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 
 
 def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:

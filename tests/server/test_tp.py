@@ -50,9 +50,11 @@ def prefill_then_decode(span, hidden: torch.Tensor, prefill: int) -> torch.Tenso
     return torch.cat(outputs, dim=1)
 
 
-def test_standard_tp2_equals_tp1(checkpoints):
-    """Biases on every projection: the row-parallel ones (o_proj, down_proj) must be added exactly once."""
-    path = checkpoints("llama", attention_bias=True, mlp_bias=True)
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_standard_tp2_equals_tp1(checkpoints, family):
+    """Biases on every projection: the row-parallel ones (o_proj, down_proj) must be added exactly once. Qwen3:
+    every rank's heads go through the same q/k norms."""
+    path = checkpoints(family, attention_bias=True, mlp_bias=True)
     whole = load_span(path, 0, 4)
     hidden = hidden_states(whole.config)
     with TensorParallelSpan(path, 0, 4, world=2, threads=1) as sharded:

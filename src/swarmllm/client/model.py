@@ -45,11 +45,12 @@ from swarmllm.client.swarm import SwarmClient
 from swarmllm.client.tuning import Tuning
 from swarmllm.dht.records import dht_prefix_for
 from swarmllm.models import BlockConfig, ClientHead, load_client_head
+from swarmllm.models.llama import FAMILIES
 from swarmllm.models.lora import CONFIG_FILE, LoraSettings, read_peft_adapter, write_peft_adapter
 
 logger = logging.getLogger(__name__)
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+SUPPORTED_MODEL_TYPES = FAMILIES  # the block families the servers implement
 TUNING_MODES = ("ptune", "deep_ptune")
 DEFAULT_DRAFT_TOKENS = 5  # k of speculative decoding when the generation config sets no num_assistant_tokens
 # generation options that change the distribution beyond temperature / top-k / top-p: not applied by the

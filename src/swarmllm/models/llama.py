@@ -1,4 +1,5 @@
-"""Llama-family decoder blocks: Llama 2/3.x, Mistral and Qwen2/2.5, written to match transformers' numerics.
+"""Llama-family decoder blocks: Llama 2/3.x, Mistral, Qwen2/2.5 and Qwen3 (dense), written to match
+transformers' numerics.
 
 Owns the block math: the config, rotary embedding, attention over an explicit KV cache, the span of blocks a
 server runs, and the embeddings + final norm + LM head a client holds. It knows nothing about files
@@ -36,7 +37,7 @@ from swarmllm.models.ladder import (
     standard_forward,
 )
 
-FAMILIES = ("llama", "mistral", "qwen2")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 # transformers recomputes these frequencies from the sequence length at run time; we only do static RoPE.
 _DYNAMIC_ROPE_TYPES = ("dynamic", "longrope")
 
@@ -45,7 +46,7 @@ _DYNAMIC_ROPE_TYPES = ("dynamic", "longrope")
 class BlockConfig:
     """Shapes and options of one Llama-family model, as plain data (comparable, easy to send or log)."""
 
-    family: str  # Hugging Face model_type: "llama" | "mistral" | "qwen2"
+    family: str  # Hugging Face model_type: "llama" | "mistral" | "qwen2" | "qwen3"
     hidden_size: int
     num_layers: int
     num_heads: int
@@ -58,6 +59,7 @@ class BlockConfig:
     attention_bias: bool = False
     attention_out_bias: bool = False
     mlp_bias: bool = False
+    qk_norm: bool = False  # Qwen3: each head's q and k RMS-normalised (weights [head_dim]) before rotary
     sliding_window: int | None = None  # tokens a query sees, itself included; None = full causal attention
     sliding_layers: tuple[int, ...] | None = None  # layers using the window (Qwen2 mixes); None = all
     tie_word_embeddings: bool = False
@@ -83,11 +85,12 @@ class BlockConfig:
             raise ValueError("partial rotary embeddings are not supported")
         sliding_window = getattr(hf_config, "sliding_window", None)
         sliding_layers = None
-        if family == "qwen2" and sliding_window is not None:
+        if family in ("qwen2", "qwen3") and sliding_window is not None:
             sliding_layers = tuple(
                 i for i, kind in enumerate(hf_config.layer_types) if kind == "sliding_attention"
             )
-        bias = bool(getattr(hf_config, "attention_bias", False))
+        # the families whose transformers modules read attention_bias / mlp_bias (the others hard-code theirs)
+        bias = family in ("llama", "qwen3") and bool(getattr(hf_config, "attention_bias", False))
         ladder_layers = tuple(getattr(hf_config, "ladder_layers", None) or ())
         if list(ladder_layers) != sorted(set(ladder_layers)) or not all(
             isinstance(i, int) and 0 <= i < hf_config.num_hidden_layers for i in ladder_layers
@@ -109,7 +112,8 @@ class BlockConfig:
             vocab_size=hf_config.vocab_size,
             attention_bias=bias or family == "qwen2",
             attention_out_bias=bias,
-            mlp_bias=bool(getattr(hf_config, "mlp_bias", False)),
+            mlp_bias=family == "llama" and bool(getattr(hf_config, "mlp_bias", False)),
+            qk_norm=family == "qwen3",
             sliding_window=sliding_window,
             sliding_layers=sliding_layers,
             tie_word_embeddings=bool(hf_config.tie_word_embeddings),
@@ -379,6 +383,10 @@ class Attention(nn.Module):
         # q, k and v projections as one matmul (HF's q_proj, k_proj, v_proj stacked; see block_state_from_hf)
         self.qkv_proj = Projection(config.hidden_size, q_size + 2 * kv_size, bias=config.attention_bias)
         self.o_proj = Projection(q_size, config.hidden_size, bias=config.attention_out_bias)
+        if config.qk_norm:
+            self.q_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
+            self.k_norm = RMSNorm(config.head_dim, config.rms_norm_eps)
+        self.qk_norm = config.qk_norm
 
     def forward(
         self,
@@ -395,6 +403,8 @@ class Attention(nn.Module):
             t.view(batch, length, -1, self.head_dim).transpose(1, 2)
             for t in self.qkv_proj(x, lora.qkv_proj).split(self.sizes, -1)
         )  # q [B, heads, T, hd], k and v [B, kv_heads, T, hd]
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
         if cache is not None:
             keys, values = cache
@@ -451,7 +461,11 @@ class Attention(nn.Module):
     def _qkv_decode(self, x: Tensor, cos: Tensor, sin: Tensor, lora: BlockLora) -> tuple[Tensor, Tensor]:
         """q/k/v of one token per row [B, heads + 2 kv, hd], and q and k rotated (they rotate as one)."""
         qkv = self.qkv_proj.forward(x, lora.qkv_proj).view(x.shape[0], -1, self.head_dim)
-        return qkv, _rotate_decode(qkv[:, : self.num_heads + self.num_kv_heads], cos, sin)
+        qk = qkv[:, : self.num_heads + self.num_kv_heads]
+        if self.qk_norm:
+            heads = self.num_heads
+            qk = torch.cat([self.q_norm(qk[:, :heads]), self.k_norm(qk[:, heads:])], dim=1)
+        return qkv, _rotate_decode(qk, cos, sin)
 
     def _attend_cache(
         self, qkv: Tensor, qk: Tensor, slot: Tensor, keys: Tensor, values: Tensor, mask: Tensor | None

@@ -18,9 +18,10 @@ from transformers import (
     MistralConfig,
     PreTrainedTokenizerFast,
     Qwen2Config,
+    Qwen3Config,
 )
 
-FAMILIES = ("llama", "llama3", "mistral", "qwen2")
+FAMILIES = ("llama", "llama3", "mistral", "qwen2", "qwen3")
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>")
 WORDS = """
 hello world sat ran
@@ -44,7 +45,7 @@ def make_tiny_checkpoint(
     seed: int = 0,
     **overrides,
 ) -> Path:
-    """Save a random model of `family` ("llama", "llama3", "mistral", "qwen2") plus a tokenizer to `path`.
+    """Save a random model of `family` ("llama", "llama3", "mistral", "qwen2", "qwen3") plus a tokenizer to `path`.
 
     Every parameter, biases and norm weights included, is drawn at random so that a wrong bias, norm or
     rotary detail changes the output. Mistral gets sliding_window=4 so short test sequences exercise it.
@@ -81,6 +82,9 @@ def make_tiny_checkpoint(
         config = MistralConfig(**{**common, "sliding_window": 4, **overrides})
     elif family == "qwen2":
         config = Qwen2Config(**{**common, "tie_word_embeddings": True, **overrides})
+    elif family == "qwen3":
+        # as Qwen3's own: head_dim apart from hidden_size / heads (here 32, not 16), tied embeddings
+        config = Qwen3Config(**{**common, "head_dim": 32, "tie_word_embeddings": True, **overrides})
     else:
         raise ValueError(f"unknown family {family!r}; choose from {FAMILIES}")
 
