@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM
 
 from swarmllm import AutoDistributedModelForCausalLM
 from swarmllm.local import LocalSwarm
+from swarmllm.models.lora import lora_shapes
 
 PROMPT = torch.tensor([[1, 30, 40, 50, 7]])
 NEW_TOKENS = 12
@@ -111,6 +112,44 @@ def test_batch_forward_recomputes_a_wrong_hop(swarm, path):
                 torch.testing.assert_close(model(input_ids=inputs).logits, want, rtol=1e-4, atol=1e-4)
                 if model.swarm.reports:
                     break
+        assert [r.wrong for r in model.swarm.reports] == [(liar,)]
+        assert liar in model.swarm.bans.banned(time.monotonic())
+    finally:
+        model.shutdown()
+
+
+def test_a_wrong_training_forward_is_computed_again_and_the_gradients_stay_right(swarm, path, tmp_path):
+    """A LoRA adapter without dropout makes training forwards deterministic, so they are spot checked like plain
+    ones: the liar's wrong output is caught, its blocks computed again on other servers, and the loss and the
+    adapter's gradients are peft's every time."""
+    peft = pytest.importorskip("peft")
+    local, liar = swarm
+    model = client(local, path)
+    model.swarm.rng = random.Random(0)
+    try:
+        model.add_adapter(peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+        generator = torch.Generator().manual_seed(1)
+        shapes = lora_shapes(model.block_config, model.lora.settings, range(model.block_config.num_layers))
+        model.lora.load_tensors({n: torch.randn(s, generator=generator) * 0.1 for n, s in shapes.items()})
+        model.save_pretrained(tmp_path)
+        base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        theirs = peft.PeftModel.from_pretrained(base, tmp_path, is_trainable=True)
+        x = torch.randint(3, 150, (2, 9), generator=generator)
+        their_loss = theirs(input_ids=x, labels=x).loss
+        their_loss.backward()
+        their_grads = {n: p.grad for n, p in theirs.named_parameters() if p.requires_grad}
+        model.train()
+        for _ in range(12):  # the liar lies every 4th output, when routes go through it
+            model.zero_grad()
+            loss = model(x, labels=x).loss
+            loss.backward()
+            torch.testing.assert_close(loss, their_loss, rtol=1e-4, atol=1e-5)
+            for name, weight in zip(model.lora.names, model.lora.weights, strict=True):
+                layer, rest = name.split(".", 1)
+                want = their_grads[f"base_model.model.model.layers.{layer}.{rest}.default.weight"]
+                torch.testing.assert_close(weight.grad, want, rtol=1e-4, atol=1e-5)
+            if model.swarm.reports:
+                break
         assert [r.wrong for r in model.swarm.reports] == [(liar,)]
         assert liar in model.swarm.bans.banned(time.monotonic())
     finally:

@@ -721,13 +721,16 @@ class SwarmClient:
     ) -> tuple[torch.Tensor, list[tuple[slice, list[tuple[Hop, State]]]]]:
         """A forward to be differentiated: the output, and per micro-batch (its rows) every hop with its input
         state, for `train_backward`. Hop by hop, a failed hop retried on another server of its blocks; the
-        micro-batches concurrently, so that they pipeline along the chain. No spot checks here (dropout draws
-        differ when other servers split the blocks differently)."""
+        micro-batches concurrently, so that they pipeline along the chain. Spot checked as plain forwards are
+        when the adapter has no dropout (with dropout, the masks drawn differ when other servers split the
+        blocks differently): a hop found wrong is computed again, from its input, on other servers."""
+        checked = tuning.dropout_seed is None
 
         async def micro_batch(rows: slice) -> tuple[torch.Tensor, list[tuple[Hop, State]]]:
             x: State = hidden[rows], None
             mask = None if key_mask is None else key_mask[rows]
             kept: list[tuple[Hop, State]] = []
+            checks: list[tuple[Hop, asyncio.Task[SpotCheck] | None]] = []
             failure: BaseException | None = None
             while not kept or kept[-1][0].end < self.num_blocks:
                 start = kept[-1][0].end if kept else 0
@@ -739,8 +742,14 @@ class SwarmClient:
                     self.ban(hop.peer_id, e.cause)
                     failure = e.cause
                     continue
+                if checked:
+                    checks.append(self._maybe_check(hop, x, mask, out, tuning))
                 kept.append((hop, x))
                 x = out
+                if hop.end == self.num_blocks and (wrong := await self._first_wrong(checks)):
+                    # again from the wrong hop's input (its server is banned)
+                    index = next(i for i, (h, _) in enumerate(kept) if h is wrong[0])
+                    x, failure, kept, checks = kept[index][1], wrong[1], kept[:index], []
             return x[0], kept
 
         parts = self._micro_batches(hidden)
