@@ -258,6 +258,36 @@ def test_chat_uses_the_template_and_stops_at_eos(client, local):
     assert short.choices[0].finish_reason == "stop" and short_count < 40
 
 
+def test_a_chats_next_turn_reuses_the_servers_cache_of_the_last(client, local, reference):
+    """Turn 2 of a conversation (turn 1's messages, the answer, a new question): its prompt starts with what turn
+    1's kept session holds (turn 1's prompt and answer but the answer's last token), which the servers are not
+    sent again (usage's cached_tokens), and its answer is still transformers'."""
+    tokenizer, _, _ = local
+    first = [{"role": "user", "content": "Name a color."}]
+    options = {"model": NAME, "max_tokens": 16, "temperature": 0}
+    one = client.chat.completions.create(messages=first, **options)
+    assert one.usage.prompt_tokens_details.cached_tokens == 0
+    answer = one.choices[0].message.content
+    second = [*first, {"role": "assistant", "content": answer}, {"role": "user", "content": "And another?"}]
+
+    def ids(messages):
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    generated = reference.generate(torch.tensor([ids(first)]), max_new_tokens=16, do_sample=False)[0]
+    held = generated[: len(generated) - 1].tolist()  # a generate's last token is never sent
+    expected = min(len(held), len(ids(second)) - 1)
+    while held[:expected] != ids(second)[:expected]:
+        expected -= 1
+    assert expected > len(ids(first))  # turn 1's answer is reused too
+    two = client.chat.completions.create(messages=second, **options)
+    assert two.usage.prompt_tokens_details.cached_tokens == expected
+    want = reference.generate(torch.tensor([ids(second)]), max_new_tokens=16, do_sample=False)[
+        0, len(ids(second)) :
+    ]
+    assert two.choices[0].message.content == tokenizer.decode(want, skip_special_tokens=True)
+
+
 def test_four_concurrent_streams_each_get_their_own_answer(client, local):
     _, _, chat = local
     questions = ["What is the capital of Italy?", "Name a color.", "What is 3+5?", "Who wrote Hamlet?"]

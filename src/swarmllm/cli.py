@@ -336,6 +336,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--context-length", type=int, help="prompt + answer tokens at most (default: the model's, up to 4096)"
     )
     api.add_argument("--max-concurrent", type=int, default=16, help="requests generating at once; more wait")
+    api.add_argument(
+        "--keep-sessions",
+        type=int,
+        default=4,
+        help="inference sessions kept between requests, so that a prompt extending an earlier one (a chat's "
+        "next turn) sends only its new tokens (0: none; each holds cache memory on its servers)",
+    )
+    api.add_argument(
+        "--keep-sessions-s", type=float, default=120.0, help="seconds a kept session may stay unused"
+    )
 
     fetch = commands.add_parser("fetch", help="prepare a bundled model in a folder and print the folder")
     fetch.add_argument(
@@ -576,6 +586,8 @@ def _api(args: argparse.Namespace) -> int:
         swarm_key=args.swarm_key,
         context_length=args.context_length,
         max_concurrent=args.max_concurrent,
+        keep_sessions=args.keep_sessions,
+        keep_sessions_s=args.keep_sessions_s,
         dht_prefix=args.dht_prefix,
     )
 

@@ -56,6 +56,7 @@ from swarmllm.api.schemas import (
     error_body,
     validation_error,
 )
+from swarmllm.api.sessions import SessionPool
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +83,7 @@ class Generation:
     pieces: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: bool = False  # the requester went away: the generate stops at its next token
     logprob_sum: float = 0.0  # of its tokens under the model, when recorded (set when it ends)
+    cached_tokens: int = 0  # of the prompt, held by the servers already (a kept session's)
 
     @property
     def mean_logprob(self) -> float:
@@ -110,10 +112,23 @@ class Generation:
 class Engine:
     """The model, its tokenizer and the worker threads that run requests' generates."""
 
-    def __init__(self, model, tokenizer, name: str, *, context_length: int, max_concurrent: int = 16):
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        name: str,
+        *,
+        context_length: int,
+        max_concurrent: int = 16,
+        keep_sessions: int = 4,
+        keep_sessions_s: float = 120.0,
+    ):
         self.model, self.tokenizer, self.name = model, tokenizer, name
         self.context_length = context_length
         self.executor = ThreadPoolExecutor(max_workers=max_concurrent, thread_name_prefix="swarmllm-api")
+        self.sessions = SessionPool(
+            model, size=keep_sessions, idle_s=keep_sessions_s, context_length=context_length
+        )
         eos = model.generation_config.eos_token_id
         self.eos_ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
         self.pad_id = model.generation_config.pad_token_id
@@ -161,10 +176,20 @@ class Engine:
         def work() -> None:
             try:
                 streamer = PieceStreamer(gen.assembler, put, self._recorder(request))
-                if echo:
-                    self._echo(prompt_ids, gen, request, streamer, put, index)
-                else:
-                    self._generate(prompt_ids, gen, request, streamer, index)
+                need = len(prompt_ids) + max(max_new_tokens, 1)
+                # scoring the prompt needs the logits of all of its positions: nothing held can serve
+                scored = echo and request.logprob_top() is not None
+                session, gen.cached_tokens = self.sessions.take([] if scored else prompt_ids, need)
+                try:
+                    with self.model.use_session(session):
+                        if echo:
+                            self._echo(prompt_ids, gen, request, streamer, put, index)
+                        else:
+                            self._generate(prompt_ids, gen, request, streamer, index)
+                except BaseException:
+                    self.sessions.drop(session)
+                    raise
+                self.sessions.give(session)
                 tail = streamer.finish()
                 if tail is not None:
                     put(tail)
@@ -181,16 +206,16 @@ class Engine:
         self, prompt_ids: list[int], gen: Generation, request, streamer: PieceStreamer, put, index: int
     ) -> None:
         """The prompt first (its tokens' log-probabilities from one forward over it, if asked), then the
-        completion, in one inference session: the generate reuses what the forward left on the servers."""
+        completion, in the request's inference session: the generate reuses what the forward left on the
+        servers."""
         top = request.logprob_top()
-        with self.model.inference_session(max_length=len(prompt_ids) + max(gen.max_new_tokens, 1)):
-            entries = []
-            if top is not None:
-                logits = self.model(torch.tensor([prompt_ids])).logits[0]
-                entries = prompt_logprobs(prompt_ids, logits, top)
-            put(Piece(self.tokenizer.decode(prompt_ids), entries))  # as given: special tokens too
-            if gen.max_new_tokens > 0:
-                self._generate(prompt_ids, gen, request, streamer, index)
+        entries = []
+        if top is not None:
+            logits = self.model(torch.tensor([prompt_ids])).logits[0]
+            entries = prompt_logprobs(prompt_ids, logits, top)
+        put(Piece(self.tokenizer.decode(prompt_ids), entries))  # as given: special tokens too
+        if gen.max_new_tokens > 0:
+            self._generate(prompt_ids, gen, request, streamer, index)
 
     @staticmethod
     def _recorder(request) -> LogprobRecorder | None:
@@ -297,6 +322,7 @@ class Engine:
 
     def shutdown(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
+        self.sessions.close_all()
 
 
 def _error(e: ApiError) -> web.Response:
@@ -599,10 +625,18 @@ async def _merged(gens: list[Generation]) -> AsyncIterator[tuple[int, Piece | No
 
 
 def _usage(gens: list[Generation]) -> dict:
-    """Each prompt once, every choice's completion tokens."""
+    """Each prompt once, every choice's completion tokens; of each prompt's tokens, the most that one of its
+    choices found held by the servers already (OpenAI's `cached_tokens`)."""
     completion = sum(gen.completion_tokens for gen in gens)
     prompt = sum(gen.prompt_tokens for gen in gens if gen.index == 0)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    firsts = [i for i, gen in enumerate(gens) if gen.index == 0] + [len(gens)]
+    cached = sum(max(gen.cached_tokens for gen in gens[a:b]) for a, b in itertools.pairwise(firsts))
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": cached},
+    }
 
 
 def load_engine(
@@ -613,6 +647,8 @@ def load_engine(
     swarm_key: str | None = None,
     context_length: int | None = None,
     max_concurrent: int = 16,
+    keep_sessions: int = 4,
+    keep_sessions_s: float = 120.0,
     **client_options,
 ) -> Engine:
     """The tokenizer and the client's part of `model` (embeddings, LM head), joined to the swarm."""
@@ -632,6 +668,8 @@ def load_engine(
         name or dht_prefix_for(model),
         context_length=context_length or min(limit, DEFAULT_CONTEXT),
         max_concurrent=max_concurrent,
+        keep_sessions=keep_sessions,
+        keep_sessions_s=keep_sessions_s,
     )
 
 

@@ -253,16 +253,36 @@ class DistributedModel(PreTrainedModel):
         prompts and adapter are those of when it opens. `compression` ("float16", "bfloat16", "blockwise8";
         default: the client's `compression` option, "none" unless set) is how its hidden states travel
         (`wire.compression`)."""
+        remote = self.open_session(max_length, compression)
+        try:
+            with self.use_session(remote):
+                yield remote
+        finally:
+            self.close_session(remote)
+
+    def open_session(self, max_length: int, compression: str | None = None) -> RemoteSession:
+        """An inference session that outlives a `with` block (see `inference_session`): `use_session` makes it
+        the calling thread's for a while, any thread's in turn, and `close_session` ends it. What keeps
+        sessions between requests (`swarmllm api`) uses this."""
+        n = self.prompt_length
+        return RemoteSession(
+            InferenceSession(self.swarm, max_length + n, self._session_tuning(), compression), n
+        )
+
+    @contextlib.contextmanager
+    def use_session(self, remote: RemoteSession) -> Iterator[RemoteSession]:
+        """Make `remote` the calling thread's session inside the block (every `generate` / forward reuses what
+        it holds), without closing it after."""
         if self._active is not None:
             raise RuntimeError("an inference session is already active on this model")
-        n = self.prompt_length
-        session = InferenceSession(self.swarm, max_length + n, self._session_tuning(), compression)
-        self._active = RemoteSession(session, n)
+        self._active = remote
         try:
-            yield self._active
+            yield remote
         finally:
-            session, self._active = self._active, None
-            run_sync(session.session.close())
+            self._active = None
+
+    def close_session(self, remote: RemoteSession) -> None:
+        run_sync(remote.session.close())
 
     def shutdown(self) -> None:
         run_sync(self.swarm.shutdown())
