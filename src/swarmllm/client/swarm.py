@@ -36,7 +36,7 @@ import os
 import random
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar
 
@@ -55,7 +55,7 @@ from swarmllm.client.replies import (
 )
 from swarmllm.client.routing import Hop, MissingBlocksError, cap_throughput, route_forward, route_inference
 from swarmllm.client.tuning import NO_TUNING, AdapterUploads, Tuning
-from swarmllm.client.verify import judge, mismatch, should_check, tolerance
+from swarmllm.client.verify import Gradients, judge, mismatch, should_check, tolerance
 from swarmllm.dht import ServerInfo, ServerState
 from swarmllm.models.ladder import carries_pending, layer_ranges
 from swarmllm.wire import (
@@ -101,6 +101,7 @@ class SpotCheck:
     tolerance: float
     outcome: str
     wrong: tuple[str, ...] = ()
+    kind: str = "forward"  # what was checked: a forward (a session's step, a forward's hop) or a "backward"
 
 
 R = TypeVar("R")
@@ -527,81 +528,107 @@ class SwarmClient:
         `compression`: the codec `output` travelled in (its error widens the tolerance). Where the hop's edges
         carry the ladder pair, `pending` is its input p and `output_pending` its output p, compared beside r."""
         tokens = output.shape[1]
-        opinions, parties = [joined(output, output_pending)], [(hop.peer_id,)]
+
+        async def recompute(checker: list[Hop]) -> torch.Tensor:
+            out = hidden, pending
+            for h in checker:
+                out = await self._forward_hop(h, *out, key_mask, tuning)
+            return joined(*out)[:, -tokens:]
+
+        first = joined(output, output_pending)
+        return await self._vote(hop, tokens, first, recompute, mismatch, compression, "forward")
+
+    async def spot_check_backward(
+        self,
+        hop: Hop,
+        state: State,
+        grad: State,
+        key_mask: torch.Tensor | None,
+        tuning: Tuning,
+        reply: BackwardReply,
+    ) -> SpotCheck:
+        """`spot_check` for a backward: other servers of `hop`'s blocks compute the gradients of its input
+        `state` for the gradient `grad` of its output (their inputs by forwards first, where several split the
+        blocks), and the input's, the deep prompts' and the adapter's gradients are compared with `reply`'s."""
+
+        async def recompute(checker: list[Hop]) -> Gradients:
+            inputs = [state]
+            for h in checker[:-1]:
+                inputs.append(await self._forward_hop(h, *inputs[-1], key_mask, tuning))
+            g, prompts, lora = grad, [], {}
+            for h, x in zip(reversed(checker), reversed(inputs), strict=True):
+                answer = await self._backward_hop(h, x, g, key_mask, tuning)
+                g = answer.grad_hidden, answer.grad_pending
+                prompts.insert(0, answer.grad_prompts)
+                lora.update(answer.grad_lora)
+            deep = None if prompts[0] is None else torch.cat(prompts)  # [blocks, ...] in the hop's order
+            return Gradients(joined(*g), deep, lora)
+
+        first = Gradients(joined(reply.grad_hidden, reply.grad_pending), reply.grad_prompts, reply.grad_lora)
+        tokens = state[0].shape[1]
+        return await self._vote(
+            hop, tokens, first, recompute, Gradients.distance, self.compression, "backward"
+        )
+
+    async def _vote(
+        self,
+        hop: Hop,
+        tokens: int,
+        first: R,
+        recompute: Callable[[list[Hop]], Awaitable[R]],
+        distance_of: Callable[[R, R], float],
+        compression: str,
+        kind: str,
+    ) -> SpotCheck:
+        """The checked server's opinion `first` against other servers' (`recompute` over a checker route), up to
+        three opinions; see `spot_check`."""
+        opinions, parties = [first], [(hop.peer_id,)]
         distance, tol = float("nan"), tolerance([], compression)
+
+        def record(checkers: tuple, outcome: str, wrong: tuple[str, ...] = ()) -> SpotCheck:
+            check = SpotCheck(
+                hop.peer_id, hop.start, hop.end, tokens, checkers, distance, tol, outcome, wrong, kind
+            )
+            self.spot_checks.append(check)
+            return check
+
         while len(opinions) < 3:
             checker = self._checker_route(hop, {p for party in parties for p in party})
             if checker is None:
                 break
             try:
-                out = hidden, pending
-                for h in checker:
-                    out = await self._forward_hop(h, *out, key_mask, tuning)
+                opinions.append(await recompute(checker))
             except HopFailed as e:
                 if not isinstance(e.cause, RemoteError):  # a refusal (too large, busy) is no fault
                     self.ban(e.hop.peer_id, e.cause)
-                return self._record(
-                    SpotCheck(
-                        hop.peer_id,
-                        hop.start,
-                        hop.end,
-                        tokens,
-                        tuple(parties[1:]),
-                        distance,
-                        tol,
-                        f"skipped: {e}",
-                    )
-                )
-            opinions.append(joined(*out)[:, -tokens:])
+                return record(tuple(parties[1:]), f"skipped: {e}")
             parties.append(tuple(h.peer_id for h in checker))
             tol = tolerance([self._dtype(p) for party in parties for p in party], compression)
             if len(opinions) == 2:
-                distance = mismatch(opinions[0], opinions[1])
-            if not judge(opinions, tol):
-                return self._record(
-                    SpotCheck(
-                        hop.peer_id, hop.start, hop.end, tokens, tuple(parties[1:]), distance, tol, "agreed"
-                    )
-                )
+                distance = distance_of(opinions[0], opinions[1])
+            if not judge(opinions, tol, distance_of):
+                return record(tuple(parties[1:]), "agreed")
         if len(opinions) == 1:
-            return self._record(
-                SpotCheck(
-                    hop.peer_id,
-                    hop.start,
-                    hop.end,
-                    tokens,
-                    (),
-                    distance,
-                    tol,
-                    "skipped: no other server holds these blocks",
-                )
-            )
-        wrong = tuple(p for i in judge(opinions, tol) for p in parties[i])
-        record = self._record(
-            SpotCheck(
-                hop.peer_id, hop.start, hop.end, tokens, tuple(parties[1:]), distance, tol, "disagreed", wrong
-            )
-        )
-        self.reports.append(record)
+            return record((), "skipped: no other server holds these blocks")
+        wrong = tuple(p for i in judge(opinions, tol, distance_of) for p in parties[i])
+        found = record(tuple(parties[1:]), "disagreed", wrong)
+        self.reports.append(found)
         logger.warning(
-            "spot check of blocks [%d, %d): %s disagree with the other opinions (%s vs checkers %s, mismatch %.3g "
-            "> tolerance %.3g); banning them",
+            "spot check of blocks [%d, %d) (%s): %s disagree with the other opinions (%s vs checkers %s, mismatch "
+            "%.3g > tolerance %.3g); banning them",
             hop.start,
             hop.end,
+            kind,
             list(wrong),
             hop.peer_id,
             [list(p) for p in parties[1:]],
             distance,
             tol,
         )
-        error = corrupt_output_error(record)
+        error = corrupt_output_error(found)
         for peer_id in wrong:
             self.ban(peer_id, error)
-        return record
-
-    def _record(self, record: SpotCheck) -> SpotCheck:
-        self.spot_checks.append(record)
-        return record
+        return found
 
     def _dtype(self, peer_id: str) -> str:
         """What sets the precision of a server's outputs: its quantization if any, else its dtype."""
@@ -767,7 +794,10 @@ class SwarmClient:
         """Gradients of the inputs, of the deep prompts (all blocks) and of the adapter's tensors, walking each
         micro-batch's hops of `train_forward` in reverse (with the gradient of p beside r's where a boundary
         carries the ladder pair). A hop that fails is replaced by other servers of its blocks: their inputs are
-        computed from the hop's kept input, then their backwards run in reverse."""
+        computed from the hop's kept input, then their backwards run in reverse. Without adapter dropout, a
+        random `spot_check_fraction` of the hops' backwards is computed again on other servers before its
+        gradients are used (`spot_check_backward`); a hop found wrong is replaced as a failed one is."""
+        checked = tuning.dropout_seed is None
 
         async def micro_batch(rows: slice, hops: list[tuple[Hop, State]]):
             g: State = grad[rows], None
@@ -788,6 +818,11 @@ class SwarmClient:
                         self.ban(again.hop.peer_id, again.cause)
                         todo.append((hop, x))
                     continue
+                if checked and should_check(self.spot_rng, self.spot_check_fraction):
+                    record = await self.spot_check_backward(hop, x, g, mask, tuning, reply)
+                    if hop.peer_id in record.wrong:  # banned by now: its blocks again, on other servers
+                        todo += await self._reroute(hop, x, mask, tuning, corrupt_output_error(record))
+                        continue
                 g = reply.grad_hidden.to(grad.dtype), reply.grad_pending
                 if prompts is not None:
                     prompts[hop.start : hop.end, :, : reply.grad_prompts.shape[2]] += reply.grad_prompts

@@ -1,7 +1,8 @@
 """Spot checks of untrusted servers, as pure functions: which steps are checked, how far two servers' outputs
 may differ before one of them is wrong, and which one is, given several opinions.
 
-A client checks a random `fraction` of its hops' steps by computing the same blocks on the same inputs on other
+A client checks a random `fraction` of its hops' steps (and of a training backward's hops, whose input and
+adapter gradients are compared as `Gradients`) by computing the same blocks on the same inputs on other
 servers. Honest servers differ only by floating-point noise (other kernels, another dtype, another thread count),
 so outputs are compared per token by their relative L2 distance, `mismatch`, against a tolerance that depends on
 the coarsest dtype involved (`tolerance`). A server that corrupts a fraction `corrupt_rate` of its outputs is
@@ -16,9 +17,13 @@ wrong output (they win the vote).
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
+
+T = TypeVar("T")
 
 # the most two honest servers' outputs may differ, relative to the output's norm, per token. float32 servers
 # differ by kernel order only (~1e-6 after a span of blocks); half precision rounds every op to 8 (bfloat16) or
@@ -55,15 +60,50 @@ def should_check(rng: random.Random, fraction: float) -> bool:
     return fraction > 0 and rng.random() < fraction
 
 
-def judge(outputs: Sequence[torch.Tensor], tol: float) -> list[int]:
-    """Which of several opinions on the same computation are wrong: those that agree with no other opinion.
-    When no two agree, all of them are (nobody can be trusted: with two opinions, a disagreement always ends
-    so). The first opinion is usually the checked server's, the others its checkers'."""
+def judge(outputs: Sequence[T], tol: float, distance: Callable[[T, T], float] = mismatch) -> list[int]:
+    """Which of several opinions on the same computation are wrong: those that agree with no other opinion
+    (`distance` at most `tol`). When no two agree, all of them are (nobody can be trusted: with two opinions, a
+    disagreement always ends so). The first opinion is usually the checked server's, the others its
+    checkers'."""
     agrees = [
-        any(i != j and mismatch(outputs[i], outputs[j]) <= tol for j in range(len(outputs)))
+        any(i != j and distance(outputs[i], outputs[j]) <= tol for j in range(len(outputs)))
         for i in range(len(outputs))
     ]
     return [i for i, ok in enumerate(agrees) if not ok]
+
+
+def relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    """The relative L2 distance between two tensors as wholes (0 = equal)."""
+    if a.shape != b.shape:
+        return float("inf")
+    a, b = a.float(), b.float()
+    return float((a - b).norm() / torch.maximum(a.norm(), b.norm()).clamp_min(1e-12))
+
+
+@dataclass(frozen=True)
+class Gradients:
+    """What a backward of a span answers, as one opinion for a spot check: the gradient of its input [B, T, H]
+    (with p's beside r's where the pair crosses), of the deep prompts of its blocks (or None), of the adapter's
+    tensors of its layers."""
+
+    hidden: torch.Tensor
+    prompts: torch.Tensor | None
+    lora: dict[str, torch.Tensor]
+
+    @staticmethod
+    def distance(a: Gradients, b: Gradients) -> float:
+        """The largest of: the input gradients' per-token distance (`mismatch`), and the relative distances of
+        the prompts' and of the adapter's gradients (infinite when they do not cover the same tensors)."""
+        if (a.prompts is None) != (b.prompts is None) or set(a.lora) != set(b.lora):
+            return float("inf")
+        parts = [mismatch(a.hidden, b.hidden)]
+        if a.prompts is not None:
+            parts.append(relative(a.prompts, b.prompts))
+        if a.lora:
+            names = sorted(a.lora)
+            flat = [torch.cat([g[n].float().flatten() for n in names]) for g in (a.lora, b.lora)]
+            parts.append(relative(*flat))
+        return max(parts)
 
 
 def detection_odds(fraction: float, corrupt_rate: float, steps: int) -> float:

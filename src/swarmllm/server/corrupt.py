@@ -1,17 +1,18 @@
 """FOR TESTS ONLY: a server that lies. `--corrupt-every N` (hidden from `swarmllm serve --help`) makes every Nth
-output of this server's backend (inference steps and forwards alike, pushed or not; each chunk of a prefill
-counts as one) wrong by noise of about half
+output of this server's backend (inference steps, forwards and backwards alike, pushed or not; each chunk of a
+prefill counts as one; a backward's output is the gradient of its input) wrong by noise of about half
 the output's norm, so that the client's spot checks (`client.verify`) can be tested against a real process.
 Never set it on a server that serves anyone."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections.abc import AsyncIterator
 
 import torch
 
-from swarmllm.server.backend import Backend
+from swarmllm.server.backend import Backend, Gradients
 
 NOISE = 0.5  # the noise's norm per token, relative to the output's
 
@@ -30,7 +31,7 @@ def corrupt_outputs(backend: Backend, every: int) -> None:
     if every <= 0:
         return
     count, generator = itertools.count(1), torch.Generator().manual_seed(every)
-    step_chunks, forward = backend.step_chunks, backend.forward
+    step_chunks, forward, backward = backend.step_chunks, backend.forward, backend.backward
 
     def maybe(out: tuple[torch.Tensor, torch.Tensor | None]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The output r is corrupted (a ladder pair's p is left as it is)."""
@@ -44,5 +45,10 @@ def corrupt_outputs(backend: Backend, every: int) -> None:
     async def corrupt_forward(*args, **kwargs) -> tuple[torch.Tensor, torch.Tensor | None]:
         return maybe(await forward(*args, **kwargs))
 
+    async def corrupt_backward(*args, **kwargs) -> Gradients:
+        grads = await backward(*args, **kwargs)
+        hidden, _ = maybe((grads.hidden, None))
+        return dataclasses.replace(grads, hidden=hidden)
+
     # steps reach the handler chunk by chunk (`Backend.step_chunks`, which `Backend.step` runs too)
-    backend.step_chunks, backend.forward = corrupt_steps, corrupt_forward
+    backend.step_chunks, backend.forward, backend.backward = corrupt_steps, corrupt_forward, corrupt_backward
