@@ -2,11 +2,13 @@
 
 import random
 
+import pytest
 import torch
 
 from swarmllm.client.health import Speeds
 from swarmllm.client.routing import cap_throughput, route_inference
 from swarmllm.client.verify import (
+    Gradients,
     detection_odds,
     judge,
     mismatch,
@@ -83,3 +85,26 @@ def test_a_server_announcing_infinite_speed_is_routed_by_its_measured_one():
         for kind, announced in (("inference", s.inference_rps), ("forward", s.forward_rps)):
             want = next(c for c in capped if c.peer_id == s.peer_id).model_dump()[f"{kind}_rps"]
             assert speeds.capped(s.peer_id, kind, announced) == want
+
+
+def test_gradient_opinions_differ_by_their_worst_part():
+    """A backward's opinion: the input gradient per token, the prompts' and the adapter's as wholes; opinions
+    that do not cover the same tensors never agree."""
+    generator = torch.Generator().manual_seed(3)
+    hidden, prompts = torch.randn(2, 3, 8, generator=generator), torch.randn(2, 1, 2, 8, generator=generator)
+    lora = {"0.q_proj.lora_A": torch.randn(4, 8, generator=generator), "1.q_proj.lora_B": torch.randn(8, 4)}
+    base = Gradients(hidden, prompts, lora)
+    assert Gradients.distance(base, Gradients(hidden.clone(), prompts.clone(), dict(lora))) == 0
+    off = {**lora, "1.q_proj.lora_B": lora["1.q_proj.lora_B"] * 1.1}
+    whole = torch.cat([t.flatten() for _, t in sorted(lora.items())])
+    want = float((whole - torch.cat([t.flatten() for _, t in sorted(off.items())])).norm() / whole.norm())
+    got = Gradients.distance(base, Gradients(hidden, prompts, off))
+    assert 0 < got and got == pytest.approx(want, rel=0.2)
+    token = hidden.clone()
+    token[1, 2] *= 2  # one token's gradient doubled: its own distance, 0.5, however small the rest
+    assert Gradients.distance(base, Gradients(token, prompts, lora)) == pytest.approx(0.5)
+    assert Gradients.distance(base, Gradients(hidden, None, lora)) == float("inf")
+    assert Gradients.distance(
+        base, Gradients(hidden, prompts, {"0.q_proj.lora_A": lora["0.q_proj.lora_A"]})
+    ) == float("inf")
+    assert judge([base, Gradients(hidden, prompts, off), base], 1e-3, Gradients.distance) == [1]
