@@ -266,7 +266,6 @@ def test_a_chats_next_turn_reuses_the_servers_cache_of_the_last(client, local, r
     first = [{"role": "user", "content": "Name a color."}]
     options = {"model": NAME, "max_tokens": 16, "temperature": 0}
     one = client.chat.completions.create(messages=first, **options)
-    assert one.usage.prompt_tokens_details.cached_tokens == 0
     answer = one.choices[0].message.content
     second = [*first, {"role": "assistant", "content": answer}, {"role": "user", "content": "And another?"}]
 
