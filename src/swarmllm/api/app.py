@@ -2,8 +2,9 @@
 `/v1/chat/completions`, with `stream: true` as server-sent events).
 
 Each request (each of its `n` choices) runs `generate()` of one shared `DistributedModelForCausalLM` in a worker
-thread with its own inference session (sessions are per thread), so concurrent requests each hold their own
-caches on the servers and never wait for one another's tokens. Text comes out of `api.generation.TextAssembler` piece by piece; a
+thread with an inference session of its own while it runs (sessions are per thread), so concurrent requests each
+hold their own caches on the servers and never wait for one another's tokens. Between requests the sessions are
+kept (`api.sessions`): a prompt that extends what one holds sends the servers only its new tokens. Text comes out of `api.generation.TextAssembler` piece by piece; a
 non-streamed answer is those pieces joined. Errors use OpenAI's format: 404 for an unknown model, 400 for an
 invalid parameter, 503 when the swarm cannot serve the request (e.g. blocks without a server).
 """
