@@ -345,10 +345,11 @@ def _greedy_loop(
     (the oracle for the API's logit processors): bias, then the repetition penalty over every token seen, then
     the frequency and presence penalties over the generated ones; `stop_ids` banned before `min_tokens` and
     ending the loop after."""
-    out = list(ids)
+    out, cache, sent = list(ids), None, torch.tensor([ids])
     with torch.no_grad():
         for _ in range(steps):
-            logits = model(torch.tensor([out])).logits[0, -1].double()
+            reply = model(sent, cache=cache, use_cache=True)
+            cache, logits = reply.past_key_values, reply.logits[0, -1].double()
             new = out[len(ids) :]
             for token, value in (bias or {}).items():
                 logits[token] += value
@@ -361,6 +362,7 @@ def _greedy_loop(
             for token in stop_ids if len(new) < min_tokens else ():
                 logits[token] = -float("inf")
             out.append(int(logits.argmax()))
+            sent = torch.tensor([out[-1:]])
             if out[-1] in stop_ids:
                 break
     return out[len(ids) :]
