@@ -4,7 +4,9 @@ greedy output equals local `transformers` on the same checkpoint and prompt, str
 non-streamed text, 4 concurrent streamed requests each get their own answer, and bad requests get OpenAI-style
 errors with the right status codes."""
 
+import io
 import json
+import sys
 import threading
 import urllib.error
 import urllib.request
@@ -15,6 +17,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from swarmllm.bundled import smollm2_checkpoint
+from swarmllm.cli import main
 from swarmllm.local import LocalSwarm
 
 NAME = "smollm2"
@@ -52,12 +55,16 @@ def local(smollm2, reference):
 
 
 @pytest.fixture(scope="module")
-def api(smollm2):
-    with LocalSwarm() as swarm:
-        swarm.start_bootstrap()
-        swarm.add_servers([(str(smollm2), (0, 15)), (str(smollm2), (15, 30))], extra=SERVER_ARGS)
-        url = swarm.start_api(str(smollm2), extra=["--name", NAME])
-        yield url
+def swarm(smollm2):
+    with LocalSwarm() as local:
+        local.start_bootstrap()
+        local.add_servers([(str(smollm2), (0, 15)), (str(smollm2), (15, 30))], extra=SERVER_ARGS)
+        yield local
+
+
+@pytest.fixture(scope="module")
+def api(swarm, smollm2):
+    return swarm.start_api(str(smollm2), extra=["--name", NAME])
 
 
 @pytest.fixture(scope="module")
@@ -526,3 +533,26 @@ def test_bad_requests_get_openai_errors(client, api):
         assert code == status, (body, reply)
         assert set(reply["error"]) == {"message", "type", "param", "code"} and reply["error"]["message"]
         assert reply["error"]["param"] == param, (body, reply)
+
+
+def test_the_chat_command_answers_each_turn_as_transformers_does(
+    swarm, smollm2, local, reference, monkeypatch, capsys
+):
+    """`swarmllm chat`, greedy: each answer is transformers' for the conversation so far (the history goes with
+    each message through the chat template), `/clear` starts over, `/bye` ends it."""
+    tokenizer, _, chat = local
+    first, _ = chat("Name a color.")
+    history = [
+        {"role": "user", "content": "Name a color."},
+        {"role": "assistant", "content": first},
+        {"role": "user", "content": "And another?"},
+    ]
+    text = tokenizer.apply_chat_template(history, add_generation_prompt=True, tokenize=False)
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    out = reference.generate(torch.tensor([ids]), max_new_tokens=MAX_TOKENS, do_sample=False)[0, len(ids) :]
+    second = tokenizer.decode(out, skip_special_tokens=True)
+    lines = ["Name a color.", "/clear", "", "Name a color.", "And another?", "/bye", "never read"]
+    monkeypatch.setattr(sys, "stdin", io.StringIO("\n".join(lines) + "\n"))
+    options = ["--temperature", "0", "--max-new-tokens", str(MAX_TOKENS)]
+    assert main(["chat", str(smollm2), "--initial-peers", *swarm.initial_peers, *options]) == 0
+    assert capsys.readouterr().out == f"{first}\n{first}\n{second}\n"

@@ -309,6 +309,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="how long to wait for a server when some blocks have none",
     )
 
+    chat = commands.add_parser("chat", help="chat in the terminal with a model served by a swarm")
+    chat.add_argument("model", help="hub id or local folder (the client loads only embeddings and LM head)")
+    _peers(chat)
+    _swarm_key(chat)
+    chat.add_argument("--system", help="a system message that starts the conversation")
+    chat.add_argument("--max-new-tokens", type=int, default=512, help="tokens per answer at most")
+    chat.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
+    chat.add_argument("--top-p", type=float, default=0.9)
+    chat.add_argument("--seed", type=int, default=0)
+    chat.add_argument(
+        "--context-length", type=int, help="conversation tokens at most (default: the model's, up to 4096)"
+    )
+    chat.add_argument("--dht-prefix", help="the model's key in the swarm, if its servers were given one")
+
     monitor = commands.add_parser(
         "monitor", help="serve a web page, JSON and Prometheus metrics of a swarm's health"
     )
@@ -514,6 +528,8 @@ def _run(args: argparse.Namespace) -> int:
         return _serve(args)
     if args.command == "generate":
         return _generate(args)
+    if args.command == "chat":
+        return _chat(args)
     if args.command == "monitor":
         return _monitor(args)
     if args.command == "api":
@@ -733,6 +749,36 @@ def _generate(args: argparse.Namespace) -> int:
     finally:
         model.shutdown()
     print(tokenizer.decode(out[0], skip_special_tokens=True))
+    return 0
+
+
+def _chat(args: argparse.Namespace) -> int:
+    peers = _initial_peers(args)
+    _check_model(args.model)
+    from transformers import AutoTokenizer
+
+    from swarmllm import AutoDistributedModelForCausalLM
+    from swarmllm.api.app import default_context
+    from swarmllm.chat import Chat, run_chat
+
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    model = AutoDistributedModelForCausalLM.from_pretrained(
+        args.model, initial_peers=peers, swarm_key=args.swarm_key, dht_prefix=args.dht_prefix
+    )
+    chat = Chat(
+        model,
+        tokenizer,
+        system=args.system,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+        context_length=args.context_length or default_context(model.config),
+    )
+    try:
+        run_chat(chat)
+    finally:
+        model.shutdown()
     return 0
 
 

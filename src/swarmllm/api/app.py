@@ -180,17 +180,11 @@ class Engine:
                 need = len(prompt_ids) + max(max_new_tokens, 1)
                 # scoring the prompt needs the logits of all of its positions: nothing held can serve
                 scored = echo and request.logprob_top() is not None
-                session, gen.cached_tokens = self.sessions.take([] if scored else prompt_ids, need)
-                try:
-                    with self.model.use_session(session):
-                        if echo:
-                            self._echo(prompt_ids, gen, request, streamer, put, index)
-                        else:
-                            self._generate(prompt_ids, gen, request, streamer, index)
-                except BaseException:
-                    self.sessions.drop(session)
-                    raise
-                self.sessions.give(session)
+                with self.sessions.use([] if scored else prompt_ids, need) as gen.cached_tokens:
+                    if echo:
+                        self._echo(prompt_ids, gen, request, streamer, put, index)
+                    else:
+                        self._generate(prompt_ids, gen, request, streamer, index)
                 tail = streamer.finish()
                 if tail is not None:
                     put(tail)
@@ -662,12 +656,11 @@ def load_engine(
     distributed = AutoDistributedModelForCausalLM.from_pretrained(
         model, initial_peers=initial_peers, swarm_key=swarm_key, **client_options
     )
-    limit = getattr(distributed.config, "max_position_embeddings", None) or DEFAULT_CONTEXT
     return Engine(
         distributed,
         tokenizer,
         name or dht_prefix_for(model),
-        context_length=context_length or min(limit, DEFAULT_CONTEXT),
+        context_length=context_length or default_context(distributed.config),
         max_concurrent=max_concurrent,
         keep_sessions=keep_sessions,
         keep_sessions_s=keep_sessions_s,
@@ -675,6 +668,11 @@ def load_engine(
 
 
 DEFAULT_CONTEXT = 4096  # tokens of prompt + answer, unless --context-length (servers cap sessions at 8192)
+
+
+def default_context(config) -> int:
+    """Prompt and answer tokens at most, unless the user says: the model's, up to DEFAULT_CONTEXT."""
+    return min(getattr(config, "max_position_embeddings", None) or DEFAULT_CONTEXT, DEFAULT_CONTEXT)
 
 
 async def run_api(engine: Engine, sock) -> None:

@@ -14,10 +14,11 @@ threads).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 logger = logging.getLogger(__name__)
@@ -71,6 +72,19 @@ class SessionPool:
             return kept.remote, min(common_prefix(kept.tokens, prompt), len(prompt) - 1)
         length = max(need, min(self.context_length, need + self.headroom))
         return self.model.open_session(length), 0
+
+    @contextlib.contextmanager
+    def use(self, prompt: list[int], need: int) -> Iterator[int]:
+        """A session for a request (see `take`), the calling thread's inside the block (`use_session`): given
+        back after it, closed if it raised. Yields how many of the prompt's tokens its servers hold."""
+        remote, cached = self.take(prompt, need)
+        try:
+            with self.model.use_session(remote):
+                yield cached
+        except BaseException:
+            self.drop(remote)
+            raise
+        self.give(remote)
 
     def give(self, remote) -> None:
         """A request is done with `remote`: keep it for the next (closing the least recently used beyond

@@ -1,0 +1,137 @@
+"""`swarmllm chat MODEL`: a conversation in the terminal with a model of the swarm, as `ollama run` gives one.
+
+Each line read is a user message; the answer streams out as it is generated (never half a character, see
+`api.generation.TextAssembler`), and the history goes with the next message through the model's chat template.
+One inference session is kept across the turns (`api.sessions.SessionPool` of one), so each turn sends the
+servers only the new message; when the conversation outgrows the session, a larger one takes over. `/clear`
+starts the conversation over, `/bye` (or the end of the input) ends it.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import TextIO
+
+import torch
+from transformers import LogitsProcessorList, StoppingCriteriaList, TemperatureLogitsWarper, TopPLogitsWarper
+
+from swarmllm.api.generation import PieceStreamer, SeededSampler, StopWhen, TextAssembler, chat_prompt
+from swarmllm.api.sessions import SessionPool
+
+PROMPT = ">>> "
+
+
+class Chat:
+    """A conversation with `model`: the history, the kept session, and how answers are drawn (temperature 0:
+    greedy; else temperature and top-p, each turn seeded `seed + turn`)."""
+
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        *,
+        system: str | None = None,
+        max_new_tokens: int = 512,
+        temperature: float = 0.7,
+        top_p: float = 0.9,
+        seed: int = 0,
+        context_length: int = 4096,
+    ):
+        self.model, self.tokenizer = model, tokenizer
+        self.max_new_tokens, self.temperature, self.top_p, self.seed = (
+            max_new_tokens,
+            temperature,
+            top_p,
+            seed,
+        )
+        self.context_length = context_length
+        eos = model.generation_config.eos_token_id
+        self.eos_ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+        pad = model.generation_config.pad_token_id
+        self.pad_id = pad if pad is not None else (self.eos_ids[0] if self.eos_ids else 0)
+        self.start = [] if system is None else [{"role": "system", "content": system}]
+        self.messages = list(self.start)
+        self.sessions = SessionPool(model, size=1, idle_s=float("inf"), context_length=context_length)
+        self.turns = 0
+
+    def clear(self) -> None:
+        self.messages = list(self.start)
+
+    def say(self, text: str, out: TextIO) -> str | None:
+        """The answer to `text`, written to `out` as it comes (then a newline); None when the conversation
+        leaves no room for it."""
+        ids = self.tokenizer(
+            chat_prompt(self.tokenizer, [*self.messages, {"role": "user", "content": text}]),
+            add_special_tokens=False,
+        )["input_ids"]
+        room = self.context_length - len(ids)
+        if room < 1:
+            return None
+        pieces: list[str] = []
+
+        def emit(piece) -> None:
+            pieces.append(piece.text)
+            out.write(piece.text)
+            out.flush()
+
+        assembler = TextAssembler(
+            lambda t: self.tokenizer.decode(t, skip_special_tokens=True), (), self.eos_ids
+        )
+        streamer = PieceStreamer(assembler, emit)
+        max_new_tokens = min(self.max_new_tokens, room)
+        prompt = torch.tensor([ids])
+        with self.sessions.use(ids, len(ids) + max_new_tokens):
+            self.model.generate(
+                prompt,
+                attention_mask=torch.ones_like(prompt),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,  # sampling, when asked, is SeededSampler's
+                pad_token_id=self.pad_id,
+                streamer=streamer,
+                logits_processor=LogitsProcessorList(self._processors()),
+                stopping_criteria=StoppingCriteriaList([StopWhen(lambda: assembler.stopped)]),
+            )
+        tail = streamer.finish()
+        if tail is not None:
+            emit(tail)
+        out.write("\n")
+        out.flush()
+        answer = "".join(pieces)
+        self.messages += [{"role": "user", "content": text}, {"role": "assistant", "content": answer}]
+        self.turns += 1
+        return answer
+
+    def _processors(self) -> list:
+        if self.temperature <= 0:
+            return []
+        processors = [] if self.temperature == 1.0 else [TemperatureLogitsWarper(self.temperature)]
+        if self.top_p < 1.0:
+            processors.append(TopPLogitsWarper(self.top_p))
+        return [*processors, SeededSampler(self.seed + self.turns)]
+
+    def close(self) -> None:
+        self.sessions.close_all()
+
+
+def run_chat(chat: Chat, stdin: TextIO | None = None, stdout: TextIO | None = None) -> None:
+    """Read user messages from `stdin` (one a line) until `/bye` or its end, and write the answers to `stdout`
+    (default: the process's); the `>>> ` prompt goes to stderr when stdin is a terminal."""
+    stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
+    interactive = stdin.isatty()
+    try:
+        while True:
+            if interactive:
+                print(PROMPT, end="", file=sys.stderr, flush=True)
+            line = stdin.readline()
+            text = line.strip()
+            if not line or text in ("/bye", "/exit"):
+                return
+            if text == "/clear":
+                chat.clear()
+            elif text and chat.say(text, stdout) is None:
+                print(
+                    f"the conversation fills the context ({chat.context_length} tokens): /clear starts it over",
+                    file=sys.stderr,
+                )
+    finally:
+        chat.close()
