@@ -809,6 +809,10 @@ class SwarmClient:
                 hop, x = todo.pop()
                 try:
                     reply = await self._backward_hop(hop, x, g, mask, tuning)
+                    if checked and should_check(self.spot_rng, self.spot_check_fraction):
+                        record = await self.spot_check_backward(hop, x, g, mask, tuning, reply)
+                        if hop.peer_id in record.wrong:
+                            raise HopFailed(hop, corrupt_output_error(record))
                 except HopFailed as e:
                     logger.warning("%s; computing its backward on other servers", e)
                     self.ban(hop.peer_id, e.cause)
@@ -818,11 +822,6 @@ class SwarmClient:
                         self.ban(again.hop.peer_id, again.cause)
                         todo.append((hop, x))
                     continue
-                if checked and should_check(self.spot_rng, self.spot_check_fraction):
-                    record = await self.spot_check_backward(hop, x, g, mask, tuning, reply)
-                    if hop.peer_id in record.wrong:  # banned by now: its blocks again, on other servers
-                        todo += await self._reroute(hop, x, mask, tuning, corrupt_output_error(record))
-                        continue
                 g = reply.grad_hidden.to(grad.dtype), reply.grad_pending
                 if prompts is not None:
                     prompts[hop.start : hop.end, :, : reply.grad_prompts.shape[2]] += reply.grad_prompts
