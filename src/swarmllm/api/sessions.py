@@ -20,6 +20,10 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from swarmllm.client.model import RemoteSession
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +49,7 @@ def best_match(kept: Sequence[tuple[Sequence[int], int]], prompt: Sequence[int],
 
 @dataclass
 class _Kept:
-    remote: object  # a RemoteSession, idle
+    remote: RemoteSession  # idle
     tokens: list[int]  # what its servers hold, from position 0
     given: float  # when it was given back (time.monotonic)
 
@@ -61,7 +65,7 @@ class SessionPool:
         self._kept: list[_Kept] = []  # least recently given back first
         self._lock = threading.Lock()
 
-    def take(self, prompt: list[int], need: int):
+    def take(self, prompt: list[int], need: int) -> tuple[RemoteSession, int]:
         """A session for a request of `prompt` that needs `need` positions (prompt and answer), and how many of
         the prompt's tokens its servers hold already (at most all but the last, which the request sends)."""
         self._close(self._expired())
@@ -86,7 +90,7 @@ class SessionPool:
             raise
         self.give(remote)
 
-    def give(self, remote) -> None:
+    def give(self, remote: RemoteSession) -> None:
         """A request is done with `remote`: keep it for the next (closing the least recently used beyond
         `size`)."""
         held = remote.input_ids
@@ -97,7 +101,7 @@ class SessionPool:
             over, self._kept = self._kept[:excess], self._kept[excess:]
         self._close([k.remote for k in over])
 
-    def drop(self, remote) -> None:
+    def drop(self, remote: RemoteSession) -> None:
         """A request failed with `remote`: close it (what its servers hold is not known)."""
         self._close([remote])
 
@@ -106,14 +110,14 @@ class SessionPool:
             kept, self._kept = self._kept, []
         self._close([k.remote for k in kept])
 
-    def _expired(self) -> list:
+    def _expired(self) -> list[RemoteSession]:
         now = time.monotonic()
         with self._lock:
             old = [k for k in self._kept if now - k.given > self.idle_s]
             self._kept = [k for k in self._kept if k not in old]
         return [k.remote for k in old]
 
-    def _close(self, remotes: list) -> None:
+    def _close(self, remotes: list[RemoteSession]) -> None:
         for remote in remotes:
             try:
                 self.model.close_session(remote)
