@@ -553,6 +553,14 @@ def test_the_chat_command_answers_each_turn_as_transformers_does(
     second = tokenizer.decode(out, skip_special_tokens=True)
     lines = ["Name a color.", "/clear", "", "Name a color.", "And another?", "/bye", "never read"]
     monkeypatch.setattr(sys, "stdin", io.StringIO("\n".join(lines) + "\n"))
-    options = ["--temperature", "0", "--max-new-tokens", str(MAX_TOKENS)]
+    options = ["--temperature", "0", "--max-new-tokens", str(MAX_TOKENS), "--stats"]
     assert main(["chat", str(smollm2), "--initial-peers", *swarm.initial_peers, *options]) == 0
-    assert capsys.readouterr().out == f"{first}\n{first}\n{second}\n"
+    printed = capsys.readouterr()
+    assert printed.out == f"{first}\n{first}\n{second}\n"
+    # the second turn's prompt starts with what the first left on the servers (its prompt and answer)
+    stats = [line for line in printed.err.splitlines() if "tokens/s" in line]
+    held = [int(line.split("; ")[1].split()[0]) for line in stats]
+    prompt = tokenizer.apply_chat_template(history[:1], add_generation_prompt=True, tokenize=False)
+    first_length = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    # none at first; after /clear, the same question: all of its prompt but the token each turn sends
+    assert held[:2] == [0, first_length - 1] and held[2] > first_length, stats

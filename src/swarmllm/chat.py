@@ -10,6 +10,8 @@ starts the conversation over, `/bye` (or the end of the input) ends it.
 from __future__ import annotations
 
 import sys
+import time
+from dataclasses import dataclass
 from typing import TextIO
 
 import torch
@@ -19,6 +21,23 @@ from swarmllm.api.generation import PieceStreamer, SeededSampler, StopWhen, Text
 from swarmllm.api.sessions import SessionPool
 
 PROMPT = ">>> "
+
+
+@dataclass(frozen=True)
+class TurnStats:
+    """What one answer cost: the prompt's tokens, how many of them the servers held already, the tokens
+    generated (EOS included) and the seconds it took."""
+
+    prompt_tokens: int
+    cached_tokens: int
+    tokens: int
+    seconds: float
+
+    def __str__(self) -> str:
+        return (
+            f"({self.tokens} tokens in {self.seconds:.2f} s, {self.tokens / max(self.seconds, 1e-9):.1f} tokens/s; "
+            f"{self.cached_tokens} of {self.prompt_tokens} prompt tokens held by the servers)"
+        )
 
 
 class Chat:
@@ -53,6 +72,7 @@ class Chat:
         self.messages = list(self.start)
         self.sessions = SessionPool(model, size=1, idle_s=float("inf"), context_length=context_length)
         self.turns = 0
+        self.last: TurnStats | None = None  # of the latest answer
 
     def clear(self) -> None:
         self.messages = list(self.start)
@@ -79,8 +99,8 @@ class Chat:
         )
         streamer = PieceStreamer(assembler, emit)
         max_new_tokens = min(self.max_new_tokens, room)
-        prompt = torch.tensor([ids])
-        with self.sessions.use(ids, len(ids) + max_new_tokens):
+        prompt, began = torch.tensor([ids]), time.perf_counter()
+        with self.sessions.use(ids, len(ids) + max_new_tokens) as cached:
             self.model.generate(
                 prompt,
                 attention_mask=torch.ones_like(prompt),
@@ -96,6 +116,7 @@ class Chat:
             emit(tail)
         out.write("\n")
         out.flush()
+        self.last = TurnStats(len(ids), cached, len(assembler.tokens), time.perf_counter() - began)
         answer = "".join(pieces)
         self.messages += [{"role": "user", "content": text}, {"role": "assistant", "content": answer}]
         self.turns += 1
@@ -113,9 +134,12 @@ class Chat:
         self.sessions.close_all()
 
 
-def run_chat(chat: Chat, stdin: TextIO | None = None, stdout: TextIO | None = None) -> None:
+def run_chat(
+    chat: Chat, stdin: TextIO | None = None, stdout: TextIO | None = None, stats: bool = False
+) -> None:
     """Read user messages from `stdin` (one a line) until `/bye` or its end, and write the answers to `stdout`
-    (default: the process's); the `>>> ` prompt goes to stderr when stdin is a terminal."""
+    (default: the process's); the `>>> ` prompt goes to stderr when stdin is a terminal, and so does each
+    answer's `TurnStats` with `stats`."""
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
     interactive = stdin.isatty()
     try:
@@ -133,5 +157,7 @@ def run_chat(chat: Chat, stdin: TextIO | None = None, stdout: TextIO | None = No
                     f"the conversation fills the context ({chat.context_length} tokens): /clear starts it over",
                     file=sys.stderr,
                 )
+            elif text and stats:
+                print(chat.last, file=sys.stderr)
     finally:
         chat.close()

@@ -322,6 +322,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--context-length", type=int, help="conversation tokens at most (default: the model's, up to 4096)"
     )
     chat.add_argument("--dht-prefix", help="the model's key in the swarm, if its servers were given one")
+    chat.add_argument(
+        "--stats",
+        action="store_true",
+        help="after each answer, its tokens/s and the prompt tokens reused (stderr)",
+    )
 
     monitor = commands.add_parser(
         "monitor", help="serve a web page, JSON and Prometheus metrics of a swarm's health"
@@ -776,7 +781,7 @@ def _chat(args: argparse.Namespace) -> int:
         context_length=args.context_length or default_context(model.config),
     )
     try:
-        run_chat(chat)
+        run_chat(chat, stats=args.stats)
     finally:
         model.shutdown()
     return 0
