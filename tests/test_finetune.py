@@ -267,7 +267,7 @@ def test_hosted_adapter_routes_only_via_servers_announcing_it(swarm, llama_check
         model.shutdown()
 
 
-@pytest.mark.parametrize("codec, bound", [("bfloat16", 0.02), ("blockwise8", 0.05)])
+@pytest.mark.parametrize("codec, bound", [("blockwise8", 0.05)])  # the other codecs: test_compression.py
 def test_compressed_states_and_gradients_stay_near_float32(swarm, llama_checkpoint, codec, bound):
     """With the client's `compression`, forwards and backwards carry the states and their gradients in that codec
     both ways: the LoRA and input gradients stay within `bound` (relative L2) of an uncompressed client's, but

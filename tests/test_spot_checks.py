@@ -11,6 +11,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from swarmllm import AutoDistributedModelForCausalLM
+from swarmllm.client.loop import run_sync
+from swarmllm.dht import find_servers
 from swarmllm.local import LocalSwarm
 from swarmllm.models.lora import lora_shapes
 
@@ -119,55 +121,53 @@ def test_batch_forward_recomputes_a_wrong_hop(swarm, path):
 
 
 def test_wrong_training_forwards_and_backwards_are_computed_again_and_the_gradients_stay_right(
-    path, tmp_path
+    swarm, path, tmp_path
 ):
     """A LoRA adapter without dropout makes training deterministic, so its forwards and backwards are spot
-    checked. A swarm of its own, whose liar corrupts every 2nd output: client A's training step meets it in the
-    backward (the 2nd output), client B's (after a plain forward, the 3rd) in the forward. Each wrong hop is
-    computed again on other servers, the liar is banned, and the loss and the adapter's gradients are peft's."""
+    checked. Last in this file: it adds a second liar, on the later blocks (its wrong input gradient would flow
+    into the first blocks' backward), that corrupts every 2nd output, and an honest server beside it; the
+    clients leave the first liar out. Client A's training step meets the new liar in the backward (its 2nd
+    output), client B's (after a plain forward, the 3rd) in the forward. Each wrong hop is computed again on
+    other servers, the liar is banned, and the loss and the adapter's gradients are peft's."""
     peft = pytest.importorskip("peft")
+    local, first_liar = swarm
     x = torch.randint(3, 150, (2, 9), generator=torch.Generator().manual_seed(2))
-    with LocalSwarm() as local:
-        local.start_bootstrap()
-        extra = ["--dht-prefix", PREFIX]
-        # the liar serves the later blocks: its wrong input gradient would flow into the first blocks' backward
-        (liar,) = local.add_servers(
-            [(path, (2, 4))], extra=[*extra, "--corrupt-every", "2", "--throughput", "1e9"]
-        )
-        local.add_servers(
-            [(path, (0, 2)), (path, (2, 4)), (path, (2, 4))], extra=[*extra, "--throughput", "1"]
-        )
-        theirs = None
-        for name in ("A", "B"):
-            model = client(local, path)
-            try:
-                model.add_adapter(peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
-                generator = torch.Generator().manual_seed(1)
-                config = model.block_config
-                shapes = lora_shapes(config, model.lora.settings, range(config.num_layers))
-                model.lora.load_tensors(
-                    {n: torch.randn(s, generator=generator) * 0.1 for n, s in shapes.items()}
-                )
-                if theirs is None:
-                    model.save_pretrained(tmp_path)
-                    base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-                    theirs = peft.PeftModel.from_pretrained(base, tmp_path, is_trainable=True)
-                    their_loss = theirs(input_ids=x, labels=x).loss
-                    their_loss.backward()
-                    their_grads = {n: p.grad for n, p in theirs.named_parameters() if p.requires_grad}
-                if name == "B":
-                    with torch.no_grad():
-                        model(x)  # the liar's 3rd output, honest: B's training forward is its 4th
-                    assert not model.swarm.reports
-                loss = model(x, labels=x).loss
-                loss.backward()
-                torch.testing.assert_close(loss, their_loss, rtol=1e-4, atol=1e-5)
-                for lora_name, weight in zip(model.lora.names, model.lora.weights, strict=True):
-                    layer, rest = lora_name.split(".", 1)
-                    want = their_grads[f"base_model.model.model.layers.{layer}.{rest}.default.weight"]
-                    torch.testing.assert_close(weight.grad, want, rtol=1e-4, atol=1e-5)
-                kind = "backward" if name == "A" else "forward"
-                assert [(r.wrong, r.kind) for r in model.swarm.reports] == [((liar["peer_id"],), kind)]
-                assert liar["peer_id"] in model.swarm.bans.banned(time.monotonic())
-            finally:
-                model.shutdown()
+    extra = ["--dht-prefix", PREFIX]
+    (liar,) = local.add_servers(
+        [(path, (2, 4))], extra=[*extra, "--corrupt-every", "2", "--throughput", "1e9"]
+    )
+    local.add_servers([(path, (2, 4))], extra=[*extra, "--throughput", "1"])
+    theirs = None
+    for name in ("A", "B"):
+        model = client(local, path)
+        try:
+            servers = run_sync(find_servers(model.swarm.dht, model.swarm.dht_prefix, 4))
+            model.swarm.use_servers([s for s in servers if s.peer_id != first_liar])
+            model.add_adapter(peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+            generator = torch.Generator().manual_seed(1)
+            config = model.block_config
+            shapes = lora_shapes(config, model.lora.settings, range(config.num_layers))
+            model.lora.load_tensors({n: torch.randn(s, generator=generator) * 0.1 for n, s in shapes.items()})
+            if theirs is None:
+                model.save_pretrained(tmp_path)
+                base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+                theirs = peft.PeftModel.from_pretrained(base, tmp_path, is_trainable=True)
+                their_loss = theirs(input_ids=x, labels=x).loss
+                their_loss.backward()
+                their_grads = {n: p.grad for n, p in theirs.named_parameters() if p.requires_grad}
+            if name == "B":
+                with torch.no_grad():
+                    model(x)  # the liar's 3rd output, honest: B's training forward is its 4th
+                assert not model.swarm.reports
+            loss = model(x, labels=x).loss
+            loss.backward()
+            torch.testing.assert_close(loss, their_loss, rtol=1e-4, atol=1e-5)
+            for lora_name, weight in zip(model.lora.names, model.lora.weights, strict=True):
+                layer, rest = lora_name.split(".", 1)
+                want = their_grads[f"base_model.model.model.layers.{layer}.{rest}.default.weight"]
+                torch.testing.assert_close(weight.grad, want, rtol=1e-4, atol=1e-5)
+            kind = "backward" if name == "A" else "forward"
+            assert [(r.wrong, r.kind) for r in model.swarm.reports] == [((liar["peer_id"],), kind)]
+            assert liar["peer_id"] in model.swarm.bans.banned(time.monotonic())
+        finally:
+            model.shutdown()

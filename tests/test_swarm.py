@@ -20,7 +20,7 @@ SPLITS = {
     "llama": [(0, 2), (2, 4), (1, 4)],
     "mistral": [(0, 3), (3, 4)],
     "qwen2": [(0, 2), (2, 4)],
-    "qwen3": [(0, 1), (1, 4)],
+    "qwen3": [(0, 4)],
 }
 PROMPTS = ["the cat and the dog", "what is the sun", "a b c d e f g"]
 
