@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -50,13 +51,15 @@ class ManagedProcess:
 
     def stop(self, timeout_s: float = 20.0) -> int:
         """SIGTERM (a server announces it is leaving and exits); SIGKILL to the whole group if that hangs."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                return self.proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.kill()
-        return self.proc.wait()
+        self.terminate()
+        return self.wait_or_kill(timeout_s)
+
+    def wait_or_kill(self, timeout_s: float) -> int:
+        """Its exit status once it exits, or SIGKILL to the whole group after `timeout_s`."""
+        try:
+            return self.proc.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            return self.kill()
 
     def pause(self) -> None:
         """SIGSTOP the process group: the server hangs with its sockets open, as a frozen machine would."""
@@ -173,15 +176,18 @@ class LocalSwarm:
     def stop_server(self, index: int) -> int:
         return self.servers[index].stop()
 
-    def close(self) -> None:
-        for face in (self.api, self.monitor):
-            if face is not None:
-                face.stop()
-        for server in self.servers:
-            server.resume()  # a paused server could not handle SIGTERM
-            server.stop()
+    def close(self, timeout_s: float = 20.0) -> None:
+        """Stop every process: the faces and servers all at once (each server announces that it leaves and
+        exits), then the bootstrap peer they announce through; SIGKILL to any that hangs past `timeout_s`."""
+        leaving = [face for face in (self.api, self.monitor) if face is not None] + self.servers
+        for process in leaving:
+            process.resume()  # a paused server could not handle SIGTERM
+            process.terminate()
+        deadline = time.monotonic() + timeout_s
+        for process in leaving:
+            process.wait_or_kill(max(0.0, deadline - time.monotonic()))
         if self.bootstrap is not None:
-            self.bootstrap.stop()
+            self.bootstrap.stop(timeout_s)
 
     def __enter__(self) -> LocalSwarm:
         return self
