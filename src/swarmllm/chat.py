@@ -15,9 +15,16 @@ from dataclasses import dataclass
 from typing import TextIO
 
 import torch
-from transformers import LogitsProcessorList, StoppingCriteriaList, TemperatureLogitsWarper, TopPLogitsWarper
+from transformers import LogitsProcessorList, StoppingCriteriaList
 
-from swarmllm.api.generation import PieceStreamer, SeededSampler, StopWhen, TextAssembler, chat_prompt
+from swarmllm.api.generation import (
+    PieceStreamer,
+    StopWhen,
+    TextAssembler,
+    chat_prompt,
+    sampling,
+    special_ids,
+)
 from swarmllm.api.sessions import SessionPool
 
 PROMPT = ">>> "
@@ -64,10 +71,7 @@ class Chat:
             seed,
         )
         self.context_length = context_length
-        eos = model.generation_config.eos_token_id
-        self.eos_ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
-        pad = model.generation_config.pad_token_id
-        self.pad_id = pad if pad is not None else (self.eos_ids[0] if self.eos_ids else 0)
+        self.eos_ids, self.pad_id = special_ids(model.generation_config)
         self.start = [] if system is None else [{"role": "system", "content": system}]
         self.messages = list(self.start)
         self.sessions = SessionPool(model, size=1, idle_s=float("inf"), context_length=context_length)
@@ -108,7 +112,9 @@ class Chat:
                 do_sample=False,  # sampling, when asked, is SeededSampler's
                 pad_token_id=self.pad_id,
                 streamer=streamer,
-                logits_processor=LogitsProcessorList(self._processors()),
+                logits_processor=LogitsProcessorList(
+                    sampling(self.temperature, self.seed + self.turns, top_p=self.top_p)
+                ),
                 stopping_criteria=StoppingCriteriaList([StopWhen(lambda: assembler.stopped)]),
             )
         tail = streamer.finish()
@@ -121,14 +127,6 @@ class Chat:
         self.messages += [{"role": "user", "content": text}, {"role": "assistant", "content": answer}]
         self.turns += 1
         return answer
-
-    def _processors(self) -> list:
-        if self.temperature <= 0:
-            return []
-        processors = [] if self.temperature == 1.0 else [TemperatureLogitsWarper(self.temperature)]
-        if self.top_p < 1.0:
-            processors.append(TopPLogitsWarper(self.top_p))
-        return [*processors, SeededSampler(self.seed + self.turns)]
 
     def close(self) -> None:
         self.sessions.close_all()

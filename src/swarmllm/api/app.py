@@ -27,12 +27,8 @@ from pydantic import ValidationError
 from transformers import (
     LogitsProcessorList,
     MinNewTokensLengthLogitsProcessor,
-    MinPLogitsWarper,
     RepetitionPenaltyLogitsProcessor,
     StoppingCriteriaList,
-    TemperatureLogitsWarper,
-    TopKLogitsWarper,
-    TopPLogitsWarper,
 )
 
 from swarmllm.api.generation import (
@@ -41,13 +37,14 @@ from swarmllm.api.generation import (
     OutputPenalties,
     Piece,
     PieceStreamer,
-    SeededSampler,
     StopWhen,
     TextAssembler,
     TokenLogprob,
     TokenTexts,
     chat_prompt,
     prompt_logprobs,
+    sampling,
+    special_ids,
 )
 from swarmllm.api.schemas import (
     ChatRequest,
@@ -130,11 +127,7 @@ class Engine:
         self.sessions = SessionPool(
             model, size=keep_sessions, idle_s=keep_sessions_s, context_length=context_length
         )
-        eos = model.generation_config.eos_token_id
-        self.eos_ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
-        self.pad_id = model.generation_config.pad_token_id
-        if self.pad_id is None:
-            self.pad_id = self.eos_ids[0] if self.eos_ids else 0
+        self.eos_ids, self.pad_id = special_ids(model.generation_config)
 
     def decode(self, tokens: list[int]) -> str:
         return self.tokenizer.decode(tokens, skip_special_tokens=True)
@@ -255,22 +248,13 @@ class Engine:
             processors.append(
                 OutputPenalties(prompt_length, request.frequency_penalty, request.presence_penalty)
             )
-        if request.temperature > 0:
-            if request.temperature != 1.0:
-                processors.append(TemperatureLogitsWarper(request.temperature))
-            if request.top_k > 0:
-                processors.append(TopKLogitsWarper(request.top_k))
-            if request.top_p < 1.0:
-                processors.append(TopPLogitsWarper(request.top_p))
-            if request.min_p > 0:
-                processors.append(MinPLogitsWarper(request.min_p))
-            seed = (
-                request.seed + index
-                if request.seed is not None
-                else int.from_bytes(uuid.uuid4().bytes[:8], "little")
-            )
-            processors.append(SeededSampler(seed))
-        return processors
+        seed = (
+            request.seed + index
+            if request.seed is not None
+            else int.from_bytes(uuid.uuid4().bytes[:8], "little")
+        )
+        top = {"top_p": request.top_p, "top_k": request.top_k, "min_p": request.min_p}
+        return processors + sampling(request.temperature, seed, **top)
 
     @staticmethod
     def _texts(entries: list[TokenLogprob], texts: TokenTexts) -> list[tuple[str, list[str]]]:

@@ -13,7 +13,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
-from transformers import LogitsProcessor, StoppingCriteria
+from transformers import (
+    LogitsProcessor,
+    MinPLogitsWarper,
+    StoppingCriteria,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
 from transformers.generation.streamers import BaseStreamer
 
 # A tokenizer without a chat template gets this plain layout (documented in the README): one "role: content"
@@ -232,6 +239,33 @@ class StopWhen(StoppingCriteria):
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
         return torch.full((input_ids.shape[0],), self.done(), dtype=torch.bool, device=input_ids.device)
+
+
+def special_ids(generation_config) -> tuple[list[int], int]:
+    """A model's EOS ids and the pad id its generates use (the first EOS when it names none)."""
+    eos = generation_config.eos_token_id
+    eos_ids = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    pad = generation_config.pad_token_id
+    return eos_ids, pad if pad is not None else (eos_ids[0] if eos_ids else 0)
+
+
+def sampling(
+    temperature: float, seed: int, *, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0
+) -> list[LogitsProcessor]:
+    """The processors that draw the next token, last in a generate's list: none for greedy (temperature 0),
+    else temperature, top-k, top-p and min-p (transformers' order), then a `SeededSampler` with `seed`."""
+    if temperature <= 0:
+        return []
+    processors: list[LogitsProcessor] = []
+    if temperature != 1.0:
+        processors.append(TemperatureLogitsWarper(temperature))
+    if top_k > 0:
+        processors.append(TopKLogitsWarper(top_k))
+    if top_p < 1.0:
+        processors.append(TopPLogitsWarper(top_p))
+    if min_p > 0:
+        processors.append(MinPLogitsWarper(min_p))
+    return [*processors, SeededSampler(seed)]
 
 
 class SeededSampler(LogitsProcessor):
