@@ -8,11 +8,12 @@ import os
 import queue
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+
+from swarmllm.forking import ForkedProcess, forked
 
 
 class ProcessFailed(RuntimeError):
@@ -22,7 +23,7 @@ class ProcessFailed(RuntimeError):
 @dataclass
 class ManagedProcess:
     name: str
-    proc: subprocess.Popen
+    proc: ForkedProcess | subprocess.Popen
     lines: queue.Queue = field(default_factory=queue.Queue)
     log: list[str] = field(default_factory=list)
 
@@ -86,15 +87,9 @@ class ManagedProcess:
 
 
 def _spawn(name: str, args: Sequence[str], env: dict[str, str] | None = None) -> ManagedProcess:
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "swarmllm.cli", *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
-        start_new_session=True,  # its own process group, so kill() reaches its DHT process and daemons too
-    )
-    return ManagedProcess(name, proc)
+    """`swarmllm ARGS` as a process of its own (its own process group, so kill() reaches its DHT process and
+    daemons too), forked from a warm interpreter rather than importing torch again (see `forking`)."""
+    return ManagedProcess(name, forked(args, {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}))
 
 
 def _online_record(server: ManagedProcess, timeout_s: float) -> dict:

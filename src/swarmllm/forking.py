@@ -1,0 +1,300 @@
+"""Start `swarmllm` processes by forking an interpreter that has imported torch, transformers and hivemind once.
+
+Each `swarmllm` process spends ~3 s of CPU importing those before it does anything; a demo, a benchmark or the
+test suite that starts dozens of servers on a 2-core machine spends minutes on imports alone. A `Forker` is one
+such warm process: for each command it forks a child, which is then a process like any other (its own session
+and process group, stdout and stderr on a pipe to the caller) that runs `swarmllm.cli.main(args)` with the
+caller's environment and exits with its status. The forker is the children's parent: it reaps them and writes
+each one's exit status to the caller, so `ForkedProcess` answers `poll`, `wait` and `returncode` as
+`subprocess.Popen` does.
+
+A variable read while torch or transformers import (`GOMP_SPINCOUNT`, `TORCH_LOGS`, `OMP_NUM_THREADS`, ...)
+takes effect in the forker, not in its child; so a forker serves one environment only, and `forked` starts
+another for a different one. `serve` commands get the server's OpenMP spin count in their environment, as
+`swarmllm serve` sets it before torch loads, so they get a forker of their own.
+
+The forker runs no torch op and starts no Python thread before it forks: torch's OpenMP pool (started by the
+first parallel op) and a lock held by another thread do not survive a fork. (numpy's and scipy's OpenBLAS start
+native threads at import; OpenBLAS stops and restarts them around a fork itself.) `forked` falls back to a plain
+`subprocess.Popen` of `python -m swarmllm.cli` if the forker finds a second Python thread, or cannot start.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import select
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import traceback
+from collections.abc import Sequence
+from typing import IO
+
+READY = b"ready\n"
+START_TIMEOUT_S = 120.0
+# what every swarmllm command imports; the faces' web modules are imported in the child that needs them
+PRELOAD = ("torch", "transformers", "hivemind", "swarmllm.server.server", "swarmllm.client", "swarmllm.dht")
+_PID = struct.Struct("<q")
+
+
+class ForkedProcess:
+    """A child of a `Forker`, with the part of `subprocess.Popen`'s interface a local swarm uses."""
+
+    def __init__(self, args: list[str], pid: int, stdout: IO[str], status_fd: int, forker_pid: int) -> None:
+        self.args = args
+        self.pid = pid
+        self.forker_pid = forker_pid  # its parent
+        self.stdout = stdout
+        self.returncode: int | None = None
+        self._status_fd = status_fd
+        self._status = b""
+
+    def poll(self) -> int | None:
+        return self._read_status(0.0)
+
+    def wait(self, timeout: float | None = None) -> int:
+        code = self._read_status(timeout)
+        if code is None:
+            raise subprocess.TimeoutExpired(self.args, timeout or 0.0)
+        return code
+
+    def send_signal(self, sig: int) -> None:
+        if self.returncode is None:
+            os.kill(self.pid, sig)
+
+    def terminate(self) -> None:
+        self.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+    def _read_status(self, timeout: float | None) -> int | None:
+        """The forker writes "<exit code>\\n" once it has reaped the child, then closes the pipe."""
+        while self.returncode is None:
+            readable, _, _ = select.select([self._status_fd], [], [], timeout)
+            if not readable:
+                return None
+            chunk = os.read(self._status_fd, 64)
+            self._status += chunk
+            if self._status.endswith(b"\n"):
+                self.returncode = int(self._status)
+            elif not chunk:
+                raise RuntimeError(f"the forker of pid {self.pid} exited before reporting its exit status")
+            if self.returncode is not None:
+                os.close(self._status_fd)
+        return self.returncode
+
+
+class Forker:
+    """The caller's end of one warm process (`python -m swarmllm.forking`) that forks `swarmllm` commands."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        ours, theirs = socket.socketpair()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "swarmllm.forking", str(theirs.fileno())],
+            pass_fds=[theirs.fileno()],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            env={**env, "PYTHONUNBUFFERED": "1"},
+        )
+        theirs.close()
+        self.sock = ours
+        self.lock = threading.Lock()
+        self.sock.settimeout(START_TIMEOUT_S)
+        try:
+            ready = self.sock.recv(len(READY))
+        except TimeoutError:
+            ready = b""
+        if ready != READY:
+            self.close()
+            raise RuntimeError("the forker did not start")
+        self.sock.settimeout(None)
+
+    def spawn(self, args: Sequence[str], env: dict[str, str]) -> ForkedProcess:
+        out_r, out_w = os.pipe()
+        status_r, status_w = os.pipe()
+        request = json.dumps({"args": list(args), "env": env}).encode()
+        try:
+            with self.lock:
+                socket.send_fds(self.sock, [struct.pack("<I", len(request)) + request], [out_w, status_w])
+                pid = _PID.unpack(_recv_exactly(self.sock, _PID.size))[0]
+        finally:
+            os.close(out_w)
+            os.close(status_w)
+        if pid < 0:
+            os.close(out_r)
+            os.close(status_r)
+            raise RuntimeError("the forker could not fork")
+        stdout = open(out_r, encoding="utf-8", errors="replace")  # noqa: SIM115 - the process object owns it
+        return ForkedProcess(
+            [sys.executable, "-m", "swarmllm.cli", *args], pid, stdout, status_r, self.proc.pid
+        )
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def close(self) -> None:
+        """The forker exits when its socket closes; its children (own sessions) live on, as with Popen."""
+        self.sock.close()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+_forkers: dict[frozenset, Forker] = {}
+_forkers_lock = threading.Lock()
+
+
+def forked(args: Sequence[str], env: dict[str, str]) -> ForkedProcess | subprocess.Popen:
+    """`python -m swarmllm.cli ARGS` under `env`: forked from a warm forker for that environment (started on first
+    use, closed at exit), or a plain `subprocess.Popen` where no forker can run."""
+    if args and args[0] == "serve":
+        # as `swarmllm serve` sets it before torch loads; an operator's value wins
+        from swarmllm.cli import SERVER_OMP_SPINCOUNT
+
+        env = {**env, "GOMP_SPINCOUNT": env.get("GOMP_SPINCOUNT", SERVER_OMP_SPINCOUNT)}
+    key = frozenset(env.items())
+    with _forkers_lock:
+        forker = _forkers.get(key)
+        if forker is None or not forker.alive():
+            try:
+                forker = _forkers[key] = Forker(env)
+            except (OSError, RuntimeError):
+                forker = None
+    if forker is not None:
+        try:
+            return forker.spawn(args, env)
+        except (OSError, RuntimeError):
+            pass
+    return subprocess.Popen(
+        [sys.executable, "-m", "swarmllm.cli", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        start_new_session=True,  # its own process group, so a kill reaches its DHT process and daemons too
+    )
+
+
+@atexit.register
+def _close_forkers() -> None:
+    for forker in _forkers.values():
+        forker.close()
+    _forkers.clear()
+
+
+def _recv_exactly(sock: socket.socket, size: int) -> bytes:
+    data = b""
+    while len(data) < size:
+        chunk = sock.recv(size - len(data))
+        if not chunk:
+            raise RuntimeError("the forker closed its socket")
+        data += chunk
+    return data
+
+
+# ---- the forker process -------------------------------------------------------------------------------------
+
+
+def _serve_forks(sock: socket.socket) -> None:
+    """Fork a child per request until the caller closes the socket; reap children as they exit."""
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_w, False)
+    signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
+    signal.signal(signal.SIGCHLD, lambda *_: None)  # wakes select() through the wakeup fd
+    status_fds: dict[int, int] = {}  # pid -> the write end of its status pipe
+    while True:
+        readable, _, _ = select.select([sock, wake_r], [], [])
+        if wake_r in readable:
+            os.read(wake_r, 4096)
+        _reap(status_fds)
+        if sock in readable:
+            # the two pipes' fds ride on the request's first bytes: they must be taken by this first receive
+            first, fds, _, _ = socket.recv_fds(sock, 1 << 16, 2)
+            if not first:
+                return
+            first += _recv_exactly(sock, max(0, 4 - len(first)))
+            size = struct.unpack("<I", first[:4])[0]
+            message = first[4:] + _recv_exactly(sock, size - len(first) + 4)
+            request = json.loads(message)
+            out_w, status_w = fds
+            pid = os.fork()
+            if pid == 0:
+                _run_child(request, out_w, sock, [wake_r, wake_w, status_w, *status_fds.values()])
+            os.close(out_w)
+            status_fds[pid] = status_w
+            sock.sendall(_PID.pack(pid))
+
+
+def _reap(status_fds: dict[int, int]) -> None:
+    while status_fds:
+        pid, status = os.waitpid(-1, os.WNOHANG)
+        if pid == 0:
+            return
+        fd = status_fds.pop(pid, None)
+        if fd is not None:
+            os.write(fd, f"{os.waitstatus_to_exitcode(status)}\n".encode())
+            os.close(fd)
+
+
+def _run_child(request: dict, out_w: int, sock: socket.socket, forker_fds: list[int]) -> None:
+    """In the forked child: become a process of its own, run the command and exit; never returns.
+
+    It exits as `python -m swarmllm.cli` would, waiting for its non-daemon threads, then running the atexit
+    handlers (hivemind's, multiprocessing's, logging's) and flushing its output, but without tearing down every
+    module one by one: with torch loaded that teardown alone takes ~1 s (multiprocessing's children end so too).
+    """
+    os.setsid()
+    signal.set_wakeup_fd(-1)
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    os.dup2(out_w, 1)
+    os.dup2(out_w, 2)
+    for fd in {out_w, sock.detach(), *forker_fds}:
+        os.close(fd)
+    os.environ.clear()
+    os.environ.update(request["env"])
+    sys.argv = ["swarmllm", *request["args"]]
+    code = 1
+    try:
+        from swarmllm.cli import main
+
+        code = main(request["args"])
+    except SystemExit as e:  # as the interpreter reads one: None is 0, a message is printed and is 1
+        code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+        if not isinstance(e.code, int | None):
+            print(e.code, file=sys.stderr)
+    except BaseException:  # noqa: BLE001 - whatever happens, the child must not go back into the forker's loop
+        traceback.print_exc()
+    finally:
+        try:
+            threading._shutdown()  # type: ignore[attr-defined] - as multiprocessing's children do
+            atexit._run_exitfuncs()
+            for stream in (sys.stdout, sys.stderr):
+                stream.flush()
+        finally:
+            os._exit(code)
+
+
+def _main(fd: int) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C at the terminal is the caller's to handle
+    sock = socket.socket(fileno=fd)
+    import importlib
+
+    for name in PRELOAD:
+        importlib.import_module(name)
+    if threading.active_count() > 1:
+        return  # forking now could copy a lock another thread holds: the caller falls back to Popen
+    sock.sendall(READY)
+    _serve_forks(sock)
+
+
+if __name__ == "__main__":
+    _main(int(sys.argv[1]))

@@ -1,0 +1,80 @@
+"""Processes forked from a warm interpreter behave as `python -m swarmllm.cli` processes started afresh: their
+output, exit status, own process group, signals, and environment."""
+
+import os
+import signal
+import subprocess
+import sys
+
+import psutil
+import pytest
+
+from swarmllm.forking import ForkedProcess, forked
+
+
+def _env(**extra: str) -> dict[str, str]:
+    return {**os.environ, "PYTHONUNBUFFERED": "1", **extra}
+
+
+def _in_group(process: psutil.Process, leader: ForkedProcess) -> bool:
+    try:
+        return os.getpgid(process.pid) == leader.pid
+    except ProcessLookupError:
+        return False
+
+
+def test_a_command_gives_its_output_and_exit_status():
+    ok = forked(["dht", "--help"], _env())
+    bad = forked(["no-such-command"], _env())
+    assert isinstance(ok, ForkedProcess) and isinstance(bad, ForkedProcess)
+    assert ok.wait(60) == 0 and "--initial-peers" in ok.stdout.read()
+    assert bad.wait(60) == 2  # argparse's status for a usage error, its message on the same pipe
+    assert "invalid choice: 'no-such-command'" in bad.stdout.read()
+    assert ok.poll() == 0 and ok.returncode == 0
+
+
+def test_a_running_process_has_its_own_group_takes_signals_and_reports_how_it_ended():
+    env = _env()
+    bootstraps = [forked(["dht"], env) for _ in range(2)]
+    for proc in bootstraps:
+        assert "Bootstrap peer" in proc.stdout.readline()  # it is up: its DHT process and p2pd run beside it
+        assert os.getpgid(proc.pid) == proc.pid  # a group of its own, for killpg of the whole process tree
+        assert proc.poll() is None
+        with pytest.raises(subprocess.TimeoutExpired):
+            proc.wait(0.05)
+    # forked from one warm process, which is their parent and reaps them
+    assert {psutil.Process(proc.pid).ppid() for proc in bootstraps} == {bootstraps[0].forker_pid}
+    assert bootstraps[0].forker_pid != os.getpid()
+
+    graceful, killed = bootstraps
+    group = [
+        child for child in psutil.Process(graceful.pid).children(recursive=True) if _in_group(child, graceful)
+    ]
+    assert {child.name() for child in group} >= {"p2pd", "python"}  # hivemind's DHT process and its daemon
+    graceful.send_signal(signal.SIGTERM)
+    assert graceful.wait(60) == 0
+    with pytest.raises(ProcessLookupError):  # it took its whole group with it
+        os.killpg(graceful.pid, 0)
+
+    os.killpg(killed.pid, signal.SIGKILL)
+    assert killed.wait(60) == -signal.SIGKILL
+
+
+def test_each_environment_gets_its_own_forker_and_the_child_runs_in_it():
+    # a variable read while torch imports (TORCH_LOGS, GOMP_SPINCOUNT) takes effect only in a forker started
+    # under it; COLUMNS is read when the help is printed, in the child: argparse wraps its help to that width
+    narrow = [forked(["serve", "--help"], _env(COLUMNS="50")) for _ in range(2)]
+    wide = forked(["serve", "--help"], _env(COLUMNS="200"))
+    parents = [proc.forker_pid for proc in (*narrow, wide)]
+    outputs = [proc.stdout.read() for proc in (*narrow, wide)]
+    assert all(proc.wait(60) == 0 for proc in (*narrow, wide))
+    assert parents[0] == parents[1] != parents[2]
+    assert outputs[0] == outputs[1] != outputs[2]
+    fresh = subprocess.run(
+        [sys.executable, "-m", "swarmllm.cli", "serve", "--help"],
+        env=_env(COLUMNS="50"),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert outputs[0] == fresh.stdout
