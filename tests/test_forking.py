@@ -33,9 +33,21 @@ def test_a_command_gives_its_output_and_exit_status():
     assert ok.poll() == 0 and ok.returncode == 0
 
 
-def test_a_running_process_has_its_own_group_takes_signals_and_reports_how_it_ended():
+@pytest.fixture
+def started():
+    """The processes a test starts; any still running when it ends (a failed assertion) is killed with its group."""
+    processes: list = []
+    yield processes
+    for proc in processes:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def test_a_running_process_has_its_own_group_takes_signals_and_reports_how_it_ended(started):
     env = _env()
     bootstraps = [forked(["dht"], env) for _ in range(2)]
+    started.extend(bootstraps)
     for proc in bootstraps:
         assert "Bootstrap peer" in proc.stdout.readline()  # it is up: its DHT process and p2pd run beside it
         assert os.getpgid(proc.pid) == proc.pid  # a group of its own, for killpg of the whole process tree
@@ -60,11 +72,12 @@ def test_a_running_process_has_its_own_group_takes_signals_and_reports_how_it_en
     assert killed.wait(60) == -signal.SIGKILL
 
 
-def test_each_environment_gets_its_own_forker_and_the_child_runs_in_it():
+def test_each_environment_gets_its_own_forker_and_the_child_runs_in_it(started):
     # a variable read while torch imports (TORCH_LOGS, GOMP_SPINCOUNT) takes effect only in a forker started
     # under it; COLUMNS is read when the help is printed, in the child: argparse wraps its help to that width
     narrow = [forked(["serve", "--help"], _env(COLUMNS="50")) for _ in range(2)]
     wide = forked(["serve", "--help"], _env(COLUMNS="200"))
+    started.extend([*narrow, wide])
     parents = [proc.forker_pid for proc in (*narrow, wide)]
     outputs = [proc.stdout.read() for proc in (*narrow, wide)]
     assert all(proc.wait(60) == 0 for proc in (*narrow, wide))

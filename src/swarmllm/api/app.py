@@ -15,6 +15,7 @@ import asyncio
 import itertools
 import json
 import logging
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -46,6 +47,7 @@ from swarmllm.api.generation import (
     sampling,
     special_ids,
 )
+from swarmllm.api.json_mode import JsonMask, JsonObjectLogits, token_bytes
 from swarmllm.api.schemas import (
     ChatRequest,
     CompletionRequest,
@@ -128,6 +130,16 @@ class Engine:
             model, size=keep_sessions, idle_s=keep_sessions_s, context_length=context_length
         )
         self.eos_ids, self.pad_id = special_ids(model.generation_config)
+        self._json_mask: JsonMask | None = None
+        self._json_lock = threading.Lock()
+
+    def json_mask(self) -> JsonMask:
+        """The vocabulary's trie for JSON mode, built at its first request (a batch decode of every token)."""
+        with self._json_lock:
+            if self._json_mask is None:
+                vocab_size = self.model.config.vocab_size  # the logits' width
+                self._json_mask = JsonMask(token_bytes(self.tokenizer, vocab_size), self.eos_ids)
+            return self._json_mask
 
     def decode(self, tokens: list[int]) -> str:
         return self.tokenizer.decode(tokens, skip_special_tokens=True)
@@ -234,8 +246,8 @@ class Engine:
 
     def _processors(self, prompt_length: int, request, recorder: LogprobRecorder | None, index: int) -> list:
         """What turns the model's logits into the next token, in vLLM's order: the recorder first (the model's
-        own log-probabilities), then `min_tokens` and `logit_bias`, the penalties, and when sampling
-        temperature, top-k, top-p, min-p and the draw."""
+        own log-probabilities), then `min_tokens` and `logit_bias`, the penalties, JSON mode's constraint, and
+        when sampling temperature, top-k, top-p, min-p and the draw."""
         processors = [] if recorder is None else [recorder]
         stop_ids = self.stop_ids(request)
         if request.min_tokens and stop_ids:
@@ -253,6 +265,8 @@ class Engine:
             if request.seed is not None
             else int.from_bytes(uuid.uuid4().bytes[:8], "little")
         )
+        if request.json_object():
+            processors.append(JsonObjectLogits(self.json_mask(), prompt_length))
         top = {"top_p": request.top_p, "top_k": request.top_k, "min_p": request.min_p}
         return processors + sampling(request.temperature, seed, **top)
 

@@ -1,16 +1,24 @@
 """The request bodies the API accepts, checked at the edge (pydantic), and OpenAI's error body.
 
 OpenAI's sampling fields are all honoured, with vLLM's extras (`top_k`, `min_p`, `repetition_penalty`,
-`min_tokens`, `ignore_eos`, `stop_token_ids`). What the API cannot do is refused with a 400 rather than silently
-ignored: tools, a JSON `response_format`, a completion `suffix`. Fields it does not know are ignored, as OpenAI's own
-server does with fields newer than it.
+`min_tokens`, `ignore_eos`, `stop_token_ids`), and JSON mode (`response_format` `json_object`). What the API
+cannot do is refused with a 400 rather than silently ignored: tools, a JSON schema's `response_format`, a
+completion `suffix`. Fields it does not know are ignored, as OpenAI's own server does with fields newer than it.
 """
 
 from __future__ import annotations
 
 from typing import Annotated
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 # OpenAI takes 4 stop strings; lm-evaluation-harness sends a task's whole list (and the EOS text) to completions
 Stop = str | Annotated[list[str], Field(max_length=16)] | None
@@ -107,6 +115,9 @@ class CompletionRequest(_Sampling):
         """None: no log-probabilities; else how many most likely tokens each step lists beside the chosen one."""
         return self.logprobs
 
+    def json_object(self) -> bool:
+        return False  # JSON mode is a chat completion's `response_format`
+
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
@@ -153,9 +164,20 @@ class ChatRequest(_Sampling):
 
     @field_validator("response_format")
     @classmethod
-    def _text_only(cls, fmt):
-        if fmt is not None and fmt.get("type") != "text":
-            raise ValueError("only the text response_format is supported (no JSON mode or schema)")
+    def _text_or_json_object(cls, fmt, info: ValidationInfo):
+        if fmt is not None and fmt.get("type") not in ("text", "json_object"):
+            raise ValueError("response_format must be text or json_object (JSON schemas are not supported)")
+        # as OpenAI requires: a model not told to write JSON, but held to it, may fill its answer with blanks
+        messages = info.data.get("messages") or []
+        if (
+            fmt
+            and fmt.get("type") == "json_object"
+            and not any("json" in m.content.lower() for m in messages)
+        ):
+            raise ValueError(
+                "'messages' must contain the word 'json' in some form, to use 'response_format' of type "
+                "'json_object'"
+            )
         return fmt
 
     @model_validator(mode="after")
@@ -163,6 +185,10 @@ class ChatRequest(_Sampling):
         if self.top_logprobs and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs: true")
         return self
+
+    def json_object(self) -> bool:
+        """Whether the answer is held to one JSON object (JSON mode)."""
+        return self.response_format is not None and self.response_format.get("type") == "json_object"
 
     def candidates(self) -> int:
         return self.n

@@ -1,0 +1,275 @@
+"""JSON mode (`response_format: {"type": "json_object"}`): the answer is constrained to one JSON object.
+
+At each step only the tokens whose bytes keep the text so far a prefix of a JSON object may be sampled, and
+the end of the sequence only once the object is closed. `advance` is a byte-level pushdown recogniser of
+RFC 8259 JSON whose top level is an object, with a state that is a small hashable tuple; `JsonMask` walks a
+trie of the vocabulary's byte strings from a state, pruning a branch at its first invalid byte, and keeps the
+allowed-token mask of each state it has met (a string's body, the commonest state, repeats at every token).
+
+Whitespace between tokens is allowed up to `MAX_WHITESPACE` bytes in a row, and nesting up to `MAX_DEPTH`,
+so a model cannot fill its answer with blank space or open brackets for ever. Bytes of 0x80 and above are
+allowed only inside strings (they are UTF-8 there); the recogniser does not check UTF-8 itself.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
+
+import torch
+from transformers import LogitsProcessor
+
+MAX_WHITESPACE = 24
+MAX_DEPTH = 32
+CACHED_MASKS = 256
+
+# modes
+(
+    TOP,
+    OBJ_OPEN,
+    OBJ_KEY,
+    KEY,
+    KEY_ESC,
+    KEY_HEX,
+    COLON,
+    VALUE,
+    ARR_OPEN,
+    AFTER,
+    STR,
+    STR_ESC,
+    STR_HEX,
+    NUM,
+    LIT,
+    DONE,
+) = range(16)
+# number sub-states (the aux of NUM): which bytes may come next
+N_MINUS, N_ZERO, N_INT, N_DOT, N_FRAC, N_E, N_ESIGN, N_EXP = range(8)
+N_CAN_END = {N_ZERO, N_INT, N_FRAC, N_EXP}
+LITERALS = (b"true", b"false", b"null")
+WHITESPACE = frozenset(b" \t\n\r")
+DIGITS = frozenset(b"0123456789")
+HEX = frozenset(b"0123456789abcdefABCDEF")
+ESCAPES = frozenset(b'"\\/bfnrt')
+WS_MODES = frozenset({TOP, OBJ_OPEN, OBJ_KEY, COLON, VALUE, ARR_OPEN, AFTER, DONE})
+
+State = tuple[str, int, int, int]  # (open containers "o"/"a", mode, mode's aux, whitespace bytes in a row)
+START: State = ("", TOP, 0, 0)
+
+
+def advance(state: State, byte: int) -> State | None:
+    """The state after one more byte, or None if no JSON object starts with the text so far plus `byte`."""
+    stack, mode, aux, ws = state
+    if mode in WS_MODES and byte in WHITESPACE:
+        return (stack, mode, aux, ws + 1) if ws < MAX_WHITESPACE else None
+    if mode == STR or mode == KEY:
+        if byte == 0x22:  # '"'
+            return (stack, AFTER, 0, 0) if mode == STR else (stack, COLON, 0, 0)
+        if byte == 0x5C:  # '\'
+            return (stack, mode + 1, 0, 0)
+        return state if byte >= 0x20 else None
+    if mode == STR_ESC or mode == KEY_ESC:
+        if byte == ord("u"):
+            return (stack, mode + 1, 4, 0)
+        return (stack, mode - 1, 0, 0) if byte in ESCAPES else None
+    if mode == STR_HEX or mode == KEY_HEX:
+        if byte not in HEX:
+            return None
+        return (stack, mode, aux - 1, 0) if aux > 1 else (stack, mode - 2, 0, 0)
+    if mode == NUM:
+        following = _number(aux, byte)
+        if following is not None:
+            return (stack, NUM, following, 0)
+        return advance((stack, AFTER, 0, 0), byte) if aux in N_CAN_END else None
+    if mode == LIT:
+        literal, at = LITERALS[aux // 8], aux % 8
+        if byte != literal[at]:
+            return None
+        return (stack, AFTER, 0, 0) if at + 1 == len(literal) else (stack, LIT, aux + 1, 0)
+    if mode == TOP:
+        return ("o", OBJ_OPEN, 0, 0) if byte == ord("{") else None
+    if mode in (OBJ_OPEN, OBJ_KEY):
+        if byte == 0x22:
+            return (stack, KEY, 0, 0)
+        return _close(stack, byte) if mode == OBJ_OPEN else None
+    if mode == COLON:
+        return (stack, VALUE, 0, 0) if byte == ord(":") else None
+    if mode in (VALUE, ARR_OPEN):
+        opened = _value_start(stack, byte)
+        if opened is not None or mode == VALUE:
+            return opened
+        return _close(stack, byte)
+    if mode == AFTER:
+        if byte == ord(","):
+            return (stack, OBJ_KEY if stack[-1] == "o" else VALUE, 0, 0)
+        return _close(stack, byte)
+    return None  # DONE: the object is closed, only whitespace may follow
+
+
+def feed(state: State | None, data: bytes) -> State | None:
+    for byte in data:
+        if state is None:
+            return None
+        state = advance(state, byte)
+    return state
+
+
+def complete(state: State | None) -> bool:
+    """Whether the text so far is a whole JSON object (the end of the sequence may come now)."""
+    return state is not None and state[1] == DONE
+
+
+def _number(sub: int, byte: int) -> int | None:
+    digit = byte in DIGITS
+    if sub == N_MINUS:
+        return N_ZERO if byte == ord("0") else N_INT if digit else None
+    if sub in (N_ZERO, N_INT, N_FRAC):
+        if digit and sub != N_ZERO:
+            return sub
+        if byte == ord(".") and sub != N_FRAC:
+            return N_DOT
+        return N_E if byte in b"eE" else None
+    if sub == N_DOT:
+        return N_FRAC if digit else None
+    if sub == N_E:
+        return N_ESIGN if byte in b"+-" else N_EXP if digit else None
+    if sub == N_ESIGN:
+        return N_EXP if digit else None
+    return N_EXP if digit else None  # N_EXP
+
+
+def _value_start(stack: str, byte: int) -> State | None:
+    if byte == ord("{") or byte == ord("["):
+        if len(stack) >= MAX_DEPTH:
+            return None
+        return (stack + "o", OBJ_OPEN, 0, 0) if byte == ord("{") else (stack + "a", ARR_OPEN, 0, 0)
+    if byte == 0x22:
+        return (stack, STR, 0, 0)
+    if byte == ord("-"):
+        return (stack, NUM, N_MINUS, 0)
+    if byte in DIGITS:
+        return (stack, NUM, N_ZERO if byte == ord("0") else N_INT, 0)
+    for index, literal in enumerate(LITERALS):
+        if byte == literal[0]:
+            return (stack, LIT, index * 8 + 1, 0)
+    return None
+
+
+def _close(stack: str, byte: int) -> State | None:
+    if (byte == ord("}") and stack[-1] == "o") or (byte == ord("]") and stack[-1] == "a"):
+        rest = stack[:-1]
+        return (rest, AFTER, 0, 0) if rest else (rest, DONE, 0, 0)
+    return None
+
+
+def token_bytes(tokenizer, vocab_size: int) -> list[bytes | None]:
+    """What each token adds to the text, as bytes (None for special tokens, which never appear in the text).
+
+    A token's own decoding can drop a leading space (SentencePiece) or differ at the start of a text, so each
+    is decoded after a fixed ordinary token and that token's text is taken off."""
+    special = set(tokenizer.all_special_ids)
+    anchor = next(i for i in range(vocab_size) if i not in special)
+    prefix = tokenizer.decode([anchor], clean_up_tokenization_spaces=False)
+    texts = tokenizer.batch_decode(
+        [[anchor, i] for i in range(vocab_size)], clean_up_tokenization_spaces=False
+    )
+    pieces: list[bytes | None] = []
+    for i, text in enumerate(texts):
+        if i in special or i >= len(tokenizer) or not text.startswith(prefix):
+            pieces.append(None)
+        else:
+            pieces.append(text[len(prefix) :].encode("utf-8"))
+    return pieces
+
+
+class JsonMask:
+    """The tokens allowed after each state, found by a walk of the vocabulary's byte trie, cached per state."""
+
+    def __init__(self, pieces: Sequence[bytes | None], eos_ids: Sequence[int]) -> None:
+        self.vocab_size = len(pieces)
+        self.eos_ids = list(eos_ids)
+        self.trie: dict = {}
+        for token, piece in enumerate(pieces):
+            if not piece:
+                continue  # special tokens and empty pieces never move the text on
+            node = self.trie
+            for byte in piece:
+                node = node.setdefault(byte, {})
+            node.setdefault(None, []).append(token)
+        self.pieces = pieces
+        self._masks: OrderedDict[State, torch.Tensor] = OrderedDict()
+        self._lock = threading.Lock()  # concurrent requests share the cache
+
+    def allowed(self, state: State) -> torch.Tensor:
+        """A bool tensor over the vocabulary: True where the token may come next."""
+        with self._lock:
+            mask = self._masks.get(state)
+            if mask is not None:
+                self._masks.move_to_end(state)
+                return mask
+        mask = self._walk(state)
+        with self._lock:
+            self._masks[state] = mask
+            if len(self._masks) > CACHED_MASKS:
+                self._masks.popitem(last=False)
+        return mask
+
+    def _walk(self, state: State) -> torch.Tensor:
+        allowed: list[int] = []
+        walk = [(self.trie, state)]
+        while walk:
+            node, at = walk.pop()
+            for byte, child in node.items():
+                if byte is None:
+                    allowed.extend(child)
+                    continue
+                following = advance(at, byte)
+                if following is not None:
+                    walk.append((child, following))
+        mask = torch.zeros(self.vocab_size, dtype=torch.bool)
+        mask[allowed] = True
+        if complete(state):
+            mask[self.eos_ids] = True
+        return mask
+
+    @property
+    def only_eos(self) -> torch.Tensor:
+        mask = torch.zeros(self.vocab_size, dtype=torch.bool)
+        mask[self.eos_ids] = True
+        return mask
+
+    def after(self, state: State | None, token: int) -> State | None:
+        piece = self.pieces[token] if token < len(self.pieces) else None
+        return None if piece is None else feed(state, piece)
+
+
+class JsonObjectLogits(LogitsProcessor):
+    """Leaves possible only the tokens that keep a generate's answer a prefix of a JSON object (EOS once it is
+    whole). It follows the answer as it grows, one row of a batch per answer."""
+
+    def __init__(self, mask: JsonMask, prompt_length: int):
+        self.mask, self.prompt_length = mask, prompt_length
+        self.states: list[State | None] = []
+        self.seen = 0
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        if not self.states:
+            self.states = [START] * input_ids.shape[0]
+        new = input_ids[:, self.prompt_length + self.seen :].tolist()
+        self.seen += len(new[0])
+        rows = []
+        for row, tokens in enumerate(new):
+            state = self.states[row]
+            for token in tokens:
+                state = self.mask.after(state, token)
+            self.states[row] = state
+            # a row whose answer left JSON (EOS, padding after it) only ends
+            allowed = self.mask.allowed(state) if state is not None else self.mask.only_eos
+            rows.append(allowed)
+        allowed = torch.stack(rows).to(scores.device)
+        scores = scores.masked_fill(~allowed, -float("inf"))
+        # nothing left (a vocabulary without JSON's characters, or EOS banned by min_tokens): the answer ends
+        stuck = torch.isinf(scores).all(dim=-1).nonzero().flatten()
+        for row in stuck.tolist():
+            scores[row, self.mask.eos_ids] = 0.0
+        return scores
