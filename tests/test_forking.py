@@ -4,11 +4,11 @@ output, exit status, own process group, signals, and environment."""
 import os
 import signal
 import subprocess
-import sys
 
 import psutil
 import pytest
 
+from swarmllm.cli import main
 from swarmllm.forking import ForkedProcess, forked
 
 
@@ -31,6 +31,9 @@ def test_a_command_gives_its_output_and_exit_status():
     assert bad.wait(60) == 2  # argparse's status for a usage error, its message on the same pipe
     assert "invalid choice: 'no-such-command'" in bad.stdout.read()
     assert ok.poll() == 0 and ok.returncode == 0
+    # pytest names the running test in the environment: no reason for a forker of its own
+    other_test = forked(["dht", "--help"], _env(PYTEST_CURRENT_TEST="another test"))
+    assert other_test.wait(60) == 0 and other_test.forker_pid == ok.forker_pid
 
 
 @pytest.fixture
@@ -72,22 +75,19 @@ def test_a_running_process_has_its_own_group_takes_signals_and_reports_how_it_en
     assert killed.wait(60) == -signal.SIGKILL
 
 
-def test_each_environment_gets_its_own_forker_and_the_child_runs_in_it(started):
+def test_each_environment_gets_its_own_forker_and_the_child_runs_in_it(started, monkeypatch, capsys):
     # a variable read while torch imports (TORCH_LOGS, GOMP_SPINCOUNT) takes effect only in a forker started
     # under it; COLUMNS is read when the help is printed, in the child: argparse wraps its help to that width
     narrow = [forked(["serve", "--help"], _env(COLUMNS="50")) for _ in range(2)]
-    wide = forked(["serve", "--help"], _env(COLUMNS="200"))
-    started.extend([*narrow, wide])
-    parents = [proc.forker_pid for proc in (*narrow, wide)]
-    outputs = [proc.stdout.read() for proc in (*narrow, wide)]
-    assert all(proc.wait(60) == 0 for proc in (*narrow, wide))
+    usual = forked(["serve", "--help"], _env())  # (no COLUMNS: 80, as for any output that is not a terminal)
+    started.extend([*narrow, usual])
+    parents = [proc.forker_pid for proc in (*narrow, usual)]
+    outputs = [proc.stdout.read() for proc in (*narrow, usual)]
+    assert all(proc.wait(60) == 0 for proc in (*narrow, usual))
     assert parents[0] == parents[1] != parents[2]
     assert outputs[0] == outputs[1] != outputs[2]
-    fresh = subprocess.run(
-        [sys.executable, "-m", "swarmllm.cli", "serve", "--help"],
-        env=_env(COLUMNS="50"),
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    assert outputs[0] == fresh.stdout
+    # and it is what the command prints run here, under the same environment
+    monkeypatch.setenv("COLUMNS", "50")
+    with pytest.raises(SystemExit) as done:
+        main(["serve", "--help"])
+    assert done.value.code == 0 and outputs[0] == capsys.readouterr().out

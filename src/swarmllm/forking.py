@@ -32,6 +32,7 @@ import subprocess
 import sys
 import threading
 import traceback
+from collections import OrderedDict
 from collections.abc import Sequence
 from typing import IO
 
@@ -53,6 +54,7 @@ class ForkedProcess:
         self.returncode: int | None = None
         self._status_fd = status_fd
         self._status = b""
+        self._reading = threading.Lock()
 
     def poll(self) -> int | None:
         return self._read_status(0.0)
@@ -74,7 +76,16 @@ class ForkedProcess:
         self.send_signal(signal.SIGKILL)
 
     def _read_status(self, timeout: float | None) -> int | None:
-        """The forker writes "<exit code>\\n" once it has reaped the child, then closes the pipe."""
+        """The forker writes "<exit code>\\n" once it has reaped the child, then closes the pipe. One thread
+        reads at a time; a poll while another thread waits answers from what has been read."""
+        if not self._reading.acquire(timeout=-1 if timeout is None else timeout):
+            return self.returncode
+        try:
+            return self._read_status_locked(timeout)
+        finally:
+            self._reading.release()
+
+    def _read_status_locked(self, timeout: float | None) -> int | None:
         while self.returncode is None:
             readable, _, _ = select.select([self._status_fd], [], [], timeout)
             if not readable:
@@ -105,6 +116,7 @@ class Forker:
         theirs.close()
         self.sock = ours
         self.lock = threading.Lock()
+        self.children: list[ForkedProcess] = []
         self.sock.settimeout(START_TIMEOUT_S)
         try:
             ready = self.sock.recv(len(READY))
@@ -131,12 +143,19 @@ class Forker:
             os.close(status_r)
             raise RuntimeError("the forker could not fork")
         stdout = open(out_r, encoding="utf-8", errors="replace")  # noqa: SIM115 - the process object owns it
-        return ForkedProcess(
+        child = ForkedProcess(
             [sys.executable, "-m", "swarmllm.cli", *args], pid, stdout, status_r, self.proc.pid
         )
+        self.children.append(child)
+        return child
 
     def alive(self) -> bool:
         return self.proc.poll() is None
+
+    def idle(self) -> bool:
+        """Whether every child it forked has exited (closing it then leaves none without its exit status)."""
+        self.children = [child for child in self.children if child.poll() is None]
+        return not self.children
 
     def close(self) -> None:
         """The forker exits when its socket closes; its children (own sessions) live on, as with Popen."""
@@ -148,7 +167,11 @@ class Forker:
             self.proc.wait()
 
 
-_forkers: dict[frozenset, Forker] = {}
+# variables that change while their caller runs and that nothing reads as it imports (pytest names the running
+# test in one): a change of them needs no forker of its own
+RUNTIME_VARIABLES = frozenset({"PYTEST_CURRENT_TEST"})
+MAX_IDLE_FORKERS = 2  # beyond these, the least recently used forker whose children have all exited is closed
+_forkers: OrderedDict[frozenset, Forker] = OrderedDict()
 _forkers_lock = threading.Lock()
 
 
@@ -160,14 +183,19 @@ def forked(args: Sequence[str], env: dict[str, str]) -> ForkedProcess | subproce
         from swarmllm.cli import SERVER_OMP_SPINCOUNT
 
         env = {**env, "GOMP_SPINCOUNT": env.get("GOMP_SPINCOUNT", SERVER_OMP_SPINCOUNT)}
-    key = frozenset(env.items())
+    key = frozenset((name, value) for name, value in env.items() if name not in RUNTIME_VARIABLES)
     with _forkers_lock:
-        forker = _forkers.get(key)
+        forker = _forkers.pop(key, None)
         if forker is None or not forker.alive():
             try:
-                forker = _forkers[key] = Forker(env)
+                forker = Forker(env)
             except (OSError, RuntimeError):
                 forker = None
+        if forker is not None:
+            _forkers[key] = forker  # the most recently used last
+        idle = [other for other in list(_forkers)[:-1] if _forkers[other].idle()]
+        for other in idle[: max(0, len(idle) - MAX_IDLE_FORKERS)]:
+            _forkers.pop(other).close()
     if forker is not None:
         try:
             return forker.spawn(args, env)
