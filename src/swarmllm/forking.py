@@ -201,13 +201,19 @@ def forked(args: Sequence[str], env: dict[str, str]) -> ForkedProcess | subproce
             return forker.spawn(args, env)
         except (OSError, RuntimeError):
             pass
+    return popen_cli(args, env)
+
+
+def popen_cli(args: Sequence[str], env: dict[str, str]) -> subprocess.Popen:
+    """`python -m swarmllm.cli ARGS` as a new interpreter, as `forked` gives it: its own session and process
+    group (so a kill reaches its DHT process and daemons too), stdout and stderr on one text pipe."""
     return subprocess.Popen(
         [sys.executable, "-m", "swarmllm.cli", *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
         env=env,
-        start_new_session=True,  # its own process group, so a kill reaches its DHT process and daemons too
+        start_new_session=True,
     )
 
 

@@ -13,7 +13,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from swarmllm.forking import ForkedProcess, forked
+from swarmllm.forking import ForkedProcess, forked, popen_cli
 
 
 class ProcessFailed(RuntimeError):
@@ -86,10 +86,11 @@ class ManagedProcess:
         return self.proc.wait()
 
 
-def _spawn(name: str, args: Sequence[str], env: dict[str, str] | None = None) -> ManagedProcess:
+def _spawn(name: str, args: Sequence[str], *, fork: bool) -> ManagedProcess:
     """`swarmllm ARGS` as a process of its own (its own process group, so kill() reaches its DHT process and
-    daemons too), forked from a warm interpreter rather than importing torch again (see `forking`)."""
-    return ManagedProcess(name, forked(args, {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}))
+    daemons too): forked from a warm interpreter rather than importing torch again (see `forking`), or not."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    return ManagedProcess(name, forked(args, env) if fork else popen_cli(args, env))
 
 
 def _online_record(server: ManagedProcess, timeout_s: float) -> dict:
@@ -100,7 +101,9 @@ def _online_record(server: ManagedProcess, timeout_s: float) -> dict:
 class LocalSwarm:
     """Bootstrap peer plus servers, each a real `swarmllm` process on 127.0.0.1."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, fork: bool = True) -> None:
+        """`fork`: start the processes from warm interpreters (`forking`), or each as a new interpreter."""
+        self.fork = fork
         self.bootstrap: ManagedProcess | None = None
         self.servers: list[ManagedProcess] = []
         self.server_args: list[list[str]] = []  # each server's command line, to restart it
@@ -109,7 +112,7 @@ class LocalSwarm:
         self.api: ManagedProcess | None = None
 
     def start_bootstrap(self, timeout_s: float = 60.0, *, extra: Sequence[str] = ()) -> list[str]:
-        self.bootstrap = _spawn("bootstrap", ["dht", *extra])
+        self.bootstrap = _spawn("bootstrap", ["dht", *extra], fork=self.fork)
         line = self.bootstrap.wait_for(lambda s: s.strip().startswith("--initial-peers"), timeout_s)
         self.initial_peers = line.split()[1:]
         return self.initial_peers
@@ -138,7 +141,9 @@ class LocalSwarm:
             args = ["serve", model, "--initial-peers", *self.initial_peers, *extra]
             if blocks is not None:
                 args += ["--blocks", f"{blocks[0]}:{blocks[1]}"]
-            started.append(_spawn(f"server {len(self.servers) + len(started)} ({model} {blocks})", args))
+            started.append(
+                _spawn(f"server {len(self.servers) + len(started)} ({model} {blocks})", args, fork=self.fork)
+            )
             self.server_args.append(args)
         self.servers.extend(started)
         return [_online_record(server, timeout_s) for server in started]
@@ -146,7 +151,9 @@ class LocalSwarm:
     def start_monitor(self, *, port: int = 0, extra: Sequence[str] = (), timeout_s: float = 60.0) -> str:
         """Start `swarmllm monitor` on 127.0.0.1; returns its URL (ends with "/")."""
         self.monitor = _spawn(
-            "monitor", ["monitor", "--initial-peers", *self.initial_peers, "--port", str(port), *extra]
+            "monitor",
+            ["monitor", "--initial-peers", *self.initial_peers, "--port", str(port), *extra],
+            fork=self.fork,
         )
         line = self.monitor.wait_for(lambda s: s.startswith("Monitor: "), timeout_s)
         return line.split()[1]
@@ -156,7 +163,9 @@ class LocalSwarm:
     ) -> str:
         """Start `swarmllm api MODEL` on 127.0.0.1; returns its base URL (ends with "/v1")."""
         self.api = _spawn(
-            "api", ["api", model, "--initial-peers", *self.initial_peers, "--port", str(port), *extra]
+            "api",
+            ["api", model, "--initial-peers", *self.initial_peers, "--port", str(port), *extra],
+            fork=self.fork,
         )
         line = self.api.wait_for(lambda s: s.startswith("OpenAI-compatible API: "), timeout_s)
         return line.split()[2]
@@ -165,7 +174,7 @@ class LocalSwarm:
         """Start server `index` again with the same command line (after it was killed or stopped)."""
         old = self.servers[index]
         old.kill()
-        self.servers[index] = _spawn(old.name, self.server_args[index])
+        self.servers[index] = _spawn(old.name, self.server_args[index], fork=self.fork)
         return _online_record(self.servers[index], timeout_s)
 
     def stop_server(self, index: int) -> int:
