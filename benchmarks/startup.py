@@ -70,7 +70,8 @@ def main() -> None:
     if not args.no_record:
         notes = (
             f"A bootstrap peer and {args.servers} servers of the tiny test Llama (4 blocks) on 127.0.0.1, started "
-            f"at once; a client generates 2 tokens through them before all stop. Medians of {args.repeats} runs "
+            "at once with the default flags (so each compiles its decode step before it goes online, either way); "
+            f"a client generates 2 tokens through them before all stop. Medians of {args.repeats} runs "
             "per way, the ways alternating, after a warm-up run of each (forked: the forkers were started by it). "
             f"Servers online {plain / forked:.1f}x sooner forked."
         )
