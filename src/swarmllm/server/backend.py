@@ -43,7 +43,7 @@ import itertools
 import logging
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -159,6 +159,7 @@ class Backend:
         self.budget = CacheBudget(cache_tokens)
         self.sessions: dict[str, Session] = {}
         self.compute = ComputeThread()
+        self._compiler = ThreadPoolExecutor(max_workers=1, thread_name_prefix="swarmllm-compile")
         # on a GPU the compute thread's work runs on a stream of its own (`on_compute_thread`)
         self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self._ids = itertools.count()
@@ -609,12 +610,18 @@ class Backend:
 
     def set_threads(self, threads: int) -> Future:
         """Torch's CPU thread count for the compute thread too (each thread keeps the count it started with).
-        A compiled decode step then compiles for it there (`DecodeRunner.warm_up`), while steps run eagerly;
-        returns that job, done at once when nothing compiles."""
+        A compiled decode step then compiles for it (`DecodeRunner.warm_up`) on a thread of its own, so that
+        steps go on, eagerly, for the seconds that takes; returns that job, done at once when nothing compiles.
+        """
         self.compute.submit("", torch.set_num_threads, threads).result()
-        return self.compute.submit("", self.decoder.warm_up)
+        return self._compiler.submit(self._warm_up, threads)
+
+    def _warm_up(self, threads: int) -> None:
+        torch.set_num_threads(threads)  # the compiled step is guarded on the calling thread's count
+        self.decoder.warm_up()
 
     def shutdown(self) -> None:
         for session in list(self.sessions.values()):
             self.close_session(session)
         self.compute.shutdown()
+        self._compiler.shutdown(wait=False, cancel_futures=True)

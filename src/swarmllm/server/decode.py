@@ -6,11 +6,12 @@ All three ways run `BlockSpan.decode`, so they compute the same thing:
 - compiled (`--compile`; the default on CPU for blocks of under 2^20 weights, see `compiles_by_default`): torch.compile
   (Inductor, C++ wrapper) with the cache length marked dynamic, so one compilation serves every step; on a CPU
   it fuses a block's few dozen small ops into a handful of loops (tiny model: 0.58 -> 0.35-0.50 ms a step).
-  Compiled on the compute thread (`warm_up`), at start-up and again whenever the server's CPU thread count
-  changes (torch guards a compiled step on it), for the steps of one sequence over the whole span without
-  padding, which is what it then serves: any other step (a batch, padding, a sub-range of the span, an adapter,
-  or a thread count not compiled yet) runs eagerly, so no step ever waits for a compilation. A failure to
-  compile (no C++ compiler, say) falls back to eager with a warning.
+  Compiled on a thread of its own (`warm_up`, from `Backend.set_threads`), at start-up (before the server goes
+  online) and again whenever the server's CPU thread count changes (torch guards a compiled step on it), for the
+  steps of one sequence over the whole span without padding, which is what it then serves: any other step (a
+  batch, padding, a sub-range of the span, an adapter, or a thread count not compiled yet), and every step
+  while a compilation runs, runs eagerly on the compute thread, so no step ever waits for a compilation. A
+  failure to compile (no C++ compiler, say) falls back to eager with a warning.
 - CUDA graphs: the default on CUDA, replayed with the slots and positions as tensors: one launch per step
   instead of hundreds. Sessions whose caches are rows of the server's cache arena (`server.arena`; those
   without an adapter) share row graphs: one per bucket of rows (a power of two that covers the highest row in
@@ -173,6 +174,7 @@ class DecodeRunner:
         # row graphs and the tensors their replays write, by (blocks' bounds, rows, attended slots)
         self._row_graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._warm: set[int] = set()  # the CPU thread counts the decode step is compiled for
+        self._compiling = False
         if compile:
             self._decode = torch.compile(span.decode, fullgraph=True, options={"cpp_wrapper": True})
 
@@ -181,14 +183,22 @@ class DecodeRunner:
         return "cuda-graphs" if self.cuda_graphs else "compiled" if self.compiled else "eager"
 
     def warm_up(self) -> None:
-        """Compile the steps it serves (see the module doc) for the calling thread's CPU thread count (on the
-        compute thread, off the event loop), so that no client's step waits seconds for it (a span with an edge
-        inside a ladder region steps the ladder pair, eagerly: nothing to compile)."""
+        """Compile the steps it serves (see the module doc) for the calling thread's CPU thread count (off the
+        event loop and off the compute thread), so that no client's step waits seconds for it (a span with an
+        edge inside a ladder region steps the ladder pair, eagerly: nothing to compile)."""
         config, span, threads = self.span.config, self.span, torch.get_num_threads()
         if not self.compiled or threads in self._warm:
             return
         if config.carries_pending(span.start) or config.carries_pending(span.end):
             return
+        self._compiling = True  # the compute thread runs no compiled step meanwhile
+        try:
+            self._compile(threads)
+        finally:
+            self._compiling = False
+
+    def _compile(self, threads: int) -> None:
+        config, span = self.span.config, self.span
         logger.info(
             "compiling the decode step for %d CPU threads (torch.compile); this takes a while once", threads
         )
@@ -237,6 +247,7 @@ class DecodeRunner:
             and (blocks is None or range(n)[blocks] == range(n))
             and (window is None or slot < window)
             and torch.get_num_threads() in self._warm
+            and not self._compiling
         )
 
     def _compiled_step(
