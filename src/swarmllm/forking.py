@@ -259,11 +259,16 @@ def _serve_forks(sock: socket.socket) -> None:
             message = first[4:] + _recv_exactly(sock, size - len(first) + 4)
             request = json.loads(message)
             out_w, status_w = fds
-            pid = os.fork()
+            try:
+                pid = os.fork()
+            except OSError:  # out of processes or memory: the caller starts it afresh, the forker goes on
+                os.close(status_w)
+                pid = -1
             if pid == 0:
                 _run_child(request, out_w, sock, [wake_r, wake_w, status_w, *status_fds.values()])
             os.close(out_w)
-            status_fds[pid] = status_w
+            if pid > 0:
+                status_fds[pid] = status_w
             sock.sendall(_PID.pack(pid))
 
 

@@ -197,6 +197,8 @@ class JsonMask:
                 node = node.setdefault(byte, {})
             node.setdefault(None, []).append(token)
         self.pieces = pieces
+        self.only_eos = torch.zeros(self.vocab_size, dtype=torch.bool)
+        self.only_eos[self.eos_ids] = True
         self._masks: OrderedDict[State, torch.Tensor] = OrderedDict()
         self._lock = threading.Lock()  # concurrent requests share the cache
 
@@ -230,12 +232,6 @@ class JsonMask:
         mask[allowed] = True
         if complete(state):
             mask[self.eos_ids] = True
-        return mask
-
-    @property
-    def only_eos(self) -> torch.Tensor:
-        mask = torch.zeros(self.vocab_size, dtype=torch.bool)
-        mask[self.eos_ids] = True
         return mask
 
     def after(self, state: State | None, token: int) -> State | None:
