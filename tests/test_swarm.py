@@ -346,8 +346,9 @@ def test_cli_generate_prints_the_same_text_as_transformers(swarm, models, capsys
 
 def test_compiled_decode_gives_transformers_tokens(swarm, checkpoints, monkeypatch):
     """A CPU server of small blocks compiles its decode step by default (torch.compile; mistral: sliding window
-    of 4) and gives transformers' greedy tokens, for a plain prompt and for a left-padded batch, whose steps run
-    eagerly: nothing is compiled again once it serves (torch logs every recompilation)."""
+    of 4, which the compiled steps pass) and gives transformers' greedy tokens, for a plain prompt and for a
+    left-padded batch, whose steps run eagerly: nothing is compiled again once it serves (torch logs every
+    recompilation)."""
     local, _ = swarm
     path = checkpoints("mistral", num_layers=2)
     monkeypatch.delenv("SWARMLLM_COMPILE", raising=False)  # the suite's servers skip compiling (conftest)

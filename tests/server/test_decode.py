@@ -57,19 +57,23 @@ def test_small_cpu_blocks_compile_by_default(checkpoints):
     assert not compiles_by_default(smollm2, "cpu", quantized=False)
 
 
-def test_compiled_steps_need_no_compilation_after_the_warm_up(checkpoints):
+@pytest.mark.parametrize("family", ["llama", "mistral"])
+def test_compiled_steps_need_no_compilation_after_the_warm_up(checkpoints, family):
     """Once warmed up, the compiled step serves sessions of any cache length (1, 2, 6, 17 here), up to the step that
     fills the cache (its keys are contiguous, which torch guards apart), without compiling again (the cache views
-    are marked dynamic only at the warm-up), and equals eager."""
+    are marked dynamic only at the warm-up), and equals eager; mistral's sliding window (4) too, past it."""
     from torch._dynamo.utils import counters
 
-    span = load_span(checkpoints("llama"), 0, 2)
+    span = load_span(checkpoints(family), 0, 2)
+    assert family == "llama" or span.config.sliding_window == 4
     compiled = DecodeRunner(span, torch.device("cpu"), compile=True)
     compiled.warm_up()
     assert compiled.mode == "compiled"
     eager = DecodeRunner(span, torch.device("cpu"))
     graphs = counters["stats"]["unique_graphs"]
     generator = torch.Generator().manual_seed(0)
+    compiled_step, compiled_steps = compiled._decode, []
+    compiled._decode = lambda *args: compiled_steps.append(args[3].shape[3]) or compiled_step(*args)
     for max_length in (1, 2, 6, 17):
         caches = [KVCache(2, 1, max_length, span.config, torch.float32, "cpu") for _ in range(2)]
         key_mask = torch.ones(1, max_length, dtype=torch.bool)
@@ -79,4 +83,42 @@ def test_compiled_steps_need_no_compilation_after_the_warm_up(checkpoints):
                 got = compiled.step(hidden, slot, key_mask, False, caches[0], None)
                 want = eager.step(hidden, slot, key_mask, False, caches[1], None)
             torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert compiled_steps == [slot + 1 for length in (1, 2, 6, 17) for slot in range(length)]  # none eagerly
+    print("AFTER", dict(counters["aot_autograd"]), {k:v for k,v in counters["inductor"].items() if 'cache' in k})
+    assert counters["stats"]["unique_graphs"] == graphs
+
+
+def test_a_compiled_step_takes_no_bound_from_the_disk_cache(checkpoints, tmp_path, monkeypatch):
+    """torch's on-disk cache hands a compilation the guards of an identical graph compiled before; one compiled
+    with the attended length bounded at 4 (as a sliding window's branch once did) would make the runner recompile
+    at every longer length. The runner's graphs are keyed apart, so it serves 6 and 17 slots as compiled."""
+    from torch._dynamo.utils import counters
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    span = load_span(checkpoints("llama", num_layers=2), 0, 2)
+    bounded = torch.compile(span.decode, fullgraph=True, options={"cpp_wrapper": True})
+    cache = KVCache(2, 1, 4, span.config, torch.float32, "cpu")
+    hidden = torch.zeros(1, span.config.hidden_size)
+    torch._dynamo.reset()
+    with torch.inference_mode():
+        for slot in (1, 3):  # the runner's warm-up steps, under a bound
+            keys, values = cache.keys[:, :, :, : slot + 1], cache.values[:, :, :, : slot + 1]
+            torch._dynamo.mark_dynamic(keys, 3, min=2, max=4)
+            torch._dynamo.mark_dynamic(values, 3, min=2, max=4)
+            bounded(hidden, torch.full((1,), slot), torch.full((1,), slot), keys, values, None, None)
+    assert any(path.is_file() for path in tmp_path.rglob("*")), "nothing was cached on disk"
+    print("BEFORE", dict(counters["aot_autograd"]), dict(counters["inductor"]))
+    torch._dynamo.reset()
+    runner = DecodeRunner(span, torch.device("cpu"), compile=True)
+    runner.warm_up()
+    assert runner.mode == "compiled"
+    graphs = counters["stats"]["unique_graphs"]
+    for max_length in (6, 17):
+        cache = KVCache(2, 1, max_length, span.config, torch.float32, "cpu")
+        key_mask = torch.ones(1, max_length, dtype=torch.bool)
+        for slot in range(max_length):
+            hidden = torch.randn(1, span.config.hidden_size)
+            with torch.inference_mode():
+                runner.step(hidden, slot, key_mask, False, cache, None)
+    print("AFTER", dict(counters["aot_autograd"]), {k:v for k,v in counters["inductor"].items() if 'cache' in k})
     assert counters["stats"]["unique_graphs"] == graphs

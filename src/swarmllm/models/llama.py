@@ -831,8 +831,10 @@ class BlockSpan(nn.Module):
     @staticmethod
     def _decode_mask(key_mask: Tensor | None, slot: Tensor, length: int, window: int | None) -> Tensor | None:
         """Bool [B or 1, 1, 1, S] for decode, slot [1] or [B] (each row's own); the token's own slot is always
-        allowed (pad rows stay finite)."""
-        if key_mask is None and (window is None or length <= window):
+        allowed (pad rows stay finite). A sliding window always gets its mask, even while S <= window: a branch
+        on S would make torch.compile guard S <= window, and hand that bound, through its on-disk cache, to a
+        model without a window whose step then compiles the same graph."""
+        if key_mask is None and window is None:
             return None
         kv, slot = torch.arange(length, device=slot.device), slot.view(-1, 1)
         allowed = kv <= slot

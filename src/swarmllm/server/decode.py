@@ -210,8 +210,13 @@ class DecodeRunner:
         # (its last step, say) would compile, for seconds. The caches are made as a session's are (outside
         # inference mode), which torch guards too
         caches = {length: KVCache(len(span.blocks), 1, length, config, dtype, self.device) for length in (4, 1)}
+        # torch's on-disk cache keys a compiled graph by the graph alone and hands back the first entry whose
+        # guards pass, guards included: a model whose identical graph was compiled under a bound on the attended
+        # length (another model's branch on a constant) would then recompile at every longer length. Keyed by the
+        # span's config and bounds too, each model's graphs carry only their own guards
+        tag = f"swarmllm-decode {config!r} {span.start}-{span.end}"
         try:
-            with torch.inference_mode():
+            with torch.inference_mode(), torch.compiler.config.patch(cache_key_tag=tag):
                 for length, slots in ((4, (0, 1, 3)), (1, (0,))):
                     key_mask = torch.ones(1, length, dtype=torch.bool, device=self.device)
                     for slot in slots:
@@ -231,21 +236,18 @@ class DecodeRunner:
     def _compiled_for(
         self,
         hidden: torch.Tensor,
-        slot: int,
         mask: torch.Tensor | None,
         blocks: slice | None,
         lora: list[BlockLora] | None,
     ) -> bool:
-        """Whether the compiled step serves this step: one sequence, no padding, no adapter, the whole span, a
-        thread count compiled for, and (sliding window) no more slots than the window, past which the graph
-        would branch anew."""
-        n, window = len(self.span.blocks), self.span.config.sliding_window
+        """Whether the compiled step serves this step: one sequence, no padding, no adapter, the whole span and a
+        thread count compiled for."""
+        n = len(self.span.blocks)
         return (
             hidden.shape[0] == 1
             and mask is None
             and lora is None
             and (blocks is None or range(n)[blocks] == range(n))
-            and (window is None or slot < window)
             and torch.get_num_threads() in self._warm
             and not self._compiling
         )
@@ -283,7 +285,7 @@ class DecodeRunner:
                 self._without_graphs(e)
         mask, positions = self._attended(hidden, slot, key_mask, padded)
         keys, values, slot_tensor = self._slots(cache, slot)
-        if self._warm and self._compiled_for(hidden, slot, mask, blocks, lora):
+        if self._warm and self._compiled_for(hidden, mask, blocks, lora):
             return self._compiled_step(hidden, positions, keys, values, slot_tensor)
         # any other step would compile a graph of its own, for seconds, on the event loop: eager instead
         return self.span.decode(hidden, positions, slot_tensor, keys, values, mask, blocks, lora)
