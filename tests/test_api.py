@@ -10,13 +10,17 @@ import sys
 import threading
 import urllib.error
 import urllib.request
+from typing import Literal
 
+import jsonschema
 import openai
+import pydantic
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from swarmllm.api.json_mode import START, complete, feed, token_bytes
+from swarmllm.api.json_mode import JSON_OBJECT, Grammar, token_bytes
+from swarmllm.api.json_schema import compile_schema
 from swarmllm.bundled import smollm2_checkpoint
 from swarmllm.cli import main
 from swarmllm.local import LocalSwarm
@@ -376,18 +380,18 @@ def _greedy_loop(
     return out[len(ids) :]
 
 
-def _json_greedy_loop(model, ids, steps, pieces, eos):
-    """Greedy tokens after `ids` held to a JSON object, by brute force: each step takes the most likely token
-    whose text keeps the answer a prefix of one (EOS once it is whole), trying tokens in order of likelihood."""
-    out, cache, sent, state = list(ids), None, torch.tensor([ids]), START
+def _grammar_greedy_loop(model, ids, steps, pieces, eos, grammar: Grammar):
+    """Greedy tokens after `ids` held to a grammar, by brute force: each step takes the most likely token whose
+    text keeps the answer a prefix of a sentence (EOS once it is whole), trying tokens in order of likelihood."""
+    out, cache, sent, state = list(ids), None, torch.tensor([ids]), grammar.start
     with torch.no_grad():
         for _ in range(steps):
             reply = model(sent, cache=cache, use_cache=True)
             cache, logits = reply.past_key_values, reply.logits[0, -1]
             for token in logits.argsort(descending=True).tolist():
-                if token == eos and complete(state):
+                if token == eos and grammar.complete(state):
                     break
-                if pieces[token] and (following := feed(state, pieces[token])) is not None:
+                if pieces[token] and (following := _feed(grammar, state, pieces[token])) is not None:
                     state = following
                     break
             out.append(token)
@@ -395,6 +399,14 @@ def _json_greedy_loop(model, ids, steps, pieces, eos):
             if token == eos:
                 break
     return out[len(ids) :]
+
+
+def _feed(grammar: Grammar, state, piece: bytes):
+    for byte in piece:
+        state = grammar.advance(state, byte)
+        if state is None:
+            return None
+    return state
 
 
 def test_json_mode_answers_with_the_tokens_of_a_constrained_loop_and_a_parsable_object(
@@ -412,7 +424,8 @@ def test_json_mode_answers_with_the_tokens_of_a_constrained_loop_and_a_parsable_
         add_special_tokens=False,
     )["input_ids"]
     eos = tokenizer.eos_token_id
-    expected = _json_greedy_loop(reference, ids, 48, token_bytes(tokenizer, reference.config.vocab_size), eos)
+    pieces = token_bytes(tokenizer, reference.config.vocab_size)
+    expected = _grammar_greedy_loop(reference, ids, 48, pieces, eos, JSON_OBJECT)
     # unconstrained, SmolLM2 opens a ```json fence: the constraint changes the answer, so the comparison can fail
     assert _greedy_loop(reference, ids, 2) != expected[:2]
     assert expected[-1] == eos
@@ -433,6 +446,62 @@ def test_json_mode_answers_with_the_tokens_of_a_constrained_loop_and_a_parsable_
             content, finish = got.choices[0].message.content, got.choices[0].finish_reason
             assert finish == "stop" and got.usage.completion_tokens == len(expected)
         assert content == answer, stream
+
+
+class Pet(pydantic.BaseModel):
+    name: str
+    kind: Literal["cat", "dog", "bird"]
+    age: int
+    friends: list[str] = pydantic.Field(max_length=2)
+    owner: str | None
+
+
+def test_structured_output_answers_with_the_tokens_of_a_constrained_loop_and_a_valid_value(
+    client, local, reference
+):
+    """`response_format: json_schema` gives, greedily, the tokens of a loop over transformers' logits that takes
+    the most likely token keeping the answer a prefix of a value of the schema; the official client's `parse`
+    (its strict schema from a pydantic model: an enum, maxItems, anyOf for the optional owner,
+    additionalProperties false) gets the same answer back as a `Pet`."""
+    tokenizer, _, _ = local
+    messages = [{"role": "user", "content": "Describe a pet: its name, kind, age, friends and owner."}]
+    ids = tokenizer(
+        tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False),
+        add_special_tokens=False,
+    )["input_ids"]
+    schema = {
+        "type": "object",
+        "properties": {
+            "name": {"type": "string"},
+            "kind": {"enum": ["cat", "dog", "bird"], "type": "string"},
+            "age": {"type": "integer"},
+            "friends": {"type": "array", "items": {"type": "string"}, "maxItems": 2},
+            "owner": {"anyOf": [{"type": "string"}, {"type": "null"}]},
+        },
+        "required": ["name", "kind", "age", "friends", "owner"],
+        "additionalProperties": False,
+    }
+    pieces, eos = token_bytes(tokenizer, reference.config.vocab_size), tokenizer.eos_token_id
+    expected = _grammar_greedy_loop(reference, ids, 96, pieces, eos, compile_schema(schema))
+    assert _greedy_loop(reference, ids, 2) != expected[:2]  # the constraint changes the answer
+    assert expected[-1] == eos
+    answer = tokenizer.decode(expected, skip_special_tokens=True)
+    jsonschema.validate(json.loads(answer), schema)
+    fmt = {"type": "json_schema", "json_schema": {"name": "pet", "schema": schema, "strict": True}}
+    for stream in (False, True):
+        got = client.chat.completions.create(
+            model=NAME, messages=messages, max_tokens=96, temperature=0, response_format=fmt, stream=stream
+        )
+        if stream:
+            content = "".join(chunk.choices[0].delta.content or "" for chunk in got if chunk.choices)
+        else:
+            content = got.choices[0].message.content
+            assert got.choices[0].finish_reason == "stop" and got.usage.completion_tokens == len(expected)
+        assert content == answer, stream
+    parsed = client.chat.completions.parse(
+        model=NAME, messages=messages, max_tokens=96, temperature=0, response_format=Pet
+    )
+    assert parsed.choices[0].message.parsed == Pet.model_validate_json(answer)
 
 
 def test_penalties_bias_and_vllms_extras_equal_the_rules_written_out(client, local, reference):
@@ -584,7 +653,10 @@ def test_bad_requests_get_openai_errors(client, api):
             {
                 "model": NAME,
                 "messages": [{"role": "user", "content": "answer in json"}],
-                "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}},
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"name": "x", "schema": {"type": "string", "pattern": "^a+$"}},
+                },
             },
             400,
             "response_format",

@@ -5,14 +5,16 @@ import random
 
 import pytest
 import torch
+from mutation import mutate
 from transformers import AutoTokenizer
 
 from swarmllm.api.json_mode import (
     MAX_DEPTH,
     MAX_WHITESPACE,
     START,
-    JsonMask,
-    JsonObjectLogits,
+    GrammarLogits,
+    GrammarMask,
+    TokenTrie,
     complete,
     feed,
     token_bytes,
@@ -79,15 +81,7 @@ def test_the_recogniser_agrees_with_pythons_json_on_mutated_documents():
     checked = 0
     for _ in range(4000):
         text = bytearray(_document(rng, ascii_only=True))  # (the recogniser leaves UTF-8 to the tokenizer)
-        for _ in range(rng.randint(1, 2)):
-            at = rng.randrange(len(text) + 1)
-            op = rng.randrange(3)
-            if op == 0 and at < len(text):
-                del text[at]
-            elif op == 1:
-                text.insert(at, rng.choice(alphabet))
-            elif at < len(text):
-                text[at] = rng.choice(alphabet)
+        mutate(rng, text, alphabet)
         text = bytes(text)
         ours = complete(feed(START, text))
         assert ours == _python_says_object(text), text
@@ -140,7 +134,7 @@ def test_the_trie_walk_allows_exactly_the_tokens_a_brute_force_scan_does():
     pieces = [None] + [
         bytes(rng.choice(alphabet) for _ in range(rng.randint(1, 4))) for _ in range(3000)
     ]  # token 0: EOS, no text
-    mask = JsonMask(pieces, [0])
+    mask = GrammarMask(TokenTrie(pieces, [0]))
     texts = [_document(rng) for _ in range(6)] + [b'{"a": [1, -2.5e+3, "\\u00e9\\n", true], "b": {}}']
     states = {START}
     for text in texts:
@@ -170,8 +164,8 @@ def test_token_bytes_are_what_each_token_adds_to_the_text():
 
 def test_the_processor_masks_each_row_by_its_own_answer_and_ends_a_stuck_one():
     pieces = [None, b"{", b"}", b'"a"', b":", b"1", b" ", b"x"]  # token 0: EOS
-    mask = JsonMask(pieces, [0])
-    processor = JsonObjectLogits(mask, prompt_length=2)
+    mask = GrammarMask(TokenTrie(pieces, [0]))
+    processor = GrammarLogits(mask, prompt_length=2)
     prompt = [[7, 7], [7, 7]]
     scores = torch.zeros(2, len(pieces))
     out = processor(torch.tensor(prompt), scores)

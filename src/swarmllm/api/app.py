@@ -18,6 +18,7 @@ import logging
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -47,7 +48,8 @@ from swarmllm.api.generation import (
     sampling,
     special_ids,
 )
-from swarmllm.api.json_mode import JsonMask, JsonObjectLogits, token_bytes
+from swarmllm.api.json_mode import JSON_OBJECT, GrammarLogits, GrammarMask, TokenTrie, token_bytes
+from swarmllm.api.json_schema import compile_schema
 from swarmllm.api.schemas import (
     ChatRequest,
     CompletionRequest,
@@ -61,6 +63,7 @@ from swarmllm.api.sessions import SessionPool
 logger = logging.getLogger(__name__)
 
 _END = object()  # the end of a generation's pieces
+KEPT_SCHEMAS = 16  # JSON schemas whose token masks an engine keeps
 
 
 class ApiError(Exception):
@@ -130,16 +133,27 @@ class Engine:
             model, size=keep_sessions, idle_s=keep_sessions_s, context_length=context_length
         )
         self.eos_ids, self.pad_id = special_ids(model.generation_config)
-        self._json_mask: JsonMask | None = None
-        self._json_lock = threading.Lock()
+        self._trie: TokenTrie | None = None
+        self._masks: OrderedDict[str, GrammarMask] = OrderedDict()  # by schema (canonical JSON); "": JSON mode
+        self._masks_lock = threading.Lock()
 
-    def json_mask(self) -> JsonMask:
-        """The vocabulary's trie for JSON mode, built at its first request (a batch decode of every token)."""
-        with self._json_lock:
-            if self._json_mask is None:
+    def grammar_mask(self, schema: dict | None) -> GrammarMask:
+        """The masks of JSON mode (schema None) or of a JSON schema, kept for the last `KEPT_SCHEMAS` schemas
+        (a client sends the same schema request after request). The vocabulary's trie is built at the first
+        such request (a batch decode of every token)."""
+        key = "" if schema is None else json.dumps(schema, sort_keys=True)
+        with self._masks_lock:
+            if self._trie is None:
                 vocab_size = self.model.config.vocab_size  # the logits' width
-                self._json_mask = JsonMask(token_bytes(self.tokenizer, vocab_size), self.eos_ids)
-            return self._json_mask
+                self._trie = TokenTrie(token_bytes(self.tokenizer, vocab_size), self.eos_ids)
+            mask = self._masks.get(key)
+            if mask is None:
+                grammar = JSON_OBJECT if schema is None else compile_schema(schema)
+                mask = self._masks[key] = GrammarMask(self._trie, grammar)
+                if len(self._masks) > KEPT_SCHEMAS:
+                    self._masks.popitem(last=False)
+            self._masks.move_to_end(key)
+            return mask
 
     def decode(self, tokens: list[int]) -> str:
         return self.tokenizer.decode(tokens, skip_special_tokens=True)
@@ -265,8 +279,8 @@ class Engine:
             if request.seed is not None
             else int.from_bytes(uuid.uuid4().bytes[:8], "little")
         )
-        if request.json_object():
-            processors.append(JsonObjectLogits(self.json_mask(), prompt_length))
+        if request.json_object() or request.json_schema() is not None:
+            processors.append(GrammarLogits(self.grammar_mask(request.json_schema()), prompt_length))
         top = {"top_p": request.top_p, "top_k": request.top_k, "min_p": request.min_p}
         return processors + sampling(request.temperature, seed, **top)
 

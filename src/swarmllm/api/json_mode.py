@@ -1,10 +1,13 @@
-"""JSON mode (`response_format: {"type": "json_object"}`): the answer is constrained to one JSON object.
+"""Constrained output: JSON mode (`response_format: {"type": "json_object"}`), and the machinery that holds an
+answer to any byte-level grammar (json_schema.py's schemas too).
 
-At each step only the tokens whose bytes keep the text so far a prefix of a JSON object may be sampled, and
-the end of the sequence only once the object is closed. `advance` is a byte-level pushdown recogniser of
-RFC 8259 JSON whose top level is an object, with a state that is a small hashable tuple; `JsonMask` walks a
-trie of the vocabulary's byte strings from a state, pruning a branch at its first invalid byte, and keeps the
-allowed-token mask of each state it has met (a string's body, the commonest state, repeats at every token).
+At each step only the tokens whose bytes keep the text so far a prefix of a sentence of the grammar may be
+sampled, and the end of the sequence only once the sentence is whole. A grammar is a recogniser over bytes
+whose states are hashable (`Grammar`); `advance` here is a byte-level pushdown recogniser of RFC 8259 JSON whose
+top level is an object, with a state that is a small hashable tuple. `TokenTrie` holds the vocabulary's byte
+strings as a trie, built once per tokenizer; `GrammarMask` walks it from a state, pruning a branch at its first
+invalid byte, and keeps the allowed-token mask of each state it has met (a string's body, the commonest state,
+repeats at every token).
 
 Whitespace between tokens is allowed up to `MAX_WHITESPACE` bytes in a row, and nesting up to `MAX_DEPTH`,
 so a model cannot fill its answer with blank space or open brackets for ever. Bytes of 0x80 and above are
@@ -15,7 +18,8 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
+from typing import Protocol
 
 import torch
 from transformers import LogitsProcessor
@@ -182,27 +186,58 @@ def token_bytes(tokenizer, vocab_size: int) -> list[bytes | None]:
     return pieces
 
 
-class JsonMask:
-    """The tokens allowed after each state, found by a walk of the vocabulary's byte trie, cached per state."""
+class Grammar(Protocol):
+    """A byte-level recogniser: `start`, the state after a byte (None: no sentence starts so), and whether the
+    text so far is a whole sentence."""
+
+    start: Hashable
+
+    def advance(self, state, byte: int): ...
+
+    def complete(self, state) -> bool: ...
+
+
+class _JsonObject:
+    """JSON mode's grammar: one JSON object."""
+
+    start = START
+    advance = staticmethod(advance)
+    complete = staticmethod(complete)
+
+
+JSON_OBJECT: Grammar = _JsonObject()
+
+
+class TokenTrie:
+    """The vocabulary's byte strings as a trie (what each token adds to the text, `token_bytes`), built once
+    per tokenizer and shared by every grammar's masks."""
 
     def __init__(self, pieces: Sequence[bytes | None], eos_ids: Sequence[int]) -> None:
         self.vocab_size = len(pieces)
         self.eos_ids = list(eos_ids)
-        self.trie: dict = {}
+        self.root: dict = {}
         for token, piece in enumerate(pieces):
             if not piece:
                 continue  # special tokens and empty pieces never move the text on
-            node = self.trie
+            node = self.root
             for byte in piece:
                 node = node.setdefault(byte, {})
             node.setdefault(None, []).append(token)
         self.pieces = pieces
         self.only_eos = torch.zeros(self.vocab_size, dtype=torch.bool)
         self.only_eos[self.eos_ids] = True
-        self._masks: OrderedDict[State, torch.Tensor] = OrderedDict()
+
+
+class GrammarMask:
+    """The tokens allowed after each state of a grammar, found by a walk of the vocabulary's trie, cached per
+    state."""
+
+    def __init__(self, trie: TokenTrie, grammar: Grammar = JSON_OBJECT) -> None:
+        self.trie, self.grammar = trie, grammar
+        self._masks: OrderedDict[Hashable, torch.Tensor] = OrderedDict()
         self._lock = threading.Lock()  # concurrent requests share the cache
 
-    def allowed(self, state: State) -> torch.Tensor:
+    def allowed(self, state) -> torch.Tensor:
         """A bool tensor over the vocabulary: True where the token may come next."""
         with self._lock:
             mask = self._masks.get(state)
@@ -216,41 +251,51 @@ class JsonMask:
                 self._masks.popitem(last=False)
         return mask
 
-    def _walk(self, state: State) -> torch.Tensor:
+    def _walk(self, state) -> torch.Tensor:
         allowed: list[int] = []
-        walk = [(self.trie, state)]
+        advance = self.grammar.advance
+        steps: dict = {}  # (state, byte) -> the next state: a string's body meets the same pair at every node
+        walk = [(self.trie.root, state)]
         while walk:
             node, at = walk.pop()
             for byte, child in node.items():
                 if byte is None:
                     allowed.extend(child)
                     continue
-                following = advance(at, byte)
+                key = (at, byte)
+                following = steps[key] if key in steps else steps.setdefault(key, advance(at, byte))
                 if following is not None:
                     walk.append((child, following))
-        mask = torch.zeros(self.vocab_size, dtype=torch.bool)
+        mask = torch.zeros(self.trie.vocab_size, dtype=torch.bool)
         mask[allowed] = True
-        if complete(state):
-            mask[self.eos_ids] = True
+        if self.grammar.complete(state):
+            mask[self.trie.eos_ids] = True
         return mask
 
-    def after(self, state: State | None, token: int) -> State | None:
-        piece = self.pieces[token] if token < len(self.pieces) else None
-        return None if piece is None else feed(state, piece)
+    def after(self, state, token: int):
+        """The state after `token` (None once the text has left the grammar, or for a token with no text)."""
+        piece = self.trie.pieces[token] if token < len(self.trie.pieces) else None
+        if piece is None:
+            return None
+        for byte in piece:
+            if state is None:
+                return None
+            state = self.grammar.advance(state, byte)
+        return state
 
 
-class JsonObjectLogits(LogitsProcessor):
-    """Leaves possible only the tokens that keep a generate's answer a prefix of a JSON object (EOS once it is
-    whole). It follows the answer as it grows, one row of a batch per answer."""
+class GrammarLogits(LogitsProcessor):
+    """Leaves possible only the tokens that keep a generate's answer a prefix of a sentence of the mask's
+    grammar (EOS once it is whole). It follows the answer as it grows, one row of a batch per answer."""
 
-    def __init__(self, mask: JsonMask, prompt_length: int):
+    def __init__(self, mask: GrammarMask, prompt_length: int):
         self.mask, self.prompt_length = mask, prompt_length
-        self.states: list[State | None] = []
+        self.states: list = []
         self.seen = 0
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         if not self.states:
-            self.states = [START] * input_ids.shape[0]
+            self.states = [self.mask.grammar.start] * input_ids.shape[0]
         new = input_ids[:, self.prompt_length + self.seen :].tolist()
         self.seen += len(new[0])
         rows = []
@@ -259,13 +304,13 @@ class JsonObjectLogits(LogitsProcessor):
             for token in tokens:
                 state = self.mask.after(state, token)
             self.states[row] = state
-            # a row whose answer left JSON (EOS, padding after it) only ends
-            allowed = self.mask.allowed(state) if state is not None else self.mask.only_eos
+            # a row whose answer left the grammar (EOS, padding after it) only ends
+            allowed = self.mask.allowed(state) if state is not None else self.mask.trie.only_eos
             rows.append(allowed)
         allowed = torch.stack(rows).to(scores.device)
         scores = scores.masked_fill(~allowed, -float("inf"))
-        # nothing left (a vocabulary without JSON's characters, or EOS banned by min_tokens): the answer ends
+        # nothing left (a vocabulary without the grammar's characters, or EOS banned by min_tokens): it ends
         stuck = torch.isinf(scores).all(dim=-1).nonzero().flatten()
         for row in stuck.tolist():
-            scores[row, self.mask.eos_ids] = 0.0
+            scores[row, self.mask.trie.eos_ids] = 0.0
         return scores

@@ -1,9 +1,10 @@
 """The request bodies the API accepts, checked at the edge (pydantic), and OpenAI's error body.
 
 OpenAI's sampling fields are all honoured, with vLLM's extras (`top_k`, `min_p`, `repetition_penalty`,
-`min_tokens`, `ignore_eos`, `stop_token_ids`), and JSON mode (`response_format` `json_object`). What the API
-cannot do is refused with a 400 rather than silently ignored: tools, a JSON schema's `response_format`, a
-completion `suffix`. Fields it does not know are ignored, as OpenAI's own server does with fields newer than it.
+`min_tokens`, `ignore_eos`, `stop_token_ids`), JSON mode (`response_format` `json_object`) and structured
+output (`json_schema`, api/json_schema.py). What the API cannot do is refused with a 400 rather than silently
+ignored: tools, a schema keyword it cannot hold an answer to, a completion `suffix`. Fields it does not know are
+ignored, as OpenAI's own server does with fields newer than it.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+
+from swarmllm.api.json_schema import SchemaError, compile_schema
 
 # OpenAI takes 4 stop strings; lm-evaluation-harness sends a task's whole list (and the EOS text) to completions
 Stop = str | Annotated[list[str], Field(max_length=16)] | None
@@ -116,7 +119,10 @@ class CompletionRequest(_Sampling):
         return self.logprobs
 
     def json_object(self) -> bool:
-        return False  # JSON mode is a chat completion's `response_format`
+        return False  # JSON mode and schemas are a chat completion's `response_format`
+
+    def json_schema(self) -> None:
+        return None
 
 
 class ChatMessage(BaseModel):
@@ -142,7 +148,7 @@ class ChatRequest(_Sampling):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool | None = None
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
-    # refused unless empty or the default: this API calls no tools and constrains no output to a schema
+    # refused unless empty or the default: this API calls no tools
     tools: list | None = None
     functions: list | None = None
     tool_choice: str | dict | None = None
@@ -164,9 +170,17 @@ class ChatRequest(_Sampling):
 
     @field_validator("response_format")
     @classmethod
-    def _text_or_json_object(cls, fmt, info: ValidationInfo):
-        if fmt is not None and fmt.get("type") not in ("text", "json_object"):
-            raise ValueError("response_format must be text or json_object (JSON schemas are not supported)")
+    def _text_or_json(cls, fmt, info: ValidationInfo):
+        if fmt is not None and fmt.get("type") not in ("text", "json_object", "json_schema"):
+            raise ValueError("response_format's type must be text, json_object or json_schema")
+        if fmt is not None and fmt.get("type") == "json_schema":
+            spec = fmt.get("json_schema")
+            if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict | bool):
+                raise ValueError("json_schema must be an object whose 'schema' is a JSON schema")
+            try:
+                compile_schema(spec.get("schema", {}))
+            except SchemaError as e:
+                raise ValueError(f"json_schema.schema: {e}") from None
         # as OpenAI requires: a model not told to write JSON, but held to it, may fill its answer with blanks
         messages = info.data.get("messages") or []
         if (
@@ -189,6 +203,12 @@ class ChatRequest(_Sampling):
     def json_object(self) -> bool:
         """Whether the answer is held to one JSON object (JSON mode)."""
         return self.response_format is not None and self.response_format.get("type") == "json_object"
+
+    def json_schema(self) -> dict | bool | None:
+        """The schema the answer is held to (structured output), or None."""
+        if self.response_format is None or self.response_format.get("type") != "json_schema":
+            return None
+        return self.response_format["json_schema"].get("schema", {})
 
     def candidates(self) -> int:
         return self.n

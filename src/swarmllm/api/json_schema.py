@@ -1,0 +1,406 @@
+"""Structured output (`response_format: {"type": "json_schema", ...}`): the answer is held to a JSON schema.
+
+`compile_schema` turns a schema into a table of nodes and a `SchemaGrammar`, a byte-level recogniser that plugs
+into json_mode's `GrammarMask` as JSON mode's grammar does. A state is a frozenset of threads: a union (`anyOf`,
+a list of types, a `$ref`) is followed down each alternative at once until the text tells them apart. A thread
+is a pushdown state: the open containers' frames, a mode with its data, and the blanks in a row.
+
+What it writes is a subset of what the schema admits, which is all a constraint needs:
+- an object with `properties` gets only those keys, in the schema's order, each optional one (not in
+  `required`) skippable; without `properties` any keys, their values held to `additionalProperties`;
+- keys, `enum` and `const` values are written as `json.dumps` writes them (non-ASCII as is, no blanks inside
+  an array or object value), and an `integer` without a fraction or exponent.
+
+Supported: `type` (a name or a list), `properties`, `required`, `additionalProperties`, `items`, `minItems`,
+`maxItems`, `enum`, `const`, `anyOf`, a one-element `allOf`, `$ref` into the schema (`$defs`, `definitions`,
+recursion included), and annotations (`title`, `description`, `default`, ...), which constrain nothing. Any
+other keyword (`pattern`, `format`, `minLength`, `minimum`, `oneOf`, ...) is refused with a `SchemaError` that
+names it, rather than silently not honoured.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from swarmllm.api.json_mode import (
+    DIGITS,
+    ESCAPES,
+    HEX,
+    MAX_DEPTH,
+    MAX_WHITESPACE,
+    N_CAN_END,
+    N_DOT,
+    N_E,
+    N_INT,
+    N_MINUS,
+    N_ZERO,
+    WHITESPACE,
+    _number,
+)
+
+ANNOTATIONS = frozenset(
+    {"title", "description", "default", "examples", "$schema", "$id", "$comment", "deprecated", "readOnly",
+     "writeOnly"}
+)  # fmt: skip
+STRUCTURAL = frozenset(
+    {"type", "properties", "required", "additionalProperties", "items", "minItems", "maxItems", "enum",
+     "const", "anyOf", "allOf", "$ref"}
+)  # fmt: skip
+DEFINITIONS = frozenset({"$defs", "definitions"})
+TYPES = ("object", "array", "string", "number", "integer", "boolean", "null")
+
+# node kinds: (UNION, alternatives) | (OBJECT, ((key bytes, node, required), ...), free keys' node or None)
+# | (ARRAY, item node, min items, max items or None) | (STRING,) | (NUMBER, integer only) | (LITERALS, (bytes...))
+UNION, OBJECT, ARRAY, STRING, NUMBER, LITERALS = range(6)
+
+# thread modes
+VALUE, OBJ_OPEN, OBJ_KEY, KEY, COLON, AFTER, ARR_OPEN, STR, NUM, LIT, DONE = range(11)
+WS_MODES = frozenset({VALUE, OBJ_OPEN, OBJ_KEY, COLON, AFTER, ARR_OPEN, DONE})
+NO_KEY = -1  # STR's b for a string value (else the node its key's value must match)
+
+Thread = (
+    tuple  # (frames, mode, a, b, blanks in a row); a frame: ("o" | "f" | "a", node, keys or items so far)
+)
+
+
+class SchemaError(ValueError):
+    """A schema the API cannot hold an answer to; the message says where and which keyword."""
+
+
+def compile_schema(schema: Any) -> SchemaGrammar:
+    compiler = _Compiler(schema)
+    root = compiler.node(schema, "#")
+    return SchemaGrammar(compiler.nodes, root)
+
+
+def _literal(value: Any) -> bytes:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def _is_type(value: Any, kind: str) -> bool:
+    if kind == "integer":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind == "number":
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    expected = {"object": dict, "array": list, "string": str, "boolean": bool, "null": type(None)}[kind]
+    return isinstance(value, expected)
+
+
+class _Compiler:
+    def __init__(self, root: Any):
+        self.root = root
+        self.nodes: list[tuple] = []
+        self.refs: dict[str, int] = {}
+        self._any: int | None = None
+
+    def add(self, node: tuple) -> int:
+        self.nodes.append(node)
+        return len(self.nodes) - 1
+
+    def any_node(self) -> int:
+        """Any JSON value: a union of a free object and an array of any values, a string, a number, a literal."""
+        if self._any is None:
+            self._any = self.add((UNION, ()))
+            alternatives = (
+                self.add((OBJECT, (), self._any)),
+                self.add((ARRAY, self._any, 0, None)),
+                self.add((STRING,)),
+                self.add((NUMBER, False)),
+                self.add((LITERALS, (b"true", b"false", b"null"))),
+            )
+            self.nodes[self._any] = (UNION, alternatives)
+        return self._any
+
+    def node(self, schema: Any, path: str) -> int:
+        if schema is True:
+            return self.any_node()
+        if schema is False:
+            raise SchemaError(f"{path}: the schema false admits no value")
+        if not isinstance(schema, dict):
+            raise SchemaError(f"{path}: a schema must be an object or a boolean")
+        unknown = sorted(set(schema) - STRUCTURAL - ANNOTATIONS - DEFINITIONS)
+        if unknown:
+            raise SchemaError(f"{path}: the keyword {unknown[0]!r} is not supported")
+        present = STRUCTURAL & set(schema)
+        for combinator in ("$ref", "anyOf", "allOf"):
+            if combinator in schema and present - {combinator}:
+                other = sorted(present - {combinator})[0]
+                raise SchemaError(f"{path}: {combinator!r} beside {other!r} is not supported")
+        if "$ref" in schema:
+            return self.ref(schema["$ref"], path)
+        if "anyOf" in schema:
+            alternatives = schema["anyOf"]
+            if not isinstance(alternatives, list) or not alternatives:
+                raise SchemaError(f"{path}/anyOf: must be a non-empty list")
+            return self.add(
+                (UNION, tuple(self.node(s, f"{path}/anyOf/{i}") for i, s in enumerate(alternatives)))
+            )
+        if "allOf" in schema:
+            if not isinstance(schema["allOf"], list) or len(schema["allOf"]) != 1:
+                raise SchemaError(f"{path}/allOf: only a list of one schema is supported")
+            return self.node(schema["allOf"][0], f"{path}/allOf/0")
+        kinds = schema.get("type")
+        if isinstance(kinds, list) and not kinds:
+            raise SchemaError(f"{path}/type: an empty list admits no value")
+        for kind in kinds if isinstance(kinds, list) else [] if kinds is None else [kinds]:
+            if kind not in TYPES:
+                raise SchemaError(f"{path}/type: unknown type {kind!r}")
+        if "enum" in schema or "const" in schema:
+            return self.literals(schema, path, kinds)
+        if isinstance(kinds, list):
+            return self.add((UNION, tuple(self.typed(schema, k, path) for k in kinds)))
+        if kinds is None:
+            if {"properties", "required", "additionalProperties"} & set(schema):
+                kinds = "object"
+            elif {"items", "minItems", "maxItems"} & set(schema):
+                kinds = "array"
+            else:
+                return self.any_node()
+        return self.typed(schema, kinds, path)
+
+    def typed(self, schema: dict, kind: str, path: str) -> int:
+        if kind == "object":
+            return self.object(schema, path)
+        if kind == "array":
+            return self.array(schema, path)
+        if kind == "string":
+            return self.add((STRING,))
+        if kind in ("number", "integer"):
+            return self.add((NUMBER, kind == "integer"))
+        return self.add((LITERALS, (b"true", b"false") if kind == "boolean" else (b"null",)))
+
+    def literals(self, schema: dict, path: str, kinds: str | list | None) -> int:
+        """`enum` or `const`: their values of the schema's type (any of its types)."""
+        others = sorted(STRUCTURAL & set(schema) - {"enum", "const", "type"})
+        if others:
+            raise SchemaError(f"{path}: 'enum' or 'const' beside {others[0]!r} is not supported")
+        if "const" in schema:
+            values = [schema["const"]]
+        elif isinstance(schema["enum"], list):
+            values = schema["enum"]
+        else:
+            raise SchemaError(f"{path}/enum: must be a list")
+        if kinds is not None:
+            kinds = kinds if isinstance(kinds, list) else [kinds]
+            values = [v for v in values if any(_is_type(v, kind) for kind in kinds)]
+        if not values:
+            raise SchemaError(f"{path}: no value of 'enum' or 'const' is of the schema's type")
+        return self.add((LITERALS, tuple(dict.fromkeys(_literal(v) for v in values))))
+
+    def object(self, schema: dict, path: str) -> int:
+        properties = schema.get("properties") or {}
+        required = schema.get("required") or []
+        if not isinstance(properties, dict) or not isinstance(required, list):
+            raise SchemaError(f"{path}: 'properties' must be an object and 'required' a list")
+        missing = [name for name in required if name not in properties]
+        if missing:
+            raise SchemaError(f"{path}/required: {missing[0]!r} is not in 'properties'")
+        extra = schema.get("additionalProperties", True)
+        if properties or extra is False:
+            keys = tuple(
+                (json.dumps(name, ensure_ascii=False).encode(), self.node(s, f"{path}/properties/{name}"),
+                 name in required)
+                for name, s in properties.items()
+            )  # fmt: skip
+            return self.add((OBJECT, keys, None))
+        return self.add((OBJECT, (), self.node(extra, f"{path}/additionalProperties")))
+
+    def array(self, schema: dict, path: str) -> int:
+        low, high = schema.get("minItems", 0), schema.get("maxItems")
+        if (
+            not isinstance(low, int)
+            or low < 0
+            or (high is not None and (not isinstance(high, int) or high < low))
+        ):
+            raise SchemaError(f"{path}: 'minItems' and 'maxItems' must be counts, the least first")
+        item = self.node(schema.get("items", True), f"{path}/items")
+        return self.add((ARRAY, item, low, high))
+
+    def ref(self, ref: Any, path: str) -> int:
+        if ref in self.refs:
+            return self.refs[ref]
+        if not isinstance(ref, str) or not (ref == "#" or ref.startswith("#/")):
+            raise SchemaError(f"{path}/$ref: only references into the schema itself (#/...) are supported")
+        target = self.root
+        for part in ref[2:].split("/") if ref != "#" else ():
+            part = part.replace("~1", "/").replace("~0", "~")
+            if not isinstance(target, dict) or part not in target:
+                raise SchemaError(f"{path}/$ref: {ref!r} points at nothing")
+            target = target[part]
+        # a union of one: an alias that a recursive schema can name before it is compiled
+        alias = self.refs[ref] = self.add((UNION, ()))
+        self.nodes[alias] = (UNION, (self.node(target, ref),))
+        return alias
+
+
+class SchemaGrammar:
+    """A schema's recogniser (see the module doc); its states are frozensets of threads."""
+
+    def __init__(self, nodes: list[tuple], root: int):
+        self.nodes = nodes
+        self.start = frozenset({((), VALUE, root, None, 0)})
+
+    def advance(self, state: frozenset, byte: int) -> frozenset | None:
+        following: set = set()
+        for thread in state:
+            following.update(self._step(thread, byte))
+        return frozenset(following) or None
+
+    def complete(self, state: frozenset | None) -> bool:
+        """Whether the text so far is a whole value of the schema (a top-level number or literal may still
+        go on, and is whole too)."""
+        if state is None:
+            return False
+        for frames, mode, a, b, _ in state:
+            if mode == DONE:
+                return True
+            if not frames and mode == NUM and a in N_CAN_END:
+                return True
+            if not frames and mode == LIT and b in self.nodes[a][1]:
+                return True
+        return False
+
+    def _step(self, thread: Thread, byte: int) -> list[Thread]:
+        frames, mode, a, b, blanks = thread
+        if mode in WS_MODES and byte in WHITESPACE:
+            return [(frames, mode, a, b, blanks + 1)] if blanks < MAX_WHITESPACE else []
+        if mode == VALUE:
+            return self._value(frames, a, byte, ())
+        if mode == STR:
+            return self._string(frames, a, b, byte)
+        if mode == NUM:
+            following = _number(a, byte)
+            if following is not None and not (b and following in (N_DOT, N_E)):
+                return [(frames, NUM, following, b, 0)]
+            return self._step(self._done(frames), byte) if a in N_CAN_END else []
+        if mode == LIT:
+            prefix, literals = b + bytes([byte]), self.nodes[a][1]
+            if any(literal.startswith(prefix) for literal in literals):
+                return [self._literal(frames, a, prefix)]
+            return self._step(self._done(frames), byte) if b in literals else []
+        if mode == KEY:
+            return self._key(frames, a, byte)
+        if mode == COLON:
+            return [(frames, VALUE, a, None, 0)] if byte == ord(":") else []
+        if mode in (OBJ_OPEN, OBJ_KEY):
+            if byte == 0x22:  # '"'
+                return self._key_start(frames)
+            return self._close(frames) if mode == OBJ_OPEN and byte == ord("}") else []
+        if mode == ARR_OPEN:
+            kind, node, _ = frames[-1]
+            _, item, low, high = self.nodes[node]
+            if byte == ord("]"):
+                return self._close(frames) if low == 0 else []
+            return self._value(frames, item, byte, ()) if high != 0 else []
+        if mode == AFTER:
+            return self._after(frames, byte)
+        return []  # DONE: only blanks may follow
+
+    def _value(self, frames: tuple, node: int, byte: int, seen: tuple) -> list[Thread]:
+        """The threads after the first byte of a value of `node`."""
+        kind = self.nodes[node][0]
+        if kind == UNION:
+            out = []
+            for alternative in self.nodes[node][1]:
+                if alternative not in seen:  # a reference to itself admits nothing more
+                    out.extend(self._value(frames, alternative, byte, (*seen, node)))
+            return out
+        if kind == OBJECT and byte == ord("{") and len(frames) < MAX_DEPTH:
+            free = self.nodes[node][2] is not None
+            return [((*frames, ("f" if free else "o", node, 0)), OBJ_OPEN, None, None, 0)]
+        if kind == ARRAY and byte == ord("[") and len(frames) < MAX_DEPTH:
+            return [((*frames, ("a", node, 0)), ARR_OPEN, None, None, 0)]
+        if kind == STRING and byte == 0x22:
+            return [(frames, STR, 0, NO_KEY, 0)]
+        if kind == NUMBER:
+            if byte == ord("-"):
+                return [(frames, NUM, N_MINUS, self.nodes[node][1], 0)]
+            if byte in DIGITS:
+                return [(frames, NUM, N_ZERO if byte == ord("0") else N_INT, self.nodes[node][1], 0)]
+        if kind == LITERALS:
+            prefix = bytes([byte])
+            if any(literal.startswith(prefix) for literal in self.nodes[node][1]):
+                return [self._literal(frames, node, prefix)]
+        return []
+
+    def _literal(self, frames: tuple, node: int, prefix: bytes) -> Thread:
+        """A literal so far: done once it is whole and no other literal goes on from it."""
+        literals = self.nodes[node][1]
+        if prefix in literals and not any(
+            len(lit) > len(prefix) and lit.startswith(prefix) for lit in literals
+        ):
+            return self._done(frames)
+        return (frames, LIT, node, prefix, 0)
+
+    def _string(self, frames: tuple, escape: int, key_of: int, byte: int) -> list[Thread]:
+        """In a string (a value's, or a free object's key): escape 0 in the text, -1 after a backslash, 1-4
+        hex digits to go."""
+        if escape == 0:
+            if byte == 0x22:
+                return [self._done(frames) if key_of == NO_KEY else (frames, COLON, key_of, None, 0)]
+            if byte == 0x5C:  # '\'
+                return [(frames, STR, -1, key_of, 0)]
+            return [(frames, STR, 0, key_of, 0)] if byte >= 0x20 else []
+        if escape == -1:
+            if byte == ord("u"):
+                return [(frames, STR, 4, key_of, 0)]
+            return [(frames, STR, 0, key_of, 0)] if byte in ESCAPES else []
+        return [(frames, STR, escape - 1, key_of, 0)] if byte in HEX else []
+
+    def _candidates(self, node: int, done: int) -> range:
+        """The properties whose key may come next, after `done` of them: up to the first required one."""
+        keys = self.nodes[node][1]
+        end = done
+        while end < len(keys) and not keys[end][2]:
+            end += 1
+        return range(done, min(end + 1, len(keys)))
+
+    def _key_start(self, frames: tuple) -> list[Thread]:
+        kind, node, done = frames[-1]
+        if kind == "f":
+            return [(frames, STR, 0, self.nodes[node][2], 0)]
+        if not self._candidates(node, done):
+            return []
+        return [(frames, KEY, b'"', None, 0)]
+
+    def _key(self, frames: tuple, prefix: bytes, byte: int) -> list[Thread]:
+        _, node, done = frames[-1]
+        keys, prefix = self.nodes[node][1], prefix + bytes([byte])
+        alive = False
+        for index in self._candidates(node, done):
+            key, value, _ = keys[index]
+            if key == prefix:  # whole: no other key goes on from a closing quote
+                return [((*frames[:-1], ("o", node, index + 1)), COLON, value, None, 0)]
+            alive = alive or key.startswith(prefix)
+        return [(frames, KEY, prefix, None, 0)] if alive else []
+
+    def _after(self, frames: tuple, byte: int) -> list[Thread]:
+        kind, node, count = frames[-1]
+        if kind == "a":
+            _, item, low, high = self.nodes[node]
+            if byte == ord(","):
+                return [(frames, VALUE, item, None, 0)] if high is None or count < high else []
+            return self._close(frames) if byte == ord("]") and count >= low else []
+        if byte == ord(","):
+            if kind == "o" and not self._candidates(node, count):
+                return []
+            return [(frames, OBJ_KEY, None, None, 0)]
+        return self._close(frames) if byte == ord("}") else []
+
+    def _close(self, frames: tuple) -> list[Thread]:
+        """The container on top closes, if it may (an object with no required key left)."""
+        kind, node, done = frames[-1]
+        if kind == "o" and any(required for _, _, required in self.nodes[node][1][done:]):
+            return []
+        return [self._done(frames[:-1])]
+
+    @staticmethod
+    def _done(frames: tuple) -> Thread:
+        """A value ended: the text is whole at the top level, else its container counts it."""
+        if not frames:
+            return ((), DONE, None, None, 0)
+        kind, node, count = frames[-1]
+        if kind == "a":
+            frames = (*frames[:-1], ("a", node, count + 1))
+        return (frames, AFTER, None, None, 0)
