@@ -17,10 +17,13 @@ import openai
 import pydantic
 import pytest
 import torch
+from tool_specs import WEATHER
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from swarmllm.api.generation import chat_prompt
 from swarmllm.api.json_mode import JSON_OBJECT, Grammar, token_bytes
 from swarmllm.api.json_schema import compile_schema
+from swarmllm.api.tools import ToolCalling
 from swarmllm.bundled import smollm2_checkpoint
 from swarmllm.cli import main
 from swarmllm.local import LocalSwarm
@@ -504,6 +507,66 @@ def test_structured_output_answers_with_the_tokens_of_a_constrained_loop_and_a_v
     assert parsed.choices[0].message.parsed == Pet.model_validate_json(answer)
 
 
+def test_a_required_tool_call_is_transformers_constrained_answer_and_its_result_goes_back(
+    client, local, reference
+):
+    """`tools` with `tool_choice: required` (one call at a time): greedily, the answer is the brute-force
+    constrained loop's over transformers' logits on the prompt with the tools' instruction, returned as a
+    `tool_calls` entry whose arguments the function's schema admits, streamed or not. A second turn with the
+    call and the tool's result in the history (`tool_choice: none`) answers as transformers does over the
+    conversation with the call written in the answer format."""
+    tokenizer, _, _ = local
+    question = [{"role": "user", "content": "What is the weather in Paris?"}]
+    calling = ToolCalling([WEATHER], "required", parallel=False)
+    ids = tokenizer(chat_prompt(tokenizer, calling.messages(question)), add_special_tokens=False)["input_ids"]
+    pieces, eos = token_bytes(tokenizer, reference.config.vocab_size), tokenizer.eos_token_id
+    expected = _grammar_greedy_loop(reference, ids, 64, pieces, eos, compile_schema(calling.schema))
+    assert expected[-1] == eos
+    (want,) = json.loads(tokenizer.decode(expected, skip_special_tokens=True))["tool_calls"]
+    assert want["name"] == "get_weather"
+    jsonschema.validate(want["arguments"], WEATHER["function"]["parameters"])
+    args = {"model": NAME, "messages": question, "tools": [WEATHER], "temperature": 0, "max_tokens": 64}
+    args |= {"tool_choice": "required", "parallel_tool_calls": False}
+    got = client.chat.completions.create(**args)
+    message, finish = got.choices[0].message, got.choices[0].finish_reason
+    assert finish == "tool_calls" and message.content is None and got.usage.completion_tokens == len(expected)
+    (call,) = message.tool_calls
+    assert (call.type, call.function.name, json.loads(call.function.arguments)) == (
+        "function",
+        want["name"],
+        want["arguments"],
+    )
+    chunks = list(client.chat.completions.create(**args, stream=True))
+    (streamed,) = [d for c in chunks if c.choices for d in c.choices[0].delta.tool_calls or ()]
+    assert (streamed.index, streamed.function.name, json.loads(streamed.function.arguments)) == (
+        0,
+        want["name"],
+        want["arguments"],
+    )
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "tool_calls"
+
+    history = [
+        *question,
+        {"role": "assistant", "content": None, "tool_calls": [call.model_dump()]},
+        {"role": "tool", "tool_call_id": call.id, "content": "18 C and sunny"},
+    ]
+    written = json.dumps({"tool_calls": [{"name": want["name"], "arguments": want["arguments"]}]})
+    seen = [
+        *question,
+        {"role": "assistant", "content": written},
+        {"role": "tool", "content": "18 C and sunny"},
+    ]
+    seen_ids = tokenizer(chat_prompt(tokenizer, seen), add_special_tokens=False)["input_ids"]
+    want_text = tokenizer.decode(
+        _greedy_loop(reference, seen_ids, 24, stop_ids=[eos]),
+        skip_special_tokens=True,
+    )
+    second = client.chat.completions.create(
+        model=NAME, messages=history, tools=[WEATHER], tool_choice="none", temperature=0, max_tokens=24
+    )
+    assert second.choices[0].message.content == want_text and not second.choices[0].message.tool_calls
+
+
 def test_penalties_bias_and_vllms_extras_equal_the_rules_written_out(client, local, reference):
     """logit_bias, frequency/presence/repetition penalties, min_tokens, ignore_eos and stop_token_ids give the
     tokens of a plain loop over transformers' logits that applies each rule by hand; top_k 1 and min_p 1 leave
@@ -660,6 +723,50 @@ def test_bad_requests_get_openai_errors(client, api):
             },
             400,
             "response_format",
+        ),
+        (
+            "/chat/completions",
+            {
+                "model": NAME,
+                "messages": [{"role": "user", "content": "hi"}],
+                "tools": [WEATHER],
+                "tool_choice": {"type": "function", "function": {"name": "get_news"}},
+            },
+            400,
+            "tool_choice",
+        ),
+        (
+            "/chat/completions",
+            {
+                "model": NAME,
+                "messages": [{"role": "user", "content": "json please"}],
+                "tools": [WEATHER],
+                "response_format": {"type": "json_object"},
+            },
+            400,
+            "response_format",
+        ),
+        (
+            "/chat/completions",
+            {
+                "model": NAME,
+                "messages": [
+                    {
+                        "role": "assistant",
+                        "tool_calls": [
+                            {"id": "1", "type": "function", "function": {"name": "f", "arguments": "{"}}
+                        ],
+                    }
+                ],
+            },
+            400,
+            "messages",
+        ),
+        (
+            "/chat/completions",
+            {"model": NAME, "messages": [{"role": "user", "content": "hi"}], "functions": [{"name": "f"}]},
+            400,
+            "functions",
         ),
         ("/completions", {"prompt": "hi"}, 400, "model"),
         ("/completions", b"{not json", 400, None),

@@ -55,6 +55,8 @@ def _python_says_object(text: bytes) -> bool:
     def no_constants(name):
         raise ValueError(name)
 
+    if text != text.rstrip():
+        return False  # a whole answer ends at its closing brace
     try:
         return isinstance(json.loads(text, parse_constant=no_constants), dict)
     except (ValueError, UnicodeDecodeError, RecursionError):
@@ -71,8 +73,8 @@ def test_every_prefix_of_a_json_object_lives_and_only_the_whole_is_complete():
             state = feed(state, bytes([byte]))
             assert state is not None, (text, i)
         assert complete(state), text
-        assert complete(feed(state, b" \n"))  # trailing whitespace, as json.loads allows
-        assert feed(state, b"{") is None and feed(state, b",") is None  # nothing after the object
+        # nothing after the object: no other value, not even the blanks json.loads allows, only the end
+        assert feed(state, b" ") is None and feed(state, b"{") is None and feed(state, b",") is None
 
 
 def test_the_recogniser_agrees_with_pythons_json_on_mutated_documents():
@@ -108,7 +110,8 @@ def test_the_recogniser_agrees_with_pythons_json_on_mutated_documents():
         (b"[1, 2]", False),
         (b'"text"', False),
         (b'{"a": [1, {"b": null}], "c": -0.5E+3, "\\u00e9\\n": "\\"x\\""}', True),
-        (b" {}\n", True),
+        (b" {}", True),
+        (b"{} ", False),
     ],
 )
 def test_cases_python_and_the_recogniser_agree_on(text, whole):
@@ -174,7 +177,7 @@ def test_the_processor_masks_each_row_by_its_own_answer_and_ends_a_stuck_one():
     assert (out[0] > -torch.inf).nonzero().flatten().tolist() == [2, 3, 6]
     assert (out[1] > -torch.inf).nonzero().flatten().tolist() == [1, 6]
     out = processor(torch.tensor([[7, 7, 1, 2], [7, 7, 6, 1]]), scores)
-    assert (out[0] > -torch.inf).nonzero().flatten().tolist() == [0, 6]  # whole: EOS, or a trailing blank
+    assert (out[0] > -torch.inf).nonzero().flatten().tolist() == [0]  # whole: only EOS
     # a row whose every allowed token was banned before (here by -inf scores) may only end
     banned = torch.zeros(2, len(pieces))
     banned[:, [0, 2, 3, 6]] = -torch.inf

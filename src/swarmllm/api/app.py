@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 from aiohttp import web
+from jinja2 import TemplateError
 from pydantic import ValidationError
 from transformers import (
     LogitsProcessorList,
@@ -59,6 +60,7 @@ from swarmllm.api.schemas import (
     validation_error,
 )
 from swarmllm.api.sessions import SessionPool
+from swarmllm.api.tools import ToolError, message_text
 
 logger = logging.getLogger(__name__)
 
@@ -134,7 +136,8 @@ class Engine:
         )
         self.eos_ids, self.pad_id = special_ids(model.generation_config)
         self._trie: TokenTrie | None = None
-        self._masks: OrderedDict[str, GrammarMask] = OrderedDict()  # by schema (canonical JSON); "": JSON mode
+        # by schema (canonical JSON); "": JSON mode
+        self._masks: OrderedDict[str, GrammarMask] = OrderedDict()
         self._masks_lock = threading.Lock()
 
     def grammar_mask(self, schema: dict | None) -> GrammarMask:
@@ -497,8 +500,21 @@ class Api:
             body = await self._body(request, ChatRequest)
             self._check_model(body.model)
             self._check_sampling(body)
-            messages = [{"role": m.role, "content": m.content} for m in body.messages]
-            text = chat_prompt(self.engine.tokenizer, messages)
+            messages = [m.model_dump(include={"role", "content", "tool_calls"}) for m in body.messages]
+            try:
+                tools = body.tool_calling()
+                messages = (
+                    tools.messages(messages)
+                    if tools
+                    else [{"role": m["role"], "content": message_text(m)} for m in messages]
+                )
+            except ToolError as e:
+                raise ApiError(400, str(e), "invalid_request_error", e.param) from None
+            try:
+                text = chat_prompt(self.engine.tokenizer, messages)
+            except (TemplateError, ValueError) as e:  # a role or an order the model's template refuses
+                message = f"the model's chat template refused the messages: {e}"
+                raise ApiError(400, message, "invalid_request_error", "messages") from None
             ids = self.engine.tokenizer(text, add_special_tokens=False)["input_ids"]
             gens = self.engine.start_all(ids, body.max_new_tokens(), body)
         except ApiError as e:
@@ -510,6 +526,21 @@ class Api:
                 return None
             return self.engine.chat_logprobs(piece.logprobs, gens[i].texts)
 
+        if tools is not None:  # the answer is known once whole: a call or a response
+
+            def answer(i: int, piece: Piece) -> dict:
+                content, calls = tools.parse(piece.text)
+                message = {
+                    "role": "assistant",
+                    "content": content,
+                    **({"tool_calls": calls} if calls else {}),
+                }
+                finish = "tool_calls" if calls else gens[i].finish_reason
+                return {"message": message, "logprobs": logprobs(i, piece), "finish_reason": finish}
+
+            if body.stream:
+                return await reply.stream_whole(request, gens, body, answer)
+            return await reply.whole(gens, answer)
         if body.stream:
             return await reply.stream(
                 request,
@@ -543,22 +574,52 @@ class _Reply:
     ) -> web.Response:
         """The choices are `choice(i, piece)` of generation i's pieces joined into one, for each generation or
         for those `chosen()` picks once all have ended (best_of); usage counts all of them."""
-        joined = []
         try:
-            for gen in gens:  # (they all run meanwhile, each in its worker thread)
-                pieces = [piece async for piece in gen.text()]
-                joined.append(Piece("".join(p.text for p in pieces), [e for p in pieces for e in p.logprobs]))
-        except Exception as e:  # noqa: BLE001 - the swarm's failure, reported as OpenAI does
-            for gen in gens:
-                gen.cancelled = True
-            return _error(_swarm_error(e))
+            joined = await _joined(gens)
+        except ApiError as e:
+            return _error(e)
         picked = range(len(gens)) if chosen is None else chosen()
         choices = [
-            {"index": k, **choice(i, joined[i]), "finish_reason": gens[i].finish_reason}
+            {"index": k, "finish_reason": gens[i].finish_reason, **choice(i, joined[i])}
             for k, i in enumerate(picked)
         ]
         body = self._envelope(self.kind, choices=choices, usage=_usage(gens))
         return web.json_response(body)
+
+    async def stream_whole(
+        self, request: web.Request, gens: list[Generation], body, answer
+    ) -> web.StreamResponse:
+        """A chat answer known only once whole (tool calls), streamed as OpenAI streams one: the role, then
+        `answer(i, piece)`'s message as one delta (each tool call with its index), then the finish reason."""
+        try:
+            joined = await _joined(gens)
+        except ApiError as e:
+            return _error(e)
+        response = web.StreamResponse(
+            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+        )
+        await response.prepare(request)
+        kind = self.kind + ".chunk"
+
+        async def send(i: int, delta: dict, finish_reason: str | None = None, logprobs=None) -> None:
+            choice = {"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
+            await response.write(f"data: {json.dumps(self._envelope(kind, choices=[choice]))}\n\n".encode())
+
+        for i, piece in enumerate(joined):
+            done = answer(i, piece)
+            message = done["message"]
+            await send(i, {"role": "assistant", "content": ""})
+            delta = {"content": message["content"]} if message["content"] is not None else {}
+            if "tool_calls" in message:
+                delta["tool_calls"] = [{"index": j, **call} for j, call in enumerate(message["tool_calls"])]
+            await send(i, delta, logprobs=done["logprobs"])
+            await send(i, {}, done["finish_reason"])
+        if body.stream_options is not None and body.stream_options.include_usage:
+            await response.write(
+                f"data: {json.dumps(self._envelope(kind, choices=[], usage=_usage(gens)))}\n\n".encode()
+            )
+        await response.write(b"data: [DONE]\n\n")
+        return response
 
     async def stream(
         self, request: web.Request, gens: list[Generation], body, choice, last: dict, first=None
@@ -602,6 +663,20 @@ class _Reply:
                 gen.cancelled = True  # the requester left: stop generating for it
             raise
         return response
+
+
+async def _joined(gens: list[Generation]) -> list[Piece]:
+    """Each generation's pieces joined into one; a failure of the swarm as OpenAI reports it (ApiError)."""
+    joined = []
+    try:
+        for gen in gens:  # (they all run meanwhile, each in its worker thread)
+            pieces = [piece async for piece in gen.text()]
+            joined.append(Piece("".join(p.text for p in pieces), [e for p in pieces for e in p.logprobs]))
+    except Exception as e:  # noqa: BLE001 - the swarm's failure, reported as OpenAI does
+        for gen in gens:
+            gen.cancelled = True
+        raise _swarm_error(e) from None
+    return joined
 
 
 async def _merged(gens: list[Generation]) -> AsyncIterator[tuple[int, Piece | None]]:

@@ -10,7 +10,8 @@ invalid byte, and keeps the allowed-token mask of each state it has met (a strin
 repeats at every token).
 
 Whitespace between tokens is allowed up to `MAX_WHITESPACE` bytes in a row, and nesting up to `MAX_DEPTH`,
-so a model cannot fill its answer with blank space or open brackets for ever. Bytes of 0x80 and above are
+so a model cannot fill its answer with blank space or open brackets for ever; once the value is whole, only the
+end of the sequence (a small model would rather pad it with blank lines). Bytes of 0x80 and above are
 allowed only inside strings (they are UTF-8 there); the recogniser does not check UTF-8 itself.
 """
 
@@ -55,7 +56,7 @@ WHITESPACE = frozenset(b" \t\n\r")
 DIGITS = frozenset(b"0123456789")
 HEX = frozenset(b"0123456789abcdefABCDEF")
 ESCAPES = frozenset(b'"\\/bfnrt')
-WS_MODES = frozenset({TOP, OBJ_OPEN, OBJ_KEY, COLON, VALUE, ARR_OPEN, AFTER, DONE})
+WS_MODES = frozenset({TOP, OBJ_OPEN, OBJ_KEY, COLON, VALUE, ARR_OPEN, AFTER})
 
 State = tuple[str, int, int, int]  # (open containers "o"/"a", mode, mode's aux, whitespace bytes in a row)
 START: State = ("", TOP, 0, 0)
@@ -107,7 +108,7 @@ def advance(state: State, byte: int) -> State | None:
         if byte == ord(","):
             return (stack, OBJ_KEY if stack[-1] == "o" else VALUE, 0, 0)
         return _close(stack, byte)
-    return None  # DONE: the object is closed, only whitespace may follow
+    return None  # DONE: the object is closed, only the end of the sequence may follow
 
 
 def feed(state: State | None, data: bytes) -> State | None:

@@ -56,7 +56,7 @@ UNION, OBJECT, ARRAY, STRING, NUMBER, LITERALS = range(6)
 
 # thread modes
 VALUE, OBJ_OPEN, OBJ_KEY, KEY, COLON, AFTER, ARR_OPEN, STR, NUM, LIT, DONE = range(11)
-WS_MODES = frozenset({VALUE, OBJ_OPEN, OBJ_KEY, COLON, AFTER, ARR_OPEN, DONE})
+WS_MODES = frozenset({VALUE, OBJ_OPEN, OBJ_KEY, COLON, AFTER, ARR_OPEN})
 NO_KEY = -1  # STR's b for a string value (else the node its key's value must match)
 
 Thread = (
@@ -295,7 +295,7 @@ class SchemaGrammar:
             return self._value(frames, item, byte, ()) if high != 0 else []
         if mode == AFTER:
             return self._after(frames, byte)
-        return []  # DONE: only blanks may follow
+        return []  # DONE: only the end of the sequence may follow
 
     def _value(self, frames: tuple, node: int, byte: int, seen: tuple) -> list[Thread]:
         """The threads after the first byte of a value of `node`."""

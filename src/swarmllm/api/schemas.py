@@ -3,7 +3,8 @@
 OpenAI's sampling fields are all honoured, with vLLM's extras (`top_k`, `min_p`, `repetition_penalty`,
 `min_tokens`, `ignore_eos`, `stop_token_ids`), JSON mode (`response_format` `json_object`) and structured
 output (`json_schema`, api/json_schema.py). What the API cannot do is refused with a 400 rather than silently
-ignored: tools, a schema keyword it cannot hold an answer to, a completion `suffix`. Fields it does not know are
+ignored: a schema keyword it cannot hold an answer to, deprecated `functions`, a completion `suffix`.
+Tools are called in one generic format (api/tools.py). Fields it does not know are
 ignored, as OpenAI's own server does with fields newer than it.
 """
 
@@ -15,6 +16,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     ValidationError,
     ValidationInfo,
     field_validator,
@@ -22,6 +24,7 @@ from pydantic import (
 )
 
 from swarmllm.api.json_schema import SchemaError, compile_schema
+from swarmllm.api.tools import ToolCalling, ToolError
 
 # OpenAI takes 4 stop strings; lm-evaluation-harness sends a task's whole list (and the EOS text) to completions
 Stop = str | Annotated[list[str], Field(max_length=16)] | None
@@ -130,6 +133,8 @@ class ChatMessage(BaseModel):
 
     role: str
     content: str | list[dict] | None = ""
+    tool_calls: Annotated[list[dict], Field(max_length=64)] | None = None  # an assistant turn's calls
+    tool_call_id: str | None = None  # a tool turn's answer to that call
 
     @field_validator("content")
     @classmethod
@@ -148,25 +153,19 @@ class ChatRequest(_Sampling):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool | None = None
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
-    # refused unless empty or the default: this API calls no tools
-    tools: list | None = None
-    functions: list | None = None
+    tools: Annotated[list, Field(max_length=128)] | None = None  # checked by `tool_calling` (api/tools.py)
     tool_choice: str | dict | None = None
+    parallel_tool_calls: bool = True
+    functions: list | None = None  # OpenAI's deprecated form of tools: refused
     response_format: dict | None = None
+    _tools: ToolCalling | None = PrivateAttr(default=None)
 
-    @field_validator("tools", "functions")
+    @field_validator("functions")
     @classmethod
-    def _no_tools(cls, tools):
-        if tools:
-            raise ValueError("tool calling is not supported by this API")
-        return tools
-
-    @field_validator("tool_choice")
-    @classmethod
-    def _no_tool_choice(cls, choice):
-        if choice not in (None, "none", "auto"):
-            raise ValueError("tool calling is not supported by this API")
-        return choice
+    def _no_functions(cls, functions):
+        if functions:
+            raise ValueError("functions (deprecated) are not supported; use tools")
+        return functions
 
     @field_validator("response_format")
     @classmethod
@@ -204,8 +203,20 @@ class ChatRequest(_Sampling):
         """Whether the answer is held to one JSON object (JSON mode)."""
         return self.response_format is not None and self.response_format.get("type") == "json_object"
 
+    def tool_calling(self) -> ToolCalling | None:
+        """The request's tools and choice (None without tools, or with `tool_choice` none); raises ToolError."""
+        if not self.tools or self.tool_choice == "none":
+            return None
+        if self._tools is None:
+            if self.response_format is not None and self.response_format.get("type") != "text":
+                raise ToolError("response_format", "a response_format other than text does not go with tools")
+            self._tools = ToolCalling(self.tools, self.tool_choice, self.parallel_tool_calls)
+        return self._tools
+
     def json_schema(self) -> dict | bool | None:
-        """The schema the answer is held to (structured output), or None."""
+        """The schema the answer is held to (structured output, or the tool calling format), or None."""
+        if self.tool_calling() is not None:
+            return self.tool_calling().schema
         if self.response_format is None or self.response_format.get("type") != "json_schema":
             return None
         return self.response_format["json_schema"].get("schema", {})

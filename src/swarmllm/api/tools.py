@@ -1,0 +1,171 @@
+"""Tool calling (chat `tools` and `tool_choice`), the same for every model: a generic format held by a schema.
+
+A model's own tool-call format (Hermes' `<tool_call>` tags, Llama 3.1's `ipython` turns, ...) needs a parser per
+family (vLLM's `--tool-call-parser`). This API instead tells the model, in a system message, the tools it has and
+the one answer format it must use, and holds the answer to that format with a JSON schema (json_schema.py), as
+llama.cpp does for models without a native format:
+- `{"tool_calls": [{"name": ..., "arguments": {...}}, ...]}` calls tools, each call's arguments held to that
+  tool's `parameters` schema;
+- `{"response": "..."}` answers in text, only where the model may choose (`tool_choice` `auto`).
+`tool_choice` `required` leaves only calls, a named function only calls of it (one), `none` leaves the tools out.
+`parallel_tool_calls: false` allows one call. Earlier turns go back to the model in the same format: an
+assistant message's `tool_calls` as its JSON, a `tool` message's content as the tool's turn.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Sequence
+
+from swarmllm.api.json_schema import SchemaError, compile_schema
+
+NO_ARGUMENTS = {"type": "object", "properties": {}, "additionalProperties": False}
+
+
+class ToolError(ValueError):
+    """Tools, a tool choice or a tool call the API cannot follow; `param` is the request's field at fault."""
+
+    def __init__(self, param: str, message: str):
+        super().__init__(message)
+        self.param = param
+
+
+class ToolCalling:
+    """One request's tools and choice: the instruction the model reads, the schema its answer is held to, and
+    the parse of that answer."""
+
+    def __init__(self, tools: Sequence[dict], choice: str | dict | None, parallel: bool = True):
+        self.functions = [_function(tool, i) for i, tool in enumerate(tools)]
+        names = [f["name"] for f in self.functions]
+        if len(set(names)) < len(names):
+            raise ToolError("tools", "two functions have the same name")
+        self.named: str | None = None
+        if isinstance(choice, dict):
+            self.named = (choice.get("function") or {}).get("name")
+            if choice.get("type") != "function" or self.named not in names:
+                raise ToolError("tool_choice", "a named choice must be a function among the tools")
+        elif choice not in (None, "auto", "required"):
+            raise ToolError("tool_choice", "it must be none, auto, required or a named function")
+        self.required = choice == "required" or self.named is not None
+        self.single = not parallel or self.named is not None
+        self.schema = self._schema()
+        for function in self.functions:
+            try:
+                compile_schema(function["parameters"])
+            except SchemaError as e:
+                raise ToolError("tools", f"the parameters of {function['name']!r}: {e}") from None
+
+    def _schema(self) -> dict:
+        called = [f for f in self.functions if self.named in (None, f["name"])]
+        call = [
+            {
+                "type": "object",
+                "properties": {"name": {"const": f["name"]}, "arguments": f["parameters"]},
+                "required": ["name", "arguments"],
+                "additionalProperties": False,
+            }
+            for f in called
+        ]
+        calls = {"type": "array", "items": {"anyOf": call}, "minItems": 1}
+        if self.single:
+            calls["maxItems"] = 1
+        calling = {
+            "type": "object",
+            "properties": {"tool_calls": calls},
+            "required": ["tool_calls"],
+            "additionalProperties": False,
+        }
+        if self.required:
+            return calling
+        answering = {
+            "type": "object",
+            "properties": {"response": {"type": "string"}},
+            "required": ["response"],
+            "additionalProperties": False,
+        }
+        return {"anyOf": [calling, answering]}
+
+    def instruction(self) -> str:
+        listed = json.dumps(
+            [{k: f[k] for k in ("name", "description", "parameters") if k in f} for f in self.functions],
+            ensure_ascii=False,
+        )
+        call = '{"tool_calls": [{"name": "<function name>", "arguments": {<its arguments>}}]}'
+        if self.named is not None:
+            how = f"Call the function {self.named!r} now. Answer with a JSON object: {call}"
+        elif self.required:
+            how = f"Call one or more of these functions now. Answer with a JSON object: {call}"
+        else:
+            how = (
+                f"To call functions, answer with a JSON object: {call}. To answer the user directly, answer "
+                'with a JSON object: {"response": "<your answer>"}'
+            )
+        if self.single and self.named is None:
+            how += ". Call one function at a time"
+        return f"You can call these functions (their arguments as JSON schemas):\n{listed}\n{how}."
+
+    def messages(self, messages: Sequence[dict]) -> list[dict]:
+        """The conversation as the model reads it: the instruction in the system message (added, or after the
+        caller's), earlier calls in the answer format."""
+        out = [{"role": m["role"], "content": message_text(m)} for m in messages]
+        if out and out[0]["role"] == "system":
+            out[0]["content"] = f"{out[0]['content']}\n\n{self.instruction()}"
+        else:
+            out.insert(0, {"role": "system", "content": self.instruction()})
+        return out
+
+    @staticmethod
+    def parse(text: str) -> tuple[str | None, list[dict]]:
+        """(content, tool calls) of an answer: calls with fresh ids, or the text of a direct response; an
+        answer cut short (not JSON yet) is its text."""
+        try:
+            answer = json.loads(text)
+        except ValueError:
+            return text, []
+        if isinstance(answer, dict) and "tool_calls" in answer:
+            return None, [
+                {
+                    "id": f"call_{uuid.uuid4().hex[:24]}",
+                    "type": "function",
+                    "function": {
+                        "name": call["name"],
+                        "arguments": json.dumps(call["arguments"], ensure_ascii=False),
+                    },
+                }
+                for call in answer["tool_calls"]
+            ]
+        if isinstance(answer, dict) and isinstance(answer.get("response"), str):
+            return answer["response"], []
+        return text, []
+
+
+def _function(tool: dict, index: int) -> dict:
+    function = tool.get("function") if isinstance(tool, dict) else None
+    if not isinstance(tool, dict) or tool.get("type") != "function" or not isinstance(function, dict):
+        raise ToolError(
+            "tools", f"tools[{index}]: only tools of type function (with a 'function' object) are supported"
+        )
+    if not isinstance(function.get("name"), str) or not function["name"]:
+        raise ToolError("tools", f"tools[{index}]: the function needs a name")
+    parameters = function.get("parameters") or NO_ARGUMENTS
+    out = {"name": function["name"], "parameters": parameters}
+    if function.get("description"):
+        out["description"] = function["description"]
+    return out
+
+
+def message_text(message: dict) -> str:
+    """An assistant turn that called tools, in the answer format; any other message's text."""
+    calls = message.get("tool_calls")
+    if message["role"] != "assistant" or not calls:
+        return message.get("content") or ""
+    written = []
+    for call in calls:
+        function = call.get("function") or {}
+        try:
+            arguments = json.loads(function.get("arguments") or "{}")
+        except ValueError:
+            raise ToolError("messages", "a tool call's arguments must be a JSON text") from None
+        written.append({"name": function.get("name"), "arguments": arguments})
+    return json.dumps({"tool_calls": written}, ensure_ascii=False)
