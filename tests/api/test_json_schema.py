@@ -9,7 +9,7 @@ import pytest
 from mutation import mutate
 
 from swarmllm.api.json_mode import MAX_DEPTH, GrammarMask, TokenTrie
-from swarmllm.api.json_schema import SchemaError, SchemaGrammar, compile_schema
+from swarmllm.api.json_schema import MAX_THREADS, SchemaError, SchemaGrammar, compile_schema
 
 NAMES = ["a", "b", "name", "é", 'q"uote', "back\\slash", "k1", "中"]
 SCALARS = [0, 1, 12, -3, 1.5, 1e20, "x", "xy", "é", "", True, False, None]
@@ -240,6 +240,17 @@ def test_a_recursive_schema_nests_to_the_depth_cap():
     deep = b'{"kids": [' * (MAX_DEPTH // 2)
     assert _feed(grammar, deep) is not None
     assert _feed(grammar, deep + b'{"kids": [') is None
+
+
+def test_an_ambiguity_that_doubles_with_each_nesting_is_cut_at_the_thread_cap():
+    """Two identical alternatives of nested arrays: each "[" doubles the threads followed; the text goes no
+    further once they would pass MAX_THREADS, rather than each byte costing twice the last."""
+    branch = {"type": "array", "items": {"$ref": "#/$defs/A"}}
+    grammar = compile_schema({"$defs": {"A": {"anyOf": [branch, dict(branch)]}}, "$ref": "#/$defs/A"})
+    levels = MAX_THREADS.bit_length() - 1  # 2 ** levels threads: at the cap
+    assert len(_feed(grammar, b"[" * levels)) == MAX_THREADS
+    assert _feed(grammar, b"[" * (levels + 1)) is None
+    assert grammar.complete(_feed(grammar, b"[[]]"))
 
 
 @pytest.mark.parametrize(

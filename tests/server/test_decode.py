@@ -84,8 +84,37 @@ def test_compiled_steps_need_no_compilation_after_the_warm_up(checkpoints, famil
                 want = eager.step(hidden, slot, key_mask, False, caches[1], None)
             torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     assert compiled_steps == [slot + 1 for length in (1, 2, 6, 17) for slot in range(length)]  # none eagerly
-    print("AFTER", dict(counters["aot_autograd"]), {k:v for k,v in counters["inductor"].items() if 'cache' in k})
+    print(
+        "AFTER",
+        dict(counters["aot_autograd"]),
+        {k: v for k, v in counters["inductor"].items() if "cache" in k},
+    )
     assert counters["stats"]["unique_graphs"] == graphs
+
+
+def test_a_runner_compiles_for_each_thread_count_it_meets(checkpoints):
+    """A server compiles again whenever its CPU thread count changes (servers join and leave its host); torch's
+    default cap of 8 graphs per function made the third count fail to compile and serve eagerly from then on."""
+    span = load_span(checkpoints("llama"), 0, 2)
+    runner = DecodeRunner(span, torch.device("cpu"), compile=True)
+    cache, key_mask = KVCache(2, 1, 5, span.config, torch.float32, "cpu"), torch.ones(1, 5, dtype=torch.bool)
+    compiled_step, compiled_steps = runner._decode, []
+    runner._decode = lambda *args: compiled_steps.append(torch.get_num_threads()) or compiled_step(*args)
+    threads = torch.get_num_threads()
+    try:
+        for count in (1, 2, 3):
+            torch.set_num_threads(count)
+            runner.warm_up()
+            assert runner.mode == "compiled", count
+            compiled_steps.clear()
+            hidden = torch.zeros(
+                1, span.config.hidden_size
+            )  # (made as a session's are: outside inference mode)
+            with torch.inference_mode():
+                runner.step(hidden, count, key_mask, False, cache, None)
+            assert compiled_steps == [count]
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_a_compiled_step_takes_no_bound_from_the_disk_cache(checkpoints, tmp_path, monkeypatch):
@@ -120,5 +149,9 @@ def test_a_compiled_step_takes_no_bound_from_the_disk_cache(checkpoints, tmp_pat
             hidden = torch.randn(1, span.config.hidden_size)
             with torch.inference_mode():
                 runner.step(hidden, slot, key_mask, False, cache, None)
-    print("AFTER", dict(counters["aot_autograd"]), {k:v for k,v in counters["inductor"].items() if 'cache' in k})
+    print(
+        "AFTER",
+        dict(counters["aot_autograd"]),
+        {k: v for k, v in counters["inductor"].items() if "cache" in k},
+    )
     assert counters["stats"]["unique_graphs"] == graphs

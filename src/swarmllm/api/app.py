@@ -65,7 +65,9 @@ from swarmllm.api.tools import ToolError, message_text
 logger = logging.getLogger(__name__)
 
 _END = object()  # the end of a generation's pieces
-KEPT_SCHEMAS = 16  # JSON schemas whose token masks an engine keeps
+# JSON schemas whose token masks an engine keeps: each keeps up to json_mode.CACHED_MASKS masks of a byte per
+# token (SmolLM2: 256 x 49 KB, 12.6 MB)
+KEPT_SCHEMAS = 8
 
 
 class ApiError(Exception):

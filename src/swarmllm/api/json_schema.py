@@ -3,7 +3,9 @@
 `compile_schema` turns a schema into a table of nodes and a `SchemaGrammar`, a byte-level recogniser that plugs
 into json_mode's `GrammarMask` as JSON mode's grammar does. A state is a frozenset of threads: a union (`anyOf`,
 a list of types, a `$ref`) is followed down each alternative at once until the text tells them apart. A thread
-is a pushdown state: the open containers' frames, a mode with its data, and the blanks in a row.
+is a pushdown state: the open containers' frames, a mode with its data, and the blanks in a row. At most
+`MAX_THREADS` threads are followed at once, so an ambiguous schema (unions of containers, nested) cannot make
+each byte cost twice the last.
 
 What it writes is a subset of what the schema admits, which is all a constraint needs:
 - an object with `properties` gets only those keys, in the schema's order, each optional one (not in
@@ -58,6 +60,7 @@ UNION, OBJECT, ARRAY, STRING, NUMBER, LITERALS = range(6)
 VALUE, OBJ_OPEN, OBJ_KEY, KEY, COLON, AFTER, ARR_OPEN, STR, NUM, LIT, DONE = range(11)
 WS_MODES = frozenset({VALUE, OBJ_OPEN, OBJ_KEY, COLON, AFTER, ARR_OPEN})
 NO_KEY = -1  # STR's b for a string value (else the node its key's value must match)
+MAX_THREADS = 64  # alternatives followed at once; past it the text goes no further that way
 
 Thread = (
     tuple  # (frames, mode, a, b, blanks in a row); a frame: ("o" | "f" | "a", node, keys or items so far)
@@ -245,6 +248,8 @@ class SchemaGrammar:
         following: set = set()
         for thread in state:
             following.update(self._step(thread, byte))
+        if len(following) > MAX_THREADS:
+            return None  # an ambiguity that doubles at each nesting would cost each byte twice the last
         return frozenset(following) or None
 
     def complete(self, state: frozenset | None) -> bool:

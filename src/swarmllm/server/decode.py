@@ -48,6 +48,7 @@ MIN_BUCKET = 64  # the smallest number of cache slots a CUDA graph attends to
 CAPTURE_AFTER = 3  # merged steps of one cohort before its CUDA graph is captured (a passing mix is not)
 MAX_COHORTS = 8  # cohorts whose merged-step graphs are kept (least recently used dropped)
 COMPILE_BELOW_WEIGHTS = 1 << 20  # weights of a block whose step is bound by per-op costs (4 MiB in float32)
+RECOMPILE_LIMIT = 256  # compiled graphs of `BlockSpan.decode` in one process (~4 per span and thread count)
 
 
 def block_weights(config: BlockConfig) -> int:
@@ -215,8 +216,11 @@ class DecodeRunner:
         # length (another model's branch on a constant) would then recompile at every longer length. Keyed by the
         # span's config and bounds too, each model's graphs carry only their own guards
         tag = f"swarmllm-decode {config!r} {span.start}-{span.end}"
+        # torch caps the graphs of one function (all spans' `decode`, every thread count) at 8 by default: a
+        # server's third thread count would fail to compile and serve eagerly from then on
+        limit = torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT)
         try:
-            with torch.inference_mode(), torch.compiler.config.patch(cache_key_tag=tag):
+            with torch.inference_mode(), torch.compiler.config.patch(cache_key_tag=tag), limit:
                 for length, slots in ((4, (0, 1, 3)), (1, (0,))):
                     key_mask = torch.ones(1, length, dtype=torch.bool, device=self.device)
                     for slot in slots:
