@@ -66,7 +66,7 @@ def main() -> None:
         base = swarm.start_api(str(path), extra=["--name", "smollm2"])
         client = openai.OpenAI(base_url=base, api_key="unused", max_retries=0, timeout=600)
 
-        def ask(extra: dict) -> tuple[float, int, str | None]:
+        def ask(extra: dict) -> tuple[float, int, str | None, int]:
             start = time.perf_counter()
             reply = client.chat.completions.create(
                 model="smollm2",
@@ -76,7 +76,8 @@ def main() -> None:
                 **extra,
             )
             elapsed = time.perf_counter() - start
-            return elapsed, reply.usage.completion_tokens, reply.choices[0].finish_reason
+            usage = reply.usage
+            return elapsed, usage.completion_tokens, reply.choices[0].finish_reason, usage.prompt_tokens
 
         ask({})  # the swarm's and the API's own warm-up
         cold = {name: ask(extra) for name, extra in WAYS.items()}
@@ -84,7 +85,7 @@ def main() -> None:
         finishes: dict[str, set[str]] = {name: set() for name in WAYS}
         for _ in range(args.repeats):
             for name, extra in WAYS.items():
-                elapsed, tokens, finish = ask(extra)
+                elapsed, tokens, finish, _ = ask(extra)
                 warm[name].append(elapsed / tokens * 1000)
                 finishes[name].add(finish)
                 assert tokens == cold[name][1]  # greedy: the same answer every time
@@ -93,6 +94,7 @@ def main() -> None:
     rows = [
         [
             name,
+            str(cold[name][3]),
             str(cold[name][1]),
             f"{cold[name][0] / cold[name][1] * 1000:.1f}",
             f"{statistics.median(warm[name]):.1f}",
@@ -116,7 +118,8 @@ def main() -> None:
     note = (
         f"SmolLM2-135M-Instruct on 2 local servers (15 blocks each, default flags), greedy chat, at most "
         f"{args.tokens} tokens, medians of {args.repeats} alternating repeats after one first request of each "
-        "way (which walks the vocabulary's trie for the states it meets; the repeats find their masks cached)."
+        "way (which walks the vocabulary's trie for the states it meets; the repeats find their masks cached). Per "
+        "token includes each request's prefill: a tool call's prompt carries the instruction and the tool's schema."
     )
     print(note)
     if not args.no_record:
