@@ -106,6 +106,7 @@ def main() -> None:
     table = markdown_table(
         [
             "way",
+            "prompt tokens",
             "tokens",
             "first request ms/token",
             "repeats ms/token (median)",
