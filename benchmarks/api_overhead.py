@@ -17,12 +17,10 @@ import time
 
 import openai
 import torch
-from common import append_results, markdown_table
+from common import append_results, markdown_table, smollm2_api
 from transformers import AutoTokenizer
 
 from swarmllm import AutoDistributedModelForCausalLM
-from swarmllm.bundled import smollm2_checkpoint
-from swarmllm.local import LocalSwarm
 
 PROMPT = "Once upon a time, in a small village by the sea, there lived"
 
@@ -34,13 +32,9 @@ def main() -> None:
     parser.add_argument("--no-record", action="store_true")
     args = parser.parse_args()
 
-    path = smollm2_checkpoint()
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    ids = tokenizer(PROMPT, return_tensors="pt")["input_ids"]
-    with LocalSwarm() as swarm:
-        swarm.start_bootstrap()
-        swarm.add_servers([(str(path), (0, 15)), (str(path), (15, 30))])
-        base = swarm.start_api(str(path), extra=["--name", "smollm2"])
+    with smollm2_api() as (swarm, path, base):
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        ids = tokenizer(PROMPT, return_tensors="pt")["input_ids"]
         client = openai.OpenAI(base_url=base, api_key="unused", max_retries=0, timeout=600)
         model = AutoDistributedModelForCausalLM.from_pretrained(str(path), initial_peers=swarm.initial_peers)
         options = {"model": "smollm2", "prompt": PROMPT, "max_tokens": args.tokens, "temperature": 0}

@@ -9,7 +9,8 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -230,3 +231,17 @@ def start_worker(command: Sequence[str], env: dict[str, str]) -> tuple[subproces
     if not line:
         raise RuntimeError(f"a worker exited before it was ready: {' '.join(command)}")
     return proc, line.strip()
+
+
+@contextmanager
+def smollm2_api(name: str = "smollm2") -> Iterator[tuple[object, Path, str]]:
+    """A local swarm of SmolLM2-135M-Instruct (bootstrap and 2 servers of 15 blocks, default flags) and
+    `swarmllm api` over it: (the LocalSwarm, the checkpoint, the API's base URL)."""
+    from swarmllm.bundled import smollm2_checkpoint
+    from swarmllm.local import LocalSwarm
+
+    path = smollm2_checkpoint()
+    with LocalSwarm() as swarm:
+        swarm.start_bootstrap()
+        swarm.add_servers([(str(path), (0, 15)), (str(path), (15, 30))])
+        yield swarm, path, swarm.start_api(str(path), extra=["--name", name])

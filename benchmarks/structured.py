@@ -16,10 +16,7 @@ import statistics
 import time
 
 import openai
-from common import append_results, markdown_table
-
-from swarmllm.bundled import smollm2_checkpoint
-from swarmllm.local import LocalSwarm
+from common import append_results, markdown_table, smollm2_api
 
 QUESTION = "Describe a pet as JSON: its name, kind, age, friends and owner."
 SCHEMA = {
@@ -59,11 +56,7 @@ def main() -> None:
     parser.add_argument("--no-record", action="store_true")
     args = parser.parse_args()
 
-    path = smollm2_checkpoint()
-    with LocalSwarm() as swarm:
-        swarm.start_bootstrap()
-        swarm.add_servers([(str(path), (0, 15)), (str(path), (15, 30))])
-        base = swarm.start_api(str(path), extra=["--name", "smollm2"])
+    with smollm2_api() as (_, _, base):
         client = openai.OpenAI(base_url=base, api_key="unused", max_retries=0, timeout=600)
 
         def ask(extra: dict) -> tuple[float, int, str | None, int]:

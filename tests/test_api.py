@@ -770,6 +770,7 @@ def test_bad_requests_get_openai_errors(client, api):
         ),
         ("/completions", {"prompt": "hi"}, 400, "model"),
         ("/completions", b"{not json", 400, None),
+        ("/chat/completions", b"[" * 100_000 + b"]" * 100_000, 400, None),  # past Python's recursion limit
         (
             "/chat/completions",
             {"model": "nope", "messages": [{"role": "user", "content": "hi"}]},

@@ -390,7 +390,7 @@ class Api:
     async def _body(request: web.Request, schema):
         try:
             data = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError):
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
             raise ApiError(400, "The request body is not valid JSON", "invalid_request_error") from None
         if not isinstance(data, dict):
             raise ApiError(400, "The request body must be a JSON object", "invalid_request_error")

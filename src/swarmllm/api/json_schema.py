@@ -73,7 +73,10 @@ class SchemaError(ValueError):
 
 def compile_schema(schema: Any) -> SchemaGrammar:
     compiler = _Compiler(schema)
-    root = compiler.node(schema, "#")
+    try:
+        root = compiler.node(schema, "#")
+    except RecursionError:
+        raise SchemaError("#: the schema is nested too deep") from None
     return SchemaGrammar(compiler.nodes, root)
 
 
@@ -196,6 +199,8 @@ class _Compiler:
         required = schema.get("required") or []
         if not isinstance(properties, dict) or not isinstance(required, list):
             raise SchemaError(f"{path}: 'properties' must be an object and 'required' a list")
+        if not all(isinstance(name, str) for name in required):
+            raise SchemaError(f"{path}/required: must list property names")
         missing = [name for name in required if name not in properties]
         if missing:
             raise SchemaError(f"{path}/required: {missing[0]!r} is not in 'properties'")
@@ -221,10 +226,10 @@ class _Compiler:
         return self.add((ARRAY, item, low, high))
 
     def ref(self, ref: Any, path: str) -> int:
-        if ref in self.refs:
-            return self.refs[ref]
         if not isinstance(ref, str) or not (ref == "#" or ref.startswith("#/")):
             raise SchemaError(f"{path}/$ref: only references into the schema itself (#/...) are supported")
+        if ref in self.refs:
+            return self.refs[ref]
         target = self.root
         for part in ref[2:].split("/") if ref != "#" else ():
             part = part.replace("~1", "/").replace("~0", "~")

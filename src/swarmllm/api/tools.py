@@ -42,7 +42,8 @@ class ToolCalling:
             raise ToolError("tools", "two functions have the same name")
         self.named: str | None = None
         if isinstance(choice, dict):
-            self.named = (choice.get("function") or {}).get("name")
+            function = choice.get("function")
+            self.named = function.get("name") if isinstance(function, dict) else None
             if choice.get("type") != "function" or self.named not in names:
                 raise ToolError("tool_choice", "a named choice must be a function among the tools")
         elif choice not in (None, "auto", "required"):
@@ -162,10 +163,13 @@ def message_text(message: dict) -> str:
         return message.get("content") or ""
     written = []
     for call in calls:
-        function = call.get("function") or {}
+        function = call.get("function") if isinstance(call, dict) else None
+        arguments = function.get("arguments", "{}") if isinstance(function, dict) else None
         try:
-            arguments = json.loads(function.get("arguments") or "{}")
-        except ValueError:
-            raise ToolError("messages", "a tool call's arguments must be a JSON text") from None
+            if not isinstance(arguments, str):
+                raise ValueError(arguments)
+            arguments = json.loads(arguments)
+        except (ValueError, RecursionError):
+            raise ToolError("messages", "a tool call needs a function whose arguments are a JSON text") from None
         written.append({"name": function.get("name"), "arguments": arguments})
     return json.dumps({"tool_calls": written}, ensure_ascii=False)
