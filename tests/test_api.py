@@ -768,6 +768,12 @@ def test_bad_requests_get_openai_errors(client, api):
             400,
             "functions",
         ),
+        (
+            "/chat/completions",
+            {"model": NAME, "messages": [{"role": "user", "content": "hi"}], "tool_choice": "required"},
+            400,
+            "tool_choice",
+        ),
         ("/completions", {"prompt": "hi"}, 400, "model"),
         ("/completions", b"{not json", 400, None),
         ("/chat/completions", b"[" * 100_000 + b"]" * 100_000, 400, None),  # past Python's recursion limit

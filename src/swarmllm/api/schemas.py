@@ -3,9 +3,9 @@
 OpenAI's sampling fields are all honoured, with vLLM's extras (`top_k`, `min_p`, `repetition_penalty`,
 `min_tokens`, `ignore_eos`, `stop_token_ids`), JSON mode (`response_format` `json_object`) and structured
 output (`json_schema`, api/json_schema.py). What the API cannot do is refused with a 400 rather than silently
-ignored: a schema keyword it cannot hold an answer to, deprecated `functions`, a completion `suffix`.
-Tools are called in one generic format (api/tools.py). Fields it does not know are
-ignored, as OpenAI's own server does with fields newer than it.
+ignored: a schema keyword it cannot hold an answer to, deprecated `functions`, a completion `suffix`. Tools
+are called in one generic format (api/tools.py). Fields it does not know are ignored, as OpenAI's own server
+does with fields newer than it.
 """
 
 from __future__ import annotations
@@ -205,6 +205,8 @@ class ChatRequest(_Sampling):
 
     def tool_calling(self) -> ToolCalling | None:
         """The request's tools and choice (None without tools, or with `tool_choice` none); raises ToolError."""
+        if not self.tools and self.tool_choice not in (None, "none", "auto"):
+            raise ToolError("tool_choice", "a tool choice other than none or auto needs tools")
         if not self.tools or self.tool_choice == "none":
             return None
         if self._tools is None:
