@@ -544,6 +544,14 @@ def test_a_required_tool_call_is_transformers_constrained_answer_and_its_result_
         want["arguments"],
     )
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "tool_calls"
+    # under auto the model may answer or call: streamed, the same answer as whole
+    auto = {**args, "tool_choice": "auto"}
+    whole = client.chat.completions.create(**auto).choices[0].message
+    chunks = list(client.chat.completions.create(**auto, stream=True))
+    deltas = [c.choices[0].delta for c in chunks if c.choices]
+    assert "".join(d.content or "" for d in deltas) == (whole.content or "")
+    streamed_calls = [(t.function.name, t.function.arguments) for d in deltas for t in d.tool_calls or ()]
+    assert streamed_calls == [(t.function.name, t.function.arguments) for t in whole.tool_calls or ()]
 
     history = [
         *question,

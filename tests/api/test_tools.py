@@ -2,13 +2,14 @@
 recogniser), the instruction and the conversation the model reads, the parse of its answer, and refusals."""
 
 import json
+import random
 
 import jsonschema
 import pytest
 from tool_specs import WEATHER
 
 from swarmllm.api.json_schema import compile_schema
-from swarmllm.api.tools import ToolCalling, ToolError, message_text
+from swarmllm.api.tools import ResponseStream, ToolCalling, ToolError, message_text
 
 TIME = {"type": "function", "function": {"name": "get_time"}}  # no parameters: no arguments
 
@@ -145,3 +146,27 @@ def test_what_it_cannot_follow_is_refused_naming_the_field(tools, choice, param,
     with pytest.raises(ToolError) as e:
         ToolCalling(tools, choice)
     assert e.value.param == param and named in str(e.value)
+
+
+def test_a_response_streams_as_its_text_decodes_and_a_call_streams_nothing():
+    """Random texts (escapes, non-ASCII, emoji as surrogate pairs), written as a response with random spacing
+    and cut into random pieces: what comes out is at each point a prefix of the text, and at the end all of it;
+    a response cut short parses to what it has; a call gives out nothing."""
+    rng = random.Random(3)
+    alphabet = 'ab "\\/\n\t\u00e9\u4e2d\U0001f600\x01'
+    for _ in range(300):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randrange(12)))
+        answer = json.dumps({"response": text}, indent=rng.choice([None, 2]), ensure_ascii=rng.random() < 0.5)
+        stream, out, at = ResponseStream(), "", 0
+        while at < len(answer):
+            step = rng.randint(1, 5)
+            out += stream.feed(answer[at : at + step])
+            at += step
+            assert text.startswith(out), (answer, out)
+            cut_content, calls = ToolCalling.parse(answer[:at])
+            assert (
+                text.startswith(cut_content) or at < len(answer) and cut_content == answer[:at] and not calls
+            )
+        assert out == text and ToolCalling.parse(answer) == (text, [])
+    stream = ResponseStream()
+    assert "".join(stream.feed(c) for c in json.dumps(CALL_BOTH)) == ""

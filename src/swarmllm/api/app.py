@@ -60,7 +60,7 @@ from swarmllm.api.schemas import (
     validation_error,
 )
 from swarmllm.api.sessions import SessionPool
-from swarmllm.api.tools import ToolError, message_text
+from swarmllm.api.tools import ResponseStream, ToolError, message_text
 
 logger = logging.getLogger(__name__)
 
@@ -541,7 +541,7 @@ class Api:
                 return {"message": message, "logprobs": logprobs(i, piece), "finish_reason": finish}
 
             if body.stream:
-                return await reply.stream_whole(request, gens, body, answer)
+                return await reply.stream_tools(request, gens, body, answer)
             return await reply.whole(gens, answer)
         if body.stream:
             return await reply.stream(
@@ -588,47 +588,11 @@ class _Reply:
         body = self._envelope(self.kind, choices=choices, usage=_usage(gens))
         return web.json_response(body)
 
-    async def stream_whole(
-        self, request: web.Request, gens: list[Generation], body, answer
+    async def _sse(
+        self, request: web.Request, gens: list[Generation], body, kind: str, events: AsyncIterator[dict]
     ) -> web.StreamResponse:
-        """A chat answer known only once whole (tool calls), streamed as OpenAI streams one: the role, then
-        `answer(i, piece)`'s message as one delta (each tool call with its index), then the finish reason."""
-        try:
-            joined = await _joined(gens)
-        except ApiError as e:
-            return _error(e)
-        response = web.StreamResponse(
-            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
-        )
-        await response.prepare(request)
-        kind = self.kind + ".chunk"
-
-        async def send(i: int, delta: dict, finish_reason: str | None = None, logprobs=None) -> None:
-            choice = {"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
-            await response.write(f"data: {json.dumps(self._envelope(kind, choices=[choice]))}\n\n".encode())
-
-        for i, piece in enumerate(joined):
-            done = answer(i, piece)
-            message = done["message"]
-            await send(i, {"role": "assistant", "content": ""})
-            delta = {"content": message["content"]} if message["content"] is not None else {}
-            if "tool_calls" in message:
-                delta["tool_calls"] = [{"index": j, **call} for j, call in enumerate(message["tool_calls"])]
-            await send(i, delta, logprobs=done["logprobs"])
-            await send(i, {}, done["finish_reason"])
-        if body.stream_options is not None and body.stream_options.include_usage:
-            await response.write(
-                f"data: {json.dumps(self._envelope(kind, choices=[], usage=_usage(gens)))}\n\n".encode()
-            )
-        await response.write(b"data: [DONE]\n\n")
-        return response
-
-    async def stream(
-        self, request: web.Request, gens: list[Generation], body, choice, last: dict, first=None
-    ):
-        """Each piece of each choice as it comes (`choice(i, piece)`), then each choice's `last` chunk with its
-        finish reason, then the usage if asked."""
-        kind = self.kind + ".chunk" if self.kind == "chat.completion" else self.kind
+        """Server-sent events: each chunk of `events`, then the usage if asked and `[DONE]`. A failure of the
+        swarm once the stream has started goes in the stream; a requester that leaves cancels the generations."""
         response = web.StreamResponse(
             headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
         )
@@ -637,18 +601,10 @@ class _Reply:
         async def send(data: dict) -> None:
             await response.write(f"data: {json.dumps(data)}\n\n".encode())
 
-        def chunk(i: int, data: dict, finish_reason: str | None) -> dict:
-            return self._envelope(kind, choices=[{"index": i, **data, "finish_reason": finish_reason}])
-
         try:
-            for i in range(len(gens)) if first is not None else ():
-                await send(chunk(i, first, None))
             try:
-                async for i, piece in _merged(gens):
-                    if piece is None:  # choice i has ended
-                        await send(chunk(i, last, gens[i].finish_reason))
-                    else:
-                        await send(chunk(i, choice(i, piece), None))
+                async for data in events:
+                    await send(data)
             except (ConnectionResetError, asyncio.CancelledError):
                 raise
             except Exception as e:  # noqa: BLE001 - the stream has started: the error goes in it
@@ -665,6 +621,64 @@ class _Reply:
                 gen.cancelled = True  # the requester left: stop generating for it
             raise
         return response
+
+    async def stream(
+        self, request: web.Request, gens: list[Generation], body, choice, last: dict, first=None
+    ) -> web.StreamResponse:
+        """Each piece of each choice as it comes (`choice(i, piece)`), then each choice's `last` chunk with its
+        finish reason, then the usage if asked."""
+        kind = self.kind + ".chunk" if self.kind == "chat.completion" else self.kind
+
+        def chunk(i: int, data: dict, finish_reason: str | None) -> dict:
+            return self._envelope(kind, choices=[{"index": i, **data, "finish_reason": finish_reason}])
+
+        async def events() -> AsyncIterator[dict]:
+            for i in range(len(gens)) if first is not None else ():
+                yield chunk(i, first, None)
+            async for i, piece in _merged(gens):
+                if piece is None:  # choice i has ended
+                    yield chunk(i, last, gens[i].finish_reason)
+                else:
+                    yield chunk(i, choice(i, piece), None)
+
+        return await self._sse(request, gens, body, kind, events())
+
+    async def stream_tools(
+        self, request: web.Request, gens: list[Generation], body, answer
+    ) -> web.StreamResponse:
+        """A chat answer with tools, streamed: the role; a direct response's text as it is generated
+        (`ResponseStream`); once the answer is whole, its tool calls as one delta (each with its index) or the
+        text not sent yet, with the answer's log-probabilities; then its finish reason and the usage if asked."""
+        kind = self.kind + ".chunk"
+
+        def chunk(i: int, delta: dict, finish_reason: str | None = None, logprobs=None) -> dict:
+            choice = {"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
+            return self._envelope(kind, choices=[choice])
+
+        async def events() -> AsyncIterator[dict]:
+            streams, pieces, sent = [ResponseStream() for _ in gens], [[] for _ in gens], [""] * len(gens)
+            for i in range(len(gens)):
+                yield chunk(i, {"role": "assistant", "content": ""})
+            async for i, piece in _merged(gens):
+                if piece is not None:
+                    pieces[i].append(piece)
+                    if text := streams[i].feed(piece.text):
+                        sent[i] += text
+                        yield chunk(i, {"content": text})
+                    continue
+                whole = Piece("".join(p.text for p in pieces[i]), [e for p in pieces[i] for e in p.logprobs])
+                done = answer(i, whole)
+                message, delta = done["message"], {}
+                if "tool_calls" in message:
+                    delta["tool_calls"] = [
+                        {"index": j, **call} for j, call in enumerate(message["tool_calls"])
+                    ]
+                elif (content := message["content"] or "").startswith(sent[i]) and content != sent[i]:
+                    delta["content"] = content[len(sent[i]) :]
+                yield chunk(i, delta, logprobs=done["logprobs"])
+                yield chunk(i, {}, done["finish_reason"])
+
+        return await self._sse(request, gens, body, kind, events())
 
 
 async def _joined(gens: list[Generation]) -> list[Piece]:

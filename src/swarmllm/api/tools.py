@@ -15,6 +15,7 @@ assistant message's `tool_calls` as its JSON, a `tool` message's content as the 
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from collections.abc import Sequence
 
@@ -118,12 +119,13 @@ class ToolCalling:
 
     @staticmethod
     def parse(text: str) -> tuple[str | None, list[dict]]:
-        """(content, tool calls) of an answer: calls with fresh ids, or the text of a direct response; an
-        answer cut short (not JSON yet) is its text."""
+        """(content, tool calls) of an answer: calls with fresh ids, or the text of a direct response (of as
+        much as there is, if it was cut short); any other text as it is (a call cut short)."""
         try:
             answer = json.loads(text)
         except ValueError:
-            return text, []
+            opened = ANSWERING.match(text)  # a response cut short: the text it has
+            return (text, []) if opened is None else (_string_prefix(text[opened.end() :]), [])
         if isinstance(answer, dict) and "tool_calls" in answer:
             return None, [
                 {
@@ -139,6 +141,60 @@ class ToolCalling:
         if isinstance(answer, dict) and isinstance(answer.get("response"), str):
             return answer["response"], []
         return text, []
+
+
+ANSWERING = re.compile(r'\s*\{\s*"response"\s*:\s*"')
+ESCAPES = {'"': '"', "\\": "\\", "/": "/", "b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t"}
+
+
+class ResponseStream:
+    """The text of a `{"response": "..."}` answer as it is generated, for streaming: each piece of the answer's
+    JSON in, the newly decoded text of its string out (nothing while it may still be a call, or inside an
+    escape not yet whole). What comes out, joined, is a prefix of the parsed response."""
+
+    def __init__(self) -> None:
+        self.text, self.start, self.sent = "", -1, 0
+
+    def feed(self, piece: str) -> str:
+        self.text += piece
+        if self.start < 0:
+            opened = ANSWERING.match(self.text)
+            if opened is None:
+                return ""
+            self.start = opened.end()
+        decoded = _string_prefix(self.text[self.start :])
+        new, self.sent = decoded[self.sent :], len(decoded)
+        return new
+
+
+def _string_prefix(body: str) -> str:
+    """The decoded text of a JSON string's body up to its closing quote or the first escape not yet whole (the
+    recogniser let only valid escapes through)."""
+    out, i = [], 0
+    while i < len(body) and body[i] != '"':
+        if body[i] != "\\":
+            out.append(body[i])
+            i += 1
+            continue
+        if i + 1 >= len(body):
+            break
+        if body[i + 1] != "u":
+            out.append(ESCAPES[body[i + 1]])
+            i += 2
+            continue
+        if i + 6 > len(body):
+            break
+        code = int(body[i + 2 : i + 6], 16)
+        if 0xD800 <= code < 0xDC00:  # a high surrogate: a low one may follow as its pair
+            if i + 12 > len(body):
+                break
+            if body[i + 6 : i + 8] == "\\u" and 0xDC00 <= (low := int(body[i + 8 : i + 12], 16)) < 0xE000:
+                out.append(chr(0x10000 + ((code - 0xD800) << 10) + (low - 0xDC00)))
+                i += 12
+                continue
+        out.append(chr(code))
+        i += 6
+    return "".join(out)
 
 
 def _function(tool: dict, index: int) -> dict:
@@ -170,6 +226,8 @@ def message_text(message: dict) -> str:
                 raise ValueError(arguments)
             arguments = json.loads(arguments)
         except (ValueError, RecursionError):
-            raise ToolError("messages", "a tool call needs a function whose arguments are a JSON text") from None
+            raise ToolError(
+                "messages", "a tool call needs a function whose arguments are a JSON text"
+            ) from None
         written.append({"name": function.get("name"), "arguments": arguments})
     return json.dumps({"tool_calls": written}, ensure_ascii=False)
