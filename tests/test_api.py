@@ -505,6 +505,18 @@ def test_structured_output_answers_with_the_tokens_of_a_constrained_loop_and_a_v
         model=NAME, messages=messages, max_tokens=96, temperature=0, response_format=Pet
     )
     assert parsed.choices[0].message.parsed == Pet.model_validate_json(answer)
+    # the same properties in another order: a schema of its own, its keys written in its order
+    for names in (["age", "kind"], ["kind", "age"]):
+        small = {
+            "type": "object",
+            "properties": {n: schema["properties"][n] for n in names},
+            "required": ["age", "kind"],  # the same list: only the order of properties differs
+        }
+        fmt = {"type": "json_schema", "json_schema": {"name": "pet", "schema": small}}
+        reply = client.chat.completions.create(
+            model=NAME, messages=messages, max_tokens=32, temperature=0, response_format=fmt
+        )
+        assert list(json.loads(reply.choices[0].message.content)) == names
 
 
 def test_a_required_tool_call_is_transformers_constrained_answer_and_its_result_goes_back(

@@ -138,7 +138,7 @@ class Engine:
         )
         self.eos_ids, self.pad_id = special_ids(model.generation_config)
         self._trie: TokenTrie | None = None
-        # by schema (canonical JSON); "": JSON mode
+        # by schema (its JSON, properties in their order); "": JSON mode
         self._masks: OrderedDict[str, GrammarMask] = OrderedDict()
         self._masks_lock = threading.Lock()
 
@@ -146,7 +146,7 @@ class Engine:
         """The masks of JSON mode (schema None) or of a JSON schema, kept for the last `KEPT_SCHEMAS` schemas
         (a client sends the same schema request after request). The vocabulary's trie is built at the first
         such request (a batch decode of every token)."""
-        key = "" if schema is None else json.dumps(schema, sort_keys=True)
+        key = "" if schema is None else json.dumps(schema)  # (not sorted: the order of properties is kept)
         with self._masks_lock:
             if self._trie is None:
                 vocab_size = self.model.config.vocab_size  # the logits' width
