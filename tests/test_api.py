@@ -21,7 +21,7 @@ from tool_specs import WEATHER
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from swarmllm.api.generation import chat_prompt
-from swarmllm.api.json_mode import JSON_OBJECT, Grammar, token_bytes
+from swarmllm.api.json_mode import JSON_OBJECT, Grammar, feed, token_bytes
 from swarmllm.api.json_schema import compile_schema
 from swarmllm.api.tools import ToolCalling
 from swarmllm.bundled import smollm2_checkpoint
@@ -394,7 +394,7 @@ def _grammar_greedy_loop(model, ids, steps, pieces, eos, grammar: Grammar):
             for token in logits.argsort(descending=True).tolist():
                 if token == eos and grammar.complete(state):
                     break
-                if pieces[token] and (following := _feed(grammar, state, pieces[token])) is not None:
+                if pieces[token] and (following := feed(state, pieces[token], grammar)) is not None:
                     state = following
                     break
             out.append(token)
@@ -402,14 +402,6 @@ def _grammar_greedy_loop(model, ids, steps, pieces, eos, grammar: Grammar):
             if token == eos:
                 break
     return out[len(ids) :]
-
-
-def _feed(grammar: Grammar, state, piece: bytes):
-    for byte in piece:
-        state = grammar.advance(state, byte)
-        if state is None:
-            return None
-    return state
 
 
 def test_json_mode_answers_with_the_tokens_of_a_constrained_loop_and_a_parsable_object(

@@ -8,7 +8,7 @@ import jsonschema
 import pytest
 from mutation import mutate
 
-from swarmllm.api.json_mode import MAX_DEPTH, GrammarMask, TokenTrie
+from swarmllm.api.json_mode import MAX_DEPTH, GrammarMask, TokenTrie, feed
 from swarmllm.api.json_schema import MAX_THREADS, SchemaError, SchemaGrammar, compile_schema
 
 NAMES = ["a", "b", "name", "é", 'q"uote', "back\\slash", "k1", "中"]
@@ -127,12 +127,7 @@ def _text_of(rng: random.Random, value) -> bytes:
 
 
 def _feed(grammar: SchemaGrammar, text: bytes, state=None):
-    state = grammar.start if state is None else state
-    for byte in text:
-        state = grammar.advance(state, byte)
-        if state is None:
-            return None
-    return state
+    return feed(grammar.start if state is None else state, text, grammar)
 
 
 def _valid(schema, text: bytes) -> bool:

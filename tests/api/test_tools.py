@@ -8,6 +8,7 @@ import jsonschema
 import pytest
 from tool_specs import WEATHER
 
+from swarmllm.api.json_mode import feed
 from swarmllm.api.json_schema import compile_schema
 from swarmllm.api.tools import ResponseStream, ToolCalling, ToolError, message_text
 
@@ -31,12 +32,7 @@ ANSWERS = {
 def _admits(schema, value) -> bool:
     """Whether the recogniser takes the value as written (indented), checked against jsonschema's word."""
     grammar = compile_schema(schema)
-    state = grammar.start
-    for byte in json.dumps(value, indent=2).encode():
-        state = grammar.advance(state, byte)
-        if state is None:
-            break
-    ours = grammar.complete(state)
+    ours = grammar.complete(feed(grammar.start, json.dumps(value, indent=2).encode(), grammar))
     assert not ours or jsonschema.Draft202012Validator(schema).is_valid(value)
     return ours
 

@@ -111,11 +111,13 @@ def advance(state: State, byte: int) -> State | None:
     return None  # DONE: the object is closed, only the end of the sequence may follow
 
 
-def feed(state: State | None, data: bytes) -> State | None:
+def feed(state, data: bytes, grammar: Grammar | None = None):
+    """The state after `data` in `grammar` (default: JSON mode's), None once the text has left it."""
+    step = advance if grammar is None else grammar.advance
     for byte in data:
         if state is None:
             return None
-        state = advance(state, byte)
+        state = step(state, byte)
     return state
 
 
@@ -276,13 +278,7 @@ class GrammarMask:
     def after(self, state, token: int):
         """The state after `token` (None once the text has left the grammar, or for a token with no text)."""
         piece = self.trie.pieces[token] if token < len(self.trie.pieces) else None
-        if piece is None:
-            return None
-        for byte in piece:
-            if state is None:
-                return None
-            state = self.grammar.advance(state, byte)
-        return state
+        return None if piece is None else feed(state, piece, self.grammar)
 
 
 class GrammarLogits(LogitsProcessor):

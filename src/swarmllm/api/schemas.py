@@ -134,7 +134,6 @@ class ChatMessage(BaseModel):
     role: str
     content: str | list[dict] | None = ""
     tool_calls: Annotated[list[dict], Field(max_length=64)] | None = None  # an assistant turn's calls
-    tool_call_id: str | None = None  # a tool turn's answer to that call
 
     @field_validator("content")
     @classmethod
