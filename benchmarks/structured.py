@@ -1,9 +1,10 @@
 """What holding an answer to JSON, a JSON schema or a tool call costs per token, through the API.
 
 One local swarm (bootstrap + 2 servers, SmolLM2-135M-Instruct, 15 blocks each) and `swarmllm api`; the `openai`
-client asks the same chat question greedily as free text, in JSON mode, held to a 5-field schema, and as a
-required tool call. Each way's first request walks the vocabulary's trie for the states it meets (cold); the
-repeats find those masks cached (warm). The ways are timed in alternation, medians of `--repeats`, each as
+client asks the same chat question greedily as free text, in JSON mode, held to a 5-field schema, held to a
+schema of constrained fields (string lengths, a date, number bounds, a pattern), and as a required tool call.
+Each way's first request walks the vocabulary's trie for the states it meets (cold); the repeats find those
+masks cached (warm). The ways are timed in alternation, medians of `--repeats`, each as
 ms per generated token and as a ratio to free text (answers differ in length, so per token is the measure).
 
     python benchmarks/structured.py [--tokens 64] [--repeats 5] [--no-record]
@@ -31,6 +32,19 @@ SCHEMA = {
     "required": ["name", "kind", "age", "friends", "owner"],
     "additionalProperties": False,
 }
+HELD = {  # what a pydantic model with constrained fields sends: lengths, a date, bounds, a pattern
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 12},
+        "born": {"type": "string", "format": "date"},
+        "age": {"type": "integer", "minimum": 0, "maximum": 30},
+        "weight": {"type": "number", "exclusiveMinimum": 0, "maximum": 100},
+        "tag": {"type": "string", "pattern": "^[A-Z]{3}-\\d{3}$"},
+        "notes": {"type": "string", "maxLength": 200},
+    },
+    "required": ["name", "born", "age", "weight", "tag", "notes"],
+    "additionalProperties": False,
+}
 TOOL = {
     "type": "function",
     "function": {
@@ -44,6 +58,9 @@ WAYS = {
     "JSON mode": {"response_format": {"type": "json_object"}},
     "JSON schema (5 fields)": {
         "response_format": {"type": "json_schema", "json_schema": {"name": "pet", "schema": SCHEMA}}
+    },
+    "JSON schema (lengths, date, bounds, pattern)": {
+        "response_format": {"type": "json_schema", "json_schema": {"name": "pet", "schema": HELD}}
     },
     "required tool call": {"tools": [TOOL], "tool_choice": "required", "parallel_tool_calls": False},
 }

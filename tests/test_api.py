@@ -4,6 +4,7 @@ greedy output equals local `transformers` on the same checkpoint and prompt, str
 non-streamed text, 4 concurrent streamed requests each get their own answer, and bad requests get OpenAI-style
 errors with the right status codes."""
 
+import datetime
 import io
 import json
 import sys
@@ -17,6 +18,7 @@ import openai
 import pydantic
 import pytest
 import torch
+from openai.lib._parsing._completions import type_to_response_format_param
 from tool_specs import WEATHER
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -404,6 +406,21 @@ def _grammar_greedy_loop(model, ids, steps, pieces, eos, grammar: Grammar):
     return out[len(ids) :]
 
 
+def _chat_ids(tokenizer, messages: list[dict]) -> list[int]:
+    """The token ids of a chat prompt with the assistant's turn opened, as the API builds it."""
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def _whole_and_streamed(client, messages, **request):
+    """A greedy chat request answered whole, and the text of the same request streamed."""
+    whole = client.chat.completions.create(model=NAME, messages=messages, temperature=0, **request)
+    chunks = client.chat.completions.create(
+        model=NAME, messages=messages, temperature=0, stream=True, **request
+    )
+    return whole, "".join(chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices)
+
+
 def test_json_mode_answers_with_the_tokens_of_a_constrained_loop_and_a_parsable_object(
     client, local, reference
 ):
@@ -414,10 +431,7 @@ def test_json_mode_answers_with_the_tokens_of_a_constrained_loop_and_a_parsable_
         {"role": "system", "content": "You answer in JSON."},
         {"role": "user", "content": "Describe a cat with its name, age and colour as a JSON object."},
     ]
-    ids = tokenizer(
-        tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False),
-        add_special_tokens=False,
-    )["input_ids"]
+    ids = _chat_ids(tokenizer, messages)
     eos = tokenizer.eos_token_id
     pieces = token_bytes(tokenizer, reference.config.vocab_size)
     expected = _grammar_greedy_loop(reference, ids, 48, pieces, eos, JSON_OBJECT)
@@ -426,21 +440,11 @@ def test_json_mode_answers_with_the_tokens_of_a_constrained_loop_and_a_parsable_
     assert expected[-1] == eos
     answer = tokenizer.decode(expected, skip_special_tokens=True)
     assert isinstance(json.loads(answer), dict)
-    for stream in (False, True):
-        got = client.chat.completions.create(
-            model=NAME,
-            messages=messages,
-            max_tokens=48,
-            temperature=0,
-            response_format={"type": "json_object"},
-            stream=stream,
-        )
-        if stream:
-            content = "".join(chunk.choices[0].delta.content or "" for chunk in got if chunk.choices)
-        else:
-            content, finish = got.choices[0].message.content, got.choices[0].finish_reason
-            assert finish == "stop" and got.usage.completion_tokens == len(expected)
-        assert content == answer, stream
+    whole, streamed = _whole_and_streamed(
+        client, messages, max_tokens=48, response_format={"type": "json_object"}
+    )
+    assert whole.choices[0].finish_reason == "stop" and whole.usage.completion_tokens == len(expected)
+    assert whole.choices[0].message.content == streamed == answer
 
 
 class Pet(pydantic.BaseModel):
@@ -460,10 +464,7 @@ def test_structured_output_answers_with_the_tokens_of_a_constrained_loop_and_a_v
     additionalProperties false) gets the same answer back as a `Pet`."""
     tokenizer, _, _ = local
     messages = [{"role": "user", "content": "Describe a pet: its name, kind, age, friends and owner."}]
-    ids = tokenizer(
-        tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False),
-        add_special_tokens=False,
-    )["input_ids"]
+    ids = _chat_ids(tokenizer, messages)
     schema = {
         "type": "object",
         "properties": {
@@ -483,16 +484,9 @@ def test_structured_output_answers_with_the_tokens_of_a_constrained_loop_and_a_v
     answer = tokenizer.decode(expected, skip_special_tokens=True)
     jsonschema.validate(json.loads(answer), schema)
     fmt = {"type": "json_schema", "json_schema": {"name": "pet", "schema": schema, "strict": True}}
-    for stream in (False, True):
-        got = client.chat.completions.create(
-            model=NAME, messages=messages, max_tokens=96, temperature=0, response_format=fmt, stream=stream
-        )
-        if stream:
-            content = "".join(chunk.choices[0].delta.content or "" for chunk in got if chunk.choices)
-        else:
-            content = got.choices[0].message.content
-            assert got.choices[0].finish_reason == "stop" and got.usage.completion_tokens == len(expected)
-        assert content == answer, stream
+    whole, streamed = _whole_and_streamed(client, messages, max_tokens=96, response_format=fmt)
+    assert whole.choices[0].finish_reason == "stop" and whole.usage.completion_tokens == len(expected)
+    assert whole.choices[0].message.content == streamed == answer
     parsed = client.chat.completions.parse(
         model=NAME, messages=messages, max_tokens=96, temperature=0, response_format=Pet
     )
@@ -509,6 +503,39 @@ def test_structured_output_answers_with_the_tokens_of_a_constrained_loop_and_a_v
             model=NAME, messages=messages, max_tokens=32, temperature=0, response_format=fmt
         )
         assert list(json.loads(reply.choices[0].message.content)) == names
+
+
+class Booking(pydantic.BaseModel):
+    guest: str = pydantic.Field(max_length=12)
+    day: datetime.date
+    nights: int = pydantic.Field(ge=1, le=14)
+    rating: float = pydantic.Field(gt=0, le=5)
+    code: str = pydantic.Field(pattern=r"^[A-Z]{3}-\d{3}$")
+
+
+def test_a_schemas_formats_bounds_and_patterns_hold_and_pydantic_parses_the_answer(client, local, reference):
+    """What a pydantic model with constrained fields sends (`maxLength`, `format: date`, `minimum`/`maximum`,
+    `exclusiveMinimum`, `pattern`): the answer is the brute-force constrained loop's over transformers' logits,
+    streamed or not, and `parse` turns it into the model (pydantic checks the date, the bounds and the pattern)."""
+    tokenizer, _, _ = local
+    messages = [{"role": "user", "content": "Book a room: the guest, the day, nights, a rating and a code."}]
+    ids = _chat_ids(tokenizer, messages)
+    schema = type_to_response_format_param(Booking)["json_schema"]["schema"]
+    assert {"maxLength", "format", "minimum", "exclusiveMinimum", "pattern"} <= {
+        key for field in schema["properties"].values() for key in field
+    }
+    pieces, eos = token_bytes(tokenizer, reference.config.vocab_size), tokenizer.eos_token_id
+    expected = _grammar_greedy_loop(reference, ids, 96, pieces, eos, compile_schema(schema))
+    assert expected[-1] == eos
+    answer = tokenizer.decode(expected, skip_special_tokens=True)
+    booking = Booking.model_validate_json(answer)  # the date, the bounds and the pattern hold
+    fmt = {"type": "json_schema", "json_schema": {"name": "booking", "schema": schema, "strict": True}}
+    whole, streamed = _whole_and_streamed(client, messages, max_tokens=96, response_format=fmt)
+    assert whole.choices[0].message.content == streamed == answer
+    parsed = client.chat.completions.parse(
+        model=NAME, messages=messages, max_tokens=96, temperature=0, response_format=Booking
+    )
+    assert parsed.choices[0].message.parsed == booking
 
 
 def test_a_required_tool_call_is_transformers_constrained_answer_and_its_result_goes_back(
@@ -614,12 +641,7 @@ def test_penalties_bias_and_vllms_extras_equal_the_rules_written_out(client, loc
         got = ask(**options)
         assert (got.choices[0].text, got.usage.completion_tokens) == (text(expected), len(expected)), options
     # min_tokens holds EOS back; ignore_eos generates through it; stop_token_ids end the text
-    short_ids = tokenizer(
-        tokenizer.apply_chat_template(
-            [{"role": "user", "content": "Say only: hi"}], add_generation_prompt=True, tokenize=False
-        ),
-        add_special_tokens=False,
-    )["input_ids"]
+    short_ids = _chat_ids(tokenizer, [{"role": "user", "content": "Say only: hi"}])
     short = _greedy_loop(reference, short_ids, 40, stop_ids=[eos])
     assert short[-1] == eos and len(short) < 30
 
@@ -730,7 +752,7 @@ def test_bad_requests_get_openai_errors(client, api):
                 "messages": [{"role": "user", "content": "answer in json"}],
                 "response_format": {
                     "type": "json_schema",
-                    "json_schema": {"name": "x", "schema": {"type": "string", "pattern": "^a+$"}},
+                    "json_schema": {"name": "x", "schema": {"type": "integer", "multipleOf": 3}},
                 },
             },
             400,

@@ -6,17 +6,39 @@ import random
 
 import jsonschema
 import pytest
+from format_checks import FORMAT_CHECKER
 from mutation import mutate
 
+from swarmllm.api.json_mode import DONE as JSON_DONE
 from swarmllm.api.json_mode import MAX_DEPTH, GrammarMask, TokenTrie, feed
+from swarmllm.api.json_mode import START as JSON_START
 from swarmllm.api.json_schema import MAX_THREADS, SchemaError, SchemaGrammar, compile_schema
 
 NAMES = ["a", "b", "name", "é", 'q"uote', "back\\slash", "k1", "中"]
 SCALARS = [0, 1, 12, -3, 1.5, 1e20, "x", "xy", "é", "", True, False, None]
+PATTERNS = {
+    r"^[a-z]{2,4}$": ["ab", "xyz", "abcd"],
+    r"^\d{3}-\d{4}$": ["555-1234"],
+    r"^(yes|no)$": ["yes", "no"],
+    r"é+": ["é", "aéé b", 'q"é\n'],
+    r"^[^\s]+$": ["中文", "a\\b"],
+}
+FORMAT_VALUES = {
+    "date": ["2024-02-29", "1999-12-31"],
+    "date-time": ["2024-05-01T13:45:30Z", "2024-05-01T13:45:30.25+05:30"],
+    "time": ["08:00:00Z"],
+    "duration": ["P3DT4H", "PT15M"],
+    "uuid": ["a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11"],
+    "ipv4": ["10.0.0.255"],
+    "email": ["jane.doe@example.com"],
+    "hostname": ["api.example.org"],
+    "uri": ["https://example.com/x?y=1"],
+}
 
 
 def _schema(rng: random.Random, depth: int = 0) -> dict:
     kinds = ["string", "integer", "number", "boolean", "null", "enum", "const", "any", "nullable"]
+    kinds += ["lengths", "pattern", "format", "bounded integer", "bounded number"]
     if depth < 3:
         kinds += ["object", "object", "free object", "array", "anyOf"]
     kind = rng.choice(kinds)
@@ -45,6 +67,25 @@ def _schema(rng: random.Random, depth: int = 0) -> dict:
         return {"const": rng.choice(SCALARS), "description": "constrains nothing"}
     if kind == "any":
         return {}
+    if kind == "lengths":
+        low = rng.randint(0, 3)
+        return {
+            "type": "string",
+            "minLength": low,
+            **({"maxLength": low + rng.randint(0, 3)} if rng.random() < 0.7 else {}),
+        }
+    if kind == "pattern":
+        return {"type": "string", "pattern": rng.choice(list(PATTERNS))}
+    if kind == "format":
+        return {"type": "string", "format": rng.choice(list(FORMAT_VALUES))}
+    if kind in ("bounded integer", "bounded number"):
+        low = rng.randint(-20, 20) if kind == "bounded integer" else rng.randint(-80, 80) / 4
+        schema = {"type": kind.split()[1]}
+        if rng.random() < 0.8:
+            schema[rng.choice(["minimum", "exclusiveMinimum"])] = low
+        if rng.random() < 0.8 or len(schema) == 1:
+            schema[rng.choice(["maximum", "exclusiveMaximum"])] = low + rng.randint(1, 30)
+        return schema
     return {"type": kind}
 
 
@@ -80,6 +121,18 @@ def _instance(rng: random.Random, schema, root: dict, depth: int = 0):
     kind = schema["type"]
     if isinstance(kind, list):
         kind = rng.choice(kind)
+    if "pattern" in schema:
+        return rng.choice(PATTERNS[schema["pattern"]])
+    if "format" in schema:
+        return rng.choice(FORMAT_VALUES[schema["format"]])
+    if "minLength" in schema:
+        length = rng.randint(schema["minLength"], schema.get("maxLength", schema["minLength"] + 3))
+        return "".join(rng.choice('ab "\\/\n\u00e9\u4e2d\U0001f600') for _ in range(length))
+    if {"minimum", "exclusiveMinimum", "maximum", "exclusiveMaximum"} & set(schema):
+        while True:
+            value = rng.randint(-100, 100) if kind == "integer" else round(rng.uniform(-100, 100), 2)
+            if jsonschema.Draft202012Validator(schema).is_valid(value):
+                return value
     if kind == "object" and "properties" in schema:
         return {
             name: _instance(rng, sub, root, depth + 1)
@@ -138,7 +191,7 @@ def _valid(schema, text: bytes) -> bool:
         value = json.loads(text, parse_constant=no_constants)
     except (ValueError, UnicodeDecodeError, RecursionError):
         return False
-    return jsonschema.Draft202012Validator(schema).is_valid(value)
+    return jsonschema.Draft202012Validator(schema, format_checker=FORMAT_CHECKER).is_valid(value)
 
 
 def test_every_value_a_schema_admits_is_recognised_prefix_by_prefix():
@@ -181,6 +234,69 @@ def test_whatever_the_recogniser_calls_whole_is_valid_under_the_schema():
     assert whole > 500  # many mutated values stay whole: the check ran on them
 
 
+BYTES = bytes(range(0x09, 0xF5))
+CLOSING = b'"}],:123456789.'
+
+
+def test_no_state_a_prefix_reaches_is_a_dead_end():
+    """Random walks, byte by byte, from prefixes of valid and mutated values: wherever the recogniser still lives,
+    some byte may follow or the text is whole (a held answer never writes itself into a corner: a month 13, a
+    number past its maximum, a string too long for its pattern); walks that end whole are valid."""
+    rng = random.Random(3)
+    alphabet = '{}[]",:0123456789-+.eE \ntfnrulsaxé\\TZ@'
+    steps = whole = 0
+    for _ in range(200):
+        schema = _root(rng)
+        grammar = compile_schema(schema)
+        for _ in range(4):
+            text = list(_text_of(rng, _instance(rng, schema, schema)).decode())
+            if rng.random() < 0.5:
+                mutate(rng, text, alphabet)
+            data = "".join(text).encode()
+            data = data[: rng.randint(0, len(data))]
+            state = _feed(grammar, data)
+            for _ in range(80):
+                if state is None:
+                    break
+                following = {b: s for b in BYTES if (s := grammar.advance(state, b)) is not None}
+                assert following or grammar.complete(state), (schema, data)
+                steps += 1
+                if grammar.complete(state) and (not following or rng.random() < 0.3):
+                    assert _valid(schema, data), (schema, data)
+                    whole += 1
+                    break
+                closing = [b for b in CLOSING if b in following]
+                byte = rng.choice(closing if closing and rng.random() < 0.7 else list(following))
+                data, state = data + bytes([byte]), following[byte]
+    assert steps > 5000 and whole > 300
+
+
+def test_strings_hold_whole_utf8_characters_only():
+    """Random bytes inside a string (leads, continuations, overlong and surrogate forms, ASCII): JSON mode, a
+    schema's plain string and a held string accept them exactly when Python decodes them as UTF-8, so no answer
+    closes a string on half a character."""
+    rng = random.Random(4)
+    pieces = [b"a", b"\xc3", b"\xa9", b"\x80", b"\xbf", b"\xe0", b"\xed", b"\xa0", b"\xf0", b"\x9f", b"\xf4",
+              b"\x90", b"\xc0", b"\xf5", b"\xe4\xb8\xad", b"\xf0\x9f\x98\x80"]  # fmt: skip
+    grammars = [None, compile_schema({"type": "string"}), compile_schema({"type": "string", "maxLength": 99})]
+    checked = 0
+    for _ in range(3000):
+        body = b"".join(rng.choice(pieces) for _ in range(rng.randint(1, 5)))
+        try:
+            body.decode()
+            valid = True
+        except UnicodeDecodeError:
+            valid = False
+        checked += valid
+        for grammar in grammars:
+            if grammar is None:
+                state = feed(JSON_START, b'{"k": "' + body + b'"}')
+                assert (state is not None and state[1] == JSON_DONE) == valid, body
+            else:
+                assert grammar.complete(_feed(grammar, b'"' + body + b'"')) == valid, body
+    assert 100 < checked < 2900  # both kinds met often
+
+
 @pytest.mark.parametrize(
     "schema, text, whole",
     [
@@ -213,6 +329,21 @@ def test_whatever_the_recogniser_calls_whole_is_valid_under_the_schema():
             True,
         ),
         ({"$ref": "#"}, b"1", False),  # a reference to itself admits nothing
+        ({"type": "string", "maxLength": 2}, '"\\n\U0001f600"'.encode(), True),  # two characters
+        ({"type": "string", "maxLength": 2}, b'"\\u0041"', False),  # no \u escapes in a held string
+        ({"type": "string", "minLength": 2}, '"é"'.encode(), False),
+        ({"type": "string", "pattern": "^a"}, b'"abc"', True),
+        ({"type": "string", "pattern": "b"}, b'"abc"', True),  # unanchored: anywhere
+        ({"type": "string", "pattern": "^b"}, b'"abc"', False),
+        ({"type": "string", "format": "date"}, b'"2023-02-29"', False),
+        ({"type": "string", "format": "date"}, b'"2024-02-29"', True),
+        ({"format": "uuid"}, b'"a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11"', True),  # a string, by its keyword
+        ({"type": "integer", "minimum": 10}, b"9", False),
+        ({"type": "integer", "minimum": 10}, b"90", True),
+        ({"type": "integer", "exclusiveMaximum": 0}, b"-0", False),
+        ({"type": "number", "exclusiveMinimum": 0, "maximum": 1}, b"0.001", True),
+        ({"type": "number", "maximum": 1e3}, b"1e2", False),  # a bounded number has no exponent
+        ({"type": "number", "maximum": 1.5}, b"1.50000", True),
         (True, b'{"any": ["json", 1.5e-3, null]}', True),
     ],
 )
@@ -251,14 +382,19 @@ def test_an_ambiguity_that_doubles_with_each_nesting_is_cut_at_the_thread_cap():
 @pytest.mark.parametrize(
     "schema, named",
     [
-        ({"type": "string", "pattern": "a+"}, "'pattern'"),
-        ({"type": "string", "format": "date"}, "'format'"),
-        ({"type": "integer", "minimum": 0}, "'minimum'"),
+        ({"type": "integer", "multipleOf": 2}, "'multipleOf'"),
         ({"oneOf": [{"type": "string"}]}, "'oneOf'"),
         (
-            {"type": "object", "properties": {"a": {"maxLength": 3}}},
-            "#/properties/a: the keyword 'maxLength'",
+            {"type": "object", "properties": {"a": {"uniqueItems": True}}},
+            "#/properties/a: the keyword 'uniqueItems'",
         ),
+        ({"type": "string", "pattern": "(?=a)"}, "groups other than"),
+        ({"type": "string", "pattern": "^\\d{5}$", "maxLength": 4}, "no string"),
+        ({"type": "string", "format": "ipv6"}, "'ipv6' is not supported"),
+        ({"type": "string", "format": "date", "pattern": "^2"}, "beside"),
+        ({"type": "string", "minLength": 3, "maxLength": 2}, "minLength"),
+        ({"type": "integer", "minimum": 1.5, "exclusiveMaximum": 2}, "no number"),
+        ({"type": "number", "maximum": "ten"}, "must be a number"),
         ({"allOf": [{}, {}]}, "allOf"),
         ({"anyOf": [{}], "type": "string"}, "'type'"),
         ({"$ref": "https://example.com/s.json"}, "$ref"),
@@ -287,13 +423,20 @@ def test_the_trie_walk_over_schema_states_equals_a_brute_force_scan():
             "a": {"type": "integer"},
             "b": {"type": "array", "items": {"enum": ["x", "xy", 1]}, "maxItems": 2},
             "k": {"anyOf": [{"type": "string"}, {"type": "null"}]},
+            "d": {"type": "string", "format": "date"},
+            "n": {"type": "integer", "minimum": -5, "maximum": 300},
+            "s": {"type": "string", "maxLength": 3, "pattern": "^[^x]"},
+            "t": {"type": "string", "maxLength": 30},  # its counts share masks but near the end
         },
         "required": ["b"],
     }
     grammar = compile_schema(schema)
     mask = GrammarMask(TokenTrie(pieces, [0]), grammar)
     states = {grammar.start}
-    for text in (b'{"a": -12, "b": ["xy", 1], "k": "t\\u00e9"}', b'{"b": [], "k": null}'):
+    for text in (
+        b'{"a": -12, "b": ["xy", 1], "k": "t\\u00e9", "d": "2024-02-29", "n": -5, "s": "\xc3\xa9\\n"}',
+        b'{"b": [], "k": null, "n": 299, "t": "abcdefghijklmnopqrstuvwxyz\xc3\xa9bc"}',
+    ):
         state = grammar.start
         for byte in text:
             state = grammar.advance(state, byte)

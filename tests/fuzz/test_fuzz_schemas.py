@@ -3,15 +3,19 @@ exception; a schema that compiles takes any bytes without raising."""
 
 from __future__ import annotations
 
+import re
+
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from swarmllm.api.json_schema import SchemaError, compile_schema
+from swarmllm.api.regex import RegexError, compile_regex
 from swarmllm.api.tools import ToolCalling, ToolError, message_text
 
 KEYWORDS = [
     "type", "properties", "required", "additionalProperties", "items", "minItems", "maxItems", "enum", "const",
-    "anyOf", "allOf", "$ref", "$defs", "title", "pattern",
+    "anyOf", "allOf", "$ref", "$defs", "title", "pattern", "format", "minLength", "maxLength", "minimum",
+    "maximum", "exclusiveMinimum", "exclusiveMaximum",
 ]  # fmt: skip
 SCALARS = (
     st.none()
@@ -31,6 +35,14 @@ SCALARS = (
             "#/properties/x",
             "a",
             "",
+            "date",
+            "uuid",
+            "^[a-z]+$",
+            "(a|b)*c",
+            "\\d{2,3}",
+            1.5,
+            -0.25,
+            1e300,
         ]
     )
 )
@@ -95,3 +107,24 @@ def test_a_schema_nested_past_python_s_recursion_is_refused():
         assert "deep" in str(e)
     else:
         raise AssertionError("a 5,000-deep schema compiled")
+
+
+REGEX_TEXT = st.text(st.sampled_from(list("ab1.^$|()[]{}-,*+?\\dwsDWSbu0x:<>=!P")), max_size=16)
+
+
+@settings(max_examples=500, deadline=None)
+@given(pattern=REGEX_TEXT, texts=st.lists(st.text(st.sampled_from(list("ab1-.,{}")), max_size=6), max_size=8))
+def test_a_garbage_pattern_is_refused_or_matches_only_what_python_finds(pattern, texts):
+    """Any pattern text compiles or is a RegexError; what a compiled one matches, Python's `re` finds too
+    (where Python compiles it)."""
+    try:
+        nfa = compile_regex(pattern)
+    except RegexError:
+        return
+    try:
+        python = re.compile(pattern)
+    except re.error:
+        return
+    for text in texts:
+        if nfa.matches(text):
+            assert python.search(text) is not None, (pattern, text)

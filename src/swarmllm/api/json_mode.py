@@ -12,7 +12,8 @@ repeats at every token).
 Whitespace between tokens is allowed up to `MAX_WHITESPACE` bytes in a row, and nesting up to `MAX_DEPTH`,
 so a model cannot fill its answer with blank space or open brackets for ever; once the value is whole, only the
 end of the sequence (a small model would rather pad it with blank lines). Bytes of 0x80 and above are
-allowed only inside strings (they are UTF-8 there); the recogniser does not check UTF-8 itself.
+allowed only inside strings, as whole UTF-8 sequences (`utf8_step`), so a string never closes on half a
+character, whatever the vocabulary's pieces.
 """
 
 from __future__ import annotations
@@ -68,6 +69,9 @@ def advance(state: State, byte: int) -> State | None:
     if mode in WS_MODES and byte in WHITESPACE:
         return (stack, mode, aux, ws + 1) if ws < MAX_WHITESPACE else None
     if mode == STR or mode == KEY:
+        if aux or byte >= 0x80:  # a UTF-8 sequence, pending in aux
+            pending = utf8_step(aux or None, byte)
+            return None if pending is None else (stack, mode, pending if pending[1] else 0, 0)
         if byte == 0x22:  # '"'
             return (stack, AFTER, 0, 0) if mode == STR else (stack, COLON, 0, 0)
         if byte == 0x5C:  # '\'
@@ -124,6 +128,38 @@ def feed(state, data: bytes, grammar: Grammar | None = None):
 def complete(state: State | None) -> bool:
     """Whether the text so far is a whole JSON object (the end of the sequence may come now)."""
     return state is not None and state[1] == DONE
+
+
+UTF8_LENGTHS = {0b110: 2, 0b1110: 3, 0b1111: 4}  # a lead byte's top 3 (from 0xE0: 4) bits -> its length
+UTF8_LEAST = {2: 0x80, 3: 0x800, 4: 0x10000}  # below these a shorter sequence writes the character: overlong
+Utf8 = tuple[int, int, int]  # (the bits so far, bytes still to come, the sequence's length)
+
+
+def utf8_step(pending: Utf8 | None, byte: int) -> Utf8 | None:
+    """One byte of a UTF-8 character: from None a lead byte, else a continuation. The result is whole when no
+    byte is still to come (its bits are then the code point); None if the byte cannot come here, or if no
+    character is left that the sequence can still be (overlong, a surrogate, past U+10FFFF)."""
+    if pending is None:
+        length = UTF8_LENGTHS.get(byte >> 4 if byte >= 0xE0 else byte >> 5)
+        if length is None or byte in (0xC0, 0xC1) or byte > 0xF4:
+            return None
+        pending = (byte & (0x7F >> length), length - 1, length)
+    elif 0x80 <= byte <= 0xBF and pending[1]:
+        bits, left, length = pending
+        pending = ((bits << 6) | (byte & 0x3F), left - 1, length)
+    else:
+        return None
+    low, high = utf8_span(pending)
+    if low > high or (0xD800 <= low and high <= 0xDFFF):
+        return None
+    return pending
+
+
+def utf8_span(pending: Utf8) -> tuple[int, int]:
+    """The least and greatest code points a sequence begun so can still become."""
+    bits, left, length = pending
+    low = max(bits << (6 * left), UTF8_LEAST[length])
+    return low, min((bits << (6 * left)) | ((1 << (6 * left)) - 1), 0x10FFFF)
 
 
 def _number(sub: int, byte: int) -> int | None:
@@ -199,6 +235,10 @@ class Grammar(Protocol):
 
     def complete(self, state) -> bool: ...
 
+    def mask_key(self, state, reach: int) -> Hashable:
+        """A key shared by states that take the same next `reach` bytes alike (so share a mask)."""
+        ...
+
 
 class _JsonObject:
     """JSON mode's grammar: one JSON object."""
@@ -206,6 +246,10 @@ class _JsonObject:
     start = START
     advance = staticmethod(advance)
     complete = staticmethod(complete)
+
+    @staticmethod
+    def mask_key(state, reach: int) -> Hashable:
+        return state
 
 
 JSON_OBJECT: Grammar = _JsonObject()
@@ -227,6 +271,7 @@ class TokenTrie:
                 node = node.setdefault(byte, {})
             node.setdefault(None, []).append(token)
         self.pieces = pieces
+        self.longest = max((len(piece) for piece in pieces if piece), default=0)  # the deepest walk, in bytes
         self.only_eos = torch.zeros(self.vocab_size, dtype=torch.bool)
         self.only_eos[self.eos_ids] = True
 
@@ -242,14 +287,15 @@ class GrammarMask:
 
     def allowed(self, state) -> torch.Tensor:
         """A bool tensor over the vocabulary: True where the token may come next."""
+        key = self.grammar.mask_key(state, self.trie.longest)
         with self._lock:
-            mask = self._masks.get(state)
+            mask = self._masks.get(key)
             if mask is not None:
-                self._masks.move_to_end(state)
+                self._masks.move_to_end(key)
                 return mask
         mask = self._walk(state)
         with self._lock:
-            self._masks[state] = mask
+            self._masks[key] = mask
             if len(self._masks) > CACHED_MASKS:
                 self._masks.popitem(last=False)
         return mask

@@ -15,9 +15,10 @@ What it writes is a subset of what the schema admits, which is all a constraint 
 
 Supported: `type` (a name or a list), `properties`, `required`, `additionalProperties`, `items`, `minItems`,
 `maxItems`, `enum`, `const`, `anyOf`, a one-element `allOf`, `$ref` into the schema (`$defs`, `definitions`,
-recursion included), and annotations (`title`, `description`, `default`, ...), which constrain nothing. Any
-other keyword (`pattern`, `format`, `minLength`, `minimum`, `oneOf`, ...) is refused with a `SchemaError` that
-names it, rather than silently not honoured.
+recursion included), a string's `minLength`, `maxLength`, `pattern` and `format` and a number's `minimum`,
+`maximum`, `exclusiveMinimum` and `exclusiveMaximum` (json_constraints.py), and annotations (`title`,
+`description`, `default`, ...), which constrain nothing. Any other keyword (`multipleOf`, `oneOf`,
+`uniqueItems`, ...) is refused with a `SchemaError` that names it, rather than silently not honoured.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from swarmllm.api.json_constraints import NumberBounds, StringRule
 from swarmllm.api.json_mode import (
     DIGITS,
     ESCAPES,
@@ -39,28 +41,34 @@ from swarmllm.api.json_mode import (
     N_ZERO,
     WHITESPACE,
     _number,
+    utf8_span,
+    utf8_step,
 )
 
 ANNOTATIONS = frozenset(
     {"title", "description", "default", "examples", "$schema", "$id", "$comment", "deprecated", "readOnly",
      "writeOnly"}
 )  # fmt: skip
+STRING_KEYWORDS = frozenset({"minLength", "maxLength", "pattern", "format"})
+NUMBER_KEYWORDS = frozenset({"minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"})
 STRUCTURAL = frozenset(
     {"type", "properties", "required", "additionalProperties", "items", "minItems", "maxItems", "enum",
      "const", "anyOf", "allOf", "$ref"}
-)  # fmt: skip
+) | STRING_KEYWORDS | NUMBER_KEYWORDS  # fmt: skip
 DEFINITIONS = frozenset({"$defs", "definitions"})
 TYPES = ("object", "array", "string", "number", "integer", "boolean", "null")
 
 # node kinds: (UNION, alternatives) | (OBJECT, ((key bytes, node, required), ...), free keys' node or None)
-# | (ARRAY, item node, min items, max items or None) | (STRING,) | (NUMBER, integer only) | (LITERALS, (bytes...))
+# | (ARRAY, item node, min items, max items or None) | (STRING, StringRule or None)
+# | (NUMBER, integer only, NumberBounds or None) | (LITERALS, (bytes...))
 UNION, OBJECT, ARRAY, STRING, NUMBER, LITERALS = range(6)
 
 # thread modes
-VALUE, OBJ_OPEN, OBJ_KEY, KEY, COLON, AFTER, ARR_OPEN, STR, NUM, LIT, DONE = range(11)
+VALUE, OBJ_OPEN, OBJ_KEY, KEY, COLON, AFTER, ARR_OPEN, STR, NUM, LIT, DONE, RULED_STR, BOUNDED_NUM = range(13)
 WS_MODES = frozenset({VALUE, OBJ_OPEN, OBJ_KEY, COLON, AFTER, ARR_OPEN})
 NO_KEY = -1  # STR's b for a string value (else the node its key's value must match)
 MAX_THREADS = 64  # alternatives followed at once; past it the text goes no further that way
+ESCAPED = {ord(k): ord(v) for k, v in zip('"\\/bfnrt', '"\\/\b\f\n\r\t', strict=True)}  # "\n" -> newline
 
 Thread = (
     tuple  # (frames, mode, a, b, blanks in a row); a frame: ("o" | "f" | "a", node, keys or items so far)
@@ -82,6 +90,10 @@ def compile_schema(schema: Any) -> SchemaGrammar:
 
 def _literal(value: Any) -> bytes:
     return json.dumps(value, ensure_ascii=False, separators=(",", ":")).encode()
+
+
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _is_type(value: Any, kind: str) -> bool:
@@ -111,8 +123,8 @@ class _Compiler:
             alternatives = (
                 self.add((OBJECT, (), self._any)),
                 self.add((ARRAY, self._any, 0, None)),
-                self.add((STRING,)),
-                self.add((NUMBER, False)),
+                self.add((STRING, None)),
+                self.add((NUMBER, False, None)),
                 self.add((LITERALS, (b"true", b"false", b"null"))),
             )
             self.nodes[self._any] = (UNION, alternatives)
@@ -161,6 +173,10 @@ class _Compiler:
                 kinds = "object"
             elif {"items", "minItems", "maxItems"} & set(schema):
                 kinds = "array"
+            elif STRING_KEYWORDS & set(schema):
+                kinds = "string"
+            elif NUMBER_KEYWORDS & set(schema):
+                kinds = "number"
             else:
                 return self.any_node()
         return self.typed(schema, kinds, path)
@@ -171,10 +187,30 @@ class _Compiler:
         if kind == "array":
             return self.array(schema, path)
         if kind == "string":
-            return self.add((STRING,))
+            rule = self.string_rule(schema, path) if STRING_KEYWORDS & set(schema) else None
+            return self.add((STRING, rule))
         if kind in ("number", "integer"):
-            return self.add((NUMBER, kind == "integer"))
+            bounds = self.bounds(schema, kind == "integer", path) if NUMBER_KEYWORDS & set(schema) else None
+            return self.add((NUMBER, kind == "integer", bounds))
         return self.add((LITERALS, (b"true", b"false") if kind == "boolean" else (b"null",)))
+
+    def string_rule(self, schema: dict, path: str) -> StringRule:
+        low, high = schema.get("minLength", 0), schema.get("maxLength")
+        if not _count(low) or (high is not None and (not _count(high) or high < low)):
+            raise SchemaError(f"{path}: 'minLength' and 'maxLength' must be counts, the least first")
+        pattern, format_name = schema.get("pattern"), schema.get("format")
+        if format_name is not None and not isinstance(format_name, str):
+            raise SchemaError(f"{path}/format: must be a string")
+        try:
+            return StringRule.build(pattern, format_name, low, high)
+        except ValueError as error:
+            raise SchemaError(f"{path}: {error}") from None
+
+    def bounds(self, schema: dict, integer: bool, path: str) -> NumberBounds:
+        try:
+            return NumberBounds.build(schema, integer)
+        except ValueError as error:
+            raise SchemaError(f"{path}: {error}") from None
 
     def literals(self, schema: dict, path: str, kinds: str | list | None) -> int:
         """`enum` or `const`: their values of the schema's type (any of its types)."""
@@ -216,11 +252,7 @@ class _Compiler:
 
     def array(self, schema: dict, path: str) -> int:
         low, high = schema.get("minItems", 0), schema.get("maxItems")
-        if (
-            not isinstance(low, int)
-            or low < 0
-            or (high is not None and (not isinstance(high, int) or high < low))
-        ):
+        if not _count(low) or (high is not None and (not _count(high) or high < low)):
             raise SchemaError(f"{path}: 'minItems' and 'maxItems' must be counts, the least first")
         item = self.node(schema.get("items", True), f"{path}/items")
         return self.add((ARRAY, item, low, high))
@@ -269,7 +301,20 @@ class SchemaGrammar:
                 return True
             if not frames and mode == LIT and b in self.nodes[a][1]:
                 return True
+            if not frames and mode == BOUNDED_NUM and b[0] in N_CAN_END and self.nodes[a][2].holds(b[1]):
+                return True
         return False
+
+    def mask_key(self, state: frozenset, reach: int) -> frozenset:
+        """The state with each held string's count as its rule caches masks under (`StringRule.key_count`)."""
+        if all(mode != RULED_STR for _, mode, _, _, _ in state):
+            return state
+        return frozenset(
+            (frames, mode, a, (b[0], self.nodes[a][1].key_count(b[1], reach), b[2]), blanks)
+            if mode == RULED_STR
+            else (frames, mode, a, b, blanks)
+            for frames, mode, a, b, blanks in state
+        )
 
     def _step(self, thread: Thread, byte: int) -> list[Thread]:
         frames, mode, a, b, blanks = thread
@@ -279,6 +324,10 @@ class SchemaGrammar:
             return self._value(frames, a, byte, ())
         if mode == STR:
             return self._string(frames, a, b, byte)
+        if mode == RULED_STR:
+            return self._ruled_string(frames, a, b, byte)
+        if mode == BOUNDED_NUM:
+            return self._bounded_number(frames, a, b, byte)
         if mode == NUM:
             following = _number(a, byte)
             if following is not None and not (b and following in (N_DOT, N_E)):
@@ -322,12 +371,18 @@ class SchemaGrammar:
         if kind == ARRAY and byte == ord("[") and len(frames) < MAX_DEPTH:
             return [((*frames, ("a", node, 0)), ARR_OPEN, None, None, 0)]
         if kind == STRING and byte == 0x22:
-            return [(frames, STR, 0, NO_KEY, 0)]
-        if kind == NUMBER:
-            if byte == ord("-"):
-                return [(frames, NUM, N_MINUS, self.nodes[node][1], 0)]
-            if byte in DIGITS:
-                return [(frames, NUM, N_ZERO if byte == ord("0") else N_INT, self.nodes[node][1], 0)]
+            rule = self.nodes[node][1]
+            if rule is None:
+                return [(frames, STR, 0, NO_KEY, 0)]
+            return [(frames, RULED_STR, node, (rule.start, 0, 0), 0)]
+        if kind == NUMBER and (byte == ord("-") or byte in DIGITS):
+            _, integer, bounds = self.nodes[node]
+            syntax = N_MINUS if byte == ord("-") else N_ZERO if byte == ord("0") else N_INT
+            if bounds is None:
+                return [(frames, NUM, syntax, integer, 0)]
+            if not bounds.admits(bytes([byte])):
+                return []
+            return [(frames, BOUNDED_NUM, node, (syntax, bytes([byte])), 0)]
         if kind == LITERALS:
             prefix = bytes([byte])
             if any(literal.startswith(prefix) for literal in self.nodes[node][1]):
@@ -345,7 +400,10 @@ class SchemaGrammar:
 
     def _string(self, frames: tuple, escape: int, key_of: int, byte: int) -> list[Thread]:
         """In a string (a value's, or a free object's key): escape 0 in the text, -1 after a backslash, 1-4
-        hex digits to go."""
+        hex digits to go, or a UTF-8 sequence begun."""
+        if isinstance(escape, tuple) or (escape == 0 and byte >= 0x80):
+            pending = utf8_step(escape if isinstance(escape, tuple) else None, byte)
+            return [] if pending is None else [(frames, STR, pending if pending[1] else 0, key_of, 0)]
         if escape == 0:
             if byte == 0x22:
                 return [self._done(frames) if key_of == NO_KEY else (frames, COLON, key_of, None, 0)]
@@ -357,6 +415,52 @@ class SchemaGrammar:
                 return [(frames, STR, 4, key_of, 0)]
             return [(frames, STR, 0, key_of, 0)] if byte in ESCAPES else []
         return [(frames, STR, escape - 1, key_of, 0)] if byte in HEX else []
+
+    def _ruled_string(self, frames: tuple, node: int, at: tuple, byte: int) -> list[Thread]:
+        """In a string held to a `StringRule`: at is (live automaton states, characters so far, pending), pending
+        0 between characters, -1 after a backslash, or (value so far, bytes to go, length) inside a UTF-8
+        sequence."""
+        rule: StringRule = self.nodes[node][1]
+        states, count, pending = at
+        if pending == -1:
+            code = ESCAPED.get(byte)
+            return [] if code is None else self._character(frames, node, rule, states, count, code)
+        if pending == 0 and byte < 0x80:
+            if byte == 0x22:
+                return [self._done(frames)] if rule.may_end(states, count) else []
+            if byte == 0x5C:
+                escapable = any(rule.may_take(states, count, code, code) for code in ESCAPED.values())
+                return [(frames, RULED_STR, node, (states, count, -1), 0)] if escapable else []
+            return self._character(frames, node, rule, states, count, byte) if byte >= 0x20 else []
+        pending = utf8_step(pending or None, byte)
+        if pending is None:
+            return []
+        bits, left, _ = pending
+        if not left:
+            return self._character(frames, node, rule, states, count, bits)
+        if not rule.may_take(states, count, *utf8_span(pending)):
+            return []
+        return [(frames, RULED_STR, node, (states, count, pending), 0)]
+
+    def _character(
+        self, frames: tuple, node: int, rule: StringRule, states: frozenset, count: int, code: int
+    ) -> list[Thread]:
+        following = rule.take(states, count, code)
+        if following is None:
+            return []
+        return [(frames, RULED_STR, node, (following, rule.counted(count), 0), 0)]
+
+    def _bounded_number(self, frames: tuple, node: int, at: tuple, byte: int) -> list[Thread]:
+        """A number held to bounds: at is (its syntax state, its text so far); it is written without an
+        exponent, and each byte must leave some number within the bounds still to be written."""
+        syntax, text = at
+        _, integer, bounds = self.nodes[node]
+        following = _number(syntax, byte)
+        if following is not None and following != N_E and not (integer and following == N_DOT):
+            if bounds.admits(text + bytes([byte])):
+                return [(frames, BOUNDED_NUM, node, (following, text + bytes([byte])), 0)]
+            return []
+        return self._step(self._done(frames), byte) if syntax in N_CAN_END and bounds.holds(text) else []
 
     def _candidates(self, node: int, done: int) -> range:
         """The properties whose key may come next, after `done` of them: up to the first required one."""
