@@ -3,8 +3,10 @@ refusals, and the vocabulary walk over its states against a brute-force scan."""
 
 import json
 import random
+from typing import Literal
 
 import jsonschema
+import pydantic
 import pytest
 from format_checks import FORMAT_CHECKER
 from mutation import mutate
@@ -40,7 +42,7 @@ def _schema(rng: random.Random, depth: int = 0) -> dict:
     kinds = ["string", "integer", "number", "boolean", "null", "enum", "const", "any", "nullable"]
     kinds += ["lengths", "pattern", "format", "bounded integer", "bounded number"]
     if depth < 3:
-        kinds += ["object", "object", "free object", "array", "anyOf"]
+        kinds += ["object", "object", "free object", "array", "anyOf", "tuple", "tagged"]
     kind = rng.choice(kinds)
     if kind == "object":
         names = rng.sample(NAMES, rng.randint(1, 4))
@@ -59,6 +61,25 @@ def _schema(rng: random.Random, depth: int = 0) -> dict:
         return schema
     if kind == "anyOf":
         return {"anyOf": [_schema(rng, depth + 1) for _ in range(rng.randint(1, 3))]}
+    if kind == "tuple":
+        schema = {"type": "array", "prefixItems": [_schema(rng, depth + 1) for _ in range(rng.randint(1, 3))]}
+        schema["items"] = rng.choice([False, _schema(rng, depth + 1)])
+        return schema
+    if kind == "tagged":  # a tagged union, as pydantic's discriminated unions are
+        tags = [["a"], ["b", "c"], ["d"]][: rng.randint(2, 3)]
+        return {
+            "oneOf": [
+                {
+                    "type": "object",
+                    "properties": {
+                        "tag": {"const": t[0]} if len(t) == 1 else {"enum": t},
+                        "x": _schema(rng, depth + 1),
+                    },
+                    "required": ["tag"],
+                }
+                for t in tags
+            ]
+        }
     if kind == "nullable":
         return {"type": [rng.choice(["string", "integer", "boolean"]), "null"], "title": "a note"}
     if kind == "enum":
@@ -112,8 +133,8 @@ def _instance(rng: random.Random, schema, root: dict, depth: int = 0):
         return _any(rng, depth)
     if "$ref" in schema:
         return _instance(rng, root["$defs"][schema["$ref"].split("/")[-1]], root, depth)
-    if "anyOf" in schema:
-        return _instance(rng, rng.choice(schema["anyOf"]), root, depth)
+    if "anyOf" in schema or "oneOf" in schema:
+        return _instance(rng, rng.choice(schema.get("anyOf") or schema["oneOf"]), root, depth)
     if "enum" in schema:
         return rng.choice(schema["enum"])
     if "const" in schema:
@@ -142,6 +163,10 @@ def _instance(rng: random.Random, schema, root: dict, depth: int = 0):
     if kind == "object":
         extra = schema["additionalProperties"]
         return {_text(rng): _instance(rng, extra, root, depth + 1) for _ in range(rng.randrange(3))}
+    if kind == "array" and "prefixItems" in schema:
+        first = [_instance(rng, item, root, depth + 1) for item in schema["prefixItems"]]
+        more = 0 if schema["items"] is False else rng.randrange(3)
+        return first + [_instance(rng, schema["items"], root, depth + 1) for _ in range(more)]
     if kind == "array":
         count = rng.randint(schema.get("minItems", 0), schema.get("maxItems", 3))
         return [_instance(rng, schema["items"], root, depth + 1) for _ in range(count)]
@@ -351,6 +376,38 @@ def test_cases(schema, text, whole):
     assert compile_schema(schema).complete(_feed(compile_schema(schema), text)) == whole
 
 
+class _Cat(pydantic.BaseModel):
+    kind: Literal["cat"]
+    lives: int
+
+
+class _Dog(pydantic.BaseModel):
+    kind: Literal["dog", "puppy"]
+    good: bool
+
+
+class _Owner(pydantic.BaseModel):
+    pet: _Cat | _Dog = pydantic.Field(discriminator="kind")
+    pair: tuple[int, str]
+
+
+def test_pydantics_discriminated_unions_and_tuples():
+    """What pydantic writes for a discriminated union (`oneOf` of `$ref`s with a `discriminator`) and a tuple
+    (`prefixItems`, no more items): held, and what it holds pydantic parses."""
+    grammar = compile_schema(_Owner.model_json_schema())
+    for text, whole in [
+        (b'{"pet": {"kind": "cat", "lives": 9}, "pair": [1, "a"]}', True),
+        (b'{"pet": {"kind": "puppy", "good": true}, "pair": [1, "a"]}', True),
+        (b'{"pet": {"kind": "cat", "good": true}, "pair": [1, "a"]}', False),
+        (b'{"pet": {"kind": "dog", "good": true}, "pair": [1]}', False),
+        (b'{"pet": {"kind": "dog", "good": true}, "pair": [1, "a", 2]}', False),
+        (b'{"pet": {"kind": "dog", "good": true}, "pair": ["a", 1]}', False),
+    ]:
+        assert grammar.complete(_feed(grammar, text)) == whole, text
+        if whole:
+            _Owner.model_validate_json(text)
+
+
 def test_a_recursive_schema_nests_to_the_depth_cap():
     tree = {
         "$defs": {
@@ -383,7 +440,10 @@ def test_an_ambiguity_that_doubles_with_each_nesting_is_cut_at_the_thread_cap():
     "schema, named",
     [
         ({"type": "integer", "multipleOf": 2}, "'multipleOf'"),
-        ({"oneOf": [{"type": "string"}]}, "'oneOf'"),
+        ({"oneOf": [{"type": "string"}, {"type": "string", "maxLength": 3}]}, "oneOf"),  # both hold "ab"
+        ({"oneOf": [{"type": "integer"}, {"type": "number"}]}, "oneOf"),  # both hold 1
+        ({"type": "array", "prefixItems": [{}], "items": False, "minItems": 2}, "prefixItems"),
+        ({"type": "array", "items": [{}, {}]}, "prefixItems"),
         (
             {"type": "object", "properties": {"a": {"uniqueItems": True}}},
             "#/properties/a: the keyword 'uniqueItems'",

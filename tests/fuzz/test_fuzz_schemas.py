@@ -15,7 +15,7 @@ from swarmllm.api.tools import ToolCalling, ToolError, message_text
 KEYWORDS = [
     "type", "properties", "required", "additionalProperties", "items", "minItems", "maxItems", "enum", "const",
     "anyOf", "allOf", "$ref", "$defs", "title", "pattern", "format", "minLength", "maxLength", "minimum",
-    "maximum", "exclusiveMinimum", "exclusiveMaximum",
+    "maximum", "exclusiveMinimum", "exclusiveMaximum", "prefixItems", "oneOf", "discriminator",
 ]  # fmt: skip
 SCALARS = (
     st.none()

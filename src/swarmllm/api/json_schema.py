@@ -13,12 +13,13 @@ What it writes is a subset of what the schema admits, which is all a constraint 
 - keys, `enum` and `const` values are written as `json.dumps` writes them (non-ASCII as is, no blanks inside
   an array or object value), and an `integer` without a fraction or exponent.
 
-Supported: `type` (a name or a list), `properties`, `required`, `additionalProperties`, `items`, `minItems`,
-`maxItems`, `enum`, `const`, `anyOf`, a one-element `allOf`, `$ref` into the schema (`$defs`, `definitions`,
-recursion included), a string's `minLength`, `maxLength`, `pattern` and `format` and a number's `minimum`,
-`maximum`, `exclusiveMinimum` and `exclusiveMaximum` (json_constraints.py), and annotations (`title`,
-`description`, `default`, ...), which constrain nothing. Any other keyword (`multipleOf`, `oneOf`,
-`uniqueItems`, ...) is refused with a `SchemaError` that names it, rather than silently not honoured.
+Supported: `type` (a name or a list), `properties`, `required`, `additionalProperties`, `items`, `prefixItems`,
+`minItems`, `maxItems`, `enum`, `const`, `anyOf`, `oneOf` where no value can hold to two alternatives (different
+types, or a tagged union: `_Compiler.disjoint`), a one-element `allOf`, `$ref` into the schema (`$defs`,
+`definitions`, recursion included), a string's `minLength`, `maxLength`, `pattern` and `format` and a number's
+`minimum`, `maximum`, `exclusiveMinimum` and `exclusiveMaximum` (json_constraints.py), and annotations (`title`,
+`description`, `default`, `discriminator`, ...), which constrain nothing. Any other keyword (`multipleOf`,
+`uniqueItems`, `not`, ...) is refused with a `SchemaError` that names it, rather than silently not honoured.
 """
 
 from __future__ import annotations
@@ -47,19 +48,20 @@ from swarmllm.api.json_mode import (
 
 ANNOTATIONS = frozenset(
     {"title", "description", "default", "examples", "$schema", "$id", "$comment", "deprecated", "readOnly",
-     "writeOnly"}
+     "writeOnly", "discriminator"}
 )  # fmt: skip
 STRING_KEYWORDS = frozenset({"minLength", "maxLength", "pattern", "format"})
 NUMBER_KEYWORDS = frozenset({"minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"})
 STRUCTURAL = frozenset(
-    {"type", "properties", "required", "additionalProperties", "items", "minItems", "maxItems", "enum",
-     "const", "anyOf", "allOf", "$ref"}
+    {"type", "properties", "required", "additionalProperties", "items", "prefixItems", "minItems", "maxItems",
+     "enum", "const", "anyOf", "oneOf", "allOf", "$ref"}
 ) | STRING_KEYWORDS | NUMBER_KEYWORDS  # fmt: skip
 DEFINITIONS = frozenset({"$defs", "definitions"})
 TYPES = ("object", "array", "string", "number", "integer", "boolean", "null")
 
 # node kinds: (UNION, alternatives) | (OBJECT, ((key bytes, node, required), ...), free keys' node or None)
-# | (ARRAY, item node, min items, max items or None) | (STRING, StringRule or None)
+# | (ARRAY, (the first items' nodes, ...), the other items' node or None, min items, max items or None)
+# | (STRING, StringRule or None)
 # | (NUMBER, integer only, NumberBounds or None) | (LITERALS, (bytes...))
 UNION, OBJECT, ARRAY, STRING, NUMBER, LITERALS = range(6)
 
@@ -96,6 +98,26 @@ def _count(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
+def _is_object_schema(schema: dict) -> bool:
+    """A schema the compiler writes objects for: typed "object", or untyped with object keywords."""
+    kind = schema.get("type")
+    if kind is None:
+        return bool({"properties", "required", "additionalProperties"} & set(schema)) and not (
+            {"enum", "const", "anyOf", "oneOf", "allOf"} & set(schema)
+        )
+    return kind == "object"
+
+
+def _strings(schema: Any) -> set[str] | None:
+    """The strings a `const` or an `enum` of strings admits (None for any other schema)."""
+    if not isinstance(schema, dict):
+        return None
+    values = [schema["const"]] if "const" in schema else schema.get("enum")
+    if not isinstance(values, list) or not values or not all(isinstance(v, str) for v in values):
+        return None
+    return set(values)
+
+
 def _is_type(value: Any, kind: str) -> bool:
     if kind == "integer":
         return isinstance(value, int) and not isinstance(value, bool)
@@ -122,7 +144,7 @@ class _Compiler:
             self._any = self.add((UNION, ()))
             alternatives = (
                 self.add((OBJECT, (), self._any)),
-                self.add((ARRAY, self._any, 0, None)),
+                self.add((ARRAY, (), self._any, 0, None)),
                 self.add((STRING, None)),
                 self.add((NUMBER, False, None)),
                 self.add((LITERALS, (b"true", b"false", b"null"))),
@@ -141,19 +163,25 @@ class _Compiler:
         if unknown:
             raise SchemaError(f"{path}: the keyword {unknown[0]!r} is not supported")
         present = STRUCTURAL & set(schema)
-        for combinator in ("$ref", "anyOf", "allOf"):
+        for combinator in ("$ref", "anyOf", "oneOf", "allOf"):
             if combinator in schema and present - {combinator}:
                 other = sorted(present - {combinator})[0]
                 raise SchemaError(f"{path}: {combinator!r} beside {other!r} is not supported")
         if "$ref" in schema:
             return self.ref(schema["$ref"], path)
-        if "anyOf" in schema:
-            alternatives = schema["anyOf"]
-            if not isinstance(alternatives, list) or not alternatives:
-                raise SchemaError(f"{path}/anyOf: must be a non-empty list")
-            return self.add(
-                (UNION, tuple(self.node(s, f"{path}/anyOf/{i}") for i, s in enumerate(alternatives)))
-            )
+        for union in ("anyOf", "oneOf"):
+            if union in schema:
+                alternatives = schema[union]
+                if not isinstance(alternatives, list) or not alternatives:
+                    raise SchemaError(f"{path}/{union}: must be a non-empty list")
+                if union == "oneOf" and not self.disjoint(alternatives, path):
+                    raise SchemaError(
+                        f"{path}/oneOf: only alternatives of different types, or objects told apart by a "
+                        "required property's const or enum strings, are supported"
+                    )
+                return self.add(
+                    (UNION, tuple(self.node(s, f"{path}/{union}/{i}") for i, s in enumerate(alternatives)))
+                )
         if "allOf" in schema:
             if not isinstance(schema["allOf"], list) or len(schema["allOf"]) != 1:
                 raise SchemaError(f"{path}/allOf: only a list of one schema is supported")
@@ -171,7 +199,7 @@ class _Compiler:
         if kinds is None:
             if {"properties", "required", "additionalProperties"} & set(schema):
                 kinds = "object"
-            elif {"items", "minItems", "maxItems"} & set(schema):
+            elif {"items", "prefixItems", "minItems", "maxItems"} & set(schema):
                 kinds = "array"
             elif STRING_KEYWORDS & set(schema):
                 kinds = "string"
@@ -199,8 +227,9 @@ class _Compiler:
         if not _count(low) or (high is not None and (not _count(high) or high < low)):
             raise SchemaError(f"{path}: 'minLength' and 'maxLength' must be counts, the least first")
         pattern, format_name = schema.get("pattern"), schema.get("format")
-        if format_name is not None and not isinstance(format_name, str):
-            raise SchemaError(f"{path}/format: must be a string")
+        for name, value in (("pattern", pattern), ("format", format_name)):
+            if value is not None and not isinstance(value, str):
+                raise SchemaError(f"{path}/{name}: must be a string")
         try:
             return StringRule.build(pattern, format_name, low, high)
         except ValueError as error:
@@ -254,20 +283,63 @@ class _Compiler:
         low, high = schema.get("minItems", 0), schema.get("maxItems")
         if not _count(low) or (high is not None and (not _count(high) or high < low)):
             raise SchemaError(f"{path}: 'minItems' and 'maxItems' must be counts, the least first")
-        item = self.node(schema.get("items", True), f"{path}/items")
-        return self.add((ARRAY, item, low, high))
+        first = schema.get("prefixItems", [])
+        if not isinstance(first, list) or isinstance(schema.get("items"), list):
+            raise SchemaError(f"{path}: 'prefixItems' must be a list (and 'items' a schema, not a list)")
+        nodes = tuple(self.node(s, f"{path}/prefixItems/{i}") for i, s in enumerate(first))
+        rest = schema.get("items", True)
+        other = None if rest is False else self.node(rest, f"{path}/items")
+        if other is None:
+            high = len(nodes) if high is None else min(high, len(nodes))
+            if low > high:
+                raise SchemaError(f"{path}: 'minItems' asks for more items than 'prefixItems' allows")
+        return self.add((ARRAY, nodes, other, low, high))
 
-    def ref(self, ref: Any, path: str) -> int:
+    def disjoint(self, alternatives: list, path: str) -> bool:
+        """Whether no value can hold to two of `oneOf`'s alternatives, so that it reads as `anyOf`: each names a
+        type no other does (integers are numbers), or all are objects with a required property whose `const` or
+        `enum` strings no two share (a tagged union, as pydantic's discriminated unions are)."""
+        schemas = [self.resolve(s, f"{path}/oneOf/{i}") for i, s in enumerate(alternatives)]
+        if not all(isinstance(s, dict) for s in schemas):
+            return False
+        kinds = [s.get("type") for s in schemas]
+        if all(isinstance(k, str) for k in kinds):
+            widened = ["number" if k == "integer" else k for k in kinds]
+            if len(set(widened)) == len(widened):
+                return True
+        tags = set.intersection(
+            *(set(s.get("required", [])) & set(s.get("properties", {})) if _is_object_schema(s) else set()
+              for s in schemas)
+        )  # fmt: skip
+        for tag in sorted(tags):
+            values = [_strings(self.resolve(s["properties"][tag], path)) for s in schemas]
+            if all(v is not None for v in values) and sum(map(len, values)) == len(set().union(*values)):
+                return True
+        return False
+
+    def resolve(self, schema: Any, path: str) -> Any:
+        """The schema a chain of `$ref`s ends at."""
+        for _ in range(MAX_DEPTH):
+            if not isinstance(schema, dict) or "$ref" not in schema:
+                return schema
+            schema = self.target(schema["$ref"], path)
+        raise SchemaError(f"{path}: '$ref's that go round in a circle")
+
+    def target(self, ref: Any, path: str) -> Any:
         if not isinstance(ref, str) or not (ref == "#" or ref.startswith("#/")):
             raise SchemaError(f"{path}/$ref: only references into the schema itself (#/...) are supported")
-        if ref in self.refs:
-            return self.refs[ref]
         target = self.root
         for part in ref[2:].split("/") if ref != "#" else ():
             part = part.replace("~1", "/").replace("~0", "~")
             if not isinstance(target, dict) or part not in target:
                 raise SchemaError(f"{path}/$ref: {ref!r} points at nothing")
             target = target[part]
+        return target
+
+    def ref(self, ref: Any, path: str) -> int:
+        target = self.target(ref, path)  # first: it checks that ref is a string
+        if ref in self.refs:
+            return self.refs[ref]
         # a union of one: an alias that a recursive schema can name before it is compiled
         alias = self.refs[ref] = self.add((UNION, ()))
         self.nodes[alias] = (UNION, (self.node(target, ref),))
@@ -348,10 +420,10 @@ class SchemaGrammar:
             return self._close(frames) if mode == OBJ_OPEN and byte == ord("}") else []
         if mode == ARR_OPEN:
             kind, node, _ = frames[-1]
-            _, item, low, high = self.nodes[node]
             if byte == ord("]"):
-                return self._close(frames) if low == 0 else []
-            return self._value(frames, item, byte, ()) if high != 0 else []
+                return self._close(frames) if self.nodes[node][3] == 0 else []
+            item = self._item(node, 0)
+            return [] if item is None else self._value(frames, item, byte, ())
         if mode == AFTER:
             return self._after(frames, byte)
         return []  # DONE: only the end of the sequence may follow
@@ -462,6 +534,13 @@ class SchemaGrammar:
             return []
         return self._step(self._done(frames), byte) if syntax in N_CAN_END and bounds.holds(text) else []
 
+    def _item(self, node: int, index: int) -> int | None:
+        """The node of an array's item at `index`, or None where no more items may come."""
+        _, first, other, _, high = self.nodes[node]
+        if high is not None and index >= high:
+            return None
+        return first[index] if index < len(first) else other
+
     def _candidates(self, node: int, done: int) -> range:
         """The properties whose key may come next, after `done` of them: up to the first required one."""
         keys = self.nodes[node][1]
@@ -492,10 +571,10 @@ class SchemaGrammar:
     def _after(self, frames: tuple, byte: int) -> list[Thread]:
         kind, node, count = frames[-1]
         if kind == "a":
-            _, item, low, high = self.nodes[node]
             if byte == ord(","):
-                return [(frames, VALUE, item, None, 0)] if high is None or count < high else []
-            return self._close(frames) if byte == ord("]") and count >= low else []
+                item = self._item(node, count)
+                return [] if item is None else [(frames, VALUE, item, None, 0)]
+            return self._close(frames) if byte == ord("]") and count >= self.nodes[node][3] else []
         if byte == ord(","):
             if kind == "o" and not self._candidates(node, count):
                 return []
