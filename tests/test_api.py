@@ -7,6 +7,7 @@ errors with the right status codes."""
 import datetime
 import io
 import json
+import re
 import sys
 import threading
 import urllib.error
@@ -25,6 +26,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from swarmllm.api.generation import chat_prompt
 from swarmllm.api.json_mode import JSON_OBJECT, Grammar, feed, token_bytes
 from swarmllm.api.json_schema import compile_schema
+from swarmllm.api.schemas import guide_grammar
 from swarmllm.api.tools import ToolCalling
 from swarmllm.bundled import smollm2_checkpoint
 from swarmllm.cli import main
@@ -538,6 +540,60 @@ def test_a_schemas_formats_bounds_and_patterns_hold_and_pydantic_parses_the_answ
     assert parsed.choices[0].message.parsed == booking
 
 
+def test_vllms_guided_decoding_answers_with_the_tokens_of_a_constrained_loop(client, local, reference):
+    """vLLM's extras (`guided_regex`, `guided_choice`, `guided_json`, and `structured_outputs`): greedily, the
+    answer is the brute-force constrained loop's over transformers' logits, on completions and chat alike."""
+    tokenizer, _, _ = local
+    pieces, eos = token_bytes(tokenizer, reference.config.vocab_size), tokenizer.eos_token_id
+    prompt = "The capital of France is"
+    ids = tokenizer(prompt)["input_ids"]
+    regex = r" [A-Z][a-z]+, a city of \d+ (people|inhabitants)\."
+    expected = _grammar_greedy_loop(reference, ids, 32, pieces, eos, guide_grammar(("regex", regex)))
+    assert expected[-1] == eos
+    text = tokenizer.decode(expected, skip_special_tokens=True)
+    assert re.fullmatch(regex, text), text
+    got = client.completions.create(
+        model=NAME, prompt=prompt, max_tokens=32, temperature=0, extra_body={"guided_regex": regex}
+    )
+    assert got.choices[0].text == text and got.choices[0].finish_reason == "stop"
+    streamed = client.completions.create(
+        model=NAME,
+        prompt=prompt,
+        max_tokens=32,
+        temperature=0,
+        stream=True,
+        extra_body={"guided_regex": regex},
+    )
+    assert "".join(chunk.choices[0].text for chunk in streamed) == text
+
+    messages = [{"role": "user", "content": "Is the sky green? Answer in one word."}]
+    choices = ["Yes", "No", "Only at dusk"]
+    expected = _grammar_greedy_loop(
+        reference, _chat_ids(tokenizer, messages), 16, pieces, eos, guide_grammar(("choice", tuple(choices)))
+    )
+    answer = tokenizer.decode(expected, skip_special_tokens=True)
+    assert answer in choices
+    for extra in ({"guided_choice": choices}, {"structured_outputs": {"choice": choices}}):
+        whole, streamed = _whole_and_streamed(client, messages, max_tokens=16, extra_body=extra)
+        assert whole.choices[0].message.content == streamed == answer, extra
+
+    schema = {
+        "type": "object",
+        "properties": {"city": {"type": "string", "maxLength": 12}},
+        "required": ["city"],
+    }
+    expected = _grammar_greedy_loop(reference, ids, 24, pieces, eos, compile_schema(schema))
+    for extra in (
+        {"guided_json": schema},
+        {"guided_json": json.dumps(schema)},
+        {"structured_outputs": {"json": schema}},
+    ):
+        got = client.completions.create(
+            model=NAME, prompt=prompt, max_tokens=24, temperature=0, extra_body=extra
+        )
+        assert got.choices[0].text == tokenizer.decode(expected, skip_special_tokens=True), extra
+
+
 def test_a_required_tool_call_is_transformers_constrained_answer_and_its_result_goes_back(
     client, local, reference
 ):
@@ -807,6 +863,37 @@ def test_bad_requests_get_openai_errors(client, api):
             {"model": NAME, "messages": [{"role": "user", "content": "hi"}], "tool_choice": "required"},
             400,
             "tool_choice",
+        ),
+        ("/completions", {"model": NAME, "prompt": "hi", "guided_regex": "(a"}, 400, "guided_regex"),
+        ("/completions", {"model": NAME, "prompt": "hi", "guided_choice": []}, 400, "guided_choice"),
+        (
+            "/completions",
+            {"model": NAME, "prompt": "hi", "guided_json": {"type": "thing"}},
+            400,
+            "guided_json",
+        ),
+        (
+            "/completions",
+            {"model": NAME, "prompt": "hi", "structured_outputs": {"grammar": "root ::= x"}},
+            400,
+            "structured_outputs",
+        ),
+        (
+            "/completions",
+            {"model": NAME, "prompt": "hi", "guided_regex": "a", "guided_choice": ["a"]},
+            400,
+            None,
+        ),
+        (
+            "/chat/completions",
+            {
+                "model": NAME,
+                "messages": [{"role": "user", "content": "json"}],
+                "guided_regex": "a",
+                "response_format": {"type": "json_object"},
+            },
+            400,
+            None,
         ),
         ("/completions", {"prompt": "hi"}, 400, "model"),
         ("/completions", b"{not json", 400, None),

@@ -49,14 +49,15 @@ from swarmllm.api.generation import (
     sampling,
     special_ids,
 )
-from swarmllm.api.json_mode import JSON_OBJECT, GrammarLogits, GrammarMask, TokenTrie, token_bytes
-from swarmllm.api.json_schema import compile_schema
+from swarmllm.api.json_mode import GrammarLogits, GrammarMask, TokenTrie, token_bytes
 from swarmllm.api.schemas import (
     ChatRequest,
     CompletionRequest,
     DetokenizeRequest,
+    Guide,
     TokenizeRequest,
     error_body,
+    guide_grammar,
     validation_error,
 )
 from swarmllm.api.sessions import SessionPool
@@ -138,23 +139,22 @@ class Engine:
         )
         self.eos_ids, self.pad_id = special_ids(model.generation_config)
         self._trie: TokenTrie | None = None
-        # by schema (its JSON, properties in their order); "": JSON mode
+        # by the JSON of their guide (a schema's properties in their order)
         self._masks: OrderedDict[str, GrammarMask] = OrderedDict()
         self._masks_lock = threading.Lock()
 
-    def grammar_mask(self, schema: dict | None) -> GrammarMask:
-        """The masks of JSON mode (schema None) or of a JSON schema, kept for the last `KEPT_SCHEMAS` schemas
-        (a client sends the same schema request after request). The vocabulary's trie is built at the first
-        such request (a batch decode of every token)."""
-        key = "" if schema is None else json.dumps(schema)  # (not sorted: the order of properties is kept)
+    def grammar_mask(self, guide: Guide) -> GrammarMask:
+        """The masks of a request's grammar (JSON mode, a schema, a regex, a choice), kept for the last
+        `KEPT_SCHEMAS` grammars (a client sends the same schema request after request). The vocabulary's trie is
+        built at the first such request (a batch decode of every token)."""
+        key = json.dumps(guide)  # (not sorted: the order of a schema's properties is kept)
         with self._masks_lock:
             if self._trie is None:
                 vocab_size = self.model.config.vocab_size  # the logits' width
                 self._trie = TokenTrie(token_bytes(self.tokenizer, vocab_size), self.eos_ids)
             mask = self._masks.get(key)
             if mask is None:
-                grammar = JSON_OBJECT if schema is None else compile_schema(schema)
-                mask = self._masks[key] = GrammarMask(self._trie, grammar)
+                mask = self._masks[key] = GrammarMask(self._trie, guide_grammar(guide))
                 if len(self._masks) > KEPT_SCHEMAS:
                     self._masks.popitem(last=False)
             self._masks.move_to_end(key)
@@ -284,8 +284,8 @@ class Engine:
             if request.seed is not None
             else int.from_bytes(uuid.uuid4().bytes[:8], "little")
         )
-        if request.json_object() or request.json_schema() is not None:
-            processors.append(GrammarLogits(self.grammar_mask(request.json_schema()), prompt_length))
+        if (guide := request.grammar()) is not None:
+            processors.append(GrammarLogits(self.grammar_mask(guide), prompt_length))
         top = {"top_p": request.top_p, "top_k": request.top_k, "min_p": request.min_p}
         return processors + sampling(request.temperature, seed, **top)
 

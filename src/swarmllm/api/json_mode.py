@@ -26,6 +26,8 @@ from typing import Protocol
 import torch
 from transformers import LogitsProcessor
 
+from swarmllm.api.regex import utf8_step
+
 MAX_WHITESPACE = 24
 MAX_DEPTH = 32
 CACHED_MASKS = 256
@@ -128,38 +130,6 @@ def feed(state, data: bytes, grammar: Grammar | None = None):
 def complete(state: State | None) -> bool:
     """Whether the text so far is a whole JSON object (the end of the sequence may come now)."""
     return state is not None and state[1] == DONE
-
-
-UTF8_LENGTHS = {0b110: 2, 0b1110: 3, 0b1111: 4}  # a lead byte's top 3 (from 0xE0: 4) bits -> its length
-UTF8_LEAST = {2: 0x80, 3: 0x800, 4: 0x10000}  # below these a shorter sequence writes the character: overlong
-Utf8 = tuple[int, int, int]  # (the bits so far, bytes still to come, the sequence's length)
-
-
-def utf8_step(pending: Utf8 | None, byte: int) -> Utf8 | None:
-    """One byte of a UTF-8 character: from None a lead byte, else a continuation. The result is whole when no
-    byte is still to come (its bits are then the code point); None if the byte cannot come here, or if no
-    character is left that the sequence can still be (overlong, a surrogate, past U+10FFFF)."""
-    if pending is None:
-        length = UTF8_LENGTHS.get(byte >> 4 if byte >= 0xE0 else byte >> 5)
-        if length is None or byte in (0xC0, 0xC1) or byte > 0xF4:
-            return None
-        pending = (byte & (0x7F >> length), length - 1, length)
-    elif 0x80 <= byte <= 0xBF and pending[1]:
-        bits, left, length = pending
-        pending = ((bits << 6) | (byte & 0x3F), left - 1, length)
-    else:
-        return None
-    low, high = utf8_span(pending)
-    if low > high or (0xD800 <= low and high <= 0xDFFF):
-        return None
-    return pending
-
-
-def utf8_span(pending: Utf8) -> tuple[int, int]:
-    """The least and greatest code points a sequence begun so can still become."""
-    bits, left, length = pending
-    low = max(bits << (6 * left), UTF8_LEAST[length])
-    return low, min((bits << (6 * left)) | ((1 << (6 * left)) - 1), 0x10FFFF)
 
 
 def _number(sub: int, byte: int) -> int | None:

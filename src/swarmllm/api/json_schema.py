@@ -42,9 +42,8 @@ from swarmllm.api.json_mode import (
     N_ZERO,
     WHITESPACE,
     _number,
-    utf8_span,
-    utf8_step,
 )
+from swarmllm.api.regex import utf8_span, utf8_step
 
 ANNOTATIONS = frozenset(
     {"title", "description", "default", "examples", "$schema", "$id", "$comment", "deprecated", "readOnly",

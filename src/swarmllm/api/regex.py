@@ -127,15 +127,18 @@ class _Parser:
         self.at += 1
         return char
 
-    def top(self) -> tuple:
-        """The whole pattern: each top-level alternative with its anchors, unanchored ends open to anything."""
+    def top(self, search: bool) -> tuple:
+        """The whole pattern: each top-level alternative with its anchors, unanchored ends open to anything
+        when it is searched for (else the whole text must match, anchored or not)."""
         alternatives = []
         while True:
             start = self.peek() == "^"
             self.at += start
             body, end = self.sequence(top=True)
             any_text = ("rep", ("chars", EVERYTHING), 0, None)
-            alternatives.append(("cat", [*([] if start else [any_text]), body, *([] if end else [any_text])]))
+            before = [any_text] if search and not start else []
+            after = [any_text] if search and not end else []
+            alternatives.append(("cat", [*before, body, *after]))
             if self.peek() is None:
                 return ("alt", alternatives)
             self.take()  # "|"
@@ -281,6 +284,38 @@ def _number(text: str) -> bool:
     return text.isascii() and text.isdigit()
 
 
+UTF8_LENGTHS = {0b110: 2, 0b1110: 3, 0b1111: 4}  # a lead byte's top 3 (from 0xE0: 4) bits -> its length
+UTF8_LEAST = {2: 0x80, 3: 0x800, 4: 0x10000}  # below these a shorter sequence writes the character: overlong
+Utf8 = tuple[int, int, int]  # (the bits so far, bytes still to come, the sequence's length)
+
+
+def utf8_step(pending: Utf8 | None, byte: int) -> Utf8 | None:
+    """One byte of a UTF-8 character: from None a lead byte, else a continuation. The result is whole when no
+    byte is still to come (its bits are then the code point); None if the byte cannot come here, or if no
+    character is left that the sequence can still be (overlong, a surrogate, past U+10FFFF)."""
+    if pending is None:
+        length = UTF8_LENGTHS.get(byte >> 4 if byte >= 0xE0 else byte >> 5)
+        if length is None or byte in (0xC0, 0xC1) or byte > 0xF4:
+            return None
+        pending = (byte & (0x7F >> length), length - 1, length)
+    elif 0x80 <= byte <= 0xBF and pending[1]:
+        bits, left, length = pending
+        pending = ((bits << 6) | (byte & 0x3F), left - 1, length)
+    else:
+        return None
+    low, high = utf8_span(pending)
+    if low > high or (0xD800 <= low and high <= 0xDFFF):
+        return None
+    return pending
+
+
+def utf8_span(pending: Utf8) -> tuple[int, int]:
+    """The least and greatest code points a sequence begun so can still become."""
+    bits, left, length = pending
+    low = max(bits << (6 * left), UTF8_LEAST[length])
+    return low, min((bits << (6 * left)) | ((1 << (6 * left)) - 1), 0x10FFFF)
+
+
 @dataclass(frozen=True)
 class Nfa:
     """edges[s]: ((ranges, next state), ...); states that cannot reach `accepting` are gone."""
@@ -397,8 +432,46 @@ class _Builder:
 
 
 @functools.lru_cache(maxsize=64)
-def compile_regex(pattern: str) -> Nfa:
-    """A JSON schema `pattern` (searched for anywhere unless anchored) as an automaton of the whole string."""
+def compile_regex(pattern: str, search: bool = True) -> Nfa:
+    """A pattern as an automaton of the whole string: searched for anywhere unless anchored, as a JSON schema
+    `pattern` is (`search`), or matching the whole text, as vLLM's `guided_regex` does."""
     builder = _Builder()
-    start, end = builder.build(_Parser(pattern).top())
+    start, end = builder.build(_Parser(pattern).top(search))
     return builder.nfa(start, end)
+
+
+def literal(text: str) -> str:
+    """A pattern that matches `text` itself."""
+    return "".join("\\" + char if char.isascii() and not char.isalnum() else char for char in text)
+
+
+class TextGrammar:
+    """A regular expression over the whole answer, as a byte-level grammar (json_mode's `Grammar`): a state is
+    (the automaton's live states, a UTF-8 sequence begun or None). vLLM's `guided_regex` and `guided_choice`."""
+
+    def __init__(self, nfa: Nfa):
+        self.nfa = nfa
+        self.start = (nfa.start, None)
+
+    def advance(self, state: tuple, byte: int) -> tuple | None:
+        states, pending = state
+        if pending is None and byte < 0x80:
+            following = self.nfa.step(states, byte)
+            return (following, None) if following else None
+        pending = utf8_step(pending, byte)
+        if pending is None:
+            return None
+        bits, left, _ = pending
+        if not left:
+            following = self.nfa.step(states, bits)
+            return (following, None) if following else None
+        low, high = utf8_span(pending)
+        live = any(overlaps(chars, low, high) for s in states for chars, _ in self.nfa.edges[s])
+        return (states, pending) if live else None
+
+    def complete(self, state: tuple | None) -> bool:
+        return state is not None and state[1] is None and bool(state[0] & self.nfa.accepting)
+
+    @staticmethod
+    def mask_key(state: tuple, reach: int) -> tuple:
+        return state

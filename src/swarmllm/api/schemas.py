@@ -1,8 +1,10 @@
 """The request bodies the API accepts, checked at the edge (pydantic), and OpenAI's error body.
 
 OpenAI's sampling fields are all honoured, with vLLM's extras (`top_k`, `min_p`, `repetition_penalty`,
-`min_tokens`, `ignore_eos`, `stop_token_ids`), JSON mode (`response_format` `json_object`) and structured
-output (`json_schema`, api/json_schema.py). What the API cannot do is refused with a 400 rather than silently
+`min_tokens`, `ignore_eos`, `stop_token_ids`, guided decoding: `guided_json`, `guided_regex`, `guided_choice`
+or `structured_outputs`), JSON mode (`response_format` `json_object`) and structured output (`json_schema`,
+api/json_schema.py). A request's grammar is a `Guide`: (kind, value), built by `guide_grammar`. What the API
+cannot do is refused with a 400 rather than silently
 ignored: a schema keyword it cannot hold an answer to, deprecated `functions`, a completion `suffix`. Tools
 are called in one generic format (api/tools.py). Fields it does not know are ignored, as OpenAI's own server
 does with fields newer than it.
@@ -10,7 +12,8 @@ does with fields newer than it.
 
 from __future__ import annotations
 
-from typing import Annotated
+import json
+from typing import Annotated, Any
 
 from pydantic import (
     BaseModel,
@@ -23,13 +26,54 @@ from pydantic import (
     model_validator,
 )
 
+from swarmllm.api.json_mode import JSON_OBJECT, Grammar
 from swarmllm.api.json_schema import SchemaError, compile_schema
+from swarmllm.api.regex import RegexError, TextGrammar, compile_regex, literal
 from swarmllm.api.tools import ToolCalling, ToolError
 
 # OpenAI takes 4 stop strings; lm-evaluation-harness sends a task's whole list (and the EOS text) to completions
 Stop = str | Annotated[list[str], Field(max_length=16)] | None
 Bias = Annotated[float, Field(ge=-100.0, le=100.0)]
 MAX_PROMPTS = 64  # in one completions request (lm-evaluation-harness batches its requests)
+
+
+# ("json_object", None) | ("json_schema", schema) | ("regex", pattern) | ("choice", texts)
+Guide = tuple[str, Any]
+GUIDES = ("json", "regex", "choice")  # vLLM's kinds, as guided_<kind> and as structured_outputs' keys
+
+
+def guide_grammar(guide: Guide) -> Grammar:
+    """The grammar an answer is held to: JSON mode's, a schema's, or a regular expression over the whole text
+    (a choice is the alternation of its texts)."""
+    kind, value = guide
+    if kind == "json_object":
+        return JSON_OBJECT
+    if kind == "json_schema":
+        return compile_schema(value)
+    pattern = value if kind == "regex" else "|".join(literal(text) for text in value)
+    return TextGrammar(compile_regex(pattern, search=False))
+
+
+def _guide(kind: str, value: Any) -> Guide:
+    """vLLM's guided decoding field as a checked `Guide` (a ValueError, a 400, otherwise)."""
+    try:
+        if kind == "json":
+            schema = json.loads(value) if isinstance(value, str) else value
+            if not isinstance(schema, dict | bool):
+                raise ValueError("must be a JSON schema")
+            guide: Guide = ("json_schema", schema)
+        elif kind == "regex":
+            if not isinstance(value, str):
+                raise ValueError("must be a string")
+            guide = ("regex", value)
+        else:
+            if not isinstance(value, list) or not value or not all(isinstance(t, str) for t in value):
+                raise ValueError("must be a non-empty list of strings")
+            guide = ("choice", tuple(dict.fromkeys(value)))
+        guide_grammar(guide)
+    except (SchemaError, RegexError, ValueError) as e:  # (json.loads' error is a ValueError)
+        raise ValueError(f"{kind}: {e}") from None
+    return guide
 
 
 class StreamOptions(BaseModel):
@@ -60,6 +104,42 @@ class _Sampling(BaseModel):
     min_tokens: int = Field(default=0, ge=0)  # before EOS, a stop token id or a stop string may end the text
     ignore_eos: bool = False
     stop_token_ids: Annotated[list[int], Field(max_length=16)] | None = None
+    # vLLM's guided decoding, by its older names or its `structured_outputs` ({"json" | "regex" | "choice": ...})
+    guided_json: dict | bool | str | None = None
+    guided_regex: str | None = None
+    guided_choice: Annotated[list[str], Field(max_length=256)] | None = None
+    structured_outputs: dict | None = None
+    _guided: Guide | None = PrivateAttr(default=None)
+
+    @field_validator("guided_json", "guided_regex", "guided_choice", "structured_outputs")
+    @classmethod
+    def _a_guide(cls, value, info: ValidationInfo):
+        """Each guide checked where it is given (a 400 naming its field)."""
+        given = value.items() if info.field_name == "structured_outputs" else [(info.field_name[7:], value)]
+        for kind, guide in given:
+            if kind not in GUIDES:
+                raise ValueError(f"structured_outputs.{kind} is not supported (only {', '.join(GUIDES)})")
+            if guide is not None:
+                _guide(kind, guide)
+        return value
+
+    @model_validator(mode="after")
+    def _one_guide(self):
+        given = [(kind, getattr(self, f"guided_{kind}")) for kind in GUIDES]
+        given += list((self.structured_outputs or {}).items())
+        given = [(kind, value) for kind, value in given if value is not None]
+        if len(given) > 1:
+            raise ValueError(
+                "only one guide at a time (guided_json, guided_regex, guided_choice or one key of "
+                "structured_outputs)"
+            )
+        if given:
+            self._guided = _guide(*given[0])
+        return self
+
+    def grammar(self) -> Guide | None:
+        """What the answer is held to, if anything."""
+        return self._guided
 
     @model_validator(mode="after")
     def _min_tokens_fit(self):
@@ -120,12 +200,6 @@ class CompletionRequest(_Sampling):
     def logprob_top(self) -> int | None:
         """None: no log-probabilities; else how many most likely tokens each step lists beside the chosen one."""
         return self.logprobs
-
-    def json_object(self) -> bool:
-        return False  # JSON mode and schemas are a chat completion's `response_format`
-
-    def json_schema(self) -> None:
-        return None
 
 
 class ChatMessage(BaseModel):
@@ -196,11 +270,9 @@ class ChatRequest(_Sampling):
     def _top_needs_logprobs(self):
         if self.top_logprobs and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs: true")
+        if self._guided is not None and (self.response_format or {}).get("type", "text") != "text":
+            raise ValueError("a response_format other than text does not go with guided decoding")
         return self
-
-    def json_object(self) -> bool:
-        """Whether the answer is held to one JSON object (JSON mode)."""
-        return self.response_format is not None and self.response_format.get("type") == "json_object"
 
     def tool_calling(self) -> ToolCalling | None:
         """The request's tools and choice (None without tools, or with `tool_choice` none); raises ToolError."""
@@ -211,16 +283,21 @@ class ChatRequest(_Sampling):
         if self._tools is None:
             if self.response_format is not None and self.response_format.get("type") != "text":
                 raise ToolError("response_format", "a response_format other than text does not go with tools")
+            if self._guided is not None:
+                raise ToolError("tools", "guided decoding does not go with tools")
             self._tools = ToolCalling(self.tools, self.tool_choice, self.parallel_tool_calls)
         return self._tools
 
-    def json_schema(self) -> dict | bool | None:
-        """The schema the answer is held to (structured output, or the tool calling format), or None."""
+    def grammar(self) -> Guide | None:
+        """What the answer is held to: the tool calling format, JSON mode, a schema, a guide, or nothing."""
         if self.tool_calling() is not None:
-            return self.tool_calling().schema
-        if self.response_format is None or self.response_format.get("type") != "json_schema":
-            return None
-        return self.response_format["json_schema"].get("schema", {})
+            return ("json_schema", self.tool_calling().schema)
+        kind = (self.response_format or {}).get("type", "text")
+        if kind == "json_object":
+            return ("json_object", None)
+        if kind == "json_schema":
+            return ("json_schema", self.response_format["json_schema"].get("schema", {}))
+        return self._guided
 
     def candidates(self) -> int:
         return self.n
