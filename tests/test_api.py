@@ -808,7 +808,7 @@ def test_bad_requests_get_openai_errors(client, api):
                 "messages": [{"role": "user", "content": "answer in json"}],
                 "response_format": {
                     "type": "json_schema",
-                    "json_schema": {"name": "x", "schema": {"type": "integer", "multipleOf": 3}},
+                    "json_schema": {"name": "x", "schema": {"not": {"type": "integer"}}},
                 },
             },
             400,

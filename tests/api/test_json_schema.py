@@ -106,6 +106,12 @@ def _schema(rng: random.Random, depth: int = 0) -> dict:
             schema[rng.choice(["minimum", "exclusiveMinimum"])] = low
         if rng.random() < 0.8 or len(schema) == 1:
             schema[rng.choice(["maximum", "exclusiveMaximum"])] = low + rng.randint(1, 30)
+        step = rng.choice([2, 3, 5])
+        if rng.random() < 0.3 and any(
+            jsonschema.Draft202012Validator({**schema, "multipleOf": step}).is_valid(i)
+            for i in range(-30, 60)
+        ):
+            schema["multipleOf"] = step
         return schema
     return {"type": kind}
 
@@ -151,7 +157,8 @@ def _instance(rng: random.Random, schema, root: dict, depth: int = 0):
         return "".join(rng.choice('ab "\\/\n\u00e9\u4e2d\U0001f600') for _ in range(length))
     if {"minimum", "exclusiveMinimum", "maximum", "exclusiveMaximum"} & set(schema):
         while True:
-            value = rng.randint(-100, 100) if kind == "integer" else round(rng.uniform(-100, 100), 2)
+            whole = kind == "integer" or "multipleOf" in schema  # (a multiple is written as an integer)
+            value = rng.randint(-100, 100) if whole else round(rng.uniform(-100, 100), 2)
             if jsonschema.Draft202012Validator(schema).is_valid(value):
                 return value
     if kind == "object" and "properties" in schema:
@@ -369,6 +376,10 @@ def test_strings_hold_whole_utf8_characters_only():
         ({"type": "number", "exclusiveMinimum": 0, "maximum": 1}, b"0.001", True),
         ({"type": "number", "maximum": 1e3}, b"1e2", False),  # a bounded number has no exponent
         ({"type": "number", "maximum": 1.5}, b"1.50000", True),
+        ({"type": "integer", "multipleOf": 5, "maximum": 12}, b"10", True),
+        ({"type": "integer", "multipleOf": 5, "maximum": 12}, b"15", False),
+        ({"type": "number", "multipleOf": 5}, b"-25", True),
+        ({"type": "number", "multipleOf": 5}, b"25.0", False),  # a multiple is written as an integer
         (True, b'{"any": ["json", 1.5e-3, null]}', True),
     ],
 )
@@ -439,7 +450,8 @@ def test_an_ambiguity_that_doubles_with_each_nesting_is_cut_at_the_thread_cap():
 @pytest.mark.parametrize(
     "schema, named",
     [
-        ({"type": "integer", "multipleOf": 2}, "'multipleOf'"),
+        ({"type": "number", "multipleOf": 0.5}, "whole number"),
+        ({"not": {"type": "string"}}, "'not'"),
         ({"oneOf": [{"type": "string"}, {"type": "string", "maxLength": 3}]}, "oneOf"),  # both hold "ab"
         ({"oneOf": [{"type": "integer"}, {"type": "number"}]}, "oneOf"),  # both hold 1
         ({"type": "array", "prefixItems": [{}], "items": False, "minItems": 2}, "prefixItems"),

@@ -128,13 +128,13 @@ def test_an_answer_parses_into_calls_or_content():
                     "type": "function",
                     "function": {
                         "name": "f",
-                        "parameters": {"type": "object", "properties": {"d": {"multipleOf": 2}}},
+                        "parameters": {"type": "object", "properties": {"d": {"uniqueItems": True}}},
                     },
                 }
             ],
             "auto",
             "tools",
-            "'multipleOf'",
+            "'uniqueItems'",
         ),
     ],
 )

@@ -33,7 +33,8 @@ _LABEL = (
     r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]?[A-Za-z0-9])?|[A-Za-z0-9][A-Za-z0-9-]"
     r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,59}[A-Za-z0-9])?|-[A-Za-z0-9](?:[A-Za-z0-9-]{0,58}[A-Za-z0-9])?))"
 )
-_DURATION_TIME = r"T(?:\d+H(?:\d+M)?(?:\d+S)?|\d+M(?:\d+S)?|\d+S)"
+_N = r"\d{1,6}"  # a duration's component: up to 6 digits, which Python's timedelta holds whatever the unit
+_DURATION_TIME = rf"T(?:{_N}H(?:{_N}M)?(?:{_N}S)?|{_N}M(?:{_N}S)?|{_N}S)"
 _OCTET = r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
 # format -> (anchored pattern, the longest string it may be): what a value of that format is written as
 FORMATS: dict[str, tuple[str, int | None]] = {
@@ -41,7 +42,7 @@ FORMATS: dict[str, tuple[str, int | None]] = {
     "time": (rf"^{_TIME}$", None),
     "date-time": (rf"^{_DATE}T{_TIME}$", None),
     "duration": (
-        rf"^P(?:(?:\d+Y(?:\d+M)?(?:\d+D)?|\d+M(?:\d+D)?|\d+D)(?:{_DURATION_TIME})?|{_DURATION_TIME}|\d+W)$",
+        rf"^P(?:(?:{_N}Y(?:{_N}M)?(?:{_N}D)?|{_N}M(?:{_N}D)?|{_N}D)(?:{_DURATION_TIME})?|{_DURATION_TIME}|{_N}W)$",
         None,
     ),
     "uuid": (r"^[0-9a-fA-F]{8}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{4}-[0-9a-fA-F]{12}$", None),
@@ -165,16 +166,26 @@ def _decimal(value, name: str) -> Decimal:
 
 @dataclass(frozen=True)
 class NumberBounds:
-    """A number's (or an integer's) bounds; None is no bound on that side."""
+    """A number's (or an integer's) bounds, None for no bound on that side, and the integer it must be a
+    multiple of (`multipleOf`), if any: a number with one is written as an integer (only a whole `multipleOf`
+    is supported: validators divide floats, and disagree on 0.3 / 0.1)."""
 
     low: Decimal | None
     low_open: bool
     high: Decimal | None
     high_open: bool
     integer: bool
+    step: int | None = None
 
     @classmethod
     def build(cls, schema: dict, integer: bool) -> NumberBounds:
+        step = schema.get("multipleOf")
+        if step is not None:
+            if isinstance(step, bool) or not isinstance(step, int | float) or not step > 0:
+                raise ValueError("'multipleOf' must be a number above 0")
+            if step != int(step):
+                raise ValueError("'multipleOf' must be a whole number (a fraction is not supported)")
+            step, integer = int(step), True
         bounds = {}
         for name in ("minimum", "exclusiveMinimum", "maximum", "exclusiveMaximum"):
             if name in schema:
@@ -185,7 +196,7 @@ class NumberBounds:
         high, high_open = bounds.get("maximum"), False
         if "exclusiveMaximum" in bounds and (high is None or bounds["exclusiveMaximum"] <= high):
             high, high_open = bounds["exclusiveMaximum"], True
-        rule = cls(low, low_open, high, high_open, integer)
+        rule = cls(low, low_open, high, high_open, integer, step)
         if not any(
             rule.admits(start) for start in (b"-", b"0", b"1", b"2", b"3", b"4", b"5", b"6", b"7", b"8", b"9")
         ):
@@ -195,6 +206,8 @@ class NumberBounds:
     def holds(self, text: bytes) -> bool:
         """Whether the whole number written is within the bounds."""
         value = Decimal(text.decode())
+        if self.step is not None and int(value) % self.step:  # (written as an integer: exact)
+            return False
         if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
             return False
         return self.high is None or not (value > self.high or (self.high_open and value == self.high))
@@ -244,6 +257,8 @@ class NumberBounds:
             if right is None:
                 return True
             last = _floor(right) if right_closed else _ceil(right) - 1
+            if self.step is not None:
+                first = -(-first // self.step) * self.step  # the first multiple from there
             return first <= last
         if right is None:
             return True

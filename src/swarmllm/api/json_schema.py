@@ -17,9 +17,9 @@ Supported: `type` (a name or a list), `properties`, `required`, `additionalPrope
 `minItems`, `maxItems`, `enum`, `const`, `anyOf`, `oneOf` where no value can hold to two alternatives (different
 types, or a tagged union: `_Compiler.disjoint`), a one-element `allOf`, `$ref` into the schema (`$defs`,
 `definitions`, recursion included), a string's `minLength`, `maxLength`, `pattern` and `format` and a number's
-`minimum`, `maximum`, `exclusiveMinimum` and `exclusiveMaximum` (json_constraints.py), and annotations (`title`,
-`description`, `default`, `discriminator`, ...), which constrain nothing. Any other keyword (`multipleOf`,
-`uniqueItems`, `not`, ...) is refused with a `SchemaError` that names it, rather than silently not honoured.
+`minimum`, `maximum`, `exclusiveMinimum`, `exclusiveMaximum` and a whole `multipleOf` (json_constraints.py), and
+annotations (`title`, `description`, `default`, `discriminator`, ...), which constrain nothing. Any other keyword
+(`uniqueItems`, `not`, ...) is refused with a `SchemaError` that names it, rather than silently not honoured.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ ANNOTATIONS = frozenset(
      "writeOnly", "discriminator"}
 )  # fmt: skip
 STRING_KEYWORDS = frozenset({"minLength", "maxLength", "pattern", "format"})
-NUMBER_KEYWORDS = frozenset({"minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"})
+NUMBER_KEYWORDS = frozenset({"minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum", "multipleOf"})
 STRUCTURAL = frozenset(
     {"type", "properties", "required", "additionalProperties", "items", "prefixItems", "minItems", "maxItems",
      "enum", "const", "anyOf", "oneOf", "allOf", "$ref"}
@@ -97,14 +97,15 @@ def _count(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
-def _is_object_schema(schema: dict) -> bool:
-    """A schema the compiler writes objects for: typed "object", or untyped with object keywords."""
-    kind = schema.get("type")
-    if kind is None:
-        return bool({"properties", "required", "additionalProperties"} & set(schema)) and not (
-            {"enum", "const", "anyOf", "oneOf", "allOf"} & set(schema)
-        )
-    return kind == "object"
+def _required_properties(schema: dict) -> set[str]:
+    """The properties an object schema requires (none if the compiler may write something else than an object
+    for it: typed otherwise, or a literal or a union)."""
+    kind, properties, required = schema.get("type"), schema.get("properties"), schema.get("required")
+    if kind not in ("object", None) or {"enum", "const", "anyOf", "oneOf", "allOf"} & set(schema):
+        return set()
+    if not isinstance(properties, dict) or not isinstance(required, list):
+        return set()
+    return {name for name in required if isinstance(name, str) and name in properties}
 
 
 def _strings(schema: Any) -> set[str] | None:
@@ -218,7 +219,7 @@ class _Compiler:
             return self.add((STRING, rule))
         if kind in ("number", "integer"):
             bounds = self.bounds(schema, kind == "integer", path) if NUMBER_KEYWORDS & set(schema) else None
-            return self.add((NUMBER, kind == "integer", bounds))
+            return self.add((NUMBER, kind == "integer" or (bounds is not None and bounds.integer), bounds))
         return self.add((LITERALS, (b"true", b"false") if kind == "boolean" else (b"null",)))
 
     def string_rule(self, schema: dict, path: str) -> StringRule:
@@ -306,11 +307,7 @@ class _Compiler:
             widened = ["number" if k == "integer" else k for k in kinds]
             if len(set(widened)) == len(widened):
                 return True
-        tags = set.intersection(
-            *(set(s.get("required", [])) & set(s.get("properties", {})) if _is_object_schema(s) else set()
-              for s in schemas)
-        )  # fmt: skip
-        for tag in sorted(tags):
+        for tag in sorted(set.intersection(*map(_required_properties, schemas))):
             values = [_strings(self.resolve(s["properties"][tag], path)) for s in schemas]
             if all(v is not None for v in values) and sum(map(len, values)) == len(set().union(*values)):
                 return True
