@@ -1,5 +1,6 @@
 """What a JSON schema asks of one string or number beyond its type: `minLength`, `maxLength`, `pattern` and
-`format` (`StringRule`), and `minimum`, `maximum`, `exclusiveMinimum`, `exclusiveMaximum` (`NumberBounds`).
+`format` (`StringRule`), and `minimum`, `maximum`, `exclusiveMinimum`, `exclusiveMaximum` and a whole
+`multipleOf` (`NumberBounds`).
 
 Each answers what json_schema.py's recogniser needs byte by byte: whether the text so far can still become a
 value that holds, and whether it holds now. A prefix that cannot is cut at once, so a constrained answer never
@@ -51,7 +52,7 @@ FORMATS: dict[str, tuple[str, int | None]] = {
     "email": (rf"^[A-Za-z0-9_%+-]+(?:\.[A-Za-z0-9_%+-]+)*@(?:{_LABEL}\.)+[A-Za-z]{{2,63}}$", 254),
     "uri": (r"^[A-Za-z][A-Za-z0-9+.-]*:(?:[A-Za-z0-9\-._~:/?#\[\]@!$&'()*+,;=]|%[0-9A-Fa-f]{2})+$", None),
 }
-ANY_TEXT = Nfa(((( EVERYTHING, 0),),), frozenset({0}), frozenset({0}))  # fmt: skip
+ANY_TEXT = Nfa((((EVERYTHING, 0),),), frozenset({0}), frozenset({0}))  # one state: any character, any length
 
 
 @dataclass(frozen=True, eq=False)
