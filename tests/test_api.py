@@ -7,6 +7,7 @@ errors with the right status codes."""
 import datetime
 import io
 import json
+import random
 import re
 import sys
 import threading
@@ -19,7 +20,9 @@ import openai
 import pydantic
 import pytest
 import torch
+from format_checks import FORMAT_CHECKER
 from openai.lib._parsing._completions import type_to_response_format_param
+from random_schemas import random_schema
 from tool_specs import WEATHER
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -538,6 +541,33 @@ def test_a_schemas_formats_bounds_and_patterns_hold_and_pydantic_parses_the_answ
         model=NAME, messages=messages, max_tokens=96, temperature=0, response_format=Booking
     )
     assert parsed.choices[0].message.parsed == booking
+
+
+def test_sampled_answers_held_to_random_schemas_are_valid_on_the_models_own_vocabulary(client):
+    """Random schemas (every keyword structured output supports) through the API, sampled over SmolLM2's own
+    vocabulary (the unit tests use made-up ones): an answer that ends is valid under jsonschema, formats
+    checked; one cut short by max_tokens is still a prefix the schema's recogniser lives on."""
+    rng = random.Random(7)
+    ended = 0
+    for seed in range(10):
+        schema = random_schema(rng)
+        reply = client.chat.completions.create(
+            model=NAME,
+            messages=[{"role": "user", "content": "Write a short JSON value."}],
+            max_tokens=64,
+            temperature=0.7,
+            seed=seed,
+            response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": schema}},
+        )
+        text, finish = reply.choices[0].message.content, reply.choices[0].finish_reason
+        grammar = compile_schema(schema)
+        state = feed(grammar.start, text.encode(), grammar)
+        assert state is not None, (schema, text)
+        if finish == "stop":
+            assert grammar.complete(state), (schema, text)
+            jsonschema.validate(json.loads(text), schema, format_checker=FORMAT_CHECKER)
+            ended += 1
+    assert ended >= 4
 
 
 def test_vllms_guided_decoding_answers_with_the_tokens_of_a_constrained_loop(client, local, reference):
