@@ -12,7 +12,7 @@ import pytest
 from format_checks import conforms
 
 from swarmllm.api.json_constraints import FORMATS, NumberBounds, StringRule
-from swarmllm.api.regex import RegexError, TextGrammar, compile_regex, literal
+from swarmllm.api.regex import RegexError, TextGrammar, compile_regex, literal, overlaps, ranges
 
 
 def _pattern(rng: random.Random, depth: int = 0) -> str:
@@ -214,3 +214,12 @@ def test_a_text_grammar_takes_what_python_fullmatches_byte_by_byte():
     for _ in range(200):
         text = "".join(rng.choice('a.|()[]{}*+?^$\\-é中\n "') for _ in range(rng.randrange(8)))
         assert compile_regex(literal(text), search=False).matches(text) and re.fullmatch(literal(text), text)
+
+
+def test_overlaps_finds_what_a_scan_of_the_ranges_finds():
+    rng = random.Random(6)
+    for _ in range(5000):
+        spans = ranges(*[(x := rng.randint(0, 200), x + rng.randint(0, 10)) for _ in range(rng.randint(0, 6))])
+        low = rng.randint(0, 220)
+        high = low + rng.randint(0, 15)
+        assert overlaps(spans, low, high) == any(a <= high and low <= b for a, b in spans), (spans, low, high)
