@@ -219,7 +219,9 @@ def test_a_text_grammar_takes_what_python_fullmatches_byte_by_byte():
 def test_overlaps_finds_what_a_scan_of_the_ranges_finds():
     rng = random.Random(6)
     for _ in range(5000):
-        spans = ranges(*[(x := rng.randint(0, 200), x + rng.randint(0, 10)) for _ in range(rng.randint(0, 6))])
+        spans = ranges(
+            *[(x := rng.randint(0, 200), x + rng.randint(0, 10)) for _ in range(rng.randint(0, 6))]
+        )
         low = rng.randint(0, 220)
         high = low + rng.randint(0, 15)
         assert overlaps(spans, low, high) == any(a <= high and low <= b for a, b in spans), (spans, low, high)
