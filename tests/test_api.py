@@ -16,6 +16,7 @@ import urllib.request
 from typing import Literal
 
 import jsonschema
+import ollama
 import openai
 import pydantic
 import pytest
@@ -971,3 +972,56 @@ def test_the_chat_command_answers_each_turn_as_transformers_does(
     first_length = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
     # none at first; after /clear, the same question: all of its prompt but the token each turn sends
     assert held[:2] == [0, first_length - 1] and held[2] > first_length, stats
+
+
+def test_ollamas_api_answers_as_the_openai_one_does(api, client, local):
+    """Ollama's API through the official `ollama` client: the model listed and shown; chat and generate, greedy,
+    whole and streamed, answer as transformers does (generate with the chat template, or raw); `format` holds the
+    answer to a JSON object or a pydantic model's schema; a tool call comes back with its arguments as an
+    object, the same call the OpenAI API makes; errors carry Ollama's status codes."""
+    tokenizer, complete, chat = local
+    ollama_client = ollama.Client(host=api.removesuffix("/v1"), timeout=120)
+    assert [m.model for m in ollama_client.list().models] == [NAME]
+    assert ollama_client.show(f"{NAME}:latest").modelinfo["context_length"] > 0
+    greedy = {"temperature": 0, "num_predict": MAX_TOKENS}
+    expected, count = chat("Name a color.")
+    messages = [{"role": "user", "content": "Name a color."}]
+    whole = ollama_client.chat(model=NAME, messages=messages, options=greedy)
+    assert whole.message.content == expected and whole.done and whole.eval_count == count
+    parts = list(ollama_client.chat(model=NAME, messages=messages, options=greedy, stream=True))
+    assert "".join(p.message.content for p in parts) == expected
+    assert parts[-1].done and parts[-1].done_reason == whole.done_reason and not parts[0].done
+    assert ollama_client.generate(model=NAME, prompt="Name a color.", options=greedy).response == expected
+    prompt = "The capital of France is"
+    raw, _ = complete(tokenizer(prompt)["input_ids"])
+    streamed = ollama_client.generate(model=NAME, prompt=prompt, raw=True, options=greedy, stream=True)
+    assert "".join(p.response for p in streamed) == raw
+
+    held = {"temperature": 0, "num_predict": 96}
+    ask = [{"role": "user", "content": "Describe a pet: its name, kind, age, friends and owner."}]
+    answer = ollama_client.chat(model=NAME, messages=ask, options=held, format="json").message.content
+    assert isinstance(json.loads(answer), dict)
+    answer = ollama_client.chat(model=NAME, messages=ask, options=held, format=Pet.model_json_schema())
+    Pet.model_validate_json(answer.message.content)
+
+    weather = [{"role": "user", "content": "What is the weather in Paris?"}]
+    called = ollama_client.chat(model=NAME, messages=weather, tools=[WEATHER], options={"temperature": 0})
+    openai_reply = client.chat.completions.create(
+        model=NAME, messages=weather, tools=[WEATHER], temperature=0
+    )
+    want = openai_reply.choices[0].message.tool_calls[0].function
+    got = called.message.tool_calls[0].function
+    assert (got.name, got.arguments) == (want.name, json.loads(want.arguments))
+    jsonschema.validate(dict(got.arguments), WEATHER["function"]["parameters"])
+
+    with pytest.raises(ollama.ResponseError) as unknown:
+        ollama_client.chat(model="no-such-model", messages=messages)
+    assert unknown.value.status_code == 404
+    for path, bad in [
+        ("/api/chat", {"messages": messages, "format": "yaml"}),
+        ("/api/chat", {"messages": messages, "options": {"temperature": 5}}),
+        ("/api/generate", {"prompt": "hi", "context": [1, 2]}),
+        ("/api/generate", {"prompt": "hi", "images": ["aGk="]}),
+    ]:
+        code, reply = post(api.removesuffix("/v1"), path, {"model": NAME, **bad})
+        assert code == 400 and reply["error"], (bad, reply)

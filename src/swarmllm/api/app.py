@@ -1,5 +1,5 @@
 """`swarmllm api MODEL`: an OpenAI-compatible HTTP API over a swarm (`/v1/models`, `/v1/completions`,
-`/v1/chat/completions`, with `stream: true` as server-sent events).
+`/v1/chat/completions`, with `stream: true` as server-sent events), and Ollama's beside it (api/ollama.py).
 
 Each request (each of its `n` choices) runs `generate()` of one shared `DistributedModelForCausalLM` in a worker
 thread with an inference session of its own while it runs (sessions are per thread), so concurrent requests each
@@ -50,18 +50,19 @@ from swarmllm.api.generation import (
     special_ids,
 )
 from swarmllm.api.json_mode import GrammarLogits, GrammarMask, TokenTrie, token_bytes
+from swarmllm.api.ollama import OllamaApi
 from swarmllm.api.schemas import (
+    ApiError,
     ChatRequest,
     CompletionRequest,
     DetokenizeRequest,
     Guide,
     TokenizeRequest,
-    error_body,
     guide_grammar,
     validation_error,
 )
 from swarmllm.api.sessions import SessionPool
-from swarmllm.api.tools import ResponseStream, ToolError, message_text
+from swarmllm.api.tools import ResponseStream, ToolCalling, ToolError, message_text
 
 logger = logging.getLogger(__name__)
 
@@ -69,14 +70,6 @@ _END = object()  # the end of a generation's pieces
 # JSON schemas whose token masks an engine keeps: each keeps up to json_mode.CACHED_MASKS masks of a byte per
 # token (SmolLM2: 256 x 49 KB, 12.6 MB)
 KEPT_SCHEMAS = 8
-
-
-class ApiError(Exception):
-    def __init__(
-        self, status: int, message: str, kind: str, param: str | None = None, code: str | None = None
-    ):
-        super().__init__(message)
-        self.status, self.body = status, error_body(message, kind, param, code)
 
 
 @dataclass
@@ -361,6 +354,7 @@ class Api:
         app.router.add_get("/tokenizer_info", self.tokenizer_info)
         app.router.add_post("/tokenize", self.tokenize)
         app.router.add_post("/detokenize", self.detokenize)
+        OllamaApi(self).add_routes(app)  # Ollama's API beside it (`/api/...`)
         return app
 
     def _model_card(self) -> dict:
@@ -497,27 +491,32 @@ class Api:
 
         return await reply.whole(gens, choice, best if per_prompt > body.n else None)
 
+    def chat_ids(self, body: ChatRequest) -> tuple[list[int], ToolCalling | None]:
+        """A chat request's prompt ids (the chat template over its messages, with the tools' instruction and
+        format when it has tools), and its tools."""
+        messages = [m.model_dump(include={"role", "content", "tool_calls"}) for m in body.messages]
+        try:
+            tools = body.tool_calling()
+            messages = (
+                tools.messages(messages)
+                if tools
+                else [{"role": m["role"], "content": message_text(m)} for m in messages]
+            )
+        except ToolError as e:
+            raise ApiError(400, str(e), "invalid_request_error", e.param) from None
+        try:
+            text = chat_prompt(self.engine.tokenizer, messages)
+        except (TemplateError, ValueError) as e:  # a role or an order the model's template refuses
+            message = f"the model's chat template refused the messages: {e}"
+            raise ApiError(400, message, "invalid_request_error", "messages") from None
+        return self.engine.tokenizer(text, add_special_tokens=False)["input_ids"], tools
+
     async def chat(self, request: web.Request) -> web.StreamResponse:
         try:
             body = await self._body(request, ChatRequest)
             self._check_model(body.model)
             self._check_sampling(body)
-            messages = [m.model_dump(include={"role", "content", "tool_calls"}) for m in body.messages]
-            try:
-                tools = body.tool_calling()
-                messages = (
-                    tools.messages(messages)
-                    if tools
-                    else [{"role": m["role"], "content": message_text(m)} for m in messages]
-                )
-            except ToolError as e:
-                raise ApiError(400, str(e), "invalid_request_error", e.param) from None
-            try:
-                text = chat_prompt(self.engine.tokenizer, messages)
-            except (TemplateError, ValueError) as e:  # a role or an order the model's template refuses
-                message = f"the model's chat template refused the messages: {e}"
-                raise ApiError(400, message, "invalid_request_error", "messages") from None
-            ids = self.engine.tokenizer(text, add_special_tokens=False)["input_ids"]
+            ids, tools = self.chat_ids(body)
             gens = self.engine.start_all(ids, body.max_new_tokens(), body)
         except ApiError as e:
             return _error(e)

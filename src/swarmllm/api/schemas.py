@@ -330,6 +330,16 @@ def error_body(message: str, kind: str, param: str | None = None, code: str | No
     return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
+class ApiError(Exception):
+    """A request the API answers with an error: its HTTP status and OpenAI's error body."""
+
+    def __init__(
+        self, status: int, message: str, kind: str, param: str | None = None, code: str | None = None
+    ):
+        super().__init__(message)
+        self.status, self.body = status, error_body(message, kind, param, code)
+
+
 def validation_error(e: ValidationError) -> dict:
     """The first problem of a request body as OpenAI reports it: a message and the parameter at fault."""
     first = e.errors()[0]

@@ -1,0 +1,261 @@
+"""Ollama's API beside the OpenAI one (`/api/chat`, `/api/generate`, `/api/tags`, `/api/show`, `/api/version`), so
+tools and clients written for Ollama (its `ollama` Python package, editors, chat front ends) use the swarm as is.
+
+Each request is translated into the OpenAI request it means (`ChatRequest` or `CompletionRequest`), so it is
+checked, sampled and held to a format exactly as those are, and answered in Ollama's shape: whole, or streamed
+as newline-delimited JSON (Ollama's default). Its `options` map to the same sampling fields, with Ollama's
+defaults where a request leaves them out (temperature 0.8, top_k 40, top_p 0.9); `repeat_penalty` applies
+transformers' rule over the whole text, not Ollama's last 64 tokens, so it is only applied when given.
+`format: "json"` holds the answer to a JSON object and a schema to that schema (api/json_schema.py); `tools`
+are called in the generic format of api/tools.py, the calls returned with their arguments as objects, as
+Ollama does. Errors are Ollama's `{"error": message}`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from typing import Any
+
+from aiohttp import web
+from pydantic import ValidationError
+
+from swarmllm.api.generation import Piece
+from swarmllm.api.schemas import ApiError, ChatRequest, CompletionRequest
+from swarmllm.version import __version__
+
+DEFAULTS = {"temperature": 0.8, "top_k": 40, "top_p": 0.9}  # Ollama's, for what a request leaves out
+OPTIONS = {  # Ollama's option -> the OpenAI (or vLLM) field it means
+    "temperature": "temperature",
+    "top_p": "top_p",
+    "top_k": "top_k",
+    "min_p": "min_p",
+    "seed": "seed",
+    "stop": "stop",
+    "repeat_penalty": "repetition_penalty",
+    "presence_penalty": "presence_penalty",
+    "frequency_penalty": "frequency_penalty",
+}
+
+
+class OllamaError(Exception):
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+def _error(e: OllamaError | ApiError) -> web.Response:
+    message = e.body["error"]["message"] if isinstance(e, ApiError) else str(e)
+    return web.json_response({"error": message}, status=e.status)
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat().replace("+00:00", "Z")
+
+
+def _fields(body: dict) -> dict:
+    """The OpenAI request fields an Ollama body's `options` and `format` mean."""
+    options = body.get("options") or {}
+    if not isinstance(options, dict):
+        raise OllamaError(400, "options must be an object")
+    fields = dict(DEFAULTS)
+    fields.update({OPTIONS[k]: v for k, v in options.items() if k in OPTIONS and v is not None})
+    predict = options.get("num_predict")
+    if isinstance(predict, int) and predict > 0:
+        fields["max_tokens"] = predict  # (-1 or -2: up to the context, Ollama's "infinite" and "fill")
+    fmt = body.get("format")
+    if fmt == "json":
+        fields["guided_json"] = {"type": "object"}  # any JSON object, as Ollama's JSON mode
+    elif isinstance(fmt, dict):
+        fields["guided_json"] = fmt
+    elif fmt not in (None, ""):
+        raise OllamaError(400, 'format must be "json" or a JSON schema')
+    return fields
+
+
+def _openai_message(message: dict) -> dict:
+    """An Ollama chat message as OpenAI's: its tool calls' arguments as JSON text."""
+    out: dict[str, Any] = {"role": message.get("role"), "content": message.get("content") or ""}
+    calls = [c.get("function") or {} for c in message.get("tool_calls") or [] if isinstance(c, dict)]
+    if calls:
+        out["tool_calls"] = [
+            {
+                "type": "function",
+                "function": {"name": c.get("name"), "arguments": json.dumps(c.get("arguments"))},
+            }
+            for c in calls
+        ]
+    return out
+
+
+class OllamaApi:
+    """Ollama's routes over an `Api` (its engine, its checks)."""
+
+    def __init__(self, api):
+        self.api, self.engine = api, api.engine
+
+    def add_routes(self, app: web.Application) -> None:
+        app.router.add_get("/api/version", self.version)
+        app.router.add_get("/api/tags", self.tags)
+        app.router.add_post("/api/show", self.show)
+        app.router.add_post("/api/chat", self.chat)
+        app.router.add_post("/api/generate", self.generate)
+
+    async def version(self, _request: web.Request) -> web.Response:
+        return web.json_response({"version": __version__})
+
+    def _card(self) -> dict:
+        details = {"format": "safetensors", "family": self.engine.model.config.model_type}
+        return {"name": self.engine.name, "model": self.engine.name, "modified_at": _now(), "size": 0,
+                "digest": "", "details": details}  # fmt: skip
+
+    async def tags(self, _request: web.Request) -> web.Response:
+        return web.json_response({"models": [self._card()]})
+
+    async def show(self, request: web.Request) -> web.Response:
+        try:
+            self._check_model(await self._json(request))
+        except OllamaError as e:
+            return _error(e)
+        template = getattr(self.engine.tokenizer, "chat_template", None) or ""
+        info = {"context_length": self.engine.context_length}
+        return web.json_response(
+            {"template": template, "details": self._card()["details"], "model_info": info,
+             "capabilities": ["completion", "tools"]}
+        )  # fmt: skip
+
+    @staticmethod
+    async def _json(request: web.Request) -> dict:
+        try:
+            body = await request.json()
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+            raise OllamaError(400, "the request body is not valid JSON") from None
+        if not isinstance(body, dict):
+            raise OllamaError(400, "the request body must be a JSON object")
+        return body
+
+    def _check_model(self, body: dict) -> None:
+        name = body.get("model")
+        if not isinstance(name, str) or name.removesuffix(":latest") != self.engine.name:
+            raise OllamaError(404, f"model '{name}' not found (this API serves '{self.engine.name}')")
+
+    def _request(self, schema, data: dict):
+        """The OpenAI request an Ollama one means, checked as the OpenAI API checks it."""
+        try:
+            return schema.model_validate({"model": self.engine.name, **data})
+        except ValidationError as e:
+            first = e.errors()[0]
+            where = ".".join(str(part) for part in first["loc"])
+            raise OllamaError(400, f"{where}: {first['msg']}" if where else first["msg"]) from None
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        try:
+            body = await self._json(request)
+            self._check_model(body)
+            messages = body.get("messages") or []
+            if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
+                raise OllamaError(400, "messages must be a list of objects")
+            if any(m.get("images") for m in messages):
+                raise OllamaError(400, "images are not supported by this text model")
+            fields = {"messages": [_openai_message(m) for m in messages], **_fields(body)}
+            chat = self._request(ChatRequest, {**fields, "tools": body.get("tools") or None})
+            ids, tools = self.api.chat_ids(chat)
+            gen = self.engine.start(ids, chat.max_new_tokens(), chat)
+        except (OllamaError, ApiError) as e:
+            return _error(e)
+        if tools is None:
+            return await self._answer(request, body, gen, lambda text: {"message": _assistant(text)})
+
+        def called(text: str) -> dict:
+            content, calls = tools.parse(text)
+            message = _assistant(content or "")
+            if calls:
+                message["tool_calls"] = [
+                    {
+                        "function": {
+                            "name": c["function"]["name"],
+                            "arguments": json.loads(c["function"]["arguments"]),
+                        }
+                    }
+                    for c in calls
+                ]
+            return {"message": message}
+
+        return await self._answer(request, body, gen, called, at_end=True)
+
+    async def generate(self, request: web.Request) -> web.StreamResponse:
+        try:
+            body = await self._json(request)
+            self._check_model(body)
+            if body.get("images") or body.get("suffix"):
+                raise OllamaError(400, "images and suffix are not supported by this text model")
+            if body.get("context"):
+                raise OllamaError(400, "context is not supported: send the conversation to /api/chat")
+            prompt = body.get("prompt") or ""
+            if not isinstance(prompt, str) or not prompt:
+                raise OllamaError(400, "prompt must be a string of some text")
+            if body.get("raw"):  # the prompt as it is
+                asked = self._request(CompletionRequest, {"prompt": prompt, **_fields(body)})
+                ids = self.engine.tokenizer(prompt)["input_ids"]
+            else:  # the model's template around it (and the system message), as Ollama does
+                system = body.get("system")
+                messages = [{"role": "system", "content": system}] if system else []
+                messages.append({"role": "user", "content": prompt})
+                asked = self._request(ChatRequest, {"messages": messages, **_fields(body)})
+                ids, _ = self.api.chat_ids(asked)
+            gen = self.engine.start(ids, asked.max_new_tokens(), asked)
+        except (OllamaError, ApiError) as e:
+            return _error(e)
+        return await self._answer(request, body, gen, lambda text: {"response": text})
+
+    async def _answer(
+        self, request: web.Request, body: dict, gen, part: Callable[[str], dict], at_end: bool = False
+    ) -> web.StreamResponse:
+        """Ollama's answer: streamed (its default) as one JSON line per piece, `part(text)`, and a last line
+        with `done` and the counts; or whole, as that last line with all the text. `at_end`: the text is sent
+        only once whole, in the last line (tool calls are known only then)."""
+        started = time.perf_counter_ns()
+
+        def line(text: str, done: bool) -> dict:
+            out = {"model": self.engine.name, "created_at": _now(), **part(text), "done": done}
+            if done:
+                spent = time.perf_counter_ns() - started
+                out.update(done_reason=gen.finish_reason, total_duration=spent, load_duration=0,
+                           prompt_eval_count=gen.prompt_tokens, prompt_eval_duration=0,
+                           eval_count=gen.completion_tokens, eval_duration=spent)  # fmt: skip
+            return out
+
+        if not body.get("stream", True):
+            try:
+                pieces: list[Piece] = [piece async for piece in gen.text()]
+            except Exception as e:  # noqa: BLE001 - the swarm's failure
+                gen.cancelled = True
+                return _error(OllamaError(503, str(e)))
+            return web.json_response(line("".join(p.text for p in pieces), True))
+        response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+        await response.prepare(request)
+        sent: list[str] = []
+        try:
+            try:
+                async for piece in gen.text():
+                    sent.append(piece.text)
+                    if not at_end:
+                        await response.write(json.dumps(line(piece.text, False)).encode() + b"\n")
+            except (ConnectionResetError, asyncio.CancelledError):
+                raise
+            except Exception as e:  # noqa: BLE001 - the stream has started: the error goes in it
+                gen.cancelled = True
+                await response.write(json.dumps({"error": str(e)}).encode() + b"\n")
+                return response
+            await response.write(json.dumps(line("".join(sent) if at_end else "", True)).encode() + b"\n")
+        except (ConnectionResetError, asyncio.CancelledError):
+            gen.cancelled = True  # the requester left: stop generating for it
+            raise
+        return response
+
+
+def _assistant(text: str) -> dict:
+    return {"role": "assistant", "content": text}
