@@ -1022,6 +1022,9 @@ def test_ollamas_api_answers_as_the_openai_one_does(api, client, local):
         ("/api/chat", {"messages": messages, "options": {"temperature": 5}}),
         ("/api/generate", {"prompt": "hi", "context": [1, 2]}),
         ("/api/generate", {"prompt": "hi", "images": ["aGk="]}),
+        ("/api/chat", {"messages": "hi"}),
+        ("/api/chat", {"messages": [{"role": 5, "content": "hi"}]}),
+        ("/api/generate", {"prompt": ["hi"]}),
     ]:
         code, reply = post(api.removesuffix("/v1"), path, {"model": NAME, **bad})
         assert code == 400 and reply["error"], (bad, reply)
