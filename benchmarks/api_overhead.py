@@ -1,10 +1,11 @@
-"""What the OpenAI-compatible API costs per token over calling `generate()` directly.
+"""What the OpenAI-compatible API (and Ollama's beside it) costs per token over calling `generate()` directly.
 
 One local swarm (bootstrap + 2 servers, SmolLM2-135M-Instruct, 15 blocks each) serves both: this process's own
 client calls `model.generate()` (greedy, the prompt's tokens, `max_tokens` new ones), and the `openai` client asks
-`swarmllm api` (its own process and client) for the same completion, whole and streamed. The three are timed in
-alternation (the shared machine's noise hits all alike), medians of `--repeats`; the texts must be equal. One run,
-reported as seconds per token and as a ratio to `generate()`.
+`swarmllm api` (its own process and client) for the same completion, whole and streamed, as does the `ollama`
+client of its `/api/generate` (raw). The ways are timed in alternation (the shared machine's noise hits all
+alike), medians of `--repeats`; the texts must be equal. One run, reported as seconds per token and as a ratio
+to `generate()`.
 
     python benchmarks/api_overhead.py [--tokens 64] [--repeats 5] [--no-record]
 """
@@ -15,6 +16,7 @@ import argparse
 import statistics
 import time
 
+import ollama
 import openai
 import torch
 from common import append_results, markdown_table, smollm2_api
@@ -52,7 +54,24 @@ def main() -> None:
             chunks = list(client.completions.create(**options, stream=True, stream_options={"include_usage": True}))
             return "".join(c.choices[0].text for c in chunks if c.choices), chunks[-1].usage.completion_tokens
 
-        ways = {"generate() in this process": direct, "API, whole": whole, "API, streamed (SSE)": streamed}
+        host = ollama.Client(host=base.removesuffix("/v1"), timeout=600)
+        greedy = {"temperature": 0, "num_predict": args.tokens}
+
+        def ollama_whole() -> tuple[str, int]:
+            reply = host.generate(model="smollm2", prompt=PROMPT, raw=True, options=greedy)
+            return reply.response, reply.eval_count
+
+        def ollama_streamed() -> tuple[str, int]:
+            parts = list(host.generate(model="smollm2", prompt=PROMPT, raw=True, options=greedy, stream=True))
+            return "".join(p.response for p in parts), parts[-1].eval_count
+
+        ways = {
+            "generate() in this process": direct,
+            "API, whole": whole,
+            "API, streamed (SSE)": streamed,
+            "Ollama's API, whole": ollama_whole,
+            "Ollama's API, streamed (NDJSON)": ollama_streamed,
+        }
         try:
             for way in ways.values():  # warm: routing, connections, the API's first request
                 way()
