@@ -115,6 +115,8 @@ class _Sampling(BaseModel):
     @classmethod
     def _a_guide(cls, value, info: ValidationInfo):
         """Each guide checked where it is given (a 400 naming its field)."""
+        if value is None:
+            return value
         given = value.items() if info.field_name == "structured_outputs" else [(info.field_name[7:], value)]
         for kind, guide in given:
             if kind not in GUIDES:
@@ -270,6 +272,10 @@ class ChatRequest(_Sampling):
     def _top_needs_logprobs(self):
         if self.top_logprobs and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs: true")
+        return self
+
+    @model_validator(mode="after")
+    def _one_format(self):
         if self._guided is not None and (self.response_format or {}).get("type", "text") != "text":
             raise ValueError("a response_format other than text does not go with guided decoding")
         return self
