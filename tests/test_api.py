@@ -27,6 +27,7 @@ from random_schemas import random_schema
 from tool_specs import WEATHER
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from swarmllm import AutoDistributedModelForCausalLM, guided_logits
 from swarmllm.api.generation import chat_prompt
 from swarmllm.api.json_mode import JSON_OBJECT, Grammar, feed, token_bytes
 from swarmllm.api.json_schema import compile_schema
@@ -1028,3 +1029,30 @@ def test_ollamas_api_answers_as_the_openai_one_does(api, client, local):
     ]:
         code, reply = post(api.removesuffix("/v1"), path, {"model": NAME, **bad})
         assert code == 400 and reply["error"], (bad, reply)
+
+
+def test_guided_logits_hold_the_python_clients_generate_as_transformers_constrained_loop(
+    swarm, smollm2, local, reference
+):
+    """`swarmllm.guided_logits` in `generate()` of the Python client: greedily, the tokens of the brute-force
+    constrained loop over transformers' logits (a schema and a regex); transformers' own generate with the
+    same processor agrees."""
+    tokenizer, _, _ = local
+    pieces, eos = token_bytes(tokenizer, reference.config.vocab_size), tokenizer.eos_token_id
+    ids = _chat_ids(tokenizer, [{"role": "user", "content": "Give a city and its population."}])
+    schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12},
+              "population": {"type": "integer", "minimum": 0}}, "required": ["city", "population"]}  # fmt: skip
+    model = AutoDistributedModelForCausalLM.from_pretrained(str(smollm2), initial_peers=swarm.initial_peers)
+    try:
+        for guide, grammar in [
+            ({"json": schema}, compile_schema(schema)),
+            ({"regex": r"[A-Z][a-z]+ \(\d+\)"}, guide_grammar(("regex", r"[A-Z][a-z]+ \(\d+\)"))),
+        ]:
+            expected = _grammar_greedy_loop(reference, ids, 40, pieces, eos, grammar)
+            prompt = torch.tensor([ids])
+            for generator in (model, reference):
+                held = guided_logits(generator, tokenizer, guide, len(ids))
+                out = generator.generate(prompt, max_new_tokens=40, do_sample=False, logits_processor=[held])
+                assert out[0, len(ids) :].tolist() == expected, (guide, generator)
+    finally:
+        model.shutdown()

@@ -10,7 +10,7 @@ _MODELS = (
     "DistributedModelForCausalLM",
     "DistributedModelForSequenceClassification",
 )
-__all__ = [*_MODELS, "__version__"]
+__all__ = [*_MODELS, "guided_logits", "__version__"]
 
 
 def __getattr__(name: str):
@@ -19,4 +19,8 @@ def __getattr__(name: str):
         from swarmllm.client import model
 
         return getattr(model, name)
+    if name == "guided_logits":  # structured output for `generate()` (api/schemas.py)
+        from swarmllm.api.schemas import guided_logits
+
+        return guided_logits
     raise AttributeError(f"module 'swarmllm' has no attribute {name!r}")

@@ -4,7 +4,7 @@
 import pytest
 from pydantic import ValidationError
 
-from swarmllm.api.schemas import ChatRequest, CompletionRequest
+from swarmllm.api.schemas import ChatRequest, CompletionRequest, guided_logits
 
 ASK = [{"role": "user", "content": "answer in json"}]
 
@@ -48,3 +48,11 @@ def test_what_cannot_be_held_is_refused_naming_the_field(fields, field, message)
         ChatRequest(model="m", messages=ASK, **fields)
     first = e.value.errors()[0]
     assert (first["loc"][0] if first["loc"] else None) == field and message in first["msg"], first
+
+
+@pytest.mark.parametrize(
+    "guide", [{}, {"yaml": ["a"]}, {"json": {}, "regex": "a"}, {"regex": "(a"}, ["regex", "a"]]
+)
+def test_guided_logits_refuses_what_is_not_one_guide(guide):
+    with pytest.raises(ValueError):
+        guided_logits(None, None, guide, 0)

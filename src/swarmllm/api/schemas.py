@@ -12,6 +12,7 @@ does with fields newer than it.
 
 from __future__ import annotations
 
+import functools
 import json
 from typing import Annotated, Any
 
@@ -26,7 +27,8 @@ from pydantic import (
     model_validator,
 )
 
-from swarmllm.api.json_mode import JSON_OBJECT, Grammar
+from swarmllm.api.generation import special_ids
+from swarmllm.api.json_mode import JSON_OBJECT, Grammar, GrammarLogits, GrammarMask, TokenTrie, token_bytes
 from swarmllm.api.json_schema import SchemaError, compile_schema
 from swarmllm.api.regex import RegexError, TextGrammar, compile_regex, literal
 from swarmllm.api.tools import ToolCalling, ToolError
@@ -74,6 +76,30 @@ def _guide(kind: str, value: Any) -> Guide:
     except (SchemaError, RegexError, ValueError) as e:  # (json.loads' error is a ValueError)
         raise ValueError(f"{kind}: {e}") from None
     return guide
+
+
+def guided_logits(model, tokenizer, guide: dict, prompt_length: int) -> GrammarLogits:
+    """A logits processor that holds one `generate()`'s answer to a guide, in the Python client as in the API:
+    `{"json": schema}` (or its JSON text), `{"regex": pattern}` (the whole answer), `{"choice": [texts]}` or
+    `{"json_object": True}`; `prompt_length` is where the answer starts in the generate's ids. Make one per
+    generate: the vocabulary's trie and each guide's masks are kept between them (the last 8 guides)."""
+    if not isinstance(guide, dict) or len(guide) != 1 or next(iter(guide)) not in (*GUIDES, "json_object"):
+        raise ValueError('one of {"json": ...}, {"regex": ...}, {"choice": [...]} or {"json_object": True}')
+    ((kind, value),) = guide.items()
+    checked = ("json_object", None) if kind == "json_object" and value else _guide(kind, value)
+    eos_ids, _ = special_ids(model.generation_config)
+    trie = _trie(tokenizer, model.config.vocab_size, tuple(eos_ids))
+    return GrammarLogits(_mask(trie, json.dumps(checked)), prompt_length)
+
+
+@functools.lru_cache(maxsize=4)
+def _trie(tokenizer, vocab_size: int, eos_ids: tuple[int, ...]) -> TokenTrie:
+    return TokenTrie(token_bytes(tokenizer, vocab_size), list(eos_ids))
+
+
+@functools.lru_cache(maxsize=8)
+def _mask(trie: TokenTrie, guide: str) -> GrammarMask:
+    return GrammarMask(trie, guide_grammar(tuple(json.loads(guide))))
 
 
 class StreamOptions(BaseModel):
