@@ -15,10 +15,8 @@ import asyncio
 import itertools
 import json
 import logging
-import threading
 import time
 import uuid
-from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -49,16 +47,15 @@ from swarmllm.api.generation import (
     sampling,
     special_ids,
 )
-from swarmllm.api.json_mode import GrammarLogits, GrammarMask, TokenTrie, token_bytes
+from swarmllm.api.json_mode import GrammarLogits
 from swarmllm.api.ollama import OllamaApi
 from swarmllm.api.schemas import (
     ApiError,
     ChatRequest,
     CompletionRequest,
     DetokenizeRequest,
-    Guide,
+    GuideMasks,
     TokenizeRequest,
-    guide_grammar,
     validation_error,
 )
 from swarmllm.api.sessions import SessionPool
@@ -67,9 +64,6 @@ from swarmllm.api.tools import ResponseStream, ToolCalling, ToolError, message_t
 logger = logging.getLogger(__name__)
 
 _END = object()  # the end of a generation's pieces
-# JSON schemas whose token masks an engine keeps: each keeps up to json_mode.CACHED_MASKS masks of a byte per
-# token (SmolLM2: 256 x 49 KB, 12.6 MB)
-KEPT_SCHEMAS = 8
 
 
 @dataclass
@@ -131,27 +125,7 @@ class Engine:
             model, size=keep_sessions, idle_s=keep_sessions_s, context_length=context_length
         )
         self.eos_ids, self.pad_id = special_ids(model.generation_config)
-        self._trie: TokenTrie | None = None
-        # by the JSON of their guide (a schema's properties in their order)
-        self._masks: OrderedDict[str, GrammarMask] = OrderedDict()
-        self._masks_lock = threading.Lock()
-
-    def grammar_mask(self, guide: Guide) -> GrammarMask:
-        """The masks of a request's grammar (JSON mode, a schema, a regex, a choice), kept for the last
-        `KEPT_SCHEMAS` grammars (a client sends the same schema request after request). The vocabulary's trie is
-        built at the first such request (a batch decode of every token)."""
-        key = json.dumps(guide)  # (not sorted: the order of a schema's properties is kept)
-        with self._masks_lock:
-            if self._trie is None:
-                vocab_size = self.model.config.vocab_size  # the logits' width
-                self._trie = TokenTrie(token_bytes(self.tokenizer, vocab_size), self.eos_ids)
-            mask = self._masks.get(key)
-            if mask is None:
-                mask = self._masks[key] = GrammarMask(self._trie, guide_grammar(guide))
-                if len(self._masks) > KEPT_SCHEMAS:
-                    self._masks.popitem(last=False)
-            self._masks.move_to_end(key)
-            return mask
+        self.guides = GuideMasks(self.tokenizer, model.config.vocab_size, self.eos_ids)
 
     def decode(self, tokens: list[int]) -> str:
         return self.tokenizer.decode(tokens, skip_special_tokens=True)
@@ -278,7 +252,7 @@ class Engine:
             else int.from_bytes(uuid.uuid4().bytes[:8], "little")
         )
         if (guide := request.grammar()) is not None:
-            processors.append(GrammarLogits(self.grammar_mask(guide), prompt_length))
+            processors.append(GrammarLogits(self.guides.mask(guide), prompt_length))
         top = {"top_p": request.top_p, "top_k": request.top_k, "min_p": request.min_p}
         return processors + sampling(request.temperature, seed, **top)
 

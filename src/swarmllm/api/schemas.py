@@ -14,6 +14,9 @@ from __future__ import annotations
 
 import functools
 import json
+import threading
+from collections import OrderedDict
+from collections.abc import Sequence
 from typing import Annotated, Any
 
 from pydantic import (
@@ -42,6 +45,8 @@ MAX_PROMPTS = 64  # in one completions request (lm-evaluation-harness batches it
 # ("json_object", None) | ("json_schema", schema) | ("regex", pattern) | ("choice", texts)
 Guide = tuple[str, Any]
 GUIDES = ("json", "regex", "choice")  # vLLM's kinds, as guided_<kind> and as structured_outputs' keys
+# guides whose masks are kept: each up to json_mode.CACHED_MASKS masks of a byte per token (SmolLM2: 12.6 MB)
+KEPT_GUIDES = 8
 
 
 def guide_grammar(guide: Guide) -> Grammar:
@@ -78,28 +83,48 @@ def _guide(kind: str, value: Any) -> Guide:
     return guide
 
 
+class GuideMasks:
+    """The masks of the guides a tokenizer's answers are held to, kept for the last `KEPT_GUIDES` guides (a
+    client sends the same schema request after request), over one trie of its vocabulary, built at the first
+    guide (a batch decode of every token). Shared by concurrent requests."""
+
+    def __init__(self, tokenizer, vocab_size: int, eos_ids: Sequence[int]):
+        self.tokenizer, self.vocab_size, self.eos_ids = tokenizer, vocab_size, list(eos_ids)
+        self._trie: TokenTrie | None = None
+        self._masks: OrderedDict[str, GrammarMask] = OrderedDict()  # by the guide's JSON, keys in their order
+        self._lock = threading.Lock()
+
+    def mask(self, guide: Guide) -> GrammarMask:
+        key = json.dumps(guide)  # (not sorted: the order of a schema's properties is kept)
+        with self._lock:
+            if self._trie is None:
+                self._trie = TokenTrie(token_bytes(self.tokenizer, self.vocab_size), self.eos_ids)
+            mask = self._masks.get(key)
+            if mask is None:
+                mask = self._masks[key] = GrammarMask(self._trie, guide_grammar(guide))
+                if len(self._masks) > KEPT_GUIDES:
+                    self._masks.popitem(last=False)
+            self._masks.move_to_end(key)
+            return mask
+
+
 def guided_logits(model, tokenizer, guide: dict, prompt_length: int) -> GrammarLogits:
     """A logits processor that holds one `generate()`'s answer to a guide, in the Python client as in the API:
     `{"json": schema}` (or its JSON text), `{"regex": pattern}` (the whole answer), `{"choice": [texts]}` or
     `{"json_object": True}`; `prompt_length` is where the answer starts in the generate's ids. Make one per
-    generate: the vocabulary's trie and each guide's masks are kept between them (the last 8 guides)."""
+    generate: the vocabulary's trie and the last guides' masks are kept between them (`GuideMasks`)."""
     if not isinstance(guide, dict) or len(guide) != 1 or next(iter(guide)) not in (*GUIDES, "json_object"):
         raise ValueError('one of {"json": ...}, {"regex": ...}, {"choice": [...]} or {"json_object": True}')
     ((kind, value),) = guide.items()
     checked = ("json_object", None) if kind == "json_object" and value else _guide(kind, value)
     eos_ids, _ = special_ids(model.generation_config)
-    trie = _trie(tokenizer, model.config.vocab_size, tuple(eos_ids))
-    return GrammarLogits(_mask(trie, json.dumps(checked)), prompt_length)
+    masks = _guide_masks(tokenizer, model.config.vocab_size, tuple(eos_ids))
+    return GrammarLogits(masks.mask(checked), prompt_length)
 
 
 @functools.lru_cache(maxsize=4)
-def _trie(tokenizer, vocab_size: int, eos_ids: tuple[int, ...]) -> TokenTrie:
-    return TokenTrie(token_bytes(tokenizer, vocab_size), list(eos_ids))
-
-
-@functools.lru_cache(maxsize=8)
-def _mask(trie: TokenTrie, guide: str) -> GrammarMask:
-    return GrammarMask(trie, guide_grammar(tuple(json.loads(guide))))
+def _guide_masks(tokenizer, vocab_size: int, eos_ids: tuple[int, ...]) -> GuideMasks:
+    return GuideMasks(tokenizer, vocab_size, eos_ids)
 
 
 class StreamOptions(BaseModel):
