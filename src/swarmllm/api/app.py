@@ -24,7 +24,6 @@ from dataclasses import dataclass, field
 import torch
 from aiohttp import web
 from jinja2 import TemplateError
-from pydantic import ValidationError
 from transformers import (
     LogitsProcessorList,
     MinNewTokensLengthLogitsProcessor,
@@ -56,14 +55,15 @@ from swarmllm.api.schemas import (
     DetokenizeRequest,
     GuideMasks,
     TokenizeRequest,
-    validation_error,
 )
 from swarmllm.api.sessions import SessionPool
+from swarmllm.api.streams import joined, merged, read_json, stream, validated
 from swarmllm.api.tools import ResponseStream, ToolCalling, ToolError, message_text
 
 logger = logging.getLogger(__name__)
 
 _END = object()  # the end of a generation's pieces
+DONE = b"data: [DONE]\n\n"  # the last server-sent event
 
 
 @dataclass
@@ -308,12 +308,6 @@ def _error(e: ApiError) -> web.Response:
     return web.json_response(e.body, status=e.status)
 
 
-def _swarm_error(e: BaseException) -> ApiError:
-    return ApiError(
-        503, f"the swarm could not serve this request: {e}", "server_error", None, "swarm_unavailable"
-    )
-
-
 class Api:
     def __init__(self, engine: Engine):
         self.engine = engine
@@ -356,17 +350,7 @@ class Api:
 
     @staticmethod
     async def _body(request: web.Request, schema):
-        try:
-            data = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
-            raise ApiError(400, "The request body is not valid JSON", "invalid_request_error") from None
-        if not isinstance(data, dict):
-            raise ApiError(400, "The request body must be a JSON object", "invalid_request_error")
-        try:
-            return schema.model_validate(data)
-        except ValidationError as e:
-            body = validation_error(e)["error"]
-            raise ApiError(400, body["message"], body["type"], body["param"], body["code"]) from None
+        return validated(schema, await read_json(request))
 
     def _prompt_ids(self, prompt) -> list[list[int]]:
         """Each prompt's token ids: one text, texts, one list of ids, or lists of ids."""
@@ -550,12 +534,12 @@ class _Reply:
         """The choices are `choice(i, piece)` of generation i's pieces joined into one, for each generation or
         for those `chosen()` picks once all have ended (best_of); usage counts all of them."""
         try:
-            joined = await _joined(gens)
+            pieces = await joined(gens)
         except ApiError as e:
             return _error(e)
         picked = range(len(gens)) if chosen is None else chosen()
         choices = [
-            {"index": k, "finish_reason": gens[i].finish_reason, **choice(i, joined[i])}
+            {"index": k, "finish_reason": gens[i].finish_reason, **choice(i, pieces[i])}
             for k, i in enumerate(picked)
         ]
         body = self._envelope(self.kind, choices=choices, usage=_usage(gens))
@@ -564,36 +548,22 @@ class _Reply:
     async def _sse(
         self, request: web.Request, gens: list[Generation], body, kind: str, events: AsyncIterator[dict]
     ) -> web.StreamResponse:
-        """Server-sent events: each chunk of `events`, then the usage if asked and `[DONE]`. A failure of the
-        swarm once the stream has started goes in the stream; a requester that leaves cancels the generations."""
-        response = web.StreamResponse(
-            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
-        )
-        await response.prepare(request)
+        """Server-sent events: each chunk of `events`, then the usage if asked and `[DONE]` (`streams.stream`:
+        a failure in the stream, cancelled generations when the requester leaves)."""
 
-        async def send(data: dict) -> None:
-            await response.write(f"data: {json.dumps(data)}\n\n".encode())
+        def event(data: dict) -> bytes:
+            return f"data: {json.dumps(data)}\n\n".encode()
 
-        try:
-            try:
-                async for data in events:
-                    await send(data)
-            except (ConnectionResetError, asyncio.CancelledError):
-                raise
-            except Exception as e:  # noqa: BLE001 - the stream has started: the error goes in it
-                for gen in gens:
-                    gen.cancelled = True
-                await send(_swarm_error(e).body)
-                await response.write(b"data: [DONE]\n\n")
-                return response
-            if body.stream_options is not None and body.stream_options.include_usage:
-                await send(self._envelope(kind, choices=[], usage=_usage(gens)))
-            await response.write(b"data: [DONE]\n\n")
-        except (ConnectionResetError, asyncio.CancelledError):
-            for gen in gens:
-                gen.cancelled = True  # the requester left: stop generating for it
-            raise
-        return response
+        async def chunks() -> AsyncIterator[bytes]:
+            async for data in events:
+                yield event(data)
+
+        def trailer() -> bytes:
+            usage = body.stream_options is not None and body.stream_options.include_usage
+            return (event(self._envelope(kind, choices=[], usage=_usage(gens))) if usage else b"") + DONE
+
+        headers = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+        return await stream(request, gens, headers, chunks(), lambda e: event(e.body) + DONE, trailer)
 
     async def stream(
         self, request: web.Request, gens: list[Generation], body, choice, last: dict, first=None
@@ -608,7 +578,7 @@ class _Reply:
         async def events() -> AsyncIterator[dict]:
             for i in range(len(gens)) if first is not None else ():
                 yield chunk(i, first, None)
-            async for i, piece in _merged(gens):
+            async for i, piece in merged(gens):
                 if piece is None:  # choice i has ended
                     yield chunk(i, last, gens[i].finish_reason)
                 else:
@@ -632,7 +602,7 @@ class _Reply:
             streams, pieces, sent = [ResponseStream() for _ in gens], [[] for _ in gens], [""] * len(gens)
             for i in range(len(gens)):
                 yield chunk(i, {"role": "assistant", "content": ""})
-            async for i, piece in _merged(gens):
+            async for i, piece in merged(gens):
                 if piece is not None:
                     pieces[i].append(piece)
                     if text := streams[i].feed(piece.text):
@@ -652,47 +622,6 @@ class _Reply:
                 yield chunk(i, {}, done["finish_reason"])
 
         return await self._sse(request, gens, body, kind, events())
-
-
-async def _joined(gens: list[Generation]) -> list[Piece]:
-    """Each generation's pieces joined into one; a failure of the swarm as OpenAI reports it (ApiError)."""
-    joined = []
-    try:
-        for gen in gens:  # (they all run meanwhile, each in its worker thread)
-            pieces = [piece async for piece in gen.text()]
-            joined.append(Piece("".join(p.text for p in pieces), [e for p in pieces for e in p.logprobs]))
-    except Exception as e:  # noqa: BLE001 - the swarm's failure, reported as OpenAI does
-        for gen in gens:
-            gen.cancelled = True
-        raise _swarm_error(e) from None
-    return joined
-
-
-async def _merged(gens: list[Generation]) -> AsyncIterator[tuple[int, Piece | None]]:
-    """(i, piece) as the generations' pieces come, and (i, None) when generation i has ended; raises the first
-    error of any."""
-    queue: asyncio.Queue = asyncio.Queue()
-
-    async def pump(i: int, gen: Generation) -> None:
-        try:
-            async for piece in gen.text():
-                queue.put_nowait((i, piece))
-            queue.put_nowait((i, None))
-        except Exception as e:  # noqa: BLE001 - handed to the reader
-            queue.put_nowait((i, e))
-
-    tasks = [asyncio.create_task(pump(i, gen)) for i, gen in enumerate(gens)]
-    ended = 0
-    try:
-        while ended < len(gens):
-            i, item = await queue.get()
-            if isinstance(item, Exception):
-                raise item
-            ended += item is None
-            yield i, item
-    finally:
-        for task in tasks:
-            task.cancel()
 
 
 def _usage(gens: list[Generation]) -> dict:

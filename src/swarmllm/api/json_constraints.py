@@ -238,7 +238,7 @@ class NumberBounds:
         while Decimal(digits).scaleb(k) <= abs(far) + 1:
             spans.append((Decimal(digits).scaleb(k), Decimal(digits + 1).scaleb(k)))
             k += 1
-        return spans or [(Decimal(digits), Decimal(digits + 1))]
+        return spans  # (none: every number from there is past the bound)
 
     def _meets(self, a: Decimal, b: Decimal | None, negative: bool) -> bool:
         """Whether the magnitudes [a, b) (values -(a..b] when negative) meet the bounds."""

@@ -13,18 +13,16 @@ Ollama does. Errors are Ollama's `{"error": message}`.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 from typing import Any
 
 from aiohttp import web
-from pydantic import ValidationError
 
-from swarmllm.api.generation import Piece
 from swarmllm.api.schemas import ApiError, ChatRequest, CompletionRequest
+from swarmllm.api.streams import joined, read_json, stream, validated
 from swarmllm.version import __version__
 
 DEFAULTS = {"temperature": 0.8, "top_k": 40, "top_p": 0.9}  # Ollama's, for what a request leaves out
@@ -47,9 +45,12 @@ class OllamaError(Exception):
         self.status = status
 
 
+def _error_body(e: OllamaError | ApiError) -> dict:
+    return {"error": e.body["error"]["message"] if isinstance(e, ApiError) else str(e)}
+
+
 def _error(e: OllamaError | ApiError) -> web.Response:
-    message = e.body["error"]["message"] if isinstance(e, ApiError) else str(e)
-    return web.json_response({"error": message}, status=e.status)
+    return web.json_response(_error_body(e), status=e.status)
 
 
 def _now() -> str:
@@ -117,8 +118,8 @@ class OllamaApi:
 
     async def show(self, request: web.Request) -> web.Response:
         try:
-            self._check_model(await self._json(request))
-        except OllamaError as e:
+            self._check_model(await read_json(request))
+        except (OllamaError, ApiError) as e:
             return _error(e)
         template = getattr(self.engine.tokenizer, "chat_template", None) or ""
         info = {"context_length": self.engine.context_length}
@@ -127,16 +128,6 @@ class OllamaApi:
              "capabilities": ["completion", "tools"]}
         )  # fmt: skip
 
-    @staticmethod
-    async def _json(request: web.Request) -> dict:
-        try:
-            body = await request.json()
-        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
-            raise OllamaError(400, "the request body is not valid JSON") from None
-        if not isinstance(body, dict):
-            raise OllamaError(400, "the request body must be a JSON object")
-        return body
-
     def _check_model(self, body: dict) -> None:
         name = body.get("model")
         if not isinstance(name, str) or name.removesuffix(":latest") != self.engine.name:
@@ -144,16 +135,11 @@ class OllamaApi:
 
     def _request(self, schema, data: dict):
         """The OpenAI request an Ollama one means, checked as the OpenAI API checks it."""
-        try:
-            return schema.model_validate({"model": self.engine.name, **data})
-        except ValidationError as e:
-            first = e.errors()[0]
-            where = ".".join(str(part) for part in first["loc"])
-            raise OllamaError(400, f"{where}: {first['msg']}" if where else first["msg"]) from None
+        return validated(schema, {"model": self.engine.name, **data})
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
         try:
-            body = await self._json(request)
+            body = await read_json(request)
             self._check_model(body)
             messages = body.get("messages") or []
             if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
@@ -188,7 +174,7 @@ class OllamaApi:
 
     async def generate(self, request: web.Request) -> web.StreamResponse:
         try:
-            body = await self._json(request)
+            body = await read_json(request)
             self._check_model(body)
             if body.get("images") or body.get("suffix"):
                 raise OllamaError(400, "images and suffix are not supported by this text model")
@@ -230,31 +216,27 @@ class OllamaApi:
 
         if not body.get("stream", True):
             try:
-                pieces: list[Piece] = [piece async for piece in gen.text()]
-            except Exception as e:  # noqa: BLE001 - the swarm's failure
-                gen.cancelled = True
-                return _error(OllamaError(503, str(e)))
-            return web.json_response(line("".join(p.text for p in pieces), True))
-        response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
-        await response.prepare(request)
+                (whole,) = await joined([gen])
+            except ApiError as e:
+                return _error(e)
+            return web.json_response(line(whole.text, True))
         sent: list[str] = []
-        try:
-            try:
-                async for piece in gen.text():
-                    sent.append(piece.text)
-                    if not at_end:
-                        await response.write(json.dumps(line(piece.text, False)).encode() + b"\n")
-            except (ConnectionResetError, asyncio.CancelledError):
-                raise
-            except Exception as e:  # noqa: BLE001 - the stream has started: the error goes in it
-                gen.cancelled = True
-                await response.write(json.dumps({"error": str(e)}).encode() + b"\n")
-                return response
-            await response.write(json.dumps(line("".join(sent) if at_end else "", True)).encode() + b"\n")
-        except (ConnectionResetError, asyncio.CancelledError):
-            gen.cancelled = True  # the requester left: stop generating for it
-            raise
-        return response
+
+        async def chunks() -> AsyncIterator[bytes]:
+            async for piece in gen.text():
+                sent.append(piece.text)
+                if not at_end:
+                    yield _line(line(piece.text, False))
+
+        def last() -> bytes:
+            return _line(line("".join(sent) if at_end else "", True))
+
+        headers = {"Content-Type": "application/x-ndjson"}
+        return await stream(request, [gen], headers, chunks(), lambda e: _line(_error_body(e)), last)
+
+
+def _line(data: dict) -> bytes:
+    return json.dumps(data).encode() + b"\n"
 
 
 def _assistant(text: str) -> dict:

@@ -61,24 +61,28 @@ def guide_grammar(guide: Guide) -> Grammar:
     return TextGrammar(compile_regex(pattern, search=False))
 
 
+def _parsed_guide(kind: str, value: Any) -> Guide:
+    """vLLM's guided decoding field as a `Guide`, its shape checked (a ValueError otherwise)."""
+    if kind == "json":
+        schema = json.loads(value) if isinstance(value, str) else value  # (its error is a ValueError)
+        if not isinstance(schema, dict | bool):
+            raise ValueError("must be a JSON schema")
+        return ("json_schema", schema)
+    if kind == "regex":
+        if not isinstance(value, str):
+            raise ValueError("must be a string")
+        return ("regex", value)
+    if not isinstance(value, list) or not value or not all(isinstance(t, str) for t in value):
+        raise ValueError("must be a non-empty list of strings")
+    return ("choice", tuple(dict.fromkeys(value)))
+
+
 def _guide(kind: str, value: Any) -> Guide:
-    """vLLM's guided decoding field as a checked `Guide` (a ValueError, a 400, otherwise)."""
+    """vLLM's guided decoding field as a `Guide` whose grammar compiles (a ValueError, a 400, otherwise)."""
     try:
-        if kind == "json":
-            schema = json.loads(value) if isinstance(value, str) else value
-            if not isinstance(schema, dict | bool):
-                raise ValueError("must be a JSON schema")
-            guide: Guide = ("json_schema", schema)
-        elif kind == "regex":
-            if not isinstance(value, str):
-                raise ValueError("must be a string")
-            guide = ("regex", value)
-        else:
-            if not isinstance(value, list) or not value or not all(isinstance(t, str) for t in value):
-                raise ValueError("must be a non-empty list of strings")
-            guide = ("choice", tuple(dict.fromkeys(value)))
+        guide = _parsed_guide(kind, value)
         guide_grammar(guide)
-    except (SchemaError, RegexError, ValueError) as e:  # (json.loads' error is a ValueError)
+    except (SchemaError, RegexError, ValueError) as e:
         raise ValueError(f"{kind}: {e}") from None
     return guide
 
@@ -186,8 +190,8 @@ class _Sampling(BaseModel):
                 "only one guide at a time (guided_json, guided_regex, guided_choice or one key of "
                 "structured_outputs)"
             )
-        if given:
-            self._guided = _guide(*given[0])
+        if given:  # (its grammar compiled when its field was checked)
+            self._guided = _parsed_guide(*given[0])
         return self
 
     def grammar(self) -> Guide | None:
