@@ -25,9 +25,9 @@ from format_checks import FORMAT_CHECKER
 from openai.lib._parsing._completions import type_to_response_format_param
 from random_schemas import random_schema
 from tool_specs import WEATHER
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
-from swarmllm import AutoDistributedModelForCausalLM, guided_logits
+from swarmllm import AutoDistributedModel, AutoDistributedModelForCausalLM, guided_logits
 from swarmllm.api.generation import chat_prompt
 from swarmllm.api.json_mode import JSON_OBJECT, Grammar, feed, token_bytes
 from swarmllm.api.json_schema import compile_schema
@@ -1056,3 +1056,76 @@ def test_guided_logits_hold_the_python_clients_generate_as_transformers_constrai
                 assert out[0, len(ids) :].tolist() == expected, (guide, generator)
     finally:
         model.shutdown()
+
+
+def test_embeddings_are_the_models_last_hidden_state_through_each_face(api, client, swarm, smollm2, local):
+    """`/v1/embeddings` (through the official client: base64 by default, floats, token ids, `dimensions`) and
+    Ollama's `/api/embed` and `/api/embeddings` give each input the final hidden state transformers computes at
+    its last token, of length 1 (the older Ollama endpoint: as it is), inputs of several lengths batched in one
+    request each as it is alone; `AutoDistributedModel` gives transformers' `last_hidden_state`; bad inputs get
+    400s."""
+    tokenizer, _, _ = local
+    base = AutoModel.from_pretrained(smollm2, dtype=torch.float32).eval()
+
+    def last(ids: list[int]) -> torch.Tensor:
+        with torch.no_grad():
+            return base(torch.tensor([ids])).last_hidden_state[0, -1]
+
+    texts = ["A swarm of machines", "Hi", "Volunteers share their GPUs to run one large model together."]
+    ids = [tokenizer(text)["input_ids"] for text in texts]
+    raw = torch.stack([last(one) for one in ids])
+    expected = torch.nn.functional.normalize(raw, dim=-1)
+    close = {"atol": 1e-4, "rtol": 1e-4}
+
+    reply = client.embeddings.create(model=NAME, input=texts)
+    assert [d.index for d in reply.data] == [0, 1, 2] and reply.model == NAME
+    torch.testing.assert_close(torch.tensor([d.embedding for d in reply.data]), expected, **close)
+    assert reply.usage.prompt_tokens == reply.usage.total_tokens == sum(map(len, ids))
+    floats = client.embeddings.create(model=NAME, input=texts[1], encoding_format="float")
+    torch.testing.assert_close(torch.tensor(floats.data[0].embedding), expected[1], **close)
+    by_ids = client.embeddings.create(model=NAME, input=[ids[2], ids[2][:3]])
+    want = torch.nn.functional.normalize(torch.stack([raw[2], last(ids[2][:3])]), dim=-1)
+    torch.testing.assert_close(torch.tensor([d.embedding for d in by_ids.data]), want, **close)
+    cut = client.embeddings.create(model=NAME, input=texts[0], dimensions=64).data[0].embedding
+    torch.testing.assert_close(torch.tensor(cut), torch.nn.functional.normalize(raw[0, :64], dim=-1), **close)
+
+    ollama_client = ollama.Client(host=api.removesuffix("/v1"), timeout=120)
+    embedded = ollama_client.embed(model=NAME, input=texts)
+    torch.testing.assert_close(torch.tensor(embedded.embeddings), expected, **close)
+    assert embedded.prompt_eval_count == sum(map(len, ids))
+    older = ollama_client.embeddings(model=NAME, prompt=texts[0]).embedding
+    torch.testing.assert_close(torch.tensor(older), raw[0], **close)
+    assert {"completion", "embedding"} <= set(ollama_client.show(NAME).capabilities)
+
+    model = AutoDistributedModel.from_pretrained(str(smollm2), initial_peers=swarm.initial_peers)
+    try:
+        with torch.no_grad():
+            hidden = model(torch.tensor([ids[2]])).last_hidden_state
+            torch.testing.assert_close(hidden, base(torch.tensor([ids[2]])).last_hidden_state, **close)
+    finally:
+        model.shutdown()
+
+    root = api.removesuffix("/v1")
+    too_long = [1] * 5000
+    for path, bad, param in [
+        ("/v1/embeddings", {"input": []}, "input"),
+        ("/v1/embeddings", {"input": ""}, "input"),
+        ("/v1/embeddings", {"input": [[]]}, "input"),
+        ("/v1/embeddings", {"input": [-1]}, "input"),
+        ("/v1/embeddings", {"input": too_long}, "input"),
+        ("/v1/embeddings", {"input": ["hi"] * 2049}, "input"),
+        ("/v1/embeddings", {"input": "hi", "dimensions": 0}, "dimensions"),
+        ("/v1/embeddings", {"input": "hi", "dimensions": 100_000}, "dimensions"),
+        ("/v1/embeddings", {"input": "hi", "encoding_format": "hex"}, "encoding_format"),
+        ("/api/embed", {"input": [too_long], "truncate": False}, None),
+        ("/api/embed", {"input": 5}, None),
+        ("/api/embed", {"input": "hi", "truncate": "no"}, None),
+        ("/api/embeddings", {"prompt": ["hi"]}, None),
+    ]:
+        code, body = post(root, path, {"model": NAME, **bad})
+        assert code == 400, (path, bad, body)
+        if param is not None:
+            assert body["error"]["param"] == param, (bad, body)
+    code, body = post(root, "/v1/embeddings", {"model": "no-such-model", "input": "hi"})
+    assert code == 404
+    assert ollama_client.embeddings(model=NAME, prompt="").embedding == []

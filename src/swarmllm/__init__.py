@@ -5,8 +5,10 @@ from __future__ import annotations
 from swarmllm.version import __version__
 
 _MODELS = (
+    "AutoDistributedModel",
     "AutoDistributedModelForCausalLM",
     "AutoDistributedModelForSequenceClassification",
+    "DistributedModel",
     "DistributedModelForCausalLM",
     "DistributedModelForSequenceClassification",
 )

@@ -1,5 +1,6 @@
 """`swarmllm api MODEL`: an OpenAI-compatible HTTP API over a swarm (`/v1/models`, `/v1/completions`,
-`/v1/chat/completions`, with `stream: true` as server-sent events), and Ollama's beside it (api/ollama.py).
+`/v1/chat/completions`, with `stream: true` as server-sent events, `/v1/embeddings`), and Ollama's beside it
+(api/ollama.py).
 
 Each request (each of its `n` choices) runs `generate()` of one shared `DistributedModelForCausalLM` in a worker
 thread with an inference session of its own while it runs (sessions are per thread), so concurrent requests each
@@ -31,6 +32,7 @@ from transformers import (
     StoppingCriteriaList,
 )
 
+from swarmllm.api.embeddings import embed, encoded, unit
 from swarmllm.api.generation import (
     LogitBias,
     LogprobRecorder,
@@ -53,16 +55,18 @@ from swarmllm.api.schemas import (
     ChatRequest,
     CompletionRequest,
     DetokenizeRequest,
+    EmbeddingRequest,
     GuideMasks,
     TokenizeRequest,
 )
 from swarmllm.api.sessions import SessionPool
-from swarmllm.api.streams import joined, merged, read_json, stream, validated
+from swarmllm.api.streams import joined, merged, read_json, stream, swarm_error, validated
 from swarmllm.api.tools import ResponseStream, ToolCalling, ToolError, message_text
 
 logger = logging.getLogger(__name__)
 
 _END = object()  # the end of a generation's pieces
+MAX_EMBED_TOKENS = 65_536  # summed over one embeddings request's inputs
 DONE = b"data: [DONE]\n\n"  # the last server-sent event
 
 
@@ -299,6 +303,19 @@ class Engine:
             "text_offset": starts,
         }
 
+    async def embed(
+        self, ids: list[list[int]], dimensions: int | None, normalize: bool = True
+    ) -> torch.Tensor:
+        """Each input's embedding (api/embeddings.py), its first `dimensions` entries, of length 1 unless not
+        `normalize`; computed in a worker thread. A failure of the swarm is a 503."""
+        loop = asyncio.get_running_loop()
+        try:
+            vectors = await loop.run_in_executor(self.executor, embed, self.model, ids, self.pad_id)
+        except Exception as e:  # noqa: BLE001 - the swarm's failure
+            logger.warning("embedding failed: %r", e)
+            raise swarm_error(e) from None
+        return unit(vectors, dimensions) if normalize else vectors[:, :dimensions]
+
     def shutdown(self) -> None:
         self.executor.shutdown(wait=False, cancel_futures=True)
         self.sessions.close_all()
@@ -318,6 +335,7 @@ class Api:
         app.router.add_get("/v1/models/{model:.+}", self.model)
         app.router.add_post("/v1/completions", self.completions)
         app.router.add_post("/v1/chat/completions", self.chat)
+        app.router.add_post("/v1/embeddings", self.embeddings)
         # vLLM's tokenizer endpoints, at the root as there: lm-evaluation-harness tokenizes through them
         app.router.add_get("/tokenizer_info", self.tokenizer_info)
         app.router.add_post("/tokenize", self.tokenize)
@@ -352,7 +370,7 @@ class Api:
     async def _body(request: web.Request, schema):
         return validated(schema, await read_json(request))
 
-    def _prompt_ids(self, prompt) -> list[list[int]]:
+    def _prompt_ids(self, prompt, param: str = "prompt") -> list[list[int]]:
         """Each prompt's token ids: one text, texts, one list of ids, or lists of ids."""
         several = isinstance(prompt, list) and prompt and isinstance(prompt[0], str | list)
         ids = []
@@ -362,11 +380,57 @@ class Api:
                 continue
             if not one:
                 raise ApiError(
-                    400, "a prompt of token ids needs at least one", "invalid_request_error", "prompt"
+                    400, "a prompt of token ids needs at least one", "invalid_request_error", param
                 )
-            self._check_ids(one, "prompt")
+            self._check_ids(one, param)
             ids.append(list(one))
         return ids
+
+    def embedding_ids(self, body: EmbeddingRequest, truncate: bool = False) -> list[list[int]]:
+        """Each input's token ids, each at most the context long (`truncate`: cut there, else a 400), at most
+        MAX_EMBED_TOKENS in all; and `dimensions` at most the model's."""
+        hidden = self.engine.model.config.hidden_size
+        if body.dimensions is not None and body.dimensions > hidden:
+            raise ApiError(400, f"dimensions must be at most {hidden}", "invalid_request_error", "dimensions")
+        ids = self._prompt_ids(body.input, "input")
+        if not all(ids):
+            raise ApiError(400, "an input needs at least one token", "invalid_request_error", "input")
+        context = self.engine.context_length
+        if truncate:
+            ids = [one[:context] for one in ids]
+        elif (longest := max(map(len, ids))) > context:
+            raise ApiError(
+                400,
+                f"This model's context is {context} tokens; an input has {longest}",
+                "invalid_request_error",
+                "input",
+                "context_length_exceeded",
+            )
+        if (total := sum(map(len, ids))) > MAX_EMBED_TOKENS:
+            raise ApiError(
+                400,
+                f"the inputs have {total} tokens in all; at most {MAX_EMBED_TOKENS} per request",
+                "invalid_request_error",
+                "input",
+            )
+        return ids
+
+    async def embeddings(self, request: web.Request) -> web.Response:
+        """OpenAI's embeddings: one vector per input, in order, as floats or base64."""
+        try:
+            body = await self._body(request, EmbeddingRequest)
+            self._check_model(body.model)
+            ids = self.embedding_ids(body)
+            vectors = await self.engine.embed(ids, body.dimensions)
+        except ApiError as e:
+            return _error(e)
+        data = [
+            {"object": "embedding", "index": i, "embedding": encoded(vector, body.encoding_format)}
+            for i, vector in enumerate(vectors)
+        ]
+        tokens = sum(map(len, ids))
+        usage = {"prompt_tokens": tokens, "total_tokens": tokens}
+        return web.json_response({"object": "list", "data": data, "model": self.engine.name, "usage": usage})
 
     async def tokenizer_info(self, _request: web.Request) -> web.Response:
         tokenizer = self.engine.tokenizer

@@ -1,14 +1,18 @@
-"""Ollama's API beside the OpenAI one (`/api/chat`, `/api/generate`, `/api/tags`, `/api/show`, `/api/version`), so
-tools and clients written for Ollama (its `ollama` Python package, editors, chat front ends) use the swarm as is.
+"""Ollama's API beside the OpenAI one (`/api/chat`, `/api/generate`, `/api/embed`, `/api/tags`, `/api/show`,
+`/api/version`), so tools and clients written for Ollama (its `ollama` Python package, editors, chat front ends,
+retrieval pipelines) use the swarm as is.
 
-Each request is translated into the OpenAI request it means (`ChatRequest` or `CompletionRequest`), so it is
+Each request is translated into the OpenAI request it means (`ChatRequest`, `CompletionRequest` or
+`EmbeddingRequest`), so it is
 checked, sampled and held to a format exactly as those are, and answered in Ollama's shape: whole, or streamed
 as newline-delimited JSON (Ollama's default). Its `options` map to the same sampling fields, with Ollama's
 defaults where a request leaves them out (temperature 0.8, top_k 40, top_p 0.9); `repeat_penalty` applies
 transformers' rule over the whole text, not Ollama's last 64 tokens, so it is only applied when given.
 `format: "json"` holds the answer to a JSON object and a schema to that schema (api/json_schema.py); `tools`
 are called in the generic format of api/tools.py, the calls returned with their arguments as objects, as
-Ollama does. Errors are Ollama's `{"error": message}`.
+Ollama does. `/api/embed` truncates an input longer than the context unless `truncate` is false, and returns
+vectors of length 1, as Ollama does; its older `/api/embeddings` (one `prompt`) returns the vector as it is,
+not normalised, as Ollama's does. Errors are Ollama's `{"error": message}`.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from typing import Any
 
 from aiohttp import web
 
-from swarmllm.api.schemas import ApiError, ChatRequest, CompletionRequest
+from swarmllm.api.schemas import ApiError, ChatRequest, CompletionRequest, EmbeddingRequest
 from swarmllm.api.streams import joined, read_json, stream, validated
 from swarmllm.version import __version__
 
@@ -104,6 +108,8 @@ class OllamaApi:
         app.router.add_post("/api/show", self.show)
         app.router.add_post("/api/chat", self.chat)
         app.router.add_post("/api/generate", self.generate)
+        app.router.add_post("/api/embed", self.embed)
+        app.router.add_post("/api/embeddings", self.embeddings)  # Ollama's older endpoint
 
     async def version(self, _request: web.Request) -> web.Response:
         return web.json_response({"version": __version__})
@@ -125,7 +131,7 @@ class OllamaApi:
         info = {"context_length": self.engine.context_length}
         return web.json_response(
             {"template": template, "details": self._card()["details"], "model_info": info,
-             "capabilities": ["completion", "tools"]}
+             "capabilities": ["completion", "tools", "embedding"]}
         )  # fmt: skip
 
     def _check_model(self, body: dict) -> None:
@@ -196,6 +202,45 @@ class OllamaApi:
         except (OllamaError, ApiError) as e:
             return _error(e)
         return await self._answer(request, body, gen, lambda text: {"response": text})
+
+    async def embed(self, request: web.Request) -> web.Response:
+        started = time.perf_counter_ns()
+        try:
+            body = await read_json(request)
+            self._check_model(body)
+            if not isinstance(body.get("input"), str | list):
+                raise OllamaError(400, "input must be a string or a list of strings")
+            asked = self._request(
+                EmbeddingRequest, {"input": body["input"], "dimensions": body.get("dimensions")}
+            )
+            truncate = body.get("truncate", True)
+            if not isinstance(truncate, bool):
+                raise OllamaError(400, "truncate must be true or false")
+            ids = self.api.embedding_ids(asked, truncate)
+            vectors = await self.engine.embed(ids, asked.dimensions)
+        except (OllamaError, ApiError) as e:
+            return _error(e)
+        return web.json_response(
+            {"model": self.engine.name, "embeddings": vectors.tolist(), "load_duration": 0,
+             "total_duration": time.perf_counter_ns() - started, "prompt_eval_count": sum(map(len, ids))}
+        )  # fmt: skip
+
+    async def embeddings(self, request: web.Request) -> web.Response:
+        """Ollama's older endpoint: one `prompt`, its vector not normalised (an empty prompt: an empty one)."""
+        try:
+            body = await read_json(request)
+            self._check_model(body)
+            prompt = body.get("prompt")
+            if not isinstance(prompt, str):
+                raise OllamaError(400, "prompt must be a string")
+            if not prompt:
+                return web.json_response({"embedding": []})
+            asked = self._request(EmbeddingRequest, {"input": prompt})
+            ids = self.api.embedding_ids(asked, truncate=True)
+            (vector,) = await self.engine.embed(ids, None, normalize=False)
+        except (OllamaError, ApiError) as e:
+            return _error(e)
+        return web.json_response({"embedding": vector.tolist()})
 
     async def _answer(
         self, request: web.Request, body: dict, gen, part: Callable[[str], dict], at_end: bool = False

@@ -17,7 +17,7 @@ import json
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -40,6 +40,7 @@ from swarmllm.api.tools import ToolCalling, ToolError
 Stop = str | Annotated[list[str], Field(max_length=16)] | None
 Bias = Annotated[float, Field(ge=-100.0, le=100.0)]
 MAX_PROMPTS = 64  # in one completions request (lm-evaluation-harness batches its requests)
+MAX_EMBED_INPUTS = 2048  # in one embeddings request, as OpenAI
 
 
 # ("json_object", None) | ("json_schema", schema) | ("regex", pattern) | ("choice", texts)
@@ -384,6 +385,23 @@ class DetokenizeRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     tokens: list[int]
+
+
+class EmbeddingRequest(BaseModel):
+    """OpenAI's `/v1/embeddings` (Ollama's `/api/embed` is translated into it): texts or token ids."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: str
+    input: (
+        str
+        | Annotated[list[str], Field(min_length=1, max_length=MAX_EMBED_INPUTS)]
+        | Annotated[list[int], Field(min_length=1)]
+        | Annotated[list[list[int]], Field(min_length=1, max_length=MAX_EMBED_INPUTS)]
+    )
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = Field(default=None, ge=1)  # the first ones, scaled to length 1 again
+    user: str | None = None
 
 
 def error_body(message: str, kind: str, param: str | None = None, code: str | None = None) -> dict:

@@ -12,7 +12,8 @@ once); `add_adapter(peft.LoraConfig(...))` a trainable LoRA adapter for every bl
 client's requests only. The client's own weights are frozen unless the user unfreezes them. `save_pretrained`
 writes a PEFT adapter folder (and the client-side trainable tensors, if any); `load_adapter` reads one back.
 `active_adapter=NAME` uses an adapter the servers host instead (routing only via servers that announce it).
-`DistributedModelForSequenceClassification` puts a trainable classification head over the same blocks.
+`DistributedModelForSequenceClassification` puts a trainable classification head over the same blocks;
+`DistributedModel` itself is the base model (`last_hidden_state`, as transformers' `AutoModel`).
 """
 
 from __future__ import annotations
@@ -35,7 +36,11 @@ from transformers import (
     TopKLogitsWarper,
     TopPLogitsWarper,
 )
-from transformers.modeling_outputs import CausalLMOutputWithPast, SequenceClassifierOutput
+from transformers.modeling_outputs import (
+    BaseModelOutputWithPast,
+    CausalLMOutputWithPast,
+    SequenceClassifierOutput,
+)
 
 from swarmllm.client.loop import run_sync
 from swarmllm.client.remote import PromptTuning, RemoteLora, run_blocks
@@ -108,7 +113,8 @@ class RemoteSession:
 
 
 class DistributedModel(PreTrainedModel):
-    """What every distributed model shares: the local head, the swarm, prompts and adapters."""
+    """What every distributed model shares: the local head, the swarm, prompts and adapters. On its own, the
+    base model (`AutoDistributedModel`): the final hidden states, e.g. for embeddings."""
 
     config_class = PretrainedConfig
     base_model_prefix = "head"
@@ -240,6 +246,28 @@ class DistributedModel(PreTrainedModel):
         key_mask = None if mask is None or bool(mask.all()) else mask
         hidden = run_blocks(self.swarm, embeds, key_mask, self.ptune, self.lora, self.training)
         return hidden[:, self.prompt_length :]
+
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """[B, T, H]: the final norm's output at every position of the input, through every block (no
+        session): transformers' `last_hidden_state`."""
+        embeds = self.head.embed(input_ids) if inputs_embeds is None else inputs_embeds
+        return self.head.norm(self._blocks(embeds, attention_mask))
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        **_: object,
+    ) -> BaseModelOutputWithPast:
+        """The base model's output, as transformers' `AutoModel` gives it: `last_hidden_state`."""
+        hidden = self.hidden_states(input_ids, attention_mask, inputs_embeds)
+        return BaseModelOutputWithPast(last_hidden_state=hidden)
 
     def _session_tuning(self) -> Tuning:
         deep = None if self.ptune is None or self.ptune.deep is None else self.ptune.deep.detach()[:, None]
@@ -438,6 +466,13 @@ class DistributedModelForCausalLM(DistributedModel, GenerationMixin):
         return out[:, n:] if n and start == 0 else out
 
 
+def last_tokens(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """[B, T, H] -> [B, H]: each row's state at its rightmost real token (left or right padding alike)."""
+    positions = torch.arange(hidden.shape[1], device=hidden.device)
+    last = (attention_mask.bool() * positions).argmax(-1)
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+
+
 class DistributedModelForSequenceClassification(DistributedModel):
     """Classification over the swarm's blocks: the final norm's output at each sequence's last real token,
     through a linear `score` head held (and trained) by the client."""
@@ -459,14 +494,8 @@ class DistributedModelForSequenceClassification(DistributedModel):
         labels: torch.Tensor | None = None,
         **_: object,
     ) -> SequenceClassifierOutput:
-        embeds = self.head.embed(input_ids) if inputs_embeds is None else inputs_embeds
-        hidden = self.head.norm(self._blocks(embeds, attention_mask))
-        if attention_mask is None:
-            last = torch.full((hidden.shape[0],), hidden.shape[1] - 1, device=hidden.device)
-        else:  # the rightmost real token (left or right padding alike)
-            positions = torch.arange(hidden.shape[1], device=hidden.device)
-            last = (attention_mask.bool() * positions).argmax(-1)
-        pooled = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+        hidden = self.hidden_states(input_ids, attention_mask, inputs_embeds)
+        pooled = hidden[:, -1] if attention_mask is None else last_tokens(hidden, attention_mask)
         logits = self.score(pooled.to(self.score.weight.dtype))
         loss = None
         if labels is not None:
@@ -475,6 +504,14 @@ class DistributedModelForSequenceClassification(DistributedModel):
             else:
                 loss = torch.nn.functional.cross_entropy(logits.float(), labels)
         return SequenceClassifierOutput(loss=loss, logits=logits)
+
+
+class AutoDistributedModel:
+    """The base model (`last_hidden_state`, as transformers' `AutoModel`), e.g. for embeddings."""
+
+    @staticmethod
+    def from_pretrained(name_or_path: str, **kwargs) -> DistributedModel:
+        return DistributedModel.from_pretrained(name_or_path, **kwargs)
 
 
 class AutoDistributedModelForCausalLM:
