@@ -13,9 +13,31 @@ UNREACHABLE_PEER = "/ip4/127.0.0.1/tcp/{port}/p2p/QmYyQSo1c1Ym7orWxLYvCrM2EmxFTA
 
 
 def swarmllm(*args: str, timeout_s: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "swarmllm.cli", *args], capture_output=True, text=True, timeout=timeout_s
-    )
+    (done,) = swarmllms(list(args), timeout_s=timeout_s)
+    return done
+
+
+def swarmllms(*commands: list[str], timeout_s: float = 120) -> list[subprocess.CompletedProcess]:
+    """Several `swarmllm` runs at once (each spends seconds importing; the machine's cores share that)."""
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "swarmllm.cli", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for args in commands
+    ]
+    done = []
+    for args, proc in zip(commands, procs, strict=True):
+        try:
+            out, err = proc.communicate(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            for other in procs:
+                other.kill()
+            raise
+        done.append(subprocess.CompletedProcess(args, proc.returncode, out, err))
+    return done
 
 
 def closed_port() -> int:
@@ -34,18 +56,21 @@ def said(done: subprocess.CompletedProcess, command: str) -> str:
 
 
 def test_missing_model_folder_and_verbose_traceback():
-    line = said(swarmllm("generate", "/nonexistent", "--prompt", "hi"), "generate")
-    assert "model folder /nonexistent does not exist" in line
-    verbose = swarmllm("-v", "generate", "/nonexistent", "--prompt", "hi")
+    plain, verbose = swarmllms(
+        ["generate", "/nonexistent", "--prompt", "hi"], ["-v", "generate", "/nonexistent", "--prompt", "hi"]
+    )
+    assert "model folder /nonexistent does not exist" in said(plain, "generate")
     assert verbose.returncode == 1 and "Traceback" in verbose.stderr
     assert "model folder /nonexistent does not exist" in verbose.stderr.splitlines()[-1]
 
 
 def test_malformed_peer_address():
-    line = said(swarmllm("monitor", "--initial-peers", "garbage"), "monitor")
+    monitor, dht = swarmllms(
+        ["monitor", "--initial-peers", "garbage"], ["dht", "--initial-peers", "/ip4/127.0.0.1/tcp/31337"]
+    )
+    line = said(monitor, "monitor")
     assert "malformed peer address 'garbage'" in line and "/p2p/PEER_ID" in line
-    line = said(swarmllm("dht", "--initial-peers", "/ip4/127.0.0.1/tcp/31337"), "dht")
-    assert "malformed peer address" in line
+    assert "malformed peer address" in said(dht, "dht")
 
 
 def test_unreachable_peer():
@@ -59,10 +84,9 @@ def test_port_in_use():
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        line = said(swarmllm("dht", "--port", str(port)), "dht")
-        assert f"port {port} on 127.0.0.1 is already in use" in line
-        line = said(swarmllm("monitor", "--port", str(port)), "monitor")
-        assert f"port {port} on 127.0.0.1 is already in use" in line
+        dht, monitor = swarmllms(["dht", "--port", str(port)], ["monitor", "--port", str(port)])
+        assert f"port {port} on 127.0.0.1 is already in use" in said(dht, "dht")
+        assert f"port {port} on 127.0.0.1 is already in use" in said(monitor, "monitor")
 
 
 @pytest.fixture(scope="module")

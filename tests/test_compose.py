@@ -91,10 +91,12 @@ def test_compose_services_run_as_plain_processes(tmp_path):
     try:
         start("bootstrap").wait_for(lambda line: "--initial-peers" in line, 60)
         assert (tmp_path / "swarm" / "peers.txt").read_text().strip()
+        # all at once, as compose starts them once the bootstrap is healthy (the API waits for the blocks)
         servers = [start("server1"), start("server2")]
+        monitor_proc, api_proc = start("monitor"), start("api")
         records = [json.loads(s.wait_for(lambda line: '"server_online"' in line, 180)) for s in servers]
-        monitor = start("monitor").wait_for(lambda line: line.startswith("Monitor: "), 60).split()[1]
-        api = start("api").wait_for(lambda line: line.startswith("OpenAI-compatible API: "), 120).split()[2]
+        monitor = monitor_proc.wait_for(lambda line: line.startswith("Monitor: "), 120).split()[1]
+        api = api_proc.wait_for(lambda line: line.startswith("OpenAI-compatible API: "), 180).split()[2]
 
         deadline = time.monotonic() + 60
         while True:

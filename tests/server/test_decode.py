@@ -84,11 +84,6 @@ def test_compiled_steps_need_no_compilation_after_the_warm_up(checkpoints, famil
                 want = eager.step(hidden, slot, key_mask, False, caches[1], None)
             torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     assert compiled_steps == [slot + 1 for length in (1, 2, 6, 17) for slot in range(length)]  # none eagerly
-    print(
-        "AFTER",
-        dict(counters["aot_autograd"]),
-        {k: v for k, v in counters["inductor"].items() if "cache" in k},
-    )
     assert counters["stats"]["unique_graphs"] == graphs
 
 
