@@ -1129,3 +1129,105 @@ def test_embeddings_are_the_models_last_hidden_state_through_each_face(api, clie
     code, body = post(root, "/v1/embeddings", {"model": "no-such-model", "input": "hi"})
     assert code == 404
     assert ollama_client.embeddings(model=NAME, prompt="").embedding == []
+
+
+class Color(pydantic.BaseModel):
+    name: str = pydantic.Field(max_length=16)
+
+
+def test_the_responses_api_answers_as_chat_does_and_continues_a_kept_response(client, api):
+    """OpenAI's Responses API through the official client: greedy answers equal chat completions' on the same
+    conversation (instructions as the system message), whole and streamed (the events in their order, the
+    deltas joined the text); `previous_response_id` continues a kept response as the whole conversation would,
+    reusing the servers' cache; `text_format` holds the answer to a pydantic model; a function call comes back
+    as a `function_call` item equal to chat's tool call, and its output continues the conversation; kept
+    responses are retrieved and deleted; unsupported or bad requests get 400s naming the Responses field."""
+    greedy = {"model": NAME, "temperature": 0}
+    question = [{"role": "user", "content": "Name a color."}]
+    chat = client.chat.completions.create(**greedy, messages=question, max_tokens=MAX_TOKENS).choices[0]
+    first = client.responses.create(**greedy, input="Name a color.", max_output_tokens=MAX_TOKENS)
+    assert first.output_text == chat.message.content
+    assert first.status == ("incomplete" if chat.finish_reason == "length" else "completed")
+    assert first.usage.output_tokens > 0 and first.usage.input_tokens > 0
+
+    system = [{"role": "system", "content": "You answer in one word."}]
+    with client.responses.stream(
+        **greedy, input=question, instructions=system[0]["content"], max_output_tokens=MAX_TOKENS
+    ) as events:
+        kinds, deltas = [], []
+        for event in events:
+            kinds.append(event.type)
+            if event.type == "response.output_text.delta":
+                deltas.append(event.delta)
+        final = events.get_final_response()
+    told = client.chat.completions.create(**greedy, messages=system + question, max_tokens=MAX_TOKENS)
+    assert "".join(deltas) == final.output_text == told.choices[0].message.content
+    assert kinds[:4] == ["response.created", "response.in_progress", "response.output_item.added",
+                         "response.content_part.added"]  # fmt: skip
+    assert kinds[-4:] == ["response.output_text.done", "response.content_part.done", "response.output_item.done",
+                          f"response.{final.status}"]  # fmt: skip
+
+    follow = [
+        {"role": "assistant", "content": first.output_text},
+        {"role": "user", "content": "Another one?"},
+    ]
+    whole = client.chat.completions.create(**greedy, messages=question + follow, max_tokens=MAX_TOKENS)
+    second = client.responses.create(
+        **greedy, input="Another one?", previous_response_id=first.id, max_output_tokens=MAX_TOKENS
+    )
+    assert second.output_text == whole.choices[0].message.content
+    assert second.usage.input_tokens_details.cached_tokens > 0  # the first response's tokens, on the servers
+    assert client.responses.retrieve(first.id).output_text == first.output_text
+    client.responses.delete(first.id)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(first.id)
+
+    ask = [{"role": "user", "content": "Give a color as JSON."}]
+    parsed = client.responses.parse(**greedy, input=ask, text_format=Color, max_output_tokens=32)
+    held = client.chat.completions.parse(**greedy, messages=ask, response_format=Color, max_tokens=32)
+    assert parsed.output_parsed == held.choices[0].message.parsed and isinstance(parsed.output_parsed, Color)
+
+    weather = [{"role": "user", "content": "What is the weather in Paris?"}]
+    tool = {"type": "function", **WEATHER["function"]}
+    once = {**greedy, "tool_choice": "required", "parallel_tool_calls": False}
+    called = client.responses.create(**once, input=weather, tools=[tool])
+    want = client.chat.completions.create(**once, messages=weather, tools=[WEATHER])
+    (call,) = called.output
+    (chat_call,) = want.choices[0].message.tool_calls
+    assert call.type == "function_call" and call.status == "completed"
+    assert (call.name, json.loads(call.arguments)) == (
+        chat_call.function.name,
+        json.loads(chat_call.function.arguments),
+    )
+    streamed = list(client.responses.create(**once, input=weather, tools=[tool], stream=True))
+    (streamed_call,) = streamed[-1].response.output
+    assert (streamed_call.name, streamed_call.arguments) == (call.name, call.arguments)
+    assert "response.function_call_arguments.delta" in [e.type for e in streamed]
+    result = [{"type": "function_call_output", "call_id": call.call_id, "output": "18 C and sunny"}]
+    answered = client.responses.create(
+        **greedy, input=result, previous_response_id=called.id, tools=[tool], tool_choice="none",
+        max_output_tokens=MAX_TOKENS,
+    )  # fmt: skip
+    history = [*weather, {"role": "assistant", "content": None, "tool_calls": [chat_call.model_dump()]},
+               {"role": "tool", "tool_call_id": chat_call.id, "content": "18 C and sunny"}]  # fmt: skip
+    after = client.chat.completions.create(
+        **greedy, messages=history, tools=[WEATHER], tool_choice="none", max_tokens=MAX_TOKENS
+    )
+    assert answered.output_text == after.choices[0].message.content
+
+    for bad, param in [
+        ({"input": []}, "input"),
+        ({"input": [{"type": "input_image", "image_url": "x"}]}, "input"),
+        ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]}, "input"),
+        ({"input": "hi", "tools": [{"type": "web_search"}]}, "tools"),
+        ({"input": "hi", "background": True}, "background"),
+        ({"input": "hi", "max_output_tokens": 0}, "max_output_tokens"),
+        ({"input": "hi", "text": {"format": {"type": "yaml"}}}, "text"),
+        ({"input": "hi", "temperature": 5}, "temperature"),
+        ({"input": "hi", "instructions": 5}, "instructions"),
+    ]:
+        code, body = post(api, "/responses", {"model": NAME, **bad})
+        assert code == 400 and body["error"]["param"] == param, (bad, body)
+    code, body = post(api, "/responses", {"model": NAME, "input": "hi", "previous_response_id": "resp_none"})
+    assert code == 404 and body["error"]["param"] == "previous_response_id"
+    assert post(api, "/responses", {"model": "no-such-model", "input": "hi"})[0] == 404

@@ -1,6 +1,6 @@
 """`swarmllm api MODEL`: an OpenAI-compatible HTTP API over a swarm (`/v1/models`, `/v1/completions`,
-`/v1/chat/completions`, with `stream: true` as server-sent events, `/v1/embeddings`), and Ollama's beside it
-(api/ollama.py).
+`/v1/chat/completions`, with `stream: true` as server-sent events, `/v1/embeddings`, `/v1/responses` in
+api/responses.py), and Ollama's beside it (api/ollama.py).
 
 Each request (each of its `n` choices) runs `generate()` of one shared `DistributedModelForCausalLM` in a worker
 thread with an inference session of its own while it runs (sessions are per thread), so concurrent requests each
@@ -50,6 +50,7 @@ from swarmllm.api.generation import (
 )
 from swarmllm.api.json_mode import GrammarLogits
 from swarmllm.api.ollama import OllamaApi
+from swarmllm.api.responses import ResponsesApi
 from swarmllm.api.schemas import (
     ApiError,
     ChatRequest,
@@ -340,6 +341,7 @@ class Api:
         app.router.add_get("/tokenizer_info", self.tokenizer_info)
         app.router.add_post("/tokenize", self.tokenize)
         app.router.add_post("/detokenize", self.detokenize)
+        ResponsesApi(self).add_routes(app)  # OpenAI's Responses API (`/v1/responses`)
         OllamaApi(self).add_routes(app)  # Ollama's API beside it (`/api/...`)
         return app
 
