@@ -200,7 +200,10 @@ class ResponsesApi:
         for name in UNSUPPORTED:
             if body.get(name):
                 raise _bad(f"{name} is not supported by this API", name)
-        if "message.output_text.logprobs" in (body.get("include") or []):
+        include = body.get("include") or []
+        if not isinstance(include, list):
+            raise _bad("include must be a list", "include")
+        if "message.output_text.logprobs" in include:
             raise _bad(
                 "output logprobs are not supported in responses (chat completions have them)", "include"
             )
