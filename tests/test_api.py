@@ -23,6 +23,7 @@ import pytest
 import torch
 from format_checks import FORMAT_CHECKER
 from openai.lib._parsing._completions import type_to_response_format_param
+from prometheus_client.parser import text_string_to_metric_families
 from random_schemas import random_schema
 from tool_specs import WEATHER
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
@@ -1231,3 +1232,35 @@ def test_the_responses_api_answers_as_chat_does_and_continues_a_kept_response(cl
     code, body = post(api, "/responses", {"model": NAME, "input": "hi", "previous_response_id": "resp_none"})
     assert code == 404 and body["error"]["param"] == "previous_response_id"
     assert post(api, "/responses", {"model": "no-such-model", "input": "hi"})[0] == 404
+
+
+def test_health_and_metrics_count_what_the_api_answered(api, client):
+    """`/health` is 200 while the swarm serves every block; `/metrics` counts a completion's prompt and generated
+    tokens exactly as its usage does, its request under its route and status, a refused one under 400."""
+    root = api.removesuffix("/v1")
+    with urllib.request.urlopen(root + "/health", timeout=60) as reply:
+        assert reply.status == 200 and json.load(reply)["status"] == "ok"
+
+    def scrape() -> dict:
+        with urllib.request.urlopen(root + "/metrics", timeout=60) as reply:
+            text = reply.read().decode()
+        return {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text)
+            for s in family.samples
+        }
+
+    before = scrape()
+    usage = client.completions.create(model=NAME, prompt="The sky is", max_tokens=5, temperature=0).usage
+    assert post(api, "/completions", {"model": NAME, "prompt": "hi", "max_tokens": 0})[0] == 400
+    after = scrape()
+
+    def grew(name: str, labels: tuple = ()) -> float:
+        return after[(name, labels)] - before.get((name, labels), 0.0)
+
+    assert grew("swarmllm_api_prompt_tokens_total") == usage.prompt_tokens
+    assert grew("swarmllm_api_generation_tokens_total") == usage.completion_tokens
+    assert grew("swarmllm_api_time_to_first_token_seconds_count") == 1
+    route = (("route", "/v1/completions"), ("status", "200"))
+    assert grew("swarmllm_api_requests_total", route) == 1
+    assert grew("swarmllm_api_requests_total", (("route", "/v1/completions"), ("status", "400"))) == 1

@@ -49,6 +49,7 @@ from swarmllm.api.generation import (
     special_ids,
 )
 from swarmllm.api.json_mode import GrammarLogits
+from swarmllm.api.metrics import ApiMetrics
 from swarmllm.api.ollama import OllamaApi
 from swarmllm.api.responses import ResponsesApi
 from swarmllm.api.schemas import (
@@ -63,11 +64,14 @@ from swarmllm.api.schemas import (
 from swarmllm.api.sessions import SessionPool
 from swarmllm.api.streams import joined, merged, read_json, stream, swarm_error, validated
 from swarmllm.api.tools import ResponseStream, ToolCalling, ToolError, message_text
+from swarmllm.client.loop import event_loop
+from swarmllm.client.routing import missing_blocks
 
 logger = logging.getLogger(__name__)
 
 _END = object()  # the end of a generation's pieces
 MAX_EMBED_TOKENS = 65_536  # summed over one embeddings request's inputs
+HEALTH_TIMEOUT_S = 10.0  # for the swarm's server list (a DHT look-up when the list is stale)
 DONE = b"data: [DONE]\n\n"  # the last server-sent event
 
 
@@ -131,6 +135,7 @@ class Engine:
         )
         self.eos_ids, self.pad_id = special_ids(model.generation_config)
         self.guides = GuideMasks(self.tokenizer, model.config.vocab_size, self.eos_ids)
+        self.metrics = ApiMetrics()
 
     def decode(self, tokens: list[int]) -> str:
         return self.tokenizer.decode(tokens, skip_special_tokens=True)
@@ -170,9 +175,12 @@ class Engine:
         def put(item) -> None:
             loop.call_soon_threadsafe(gen.pieces.put_nowait, item)
 
+        started = time.perf_counter()
+        self.metrics.generations_running.inc()
+
         def work() -> None:
+            streamer = PieceStreamer(gen.assembler, put, self._recorder(request))
             try:
-                streamer = PieceStreamer(gen.assembler, put, self._recorder(request))
                 need = len(prompt_ids) + max(max_new_tokens, 1)
                 # scoring the prompt needs the logits of all of its positions: nothing held can serve
                 scored = echo and request.logprob_top() is not None
@@ -185,10 +193,17 @@ class Engine:
                 if tail is not None:
                     put(tail)
                 gen.logprob_sum = streamer.logprob_sum
+                self.metrics.generated(
+                    started, streamer.first_token_at, time.perf_counter(), gen.completion_tokens,
+                    gen.prompt_tokens, gen.cached_tokens,
+                )  # fmt: skip
                 put(_END)
             except BaseException as e:  # noqa: BLE001 - handed to the request, which answers with it
                 logger.warning("generation failed: %r", e)
+                self.metrics.generation_failures.inc()
                 put(e)
+            finally:
+                self.metrics.generations_running.dec()
 
         loop.run_in_executor(self.executor, work)
         return gen
@@ -315,6 +330,8 @@ class Engine:
         except Exception as e:  # noqa: BLE001 - the swarm's failure
             logger.warning("embedding failed: %r", e)
             raise swarm_error(e) from None
+        self.metrics.embedded_inputs.inc(len(ids))
+        self.metrics.embedded_tokens.inc(sum(map(len, ids)))
         return unit(vectors, dimensions) if normalize else vectors[:, :dimensions]
 
     def shutdown(self) -> None:
@@ -331,7 +348,9 @@ class Api:
         self.engine = engine
 
     def app(self) -> web.Application:
-        app = web.Application()
+        app = web.Application(middlewares=[self.engine.metrics.middleware])
+        app.router.add_get("/health", self.health)
+        app.router.add_get("/metrics", self.metrics)
         app.router.add_get("/v1/models", self.models)
         app.router.add_get("/v1/models/{model:.+}", self.model)
         app.router.add_post("/v1/completions", self.completions)
@@ -344,6 +363,25 @@ class Api:
         ResponsesApi(self).add_routes(app)  # OpenAI's Responses API (`/v1/responses`)
         OllamaApi(self).add_routes(app)  # Ollama's API beside it (`/api/...`)
         return app
+
+    async def metrics(self, _request: web.Request) -> web.Response:
+        return self.engine.metrics.page()
+
+    async def health(self, _request: web.Request) -> web.Response:
+        """200 while some online server holds each block of the model (as the DHT says), else 503 naming the
+        blocks without one: what a load balancer or a container's health check asks."""
+        swarm = self.engine.model.swarm
+        try:
+            asked = asyncio.run_coroutine_threadsafe(swarm.servers(), event_loop())
+            servers = await asyncio.wait_for(asyncio.wrap_future(asked), HEALTH_TIMEOUT_S)
+        except Exception as e:  # noqa: BLE001 - the DHT could not be asked
+            return web.json_response(
+                {"status": "unavailable", "error": str(e) or type(e).__name__}, status=503
+            )
+        missing = missing_blocks(servers, swarm.num_blocks)
+        if missing:
+            return web.json_response({"status": "unavailable", "missing_blocks": missing}, status=503)
+        return web.json_response({"status": "ok", "servers": len(servers)})
 
     def _model_card(self) -> dict:
         return {"id": self.engine.name, "object": "model", "created": 0, "owned_by": "swarmllm"}

@@ -9,6 +9,7 @@ travel with the piece that sends their text), so the streamed ones joined are th
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -202,11 +203,14 @@ class PieceStreamer(BaseStreamer):
         self._prompt_seen = False
         self._pending: list[TokenLogprob] = []  # of tokens whose text has not been sent yet
         self.logprob_sum = 0.0  # of every generated token, EOS included (with a recorder): what best_of ranks
+        self.first_token_at: float | None = None  # time.perf_counter() at the first token (for metrics)
 
     def put(self, value: torch.Tensor) -> None:
         if not self._prompt_seen:  # generate's first call carries the prompt
             self._prompt_seen = True
             return
+        if self.first_token_at is None:
+            self.first_token_at = time.perf_counter()
         for token in value.reshape(-1).tolist():
             shown = token not in self.assembler.eos_ids and not self.assembler.stopped
             if self.recorder is not None and not self.assembler.stopped:

@@ -1,6 +1,6 @@
-"""Ollama's API beside the OpenAI one (`/api/chat`, `/api/generate`, `/api/embed`, `/api/tags`, `/api/show`,
-`/api/version`), so tools and clients written for Ollama (its `ollama` Python package, editors, chat front ends,
-retrieval pipelines) use the swarm as is.
+"""Ollama's API beside the OpenAI one (`/api/chat`, `/api/generate`, `/api/embed`, `/api/tags`, `/api/ps`,
+`/api/show`, `/api/version`), so tools and clients written for Ollama (its `ollama` Python package, editors, chat
+front ends, retrieval pipelines) use the swarm as is.
 
 Each request is translated into the OpenAI request it means (`ChatRequest`, `CompletionRequest` or
 `EmbeddingRequest`), so it is
@@ -105,6 +105,7 @@ class OllamaApi:
     def add_routes(self, app: web.Application) -> None:
         app.router.add_get("/api/version", self.version)
         app.router.add_get("/api/tags", self.tags)
+        app.router.add_get("/api/ps", self.running)
         app.router.add_post("/api/show", self.show)
         app.router.add_post("/api/chat", self.chat)
         app.router.add_post("/api/generate", self.generate)
@@ -121,6 +122,10 @@ class OllamaApi:
 
     async def tags(self, _request: web.Request) -> web.Response:
         return web.json_response({"models": [self._card()]})
+
+    async def running(self, _request: web.Request) -> web.Response:
+        """`ollama ps`: the model is always loaded (the API's client holds its embeddings and head)."""
+        return web.json_response({"models": [{**self._card(), "size_vram": 0}]})
 
     async def show(self, request: web.Request) -> web.Response:
         try:

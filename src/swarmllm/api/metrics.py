@@ -1,0 +1,100 @@
+"""What `swarmllm api` counts about the requests it answers, in Prometheus' terms (`GET /metrics`), as vLLM's
+server does for its own: requests by route and status with their durations (a middleware), the generations
+running, their prompt tokens (and those the servers held already), the tokens generated, the time to each
+generation's first token and between its tokens (from the engine's worker), and the inputs and tokens embedded.
+The registry is the API's own, so several APIs (or tests) in one process never share a counter.
+"""
+
+from __future__ import annotations
+
+import time
+
+from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+# a request: from a tokenize (ms) to a long answer through a slow swarm (minutes)
+REQUEST_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+TOKEN_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5)
+FIRST_TOKEN_BUCKETS_S = (0.02, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 20.0, 60.0)
+
+
+class ApiMetrics:
+    def __init__(self) -> None:
+        self.registry = registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter(
+            "swarmllm_api_requests", "HTTP requests answered, by route and status", ["route", "status"],
+            registry=registry,
+        )  # fmt: skip
+        self.request_seconds = Histogram(
+            "swarmllm_api_request_duration_seconds", "Time to answer a request (a stream: until its end)", ["route"],
+            buckets=REQUEST_BUCKETS_S, registry=registry,
+        )  # fmt: skip
+        self.requests_running = Gauge(
+            "swarmllm_api_requests_running", "Requests being answered now", registry=registry
+        )
+        self.generations_running = Gauge(
+            "swarmllm_api_generations_running", "Generations running now (each choice of a request one)",
+            registry=registry,
+        )  # fmt: skip
+        self.prompt_tokens = Counter(
+            "swarmllm_api_prompt_tokens", "Prompt tokens of generations", registry=registry
+        )
+        self.cached_tokens = Counter(
+            "swarmllm_api_prompt_tokens_cached", "Prompt tokens the servers held already (kept sessions)",
+            registry=registry,
+        )  # fmt: skip
+        self.generation_tokens = Counter(
+            "swarmllm_api_generation_tokens", "Tokens generated", registry=registry
+        )
+        self.generation_failures = Counter(
+            "swarmllm_api_generation_failures", "Generations that failed (the swarm could not serve them)",
+            registry=registry,
+        )  # fmt: skip
+        self.first_token_seconds = Histogram(
+            "swarmllm_api_time_to_first_token_seconds", "From a generation's start to its first generated token",
+            buckets=FIRST_TOKEN_BUCKETS_S, registry=registry,
+        )  # fmt: skip
+        self.token_seconds = Histogram(
+            "swarmllm_api_time_per_output_token_seconds", "Between a generation's tokens, after the first (its mean)",
+            buckets=TOKEN_BUCKETS_S, registry=registry,
+        )  # fmt: skip
+        self.embedded_inputs = Counter("swarmllm_api_embedding_inputs", "Inputs embedded", registry=registry)
+        self.embedded_tokens = Counter(
+            "swarmllm_api_embedding_tokens", "Tokens of inputs embedded", registry=registry
+        )
+
+    def generated(
+        self, started: float, first: float | None, ended: float, tokens: int, prompt: int, cached: int
+    ) -> None:
+        """One generation that ended (times from `time.perf_counter`; `first`: its first token, if any)."""
+        self.prompt_tokens.inc(prompt)
+        self.cached_tokens.inc(cached)
+        self.generation_tokens.inc(tokens)
+        if first is not None:
+            self.first_token_seconds.observe(first - started)
+            if tokens > 1:
+                self.token_seconds.observe((ended - first) / (tokens - 1))
+
+    @web.middleware
+    async def middleware(self, request: web.Request, handler) -> web.StreamResponse:
+        resource = request.match_info.route.resource
+        route = resource.canonical if resource is not None else "unmatched"
+        started, status = time.perf_counter(), 500
+        self.requests_running.inc()
+        try:
+            response = await handler(request)
+            status = response.status
+            return response
+        except web.HTTPException as e:
+            status = e.status
+            raise
+        finally:
+            self.requests_running.dec()
+            self.requests.labels(route, str(status)).inc()
+            self.request_seconds.labels(route).observe(time.perf_counter() - started)
+
+    def page(self) -> web.Response:
+        return web.Response(
+            body=generate_latest(self.registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
+        )

@@ -1,0 +1,76 @@
+"""`swarmllm api`'s `/health` and `/metrics` over a real aiohttp server, with an engine whose swarm lists given
+servers: healthy only while online servers hold every block; requests counted by route and status (an unknown
+route too), a generation's tokens and times by `ApiMetrics.generated`."""
+
+from types import SimpleNamespace
+
+from aiohttp.test_utils import TestClient, TestServer
+from prometheus_client.parser import text_string_to_metric_families
+from server_infos import online_server
+
+from swarmllm.api.app import Api
+from swarmllm.api.metrics import ApiMetrics
+from swarmllm.dht import ServerState
+from swarmllm.models.tiny import tiny_tokenizer
+
+
+class Swarm:
+    """What `/health` reads of a swarm client: its block count and its servers (as the DHT lists them)."""
+
+    num_blocks = 4
+
+    def __init__(self, servers):
+        self.listed = servers
+
+    async def servers(self):
+        return list(self.listed)
+
+
+def samples(text: str) -> dict[tuple[str, tuple], float]:
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+async def test_health_follows_the_blocks_and_metrics_count_requests():
+    swarm = Swarm([online_server("a", 0, 2), online_server("b", 2, 4)])
+    config = SimpleNamespace(vocab_size=10, hidden_size=8)
+    engine = SimpleNamespace(
+        name="m", tokenizer=tiny_tokenizer(), context_length=64, metrics=ApiMetrics(),
+        model=SimpleNamespace(config=config, swarm=swarm),
+    )  # fmt: skip
+    client = TestClient(TestServer(Api(engine).app()))
+    await client.start_server()
+    try:
+        reply = await client.get("/health")
+        assert reply.status == 200 and (await reply.json())["status"] == "ok"
+        swarm.listed = [online_server("a", 0, 2), online_server("b", 2, 4, state=ServerState.JOINING)]
+        reply = await client.get("/health")
+        assert reply.status == 503 and (await reply.json())["missing_blocks"] == [2, 3]
+        assert (await client.get("/v1/models")).status == 200
+        assert (await client.get("/v1/models/other")).status == 404
+        assert (await client.get("/nowhere")).status == 404
+        engine.metrics.generated(started=1.0, first=1.5, ended=2.5, tokens=5, prompt=7, cached=3)
+        engine.metrics.generated(started=1.0, first=None, ended=1.0, tokens=0, prompt=2, cached=0)
+        reply = await client.get("/metrics")
+        assert reply.status == 200 and reply.content_type == "text/plain"
+        got = samples(await reply.text())
+    finally:
+        await client.close()
+
+    def requests(route: str, status: str) -> float:
+        return got[("swarmllm_api_requests_total", (("route", route), ("status", status)))]
+
+    assert requests("/health", "200") == requests("/health", "503") == requests("/v1/models", "200") == 1
+    assert requests("/v1/models/{model}", "404") == requests("unmatched", "404") == 1
+    assert got[("swarmllm_api_requests_running", ())] == 1  # the scrape itself
+    assert got[("swarmllm_api_prompt_tokens_total", ())] == 9
+    assert got[("swarmllm_api_prompt_tokens_cached_total", ())] == 3
+    assert got[("swarmllm_api_generation_tokens_total", ())] == 5
+    assert got[("swarmllm_api_time_to_first_token_seconds_count", ())] == 1
+    assert got[("swarmllm_api_time_to_first_token_seconds_sum", ())] == 0.5
+    assert (
+        got[("swarmllm_api_time_per_output_token_seconds_sum", ())] == 0.25
+    )  # 1 s over the 4 after the first
