@@ -55,11 +55,14 @@ def said(done: subprocess.CompletedProcess, command: str) -> str:
     return lines[0]
 
 
-def test_missing_model_folder_and_verbose_traceback():
-    plain, verbose = swarmllms(
-        ["generate", "/nonexistent", "--prompt", "hi"], ["-v", "generate", "/nonexistent", "--prompt", "hi"]
+def test_missing_model_folder_empty_api_key_and_verbose_traceback():
+    plain, verbose, keyless = swarmllms(
+        ["generate", "/nonexistent", "--prompt", "hi"],
+        ["-v", "generate", "/nonexistent", "--prompt", "hi"],
+        ["api", "/nonexistent", "--api-key", " "],
     )
     assert "model folder /nonexistent does not exist" in said(plain, "generate")
+    assert "an API key must not be empty" in said(keyless, "api")
     assert verbose.returncode == 1 and "Traceback" in verbose.stderr
     assert "model folder /nonexistent does not exist" in verbose.stderr.splitlines()[-1]
 

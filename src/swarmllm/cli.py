@@ -365,6 +365,13 @@ def build_parser() -> argparse.ArgumentParser:
     api.add_argument(
         "--keep-sessions-s", type=float, default=120.0, help="seconds a kept session may stay unused"
     )
+    api.add_argument(
+        "--api-key",
+        action="append",
+        metavar="KEY",
+        help="answer only requests that send this key ('Authorization: Bearer KEY'; repeat for several; default: "
+        "$SWARMLLM_API_KEY if set, else none needed); /health and /metrics stay open",
+    )
 
     fetch = commands.add_parser("fetch", help="prepare a bundled model in a folder and print the folder")
     fetch.add_argument(
@@ -596,6 +603,9 @@ def _api(args: argparse.Namespace) -> int:
     from swarmllm.api.app import load_engine, run_api
     from swarmllm.web import bind
 
+    keys = args.api_key or ([os.environ["SWARMLLM_API_KEY"]] if os.environ.get("SWARMLLM_API_KEY") else [])
+    if any(not key.strip() for key in keys):
+        raise UserError("an API key must not be empty")
     peers = _initial_peers(args)
     _check_model(args.model)
     _check_ports(args.host, args.port)
@@ -617,7 +627,7 @@ def _api(args: argparse.Namespace) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             asyncio.get_running_loop().add_signal_handler(sig, task.cancel)
         try:
-            await run_api(engine, sock)
+            await run_api(engine, sock, keys)
         except asyncio.CancelledError:
             pass
 

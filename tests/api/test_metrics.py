@@ -1,9 +1,12 @@
-"""`swarmllm api`'s `/health` and `/metrics` over a real aiohttp server, with an engine whose swarm lists given
-servers: healthy only while online servers hold every block; requests counted by route and status (an unknown
-route too), a generation's tokens and times by `ApiMetrics.generated`."""
+"""`swarmllm api`'s `/health`, `/metrics` and API keys over a real aiohttp server, with an engine whose swarm
+lists given servers: healthy only while online servers hold every block; requests counted by route and status (an
+unknown route too), a generation's tokens and times by `ApiMetrics.generated`; keys asked of every other route."""
 
 from types import SimpleNamespace
 
+import ollama
+import openai
+import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client.parser import text_string_to_metric_families
 from server_infos import online_server
@@ -74,3 +77,33 @@ async def test_health_follows_the_blocks_and_metrics_count_requests():
     assert (
         got[("swarmllm_api_time_per_output_token_seconds_sum", ())] == 0.25
     )  # 1 s over the 4 after the first
+
+
+async def test_api_keys_guard_every_route_but_health_and_metrics():
+    """With `--api-key`s, the official OpenAI and Ollama clients get in with any one of them (a bearer token)
+    and get a 401 in their face's format without one; `/health` and `/metrics` stay open."""
+    swarm = Swarm([online_server("a", 0, 4)])
+    engine = SimpleNamespace(
+        name="m", tokenizer=tiny_tokenizer(), context_length=64, metrics=ApiMetrics(),
+        model=SimpleNamespace(config=SimpleNamespace(vocab_size=10, hidden_size=8, model_type="llama"), swarm=swarm),
+    )  # fmt: skip
+    client = TestClient(TestServer(Api(engine, ["first-key", "second-key"]).app()))
+    await client.start_server()
+    base = str(client.make_url("/"))
+    try:
+        models = await openai.AsyncOpenAI(base_url=base + "v1", api_key="second-key").models.list()
+        assert [m.id for m in models.data] == ["m"]
+        with pytest.raises(openai.AuthenticationError) as refused:
+            await openai.AsyncOpenAI(base_url=base + "v1", api_key="first-ke", max_retries=0).models.list()
+        assert refused.value.code == "invalid_api_key"
+        tags = await ollama.AsyncClient(host=base, headers={"Authorization": "Bearer first-key"}).list()
+        assert [m.model for m in tags.models] == ["m"]
+        with pytest.raises(ollama.ResponseError) as refused:
+            await ollama.AsyncClient(host=base).list()
+        assert refused.value.status_code == 401 and "API key" in refused.value.error
+        for header in ({}, {"Authorization": "first-key"}, {"Authorization": "Basic first-key"}):
+            assert (await client.get("/v1/models", headers=header)).status == 401
+        assert (await client.post("/tokenize", json={"prompt": "the cat"})).status == 401
+        assert (await client.get("/health")).status == 200 and (await client.get("/metrics")).status == 200
+    finally:
+        await client.close()

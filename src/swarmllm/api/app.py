@@ -13,12 +13,13 @@ invalid parameter, 503 when the swarm cannot serve the request (e.g. blocks with
 from __future__ import annotations
 
 import asyncio
+import hmac
 import itertools
 import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -343,12 +344,16 @@ def _error(e: ApiError) -> web.Response:
     return web.json_response(e.body, status=e.status)
 
 
+OPEN_PATHS = ("/health", "/metrics")  # answered without an API key, as vLLM's
+
+
 class Api:
-    def __init__(self, engine: Engine):
+    def __init__(self, engine: Engine, api_keys: Sequence[str] = ()):
         self.engine = engine
+        self.api_keys = [key.encode() for key in api_keys]  # any of them, as a bearer token (none: open)
 
     def app(self) -> web.Application:
-        app = web.Application(middlewares=[self.engine.metrics.middleware])
+        app = web.Application(middlewares=[self.engine.metrics.middleware, self._authorized])
         app.router.add_get("/health", self.health)
         app.router.add_get("/metrics", self.metrics)
         app.router.add_get("/v1/models", self.models)
@@ -363,6 +368,23 @@ class Api:
         ResponsesApi(self).add_routes(app)  # OpenAI's Responses API (`/v1/responses`)
         OllamaApi(self).add_routes(app)  # Ollama's API beside it (`/api/...`)
         return app
+
+    @web.middleware
+    async def _authorized(self, request: web.Request, handler) -> web.StreamResponse:
+        """With API keys, every route but OPEN_PATHS needs `Authorization: Bearer KEY` (what OpenAI's and
+        Ollama's clients send for an `api_key` or a header); else a 401 in the face's error format."""
+        if not self.api_keys or request.path in OPEN_PATHS:
+            return await handler(request)
+        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+        given = token.strip().encode()
+        # every key compared in constant time, so the time taken says nothing of how much of one matched
+        if scheme.lower() == "bearer" and sum(hmac.compare_digest(given, key) for key in self.api_keys):
+            return await handler(request)
+        message = "Incorrect or missing API key: send it as 'Authorization: Bearer KEY'"
+        if request.path.startswith("/api/"):  # Ollama's face
+            return web.json_response({"error": message}, status=401)
+        body = ApiError(401, message, "invalid_request_error", None, "invalid_api_key").body
+        return web.json_response(body, status=401)
 
     async def metrics(self, _request: web.Request) -> web.Response:
         return self.engine.metrics.page()
@@ -784,11 +806,12 @@ def default_context(config) -> int:
     return min(getattr(config, "max_position_embeddings", None) or DEFAULT_CONTEXT, DEFAULT_CONTEXT)
 
 
-async def run_api(engine: Engine, sock) -> None:
-    """Serve the API on `sock` (bound by the caller) until cancelled."""
+async def run_api(engine: Engine, sock, api_keys: Sequence[str] = ()) -> None:
+    """Serve the API on `sock` (bound by the caller) until cancelled; with `api_keys`, only to callers that
+    send one."""
     from swarmllm.web import serve_app
 
-    runner = await serve_app(Api(engine).app(), sock)
+    runner = await serve_app(Api(engine, api_keys).app(), sock)
     host, port = sock.getsockname()[:2]
     print(f"OpenAI-compatible API: http://{host}:{port}/v1 (model '{engine.name}')", flush=True)
     try:
