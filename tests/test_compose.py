@@ -116,6 +116,13 @@ def test_compose_services_run_as_plain_processes(tmp_path):
         )
         with urllib.request.urlopen(request, timeout=120) as reply:
             text = json.load(reply)["choices"][0]["text"]
+        # the API's health check, as compose runs it
+        (check,) = [arg for arg in services["api"]["healthcheck"]["test"] if "urlopen" in arg]
+        port = api.split(":")[2].split("/")[0]
+        done = subprocess.run(
+            [sys.executable, "-c", check.replace("8001", port)], capture_output=True, text=True
+        )
+        assert done.returncode == 0, done.stderr
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         local = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
         ids = tokenizer("the cat", return_tensors="pt")["input_ids"]

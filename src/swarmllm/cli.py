@@ -341,16 +341,25 @@ def build_parser() -> argparse.ArgumentParser:
         "--refresh", type=float, default=5.0, metavar="SECONDS", help="look the swarm up this often"
     )
 
-    api = commands.add_parser("api", help="serve an OpenAI-compatible API for a model of the swarm")
+    api = commands.add_parser("api", help="serve an OpenAI-compatible API for models of the swarm")
     api.add_argument(
-        "model", help="hub id or local folder (the API loads only its tokenizer, embeddings, LM head)"
+        "model",
+        nargs="+",
+        help="hub id or local folder (the API loads only its tokenizer, embeddings, LM head); several: one API "
+        "for them all, each request going to the model it names",
     )
     _peers(api)
     _swarm_key(api)
     api.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
     api.add_argument("--port", type=int, default=8001, help="HTTP port (0 = any free port)")
-    api.add_argument("--name", help="the model's id in the API (default: its folder or repository name)")
-    api.add_argument("--dht-prefix", help="the model's key in the swarm, if its servers were given one")
+    api.add_argument(
+        "--name",
+        action="append",
+        help="the model's id in the API (default: its folder or repository name); once per model, in order",
+    )
+    api.add_argument(
+        "--dht-prefix", help="the model's key in the swarm, if its servers were given one (one model only)"
+    )
     api.add_argument(
         "--context-length", type=int, help="prompt + answer tokens at most (default: the model's, up to 4096)"
     )
@@ -601,41 +610,54 @@ def _api(args: argparse.Namespace) -> int:
     import signal
 
     from swarmllm.api.app import load_engine, run_api
+    from swarmllm.api.metrics import ApiMetrics
     from swarmllm.web import bind
 
     keys = args.api_key or ([os.environ["SWARMLLM_API_KEY"]] if os.environ.get("SWARMLLM_API_KEY") else [])
     if any(not key.strip() for key in keys):
         raise UserError("an API key must not be empty")
     peers = _initial_peers(args)
-    _check_model(args.model)
+    for model in args.model:
+        _check_model(model)
+    names = args.name or [None] * len(args.model)
+    if len(names) != len(args.model):
+        raise UserError(f"--name was given {len(names)} times for {len(args.model)} models: once per model")
+    if args.dht_prefix and len(args.model) > 1:
+        raise UserError("--dht-prefix names one model's key: serve that model with an API of its own")
     _check_ports(args.host, args.port)
     sock = bind(args.host, args.port)
-    engine = load_engine(
-        args.model,
-        peers,
-        name=args.name,
-        swarm_key=args.swarm_key,
-        context_length=args.context_length,
-        max_concurrent=args.max_concurrent,
-        keep_sessions=args.keep_sessions,
-        keep_sessions_s=args.keep_sessions_s,
-        dht_prefix=args.dht_prefix,
-    )
+    metrics = ApiMetrics()  # one count for every model
+    engines = [
+        load_engine(
+            model,
+            peers,
+            name=name,
+            swarm_key=args.swarm_key,
+            context_length=args.context_length,
+            max_concurrent=args.max_concurrent,
+            keep_sessions=args.keep_sessions,
+            keep_sessions_s=args.keep_sessions_s,
+            dht_prefix=args.dht_prefix,
+            metrics=metrics,
+        )
+        for model, name in zip(args.model, names, strict=True)
+    ]
 
     async def serve() -> None:
         task = asyncio.current_task()
         for sig in (signal.SIGTERM, signal.SIGINT):
             asyncio.get_running_loop().add_signal_handler(sig, task.cancel)
         try:
-            await run_api(engine, sock, keys)
+            await run_api(engines, sock, keys)
         except asyncio.CancelledError:
             pass
 
     try:
         asyncio.run(serve())
     finally:
-        engine.shutdown()
-        engine.model.shutdown()
+        for engine in engines:
+            engine.shutdown()
+            engine.model.shutdown()
     return 0
 
 

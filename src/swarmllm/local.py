@@ -159,12 +159,18 @@ class LocalSwarm:
         return line.split()[1]
 
     def start_api(
-        self, model: str, *, port: int = 0, extra: Sequence[str] = (), timeout_s: float = 120.0
+        self,
+        model: str | Sequence[str],
+        *,
+        port: int = 0,
+        extra: Sequence[str] = (),
+        timeout_s: float = 120.0,
     ) -> str:
-        """Start `swarmllm api MODEL` on 127.0.0.1; returns its base URL (ends with "/v1")."""
+        """Start `swarmllm api MODEL [MODEL ...]` on 127.0.0.1; returns its base URL (ends with "/v1")."""
+        models = [model] if isinstance(model, str) else list(model)
         self.api = _spawn(
             "api",
-            ["api", model, "--initial-peers", *self.initial_peers, "--port", str(port), *extra],
+            ["api", *models, "--initial-peers", *self.initial_peers, "--port", str(port), *extra],
             fork=self.fork,
         )
         line = self.api.wait_for(lambda s: s.startswith("OpenAI-compatible API: "), timeout_s)

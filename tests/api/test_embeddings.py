@@ -17,7 +17,7 @@ from swarmllm.api.schemas import ApiError, EmbeddingRequest
 from swarmllm.client.model import last_tokens
 
 
-@pytest.mark.parametrize("seed", range(200))
+@pytest.mark.parametrize("seed", range(60))
 def test_batches_hold_every_input_once_within_their_budget_in_length_order(seed):
     rng = random.Random(seed)
     lengths = [rng.choice([1, 2, 5, 30, 200, 900, 5000]) for _ in range(rng.randrange(0, 40))]
@@ -95,7 +95,9 @@ def test_batched_inputs_embed_as_each_alone_in_the_order_given():
 
 def test_inputs_are_cut_at_the_context_or_refused_and_bounded_in_all():
     config = SimpleNamespace(hidden_size=8, vocab_size=100)
-    api = Api(SimpleNamespace(model=SimpleNamespace(config=config), context_length=5, tokenizer=None))
+    api = Api(
+        SimpleNamespace(name="m", model=SimpleNamespace(config=config), context_length=5, tokenizer=None)
+    )
     body = EmbeddingRequest(model="m", input=[[1] * 7, [2] * 3])
     assert api.embedding_ids(body, truncate=True) == [[1] * 5, [2] * 3]
     with pytest.raises(ApiError) as refused:

@@ -12,6 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from server_infos import online_server
 
 from swarmllm.api.app import Api
+from swarmllm.api.gateway import Gateway
 from swarmllm.api.metrics import ApiMetrics
 from swarmllm.dht import ServerState
 from swarmllm.models.tiny import tiny_tokenizer
@@ -44,14 +45,14 @@ async def test_health_follows_the_blocks_and_metrics_count_requests():
         name="m", tokenizer=tiny_tokenizer(), context_length=64, metrics=ApiMetrics(),
         model=SimpleNamespace(config=config, swarm=swarm),
     )  # fmt: skip
-    client = TestClient(TestServer(Api(engine).app()))
+    client = TestClient(TestServer(Gateway([Api(engine)]).app()))
     await client.start_server()
     try:
         reply = await client.get("/health")
         assert reply.status == 200 and (await reply.json())["status"] == "ok"
         swarm.listed = [online_server("a", 0, 2), online_server("b", 2, 4, state=ServerState.JOINING)]
         reply = await client.get("/health")
-        assert reply.status == 503 and (await reply.json())["missing_blocks"] == [2, 3]
+        assert reply.status == 503 and (await reply.json())["models"]["m"]["missing_blocks"] == [2, 3]
         assert (await client.get("/v1/models")).status == 200
         assert (await client.get("/v1/models/other")).status == 404
         assert (await client.get("/nowhere")).status == 404
@@ -87,7 +88,7 @@ async def test_api_keys_guard_every_route_but_health_and_metrics():
         name="m", tokenizer=tiny_tokenizer(), context_length=64, metrics=ApiMetrics(),
         model=SimpleNamespace(config=SimpleNamespace(vocab_size=10, hidden_size=8, model_type="llama"), swarm=swarm),
     )  # fmt: skip
-    client = TestClient(TestServer(Api(engine, ["first-key", "second-key"]).app()))
+    client = TestClient(TestServer(Gateway([Api(engine)], ["first-key", "second-key"]).app()))
     await client.start_server()
     base = str(client.make_url("/"))
     try:

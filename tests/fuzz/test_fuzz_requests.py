@@ -10,7 +10,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from swarmllm.api.app import Api
-from swarmllm.api.responses import ResponsesApi
 from swarmllm.api.schemas import ApiError, EmbeddingRequest
 from swarmllm.api.streams import validated
 from swarmllm.models.tiny import tiny_tokenizer
@@ -103,10 +102,10 @@ def _api() -> Api:
 
 
 API = _api()
-RESPONSES = ResponsesApi(API)
+RESPONSES = API.responses
 
 
-@settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(body=RESPONSES_BODY)
 def test_a_responses_body_is_read_or_refused(body):
     try:
@@ -118,7 +117,7 @@ def test_a_responses_body_is_read_or_refused(body):
     assert ids and all(isinstance(t, int) for t in ids)
 
 
-@settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(body=EMBEDDINGS_BODY, truncate=st.booleans())
 def test_an_embeddings_body_is_read_or_refused(body, truncate):
     try:

@@ -57,15 +57,15 @@ def test_small_cpu_blocks_compile_by_default(checkpoints):
     assert not compiles_by_default(smollm2, "cpu", quantized=False)
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral"])
-def test_compiled_steps_need_no_compilation_after_the_warm_up(checkpoints, family):
+def test_compiled_steps_need_no_compilation_after_the_warm_up(checkpoints):
     """Once warmed up, the compiled step serves sessions of any cache length (1, 2, 6, 17 here), up to the step that
     fills the cache (its keys are contiguous, which torch guards apart), without compiling again (the cache views
-    are marked dynamic only at the warm-up), and equals eager; mistral's sliding window (4) too, past it."""
+    are marked dynamic only at the warm-up), and equals eager; with mistral's sliding window (4), past it too (the
+    window's branch is the only difference from a plain Llama block's step; each compile costs CI ~25 s)."""
     from torch._dynamo.utils import counters
 
-    span = load_span(checkpoints(family), 0, 2)
-    assert family == "llama" or span.config.sliding_window == 4
+    span = load_span(checkpoints("mistral"), 0, 2)
+    assert span.config.sliding_window == 4
     compiled = DecodeRunner(span, torch.device("cpu"), compile=True)
     compiled.warm_up()
     assert compiled.mode == "compiled"

@@ -13,7 +13,6 @@ invalid parameter, 503 when the swarm cannot serve the request (e.g. blocks with
 from __future__ import annotations
 
 import asyncio
-import hmac
 import itertools
 import json
 import logging
@@ -127,6 +126,7 @@ class Engine:
         max_concurrent: int = 16,
         keep_sessions: int = 4,
         keep_sessions_s: float = 120.0,
+        metrics: ApiMetrics | None = None,
     ):
         self.model, self.tokenizer, self.name = model, tokenizer, name
         self.context_length = context_length
@@ -136,7 +136,7 @@ class Engine:
         )
         self.eos_ids, self.pad_id = special_ids(model.generation_config)
         self.guides = GuideMasks(self.tokenizer, model.config.vocab_size, self.eos_ids)
-        self.metrics = ApiMetrics()
+        self.metrics = metrics or ApiMetrics()  # (one for every model of an API)
 
     def decode(self, tokens: list[int]) -> str:
         return self.tokenizer.decode(tokens, skip_special_tokens=True)
@@ -344,85 +344,61 @@ def _error(e: ApiError) -> web.Response:
     return web.json_response(e.body, status=e.status)
 
 
-OPEN_PATHS = ("/health", "/metrics")  # answered without an API key, as vLLM's
-
-
 class Api:
-    def __init__(self, engine: Engine, api_keys: Sequence[str] = ()):
+    """One model's routes (its engine, its checks), with Ollama's and the Responses API's beside them; served
+    alone or with other models' by `api.gateway.Gateway`."""
+
+    def __init__(self, engine: Engine):
         self.engine = engine
-        self.api_keys = [key.encode() for key in api_keys]  # any of them, as a bearer token (none: open)
+        self.served = [engine.name]  # the names of every model the API serves (a gateway's, all of them)
+        self.responses = ResponsesApi(self)  # OpenAI's Responses API (`/v1/responses`)
+        self.ollama = OllamaApi(self)  # Ollama's API beside it (`/api/...`)
 
-    def app(self) -> web.Application:
-        app = web.Application(middlewares=[self.engine.metrics.middleware, self._authorized])
-        app.router.add_get("/health", self.health)
-        app.router.add_get("/metrics", self.metrics)
-        app.router.add_get("/v1/models", self.models)
-        app.router.add_get("/v1/models/{model:.+}", self.model)
-        app.router.add_post("/v1/completions", self.completions)
-        app.router.add_post("/v1/chat/completions", self.chat)
-        app.router.add_post("/v1/embeddings", self.embeddings)
-        # vLLM's tokenizer endpoints, at the root as there: lm-evaluation-harness tokenizes through them
-        app.router.add_get("/tokenizer_info", self.tokenizer_info)
-        app.router.add_post("/tokenize", self.tokenize)
-        app.router.add_post("/detokenize", self.detokenize)
-        ResponsesApi(self).add_routes(app)  # OpenAI's Responses API (`/v1/responses`)
-        OllamaApi(self).add_routes(app)  # Ollama's API beside it (`/api/...`)
-        return app
+    def routes(self) -> list[tuple[str, str, Callable]]:
+        """(method, path, handler) of every route that answers for this model."""
+        return [
+            ("GET", "/v1/models/{model:.+}", self.model),
+            ("POST", "/v1/completions", self.completions),
+            ("POST", "/v1/chat/completions", self.chat),
+            ("POST", "/v1/embeddings", self.embeddings),
+            # vLLM's tokenizer endpoints, at the root as there: lm-evaluation-harness tokenizes through them
+            ("GET", "/tokenizer_info", self.tokenizer_info),
+            ("POST", "/tokenize", self.tokenize),
+            ("POST", "/detokenize", self.detokenize),
+            *self.responses.routes(),
+            *self.ollama.routes(),
+        ]
 
-    @web.middleware
-    async def _authorized(self, request: web.Request, handler) -> web.StreamResponse:
-        """With API keys, every route but OPEN_PATHS needs `Authorization: Bearer KEY` (what OpenAI's and
-        Ollama's clients send for an `api_key` or a header); else a 401 in the face's error format."""
-        if not self.api_keys or request.path in OPEN_PATHS:
-            return await handler(request)
-        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-        given = token.strip().encode()
-        # every key compared in constant time, so the time taken says nothing of how much of one matched
-        if scheme.lower() == "bearer" and sum(hmac.compare_digest(given, key) for key in self.api_keys):
-            return await handler(request)
-        message = "Incorrect or missing API key: send it as 'Authorization: Bearer KEY'"
-        if request.path.startswith("/api/"):  # Ollama's face
-            return web.json_response({"error": message}, status=401)
-        body = ApiError(401, message, "invalid_request_error", None, "invalid_api_key").body
-        return web.json_response(body, status=401)
-
-    async def metrics(self, _request: web.Request) -> web.Response:
-        return self.engine.metrics.page()
-
-    async def health(self, _request: web.Request) -> web.Response:
-        """200 while some online server holds each block of the model (as the DHT says), else 503 naming the
-        blocks without one: what a load balancer or a container's health check asks."""
+    async def health(self) -> tuple[bool, dict]:
+        """Whether some online server holds each block of the model (as the DHT says), and the blocks
+        without one."""
         swarm = self.engine.model.swarm
         try:
             asked = asyncio.run_coroutine_threadsafe(swarm.servers(), event_loop())
             servers = await asyncio.wait_for(asyncio.wrap_future(asked), HEALTH_TIMEOUT_S)
         except Exception as e:  # noqa: BLE001 - the DHT could not be asked
-            return web.json_response(
-                {"status": "unavailable", "error": str(e) or type(e).__name__}, status=503
-            )
+            return False, {"status": "unavailable", "error": str(e) or type(e).__name__}
         missing = missing_blocks(servers, swarm.num_blocks)
         if missing:
-            return web.json_response({"status": "unavailable", "missing_blocks": missing}, status=503)
-        return web.json_response({"status": "ok", "servers": len(servers)})
+            return False, {"status": "unavailable", "missing_blocks": missing}
+        return True, {"status": "ok", "servers": len(servers)}
 
-    def _model_card(self) -> dict:
+    def model_card(self) -> dict:
         return {"id": self.engine.name, "object": "model", "created": 0, "owned_by": "swarmllm"}
-
-    async def models(self, _request: web.Request) -> web.Response:
-        return web.json_response({"object": "list", "data": [self._model_card()]})
 
     async def model(self, request: web.Request) -> web.Response:
         try:
             self._check_model(request.match_info["model"])
         except ApiError as e:
             return _error(e)
-        return web.json_response(self._model_card())
+        return web.json_response(self.model_card())
 
     def _check_model(self, name: str) -> None:
         if name != self.engine.name:
+            served = ", ".join(f"'{n}'" for n in self.served)
             raise ApiError(
                 404,
-                f"The model '{name}' does not exist (this API serves '{self.engine.name}')",
+                f"The model '{name}' does not exist (this API serves {served})",
                 "invalid_request_error",
                 "model",
                 "model_not_found",
@@ -775,6 +751,7 @@ def load_engine(
     max_concurrent: int = 16,
     keep_sessions: int = 4,
     keep_sessions_s: float = 120.0,
+    metrics: ApiMetrics | None = None,
     **client_options,
 ) -> Engine:
     """The tokenizer and the client's part of `model` (embeddings, LM head), joined to the swarm."""
@@ -795,6 +772,7 @@ def load_engine(
         max_concurrent=max_concurrent,
         keep_sessions=keep_sessions,
         keep_sessions_s=keep_sessions_s,
+        metrics=metrics,
     )
 
 
@@ -806,14 +784,16 @@ def default_context(config) -> int:
     return min(getattr(config, "max_position_embeddings", None) or DEFAULT_CONTEXT, DEFAULT_CONTEXT)
 
 
-async def run_api(engine: Engine, sock, api_keys: Sequence[str] = ()) -> None:
-    """Serve the API on `sock` (bound by the caller) until cancelled; with `api_keys`, only to callers that
-    send one."""
+async def run_api(engines: Sequence[Engine], sock, api_keys: Sequence[str] = ()) -> None:
+    """Serve the API of `engines`' models on `sock` (bound by the caller) until cancelled; with `api_keys`, only
+    to callers that send one."""
+    from swarmllm.api.gateway import Gateway
     from swarmllm.web import serve_app
 
-    runner = await serve_app(Api(engine, api_keys).app(), sock)
+    runner = await serve_app(Gateway([Api(engine) for engine in engines], api_keys).app(), sock)
     host, port = sock.getsockname()[:2]
-    print(f"OpenAI-compatible API: http://{host}:{port}/v1 (model '{engine.name}')", flush=True)
+    names = ", ".join(f"'{engine.name}'" for engine in engines)
+    print(f"OpenAI-compatible API: http://{host}:{port}/v1 (model {names})", flush=True)
     try:
         await asyncio.Event().wait()
     finally:

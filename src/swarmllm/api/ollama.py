@@ -27,7 +27,6 @@ from aiohttp import web
 
 from swarmllm.api.schemas import ApiError, ChatRequest, CompletionRequest, EmbeddingRequest
 from swarmllm.api.streams import joined, read_json, stream, validated
-from swarmllm.version import __version__
 
 DEFAULTS = {"temperature": 0.8, "top_k": 40, "top_p": 0.9}  # Ollama's, for what a request leaves out
 OPTIONS = {  # Ollama's option -> the OpenAI (or vLLM) field it means
@@ -102,30 +101,20 @@ class OllamaApi:
     def __init__(self, api):
         self.api, self.engine = api, api.engine
 
-    def add_routes(self, app: web.Application) -> None:
-        app.router.add_get("/api/version", self.version)
-        app.router.add_get("/api/tags", self.tags)
-        app.router.add_get("/api/ps", self.running)
-        app.router.add_post("/api/show", self.show)
-        app.router.add_post("/api/chat", self.chat)
-        app.router.add_post("/api/generate", self.generate)
-        app.router.add_post("/api/embed", self.embed)
-        app.router.add_post("/api/embeddings", self.embeddings)  # Ollama's older endpoint
+    def routes(self) -> list[tuple[str, str, Callable]]:
+        """The routes that answer for this model (a gateway lists the models and the version itself)."""
+        return [
+            ("POST", "/api/show", self.show),
+            ("POST", "/api/chat", self.chat),
+            ("POST", "/api/generate", self.generate),
+            ("POST", "/api/embed", self.embed),
+            ("POST", "/api/embeddings", self.embeddings),  # Ollama's older endpoint
+        ]
 
-    async def version(self, _request: web.Request) -> web.Response:
-        return web.json_response({"version": __version__})
-
-    def _card(self) -> dict:
+    def card(self) -> dict:
         details = {"format": "safetensors", "family": self.engine.model.config.model_type}
         return {"name": self.engine.name, "model": self.engine.name, "modified_at": _now(), "size": 0,
                 "digest": "", "details": details}  # fmt: skip
-
-    async def tags(self, _request: web.Request) -> web.Response:
-        return web.json_response({"models": [self._card()]})
-
-    async def running(self, _request: web.Request) -> web.Response:
-        """`ollama ps`: the model is always loaded (the API's client holds its embeddings and head)."""
-        return web.json_response({"models": [{**self._card(), "size_vram": 0}]})
 
     async def show(self, request: web.Request) -> web.Response:
         try:
@@ -135,14 +124,15 @@ class OllamaApi:
         template = getattr(self.engine.tokenizer, "chat_template", None) or ""
         info = {"context_length": self.engine.context_length}
         return web.json_response(
-            {"template": template, "details": self._card()["details"], "model_info": info,
+            {"template": template, "details": self.card()["details"], "model_info": info,
              "capabilities": ["completion", "tools", "embedding"]}
         )  # fmt: skip
 
     def _check_model(self, body: dict) -> None:
         name = body.get("model")
         if not isinstance(name, str) or name.removesuffix(":latest") != self.engine.name:
-            raise OllamaError(404, f"model '{name}' not found (this API serves '{self.engine.name}')")
+            served = ", ".join(f"'{n}'" for n in self.api.served)
+            raise OllamaError(404, f"model '{name}' not found (this API serves {served})")
 
     def _request(self, schema, data: dict):
         """The OpenAI request an Ollama one means, checked as the OpenAI API checks it."""

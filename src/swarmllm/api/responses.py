@@ -22,7 +22,7 @@ import json
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -169,10 +169,12 @@ class ResponsesApi:
         self.api, self.engine = api, api.engine
         self.kept: OrderedDict[str, _Kept] = OrderedDict()
 
-    def add_routes(self, app: web.Application) -> None:
-        app.router.add_post("/v1/responses", self.create)
-        app.router.add_get("/v1/responses/{id}", self.retrieve)
-        app.router.add_delete("/v1/responses/{id}", self.delete)
+    def routes(self) -> list[tuple[str, str, Callable]]:
+        return [
+            ("POST", "/v1/responses", self.create),
+            ("GET", "/v1/responses/{id}", self.retrieve),
+            ("DELETE", "/v1/responses/{id}", self.delete),
+        ]
 
     def _find(self, rid: str, param: str | None = None) -> _Kept:
         kept = self.kept.get(rid)
