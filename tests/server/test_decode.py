@@ -131,7 +131,6 @@ def test_a_compiled_step_takes_no_bound_from_the_disk_cache(checkpoints, tmp_pat
             torch._dynamo.mark_dynamic(values, 3, min=2, max=4)
             bounded(hidden, torch.full((1,), slot), torch.full((1,), slot), keys, values, None, None)
     assert any(path.is_file() for path in tmp_path.rglob("*")), "nothing was cached on disk"
-    print("BEFORE", dict(counters["aot_autograd"]), dict(counters["inductor"]))
     torch._dynamo.reset()
     runner = DecodeRunner(span, torch.device("cpu"), compile=True)
     runner.warm_up()
@@ -144,9 +143,4 @@ def test_a_compiled_step_takes_no_bound_from_the_disk_cache(checkpoints, tmp_pat
             hidden = torch.randn(1, span.config.hidden_size)
             with torch.inference_mode():
                 runner.step(hidden, slot, key_mask, False, cache, None)
-    print(
-        "AFTER",
-        dict(counters["aot_autograd"]),
-        {k: v for k, v in counters["inductor"].items() if "cache" in k},
-    )
     assert counters["stats"]["unique_graphs"] == graphs
