@@ -16,6 +16,7 @@ import argparse
 import random
 import statistics
 import time
+from types import SimpleNamespace
 
 import ollama
 import openai
@@ -23,7 +24,7 @@ import torch
 from common import append_results, markdown_table, smollm2_api
 from transformers import AutoModel, AutoTokenizer
 
-from swarmllm.api.embeddings import batches
+from swarmllm.api.embeddings import embed, unit
 
 WORDS = "swarm model volunteer server block client token machine network cache layer answer share run".split()
 
@@ -50,18 +51,14 @@ def main() -> None:
             rows = [local(torch.tensor([one])).last_hidden_state[0, -1] for one in ids]
             return torch.nn.functional.normalize(torch.stack(rows), dim=-1)
 
-        @torch.no_grad()
+        # the API's own batching and pooling (api/embeddings.py), over transformers in this process
+        in_process = SimpleNamespace(
+            config=local.config,
+            hidden_states=lambda input_ids, mask: local(input_ids=input_ids, attention_mask=mask).last_hidden_state,
+        )
+
         def local_batched() -> torch.Tensor:
-            out = torch.empty(len(ids), local.config.hidden_size)
-            for batch in batches([len(one) for one in ids]):
-                longest = max(len(ids[i]) for i in batch)
-                input_ids = torch.zeros(len(batch), longest, dtype=torch.long)
-                mask = torch.zeros(len(batch), longest, dtype=torch.long)
-                for row, i in enumerate(batch):
-                    input_ids[row, : len(ids[i])], mask[row, : len(ids[i])] = torch.tensor(ids[i]), 1
-                hidden = local(input_ids=input_ids, attention_mask=mask).last_hidden_state
-                out[batch] = hidden[torch.arange(len(batch)), mask.sum(1) - 1]
-            return torch.nn.functional.normalize(out, dim=-1)
+            return unit(embed(in_process, ids, pad_id=0))
 
         def api_batched() -> torch.Tensor:
             reply = client.embeddings.create(model="smollm2", input=texts)
