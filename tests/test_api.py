@@ -36,9 +36,11 @@ from swarmllm.api.schemas import guide_grammar
 from swarmllm.api.tools import ToolCalling
 from swarmllm.bundled import smollm2_checkpoint
 from swarmllm.cli import main
+from swarmllm.dht.records import dht_prefix_for
 from swarmllm.local import LocalSwarm
 
 NAME = "smollm2"
+TINY_PREFIX = "tiny-llama-of-the-api-tests"
 SERVER_ARGS = ["--throughput", "50", "--bandwidth", "1000"]
 MAX_TOKENS = 12
 
@@ -76,15 +78,18 @@ def local(smollm2, reference):
 def swarm(smollm2, llama_checkpoint):
     with LocalSwarm() as local:
         local.start_bootstrap()
-        servers = [(str(smollm2), (0, 15)), (str(smollm2), (15, 30)), (str(llama_checkpoint), (0, 4))]
-        local.add_servers(servers, extra=SERVER_ARGS)
+        tiny = (str(llama_checkpoint), (0, 4), ["--dht-prefix", TINY_PREFIX])
+        local.add_servers([(str(smollm2), (0, 15)), (str(smollm2), (15, 30)), tiny], extra=SERVER_ARGS)
         yield local
 
 
 @pytest.fixture(scope="module")
 def api(swarm, smollm2, llama_checkpoint):
-    """One API for SmolLM2 (NAME) and the tiny Llama ("tiny"), as `swarmllm api MODEL MODEL` serves them."""
-    return swarm.start_api([str(smollm2), str(llama_checkpoint)], extra=["--name", NAME, "--name", "tiny"])
+    """One API for SmolLM2 (NAME) and the tiny Llama ("tiny", whose servers have a key of their own in the
+    swarm), as `swarmllm api MODEL MODEL` serves them."""
+    names = ["--name", NAME, "--name", "tiny"]
+    prefixes = ["--dht-prefix", dht_prefix_for(str(smollm2)), "--dht-prefix", TINY_PREFIX]
+    return swarm.start_api([str(smollm2), str(llama_checkpoint)], extra=[*names, *prefixes])
 
 
 @pytest.fixture(scope="module")
@@ -580,7 +585,7 @@ def test_sampled_answers_held_to_random_schemas_are_valid_on_the_models_own_voca
         reply = client.chat.completions.create(
             model=NAME,
             messages=[{"role": "user", "content": "Write a short JSON value."}],
-            max_tokens=64,
+            max_tokens=40,  # 6 of these 10 answers end before it
             temperature=0.7,
             seed=seed,
             response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": schema}},
@@ -1258,7 +1263,8 @@ def test_the_responses_api_answers_as_chat_does_and_continues_a_kept_response(cl
 
 def test_health_and_metrics_count_what_the_api_answered(api, client):
     """`/health` is 200 while the swarm serves every block; `/metrics` counts a completion's prompt and generated
-    tokens exactly as its usage does, its request under its route and status, a refused one under 400."""
+    tokens exactly as its usage does, under its model, its request under its route and status, a refused one
+    under 400."""
     root = api.removesuffix("/v1")
     with urllib.request.urlopen(root + "/health", timeout=60) as reply:
         health = json.load(reply)
@@ -1281,9 +1287,11 @@ def test_health_and_metrics_count_what_the_api_answered(api, client):
     def grew(name: str, labels: tuple = ()) -> float:
         return after[(name, labels)] - before.get((name, labels), 0.0)
 
-    assert grew("swarmllm_api_prompt_tokens_total") == usage.prompt_tokens
-    assert grew("swarmllm_api_generation_tokens_total") == usage.completion_tokens
-    assert grew("swarmllm_api_time_to_first_token_seconds_count") == 1
+    smollm2, tiny = (("model", NAME),), (("model", "tiny"),)
+    assert grew("swarmllm_api_prompt_tokens_total", smollm2) == usage.prompt_tokens
+    assert grew("swarmllm_api_generation_tokens_total", smollm2) == usage.completion_tokens
+    assert grew("swarmllm_api_time_to_first_token_seconds_count", smollm2) == 1
+    assert grew("swarmllm_api_generation_tokens_total", tiny) == 0  # the other model's series
     route = (("route", "/v1/completions"), ("status", "200"))
     assert grew("swarmllm_api_requests_total", route) == 1
     assert grew("swarmllm_api_requests_total", (("route", "/v1/completions"), ("status", "400"))) == 1

@@ -55,14 +55,16 @@ def said(done: subprocess.CompletedProcess, command: str) -> str:
     return lines[0]
 
 
-def test_missing_model_folder_empty_api_key_and_verbose_traceback():
-    plain, verbose, keyless = swarmllms(
+def test_missing_model_folder_api_flags_and_verbose_traceback():
+    plain, verbose, keyless, prefixes = swarmllms(
         ["generate", "/nonexistent", "--prompt", "hi"],
         ["-v", "generate", "/nonexistent", "--prompt", "hi"],
         ["api", "/nonexistent", "--api-key", " "],
+        ["api", "/a", "/b", "--dht-prefix", "a"],
     )
     assert "model folder /nonexistent does not exist" in said(plain, "generate")
     assert "an API key must not be empty" in said(keyless, "api")
+    assert "--dht-prefix was given 1 times for 2 models: once per model" in said(prefixes, "api")
     assert verbose.returncode == 1 and "Traceback" in verbose.stderr
     assert "model folder /nonexistent does not exist" in verbose.stderr.splitlines()[-1]
 

@@ -358,7 +358,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="the model's id in the API (default: its folder or repository name); once per model, in order",
     )
     api.add_argument(
-        "--dht-prefix", help="the model's key in the swarm, if its servers were given one (one model only)"
+        "--dht-prefix",
+        action="append",
+        help="the model's key in the swarm, if its servers were given one; once per model, in order",
     )
     api.add_argument(
         "--context-length", type=int, help="prompt + answer tokens at most (default: the model's, up to 4096)"
@@ -616,14 +618,10 @@ def _api(args: argparse.Namespace) -> int:
     keys = args.api_key or ([os.environ["SWARMLLM_API_KEY"]] if os.environ.get("SWARMLLM_API_KEY") else [])
     if any(not key.strip() for key in keys):
         raise UserError("an API key must not be empty")
+    names, prefixes = (_per_model(args, flag) for flag in ("name", "dht_prefix"))
     peers = _initial_peers(args)
     for model in args.model:
         _check_model(model)
-    names = args.name or [None] * len(args.model)
-    if len(names) != len(args.model):
-        raise UserError(f"--name was given {len(names)} times for {len(args.model)} models: once per model")
-    if args.dht_prefix and len(args.model) > 1:
-        raise UserError("--dht-prefix names one model's key: serve that model with an API of its own")
     _check_ports(args.host, args.port)
     sock = bind(args.host, args.port)
     metrics = ApiMetrics()  # one count for every model
@@ -637,10 +635,10 @@ def _api(args: argparse.Namespace) -> int:
             max_concurrent=args.max_concurrent,
             keep_sessions=args.keep_sessions,
             keep_sessions_s=args.keep_sessions_s,
-            dht_prefix=args.dht_prefix,
+            dht_prefix=prefix,
             metrics=metrics,
         )
-        for model, name in zip(args.model, names, strict=True)
+        for model, name, prefix in zip(args.model, names, prefixes, strict=True)
     ]
 
     async def serve() -> None:
@@ -659,6 +657,15 @@ def _api(args: argparse.Namespace) -> int:
             engine.shutdown()
             engine.model.shutdown()
     return 0
+
+
+def _per_model(args: argparse.Namespace, flag: str) -> list[str | None]:
+    """A repeatable flag's values, one per model of `swarmllm api` (None each when it was not given)."""
+    given = getattr(args, flag) or [None] * len(args.model)
+    if len(given) != len(args.model):
+        option = "--" + flag.replace("_", "-")
+        raise UserError(f"{option} was given {len(given)} times for {len(args.model)} models: once per model")
+    return given
 
 
 def _tp_problem(args: argparse.Namespace) -> str | None:

@@ -130,15 +130,18 @@ class LocalSwarm:
 
     def add_servers(
         self,
-        specs: Sequence[tuple[str, tuple[int, int] | None]],
+        specs: Sequence[
+            tuple[str, tuple[int, int] | None] | tuple[str, tuple[int, int] | None, Sequence[str]]
+        ],
         *,
         extra: Sequence[str] = (),
         timeout_s: float = 180.0,
     ) -> list[dict]:
-        """Start several servers at once (they load in parallel) and wait until each is online."""
+        """Start several servers at once (they load in parallel) and wait until each is online; a spec is
+        (model, blocks) or (model, blocks, flags of that server's own besides `extra`)."""
         started = []
-        for model, blocks in specs:
-            args = ["serve", model, "--initial-peers", *self.initial_peers, *extra]
+        for model, blocks, *own in specs:
+            args = ["serve", model, "--initial-peers", *self.initial_peers, *extra, *(own[0] if own else ())]
             if blocks is not None:
                 args += ["--blocks", f"{blocks[0]}:{blocks[1]}"]
             started.append(

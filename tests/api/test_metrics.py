@@ -56,8 +56,10 @@ async def test_health_follows_the_blocks_and_metrics_count_requests():
         assert (await client.get("/v1/models")).status == 200
         assert (await client.get("/v1/models/other")).status == 404
         assert (await client.get("/nowhere")).status == 404
-        engine.metrics.generated(started=1.0, first=1.5, ended=2.5, tokens=5, prompt=7, cached=3)
-        engine.metrics.generated(started=1.0, first=None, ended=1.0, tokens=0, prompt=2, cached=0)
+        model, other = engine.metrics.model("m"), engine.metrics.model("other")
+        model.generated(started=1.0, first=1.5, ended=2.5, tokens=5, prompt=7, cached=3)
+        model.generated(started=1.0, first=None, ended=1.0, tokens=0, prompt=2, cached=0)
+        other.generated(started=1.0, first=3.0, ended=3.0, tokens=1, prompt=4, cached=0)
         reply = await client.get("/metrics")
         assert reply.status == 200 and reply.content_type == "text/plain"
         got = samples(await reply.text())
@@ -70,14 +72,18 @@ async def test_health_follows_the_blocks_and_metrics_count_requests():
     assert requests("/health", "200") == requests("/health", "503") == requests("/v1/models", "200") == 1
     assert requests("/v1/models/{model}", "404") == requests("unmatched", "404") == 1
     assert got[("swarmllm_api_requests_running", ())] == 1  # the scrape itself
-    assert got[("swarmllm_api_prompt_tokens_total", ())] == 9
-    assert got[("swarmllm_api_prompt_tokens_cached_total", ())] == 3
-    assert got[("swarmllm_api_generation_tokens_total", ())] == 5
-    assert got[("swarmllm_api_time_to_first_token_seconds_count", ())] == 1
-    assert got[("swarmllm_api_time_to_first_token_seconds_sum", ())] == 0.5
+    m, other = (("model", "m"),), (("model", "other"),)  # each model's series apart
+    assert got[("swarmllm_api_prompt_tokens_total", m)] == 9
+    assert got[("swarmllm_api_prompt_tokens_cached_total", m)] == 3
+    assert got[("swarmllm_api_generation_tokens_total", m)] == 5
+    assert got[("swarmllm_api_time_to_first_token_seconds_count", m)] == 1
+    assert got[("swarmllm_api_time_to_first_token_seconds_sum", m)] == 0.5
     assert (
-        got[("swarmllm_api_time_per_output_token_seconds_sum", ())] == 0.25
+        got[("swarmllm_api_time_per_output_token_seconds_sum", m)] == 0.25
     )  # 1 s over the 4 after the first
+    assert got[("swarmllm_api_prompt_tokens_total", other)] == 4
+    assert got[("swarmllm_api_time_to_first_token_seconds_sum", other)] == 2.0
+    assert got[("swarmllm_api_time_per_output_token_seconds_count", other)] == 0
 
 
 async def test_api_keys_guard_every_route_but_health_and_metrics():

@@ -89,7 +89,8 @@ def test_compiled_steps_need_no_compilation_after_the_warm_up(checkpoints):
 
 def test_a_runner_compiles_for_each_thread_count_it_meets(checkpoints):
     """A server compiles again whenever its CPU thread count changes (servers join and leave its host); torch's
-    default cap of 8 graphs per function made the third count fail to compile and serve eagerly from then on."""
+    default cap of 8 graphs per function made the third count fail to compile and serve eagerly from then on.
+    The cap is lowered to 4 here (one count's graphs), so the second count meets it: two compiles, not three."""
     span = load_span(checkpoints("llama"), 0, 2)
     runner = DecodeRunner(span, torch.device("cpu"), compile=True)
     cache, key_mask = KVCache(2, 1, 5, span.config, torch.float32, "cpu"), torch.ones(1, 5, dtype=torch.bool)
@@ -97,9 +98,10 @@ def test_a_runner_compiles_for_each_thread_count_it_meets(checkpoints):
     runner._decode = lambda *args: compiled_steps.append(torch.get_num_threads()) or compiled_step(*args)
     threads = torch.get_num_threads()
     try:
-        for count in (1, 2, 3):
+        for count in (1, 2):
             torch.set_num_threads(count)
-            runner.warm_up()
+            with torch._dynamo.config.patch(recompile_limit=4):
+                runner.warm_up()
             assert runner.mode == "compiled", count
             compiled_steps.clear()
             hidden = torch.zeros(

@@ -137,6 +137,7 @@ class Engine:
         self.eos_ids, self.pad_id = special_ids(model.generation_config)
         self.guides = GuideMasks(self.tokenizer, model.config.vocab_size, self.eos_ids)
         self.metrics = metrics or ApiMetrics()  # (one for every model of an API)
+        self.counted = self.metrics.model(name)  # this model's series
 
     def decode(self, tokens: list[int]) -> str:
         return self.tokenizer.decode(tokens, skip_special_tokens=True)
@@ -177,7 +178,7 @@ class Engine:
             loop.call_soon_threadsafe(gen.pieces.put_nowait, item)
 
         started = time.perf_counter()
-        self.metrics.generations_running.inc()
+        self.counted.generations_running.inc()
 
         def work() -> None:
             streamer = PieceStreamer(gen.assembler, put, self._recorder(request))
@@ -194,17 +195,17 @@ class Engine:
                 if tail is not None:
                     put(tail)
                 gen.logprob_sum = streamer.logprob_sum
-                self.metrics.generated(
+                self.counted.generated(
                     started, streamer.first_token_at, time.perf_counter(), gen.completion_tokens,
                     gen.prompt_tokens, gen.cached_tokens,
                 )  # fmt: skip
                 put(_END)
             except BaseException as e:  # noqa: BLE001 - handed to the request, which answers with it
                 logger.warning("generation failed: %r", e)
-                self.metrics.generation_failures.inc()
+                self.counted.generation_failures.inc()
                 put(e)
             finally:
-                self.metrics.generations_running.dec()
+                self.counted.generations_running.dec()
 
         loop.run_in_executor(self.executor, work)
         return gen
@@ -331,8 +332,8 @@ class Engine:
         except Exception as e:  # noqa: BLE001 - the swarm's failure
             logger.warning("embedding failed: %r", e)
             raise swarm_error(e) from None
-        self.metrics.embedded_inputs.inc(len(ids))
-        self.metrics.embedded_tokens.inc(sum(map(len, ids)))
+        self.counted.embedded_inputs.inc(len(ids))
+        self.counted.embedded_tokens.inc(sum(map(len, ids)))
         return unit(vectors, dimensions) if normalize else vectors[:, :dimensions]
 
     def shutdown(self) -> None:

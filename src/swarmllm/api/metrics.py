@@ -1,8 +1,9 @@
 """What `swarmllm api` counts about the requests it answers, in Prometheus' terms (`GET /metrics`), as vLLM's
 server does for its own: requests by route and status with their durations (a middleware), the generations
 running, their prompt tokens (and those the servers held already), the tokens generated, the time to each
-generation's first token and between its tokens (from the engine's worker), and the inputs and tokens embedded.
-The registry is the API's own, so several APIs (or tests) in one process never share a counter.
+generation's first token and between its tokens (from the engine's worker), and the inputs and tokens embedded,
+these by model (an API serves several). The registry is the API's own, so several APIs (or tests) in one process
+never share a counter.
 """
 
 from __future__ import annotations
@@ -33,48 +34,43 @@ class ApiMetrics:
         self.requests_running = Gauge(
             "swarmllm_api_requests_running", "Requests being answered now", registry=registry
         )
+        # each model's series carry its name (`model`, as vLLM's carry `model_name`)
         self.generations_running = Gauge(
             "swarmllm_api_generations_running", "Generations running now (each choice of a request one)",
-            registry=registry,
+            ["model"], registry=registry,
         )  # fmt: skip
         self.prompt_tokens = Counter(
-            "swarmllm_api_prompt_tokens", "Prompt tokens of generations", registry=registry
+            "swarmllm_api_prompt_tokens", "Prompt tokens of generations", ["model"], registry=registry
         )
         self.cached_tokens = Counter(
             "swarmllm_api_prompt_tokens_cached", "Prompt tokens the servers held already (kept sessions)",
-            registry=registry,
+            ["model"], registry=registry,
         )  # fmt: skip
         self.generation_tokens = Counter(
-            "swarmllm_api_generation_tokens", "Tokens generated", registry=registry
+            "swarmllm_api_generation_tokens", "Tokens generated", ["model"], registry=registry
         )
         self.generation_failures = Counter(
             "swarmllm_api_generation_failures", "Generations that failed (the swarm could not serve them)",
-            registry=registry,
+            ["model"], registry=registry,
         )  # fmt: skip
         self.first_token_seconds = Histogram(
             "swarmllm_api_time_to_first_token_seconds", "From a generation's start to its first generated token",
-            buckets=FIRST_TOKEN_BUCKETS_S, registry=registry,
+            ["model"], buckets=FIRST_TOKEN_BUCKETS_S, registry=registry,
         )  # fmt: skip
         self.token_seconds = Histogram(
             "swarmllm_api_time_per_output_token_seconds", "Between a generation's tokens, after the first (its mean)",
-            buckets=TOKEN_BUCKETS_S, registry=registry,
+            ["model"], buckets=TOKEN_BUCKETS_S, registry=registry,
         )  # fmt: skip
-        self.embedded_inputs = Counter("swarmllm_api_embedding_inputs", "Inputs embedded", registry=registry)
+        self.embedded_inputs = Counter(
+            "swarmllm_api_embedding_inputs", "Inputs embedded", ["model"], registry=registry
+        )
         self.embedded_tokens = Counter(
-            "swarmllm_api_embedding_tokens", "Tokens of inputs embedded", registry=registry
+            "swarmllm_api_embedding_tokens", "Tokens of inputs embedded", ["model"], registry=registry
         )
 
-    def generated(
-        self, started: float, first: float | None, ended: float, tokens: int, prompt: int, cached: int
-    ) -> None:
-        """One generation that ended (times from `time.perf_counter`; `first`: its first token, if any)."""
-        self.prompt_tokens.inc(prompt)
-        self.cached_tokens.inc(cached)
-        self.generation_tokens.inc(tokens)
-        if first is not None:
-            self.first_token_seconds.observe(first - started)
-            if tokens > 1:
-                self.token_seconds.observe((ended - first) / (tokens - 1))
+    def model(self, name: str) -> ModelMetrics:
+        """The series of the model served as `name` (an engine's)."""
+        return ModelMetrics(self, name)
 
     @web.middleware
     async def middleware(self, request: web.Request, handler) -> web.StreamResponse:
@@ -98,3 +94,30 @@ class ApiMetrics:
         return web.Response(
             body=generate_latest(self.registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
         )
+
+
+class ModelMetrics:
+    """One model's series of an API's metrics."""
+
+    def __init__(self, metrics: ApiMetrics, name: str):
+        self.generations_running = metrics.generations_running.labels(name)
+        self.prompt_tokens = metrics.prompt_tokens.labels(name)
+        self.cached_tokens = metrics.cached_tokens.labels(name)
+        self.generation_tokens = metrics.generation_tokens.labels(name)
+        self.generation_failures = metrics.generation_failures.labels(name)
+        self.first_token_seconds = metrics.first_token_seconds.labels(name)
+        self.token_seconds = metrics.token_seconds.labels(name)
+        self.embedded_inputs = metrics.embedded_inputs.labels(name)
+        self.embedded_tokens = metrics.embedded_tokens.labels(name)
+
+    def generated(
+        self, started: float, first: float | None, ended: float, tokens: int, prompt: int, cached: int
+    ) -> None:
+        """One generation that ended (times from `time.perf_counter`; `first`: its first token, if any)."""
+        self.prompt_tokens.inc(prompt)
+        self.cached_tokens.inc(cached)
+        self.generation_tokens.inc(tokens)
+        if first is not None:
+            self.first_token_seconds.observe(first - started)
+            if tokens > 1:
+                self.token_seconds.observe((ended - first) / (tokens - 1))
