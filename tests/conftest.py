@@ -47,10 +47,3 @@ def checkpoints(tmp_path_factory):
 @pytest.fixture(scope="session")
 def llama_checkpoint(checkpoints):
     return checkpoints("llama")
-
-
-def pytest_collection_modifyitems(items):
-    """The end-to-end files (tests/test_*.py: real swarms, a minute or more each) run first, so that the workers
-    end on the short unit tests of the packages' folders rather than one waiting for the other's last swarm."""
-    top = Path(__file__).parent
-    items.sort(key=lambda item: item.path.parent != top)  # stable: each group keeps its order
