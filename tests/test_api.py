@@ -84,12 +84,27 @@ def swarm(smollm2, llama_checkpoint):
 
 
 @pytest.fixture(scope="module")
-def api(swarm, smollm2, llama_checkpoint):
+def tiny_draft(tmp_path_factory, llama_checkpoint) -> str:
+    """A draft for the tiny Llama: its checkpoint with noise on every weight, so that it agrees with it often
+    but not always."""
+    model = AutoModelForCausalLM.from_pretrained(llama_checkpoint, dtype=torch.float32)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(torch.randn(param.shape, generator=generator) * 0.05 * param.std())
+    path = tmp_path_factory.mktemp("tiny-draft")
+    model.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def api(swarm, smollm2, llama_checkpoint, tiny_draft):
     """One API for SmolLM2 (NAME) and the tiny Llama ("tiny", whose servers have a key of their own in the
-    swarm), as `swarmllm api MODEL MODEL` serves them."""
+    swarm, with a draft model for speculative decoding), as `swarmllm api MODEL MODEL` serves them."""
     names = ["--name", NAME, "--name", "tiny"]
     prefixes = ["--dht-prefix", dht_prefix_for(str(smollm2)), "--dht-prefix", TINY_PREFIX]
-    return swarm.start_api([str(smollm2), str(llama_checkpoint)], extra=[*names, *prefixes])
+    drafts = ["--draft-model", "none", "--draft-model", tiny_draft, "--num-draft-tokens", "3"]
+    return swarm.start_api([str(smollm2), str(llama_checkpoint)], extra=[*names, *prefixes, *drafts])
 
 
 @pytest.fixture(scope="module")
@@ -121,6 +136,60 @@ def test_one_api_serves_each_model_as_its_own_transformers(api, client, llama_ch
     with pytest.raises(openai.NotFoundError) as unknown:
         client.completions.create(model="no-such-model", prompt="hi", max_tokens=4)
     assert f"'{NAME}', 'tiny'" in unknown.value.message
+
+
+def scrape(api: str) -> dict:
+    """The API's `/metrics`: each sample's value by (name, sorted labels)."""
+    with urllib.request.urlopen(api.removesuffix("/v1") + "/metrics", timeout=60) as reply:
+        text = reply.read().decode()
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def test_a_draft_model_speculates_and_the_tokens_stay_the_swarms(api, client, llama_checkpoint):
+    """The tiny model's draft (`--draft-model`) proposes tokens that the swarm checks 3 at a time: greedy
+    completions, whole or streamed, and a next turn that reuses a kept session are transformers' own tokens; the
+    drafts are counted under /metrics (some accepted, some not); a stop string cuts the answer; seeded samples
+    repeat; a request with log-probabilities generates without the draft and gets the same tokens."""
+    tokenizer = AutoTokenizer.from_pretrained(llama_checkpoint)
+    tiny = AutoModelForCausalLM.from_pretrained(llama_checkpoint, dtype=torch.float32).eval()
+
+    def want(prompt: str, n: int) -> str:
+        ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+        out = tiny.generate(ids, max_new_tokens=n, do_sample=False)[0, ids.shape[1] :]
+        return tokenizer.decode(out, skip_special_tokens=True)
+
+    def complete(prompt: str, n: int, **options):
+        return client.completions.create(model="tiny", prompt=prompt, max_tokens=n, **options)
+
+    before = scrape(api)
+    whole = complete("the cat", 16, temperature=0)
+    streamed = "".join(c.choices[0].text for c in complete("the cat", 16, temperature=0, stream=True))
+    assert whole.choices[0].text == streamed == want("the cat", 16)
+    after = scrape(api)
+    drafts = {
+        what: after[(f"swarmllm_api_spec_decode_{what}_total", (("model", "tiny"),))]
+        - before.get((f"swarmllm_api_spec_decode_{what}_total", (("model", "tiny"),)), 0.0)
+        for what in ("drafts", "draft_tokens", "accepted_tokens")
+    }
+    assert 0 < drafts["accepted_tokens"] < drafts["draft_tokens"] and drafts["drafts"] < 2 * 16, drafts
+    assert after[("swarmllm_api_spec_decode_draft_tokens_total", (("model", NAME),))] == 0  # no draft there
+    turn = "the cat" + whole.choices[0].text + " the moon"
+    answer = complete(turn, 8, temperature=0)
+    assert answer.choices[0].text == want(turn, 8) and answer.usage.prompt_tokens_details.cached_tokens > 0
+    word = whole.choices[0].text.split()[3]
+    cut = complete("the cat", 16, temperature=0, stop=[f" {word}"]).choices[0]
+    assert cut.text == whole.choices[0].text[: whole.choices[0].text.index(f" {word}")]
+    assert cut.finish_reason == "stop"
+    sampled = [complete("the cat", 8, temperature=1.0, seed=7).choices[0].text for _ in range(2)]
+    assert sampled[0] == sampled[1]
+    counted = scrape(api)[("swarmllm_api_spec_decode_drafts_total", (("model", "tiny"),))]
+    scored = complete("the cat", 8, temperature=0, logprobs=1).choices[0]
+    assert scored.text == want("the cat", 8) and scored.logprobs.token_logprobs
+    assert scrape(api)[("swarmllm_api_spec_decode_drafts_total", (("model", "tiny"),))] == counted
 
 
 def test_completion_greedy_equals_transformers_streamed_or_not(client, local):
@@ -1004,6 +1073,27 @@ def test_the_chat_command_answers_each_turn_as_transformers_does(
     assert held[:2] == [0, first_length - 1] and held[2] > first_length, stats
 
 
+def test_the_chat_command_with_a_draft_answers_as_transformers_does(
+    swarm, llama_checkpoint, tiny_draft, monkeypatch, capsys
+):
+    """`swarmllm chat --draft-model`: the tiny Llama (no chat template: the plain layout), greedy, each answer
+    transformers' for the conversation so far."""
+    tokenizer = AutoTokenizer.from_pretrained(llama_checkpoint)
+    tiny = AutoModelForCausalLM.from_pretrained(llama_checkpoint, dtype=torch.float32).eval()
+    history, answers = [], []
+    for message in ("the cat", "the moon"):
+        history.append({"role": "user", "content": message})
+        ids = tokenizer(chat_prompt(tokenizer, history), add_special_tokens=False)["input_ids"]
+        out = tiny.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False)[0, len(ids) :]
+        answers.append(tokenizer.decode(out, skip_special_tokens=True))
+        history.append({"role": "assistant", "content": answers[-1]})
+    monkeypatch.setattr(sys, "stdin", io.StringIO("the cat\nthe moon\n"))
+    options = ["--temperature", "0", "--max-new-tokens", "8", "--draft-model", tiny_draft]
+    peers = ["--initial-peers", *swarm.initial_peers, "--dht-prefix", TINY_PREFIX]
+    assert main(["chat", str(llama_checkpoint), *peers, *options]) == 0
+    assert capsys.readouterr().out == "".join(f"{a}\n" for a in answers)
+
+
 def test_ollamas_api_answers_as_the_openai_one_does(api, client, local):
     """Ollama's API through the official `ollama` client: the model listed and shown; chat and generate, greedy,
     whole and streamed, answer as transformers does (generate with the chat template, or raw); `format` holds the
@@ -1269,20 +1359,10 @@ def test_health_and_metrics_count_what_the_api_answered(api, client):
     with urllib.request.urlopen(root + "/health", timeout=60) as reply:
         health = json.load(reply)
         assert reply.status == 200 and health["status"] == "ok" and set(health["models"]) == {NAME, "tiny"}
-
-    def scrape() -> dict:
-        with urllib.request.urlopen(root + "/metrics", timeout=60) as reply:
-            text = reply.read().decode()
-        return {
-            (s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text)
-            for s in family.samples
-        }
-
-    before = scrape()
+    before = scrape(api)
     usage = client.completions.create(model=NAME, prompt="The sky is", max_tokens=5, temperature=0).usage
     assert post(api, "/completions", {"model": NAME, "prompt": "hi", "max_tokens": 0})[0] == 400
-    after = scrape()
+    after = scrape(api)
 
     def grew(name: str, labels: tuple = ()) -> float:
         return after[(name, labels)] - before.get((name, labels), 0.0)

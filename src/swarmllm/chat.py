@@ -18,6 +18,7 @@ import torch
 from transformers import LogitsProcessorList, StoppingCriteriaList
 
 from swarmllm.api.generation import (
+    Draft,
     PieceStreamer,
     StopWhen,
     TextAssembler,
@@ -49,7 +50,7 @@ class TurnStats:
 
 class Chat:
     """A conversation with `model`: the history, the kept session, and how answers are drawn (temperature 0:
-    greedy; else temperature and top-p, each turn seeded `seed + turn`)."""
+    greedy; else temperature and top-p, each turn seeded `seed + turn`; speculatively with a `draft`)."""
 
     def __init__(
         self,
@@ -62,8 +63,9 @@ class Chat:
         top_p: float = 0.9,
         seed: int = 0,
         context_length: int = 4096,
+        draft: Draft | None = None,
     ):
-        self.model, self.tokenizer = model, tokenizer
+        self.model, self.tokenizer, self.draft = model, tokenizer, draft
         self.max_new_tokens, self.temperature, self.top_p, self.seed = (
             max_new_tokens,
             temperature,
@@ -104,18 +106,23 @@ class Chat:
         streamer = PieceStreamer(assembler, emit)
         max_new_tokens = min(self.max_new_tokens, room)
         prompt, began = torch.tensor([ids]), time.perf_counter()
+        seed = self.seed + self.turns
+        if self.draft is not None:
+            draw = self.draft.options(self.temperature, seed, top_p=self.top_p)
+        else:  # sampling, when asked, is SeededSampler's
+            draw = {
+                "do_sample": False,
+                "logits_processor": LogitsProcessorList(sampling(self.temperature, seed, top_p=self.top_p)),
+            }
         with self.sessions.use(ids, len(ids) + max_new_tokens) as cached:
             self.model.generate(
                 prompt,
                 attention_mask=torch.ones_like(prompt),
                 max_new_tokens=max_new_tokens,
-                do_sample=False,  # sampling, when asked, is SeededSampler's
                 pad_token_id=self.pad_id,
                 streamer=streamer,
-                logits_processor=LogitsProcessorList(
-                    sampling(self.temperature, self.seed + self.turns, top_p=self.top_p)
-                ),
                 stopping_criteria=StoppingCriteriaList([StopWhen(lambda: assembler.stopped)]),
+                **draw,
             )
         tail = streamer.finish()
         if tail is not None:

@@ -322,6 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--context-length", type=int, help="conversation tokens at most (default: the model's, up to 4096)"
     )
     chat.add_argument("--dht-prefix", help="the model's key in the swarm, if its servers were given one")
+    _draft(chat, "a local model (folder or hub id) with the same vocabulary")
     chat.add_argument(
         "--stats",
         action="store_true",
@@ -375,6 +376,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     api.add_argument(
         "--keep-sessions-s", type=float, default=120.0, help="seconds a kept session may stay unused"
+    )
+    _draft(
+        api,
+        "a local model (folder or hub id) with the same vocabulary; once per model, in order, 'none' for a model "
+        "without one",
+        repeat=True,
     )
     api.add_argument(
         "--api-key",
@@ -478,6 +485,21 @@ def _check_model(model: str) -> None:
         )
     if looks_local and not (path / "config.json").exists():
         raise UserError(f"{model} holds no config.json: it is not a Hugging Face checkpoint folder")
+
+
+def _check_draft(model: str, draft: str | None) -> None:
+    """A draft model must be a checkpoint with `model`'s vocabulary (their configs say)."""
+    if draft is None:
+        return
+    _check_model(draft)
+    from transformers import AutoConfig
+
+    sizes = [AutoConfig.from_pretrained(path).vocab_size for path in (model, draft)]
+    if sizes[0] != sizes[1]:
+        raise UserError(
+            f"the draft model {draft} has a vocabulary of {sizes[1]} tokens and {model} of {sizes[0]}: a draft "
+            "must share its model's"
+        )
 
 
 def _explain(error: BaseException, args: argparse.Namespace) -> str | None:
@@ -619,9 +641,11 @@ def _api(args: argparse.Namespace) -> int:
     if any(not key.strip() for key in keys):
         raise UserError("an API key must not be empty")
     names, prefixes = (_per_model(args, flag) for flag in ("name", "dht_prefix"))
+    drafts = [None if draft == "none" else draft for draft in _per_model(args, "draft_model")]
     peers = _initial_peers(args)
-    for model in args.model:
+    for model, draft in zip(args.model, drafts, strict=True):
         _check_model(model)
+        _check_draft(model, draft)
     _check_ports(args.host, args.port)
     sock = bind(args.host, args.port)
     metrics = ApiMetrics()  # one count for every model
@@ -637,8 +661,10 @@ def _api(args: argparse.Namespace) -> int:
             keep_sessions_s=args.keep_sessions_s,
             dht_prefix=prefix,
             metrics=metrics,
+            draft_model=draft,
+            draft_tokens=args.num_draft_tokens,
         )
-        for model, name, prefix in zip(args.model, names, prefixes, strict=True)
+        for model, name, prefix, draft in zip(args.model, names, prefixes, drafts, strict=True)
     ]
 
     async def serve() -> None:
@@ -657,6 +683,19 @@ def _api(args: argparse.Namespace) -> int:
             engine.shutdown()
             engine.model.shutdown()
     return 0
+
+
+def _draft(parser: argparse.ArgumentParser, what: str, repeat: bool = False) -> None:
+    parser.add_argument(
+        "--draft-model",
+        action="append" if repeat else "store",
+        help=f"speculative decoding: {what}, that proposes tokens for the swarm to check several at a time "
+        "(the tokens stay the swarm's own; requests with log-probabilities, penalties, logit_bias, min_tokens "
+        "or structured output generate without it)",
+    )
+    parser.add_argument(
+        "--num-draft-tokens", type=_count, help="tokens the draft proposes a round (default: the client's, 5)"
+    )
 
 
 def _per_model(args: argparse.Namespace, flag: str) -> list[str | None]:
@@ -799,16 +838,19 @@ def _generate(args: argparse.Namespace) -> int:
 def _chat(args: argparse.Namespace) -> int:
     peers = _initial_peers(args)
     _check_model(args.model)
+    _check_draft(args.model, args.draft_model)
     from transformers import AutoTokenizer
 
     from swarmllm import AutoDistributedModelForCausalLM
     from swarmllm.api.app import default_context
+    from swarmllm.api.generation import Draft
     from swarmllm.chat import Chat, run_chat
 
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     model = AutoDistributedModelForCausalLM.from_pretrained(
         args.model, initial_peers=peers, swarm_key=args.swarm_key, dht_prefix=args.dht_prefix
     )
+    draft = args.draft_model and Draft.load(args.draft_model, model.config.vocab_size, args.num_draft_tokens)
     chat = Chat(
         model,
         tokenizer,
@@ -818,6 +860,7 @@ def _chat(args: argparse.Namespace) -> int:
         top_p=args.top_p,
         seed=args.seed,
         context_length=args.context_length or default_context(model.config),
+        draft=draft or None,
     )
     try:
         run_chat(chat, stats=args.stats)

@@ -144,3 +144,47 @@ def test_sampled_tokens_follow_the_target_distribution(tmp_path):
         counts[out[0, 2] * vocab + out[0, 3]] += 1
     assert chisquare(counts.numpy(), (want * runs).numpy()).pvalue > 1e-3
     assert 0 < stats.accepted < stats.drafted
+
+
+def test_a_held_prefix_is_not_sent_again_and_tokens_stream_round_by_round(checkpoints):
+    """A target that holds the prompt's first tokens already (a kept session) is sent only the rest; a streamer
+    gets the prompt, then each round's tokens; `stop` ends the loop after the round in which it turns true."""
+    path = checkpoints("llama")
+    reference = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    draft = perturbed(path, noise=0.05)
+    prompt = torch.tensor([[1, 17, 42, 99, 5, 23]])
+    want = reference.generate(prompt, max_new_tokens=12, do_sample=False)
+    verify, sent = local_target(path), []
+
+    def recorded(tokens, position):
+        sent.append((position, tokens.shape[1]))
+        return verify(tokens, position)
+
+    verify(prompt[:, :4], 0)  # an earlier request's
+    puts = []
+
+    class Streamer:
+        def put(self, value):
+            puts.append(value.reshape(-1).tolist())
+
+        def end(self):
+            puts.append("end")
+
+    out = speculative_generate(
+        recorded, draft, prompt, max_new_tokens=12, num_draft_tokens=3, held=4, streamer=Streamer()
+    )
+    assert out.tolist() == want.tolist()
+    assert sent[0] == (4, 1)  # the prompt's one token neither held nor starting a round
+    assert puts[0] == prompt[0].tolist() and puts[-1] == "end"
+    assert sum(puts[1:-1], []) == out[0, 6:].tolist() and len(puts) - 2 == len(sent) - 1  # one put a round
+    stopped = speculative_generate(
+        local_target(path),
+        draft,
+        prompt,
+        max_new_tokens=12,
+        num_draft_tokens=3,
+        stop=lambda ids: ids.shape[1] >= 9,
+    )
+    assert 9 <= stopped.shape[1] <= 9 + 3 and stopped.tolist() == want[:, : stopped.shape[1]].tolist()
+    with pytest.raises(ValueError, match="must lack the last"):
+        speculative_generate(local_target(path), draft, prompt, max_new_tokens=2, held=6)

@@ -34,6 +34,7 @@ from transformers import (
 
 from swarmllm.api.embeddings import embed, encoded, unit
 from swarmllm.api.generation import (
+    Draft,
     LogitBias,
     LogprobRecorder,
     OutputPenalties,
@@ -127,8 +128,10 @@ class Engine:
         keep_sessions: int = 4,
         keep_sessions_s: float = 120.0,
         metrics: ApiMetrics | None = None,
+        draft: Draft | None = None,
     ):
         self.model, self.tokenizer, self.name = model, tokenizer, name
+        self.draft = draft  # speculative decoding for the requests it can serve (`_speculates`)
         self.context_length = context_length
         self.executor = ThreadPoolExecutor(max_workers=max_concurrent, thread_name_prefix="swarmllm-api")
         self.sessions = SessionPool(
@@ -236,21 +239,48 @@ class Engine:
         self, prompt_ids: list[int], gen: Generation, request, streamer: PieceStreamer, index: int
     ) -> None:
         ids = torch.tensor([prompt_ids])
+        top = {"top_p": request.top_p, "top_k": request.top_k, "min_p": request.min_p}
+        if self._speculates(request, streamer):
+            draw = self.draft.options(request.temperature, self._seed(request, index), **top)
+        else:
+            processors = self._processors(len(prompt_ids), request, streamer.recorder, index)
+            # sampling, when asked, is SeededSampler's (see there)
+            draw = {"do_sample": False, "logits_processor": LogitsProcessorList(processors)}
         self.model.generate(
             ids,
             attention_mask=torch.ones_like(ids),
             max_new_tokens=gen.max_new_tokens,
-            do_sample=False,  # sampling, when asked, is SeededSampler's (see there)
             pad_token_id=self.pad_id,
             eos_token_id=None if request.ignore_eos else self.eos_ids,  # stop_token_ids: the assembler's
             streamer=streamer,
-            logits_processor=LogitsProcessorList(
-                self._processors(len(prompt_ids), request, streamer.recorder, index)
-            ),
             stopping_criteria=StoppingCriteriaList(
                 [StopWhen(lambda: gen.assembler.stopped or gen.cancelled)]
             ),
+            **draw,
         )
+        if "assistant_model" in draw:
+            self.counted.speculated(self.model.last_speculation)
+
+    def _speculates(self, request, streamer: PieceStreamer) -> bool:
+        """Whether the draft serves `request`: one that only samples (or is greedy). Log-probabilities,
+        `min_tokens`, `logit_bias`, the penalties and structured output shape each token in ways the
+        speculative loop does not apply, so such requests generate one token a step, as without a draft."""
+        return (
+            self.draft is not None
+            and streamer.recorder is None
+            and not (request.min_tokens and self.stop_ids(request))
+            and not request.logit_bias
+            and request.repetition_penalty == 1.0
+            and not (request.frequency_penalty or request.presence_penalty)
+            and request.grammar() is None
+        )
+
+    @staticmethod
+    def _seed(request, index: int) -> int:
+        """A choice's seed: the request's plus its index, or a random one."""
+        if request.seed is not None:
+            return request.seed + index
+        return int.from_bytes(uuid.uuid4().bytes[:8], "little")
 
     def _processors(self, prompt_length: int, request, recorder: LogprobRecorder | None, index: int) -> list:
         """What turns the model's logits into the next token, in vLLM's order: the recorder first (the model's
@@ -268,15 +298,10 @@ class Engine:
             processors.append(
                 OutputPenalties(prompt_length, request.frequency_penalty, request.presence_penalty)
             )
-        seed = (
-            request.seed + index
-            if request.seed is not None
-            else int.from_bytes(uuid.uuid4().bytes[:8], "little")
-        )
         if (guide := request.grammar()) is not None:
             processors.append(GrammarLogits(self.guides.mask(guide), prompt_length))
         top = {"top_p": request.top_p, "top_k": request.top_k, "min_p": request.min_p}
-        return processors + sampling(request.temperature, seed, **top)
+        return processors + sampling(request.temperature, self._seed(request, index), **top)
 
     @staticmethod
     def _texts(entries: list[TokenLogprob], texts: TokenTexts) -> list[tuple[str, list[str]]]:
@@ -753,9 +778,12 @@ def load_engine(
     keep_sessions: int = 4,
     keep_sessions_s: float = 120.0,
     metrics: ApiMetrics | None = None,
+    draft_model: str | None = None,
+    draft_tokens: int | None = None,
     **client_options,
 ) -> Engine:
-    """The tokenizer and the client's part of `model` (embeddings, LM head), joined to the swarm."""
+    """The tokenizer and the client's part of `model` (embeddings, LM head), joined to the swarm; with
+    `draft_model`, a local draft for speculative decoding (`draft_tokens` a round, or the client's default)."""
     from transformers import AutoTokenizer
 
     from swarmllm import AutoDistributedModelForCausalLM
@@ -764,6 +792,9 @@ def load_engine(
     tokenizer = AutoTokenizer.from_pretrained(model)
     distributed = AutoDistributedModelForCausalLM.from_pretrained(
         model, initial_peers=initial_peers, swarm_key=swarm_key, **client_options
+    )
+    draft = (
+        None if draft_model is None else Draft.load(draft_model, distributed.config.vocab_size, draft_tokens)
     )
     return Engine(
         distributed,
@@ -774,6 +805,7 @@ def load_engine(
         keep_sessions=keep_sessions,
         keep_sessions_s=keep_sessions_s,
         metrics=metrics,
+        draft=draft,
     )
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from transformers import (
@@ -270,6 +271,53 @@ def sampling(
     if min_p > 0:
         processors.append(MinPLogitsWarper(min_p))
     return [*processors, SeededSampler(seed)]
+
+
+@dataclass(frozen=True)
+class Draft:
+    """A local draft model that proposes `tokens` tokens a round for the swarm to check in one step (speculative
+    decoding, `client.speculative`), as vLLM's `--speculative-config` gives a server one. The tokens are the
+    swarm's own: greedy ones exactly plain greedy decoding's, sampled ones drawn from the same distribution
+    (with the request's seed, though not the same draws as without a draft)."""
+
+    model: Any  # a transformers causal LM with the swarm model's vocabulary
+    tokens: int
+
+    @classmethod
+    def load(cls, path: str, vocab_size: int, tokens: int | None = None) -> Draft:
+        """The checkpoint at `path` (a folder or hub id), in float32 on the CPU, checked against the vocabulary
+        of the model it drafts for; `tokens` a round (default: the client's, DEFAULT_DRAFT_TOKENS)."""
+        from transformers import AutoModelForCausalLM
+
+        from swarmllm.client.model import DEFAULT_DRAFT_TOKENS
+
+        tokens = DEFAULT_DRAFT_TOKENS if tokens is None else tokens
+        if tokens < 1:
+            raise ValueError(f"a draft proposes at least 1 token a round, not {tokens}")
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        if model.config.vocab_size != vocab_size:
+            raise ValueError(
+                f"the draft model {path} has a vocabulary of {model.config.vocab_size} tokens, the model it drafts "
+                f"for {vocab_size}: they must share one"
+            )
+        return cls(model, tokens)
+
+    def options(
+        self, temperature: float, seed: int, *, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0
+    ) -> dict:
+        """`generate()`'s options that draw the tokens speculatively: greedy at temperature 0, else sampled
+        with temperature, top-k, top-p and min-p, from a generator seeded with `seed`."""
+        options = {"assistant_model": self.model, "num_assistant_tokens": self.tokens, "do_sample": False}
+        if temperature > 0:
+            options |= {
+                "do_sample": True,
+                "temperature": temperature,
+                "top_p": top_p,
+                "top_k": top_k,
+                "min_p": min_p,
+                "generator": torch.Generator().manual_seed(seed),
+            }
+        return options
 
 
 class SeededSampler(LogitsProcessor):

@@ -1,18 +1,22 @@
 """What `swarmllm api` counts about the requests it answers, in Prometheus' terms (`GET /metrics`), as vLLM's
 server does for its own: requests by route and status with their durations (a middleware), the generations
 running, their prompt tokens (and those the servers held already), the tokens generated, the time to each
-generation's first token and between its tokens (from the engine's worker), and the inputs and tokens embedded,
-these by model (an API serves several). The registry is the API's own, so several APIs (or tests) in one process
-never share a counter.
+generation's first token and between its tokens (from the engine's worker), speculative decoding's drafts and
+accepted tokens, and the inputs and tokens embedded, these by model (an API serves several). The registry is the
+API's own, so several APIs (or tests) in one process never share a counter.
 """
 
 from __future__ import annotations
 
 import time
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+if TYPE_CHECKING:
+    from swarmllm.client.speculative import SpeculationStats
 
 # a request: from a tokenize (ms) to a long answer through a slow swarm (minutes)
 REQUEST_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
@@ -61,6 +65,20 @@ class ApiMetrics:
             "swarmllm_api_time_per_output_token_seconds", "Between a generation's tokens, after the first (its mean)",
             ["model"], buckets=TOKEN_BUCKETS_S, registry=registry,
         )  # fmt: skip
+        # speculative decoding, as vLLM's spec_decode series: rounds (each one step through the swarm), the
+        # tokens the draft proposed and those the swarm accepted
+        self.draft_rounds = Counter(
+            "swarmllm_api_spec_decode_drafts", "Speculative rounds: drafts checked by the swarm in one step",
+            ["model"], registry=registry,
+        )  # fmt: skip
+        self.draft_tokens = Counter(
+            "swarmllm_api_spec_decode_draft_tokens", "Tokens proposed by the draft model", ["model"],
+            registry=registry,
+        )  # fmt: skip
+        self.accepted_tokens = Counter(
+            "swarmllm_api_spec_decode_accepted_tokens", "Draft tokens the swarm accepted", ["model"],
+            registry=registry,
+        )  # fmt: skip
         self.embedded_inputs = Counter(
             "swarmllm_api_embedding_inputs", "Inputs embedded", ["model"], registry=registry
         )
@@ -107,8 +125,17 @@ class ModelMetrics:
         self.generation_failures = metrics.generation_failures.labels(name)
         self.first_token_seconds = metrics.first_token_seconds.labels(name)
         self.token_seconds = metrics.token_seconds.labels(name)
+        self.draft_rounds = metrics.draft_rounds.labels(name)
+        self.draft_tokens = metrics.draft_tokens.labels(name)
+        self.accepted_tokens = metrics.accepted_tokens.labels(name)
         self.embedded_inputs = metrics.embedded_inputs.labels(name)
         self.embedded_tokens = metrics.embedded_tokens.labels(name)
+
+    def speculated(self, stats: SpeculationStats) -> None:
+        """One speculative generation's rounds, drafted and accepted tokens."""
+        self.draft_rounds.inc(stats.rounds)
+        self.draft_tokens.inc(stats.drafted)
+        self.accepted_tokens.inc(stats.accepted)
 
     def generated(
         self, started: float, first: float | None, ended: float, tokens: int, prompt: int, cached: int

@@ -30,6 +30,7 @@ from safetensors.torch import load_file, save_file
 from transformers import (
     GenerationMixin,
     LogitsProcessorList,
+    MinPLogitsWarper,
     PretrainedConfig,
     PreTrainedModel,
     TemperatureLogitsWarper,
@@ -131,7 +132,6 @@ class DistributedModel(PreTrainedModel):
         self.ptune: PromptTuning | None = None
         self.lora: RemoteLora | None = None
         self._sessions = threading.local()  # each thread its own active session: concurrent generates
-        self.last_speculation: SpeculationStats | None = None  # of the latest generate(assistant_model=...)
 
     @classmethod
     def from_pretrained(
@@ -190,6 +190,11 @@ class DistributedModel(PreTrainedModel):
     @_active.setter
     def _active(self, session: RemoteSession | None) -> None:
         self._sessions.active = session
+
+    @property
+    def last_speculation(self) -> SpeculationStats | None:
+        """What the calling thread's latest `generate(assistant_model=...)` did (drafts made and accepted)."""
+        return getattr(self._sessions, "speculation", None)
 
     @property
     def prompt_length(self) -> int:
@@ -326,9 +331,10 @@ class DistributedModelForCausalLM(DistributedModel, GenerationMixin):
     @torch.no_grad()
     def generate(self, inputs: torch.Tensor | None = None, *args, **kwargs):
         """transformers' `generate` over the swarm; with `assistant_model=DRAFT` (a local causal LM with the same
-        vocabulary), speculative decoding (`client.speculative`): greedy or sampled (temperature, top_k, top_p),
-        `num_assistant_tokens` drafts per round ("heuristic" `num_assistant_tokens_schedule` adapts it),
-        batch size 1. `self.last_speculation` then says how many drafts were accepted."""
+        vocabulary), speculative decoding (`client.speculative`): greedy or sampled (temperature, top_k, top_p,
+        min_p), `num_assistant_tokens` drafts per round ("heuristic" `num_assistant_tokens_schedule` adapts it),
+        batch size 1, with a `streamer` and `stopping_criteria` (asked after each round) as plain generates.
+        `self.last_speculation` then says how many drafts were accepted."""
         if kwargs.get("assistant_model") is not None:
             if args:
                 raise TypeError("with assistant_model, pass generation options by keyword")
@@ -358,6 +364,8 @@ class DistributedModelForCausalLM(DistributedModel, GenerationMixin):
         if mask is not None and not bool(mask.all()):
             raise ValueError("speculative decoding takes one unpadded sequence")
         generator = kwargs.pop("generator", None)
+        streamer = kwargs.pop("streamer", None)
+        criteria = kwargs.pop("stopping_criteria", None)
         config = copy.deepcopy(kwargs.pop("generation_config", None) or self.generation_config)
         unused = config.update(**kwargs)
         unused.pop("use_cache", None)
@@ -387,16 +395,19 @@ class DistributedModelForCausalLM(DistributedModel, GenerationMixin):
                 warpers.append(TopKLogitsWarper(config.top_k))
             if config.top_p is not None and config.top_p < 1.0:
                 warpers.append(TopPLogitsWarper(config.top_p))
+            if config.min_p:
+                warpers.append(MinPLogitsWarper(config.min_p))
         eos = config.eos_token_id
         eos = set() if eos is None else {eos} if isinstance(eos, int) else set(eos)
-        self.last_speculation = stats = SpeculationStats()
+        self._sessions.speculation = stats = SpeculationStats()
         opened = self._active is None
         with (
             self.inference_session(input_ids.shape[1] + max_new)
             if opened
             else contextlib.nullcontext(self._active) as remote
         ):
-            held = input_ids[:, :0]
+            start = remote.reusable_prefix(input_ids, torch.ones_like(input_ids, dtype=torch.bool))[0]
+            held = input_ids[:, : min(start, input_ids.shape[1] - 1)]  # what the servers hold of the prompt
 
             def verify(tokens: torch.Tensor, position: int) -> torch.Tensor:
                 nonlocal held
@@ -417,6 +428,9 @@ class DistributedModelForCausalLM(DistributedModel, GenerationMixin):
                 eos_token_ids=eos,
                 generator=generator,
                 stats=stats,
+                held=held.shape[1],
+                streamer=streamer,
+                stop=None if criteria is None else lambda ids: bool(criteria(ids, None).all()),
             )
             # what the servers hold, so that a later call in this session reuses it
             remote.input_ids, remote.attention_mask = held, torch.ones_like(held, dtype=torch.bool)

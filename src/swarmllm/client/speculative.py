@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 from transformers import DynamicCache, LogitsProcessorList
+from transformers.generation.streamers import BaseStreamer
 
 # (tokens [1, n], position of the first) -> the target's logits [1, n, vocab] after each of them; a call at a
 # position below what the target holds forgets everything from there on
@@ -110,12 +111,18 @@ def speculative_generate(
     eos_token_ids: set[int] | frozenset[int] = frozenset(),
     generator: torch.Generator | None = None,
     stats: SpeculationStats | None = None,
+    held: int = 0,
+    streamer: BaseStreamer | None = None,
+    stop: Callable[[Tensor], bool] | None = None,
 ) -> Tensor:
-    """input_ids [1, n] followed by up to `max_new_tokens` tokens (fewer after an EOS token).
+    """input_ids [1, n] followed by up to `max_new_tokens` tokens (fewer after an EOS token, or once `stop`
+    says so of the tokens so far: it is asked after each round).
 
-    `verify` is the target; it holds nothing yet. `num_draft_tokens` is k; `adaptive` changes it as transformers'
-    "heuristic" schedule does (+2 after a round that accepted every draft, -1 otherwise). `warpers` (temperature,
-    top-k, top-p) shape both models' distributions when sampling: the tokens follow the warped target's.
+    `verify` is the target; it holds the first `held` tokens of input_ids already (a kept session's prefix).
+    `num_draft_tokens` is k; `adaptive` changes it as transformers' "heuristic" schedule does (+2 after a round
+    that accepted every draft, -1 otherwise). `warpers` (temperature, top-k, top-p, min-p) shape both models'
+    distributions when sampling: the tokens follow the warped target's. `streamer` gets the prompt, then each
+    round's new tokens, as transformers' streamers do.
     """
     if input_ids.shape[0] != 1:
         raise ValueError(
@@ -125,8 +132,14 @@ def speculative_generate(
     warpers = warpers or LogitsProcessorList()
     draft = _Draft(draft_model)
     ids = input_ids
-    if ids.shape[1] > 1:  # the target reads the prompt but its last token, which starts the first round
-        verify(ids[:, :-1], 0)
+    if not 0 <= held < ids.shape[1]:
+        raise ValueError(
+            f"the target holds {held} of the prompt's {ids.shape[1]} tokens: it must lack the last"
+        )
+    if streamer is not None:
+        streamer.put(ids.cpu())
+    if held < ids.shape[1] - 1:  # the target reads the prompt but its last token, which starts a round
+        verify(ids[:, held:-1], held)
     k, produced = num_draft_tokens, 0
 
     def distribution(prefix: Tensor, logits: Tensor) -> Tensor:
@@ -159,14 +172,18 @@ def speculative_generate(
             stats.drafted + drafting,
             stats.accepted + accepted,
         )
-        stop = next((i for i, t in enumerate(new) if t in eos_token_ids), None)
-        if stop is not None:
-            new = new[: stop + 1]
+        end = next((i for i, t in enumerate(new) if t in eos_token_ids), None)
+        if end is not None:
+            new = new[: end + 1]
         ids = torch.cat([ids, torch.tensor([new], dtype=ids.dtype, device=ids.device)], dim=1)
         produced += len(new)
+        if streamer is not None:
+            streamer.put(torch.tensor(new))
         draft.keep(n + accepted)  # the draft read the accepted drafts (and perhaps rejected ones: forgotten)
-        if stop is not None:
+        if end is not None or (stop is not None and stop(ids)):
             break
         if adaptive and drafting:
             k = k + 2 if accepted == drafting else max(1, k - 1)
+    if streamer is not None:
+        streamer.end()
     return ids
