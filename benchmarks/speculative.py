@@ -1,5 +1,7 @@
 """Speculative decoding through a local swarm of 2 servers under an emulated round trip: single-session tokens/s
-of plain greedy `generate` against `generate(assistant_model=draft)`, same tokens asserted.
+of plain greedy `generate` against `generate(assistant_model=draft)`, same tokens asserted; then the same through
+`swarmllm api` (one API serving the model twice: without a draft, and with `--draft-model`), greedy completions
+of `--new-tokens` tokens each (`ignore_eos`), the same texts asserted.
 
 The round trip is emulated here, in this script: each server announces its direct address on 127.0.0.2 (the
 same port), where a small asyncio TCP proxy running in this process forwards to the server on 127.0.0.1 after
@@ -17,11 +19,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import socket
 import statistics
 import sys
+import tempfile
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import torch
@@ -143,6 +148,42 @@ def pick_draft(path, k: int, new_tokens: int):
     raise RuntimeError("no noise level gives a draft that agrees >= 70% of the time")
 
 
+def complete(api: str, model: str, prompt: list[int], max_tokens: int) -> tuple[str, float]:
+    """A greedy completion of exactly `max_tokens` tokens through the API, and the seconds it took."""
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
+    request = urllib.request.Request(
+        api + "/completions", json.dumps(body).encode(), {"Content-Type": "application/json"}
+    )
+    began = time.perf_counter()
+    with urllib.request.urlopen(request, timeout=600) as reply:
+        answer = json.load(reply)
+    seconds = time.perf_counter() - began
+    assert answer["usage"]["completion_tokens"] == max_tokens, answer["usage"]
+    return answer["choices"][0]["text"], seconds
+
+
+def api_rates(swarm, path, draft, args, inputs) -> tuple[float, float]:
+    """Median tokens/s of greedy completions through one `swarmllm api` serving the model without a draft
+    ("plain") and with it ("spec"), paired request by request."""
+    with tempfile.TemporaryDirectory() as folder:
+        draft.save_pretrained(folder)
+        names = ["--name", "plain", "--name", "spec"]
+        drafts = ["--draft-model", "none", "--draft-model", folder]
+        k = ["--num-draft-tokens", str(args.draft_tokens)]
+        api = swarm.start_api([str(path), str(path)], extra=[*names, *drafts, *k])
+        texts: dict[str, list[str]] = {"plain": [], "spec": []}
+        seconds: dict[str, list[float]] = {"plain": [], "spec": []}
+        for repeat in range(args.repeats + 1):  # the first: a warm-up
+            for prompt in inputs:
+                for model in ("plain", "spec"):
+                    text, took = complete(api, model, prompt[0].tolist(), args.new_tokens)
+                    if repeat:
+                        texts[model].append(text)
+                        seconds[model].append(took)
+        assert texts["plain"] == texts["spec"], "the API's speculative greedy texts differ"
+    return tuple(args.new_tokens / statistics.median(seconds[m]) for m in ("plain", "spec"))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -196,6 +237,7 @@ def main() -> None:
                             stats.append(remote.last_speculation)
             finally:
                 remote.shutdown()
+            api_plain, api_spec = api_rates(swarm, path, draft, args, inputs)
     finally:
         proxy.close()
     plain, spec = args.new_tokens / statistics.median(plain_s), args.new_tokens / statistics.median(spec_s)
@@ -213,6 +255,7 @@ def main() -> None:
             f"{acceptance:.0%}",
             f"{rounds:.0f}",
             "yes",
+            f"{api_plain:.2f} / {api_spec:.2f} ({api_spec / api_plain:.2f}x)",
         ]
     )
     table = markdown_table(
@@ -227,6 +270,7 @@ def main() -> None:
             "acceptance",
             f"rounds per {args.new_tokens} tokens",
             "greedy tokens equal",
+            "swarmllm api: plain / --draft-model tokens/s",
         ],
         rows,
     )
@@ -239,7 +283,10 @@ def main() -> None:
             "runs. Delay: this script's asyncio TCP proxy on "
             f"{PROXY_HOST} holds every chunk RTT/2 each way before the server on 127.0.0.1 (the servers announce "
             "the proxy's address), so client->server, server->server pushes and replies each cross one delayed "
-            "link. The draft is the target with Gaussian weight noise (relative std in the table), run locally.",
+            "link. The draft is the target with Gaussian weight noise (relative std in the table), run locally. "
+            "The API column: greedy completions of the same prompts (as token ids, `ignore_eos`) through one "
+            "`swarmllm api` process serving the model without and with `--draft-model` (the same draft, saved), "
+            "texts asserted equal; wall time of each HTTP request.",
         )
 
 
