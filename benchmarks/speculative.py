@@ -162,15 +162,35 @@ def complete(api: str, model: str, prompt: list[int], max_tokens: int) -> tuple[
     return answer["choices"][0]["text"], seconds
 
 
+def with_tokenizer(path: Path, folder: Path) -> Path:
+    """`folder`: the checkpoint at `path` (linked) and a word-level tokenizer of one word per id ("t0", "t1",
+    ...), since the benchmarks' random checkpoints have none and the API needs one."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import AutoConfig, PreTrainedTokenizerFast
+
+    vocab_size = AutoConfig.from_pretrained(path).vocab_size
+    backend = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab_size)}, unk_token="t0"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    folder.mkdir()
+    for file in path.iterdir():
+        (folder / file.name).symlink_to(file)
+    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="t0").save_pretrained(folder)
+    return folder
+
+
 def api_rates(swarm, path, draft, args, inputs) -> tuple[float, float]:
     """Median tokens/s of greedy completions through one `swarmllm api` serving the model without a draft
     ("plain") and with it ("spec"), paired request by request."""
+    from swarmllm.dht.records import dht_prefix_for
+
     with tempfile.TemporaryDirectory() as folder:
-        draft.save_pretrained(folder)
+        draft.save_pretrained(Path(folder) / "draft")
+        model = str(with_tokenizer(path, Path(folder) / "model"))
         names = ["--name", "plain", "--name", "spec"]
-        drafts = ["--draft-model", "none", "--draft-model", folder]
+        prefixes = ["--dht-prefix", dht_prefix_for(str(path))] * 2
+        drafts = ["--draft-model", "none", "--draft-model", str(Path(folder) / "draft")]
         k = ["--num-draft-tokens", str(args.draft_tokens)]
-        api = swarm.start_api([str(path), str(path)], extra=[*names, *drafts, *k])
+        api = swarm.start_api([model, model], extra=[*names, *prefixes, *drafts, *k])
         texts: dict[str, list[str]] = {"plain": [], "spec": []}
         seconds: dict[str, list[float]] = {"plain": [], "spec": []}
         for repeat in range(args.repeats + 1):  # the first: a warm-up
