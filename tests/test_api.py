@@ -153,7 +153,8 @@ def test_a_draft_model_speculates_and_the_tokens_stay_the_swarms(api, client, ll
     """The tiny model's draft (`--draft-model`) proposes tokens that the swarm checks 3 at a time: greedy
     completions, whole or streamed, and a next turn that reuses a kept session are transformers' own tokens; the
     drafts are counted under /metrics (some accepted, some not); a stop string cuts the answer; seeded samples
-    repeat; a request with log-probabilities generates without the draft and gets the same tokens."""
+    repeat; a request with log-probabilities generates without the draft and gets the same tokens; `logit_bias`,
+    penalties and a guided pattern give the tokens of their rules written out over transformers' logits."""
     tokenizer = AutoTokenizer.from_pretrained(llama_checkpoint)
     tiny = AutoModelForCausalLM.from_pretrained(llama_checkpoint, dtype=torch.float32).eval()
 
@@ -189,7 +190,38 @@ def test_a_draft_model_speculates_and_the_tokens_stay_the_swarms(api, client, ll
     counted = scrape(api)[("swarmllm_api_spec_decode_drafts_total", (("model", "tiny"),))]
     scored = complete("the cat", 8, temperature=0, logprobs=1).choices[0]
     assert scored.text == want("the cat", 8) and scored.logprobs.token_logprobs
-    assert scrape(api)[("swarmllm_api_spec_decode_drafts_total", (("model", "tiny"),))] == counted
+    after = scrape(api)[("swarmllm_api_spec_decode_drafts_total", (("model", "tiny"),))]
+    assert after == counted  # without the draft
+
+    # bias, penalties and a pattern shape both models' logits at each prefix: the rules' own greedy tokens
+    ids, eos = tokenizer("the cat")["input_ids"], tokenizer.eos_token_id
+    plain = _greedy_loop(tiny, ids, 16, stop_ids=[eos])
+    bias = {plain[0]: -100.0, plain[1]: 4.0}
+    regex = r"( the [a-z]+)+ (and|or)( the [a-z]+)+ \."
+    pieces = token_bytes(tokenizer, tiny.config.vocab_size)
+    for options, expected in [
+        (
+            {"logit_bias": {str(t): b for t, b in bias.items()}},
+            _greedy_loop(tiny, ids, 16, bias=bias, stop_ids=[eos]),
+        ),
+        (
+            {"frequency_penalty": 0.8, "presence_penalty": 0.6},
+            _greedy_loop(tiny, ids, 16, frequency=0.8, presence=0.6, stop_ids=[eos]),
+        ),
+        (
+            {"extra_body": {"repetition_penalty": 1.3}},
+            _greedy_loop(tiny, ids, 16, repetition=1.3, stop_ids=[eos]),
+        ),
+        (
+            {"extra_body": {"guided_regex": regex}},
+            _grammar_greedy_loop(tiny, ids, 16, pieces, eos, guide_grammar(("regex", regex))),
+        ),
+    ]:
+        assert expected != plain  # the rule changes the answer, so the comparison can fail
+        got = complete("the cat", 16, temperature=0, **options).choices[0]
+        assert got.text == tokenizer.decode(expected, skip_special_tokens=True), options
+    shaped = scrape(api)[("swarmllm_api_spec_decode_drafts_total", (("model", "tiny"),))]
+    assert shaped > after  # with the draft
 
 
 def test_completion_greedy_equals_transformers_streamed_or_not(client, local):

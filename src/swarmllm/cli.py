@@ -322,7 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--context-length", type=int, help="conversation tokens at most (default: the model's, up to 4096)"
     )
     chat.add_argument("--dht-prefix", help="the model's key in the swarm, if its servers were given one")
-    _draft(chat, "a local model (folder or hub id) with the same vocabulary")
+    _draft(chat)
     chat.add_argument(
         "--stats",
         action="store_true",
@@ -377,12 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
     api.add_argument(
         "--keep-sessions-s", type=float, default=120.0, help="seconds a kept session may stay unused"
     )
-    _draft(
-        api,
-        "a local model (folder or hub id) with the same vocabulary; once per model, in order, 'none' for a model "
-        "without one",
-        repeat=True,
-    )
+    _draft(api, repeat=True)
     api.add_argument(
         "--api-key",
         action="append",
@@ -685,13 +680,14 @@ def _api(args: argparse.Namespace) -> int:
     return 0
 
 
-def _draft(parser: argparse.ArgumentParser, what: str, repeat: bool = False) -> None:
+def _draft(parser: argparse.ArgumentParser, repeat: bool = False) -> None:
+    each = "; once per model, in order, 'none' for a model without one" if repeat else ""
     parser.add_argument(
         "--draft-model",
         action="append" if repeat else "store",
-        help=f"speculative decoding: {what}, that proposes tokens for the swarm to check several at a time "
-        "(the tokens stay the swarm's own; requests with log-probabilities, penalties, logit_bias, min_tokens "
-        "or structured output generate without it)",
+        help="speculative decoding: a local model (folder or hub id) with the same vocabulary that proposes "
+        f"tokens for the swarm to check several at a time{each} (the tokens stay the swarm's own; requests for "
+        "log-probabilities or best_of generate without it)",
     )
     parser.add_argument(
         "--num-draft-tokens", type=_count, help="tokens the draft proposes a round (default: the client's, 5)"

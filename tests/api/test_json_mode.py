@@ -184,3 +184,16 @@ def test_the_processor_masks_each_row_by_its_own_answer_and_ends_a_stuck_one():
     out = processor(torch.tensor([[7, 7, 1, 2, 6], [7, 7, 6, 1, 6]]), banned)
     assert (out[0] > -torch.inf).nonzero().flatten().tolist() == [0]
     assert (out[1] > -torch.inf).nonzero().flatten().tolist() == [0]
+
+
+def test_the_processor_is_a_function_of_the_answer_it_is_given():
+    """Called with answers that go back and part from the last (as speculative decoding calls it), it masks
+    each as a fresh processor would."""
+    pieces = [None, b"{", b"}", b'"a"', b":", b"1", b" ", b"x"]
+    mask = GrammarMask(TokenTrie(pieces, [0]))
+    processor = GrammarLogits(mask, prompt_length=1)
+    scores = torch.zeros(1, len(pieces))
+    for answer in ([1, 3, 4], [1], [1, 3, 4, 5, 2], [1, 6, 3], [], [1, 3, 4, 6, 5], [2]):
+        ids = torch.tensor([[7, *answer]])
+        fresh = GrammarLogits(mask, prompt_length=1)(ids, scores)
+        assert torch.equal(processor(ids, scores), fresh), answer

@@ -137,7 +137,7 @@ def test_sampled_tokens_follow_the_target_distribution(tmp_path):
             max_new_tokens=2,
             num_draft_tokens=2,
             do_sample=True,
-            warpers=warpers,
+            processors=warpers,
             generator=generator,
             stats=stats,
         )

@@ -131,7 +131,7 @@ class Engine:
         draft: Draft | None = None,
     ):
         self.model, self.tokenizer, self.name = model, tokenizer, name
-        self.draft = draft  # speculative decoding for the requests it can serve (`_speculates`)
+        self.draft = draft  # speculative decoding, for requests without log-probabilities
         self.context_length = context_length
         self.executor = ThreadPoolExecutor(max_workers=max_concurrent, thread_name_prefix="swarmllm-api")
         self.sessions = SessionPool(
@@ -240,11 +240,15 @@ class Engine:
     ) -> None:
         ids = torch.tensor([prompt_ids])
         top = {"top_p": request.top_p, "top_k": request.top_k, "min_p": request.min_p}
-        if self._speculates(request, streamer):
-            draw = self.draft.options(request.temperature, self._seed(request, index), **top)
+        shaping = self._shaping(len(prompt_ids), request)
+        seed = self._seed(request, index)
+        if self.draft is not None and streamer.recorder is None:
+            draw = self.draft.options(request.temperature, seed, **top)
+            draw["logits_processor"] = LogitsProcessorList(shaping)
         else:
-            processors = self._processors(len(prompt_ids), request, streamer.recorder, index)
-            # sampling, when asked, is SeededSampler's (see there)
+            # the recorder first (the model's own log-probabilities); sampling, when asked, is SeededSampler's
+            recorder = [] if streamer.recorder is None else [streamer.recorder]
+            processors = recorder + shaping + sampling(request.temperature, seed, **top)
             draw = {"do_sample": False, "logits_processor": LogitsProcessorList(processors)}
         self.model.generate(
             ids,
@@ -261,20 +265,6 @@ class Engine:
         if "assistant_model" in draw:
             self.counted.speculated(self.model.last_speculation)
 
-    def _speculates(self, request, streamer: PieceStreamer) -> bool:
-        """Whether the draft serves `request`: one that only samples (or is greedy). Log-probabilities,
-        `min_tokens`, `logit_bias`, the penalties and structured output shape each token in ways the
-        speculative loop does not apply, so such requests generate one token a step, as without a draft."""
-        return (
-            self.draft is not None
-            and streamer.recorder is None
-            and not (request.min_tokens and self.stop_ids(request))
-            and not request.logit_bias
-            and request.repetition_penalty == 1.0
-            and not (request.frequency_penalty or request.presence_penalty)
-            and request.grammar() is None
-        )
-
     @staticmethod
     def _seed(request, index: int) -> int:
         """A choice's seed: the request's plus its index, or a random one."""
@@ -282,11 +272,11 @@ class Engine:
             return request.seed + index
         return int.from_bytes(uuid.uuid4().bytes[:8], "little")
 
-    def _processors(self, prompt_length: int, request, recorder: LogprobRecorder | None, index: int) -> list:
-        """What turns the model's logits into the next token, in vLLM's order: the recorder first (the model's
-        own log-probabilities), then `min_tokens` and `logit_bias`, the penalties, JSON mode's constraint, and
-        when sampling temperature, top-k, top-p, min-p and the draw."""
-        processors = [] if recorder is None else [recorder]
+    def _shaping(self, prompt_length: int, request) -> list:
+        """What shapes the model's logits before a token is chosen from them, in vLLM's order: `min_tokens` and
+        `logit_bias`, the penalties, then structured output's constraint (temperature, top-k, top-p and min-p
+        come after). Each is a function of the tokens so far, as speculative decoding needs (see there)."""
+        processors = []
         stop_ids = self.stop_ids(request)
         if request.min_tokens and stop_ids:
             processors.append(MinNewTokensLengthLogitsProcessor(prompt_length, request.min_tokens, stop_ids))
@@ -300,8 +290,7 @@ class Engine:
             )
         if (guide := request.grammar()) is not None:
             processors.append(GrammarLogits(self.guides.mask(guide), prompt_length))
-        top = {"top_p": request.top_p, "top_k": request.top_k, "min_p": request.min_p}
-        return processors + sampling(request.temperature, self._seed(request, index), **top)
+        return processors
 
     @staticmethod
     def _texts(entries: list[TokenLogprob], texts: TokenTexts) -> list[tuple[str, list[str]]]:

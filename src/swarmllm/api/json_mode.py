@@ -27,6 +27,7 @@ import torch
 from transformers import LogitsProcessor
 
 from swarmllm.api.regex import utf8_step
+from swarmllm.api.sessions import common_prefix
 
 MAX_WHITESPACE = 24
 MAX_DEPTH = 32
@@ -299,24 +300,28 @@ class GrammarMask:
 
 class GrammarLogits(LogitsProcessor):
     """Leaves possible only the tokens that keep a generate's answer a prefix of a sentence of the mask's
-    grammar (EOS once it is whole). It follows the answer as it grows, one row of a batch per answer."""
+    grammar (EOS once it is whole). It follows the answer as it grows, one row of a batch per answer, and it is
+    a function of the answer it is given: one that goes back or parts from the last (speculative decoding
+    reading rejected drafts again) is read from where they part."""
 
     def __init__(self, mask: GrammarMask, prompt_length: int):
         self.mask, self.prompt_length = mask, prompt_length
-        self.states: list = []
-        self.seen = 0
+        self.answers: list[list[int]] = []  # each row's answer tokens read so far
+        self.states: list[list] = []  # each row's state before each of them, and after the last
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        if not self.states:
-            self.states = [self.mask.grammar.start] * input_ids.shape[0]
-        new = input_ids[:, self.prompt_length + self.seen :].tolist()
-        self.seen += len(new[0])
         rows = []
-        for row, tokens in enumerate(new):
-            state = self.states[row]
-            for token in tokens:
-                state = self.mask.after(state, token)
-            self.states[row] = state
+        for row, tokens in enumerate(input_ids[:, self.prompt_length :].tolist()):
+            if row == len(self.answers):
+                self.answers.append([])
+                self.states.append([self.mask.grammar.start])
+            answer, states = self.answers[row], self.states[row]
+            kept = common_prefix(answer, tokens)
+            del answer[kept:], states[kept + 1 :]
+            for token in tokens[kept:]:
+                answer.append(token)
+                states.append(None if states[-1] is None else self.mask.after(states[-1], token))
+            state = states[-1]
             # a row whose answer left the grammar (EOS, padding after it) only ends
             allowed = self.mask.allowed(state) if state is not None else self.mask.trie.only_eos
             rows.append(allowed)

@@ -333,7 +333,8 @@ class DistributedModelForCausalLM(DistributedModel, GenerationMixin):
         """transformers' `generate` over the swarm; with `assistant_model=DRAFT` (a local causal LM with the same
         vocabulary), speculative decoding (`client.speculative`): greedy or sampled (temperature, top_k, top_p,
         min_p), `num_assistant_tokens` drafts per round ("heuristic" `num_assistant_tokens_schedule` adapts it),
-        batch size 1, with a `streamer` and `stopping_criteria` (asked after each round) as plain generates.
+        batch size 1, with a `streamer`, `stopping_criteria` (asked after each round) and a `logits_processor`
+        list (applied to both models at each prefix, in any order: each must depend on the prefix alone).
         `self.last_speculation` then says how many drafts were accepted."""
         if kwargs.get("assistant_model") is not None:
             if args:
@@ -366,6 +367,7 @@ class DistributedModelForCausalLM(DistributedModel, GenerationMixin):
         generator = kwargs.pop("generator", None)
         streamer = kwargs.pop("streamer", None)
         criteria = kwargs.pop("stopping_criteria", None)
+        shaping = kwargs.pop("logits_processor", None) or []
         config = copy.deepcopy(kwargs.pop("generation_config", None) or self.generation_config)
         unused = config.update(**kwargs)
         unused.pop("use_cache", None)
@@ -387,16 +389,16 @@ class DistributedModelForCausalLM(DistributedModel, GenerationMixin):
         max_new = config.max_new_tokens
         if max_new is None:
             max_new = (config.max_length or 20) - input_ids.shape[1]
-        warpers = LogitsProcessorList()
+        processors = LogitsProcessorList(shaping)  # the caller's first, then sampling's (transformers' order)
         if config.do_sample:
             if config.temperature is not None and config.temperature != 1.0:
-                warpers.append(TemperatureLogitsWarper(config.temperature))
+                processors.append(TemperatureLogitsWarper(config.temperature))
             if config.top_k:
-                warpers.append(TopKLogitsWarper(config.top_k))
+                processors.append(TopKLogitsWarper(config.top_k))
             if config.top_p is not None and config.top_p < 1.0:
-                warpers.append(TopPLogitsWarper(config.top_p))
+                processors.append(TopPLogitsWarper(config.top_p))
             if config.min_p:
-                warpers.append(MinPLogitsWarper(config.min_p))
+                processors.append(MinPLogitsWarper(config.min_p))
         eos = config.eos_token_id
         eos = set() if eos is None else {eos} if isinstance(eos, int) else set(eos)
         self._sessions.speculation = stats = SpeculationStats()
@@ -424,7 +426,7 @@ class DistributedModelForCausalLM(DistributedModel, GenerationMixin):
                 num_draft_tokens=config.num_assistant_tokens or DEFAULT_DRAFT_TOKENS,
                 adaptive=config.num_assistant_tokens_schedule == "heuristic",
                 do_sample=bool(config.do_sample),
-                warpers=warpers,
+                processors=processors,
                 eos_token_ids=eos,
                 generator=generator,
                 stats=stats,

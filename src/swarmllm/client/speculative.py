@@ -107,7 +107,7 @@ def speculative_generate(
     num_draft_tokens: int = 4,
     adaptive: bool = False,
     do_sample: bool = False,
-    warpers: LogitsProcessorList | None = None,
+    processors: LogitsProcessorList | None = None,
     eos_token_ids: set[int] | frozenset[int] = frozenset(),
     generator: torch.Generator | None = None,
     stats: SpeculationStats | None = None,
@@ -120,16 +120,18 @@ def speculative_generate(
 
     `verify` is the target; it holds the first `held` tokens of input_ids already (a kept session's prefix).
     `num_draft_tokens` is k; `adaptive` changes it as transformers' "heuristic" schedule does (+2 after a round
-    that accepted every draft, -1 otherwise). `warpers` (temperature, top-k, top-p, min-p) shape both models'
-    distributions when sampling: the tokens follow the warped target's. `streamer` gets the prompt, then each
-    round's new tokens, as transformers' streamers do.
+    that accepted every draft, -1 otherwise). `processors` (penalties, a grammar's mask, then temperature, top-k,
+    top-p, min-p) shape both models' logits at each prefix: greedy takes the shaped target's argmax, sampling
+    follows its distribution. Each is called with prefixes in any order (a round goes back over rejected
+    drafts), so it must be a function of the prefix it is given. `streamer` gets the prompt, then each round's
+    new tokens, as transformers' streamers do.
     """
     if input_ids.shape[0] != 1:
         raise ValueError(
             "speculative decoding runs one sequence at a time (batch size 1), as in transformers"
         )
     stats = stats if stats is not None else SpeculationStats()
-    warpers = warpers or LogitsProcessorList()
+    processors = processors or LogitsProcessorList()
     draft = _Draft(draft_model)
     ids = input_ids
     if not 0 <= held < ids.shape[1]:
@@ -142,8 +144,8 @@ def speculative_generate(
         verify(ids[:, held:-1], held)
     k, produced = num_draft_tokens, 0
 
-    def distribution(prefix: Tensor, logits: Tensor) -> Tensor:
-        return torch.softmax(warpers(prefix, logits[None])[0], dim=-1)
+    def shaped(prefix: Tensor, logits: Tensor) -> Tensor:
+        return processors(prefix, logits[None])[0]
 
     while produced < max_new_tokens:
         n = ids.shape[1]
@@ -151,9 +153,9 @@ def speculative_generate(
         drafts, q = [], []
         prefix = ids
         for _ in range(drafting):
-            logits = draft.next_logits(prefix)
+            logits = shaped(prefix, draft.next_logits(prefix))
             if do_sample:
-                q.append(distribution(prefix, logits))
+                q.append(torch.softmax(logits, dim=-1))
                 token = torch.multinomial(q[-1], 1, generator=generator)
             else:
                 token = logits.argmax(-1, keepdim=True)
@@ -161,8 +163,9 @@ def speculative_generate(
             prefix = torch.cat([prefix, token[None].to(prefix.dtype)], dim=1)
         drafted = torch.cat(drafts) if drafts else ids.new_zeros(0)
         target = verify(prefix[:, n - 1 :], n - 1)[0].float()  # [drafting + 1, V]
+        target = torch.stack([shaped(prefix[:, : n + i], target[i]) for i in range(drafting + 1)])
         if do_sample:
-            p = torch.stack([distribution(prefix[:, : n + i], target[i]) for i in range(drafting + 1)])
+            p = torch.softmax(target, dim=-1)
             accepted, token = accept_drafts(drafted, torch.stack(q) if q else p[:0], p, generator)
         else:
             accepted, token = accept_greedy(drafted, target)
