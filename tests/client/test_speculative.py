@@ -7,7 +7,14 @@ from __future__ import annotations
 import pytest
 import torch
 from scipy.stats import chisquare
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, LogitsProcessorList
+from transformers import (
+    AutoModelForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    LogitsProcessorList,
+    RepetitionPenaltyLogitsProcessor,
+    SequenceBiasLogitsProcessor,
+)
 from transformers import TemperatureLogitsWarper as Temperature
 
 from swarmllm.client.speculative import SpeculationStats, accept_drafts, speculative_generate
@@ -96,6 +103,34 @@ def test_greedy_tokens_equal_plain_and_assisted_greedy(checkpoints, family):
         assert ours.tolist() == want.tolist(), (k, adaptive)
         assert 0 < stats.accepted < stats.drafted  # drafts accepted and rejected (the cache rewound)
         assert stats.rounds < 20
+
+
+def test_greedy_tokens_under_logits_processors_equal_transformers(checkpoints):
+    """Processors that are functions of the prefix (a penalty, a bias) shape both models' logits at each prefix:
+    the tokens are transformers' greedy ones under the same processors, and differ from those without them."""
+    path = checkpoints("llama")
+    reference = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    prompt = torch.tensor([[1, 17, 42, 99, 5, 23]])
+    plain = reference.generate(prompt, max_new_tokens=16, do_sample=False)
+    processors = LogitsProcessorList(
+        [
+            RepetitionPenaltyLogitsProcessor(1.5),
+            SequenceBiasLogitsProcessor({(int(plain[0, 7]),): -50.0}),
+        ]
+    )
+    want = reference.generate(prompt, max_new_tokens=16, do_sample=False, logits_processor=processors)
+    assert want.tolist() != plain.tolist()
+    stats = SpeculationStats()
+    ours = speculative_generate(
+        local_target(path),
+        perturbed(path, noise=0.05),
+        prompt,
+        max_new_tokens=16,
+        num_draft_tokens=3,
+        processors=processors,
+        stats=stats,
+    )
+    assert ours.tolist() == want.tolist() and 0 < stats.accepted < stats.drafted
 
 
 def test_sampled_tokens_follow_the_target_distribution(tmp_path):
