@@ -245,3 +245,19 @@ def smollm2_api(name: str = "smollm2") -> Iterator[tuple[object, Path, str]]:
         swarm.start_bootstrap()
         swarm.add_servers([(str(path), (0, 15)), (str(path), (15, 30))])
         yield swarm, path, swarm.start_api(str(path), extra=["--name", name])
+
+
+def with_tokenizer(path: Path, folder: Path) -> Path:
+    """`folder`: the checkpoint at `path` (linked) and a word-level tokenizer of one word per id ("t0", "t1",
+    ...), since the benchmarks' random checkpoints have none and the API needs one."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import AutoConfig, PreTrainedTokenizerFast
+
+    vocab_size = AutoConfig.from_pretrained(path).vocab_size
+    backend = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab_size)}, unk_token="t0"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    folder.mkdir()
+    for file in path.iterdir():
+        (folder / file.name).symlink_to(file)
+    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="t0").save_pretrained(folder)
+    return folder

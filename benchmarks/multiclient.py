@@ -4,11 +4,13 @@ our single-session rate and local transformers generating the same prompts as on
 are checked against its own solo run through the same swarm, and the solo runs against local transformers.
 
     python benchmarks/multiclient.py [--models tiny medium] [--clients 1 4 8] [--rtt-ms 100 --mbit 100]
-        [--networks loopback wan] [--batch-wait-ms 10] [--no-record]
+        [--networks loopback wan] [--faces process api] [--batch-wait-ms 10] [--no-record]
     python benchmarks/multiclient.py --models llama7b --device cuda --dtype float16 --networks loopback
 
 Servers continuously batch the sessions' decode steps (server/batching.py); `--server-args=--batch-wait-ms=0`
-shows what merging without waiting gives.
+shows what merging without waiting gives. `--faces api` has the clients be concurrent requests to one
+`swarmllm api` process instead (greedy completions of the same prompts, as token ids, `ignore_eos`), whose
+generates share one LM head (`client/heads.py`).
 """
 
 from __future__ import annotations
@@ -19,12 +21,15 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from pathlib import Path
 
 import torch
-from common import PETALS_ON_GPU, append_results, checkpoint, markdown_table
+from common import PETALS_ON_GPU, append_results, checkpoint, markdown_table, with_tokenizer
 from netem import Emulator
 from transformers.utils import logging as hf_logging
 
@@ -117,6 +122,54 @@ class Clients:
             proc.wait(30)
 
 
+class ApiClients:
+    """The clients as concurrent requests to one `swarmllm api` process (the same interface as `Clients`); its
+    model folder links the checkpoint beside a word-level tokenizer of one word per id, so the answers' texts
+    give their token ids back."""
+
+    def __init__(self, swarm, path: Path, folder: Path, vocab: int):
+        from swarmllm import AutoDistributedModelForCausalLM
+        from swarmllm.dht.records import dht_prefix_for
+
+        model = with_tokenizer(path, folder / "model")
+        flags = ["--name", "bench", "--dht-prefix", dht_prefix_for(str(path)), "--max-concurrent", "64"]
+        self.api, self.vocab = swarm.start_api(str(model), extra=flags), vocab
+        self.pool = ThreadPoolExecutor(64)
+        # a client of this process only to ask the servers for their batching counts
+        self.observer = AutoDistributedModelForCausalLM.from_pretrained(
+            str(path), initial_peers=swarm.initial_peers
+        )
+        self._one(0, 2)  # warm-up
+
+    def _one(self, seed: int, new_tokens: int) -> dict:
+        ids = prompt(seed, self.vocab)
+        body = {
+            "model": "bench",
+            "prompt": ids,
+            "max_tokens": new_tokens,
+            "temperature": 0,
+            "ignore_eos": True,
+        }
+        request = urllib.request.Request(
+            self.api + "/completions", json.dumps(body).encode(), {"Content-Type": "application/json"}
+        )
+        began = time.monotonic()
+        with urllib.request.urlopen(request, timeout=600) as reply:
+            text = json.load(reply)["choices"][0]["text"]
+        ended = time.monotonic()
+        return {"tokens": ids + [int(word[1:]) for word in text.split()], "began": began, "ended": ended}
+
+    def run(self, seeds: list[int], new_tokens: int) -> list[dict]:
+        return list(self.pool.map(lambda seed: self._one(seed, new_tokens), seeds))
+
+    def stats(self) -> list[tuple[int, int]]:
+        return batching_stats(self.observer.swarm)
+
+    def close(self) -> None:
+        self.observer.shutdown()
+        self.pool.shutdown()
+
+
 def aggregate_tps(results: list[dict], new_tokens: int) -> float:
     span_s = max(r["ended"] for r in results) - min(r["began"] for r in results)
     return len(results) * new_tokens / span_s
@@ -168,9 +221,6 @@ def bench(name: str, network: str, args: argparse.Namespace, local, petals) -> l
 
     path = checkpoint(name)
     blocks = local.config.num_hidden_layers
-    vocab = local.config.vocab_size
-    new = NEW_TOKENS[name]
-    most = max(args.clients)
     rows = []
     with ExitStack() as stack:
         per_server: list[list[str]] = [[], []]
@@ -185,44 +235,61 @@ def bench(name: str, network: str, args: argparse.Namespace, local, petals) -> l
         extra += args.server_args
         for span, own in zip([(0, half), (half, blocks)], per_server, strict=True):
             swarm.add_server(str(path), span, extra=[*extra, *own])
-        clients = Clients(most, path, swarm.initial_peers, args.device, args.dtype)
-        stack.callback(clients.close)
-        print(f"{name} {network}: solo runs ...", file=sys.stderr)
-        solo = {seed: clients.run([seed], new)[0] for seed in range(most)}
-        local_tokens = local_batch_tps(local, vocab, most, new, 1)[1]
-        solo_equal_local = all(solo[seed]["tokens"] == local_tokens[seed] for seed in range(most))
-        single = None
-        for count in args.clients:
-            print(f"{name} {network}: {count} concurrent clients ...", file=sys.stderr)
-            before = clients.stats()
-            runs = [clients.run(list(range(count)), new) for _ in range(args.repeats)]
-            after = clients.stats()
-            merged = " / ".join(
-                f"{(m1 - m0) / max(s1 - s0, 1):.1f}" for (s0, m0), (s1, m1) in zip(before, after, strict=True)
-            )
-            tps = statistics.median(aggregate_tps(r, new) for r in runs)
-            equal = all(r[i]["tokens"] == solo[i]["tokens"] for r in runs for i in range(count))
-            single = single or (tps if count == 1 else None)
-            local_tps = local_batch_tps(local, vocab, count, new, args.repeats)[0]
-            rows.append(
-                [
-                    name,
-                    network,
-                    count,
-                    f"{tps:.1f}",
-                    f"{tps / single:.2f}x" if single else "",
-                    merged,
-                    f"{local_tps:.1f}",
-                    f"{tps / local_tps:.2f}",
-                    _petals_cell(petals, count, network),
-                    equal,
-                    solo_equal_local,
-                ]
-            )
-            print(
-                f"{name} {network}: {count} clients, {tps:.1f} tokens/s, tokens = solo: {equal}",
-                file=sys.stderr,
-            )
+        for face in args.faces:
+            if face == "api":
+                folder = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+                clients = ApiClients(swarm, path, folder, local.config.vocab_size)
+            else:
+                clients = Clients(max(args.clients), path, swarm.initial_peers, args.device, args.dtype)
+            try:
+                rows += runs_of(clients, face, name, network, args, local, petals)
+            finally:
+                clients.close()
+    return rows
+
+
+def runs_of(
+    clients, face: str, name: str, network: str, args: argparse.Namespace, local, petals
+) -> list[list[object]]:
+    """The table's rows of one swarm reached by one kind of clients, each client count in turn."""
+    vocab, new, most = local.config.vocab_size, NEW_TOKENS[name], max(args.clients)
+    print(f"{name} {network} {face}: solo runs ...", file=sys.stderr)
+    solo = {seed: clients.run([seed], new)[0] for seed in range(most)}
+    local_tokens = local_batch_tps(local, vocab, most, new, 1)[1]
+    solo_equal_local = all(solo[seed]["tokens"] == local_tokens[seed] for seed in range(most))
+    single, rows = None, []
+    for count in args.clients:
+        print(f"{name} {network} {face}: {count} concurrent clients ...", file=sys.stderr)
+        before = clients.stats()
+        runs = [clients.run(list(range(count)), new) for _ in range(args.repeats)]
+        after = clients.stats()
+        merged = " / ".join(
+            f"{(m1 - m0) / max(s1 - s0, 1):.1f}" for (s0, m0), (s1, m1) in zip(before, after, strict=True)
+        )
+        tps = statistics.median(aggregate_tps(r, new) for r in runs)
+        equal = all(r[i]["tokens"] == solo[i]["tokens"] for r in runs for i in range(count))
+        single = single or (tps if count == 1 else None)
+        local_tps = local_batch_tps(local, vocab, count, new, args.repeats)[0]
+        rows.append(
+            [
+                name,
+                network,
+                face,
+                count,
+                f"{tps:.1f}",
+                f"{tps / single:.2f}x" if single else "",
+                merged,
+                f"{local_tps:.1f}",
+                f"{tps / local_tps:.2f}",
+                _petals_cell(petals, count, network),
+                equal,
+                solo_equal_local,
+            ]
+        )
+        print(
+            f"{name} {network} {face}: {count} clients, {tps:.1f} tokens/s, tokens = solo: {equal}",
+            file=sys.stderr,
+        )
     return rows
 
 
@@ -248,6 +315,13 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["tiny", "medium"], choices=list(NEW_TOKENS))
     parser.add_argument("--clients", nargs="+", type=int, default=[1, 4, 8])
     parser.add_argument("--networks", nargs="+", default=["loopback", "wan"], choices=["loopback", "wan"])
+    parser.add_argument(
+        "--faces",
+        nargs="+",
+        default=["process"],
+        choices=["process", "api"],
+        help="the clients: each its own process, or concurrent requests to one `swarmllm api`",
+    )
     parser.add_argument("--rtt-ms", type=float, default=100.0)
     parser.add_argument("--mbit", type=float, default=100.0)
     parser.add_argument("--batch-wait-ms", type=float, default=10.0)
@@ -283,6 +357,7 @@ def main() -> None:
         [
             "model",
             "network",
+            "clients are",
             "clients",
             "swarm tokens/s (all clients)",
             "vs 1 client",
@@ -301,7 +376,8 @@ def main() -> None:
         append_results(
             "Many clients at once: continuous batching through 2 servers, loopback and emulated WAN",
             table,
-            f"Each client is its own process (1 torch thread) with its own 6-token prompt, greedy, new tokens "
+            f"Each client is its own process (1 torch thread), or a request to one `swarmllm api` (`api`: "
+            "default torch threads, its generates sharing one LM head), with its own 6-token prompt, greedy, new tokens "
             f"{', '.join(f'{k} {v}' for k, v in NEW_TOKENS.items())}; aggregate = all clients' new tokens / "
             f"(last end - first start), median of {args.repeats}. Emulated WAN: {wan}, on every direct "
             f"connection to a server (client to server and the push between servers). Servers: "

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import PROMPT, append_results, checkpoint, markdown_table  # noqa: E402
+from common import PROMPT, append_results, checkpoint, markdown_table, with_tokenizer  # noqa: E402
 
 PROXY_HOST = "127.0.0.2"
 NOISE_LEVELS = (0.2, 0.1, 0.05, 0.03, 0.02, 0.01, 0.005, 0.002)
@@ -160,22 +160,6 @@ def complete(api: str, model: str, prompt: list[int], max_tokens: int) -> tuple[
     seconds = time.perf_counter() - began
     assert answer["usage"]["completion_tokens"] == max_tokens, answer["usage"]
     return answer["choices"][0]["text"], seconds
-
-
-def with_tokenizer(path: Path, folder: Path) -> Path:
-    """`folder`: the checkpoint at `path` (linked) and a word-level tokenizer of one word per id ("t0", "t1",
-    ...), since the benchmarks' random checkpoints have none and the API needs one."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import AutoConfig, PreTrainedTokenizerFast
-
-    vocab_size = AutoConfig.from_pretrained(path).vocab_size
-    backend = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab_size)}, unk_token="t0"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    folder.mkdir()
-    for file in path.iterdir():
-        (folder / file.name).symlink_to(file)
-    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="t0").save_pretrained(folder)
-    return folder
 
 
 def api_rates(swarm, path, draft, args, inputs) -> tuple[float, float]:

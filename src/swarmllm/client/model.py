@@ -43,6 +43,7 @@ from transformers.modeling_outputs import (
     SequenceClassifierOutput,
 )
 
+from swarmllm.client.heads import MergedHead
 from swarmllm.client.loop import run_sync
 from swarmllm.client.remote import PromptTuning, RemoteLora, run_blocks
 from swarmllm.client.session import InferenceSession
@@ -132,6 +133,7 @@ class DistributedModel(PreTrainedModel):
         self.ptune: PromptTuning | None = None
         self.lora: RemoteLora | None = None
         self._sessions = threading.local()  # each thread its own active session: concurrent generates
+        self.merged_head = MergedHead(lambda hidden: self.head.logits(hidden))  # one matmul a step for all threads
 
     @classmethod
     def from_pretrained(
@@ -336,6 +338,13 @@ class DistributedModelForCausalLM(DistributedModel, GenerationMixin):
         batch size 1, with a `streamer`, `stopping_criteria` (asked after each round) and a `logits_processor`
         list (applied to both models at each prefix, in any order: each must depend on the prefix alone).
         `self.last_speculation` then says how many drafts were accepted."""
+        try:
+            return self._generate(inputs, *args, **kwargs)
+        finally:
+            self.merged_head.forget()
+
+    def _generate(self, inputs: torch.Tensor | None, *args, **kwargs):
+        """`generate`'s work, while the calling thread takes part in the merged LM head."""
         if kwargs.get("assistant_model") is not None:
             if args:
                 raise TypeError("with assistant_model, pass generation options by keyword")
@@ -416,7 +425,7 @@ class DistributedModelForCausalLM(DistributedModel, GenerationMixin):
                 hidden = run_sync(remote.session.step(self.head.embed(tokens), position=position))
                 held = torch.cat([held[:, :position], tokens], dim=1)
                 weight = self.head.lm_head.weight
-                return self.head.logits(hidden.to(weight.device, weight.dtype))
+                return self.merged_head(hidden.to(weight.device, weight.dtype))
 
             out = speculative_generate(
                 verify,
@@ -454,7 +463,7 @@ class DistributedModelForCausalLM(DistributedModel, GenerationMixin):
             embeds = self.head.embed(input_ids) if inputs_embeds is None else inputs_embeds
             hidden = self._blocks(embeds, attention_mask)
         weight = self.head.lm_head.weight
-        logits = self.head.logits(hidden.to(weight.device, weight.dtype))
+        logits = self.merged_head(hidden.to(weight.device, weight.dtype))
         loss = None
         if labels is not None:
             loss = torch.nn.functional.cross_entropy(

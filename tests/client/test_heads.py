@@ -1,0 +1,94 @@
+"""`MergedHead`: concurrent threads' LM-head calls merged into one matmul give each thread exactly its own rows'
+logits; a lone thread's calls run alone; an error reaches every thread of the merged call; calls that track
+gradients never merge."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from swarmllm.client.heads import MergedHead
+
+HIDDEN, VOCAB = 256, 8192
+
+
+@pytest.fixture
+def weight():
+    return torch.randn(VOCAB, HIDDEN, generator=torch.Generator().manual_seed(0))
+
+
+def run_threads(count: int, work) -> list:
+    """`work(i)` in `count` threads at once; their results (or what they raised), in order."""
+    results: list = [None] * count
+
+    def run(i: int) -> None:
+        try:
+            results[i] = work(i)
+        except Exception as e:  # noqa: BLE001 - handed to the test
+            results[i] = e
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    return results
+
+
+def test_concurrent_threads_get_their_own_rows_from_merged_calls(weight):
+    sizes = []
+
+    def head(rows):
+        sizes.append(rows.shape[0])
+        return rows @ weight.T
+
+    merged = MergedHead(head, max_wait_s=1.0)
+    threads, rounds = 4, 20
+    start = threading.Barrier(threads)
+    inputs = torch.randn(threads, rounds, 1, 1, HIDDEN, generator=torch.Generator().manual_seed(1))
+
+    @torch.no_grad()
+    def work(i: int) -> list[torch.Tensor]:
+        out = []
+        for r in range(rounds):
+            start.wait(timeout=60)  # the threads call together, as generates answered by one merged step
+            out.append(merged(inputs[i, r]))
+        return out
+
+    results = run_threads(threads, work)
+    for i, outs in enumerate(results):
+        assert not isinstance(outs, Exception), outs
+        for r, out in enumerate(outs):
+            assert out.shape == (1, 1, VOCAB)
+            torch.testing.assert_close(out, inputs[i, r] @ weight.T, rtol=1e-5, atol=1e-4)
+    assert merged.merged == threads * rounds == sum(sizes)
+    assert merged.calls < merged.merged and max(sizes) > 1  # some calls were merged
+
+
+def test_a_lone_thread_runs_alone_and_errors_reach_every_thread(weight):
+    merged = MergedHead(lambda rows: rows @ weight.T, max_wait_s=1.0)
+    with torch.no_grad():
+        for _ in range(5):
+            merged(torch.randn(1, 3, HIDDEN))  # several rows of one call (a prefill) stay together
+    assert merged.calls == merged.merged == 5
+
+    def failing(rows):
+        raise RuntimeError("the head failed")
+
+    broken = MergedHead(failing, max_wait_s=1.0)
+
+    @torch.no_grad()
+    def work(i: int):
+        return broken(torch.randn(1, 1, HIDDEN))
+
+    assert all(isinstance(e, RuntimeError) and "the head failed" in str(e) for e in run_threads(3, work))
+
+
+def test_calls_that_track_gradients_run_alone(weight):
+    calls = []
+    merged = MergedHead(lambda rows: calls.append(rows.shape) or rows @ weight.T)
+    hidden = torch.randn(2, 1, HIDDEN, requires_grad=True)
+    merged(hidden).sum().backward()
+    assert hidden.grad is not None and merged.calls == 0 and calls == [(2, 1, HIDDEN)]
