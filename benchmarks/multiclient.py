@@ -260,6 +260,8 @@ def runs_of(
     single, rows = None, []
     for count in args.clients:
         print(f"{name} {network} {face}: {count} concurrent clients ...", file=sys.stderr)
+        # an untimed run at this count first: the servers re-lay their weights out for merged steps
+        clients.run(list(range(count)), new)
         before = clients.stats()
         runs = [clients.run(list(range(count)), new) for _ in range(args.repeats)]
         after = clients.stats()
@@ -379,7 +381,7 @@ def main() -> None:
             f"Each client is its own process (1 torch thread), or a request to one `swarmllm api` (`api`: "
             "default torch threads, its generates sharing one LM head), with its own 6-token prompt, greedy, new tokens "
             f"{', '.join(f'{k} {v}' for k, v in NEW_TOKENS.items())}; aggregate = all clients' new tokens / "
-            f"(last end - first start), median of {args.repeats}. Emulated WAN: {wan}, on every direct "
+            f"(last end - first start), median of {args.repeats} after an untimed run at each client count. Emulated WAN: {wan}, on every direct "
             f"connection to a server (client to server and the push between servers). Servers: "
             f"--batch-wait-ms {args.batch_wait_ms:g} --device {args.device} --dtype {args.dtype} "
             f"{' '.join(args.server_args)}. Local transformers: one "

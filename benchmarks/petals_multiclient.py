@@ -135,6 +135,7 @@ def measure(workers, new, repeats, counts):
     solo = {seed: run([seed])[0]["tokens"] for seed in range(max(counts))}
     result, equal = {}, True
     for count in counts:
+        run(list(range(count)))  # warm-up at this count, not timed (as multiclient.py does for ours)
         rates = []
         for _ in range(repeats):
             runs = run(list(range(count)))

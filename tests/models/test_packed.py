@@ -1,6 +1,6 @@
 """Packed (oneDNN) projection weights: the same products as the plain layout in every layout, with adapters and
 input gradients; which weights get packed; the layout policy; and a backend that re-lays its weights out as its
-decode steps go from one session to several and back."""
+decode steps go from one session to several and back; a client head's packed copy."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from swarmllm.models.packed import (
     MANY_ROWS,
     MIN_PACKED_ELEMENTS,
     ONE_ROW,
+    PackedCopy,
     PackedProjection,
     can_pack,
     layout_for,
@@ -147,3 +148,30 @@ def test_a_backend_relays_its_weights_out_as_sessions_come_and_go(wide_checkpoin
     step(3 + 2 * LAYOUT_WINDOW, merged=True)
     for backend in (plain, packed):
         backend.shutdown()
+
+
+def test_a_packed_copy_of_a_head_computes_its_product_and_follows_its_weight():
+    """A client's LM head through `PackedCopy` (the merged rows of concurrent generates): the plain product for
+    any number of rows, the new product once the weight changes in place or is replaced, and the plain call
+    itself where the head is small or a gradient is wanted."""
+    torch.manual_seed(0)
+    head = torch.nn.Linear(1024, 4096, bias=False)  # 4M values: packed
+    packed = PackedCopy()
+    with torch.no_grad():
+        for rows in (1, 4, 8):
+            x = torch.randn(rows, 1, 1024)
+            assert close(packed(head, x), head(x))
+        x = torch.randn(4, 1024)
+        before = packed(head, x)
+        head.weight.mul_(-2.0)  # in place: the copy is re-made
+        assert close(packed(head, x), head(x)) and close(packed(head, x), -2.0 * before)
+        head.weight = torch.nn.Parameter(torch.randn(4096, 1024))  # replaced
+        assert close(packed(head, x), head(x))
+        small = torch.nn.Linear(64, 128)
+        y = torch.randn(3, 64)
+        assert torch.equal(packed(small, y), small(y))  # too small to pay: the plain call
+    x = torch.randn(2, 1024, requires_grad=True)
+    out = packed(head, x)
+    assert torch.equal(out, head(x))  # the plain call, so the gradient reaches x
+    out.sum().backward()
+    assert x.grad is not None

@@ -54,6 +54,7 @@ from swarmllm.dht.records import dht_prefix_for
 from swarmllm.models import BlockConfig, ClientHead, load_client_head
 from swarmllm.models.llama import FAMILIES
 from swarmllm.models.lora import CONFIG_FILE, LoraSettings, read_peft_adapter, write_peft_adapter
+from swarmllm.models.packed import PackedCopy
 
 logger = logging.getLogger(__name__)
 
@@ -133,7 +134,10 @@ class DistributedModel(PreTrainedModel):
         self.ptune: PromptTuning | None = None
         self.lora: RemoteLora | None = None
         self._sessions = threading.local()  # each thread its own active session: concurrent generates
-        self.merged_head = MergedHead(lambda hidden: self.head.logits(hidden))  # one matmul a step for all threads
+        packed = PackedCopy()  # the merged rows' matmul, on a CPU (models/packed.py)
+        self.merged_head = MergedHead(  # one matmul a step for all threads
+            lambda hidden: self.head.logits(hidden), merged=lambda hidden: self.head.logits(hidden, packed)
+        )
 
     @classmethod
     def from_pretrained(

@@ -17,7 +17,7 @@ there once. Per-request trainable inputs (deep prompts, adapters) are arguments 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -860,5 +860,7 @@ class ClientHead(nn.Module):
     def embed(self, input_ids: Tensor) -> Tensor:
         return self.embed_tokens(input_ids)  # [B, T, H]
 
-    def logits(self, hidden: Tensor) -> Tensor:
-        return self.lm_head(self.norm(hidden))  # [B, T, vocab]
+    def logits(self, hidden: Tensor, matmul: Callable[[nn.Linear, Tensor], Tensor] | None = None) -> Tensor:
+        """`matmul(lm_head, x)`: the head's matmul done another way (a client's packed copy, `models/packed.py`)."""
+        hidden = self.norm(hidden)
+        return self.lm_head(hidden) if matmul is None else matmul(self.lm_head, hidden)  # [B, T, vocab]
