@@ -18,6 +18,7 @@ backward pass, so the packed weight is the only copy held.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 
 import torch
@@ -123,6 +124,7 @@ class PackedCopy:
 
     def __init__(self) -> None:
         self._packed: tuple[tuple[int, int], Tensor] | None = None  # ((pointer, version), packed weight)
+        self._lock = threading.Lock()
 
     def __call__(self, linear: nn.Linear, x: Tensor) -> Tensor:
         weight = linear.weight
@@ -133,9 +135,11 @@ class PackedCopy:
             or not can_pack(weight.device, weight.dtype)
         ):
             return linear(x)
-        key, made = (weight.data_ptr(), weight._version), self._packed
-        if made is None or made[0] != key:  # (two threads may both re-make it: each uses its own)
-            made = self._packed = key, _reorder(weight.detach(), MANY_ROWS)
+        key = (weight.data_ptr(), weight._version)
+        with self._lock:  # one thread makes it (~0.3 s for 131 MB under load), the others wait for it
+            made = self._packed
+            if made is None or made[0] != key:
+                made = self._packed = key, _reorder(weight.detach(), MANY_ROWS)
         bias = None if linear.bias is None else linear.bias.detach()
         return torch.ops.mkldnn._linear_pointwise(x, made[1], bias, "none", [], "")
 
