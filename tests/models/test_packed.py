@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from swarmllm.models import load_span
+from swarmllm.models import packed as packed_module
 from swarmllm.models.llama import Lora, Projection
 from swarmllm.models.packed import (
     MANY_ROWS,
@@ -150,26 +151,34 @@ def test_a_backend_relays_its_weights_out_as_sessions_come_and_go(wide_checkpoin
         backend.shutdown()
 
 
-def test_a_packed_copy_of_a_head_computes_its_product_and_follows_its_weight():
-    """A client's LM head through `PackedCopy` (the merged rows of concurrent generates): the plain product for
-    any number of rows, the new product once the weight changes in place or is replaced, and the plain call
-    itself where the head is small or a gradient is wanted."""
+def test_a_packed_copy_of_a_head_computes_its_product_and_follows_its_weight_and_rows(monkeypatch):
+    """A client's LM head through `PackedCopy`: the plain product for any number of rows, laid out for one row or
+    many as its recent calls go, the new product once the weight changes in place or is replaced, and the plain
+    call itself where the head is small, too large to copy, or a gradient is wanted."""
     torch.manual_seed(0)
     head = torch.nn.Linear(1024, 4096, bias=False)  # 4M values: packed
-    packed = PackedCopy()
+    packed = PackedCopy(history=4)
     with torch.no_grad():
-        for rows in (1, 4, 8):
-            x = torch.randn(rows, 1, 1024)
-            assert close(packed(head, x), head(x))
-        x = torch.randn(4, 1024)
-        before = packed(head, x)
-        head.weight.mul_(-2.0)  # in place: the copy is re-made
-        assert close(packed(head, x), head(x)) and close(packed(head, x), -2.0 * before)
-        head.weight = torch.nn.Parameter(torch.randn(4096, 1024))  # replaced
+        x = torch.randn(4, 1, 1024)
         assert close(packed(head, x), head(x))
+        assert packed.rows == ONE_ROW  # float32 starts laid out for one row, whatever the first call
+        for _ in range(4):  # concurrent generates' merged rows
+            assert close(packed(head, x), head(x))
+        assert packed.rows == MANY_ROWS
+        one = torch.randn(1, 1, 1024)
+        for _ in range(4):  # a lone generate
+            assert close(packed(head, one), head(one))
+        assert packed.rows == ONE_ROW
+        before = packed(head, one)
+        head.weight.mul_(-2.0)  # in place: the copy is re-made
+        assert close(packed(head, one), head(one)) and close(packed(head, one), -2.0 * before)
+        head.weight = torch.nn.Parameter(torch.randn(4096, 1024))  # replaced
+        assert close(packed(head, one), head(one))
         small = torch.nn.Linear(64, 128)
         y = torch.randn(3, 64)
         assert torch.equal(packed(small, y), small(y))  # too small to pay: the plain call
+        monkeypatch.setattr(packed_module, "MAX_COPY_BYTES", 4096 * 1024 * 4 - 1)
+        assert torch.equal(packed(head, one), head(one))  # too large to copy: the plain call
     x = torch.randn(2, 1024, requires_grad=True)
     out = packed(head, x)
     assert torch.equal(out, head(x))  # the plain call, so the gradient reaches x

@@ -6,7 +6,6 @@ vocabulary) instead of once per thread, which on a CPU is most of a client's tim
 The policy is the servers' (`server/batching.py`), for threads: a merged call runs at once when every thread
 that called within `active_s` has a call waiting (a lone generate never waits), else once `max_wait_s` has passed,
 and never later than the last merged call took. The first waiting thread runs it; the others wait for their rows.
-The merged rows' matmul can be another function (a client's head packed for many rows, `models/packed.py`).
 Only calls without gradients merge (generates run under `torch.no_grad`): a merged graph would tie the threads'
 backward passes together.
 """
@@ -34,16 +33,8 @@ class _Call:
 class MergedHead:
     """`head(hidden [..., hidden_size]) -> logits [..., vocab]`, row-wise, merged over concurrent threads."""
 
-    def __init__(
-        self,
-        head: Callable[[Tensor], Tensor],
-        *,
-        merged: Callable[[Tensor], Tensor] | None = None,
-        max_wait_s: float = 0.005,
-        active_s: float = 1.0,
-    ):
-        """`merged`: the same function, for the rows of several threads (laid out for many rows)."""
-        self.head, self.head_of_many = head, merged or head
+    def __init__(self, head: Callable[[Tensor], Tensor], *, max_wait_s: float = 0.005, active_s: float = 1.0):
+        self.head = head
         self.max_wait_s, self.active_s = max_wait_s, active_s
         self._lock = threading.Condition()
         self._waiting: list[_Call] = []
@@ -106,10 +97,7 @@ class MergedHead:
     def _run(self, batch: list[_Call]) -> None:
         began = time.monotonic()
         try:
-            if len(batch) > 1:
-                out = self.head_of_many(torch.cat([c.rows for c in batch]))
-            else:
-                out = self.head(batch[0].rows)
+            out = self.head(torch.cat([c.rows for c in batch]) if len(batch) > 1 else batch[0].rows)
             for c, rows in zip(batch, out.split([c.rows.shape[0] for c in batch]), strict=True):
                 c.out = rows
         except BaseException as e:  # noqa: BLE001 - each thread of the merged call raises it

@@ -134,10 +134,8 @@ class DistributedModel(PreTrainedModel):
         self.ptune: PromptTuning | None = None
         self.lora: RemoteLora | None = None
         self._sessions = threading.local()  # each thread its own active session: concurrent generates
-        packed = PackedCopy()  # the merged rows' matmul, on a CPU (models/packed.py)
-        self.merged_head = MergedHead(  # one matmul a step for all threads
-            lambda hidden: self.head.logits(hidden), merged=lambda hidden: self.head.logits(hidden, packed)
-        )
+        packed = PackedCopy()  # the head's matmul without gradients, on a CPU (models/packed.py)
+        self.merged_head = MergedHead(lambda hidden: self.head.logits(hidden, packed))  # one a step for all
 
     @classmethod
     def from_pretrained(

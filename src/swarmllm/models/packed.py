@@ -19,6 +19,7 @@ backward pass, so the packed weight is the only copy held.
 from __future__ import annotations
 
 import threading
+from collections import deque
 from collections.abc import Sequence
 
 import torch
@@ -30,6 +31,7 @@ MIN_PACKED_ELEMENTS = 1 << 20  # e.g. 1024 x 1024: ~0.3 ms a row in float32 on o
 ONE_ROW, MANY_ROWS = 1, 16  # the row counts a weight is laid out for
 PACKED_DTYPES = (torch.float32, torch.bfloat16)
 MERGED_SHARE_UP, MERGED_SHARE_DOWN = 0.5, 0.2  # hysteresis of `layout_for`
+MAX_COPY_BYTES = 1 << 30  # the largest head a client copies packed (a [32000, 4096] float32 head is 0.5 GiB)
 
 
 def can_pack(device: torch.device | str, dtype: torch.dtype) -> bool:
@@ -113,35 +115,53 @@ class PackedProjection(nn.Module):
 
 
 class PackedCopy:
-    """`packed(linear, x)`: `linear(x)` without gradients, through a copy of `linear`'s weight packed for many
-    rows: for a client's LM head when concurrent generates merge their rows into one call (`client/heads.py`).
-    In the plain layout each row costs about one row's time (a [32000, 1024] float32 head: 5.7 ms for 1 row,
-    22 ms for 4), packed the rows share one read of the weight (9.4 ms for 4, measured in `benchmarks/RESULTS.md`).
-    The copy is made at the first call and again when the weight is replaced or changed in place; it costs the
-    head's size again (the plain weight stays: the embeddings may share it, training reads it). Where a weight
-    can't be packed (a GPU, float16, a small head) it is `linear(x)`.
+    """`packed(linear, x)`: `linear(x)` without gradients, through a copy of `linear`'s weight packed for oneDNN:
+    a CPU client's LM head. In PyTorch's plain layout the head's matmul costs one row's time per row (a [32000,
+    1024] float32 head: 6.4 ms for 1 row, 24 for 4 on one thread) and one thread whatever the threads: packed,
+    the rows of concurrent generates merged into one call (`client/heads.py`) share one read of the weight (10.3
+    ms for 4) and a lone row runs on every thread (3.7 ms on 2; `benchmarks/head_matmul.py`). Laid out as
+    `layout_for` says over the rows of its recent calls, as a server's projections are.
+
+    The copy is made at the first call and again when the weight is replaced or changed in place. It costs the
+    head's size again (the plain weight stays: the embeddings may share it, training reads it), so a head over
+    `MAX_COPY_BYTES` is not copied; nor is one that can't be packed (a GPU, float16, a small head): those are
+    `linear(x)`.
     """
 
-    def __init__(self) -> None:
-        self._packed: tuple[tuple[int, int], Tensor] | None = None  # ((pointer, version), packed weight)
+    def __init__(self, history: int = 16) -> None:
+        self._packed: tuple[tuple[int, int, int], Tensor] | None = None  # ((pointer, version, rows), weight)
         self._lock = threading.Lock()
+        self._recent: deque[int] = deque(maxlen=history)  # rows of the recent calls
 
     def __call__(self, linear: nn.Linear, x: Tensor) -> Tensor:
         weight = linear.weight
         if (
             (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
             or weight.numel() < MIN_PACKED_ELEMENTS
+            or weight.numel() * weight.element_size() > MAX_COPY_BYTES
             or x.dtype != weight.dtype
             or not can_pack(weight.device, weight.dtype)
         ):
             return linear(x)
-        key = (weight.data_ptr(), weight._version)
         with self._lock:  # one thread makes it (~0.3 s for 131 MB under load), the others wait for it
+            self._recent.append(x.numel() // x.shape[-1])
             made = self._packed
+            current = made[0][2] if made is not None else initial_rows(weight.dtype)
+            if weight.dtype != torch.float32:
+                rows = MANY_ROWS
+            else:  # re-laid only once its history is whole (a generate's first call, its prompt, is no sign)
+                full = len(self._recent) == self._recent.maxlen
+                rows = layout_for(self._recent, current) if full else current
+            key = (weight.data_ptr(), weight._version, rows)
             if made is None or made[0] != key:
-                made = self._packed = key, _reorder(weight.detach(), MANY_ROWS)
+                made = self._packed = key, _reorder(weight.detach(), rows)
         bias = None if linear.bias is None else linear.bias.detach()
         return torch.ops.mkldnn._linear_pointwise(x, made[1], bias, "none", [], "")
+
+    @property
+    def rows(self) -> int | None:
+        """The row count the copy is laid out for (None before one is made): for inspection and tests."""
+        return None if self._packed is None else self._packed[0][2]
 
 
 def pack_block(block: LlamaBlock) -> LlamaBlock:
