@@ -129,7 +129,8 @@ class PackedCopy:
     """
 
     def __init__(self, history: int = 16) -> None:
-        self._packed: tuple[tuple[int, int, int], Tensor] | None = None  # ((pointer, version, rows), weight)
+        # ((the plain weight, its version, rows), packed): holding the weight keeps a new one from taking its place
+        self._packed: tuple[tuple[Tensor, int, int], Tensor] | None = None
         self._lock = threading.Lock()
         self._recent: deque[int] = deque(maxlen=history)  # rows of the recent calls
 
@@ -152,8 +153,8 @@ class PackedCopy:
             else:  # re-laid only once its history is whole (a generate's first call, its prompt, is no sign)
                 full = len(self._recent) == self._recent.maxlen
                 rows = layout_for(self._recent, current) if full else current
-            key = (weight.data_ptr(), weight._version, rows)
-            if made is None or made[0] != key:
+            key = (weight, weight._version, rows)
+            if made is None or made[0][0] is not weight or made[0][1:] != key[1:]:
                 made = self._packed = key, _reorder(weight.detach(), rows)
         bias = None if linear.bias is None else linear.bias.detach()
         return torch.ops.mkldnn._linear_pointwise(x, made[1], bias, "none", [], "")
