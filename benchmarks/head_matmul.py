@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from common import append_results, markdown_table
 
-from swarmllm.models.packed import MANY_ROWS, ONE_ROW, _reorder
+from swarmllm.models.packed import MANY_ROWS, ONE_ROW, PackedProjection
 
 
 def median_ms(call, repeats: int) -> float:
@@ -40,11 +40,12 @@ def main() -> None:
     parser.add_argument("--no-record", action="store_true")
     args = parser.parse_args()
 
-    weight = torch.randn(args.vocab, args.hidden, generator=torch.Generator().manual_seed(0))
-    packed = {rows: _reorder(weight, rows) for rows in (ONE_ROW, MANY_ROWS)}
+    head = torch.nn.Linear(args.hidden, args.vocab, bias=False)
+    weight = head.weight.detach()
+    packed = {rows: PackedProjection.from_projection(head, rows) for rows in (ONE_ROW, MANY_ROWS)}
 
     def pointwise(x: torch.Tensor, layout: int) -> torch.Tensor:
-        return torch.ops.mkldnn._linear_pointwise(x, packed[layout], None, "none", [], "")
+        return packed[layout](x)
 
     table_rows, worst = [], 0.0
     for threads in args.threads:
@@ -78,8 +79,8 @@ def main() -> None:
             f"A client's LM head for merged rows: plain against packed ([{args.vocab}, {args.hidden}] float32)",
             table,
             f"One matmul of [rows, {args.hidden}] by the head's weight; median of {args.repeats} calls after 3. "
-            f"Packed: `torch.ops.mkldnn._linear_pointwise` on the weight reordered for 1 or {MANY_ROWS} rows "
-            f"(`models/packed.py`). Largest difference from the plain product: {worst:.1e} of its largest value.",
+            f"Packed: `PackedProjection` laid out for 1 or {MANY_ROWS} rows (`models/packed.py`, oneDNN). "
+            f"Largest difference from the plain product: {worst:.1e} of its largest value.",
         )
 
 

@@ -92,7 +92,7 @@ class PackedProjection(nn.Module):
         self.rows = rows
 
     @classmethod
-    def from_projection(cls, projection: Projection, rows: int) -> PackedProjection:
+    def from_projection(cls, projection: Projection | nn.Linear, rows: int) -> PackedProjection:
         bias = None if projection.bias is None else projection.bias.detach()
         return cls(_reorder(projection.weight.detach(), rows), bias, rows)
 
@@ -129,8 +129,10 @@ class PackedCopy:
     """
 
     def __init__(self, history: int = 16) -> None:
-        # ((the plain weight, its version, rows), packed): holding the weight keeps a new one from taking its place
-        self._packed: tuple[tuple[Tensor, int, int], Tensor] | None = None
+        self._copy: PackedProjection | None = None
+        # what it was packed from: holding the weight keeps a new one from taking its place at the same address
+        self._weight: Tensor | None = None
+        self._version = -1
         self._lock = threading.Lock()
         self._recent: deque[int] = deque(maxlen=history)  # rows of the recent calls
 
@@ -146,23 +148,23 @@ class PackedCopy:
             return linear(x)
         with self._lock:  # one thread makes it (~0.3 s for 131 MB under load), the others wait for it
             self._recent.append(x.numel() // x.shape[-1])
-            made = self._packed
-            current = made[0][2] if made is not None else initial_rows(weight.dtype)
+            copy = self._copy
+            current = copy.rows if copy is not None else initial_rows(weight.dtype)
             if weight.dtype != torch.float32:
                 rows = MANY_ROWS
             else:  # re-laid only once its history is whole (a generate's first call, its prompt, is no sign)
                 full = len(self._recent) == self._recent.maxlen
                 rows = layout_for(self._recent, current) if full else current
-            key = (weight, weight._version, rows)
-            if made is None or made[0][0] is not weight or made[0][1:] != key[1:]:
-                made = self._packed = key, _reorder(weight.detach(), rows)
-        bias = None if linear.bias is None else linear.bias.detach()
-        return torch.ops.mkldnn._linear_pointwise(x, made[1], bias, "none", [], "")
+            stale = self._weight is not weight or self._version != weight._version  # (no copy yet: stale)
+            if stale or copy.rows != rows:
+                copy = self._copy = PackedProjection.from_projection(linear, rows)
+                self._weight, self._version = weight, weight._version
+        return copy(x)
 
     @property
     def rows(self) -> int | None:
         """The row count the copy is laid out for (None before one is made): for inspection and tests."""
-        return None if self._packed is None else self._packed[0][2]
+        return None if self._copy is None else self._copy.rows
 
 
 def pack_block(block: LlamaBlock) -> LlamaBlock:
