@@ -83,6 +83,26 @@ def test_a_late_session_costs_at_most_the_wait_budget():
     asyncio.run(main())
 
 
+def test_a_session_that_closes_while_its_step_waits_is_not_waited_for_after_it():
+    async def main():
+        run = Recorder()
+        batcher = DecodeBatcher(run, max_wait_s=10.0)
+        await asyncio.gather(batcher.step("a", "a0"), batcher.step("b", "b0"))
+        waiting = asyncio.ensure_future(batcher.step("b", "b1"))
+        await asyncio.sleep(0)
+        batcher.forget("b")  # b closes while its step waits for a
+        assert await asyncio.gather(waiting, batcher.step("a", "a1")) == ["out-b1", "out-a1"]
+        # the merged step that ran b's last step did not make b a decoding session again: a's next step is
+        # due on arrival and runs within the call, without waiting for b
+        step = batcher.step("a", "a2").__await__()
+        with pytest.raises(StopIteration) as ran:
+            next(step)
+        assert ran.value.value == "out-a2"
+        assert run.batches[-1] == ["a2"]
+
+    asyncio.run(main())
+
+
 def test_an_error_reaches_every_session_of_the_merged_step():
     def fail(requests):
         raise RuntimeError("boom")

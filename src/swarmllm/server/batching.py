@@ -51,6 +51,7 @@ class DecodeBatcher(Generic[R]):
         self.active_s = active_s
         self._waiting: list[Waiting[R]] = []
         self._decoding: dict[Hashable, float] = {}  # session -> when its last step ran
+        self._closed: set[Hashable] = set()  # forgotten sessions whose step is still waiting
         self._timer: asyncio.TimerHandle | None = None
         self._last_step_s = 0.0  # how long the last merged step took
         self.steps = 0  # merged steps run
@@ -78,6 +79,8 @@ class DecodeBatcher(Generic[R]):
     def forget(self, session: Hashable) -> None:
         """The session closed: no step waits for it any more."""
         self._decoding.pop(session, None)
+        if any(w.session == session for w in self._waiting):
+            self._closed.add(session)
         if self._waiting and self._due():
             self._flush()
 
@@ -123,4 +126,7 @@ class DecodeBatcher(Generic[R]):
         self.steps += 1
         self.merged += len(sessions)
         for session in sessions:
-            self._decoding[session] = now
+            if session in self._closed:  # it closed while its step waited: no later step waits for it
+                self._closed.discard(session)
+            else:
+                self._decoding[session] = now
