@@ -148,9 +148,14 @@ def pick_draft(path, k: int, new_tokens: int):
     raise RuntimeError("no noise level gives a draft that agrees >= 70% of the time")
 
 
-def complete(api: str, model: str, prompt: list[int], max_tokens: int) -> tuple[str, float]:
-    """A greedy completion of exactly `max_tokens` tokens through the API, and the seconds it took."""
+def complete(
+    api: str, model: str, prompt: list[int], max_tokens: int, logprobs: int | None = None
+) -> tuple[str, float]:
+    """A greedy completion of exactly `max_tokens` tokens through the API (with each token's `logprobs` top
+    alternatives, if given), and the seconds it took."""
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
+    if logprobs is not None:
+        body["logprobs"] = logprobs
     request = urllib.request.Request(
         api + "/completions", json.dumps(body).encode(), {"Content-Type": "application/json"}
     )
@@ -159,6 +164,8 @@ def complete(api: str, model: str, prompt: list[int], max_tokens: int) -> tuple[
         answer = json.load(reply)
     seconds = time.perf_counter() - began
     assert answer["usage"]["completion_tokens"] == max_tokens, answer["usage"]
+    if logprobs is not None:
+        assert len(answer["choices"][0]["logprobs"]["token_logprobs"]) == max_tokens
     return answer["choices"][0]["text"], seconds
 
 
@@ -180,7 +187,7 @@ def api_rates(swarm, path, draft, args, inputs) -> tuple[float, float]:
         for repeat in range(args.repeats + 1):  # the first: a warm-up
             for prompt in inputs:
                 for model in ("plain", "spec"):
-                    text, took = complete(api, model, prompt[0].tolist(), args.new_tokens)
+                    text, took = complete(api, model, prompt[0].tolist(), args.new_tokens, args.logprobs)
                     if repeat:
                         texts[model].append(text)
                         seconds[model].append(took)
@@ -197,6 +204,7 @@ def main() -> None:
     parser.add_argument("--draft-tokens", type=int, default=4)
     parser.add_argument("--new-tokens", type=int, default=48)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--logprobs", type=int, help="the API's requests ask for log-probabilities (top N)")
     parser.add_argument("--no-save", action="store_true")
     args = parser.parse_args()
 
@@ -274,7 +282,8 @@ def main() -> None:
             "acceptance",
             f"rounds per {args.new_tokens} tokens",
             "greedy tokens equal",
-            "swarmllm api: plain / --draft-model tokens/s",
+            "swarmllm api: plain / --draft-model tokens/s"
+            + ("" if args.logprobs is None else f" (logprobs {args.logprobs})"),
         ],
         rows,
     )
@@ -290,7 +299,8 @@ def main() -> None:
             "link. The draft is the target with Gaussian weight noise (relative std in the table), run locally. "
             "The API column: greedy completions of the same prompts (as token ids, `ignore_eos`) through one "
             "`swarmllm api` process serving the model without and with `--draft-model` (the same draft, saved), "
-            "texts asserted equal; wall time of each HTTP request.",
+            "texts asserted equal; wall time of each HTTP request"
+            + ("." if args.logprobs is None else f", each asking for `logprobs: {args.logprobs}`."),
         )
 
 

@@ -153,8 +153,9 @@ def test_a_draft_model_speculates_and_the_tokens_stay_the_swarms(api, client, ll
     """The tiny model's draft (`--draft-model`) proposes tokens that the swarm checks 3 at a time: greedy
     completions, whole or streamed, and a next turn that reuses a kept session are transformers' own tokens; the
     drafts are counted under /metrics (some accepted, some not); a stop string cuts the answer; seeded samples
-    repeat; a request with log-probabilities generates without the draft and gets the same tokens; `logit_bias`,
-    penalties and a guided pattern give the tokens of their rules written out over transformers' logits."""
+    repeat; a request with log-probabilities (or best_of) gets the same tokens with the draft, and the swarm's own
+    log-probabilities; `logit_bias`, penalties and a guided pattern give the tokens of their rules written out
+    over transformers' logits."""
     tokenizer = AutoTokenizer.from_pretrained(llama_checkpoint)
     tiny = AutoModelForCausalLM.from_pretrained(llama_checkpoint, dtype=torch.float32).eval()
 
@@ -188,10 +189,25 @@ def test_a_draft_model_speculates_and_the_tokens_stay_the_swarms(api, client, ll
     sampled = [complete("the cat", 8, temperature=1.0, seed=7).choices[0].text for _ in range(2)]
     assert sampled[0] == sampled[1]
     counted = scrape(api)[("swarmllm_api_spec_decode_drafts_total", (("model", "tiny"),))]
-    scored = complete("the cat", 8, temperature=0, logprobs=1).choices[0]
-    assert scored.text == want("the cat", 8) and scored.logprobs.token_logprobs
+    scored = complete("the cat", 8, temperature=0, logprobs=2).choices[0]
+    assert scored.text == want("the cat", 8)
     after = scrape(api)[("swarmllm_api_spec_decode_drafts_total", (("model", "tiny"),))]
-    assert after == counted  # without the draft
+    assert after > counted  # with the draft
+    # each token's log-probability is the swarm's own, as transformers' forward over the answer gives it
+    ids = tokenizer("the cat", return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        out = tiny.generate(ids, max_new_tokens=8, do_sample=False)
+        own = torch.log_softmax(tiny(out).logits[0, ids.shape[1] - 1 : -1], dim=-1)
+    wanted = own.gather(1, out[0, ids.shape[1] :, None])[:, 0].tolist()
+    got = scored.logprobs.token_logprobs
+    assert 0 < len(got) and got == pytest.approx(wanted[: len(got)], abs=1e-3)
+    assert all(len(top) == 2 for top in scored.logprobs.top_logprobs)
+    # best_of ranks its candidates by their log-probabilities: they are drawn with the draft too
+    singles = {complete("the cat", 6, temperature=1.0, seed=5 + i).choices[0].text for i in range(2)}
+    counted = scrape(api)[("swarmllm_api_spec_decode_drafts_total", (("model", "tiny"),))]
+    best = complete("the cat", 6, temperature=1.0, seed=5, best_of=2).choices[0].text
+    after = scrape(api)[("swarmllm_api_spec_decode_drafts_total", (("model", "tiny"),))]
+    assert best in singles and after > counted
 
     # bias, penalties and a pattern shape both models' logits at each prefix: the rules' own greedy tokens
     ids, eos = tokenizer("the cat")["input_ids"], tokenizer.eos_token_id

@@ -686,8 +686,8 @@ def _draft(parser: argparse.ArgumentParser, repeat: bool = False) -> None:
         "--draft-model",
         action="append" if repeat else "store",
         help="speculative decoding: a local model (folder or hub id) with the same vocabulary that proposes "
-        f"tokens for the swarm to check several at a time{each} (the tokens stay the swarm's own; requests for "
-        "log-probabilities or best_of generate without it)",
+        f"tokens for the swarm to check several at a time{each} (the tokens, and their log-probabilities, stay "
+        "the swarm's own)",
     )
     parser.add_argument(
         "--num-draft-tokens", type=_count, help="tokens the draft proposes a round (default: the client's, 5)"

@@ -116,6 +116,30 @@ def test_each_piece_carries_the_logprobs_of_the_tokens_it_sends():
         assert [lp for _, lp in entry.top] == pytest.approx(want.values.tolist())
 
 
+def test_rows_recorded_a_round_at_a_time_give_each_token_its_own_and_stay_in_step_past_a_stop():
+    """A speculative round records several tokens' rows before the streamer gets them: the entries are those of
+    one row per step; after a stop string the tokens of the round's rest still take (and drop) their rows."""
+    tokens = [0, 4, 5, 1, 2, 3]  # "a", "X", "Y" (the stop), then a round's rest
+    scores = torch.randn(len(tokens), 11, generator=torch.Generator().manual_seed(3))
+    recorder, emitted = LogprobRecorder(top=2), []
+    streamer = PieceStreamer(TextAssembler(decode, ["XY"], eos_ids=[8]), emitted.append, recorder)
+    streamer.put(torch.tensor([[5]]))
+    for start, end in ((0, 2), (2, 5)):  # rounds of 2 and 3 tokens
+        recorder.record(scores[start:end])
+        streamer.put(torch.tensor(tokens[start:end]))
+    recorder(None, scores[5:6])  # a step past the stop
+    streamer.put(torch.tensor([tokens[5]]))
+    tail = streamer.finish()
+    entries = [e for p in emitted + ([tail] if tail is not None else []) for e in p.logprobs]
+    assert [e.token for e in entries] == tokens[:3]  # up to the stop, none of the tokens after it
+    logprobs = torch.log_softmax(scores, dim=-1)
+    for i, e in enumerate(entries):
+        assert e.logprob == pytest.approx(float(logprobs[i, e.token]))
+        assert [t for t, _ in e.top] == logprobs[i].topk(2).indices.tolist()
+    assert streamer.logprob_sum == pytest.approx(sum(float(logprobs[i, t]) for i, t in enumerate(tokens[:3])))
+    assert not recorder._rows  # every row taken by its token
+
+
 def test_a_prompts_logprobs_come_from_the_position_before_each_token():
     logits = torch.randn(4, 11, generator=torch.Generator().manual_seed(1))
     entries = prompt_logprobs([3, 7, 0, 5], logits, top=2)

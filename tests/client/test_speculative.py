@@ -223,3 +223,61 @@ def test_a_held_prefix_is_not_sent_again_and_tokens_stream_round_by_round(checkp
     assert 9 <= stopped.shape[1] <= 9 + 3 and stopped.tolist() == want[:, : stopped.shape[1]].tolist()
     with pytest.raises(ValueError, match="must lack the last"):
         speculative_generate(local_target(path), draft, prompt, max_new_tokens=2, held=6)
+
+
+def test_record_gets_the_targets_own_logits_of_each_new_token_before_the_streamer(checkpoints):
+    """`record` is given, round by round and before the streamer, the target's logits at each new token as a
+    full forward over the output gives them (before the processors, even one that shapes its scores in place),
+    one row per token, EOS cut included."""
+    path = checkpoints("llama")
+    reference = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    prompt = torch.tensor([[1, 17, 42, 99, 5, 23]])
+
+    class Halve:  # shapes in place: the rows recorded must be the target's own all the same
+        def __call__(self, input_ids, scores):
+            return scores.mul_(0.5)
+
+    events = []
+
+    class Streamer:
+        def put(self, value):
+            events.append(("put", value.reshape(-1).tolist()))
+
+        def end(self):
+            pass
+
+    stats = SpeculationStats()
+    out = speculative_generate(
+        local_target(path),
+        perturbed(path, noise=0.05),
+        prompt,
+        max_new_tokens=14,
+        num_draft_tokens=3,
+        processors=LogitsProcessorList([Halve()]),
+        stats=stats,
+        streamer=Streamer(),
+        record=lambda rows: events.append(("record", rows.clone())),
+    )
+    assert stats.accepted > 0  # rounds of several tokens, so that rows are recorded several at a time
+    rounds = [e for e in events if e[0] != "put" or e[1] != prompt[0].tolist()]
+    assert [kind for kind, _ in rounds] == ["record", "put"] * stats.rounds
+    for (_, rows), (_, tokens) in zip(rounds[::2], rounds[1::2], strict=True):
+        assert rows.shape[0] == len(tokens)
+    recorded = torch.cat([rows for kind, rows in rounds if kind == "record"])
+    with torch.no_grad():
+        want = reference(out).logits[0, prompt.shape[1] - 1 : -1]
+    assert recorded.shape == want.shape
+    torch.testing.assert_close(recorded, want, atol=1e-4, rtol=1e-4)
+    eos = int(out[0, prompt.shape[1] + 4])  # a token the greedy run makes: with it as EOS the run ends there
+    rows = []
+    cut = speculative_generate(
+        local_target(path),
+        perturbed(path, noise=0.05),
+        prompt,
+        max_new_tokens=14,
+        num_draft_tokens=3,
+        processors=LogitsProcessorList([Halve()]),
+        eos_token_ids={eos},
+        record=rows.append,
+    )
+    assert sum(r.shape[0] for r in rows) == cut.shape[1] - prompt.shape[1] and int(cut[0, -1]) == eos

@@ -131,7 +131,7 @@ class Engine:
         draft: Draft | None = None,
     ):
         self.model, self.tokenizer, self.name = model, tokenizer, name
-        self.draft = draft  # speculative decoding, for requests without log-probabilities
+        self.draft = draft  # speculative decoding, for every request
         self.context_length = context_length
         self.executor = ThreadPoolExecutor(max_workers=max_concurrent, thread_name_prefix="swarmllm-api")
         self.sessions = SessionPool(
@@ -242,9 +242,11 @@ class Engine:
         top = {"top_p": request.top_p, "top_k": request.top_k, "min_p": request.min_p}
         shaping = self._shaping(len(prompt_ids), request)
         seed = self._seed(request, index)
-        if self.draft is not None and streamer.recorder is None:
+        if self.draft is not None:
             draw = self.draft.options(request.temperature, seed, **top)
             draw["logits_processor"] = LogitsProcessorList(shaping)
+            if streamer.recorder is not None:  # the swarm's own logits of each round's tokens
+                draw["record_logits"] = streamer.recorder.record
         else:
             # the recorder first (the model's own log-probabilities); sampling, when asked, is SeededSampler's
             recorder = [] if streamer.recorder is None else [streamer.recorder]

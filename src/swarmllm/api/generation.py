@@ -10,6 +10,7 @@ travel with the piece that sends their text), so the streamed ones joined are th
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -175,19 +176,25 @@ class Piece:
 
 
 class LogprobRecorder(LogitsProcessor):
-    """Keeps the log-probabilities of a generate's latest step (batch 1), for the token chosen from them. First
-    in the processors, so they are the model's own, before temperature and top-p."""
+    """Keeps the log-probabilities of a generate's (batch 1) steps until the streamer takes the tokens chosen
+    from them, in order. First in a generate's processors, so they are the model's own, before temperature and
+    top-p; a speculative generate gives it each round's rows at once (`record`)."""
 
     def __init__(self, top: int):
         self.top = top
-        self._last: torch.Tensor | None = None
+        self._rows: deque[torch.Tensor] = deque()  # [vocab] log-probabilities of the tokens still to come
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-        self._last = torch.log_softmax(scores[0].float(), dim=-1)
+        self.record(scores)
         return scores
 
+    def record(self, logits: torch.Tensor) -> None:
+        """The model's logits [n, vocab] at the next n tokens."""
+        self._rows.extend(torch.log_softmax(logits.float(), dim=-1))
+
     def entry(self, token: int) -> TokenLogprob:
-        return _entry(token, self._last, self.top)
+        """The next token's entry (each token takes the oldest row recorded)."""
+        return _entry(token, self._rows.popleft(), self.top)
 
 
 class PieceStreamer(BaseStreamer):
@@ -214,11 +221,12 @@ class PieceStreamer(BaseStreamer):
             self.first_token_at = time.perf_counter()
         for token in value.reshape(-1).tolist():
             shown = token not in self.assembler.eos_ids and not self.assembler.stopped
-            if self.recorder is not None and not self.assembler.stopped:
-                entry = self.recorder.entry(int(token))
-                self.logprob_sum += entry.logprob
-                if shown:
-                    self._pending.append(entry)
+            if self.recorder is not None:
+                entry = self.recorder.entry(int(token))  # (taken even past a stop: the rows stay in step)
+                if not self.assembler.stopped:
+                    self.logprob_sum += entry.logprob
+                    if shown:
+                        self._pending.append(entry)
             text = self.assembler.add(int(token))
             if text:
                 self.emit(self._piece(text))

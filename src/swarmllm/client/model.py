@@ -338,8 +338,10 @@ class DistributedModelForCausalLM(DistributedModel, GenerationMixin):
         vocabulary), speculative decoding (`client.speculative`): greedy or sampled (temperature, top_k, top_p,
         min_p), `num_assistant_tokens` drafts per round ("heuristic" `num_assistant_tokens_schedule` adapts it),
         batch size 1, with a `streamer`, `stopping_criteria` (asked after each round) and a `logits_processor`
-        list (applied to both models at each prefix, in any order: each must depend on the prefix alone).
-        `self.last_speculation` then says how many drafts were accepted."""
+        list (applied to both models at each prefix, in any order: each must depend on the prefix alone), and
+        `record_logits`, a function given the model's own logits [n, vocab] at each round's n new tokens before
+        the streamer gets them (for their log-probabilities). `self.last_speculation` then says how many drafts
+        were accepted."""
         try:
             return self._generate(inputs, *args, **kwargs)
         finally:
@@ -377,6 +379,7 @@ class DistributedModelForCausalLM(DistributedModel, GenerationMixin):
             raise ValueError("speculative decoding takes one unpadded sequence")
         generator = kwargs.pop("generator", None)
         streamer = kwargs.pop("streamer", None)
+        record_logits = kwargs.pop("record_logits", None)
         criteria = kwargs.pop("stopping_criteria", None)
         shaping = kwargs.pop("logits_processor", None) or []
         config = copy.deepcopy(kwargs.pop("generation_config", None) or self.generation_config)
@@ -444,6 +447,7 @@ class DistributedModelForCausalLM(DistributedModel, GenerationMixin):
                 held=held.shape[1],
                 streamer=streamer,
                 stop=None if criteria is None else lambda ids: bool(criteria(ids, None).all()),
+                record=record_logits,
             )
             # what the servers hold, so that a later call in this session reuses it
             remote.input_ids, remote.attention_mask = held, torch.ones_like(held, dtype=torch.bool)

@@ -114,6 +114,7 @@ def speculative_generate(
     held: int = 0,
     streamer: BaseStreamer | None = None,
     stop: Callable[[Tensor], bool] | None = None,
+    record: Callable[[Tensor], None] | None = None,
 ) -> Tensor:
     """input_ids [1, n] followed by up to `max_new_tokens` tokens (fewer after an EOS token, or once `stop`
     says so of the tokens so far: it is asked after each round).
@@ -124,7 +125,9 @@ def speculative_generate(
     top-p, min-p) shape both models' logits at each prefix: greedy takes the shaped target's argmax, sampling
     follows its distribution. Each is called with prefixes in any order (a round goes back over rejected
     drafts), so it must be a function of the prefix it is given. `streamer` gets the prompt, then each round's
-    new tokens, as transformers' streamers do.
+    new tokens, as transformers' streamers do. `record` gets the target's own logits (before `processors`) at
+    each of a round's new tokens, [new tokens, V], just before the streamer gets them: what log-probabilities
+    are read from.
     """
     if input_ids.shape[0] != 1:
         raise ValueError(
@@ -162,8 +165,9 @@ def speculative_generate(
             drafts.append(token)
             prefix = torch.cat([prefix, token[None].to(prefix.dtype)], dim=1)
         drafted = torch.cat(drafts) if drafts else ids.new_zeros(0)
-        target = verify(prefix[:, n - 1 :], n - 1)[0].float()  # [drafting + 1, V]
-        target = torch.stack([shaped(prefix[:, : n + i], target[i]) for i in range(drafting + 1)])
+        own = verify(prefix[:, n - 1 :], n - 1)[0].float()  # [drafting + 1, V]
+        # (a copy per row: a processor may shape its scores in place)
+        target = torch.stack([shaped(prefix[:, : n + i], own[i].clone()) for i in range(drafting + 1)])
         if do_sample:
             p = torch.softmax(target, dim=-1)
             accepted, token = accept_drafts(drafted, torch.stack(q) if q else p[:0], p, generator)
@@ -180,6 +184,8 @@ def speculative_generate(
             new = new[: end + 1]
         ids = torch.cat([ids, torch.tensor([new], dtype=ids.dtype, device=ids.device)], dim=1)
         produced += len(new)
+        if record is not None:
+            record(own[: len(new)])
         if streamer is not None:
             streamer.put(torch.tensor(new))
         draft.keep(n + accepted)  # the draft read the accepted drafts (and perhaps rejected ones: forgotten)
