@@ -246,17 +246,21 @@ def test_record_gets_the_targets_own_logits_of_each_new_token_before_the_streame
         def end(self):
             pass
 
+    def generate(**options):
+        draft, processors = perturbed(path, noise=0.05), LogitsProcessorList([Halve()])
+        return speculative_generate(
+            local_target(path),
+            draft,
+            prompt,
+            max_new_tokens=14,
+            num_draft_tokens=3,
+            processors=processors,
+            **options,
+        )
+
     stats = SpeculationStats()
-    out = speculative_generate(
-        local_target(path),
-        perturbed(path, noise=0.05),
-        prompt,
-        max_new_tokens=14,
-        num_draft_tokens=3,
-        processors=LogitsProcessorList([Halve()]),
-        stats=stats,
-        streamer=Streamer(),
-        record=lambda rows: events.append(("record", rows.clone())),
+    out = generate(
+        stats=stats, streamer=Streamer(), record=lambda rows: events.append(("record", rows.clone()))
     )
     assert stats.accepted > 0  # rounds of several tokens, so that rows are recorded several at a time
     rounds = [e for e in events if e[0] != "put" or e[1] != prompt[0].tolist()]
@@ -270,14 +274,5 @@ def test_record_gets_the_targets_own_logits_of_each_new_token_before_the_streame
     torch.testing.assert_close(recorded, want, atol=1e-4, rtol=1e-4)
     eos = int(out[0, prompt.shape[1] + 4])  # a token the greedy run makes: with it as EOS the run ends there
     rows = []
-    cut = speculative_generate(
-        local_target(path),
-        perturbed(path, noise=0.05),
-        prompt,
-        max_new_tokens=14,
-        num_draft_tokens=3,
-        processors=LogitsProcessorList([Halve()]),
-        eos_token_ids={eos},
-        record=rows.append,
-    )
+    cut = generate(eos_token_ids={eos}, record=rows.append)
     assert sum(r.shape[0] for r in rows) == cut.shape[1] - prompt.shape[1] and int(cut[0, -1]) == eos
