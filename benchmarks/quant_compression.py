@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import statistics
 import sys
 import tempfile
 import time
@@ -67,16 +68,20 @@ def logit_error(got: torch.Tensor, want: torch.Tensor) -> tuple[float, float, fl
     return float(rel.max()), float(rel.mean()), float(agree), float(kl)
 
 
-def decode_rate(span, steps: int = 8) -> float:
+def decode_rate(span, steps: int = 16, rounds: int = 3) -> float:
+    """Single-token decode steps/s through the span: the median of `rounds` runs of `steps` steps."""
     from swarmllm.models import KVCache
 
-    cache = KVCache(len(span.blocks), 1, steps + 1, span.config, torch.float32, "cpu")
+    cache = KVCache(len(span.blocks), 1, rounds * steps + 1, span.config, torch.float32, "cpu")
     token = torch.randn(1, 1, span.config.hidden_size)
     span(token, pos=0, cache=cache)
-    began = time.perf_counter()
-    for pos in range(1, steps + 1):
-        span(token, pos=pos, cache=cache)
-    return steps / (time.perf_counter() - began)
+    rates = []
+    for r in range(rounds):
+        began = time.perf_counter()
+        for pos in range(r * steps + 1, (r + 1) * steps + 1):
+            span(token, pos=pos, cache=cache)
+        rates.append(steps / (time.perf_counter() - began))
+    return statistics.median(rates)
 
 
 def quantization_rows(found: dict[str, Path]) -> list[list[object]]:
@@ -188,7 +193,7 @@ def main() -> None:
             "argmax agreement",
             "KL",
             "block MiB (fp16 -> quant)",
-            "decode steps/s, all blocks, 1 CPU thread (fp32 -> quant)",
+            "decode steps/s, all blocks, 1 CPU thread, median of 3 x 16 (fp32 -> quant)",
         ],
         quant,
     )
@@ -212,12 +217,14 @@ def main() -> None:
         append_results(
             "Quantized weights (--quant int8|nf4) against float32",
             quant_table,
-            "Every block quantized through bitsandbytes 0.50.2 (int8: row-wise absmax, threshold 0; nf4: blocks of "
-            "64, float32 absmax); logits over 32 tokens (random ids; English text for SmolLM2). The tiny random "
-            "checkpoints amplify nf4's ~9% per-weight error from block to block; transformers' own "
-            "BitsAndBytesConfig nf4 on SmolLM2 gives the same KL (0.42 against our 0.43, checked by hand). "
-            "On this CPU bitsandbytes dequantizes for every matmul: quantized decode is slower than float32 here; "
-            "the GPU kernels (nf4 >= 0.9x fp16 is the issue's target) could not be measured in this session.",
+            "Every block quantized on this CPU: int8 as row-wise absmax codes through PyTorch's weight-only int8 "
+            "kernel (`CpuInt8Projection`: bfloat16 inputs and outputs, float32 sums; an input size that is not a "
+            "multiple of 16 dequantizes); nf4 through bitsandbytes 0.50.2 (blocks of 64, float32 absmax), whose "
+            "CPU kernels dequantize for every matmul. Logits over 32 tokens (random ids; English text for "
+            "SmolLM2). The tiny random checkpoints amplify nf4's ~9% per-weight error from block to block; "
+            "transformers' own BitsAndBytesConfig nf4 on SmolLM2 gives the same KL (0.42 against our 0.43, "
+            "checked by hand). On a GPU both go through bitsandbytes' kernels (nf4 >= 0.9x fp16 is the issue's "
+            "target), not measured here.",
         )
         append_results(
             "Compressed activations: bytes of one decode token's step message",

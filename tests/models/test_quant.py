@@ -1,5 +1,6 @@
-"""Quantized projections (int8, nf4 through bitsandbytes): their memory, their error against full precision per
-family, the same nf4 weights as transformers' bitsandbytes loading, and LoRA and the decode path on top."""
+"""Quantized projections (int8, nf4; through bitsandbytes, and int8 on a CPU through PyTorch's int8 kernel): their
+memory, their error against full precision per family, the same nf4 weights as transformers' bitsandbytes loading,
+the CPU int8 matmul against its dequantized weight, and LoRA and the decode path on top."""
 
 from __future__ import annotations
 
@@ -11,7 +12,14 @@ import torch
 from swarmllm.models import LlamaBlock, load_client_head, load_config, load_span
 from swarmllm.models.llama import Projection
 from swarmllm.models.lora import LoraSettings, lora_shapes, span_lora
-from swarmllm.models.quant import QuantizedProjection, quantize_block, quantized_weight_bytes
+from swarmllm.models.quant import (
+    CPU_INT8_MAX_ROWS,
+    CPU_INT8_STEP,
+    CpuInt8Projection,
+    QuantizedProjection,
+    quantize_block,
+    quantized_weight_bytes,
+)
 from swarmllm.server.memory import block_bytes
 
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
@@ -31,7 +39,7 @@ def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 @pytest.mark.parametrize("mode", ["int8", "nf4"])
-def test_weight_bytes_are_what_bitsandbytes_stores(llama_checkpoint, mode):
+def test_weight_bytes_are_what_the_quantized_modules_store(llama_checkpoint, mode):
     _, config = load_config(llama_checkpoint)
     projection = Projection(64, 192, bias=True)
     quantized = QuantizedProjection.from_projection(projection, mode)
@@ -123,3 +131,46 @@ def test_lora_and_the_decode_path_apply_on_top_of_nf4(llama_checkpoint):
                 lora=lora,
             )
             torch.testing.assert_close(out, want[:, t], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("in_features", [64, 1024, 72])
+def test_cpu_int8_computes_its_dequantized_weight_within_bfloat16_rounding(in_features):
+    """int8 on a CPU: row-wise absmax codes (each row's largest weight is +-127); the kernel (inputs a multiple of
+    `CPU_INT8_STEP`) gives x @ W^T of the dequantized W within bfloat16's rounding, for 1 to 9 rows, batched,
+    and for a bfloat16 input that is a misaligned view (the kernel's loads are aligned); another input size, or
+    more rows than `CPU_INT8_MAX_ROWS`, dequantizes (exactly). The input's gradient is that of the dequantized weight."""
+    generator = torch.Generator().manual_seed(in_features)
+    projection = Projection(in_features, 200, bias=True)
+    with torch.no_grad():
+        projection.weight.copy_(torch.randn(200, in_features, generator=generator) * 0.05)
+        projection.bias.copy_(torch.randn(200, generator=generator))
+    quantized = QuantizedProjection.from_projection(projection, "int8")
+    assert isinstance(quantized, CpuInt8Projection)
+    assert quantized.kernel == (in_features % CPU_INT8_STEP == 0)
+    assert int(quantized.codes.abs().amax(1).min()) == 127
+    weight = quantized.codes.float() * quantized.scales[:, None]
+    assert (
+        float((weight - projection.weight.detach()).abs().max()) <= float(quantized.scales.max()) / 2 + 1e-7
+    )
+    tolerance = 1e-2 if quantized.kernel else 1e-5
+
+    def check(x, tolerance=tolerance):
+        want = torch.nn.functional.linear(x.float(), weight, projection.bias)
+        got = quantized(x)
+        assert got.dtype == torch.promote_types(x.dtype, projection.bias.dtype) and got.shape == want.shape
+        assert float((got.float() - want).norm() / want.norm()) < tolerance
+
+    with torch.no_grad():
+        for rows in (1, 4, 9):
+            check(torch.randn(rows, in_features, generator=generator))
+        check(
+            torch.randn(CPU_INT8_MAX_ROWS + 1, in_features, generator=generator), tolerance=1e-5
+        )  # dequantized
+        check(torch.randn(2, 3, in_features, generator=generator))
+        storage = torch.randn(4 * in_features + 3, generator=generator).to(torch.bfloat16)
+        misaligned = storage[3:].view(4, in_features)
+        assert misaligned.data_ptr() % 64
+        check(misaligned, tolerance=2e-2)  # (bfloat16 throughout)
+    x = torch.randn(3, in_features, generator=generator, requires_grad=True)
+    quantized(x).sum().backward()
+    torch.testing.assert_close(x.grad, weight.sum(0).expand(3, -1), rtol=1e-5, atol=1e-5)

@@ -9,7 +9,8 @@ tp.py          the tensor-parallel transform of a built span (Megatron-style sha
 checkpoint.py  resolve a local or hub checkpoint, load a span of blocks or the client head reading only their tensors
 causal_lm.py   a whole model in one process (reference outputs, greedy generation, perplexity)
 convert.py     ladder conversion of a checkpoint folder, distillation, writing trained weights back
-quant.py       int8 / nf4 projections through bitsandbytes (imported only when used), their memory size
+quant.py       int8 / nf4 projections through bitsandbytes (imported only when used; int8 on a CPU through
+               PyTorch's int8 kernel), their memory size
 tiny.py        tiny random checkpoints (with a tokenizer) for tests and the demo
 """
 

@@ -1,6 +1,9 @@
-"""Quantized weights for a server's blocks: every `Projection` of a block stored as int8 or nf4 through
-`bitsandbytes` (its CUDA kernels on a GPU; on a CPU, the CPU kernels that bitsandbytes >= 0.46 ships, which
-dequantize and are slower than float32 there: the point on a CPU is memory, on a GPU also speed).
+"""Quantized weights for a server's blocks: every `Projection` of a block stored as int8 or nf4. On a GPU both go
+through `bitsandbytes`' kernels. On a CPU, int8 goes through PyTorch's own weight-only int8 matmul
+(`CpuInt8Projection`: bitsandbytes' int8 scheme, row-wise absmax, with a quarter of float32's bytes to read,
+so a decode step, which is mostly that read, runs ~1.8x faster than float32), and nf4 through the CPU kernels that
+bitsandbytes >= 0.46 ships, which dequantize and are slower than float32 there (the point of nf4 on a CPU is
+memory).
 
 `quantize_block` swaps a block's projections for `QuantizedProjection`s in place, after the block's weights are
 loaded, so that a loader holds one block in full precision at a time. A `QuantizedProjection` keeps the
@@ -19,12 +22,19 @@ from __future__ import annotations
 
 import logging
 
+import torch
 from torch import Tensor, nn
 
 from swarmllm.models.llama import LlamaBlock, Lora, Projection
 
 QUANT_MODES = ("none", "int8", "nf4")
 NF4_BLOCK = 64  # weights per nf4 absmax (bitsandbytes' default)
+# PyTorch's CPU int8 kernel steps along the input 16 values at a time (AVX-512; 8 with AVX2) with aligned loads and
+# no remainder: other input sizes would read past a row (wrong sums, or a crash), so they dequantize instead
+CPU_INT8_STEP = 16
+# ... and computes each output with a dot product of its own: past ~256 rows (a long prefill) dequantizing the weight
+# for float32's GEMM is faster (a [5632, 1024] weight, one thread: 35 ms against 54 at 128 rows, 133 against 90 at 512)
+CPU_INT8_MAX_ROWS = 256
 # nf4 absmaxes stay float32 (no double quantization, transformers' default for bitsandbytes): 0.375 bits a weight
 # more than with it, and the same quantized weights as transformers' `BitsAndBytesConfig(load_in_4bit=True)`
 
@@ -56,15 +66,36 @@ def _bitsandbytes():
 
 
 class QuantizedProjection(nn.Module):
-    """A `Projection` whose weight is stored quantized (int8 or nf4); computes in the input's dtype."""
+    """A `Projection` whose weight is stored quantized (int8 or nf4); computes in the input's dtype.
+    `from_projection` picks the kernels: `CpuInt8Projection` for int8 on a CPU, else `BitsAndBytesProjection`."""
 
-    def __init__(self, linear: nn.Module, mode: str, in_features: int, out_features: int):
+    def __init__(self, mode: str, in_features: int, out_features: int):
         super().__init__()
-        self.linear = linear  # a bitsandbytes Linear8bitLt or Linear4bit, already quantized
         self.mode, self.in_features, self.out_features = mode, in_features, out_features
 
-    @classmethod
-    def from_projection(cls, projection: Projection, mode: str) -> QuantizedProjection:
+    @staticmethod
+    def from_projection(projection: Projection, mode: str) -> QuantizedProjection:
+        if mode == "int8" and projection.weight.device.type == "cpu":
+            return CpuInt8Projection.from_projection(projection)
+        return BitsAndBytesProjection.from_projection(projection, mode)
+
+    def forward(self, x: Tensor, lora: Lora | None = None) -> Tensor:
+        raise NotImplementedError
+
+    def weight_bytes(self) -> int:
+        """Bytes the quantized weight holds in memory (its codes and every scale)."""
+        raise NotImplementedError
+
+
+class BitsAndBytesProjection(QuantizedProjection):
+    """int8 or nf4 through bitsandbytes' modules (its CUDA kernels; on a CPU, its nf4 kernels)."""
+
+    def __init__(self, linear: nn.Module, mode: str, in_features: int, out_features: int):
+        super().__init__(mode, in_features, out_features)
+        self.linear = linear  # a bitsandbytes Linear8bitLt or Linear4bit, already quantized
+
+    @staticmethod
+    def from_projection(projection: Projection, mode: str) -> BitsAndBytesProjection:
         bnb = _bitsandbytes()
         weight = projection.weight.detach()
         device, dtype = weight.device, weight.dtype
@@ -98,7 +129,7 @@ class QuantizedProjection(nn.Module):
             raise ValueError(f"cannot quantize a projection as {mode!r}")
         if has_bias:
             linear.bias = nn.Parameter(projection.bias.detach(), requires_grad=False)
-        return cls(linear, mode, in_features, out_features)
+        return BitsAndBytesProjection(linear, mode, in_features, out_features)
 
     def forward(self, x: Tensor, lora: Lora | None = None) -> Tensor:
         y = self.linear(x)
@@ -107,7 +138,6 @@ class QuantizedProjection(nn.Module):
         return y if lora is None else y + lora(x)
 
     def weight_bytes(self) -> int:
-        """Bytes the quantized weight holds in memory (its codes and every scale), as bitsandbytes stores it."""
         weight = self.linear.weight
         total = weight.numel() * weight.element_size()
         if (
@@ -117,6 +147,67 @@ class QuantizedProjection(nn.Module):
             return total + scales.numel() * scales.element_size()
         absmax = weight.quant_state.absmax
         return total + absmax.numel() * absmax.element_size()
+
+
+def _int8_matmul(x: Tensor, codes: Tensor, scales: Tensor) -> Tensor:
+    rows = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
+    if not rows.is_contiguous() or rows.data_ptr() % 64:
+        rows = rows.clone(memory_format=torch.contiguous_format)  # its loads are aligned: a fresh copy is
+    y = torch._weight_int8pack_mm(rows, codes, scales.to(torch.bfloat16))
+    return y.to(x.dtype).reshape(*x.shape[:-1], codes.shape[0])
+
+
+class _Int8Matmul(torch.autograd.Function):
+    """y = x W^T with W = codes * scales (row-wise), through PyTorch's CPU int8 kernel on bfloat16 inputs; the
+    backward gives x's gradient only (server weights are frozen), from W dequantized for it."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, codes: Tensor, scales: Tensor) -> Tensor:
+        ctx.save_for_backward(codes, scales)
+        return _int8_matmul(x, codes, scales)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        codes, scales = ctx.saved_tensors
+        return grad @ (codes.to(grad.dtype) * scales[:, None].to(grad.dtype)), None, None
+
+
+class CpuInt8Projection(QuantizedProjection):
+    """int8 on a CPU: each output row's weights as int8 codes times one float32 scale (the row's absmax / 127,
+    as bitsandbytes' int8), multiplied by PyTorch's weight-only int8 kernel (`torch._weight_int8pack_mm`,
+    gpt-fast's int8 on a CPU). It takes bfloat16 inputs and accumulates in float32: a decode step reads a quarter
+    of float32's bytes. An input size the kernel cannot take (`CPU_INT8_STEP`), or more rows than it is fast for
+    (`CPU_INT8_MAX_ROWS`), dequantizes the weight for the call."""
+
+    def __init__(self, codes: Tensor, scales: Tensor, bias: Tensor | None):
+        super().__init__("int8", codes.shape[1], codes.shape[0])
+        self.register_buffer("codes", codes)
+        self.register_buffer("scales", scales)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self.kernel = hasattr(torch, "_weight_int8pack_mm") and codes.shape[1] % CPU_INT8_STEP == 0
+
+    @staticmethod
+    def from_projection(projection: Projection) -> CpuInt8Projection:
+        weight = projection.weight.detach().float()
+        scales = weight.abs().amax(dim=1).clamp_min(torch.finfo(torch.float32).tiny) / 127
+        codes = torch.round(weight / scales[:, None]).clamp(-127, 127).to(torch.int8)
+        bias = None if projection.bias is None else projection.bias.detach()
+        return CpuInt8Projection(codes.contiguous(), scales, bias)
+
+    def forward(self, x: Tensor, lora: Lora | None = None) -> Tensor:
+        kernel = self.kernel and x.numel() <= CPU_INT8_MAX_ROWS * self.in_features
+        if kernel and torch.is_grad_enabled() and x.requires_grad:
+            y = _Int8Matmul.apply(x, self.codes, self.scales)
+        elif kernel:
+            y = _int8_matmul(x, self.codes, self.scales)
+        else:
+            y = nn.functional.linear(x, self.codes.to(x.dtype) * self.scales[:, None].to(x.dtype))
+        if self.bias is not None:
+            y = y + self.bias
+        return y if lora is None else y + lora(x)
+
+    def weight_bytes(self) -> int:
+        return self.codes.numel() + self.scales.numel() * self.scales.element_size()
 
 
 def quantize_block(block: LlamaBlock, mode: str) -> LlamaBlock:
