@@ -32,9 +32,6 @@ NF4_BLOCK = 64  # weights per nf4 absmax (bitsandbytes' default)
 # PyTorch's CPU int8 kernel steps along the input 16 values at a time (AVX-512; 8 with AVX2) with aligned loads and
 # no remainder: other input sizes would read past a row (wrong sums, or a crash), so they dequantize instead
 CPU_INT8_STEP = 16
-# ... and computes each output with a dot product of its own: past ~256 rows (a long prefill) dequantizing the weight
-# for float32's GEMM is faster (a [5632, 1024] weight, one thread: 35 ms against 54 at 128 rows, 133 against 90 at 512)
-CPU_INT8_MAX_ROWS = 256
 # nf4 absmaxes stay float32 (no double quantization, transformers' default for bitsandbytes): 0.375 bits a weight
 # more than with it, and the same quantized weights as transformers' `BitsAndBytesConfig(load_in_4bit=True)`
 
@@ -176,8 +173,10 @@ class CpuInt8Projection(QuantizedProjection):
     """int8 on a CPU: each output row's weights as int8 codes times one float32 scale (the row's absmax / 127,
     as bitsandbytes' int8), multiplied by PyTorch's weight-only int8 kernel (`torch._weight_int8pack_mm`,
     gpt-fast's int8 on a CPU). It takes bfloat16 inputs and accumulates in float32: a decode step reads a quarter
-    of float32's bytes. An input size the kernel cannot take (`CPU_INT8_STEP`), or more rows than it is fast for
-    (`CPU_INT8_MAX_ROWS`), dequantizes the weight for the call."""
+    of float32's bytes. Each output is a dot product of its own, so a row's result does not depend on the rows
+    beside it: a replay after a failover, a merged step and a chunked prefill repeat a decode step's matmuls
+    bit for bit (past ~256 rows the kernel is slower than float32's GEMM, 1.8x at 512: a long prefill pays that
+    for it). An input size the kernel cannot take (`CPU_INT8_STEP`) dequantizes the weight for the call."""
 
     def __init__(self, codes: Tensor, scales: Tensor, bias: Tensor | None):
         super().__init__("int8", codes.shape[1], codes.shape[0])
@@ -195,10 +194,9 @@ class CpuInt8Projection(QuantizedProjection):
         return CpuInt8Projection(codes.contiguous(), scales, bias)
 
     def forward(self, x: Tensor, lora: Lora | None = None) -> Tensor:
-        kernel = self.kernel and x.numel() <= CPU_INT8_MAX_ROWS * self.in_features
-        if kernel and torch.is_grad_enabled() and x.requires_grad:
+        if self.kernel and torch.is_grad_enabled() and x.requires_grad:
             y = _Int8Matmul.apply(x, self.codes, self.scales)
-        elif kernel:
+        elif self.kernel:
             y = _int8_matmul(x, self.codes, self.scales)
         else:
             y = nn.functional.linear(x, self.codes.to(x.dtype) * self.scales[:, None].to(x.dtype))
