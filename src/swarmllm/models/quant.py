@@ -1,7 +1,7 @@
 """Quantized weights for a server's blocks: every `Projection` of a block stored as int8 or nf4. On a GPU both go
 through `bitsandbytes`' kernels. On a CPU, int8 goes through PyTorch's own weight-only int8 matmul
 (`CpuInt8Projection`: bitsandbytes' int8 scheme, row-wise absmax, with a quarter of float32's bytes to read,
-so a decode step, which is mostly that read, runs ~1.8x faster than float32), and nf4 through the CPU kernels that
+so a decode step, which is mostly that read, runs ~1.5x faster than float32's), and nf4 through the CPU kernels that
 bitsandbytes >= 0.46 ships, which dequantize and are slower than float32 there (the point of nf4 on a CPU is
 memory).
 
@@ -148,8 +148,8 @@ class BitsAndBytesProjection(QuantizedProjection):
 
 def _int8_matmul(x: Tensor, codes: Tensor, scales: Tensor) -> Tensor:
     rows = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
-    if not rows.is_contiguous() or rows.data_ptr() % 64:
-        rows = rows.clone(memory_format=torch.contiguous_format)  # its loads are aligned: a fresh copy is
+    if not rows.is_contiguous() or rows.data_ptr() % 64:  # the kernel's loads are aligned; a new tensor is
+        rows = rows.clone(memory_format=torch.contiguous_format)
     y = torch._weight_int8pack_mm(rows, codes, scales.to(torch.bfloat16))
     return y.to(x.dtype).reshape(*x.shape[:-1], codes.shape[0])
 
