@@ -1,4 +1,5 @@
-"""Throughput is measured once per block shape, device, dtype and thread count, then read from the cache."""
+"""Throughput is measured once per block shape and kernels, device, dtype and thread count, then read from the
+cache."""
 
 import json
 
@@ -19,6 +20,18 @@ def test_measured_once_then_cached(llama_checkpoint, tmp_path):
     assert other != (123.0, 456.0) and len(json.loads(path.read_text())) == 2
     path.write_text("garbage")  # a broken cache is measured over, never an error
     assert all(x > 0 for x in cached_throughput(span, "cpu", "float32", 1, path=path))
+
+
+def test_a_span_computed_by_other_modules_is_measured_again(llama_checkpoint, tmp_path):
+    """The same blocks under the same name through other modules (here int8 projections where the caller says
+    "float32"; in use, an int8 kernel that an upgrade replaced) have a speed of their own: the cache does not
+    answer for them."""
+    path = tmp_path / "throughput.json"
+    path.write_text(json.dumps({}))
+    cached_throughput(load_span(str(llama_checkpoint), 0, 2), "cpu", "float32", 1, path=path)
+    cached_throughput(load_span(str(llama_checkpoint), 0, 2, quant="int8"), "cpu", "float32", 1, path=path)
+    keys = json.loads(path.read_text())
+    assert len(keys) == 2 and all(key.endswith("/cpu/float32/1") for key in keys)
 
 
 def test_the_threads_that_pay_are_measured_once_then_cached(llama_checkpoint, tmp_path):

@@ -141,7 +141,11 @@ def cached_threads(span: BlockSpan, device: str, dtype: str, threads: int, *, pa
 
 
 def _key(span: BlockSpan | TensorParallelSpan, device: str, dtype: str, threads: int) -> str:
-    shape = hashlib.sha256(repr(span.config).encode()).hexdigest()[:16]
+    # the block shape and the modules that compute it: a span whose kernels changed (packed weights, another int8
+    # kernel after an upgrade) is measured again, not announced at its old speed (tensor parallel: rank 0's shard)
+    modules = span.modules() if isinstance(span, torch.nn.Module) else span.span.modules()
+    kinds = sorted({type(module).__qualname__ for module in modules})
+    shape = hashlib.sha256(repr((span.config, kinds)).encode()).hexdigest()[:16]
     return f"{shape}/{device}/{dtype}/{threads}"
 
 
