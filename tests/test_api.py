@@ -202,6 +202,12 @@ def test_a_draft_model_speculates_and_the_tokens_stay_the_swarms(api, client, ll
     got = scored.logprobs.token_logprobs
     assert 0 < len(got) and got == pytest.approx(wanted[: len(got)], abs=1e-3)
     assert all(len(top) == 2 for top in scored.logprobs.top_logprobs)
+    # echoed: the prompt's forward in the request's session, then the speculative rounds from where it ended
+    counted = scrape(api)[("swarmllm_api_spec_decode_drafts_total", (("model", "tiny"),))]
+    echoed = complete("the cat", 8, temperature=0, logprobs=2, echo=True).choices[0]
+    assert echoed.text.endswith(scored.text)
+    assert echoed.logprobs.token_logprobs[-len(got) :] == pytest.approx(got, abs=1e-4)
+    assert scrape(api)[("swarmllm_api_spec_decode_drafts_total", (("model", "tiny"),))] > counted
     # best_of ranks its candidates by their log-probabilities: they are drawn with the draft too
     singles = {complete("the cat", 6, temperature=1.0, seed=5 + i).choices[0].text for i in range(2)}
     counted = scrape(api)[("swarmllm_api_spec_decode_drafts_total", (("model", "tiny"),))]
