@@ -167,6 +167,10 @@ def test_a_draft_model_speculates_and_the_tokens_stay_the_swarms(api, client, ll
     def complete(prompt: str, n: int, **options):
         return client.completions.create(model="tiny", prompt=prompt, max_tokens=n, **options)
 
+    def rounds() -> float:
+        """The draft's rounds so far, as /metrics counts them."""
+        return scrape(api)[("swarmllm_api_spec_decode_drafts_total", (("model", "tiny"),))]
+
     before = scrape(api)
     whole = complete("the cat", 16, temperature=0)
     streamed = "".join(c.choices[0].text for c in complete("the cat", 16, temperature=0, stream=True))
@@ -188,10 +192,10 @@ def test_a_draft_model_speculates_and_the_tokens_stay_the_swarms(api, client, ll
     assert cut.finish_reason == "stop"
     sampled = [complete("the cat", 8, temperature=1.0, seed=7).choices[0].text for _ in range(2)]
     assert sampled[0] == sampled[1]
-    counted = scrape(api)[("swarmllm_api_spec_decode_drafts_total", (("model", "tiny"),))]
+    counted = rounds()
     scored = complete("the cat", 8, temperature=0, logprobs=2).choices[0]
     assert scored.text == want("the cat", 8)
-    after = scrape(api)[("swarmllm_api_spec_decode_drafts_total", (("model", "tiny"),))]
+    after = rounds()
     assert after > counted  # with the draft
     # each token's log-probability is the swarm's own, as transformers' forward over the answer gives it
     ids = tokenizer("the cat", return_tensors="pt")["input_ids"]
@@ -203,16 +207,16 @@ def test_a_draft_model_speculates_and_the_tokens_stay_the_swarms(api, client, ll
     assert 0 < len(got) and got == pytest.approx(wanted[: len(got)], abs=1e-3)
     assert all(len(top) == 2 for top in scored.logprobs.top_logprobs)
     # echoed: the prompt's forward in the request's session, then the speculative rounds from where it ended
-    counted = scrape(api)[("swarmllm_api_spec_decode_drafts_total", (("model", "tiny"),))]
+    counted = rounds()
     echoed = complete("the cat", 8, temperature=0, logprobs=2, echo=True).choices[0]
     assert echoed.text.endswith(scored.text)
     assert echoed.logprobs.token_logprobs[-len(got) :] == pytest.approx(got, abs=1e-4)
-    assert scrape(api)[("swarmllm_api_spec_decode_drafts_total", (("model", "tiny"),))] > counted
+    assert rounds() > counted
     # best_of ranks its candidates by their log-probabilities: they are drawn with the draft too
     singles = {complete("the cat", 6, temperature=1.0, seed=5 + i).choices[0].text for i in range(2)}
-    counted = scrape(api)[("swarmllm_api_spec_decode_drafts_total", (("model", "tiny"),))]
+    counted = rounds()
     best = complete("the cat", 6, temperature=1.0, seed=5, best_of=2).choices[0].text
-    after = scrape(api)[("swarmllm_api_spec_decode_drafts_total", (("model", "tiny"),))]
+    after = rounds()
     assert best in singles and after > counted
 
     # bias, penalties and a pattern shape both models' logits at each prefix: the rules' own greedy tokens
@@ -242,7 +246,7 @@ def test_a_draft_model_speculates_and_the_tokens_stay_the_swarms(api, client, ll
         assert expected != plain  # the rule changes the answer, so the comparison can fail
         got = complete("the cat", 16, temperature=0, **options).choices[0]
         assert got.text == tokenizer.decode(expected, skip_special_tokens=True), options
-    shaped = scrape(api)[("swarmllm_api_spec_decode_drafts_total", (("model", "tiny"),))]
+    shaped = rounds()
     assert shaped > after  # with the draft
 
 

@@ -23,32 +23,27 @@ WIDE = dict(
 MAX_LOGIT_ERROR = {"none": 0.0, "float16": 2e-3, "bfloat16": 1e-2, "blockwise8": 5e-2}
 
 
-@pytest.fixture(scope="module")
-def swarm(llama_checkpoint):
+def two_servers(path, first_flags: list[str]):
+    """A client of blocks [0, 2) (on a server started with `first_flags`) and [2, 4)."""
     with LocalSwarm() as local:
         local.start_bootstrap()
-        local.add_server(str(llama_checkpoint), (0, 2), extra=["--quant", "int8"])
-        local.add_server(str(llama_checkpoint), (2, 4))
-        model = AutoDistributedModelForCausalLM.from_pretrained(
-            str(llama_checkpoint), initial_peers=local.initial_peers
-        )
+        local.add_server(str(path), (0, 2), extra=first_flags)
+        local.add_server(str(path), (2, 4))
+        model = AutoDistributedModelForCausalLM.from_pretrained(str(path), initial_peers=local.initial_peers)
         yield model
         model.shutdown()
+
+
+@pytest.fixture(scope="module")
+def swarm(llama_checkpoint):
+    yield from two_servers(llama_checkpoint, ["--quant", "int8"])
 
 
 @pytest.fixture(scope="module")
 def plain_swarm(llama_checkpoint):
     """Two full-precision servers: a codec's error alone (an int8 server on a CPU rounds its inputs to bfloat16,
     which would add its own)."""
-    with LocalSwarm() as local:
-        local.start_bootstrap()
-        local.add_server(str(llama_checkpoint), (0, 2))
-        local.add_server(str(llama_checkpoint), (2, 4))
-        model = AutoDistributedModelForCausalLM.from_pretrained(
-            str(llama_checkpoint), initial_peers=local.initial_peers
-        )
-        yield model
-        model.shutdown()
+    yield from two_servers(llama_checkpoint, [])
 
 
 def rel_l2(a, b):
@@ -69,13 +64,12 @@ def test_a_quantized_server_announces_it_and_computes_quantized_blocks(swarm, ll
 
 
 def test_compressed_sessions_stay_within_their_codec_error(plain_swarm):
-    swarm = plain_swarm
     logits = {}
     for codec in CODECS:
-        with swarm.inference_session(max_length=32, compression=codec) as session:
+        with plain_swarm.inference_session(max_length=32, compression=codec) as session:
             with torch.no_grad():
-                logits[codec] = swarm(PROMPT).logits
-                step = swarm(torch.cat([PROMPT, torch.tensor([[9]])], dim=1)).logits  # a decode step
+                logits[codec] = plain_swarm(PROMPT).logits
+                step = plain_swarm(torch.cat([PROMPT, torch.tensor([[9]])], dim=1)).logits  # a decode step
             assert step.shape[1] == 1 and session.session.compression == codec
     for codec in CODECS:
         assert rel_l2(logits[codec], logits["none"]) <= MAX_LOGIT_ERROR[codec], codec

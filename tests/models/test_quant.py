@@ -33,6 +33,18 @@ MIN_ARGMAX_AGREEMENT = {"int8": 0.85, "nf4": 0.3}
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 
 
+def dequantized_nf4(linear) -> torch.Tensor:
+    """A bitsandbytes Linear4bit's weight, dequantized."""
+    return bnb.functional.dequantize_4bit(linear.weight.data, linear.weight.quant_state)
+
+
+def dequantized_weight(projection: QuantizedProjection) -> torch.Tensor:
+    """The float32 weight a quantized projection stands for (CPU int8: codes times row scales; nf4)."""
+    if isinstance(projection, CpuInt8Projection):
+        return projection.codes.float() * projection.scales[:, None]
+    return dequantized_nf4(projection.linear)
+
+
 def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(((a - b).norm(dim=-1) / b.norm(dim=-1)).max())
 
@@ -82,22 +94,11 @@ def test_nf4_weights_are_transformers_bitsandbytes_weights(llama_checkpoint):
         llama_checkpoint, quantization_config=config, device_map="cpu", dtype=torch.float32
     )
     ours = load_span(llama_checkpoint, 0, 4, quant="nf4")
-
-    def dequantized(linear):
-        return bnb.functional.dequantize_4bit(linear.weight.data, linear.weight.quant_state)
-
     for layer, block in zip(theirs.model.layers, ours.blocks, strict=True):
-        qkv = torch.cat([dequantized(getattr(layer.self_attn, f"{p}_proj")) for p in "qkv"])
-        torch.testing.assert_close(dequantized(block.self_attn.qkv_proj.linear), qkv, rtol=0, atol=0)
-        down = dequantized(layer.mlp.down_proj)
-        torch.testing.assert_close(dequantized(block.mlp.down_proj.linear), down, rtol=0, atol=0)
-
-
-def dequantized_weight(projection: QuantizedProjection) -> torch.Tensor:
-    if isinstance(projection, CpuInt8Projection):
-        return projection.codes.float() * projection.scales[:, None]
-    linear = projection.linear
-    return bnb.functional.dequantize_4bit(linear.weight.data, linear.weight.quant_state)
+        qkv = torch.cat([dequantized_nf4(getattr(layer.self_attn, f"{p}_proj")) for p in "qkv"])
+        torch.testing.assert_close(dequantized_weight(block.self_attn.qkv_proj), qkv, rtol=0, atol=0)
+        down = dequantized_nf4(layer.mlp.down_proj)
+        torch.testing.assert_close(dequantized_weight(block.mlp.down_proj), down, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("mode", ["nf4", "int8"])
@@ -157,7 +158,7 @@ def test_cpu_int8_computes_its_dequantized_weight_within_bfloat16_rounding(in_fe
     assert isinstance(quantized, CpuInt8Projection)
     assert quantized.kernel == (in_features % CPU_INT8_STEP == 0)
     assert int(quantized.codes.abs().amax(1).min()) == 127
-    weight = quantized.codes.float() * quantized.scales[:, None]
+    weight = dequantized_weight(quantized)
     assert (
         float((weight - projection.weight.detach()).abs().max()) <= float(quantized.scales.max()) / 2 + 1e-7
     )

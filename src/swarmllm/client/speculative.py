@@ -166,8 +166,9 @@ def speculative_generate(
             prefix = torch.cat([prefix, token[None].to(prefix.dtype)], dim=1)
         drafted = torch.cat(drafts) if drafts else ids.new_zeros(0)
         own = verify(prefix[:, n - 1 :], n - 1)[0].float()  # [drafting + 1, V]
-        # (a copy per row: a processor may shape its scores in place)
-        target = torch.stack([shaped(prefix[:, : n + i], own[i].clone()) for i in range(drafting + 1)])
+        # (the processors shape a copy when `own` is recorded: one may shape its scores in place)
+        scores = own if record is None else own.clone()
+        target = torch.stack([shaped(prefix[:, : n + i], scores[i]) for i in range(drafting + 1)])
         if do_sample:
             p = torch.softmax(target, dim=-1)
             accepted, token = accept_drafts(drafted, torch.stack(q) if q else p[:0], p, generator)

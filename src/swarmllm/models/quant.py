@@ -146,6 +146,11 @@ class BitsAndBytesProjection(QuantizedProjection):
         return total + absmax.numel() * absmax.element_size()
 
 
+def _dequantized(codes: Tensor, scales: Tensor, dtype: torch.dtype) -> Tensor:
+    """The [out, in] weight that int8 `codes` and their row `scales` stand for, in `dtype`."""
+    return codes.to(dtype) * scales[:, None].to(dtype)
+
+
 def _int8_matmul(x: Tensor, codes: Tensor, scales: Tensor) -> Tensor:
     rows = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
     if not rows.is_contiguous() or rows.data_ptr() % 64:  # the kernel's loads are aligned; a new tensor is
@@ -166,7 +171,7 @@ class _Int8Matmul(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):
         codes, scales = ctx.saved_tensors
-        return grad @ (codes.to(grad.dtype) * scales[:, None].to(grad.dtype)), None, None
+        return grad @ _dequantized(codes, scales, grad.dtype), None, None
 
 
 class CpuInt8Projection(QuantizedProjection):
@@ -199,7 +204,7 @@ class CpuInt8Projection(QuantizedProjection):
         elif self.kernel:
             y = _int8_matmul(x, self.codes, self.scales)
         else:
-            y = nn.functional.linear(x, self.codes.to(x.dtype) * self.scales[:, None].to(x.dtype))
+            y = nn.functional.linear(x, _dequantized(self.codes, self.scales, x.dtype))
         if self.bias is not None:
             y = y + self.bias
         return y if lora is None else y + lora(x)
