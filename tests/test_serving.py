@@ -95,10 +95,10 @@ def test_speculative_decoding_through_the_swarm(swarm, llama_checkpoint):
     assert sampled.shape == (1, PROMPT.shape[1] + 10) and torch.equal(sampled[:, : PROMPT.shape[1]], PROMPT)
 
 
-def test_servers_with_packed_weights_generate_transformers_tokens(checkpoints):
-    """A server whose projections are packed for oneDNN (the CPU default at hidden size 1024) and one with
-    --no-packed-weights: one session and concurrent ones (whose merged steps the packed server may run in either
-    layout) give transformers' greedy tokens."""
+def test_servers_with_panel_weights_generate_transformers_tokens(checkpoints):
+    """A server whose projections are stored as panels for our CPU kernel (the float32 default at hidden size 1024)
+    and one with --no-packed-weights: one session and concurrent ones (merged steps) give transformers' greedy
+    tokens."""
     from concurrent.futures import ThreadPoolExecutor
 
     from swarmllm.client.loop import run_sync
@@ -125,7 +125,7 @@ def test_servers_with_packed_weights_generate_transformers_tokens(checkpoints):
             return run_sync(ask())
 
         try:
-            assert layouts() == {0: "packed for 1 row", 1: "plain"}
+            assert layouts() == {0: "panels", 1: "plain"}
             want = [reference.generate(p, max_new_tokens=40, do_sample=False).tolist() for p in prompts]
             assert model.generate(prompts[0], max_new_tokens=40, do_sample=False).tolist() == want[0]
             with ThreadPoolExecutor(len(prompts)) as pool:

@@ -25,6 +25,14 @@ from swarmllm.server.backend import LAYOUT_WINDOW, Backend, _Decode
 
 pytestmark = pytest.mark.skipif(not can_pack("cpu", torch.float32), reason="this torch build has no oneDNN")
 
+
+@pytest.fixture(autouse=True)
+def without_panels(monkeypatch):
+    """Float32 spans as where the panel kernel cannot run (no compiler; `models.panels` is preferred where it
+    can), so that these tests load oneDNN's layout."""
+    monkeypatch.setattr(packed_module, "kernel", lambda: None)
+
+
 # 2 layers at hidden size 1024 (every projection >= MIN_PACKED_ELEMENTS); qwen2 has q/k/v biases
 WIDE = dict(
     hidden_size=1024, intermediate_size=1024, num_attention_heads=8, num_key_value_heads=4, num_layers=2

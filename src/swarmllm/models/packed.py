@@ -26,6 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from swarmllm.models.llama import LlamaBlock, Lora, Projection, RowLoras
+from swarmllm.models.panels import PanelProjection, kernel
 
 MIN_PACKED_ELEMENTS = 1 << 20  # e.g. 1024 x 1024: ~0.3 ms a row in float32 on one core
 ONE_ROW, MANY_ROWS = 1, 16  # the row counts a weight is laid out for
@@ -168,15 +169,17 @@ class PackedCopy:
 
 
 def pack_block(block: LlamaBlock) -> LlamaBlock:
-    """Pack the block's large plain projections in place, where `can_pack` (quantized and small ones stay)."""
+    """Store the block's large plain CPU projections in place for faster kernels: float32 ones as panels for our
+    own kernel where it runs here (`models.panels`: faster than oneDNN at every row count, in one layout), the
+    others packed for oneDNN where `can_pack` (quantized and small ones stay)."""
     for parent in (block.self_attn, block.mlp):
         for name, child in list(parent.named_children()):
             weight = child.weight if isinstance(child, Projection) else None
-            if (
-                weight is not None
-                and weight.numel() >= MIN_PACKED_ELEMENTS
-                and can_pack(weight.device, weight.dtype)
-            ):
+            if weight is None or weight.numel() < MIN_PACKED_ELEMENTS:
+                continue
+            if weight.device.type == "cpu" and weight.dtype == torch.float32 and kernel() is not None:
+                setattr(parent, name, PanelProjection.from_projection(child))
+            elif can_pack(weight.device, weight.dtype):
                 setattr(parent, name, PackedProjection.from_projection(child, initial_rows(weight.dtype)))
     return block
 

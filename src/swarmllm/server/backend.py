@@ -14,10 +14,11 @@ the weights are read once per step for all of them, each session keeping its own
 adapter. A session's steps arrive one after another on its stream, so two steps never race on one cache either
 way.
 
-On a CPU the large projections are stored packed for oneDNN (`models.packed`), laid out for one row while the
-steps carry one, for many while they merge several: the backend watches its last `LAYOUT_WINDOW` decode steps and
-re-lays the weights out on the compute thread when `layout_for` says so (a step running meanwhile uses the old
-layout; both compute the same product).
+On a CPU the large float32 projections are stored as panels for our own kernel (`models.panels`), one layout for
+every row count. Where that kernel cannot run, and for bfloat16, they are packed for oneDNN (`models.packed`):
+in float32 laid out for one row while the steps carry one, for many while they merge several: the backend
+watches its last `LAYOUT_WINDOW` decode steps and re-lays the weights out on the compute thread when
+`layout_for` says so (a step running meanwhile uses the old layout; both compute the same product).
 
 On CUDA the sessions' caches are rows of one shared cache arena where they fit (`server.arena`), so that a step
 of any of them, lone or merged, replays a CUDA graph of its bucket of rows and slots, captured once per server
@@ -52,6 +53,7 @@ from swarmllm.models import BlockSpan, KVCache
 from swarmllm.models.llama import BlockLora
 from swarmllm.models.lora import span_lora
 from swarmllm.models.packed import initial_rows, layout_for, packed_projections
+from swarmllm.models.panels import PanelProjection
 from swarmllm.server.adapters import Adapter
 from swarmllm.server.arena import ARENA_LENGTH, CacheArena, arena_rows
 from swarmllm.server.batching import DecodeBatcher
@@ -175,6 +177,7 @@ class Backend:
         )
         self.batcher: DecodeBatcher[_Decode] = DecodeBatcher(self._decode_many, max_wait_s=batch_wait_s)
         self._packed = packed_projections(span)
+        self._panels = any(isinstance(m, PanelProjection) for m in span.modules())
         self.layout_rows = initial_rows(self.dtype)
         # packed float32 weights follow the load (module doc); other dtypes keep their one best layout
         self._follows_load = bool(self._packed) and self.dtype == torch.float32
@@ -214,7 +217,10 @@ class Backend:
 
     @property
     def weights_layout(self) -> str:
-        """How the span's large projections are stored: "plain", or packed for oneDNN and how many rows."""
+        """How the span's large projections are stored: as panels for our kernel, packed for oneDNN and for how
+        many rows, or "plain"."""
+        if self._panels:
+            return "panels"
         if not self._packed:
             return "plain"
         return f"packed for {self.layout_rows} row{'s' if self.layout_rows > 1 else ''}"

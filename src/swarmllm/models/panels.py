@@ -1,0 +1,196 @@
+"""Float32 projections stored as panels of 16 outputs, multiplied by a small AVX2 kernel of our own
+(`kernels/panel_gemm.cpp`): a CPU server's large projections.
+
+A decode step is mostly the read of the span's weights, and a merged step (continuous batching) adds each row's
+FLOPs. oneDNN's and MKL's kernels do the two one after the other: 8 rows through one server's 8 medium layers
+took 45 ms where the read alone takes 22-26 (`benchmarks/RESULTS.md`, session 25). This kernel walks each panel
+front to back once per call and lets the rows' FMAs run while the next lines stream in: on the same 32
+projections, one thread, 1 row takes 16-17 ms against oneDNN's 24-27 and 8 rows 34-36 against 45-56; a 512-row
+prefill is no slower than oneDNN's either (`benchmarks/panel_matmul.py`). One layout serves every row count, so
+nothing is re-laid out as the load changes (as oneDNN's packed weights must be, `models.packed`).
+
+Each output is one float32 FMA chain over the input in order, so a row's result is bit for bit the same whatever
+rows share its call: a merged step, a failover's replay and a lone step agree exactly.
+
+The kernel is compiled once per source with the host's C++ compiler (the one Inductor uses too) into
+`~/.cache/swarmllm/kernels` and loaded with ctypes, which drops the GIL while it runs. Where the CPU lacks AVX2
+and FMA, or no compiler is found, `kernel()` is None and callers keep oneDNN's layout. With more than one torch
+thread, a call splits its panels over that many threads.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from swarmllm.models.llama import Lora, Projection, RowLoras
+
+logger = logging.getLogger(__name__)
+
+PANEL = 16  # outputs per panel (two AVX2 vectors)
+SOURCE = Path(__file__).with_name("kernels") / "panel_gemm.cpp"
+FLAGS = ("-O3", "-mavx2", "-mfma", "-std=c++17", "-shared", "-fPIC")
+MIN_PANELS_PER_THREAD = 16  # a call splits over threads only where each gets at least this many panels
+_Kernel = ctypes.CFUNCTYPE(
+    None, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
+    ctypes.c_int64,
+)  # fmt: skip
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("SWARMLLM_KERNEL_DIR", Path.home() / ".cache" / "swarmllm" / "kernels"))
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
+        if name and shutil.which(name):
+            return name
+    return None
+
+
+def build(directory: Path, compiler: str) -> Path | None:
+    """The kernel's library in `directory`, compiled there first unless a build of the same source, compiler and
+    flags is there already; None if it does not compile."""
+    source = SOURCE.read_bytes()
+    digest = hashlib.sha256(source + " ".join((compiler, *FLAGS)).encode()).hexdigest()[:16]
+    library = directory / f"panel_gemm-{digest}.so"
+    if library.exists():
+        return library
+    directory.mkdir(parents=True, exist_ok=True)
+    # built under a name of its own, then renamed: processes starting together never load a half-written file
+    fd, partial = tempfile.mkstemp(suffix=".so", dir=directory)
+    os.close(fd)
+    try:
+        subprocess.run(
+            [compiler, *FLAGS, "-o", partial, str(SOURCE)], check=True, capture_output=True, timeout=120
+        )
+        os.replace(partial, library)
+    except (OSError, subprocess.SubprocessError) as e:
+        detail = (getattr(e, "stderr", None) or b"")[-500:].decode(errors="replace")
+        logger.warning("the panel kernel did not compile (%s %s): oneDNN's layout is used", e, detail)
+        return None
+    finally:
+        if os.path.exists(partial):
+            os.unlink(partial)
+    return library
+
+
+@functools.cache
+def kernel():
+    """The compiled kernel, `kernel()(x, M, K, panels, N, y, ldy)`, or None where it cannot run here."""
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        return None
+    compiler = _compiler()
+    if compiler is None:
+        logger.info("no C++ compiler found: CPU projections stay in oneDNN's layout")
+        return None
+    library = build(_cache_dir(), compiler)
+    return None if library is None else _Kernel(("swarmllm_panel_gemm", ctypes.CDLL(str(library))))
+
+
+def to_panels(weight: Tensor) -> Tensor:
+    """An [out, in] float32 weight as [ceil(out / 16), in, 16] panels, the last zero-padded."""
+    out_features, in_features = weight.shape
+    padded = torch.zeros(-(-out_features // PANEL) * PANEL, in_features, dtype=torch.float32)
+    padded[:out_features] = weight
+    return padded.view(-1, PANEL, in_features).transpose(1, 2).contiguous()
+
+
+def from_panels(panels: Tensor, out_features: int) -> Tensor:
+    """The plain [out, in] weight back (a copy)."""
+    return panels.transpose(1, 2).reshape(-1, panels.shape[1])[:out_features].contiguous()
+
+
+@functools.cache
+def _pool(workers: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(workers, thread_name_prefix="panels")
+
+
+def panel_matmul(x: Tensor, panels: Tensor, out_features: int) -> Tensor:
+    """x W^T for a weight stored as `panels`: x is float32 [..., in] on the CPU."""
+    in_features = panels.shape[1]
+    if x.dtype != torch.float32 or x.device.type != "cpu" or x.shape[-1] != in_features:
+        raise ValueError(
+            f"panel matmul takes float32 CPU inputs of {in_features} features, got {x.dtype} {tuple(x.shape)} "
+            f"on {x.device}"
+        )
+    rows = x.reshape(-1, in_features).contiguous()
+    m = rows.shape[0]
+    y = torch.empty(m, out_features, dtype=torch.float32)
+    if m == 0:
+        return y.view(*x.shape[:-1], out_features)
+    run = kernel()
+    count = panels.shape[0]
+    threads = max(1, min(torch.get_num_threads(), count // MIN_PANELS_PER_THREAD))
+    if threads == 1:
+        run(rows.data_ptr(), m, in_features, panels.data_ptr(), out_features, y.data_ptr(), out_features)
+    else:  # contiguous runs of panels, one per thread, this one taking the first
+        bounds = [count * i // threads for i in range(threads + 1)]
+        stride = in_features * PANEL * 4
+
+        def part(i: int) -> None:
+            first, last = bounds[i], bounds[i + 1]
+            n = min(out_features, last * PANEL) - first * PANEL
+            start = panels.data_ptr() + first * stride
+            run(rows.data_ptr(), m, in_features, start, n, y.data_ptr() + first * PANEL * 4, out_features)
+
+        futures = [_pool(os.cpu_count() or threads).submit(part, i) for i in range(1, threads)]
+        part(0)
+        for future in futures:
+            future.result()
+    return y.view(*x.shape[:-1], out_features)
+
+
+class _PanelLinear(torch.autograd.Function):
+    """x W^T with W as panels; backward gives x's gradient only (server weights are frozen)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, panels: Tensor, out_features: int) -> Tensor:
+        ctx.save_for_backward(panels)
+        ctx.out_features = out_features
+        return panel_matmul(x, panels, out_features)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (panels,) = ctx.saved_tensors
+        return grad @ from_panels(panels, ctx.out_features), None, None
+
+
+class PanelProjection(nn.Module):
+    """A float32 `Projection` whose weight is stored as panels for the kernel above (see the module doc)."""
+
+    def __init__(self, panels: Tensor, out_features: int, bias: Tensor | None):
+        super().__init__()
+        self.register_buffer("panels", panels)
+        self.out_features, self.in_features = out_features, panels.shape[1]
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+
+    @classmethod
+    def from_projection(cls, projection: Projection | nn.Linear) -> PanelProjection:
+        bias = None if projection.bias is None else projection.bias.detach()
+        return cls(to_panels(projection.weight.detach()), projection.out_features, bias)
+
+    @property
+    def weight(self) -> Tensor:
+        """The plain [out, in] weight (a copy: for inspection and tests, not for the hot path)."""
+        return from_panels(self.panels, self.out_features)
+
+    def forward(self, x: Tensor, lora: Lora | RowLoras | None = None) -> Tensor:
+        if torch.is_grad_enabled() and x.requires_grad:
+            y = _PanelLinear.apply(x, self.panels, self.out_features)
+        else:
+            y = panel_matmul(x, self.panels, self.out_features)
+        if self.bias is not None:
+            y = y + self.bias
+        return y if lora is None else y + lora(x)

@@ -1,0 +1,147 @@
+"""Panel projections (our CPU kernel): x W^T within float32 rounding of a float64 product for any shape, split
+over threads or not; a row's result the same bit for bit whatever rows share its call; bias, adapters and the
+input gradient; which weights a span stores as panels; the build, its cache and a failing compiler; bad input."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+from swarmllm.models import load_span
+from swarmllm.models.llama import Lora, Projection
+from swarmllm.models.packed import MIN_PACKED_ELEMENTS, packed_projections
+from swarmllm.models.panels import (
+    PANEL,
+    PanelProjection,
+    _compiler,
+    build,
+    from_panels,
+    kernel,
+    panel_matmul,
+    to_panels,
+)
+
+pytestmark = pytest.mark.skipif(
+    kernel() is None, reason="no AVX2 and FMA, or no C++ compiler, on this machine"
+)
+
+WIDE = dict(
+    hidden_size=1024, intermediate_size=1024, num_attention_heads=8, num_key_value_heads=4, num_layers=2
+)
+
+
+def near(got: torch.Tensor, want: torch.Tensor) -> bool:
+    """Within float32 rounding of a float64 product (each output is a float32 FMA chain)."""
+    if want.numel() == 0:
+        return got.shape == want.shape
+    scale = float(want.abs().max())
+    return bool((got.double() - want.double()).abs().max() <= 2e-6 * scale * want.shape[-1] ** 0.5 + 1e-30)
+
+
+@pytest.fixture
+def threads():
+    """Runs the body at 1 torch thread and again at 2 (a call then splits its panels over two threads)."""
+    before = torch.get_num_threads()
+    yield lambda n: torch.set_num_threads(n)
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize(
+    ("out_features", "in_features"),
+    [(1536, 1024), (1000, 72), (17, 5), (64, 3), (16 * 40, 33)],  # padded last panels, odd inputs
+)
+def test_the_product_of_any_shape_equals_float64s_on_one_thread_or_two(out_features, in_features, threads):
+    generator = torch.Generator().manual_seed(out_features + in_features)
+    weight = torch.randn(out_features, in_features, generator=generator)
+    panels = to_panels(weight)
+    assert panels.shape == (-(-out_features // PANEL), in_features, PANEL)
+    assert torch.equal(from_panels(panels, out_features), weight)
+    for rows in (1, 2, 5, 6, 7, 8, 13, 300):
+        x = torch.randn(rows, in_features, generator=generator)
+        want = x.double() @ weight.double().T
+        results = []
+        for count in (1, 2):
+            threads(count)
+            results.append(panel_matmul(x, panels, out_features))
+            assert near(results[-1], want), (rows, count)
+        assert torch.equal(results[0], results[1])  # the split computes each output the same way
+
+
+def test_a_row_gives_the_same_bits_alone_as_among_others(threads):
+    """A merged step, a lone step and a failover's replay of the same row agree exactly."""
+    generator = torch.Generator().manual_seed(7)
+    weight = torch.randn(2816, 1024, generator=generator)
+    panels = to_panels(weight)
+    rows = torch.randn(300, 1024, generator=generator)
+    for count in (1, 2):
+        threads(count)
+        together = panel_matmul(rows, panels, 2816)
+        for i in (0, 5, 7, 299):
+            assert torch.equal(panel_matmul(rows[i : i + 1], panels, 2816), together[i : i + 1])
+        assert torch.equal(panel_matmul(rows[3:11], panels, 2816), together[3:11])
+
+
+def test_a_panel_projection_adds_its_bias_and_adapter_and_takes_any_leading_shape():
+    torch.manual_seed(0)
+    plain = Projection(1024, 1536, bias=True)
+    panel = PanelProjection.from_projection(plain)
+    assert torch.equal(panel.weight, plain.weight)
+    lora = Lora(torch.randn(4, 1024) * 0.1, torch.randn(1536, 4) * 0.1, (4,))
+    with torch.inference_mode():
+        for shape in [(1, 1024), (8, 1024), (2, 5, 1024), (0, 1024)]:
+            x = torch.randn(shape)
+            assert panel(x).shape == (*shape[:-1], 1536)
+            assert near(panel(x), plain(x).double())
+            assert near(panel(x, lora), plain(x, lora).double())
+
+
+def test_the_input_gradient_goes_through_a_panel_projection():
+    torch.manual_seed(1)
+    plain = Projection(1024, 1000, bias=False).requires_grad_(False)
+    panel = PanelProjection.from_projection(plain)
+    x = torch.randn(3, 1024, requires_grad=True)
+    (panel(x) ** 2).sum().backward()
+    got, x.grad = x.grad, None
+    (plain(x) ** 2).sum().backward()
+    assert torch.allclose(got, x.grad, rtol=1e-4, atol=1e-4 * float(x.grad.abs().max()))
+
+
+def test_bad_inputs_get_a_clear_error():
+    panels = to_panels(torch.randn(64, 32))
+    for x in (
+        torch.randn(2, 32, dtype=torch.float64),
+        torch.randn(2, 32, dtype=torch.bfloat16),
+        torch.randn(2, 31),
+    ):
+        with pytest.raises(ValueError, match="float32 CPU inputs of 32 features"):
+            panel_matmul(x, panels, 64)
+
+
+def test_large_float32_projections_of_a_span_are_stored_as_panels(checkpoints):
+    wide_checkpoint = checkpoints("qwen2", **WIDE)  # q/k/v biases
+    wide = load_span(wide_checkpoint, 0, 2, pack=True)
+    stored = [m for m in wide.modules() if isinstance(m, PanelProjection)]
+    assert len(stored) == 8 and packed_projections(wide) == []  # 4 projections a block, each large enough
+    assert all(p.out_features * p.in_features >= MIN_PACKED_ELEMENTS for p in stored)
+    plain = load_span(wide_checkpoint, 0, 2)
+    hidden = torch.randn(2, 7, 1024, generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        want = plain(hidden)
+        assert torch.allclose(wide(hidden), want, rtol=1e-4, atol=3e-5 * float(want.abs().max()))
+    small = load_span(checkpoints("llama"), 0, 2, pack=True)  # hidden size 64: a call would cost more
+    assert not any(isinstance(m, PanelProjection) for m in small.modules())
+    half = load_span(wide_checkpoint, 0, 1, dtype=torch.bfloat16, pack=True)  # the kernel is float32's
+    assert not any(isinstance(m, PanelProjection) for m in half.modules())
+
+
+def test_the_kernel_is_built_once_per_source_and_a_failing_compiler_leaves_none(tmp_path, caplog):
+    compiler = _compiler()
+    library = build(tmp_path, compiler)
+    assert library is not None and library.parent == tmp_path
+    built = os.stat(library).st_mtime_ns
+    assert build(tmp_path, compiler) == library and os.stat(library).st_mtime_ns == built
+    assert build(tmp_path / "other", "false") is None  # a compiler that fails: nothing half-built is left
+    assert list((tmp_path / "other").iterdir()) == []
+    assert "did not compile" in caplog.text
