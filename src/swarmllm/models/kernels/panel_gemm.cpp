@@ -1,10 +1,12 @@
 // y[M, N] = x[M, K] W^T for a float32 weight stored as panels of 16 outputs, P[N / 16][K][16] (the last panel
 // zero-padded), on one core with AVX2 and FMA. Built and loaded by swarmllm/models/panels.py, which says why.
 //
-// A panel is read once per call, front to back, whatever M: rows go through it in blocks of at most 6 (12
-// accumulators, 2 weight vectors and a broadcast fill AVX2's 16 registers), the first block streaming it from
-// memory and the others finding it in L2. Each output is one float32 FMA chain over k in order, so a row's
-// result does not depend on the rows that share its call.
+// The weight is read once per call, front to back, whatever M. Rows go through it in blocks of at most 6, and
+// a block of few rows takes several panels at once: rows x 2 x panels accumulators stay within 12 of AVX2's 16
+// registers, and enough independent FMA chains and weight streams are in flight to keep up with memory (one row
+// alone through one panel would leave the FMA units waiting on its 2 chains). The first block of rows streams
+// the panels from memory, the others find them in L2. Each output is one float32 FMA chain over k in order, so
+// a row's result does not depend on the rows that share its call.
 #include <immintrin.h>
 
 #include <cstdint>
@@ -14,53 +16,59 @@ namespace {
 constexpr int kPanel = 16;
 constexpr int kMaxRows = 6;
 
-template <int R>
+// R rows through J consecutive panels; cols: the outputs left from the first of them (the last may be padded)
+template <int R, int J>
 inline void block(const float* x, int64_t K, const float* panel, float* y, int64_t ldy, int64_t cols) {
-    __m256 lo[R], hi[R];
+    const int64_t stride = K * kPanel;
+    __m256 acc[R][2 * J];
 #pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) lo[r] = hi[r] = _mm256_setzero_ps();
+    for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 8
+        for (int j = 0; j < 2 * J; ++j) acc[r][j] = _mm256_setzero_ps();
+    }
     for (int64_t k = 0; k < K; ++k) {
-        const __m256 w0 = _mm256_loadu_ps(panel + k * kPanel), w1 = _mm256_loadu_ps(panel + k * kPanel + 8);
+        __m256 w[2 * J];
+#pragma GCC unroll 8
+        for (int j = 0; j < J; ++j) {
+            w[2 * j] = _mm256_loadu_ps(panel + j * stride + k * kPanel);
+            w[2 * j + 1] = _mm256_loadu_ps(panel + j * stride + k * kPanel + 8);
+        }
 #pragma GCC unroll 8
         for (int r = 0; r < R; ++r) {
             const __m256 v = _mm256_broadcast_ss(x + r * K + k);
-            lo[r] = _mm256_fmadd_ps(v, w0, lo[r]);
-            hi[r] = _mm256_fmadd_ps(v, w1, hi[r]);
+#pragma GCC unroll 8
+            for (int j = 0; j < 2 * J; ++j) acc[r][j] = _mm256_fmadd_ps(v, w[j], acc[r][j]);
         }
     }
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
-        if (cols == kPanel) {
-            _mm256_storeu_ps(y + r * ldy, lo[r]);
-            _mm256_storeu_ps(y + r * ldy + 8, hi[r]);
-        } else {  // the last, padded panel
-            alignas(32) float tmp[kPanel];
-            _mm256_store_ps(tmp, lo[r]);
-            _mm256_store_ps(tmp + 8, hi[r]);
-            for (int64_t j = 0; j < cols; ++j) y[r * ldy + j] = tmp[j];
+#pragma GCC unroll 8
+        for (int j = 0; j < J; ++j) {
+            float* out = y + r * ldy + j * kPanel;
+            const int64_t left = cols - j * kPanel;
+            if (left >= kPanel) {
+                _mm256_storeu_ps(out, acc[r][2 * j]);
+                _mm256_storeu_ps(out + 8, acc[r][2 * j + 1]);
+            } else {
+                alignas(32) float tmp[kPanel];
+                _mm256_store_ps(tmp, acc[r][2 * j]);
+                _mm256_store_ps(tmp + 8, acc[r][2 * j + 1]);
+                for (int64_t i = 0; i < left; ++i) out[i] = tmp[i];
+            }
         }
     }
 }
 
-// one row through 4 panels at once: 8 independent FMA chains, enough to keep the FMA units fed while streaming
-inline void one_row(const float* x, int64_t K, const float* panels, float* y) {
-    __m256 acc[8];
-#pragma GCC unroll 8
-    for (int j = 0; j < 8; ++j) acc[j] = _mm256_setzero_ps();
-    const int64_t stride = K * kPanel;
-    for (int64_t k = 0; k < K; ++k) {
-        const __m256 v = _mm256_broadcast_ss(x + k);
-#pragma GCC unroll 4
-        for (int j = 0; j < 4; ++j) {
-            const float* w = panels + j * stride + k * kPanel;
-            acc[2 * j] = _mm256_fmadd_ps(v, _mm256_loadu_ps(w), acc[2 * j]);
-            acc[2 * j + 1] = _mm256_fmadd_ps(v, _mm256_loadu_ps(w + 8), acc[2 * j + 1]);
-        }
-    }
-#pragma GCC unroll 4
-    for (int j = 0; j < 4; ++j) {
-        _mm256_storeu_ps(y + j * kPanel, acc[2 * j]);
-        _mm256_storeu_ps(y + j * kPanel + 8, acc[2 * j + 1]);
+template <int J>
+inline void rows_through(int64_t rows, const float* x, int64_t K, const float* panel, float* y, int64_t ldy,
+                         int64_t cols) {
+    switch (rows) {
+        case 6: block<6, J>(x, K, panel, y, ldy, cols); break;
+        case 5: block<5, J>(x, K, panel, y, ldy, cols); break;
+        case 4: block<4, J>(x, K, panel, y, ldy, cols); break;
+        case 3: block<3, J>(x, K, panel, y, ldy, cols); break;
+        case 2: block<2, J>(x, K, panel, y, ldy, cols); break;
+        default: block<1, J>(x, K, panel, y, ldy, cols); break;
     }
 }
 
@@ -70,30 +78,27 @@ inline void one_row(const float* x, int64_t K, const float* panels, float* y) {
 extern "C" void swarmllm_panel_gemm(const float* x, int64_t M, int64_t K, const float* P, int64_t N, float* y,
                                     int64_t ldy) {
     const int64_t panels = (N + kPanel - 1) / kPanel;
-    int64_t p = 0;
-    if (M == 1) {
-        for (; (p + 4) * kPanel <= N; p += 4) one_row(x, K, P + p * K * kPanel, y + p * kPanel);
-    }
-    // rows split into ceil(M / 6) blocks of near-equal size (8 rows: 4 + 4, not 6 + 2, whose 2-row block would
-    // leave the FMA units waiting on its 4 chains)
+    // rows in ceil(M / 6) blocks of near-equal size (8 rows: 4 + 4, not 6 + 2)
     const int64_t blocks = (M + kMaxRows - 1) / kMaxRows;
-    for (; p < panels; ++p) {
+    const int64_t most = M / blocks + (M % blocks ? 1 : 0);
+    const int64_t group = most == 1 ? 4 : most == 2 ? 3 : most == 3 ? 2 : 1;  // panels taken at once
+    for (int64_t p = 0; p < panels;) {
+        const int64_t take = p + group <= panels ? group : 1;
         const float* panel = P + p * K * kPanel;
-        const int64_t cols = N - p * kPanel < kPanel ? N - p * kPanel : kPanel;
+        const int64_t cols = N - p * kPanel;
         int64_t row = 0;
         for (int64_t b = 0; b < blocks; ++b) {
             const int64_t rows = M / blocks + (b < M % blocks ? 1 : 0);
             const float* xb = x + row * K;
             float* yb = y + row * ldy + p * kPanel;
-            switch (rows) {
-                case 6: block<6>(xb, K, panel, yb, ldy, cols); break;
-                case 5: block<5>(xb, K, panel, yb, ldy, cols); break;
-                case 4: block<4>(xb, K, panel, yb, ldy, cols); break;
-                case 3: block<3>(xb, K, panel, yb, ldy, cols); break;
-                case 2: block<2>(xb, K, panel, yb, ldy, cols); break;
-                default: block<1>(xb, K, panel, yb, ldy, cols); break;
+            switch (take) {
+                case 4: rows_through<4>(rows, xb, K, panel, yb, ldy, cols); break;
+                case 3: rows_through<3>(rows, xb, K, panel, yb, ldy, cols); break;
+                case 2: rows_through<2>(rows, xb, K, panel, yb, ldy, cols); break;
+                default: rows_through<1>(rows, xb, K, panel, yb, ldy, cols); break;
             }
             row += rows;
         }
+        p += take;
     }
 }
