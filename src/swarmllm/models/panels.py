@@ -15,7 +15,8 @@ rows share its call: a merged step, a failover's replay and a lone step agree ex
 The kernel is compiled once per source with the host's C++ compiler (the one Inductor uses too) into
 `~/.cache/swarmllm/kernels` and loaded with ctypes, which drops the GIL while it runs. Where the CPU lacks AVX2
 and FMA, or no compiler is found, `kernel()` is None and callers keep oneDNN's layout. With more than one torch
-thread, a call splits its panels over that many threads.
+thread, a call splits its panels over that many threads of torch's own OpenMP runtime (the library links
+libgomp.so.1, which torch has loaded: one pool of threads, not two spinning against each other).
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ import os
 import shutil
 import subprocess
 import tempfile
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -40,7 +40,7 @@ logger = logging.getLogger(__name__)
 
 PANEL = 16  # outputs per panel (two AVX2 vectors)
 SOURCE = Path(__file__).with_name("kernels") / "panel_gemm.cpp"
-FLAGS = ("-O3", "-mavx2", "-mfma", "-std=c++17", "-shared", "-fPIC")
+FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-std=c++17", "-shared", "-fPIC")
 MIN_PANELS_PER_THREAD = 16  # a call splits over threads only where each gets at least this many panels
 _Kernel = ctypes.CFUNCTYPE(
     None, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
@@ -88,7 +88,7 @@ def build(directory: Path, compiler: str) -> Path | None:
 
 @functools.cache
 def kernel():
-    """The compiled kernel, `kernel()(x, M, K, panels, N, y, ldy)`, or None where it cannot run here."""
+    """The compiled kernel, `kernel()(x, M, K, panels, N, y, threads)`, or None where it cannot run here."""
     if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
         return None
     compiler = _compiler()
@@ -112,11 +112,6 @@ def from_panels(panels: Tensor, out_features: int) -> Tensor:
     return panels.transpose(1, 2).reshape(-1, panels.shape[1])[:out_features].contiguous()
 
 
-@functools.cache
-def _pool(workers: int) -> ThreadPoolExecutor:
-    return ThreadPoolExecutor(workers, thread_name_prefix="panels")
-
-
 def panel_matmul(x: Tensor, panels: Tensor, out_features: int) -> Tensor:
     """x W^T for a weight stored as `panels`: x is float32 [..., in] on the CPU."""
     in_features = panels.shape[1]
@@ -130,25 +125,8 @@ def panel_matmul(x: Tensor, panels: Tensor, out_features: int) -> Tensor:
     y = torch.empty(m, out_features, dtype=torch.float32)
     if m == 0:
         return y.view(*x.shape[:-1], out_features)
-    run = kernel()
-    count = panels.shape[0]
-    threads = max(1, min(torch.get_num_threads(), count // MIN_PANELS_PER_THREAD))
-    if threads == 1:
-        run(rows.data_ptr(), m, in_features, panels.data_ptr(), out_features, y.data_ptr(), out_features)
-    else:  # contiguous runs of panels, one per thread, this one taking the first
-        bounds = [count * i // threads for i in range(threads + 1)]
-        stride = in_features * PANEL * 4
-
-        def part(i: int) -> None:
-            first, last = bounds[i], bounds[i + 1]
-            n = min(out_features, last * PANEL) - first * PANEL
-            start = panels.data_ptr() + first * stride
-            run(rows.data_ptr(), m, in_features, start, n, y.data_ptr() + first * PANEL * 4, out_features)
-
-        futures = [_pool(os.cpu_count() or threads).submit(part, i) for i in range(1, threads)]
-        part(0)
-        for future in futures:
-            future.result()
+    threads = max(1, min(torch.get_num_threads(), panels.shape[0] // MIN_PANELS_PER_THREAD))
+    kernel()(rows.data_ptr(), m, in_features, panels.data_ptr(), out_features, y.data_ptr(), threads)
     return y.view(*x.shape[:-1], out_features)
 
 

@@ -72,25 +72,22 @@ inline void rows_through(int64_t rows, const float* x, int64_t K, const float* p
     }
 }
 
-}  // namespace
-
-// y has rows ldy apart (>= N): a caller may split one product's panels over threads
-extern "C" void swarmllm_panel_gemm(const float* x, int64_t M, int64_t K, const float* P, int64_t N, float* y,
-                                    int64_t ldy) {
-    const int64_t panels = (N + kPanel - 1) / kPanel;
+// panels [first, last) of the product; y points at the first's outputs, rows ldy apart
+void panels_through(const float* x, int64_t M, int64_t K, const float* P, int64_t N, float* y, int64_t ldy,
+                    int64_t first, int64_t last) {
     // rows in ceil(M / 6) blocks of near-equal size (8 rows: 4 + 4, not 6 + 2)
     const int64_t blocks = (M + kMaxRows - 1) / kMaxRows;
     const int64_t most = M / blocks + (M % blocks ? 1 : 0);
     const int64_t group = most == 1 ? 4 : most == 2 ? 3 : most == 3 ? 2 : 1;  // panels taken at once
-    for (int64_t p = 0; p < panels;) {
-        const int64_t take = p + group <= panels ? group : 1;
+    for (int64_t p = first; p < last;) {
+        const int64_t take = p + group <= last ? group : 1;
         const float* panel = P + p * K * kPanel;
         const int64_t cols = N - p * kPanel;
         int64_t row = 0;
         for (int64_t b = 0; b < blocks; ++b) {
             const int64_t rows = M / blocks + (b < M % blocks ? 1 : 0);
             const float* xb = x + row * K;
-            float* yb = y + row * ldy + p * kPanel;
+            float* yb = y + row * ldy + (p - first) * kPanel;
             switch (take) {
                 case 4: rows_through<4>(rows, xb, K, panel, yb, ldy, cols); break;
                 case 3: rows_through<3>(rows, xb, K, panel, yb, ldy, cols); break;
@@ -100,5 +97,23 @@ extern "C" void swarmllm_panel_gemm(const float* x, int64_t M, int64_t K, const 
             row += rows;
         }
         p += take;
+    }
+}
+
+}  // namespace
+
+// y is [M, N]; with threads > 1 the panels are split into that many contiguous runs, one per OpenMP thread
+// (torch's own OpenMP runtime: the library links libgomp.so.1, which torch has loaded already)
+extern "C" void swarmllm_panel_gemm(const float* x, int64_t M, int64_t K, const float* P, int64_t N, float* y,
+                                    int64_t threads) {
+    const int64_t panels = (N + kPanel - 1) / kPanel;
+    if (threads <= 1) {
+        panels_through(x, M, K, P, N, y, N, 0, panels);
+        return;
+    }
+#pragma omp parallel for num_threads(threads) schedule(static, 1)
+    for (int64_t t = 0; t < threads; ++t) {
+        const int64_t first = panels * t / threads, last = panels * (t + 1) / threads;
+        panels_through(x, M, K, P, N, y + first * kPanel, N, first, last);
     }
 }

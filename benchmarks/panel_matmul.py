@@ -1,0 +1,89 @@
+"""A CPU server's projections, one step: the 4 projections of each of `--layers` layers of the medium model's
+shape (qkv [1536, 1024], o [1024, 1024], gate_up [5632, 1024], down [1024, 2816], float32) applied to a step's
+rows in turn, as a decode step through a server's span does, in four layouts: PyTorch's plain one (MKL), packed
+for oneDNN laid out for 1 row and for 16 (`models/packed.py`), and panels for our own kernel
+(`models/panels.py`). The layers' weights (362 MB for 8) are far larger than the caches, so every step reads
+them from memory. Median of interleaved repeats, in ms a step; the panels' largest error against a float64
+product.
+
+    python benchmarks/panel_matmul.py [--layers 8] [--rows 1 2 4 8 16 512] [--threads 1 2] [--repeats 7]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from common import append_results, markdown_table
+
+from swarmllm.models.packed import MANY_ROWS, ONE_ROW, PackedProjection
+from swarmllm.models.panels import PanelProjection, kernel
+
+SHAPES = [(1536, 1024), (1024, 1024), (5632, 1024), (1024, 2816)]  # one medium layer's [out, in]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8, 16, 512])
+    parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--no-record", action="store_true")
+    args = parser.parse_args()
+    if kernel() is None:
+        raise SystemExit("the panel kernel does not run here (no AVX2 and FMA, or no C++ compiler)")
+
+    torch.manual_seed(0)
+    linears = [torch.nn.Linear(k, n, bias=False) for _ in range(args.layers) for n, k in SHAPES]
+    layouts = {
+        "plain": linears,  # F.linear
+        "packed for 1 row": [PackedProjection.from_projection(linear, ONE_ROW) for linear in linears],
+        f"packed for {MANY_ROWS} rows": [
+            PackedProjection.from_projection(linear, MANY_ROWS) for linear in linears
+        ],
+        "panels": [PanelProjection.from_projection(linear) for linear in linears],
+    }
+    megabytes = sum(n * k for n, k in SHAPES) * args.layers * 4 / 1e6
+
+    table_rows, worst = [], 0.0
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        for rows in args.rows:
+            generator = torch.Generator().manual_seed(rows)
+            inputs = {k: torch.randn(rows, k, generator=generator) for k in {k for _, k in SHAPES}}
+            with torch.no_grad():
+                for linear, panel in zip(linears[: len(SHAPES)], layouts["panels"], strict=False):
+                    x = inputs[linear.in_features]
+                    want = x.double() @ linear.weight.double().T
+                    worst = max(worst, float((panel(x).double() - want).abs().max() / want.abs().max()))
+                times: dict[str, list[float]] = {name: [] for name in layouts}
+                for _ in range(args.repeats + 1):  # the first round warms up
+                    for name, calls in layouts.items():
+                        began = time.perf_counter()
+                        for call, linear in zip(calls, linears, strict=True):
+                            call(inputs[linear.in_features])
+                        times[name].append(time.perf_counter() - began)
+            ms = {name: statistics.median(t[1:]) * 1e3 for name, t in times.items()}
+            best_other = min(ms[name] for name in layouts if name != "panels")
+            table_rows.append(
+                [threads, rows, *(f"{t:.1f}" for t in ms.values()), f"{best_other / ms['panels']:.2f}x"]
+            )
+            print(table_rows[-1], flush=True)
+    table = markdown_table(
+        ["torch threads", "rows", *(f"{name} ms" for name in layouts), "best other / panels"], table_rows
+    )
+    print(table)
+    if not args.no_record:
+        append_results(
+            f"A CPU server's projections: panels against MKL and oneDNN ({args.layers} medium layers)",
+            table,
+            f"{len(linears)} projections ({megabytes:.0f} MB of float32 weights) applied in turn to a step's rows, "
+            f"median of {args.repeats} interleaved repeats after one. Panels' largest error against a float64 "
+            f"product: {worst:.1e} of its largest value.",
+        )
+
+
+if __name__ == "__main__":
+    main()
