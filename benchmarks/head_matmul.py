@@ -1,7 +1,8 @@
 """A client's LM head for the rows of concurrent generates: one matmul of [rows, hidden] by the head's
 [vocab, hidden] weight, in PyTorch's plain layout (`F.linear`, MKL) and packed for oneDNN laid out for one row
-and for many (`models/packed.py`: what servers do with their projections, and `PackedCopy` with a client's merged
-head rows), for 1 and 2 torch threads. Median of repeated calls, in ms.
+and for many (`models/packed.py`), and as panels for our own kernel (`models/panels.py`: what `PackedCopy` does with
+a client's float32 head where the kernel runs, and servers with their projections), for 1 and 2 torch threads.
+Median of repeated calls, in ms.
 
     python benchmarks/head_matmul.py [--vocab 32000] [--hidden 1024] [--rows 1 2 4 8 16] [--threads 1 2]
 """
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 from common import append_results, markdown_table
 
 from swarmllm.models.packed import MANY_ROWS, ONE_ROW, PackedProjection
+from swarmllm.models.panels import PanelProjection, kernel
 
 
 def median_ms(call, repeats: int) -> float:
@@ -43,6 +45,7 @@ def main() -> None:
     head = torch.nn.Linear(args.hidden, args.vocab, bias=False)
     weight = head.weight.detach()
     packed = {rows: PackedProjection.from_projection(head, rows) for rows in (ONE_ROW, MANY_ROWS)}
+    panels = PanelProjection.from_projection(head) if kernel() is not None else None
 
     def pointwise(x: torch.Tensor, layout: int) -> torch.Tensor:
         return packed[layout](x)
@@ -59,6 +62,7 @@ def main() -> None:
                     median_ms(lambda: F.linear(x, weight), args.repeats),  # noqa: B023 - called at once
                     median_ms(lambda: pointwise(x, ONE_ROW), args.repeats),  # noqa: B023
                     median_ms(lambda: pointwise(x, MANY_ROWS), args.repeats),  # noqa: B023
+                    median_ms(lambda: panels(x), args.repeats) if panels is not None else float("nan"),  # noqa: B023
                 ]
             table_rows.append([threads, rows, *(f"{t:.2f}" for t in times), f"{times[0] / times[2]:.2f}x"])
             print(table_rows[-1], flush=True)
@@ -69,6 +73,7 @@ def main() -> None:
             "plain ms",
             "packed for 1 row ms",
             f"packed for {MANY_ROWS} rows ms",
+            "panels ms",
             f"plain / packed for {MANY_ROWS}",
         ],
         table_rows,

@@ -11,7 +11,7 @@ import torch
 
 from swarmllm.models import load_span
 from swarmllm.models.llama import Lora, Projection
-from swarmllm.models.packed import MIN_PACKED_ELEMENTS, packed_projections
+from swarmllm.models.packed import MIN_PACKED_ELEMENTS, PackedCopy, packed_projections
 from swarmllm.models.panels import (
     PANEL,
     PanelProjection,
@@ -145,3 +145,18 @@ def test_the_kernel_is_built_once_per_source_and_a_failing_compiler_leaves_none(
     assert build(tmp_path / "other", "false") is None  # a compiler that fails: nothing half-built is left
     assert list((tmp_path / "other").iterdir()) == []
     assert "did not compile" in caplog.text
+
+
+def test_a_clients_head_copy_is_panels_and_follows_its_weight():
+    """`PackedCopy` (a CPU client's LM head) copies a float32 head as panels: the plain product for any rows, and
+    the new product once the weight changes in place."""
+    torch.manual_seed(0)
+    head = torch.nn.Linear(1024, 4096, bias=False)
+    copy = PackedCopy()
+    with torch.no_grad():
+        for rows in (1, 8, 3):
+            x = torch.randn(rows, 1024)
+            assert near(copy(head, x), x.double() @ head.weight.double().T)
+        assert isinstance(copy._copy, PanelProjection) and copy.rows is None
+        head.weight.mul_(-2)
+        assert near(copy(head, x), x.double() @ head.weight.double().T)

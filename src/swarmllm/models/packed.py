@@ -116,12 +116,14 @@ class PackedProjection(nn.Module):
 
 
 class PackedCopy:
-    """`packed(linear, x)`: `linear(x)` without gradients, through a copy of `linear`'s weight packed for oneDNN:
+    """`packed(linear, x)`: `linear(x)` without gradients, through a copy of `linear`'s weight in a faster layout:
     a CPU client's LM head. In PyTorch's plain layout the head's matmul costs one row's time per row (a [32000,
-    1024] float32 head: 6.4 ms for 1 row, 24 for 4 on one thread) and one thread whatever the threads: packed,
-    the rows of concurrent generates merged into one call (`client/heads.py`) share one read of the weight (10.3
-    ms for 4) and a lone row runs on every thread (3.7 ms on 2; `benchmarks/head_matmul.py`). Laid out as
-    `layout_for` says over the rows of its recent calls, as a server's projections are.
+    1024] float32 head: 6.4 ms for 1 row, 24 for 4 on one thread) and one thread whatever the threads: copied,
+    the rows of concurrent generates merged into one call (`client/heads.py`) share one read of the weight and
+    a lone row runs on every thread (`benchmarks/head_matmul.py`). A float32 head is copied as panels for our
+    kernel where it runs (`models.panels`: 4.7 ms for 1 row and 7.1 for 8 on 2 threads); otherwise packed for
+    oneDNN (3.7-5.6 and 9.2 ms), laid out as `layout_for` says over the rows of its recent calls, as a server's
+    projections are.
 
     The copy is made at the first call and again when the weight is replaced or changed in place. It costs the
     head's size again (the plain weight stays: the embeddings may share it, training reads it), so a head over
@@ -130,7 +132,7 @@ class PackedCopy:
     """
 
     def __init__(self, history: int = 16) -> None:
-        self._copy: PackedProjection | None = None
+        self._copy: PackedProjection | PanelProjection | None = None
         # what it was packed from: holding the weight keeps a new one from taking its place at the same address
         self._weight: Tensor | None = None
         self._version = -1
@@ -148,15 +150,20 @@ class PackedCopy:
         ):
             return linear(x)
         with self._lock:  # one thread makes it (~0.3 s for 131 MB under load), the others wait for it
-            self._recent.append(x.numel() // x.shape[-1])
             copy = self._copy
+            stale = self._weight is not weight or self._version != weight._version  # (no copy yet: stale)
+            if weight.dtype == torch.float32 and kernel() is not None:  # panels: one layout for any rows
+                if stale:
+                    copy = self._copy = PanelProjection.from_projection(linear)
+                    self._weight, self._version = weight, weight._version
+                return copy(x)
+            self._recent.append(x.numel() // x.shape[-1])
             current = copy.rows if copy is not None else initial_rows(weight.dtype)
             if weight.dtype != torch.float32:
                 rows = MANY_ROWS
             else:  # re-laid only once its history is whole (a generate's first call, its prompt, is no sign)
                 full = len(self._recent) == self._recent.maxlen
                 rows = layout_for(self._recent, current) if full else current
-            stale = self._weight is not weight or self._version != weight._version  # (no copy yet: stale)
             if stale or copy.rows != rows:
                 copy = self._copy = PackedProjection.from_projection(linear, rows)
                 self._weight, self._version = weight, weight._version
@@ -164,8 +171,8 @@ class PackedCopy:
 
     @property
     def rows(self) -> int | None:
-        """The row count the copy is laid out for (None before one is made): for inspection and tests."""
-        return None if self._copy is None else self._copy.rows
+        """The row count a oneDNN copy is laid out for (None before one is made, or for panels): for tests."""
+        return getattr(self._copy, "rows", None)
 
 
 def pack_block(block: LlamaBlock) -> LlamaBlock:
