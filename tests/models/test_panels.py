@@ -11,8 +11,9 @@ import torch
 
 from swarmllm.models import load_span
 from swarmllm.models.llama import Lora, Projection
-from swarmllm.models.packed import MIN_PACKED_ELEMENTS, PackedCopy, packed_projections
+from swarmllm.models.packed import PackedCopy, packed_projections
 from swarmllm.models.panels import (
+    MIN_PANEL_ELEMENTS,
     PANEL,
     PanelProjection,
     _compiler,
@@ -124,7 +125,7 @@ def test_large_float32_projections_of_a_span_are_stored_as_panels(checkpoints):
     wide = load_span(wide_checkpoint, 0, 2, pack=True)
     stored = [m for m in wide.modules() if isinstance(m, PanelProjection)]
     assert len(stored) == 8 and packed_projections(wide) == []  # 4 projections a block, each large enough
-    assert all(p.out_features * p.in_features >= MIN_PACKED_ELEMENTS for p in stored)
+    assert all(p.out_features * p.in_features >= MIN_PANEL_ELEMENTS for p in stored)
     plain = load_span(wide_checkpoint, 0, 2)
     hidden = torch.randn(2, 7, 1024, generator=torch.Generator().manual_seed(2))
     with torch.inference_mode():

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from swarmllm.models.llama import LlamaBlock, Lora, Projection, RowLoras
-from swarmllm.models.panels import PanelProjection, kernel
+from swarmllm.models.panels import MIN_PANEL_ELEMENTS, PanelProjection, kernel
 
 MIN_PACKED_ELEMENTS = 1 << 20  # e.g. 1024 x 1024: ~0.3 ms a row in float32 on one core
 ONE_ROW, MANY_ROWS = 1, 16  # the row counts a weight is laid out for
@@ -182,11 +182,12 @@ def pack_block(block: LlamaBlock) -> LlamaBlock:
     for parent in (block.self_attn, block.mlp):
         for name, child in list(parent.named_children()):
             weight = child.weight if isinstance(child, Projection) else None
-            if weight is None or weight.numel() < MIN_PACKED_ELEMENTS:
+            if weight is None:
                 continue
-            if weight.device.type == "cpu" and weight.dtype == torch.float32 and kernel() is not None:
+            panels = weight.device.type == "cpu" and weight.dtype == torch.float32 and kernel() is not None
+            if panels and weight.numel() >= MIN_PANEL_ELEMENTS:
                 setattr(parent, name, PanelProjection.from_projection(child))
-            elif can_pack(weight.device, weight.dtype):
+            elif not panels and weight.numel() >= MIN_PACKED_ELEMENTS and can_pack(weight.device, weight.dtype):
                 setattr(parent, name, PackedProjection.from_projection(child, initial_rows(weight.dtype)))
     return block
 

@@ -41,6 +41,9 @@ logger = logging.getLogger(__name__)
 PANEL = 16  # outputs per panel (two AVX2 vectors)
 SOURCE = Path(__file__).with_name("kernels") / "panel_gemm.cpp"
 FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-std=c++17", "-shared", "-fPIC")
+# a call costs ~7 us more than a plain `F.linear` from Python: smaller weights (the tiny model's) stay plain; from
+# 576 x 576 (SmolLM2's) on, panels are as fast for one row and faster for several
+MIN_PANEL_ELEMENTS = 1 << 18
 MIN_PANELS_PER_THREAD = 16  # a call splits over threads only where each gets at least this many panels
 _Kernel = ctypes.CFUNCTYPE(
     None, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
