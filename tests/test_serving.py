@@ -41,8 +41,8 @@ def swarm(llama_checkpoint):
 
 @pytest.fixture(scope="module")
 def plain_swarm(llama_checkpoint):
-    """Two full-precision servers: a codec's error alone (an int8 server on a CPU rounds its inputs to bfloat16,
-    which would add its own)."""
+    """Two full-precision servers: a codec's error alone (an int8 server on a CPU without our panel kernel rounds
+    its inputs to bfloat16, which would add its own)."""
     yield from two_servers(llama_checkpoint, [])
 
 

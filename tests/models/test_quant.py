@@ -12,9 +12,11 @@ import torch
 from swarmllm.models import LlamaBlock, load_client_head, load_config, load_span
 from swarmllm.models.llama import Projection
 from swarmllm.models.lora import LoraSettings, lora_shapes, span_lora
+from swarmllm.models.panels import kernel
 from swarmllm.models.quant import (
     CPU_INT8_STEP,
     CpuInt8Projection,
+    Int8PanelProjection,
     QuantizedProjection,
     quantize_block,
     quantized_weight_bytes,
@@ -40,8 +42,8 @@ def dequantized_nf4(linear) -> torch.Tensor:
 
 def dequantized_weight(projection: QuantizedProjection) -> torch.Tensor:
     """The float32 weight a quantized projection stands for (CPU int8: codes times row scales; nf4)."""
-    if isinstance(projection, CpuInt8Projection):
-        return projection.codes.float() * projection.scales[:, None]
+    if isinstance(projection, CpuInt8Projection | Int8PanelProjection):
+        return projection.codes.float() * projection.scales[: projection.out_features, None]
     return dequantized_nf4(projection.linear)
 
 
@@ -104,9 +106,10 @@ def test_nf4_weights_are_transformers_bitsandbytes_weights(llama_checkpoint):
 @pytest.mark.parametrize("mode", ["nf4", "int8"])
 def test_lora_and_the_decode_path_apply_on_top_of_quantized_weights(llama_checkpoint, mode):
     """A quantized span with a LoRA adapter computes what a float32 span with the dequantized weights and the
-    same adapter computes (int8 on a CPU: within its kernel's bfloat16 rounding), through the full forward and
-    through the lean decode path, token by token."""
-    tolerance = {"nf4": 1e-5, "int8": 1e-2}[mode]  # per-token relative L2
+    same adapter computes (int8 on a CPU: within float32 rounding through our panel kernel, within bfloat16's
+    through PyTorch's kernel where ours cannot run), through the full forward and through the lean decode path,
+    token by token."""
+    tolerance = {"nf4": 1e-5, "int8": 1e-5 if kernel() is not None else 1e-2}[mode]  # per-token relative L2
     _, head = load_client_head(llama_checkpoint)
     span = load_span(llama_checkpoint, 0, 4, quant=mode)
     dense = load_span(llama_checkpoint, 0, 4)
@@ -144,7 +147,7 @@ def test_lora_and_the_decode_path_apply_on_top_of_quantized_weights(llama_checkp
 
 @pytest.mark.parametrize("in_features", [64, 1024, 72])
 def test_cpu_int8_computes_its_dequantized_weight_within_bfloat16_rounding(in_features):
-    """int8 on a CPU: row-wise absmax codes (each row's largest weight is +-127); the kernel (inputs a multiple of
+    """int8 on a CPU where our panel kernel cannot run: row-wise absmax codes (each row's largest weight is +-127); the kernel (inputs a multiple of
     `CPU_INT8_STEP`) gives x @ W^T of the dequantized W within bfloat16's rounding, for 1 to 9 rows and 300,
     batched, and for a bfloat16 input that is a misaligned view (the kernel's loads are aligned), a row's result
     bit for bit the same alone or among others; another input size dequantizes (exactly). The input's gradient
@@ -154,8 +157,7 @@ def test_cpu_int8_computes_its_dequantized_weight_within_bfloat16_rounding(in_fe
     with torch.no_grad():
         projection.weight.copy_(torch.randn(200, in_features, generator=generator) * 0.05)
         projection.bias.copy_(torch.randn(200, generator=generator))
-    quantized = QuantizedProjection.from_projection(projection, "int8")
-    assert isinstance(quantized, CpuInt8Projection)
+    quantized = CpuInt8Projection.from_projection(projection)
     assert quantized.kernel == (in_features % CPU_INT8_STEP == 0)
     assert int(quantized.codes.abs().amax(1).min()) == 127
     weight = dequantized_weight(quantized)
@@ -183,6 +185,45 @@ def test_cpu_int8_computes_its_dequantized_weight_within_bfloat16_rounding(in_fe
         misaligned = storage[3:].view(4, in_features)
         assert misaligned.data_ptr() % 64
         check(misaligned, tolerance=2e-2)  # (bfloat16 throughout)
+    x = torch.randn(3, in_features, generator=generator, requires_grad=True)
+    quantized(x).sum().backward()
+    torch.testing.assert_close(x.grad, weight.sum(0).expand(3, -1), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(kernel() is None, reason="no AVX2 and FMA, or no C++ compiler, on this machine")
+@pytest.mark.parametrize("in_features", [64, 1024, 72])
+def test_int8_panels_compute_the_dequantized_weight_within_float32_rounding(in_features):
+    """int8 on a CPU where our panel kernel runs (the default there): the same codes as `CpuInt8Projection`, and
+    x @ W^T of the dequantized W within float32 rounding (inputs are not rounded to bfloat16) for 1 to 9 rows, 300,
+    batched, and a bfloat16 input (computed in float32, answered in bfloat16); a row's result bit for bit the
+    same alone or among others; 200 outputs fill 13 panels, the last padded. The input's gradient is that of the
+    dequantized weight."""
+    generator = torch.Generator().manual_seed(in_features)
+    projection = Projection(in_features, 200, bias=True)
+    with torch.no_grad():
+        projection.weight.copy_(torch.randn(200, in_features, generator=generator) * 0.05)
+        projection.bias.copy_(torch.randn(200, generator=generator))
+    quantized = QuantizedProjection.from_projection(projection, "int8")
+    assert isinstance(quantized, Int8PanelProjection)
+    assert torch.equal(quantized.codes, CpuInt8Projection.from_projection(projection).codes)
+    assert quantized.weight_bytes() == 208 * in_features + 4 * 208  # 13 panels of 16 outputs and their scales
+    weight = dequantized_weight(quantized)
+
+    def check(x, tolerance=1e-6):
+        want = torch.nn.functional.linear(x.double(), weight.double(), projection.bias.double())
+        got = quantized(x)
+        assert got.dtype == torch.promote_types(x.dtype, projection.bias.dtype) and got.shape == want.shape
+        assert float((got.double() - want).norm() / want.norm()) < tolerance
+
+    with torch.no_grad():
+        for rows in (1, 2, 3, 4, 9):
+            check(torch.randn(rows, in_features, generator=generator))
+        many = torch.randn(300, in_features, generator=generator)
+        check(many)
+        assert torch.equal(quantized(many[7:8]), quantized(many)[7:8])
+        assert torch.equal(quantized(many[:5]), quantized(many)[:5])
+        check(torch.randn(2, 3, in_features, generator=generator))
+        check(torch.randn(4, in_features, generator=generator).to(torch.bfloat16), tolerance=1e-2)
     x = torch.randn(3, in_features, generator=generator, requires_grad=True)
     quantized(x).sum().backward()
     torch.testing.assert_close(x.grad, weight.sum(0).expand(3, -1), rtol=1e-5, atol=1e-5)

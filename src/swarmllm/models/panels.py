@@ -29,6 +29,8 @@ import os
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -45,10 +47,18 @@ FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-std=c++17", "-shared", "-fPIC")
 # 576 x 576 (SmolLM2's) on, panels are as fast for one row and faster for several
 MIN_PANEL_ELEMENTS = 1 << 18
 MIN_PANELS_PER_THREAD = 16  # a call splits over threads only where each gets at least this many panels
-_Kernel = ctypes.CFUNCTYPE(
-    None, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p,
-    ctypes.c_int64,
-)  # fmt: skip
+_pointer, _int = ctypes.c_void_p, ctypes.c_int64
+# (x, M, K, panels, N, y, threads) and (x, M, K, codes, scales, N, y, threads)
+_Float32 = ctypes.CFUNCTYPE(None, _pointer, _int, _int, _pointer, _int, _pointer, _int)
+_Int8 = ctypes.CFUNCTYPE(None, _pointer, _int, _int, _pointer, _pointer, _int, _pointer, _int)
+
+
+@dataclass(frozen=True)
+class Kernels:
+    """The kernel's entry points: float32 panels, and int8 panels with a float32 scale per output."""
+
+    float32: Callable
+    int8: Callable
 
 
 def _cache_dir() -> Path:
@@ -90,8 +100,8 @@ def build(directory: Path, compiler: str) -> Path | None:
 
 
 @functools.cache
-def kernel():
-    """The compiled kernel, `kernel()(x, M, K, panels, N, y, threads)`, or None where it cannot run here."""
+def kernel() -> Kernels | None:
+    """The compiled kernels, or None where they cannot run here."""
     if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
         return None
     compiler = _compiler()
@@ -99,13 +109,16 @@ def kernel():
         logger.info("no C++ compiler found: CPU projections stay in oneDNN's layout")
         return None
     library = build(_cache_dir(), compiler)
-    return None if library is None else _Kernel(("swarmllm_panel_gemm", ctypes.CDLL(str(library))))
+    if library is None:
+        return None
+    loaded = ctypes.CDLL(str(library))
+    return Kernels(_Float32(("swarmllm_panel_gemm", loaded)), _Int8(("swarmllm_panel_gemm_int8", loaded)))
 
 
 def to_panels(weight: Tensor) -> Tensor:
-    """An [out, in] float32 weight as [ceil(out / 16), in, 16] panels, the last zero-padded."""
+    """An [out, in] weight (float32, or int8 codes) as [ceil(out / 16), in, 16] panels, the last zero-padded."""
     out_features, in_features = weight.shape
-    padded = torch.zeros(-(-out_features // PANEL) * PANEL, in_features, dtype=torch.float32)
+    padded = torch.zeros(-(-out_features // PANEL) * PANEL, in_features, dtype=weight.dtype)
     padded[:out_features] = weight
     return padded.view(-1, PANEL, in_features).transpose(1, 2).contiguous()
 
@@ -115,8 +128,9 @@ def from_panels(panels: Tensor, out_features: int) -> Tensor:
     return panels.transpose(1, 2).reshape(-1, panels.shape[1])[:out_features].contiguous()
 
 
-def panel_matmul(x: Tensor, panels: Tensor, out_features: int) -> Tensor:
-    """x W^T for a weight stored as `panels`: x is float32 [..., in] on the CPU."""
+def panel_matmul(x: Tensor, panels: Tensor, out_features: int, scales: Tensor | None = None) -> Tensor:
+    """x W^T for a weight stored as `panels`: x is float32 [..., in] on the CPU; int8 panels are codes whose
+    outputs `scales` (float32, one per panel output, padding included) multiply."""
     in_features = panels.shape[1]
     if x.dtype != torch.float32 or x.device.type != "cpu" or x.shape[-1] != in_features:
         raise ValueError(
@@ -129,7 +143,18 @@ def panel_matmul(x: Tensor, panels: Tensor, out_features: int) -> Tensor:
     if m == 0:
         return y.view(*x.shape[:-1], out_features)
     threads = max(1, min(torch.get_num_threads(), panels.shape[0] // MIN_PANELS_PER_THREAD))
-    kernel()(rows.data_ptr(), m, in_features, panels.data_ptr(), out_features, y.data_ptr(), threads)
+    kernels = kernel()
+    if panels.dtype == torch.int8:
+        if scales is None or scales.dtype != torch.float32 or scales.numel() != panels.shape[0] * PANEL:
+            raise ValueError("int8 panels need float32 scales, one per panel output")
+        kernels.int8(
+            rows.data_ptr(), m, in_features, panels.data_ptr(), scales.data_ptr(), out_features, y.data_ptr(),
+            threads,
+        )  # fmt: skip
+    else:
+        kernels.float32(
+            rows.data_ptr(), m, in_features, panels.data_ptr(), out_features, y.data_ptr(), threads
+        )
     return y.view(*x.shape[:-1], out_features)
 
 

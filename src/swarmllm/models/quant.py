@@ -1,9 +1,10 @@
 """Quantized weights for a server's blocks: every `Projection` of a block stored as int8 or nf4. On a GPU both go
-through `bitsandbytes`' kernels. On a CPU, int8 goes through PyTorch's own weight-only int8 matmul
-(`CpuInt8Projection`: bitsandbytes' int8 scheme, row-wise absmax, with a quarter of float32's bytes to read,
-so a decode step, which is mostly that read, runs ~1.5x faster than float32's), and nf4 through the CPU kernels that
-bitsandbytes >= 0.46 ships, which dequantize and are slower than float32 there (the point of nf4 on a CPU is
-memory).
+through `bitsandbytes`' kernels. On a CPU, int8 keeps bitsandbytes' int8 scheme (row-wise absmax codes) with a
+quarter of float32's bytes to read, so a decode step, which is mostly that read, runs ~2x faster than float32's:
+through our panel kernel where it runs (`Int8PanelProjection`, `models.panels`: float32 inputs and sums), else
+through PyTorch's weight-only int8 matmul (`CpuInt8Projection`: bfloat16 inputs). nf4 goes through the CPU
+kernels that bitsandbytes >= 0.46 ships, which dequantize and are slower than float32 there (the point of nf4 on
+a CPU is memory).
 
 `quantize_block` swaps a block's projections for `QuantizedProjection`s in place, after the block's weights are
 loaded, so that a loader holds one block in full precision at a time. A `QuantizedProjection` keeps the
@@ -26,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from swarmllm.models.llama import LlamaBlock, Lora, Projection
+from swarmllm.models.panels import from_panels, kernel, panel_matmul, to_panels
 
 QUANT_MODES = ("none", "int8", "nf4")
 NF4_BLOCK = 64  # weights per nf4 absmax (bitsandbytes' default)
@@ -73,6 +75,8 @@ class QuantizedProjection(nn.Module):
     @staticmethod
     def from_projection(projection: Projection, mode: str) -> QuantizedProjection:
         if mode == "int8" and projection.weight.device.type == "cpu":
+            if kernel() is not None:
+                return Int8PanelProjection.from_projection(projection)
             return CpuInt8Projection.from_projection(projection)
         return BitsAndBytesProjection.from_projection(projection, mode)
 
@@ -146,6 +150,15 @@ class BitsAndBytesProjection(QuantizedProjection):
         return total + absmax.numel() * absmax.element_size()
 
 
+def int8_codes(weight: Tensor) -> tuple[Tensor, Tensor]:
+    """bitsandbytes' int8 scheme: each output row's weights as int8 codes, times one float32 scale (the row's
+    absmax / 127)."""
+    weight = weight.float()
+    scales = weight.abs().amax(dim=1).clamp_min(torch.finfo(torch.float32).tiny) / 127
+    codes = torch.round(weight / scales[:, None]).clamp(-127, 127).to(torch.int8)
+    return codes.contiguous(), scales
+
+
 def _dequantized(codes: Tensor, scales: Tensor, dtype: torch.dtype) -> Tensor:
     """The [out, in] weight that int8 `codes` and their row `scales` stand for, in `dtype`."""
     return codes.to(dtype) * scales[:, None].to(dtype)
@@ -192,11 +205,8 @@ class CpuInt8Projection(QuantizedProjection):
 
     @staticmethod
     def from_projection(projection: Projection) -> CpuInt8Projection:
-        weight = projection.weight.detach().float()
-        scales = weight.abs().amax(dim=1).clamp_min(torch.finfo(torch.float32).tiny) / 127
-        codes = torch.round(weight / scales[:, None]).clamp(-127, 127).to(torch.int8)
         bias = None if projection.bias is None else projection.bias.detach()
-        return CpuInt8Projection(codes.contiguous(), scales, bias)
+        return CpuInt8Projection(*int8_codes(projection.weight.detach()), bias)
 
     def forward(self, x: Tensor, lora: Lora | None = None) -> Tensor:
         if self.kernel and torch.is_grad_enabled() and x.requires_grad:
@@ -211,6 +221,64 @@ class CpuInt8Projection(QuantizedProjection):
 
     def weight_bytes(self) -> int:
         return self.codes.numel() + self.scales.numel() * self.scales.element_size()
+
+
+class _Int8PanelMatmul(torch.autograd.Function):
+    """x W^T through int8 panels; backward gives x's gradient only, from W dequantized for it."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, panels: Tensor, scales: Tensor, out_features: int) -> Tensor:
+        ctx.save_for_backward(panels, scales)
+        ctx.out_features = out_features
+        return panel_matmul(x, panels, out_features, scales)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        panels, scales = ctx.saved_tensors
+        codes = from_panels(panels, ctx.out_features)
+        return grad @ _dequantized(codes, scales[: ctx.out_features], grad.dtype), None, None, None
+
+
+class Int8PanelProjection(QuantizedProjection):
+    """int8 on a CPU where our panel kernel runs (`models.panels`): bitsandbytes' int8 codes (`int8_codes`)
+    stored as panels, each output's sum taken in float32 over float32 inputs, then scaled. A decode step reads a
+    quarter of float32's bytes and, unlike `CpuInt8Projection`, rounds no input to bfloat16; each output is one
+    FMA chain, so a row's result does not depend on the rows beside it (merged steps, replays and chunked
+    prefills repeat a decode step's matmuls bit for bit). Inputs of another dtype are computed in float32."""
+
+    def __init__(self, panels: Tensor, scales: Tensor, out_features: int, bias: Tensor | None):
+        super().__init__("int8", panels.shape[1], out_features)
+        self.register_buffer("panels", panels)
+        self.register_buffer("scales", scales)  # one per panel output, the padding's 0
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+
+    @staticmethod
+    def from_projection(projection: Projection) -> Int8PanelProjection:
+        codes, scales = int8_codes(projection.weight.detach())
+        panels = to_panels(codes)
+        padded = torch.zeros(panels.shape[0] * panels.shape[2])
+        padded[: scales.numel()] = scales
+        bias = None if projection.bias is None else projection.bias.detach()
+        return Int8PanelProjection(panels, padded, codes.shape[0], bias)
+
+    @property
+    def codes(self) -> Tensor:
+        """The [out, in] int8 codes (a copy: for inspection and tests)."""
+        return from_panels(self.panels, self.out_features)
+
+    def forward(self, x: Tensor, lora: Lora | None = None) -> Tensor:
+        inputs = x.float()
+        if torch.is_grad_enabled() and x.requires_grad:
+            y = _Int8PanelMatmul.apply(inputs, self.panels, self.scales, self.out_features)
+        else:
+            y = panel_matmul(inputs, self.panels, self.out_features, self.scales)
+        y = y.to(x.dtype)
+        if self.bias is not None:
+            y = y + self.bias
+        return y if lora is None else y + lora(x)
+
+    def weight_bytes(self) -> int:
+        return self.panels.numel() + self.scales.numel() * self.scales.element_size()
 
 
 def quantize_block(block: LlamaBlock, mode: str) -> LlamaBlock:
