@@ -207,7 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--no-packed-weights",
         action="store_true",
-        help="on a CPU, keep projections in PyTorch's plain layout instead of oneDNN's (slower decode steps)",
+        help="on a CPU, keep projections in PyTorch's plain layout instead of panels for our kernel (or "
+        "oneDNN's layout where that cannot run): slower decode steps",
     )
     serve.add_argument(
         "--tp",

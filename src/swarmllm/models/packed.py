@@ -1,4 +1,6 @@
-"""Projections whose weights are stored in oneDNN's blocked layout, for a server's CPU blocks.
+"""Projections whose weights are stored in oneDNN's blocked layout, for a server's CPU blocks where our own panel
+kernel cannot run (`models.panels`, which `pack_block` prefers for float32: faster at every row count), and for
+bfloat16 ones.
 
 With the weight in PyTorch's plain layout, the CPU matmul (MKL) costs 1.5-2.5x as much for 2-16 rows as for
 one: it repacks the weight on every call. Reordered once, at load, for oneDNN's own kernels

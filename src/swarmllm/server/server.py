@@ -93,7 +93,7 @@ class ServerConfig:
     # a CPU for small blocks only (`decode.compiles_by_default`)
     compile: bool | None = None
     cuda_graphs: bool = True  # on CUDA, replay captured graphs of the decode step
-    packed_weights: bool = True  # on a CPU, large projections in oneDNN's layout (models.packed; not --compile)
+    packed_weights: bool = True  # on a CPU, large projections as panels or for oneDNN (models.packed; not --compile)
     batch_wait_s: float = 0.01  # the most a decode step waits for others to merge with (server/batching.py)
     # slots of a row of the shared cache arena (server/arena.py), 0 for none; None: 1024 where steps replay CUDA
     # graphs, else none
