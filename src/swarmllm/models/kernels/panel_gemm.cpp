@@ -5,8 +5,9 @@
 // The weight is read once per call, front to back, whatever M. Rows go through it in blocks of at most 6, and
 // a block of few rows takes several panels at once: rows x 2 x panels accumulators stay within 12 of AVX2's 16
 // registers, and enough independent FMA chains and weight streams are in flight to keep up with memory (one row
-// alone through one panel would leave the FMA units waiting on its 2 chains). The first block of rows streams
-// the panels from memory, the others find them in L2. Each output is one float32 FMA chain over k in order, so
+// alone through one panel would leave the FMA units waiting on its 2 chains); a block of 4-6 rows, one panel at
+// a time, prefetches the next. The first block of rows streams the panels from memory, the others find them in
+// L2. Each output is one float32 FMA chain over k in order, so
 // a row's result does not depend on the rows that share its call.
 #include <immintrin.h>
 
@@ -37,6 +38,9 @@ inline void block(const float* x, int64_t K, const T* panel, const float* scale,
     }
     for (int64_t k = 0; k < K; ++k) {
         __m256 w[2 * J];
+        if (J == 1) {  // one panel is one memory stream: ask for the next panel's line too (a prefetch never faults)
+            _mm_prefetch(reinterpret_cast<const char*>(panel + stride + k * kPanel), _MM_HINT_T0);
+        }
 #pragma GCC unroll 8
         for (int j = 0; j < J; ++j) {
             w[2 * j] = load8(panel + j * stride + k * kPanel);
@@ -93,8 +97,10 @@ inline void rows_through(int64_t rows, const float* x, int64_t K, const T* panel
 template <typename T>
 void panels_through(const float* x, int64_t M, int64_t K, const T* P, const float* scales, int64_t N, float* y,
                     int64_t ldy, int64_t first, int64_t last) {
-    // rows in ceil(M / 6) blocks of near-equal size (8 rows: 4 + 4, not 6 + 2)
-    const int64_t blocks = (M + kMaxRows - 1) / kMaxRows;
+    // rows in blocks of near-equal size, at most 6 (8 rows: 4 + 4, not 6 + 2); 4 rows as 2 + 2, whose blocks take
+    // 3 panels each: 21-22 ms against 24-26 as one block over 8 medium layers (benchmarks/RESULTS.md, session 26)
+    const int64_t most_rows = M == 4 ? 2 : kMaxRows;
+    const int64_t blocks = (M + most_rows - 1) / most_rows;
     const int64_t most = M / blocks + (M % blocks ? 1 : 0);
     const int64_t group = most == 1 ? 4 : most == 2 ? 3 : most == 3 ? 2 : 1;  // panels taken at once
     for (int64_t p = first; p < last;) {
