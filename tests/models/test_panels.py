@@ -18,8 +18,10 @@ from swarmllm.models.panels import (
     PanelProjection,
     _compiler,
     build,
+    dense_weight,
     from_panels,
     kernel,
+    panel_linear,
     panel_matmul,
     to_panels,
 )
@@ -68,6 +70,32 @@ def test_the_product_of_any_shape_equals_float64s_on_one_thread_or_two(out_featu
             results.append(panel_matmul(x, panels, out_features))
             assert near(results[-1], want), (rows, count)
         assert torch.equal(results[0], results[1])  # the split computes each output the same way
+
+
+def test_int8_panels_give_their_dense_weights_product_on_one_thread_or_two(threads):
+    """int8 codes as panels, each output scaled (`Int8PanelProjection`'s storage): within float32 rounding of the
+    dequantized weight's float64 product, the same bits split over two threads, and its gradient through
+    `panel_linear`; scales that do not match the panels are refused."""
+    generator = torch.Generator().manual_seed(5)
+    codes = torch.randint(-127, 128, (1000, 72), generator=generator, dtype=torch.int8)
+    panels = to_panels(codes)
+    scales = torch.zeros(panels.shape[0] * PANEL)
+    scales[:1000] = torch.rand(1000, generator=generator) * 1e-3
+    weight = dense_weight(panels, 1000, scales)
+    assert torch.equal(weight, codes.float() * scales[:1000, None])
+    for rows in (1, 2, 4, 5, 8, 300):
+        x = torch.randn(rows, 72, generator=generator)
+        results = []
+        for count in (1, 2):  # 63 panels: split over 2 threads
+            threads(count)
+            results.append(panel_matmul(x, panels, 1000, scales))
+            assert near(results[-1], x.double() @ weight.double().T), (rows, count)
+        assert torch.equal(results[0], results[1])
+    x = torch.randn(3, 72, generator=generator, requires_grad=True)
+    panel_linear(x, panels, 1000, scales).sum().backward()
+    torch.testing.assert_close(x.grad, weight.sum(0).expand(3, -1), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="float32 scales"):
+        panel_matmul(x.detach(), panels, 1000, scales[:1000])
 
 
 def test_a_row_gives_the_same_bits_alone_as_among_others(threads):

@@ -142,8 +142,10 @@ def panel_matmul(x: Tensor, panels: Tensor, out_features: int, scales: Tensor | 
     y = torch.empty(m, out_features, dtype=torch.float32)
     if m == 0:
         return y.view(*x.shape[:-1], out_features)
-    threads = max(1, min(torch.get_num_threads(), panels.shape[0] // MIN_PANELS_PER_THREAD))
     kernels = kernel()
+    if kernels is None:
+        raise RuntimeError("the panel kernel does not run on this machine")
+    threads = max(1, min(torch.get_num_threads(), panels.shape[0] // MIN_PANELS_PER_THREAD))
     if panels.dtype == torch.int8:
         if scales is None or scales.dtype != torch.float32 or scales.numel() != panels.shape[0] * PANEL:
             raise ValueError("int8 panels need float32 scales, one per panel output")
@@ -158,19 +160,32 @@ def panel_matmul(x: Tensor, panels: Tensor, out_features: int, scales: Tensor | 
     return y.view(*x.shape[:-1], out_features)
 
 
-class _PanelLinear(torch.autograd.Function):
-    """x W^T with W as panels; backward gives x's gradient only (server weights are frozen)."""
+def dense_weight(panels: Tensor, out_features: int, scales: Tensor | None = None) -> Tensor:
+    """The float32 [out, in] weight that panels (and, for int8 codes, their `scales`) stand for (a copy)."""
+    weight = from_panels(panels, out_features)
+    return weight if scales is None else weight.float() * scales[:out_features, None]
+
+
+class _PanelMatmul(torch.autograd.Function):
+    """x W^T with W as panels; backward gives x's gradient only (server weights are frozen), from W made dense."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, panels: Tensor, out_features: int) -> Tensor:
-        ctx.save_for_backward(panels)
+    def forward(ctx, x: Tensor, panels: Tensor, out_features: int, scales: Tensor | None) -> Tensor:
+        ctx.save_for_backward(panels, scales)
         ctx.out_features = out_features
-        return panel_matmul(x, panels, out_features)
+        return panel_matmul(x, panels, out_features, scales)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        (panels,) = ctx.saved_tensors
-        return grad @ from_panels(panels, ctx.out_features), None, None
+        panels, scales = ctx.saved_tensors
+        return grad @ dense_weight(panels, ctx.out_features, scales).to(grad.dtype), None, None, None
+
+
+def panel_linear(x: Tensor, panels: Tensor, out_features: int, scales: Tensor | None = None) -> Tensor:
+    """`panel_matmul`, with the input's gradient where autograd asks for it (fine-tuning through the server)."""
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _PanelMatmul.apply(x, panels, out_features, scales)
+    return panel_matmul(x, panels, out_features, scales)
 
 
 class PanelProjection(nn.Module):
@@ -190,13 +205,10 @@ class PanelProjection(nn.Module):
     @property
     def weight(self) -> Tensor:
         """The plain [out, in] weight (a copy: for inspection and tests, not for the hot path)."""
-        return from_panels(self.panels, self.out_features)
+        return dense_weight(self.panels, self.out_features)
 
     def forward(self, x: Tensor, lora: Lora | RowLoras | None = None) -> Tensor:
-        if torch.is_grad_enabled() and x.requires_grad:
-            y = _PanelLinear.apply(x, self.panels, self.out_features)
-        else:
-            y = panel_matmul(x, self.panels, self.out_features)
+        y = panel_linear(x, self.panels, self.out_features)
         if self.bias is not None:
             y = y + self.bias
         return y if lora is None else y + lora(x)

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from swarmllm.models.llama import LlamaBlock, Lora, Projection
-from swarmllm.models.panels import from_panels, kernel, panel_matmul, to_panels
+from swarmllm.models.panels import from_panels, kernel, panel_linear, to_panels
 
 QUANT_MODES = ("none", "int8", "nf4")
 NF4_BLOCK = 64  # weights per nf4 absmax (bitsandbytes' default)
@@ -223,22 +223,6 @@ class CpuInt8Projection(QuantizedProjection):
         return self.codes.numel() + self.scales.numel() * self.scales.element_size()
 
 
-class _Int8PanelMatmul(torch.autograd.Function):
-    """x W^T through int8 panels; backward gives x's gradient only, from W dequantized for it."""
-
-    @staticmethod
-    def forward(ctx, x: Tensor, panels: Tensor, scales: Tensor, out_features: int) -> Tensor:
-        ctx.save_for_backward(panels, scales)
-        ctx.out_features = out_features
-        return panel_matmul(x, panels, out_features, scales)
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        panels, scales = ctx.saved_tensors
-        codes = from_panels(panels, ctx.out_features)
-        return grad @ _dequantized(codes, scales[: ctx.out_features], grad.dtype), None, None, None
-
-
 class Int8PanelProjection(QuantizedProjection):
     """int8 on a CPU where our panel kernel runs (`models.panels`): bitsandbytes' int8 codes (`int8_codes`)
     stored as panels, each output's sum taken in float32 over float32 inputs, then scaled. A decode step reads a
@@ -267,12 +251,7 @@ class Int8PanelProjection(QuantizedProjection):
         return from_panels(self.panels, self.out_features)
 
     def forward(self, x: Tensor, lora: Lora | None = None) -> Tensor:
-        inputs = x.float()
-        if torch.is_grad_enabled() and x.requires_grad:
-            y = _Int8PanelMatmul.apply(inputs, self.panels, self.scales, self.out_features)
-        else:
-            y = panel_matmul(inputs, self.panels, self.out_features, self.scales)
-        y = y.to(x.dtype)
+        y = panel_linear(x.float(), self.panels, self.out_features, self.scales).to(x.dtype)
         if self.bias is not None:
             y = y + self.bias
         return y if lora is None else y + lora(x)
