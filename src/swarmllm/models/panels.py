@@ -5,8 +5,8 @@ A decode step is mostly the read of the span's weights, and a merged step (conti
 FLOPs. oneDNN's and MKL's kernels do the two one after the other: 8 rows through one server's 8 medium layers
 took 45 ms where the read alone takes 22-26 (`benchmarks/RESULTS.md`, session 25). This kernel walks each panel
 front to back once per call and lets the rows' FMAs run while the next lines stream in: on the same 32
-projections, one thread, 1 row takes 16-17 ms against oneDNN's 24-27 and 8 rows 34-36 against 45-56; a 512-row
-prefill is no slower than oneDNN's either (`benchmarks/panel_matmul.py`). One layout serves every row count, so
+projections, one thread, 1 row takes 17.6 ms against 22.8 for the best other layout, 8 rows 29.6 against 44.5,
+and a 512-row prefill 1,047 against 1,099 (`benchmarks/panel_matmul.py`). One layout serves every row count, so
 nothing is re-laid out as the load changes (as oneDNN's packed weights must be, `models.packed`).
 
 Each output is one float32 FMA chain over the input in order, so a row's result is bit for bit the same whatever
