@@ -51,13 +51,18 @@ def threads():
     torch.set_num_threads(before)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize(
     ("out_features", "in_features"),
     [(1536, 1024), (1000, 72), (17, 5), (64, 3), (16 * 40, 33)],  # padded last panels, odd inputs
 )
-def test_the_product_of_any_shape_equals_float64s_on_one_thread_or_two(out_features, in_features, threads):
+def test_the_product_of_any_shape_equals_float64s_on_one_thread_or_two(
+    out_features, in_features, dtype, threads
+):
+    """Half-precision weights too: widened to float32 in registers, so the product is the float64 one of the
+    weight's own values within float32 rounding."""
     generator = torch.Generator().manual_seed(out_features + in_features)
-    weight = torch.randn(out_features, in_features, generator=generator)
+    weight = torch.randn(out_features, in_features, generator=generator).to(dtype)
     panels = to_panels(weight)
     assert panels.shape == (-(-out_features // PANEL), in_features, PANEL)
     assert torch.equal(from_panels(panels, out_features), weight)
@@ -161,8 +166,13 @@ def test_large_float32_projections_of_a_span_are_stored_as_panels(checkpoints):
         assert torch.allclose(wide(hidden), want, rtol=1e-4, atol=3e-5 * float(want.abs().max()))
     small = load_span(checkpoints("llama"), 0, 2, pack=True)  # hidden size 64: a call would cost more
     assert not any(isinstance(m, PanelProjection) for m in small.modules())
-    half = load_span(wide_checkpoint, 0, 1, dtype=torch.bfloat16, pack=True)  # the kernel is float32's
-    assert not any(isinstance(m, PanelProjection) for m in half.modules())
+    for dtype in (torch.bfloat16, torch.float16):  # half the bytes, summed in float32
+        half, plain = (load_span(wide_checkpoint, 0, 1, dtype=dtype, pack=pack) for pack in (True, False))
+        stored = [m for m in half.modules() if isinstance(m, PanelProjection)]
+        assert len(stored) == 4 and {p.panels.dtype for p in stored} == {dtype}
+        with torch.inference_mode():
+            got, want = half(hidden.to(dtype)), plain(hidden.to(dtype))
+        assert got.dtype == dtype and float((got.float() - want.float()).norm() / want.float().norm()) < 2e-2
 
 
 def test_the_kernel_is_built_once_per_source_and_a_failing_compiler_leaves_none(tmp_path, caplog):

@@ -1,6 +1,5 @@
 """Projections whose weights are stored in oneDNN's blocked layout, for a server's CPU blocks where our own panel
-kernel cannot run (`models.panels`, which `pack_block` prefers for float32: faster at every row count), and for
-bfloat16 ones.
+kernel cannot run (`models.panels`, which `pack_block` prefers: faster at every row count).
 
 With the weight in PyTorch's plain layout, the CPU matmul (MKL) costs 1.5-2.5x as much for 2-16 rows as for
 one: it repacks the weight on every call. Reordered once, at load, for oneDNN's own kernels
@@ -28,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from swarmllm.models.llama import LlamaBlock, Lora, Projection, RowLoras
-from swarmllm.models.panels import MIN_PANEL_ELEMENTS, PanelProjection, kernel
+from swarmllm.models.panels import MIN_PANEL_ELEMENTS, PANEL_DTYPES, PanelProjection, kernel
 
 MIN_PACKED_ELEMENTS = 1 << 20  # e.g. 1024 x 1024: ~0.3 ms a row in float32 on one core
 ONE_ROW, MANY_ROWS = 1, 16  # the row counts a weight is laid out for
@@ -178,18 +177,20 @@ class PackedCopy:
 
 
 def pack_block(block: LlamaBlock) -> LlamaBlock:
-    """Store the block's large plain CPU projections in place for faster kernels: float32 ones as panels for our
-    own kernel where it runs here (`models.panels`: faster than oneDNN at every row count, in one layout), the
-    others packed for oneDNN where `can_pack` (quantized and small ones stay)."""
+    """Store the block's large plain CPU projections in place for faster kernels: as panels for our own kernel
+    where it runs here (`models.panels`: float32, bfloat16 and float16; faster than oneDNN at every row count, in
+    one layout), else packed for oneDNN where `can_pack` (quantized and small ones stay)."""
     for parent in (block.self_attn, block.mlp):
         for name, child in list(parent.named_children()):
             weight = child.weight if isinstance(child, Projection) else None
             if weight is None:
                 continue
-            panels = weight.device.type == "cpu" and weight.dtype == torch.float32 and kernel() is not None
+            panels = weight.device.type == "cpu" and weight.dtype in PANEL_DTYPES and kernel() is not None
             if panels and weight.numel() >= MIN_PANEL_ELEMENTS:
                 setattr(parent, name, PanelProjection.from_projection(child))
-            elif not panels and weight.numel() >= MIN_PACKED_ELEMENTS and can_pack(weight.device, weight.dtype):
+            elif (
+                not panels and weight.numel() >= MIN_PACKED_ELEMENTS and can_pack(weight.device, weight.dtype)
+            ):
                 setattr(parent, name, PackedProjection.from_projection(child, initial_rows(weight.dtype)))
     return block
 

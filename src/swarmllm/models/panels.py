@@ -1,5 +1,6 @@
-"""Float32 projections stored as panels of 16 outputs, multiplied by a small AVX2 kernel of our own
-(`kernels/panel_gemm.cpp`): a CPU server's large projections.
+"""Projections stored as panels of 16 outputs, multiplied by a small AVX2 kernel of our own
+(`kernels/panel_gemm.cpp`): a CPU server's large projections, float32, bfloat16 or float16 (and int8 codes,
+`models.quant`), always summed in float32.
 
 A decode step is mostly the read of the span's weights, and a merged step (continuous batching) adds each row's
 FLOPs. oneDNN's and MKL's kernels do the two one after the other: 8 rows through one server's 8 medium layers
@@ -41,8 +42,9 @@ from swarmllm.models.llama import Lora, Projection, RowLoras
 logger = logging.getLogger(__name__)
 
 PANEL = 16  # outputs per panel (two AVX2 vectors)
+PANEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 SOURCE = Path(__file__).with_name("kernels") / "panel_gemm.cpp"
-FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-std=c++17", "-shared", "-fPIC")
+FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-std=c++17", "-shared", "-fPIC")
 # a call costs ~7 us more than a plain `F.linear` from Python: smaller weights (the tiny model's) stay plain; from
 # 576 x 576 (SmolLM2's) on, panels are as fast for one row and faster for several
 MIN_PANEL_ELEMENTS = 1 << 18
@@ -55,9 +57,12 @@ _Int8 = ctypes.CFUNCTYPE(None, _pointer, _int, _int, _pointer, _pointer, _int, _
 
 @dataclass(frozen=True)
 class Kernels:
-    """The kernel's entry points: float32 panels, and int8 panels with a float32 scale per output."""
+    """The kernel's entry points: float32, bfloat16 and float16 panels, and int8 panels with a float32 scale per
+    output."""
 
     float32: Callable
+    bfloat16: Callable
+    float16: Callable
     int8: Callable
 
 
@@ -112,7 +117,14 @@ def kernel() -> Kernels | None:
     if library is None:
         return None
     loaded = ctypes.CDLL(str(library))
-    return Kernels(_Float32(("swarmllm_panel_gemm", loaded)), _Int8(("swarmllm_panel_gemm_int8", loaded)))
+    return Kernels(
+        _Float32(("swarmllm_panel_gemm", loaded)),
+        _Float32(
+            ("swarmllm_panel_gemm_bf16", loaded)
+        ),  # (the same arguments: only the weight's type differs)
+        _Float32(("swarmllm_panel_gemm_f16", loaded)),
+        _Int8(("swarmllm_panel_gemm_int8", loaded)),
+    )
 
 
 def to_panels(weight: Tensor) -> Tensor:
@@ -129,8 +141,9 @@ def from_panels(panels: Tensor, out_features: int) -> Tensor:
 
 
 def panel_matmul(x: Tensor, panels: Tensor, out_features: int, scales: Tensor | None = None) -> Tensor:
-    """x W^T for a weight stored as `panels`: x is float32 [..., in] on the CPU; int8 panels are codes whose
-    outputs `scales` (float32, one per panel output, padding included) multiply."""
+    """x W^T for a weight stored as `panels` (float32, bfloat16 or float16, summed in float32): x is float32
+    [..., in] on the CPU; int8 panels are codes whose outputs `scales` (float32, one per panel output, padding
+    included) multiply."""
     in_features = panels.shape[1]
     if x.dtype != torch.float32 or x.device.type != "cpu" or x.shape[-1] != in_features:
         raise ValueError(
@@ -154,7 +167,12 @@ def panel_matmul(x: Tensor, panels: Tensor, out_features: int, scales: Tensor | 
             threads,
         )  # fmt: skip
     else:
-        kernels.float32(
+        run = {
+            torch.float32: kernels.float32,
+            torch.bfloat16: kernels.bfloat16,
+            torch.float16: kernels.float16,
+        }
+        run[panels.dtype](
             rows.data_ptr(), m, in_features, panels.data_ptr(), out_features, y.data_ptr(), threads
         )
     return y.view(*x.shape[:-1], out_features)
@@ -189,7 +207,9 @@ def panel_linear(x: Tensor, panels: Tensor, out_features: int, scales: Tensor | 
 
 
 class PanelProjection(nn.Module):
-    """A float32 `Projection` whose weight is stored as panels for the kernel above (see the module doc)."""
+    """A `Projection` whose weight is stored as panels for the kernel above (see the module doc). A bfloat16 or
+    float16 one reads half float32's bytes and computes in float32: its input is widened, its output rounded back
+    (a plain half-precision matmul on a CPU costs float32's time for one row and 2x for 8)."""
 
     def __init__(self, panels: Tensor, out_features: int, bias: Tensor | None):
         super().__init__()
@@ -208,7 +228,7 @@ class PanelProjection(nn.Module):
         return dense_weight(self.panels, self.out_features)
 
     def forward(self, x: Tensor, lora: Lora | RowLoras | None = None) -> Tensor:
-        y = panel_linear(x, self.panels, self.out_features)
+        y = panel_linear(x.float(), self.panels, self.out_features).to(x.dtype)
         if self.bias is not None:
             y = y + self.bias
         return y if lora is None else y + lora(x)

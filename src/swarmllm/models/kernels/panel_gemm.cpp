@@ -1,6 +1,7 @@
 // y[M, N] = x[M, K] W^T for a weight stored as panels of 16 outputs, P[N / 16][K][16] (the last panel
-// zero-padded), float32 inputs and sums, with AVX2 and FMA. The weight is float32, or int8 codes with one float32
-// scale per output (W = codes * scales, row-wise). Built and loaded by swarmllm/models/panels.py, which says why.
+// zero-padded), float32 inputs and sums, with AVX2, FMA and F16C. The weight is float32, bfloat16, float16, or
+// int8 codes with one float32 scale per output (W = codes * scales, row-wise); each is widened to float32 in
+// registers. Built and loaded by swarmllm/models/panels.py, which says why.
 //
 // The weight is read once per call, front to back, whatever M. Rows go through it in blocks of at most 6, and
 // a block of few rows takes several panels at once: rows x 2 x panels accumulators stay within 12 of AVX2's 16
@@ -18,10 +19,20 @@ namespace {
 constexpr int kPanel = 16;
 constexpr int kMaxRows = 6;
 
+struct bfloat16 { uint16_t bits; };
+struct float16 { uint16_t bits; };
+
 // 8 consecutive weights of a panel row as float32
 inline __m256 load8(const float* w) { return _mm256_loadu_ps(w); }
 inline __m256 load8(const int8_t* w) {
     return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(w))));
+}
+inline __m256 load8(const bfloat16* w) {  // a bfloat16 is a float32's upper half
+    const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w)));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+}
+inline __m256 load8(const float16* w) {
+    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w)));
 }
 
 // R rows through J consecutive panels; cols: the outputs left from the first of them (the last may be padded);
@@ -38,7 +49,7 @@ inline void block(const float* x, int64_t K, const T* panel, const float* scale,
     }
     for (int64_t k = 0; k < K; ++k) {
         __m256 w[2 * J];
-        if (J == 1) {  // one panel is one memory stream: ask for the next panel's line too (a prefetch never faults)
+        if (J == 1) {  // one panel is one memory stream: ask for the next panel's row too (a prefetch never faults)
             _mm_prefetch(reinterpret_cast<const char*>(panel + stride + k * kPanel), _MM_HINT_T0);
         }
 #pragma GCC unroll 8
@@ -153,4 +164,15 @@ extern "C" void swarmllm_panel_gemm(const float* x, int64_t M, int64_t K, const 
 extern "C" void swarmllm_panel_gemm_int8(const float* x, int64_t M, int64_t K, const int8_t* P,
                                          const float* scales, int64_t N, float* y, int64_t threads) {
     gemm(x, M, K, P, scales, N, y, threads);
+}
+
+// the same for bfloat16 and float16 weights (their bits)
+extern "C" void swarmllm_panel_gemm_bf16(const float* x, int64_t M, int64_t K, const uint16_t* P, int64_t N,
+                                         float* y, int64_t threads) {
+    gemm(x, M, K, reinterpret_cast<const bfloat16*>(P), nullptr, N, y, threads);
+}
+
+extern "C" void swarmllm_panel_gemm_f16(const float* x, int64_t M, int64_t K, const uint16_t* P, int64_t N,
+                                        float* y, int64_t threads) {
+    gemm(x, M, K, reinterpret_cast<const float16*>(P), nullptr, N, y, threads);
 }
