@@ -14,11 +14,11 @@ the weights are read once per step for all of them, each session keeping its own
 adapter. A session's steps arrive one after another on its stream, so two steps never race on one cache either
 way.
 
-On a CPU the large float32 projections are stored as panels for our own kernel (`models.panels`), one layout for
-every row count. Where that kernel cannot run, and for bfloat16, they are packed for oneDNN (`models.packed`):
-in float32 laid out for one row while the steps carry one, for many while they merge several: the backend
-watches its last `LAYOUT_WINDOW` decode steps and re-lays the weights out on the compute thread when
-`layout_for` says so (a step running meanwhile uses the old layout; both compute the same product).
+On a CPU the large projections are stored as panels for our own kernel (`models.panels`), one layout for every
+row count. Where that kernel cannot run, they are packed for oneDNN (`models.packed`): in float32 laid out for
+one row while the steps carry one, for many while they merge several: the backend watches its last
+`LAYOUT_WINDOW` decode steps and re-lays the weights out on the compute thread when `layout_for` says so (a step
+running meanwhile uses the old layout; both compute the same product).
 
 On CUDA the sessions' caches are rows of one shared cache arena where they fit (`server.arena`), so that a step
 of any of them, lone or merged, replays a CUDA graph of its bucket of rows and slots, captured once per server
