@@ -8,8 +8,8 @@
 // registers, and enough independent FMA chains and weight streams are in flight to keep up with memory (one row
 // alone through one panel would leave the FMA units waiting on its 2 chains); a block of 4-6 rows, one panel at
 // a time, prefetches the next. The first block of rows streams the panels from memory, the others find them in
-// L2. Each output is one float32 FMA chain over k in order, so
-// a row's result does not depend on the rows that share its call.
+// L2. Each output is one float32 FMA chain over k in order (then scaled, for int8), so a row's result does not
+// depend on the rows that share its call.
 #include <immintrin.h>
 
 #include <cstdint>
