@@ -163,8 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["none", "int8", "nf4"],
         default="none",
         help="store the blocks' linear weights quantized (int8: ~1/2, nf4: ~1/4 of float16's memory; norms, "
-        "biases and the KV cache stay in --dtype): through bitsandbytes, but for int8 on a CPU, which PyTorch's "
-        "own int8 kernel computes; counted when choosing how many blocks fit, and announced",
+        "biases and the KV cache stay in --dtype): through bitsandbytes, but for int8 on a CPU, which our own "
+        "kernel computes (models/panels.py); counted when choosing how many blocks fit, and announced",
     )
     serve.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
     serve.add_argument(

@@ -10,7 +10,9 @@ checkpoint.py  resolve a local or hub checkpoint, load a span of blocks or the c
 causal_lm.py   a whole model in one process (reference outputs, greedy generation, perplexity)
 convert.py     ladder conversion of a checkpoint folder, distillation, writing trained weights back
 quant.py       int8 / nf4 projections through bitsandbytes (imported only when used; int8 on a CPU through
-               PyTorch's int8 kernel), their memory size
+               our panel kernel, or PyTorch's int8 kernel), their memory size
+panels.py      CPU projections as panels for our AVX2 matmul kernel (kernels/panel_gemm.cpp, built at first use)
+packed.py      CPU projections in oneDNN's layout where that kernel cannot run; a client head's faster copy
 tiny.py        tiny random checkpoints (with a tokenizer) for tests and the demo
 """
 

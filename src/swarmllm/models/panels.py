@@ -57,12 +57,10 @@ _Int8 = ctypes.CFUNCTYPE(None, _pointer, _int, _int, _pointer, _pointer, _int, _
 
 @dataclass(frozen=True)
 class Kernels:
-    """The kernel's entry points: float32, bfloat16 and float16 panels, and int8 panels with a float32 scale per
-    output."""
+    """The kernel's entry points: for float32, bfloat16 and float16 panels by dtype (the same arguments: only the
+    weight's type differs), and for int8 panels with a float32 scale per output."""
 
-    float32: Callable
-    bfloat16: Callable
-    float16: Callable
+    by_dtype: dict[torch.dtype, Callable]
     int8: Callable
 
 
@@ -118,11 +116,11 @@ def kernel() -> Kernels | None:
         return None
     loaded = ctypes.CDLL(str(library))
     return Kernels(
-        _Float32(("swarmllm_panel_gemm", loaded)),
-        _Float32(
-            ("swarmllm_panel_gemm_bf16", loaded)
-        ),  # (the same arguments: only the weight's type differs)
-        _Float32(("swarmllm_panel_gemm_f16", loaded)),
+        {
+            torch.float32: _Float32(("swarmllm_panel_gemm", loaded)),
+            torch.bfloat16: _Float32(("swarmllm_panel_gemm_bf16", loaded)),
+            torch.float16: _Float32(("swarmllm_panel_gemm_f16", loaded)),
+        },
         _Int8(("swarmllm_panel_gemm_int8", loaded)),
     )
 
@@ -167,14 +165,8 @@ def panel_matmul(x: Tensor, panels: Tensor, out_features: int, scales: Tensor | 
             threads,
         )  # fmt: skip
     else:
-        run = {
-            torch.float32: kernels.float32,
-            torch.bfloat16: kernels.bfloat16,
-            torch.float16: kernels.float16,
-        }
-        run[panels.dtype](
-            rows.data_ptr(), m, in_features, panels.data_ptr(), out_features, y.data_ptr(), threads
-        )
+        run = kernels.by_dtype[panels.dtype]
+        run(rows.data_ptr(), m, in_features, panels.data_ptr(), out_features, y.data_ptr(), threads)
     return y.view(*x.shape[:-1], out_features)
 
 
@@ -209,11 +201,13 @@ def panel_linear(x: Tensor, panels: Tensor, out_features: int, scales: Tensor | 
 class PanelProjection(nn.Module):
     """A `Projection` whose weight is stored as panels for the kernel above (see the module doc). A bfloat16 or
     float16 one reads half float32's bytes and computes in float32: its input is widened, its output rounded back
-    (a plain half-precision matmul on a CPU costs float32's time for one row and 2x for 8)."""
+    (a plain half-precision matmul on a CPU costs float32's time for one row and 2x for 8). With `scales` the
+    panels are int8 codes (`models.quant.Int8PanelProjection`)."""
 
-    def __init__(self, panels: Tensor, out_features: int, bias: Tensor | None):
+    def __init__(self, panels: Tensor, out_features: int, bias: Tensor | None, scales: Tensor | None = None):
         super().__init__()
         self.register_buffer("panels", panels)
+        self.register_buffer("scales", scales)  # one per panel output, the padding's 0
         self.out_features, self.in_features = out_features, panels.shape[1]
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
 
@@ -225,10 +219,10 @@ class PanelProjection(nn.Module):
     @property
     def weight(self) -> Tensor:
         """The plain [out, in] weight (a copy: for inspection and tests, not for the hot path)."""
-        return dense_weight(self.panels, self.out_features)
+        return dense_weight(self.panels, self.out_features, self.scales)
 
     def forward(self, x: Tensor, lora: Lora | RowLoras | None = None) -> Tensor:
-        y = panel_linear(x.float(), self.panels, self.out_features).to(x.dtype)
+        y = panel_linear(x.float(), self.panels, self.out_features, self.scales).to(x.dtype)
         if self.bias is not None:
             y = y + self.bias
         return y if lora is None else y + lora(x)

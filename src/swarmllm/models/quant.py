@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from swarmllm.models.llama import LlamaBlock, Lora, Projection
-from swarmllm.models.panels import from_panels, kernel, panel_linear, to_panels
+from swarmllm.models.panels import PANEL, PanelProjection, from_panels, kernel, to_panels
 
 QUANT_MODES = ("none", "int8", "nf4")
 NF4_BLOCK = 64  # weights per nf4 absmax (bitsandbytes' default)
@@ -66,7 +66,8 @@ def _bitsandbytes():
 
 class QuantizedProjection(nn.Module):
     """A `Projection` whose weight is stored quantized (int8 or nf4); computes in the input's dtype.
-    `from_projection` picks the kernels: `CpuInt8Projection` for int8 on a CPU, else `BitsAndBytesProjection`."""
+    `from_projection` picks the kernels: for int8 on a CPU `Int8PanelProjection` (our kernel), or
+    `CpuInt8Projection` where that cannot run; else `BitsAndBytesProjection`."""
 
     def __init__(self, mode: str, in_features: int, out_features: int):
         super().__init__()
@@ -230,34 +231,33 @@ class Int8PanelProjection(QuantizedProjection):
     FMA chain, so a row's result does not depend on the rows beside it (merged steps, replays and chunked
     prefills repeat a decode step's matmuls bit for bit). Inputs of another dtype are computed in float32."""
 
-    def __init__(self, panels: Tensor, scales: Tensor, out_features: int, bias: Tensor | None):
-        super().__init__("int8", panels.shape[1], out_features)
-        self.register_buffer("panels", panels)
-        self.register_buffer("scales", scales)  # one per panel output, the padding's 0
-        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+    def __init__(self, panel: PanelProjection):
+        super().__init__("int8", panel.in_features, panel.out_features)
+        self.panel = panel  # its panels are the codes, with `scales`
 
     @staticmethod
     def from_projection(projection: Projection) -> Int8PanelProjection:
         codes, scales = int8_codes(projection.weight.detach())
         panels = to_panels(codes)
-        padded = torch.zeros(panels.shape[0] * panels.shape[2])
-        padded[: scales.numel()] = scales
+        padded = nn.functional.pad(scales, (0, panels.shape[0] * PANEL - scales.numel()))
         bias = None if projection.bias is None else projection.bias.detach()
-        return Int8PanelProjection(panels, padded, codes.shape[0], bias)
+        return Int8PanelProjection(PanelProjection(panels, codes.shape[0], bias, padded))
 
     @property
     def codes(self) -> Tensor:
         """The [out, in] int8 codes (a copy: for inspection and tests)."""
-        return from_panels(self.panels, self.out_features)
+        return from_panels(self.panel.panels, self.out_features)
+
+    @property
+    def scales(self) -> Tensor:
+        """One float32 scale per output, padded with zeros to the panels' outputs."""
+        return self.panel.scales
 
     def forward(self, x: Tensor, lora: Lora | None = None) -> Tensor:
-        y = panel_linear(x.float(), self.panels, self.out_features, self.scales).to(x.dtype)
-        if self.bias is not None:
-            y = y + self.bias
-        return y if lora is None else y + lora(x)
+        return self.panel(x, lora)
 
     def weight_bytes(self) -> int:
-        return self.panels.numel() + self.scales.numel() * self.scales.element_size()
+        return self.panel.panels.numel() + self.scales.numel() * self.scales.element_size()
 
 
 def quantize_block(block: LlamaBlock, mode: str) -> LlamaBlock:
