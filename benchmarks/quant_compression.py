@@ -217,10 +217,12 @@ def main() -> None:
         append_results(
             "Quantized weights (--quant int8|nf4) against float32",
             quant_table,
-            "Every block quantized on this CPU: int8 as row-wise absmax codes through PyTorch's weight-only int8 "
-            "kernel (`CpuInt8Projection`: bfloat16 inputs and outputs, float32 sums; an input size that is not a "
-            "multiple of 16 dequantizes); nf4 through bitsandbytes 0.50.2 (blocks of 64, float32 absmax), whose "
-            "CPU kernels dequantize for every matmul. Logits over 32 tokens (random ids; English text for "
+            "Every block quantized on this CPU, through our panel kernel where it runs (AVX2, FMA and a C++ "
+            "compiler; `models.panels`): int8 as row-wise absmax codes (`Int8PanelProjection`), nf4 as "
+            "bitsandbytes 0.50.2's codes and absmaxes (blocks of 64, float32 absmax; `Nf4PanelProjection`, "
+            "inputs in blocks of 64), each weight made in registers and summed in float32. Elsewhere int8 goes "
+            "through PyTorch's weight-only int8 kernel and nf4 through bitsandbytes' CPU kernels, which "
+            "dequantize for every matmul. Logits over 32 tokens (random ids; English text for "
             "SmolLM2). The tiny random checkpoints amplify nf4's ~9% per-weight error from block to block; "
             "transformers' own BitsAndBytesConfig nf4 on SmolLM2 gives the same KL (0.42 against our 0.43, "
             "checked by hand). On a GPU both go through bitsandbytes' kernels (nf4 >= 0.9x fp16 is the issue's "

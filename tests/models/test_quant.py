@@ -1,4 +1,4 @@
-"""Quantized projections (int8, nf4; through bitsandbytes, and int8 on a CPU through PyTorch's int8 kernel): their
+"""Quantized projections (int8, nf4; through bitsandbytes, and on a CPU through our panel kernel or PyTorch's int8 kernel): their
 memory, their error against full precision per family, the same nf4 weights as transformers' bitsandbytes loading,
 the CPU int8 matmul against its dequantized weight, and LoRA and the decode path on top."""
 
@@ -12,11 +12,13 @@ import torch
 from swarmllm.models import LlamaBlock, load_client_head, load_config, load_span
 from swarmllm.models.llama import Projection
 from swarmllm.models.lora import LoraSettings, lora_shapes, span_lora
-from swarmllm.models.panels import kernel
+from swarmllm.models.panels import kernel, nf4_matmul, panel_matmul, to_nf4_panels, to_panels
 from swarmllm.models.quant import (
     CPU_INT8_STEP,
+    BitsAndBytesProjection,
     CpuInt8Projection,
     Int8PanelProjection,
+    Nf4PanelProjection,
     QuantizedProjection,
     quantize_block,
     quantized_weight_bytes,
@@ -44,7 +46,17 @@ def dequantized_weight(projection: QuantizedProjection) -> torch.Tensor:
     """The float32 weight a quantized projection stands for (CPU int8: codes times row scales; nf4)."""
     if isinstance(projection, CpuInt8Projection | Int8PanelProjection):
         return projection.codes.float() * projection.scales[: projection.out_features, None]
+    if isinstance(projection, Nf4PanelProjection):
+        return projection.weight
     return dequantized_nf4(projection.linear)
+
+
+def random_projection(in_features: int, out_features: int, generator: torch.Generator) -> Projection:
+    projection = Projection(in_features, out_features, bias=True)
+    with torch.no_grad():
+        projection.weight.copy_(torch.randn(out_features, in_features, generator=generator) * 0.05)
+        projection.bias.copy_(torch.randn(out_features, generator=generator))
+    return projection
 
 
 def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -153,10 +165,7 @@ def test_cpu_int8_computes_its_dequantized_weight_within_bfloat16_rounding(in_fe
     bit for bit the same alone or among others; another input size dequantizes (exactly). The input's gradient
     is that of the dequantized weight."""
     generator = torch.Generator().manual_seed(in_features)
-    projection = Projection(in_features, 200, bias=True)
-    with torch.no_grad():
-        projection.weight.copy_(torch.randn(200, in_features, generator=generator) * 0.05)
-        projection.bias.copy_(torch.randn(200, generator=generator))
+    projection = random_projection(in_features, 200, generator)
     quantized = CpuInt8Projection.from_projection(projection)
     assert quantized.kernel == (in_features % CPU_INT8_STEP == 0)
     assert int(quantized.codes.abs().amax(1).min()) == 127
@@ -191,6 +200,61 @@ def test_cpu_int8_computes_its_dequantized_weight_within_bfloat16_rounding(in_fe
 
 
 @pytest.mark.skipif(kernel() is None, reason="no AVX2 and FMA, or no C++ compiler, on this machine")
+@pytest.mark.parametrize("in_features", [64, 1024])
+def test_nf4_panels_compute_the_float32_panel_product_of_bitsandbytes_dequantized_weight(in_features):
+    """nf4 on a CPU where our panel kernel runs (the default there): bitsandbytes' own nf4 weights (dequantized,
+    equal to its module's), and the product bit for bit that of float32 panels of that weight, for 1 to 8 rows
+    (made in registers up to 4, through a float32 panel beyond), 13 and 300 rows, on 1 thread and 2, batched and
+    in bfloat16; 200 outputs fill 13 panels, the last padded. Its bias, its gradient, its bytes."""
+    generator = torch.Generator().manual_seed(in_features)
+    projection = random_projection(in_features, 200, generator)
+    quantized = QuantizedProjection.from_projection(projection, "nf4")
+    assert isinstance(quantized, Nf4PanelProjection)
+    theirs = BitsAndBytesProjection.from_projection(projection, "nf4")
+    weight = dequantized_weight(quantized)
+    assert torch.equal(weight, dequantized_nf4(theirs.linear))
+    assert quantized.weight_bytes() == 208 * in_features // 2 + 4 * 208 * in_features // 64
+    panels = to_panels(weight)
+    before = torch.get_num_threads()
+    try:
+        with torch.no_grad():
+            for threads in (1, 2):
+                torch.set_num_threads(threads)
+                for rows in (1, 2, 3, 4, 5, 6, 7, 8, 13, 300):
+                    x = torch.randn(rows, in_features, generator=generator)
+                    want = panel_matmul(x, panels, 200) + projection.bias
+                    assert torch.equal(quantized(x), want), (threads, rows)
+            x = torch.randn(2, 3, in_features, generator=generator)
+            assert torch.equal(quantized(x), panel_matmul(x, panels, 200) + projection.bias)
+            half = torch.randn(4, in_features, generator=generator).to(torch.bfloat16)
+            got, want = quantized(half), panel_matmul(half.float(), panels, 200) + projection.bias
+            assert got.dtype == torch.promote_types(half.dtype, projection.bias.dtype)  # as a float32 layer's
+            torch.testing.assert_close(got.float(), want, rtol=1e-2, atol=1e-2)
+    finally:
+        torch.set_num_threads(before)
+    x = torch.randn(3, in_features, generator=generator, requires_grad=True)
+    quantized(x).sum().backward()
+    torch.testing.assert_close(x.grad, weight.sum(0).expand(3, -1), rtol=1e-5, atol=1e-5)
+
+
+def test_nf4_inputs_not_in_blocks_of_64_stay_with_bitsandbytes_and_bad_nf4_panels_get_a_clear_error():
+    projection = Projection(72, 32, bias=False)  # bitsandbytes' blocks of 64 would straddle rows
+    assert isinstance(QuantizedProjection.from_projection(projection, "nf4"), BitsAndBytesProjection)
+    codes = torch.zeros(32, 72, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="blocks of 64"):
+        to_nf4_panels(codes, torch.ones(32, 1))
+    if kernel() is None:
+        return
+    quantized = QuantizedProjection.from_projection(Projection(64, 32, bias=False), "nf4")
+    with pytest.raises(ValueError, match="float32 CPU inputs of 64 features"):
+        nf4_matmul(torch.zeros(1, 63), quantized.codes, quantized.absmax, quantized.table, 32)
+    with pytest.raises(ValueError, match="16 float32 values"):
+        nf4_matmul(torch.zeros(1, 64), quantized.codes, quantized.absmax, quantized.table[:8], 32)
+    with pytest.raises(ValueError, match="as `to_nf4_panels` lays them out"):
+        nf4_matmul(torch.zeros(1, 64), quantized.codes, quantized.absmax[:, :, :8], quantized.table, 32)
+
+
+@pytest.mark.skipif(kernel() is None, reason="no AVX2 and FMA, or no C++ compiler, on this machine")
 @pytest.mark.parametrize("in_features", [64, 1024, 72])
 def test_int8_panels_compute_the_dequantized_weight_within_float32_rounding(in_features):
     """int8 on a CPU where our panel kernel runs (the default there): the same codes as `CpuInt8Projection`, and
@@ -199,10 +263,7 @@ def test_int8_panels_compute_the_dequantized_weight_within_float32_rounding(in_f
     same alone or among others; 200 outputs fill 13 panels, the last padded. The input's gradient is that of the
     dequantized weight."""
     generator = torch.Generator().manual_seed(in_features)
-    projection = Projection(in_features, 200, bias=True)
-    with torch.no_grad():
-        projection.weight.copy_(torch.randn(200, in_features, generator=generator) * 0.05)
-        projection.bias.copy_(torch.randn(200, generator=generator))
+    projection = random_projection(in_features, 200, generator)
     quantized = QuantizedProjection.from_projection(projection, "int8")
     assert isinstance(quantized, Int8PanelProjection)
     assert torch.equal(quantized.codes, CpuInt8Projection.from_projection(projection).codes)

@@ -1,6 +1,6 @@
 """Projections stored as panels of 16 outputs, multiplied by a small AVX2 kernel of our own
-(`kernels/panel_gemm.cpp`): a CPU server's large projections, float32, bfloat16 or float16 (and int8 codes,
-`models.quant`), always summed in float32.
+(`kernels/panel_gemm.cpp`): a CPU server's large projections, float32, bfloat16 or float16 (and int8 and nf4
+codes, `models.quant`), always summed in float32.
 
 A decode step is mostly the read of the span's weights, and a merged step (continuous batching) adds each row's
 FLOPs. oneDNN's and MKL's kernels do the two one after the other: 8 rows through one server's 8 medium layers
@@ -53,15 +53,19 @@ _pointer, _int = ctypes.c_void_p, ctypes.c_int64
 # (x, M, K, panels, N, y, threads) and (x, M, K, codes, scales, N, y, threads)
 _Float32 = ctypes.CFUNCTYPE(None, _pointer, _int, _int, _pointer, _int, _pointer, _int)
 _Int8 = ctypes.CFUNCTYPE(None, _pointer, _int, _int, _pointer, _pointer, _int, _pointer, _int)
+# (x, M, K, codes, absmax, table, N, y, threads)
+_Nf4 = ctypes.CFUNCTYPE(None, _pointer, _int, _int, _pointer, _pointer, _pointer, _int, _pointer, _int)
+NF4_BLOCK = 64  # inputs per nf4 absmax (bitsandbytes' blocks of 64 along a row)
 
 
 @dataclass(frozen=True)
 class Kernels:
     """The kernel's entry points: for float32, bfloat16 and float16 panels by dtype (the same arguments: only the
-    weight's type differs), and for int8 panels with a float32 scale per output."""
+    weight's type differs), for int8 panels with a float32 scale per output, and for nf4 panels."""
 
     by_dtype: dict[torch.dtype, Callable]
     int8: Callable
+    nf4: Callable
 
 
 def _cache_dir() -> Path:
@@ -122,6 +126,7 @@ def kernel() -> Kernels | None:
             torch.float16: _Float32(("swarmllm_panel_gemm_f16", loaded)),
         },
         _Int8(("swarmllm_panel_gemm_int8", loaded)),
+        _Nf4(("swarmllm_panel_gemm_nf4", loaded)),
     )
 
 
@@ -138,36 +143,116 @@ def from_panels(panels: Tensor, out_features: int) -> Tensor:
     return panels.transpose(1, 2).reshape(-1, panels.shape[1])[:out_features].contiguous()
 
 
-def panel_matmul(x: Tensor, panels: Tensor, out_features: int, scales: Tensor | None = None) -> Tensor:
-    """x W^T for a weight stored as `panels` (float32, bfloat16 or float16, summed in float32): x is float32
-    [..., in] on the CPU; int8 panels are codes whose outputs `scales` (float32, one per panel output, padding
-    included) multiply."""
-    in_features = panels.shape[1]
+def _rows_through(x: Tensor, in_features: int, out_features: int, panels: int, what: str, run) -> Tensor:
+    """Check x (float32 [..., in] on the CPU), then `run(kernels, rows, m, y, threads)` over its m rows into y
+    ([m, out] float32), as [..., out]; the call splits `panels` over threads."""
     if x.dtype != torch.float32 or x.device.type != "cpu" or x.shape[-1] != in_features:
         raise ValueError(
-            f"panel matmul takes float32 CPU inputs of {in_features} features, got {x.dtype} {tuple(x.shape)} "
+            f"{what} takes float32 CPU inputs of {in_features} features, got {x.dtype} {tuple(x.shape)} "
             f"on {x.device}"
         )
     rows = x.reshape(-1, in_features).contiguous()
     m = rows.shape[0]
     y = torch.empty(m, out_features, dtype=torch.float32)
-    if m == 0:
-        return y.view(*x.shape[:-1], out_features)
-    kernels = kernel()
-    if kernels is None:
-        raise RuntimeError("the panel kernel does not run on this machine")
-    threads = max(1, min(torch.get_num_threads(), panels.shape[0] // MIN_PANELS_PER_THREAD))
-    if panels.dtype == torch.int8:
-        if scales is None or scales.dtype != torch.float32 or scales.numel() != panels.shape[0] * PANEL:
-            raise ValueError("int8 panels need float32 scales, one per panel output")
-        kernels.int8(
-            rows.data_ptr(), m, in_features, panels.data_ptr(), scales.data_ptr(), out_features, y.data_ptr(),
-            threads,
-        )  # fmt: skip
-    else:
-        run = kernels.by_dtype[panels.dtype]
-        run(rows.data_ptr(), m, in_features, panels.data_ptr(), out_features, y.data_ptr(), threads)
+    if m > 0:
+        kernels = kernel()
+        if kernels is None:
+            raise RuntimeError("the panel kernel does not run on this machine")
+        run(kernels, rows, m, y, max(1, min(torch.get_num_threads(), panels // MIN_PANELS_PER_THREAD)))
     return y.view(*x.shape[:-1], out_features)
+
+
+def panel_matmul(x: Tensor, panels: Tensor, out_features: int, scales: Tensor | None = None) -> Tensor:
+    """x W^T for a weight stored as `panels` (float32, bfloat16 or float16, summed in float32): x is float32
+    [..., in] on the CPU; int8 panels are codes whose outputs `scales` (float32, one per panel output, padding
+    included) multiply."""
+    k = panels.shape[1]
+    if panels.dtype == torch.int8 and (
+        scales is None or scales.dtype != torch.float32 or scales.numel() != panels.shape[0] * PANEL
+    ):
+        raise ValueError("int8 panels need float32 scales, one per panel output")
+
+    def run(kernels: Kernels, rows: Tensor, m: int, y: Tensor, threads: int) -> None:
+        if panels.dtype == torch.int8:
+            kernels.int8(
+                rows.data_ptr(),
+                m,
+                k,
+                panels.data_ptr(),
+                scales.data_ptr(),
+                out_features,
+                y.data_ptr(),
+                threads,
+            )
+        else:
+            kernels.by_dtype[panels.dtype](
+                rows.data_ptr(), m, k, panels.data_ptr(), out_features, y.data_ptr(), threads
+            )
+
+    return _rows_through(x, k, out_features, panels.shape[0], "panel matmul", run)
+
+
+def to_nf4_panels(codes: Tensor, absmax: Tensor) -> tuple[Tensor, Tensor]:
+    """nf4 codes ([out, in] uint8, 0-15) and absmaxes ([out, in / 64] float32) as the kernel's panels: codes
+    [ceil(out / 16), in, 8] bytes, output i's code in byte i's low half and output i + 8's in its high half, and
+    absmaxes [ceil(out / 16), in / 64, 16]; the padding's absmax is 0."""
+    out_features, in_features = codes.shape
+    if in_features % NF4_BLOCK or absmax.shape != (out_features, in_features // NF4_BLOCK):
+        raise ValueError(f"nf4 panels need inputs in blocks of {NF4_BLOCK} and one absmax a block")
+    padded = -(-out_features // PANEL) * PANEL
+    codes = nn.functional.pad(codes, (0, 0, 0, padded - out_features)).view(-1, PANEL, in_features)
+    packed = codes[:, :8] | (codes[:, 8:] << 4)
+    absmax = nn.functional.pad(absmax.float(), (0, 0, 0, padded - out_features)).view(
+        -1, PANEL, absmax.shape[1]
+    )
+    return packed.transpose(1, 2).contiguous(), absmax.transpose(1, 2).contiguous()
+
+
+def nf4_dense_weight(codes: Tensor, absmax: Tensor, table: Tensor, out_features: int) -> Tensor:
+    """The float32 [out, in] weight that nf4 panels stand for: table[code] * absmax (a copy)."""
+    both = torch.cat([codes & 15, codes >> 4], dim=2)  # [panels, in, 16]: outputs 0-7, then 8-15
+    weight = table[both.long()] * absmax.repeat_interleave(NF4_BLOCK, dim=1)
+    return weight.transpose(1, 2).reshape(-1, codes.shape[1])[:out_features].contiguous()
+
+
+def nf4_matmul(x: Tensor, codes: Tensor, absmax: Tensor, table: Tensor, out_features: int) -> Tensor:
+    """x W^T for an nf4 weight as panels (`to_nf4_panels`; table: the 16 float32 nf4 values): the float32
+    panel product of the dequantized weight, bit for bit."""
+    k = codes.shape[1]
+    if codes.dtype != torch.uint8 or absmax.shape != (codes.shape[0], k // NF4_BLOCK, PANEL):
+        raise ValueError("nf4 panels are uint8 codes with float32 absmaxes as `to_nf4_panels` lays them out")
+    if table.dtype != torch.float32 or table.numel() != 16:
+        raise ValueError("the nf4 table is 16 float32 values")
+
+    def run(kernels: Kernels, rows: Tensor, m: int, y: Tensor, threads: int) -> None:
+        kernels.nf4(
+            rows.data_ptr(), m, k, codes.data_ptr(), absmax.data_ptr(), table.data_ptr(), out_features,
+            y.data_ptr(), threads,
+        )  # fmt: skip
+
+    return _rows_through(x, k, out_features, codes.shape[0], "nf4 panel matmul", run)
+
+
+class _Nf4Matmul(torch.autograd.Function):
+    """`nf4_matmul`; backward gives x's gradient only, from the dequantized weight."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, codes: Tensor, absmax: Tensor, table: Tensor, out_features: int) -> Tensor:
+        ctx.save_for_backward(codes, absmax, table)
+        ctx.out_features = out_features
+        return nf4_matmul(x, codes, absmax, table, out_features)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        weight = nf4_dense_weight(*ctx.saved_tensors, ctx.out_features)
+        return grad @ weight.to(grad.dtype), None, None, None, None
+
+
+def nf4_linear(x: Tensor, codes: Tensor, absmax: Tensor, table: Tensor, out_features: int) -> Tensor:
+    """`nf4_matmul`, with the input's gradient where autograd asks for it."""
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _Nf4Matmul.apply(x, codes, absmax, table, out_features)
+    return nf4_matmul(x, codes, absmax, table, out_features)
 
 
 def dense_weight(panels: Tensor, out_features: int, scales: Tensor | None = None) -> Tensor:

@@ -2,9 +2,11 @@
 through `bitsandbytes`' kernels. On a CPU, int8 keeps bitsandbytes' int8 scheme (row-wise absmax codes) with a
 quarter of float32's bytes to read, so a decode step, which is mostly that read, runs ~2x faster than float32's:
 through our panel kernel where it runs (`Int8PanelProjection`, `models.panels`: float32 inputs and sums), else
-through PyTorch's weight-only int8 matmul (`CpuInt8Projection`: bfloat16 inputs). nf4 goes through the CPU
-kernels that bitsandbytes >= 0.46 ships, which dequantize and are slower than float32 there (the point of nf4 on
-a CPU is memory).
+through PyTorch's weight-only int8 matmul (`CpuInt8Projection`: bfloat16 inputs). nf4 keeps bitsandbytes' nf4
+weights (blocks of 64 along a row) with 4.5 bits a weight to read: through the panel kernel where it runs
+(`Nf4PanelProjection`, for inputs in blocks of 64: as fast as float32 with a seventh of its bytes), else through
+the CPU kernels that bitsandbytes >= 0.46 ships, which dequantize the whole weight for every matmul (0.15-0.3x
+float32's decode rate).
 
 `quantize_block` swaps a block's projections for `QuantizedProjection`s in place, after the block's weights are
 loaded, so that a loader holds one block in full precision at a time. A `QuantizedProjection` keeps the
@@ -27,10 +29,19 @@ import torch
 from torch import Tensor, nn
 
 from swarmllm.models.llama import LlamaBlock, Lora, Projection
-from swarmllm.models.panels import PANEL, PanelProjection, from_panels, kernel, to_panels
+from swarmllm.models.panels import (
+    NF4_BLOCK,
+    PANEL,
+    PanelProjection,
+    from_panels,
+    kernel,
+    nf4_dense_weight,
+    nf4_linear,
+    to_nf4_panels,
+    to_panels,
+)
 
 QUANT_MODES = ("none", "int8", "nf4")
-NF4_BLOCK = 64  # weights per nf4 absmax (bitsandbytes' default)
 # PyTorch's CPU int8 kernel steps along the input 16 values at a time (AVX-512; 8 with AVX2) with aligned loads and
 # no remainder: other input sizes would read past a row (wrong sums, or a crash), so they dequantize instead
 CPU_INT8_STEP = 16
@@ -66,8 +77,8 @@ def _bitsandbytes():
 
 class QuantizedProjection(nn.Module):
     """A `Projection` whose weight is stored quantized (int8 or nf4); computes in the input's dtype.
-    `from_projection` picks the kernels: for int8 on a CPU `Int8PanelProjection` (our kernel), or
-    `CpuInt8Projection` where that cannot run; else `BitsAndBytesProjection`."""
+    `from_projection` picks the kernels: on a CPU `Int8PanelProjection` and `Nf4PanelProjection` (our kernel),
+    or where that cannot run `CpuInt8Projection` for int8; else `BitsAndBytesProjection`."""
 
     def __init__(self, mode: str, in_features: int, out_features: int):
         super().__init__()
@@ -75,10 +86,13 @@ class QuantizedProjection(nn.Module):
 
     @staticmethod
     def from_projection(projection: Projection, mode: str) -> QuantizedProjection:
-        if mode == "int8" and projection.weight.device.type == "cpu":
+        on_cpu = projection.weight.device.type == "cpu"
+        if mode == "int8" and on_cpu:
             if kernel() is not None:
                 return Int8PanelProjection.from_projection(projection)
             return CpuInt8Projection.from_projection(projection)
+        if mode == "nf4" and on_cpu and kernel() is not None and projection.in_features % NF4_BLOCK == 0:
+            return Nf4PanelProjection.from_projection(projection)
         return BitsAndBytesProjection.from_projection(projection, mode)
 
     def forward(self, x: Tensor, lora: Lora | None = None) -> Tensor:
@@ -258,6 +272,48 @@ class Int8PanelProjection(QuantizedProjection):
 
     def weight_bytes(self) -> int:
         return self.panel.panels.numel() + self.scales.numel() * self.scales.element_size()
+
+
+class Nf4PanelProjection(QuantizedProjection):
+    """nf4 on a CPU where our panel kernel runs (`models.panels`): bitsandbytes' nf4 codes and absmaxes (blocks of
+    64 along each row, no double quantization: the same weights as `BitsAndBytesProjection`), stored as panels.
+    The kernel makes each weight in registers, table[code] * absmax, and sums it as a float32 panel's: the
+    product is that of the dequantized weight (float32 inputs and sums, each output one FMA chain), where
+    bitsandbytes' CPU kernel dequantizes the whole weight each call (0.3x float32's decode rate). A decode step
+    reads 4.5 bits a weight. Inputs of another dtype are computed in float32."""
+
+    def __init__(self, codes: Tensor, absmax: Tensor, table: Tensor, out_features: int, bias: Tensor | None):
+        super().__init__("nf4", codes.shape[1], out_features)
+        self.register_buffer("codes", codes)  # panels: [ceil(out / 16), in, 8] bytes of two codes
+        self.register_buffer("absmax", absmax)  # [ceil(out / 16), in / 64, 16]
+        self.register_buffer("table", table)  # the 16 nf4 values
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+
+    @staticmethod
+    def from_projection(projection: Projection) -> Nf4PanelProjection:
+        weight = projection.weight.detach()
+        packed, state = _bitsandbytes().functional.quantize_4bit(
+            weight, blocksize=NF4_BLOCK, compress_statistics=False, quant_type="nf4"
+        )
+        packed = packed.flatten()  # two codes a byte, the first in the high half
+        codes = torch.stack([packed >> 4, packed & 15], dim=1).view(weight.shape)
+        absmax = state.absmax.float().view(weight.shape[0], -1)
+        bias = None if projection.bias is None else projection.bias.detach()
+        return Nf4PanelProjection(*to_nf4_panels(codes, absmax), state.code.float(), weight.shape[0], bias)
+
+    @property
+    def weight(self) -> Tensor:
+        """The dequantized float32 [out, in] weight (a copy: for inspection and tests)."""
+        return nf4_dense_weight(self.codes, self.absmax, self.table, self.out_features)
+
+    def forward(self, x: Tensor, lora: Lora | None = None) -> Tensor:
+        y = nf4_linear(x.float(), self.codes, self.absmax, self.table, self.out_features).to(x.dtype)
+        if self.bias is not None:
+            y = y + self.bias
+        return y if lora is None else y + lora(x)
+
+    def weight_bytes(self) -> int:
+        return self.codes.numel() + self.absmax.numel() * self.absmax.element_size()
 
 
 def quantize_block(block: LlamaBlock, mode: str) -> LlamaBlock:

@@ -13,6 +13,7 @@
 #include <immintrin.h>
 
 #include <cstdint>
+#include <vector>
 
 namespace {
 
@@ -34,6 +35,9 @@ inline __m256 load8(const bfloat16* w) {  // a bfloat16 is a float32's upper hal
 inline __m256 load8(const float16* w) {
     return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w)));
 }
+
+template <int R, int J>
+inline void store(__m256 (&acc)[R][2 * J], float* y, int64_t ldy, int64_t cols);
 
 // R rows through J consecutive panels; cols: the outputs left from the first of them (the last may be padded);
 // scale: the first's output scales (int8), or null
@@ -72,6 +76,12 @@ inline void block(const float* x, int64_t K, const T* panel, const float* scale,
             for (int r = 0; r < R; ++r) acc[r][j] = _mm256_mul_ps(acc[r][j], s);
         }
     }
+    store<R, J>(acc, y, ldy, cols);
+}
+
+// R rows' sums through J panels into y; cols: the outputs left from the first panel (the last may be padded)
+template <int R, int J>
+inline void store(__m256 (&acc)[R][2 * J], float* y, int64_t ldy, int64_t cols) {
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
 #pragma GCC unroll 8
@@ -151,6 +161,113 @@ void gemm(const float* x, int64_t M, int64_t K, const T* P, const float* scales,
     }
 }
 
+// nf4: each panel's codes are [K][8] bytes, byte i holding output i's 4-bit code in its low half and output
+// i + 8's in its high half; absmax: [K / 64][16] floats per panel (one per output and block of 64 inputs, as
+// bitsandbytes' blocks of 64 along each row); table: the 16 nf4 values. A weight is table[code] * absmax, made in
+// registers (two permutes and a blend look the code up) and then summed as a float32 weight's would be: the
+// product is a float32 panel product of the dequantized weight, bit for bit.
+constexpr int64_t kNf4Block = 64;
+
+inline __m256 nf4_lookup(__m256i code, __m256 low, __m256 high) {
+    const __m256 a = _mm256_permutevar8x32_ps(low, code), b = _mm256_permutevar8x32_ps(high, code);
+    return _mm256_blendv_ps(a, b, _mm256_castsi256_ps(_mm256_slli_epi32(code, 28)));  // code's bit 3 selects
+}
+
+// the 16 weights of an nf4 panel at one input k: its 8 bytes of codes, their outputs' absmaxes (lo: outputs 0-7)
+inline void nf4_weights(const uint8_t* bytes, __m256 scale_lo, __m256 scale_hi, __m256 low, __m256 high,
+                        __m256& lo, __m256& hi) {
+    const __m256i both = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(bytes)));
+    lo = _mm256_mul_ps(nf4_lookup(_mm256_and_si256(both, _mm256_set1_epi32(15)), low, high), scale_lo);
+    hi = _mm256_mul_ps(nf4_lookup(_mm256_srli_epi32(both, 4), low, high), scale_hi);
+}
+
+// R rows (at most 4: the lookups take registers) through J consecutive nf4 panels, made in registers
+template <int R, int J>
+inline void nf4_block(const float* x, int64_t K, const uint8_t* codes, const float* absmax, __m256 low, __m256 high,
+                      float* y, int64_t ldy, int64_t cols) {
+    const int64_t stride = K * 8, scale_stride = K / kNf4Block * kPanel;
+    __m256 acc[R][2 * J];
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 8
+        for (int j = 0; j < 2 * J; ++j) acc[r][j] = _mm256_setzero_ps();
+    }
+    for (int64_t k0 = 0; k0 < K; k0 += kNf4Block) {
+        __m256 scale[2 * J];
+#pragma GCC unroll 8
+        for (int j = 0; j < J; ++j) {
+            const float* s = absmax + j * scale_stride + k0 / kNf4Block * kPanel;
+            scale[2 * j] = _mm256_loadu_ps(s);
+            scale[2 * j + 1] = _mm256_loadu_ps(s + 8);
+        }
+        for (int64_t k = k0; k < k0 + kNf4Block; ++k) {
+            __m256 w[2 * J];
+#pragma GCC unroll 8
+            for (int j = 0; j < J; ++j) {
+                nf4_weights(codes + j * stride + k * 8, scale[2 * j], scale[2 * j + 1], low, high, w[2 * j],
+                            w[2 * j + 1]);
+            }
+#pragma GCC unroll 8
+            for (int r = 0; r < R; ++r) {
+                const __m256 v = _mm256_broadcast_ss(x + r * K + k);
+#pragma GCC unroll 8
+                for (int j = 0; j < 2 * J; ++j) acc[r][j] = _mm256_fmadd_ps(v, w[j], acc[r][j]);
+            }
+        }
+    }
+    store<R, J>(acc, y, ldy, cols);
+}
+
+template <int J>
+inline void nf4_rows(int64_t rows, const float* x, int64_t K, const uint8_t* codes, const float* absmax,
+                     __m256 low, __m256 high, float* y, int64_t ldy, int64_t cols) {
+    switch (rows) {
+        case 4: nf4_block<4, J>(x, K, codes, absmax, low, high, y, ldy, cols); break;
+        case 3: nf4_block<3, J>(x, K, codes, absmax, low, high, y, ldy, cols); break;
+        case 2: nf4_block<2, J>(x, K, codes, absmax, low, high, y, ldy, cols); break;
+        default: nf4_block<1, J>(x, K, codes, absmax, low, high, y, ldy, cols); break;
+    }
+}
+
+// nf4 panels [first, last). Up to 4 rows make the weights in registers (a lone row 2 panels at a time); more
+// rows make each panel once, into a float32 panel in L2 that the float32 blocks read (making them is most of the
+// work: once per block would cost 1.2x float32's time for 8 rows, once per call 0.8x).
+void nf4_panels_through(const float* x, int64_t M, int64_t K, const uint8_t* codes, const float* absmax,
+                        const float* table, int64_t N, float* y, int64_t ldy, int64_t first, int64_t last) {
+    const __m256 low = _mm256_loadu_ps(table), high = _mm256_loadu_ps(table + 8);
+    const int64_t scale_stride = K / kNf4Block * kPanel;
+    if (M > 4) {
+        std::vector<float> panel(K * kPanel);
+        for (int64_t p = first; p < last; ++p) {
+            const uint8_t* c = codes + p * K * 8;
+            const float* s = absmax + p * scale_stride;
+            for (int64_t k0 = 0; k0 < K; k0 += kNf4Block) {
+                const __m256 scale_lo = _mm256_loadu_ps(s + k0 / kNf4Block * kPanel);
+                const __m256 scale_hi = _mm256_loadu_ps(s + k0 / kNf4Block * kPanel + 8);
+                for (int64_t k = k0; k < k0 + kNf4Block; ++k) {
+                    __m256 lo, hi;
+                    nf4_weights(c + k * 8, scale_lo, scale_hi, low, high, lo, hi);
+                    _mm256_storeu_ps(panel.data() + k * kPanel, lo);
+                    _mm256_storeu_ps(panel.data() + k * kPanel + 8, hi);
+                }
+            }
+            panels_through(x, M, K, panel.data(), nullptr, N - p * kPanel, y + (p - first) * kPanel, ldy, 0, 1);
+        }
+        return;
+    }
+    for (int64_t p = first; p < last;) {
+        const int64_t take = M == 1 && p + 2 <= last ? 2 : 1;
+        const uint8_t* c = codes + p * K * 8;
+        float* yp = y + (p - first) * kPanel;
+        if (take == 2) {
+            nf4_rows<2>(M, x, K, c, absmax + p * scale_stride, low, high, yp, ldy, N - p * kPanel);
+        } else {
+            nf4_rows<1>(M, x, K, c, absmax + p * scale_stride, low, high, yp, ldy, N - p * kPanel);
+        }
+        p += take;
+    }
+}
+
 }  // namespace
 
 // y is [M, N]; with threads > 1 the panels are split into that many contiguous runs, one per OpenMP thread
@@ -164,6 +281,22 @@ extern "C" void swarmllm_panel_gemm(const float* x, int64_t M, int64_t K, const 
 extern "C" void swarmllm_panel_gemm_int8(const float* x, int64_t M, int64_t K, const int8_t* P,
                                          const float* scales, int64_t N, float* y, int64_t threads) {
     gemm(x, M, K, P, scales, N, y, threads);
+}
+
+// nf4 codes and absmaxes as panels (see nf4_panels_through); K a multiple of 64
+extern "C" void swarmllm_panel_gemm_nf4(const float* x, int64_t M, int64_t K, const uint8_t* codes,
+                                        const float* absmax, const float* table, int64_t N, float* y,
+                                        int64_t threads) {
+    const int64_t panels = (N + kPanel - 1) / kPanel;
+    if (threads <= 1) {
+        nf4_panels_through(x, M, K, codes, absmax, table, N, y, N, 0, panels);
+        return;
+    }
+#pragma omp parallel for num_threads(threads) schedule(static, 1)
+    for (int64_t t = 0; t < threads; ++t) {
+        const int64_t first = panels * t / threads, last = panels * (t + 1) / threads;
+        nf4_panels_through(x, M, K, codes, absmax, table, N, y + first * kPanel, N, first, last);
+    }
 }
 
 // the same for bfloat16 and float16 weights (their bits)
