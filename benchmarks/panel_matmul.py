@@ -2,11 +2,12 @@
 shape (qkv [1536, 1024], o [1024, 1024], gate_up [5632, 1024], down [1024, 2816], float32) applied to a step's
 rows in turn, as a decode step through a server's span does, in four layouts: PyTorch's plain one (MKL), packed
 for oneDNN laid out for 1 row and for 16 (`models/packed.py`), and panels for our own kernel
-(`models/panels.py`). The layers' weights (362 MB for 8) are far larger than the caches, so every step reads
+(`models/panels.py`); with `--quant`, also int8 and nf4 codes as panels (`models/quant.py`) and nf4 through
+bitsandbytes' CPU kernels. The layers' weights (362 MB for 8) are far larger than the caches, so every step reads
 them from memory. Median of interleaved repeats, in ms a step; the panels' largest error against a float64
 product.
 
-    python benchmarks/panel_matmul.py [--layers 8] [--rows 1 2 4 8 16 512] [--threads 1 2] [--repeats 7]
+    python benchmarks/panel_matmul.py [--layers 8] [--rows 1 2 4 8 16 512] [--threads 1 2] [--repeats 7] [--quant]
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from common import append_results, markdown_table
 
 from swarmllm.models.packed import MANY_ROWS, ONE_ROW, PackedProjection
 from swarmllm.models.panels import PanelProjection, kernel
+from swarmllm.models.quant import BitsAndBytesProjection, QuantizedProjection
 
 SHAPES = [(1536, 1024), (1024, 1024), (5632, 1024), (1024, 2816)]  # one medium layer's [out, in]
 
@@ -30,6 +32,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8, 16, 512])
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--quant", action="store_true", help="int8 and nf4 layouts too")
     parser.add_argument("--no-record", action="store_true")
     args = parser.parse_args()
     if kernel() is None:
@@ -45,6 +48,11 @@ def main() -> None:
         ],
         "panels": [PanelProjection.from_projection(linear) for linear in linears],
     }
+    float32 = [name for name in layouts if name != "panels"]  # what the panels are compared with
+    if args.quant:
+        for mode in ("int8", "nf4"):
+            layouts[f"{mode} panels"] = [QuantizedProjection.from_projection(lin, mode) for lin in linears]
+        layouts["nf4 bitsandbytes"] = [BitsAndBytesProjection.from_projection(lin, "nf4") for lin in linears]
     megabytes = sum(n * k for n, k in SHAPES) * args.layers * 4 / 1e6
 
     table_rows, worst = [], 0.0
@@ -66,13 +74,14 @@ def main() -> None:
                             call(inputs[linear.in_features])
                         times[name].append(time.perf_counter() - began)
             ms = {name: statistics.median(t[1:]) * 1e3 for name, t in times.items()}
-            best_other = min(ms[name] for name in layouts if name != "panels")
+            best_other = min(ms[name] for name in float32)
             table_rows.append(
                 [threads, rows, *(f"{t:.1f}" for t in ms.values()), f"{best_other / ms['panels']:.2f}x"]
             )
             print(table_rows[-1], flush=True)
     table = markdown_table(
-        ["torch threads", "rows", *(f"{name} ms" for name in layouts), "best other / panels"], table_rows
+        ["torch threads", "rows", *(f"{name} ms" for name in layouts), "best float32 other / panels"],
+        table_rows,
     )
     print(table)
     if not args.no_record:
