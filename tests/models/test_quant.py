@@ -252,6 +252,8 @@ def test_nf4_inputs_not_in_blocks_of_64_stay_with_bitsandbytes_and_bad_nf4_panel
         nf4_matmul(torch.zeros(1, 64), quantized.codes, quantized.absmax, quantized.table[:8], 32)
     with pytest.raises(ValueError, match="as `to_nf4_panels` lays them out"):
         nf4_matmul(torch.zeros(1, 64), quantized.codes, quantized.absmax[:, :, :8], quantized.table, 32)
+    with pytest.raises(ValueError, match="as `to_nf4_panels` lays them out"):  # inputs not in blocks of 64
+        nf4_matmul(torch.zeros(1, 32), quantized.codes[:, :32], quantized.absmax[:, :0], quantized.table, 32)
 
 
 @pytest.mark.skipif(kernel() is None, reason="no AVX2 and FMA, or no C++ compiler, on this machine")

@@ -219,7 +219,7 @@ def nf4_matmul(x: Tensor, codes: Tensor, absmax: Tensor, table: Tensor, out_feat
     """x W^T for an nf4 weight as panels (`to_nf4_panels`; table: the 16 float32 nf4 values): the float32
     panel product of the dequantized weight, bit for bit."""
     k = codes.shape[1]
-    if codes.dtype != torch.uint8 or absmax.shape != (codes.shape[0], k // NF4_BLOCK, PANEL):
+    if k % NF4_BLOCK or codes.dtype != torch.uint8 or absmax.shape != (codes.shape[0], k // NF4_BLOCK, PANEL):
         raise ValueError("nf4 panels are uint8 codes with float32 absmaxes as `to_nf4_panels` lays them out")
     if table.dtype != torch.float32 or table.numel() != 16:
         raise ValueError("the nf4 table is 16 float32 values")

@@ -1,7 +1,8 @@
 // y[M, N] = x[M, K] W^T for a weight stored as panels of 16 outputs, P[N / 16][K][16] (the last panel
 // zero-padded), float32 inputs and sums, with AVX2, FMA and F16C. The weight is float32, bfloat16, float16, or
 // int8 codes with one float32 scale per output (W = codes * scales, row-wise); each is widened to float32 in
-// registers. Built and loaded by swarmllm/models/panels.py, which says why.
+// registers. nf4 weights have panels of their own layout (see nf4_panels_through). Built and loaded by
+// swarmllm/models/panels.py, which says why.
 //
 // The weight is read once per call, front to back, whatever M. Rows go through it in blocks of at most 6, and
 // a block of few rows takes several panels at once: rows x 2 x panels accumulators stay within 12 of AVX2's 16
