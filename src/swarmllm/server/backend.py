@@ -54,6 +54,7 @@ from swarmllm.models.llama import BlockLora
 from swarmllm.models.lora import span_lora
 from swarmllm.models.packed import initial_rows, layout_for, packed_projections
 from swarmllm.models.panels import PanelProjection
+from swarmllm.models.quant import Nf4PanelProjection
 from swarmllm.server.adapters import Adapter
 from swarmllm.server.arena import ARENA_LENGTH, CacheArena, arena_rows
 from swarmllm.server.batching import DecodeBatcher
@@ -177,7 +178,7 @@ class Backend:
         )
         self.batcher: DecodeBatcher[_Decode] = DecodeBatcher(self._decode_many, max_wait_s=batch_wait_s)
         self._packed = packed_projections(span)
-        self._panels = any(isinstance(m, PanelProjection) for m in span.modules())
+        self._panels = any(isinstance(m, PanelProjection | Nf4PanelProjection) for m in span.modules())
         self.layout_rows = initial_rows(self.dtype)
         # packed float32 weights follow the load (module doc); other dtypes keep their one best layout
         self._follows_load = bool(self._packed) and self.dtype == torch.float32
