@@ -163,8 +163,9 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["none", "int8", "nf4"],
         default="none",
         help="store the blocks' linear weights quantized (int8: ~1/2, nf4: ~1/4 of float16's memory; norms, "
-        "biases and the KV cache stay in --dtype): through bitsandbytes, but for int8 on a CPU, which our own "
-        "kernel computes (models/panels.py); counted when choosing how many blocks fit, and announced",
+        "biases and the KV cache stay in --dtype): through bitsandbytes on a GPU, and on a CPU through our own "
+        "kernel (models/panels.py; nf4 where a layer's inputs come in blocks of 64, else bitsandbytes); counted "
+        "when choosing how many blocks fit, and announced",
     )
     serve.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
     serve.add_argument(
