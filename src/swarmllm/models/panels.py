@@ -143,7 +143,14 @@ def from_panels(panels: Tensor, out_features: int) -> Tensor:
     return panels.transpose(1, 2).reshape(-1, panels.shape[1])[:out_features].contiguous()
 
 
-def _rows_through(x: Tensor, in_features: int, out_features: int, panels: int, what: str, run) -> Tensor:
+def _rows_through(
+    x: Tensor,
+    in_features: int,
+    out_features: int,
+    panels: int,
+    what: str,
+    run: Callable[[Kernels, Tensor, int, Tensor, int], None],
+) -> Tensor:
     """Check x (float32 [..., in] on the CPU), then `run(kernels, rows, m, y, threads)` over its m rows into y
     ([m, out] float32), as [..., out]; the call splits `panels` over threads."""
     if x.dtype != torch.float32 or x.device.type != "cpu" or x.shape[-1] != in_features:
@@ -175,15 +182,8 @@ def panel_matmul(x: Tensor, panels: Tensor, out_features: int, scales: Tensor | 
     def run(kernels: Kernels, rows: Tensor, m: int, y: Tensor, threads: int) -> None:
         if panels.dtype == torch.int8:
             kernels.int8(
-                rows.data_ptr(),
-                m,
-                k,
-                panels.data_ptr(),
-                scales.data_ptr(),
-                out_features,
-                y.data_ptr(),
-                threads,
-            )
+                rows.data_ptr(), m, k, panels.data_ptr(), scales.data_ptr(), out_features, y.data_ptr(), threads
+            )  # fmt: skip
         else:
             kernels.by_dtype[panels.dtype](
                 rows.data_ptr(), m, k, panels.data_ptr(), out_features, y.data_ptr(), threads
@@ -219,7 +219,8 @@ def nf4_matmul(x: Tensor, codes: Tensor, absmax: Tensor, table: Tensor, out_feat
     """x W^T for an nf4 weight as panels (`to_nf4_panels`; table: the 16 float32 nf4 values): the float32
     panel product of the dequantized weight, bit for bit."""
     k = codes.shape[1]
-    if k % NF4_BLOCK or codes.dtype != torch.uint8 or absmax.shape != (codes.shape[0], k // NF4_BLOCK, PANEL):
+    shape = (codes.shape[0], k // NF4_BLOCK, PANEL)
+    if k % NF4_BLOCK or codes.dtype != torch.uint8 or absmax.dtype != torch.float32 or absmax.shape != shape:
         raise ValueError("nf4 panels are uint8 codes with float32 absmaxes as `to_nf4_panels` lays them out")
     if table.dtype != torch.float32 or table.numel() != 16:
         raise ValueError("the nf4 table is 16 float32 values")
