@@ -5,7 +5,7 @@ through our panel kernel where it runs (`Int8PanelProjection`, `models.panels`: 
 through PyTorch's weight-only int8 matmul (`CpuInt8Projection`: bfloat16 inputs). nf4 keeps bitsandbytes' nf4
 weights (blocks of 64 along a row) with 4.5 bits a weight to read: through the panel kernel where it runs
 (`Nf4PanelProjection`, for inputs in blocks of 64: as fast as float32 with a seventh of its bytes), else through
-the CPU kernels that bitsandbytes >= 0.46 ships, which dequantize the whole weight for every matmul (0.15-0.3x
+the CPU kernels that bitsandbytes >= 0.46 ships, which dequantize the whole weight for every matmul (0.2-0.3x
 float32's decode rate).
 
 `quantize_block` swaps a block's projections for `QuantizedProjection`s in place, after the block's weights are
@@ -279,7 +279,7 @@ class Nf4PanelProjection(QuantizedProjection):
     64 along each row, no double quantization: the same weights as `BitsAndBytesProjection`), stored as panels.
     The kernel makes each weight in registers, table[code] * absmax, and sums it as a float32 panel's: the
     product is that of the dequantized weight (float32 inputs and sums, each output one FMA chain), where
-    bitsandbytes' CPU kernel dequantizes the whole weight each call (0.3x float32's decode rate). A decode step
+    bitsandbytes' CPU kernel dequantizes the whole weight each call (0.2-0.3x float32's rate). A decode step
     reads 4.5 bits a weight. Inputs of another dtype are computed in float32."""
 
     def __init__(self, codes: Tensor, absmax: Tensor, table: Tensor, out_features: int, bias: Tensor | None):
