@@ -169,8 +169,9 @@ void gemm(const float* x, int64_t M, int64_t K, const T* P, const float* scales,
 // product is a float32 panel product of the dequantized weight, bit for bit.
 constexpr int64_t kNf4Block = 64;
 
+// the nf4 values of 8 codes, each in the low 4 bits of a 32-bit lane (the bits above are ignored)
 inline __m256 nf4_lookup(__m256i code, __m256 low, __m256 high) {
-    const __m256 a = _mm256_permutevar8x32_ps(low, code), b = _mm256_permutevar8x32_ps(high, code);
+    const __m256 a = _mm256_permutevar8x32_ps(low, code), b = _mm256_permutevar8x32_ps(high, code);  // bits 0-2
     return _mm256_blendv_ps(a, b, _mm256_castsi256_ps(_mm256_slli_epi32(code, 28)));  // code's bit 3 selects
 }
 
@@ -178,61 +179,48 @@ inline __m256 nf4_lookup(__m256i code, __m256 low, __m256 high) {
 inline void nf4_weights(const uint8_t* bytes, __m256 scale_lo, __m256 scale_hi, __m256 low, __m256 high,
                         __m256& lo, __m256& hi) {
     const __m256i both = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(bytes)));
-    lo = _mm256_mul_ps(nf4_lookup(_mm256_and_si256(both, _mm256_set1_epi32(15)), low, high), scale_lo);
+    lo = _mm256_mul_ps(nf4_lookup(both, low, high), scale_lo);
     hi = _mm256_mul_ps(nf4_lookup(_mm256_srli_epi32(both, 4), low, high), scale_hi);
 }
 
-// R rows (at most 4: the lookups take registers) through J consecutive nf4 panels, made in registers
-template <int R, int J>
+// R rows (at most 4: the lookups take registers) through one nf4 panel, its weights made in registers
+template <int R>
 inline void nf4_block(const float* x, int64_t K, const uint8_t* codes, const float* absmax, __m256 low, __m256 high,
                       float* y, int64_t ldy, int64_t cols) {
-    const int64_t stride = K * 8, scale_stride = K / kNf4Block * kPanel;
-    __m256 acc[R][2 * J];
+    __m256 acc[R][2];
 #pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) {
-#pragma GCC unroll 8
-        for (int j = 0; j < 2 * J; ++j) acc[r][j] = _mm256_setzero_ps();
-    }
+    for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
     for (int64_t k0 = 0; k0 < K; k0 += kNf4Block) {
-        __m256 scale[2 * J];
-#pragma GCC unroll 8
-        for (int j = 0; j < J; ++j) {
-            const float* s = absmax + j * scale_stride + k0 / kNf4Block * kPanel;
-            scale[2 * j] = _mm256_loadu_ps(s);
-            scale[2 * j + 1] = _mm256_loadu_ps(s + 8);
-        }
+        const float* s = absmax + k0 / kNf4Block * kPanel;
+        const __m256 scale_lo = _mm256_loadu_ps(s), scale_hi = _mm256_loadu_ps(s + 8);
         for (int64_t k = k0; k < k0 + kNf4Block; ++k) {
-            __m256 w[2 * J];
-#pragma GCC unroll 8
-            for (int j = 0; j < J; ++j) {
-                nf4_weights(codes + j * stride + k * 8, scale[2 * j], scale[2 * j + 1], low, high, w[2 * j],
-                            w[2 * j + 1]);
-            }
+            __m256 lo, hi;
+            nf4_weights(codes + k * 8, scale_lo, scale_hi, low, high, lo, hi);
 #pragma GCC unroll 8
             for (int r = 0; r < R; ++r) {
                 const __m256 v = _mm256_broadcast_ss(x + r * K + k);
-#pragma GCC unroll 8
-                for (int j = 0; j < 2 * J; ++j) acc[r][j] = _mm256_fmadd_ps(v, w[j], acc[r][j]);
+                acc[r][0] = _mm256_fmadd_ps(v, lo, acc[r][0]);
+                acc[r][1] = _mm256_fmadd_ps(v, hi, acc[r][1]);
             }
         }
     }
-    store<R, J>(acc, y, ldy, cols);
+    store<R, 1>(acc, y, ldy, cols);
 }
 
-template <int J>
 inline void nf4_rows(int64_t rows, const float* x, int64_t K, const uint8_t* codes, const float* absmax,
                      __m256 low, __m256 high, float* y, int64_t ldy, int64_t cols) {
     switch (rows) {
-        case 4: nf4_block<4, J>(x, K, codes, absmax, low, high, y, ldy, cols); break;
-        case 3: nf4_block<3, J>(x, K, codes, absmax, low, high, y, ldy, cols); break;
-        case 2: nf4_block<2, J>(x, K, codes, absmax, low, high, y, ldy, cols); break;
-        default: nf4_block<1, J>(x, K, codes, absmax, low, high, y, ldy, cols); break;
+        case 4: nf4_block<4>(x, K, codes, absmax, low, high, y, ldy, cols); break;
+        case 3: nf4_block<3>(x, K, codes, absmax, low, high, y, ldy, cols); break;
+        case 2: nf4_block<2>(x, K, codes, absmax, low, high, y, ldy, cols); break;
+        default: nf4_block<1>(x, K, codes, absmax, low, high, y, ldy, cols); break;
     }
 }
 
-// nf4 panels [first, last). Up to 4 rows make the weights in registers (a lone row 2 panels at a time); more
-// rows make each panel once, into a float32 panel in L2 that the float32 blocks read (making them is most of the
-// work: once per block would cost 1.2x float32's time for 8 rows, once per call 0.8x).
+// nf4 panels [first, last). Up to 4 rows make the weights in registers, a panel at a time (a lone row through 2
+// panels at a time was 7-10% slower: the lookups bound it, not memory). More rows make each panel once, into a
+// float32 panel in L2 that the float32 blocks read (making the weights is most of the work: once per block of 4
+// rows cost 1.2x float32's time for 8 rows, once per call 0.95x).
 void nf4_panels_through(const float* x, int64_t M, int64_t K, const uint8_t* codes, const float* absmax,
                         const float* table, int64_t N, float* y, int64_t ldy, int64_t first, int64_t last) {
     const __m256 low = _mm256_loadu_ps(table), high = _mm256_loadu_ps(table + 8);
@@ -256,16 +244,9 @@ void nf4_panels_through(const float* x, int64_t M, int64_t K, const uint8_t* cod
         }
         return;
     }
-    for (int64_t p = first; p < last;) {
-        const int64_t take = M == 1 && p + 2 <= last ? 2 : 1;
-        const uint8_t* c = codes + p * K * 8;
-        float* yp = y + (p - first) * kPanel;
-        if (take == 2) {
-            nf4_rows<2>(M, x, K, c, absmax + p * scale_stride, low, high, yp, ldy, N - p * kPanel);
-        } else {
-            nf4_rows<1>(M, x, K, c, absmax + p * scale_stride, low, high, yp, ldy, N - p * kPanel);
-        }
-        p += take;
+    for (int64_t p = first; p < last; ++p) {
+        nf4_rows(M, x, K, codes + p * K * 8, absmax + p * scale_stride, low, high, y + (p - first) * kPanel, ldy,
+                 N - p * kPanel);
     }
 }
 
