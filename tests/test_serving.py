@@ -1,4 +1,4 @@
-"""End to end through server processes: a quantized server (announced, computing what `models.quant` computes),
+"""End to end through server processes: quantized servers, int8 and nf4 (announced, computing what `models.quant` computes),
 sessions whose activations travel compressed, and speculative decoding whose rejected drafts the servers' caches
 forget."""
 
@@ -50,17 +50,29 @@ def rel_l2(a, b):
     return float(((a - b).norm(dim=-1) / b.norm(dim=-1)).max())
 
 
-def test_a_quantized_server_announces_it_and_computes_quantized_blocks(swarm, llama_checkpoint):
-    servers = run_sync(find_servers(swarm.swarm.dht, swarm.swarm.dht_prefix, 4))
-    assert {(s.start_block, s.quantization) for s in servers} == {(0, "int8"), (2, "none")}
-    _, head = load_client_head(llama_checkpoint)
+def check_quantized_server(model, path, mode: str, tolerance: float) -> None:
+    """The first server announces `mode` and computes what `load_span(quant=mode)` computes, within `mode`'s
+    stated tolerance of float32 (tests/models/test_quant.py)."""
+    servers = run_sync(find_servers(model.swarm.dht, model.swarm.dht_prefix, 4))
+    assert {(s.start_block, s.quantization) for s in servers} == {(0, mode), (2, "none")}
+    _, head = load_client_head(path)
     with torch.no_grad():
-        hidden = load_span(llama_checkpoint, 0, 2, quant="int8")(head.embed(PROMPT))
-        want = head.logits(load_span(llama_checkpoint, 2, 4)(hidden))
-        got = swarm(PROMPT).logits
+        hidden = load_span(path, 0, 2, quant=mode)(head.embed(PROMPT))
+        want = head.logits(load_span(path, 2, 4)(hidden))
+        got = model(PROMPT).logits
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
-        full = AutoModelForCausalLM.from_pretrained(llama_checkpoint, dtype=torch.float32)(PROMPT).logits
-    assert 1e-4 < rel_l2(got, full) < 0.08  # int8's stated tolerance (tests/models/test_quant.py)
+        full = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)(PROMPT).logits
+    assert 1e-4 < rel_l2(got, full) < tolerance
+
+
+def test_a_quantized_server_announces_it_and_computes_quantized_blocks(swarm, llama_checkpoint):
+    check_quantized_server(swarm, llama_checkpoint, "int8", 0.08)
+
+
+def test_an_nf4_server_computes_its_quantized_blocks(llama_checkpoint):
+    """On a CPU through our panel kernel where it runs (else bitsandbytes' CPU kernels)."""
+    for model in two_servers(llama_checkpoint, ["--quant", "nf4"]):
+        check_quantized_server(model, llama_checkpoint, "nf4", 0.9)
 
 
 def test_compressed_sessions_stay_within_their_codec_error(plain_swarm):
