@@ -1,6 +1,6 @@
-"""End to end through server processes: quantized servers, int8 and nf4 (announced, computing what `models.quant` computes),
-sessions whose activations travel compressed, and speculative decoding whose rejected drafts the servers' caches
-forget."""
+"""End to end through server processes: quantized servers, int8 and nf4 (announced, computing what
+`models.quant` computes), sessions whose activations travel compressed, and speculative decoding whose rejected
+drafts the servers' caches forget."""
 
 import pytest
 import torch
@@ -40,6 +40,11 @@ def swarm(llama_checkpoint):
 
 
 @pytest.fixture(scope="module")
+def nf4_swarm(llama_checkpoint):
+    yield from two_servers(llama_checkpoint, ["--quant", "nf4"])
+
+
+@pytest.fixture(scope="module")
 def plain_swarm(llama_checkpoint):
     """Two full-precision servers: a codec's error alone (an int8 server on a CPU without our panel kernel rounds
     its inputs to bfloat16, which would add its own)."""
@@ -69,10 +74,9 @@ def test_a_quantized_server_announces_it_and_computes_quantized_blocks(swarm, ll
     check_quantized_server(swarm, llama_checkpoint, "int8", 0.08)
 
 
-def test_an_nf4_server_computes_its_quantized_blocks(llama_checkpoint):
+def test_an_nf4_server_computes_its_quantized_blocks(nf4_swarm, llama_checkpoint):
     """On a CPU through our panel kernel where it runs (else bitsandbytes' CPU kernels)."""
-    for model in two_servers(llama_checkpoint, ["--quant", "nf4"]):
-        check_quantized_server(model, llama_checkpoint, "nf4", 0.9)
+    check_quantized_server(nf4_swarm, llama_checkpoint, "nf4", 0.9)
 
 
 def test_compressed_sessions_stay_within_their_codec_error(plain_swarm):

@@ -147,19 +147,24 @@ void panels_through(const float* x, int64_t M, int64_t K, const T* P, const floa
     }
 }
 
-template <typename T>
-void gemm(const float* x, int64_t M, int64_t K, const T* P, const float* scales, int64_t N, float* y,
-          int64_t threads) {
+// run(first, last) over the N outputs' panels, split into `threads` contiguous runs, one per OpenMP thread
+template <typename F>
+void over_threads(int64_t N, int64_t threads, F run) {
     const int64_t panels = (N + kPanel - 1) / kPanel;
     if (threads <= 1) {
-        panels_through(x, M, K, P, scales, N, y, N, 0, panels);
+        run(0, panels);
         return;
     }
 #pragma omp parallel for num_threads(threads) schedule(static, 1)
-    for (int64_t t = 0; t < threads; ++t) {
-        const int64_t first = panels * t / threads, last = panels * (t + 1) / threads;
+    for (int64_t t = 0; t < threads; ++t) run(panels * t / threads, panels * (t + 1) / threads);
+}
+
+template <typename T>
+void gemm(const float* x, int64_t M, int64_t K, const T* P, const float* scales, int64_t N, float* y,
+          int64_t threads) {
+    over_threads(N, threads, [&](int64_t first, int64_t last) {
         panels_through(x, M, K, P, scales, N, y + first * kPanel, N, first, last);
-    }
+    });
 }
 
 // nf4: each panel's codes are [K][8] bytes, byte i holding output i's 4-bit code in its low half and output
@@ -183,6 +188,20 @@ inline void nf4_weights(const uint8_t* bytes, __m256 scale_lo, __m256 scale_hi, 
     hi = _mm256_mul_ps(nf4_lookup(_mm256_srli_epi32(both, 4), low, high), scale_hi);
 }
 
+// use(k, lo, hi) for each input k of one nf4 panel, with its 16 weights made in registers
+template <typename F>
+inline void nf4_each(int64_t K, const uint8_t* codes, const float* absmax, __m256 low, __m256 high, F use) {
+    for (int64_t k0 = 0; k0 < K; k0 += kNf4Block) {
+        const float* s = absmax + k0 / kNf4Block * kPanel;
+        const __m256 scale_lo = _mm256_loadu_ps(s), scale_hi = _mm256_loadu_ps(s + 8);
+        for (int64_t k = k0; k < k0 + kNf4Block; ++k) {
+            __m256 lo, hi;
+            nf4_weights(codes + k * 8, scale_lo, scale_hi, low, high, lo, hi);
+            use(k, lo, hi);
+        }
+    }
+}
+
 // R rows (at most 4: the lookups take registers) through one nf4 panel, its weights made in registers
 template <int R>
 inline void nf4_block(const float* x, int64_t K, const uint8_t* codes, const float* absmax, __m256 low, __m256 high,
@@ -190,20 +209,14 @@ inline void nf4_block(const float* x, int64_t K, const uint8_t* codes, const flo
     __m256 acc[R][2];
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
-    for (int64_t k0 = 0; k0 < K; k0 += kNf4Block) {
-        const float* s = absmax + k0 / kNf4Block * kPanel;
-        const __m256 scale_lo = _mm256_loadu_ps(s), scale_hi = _mm256_loadu_ps(s + 8);
-        for (int64_t k = k0; k < k0 + kNf4Block; ++k) {
-            __m256 lo, hi;
-            nf4_weights(codes + k * 8, scale_lo, scale_hi, low, high, lo, hi);
+    nf4_each(K, codes, absmax, low, high, [&](int64_t k, __m256 lo, __m256 hi) {
 #pragma GCC unroll 8
-            for (int r = 0; r < R; ++r) {
-                const __m256 v = _mm256_broadcast_ss(x + r * K + k);
-                acc[r][0] = _mm256_fmadd_ps(v, lo, acc[r][0]);
-                acc[r][1] = _mm256_fmadd_ps(v, hi, acc[r][1]);
-            }
+        for (int r = 0; r < R; ++r) {
+            const __m256 v = _mm256_broadcast_ss(x + r * K + k);
+            acc[r][0] = _mm256_fmadd_ps(v, lo, acc[r][0]);
+            acc[r][1] = _mm256_fmadd_ps(v, hi, acc[r][1]);
         }
-    }
+    });
     store<R, 1>(acc, y, ldy, cols);
 }
 
@@ -228,18 +241,12 @@ void nf4_panels_through(const float* x, int64_t M, int64_t K, const uint8_t* cod
     if (M > 4) {
         std::vector<float> panel(K * kPanel);
         for (int64_t p = first; p < last; ++p) {
-            const uint8_t* c = codes + p * K * 8;
-            const float* s = absmax + p * scale_stride;
-            for (int64_t k0 = 0; k0 < K; k0 += kNf4Block) {
-                const __m256 scale_lo = _mm256_loadu_ps(s + k0 / kNf4Block * kPanel);
-                const __m256 scale_hi = _mm256_loadu_ps(s + k0 / kNf4Block * kPanel + 8);
-                for (int64_t k = k0; k < k0 + kNf4Block; ++k) {
-                    __m256 lo, hi;
-                    nf4_weights(c + k * 8, scale_lo, scale_hi, low, high, lo, hi);
-                    _mm256_storeu_ps(panel.data() + k * kPanel, lo);
-                    _mm256_storeu_ps(panel.data() + k * kPanel + 8, hi);
-                }
-            }
+            float* made = panel.data();
+            const auto keep = [&](int64_t k, __m256 lo, __m256 hi) {
+                _mm256_storeu_ps(made + k * kPanel, lo);
+                _mm256_storeu_ps(made + k * kPanel + 8, hi);
+            };
+            nf4_each(K, codes + p * K * 8, absmax + p * scale_stride, low, high, keep);
             panels_through(x, M, K, panel.data(), nullptr, N - p * kPanel, y + (p - first) * kPanel, ldy, 0, 1);
         }
         return;
@@ -269,16 +276,9 @@ extern "C" void swarmllm_panel_gemm_int8(const float* x, int64_t M, int64_t K, c
 extern "C" void swarmllm_panel_gemm_nf4(const float* x, int64_t M, int64_t K, const uint8_t* codes,
                                         const float* absmax, const float* table, int64_t N, float* y,
                                         int64_t threads) {
-    const int64_t panels = (N + kPanel - 1) / kPanel;
-    if (threads <= 1) {
-        nf4_panels_through(x, M, K, codes, absmax, table, N, y, N, 0, panels);
-        return;
-    }
-#pragma omp parallel for num_threads(threads) schedule(static, 1)
-    for (int64_t t = 0; t < threads; ++t) {
-        const int64_t first = panels * t / threads, last = panels * (t + 1) / threads;
+    over_threads(N, threads, [&](int64_t first, int64_t last) {
         nf4_panels_through(x, M, K, codes, absmax, table, N, y + first * kPanel, N, first, last);
-    }
+    });
 }
 
 // the same for bfloat16 and float16 weights (their bits)
