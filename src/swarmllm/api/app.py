@@ -155,9 +155,11 @@ class Engine:
         return ([] if request.ignore_eos else self.eos_ids) + list(request.stop_token_ids or ())
 
     def start(self, prompt_ids: list[int], max_new_tokens: int | None, request, index: int = 0) -> Generation:
+        if not prompt_ids:  # (a text of no tokens): nothing to generate from
+            raise ApiError(400, "the prompt has no tokens", "invalid_request_error", "prompt")
         room = self.context_length - len(prompt_ids)
         if max_new_tokens is None:
-            max_new_tokens = room
+            max_new_tokens = max(room, 1)  # up to the context, which must leave room for one token
         if max_new_tokens > room:
             raise ApiError(
                 400,
@@ -172,7 +174,9 @@ class Engine:
         gen = Generation(
             len(prompt_ids),
             max_new_tokens,
-            TextAssembler(self.decode, request.stop_strings(), self.stop_ids(request), request.min_tokens),
+            TextAssembler(
+                self.decode, request.stop_strings(), self.stop_ids(request), request.min_tokens, prompt_ids
+            ),
             TokenTexts(self.tokenizer.decode, () if echo else prompt_ids),
             index,
         )
@@ -222,7 +226,8 @@ class Engine:
         top = request.logprob_top()
         entries = []
         if top is not None:
-            logits = self.model(torch.tensor([prompt_ids])).logits[0]
+            with torch.no_grad():  # scoring, as generate's own forwards: no graph (and the merged LM head)
+                logits = self.model(torch.tensor([prompt_ids])).logits[0]
             entries = prompt_logprobs(prompt_ids, logits, top)
         put(Piece(self.tokenizer.decode(prompt_ids), entries))  # as given: special tokens too
         if gen.max_new_tokens > 0:

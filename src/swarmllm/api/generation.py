@@ -44,7 +44,11 @@ def chat_prompt(tokenizer, messages: Sequence[dict[str, str]]) -> str:
 class TextAssembler:
     """Turns generated token ids into text pieces that are safe to send: a piece never ends inside a UTF-8
     character (decoders show those as U+FFFD until the next token completes them) nor with the beginning of a
-    stop string, and nothing from a stop string on is ever sent. EOS tokens end the text and are not shown."""
+    stop string, and nothing from a stop string on is ever sent. EOS tokens end the text and are not shown.
+    The text is what the tokens add after the prompt's last tokens (`context`), as vLLM's: decoded first, a
+    word-level or SentencePiece token loses the space before it."""
+
+    CONTEXT = 6  # prompt tokens decoded before the answer's
 
     def __init__(
         self,
@@ -52,8 +56,11 @@ class TextAssembler:
         stop: Sequence[str] = (),
         eos_ids: Sequence[int] = (),
         min_tokens: int = 0,
+        context: Sequence[int] = (),
     ):
         self.decode = decode
+        self.context = list(context)[-self.CONTEXT :]
+        self._before = decode(self.context)
         self.stop = [s for s in stop if s]
         self.eos_ids = set(eos_ids)
         self.min_tokens = min_tokens  # stop strings count only after this many tokens (as in vLLM)
@@ -75,7 +82,7 @@ class TextAssembler:
             self.finish_reason = "stop"
             return self._flush()
         self._text_tokens.append(token)
-        text = self.decode(self._text_tokens)
+        text = self._text()
         if len(self.tokens) <= self.min_tokens:  # too early for stop strings: neither cut nor held back
             return "" if text.endswith("\ufffd") else self._take(text, len(text))
         cut = self._stop_at(text)
@@ -90,8 +97,16 @@ class TextAssembler:
         """What is still held back once generation has ended (none of it can start a stop string any more)."""
         return self._flush()
 
+    def _text(self) -> str:
+        """The text of the tokens so far, after the context's (their own where the context's text changes with
+        them: a character split across the prompt and the answer)."""
+        after = self.decode(self.context + self._text_tokens)
+        return (
+            after[len(self._before) :] if after.startswith(self._before) else self.decode(self._text_tokens)
+        )
+
     def _flush(self) -> str:
-        text = self.decode(self._text_tokens)
+        text = self._text()
         cut = self._stop_at(text) if len(self.tokens) > self.min_tokens else None
         return self._take(text, len(text) if cut is None else cut)
 
@@ -101,10 +116,9 @@ class TextAssembler:
         return piece
 
     def _stop_at(self, text: str) -> int | None:
-        """Where the first stop string in the unsent part (or straddling its start) begins, if any."""
-        longest = max((len(s) for s in self.stop), default=0)
-        start = max(0, self._sent - longest + 1)
-        found = [i for i in (text.find(s, start) for s in self.stop) if i >= 0]
+        """Where the first stop string in the unsent part (or straddling its start) begins, if any: each is
+        looked for only where it would end in unsent text (text sent before `min_tokens` may hold one)."""
+        found = [i for i in (text.find(s, max(0, self._sent - len(s) + 1)) for s in self.stop) if i >= 0]
         return min(found) if found else None
 
     def _held_back(self, text: str) -> int:

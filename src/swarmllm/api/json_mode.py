@@ -18,6 +18,7 @@ character, whatever the vocabulary's pieces.
 
 from __future__ import annotations
 
+import re
 import threading
 from collections import OrderedDict
 from collections.abc import Hashable, Sequence
@@ -25,6 +26,7 @@ from typing import Protocol
 
 import torch
 from transformers import LogitsProcessor
+from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from swarmllm.api.regex import utf8_step
 from swarmllm.api.sessions import common_prefix
@@ -180,7 +182,8 @@ def token_bytes(tokenizer, vocab_size: int) -> list[bytes | None]:
     """What each token adds to the text, as bytes (None for special tokens, which never appear in the text).
 
     A token's own decoding can drop a leading space (SentencePiece) or differ at the start of a text, so each
-    is decoded after a fixed ordinary token and that token's text is taken off."""
+    is decoded after a fixed ordinary token and that token's text is taken off. A token that holds part of a
+    UTF-8 character decodes as U+FFFD: its bytes are read from its name instead (`_raw_bytes`)."""
     special = set(tokenizer.all_special_ids)
     anchor = next(i for i in range(vocab_size) if i not in special)
     prefix = tokenizer.decode([anchor], clean_up_tokenization_spaces=False)
@@ -191,9 +194,24 @@ def token_bytes(tokenizer, vocab_size: int) -> list[bytes | None]:
     for i, text in enumerate(texts):
         if i in special or i >= len(tokenizer) or not text.startswith(prefix):
             pieces.append(None)
+        elif "\ufffd" in text and (raw := _raw_bytes(tokenizer.convert_ids_to_tokens(i))) is not None:
+            pieces.append(raw)
         else:
             pieces.append(text[len(prefix) :].encode("utf-8"))
     return pieces
+
+
+BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # SentencePiece's token for a byte
+BYTE_LEVEL = {char: byte for byte, char in bytes_to_unicode().items()}  # GPT-2's character for each byte
+
+
+def _raw_bytes(name: str) -> bytes | None:
+    """The bytes a token's name stands for, when it is a byte-fallback token or a byte-level BPE one."""
+    if (byte := BYTE_FALLBACK.fullmatch(name)) is not None:
+        return bytes.fromhex(byte[1])
+    if name and all(char in BYTE_LEVEL for char in name):
+        return bytes(BYTE_LEVEL[char] for char in name)
+    return None
 
 
 class Grammar(Protocol):

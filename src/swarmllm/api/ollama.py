@@ -83,7 +83,14 @@ def _fields(body: dict) -> dict:
 def _openai_message(message: dict) -> dict:
     """An Ollama chat message as OpenAI's: its tool calls' arguments as JSON text."""
     out: dict[str, Any] = {"role": message.get("role"), "content": message.get("content") or ""}
-    calls = [c.get("function") or {} for c in message.get("tool_calls") or [] if isinstance(c, dict)]
+    given = message.get("tool_calls") or []
+    if not isinstance(given, list) or not all(
+        isinstance(c, dict) and isinstance(c.get("function"), dict) for c in given
+    ):
+        raise OllamaError(
+            400, "a message's tool_calls must be a list of objects, each with a function object"
+        )
+    calls = [c["function"] for c in given]
     if calls:
         out["tool_calls"] = [
             {

@@ -139,7 +139,9 @@ def response_format(text: Any) -> dict | None:
     """`text.format` as chat's `response_format`."""
     if text is None:
         return None
-    fmt = text.get("format") if isinstance(text, dict) else None
+    if not isinstance(text, dict):
+        raise _bad("text must be an object", "text")
+    fmt = text.get("format")
     if fmt is None:
         return None
     if not isinstance(fmt, dict):

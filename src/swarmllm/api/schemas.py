@@ -41,6 +41,7 @@ Stop = str | Annotated[list[str], Field(max_length=16)] | None
 Bias = Annotated[float, Field(ge=-100.0, le=100.0)]
 MAX_PROMPTS = 64  # in one completions request (lm-evaluation-harness batches its requests)
 MAX_EMBED_INPUTS = 2048  # in one embeddings request, as OpenAI
+GREEDY_BELOW = 1e-5  # a lower temperature is greedy, as vLLM's (logits divided by it overflow into NaN)
 
 
 # ("json_object", None) | ("json_schema", schema) | ("regex", pattern) | ("choice", texts)
@@ -143,7 +144,7 @@ class _Sampling(BaseModel):
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     stop: Stop = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)  # as vLLM's: what seeds a generator
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = Field(default=1, ge=1, le=16)  # choices, each a generate of its own
@@ -166,6 +167,12 @@ class _Sampling(BaseModel):
     guided_choice: Annotated[list[str], Field(max_length=256)] | None = None
     structured_outputs: dict | None = None
     _guided: Guide | None = PrivateAttr(default=None)
+
+    @field_validator("temperature")
+    @classmethod
+    def _greedy_when_tiny(cls, temperature: float) -> float:
+        """Below GREEDY_BELOW, greedy (0): the sampling that follows reads 0 as greedy."""
+        return 0.0 if temperature < GREEDY_BELOW else temperature
 
     @field_validator("guided_json", "guided_regex", "guided_choice", "structured_outputs")
     @classmethod

@@ -6,7 +6,6 @@ requester leaves."""
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING
 
@@ -24,7 +23,8 @@ async def read_json(request: web.Request) -> dict:
     """The request's body, a JSON object (else a 400)."""
     try:
         data = await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+    # (ValueError: JSON's, a text's decoding or an integer of too many digits; LookupError: an unknown charset)
+    except (ValueError, LookupError, RecursionError):
         raise ApiError(400, "The request body is not valid JSON", "invalid_request_error") from None
     if not isinstance(data, dict):
         raise ApiError(400, "The request body must be a JSON object", "invalid_request_error")
