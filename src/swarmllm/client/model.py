@@ -71,6 +71,22 @@ _UNSPECULATIVE = (
     "min_length",
 )
 CLIENT_WEIGHTS_FILE = "client_weights.safetensors"  # trainable tensors the client holds (prompts, a head)
+DEFAULT_NEW_TOKENS = 20  # what transformers' generate adds when given neither max_new_tokens nor max_length
+
+
+def new_tokens(
+    max_new_tokens: int | None, max_length: int | None, input_length: int, max_positions: int | None
+) -> int:
+    """How many tokens `generate` may add, as transformers counts them: `max_new_tokens` wins over `max_length`
+    (which counts the prompt); with neither, 20 (within the model's positions), since transformers' default
+    `max_length` is unset and then means 20 new tokens."""
+    if max_new_tokens is not None:
+        return max_new_tokens
+    if max_length is not None:
+        return max_length - input_length
+    if max_positions is None:
+        return DEFAULT_NEW_TOKENS
+    return min(DEFAULT_NEW_TOKENS, max_positions - input_length)
 
 
 class RemoteSession:
@@ -360,13 +376,13 @@ class DistributedModelForCausalLM(DistributedModel, GenerationMixin):
         if input_ids is None:
             raise ValueError("generate needs input_ids")
         config = kwargs.get("generation_config") or self.generation_config
-        max_new = kwargs.get("max_new_tokens", config.max_new_tokens)
-        max_length = (
-            input_ids.shape[1] + max_new
-            if max_new is not None
-            else kwargs.get("max_length", config.max_length)
+        max_new = new_tokens(
+            kwargs.get("max_new_tokens", config.max_new_tokens),
+            kwargs.get("max_length", config.max_length),
+            input_ids.shape[1],
+            getattr(self.config, "max_position_embeddings", None),
         )
-        with self.inference_session(max_length=max_length):
+        with self.inference_session(max_length=input_ids.shape[1] + max_new):
             return super().generate(inputs, *args, **kwargs)
 
     def _speculative_generate(self, inputs: torch.Tensor | None, **kwargs) -> torch.Tensor:
@@ -400,9 +416,12 @@ class DistributedModelForCausalLM(DistributedModel, GenerationMixin):
                 f"the draft's vocabulary ({draft.config.vocab_size}) differs from the model's "
                 f"({self.config.vocab_size})"
             )
-        max_new = config.max_new_tokens
-        if max_new is None:
-            max_new = (config.max_length or 20) - input_ids.shape[1]
+        max_new = new_tokens(
+            config.max_new_tokens,
+            config.max_length,
+            input_ids.shape[1],
+            getattr(self.config, "max_position_embeddings", None),
+        )
         processors = LogitsProcessorList(shaping)  # the caller's first, then sampling's (transformers' order)
         if config.do_sample:
             if config.temperature is not None and config.temperature != 1.0:
@@ -429,6 +448,9 @@ class DistributedModelForCausalLM(DistributedModel, GenerationMixin):
                 nonlocal held
                 hidden = run_sync(remote.session.step(self.head.embed(tokens), position=position))
                 held = torch.cat([held[:, :position], tokens], dim=1)
+                # what the servers hold, so that a later call in this session reuses it (this one may stop
+                # before its end: a streamer or a criterion that raises)
+                remote.input_ids, remote.attention_mask = held, torch.ones_like(held, dtype=torch.bool)
                 weight = self.head.lm_head.weight
                 return self.merged_head(hidden.to(weight.device, weight.dtype))
 
@@ -449,8 +471,6 @@ class DistributedModelForCausalLM(DistributedModel, GenerationMixin):
                 stop=None if criteria is None else lambda ids: bool(criteria(ids, None).all()),
                 record=record_logits,
             )
-            # what the servers hold, so that a later call in this session reuses it
-            remote.input_ids, remote.attention_mask = held, torch.ones_like(held, dtype=torch.bool)
         return out
 
     def forward(

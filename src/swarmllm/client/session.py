@@ -132,7 +132,8 @@ class InferenceSession:
         of what the session holds, and an earlier position rewinds (later tokens are forgotten). `reorder`
         (beam search, a one-token step): first, row i of what the session holds becomes what row reorder[i]
         held, on every server and in the inputs kept for failover (a step that fails then leaves the session at
-        position 0, since its servers' rows may disagree)."""
+        position 0, since its servers' rows may disagree). A step that fails otherwise leaves the session at
+        `position`, all that every server still holds."""
         if self.closed:
             raise RuntimeError("the inference session is closed")
         position = self.position if position is None else position
@@ -256,8 +257,9 @@ class InferenceSession:
                 (hidden, pending), pushed = inputs[i], False
                 del timings[i:]
         except BaseException:
-            if rows is not None:  # some servers may have reordered their rows and others not: start again
-                self.position = 0
+            # the hops before the failed one took the step and the others did not: all of them hold what came
+            # before it (a rewind's tail is gone on some), and after a reorder their rows may disagree: start again
+            self.position = 0 if rows is not None else min(self.position, position)
             raise
         finally:
             for _, check in checks:
