@@ -511,7 +511,9 @@ class Backend:
         end = position + hidden.shape[1]
         self._note_mask(session, position, end, new_mask)
         if hidden.shape[1] == 1 and prompts is None:
-            return self._on_host(*self._decode(session, hidden, position, pending))
+            # a decode step of more rows than run inline, so on the compute thread: not through the arena's row
+            # graphs, whose static inputs the event loop's decode steps fill meanwhile (its own graphs instead)
+            return self._on_host(*self._decode(session, hidden, position, pending, None))
         key_mask = session.key_mask[:, :end] if session.padded else None
         out = self.span.forward_pair(
             hidden.to(self.device, self.dtype),
@@ -527,8 +529,14 @@ class Backend:
         return self._on_host(*out)
 
     def _decode(
-        self, session: Session, hidden: torch.Tensor, position: int, pending: torch.Tensor | None
+        self,
+        session: Session,
+        hidden: torch.Tensor,
+        position: int,
+        pending: torch.Tensor | None,
+        row: int | None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """row: the session's first arena row, for a step through the row graphs (None: not through them)."""
         args = (position, session.key_mask, session.padded, session.cache)
         blocks = self._blocks(session.start, session.end)
         hidden = hidden[:, 0].to(self.device, self.dtype)
@@ -536,7 +544,7 @@ class Backend:
             p = None if pending is None else pending[:, 0].to(self.device, self.dtype)
             out, p = self.decoder.step_pair(hidden, p, *args, blocks, session.lora)
         else:
-            out, p = self.decoder.step(hidden, *args, blocks, session.lora, session.row), None
+            out, p = self.decoder.step(hidden, *args, blocks, session.lora, row), None
         session.length = position + 1
         return out[:, None], None if p is None else p[:, None]
 
@@ -552,7 +560,7 @@ class Backend:
             self._follow_load(sum(d.hidden.shape[0] for d in steps))
         if len(steps) == 1:
             d = steps[0]
-            return [self._on_host(*self._decode(d.session, d.hidden, d.position, d.pending))]
+            return [self._on_host(*self._decode(d.session, d.hidden, d.position, d.pending, d.session.row))]
         groups: dict[tuple[int, int], list[int]] = {}
         for i, d in enumerate(steps):
             groups.setdefault((d.session.start, d.session.end), []).append(i)
@@ -560,7 +568,8 @@ class Backend:
         for (start, end), members in groups.items():
             if len(members) == 1:
                 d = steps[members[0]]
-                outputs[members[0]] = self._on_host(*self._decode(d.session, d.hidden, d.position, d.pending))
+                out = self._decode(d.session, d.hidden, d.position, d.pending, d.session.row)
+                outputs[members[0]] = self._on_host(*out)
                 continue
             group = [steps[i] for i in members]
             merged = [

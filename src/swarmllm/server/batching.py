@@ -77,8 +77,10 @@ class DecodeBatcher(Generic[R]):
         return await future  # done already when this call ran the step: no loop turn
 
     def forget(self, session: Hashable) -> None:
-        """The session closed: no step waits for it any more."""
+        """The session closed: no step waits for it any more. A waiting step whose caller is gone (cancelled) is
+        dropped: run later, it would write a cache that may be another session's by then (arena rows given back)."""
         self._decoding.pop(session, None)
+        self._waiting = [w for w in self._waiting if not (w.session == session and w.future.done())]
         if any(w.session == session for w in self._waiting):
             self._closed.add(session)
         if self._waiting and self._due():
