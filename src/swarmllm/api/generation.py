@@ -41,14 +41,22 @@ def chat_prompt(tokenizer, messages: Sequence[dict[str, str]]) -> str:
     return lines + FALLBACK_GENERATION_PROMPT
 
 
+CONTEXT_TOKENS = 6  # decoded before a token for its text as it reads in its sequence: enough for its space
+
+
+def text_after(decode: Callable[[list[int]], str], context: list[int], before: str, tokens: list[int]) -> str:
+    """What `tokens` add to the text of `context` (whose text is `before`): decoded alone, a SentencePiece or
+    word-level token loses the space before it. Their own decoding where the context's text changes with them (a
+    character split across the two)."""
+    after = decode([*context, *tokens])
+    return after[len(before) :] if after.startswith(before) else decode(tokens)
+
+
 class TextAssembler:
     """Turns generated token ids into text pieces that are safe to send: a piece never ends inside a UTF-8
     character (decoders show those as U+FFFD until the next token completes them) nor with the beginning of a
     stop string, and nothing from a stop string on is ever sent. EOS tokens end the text and are not shown.
-    The text is what the tokens add after the prompt's last tokens (`context`), as vLLM's: decoded first, a
-    word-level or SentencePiece token loses the space before it."""
-
-    CONTEXT = 6  # prompt tokens decoded before the answer's
+    The text is what the tokens add after the prompt's last tokens (`context`, see `text_after`), as vLLM's."""
 
     def __init__(
         self,
@@ -59,7 +67,7 @@ class TextAssembler:
         context: Sequence[int] = (),
     ):
         self.decode = decode
-        self.context = list(context)[-self.CONTEXT :]
+        self.context = list(context)[-CONTEXT_TOKENS:]
         self._before = decode(self.context)
         self.stop = [s for s in stop if s]
         self.eos_ids = set(eos_ids)
@@ -98,12 +106,7 @@ class TextAssembler:
         return self._flush()
 
     def _text(self) -> str:
-        """The text of the tokens so far, after the context's (their own where the context's text changes with
-        them: a character split across the prompt and the answer)."""
-        after = self.decode(self.context + self._text_tokens)
-        return (
-            after[len(self._before) :] if after.startswith(self._before) else self.decode(self._text_tokens)
-        )
+        return text_after(self.decode, self.context, self._before, self._text_tokens)
 
     def _flush(self) -> str:
         text = self._text()
@@ -163,21 +166,16 @@ class TokenTexts:
     alone, a SentencePiece or word-level token loses the space before it (" Paris" reads "Paris"), and the
     tokens joined would not be the text. A few tokens of context are enough for that."""
 
-    CONTEXT = 6
-
     def __init__(self, decode: Callable[[list[int]], str], context: Sequence[int] = ()):
         self.decode = decode
-        self.context = list(context)[-self.CONTEXT :]
+        self.context = list(context)[-CONTEXT_TOKENS:]
         self._before = decode(self.context)  # the context's text, asked for each token and its alternatives
 
     def text(self, token: int) -> str:
-        """`token`'s text after the context (its own decoding where the context's text changes with it: a
-        character split across tokens)."""
-        after = self.decode([*self.context, token])
-        return after[len(self._before) :] if after.startswith(self._before) else self.decode([token])
+        return text_after(self.decode, self.context, self._before, [token])
 
     def push(self, token: int) -> None:
-        self.context = [*self.context, token][-self.CONTEXT :]
+        self.context = [*self.context, token][-CONTEXT_TOKENS:]
         self._before = self.decode(self.context)
 
 
