@@ -122,14 +122,17 @@ def choose_start(
             if scores[s][0] == best[0] and scores[s][1] >= near and _close(scores[s][1], best[1])
         ]
     if keep is not None and len(windows) > 1:
-        kept = {s: min(s + span_length, keep[1]) - max(s, keep[0]) for s in windows}
+        # windows clear of the span all keep none of it (not less the farther they are): the next rule decides
+        kept = {s: max(0, min(s + span_length, keep[1]) - max(s, keep[0])) for s in windows}
         most = max(kept.values())
         windows = [s for s in windows if kept[s] == most]
     if rng is not None and len(windows) > 1:
         floors = {s: min(totals[s : s + span_length]) for s in windows}
         lowest = min(floors.values())
         return rng.choice([s for s in windows if _close(floors[s], lowest)])
-    return lexicographic_start(totals, span_length, windows)
+    # an uncovered block ranks below one held only by servers of throughput 0, so that windows holding it win
+    ranked = totals if load.covered else [t if h > 0 else -1.0 for t, h in zip(totals, load.holders)]
+    return lexicographic_start(ranked, span_length, windows)
 
 
 def lexicographic_start(totals: Sequence[float], span_length: int, windows: Iterable[int]) -> int:

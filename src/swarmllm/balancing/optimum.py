@@ -43,6 +43,7 @@ def optimal_bottleneck(num_blocks: int, servers: Sequence[tuple[int, float]]) ->
     """
     if not servers:
         return 0.0
+    servers = [(min(length, num_blocks), t) for length, t in servers]  # a longer server holds each block once
     bound = bottleneck_upper_bound(num_blocks, servers)
     sums = sorted(
         {sum(c) for k in range(1, len(servers) + 1) for c in combinations([t for _, t in servers], k)}

@@ -28,13 +28,19 @@ class ServerInfo(BaseModel):
     state: ServerState
     start_block: int = Field(ge=0)
     end_block: int = Field(gt=0)
+    # rates are finite: one peer announcing inf would make every server's rebalancing compute inf - inf and fail
     throughput: float = Field(
         ge=0,
+        allow_inf_nan=False,
         description="what block balancing adds to each block of the span for this server: the smaller of "
         "inference_rps and network_rps (inference_rps alone until the network is measured)",
     )
-    inference_rps: float = Field(ge=0, description="single-token decode steps/s through one block, batch 1")
-    forward_rps: float = Field(ge=0, description="batch-forward tokens/s through one block")
+    inference_rps: float = Field(
+        ge=0, allow_inf_nan=False, description="single-token decode steps/s through one block, batch 1"
+    )
+    forward_rps: float = Field(
+        ge=0, allow_inf_nan=False, description="batch-forward tokens/s through one block"
+    )
     network_rps: float | None = Field(
         default=None,
         description="hidden states/s this server's uplink carries (measured bandwidth to a few peers, or "

@@ -16,7 +16,7 @@ from typing import Any
 
 import hivemind
 from hivemind.dht.crypto import RSASignatureValidator
-from hivemind.utils import get_dht_time
+from hivemind.utils import ValueWithExpiration, get_dht_time
 from hivemind.utils.crypto import RSAPublicKey
 
 from swarmllm.dht.info import ModelInfo, ServerInfo, ServerState, parse_model_info, parse_server_info
@@ -50,12 +50,14 @@ async def _store_records(
     return all(results.values())
 
 
-async def _get_records(_dht: hivemind.DHT, node: hivemind.DHTNode, keys: Sequence[str]) -> dict[str, Any]:
+async def _get_records(
+    _dht: hivemind.DHT, node: hivemind.DHTNode, keys: Sequence[str]
+) -> dict[str, dict[Any, ValueWithExpiration]]:
     found = await node.get_many(keys, sufficient_expiration_time=float("inf"))
-    out: dict[str, Any] = {}
+    out: dict[str, dict[Any, ValueWithExpiration]] = {}
     for key, entry in found.items():
         if entry is not None and isinstance(entry.value, dict):
-            out[key] = {subkey: item.value for subkey, item in entry.value.items()}
+            out[key] = dict(entry.value)
     return out
 
 
@@ -82,20 +84,23 @@ async def find_servers(dht: hivemind.DHT, dht_prefix: str, num_blocks: int) -> l
     """Every valid server of a model, one entry per peer (records whose owner doesn't match are dropped)."""
     keys = [block_key(dht_prefix, b) for b in range(num_blocks)]
     found = await dht.run_coroutine(partial(_get_records, keys=keys), return_future=True)
-    servers: dict[str, ServerInfo] = {}
+    servers: dict[str, tuple[tuple[int, float], ServerInfo]] = {}
     for key in keys:
-        for subkey, value in found.get(key, {}).items():
-            info = parse_server_info(value)
+        for subkey, item in found.get(key, {}).items():
+            info = parse_server_info(item.value)
             if info is None or owner_peer_id(subkey) != info.peer_id or info.end_block > num_blocks:
                 continue
+            rank = (_PREFERENCE[info.state], -item.expiration_time)
             known = servers.get(info.peer_id)
-            if known is None or _PREFERENCE[info.state] < _PREFERENCE[known.state]:
-                servers[info.peer_id] = info
-    return list(servers.values())
+            if known is None or rank < known[0]:
+                servers[info.peer_id] = rank, info
+    return [info for _, info in servers.values()]
 
 
 # A server that moved leaves an offline record under the blocks it gave up (until it expires) and an online one
-# under its new blocks: the online one is the server.
+# under its new blocks: the online one is the server. Among records in one state, the latest announced (it
+# expires last) is: a server restarted with its identity, or stopped mid-move, leaves online records of its old
+# span behind.
 _PREFERENCE = {ServerState.ONLINE: 0, ServerState.JOINING: 1, ServerState.OFFLINE: 2}
 
 
@@ -103,8 +108,8 @@ async def list_models(dht: hivemind.DHT) -> list[ModelInfo]:
     """The models announced in a swarm (deduplicated by DHT prefix)."""
     found = await dht.run_coroutine(partial(_get_records, keys=[MODELS_KEY]), return_future=True)
     models: dict[str, ModelInfo] = {}
-    for subkey, value in found.get(MODELS_KEY, {}).items():
-        info = parse_model_info(value)
+    for subkey, item in found.get(MODELS_KEY, {}).items():
+        info = parse_model_info(item.value)
         if info is not None and owner_peer_id(subkey) is not None:
             models.setdefault(info.dht_prefix, info)
     return sorted(models.values(), key=lambda m: m.dht_prefix)
