@@ -83,7 +83,8 @@ class BlockConfig:
             raise ValueError(f"unsupported rope_type {rope_type!r}")
         if rope.get("partial_rotary_factor", 1.0) != 1.0:
             raise ValueError("partial rotary embeddings are not supported")
-        sliding_window = getattr(hf_config, "sliding_window", None)
+        # transformers' Llama reads no window, though converted configs may carry one (Mistral's)
+        sliding_window = None if family == "llama" else getattr(hf_config, "sliding_window", None)
         sliding_layers = None
         if family in ("qwen2", "qwen3") and sliding_window is not None:
             sliding_layers = tuple(
