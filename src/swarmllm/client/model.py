@@ -37,6 +37,7 @@ from transformers import (
     TopKLogitsWarper,
     TopPLogitsWarper,
 )
+from transformers.loss.loss_utils import ForCausalLMLoss, ForSequenceClassificationLoss
 from transformers.modeling_outputs import (
     BaseModelOutputWithPast,
     CausalLMOutputWithPast,
@@ -479,10 +480,13 @@ class DistributedModelForCausalLM(DistributedModel, GenerationMixin):
         attention_mask: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
+        num_items_in_batch: torch.Tensor | int | None = None,
         **_: object,
     ) -> CausalLMOutputWithPast:
         """Logits of the tokens sent: all of them without a session; inside one, only those it had not seen.
-        Differentiable in whatever requires grad (prompts, the adapter, unfrozen local weights)."""
+        Differentiable in whatever requires grad (prompts, the adapter, unfrozen local weights). The loss is
+        transformers' own: a Trainer accumulating gradients passes `num_items_in_batch` and then leaves the loss
+        unscaled, so it must divide the sum by it."""
         if self._active is not None and input_ids is not None:
             hidden = self._session_forward(input_ids, attention_mask)
         else:
@@ -492,9 +496,7 @@ class DistributedModelForCausalLM(DistributedModel, GenerationMixin):
         logits = self.merged_head(hidden.to(weight.device, weight.dtype))
         loss = None
         if labels is not None:
-            loss = torch.nn.functional.cross_entropy(
-                logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100
-            )
+            loss = ForCausalLMLoss(logits, labels, logits.shape[-1], num_items_in_batch)
         return CausalLMOutputWithPast(loss=loss, logits=logits)
 
     def _session_forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
@@ -549,11 +551,8 @@ class DistributedModelForSequenceClassification(DistributedModel):
         pooled = hidden[:, -1] if attention_mask is None else last_tokens(hidden, attention_mask)
         logits = self.score(pooled.to(self.score.weight.dtype))
         loss = None
-        if labels is not None:
-            if self.num_labels == 1:
-                loss = torch.nn.functional.mse_loss(logits.squeeze(-1).float(), labels.float())
-            else:
-                loss = torch.nn.functional.cross_entropy(logits.float(), labels)
+        if labels is not None:  # transformers' own: float labels over several classes are multi-label targets
+            loss = ForSequenceClassificationLoss(labels, logits.float(), self.config)
         return SequenceClassifierOutput(loss=loss, logits=logits)
 
 

@@ -755,6 +755,7 @@ class SwarmClient:
 
         async def micro_batch(rows: slice) -> tuple[torch.Tensor, list[tuple[Hop, State]]]:
             x: State = hidden[rows], None
+            own = tuning.for_rows(rows)
             mask = None if key_mask is None else key_mask[rows]
             kept: list[tuple[Hop, State]] = []
             checks: list[tuple[Hop, asyncio.Task[SpotCheck] | None]] = []
@@ -763,14 +764,14 @@ class SwarmClient:
                 start = kept[-1][0].end if kept else 0
                 hop = (await self.route(self._forward_plan(start), failure=failure))[0]
                 try:
-                    out = await self._forward_hop(hop, *x, mask, tuning)
+                    out = await self._forward_hop(hop, *x, mask, own)
                 except HopFailed as e:
                     logger.warning("%s; computing its blocks on another server", e)
                     self.ban(hop.peer_id, e.cause)
                     failure = e.cause
                     continue
                 if checked:
-                    checks.append(self._maybe_check(hop, x, mask, out, tuning))
+                    checks.append(self._maybe_check(hop, x, mask, out, own))
                 kept.append((hop, x))
                 x = out
                 if hop.end == self.num_blocks and (wrong := await self._first_wrong(checks)):
@@ -801,6 +802,7 @@ class SwarmClient:
 
         async def micro_batch(rows: slice, hops: list[tuple[Hop, State]]):
             g: State = grad[rows], None
+            own = tuning.for_rows(rows)
             mask = None if key_mask is None else key_mask[rows]
             prompts = None if tuning.prompts is None else torch.zeros_like(tuning.prompts)
             lora: dict[str, torch.Tensor] = {}
@@ -808,16 +810,16 @@ class SwarmClient:
             while todo:
                 hop, x = todo.pop()
                 try:
-                    reply = await self._backward_hop(hop, x, g, mask, tuning)
+                    reply = await self._backward_hop(hop, x, g, mask, own)
                     if checked and should_check(self.spot_rng, self.spot_check_fraction):
-                        record = await self.spot_check_backward(hop, x, g, mask, tuning, reply)
+                        record = await self.spot_check_backward(hop, x, g, mask, own, reply)
                         if hop.peer_id in record.wrong:
                             raise HopFailed(hop, corrupt_output_error(record))
                 except HopFailed as e:
                     logger.warning("%s; computing its backward on other servers", e)
                     self.ban(hop.peer_id, e.cause)
                     try:
-                        todo += await self._reroute(hop, x, mask, tuning, e.cause)
+                        todo += await self._reroute(hop, x, mask, own, e.cause)
                     except HopFailed as again:  # a new server failed the recomputation: route again
                         self.ban(again.hop.peer_id, again.cause)
                         todo.append((hop, x))

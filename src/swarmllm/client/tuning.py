@@ -65,6 +65,13 @@ class Tuning:
         stop = self.prompts.shape[2] if length is None else min(self.prompts.shape[2], position + length)
         return self.prompts[start:end, :, position:stop]
 
+    def for_rows(self, rows: slice) -> Tuning:
+        """The tuning of the micro-batch of a training batch's `rows`: a dropout seed of its own, or its rows
+        would draw the masks of the other micro-batches' rows."""
+        if self.dropout_seed is None or not rows.start:
+            return self
+        return replace(self, dropout_seed=self.dropout_seed + rows.start)
+
     def for_inference(self) -> Tuning:
         """The same prompts and adapter, without training-only fields."""
         return replace(self, dropout_seed=None, lora_grads=False)

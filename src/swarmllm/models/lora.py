@@ -34,6 +34,7 @@ MODULES = {
     "up_proj": ("mlp.up_proj", "gate_up_proj", 1),
     "down_proj": ("mlp.down_proj", "down_proj", 0),
 }
+_LAYER_SEED_STRIDE = 0x9E3779B97F4A7C15  # odd, so (seed + layer * stride) mod 2**64 differs for every layer
 _PEFT_KEY = re.compile(r"base_model\.model\.model\.layers\.(\d+)\.(\w+\.\w+)\.(lora_[AB])\.weight")
 
 
@@ -67,8 +68,17 @@ class LoraSettings:
         if isinstance(targets, str):
             raise ValueError(f"target_modules must be a list of module names, got {targets!r}")
         modules = tuple(sorted({name.split(".")[-1] for name in targets or ()}, key=list(MODULES).index))
-        for option, neutral in (("use_dora", False), ("bias", "none"), ("layers_to_transform", None)):
+        for option, neutral in (
+            ("use_dora", False),
+            ("bias", "none"),
+            ("lora_bias", False),
+            ("layers_to_transform", None),
+        ):
             if get(option, neutral) != neutral:
+                raise ValueError(f"LoRA option {option}={get(option)!r} is not supported")
+        # PEFT would also train copies of modules_to_save (the LM head, ...), and leave exclude_modules unadapted
+        for option in ("modules_to_save", "exclude_modules"):
+            if get(option):
                 raise ValueError(f"LoRA option {option}={get(option)!r} is not supported")
         if get("rank_pattern") or get("alpha_pattern"):
             raise ValueError("per-module ranks or alphas (rank_pattern, alpha_pattern) are not supported")
@@ -175,8 +185,20 @@ def span_lora(
     layers: range,
     generator: torch.Generator | None = None,
 ) -> list[BlockLora]:
-    """`block_lora` for each layer of `layers` (one per block a span runs)."""
-    return [block_lora(config, settings, tensors, layer, generator) for layer in layers]
+    """`block_lora` for each layer of `layers` (one per block a span runs). With `generator` (seeded by the
+    request), each layer draws its dropout masks from its own generator, seeded by that seed and the layer: one
+    generator along the span would make the next server, seeded alike, repeat this one's masks layer for layer,
+    and a layer's masks would depend on how the route splits the blocks."""
+    return [
+        block_lora(config, settings, tensors, layer, _layer_generator(generator, layer)) for layer in layers
+    ]
+
+
+def _layer_generator(generator: torch.Generator | None, layer: int) -> torch.Generator | None:
+    if generator is None:
+        return None
+    seed = (generator.initial_seed() + (layer + 1) * _LAYER_SEED_STRIDE) % 2**64
+    return torch.Generator(generator.device).manual_seed(seed)
 
 
 def peft_key(name: str) -> str:
