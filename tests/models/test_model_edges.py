@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -32,3 +34,24 @@ def test_llama_ignores_a_sliding_window_in_its_config(checkpoints):
     converted checkpoints keep Mistral's): a window there must not reach our Llama blocks."""
     expected, logits = hf_and_ours(checkpoints("llama", sliding_window=4))
     torch.testing.assert_close(logits, expected, atol=LOGITS_ATOL, rtol=0)
+
+
+def test_swish_is_silu(checkpoints):
+    """transformers maps `hidden_act: swish` to the same function as `silu`."""
+    expected, logits = hf_and_ours(checkpoints("llama", hidden_act="swish"))
+    torch.testing.assert_close(logits, expected, atol=LOGITS_ATOL, rtol=0)
+
+
+def test_a_pre_quantized_checkpoint_is_refused_by_name(checkpoints, tmp_path):
+    """A GPTQ/AWQ/bitsandbytes checkpoint's weights are not the names and shapes our blocks load: refused with
+    its method named, rather than a list of missing keys."""
+    source = checkpoints("llama")
+    for item in source.iterdir():
+        (tmp_path / item.name).symlink_to(item)
+    config = json.loads((source / "config.json").read_text())
+    (tmp_path / "config.json").unlink()
+    (tmp_path / "config.json").write_text(
+        json.dumps({**config, "quantization_config": {"quant_method": "gptq"}})
+    )
+    with pytest.raises(ValueError, match="pre-quantized checkpoints \\(gptq\\)"):
+        load_span(tmp_path, 0, 1)

@@ -73,8 +73,14 @@ class BlockConfig:
         family = hf_config.model_type
         if family not in FAMILIES:
             raise ValueError(f"unsupported model_type {family!r}; supported: {', '.join(FAMILIES)}")
-        if hf_config.hidden_act != "silu":
+        if hf_config.hidden_act not in ("silu", "swish"):  # transformers' names for one function
             raise ValueError(f"unsupported hidden_act {hf_config.hidden_act!r}; only 'silu' is implemented")
+        if (quantized := getattr(hf_config, "quantization_config", None)) is not None:
+            method = quantized.get("quant_method") if isinstance(quantized, dict) else quantized
+            raise ValueError(
+                f"pre-quantized checkpoints ({method}) are not supported: serve the full-precision checkpoint, "
+                "with --quant int8 or nf4 to quantize it on load"
+            )
         rope = dict(hf_config.rope_parameters)
         rope_type = rope.get("rope_type", "default")
         if rope_type in _DYNAMIC_ROPE_TYPES or (
