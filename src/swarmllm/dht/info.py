@@ -43,6 +43,8 @@ class ServerInfo(BaseModel):
     )
     network_rps: float | None = Field(
         default=None,
+        ge=0,
+        allow_inf_nan=False,
         description="hidden states/s this server's uplink carries (measured bandwidth to a few peers, or "
         "--bandwidth, over one token's activations); None until measured",
     )

@@ -27,7 +27,7 @@ Schema `swarmllm.monitor.state/1` (times are Unix seconds, throughputs decode st
   }],
   "servers": [{
       "model": str, "peer_id": str, "public_name": str | null, "version": str,
-      "state": "online" | "joining" | "offline" | "unreachable",  # unreachable: announced, but no answer
+      "state": "online" | "joining" | "offline" | "unreachable",  # unreachable: announced online, no answer
       "announced_state": "online" | "joining" | "offline",
       "start_block": int, "end_block": int,
       "throughput": float, "inference_rps": float, "forward_rps": float, "network_rps": float | null,
@@ -66,9 +66,9 @@ def block_ranges(blocks: Sequence[int]) -> str:
 
 
 def server_state(info: ServerInfo, rtt_s: float | None) -> str:
-    """What the monitor shows: the announced state, or `unreachable` for an announced live server that did not
-    answer the monitor's ping."""
-    if info.state != ServerState.OFFLINE and rtt_s is None:
+    """What the monitor shows: the announced state, or `unreachable` for a server announced online that did not
+    answer the monitor's ping (a joining one may not answer yet: it starts serving only once loaded)."""
+    if info.state == ServerState.ONLINE and rtt_s is None:
         return UNREACHABLE
     return info.state.value
 

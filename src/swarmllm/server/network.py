@@ -73,6 +73,6 @@ def network_rps(bandwidth: float, hidden_size: int, dtype_bytes: int) -> float:
 
 def parse_bandwidth(mbit_s: float) -> float:
     """--bandwidth in Mbit/s (how ISPs state it) -> bytes/s."""
-    if mbit_s <= 0:
-        raise ValueError(f"--bandwidth must be positive, got {mbit_s}")
+    if not 0 < mbit_s < float("inf"):
+        raise ValueError(f"--bandwidth must be positive and finite, got {mbit_s}")
     return mbit_s * 1e6 / 8

@@ -65,6 +65,10 @@ UNSETTLED_CHECK_S = 2.0  # while a move is due (by us or another server), check 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+class ServeConfigError(ValueError):
+    """A setting that does not fit the model, known only once its config is read (the CLI prints one line)."""
+
+
 @dataclass
 class ServerConfig:
     model: str
@@ -510,7 +514,7 @@ class Server:
         if cfg.blocks is not None:
             start, end = cfg.blocks
             if not 0 <= start < end <= total_blocks:
-                raise ValueError(f"--blocks {start}:{end} is outside the model's {total_blocks} blocks")
+                raise ServeConfigError(f"--blocks {start}:{end} is outside the model's {total_blocks} blocks")
             return start, end
         length = min(cfg.num_blocks or self._blocks_that_fit(block_config), total_blocks)
         servers = await self._find_servers()
