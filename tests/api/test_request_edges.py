@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
 from swarmllm.api.app import Api, Engine
 from swarmllm.api.gateway import Gateway
-from swarmllm.api.generation import TextAssembler
+from swarmllm.api.generation import TextAssembler, TokenLogprob, TokenTexts
 from swarmllm.api.json_mode import token_bytes
 from swarmllm.api.schemas import GuideMasks
 from swarmllm.bundled import smollm2_checkpoint
@@ -198,3 +198,20 @@ def test_a_stop_string_sent_before_min_tokens_does_not_stop_the_text_later():
     assembler = TextAssembler(lambda ids: "".join(table[i] for i in ids), ["a", "XYZ"], min_tokens=1)
     pieces = [assembler.add(t) for t in (0, 1, 2)] + [assembler.finish()]
     assert "".join(pieces) == "abc" and assembler.finish_reason is None
+
+
+def test_chat_logprobs_bytes_of_part_of_a_character_are_its_own(engine):
+    """OpenAI's `bytes` let a caller rejoin a character split across tokens: each token that holds part of it
+    (text U+FFFD) carries its own bytes, so the tokens' bytes joined are the text's (they were U+FFFD's)."""
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_checkpoint())
+    smollm2 = Engine(engine.model, tokenizer, "s", context_length=CONTEXT, max_concurrent=1, keep_sessions=0)
+    try:
+        text = "日本 😀"
+        tokens = tokenizer.encode(text)
+        entries = [TokenLogprob(t, -1.0, ((t, -1.0),)) for t in tokens]
+        content = smollm2.chat_logprobs(entries, TokenTexts(tokenizer.decode))["content"]
+        assert any(c["token"] == "\ufffd" for c in content)  # the case at hand: split characters
+        assert bytes(b for c in content for b in c["bytes"]) == text.encode()
+        assert [c["top_logprobs"][0]["bytes"] for c in content] == [c["bytes"] for c in content]
+    finally:
+        smollm2.shutdown()

@@ -49,7 +49,7 @@ from swarmllm.api.generation import (
     sampling,
     special_ids,
 )
-from swarmllm.api.json_mode import GrammarLogits
+from swarmllm.api.json_mode import GrammarLogits, text_bytes
 from swarmllm.api.metrics import ApiMetrics
 from swarmllm.api.ollama import OllamaApi
 from swarmllm.api.responses import ResponsesApi
@@ -309,16 +309,18 @@ class Engine:
         return out
 
     def chat_logprobs(self, entries: list[TokenLogprob], texts: TokenTexts) -> dict:
-        """OpenAI's chat `logprobs`: each token's text, bytes and log-probability, with its step's top tokens."""
+        """OpenAI's chat `logprobs`: each token's text, bytes and log-probability, with its step's top tokens. A
+        token that holds part of a character reads U+FFFD, and its bytes are its own, so that the bytes of the
+        tokens joined are the text's (what OpenAI's `bytes` are for)."""
 
-        def one(text: str, logprob: float) -> dict:
-            return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+        def one(token: int, text: str, logprob: float) -> dict:
+            return {"token": text, "logprob": logprob, "bytes": list(text_bytes(self.tokenizer, token, text))}
 
         return {
             "content": [
                 {
-                    **one(text, e.logprob),
-                    "top_logprobs": [one(t, lp) for t, (_, lp) in zip(tops, e.top, strict=True)],
+                    **one(e.token, text, e.logprob),
+                    "top_logprobs": [one(t, text, lp) for text, (t, lp) in zip(tops, e.top, strict=True)],
                 }
                 for e, (text, tops) in zip(entries, self._texts(entries, texts), strict=True)
             ]

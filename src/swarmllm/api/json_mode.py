@@ -183,7 +183,7 @@ def token_bytes(tokenizer, vocab_size: int) -> list[bytes | None]:
 
     A token's own decoding can drop a leading space (SentencePiece) or differ at the start of a text, so each
     is decoded after a fixed ordinary token and that token's text is taken off. A token that holds part of a
-    UTF-8 character decodes as U+FFFD: its bytes are read from its name instead (`_raw_bytes`)."""
+    UTF-8 character decodes as U+FFFD: its bytes are read from its name instead (`text_bytes`)."""
     special = set(tokenizer.all_special_ids)
     anchor = next(i for i in range(vocab_size) if i not in special)
     prefix = tokenizer.decode([anchor], clean_up_tokenization_spaces=False)
@@ -194,11 +194,17 @@ def token_bytes(tokenizer, vocab_size: int) -> list[bytes | None]:
     for i, text in enumerate(texts):
         if i in special or i >= len(tokenizer) or not text.startswith(prefix):
             pieces.append(None)
-        elif "\ufffd" in text and (raw := _raw_bytes(tokenizer.convert_ids_to_tokens(i))) is not None:
-            pieces.append(raw)
         else:
-            pieces.append(text[len(prefix) :].encode("utf-8"))
+            pieces.append(text_bytes(tokenizer, i, text[len(prefix) :]))
     return pieces
+
+
+def text_bytes(tokenizer, token: int, text: str) -> bytes:
+    """The bytes of `token`, whose text is `text`: its UTF-8, or, for a token that holds part of a UTF-8
+    character (its text shows U+FFFD), the bytes its name stands for (`_raw_bytes`), where it names them."""
+    if "\ufffd" in text and (raw := _raw_bytes(tokenizer.convert_ids_to_tokens(token))) is not None:
+        return raw
+    return text.encode("utf-8")
 
 
 BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")  # SentencePiece's token for a byte
