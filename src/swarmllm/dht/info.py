@@ -19,6 +19,12 @@ class ServerState(StrEnum):
     OFFLINE = "offline"
 
 
+def _rate(description: str, **kwargs: Any) -> Any:
+    """A speed field: at least 0 and finite (one peer announcing inf made every server's rebalancing compute
+    inf - inf and fail)."""
+    return Field(ge=0, allow_inf_nan=False, description=description, **kwargs)
+
+
 class ServerInfo(BaseModel):
     """A server's announcement for the blocks [start_block, end_block) of one model."""
 
@@ -28,25 +34,16 @@ class ServerInfo(BaseModel):
     state: ServerState
     start_block: int = Field(ge=0)
     end_block: int = Field(gt=0)
-    # rates are finite: one peer announcing inf would make every server's rebalancing compute inf - inf and fail
-    throughput: float = Field(
-        ge=0,
-        allow_inf_nan=False,
-        description="what block balancing adds to each block of the span for this server: the smaller of "
-        "inference_rps and network_rps (inference_rps alone until the network is measured)",
+    throughput: float = _rate(
+        "what block balancing adds to each block of the span for this server: the smaller of inference_rps and "
+        "network_rps (inference_rps alone until the network is measured)"
     )
-    inference_rps: float = Field(
-        ge=0, allow_inf_nan=False, description="single-token decode steps/s through one block, batch 1"
-    )
-    forward_rps: float = Field(
-        ge=0, allow_inf_nan=False, description="batch-forward tokens/s through one block"
-    )
-    network_rps: float | None = Field(
+    inference_rps: float = _rate("single-token decode steps/s through one block, batch 1")
+    forward_rps: float = _rate("batch-forward tokens/s through one block")
+    network_rps: float | None = _rate(
+        "hidden states/s this server's uplink carries (measured bandwidth to a few peers, or --bandwidth, over "
+        "one token's activations); None until measured",
         default=None,
-        ge=0,
-        allow_inf_nan=False,
-        description="hidden states/s this server's uplink carries (measured bandwidth to a few peers, or "
-        "--bandwidth, over one token's activations); None until measured",
     )
     cache_tokens_left: int = Field(ge=0)
     version: str
