@@ -13,6 +13,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import multiprocessing
+import os
 import random
 import signal
 import sys
@@ -149,19 +151,40 @@ class Server:
             config.num_threads is None and torch.device(config.device).type == "cpu" and config.tp == 1
         )
         self._threads: int | None = None
+        self._main: asyncio.Task | None = None  # run(), cancelled by a signal during start-up
+        self._serving = False  # start-up is done: a signal asks for a graceful leave
+        self.stopped_by: int | None = None  # the signal that stopped the server
 
     def stop(self) -> None:
         self._stop.set()
+
+    def _on_signal(self, signum: int) -> None:
+        """SIGTERM or SIGINT. Once serving, leave gracefully (announce offline, hand sessions back). During start-up
+        nothing reads the stop event, and loading blocks or compiling runs in a worker thread that cannot be
+        interrupted: cancel start-up where it is, and `run_server` exits without waiting for that thread."""
+        self.stopped_by = signum
+        if self._serving:
+            self.stop()
+        elif self._main is not None:
+            self._main.cancel()
 
     async def run(self) -> None:
         cfg = self.config
         if cfg.num_threads:
             torch.set_num_threads(cfg.num_threads)
-        self.host_share.join()  # early, so that servers starting together see each other
+        self._main = asyncio.current_task()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self.stop)
+            loop.add_signal_handler(sig, self._on_signal, sig)
+        self.host_share.join()  # early, so that servers starting together see each other
+        try:
+            await self._start_and_serve()
+        finally:
+            self.host_share.leave()
 
+    async def _start_and_serve(self) -> None:
+        cfg = self.config
+        loop = asyncio.get_running_loop()
         _, block_config = load_config(cfg.model)
         self.ladder = layer_ranges(block_config.ladder_layers)
         self.compiles = cfg.compile
@@ -197,7 +220,6 @@ class Server:
             await self._serve(block_config)
         finally:
             self.dht.shutdown()
-            self.host_share.leave()
 
     async def _serve(self, block_config: BlockConfig) -> None:
         cfg = self.config
@@ -278,6 +300,7 @@ class Server:
         next_announce = next_balance = time.monotonic()
         next_announce += cfg.update_period_s
         next_balance += cfg.balance_period_s
+        self._serving = True
         try:
             while not self._stop.is_set():
                 try:
@@ -639,7 +662,19 @@ def run_server(config: ServerConfig) -> None:
         uvloop.install()
     except ImportError:
         pass
-    try:
-        asyncio.run(Server(config).run())
-    except KeyboardInterrupt:
-        sys.exit(130)
+    server = Server(config)
+    with asyncio.Runner() as runner:
+        try:
+            runner.run(server.run())
+        except asyncio.CancelledError:
+            if server.stopped_by is None:
+                raise
+            # stopped during start-up: a block load or a compilation may still run in a worker thread, which
+            # the runner would wait for; the DHT is shut down, so exit now (and take the TP ranks along)
+            logger.info("stopped during start-up (signal %d)", server.stopped_by)
+            for child in multiprocessing.active_children():
+                child.terminate()
+            logging.shutdown()
+            os._exit(128 + server.stopped_by)
+        except KeyboardInterrupt:
+            sys.exit(130)
