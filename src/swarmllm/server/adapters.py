@@ -66,8 +66,10 @@ class AdapterStore:
     def host(self, path: str | Path) -> str:
         """Load a PEFT LoRA folder (all layers: LoRA weights are small, and a server may move); its name is the
         folder's name."""
-        settings, tensors = read_peft_adapter(path, self.config)
         name = Path(path).resolve().name
+        if name in self.hosted:  # announced by name: a second one would silently replace the first
+            raise ValueError(f"{path}: an adapter named {name!r} is hosted already (they go by folder name)")
+        settings, tensors = read_peft_adapter(path, self.config)
         tensors = {k: t.to(self.device, self.dtype) for k, t in tensors.items()}
         self.hosted[name] = Adapter(settings, tensors, 0, self.config.num_layers)
         return name

@@ -84,6 +84,13 @@ class CacheArena:
         with self._lock:
             return self._taken.count(False)
 
+    def fits(self, batch_size: int, max_length: int) -> bool:
+        """Whether `take` would find rows for such a session now."""
+        if max_length > self.length:
+            return False
+        with self._lock:
+            return first_fit(self._taken, batch_size) is not None
+
     def take(self, batch_size: int, max_length: int) -> tuple[int, KVCache, torch.Tensor] | None:
         """Rows for a session of `batch_size` sequences of up to `max_length` tokens: (its first row, its cache,
         its key mask [batch_size, max_length], all True), views into the arena; None when it does not fit."""

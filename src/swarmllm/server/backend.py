@@ -390,6 +390,14 @@ class Backend:
             host(grad_hidden), host(grad_prompts), {k: host(t) for k, t in lora.items()}, host(grad_pending)
         )
 
+    def session_tokens(self, batch_size: int, max_length: int) -> int:
+        """The cache tokens a session opened now holds: in the arena, whole rows of `arena.length` slots (a row
+        is a row, however short the session), else batch_size x max_length. What its peer's share is charged
+        (`server.quota`): a peer's short sessions must not take every row for a few tokens of its share."""
+        if self.arena is not None and self.arena.fits(batch_size, max_length):
+            return batch_size * self.arena.length
+        return batch_size * max_length
+
     def open_session(
         self,
         start: int,
@@ -398,11 +406,15 @@ class Backend:
         max_length: int,
         owner: str = "",
         adapter: Adapter | None = None,
+        tokens: int | None = None,
     ) -> Session:
         """A session's cache: rows of the arena where it fits, else reserved and allocated; raises CacheFullError
-        when it does not fit either way."""
+        when it does not fit either way. tokens: what `session_tokens` said it holds (and its peer was charged):
+        rows that came free since (given back on the compute thread) are not taken for a session charged less."""
         session_id = f"s{next(self._ids)}"
-        placed = None if self.arena is None else self.arena.take(batch_size, max_length)
+        placed = None
+        if self.arena is not None and (tokens is None or tokens >= batch_size * self.arena.length):
+            placed = self.arena.take(batch_size, max_length)
         if placed is None:
             self.budget.reserve(session_id, batch_size * max_length)
             try:

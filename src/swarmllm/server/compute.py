@@ -34,6 +34,8 @@ class RoundRobin(Generic[T]):
 
     def pop(self) -> T:
         """The next owner's oldest item; that owner goes to the back of the line. IndexError when empty."""
+        if not self._queues:
+            raise IndexError("pop from an empty RoundRobin")
         owner, queue = next(iter(self._queues.items()))
         item = queue.popleft()
         if queue:

@@ -218,7 +218,7 @@ class RequestHandler:
         """Every call (a session opening too) takes a token of its peer's request rate, checked before the
         call's payload is read (`Handlers.admit`); the calls of an open session's stream and pushes do not."""
         refusal = self.quotas.request(peer_id or _ANONYMOUS)
-        return None if refusal is None else RequestError(refusal.code, refusal.message)
+        return None if refusal is None else self._refusal(refusal.code, refusal.message)
 
     def _prompt_bytes(self) -> int:
         """The largest deep prompts a request may carry: max_prompt_tokens per block of the span."""
@@ -319,7 +319,7 @@ class RequestHandler:
         hidden = self._hidden(req.hidden)
         batch, length = hidden.shape[:2]
         if batch * length > self.limits.max_forward_tokens:
-            raise RequestError(
+            raise self._refusal(
                 "too_large", f"{batch}x{length} tokens exceed the limit of {self.limits.max_forward_tokens}"
             )
         shape = dict(enumerate(hidden.shape))
@@ -402,10 +402,12 @@ class RequestHandler:
             raise self._refusal("server_leaving", "this server is leaving the swarm")
         backend = self.backend  # a session stays on the blocks it opened on, even if the server moves
         adapter = self._adapter(peer, opening.adapter, start, end)
-        cache_tokens = opening.batch_size * opening.max_length
+        cache_tokens = backend.session_tokens(opening.batch_size, opening.max_length)  # (arena rows: whole)
         self._refuse(self.quotas.open_session(peer, cache_tokens, backend.budget.capacity_tokens))
         try:
-            session = backend.open_session(start, end, opening.batch_size, opening.max_length, peer, adapter)
+            session = backend.open_session(
+                start, end, opening.batch_size, opening.max_length, peer, adapter, cache_tokens
+            )
         except BaseException as e:
             self.quotas.close_session(peer, cache_tokens)
             if isinstance(e, CacheFullError):
@@ -745,7 +747,7 @@ class RequestHandler:
                 f"prompts of shape {tuple(prompts.shape)} do not fit {batch} sequences of {length} positions",
             )
         if prompts.shape[1] * prompts.shape[2] > self.limits.max_prompt_tokens:
-            raise RequestError(
+            raise self._refusal(
                 "too_large", f"prompts exceed {self.limits.max_prompt_tokens} tokens per block"
             )
         return prompts

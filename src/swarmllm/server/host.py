@@ -35,9 +35,11 @@ def threads_per_server(cores: int, servers: int) -> int:
 
 
 def _alive(pid: int) -> bool:
+    if pid <= 0:
+        return False  # no process's id (os.kill(0, ...) would signal our own process group)
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError):  # (OverflowError: past any pid the kernel gives)
         return False
     except PermissionError:
         return True  # someone else's live process

@@ -10,9 +10,11 @@ and calls never notice it.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from fractions import Fraction
 
 
 @dataclass(frozen=True)
@@ -31,7 +33,7 @@ class PeerLimits:
             raise ValueError(f"max_cache_share must be in (0, 1], got {self.max_cache_share}")
         if min(self.max_sessions, self.max_queued, self.max_queued_total, self.burst) < 1:
             raise ValueError("session, queue and burst limits must be at least 1")
-        if self.rate_per_s <= 0:
+        if not self.rate_per_s > 0:  # (nan too: every bucket would stay full)
             raise ValueError(f"rate_per_s must be positive, got {self.rate_per_s}")
 
 
@@ -100,7 +102,7 @@ class PeerQuotas:
                 "quota",
                 f"open sessions limit: {state.sessions} of {self.limits.max_sessions} per peer are open",
             )
-        share_tokens = int(self.limits.max_cache_share * capacity_tokens)
+        share_tokens = self._share_tokens(capacity_tokens)
         if state.cache_tokens + cache_tokens > share_tokens:
             return Refusal(
                 "quota",
@@ -111,6 +113,11 @@ class PeerQuotas:
         state.sessions += 1
         state.cache_tokens += cache_tokens
         return None
+
+    def _share_tokens(self, capacity_tokens: int) -> int:
+        """A peer's cache share in tokens, from the share as written (0.29 of 100 is 29; the float product
+        0.29 * 100 is 28.999...)."""
+        return math.floor(Fraction(str(self.limits.max_cache_share)) * capacity_tokens)
 
     def close_session(self, peer: str, cache_tokens: int) -> None:
         state = self._peers[peer]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import time
 from pathlib import Path
@@ -121,7 +122,8 @@ def cached_throughput(
 ) -> tuple[float, float]:
     """`measure_throughput(span)`, from the cache when this block shape was measured on this device, dtype and
     thread count before."""
-    kept = _cached(_key(span, device, dtype, threads), path, lambda v: isinstance(v, list) and len(v) == 2)
+    valid = lambda v: isinstance(v, list) and len(v) == 2 and all(_is_rate(x) for x in v)  # noqa: E731
+    kept = _cached(_key(span, device, dtype, threads), path, valid)
     if kept is not None:
         return float(kept[0]), float(kept[1])
     measured = measure_throughput(span)
@@ -132,12 +134,17 @@ def cached_throughput(
 def cached_threads(span: BlockSpan, device: str, dtype: str, threads: int, *, path: Path = CACHE_PATH) -> int:
     """`threads_that_pay(span, threads)`, cached like `cached_throughput`."""
     key = _key(span, device, dtype, threads) + "/threads"
-    kept = _cached(key, path, lambda v: v in (1, threads))
+    kept = _cached(key, path, lambda v: type(v) is int and v in (1, threads))  # (JSON's 1.0 and true == 1)
     if kept is not None:
         return kept
     chosen = threads_that_pay(span, threads)
     _store(key, chosen, path)
     return chosen
+
+
+def _is_rate(value) -> bool:
+    """A measured rate: a positive finite number (what `ServerInfo` announces), not a bool or a string."""
+    return type(value) in (int, float) and 0 < value < math.inf
 
 
 def _key(span: BlockSpan | TensorParallelSpan, device: str, dtype: str, threads: int) -> str:
