@@ -23,7 +23,6 @@ CODECS = ("none", "float16", "bfloat16", "blockwise8")
 BLOCK = 64  # values per blockwise8 scale
 _CAST = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 _SCALE_DTYPE = torch.bfloat16  # float32's range: no overflow for huge activations, no underflow for tiny ones
-_TINY_SCALE = 1e-30  # an all-zero block decodes to zeros whatever its scale
 
 
 def check_codec(codec: str) -> str:
@@ -47,7 +46,11 @@ def compress(hidden: Tensor, codec: str) -> tuple[Tensor, Tensor | None]:
         raise ValueError(f"unknown activation compression {codec!r}")
     blocks = _blocks(hidden.float())  # [..., n, BLOCK]
     scales = (blocks.abs().amax(-1) / 127).to(_SCALE_DTYPE)  # [..., n]
-    codes = (blocks / scales.float().clamp_min(_TINY_SCALE)[..., None]).round_().clamp_(-127, 127)
+    # an all-zero block (or one too small for a bfloat16 scale) has scale 0 and codes 0, whatever it is divided by;
+    # any other block is divided by its own scale, however tiny (a floor on it would shrink tiny blocks' values)
+    divisor = scales.float()
+    divisor = torch.where(divisor > 0, divisor, 1.0)
+    codes = (blocks / divisor[..., None]).round_().clamp_(-127, 127)
     codes = codes.to(torch.int8).flatten(-2)[..., : hidden.shape[-1]]
     return codes.contiguous(), scales
 

@@ -243,6 +243,8 @@ class _FrameWriter:
         if self._transport.get_write_buffer_size() > _DRAIN_ABOVE_BYTES:
             try:
                 await asyncio.wait_for(self._writer.drain(), timeout)
+            except TimeoutError:
+                raise  # an OSError too, but the connection is only slow: the caller gets what it was promised
             except OSError as e:
                 raise ConnectionLost(f"connection broke while sending: {e!r}") from e
 
@@ -349,7 +351,11 @@ class Connection:
         try:
             await self._out.send(Frame(Kind.REQUEST, call_id, message, method), timeout)
         except BaseException:
-            self._calls.pop(call_id, None)
+            # the REQUEST may be written already (a timed-out or cancelled wait for the buffer to drain): END
+            # lets the server end the handler it starts for it, as for a unary call we give up on
+            if self._calls.pop(call_id, None) is not None and not self.is_closed:
+                with suppress(ConnectionLost):
+                    self._out.write(Frame(Kind.END, call_id, Message()))
             raise
         return stream
 

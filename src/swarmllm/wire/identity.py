@@ -11,6 +11,7 @@ import hashlib
 import os
 from pathlib import Path
 
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from hivemind.p2p import PeerID
@@ -90,7 +91,8 @@ def public_key_from_bytes(public_key_bytes: bytes) -> RSAPublicKey:
     """Parse a peer's public key; ValueError if it is not an RSA key in hivemind's encoding."""
     try:
         return RSAPublicKey.from_bytes(public_key_bytes)
-    except (ValueError, TypeError, IndexError) as e:  # cryptography's ssh parser raises these on garbage
+    # cryptography's ssh parser raises these on garbage, and UnsupportedAlgorithm on an unknown key type
+    except (ValueError, TypeError, IndexError, UnsupportedAlgorithm) as e:
         raise ValueError(f"not an RSA public key: {e}") from None
 
 

@@ -347,7 +347,9 @@ class Step:
         ):
             raise bad_request("push must be a list of {peer_id, session_id} strings")
         timeout = meta.get("push_timeout_s")
-        if timeout is not None and (not isinstance(timeout, int | float) or isinstance(timeout, bool)):
+        if timeout is not None and (
+            not isinstance(timeout, int | float) or isinstance(timeout, bool) or math.isnan(timeout)
+        ):
             raise bad_request("push_timeout_s must be a number")
         step = _int(meta, "step", 0)
         if step < 0:

@@ -47,10 +47,16 @@ class ConnectionPool:
         if pending is None:
             pending = asyncio.ensure_future(self._connect(peer_id, tuple(direct_addrs)))
             self._connecting[peer_id] = pending
-            pending.add_done_callback(lambda _: self._connecting.pop(peer_id, None))
-        conn = await asyncio.shield(pending)
-        self._connections[peer_id] = conn
-        return conn
+            pending.add_done_callback(lambda done: self._connected(peer_id, done))
+        return await asyncio.shield(pending)
+
+    def _connected(self, peer_id: str, pending: asyncio.Future[Connection]) -> None:
+        """The attempt's connection joins the pool whether or not a caller still waits for it (the callers may
+        all have given up), so it is reused and closed with the pool instead of being left open."""
+        if self._connecting.get(peer_id) is pending:
+            del self._connecting[peer_id]
+        if not pending.cancelled() and pending.exception() is None:
+            self._connections[peer_id] = pending.result()
 
     def is_broken(self, peer_id: str) -> bool:
         """Whether our last connection to `peer_id` has closed (the peer may be gone)."""
@@ -88,6 +94,12 @@ class ConnectionPool:
         )
 
     async def close(self) -> None:
+        """Close every connection, the ones being made included."""
+        pending = list(self._connecting.values())
+        for attempt in pending:
+            attempt.cancel()
+        # an attempt that finished before it could be cancelled has put its connection in the pool by now
+        await asyncio.gather(*pending, return_exceptions=True)
         connections, self._connections = list(self._connections.values()), {}
         for conn in connections:
             await conn.close()
