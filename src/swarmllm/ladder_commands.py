@@ -54,22 +54,45 @@ def run(args: argparse.Namespace) -> int:
         except ValueError as e:
             print(f"swarmllm ladder convert --layers {args.layers}: {e}", file=sys.stderr)
             return 2
+        except FileExistsError as e:
+            print(f"swarmllm ladder convert: {e}", file=sys.stderr)
+            return 2
         print(f"wrote {path} (ladder layers {start}:{end})")
         return 0
-    report = retrain(
-        args.checkpoint,
-        args.data,
-        args.steps,
-        source=args.source,
-        seq_len=args.seq_len,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        held_out=args.held_out,
-        device=args.device,
-        seed=args.seed,
-    )
+    if problem := _retrain_problem(args):
+        print(f"swarmllm ladder retrain: {problem}", file=sys.stderr)
+        return 2
+    try:
+        report = retrain(
+            args.checkpoint,
+            args.data,
+            args.steps,
+            source=args.source,
+            seq_len=args.seq_len,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            held_out=args.held_out,
+            device=args.device,
+            seed=args.seed,
+        )
+    except (FileNotFoundError, ValueError) as e:  # no conversion record, no data file, too little data
+        print(f"swarmllm ladder retrain: {e}", file=sys.stderr)
+        return 2
     print(report.table())
     return 0
+
+
+def _retrain_problem(args: argparse.Namespace) -> str | None:
+    """Why `ladder retrain` cannot run with these numbers (None: it can), before any model loads."""
+    if args.steps < 0:
+        return f"--steps {args.steps} must be at least 0"
+    if args.seq_len < 2:  # perplexity and the training loss predict each sequence's tokens after its first
+        return f"--seq-len {args.seq_len} must be at least 2"
+    if args.batch_size < 1:
+        return f"--batch-size {args.batch_size} must be at least 1"
+    if not 0 < args.held_out < 1:
+        return f"--held-out {args.held_out} must be a fraction between 0 and 1"
+    return None
 
 
 @dataclass

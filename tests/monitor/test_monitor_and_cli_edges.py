@@ -85,6 +85,11 @@ def test_serve_values_known_wrong_only_beside_the_model_are_one_line(tmp_path, l
     runs = [
         (tmp_path, ["--max-memory", "lots"], "--max-memory: expected a size like 4GiB or 512MB, got 'lots'"),
         (llama_checkpoint, ["--blocks", "0:100"], "--blocks 0:100 is outside the model's 4 blocks"),
+        (
+            llama_checkpoint,
+            ["--blocks", "0:4", "--tp", "4"],
+            "--tp 4: num_kv_heads=2 does not split over 4 tensor-parallel ranks",
+        ),
     ]
     procs = [
         subprocess.Popen(

@@ -30,6 +30,7 @@ from swarmllm.dht import ModelInfo, ServerInfo, ServerState, announce, find_serv
 from swarmllm.dht.records import dht_prefix_for
 from swarmllm.models import BlockConfig, BlockSpan, KVCache, load_config, load_span
 from swarmllm.models.ladder import layer_ranges
+from swarmllm.models.tp import check_shardable
 from swarmllm.server.adapters import AdapterStore
 from swarmllm.server.backend import Backend
 from swarmllm.server.corrupt import corrupt_outputs
@@ -186,6 +187,11 @@ class Server:
         cfg = self.config
         loop = asyncio.get_running_loop()
         _, block_config = load_config(cfg.model)
+        if cfg.tp > 1:
+            try:
+                check_shardable(block_config, cfg.tp)
+            except ValueError as e:
+                raise ServeConfigError(f"--tp {cfg.tp}: {e}") from None
         self.ladder = layer_ranges(block_config.ladder_layers)
         self.compiles = cfg.compile
         if self.compiles is None:

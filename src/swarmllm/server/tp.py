@@ -28,7 +28,7 @@ import torch.multiprocessing as mp
 from torch import Tensor
 
 from swarmllm.models import BlockSpan, KVCache, load_config, load_span
-from swarmllm.models.tp import TensorParallelComm, local_config, shard_span
+from swarmllm.models.tp import TensorParallelComm, check_shardable, local_config, shard_span
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +73,7 @@ class TensorParallelSpan:
         backend = "nccl" if device.startswith("cuda") else "gloo"
         if backend == "nccl" and torch.cuda.device_count() < world:
             raise ValueError(f"--tp {world} needs {world} CUDA devices, found {torch.cuda.device_count()}")
+        check_shardable(load_config(checkpoint)[1], world)  # before any rank starts, not in every rank after
         self.setup = _Setup(
             str(checkpoint), start, end, world, dtype, backend, f"tcp://127.0.0.1:{_free_port()}", threads
         )
@@ -83,7 +84,11 @@ class TensorParallelSpan:
         for worker in self._workers:
             worker.start()
         self.device = self.setup.device(0)
-        self.span = _join(0, self.setup)
+        try:
+            self.span = _join(0, self.setup)
+        except BaseException:
+            self._stop_workers(stopped=False)
+            raise
         self.config, self.start, self.end = self.span.config, start, end
         self.local_config = local_config(self.config, world)
         self._caches: dict[int, KVCache] = {}
@@ -150,14 +155,29 @@ class TensorParallelSpan:
         return _run(self.span, self._caches, self.setup, header, self._send(tensors))
 
     def close(self) -> None:
-        """Stop the other ranks and leave the process group."""
+        """Stop the other ranks and leave the process group; where a rank died (no command reaches the others
+        then), end the other ranks instead of raising."""
         if not self._workers:
             return
-        self._command("stop")
+        try:
+            self._command("stop")
+        except RuntimeError:  # a rank died (its connection is gone): the others cannot be told, so end them
+            logger.warning("a tensor-parallel rank is gone; stopping the others", exc_info=True)
+            self._stop_workers(stopped=False)
+        else:
+            self._stop_workers(stopped=True)
+
+    def _stop_workers(self, *, stopped: bool) -> None:
+        """Wait for the other ranks to leave (`stopped`: they were told to), else end them; leave the group."""
         for worker in self._workers:
-            worker.join(timeout=30)
+            if stopped:
+                worker.join(timeout=30)
+            if worker.is_alive():
+                worker.terminate()
+                worker.join(timeout=30)
         self._workers = []
-        dist.destroy_process_group()
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
     def __enter__(self) -> TensorParallelSpan:
         return self
