@@ -38,6 +38,10 @@ class CausalLM(nn.Module):
     def generate_greedy(self, input_ids: Tensor, max_new_tokens: int) -> Tensor:
         """input_ids [B, T] followed by `max_new_tokens` greedy tokens: a prefill, then one-token steps through
         the lean decode path (`BlockSpan.decode`), as a server runs them."""
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be at least 0, got {max_new_tokens}")
+        if max_new_tokens == 0:
+            return input_ids.clone()
         batch, length = input_ids.shape
         dtype = self.head.embed_tokens.weight.dtype
         device = input_ids.device

@@ -9,6 +9,8 @@ Name mapping (the rest of each name is identical on both sides):
     model.embed_tokens.*    -> ClientHead.embed_tokens.*
     model.norm.*            -> ClientHead.norm.*
     lm_head.*               -> ClientHead.lm_head.*   (absent in tied checkpoints: tied to embed_tokens)
+A base model's checkpoint (`AutoModel`'s, as embedding models ship) stores its tensors without the `model.`
+prefix; they are read under it, as transformers' causal LM reads them.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ HEAD_TENSORS = {
     "model.norm.weight": "norm.weight",
     "lm_head.weight": "lm_head.weight",
 }
+BASE_PREFIX = "model."
 _BLOCK_TENSOR = re.compile(r"model\.layers\.(\d+)\.(.+)")
 # Some older Llama 2 conversions saved the RoPE frequencies per layer; they are recomputed, never loaded.
 STALE_SUFFIX = "rotary_emb.inv_freq"
@@ -133,14 +136,14 @@ def load_span(
     missing = [i for i in range(start, end) if i not in held]
     if not missing:
         return span
-    root, files = _locate(
+    root, files, stored = _locate(
         name_or_path,
         lambda names: tensor_names_for_blocks(names, missing[0], missing[-1] + 1),
         revision,
         cache_dir,
     )
     names = [name for file_names in files.values() for name in file_names]
-    with _tensor_reader(root, files, dtype, device) as read:
+    with _tensor_reader(root, files, dtype, device, stored) as read:
         for i in missing:
             prefix = f"model.layers.{i}."
             state = {name.removeprefix(prefix): read(name) for name in names if name.startswith(prefix)}
@@ -164,8 +167,10 @@ def load_client_head(
     _check_dtype(dtype)
     hf_config, config = load_config(name_or_path, revision=revision, cache_dir=cache_dir)
     wanted = [name for name in HEAD_TENSORS if not (config.tie_word_embeddings and name == "lm_head.weight")]
-    root, files = _locate(name_or_path, lambda names: [n for n in wanted if n in names], revision, cache_dir)
-    with _tensor_reader(root, files, dtype, device) as read:
+    root, files, stored = _locate(
+        name_or_path, lambda names: [n for n in wanted if n in names], revision, cache_dir
+    )
+    with _tensor_reader(root, files, dtype, device, stored) as read:
         state = {HEAD_TENSORS[name]: read(name) for file_names in files.values() for name in file_names}
     tied = "lm_head.weight" not in state
     with torch.device("meta"):
@@ -188,8 +193,9 @@ def _locate(
     select: Callable[[Iterable[str]], list[str]],
     revision: str | None,
     cache_dir: str | PathLike | None,
-) -> tuple[Path, dict[str, list[str]]]:
-    """The checkpoint root and {file: tensor names} for the tensors `select` picks; fetches only those files."""
+) -> tuple[Path, dict[str, list[str]], dict[str, str]]:
+    """The checkpoint root, {file: tensor names} for the tensors `select` picks (by our names, `our_names`) and
+    {our name: stored name}; fetches only those files."""
     root = resolve_checkpoint(name_or_path, revision=revision, cache_dir=cache_dir, allow_patterns=["*.json"])
     if (root / INDEX_FILE).is_file():
         weight_map = json.loads((root / INDEX_FILE).read_text())["weight_map"]
@@ -201,22 +207,38 @@ def _locate(
             raise FileNotFoundError(f"{name_or_path}: neither {INDEX_FILE} nor {SINGLE_FILE} found")
         with safe_open(root / SINGLE_FILE, framework="pt") as f:
             weight_map = dict.fromkeys(f.keys(), SINGLE_FILE)
+    stored = our_names(weight_map)
+    weight_map = {ours: weight_map[name] for ours, name in stored.items()}
     files = files_for_tensors(weight_map, select(weight_map))
     root = resolve_checkpoint(
         name_or_path, revision=revision, cache_dir=cache_dir, allow_patterns=sorted(files)
     )
-    return root, files
+    return root, files, stored
+
+
+def our_names(names: Iterable[str]) -> dict[str, str]:
+    """{our name: stored name}: a checkpoint with no `model.`-prefixed tensor is a base model's, whose names
+    gain the prefix (its `lm_head`, if any, stays), as transformers' causal LM loads it."""
+    names = list(names)
+    if any(name.startswith(BASE_PREFIX) for name in names):
+        return {name: name for name in names}
+    return {name if name.startswith("lm_head.") else BASE_PREFIX + name: name for name in names}
 
 
 @contextmanager
 def _tensor_reader(
-    root: Path, files: dict[str, list[str]], dtype: torch.dtype, device: torch.device | str
+    root: Path,
+    files: dict[str, list[str]],
+    dtype: torch.dtype,
+    device: torch.device | str,
+    stored: Mapping[str, str],
 ) -> Iterator[Callable[[str], torch.Tensor]]:
-    """A function reading one tensor by name, cast to `dtype` on `device`; each file is opened once."""
+    """A function reading one tensor by our name (`stored` gives its name in the file), cast to `dtype` on
+    `device`; each file is opened once."""
     file_of = {name: file for file, names in files.items() for name in names}
     with ExitStack() as stack:
         handles = {
             file: stack.enter_context(safe_open(root / file, framework="pt", device=str(device)))
             for file in files
         }
-        yield lambda name: handles[file_of[name]].get_tensor(name).to(dtype)
+        yield lambda name: handles[file_of[name]].get_tensor(stored[name]).to(dtype)

@@ -22,7 +22,13 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from swarmllm.models.causal_lm import CausalLM
-from swarmllm.models.checkpoint import HEAD_TENSORS, STALE_SUFFIX, load_config, resolve_checkpoint
+from swarmllm.models.checkpoint import (
+    HEAD_TENSORS,
+    STALE_SUFFIX,
+    load_config,
+    our_names,
+    resolve_checkpoint,
+)
 from swarmllm.models.llama import FUSED_PARAMETERS
 
 CONVERSION_FILE = "ladder_conversion.json"
@@ -118,8 +124,15 @@ def hf_state(model: CausalLM) -> dict[str, Tensor]:
 def save_weights(model: CausalLM, path: str | PathLike) -> None:
     """Overwrite the tensors of the checkpoint folder `path` with the model's, file by file, keeping every
     file's names, dtypes and metadata (so index files stay valid). Tensors the model lacks are refused."""
-    state = hf_state(model)
-    for file in sorted(Path(path).glob("*.safetensors")):
+    files = sorted(Path(path).glob("*.safetensors"))
+    names = []
+    for file in files:
+        with safe_open(file, framework="pt") as f:
+            names.extend(f.keys())
+    # a base model's checkpoint stores its tensors without `model.` (`checkpoint.our_names`)
+    ours = hf_state(model)
+    state = {stored: ours.get(name) for name, stored in our_names(names).items()}
+    for file in files:
         with safe_open(file, framework="pt") as f:
             metadata = f.metadata()
             tensors = {}
@@ -127,7 +140,7 @@ def save_weights(model: CausalLM, path: str | PathLike) -> None:
                 saved = f.get_tensor(name)
                 if name.endswith(STALE_SUFFIX):  # recomputed, never loaded: keep as it was
                     tensors[name] = saved
-                elif name in state:
+                elif state[name] is not None:
                     tensors[name] = state[name].detach().to(saved.dtype).contiguous()
                 else:
                     raise KeyError(f"{file.name}: tensor {name} has no counterpart in the model")

@@ -87,11 +87,12 @@ def build(directory: Path, compiler: str) -> Path | None:
     library = directory / f"panel_gemm-{digest}.so"
     if library.exists():
         return library
-    directory.mkdir(parents=True, exist_ok=True)
-    # built under a name of its own, then renamed: processes starting together never load a half-written file
-    fd, partial = tempfile.mkstemp(suffix=".so", dir=directory)
-    os.close(fd)
+    partial = None
     try:
+        directory.mkdir(parents=True, exist_ok=True)  # (a read-only home fails here: no kernel, not a crash)
+        # built under a name of its own, then renamed: processes starting together never load a half-written file
+        fd, partial = tempfile.mkstemp(suffix=".so", dir=directory)
+        os.close(fd)
         subprocess.run(
             [compiler, *FLAGS, "-o", partial, str(SOURCE)], check=True, capture_output=True, timeout=120
         )
@@ -101,7 +102,7 @@ def build(directory: Path, compiler: str) -> Path | None:
         logger.warning("the panel kernel did not compile (%s %s): oneDNN's layout is used", e, detail)
         return None
     finally:
-        if os.path.exists(partial):
+        if partial is not None and os.path.exists(partial):
             os.unlink(partial)
     return library
 
