@@ -135,13 +135,15 @@ class Forker:
             with self.lock:
                 socket.send_fds(self.sock, [struct.pack("<I", len(request)) + request], [out_w, status_w])
                 pid = _PID.unpack(_recv_exactly(self.sock, _PID.size))[0]
+            if pid < 0:
+                raise RuntimeError("the forker could not fork")
+        except BaseException:  # the forker died or could not fork: no child holds the other ends
+            os.close(out_r)
+            os.close(status_r)
+            raise
         finally:
             os.close(out_w)
             os.close(status_w)
-        if pid < 0:
-            os.close(out_r)
-            os.close(status_r)
-            raise RuntimeError("the forker could not fork")
         stdout = open(out_r, encoding="utf-8", errors="replace")  # noqa: SIM115 - the process object owns it
         child = ForkedProcess(
             [sys.executable, "-m", "swarmllm.cli", *args], pid, stdout, status_r, self.proc.pid
@@ -193,6 +195,8 @@ def forked(args: Sequence[str], env: dict[str, str]) -> ForkedProcess | subproce
                 forker = None
         if forker is not None:
             _forkers[key] = forker  # the most recently used last
+        for other in [other for other, dead in _forkers.items() if not dead.alive()]:
+            _forkers.pop(other).close()  # (its children's exit statuses went with it)
         idle = [other for other in list(_forkers)[:-1] if _forkers[other].idle()]
         for other in idle[: max(0, len(idle) - MAX_IDLE_FORKERS)]:
             _forkers.pop(other).close()

@@ -37,10 +37,11 @@ class ManagedProcess:
         self.lines.put(None)
 
     def wait_for(self, predicate, timeout_s: float) -> str:
-        """The first stdout line for which predicate(line) is true."""
+        """The first stdout line for which predicate(line) is true, within `timeout_s` in all."""
+        deadline = time.monotonic() + timeout_s
         while True:
             try:
-                line = self.lines.get(timeout=timeout_s)
+                line = self.lines.get(timeout=max(0.0, deadline - time.monotonic()))
             except queue.Empty:
                 raise ProcessFailed(
                     f"{self.name} was not ready in {timeout_s} s:\n{''.join(self.log[-40:])}"

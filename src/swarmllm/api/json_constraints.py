@@ -9,16 +9,22 @@ writes itself into a corner (a date whose month is 13, a number that has already
 Strings are read as characters (code points, as JSON schema counts `minLength`): a character is one UTF-8
 sequence or one two-byte escape (`\\n`, `\\"`, ...); `\\u` escapes are not written in a constrained string, so
 what the answer can be is a subset of what the schema admits, as elsewhere. Numbers with bounds are written
-without an exponent, and compared as decimals, which is exact for any bound a JSON text can state.
+without an exponent, and compared as decimals, exactly (however many digits). A validator reads a number with a
+fraction as the nearest float, so, unless the value must be an integer, each bound is first moved in to the float
+nearest it on its inside: a number a float's step within an exclusive bound would read as the bound itself
+(bounds with no float between them leave integers, written as such, which a validator compares exactly).
 """
 
 from __future__ import annotations
 
+import math
+import sys
 from dataclasses import dataclass
-from decimal import Decimal, InvalidOperation
+from decimal import MAX_EMAX, MAX_PREC, MIN_EMIN, Context, Decimal, InvalidOperation, localcontext
 
-from swarmllm.api.regex import EVERYTHING, Nfa, RegexError, compile_regex, overlaps
+from swarmllm.api.regex import EVERYTHING, Nfa, RegexError, compile_regex, intersect, overlaps, ranges
 
+EXACT = Context(prec=MAX_PREC, Emax=MAX_EMAX, Emin=MIN_EMIN)  # sums of the numbers written, unrounded
 MAX_TABLE = 400_000  # automaton states x lengths followed; a pattern with a huge maxLength past it is refused
 
 _YEAR = r"(?:[1-9]\d{3}|0[1-9]\d{2}|00[1-9]\d|000[1-9])"
@@ -52,6 +58,8 @@ FORMATS: dict[str, tuple[str, int | None]] = {
     "email": (rf"^[A-Za-z0-9_%+-]+(?:\.[A-Za-z0-9_%+-]+)*@(?:{_LABEL}\.)+[A-Za-z]{{2,63}}$", 254),
     "uri": (r"^[A-Za-z][A-Za-z0-9+.-]*:(?:[A-Za-z0-9\-._~:/?#\[\]@!$&'()*+,;=]|%[0-9A-Fa-f]{2})+$", None),
 }
+# what a held string can write: no control character but those with a two-byte escape (\\b \\t \\n \\f \\r)
+WRITABLE = ranges((0x08, 0x0A), (0x0C, 0x0D), (0x20, 0x10FFFF))
 ANY_TEXT = Nfa((((EVERYTHING, 0),),), frozenset({0}), frozenset({0}))  # one state: any character, any length
 
 
@@ -78,7 +86,7 @@ class StringRule:
             pattern, longest = FORMATS[format_name]
             high = longest if high is None else high if longest is None else min(high, longest)
         try:
-            nfa = ANY_TEXT if pattern is None else compile_regex(pattern)
+            nfa = ANY_TEXT if pattern is None else _writable(compile_regex(pattern))
         except RegexError as error:
             raise ValueError(str(error)) from None
         cap = low if high is None else high
@@ -153,11 +161,21 @@ class StringRule:
         return count >= self.low and bool(states & self.nfa.accepting)
 
 
+def _writable(nfa: Nfa) -> Nfa:
+    """The automaton's edges cut to what a held string can write (a state left without a way to the end is then
+    not alive in the rule)."""
+    edges = tuple(
+        tuple((chars, t) for chars, t in ((intersect(chars, WRITABLE), t) for chars, t in out) if chars)
+        for out in nfa.edges
+    )
+    return Nfa(edges, nfa.accepting, nfa.start)
+
+
 def _decimal(value, name: str) -> Decimal:
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ValueError(f"{name!r} must be a number")
     try:
-        number = Decimal(repr(value)) if isinstance(value, float) else Decimal(value)
+        number = Decimal(value)  # a float's exact value: what Python compares an int written with
     except InvalidOperation:
         raise ValueError(f"{name!r} must be a finite number") from None
     if not number.is_finite():
@@ -198,11 +216,17 @@ class NumberBounds:
         if "exclusiveMaximum" in bounds and (high is None or bounds["exclusiveMaximum"] <= high):
             high, high_open = bounds["exclusiveMaximum"], True
         rule = cls(low, low_open, high, high_open, integer, step)
-        if not any(
-            rule.admits(start) for start in (b"-", b"0", b"1", b"2", b"3", b"4", b"5", b"6", b"7", b"8", b"9")
-        ):
+        if not integer:  # a float within the bounds, else an integer (between floats a float's step apart)
+            floats = cls(*_inside_float(low, low_open, 1), *_inside_float(high, high_open, -1), False)
+            rule = floats if floats._admits_any() else cls(low, low_open, high, high_open, True)
+        if not rule._admits_any():
             raise ValueError("no number lies within the bounds")
         return rule
+
+    def _admits_any(self) -> bool:
+        return any(
+            self.admits(start) for start in (b"-", b"0", b"1", b"2", b"3", b"4", b"5", b"6", b"7", b"8", b"9")
+        )
 
     def holds(self, text: bytes) -> bool:
         """Whether the whole number written is within the bounds."""
@@ -215,6 +239,10 @@ class NumberBounds:
 
     def admits(self, text: bytes) -> bool:
         """Whether some number written with `text` as its start (no exponent) is within the bounds."""
+        with localcontext(EXACT):
+            return self._admits(text)
+
+    def _admits(self, text: bytes) -> bool:
         negative, magnitude = text.startswith(b"-"), text.lstrip(b"-").decode()
         # the magnitudes starting that way: half-open intervals [a, b), b None for no end
         if not magnitude:
@@ -264,6 +292,24 @@ class NumberBounds:
         if right is None:
             return True
         return left < right or (left == right and left_closed and right_closed)
+
+
+def _inside_float(bound: Decimal | None, open_: bool, inward: int) -> tuple[Decimal | None, bool]:
+    """A low (`inward` 1) or high (-1) bound moved in to the nearest float within it (closed there): a number
+    with a fraction holds to that exactly when the float it reads as does (rounding keeps the order). A bound
+    past every float stays: the numbers beyond it read as an infinity, which is beyond it too."""
+    if bound is None:
+        return None, open_
+    value = float(bound)  # the nearest float (an infinity past the largest)
+    if math.isinf(value):
+        if (value > 0) == (inward > 0):
+            return bound, open_
+        value = math.copysign(sys.float_info.max, value)
+    while (Decimal(value) < bound if inward > 0 else Decimal(value) > bound) or (
+        open_ and Decimal(value) == bound
+    ):
+        value = math.nextafter(value, math.inf * inward)
+    return (bound, open_) if math.isinf(value) else (Decimal(value), False)
 
 
 def _neg(value: Decimal | None) -> Decimal | None:

@@ -119,8 +119,10 @@ def _strings(schema: Any) -> set[str] | None:
 
 
 def _is_type(value: Any, kind: str) -> bool:
-    if kind == "integer":
-        return isinstance(value, int) and not isinstance(value, bool)
+    if kind == "integer":  # as JSON schema counts: a number whose fraction is zero (1.0) too
+        return (isinstance(value, int) and not isinstance(value, bool)) or (
+            isinstance(value, float) and value.is_integer()
+        )
     if kind == "number":
         return isinstance(value, int | float) and not isinstance(value, bool)
     expected = {"object": dict, "array": list, "string": str, "boolean": bool, "null": type(None)}[kind]

@@ -59,16 +59,21 @@ class ToolCalling:
                 raise ToolError("tools", f"the parameters of {function['name']!r}: {e}") from None
 
     def _schema(self) -> dict:
-        called = [f for f in self.functions if self.named in (None, f["name"])]
+        """The answer format; each function's parameters go in its `$defs` (their own `#/...` references moved
+        with them: pydantic refers to a nested model's definition so), its calls' arguments refer there."""
+        called = [
+            (f"arguments{i}", f) for i, f in enumerate(self.functions) if self.named in (None, f["name"])
+        ]
         call = [
             {
                 "type": "object",
-                "properties": {"name": {"const": f["name"]}, "arguments": f["parameters"]},
+                "properties": {"name": {"const": f["name"]}, "arguments": {"$ref": f"#/$defs/{key}"}},
                 "required": ["name", "arguments"],
                 "additionalProperties": False,
             }
-            for f in called
+            for key, f in called
         ]
+        definitions = {key: _rebased(f["parameters"], f"#/$defs/{key}") for key, f in called}
         calls = {"type": "array", "items": {"anyOf": call}, "minItems": 1}
         if self.single:
             calls["maxItems"] = 1
@@ -79,14 +84,14 @@ class ToolCalling:
             "additionalProperties": False,
         }
         if self.required:
-            return calling
+            return {**calling, "$defs": definitions}
         answering = {
             "type": "object",
             "properties": {"response": {"type": "string"}},
             "required": ["response"],
             "additionalProperties": False,
         }
-        return {"anyOf": [calling, answering]}
+        return {"anyOf": [calling, answering], "$defs": definitions}
 
     def instruction(self) -> str:
         listed = json.dumps(
@@ -195,6 +200,29 @@ def _string_prefix(body: str) -> str:
         out.append(chr(code))
         i += 6
     return "".join(out)
+
+
+SUBSCHEMAS = frozenset({"items", "additionalProperties", "not"})  # keywords whose value is one schema
+SCHEMA_LISTS = frozenset({"anyOf", "oneOf", "allOf", "prefixItems"})  # ... a list of schemas
+SCHEMA_MAPS = frozenset({"properties", "$defs", "definitions"})  # ... names to schemas
+
+
+def _rebased(schema, base: str):
+    """`schema` with each reference into itself (`#`, `#/...`) made a reference into `base`, where it is put."""
+    if not isinstance(schema, dict):
+        return schema
+    out = {}
+    for key, value in schema.items():
+        if key == "$ref" and isinstance(value, str) and (value == "#" or value.startswith("#/")):
+            value = base + value[1:]
+        elif key in SUBSCHEMAS:
+            value = _rebased(value, base)
+        elif key in SCHEMA_LISTS and isinstance(value, list):
+            value = [_rebased(item, base) for item in value]
+        elif key in SCHEMA_MAPS and isinstance(value, dict):
+            value = {name: _rebased(item, base) for name, item in value.items()}
+        out[key] = value
+    return out
 
 
 def _function(tool: dict, index: int) -> dict:
