@@ -30,9 +30,11 @@ from safetensors.torch import load_file, save_file
 from transformers import (
     GenerationMixin,
     LogitsProcessorList,
+    MaxTimeCriteria,
     MinPLogitsWarper,
     PretrainedConfig,
     PreTrainedModel,
+    StoppingCriteriaList,
     TemperatureLogitsWarper,
     TopKLogitsWarper,
     TopPLogitsWarper,
@@ -62,15 +64,33 @@ logger = logging.getLogger(__name__)
 SUPPORTED_MODEL_TYPES = FAMILIES  # the block families the servers implement
 TUNING_MODES = ("ptune", "deep_ptune")
 DEFAULT_DRAFT_TOKENS = 5  # k of speculative decoding when the generation config sets no num_assistant_tokens
-# generation options that change the distribution beyond temperature / top-k / top-p: not applied by the
-# speculative loop, so refused there rather than ignored
+# generation options that change the tokens (or their number) beyond temperature / top-k / top-p / min-p: not
+# applied by the speculative loop, so refused there rather than ignored
 _UNSPECULATIVE = (
     "repetition_penalty",
     "no_repeat_ngram_size",
     "bad_words_ids",
     "min_new_tokens",
     "min_length",
+    "suppress_tokens",
+    "begin_suppress_tokens",
+    "sequence_bias",
+    "forced_bos_token_id",
+    "forced_eos_token_id",
+    "exponential_decay_length_penalty",
+    "typical_p",
+    "epsilon_cutoff",
+    "eta_cutoff",
+    "top_h",
+    "num_return_sequences",
+    "stop_strings",
+    "guidance_scale",
+    "watermarking_config",
 )
+# transformers' fill-ins for what neither the call nor the model's generation config sets (top_k 50 when
+# sampling) that the speculative loop takes too; max_length (new_tokens counts it) and num_assistant_tokens
+# (DEFAULT_DRAFT_TOKENS) are its own
+_NOT_DEFAULTED = ("max_length", "num_assistant_tokens")
 CLIENT_WEIGHTS_FILE = "client_weights.safetensors"  # trainable tensors the client holds (prompts, a head)
 DEFAULT_NEW_TOKENS = 20  # what transformers' generate adds when given neither max_new_tokens nor max_length
 
@@ -107,6 +127,17 @@ class RemoteSession:
     @property
     def max_length(self) -> int:
         return self.session.max_length - self.prompt_length
+
+    def for_batch(self, batch_size: int) -> InferenceSession:
+        """The session to step a batch of `batch_size` rows from position 0: this one, or, when its servers hold
+        rows of another batch size (a generate with beams or several sequences after one without), a new one in
+        its place, of the same length, prompts, adapter and compression (nothing held is of use then)."""
+        old = self.session
+        if old.hops and old.batch_size != batch_size:
+            run_sync(old.close())
+            self.session = InferenceSession(old.swarm, old.max_length, old.tuning, old.compression)
+            self.input_ids = self.attention_mask = None
+        return self.session
 
     def reusable_prefix(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor
@@ -371,19 +402,24 @@ class DistributedModelForCausalLM(DistributedModel, GenerationMixin):
                 raise TypeError("with assistant_model, pass generation options by keyword")
             return self._speculative_generate(inputs, **kwargs)
         kwargs["use_cache"] = False
+        config = kwargs.get("generation_config") or self.generation_config
+        embeds = kwargs.get("inputs_embeds")
+        if embeds is not None and (kwargs.get("num_beams", config.num_beams) or 1) > 1:
+            # transformers then sends each step's new tokens alone, without the beams they continue
+            raise NotImplementedError("beam search from inputs_embeds is not supported: pass input_ids")
         if self._active is not None:
             return super().generate(inputs, *args, **kwargs)
-        input_ids = inputs if inputs is not None else kwargs.get("input_ids")
-        if input_ids is None:
-            raise ValueError("generate needs input_ids")
-        config = kwargs.get("generation_config") or self.generation_config
+        prompt = inputs if inputs is not None else kwargs.get("input_ids")
+        prompt = embeds if embeds is not None else prompt
+        if prompt is None:
+            raise ValueError("generate needs input_ids or inputs_embeds")
         max_new = new_tokens(
             kwargs.get("max_new_tokens", config.max_new_tokens),
             kwargs.get("max_length", config.max_length),
-            input_ids.shape[1],
+            prompt.shape[1],
             getattr(self.config, "max_position_embeddings", None),
         )
-        with self.inference_session(max_length=input_ids.shape[1] + max_new):
+        with self.inference_session(max_length=prompt.shape[1] + max_new):
             return super().generate(inputs, *args, **kwargs)
 
     def _speculative_generate(self, inputs: torch.Tensor | None, **kwargs) -> torch.Tensor:
@@ -397,19 +433,27 @@ class DistributedModelForCausalLM(DistributedModel, GenerationMixin):
         generator = kwargs.pop("generator", None)
         streamer = kwargs.pop("streamer", None)
         record_logits = kwargs.pop("record_logits", None)
-        criteria = kwargs.pop("stopping_criteria", None)
+        criteria = StoppingCriteriaList(kwargs.pop("stopping_criteria", None) or [])  # a plain list too
         shaping = kwargs.pop("logits_processor", None) or []
         config = copy.deepcopy(kwargs.pop("generation_config", None) or self.generation_config)
         unused = config.update(**kwargs)
         unused.pop("use_cache", None)
         if unused:
             raise ValueError(f"unknown generation options {sorted(unused)}")
-        refused = [name for name in _UNSPECULATIVE if getattr(config, name, None) not in (None, 0, 1.0)]
+        defaults = config._get_default_generation_params()  # what transformers' generate fills in
+        config.update(**{k: v for k, v in defaults.items() if k not in _NOT_DEFAULTED}, defaults_only=True)
+        refused = [
+            name
+            for name in _UNSPECULATIVE
+            if getattr(config, name, None) not in (None, 0, defaults.get(name))
+        ]
         if refused or (config.num_beams or 1) > 1 or config.return_dict_in_generate:
             raise NotImplementedError(
                 f"speculative decoding supports greedy and sampling (temperature, top_k, top_p), not {refused}"
                 " / beams / return_dict_in_generate"
             )
+        if config.max_time is not None:
+            criteria.append(MaxTimeCriteria(config.max_time))
         if self.ptune is not None:
             raise NotImplementedError("speculative decoding with trainable prompts is not supported")
         if draft.config.vocab_size != self.config.vocab_size:
@@ -447,7 +491,8 @@ class DistributedModelForCausalLM(DistributedModel, GenerationMixin):
 
             def verify(tokens: torch.Tensor, position: int) -> torch.Tensor:
                 nonlocal held
-                hidden = run_sync(remote.session.step(self.head.embed(tokens), position=position))
+                session = remote.session if position else remote.for_batch(tokens.shape[0])
+                hidden = run_sync(session.step(self.head.embed(tokens), position=position))
                 held = torch.cat([held[:, :position], tokens], dim=1)
                 # what the servers hold, so that a later call in this session reuses it (this one may stop
                 # before its end: a streamer or a criterion that raises)
@@ -469,7 +514,7 @@ class DistributedModelForCausalLM(DistributedModel, GenerationMixin):
                 stats=stats,
                 held=held.shape[1],
                 streamer=streamer,
-                stop=None if criteria is None else lambda ids: bool(criteria(ids, None).all()),
+                stop=None if not criteria else lambda ids: bool(criteria(ids, None).all()),
                 record=record_logits,
             )
         return out
@@ -487,8 +532,8 @@ class DistributedModelForCausalLM(DistributedModel, GenerationMixin):
         Differentiable in whatever requires grad (prompts, the adapter, unfrozen local weights). The loss is
         transformers' own: a Trainer accumulating gradients passes `num_items_in_batch` and then leaves the loss
         unscaled, so it must divide the sum by it."""
-        if self._active is not None and input_ids is not None:
-            hidden = self._session_forward(input_ids, attention_mask)
+        if self._active is not None and (input_ids is not None or inputs_embeds is not None):
+            hidden = self._session_forward(input_ids, attention_mask, inputs_embeds)
         else:
             embeds = self.head.embed(input_ids) if inputs_embeds is None else inputs_embeds
             hidden = self._blocks(embeds, attention_mask)
@@ -499,21 +544,41 @@ class DistributedModelForCausalLM(DistributedModel, GenerationMixin):
             loss = ForCausalLMLoss(logits, labels, logits.shape[-1], num_items_in_batch)
         return CausalLMOutputWithPast(loss=loss, logits=logits)
 
-    def _session_forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    def _session_forward(
+        self,
+        input_ids: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
+        inputs_embeds: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Steps the active session. `inputs_embeds` are of tokens unknown: they reuse nothing held, and nothing
+        later matches them. `input_ids` shorter than `attention_mask` are the sequence's last tokens, the session
+        holding those before them (transformers' generate from inputs_embeds sends each new token alone)."""
         active, n = self._active, self.prompt_length
+        if inputs_embeds is not None:
+            input_ids = torch.full(inputs_embeds.shape[:2], -1, dtype=torch.long, device=inputs_embeds.device)
+        elif attention_mask is not None and attention_mask.shape[1] > input_ids.shape[1]:
+            before = attention_mask.shape[1] - input_ids.shape[1]
+            held = active.input_ids
+            if held is None or held.shape[0] != input_ids.shape[0] or active.position < before:
+                raise ValueError(
+                    f"input_ids of {input_ids.shape[1]} tokens with an attention_mask of {attention_mask.shape[1]}:"
+                    f" the session does not hold the {before} tokens before them"
+                )
+            input_ids = torch.cat([held[:, :before], input_ids], dim=1)
         mask = (
             torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
         )
-        start, reorder = active.reusable_prefix(input_ids, mask)
+        start, reorder = (0, None) if inputs_embeds is not None else active.reusable_prefix(input_ids, mask)
         start = min(start, input_ids.shape[1] - 1)
         new_mask = mask[:, start:]
-        hidden = self.head.embed(input_ids[:, start:])
+        hidden = self.head.embed(input_ids[:, start:]) if inputs_embeds is None else inputs_embeds
         if n and start == 0:  # the prompts go first, once
             hidden = self.ptune.prepend(hidden)
             new_mask = torch.cat([new_mask.new_ones(new_mask.shape[0], n), new_mask], dim=1)
         padded = not bool(mask.all())
         position = start + n if start else 0
-        step = active.session.step(hidden, new_mask if padded else None, position=position, reorder=reorder)
+        session = active.session if start else active.for_batch(hidden.shape[0])
+        step = session.step(hidden, new_mask if padded else None, position=position, reorder=reorder)
         out = run_sync(step)
         active.input_ids, active.attention_mask = input_ids, mask
         return out[:, n:] if n and start == 0 else out
