@@ -248,6 +248,41 @@ def test_sequence_classification_trains_its_head_and_prompts(swarm, llama_checkp
         model.shutdown()
 
 
+def test_a_classifiers_adapter_is_peft_seq_cls_with_its_head(swarm, llama_checkpoint, tmp_path):
+    """A LoRA-tuned classifier saves PEFT's SEQ_CLS folder: its head beside the LoRA, so that PEFT on
+    transformers' classifier gives its logits, and `load_adapter` brings both back."""
+    from transformers import AutoModelForSequenceClassification
+
+    local, _ = swarm
+    config = peft.LoraConfig(task_type="SEQ_CLS", **LORA)
+
+    def classifier():
+        model = remote_model(
+            llama_checkpoint, local, cls=AutoDistributedModelForSequenceClassification, num_labels=3
+        )
+        model.add_adapter(config)
+        return model
+
+    model, other = classifier(), classifier()
+    try:
+        assert {n for n, p in model.named_parameters() if p.requires_grad} >= {"score.weight"}
+        model.lora.load_tensors(random_lora(model.block_config, model.lora.settings, 5))
+        x = ids(batch=1, length=6, seed=3)
+        with torch.no_grad():
+            ours = model(x).logits
+        model.save_pretrained(tmp_path)
+        assert not (tmp_path / "client_weights.safetensors").exists()  # the head is in PEFT's file
+        base = AutoModelForSequenceClassification.from_pretrained(llama_checkpoint, num_labels=3)
+        theirs = peft.PeftModel.from_pretrained(base, tmp_path).eval()
+        with torch.no_grad():
+            torch.testing.assert_close(ours, theirs(x).logits, **TOL)
+            other.load_adapter(tmp_path)
+            torch.testing.assert_close(other(x).logits, ours, **TOL)
+    finally:
+        model.shutdown()
+        other.shutdown()
+
+
 def test_hosted_adapter_routes_only_via_servers_announcing_it(swarm, llama_checkpoint):
     local, hosted = swarm
     model = remote_model(llama_checkpoint, local, chain=False, active_adapter=HOSTED)

@@ -13,6 +13,7 @@ from swarmllm.models.lora import (
     LoraSettings,
     lora_shapes,
     read_peft_adapter,
+    read_peft_head,
     span_lora,
     tensor_name,
     write_peft_adapter,
@@ -115,3 +116,37 @@ def test_dropout_masks_repeat_with_the_seed_and_gradients_reach_a_and_b(model):
     assert torch.equal(first, again) and not torch.equal(first, other)
     first.sum().backward()
     assert all(t.grad is not None and t.grad.abs().sum() > 0 for t in tensors.values())
+
+
+def test_a_classifiers_adapter_as_peft_writes_it_serves_and_gives_its_head(model, llama_checkpoint, tmp_path):
+    """PEFT's SEQ_CLS adapter (task_type SEQ_CLS, the trained `score` head under modules_to_save) loads on a
+    server, which takes its LoRA, and on a client, which takes the head too; ours is written alike."""
+    from transformers import AutoModelForSequenceClassification
+
+    _, span = model
+    base = AutoModelForSequenceClassification.from_pretrained(llama_checkpoint, num_labels=3)
+    config = peft.LoraConfig(task_type="SEQ_CLS", r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"])
+    theirs = peft.get_peft_model(base, config)
+    with torch.no_grad():
+        for name, parameter in theirs.named_parameters():
+            if "lora_B" in name or "modules_to_save" in name:
+                parameter.normal_(generator=torch.Generator().manual_seed(len(name)))
+    theirs.save_pretrained(tmp_path / "peft")
+    settings, tensors = read_peft_adapter(tmp_path / "peft", span.config)
+    assert settings == LoraSettings(rank=2, alpha=4, modules=("q_proj", "v_proj"))
+    assert tensors.keys() == lora_shapes(span.config, settings, range(4)).keys()
+    head = read_peft_head(tmp_path / "peft")
+    trained = theirs.base_model.model.score.modules_to_save["default"].weight
+    assert head is not None and torch.equal(head, trained.detach())
+
+    write_peft_adapter(tmp_path / "ours", settings, tensors, str(llama_checkpoint), score=head)
+    again = peft.PeftModel.from_pretrained(
+        AutoModelForSequenceClassification.from_pretrained(llama_checkpoint, num_labels=3), tmp_path / "ours"
+    )
+    ids = torch.randint(3, 100, (1, 6), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids).logits, theirs.eval()(ids).logits)
+    assert read_peft_head(tmp_path / "ours") is not None
+    # a causal LM's adapter holds no head
+    write_peft_adapter(tmp_path / "causal", settings, tensors, str(llama_checkpoint))
+    assert read_peft_head(tmp_path / "causal") is None

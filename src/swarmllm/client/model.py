@@ -56,7 +56,13 @@ from swarmllm.client.tuning import Tuning
 from swarmllm.dht.records import dht_prefix_for
 from swarmllm.models import BlockConfig, ClientHead, load_client_head
 from swarmllm.models.llama import FAMILIES
-from swarmllm.models.lora import CONFIG_FILE, LoraSettings, read_peft_adapter, write_peft_adapter
+from swarmllm.models.lora import (
+    CONFIG_FILE,
+    LoraSettings,
+    read_peft_adapter,
+    read_peft_head,
+    write_peft_adapter,
+)
 from swarmllm.models.packed import PackedCopy
 
 logger = logging.getLogger(__name__)
@@ -267,10 +273,12 @@ class DistributedModel(PreTrainedModel):
         the local transformers model), plus the client-side trainable tensors (prompts, a head) if any."""
         path = Path(save_directory)
         path.mkdir(parents=True, exist_ok=True)
-        if self.lora is not None:
-            write_peft_adapter(path, self.lora.settings, self.lora.tensors(), self.name_or_path)
         own = {n: p.detach().contiguous() for n, p in self.named_parameters() if p.requires_grad}
         own = {n: p for n, p in own.items() if not n.startswith("lora.")}
+        if self.lora is not None:
+            # a classifier's head goes in PEFT's file, as PEFT saves a SEQ_CLS adapter (modules_to_save)
+            score = own.pop("score.weight", None)
+            write_peft_adapter(path, self.lora.settings, self.lora.tensors(), self.name_or_path, score=score)
         if own:
             save_file(own, path / CLIENT_WEIGHTS_FILE)
         if self.lora is None and not own:
@@ -285,13 +293,19 @@ class DistributedModel(PreTrainedModel):
                 self.lora = None
                 self.add_adapter(settings.to_peft_dict(), adapter_name)
             self.lora.load_tensors(tensors)
+            if (head := read_peft_head(path)) is not None:
+                self._load_own({"score.weight": head}, path)
         if (path / CLIENT_WEIGHTS_FILE).exists():
-            params = dict(self.named_parameters())
-            with torch.no_grad():
-                for name, tensor in load_file(path / CLIENT_WEIGHTS_FILE).items():
-                    if name not in params or params[name].shape != tensor.shape:
-                        raise ValueError(f"{path}: {name} does not fit this model")
-                    params[name].copy_(tensor)
+            self._load_own(load_file(path / CLIENT_WEIGHTS_FILE), path)
+
+    def _load_own(self, tensors: dict[str, torch.Tensor], path: Path) -> None:
+        """Copy saved client-side tensors (prompts, a classifier's head) into this model's parameters."""
+        params = dict(self.named_parameters())
+        with torch.no_grad():
+            for name, tensor in tensors.items():
+                if name not in params or params[name].shape != tensor.shape:
+                    raise ValueError(f"{path}: {name} does not fit this model")
+                params[name].copy_(tensor)
 
     def _blocks(self, embeds: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         """The input's hidden states after every block (prompts prepended, and cut off again)."""

@@ -36,6 +36,10 @@ MODULES = {
 }
 _LAYER_SEED_STRIDE = 0x9E3779B97F4A7C15  # odd, so (seed + layer * stride) mod 2**64 differs for every layer
 _PEFT_KEY = re.compile(r"base_model\.model\.model\.layers\.(\d+)\.(\w+\.\w+)\.(lora_[AB])\.weight")
+# a sequence classifier's adapter (PEFT's task_type SEQ_CLS) also trains and saves the model's head, whichever
+# of these names it has (Llama-style models call it `score`); the client holds it, servers never use it
+CLASSIFIER_HEADS = ("classifier", "score")
+_HEAD_KEY = re.compile(r"base_model\.model\.(classifier|score)\.weight")
 
 
 @dataclass(frozen=True)
@@ -76,10 +80,13 @@ class LoraSettings:
         ):
             if get(option, neutral) != neutral:
                 raise ValueError(f"LoRA option {option}={get(option)!r} is not supported")
-        # PEFT would also train copies of modules_to_save (the LM head, ...), and leave exclude_modules unadapted
-        for option in ("modules_to_save", "exclude_modules"):
-            if get(option):
-                raise ValueError(f"LoRA option {option}={get(option)!r} is not supported")
+        # PEFT would also train copies of modules_to_save (the LM head, ...), and leave exclude_modules unadapted;
+        # a classifier's head is the one it may save, held by the client
+        if get("exclude_modules"):
+            raise ValueError(f"LoRA option exclude_modules={get('exclude_modules')!r} is not supported")
+        to_save = get("modules_to_save")
+        if to_save and not (get("task_type") == "SEQ_CLS" and set(to_save) <= set(CLASSIFIER_HEADS)):
+            raise ValueError(f"LoRA option modules_to_save={to_save!r} is not supported")
         if get("rank_pattern") or get("alpha_pattern"):
             raise ValueError("per-module ranks or alphas (rank_pattern, alpha_pattern) are not supported")
         return cls(
@@ -209,14 +216,22 @@ def peft_key(name: str) -> str:
 
 
 def write_peft_adapter(
-    path: str | Path, settings: LoraSettings, tensors: dict[str, Tensor], base_model: str
+    path: str | Path,
+    settings: LoraSettings,
+    tensors: dict[str, Tensor],
+    base_model: str,
+    score: Tensor | None = None,
 ) -> None:
-    """A standard PEFT LoRA folder: `adapter_config.json` and `adapter_model.safetensors`."""
+    """A standard PEFT LoRA folder: `adapter_config.json` and `adapter_model.safetensors`; with a sequence
+    classifier's `score` head, PEFT's SEQ_CLS adapter, which holds the trained head too."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
+    task = {"task_type": "CAUSAL_LM"}
+    if score is not None:
+        task = {"task_type": "SEQ_CLS", "modules_to_save": list(CLASSIFIER_HEADS)}
     config = {
         "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
+        **task,
         "base_model_name_or_path": base_model,
         "bias": "none",
         "inference_mode": True,
@@ -226,6 +241,8 @@ def write_peft_adapter(
     }
     (path / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     state = {peft_key(name): t.detach().to("cpu").contiguous() for name, t in tensors.items()}
+    if score is not None:
+        state["base_model.model.score.weight"] = score.detach().to("cpu").contiguous()
     save_file(state, path / WEIGHTS_FILE, metadata={"format": "pt"})
 
 
@@ -239,6 +256,8 @@ def read_peft_adapter(path: str | Path, config: BlockConfig) -> tuple[LoraSettin
     settings = LoraSettings.from_peft(raw)
     tensors = {}
     for key, tensor in load_file(path / WEIGHTS_FILE).items():
+        if _saves_head(raw) and _HEAD_KEY.fullmatch(key):
+            continue  # the classifier's head: `read_peft_head`
         match = _PEFT_KEY.fullmatch(key)
         if match is None:
             raise ValueError(
@@ -256,3 +275,19 @@ def read_peft_adapter(path: str | Path, config: BlockConfig) -> tuple[LoraSettin
             f"{path}: adapter does not fit the model (missing {missing}, extra {extra}, shape of {wrong})"
         )
     return settings, tensors
+
+
+def _saves_head(raw: dict) -> bool:
+    """Whether an adapter's config (`adapter_config.json`) says it saved a classifier's head."""
+    return raw.get("task_type") == "SEQ_CLS" and bool(raw.get("modules_to_save"))
+
+
+def read_peft_head(path: str | Path) -> Tensor | None:
+    """A SEQ_CLS adapter's classifier head (its weight), or None when the folder holds none."""
+    path = Path(path)
+    if not _saves_head(json.loads((path / CONFIG_FILE).read_text())):
+        return None
+    heads = [t for key, t in load_file(path / WEIGHTS_FILE).items() if _HEAD_KEY.fullmatch(key)]
+    if len(heads) != 1:
+        raise ValueError(f"{path}: a classifier's adapter must hold one head, found {len(heads)}")
+    return heads[0]
