@@ -1,12 +1,13 @@
 """The command line's common mistakes, tried as a new user would (real `swarmllm` processes): each ends with one
 clear line on stderr and exit status 1, with no traceback unless `-v` asks for it."""
 
+import os
 import socket
 import subprocess
-import sys
 
 import pytest
 
+from swarmllm.forking import forked
 from swarmllm.local import LocalSwarm
 
 UNREACHABLE_PEER = "/ip4/127.0.0.1/tcp/{port}/p2p/QmYyQSo1c1Ym7orWxLYvCrM2EmxFTANf8wXmmE7DWjhx5N"
@@ -18,25 +19,20 @@ def swarmllm(*args: str, timeout_s: float = 120) -> subprocess.CompletedProcess:
 
 
 def swarmllms(*commands: list[str], timeout_s: float = 120) -> list[subprocess.CompletedProcess]:
-    """Several `swarmllm` runs at once (each spends seconds importing; the machine's cores share that)."""
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-m", "swarmllm.cli", *args],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for args in commands
-    ]
+    """Several `swarmllm` runs at once, forked from a warm interpreter (`swarmllm.forking`: a cold one spends
+    seconds importing). A forked process has one pipe for stdout and stderr: both fields hold it."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    procs = [forked(args, env) for args in commands]
     done = []
     for args, proc in zip(commands, procs, strict=True):
         try:
-            out, err = proc.communicate(timeout=timeout_s)
+            proc.wait(timeout_s)
         except subprocess.TimeoutExpired:
             for other in procs:
                 other.kill()
             raise
-        done.append(subprocess.CompletedProcess(args, proc.returncode, out, err))
+        output = proc.stdout.read()
+        done.append(subprocess.CompletedProcess(args, proc.returncode, output, output))
     return done
 
 
