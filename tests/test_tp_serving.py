@@ -2,8 +2,7 @@
 127.0.0.1. It generates the same greedy tokens as a TP=1 server of the same checkpoint, hands a ladder pair (r, p)
 to the next server where its span ends inside a ladder region, and refuses what it cannot do yet."""
 
-import subprocess
-import sys
+import os
 
 import pytest
 import torch
@@ -11,6 +10,7 @@ from transformers import AutoModelForCausalLM
 
 from swarmllm import AutoDistributedModelForCausalLM
 from swarmllm.client.loop import run_sync
+from swarmllm.forking import forked
 from swarmllm.local import LocalSwarm
 from swarmllm.models.causal_lm import load_causal_lm
 from swarmllm.models.convert import convert_to_ladder
@@ -44,7 +44,9 @@ def test_a_tp2_server_generates_the_tokens_of_a_tp1_server(local, llama_checkpoi
         got = two.generate(PROMPT, max_new_tokens=NEW_TOKENS, do_sample=False)
         assert got.tolist() == want.tolist()
         reference = AutoModelForCausalLM.from_pretrained(llama_checkpoint, dtype=torch.float32).eval()
-        assert want.tolist() == reference.generate(PROMPT, max_new_tokens=NEW_TOKENS, do_sample=False).tolist()
+        assert (
+            want.tolist() == reference.generate(PROMPT, max_new_tokens=NEW_TOKENS, do_sample=False).tolist()
+        )
         with torch.no_grad():
             torch.testing.assert_close(two(PROMPT).logits, one(PROMPT).logits, atol=1e-4, rtol=0)
         (server,) = run_sync(two.swarm.servers())
@@ -73,10 +75,8 @@ def test_a_tp2_server_hands_the_ladder_pair_to_the_next_server(local, checkpoint
 
 
 def test_tp_needs_pinned_blocks():
-    done = subprocess.run(
-        [sys.executable, "-m", "swarmllm.cli", "serve", "some-model", "--new-swarm", "--tp", "2"],
-        capture_output=True,
-        text=True,
-        timeout=120,
+    proc = forked(
+        ["serve", "some-model", "--new-swarm", "--tp", "2"], {**os.environ, "PYTHONUNBUFFERED": "1"}
     )
-    assert done.returncode == 2 and "--tp 2 needs --blocks" in done.stderr, done
+    code, output = proc.wait(120), proc.stdout.read()  # (a forked process: one pipe for stdout and stderr)
+    assert code == 2 and "--tp 2 needs --blocks" in output, output

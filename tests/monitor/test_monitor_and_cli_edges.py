@@ -3,14 +3,14 @@ and flag values that must end in one line (argparse's, or `swarmllm CMD: ...` wi
 traceback. In-process where the command fails before anything starts; `swarmllm serve` runs as a process (it
 sets the environment and imports torch)."""
 
-import subprocess
-import sys
+import os
 
 import pytest
 from server_infos import online_server
 
 from swarmllm.cli import build_parser, main
 from swarmllm.dht import ModelInfo, ServerState
+from swarmllm.forking import forked
 from swarmllm.monitor.state import swarm_state
 
 MODEL = ModelInfo(dht_prefix="m", num_blocks=4)
@@ -91,20 +91,14 @@ def test_serve_values_known_wrong_only_beside_the_model_are_one_line(tmp_path, l
             "--tp 4: num_kv_heads=2 does not split over 4 tensor-parallel ranks",
         ),
     ]
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-m", "swarmllm.cli", "serve", str(model), "--new-swarm", *flags],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for model, flags, _ in runs
-    ]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # forked from a warm interpreter: one pipe for both streams
+    procs = [forked(["serve", str(model), "--new-swarm", *flags], env) for model, flags, _ in runs]
     try:
         for proc, (_, _, expected) in zip(procs, runs, strict=True):
-            _, err = proc.communicate(timeout=120)
-            assert proc.returncode == 1, err
-            assert expected in one_line(err, "serve")
+            code = proc.wait(120)
+            output = proc.stdout.read()
+            assert code == 1, output
+            assert expected in one_line(output, "serve")
     finally:
         for proc in procs:
             proc.kill()
