@@ -172,3 +172,21 @@ def test_generates_of_other_batch_sizes_in_one_session_equal_transformers(models
     torch.manual_seed(5)
     want.append(local.generate(want[0], max_new_tokens=4, do_sample=True, num_return_sequences=2))
     assert [g.tolist() for g in got] == [w.tolist() for w in want]
+
+
+def test_per_layer_outputs_are_refused_not_answered_with_none(models):
+    """The servers return only the last block's hidden states: asking for every layer's, or for attentions,
+    is an error, as a silent None would only fail later, in the caller's code."""
+    model, _, tokenizer = models
+    ids = tokenizer(PROMPTS[:1], return_tensors="pt")["input_ids"]
+    for option in ("output_hidden_states", "output_attentions"):
+        with pytest.raises(NotImplementedError, match=option):
+            model.generate(
+                ids, max_new_tokens=2, do_sample=False, return_dict_in_generate=True, **{option: True}
+            )
+        with pytest.raises(NotImplementedError, match=option), torch.no_grad():
+            model(ids, **{option: True})
+    out = model.generate(
+        ids, max_new_tokens=2, do_sample=False, return_dict_in_generate=True, output_scores=True
+    )
+    assert out.sequences.shape == (1, ids.shape[1] + 2) and len(out.scores) == 2

@@ -169,6 +169,14 @@ class RemoteSession:
         return (int(mismatch[0]) if len(mismatch) else n), None
 
 
+def _refuse_layer_outputs(options: dict) -> None:
+    """transformers' per-layer outputs: the blocks run on servers, which return only the last block's hidden
+    states, so asking for them is refused rather than answered with None (generate passes them on too)."""
+    for option in ("output_hidden_states", "output_attentions"):
+        if options.get(option):
+            raise NotImplementedError(f"{option}: the servers return no per-layer states or attentions")
+
+
 class DistributedModel(PreTrainedModel):
     """What every distributed model shares: the local head, the swarm, prompts and adapters. On its own, the
     base model (`AutoDistributedModel`): the final hidden states, e.g. for embeddings."""
@@ -226,6 +234,7 @@ class DistributedModel(PreTrainedModel):
             hf_config.num_hidden_layers,
             active_adapter=active_adapter,
             ladder_layers=BlockConfig.from_hf(hf_config).ladder_layers,
+            hidden_size=hf_config.hidden_size,
             **options,
         )
         run_sync(swarm.start())
@@ -334,9 +343,10 @@ class DistributedModel(PreTrainedModel):
         input_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
-        **_: object,
+        **options: object,
     ) -> BaseModelOutputWithPast:
         """The base model's output, as transformers' `AutoModel` gives it: `last_hidden_state`."""
+        _refuse_layer_outputs(options)
         hidden = self.hidden_states(input_ids, attention_mask, inputs_embeds)
         return BaseModelOutputWithPast(last_hidden_state=hidden)
 
@@ -540,12 +550,13 @@ class DistributedModelForCausalLM(DistributedModel, GenerationMixin):
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         num_items_in_batch: torch.Tensor | int | None = None,
-        **_: object,
+        **options: object,
     ) -> CausalLMOutputWithPast:
         """Logits of the tokens sent: all of them without a session; inside one, only those it had not seen.
         Differentiable in whatever requires grad (prompts, the adapter, unfrozen local weights). The loss is
         transformers' own: a Trainer accumulating gradients passes `num_items_in_batch` and then leaves the loss
         unscaled, so it must divide the sum by it."""
+        _refuse_layer_outputs(options)
         if self._active is not None and (input_ids is not None or inputs_embeds is not None):
             hidden = self._session_forward(input_ids, attention_mask, inputs_embeds)
         else:
@@ -624,8 +635,9 @@ class DistributedModelForSequenceClassification(DistributedModel):
         attention_mask: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
-        **_: object,
+        **options: object,
     ) -> SequenceClassifierOutput:
+        _refuse_layer_outputs(options)
         hidden = self.hidden_states(input_ids, attention_mask, inputs_embeds)
         pooled = hidden[:, -1] if attention_mask is None else last_tokens(hidden, attention_mask)
         logits = self.score(pooled.to(self.score.weight.dtype))
