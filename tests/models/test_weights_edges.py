@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import json
+import shutil
+
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import AutoModel, AutoModelForCausalLM
 
 from swarmllm.models import load_client_head, load_span
@@ -36,6 +40,45 @@ def test_a_base_model_checkpoint_without_the_model_prefix_loads_as_transformers_
         hidden = load_span(base, 0, 1)(head.embed(ids))
         got = head.logits(upper(hidden))
     torch.testing.assert_close(got, want, rtol=0, atol=LOGITS_ATOL)
+
+
+@pytest.mark.parametrize(("family", "shard"), [("llama", False), ("qwen2", True)])
+def test_a_checkpoint_of_pytorch_bin_files_loads_as_its_safetensors_twin(
+    checkpoints, tmp_path, family, shard
+):
+    """Older hub repositories hold `pytorch_model.bin` (or shards with `pytorch_model.bin.index.json`) instead of
+    safetensors, which transformers still reads: the same weights give the same logits."""
+    source = checkpoints(family, shard=shard)
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    for file in source.iterdir():
+        if file.suffix == ".safetensors":
+            torch.save(
+                load_file(file),
+                legacy / file.name.replace("model", "pytorch_model").replace(".safetensors", ".bin"),
+            )
+        elif file.name == "model.safetensors.index.json":
+            index = json.loads(file.read_text())
+            index["weight_map"] = {
+                name: shard_file.replace("model", "pytorch_model").replace(".safetensors", ".bin")
+                for name, shard_file in index["weight_map"].items()
+            }
+            (legacy / "pytorch_model.bin.index.json").write_text(json.dumps(index))
+        else:
+            shutil.copy(file, legacy / file.name)
+    assert not list(legacy.glob("*.safetensors"))
+    assert (legacy / "pytorch_model.bin.index.json").exists() == shard
+    hf = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
+    ids = torch.randint(4, 150, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = hf(ids).logits
+        _, head = load_client_head(legacy, dtype=torch.bfloat16)
+        span = load_span(legacy, 0, hf.config.num_hidden_layers, dtype=torch.bfloat16)
+        assert {t.dtype for t in span.state_dict().values() if t.is_floating_point()} == {torch.bfloat16}
+        _, head32 = load_client_head(legacy)
+        got = head32.logits(load_span(legacy, 0, hf.config.num_hidden_layers)(head32.embed(ids)))
+    torch.testing.assert_close(got, want, rtol=0, atol=LOGITS_ATOL)
+    assert head.embed_tokens.weight.dtype == torch.bfloat16
 
 
 def test_greedy_generation_of_no_new_tokens_returns_the_prompt(checkpoints):

@@ -37,6 +37,9 @@ logger = logging.getLogger(__name__)
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+# PyTorch's pickled weights, which older hub repositories hold instead (read only where no safetensors are)
+BIN_FILE = "pytorch_model.bin"
+BIN_INDEX_FILE = "pytorch_model.bin.index.json"
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 HEAD_TENSORS = {
     "model.embed_tokens.weight": "embed_tokens.weight",
@@ -199,14 +202,21 @@ def _locate(
     root = resolve_checkpoint(name_or_path, revision=revision, cache_dir=cache_dir, allow_patterns=["*.json"])
     if (root / INDEX_FILE).is_file():
         weight_map = json.loads((root / INDEX_FILE).read_text())["weight_map"]
+    elif (root / BIN_INDEX_FILE).is_file():
+        weight_map = json.loads((root / BIN_INDEX_FILE).read_text())["weight_map"]
     else:
         root = resolve_checkpoint(
-            name_or_path, revision=revision, cache_dir=cache_dir, allow_patterns=[SINGLE_FILE]
+            name_or_path, revision=revision, cache_dir=cache_dir, allow_patterns=[SINGLE_FILE, BIN_FILE]
         )
-        if not (root / SINGLE_FILE).is_file():
-            raise FileNotFoundError(f"{name_or_path}: neither {INDEX_FILE} nor {SINGLE_FILE} found")
-        with safe_open(root / SINGLE_FILE, framework="pt") as f:
-            weight_map = dict.fromkeys(f.keys(), SINGLE_FILE)
+        if (root / SINGLE_FILE).is_file():
+            with safe_open(root / SINGLE_FILE, framework="pt") as f:
+                weight_map = dict.fromkeys(f.keys(), SINGLE_FILE)
+        elif (root / BIN_FILE).is_file():
+            weight_map = dict.fromkeys(_load_bin(root / BIN_FILE), BIN_FILE)
+        else:
+            raise FileNotFoundError(
+                f"{name_or_path}: none of {INDEX_FILE}, {SINGLE_FILE}, {BIN_INDEX_FILE}, {BIN_FILE} found"
+            )
     stored = our_names(weight_map)
     weight_map = {ours: weight_map[name] for ours, name in stored.items()}
     files = files_for_tensors(weight_map, select(weight_map))
@@ -238,7 +248,25 @@ def _tensor_reader(
     file_of = {name: file for file, names in files.items() for name in names}
     with ExitStack() as stack:
         handles = {
-            file: stack.enter_context(safe_open(root / file, framework="pt", device=str(device)))
+            file: _load_bin(root / file)
+            if file.endswith(".bin")
+            else stack.enter_context(safe_open(root / file, framework="pt", device=str(device)))
             for file in files
         }
-        yield lambda name: handles[file_of[name]].get_tensor(stored[name]).to(dtype)
+
+        def read(name: str) -> torch.Tensor:
+            handle, key = handles[file_of[name]], stored[name]
+            if isinstance(handle, dict):  # a .bin file's tensors, on the CPU
+                return handle[key].to(device=device, dtype=dtype)
+            return handle.get_tensor(key).to(dtype)
+
+        yield read
+
+
+def _load_bin(path: Path) -> dict[str, torch.Tensor]:
+    """A `pytorch_model.bin` file's tensors: memory-mapped (only what is read is paged in) and unpickled with
+    `weights_only` (a checkpoint from a stranger runs no code)."""
+    try:
+        return torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except RuntimeError:  # the legacy (pre-zip) format cannot be memory-mapped: read it whole
+        return torch.load(path, map_location="cpu", weights_only=True)
