@@ -43,7 +43,15 @@ import torch
 from swarmllm.client.hop import History, HopSession, KeptInput
 from swarmllm.client.replies import CorruptOutputError, push_failure
 from swarmllm.client.routing import Hop
-from swarmllm.client.swarm import HOP_FAILURES, SpotCheck, State, SwarmClient, corrupt_output_error, describe
+from swarmllm.client.swarm import (
+    HOP_FAILURES,
+    SpotCheck,
+    State,
+    SwarmClient,
+    check_input,
+    corrupt_output_error,
+    describe,
+)
 from swarmllm.client.tuning import NO_TUNING, Tuning
 from swarmllm.client.verify import should_check
 from swarmllm.wire import Message, RemoteError, WireError
@@ -102,12 +110,15 @@ class InferenceSession:
         self.max_length = max_length
         self.position = 0
         self.batch_size: int | None = None
+        self.hidden_size = swarm.hidden_size  # the model's, or else that of the first step taken
         self._hops: list[HopSession] = []
         self._steps = 0
         self.reorders = 0  # steps that reordered the rows (beam search)
         self.pushed_hops = 0  # hop inputs that a server pushed to the next one (the client did not send them)
         self.last_timings: list[HopTiming] = []
         self.failovers: list[Failover] = []
+        # servers that refused to open this session for what it asks (batch size, length): routed around, unbanned
+        self._refused: dict[str, RemoteError] = {}
         self.closed = False
 
     @property
@@ -136,6 +147,7 @@ class InferenceSession:
         `position`, all that every server still holds."""
         if self.closed:
             raise RuntimeError("the inference session is closed")
+        check_input(hidden, key_mask, self.hidden_size)
         position = self.position if position is None else position
         if not 0 <= position <= self.position:
             raise ValueError(f"position {position} is outside [0, {self.position}]")
@@ -266,6 +278,7 @@ class InferenceSession:
                 check.cancel()
         self.last_timings = timings
         self.position = end
+        self.hidden_size = hidden.shape[2]
         return hidden
 
     def _maybe_check(
@@ -318,7 +331,11 @@ class InferenceSession:
         while True:
             began = time.perf_counter()
             hops = await self.swarm.route_inference(
-                start=start, end=end, min_cache_tokens=self.batch_size * self.max_length, failure=failure
+                start=start,
+                end=end,
+                min_cache_tokens=self.batch_size * self.max_length,
+                failure=failure,
+                refused=self._refused,
             )
             routed = time.perf_counter()
             route_s += routed - began
@@ -353,7 +370,10 @@ class InferenceSession:
             except HOP_FAILURES as e:
                 replay_s += time.perf_counter() - routed
                 logger.info("%s failed while joining the session (%s); trying another", new[-1], describe(e))
-                self.swarm.ban(new[-1].peer_id, e)
+                if _refused_opening(e):
+                    self._refused[new[-1].peer_id] = e
+                else:
+                    self.swarm.ban(new[-1].peer_id, e)
                 failure = e
                 for hop in new:
                     await hop.close()
@@ -368,7 +388,9 @@ class InferenceSession:
         leaving = isinstance(error, RemoteError) and error.code == "server_leaving"
         if leaving and self.swarm.handed_back_again(failed.peer_id):
             leaving = False
-        if not leaving and not isinstance(error, CorruptOutputError):  # a spot check banned it already
+        if _refused_opening(error):  # what the session asks, not the server, is at fault: not banned
+            self._refused[failed.peer_id] = error
+        elif not leaving and not isinstance(error, CorruptOutputError):  # a spot check banned it already
             self.swarm.ban(failed.peer_id, error)
         replaced = self._hops[i:] if to_end else [failed]
         for hop in replaced:
@@ -447,6 +469,12 @@ class _Fallback:
     def cancel(self) -> None:
         if self.task is not None:
             self.task.cancel()
+
+
+def _refused_opening(error: BaseException) -> bool:
+    """Whether a server refused to open the session for what it asks (a batch size or length beyond its limits):
+    that ends the stream with an error, where a refused step is answered in-band (SessionError)."""
+    return isinstance(error, RemoteError) and error.code == "bad_request"
 
 
 def _concat(history: History) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:

@@ -36,7 +36,7 @@ import os
 import random
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar
 
@@ -70,6 +70,7 @@ from swarmllm.wire import (
 )
 from swarmllm.wire.compression import check_codec
 from swarmllm.wire.messages import BackwardReply, BackwardRequest, ForwardRequest, OpenSession, Step
+from swarmllm.wire.validation import FLOAT_DTYPES, all_finite
 
 if TYPE_CHECKING:
     from swarmllm.client.session import Failover
@@ -140,6 +141,28 @@ def joined(hidden: torch.Tensor, pending: torch.Tensor | None) -> torch.Tensor:
     return hidden if pending is None else torch.cat([hidden, pending.to(hidden.dtype)], dim=-1)
 
 
+def check_input(
+    hidden: torch.Tensor, key_mask: torch.Tensor | None, hidden_size: int | None, name: str = "hidden states"
+) -> None:
+    """Refuse the caller's input with a ValueError where every server would refuse it (`server.handler`: a
+    non-empty [batch, tokens, hidden] tensor of a float dtype, finite; a bool key mask [batch, tokens]): a
+    server's refusal counts as its failure, so sending it would ban healthy servers for the caller's error."""
+    if hidden.ndim != 3 or 0 in hidden.shape or hidden.dtype not in FLOAT_DTYPES:
+        raise ValueError(
+            f"{name} must be a non-empty [batch, tokens, hidden] tensor of {[str(d) for d in FLOAT_DTYPES]}, "
+            f"got {hidden.dtype} {tuple(hidden.shape)}"
+        )
+    if hidden_size is not None and hidden.shape[2] != hidden_size:
+        raise ValueError(f"{name} of size {hidden.shape[2]}, where the model's hidden size is {hidden_size}")
+    if key_mask is not None and (key_mask.dtype != torch.bool or key_mask.shape != hidden.shape[:2]):
+        raise ValueError(
+            f"key_mask must be a bool tensor of shape {tuple(hidden.shape[:2])} (batch, tokens), got "
+            f"{key_mask.dtype} {tuple(key_mask.shape)}"
+        )
+    if not all_finite(hidden):
+        raise ValueError(f"{name} contain NaN or infinity")
+
+
 class SwarmClient:
     def __init__(
         self,
@@ -168,8 +191,11 @@ class SwarmClient:
         max_micro_batches: int = 4,
         compression: str = "none",
         ladder_layers: Sequence[int] = (),
+        hidden_size: int | None = None,
     ):
         self.initial_peers = list(initial_peers)
+        # the model's hidden size, when known: inputs of another size are refused here (see `check_input`)
+        self.hidden_size = hidden_size
         # the model's Ladder Residual layers (its config's): which boundaries carry (r, p), and which servers fit
         self.ladder_layers = tuple(ladder_layers)
         self.ladder = layer_ranges(self.ladder_layers)
@@ -398,13 +424,30 @@ class SwarmClient:
         end: int | None = None,
         min_cache_tokens: int = 0,
         failure: BaseException | None = None,
+        refused: Mapping[str, RemoteError] | None = None,
     ) -> list[Hop]:
-        """The fastest chain over [start, end) among usable servers (see `route`)."""
+        """The fastest chain over [start, end) among usable servers (see `route`), but for those that `refused`
+        to open the session (its batch size or length: the request's fault, not theirs, so they are not
+        banned); a ValueError with their reasons at once when the blocks have no other server."""
 
         def plan(servers: list[ServerInfo]) -> list[Hop]:
-            return route_inference(
-                servers, self.num_blocks, self.rtt_s, start=start, end=end, min_cache_tokens=min_cache_tokens
-            )
+            def chain(over: list[ServerInfo]) -> list[Hop]:
+                return route_inference(
+                    over, self.num_blocks, self.rtt_s, start=start, end=end, min_cache_tokens=min_cache_tokens
+                )
+
+            willing = [s for s in servers if s.peer_id not in (refused or {})]
+            try:
+                return chain(willing)
+            except MissingBlocksError:
+                if len(willing) == len(servers):
+                    raise
+                chain(servers)  # (a MissingBlocksError still when the refusing servers would not cover them)
+                reasons = sorted({e.message for e in refused.values()})
+                raise ValueError(
+                    f"the servers of blocks [{start}, {self.num_blocks if end is None else end}) refuse this "
+                    "session: " + "; ".join(reasons)
+                ) from None
 
         return await self.route(plan, failure=failure)
 
@@ -434,6 +477,7 @@ class SwarmClient:
         A spot check that finds a hop's output wrong makes the forward start again from that hop's input.
         `tuning`: deep prompts and an adapter for this request.
         """
+        check_input(hidden, key_mask, self.hidden_size)
         batch, length = hidden.shape[:2]
         failure: BaseException | None = None
         while True:
@@ -445,9 +489,11 @@ class SwarmClient:
             try:
                 outputs = await self._pipelined_forward(hops, hidden, key_mask, chunk, tuning)
             except HopFailed as e:
-                # no room for the temporary sessions (the whole cache, or this client's share of it): go hop
-                # by hop through plain forwards, which hold no cache
-                if isinstance(e.cause, RemoteError) and e.cause.code in ("cache_full", "quota", "busy"):
+                # no room for the temporary sessions (the whole cache, or this client's share of it), or sessions
+                # of more rows or positions than a server takes (`bad_request`, the input's fault, not the
+                # server's): go hop by hop through plain forwards, which hold no cache
+                codes = ("cache_full", "quota", "busy", "bad_request")
+                if isinstance(e.cause, RemoteError) and e.cause.code in codes:
                     break
                 logger.warning("%s; computing the batch again on another route", e)
                 self.ban(e.hop.peer_id, e.cause)
@@ -751,6 +797,7 @@ class SwarmClient:
         micro-batches concurrently, so that they pipeline along the chain. Spot checked as plain forwards are
         when the adapter has no dropout (with dropout, the masks drawn differ when other servers split the
         blocks differently): a hop found wrong is computed again, from its input, on other servers."""
+        check_input(hidden, key_mask, self.hidden_size)
         checked = tuning.dropout_seed is None
 
         async def micro_batch(rows: slice) -> tuple[torch.Tensor, list[tuple[Hop, State]]]:
@@ -798,6 +845,7 @@ class SwarmClient:
         computed from the hop's kept input, then their backwards run in reverse. Without adapter dropout, a
         random `spot_check_fraction` of the hops' backwards is computed again on other servers before its
         gradients are used (`spot_check_backward`); a hop found wrong is replaced as a failed one is."""
+        check_input(grad, None, self.hidden_size, "gradients of the output")
         checked = tuning.dropout_seed is None
 
         async def micro_batch(rows: slice, hops: list[tuple[Hop, State]]):
@@ -952,7 +1000,12 @@ class SwarmClient:
                 finally:
                     sender.cancel()
 
-            await asyncio.gather(*(stage(i, stream) for i, stream in enumerate(streams)))
+            stages = [asyncio.ensure_future(stage(i, stream)) for i, stream in enumerate(streams)]
+            try:
+                await asyncio.gather(*stages)
+            finally:
+                for task in stages:  # a failed stage's successors would wait for its chunks for ever
+                    task.cancel()
             return [_cat_states(chunks) for chunks in outputs]
         finally:
             for stream in streams:
