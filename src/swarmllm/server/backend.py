@@ -636,6 +636,11 @@ class Backend:
         for projection in self._packed:
             projection.repack(rows)
 
+    def failure(self) -> str | None:
+        """Why this backend can no longer compute (every later step would fail), or None while it can; the
+        server leaves the swarm when it says so (`server.server`)."""
+        return None
+
     def set_threads(self, threads: int) -> Future:
         """Torch's CPU thread count for the compute thread too (each thread keeps the count it started with).
         A compiled decode step then compiles for it (`DecodeRunner.warm_up`) on a thread of its own, so that

@@ -155,6 +155,12 @@ def _peer(context: CallContext) -> str:
     return context.peer_id or _ANONYMOUS
 
 
+def _check_compute(backend: Backend) -> None:
+    """`compute_failed` where the backend can no longer compute (the server announces offline and exits)."""
+    if (why := backend.failure()) is not None:
+        raise RequestError("compute_failed", f"this server's compute failed ({why}); it is leaving the swarm")
+
+
 # what the server needs to push: a connection to a peer, given its id
 Connector = Callable[[str], Awaitable[Connection]]
 
@@ -203,6 +209,7 @@ class RequestHandler:
         forward_bytes = self._activation_bytes(limits.max_forward_tokens) + prompt_bytes
         handlers = Handlers()
         handlers.admit = self._admit
+        handlers.refused = self.metrics.refused  # (a frame over its method's cap, refused by the wire)
         handlers.add_unary("info", self.rpc_info, max_payload_bytes=0)
         handlers.add_unary("ping", self.rpc_ping, max_payload_bytes=PING_MAX_BYTES)
         handlers.add_unary("forward", self.rpc_forward, max_payload_bytes=forward_bytes)
@@ -435,6 +442,7 @@ class RequestHandler:
         loop, task = asyncio.get_running_loop(), asyncio.current_task()
         try:
             while True:
+                _check_compute(backend)
                 if self.leaving or backend is not self.backend:
                     raise self._refusal("server_leaving", "this server is leaving these blocks")
                 try:
@@ -486,6 +494,9 @@ class RequestHandler:
                     except RequestError as e:
                         target.parts = None
                         reply = StepError.from_request_error(e).to_message()
+                    except Exception:  # a step that failed because the compute is gone ends the session
+                        _check_compute(backend)
+                        raise
                 # the stream's task sends the reply while we wait here: a client that stops reading makes that
                 # send wait for ever, so a deadline ends the whole call (and this session, in `finally`)
                 deadline = loop.call_later(self.limits.reply_timeout_s, self._reply_late, task, session)
@@ -528,7 +539,7 @@ class RequestHandler:
         try:
             target.inbox.put_nowait(_Pushed(message.meta, message.tensors, step))
         except asyncio.QueueFull:
-            raise RequestError("busy", "the session's queue is full") from None
+            raise self._refusal("busy", "the session's queue is full") from None
 
     async def _step(
         self, backend: Backend, session: Session, step: Step, compression: str, target: _SessionInbox

@@ -5,12 +5,15 @@ only once both transports answer, and OFFLINE on SIGTERM/SIGINT, before it hands
 clients (each finishes the step it has, then ends with `server_leaving`) and exits. A server that chose its
 blocks checks every balance period (and at once when a connection to a peer breaks) whether the swarm is better
 off with it elsewhere (`balancing.next_move`), and moves the same way: new blocks joining, online, then the
-sessions on the old ones handed back.
+sessions on the old ones handed back. A server whose compute breaks (a tensor-parallel rank died:
+`Backend.failure`) leaves the same way, its sessions ending with `compute_failed`, and exits with status 1; so
+does one whose DHT process died (no announcement or look-up would ever be answered), its sessions handed back.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import multiprocessing
@@ -70,6 +73,10 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 class ServeConfigError(ValueError):
     """A setting that does not fit the model, known only once its config is read (the CLI prints one line)."""
+
+
+class DhtGone(RuntimeError):
+    """The server's DHT process exited: no announcement or look-up will ever be answered."""
 
 
 @dataclass
@@ -155,6 +162,7 @@ class Server:
         self._main: asyncio.Task | None = None  # run(), cancelled by a signal during start-up
         self._serving = False  # start-up is done: a signal asks for a graceful leave
         self.stopped_by: int | None = None  # the signal that stopped the server
+        self.failed: str | None = None  # why its compute or DHT broke: it left for that (and exits with 1)
 
     def stop(self) -> None:
         self._stop.set()
@@ -314,6 +322,9 @@ class Server:
                     break
                 except TimeoutError:
                     pass
+                if (why := self._failure()) is not None:  # it cannot go on as a server: leave, for a restart
+                    self._fail(why)
+                    break
                 now, lost = time.monotonic(), self.pool.drop_broken()
                 if now >= next_announce:
                     next_announce = now + cfg.update_period_s
@@ -330,12 +341,15 @@ class Server:
                     next_balance = time.monotonic() + (
                         UNSETTLED_CHECK_S if unsettled else cfg.balance_period_s
                     )
+        except DhtGone:
+            pass  # (`_on_dht` said why) its sessions are handed back all the same
         finally:
             for task in (host_watch, self._network_task):
                 if task is not None:
                     task.cancel()
             self.state = ServerState.OFFLINE
-            await self._announce()
+            with contextlib.suppress(DhtGone):
+                await self._announce()
             await handler.leave(cfg.leave_timeout_s)
             await direct.stop()
             if metrics_page is not None:
@@ -343,6 +357,32 @@ class Server:
             await self.pool.close()
             self.backend.shutdown()
             logger.info("server %s left the swarm", self.identity.peer_id)
+
+    def _failure(self) -> str | None:
+        """Why this server cannot go on serving (its compute or its DHT is gone), or None."""
+        if not self.dht.is_alive():
+            return f"the DHT process (pid {self.dht.pid}) exited with status {self.dht.exitcode}"
+        why = self.backend.failure() if self.backend is not None else None
+        return None if why is None else f"compute failed: {why}"
+
+    def _fail(self, why: str) -> None:
+        if self.failed is None:
+            self.failed = why
+            logger.error("%s; leaving the swarm", why)
+
+    async def _on_dht(self, request):
+        """The answer of a DHT request (a coroutine); DhtGone where the DHT process is dead or dies meanwhile
+        (hivemind's future would wait for its answer for ever)."""
+        task = asyncio.ensure_future(request)
+        try:
+            while not task.done():
+                if not self.dht.is_alive():
+                    self._fail(self._failure())
+                    raise DhtGone(self.failed)
+                await asyncio.wait({task}, timeout=WATCH_S)
+            return task.result()
+        finally:
+            task.cancel()
 
     def _load(self, start: int, end: int) -> BlockSpan | TensorParallelSpan:
         """Blocks [start, end) in this process, or sharded over `tp` processes (each with its share of the
@@ -459,9 +499,26 @@ class Server:
             ),
         )
         # the joining records go out while the blocks load (a store may wait seconds on a slow DHT peer)
-        span, _ = await asyncio.gather(load, self._announce(joining, blocks=new_blocks))
+        joining_records = self._announce(joining, blocks=new_blocks)
+        span, _ = await asyncio.gather(load, joining_records, return_exceptions=True)
         loaded = time.perf_counter()
-        self.backend = await self._make_backend(span)
+        try:
+            if isinstance(span, BaseException):
+                raise span
+            backend = await self._make_backend(span)
+        except Exception as e:  # (e.g. out of memory, a missing shard) the old blocks still serve: keep them
+            logger.warning(
+                "moving to blocks [%d, %d) failed (%s: %s); serving [%d, %d) still",
+                start,
+                end,
+                type(e).__name__,
+                str(e).splitlines()[0] if str(e) else "",
+                old_start,
+                old_end,
+            )
+            await self._announce(info.model_copy(update={"state": ServerState.OFFLINE}), blocks=new_blocks)
+            return
+        self.backend = backend
         if self.compiles:  # the new span's step compiles on the compute thread; until then steps run eagerly
             self.backend.set_threads(torch.get_num_threads())
         self.handler.use_backend(self.backend)
@@ -621,7 +678,7 @@ class Server:
     async def _find_servers(self) -> list[ServerInfo]:
         """The model's servers that serve our checkpoint: those of another one under the same name (other ladder
         layers) are never chained with us, so they neither cover our blocks nor take our pushes."""
-        found = await find_servers(self.dht, self.dht_prefix, self.model_info.num_blocks)
+        found = await self._on_dht(find_servers(self.dht, self.dht_prefix, self.model_info.num_blocks))
         return [s for s in found if s.ladder == self.ladder]
 
     def _measure_network_soon(self) -> None:
@@ -650,9 +707,10 @@ class Server:
     async def _announce(self, info: ServerInfo | None = None, blocks: list[int] | None = None) -> None:
         expiration = self.config.expiration_s or 3 * self.config.update_period_s
         info = info or self._info()
-        ok = await announce(
+        store = announce(
             self.dht, self.owner_tag, self.dht_prefix, info, self.model_info, expiration, blocks=blocks
         )
+        ok = await self._on_dht(store)
         if not ok:
             logger.warning(
                 "announcing %s to the DHT failed; retrying next period%s",
@@ -684,3 +742,5 @@ def run_server(config: ServerConfig) -> None:
             os._exit(128 + server.stopped_by)
         except KeyboardInterrupt:
             sys.exit(130)
+    if server.failed is not None:  # (the log said why) a supervisor restarts a server that exits in error
+        sys.exit(1)

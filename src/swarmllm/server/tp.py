@@ -167,6 +167,13 @@ class TensorParallelSpan:
         else:
             self._stop_workers(stopped=True)
 
+    def failure(self) -> str | None:
+        """Why the span can no longer run (a rank's process is gone: every later call would fail), or None."""
+        for rank, worker in enumerate(self._workers, 1):
+            if not worker.is_alive():
+                return f"tensor-parallel rank {rank} (pid {worker.pid}) exited with status {worker.exitcode}"
+        return None
+
     def _stop_workers(self, *, stopped: bool) -> None:
         """Wait for the other ranks to leave (`stopped`: they were told to), else end them; leave the group."""
         for worker in self._workers:

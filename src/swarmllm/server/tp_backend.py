@@ -94,6 +94,9 @@ class TensorParallelBackend(Backend):
         session.length = end
         return self._on_host(*out)  # (on a GPU, copied on the compute thread's stream: `Backend._host`)
 
+    def failure(self) -> str | None:
+        return self.parallel.failure()
+
     def shutdown(self) -> None:
         """Close the sessions, then stop the other ranks (after the calls already queued for them)."""
         for session in list(self.sessions.values()):

@@ -151,6 +151,8 @@ class Handlers:
         # read and before its payload is: a RequestError refuses the call and its payload is dropped unread and
         # never decoded (a peer over its request rate costs the server next to nothing); None admits every call
         self.admit: Callable[[str | None], RequestError | None] | None = None
+        # told the code of each call the connection refuses by itself (`too_large`), for the server's count
+        self.refused: Callable[[str], None] | None = None
 
     def add_unary(self, method: str, fn: UnaryHandler, *, max_payload_bytes: int | None = None) -> None:
         self._check_new(method, max_payload_bytes)
@@ -597,14 +599,19 @@ async def serve_connection(
             if (refusal := refused.pop(frame.call_id, None)) is not None:
                 out.write_error(frame.call_id, refusal.code, refusal.message)
             elif frame.method in methods:
-                out.write_error(frame.call_id, "too_large", str(error))
+                too_large(frame.call_id, error)
             else:
                 out.write_error(frame.call_id, "unknown_method", f"no method {frame.method!r}")
             return
         call = calls.pop(frame.call_id, None)
         if call is not None:  # a stream message too large for its method ends the stream
             call.task.cancel()
-            out.write_error(frame.call_id, "too_large", str(error))
+            too_large(frame.call_id, error)
+
+    def too_large(call_id: int, error: PayloadTooLarge) -> None:
+        if handlers.refused is not None:
+            handlers.refused("too_large")
+        out.write_error(call_id, "too_large", str(error))
 
     clock = FrameClock(limits, frame_late)
 
