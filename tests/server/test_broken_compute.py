@@ -201,7 +201,10 @@ def test_a_move_whose_load_fails_keeps_the_server_on_its_blocks_with_its_session
         (path / "model.safetensors").unlink()  # the weights of [0, 2) can no longer be loaded here
         first.kill()  # [0, 2) lost its only server: the mover's move is due
         server.wait_for(lambda s: "moving from blocks [2, 4) to [0, 2)" in s, 60)
-        server.wait_for(lambda s: "move" in s and "failed" in s, 60)
+        server.wait_for(lambda s: "move" in s and "failed" in s and "no move for 2 s" in s, 60)
+        # it tries again no sooner, and then waits twice as long (a move failing out of memory is not retried
+        # every few seconds); meanwhile it serves its blocks
+        server.wait_for(lambda s: "move" in s and "failed" in s and "no move for 4 s" in s, 60)
         run_sync(stream.send(Message({"position": 2}, [hidden[:, 2:]])))
         torch.testing.assert_close(
             run_sync(stream.recv(timeout=60)).tensors[0], want[:, 2:], atol=ATOL, rtol=0

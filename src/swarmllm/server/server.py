@@ -68,6 +68,7 @@ PING_TIMEOUT_S = 3.0
 HOST_CHECK_S = 2.0  # how often a CPU server looks for other servers on its host
 WATCH_S = 1.0  # how often the server looks for broken connections to its peers (one may have died)
 UNSETTLED_CHECK_S = 2.0  # while a move is due (by us or another server), check again this soon
+MAX_MOVE_BACKOFF_S = 600.0  # a move that keeps failing (out of memory, ...) is tried at most this rarely
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -163,6 +164,9 @@ class Server:
         self._serving = False  # start-up is done: a signal asks for a graceful leave
         self.stopped_by: int | None = None  # the signal that stopped the server
         self.failed: str | None = None  # why its compute or DHT broke: it left for that (and exits with 1)
+        # after a failed move, none before _move_retry_at (monotonic); the wait doubles with each failure
+        self._move_backoff_s = 0.0
+        self._move_retry_at = 0.0
 
     def stop(self) -> None:
         self._stop.set()
@@ -458,6 +462,8 @@ class Server:
         move = next_move(self.model_info.num_blocks, spans, movable=movable, lookahead=True)
         logger.debug("rebalancing over %s as %d: %s", spans, me, move)
         if move is not None and move[0] == me:
+            if time.monotonic() < self._move_retry_at:
+                return False  # our last move failed: not again before its back-off ends
             await self._move(*move[1])
         return move is not None
 
@@ -507,18 +513,21 @@ class Server:
                 raise span
             backend = await self._make_backend(span)
         except Exception as e:  # (e.g. out of memory, a missing shard) the old blocks still serve: keep them
+            backoff = min(max(2 * self._move_backoff_s, cfg.balance_period_s), MAX_MOVE_BACKOFF_S)
+            self._move_backoff_s, self._move_retry_at = backoff, time.monotonic() + backoff
             logger.warning(
-                "moving to blocks [%d, %d) failed (%s: %s); serving [%d, %d) still",
+                "moving to blocks [%d, %d) failed (%s: %s); serving [%d, %d) still, no move for %.0f s",
                 start,
                 end,
                 type(e).__name__,
                 str(e).splitlines()[0] if str(e) else "",
                 old_start,
                 old_end,
+                backoff,
             )
             await self._announce(info.model_copy(update={"state": ServerState.OFFLINE}), blocks=new_blocks)
             return
-        self.backend = backend
+        self.backend, self._move_backoff_s = backend, 0.0
         if self.compiles:  # the new span's step compiles on the compute thread; until then steps run eagerly
             self.backend.set_threads(torch.get_num_threads())
         self.handler.use_backend(self.backend)
