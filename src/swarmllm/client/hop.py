@@ -133,6 +133,8 @@ class HopSession:
         self.session_id = secrets.token_urlsafe(24)  # what the previous server must quote to push to us
         self.history = History()
         self.answered = False  # the server has answered a step: its session is open, pushes into it can land
+        # why it failed, while it is closed and awaits a replacement (its replacement failed; see InferenceSession)
+        self.failure: BaseException | None = None
         self._stream: Stream | None = None
 
     def __repr__(self) -> str:

@@ -53,7 +53,7 @@ from swarmllm.client.swarm import (
     describe,
 )
 from swarmllm.client.tuning import NO_TUNING, Tuning
-from swarmllm.client.verify import should_check
+from swarmllm.client.verify import COMPRESSION_TOLERANCE, should_check
 from swarmllm.wire import Message, RemoteError, WireError
 from swarmllm.wire.compression import check_codec
 from swarmllm.wire.messages import PushTarget, Step
@@ -187,6 +187,9 @@ class InferenceSession:
         inputs: list[State] = []  # each hop's input of this step
         checks: list[tuple[HopSession, asyncio.Future[SpotCheck]]] = []
         try:
+            # hops whose replacement failed at a step before get it first
+            for hop in [h for h in self._hops if h.failure is not None]:
+                await self._replace(self._hops.index(hop), hop.failure, again=True)
             while True:
                 while i < len(self._hops):
                     hop = self._hops[i]
@@ -290,10 +293,13 @@ class InferenceSession:
         if not should_check(swarm.spot_rng, swarm.spot_check_fraction):
             return None
         hidden, key_mask, pending = _concat(hop.history)
+        # the output came in this session's codec, the checkers' forwards travel in the client's: the coarser
+        # one's error widens the tolerance
+        codec = max(
+            self.compression, swarm.compression, key=lambda c: COMPRESSION_TOLERANCE.get(c, float("inf"))
+        )
         return asyncio.ensure_future(
-            swarm.spot_check(
-                hop.hop, hidden, key_mask, output, self.tuning, self.compression, pending, output_pending
-            )
+            swarm.spot_check(hop.hop, hidden, key_mask, output, self.tuning, codec, pending, output_pending)
         )
 
     async def _first_wrong(
@@ -366,6 +372,10 @@ class InferenceSession:
                         x = await new[-1].replay(
                             x, self.swarm.deadline_s(hop, tokens, decode=False, floor_s=floor_s), reordered_at
                         )
+                if self.closed:  # meanwhile, by another thread: nobody would close these
+                    for hop in new:
+                        await hop.close()
+                    raise RuntimeError("the inference session was closed during this step")
                 return new, route_s, replay_s + time.perf_counter() - routed
             except HOP_FAILURES as e:
                 replay_s += time.perf_counter() - routed
@@ -378,20 +388,27 @@ class InferenceSession:
                 for hop in new:
                     await hop.close()
 
-    async def _replace(self, i: int, error: BaseException, *, to_end: bool = False) -> None:
+    async def _replace(
+        self, i: int, error: BaseException, *, to_end: bool = False, again: bool = False
+    ) -> None:
         """Replace hop i, which failed with `error`, by servers that hold its blocks, brought to its state;
-        `to_end`: every hop after it too (its outputs were wrong, so theirs may be)."""
+        `to_end`: every hop after it too (its outputs were wrong, so theirs may be). `again`: a replacement of
+        it failed before (its server was dealt with then). If this one fails, hop i stays, closed, covering
+        every replaced hop's blocks with its own kept inputs, for the next step to replace."""
         failed = self._hops[i]
+        if self.closed:  # by another thread while this step ran: its hops were closed, not failed
+            raise RuntimeError("the inference session was closed during this step") from error
         logger.info("%s failed (%s); replacing it", failed, describe(error))
-        # one that moved or leaves in order is healthy and not banned, unless it hands sessions back again and
-        # again (a server could otherwise keep every client re-routing forever)
-        leaving = isinstance(error, RemoteError) and error.code == "server_leaving"
-        if leaving and self.swarm.handed_back_again(failed.peer_id):
-            leaving = False
-        if _refused_opening(error):  # what the session asks, not the server, is at fault: not banned
-            self._refused[failed.peer_id] = error
-        elif not leaving and not isinstance(error, CorruptOutputError):  # a spot check banned it already
-            self.swarm.ban(failed.peer_id, error)
+        if not again:
+            # one that moved or leaves in order is healthy and not banned, unless it hands sessions back again
+            # and again (a server could otherwise keep every client re-routing forever)
+            leaving = isinstance(error, RemoteError) and error.code == "server_leaving"
+            if leaving and self.swarm.handed_back_again(failed.peer_id):
+                leaving = False
+            if _refused_opening(error):  # what the session asks, not the server, is at fault: not banned
+                self._refused[failed.peer_id] = error
+            elif not leaving and not isinstance(error, CorruptOutputError):  # a spot check banned it already
+                self.swarm.ban(failed.peer_id, error)
         replaced = self._hops[i:] if to_end else [failed]
         for hop in replaced:
             await hop.close()
@@ -402,6 +419,13 @@ class InferenceSession:
                 failed.start, end, accept_from, failed.history.entries, error, failed.history.reordered_at
             )
         except Exception as e:
+            # the step fails, and the next one replaces hop i first (`failure`): it stays, closed, for the blocks
+            # of every replaced hop, since after a wrong hop only its own kept inputs are right (the later
+            # hops' are its outputs), and the client's closing of its stream is no new fault of its server
+            failed.hop = Hop(failed.peer_id, failed.start, end)
+            failed.returns_pending = self.swarm.carries_pending(end)
+            failed.failure = error
+            self._hops[i : i + len(replaced)] = [failed]
             e.add_note(f"while replacing {failed}, which failed with {describe(error)}")
             raise
         self._hops[i : i + len(replaced)] = new
