@@ -12,6 +12,7 @@ from swarmllm.wire import (
     ConnectionPool,
     DirectServer,
     Frame,
+    FrameError,
     Handlers,
     Identity,
     Kind,
@@ -195,3 +196,14 @@ async def test_an_open_stream_that_times_out_is_ended_at_the_server(server_ident
             await peer.client.open_stream("probe", Message(), timeout=0.1)
         peer.release.set()
         await asyncio.wait_for(peer.probe_done.wait(), BOUND)
+
+
+def test_an_empty_tensor_too_wide_for_any_frame_fails_its_send_not_the_connection():
+    """The reader refuses an empty tensor whose other dimensions could not fit a frame (and closes the connection
+    over it); the sender applies the same rule, so that only the call fails."""
+    limits = WireLimits()
+    wide = torch.empty(0, limits.max_payload_bytes // 2)  # no bytes, but 2 GiB a row of floats
+    with pytest.raises(FrameError, match="larger than any frame"):
+        encode_frame(Frame(Kind.MESSAGE, 0, Message({}, [wide])), limits)
+    fits = torch.empty(0, 16)
+    assert encode_frame(Frame(Kind.MESSAGE, 0, Message({}, [fits])), limits)

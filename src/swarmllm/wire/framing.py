@@ -187,6 +187,15 @@ class RemoteError(WireError):
         self.message = message
 
 
+def _extent(shape: tuple[int, ...]) -> int:
+    """The elements a tensor of `shape` would hold with each empty dimension counted as 1: what its other
+    dimensions span (torch cannot make a tensor whose sizes or strides overflow int64, empty or not)."""
+    extent = 1
+    for dim in shape:
+        extent *= max(dim, 1)
+    return extent
+
+
 def _aligned(offset: int) -> int:
     return (offset + _ALIGN - 1) // _ALIGN * _ALIGN
 
@@ -222,6 +231,9 @@ def encode_frame(frame: Frame, limits: WireLimits | None = None) -> list[bytes |
         shape = tuple(tensor.shape)
         if limits is not None and len(shape) > limits.max_dims:
             raise FrameError(f"tensor of {len(shape)} dims (max {limits.max_dims})")
+        if limits is not None and _extent(shape) * tensor.element_size() > limits.max_payload_bytes:
+            # the reader's rule: even an empty tensor's other dims must fit a frame
+            raise FrameError(f"tensor shape {shape} is larger than any frame may carry")
         head.append(struct.pack(f"<BB{len(shape)}Q", code, len(shape), *shape))
         data = _tensor_bytes(tensor)
         if data.nbytes:
@@ -368,11 +380,10 @@ def _parse_descriptors(
             raise FrameError("truncated tensor shape")
         shape = struct.unpack_from(f"<{ndim}Q", head, pos)
         pos += ndim * _DIM.size
-        count = extent = 1
+        count = 1
         for dim in shape:
             count *= dim
-            extent *= max(dim, 1)
-        if extent * dtype.itemsize > limits.max_payload_bytes:
+        if _extent(shape) * dtype.itemsize > limits.max_payload_bytes:
             # even an empty tensor's other dims must fit a frame: torch cannot make one with int64-overflowing
             # sizes or strides
             raise FrameError(f"tensor shape {shape} is larger than any frame may carry")
