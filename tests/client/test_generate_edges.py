@@ -6,16 +6,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from server_infos import online_server
+from in_process import model_over_one_server
 from transformers import AutoModelForCausalLM, AutoTokenizer, StoppingCriteria, StoppingCriteriaList
-
-from swarmllm.client.loop import run_sync
-from swarmllm.client.model import DistributedModelForCausalLM
-from swarmllm.client.swarm import SwarmClient
-from swarmllm.models import load_client_head, load_span
-from swarmllm.server.backend import Backend
-from swarmllm.server.handler import RequestHandler
-from swarmllm.wire import DirectServer, Identity
 
 PROMPTS = ["the cat and the dog sat", "hello", "a b c"]
 
@@ -24,28 +16,12 @@ PROMPTS = ["the cat and the dog sat", "hello", "a b c"]
 def models(llama_checkpoint):
     """(the model over one in-process server of every block, the local transformers model, its tokenizer)."""
     path = str(llama_checkpoint)
-    config, head = load_client_head(path)
-    blocks = config.num_hidden_layers
-    identity = Identity.generate()
-
-    async def start() -> DirectServer:
-        server = DirectServer(
-            RequestHandler(Backend(load_span(path, 0, blocks), cache_tokens=4096), dict).handlers(), identity
-        )
-        await server.start()
-        return server
-
-    server = run_sync(start())
-    swarm = SwarmClient([], "generate-edges", blocks, missing_blocks_timeout_s=0)
-    swarm.use_servers([online_server(identity.peer_id, 0, blocks, address=server.address)])
-    model = DistributedModelForCausalLM(config, head, swarm).eval()
-    model.generation_config.use_cache = False
     local = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
     tokenizer.padding_side = "left"
-    yield model, local, tokenizer
-    run_sync(swarm.shutdown())
-    run_sync(server.stop())
+    with model_over_one_server(path, "generate-edges") as model:
+        model.generation_config.use_cache = False
+        yield model, local, tokenizer
 
 
 def test_generate_from_inputs_embeds_equals_transformers(models):

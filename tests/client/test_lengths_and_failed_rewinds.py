@@ -8,15 +8,14 @@ import copy
 
 import pytest
 import torch
+from in_process import model_over_one_server
 from server_infos import online_server
 from transformers import AutoModelForCausalLM
 
-from swarmllm.client.loop import run_sync
-from swarmllm.client.model import DistributedModelForCausalLM
 from swarmllm.client.routing import MissingBlocksError
 from swarmllm.client.session import InferenceSession
 from swarmllm.client.swarm import SwarmClient
-from swarmllm.models import load_client_head, load_span
+from swarmllm.models import load_span
 from swarmllm.server.backend import Backend
 from swarmllm.server.handler import RequestHandler
 from swarmllm.wire import DirectServer, Identity, RequestError
@@ -26,30 +25,14 @@ from swarmllm.wire import DirectServer, Identity, RequestError
 def models(llama_checkpoint):
     """(the model over one in-process server of every block, the local transformers model, a close draft)."""
     path = str(llama_checkpoint)
-    config, head = load_client_head(path)
-    blocks = config.num_hidden_layers
-    identity = Identity.generate()
-
-    async def start() -> DirectServer:
-        server = DirectServer(
-            RequestHandler(Backend(load_span(path, 0, blocks), cache_tokens=4096), dict).handlers(), identity
-        )
-        await server.start()
-        return server
-
-    server = run_sync(start())
-    swarm = SwarmClient([], "lengths-client", blocks, missing_blocks_timeout_s=0)
-    swarm.use_servers([online_server(identity.peer_id, 0, blocks, address=server.address)])
-    model = DistributedModelForCausalLM(config, head, swarm).eval()
     local = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     draft = copy.deepcopy(local)
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
         for p in draft.parameters():
             p.add_(torch.randn(p.shape, generator=generator) * 1e-3)
-    yield model, local, draft
-    run_sync(swarm.shutdown())
-    run_sync(server.stop())
+    with model_over_one_server(path, "lengths-client") as model:
+        yield model, local, draft
 
 
 def test_generate_without_a_length_adds_transformers_default_20_tokens(models):

@@ -15,6 +15,7 @@ import threading
 import psutil
 import pytest
 import torch
+from in_process import refusals
 
 from swarmllm import AutoDistributedModelForCausalLM
 from swarmllm.client.loop import run_sync
@@ -122,11 +123,6 @@ async def test_a_step_that_fails_because_a_rank_died_ends_its_session_with_compu
         backend.shutdown()
 
 
-def _refusals(metrics, reason: str) -> float:
-    value = metrics.registry.get_sample_value("swarmllm_server_refusals_total", {"reason": reason})
-    return 0.0 if value is None else value
-
-
 async def test_refusals_the_wire_and_the_push_queue_answer_are_counted(checkpoints):
     """README: `swarmllm_server_refusals_total{reason=...busy...too_large}` counts refused requests. A forward
     whose payload is over the method's cap is refused by the wire before it reaches the handler (`too_large`), and
@@ -147,7 +143,7 @@ async def test_refusals_the_wire_and_the_push_queue_answer_are_counted(checkpoin
         with pytest.raises(RemoteError) as info:
             await conn.call("forward", Message({"start": 0, "end": 4}, [hidden]))
         assert info.value.code == "too_large"
-        assert _refusals(handler.metrics, "too_large") == 1
+        assert refusals(handler.metrics, "too_large") == 1
 
         opening = {"start": 0, "end": 4, "batch_size": 1, "max_length": 64, "session_id": "a" * 24}
         stream = await conn.open_stream("inference", Message({**opening, "accept_push_from": pusher.peer_id}))
@@ -160,7 +156,7 @@ async def test_refusals_the_wire_and_the_push_queue_answer_are_counted(checkpoin
         for _ in range(STREAM_QUEUE_SIZE + 1):  # more than the session's queue holds while its step waits
             await previous.notify("push", push, lambda e: refused.done() or refused.set_result(e))
         assert (await asyncio.wait_for(refused, 10)).code == "busy"
-        assert _refusals(handler.metrics, "busy") == 1
+        assert refusals(handler.metrics, "busy") == 1
         gate.set()
         blocker.result(timeout=10)
         assert (await stream.recv(timeout=30)).meta["step"] == 1  # the session itself goes on

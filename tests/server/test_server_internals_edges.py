@@ -7,6 +7,7 @@ from fractions import Fraction
 
 import pytest
 import torch
+from in_process import refusals
 
 from swarmllm.models import load_span
 from swarmllm.models.lora import LoraSettings, lora_shapes, write_peft_adapter
@@ -158,11 +159,6 @@ async def test_a_peer_cannot_take_the_whole_cache_through_arena_rows(span):
         backend.shutdown()
 
 
-def _refusals(metrics, reason: str) -> float:
-    value = metrics.registry.get_sample_value("swarmllm_server_refusals_total", {"reason": reason})
-    return 0.0 if value is None else value
-
-
 async def test_every_refusal_is_counted_by_its_code(span):
     """README: `swarmllm_server_refusals_total{reason=quota|busy|cache_full|server_leaving|too_large}` counts
     the requests refused. A call over the peer's request rate is refused with `quota` (before its payload is
@@ -178,14 +174,14 @@ async def test_every_refusal_is_counted_by_its_code(span):
         hidden = torch.randn(1, 5, HIDDEN)
         with pytest.raises(RemoteError) as info:  # 1 of the burst
             await conn.call("forward", Message({"start": 0, "end": 2}, [hidden]))
-        assert info.value.code == "too_large" and _refusals(handler.metrics, "too_large") == 1
+        assert info.value.code == "too_large" and refusals(handler.metrics, "too_large") == 1
         with pytest.raises(RemoteError) as info:  # 2 of the burst
             await conn.call("backward", Message({"start": 0, "end": 2}, [hidden, torch.ones_like(hidden)]))
-        assert info.value.code == "too_large" and _refusals(handler.metrics, "too_large") == 2
+        assert info.value.code == "too_large" and refusals(handler.metrics, "too_large") == 2
         with pytest.raises(RemoteError) as info:
             await conn.call("info", Message())
         assert info.value.code == "quota" and "request rate" in str(info.value)
-        assert _refusals(handler.metrics, "quota") == 1
+        assert refusals(handler.metrics, "quota") == 1
     finally:
         await conn.close()
         await server.stop()

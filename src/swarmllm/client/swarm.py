@@ -64,13 +64,14 @@ from swarmllm.wire import (
     Identity,
     Message,
     RemoteError,
+    RequestError,
     Stream,
     SwarmKey,
     WireError,
 )
 from swarmllm.wire.compression import check_codec
 from swarmllm.wire.messages import BackwardReply, BackwardRequest, ForwardRequest, OpenSession, Step
-from swarmllm.wire.validation import FLOAT_DTYPES, all_finite
+from swarmllm.wire.validation import FLOAT_DTYPES, check_tensor
 
 if TYPE_CHECKING:
     from swarmllm.client.session import Failover
@@ -144,23 +145,18 @@ def joined(hidden: torch.Tensor, pending: torch.Tensor | None) -> torch.Tensor:
 def check_input(
     hidden: torch.Tensor, key_mask: torch.Tensor | None, hidden_size: int | None, name: str = "hidden states"
 ) -> None:
-    """Refuse the caller's input with a ValueError where every server would refuse it (`server.handler`: a
-    non-empty [batch, tokens, hidden] tensor of a float dtype, finite; a bool key mask [batch, tokens]): a
-    server's refusal counts as its failure, so sending it would ban healthy servers for the caller's error."""
-    if hidden.ndim != 3 or 0 in hidden.shape or hidden.dtype not in FLOAT_DTYPES:
-        raise ValueError(
-            f"{name} must be a non-empty [batch, tokens, hidden] tensor of {[str(d) for d in FLOAT_DTYPES]}, "
-            f"got {hidden.dtype} {tuple(hidden.shape)}"
-        )
-    if hidden_size is not None and hidden.shape[2] != hidden_size:
-        raise ValueError(f"{name} of size {hidden.shape[2]}, where the model's hidden size is {hidden_size}")
-    if key_mask is not None and (key_mask.dtype != torch.bool or key_mask.shape != hidden.shape[:2]):
-        raise ValueError(
-            f"key_mask must be a bool tensor of shape {tuple(hidden.shape[:2])} (batch, tokens), got "
-            f"{key_mask.dtype} {tuple(key_mask.shape)}"
-        )
-    if not all_finite(hidden):
-        raise ValueError(f"{name} contain NaN or infinity")
+    """Refuse the caller's input with a ValueError where every server would refuse it: the checks the server's
+    handler makes (`check_tensor`: a non-empty [batch, tokens, hidden] float tensor, finite; a bool key mask
+    [batch, tokens]). A server's refusal counts as its failure, so sending it would ban healthy servers for the
+    caller's error."""
+    try:
+        size = {} if hidden_size is None else {2: hidden_size}
+        check_tensor(hidden, name, ndim=3, dtypes=FLOAT_DTYPES, shape=size, finite=True)
+        if key_mask is not None:
+            batch, tokens = hidden.shape[:2]
+            check_tensor(key_mask, "key_mask", ndim=2, dtypes=(torch.bool,), shape={0: batch, 1: tokens})
+    except RequestError as e:
+        raise ValueError(e.message) from None
 
 
 class SwarmClient:

@@ -254,9 +254,9 @@ def read_peft_adapter(path: str | Path, config: BlockConfig) -> tuple[LoraSettin
     if raw.get("peft_type", "LORA") != "LORA":
         raise ValueError(f"{path}: not a LoRA adapter (peft_type {raw.get('peft_type')!r})")
     settings = LoraSettings.from_peft(raw)
-    tensors = {}
+    tensors, saves_head = {}, _saves_head(raw)
     for key, tensor in load_file(path / WEIGHTS_FILE).items():
-        if _saves_head(raw) and _HEAD_KEY.fullmatch(key):
+        if saves_head and _HEAD_KEY.fullmatch(key):
             continue  # the classifier's head: `read_peft_head`
         match = _PEFT_KEY.fullmatch(key)
         if match is None:

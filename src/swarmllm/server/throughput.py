@@ -122,8 +122,11 @@ def cached_throughput(
 ) -> tuple[float, float]:
     """`measure_throughput(span)`, from the cache when this block shape was measured on this device, dtype and
     thread count before."""
-    valid = lambda v: isinstance(v, list) and len(v) == 2 and all(_is_rate(x) for x in v)  # noqa: E731
-    kept = _cached(_key(span, device, dtype, threads), path, valid)
+    kept = _cached(
+        _key(span, device, dtype, threads),
+        path,
+        lambda v: isinstance(v, list) and len(v) == 2 and all(_is_rate(x) for x in v),
+    )
     if kept is not None:
         return float(kept[0]), float(kept[1])
     measured = measure_throughput(span)

@@ -1,0 +1,45 @@
+"""In-process servers for client tests that need no DHT: a model over one real server (a `RequestHandler` behind a
+`DirectServer` on 127.0.0.1) holding every block, and what a server's metrics counted."""
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from server_infos import online_server
+
+from swarmllm.client.loop import run_sync
+from swarmllm.client.model import DistributedModelForCausalLM
+from swarmllm.client.swarm import SwarmClient
+from swarmllm.models import load_client_head, load_span
+from swarmllm.server.backend import Backend
+from swarmllm.server.handler import RequestHandler
+from swarmllm.server.metrics import ServerMetrics
+from swarmllm.wire import DirectServer, Identity
+
+
+@contextmanager
+def model_over_one_server(path: str, dht_prefix: str) -> Iterator[DistributedModelForCausalLM]:
+    """The model of checkpoint `path` (in eval mode) over one in-process server of all its blocks."""
+    config, head = load_client_head(path)
+    blocks = config.num_hidden_layers
+    identity = Identity.generate()
+
+    async def start() -> DirectServer:
+        backend = Backend(load_span(path, 0, blocks), cache_tokens=4096)
+        server = DirectServer(RequestHandler(backend, dict).handlers(), identity)
+        await server.start()
+        return server
+
+    server = run_sync(start())
+    swarm = SwarmClient([], dht_prefix, blocks, missing_blocks_timeout_s=0)
+    swarm.use_servers([online_server(identity.peer_id, 0, blocks, address=server.address)])
+    try:
+        yield DistributedModelForCausalLM(config, head, swarm).eval()
+    finally:
+        run_sync(swarm.shutdown())
+        run_sync(server.stop())
+
+
+def refusals(metrics: ServerMetrics, reason: str) -> float:
+    """What `swarmllm_server_refusals_total{reason=...}` counted."""
+    value = metrics.registry.get_sample_value("swarmllm_server_refusals_total", {"reason": reason})
+    return 0.0 if value is None else value
