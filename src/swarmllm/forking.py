@@ -6,7 +6,11 @@ such warm process: for each command it forks a child, which is then a process li
 and process group, stdout and stderr on a pipe to the caller) that runs `swarmllm.cli.main(args)` with the
 caller's environment and exits with its status. The forker is the children's parent: it reaps them and writes
 each one's exit status to the caller, so `ForkedProcess` answers `poll`, `wait` and `returncode` as
-`subprocess.Popen` does.
+`subprocess.Popen` does. The caller also holds a pidfd of each child (from the forker, which opens it before the
+child can be reaped: it names that process and no other), so a child whose forker died (the OOM killer, a kill of
+its pid) is still signalled and waited for: it lives on in its own session, `poll` answers None while it runs,
+and once it has ended `LOST_STATUS` (its status went with the forker; Popen answers 0 too for a child that
+someone else reaped).
 
 A variable read while torch or transformers import (`GOMP_SPINCOUNT`, `TORCH_LOGS`, `OMP_NUM_THREADS`, ...)
 takes effect in the forker, not in its child; so a forker serves one environment only, and `forked` starts
@@ -16,7 +20,8 @@ another for a different one. `serve` commands get the server's OpenMP spin count
 The forker runs no torch op and starts no Python thread before it forks: torch's OpenMP pool (started by the
 first parallel op) and a lock held by another thread do not survive a fork. (numpy's and scipy's OpenBLAS start
 native threads at import; OpenBLAS stops and restarts them around a fork itself.) `forked` falls back to a plain
-`subprocess.Popen` of `python -m swarmllm.cli` if the forker finds a second Python thread, or cannot start.
+`subprocess.Popen` of `python -m swarmllm.cli` if the forker finds a second Python thread, finds no pidfds
+(Linux < 5.3), or cannot start.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 import traceback
 from collections import OrderedDict
 from collections.abc import Sequence
@@ -41,20 +47,26 @@ START_TIMEOUT_S = 120.0
 # what every swarmllm command imports; the faces' web modules are imported in the child that needs them
 PRELOAD = ("torch", "transformers", "hivemind", "swarmllm.server.server", "swarmllm.client", "swarmllm.dht")
 _PID = struct.Struct("<q")
+# a child's exit status once its forker died first: as Popen's for a child that someone else reaped
+LOST_STATUS = 0
 
 
 class ForkedProcess:
     """A child of a `Forker`, with the part of `subprocess.Popen`'s interface a local swarm uses."""
 
-    def __init__(self, args: list[str], pid: int, stdout: IO[str], status_fd: int, forker_pid: int) -> None:
+    def __init__(
+        self, args: list[str], pid: int, stdout: IO[str], status_fd: int, pidfd: int, forker_pid: int
+    ) -> None:
         self.args = args
         self.pid = pid
         self.forker_pid = forker_pid  # its parent
         self.stdout = stdout
         self.returncode: int | None = None
-        self._status_fd = status_fd
+        self._status_fd: int | None = status_fd  # None once the forker closed it without a status: it died
+        self._pidfd = pidfd
         self._status = b""
         self._reading = threading.Lock()
+        self._fds = threading.Lock()  # a signal never goes through a pidfd that another thread closed
 
     def poll(self) -> int | None:
         return self._read_status(0.0)
@@ -66,8 +78,14 @@ class ForkedProcess:
         return code
 
     def send_signal(self, sig: int) -> None:
-        if self.returncode is None:
-            os.kill(self.pid, sig)
+        """As Popen's: nothing for a process known to have ended, and none to another process that took its pid."""
+        self.poll()
+        with self._fds:
+            if self.returncode is None:
+                try:
+                    signal.pidfd_send_signal(self._pidfd, sig)
+                except ProcessLookupError:  # it ended since the poll
+                    pass
 
     def terminate(self) -> None:
         self.send_signal(signal.SIGTERM)
@@ -86,19 +104,34 @@ class ForkedProcess:
             self._reading.release()
 
     def _read_status_locked(self, timeout: float | None) -> int | None:
+        deadline = None if timeout is None else time.monotonic() + timeout
         while self.returncode is None:
-            readable, _, _ = select.select([self._status_fd], [], [], timeout)
+            # the status pipe while the forker lives; after it died without a status, the child's pidfd, which
+            # turns readable once the child has ended
+            watched = self._pidfd if self._status_fd is None else self._status_fd
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            readable, _, _ = select.select([watched], [], [], left)
             if not readable:
                 return None
+            if watched == self._pidfd:
+                self._finish(LOST_STATUS)
+                break
             chunk = os.read(self._status_fd, 64)
             self._status += chunk
             if self._status.endswith(b"\n"):
-                self.returncode = int(self._status)
+                self._finish(int(self._status))
             elif not chunk:
-                raise RuntimeError(f"the forker of pid {self.pid} exited before reporting its exit status")
-            if self.returncode is not None:
                 os.close(self._status_fd)
+                self._status_fd = None
         return self.returncode
+
+    def _finish(self, code: int) -> None:
+        with self._fds:
+            self.returncode = code
+            for fd in (self._status_fd, self._pidfd):
+                if fd is not None:
+                    os.close(fd)
+            self._status_fd = None
 
 
 class Forker:
@@ -131,22 +164,27 @@ class Forker:
         out_r, out_w = os.pipe()
         status_r, status_w = os.pipe()
         request = json.dumps({"args": list(args), "env": env}).encode()
+        pidfds: list[int] = []
         try:
             with self.lock:
                 socket.send_fds(self.sock, [struct.pack("<I", len(request)) + request], [out_w, status_w])
-                pid = _PID.unpack(_recv_exactly(self.sock, _PID.size))[0]
-            if pid < 0:
+                # the child's pidfd rides on the answer's first bytes
+                first, pidfds, _, _ = socket.recv_fds(self.sock, _PID.size, 1)
+                if not first:
+                    raise RuntimeError("the forker closed its socket")
+                pid = _PID.unpack(first + _recv_exactly(self.sock, _PID.size - len(first)))[0]
+            if pid < 0 or len(pidfds) != 1:
                 raise RuntimeError("the forker could not fork")
         except BaseException:  # the forker died or could not fork: no child holds the other ends
-            os.close(out_r)
-            os.close(status_r)
+            for fd in (out_r, status_r, *pidfds):
+                os.close(fd)
             raise
         finally:
             os.close(out_w)
             os.close(status_w)
         stdout = open(out_r, encoding="utf-8", errors="replace")  # noqa: SIM115 - the process object owns it
         child = ForkedProcess(
-            [sys.executable, "-m", "swarmllm.cli", *args], pid, stdout, status_r, self.proc.pid
+            [sys.executable, "-m", "swarmllm.cli", *args], pid, stdout, status_r, pidfds[0], self.proc.pid
         )
         self.children.append(child)
         return child
@@ -271,9 +309,18 @@ def _serve_forks(sock: socket.socket) -> None:
             if pid == 0:
                 _run_child(request, out_w, sock, [wake_r, wake_w, status_w, *status_fds.values()])
             os.close(out_w)
+            pidfds = []
             if pid > 0:
-                status_fds[pid] = status_w
-            sock.sendall(_PID.pack(pid))
+                try:  # opened before this loop can reap the child: it names that process, whatever takes its pid
+                    pidfds.append(os.pidfd_open(pid))
+                    status_fds[pid] = status_w
+                except OSError:  # out of descriptors: the child goes; the caller starts afresh
+                    os.kill(pid, signal.SIGKILL)
+                    os.close(status_w)
+                    pid = -1
+            socket.send_fds(sock, [_PID.pack(pid)], pidfds)
+            for fd in pidfds:
+                os.close(fd)
 
 
 def _reap(status_fds: dict[int, int]) -> None:
@@ -335,6 +382,10 @@ def _main(fd: int) -> None:
         importlib.import_module(name)
     if threading.active_count() > 1:
         return  # forking now could copy a lock another thread holds: the caller falls back to Popen
+    try:
+        os.close(os.pidfd_open(os.getpid()))
+    except (AttributeError, OSError):
+        return  # no pidfds (Linux < 5.3): the caller falls back to Popen
     sock.sendall(READY)
     _serve_forks(sock)
 

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from swarmllm.models.llama import LlamaBlock, Lora, Projection, RowLoras
-from swarmllm.models.panels import MIN_PANEL_ELEMENTS, PANEL_DTYPES, PanelProjection, kernel
+from swarmllm.models.panels import MIN_PANEL_ELEMENTS, PANEL_DTYPES, PanelProjection, kernel, panel_outputs
 
 MIN_PACKED_ELEMENTS = 1 << 20  # e.g. 1024 x 1024: ~0.3 ms a row in float32 on one core
 ONE_ROW, MANY_ROWS = 1, 16  # the row counts a weight is laid out for
@@ -185,14 +185,32 @@ def pack_block(block: LlamaBlock) -> LlamaBlock:
             weight = child.weight if isinstance(child, Projection) else None
             if weight is None:
                 continue
-            panels = weight.device.type == "cpu" and weight.dtype in PANEL_DTYPES and kernel() is not None
-            if panels and weight.numel() >= MIN_PANEL_ELEMENTS:
+            kind = packed_kind(weight.numel(), weight.dtype, weight.device)
+            if kind is PanelProjection:
                 setattr(parent, name, PanelProjection.from_projection(child))
-            elif (
-                not panels and weight.numel() >= MIN_PACKED_ELEMENTS and can_pack(weight.device, weight.dtype)
-            ):
+            elif kind is PackedProjection:
                 setattr(parent, name, PackedProjection.from_projection(child, initial_rows(weight.dtype)))
     return block
+
+
+def packed_kind(numel: int, dtype: torch.dtype, device: torch.device | str) -> type[nn.Module] | None:
+    """What `pack_block` stores a plain projection of `numel` weights as: panels where our kernel runs here, else
+    oneDNN's layout where `can_pack` (each for large weights only); None: it stays as it is."""
+    panels = torch.device(device).type == "cpu" and dtype in PANEL_DTYPES and kernel() is not None
+    if panels and numel >= MIN_PANEL_ELEMENTS:
+        return PanelProjection
+    if not panels and numel >= MIN_PACKED_ELEMENTS and can_pack(device, dtype):
+        return PackedProjection
+    return None
+
+
+def packed_weight_bytes(
+    out_features: int, in_features: int, dtype: torch.dtype, device: torch.device | str
+) -> int:
+    """Bytes a plain [out, in] weight takes once `pack_block` stored it: as panels its outputs are padded to whole
+    panels; oneDNN's layout is counted as the plain one."""
+    panels = packed_kind(out_features * in_features, dtype, device) is PanelProjection
+    return (panel_outputs(out_features) if panels else out_features) * in_features * dtype.itemsize
 
 
 def packed_projections(module: nn.Module) -> list[PackedProjection]:

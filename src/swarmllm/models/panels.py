@@ -131,10 +131,15 @@ def kernel() -> Kernels | None:
     )
 
 
+def panel_outputs(out_features: int) -> int:
+    """The outputs a weight takes as panels: whole panels of 16, the last zero-padded (what the memory plan counts)."""
+    return -(-out_features // PANEL) * PANEL
+
+
 def to_panels(weight: Tensor) -> Tensor:
     """An [out, in] weight (float32, or int8 codes) as [ceil(out / 16), in, 16] panels, the last zero-padded."""
     out_features, in_features = weight.shape
-    padded = torch.zeros(-(-out_features // PANEL) * PANEL, in_features, dtype=weight.dtype)
+    padded = torch.zeros(panel_outputs(out_features), in_features, dtype=weight.dtype)
     padded[:out_features] = weight
     return padded.view(-1, PANEL, in_features).transpose(1, 2).contiguous()
 
@@ -200,7 +205,7 @@ def to_nf4_panels(codes: Tensor, absmax: Tensor) -> tuple[Tensor, Tensor]:
     out_features, in_features = codes.shape
     if in_features % NF4_BLOCK or absmax.shape != (out_features, in_features // NF4_BLOCK):
         raise ValueError(f"nf4 panels need inputs in blocks of {NF4_BLOCK} and one absmax a block")
-    padded = -(-out_features // PANEL) * PANEL
+    padded = panel_outputs(out_features)
     codes = nn.functional.pad(codes, (0, 0, 0, padded - out_features)).view(-1, PANEL, in_features)
     packed = codes[:, :8] | (codes[:, 8:] << 4)
     absmax = nn.functional.pad(absmax.float(), (0, 0, 0, padded - out_features)).view(

@@ -14,8 +14,9 @@ projection's interface, `forward(x, lora)`: the full forward, the lean decode pa
 it, and a request's LoRA adapter adds its low-rank update on top of the quantized matmul exactly as on a
 full-precision one. Norms, biases and the KV cache stay in the span's dtype.
 
-`quantized_weight_bytes` is the storage of one quantized weight matrix, for the memory plan (`server.memory`);
-a test checks it against the modules bitsandbytes builds.
+`quantized_weight_bytes` is the storage of one quantized weight matrix, for the memory plan (`server.memory`):
+that of the class `quantized_kind` picks for it, panels padded to whole panels of 16 outputs included; a test
+checks it against the modules built.
 
 bitsandbytes is imported only when a span is quantized (it takes seconds to import and pulls in
 torch._dynamo), so a server or client that does not quantize never pays for it.
@@ -37,6 +38,7 @@ from swarmllm.models.panels import (
     kernel,
     nf4_dense_weight,
     nf4_linear,
+    panel_outputs,
     to_nf4_panels,
     to_panels,
 )
@@ -55,15 +57,14 @@ def check_quant(mode: str) -> str:
     return mode
 
 
-def quantized_weight_bytes(out_features: int, in_features: int, mode: str) -> int:
-    """Bytes that one [out, in] weight matrix takes when quantized with `mode` (not "none")."""
-    n = out_features * in_features
-    if mode == "int8":
-        return n + 4 * out_features  # int8 values + one float32 scale per output row
-    if mode == "nf4":
-        # 4-bit codes and one float32 absmax per NF4_BLOCK weights: 4.5 bits a weight
-        return -(-n // 2) + 4 * -(-n // NF4_BLOCK)
-    raise ValueError(f"no quantized size for {mode!r}")
+def quantized_weight_bytes(
+    out_features: int, in_features: int, mode: str, device: torch.device | str = "cpu"
+) -> int:
+    """Bytes that one [out, in] weight matrix takes on `device` when quantized with `mode` (not "none"): its codes
+    and scales as the class that `quantized_kind` picks stores them."""
+    if mode not in QUANT_MODES[1:]:
+        raise ValueError(f"no quantized size for {mode!r}")
+    return quantized_kind(mode, device, in_features).stored_bytes(out_features, in_features, mode)
 
 
 def _bitsandbytes():
@@ -86,20 +87,21 @@ class QuantizedProjection(nn.Module):
 
     @staticmethod
     def from_projection(projection: Projection, mode: str) -> QuantizedProjection:
-        on_cpu = projection.weight.device.type == "cpu"
-        if mode == "int8" and on_cpu:
-            if kernel() is not None:
-                return Int8PanelProjection.from_projection(projection)
-            return CpuInt8Projection.from_projection(projection)
-        if mode == "nf4" and on_cpu and kernel() is not None and projection.in_features % NF4_BLOCK == 0:
-            return Nf4PanelProjection.from_projection(projection)
-        return BitsAndBytesProjection.from_projection(projection, mode)
+        kind = quantized_kind(mode, projection.weight.device, projection.in_features)
+        if kind is BitsAndBytesProjection:
+            return BitsAndBytesProjection.from_projection(projection, mode)
+        return kind.from_projection(projection)
 
     def forward(self, x: Tensor, lora: Lora | None = None) -> Tensor:
         raise NotImplementedError
 
     def weight_bytes(self) -> int:
         """Bytes the quantized weight holds in memory (its codes and every scale)."""
+        raise NotImplementedError
+
+    @staticmethod
+    def stored_bytes(out_features: int, in_features: int, mode: str) -> int:
+        """What `weight_bytes` is for an [out, in] weight quantized as `mode`, before one is built."""
         raise NotImplementedError
 
 
@@ -163,6 +165,14 @@ class BitsAndBytesProjection(QuantizedProjection):
             return total + scales.numel() * scales.element_size()
         absmax = weight.quant_state.absmax
         return total + absmax.numel() * absmax.element_size()
+
+    @staticmethod
+    def stored_bytes(out_features: int, in_features: int, mode: str) -> int:
+        n = out_features * in_features
+        if mode == "int8":
+            return n + 4 * out_features  # int8 values + one float32 scale per output row
+        # 4-bit codes and one float32 absmax per NF4_BLOCK weights (of the flattened weight): 4.5 bits a weight
+        return -(-n // 2) + 4 * -(-n // NF4_BLOCK)
 
 
 def int8_codes(weight: Tensor) -> tuple[Tensor, Tensor]:
@@ -237,6 +247,10 @@ class CpuInt8Projection(QuantizedProjection):
     def weight_bytes(self) -> int:
         return self.codes.numel() + self.scales.numel() * self.scales.element_size()
 
+    @staticmethod
+    def stored_bytes(out_features: int, in_features: int, mode: str) -> int:
+        return out_features * in_features + 4 * out_features
+
 
 class Int8PanelProjection(QuantizedProjection):
     """int8 on a CPU where our panel kernel runs (`models.panels`): bitsandbytes' int8 codes (`int8_codes`)
@@ -272,6 +286,11 @@ class Int8PanelProjection(QuantizedProjection):
 
     def weight_bytes(self) -> int:
         return self.panel.panels.numel() + self.scales.numel() * self.scales.element_size()
+
+    @staticmethod
+    def stored_bytes(out_features: int, in_features: int, mode: str) -> int:
+        outputs = panel_outputs(out_features)  # codes and scales of the padding too
+        return outputs * in_features + 4 * outputs
 
 
 class Nf4PanelProjection(QuantizedProjection):
@@ -314,6 +333,23 @@ class Nf4PanelProjection(QuantizedProjection):
 
     def weight_bytes(self) -> int:
         return self.codes.numel() + self.absmax.numel() * self.absmax.element_size()
+
+    @staticmethod
+    def stored_bytes(out_features: int, in_features: int, mode: str) -> int:
+        outputs = panel_outputs(out_features)  # codes and absmaxes of the padding too
+        return outputs * in_features // 2 + 4 * outputs * (in_features // NF4_BLOCK)
+
+
+def quantized_kind(mode: str, device: torch.device | str, in_features: int) -> type[QuantizedProjection]:
+    """The class that stores a projection of `in_features` inputs on `device` quantized as `mode`: on a CPU our
+    panel kernel where it runs (nf4: for inputs in blocks of 64), else PyTorch's int8 kernel for int8; else
+    bitsandbytes."""
+    on_cpu = torch.device(device).type == "cpu"
+    if mode == "int8" and on_cpu:
+        return Int8PanelProjection if kernel() is not None else CpuInt8Projection
+    if mode == "nf4" and on_cpu and kernel() is not None and in_features % NF4_BLOCK == 0:
+        return Nf4PanelProjection
+    return BitsAndBytesProjection
 
 
 def quantize_block(block: LlamaBlock, mode: str) -> LlamaBlock:

@@ -3,6 +3,8 @@ number of blocks (`balancing.memory.blocks_that_fit`)."""
 
 from __future__ import annotations
 
+import math
+
 import psutil
 import torch
 from accelerate import init_empty_weights
@@ -10,22 +12,34 @@ from accelerate.utils import compute_module_sizes
 
 from swarmllm.models import BlockConfig, KVCache, LlamaBlock
 from swarmllm.models.llama import Projection
+from swarmllm.models.packed import packed_weight_bytes
 from swarmllm.models.quant import check_quant, quantized_weight_bytes
 
 DEFAULT_MEMORY_FRACTION = 0.8  # of the device's memory, split between its servers, unless --max-memory says
 
 
-def block_bytes(config: BlockConfig, dtype: torch.dtype, quant: str = "none") -> int:
-    """One block's weights at `dtype`, with its projections' weights quantized as `quant` says ("none", "int8",
-    "nf4"), computed on an empty (meta) block: no memory is allocated."""
+def block_bytes(
+    config: BlockConfig,
+    dtype: torch.dtype,
+    quant: str = "none",
+    device: torch.device | str = "cpu",
+    pack: bool = False,
+) -> int:
+    """One block's weights at `dtype` on `device`, as a span loaded with that `quant` ("none", "int8", "nf4") and
+    `pack` (`models.checkpoint.load_span`) stores them: quantized or packed projections in their own layout (panels
+    padded to whole panels of 16 outputs). Computed on an empty (meta) block: no memory is allocated."""
     with init_empty_weights():
         block = LlamaBlock(config)
     total = compute_module_sizes(block, dtype=dtype)[""]
-    if check_quant(quant) != "none":
+    quantized = check_quant(quant) != "none"
+    if quantized or pack:
         for module in block.modules():
             if isinstance(module, Projection):
                 out_features, in_features = module.weight.shape
-                total += quantized_weight_bytes(out_features, in_features, quant)
+                if quantized:
+                    total += quantized_weight_bytes(out_features, in_features, quant, device)
+                else:
+                    total += packed_weight_bytes(out_features, in_features, dtype, device)
                 total -= module.weight.numel() * dtype.itemsize
     return total
 
@@ -60,6 +74,7 @@ def parse_size(text: str) -> int:
         value = float(number)
     except ValueError:
         raise ValueError(f"expected a size like 4GiB or 512MB, got {text!r}") from None
-    if unit not in units or value <= 0:
+    size = value * units.get(unit, 0)
+    if not math.isfinite(size) or size < 1:  # (0 bytes would read as no --max-memory at all)
         raise ValueError(f"expected a size like 4GiB or 512MB, got {text!r}")
-    return int(value * units[unit])
+    return int(size)

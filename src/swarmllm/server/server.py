@@ -622,7 +622,7 @@ class Server:
         cfg, dtype = self.config, DTYPES[self.config.dtype]
         servers = self.host_share.servers()
         memory = cfg.max_memory or memory_share(*device_memory(cfg.device), servers)
-        weights = block_bytes(block_config, dtype, cfg.quant)
+        weights = block_bytes(block_config, dtype, cfg.quant, cfg.device, self._pack)
         cache = cache_bytes_per_block(block_config, dtype, cfg.max_cache_tokens)
         fit = blocks_that_fit(memory, weights, cache, block_config.num_layers)
         logger.info(
