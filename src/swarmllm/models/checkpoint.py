@@ -166,16 +166,18 @@ def load_client_head(
     revision: str | None = None,
     cache_dir: str | PathLike | None = None,
 ) -> tuple[PretrainedConfig, ClientHead]:
-    """The embeddings, final norm and LM head; the LM head is tied to the embeddings when the checkpoint has none."""
+    """The embeddings, final norm and LM head; the LM head is tied to the embeddings when the checkpoint has none,
+    or has one equal to them where the config ties them (a stored head that differs is kept, as transformers does)."""
     _check_dtype(dtype)
     hf_config, config = load_config(name_or_path, revision=revision, cache_dir=cache_dir)
-    wanted = [name for name in HEAD_TENSORS if not (config.tie_word_embeddings and name == "lm_head.weight")]
     root, files, stored = _locate(
-        name_or_path, lambda names: [n for n in wanted if n in names], revision, cache_dir
+        name_or_path, lambda names: [n for n in HEAD_TENSORS if n in names], revision, cache_dir
     )
     with _tensor_reader(root, files, dtype, device, stored) as read:
         state = {HEAD_TENSORS[name]: read(name) for file_names in files.values() for name in file_names}
-    tied = "lm_head.weight" not in state
+    tied = "lm_head.weight" not in state or (
+        config.tie_word_embeddings and torch.equal(state["lm_head.weight"], state["embed_tokens.weight"])
+    )
     with torch.device("meta"):
         head = ClientHead(replace(config, tie_word_embeddings=tied))
     if tied:

@@ -87,6 +87,9 @@ class BlockConfig:
             rope_type != "default" and rope_type not in ROPE_INIT_FUNCTIONS
         ):
             raise ValueError(f"unsupported rope_type {rope_type!r}")
+        if rope_type in ("llama3", "yarn") and getattr(hf_config, "original_max_position_embeddings", None):
+            # transformers' RoPE init lets a top-level value (Phi-3 style exports) override the nested one
+            rope["original_max_position_embeddings"] = hf_config.original_max_position_embeddings
         if rope.get("partial_rotary_factor", 1.0) != 1.0:
             raise ValueError("partial rotary embeddings are not supported")
         # transformers' Llama reads no window, though converted configs may carry one (Mistral's)
