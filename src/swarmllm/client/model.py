@@ -18,10 +18,12 @@ writes a PEFT adapter folder (and the client-side trainable tensors, if any); `l
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import copy
 import logging
 import threading
+import weakref
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -47,7 +49,7 @@ from transformers.modeling_outputs import (
 )
 
 from swarmllm.client.heads import MergedHead
-from swarmllm.client.loop import run_sync
+from swarmllm.client.loop import event_loop, run_sync
 from swarmllm.client.remote import PromptTuning, RemoteLora, run_blocks
 from swarmllm.client.session import InferenceSession
 from swarmllm.client.speculative import SpeculationStats, speculative_generate
@@ -169,6 +171,12 @@ class RemoteSession:
         return (int(mismatch[0]) if len(mismatch) else n), None
 
 
+def _shut_down_dropped(swarm: SwarmClient) -> None:
+    """A model dropped without `shutdown`: its swarm (a DHT process, connections) goes in the background (the last
+    reference may go on the client loop's own thread, which must not wait for it)."""
+    asyncio.run_coroutine_threadsafe(swarm.shutdown(), event_loop())
+
+
 def _refuse_layer_outputs(options: dict) -> None:
     """transformers' per-layer outputs: the blocks run on servers, which return only the last block's hidden
     states, so asking for them is refused rather than answered with None (generate passes them on too)."""
@@ -239,6 +247,9 @@ class DistributedModel(PreTrainedModel):
         )
         run_sync(swarm.start())
         model = cls(hf_config, head, swarm, str(name_or_path))
+        # the swarm is this model's own: dropped without `shutdown` (as transformers' models are), it leaves with it
+        model._drop_swarm = weakref.finalize(model, _shut_down_dropped, swarm)
+        model._drop_swarm.atexit = False  # at exit the client loop cancels what runs (`client.loop`)
         if tuning_mode is not None:
             std = getattr(hf_config, "initializer_range", 0.02)
             model.ptune = PromptTuning(model.block_config, pre_seq_len, tuning_mode == "deep_ptune", std)
@@ -394,6 +405,8 @@ class DistributedModel(PreTrainedModel):
         run_sync(remote.session.close())
 
     def shutdown(self) -> None:
+        if (drop := getattr(self, "_drop_swarm", None)) is not None:
+            drop.detach()
         run_sync(self.swarm.shutdown())
 
 

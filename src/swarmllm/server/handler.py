@@ -694,10 +694,12 @@ class RequestHandler:
         self, conn: Connection, peer_id: str, pushed: Message, step: Step, session: _SessionInbox
     ) -> None:
         """Push over `conn`; a failure of this push is reported to the client while it is the session's last."""
+        # the connection keeps `failed` for its last pushes: it must not keep the step (its tensors) alive
+        number = step.step
 
         def failed(error: WireError) -> None:
-            if session.pushed_step == step.step:
-                self._push_failed(session, step.step, peer_id, error)
+            if session.pushed_step == number:
+                self._push_failed(session, number, peer_id, error)
 
         try:
             await conn.notify("push", pushed, failed, timeout=self._push_timeout(step))

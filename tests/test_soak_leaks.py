@@ -1,0 +1,175 @@
+"""Soak checks: servers and clients that run for days must not grow. Each test runs a few hundred cycles of one kind
+of work (sessions, generates, models made and dropped) and compares what is held after N cycles with what is held
+after 2N: a quantity that grows with the number of cycles, or does not come back once the work is done, is a leak.
+
+The push chain runs in this process (two `RequestHandler`s behind `DirectServer`s on 127.0.0.1, pushing to each
+other), so that what the servers hold is counted with the garbage collector; models made and dropped join a swarm of
+real server processes."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import psutil
+import pytest
+import torch
+from server_infos import online_server
+
+from swarmllm import AutoDistributedModelForCausalLM
+from swarmllm.client.loop import run_sync
+from swarmllm.client.model import DistributedModelForCausalLM
+from swarmllm.client.swarm import SwarmClient
+from swarmllm.local import LocalSwarm
+from swarmllm.models import load_client_head, load_span
+from swarmllm.server.backend import Backend
+from swarmllm.server.handler import RequestHandler
+from swarmllm.wire import DirectServer, Identity
+from swarmllm.wire.messages import Step
+from swarmllm.wire.pool import ConnectionPool
+
+PROMPT = 120  # tokens of each cycle's prompt: its hidden states are what a leak of session inputs holds
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Hundreds of tiny steps: torch's second thread only costs its handoffs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@contextmanager
+def push_chain(path: str) -> Iterator[tuple[DistributedModelForCausalLM, list[RequestHandler]]]:
+    """The model of checkpoint `path` over two in-process servers of half its blocks each, the first pushing its
+    outputs straight to the second (as `Server` wires them: a connection pool to its peers)."""
+    config, head = load_client_head(path)
+    blocks = config.num_hidden_layers
+    spans = [(0, blocks // 2), (blocks // 2, blocks)]
+    identities = [Identity.generate() for _ in spans]
+    addresses: dict[str, tuple[str, int]] = {}
+
+    async def start() -> list[tuple[RequestHandler, DirectServer, ConnectionPool]]:
+        started = []
+        for identity, (start, end) in zip(identities, spans, strict=True):
+            pool = ConnectionPool(identity, None)
+
+            async def connect(peer_id: str, pool: ConnectionPool = pool):
+                host, port = addresses[peer_id]
+                return await pool.get(peer_id, [f"{host}:{port}"])
+
+            backend = Backend(load_span(path, start, end), cache_tokens=4096)
+            handler = RequestHandler(backend, dict, connect=connect, peer_id=identity.peer_id)
+            server = DirectServer(handler.handlers(), identity)
+            await server.start()
+            addresses[identity.peer_id] = server.address
+            started.append((handler, server, pool))
+        return started
+
+    async def stop(started) -> None:
+        for handler, server, pool in started:
+            await pool.close()
+            await server.stop()
+            handler.backend.shutdown()
+
+    started = run_sync(start())
+    swarm = SwarmClient([], "soak", blocks, missing_blocks_timeout_s=0, spot_check_fraction=0)
+    swarm.use_servers(
+        [
+            online_server(identity.peer_id, start, end, address=addresses[identity.peer_id])
+            for identity, (start, end) in zip(identities, spans, strict=True)
+        ]
+    )
+    try:
+        yield DistributedModelForCausalLM(config, head, swarm).eval(), [h for h, _, _ in started]
+    finally:
+        run_sync(swarm.shutdown())
+        run_sync(stop(started))
+
+
+def live_steps() -> int:
+    """Session inputs (`Step`s, with their hidden states) alive in this process."""
+    gc.collect()
+    return sum(type(o) is Step for o in gc.get_objects())
+
+
+def test_pushed_sessions_hold_nothing_once_closed(llama_checkpoint):
+    """A server that pushes its outputs on keeps a callback per push, to tell the client if the push fails: once
+    the sessions closed, nothing of their steps may stay alive through those callbacks. (It kept each step's input,
+    hidden states and all, for its last 4096 pushes per next server: 2N sessions held twice what N did.)"""
+    prompt = torch.randint(3, 100, (1, PROMPT))
+    with push_chain(str(llama_checkpoint)) as (model, handlers):
+        for _ in range(5):
+            model.generate(prompt, max_new_tokens=2)
+        assert handlers[0]._push_connections, "the first server did not push"
+        baseline = live_steps()
+        held = []
+        for _ in range(2):
+            for _ in range(100):
+                model.generate(prompt, max_new_tokens=2)
+            held.append(live_steps() - baseline)
+        assert all(not h.backend.sessions for h in handlers)
+        assert held == [0, 0], f"Steps alive after 100 and 200 more sessions: {held}"
+
+
+@pytest.fixture(scope="module")
+def one_server(llama_checkpoint):
+    with LocalSwarm() as local:
+        local.start_bootstrap()
+        local.add_server(str(llama_checkpoint))
+        yield local
+
+
+def client_holdings() -> dict[str, int]:
+    """What this client process holds: open files, child processes (a DHT peer and its p2pd daemon per swarm
+    joined), and tasks on the client's event loop."""
+
+    async def tasks() -> int:
+        return len(asyncio.all_tasks())
+
+    me = psutil.Process()
+    return {"fds": me.num_fds(), "children": len(me.children(recursive=True)), "tasks": run_sync(tasks())}
+
+
+def wait_for(condition, timeout_s: float):
+    """Poll `condition()` until it returns something true, or return its last value at the deadline."""
+    deadline = time.monotonic() + timeout_s
+    while not (value := condition()) and time.monotonic() < deadline:
+        time.sleep(0.1)  # polling interval of a condition with a deadline, not a synchronisation
+    return value
+
+
+def test_dropped_models_leave_nothing_behind(llama_checkpoint, one_server):
+    """A model made with `from_pretrained` joins the swarm (a DHT peer process with its p2pd daemon, connections,
+    tasks on the client's loop); dropped without `shutdown` (as transformers' models are), it must take them with
+    it. (Each dropped model left 2 processes, 6 open files and 3 tasks behind for the life of the process.)"""
+    prompt = torch.tensor([[1, 17, 42, 5]])
+
+    def use_and_drop(n: int) -> None:
+        for _ in range(n):
+            model = AutoDistributedModelForCausalLM.from_pretrained(
+                str(llama_checkpoint), initial_peers=one_server.initial_peers
+            )
+            model.generate(prompt, max_new_tokens=2)
+            del model
+        gc.collect()
+
+    warm = AutoDistributedModelForCausalLM.from_pretrained(
+        str(llama_checkpoint), initial_peers=one_server.initial_peers
+    )
+    warm.generate(prompt, max_new_tokens=2)
+    warm.shutdown()  # what a model leaves for the next (imports, the client loop) is in the baseline
+    baseline = client_holdings()
+    grown = []
+    for n in (1, 2):
+        use_and_drop(n)
+        back = wait_for(lambda: (h := client_holdings()) and all(h[k] <= baseline[k] for k in h) and h, 20)
+        settled = back or client_holdings()
+        grown.append({k: max(0, settled[k] - baseline[k]) for k in baseline})
+    assert grown == [dict.fromkeys(baseline, 0)] * 2, (
+        f"held more than before after 1 and 3 dropped models: {grown}"
+    )
