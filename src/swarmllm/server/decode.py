@@ -407,13 +407,20 @@ class DecodeRunner:
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Several sessions' steps over the same blocks in one pass (continuous batching): rows in the members'
         order, (r [N, H], p [N, H] or None) as `BlockSpan.decode_batch_pair` returns them; from CUDA graphs
-        where enabled (`_replay_mixed`), else eagerly."""
-        if self.cuda_graphs and pending is None:
+        where enabled (`_replay_mixed`), else eagerly (the ladder pair at either edge: see the module doc)."""
+        if self.cuda_graphs and not self._carries_pair(blocks):
             try:
                 return self._replay_mixed(members, blocks), None
             except RuntimeError as e:  # a capture this GPU or driver refuses: merge eagerly rather than fail
                 self._without_graphs(e)
         return self._merged(members, pending, blocks)
+
+    def _carries_pair(self, blocks: slice | None) -> bool:
+        """Whether an edge of `blocks` lies inside a ladder region: the steps take or return p, which the graphs
+        (of `BlockSpan.decode`, r alone) cannot carry."""
+        span, indices = self.span, range(len(self.span.blocks))[blocks or slice(None)]
+        edges = (span.start + indices[0], span.start + indices[-1] + 1)
+        return any(span.config.carries_pending(edge) for edge in edges)
 
     def _merged(
         self, members: Sequence[Member], pending: torch.Tensor | None, blocks: slice | None
