@@ -352,9 +352,8 @@ def test_merged_steps_of_sessions_that_return_the_ladder_pair_under_graphs(check
         try:
             outs = [await backend.step(session, x[:, :prompt], 0, None)]
             for t in range(prompt, prompt + steps):
-                await asyncio.sleep(
-                    0
-                )  # the round trip to the client: the other sessions' steps come meanwhile
+                # the round trip to the client: the other sessions' steps come meanwhile
+                await asyncio.sleep(0)
                 outs.append(await backend.step(session, x[:, t : t + 1], t, None))
             return torch.cat([r for r, _ in outs], 1), torch.cat([p for _, p in outs], 1)
         finally:
