@@ -5,7 +5,7 @@ only once both transports answer, and OFFLINE on SIGTERM/SIGINT, before it hands
 clients (each finishes the step it has, then ends with `server_leaving`) and exits. A server that chose its
 blocks checks every balance period (and at once when a connection to a peer breaks) whether the swarm is better
 off with it elsewhere (`balancing.next_move`), and moves the same way: new blocks joining, online, then the
-sessions on the old ones handed back. A server whose compute breaks (a tensor-parallel rank died:
+sessions on the old ones handed back. A server whose compute breaks (a tensor-parallel rank died or froze:
 `Backend.failure`) leaves the same way, its sessions ending with `compute_failed`, and exits with status 1; so
 does one whose DHT process died (no announcement or look-up would ever be answered), its sessions handed back.
 """
@@ -44,7 +44,7 @@ from swarmllm.server.memory import block_bytes, cache_bytes_per_block, device_me
 from swarmllm.server.metrics import ServerMetrics, serve_metrics
 from swarmllm.server.network import measure_network, network_rps
 from swarmllm.server.throughput import cached_threads, cached_throughput
-from swarmllm.server.tp import TensorParallelSpan
+from swarmllm.server.tp import STEP_TIMEOUT_S, TensorParallelSpan
 from swarmllm.server.tp_backend import TensorParallelBackend
 from swarmllm.version import __version__
 from swarmllm.wire import (
@@ -117,6 +117,8 @@ class ServerConfig:
     # piece; None: the backend's PREFILL_CHUNK_TOKENS
     prefill_chunk_tokens: int | None = None
     tp: int = 1  # processes (devices) the span runs across, tensor-parallel (server/tp_backend.py); needs blocks
+    # with --tp, a call on the ranks past this plus 10x its expected time means a rank froze (server/tp.py)
+    tp_step_timeout_s: float = STEP_TIMEOUT_S
     throughput: float | None = None  # announced decode steps/s per block instead of measuring
     bandwidth: float | None = None  # bytes/s of this server's uplink instead of measuring it to peers
     update_period_s: float = 30.0  # re-announce this often (records expire after 3 periods)
@@ -395,7 +397,14 @@ class Server:
         if cfg.tp > 1:
             threads = cfg.num_threads or max(1, host_cores() // cfg.tp)
             return TensorParallelSpan(
-                cfg.model, start, end, world=cfg.tp, dtype=DTYPES[cfg.dtype], device=cfg.device, threads=threads
+                cfg.model,
+                start,
+                end,
+                world=cfg.tp,
+                dtype=DTYPES[cfg.dtype],
+                device=cfg.device,
+                threads=threads,
+                step_timeout_s=cfg.tp_step_timeout_s,
             )
         return load_span(
             cfg.model, start, end, dtype=DTYPES[cfg.dtype], device=cfg.device, quant=cfg.quant, pack=self._pack

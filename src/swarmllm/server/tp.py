@@ -2,9 +2,17 @@
 
 This process is rank 0 and the caller's face; it spawns ranks 1..N-1. Every rank loads the span, keeps its
 Megatron shard (models/tp.py) and holds its share of every session's KV cache (its kv heads). Each call on rank 0
-broadcasts a small header and the input tensors, then all ranks run the same span method; the sub-layer outputs
-meet in all-reduces inside it (asynchronous ones in ladder layers) and rank 0 returns the result, which every
-rank holds. torch.distributed with gloo on CPU, NCCL on CUDA (rank i on cuda:i).
+sends a small header down a pipe to each rank (a rank waits there, for as long as the server is idle, not in a
+collective, which would time out) and broadcasts the input tensors, then all ranks run the same span method; the
+sub-layer outputs meet in all-reduces inside it (asynchronous ones in ladder layers) and rank 0 returns the result,
+which every rank holds. torch.distributed with gloo on CPU, NCCL on CUDA (rank i on cuda:i).
+
+A rank that is frozen (stopped, its device hung) does not die: the others would wait in a collective for gloo's
+timeout, and again at the next call. So a watchdog bounds every call: `step_timeout_s` (default STEP_TIMEOUT_S)
+plus SLOWDOWN_ALLOWED times what its tokens took at the slowest rate a call on this span has run at so far (until
+one has run, as where the throughput came from the cache file: 0.9 of torch.distributed's timeout, since a first
+long prefill may legitimately take minutes). A call over its bound means the ranks are broken: the watchdog ends them (the call then fails at once) and `failure`
+says why, for the server to leave the swarm.
 
 It knows nothing of sessions, the wire or the swarm: the backend decides what to run and names caches by the ids
 `open_cache` returns. Every method is a sequence of collectives that all ranks must meet in the same order, so one
@@ -18,10 +26,14 @@ from __future__ import annotations
 
 import logging
 import socket
+import threading
+import time
 from dataclasses import dataclass
 from datetime import timedelta
+from multiprocessing.connection import Connection
 from os import PathLike
 
+import psutil
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -32,7 +44,10 @@ from swarmllm.models.tp import TensorParallelComm, check_shardable, local_config
 
 logger = logging.getLogger(__name__)
 
-STARTUP_TIMEOUT_S = 300.0
+COLLECTIVE_TIMEOUT_S = 300.0  # torch.distributed's timeout of a collective or joining the group: a backstop
+STEP_TIMEOUT_S = 30.0  # a call may take this long plus SLOWDOWN_ALLOWED times its expected time before the
+SLOWDOWN_ALLOWED = 10  # watchdog deems the ranks broken (a frozen rank, a hung device)
+WATCH_S = 1.0  # how often the watchdog looks
 
 
 @dataclass(frozen=True)
@@ -47,6 +62,7 @@ class _Setup:
     backend: str
     init_method: str
     threads: int | None
+    timeout_s: float
 
     def device(self, rank: int) -> torch.device:
         return torch.device(f"cuda:{rank}") if self.backend == "nccl" else torch.device("cpu")
@@ -57,6 +73,8 @@ class TensorParallelSpan:
 
     The methods mirror BlockSpan's (the (r, p) pair included) with caches named by id; inputs may be on any
     device, outputs are on rank 0's. `threads` sets torch's CPU threads in every rank, this process included.
+    A call over its bound (`step_timeout_s` plus SLOWDOWN_ALLOWED times the time its work is expected to take)
+    ends the ranks and fails; `collective_timeout_s` is torch.distributed's own, a backstop.
     """
 
     def __init__(
@@ -69,20 +87,33 @@ class TensorParallelSpan:
         dtype: torch.dtype = torch.float32,
         device: str = "cpu",
         threads: int | None = None,
+        step_timeout_s: float = STEP_TIMEOUT_S,
+        collective_timeout_s: float = COLLECTIVE_TIMEOUT_S,
     ):
         backend = "nccl" if device.startswith("cuda") else "gloo"
         if backend == "nccl" and torch.cuda.device_count() < world:
             raise ValueError(f"--tp {world} needs {world} CUDA devices, found {torch.cuda.device_count()}")
         check_shardable(load_config(checkpoint)[1], world)  # before any rank starts, not in every rank after
+        init_method = f"tcp://127.0.0.1:{_free_port()}"
         self.setup = _Setup(
-            str(checkpoint), start, end, world, dtype, backend, f"tcp://127.0.0.1:{_free_port()}", threads
+            str(checkpoint), start, end, world, dtype, backend, init_method, threads, collective_timeout_s
         )
         context = mp.get_context("spawn")
+        pipes = [context.Pipe(duplex=False) for _ in range(1, world)]
         self._workers = [
-            context.Process(target=_worker, args=(rank, self.setup), daemon=True) for rank in range(1, world)
+            context.Process(target=_worker, args=(rank, self.setup, reader), daemon=True)
+            for rank, (reader, _) in enumerate(pipes, 1)
         ]
+        self._headers = [writer for _, writer in pipes]
         for worker in self._workers:
             worker.start()
+        for reader, _ in pipes:
+            reader.close()  # the rank's copy alone: it reads EOF when this process is gone
+        self.step_timeout_s = step_timeout_s
+        self._seconds_per_work = 0.0  # the slowest a call has run per token and block so far
+        self._running: tuple[float, float] | None = None  # the call running: (monotonic deadline, bound_s)
+        self._broken: str | None = None  # why the watchdog ended the ranks
+        self._closed = threading.Event()
         self.device = self.setup.device(0)
         try:
             self.span = _join(0, self.setup)
@@ -94,6 +125,7 @@ class TensorParallelSpan:
         self._caches: dict[int, KVCache] = {}
         self._next_cache = 0
         self._unallocated: dict[int, dict[str, int]] = {}  # caches opened, to be allocated with their first use
+        threading.Thread(target=self._watch, name="swarmllm-tp-watchdog", daemon=True).start()
         logger.info("span [%d, %d) sharded over %d ranks (%s)", start, end, world, backend)
 
     def open_cache(self, batch: int, max_length: int, blocks: int | None = None) -> int:
@@ -107,14 +139,13 @@ class TensorParallelSpan:
 
     def close_cache(self, cache_id: int) -> None:
         if self._unallocated.pop(cache_id, None) is None:
-            _run(self.span, self._caches, self.setup, self._command("free", cache_id=cache_id))
+            self._call({"op": "free", "cache_id": cache_id})
 
     def reorder_cache(self, cache_id: int, rows: list[int], length: int) -> None:
         """`KVCache.reorder` of cache `cache_id` on every rank (beam search); a cache not allocated yet holds
         nothing to reorder."""
         if cache_id not in self._unallocated:
-            header = self._command("reorder", cache_id=cache_id, rows=rows, length=length)
-            _run(self.span, self._caches, self.setup, header)
+            self._call({"op": "reorder", "cache_id": cache_id, "rows": rows, "length": length})
 
     def forward(self, hidden: Tensor, **kwargs) -> Tensor:
         r, _ = self.forward_pair(hidden, None, **kwargs)
@@ -133,8 +164,8 @@ class TensorParallelSpan:
         """BlockSpan.forward_pair over the ranks (or over the sub-range `blocks` of the span); `cache` is an id
         from open_cache (or None: no cache)."""
         tensors = {"r": r, "p": p, "key_mask": key_mask}
-        header = self._command("forward", pos=pos, **self._cache(cache), **_blocks(blocks), **_shapes(tensors))
-        return _run(self.span, self._caches, self.setup, header, self._send(tensors))
+        header = {"op": "forward", "pos": pos, **self._cache(cache), **_blocks(blocks), **_shapes(tensors)}
+        return self._call(header, tensors, r.shape[0] * r.shape[1] * self._count(blocks))
 
     def decode_pair(
         self,
@@ -151,24 +182,31 @@ class TensorParallelSpan:
         slots of cache `cache`."""
         tensors = {"r": r, "p": p, "positions": positions, "key_mask": key_mask}
         fields = {**self._cache(cache), **_blocks(blocks), **_shapes(tensors)}
-        header = self._command("decode", slot=slot, length=length, **fields)
-        return _run(self.span, self._caches, self.setup, header, self._send(tensors))
+        header = {"op": "decode", "slot": slot, "length": length, **fields}
+        return self._call(header, tensors, r.shape[0] * self._count(blocks))
 
     def close(self) -> None:
         """Stop the other ranks and leave the process group; where a rank died (no command reaches the others
         then), end the other ranks instead of raising."""
+        self._closed.set()
         if not self._workers:
             return
+        if self._broken is not None:
+            self._stop_workers(stopped=False)
+            return
         try:
-            self._command("stop")
-        except RuntimeError:  # a rank died (its connection is gone): the others cannot be told, so end them
+            self._command({"op": "stop"})
+        except RuntimeError:  # a rank died (its pipe is gone): the others cannot be told, so end them
             logger.warning("a tensor-parallel rank is gone; stopping the others", exc_info=True)
             self._stop_workers(stopped=False)
         else:
             self._stop_workers(stopped=True)
 
     def failure(self) -> str | None:
-        """Why the span can no longer run (a rank's process is gone: every later call would fail), or None."""
+        """Why the span can no longer run (a rank's process is gone, or a call overran its bound and the
+        watchdog ended the ranks: every later call would fail), or None."""
+        if self._broken is not None:
+            return self._broken
         for rank, worker in enumerate(self._workers, 1):
             if not worker.is_alive():
                 return f"tensor-parallel rank {rank} (pid {worker.pid}) exited with status {worker.exitcode}"
@@ -180,9 +218,11 @@ class TensorParallelSpan:
             if stopped:
                 worker.join(timeout=30)
             if worker.is_alive():
-                worker.terminate()
+                worker.kill()  # (SIGTERM would wait for a stopped rank to be continued)
                 worker.join(timeout=30)
-        self._workers = []
+        for pipe in self._headers:
+            pipe.close()
+        self._workers, self._headers = [], []
         if dist.is_initialized():
             dist.destroy_process_group()
 
@@ -199,11 +239,54 @@ class TensorParallelSpan:
         allocate = self._unallocated.pop(cache_id, None)
         return {"cache_id": cache_id} if allocate is None else {"cache_id": cache_id, "allocate": allocate}
 
-    def _command(self, op: str, **fields) -> dict:
-        """Tell every other rank what comes next; returns the header, for this rank to run too."""
-        header = {"op": op, **fields}
-        dist.broadcast_object_list([header], src=0)
-        return header
+    def _count(self, blocks: slice | None) -> int:
+        return self.end - self.start if blocks is None else blocks.stop - blocks.start
+
+    def _call(self, header: dict, tensors: dict[str, Tensor | None] | None = None, work: int = 0):
+        """Run one command on every rank, under the watchdog: `work` (tokens x blocks) scales its bound."""
+        if self._broken is not None:
+            raise RuntimeError(f"the tensor-parallel ranks are gone: {self._broken}")
+        began = time.monotonic()
+        if work and not self._seconds_per_work:
+            # no rate seen yet (throughput from the cache file): a first long prefill may legitimately take minutes,
+            # so its bound is torch.distributed's own, a little shorter so that the watchdog sees it first
+            bound_s = max(self.step_timeout_s, 0.9 * self.setup.timeout_s)
+        else:
+            bound_s = self.step_timeout_s + SLOWDOWN_ALLOWED * work * self._seconds_per_work
+        self._running = (began + bound_s, bound_s)
+        try:
+            self._command(header)
+            sent = None if tensors is None else self._send(tensors)
+            result = _run(self.span, self._caches, self.setup, header, sent)
+        finally:
+            self._running = None
+        if work:
+            self._seconds_per_work = max(self._seconds_per_work, (time.monotonic() - began) / work)
+        return result
+
+    def _watch(self) -> None:
+        """End the ranks when a call runs past its bound: the call then fails, and `failure` says why."""
+        while not self._closed.wait(WATCH_S):
+            running = self._running
+            if running is None or time.monotonic() < running[0]:
+                continue
+            stopped = [f"rank {rank} (pid {w.pid})" for rank, w in enumerate(self._workers, 1) if _stopped(w)]
+            self._broken = (
+                f"a tensor-parallel call did not finish within its bound of {running[1]:.0f} s ("
+                + (f"{', '.join(stopped)} stopped)" if stopped else "a rank is frozen or its device hung)")
+            )
+            logger.warning("%s; ending the ranks", self._broken)
+            for worker in self._workers:
+                worker.kill()
+            return
+
+    def _command(self, header: dict) -> None:
+        """Tell every other rank what comes next (this rank runs it too); RuntimeError where a rank is gone."""
+        for rank, pipe in enumerate(self._headers, 1):
+            try:
+                pipe.send(header)
+            except OSError as e:  # (its end of the pipe closed with it)
+                raise RuntimeError(f"tensor-parallel rank {rank} is gone") from e
 
     def _send(self, tensors: dict[str, Tensor | None]) -> dict[str, Tensor | None]:
         sent = {}
@@ -281,6 +364,14 @@ def _run(span, caches: dict[int, KVCache], setup: _Setup, header: dict, tensors:
     raise ValueError(f"unknown tensor-parallel command {op!r}")
 
 
+def _stopped(worker) -> bool:
+    """Whether a rank's process is stopped (SIGSTOP, a debugger): a likely reason for a call to hang."""
+    try:
+        return psutil.Process(worker.pid).status() == psutil.STATUS_STOPPED
+    except psutil.Error:
+        return False
+
+
 def _device_of(span) -> torch.device:
     return next(span.parameters()).device
 
@@ -297,7 +388,7 @@ def _join(rank: int, setup: _Setup):
         init_method=setup.init_method,
         rank=rank,
         world_size=setup.world,
-        timeout=timedelta(seconds=STARTUP_TIMEOUT_S),
+        timeout=timedelta(seconds=setup.timeout_s),
     )
     return _load_shard(setup, rank, device)
 
@@ -317,15 +408,16 @@ def _load_shard(setup: _Setup, rank: int, device: torch.device) -> BlockSpan:
     return span
 
 
-def _worker(rank: int, setup: _Setup) -> None:
-    """Ranks 1..N-1: run rank 0's commands until it says stop."""
+def _worker(rank: int, setup: _Setup, headers: Connection) -> None:
+    """Ranks 1..N-1: run rank 0's commands until it says stop (or is gone)."""
     span = _join(rank, setup)
     device = setup.device(rank)
     caches: dict[int, KVCache] = {}
     while True:
-        message = [None]
-        dist.broadcast_object_list(message, src=0)
-        header = message[0]
+        try:
+            header = headers.recv()  # no timeout: a server may be idle for hours
+        except EOFError:  # rank 0 is gone
+            return
         if header["op"] == "stop":
             break
         try:
