@@ -13,6 +13,7 @@ import time
 import psutil
 import pytest
 import torch
+from test_broken_compute import _ranks
 from transformers import AutoModelForCausalLM
 
 from swarmllm import AutoDistributedModelForCausalLM
@@ -33,15 +34,6 @@ def local():
     with LocalSwarm() as swarm:
         swarm.start_bootstrap()
         yield swarm
-
-
-def _ranks(pid: int) -> list[psutil.Process]:
-    """The tensor-parallel ranks a server process spawned (multiprocessing's spawn children)."""
-    return [
-        child
-        for child in psutil.Process(pid).children(recursive=True)
-        if any("spawn_main" in part for part in child.cmdline())
-    ]
 
 
 def test_a_tp_server_with_a_frozen_rank_fails_its_sessions_in_bounded_time_and_exits(local, llama_checkpoint):
