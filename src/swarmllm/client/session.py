@@ -387,6 +387,10 @@ class InferenceSession:
                 failure = e
                 for hop in new:
                     await hop.close()
+            except BaseException:  # cancelled (a caller's timeout): nobody else would close these
+                for hop in new:
+                    await hop.close()
+                raise
 
     async def _replace(
         self, i: int, error: BaseException, *, to_end: bool = False, again: bool = False
@@ -418,7 +422,7 @@ class InferenceSession:
             new, route_s, replay_s = await self._chain(
                 failed.start, end, accept_from, failed.history.entries, error, failed.history.reordered_at
             )
-        except Exception as e:
+        except BaseException as e:  # (cancelled too: the next step must not take the closing for a fault)
             # the step fails, and the next one replaces hop i first (`failure`): it stays, closed, for the blocks
             # of every replaced hop, since after a wrong hop only its own kept inputs are right (the later
             # hops' are its outputs), and the client's closing of its stream is no new fault of its server

@@ -330,15 +330,27 @@ class Connection:
         only while the send buffer is full. `on_error` gets the peer's ERROR, or ConnectionLost should the
         connection end while the notice is among the last MAX_NOTICES sent on it (the peer may not have
         handled it); a notice that succeeded is never answered. Raises ConnectionLost or asyncio.TimeoutError
-        if it cannot be sent."""
+        if it cannot be sent. Each failure is told once: a loss that `on_error` heard of is not raised too."""
         self._check_open()
         call_id = next(self._call_ids)
+        told = False
+
+        def tell(error: WireError) -> None:
+            nonlocal told
+            told = True
+            on_error(error)
+
         notices = self._notices
-        notices[call_id] = on_error
+        notices[call_id] = tell
         if len(notices) > MAX_NOTICES:
             del notices[next(iter(notices))]
         try:
             await self._out.send(Frame(Kind.REQUEST, call_id, message, method), timeout)
+        except Exception:
+            notices.pop(call_id, None)
+            if told:
+                return  # while it waited to be sent, its failure (the connection's loss) went to on_error: once
+            raise
         except BaseException:
             notices.pop(call_id, None)
             raise
@@ -513,6 +525,8 @@ class Stream:
         self._closed = True
         while not self._inbox.empty():  # a read loop blocked on our full inbox must not stay blocked
             self._inbox.get_nowait()
+        # a recv waiting in another task (a step of a session closed meanwhile) ends now, not at its timeout
+        self._inbox.put_nowait(StreamClosed(f"stream {self.method!r} was closed by this side"))
         connection = self._connection
         if connection._calls.pop(self._call_id, None) is not None and not connection.is_closed:
             with suppress(ConnectionLost):
