@@ -22,6 +22,10 @@ from swarmllm.wire.messages import AdapterRef, AdapterUpload
 if TYPE_CHECKING:
     from swarmllm.client.swarm import SwarmClient
 
+# the slowest link an upload is given time for: its deadline is a step's floor plus its size at this rate, so a
+# server that hangs is left as soon as it would be for a step (not after `request_timeout_s`)
+UPLOAD_BYTES_PER_S = 1e6
+
 
 @dataclass(frozen=True)
 class AdapterWeights:
@@ -100,6 +104,7 @@ class AdapterUploads:
             info = self.swarm.info(peer_id)
             start, end = (0, self.swarm.num_blocks) if info is None else (info.start_block, info.end_block)
             s = weights.settings
+            tensors = {k: t.float() for k, t in weights.layers(start, end).items()}
             upload = AdapterUpload(
                 weights.name,
                 weights.version,
@@ -110,14 +115,20 @@ class AdapterUploads:
                 s.rslora,
                 start,
                 end,
-                {k: t.float() for k, t in weights.layers(start, end).items()},
+                tensors,
             ).to_message()
-            timeout = self.swarm.request_timeout_s
+            size = sum(t.numel() * t.element_size() for t in tensors.values())
+            timeout = min(self.swarm.request_timeout_s, self.swarm.step_timeout_s + size / UPLOAD_BYTES_PER_S)
             try:
-                reply = await self._send(peer_id, upload, timeout)
-            except WireError:  # the stream ended (the server closed it when unused): a new one
+                try:
+                    reply = await self._send(peer_id, upload, timeout)
+                except WireError:  # the stream ended (the server closed it when unused): a new one
+                    self.forget(peer_id)
+                    reply = await self._send(peer_id, upload, timeout)
+            except BaseException:
+                # no answer (yet): one coming later must not be read as the next upload's, so a new stream
                 self.forget(peer_id)
-                reply = await self._send(peer_id, upload, timeout)
+                raise
             error = reply.meta.get("error")
             if isinstance(error, dict):
                 raise SessionError(peer_id, str(error.get("code"))[:100], str(error.get("message"))[:1000])
