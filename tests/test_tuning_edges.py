@@ -162,16 +162,21 @@ def test_dropout_masks_are_drawn_per_layer_whatever_server_runs_it(llama_checkpo
         torch.testing.assert_close(whole[i].qkv_proj(x), (first + second)[i].qkv_proj(x))
 
 
+def add_dropout_adapter(model) -> None:
+    """A LoRA adapter with dropout 0.5 on q_proj, its B not zero (PEFT's init, which would hide every mask)."""
+    model.add_adapter(peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], lora_dropout=0.5))
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora" in name:
+                param.copy_(torch.randn(param.shape, generator=torch.Generator().manual_seed(3)))
+
+
 def test_each_micro_batch_draws_dropout_masks_of_its_own(servers, llama_checkpoint):
     """A training batch cut into micro-batches (one row each here) gives each its own dropout seed: two equal
     rows get different masks, as they do in one micro-batch; with one seed for all, they came out equal."""
     model = remote_model(llama_checkpoint, servers)
     try:
-        model.add_adapter(peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], lora_dropout=0.5))
-        with torch.no_grad():  # B is zero at PEFT's init, which would hide every mask
-            for name, param in model.named_parameters():
-                if "lora" in name:
-                    param.copy_(torch.randn(param.shape, generator=torch.Generator().manual_seed(3)))
+        add_dropout_adapter(model)
         model.train()
         model.swarm.forward_chunk_tokens, model.swarm.min_chunk_s = 1, 0.0  # a micro-batch per row
         x = ids(batch=1, length=6, seed=4).repeat(2, 1)
@@ -179,5 +184,27 @@ def test_each_micro_batch_draws_dropout_masks_of_its_own(servers, llama_checkpoi
         out = model(x, labels=x)
         assert not torch.equal(out.logits[0], out.logits[1])
         out.loss.backward()  # each micro-batch's backward recomputes its forward with its own seed
+    finally:
+        model.shutdown()
+
+
+def test_training_mode_applies_adapter_dropout_without_gradients_too(servers, llama_checkpoint):
+    """As in PEFT (nn.Dropout reads the module's mode, not autograd's): a forward in training mode under
+    `torch.no_grad` draws the same masks as one with gradients from the same torch seed, and differs from eval."""
+    model = remote_model(llama_checkpoint, servers)
+    try:
+        add_dropout_adapter(model)
+        x = ids(batch=2, length=6, seed=5)
+        model.eval()
+        with torch.no_grad():
+            plain = model(x).logits
+        model.train()
+        torch.manual_seed(11)
+        with_grad = model(x).logits.detach()
+        torch.manual_seed(11)
+        with torch.no_grad():
+            without_grad = model(x).logits
+        assert not torch.allclose(with_grad, plain, atol=1e-4)
+        torch.testing.assert_close(without_grad, with_grad, atol=1e-5, rtol=0)
     finally:
         model.shutdown()

@@ -120,7 +120,8 @@ def run_blocks(
 ) -> torch.Tensor:
     """`hidden` (prompts already prepended) through the swarm's blocks with the client's deep prompts and
     adapter: differentiably when gradients are wanted and anything requires them, else plainly (pipelined).
-    In training mode the adapter's dropout applies, with a fresh seed per call (from torch's generator).
+    In training mode the adapter's dropout applies, with gradients or without (as PEFT's), with a fresh seed per
+    call (from torch's generator).
     An empty input is refused here: servers refuse it too, and the client would ban them for the caller's error."""
     if hidden.shape[0] == 0 or hidden.shape[1] == 0:
         raise ValueError(f"the input is empty ({hidden.shape[0]} sequences of {hidden.shape[1]} tokens)")
@@ -130,7 +131,7 @@ def run_blocks(
     needs_grad = torch.is_grad_enabled() and bool(trainable)
     weights = None if lora is None else lora.snapshot()
     seed = None
-    if needs_grad and training and weights is not None and weights.settings.dropout > 0:
+    if training and weights is not None and weights.settings.dropout > 0:  # (under no_grad too, as in PEFT)
         seed = int(torch.randint(0, 2**62, ()).item())
     tuning = Tuning(
         prompts=None if deep is None else deep.detach().float(),
@@ -139,6 +140,8 @@ def run_blocks(
         dropout_seed=seed,
         lora_grads=needs_grad and any(p.requires_grad for p in params),
     )
+    if not needs_grad and seed is not None:  # the masks a training forward draws, micro-batches and all
+        return run_sync(swarm.train_forward(hidden.detach(), key_mask, tuning))[0]
     if not needs_grad:
         return run_sync(swarm.forward(hidden.detach(), key_mask, tuning))
     names = [] if lora is None else lora.names
