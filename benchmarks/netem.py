@@ -6,9 +6,11 @@ A server listens on a private port and announces the proxy's (`swarmllm serve --
 --announce-direct-port P`), so everything that dials it over the direct path, clients and the servers pushing to
 it, goes through the proxy. Each direction of a connection is a link that sends one chunk at a time at `rate`
 and delivers it `delay` after its last byte went out: bytes keep their order, a big message takes its size /
-rate, a small one the delay. (The DHT's libp2p traffic is not proxied: it is off the token path.)
+rate, a small one the delay. (The DHT's libp2p traffic is not proxied: it is off the token path.) `--mbit-in`
+caps the way into the servers apart (a client with a slow uplink, as home connections are: it also carries the
+servers' pushes to each other).
 
-    python benchmarks/netem.py --rtt-ms 100 --mbit 100 LISTEN:TARGET [LISTEN:TARGET ...]
+    python benchmarks/netem.py --rtt-ms 100 --mbit 100 [--mbit-in 10] LISTEN:TARGET [LISTEN:TARGET ...]
 
 prints `netem ready` once it listens; `Emulator` starts it as a child process (one process for every link, off
 the client's and servers' event loops).
@@ -56,7 +58,7 @@ def _close(writer: asyncio.StreamWriter) -> None:
         writer.close()
 
 
-async def _serve(listen: int, target: int, spec: LinkSpec) -> asyncio.AbstractServer:
+async def _serve(listen: int, target: int, spec: LinkSpec, spec_in: LinkSpec) -> asyncio.AbstractServer:
     async def on_connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             up_reader, up_writer = await asyncio.open_connection("127.0.0.1", target)
@@ -65,13 +67,13 @@ async def _serve(listen: int, target: int, spec: LinkSpec) -> asyncio.AbstractSe
             return
         for w in (writer, up_writer):
             w.get_extra_info("socket").setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        await asyncio.gather(_pump(reader, up_writer, spec), _pump(up_reader, writer, spec))
+        await asyncio.gather(_pump(reader, up_writer, spec_in), _pump(up_reader, writer, spec))
 
     return await asyncio.start_server(on_connection, "127.0.0.1", listen)
 
 
-async def _main(pairs: list[tuple[int, int]], spec: LinkSpec) -> None:
-    servers = [await _serve(listen, target, spec) for listen, target in pairs]
+async def _main(pairs: list[tuple[int, int]], spec: LinkSpec, spec_in: LinkSpec) -> None:
+    servers = [await _serve(listen, target, spec, spec_in) for listen, target in pairs]
     print("netem ready", flush=True)
     await asyncio.gather(*(s.serve_forever() for s in servers))
 
@@ -84,10 +86,11 @@ def free_port() -> int:
 
 class Emulator:
     """The proxy as a child process: `Emulator(rtt_ms, mbit).start(n)` gives n (listen, target) port pairs; a
-    server serves on `--direct-port target --announce-direct-port listen`."""
+    server serves on `--direct-port target --announce-direct-port listen`. `mbit_in`: the way into the servers
+    at another rate than `mbit`."""
 
-    def __init__(self, rtt_ms: float, mbit: float | None):
-        self.rtt_ms, self.mbit = rtt_ms, mbit
+    def __init__(self, rtt_ms: float, mbit: float | None, mbit_in: float | None = None):
+        self.rtt_ms, self.mbit, self.mbit_in = rtt_ms, mbit, mbit_in
         self.proc: subprocess.Popen | None = None
         self.pairs: list[tuple[int, int]] = []
 
@@ -95,6 +98,7 @@ class Emulator:
         self.pairs = [(free_port(), free_port()) for _ in range(links)]
         args = [sys.executable, __file__, "--rtt-ms", str(self.rtt_ms)]
         args += ["--mbit", str(self.mbit)] if self.mbit else []
+        args += ["--mbit-in", str(self.mbit_in)] if self.mbit_in else []
         args += [f"{listen}:{target}" for listen, target in self.pairs]
         self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, text=True)
         line = self.proc.stdout.readline()
@@ -124,16 +128,20 @@ def main() -> None:
     )
     parser.add_argument("--rtt-ms", type=float, default=100.0)
     parser.add_argument("--mbit", type=float, default=None, help="bandwidth per direction (default: no cap)")
+    parser.add_argument(
+        "--mbit-in", type=float, default=None, help="bandwidth into the servers (default: --mbit)"
+    )
     parser.add_argument("pairs", nargs="+", help="LISTEN:TARGET port pairs on 127.0.0.1")
     args = parser.parse_args()
     pairs = [tuple(int(p) for p in pair.split(":")) for pair in args.pairs]
     spec = LinkSpec(args.rtt_ms / 2e3, args.mbit * 1e6 / 8 if args.mbit else None)
+    spec_in = LinkSpec(spec.delay_s, args.mbit_in * 1e6 / 8) if args.mbit_in else spec
     try:
         import uvloop
     except ImportError:
-        asyncio.run(_main(pairs, spec))
+        asyncio.run(_main(pairs, spec, spec_in))
     else:
-        uvloop.run(_main(pairs, spec))
+        uvloop.run(_main(pairs, spec, spec_in))
 
 
 if __name__ == "__main__":

@@ -2,8 +2,9 @@
 and plain data, tested without a network.
 
 A failed server is banned for `base_s`, doubling with every further failure up to `max_s`; routing avoids banned
-peers. A step's deadline is what the hop should take by its announced speed, times a slack, plus a floor, so a
-hung server is noticed in seconds while a slow but honest one is left alone.
+peers. A step's deadline is what the hop should take by its announced speed, times a slack, plus a floor, plus
+its bytes (there and back) at the slowest rate the wire accepts a frame at, so a hung server is noticed in seconds
+while a slow but honest one, or one far away behind a narrow link, is left alone.
 """
 
 from __future__ import annotations
@@ -12,7 +13,12 @@ import statistics
 from collections import deque
 from dataclasses import dataclass, field
 
+from swarmllm.wire.framing import WireLimits
+
 DEADLINE_SLACK = 4.0  # a hop may take this many times its announced compute time before it counts as hung
+# a hop's bytes may travel this slowly (bytes/s): the rate below which a server drops a frame as stalled, so a
+# server far away is never given less time than its own wire gives its peers
+MIN_TRANSFER_RATE = WireLimits.min_frame_rate
 
 
 @dataclass
@@ -53,11 +59,18 @@ class Bans:
 
 
 def step_deadline_s(
-    tokens: int, blocks: int, blocks_per_s: float, *, floor_s: float, slack: float = DEADLINE_SLACK
+    tokens: int,
+    blocks: int,
+    blocks_per_s: float,
+    *,
+    floor_s: float,
+    slack: float = DEADLINE_SLACK,
+    transfer_bytes: int = 0,
+    min_rate: float = MIN_TRANSFER_RATE,
 ) -> float:
     """How long a hop may take for `tokens` tokens through `blocks` blocks, at an announced `blocks_per_s`
-    (block-tokens per second) before the client gives up on it."""
-    return floor_s + slack * tokens * blocks / max(blocks_per_s, 1e-9)
+    (block-tokens per second), sending and receiving `transfer_bytes` in all, before the client gives up on it."""
+    return floor_s + slack * tokens * blocks / max(blocks_per_s, 1e-9) + transfer_bytes / min_rate
 
 
 @dataclass

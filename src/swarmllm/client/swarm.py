@@ -449,14 +449,17 @@ class SwarmClient:
 
     def deadline_s(self, hop: Hop, tokens: int, *, decode: bool, floor_s: float | None = None) -> float:
         """How long `hop` may take for `tokens` (batch x length) tokens, by its announced speed (capped by the
-        measured one)."""
+        measured one) and the bytes it sends and receives."""
         info = self._servers.get(hop.peer_id)
         rate = 1.0
         if info is not None:
             kind, announced = ("inference", info.inference_rps) if decode else ("forward", info.forward_rps)
             rate = self.speeds.capped(hop.peer_id, kind, announced)
         floor_s = self.step_timeout_s if floor_s is None else floor_s
-        deadline = step_deadline_s(tokens, hop.end - hop.start, rate, floor_s=floor_s)
+        # its states there and back, float32 at most (and the ladder pair's p beside r where an edge carries it)
+        states = 2 + self.carries_pending(hop.start) + self.carries_pending(hop.end)
+        transfer = states * tokens * (self.hidden_size or 0) * 4
+        deadline = step_deadline_s(tokens, hop.end - hop.start, rate, floor_s=floor_s, transfer_bytes=transfer)
         return min(deadline, self.request_timeout_s)
 
     async def forward(
