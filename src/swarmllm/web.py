@@ -13,9 +13,10 @@ def bind(host: str, port: int) -> socket.socket:
     return socket.create_server((host, port))
 
 
-async def serve_app(app: web.Application, sock: socket.socket) -> web.AppRunner:
-    """Serve `app` on `sock` until the returned runner's `cleanup()`."""
-    runner = web.AppRunner(app, access_log=None)
+async def serve_app(app: web.Application, sock: socket.socket, *, cancel_left: bool = False) -> web.AppRunner:
+    """Serve `app` on `sock` until the returned runner's `cleanup()`; with `cancel_left`, a requester that leaves
+    cancels its handler (aiohttp's default lets it run to its end)."""
+    runner = web.AppRunner(app, access_log=None, handler_cancellation=cancel_left)
     await runner.setup()
     await web.SockSite(runner, sock).start()
     return runner

@@ -190,6 +190,9 @@ class Engine:
         def work() -> None:
             streamer = PieceStreamer(gen.assembler, put, self._recorder(request))
             try:
+                if gen.cancelled:  # its requester left while it waited for a worker: no session for nobody
+                    put(_END)
+                    return
                 need = len(prompt_ids) + max(max_new_tokens, 1)
                 # scoring the prompt needs the logits of all of its positions: nothing held can serve
                 scored = echo and request.logprob_top() is not None
@@ -821,7 +824,10 @@ async def run_api(engines: Sequence[Engine], sock, api_keys: Sequence[str] = ())
     from swarmllm.api.gateway import Gateway
     from swarmllm.web import serve_app
 
-    runner = await serve_app(Gateway([Api(engine) for engine in engines], api_keys).app(), sock)
+    # a requester that leaves cancels its handler: a whole answer waiting for its generations then cancels them,
+    # instead of generating up to max_tokens for nobody
+    app = Gateway([Api(engine) for engine in engines], api_keys).app()
+    runner = await serve_app(app, sock, cancel_left=True)
     host, port = sock.getsockname()[:2]
     names = ", ".join(f"'{engine.name}'" for engine in engines)
     print(f"OpenAI-compatible API: http://{host}:{port}/v1 (model {names})", flush=True)

@@ -8,6 +8,7 @@ API's own, so several APIs (or tests) in one process never share a counter.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import TYPE_CHECKING
 
@@ -22,6 +23,7 @@ if TYPE_CHECKING:
 REQUEST_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 TOKEN_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5)
 FIRST_TOKEN_BUCKETS_S = (0.02, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 20.0, 60.0)
+CLIENT_LEFT = 499  # the status of a request whose requester went away before its answer (nginx's)
 
 
 class ApiMetrics:
@@ -102,6 +104,9 @@ class ApiMetrics:
             return response
         except web.HTTPException as e:
             status = e.status
+            raise
+        except asyncio.CancelledError:  # the requester left (its handler is cancelled): not the API's failure
+            status = CLIENT_LEFT
             raise
         finally:
             self.requests_running.dec()

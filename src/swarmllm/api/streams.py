@@ -58,6 +58,9 @@ async def joined(gens: list[Generation]) -> list[Piece]:
         for gen in gens:  # (they all run meanwhile, each in its worker thread)
             pieces = [piece async for piece in gen.text()]
             out.append(Piece("".join(p.text for p in pieces), [e for p in pieces for e in p.logprobs]))
+    except asyncio.CancelledError:  # the requester left (its handler is cancelled): stop generating for it
+        _cancel(gens)
+        raise
     except Exception as e:  # noqa: BLE001 - the swarm's failure
         _cancel(gens)
         raise swarm_error(e) from None
@@ -103,8 +106,8 @@ async def stream(
     started, a failure of the swarm goes in it as `failure(error)`; a requester that leaves cancels the
     generations."""
     response = web.StreamResponse(headers=headers)
-    await response.prepare(request)
     try:
+        await response.prepare(request)  # (a requester gone already fails here)
         try:
             async for chunk in chunks:
                 await response.write(chunk)
@@ -115,7 +118,9 @@ async def stream(
             await response.write(failure(swarm_error(e)))
             return response
         await response.write(trailer())
-    except (ConnectionResetError, asyncio.CancelledError):
-        _cancel(gens)  # the requester left: stop generating for it
+    except ConnectionResetError:  # the requester left: stop generating for it (no error: nobody to tell)
+        _cancel(gens)
+    except asyncio.CancelledError:
+        _cancel(gens)
         raise
     return response
