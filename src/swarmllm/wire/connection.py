@@ -681,8 +681,35 @@ async def serve_connection(
         else:
             out.write_error(call_id, "unknown_method", f"no method {method!r}")
 
+    closed: asyncio.Future | None = None  # done once the transport is gone; made when an inbox is first full
+
+    async def deliver(inbox: Incoming, item: Message | None) -> bool:
+        """Queue `item` for a stream's handler; while its inbox is full this loop reads nothing more (the peer
+        stalls). False if the connection ends meanwhile (the peer left, or a stopping server aborted it): a
+        handler that does not read must not keep the loop, and so itself, alive past its connection."""
+        nonlocal closed
+        if not inbox.full():
+            inbox.put_nowait(item)
+            return True
+        if closed is None:
+            closed = asyncio.ensure_future(writer.wait_closed())
+            closed.add_done_callback(lambda done: done.cancelled() or done.exception())
+        put = asyncio.ensure_future(inbox.put(item))
+        try:
+            await asyncio.wait((put, closed), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            put.cancel()
+        return put.done() and not put.cancelled()
+
     try:
         while True:
+            if writer.transport.get_write_buffer_size() > _DRAIN_ABOVE_BYTES:
+                # a peer that reads none of our answers (the errors this loop writes by itself included) is not
+                # read either, or its answers would pile up here without bound
+                try:
+                    await writer.drain()
+                except OSError:
+                    return
             try:
                 frame = await read_frame(reader, limits, clock, payload_cap)
             except PayloadTooLarge as e:
@@ -703,10 +730,12 @@ async def serve_connection(
             if call is None:
                 continue  # the call already finished; late MESSAGE/END frames are expected
             if frame.kind is Kind.MESSAGE and call.inbox is not None:
-                await call.inbox.put(frame.message)
+                if not await deliver(call.inbox, frame.message):
+                    return
             elif frame.kind is Kind.END:
                 if call.inbox is not None:
-                    await call.inbox.put(None)
+                    if not await deliver(call.inbox, None):
+                        return
                 else:
                     call.task.cancel()  # the caller gave up on this unary call
             else:

@@ -228,18 +228,22 @@ class DirectServer:
 
     async def stop(self) -> None:
         """Stop accepting, drop every open connection and wait until their handlers are done."""
-        if self._server is None:
+        server, self._server = self._server, None  # from now on, a connection whose TLS completes is dropped
+        if server is None:
             return
-        self._server.close()
+        server.close()
         for writer in self._connections.values():
             writer.transport.abort()
         if self._connections:
             await asyncio.wait(list(self._connections))
-        await self._server.wait_closed()
-        self._server = None
+        await server.wait_closed()
 
     async def _on_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer_address = writer.get_extra_info("peername")
+        # accepted before stop() began (Python 3.11's Server.wait_closed does not wait for it) and served after it
+        if self._server is None:
+            writer.transport.abort()
+            return
         try:
             self.slots.open()
         except TooManyConnections as e:

@@ -1,0 +1,241 @@
+"""The server side of a connection when handlers or peers are slow, stuck or hostile: `DirectServer.stop()` is
+bounded, a stream that is not read stalls its peer (not the server), a connection that ends frees its handlers.
+In-process DirectServers over real loopback sockets."""
+
+from __future__ import annotations
+
+import asyncio
+from contextlib import suppress
+
+import psutil
+import pytest
+import torch
+
+from swarmllm.wire import (
+    ConnectionLost,
+    DirectServer,
+    Frame,
+    Handlers,
+    Identity,
+    Kind,
+    Message,
+    WireError,
+    WireLimits,
+    connect_direct,
+    encode_frame,
+    read_frame,
+)
+from swarmllm.wire.direct import _client_handshake
+from swarmllm.wire.tls import client_context
+
+BOUND = 10.0  # seconds; only to fail a test instead of hanging, never to wait for something to happen
+MiB = 1 << 20
+
+
+class Stuck:
+    """A real server whose `stuck` stream handler waits for `release` before it reads anything."""
+
+    def __init__(self, limits: WireLimits) -> None:
+        self.release = asyncio.Event()
+        self.started = asyncio.Event()
+        self.finished = asyncio.Event()
+        handlers = Handlers()
+
+        async def stuck(opening, incoming, context):
+            self.started.set()
+            try:
+                await self.release.wait()
+                async for message in incoming:
+                    yield Message({"n": sum(t.numel() for t in message.tensors)})
+            finally:
+                self.finished.set()
+
+        handlers.add_stream("stuck", stuck)
+        self.server = DirectServer(handlers, Identity.generate(), limits=limits)
+
+
+async def _fill_stream(stream) -> None:
+    """Send 1 MiB messages until one times out: the server stopped reading this connection."""
+    chunk = Message(tensors=[torch.zeros(MiB // 4)])
+    with pytest.raises(TimeoutError):
+        for _ in range(1024):
+            await stream.send(chunk, timeout=0.5)
+
+
+async def test_stop_is_bounded_while_a_full_inbox_blocks_the_read_loop():
+    """A handler that does not read and a peer that filled its inbox (the read loop waits for room): stop()
+    still cancels the handler and returns; the peer's connection is lost."""
+    stuck = Stuck(WireLimits(max_inbox_bytes=MiB))
+    await stuck.server.start()
+    client = await connect_direct(*stuck.server.address, Identity.generate(), expected_peer_id=None)
+    try:
+        stream = await client.open_stream("stuck", Message(), timeout=BOUND)
+        await asyncio.wait_for(stuck.started.wait(), BOUND)
+        await _fill_stream(stream)  # backpressure: the peer stalls rather than the server buffering it all
+        await asyncio.wait_for(stuck.server.stop(), BOUND)
+        assert stuck.finished.is_set()  # the handler was cancelled, not left waiting for `release`
+        with pytest.raises(ConnectionLost):
+            await stream.recv(timeout=BOUND)
+    finally:
+        stuck.release.set()
+        await client.close()
+        await asyncio.wait_for(stuck.server.stop(), BOUND)
+
+
+async def test_a_peer_that_leaves_while_its_inbox_is_full_frees_the_handler():
+    """The peer closes its connection while the server's read loop waits for room in a stuck handler's inbox:
+    the handler is cancelled (its session freed) at once, not whenever it next reads."""
+    stuck = Stuck(WireLimits(max_inbox_bytes=MiB))
+    await stuck.server.start()
+    client = await connect_direct(*stuck.server.address, Identity.generate(), expected_peer_id=None)
+    try:
+        stream = await client.open_stream("stuck", Message(), timeout=BOUND)
+        await asyncio.wait_for(stuck.started.wait(), BOUND)
+        chunk = Message(tensors=[torch.zeros(MiB // 4)])
+        for _ in range(3):  # the first fills the inbox, the second waits for room, the third stays unread
+            await stream.send(chunk, timeout=BOUND)
+        await client.close()
+        await asyncio.wait_for(stuck.finished.wait(), BOUND)
+        assert not stuck.release.is_set()
+    finally:
+        stuck.release.set()
+        await client.close()
+        await asyncio.wait_for(stuck.server.stop(), BOUND)
+
+
+async def _open_raw(server: DirectServer) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A connection that has proven a fresh identity, as raw streams (to send hand-made frames)."""
+    reader, writer = await asyncio.open_connection(*server.address, ssl=client_context(), server_hostname="")
+    await _client_handshake(reader, writer, Identity.generate(), None, None)
+    return reader, writer
+
+
+async def _send_until_stalled(writer: asyncio.StreamWriter, frames: bytes, most: int) -> int:
+    """Write `frames` again and again until a drain takes over a second or `most` bytes went out; how many did."""
+    sent = 0
+    with suppress(TimeoutError):
+        while sent < most:
+            writer.write(frames)
+            await asyncio.wait_for(writer.drain(), 1.0)
+            sent += len(frames)
+    return sent
+
+
+async def test_a_peer_that_reads_no_answers_is_not_read_either():
+    """A peer sends requests that the connection answers by itself (an unknown method: an ERROR frame each) and
+    never reads: the server stops reading it once its send buffer is full, rather than buffering every answer
+    (64 MiB of requests left 73 MiB of answers in the server's memory); an honest peer is served meanwhile."""
+    handlers = Handlers()
+
+    async def echo(request: Message, context) -> Message:
+        return request
+
+    handlers.add_unary("echo", echo)
+    server = DirectServer(handlers, Identity.generate())
+    await server.start()
+    reader, writer = await _open_raw(server)
+    try:
+        request = b"".join(encode_frame(Frame(Kind.REQUEST, 5, Message(), "x" * 255)))
+        sent = await _send_until_stalled(writer, request * 1000, 64 * MiB)
+        assert sent < 32 * MiB
+        honest = await connect_direct(*server.address, Identity.generate(), expected_peer_id=None)
+        assert (await honest.call("echo", Message({"ok": 1}), timeout=BOUND)).meta == {"ok": 1}
+        await honest.close()
+        # what the server sent so far is every answer it owes for what it read: a stall, not a lost frame
+        answer = await asyncio.wait_for(read_frame(reader, WireLimits()), BOUND)
+        assert answer.kind is Kind.ERROR and answer.message.meta["code"] == "unknown_method"
+    finally:
+        writer.transport.abort()
+        await asyncio.wait_for(server.stop(), BOUND)
+
+
+async def test_a_connection_accepted_before_stop_is_not_served_after_it():
+    """A connection the server accepted but whose TLS handshake was not done when stop() began: it is not served
+    once stop() returned (Python 3.11's Server.wait_closed does not wait for it), as the server's backend may be
+    gone by then."""
+    handlers = Handlers()
+    served: list[str | None] = []
+
+    async def echo(request: Message, context) -> Message:
+        served.append(context.peer_id)
+        return request
+
+    handlers.add_unary("echo", echo)
+    server = DirectServer(handlers, Identity.generate())
+    await server.start()
+    reader, writer = await asyncio.open_connection(*server.address)  # TCP only, no TLS yet
+    # accepted in order: once this later connection is served, the first one was accepted too
+    other = await connect_direct(*server.address, Identity.generate(), expected_peer_id=None)
+    await asyncio.wait_for(server.stop(), BOUND)
+    await other.close()
+    late = Identity.generate()
+    try:
+        await asyncio.wait_for(writer.start_tls(client_context(), server_hostname=""), BOUND)
+        await asyncio.wait_for(_client_handshake(reader, writer, late, None, None), BOUND)
+        writer.writelines(encode_frame(Frame(Kind.REQUEST, 1, Message({"ok": 1}), "echo")))
+        await asyncio.wait_for(read_frame(reader, WireLimits()), BOUND)
+    except (OSError, WireError, asyncio.IncompleteReadError):
+        pass  # refused: as it should be
+    finally:
+        writer.transport.abort()
+    assert late.peer_id not in served
+
+
+async def test_connection_churn_returns_fds_tasks_and_slots_to_their_baseline():
+    """Connections that come and go every way a peer can leave (clean close; dropped mid-call, mid-stream, with a
+    full inbox, before TLS, before the identity handshake): the server's fds, tasks and slots return to where
+    they were."""
+    stuck = Stuck(WireLimits(max_inbox_bytes=MiB))
+    server = stuck.server
+
+    async def echo(request: Message, context) -> Message:
+        await asyncio.sleep(0)
+        return request
+
+    server.handlers.add_unary("echo", echo)
+    await server.start()
+    process = psutil.Process()
+    client_identity = Identity.generate()
+
+    async def clean() -> None:
+        conn = await connect_direct(*server.address, client_identity, expected_peer_id=None)
+        assert (await conn.call("echo", Message({"ok": 1}), timeout=BOUND)).meta == {"ok": 1}
+        await conn.close()
+
+    async def dropped_mid_call_and_stream() -> None:
+        conn = await connect_direct(*server.address, client_identity, expected_peer_id=None)
+        stream = await conn.open_stream("stuck", Message(), timeout=BOUND)
+        for _ in range(3):  # more than the inbox holds
+            await stream.send(Message(tensors=[torch.zeros(MiB // 4)]), timeout=BOUND)
+        calling = asyncio.ensure_future(conn.call("echo", Message(), timeout=BOUND))
+        await asyncio.sleep(0)  # (lets the call be written; it may or may not be answered)
+        conn._writer.transport.abort()
+        with suppress(Exception):
+            await calling
+        await conn.close()
+
+    async def before_tls() -> None:
+        _, writer = await asyncio.open_connection(*server.address)
+        writer.transport.abort()
+
+    async def before_handshake() -> None:
+        _, writer = await asyncio.open_connection(*server.address, ssl=client_context(), server_hostname="")
+        writer.transport.abort()
+
+    async def churn(rounds: int) -> None:
+        for _ in range(rounds):
+            await asyncio.gather(clean(), dropped_mid_call_and_stream(), before_tls(), before_handshake())
+
+    await churn(2)  # warm up: lazily made objects (thread pools, caches) are not leaks
+    fds, tasks = process.num_fds(), len(asyncio.all_tasks())
+    try:
+        await churn(50)
+        async with asyncio.timeout(BOUND):
+            while server._connections or server.slots.total:  # the last drops are still being noticed
+                await asyncio.sleep(0.01)
+        assert server.slots.total == 0 and server.slots.per_peer == {}
+        assert len(asyncio.all_tasks()) <= tasks
+        assert process.num_fds() <= fds
+    finally:
+        stuck.release.set()
+        await asyncio.wait_for(server.stop(), BOUND)
