@@ -166,12 +166,13 @@ def test_token_texts_join_to_the_text_where_tokens_decoded_alone_do_not():
 
 
 def test_stop_strings_count_only_after_min_tokens():
-    """vLLM's rule: a stop string made within the first min_tokens tokens neither ends nor holds back the text."""
+    """vLLM's rule: a stop string made within the first min_tokens tokens does not end the text (its start is
+    held back, as any text that may grow into one); one that ends after them does, and none of it is sent."""
     pieces, assembler = run([0, 4, 5, 1, 4, 5, 2], stop=["XY"], min_tokens=3)
-    assert pieces[:3] == ["a", "X", "Y"] and assembler.finish_reason == "stop"
+    assert pieces[:3] == ["a", "", "XY"] and assembler.finish_reason == "stop"
     assert "".join(pieces) == "aXYb"  # cut at the second "XY", made after the third token
     pieces, assembler = run([0, 4, 5], stop=["XY"], min_tokens=2)
-    assert "".join(pieces) == "aX" and assembler.finish_reason == "stop"  # its third token may stop it
+    assert "".join(pieces) == "a" and assembler.finish_reason == "stop"  # its third token may stop it
 
 
 def test_best_of_ranks_by_every_generated_tokens_logprob_eos_included():

@@ -52,6 +52,16 @@ def text_after(decode: Callable[[list[int]], str], context: list[int], before: s
     return after[len(before) :] if after.startswith(before) else decode(tokens)
 
 
+def whole_context(decode: Callable[[list[int]], str], tokens: Sequence[int]) -> list[int]:
+    """The last CONTEXT_TOKENS of `tokens`, less those at its start that begin inside a character: SentencePiece's
+    byte fallback decodes a run of byte tokens that is not whole UTF-8 as U+FFFD throughout, the bytes that
+    follow it (the answer's first ones) too."""
+    context = list(tokens)[-CONTEXT_TOKENS:]
+    while context and decode(context).startswith("\ufffd"):
+        context = context[1:]
+    return context
+
+
 class TextAssembler:
     """Turns generated token ids into text pieces that are safe to send: a piece never ends inside a UTF-8
     character (decoders show those as U+FFFD until the next token completes them) nor with the beginning of a
@@ -67,11 +77,12 @@ class TextAssembler:
         context: Sequence[int] = (),
     ):
         self.decode = decode
-        self.context = list(context)[-CONTEXT_TOKENS:]
+        self.context = whole_context(decode, context)
         self._before = decode(self.context)
         self.stop = [s for s in stop if s]
         self.eos_ids = set(eos_ids)
         self.min_tokens = min_tokens  # stop strings count only after this many tokens (as in vLLM)
+        self._free = 0  # characters of the first min_tokens tokens' text: no stop string ends there
         self.tokens: list[int] = []  # every generated token, EOS included (what usage counts)
         self._text_tokens: list[int] = []
         self._sent = 0  # characters of the decoded text already handed out
@@ -91,8 +102,9 @@ class TextAssembler:
             return self._flush()
         self._text_tokens.append(token)
         text = self._text()
-        if len(self.tokens) <= self.min_tokens:  # too early for stop strings: neither cut nor held back
-            return "" if text.endswith("\ufffd") else self._take(text, len(text))
+        if len(self.tokens) <= self.min_tokens:  # too early for stop strings to cut, not to be held back
+            self._free = max(self._free, len(text.rstrip("\ufffd")))
+            return "" if text.endswith("\ufffd") else self._take(text, len(text) - self._held_back(text))
         cut = self._stop_at(text)
         if cut is not None:
             self.finish_reason = "stop"
@@ -120,8 +132,9 @@ class TextAssembler:
 
     def _stop_at(self, text: str) -> int | None:
         """Where the first stop string in the unsent part (or straddling its start) begins, if any: each is
-        looked for only where it would end in unsent text (text sent before `min_tokens` may hold one)."""
-        found = [i for i in (text.find(s, max(0, self._sent - len(s) + 1)) for s in self.stop) if i >= 0]
+        looked for only where it would end in unsent text past the first `min_tokens` tokens' text."""
+        checked = max(self._sent, self._free)
+        found = [i for i in (text.find(s, max(0, checked - len(s) + 1)) for s in self.stop) if i >= 0]
         return min(found) if found else None
 
     def _held_back(self, text: str) -> int:
