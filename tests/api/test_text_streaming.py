@@ -351,3 +351,26 @@ def test_swarmllm_chat_prints_the_decoded_answer(emoji_answer):
     answer = chat.say("hi", out)
     assert out.getvalue() == decoder(served.tokenizer)(served.answer) + "\n" and answer == out.getvalue()[:-1]
     assert chat.last.tokens == len(served.answer) + 1
+
+
+async def test_completion_logprobs_tokens_join_to_the_text_and_offsets_point_into_it(emoji_answer):
+    """Completions' `logprobs`: the tokens joined are the text, whole or streamed, and each `text_offset` is where
+    its token's text starts in it, also where a character's bytes span tokens (a token that starts one reads "",
+    the one that completes it the whole character; alone each would read U+FFFD and the offsets drift)."""
+    served, engine = emoji_answer
+    want = added_text(served.tokenizer, served.prompt, served.answer)
+    client = await _client(engine)
+    try:
+        body = {"model": "m", "prompt": served.prompt, "max_tokens": 20, "temperature": 0, "logprobs": 1}
+        (choice,) = (await (await client.post("/v1/completions", json=body)).json())["choices"]
+        events = await _events(client, "/v1/completions", {**body, "stream": True})
+    finally:
+        await client.close()
+    streamed = [c["logprobs"] for e in events for c in e["choices"] if c.get("logprobs")]
+    for tokens, offsets in [
+        (choice["logprobs"]["tokens"], choice["logprobs"]["text_offset"]),
+        ([t for lp in streamed for t in lp["tokens"]], [o for lp in streamed for o in lp["text_offset"]]),
+    ]:
+        assert "".join(tokens) == want == choice["text"]
+        assert offsets == [len("".join(tokens[:i])) for i in range(len(tokens))]
+        assert all(want.startswith(t, o) for t, o in zip(tokens, offsets, strict=True))

@@ -333,8 +333,8 @@ class Engine:
         self, entries: list[TokenLogprob], offset: int, top: bool, texts: TokenTexts
     ) -> dict:
         """OpenAI's (legacy) completion `logprobs`; `offset`: where the first token's text starts in the answer."""
+        tokens = texts.joined([e.token for e in entries])  # (before `_texts` moves the context on)
         named = self._texts(entries, texts)
-        tokens = [text for text, _ in named]
         starts = list(itertools.accumulate((len(t) for t in tokens[:-1]), initial=offset))[: len(tokens)]
         tops = [
             None if e.logprob is None else {t: lp for t, (_, lp) in zip(alts, e.top, strict=True)}

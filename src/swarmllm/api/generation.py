@@ -181,14 +181,38 @@ class TokenTexts:
 
     def __init__(self, decode: Callable[[list[int]], str], context: Sequence[int] = ()):
         self.decode = decode
-        self.context = list(context)[-CONTEXT_TOKENS:]
+        self.context = whole_context(decode, context)
         self._before = decode(self.context)  # the context's text, asked for each token and its alternatives
 
     def text(self, token: int) -> str:
         return text_after(self.decode, self.context, self._before, [token])
 
+    def joined(self, tokens: Sequence[int]) -> list[str]:
+        """The texts of the `tokens` that come next, such that they join to the text they make: a character whose
+        bytes span tokens is the text of the token that completes it, and those before it read "" (alone, each
+        reads U+FFFD). The context stays as it is."""
+        context, before = self.context, self._before
+        out: list[str] = []
+        pending: list[int] = []
+        text = ""
+        for token in tokens:
+            pending.append(token)
+            text = text_after(self.decode, context, before, pending)
+            if text.endswith("\ufffd"):
+                out.append("")
+                continue
+            out.append(text)
+            context = whole_context(self.decode, [*context, *pending])
+            before, pending = self.decode(context), []
+        if pending:  # the text ends inside a character: the last token has what there is
+            out[-1] = text
+        return out
+
     def push(self, token: int) -> None:
-        self.context = [*self.context, token][-CONTEXT_TOKENS:]
+        context = [*self.context, token]
+        # inside a character, byte fallback garbles its whole run: then no token is dropped for starting in one
+        inside = self.decode(context).endswith("\ufffd")
+        self.context = context[-CONTEXT_TOKENS:] if inside else whole_context(self.decode, context)
         self._before = self.decode(self.context)
 
 
