@@ -31,22 +31,35 @@ class HopTimeoutError(TimeoutError):
 
 @dataclass(frozen=True)
 class KeptInput:
-    """One step's input to a hop: tokens [position, position + T)."""
+    """One step's input to a hop: tokens [position, position + T), of which the session still holds those before
+    `held` (a later step at an earlier position cut it: speculative decoding's rejected drafts, an edited
+    history). The step is kept whole, so that a replay sends it with its original shape (another shape computes
+    other roundings) and the next step's earlier position rewinds the replacement as it did the lost server."""
 
     position: int
     hidden: torch.Tensor  # [batch, T, hidden]
     key_mask: torch.Tensor | None  # [batch, T] bool, with left padding
     pending: torch.Tensor | None = None  # [batch, T, hidden]: p, where the input is a ladder pair (r, p)
+    held: int | None = None  # the positions the session still holds end here (None: at the step's end)
 
     @property
     def end(self) -> int:
-        return self.position + self.hidden.shape[1]
+        return self.position + self.hidden.shape[1] if self.held is None else self.held
 
     def rows(self, index: torch.Tensor) -> KeptInput:
         """This input with row i taken from row index[i]."""
         mask = None if self.key_mask is None else self.key_mask[index]
         pending = None if self.pending is None else self.pending[index]
-        return KeptInput(self.position, self.hidden[index], mask, pending)
+        return KeptInput(self.position, self.hidden[index], mask, pending, self.held)
+
+    def cut(self) -> KeptInput:
+        """Only the positions the session still holds."""
+        if self.held is None:
+            return self
+        n = self.held - self.position
+        mask = None if self.key_mask is None else self.key_mask[:, :n]
+        pending = None if self.pending is None else self.pending[:, :n]
+        return KeptInput(self.position, self.hidden[:, :n], mask, pending)
 
 
 class History:
@@ -64,6 +77,12 @@ class History:
 
     @property
     def entries(self) -> list[KeptInput]:
+        """The inputs of positions [0, length), in order, each cut to what the session still holds."""
+        return [e.cut() for e in self.steps]
+
+    @property
+    def steps(self) -> list[KeptInput]:
+        """The steps as they were sent (whole, `held` saying where a later rewind cut them): what a replay sends."""
         if self._since:
             index, applied = {}, None  # k -> the rows, before the k-th noted reorder, that make today's
             for k in range(len(self._since) - 1, -1, -1):
@@ -81,7 +100,7 @@ class History:
     def nbytes(self) -> int:
         return sum(
             sum(t.nelement() * t.element_size() for t in (e.hidden, e.pending) if t is not None)
-            for e, _ in self._kept
+            for e in (e.cut() for e, _ in self._kept)
         )
 
     def add(self, entry: KeptInput) -> None:
@@ -102,10 +121,7 @@ class History:
             if e.end <= position:
                 kept.append((e, k))
             elif e.position < position:
-                cut = position - e.position
-                mask = None if e.key_mask is None else e.key_mask[:, :cut]
-                pending = None if e.pending is None else e.pending[:, :cut]
-                kept.append((KeptInput(e.position, e.hidden[:, :cut], mask, pending), k))
+                kept.append((dataclasses.replace(e, held=position), k))
         self._kept = kept
 
 
@@ -213,7 +229,7 @@ class HopSession:
                 outputs = []
                 for e in entries:
                     reply = await self.recv(0, e.hidden, timeout_s, e.position)
-                    outputs.append(KeptInput(e.position, reply.hidden, e.key_mask, reply.pending))
+                    outputs.append(KeptInput(e.position, reply.hidden, e.key_mask, reply.pending, e.held))
         except TimeoutError:
             raise HopTimeoutError(
                 f"server {self.peer_id} (blocks [{self.start}, {self.end})) did not finish replaying "

@@ -420,7 +420,7 @@ class InferenceSession:
         end = self.swarm.num_blocks if to_end else failed.end
         try:
             new, route_s, replay_s = await self._chain(
-                failed.start, end, accept_from, failed.history.entries, error, failed.history.reordered_at
+                failed.start, end, accept_from, failed.history.steps, error, failed.history.reordered_at
             )
         except BaseException as e:  # (cancelled too: the next step must not take the closing for a fault)
             # the step fails, and the next one replaces hop i first (`failure`): it stays, closed, for the blocks
