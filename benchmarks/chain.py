@@ -1,8 +1,8 @@
 """What each hop of a chain costs: single-session ms/token of the tiny model through chains of 1, 2, 3 and 6
 servers on loopback (the model's 6 blocks split evenly), and the cost per added hop (a least-squares slope).
 
-    python benchmarks/chain.py [--servers 1 2 3 6] [--new-tokens 64] [--repeats 9] [--server-args ...]
-        [--rtt-ms 0] [--no-record]
+    python benchmarks/chain.py [--servers 1 2 3 6] [--new-tokens 64] [--repeats 9] [--rtt-ms 0] [--no-record]
+        [--server-args FLAG ...]      (last: the rest of the line goes to every `swarmllm serve`)
 
 The tiny model computes next to nothing, so the slope is the hop's overhead: the wire, the push to the next
 server, the event loops' wake-ups and the per-step Python on both ends. With --rtt-ms (and --mbit), every server
@@ -87,7 +87,9 @@ def main() -> None:
     parser.add_argument("--servers", nargs="+", type=int, default=[1, 2, 3, 6])
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=9, help="rounds of one generate through every chain")
-    parser.add_argument("--server-args", nargs="*", default=[])
+    parser.add_argument(
+        "--server-args", nargs=argparse.REMAINDER, default=[], help="the rest: `swarmllm serve` flags"
+    )
     parser.add_argument("--rtt-ms", type=float, default=0.0)
     parser.add_argument("--mbit", type=float, default=None)
     parser.add_argument("--no-record", action="store_true")

@@ -152,6 +152,8 @@ def worker(rank: int, args, port: int, results) -> None:
 
 
 def quartiles(values: list[float]) -> tuple[float, float, float]:
+    if len(values) == 1:  # --repeats 1: no spread to show
+        return values[0], values[0], values[0]
     q1, median, q3 = statistics.quantiles(values, n=4)
     return q1, statistics.median(values), q3
 

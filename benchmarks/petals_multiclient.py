@@ -146,9 +146,12 @@ def measure(workers, new, repeats, counts):
 
 
 def main():
-    if sys.argv[1] == "--worker":
+    if sys.argv[1:2] == ["--worker"]:
         worker()
         return
+    if len(sys.argv) < 4 or not all(arg.isdigit() for arg in sys.argv[1:]):
+        print(__doc__)
+        sys.exit(0 if sys.argv[1:] in (["-h"], ["--help"]) else 2)
     new, repeats, counts = int(sys.argv[1]), int(sys.argv[2]), [int(n) for n in sys.argv[3:]]
     workers = []
     try:
