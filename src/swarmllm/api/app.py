@@ -189,9 +189,9 @@ class Engine:
 
         def work() -> None:
             streamer = PieceStreamer(gen.assembler, put, self._recorder(request))
+            outcome: object = _END
             try:
                 if gen.cancelled:  # its requester left while it waited for a worker: no session for nobody
-                    put(_END)
                     return
                 need = len(prompt_ids) + max(max_new_tokens, 1)
                 # scoring the prompt needs the logits of all of its positions: nothing held can serve
@@ -209,13 +209,15 @@ class Engine:
                     started, streamer.first_token_at, time.perf_counter(), gen.completion_tokens,
                     gen.prompt_tokens, gen.cached_tokens,
                 )  # fmt: skip
-                put(_END)
             except BaseException as e:  # noqa: BLE001 - handed to the request, which answers with it
                 logger.warning("generation failed: %r", e)
                 self.counted.generation_failures.inc()
-                put(e)
+                outcome = e
             finally:
+                # no longer running before its end is handed out: whoever reads the gauge after the answer
+                # sees it gone
                 self.counted.generations_running.dec()
+                put(outcome)
 
         loop.run_in_executor(self.executor, work)
         return gen
