@@ -4,7 +4,7 @@ waits behind it, and whether the decode steps of a third user stall meanwhile, w
 pipelined along the chain) against servers that prefill in one piece (`--prefill-chunk-tokens 0`).
 
     python benchmarks/prefill.py [--model medium] [--long 1536] [--short 256] [--decode-tokens 96] [--rounds 3]
-        [--server-args ...] [--no-record]
+        [--no-record] [--server-args FLAG ...]      (last: the rest of the line goes to every `swarmllm serve`)
 
 Two swarms of 2 servers run at once, one per way, each with three client processes: A sends the long prompt, B
 the short one, C decodes. Each round, on each swarm in turn: A, B and C alone; then C decoding while A prefills,
