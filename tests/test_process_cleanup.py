@@ -3,6 +3,9 @@ stopped with SIGTERM: hivemind runs each DHT in a child process with a p2pd daem
 its cleanup left both running for ever."""
 
 import os
+import signal
+import subprocess
+import sys
 
 from swarmllm.local import LocalSwarm
 
@@ -33,3 +36,28 @@ def test_stopping_a_local_swarm_leaves_no_process_behind(llama_checkpoint):
         assert all(_group_alive(pgid) for pgid in groups.values())
     # each stop() waited for its process; its children exit during its cleanup, before it does
     assert {name for name, pgid in groups.items() if _group_alive(pgid)} == set()
+
+
+OWNER = """
+import sys, threading
+from swarmllm.local import LocalSwarm
+with LocalSwarm() as local:
+    local.start_bootstrap()
+    print(local.bootstrap.proc.pid, flush=True)
+    threading.Event().wait()  # until terminated
+"""
+
+
+def test_a_terminated_owner_of_a_local_swarm_stops_its_processes():
+    """A SIGTERM to the process that holds a LocalSwarm (a supervisor, `timeout`, a killed benchmark or demo)
+    ends it as Ctrl-C does: its swarm's processes, each in a session of its own, stop with it."""
+    owner = subprocess.Popen([sys.executable, "-c", OWNER], stdout=subprocess.PIPE, text=True)
+    try:
+        group = os.getpgid(int(owner.stdout.readline()))
+        assert _group_alive(group)
+        owner.terminate()
+        assert owner.wait(timeout=60) == 128 + signal.SIGTERM
+        assert not _group_alive(group)
+    finally:
+        owner.kill()
+        owner.wait()

@@ -111,6 +111,7 @@ class LocalSwarm:
         self.initial_peers: list[str] = []
         self.monitor: ManagedProcess | None = None
         self.api: ManagedProcess | None = None
+        self._sigterm = None  # the SIGTERM handler before `__enter__` put its own, to put back
 
     def start_bootstrap(self, timeout_s: float = 60.0, *, extra: Sequence[str] = ()) -> list[str]:
         self.bootstrap = _spawn("bootstrap", ["dht", *extra], fork=self.fork)
@@ -204,7 +205,20 @@ class LocalSwarm:
             self.bootstrap.stop(timeout_s)
 
     def __enter__(self) -> LocalSwarm:
+        # the processes live in sessions of their own, so a SIGTERM to their owner (a supervisor, `timeout`) would
+        # leave them running: while the swarm is up, it ends the owner as Ctrl-C does, through `close`
+        if threading.current_thread() is threading.main_thread():
+            if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+                self._sigterm = signal.signal(signal.SIGTERM, _terminated)
         return self
 
     def __exit__(self, *exc) -> None:
-        self.close()
+        try:
+            self.close()
+        finally:
+            if self._sigterm is not None:
+                signal.signal(signal.SIGTERM, self._sigterm)
+
+
+def _terminated(signum: int, frame) -> None:
+    raise SystemExit(128 + signum)
