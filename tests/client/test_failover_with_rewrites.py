@@ -7,10 +7,10 @@ processor, or a hook on a hop's reply); the tokens must equal a fault-free run's
 from __future__ import annotations
 
 import copy
-import itertools
 
 import pytest
 import torch
+from test_failover import Swarm as FailoverSwarm
 from test_finetune import random_lora
 from transformers import AutoModelForCausalLM, LogitsProcessor, LogitsProcessorList
 from transformers.generation.streamers import BaseStreamer
@@ -20,7 +20,6 @@ from swarmllm.client.hop import History, HopSession, KeptInput
 from swarmllm.local import LocalSwarm
 
 PROMPT = torch.tensor([[1, 30, 40, 50, 7, 12, 9]])
-_prefixes = itertools.count()
 
 
 class AtRound(BaseStreamer):
@@ -79,21 +78,17 @@ def draft(reference):
     return model
 
 
-class Swarm:
-    """Servers of one test under their own DHT prefix, and a client of them."""
+class Swarm(FailoverSwarm):
+    """test_failover's swarm, with server flags of its own and no spot checks unless asked."""
 
     def __init__(self, local: LocalSwarm, path, spans, server_flags=(), **client_options):
-        self.local, self.path = local, str(path)
-        self.prefix = f"rewrites-{next(_prefixes)}"
-        self.flags = ["--dht-prefix", self.prefix, *server_flags]
-        first = len(local.servers)
-        infos = local.add_servers([(self.path, span) for span in spans], extra=self.flags)
-        self.index = {info["peer_id"]: first + i for i, info in enumerate(infos)}
-        options = {"spot_check_fraction": 0.0, **client_options}
-        self.model = AutoDistributedModelForCausalLM.from_pretrained(
-            self.path, initial_peers=local.initial_peers, dht_prefix=self.prefix, **options
-        )
+        self.server_flags = list(server_flags)
+        super().__init__(local, path, spans, **{"spot_check_fraction": 0.0, **client_options})
         self.remote = None
+
+    @property
+    def extra(self):
+        return [*super().extra, *self.server_flags]
 
     @property
     def session(self):
@@ -106,12 +101,6 @@ class Swarm:
     def server_of_hop(self, hop: int):
         """The process serving hop `hop` of the active session."""
         return self.local.servers[self.index[self.session.hops[hop].peer_id]]
-
-    def close(self):
-        self.model.shutdown()
-        for index in self.index.values():
-            self.local.servers[index].resume()
-            self.local.servers[index].kill()
 
 
 @pytest.fixture
