@@ -160,27 +160,33 @@ async def test_an_honest_peer_is_not_stuck_behind_another_peers_pile(span):
     async with serving(span, max_queued_per_peer=64, max_forward_tokens=256) as (backend, _, connect):
         gate = threading.Event()
         backend.compute.submit("test", gate.wait)
-        abuser_id = Identity.generate()
-        abuser, honest = await connect(abuser_id), await connect()
+        abuser_id, honest_id = Identity.generate(), Identity.generate()
+        abuser, honest = await connect(abuser_id), await connect(honest_id)
+        started: list = []  # owners in the order the compute thread starts their jobs (replies may arrive reordered)
+        submit = backend.compute.submit
+
+        def recording_submit(owner, fn, *args):
+            def run(*args):
+                started.append(owner)
+                return fn(*args)
+
+            return submit(owner, run, *args)
+
+        backend.compute.submit = recording_submit
         hidden = torch.randn(1, 64, HIDDEN)
         forward = Message({"start": 0, "end": 4}, [hidden])
-        done: list[str] = []
-
-        def call(conn, label):
-            task = asyncio.ensure_future(conn.call("forward", forward))
-            task.add_done_callback(lambda _: done.append(label))
-            return task
-
-        pile = [call(abuser, f"abuser{i}") for i in range(12)]
+        pile = [asyncio.ensure_future(abuser.call("forward", forward)) for _ in range(12)]
         await _until(lambda: backend.compute.waiting(abuser_id.peer_id) == 12)
-        mine = call(honest, "honest")
+        mine = asyncio.ensure_future(honest.call("forward", forward))
         # while the compute thread is busy and 12 forwards wait, the honest peer's decode steps run inline
         session = await open_session(honest)
         await check_steps(session, span)
-        assert not done and not gate.is_set()
+        assert not started and not any(task.done() for task in [mine, *pile]) and not gate.is_set()
         gate.set()
         await asyncio.gather(mine, *pile)
-        assert done.index("honest") <= 1, done  # FIFO would have made it last (12)
+        forwards = [owner for owner in started if owner in (abuser_id.peer_id, honest_id.peer_id)]
+        assert len(forwards) == 13
+        assert forwards.index(honest_id.peer_id) <= 1, forwards  # FIFO would have made it last (12)
 
 
 async def test_a_client_that_stops_reading_loses_its_session_and_its_cache(span):
