@@ -270,7 +270,7 @@ class Chaos:
         schedule = plan(seed)
         result = Result(seed, schedule.actions, generations=len(schedule.prompts))
         began = time.monotonic()
-        failovers_before = len(self.model.swarm.failovers)
+        self.model.swarm.failovers.clear()
         log = _LogBuffer()
         logging.getLogger("swarmllm").addHandler(log)
         previous_level = logging.getLogger("swarmllm").level
@@ -286,7 +286,7 @@ class Chaos:
             result.quiesce_s = time.monotonic() - quiesce_began
             logging.getLogger("swarmllm").removeHandler(log)
             logging.getLogger("swarmllm").setLevel(previous_level)
-        result.failovers = list(self.model.swarm.failovers[failovers_before:])
+        result.failovers = list(self.model.swarm.failovers)
         result.wall_s = time.monotonic() - began
         if not result.ok:
             result.client_log = log.lines

@@ -80,7 +80,7 @@ def clean(model):
 
 def assert_usable(model, reference):
     """Nothing failed over so far, and the active session's next (correct) step gives transformers' logits."""
-    assert model.swarm.failovers == []
+    assert not model.swarm.failovers
     with torch.no_grad():
         got = model(PROMPT).logits
         want = reference(PROMPT).logits

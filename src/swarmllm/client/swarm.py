@@ -84,6 +84,7 @@ HOP_FAILURES = (WireError, TimeoutError, OSError, BadReplyError, SessionError)
 State = tuple[torch.Tensor, torch.Tensor | None]
 MAX_ROUTE_RETRY_S = 2.0  # the longest wait between two look-ups while blocks have no usable server
 SPOT_CHECKS_KEPT = 10_000  # records of the latest spot checks a client keeps
+FAILOVERS_KEPT = 10_000  # records of the latest hop replacements, and of the latest reports, a client keeps
 
 
 @dataclass(frozen=True)
@@ -227,7 +228,8 @@ class SwarmClient:
         self.rng = random.Random()
         self.bans = Bans(base_s=ban_s)
         self._handed_back: dict[str, float] = {}  # peer -> when it last handed a session back
-        self.failovers: list[Failover] = []  # every session's hop replacements, oldest first
+        # the latest hop replacements of every session, oldest first (bounded: a client may run for months)
+        self.failovers: deque[Failover] = deque(maxlen=FAILOVERS_KEPT)
         if not 0 <= spot_check_fraction <= 1:
             raise ValueError(f"spot_check_fraction must be in [0, 1], got {spot_check_fraction}")
         self.spot_check_fraction = (
@@ -235,7 +237,7 @@ class SwarmClient:
         )
         self.spot_rng = random.Random(spot_check_seed)  # which steps are checked, and by whom
         self.spot_checks: deque[SpotCheck] = deque(maxlen=SPOT_CHECKS_KEPT)  # the latest checks, oldest first
-        self.reports: list[SpotCheck] = []  # every check that found wrong outputs, oldest first
+        self.reports: deque[SpotCheck] = deque(maxlen=FAILOVERS_KEPT)  # the latest checks that found wrong outputs
         self.speeds = Speeds()  # measured speed of each server, which caps its announced one in routing
         self._servers: dict[str, ServerInfo] = {}
         # servers under this model name that serve another checkpoint (other ladder layers): never used
