@@ -3,9 +3,10 @@
 A local swarm of 4 server processes (tiny 6-layer Llama; blocks [0, 3) and [3, 6), each span on 2 servers, 1 CPU
 thread each). For each session length, a fresh client (default options: no step-timeout override) generates
 greedily once fault-free and once with the server of one hop of its chain (the first or the last) failing at the
-middle step: (a) SIGKILL (the connection breaks), (b) SIGSTOP (the server hangs with its sockets open). The extra
-seconds over the fault-free run are split into routing (`route_s`) and replay (`replay_s`) from the client's
-failover record, and detection (the rest: noticing the failure; for a hang, about the step deadline), and set
+middle step: (a) SIGKILL (the connection breaks), (b) SIGSTOP (the server hangs with its sockets open). Beside the
+extra seconds over the fault-free run: routing (`route_s`) and replay (`replay_s`) from the client's
+failover record, and detection (the wait for the token after the fault less route and replay: noticing the
+failure, for a hang about the step deadline, and the step itself; measured inside that wait, so never below 0), set
 against the fault-free length of the session. Between runs the failed server is restored (restarted with its
 identity, so the same peer id, or resumed) and must answer with its whole cache free.
 
@@ -42,12 +43,15 @@ class _AtStep(BaseStreamer):
     def __init__(self, step: int, fault):
         self.step, self.fault, self.count = step, fault, -1
         self.fault_at: float | None = None
+        self.next_token_at: float | None = None  # the first token after the fault
 
     def put(self, value) -> None:
         self.count += 1
         if self.count == self.step:
             self.fault_at = time.perf_counter()
             self.fault()
+        elif self.count == self.step + 1:
+            self.next_token_at = time.perf_counter()
 
     def end(self) -> None:
         pass
@@ -107,10 +111,12 @@ class Bench:
         route_s = sum(f.route_s for f in failovers)
         replay_s = sum(f.replay_s for f in failovers)
         extra_s = faulted_s - clean_s
+        # the wait for the token after the fault holds the detection, the route, the replay and that step
+        waited_s = streamer.next_token_at - streamer.fault_at
         return dict(
             clean_s=clean_s,
             extra_s=extra_s,
-            detect_s=extra_s - route_s - replay_s,
+            detect_s=waited_s - route_s - replay_s,
             route_s=route_s,
             replay_s=replay_s,
             replayed=sum(f.replayed_tokens for f in failovers),
@@ -218,7 +224,7 @@ def main() -> None:
             "same with the server of the first or last hop failing after half the tokens. 4 server processes "
             "(tiny 6-layer llama, blocks [0, 3) and [3, 6) on 2 servers each, 1 thread each), 6-token prompt. "
             "Extra: faulted minus fault-free seconds of the same repeat; route and replay from the client's "
-            "failover record; detection: the rest. Tokens equal: the faulted run's tokens equal the fault-free "
+            "failover record; detection: the wait for the next token after the fault, less route and replay. Tokens equal: the faulted run's tokens equal the fault-free "
             "run's.",
         )
 

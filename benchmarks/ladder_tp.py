@@ -30,7 +30,7 @@ from common import append_results, markdown_table
 
 from swarmllm.models import BlockConfig, BlockSpan, KVCache
 from swarmllm.models.ladder import Comm
-from swarmllm.models.tp import TensorParallelComm, local_config, shard_span
+from swarmllm.models.tp import TensorParallelComm, check_shardable, local_config, shard_span
 
 VARIANTS = ("standard", "ladder", "no-comm")
 
@@ -178,6 +178,10 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", help="cpu (gloo) or cuda (NCCL, rank i on cuda:i)")
     parser.add_argument("--no-record", action="store_true", help="print only, do not append to RESULTS.md")
     args = parser.parse_args()
+    try:
+        check_shardable(config(args), 2)
+    except ValueError as e:
+        parser.error(f"--hidden {args.hidden}: {e} (heads are --hidden / 64)")
     if args.device == "cuda":
         args.latencies_ms = [0.0]  # a host-side sleep says nothing about a GPU stream's link
     with socket.socket() as s:

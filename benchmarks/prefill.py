@@ -123,9 +123,7 @@ def one_round(clients: dict[str, Client], args: argparse.Namespace) -> dict:
         "a_beside": first_token_s(beside_a),
         "b_beside": first_token_s(beside_b),
         "c_alone_gap": statistics.median(gaps_within(alone_c, 0, float("inf"))),
-        "c_gap_median": statistics.median(during) if during else float("nan"),
-        "c_gap_max": max(during, default=float("nan")),
-        "c_gaps": len(during),
+        "c_during": during,
         "tokens": [r["tokens"] for r in (alone_a, alone_b, alone_c, beside_a, beside_b, beside_c)],
     }
 
@@ -180,11 +178,23 @@ def main() -> None:
         "B waited (s)",
         "A's beside (s)",
         "C's token gap alone (ms)",
-        "C's gaps while A prefills: median / max (ms)",
+        "C's gaps while A prefills, all rounds: median / max (ms)",
     ]
     rows = []
     for way, results in rounds.items():
-        m = {key: statistics.median(r[key] for r in results) for key in results[0] if key != "tokens"}
+        m = {
+            key: statistics.median(r[key] for r in results)
+            for key in results[0]
+            if key not in ("tokens", "c_during")
+        }
+        during = [
+            gap for r in results for gap in r["c_during"]
+        ]  # every round's, pooled: a short A may hold none
+        c_during = (
+            f"{statistics.median(during) * 1e3:.0f} / {max(during) * 1e3:.0f} ({len(during)} gaps)"
+            if during
+            else "none: no token of C's ended during A's prefill"
+        )
         rows.append(
             [
                 way,
@@ -194,7 +204,7 @@ def main() -> None:
                 f"{m['b_beside'] - m['b_alone']:.2f}",
                 f"{m['a_beside']:.2f}",
                 f"{m['c_alone_gap'] * 1e3:.0f}",
-                f"{m['c_gap_median'] * 1e3:.0f} / {m['c_gap_max'] * 1e3:.0f} ({m['c_gaps']:.0f} gaps)",
+                c_during,
             ]
         )
     table = markdown_table(header, rows)

@@ -84,3 +84,15 @@ def test_ladder_tp_one_repeat():
     standard_ms, ladder_ms, no_comm_ms = (float(cell.split()[0]) for cell in row.split("|")[2:5])
     assert min(standard_ms, ladder_ms, no_comm_ms) > 0, row
     assert (BENCHMARKS / "RESULTS.md").read_bytes() == results
+
+
+def test_ladder_tp_refuses_a_width_that_does_not_split_before_starting_ranks():
+    out = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "ladder_tp.py"), "--hidden", "64", "--no-record"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "--hidden 64: num_heads=1 does not split over 2 tensor-parallel ranks" in out.stderr
+    assert "Traceback" not in out.stderr
