@@ -154,3 +154,33 @@ async def test_the_step_after_a_cancelled_failover_blames_the_failed_server_once
         await session.close()
     finally:
         await swarm.shutdown()
+
+
+async def test_closing_a_session_during_a_replay_ends_its_step_at_once_and_bans_the_replacement_not(servers):
+    """A session closed while a replacement server replays the lost hop's inputs ends its step at once (not at the
+    replay's deadline, 30 s here), with the error that says so; only the server that failed is banned, and the
+    replacement keeps no session open."""
+    first, second = servers
+    swarm = SwarmClient([], "close-during-replay", BLOCKS, missing_blocks_timeout_s=0, replay_timeout_s=30.0)
+    swarm.use_servers([first.info])
+    try:
+        session = InferenceSession(swarm, max_length=16)
+        await session.step(torch.randn(1, 3, HIDDEN))
+        first.handler.broken = True
+        second.handler.gated = True
+        swarm.use_servers([first.info, second.info])
+        step = asyncio.ensure_future(session.step(torch.randn(1, 1, HIDDEN)))
+        async with asyncio.timeout(BOUND):
+            await second.handler.reached.wait()  # the replacement got the replayed inputs
+        began = time.monotonic()
+        await session.close()
+        with pytest.raises(RuntimeError, match="closed during this step"):
+            async with asyncio.timeout(BOUND):
+                await step
+        assert time.monotonic() - began < 1.0
+        assert swarm.bans.banned(time.monotonic()) == {first.identity.peer_id}
+        second.handler.gate.set()
+        await second.handler.sessions_closed(None, BOUND)
+        assert second.handler.sessions_open() == 0
+    finally:
+        await swarm.shutdown()

@@ -112,6 +112,7 @@ class InferenceSession:
         self.batch_size: int | None = None
         self.hidden_size = swarm.hidden_size  # the model's, or else that of the first step taken
         self._hops: list[HopSession] = []
+        self._joining: list[HopSession] = []  # hops a failover opens and replays to: `close` closes them too
         self._steps = 0
         self.reorders = 0  # steps that reordered the rows (beam search)
         self.pushed_hops = 0  # hop inputs that a server pushed to the next one (the client did not send them)
@@ -346,6 +347,7 @@ class InferenceSession:
             routed = time.perf_counter()
             route_s += routed - began
             new: list[HopSession] = []
+            self._joining = new
             try:
                 x = inputs
                 for hop in hops:
@@ -379,6 +381,10 @@ class InferenceSession:
                 return new, route_s, replay_s + time.perf_counter() - routed
             except HOP_FAILURES as e:
                 replay_s += time.perf_counter() - routed
+                if self.closed:  # by another thread, which closed these hops: no fault of their servers
+                    for hop in new:
+                        await hop.close()
+                    raise RuntimeError("the inference session was closed during this step") from e
                 logger.info("%s failed while joining the session (%s); trying another", new[-1], describe(e))
                 if _refused_opening(e):
                     self._refused[new[-1].peer_id] = e
@@ -391,6 +397,8 @@ class InferenceSession:
                 for hop in new:
                     await hop.close()
                 raise
+            finally:
+                self._joining = []
 
     async def _replace(
         self, i: int, error: BaseException, *, to_end: bool = False, again: bool = False
@@ -467,7 +475,7 @@ class InferenceSession:
         if self.closed:
             return
         self.closed = True
-        for hop in self._hops:
+        for hop in [*self._hops, *self._joining]:  # a step waiting on any of them ends at once
             await hop.close()
 
 
