@@ -67,6 +67,21 @@ async def servers(llama_checkpoint):
         await s.server.stop()
 
 
+async def step_replaying(first: Server, second: Server, swarm: SwarmClient, prompt: torch.Tensor):
+    """A session whose prompt ran on `first`, then a step in flight for which `first` breaks and `second`, its
+    replacement, holds the replayed inputs at its gate. Returns the session and the step's task."""
+    swarm.use_servers([first.info])
+    session = InferenceSession(swarm, max_length=16)
+    await session.step(prompt)
+    first.handler.broken = True
+    second.handler.gated = True
+    swarm.use_servers([first.info, second.info])
+    step = asyncio.ensure_future(session.step(torch.randn(1, 1, HIDDEN)))
+    async with asyncio.timeout(BOUND):
+        await second.handler.reached.wait()  # the replacement got the replayed inputs
+    return session, step
+
+
 async def test_closing_a_session_ends_its_step_at_once_and_bans_nobody(servers):
     """A session closed (by another task or thread: a `with` block left, Ctrl-C) while its step waits for a
     server ends that step at once, with an error that says so, not at the hop's deadline (30 s here); the
@@ -97,16 +112,8 @@ async def test_a_step_cancelled_during_a_failover_leaves_no_server_session_open(
     hop's inputs: the session, closed then, leaves no session open on the replacement (it holds cache)."""
     first, second = servers
     swarm = SwarmClient([], "cancel-during-failover", BLOCKS, missing_blocks_timeout_s=0)
-    swarm.use_servers([first.info])
     try:
-        session = InferenceSession(swarm, max_length=16)
-        await session.step(torch.randn(1, 3, HIDDEN))
-        first.handler.broken = True
-        second.handler.gated = True
-        swarm.use_servers([first.info, second.info])
-        step = asyncio.ensure_future(session.step(torch.randn(1, 1, HIDDEN)))
-        async with asyncio.timeout(BOUND):
-            await second.handler.reached.wait()  # the replacement got the replayed inputs
+        session, step = await step_replaying(first, second, swarm, torch.randn(1, 3, HIDDEN))
         assert second.handler.sessions_open() == 1
         step.cancel()
         with pytest.raises(asyncio.CancelledError):
@@ -125,17 +132,9 @@ async def test_the_step_after_a_cancelled_failover_blames_the_failed_server_once
     (a second ban, doubled)."""
     first, second = servers
     swarm = SwarmClient([], "cancel-then-step", BLOCKS, missing_blocks_timeout_s=0)
-    swarm.use_servers([first.info])
     try:
-        session = InferenceSession(swarm, max_length=16)
         prompt = torch.randn(1, 3, HIDDEN)
-        await session.step(prompt)
-        first.handler.broken = True
-        second.handler.gated = True
-        swarm.use_servers([first.info, second.info])
-        step = asyncio.ensure_future(session.step(torch.randn(1, 1, HIDDEN)))
-        async with asyncio.timeout(BOUND):
-            await second.handler.reached.wait()
+        session, step = await step_replaying(first, second, swarm, prompt)
         step.cancel()
         with pytest.raises(asyncio.CancelledError):
             await step
@@ -162,16 +161,8 @@ async def test_closing_a_session_during_a_replay_ends_its_step_at_once_and_bans_
     replacement keeps no session open."""
     first, second = servers
     swarm = SwarmClient([], "close-during-replay", BLOCKS, missing_blocks_timeout_s=0, replay_timeout_s=30.0)
-    swarm.use_servers([first.info])
     try:
-        session = InferenceSession(swarm, max_length=16)
-        await session.step(torch.randn(1, 3, HIDDEN))
-        first.handler.broken = True
-        second.handler.gated = True
-        swarm.use_servers([first.info, second.info])
-        step = asyncio.ensure_future(session.step(torch.randn(1, 1, HIDDEN)))
-        async with asyncio.timeout(BOUND):
-            await second.handler.reached.wait()  # the replacement got the replayed inputs
+        session, step = await step_replaying(first, second, swarm, torch.randn(1, 3, HIDDEN))
         began = time.monotonic()
         await session.close()
         with pytest.raises(RuntimeError, match="closed during this step"):
