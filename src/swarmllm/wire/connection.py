@@ -8,8 +8,8 @@ single ``writelines``, which the event loop never interleaves with another, so n
 
 What a peer can make either side hold is bounded: a frame that has started must finish within its deadline
 (``FrameClock``), a server reads a call's payload only up to what the method may carry (registered with its
-handler), stream inboxes are bounded in bytes as well as messages, and ``ConnectionSlots`` caps a server's
-connections in total and per peer.
+handler), stream inboxes are bounded in messages, and all of a connection's together in bytes, and
+``ConnectionSlots`` caps a server's connections in total and per peer.
 
 This module does not know how the byte stream was opened or who is at the other end: ``direct`` and ``libp2p``
 open it, prove the peer's identity and hand the result here.
@@ -42,8 +42,8 @@ from swarmllm.wire.framing import (
 
 logger = logging.getLogger(__name__)
 
-# Stream messages wait in a queue of this size per call (and of WireLimits.max_inbox_bytes); when it is full, the
-# connection stops reading (backpressure).
+# Stream messages wait in a queue of this size per call (and of WireLimits.max_inbox_bytes, on a server for all the
+# calls of a connection together); when it is full, the connection stops reading (backpressure).
 STREAM_QUEUE_SIZE = 64
 # Writes go to the transport's buffer; past this many buffered bytes a sender waits for the kernel to catch up.
 _DRAIN_ABOVE_BYTES = 1 << 20
@@ -82,21 +82,28 @@ class Inbox(asyncio.Queue):
     the queue holds at most ``max_bytes`` + one message.
     """
 
-    def __init__(self, maxsize: int, max_bytes: int):
+    def __init__(self, maxsize: int, max_bytes: int, shared: SharedBudget | None = None):
         super().__init__(maxsize)
         self.max_bytes = max_bytes
         self.queued_bytes = 0
+        self.shared = shared  # counts this queue's bytes too, and hears of every message taken from it
 
     def full(self) -> bool:
         return super().full() or self.queued_bytes >= self.max_bytes
 
     def _put(self, item) -> None:
-        self.queued_bytes += _nbytes(item)
+        nbytes = _nbytes(item)
+        self.queued_bytes += nbytes
+        if self.shared is not None:
+            self.shared.queued_bytes += nbytes
         super()._put(item)
 
     def _get(self):
         item = super()._get()
-        self.queued_bytes -= _nbytes(item)
+        nbytes = _nbytes(item)
+        self.queued_bytes -= nbytes
+        if self.shared is not None:
+            self.shared.took(nbytes)
         return item
 
     def queued(self) -> list:
@@ -108,6 +115,32 @@ def _nbytes(item: object) -> int:
     if not isinstance(item, Message):
         return 0
     return sum(tensor.numel() * tensor.element_size() for tensor in item.tensors)
+
+
+class SharedBudget:
+    """The bytes queued in all the stream inboxes of one server connection, against one limit: its read loop admits
+    a message while less than ``max_bytes`` wait in them all, so a peer with many unread streams makes the server
+    hold ``max_bytes`` and one message, not that per stream. (A handler's own ``put_nowait`` counts, but is not
+    refused for it: a push from another server never waits on this peer.)"""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.queued_bytes = 0
+        self._taken: asyncio.Future | None = None
+
+    def full(self) -> bool:
+        return self.queued_bytes >= self.max_bytes
+
+    def took(self, nbytes: int) -> None:
+        self.queued_bytes -= nbytes
+        if self._taken is not None and not self._taken.done():
+            self._taken.set_result(None)
+
+    def next_take(self) -> asyncio.Future:
+        """Done when a message is next taken from any of the inboxes."""
+        if self._taken is None or self._taken.done():
+            self._taken = asyncio.get_running_loop().create_future()
+        return self._taken
 
 
 class Incoming(Inbox):
@@ -585,6 +618,7 @@ async def serve_connection(
     methods = handlers.unary.keys() | handlers.notice.keys() | handlers.stream.keys()
 
     refused: dict[int, RequestError] = {}  # calls refused at their header, until their error is written
+    budget = SharedBudget(limits.max_inbox_bytes)  # of every stream inbox of this connection together
 
     def payload_cap(kind: Kind, call_id: int, method: str) -> int:
         if kind is Kind.REQUEST:
@@ -673,7 +707,7 @@ async def serve_connection(
             task = asyncio.create_task(run_unary(call_id, handlers.unary[method], frame.message, context))
             calls[call_id] = _ServerCall(task, None, 0)
         elif method in handlers.stream:
-            inbox = Incoming(STREAM_QUEUE_SIZE, limits.max_inbox_bytes)
+            inbox = Incoming(STREAM_QUEUE_SIZE, limits.max_inbox_bytes, budget)
             task = asyncio.create_task(
                 run_stream(call_id, handlers.stream[method], frame.message, inbox, context)
             )
@@ -684,22 +718,20 @@ async def serve_connection(
     closed: asyncio.Future | None = None  # done once the transport is gone; made when an inbox is first full
 
     async def deliver(inbox: Incoming, item: Message | None) -> bool:
-        """Queue `item` for a stream's handler; while its inbox is full this loop reads nothing more (the peer
-        stalls). False if the connection ends meanwhile (the peer left, or a stopping server aborted it): a
-        handler that does not read must not keep the loop, and so itself, alive past its connection."""
+        """Queue `item` for a stream's handler; while its inbox, or the connection's budget, is full this loop
+        reads nothing more (the peer stalls). False if the connection ends meanwhile (the peer left, or a
+        stopping server aborted it): a handler that does not read must not keep the loop, and so itself, alive
+        past its connection."""
         nonlocal closed
-        if not inbox.full():
-            inbox.put_nowait(item)
-            return True
-        if closed is None:
-            closed = asyncio.ensure_future(writer.wait_closed())
-            closed.add_done_callback(lambda done: done.cancelled() or done.exception())
-        put = asyncio.ensure_future(inbox.put(item))
-        try:
-            await asyncio.wait((put, closed), return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            put.cancel()
-        return put.done() and not put.cancelled()
+        while inbox.full() or budget.full():
+            if closed is None:
+                closed = asyncio.ensure_future(writer.wait_closed())
+                closed.add_done_callback(lambda done: done.cancelled() or done.exception())
+            await asyncio.wait((budget.next_take(), closed), return_when=asyncio.FIRST_COMPLETED)
+            if closed.done():
+                return False
+        inbox.put_nowait(item)
+        return True
 
     try:
         while True:

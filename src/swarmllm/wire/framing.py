@@ -102,7 +102,7 @@ class WireLimits:
     # connection is dropped (idle connections between frames may stay open)
     frame_timeout_s: float = 30.0
     min_frame_rate: float = 256 * 1024  # bytes/s
-    max_inbox_bytes: int = 64 << 20  # a stream's queued messages; past it the connection stops reading
+    max_inbox_bytes: int = 64 << 20  # queued stream messages (server: per connection); then it stops reading
     max_connections: int = 1024  # a server's connections (direct and libp2p together, handshakes included)
     max_connections_per_peer: int = 8  # a server's connections from one proven peer id
 
