@@ -1,14 +1,30 @@
-"""One budget for the bytes queued in all the stream inboxes of a server's connection: a peer that opens many
-streams and reads nothing makes the server hold `max_inbox_bytes` (plus one message), not that per stream. In-process
-DirectServers over real loopback sockets."""
+"""A server connection whose read loop waits for room in its inboxes: one budget for the bytes queued in all its
+stream inboxes (a peer that opens many streams and reads nothing makes the server hold `max_inbox_bytes` plus one
+message, not that per stream), and a peer that resets meanwhile noticed at once. In-process DirectServers over real
+loopback sockets."""
 
 from __future__ import annotations
 
 import asyncio
+import socket
+import struct
+from contextlib import suppress
 
 import torch
 
-from swarmllm.wire import DirectServer, Handlers, Identity, Message, WireLimits, connect_direct
+from swarmllm.wire import (
+    DirectServer,
+    Frame,
+    Handlers,
+    Identity,
+    Kind,
+    Message,
+    WireLimits,
+    connect_direct,
+    encode_frame,
+)
+from swarmllm.wire.direct import _client_handshake
+from swarmllm.wire.tls import client_context
 
 BOUND = 10.0  # seconds; only to fail a test instead of hanging, never to wait for something to happen
 KiB, MiB = 1 << 10, 1 << 20
@@ -20,15 +36,18 @@ class Gated:
     it keeps every stream's inbox, to count what waits in them."""
 
     def __init__(self, limits: WireLimits) -> None:
-        self.release = asyncio.Event()
+        self.release, self.finished = asyncio.Event(), asyncio.Event()
         self.inboxes: list = []
         handlers = Handlers()
 
         async def gated(opening, incoming, context):
             self.inboxes.append(incoming)
-            await self.release.wait()
-            async for message in incoming:
-                yield Message({"n": sum(t.numel() for t in message.tensors)})
+            try:
+                await self.release.wait()
+                async for message in incoming:
+                    yield Message({"n": sum(t.numel() for t in message.tensors)})
+            finally:
+                self.finished.set()
 
         handlers.add_stream("gated", gated)
         self.server = DirectServer(handlers, Identity.generate(), limits=limits)
@@ -77,3 +96,33 @@ async def test_unread_streams_of_one_connection_share_one_inbox_budget():
         gated.release.set()
         await client.close()
         await gated.server.stop()
+
+
+async def test_a_peer_that_resets_while_its_connection_is_stalled_frees_the_handler():
+    """The peer fills its stream's inbox and the server's socket buffers (the server has stopped reading it: no
+    read would see the reset), then resets the connection: the handler is cancelled within about a second, not
+    whenever it next reads (its step's end, or its session's idle timeout)."""
+    gated = Gated(WireLimits(max_inbox_bytes=MiB))
+    await gated.server.start()
+    reader, writer = await asyncio.open_connection(
+        *gated.server.address, ssl=client_context(), server_hostname=""
+    )
+    try:
+        await _client_handshake(reader, writer, Identity.generate(), None, None)
+        writer.write(b"".join(encode_frame(Frame(Kind.REQUEST, 1, Message(), "gated"))))
+        await _until(lambda: len(gated.inboxes) == 1)
+        chunk = b"".join(encode_frame(Frame(Kind.MESSAGE, 1, Message(tensors=[torch.zeros(256 * KiB // 4)]))))
+        with suppress(TimeoutError):
+            for _ in range(1024):  # until a drain takes over a second: the server stopped reading
+                writer.write(chunk)
+                await asyncio.wait_for(writer.drain(), 1.0)
+        assert gated.queued_bytes() >= MiB
+        sock = writer.transport.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close sends a reset
+        writer.transport.abort()
+        await asyncio.wait_for(gated.finished.wait(), BOUND)
+        assert not gated.release.is_set()
+    finally:
+        writer.transport.abort()
+        gated.release.set()
+        await asyncio.wait_for(gated.server.stop(), BOUND)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import select
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import aclosing, suppress
 from dataclasses import dataclass
@@ -45,6 +46,8 @@ logger = logging.getLogger(__name__)
 # Stream messages wait in a queue of this size per call (and of WireLimits.max_inbox_bytes, on a server for all the
 # calls of a connection together); when it is full, the connection stops reading (backpressure).
 STREAM_QUEUE_SIZE = 64
+# While a server's read loop waits for room in an inbox, it asks the kernel this often whether the peer reset.
+HANGUP_PROBE_S = 1.0
 # Writes go to the transport's buffer; past this many buffered bytes a sender waits for the kernel to catch up.
 _DRAIN_ABOVE_BYTES = 1 << 20
 _CONNECTION_CALL_ID = 0  # ERROR frames about the connection itself (a frame we could not parse)
@@ -727,8 +730,12 @@ async def serve_connection(
             if closed is None:
                 closed = asyncio.ensure_future(writer.wait_closed())
                 closed.add_done_callback(lambda done: done.cancelled() or done.exception())
-            await asyncio.wait((budget.next_take(), closed), return_when=asyncio.FIRST_COMPLETED)
+            waited = (budget.next_take(), closed)
+            await asyncio.wait(waited, timeout=HANGUP_PROBE_S, return_when=asyncio.FIRST_COMPLETED)
             if closed.done():
+                return False
+            if _hung_up(writer):  # a reset behind the unread bytes, which this transport does not read to see
+                writer.transport.abort()
                 return False
         inbox.put_nowait(item)
         return True
@@ -779,6 +786,17 @@ async def serve_connection(
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         writer.close()
+
+
+def _hung_up(writer: asyncio.StreamWriter) -> bool:
+    """Whether the kernel says the peer reset (or the other end closed) this connection's socket. A transport
+    that stopped reading (backpressure) never learns it otherwise: the unread bytes stand before the news."""
+    sock = writer.get_extra_info("socket")
+    if sock is None:
+        return False
+    poller = select.poll()
+    poller.register(sock.fileno(), select.POLLERR | select.POLLHUP)
+    return bool(poller.poll(0))
 
 
 def _checked_reply(reply: Message, context: CallContext) -> Message:
