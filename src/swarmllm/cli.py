@@ -485,13 +485,20 @@ def _read_peers_file(path: Path, timeout_s: float = 120.0) -> list[str]:
     import time
 
     give_up = time.monotonic() + timeout_s
-    while not (path.exists() and path.read_text().strip()):
+    while True:
+        try:
+            text = path.read_text()
+        except FileNotFoundError:
+            text = ""  # not written yet (or removed by a peer that stopped, before its next start writes it)
+        except OSError as e:  # a folder in its place, no permission
+            raise UserError(f"cannot read the peers file {path}: {e.strerror or e}") from None
+        if text.strip():
+            return text.split()
         if time.monotonic() > give_up:
             raise UserError(
                 f"{path} did not appear within {timeout_s:.0f} s (is `swarmllm dht --peers-file` running?)"
             )
         time.sleep(0.5)  # polling a file another process writes: there is nothing to wait on
-    return path.read_text().split()
 
 
 def _check_ports(host: str, *ports: int | None) -> None:
@@ -607,6 +614,31 @@ def _check_swarm_key(path: str | None) -> None:
         raise UserError(f"{path}: {e}") from None
 
 
+def _check_identity(path: str | None) -> None:
+    """An --identity file must hold a key, or be made now where it is not there yet, before anything starts."""
+    if path is None:
+        return
+    from swarmllm.wire import Identity
+
+    try:
+        Identity.load_or_create(path)
+    except OSError as e:
+        raise UserError(f"cannot read or write the identity file {path}: {e.strerror or e}") from None
+    except ValueError as e:
+        raise UserError(f"--identity {e}") from None
+
+
+def _check_peers_file(path: str | None) -> None:
+    """`dht --peers-file` is written once the peer runs: its folder must take it, checked before anything starts."""
+    if path is None:
+        return
+    if Path(path).is_dir():
+        raise UserError(f"cannot write the peers file {path}: it is a folder")
+    folder = Path(path).absolute().parent
+    if not folder.is_dir() or not os.access(folder, os.W_OK | os.X_OK):
+        raise UserError(f"cannot write the peers file {path}: {folder} is not a folder we can write to")
+
+
 def _run(args: argparse.Namespace) -> int:
     _check_swarm_key(getattr(args, "swarm_key", None))
     if args.command == "dht":
@@ -614,6 +646,8 @@ def _run(args: argparse.Namespace) -> int:
 
         peers = _initial_peers(args)
         _check_ports(args.host, args.port)
+        _check_identity(args.identity)
+        _check_peers_file(args.peers_file)
         return run_bootstrap(
             peers,
             host=args.host,
@@ -802,6 +836,7 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
     _check_model(args.model)
     _check_ports(args.host, args.port, args.direct_port, args.metrics_port)
+    _check_identity(args.identity)
     if problem := _tp_problem(args):
         print(f"swarmllm serve: --tp {args.tp} {problem}", file=sys.stderr)
         return 2

@@ -8,6 +8,7 @@ them again (and a busy machine does not re-measure itself as slower than it is).
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import math
@@ -114,7 +115,14 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-CACHE_PATH = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "swarmllm" / "throughput.json"
+def _cache_home() -> Path:
+    """$XDG_CACHE_HOME, or ~/.cache where it is unset, empty or relative (the XDG spec: such a value is ignored,
+    not read as a folder under wherever the server was started)."""
+    given = os.environ.get("XDG_CACHE_HOME", "")
+    return Path(given) if os.path.isabs(given) else Path.home() / ".cache"
+
+
+CACHE_PATH = _cache_home() / "swarmllm" / "throughput.json"
 
 
 def cached_throughput(
@@ -174,12 +182,15 @@ def _cached(key: str, path: Path, valid):
 
 
 def _store(key: str, value, path: Path) -> None:
-    cache = _load(path)  # read again after measuring: a server starting beside us may have added its own
-    cache[key] = value
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(cache, indent=1))
-        tmp.replace(path)  # atomic: servers starting together never read half a file
+        # read, update and replace under a lock: servers storing at once each keep what the others stored
+        with open(path.with_name(path.name + ".lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # (released when the file closes, or when its holder dies)
+            cache = _load(path)  # read after measuring: a server starting beside us may have added its own
+            cache[key] = value
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(cache, indent=1))
+            tmp.replace(path)  # atomic: servers starting together never read half a file
     except OSError:
         pass  # a read-only home: measure again next time

@@ -14,6 +14,7 @@ from pathlib import Path
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
+from google.protobuf.message import DecodeError
 from hivemind.p2p import PeerID
 from hivemind.proto import crypto_pb2
 from hivemind.utils.crypto import RSAPrivateKey, RSAPublicKey
@@ -39,11 +40,18 @@ class Identity:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Identity:
-        """Read a key file in the format hivemind's P2P reads (a serialized libp2p crypto PrivateKey)."""
-        key = crypto_pb2.PrivateKey.FromString(Path(path).read_bytes())
+        """Read a key file in the format hivemind's P2P reads (a serialized libp2p crypto PrivateKey); ValueError
+        naming the file if it holds no such key."""
+        try:
+            key = crypto_pb2.PrivateKey.FromString(Path(path).read_bytes())
+        except DecodeError:
+            raise ValueError(f"{path}: not an identity key file (a libp2p RSA private key)") from None
         if key.key_type != crypto_pb2.KeyType.RSA:
             raise ValueError(f"{path}: expected an RSA identity, got key type {key.key_type}")
-        der_key = serialization.load_der_private_key(key.data, password=None)
+        try:
+            der_key = serialization.load_der_private_key(key.data, password=None)
+        except (ValueError, TypeError, UnsupportedAlgorithm):
+            raise ValueError(f"{path}: not an identity key file (its data is not a private key)") from None
         if not isinstance(der_key, rsa.RSAPrivateKey):
             raise ValueError(f"{path}: the key data is not an RSA private key")
         private_key = RSAPrivateKey.__new__(RSAPrivateKey)
