@@ -9,11 +9,9 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from aiohttp.test_utils import TestClient, TestServer
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
-from swarmllm.api.app import Api, Engine
-from swarmllm.api.gateway import Gateway
+from swarmllm.api.app import Engine
 from swarmllm.api.generation import TextAssembler, TokenLogprob, TokenTexts
 from swarmllm.api.json_mode import token_bytes
 from swarmllm.api.schemas import GuideMasks
@@ -47,8 +45,8 @@ class LocalModel:
 CONTEXT = 16
 
 
-@pytest.fixture(scope="module")
-def engine():
+def local_engine(context_length: int) -> Engine:
+    """An Engine named "m" over a random one-layer llama in this process (`LocalModel`)."""
     tokenizer = tiny_tokenizer()
     torch.manual_seed(0)
     config = LlamaConfig(
@@ -57,17 +55,14 @@ def engine():
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
     )  # fmt: skip
     model = LocalModel(AutoModelForCausalLM.from_config(config).eval())
-    engine = Engine(model, tokenizer, "m", context_length=CONTEXT, max_concurrent=2, keep_sessions=0)
+    return Engine(model, tokenizer, "m", context_length=context_length, max_concurrent=2, keep_sessions=0)
+
+
+@pytest.fixture(scope="module")
+def engine():
+    engine = local_engine(CONTEXT)
     yield engine
     engine.shutdown()
-
-
-@pytest.fixture
-async def client(engine):
-    client = TestClient(TestServer(Gateway([Api(engine)]).app()))
-    await client.start_server()
-    yield client
-    await client.close()
 
 
 async def _post(client, path: str, body: dict) -> tuple[int, dict]:

@@ -193,7 +193,7 @@ class Engine:
             try:
                 if gen.cancelled:  # its requester left while it waited for a worker: no session for nobody
                     return
-                need = len(prompt_ids) + max(max_new_tokens, 1)
+                need = len(prompt_ids) + max_new_tokens  # (0: echo alone, a forward over the prompt at most)
                 # scoring the prompt needs the logits of all of its positions: nothing held can serve
                 scored = echo and request.logprob_top() is not None
                 with self.sessions.use([] if scored else prompt_ids, need) as gen.cached_tokens:

@@ -68,8 +68,9 @@ def _fields(body: dict) -> dict:
     fields = dict(DEFAULTS)
     fields.update({OPTIONS[k]: v for k, v in options.items() if k in OPTIONS and v is not None})
     predict = options.get("num_predict")
-    if isinstance(predict, int) and predict > 0:
-        fields["max_tokens"] = predict  # (-1 or -2: up to the context, Ollama's "infinite" and "fill")
+    # unset, -1 or -2 (Ollama's default "infinite" and "fill"): up to the context, also where the OpenAI request
+    # it becomes (a raw generate's completions request) would default to a few tokens
+    fields["max_tokens"] = predict if isinstance(predict, int) and predict > 0 else None
     fmt = body.get("format")
     if fmt == "json":
         fields["guided_json"] = {"type": "object"}  # any JSON object, as Ollama's JSON mode
@@ -125,11 +126,19 @@ class OllamaApi:
 
     async def show(self, request: web.Request) -> web.Response:
         try:
-            self._check_model(await read_json(request))
+            body = await read_json(request)
+            # (`name`: Ollama's older field)
+            self._check_model({"model": body.get("model") or body.get("name")})
         except (OllamaError, ApiError) as e:
             return _error(e)
         template = getattr(self.engine.tokenizer, "chat_template", None) or ""
-        info = {"context_length": self.engine.context_length}
+        arch, config = self.engine.model.config.model_type, self.engine.model.config
+        info = {  # Ollama's keys, the numbers prefixed with the architecture (what clients read)
+            "general.architecture": arch,
+            f"{arch}.context_length": self.engine.context_length,
+            f"{arch}.embedding_length": config.hidden_size,
+            "context_length": self.engine.context_length,
+        }
         return web.json_response(
             {"template": template, "details": self.card()["details"], "model_info": info,
              "capabilities": ["completion", "tools", "embedding"]}
@@ -141,6 +150,13 @@ class OllamaApi:
             served = ", ".join(f"'{n}'" for n in self.api.served)
             raise OllamaError(404, f"model '{name}' not found (this API serves {served})")
 
+    def _predict(self, ids: list[int], asked) -> int | None:
+        """The most tokens to generate: `num_predict`, up to the context (Ollama's is a maximum, not OpenAI's
+        max_tokens that must fit); None: up to the context."""
+        most = asked.max_new_tokens()
+        room = self.engine.context_length - len(ids)
+        return most if most is None or room < 1 else min(most, room)
+
     def _request(self, schema, data: dict):
         """The OpenAI request an Ollama one means, checked as the OpenAI API checks it."""
         return validated(schema, {"model": self.engine.name, **data})
@@ -150,6 +166,8 @@ class OllamaApi:
             body = await read_json(request)
             self._check_model(body)
             messages = body.get("messages") or []
+            if messages == []:  # Ollama's "load a model": nothing to answer
+                return _loaded({"message": _assistant("")}, self.engine.name)
             if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
                 raise OllamaError(400, "messages must be a list of objects")
             if any(m.get("images") for m in messages):
@@ -157,7 +175,7 @@ class OllamaApi:
             fields = {"messages": [_openai_message(m) for m in messages], **_fields(body)}
             chat = self._request(ChatRequest, {**fields, "tools": body.get("tools") or None})
             ids, tools = self.api.chat_ids(chat)
-            gen = self.engine.start(ids, chat.max_new_tokens(), chat)
+            gen = self.engine.start(ids, self._predict(ids, chat), chat)
         except (OllamaError, ApiError) as e:
             return _error(e)
         if tools is None:
@@ -188,6 +206,8 @@ class OllamaApi:
                 raise OllamaError(400, "images and suffix are not supported by this text model")
             if body.get("context"):
                 raise OllamaError(400, "context is not supported: send the conversation to /api/chat")
+            if body.get("prompt") in (None, ""):  # Ollama's "load a model": nothing to answer
+                return _loaded({"response": ""}, self.engine.name)
             prompt = body.get("prompt") or ""
             if not isinstance(prompt, str) or not prompt:
                 raise OllamaError(400, "prompt must be a string of some text")
@@ -200,7 +220,7 @@ class OllamaApi:
                 messages.append({"role": "user", "content": prompt})
                 asked = self._request(ChatRequest, {"messages": messages, **_fields(body)})
                 ids, _ = self.api.chat_ids(asked)
-            gen = self.engine.start(ids, asked.max_new_tokens(), asked)
+            gen = self.engine.start(ids, self._predict(ids, asked), asked)
         except (OllamaError, ApiError) as e:
             return _error(e)
         return await self._answer(request, body, gen, lambda text: {"response": text})
@@ -210,6 +230,8 @@ class OllamaApi:
         try:
             body = await read_json(request)
             self._check_model(body)
+            if body.get("input") in (None, "", []):  # Ollama's "load a model": no embeddings
+                return web.json_response({"model": self.engine.name, "embeddings": []})
             if not isinstance(body.get("input"), str | list):
                 raise OllamaError(400, "input must be a string or a list of strings")
             asked = self._request(
@@ -261,7 +283,7 @@ class OllamaApi:
                            eval_count=gen.completion_tokens, eval_duration=spent)  # fmt: skip
             return out
 
-        if not body.get("stream", True):
+        if body.get("stream") is not None and not body["stream"]:  # (null: the default, streamed)
             try:
                 (whole,) = await joined([gen])
             except ApiError as e:
@@ -284,6 +306,13 @@ class OllamaApi:
 
 def _line(data: dict) -> bytes:
     return json.dumps(data).encode() + b"\n"
+
+
+def _loaded(part: dict, model: str) -> web.Response:
+    """Ollama's answer to a request to load the model (held by the swarm already): done at once."""
+    return web.json_response(
+        {"model": model, "created_at": _now(), **part, "done": True, "done_reason": "load"}
+    )
 
 
 def _assistant(text: str) -> dict:

@@ -7,7 +7,7 @@ api/json_schema.py). A request's grammar is a `Guide`: (kind, value), built by `
 cannot do is refused with a 400 rather than silently
 ignored: a schema keyword it cannot hold an answer to, deprecated `functions`, a completion `suffix`. Tools
 are called in one generic format (api/tools.py). Fields it does not know are ignored, as OpenAI's own server
-does with fields newer than it.
+does with fields newer than it, and a null is the field's default, as there.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import json
 import threading
 from collections import OrderedDict
 from collections.abc import Sequence
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import (
     BaseModel,
@@ -142,7 +142,7 @@ class _Sampling(BaseModel):
 
     model: str
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    top_p: float = Field(default=1.0, ge=0.0, le=1.0)  # 0: the most likely token alone (OpenAI's range)
     stop: Stop = None
     seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)  # as vLLM's: what seeds a generator
     stream: bool = False
@@ -167,6 +167,20 @@ class _Sampling(BaseModel):
     guided_choice: Annotated[list[str], Field(max_length=256)] | None = None
     structured_outputs: dict | None = None
     _guided: Guide | None = PrivateAttr(default=None)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_left_out(cls, data):
+        """OpenAI's fields are nullable, a null meaning the default: dropped where None is not a value of the
+        field (`max_tokens: null` stays: no limit)."""
+        if not isinstance(data, dict):
+            return data
+        fields = cls.model_fields
+        return {
+            k: v
+            for k, v in data.items()
+            if v is not None or k not in fields or type(None) in get_args(fields[k].annotation)
+        }
 
     @field_validator("temperature")
     @classmethod
