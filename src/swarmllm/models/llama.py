@@ -227,7 +227,7 @@ class RotaryEmbedding(nn.Module):
 
     def for_decode(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """cos [B, 1, hd] and sign-folded sin for one token per sequence at `positions` [B]: with these,
-        RoPE is `x * cos + x.roll(hd / 2, -1) * sin`, three ops (see `_rotate_decode`)."""
+        RoPE is `x * cos + x.roll(hd / 2, -1) * sin` (see `_rotate_decode`)."""
         freqs = positions[:, None].float() * self.inv_freq  # [B, hd / 2]
         cos = torch.cat((freqs, freqs), dim=-1).cos() * self.attention_scaling
         sin = freqs.sin() * self.attention_scaling
@@ -255,8 +255,9 @@ def _rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 def _rotate_decode(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """`_rotate` for x [B, heads, hd] with RotaryEmbedding.for_decode's tables: roll(x) * [-sin, sin] equals
-    cat(-x2, x1) * [sin, sin]."""
-    return torch.addcmul(x * cos, x.roll(x.shape[-1] // 2, -1), sin)
+    cat(-x2, x1) * [sin, sin]. Two products and a sum, each rounded as `_rotate` (and transformers) round them:
+    a fused `addcmul` rounds once, which in half precision made a decode step differ from a forward."""
+    return x * cos + x.roll(x.shape[-1] // 2, -1) * sin
 
 
 def attention_mask(

@@ -314,7 +314,10 @@ class PanelProjection(nn.Module):
         return dense_weight(self.panels, self.out_features, self.scales)
 
     def forward(self, x: Tensor, lora: Lora | RowLoras | None = None) -> Tensor:
-        y = panel_linear(x.float(), self.panels, self.out_features, self.scales).to(x.dtype)
-        if self.bias is not None:
+        y = panel_linear(x.float(), self.panels, self.out_features, self.scales)
+        dtype = x.dtype
+        if self.bias is not None:  # added in float32, then rounded once, as a half-precision `F.linear` does
+            dtype = torch.promote_types(dtype, self.bias.dtype)
             y = y + self.bias
+        y = y.to(dtype)
         return y if lora is None else y + lora(x)
