@@ -56,7 +56,11 @@ class MergedHead:
                 self._waiting.append(call)
                 self._waiting_threads.add(me)
                 self._lock.notify_all()  # the leader may be waiting for this one
-                batch = self._wait(call)
+                try:
+                    batch = self._wait(call)
+                except BaseException:  # Ctrl-C while waiting: withdrawn, so that no thread waits behind it
+                    self._withdraw(call)
+                    raise
         if batch:
             self._run(batch)
         if call.error is not None:
@@ -85,6 +89,20 @@ class MergedHead:
                 self._lock.wait()
         return []
 
+    def _withdraw(self, call: _Call) -> None:
+        """Under the lock: `call`'s thread stopped waiting; a call it led passes the lead to the next one."""
+        if any(c is call for c in self._waiting):
+            self._waiting = [c for c in self._waiting if c is not call]
+            self._waiting_threads.discard(call.thread)
+            self._lock.notify_all()
+
+    def _hand_back(self, calls: list[_Call]) -> None:
+        """Put calls whose merged call did not run back first in line, for one of their threads to lead."""
+        with self._lock:
+            self._waiting[:0] = calls
+            self._waiting_threads.update(c.thread for c in calls)
+            self._lock.notify_all()
+
     def _due(self, arriving: int | None = None) -> bool:
         """Under the lock: whether every thread that called lately has a call waiting (with `arriving`'s)."""
         now = time.monotonic()
@@ -100,9 +118,12 @@ class MergedHead:
             out = self.head(torch.cat([c.rows for c in batch]) if len(batch) > 1 else batch[0].rows)
             for c, rows in zip(batch, out.split([c.rows.shape[0] for c in batch]), strict=True):
                 c.out = rows
-        except BaseException as e:  # noqa: BLE001 - each thread of the merged call raises it
+        except Exception as e:  # noqa: BLE001 - each thread of the merged call raises it
             for c in batch:
                 c.error = e
+        except BaseException:  # Ctrl-C in this thread is its own: the others' calls wait for a new leader
+            self._hand_back([c for c in batch if c.thread != threading.get_ident()])
+            raise
         with self._lock:
             now = time.monotonic()
             self._last_s = now - began

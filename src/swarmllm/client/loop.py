@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import contextlib
 import threading
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
 T = TypeVar("T")
 
+CANCEL_WAIT_S = 10.0  # how long a caller that stopped waiting waits for its coroutine's cancellation
 _lock = threading.Lock()
 _loop: asyncio.AbstractEventLoop | None = None
 
@@ -49,7 +51,9 @@ def _stop(loop: asyncio.AbstractEventLoop) -> None:
 
 
 def run_sync(coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
-    """Run a coroutine on the client loop from any other thread and return its result."""
+    """Run a coroutine on the client loop from any other thread and return its result. If the caller stops
+    waiting (Ctrl-C, `timeout`), the coroutine is cancelled and its cancellation waited for (at most
+    `CANCEL_WAIT_S`): run on behind the caller's back, it would, e.g., step a session that the caller uses next."""
     loop = event_loop()
     try:
         running = asyncio.get_running_loop()
@@ -58,4 +62,25 @@ def run_sync(coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
     if running is loop:
         coro.close()
         raise RuntimeError("run_sync was called from the client loop itself; await the coroutine instead")
-    return asyncio.run_coroutine_threadsafe(coro, loop).result(timeout)
+    future = asyncio.run_coroutine_threadsafe(coro, loop)
+    try:
+        return future.result(timeout)
+    except BaseException:
+        if not future.done() or future.cancelled():
+            _cancel(coro, loop)
+        raise
+
+
+def _cancel(coro: Coroutine, loop: asyncio.AbstractEventLoop) -> None:
+    """Cancel the task running `coro` on the client loop and wait until it has ended."""
+
+    async def cancel() -> None:
+        # (the task exists by now: the loop made it before it runs this, which was scheduled after it)
+        tasks = [t for t in asyncio.all_tasks() if t.get_coro() is coro]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks)
+
+    with contextlib.suppress(Exception):
+        asyncio.run_coroutine_threadsafe(cancel(), loop).result(CANCEL_WAIT_S)

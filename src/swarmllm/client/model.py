@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import (
+    GenerationConfig,
     GenerationMixin,
     LogitsProcessorList,
     MaxTimeCriteria,
@@ -427,9 +428,13 @@ class DistributedModelForCausalLM(DistributedModel, GenerationMixin):
         `record_logits`, a function given the model's own logits [n, vocab] at each round's n new tokens before
         the streamer gets them (for their log-probabilities). `self.last_speculation` then says how many drafts
         were accepted."""
+        # transformers drops an attention mask of all ones, and then sends the tokens after `inputs_embeds` alone:
+        # only this says that they continue what the session holds (`_session_forward`)
+        self._sessions.after_embeds = kwargs.get("inputs_embeds") is not None
         try:
             return self._generate(inputs, *args, **kwargs)
         finally:
+            self._sessions.after_embeds = False
             self.merged_head.forget()
 
     def _generate(self, inputs: torch.Tensor | None, *args, **kwargs):
@@ -439,7 +444,7 @@ class DistributedModelForCausalLM(DistributedModel, GenerationMixin):
                 raise TypeError("with assistant_model, pass generation options by keyword")
             return self._speculative_generate(inputs, **kwargs)
         kwargs["use_cache"] = False
-        config = kwargs.get("generation_config") or self.generation_config
+        config = self._given_generation_config(kwargs.get("generation_config"))
         embeds = kwargs.get("inputs_embeds")
         if embeds is not None and (kwargs.get("num_beams", config.num_beams) or 1) > 1:
             # transformers then sends each step's new tokens alone, without the beams they continue
@@ -459,6 +464,15 @@ class DistributedModelForCausalLM(DistributedModel, GenerationMixin):
         with self.inference_session(max_length=prompt.shape[1] + max_new):
             return super().generate(inputs, *args, **kwargs)
 
+    def _given_generation_config(self, given: GenerationConfig | None) -> GenerationConfig:
+        """A copy of the generation config a `generate` call runs with before its keyword options: the one it
+        was given, what that leaves unset filled from the model's own (its EOS, max_new_tokens, ...), as
+        transformers' generate completes it; or the model's."""
+        config = copy.deepcopy(self.generation_config if given is None else given)
+        if given is not None:
+            config.update(**self.generation_config.to_dict(), defaults_only=True)
+        return config
+
     def _speculative_generate(self, inputs: torch.Tensor | None, **kwargs) -> torch.Tensor:
         draft = kwargs.pop("assistant_model")
         input_ids = inputs if inputs is not None else kwargs.pop("input_ids", None)
@@ -472,7 +486,7 @@ class DistributedModelForCausalLM(DistributedModel, GenerationMixin):
         record_logits = kwargs.pop("record_logits", None)
         criteria = StoppingCriteriaList(kwargs.pop("stopping_criteria", None) or [])  # a plain list too
         shaping = kwargs.pop("logits_processor", None) or []
-        config = copy.deepcopy(kwargs.pop("generation_config", None) or self.generation_config)
+        config = self._given_generation_config(kwargs.pop("generation_config", None))
         unused = config.update(**kwargs)
         unused.pop("use_cache", None)
         if unused:
@@ -516,6 +530,12 @@ class DistributedModelForCausalLM(DistributedModel, GenerationMixin):
                 processors.append(MinPLogitsWarper(config.min_p))
         eos = config.eos_token_id
         eos = set() if eos is None else {eos} if isinstance(eos, int) else set(eos)
+        pad = config.pad_token_id
+        if mask is None and pad is not None and pad not in eos and bool((input_ids == pad).any()):
+            # transformers infers the attention mask from them (`_prepare_attention_mask_for_generation`)
+            raise ValueError(
+                f"speculative decoding takes one unpadded sequence: the prompt holds the pad token {pad}"
+            )
         self._sessions.speculation = stats = SpeculationStats()
         opened = self._active is None
         with (
@@ -603,6 +623,11 @@ class DistributedModelForCausalLM(DistributedModel, GenerationMixin):
                     f" the session does not hold the {before} tokens before them"
                 )
             input_ids = torch.cat([held[:, :before], input_ids], dim=1)
+        elif attention_mask is None and getattr(self._sessions, "after_embeds", False):
+            # each step adds one token: the sequence's last ones, after those held (the embeddings as unknown ones)
+            held, before = active.input_ids, active.position + 1 - input_ids.shape[1]
+            if held is not None and held.shape[0] == input_ids.shape[0] and before > 0:
+                input_ids = torch.cat([held[:, :before], input_ids], dim=1)
         mask = (
             torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
         )

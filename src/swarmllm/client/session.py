@@ -118,7 +118,8 @@ class InferenceSession:
         self.pushed_hops = 0  # hop inputs that a server pushed to the next one (the client did not send them)
         self.last_timings: list[HopTiming] = []
         self.failovers: list[Failover] = []
-        # servers that refused to open this session for what it asks (batch size, length): routed around, unbanned
+        # servers that refused to open this session for what it asks (batch size, length, cache): routed around,
+        # unbanned
         self._refused: dict[str, RemoteError] = {}
         self.closed = False
 
@@ -148,6 +149,7 @@ class InferenceSession:
         `position`, all that every server still holds."""
         if self.closed:
             raise RuntimeError("the inference session is closed")
+        self.swarm.check_running()
         check_input(hidden, key_mask, self.hidden_size)
         position = self.position if position is None else position
         if not 0 <= position <= self.position:
@@ -410,6 +412,7 @@ class InferenceSession:
         failed = self._hops[i]
         if self.closed:  # by another thread while this step ran: its hops were closed, not failed
             raise RuntimeError("the inference session was closed during this step") from error
+        self.swarm.check_running()  # (the shutdown closed the connections: no fault of their servers)
         logger.info("%s failed (%s); replacing it", failed, describe(error))
         if not again:
             # one that moved or leaves in order is healthy and not banned, unless it hands sessions back again
@@ -507,10 +510,16 @@ class _Fallback:
             self.task.cancel()
 
 
+# a server's refusals to open a session for what it asks: a batch size or length beyond its limits, more cache
+# than its peer's share or than is free. A healthy server's answer about this session, so no ban: a ban would keep
+# the client's every other session (a later one that fits) off that server too
+_OPENING_REFUSALS = ("bad_request", "quota", "cache_full")
+
+
 def _refused_opening(error: BaseException) -> bool:
-    """Whether a server refused to open the session for what it asks (a batch size or length beyond its limits):
-    that ends the stream with an error, where a refused step is answered in-band (SessionError)."""
-    return isinstance(error, RemoteError) and error.code == "bad_request"
+    """Whether a server refused to open the session for what it asks (its size, see `_OPENING_REFUSALS`): that
+    ends the stream with an error, where a refused step is answered in-band (SessionError)."""
+    return isinstance(error, RemoteError) and error.code in _OPENING_REFUSALS
 
 
 def _concat(history: History) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:

@@ -110,6 +110,10 @@ class SpotCheck:
 R = TypeVar("R")
 
 
+class ShutDownError(RuntimeError):
+    """The swarm client was shut down (`model.shutdown()`): it makes no connection and routes nothing any more."""
+
+
 class HopFailed(Exception):
     """A request to one server of a route failed (wraps the cause, names the server and its blocks)."""
 
@@ -248,6 +252,7 @@ class SwarmClient:
         self.active_adapter = active_adapter  # a hosted adapter: only servers announcing it are used
         self.uploads = AdapterUploads(self)
         self.max_micro_batches = max_micro_batches  # in flight at once in a training forward/backward
+        self.shut_down = False  # then every request refuses (`check_running`), instead of connecting anew
 
     @property
     def dht(self) -> hivemind.DHT | None:
@@ -257,6 +262,7 @@ class SwarmClient:
         await self.directory.start()
 
     async def shutdown(self) -> None:
+        self.shut_down = True
         await self.uploads.close()
         await self.directory.shutdown()
 
@@ -269,6 +275,12 @@ class SwarmClient:
             self._keep(found)
             self._servers_at = time.monotonic()
         return list(self._servers.values())
+
+    def check_running(self) -> None:
+        """Raise ShutDownError once `shutdown` has begun: requests in flight end with it, and new ones start
+        nothing (the pool would otherwise open connections again that nothing closes)."""
+        if self.shut_down:
+            raise ShutDownError("this model's swarm client was shut down (model.shutdown())")
 
     def use_servers(self, servers: Sequence[ServerInfo]) -> None:
         """Route over exactly these servers from now on, without DHT look-ups (a fixed set of servers; those of
@@ -304,11 +316,13 @@ class SwarmClient:
 
     async def connection(self, peer_id: str) -> Connection:
         """The persistent connection to a server (direct when its announced address answers, else libp2p)."""
+        self.check_running()
         info = self._servers.get(peer_id)
         return await self.directory.connection(peer_id, info.direct_addrs if info is not None else ())
 
     async def ping(self, peer_id: str) -> float:
         """Round trip of an `info` call in seconds (also opens the connection)."""
+        self.check_running()
         info = self._servers.get(peer_id)
         rtt = await self.directory.ping(peer_id, info.direct_addrs if info is not None else ())
         self.rtt_s[peer_id] = rtt
@@ -352,6 +366,7 @@ class SwarmClient:
         give_up_at = time.monotonic() + self.missing_blocks_timeout_s
         delay, attempt = 0.25, 0
         while True:
+            self.check_running()
             # after a failure, the swarm as it is now (a server that moved or left has announced it)
             servers = await self.servers(refresh=attempt > 0 or failure is not None)
             banned = self.bans.banned(time.monotonic())
