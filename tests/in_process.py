@@ -17,14 +17,16 @@ from swarmllm.wire import DirectServer, Identity
 
 
 @contextmanager
-def model_over_one_server(path: str, dht_prefix: str) -> Iterator[DistributedModelForCausalLM]:
+def model_over_one_server(
+    path: str, dht_prefix: str, cache_tokens: int = 4096
+) -> Iterator[DistributedModelForCausalLM]:
     """The model of checkpoint `path` (in eval mode) over one in-process server of all its blocks."""
     config, head = load_client_head(path)
     blocks = config.num_hidden_layers
     identity = Identity.generate()
 
     async def start() -> DirectServer:
-        backend = Backend(load_span(path, 0, blocks), cache_tokens=4096)
+        backend = Backend(load_span(path, 0, blocks), cache_tokens=cache_tokens)
         server = DirectServer(RequestHandler(backend, dict).handlers(), identity)
         await server.start()
         return server

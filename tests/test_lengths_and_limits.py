@@ -189,3 +189,29 @@ async def test_scoring_a_prompt_as_long_as_the_context_fits_servers_capped_at_th
     finally:
         await client.close()
         engine.shutdown()
+
+
+async def test_kept_sessions_give_way_to_a_new_conversation(llama_checkpoint):
+    """The API keeps finished requests' sessions for their next turns, each holding cache on the servers. A new
+    conversation that the servers then refuse room (here, past the peer's share: two sessions of 40 in 160
+    tokens) gets it from the kept sessions, which are closed, where it was a 503 until they timed out (120 s).
+    Each answer is transformers' greedy one."""
+    path = str(llama_checkpoint)
+    local = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    with model_over_one_server(path, "lengths-kept", cache_tokens=4 * CONTEXT) as model:
+        engine = Engine(model, tokenizer, "m", context_length=CONTEXT, max_concurrent=1, keep_sessions=4)
+        client = TestClient(TestServer(Gateway([Api(engine)]).app()))
+        await client.start_server()
+        try:
+            for prompt in ("the cat", "a dog", "moon is", "hello there"):
+                body = {"model": "m", "prompt": prompt, "max_tokens": None, "temperature": 0}
+                reply = await client.post("/v1/completions", json=body)
+                answer = await reply.json()
+                assert reply.status == 200, (prompt, answer)
+                ids = tokenizer(prompt)["input_ids"]
+                want, count = _greedy_text(local, tokenizer, ids, CONTEXT - len(ids))
+                assert answer["choices"][0]["text"] == want and answer["usage"]["completion_tokens"] == count
+        finally:
+            await client.close()
+            engine.shutdown()

@@ -67,6 +67,7 @@ from swarmllm.api.streams import joined, merged, read_json, stream, swarm_error,
 from swarmllm.api.tools import ResponseStream, ToolCalling, ToolError, message_text
 from swarmllm.client.loop import event_loop
 from swarmllm.client.routing import missing_blocks
+from swarmllm.client.swarm import SessionRefused
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +75,9 @@ _END = object()  # the end of a generation's pieces
 MAX_EMBED_TOKENS = 65_536  # summed over one embeddings request's inputs
 HEALTH_TIMEOUT_S = 10.0  # for the swarm's server list (a DHT look-up when the list is stale)
 DONE = b"data: [DONE]\n\n"  # the last server-sent event
+# a new session refused cache room while this API keeps sessions: after closing them, the waits before each try again
+ROOM_RETRIES_S = (0.05, 0.1, 0.2, 0.4, 0.8, 1.6)
+ROOM_REFUSALS = frozenset({"quota", "cache_full"})
 
 
 @dataclass
@@ -181,14 +185,17 @@ class Engine:
             index,
         )
 
+        sent = False  # whether anything went to the requester (then nothing may be tried again)
+
         def put(item) -> None:
+            nonlocal sent
+            sent = True
             loop.call_soon_threadsafe(gen.pieces.put_nowait, item)
 
         started = time.perf_counter()
         self.counted.generations_running.inc()
 
         def work() -> None:
-            streamer = PieceStreamer(gen.assembler, put, self._recorder(request))
             outcome: object = _END
             try:
                 if gen.cancelled:  # its requester left while it waited for a worker: no session for nobody
@@ -196,11 +203,26 @@ class Engine:
                 need = len(prompt_ids) + max_new_tokens  # (0: echo alone, a forward over the prompt at most)
                 # scoring the prompt needs the logits of all of its positions: nothing held can serve
                 scored = echo and request.logprob_top() is not None
-                with self.sessions.use([] if scored else prompt_ids, need) as gen.cached_tokens:
-                    if echo:
-                        self._echo(prompt_ids, gen, request, streamer, put, index)
-                    else:
-                        self._generate(prompt_ids, gen, request, streamer, index)
+                for wait_s in (*ROOM_RETRIES_S, None):
+                    streamer = PieceStreamer(gen.assembler, put, self._recorder(request))  # (per try)
+                    try:
+                        with self.sessions.use([] if scored else prompt_ids, need) as gen.cached_tokens:
+                            if echo:
+                                self._echo(prompt_ids, gen, request, streamer, put, index)
+                            else:
+                                self._generate(prompt_ids, gen, request, streamer, index)
+                        break
+                    except SessionRefused as e:
+                        # no cache room for a new session on its servers: the sessions this API keeps for next
+                        # turns may hold it (each its peer's share), so they give way; the servers free their
+                        # cache as they see them closed, which the retries wait for
+                        if wait_s is None or sent or not e.codes <= ROOM_REFUSALS or gen.cancelled:
+                            raise
+                        if closed := self.sessions.close_all():
+                            logger.info("no cache room for a new session: closed %d kept sessions", closed)
+                        elif wait_s == ROOM_RETRIES_S[0]:
+                            raise  # none kept: the room is another requester's
+                        time.sleep(wait_s)  # (a worker thread: the servers' freeing is what is waited for)
                 tail = streamer.finish()
                 if tail is not None:
                     put(tail)

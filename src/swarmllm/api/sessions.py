@@ -107,10 +107,12 @@ class SessionPool:
         """A request failed with `remote`: close it (what its servers hold is not known)."""
         self._close([remote])
 
-    def close_all(self) -> None:
+    def close_all(self) -> int:
+        """Close every kept session (their cache on the servers is freed as each server sees it); how many."""
         with self._lock:
             kept, self._kept = self._kept, []
         self._close([k.remote for k in kept])
+        return len(kept)
 
     def _expired(self) -> list[RemoteSession]:
         now = time.monotonic()

@@ -110,6 +110,15 @@ class SpotCheck:
 R = TypeVar("R")
 
 
+class SessionRefused(ValueError):
+    """Every server of some blocks refused to open an inference session for what it asks; `codes` are their
+    refusals' (`bad_request`: its batch or length; `quota`, `cache_full`: cache room)."""
+
+    def __init__(self, message: str, codes: frozenset[str]):
+        super().__init__(message)
+        self.codes = codes
+
+
 class ShutDownError(RuntimeError):
     """The swarm client was shut down (`model.shutdown()`): it makes no connection and routes nothing any more."""
 
@@ -441,7 +450,7 @@ class SwarmClient:
     ) -> list[Hop]:
         """The fastest chain over [start, end) among usable servers (see `route`), but for those that `refused`
         to open the session (its batch size or length: the request's fault, not theirs, so they are not
-        banned); a ValueError with their reasons at once when the blocks have no other server."""
+        banned); SessionRefused with their reasons at once when the blocks have no other server."""
 
         def plan(servers: list[ServerInfo]) -> list[Hop]:
             def chain(over: list[ServerInfo]) -> list[Hop]:
@@ -457,9 +466,10 @@ class SwarmClient:
                     raise
                 chain(servers)  # (a MissingBlocksError still when the refusing servers would not cover them)
                 reasons = sorted({e.message for e in refused.values()})
-                raise ValueError(
+                raise SessionRefused(
                     f"the servers of blocks [{start}, {self.num_blocks if end is None else end}) refuse this "
-                    "session: " + "; ".join(reasons)
+                    "session: " + "; ".join(reasons),
+                    frozenset(e.code for e in refused.values()),
                 ) from None
 
         return await self.route(plan, failure=failure)
