@@ -223,3 +223,33 @@ async def test_ollama_embed_of_no_input_loads_the_model(client):
         assert status == 200 and body["model"] == "m" and body["embeddings"] == [], (given, body)
     status, _ = await _post(client, "/api/embed", {"model": "m", "input": 5})
     assert status == 400
+
+
+@pytest.mark.parametrize(
+    "path, field, value",
+    [
+        ("/v1/completions", "temperature", "0.5"),
+        ("/v1/completions", "stream", "no"),
+        ("/v1/completions", "max_tokens", "16"),
+        ("/v1/completions", "logprobs", True),
+        ("/v1/completions", "n", 1.5),
+        ("/v1/completions", "echo", 1),
+        ("/v1/chat/completions", "top_p", "1"),
+        ("/v1/chat/completions", "logprobs", 1),
+        ("/v1/chat/completions", "top_logprobs", "2"),
+        ("/v1/chat/completions", "seed", "7"),
+        ("/v1/chat/completions", "presence_penalty", False),
+    ],
+)
+async def test_a_parameter_of_the_wrong_json_type_is_a_400_naming_it(client, path, field, value):
+    """OpenAI refuses a parameter of the wrong JSON type ("Invalid type for 'temperature': expected a number, but
+    got a string"); they were read as what they looked like ("16" as 16, true as 1, "no" as false)."""
+    body = {"model": "m", "max_tokens": 2, field: value}
+    body |= (
+        {"prompt": "the cat"}
+        if path == "/v1/completions"
+        else {"messages": [{"role": "user", "content": "hi"}]}
+    )
+    status, answer = await _post(client, path, body)
+    assert status == 400, answer
+    assert answer["error"]["param"] == field, answer

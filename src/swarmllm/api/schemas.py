@@ -7,7 +7,8 @@ api/json_schema.py). A request's grammar is a `Guide`: (kind, value), built by `
 cannot do is refused with a 400 rather than silently
 ignored: a schema keyword it cannot hold an answer to, deprecated `functions`, a completion `suffix`. Tools
 are called in one generic format (api/tools.py). Fields it does not know are ignored, as OpenAI's own server
-does with fields newer than it, and a null is the field's default, as there.
+does with fields newer than it, and a null is the field's default, as there; a number or a boolean of the wrong
+JSON type (a string "0.5", true for a count) is refused as there, not read as what it looks like.
 """
 
 from __future__ import annotations
@@ -134,32 +135,35 @@ def _guide_masks(tokenizer, vocab_size: int, eos_ids: tuple[int, ...]) -> GuideM
 
 
 class StreamOptions(BaseModel):
-    include_usage: bool = False
+    include_usage: bool = Field(default=False, strict=True)
 
 
 class _Sampling(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     model: str
-    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
-    top_p: float = Field(default=1.0, ge=0.0, le=1.0)  # 0: the most likely token alone (OpenAI's range)
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0, strict=True)
+    # 0: the most likely token alone (OpenAI's range)
+    top_p: float = Field(default=1.0, ge=0.0, le=1.0, strict=True)
     stop: Stop = None
-    seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)  # as vLLM's: what seeds a generator
-    stream: bool = False
+    # as vLLM's: what seeds a generator
+    seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1, strict=True)
+    stream: bool = Field(default=False, strict=True)
     stream_options: StreamOptions | None = None
-    n: int = Field(default=1, ge=1, le=16)  # choices, each a generate of its own
+    n: int = Field(default=1, ge=1, le=16, strict=True)  # choices, each a generate of its own
     user: str | None = None
-    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
-    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0, strict=True)
+    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0, strict=True)
     # token id -> what is added to its logit
     logit_bias: Annotated[dict[int, Bias], Field(max_length=1024)] | None = None
     # vLLM's extras
-    top_k: int = Field(default=0, ge=-1)  # 0 or -1: every token
-    min_p: float = Field(default=0.0, ge=0.0, le=1.0)
+    top_k: int = Field(default=0, ge=-1, strict=True)  # 0 or -1: every token
+    min_p: float = Field(default=0.0, ge=0.0, le=1.0, strict=True)
     # > 1 discourages every token seen, the prompt's too
-    repetition_penalty: float = Field(default=1.0, gt=0.0, le=10.0)
-    min_tokens: int = Field(default=0, ge=0)  # before EOS, a stop token id or a stop string may end the text
-    ignore_eos: bool = False
+    repetition_penalty: float = Field(default=1.0, gt=0.0, le=10.0, strict=True)
+    # before EOS, a stop token id or a stop string may end the text
+    min_tokens: int = Field(default=0, ge=0, strict=True)
+    ignore_eos: bool = Field(default=False, strict=True)
     stop_token_ids: Annotated[list[int], Field(max_length=16)] | None = None
     # vLLM's guided decoding, by its older names or its `structured_outputs` ({"json" | "regex" | "choice": ...})
     guided_json: dict | bool | str | None = None
@@ -240,11 +244,13 @@ class CompletionRequest(_Sampling):
         | list[int]
         | Annotated[list[list[int]], Field(min_length=1, max_length=MAX_PROMPTS)]
     )
-    echo: bool = False  # the prompt comes back before the completion, with its tokens' logprobs if asked
-    max_tokens: int | None = Field(default=16, ge=0)  # (after echo: its check reads echo)
-    logprobs: int | None = Field(default=None, ge=0, le=5)  # how many top tokens each token lists
+    # the prompt comes back before the completion, with its tokens' logprobs if asked
+    echo: bool = Field(default=False, strict=True)
+    max_tokens: int | None = Field(default=16, ge=0, strict=True)  # (after echo: its check reads echo)
+    # how many top tokens each token lists
+    logprobs: int | None = Field(default=None, ge=0, le=5, strict=True)
     # candidates per prompt; the n most likely are returned
-    best_of: int | None = Field(default=None, ge=1, le=16)
+    best_of: int | None = Field(default=None, ge=1, le=16, strict=True)
     suffix: str | None = None
 
     @field_validator("suffix")
@@ -301,13 +307,13 @@ class ChatMessage(BaseModel):
 
 class ChatRequest(_Sampling):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
-    max_tokens: int | None = Field(default=None, ge=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
-    logprobs: bool | None = None
-    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    max_tokens: int | None = Field(default=None, ge=1, strict=True)
+    max_completion_tokens: int | None = Field(default=None, ge=1, strict=True)
+    logprobs: bool | None = Field(default=None, strict=True)
+    top_logprobs: int | None = Field(default=None, ge=0, le=20, strict=True)
     tools: Annotated[list, Field(max_length=128)] | None = None  # checked by `tool_calling` (api/tools.py)
     tool_choice: str | dict | None = None
-    parallel_tool_calls: bool = True
+    parallel_tool_calls: bool = Field(default=True, strict=True)
     functions: list | None = None  # OpenAI's deprecated form of tools: refused
     response_format: dict | None = None
     _tools: ToolCalling | None = PrivateAttr(default=None)
@@ -421,7 +427,8 @@ class EmbeddingRequest(BaseModel):
         | Annotated[list[list[int]], Field(min_length=1, max_length=MAX_EMBED_INPUTS)]
     )
     encoding_format: Literal["float", "base64"] = "float"
-    dimensions: int | None = Field(default=None, ge=1)  # the first ones, scaled to length 1 again
+    # the first ones, scaled to length 1 again
+    dimensions: int | None = Field(default=None, ge=1, strict=True)
     user: str | None = None
 
 
