@@ -8,9 +8,23 @@ anything malformed instead of letting one bad peer break a look-up.
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+# Bounds on what one peer's record may claim. Rates above MAX_RATE count as MAX_RATE: 1e308 from two servers
+# summed to inf (the monitor's document then was not JSON). A model of more than MAX_BLOCKS blocks is garbage:
+# one of 100,000 made each of the monitor's look-ups ask for 100,000 keys and time out.
+MAX_RATE = 1e30  # far above any server, far below where a sum over any number of them overflows
+MAX_BLOCKS = 4096
 
 
 class ServerState(StrEnum):
@@ -25,6 +39,15 @@ def _rate(description: str, **kwargs: Any) -> Any:
     return Field(ge=0, allow_inf_nan=False, description=description, **kwargs)
 
 
+def _host_port(addr: str) -> str:
+    """A direct address must be host:port with a port a socket takes (a port out of range raised OverflowError
+    where connecting expects only connection errors, and one such record stopped every server's balancing)."""
+    host, _, port = addr.rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"not host:port: {addr!r}")
+    return addr
+
+
 class ServerInfo(BaseModel):
     """A server's announcement for the blocks [start_block, end_block) of one model."""
 
@@ -33,7 +56,7 @@ class ServerInfo(BaseModel):
     peer_id: str
     state: ServerState
     start_block: int = Field(ge=0)
-    end_block: int = Field(gt=0)
+    end_block: int = Field(gt=0, le=MAX_BLOCKS)
     throughput: float = _rate(
         "what block balancing adds to each block of the span for this server: the smaller of inference_rps and "
         "network_rps (inference_rps alone until the network is measured)"
@@ -52,7 +75,9 @@ class ServerInfo(BaseModel):
     public_name: str | None = None
     adapters: tuple[str, ...] = ()
     using_relay: bool = False
-    direct_addrs: tuple[str, ...] = Field(default=(), description="host:port of the direct tensor path")
+    direct_addrs: tuple[Annotated[str, AfterValidator(_host_port)], ...] = Field(
+        default=(), description="host:port of the direct tensor path"
+    )
     movable: bool = Field(default=True, description="False when its operator pinned its blocks (--blocks)")
     ladder: tuple[tuple[int, int], ...] = Field(
         default=(),
@@ -60,6 +85,11 @@ class ServerInfo(BaseModel):
         "(models.ladder.layer_ranges); () for a standard model. Clients chain only servers that announce "
         "the ladder layers of their own config",
     )
+
+    @field_validator("throughput", "inference_rps", "forward_rps", "network_rps")
+    @classmethod
+    def _at_most_max_rate(cls, rate: float | None) -> float | None:
+        return rate if rate is None else min(rate, MAX_RATE)
 
     @model_validator(mode="after")
     def _span_not_empty(self) -> ServerInfo:
@@ -81,7 +111,7 @@ class ModelInfo(BaseModel):
     model_config = ConfigDict(frozen=True, extra="ignore")
 
     dht_prefix: str
-    num_blocks: int = Field(gt=0)
+    num_blocks: int = Field(gt=0, le=MAX_BLOCKS)
     repository: str | None = None
 
     def to_record(self) -> dict[str, Any]:
