@@ -623,8 +623,12 @@ class Server:
         length = min(cfg.num_blocks or self._blocks_that_fit(block_config), total_blocks)
         servers = await self._find_servers()
         live = [(s.start_block, s.end_block, s.throughput) for s in servers if s.state != ServerState.OFFLINE]
+        # its throughput is measured only once the blocks are loaded: until then, choose as a joiner faster than
+        # any block's total, whose best windows are best whatever it measures (a placeholder of 1.0 tied them
+        # with windows that leave the bottleneck lower, and one was taken at random)
+        throughput = cfg.throughput if cfg.throughput is not None else 1.0 + sum(t for _, _, t in live)
         # jitter among equally good windows, so that servers starting together spread out
-        return choose_blocks(total_blocks, length, live, throughput=self.inference_rps, rng=random.Random())
+        return choose_blocks(total_blocks, length, live, throughput=throughput, rng=random.Random())
 
     def _blocks_that_fit(self, block_config: BlockConfig) -> int:
         """The number of blocks whose weights and KV-cache budget fit the memory this server may use."""
