@@ -146,6 +146,9 @@ def run_chat(
     (default: the process's); the `>>> ` prompt goes to stderr when stdin is a terminal, and so does each
     answer's `TurnStats` with `stats`."""
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
+    # bytes that are not text (a pasted binary, another encoding) read as U+FFFD, not as an error
+    if hasattr(stdin, "reconfigure"):
+        stdin.reconfigure(errors="replace")
     interactive = stdin.isatty()
     try:
         while True:

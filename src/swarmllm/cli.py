@@ -68,6 +68,14 @@ def _above_zero(text: str, what: str) -> float:
     return value
 
 
+def _top_p(text: str) -> float:
+    """Nucleus sampling's probability mass, above 0 and at most 1 (1: all tokens)."""
+    value = _above_zero(text, "a probability")
+    if value > 1:
+        raise argparse.ArgumentTypeError(f"expected a probability of at most 1, got {text!r}")
+    return value
+
+
 def _seconds(text: str) -> float:
     """A period or a timeout in seconds, more than 0 (0 would repeat without a pause, or never wait)."""
     return _above_zero(text, "a number of seconds")
@@ -337,10 +345,10 @@ def build_parser() -> argparse.ArgumentParser:
     _peers(gen)
     _swarm_key(gen)
     gen.add_argument("--prompt", required=True)
-    gen.add_argument("--max-new-tokens", type=int, default=32)
+    gen.add_argument("--max-new-tokens", type=_positive, default=32)
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    gen.add_argument("--top-p", type=float, default=1.0)
-    gen.add_argument("--top-k", type=int, default=50)
+    gen.add_argument("--top-p", type=_top_p, default=1.0)
+    gen.add_argument("--top-k", type=_count, default=50, help="0: no limit")
     gen.add_argument("--num-beams", type=_count, default=1, help="beam search over N beams (greedy; 1: none)")
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument(
@@ -356,12 +364,14 @@ def build_parser() -> argparse.ArgumentParser:
     _peers(chat)
     _swarm_key(chat)
     chat.add_argument("--system", help="a system message that starts the conversation")
-    chat.add_argument("--max-new-tokens", type=int, default=512, help="tokens per answer at most")
+    chat.add_argument("--max-new-tokens", type=_positive, default=512, help="tokens per answer at most")
     chat.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
-    chat.add_argument("--top-p", type=float, default=0.9)
+    chat.add_argument("--top-p", type=_top_p, default=0.9)
     chat.add_argument("--seed", type=int, default=0)
     chat.add_argument(
-        "--context-length", type=int, help="conversation tokens at most (default: the model's, up to 4096)"
+        "--context-length",
+        type=_positive,
+        help="conversation tokens at most (default: the model's, up to 4096)",
     )
     chat.add_argument("--dht-prefix", help="the model's key in the swarm, if its servers were given one")
     _draft(chat)
@@ -441,7 +451,7 @@ def build_parser() -> argparse.ArgumentParser:
         "demo", help="start a local swarm with a small bundled model and generate through it"
     )
     demo.add_argument("--servers", type=_positive, default=2, help="number of server processes")
-    demo.add_argument("--max-new-tokens", type=int, default=24)
+    demo.add_argument("--max-new-tokens", type=_positive, default=24)
     demo.add_argument(
         "--model",
         choices=["tiny", "smollm2"],
@@ -669,11 +679,16 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "fetch":
         from swarmllm.bundled import bundled_model
 
-        print(bundled_model(args.name, Path(args.dir) if args.dir else None))
+        try:
+            print(bundled_model(args.name, Path(args.dir) if args.dir else None))
+        except OSError as e:  # the folder cannot take it (a file in its place, no permission, no parent)
+            where = f" in {args.dir}" if args.dir else ""
+            raise UserError(f"cannot prepare {args.name}{where}: {e.strerror or e}") from None
         return 0
     if args.command == "demo":
         from swarmllm.demo import run_demo
 
+        _check_ports("127.0.0.1", args.monitor_port)  # before the swarm starts, not once it runs
         return run_demo(
             num_servers=args.servers,
             max_new_tokens=args.max_new_tokens,
@@ -782,7 +797,9 @@ def _draft(parser: argparse.ArgumentParser, repeat: bool = False) -> None:
         "the swarm's own)",
     )
     parser.add_argument(
-        "--num-draft-tokens", type=_count, help="tokens the draft proposes a round (default: the client's, 5)"
+        "--num-draft-tokens",
+        type=_positive,
+        help="tokens the draft proposes a round (default: the client's, 5)",
     )
 
 
@@ -902,13 +919,16 @@ def _generate(args: argparse.Namespace) -> int:
     from swarmllm import AutoDistributedModelForCausalLM
 
     tokenizer = AutoTokenizer.from_pretrained(args.model)
+    inputs = tokenizer(args.prompt, return_tensors="pt")
+    # a tokenizer that adds no BOS gives none for an empty prompt: a generate needs a token to go on from
+    if inputs["input_ids"].shape[1] == 0:
+        raise UserError("--prompt gives no tokens: give some text to continue")
     model = AutoDistributedModelForCausalLM.from_pretrained(
         args.model,
         initial_peers=peers,
         swarm_key=args.swarm_key,
         missing_blocks_timeout_s=args.wait_for_blocks,
     )
-    inputs = tokenizer(args.prompt, return_tensors="pt")
     torch.manual_seed(args.seed)
     options: dict[str, object] = {"do_sample": False}  # greedy
     if args.num_beams > 1:

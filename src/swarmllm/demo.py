@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fcntl
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -138,6 +139,12 @@ def run_demo(
     tokenizer = AutoTokenizer.from_pretrained(path)
     local = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     num_blocks = local.config.num_hidden_layers
+    if num_servers > num_blocks:  # each server holds a span of one block at least
+        print(
+            f"swarmllm demo: the {model} model has {num_blocks} blocks: give --servers {num_blocks} or fewer",
+            file=sys.stderr,
+        )
+        return 1
     if model == "tiny":
         prompt = DEMO_PROMPT
         inputs = tokenizer(prompt, return_tensors="pt")
@@ -218,8 +225,11 @@ def run_demo(
                 again = distributed.generate(
                     **inputs, **greedy, streamer=_AtToken(KILL_AT_TOKEN, kill_first_hop)
                 )
-            print(f"killed {killed[0]} with SIGKILL after token {KILL_AT_TOKEN}")
-            if not distributed.swarm.failovers:
+            if killed:
+                print(f"killed {killed[0]} with SIGKILL after token {KILL_AT_TOKEN}")
+            else:  # (--max-new-tokens below it, or an answer that ended sooner)
+                print(f"  (the generation ended before token {KILL_AT_TOKEN}: no server was killed)")
+            if killed and not distributed.swarm.failovers:
                 print("  (the generation ended before its next step: no failover was needed)")
             for failover in distributed.swarm.failovers:
                 to = ", ".join(f"{h.peer_id[-8:]} [{h.start}, {h.end})" for h in failover.replacement)
