@@ -287,6 +287,13 @@ class DistributedModel(PreTrainedModel):
         if self.swarm.active_adapter is not None:
             raise ValueError(f"this model uses the hosted adapter {self.swarm.active_adapter!r}")
         settings = LoraSettings.from_peft(adapter_config)
+        init = (
+            adapter_config.get("init_lora_weights", True)
+            if isinstance(adapter_config, dict)
+            else getattr(adapter_config, "init_lora_weights", True)
+        )
+        if init is not True:  # a new adapter starts as PEFT's default one only (A Kaiming-uniform, B zero)
+            raise ValueError(f"LoRA option init_lora_weights={init!r} is not supported")
         self.lora = RemoteLora(self.block_config, settings, adapter_name)
 
     def save_pretrained(self, save_directory: str | Path, **_) -> None:
@@ -294,12 +301,24 @@ class DistributedModel(PreTrainedModel):
         the local transformers model), plus the client-side trainable tensors (prompts, a head) if any."""
         path = Path(save_directory)
         path.mkdir(parents=True, exist_ok=True)
-        own = {n: p.detach().contiguous() for n, p in self.named_parameters() if p.requires_grad}
+        # a classifier's head is saved frozen too: it is random until trained, and the logits need it
+        own = {
+            n: p.detach().contiguous()
+            for n, p in self.named_parameters()
+            if p.requires_grad or n == "score.weight"
+        }
         own = {n: p for n, p in own.items() if not n.startswith("lora.")}
         if self.lora is not None:
             # a classifier's head goes in PEFT's file, as PEFT saves a SEQ_CLS adapter (modules_to_save)
             score = own.pop("score.weight", None)
-            write_peft_adapter(path, self.lora.settings, self.lora.tensors(), self.name_or_path, score=score)
+            write_peft_adapter(
+                path,
+                self.lora.settings,
+                self.lora.tensors(),
+                self.name_or_path,
+                score=score,
+                base_model_only=type(self) is DistributedModel,  # transformers' AutoModel: no LM head
+            )
         if own:
             save_file(own, path / CLIENT_WEIGHTS_FILE)
         if self.lora is None and not own:
@@ -308,24 +327,27 @@ class DistributedModel(PreTrainedModel):
     def load_adapter(self, path: str | Path, adapter_name: str | None = None) -> None:
         """Load what `save_pretrained` wrote (a PEFT LoRA folder, and client-side tensors if present)."""
         path = Path(path)
+        lora, own = None, {}
         if (path / CONFIG_FILE).exists():
-            settings, tensors = read_peft_adapter(path, self.block_config)
+            lora = read_peft_adapter(path, self.block_config)
+            if (head := read_peft_head(path)) is not None:
+                own["score.weight"] = head
+        if (path / CLIENT_WEIGHTS_FILE).exists():
+            own.update(load_file(path / CLIENT_WEIGHTS_FILE))
+        if lora is None and not own:
+            raise FileNotFoundError(f"{path}: no {CONFIG_FILE} or {CLIENT_WEIGHTS_FILE} to load")
+        params = dict(self.named_parameters())
+        for name, tensor in own.items():  # all checked before anything changes
+            if name not in params or params[name].shape != tensor.shape:
+                raise ValueError(f"{path}: {name} does not fit this model")
+        if lora is not None:
+            settings, tensors = lora
             if self.lora is None or self.lora.settings != settings:
                 self.lora = None
                 self.add_adapter(settings.to_peft_dict(), adapter_name)
             self.lora.load_tensors(tensors)
-            if (head := read_peft_head(path)) is not None:
-                self._load_own({"score.weight": head}, path)
-        if (path / CLIENT_WEIGHTS_FILE).exists():
-            self._load_own(load_file(path / CLIENT_WEIGHTS_FILE), path)
-
-    def _load_own(self, tensors: dict[str, torch.Tensor], path: Path) -> None:
-        """Copy saved client-side tensors (prompts, a classifier's head) into this model's parameters."""
-        params = dict(self.named_parameters())
         with torch.no_grad():
-            for name, tensor in tensors.items():
-                if name not in params or params[name].shape != tensor.shape:
-                    raise ValueError(f"{path}: {name} does not fit this model")
+            for name, tensor in own.items():
                 params[name].copy_(tensor)
 
     def _blocks(self, embeds: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
@@ -677,6 +699,9 @@ class DistributedModelForSequenceClassification(DistributedModel):
     ) -> SequenceClassifierOutput:
         _refuse_layer_outputs(options)
         hidden = self.hidden_states(input_ids, attention_mask, inputs_embeds)
+        pad = getattr(self.config, "pad_token_id", None)
+        if attention_mask is None and input_ids is not None and pad is not None:
+            attention_mask = input_ids != pad  # transformers' rule without a mask: the last token not a pad
         pooled = hidden[:, -1] if attention_mask is None else last_tokens(hidden, attention_mask)
         logits = self.score(pooled.to(self.score.weight.dtype))
         loss = None

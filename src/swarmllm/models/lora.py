@@ -35,7 +35,8 @@ MODULES = {
     "down_proj": ("mlp.down_proj", "down_proj", 0),
 }
 _LAYER_SEED_STRIDE = 0x9E3779B97F4A7C15  # odd, so (seed + layer * stride) mod 2**64 differs for every layer
-_PEFT_KEY = re.compile(r"base_model\.model\.model\.layers\.(\d+)\.(\w+\.\w+)\.(lora_[AB])\.weight")
+# a causal LM's or classifier's layers are under `model.`, a base model's (PEFT's FEATURE_EXTRACTION) are its own
+_PEFT_KEY = re.compile(r"base_model\.model\.(?:model\.)?layers\.(\d+)\.(\w+\.\w+)\.(lora_[AB])\.weight")
 # a sequence classifier's adapter (PEFT's task_type SEQ_CLS) also trains and saves the model's head, whichever
 # of these names it has (Llama-style models call it `score`); the client holds it, servers never use it
 CLASSIFIER_HEADS = ("classifier", "score")
@@ -71,7 +72,16 @@ class LoraSettings:
         targets = get("target_modules")
         if isinstance(targets, str):
             raise ValueError(f"target_modules must be a list of module names, got {targets!r}")
-        modules = tuple(sorted({name.split(".")[-1] for name in targets or ()}, key=list(MODULES).index))
+        # PEFT matches a target by its full name's suffix: only a module's short name or its path in the layer
+        # names it in every layer ("model.layers.0.self_attn.q_proj" is layer 0's alone, "mlp.q_proj" nothing)
+        short = {path: name for name, (path, _, _) in MODULES.items()}
+        odd = [t for t in targets or () if t not in MODULES and t not in short]
+        if odd:
+            raise ValueError(
+                f"target_modules must name modules of every layer ({list(MODULES)}, or their paths as "
+                f"'self_attn.q_proj'), got {odd}"
+            )
+        modules = tuple(sorted({short.get(t, t) for t in targets or ()}, key=list(MODULES).index))
         for option, neutral in (
             ("use_dora", False),
             ("bias", "none"),
@@ -89,6 +99,25 @@ class LoraSettings:
             raise ValueError(f"LoRA option modules_to_save={to_save!r} is not supported")
         if get("rank_pattern") or get("alpha_pattern"):
             raise ValueError("per-module ranks or alphas (rank_pattern, alpha_pattern) are not supported")
+        init = get("init_lora_weights", True)
+        if isinstance(init, str) and init.startswith(("pissa", "olora", "corda", "loftq")):
+            # PEFT subtracts such an adapter's initial value from the base weights, which servers keep as they are
+            raise ValueError(f"LoRA option init_lora_weights={init!r} is not supported")
+        # what PEFT would train or compute besides the targets' A/B: embedding rows, aLoRA's invocation, a
+        # deeper model, adapted parameters; or LoRA variants that compute or train A/B otherwise
+        for option in (
+            "trainable_token_indices",
+            "alora_invocation_tokens",
+            "layer_replication",
+            "target_parameters",
+            "arrow_config",
+            "use_bdlora",
+            "velora_config",
+            "monteclora_config",
+            "kasa_config",
+        ):
+            if get(option):
+                raise ValueError(f"LoRA option {option}={get(option)!r} is not supported")
         return cls(
             rank=int(get("r")),
             alpha=float(get("lora_alpha")),
@@ -208,11 +237,12 @@ def _layer_generator(generator: torch.Generator | None, layer: int) -> torch.Gen
     return torch.Generator(generator.device).manual_seed(seed)
 
 
-def peft_key(name: str) -> str:
+def peft_key(name: str, base_model: bool = False) -> str:
     """Our tensor name -> PEFT's key in adapter_model.safetensors (what `PeftModel.from_pretrained` loads;
-    PEFT skips keys it does not know silently, leaving B at zero, so this must be exact)."""
+    PEFT skips keys it does not know silently, leaving B at zero, so this must be exact). `base_model`: the
+    key in an adapter of transformers' `AutoModel` (no LM head, the layers at its top)."""
     layer, rest = name.split(".", 1)
-    return f"base_model.model.model.layers.{layer}.{rest}.weight"
+    return f"base_model.model.{'' if base_model else 'model.'}layers.{layer}.{rest}.weight"
 
 
 def write_peft_adapter(
@@ -221,12 +251,15 @@ def write_peft_adapter(
     tensors: dict[str, Tensor],
     base_model: str,
     score: Tensor | None = None,
+    *,
+    base_model_only: bool = False,
 ) -> None:
     """A standard PEFT LoRA folder: `adapter_config.json` and `adapter_model.safetensors`; with a sequence
-    classifier's `score` head, PEFT's SEQ_CLS adapter, which holds the trained head too."""
+    classifier's `score` head, PEFT's SEQ_CLS adapter, which holds the trained head too; `base_model_only`,
+    PEFT's FEATURE_EXTRACTION adapter of transformers' `AutoModel`."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    task = {"task_type": "CAUSAL_LM"}
+    task = {"task_type": "FEATURE_EXTRACTION" if base_model_only else "CAUSAL_LM"}
     if score is not None:
         task = {"task_type": "SEQ_CLS", "modules_to_save": list(CLASSIFIER_HEADS)}
     config = {
@@ -240,7 +273,9 @@ def write_peft_adapter(
         **settings.to_peft_dict(),
     }
     (path / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
-    state = {peft_key(name): t.detach().to("cpu").contiguous() for name, t in tensors.items()}
+    state = {
+        peft_key(name, base_model_only): t.detach().to("cpu").contiguous() for name, t in tensors.items()
+    }
     if score is not None:
         state["base_model.model.score.weight"] = score.detach().to("cpu").contiguous()
     save_file(state, path / WEIGHTS_FILE, metadata={"format": "pt"})
