@@ -307,10 +307,11 @@ class RequestHandler:
         adapter = self._adapter(peer, req.adapter, start, end)
         pending = self._pending(req.pending, hidden, start)
         args = (hidden, key_mask, start, end, peer, prompts, adapter, req.dropout_seed, pending)
-        self.metrics.forward(batch * length)
         if self.backend.inline(batch * length):
+            self.metrics.forward(batch * length)
             return ForwardReply(*await self.backend.forward(*args), req.compression).to_message()
         self._refuse(self.quotas.enqueue(peer))
+        self.metrics.forward(batch * length)  # (a call refused above is counted as a refusal, not served)
         try:
             return ForwardReply(*await self.backend.forward(*args), req.compression).to_message()
         finally:
@@ -585,16 +586,18 @@ class RequestHandler:
                 part = (step.position + a, step.position + b)
                 pushed = await self._start_push(step, part, whole, out, out_pending, compression, target)
             began = time.perf_counter()
-        self.metrics.step(hidden.shape[0] * length, length, compute_s)  # after the push: off the chain's path
+        # (after the push: off the chain's path)
         if step.whole is not None:
+            self.metrics.part(hidden.shape[0] * length, step.whole[1] - step.whole[0])
             return self._assemble(step, target, outs, compute_s, pushed, compression)
+        self.metrics.step(hidden.shape[0] * length, length, compute_s)
         target.parts = None
         out, out_pending = joined(outs)
         reply = StepReply(step.position, step.step, out, compute_s, pushed, compression, out_pending)
         return reply.to_message()
 
-    @staticmethod
     def _assemble(
+        self,
         step: Step,
         target: _SessionInbox,
         outs: list[tuple[torch.Tensor, torch.Tensor | None]],
@@ -613,6 +616,7 @@ class RequestHandler:
         if parts.next < parts.whole[1]:
             return None
         target.parts = None
+        self.metrics.step(0, parts.whole[1] - parts.whole[0], parts.compute_s)  # (its tokens counted by part)
         out, out_pending = joined(parts.outs)
         reply = StepReply(
             parts.whole[0], step.step, out, parts.compute_s, parts.pushed, compression, out_pending

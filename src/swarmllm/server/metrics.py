@@ -100,6 +100,11 @@ class ServerMetrics:
         counted.inc(tokens)
         duration.observe(seconds)
 
+    def part(self, tokens: int, length: int) -> None:
+        """The tokens of one part of a step pushed on in parts (`length`: the whole step's positions); the step
+        itself, and its compute time, count once, by `step` when its last part is done."""
+        self._by_kind["decode" if length == 1 else "prefill"][1].inc(tokens)
+
     def forward(self, tokens: int) -> None:
         self.forwards.inc()
         self.tokens.labels("forward").inc(tokens)
