@@ -43,6 +43,14 @@ def test_target_modules_naming_some_layers_or_no_module_are_refused(targets):
         LoraSettings.from_peft(peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets))
 
 
+def assert_lora_grads_are_pefts(model, their_grads: dict) -> None:
+    """Each LoRA tensor's gradient equals PEFT's, named as PEFT names it."""
+    for name, weight in zip(model.lora.names, model.lora.weights, strict=True):
+        layer, rest = name.split(".", 1)
+        want = their_grads[f"base_model.model.model.layers.{layer}.{rest}.default.weight"]
+        torch.testing.assert_close(weight.grad, want, **TOL)
+
+
 def test_target_modules_as_peft_matches_every_layer_are_honoured():
     config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["self_attn.q_proj", "down_proj"])
     assert LoraSettings.from_peft(config).modules == ("q_proj", "down_proj")
@@ -201,10 +209,7 @@ def test_accumulated_gradients_over_backward_calls_equal_peft(peers, llama_check
             first.backward()
             m(input_ids=batches[1], labels=batches[1]).loss.backward()
         their_grads = {n: p.grad for n, p in theirs.named_parameters() if p.requires_grad}
-        for name, weight in zip(model.lora.names, model.lora.weights, strict=True):
-            layer, rest = name.split(".", 1)
-            want = their_grads[f"base_model.model.model.layers.{layer}.{rest}.default.weight"]
-            torch.testing.assert_close(weight.grad, want, **TOL)
+        assert_lora_grads_are_pefts(model, their_grads)
     finally:
         model.shutdown()
 
@@ -258,10 +263,7 @@ def test_classifier_gradients_equal_peft_seq_cls(peers, llama_checkpoint, tmp_pa
             their_grads["base_model.model.score.modules_to_save.default.weight"],
             **TOL,
         )
-        for name, weight in zip(model.lora.names, model.lora.weights, strict=True):
-            layer, rest = name.split(".", 1)
-            want = their_grads[f"base_model.model.model.layers.{layer}.{rest}.default.weight"]
-            torch.testing.assert_close(weight.grad, want, **TOL)
+        assert_lora_grads_are_pefts(model, their_grads)
     finally:
         model.shutdown()
 
@@ -327,10 +329,7 @@ def test_padded_batch_lora_gradients_equal_peft(peers, llama_checkpoint, tmp_pat
         want.loss.backward()
         torch.testing.assert_close(ours.loss, want.loss, **TOL)
         their_grads = {n: p.grad for n, p in theirs.named_parameters() if p.requires_grad}
-        for name, weight in zip(model.lora.names, model.lora.weights, strict=True):
-            layer, rest = name.split(".", 1)
-            want = their_grads[f"base_model.model.model.layers.{layer}.{rest}.default.weight"]
-            torch.testing.assert_close(weight.grad, want, **TOL)
+        assert_lora_grads_are_pefts(model, their_grads)
     finally:
         model.shutdown()
 

@@ -44,17 +44,20 @@ def metrics(url: str) -> dict[tuple[str, tuple], float]:
     return out
 
 
-def wait_state(monitor: str, predicate, timeout_s: float = 60.0) -> dict:
+def wait_until(read, predicate, timeout_s: float, what: str):
+    """`read()` once `predicate` holds for it; fails after `timeout_s`, saying `what` never happened."""
     deadline = time.monotonic() + timeout_s
     while True:
-        current = state(monitor)
+        current = read()
         if predicate(current):
             return current
         if time.monotonic() > deadline:
-            raise AssertionError(
-                f"the monitor never reached the expected state: {json.dumps(current)[:2000]}"
-            )
+            raise AssertionError(f"never {what}: {json.dumps(current, default=str)[:2000]}")
         time.sleep(0.2)  # the poll interval of a condition with a deadline
+
+
+def wait_state(monitor: str, predicate, timeout_s: float = 60.0) -> dict:
+    return wait_until(lambda: state(monitor), predicate, timeout_s, "reached the expected state")
 
 
 @pytest.fixture(scope="module")

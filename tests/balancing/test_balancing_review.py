@@ -1,18 +1,16 @@
-"""Review of load balancing: real servers on 127.0.0.1 that choose, announce and move their blocks, and the pure
-balancing functions on edge inputs, against transformers and the brute-force oracle."""
-
-import time
+"""Load balancing with real servers on 127.0.0.1 that choose, announce and move their blocks: where a joiner
+without a measured speed goes, and a movable server holding a session moving while its client's tokens stay
+transformers'."""
 
 import torch
+from test_balancing import NUM_LAYERS, KillAt, wait_until
 from transformers import AutoModelForCausalLM
-from transformers.generation.streamers import BaseStreamer
 
 from swarmllm import AutoDistributedModelForCausalLM
 from swarmllm.client.loop import run_sync
 from swarmllm.dht import ServerState, find_servers
 from swarmllm.local import LocalSwarm
 
-NUM_LAYERS = 6
 PERIOD = ["--update-period", "2", "--balance-period", "2"]
 
 
@@ -23,26 +21,6 @@ def online_spans(model) -> dict[str, tuple[int, int, float, bool]]:
         for s in servers
         if s.state == ServerState.ONLINE
     }
-
-
-def wait_until(condition, timeout_s: float) -> None:
-    began = time.monotonic()
-    while not condition():
-        assert time.monotonic() - began < timeout_s, "not reached in time"
-        time.sleep(0.2)
-
-
-class AtStep(BaseStreamer):
-    def __init__(self, step, action):
-        self.step, self.action, self.count = step, action, -1
-
-    def put(self, value):
-        self.count += 1
-        if self.count == self.step:
-            self.action()
-
-    def end(self):
-        pass
 
 
 def test_a_server_holding_a_session_moves_when_a_peer_joins_and_its_client_keeps_transformers_tokens(
@@ -72,7 +50,7 @@ def test_a_server_holding_a_session_moves_when_a_peer_joins_and_its_client_keeps
                 wait_until(lambda: online_spans(model).get(mover["peer_id"], (None,))[:2] == (0, 3), 30)
 
             got = model.generate(
-                prompt, max_new_tokens=16, do_sample=False, streamer=AtStep(5, join_and_wait_for_the_move)
+                prompt, max_new_tokens=16, do_sample=False, streamer=KillAt(5, join_and_wait_for_the_move)
             )
             assert got.tolist() == want
             assert joined

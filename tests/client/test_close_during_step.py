@@ -82,6 +82,16 @@ async def step_replaying(first: Server, second: Server, swarm: SwarmClient, prom
     return session, step
 
 
+async def close_ends_it_at_once(session: InferenceSession, step: asyncio.Future) -> None:
+    """Close `session` while `step` waits: the step ends within a second, saying why."""
+    began = time.monotonic()
+    await session.close()
+    with pytest.raises(RuntimeError, match="closed during this step"):
+        async with asyncio.timeout(BOUND):
+            await step
+    assert time.monotonic() - began < 1.0
+
+
 async def test_closing_a_session_ends_its_step_at_once_and_bans_nobody(servers):
     """A session closed (by another task or thread: a `with` block left, Ctrl-C) while its step waits for a
     server ends that step at once, with an error that says so, not at the hop's deadline (30 s here); the
@@ -96,12 +106,7 @@ async def test_closing_a_session_ends_its_step_at_once_and_bans_nobody(servers):
         step = asyncio.ensure_future(session.step(torch.randn(1, 1, HIDDEN)))
         async with asyncio.timeout(BOUND):
             await server.handler.reached.wait()  # the step waits for the server's reply
-        began = time.monotonic()
-        await session.close()
-        with pytest.raises(RuntimeError, match="closed during this step"):
-            async with asyncio.timeout(BOUND):
-                await step
-        assert time.monotonic() - began < 1.0
+        await close_ends_it_at_once(session, step)
         assert swarm.bans.banned(time.monotonic()) == set() and not session.failovers
     finally:
         await swarm.shutdown()
@@ -163,12 +168,7 @@ async def test_closing_a_session_during_a_replay_ends_its_step_at_once_and_bans_
     swarm = SwarmClient([], "close-during-replay", BLOCKS, missing_blocks_timeout_s=0, replay_timeout_s=30.0)
     try:
         session, step = await step_replaying(first, second, swarm, torch.randn(1, 3, HIDDEN))
-        began = time.monotonic()
-        await session.close()
-        with pytest.raises(RuntimeError, match="closed during this step"):
-            async with asyncio.timeout(BOUND):
-                await step
-        assert time.monotonic() - began < 1.0
+        await close_ends_it_at_once(session, step)
         assert swarm.bans.banned(time.monotonic()) == {first.identity.peer_id}
         second.handler.gate.set()
         await second.handler.sessions_closed(None, BOUND)

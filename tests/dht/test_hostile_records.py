@@ -7,6 +7,7 @@ import time
 
 import pytest
 from hivemind.utils import get_dht_time
+from test_records import dht_peers
 
 from swarmllm.client.directory import Directory
 from swarmllm.dht import (
@@ -16,7 +17,6 @@ from swarmllm.dht import (
     announce,
     block_key,
     find_servers,
-    start_dht,
     visible_maddrs,
 )
 from swarmllm.dht.records import MODELS_KEY
@@ -47,13 +47,8 @@ def record(peer_id: str, start=0, end=NUM_BLOCKS, **fields) -> dict:
 @pytest.fixture(scope="module")
 def swarm():
     """A bootstrap peer (also the honest server's), a reader, and two hostile peers with keys of their own."""
-    identities = [Identity.generate() for _ in range(4)]
-    first, first_tag = start_dht(identities[0])
-    others = [start_dht(i, initial_peers=visible_maddrs(first)) for i in identities[1:]]
-    nodes = [(identities[0], first, first_tag)] + [(i, d, t) for i, (d, t) in zip(identities[1:], others)]
-    yield nodes
-    for _, dht, _ in nodes:
-        dht.shutdown()
+    with dht_peers(4) as nodes:
+        yield nodes
 
 
 def store(node, key: str, value, expiration_s: float = 60) -> bool:

@@ -2,6 +2,7 @@
 
 import asyncio
 import time
+from contextlib import contextmanager
 
 import pytest
 from hivemind.utils import get_dht_time
@@ -39,15 +40,24 @@ def info_for(peer_id: str, start=0, end=4, state=ServerState.ONLINE) -> ServerIn
 MODEL = ModelInfo(dht_prefix="tiny", num_blocks=8, repository="local/tiny")
 
 
-@pytest.fixture(scope="module")
-def peers():
-    identities = [Identity.generate() for _ in range(3)]
+@contextmanager
+def dht_peers(count: int):
+    """`count` real DHT peers on 127.0.0.1, each (identity, dht, tag), all joined through the first."""
+    identities = [Identity.generate() for _ in range(count)]
     first, first_tag = start_dht(identities[0])
     others = [start_dht(i, initial_peers=visible_maddrs(first)) for i in identities[1:]]
     nodes = [(identities[0], first, first_tag)] + [(i, d, t) for i, (d, t) in zip(identities[1:], others)]
-    yield nodes
-    for _, dht, _ in nodes:
-        dht.shutdown()
+    try:
+        yield nodes
+    finally:
+        for _, dht, _ in nodes:
+            dht.shutdown()
+
+
+@pytest.fixture(scope="module")
+def peers():
+    with dht_peers(3) as nodes:
+        yield nodes
 
 
 async def test_dht_peer_id_is_the_identity(peers):

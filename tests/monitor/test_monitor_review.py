@@ -3,12 +3,11 @@ with known spans, sessions it opens itself), while a server pauses (SIGSTOP) and
 announces a public name with markup in it. Every wait is on a condition with a deadline."""
 
 import asyncio
-import time
 
 import pytest
 import torch
 from browser import Browser, find_chromium
-from test_monitor import metrics, state
+from test_monitor import metrics, state, wait_until
 from transformers import AutoConfig
 
 from swarmllm import AutoDistributedModelForCausalLM
@@ -32,17 +31,6 @@ SERVER_ARGS = [
     "100",
 ]
 PROMPT = torch.randint(3, 100, (1, 256), generator=torch.Generator().manual_seed(0))
-
-
-def wait_until(read, predicate, timeout_s: float, what: str):
-    deadline = time.monotonic() + timeout_s
-    while True:
-        current = read()
-        if predicate(current):
-            return current
-        if time.monotonic() > deadline:
-            raise AssertionError(f"never {what}: {str(current)[:2000]}")
-        time.sleep(0.2)  # the poll interval of a condition with a deadline
 
 
 @pytest.fixture(scope="module")

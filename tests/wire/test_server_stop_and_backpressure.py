@@ -33,16 +33,19 @@ MiB = 1 << 20
 
 
 class Stuck:
-    """A real server whose `stuck` stream handler waits for `release` before it reads anything."""
+    """A real server whose `stuck` stream handlers wait for `release` before they read anything, then answer each
+    message with its size."""
 
     def __init__(self, limits: WireLimits) -> None:
         self.release = asyncio.Event()
         self.started = asyncio.Event()
         self.finished = asyncio.Event()
+        self.inboxes: list = []  # every stream's, to count what waits in them
         handlers = Handlers()
 
         async def stuck(opening, incoming, context):
             self.started.set()
+            self.inboxes.append(incoming)
             try:
                 await self.release.wait()
                 async for message in incoming:
@@ -52,6 +55,9 @@ class Stuck:
 
         handlers.add_stream("stuck", stuck)
         self.server = DirectServer(handlers, Identity.generate(), limits=limits)
+
+    def queued_bytes(self) -> int:
+        return sum(inbox.queued_bytes for inbox in self.inboxes)
 
 
 async def _fill_stream(stream) -> None:
