@@ -44,3 +44,16 @@ def checkpoints(tmp_path_factory):
 @pytest.fixture(scope="session")
 def llama_checkpoint(checkpoints):
     return checkpoints("llama")
+
+
+@pytest.fixture(scope="module")
+def browser():
+    """A headless Chromium page (tests/browser.py); the test is skipped where none is installed."""
+    from browser import Browser, find_chromium
+
+    executable = find_chromium()
+    if executable is None:
+        pytest.skip("no chromium (apt-get install chromium)")
+    page = Browser(executable)
+    yield page
+    page.close()

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from browser import Browser, find_chromium
 from prometheus_client.parser import text_string_to_metric_families
 from transformers import AutoModelForCausalLM
 from transformers.generation.streamers import BaseStreamer
@@ -69,16 +68,6 @@ def swarm(llama_checkpoint):
         )
         local.url = local.start_monitor(extra=["--refresh", "1"])
         yield local
-
-
-@pytest.fixture(scope="module")
-def browser():
-    executable = find_chromium()
-    if executable is None:
-        pytest.skip("no chromium (apt-get install chromium)")
-    page = Browser(executable)
-    yield page
-    page.close()
 
 
 def online(model_name: str, count: int):

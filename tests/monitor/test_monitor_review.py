@@ -6,7 +6,6 @@ import asyncio
 
 import pytest
 import torch
-from browser import Browser, find_chromium
 from test_monitor import metrics, state, wait_until
 from transformers import AutoConfig
 
@@ -114,16 +113,6 @@ def test_a_paused_server_is_unreachable_then_online_again(swarm):
             if name == "swarmllm_server_up" and ("peer_id", peer) in labels
         ]
         assert up == 1
-
-
-@pytest.fixture(scope="module")
-def browser():
-    executable = find_chromium()
-    if executable is None:
-        pytest.skip("no chromium (apt-get install chromium)")
-    page = Browser(executable)
-    yield page
-    page.close()
 
 
 def test_a_public_name_with_markup_is_shown_as_text(swarm, browser):
