@@ -15,12 +15,13 @@ import asyncio
 import logging
 import time
 from collections import deque
+from collections.abc import Sequence
 from importlib import resources
 
 from aiohttp import web
 
 from swarmllm.client.directory import Directory
-from swarmllm.dht import ServerInfo, ServerState
+from swarmllm.dht import ModelInfo, ServerInfo, ServerState
 from swarmllm.monitor.metrics import metrics_text
 from swarmllm.monitor.state import dht_status, swarm_state
 from swarmllm.web import bind, serve_app
@@ -29,6 +30,21 @@ logger = logging.getLogger(__name__)
 
 HISTORY_POINTS = 720  # chart points kept per model (an hour at the default refresh)
 PING_TIMEOUT_S = 2.0
+# Block keys one refresh looks up, over all models. hivemind's look-up of n keys costs more than n times one key
+# (512 keys: ~1 s on a busy 2-core machine; 4,096, which one peer's valid record may claim: ~100 s), and the DHT
+# process serves look-ups one after another: one such model made every refresh time out, for every model.
+MAX_BLOCKS_PER_REFRESH = 512
+
+
+def models_to_look_up(models: Sequence[ModelInfo], budget: int) -> tuple[list[ModelInfo], list[ModelInfo]]:
+    """(looked up, not looked up): smallest models first, each while its blocks fit in what is left of `budget`,
+    so a peer announcing a huge model cannot keep the others from being looked up."""
+    chosen = set()
+    for model in sorted(models, key=lambda m: (m.num_blocks, m.dht_prefix)):
+        if model.num_blocks <= budget:
+            chosen.add(model.dht_prefix)
+            budget -= model.num_blocks
+    return [m for m in models if m.dht_prefix in chosen], [m for m in models if m.dht_prefix not in chosen]
 
 
 class Monitor:
@@ -51,7 +67,8 @@ class Monitor:
         began = time.perf_counter()
         try:
             async with asyncio.timeout(self.lookup_timeout_s):
-                models = await self.directory.models()
+                announced = await self.directory.models()
+                models, skipped = models_to_look_up(announced, MAX_BLOCKS_PER_REFRESH)
                 found = await asyncio.gather(
                     *(self.directory.servers(m.dht_prefix, m.num_blocks) for m in models)
                 )
@@ -70,9 +87,11 @@ class Monitor:
             servers,
             rtt_s,
             history={name: list(points) for name, points in self.history.items()},
-            dht=dht_status("ok" if models else "empty", lookup_s, self.failures),
+            dht=dht_status("ok" if announced else "empty", lookup_s, self.failures),
             updated_at=time.time(),
             refresh_s=self.refresh_s,
+            not_looked_up=skipped,
+            block_budget=MAX_BLOCKS_PER_REFRESH,
         )
         for model in state["models"]:
             points = self.history.setdefault(model["name"], deque(maxlen=HISTORY_POINTS))

@@ -34,11 +34,18 @@ Schema `swarmllm.monitor.state/1` (times are Unix seconds, throughputs decode st
       "dtype": str, "quantization": str, "cache_tokens_left": int, "adapters": [str],
       "connection": "direct" | "relayed" | "libp2p",   # direct: announces a direct TCP address
       "rtt_ms": float | null                            # the monitor's `info` round trip (null: no answer)
+  }],
+  "not_looked_up": [{                  # models announced but not looked up: more blocks than a refresh's budget
+      "name": str, "repository": str | null, "num_blocks": int,
+      "reason": str                    # why, for people
   }]
 }
 ```
 A server whose record says online but that does not answer the monitor is `unreachable` and counts as missing
 for the verdict; `offline` is what a server announces when it leaves (it drains its sessions, then exits).
+A refresh looks up at most a budget of block keys over all models, smallest models first (one peer may announce a
+model of thousands of blocks, whose look-up alone would outlast the refresh); a model that does not fit is listed
+in `not_looked_up`, not in `models`.
 """
 
 from __future__ import annotations
@@ -153,10 +160,13 @@ def swarm_state(
     dht: Mapping | None = None,
     updated_at: float | None = None,
     refresh_s: float = 5.0,
+    not_looked_up: Sequence[ModelInfo] = (),
+    block_budget: int = 0,
 ) -> dict:
     """The whole state document (schema above). `servers`: per model (DHT prefix), its records; `rtt_s`: per
     peer, the monitor's round trip or None when it did not answer; `history`: per model, earlier chart points
-    (this look-up's point, at `updated_at`, is added after them)."""
+    (this look-up's point, at `updated_at`, is added after them); `not_looked_up`: announced models this look-up
+    skipped, their blocks not fitting in what was left of the `block_budget` keys a refresh looks up."""
     history = history or {}
     return {
         "schema": SCHEMA,
@@ -171,6 +181,16 @@ def swarm_state(
             server_row(m.dht_prefix, s, rtt_s.get(s.peer_id))
             for m in models
             for s in sorted(servers.get(m.dht_prefix, ()), key=lambda s: (s.start_block, s.peer_id))
+        ],
+        "not_looked_up": [
+            {
+                "name": m.dht_prefix,
+                "repository": m.repository,
+                "num_blocks": m.num_blocks,
+                "reason": f"announces {m.num_blocks} blocks; the monitor looks up at most {block_budget} blocks "
+                "per refresh, over all models, smallest models first",
+            }
+            for m in not_looked_up
         ],
     }
 
