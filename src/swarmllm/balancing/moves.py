@@ -108,6 +108,9 @@ class _Swarm:
     ):
         if min_gain < 1:
             raise ValueError(f"min_gain {min_gain} < 1 would let moves lower the swarm's throughput")
+        for start, end, _ in spans:
+            if not 0 <= start < end <= len(load.totals):
+                raise ValueError(f"span ({start}, {end}) is not within the model's {len(load.totals)} blocks")
         self.load, self.spans, self.rng = load, spans, rng
         self.min_gain, self.min_lift = min_gain, min_lift
         self.old: Outcome = (load.uncovered, load.bottleneck)
@@ -192,8 +195,9 @@ class _Swarm:
         return None
 
     def _better_move(self, me: int, mine: Outcome) -> tuple[int, int] | None:
-        """Another server whose move leaves the swarm better off than mine (ties: the lower index), as (its
-        index, its new start), or None. The fastest are tried first, since they are the likeliest to lift the
+        """Another server whose move leaves the swarm better off than mine (ties: the lower index) and pays for
+        it (so that it makes it: deferring to one that does not left us both where we were), as (its index, its
+        new start), or None. The fastest are tried first, since they are the likeliest to lift the
         bottleneck most, and those too slow to reach my outcome are skipped, so a large swarm costs a few
         simulated moves."""
         spans, load = self.spans, self.load
@@ -212,7 +216,11 @@ class _Swarm:
                 if throughput < needed[end - start]:
                     continue
             theirs = self.best_move(other)
-            if theirs is not None and (_rank(theirs[1]), -other) > (_rank(mine), -me):
+            if (
+                theirs is not None
+                and (_rank(theirs[1]), -other) > (_rank(mine), -me)
+                and self.pays(other, theirs[1])
+            ):
                 return other, theirs[0]
         return None
 
