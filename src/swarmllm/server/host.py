@@ -1,10 +1,12 @@
 """Servers that share a host split its CPU cores and each device's memory without the user's help.
 
-Each server registers its process id in a per-host folder of its device ("cpu", "cuda0", ...). A CPU server's
-torch thread count is the cores it may use divided by the CPU servers registered there (at least 1): two servers
-that each took every core would fight over them (on 2 cores, two tiny-model servers decode 4-5x slower that way
-than with one thread each). The count is checked again every 2 s, so a server that starts or leaves re-splits
-them soon; `--num-threads` overrides. Memory is split once, when a server sizes its span (`server.memory`).
+Each server registers its process id (and the process's start time, so that a dead server's pid that the kernel
+gave to another process is not taken for it) in a per-host folder of its device ("cpu", "cuda0", ...). A CPU
+server's torch thread count is the cores it may use divided by the CPU servers registered there (at least 1): two
+servers that each took every core would fight over them (on 2 cores, two tiny-model servers decode 4-5x slower
+that way than with one thread each). The count is checked again every 2 s, so a server that starts or leaves
+re-splits them soon; `--num-threads` overrides. Memory is split once, when a server sizes its span
+(`server.memory`).
 """
 
 from __future__ import annotations
@@ -46,6 +48,31 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _start_time(pid: int) -> str | None:
+    """When process `pid` started (clock ticks since boot, /proc/<pid>/stat's 22nd field); None where unknown."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:  # no such process, or not on Linux
+        return None
+    # (counted after the command name, which may hold spaces and parentheses)
+    return stat.rpartition(")")[2].split()[19]
+
+
+def _entry_alive(entry: Path) -> bool:
+    """Whether the process that made registry entry `entry` still runs: its pid is alive and, where the entry
+    recorded it, started when the entry says (else the pid is another process's now)."""
+    pid = int(entry.name)
+    if not _alive(pid):
+        return False
+    try:
+        recorded = entry.read_text().strip()
+    except FileNotFoundError:  # it left meanwhile
+        return False
+    except OSError:  # unreadable: its pid is all there is
+        recorded = ""
+    return not recorded or recorded == (_start_time(pid) or recorded)
+
+
 class HostShare:
     """This server's entry in the host's registry of the servers of one device."""
 
@@ -55,7 +82,7 @@ class HostShare:
 
     def join(self) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
-        (self.folder / str(self.pid)).touch()
+        (self.folder / str(self.pid)).write_text(_start_time(self.pid) or "")
 
     def leave(self) -> None:
         with contextlib.suppress(FileNotFoundError):
@@ -68,7 +95,7 @@ class HostShare:
         for entry in self.folder.glob("*"):
             if not entry.name.isdigit():
                 continue
-            if _alive(int(entry.name)):
+            if _entry_alive(entry):
                 count += 1
             else:
                 with contextlib.suppress(FileNotFoundError):

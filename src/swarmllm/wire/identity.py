@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import tempfile
 from pathlib import Path
 
 from cryptography.exceptions import UnsupportedAlgorithm
@@ -61,21 +62,41 @@ class Identity:
 
     @classmethod
     def load_or_create(cls, path: str | os.PathLike) -> Identity:
-        if Path(path).exists():
+        """The key in `path`, made there first if there is none. Processes started at once with the same new file
+        all end with the one key it holds: a new key is linked into place only where no file is yet."""
+        path = Path(path)
+        if path.exists():
             return cls.load(path)
         identity = cls.generate()
-        identity.save(path)
+        written = identity._write_beside(path)
+        try:
+            os.link(written, path)  # (never replaces: FileExistsError if another process made it meanwhile)
+        except FileExistsError:
+            return cls.load(path)
+        finally:
+            os.unlink(written)
         return identity
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the key readable only by its owner, atomically, so a crash never leaves half a key behind."""
+        written = self._write_beside(Path(path))
+        try:
+            os.replace(written, path)
+        except BaseException:
+            os.unlink(written)
+            raise
+
+    def _write_beside(self, path: Path) -> Path:
+        """The key in a new file of its own (mode 0600) in `path`'s folder, ready to be renamed or linked there."""
         key = crypto_pb2.PrivateKey(key_type=crypto_pb2.KeyType.RSA, data=self.private_key.to_bytes())
-        path = Path(path)
-        tmp_path = path.with_name(f".{path.name}.tmp")
-        fd = os.open(tmp_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(key.SerializeToString())
-        os.replace(tmp_path, path)
+        fd, written = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(key.SerializeToString())
+        except BaseException:
+            os.unlink(written)
+            raise
+        return Path(written)
 
     def sign(self, data: bytes) -> bytes:
         return self.private_key.sign(data)
