@@ -133,7 +133,8 @@ async def test_refusals_the_wire_and_the_push_queue_answer_are_counted(checkpoin
     server = DirectServer(handler.handlers(), Identity.generate())
     await server.start()
     pusher = Identity.generate()
-    conn = await connect_direct(*server.address, Identity.generate(), expected_peer_id=None)
+    conn_identity = Identity.generate()
+    conn = await connect_direct(*server.address, conn_identity, expected_peer_id=None)
     previous = await connect_direct(*server.address, pusher, expected_peer_id=None)
     gate = threading.Event()
     try:
@@ -151,6 +152,11 @@ async def test_refusals_the_wire_and_the_push_queue_answer_are_counted(checkpoin
         assert (await stream.recv(timeout=30)).meta["step"] == 0  # the session is open
         blocker = backend.compute.submit("test", gate.wait)  # the session's prefill waits behind it
         await stream.send(Message({"position": 1, "step": 1}, [hidden[:, 1:41]]))
+        # the session has taken step 1 from its queue once its prefill waits behind the blocker: else step 1
+        # holds a place in the queue too, and two pushes are refused
+        async with asyncio.timeout(30):
+            while not backend.compute.waiting(conn_identity.peer_id):
+                await asyncio.sleep(0.01)
         push = Message({"session_id": "a" * 24, "position": 41, "step": 2}, [hidden[:, 41:42]])
         refused = asyncio.get_running_loop().create_future()
         for _ in range(STREAM_QUEUE_SIZE + 1):  # more than the session's queue holds while its step waits
