@@ -3,7 +3,9 @@ server -> client reply), chosen by the client per session (`OpenSession.compress
 
 Codecs, per value of a hidden state (error against float32 measured in benchmarks/compression.py):
 - "none": as computed (float32 from a float32 server or client: 4 bytes);
-- "float16" / "bfloat16": cast (2 bytes);
+- "float16" / "bfloat16": cast (2 bytes); finite values beyond the type's range saturate at its largest, as
+  hivemind's Float16Compression does, instead of travelling as infinities that every receiver refuses (a server's
+  honest reply of massive activations would get it banned); NaN and infinities stay what they are, to be refused;
 - "blockwise8": int8 codes with one bfloat16 scale per BLOCK consecutive values of a token's hidden state
   (absmax / 127, symmetric rounding): 1 + 2 / BLOCK bytes, about half of float16. Blocks never cross tokens, so
   one outlier dimension costs precision in its own block only.
@@ -41,7 +43,7 @@ def compress(hidden: Tensor, codec: str) -> tuple[Tensor, Tensor | None]:
     if codec == "none":
         return hidden, None
     if codec in _CAST:
-        return hidden.to(_CAST[codec]), None
+        return _saturated(hidden, _CAST[codec]), None
     if codec != "blockwise8":
         raise ValueError(f"unknown activation compression {codec!r}")
     blocks = _blocks(hidden.float())  # [..., n, BLOCK]
@@ -70,6 +72,15 @@ def bytes_per_value(codec: str, source_dtype: torch.dtype = torch.float32) -> fl
     if codec in _CAST:
         return _CAST[codec].itemsize
     return 1 + _SCALE_DTYPE.itemsize / BLOCK
+
+
+def _saturated(hidden: Tensor, dtype: torch.dtype) -> Tensor:
+    """hidden cast to dtype, its finite values beyond dtype's range at dtype's largest (see the module doc)."""
+    top = torch.finfo(dtype).max
+    if torch.finfo(hidden.dtype).max <= top:
+        return hidden.to(dtype)
+    wide = hidden.float()  # (a bfloat16 state cannot hold float16's largest value: it would round up past it)
+    return torch.where(wide.isinf(), wide, wide.clamp(-top, top)).to(dtype)
 
 
 def _blocks(x: Tensor) -> Tensor:
