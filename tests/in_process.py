@@ -4,7 +4,9 @@
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import torch
 from server_infos import online_server
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from swarmllm.client.loop import run_sync
 from swarmllm.client.model import DistributedModelForCausalLM
@@ -39,6 +41,17 @@ def model_over_one_server(
     finally:
         run_sync(swarm.shutdown())
         run_sync(server.stop())
+
+
+@contextmanager
+def beside_transformers(path: str, prefix: str) -> Iterator[tuple]:
+    """(the model over one in-process server of every block, transformers' own model of `path`, its tokenizer
+    padding on the left): what tests comparing the client with transformers start from."""
+    local = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer.padding_side = "left"
+    with model_over_one_server(path, prefix) as model:
+        yield model, local, tokenizer
 
 
 def refusals(metrics: ServerMetrics, reason: str) -> float:

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from in_process import model_over_one_server
-from transformers import AutoModelForCausalLM, AutoTokenizer, StoppingCriteria, StoppingCriteriaList
+from in_process import beside_transformers
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 PROMPTS = ["the cat and the dog sat", "hello", "a b c"]
 
@@ -15,11 +15,7 @@ PROMPTS = ["the cat and the dog sat", "hello", "a b c"]
 @pytest.fixture(scope="module")
 def models(llama_checkpoint):
     """(the model over one in-process server of every block, the local transformers model, its tokenizer)."""
-    path = str(llama_checkpoint)
-    local = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    tokenizer = AutoTokenizer.from_pretrained(path)
-    tokenizer.padding_side = "left"
-    with model_over_one_server(path, "generate-edges") as model:
+    with beside_transformers(str(llama_checkpoint), "generate-edges") as (model, local, tokenizer):
         model.generation_config.use_cache = False
         yield model, local, tokenizer
 

@@ -48,6 +48,7 @@ from transformers.modeling_outputs import (
     CausalLMOutputWithPast,
     SequenceClassifierOutput,
 )
+from transformers.utils.generic import can_return_tuple
 
 from swarmllm.client.heads import MergedHead
 from swarmllm.client.loop import event_loop, run_sync
@@ -56,6 +57,7 @@ from swarmllm.client.session import InferenceSession
 from swarmllm.client.speculative import SpeculationStats, speculative_generate
 from swarmllm.client.swarm import SwarmClient
 from swarmllm.client.tuning import Tuning
+from swarmllm.dht.info import model_fingerprint
 from swarmllm.dht.records import dht_prefix_for
 from swarmllm.models import BlockConfig, ClientHead, load_client_head
 from swarmllm.models.llama import FAMILIES
@@ -178,11 +180,13 @@ def _shut_down_dropped(swarm: SwarmClient) -> None:
     asyncio.run_coroutine_threadsafe(swarm.shutdown(), event_loop())
 
 
-def _refuse_layer_outputs(options: dict) -> None:
+def _refuse_layer_outputs(options: dict, config: PretrainedConfig) -> None:
     """transformers' per-layer outputs: the blocks run on servers, which return only the last block's hidden
-    states, so asking for them is refused rather than answered with None (generate passes them on too)."""
+    states, so asking for them is refused rather than answered with None (generate passes them on too). A call
+    that does not say asks what the config says, as transformers' models read it."""
     for option in ("output_hidden_states", "output_attentions"):
-        if options.get(option):
+        asked = options.get(option)
+        if asked if asked is not None else getattr(config, option, False):
             raise NotImplementedError(f"{option}: the servers return no per-layer states or attentions")
 
 
@@ -237,12 +241,14 @@ class DistributedModel(PreTrainedModel):
             raise ValueError(f"tuning_mode must be one of {TUNING_MODES} or None, got {tuning_mode!r}")
         if "num_labels" in options:
             hf_config.num_labels = options.pop("num_labels")
+        block_config = BlockConfig.from_hf(hf_config)
         swarm = SwarmClient(
             initial_peers,
             dht_prefix or dht_prefix_for(name_or_path),
             hf_config.num_hidden_layers,
             active_adapter=active_adapter,
-            ladder_layers=BlockConfig.from_hf(hf_config).ladder_layers,
+            ladder_layers=block_config.ladder_layers,
+            fingerprint=model_fingerprint(block_config),
             hidden_size=hf_config.hidden_size,
             **options,
         )
@@ -372,6 +378,7 @@ class DistributedModel(PreTrainedModel):
         embeds = self.head.embed(input_ids) if inputs_embeds is None else inputs_embeds
         return self.head.norm(self._blocks(embeds, attention_mask))
 
+    @can_return_tuple  # return_dict=False (or the config's) gives a tuple, as transformers' models do
     def forward(
         self,
         input_ids: torch.Tensor | None = None,
@@ -380,7 +387,7 @@ class DistributedModel(PreTrainedModel):
         **options: object,
     ) -> BaseModelOutputWithPast:
         """The base model's output, as transformers' `AutoModel` gives it: `last_hidden_state`."""
-        _refuse_layer_outputs(options)
+        _refuse_layer_outputs(options, self.config)
         hidden = self.hidden_states(input_ids, attention_mask, inputs_embeds)
         return BaseModelOutputWithPast(last_hidden_state=hidden)
 
@@ -434,11 +441,21 @@ class DistributedModel(PreTrainedModel):
 
 
 class DistributedModelForCausalLM(DistributedModel, GenerationMixin):
+    # transformers' `tie_weights` (which `resize_token_embeddings` calls) ties them where the config says so
+    _tied_weights_keys = {"head.lm_head.weight": "head.embed_tokens.weight"}
+
     def get_input_embeddings(self) -> torch.nn.Module:
         return self.head.embed_tokens
 
+    def set_input_embeddings(self, value: torch.nn.Module) -> None:
+        """The vocabulary is the client's alone (`resize_token_embeddings`): servers see only hidden states."""
+        self.head.embed_tokens = value
+
     def get_output_embeddings(self) -> torch.nn.Module:
         return self.head.lm_head
+
+    def set_output_embeddings(self, value: torch.nn.Module) -> None:
+        self.head.lm_head = value
 
     @torch.no_grad()
     def generate(self, inputs: torch.Tensor | None = None, *args, **kwargs):
@@ -598,6 +615,7 @@ class DistributedModelForCausalLM(DistributedModel, GenerationMixin):
             )
         return out
 
+    @can_return_tuple  # return_dict=False (or the config's) gives a tuple, as transformers' models do
     def forward(
         self,
         input_ids: torch.Tensor | None = None,
@@ -611,7 +629,7 @@ class DistributedModelForCausalLM(DistributedModel, GenerationMixin):
         Differentiable in whatever requires grad (prompts, the adapter, unfrozen local weights). The loss is
         transformers' own: a Trainer accumulating gradients passes `num_items_in_batch` and then leaves the loss
         unscaled, so it must divide the sum by it."""
-        _refuse_layer_outputs(options)
+        _refuse_layer_outputs(options, self.config)
         if self._active is not None and (input_ids is not None or inputs_embeds is not None):
             hidden = self._session_forward(input_ids, attention_mask, inputs_embeds)
         else:
@@ -689,6 +707,7 @@ class DistributedModelForSequenceClassification(DistributedModel):
         torch.nn.init.normal_(self.score.weight, std=getattr(config, "initializer_range", 0.02))
         self.score.to(head.lm_head.weight.device)
 
+    @can_return_tuple  # return_dict=False (or the config's) gives a tuple, as transformers' models do
     def forward(
         self,
         input_ids: torch.Tensor | None = None,
@@ -697,7 +716,7 @@ class DistributedModelForSequenceClassification(DistributedModel):
         labels: torch.Tensor | None = None,
         **options: object,
     ) -> SequenceClassifierOutput:
-        _refuse_layer_outputs(options)
+        _refuse_layer_outputs(options, self.config)
         hidden = self.hidden_states(input_ids, attention_mask, inputs_embeds)
         pad = getattr(self.config, "pad_token_id", None)
         if attention_mask is None and input_ids is not None and pad is not None:

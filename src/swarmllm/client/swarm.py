@@ -15,6 +15,10 @@ servers' inputs are recomputed from the kept input first). Requests carry the cl
 adapter, dropout seed); a client adapter is uploaded to each server once per version (`client.tuning`). With
 `active_adapter` (a name servers host), routing uses only servers that announce it.
 
+Model identity: a client routes only over servers that announce its config's `model_fingerprint`
+(`ServerInfo.fingerprint`; `dht.info.same_checkpoint`), so servers of another model whose folder or repository has
+the same last name (one DHT prefix) are set aside (`other_checkpoints`), never chained.
+
 Ladder Residual: a client of a ladder checkpoint (`ladder_layers` from its config) routes only over servers that
 announce the same ladder layers (`ServerInfo.ladder`), and a standard model's client only over servers that announce
 none: two checkpoints under one model name are never chained. Where a hop boundary lies inside a ladder region
@@ -57,6 +61,7 @@ from swarmllm.client.routing import Hop, MissingBlocksError, cap_throughput, rou
 from swarmllm.client.tuning import NO_TUNING, AdapterUploads, Tuning
 from swarmllm.client.verify import Gradients, judge, mismatch, should_check, tolerance
 from swarmllm.dht import ServerInfo, ServerState
+from swarmllm.dht.info import same_checkpoint
 from swarmllm.models.ladder import carries_pending, layer_ranges
 from swarmllm.wire import (
     Connection,
@@ -202,6 +207,7 @@ class SwarmClient:
         compression: str = "none",
         ladder_layers: Sequence[int] = (),
         hidden_size: int | None = None,
+        fingerprint: str | None = None,
     ):
         self.initial_peers = list(initial_peers)
         # the model's hidden size, when known: inputs of another size are refused here (see `check_input`)
@@ -209,6 +215,8 @@ class SwarmClient:
         # the model's Ladder Residual layers (its config's): which boundaries carry (r, p), and which servers fit
         self.ladder_layers = tuple(ladder_layers)
         self.ladder = layer_ranges(self.ladder_layers)
+        # the model's dht.info.model_fingerprint: only servers announcing it (or none) are used; None: any
+        self.fingerprint = fingerprint
         # how hidden states (and their gradients) travel: in forwards, backwards, and inference sessions unless
         # a session says otherwise (wire.compression)
         self.compression = check_codec(compression)
@@ -253,7 +261,8 @@ class SwarmClient:
         self.reports: deque[SpotCheck] = deque(maxlen=FAILOVERS_KEPT)  # the latest checks that found wrong outputs
         self.speeds = Speeds()  # measured speed of each server, which caps its announced one in routing
         self._servers: dict[str, ServerInfo] = {}
-        # servers under this model name that serve another checkpoint (other ladder layers): never used
+        # servers under this model name that serve another checkpoint (other ladder layers or another model's
+        # config): never used
         self.other_checkpoints: dict[str, ServerInfo] = {}
         self._servers_at = -float("inf")
         self._fixed = False
@@ -299,17 +308,28 @@ class SwarmClient:
 
     def _keep(self, servers: Sequence[ServerInfo]) -> None:
         """Use the servers of this client's checkpoint; set those of another one aside (and say so, once)."""
-        self._servers = {s.peer_id: s for s in servers if s.ladder == self.ladder}
-        others = {s.peer_id: s for s in servers if s.ladder != self.ladder}
+        mine = [same_checkpoint(s, self.ladder, self.fingerprint) for s in servers]
+        self._servers = {s.peer_id: s for s, ok in zip(servers, mine) if ok}
+        others = {s.peer_id: s for s, ok in zip(servers, mine) if not ok}
         for peer_id in others.keys() - self.other_checkpoints.keys():
             logger.warning(
                 "server %s serves %s under %r; this client's checkpoint is %s: not using it",
                 peer_id,
-                describe_ladder(others[peer_id].ladder),
+                self._describe_other(others[peer_id]),
                 self.dht_prefix,
-                describe_ladder(self.ladder),
+                self._describe_own(),
             )
         self.other_checkpoints = others
+
+    def _describe_own(self) -> str:
+        own = describe_ladder(self.ladder)
+        return own if self.fingerprint is None else f"model fingerprint {self.fingerprint}, {own}"
+
+    def _describe_other(self, server: ServerInfo) -> str:
+        """How another checkpoint's server differs from this client's, for people."""
+        if server.ladder != self.ladder:
+            return describe_ladder(server.ladder)
+        return f"another model: fingerprint {server.fingerprint} (the config differs)"
 
     def carries_pending(self, boundary: int) -> bool:
         """Whether the state crossing layer boundary `boundary` is the ladder pair (r, p) (`models.ladder`)."""
@@ -401,9 +421,9 @@ class SwarmClient:
                         if any(s.start_block <= b < s.end_block for b in e.missing)
                     ]
                     if other:
-                        kinds = sorted({describe_ladder(s.ladder) for s in other})
+                        kinds = sorted({self._describe_other(s) for s in other})
                         detail += (
-                            f" and serves this client's checkpoint, {describe_ladder(self.ladder)}; "
+                            f" and serves this client's checkpoint, {self._describe_own()}; "
                             f"{len(other)} server(s) of {self.dht_prefix!r} hold them for another checkpoint "
                             f"({'; '.join(kinds)}), which is never chained with it"
                         )

@@ -7,8 +7,11 @@ anything malformed instead of letting one bad peer break a look-up.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 from enum import StrEnum
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 from pydantic import (
     AfterValidator,
@@ -20,11 +23,38 @@ from pydantic import (
     model_validator,
 )
 
+if TYPE_CHECKING:
+    from swarmllm.models.llama import BlockConfig
+
 # Bounds on what one peer's record may claim. Rates above MAX_RATE count as MAX_RATE: 1e308 from two servers
 # summed to inf (the monitor's document then was not JSON). A model of more than MAX_BLOCKS blocks is garbage:
 # one of 100,000 made each of the monitor's look-ups ask for 100,000 keys and time out.
 MAX_RATE = 1e30  # far above any server, far below where a sum over any number of them overflows
 MAX_BLOCKS = 4096
+FINGERPRINT_CHARS = 16  # hex digits of a model fingerprint: 64 bits, no accidental collision in any swarm
+
+
+def model_fingerprint(config: BlockConfig) -> str:
+    """What a server announces (`ServerInfo.fingerprint`) and a client compares, so that two checkpoints under
+    one DHT prefix are never chained: the prefix is only the repository's or folder's last name ("alice/Llama-2-7b"
+    and "bob/Llama-2-7b", or "/a/model" and "/b/model", share one), and a server of another model whose hidden
+    states have the same shape would compute garbage without an error.
+
+    A hash of the fields that define the model's math (`models.llama.BlockConfig`: family, sizes, layers, heads,
+    KV heads, head size, RoPE, norm epsilon, biases, sliding window, vocabulary, tied embeddings; not the dtype,
+    which servers choose). Ladder layers are left out: they are announced and compared on their own
+    (`ServerInfo.ladder`). Two checkpoints of the same config but other weights (a fine-tune) get the same
+    fingerprint: telling them apart would take hashing the weights, too slow at load; serve those under a
+    `--dht-prefix` of their own."""
+    fields = dataclasses.asdict(config)
+    fields.pop("ladder_layers")
+    # 10000 and 10000.0 (two ways configs write a rope_theta) are one model
+    fields["rope_parameters"] = {
+        k: float(v) if isinstance(v, int) and not isinstance(v, bool) else v
+        for k, v in fields["rope_parameters"].items()
+    }
+    canonical = json.dumps(fields, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:FINGERPRINT_CHARS]
 
 
 class ServerState(StrEnum):
@@ -85,6 +115,12 @@ class ServerInfo(BaseModel):
         "(models.ladder.layer_ranges); () for a standard model. Clients chain only servers that announce "
         "the ladder layers of their own config",
     )
+    fingerprint: str | None = Field(
+        default=None,
+        pattern=f"^[0-9a-f]{{{FINGERPRINT_CHARS}}}$",
+        description="model_fingerprint of the checkpoint it serves; clients chain only servers that announce "
+        "their own (records without it, from older servers, are read and used as before)",
+    )
 
     @field_validator("throughput", "inference_rps", "forward_rps", "network_rps")
     @classmethod
@@ -116,6 +152,15 @@ class ModelInfo(BaseModel):
 
     def to_record(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
+
+
+def same_checkpoint(server: ServerInfo, ladder: tuple[tuple[int, int], ...], fingerprint: str | None) -> bool:
+    """Whether `server` serves the checkpoint of these ladder layers and `model_fingerprint`: the one test by
+    which clients route, servers choose their blocks and balance, so the three agree. A fingerprint unknown on
+    either side (an older server's record, a client built without a config) does not exclude."""
+    if server.ladder != ladder:
+        return False
+    return server.fingerprint is None or fingerprint is None or server.fingerprint == fingerprint
 
 
 def parse_server_info(value: Any) -> ServerInfo | None:

@@ -6,12 +6,18 @@ signs, which is what lets readers reject announcements made under another peer's
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import tempfile
 from collections.abc import Sequence
+from functools import partial
 
 import hivemind
+import psutil
 from hivemind.dht.crypto import RSASignatureValidator
+from hivemind.p2p import PeerID
+from hivemind.utils.multiaddr import Multiaddr
 
 from swarmllm.dht.membership import record_validators
 from swarmllm.wire.identity import Identity
@@ -56,5 +62,36 @@ def start_dht(
     return dht, signer.local_public_key
 
 
+def stop_dht(dht: hivemind.DHT, grace_s: float = 1.0) -> None:
+    """Shut a DHT peer down; kill its process and libp2p daemon where they do not stop by themselves. A frozen
+    process ignores hivemind's last resort (SIGTERM), and the exit of this one would wait for it for ever
+    (multiprocessing joins its children at exit)."""
+    dht.shutdown()
+    dht.join(grace_s)
+    if dht.is_alive():
+        with contextlib.suppress(psutil.Error):
+            for child in psutil.Process(dht.pid).children(recursive=True):
+                child.kill()
+        dht.kill()
+        dht.join()
+
+
 def visible_maddrs(dht: hivemind.DHT) -> list[str]:
     return [str(addr) for addr in dht.get_visible_maddrs()]
+
+
+async def _ping_unknown(_dht: hivemind.DHT, node: hivemind.DHTNode, peer_ids: Sequence[PeerID]) -> int:
+    unknown = [p for p in peer_ids if p not in node.protocol.routing_table]
+    answers = await asyncio.gather(*(node.protocol.call_ping(p) for p in unknown))
+    return sum(answer is not None for answer in answers)
+
+
+async def rejoin(dht: hivemind.DHT, initial_peers: Sequence[str]) -> int:
+    """Ping the initial peers that are not in this peer's routing table (how many answered). A peer that stopped
+    answering is dropped from it, and nothing else would make us meet it again: a bootstrap peer restarted with
+    its identity would stay empty, and clients joining through it would find no server. An answer adds it back,
+    and hivemind hands it the records it should hold (`DHTProtocol.update_routing_table`)."""
+    peer_ids = list(dict.fromkeys(PeerID.from_base58(Multiaddr(addr)["p2p"]) for addr in initial_peers))
+    if not peer_ids:
+        return 0
+    return await dht.run_coroutine(partial(_ping_unknown, peer_ids=peer_ids), return_future=True)

@@ -29,7 +29,18 @@ import torch
 from swarmllm.balancing import choose_blocks
 from swarmllm.balancing.memory import blocks_that_fit
 from swarmllm.balancing.moves import next_move
-from swarmllm.dht import ModelInfo, ServerInfo, ServerState, announce, find_servers, start_dht, visible_maddrs
+from swarmllm.dht import (
+    ModelInfo,
+    ServerInfo,
+    ServerState,
+    announce,
+    find_servers,
+    rejoin,
+    start_dht,
+    stop_dht,
+    visible_maddrs,
+)
+from swarmllm.dht.info import model_fingerprint, same_checkpoint
 from swarmllm.dht.records import dht_prefix_for
 from swarmllm.models import BlockConfig, BlockSpan, KVCache, load_config, load_span
 from swarmllm.models.ladder import layer_ranges
@@ -69,6 +80,10 @@ HOST_CHECK_S = 2.0  # how often a CPU server looks for other servers on its host
 WATCH_S = 1.0  # how often the server looks for broken connections to its peers (one may have died)
 UNSETTLED_CHECK_S = 2.0  # while a move is due (by us or another server), check again this soon
 MAX_MOVE_BACKOFF_S = 600.0  # a move that keeps failing (out of memory, ...) is tried at most this rarely
+# the most a DHT request may take (hivemind gives up on a peer after 3 s; a store or look-up asks a few in turn):
+# a DHT process that froze must not stop the serving loop (announcements, checks, a SIGTERM's leave) for ever
+DHT_TIMEOUT_S = 30.0
+LEAVE_ANNOUNCE_TIMEOUT_S = 5.0  # on leaving, the most the offline announcement may take
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -152,6 +167,7 @@ class Server:
         self.direct_addr: str | None = None
         self.peers: dict[str, ServerInfo] = {}  # the other servers of this model, for pushes to the next one
         self.ladder: tuple[tuple[int, int], ...] = ()  # the checkpoint's ladder layers, as announced
+        self.fingerprint: str | None = None  # the checkpoint's dht.info.model_fingerprint, as announced
         self.compiles = False  # config.compile, resolved for this checkpoint and device
         self._peers_at = -float("inf")
         self._stop = asyncio.Event()
@@ -207,6 +223,7 @@ class Server:
             except ValueError as e:
                 raise ServeConfigError(f"--tp {cfg.tp}: {e}") from None
         self.ladder = layer_ranges(block_config.ladder_layers)
+        self.fingerprint = model_fingerprint(block_config)
         self.compiles = cfg.compile
         if self.compiles is None:
             self.compiles = cfg.tp == 1 and compiles_by_default(block_config, cfg.device, cfg.quant != "none")
@@ -239,7 +256,7 @@ class Server:
         try:
             await self._serve(block_config)
         finally:
-            self.dht.shutdown()
+            stop_dht(self.dht)
 
     async def _serve(self, block_config: BlockConfig) -> None:
         cfg = self.config
@@ -317,6 +334,7 @@ class Server:
             flush=True,
         )
         host_watch = asyncio.create_task(self._watch_host()) if self._share_threads else None
+        rejoining: asyncio.Task | None = None
         next_announce = next_balance = time.monotonic()
         next_announce += cfg.update_period_s
         next_balance += cfg.balance_period_s
@@ -334,6 +352,9 @@ class Server:
                 now, lost = time.monotonic(), self.pool.drop_broken()
                 if now >= next_announce:
                     next_announce = now + cfg.update_period_s
+                    # initial peers that left our routing table (a bootstrap peer restarted) are met again
+                    if rejoining is None or rejoining.done():
+                        rejoining = asyncio.create_task(self._rejoin())
                     await self._announce()
                     await self._refresh_peers()
                     self._measure_network_soon()
@@ -350,12 +371,12 @@ class Server:
         except DhtGone:
             pass  # (`_on_dht` said why) its sessions are handed back all the same
         finally:
-            for task in (host_watch, self._network_task):
+            for task in (host_watch, self._network_task, rejoining):
                 if task is not None:
                     task.cancel()
             self.state = ServerState.OFFLINE
             with contextlib.suppress(DhtGone):
-                await self._announce()
+                await self._announce(leaving=True)
             await handler.leave(cfg.leave_timeout_s)
             await direct.stop()
             if metrics_page is not None:
@@ -376,16 +397,23 @@ class Server:
             self.failed = why
             logger.error("%s; leaving the swarm", why)
 
-    async def _on_dht(self, request):
+    async def _on_dht(self, request, *, leaving: bool = False):
         """The answer of a DHT request (a coroutine); DhtGone where the DHT process is dead or dies meanwhile
-        (hivemind's future would wait for its answer for ever)."""
+        (hivemind's future would wait for its answer for ever); TimeoutError where it has not answered in
+        DHT_TIMEOUT_S (a frozen DHT process), or once the server is asked to leave (then only the offline
+        announcement of `leaving` is still worth waiting for, LEAVE_ANNOUNCE_TIMEOUT_S at most)."""
         task = asyncio.ensure_future(request)
+        timeout_s = LEAVE_ANNOUNCE_TIMEOUT_S if leaving else DHT_TIMEOUT_S
+        deadline = time.monotonic() + timeout_s
         try:
             while not task.done():
                 if not self.dht.is_alive():
                     self._fail(self._failure())
                     raise DhtGone(self.failed)
-                await asyncio.wait({task}, timeout=WATCH_S)
+                if time.monotonic() >= deadline or (self._stop.is_set() and not leaving):
+                    leave = self._stop.is_set() and not leaving
+                    raise TimeoutError("left first" if leave else f"no answer in {timeout_s:.0f} s")
+                await asyncio.wait({task}, timeout=min(WATCH_S, max(0.0, deadline - time.monotonic())))
             return task.result()
         finally:
             task.cancel()
@@ -670,6 +698,7 @@ class Server:
             movable=self.config.blocks is None,
             direct_addrs=(self.direct_addr,) if self.direct_addr else (),
             ladder=self.ladder,
+            fingerprint=self.fingerprint,
         )
 
     def _info_record(self) -> dict:
@@ -694,14 +723,25 @@ class Server:
 
     async def _refresh_peers(self) -> None:
         self._peers_at = time.monotonic()
-        found = await self._find_servers()
+        try:
+            found = await self._find_servers()
+        except TimeoutError as e:
+            logger.warning("looking the swarm up failed (%s); keeping the servers known before", e)
+            return
         self.peers = {s.peer_id: s for s in found if s.peer_id != self.identity.peer_id}
 
     async def _find_servers(self) -> list[ServerInfo]:
         """The model's servers that serve our checkpoint: those of another one under the same name (other ladder
-        layers) are never chained with us, so they neither cover our blocks nor take our pushes."""
+        layers, another model's config) are never chained with us, so they neither cover our blocks nor take our
+        pushes."""
         found = await self._on_dht(find_servers(self.dht, self.dht_prefix, self.model_info.num_blocks))
-        return [s for s in found if s.ladder == self.ladder]
+        return [s for s in found if same_checkpoint(s, self.ladder, self.fingerprint)]
+
+    async def _rejoin(self) -> None:
+        """Ping the initial peers missing from our DHT routing table (`dht.rejoin`), in the background: one that
+        does not answer may take the DHT's whole wait."""
+        with contextlib.suppress(DhtGone, TimeoutError):  # (the serving loop notices a dead DHT itself)
+            await self._on_dht(rejoin(self.dht, self.config.initial_peers))
 
     def _measure_network_soon(self) -> None:
         """Measure the network in the background (it may wait seconds on peers that do not answer)."""
@@ -726,18 +766,28 @@ class Server:
             self.network_rps,
         )
 
-    async def _announce(self, info: ServerInfo | None = None, blocks: list[int] | None = None) -> None:
+    async def _announce(
+        self,
+        info: ServerInfo | None = None,
+        blocks: list[int] | None = None,
+        *,
+        leaving: bool = False,
+    ) -> None:
         expiration = self.config.expiration_s or 3 * self.config.update_period_s
         info = info or self._info()
         store = announce(
             self.dht, self.owner_tag, self.dht_prefix, info, self.model_info, expiration, blocks=blocks
         )
-        ok = await self._on_dht(store)
+        try:
+            ok, why = await self._on_dht(store, leaving=leaving), ""
+        except TimeoutError as e:
+            ok, why = False, f" ({e})"
         if not ok:
             logger.warning(
-                "announcing %s to the DHT failed; retrying next period%s",
+                "announcing %s to the DHT failed%s; retrying next period%s",
                 self.state.value,
-                "" if self.swarm_key else " (a private swarm refuses peers without its --swarm-key)",
+                why,
+                "" if self.swarm_key or why else " (a private swarm refuses peers without its --swarm-key)",
             )
 
 
