@@ -124,6 +124,57 @@ class SessionRefused(ValueError):
         self.codes = codes
 
 
+# a server's refusals for its load: its queue (`busy`), or this client's share of its request rate or queue
+# (`quota`). The server is healthy, so it is not banned: the request is routed around it, or waits for it
+LOAD_REFUSALS = ("quota", "busy")
+
+
+def sheds_load(error: BaseException) -> bool:
+    return isinstance(error, RemoteError) and error.code in LOAD_REFUSALS
+
+
+class LoadShed:
+    """The servers that refused one request's hops for their load (`LOAD_REFUSALS`): routing leaves them out
+    while other servers hold the blocks; where none does, the request asks them again after a pause (50 ms,
+    doubling up to MAX_ROUTE_RETRY_S), for up to `limit_s` before the refusal goes to the caller."""
+
+    def __init__(self, limit_s: float):
+        self.refused: set[str] = set()
+        self.pause_s = 0.05
+        self.give_up_at = time.monotonic() + limit_s
+
+    def plan(self, route: Callable[[list[ServerInfo]], R]) -> Callable[[list[ServerInfo]], R]:
+        def plan(servers: list[ServerInfo]) -> R:
+            willing = [s for s in servers if s.peer_id not in self.refused]
+            try:
+                return route(willing)
+            except MissingBlocksError:
+                if len(willing) == len(servers):
+                    raise
+                return route(servers)  # only servers that shed load hold the blocks: ask one again
+
+        return plan
+
+    def note(self, failure: HopFailed) -> bool:
+        """Whether `failure` is a refusal for load (noted: no ban); past `limit_s`, it is raised."""
+        if not sheds_load(failure.cause):
+            return False
+        if time.monotonic() >= self.give_up_at:
+            raise failure
+        self.refused.add(failure.hop.peer_id)
+        return True
+
+    def done(self, hop: Hop) -> None:
+        """`hop`'s server took a call: it is asked without a pause again."""
+        self.refused.discard(hop.peer_id)
+
+    async def wait(self, hops: Sequence[Hop]) -> None:
+        """Pause before asking a server that refused for load again."""
+        if any(h.peer_id in self.refused for h in hops):
+            await asyncio.sleep(self.pause_s)
+            self.pause_s = min(2 * self.pause_s, MAX_ROUTE_RETRY_S)
+
+
 class ShutDownError(RuntimeError):
     """The swarm client was shut down (`model.shutdown()`): it makes no connection and routes nothing any more."""
 
@@ -551,19 +602,20 @@ class SwarmClient:
                 return outputs[-1][0]
             failure = wrong[1]
         boundary, checks, inputs = 0, [], {0: (hidden, None)}
+        shed = LoadShed(self.request_timeout_s)
         while boundary < self.num_blocks:
-
-            def plan(servers: list[ServerInfo], start: int = boundary) -> list[Hop]:
-                return route_forward(servers, self.num_blocks, self.rng, start=start)
-
-            hop = (await self.route(plan, failure=failure))[0]
+            hop = (await self.route(shed.plan(self._forward_plan(boundary)), failure=failure))[0]
+            await shed.wait([hop])
             try:
                 out = await self._forward_hop(hop, *inputs[boundary], key_mask, tuning)
             except HopFailed as e:
+                if shed.note(e):
+                    continue
                 logger.warning("%s; computing its blocks on another server", e)
                 self.ban(hop.peer_id, e.cause)
                 failure = e.cause
                 continue
+            shed.done(hop)
             checks.append(self._maybe_check(hop, inputs[boundary], key_mask, out, tuning))
             boundary, inputs[hop.end] = hop.end, out
             if boundary == self.num_blocks and (wrong := await self._first_wrong(checks)) is not None:
@@ -853,16 +905,21 @@ class SwarmClient:
             kept: list[tuple[Hop, State]] = []
             checks: list[tuple[Hop, asyncio.Task[SpotCheck] | None]] = []
             failure: BaseException | None = None
+            shed = LoadShed(self.request_timeout_s)
             while not kept or kept[-1][0].end < self.num_blocks:
                 start = kept[-1][0].end if kept else 0
-                hop = (await self.route(self._forward_plan(start), failure=failure))[0]
+                hop = (await self.route(shed.plan(self._forward_plan(start)), failure=failure))[0]
+                await shed.wait([hop])
                 try:
                     out = await self._forward_hop(hop, *x, mask, own)
                 except HopFailed as e:
+                    if shed.note(e):
+                        continue
                     logger.warning("%s; computing its blocks on another server", e)
                     self.ban(hop.peer_id, e.cause)
                     failure = e.cause
                     continue
+                shed.done(hop)
                 if checked:
                     checks.append(self._maybe_check(hop, x, mask, out, own))
                 kept.append((hop, x))
@@ -901,8 +958,10 @@ class SwarmClient:
             prompts = None if tuning.prompts is None else torch.zeros_like(tuning.prompts)
             lora: dict[str, torch.Tensor] = {}
             todo = list(hops)
+            shed = LoadShed(self.request_timeout_s)
             while todo:
                 hop, x = todo.pop()
+                await shed.wait([hop])
                 try:
                     reply = await self._backward_hop(hop, x, g, mask, own)
                     if checked and should_check(self.spot_rng, self.spot_check_fraction):
@@ -910,14 +969,19 @@ class SwarmClient:
                         if hop.peer_id in record.wrong:
                             raise HopFailed(hop, corrupt_output_error(record))
                 except HopFailed as e:
+                    if shed.note(e):  # the same server again, after a pause (its kept input is here)
+                        todo.append((hop, x))
+                        continue
                     logger.warning("%s; computing its backward on other servers", e)
                     self.ban(hop.peer_id, e.cause)
                     try:
                         todo += await self._reroute(hop, x, mask, own, e.cause)
                     except HopFailed as again:  # a new server failed the recomputation: route again
-                        self.ban(again.hop.peer_id, again.cause)
+                        if not shed.note(again):
+                            self.ban(again.hop.peer_id, again.cause)
                         todo.append((hop, x))
                     continue
+                shed.done(hop)
                 g = reply.grad_hidden.to(grad.dtype), reply.grad_pending
                 if prompts is not None:
                     prompts[hop.start : hop.end, :, : reply.grad_prompts.shape[2]] += reply.grad_prompts
