@@ -13,28 +13,35 @@ from swarmllm.client.model import DistributedModelForCausalLM
 from swarmllm.client.swarm import SwarmClient
 from swarmllm.models import load_client_head, load_span
 from swarmllm.server.backend import Backend
-from swarmllm.server.handler import RequestHandler
+from swarmllm.server.handler import RequestHandler, ServerLimits
 from swarmllm.server.metrics import ServerMetrics
 from swarmllm.wire import DirectServer, Identity
 
 
 @contextmanager
 def model_over_one_server(
-    path: str, dht_prefix: str, cache_tokens: int = 4096
+    path: str,
+    dht_prefix: str,
+    cache_tokens: int = 4096,
+    limits: ServerLimits | None = None,
+    metrics: ServerMetrics | None = None,
+    **client: float,
 ) -> Iterator[DistributedModelForCausalLM]:
-    """The model of checkpoint `path` (in eval mode) over one in-process server of all its blocks."""
+    """The model of checkpoint `path` (in eval mode) over one in-process server of all its blocks (with the
+    server's `limits` and `metrics` where given, and `client` options of SwarmClient)."""
     config, head = load_client_head(path)
     blocks = config.num_hidden_layers
     identity = Identity.generate()
 
     async def start() -> DirectServer:
         backend = Backend(load_span(path, 0, blocks), cache_tokens=cache_tokens)
-        server = DirectServer(RequestHandler(backend, dict).handlers(), identity)
+        handler = RequestHandler(backend, dict, limits or ServerLimits(), metrics=metrics)
+        server = DirectServer(handler.handlers(), identity)
         await server.start()
         return server
 
     server = run_sync(start())
-    swarm = SwarmClient([], dht_prefix, blocks, missing_blocks_timeout_s=0)
+    swarm = SwarmClient([], dht_prefix, blocks, missing_blocks_timeout_s=0, **client)
     swarm.use_servers([online_server(identity.peer_id, 0, blocks, address=server.address)])
     try:
         yield DistributedModelForCausalLM(config, head, swarm).eval()
