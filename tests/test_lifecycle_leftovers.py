@@ -41,6 +41,20 @@ def test_processes_started_at_once_with_one_new_identity_file_share_its_key(tmp_
         assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary file left beside it
 
 
+def test_an_identity_is_made_where_the_filesystem_has_no_hard_links(tmp_path, monkeypatch):
+    """Where `os.link` is refused (a filesystem without hard links), the new key is renamed into place as `save`
+    does: the file holds the returned key and no temporary file is left."""
+
+    def no_links(src, dst):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr("os.link", no_links)
+    path = tmp_path / "peer.key"
+    made = Identity.load_or_create(path)
+    assert Identity.load(path).peer_id == made.peer_id
+    assert [p.name for p in tmp_path.iterdir()] == ["peer.key"]
+
+
 def test_a_dead_servers_entry_whose_pid_was_reused_is_not_counted(tmp_path):
     """A server killed without leaving keeps its entry (its pid) in the host's registry; once the kernel gives that
     pid to an unrelated process, the entry must not count as a server (it took a share of the cores for ever)."""

@@ -7,6 +7,7 @@ Public keys travel in hivemind's OpenSSH encoding (``RSAPublicKey.to_bytes``), s
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import tempfile
@@ -73,8 +74,12 @@ class Identity:
             os.link(written, path)  # (never replaces: FileExistsError if another process made it meanwhile)
         except FileExistsError:
             return cls.load(path)
+        except OSError:  # a filesystem without hard links: renamed into place, as save does (last one wins)
+            os.replace(written, path)
+            return identity
         finally:
-            os.unlink(written)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(written)
         return identity
 
     def save(self, path: str | os.PathLike) -> None:
