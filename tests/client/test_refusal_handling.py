@@ -5,7 +5,6 @@ import torch
 from in_process import model_over_one_server, refusals
 from transformers import AutoModelForCausalLM
 
-from swarmllm.client.swarm import SessionRefused
 from swarmllm.server.handler import ServerLimits
 from swarmllm.server.metrics import ServerMetrics
 
@@ -18,31 +17,21 @@ def over_rate_limited_server(path, prefix: str):
     return model_over_one_server(path, prefix, limits=RATE, metrics=metrics), metrics
 
 
-def test_generates_past_the_request_rate_are_refused_not_banned(llama_checkpoint):
+def test_generates_past_the_request_rate_wait_not_banned(llama_checkpoint):
     """A tight loop of generates over the only server, past its request rate, gets its session openings
-    refused (`quota`): as README says, the error names the reason (SessionRefused) and the server is not banned,
-    so a later generate, once the rate allows, opens there again with transformers' tokens."""
+    refused (`quota`, saying when the rate allows another: `retry_after_s`): as README says, the client waits that
+    out and opens there again, so every generate gets transformers' tokens, and the server is not banned."""
     local = AutoModelForCausalLM.from_pretrained(llama_checkpoint, dtype=torch.float32).eval()
     ids = torch.tensor([[1, 5, 9, 3]])
     with torch.no_grad():
         expected = local.generate(ids, max_new_tokens=4, do_sample=False)
     server, metrics = over_rate_limited_server(llama_checkpoint, "refusal-rate")
     with server as model:
-        refused, after = 0, 0
-        for _ in range(400):  # until a generate succeeds after the third refusal (the bucket refills)
-            try:
-                with torch.no_grad():
-                    out = model.generate(ids, max_new_tokens=4, do_sample=False)
-            except SessionRefused as e:
-                assert e.codes == {"quota"} and "request rate limit" in str(e)
-                refused += 1
-                continue
+        for _ in range(6):
+            with torch.no_grad():
+                out = model.generate(ids, max_new_tokens=4, do_sample=False)
             assert torch.equal(out, expected)
-            after += refused >= 3
-            if after:
-                break
-        assert refused >= 3 and after
-        assert refusals(metrics, "quota") >= refused
+        assert refusals(metrics, "quota") > 0
         assert model.swarm.bans._strikes == {} and not model.swarm.failovers
 
 

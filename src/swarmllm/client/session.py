@@ -45,6 +45,7 @@ from swarmllm.client.replies import CorruptOutputError, push_failure
 from swarmllm.client.routing import Hop
 from swarmllm.client.swarm import (
     HOP_FAILURES,
+    LoadShed,
     SpotCheck,
     State,
     SwarmClient,
@@ -121,6 +122,8 @@ class InferenceSession:
         # servers that refused to open this session for what it asks (batch size, length, cache): routed around,
         # unbanned
         self._refused: dict[str, RemoteError] = {}
+        # servers past this client's request rate, waited for (`_waits_out`): for up to request_timeout_s a step
+        self._shed = LoadShed(swarm.request_timeout_s)
         self.closed = False
 
     @property
@@ -166,6 +169,7 @@ class InferenceSession:
         end = position + hidden.shape[1]
         if end > self.max_length:
             raise ValueError(f"the session's max_length {self.max_length} is too small for {end} tokens")
+        self._shed = LoadShed(self.swarm.request_timeout_s)
         if not self._hops:  # the first step, or the first one after an opening that failed
             self.batch_size = hidden.shape[0]
             await self._open()
@@ -335,8 +339,11 @@ class InferenceSession:
     ) -> tuple[list[HopSession], float, float]:
         """New hop sessions covering blocks [start, end), brought to the state that `inputs` (kept inputs of
         block `start`, their rows as the step `reordered_at` reordered them last) produce; a server that fails meanwhile is banned and routed around. Returns the hops and
-        the seconds spent routing and opening + replaying."""
+        the seconds spent routing and opening + replaying. A server past this client's request rate is routed
+        around too, or, where no other holds its blocks, asked again once its refusal's `retry_after_s` passed
+        (for up to the client's `request_timeout_s`)."""
         route_s = replay_s = 0.0
+        shed = self._shed
         while True:
             began = time.perf_counter()
             hops = await self.swarm.route_inference(
@@ -345,6 +352,7 @@ class InferenceSession:
                 min_cache_tokens=self.batch_size * self.max_length,
                 failure=failure,
                 refused=self._refused,
+                shed=shed,
             )
             routed = time.perf_counter()
             route_s += routed - began
@@ -367,9 +375,11 @@ class InferenceSession:
                     )
                     if self.tuning.weights is not None:
                         await self.swarm.uploads.ensure(hop.peer_id, self.tuning.weights)
+                    await shed.wait([hop])
                     await new[-1].open(
                         await self.swarm.connection(hop.peer_id), self.swarm.connect_timeout_s, replay=bool(x)
                     )
+                    shed.done(hop)
                     if x:
                         tokens = sum(e.hidden.shape[0] * e.hidden.shape[1] for e in x)
                         floor_s = self.swarm.replay_timeout_s
@@ -388,7 +398,9 @@ class InferenceSession:
                         await hop.close()
                     raise RuntimeError("the inference session was closed during this step") from e
                 logger.info("%s failed while joining the session (%s); trying another", new[-1], describe(e))
-                if _refused_opening(e):
+                if _waits_out(e) and shed.defer(new[-1].peer_id, e):
+                    pass  # a refusal that clears by itself (a request rate): asked again once it has
+                elif _refused_opening(e):
                     self._refused[new[-1].peer_id] = e
                 else:
                     self.swarm.ban(new[-1].peer_id, e)
@@ -414,13 +426,18 @@ class InferenceSession:
             raise RuntimeError("the inference session was closed during this step") from error
         self.swarm.check_running()  # (the shutdown closed the connections: no fault of their servers)
         logger.info("%s failed (%s); replacing it", failed, describe(error))
+        # its opening was refused for now only (a request rate): it is opened again, after the wait, which is no
+        # failover of a working hop
+        deferred = False
         if not again:
             # one that moved or leaves in order is healthy and not banned, unless it hands sessions back again
             # and again (a server could otherwise keep every client re-routing forever)
             leaving = isinstance(error, RemoteError) and error.code == "server_leaving"
             if leaving and self.swarm.handed_back_again(failed.peer_id):
                 leaving = False
-            if _refused_opening(error):  # what the session asks, not the server, is at fault: not banned
+            if _waits_out(error) and self._shed.defer(failed.peer_id, error):
+                deferred = True
+            elif _refused_opening(error):  # what the session asks, not the server, is at fault: not banned
                 self._refused[failed.peer_id] = error
             elif not leaving and not isinstance(error, CorruptOutputError):  # a spot check banned it already
                 self.swarm.ban(failed.peer_id, error)
@@ -450,6 +467,8 @@ class InferenceSession:
                 await self._hops[after].repoint(new[-1].peer_id, self.swarm.connect_timeout_s)
             except HOP_FAILURES as e:
                 logger.info("re-pointing %s failed (%s); it is replaced when used", self._hops[after], e)
+        if deferred:
+            return
         record = Failover(
             failed.peer_id,
             failed.start,
@@ -514,6 +533,13 @@ class _Fallback:
 # than its peer's share or than is free. A healthy server's answer about this session, so no ban: a ban would keep
 # the client's every other session (a later one that fits) off that server too
 _OPENING_REFUSALS = ("bad_request", "quota", "cache_full")
+
+
+def _waits_out(error: BaseException) -> bool:
+    """Whether a server refused to open the session for now only (past this client's request rate): its refusal
+    says when asking again will do (`retry_after_s`), where a full share of sessions or cache clears only when
+    this client closes some."""
+    return isinstance(error, RemoteError) and error.retry_after_s is not None
 
 
 def _refused_opening(error: BaseException) -> bool:

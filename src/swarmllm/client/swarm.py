@@ -125,7 +125,8 @@ class SessionRefused(ValueError):
 
 
 # a server's refusals for its load: its queue (`busy`), or this client's share of its request rate or queue
-# (`quota`). The server is healthy, so it is not banned: the request is routed around it, or waits for it
+# (`quota`). The server is healthy, so it is not banned: the request is routed around it, or waits for it (for as
+# long as the refusal's `retry_after_s` says, past a request rate)
 LOAD_REFUSALS = ("quota", "busy")
 
 
@@ -135,11 +136,12 @@ def sheds_load(error: BaseException) -> bool:
 
 class LoadShed:
     """The servers that refused one request's hops for their load (`LOAD_REFUSALS`): routing leaves them out
-    while other servers hold the blocks; where none does, the request asks them again after a pause (50 ms,
+    while other servers hold the blocks; where none does, the request asks them again once the refusal's
+    `retry_after_s` passed (past a request rate: when its next token comes), or else after a pause (50 ms,
     doubling up to MAX_ROUTE_RETRY_S), for up to `limit_s` before the refusal goes to the caller."""
 
     def __init__(self, limit_s: float):
-        self.refused: set[str] = set()
+        self.refused: dict[str, float] = {}  # peer id -> when asking it again will do (time.monotonic)
         self.pause_s = 0.05
         self.give_up_at = time.monotonic() + limit_s
 
@@ -159,20 +161,30 @@ class LoadShed:
         """Whether `failure` is a refusal for load (noted: no ban); past `limit_s`, it is raised."""
         if not sheds_load(failure.cause):
             return False
-        if time.monotonic() >= self.give_up_at:
+        if not self.defer(failure.hop.peer_id, failure.cause):
             raise failure
-        self.refused.add(failure.hop.peer_id)
+        return True
+
+    def defer(self, peer_id: str, error: BaseException) -> bool:
+        """Whether `error`, from `peer_id`, is a refusal for load to wait out (noted); False past `limit_s`."""
+        now = time.monotonic()
+        if not sheds_load(error) or now >= self.give_up_at:
+            return False
+        pause_s = error.retry_after_s
+        if pause_s is None:
+            pause_s, self.pause_s = self.pause_s, min(2 * self.pause_s, MAX_ROUTE_RETRY_S)
+        self.refused[peer_id] = now + pause_s
         return True
 
     def done(self, hop: Hop) -> None:
         """`hop`'s server took a call: it is asked without a pause again."""
-        self.refused.discard(hop.peer_id)
+        self.refused.pop(hop.peer_id, None)
 
     async def wait(self, hops: Sequence[Hop]) -> None:
-        """Pause before asking a server that refused for load again."""
-        if any(h.peer_id in self.refused for h in hops):
-            await asyncio.sleep(self.pause_s)
-            self.pause_s = min(2 * self.pause_s, MAX_ROUTE_RETRY_S)
+        """Wait (up to `limit_s` in all) until the servers of `hops` that refused for load may be asked again."""
+        until = min(max((self.refused.get(h.peer_id, 0.0) for h in hops), default=0.0), self.give_up_at)
+        if (pause_s := until - time.monotonic()) > 0:
+            await asyncio.sleep(pause_s)
 
 
 class ShutDownError(RuntimeError):
@@ -401,10 +413,18 @@ class SwarmClient:
         return await self.directory.connection(peer_id, info.direct_addrs if info is not None else ())
 
     async def ping(self, peer_id: str) -> float:
-        """Round trip of an `info` call in seconds (also opens the connection)."""
+        """Round trip of an `info` call in seconds (also opens the connection). A refusal for load (e.g. past this
+        client's request rate) is an answer too: the server is alive (its round trip then counts the connection's
+        opening, if any)."""
         self.check_running()
         info = self._servers.get(peer_id)
-        rtt = await self.directory.ping(peer_id, info.direct_addrs if info is not None else ())
+        began = time.perf_counter()
+        try:
+            rtt = await self.directory.ping(peer_id, info.direct_addrs if info is not None else ())
+        except RemoteError as e:
+            if not sheds_load(e):
+                raise
+            rtt = time.perf_counter() - began
         self.rtt_s[peer_id] = rtt
         return rtt
 
@@ -518,10 +538,15 @@ class SwarmClient:
         min_cache_tokens: int = 0,
         failure: BaseException | None = None,
         refused: Mapping[str, RemoteError] | None = None,
+        shed: LoadShed | None = None,
     ) -> list[Hop]:
         """The fastest chain over [start, end) among usable servers (see `route`), but for those that `refused`
         to open the session (its batch size or length: the request's fault, not theirs, so they are not
-        banned); SessionRefused with their reasons at once when the blocks have no other server."""
+        banned); SessionRefused with their reasons at once when the blocks have no other server. Servers that
+        `shed` load (past this client's request rate) are left out too, but where only they and refusing
+        servers hold some blocks they are chained again (the caller waits for them: `shed.wait`)."""
+        refused = refused or {}
+        waiting = shed.refused if shed is not None else {}
 
         def plan(servers: list[ServerInfo]) -> list[Hop]:
             def chain(over: list[ServerInfo]) -> list[Hop]:
@@ -529,12 +554,15 @@ class SwarmClient:
                     over, self.num_blocks, self.rtt_s, start=start, end=end, min_cache_tokens=min_cache_tokens
                 )
 
-            willing = [s for s in servers if s.peer_id not in (refused or {})]
+            willing = [s for s in servers if s.peer_id not in refused and s.peer_id not in waiting]
             try:
                 return chain(willing)
             except MissingBlocksError:
                 if len(willing) == len(servers):
                     raise
+                if waiting:
+                    with contextlib.suppress(MissingBlocksError):
+                        return chain([s for s in servers if s.peer_id not in refused])
                 chain(servers)  # (a MissingBlocksError still when the refusing servers would not cover them)
                 reasons = sorted({e.message for e in refused.values()})
                 raise SessionRefused(

@@ -224,8 +224,9 @@ class RequestHandler:
     def _admit(self, peer_id: str | None) -> RequestError | None:
         """Every call (a session opening too) takes a token of its peer's request rate, checked before the
         call's payload is read (`Handlers.admit`); the calls of an open session's stream and pushes do not."""
-        refusal = self.quotas.request(peer_id or _ANONYMOUS)
-        return None if refusal is None else self._refusal(refusal.code, refusal.message)
+        if (refusal := self.quotas.request(peer_id or _ANONYMOUS)) is None:
+            return None
+        return self._refusal(refusal.code, refusal.message, refusal.retry_after_s)
 
     def _prompt_bytes(self) -> int:
         """The largest deep prompts a request may carry: max_prompt_tokens per block of the span."""
@@ -242,12 +243,13 @@ class RequestHandler:
 
     def _refuse(self, refusal: Refusal | None) -> None:
         if refusal is not None:
-            raise self._refusal(refusal.code, refusal.message)
+            raise self._refusal(refusal.code, refusal.message, refusal.retry_after_s)
 
-    def _refusal(self, code: str, message: str) -> RequestError:
-        """A refusal (the server cannot or will not take the request now), counted by code in the metrics."""
+    def _refusal(self, code: str, message: str, retry_after_s: float | None = None) -> RequestError:
+        """A refusal (the server cannot or will not take the request now), counted by code in the metrics;
+        `retry_after_s`: when asking again will do (a request rate's next token)."""
         self.metrics.refused(code)
-        return RequestError(code, message)
+        return RequestError(code, message, retry_after_s)
 
     def use_backend(self, backend: Backend) -> None:
         """Serve new requests from `backend` (the server moved to other blocks); sessions already open stay on

@@ -3,7 +3,8 @@ how fast it may call (a token bucket per peer).
 
 Pure bookkeeping over plain numbers and a clock passed in: no tensors, no network. The handler asks before it
 admits work and says when the work ends; a refusal comes back as a value (`Refusal`) naming the limit, which the
-handler turns into a `quota` error (this peer's limit) or a `busy` error (the server's). Every operation is O(1),
+handler turns into a `quota` error (this peer's limit) or a `busy` error (the server's); one past the request rate
+says when the peer's next token comes (`retry_after_s`), for the client to wait that out. Every operation is O(1),
 so the checks cost nothing next to a decode step. A refused request changes nothing: the peer's other sessions
 and calls never notice it.
 """
@@ -41,6 +42,9 @@ class PeerLimits:
 class Refusal:
     code: str  # "quota": this peer's limit; "busy": the server's
     message: str
+    # when the refusal clears by itself: in this long the peer's request rate has a token for it again (None: it
+    # clears only when the peer's other work ends, e.g. a session closes)
+    retry_after_s: float | None = None
 
 
 @dataclass
@@ -89,6 +93,7 @@ class PeerQuotas:
                 "quota",
                 f"request rate limit: at most {self.limits.rate_per_s:g} requests/s per peer "
                 f"(bursts of {self.limits.burst})",
+                retry_after_s=(1 - state.bucket) / self.limits.rate_per_s,
             )
         state.bucket -= 1
         return None

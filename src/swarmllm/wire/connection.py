@@ -63,12 +63,14 @@ class StreamClosed(WireError):
 
 
 class RequestError(Exception):
-    """Raised by a handler to answer the caller with an ERROR frame carrying this code and message."""
+    """Raised by a handler to answer the caller with an ERROR frame carrying this code and message (and, for a
+    refusal that clears by itself, `retry_after_s`: how long until asking again will do)."""
 
-    def __init__(self, code: str, message: str):
+    def __init__(self, code: str, message: str, retry_after_s: float | None = None):
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
+        self.retry_after_s = retry_after_s
 
 
 @dataclass
@@ -286,15 +288,23 @@ class _FrameWriter:
             except OSError as e:
                 raise ConnectionLost(f"connection broke while sending: {e!r}") from e
 
-    def write_error(self, call_id: int, code: str, message: str) -> None:
+    def write_error(self, call_id: int, code: str, message: str, retry_after_s: float | None = None) -> None:
         """Best effort: the peer may already be gone, which is then not worth another error."""
         meta = {"code": code[:_MAX_ERROR_CHARS], "message": message[:_MAX_ERROR_CHARS]}
+        if retry_after_s is not None:
+            meta["retry_after_s"] = float(retry_after_s)
         with suppress(ConnectionLost):
             self.write(Frame(Kind.ERROR, call_id, Message(meta)))
 
 
 def _remote_error(message: Message) -> RemoteError:
-    return RemoteError(str(message.meta.get("code", "unknown")), str(message.meta.get("message", "")))
+    retry_after_s = message.meta.get("retry_after_s")
+    # absent, or not a time (NaN and negatives too): None; an infinite one is the caller's to bound
+    if isinstance(retry_after_s, bool) or not (isinstance(retry_after_s, int | float) and retry_after_s >= 0):
+        retry_after_s = None
+    return RemoteError(
+        str(message.meta.get("code", "unknown")), str(message.meta.get("message", "")), retry_after_s
+    )
 
 
 def _expire(future: asyncio.Future, method: str, timeout: float) -> None:
@@ -648,7 +658,7 @@ async def serve_connection(
         frame = error.frame
         if frame.kind is Kind.REQUEST:
             if (refusal := refused.pop(frame.call_id, None)) is not None:
-                out.write_error(frame.call_id, refusal.code, refusal.message)
+                out.write_error(frame.call_id, refusal.code, refusal.message, refusal.retry_after_s)
             elif frame.method in methods:
                 too_large(frame.call_id, error)
             else:
@@ -807,7 +817,7 @@ def _checked_reply(reply: Message, context: CallContext) -> Message:
 
 def _report_failure(out: _FrameWriter, call_id: int, context: CallContext, error: Exception) -> None:
     if isinstance(error, RequestError):
-        out.write_error(call_id, error.code, error.message)
+        out.write_error(call_id, error.code, error.message, error.retry_after_s)
     elif isinstance(error, ConnectionLost):
         logger.debug(f"{context.method!r} from {context.peer_id}: the caller is gone ({error})")
     else:

@@ -179,12 +179,14 @@ PayloadCap = Callable[[Kind, int, str], int]
 
 
 class RemoteError(WireError):
-    """The peer answered a call with an ERROR frame."""
+    """The peer answered a call with an ERROR frame (`retry_after_s`: when it says asking again will do, if it
+    does)."""
 
-    def __init__(self, code: str, message: str):
+    def __init__(self, code: str, message: str, retry_after_s: float | None = None):
         super().__init__(f"{code}: {message}")
         self.code = code
         self.message = message
+        self.retry_after_s = retry_after_s
 
 
 def _extent(shape: tuple[int, ...]) -> int:
