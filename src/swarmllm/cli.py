@@ -226,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda:0")
     serve.add_argument(
         "--max-cache-tokens",
-        type=int,
+        type=_count,
         default=16384,
         help="KV-cache budget in tokens (batch x length) over all sessions",
     )
@@ -248,7 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--identity", help="key file: keeps the peer id across restarts")
     _swarm_key(serve)
     serve.add_argument(
-        "--num-threads", type=int, help="torch CPU threads (set it when servers share a machine)"
+        "--num-threads", type=_positive, help="torch CPU threads (set it when servers share a machine)"
     )
     serve.add_argument(
         "--compile",
@@ -324,12 +324,12 @@ def build_parser() -> argparse.ArgumentParser:
     # defaults live in WireLimits / ServerConfig (not imported here: `swarmllm --help` stays light)
     serve.add_argument(
         "--max-connections",
-        type=int,
+        type=_positive,
         help="connections this server holds at most, direct and libp2p together (default 1024); more are refused",
     )
     serve.add_argument(
         "--max-connections-per-peer",
-        type=int,
+        type=_positive,
         help="connections this server holds at most from one peer id (default 8); more are refused",
     )
     serve.add_argument(
@@ -836,6 +836,24 @@ def _tp_problem(args: argparse.Namespace) -> str | None:
     return f"does not work with {', '.join(clash)} yet" if clash else None
 
 
+def _check_device(device: str) -> None:
+    """--device must name a device torch has here (a CUDA index past the last GPU failed deep in loading)."""
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise UserError(f"--device {device} is not a torch device (e.g. cpu, cuda, cuda:1)") from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise UserError(f"--device {device}: no CUDA device is available to this torch")
+        if dev.index is not None and dev.index >= count:
+            raise UserError(
+                f"--device {device}: this machine has {count} CUDA device(s), cuda:0 to cuda:{count - 1}"
+            )
+
+
 def _serve(args: argparse.Namespace) -> int:
     if "torch" not in sys.modules:  # read once, when torch loads its OpenMP runtime; an operator's value wins
         os.environ.setdefault("GOMP_SPINCOUNT", SERVER_OMP_SPINCOUNT)
@@ -861,6 +879,7 @@ def _serve(args: argparse.Namespace) -> int:
     _check_model(args.model)
     _check_ports(args.host, args.port, args.direct_port, args.metrics_port)
     _check_identity(args.identity)
+    _check_device(args.device)
     if problem := _tp_problem(args):
         print(f"swarmllm serve: --tp {args.tp} {problem}", file=sys.stderr)
         return 2

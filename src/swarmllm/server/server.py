@@ -222,6 +222,10 @@ class Server:
                 check_shardable(block_config, cfg.tp)
             except ValueError as e:
                 raise ServeConfigError(f"--tp {cfg.tp}: {e}") from None
+        if cfg.num_blocks is not None and cfg.num_blocks > block_config.num_layers:
+            raise ServeConfigError(
+                f"--num-blocks {cfg.num_blocks} is more than the model's {block_config.num_layers} blocks"
+            )
         self.ladder = layer_ranges(block_config.ladder_layers)
         self.fingerprint = model_fingerprint(block_config)
         self.compiles = cfg.compile
@@ -237,7 +241,12 @@ class Server:
             idle_timeout_s=limits.adapter_idle_timeout_s,
         )
         for path in cfg.adapters:  # before joining: a bad folder stops the server at once
-            logger.info("hosting adapter %r from %s", self.adapters.host(path), path)
+            try:
+                logger.info("hosting adapter %r from %s", self.adapters.host(path), path)
+            except OSError as e:
+                raise ServeConfigError(f"--adapters {path}: cannot read {e.filename}: {e.strerror}") from None
+            except ValueError as e:
+                raise ServeConfigError(f"--adapters {e}") from None
         self.model_info = ModelInfo(
             dht_prefix=self.dht_prefix, num_blocks=block_config.num_layers, repository=cfg.model
         )
