@@ -130,3 +130,28 @@ def test_chat_waits_for_blocks_as_long_as_told(half_swarm, llama_checkpoint):
         timeout=50,  # well under the 60 s the client waits by default
     )
     assert "no online server holds blocks 2..3 of 4" in said(done, "chat")
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["api", "m", "--max-concurrent", "0"],  # a pool of no workers: a traceback at start
+        ["api", "m", "--keep-sessions", "-1"],
+        ["api", "m", "--context-length", "0"],
+        ["serve", "m", "--batch-wait-ms", "nan"],
+        ["serve", "m", "--batch-wait-ms", "-5"],
+        ["serve", "m", "--arena-length", "-1"],
+        ["generate", "m", "--prompt", "x", "--temperature", "-1"],
+        ["generate", "m", "--prompt", "x", "--wait-for-blocks", "nan"],
+        ["chat", "m", "--temperature", "inf"],
+    ],
+)
+def test_values_no_run_can_use_are_refused_when_parsed(args, capsys):
+    """Counts, waits and temperatures outside what they can mean are argparse's one line (exit 2), not a
+    traceback, a hang or a silent default later."""
+    from swarmllm.cli import build_parser
+
+    with pytest.raises(SystemExit) as done:
+        build_parser().parse_args(args)
+    assert done.value.code == 2
+    assert f"argument {args[-2]}" in capsys.readouterr().err

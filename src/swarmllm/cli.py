@@ -68,6 +68,17 @@ def _above_zero(text: str, what: str) -> float:
     return value
 
 
+def _at_least_zero(text: str, what: str = "a number") -> float:
+    """A finite number, 0 or more (a wait, a temperature: negative or NaN means nothing)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+    if not 0 <= value < float("inf"):  # (NaN too)
+        raise argparse.ArgumentTypeError(f"expected {what} of 0 or more, got {text!r}")
+    return value
+
+
 def _top_p(text: str) -> float:
     """Nucleus sampling's probability mass, above 0 and at most 1 (1: all tokens)."""
     value = _above_zero(text, "a probability")
@@ -164,7 +175,7 @@ def _limits(serve: argparse.ArgumentParser) -> None:
 def _wait_for_blocks(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--wait-for-blocks",
-        type=float,
+        type=_at_least_zero,
         default=60.0,
         metavar="SECONDS",
         help="how long to wait for a server when some blocks have none",
@@ -278,14 +289,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--arena-length",
-        type=int,
+        type=_count,
         default=None,
         help="on CUDA, the longest session whose cache is a row of the shared cache arena, where steps of any "
         "mix of sessions replay CUDA graphs captured once (default 1024; 0: a cache and graphs per session)",
     )
     serve.add_argument(
         "--batch-wait-ms",
-        type=float,
+        type=_at_least_zero,
         default=10.0,
         help="how long a decode step may wait for other sessions' steps to be merged with it (continuous "
         "batching; never longer than a step takes, and not at all when no other session is decoding)",
@@ -356,7 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
     _swarm_key(gen)
     gen.add_argument("--prompt", required=True)
     gen.add_argument("--max-new-tokens", type=_positive, default=32)
-    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    gen.add_argument("--temperature", type=_at_least_zero, default=0.0, help="0 = greedy")
     gen.add_argument("--top-p", type=_top_p, default=1.0)
     gen.add_argument("--top-k", type=_count, default=50, help="0: no limit")
     gen.add_argument("--num-beams", type=_count, default=1, help="beam search over N beams (greedy; 1: none)")
@@ -369,7 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
     _swarm_key(chat)
     chat.add_argument("--system", help="a system message that starts the conversation")
     chat.add_argument("--max-new-tokens", type=_positive, default=512, help="tokens per answer at most")
-    chat.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
+    chat.add_argument("--temperature", type=_at_least_zero, default=0.7, help="0 = greedy")
     chat.add_argument("--top-p", type=_top_p, default=0.9)
     chat.add_argument("--seed", type=int, default=0)
     chat.add_argument(
@@ -421,12 +432,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="the model's key in the swarm, if its servers were given one; once per model, in order",
     )
     api.add_argument(
-        "--context-length", type=int, help="prompt + answer tokens at most (default: the model's, up to 4096)"
+        "--context-length",
+        type=_positive,
+        help="prompt + answer tokens at most (default: the model's, up to 4096)",
     )
-    api.add_argument("--max-concurrent", type=int, default=16, help="requests generating at once; more wait")
+    api.add_argument(
+        "--max-concurrent", type=_positive, default=16, help="requests generating at once; more wait"
+    )
     api.add_argument(
         "--keep-sessions",
-        type=int,
+        type=_count,
         default=4,
         help="inference sessions kept between requests, so that a prompt extending an earlier one (a chat's "
         "next turn) sends only its new tokens (0: none; each holds cache memory on its servers)",
