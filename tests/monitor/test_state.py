@@ -105,3 +105,21 @@ def test_metrics_text_parses_and_matches_the_state():
     ) not in samples
     assert samples[("swarmllm_dht_lookup_duration_seconds", ())] == 0.05
     assert samples[("swarmllm_dht_lookup_failures_total", ())] == 2
+
+
+def test_a_model_whose_blocks_only_other_checkpoints_complete_is_broken():
+    """Servers of two checkpoints under one name (`ServerInfo.fingerprint`; clients chain only one of them): X
+    holds blocks 0..2 and Y 3..5, so no client can route, and the verdict says broken, with the blocks the best
+    checkpoint lacks; a record without a fingerprint (an older server, 0..1) counts with either: Y with it lacks
+    block 2 alone."""
+    x, y = "a" * 16, "b" * 16
+    servers = [info("x", 0, 3, fingerprint=x), info("y", 3, 6, fingerprint=y), info("old", 0, 2)]
+    rtt = dict.fromkeys(("x", "y", "old"), 0.01)
+    (model,) = swarm_state([MODEL], {"m": servers}, rtt)["models"]
+    assert model["verdict"] == "broken" and model["missing_blocks"] == [2]
+    assert model["checkpoints"] == [x, y]
+    assert model["bottleneck_tps"] == 0.0  # what a client of X (or of Y) can get: some block has none
+    servers.append(info("x2", 3, 6, fingerprint=x, throughput=4.0))
+    rtt["x2"] = 0.01
+    (model,) = swarm_state([MODEL], {"m": servers}, rtt)["models"]
+    assert model["verdict"] == "healthy" and model["missing_blocks"] == [] and model["bottleneck_tps"] == 4.0

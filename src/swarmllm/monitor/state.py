@@ -16,9 +16,13 @@ Schema `swarmllm.monitor.state/1` (times are Unix seconds, throughputs decode st
       "name": str,                     # the model's DHT prefix
       "repository": str | null,        # what its servers loaded (hub id or folder)
       "num_blocks": int,
-      "verdict": "healthy" | "broken", # broken: some block has no online server that answers
+      "verdict": "healthy" | "broken", # broken: some block has no online server that answers (of the
+                                       # checkpoint clients get furthest with: see `checkpoints`)
       "missing_blocks": [int],
       "missing": str,                  # the same as ranges, e.g. "3..5, 9"
+      "checkpoints": [str],            # the model fingerprints its servers announce: more than one means
+                                       # checkpoints of one name, never chained together; the verdict, missing
+                                       # blocks and bottleneck are those of the one clients get furthest with
       "servers": {"online": int, "joining": int, "offline": int, "unreachable": int},
       "bottleneck_tps": float,         # the weakest block's total throughput (what one request can get)
       "blocks": [{"index": int, "throughput_tps": float,
@@ -55,6 +59,7 @@ from collections.abc import Mapping, Sequence
 from swarmllm.balancing import block_throughputs, swarm_bottleneck
 from swarmllm.client.routing import missing_blocks
 from swarmllm.dht import ModelInfo, ServerInfo, ServerState
+from swarmllm.dht.info import same_checkpoint
 
 SCHEMA = "swarmllm.monitor.state/1"
 UNREACHABLE = "unreachable"
@@ -80,6 +85,24 @@ def server_state(info: ServerInfo, rtt_s: float | None) -> str:
     return info.state.value
 
 
+def best_checkpoint(live: Sequence[ServerInfo], num_blocks: int) -> list[ServerInfo]:
+    """The live servers of the one checkpoint under this name that a client gets furthest with (fewest blocks
+    missing, then the highest bottleneck): clients chain only servers of their own checkpoint
+    (`dht.info.same_checkpoint`: ladder layers and model fingerprint; a record without a fingerprint counts with
+    any), so servers of two checkpoints that only together hold every block serve no client."""
+    best: tuple[tuple[int, float], list[ServerInfo]] | None = None
+    known = {(s.ladder, s.fingerprint) for s in live if s.fingerprint is not None}
+    # (a record without a fingerprint is a checkpoint of its own only where no server of its ladder has one)
+    unknown = {(s.ladder, None) for s in live if not any(k[0] == s.ladder for k in known)}
+    for ladder, fingerprint in known | unknown:
+        group = [s for s in live if same_checkpoint(s, ladder, fingerprint)]
+        spans = [(s.start_block, s.end_block, s.throughput) for s in group]
+        rank = (len(missing_blocks(group, num_blocks)), -swarm_bottleneck(num_blocks, spans))
+        if best is None or rank < best[0]:
+            best = rank, group
+    return [] if best is None else best[1]
+
+
 def model_state(
     model: ModelInfo,
     servers: Sequence[ServerInfo],
@@ -90,7 +113,7 @@ def model_state(
     """One model's entry: block map, verdict, counts, bottleneck, and the `history` points given (followed by
     this look-up's own point, at time `now`, when given)."""
     states = {s.peer_id: server_state(s, rtt_s.get(s.peer_id)) for s in servers}
-    live = [s for s in servers if states[s.peer_id] == "online"]
+    live = best_checkpoint([s for s in servers if states[s.peer_id] == "online"], model.num_blocks)
     missing = missing_blocks(live, model.num_blocks)
     spans = [(s.start_block, s.end_block, s.throughput) for s in live]
     per_block = block_throughputs(model.num_blocks, spans)
@@ -114,6 +137,7 @@ def model_state(
         "verdict": "broken" if missing else "healthy",
         "missing_blocks": missing,
         "missing": block_ranges(missing),
+        "checkpoints": sorted({s.fingerprint for s in servers if s.fingerprint is not None}),
         "servers": {state: sum(1 for v in states.values() if v == state) for state in STATES},
         "bottleneck_tps": swarm_bottleneck(model.num_blocks, spans) if spans else 0.0,
         "blocks": blocks,
