@@ -7,16 +7,13 @@ import asyncio
 import time
 
 from dht.test_records import dht_peers
-from server_infos import online_server
+from server_infos import answering_server, online_server
 
 from swarmllm.client.directory import Directory
 from swarmllm.dht import ModelInfo, announce, visible_maddrs
 from swarmllm.dht.info import MAX_BLOCKS
-from swarmllm.models import load_client_head, load_span
+from swarmllm.models import load_client_head
 from swarmllm.monitor.app import Monitor, models_to_look_up
-from swarmllm.server.backend import Backend
-from swarmllm.server.handler import RequestHandler
-from swarmllm.wire import DirectServer
 
 REFRESHES = 3  # complete refreshes in a row that must each show the real model
 DEADLINE_S = 20.0  # well under the 4,096-key look-up (~100 s here), well over a refresh of a few keys
@@ -29,49 +26,42 @@ async def test_a_model_of_4096_blocks_does_not_freeze_the_monitor(llama_checkpoi
     config, _ = load_client_head(str(llama_checkpoint))
     blocks = config.num_hidden_layers
     with dht_peers(2) as ((honest, honest_dht, honest_tag), (hostile, hostile_dht, hostile_tag)):
-        server = DirectServer(
-            RequestHandler(
-                Backend(load_span(str(llama_checkpoint), 0, blocks), cache_tokens=1024), dict
-            ).handlers(),
-            honest,
-        )
-        await server.start()
-        real = ModelInfo(dht_prefix="real", num_blocks=blocks)
-        assert await announce(
-            honest_dht,
-            honest_tag,
-            "real",
-            online_server(honest.peer_id, 0, blocks, address=server.address),
-            real,
-            60,
-        )
-        huge = ModelInfo(dht_prefix="huge", num_blocks=MAX_BLOCKS)
-        assert await announce(
-            hostile_dht, hostile_tag, "huge", online_server(hostile.peer_id, 0, 1), huge, 60
-        )
+        async with answering_server(llama_checkpoint, honest, blocks) as server:
+            real = ModelInfo(dht_prefix="real", num_blocks=blocks)
+            assert await announce(
+                honest_dht,
+                honest_tag,
+                "real",
+                online_server(honest.peer_id, 0, blocks, address=server.address),
+                real,
+                60,
+            )
+            huge = ModelInfo(dht_prefix="huge", num_blocks=MAX_BLOCKS)
+            assert await announce(
+                hostile_dht, hostile_tag, "huge", online_server(hostile.peer_id, 0, 1), huge, 60
+            )
 
-        directory = Directory(visible_maddrs(honest_dht), connect_timeout_s=1.0)
-        await directory.start()
-        monitor = Monitor(directory, refresh_s=0.2)
-        running = asyncio.create_task(monitor.run())
-        try:
-            seen: list[dict] = []
-            deadline = time.monotonic() + DEADLINE_S
-            while len(seen) < REFRESHES:
-                state = monitor.state
-                if state["updated_at"] is not None and (
-                    not seen or state["updated_at"] > seen[-1]["updated_at"]
-                ):
-                    seen.append(state)
-                assert time.monotonic() < deadline, (
-                    f"{len(seen)} refresh(es) in {DEADLINE_S:.0f} s; dht: {monitor.state['dht']}"
-                )
-                await asyncio.sleep(0.05)  # the poll interval of a condition with a deadline
-        finally:
-            running.cancel()
-            await asyncio.gather(running, return_exceptions=True)
-            await directory.shutdown()
-            await server.stop()
+            directory = Directory(visible_maddrs(honest_dht), connect_timeout_s=1.0)
+            await directory.start()
+            monitor = Monitor(directory, refresh_s=0.2)
+            running = asyncio.create_task(monitor.run())
+            try:
+                seen: list[dict] = []
+                deadline = time.monotonic() + DEADLINE_S
+                while len(seen) < REFRESHES:
+                    state = monitor.state
+                    if state["updated_at"] is not None and (
+                        not seen or state["updated_at"] > seen[-1]["updated_at"]
+                    ):
+                        seen.append(state)
+                    assert time.monotonic() < deadline, (
+                        f"{len(seen)} refresh(es) in {DEADLINE_S:.0f} s; dht: {monitor.state['dht']}"
+                    )
+                    await asyncio.sleep(0.05)  # the poll interval of a condition with a deadline
+            finally:
+                running.cancel()
+                await asyncio.gather(running, return_exceptions=True)
+                await directory.shutdown()
 
     for state in seen:
         assert state["dht"]["status"] == "ok", state["dht"]

@@ -36,14 +36,29 @@ PING_TIMEOUT_S = 2.0
 MAX_BLOCKS_PER_REFRESH = 512
 
 
-def models_to_look_up(models: Sequence[ModelInfo], budget: int) -> tuple[list[ModelInfo], list[ModelInfo]]:
-    """(looked up, not looked up): smallest models first, each while its blocks fit in what is left of `budget`,
-    so a peer announcing a huge model cannot keep the others from being looked up."""
+def models_to_look_up(
+    models: Sequence[ModelInfo],
+    budget: int,
+    turns: dict[str, tuple[int, int]] | None = None,
+    refresh: int = 0,
+) -> tuple[list[ModelInfo], list[ModelInfo]]:
+    """(looked up, not looked up): the models waiting longest first, then the smallest, each while its blocks fit
+    in what is left of `budget`, so a peer announcing a huge model cannot keep the others from being looked up,
+    nor one announcing many small ones keep a model from it for good. `turns` (updated here, for the models
+    announced): per model, since when it waits: (refresh, 0) when first announced then, (refresh, 1) when last
+    looked up then, `refresh` being this one. Models announced or looked up later wait behind it, so a model that
+    fits the budget is looked up within as many refreshes as there were models announced when it began to wait."""
+    turns = {} if turns is None else turns
+    for name in turns.keys() - {m.dht_prefix for m in models}:
+        del turns[name]  # (one that comes back waits as a new one)
+    for model in models:
+        turns.setdefault(model.dht_prefix, (refresh, 0))
     chosen = set()
-    for model in sorted(models, key=lambda m: (m.num_blocks, m.dht_prefix)):
+    for model in sorted(models, key=lambda m: (turns[m.dht_prefix], m.num_blocks, m.dht_prefix)):
         if model.num_blocks <= budget:
             chosen.add(model.dht_prefix)
             budget -= model.num_blocks
+            turns[model.dht_prefix] = (refresh, 1)
     return [m for m in models if m.dht_prefix in chosen], [m for m in models if m.dht_prefix not in chosen]
 
 
@@ -54,6 +69,8 @@ class Monitor:
         self.lookup_timeout_s = lookup_timeout_s
         self.failures = 0
         self.history: dict[str, deque] = {}
+        self.refreshes = 0
+        self.turns: dict[str, tuple[int, int]] = {}  # `models_to_look_up`'s: each model's place in the queue
         self.state = swarm_state([], {}, {}, refresh_s=refresh_s)
 
     async def run(self) -> None:
@@ -68,7 +85,10 @@ class Monitor:
         try:
             async with asyncio.timeout(self.lookup_timeout_s):
                 announced = await self.directory.models()
-                models, skipped = models_to_look_up(announced, MAX_BLOCKS_PER_REFRESH)
+                models, skipped = models_to_look_up(
+                    announced, MAX_BLOCKS_PER_REFRESH, self.turns, self.refreshes
+                )
+                self.refreshes += 1
                 found = await asyncio.gather(
                     *(self.directory.servers(m.dht_prefix, m.num_blocks) for m in models)
                 )

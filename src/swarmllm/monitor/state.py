@@ -39,7 +39,7 @@ Schema `swarmllm.monitor.state/1` (times are Unix seconds, throughputs decode st
       "connection": "direct" | "relayed" | "libp2p",   # direct: announces a direct TCP address
       "rtt_ms": float | null                            # the monitor's `info` round trip (null: no answer)
   }],
-  "not_looked_up": [{                  # models announced but not looked up: more blocks than a refresh's budget
+  "not_looked_up": [{                  # models announced but not looked up this refresh (see below)
       "name": str, "repository": str | null, "num_blocks": int,
       "reason": str                    # why, for people
   }]
@@ -47,9 +47,10 @@ Schema `swarmllm.monitor.state/1` (times are Unix seconds, throughputs decode st
 ```
 A server whose record says online but that does not answer the monitor is `unreachable` and counts as missing
 for the verdict; `offline` is what a server announces when it leaves (it drains its sessions, then exits).
-A refresh looks up at most a budget of block keys over all models, smallest models first (one peer may announce a
-model of thousands of blocks, whose look-up alone would outlast the refresh); a model that does not fit is listed
-in `not_looked_up`, not in `models`.
+A refresh looks up at most a budget of block keys over all models, those waiting longest first, then the smallest
+(one peer may announce a model of thousands of blocks, whose look-up alone would outlast the refresh, or many small
+ones); a model that does not fit is listed in `not_looked_up`, not in `models`: one larger than the budget always,
+another until its turn comes (`monitor.app.models_to_look_up`).
 """
 
 from __future__ import annotations
@@ -212,7 +213,8 @@ def swarm_state(
                 "repository": m.repository,
                 "num_blocks": m.num_blocks,
                 "reason": f"announces {m.num_blocks} blocks; the monitor looks up at most {block_budget} blocks "
-                "per refresh, over all models, smallest models first",
+                "per refresh, over all models, those waiting longest first"
+                + ("" if m.num_blocks > block_budget else ": this one waits its turn"),
             }
             for m in not_looked_up
         ],
