@@ -65,3 +65,14 @@ def refusals(metrics: ServerMetrics, reason: str) -> float:
     """What `swarmllm_server_refusals_total{reason=...}` counted."""
     value = metrics.registry.get_sample_value("swarmllm_server_refusals_total", {"reason": reason})
     return 0.0 if value is None else value
+
+
+def perturbed(path, noise: float = 0.05, seed: int = 0):
+    """A draft that agrees with the checkpoint often but not always: its weights with noise added (more noise,
+    less agreement)."""
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(torch.randn(param.shape, generator=generator) * noise * param.std())
+    return model

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from in_process import perturbed
 from scipy.stats import chisquare
 from transformers import (
     AutoModelForCausalLM,
@@ -52,16 +53,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-def perturbed(path, noise, seed=0):
-    """A draft: the target's checkpoint with noise on every weight (more noise, less agreement)."""
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in model.parameters():
-            param.add_(torch.randn(param.shape, generator=generator) * noise * param.std())
-    return model
 
 
 def test_accept_drafts_first_token_follows_the_target():

@@ -82,6 +82,9 @@ class _Draft:
     def __init__(self, model):
         self.model = model
         self.cache = DynamicCache(config=model.config)
+        # a sliding-window layer keeps only its window unless it records the past, and then a rejected draft
+        # past the window's edge could not be cropped (transformers' assisted decoding records it too)
+        self.cache.activate_past_recording()
         self.length = 0  # tokens its cache holds
 
     @torch.no_grad()
@@ -93,9 +96,9 @@ class _Draft:
         return out.logits[0, -1].float()
 
     def keep(self, length: int) -> None:
-        if length < self.length:
-            self.cache.crop(length - self.length)  # transformers 5 crops by a negative count to remove
-            self.length = length
+        # transformers 5 crops by a negative count to remove; crop(0) still trims the recorded past to the windows
+        self.cache.crop(min(0, length - self.length))
+        self.length = min(length, self.length)
 
 
 def speculative_generate(
