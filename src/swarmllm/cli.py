@@ -19,6 +19,7 @@ import traceback
 from pathlib import Path
 
 from swarmllm import ladder_commands
+from swarmllm.version import __version__
 
 
 def _blocks(text: str) -> tuple[int, int]:
@@ -194,6 +195,7 @@ def _swarm_key(parser: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="swarmllm", description=__doc__)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logs")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     dht = commands.add_parser("dht", help="run a bootstrap DHT peer and print its multiaddrs")
@@ -280,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--tp",
-        type=int,
+        type=_positive,
         default=1,
         metavar="N",
         help="run the blocks tensor-parallel over N processes (gloo on CPU; NCCL on CUDA, rank i on cuda:i), "
@@ -582,13 +584,17 @@ def _explain(error: BaseException, args: argparse.Namespace) -> str | None:
     if isinstance(error, UserError) or type(error).__name__ in ("MissingBlocksError", "ServeConfigError"):
         return str(error)
     text = str(error)
+    peers = " ".join(_initial_peers_quietly(args)) or "(none)"
+    no_answer = (
+        f"none of the initial peers answered ({peers}): is the bootstrap peer running, and are the address and "
+        "port right?"
+    )
+    # hivemind's, where a peer's libp2p daemon took the connection but its DHT never answered a ping (frozen)
+    if isinstance(error, RuntimeError) and text.startswith("DHTNode bootstrap failed"):
+        return no_answer
     if type(error).__name__ == "P2PDaemonError":
-        peers = " ".join(_initial_peers_quietly(args)) or "(none)"
         if "failed to connect to bootstrap peers" in text:
-            return (
-                f"none of the initial peers answered ({peers}): is the bootstrap peer running, and are the "
-                "address and port right?"
-            )
+            return no_answer
         if "address already in use" in text:
             return f"a port is already in use ({text.splitlines()[-1]}); choose another --port"
         return f"could not start the libp2p daemon: {text.strip().splitlines()[-1]}"
@@ -836,14 +842,15 @@ def _per_model(args: argparse.Namespace, flag: str) -> list[str | None]:
 
 def _tp_problem(args: argparse.Namespace) -> str | None:
     """Why `serve --tp N` cannot run with the other flags given (None: it can)."""
-    if args.tp < 1:
-        return "must be at least 1"
     if args.tp == 1:
         return None
     if args.blocks is None:
         return "needs --blocks (a tensor-parallel server does not choose or move its blocks yet)"
+    compile_flag = "--compile"
+    if args.compile is True and "--compile" not in sys.argv[1:]:  # the default the environment sets
+        compile_flag = "--compile (SWARMLLM_COMPILE=1 in the environment; give --no-compile)"
     flags = {
-        "--compile": args.compile is True,
+        compile_flag: args.compile is True,
         "--quant": args.quant != "none",
         "--adapters": bool(args.adapters),
     }
