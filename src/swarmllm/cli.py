@@ -266,7 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--compile",
         action=argparse.BooleanOptionalAction,
-        default={"0": False, "1": True}.get(os.environ.get("SWARMLLM_COMPILE", "")),
+        default=None,  # (then the environment's, `_compile`)
         help="torch.compile the decode step: 1.2-2x faster steps on a CPU, after a compilation at start "
         "(seconds; cached on disk). Default: on a CPU for blocks of under 2^20 weights, whose steps are bound by "
         "per-op costs (the environment's SWARMLLM_COMPILE=0 or 1 sets the default)",
@@ -846,16 +846,22 @@ def _tp_problem(args: argparse.Namespace) -> str | None:
         return None
     if args.blocks is None:
         return "needs --blocks (a tensor-parallel server does not choose or move its blocks yet)"
-    compile_flag = "--compile"
-    if args.compile is True and "--compile" not in sys.argv[1:]:  # the default the environment sets
-        compile_flag = "--compile (SWARMLLM_COMPILE=1 in the environment; give --no-compile)"
+    # a default the environment set is named as such: the user gave no --compile
+    compile_flag = "--compile" if args.compile else "SWARMLLM_COMPILE=1 (the environment's; give --no-compile)"
     flags = {
-        compile_flag: args.compile is True,
+        compile_flag: _compile(args) is True,
         "--quant": args.quant != "none",
         "--adapters": bool(args.adapters),
     }
     clash = [flag for flag, used in flags.items() if used]
     return f"does not work with {', '.join(clash)} yet" if clash else None
+
+
+def _compile(args: argparse.Namespace) -> bool | None:
+    """--compile or --no-compile, else the environment's SWARMLLM_COMPILE=0 or 1, else None (the server decides)."""
+    if args.compile is not None:
+        return args.compile
+    return {"0": False, "1": True}.get(os.environ.get("SWARMLLM_COMPILE", ""))
 
 
 def _check_device(device: str) -> None:
@@ -923,7 +929,7 @@ def _serve(args: argparse.Namespace) -> int:
             dtype=args.dtype,
             quant=args.quant,
             device=args.device,
-            compile=args.compile,
+            compile=_compile(args),
             cuda_graphs=not args.no_cuda_graphs,
             packed_weights=not args.no_packed_weights,
             batch_wait_s=args.batch_wait_ms / 1e3,
