@@ -8,15 +8,20 @@ through this, so there is one DHT reader. It caches nothing and decides nothing:
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import os
 import time
 from collections.abc import Sequence
 
 import hivemind
 
-from swarmllm.dht import ModelInfo, ServerInfo, find_servers, list_models, start_dht
+from swarmllm.dht import ModelInfo, ServerInfo, find_servers, list_models, rejoin, start_dht
 from swarmllm.wire import Connection, Identity, Message, SwarmKey, load_swarm_key
 from swarmllm.wire.pool import ConnectionPool
+
+logger = logging.getLogger(__name__)
+REJOIN_TIMEOUT_S = 30.0  # the most a ping of the initial peers may take (a frozen DHT process never answers)
 
 
 class Directory:
@@ -35,6 +40,7 @@ class Directory:
         self.swarm_key = swarm_key if isinstance(swarm_key, SwarmKey | None) else load_swarm_key(swarm_key)
         self.connect_timeout_s = connect_timeout_s
         self.dht: hivemind.DHT | None = None
+        self._rejoining: asyncio.Task | None = None
         self.pool = ConnectionPool(
             self.identity,
             None,
@@ -55,6 +61,10 @@ class Directory:
         self.pool.p2p = await self.dht.replicate_p2p()
 
     async def shutdown(self) -> None:
+        if self._rejoining is not None:
+            self._rejoining.cancel()
+            with contextlib.suppress(BaseException):
+                await self._rejoining
         await self.pool.close()
         if self.pool.p2p is not None:
             await self.pool.p2p.shutdown()
@@ -65,11 +75,31 @@ class Directory:
 
     async def models(self) -> list[ModelInfo]:
         """The models announced in the swarm's registry."""
+        self._rejoin_soon()
         return await list_models(self.dht)
 
     async def servers(self, dht_prefix: str, num_blocks: int) -> list[ServerInfo]:
         """Every server that announces blocks of a model, one record per peer (its online one if it has)."""
+        self._rejoin_soon()
         return await find_servers(self.dht, dht_prefix, num_blocks)
+
+    def _rejoin_soon(self) -> None:
+        """Ping the initial peers missing from our DHT routing table (`dht.rejoin`), in the background, as a
+        server does every announce period: the DHT drops peers that stopped answering, and a client that lives
+        long (one model object kept for hours) would otherwise never meet its bootstrap peer again once it
+        restarts, and find no server for ever. In the background, since a peer that does not answer may take
+        the DHT's whole wait; the look-ups that follow find what the answer brings."""
+        if self.dht is None or not self.initial_peers:
+            return
+        if self._rejoining is None or self._rejoining.done():
+            self._rejoining = asyncio.ensure_future(self._rejoin())
+
+    async def _rejoin(self) -> None:
+        try:
+            async with asyncio.timeout(REJOIN_TIMEOUT_S):
+                await rejoin(self.dht, self.initial_peers)
+        except Exception as e:  # noqa: BLE001 - a failed ping leaves things as they were; the look-up says more
+            logger.debug("pinging the initial peers failed: %s", e)
 
     async def connection(self, peer_id: str, direct_addrs: Sequence[str] = ()) -> Connection:
         """The persistent connection to a server (direct when its announced address answers, else libp2p)."""
