@@ -24,18 +24,18 @@ def test_stopping_a_local_swarm_leaves_no_process_behind(llama_checkpoint):
         local.add_server(str(llama_checkpoint), (0, 4))
         local.start_monitor()
         local.start_api(str(llama_checkpoint))
-        groups = {
-            name: os.getpgid(process.proc.pid)
-            for name, process in [
-                ("bootstrap", local.bootstrap),
-                ("server", local.servers[0]),
-                ("monitor", local.monitor),
-                ("api", local.api),
-            ]
+        processes = {
+            "bootstrap": local.bootstrap,
+            "server": local.servers[0],
+            "monitor": local.monitor,
+            "api": local.api,
         }
+        groups = {name: os.getpgid(process.proc.pid) for name, process in processes.items()}
         assert all(_group_alive(pgid) for pgid in groups.values())
     # each stop() waited for its process; its children exit during its cleanup, before it does
     assert {name for name, pgid in groups.items() if _group_alive(pgid)} == set()
+    # and the pipes their output came through are closed (they stayed open: 2 fds per replaced server)
+    assert [name for name, process in processes.items() if not process.proc.stdout.closed] == []
 
 
 OWNER = """

@@ -28,13 +28,20 @@ class ManagedProcess:
     log: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        threading.Thread(target=self._pump, daemon=True).start()
+        self._pumping = threading.Thread(target=self._pump, daemon=True)
+        self._pumping.start()
 
     def _pump(self) -> None:
-        for line in self.proc.stdout:
-            self.log.append(line)
-            self.lines.put(line)
+        with self.proc.stdout:  # (closed at its end: a stopped process's pipe otherwise stays open for ever)
+            for line in self.proc.stdout:
+                self.log.append(line)
+                self.lines.put(line)
         self.lines.put(None)
+
+    def _exited(self, status: int) -> int:
+        """`status`, once the last of the process's output is read (its children hold the pipe until they exit)."""
+        self._pumping.join(5.0)
+        return status
 
     def wait_for(self, predicate, timeout_s: float) -> str:
         """The first stdout line for which predicate(line) is true, within `timeout_s` in all."""
@@ -59,7 +66,7 @@ class ManagedProcess:
     def wait_or_kill(self, timeout_s: float) -> int:
         """Its exit status once it exits, or SIGKILL to the whole group after `timeout_s`."""
         try:
-            return self.proc.wait(timeout_s)
+            return self._exited(self.proc.wait(timeout_s))
         except subprocess.TimeoutExpired:
             return self.kill()
 
@@ -84,7 +91,7 @@ class ManagedProcess:
     def kill(self) -> int:
         """Die at once, as a crashed machine would: the process and its children (DHT process, p2pd daemons)."""
         self._signal_group(signal.SIGKILL)
-        return self.proc.wait()
+        return self._exited(self.proc.wait())
 
 
 def _spawn(name: str, args: Sequence[str], *, fork: bool) -> ManagedProcess:
