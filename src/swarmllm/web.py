@@ -17,6 +17,8 @@ import sys
 from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
+from swarmllm.wire.peer_log import PeerFaultLog
+
 REQUEST_TIMEOUT_S = 10.0  # for a request's head, then for its body; and what a kept-alive connection may idle
 
 
@@ -65,11 +67,19 @@ async def _bounded_body(request: web.Request, handler) -> web.StreamResponse:
 class _RequesterErrors(logging.LoggerAdapter):
     """aiohttp's server log, where a request too malformed to parse (a line or a header past the limits, too
     many headers, bad syntax) is one warning line, not an error with a traceback: the requester's fault, and a
-    hostile one's would fill the log."""
+    hostile one's would fill the log (so past a few such lines, they are only counted: `PeerFaultLog`)."""
+
+    def __init__(self, logger: logging.Logger, extra: dict):
+        super().__init__(logger, extra)
+        self.requester_faults = PeerFaultLog(logger)
 
     def exception(self, msg, *args, exc_info=True, **kwargs) -> None:
         error = sys.exc_info()[1] if exc_info is True else exc_info
         if isinstance(error, HttpProcessingError):
-            self.warning(f"{msg}: %s", *args, error.message, **kwargs)
+            # aiohttp's message spans lines and quotes the request: one line, its control characters escaped
+            why = " ".join(str(error.message).split())
+            self.requester_faults.log(
+                logging.WARNING, "malformed request", f"{msg % args if args else msg}: {why!r}"
+            )
         else:
             super().exception(msg, *args, exc_info=exc_info, **kwargs)

@@ -209,7 +209,10 @@ def corrupt_output_error(record: SpotCheck) -> CorruptOutputError:
 
 
 def describe(error: BaseException) -> str:
-    return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+    """The error for logs and messages, one line: a server's error text is the peer's, and its newlines or terminal
+    escapes would forge lines in our log (they are written escaped, as repr would)."""
+    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(error))
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
 def describe_ladder(ranges: Sequence[tuple[int, int]]) -> str:

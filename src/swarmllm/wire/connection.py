@@ -40,8 +40,10 @@ from swarmllm.wire.framing import (
     encode_frame,
     read_frame,
 )
+from swarmllm.wire.peer_log import PeerFaultLog
 
 logger = logging.getLogger(__name__)
+peer_faults = PeerFaultLog(logger)
 
 # Stream messages wait in a queue of this size per call (and of WireLimits.max_inbox_bytes, on a server for all the
 # calls of a connection together); when it is full, the connection stops reading (backpressure).
@@ -467,7 +469,7 @@ class Connection:
                         target.set_exception(FrameError(f"a unary call got a {frame.kind.name} frame"))
                 elif frame.kind is Kind.ERROR and frame.call_id == _CONNECTION_CALL_ID:
                     refusal = _remote_error(frame.message)
-                    logger.warning(f"{self!r}: the peer rejected our connection: {refusal}")
+                    logger.warning(f"{self!r}: the peer rejected our connection: {str(refusal)!r}")
                     self._why_lost = ConnectionLost(f"the peer rejected the connection: {refusal}")
                 elif frame.kind is Kind.ERROR and (on_error := self._notices.pop(frame.call_id, None)):
                     _tell(on_error, _remote_error(frame.message), "a notice's on_error")
@@ -650,7 +652,9 @@ async def serve_connection(
     def frame_late() -> None:
         message = f"a frame did not arrive within its deadline ({limits.frame_timeout_s} s + its size at "
         message += f"{limits.min_frame_rate:.0f} bytes/s)"
-        logger.warning(f"Closing a {transport} connection from {peer_id}: {message}")
+        peer_faults.log(
+            logging.WARNING, "late frame", f"Closing a {transport} connection from {peer_id}: {message}"
+        )
         out.write_error(_CONNECTION_CALL_ID, "frame_timeout", message)
         writer.transport.abort()
 
@@ -769,7 +773,11 @@ async def serve_connection(
             except FrameError as e:
                 if writer.transport.is_closing():
                     return  # we closed it (a late frame), which cut the frame short
-                logger.warning(f"Closing a {transport} connection from {peer_id}: bad frame: {e}")
+                peer_faults.log(
+                    logging.WARNING,
+                    "bad frame",
+                    f"Closing a {transport} connection from {peer_id}: bad frame: {e}",
+                )
                 out.write_error(_CONNECTION_CALL_ID, "bad_frame", str(e))
                 return
             if frame.kind is Kind.REQUEST:

@@ -45,10 +45,12 @@ from swarmllm.wire.framing import (
     read_frame,
 )
 from swarmllm.wire.identity import Identity, peer_id_from_public_key, public_key_from_bytes, verify
+from swarmllm.wire.peer_log import PeerFaultLog
 from swarmllm.wire.swarm_key import SwarmKey
 from swarmllm.wire.tls import CertificateError, client_context, peer_id_of, server_context
 
 logger = logging.getLogger(__name__)
+peer_faults = PeerFaultLog(logger)
 
 TRANSPORT = "direct"
 NOT_A_MEMBER = "not_a_member"
@@ -247,7 +249,7 @@ class DirectServer:
         try:
             self.slots.open()
         except TooManyConnections as e:
-            logger.info(f"Refusing a direct connection from {peer_address}: {e}")
+            peer_faults.log(logging.INFO, "refused", f"Refusing a direct connection from {peer_address}: {e}")
             refuse_connection(writer, "too_many_connections", str(e))
             return
         task = asyncio.current_task()
@@ -260,7 +262,9 @@ class DirectServer:
                     _server_handshake(reader, writer, self.identity, self.swarm_key), self.handshake_timeout
                 )
             except (TimeoutError, WireError, OSError) as e:
-                logger.info(f"Direct handshake with {peer_address} failed: {e!r}")
+                peer_faults.log(
+                    logging.INFO, "handshake", f"Direct handshake with {peer_address} failed: {e!r}"
+                )
                 if not isinstance(e, (ConnectionLost, OSError)):
                     refuse_connection(
                         writer, NOT_A_MEMBER if isinstance(e, NotAMember) else "bad_handshake", str(e)
@@ -270,7 +274,9 @@ class DirectServer:
                 self.slots.identify(peer_id)
             except TooManyConnections as e:
                 peer_id = None
-                logger.info(f"Refusing a direct connection from {peer_address}: {e}")
+                peer_faults.log(
+                    logging.INFO, "refused", f"Refusing a direct connection from {peer_address}: {e}"
+                )
                 refuse_connection(writer, "too_many_connections", str(e))
                 return
             await serve_connection(

@@ -49,9 +49,11 @@ from swarmllm.wire.framing import (
     WireError,
     WireLimits,
 )
+from swarmllm.wire.peer_log import PeerFaultLog
 from swarmllm.wire.swarm_key import SwarmKey
 
 logger = logging.getLogger(__name__)
+peer_faults = PeerFaultLog(logger)
 
 PROTOCOL = "swarmllm/wire/1"
 TRANSPORT = "libp2p"
@@ -119,14 +121,14 @@ async def serve_libp2p(
         try:
             slots.open()
         except TooManyConnections as e:
-            logger.info(f"Refusing a libp2p connection from {peer_id}: {e}")
+            peer_faults.log(logging.INFO, "refused", f"Refusing a libp2p connection from {peer_id}: {e}")
             refuse_connection(writer, "too_many_connections", str(e))
             return
         try:
             slots.identify(peer_id)
         except TooManyConnections as e:
             slots.close(None)
-            logger.info(f"Refusing a libp2p connection from {peer_id}: {e}")
+            peer_faults.log(logging.INFO, "refused", f"Refusing a libp2p connection from {peer_id}: {e}")
             refuse_connection(writer, "too_many_connections", str(e))
             return
         try:
@@ -137,7 +139,9 @@ async def serve_libp2p(
                         handshake_timeout,
                     )
                 except (TimeoutError, WireError, OSError) as e:
-                    logger.info(f"libp2p membership check of {info.peer_id} failed: {e!r}")
+                    peer_faults.log(
+                        logging.INFO, "handshake", f"libp2p membership check of {info.peer_id} failed: {e!r}"
+                    )
                     if not isinstance(e, (ConnectionLost, OSError)):
                         refuse_connection(
                             writer, NOT_A_MEMBER if isinstance(e, NotAMember) else "bad_handshake", str(e)

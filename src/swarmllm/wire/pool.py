@@ -86,7 +86,7 @@ class ConnectionPool:
             except NotAMember:
                 raise  # the peer answered: libp2p would get the same refusal
             except (TimeoutError, OSError, WireError, ValueError) as e:
-                logger.info("direct path to %s at %s failed (%s); trying the next way", peer_id, addr, e)
+                logger.info("direct path to %s at %s failed (%r); trying the next way", peer_id, addr, str(e))
         if self.p2p is None:
             raise WireError(f"no direct address of {peer_id} answered and this pool has no libp2p peer")
         return await connect_libp2p(
