@@ -16,6 +16,7 @@ import asyncio
 import itertools
 import json
 import logging
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -75,8 +76,10 @@ _END = object()  # the end of a generation's pieces
 MAX_EMBED_TOKENS = 65_536  # summed over one embeddings request's inputs
 HEALTH_TIMEOUT_S = 10.0  # for the swarm's server list (a DHT look-up when the list is stale)
 DONE = b"data: [DONE]\n\n"  # the last server-sent event
-# a new session refused cache room while this API keeps sessions: after closing them, the waits before each try again
+# a new session refused cache room that this API's own sessions hold (kept ones, which it closes, or other
+# generations', which end): the waits before each try again (the last one repeated), up to ROOM_WAIT_S in all
 ROOM_RETRIES_S = (0.05, 0.1, 0.2, 0.4, 0.8, 1.6)
+ROOM_WAIT_S = 60.0
 ROOM_REFUSALS = frozenset({"quota", "cache_full"})
 
 
@@ -145,6 +148,8 @@ class Engine:
         self.guides = GuideMasks(self.tokenizer, model.config.vocab_size, self.eos_ids)
         self.metrics = metrics or ApiMetrics()  # (one for every model of an API)
         self.counted = self.metrics.model(name)  # this model's series
+        self._running = 0  # generations in a worker now
+        self._ended = threading.Condition()  # notified as each ends (its session's cache room frees)
 
     def decode(self, tokens: list[int]) -> str:
         return self.tokenizer.decode(tokens, skip_special_tokens=True)
@@ -158,7 +163,9 @@ class Engine:
         """The tokens that end a generate's text: EOS (unless `ignore_eos`) and the request's `stop_token_ids`."""
         return ([] if request.ignore_eos else self.eos_ids) + list(request.stop_token_ids or ())
 
-    def start(self, prompt_ids: list[int], max_new_tokens: int | None, request, index: int = 0) -> Generation:
+    def fit(self, prompt_ids: list[int], max_new_tokens: int | None) -> int:
+        """How many tokens a generate from `prompt_ids` may make (None: up to the context), or a 400 where the
+        prompt is empty or they do not fit the context."""
         if not prompt_ids:  # (a text of no tokens): nothing to generate from
             raise ApiError(400, "the prompt has no tokens", "invalid_request_error", "prompt")
         room = self.context_length - len(prompt_ids)
@@ -173,6 +180,10 @@ class Engine:
                 "max_tokens",
                 "context_length_exceeded",
             )
+        return max_new_tokens
+
+    def start(self, prompt_ids: list[int], max_new_tokens: int | None, request, index: int = 0) -> Generation:
+        max_new_tokens = self.fit(prompt_ids, max_new_tokens)
         loop = asyncio.get_running_loop()
         echo = getattr(request, "echo", False)  # (then the prompt's tokens come first)
         gen = Generation(
@@ -193,9 +204,13 @@ class Engine:
             loop.call_soon_threadsafe(gen.pieces.put_nowait, item)
 
         started = time.perf_counter()
-        self.counted.generations_running.inc()
+        self.counted.generations_waiting.inc()  # running once a worker takes it (--max-concurrent)
 
         def work() -> None:
+            self.counted.generations_waiting.dec()
+            self.counted.generations_running.inc()
+            with self._ended:
+                self._running += 1
             outcome: object = _END
             try:
                 if gen.cancelled:  # its requester left while it waited for a worker: no session for nobody
@@ -203,7 +218,8 @@ class Engine:
                 need = len(prompt_ids) + max_new_tokens  # (0: echo alone, a forward over the prompt at most)
                 # scoring the prompt needs the logits of all of its positions: nothing held can serve
                 scored = echo and request.logprob_top() is not None
-                for wait_s in (*ROOM_RETRIES_S, None):
+                waits, deadline, ours = iter(ROOM_RETRIES_S), time.monotonic() + ROOM_WAIT_S, False
+                while True:
                     streamer = PieceStreamer(gen.assembler, put, self._recorder(request))  # (per try)
                     try:
                         with self.sessions.use([] if scored else prompt_ids, need) as gen.cached_tokens:
@@ -214,15 +230,18 @@ class Engine:
                         break
                     except SessionRefused as e:
                         # no cache room for a new session on its servers: the sessions this API keeps for next
-                        # turns may hold it (each its peer's share), so they give way; the servers free their
-                        # cache as they see them closed, which the retries wait for
-                        if wait_s is None or sent or not e.codes <= ROOM_REFUSALS or gen.cancelled:
+                        # turns may hold it (each its peer's share), so they give way, and its other generations
+                        # running hold it until they end (as a request past --max-concurrent waits for a
+                        # worker); the servers free their cache as they see them closed, which the tries wait for
+                        if sent or not e.codes <= ROOM_REFUSALS or gen.cancelled:
                             raise
                         if closed := self.sessions.close_all():
                             logger.info("no cache room for a new session: closed %d kept sessions", closed)
-                        elif wait_s == ROOM_RETRIES_S[0]:
-                            raise  # none kept: the room is another requester's
-                        time.sleep(wait_s)  # (a worker thread: the servers' freeing is what is waited for)
+                        with self._ended:
+                            ours = ours or closed > 0 or self._running > 1
+                            if not ours or time.monotonic() > deadline:
+                                raise  # none of this API's: the room is another requester's
+                            self._ended.wait(next(waits, ROOM_RETRIES_S[-1]))  # (woken as one ends)
                 tail = streamer.finish()
                 if tail is not None:
                     put(tail)
@@ -239,6 +258,9 @@ class Engine:
                 # no longer running before its end is handed out: whoever reads the gauge after the answer
                 # sees it gone
                 self.counted.generations_running.dec()
+                with self._ended:
+                    self._running -= 1
+                    self._ended.notify_all()
                 put(outcome)
 
         loop.run_in_executor(self.executor, work)
@@ -566,11 +588,10 @@ class Api:
             body = await self._body(request, CompletionRequest)
             self._check_model(body.model)
             self._check_sampling(body)
-            gens = [
-                gen
-                for ids in self._prompt_ids(body.prompt)
-                for gen in self.engine.start_all(ids, body.max_new_tokens(), body)
-            ]
+            prompts = self._prompt_ids(body.prompt)
+            for ids in prompts:  # every prompt checked before any starts: a 400 leaves none generating
+                self.engine.fit(ids, body.max_new_tokens())
+            gens = [gen for ids in prompts for gen in self.engine.start_all(ids, body.max_new_tokens(), body)]
         except ApiError as e:
             return _error(e)
         reply = _Reply("cmpl", "text_completion", self.engine.name)

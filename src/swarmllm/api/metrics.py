@@ -1,9 +1,9 @@
 """What `swarmllm api` counts about the requests it answers, in Prometheus' terms (`GET /metrics`), as vLLM's
 server does for its own: requests by route and status with their durations (a middleware), the generations
-running, their prompt tokens (and those the servers held already), the tokens generated, the time to each
-generation's first token and between its tokens (from the engine's worker), speculative decoding's drafts and
-accepted tokens, and the inputs and tokens embedded, these by model (an API serves several). The registry is the
-API's own, so several APIs (or tests) in one process never share a counter.
+running and those waiting for a worker, their prompt tokens (and those the servers held already), the tokens
+generated, the time to each generation's first token and between its tokens (from the engine's worker),
+speculative decoding's drafts and accepted tokens, and the inputs and tokens embedded, these by model (an API
+serves several). The registry is the API's own, so several APIs (or tests) in one process never share a counter.
 """
 
 from __future__ import annotations
@@ -43,6 +43,10 @@ class ApiMetrics:
         # each model's series carry its name (`model`, as vLLM's carry `model_name`)
         self.generations_running = Gauge(
             "swarmllm_api_generations_running", "Generations running now (each choice of a request one)",
+            ["model"], registry=registry,
+        )  # fmt: skip
+        self.generations_waiting = Gauge(
+            "swarmllm_api_generations_waiting", "Generations waiting for a worker (past --max-concurrent)",
             ["model"], registry=registry,
         )  # fmt: skip
         self.prompt_tokens = Counter(
@@ -124,6 +128,7 @@ class ModelMetrics:
 
     def __init__(self, metrics: ApiMetrics, name: str):
         self.generations_running = metrics.generations_running.labels(name)
+        self.generations_waiting = metrics.generations_waiting.labels(name)
         self.prompt_tokens = metrics.prompt_tokens.labels(name)
         self.cached_tokens = metrics.cached_tokens.labels(name)
         self.generation_tokens = metrics.generation_tokens.labels(name)

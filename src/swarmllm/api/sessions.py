@@ -76,7 +76,8 @@ class SessionPool:
             kept = None if i is None else self._kept.pop(i)
         if kept is not None:
             return kept.remote, min(common_prefix(kept.tokens, prompt), len(prompt) - 1)
-        length = max(need, min(self.context_length, need + self.headroom))
+        headroom = self.headroom if self.size else 0  # (keeping none, no next turn reuses it)
+        length = max(need, min(self.context_length, need + headroom))
         return self.model.open_session(length), 0
 
     @contextlib.contextmanager
