@@ -13,11 +13,9 @@ from types import SimpleNamespace
 import openai
 import pytest
 import torch
-from aiohttp.test_utils import TestClient, TestServer
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
-from swarmllm.api.app import Api, Engine
-from swarmllm.api.gateway import Gateway
+from swarmllm.api.app import Engine
 from swarmllm.local import LocalSwarm
 from swarmllm.models.tiny import tiny_tokenizer
 
@@ -73,14 +71,6 @@ def engine():
     yield engine
     model.gate.set()
     engine.shutdown()
-
-
-@pytest.fixture
-async def client(engine):
-    client = TestClient(TestServer(Gateway([Api(engine)]).app()))
-    await client.start_server()
-    yield client
-    await client.close()
 
 
 def running(engine) -> float:
