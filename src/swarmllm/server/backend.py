@@ -108,6 +108,7 @@ class Session:
     lora: list[BlockLora] | None = None  # the session's adapter, fixed when it opened
     pair: bool = False  # an edge lies inside a ladder region: its steps take or return p (Ladder Residual)
     row: int | None = None  # its first row of the cache arena, where its cache is one (`server.arena`)
+    computed: bool = False  # it sent work to the compute thread (which may hold its cache after it closes)
 
 
 @dataclass(frozen=True)
@@ -437,12 +438,18 @@ class Backend:
 
     def close_session(self, session: Session) -> None:
         """Free a session's cache (closing it twice is harmless: its arena rows may be another's by then). A cache
-        of its own is kept alive by the work that still uses it; arena rows are given back after that work."""
+        of its own is kept alive by the work that still uses it, and its tokens come back after that work (so that
+        no new session is allocated beside it past the budget), as arena rows do."""
         open_ = self.sessions.pop(session.session_id, None) is not None
         self.batcher.forget(session.session_id)
         self.decoder.forget(session.cache)
         if session.row is None:
-            self.budget.release(session.session_id)
+            if open_ and session.computed:
+                # the compute thread may still hold its cache: a prefill it runs, or one whose client went away,
+                # cancelled but still queued (the release waits behind it, in the owner's turn)
+                self.compute.submit(session.owner, self.budget.release, session.session_id)
+            else:
+                self.budget.release(session.session_id)
         elif open_:
             # its rows go back once the compute thread is done with the session's work (a prefill running or
             # queued would write them): the give waits behind it, in the owner's turn
@@ -498,6 +505,7 @@ class Backend:
             mask = None if new_mask is None else new_mask[:, a:b]
             p = None if pending is None else pending[:, a:b]
             args = (session, hidden[:, a:b], position + a, mask, prompts if a == 0 else None, p)
+            session.computed = session.computed or not self.inline(batch * (b - a))
             yield a, b, *await self.run(batch * (b - a), session.owner, self._step, *args)
 
     def _note_mask(self, session: Session, position: int, end: int, new_mask: torch.Tensor | None) -> None:
