@@ -108,7 +108,10 @@ class ServerInfo(BaseModel):
     direct_addrs: tuple[Annotated[str, AfterValidator(_host_port)], ...] = Field(
         default=(), description="host:port of the direct tensor path"
     )
-    movable: bool = Field(default=True, description="False when its operator pinned its blocks (--blocks)")
+    movable: bool = Field(
+        default=True,
+        description="False when its operator pinned its blocks (--blocks), or while it backs off after a failed move",
+    )
     ladder: tuple[tuple[int, int], ...] = Field(
         default=(),
         description="the checkpoint's Ladder Residual layers as half-open [start, end) ranges "

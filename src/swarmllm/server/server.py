@@ -493,6 +493,12 @@ class Server:
         """Move to other blocks when that raises the swarm's bottleneck enough (`balancing.should_move`). Peers
         are pinged first: a server that died keeps its record until it expires, and its blocks may need us now.
         Returns whether a move was due (ours, now made, or another server's)."""
+        if self._move_retry_at and time.monotonic() >= self._move_retry_at:
+            # our back-off is over: movable again (`_info`), said before we count on it, so that the others
+            # and we agree on who moves
+            self._move_retry_at = 0.0
+            await self._announce()
+            return True
         await self._refresh_peers()
         others = [s for s in self.peers.values() if s.state != ServerState.OFFLINE]
         alive = await asyncio.gather(*(self._answers(s.peer_id) for s in others[:MAX_PINGS]))
@@ -507,9 +513,7 @@ class Server:
         movable = [s.movable for s in swarm]
         move = next_move(self.model_info.num_blocks, spans, movable=movable, lookahead=True)
         logger.debug("rebalancing over %s as %d: %s", spans, me, move)
-        if move is not None and move[0] == me:
-            if time.monotonic() < self._move_retry_at:
-                return False  # our last move failed: not again before its back-off ends
+        if move is not None and move[0] == me:  # (never while we back off: we announce movable: false)
             await self._move(*move[1])
         return move is not None
 
@@ -572,6 +576,9 @@ class Server:
                 backoff,
             )
             await self._announce(info.model_copy(update={"state": ServerState.OFFLINE}), blocks=new_blocks)
+            # not movable until the back-off ends (`_info`), said now: the others would otherwise keep choosing
+            # us as the mover of the round and wait for a move we do not make, leaving the gap open meanwhile
+            await self._announce()
             return
         self.backend, self._move_backoff_s = backend, 0.0
         if self.compiles:  # the new span's step compiles on the compute thread; until then steps run eagerly
@@ -704,7 +711,8 @@ class Server:
             quantization=self.config.quant,
             public_name=self.config.public_name,
             adapters=tuple(sorted(self.adapters.hosted)) if self.adapters else (),
-            movable=self.config.blocks is None,
+            # a server backing off after a failed move is not waited for either (see `_move`)
+            movable=self.config.blocks is None and time.monotonic() >= self._move_retry_at,
             direct_addrs=(self.direct_addr,) if self.direct_addr else (),
             ladder=self.ladder,
             fingerprint=self.fingerprint,
