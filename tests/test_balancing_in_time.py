@@ -11,9 +11,12 @@ from transformers.generation.streamers import BaseStreamer
 
 from swarmllm import AutoDistributedModelForCausalLM
 from swarmllm.client.loop import run_sync
-from swarmllm.dht import ServerState, find_servers, start_dht, stop_dht
+from swarmllm.dht import ModelInfo, ServerInfo, ServerState, announce, find_servers, start_dht, stop_dht
+from swarmllm.dht.info import model_fingerprint
 from swarmllm.dht.records import dht_prefix_for
 from swarmllm.local import LocalSwarm
+from swarmllm.models import load_config
+from swarmllm.version import __version__
 from swarmllm.wire import Identity
 
 NUM_LAYERS = 4
@@ -164,3 +167,40 @@ def test_a_generation_through_a_server_that_moves_away_gives_the_fault_free_toke
             assert pinned in model.swarm.bans.banned(time.monotonic())
         finally:
             model.shutdown()
+
+
+def test_a_joiner_counts_a_moving_server_at_the_blocks_it_loads(checkpoints):
+    """A server mid-move announces its new blocks as joining and still serves its old ones online. Balancing
+    must count it where it is going: a joiner saw it at its old blocks only (readers preferred the online
+    record), took the very blocks it was loading, and a later move had to undo it."""
+
+    path = str(checkpoints("llama", num_layers=NUM_LAYERS))
+    prefix = dht_prefix_for(path)
+    _, config = load_config(path)
+    with LocalSwarm() as swarm:
+        swarm.start_bootstrap()
+        swarm.add_server(path, (0, 2), extra=[*FLAGS, "--throughput", "1"])
+        mover = Identity.generate()
+        dht, tag = start_dht(mover, initial_peers=swarm.initial_peers)
+        try:
+            model = ModelInfo(dht_prefix=prefix, num_blocks=NUM_LAYERS, repository=path)
+            fields = dict(
+                peer_id=mover.peer_id, throughput=1000.0, inference_rps=1000.0, forward_rps=1000.0,
+                fingerprint=model_fingerprint(config), version=__version__, dtype="float32", cache_tokens_left=64,
+            )  # fmt: skip
+            # what `Server._move` leaves in the DHT while it loads [2, 4): online at [0, 2), joining at [2, 4)
+            online = ServerInfo(state=ServerState.ONLINE, start_block=0, end_block=2, **fields)
+            joining = ServerInfo(state=ServerState.JOINING, start_block=2, end_block=4, **fields)
+            assert run_sync(announce(dht, tag, prefix, online, model, 60))
+            assert run_sync(announce(dht, tag, prefix, joining, model, 60, blocks=[2, 3]))
+            seen = {s.peer_id: s for s in run_sync(find_servers(dht, prefix, NUM_LAYERS))}
+            assert (seen[mover.peer_id].state, seen[mover.peer_id].start_block) == (ServerState.ONLINE, 0)
+            planned = {s.peer_id: s for s in run_sync(find_servers(dht, prefix, NUM_LAYERS, planned=True))}
+            assert (planned[mover.peer_id].state, planned[mover.peer_id].start_block) == (
+                ServerState.JOINING,
+                2,
+            )
+            joiner = swarm.add_server(path, None, extra=[*FLAGS, "--num-blocks", "2", "--throughput", "10"])
+            assert (joiner["start"], joiner["end"]) == (0, 2)  # [2, 4) is the mover's, [0, 2) has 1 step/s
+        finally:
+            stop_dht(dht)

@@ -80,8 +80,14 @@ async def announce(
     return await dht.run_coroutine(store, return_future=True)
 
 
-async def find_servers(dht: hivemind.DHT, dht_prefix: str, num_blocks: int) -> list[ServerInfo]:
-    """Every valid server of a model, one entry per peer (records whose owner doesn't match are dropped)."""
+async def find_servers(
+    dht: hivemind.DHT, dht_prefix: str, num_blocks: int, *, planned: bool = False
+) -> list[ServerInfo]:
+    """Every valid server of a model, one entry per peer (records whose owner doesn't match are dropped): the
+    record it serves by, or with `planned` the one of where it is going: a moving server's *joining* record of
+    the blocks it loads before its *online* one of those it leaves (what servers balance by; clients route by
+    the online one)."""
+    preference = _PLANNED if planned else _PREFERENCE
     keys = [block_key(dht_prefix, b) for b in range(num_blocks)]
     found = await dht.run_coroutine(partial(_get_records, keys=keys), return_future=True)
     servers: dict[str, tuple[tuple[int, float], ServerInfo]] = {}
@@ -90,7 +96,7 @@ async def find_servers(dht: hivemind.DHT, dht_prefix: str, num_blocks: int) -> l
             info = parse_server_info(item.value)
             if info is None or owner_peer_id(subkey) != info.peer_id or info.end_block > num_blocks:
                 continue
-            rank = (_PREFERENCE[info.state], -item.expiration_time)
+            rank = (preference[info.state], -item.expiration_time)
             known = servers.get(info.peer_id)
             if known is None or rank < known[0]:
                 servers[info.peer_id] = rank, info
@@ -102,6 +108,7 @@ async def find_servers(dht: hivemind.DHT, dht_prefix: str, num_blocks: int) -> l
 # expires last) is: a server restarted with its identity, or stopped mid-move, leaves online records of its old
 # span behind.
 _PREFERENCE = {ServerState.ONLINE: 0, ServerState.JOINING: 1, ServerState.OFFLINE: 2}
+_PLANNED = {ServerState.JOINING: 0, ServerState.ONLINE: 1, ServerState.OFFLINE: 2}
 
 
 async def list_models(dht: hivemind.DHT) -> list[ModelInfo]:

@@ -500,7 +500,12 @@ class Server:
             await self._announce()
             return True
         await self._refresh_peers()
-        others = [s for s in self.peers.values() if s.state != ServerState.OFFLINE]
+        try:  # where the others are going: one that moves counts at the blocks it loads, as it will serve them
+            planned = await self._find_servers(planned=True)
+        except TimeoutError as e:
+            logger.warning("looking the swarm up failed (%s); not balancing this time", e)
+            return False
+        others = [s for s in planned if s.state != ServerState.OFFLINE and s.peer_id != self.identity.peer_id]
         alive = await asyncio.gather(*(self._answers(s.peer_id) for s in others[:MAX_PINGS]))
         others = [s for s, ok in zip(others, alive) if ok] + others[MAX_PINGS:]
         # every server orders the swarm alike (by peer id), so all agree on which one of them should move
@@ -665,7 +670,7 @@ class Server:
                 raise ServeConfigError(f"--blocks {start}:{end} is outside the model's {total_blocks} blocks")
             return start, end
         length = min(cfg.num_blocks or self._blocks_that_fit(block_config), total_blocks)
-        servers = await self._find_servers()
+        servers = await self._find_servers(planned=True)
         live = [(s.start_block, s.end_block, s.throughput) for s in servers if s.state != ServerState.OFFLINE]
         # its throughput is measured only once the blocks are loaded: until then, choose as a joiner faster than
         # any block's total, whose best windows are best whatever it measures (a placeholder of 1.0 tied them
@@ -747,11 +752,13 @@ class Server:
             return
         self.peers = {s.peer_id: s for s in found if s.peer_id != self.identity.peer_id}
 
-    async def _find_servers(self) -> list[ServerInfo]:
+    async def _find_servers(self, *, planned: bool = False) -> list[ServerInfo]:
         """The model's servers that serve our checkpoint: those of another one under the same name (other ladder
         layers, another model's config) are never chained with us, so they neither cover our blocks nor take our
-        pushes."""
-        found = await self._on_dht(find_servers(self.dht, self.dht_prefix, self.model_info.num_blocks))
+        pushes. `planned`: a moving server where it is going (`find_servers`), for choosing and balancing."""
+        found = await self._on_dht(
+            find_servers(self.dht, self.dht_prefix, self.model_info.num_blocks, planned=planned)
+        )
         return [s for s in found if same_checkpoint(s, self.ladder, self.fingerprint)]
 
     async def _rejoin(self) -> None:
