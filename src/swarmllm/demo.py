@@ -46,7 +46,10 @@ def demo_checkpoint(path: Path | None = None) -> Path:
         fcntl.flock(lock, fcntl.LOCK_EX)  # (released when the file closes, or when a builder dies)
         if (path / "config.json").exists():  # another process built it while this one waited
             return path
-        print("building the demo model (once): a tiny Llama trained for a few seconds on simple sentences")
+        print(  # progress on stderr: `swarmllm fetch` prints the folder alone on stdout
+            "building the demo model (once): a tiny Llama trained for a few seconds on simple sentences",
+            file=sys.stderr,
+        )
         building = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
         try:
             make_tiny_checkpoint(building, "llama", num_layers=6, seed=2026)
@@ -98,7 +101,7 @@ def _train(path: Path, steps: int = 300, batch: int = 32, length: int = 32, seed
         loss.backward()
         optimizer.step()
         if step % 100 == 0 or step == steps - 1:
-            print(f"  training step {step + 1}/{steps}: loss {loss.item():.2f}")
+            print(f"  training step {step + 1}/{steps}: loss {loss.item():.2f}", file=sys.stderr)
     model.eval().save_pretrained(path)
 
 

@@ -161,6 +161,31 @@ class Forker:
         self.sock.settimeout(None)
 
     def spawn(self, args: Sequence[str], env: dict[str, str]) -> ForkedProcess:
+        """The forked child of `swarmllm ARGS`. A Ctrl-C (SIGINT) while the forker forks is held until its answer is
+        read, then the child is killed and the interrupt goes on: raised in the middle, the child ran on in its own
+        session with a pid nobody knew (a demo interrupted while its monitor started left it running for good),
+        and the answer left unread broke the forker."""
+        if threading.current_thread() is not threading.main_thread():
+            return self._spawn(args, env)  # (only the main thread is interrupted)
+        interrupts: list = []
+        previous = signal.signal(signal.SIGINT, lambda signum, frame: interrupts.append(frame))
+        child = None
+        try:
+            child = self._spawn(args, env)
+        finally:
+            signal.signal(signal.SIGINT, previous)
+            if interrupts:
+                if child is not None:
+                    child.kill()
+                    child.wait()
+                    child.stdout.close()
+                if callable(previous):
+                    previous(signal.SIGINT, interrupts[0])
+                elif previous == signal.SIG_DFL:
+                    raise KeyboardInterrupt
+        return child
+
+    def _spawn(self, args: Sequence[str], env: dict[str, str]) -> ForkedProcess:
         out_r, out_w = os.pipe()
         status_r, status_w = os.pipe()
         request = json.dumps({"args": list(args), "env": env}).encode()
@@ -387,7 +412,10 @@ def _main(fd: int) -> None:
     except (AttributeError, OSError):
         return  # no pidfds (Linux < 5.3): the caller falls back to Popen
     sock.sendall(READY)
-    _serve_forks(sock)
+    try:
+        _serve_forks(sock)
+    except ConnectionError:
+        pass  # its caller went away mid-request (killed): the children live on, as they would
 
 
 if __name__ == "__main__":
