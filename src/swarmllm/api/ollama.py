@@ -18,6 +18,7 @@ not normalised, as Ollama's does. Errors are Ollama's `{"error": message}`.
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
@@ -67,6 +68,8 @@ def _fields(body: dict) -> dict:
         raise OllamaError(400, "options must be an object")
     fields = dict(DEFAULTS)
     fields.update({OPTIONS[k]: v for k, v in options.items() if k in OPTIONS and v is not None})
+    if options.get("seed") == -1:  # Ollama's default: its sampler draws unseeded
+        del fields["seed"]
     predict = options.get("num_predict")
     # unset, -1 or -2 (Ollama's default "infinite" and "fill"): up to the context, also where the OpenAI request
     # it becomes (a raw generate's completions request) would default to a few tokens
@@ -79,6 +82,18 @@ def _fields(body: dict) -> dict:
     elif fmt not in (None, ""):
         raise OllamaError(400, 'format must be "json" or a JSON schema')
     return fields
+
+
+def _unloads(body: dict) -> bool:
+    """Whether a request's `keep_alive` is zero (a number of seconds, or a Go duration such as "0s"): with
+    nothing to answer, Ollama's "unload the model"."""
+    keep_alive = body.get("keep_alive")
+    if isinstance(keep_alive, bool):
+        return False
+    if isinstance(keep_alive, int | float):
+        return keep_alive == 0
+    zero = r"(0+(\.0*)?(ns|us|µs|ms|s|m|h)?)+"
+    return isinstance(keep_alive, str) and re.fullmatch(zero, keep_alive) is not None
 
 
 def _openai_message(message: dict) -> dict:
@@ -167,7 +182,7 @@ class OllamaApi:
             self._check_model(body)
             messages = body.get("messages") or []
             if messages == []:  # Ollama's "load a model": nothing to answer
-                return _loaded({"message": _assistant("")}, self.engine.name)
+                return _loaded({"message": _assistant("")}, self.engine.name, _unloads(body))
             if not isinstance(messages, list) or not all(isinstance(m, dict) for m in messages):
                 raise OllamaError(400, "messages must be a list of objects")
             if any(m.get("images") for m in messages):
@@ -207,7 +222,7 @@ class OllamaApi:
             if body.get("context"):
                 raise OllamaError(400, "context is not supported: send the conversation to /api/chat")
             if body.get("prompt") in (None, ""):  # Ollama's "load a model": nothing to answer
-                return _loaded({"response": ""}, self.engine.name)
+                return _loaded({"response": ""}, self.engine.name, _unloads(body))
             prompt = body.get("prompt") or ""
             if not isinstance(prompt, str) or not prompt:
                 raise OllamaError(400, "prompt must be a string of some text")
@@ -237,7 +252,7 @@ class OllamaApi:
             asked = self._request(
                 EmbeddingRequest, {"input": body["input"], "dimensions": body.get("dimensions")}
             )
-            truncate = body.get("truncate", True)
+            truncate = True if body.get("truncate") is None else body["truncate"]
             if not isinstance(truncate, bool):
                 raise OllamaError(400, "truncate must be true or false")
             ids = self.api.embedding_ids(asked, truncate)
@@ -254,7 +269,7 @@ class OllamaApi:
         try:
             body = await read_json(request)
             self._check_model(body)
-            prompt = body.get("prompt")
+            prompt = "" if body.get("prompt") is None else body["prompt"]  # (left out: empty, as Ollama's)
             if not isinstance(prompt, str):
                 raise OllamaError(400, "prompt must be a string")
             if not prompt:
@@ -308,10 +323,12 @@ def _line(data: dict) -> bytes:
     return json.dumps(data).encode() + b"\n"
 
 
-def _loaded(part: dict, model: str) -> web.Response:
-    """Ollama's answer to a request to load the model (held by the swarm already): done at once."""
+def _loaded(part: dict, model: str, unload: bool = False) -> web.Response:
+    """Ollama's answer to a request to load the model (held by the swarm already), or with `keep_alive` 0 to
+    unload it (the swarm's servers keep it): done at once."""
+    reason = "unload" if unload else "load"
     return web.json_response(
-        {"model": model, "created_at": _now(), **part, "done": True, "done_reason": "load"}
+        {"model": model, "created_at": _now(), **part, "done": True, "done_reason": reason}
     )
 
 
