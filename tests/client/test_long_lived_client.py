@@ -91,7 +91,6 @@ def test_every_server_replaced_by_new_peers_on_the_same_ports(local, made, path,
     old = start(local, made, path, prefix, [((0, 2), flags[0]), ((2, 4), flags[1])])
     model = client(local, made, path, prefix, missing_blocks_timeout_s=20)
     assert greedy(model) == reference
-    sockets = open_fds("socket:")
 
     for index in made[0][-2:]:
         if how == "stop":
@@ -108,8 +107,11 @@ def test_every_server_replaced_by_new_peers_on_the_same_ports(local, made, path,
     failovers = len(model.swarm.failovers)
     assert greedy(model) == reference
     assert len(model.swarm.failovers) == failovers
-    # the connections to the servers that left are closed, not kept beside the new ones
-    assert open_fds("socket:") <= sockets
+    # the connections to the servers that left are closed, not kept beside the new ones (the process's socket
+    # count is no measure: its DHT's calls to p2pd open and close unix sockets of their own meanwhile)
+    connections = model.swarm.directory.pool._connections
+    gone = {i["peer_id"] for i in old}
+    assert [p for p, c in connections.items() if p in gone and not c.is_closed] == []
 
 
 def test_server_restarted_on_other_blocks_with_its_identity(local, made, path, prefix, reference, tmp_path):
