@@ -28,17 +28,6 @@ def closed_port() -> int:
         return s.getsockname()[1]
 
 
-def test_fetch_tiny_prints_only_the_folder_on_stdout(tmp_path):
-    """`MODEL=$(swarmllm fetch tiny)` is the folder, also the first time, when the model is built and trained
-    (its progress lines went to stdout, before the folder)."""
-    folder = tmp_path / "tiny"
-    done = cli("fetch", "tiny", "--dir", str(folder), env={"HOME": str(tmp_path / "home")}, timeout_s=120)
-    assert done.returncode == 0, done.stderr
-    assert done.stdout == f"{folder}\n"
-    assert "training step" in done.stderr  # the progress is still shown, on stderr
-    assert (folder / "config.json").exists()
-
-
 def test_fetch_smollm2_keeps_stdout_for_the_folder(tmp_path):
     """Where the download fails (here: an index that does not answer), stdout holds nothing: no progress line
     that a script would take for the folder."""
