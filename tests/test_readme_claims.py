@@ -110,7 +110,9 @@ def test_cited_test_and_benchmark_files_exist():
 
 def test_every_flag_named_exists():
     commands = _commands()
-    ours = set().union(*(_flags(parser) for parser in commands.values()))
+    ours = set().union(
+        _flags(build_parser()), *(_flags(parser) for parser in commands.values())
+    )  # (--version)
     named = set(re.findall(r"(?<![\w-])--[a-z][a-z0-9-]*", README))
     unknown = sorted(named - ours - set(SCRIPT_FLAGS) - OTHER_TOOLS)
     assert not unknown, f"the README names flags no command has: {unknown}"
