@@ -62,8 +62,8 @@ from swarmllm.wire.messages import PushTarget, Step
 logger = logging.getLogger(__name__)
 
 # a step of this many tokens is pushed on even into sessions that have not answered yet (a prompt's prefill: the
-# first step), so that servers that prefill in chunks pipeline it along the chain; its first hop computes far
-# longer than the next session takes to open, and a push that outruns the opening costs a fallback round trip
+# first step), so that servers that prefill in chunks pipeline it along the chain; a push that outruns the
+# opening waits for it on the next server (`server.handler.EARLY_PUSH_WAIT_S`)
 PUSH_UNANSWERED_TOKENS = 256
 
 

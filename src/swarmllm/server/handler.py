@@ -14,7 +14,8 @@ first of them and replies to the client at once (`pushed`). A push is a notice (
 which the next server answers only to refuse it, so a hop costs no ack. If the push fails (it cannot be sent within
 the step's `push_timeout_s`, the next server refuses it, or the connection to it breaks before the session's next
 step), a `PushFailed` follows on the session's stream and the client sends that input itself, so a failed push
-costs one client round trip, never a hang. The pushed input enters the receiver's session queue as if the client
+costs one client round trip, never a hang. A push for a session not open yet (it outran the client's opening)
+waits for it, briefly and within bounds. The pushed input enters the receiver's session queue as if the client
 had sent it, and the reply goes to the client's stream.
 
 Ladder Residual: where the first edge of a request's blocks lies inside a ladder region of the checkpoint
@@ -147,6 +148,25 @@ class _PushFailed(Message):
     """A `PushFailed` notice for the client, queued behind the session's inputs by a push that failed."""
 
 
+@dataclass
+class _EarlyPush:
+    """A push for a session that is not open yet, waiting for it (`RequestHandler._park`)."""
+
+    message: Message
+    step: Step
+    sender: str | None
+    nbytes: int
+    delivered: asyncio.Future
+
+
+# A push may arrive before the session it is for: a client opens each hop's session and sends the first step at
+# once, and the previous server, nearer to us than the client or just quicker, can push the first chunk of a prompt
+# before the opening gets here. Such a push waits for its session up to this long (or its step's push timeout),
+# within these bounds for all peers together; past them it is refused at once and the client sends it itself.
+EARLY_PUSH_WAIT_S = 2.0
+MAX_EARLY_PUSHES = 64
+MAX_EARLY_PUSH_BYTES = 64 << 20
+
 _LEAVING = Message({"kind": "leaving"})  # put into every session's queue when the server leaves
 _ANONYMOUS = "anonymous"  # the quota key of callers whose transport proved no peer id
 
@@ -199,6 +219,7 @@ class RequestHandler:
         self._session_closed = asyncio.Event()  # set whenever a session closes
         self._pushes: set[asyncio.Task] = set()  # pushes waiting for a connection (a reply does not wait)
         self._push_connections: dict[str, Connection] = {}  # the next servers pushed to, by peer id
+        self._early: dict[str, list[_EarlyPush]] = {}  # pushes that came before their session, by its secret id
 
     def handlers(self) -> Handlers:
         """The RPCs, each capped at the largest payload it can validly carry, so a peer's declared size costs
@@ -436,6 +457,8 @@ class RequestHandler:
         target = _SessionInbox(incoming, opening.accept_push_from)
         if token is not None:
             self._by_token[token] = target
+            for early in self._early.pop(token, []):
+                self._hand_over(early, target)
         self._open[incoming] = backend
         self.metrics.sessions_opened.inc()
         self.metrics.sessions_open.inc()
@@ -525,16 +548,66 @@ class RequestHandler:
         )
         task.cancel()
 
-    def rpc_push(self, request: Message, context: CallContext) -> None:
+    def rpc_push(self, request: Message, context: CallContext) -> Awaitable[None] | None:
         """An input for one of our sessions, computed by the previous server of the client's chain (a notice,
-        handled in the read loop: a push is on every step's critical path)."""
+        handled in the read loop: a push is on every step's critical path). One for a session not open yet waits
+        for it (`EARLY_PUSH_WAIT_S`)."""
+        step = self._push_step(request)
+        if step.session_id is not None and step.session_id not in self._by_token:
+            return self._park(request, step, context.peer_id)
         self._deliver_push(request, context.peer_id)
+        return None
 
-    def _deliver_push(self, message: Message, sender: str | None) -> None:
+    @staticmethod
+    def _push_step(message: Message) -> Step:
         step = parse_session_input(message)
         if not isinstance(step, Step):
             raise RequestError("bad_request", "a push carries a step, nothing else")
-        target = self._by_token.get(step.session_id) if step.session_id is not None else None
+        return step
+
+    async def _park(self, message: Message, step: Step, sender: str | None) -> None:
+        """Hold a push until its session opens, in order with the pushes after it; refused (`unknown_session`)
+        if it does not open in time, or at once when the pushes held already reach their bounds."""
+        nbytes = sum(t.numel() * t.element_size() for t in message.tensors)
+        held = [early for waiting in self._early.values() for early in waiting]
+        if len(held) >= MAX_EARLY_PUSHES or sum(e.nbytes for e in held) + nbytes > MAX_EARLY_PUSH_BYTES:
+            raise RequestError("unknown_session", "no open session with this session_id")
+        early = _EarlyPush(message, step, sender, nbytes, asyncio.get_running_loop().create_future())
+        waiting = self._early.setdefault(step.session_id, [])
+        waiting.append(early)
+        wait = min(EARLY_PUSH_WAIT_S, step.push_timeout_s or EARLY_PUSH_WAIT_S)
+        try:
+            async with asyncio.timeout(wait):
+                await early.delivered
+        except TimeoutError:
+            raise RequestError(
+                "unknown_session", f"no open session with this session_id (waited {wait:.1f} s for it)"
+            ) from None
+        finally:
+            if early in waiting:
+                waiting.remove(early)
+                if not waiting and self._early.get(step.session_id) is waiting:
+                    del self._early[step.session_id]
+
+    def _hand_over(self, early: _EarlyPush, target: _SessionInbox) -> None:
+        if early.delivered.done():
+            return  # it gave up waiting
+        try:
+            self._deliver_push(early.message, early.sender, early.step, target)
+            early.delivered.set_result(None)
+        except RequestError as e:
+            early.delivered.set_exception(e)
+
+    def _deliver_push(
+        self,
+        message: Message,
+        sender: str | None,
+        step: Step | None = None,
+        target: _SessionInbox | None = None,
+    ) -> None:
+        step = step or self._push_step(message)
+        if target is None and step.session_id is not None:
+            target = self._by_token.get(step.session_id)
         if target is None:
             raise RequestError("unknown_session", "no open session with this session_id")
         if target.accept_from is None or target.accept_from != sender:

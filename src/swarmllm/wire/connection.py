@@ -168,7 +168,7 @@ class Incoming(Inbox):
 
 
 UnaryHandler = Callable[[Message, CallContext], Awaitable[Message]]
-NoticeHandler = Callable[[Message, CallContext], None]
+NoticeHandler = Callable[[Message, CallContext], Awaitable[None] | None]
 ErrorCallback = Callable[[WireError], None]
 Watcher = Callable[[Message | WireError], None]
 StreamHandler = Callable[[Message, Incoming, CallContext], AsyncIterator[Message]]
@@ -201,7 +201,8 @@ class Handlers:
     def add_notice(self, method: str, fn: NoticeHandler, *, max_payload_bytes: int | None = None) -> None:
         """A one-way method (`Connection.notify`): a plain function called in the connection's read loop (no
         task), answered only when it raises, with an ERROR frame; for quick handlers on the hot path (a push
-        between servers costs one frame, not a frame and an ack)."""
+        between servers costs one frame, not a frame and an ack). A handler that cannot settle the notice at once
+        returns an awaitable instead: it runs as an open call of the connection, answered only if it raises."""
         self._check_new(method, max_payload_bytes)
         self.notice[method] = fn
 
@@ -689,6 +690,14 @@ async def serve_connection(
         finally:
             calls.pop(call_id, None)
 
+    async def run_notice(call_id: int, later: Awaitable[None], context: CallContext) -> None:
+        try:
+            await later
+        except Exception as e:
+            _report_failure(out, call_id, context, e)
+        finally:
+            calls.pop(call_id, None)
+
     async def run_stream(
         call_id: int, fn: StreamHandler, opening: Message, inbox: Incoming, context: CallContext
     ) -> None:
@@ -717,9 +726,12 @@ async def serve_connection(
         context = CallContext(peer_id=peer_id, transport=transport, method=method)
         if method in handlers.notice:
             try:
-                handlers.notice[method](frame.message, context)
+                later = handlers.notice[method](frame.message, context)
             except Exception as e:
                 _report_failure(out, call_id, context, e)
+            else:
+                if later is not None:
+                    calls[call_id] = _ServerCall(asyncio.ensure_future(run_notice(call_id, later, context)), None, 0)
         elif method in handlers.unary:
             task = asyncio.create_task(run_unary(call_id, handlers.unary[method], frame.message, context))
             calls[call_id] = _ServerCall(task, None, 0)
