@@ -327,6 +327,12 @@ def build_parser() -> argparse.ArgumentParser:
         "breaks); servers started with --blocks never move",
     )
     serve.add_argument(
+        "--dht-timeout",
+        type=_seconds,
+        default=30.0,
+        help="seconds a request to the server's own DHT process may take before the server counts it as frozen",
+    )
+    serve.add_argument(
         "--metrics-port",
         type=_port,
         help="serve this server's Prometheus metrics at http://HOST:PORT/metrics (0 = any free port)",
@@ -581,7 +587,11 @@ def _check_draft(model: str, draft: str | None) -> None:
 
 def _explain(error: BaseException, args: argparse.Namespace) -> str | None:
     """One line for a mistake a user can fix, or None for anything else."""
-    if isinstance(error, UserError) or type(error).__name__ in ("MissingBlocksError", "ServeConfigError"):
+    if isinstance(error, UserError) or type(error).__name__ in (
+        "MissingBlocksError",
+        "ServeConfigError",
+        "ServeStartError",
+    ):
         return str(error)
     text = str(error)
     peers = " ".join(_initial_peers_quietly(args)) or "(none)"
@@ -948,6 +958,7 @@ def _serve(args: argparse.Namespace) -> int:
             bandwidth=None if args.bandwidth is None else parse_bandwidth(args.bandwidth),
             update_period_s=args.update_period,
             balance_period_s=args.balance_period,
+            dht_timeout_s=args.dht_timeout,
             wire=WireLimits(**{name: value for name, value in wire_options.items() if value is not None}),
             **({} if args.handshake_timeout is None else {"handshake_timeout_s": args.handshake_timeout}),
             metrics_port=args.metrics_port,

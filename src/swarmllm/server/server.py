@@ -20,6 +20,7 @@ import multiprocessing
 import os
 import random
 import signal
+import statistics
 import sys
 import time
 from dataclasses import dataclass, field
@@ -80,9 +81,6 @@ HOST_CHECK_S = 2.0  # how often a CPU server looks for other servers on its host
 WATCH_S = 1.0  # how often the server looks for broken connections to its peers (one may have died)
 UNSETTLED_CHECK_S = 2.0  # while a move is due (by us or another server), check again this soon
 MAX_MOVE_BACKOFF_S = 600.0  # a move that keeps failing (out of memory, ...) is tried at most this rarely
-# the most a DHT request may take (hivemind gives up on a peer after 3 s; a store or look-up asks a few in turn):
-# a DHT process that froze must not stop the serving loop (announcements, checks, a SIGTERM's leave) for ever
-DHT_TIMEOUT_S = 30.0
 LEAVE_ANNOUNCE_TIMEOUT_S = 5.0  # on leaving, the most the offline announcement may take
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -93,6 +91,10 @@ class ServeConfigError(ValueError):
 
 class DhtGone(RuntimeError):
     """The server's DHT process exited: no announcement or look-up will ever be answered."""
+
+
+class ServeStartError(RuntimeError):
+    """Start-up cannot go on (its DHT failed it before it served): the CLI prints one line and exits 1."""
 
 
 @dataclass
@@ -139,6 +141,9 @@ class ServerConfig:
     update_period_s: float = 30.0  # re-announce this often (records expire after 3 periods)
     balance_period_s: float = 15.0  # a movable server checks whether to move this often, and soon after a
     # connection to a peer breaks
+    # the most a DHT request may take (hivemind gives up on a peer after 3 s; a store or look-up asks a few in turn):
+    # a DHT process that froze must not stop the serving loop (announcements, checks, a SIGTERM's leave) for ever
+    dht_timeout_s: float = 30.0
     leave_timeout_s: float = 5.0  # on SIGTERM, how long open sessions may take to finish their current step
     expiration_s: float | None = None
     limits: ServerLimits = field(default_factory=ServerLimits)
@@ -409,10 +414,10 @@ class Server:
     async def _on_dht(self, request, *, leaving: bool = False):
         """The answer of a DHT request (a coroutine); DhtGone where the DHT process is dead or dies meanwhile
         (hivemind's future would wait for its answer for ever); TimeoutError where it has not answered in
-        DHT_TIMEOUT_S (a frozen DHT process), or once the server is asked to leave (then only the offline
+        `dht_timeout_s` (a frozen DHT process), or once the server is asked to leave (then only the offline
         announcement of `leaving` is still worth waiting for, LEAVE_ANNOUNCE_TIMEOUT_S at most)."""
         task = asyncio.ensure_future(request)
-        timeout_s = LEAVE_ANNOUNCE_TIMEOUT_S if leaving else DHT_TIMEOUT_S
+        timeout_s = LEAVE_ANNOUNCE_TIMEOUT_S if leaving else self.config.dht_timeout_s
         deadline = time.monotonic() + timeout_s
         try:
             while not task.done():
@@ -670,8 +675,22 @@ class Server:
                 raise ServeConfigError(f"--blocks {start}:{end} is outside the model's {total_blocks} blocks")
             return start, end
         length = min(cfg.num_blocks or self._blocks_that_fit(block_config), total_blocks)
-        servers = await self._find_servers(planned=True)
-        live = [(s.start_block, s.end_block, s.throughput) for s in servers if s.state != ServerState.OFFLINE]
+        try:  # (a span chosen blind could take blocks the swarm has plenty of: stop, for a restart)
+            servers = await self._find_servers(planned=True)
+        except TimeoutError:
+            raise ServeStartError(
+                f"cannot choose blocks: the DHT process (pid {self.dht.pid}) did not answer a look-up of the "
+                f"swarm in {self.config.dht_timeout_s:g} s"
+            ) from None
+        except DhtGone as e:
+            raise ServeStartError(f"cannot choose blocks: {e}") from None
+        others = [s for s in servers if s.state != ServerState.OFFLINE]
+        live = [(s.start_block, s.end_block, s.throughput) for s in others]
+        if cfg.throughput is None and others:
+            # announced while it loads, until its own are measured: the swarm's typical figures (a placeholder of
+            # 1.0 counted it as next to nothing, and a server joining meanwhile took the same weak blocks)
+            self.inference_rps = statistics.median(s.inference_rps for s in others)
+            self.forward_rps = statistics.median(s.forward_rps for s in others)
         # its throughput is measured only once the blocks are loaded: until then, choose as a joiner faster than
         # any block's total, whose best windows are best whatever it measures (a placeholder of 1.0 tied them
         # with windows that leave the bottleneck lower, and one was taken at random)
