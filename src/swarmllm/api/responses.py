@@ -300,6 +300,8 @@ class _Answer:
     def finish(self, text: str) -> dict:
         """The whole response for the answer `text` (kept unless `store: false`)."""
         content, calls = (text, []) if self.tools is None else self.tools.parse(text)
+        # a message cut at max_output_tokens is incomplete, as the response is (OpenAI's)
+        status = "incomplete" if not calls and self.gen.finish_reason == "length" else "completed"
         if calls:
             output = [
                 {"type": "function_call", "id": f"fc_{uuid.uuid4().hex}", "call_id": call["id"],
@@ -309,10 +311,9 @@ class _Answer:
             said = {"role": "assistant", "content": "", "tool_calls": calls}
         else:
             part = {"type": "output_text", "text": content or "", "annotations": [], "logprobs": []}
-            output = [{"type": "message", "id": self.message_id, "status": "completed", "role": "assistant",
+            output = [{"type": "message", "id": self.message_id, "status": status, "role": "assistant",
                        "content": [part]}]  # fmt: skip
             said = {"role": "assistant", "content": content or ""}
-        status = "incomplete" if not calls and self.gen.finish_reason == "length" else "completed"
         response = self.response(status, output)
         if response["store"]:
             self.owner.keep(self.id, _Kept(response, [*self.messages, said]))
