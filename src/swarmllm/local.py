@@ -3,6 +3,7 @@ the tests and the benchmarks. Each process reports readiness on stdout; we wait 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
@@ -12,6 +13,8 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+
+import psutil
 
 from swarmllm.forking import ForkedProcess, forked, popen_cli
 
@@ -38,8 +41,12 @@ class ManagedProcess:
                 self.lines.put(line)
         self.lines.put(None)
 
-    def _exited(self, status: int) -> int:
-        """`status`, once the last of the process's output is read (its children hold the pipe until they exit)."""
+    def _exited(self, status: int, strays: list[psutil.Process]) -> int:
+        """`status`, once the last of the process's output is read (its children hold the pipe until they exit;
+        `strays`, those outside its group, are killed first)."""
+        for stray in strays:
+            with contextlib.suppress(psutil.Error):
+                stray.kill()
         self._pumping.join(5.0)
         return status
 
@@ -60,13 +67,15 @@ class ManagedProcess:
 
     def stop(self, timeout_s: float = 20.0) -> int:
         """SIGTERM (a server announces it is leaving and exits); SIGKILL to the whole group if that hangs."""
+        strays = self.strays()
         self.terminate()
-        return self.wait_or_kill(timeout_s)
+        return self.wait_or_kill(timeout_s, strays)
 
-    def wait_or_kill(self, timeout_s: float) -> int:
+    def wait_or_kill(self, timeout_s: float, strays: list[psutil.Process] | None = None) -> int:
         """Its exit status once it exits, or SIGKILL to the whole group after `timeout_s`."""
+        strays = self.strays() if strays is None else strays
         try:
-            return self._exited(self.proc.wait(timeout_s))
+            return self._exited(self.proc.wait(timeout_s), strays)
         except subprocess.TimeoutExpired:
             return self.kill()
 
@@ -90,8 +99,25 @@ class ManagedProcess:
 
     def kill(self) -> int:
         """Die at once, as a crashed machine would: the process and its children (DHT process, p2pd daemons)."""
+        strays = self.strays()
         self._signal_group(signal.SIGKILL)
-        return self._exited(self.proc.wait())
+        return self._exited(self.proc.wait(), strays)
+
+    def strays(self) -> list[psutil.Process]:
+        """The process's children outside its group (torch's shm manager): they outlive it by seconds, holding
+        its output pipe, unless killed once it is gone."""
+        try:
+            children = psutil.Process(self.proc.pid).children(recursive=True)
+        except psutil.Error:
+            return []
+        return [c for c in children if _group(c) not in (None, self.proc.pid)]
+
+
+def _group(process: psutil.Process) -> int | None:
+    try:
+        return os.getpgid(process.pid)
+    except ProcessLookupError:
+        return None  # gone already
 
 
 def _spawn(name: str, args: Sequence[str], *, fork: bool) -> ManagedProcess:
@@ -202,12 +228,13 @@ class LocalSwarm:
         """Stop every process: the faces and servers all at once (each server announces that it leaves and
         exits), then the bootstrap peer they announce through; SIGKILL to any that hangs past `timeout_s`."""
         leaving = [face for face in (self.api, self.monitor) if face is not None] + self.servers
+        strays = [process.strays() for process in leaving]
         for process in leaving:
             process.resume()  # a paused server could not handle SIGTERM
             process.terminate()
         deadline = time.monotonic() + timeout_s
-        for process in leaving:
-            process.wait_or_kill(max(0.0, deadline - time.monotonic()))
+        for process, its_strays in zip(leaving, strays, strict=True):
+            process.wait_or_kill(max(0.0, deadline - time.monotonic()), its_strays)
         if self.bootstrap is not None:
             self.bootstrap.stop(timeout_s)
 
