@@ -13,6 +13,7 @@ from swarmllm.dht import (
     ServerState,
     announce,
     block_key,
+    find_server_views,
     find_servers,
     list_models,
     start_dht,
@@ -120,6 +121,10 @@ async def test_a_moving_server_announces_its_new_blocks_as_joining_and_stays_onl
     assert await announce(server_dht, tag, "moving", joining, MODEL, 60, blocks=[4, 5])
     found = await find_servers(client_dht, "moving", 8)
     assert [(s.state, s.start_block, s.end_block) for s in found] == [(ServerState.ONLINE, 0, 2)]
+    # servers choosing or balancing read where it is going; one read gives both views
+    planned = await find_servers(client_dht, "moving", 8, planned=True)
+    assert [(s.state, s.start_block, s.end_block) for s in planned] == [(ServerState.JOINING, 4, 6)]
+    assert await find_server_views(client_dht, "moving", 8) == (found, planned)
     # once moved: online on the new span, offline on the blocks it left; the online record wins
     assert await announce(server_dht, tag, "moving", info_for(server_id.peer_id, 4, 6), MODEL, 60)
     assert await announce(

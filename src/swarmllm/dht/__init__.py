@@ -8,7 +8,15 @@
 
 from swarmllm.dht.info import ModelInfo, ServerInfo, ServerState, parse_model_info, parse_server_info
 from swarmllm.dht.node import rejoin, start_dht, stop_dht, visible_maddrs
-from swarmllm.dht.records import MODELS_KEY, announce, block_key, find_servers, list_models, owner_peer_id
+from swarmllm.dht.records import (
+    MODELS_KEY,
+    announce,
+    block_key,
+    find_server_views,
+    find_servers,
+    list_models,
+    owner_peer_id,
+)
 
 __all__ = [
     "MODELS_KEY",
@@ -17,6 +25,7 @@ __all__ = [
     "ServerState",
     "announce",
     "block_key",
+    "find_server_views",
     "find_servers",
     "list_models",
     "owner_peer_id",

@@ -87,19 +87,35 @@ async def find_servers(
     record it serves by, or with `planned` the one of where it is going: a moving server's *joining* record of
     the blocks it loads before its *online* one of those it leaves (what servers balance by; clients route by
     the online one)."""
-    preference = _PLANNED if planned else _PREFERENCE
+    online, where_going = await find_server_views(dht, dht_prefix, num_blocks)
+    return where_going if planned else online
+
+
+async def find_server_views(
+    dht: hivemind.DHT, dht_prefix: str, num_blocks: int
+) -> tuple[list[ServerInfo], list[ServerInfo]]:
+    """`find_servers` and `find_servers(planned=True)` from one read of the DHT (a balancing server needs both)."""
     keys = [block_key(dht_prefix, b) for b in range(num_blocks)]
     found = await dht.run_coroutine(partial(_get_records, keys=keys), return_future=True)
-    servers: dict[str, tuple[tuple[int, float], ServerInfo]] = {}
+    records = []
     for key in keys:
         for subkey, item in found.get(key, {}).items():
             info = parse_server_info(item.value)
             if info is None or owner_peer_id(subkey) != info.peer_id or info.end_block > num_blocks:
                 continue
-            rank = (preference[info.state], -item.expiration_time)
-            known = servers.get(info.peer_id)
-            if known is None or rank < known[0]:
-                servers[info.peer_id] = rank, info
+            records.append((info, item.expiration_time))
+    return _one_per_peer(records, _PREFERENCE), _one_per_peer(records, _PLANNED)
+
+
+def _one_per_peer(
+    records: list[tuple[ServerInfo, float]], preference: dict[ServerState, int]
+) -> list[ServerInfo]:
+    servers: dict[str, tuple[tuple[int, float], ServerInfo]] = {}
+    for info, expiration in records:
+        rank = (preference[info.state], -expiration)
+        known = servers.get(info.peer_id)
+        if known is None or rank < known[0]:
+            servers[info.peer_id] = rank, info
     return [info for _, info in servers.values()]
 
 

@@ -35,7 +35,7 @@ from swarmllm.dht import (
     ServerInfo,
     ServerState,
     announce,
-    find_servers,
+    find_server_views,
     rejoin,
     start_dht,
     stop_dht,
@@ -504,12 +504,13 @@ class Server:
             self._move_retry_at = 0.0
             await self._announce()
             return True
-        await self._refresh_peers()
-        try:  # where the others are going: one that moves counts at the blocks it loads, as it will serve them
-            planned = await self._find_servers(planned=True)
+        try:  # (one look-up gives the servers as they serve, for our peers, and where the others are going)
+            online, planned = await self._find_server_views()
         except TimeoutError as e:
             logger.warning("looking the swarm up failed (%s); not balancing this time", e)
             return False
+        self._keep_peers(online)
+        # where the others are going: one that moves counts at the blocks it loads, as it will serve them
         others = [s for s in planned if s.state != ServerState.OFFLINE and s.peer_id != self.identity.peer_id]
         alive = await asyncio.gather(*(self._answers(s.peer_id) for s in others[:MAX_PINGS]))
         others = [s for s, ok in zip(others, alive) if ok] + others[MAX_PINGS:]
@@ -676,7 +677,7 @@ class Server:
             return start, end
         length = min(cfg.num_blocks or self._blocks_that_fit(block_config), total_blocks)
         try:  # (a span chosen blind could take blocks the swarm has plenty of: stop, for a restart)
-            servers = await self._find_servers(planned=True)
+            _, servers = await self._find_server_views()
         except TimeoutError:
             raise ServeStartError(
                 f"cannot choose blocks: the DHT process (pid {self.dht.pid}) did not answer a look-up of the "
@@ -763,22 +764,25 @@ class Server:
         return await self.pool.get(peer_id, info.direct_addrs if info is not None else ())
 
     async def _refresh_peers(self) -> None:
-        self._peers_at = time.monotonic()
+        self._peers_at = time.monotonic()  # (a look-up that fails is not tried again at once either)
         try:
-            found = await self._find_servers()
+            online, _ = await self._find_server_views()
         except TimeoutError as e:
             logger.warning("looking the swarm up failed (%s); keeping the servers known before", e)
             return
-        self.peers = {s.peer_id: s for s in found if s.peer_id != self.identity.peer_id}
+        self._keep_peers(online)
 
-    async def _find_servers(self, *, planned: bool = False) -> list[ServerInfo]:
-        """The model's servers that serve our checkpoint: those of another one under the same name (other ladder
-        layers, another model's config) are never chained with us, so they neither cover our blocks nor take our
-        pushes. `planned`: a moving server where it is going (`find_servers`), for choosing and balancing."""
-        found = await self._on_dht(
-            find_servers(self.dht, self.dht_prefix, self.model_info.num_blocks, planned=planned)
-        )
-        return [s for s in found if same_checkpoint(s, self.ladder, self.fingerprint)]
+    def _keep_peers(self, online: list[ServerInfo]) -> None:
+        self._peers_at = time.monotonic()
+        self.peers = {s.peer_id: s for s in online if s.peer_id != self.identity.peer_id}
+
+    async def _find_server_views(self) -> tuple[list[ServerInfo], list[ServerInfo]]:
+        """The model's servers that serve our checkpoint, as they serve and where they are going (a moving
+        server's new blocks: `find_servers(planned=True)`, for choosing and balancing): those of another checkpoint
+        under the same name (other ladder layers, another model's config) are never chained with us, so they
+        neither cover our blocks nor take our pushes."""
+        views = await self._on_dht(find_server_views(self.dht, self.dht_prefix, self.model_info.num_blocks))
+        return tuple([s for s in view if same_checkpoint(s, self.ladder, self.fingerprint)] for view in views)
 
     async def _rejoin(self) -> None:
         """Ping the initial peers missing from our DHT routing table (`dht.rejoin`), in the background: one that
