@@ -47,6 +47,17 @@ def llama_checkpoint(checkpoints):
 
 
 @pytest.fixture(scope="module")
+def one_torch_thread():
+    """For files of hundreds of tiny forwards (`pytestmark = pytest.mark.usefixtures("one_torch_thread")`): a
+    second torch thread costs only its handoffs, and on a loaded machine waits for a core. (Under the README's
+    xdist command each worker already has one.)"""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
 def browser():
     """A headless Chromium page (tests/browser.py); the test is skipped where none is installed."""
     from browser import Browser, find_chromium

@@ -29,13 +29,7 @@ peft = pytest.importorskip("peft")
 PROMPT = torch.tensor([[1, 17, 42, 99, 5, 23, 64, 8]])
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Many tiny forwards: a second torch thread costs only its handoffs on this loaded machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def greedy_oracle(local, ids, new, **forward):

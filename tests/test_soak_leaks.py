@@ -34,13 +34,7 @@ from swarmllm.wire.pool import ConnectionPool
 PROMPT = 120  # tokens of each cycle's prompt: its hidden states are what a leak of session inputs holds
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Hundreds of tiny steps: torch's second thread only costs its handoffs."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @contextmanager

@@ -4,72 +4,26 @@ aiohttp server, an engine over a local transformers model standing in for the sw
 nothing running behind it; what the metrics say runs is what runs."""
 
 import asyncio
-import contextlib
 import random
-import threading
 from concurrent.futures import ThreadPoolExecutor
-from types import SimpleNamespace
 
 import openai
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+from test_request_edges import local_engine
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from swarmllm.api.app import Engine
 from swarmllm.local import LocalSwarm
-from swarmllm.models.tiny import tiny_tokenizer
 
 CONTEXT = 64
 MAX_CONCURRENT = 2
 
 
-class GatedModel:
-    """What the engine asks of the swarm's model, from a local transformers model: sessions that hold nothing,
-    and generates that each wait for `gate` (set by the test) before they run, so the test decides when
-    the slots free."""
-
-    def __init__(self, model):
-        self.model, self.config, self.generation_config = model, model.config, model.generation_config
-        self.gate = threading.Event()
-        self.gate.set()
-        self.started = 0  # generates entered (each in a worker thread)
-        self.lock = threading.Lock()
-
-    def generate(self, *args, **kwargs):
-        with self.lock:
-            self.started += 1
-        self.gate.wait(30)
-        return self.model.generate(*args, **kwargs)
-
-    def __call__(self, ids):
-        return self.model(ids)
-
-    def open_session(self, max_length: int):
-        return SimpleNamespace(max_length=max_length, input_ids=None, position=0)
-
-    @contextlib.contextmanager
-    def use_session(self, remote):
-        yield remote
-
-    def close_session(self, remote) -> None:
-        pass
-
-
 @pytest.fixture
 def engine():
-    tokenizer = tiny_tokenizer()
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=32, num_attention_heads=2, num_key_value_heads=1, intermediate_size=64, num_hidden_layers=1,
-        vocab_size=len(tokenizer), max_position_embeddings=256, pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-    )  # fmt: skip
-    model = GatedModel(AutoModelForCausalLM.from_config(config).eval())
-    engine = Engine(
-        model, tokenizer, "m", context_length=CONTEXT, max_concurrent=MAX_CONCURRENT, keep_sessions=0
-    )
+    engine = local_engine(CONTEXT, max_concurrent=MAX_CONCURRENT)
     yield engine
-    model.gate.set()
+    engine.model.gate.set()
     engine.shutdown()
 
 

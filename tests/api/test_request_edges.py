@@ -5,6 +5,7 @@ that used to fail as a 503 or a 500 are a 400 naming what is wrong, and the text
 import contextlib
 import json
 import re
+import threading
 from types import SimpleNamespace
 
 import pytest
@@ -20,12 +21,20 @@ from swarmllm.models.tiny import tiny_tokenizer
 
 
 class LocalModel:
-    """What the engine asks of the swarm's model, from a local transformers model: sessions that hold nothing."""
+    """What the engine asks of the swarm's model, from a local transformers model: sessions that hold nothing,
+    and generates that each wait for `gate` (set, unless a test clears it to decide when the slots free)."""
 
     def __init__(self, model):
         self.model, self.config, self.generation_config = model, model.config, model.generation_config
+        self.gate = threading.Event()
+        self.gate.set()
+        self.started = 0  # generates entered (each in a worker thread)
+        self.lock = threading.Lock()
 
     def generate(self, *args, **kwargs):
+        with self.lock:
+            self.started += 1
+        self.gate.wait(30)
         return self.model.generate(*args, **kwargs)
 
     def __call__(self, ids):
@@ -45,7 +54,7 @@ class LocalModel:
 CONTEXT = 16
 
 
-def local_engine(context_length: int) -> Engine:
+def local_engine(context_length: int, **options) -> Engine:
     """An Engine named "m" over a random one-layer llama in this process (`LocalModel`)."""
     tokenizer = tiny_tokenizer()
     torch.manual_seed(0)
@@ -55,7 +64,13 @@ def local_engine(context_length: int) -> Engine:
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
     )  # fmt: skip
     model = LocalModel(AutoModelForCausalLM.from_config(config).eval())
-    return Engine(model, tokenizer, "m", context_length=context_length, max_concurrent=2, keep_sessions=0)
+    return Engine(
+        model,
+        tokenizer,
+        "m",
+        context_length=context_length,
+        **{"max_concurrent": 2, "keep_sessions": 0, **options},
+    )
 
 
 @pytest.fixture(scope="module")

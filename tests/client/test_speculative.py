@@ -45,14 +45,7 @@ def local_target(path, max_length=64):
     return LocalTarget(path, max_length).session()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Hundreds of tiny forwards: torch's second thread only costs its handoffs (and on a loaded machine waits
-    for a core), so they run on one."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_accept_drafts_first_token_follows_the_target():
