@@ -47,6 +47,16 @@ def llama_checkpoint(checkpoints):
 
 
 @pytest.fixture(scope="module")
+def local():
+    """A bootstrap peer for a module's tests, which add their servers (`LocalSwarm`: real processes on 127.0.0.1)."""
+    from swarmllm.local import LocalSwarm
+
+    with LocalSwarm() as swarm:
+        swarm.start_bootstrap()
+        yield swarm
+
+
+@pytest.fixture(scope="module")
 def one_torch_thread():
     """For files of hundreds of tiny forwards (`pytestmark = pytest.mark.usefixtures("one_torch_thread")`): a
     second torch thread costs only its handoffs, and on a loaded machine waits for a core. (Under the README's

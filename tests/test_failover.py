@@ -38,13 +38,6 @@ class AtStep(BaseStreamer):
 
 
 @pytest.fixture(scope="module")
-def local():
-    with LocalSwarm() as swarm:
-        swarm.start_bootstrap()
-        yield swarm
-
-
-@pytest.fixture(scope="module")
 def path(checkpoints):
     return checkpoints("llama")  # 4 blocks
 

@@ -11,7 +11,6 @@ from transformers import AutoModelForCausalLM
 from swarmllm import AutoDistributedModelForCausalLM
 from swarmllm.client.loop import run_sync
 from swarmllm.forking import forked
-from swarmllm.local import LocalSwarm
 from swarmllm.models.causal_lm import load_causal_lm
 from swarmllm.models.convert import convert_to_ladder
 from swarmllm.wire import RemoteError
@@ -19,13 +18,6 @@ from swarmllm.wire.messages import ForwardRequest
 
 PROMPT = torch.tensor([[1, 30, 40, 50, 7, 9]])
 NEW_TOKENS = 8
-
-
-@pytest.fixture(scope="module")
-def local():
-    with LocalSwarm() as swarm:
-        swarm.start_bootstrap()
-        yield swarm
 
 
 def client(path, local, prefix, **options):

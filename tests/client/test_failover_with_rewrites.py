@@ -51,13 +51,6 @@ class AtBeamStep(LogitsProcessor):
 
 
 @pytest.fixture(scope="module")
-def local():
-    with LocalSwarm() as swarm:
-        swarm.start_bootstrap()
-        yield swarm
-
-
-@pytest.fixture(scope="module")
 def path(llama_checkpoint):
     return llama_checkpoint  # 4 blocks
 

@@ -24,13 +24,6 @@ _prefixes = itertools.count()
 
 
 @pytest.fixture(scope="module")
-def local():
-    with LocalSwarm() as swarm:
-        swarm.start_bootstrap()
-        yield swarm
-
-
-@pytest.fixture(scope="module")
 def path(checkpoints):
     return str(checkpoints("llama"))  # 4 blocks
 

@@ -13,17 +13,9 @@ from transformers import AutoModelForCausalLM
 from swarmllm import AutoDistributedModelForCausalLM
 from swarmllm.client.loop import run_sync
 from swarmllm.client.routing import MissingBlocksError
-from swarmllm.local import LocalSwarm
 
 PROMPT = torch.tensor([[1, 30, 40, 50, 7]])
 _prefixes = itertools.count()
-
-
-@pytest.fixture(scope="module")
-def local():
-    with LocalSwarm() as swarm:
-        swarm.start_bootstrap()
-        yield swarm
 
 
 @pytest.fixture(scope="module")

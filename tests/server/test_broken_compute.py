@@ -20,7 +20,6 @@ from in_process import refusals
 from swarmllm import AutoDistributedModelForCausalLM
 from swarmllm.client.loop import run_sync
 from swarmllm.dht import ServerState
-from swarmllm.local import LocalSwarm
 from swarmllm.models import load_span
 from swarmllm.server.backend import Backend
 from swarmllm.server.handler import RequestHandler, ServerLimits
@@ -31,13 +30,6 @@ from swarmllm.wire.connection import STREAM_QUEUE_SIZE
 from swarmllm.wire.messages import OpenSession
 
 ATOL = 1e-4
-
-
-@pytest.fixture(scope="module")
-def local():
-    with LocalSwarm() as swarm:
-        swarm.start_bootstrap()
-        yield swarm
 
 
 def _client(path, local, prefix):

@@ -19,7 +19,6 @@ from transformers import AutoModelForCausalLM
 from swarmllm import AutoDistributedModelForCausalLM
 from swarmllm.client.loop import run_sync
 from swarmllm.dht import ServerState
-from swarmllm.local import LocalSwarm
 from swarmllm.models import load_span
 from swarmllm.server.tp import STEP_TIMEOUT_S, TensorParallelSpan
 from swarmllm.wire import Message, RemoteError
@@ -27,13 +26,6 @@ from swarmllm.wire.messages import OpenSession
 
 ATOL = 1e-4
 TOKENS = torch.tensor([[1, 30, 40, 50, 7, 9]])
-
-
-@pytest.fixture(scope="module")
-def local():
-    with LocalSwarm() as swarm:
-        swarm.start_bootstrap()
-        yield swarm
 
 
 def test_a_tp_server_with_a_frozen_rank_fails_its_sessions_in_bounded_time_and_exits(local, llama_checkpoint):
