@@ -2,6 +2,9 @@
 name. Real hivemind peers on 127.0.0.1 announcing signed records, a real server (`RequestHandler` over the tiny
 checkpoint's blocks behind a `DirectServer`) that answers pings, the monitor and the API in this process."""
 
+import asyncio
+import threading
+
 from aiohttp.test_utils import TestClient, TestServer
 from dht.test_records import dht_peers
 from server_infos import answering_server, online_server
@@ -13,7 +16,10 @@ from swarmllm.dht import ModelInfo, announce, visible_maddrs
 from swarmllm.dht.info import model_fingerprint
 from swarmllm.models import load_client_head, load_config
 from swarmllm.models.tiny import make_tiny_checkpoint
-from swarmllm.monitor.app import MAX_BLOCKS_PER_REFRESH, Monitor, models_to_look_up
+from swarmllm.monitor.app import MAX_BLOCKS_PER_REFRESH, Monitor, make_app, models_to_look_up
+from swarmllm.monitor.state import swarm_state
+from swarmllm.web import bind, serve_app
+from swarmllm.wire import Identity
 
 FAKE_MODELS = 200
 FAKE_BLOCKS = 3  # 600 blocks in all, sorted before the real model: smallest first, then by name
@@ -22,7 +28,8 @@ FAKE_BLOCKS = 3  # 600 blocks in all, sorted before the real model: smallest fir
 async def test_many_small_fake_models_do_not_hide_the_real_one_for_good(llama_checkpoint):
     """One peer registers 200 models of 3 blocks (one signed registry entry each, under owner tags of its own
     key): smallest first, 170 of them filled every refresh's 512 keys and the real model, sorted after them, was
-    never looked up, in any refresh. Each model must be looked up within a bounded number of refreshes."""
+    never looked up, in any refresh. Each model must be looked up within a bounded number of refreshes, and once
+    looked up stay on show, as then found, while it waits its turn again."""
     config, _ = load_client_head(str(llama_checkpoint))
     blocks = config.num_hidden_layers
     with dht_peers(2) as ((honest, honest_dht, honest_tag), (hostile, hostile_dht, hostile_tag)):
@@ -54,7 +61,7 @@ async def test_many_small_fake_models_do_not_hide_the_real_one_for_good(llama_ch
                 refreshes = -(-total // MAX_BLOCKS_PER_REFRESH) + 1
                 seen: dict[str, int] = {}
                 states = []
-                for refresh in range(refreshes):
+                for refresh in range(refreshes + 1):  # (and one as models looked up wait their turn again)
                     await monitor.refresh()
                     state = monitor.state
                     assert state["dht"]["status"] == "ok", state["dht"]
@@ -65,13 +72,63 @@ async def test_many_small_fake_models_do_not_hide_the_real_one_for_good(llama_ch
                 await directory.shutdown()
 
     for state in states:
-        assert sum(m["num_blocks"] for m in state["models"]) <= MAX_BLOCKS_PER_REFRESH
-        names = {m["name"] for m in state["models"]} | {m["name"] for m in state["not_looked_up"]}
-        assert len(names) == FAKE_MODELS + 1  # each model either shown or named as not looked up
+        fresh = [m for m in state["models"] if m["looked_up_at"] == state["updated_at"]]
+        assert sum(m["num_blocks"] for m in fresh) <= MAX_BLOCKS_PER_REFRESH
+        waiting = {m["name"] for m in state["not_looked_up"]}
+        assert {m["name"] for m in state["models"]} - {m["name"] for m in fresh} <= waiting
+        assert len({m["name"] for m in fresh} | waiting) == FAKE_MODELS + 1  # each looked up or named as not
         assert all("waits its turn" in m["reason"] for m in state["not_looked_up"])
     assert set(seen) == {m.dht_prefix for m in announced}, f"never looked up: {sorted({'real'} - set(seen))}"
-    (shown,) = [m for state in states for m in state["models"] if m["name"] == "real"]
-    assert shown["verdict"] == "healthy" and shown["servers"]["online"] == 1
+    shown = [(m, state) for state in states[seen["real"] :] for m in state["models"] if m["name"] == "real"]
+    assert len(shown) == len(states) - seen["real"]  # on show from its first look-up on
+    looked_up = []  # its look-ups' times, as each refresh shows it: now, or as an earlier one found it
+    for m, state in shown:
+        assert m["verdict"] == "healthy" and m["servers"]["online"] == 1
+        assert [s["model"] for s in state["servers"]].count("real") == 1  # its server's row too
+        if m["looked_up_at"] == state["updated_at"]:
+            looked_up.append(m["looked_up_at"])
+        assert m["looked_up_at"] == looked_up[-1]  # waiting: as its last look-up found it
+        assert len(m["history"]) == len(looked_up)  # a point per look-up, none while it waits
+    assert len(looked_up) < len(shown), "never shown while it waited its turn"
+
+
+def test_the_page_shows_a_model_waiting_its_turn_as_found_then(browser):
+    """In a real browser: a model shown as its last look-up found it says so, with when; one looked up now does
+    not."""
+    now, found_then = 1_800_000_000.0, 1_799_999_990.0
+    fresh, waiting = (ModelInfo(dht_prefix=name, num_blocks=2) for name in ("fresh", "waiting"))
+    a, b = (Identity.generate().peer_id for _ in range(2))
+    state = swarm_state(
+        [fresh, waiting],
+        {"fresh": [online_server(a, 0, 2)], "waiting": [online_server(b, 0, 2)]},
+        {a: 0.001, b: 0.001},
+        updated_at=now,
+        not_looked_up=[waiting],
+        block_budget=2,
+        looked_up_at={"waiting": found_then},
+    )
+    monitor = Monitor(None)
+    monitor.state = state
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    sock = bind("127.0.0.1", 0)
+    runner = asyncio.run_coroutine_threadsafe(serve_app(make_app(monitor), sock), loop).result(10)
+    try:
+        browser.open(f"http://127.0.0.1:{sock.getsockname()[1]}/")
+        browser.wait_for(
+            "document.querySelectorAll('section[data-model]').length === 2", 30, "the two models"
+        )
+        marked = browser.evaluate(
+            "[...document.querySelectorAll('[data-looked-up-at]')]"
+            ".map(e => [e.closest('section').dataset.model, e.dataset.lookedUpAt, e.textContent])"
+        )
+        assert [(model, float(at)) for model, at, _ in marked] == [("waiting", found_then)]
+        assert "waits its turn" in marked[0][2]
+    finally:
+        asyncio.run_coroutine_threadsafe(runner.cleanup(), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
 
 
 def test_the_budget_rotates_over_refreshes_and_a_model_announced_later_waits_its_turn():

@@ -71,6 +71,8 @@ class Monitor:
         self.history: dict[str, deque] = {}
         self.refreshes = 0
         self.turns: dict[str, tuple[int, int]] = {}  # `models_to_look_up`'s: each model's place in the queue
+        # each model's last look-up (what it found, the servers' round trips, when), shown while it waits its turn
+        self.last: dict[str, tuple[ModelInfo, list[ServerInfo], dict[str, float | None], float]] = {}
         self.state = swarm_state([], {}, {}, refresh_s=refresh_s)
 
     async def run(self) -> None:
@@ -102,18 +104,31 @@ class Monitor:
         lookup_s = time.perf_counter() - began
         servers = {m.dht_prefix: infos for m, infos in zip(models, found)}
         rtt_s = await self._ping([s for infos in found for s in infos])
+        now = time.time()
+        for model in models:
+            self.last[model.dht_prefix] = (model, servers[model.dht_prefix], rtt_s, now)
+        for name in self.last.keys() - {m.dht_prefix for m in announced}:
+            del self.last[name]
+        # models waiting their turn show what their last look-up found (one announced as it was then)
+        waiting = [m for m in skipped if m.dht_prefix in self.last and self.last[m.dht_prefix][0] == m]
+        for model in waiting:
+            _, servers[model.dht_prefix], their_rtt_s, _ = self.last[model.dht_prefix]
+            rtt_s = {**their_rtt_s, **rtt_s}
         state = swarm_state(
-            models,
+            [*models, *waiting],
             servers,
             rtt_s,
             history={name: list(points) for name, points in self.history.items()},
             dht=dht_status("ok" if announced else "empty", lookup_s, self.failures),
-            updated_at=time.time(),
+            updated_at=now,
             refresh_s=self.refresh_s,
             not_looked_up=skipped,
             block_budget=MAX_BLOCKS_PER_REFRESH,
+            looked_up_at={m.dht_prefix: self.last[m.dht_prefix][3] for m in waiting},
         )
         for model in state["models"]:
+            if model["looked_up_at"] != now:
+                continue  # (no new point: it was not looked up)
             points = self.history.setdefault(model["name"], deque(maxlen=HISTORY_POINTS))
             points.append(model["history"][-1])
             if len(model["history"]) > HISTORY_POINTS:

@@ -27,7 +27,9 @@ Schema `swarmllm.monitor.state/1` (times are Unix seconds, throughputs decode st
       "bottleneck_tps": float,         # the weakest block's total throughput (what one request can get)
       "blocks": [{"index": int, "throughput_tps": float,
                   "servers": [{"peer_id": str, "state": str}]}],
-      "history": [{"t": float, "online": int, "bottleneck_tps": float}]
+      "history": [{"t": float, "online": int, "bottleneck_tps": float}],
+      "looked_up_at": float | null     # when this entry was looked up: `updated_at`, or earlier for a model
+                                       # that waits its turn (also in `not_looked_up`), shown as last found
   }],
   "servers": [{
       "model": str, "peer_id": str, "public_name": str | null, "version": str,
@@ -50,7 +52,8 @@ for the verdict; `offline` is what a server announces when it leaves (it drains 
 A refresh looks up at most a budget of block keys over all models, those waiting longest first, then the smallest
 (one peer may announce a model of thousands of blocks, whose look-up alone would outlast the refresh, or many small
 ones); a model that does not fit is listed in `not_looked_up`, not in `models`: one larger than the budget always,
-another until its turn comes (`monitor.app.models_to_look_up`).
+another until its turn comes (`monitor.app.models_to_look_up`); one looked up before stays in `models` meanwhile, as
+its last look-up found it (`looked_up_at`; its servers' rows too), and gains no history point until looked up again.
 """
 
 from __future__ import annotations
@@ -187,19 +190,31 @@ def swarm_state(
     refresh_s: float = 5.0,
     not_looked_up: Sequence[ModelInfo] = (),
     block_budget: int = 0,
+    looked_up_at: Mapping[str, float] | None = None,
 ) -> dict:
     """The whole state document (schema above). `servers`: per model (DHT prefix), its records; `rtt_s`: per
     peer, the monitor's round trip or None when it did not answer; `history`: per model, earlier chart points
     (this look-up's point, at `updated_at`, is added after them); `not_looked_up`: announced models this look-up
-    skipped, their blocks not fitting in what was left of the `block_budget` keys a refresh looks up."""
-    history = history or {}
+    skipped, their blocks not fitting in what was left of the `block_budget` keys a refresh looks up;
+    `looked_up_at`: per model of `models` found by an earlier look-up, when (its `servers` and `rtt_s` are that
+    look-up's)."""
+    history, earlier = history or {}, looked_up_at or {}
     return {
         "schema": SCHEMA,
         "updated_at": updated_at,
         "refresh_s": refresh_s,
         "dht": dict(dht or dht_status("starting")),
         "models": [
-            model_state(m, servers.get(m.dht_prefix, ()), rtt_s, history.get(m.dht_prefix, ()), updated_at)
+            {
+                **model_state(
+                    m,
+                    servers.get(m.dht_prefix, ()),
+                    rtt_s,
+                    history.get(m.dht_prefix, ()),
+                    None if m.dht_prefix in earlier else updated_at,
+                ),
+                "looked_up_at": earlier.get(m.dht_prefix, updated_at),
+            }
             for m in models
         ],
         "servers": [
