@@ -148,7 +148,8 @@ class _PushFailed(Message):
     """A `PushFailed` notice for the client, queued behind the session's inputs by a push that failed."""
 
 
-@dataclass
+# (eq=False: found and removed by identity; comparing two pushes' fields would compare their tensors)
+@dataclass(eq=False)
 class _EarlyPush:
     """A push for a session that is not open yet, waiting for it (`RequestHandler._park`)."""
 
@@ -568,7 +569,14 @@ class RequestHandler:
     async def _park(self, message: Message, step: Step, sender: str | None) -> None:
         """Hold a push until its session opens, in order with the pushes after it; refused (`unknown_session`)
         if it does not open in time, or at once when the pushes held already reach their bounds."""
-        nbytes = sum(t.numel() * t.element_size() for t in message.tensors)
+        if step.session_id in self._by_token:
+            # it opened since the push was read (its stream's task ran first, and found nothing held yet)
+            self._deliver_push(message, sender, step)
+            return
+        # held as it came and, where parsing decoded it (blockwise8 codes to float32), as parsed too
+        wire = message.tensors
+        decoded = [t for t in (step.hidden, step.pending) if t is not None and all(t is not w for w in wire)]
+        nbytes = sum(t.numel() * t.element_size() for t in [*wire, *decoded])
         held = [early for waiting in self._early.values() for early in waiting]
         if len(held) >= MAX_EARLY_PUSHES or sum(e.nbytes for e in held) + nbytes > MAX_EARLY_PUSH_BYTES:
             raise RequestError("unknown_session", "no open session with this session_id")
