@@ -353,6 +353,7 @@ class InferenceSession:
                 failure=failure,
                 refused=self._refused,
                 shed=shed,
+                tuned=self.tuning.needs_tunable,
             )
             routed = time.perf_counter()
             route_s += routed - began

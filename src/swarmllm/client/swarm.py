@@ -115,6 +115,14 @@ class SpotCheck:
 R = TypeVar("R")
 
 
+def _covers(plan: Callable[[list[ServerInfo]], object], servers: list[ServerInfo]) -> bool:
+    try:
+        plan(servers)
+    except MissingBlocksError:
+        return False
+    return True
+
+
 class SessionRefused(ValueError):
     """Every server of some blocks refused to open an inference session for what it asks; `codes` are their
     refusals' (`bad_request`: its batch or length; `quota`, `cache_full`: cache room)."""
@@ -459,13 +467,18 @@ class SwarmClient:
                 self.ban(peer_id, result)
 
     async def route(
-        self, plan: Callable[[list[ServerInfo]], R], *, failure: BaseException | None = None
+        self,
+        plan: Callable[[list[ServerInfo]], R],
+        *,
+        failure: BaseException | None = None,
+        tuned: bool = False,
     ) -> R:
         """`plan(usable servers)`, a routing function that raises MissingBlocksError when they don't cover its
         blocks. Banned servers are left out; while blocks lack a usable server, the server list is looked up
         again (with backoff) and banned servers that answer a ping are taken back, for up to
         `missing_blocks_timeout_s`, after which the MissingBlocksError goes to the caller (caused by `failure`,
-        the error that sent us looking, if any)."""
+        the error that sent us looking, if any). `tuned`: the request needs servers that announce `tunable`;
+        where only the others hold some blocks, the MissingBlocksError comes at once and says so."""
         give_up_at = time.monotonic() + self.missing_blocks_timeout_s
         delay, attempt = 0.25, 0
         while True:
@@ -478,9 +491,17 @@ class SwarmClient:
             )
             banned = self.bans.banned(time.monotonic())
             usable = self._capped([s for s in servers if s.peer_id not in banned and self._serves_adapter(s)])
+            untunable = {s.peer_id for s in usable if tuned and not s.tunable}
             try:
-                return plan(usable)
+                return plan([s for s in usable if s.peer_id not in untunable])
             except MissingBlocksError as e:
+                if untunable and _covers(plan, usable):
+                    raise MissingBlocksError(
+                        e.missing,
+                        self.num_blocks,
+                        " that takes deep prompts, a client's adapter and backward (those that hold them run "
+                        "tensor-parallel, --tp, which does not yet)",
+                    ) from failure
                 if attempt > 0 and await self._take_back(servers, e.missing):
                     continue
                 if attempt > 0 and time.monotonic() + delay > give_up_at:
@@ -542,6 +563,7 @@ class SwarmClient:
         failure: BaseException | None = None,
         refused: Mapping[str, RemoteError] | None = None,
         shed: LoadShed | None = None,
+        tuned: bool = False,
     ) -> list[Hop]:
         """The fastest chain over [start, end) among usable servers (see `route`), but for those that `refused`
         to open the session (its batch size or length: the request's fault, not theirs, so they are not
@@ -574,7 +596,7 @@ class SwarmClient:
                     frozenset(e.code for e in refused.values()),
                 ) from None
 
-        return await self.route(plan, failure=failure)
+        return await self.route(plan, failure=failure, tuned=tuned)
 
     def deadline_s(self, hop: Hop, tokens: int, *, decode: bool, floor_s: float | None = None) -> float:
         """How long `hop` may take for `tokens` (batch x length) tokens, by its announced speed (capped by the
@@ -609,7 +631,9 @@ class SwarmClient:
         batch, length = hidden.shape[:2]
         failure: BaseException | None = None
         while True:
-            hops = await self.route(lambda s: route_forward(s, self.num_blocks, self.rng), failure=failure)
+            hops = await self.route(
+                lambda s: route_forward(s, self.num_blocks, self.rng), failure=failure, tuned=tuning.needs_tunable
+            )
             chunk = max(1, self._chunk_tokens(hops) // batch)
             if length <= chunk:
                 break
@@ -635,7 +659,8 @@ class SwarmClient:
         boundary, checks, inputs = 0, [], {0: (hidden, None)}
         shed = LoadShed(self.request_timeout_s)
         while boundary < self.num_blocks:
-            hop = (await self.route(shed.plan(self._forward_plan(boundary)), failure=failure))[0]
+            plan = shed.plan(self._forward_plan(boundary))
+            hop = (await self.route(plan, failure=failure, tuned=tuning.needs_tunable))[0]
             await shed.wait([hop])
             try:
                 out = await self._forward_hop(hop, *inputs[boundary], key_mask, tuning)
@@ -939,7 +964,8 @@ class SwarmClient:
             shed = LoadShed(self.request_timeout_s)
             while not kept or kept[-1][0].end < self.num_blocks:
                 start = kept[-1][0].end if kept else 0
-                hop = (await self.route(shed.plan(self._forward_plan(start)), failure=failure))[0]
+                # (any server can compute it, but only a tunable one can take its backward)
+                hop = (await self.route(shed.plan(self._forward_plan(start)), failure=failure, tuned=True))[0]
                 await shed.wait([hop])
                 try:
                     out = await self._forward_hop(hop, *x, mask, own)
@@ -1037,8 +1063,9 @@ class SwarmClient:
         tuning: Tuning,
         failure: BaseException,
     ) -> list[tuple[Hop, State]]:
-        """Other servers for `hop`'s blocks, each with its input (computed from `state`, the hop's input)."""
-        hops = await self.route(self._forward_plan(hop.start, hop.end), failure=failure)
+        """Other servers for `hop`'s blocks, each with its input (computed from `state`, the hop's input), for a
+        backward."""
+        hops = await self.route(self._forward_plan(hop.start, hop.end), failure=failure, tuned=True)
         inputs = [state]
         for h in hops[:-1]:
             inputs.append(await self._forward_hop(h, *inputs[-1], key_mask, tuning))

@@ -54,6 +54,12 @@ class Tuning:
     lora_grads: bool = False
 
     @property
+    def needs_tunable(self) -> bool:
+        """Whether only servers that announce `tunable` can take this request (deep prompts, a client's
+        adapter, a training forward)."""
+        return self.prompts is not None or self.weights is not None or self.dropout_seed is not None
+
+    @property
     def adapter(self) -> AdapterRef | None:
         if self.weights is not None:
             return AdapterRef(self.weights.name, self.weights.version)

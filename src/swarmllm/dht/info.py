@@ -112,6 +112,11 @@ class ServerInfo(BaseModel):
         default=True,
         description="False when its operator pinned its blocks (--blocks), or while it backs off after a failed move",
     )
+    tunable: bool = Field(
+        default=True,
+        description="takes deep prompts, client adapters and backward; False where it runs its blocks "
+        "tensor-parallel (--tp), which has none of them yet: clients that need them route around it",
+    )
     ladder: tuple[tuple[int, int], ...] = Field(
         default=(),
         description="the checkpoint's Ladder Residual layers as half-open [start, end) ranges "

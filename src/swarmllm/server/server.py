@@ -739,6 +739,7 @@ class Server:
             # a server backing off after a failed move is not waited for either (see `_move`)
             movable=self.config.blocks is None and time.monotonic() >= self._move_retry_at,
             direct_addrs=(self.direct_addr,) if self.direct_addr else (),
+            tunable=self.config.tp == 1,
             ladder=self.ladder,
             fingerprint=self.fingerprint,
         )
