@@ -25,6 +25,35 @@ from swarmllm.models.tiny import make_tiny_checkpoint  # noqa: E402 - after the 
 # per start; the suite's servers run eagerly, and the tests of compiling ask for it.
 os.environ.setdefault("SWARMLLM_COMPILE", "0")
 
+# The files that take longest (seconds of test time in a 3-worker run; CI prints its 30 slowest tests), collected
+# first: with `--dist loadfile` each file goes whole to the next free worker in collection order, and the longest
+# ones, collected near the end (tests/test_*.py), kept one worker busy alone after the others had finished.
+LONGEST_FIRST = (
+    "tests/test_api.py",  # 239
+    "tests/test_failover.py",  # 148
+    "tests/client/test_failover_with_rewrites.py",  # 145
+    "tests/test_swarm.py",  # 106
+    "tests/client/test_long_lived_client.py",  # 99
+    "tests/fuzz/test_fuzz_handlers.py",  # 93
+    "tests/test_slow_network.py",  # 93
+    "tests/test_finetune_faults.py",  # 89
+    "tests/test_chaos.py",  # 86
+    "tests/server/test_frozen_tp_rank.py",  # 82
+    "tests/server/test_decode.py",  # 67
+    "tests/test_balancing_in_time.py",  # 63
+    "tests/server/test_startup_leftovers_s34.py",  # 60
+    "tests/test_cli_faces_review.py",  # 57
+    "tests/test_compose.py",  # 49
+)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if gone := [path for path in LONGEST_FIRST if not (config.rootpath / path).is_file()]:
+        raise pytest.UsageError(f"tests/conftest.py's LONGEST_FIRST names files that are gone: {gone}")
+    rank = {path: i for i, path in enumerate(LONGEST_FIRST)}
+    # (a stable sort: each file's tests, and the other files, stay in the order collected)
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(rank)))
+
 
 @pytest.fixture(scope="session")
 def checkpoints(tmp_path_factory):
