@@ -459,7 +459,7 @@ class RequestHandler:
         if token is not None:
             self._by_token[token] = target
             for early in self._early.pop(token, []):
-                self._hand_over(early, target)
+                self._hand_over(early)
         self._open[incoming] = backend
         self.metrics.sessions_opened.inc()
         self.metrics.sessions_open.inc()
@@ -597,25 +597,18 @@ class RequestHandler:
                 if not waiting and self._early.get(step.session_id) is waiting:
                     del self._early[step.session_id]
 
-    def _hand_over(self, early: _EarlyPush, target: _SessionInbox) -> None:
+    def _hand_over(self, early: _EarlyPush) -> None:
         if early.delivered.done():
             return  # it gave up waiting
         try:
-            self._deliver_push(early.message, early.sender, early.step, target)
+            self._deliver_push(early.message, early.sender, early.step)
             early.delivered.set_result(None)
         except RequestError as e:
             early.delivered.set_exception(e)
 
-    def _deliver_push(
-        self,
-        message: Message,
-        sender: str | None,
-        step: Step | None = None,
-        target: _SessionInbox | None = None,
-    ) -> None:
+    def _deliver_push(self, message: Message, sender: str | None, step: Step | None = None) -> None:
         step = step or self._push_step(message)
-        if target is None and step.session_id is not None:
-            target = self._by_token.get(step.session_id)
+        target = self._by_token.get(step.session_id) if step.session_id is not None else None
         if target is None:
             raise RequestError("unknown_session", "no open session with this session_id")
         if target.accept_from is None or target.accept_from != sender:
