@@ -139,6 +139,22 @@ class SwarmRun:
     hop_timings: list = field(default_factory=list)
     step_s: float = 0.0
     token_s: float = 0.0
+    logits_diff: float = 0.0  # max |swarm - local| over a forward's logits, over max |local| (relative)
+    server_notes: list[str] = field(default_factory=list)  # what the servers logged of note (`server_notes`)
+
+
+NOTE_WORDS = ("decode steps run", "captur", "eager", "warn", "error", "traceback")
+
+
+def server_notes(swarm) -> list[str]:
+    """The lines of a local swarm's server logs that say how steps ran (CUDA graphs or eager) or that something
+    went wrong: on a GPU a failed capture falls back to eager steps, which the speed alone would not say."""
+    return [
+        f"{server.name}: {line.strip()}"
+        for server in swarm.servers
+        for line in server.log
+        if any(word in line.lower() for word in NOTE_WORDS)
+    ]
 
 
 def measure_swarm(
@@ -182,7 +198,8 @@ def measure_swarm(
             with torch.no_grad():
                 want = local.generate(prompt, max_new_tokens=new_tokens, do_sample=False)
                 got = remote.generate(prompt, max_new_tokens=new_tokens, do_sample=False)
-                remote(batch)  # warm-up of the forward path
+                ours, theirs = remote(batch).logits.float(), local(batch).logits.float()
+                logits_diff = ((ours - theirs).abs().max() / theirs.abs().max()).item()
                 swarm_gen, local_gen = paired_median_times(
                     lambda: remote.generate(prompt, max_new_tokens=new_tokens, do_sample=False),
                     lambda: local.generate(prompt, max_new_tokens=new_tokens, do_sample=False),
@@ -210,6 +227,7 @@ def measure_swarm(
                     session_module.InferenceSession.step = original_step
         finally:
             remote.shutdown()
+        notes = server_notes(swarm)
     return SwarmRun(
         swarm_steps=new_tokens / swarm_gen,
         local_steps=new_tokens / local_gen,
@@ -219,6 +237,8 @@ def measure_swarm(
         hop_timings=hop_timings[1:],  # the first step is the prefill
         step_s=statistics.median(step_times[1:]),
         token_s=instrumented_s / new_tokens,
+        logits_diff=logits_diff,
+        server_notes=notes,
     )
 
 

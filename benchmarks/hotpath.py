@@ -222,7 +222,9 @@ def main() -> None:
                 runs.append((label, run))
                 print(  # as it comes, so that a run stopped later still leaves it in the log
                     f"{name} ({label}): swarm {run.swarm_steps:.1f} steps/s, local {run.local_steps:.1f}, "
-                    f"tokens equal: {run.tokens_equal}",
+                    f"tokens equal: {run.tokens_equal}, logits within {run.logits_diff:.1e} (relative)",
+                    *run.server_notes,
+                    sep="\n  ",
                     file=sys.stderr,
                 )
         if name == "llama7b":
@@ -247,6 +249,7 @@ def main() -> None:
             "local fwd tok/s",
             "fwd ratio",
             "tokens equal",
+            "logits vs local (max, relative)",
         ],
         speed_rows,
     )
@@ -283,6 +286,7 @@ def _speed_cols(run, petals: tuple[float, float, bool] | str) -> list[object]:
         f"{run.local_fwd_tps:,.0f}",
         f"{run.swarm_fwd_tps / run.local_fwd_tps:.2f}",
         run.tokens_equal,
+        f"{run.logits_diff:.1e}",
     ]
 
 

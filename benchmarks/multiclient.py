@@ -29,7 +29,14 @@ from contextlib import ExitStack
 from pathlib import Path
 
 import torch
-from common import PETALS_ON_GPU, append_results, checkpoint, markdown_table, with_tokenizer
+from common import (
+    PETALS_ON_GPU,
+    append_results,
+    checkpoint,
+    markdown_table,
+    server_notes,
+    with_tokenizer,
+)
 from netem import Emulator
 from transformers.utils import logging as hf_logging
 
@@ -127,12 +134,13 @@ class ApiClients:
     model folder links the checkpoint beside a word-level tokenizer of one word per id, so the answers' texts
     give their token ids back."""
 
-    def __init__(self, swarm, path: Path, folder: Path, vocab: int):
+    def __init__(self, swarm, path: Path, folder: Path, vocab: int, device: str, dtype: str):
         from swarmllm import AutoDistributedModelForCausalLM
         from swarmllm.dht.records import dht_prefix_for
 
         model = with_tokenizer(path, folder / "model")
         flags = ["--name", "bench", "--dht-prefix", dht_prefix_for(str(path)), "--max-concurrent", "64"]
+        flags += ["--device", device, "--dtype", dtype]
         self.api, self.vocab = swarm.start_api(str(model), extra=flags), vocab
         self.pool = ThreadPoolExecutor(64)
         # a client of this process only to ask the servers for their batching counts
@@ -238,13 +246,16 @@ def bench(name: str, network: str, args: argparse.Namespace, local, petals) -> l
         for face in args.faces:
             if face == "api":
                 folder = Path(stack.enter_context(tempfile.TemporaryDirectory()))
-                clients = ApiClients(swarm, path, folder, local.config.vocab_size)
+                clients = ApiClients(
+                    swarm, path, folder, local.config.vocab_size, args.device, args.dtype
+                )
             else:
                 clients = Clients(max(args.clients), path, swarm.initial_peers, args.device, args.dtype)
             try:
                 rows += runs_of(clients, face, name, network, args, local, petals)
             finally:
                 clients.close()
+        print(*server_notes(swarm), sep="\n", file=sys.stderr)
     return rows
 
 

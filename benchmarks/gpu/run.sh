@@ -11,6 +11,11 @@
 #   smoke        the tiny model on CUDA, fp32, both decode modes: a first look when hotpath fails (~1 min)
 #   multiclient-own  multiclient without the cache arena (--arena-length=0): caches and graphs per session and
 #                per cohort, the A/B of the arena's graphs per batch-size bucket (~3 min)
+#   multiclient-api  multiclient with the clients as concurrent requests to one `swarmllm api --device cuda`
+#                (one process holding the head, as a GPU host serving many users would) (~3 min)
+#   multiclient-nowait  multiclient with --batch-wait-ms 0: servers merge only the steps already waiting (~2 min)
+#   batch-fp32   multiclient of the medium model in float32: merged steps through the row graphs give each
+#                client its solo tokens where half precision's rounding does not differ between batch sizes (~1 min)
 set -u
 cd "$(dirname "$0")/../.." || exit 1
 OUT=${OUT:-/tmp/out}
@@ -42,13 +47,19 @@ steps=("$@")
 [ ${#steps[@]} -gt 0 ] || steps=(hotpath multiclient)
 for name in "${steps[@]}"; do
     case $name in
-        hotpath) step hotpath 330 benchmarks/hotpath.py --models llama7b --device cuda --dtype float16 \
+        hotpath) step hotpath 300 benchmarks/hotpath.py --models llama7b --device cuda --dtype float16 \
             --quant none nf4 --repeats 3 --calls 200 ;;
         multiclient) step multiclient 200 benchmarks/multiclient.py --models llama7b --device cuda \
             --dtype float16 --networks loopback --clients 1 4 8 --repeats 2 ;;
         multiclient-own) step multiclient-own 200 benchmarks/multiclient.py --models llama7b --device cuda \
             --dtype float16 --networks loopback --clients 1 4 8 --repeats 2 --server-args=--arena-length=0 ;;
+        multiclient-api) step multiclient-api 220 benchmarks/multiclient.py --models llama7b --device cuda \
+            --dtype float16 --networks loopback --clients 1 4 8 --repeats 2 --faces api ;;
+        multiclient-nowait) step multiclient-nowait 150 benchmarks/multiclient.py --models llama7b --device cuda \
+            --dtype float16 --networks loopback --clients 1 4 8 --repeats 2 --batch-wait-ms 0 ;;
+        batch-fp32) step batch-fp32 100 benchmarks/multiclient.py --models medium --device cuda \
+            --dtype float32 --networks loopback --clients 1 4 8 --repeats 2 --no-petals ;;
         smoke) step smoke 120 benchmarks/hotpath.py --models tiny --device cuda --repeats 2 --calls 100 ;;
-        *) echo "unknown step $name (hotpath, multiclient, multiclient-own, smoke)" ;;
+        *) echo "unknown step $name (hotpath, multiclient, multiclient-own, multiclient-api, multiclient-nowait, batch-fp32, smoke)" ;;
     esac
 done

@@ -448,6 +448,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-concurrent", type=_positive, default=16, help="requests generating at once; more wait"
     )
     api.add_argument(
+        "--device",
+        default="cpu",
+        help="torch device of the embeddings and LM head, e.g. cpu or cuda:0 (a large vocabulary's head is "
+        "read for every token of every request: on a GPU it costs a fraction of a millisecond)",
+    )
+    api.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16"],
+        default="float32",
+        help="of the embeddings and LM head",
+    )
+    api.add_argument(
         "--keep-sessions",
         type=_count,
         default=4,
@@ -773,6 +785,8 @@ def _api(args: argparse.Namespace) -> int:
     import asyncio
     import signal
 
+    import torch
+
     from swarmllm.api.app import load_engine, run_api
     from swarmllm.api.metrics import ApiMetrics
     from swarmllm.web import bind
@@ -783,6 +797,9 @@ def _api(args: argparse.Namespace) -> int:
     names, prefixes = (_per_model(args, flag) for flag in ("name", "dht_prefix"))
     drafts = [None if draft == "none" else draft for draft in _per_model(args, "draft_model")]
     peers = _initial_peers(args)
+    if args.device != "cpu" and any(drafts):
+        raise UserError("--draft-model runs its draft on the CPU: serve it with --device cpu")
+    _check_device(args.device)
     for model, draft in zip(args.model, drafts, strict=True):
         _check_model(model)
         _check_draft(model, draft)
@@ -803,6 +820,8 @@ def _api(args: argparse.Namespace) -> int:
             metrics=metrics,
             draft_model=draft,
             draft_tokens=args.num_draft_tokens,
+            device=args.device,
+            dtype=getattr(torch, args.dtype),
         )
         for model, name, prefix, draft in zip(args.model, names, prefixes, drafts, strict=True)
     ]
@@ -857,7 +876,9 @@ def _tp_problem(args: argparse.Namespace) -> str | None:
     if args.blocks is None:
         return "needs --blocks (a tensor-parallel server does not choose or move its blocks yet)"
     # a default the environment set is named as such: the user gave no --compile
-    compile_flag = "--compile" if args.compile else "SWARMLLM_COMPILE=1 (the environment's; give --no-compile)"
+    compile_flag = (
+        "--compile" if args.compile else "SWARMLLM_COMPILE=1 (the environment's; give --no-compile)"
+    )
     flags = {
         compile_flag: _compile(args) is True,
         "--quant": args.quant != "none",

@@ -67,6 +67,7 @@ class Reference:
 
     def __init__(self, model: LlamaForCausalLM):
         self.model, self.config, self.calls = model, model.config, []
+        self.device = model.device
 
     def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         self.calls.append(tuple(input_ids.shape))

@@ -26,6 +26,7 @@ class LocalModel:
 
     def __init__(self, model):
         self.model, self.config, self.generation_config = model, model.config, model.generation_config
+        self.device = model.device
         self.gate = threading.Event()
         self.gate.set()
         self.started = 0  # generates entered (each in a worker thread)

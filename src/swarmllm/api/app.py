@@ -276,7 +276,7 @@ class Engine:
         entries = []
         if top is not None:
             with torch.no_grad():  # scoring, as generate's own forwards: no graph (and the merged LM head)
-                logits = self.model(torch.tensor([prompt_ids])).logits[0]
+                logits = self.model(torch.tensor([prompt_ids], device=self.model.device)).logits[0]
             entries = prompt_logprobs(prompt_ids, logits, top)
         put(Piece(self.tokenizer.decode(prompt_ids), entries))  # as given: special tokens too
         if gen.max_new_tokens > 0:
@@ -292,7 +292,7 @@ class Engine:
     def _generate(
         self, prompt_ids: list[int], gen: Generation, request, streamer: PieceStreamer, index: int
     ) -> None:
-        ids = torch.tensor([prompt_ids])
+        ids = torch.tensor([prompt_ids], device=self.model.device)
         top = {"top_p": request.top_p, "top_k": request.top_k, "min_p": request.min_p}
         shaping = self._shaping(len(prompt_ids), request)
         seed = self._seed(request, index)
