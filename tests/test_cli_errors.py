@@ -54,7 +54,7 @@ def said(done: subprocess.CompletedProcess, command: str) -> str:
 
 def test_missing_model_folder_api_flags_and_verbose_traceback(checkpoints):
     model, other = checkpoints("llama"), checkpoints("llama", vocab_size=300)
-    plain, verbose, keyless, prefixes, draft, device, draft_device = swarmllms(
+    plain, verbose, keyless, prefixes, draft, device, draft_device, gen_device, chat_draft = swarmllms(
         ["generate", "/nonexistent", "--prompt", "hi"],
         ["-v", "generate", "/nonexistent", "--prompt", "hi"],
         ["api", "/nonexistent", "--api-key", " "],
@@ -62,6 +62,8 @@ def test_missing_model_folder_api_flags_and_verbose_traceback(checkpoints):
         ["chat", str(model), "--draft-model", str(other)],
         ["api", str(model), "--device", "cuda:63"],
         ["api", str(model), "--device", "cuda", "--draft-model", str(other)],
+        ["generate", str(model), "--prompt", "hi", "--device", "cuda:63"],
+        ["chat", str(model), "--device", "cuda", "--draft-model", str(other)],
     )
     assert "model folder /nonexistent does not exist" in said(plain, "generate")
     assert "an API key must not be empty" in said(keyless, "api")
@@ -69,6 +71,8 @@ def test_missing_model_folder_api_flags_and_verbose_traceback(checkpoints):
     assert f"the draft model {other} has a vocabulary of 300 tokens" in said(draft, "chat")
     assert "--device cuda:63: " in said(device, "api")  # no CUDA here, or fewer than 64 devices
     assert "--draft-model runs its draft on the CPU" in said(draft_device, "api")
+    assert "--device cuda:63: " in said(gen_device, "generate")
+    assert "--draft-model runs its draft on the CPU" in said(chat_draft, "chat")
     assert verbose.returncode == 1 and "Traceback" in verbose.stderr
     assert "model folder /nonexistent does not exist" in verbose.stderr.splitlines()[-1]
 

@@ -105,7 +105,7 @@ class Chat:
         )
         streamer = PieceStreamer(assembler, emit)
         max_new_tokens = min(self.max_new_tokens, room)
-        prompt, began = torch.tensor([ids]), time.perf_counter()
+        prompt, began = torch.tensor([ids], device=self.model.device), time.perf_counter()
         seed = self.seed + self.turns
         if self.draft is not None:
             draw = self.draft.options(self.temperature, seed, top_p=self.top_p)

@@ -116,6 +116,34 @@ def _setup_logging(verbose: bool) -> None:
         pass
 
 
+def _head(parser: argparse.ArgumentParser) -> None:
+    """Where a client command holds the embeddings and LM head (`--device`, `--dtype`)."""
+    parser.add_argument(
+        "--device",
+        default="cpu",
+        help="torch device of the embeddings and LM head, e.g. cpu or cuda:0 (a large vocabulary's head is read "
+        "for every token: on a GPU it costs a fraction of a millisecond)",
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16"],
+        default="float32",
+        help="of the embeddings and LM head",
+    )
+
+
+def _head_options(args: argparse.Namespace) -> dict:
+    """`from_pretrained`'s options for the head's device and dtype, the device checked first."""
+    import torch
+
+    drafts = getattr(args, "draft_model", None) or []  # (the API's: one per model, "none" for none)
+    drafts = drafts if isinstance(drafts, list) else [drafts]
+    if args.device != "cpu" and any(draft not in (None, "none") for draft in drafts):
+        raise UserError("--draft-model runs its draft on the CPU: give it with --device cpu")
+    _check_device(args.device)
+    return {"device": args.device, "dtype": getattr(torch, args.dtype)}
+
+
 def _peers(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--initial-peers",
@@ -381,6 +409,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--num-beams", type=_count, default=1, help="beam search over N beams (greedy; 1: none)")
     gen.add_argument("--seed", type=int, default=0)
     _wait_for_blocks(gen)
+    _head(gen)
 
     chat = commands.add_parser("chat", help="chat in the terminal with a model served by a swarm")
     chat.add_argument("model", help="hub id or local folder (the client loads only embeddings and LM head)")
@@ -399,6 +428,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--dht-prefix", help="the model's key in the swarm, if its servers were given one")
     _wait_for_blocks(chat)
     _draft(chat)
+    _head(chat)
     chat.add_argument(
         "--stats",
         action="store_true",
@@ -447,18 +477,7 @@ def build_parser() -> argparse.ArgumentParser:
     api.add_argument(
         "--max-concurrent", type=_positive, default=16, help="requests generating at once; more wait"
     )
-    api.add_argument(
-        "--device",
-        default="cpu",
-        help="torch device of the embeddings and LM head, e.g. cpu or cuda:0 (a large vocabulary's head is "
-        "read for every token of every request: on a GPU it costs a fraction of a millisecond)",
-    )
-    api.add_argument(
-        "--dtype",
-        choices=["float32", "bfloat16", "float16"],
-        default="float32",
-        help="of the embeddings and LM head",
-    )
+    _head(api)
     api.add_argument(
         "--keep-sessions",
         type=_count,
@@ -785,8 +804,6 @@ def _api(args: argparse.Namespace) -> int:
     import asyncio
     import signal
 
-    import torch
-
     from swarmllm.api.app import load_engine, run_api
     from swarmllm.api.metrics import ApiMetrics
     from swarmllm.web import bind
@@ -797,9 +814,7 @@ def _api(args: argparse.Namespace) -> int:
     names, prefixes = (_per_model(args, flag) for flag in ("name", "dht_prefix"))
     drafts = [None if draft == "none" else draft for draft in _per_model(args, "draft_model")]
     peers = _initial_peers(args)
-    if args.device != "cpu" and any(drafts):
-        raise UserError("--draft-model runs its draft on the CPU: serve it with --device cpu")
-    _check_device(args.device)
+    head = _head_options(args)
     for model, draft in zip(args.model, drafts, strict=True):
         _check_model(model)
         _check_draft(model, draft)
@@ -820,8 +835,7 @@ def _api(args: argparse.Namespace) -> int:
             metrics=metrics,
             draft_model=draft,
             draft_tokens=args.num_draft_tokens,
-            device=args.device,
-            dtype=getattr(torch, args.dtype),
+            **head,
         )
         for model, name, prefix, draft in zip(args.model, names, prefixes, drafts, strict=True)
     ]
@@ -998,6 +1012,7 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _generate(args: argparse.Namespace) -> int:
     peers = _initial_peers(args)
+    head = _head_options(args)
     _check_model(args.model)
     import torch
     from transformers import AutoTokenizer
@@ -1005,7 +1020,7 @@ def _generate(args: argparse.Namespace) -> int:
     from swarmllm import AutoDistributedModelForCausalLM
 
     tokenizer = AutoTokenizer.from_pretrained(args.model)
-    inputs = tokenizer(args.prompt, return_tensors="pt")
+    inputs = tokenizer(args.prompt, return_tensors="pt").to(args.device)
     # a tokenizer that adds no BOS gives none for an empty prompt: a generate needs a token to go on from
     if inputs["input_ids"].shape[1] == 0:
         raise UserError("--prompt gives no tokens: give some text to continue")
@@ -1014,6 +1029,7 @@ def _generate(args: argparse.Namespace) -> int:
         initial_peers=peers,
         swarm_key=args.swarm_key,
         missing_blocks_timeout_s=args.wait_for_blocks,
+        **head,
     )
     torch.manual_seed(args.seed)
     options: dict[str, object] = {"do_sample": False}  # greedy
@@ -1036,6 +1052,7 @@ def _generate(args: argparse.Namespace) -> int:
 
 def _chat(args: argparse.Namespace) -> int:
     peers = _initial_peers(args)
+    head = _head_options(args)
     _check_model(args.model)
     _check_draft(args.model, args.draft_model)
     from transformers import AutoTokenizer
@@ -1052,6 +1069,7 @@ def _chat(args: argparse.Namespace) -> int:
         swarm_key=args.swarm_key,
         dht_prefix=args.dht_prefix,
         missing_blocks_timeout_s=args.wait_for_blocks,
+        **head,
     )
     draft = args.draft_model and Draft.load(args.draft_model, model.config.vocab_size, args.num_draft_tokens)
     chat = Chat(

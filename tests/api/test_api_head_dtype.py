@@ -1,11 +1,13 @@
-"""`swarmllm api --dtype`: the embeddings and LM head the API holds are in that dtype (on a GPU host, with
-`--device cuda`, half precision there). Over a real swarm of the tiny Llama, an API with `--dtype bfloat16`
-answers with the greedy tokens and the log-probabilities of a client loaded in bfloat16, which differ from a
-float32 client's (so the flag reached the head)."""
+"""`--device` and `--dtype` of the client commands (`swarmllm api`, `generate`, `chat`): the embeddings and LM head
+they hold are in that dtype (on a GPU host, with `--device cuda`, half precision there). Over a real swarm of the
+tiny Llama, an API with `--dtype bfloat16` answers with the greedy tokens and the log-probabilities of a client
+loaded in bfloat16, which differ from a float32 client's (so the flag reached the head); `swarmllm generate
+--dtype bfloat16` prints that client's text."""
 
 import openai
 import pytest
 import torch
+from test_cli_errors import swarmllm
 from transformers import AutoTokenizer
 
 from swarmllm import AutoDistributedModelForCausalLM
@@ -53,3 +55,23 @@ def test_an_api_in_bfloat16_answers_as_a_bfloat16_client(api, local, llama_check
     got = torch.tensor(choice.logprobs.token_logprobs)
     torch.testing.assert_close(got, half[: len(got)], rtol=0, atol=1e-3)
     assert (half - full).abs().max() > 1e-3  # bfloat16's head is not float32's: the flag took effect
+
+
+def test_generate_in_bfloat16_prints_a_bfloat16_clients_text(api, local, llama_checkpoint):
+    tokenizer = AutoTokenizer.from_pretrained(llama_checkpoint)
+    prompt = "hello there"
+    ids = tokenizer(prompt)["input_ids"]
+    model = AutoDistributedModelForCausalLM.from_pretrained(
+        str(llama_checkpoint), initial_peers=local.initial_peers, dtype=torch.bfloat16
+    )
+    try:
+        with torch.no_grad():
+            out = model.generate(torch.tensor([ids]), max_new_tokens=NEW_TOKENS, do_sample=False)
+    finally:
+        model.shutdown()
+    done = swarmllm(
+        "generate", str(llama_checkpoint), "--initial-peers", *local.initial_peers, "--prompt", prompt,
+        "--max-new-tokens", str(NEW_TOKENS), "--dtype", "bfloat16",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == tokenizer.decode(out[0], skip_special_tokens=True).strip()
