@@ -31,19 +31,25 @@ def span(llama_checkpoint):
 
 
 @pytest.fixture
-async def second(span):
-    """A server of blocks [0, 2), a client's connection to it and a pusher's (the previous server's identity)."""
+async def server(span):
+    """A server of blocks [0, 2)."""
     server = DirectServer(
         RequestHandler(Backend(span, cache_tokens=256), dict).handlers(), Identity.generate()
     )
     await server.start()
+    yield server
+    await server.stop()
+
+
+@pytest.fixture
+async def second(server):
+    """A client's connection to `server` and a pusher's (the previous server's identity)."""
     client = await connect_direct(*server.address, Identity.generate(), expected_peer_id=None)
     pusher_id = Identity.generate()
     pusher = await connect_direct(*server.address, pusher_id, expected_peer_id=None)
     yield client, pusher, pusher_id.peer_id
     await client.close()
     await pusher.close()
-    await server.stop()
 
 
 def expected(span, hidden):
@@ -120,6 +126,36 @@ async def test_early_pushes_held_at_once_are_bounded(second, span, monkeypatch):
         reply = await stream.recv(timeout=10)
         torch.testing.assert_close(reply.tensors[0], expected(span, hidden), rtol=1e-5, atol=1e-5)
     assert errors == []
+
+
+async def test_one_peer_holds_only_its_share_of_the_early_pushes(server, second, span, monkeypatch):
+    """A peer whose parked pushes fill its share (pushes for sessions that never open, say) is refused at once
+    past it, by count or by bytes; another peer's early push still waits for its session and lands."""
+    monkeypatch.setattr(handler_module, "MAX_EARLY_PUSHES_PER_PEER", 2)
+    monkeypatch.setattr(handler_module, "MAX_EARLY_PUSH_BYTES_PER_PEER", 5000)
+    client, pusher, _ = second
+    hidden = torch.randn(1, 2, HIDDEN)  # 512 bytes
+    for token in ("p" * 24, "q" * 24):
+        await pusher.notify("push", push(token, 0, 1, hidden), lambda error: None)
+    refused = asyncio.get_running_loop().create_future()
+    await pusher.notify("push", push("r" * 24, 0, 1, hidden), refused.set_result)
+    assert (await asyncio.wait_for(refused, 10)).code == "unknown_session"
+    other_id = Identity.generate()
+    other = await connect_direct(*server.address, other_id, expected_peer_id=None)
+    try:
+        too_big = asyncio.get_running_loop().create_future()
+        await other.notify("push", push("s" * 24, 0, 1, torch.randn(1, 20, HIDDEN)), too_big.set_result)
+        assert (await asyncio.wait_for(too_big, 10)).code == "unknown_session"  # 5120 bytes: past its share
+        errors: list[RemoteError] = []
+        await other.notify("push", push("t" * 24, 0, 1, hidden), errors.append)
+        stream = await client.open_stream(
+            "inference", Message({**OPENING, "session_id": "t" * 24, "accept_push_from": other_id.peer_id})
+        )
+        reply = await stream.recv(timeout=10)
+        torch.testing.assert_close(reply.tensors[0], expected(span, hidden), rtol=1e-5, atol=1e-5)
+        assert errors == []
+    finally:
+        await other.close()
 
 
 async def test_a_byte_bound_refuses_an_early_push_too_large_to_hold(second, monkeypatch):

@@ -163,10 +163,14 @@ class _EarlyPush:
 # A push may arrive before the session it is for: a client opens each hop's session and sends the first step at
 # once, and the previous server, nearer to us than the client or just quicker, can push the first chunk of a prompt
 # before the opening gets here. Such a push waits for its session up to this long (or its step's push timeout),
-# within these bounds for all peers together; past them it is refused at once and the client sends it itself.
+# within these bounds for all peers together and for each peer; past them it is refused at once and the client
+# sends it itself (a peer that fills its own share with pushes for sessions that never open leaves the rest to
+# the others).
 EARLY_PUSH_WAIT_S = 2.0
 MAX_EARLY_PUSHES = 64
 MAX_EARLY_PUSH_BYTES = 64 << 20
+MAX_EARLY_PUSHES_PER_PEER = 16
+MAX_EARLY_PUSH_BYTES_PER_PEER = 16 << 20
 
 _LEAVING = Message({"kind": "leaving"})  # put into every session's queue when the server leaves
 _ANONYMOUS = "anonymous"  # the quota key of callers whose transport proved no peer id
@@ -578,7 +582,13 @@ class RequestHandler:
         decoded = [t for t in (step.hidden, step.pending) if t is not None and all(t is not w for w in wire)]
         nbytes = sum(t.numel() * t.element_size() for t in [*wire, *decoded])
         held = [early for waiting in self._early.values() for early in waiting]
-        if len(held) >= MAX_EARLY_PUSHES or sum(e.nbytes for e in held) + nbytes > MAX_EARLY_PUSH_BYTES:
+        own = [early for early in held if early.sender == sender]
+        if (
+            len(held) >= MAX_EARLY_PUSHES
+            or sum(e.nbytes for e in held) + nbytes > MAX_EARLY_PUSH_BYTES
+            or len(own) >= MAX_EARLY_PUSHES_PER_PEER
+            or sum(e.nbytes for e in own) + nbytes > MAX_EARLY_PUSH_BYTES_PER_PEER
+        ):
             raise RequestError("unknown_session", "no open session with this session_id")
         early = _EarlyPush(message, step, sender, nbytes, asyncio.get_running_loop().create_future())
         waiting = self._early.setdefault(step.session_id, [])
