@@ -8,7 +8,7 @@ import logging
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, DynamicCache
 
 from swarmllm.models import load_client_head, load_span
 from swarmllm.models.llama import Projection
@@ -138,9 +138,13 @@ def test_nf4_logits_of_a_model_whose_sizes_are_not_multiples_of_64_are_within_th
 @pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3"])
 def test_half_precision_decode_steps_give_transformers_logits(checkpoints, family, dtype):
     """A server's decode hot path (`BlockSpan.decode`, one token a step over its KV cache) at bfloat16 / float16
-    gives, token by token, the logits of transformers' forward over the same tokens at that dtype (as our own
-    forward does). A fused rotary (`addcmul`: one rounding where transformers rounds three times) made every step
-    after the first differ: ~1e-2 in bfloat16, ~1.5e-3 in float16."""
+    gives, token by token, the logits of transformers' own decode steps (its KV cache, one token a call) at that
+    dtype, to 1e-4. A fused rotary (`addcmul`: one rounding where transformers rounds three times) made every
+    step after the first differ: ~1e-2 in bfloat16, ~1.5e-3 in float16. (transformers' forward over all the
+    tokens at once rounds otherwise, by as much: ~5e-3 in bfloat16 with transformers 5.25 and torch 2.13.) Once
+    Mistral's sliding window (4 here) is passed, transformers' cache holds the window alone while our step masks
+    the slots before it: the sums differ in their terms, and the step is held to transformers' own disagreement
+    between its two ways instead."""
     path = checkpoints(family)
     steps = 8
     _, head = load_client_head(path, dtype=dtype)
@@ -149,15 +153,22 @@ def test_half_precision_decode_steps_give_transformers_logits(checkpoints, famil
     ids = torch.randint(4, 150, (1, steps), generator=torch.Generator().manual_seed(0))
     keys = torch.zeros(config.num_layers, 1, config.num_kv_heads, steps, config.head_dim, dtype=dtype)
     values = torch.zeros_like(keys)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    cache = DynamicCache(config=model.config)
+    window = config.sliding_window
     with torch.no_grad():
-        want = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)(ids).logits
+        whole = model(ids).logits
         hidden = head.embed(ids)
         for t in range(steps):
+            step = model(ids[:, t : t + 1], past_key_values=cache, use_cache=True).logits[:, 0]
             slots = torch.tensor([t])
             out = span.decode(hidden[:, t], slots, slots, keys[..., : t + 1, :], values[..., : t + 1, :])
             got = head.logits(out)
             assert got.dtype == dtype
-            assert rel_l2(got, want[:, t]) <= 1e-4, (t, rel_l2(got, want[:, t]))
+            error, bound = rel_l2(got, step), 1e-4
+            if window is not None and t >= window:
+                bound = max(bound, 2 * rel_l2(step, whole[:, t]))
+            assert error <= bound, (t, error, bound)
 
 
 @pytest.mark.skipif(kernel() is None, reason="no AVX2 and FMA, or no C++ compiler, on this machine")
