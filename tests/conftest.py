@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
-# Under pytest-xdist (the README's `-n 4`) each worker is a host of its own: its servers register in their own
+# Under pytest-xdist (the README's `-n 3`) each worker is a host of its own: its servers register in their own
 # folder (server/host.py reads the temp dir), so one worker's servers never count another's when they split the
 # cores, and its own torch takes its share of the cores. torch.compile's disk cache stays the one they share.
 if worker := os.environ.get("PYTEST_XDIST_WORKER"):
