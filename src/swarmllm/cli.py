@@ -16,6 +16,7 @@ import os
 import socket
 import sys
 import traceback
+from collections.abc import Sequence
 from pathlib import Path
 
 from swarmllm import ladder_commands
@@ -132,13 +133,12 @@ def _head(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _head_options(args: argparse.Namespace) -> dict:
-    """`from_pretrained`'s options for the head's device and dtype, the device checked first."""
+def _head_options(args: argparse.Namespace, drafts: Sequence[str | None] = ()) -> dict:
+    """`from_pretrained`'s options for the head's device and dtype, the device checked first; `drafts`: the
+    command's draft models (None for none), which run on the CPU."""
     import torch
 
-    drafts = getattr(args, "draft_model", None) or []  # (the API's: one per model, "none" for none)
-    drafts = drafts if isinstance(drafts, list) else [drafts]
-    if args.device != "cpu" and any(draft not in (None, "none") for draft in drafts):
+    if args.device != "cpu" and any(drafts):
         raise UserError("--draft-model runs its draft on the CPU: give it with --device cpu")
     _check_device(args.device)
     return {"device": args.device, "dtype": getattr(torch, args.dtype)}
@@ -814,7 +814,7 @@ def _api(args: argparse.Namespace) -> int:
     names, prefixes = (_per_model(args, flag) for flag in ("name", "dht_prefix"))
     drafts = [None if draft == "none" else draft for draft in _per_model(args, "draft_model")]
     peers = _initial_peers(args)
-    head = _head_options(args)
+    head = _head_options(args, drafts)
     for model, draft in zip(args.model, drafts, strict=True):
         _check_model(model)
         _check_draft(model, draft)
@@ -890,9 +890,7 @@ def _tp_problem(args: argparse.Namespace) -> str | None:
     if args.blocks is None:
         return "needs --blocks (a tensor-parallel server does not choose or move its blocks yet)"
     # a default the environment set is named as such: the user gave no --compile
-    compile_flag = (
-        "--compile" if args.compile else "SWARMLLM_COMPILE=1 (the environment's; give --no-compile)"
-    )
+    compile_flag = "--compile" if args.compile else "SWARMLLM_COMPILE=1 (the environment's; give --no-compile)"
     flags = {
         compile_flag: _compile(args) is True,
         "--quant": args.quant != "none",
@@ -1052,7 +1050,7 @@ def _generate(args: argparse.Namespace) -> int:
 
 def _chat(args: argparse.Namespace) -> int:
     peers = _initial_peers(args)
-    head = _head_options(args)
+    head = _head_options(args, [args.draft_model])
     _check_model(args.model)
     _check_draft(args.model, args.draft_model)
     from transformers import AutoTokenizer

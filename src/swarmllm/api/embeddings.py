@@ -55,8 +55,9 @@ def embed(model, ids: Sequence[Sequence[int]], pad_id: int) -> torch.Tensor:
         for row, i in enumerate(batch):
             input_ids[row, : len(ids[i])] = torch.tensor(ids[i])
             mask[row, : len(ids[i])] = 1
-        hidden = model.hidden_states(input_ids.to(model.device), mask.to(model.device))
-        out[batch] = last_tokens(hidden, mask.to(hidden.device)).float().cpu()
+        mask = mask.to(model.device)
+        hidden = model.hidden_states(input_ids.to(model.device), mask)
+        out[batch] = last_tokens(hidden, mask).float().cpu()
     return out
 
 
