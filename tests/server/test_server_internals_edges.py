@@ -45,7 +45,7 @@ def test_a_corrupted_throughput_entry_is_measured_over(span, tmp_path, entry):
     older version) is measured again, never a crash at start-up nor a rate that `ServerInfo` cannot announce."""
     path = tmp_path / "throughput.json"
     cached_throughput(span, "cpu", "float32", 1, path=path)
-    (key,) = json.loads(path.read_text())
+    (key,) = [k for k in json.loads(path.read_text()) if not k.startswith("last/")]
     path.write_text(json.dumps({key: entry}))
     rates = cached_throughput(span, "cpu", "float32", 1, path=path)
     assert all(math.isfinite(rate) and rate > 0 for rate in rates)

@@ -20,22 +20,25 @@ from swarmllm.client.directory import Directory
 from swarmllm.client.loop import run_sync
 from swarmllm.forking import forked
 from swarmllm.local import LocalSwarm
+from swarmllm.models import load_span
+from swarmllm.server.throughput import cached_throughput
 
 BOUND_S = 90  # seconds; only to fail a test instead of hanging
 
 
 @contextlib.contextmanager
-def held_server(args: list[str]):
+def held_server(args: list[str], env: dict[str, str] | None = None):
     """`swarmllm ARGS` (a serve) that stops the first time it counts the host's servers (`server.host`): its
     registry, under a TMPDIR of its own, holds a FIFO as an entry, which it reads once we open and close it
     (`open_gate`). Without --num-blocks or --blocks that is inside `_choose_span`, after its DHT started and
-    before it looks the swarm up; with --num-blocks, after it announced itself joining and loaded its blocks."""
+    before it looks the swarm up; with --num-blocks, after it announced itself joining and loaded its blocks.
+    `env`: more environment variables for it."""
     with tempfile.TemporaryDirectory(prefix="s34-") as tmp:  # (short: p2pd's unix sockets live under TMPDIR)
         registry = Path(tmp) / f"swarmllm-servers-{os.getuid()}" / "cpu"
         registry.mkdir(parents=True)
         fifo = registry / str(os.getpid())  # a live process's entry: its start time is read from it
         os.mkfifo(fifo)
-        proc = forked(args, {**os.environ, "PYTHONUNBUFFERED": "1", "TMPDIR": tmp})
+        proc = forked(args, {**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1", "TMPDIR": tmp})
         try:
             yield proc, fifo
         finally:
@@ -131,3 +134,39 @@ def test_a_server_joining_after_another_counts_the_loading_one_at_a_likely_throu
             assert a_measured > 10, others  # measured: far above the pinned ones
             expected = choose_blocks(4, 2, others, throughput=15.0)
             assert (b["start"], b["end"]) == expected, (others, b)
+
+
+def test_a_server_starting_again_announces_what_it_measured_last_while_it_loads(llama_checkpoint, tmp_path):
+    """A server that measured these blocks here before (its cache under $XDG_CACHE_HOME) announces those figures
+    while it loads, not the median of the servers it finds (pinned at 10 and 20 steps/s: 15, where a tiny block
+    runs thousands): joiners choosing meanwhile count it at what it will measure again. Held joining by the FIFO."""
+    model, prefix = str(llama_checkpoint), llama_checkpoint.name
+    cache = tmp_path / "cache"
+    span = load_span(model, 0, 2)
+    seeded = cached_throughput(span, "cpu", "float32", 1, path=cache / "swarmllm" / "throughput.json")
+    assert min(seeded) > 100
+    with LocalSwarm() as local:
+        local.start_bootstrap()
+        local.add_servers([(model, (0, 2), ["--throughput", "10"]), (model, (2, 4), ["--throughput", "20"])])
+        joiner = ["serve", model, "--initial-peers", *local.initial_peers, "--num-blocks", "2"]
+        with held_server(joiner, {"XDG_CACHE_HOME": str(cache)}) as (proc, fifo):
+            gate = open_gate(fifo, proc)  # it announced itself joining and loaded its blocks; it waits here
+            try:
+                (joining,) = [
+                    s for s in run_sync(found_servers(local.initial_peers, prefix)) if s.state == "joining"
+                ]
+            finally:
+                os.close(gate)
+            assert (joining.inference_rps, joining.forward_rps) == seeded
+
+
+async def found_servers(initial_peers: list[str], dht_prefix: str) -> list:
+    """The servers' records (`ServerInfo`) as one choosing its blocks reads them."""
+    from swarmllm.dht import find_servers
+
+    directory = Directory(initial_peers)
+    await directory.start()
+    try:
+        return await find_servers(directory.dht, dht_prefix, 4, planned=True)
+    finally:
+        await directory.shutdown()

@@ -55,7 +55,7 @@ from swarmllm.server.host import HostShare, device_folder, host_cores, threads_p
 from swarmllm.server.memory import block_bytes, cache_bytes_per_block, device_memory, memory_share
 from swarmllm.server.metrics import ServerMetrics, serve_metrics
 from swarmllm.server.network import measure_network, network_rps
-from swarmllm.server.throughput import cached_threads, cached_throughput
+from swarmllm.server.throughput import cached_threads, cached_throughput, last_measured
 from swarmllm.server.tp import STEP_TIMEOUT_S, TensorParallelSpan
 from swarmllm.server.tp_backend import TensorParallelBackend
 from swarmllm.version import __version__
@@ -648,7 +648,7 @@ class Server:
         threads = torch.get_num_threads() if torch.device(cfg.device).type == "cpu" else 0
         backend = self.backend
         span = backend.parallel if isinstance(backend, TensorParallelBackend) else backend.span
-        dtype = cfg.dtype if cfg.quant == "none" else f"{cfg.dtype}+{cfg.quant}"
+        dtype = self._measured_dtype(tp=False)
         if self._share_threads and threads > 1:  # (--num-threads: the operator's count stands)
             useful = await backend.on_compute_thread(cached_threads, span, cfg.device, dtype, threads)
             if useful < threads:
@@ -658,7 +658,7 @@ class Server:
         if cfg.throughput is not None:
             return
         self.inference_rps, self.forward_rps = await self.backend.on_compute_thread(
-            cached_throughput, span, cfg.device, dtype if cfg.tp == 1 else f"{dtype}+tp{cfg.tp}", threads
+            cached_throughput, span, cfg.device, self._measured_dtype(), threads
         )
         logger.info(
             "throughput per block: %.1f decode steps/s, %.0f forward tokens/s (%d threads)",
@@ -666,6 +666,13 @@ class Server:
             self.forward_rps,
             threads,
         )
+
+    def _measured_dtype(self, tp: bool = True) -> str:
+        """The name its measurements are cached under besides the model, device and threads: the dtype, with the
+        quantization and (`tp`) the tensor-parallel degree where there are."""
+        cfg = self.config
+        dtype = cfg.dtype if cfg.quant == "none" else f"{cfg.dtype}+{cfg.quant}"
+        return dtype if cfg.tp == 1 or not tp else f"{dtype}+tp{cfg.tp}"
 
     async def _choose_span(self, block_config: BlockConfig) -> tuple[int, int]:
         cfg = self.config
@@ -687,9 +694,13 @@ class Server:
             raise ServeStartError(f"cannot choose blocks: {e}") from None
         others = [s for s in servers if s.state != ServerState.OFFLINE]
         live = [(s.start_block, s.end_block, s.throughput) for s in others]
-        if cfg.throughput is None and others:
-            # announced while it loads, until its own are measured: the swarm's typical figures (a placeholder of
-            # 1.0 counted it as next to nothing, and a server joining meanwhile took the same weak blocks)
+        last = last_measured(block_config, cfg.device, self._measured_dtype())
+        if cfg.throughput is None and last is not None:
+            # announced while it loads, until its own are measured: what it measured when it last ran here
+            self.inference_rps, self.forward_rps = last
+        elif cfg.throughput is None and others:
+            # else the swarm's typical figures (a placeholder of 1.0 counted it as next to nothing, and a server
+            # joining meanwhile took the same weak blocks)
             self.inference_rps = statistics.median(s.inference_rps for s in others)
             self.forward_rps = statistics.median(s.forward_rps for s in others)
         # its throughput is measured only once the blocks are loaded: until then, choose as a joiner faster than

@@ -3,7 +3,9 @@
 Both figures are per block: `inference_rps` is single-token decode steps per second through one block (batch 1),
 `forward_rps` is batch-forward tokens per second through one block; a span of n blocks takes n times as long.
 Measurements are cached on disk per model shape, device, dtype and thread count, so a restart does not pay for
-them again (and a busy machine does not re-measure itself as slower than it is).
+them again (and a busy machine does not re-measure itself as slower than it is). The last one of a model, device
+and dtype is kept besides (`last_measured`): a server starting again announces it while it loads, before it knows
+its kernels and threads, rather than the swarm's typical figures.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from swarmllm.models import BlockSpan, KVCache
+from swarmllm.models import BlockConfig, BlockSpan, KVCache
 from swarmllm.server.tp import TensorParallelSpan
 
 
@@ -130,16 +132,28 @@ def cached_throughput(
 ) -> tuple[float, float]:
     """`measure_throughput(span)`, from the cache when this block shape was measured on this device, dtype and
     thread count before."""
-    kept = _cached(
-        _key(span, device, dtype, threads),
-        path,
-        lambda v: isinstance(v, list) and len(v) == 2 and all(_is_rate(x) for x in v),
-    )
+    kept = _cached(_key(span, device, dtype, threads), path, _are_rates)
     if kept is not None:
-        return float(kept[0]), float(kept[1])
-    measured = measure_throughput(span)
-    _store(_key(span, device, dtype, threads), list(measured), path)
-    return measured
+        figures = float(kept[0]), float(kept[1])
+    else:
+        figures = measure_throughput(span)
+        _store(_key(span, device, dtype, threads), list(figures), path)
+    if last_measured(span.config, device, dtype, path=path) != figures:
+        _store(_last_key(span.config, device, dtype), list(figures), path)
+    return figures
+
+
+def last_measured(
+    config: BlockConfig, device: str, dtype: str, *, path: Path = CACHE_PATH
+) -> tuple[float, float] | None:
+    """What a server of this model's blocks measured last on this machine's `device` in `dtype` (`cached_throughput`,
+    at any thread count), None if none did: what a restarting server is likely to measure again."""
+    kept = _cached(_last_key(config, device, dtype), path, _are_rates)
+    return None if kept is None else (float(kept[0]), float(kept[1]))
+
+
+def _are_rates(value) -> bool:
+    return isinstance(value, list) and len(value) == 2 and all(_is_rate(x) for x in value)
 
 
 def cached_threads(span: BlockSpan, device: str, dtype: str, threads: int, *, path: Path = CACHE_PATH) -> int:
@@ -165,6 +179,10 @@ def _key(span: BlockSpan | TensorParallelSpan, device: str, dtype: str, threads:
     kinds = sorted({type(module).__qualname__ for module in modules})
     shape = hashlib.sha256(repr((span.config, kinds)).encode()).hexdigest()[:16]
     return f"{shape}/{device}/{dtype}/{threads}"
+
+
+def _last_key(config: BlockConfig, device: str, dtype: str) -> str:
+    return f"last/{hashlib.sha256(repr(config).encode()).hexdigest()[:16]}/{device}/{dtype}"
 
 
 def _load(path: Path) -> dict:
