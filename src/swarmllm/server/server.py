@@ -677,6 +677,10 @@ class Server:
     async def _choose_span(self, block_config: BlockConfig) -> tuple[int, int]:
         cfg = self.config
         total_blocks = block_config.num_layers
+        last = last_measured(block_config, cfg.device, self._measured_dtype())
+        if cfg.throughput is None and last is not None:
+            # announced while it loads, until its own are measured: what it measured when it last served here
+            self.inference_rps, self.forward_rps = last
         if cfg.blocks is not None:
             start, end = cfg.blocks
             if not 0 <= start < end <= total_blocks:
@@ -694,13 +698,9 @@ class Server:
             raise ServeStartError(f"cannot choose blocks: {e}") from None
         others = [s for s in servers if s.state != ServerState.OFFLINE]
         live = [(s.start_block, s.end_block, s.throughput) for s in others]
-        last = last_measured(block_config, cfg.device, self._measured_dtype())
-        if cfg.throughput is None and last is not None:
-            # announced while it loads, until its own are measured: what it measured when it last ran here
-            self.inference_rps, self.forward_rps = last
-        elif cfg.throughput is None and others:
-            # else the swarm's typical figures (a placeholder of 1.0 counted it as next to nothing, and a server
-            # joining meanwhile took the same weak blocks)
+        if cfg.throughput is None and last is None and others:
+            # never measured here: the swarm's typical figures (a placeholder of 1.0 counted it as next to nothing,
+            # and a server joining meanwhile took the same weak blocks)
             self.inference_rps = statistics.median(s.inference_rps for s in others)
             self.forward_rps = statistics.median(s.forward_rps for s in others)
         # its throughput is measured only once the blocks are loaded: until then, choose as a joiner faster than
