@@ -31,7 +31,8 @@ def held_server(args: list[str], env: dict[str, str] | None = None):
     """`swarmllm ARGS` (a serve) that stops the first time it counts the host's servers (`server.host`): its
     registry, under a TMPDIR of its own, holds a FIFO as an entry, which it reads once we open and close it
     (`open_gate`). Without --num-blocks or --blocks that is inside `_choose_span`, after its DHT started and
-    before it looks the swarm up; with --num-blocks, after it announced itself joining and loaded its blocks.
+    before it looks the swarm up; with --num-blocks or --blocks, after it announced itself joining and loaded its
+    blocks.
     `env`: more environment variables for it."""
     with tempfile.TemporaryDirectory(prefix="s34-") as tmp:  # (short: p2pd's unix sockets live under TMPDIR)
         registry = Path(tmp) / f"swarmllm-servers-{os.getuid()}" / "cpu"
@@ -93,15 +94,8 @@ def test_a_dht_that_fails_while_the_server_chooses_its_blocks_is_one_line(llama_
 
 
 async def planned_spans(initial_peers: list[str], dht_prefix: str) -> dict[str, tuple[int, int, float, str]]:
-    """Each server's (start, end, throughput, state) as one choosing its blocks reads them (`planned`)."""
-    from swarmllm.dht import find_servers
-
-    directory = Directory(initial_peers)
-    await directory.start()
-    try:
-        found = await find_servers(directory.dht, dht_prefix, 4, planned=True)
-    finally:
-        await directory.shutdown()
+    """Each server's (start, end, throughput, state) as one choosing its blocks reads them (`found_servers`)."""
+    found = await found_servers(initial_peers, dht_prefix)
     return {s.peer_id: (s.start_block, s.end_block, s.throughput, s.state.value) for s in found}
 
 
@@ -165,7 +159,7 @@ def test_a_server_starting_again_announces_what_it_measured_last_while_it_loads(
 
 
 async def found_servers(initial_peers: list[str], dht_prefix: str) -> list:
-    """The servers' records (`ServerInfo`) as one choosing its blocks reads them."""
+    """The servers' records (`ServerInfo`) as one choosing its blocks reads them (`planned`)."""
     from swarmllm.dht import find_servers
 
     directory = Directory(initial_peers)

@@ -133,13 +133,12 @@ def cached_throughput(
     """`measure_throughput(span)`, from the cache when this block shape was measured on this device, dtype and
     thread count before."""
     kept = _cached(_key(span, device, dtype, threads), path, _are_rates)
-    if kept is not None:
-        figures = float(kept[0]), float(kept[1])
-    else:
-        figures = measure_throughput(span)
-        _store(_key(span, device, dtype, threads), list(figures), path)
+    figures = (float(kept[0]), float(kept[1])) if kept is not None else measure_throughput(span)
+    entries = {} if kept is not None else {_key(span, device, dtype, threads): list(figures)}
     if last_measured(span.config, device, dtype, path=path) != figures:
-        _store(_last_key(span.config, device, dtype), list(figures), path)
+        entries[_last_key(span.config, device, dtype)] = list(figures)
+    if entries:
+        _store(entries, path)  # (one locked read and write for both)
     return figures
 
 
@@ -163,7 +162,7 @@ def cached_threads(span: BlockSpan, device: str, dtype: str, threads: int, *, pa
     if kept is not None:
         return kept
     chosen = threads_that_pay(span, threads)
-    _store(key, chosen, path)
+    _store({key: chosen}, path)
     return chosen
 
 
@@ -199,14 +198,14 @@ def _cached(key: str, path: Path, valid):
     return value if value is not None and valid(value) else None
 
 
-def _store(key: str, value, path: Path) -> None:
+def _store(entries: dict, path: Path) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         # read, update and replace under a lock: servers storing at once each keep what the others stored
         with open(path.with_name(path.name + ".lock"), "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # (released when the file closes, or when its holder dies)
             cache = _load(path)  # read after measuring: a server starting beside us may have added its own
-            cache[key] = value
+            cache.update(entries)
             tmp = path.with_suffix(f".{os.getpid()}.tmp")
             tmp.write_text(json.dumps(cache, indent=1))
             tmp.replace(path)  # atomic: servers starting together never read half a file
