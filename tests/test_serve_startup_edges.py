@@ -9,6 +9,7 @@ import psutil
 import pytest
 from test_cli_errors import said, swarmllms
 
+from swarmllm.dht.info import MAX_RECORD_BYTES
 from swarmllm.forking import forked
 from swarmllm.local import LocalSwarm
 
@@ -68,3 +69,12 @@ def test_a_tp_of_no_processes_is_refused_as_other_counts_are(tp):
     (done,) = swarmllms(["serve", "/nonexistent", "--tp", tp])
     assert done.returncode == 2, done.stdout
     assert "argument --tp: expected" in done.stdout, done.stdout
+
+
+def test_a_record_too_big_for_peers_is_refused_at_start(llama_checkpoint):
+    """Peers store records of at most MAX_RECORD_BYTES (`dht.membership`): a server whose own would be bigger (a
+    long --public-name, many --adapters) would load its blocks and serve unseen. It stops at start, one line."""
+    name = "x" * MAX_RECORD_BYTES
+    (done,) = swarmllms(["serve", str(llama_checkpoint), "--new-swarm", "--blocks", "0:2", "--public-name", name])
+    line = said(done, "serve")
+    assert "--public-name" in line and f"at most {MAX_RECORD_BYTES}" in line, line

@@ -119,6 +119,30 @@ async def test_a_registry_entry_with_absurd_block_count_does_not_blind_the_monit
         await directory.shutdown()
 
 
+async def test_a_registry_entry_with_a_long_prefix_does_not_jam_the_monitor(swarm):
+    """The look-up of 40 blocks under a 2,000-character prefix sent its 80 KB of keys through hivemind's pipe into
+    the monitor's DHT process, which reads it without blocking: it read half a message, and no call to it was
+    answered again, so every refresh from then on failed. Calls now carry the prefix once."""
+    (honest, honest_dht, honest_tag), _, hostile, _ = swarm
+    model = ModelInfo(dht_prefix="plain", num_blocks=NUM_BLOCKS)
+    info = ServerInfo.model_validate(record(honest.peer_id))
+    assert await announce(honest_dht, honest_tag, "plain", info, model, 60)
+    assert store(hostile, MODELS_KEY, {"dht_prefix": "p" * 2000, "num_blocks": 40})
+    directory = Directory([*visible_maddrs(honest_dht)], connect_timeout_s=1.0)
+    await directory.start()
+    try:
+        monitor = Monitor(directory, lookup_timeout_s=5.0)
+        for _ in range(3):  # (the later refreshes ask the same DHT process again)
+            await monitor.refresh()
+            assert monitor.state["dht"]["status"] == "ok", monitor.state["dht"]
+            names = {m["name"]: m for m in monitor.state["models"]}
+            assert names["p" * 2000]["num_blocks"] == 40
+            found = [s["peer_id"] for s in monitor.state["servers"] if s["model"] == "plain"]
+            assert found == [honest.peer_id]
+    finally:
+        await directory.shutdown()
+
+
 async def test_server_states_are_parsed_from_valid_records_only(swarm):
     """Wrong types, absurd values and extra fields: the record is dropped or its extras ignored, never raised."""
     _, (_, reader, _), hostile, _ = swarm

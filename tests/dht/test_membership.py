@@ -4,8 +4,11 @@ private swarm only members' records. What members hold is read from their own st
 from functools import partial
 
 import pytest
+from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.dht.routing import DHTID
+from hivemind.dht.validation import CompositeValidator
 from hivemind.utils import get_dht_time
+from test_records import owner_tag, signed_record
 
 from swarmllm.dht import (
     ModelInfo,
@@ -18,6 +21,8 @@ from swarmllm.dht import (
     start_dht,
     visible_maddrs,
 )
+from swarmllm.dht.info import MAX_RECORD_BYTES
+from swarmllm.dht.membership import record_validators
 from swarmllm.dht.records import MODELS_KEY
 from swarmllm.wire import Identity, SwarmKey
 
@@ -124,3 +129,63 @@ async def test_unowned_records_are_refused_on_store():
     finally:
         writer.shutdown()
         first.shutdown()
+
+
+async def _subkeys(_dht, node, key_id: bytes) -> list:
+    """The subkeys this peer holds under one key (runs in the DHT's process)."""
+    entry = node.protocol.storage.get(DHTID.from_bytes(key_id))
+    return [] if entry is None else sorted(subkey for subkey, _ in entry.value.items())
+
+
+async def _store_padded(_dht, node, key: str, subkey: bytes, size: int) -> bool:
+    """Store a record of about `size` bytes (built in the DHT's process: its pipe takes no large arguments)."""
+    return await node.store(key, {"pad": "x" * size}, get_dht_time() + 60, subkey=subkey)
+
+
+async def test_a_peer_stores_one_small_record_per_key():
+    """hivemind's signature check only searches a subkey for an owner tag, so one peer could sign any number of
+    subkeys under a block key ("[owner:<its key>]1", ...), or a value of megabytes: 3,000 such subkeys made a
+    look-up of the block take 1.3 s. Peers now store one record per owner under a key, of at most
+    MAX_RECORD_BYTES, and an owned record of that size still goes in."""
+    first, first_tag = start_dht(Identity.generate())
+    writer, tag = start_dht(Identity.generate(), initial_peers=visible_maddrs(first), client_mode=True)
+    key = block_key("crowded", 0)
+
+    def put(subkey: bytes, size: int) -> bool:
+        return writer.run_coroutine(partial(_store_padded, key=key, subkey=subkey, size=size))
+
+    try:
+        assert put(tag, MAX_RECORD_BYTES - 100)
+        assert [put(tag + str(i).encode(), 10) for i in range(3)] == [False] * 3
+        assert not put(tag + tag, 10)
+        assert not put(tag, MAX_RECORD_BYTES)  # over the bound once the dict is packed
+        key_id = DHTID.generate(source=key).to_bytes()
+        held = await first.run_coroutine(partial(_subkeys, key_id=key_id), return_future=True)
+        assert held == [tag]
+    finally:
+        writer.shutdown()
+        first.shutdown()
+
+
+def test_an_owner_tag_counts_only_as_its_key_writes_itself():
+    """A key parses alike with a comment after it or spaces doubled, and hivemind's pattern matches two tags in a
+    row as one: each such subkey signed by its owner passes hivemind's check, and would be one more record of
+    the same peer under a key. Ours takes the tag written as the key writes itself, and nothing else."""
+    owner, reader = Identity.generate(), Identity.generate()
+    ours = CompositeValidator(record_validators(RSASignatureValidator(reader.private_key), None))
+    hivemind_alone = RSASignatureValidator(reader.private_key)
+    tag = owner_tag(owner)
+    key_text = tag[len(b"[owner:") : -1]
+    value = info_for(owner.peer_id).to_record()
+    assert ours.validate(signed_record(owner, "m.0", value, tag))
+    variants = [
+        tag + b"1",
+        b"[owner:" + key_text + b" comment]",
+        b"[owner:" + key_text.replace(b" ", b"  ", 1) + b"]",
+        tag + tag,
+    ]
+    for subkey in variants:
+        record = signed_record(owner, "m.0", value, subkey)
+        assert hivemind_alone.validate(record), subkey
+        assert not ours.validate(record), subkey
+    assert not ours.validate(signed_record(owner, "m.0", {"pad": "x" * MAX_RECORD_BYTES}))

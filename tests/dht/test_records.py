@@ -1,11 +1,18 @@
 """Announce and look-up on real hivemind DHT peers (in this process, on 127.0.0.1)."""
 
 import asyncio
+import dataclasses
 import time
 from contextlib import contextmanager
+from functools import partial
 
+import hivemind
 import pytest
-from hivemind.utils import get_dht_time
+from hivemind.dht.crypto import RSASignatureValidator
+from hivemind.dht.routing import DHTID
+from hivemind.dht.validation import DHTRecord
+from hivemind.p2p import PeerID
+from hivemind.utils import MSGPackSerializer, get_dht_time
 
 from swarmllm.dht import (
     ModelInfo,
@@ -53,6 +60,64 @@ def dht_peers(count: int):
     finally:
         for _, dht, _ in nodes:
             dht.shutdown()
+
+
+def owner_tag(owner: Identity) -> bytes:
+    return RSASignatureValidator(owner.private_key).local_public_key
+
+
+def signed_record(owner: Identity, key: str, value, subkey: bytes | None = None) -> DHTRecord:
+    """A record as `owner` signs it, under its owner tag or any other `subkey` (a peer's hivemind signs only
+    records under its own tag), expiring in a minute."""
+    record = DHTRecord(
+        DHTID.generate(source=key).to_bytes(),
+        MSGPackSerializer.dumps(owner_tag(owner) if subkey is None else subkey),
+        MSGPackSerializer.dumps(value),
+        get_dht_time() + 60,
+    )
+    signature = owner.private_key.sign(MSGPackSerializer.dumps(dataclasses.astuple(record)))
+    return dataclasses.replace(record, value=record.value + b"[signature:" + signature + b"]")
+
+
+async def _call_store(
+    _dht, node, peer: str, key: str, records: list[tuple[bytes, bytes, float]]
+) -> list[bool]:
+    subkeys = [MSGPackSerializer.loads(subkey) for subkey, _, _ in records]
+    stored = await node.protocol.call_store(
+        PeerID.from_base58(peer),
+        [DHTID.generate(source=key)] * len(records),
+        [value for _, value, _ in records],
+        [expiration for _, _, expiration in records],
+        subkeys=subkeys,
+    )
+    return [bool(ok) for ok in stored] if stored is not None else [False] * len(records)
+
+
+def pipe_chunks(records: list[tuple[bytes, bytes, float]], limit: int = 3000) -> list[list]:
+    """Records in runs of at most `limit` bytes: a call into a DHT's process goes through a pipe that its process
+    reads without blocking, so a message longer than the pipe writes at once (4 KiB) can be read half-written, and
+    that kills the DHT process (BlockingIOError)."""
+    chunks: list[list] = [[]]
+    for record in records:
+        if (
+            chunks[-1]
+            and sum(len(s) + len(v) for s, v, _ in chunks[-1]) + len(record[0]) + len(record[1]) > limit
+        ):
+            chunks.append([])
+        chunks[-1].append(record)
+    return chunks
+
+
+def store_as(
+    owners: list[Identity], values: list, key: str, via: hivemind.DHT, at: hivemind.DHT
+) -> list[bool]:
+    """Records of many owners under one key, each signed by its owner, sent by peer `via` to be stored at peer
+    `at`: what one host holding many keys can do."""
+    records = [signed_record(owner, key, value) for owner, value in zip(owners, values, strict=True)]
+    stored = []
+    for chunk in pipe_chunks([(r.subkey, r.value, r.expiration_time) for r in records]):
+        stored += via.run_coroutine(partial(_call_store, peer=str(at.peer_id), key=key, records=chunk))
+    return stored
 
 
 @pytest.fixture(scope="module")

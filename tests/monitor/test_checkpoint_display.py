@@ -6,7 +6,7 @@ import asyncio
 import threading
 
 from aiohttp.test_utils import TestClient, TestServer
-from dht.test_records import dht_peers
+from dht.test_records import dht_peers, store_as
 from server_infos import answering_server, online_server
 
 from swarmllm.api.app import Api, load_engine
@@ -14,6 +14,7 @@ from swarmllm.api.gateway import Gateway
 from swarmllm.client.directory import Directory
 from swarmllm.dht import ModelInfo, announce, visible_maddrs
 from swarmllm.dht.info import model_fingerprint
+from swarmllm.dht.records import MODELS_KEY
 from swarmllm.models import load_client_head, load_config
 from swarmllm.models.tiny import make_tiny_checkpoint
 from swarmllm.monitor.app import MAX_BLOCKS_PER_REFRESH, Monitor, make_app, models_to_look_up
@@ -26,29 +27,21 @@ FAKE_BLOCKS = 3  # 600 blocks in all, sorted before the real model: smallest fir
 
 
 async def test_many_small_fake_models_do_not_hide_the_real_one_for_good(llama_checkpoint):
-    """One peer registers 200 models of 3 blocks (one signed registry entry each, under owner tags of its own
-    key): smallest first, 170 of them filled every refresh's 512 keys and the real model, sorted after them, was
+    """One host registers 200 models of 3 blocks (a signed registry entry each, under 200 keys of its own):
+    smallest first, 170 of them filled every refresh's 512 keys and the real model, sorted after them, was
     never looked up, in any refresh. Each model must be looked up within a bounded number of refreshes, and once
     looked up stay on show, as then found, while it waits its turn again."""
     config, _ = load_client_head(str(llama_checkpoint))
     blocks = config.num_hidden_layers
-    with dht_peers(2) as ((honest, honest_dht, honest_tag), (hostile, hostile_dht, hostile_tag)):
+    with dht_peers(2) as ((honest, honest_dht, honest_tag), (_, hostile_dht, _)):
         async with answering_server(llama_checkpoint, honest, blocks) as server:
             real = ModelInfo(dht_prefix="real", num_blocks=blocks)
             info = online_server(honest.peer_id, 0, blocks, address=server.address)
             assert await announce(honest_dht, honest_tag, "real", info, real, 60)
-            for i in range(FAKE_MODELS):
-                fake = ModelInfo(dht_prefix=f"fake{i:03d}", num_blocks=FAKE_BLOCKS)
-                tag = f"{i}".encode() + hostile_tag  # another registry subkey, signed by the same key
-                assert await announce(
-                    hostile_dht,
-                    tag,
-                    fake.dht_prefix,
-                    online_server(hostile.peer_id, 0, 1),
-                    fake,
-                    60,
-                    blocks=[],
-                )
+            fakes = [ModelInfo(dht_prefix=f"fake{i:03d}", num_blocks=FAKE_BLOCKS) for i in range(FAKE_MODELS)]
+            owners = [Identity.generate() for _ in fakes]  # a peer stores one registry entry per owner
+            stored = store_as(owners, [f.to_record() for f in fakes], MODELS_KEY, via=hostile_dht, at=honest_dht)
+            assert all(stored)
 
             directory = Directory(visible_maddrs(honest_dht), connect_timeout_s=1.0)
             await directory.start()

@@ -13,6 +13,7 @@ import json
 from enum import StrEnum
 from typing import TYPE_CHECKING, Annotated, Any
 
+from hivemind.utils import MSGPackSerializer
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -32,6 +33,14 @@ if TYPE_CHECKING:
 MAX_RATE = 1e30  # far above any server, far below where a sum over any number of them overflows
 MAX_BLOCKS = 4096
 FINGERPRINT_CHARS = 16  # hex digits of a model fingerprint: 64 bits, no accidental collision in any swarm
+# The largest value of one record that peers store (`dht.membership.OwnedRecordsValidator`); a server's is ~0.4 KB.
+# Unbounded, a peer's megabytes under a block key made each look-up of that block take seconds.
+MAX_RECORD_BYTES = 16 * 1024
+
+
+def record_bytes(record: dict[str, Any]) -> int:
+    """The size of a record's value as peers store and bound it (msgpack, before signing)."""
+    return len(MSGPackSerializer.dumps(record))
 
 
 def model_fingerprint(config: BlockConfig) -> str:

@@ -2,7 +2,13 @@
 
 - `OwnedRecordsValidator`: a record must sit under an owner subkey ("[owner:<rsa key>]"), which hivemind's
   RSASignatureValidator then requires to be signed by that key. Unsigned or unowned records (including model
-  registry entries) are refused when a peer asks us to store them, not only dropped when read.
+  registry entries) are refused when a peer asks us to store them, not only dropped when read. The subkey must
+  be the owner tag and nothing else, its key written as the key writes itself, and the value at most
+  `info.MAX_RECORD_BYTES`: one key holds one small record per peer. hivemind's validator only searches the subkey
+  for a tag, and a key parses alike with any comment after it, so one peer could sign thousands of subkeys
+  ("[owner:<its key>]1", "[owner:<its key> 2]", ...) under a block key, or megabytes of value, and make every
+  look-up of that block take seconds. A reader drops a peer's whole answer for a key when one record in it fails (which
+  is hivemind's rule), so a peer that serves such records is not heard for that key.
 - `SwarmKeyValidator` (private swarms): every value is sealed with AES-GCM under a key derived from the swarm key,
   with the record's key, subkey and expiration as associated data. A peer without the swarm key can neither make
   a record that members accept nor read what members store; a sealed value moved to another key, subkey or
@@ -21,18 +27,28 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from hivemind.dht.crypto import RSASignatureValidator
 from hivemind.dht.validation import DHTRecord, RecordValidatorBase
 from hivemind.utils import MSGPackSerializer
+from hivemind.utils.crypto import RSAPublicKey
 
+from swarmllm.dht.info import MAX_RECORD_BYTES
 from swarmllm.wire.swarm_key import SwarmKey
 
-_OWNER_RE = re.compile(RSASignatureValidator.PUBLIC_KEY_REGEX)
+_TAG_RE = re.compile(rb"\[owner:([^\]]+)\]")  # exactly one tag (hivemind's pattern would match two in a row)
 _NONCE_BYTES = 12
 
 
 class OwnedRecordsValidator(RecordValidatorBase):
-    """Refuses records whose subkey names no owner (RSASignatureValidator checks the owner's signature)."""
+    """Refuses records whose subkey is not exactly one owner tag (RSASignatureValidator checks the owner's
+    signature), and values over `MAX_RECORD_BYTES`."""
 
     def validate(self, record: DHTRecord) -> bool:
-        return _OWNER_RE.search(record.subkey) is not None
+        if len(record.value) > MAX_RECORD_BYTES:
+            return False
+        try:
+            subkey = MSGPackSerializer.loads(record.subkey)
+            tag = _TAG_RE.fullmatch(subkey) if isinstance(subkey, bytes) else None
+            return tag is not None and RSAPublicKey.from_bytes(tag.group(1)).to_bytes() == tag.group(1)
+        except Exception:  # noqa: BLE001 - whatever garbage a peer sends is no owner tag
+            return False
 
     @property
     def priority(self) -> int:

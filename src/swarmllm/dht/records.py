@@ -43,16 +43,24 @@ def owner_peer_id(subkey: Any) -> str | None:
         return None
 
 
+# Calls into the DHT's process carry a prefix and block numbers, never lists of keys: hivemind reads its pipe
+# without blocking, and a message over 16 KiB (which multiprocessing writes as two) can be read before its second
+# part is there. That jams the DHT process for good: a look-up of 4,096 blocks, or of 40 under a registry entry's
+# 2,000-character prefix, and no call to it ever answered again.
 async def _store_records(
-    _dht: hivemind.DHT, node: hivemind.DHTNode, keys, subkey, values, expiration
+    _dht: hivemind.DHT, node: hivemind.DHTNode, dht_prefix: str, blocks, subkey, info, model, expiration
 ) -> bool:
+    keys = [block_key(dht_prefix, b) for b in blocks] + [MODELS_KEY]
+    values = [info] * len(blocks) + [model]
     results = await node.store_many(keys, values, expiration, subkeys=[subkey] * len(keys))
     return all(results.values())
 
 
 async def _get_records(
-    _dht: hivemind.DHT, node: hivemind.DHTNode, keys: Sequence[str]
+    _dht: hivemind.DHT, node: hivemind.DHTNode, dht_prefix: str | None, num_blocks: int = 0
 ) -> dict[str, dict[Any, ValueWithExpiration]]:
+    """The records under a model's block keys, or with `dht_prefix` None under the model registry's key."""
+    keys = [MODELS_KEY] if dht_prefix is None else [block_key(dht_prefix, b) for b in range(num_blocks)]
     found = await node.get_many(keys, sufficient_expiration_time=float("inf"))
     out: dict[str, dict[Any, ValueWithExpiration]] = {}
     for key, entry in found.items():
@@ -73,10 +81,16 @@ async def announce(
     """Write `info` under every block key of its span (or only of `blocks`: a moving server announces its new
     blocks as joining while it still serves the old ones) and the model registry, signed by `owner_tag`'s key."""
     expiration = get_dht_time() + expiration_s
-    blocks = range(info.start_block, info.end_block) if blocks is None else blocks
-    keys = [block_key(dht_prefix, b) for b in blocks] + [MODELS_KEY]
-    values = [info.to_record()] * len(blocks) + [model.to_record()]
-    store = partial(_store_records, keys=keys, subkey=owner_tag, values=values, expiration=expiration)
+    blocks = range(info.start_block, info.end_block) if blocks is None else list(blocks)
+    store = partial(
+        _store_records,
+        dht_prefix=dht_prefix,
+        blocks=blocks,
+        subkey=owner_tag,
+        info=info.to_record(),
+        model=model.to_record(),
+        expiration=expiration,
+    )
     return await dht.run_coroutine(store, return_future=True)
 
 
@@ -95,10 +109,10 @@ async def find_server_views(
     dht: hivemind.DHT, dht_prefix: str, num_blocks: int
 ) -> tuple[list[ServerInfo], list[ServerInfo]]:
     """`find_servers` and `find_servers(planned=True)` from one read of the DHT (a balancing server needs both)."""
-    keys = [block_key(dht_prefix, b) for b in range(num_blocks)]
-    found = await dht.run_coroutine(partial(_get_records, keys=keys), return_future=True)
+    get = partial(_get_records, dht_prefix=dht_prefix, num_blocks=num_blocks)
+    found = await dht.run_coroutine(get, return_future=True)
     records = []
-    for key in keys:
+    for key in (block_key(dht_prefix, b) for b in range(num_blocks)):
         for subkey, item in found.get(key, {}).items():
             info = parse_server_info(item.value)
             if info is None or owner_peer_id(subkey) != info.peer_id or info.end_block > num_blocks:
@@ -129,7 +143,7 @@ _PLANNED = {ServerState.JOINING: 0, ServerState.ONLINE: 1, ServerState.OFFLINE: 
 
 async def list_models(dht: hivemind.DHT) -> list[ModelInfo]:
     """The models announced in a swarm (deduplicated by DHT prefix)."""
-    found = await dht.run_coroutine(partial(_get_records, keys=[MODELS_KEY]), return_future=True)
+    found = await dht.run_coroutine(partial(_get_records, dht_prefix=None), return_future=True)
     models: dict[str, ModelInfo] = {}
     for subkey, item in found.get(MODELS_KEY, {}).items():
         info = parse_model_info(item.value)

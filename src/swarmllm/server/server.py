@@ -41,7 +41,7 @@ from swarmllm.dht import (
     stop_dht,
     visible_maddrs,
 )
-from swarmllm.dht.info import model_fingerprint, same_checkpoint
+from swarmllm.dht.info import MAX_RATE, MAX_RECORD_BYTES, model_fingerprint, record_bytes, same_checkpoint
 from swarmllm.dht.records import dht_prefix_for
 from swarmllm.models import BlockConfig, BlockSpan, KVCache, load_config, load_span
 from swarmllm.models.ladder import layer_ranges
@@ -255,6 +255,7 @@ class Server:
         self.model_info = ModelInfo(
             dht_prefix=self.dht_prefix, num_blocks=block_config.num_layers, repository=cfg.model
         )
+        self._check_record_size()
         self.dht, self.owner_tag = await loop.run_in_executor(
             None,
             lambda: start_dht(
@@ -729,6 +730,36 @@ class Server:
             fit,
         )
         return fit
+
+    def _check_record_size(self) -> None:
+        """Refuse at start a server whose DHT record peers would not store (`dht.info.MAX_RECORD_BYTES`): it would
+        load its blocks and serve unseen. Its record at its widest: every number and its direct address as long
+        as they can be; what varies is its hosted adapters' names and its public name."""
+        widest = ServerInfo(
+            peer_id=self.identity.peer_id,
+            state=ServerState.JOINING,
+            start_block=0,
+            end_block=self.model_info.num_blocks,
+            throughput=MAX_RATE,
+            inference_rps=MAX_RATE,
+            forward_rps=MAX_RATE,
+            network_rps=MAX_RATE,
+            cache_tokens_left=2**63 - 1,
+            version=__version__,
+            dtype=self.config.dtype,
+            quantization=self.config.quant,
+            public_name=self.config.public_name,
+            adapters=tuple(self.adapters.hosted) if self.adapters else (),
+            direct_addrs=(f"{'x' * 253}:65535",),
+            ladder=self.ladder,
+            fingerprint=self.fingerprint,
+        )
+        size = record_bytes(widest.to_record())
+        if size > MAX_RECORD_BYTES:
+            raise ServeConfigError(
+                f"this server's DHT record would be {size} bytes with its --adapters and --public-name, and peers "
+                f"store records of at most {MAX_RECORD_BYTES}: host fewer adapters or give a shorter name"
+            )
 
     def _info(self) -> ServerInfo:
         free = self.backend.free_tokens if self.backend else self.config.max_cache_tokens
