@@ -9,7 +9,7 @@ import psutil
 import pytest
 from test_cli_errors import said, swarmllms
 
-from swarmllm.dht.info import MAX_RECORD_BYTES
+from swarmllm.dht.info import MAX_PREFIX_CHARS, MAX_RECORD_BYTES
 from swarmllm.forking import forked
 from swarmllm.local import LocalSwarm
 
@@ -72,9 +72,15 @@ def test_a_tp_of_no_processes_is_refused_as_other_counts_are(tp):
 
 
 def test_a_record_too_big_for_peers_is_refused_at_start(llama_checkpoint):
-    """Peers store records of at most MAX_RECORD_BYTES (`dht.membership`): a server whose own would be bigger (a
-    long --public-name, many --adapters) would load its blocks and serve unseen. It stops at start, one line."""
-    name = "x" * MAX_RECORD_BYTES
-    (done,) = swarmllms(["serve", str(llama_checkpoint), "--new-swarm", "--blocks", "0:2", "--public-name", name])
-    line = said(done, "serve")
+    """Peers store records of at most MAX_RECORD_BYTES and prefixes of at most MAX_PREFIX_CHARS (`dht.membership`,
+    `dht.info`): a server whose own record would be bigger (a long --public-name, many --adapters) would load its
+    blocks and serve unseen. It stops at start with one line, as one given too long a --dht-prefix does."""
+    model, blocks = str(llama_checkpoint), ["--new-swarm", "--blocks", "0:2"]
+    big, long_prefix = swarmllms(
+        ["serve", model, *blocks, "--public-name", "x" * MAX_RECORD_BYTES],
+        ["serve", model, *blocks, "--dht-prefix", "x" * (MAX_PREFIX_CHARS + 1)],
+    )
+    line = said(big, "serve")
     assert "--public-name" in line and f"at most {MAX_RECORD_BYTES}" in line, line
+    line = said(long_prefix, "serve")
+    assert "--dht-prefix" in line and f"at most {MAX_PREFIX_CHARS}" in line, line

@@ -19,6 +19,7 @@ from swarmllm.dht import (
     find_servers,
     visible_maddrs,
 )
+from swarmllm.dht.info import MAX_PREFIX_CHARS
 from swarmllm.dht.records import MODELS_KEY
 from swarmllm.monitor.app import Monitor
 from swarmllm.monitor.state import swarm_state
@@ -120,14 +121,17 @@ async def test_a_registry_entry_with_absurd_block_count_does_not_blind_the_monit
 
 
 async def test_a_registry_entry_with_a_long_prefix_does_not_jam_the_monitor(swarm):
-    """The look-up of 40 blocks under a 2,000-character prefix sent its 80 KB of keys through hivemind's pipe into
-    the monitor's DHT process, which reads it without blocking: it read half a message, and no call to it was
-    answered again, so every refresh from then on failed. Calls now carry the prefix once."""
-    (honest, honest_dht, honest_tag), _, hostile, _ = swarm
+    """The look-up of 300 blocks under a 250-character prefix sent its 76 KB of keys through hivemind's pipe into
+    the monitor's DHT process, which reads it without blocking: it read part of a message, and no call to it was
+    answered again, so every refresh from then on failed. Calls now carry the prefix once, and a registry entry's
+    prefix is at most MAX_PREFIX_CHARS long (a longer one is dropped as malformed)."""
+    (honest, honest_dht, honest_tag), _, hostile, other_hostile = swarm
     model = ModelInfo(dht_prefix="plain", num_blocks=NUM_BLOCKS)
     info = ServerInfo.model_validate(record(honest.peer_id))
     assert await announce(honest_dht, honest_tag, "plain", info, model, 60)
-    assert store(hostile, MODELS_KEY, {"dht_prefix": "p" * 2000, "num_blocks": 40})
+    long_prefix, too_long = "p" * 250, "q" * (MAX_PREFIX_CHARS + 1)
+    assert store(hostile, MODELS_KEY, {"dht_prefix": long_prefix, "num_blocks": 300})
+    assert store(other_hostile, MODELS_KEY, {"dht_prefix": too_long, "num_blocks": 1})
     directory = Directory([*visible_maddrs(honest_dht)], connect_timeout_s=1.0)
     await directory.start()
     try:
@@ -136,7 +140,7 @@ async def test_a_registry_entry_with_a_long_prefix_does_not_jam_the_monitor(swar
             await monitor.refresh()
             assert monitor.state["dht"]["status"] == "ok", monitor.state["dht"]
             names = {m["name"]: m for m in monitor.state["models"]}
-            assert names["p" * 2000]["num_blocks"] == 40
+            assert names[long_prefix]["num_blocks"] == 300 and too_long not in names
             found = [s["peer_id"] for s in monitor.state["servers"] if s["model"] == "plain"]
             assert found == [honest.peer_id]
     finally:

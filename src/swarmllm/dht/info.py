@@ -36,6 +36,9 @@ FINGERPRINT_CHARS = 16  # hex digits of a model fingerprint: 64 bits, no acciden
 # The largest value of one record that peers store (`dht.membership.OwnedRecordsValidator`); a server's is ~0.4 KB.
 # Unbounded, a peer's megabytes under a block key made each look-up of that block take seconds.
 MAX_RECORD_BYTES = 16 * 1024
+# A model's DHT prefix: a repository's or folder's name is far shorter. Look-ups carry the prefix into hivemind's
+# DHT process through a pipe that takes no long message whole (`records.py`).
+MAX_PREFIX_CHARS = 256
 
 
 def record_bytes(record: dict[str, Any]) -> int:
@@ -163,7 +166,7 @@ class ModelInfo(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="ignore")
 
-    dht_prefix: str
+    dht_prefix: str = Field(min_length=1, max_length=MAX_PREFIX_CHARS)
     num_blocks: int = Field(gt=0, le=MAX_BLOCKS)
     repository: str | None = None
 

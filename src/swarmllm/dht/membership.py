@@ -7,8 +7,8 @@
   `info.MAX_RECORD_BYTES`: one key holds one small record per peer. hivemind's validator only searches the subkey
   for a tag, and a key parses alike with any comment after it, so one peer could sign thousands of subkeys
   ("[owner:<its key>]1", "[owner:<its key> 2]", ...) under a block key, or megabytes of value, and make every
-  look-up of that block take seconds. A reader drops a peer's whole answer for a key when one record in it fails (which
-  is hivemind's rule), so a peer that serves such records is not heard for that key.
+  look-up of that block take seconds. A reader drops a peer's whole answer for a key when one record in it fails
+  (which is hivemind's rule), so a peer that serves such records is not heard for that key.
 - `SwarmKeyValidator` (private swarms): every value is sealed with AES-GCM under a key derived from the swarm key,
   with the record's key, subkey and expiration as associated data. A peer without the swarm key can neither make
   a record that members accept nor read what members store; a sealed value moved to another key, subkey or

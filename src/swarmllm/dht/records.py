@@ -44,9 +44,10 @@ def owner_peer_id(subkey: Any) -> str | None:
 
 
 # Calls into the DHT's process carry a prefix and block numbers, never lists of keys: hivemind reads its pipe
-# without blocking, and a message over 16 KiB (which multiprocessing writes as two) can be read before its second
-# part is there. That jams the DHT process for good: a look-up of 4,096 blocks, or of 40 under a registry entry's
-# 2,000-character prefix, and no call to it ever answered again.
+# without blocking, and a message longer than the pipe holds (64 KiB; over 16 KiB, multiprocessing writes it in two)
+# can be read before its end is there. That jams the DHT process for good: after a look-up of 4,096 blocks, or of
+# 300 under a registry entry's 250-character prefix, no call to it was answered again. (Prefixes are at most
+# MAX_PREFIX_CHARS.)
 async def _store_records(
     _dht: hivemind.DHT, node: hivemind.DHTNode, dht_prefix: str, blocks, subkey, info, model, expiration
 ) -> bool:

@@ -41,7 +41,14 @@ from swarmllm.dht import (
     stop_dht,
     visible_maddrs,
 )
-from swarmllm.dht.info import MAX_RATE, MAX_RECORD_BYTES, model_fingerprint, record_bytes, same_checkpoint
+from swarmllm.dht.info import (
+    MAX_PREFIX_CHARS,
+    MAX_RATE,
+    MAX_RECORD_BYTES,
+    model_fingerprint,
+    record_bytes,
+    same_checkpoint,
+)
 from swarmllm.dht.records import dht_prefix_for
 from swarmllm.models import BlockConfig, BlockSpan, KVCache, load_config, load_span
 from swarmllm.models.ladder import layer_ranges
@@ -252,6 +259,8 @@ class Server:
                 raise ServeConfigError(f"--adapters {path}: cannot read {e.filename}: {e.strerror}") from None
             except ValueError as e:
                 raise ServeConfigError(f"--adapters {e}") from None
+        if len(self.dht_prefix) > MAX_PREFIX_CHARS:
+            raise ServeConfigError(f"--dht-prefix: at most {MAX_PREFIX_CHARS} characters, not {len(self.dht_prefix)}")
         self.model_info = ModelInfo(
             dht_prefix=self.dht_prefix, num_blocks=block_config.num_layers, repository=cfg.model
         )
