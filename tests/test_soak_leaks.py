@@ -116,7 +116,8 @@ def test_pushed_sessions_hold_nothing_once_closed(llama_checkpoint):
             # (the last generate's push may still be finishing on the servers' loop: a leak is what stays)
             held.append(settled(lambda: live_steps() - baseline))
         assert all(not h.backend.sessions for h in handlers)
-        assert held == [0, 0], f"Steps alive after 100 and 200 more sessions: {held}"
+        # (a push still in flight when the baseline was counted makes it one too many: -1 then, not a leak)
+        assert max(held) <= 0, f"Steps alive after 100 and 200 more sessions: {held}"
 
 
 @pytest.fixture(scope="module")
