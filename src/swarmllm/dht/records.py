@@ -113,8 +113,8 @@ async def find_server_views(
     get = partial(_get_records, dht_prefix=dht_prefix, num_blocks=num_blocks)
     found = await dht.run_coroutine(get, return_future=True)
     records = []
-    for key in (block_key(dht_prefix, b) for b in range(num_blocks)):
-        for subkey, item in found.get(key, {}).items():
+    for held in found.values():  # (in block order)
+        for subkey, item in held.items():
             info = parse_server_info(item.value)
             if info is None or owner_peer_id(subkey) != info.peer_id or info.end_block > num_blocks:
                 continue

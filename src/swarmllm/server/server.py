@@ -24,6 +24,7 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -744,9 +745,7 @@ class Server:
         """Refuse at start a server whose DHT record peers would not store (`dht.info.MAX_RECORD_BYTES`): it would
         load its blocks and serve unseen. Its record at its widest: every number and its direct address as long
         as they can be; what varies is its hosted adapters' names and its public name."""
-        widest = ServerInfo(
-            peer_id=self.identity.peer_id,
-            state=ServerState.JOINING,
+        widest = self._info(
             start_block=0,
             end_block=self.model_info.num_blocks,
             throughput=MAX_RATE,
@@ -754,14 +753,7 @@ class Server:
             forward_rps=MAX_RATE,
             network_rps=MAX_RATE,
             cache_tokens_left=2**63 - 1,
-            version=__version__,
-            dtype=self.config.dtype,
-            quantization=self.config.quant,
-            public_name=self.config.public_name,
-            adapters=tuple(self.adapters.hosted) if self.adapters else (),
             direct_addrs=(f"{'x' * 253}:65535",),
-            ladder=self.ladder,
-            fingerprint=self.fingerprint,
         )
         size = record_bytes(widest.to_record())
         if size > MAX_RECORD_BYTES:
@@ -770,9 +762,10 @@ class Server:
                 f"store records of at most {MAX_RECORD_BYTES}: host fewer adapters or give a shorter name"
             )
 
-    def _info(self) -> ServerInfo:
+    def _info(self, **overrides: Any) -> ServerInfo:
+        """What this server announces now (`overrides`: fields set otherwise, for the start-up size check)."""
         free = self.backend.free_tokens if self.backend else self.config.max_cache_tokens
-        return ServerInfo(
+        fields = dict(
             peer_id=self.identity.peer_id,
             state=self.state,
             start_block=self.start,
@@ -794,6 +787,7 @@ class Server:
             ladder=self.ladder,
             fingerprint=self.fingerprint,
         )
+        return ServerInfo(**{**fields, **overrides})
 
     def _info_record(self) -> dict:
         return {
