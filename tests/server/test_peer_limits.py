@@ -113,6 +113,36 @@ async def test_one_peer_gets_at_most_its_share_of_the_cache(span):
         await check_steps(mine, span)
 
 
+async def test_a_session_on_blocks_the_server_left_no_longer_counts_against_the_share(span):
+    """A server that moves serves new sessions on its new blocks at once, and hands the old ones back later
+    (after announcing where it went). A client failing over to the new blocks must not be refused for the
+    session on the old ones that it is about to lose: that made a generation through a moving server raise
+    SessionRefused ("holds 32 and asked for 32 more") when the hand-back came late."""
+    async with serving(span, cache_tokens=64) as (old, handler, connect):  # default share: 50%
+        conn = await connect()
+        before = await open_session(conn, batch_size=1, max_length=32)  # the whole share
+        await check_steps(before, span)
+        new = Backend(span, cache_tokens=64)  # the blocks the server moved to (the same span will do)
+        try:
+            handler.use_backend(new)
+            after = await open_session(conn, batch_size=1, max_length=32)
+            await check_steps(after, span)  # admitted, on the new backend
+            assert len(new.sessions) == 1 and len(old.sessions) == 1
+            error = await refused(await open_session(conn, batch_size=1, max_length=1))
+            assert error.code == "quota" and "holds 32" in str(error)  # the new session counts
+            handler.hand_back(old)  # (once the move is announced) the old session ends, told why
+            assert (await refused(before)).code == "server_leaving"
+            await _until(lambda: not old.sessions)
+            # its share was counted out once: the peer still holds exactly the new session's 32
+            error = await refused(await open_session(conn, batch_size=1, max_length=1))
+            assert error.code == "quota" and "holds 32" in str(error)
+            await after.close()
+            await _until(lambda: not new.sessions)
+            await check_steps(await open_session(conn, batch_size=1, max_length=32), span)
+        finally:
+            new.shutdown()
+
+
 async def test_request_rate_is_limited_per_peer_and_sessions_keep_stepping(span):
     async with serving(span, peer_rate_per_s=0.001, peer_burst=3) as (_, _, connect):
         conn = await connect()

@@ -221,6 +221,9 @@ class RequestHandler:
         self.quotas = PeerQuotas(limits.peer_limits())
         self._by_token: dict[str, _SessionInbox] = {}  # sessions that may receive pushes, by secret id
         self._open: dict[Incoming, Backend] = {}  # every open session's queue, and the backend it runs on
+        # what each open session counts against its peer's quotas (peer, cache tokens), until it closes or its
+        # blocks are left (`use_backend`)
+        self._counted: dict[Incoming, tuple[str, int]] = {}
         self._session_closed = asyncio.Event()  # set whenever a session closes
         self._pushes: set[asyncio.Task] = set()  # pushes waiting for a connection (a reply does not wait)
         self._push_connections: dict[str, Connection] = {}  # the next servers pushed to, by peer id
@@ -279,8 +282,16 @@ class RequestHandler:
 
     def use_backend(self, backend: Backend) -> None:
         """Serve new requests from `backend` (the server moved to other blocks); sessions already open stay on
-        their backend until `hand_back`."""
+        their backend until `hand_back` (or one more step). They stop counting against their peers'
+        quotas now (their cache is the old backend's, already reserved): a client failing over to our new blocks
+        is not refused for the session on our old ones that it is about to lose."""
         self.backend = backend
+        for inbox in [i for i, b in self._open.items() if b is not backend]:
+            self._uncount(inbox)
+
+    def _uncount(self, inbox: Incoming) -> None:
+        if (counted := self._counted.pop(inbox, None)) is not None:
+            self.quotas.close_session(*counted)
 
     def hand_back(self, backend: Backend) -> None:
         """Hand the sessions on `backend` back to their clients after the steps they already received, as when
@@ -465,6 +476,7 @@ class RequestHandler:
             for early in self._early.pop(token, []):
                 self._hand_over(early)
         self._open[incoming] = backend
+        self._counted[incoming] = (peer, cache_tokens)
         self.metrics.sessions_opened.inc()
         self.metrics.sessions_open.inc()
         if opening.replay:
@@ -536,7 +548,7 @@ class RequestHandler:
                 finally:
                     deadline.cancel()
         finally:
-            self.quotas.close_session(peer, cache_tokens)
+            self._uncount(incoming)
             if token is not None:
                 self._by_token.pop(token, None)
             self._open.pop(incoming, None)
