@@ -4,6 +4,7 @@ gradients never merge."""
 
 from __future__ import annotations
 
+import queue
 import threading
 
 import pytest
@@ -92,3 +93,76 @@ def test_calls_that_track_gradients_run_alone(weight):
     hidden = torch.randn(2, 1, HIDDEN, requires_grad=True)
     merged(hidden).sum().backward()
     assert hidden.grad is not None and merged.calls == 0 and calls == [(2, 1, HIDDEN)]
+
+
+class Clock:
+    """The head's clock, set by the test (a wait itself still runs on the real clock)."""
+
+    def __init__(self):
+        self.t = 0.0
+
+    def __call__(self):
+        return self.t
+
+
+class Caller:
+    """A thread of its own (as an API request's generate) that calls the head whenever asked to."""
+
+    def __init__(self, merged: MergedHead):
+        self.jobs: queue.Queue = queue.Queue()
+        self.results: queue.Queue = queue.Queue()
+        self.thread = threading.Thread(target=self._serve, args=(merged,), daemon=True)
+        self.thread.start()
+
+    def _serve(self, merged: MergedHead) -> None:
+        while (hidden := self.jobs.get()) is not None:
+            with torch.no_grad():
+                self.results.put(merged(hidden))
+
+    def stop(self) -> None:
+        self.jobs.put(None)
+        self.thread.join(timeout=60)
+
+
+def test_groups_calling_in_turn_do_not_wait_for_each_other(weight):
+    """Two groups of generates that reach the head in turn (8 API requests through 2 servers settle so): a group's
+    call waits for its own late member, but not for the other group, which comes half a period later; before,
+    every call waited out its budget for the other group and ran without it."""
+    clock = Clock()
+    step_s, period = 5.0, 100.0
+
+    def head(rows):
+        clock.t += step_s  # a merged call takes step_s of the head's clock
+        return rows @ weight.T
+
+    merged = MergedHead(head, max_wait_s=0.001, active_s=1e6, clock=clock)
+    groups = {"A": [Caller(merged), Caller(merged)], "B": [Caller(merged)]}
+    offsets = {"A": 0.0, "B": period / 2}
+    hidden = torch.randn(1, 1, HIDDEN, generator=torch.Generator().manual_seed(2))
+
+    def call(group: str, k: int, timeout_s: float) -> None:
+        clock.t = k * period + offsets[group]
+        for caller in groups[group]:
+            caller.jobs.put(hidden)
+        for caller in groups[group]:
+            try:
+                out = caller.results.get(timeout=timeout_s)
+            except queue.Empty:
+                raise AssertionError(f"group {group} of round {k} waited for the other group") from None
+            torch.testing.assert_close(out, hidden @ weight.T, rtol=1e-5, atol=1e-4)
+
+    try:
+        for k in range(3):  # the groups take turns; a budget of 1 ms of the head's clock while they settle
+            for group in groups:
+                call(group, k, timeout_s=60)
+        # a budget of a whole call (5 s: a wait runs for real) from now on; the groups answer well within it
+        merged.timing.max_wait_s = 10.0
+        for k in range(3, 6):
+            for group in groups:
+                before = merged.calls
+                call(group, k, timeout_s=2.5)
+                assert merged.calls == before + 1  # the group's threads in one merged call
+    finally:
+        for callers in groups.values():
+            for caller in callers:
+                caller.stop()

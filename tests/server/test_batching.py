@@ -73,7 +73,7 @@ def test_a_late_session_costs_at_most_the_wait_budget():
         run = Recorder()
         batcher = DecodeBatcher(run, max_wait_s=0.05)
         await asyncio.gather(batcher.step("a", "a0"), batcher.step("b", "b0"))
-        batcher._last_step_s = 1.0  # a slow step: the budget is max_wait_s
+        batcher.timing.last_pass_s = 1.0  # a slow step: the budget is max_wait_s
         loop = asyncio.get_running_loop()
         began = loop.time()
         assert await batcher.step("a", "a1") == "out-a1"  # b never comes
@@ -117,7 +117,7 @@ def test_groups_stepping_in_turn_do_not_wait_for_each_other():
         for k in range(3):  # the groups take turns; a 1 ms budget while they settle
             for group in groups:
                 await asyncio.gather(*arrive(group, k))
-        batcher.max_wait_s = 10.0  # a budget of a whole step (5 s of the loop's clock) from now on
+        batcher.timing.max_wait_s = 10.0  # a budget of a whole step (5 s of the loop's clock) from now on
         for k in range(3, 6):
             for group in groups:
                 before = batcher.steps

@@ -1,4 +1,4 @@
-"""Where servers should sit in the swarm: pure functions, no networking."""
+"""Where servers should sit in the swarm, and when concurrent steps merge: pure functions, no networking."""
 
 from swarmllm.balancing.blocks import (
     BlockLoad,

@@ -3,9 +3,11 @@ logits of their new token at about the same time, since the servers answer the s
 matmul over all their rows reads the head's weights once (32,000 x 1,024 floats: 131 MB for a Llama-2-sized
 vocabulary) instead of once per thread, which on a CPU is most of a client's time per token.
 
-The policy is the servers' (`server/batching.py`), for threads: a merged call runs at once when every thread
-that called within `active_s` has a call waiting (a lone generate never waits), else once `max_wait_s` has passed,
-and never later than the last merged call took. The first waiting thread runs it; the others wait for their rows.
+The policy is the servers' (`balancing.merging.MergeTiming`), for threads: a merged call runs at once when every
+thread that called within `active_s` has a call waiting (a lone generate never waits), else once `max_wait_s` has
+passed, and never later than the last merged call took; a thread whose next call is not expected by then is not
+waited for (8 API requests through 2 servers settle into two groups that reach the head in turn, and each group's
+call waited out the budget for the other). The first waiting thread runs it; the others wait for their rows.
 Only calls without gradients merge (generates run under `torch.no_grad`): a merged graph would tie the threads'
 backward passes together.
 """
@@ -20,6 +22,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from swarmllm.balancing.merging import MergeTiming
+
 
 @dataclass
 class _Call:
@@ -33,14 +37,20 @@ class _Call:
 class MergedHead:
     """`head(hidden [..., hidden_size]) -> logits [..., vocab]`, row-wise, merged over concurrent threads."""
 
-    def __init__(self, head: Callable[[Tensor], Tensor], *, max_wait_s: float = 0.005, active_s: float = 1.0):
+    def __init__(
+        self,
+        head: Callable[[Tensor], Tensor],
+        *,
+        max_wait_s: float = 0.005,
+        active_s: float = 1.0,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         self.head = head
-        self.max_wait_s, self.active_s = max_wait_s, active_s
+        self._clock = clock  # what calls are timed by (tests drive it; a wait itself runs on the real clock)
+        self.timing: MergeTiming[int] = MergeTiming(max_wait_s, active_s)  # by thread id
         self._lock = threading.Condition()
         self._waiting: list[_Call] = []
-        self._callers: dict[int, float] = {}  # thread id -> when its last call ran
         self._waiting_threads: set[int] = set()
-        self._last_s = 0.0  # how long the last merged call took
         self.calls = 0  # merged calls run
         self.merged = 0  # thread calls run in them
 
@@ -50,7 +60,10 @@ class MergedHead:
         me = threading.get_ident()
         call = _Call(hidden.reshape(-1, hidden.shape[-1]), me)
         with self._lock:
-            if not self._waiting and self._due(me):  # alone: no merge, no wait
+            now = self._clock()
+            self.timing.arrive(me, now)
+            alone = not self._waiting and self._due(now, now + self.timing.wait_s(), me)
+            if alone:  # no merge, no wait
                 batch = [call]
             else:
                 self._waiting.append(call)
@@ -70,17 +83,19 @@ class MergedHead:
     def forget(self) -> None:
         """The calling thread's generate ended: no merged call waits for it any more."""
         with self._lock:
-            if self._callers.pop(threading.get_ident(), None) is not None:
-                self._lock.notify_all()
+            self.timing.forget(threading.get_ident())
+            self._lock.notify_all()
 
     def _wait(self, call: _Call) -> list[_Call]:
         """Under the lock: the batch this thread runs (it leads: its call is the first waiting), or [] once
         another thread ran its call."""
-        deadline = time.monotonic() + min(self.max_wait_s, self._last_s)
+        wait_s = self.timing.wait_s()
+        ends = self._clock() + wait_s  # when the wait ends, by the clock that calls are timed by
+        deadline = time.monotonic() + wait_s  # ... and by the real one, which the wait runs on
         while not call.done:
             if self._waiting and self._waiting[0] is call:
                 left = deadline - time.monotonic()
-                if left <= 0 or self._due():
+                if left <= 0 or self._due(self._clock(), ends):
                     batch, self._waiting = self._waiting, []
                     self._waiting_threads.clear()
                     return batch
@@ -103,17 +118,14 @@ class MergedHead:
             self._waiting_threads.update(c.thread for c in calls)
             self._lock.notify_all()
 
-    def _due(self, arriving: int | None = None) -> bool:
-        """Under the lock: whether every thread that called lately has a call waiting (with `arriving`'s)."""
-        now = time.monotonic()
-        for thread, last in list(self._callers.items()):
-            if now - last > self.active_s:
-                del self._callers[thread]  # it stopped generating (or waits on a prefill)
+    def _due(self, now: float, ends: float, arriving: int | None = None) -> bool:
+        """Under the lock: whether the waiting calls (with `arriving`'s) should run at `now`, a wait ending at
+        `ends`."""
         waiting = self._waiting_threads | ({arriving} if arriving is not None else set())
-        return all(thread in waiting for thread in self._callers)
+        return self.timing.due(waiting, now, ends)
 
     def _run(self, batch: list[_Call]) -> None:
-        began = time.monotonic()
+        began = self._clock()
         try:
             out = self.head(torch.cat([c.rows for c in batch]) if len(batch) > 1 else batch[0].rows)
             for c, rows in zip(batch, out.split([c.rows.shape[0] for c in batch]), strict=True):
@@ -125,11 +137,9 @@ class MergedHead:
             self._hand_back([c for c in batch if c.thread != threading.get_ident()])
             raise
         with self._lock:
-            now = time.monotonic()
-            self._last_s = now - began
             self.calls += 1
             self.merged += len(batch)
             for c in batch:
                 c.done = True
-                self._callers[c.thread] = now
+            self.timing.ran([c.thread for c in batch], began, self._clock())
             self._lock.notify_all()
