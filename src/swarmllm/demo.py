@@ -213,7 +213,9 @@ def run_demo(
             )
 
             print("\nact 2: a spare server joins, and a server of the route is killed mid-generation")
-            spare = swarm.add_server(str(path), (0, num_blocks))
+            # eager: it serves a few tokens, and compiling a step for its span first (another graph than the
+            # route's) doubled a first demo's time on a 2-core VM (41 s of 98)
+            spare = swarm.add_server(str(path), (0, num_blocks), extra=["--no-compile"])
             print(f"server {spare['peer_id'][-8:]} holds blocks [0, {num_blocks}) (the spare)")
             infos.append(spare)
             index = {info["peer_id"]: i for i, info in enumerate(infos)}
