@@ -129,7 +129,7 @@ def test_groups_calling_in_turn_do_not_wait_for_each_other(weight):
     call waits for its own late member, but not for the other group, which comes half a period later; before,
     every call waited out its budget for the other group and ran without it."""
     clock = Clock()
-    step_s, period = 5.0, 100.0
+    step_s, period = 50.0, 1000.0
 
     def head(rows):
         clock.t += step_s  # a merged call takes step_s of the head's clock
@@ -155,12 +155,12 @@ def test_groups_calling_in_turn_do_not_wait_for_each_other(weight):
         for k in range(3):  # the groups take turns; a budget of 1 ms of the head's clock while they settle
             for group in groups:
                 call(group, k, timeout_s=60)
-        # a budget of a whole call (5 s: a wait runs for real) from now on; the groups answer well within it
-        merged.timing.max_wait_s = 10.0
+        # a budget of a whole call (50 s: a wait runs for real) from now on; the groups answer well within it
+        merged.timing.max_wait_s = 100.0
         for k in range(3, 6):
             for group in groups:
                 before = merged.calls
-                call(group, k, timeout_s=2.5)
+                call(group, k, timeout_s=10)
                 assert merged.calls == before + 1  # the group's threads in one merged call
     finally:
         for callers in groups.values():
