@@ -1,22 +1,30 @@
 """A server's request-rate refusal (`quota`, past its token bucket) says when a token is available again
 (`retry_after_s`), and the client waits that out and asks the same server again, like an HTTP client taking a 429
 with Retry-After, when no other server can take the request; refusals that only a closed session clears (the
-peer's open sessions, its cache share) still name their reason at once. A ping refused for load is no ban."""
+peer's open sessions, its cache share) still name their reason at once to a new session, but a session replacing a
+failed server waits for such room rather than lose its tokens (unless it could never fit). A ping refused for load
+is no ban."""
 
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 import pytest
 import torch
 from in_process import model_over_one_server, refusals
+from server_infos import online_server
 from transformers import AutoModelForCausalLM
 
 from swarmllm.client.loop import run_sync
-from swarmllm.client.swarm import SessionRefused
-from swarmllm.server.handler import ServerLimits
+from swarmllm.client.model import DistributedModelForCausalLM
+from swarmllm.client.swarm import SessionRefused, SwarmClient
+from swarmllm.models import load_client_head, load_span
+from swarmllm.server.backend import Backend
+from swarmllm.server.handler import RequestHandler, ServerLimits
 from swarmllm.server.metrics import ServerMetrics
 from swarmllm.server.quota import PeerLimits, PeerQuotas
-from swarmllm.wire import Message, RemoteError
+from swarmllm.wire import DirectServer, Identity, Message, RemoteError
 
 
 class Clock:
@@ -143,3 +151,132 @@ def test_a_peer_at_its_open_sessions_limit_is_told_so_at_once(llama_checkpoint):
             assert time.monotonic() - began < 5
         assert refused.value.codes == {"quota"} and "open sessions limit" in str(refused.value)
         assert model.swarm.bans._strikes == {}
+
+
+@contextmanager
+def two_servers(path: str, prefix: str, fast: str, limits_b: ServerLimits, metrics_b: ServerMetrics):
+    """The model of `path` over two in-process servers of every block: A (ample cache) and B (128 cache tokens,
+    so one peer's share, half of it, is one session of 64); `fast` ("A" or "B") is the one routing prefers.
+    Yields the model, a function that stops A (its connections dropped: a server gone) and B's peer id."""
+    config, head = load_client_head(path)
+    blocks = config.num_hidden_layers
+    ids = {"A": Identity.generate(), "B": Identity.generate()}
+
+    async def start(
+        name: str, cache_tokens: int, limits: ServerLimits, metrics: ServerMetrics
+    ) -> DirectServer:
+        backend = Backend(load_span(path, 0, blocks), cache_tokens=cache_tokens)
+        server = DirectServer(RequestHandler(backend, dict, limits, metrics=metrics).handlers(), ids[name])
+        await server.start()
+        return server
+
+    servers = {
+        "A": run_sync(start("A", 4096, ServerLimits(), ServerMetrics())),
+        "B": run_sync(start("B", 128, limits_b, metrics_b)),
+    }
+    swarm = SwarmClient([], prefix, blocks, missing_blocks_timeout_s=0, request_timeout_s=120)
+    swarm.use_servers(
+        [
+            online_server(
+                ids[n].peer_id, 0, blocks, address=s.address, inference_rps=100.0 if n == fast else 1.0
+            )
+            for n, s in servers.items()
+        ]
+    )
+    try:
+        model = DistributedModelForCausalLM(config, head, swarm).eval()
+        yield model, lambda: run_sync(servers["A"].stop()), ids["B"].peer_id
+    finally:
+        run_sync(swarm.shutdown())
+        for server in servers.values():
+            run_sync(server.stop())
+
+
+def _solo(path: str, prompt: torch.Tensor, new: int) -> list:
+    local = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return local.generate(prompt, max_new_tokens=new, do_sample=False).tolist()
+
+
+@pytest.mark.parametrize("limit", ["cache share", "open sessions"])
+def test_replacements_that_find_no_room_wait_for_the_clients_other_session_to_end(llama_checkpoint, limit):
+    """Two sessions of one client run on A, which dies; B holds the same blocks but takes one session of this peer
+    at a time (its cache share, or its open sessions limit). The first session moves to B; the second is refused
+    room (`quota`, which only a closing clears) and, rather than lose its tokens, asks again until the first ends:
+    both get their solo tokens, and B is not banned."""
+    prompts = [torch.tensor([[1, 5, 9, 3]]), torch.tensor([[2, 8, 4, 6, 7]])]
+    want = [_solo(llama_checkpoint, p, 8) for p in prompts]
+    limits = ServerLimits(max_sessions_per_peer=1) if limit == "open sessions" else ServerLimits()
+    metrics = ServerMetrics()
+    both_on_a, a_gone = threading.Barrier(3, timeout=60), threading.Event()
+
+    def turns(model, prompt: torch.Tensor) -> list:
+        with model.inference_session(max_length=64), torch.no_grad():
+            first = model.generate(prompt, max_new_tokens=3, do_sample=False)
+            both_on_a.wait()
+            assert a_gone.wait(60)
+            return model.generate(first, max_new_tokens=5, do_sample=False).tolist()
+
+    with two_servers(llama_checkpoint, f"room-{limit[:4]}", "A", limits, metrics) as (model, stop_a, b):
+        with ThreadPoolExecutor(2) as pool:
+            runs = [pool.submit(turns, model, p) for p in prompts]
+            both_on_a.wait()
+            stop_a()
+            a_gone.set()
+            outs = [r.result(timeout=120) for r in runs]
+        assert outs == want
+        assert refusals(metrics, "quota") >= 1  # the second replacement was refused room, and waited
+        assert [h.peer_id for f in model.swarm.failovers for h in f.replacement] == [b, b]  # both moved to B
+        assert b not in model.swarm.bans._strikes
+
+
+def test_a_server_that_had_no_room_when_a_session_opened_takes_its_replacement_later(llama_checkpoint):
+    """B (preferred) has room for one session of this peer, so a second session opens on A. The first ends; then A
+    dies, and the second session's replacement goes to B, whose earlier refusal is stale by now."""
+    prompt = torch.tensor([[1, 5, 9, 3]])
+    want = _solo(llama_checkpoint, prompt, 8)
+    metrics = ServerMetrics()
+    on_a, a_gone = threading.Event(), threading.Event()
+
+    def second(model) -> list:
+        with model.inference_session(max_length=64), torch.no_grad():
+            first = model.generate(prompt, max_new_tokens=3, do_sample=False)  # refused by B: opens on A
+            on_a.set()
+            assert a_gone.wait(60)
+            return model.generate(first, max_new_tokens=5, do_sample=False).tolist()
+
+    with two_servers(llama_checkpoint, "room-stale", "B", ServerLimits(), metrics) as (model, stop_a, b):
+        pool = ThreadPoolExecutor(1)
+        try:
+            with model.inference_session(max_length=64), torch.no_grad():
+                model.generate(prompt, max_new_tokens=1, do_sample=False)  # takes this peer's share of B
+                run = pool.submit(second, model)
+                assert on_a.wait(60)
+            assert refusals(metrics, "quota") == 1
+            stop_a()
+            a_gone.set()
+            assert run.result(timeout=120) == want
+        finally:
+            a_gone.set()
+            pool.shutdown()
+        assert [h.peer_id for h in model.swarm.failovers[-1].replacement] == [b]  # (the first: B refused it)
+
+
+def test_a_session_larger_than_any_peers_share_is_refused_as_such_at_once(llama_checkpoint):
+    """No closing would make room for it, so the replacement does not wait: a session of 80 tokens (B's share is
+    64) moving off A fails at once with SessionRefused (`bad_request`) naming the share."""
+    prompt = torch.tensor([[1, 5, 9, 3]])
+    with two_servers(llama_checkpoint, "room-never", "A", ServerLimits(), ServerMetrics()) as (
+        model,
+        stop_a,
+        _,
+    ):
+        with model.inference_session(max_length=80), torch.no_grad():
+            first = model.generate(prompt, max_new_tokens=2, do_sample=False)
+            stop_a()
+            began = time.monotonic()
+            with pytest.raises(SessionRefused) as refused:
+                model.generate(first, max_new_tokens=2, do_sample=False)
+            assert time.monotonic() - began < 10
+    assert refused.value.codes == {"bad_request"}
+    assert "a session of 80 cache tokens is more than a peer may hold here (64" in str(refused.value)

@@ -100,8 +100,8 @@ async def test_sessions_per_peer_are_capped_and_a_refusal_touches_nothing(span):
 async def test_one_peer_gets_at_most_its_share_of_the_cache(span):
     async with serving(span, cache_tokens=64) as (backend, _, connect):  # default share: 50%
         greedy = await connect()
-        error = await refused(await open_session(greedy, batch_size=2, max_length=32))
-        assert error.code == "quota" and "cache share limit" in str(error) and "50% of 64" in str(error)
+        error = await refused(await open_session(greedy, batch_size=2, max_length=32))  # more than any share
+        assert error.code == "bad_request" and "cache share limit" in str(error) and "50% of 64" in str(error)
         mine = await open_session(greedy, batch_size=1, max_length=32)
         await check_steps(mine, span)
         error = await refused(await open_session(greedy, batch_size=1, max_length=1))

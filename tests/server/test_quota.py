@@ -42,7 +42,8 @@ def test_sessions_and_cache_share_match_counters():
 
 def test_one_peer_never_holds_more_than_its_share():
     quotas = PeerQuotas(PeerLimits(max_sessions=1000, max_cache_share=0.5))
-    assert quotas.open_session("a", 16384, 16384).message.startswith("cache share limit")
+    too_large = quotas.open_session("a", 16384, 16384)  # no closing would make room: the request's fault
+    assert too_large.code == "bad_request" and too_large.message.startswith("cache share limit")
     assert quotas.open_session("a", 8192, 16384) is None
     assert quotas.open_session("a", 1, 16384) is not None
     assert quotas.open_session("b", 8192, 16384) is None  # another peer has its own share

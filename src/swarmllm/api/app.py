@@ -68,7 +68,7 @@ from swarmllm.api.streams import joined, merged, read_json, stream, swarm_error,
 from swarmllm.api.tools import ResponseStream, ToolCalling, ToolError, message_text
 from swarmllm.client.loop import event_loop
 from swarmllm.client.routing import missing_blocks
-from swarmllm.client.swarm import SessionRefused
+from swarmllm.client.swarm import ROOM_REFUSALS, ROOM_WAIT_S, SessionRefused
 
 logger = logging.getLogger(__name__)
 
@@ -79,8 +79,6 @@ DONE = b"data: [DONE]\n\n"  # the last server-sent event
 # a new session refused cache room that this API's own sessions hold (kept ones, which it closes, or other
 # generations', which end): the waits before each try again (the last one repeated), up to ROOM_WAIT_S in all
 ROOM_RETRIES_S = (0.05, 0.1, 0.2, 0.4, 0.8, 1.6)
-ROOM_WAIT_S = 60.0
-ROOM_REFUSALS = frozenset({"quota", "cache_full"})
 
 
 @dataclass

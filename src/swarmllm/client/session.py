@@ -52,6 +52,7 @@ from swarmllm.client.swarm import (
     check_input,
     corrupt_output_error,
     describe,
+    wants_room,
 )
 from swarmllm.client.tuning import NO_TUNING, Tuning
 from swarmllm.client.verify import COMPRESSION_TOLERANCE, should_check
@@ -338,10 +339,12 @@ class InferenceSession:
         reordered_at: int = -1,
     ) -> tuple[list[HopSession], float, float]:
         """New hop sessions covering blocks [start, end), brought to the state that `inputs` (kept inputs of
-        block `start`, their rows as the step `reordered_at` reordered them last) produce; a server that fails meanwhile is banned and routed around. Returns the hops and
-        the seconds spent routing and opening + replaying. A server past this client's request rate is routed
-        around too, or, where no other holds its blocks, asked again once its refusal's `retry_after_s` passed
-        (for up to the client's `request_timeout_s`)."""
+        block `start`, their rows as the step `reordered_at` reordered them last) produce; a server that fails
+        meanwhile is banned and routed around. Returns the hops and the seconds spent routing and opening +
+        replaying. A server past this client's request rate is routed around too, or, where no other holds its
+        blocks, asked again once its refusal's `retry_after_s` passed (for up to the client's `request_timeout_s`).
+        A replacement (`inputs` to replay) refused room that ending sessions free (its peer's share, a full cache)
+        asks again after pauses, for up to ROOM_WAIT_S, where no other server holds its blocks."""
         route_s = replay_s = 0.0
         shed = self._shed
         while True:
@@ -401,6 +404,8 @@ class InferenceSession:
                 logger.info("%s failed while joining the session (%s); trying another", new[-1], describe(e))
                 if _waits_out(e) and shed.defer(new[-1].peer_id, e):
                     pass  # a refusal that clears by itself (a request rate): asked again once it has
+                elif inputs and shed.defer_for_room(new[-1].peer_id, e):
+                    pass  # a replacement waits for room (as sessions end) rather than lose the session's tokens
                 elif _refused_opening(e):
                     self._refused[new[-1].peer_id] = e
                 else:
@@ -430,6 +435,8 @@ class InferenceSession:
         # its opening was refused for now only (a request rate): it is opened again, after the wait, which is no
         # failover of a working hop
         deferred = False
+        # a server that had no room for this session before may have some now (a replacement waits for it)
+        self._refused = {peer: e for peer, e in self._refused.items() if not wants_room(e)}
         if not again:
             # one that moved or leaves in order is healthy and not banned, unless it hands sessions back again
             # and again (a server could otherwise keep every client re-routing forever)

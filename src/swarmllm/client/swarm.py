@@ -132,6 +132,17 @@ class SessionRefused(ValueError):
         self.codes = codes
 
 
+# refusals that only ending sessions clear: a peer's open sessions or cache share (`quota` with no `retry_after_s`)
+# and the server's whole cache (`cache_full`). A new session names them at once (its caller may free room: the API
+# closes its kept sessions); a session with tokens to keep, replacing a hop, waits up to ROOM_WAIT_S for the room
+ROOM_REFUSALS = frozenset({"quota", "cache_full"})
+ROOM_WAIT_S = 60.0
+
+
+def wants_room(error: BaseException) -> bool:
+    return isinstance(error, RemoteError) and error.code in ROOM_REFUSALS and error.retry_after_s is None
+
+
 # a server's refusals for its load: its queue (`busy`), or this client's share of its request rate or queue
 # (`quota`). The server is healthy, so it is not banned: the request is routed around it, or waits for it (for as
 # long as the refusal's `retry_after_s` says, past a request rate)
@@ -152,6 +163,7 @@ class LoadShed:
         self.refused: dict[str, float] = {}  # peer id -> when asking it again will do (time.monotonic)
         self.pause_s = 0.05
         self.give_up_at = time.monotonic() + limit_s
+        self.room_until = time.monotonic() + min(limit_s, ROOM_WAIT_S)
 
     def plan(self, route: Callable[[list[ServerInfo]], R]) -> Callable[[list[ServerInfo]], R]:
         def plan(servers: list[ServerInfo]) -> R:
@@ -178,11 +190,24 @@ class LoadShed:
         now = time.monotonic()
         if not sheds_load(error) or now >= self.give_up_at:
             return False
-        pause_s = error.retry_after_s
-        if pause_s is None:
-            pause_s, self.pause_s = self.pause_s, min(2 * self.pause_s, MAX_ROUTE_RETRY_S)
+        pause_s = error.retry_after_s if error.retry_after_s is not None else self._pause()
         self.refused[peer_id] = now + pause_s
         return True
+
+    def defer_for_room(self, peer_id: str, error: BaseException) -> bool:
+        """Whether `error`, from `peer_id`, refused room that ending sessions free (`wants_room`), to ask for
+        again after a pause (noted); False past ROOM_WAIT_S. What a replacement does rather than lose its
+        session: the room it lacks is often its own client's other sessions', which end."""
+        now = time.monotonic()
+        if not wants_room(error) or now >= self.room_until:
+            return False
+        self.refused[peer_id] = now + self._pause()
+        return True
+
+    def _pause(self) -> float:
+        """The next pause before asking again (50 ms, doubling up to MAX_ROUTE_RETRY_S)."""
+        pause_s, self.pause_s = self.pause_s, min(2 * self.pause_s, MAX_ROUTE_RETRY_S)
+        return pause_s
 
     def done(self, hop: Hop) -> None:
         """`hop`'s server took a call: it is asked without a pause again."""

@@ -7,7 +7,8 @@ registry, so several servers (or tests) in one process never share a counter.
 
 Names follow Prometheus' conventions: `swarmllm_server_` prefix, base units (seconds, tokens), `_total` on
 counters. Labels: `kind` (`decode`: one token per sequence, `prefill`: more) and `reason` (the error code a
-refused request got: `quota`, `busy`, `cache_full`, `server_leaving`, `too_large`).
+refused request got: `quota`, `busy`, `cache_full`, `server_leaving`, `too_large`, and `bad_request` for a
+session larger than a peer's cache share).
 """
 
 from __future__ import annotations

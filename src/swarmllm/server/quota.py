@@ -40,7 +40,7 @@ class PeerLimits:
 
 @dataclass(frozen=True)
 class Refusal:
-    code: str  # "quota": this peer's limit; "busy": the server's
+    code: str  # "quota": this peer's limit; "busy": the server's; "bad_request": more than any peer may hold
     message: str
     # when the refusal clears by itself: in this long the peer's request rate has a token for it again (None: it
     # clears only when the peer's other work ends, e.g. a session closes)
@@ -108,6 +108,12 @@ class PeerQuotas:
                 f"open sessions limit: {state.sessions} of {self.limits.max_sessions} per peer are open",
             )
         share_tokens = self._share_tokens(capacity_tokens)
+        if cache_tokens > share_tokens:  # no closing clears this: the request's size is at fault
+            return Refusal(
+                "bad_request",
+                f"cache share limit: a session of {cache_tokens} cache tokens is more than a peer may hold here "
+                f"({share_tokens}: {self.limits.max_cache_share:.0%} of {capacity_tokens})",
+            )
         if state.cache_tokens + cache_tokens > share_tokens:
             return Refusal(
                 "quota",
