@@ -5,6 +5,7 @@ nothing running behind it; what the metrics say runs is what runs."""
 
 import asyncio
 import random
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import openai
@@ -203,3 +204,49 @@ def test_requests_past_the_servers_room_wait_for_it_rather_than_fail(tight_swarm
     outcomes = outcomes_of(ask, 4)
     assert outcomes == [(200, (SMALL_CONTEXT, "length"))] * 4, outcomes
     assert not any("Traceback" in line for line in local.api.log), "".join(local.api.log[-60:])
+
+
+def test_streams_moved_off_a_killed_server_to_one_with_less_room_all_finish_as_alone(checkpoints):
+    """Four streams run on the only server of every block, which is killed once each has sent 3 pieces; a server
+    with room for two of the API's sessions at a time (its cache share) then starts. Every stream moves to it,
+    two at once, the others waiting for room rather than failing (a request past its first token cannot be
+    asked again): each answer is transformers' greedy one."""
+    checkpoint = checkpoints("llama")
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    rng = random.Random(3)
+    prompts = [[rng.randrange(4, len(tokenizer)) for _ in range(6)] for _ in range(4)]
+    new = 200  # (long enough to be mid-stream at the kill)
+    wants = [greedy_text(model, tokenizer, p, new)[0] for p in prompts]
+    room = 2 * 2 * (6 + new) + 50  # a peer's share (half) holds 2 sessions of prompt + answer, not 3
+    started = threading.Barrier(len(prompts) + 1, timeout=60)
+    with LocalSwarm() as local:
+        local.start_bootstrap()
+        local.add_server(str(checkpoint), (0, 4))
+        base = local.start_api(
+            str(checkpoint), extra=["--name", "tiny", "--keep-sessions", "0", "--context-length", "256"]
+        )
+        client = openai.OpenAI(base_url=base, api_key="unused", max_retries=0, timeout=120)
+
+        def ask(i: int) -> str:
+            pieces = []
+            stream = client.completions.create(
+                model="tiny", prompt=prompts[i], max_tokens=new, temperature=0, stream=True,
+                extra_body={"ignore_eos": True},
+            )  # fmt: skip
+            for chunk in stream:
+                pieces += [c.text for c in chunk.choices]
+                if len(pieces) == 3:
+                    started.wait()
+            return "".join(pieces)
+
+        with ThreadPoolExecutor(len(prompts)) as pool:
+            asks = [pool.submit(ask, i) for i in range(len(prompts))]
+            started.wait()
+            local.servers[0].kill()
+            local.add_server(str(checkpoint), (0, 4), extra=["--max-cache-tokens", str(room)])
+            answers = [a.result(timeout=180) for a in asks]
+        log = "".join(local.api.log)
+    assert answers == wants
+    assert "cache share limit" in log, "no stream had to wait for room: the test did not test it"
+    assert "Traceback" not in log
