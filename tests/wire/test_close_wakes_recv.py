@@ -102,9 +102,9 @@ class DeafPeer:
 
 
 async def _fill(connection: Connection) -> None:
-    """Send 1 MiB notices until one times out: the kernel's and the transport's buffers are full, so the
-    connection's next send waits for a drain."""
-    chunk = Message(tensors=[torch.zeros(1 << 18)])
+    """Send 128 KiB notices until one times out: the kernel's and the transport's buffers are full, so the
+    connection's next send waits for a drain. (Frames this small are written whole, then waited for.)"""
+    chunk = Message(tensors=[torch.zeros(1 << 15)])
     with pytest.raises(TimeoutError):
         for _ in range(1024):
             await connection.notify("note", chunk, lambda error: None, timeout=0.5)

@@ -5,11 +5,14 @@ In-process DirectServers over real loopback sockets."""
 from __future__ import annotations
 
 import asyncio
+import socket
+import time
 from contextlib import suppress
 
 import psutil
 import pytest
 import torch
+import uvloop
 
 from swarmllm.wire import (
     ConnectionLost,
@@ -25,8 +28,9 @@ from swarmllm.wire import (
     encode_frame,
     read_frame,
 )
+from swarmllm.wire.connection import _FrameWriter
 from swarmllm.wire.direct import _client_handshake
-from swarmllm.wire.tls import client_context
+from swarmllm.wire.tls import client_context, server_context
 
 BOUND = 10.0  # seconds; only to fail a test instead of hanging, never to wait for something to happen
 MiB = 1 << 20
@@ -247,3 +251,120 @@ async def test_connection_churn_returns_fds_tasks_and_slots_to_their_baseline():
     finally:
         stuck.release.set()
         await asyncio.wait_for(server.stop(), BOUND)
+
+
+class SlowReader:
+    """A TLS peer on 127.0.0.1 that reads nothing until `release` is set, then reads frames into `frames`; small
+    socket buffers on both ends, so that the kernel holds little of what is sent. `out`: a `_FrameWriter` to it."""
+
+    def __init__(self) -> None:
+        self.release, self.frames, self._peers = asyncio.Event(), [], []
+
+    async def __aenter__(self) -> SlowReader:
+        async def on_connection(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            self._peers.append(writer)
+            await self.release.wait()
+            with suppress(ConnectionLost):
+                while True:
+                    self.frames.append(await read_frame(reader, WireLimits()))
+
+        identity = Identity.generate()
+        self._server = await asyncio.start_server(on_connection, "127.0.0.1", 0, ssl=server_context(identity))
+        self._server.sockets[0].setsockopt(
+            socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 10
+        )  # (accepted: inherited)
+        port = self._server.sockets[0].getsockname()[1]
+        _, self.writer = await asyncio.open_connection(
+            "127.0.0.1", port, ssl=client_context(), server_hostname=""
+        )
+        self.writer.get_extra_info("socket").setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 << 10)
+        self.out = _FrameWriter(self.writer, WireLimits())
+        return self
+
+    async def until_read(self, count: int) -> list[Frame]:
+        async with asyncio.timeout(BOUND):
+            while len(self.frames) < count:
+                await asyncio.sleep(0.01)  # polling interval of a condition with a deadline
+        return self.frames
+
+    async def __aexit__(self, *exc_info) -> None:
+        self.writer.transport.abort()
+        for peer in self._peers:
+            peer.transport.abort()
+        self._server.close()
+
+
+def numbered(call_id: int, size: int) -> Frame:
+    """A frame whose payload (`size` bytes) says which frame it is, byte by byte."""
+    return Frame(
+        Kind.MESSAGE, call_id, Message(tensors=[torch.arange(size, dtype=torch.int64).to(torch.uint8)])
+    )
+
+
+def same(got: Frame, sent: Frame) -> bool:
+    return got.call_id == sent.call_id and torch.equal(got.message.tensors[0], sent.message.tensors[0])
+
+
+def run_on(loop: str, scenario) -> None:
+    factory = uvloop.new_event_loop if loop == "uvloop" else asyncio.new_event_loop
+    with asyncio.Runner(loop_factory=factory) as runner:
+        runner.run(asyncio.wait_for(scenario(), 3 * BOUND))
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_a_big_frame_over_tls_to_a_peer_that_reads_nothing_waits_and_times_out(loop):
+    """A TLS transport hands one write whole to the TCP transport beneath it, whose buffer it does not count: a
+    16 MiB frame sent in one write to a peer that reads nothing returned at once, as if sent. In pieces, each
+    once there is room, the send waits for the peer, and its timeout ends it. On both event loops (the servers
+    and clients run uvloop)."""
+
+    async def scenario() -> None:
+        async with SlowReader() as peer:
+            await peer.out.send(numbered(1, 128 << 10), timeout=0.5)  # a small one goes at once
+            began = time.monotonic()
+            with pytest.raises(TimeoutError):
+                await peer.out.send(numbered(2, 16 * MiB), timeout=0.5)
+            assert time.monotonic() - began >= 0.5
+
+    run_on(loop, scenario)
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_frames_written_while_a_big_one_goes_in_pieces_follow_it_whole(loop):
+    """While a big frame waits in pieces for a slow peer, a control frame written and a second big frame sent
+    meanwhile do not cut into it: the peer reads the big frame, the control frame, then the second, each intact."""
+
+    async def scenario() -> None:
+        async with SlowReader() as peer:
+            first, control, second = numbered(1, 8 * MiB), numbered(2, 100), numbered(3, 3 * MiB)
+            sending = asyncio.ensure_future(peer.out.send(first, timeout=BOUND))
+            async with asyncio.timeout(BOUND):
+                while peer.out._held is None:  # until the first frame goes in pieces
+                    await asyncio.sleep(0.01)  # polling interval of a condition with a deadline
+            peer.out.write(control)
+            queued = asyncio.ensure_future(peer.out.send(second, timeout=BOUND))
+            assert not sending.done() and not queued.done()
+            peer.release.set()
+            await asyncio.gather(sending, queued)
+            frames = await peer.until_read(3)
+            assert [same(got, sent) for got, sent in zip(frames, [first, control, second])] == [True] * 3
+
+    run_on(loop, scenario)
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_a_big_frame_whose_send_timed_out_half_way_is_still_whole_on_the_wire(loop):
+    """The send's timeout ends the wait, not the frame: the pieces left go out unwaited for, so the frame after it
+    reads whole."""
+
+    async def scenario() -> None:
+        async with SlowReader() as peer:
+            cut, after = numbered(1, 8 * MiB), numbered(2, 100)
+            with pytest.raises(TimeoutError):
+                await peer.out.send(cut, timeout=0.3)
+            peer.out.write(after)
+            peer.release.set()
+            frames = await peer.until_read(2)
+            assert [same(got, sent) for got, sent in zip(frames, [cut, after])] == [True, True]
+
+    run_on(loop, scenario)

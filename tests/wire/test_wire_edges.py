@@ -162,9 +162,10 @@ class StuckPeer:
         return self
 
     async def fill(self) -> None:
-        """Send 1 MiB messages into the sink until a send times out (the kernel's and transport's buffers are
-        full); the send that timed out raises."""
-        chunk = Message(tensors=[torch.zeros(1 << 18)])
+        """Send 128 KiB messages into the sink until a send times out (the kernel's and transport's buffers are
+        full); the send that timed out raises. (Frames this small are written whole, then waited for: a bigger
+        one goes in pieces, each written once there is room, so a send that timed out leaves less behind.)"""
+        chunk = Message(tensors=[torch.zeros(1 << 15)])
         for _ in range(1024):
             await self.sink.send(chunk, timeout=0.5)
 

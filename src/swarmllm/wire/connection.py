@@ -52,6 +52,7 @@ STREAM_QUEUE_SIZE = 64
 HANGUP_PROBE_S = 1.0
 # Writes go to the transport's buffer; past this many buffered bytes a sender waits for the kernel to catch up.
 _DRAIN_ABOVE_BYTES = 1 << 20
+_WRITE_PIECE_BYTES = 256 << 10  # a bigger frame is sent in pieces of this size (`_FrameWriter`)
 _CONNECTION_CALL_ID = 0  # ERROR frames about the connection itself (a frame we could not parse)
 _CLOSE_TIMEOUT_S = 5.0  # how long closing waits for buffered bytes to reach a peer that may be hung
 _MAX_ERROR_CHARS = 2000  # error texts are cut so that an ERROR frame always fits the metadata limit
@@ -267,29 +268,74 @@ def refuse_connection(writer: asyncio.StreamWriter, code: str, message: str) -> 
 
 
 class _FrameWriter:
-    """Writes whole frames to one transport; shared by every call on a connection."""
+    """Writes whole frames to one transport; shared by every call on a connection.
+
+    A big frame goes out in pieces, each once the transport has room: a TLS transport hands each write whole to
+    the TCP transport beneath it, whose buffer it does not count, so a big frame written at once to a peer that
+    reads nothing would leave `send` nothing to wait for (its timeout bound nothing). Frames written while one is
+    in pieces are held and follow it whole."""
 
     def __init__(self, writer: asyncio.StreamWriter, limits: WireLimits):
         self._writer = writer
         self._transport = writer.transport
         self._limits = limits
+        self._in_pieces = asyncio.Lock()  # one big frame in pieces at a time
+        self._held: list[list[bytes | memoryview]] | None = None  # (None: no frame is in pieces)
+        self._held_bytes = 0
+
+    def buffered(self) -> int:
+        """Bytes written and not yet handed to the kernel (the transport's buffer, and frames held)."""
+        return self._transport.get_write_buffer_size() + self._held_bytes
 
     def write(self, frame: Frame) -> None:
         """Queue a frame without waiting for the buffer to drain (for small control frames)."""
-        parts = encode_frame(frame, self._limits)
+        self._write(encode_frame(frame, self._limits))
+
+    def _write(self, parts: list[bytes | memoryview]) -> None:
         if self._transport.is_closing():
             raise ConnectionLost("the connection is closed")
+        if self._held is not None:
+            self._held.append(parts)
+            self._held_bytes += sum(map(len, parts))
+            return
         self._writer.writelines(parts)
 
     async def send(self, frame: Frame, timeout: float | None = None) -> None:
-        self.write(frame)
-        if self._transport.get_write_buffer_size() > _DRAIN_ABOVE_BYTES:
-            try:
+        parts = encode_frame(frame, self._limits)
+        try:
+            if sum(map(len, parts)) > _WRITE_PIECE_BYTES:
+                await asyncio.wait_for(self._send_in_pieces(parts), timeout)
+                return
+            self._write(parts)
+            if self.buffered() > _DRAIN_ABOVE_BYTES:
                 await asyncio.wait_for(self._writer.drain(), timeout)
-            except TimeoutError:
-                raise  # an OSError too, but the connection is only slow: the caller gets what it was promised
-            except OSError as e:
-                raise ConnectionLost(f"connection broke while sending: {e!r}") from e
+        except TimeoutError:
+            raise  # an OSError too, but the connection is only slow: the caller gets what it was promised
+        except OSError as e:
+            raise ConnectionLost(f"connection broke while sending: {e!r}") from e
+
+    async def _send_in_pieces(self, parts: list[bytes | memoryview]) -> None:
+        async with self._in_pieces:
+            if self._transport.is_closing():
+                raise ConnectionLost("the connection is closed")
+            pieces = [
+                memoryview(part)[start : start + _WRITE_PIECE_BYTES]
+                for part in parts
+                for start in range(0, len(part), _WRITE_PIECE_BYTES)
+            ]
+            self._held, sent = [], 0
+            try:
+                for piece in pieces:
+                    await self._writer.drain()  # (at once while the transport has room)
+                    self._writer.write(piece)
+                    sent += 1
+            finally:
+                held, self._held, self._held_bytes = self._held, None, 0
+                if not self._transport.is_closing():
+                    # a timeout or cancel mid-frame: the rest goes unwaited for, so the stream stays whole
+                    self._writer.writelines(pieces[sent:])
+                    for frame in held:
+                        self._writer.writelines(frame)
 
     def write_error(self, call_id: int, code: str, message: str, retry_after_s: float | None = None) -> None:
         """Best effort: the peer may already be gone, which is then not worth another error."""
@@ -768,7 +814,7 @@ async def serve_connection(
 
     try:
         while True:
-            if writer.transport.get_write_buffer_size() > _DRAIN_ABOVE_BYTES:
+            if out.buffered() > _DRAIN_ABOVE_BYTES:
                 # a peer that reads none of our answers (the errors this loop writes by itself included) is not
                 # read either, or its answers would pile up here without bound
                 try:
