@@ -49,6 +49,18 @@ def test_one_peer_never_holds_more_than_its_share():
     assert quotas.open_session("b", 8192, 16384) is None  # another peer has its own share
 
 
+def test_a_session_larger_than_any_share_is_the_requests_fault_whatever_the_peer_holds():
+    """No closing would make room for it, so it is named first (`bad_request`: a client waits for room only on
+    refusals that closings clear), even from a peer at its open sessions limit; one that fits the share is
+    refused for that limit then (`quota`)."""
+    quotas = PeerQuotas(PeerLimits(max_sessions=1, max_cache_share=0.5))
+    assert quotas.open_session("a", 10, 100) is None
+    too_large = quotas.open_session("a", 51, 100)
+    assert too_large.code == "bad_request" and "a session of 51 cache tokens" in too_large.message
+    assert quotas.open_session("a", 40, 100).code == "quota"
+    assert quotas.held("a")[:2] == (1, 10)
+
+
 def test_queued_compute_per_peer_and_in_total():
     quotas = PeerQuotas(PeerLimits(max_queued=2, max_queued_total=3))
     assert quotas.enqueue("a") is None and quotas.enqueue("a") is None

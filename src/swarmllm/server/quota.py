@@ -101,18 +101,17 @@ class PeerQuotas:
     def open_session(self, peer: str, cache_tokens: int, capacity_tokens: int) -> Refusal | None:
         """Admit a session holding `cache_tokens` of a budget of `capacity_tokens`, or say which limit it breaks.
         On admission the session counts until `close_session`."""
-        state = self._peer(peer)
-        if state.sessions >= self.limits.max_sessions:
-            return Refusal(
-                "quota",
-                f"open sessions limit: {state.sessions} of {self.limits.max_sessions} per peer are open",
-            )
-        share_tokens = self._share_tokens(capacity_tokens)
+        state, share_tokens = self._peer(peer), self._share_tokens(capacity_tokens)
         if cache_tokens > share_tokens:  # no closing clears this: the request's size is at fault
             return Refusal(
                 "bad_request",
                 f"cache share limit: a session of {cache_tokens} cache tokens is more than a peer may hold here "
                 f"({share_tokens}: {self.limits.max_cache_share:.0%} of {capacity_tokens})",
+            )
+        if state.sessions >= self.limits.max_sessions:
+            return Refusal(
+                "quota",
+                f"open sessions limit: {state.sessions} of {self.limits.max_sessions} per peer are open",
             )
         if state.cache_tokens + cache_tokens > share_tokens:
             return Refusal(
