@@ -149,6 +149,16 @@ class Engine:
         self._running = 0  # generations in a worker now
         self._ended = threading.Condition()  # notified as each ends (its session's cache room frees)
 
+    def give_way_for_room(self) -> None:
+        """(The swarm client's `room_wanted`, on its event loop.) A generation moving off a failed server waits
+        for cache room: the sessions kept for next turns give way, as for a new session refused room (closed off
+        the loop, which closing waits on)."""
+        asyncio.get_running_loop().run_in_executor(None, self._give_way)
+
+    def _give_way(self) -> None:
+        if closed := self.sessions.close_all():
+            logger.info("a generation waits for cache room: closed %d kept sessions", closed)
+
     def decode(self, tokens: list[int]) -> str:
         return self.tokenizer.decode(tokens, skip_special_tokens=True)
 
@@ -840,7 +850,7 @@ def load_engine(
     draft = (
         None if draft_model is None else Draft.load(draft_model, distributed.config.vocab_size, draft_tokens)
     )
-    return Engine(
+    engine = Engine(
         distributed,
         tokenizer,
         name or dht_prefix_for(model),
@@ -851,6 +861,8 @@ def load_engine(
         metrics=metrics,
         draft=draft,
     )
+    distributed.swarm.room_wanted = engine.give_way_for_room
+    return engine
 
 
 DEFAULT_CONTEXT = 4096  # tokens of prompt + answer, unless --context-length (servers cap sessions at 8192)

@@ -405,7 +405,9 @@ class InferenceSession:
                 if _waits_out(e) and shed.defer(new[-1].peer_id, e):
                     pass  # a refusal that clears by itself (a request rate): asked again once it has
                 elif inputs and shed.defer_for_room(new[-1].peer_id, e):
-                    pass  # a replacement waits for room (as sessions end) rather than lose the session's tokens
+                    # a replacement waits for room (as sessions end) rather than lose the session's tokens
+                    if self.swarm.room_wanted is not None:
+                        self.swarm.room_wanted()
                 elif _refused_opening(e):
                     self._refused[new[-1].peer_id] = e
                 else:

@@ -345,6 +345,9 @@ class SwarmClient:
         self.forward_chunk_tokens = forward_chunk_tokens
         self.min_chunk_s = min_chunk_s
         self.push = push  # servers hand activations to the next server themselves (see client.session)
+        # called on the client's event loop while a session replacing a hop waits for room that ending sessions
+        # free (`wants_room`): an owner of idle sessions (the API's kept ones) gives them back
+        self.room_wanted: Callable[[], None] | None = None
         self.rng = random.Random()
         self.bans = Bans(base_s=ban_s)
         self._handed_back: dict[str, float] = {}  # peer -> when it last handed a session back
