@@ -354,17 +354,22 @@ def test_frames_written_while_a_big_one_goes_in_pieces_follow_it_whole(loop):
 
 @pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
 def test_a_big_frame_whose_send_timed_out_half_way_is_still_whole_on_the_wire(loop):
-    """The send's timeout ends the wait, not the frame: the pieces left go out unwaited for, so the frame after it
-    reads whole."""
+    """The send's timeout ends the wait, not a frame begun: the pieces left go out unwaited for, so the frame
+    after it reads whole. A big frame whose send timed out before its first piece is not sent at all (a peer that
+    reads nothing is not handed frame after frame)."""
 
     async def scenario() -> None:
         async with SlowReader() as peer:
-            cut, after = numbered(1, 8 * MiB), numbered(2, 100)
+            cut, dropped, after = numbered(1, 8 * MiB), numbered(2, 4 * MiB), numbered(3, 100)
             with pytest.raises(TimeoutError):
                 await peer.out.send(cut, timeout=0.3)
+            with pytest.raises(TimeoutError):
+                await peer.out.send(dropped, timeout=0.3)
             peer.out.write(after)
+            peer.out.write(last := numbered(4, 100))
             peer.release.set()
-            frames = await peer.until_read(2)
-            assert [same(got, sent) for got, sent in zip(frames, [cut, after])] == [True, True]
+            frames = await peer.until_read(3)
+            sent = [cut, after, last]
+            assert [same(got, want) for got, want in zip(frames, sent, strict=True)] == [True] * 3
 
     run_on(loop, scenario)

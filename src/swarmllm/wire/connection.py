@@ -332,8 +332,10 @@ class _FrameWriter:
             finally:
                 held, self._held, self._held_bytes = self._held, None, 0
                 if not self._transport.is_closing():
-                    # a timeout or cancel mid-frame: the rest goes unwaited for, so the stream stays whole
-                    self._writer.writelines(pieces[sent:])
+                    # a timeout or cancel: a frame begun is finished unwaited for, so the stream stays whole;
+                    # one not begun is dropped (a peer that reads nothing is not sent frame after frame)
+                    if sent:
+                        self._writer.writelines(pieces[sent:])
                     for frame in held:
                         self._writer.writelines(frame)
 
