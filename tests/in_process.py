@@ -18,6 +18,27 @@ from swarmllm.server.metrics import ServerMetrics
 from swarmllm.wire import DirectServer, Identity
 
 
+def start_server(
+    path: str,
+    blocks: int,
+    identity: Identity,
+    cache_tokens: int = 4096,
+    limits: ServerLimits | None = None,
+    metrics: ServerMetrics | None = None,
+) -> DirectServer:
+    """A real server of blocks [0, blocks) of checkpoint `path` (a `RequestHandler` behind a `DirectServer` on
+    127.0.0.1), started on the client's event loop; `run_sync(server.stop())` stops it."""
+
+    async def start() -> DirectServer:
+        backend = Backend(load_span(path, 0, blocks), cache_tokens=cache_tokens)
+        handler = RequestHandler(backend, dict, limits or ServerLimits(), metrics=metrics)
+        server = DirectServer(handler.handlers(), identity)
+        await server.start()
+        return server
+
+    return run_sync(start())
+
+
 @contextmanager
 def model_over_one_server(
     path: str,
@@ -32,15 +53,7 @@ def model_over_one_server(
     config, head = load_client_head(path)
     blocks = config.num_hidden_layers
     identity = Identity.generate()
-
-    async def start() -> DirectServer:
-        backend = Backend(load_span(path, 0, blocks), cache_tokens=cache_tokens)
-        handler = RequestHandler(backend, dict, limits or ServerLimits(), metrics=metrics)
-        server = DirectServer(handler.handlers(), identity)
-        await server.start()
-        return server
-
-    server = run_sync(start())
+    server = start_server(path, blocks, identity, cache_tokens, limits, metrics)
     swarm = SwarmClient([], dht_prefix, blocks, missing_blocks_timeout_s=0, **client)
     swarm.use_servers([online_server(identity.peer_id, 0, blocks, address=server.address)])
     try:

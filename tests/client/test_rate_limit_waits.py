@@ -12,19 +12,18 @@ from contextlib import contextmanager
 
 import pytest
 import torch
-from in_process import model_over_one_server, refusals
+from in_process import model_over_one_server, refusals, start_server
 from server_infos import online_server
 from transformers import AutoModelForCausalLM
 
 from swarmllm.client.loop import run_sync
 from swarmllm.client.model import DistributedModelForCausalLM
 from swarmllm.client.swarm import SessionRefused, SwarmClient
-from swarmllm.models import load_client_head, load_span
-from swarmllm.server.backend import Backend
-from swarmllm.server.handler import RequestHandler, ServerLimits
+from swarmllm.models import load_client_head
+from swarmllm.server.handler import ServerLimits
 from swarmllm.server.metrics import ServerMetrics
 from swarmllm.server.quota import PeerLimits, PeerQuotas
-from swarmllm.wire import DirectServer, Identity, Message, RemoteError
+from swarmllm.wire import Identity, Message, RemoteError
 
 
 class Clock:
@@ -59,10 +58,10 @@ def test_open_sessions_and_cache_share_refusals_carry_no_wait():
     assert quotas.open_session("q", 60, 100).retry_after_s is None
 
 
-def _expected(path: str, ids: torch.Tensor) -> torch.Tensor:
+def _expected(path: str, ids: torch.Tensor, new_tokens: int = 4) -> torch.Tensor:
     local = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     with torch.no_grad():
-        return local.generate(ids, max_new_tokens=4, do_sample=False)
+        return local.generate(ids, max_new_tokens=new_tokens, do_sample=False)
 
 
 def test_a_tight_loop_of_generates_waits_out_the_request_rate(llama_checkpoint):
@@ -161,18 +160,9 @@ def two_servers(path: str, prefix: str, fast: str, limits_b: ServerLimits, metri
     config, head = load_client_head(path)
     blocks = config.num_hidden_layers
     ids = {"A": Identity.generate(), "B": Identity.generate()}
-
-    async def start(
-        name: str, cache_tokens: int, limits: ServerLimits, metrics: ServerMetrics
-    ) -> DirectServer:
-        backend = Backend(load_span(path, 0, blocks), cache_tokens=cache_tokens)
-        server = DirectServer(RequestHandler(backend, dict, limits, metrics=metrics).handlers(), ids[name])
-        await server.start()
-        return server
-
     servers = {
-        "A": run_sync(start("A", 4096, ServerLimits(), ServerMetrics())),
-        "B": run_sync(start("B", 128, limits_b, metrics_b)),
+        "A": start_server(path, blocks, ids["A"]),
+        "B": start_server(path, blocks, ids["B"], 128, limits_b, metrics_b),
     }
     swarm = SwarmClient([], prefix, blocks, missing_blocks_timeout_s=0, request_timeout_s=120)
     swarm.use_servers(
@@ -192,12 +182,6 @@ def two_servers(path: str, prefix: str, fast: str, limits_b: ServerLimits, metri
             run_sync(server.stop())
 
 
-def _solo(path: str, prompt: torch.Tensor, new: int) -> list:
-    local = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    with torch.no_grad():
-        return local.generate(prompt, max_new_tokens=new, do_sample=False).tolist()
-
-
 @pytest.mark.parametrize("limit", ["cache share", "open sessions"])
 def test_replacements_that_find_no_room_wait_for_the_clients_other_session_to_end(llama_checkpoint, limit):
     """Two sessions of one client run on A, which dies; B holds the same blocks but takes one session of this peer
@@ -205,7 +189,7 @@ def test_replacements_that_find_no_room_wait_for_the_clients_other_session_to_en
     room (`quota`, which only a closing clears) and, rather than lose its tokens, asks again until the first ends:
     both get their solo tokens, and B is not banned."""
     prompts = [torch.tensor([[1, 5, 9, 3]]), torch.tensor([[2, 8, 4, 6, 7]])]
-    want = [_solo(llama_checkpoint, p, 8) for p in prompts]
+    want = [_expected(llama_checkpoint, p, 8).tolist() for p in prompts]
     limits = ServerLimits(max_sessions_per_peer=1) if limit == "open sessions" else ServerLimits()
     metrics = ServerMetrics()
     both_on_a, a_gone = threading.Barrier(3, timeout=60), threading.Event()
@@ -234,7 +218,7 @@ def test_a_server_that_had_no_room_when_a_session_opened_takes_its_replacement_l
     """B (preferred) has room for one session of this peer, so a second session opens on A. The first ends; then A
     dies, and the second session's replacement goes to B, whose earlier refusal is stale by now."""
     prompt = torch.tensor([[1, 5, 9, 3]])
-    want = _solo(llama_checkpoint, prompt, 8)
+    want = _expected(llama_checkpoint, prompt, 8).tolist()
     metrics = ServerMetrics()
     on_a, a_gone = threading.Event(), threading.Event()
 

@@ -153,11 +153,13 @@ class Engine:
         """(The swarm client's `room_wanted`, on its event loop.) A generation moving off a failed server waits
         for cache room: the sessions kept for next turns give way, as for a new session refused room (closed off
         the loop, which closing waits on)."""
-        asyncio.get_running_loop().run_in_executor(None, self._give_way)
+        asyncio.get_running_loop().run_in_executor(None, self._give_way, "a generation moving servers")
 
-    def _give_way(self) -> None:
+    def _give_way(self, wanting: str) -> int:
+        """Close the sessions kept for next turns, for `wanting` refused cache room; how many."""
         if closed := self.sessions.close_all():
-            logger.info("a generation waits for cache room: closed %d kept sessions", closed)
+            logger.info("no cache room for %s: closed %d kept sessions", wanting, closed)
+        return closed
 
     def decode(self, tokens: list[int]) -> str:
         return self.tokenizer.decode(tokens, skip_special_tokens=True)
@@ -243,8 +245,7 @@ class Engine:
                         # worker); the servers free their cache as they see them closed, which the tries wait for
                         if sent or not e.codes <= ROOM_REFUSALS or gen.cancelled:
                             raise
-                        if closed := self.sessions.close_all():
-                            logger.info("no cache room for a new session: closed %d kept sessions", closed)
+                        closed = self._give_way("a new session")
                         with self._ended:
                             ours = ours or closed > 0 or self._running > 1
                             if not ours or time.monotonic() > deadline:
