@@ -295,7 +295,8 @@ class SlowReader:
 
 
 def numbered(call_id: int, size: int) -> Frame:
-    """A frame whose payload (`size` bytes) says which frame it is, byte by byte."""
+    """Frame `call_id` with `size` bytes of payload, each its offset mod 256: a frame cut short, or spliced with
+    another's bytes, does not read back equal."""
     return Frame(
         Kind.MESSAGE, call_id, Message(tensors=[torch.arange(size, dtype=torch.int64).to(torch.uint8)])
     )
