@@ -264,3 +264,63 @@ def test_a_session_larger_than_any_peers_share_is_refused_as_such_at_once(llama_
             assert time.monotonic() - began < 10
     assert refused.value.codes == {"bad_request"}
     assert "a session of 80 cache tokens is more than a peer may hold here (64" in str(refused.value)
+
+
+def test_two_sessions_waiting_for_room_that_the_other_holds_do_not_wait_for_ever(llama_checkpoint):
+    """A cycle: session 1 runs on X2 (blocks [0, k), one session of this peer at a time) and Y1 ([k, n)), session 2
+    on X1 and Y2 (one at a time too). X1 and Y1 die: session 1's replacement waits for Y2, which session 2 holds, and
+    session 2's for X2, which session 1 holds. The younger, session 2, gives Y2 up (wound-wait); session 1 moves there
+    and ends, then session 2 takes X2 and Y2 back. Both get their solo tokens, and no server is banned (before,
+    both waited out the room wait and failed)."""
+    prompts = [torch.tensor([[1, 5, 9, 3]]), torch.tensor([[2, 8, 4, 6, 7]])]
+    want = [_expected(llama_checkpoint, p, 8).tolist() for p in prompts]
+    config, head = load_client_head(llama_checkpoint)
+    n = config.num_hidden_layers
+    k = n // 2
+    one_at_a_time = ServerLimits(max_sessions_per_peer=1)
+    spans = {"X1": (0, k, None), "X2": (0, k, one_at_a_time), "Y1": (k, n, None), "Y2": (k, n, one_at_a_time)}
+    ids = {name: Identity.generate() for name in spans}
+    servers = {
+        name: start_server(llama_checkpoint, end, ids[name], limits=limits, start_block=start)
+        for name, (start, end, limits) in spans.items()
+    }
+    infos = {
+        name: online_server(ids[name].peer_id, start, end, address=servers[name].address)
+        for name, (start, end, _) in spans.items()
+    }
+    swarm = SwarmClient([], "room-cycle", n, missing_blocks_timeout_s=0, request_timeout_s=120)
+    opened = [threading.Event(), threading.Event()]
+    go = threading.Event()
+
+    def turns(model, i: int) -> list:
+        with model.inference_session(max_length=64), torch.no_grad():
+            first = model.generate(prompts[i], max_new_tokens=3, do_sample=False)
+            opened[i].set()
+            assert go.wait(60)
+            return model.generate(first, max_new_tokens=5, do_sample=False).tolist()
+
+    try:
+        model = DistributedModelForCausalLM(config, head, swarm).eval()
+        with ThreadPoolExecutor(2) as pool:
+            swarm.use_servers([infos["X2"], infos["Y1"]])
+            runs = [pool.submit(turns, model, 0)]
+            assert opened[0].wait(60)
+            swarm.use_servers([infos["X1"], infos["Y2"]])
+            runs.append(pool.submit(turns, model, 1))
+            assert opened[1].wait(60)
+            for name in ("X1", "Y1"):
+                run_sync(servers[name].stop())
+            swarm.use_servers([infos["X2"], infos["Y2"]])
+            go.set()
+            outs = [r.result(timeout=180) for r in runs]
+        assert outs == want
+        moved = [(f.peer_id, [h.peer_id for h in f.replacement]) for f in swarm.failovers]
+        x2, y2 = ids["X2"].peer_id, ids["Y2"].peer_id
+        assert (ids["Y1"].peer_id, [y2]) in moved and (ids["X1"].peer_id, [x2]) in moved
+        assert (y2, [y2]) in moved  # session 2 gave Y2 up, and took it back
+        assert swarm.bans._strikes.keys() <= {ids["X1"].peer_id, ids["Y1"].peer_id}
+    finally:
+        go.set()
+        run_sync(swarm.shutdown())
+        for server in servers.values():
+            run_sync(server.stop())

@@ -152,6 +152,7 @@ class HopSession:
         # why it failed, while it is closed and awaits a replacement (its replacement failed; see InferenceSession)
         self.failure: BaseException | None = None
         self._stream: Stream | None = None
+        self._closed = False
 
     def __repr__(self) -> str:
         return f"<hop [{self.start}, {self.end}) on {self.peer_id}>"
@@ -247,9 +248,17 @@ class HopSession:
         self.accept_push_from = accept_push_from
         await self._stream.send(Repoint(accept_push_from).to_message(), timeout=timeout_s)
 
-    async def close(self) -> None:
-        if self._stream is not None:
-            try:
-                await self._stream.close()
-            except WireError:
-                pass  # the connection is already gone, and the server frees the session with it
+    @property
+    def is_open(self) -> bool:
+        return self._stream is not None and not self._closed
+
+    async def close(self) -> bool:
+        """Close the server's session; whether it was open (its server frees its room)."""
+        if not self.is_open:
+            return False
+        self._closed = True
+        try:
+            await self._stream.close()
+        except WireError:
+            pass  # the connection is already gone, and the server frees the session with it
+        return True

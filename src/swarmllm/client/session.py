@@ -42,6 +42,7 @@ import torch
 
 from swarmllm.client.hop import History, HopSession, KeptInput
 from swarmllm.client.replies import CorruptOutputError, push_failure
+from swarmllm.client.room import next_age
 from swarmllm.client.routing import Hop
 from swarmllm.client.swarm import (
     HOP_FAILURES,
@@ -66,6 +67,10 @@ logger = logging.getLogger(__name__)
 # first step), so that servers that prefill in chunks pipeline it along the chain; a push that outruns the
 # opening waits for it on the next server (`server.handler.EARLY_PUSH_WAIT_S`)
 PUSH_UNANSWERED_TOKENS = 256
+
+
+class RoomGivenUp(Exception):
+    """Why a hop was closed: an older session of this client waited for room on its server (`client.room`)."""
 
 
 class ReplayBudgetError(RuntimeError):
@@ -124,7 +129,8 @@ class InferenceSession:
         # unbanned
         self._refused: dict[str, RemoteError] = {}
         # servers past this client's request rate, waited for (`_waits_out`): for up to request_timeout_s a step
-        self._shed = LoadShed(swarm.request_timeout_s)
+        self._shed = LoadShed(swarm.request_timeout_s, swarm.rooms)
+        self.age = next_age()  # which of this client's sessions waiting for room gives way (`client.room`)
         self.closed = False
 
     @property
@@ -170,7 +176,7 @@ class InferenceSession:
         end = position + hidden.shape[1]
         if end > self.max_length:
             raise ValueError(f"the session's max_length {self.max_length} is too small for {end} tokens")
-        self._shed = LoadShed(self.swarm.request_timeout_s)
+        self._shed = LoadShed(self.swarm.request_timeout_s, self.swarm.rooms)
         if not self._hops:  # the first step, or the first one after an opening that failed
             self.batch_size = hidden.shape[0]
             await self._open()
@@ -201,6 +207,10 @@ class InferenceSession:
             while True:
                 while i < len(self._hops):
                     hop = self._hops[i]
+                    if hop.failure is not None:  # given up while this step waited for room (`give_up`)
+                        await self._replace(i, hop.failure, again=True)
+                        pushed = False
+                        continue
                     del inputs[i:]
                     inputs.append((hidden, pending))
                     # a server pushes only into sessions that have answered once (or for a long step): a push
@@ -347,80 +357,80 @@ class InferenceSession:
         asks again after pauses, for up to ROOM_WAIT_S, where no other server holds its blocks."""
         route_s = replay_s = 0.0
         shed = self._shed
-        while True:
-            began = time.perf_counter()
-            hops = await self.swarm.route_inference(
-                start=start,
-                end=end,
-                min_cache_tokens=self.batch_size * self.max_length,
-                failure=failure,
-                refused=self._refused,
-                shed=shed,
-                tuned=self.tuning.needs_tunable,
-            )
-            routed = time.perf_counter()
-            route_s += routed - began
-            new: list[HopSession] = []
-            self._joining = new
-            try:
-                x = inputs
-                for hop in hops:
-                    previous = new[-1].peer_id if new else accept_from
-                    new.append(
-                        HopSession(
-                            hop,
-                            self.batch_size,
-                            self.max_length,
-                            previous if self.swarm.push else None,
-                            self.tuning,
-                            self.compression,
-                            self.swarm.carries_pending(hop.end),
+        try:
+            while True:
+                began = time.perf_counter()
+                hops = await self.swarm.route_inference(
+                    start=start,
+                    end=end,
+                    min_cache_tokens=self.batch_size * self.max_length,
+                    failure=failure,
+                    refused=self._refused,
+                    shed=shed,
+                    tuned=self.tuning.needs_tunable,
+                )
+                routed = time.perf_counter()
+                route_s += routed - began
+                new: list[HopSession] = []
+                self._joining = new
+                try:
+                    x = inputs
+                    for hop in hops:
+                        previous = new[-1].peer_id if new else accept_from
+                        new.append(
+                            HopSession(
+                                hop,
+                                self.batch_size,
+                                self.max_length,
+                                previous if self.swarm.push else None,
+                                self.tuning,
+                                self.compression,
+                                self.swarm.carries_pending(hop.end),
+                            )
                         )
-                    )
-                    if self.tuning.weights is not None:
-                        await self.swarm.uploads.ensure(hop.peer_id, self.tuning.weights)
-                    await shed.wait([hop])
-                    await new[-1].open(
-                        await self.swarm.connection(hop.peer_id), self.swarm.connect_timeout_s, replay=bool(x)
-                    )
-                    shed.done(hop)
-                    if x:
-                        tokens = sum(e.hidden.shape[0] * e.hidden.shape[1] for e in x)
-                        floor_s = self.swarm.replay_timeout_s
-                        x = await new[-1].replay(
-                            x, self.swarm.deadline_s(hop, tokens, decode=False, floor_s=floor_s), reordered_at
+                        if self.tuning.weights is not None:
+                            await self.swarm.uploads.ensure(hop.peer_id, self.tuning.weights)
+                        await shed.wait([hop])
+                        await new[-1].open(
+                            await self.swarm.connection(hop.peer_id), self.swarm.connect_timeout_s, replay=bool(x)
                         )
-                if self.closed:  # meanwhile, by another thread: nobody would close these
-                    for hop in new:
-                        await hop.close()
-                    raise RuntimeError("the inference session was closed during this step")
-                return new, route_s, replay_s + time.perf_counter() - routed
-            except HOP_FAILURES as e:
-                replay_s += time.perf_counter() - routed
-                if self.closed:  # by another thread, which closed these hops: no fault of their servers
-                    for hop in new:
-                        await hop.close()
-                    raise RuntimeError("the inference session was closed during this step") from e
-                logger.info("%s failed while joining the session (%s); trying another", new[-1], describe(e))
-                if _waits_out(e) and shed.defer(new[-1].peer_id, e):
-                    pass  # a refusal that clears by itself (a request rate): asked again once it has
-                elif inputs and shed.defer_for_room(new[-1].peer_id, e):
-                    # a replacement waits for room (as sessions end) rather than lose the session's tokens
-                    if self.swarm.room_wanted is not None:
-                        self.swarm.room_wanted()
-                elif _refused_opening(e):
-                    self._refused[new[-1].peer_id] = e
-                else:
-                    self.swarm.ban(new[-1].peer_id, e)
-                failure = e
-                for hop in new:
-                    await hop.close()
-            except BaseException:  # cancelled (a caller's timeout): nobody else would close these
-                for hop in new:
-                    await hop.close()
-                raise
-            finally:
-                self._joining = []
+                        shed.done(hop)
+                        if x:
+                            tokens = sum(e.hidden.shape[0] * e.hidden.shape[1] for e in x)
+                            floor_s = self.swarm.replay_timeout_s
+                            x = await new[-1].replay(
+                                x, self.swarm.deadline_s(hop, tokens, decode=False, floor_s=floor_s), reordered_at
+                            )
+                    if self.closed:  # meanwhile, by another thread: nobody would close these
+                        await self._close_hops(new)
+                        raise RuntimeError("the inference session was closed during this step")
+                    return new, route_s, replay_s + time.perf_counter() - routed
+                except HOP_FAILURES as e:
+                    replay_s += time.perf_counter() - routed
+                    if self.closed:  # by another thread, which closed these hops: no fault of their servers
+                        await self._close_hops(new)
+                        raise RuntimeError("the inference session was closed during this step") from e
+                    logger.info("%s failed while joining the session (%s); trying another", new[-1], describe(e))
+                    await self._close_hops(new)
+                    if _waits_out(e) and shed.defer(new[-1].peer_id, e):
+                        pass  # a refusal that clears by itself (a request rate): asked again once it has
+                    elif inputs and shed.defer_for_room(new[-1].peer_id, e):
+                        # a replacement waits for room (as sessions end) rather than lose the session's tokens
+                        await self.swarm.rooms.wants(self, new[-1].peer_id)
+                        if self.swarm.room_wanted is not None:
+                            self.swarm.room_wanted()
+                    elif _refused_opening(e):
+                        self._refused[new[-1].peer_id] = e
+                    else:
+                        self.swarm.ban(new[-1].peer_id, e)
+                    failure = e
+                except BaseException:  # cancelled (a caller's timeout): nobody else would close these
+                    await self._close_hops(new)
+                    raise
+                finally:
+                    self._joining = []
+        finally:
+            self.swarm.rooms.done(self)  # (it waited for room, or not at all)
 
     async def _replace(
         self, i: int, error: BaseException, *, to_end: bool = False, again: bool = False
@@ -452,8 +462,7 @@ class InferenceSession:
             elif not leaving and not isinstance(error, CorruptOutputError):  # a spot check banned it already
                 self.swarm.ban(failed.peer_id, error)
         replaced = self._hops[i:] if to_end else [failed]
-        for hop in replaced:
-            await hop.close()
+        await self._close_hops(replaced)
         accept_from = self._hops[i - 1].peer_id if i > 0 else None
         end = self.swarm.num_blocks if to_end else failed.end
         try:
@@ -507,8 +516,28 @@ class InferenceSession:
         if self.closed:
             return
         self.closed = True
-        for hop in [*self._hops, *self._joining]:  # a step waiting on any of them ends at once
-            await hop.close()
+        await self._close_hops([*self._hops, *self._joining])  # a step waiting on any of them ends at once
+
+    async def _close_hops(self, hops: Sequence[HopSession]) -> None:
+        """Close these hops; this client's sessions waiting for room on their servers ask again."""
+        for hop in hops:
+            if await hop.close():
+                self.swarm.rooms.closed(hop.peer_id)
+
+    def holding(self) -> set[str]:
+        """The servers of this session's open hops (`client.room`)."""
+        return {hop.peer_id for hop in self._hops if hop.is_open}
+
+    async def give_up(self, peer_id: str) -> None:
+        """Close this session's hops on `peer_id`, for an older session of this client that waits for room there
+        while this one waits too (`client.room`): its next step, or this one when it reaches them, rebuilds them
+        from their kept inputs, as after a failure (the server is not at fault)."""
+        for hop in self._hops:
+            if hop.peer_id == peer_id and hop.is_open:
+                logger.info("%s gives way to an older session of this client waiting for room there", hop)
+                hop.failure = RoomGivenUp("given up for an older session of this client waiting for room there")
+                hop.answered = False
+                await self._close_hops([hop])
 
 
 class _Fallback:

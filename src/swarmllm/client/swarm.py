@@ -57,6 +57,7 @@ from swarmllm.client.replies import (
     checked_gradients,
     step_reply,
 )
+from swarmllm.client.room import RoomBoard
 from swarmllm.client.routing import Hop, MissingBlocksError, cap_throughput, route_forward, route_inference
 from swarmllm.client.tuning import NO_TUNING, AdapterUploads, Tuning
 from swarmllm.client.verify import Gradients, judge, mismatch, should_check, tolerance
@@ -159,8 +160,11 @@ class LoadShed:
     `retry_after_s` passed (past a request rate: when its next token comes), or else after a pause (50 ms,
     doubling up to MAX_ROUTE_RETRY_S), for up to `limit_s` before the refusal goes to the caller."""
 
-    def __init__(self, limit_s: float):
+    def __init__(self, limit_s: float, rooms: RoomBoard | None = None):
         self.refused: dict[str, float] = {}  # peer id -> when asking it again will do (time.monotonic)
+        # of those, the ones that refused room (`defer_for_room`) -> the client's closings there by then (`rooms`)
+        self.lacking_room: dict[str, int] = {}
+        self.rooms = rooms
         self.pause_s = 0.05
         self.give_up_at = time.monotonic() + limit_s
         self.room_until = time.monotonic() + min(limit_s, ROOM_WAIT_S)
@@ -202,6 +206,7 @@ class LoadShed:
         if not wants_room(error) or now >= self.room_until:
             return False
         self.refused[peer_id] = now + self._pause()
+        self.lacking_room[peer_id] = self.rooms.closings(peer_id) if self.rooms is not None else 0
         return True
 
     def _pause(self) -> float:
@@ -212,12 +217,19 @@ class LoadShed:
     def done(self, hop: Hop) -> None:
         """`hop`'s server took a call: it is asked without a pause again."""
         self.refused.pop(hop.peer_id, None)
+        self.lacking_room.pop(hop.peer_id, None)
 
     async def wait(self, hops: Sequence[Hop]) -> None:
-        """Wait (up to `limit_s` in all) until the servers of `hops` that refused for load may be asked again."""
+        """Wait (up to `limit_s` in all) until the servers of `hops` that refused for load may be asked again;
+        for one server that lacked room, only until this client closes a session there (`rooms`), if sooner."""
         until = min(max((self.refused.get(h.peer_id, 0.0) for h in hops), default=0.0), self.give_up_at)
-        if (pause_s := until - time.monotonic()) > 0:
-            await asyncio.sleep(pause_s)
+        if (pause_s := until - time.monotonic()) <= 0:
+            return
+        if self.rooms is not None and len(hops) == 1 and (peer_id := hops[0].peer_id) in self.lacking_room:
+            if await self.rooms.wait(peer_id, self.lacking_room[peer_id], pause_s):
+                self.pause_s = 0.05  # (if the server has not freed it yet, the next try comes soon)
+            return
+        await asyncio.sleep(pause_s)
 
 
 class ShutDownError(RuntimeError):
@@ -348,6 +360,7 @@ class SwarmClient:
         # called on the client's event loop while a session replacing a hop waits for room that ending sessions
         # free (`wants_room`): an owner of idle sessions (the API's kept ones) gives them back
         self.room_wanted: Callable[[], None] | None = None
+        self.rooms = RoomBoard()  # this client's sessions waiting for room on servers
         self.rng = random.Random()
         self.bans = Bans(base_s=ban_s)
         self._handed_back: dict[str, float] = {}  # peer -> when it last handed a session back
