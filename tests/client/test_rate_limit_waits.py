@@ -266,6 +266,39 @@ def test_a_session_larger_than_any_peers_share_is_refused_as_such_at_once(llama_
     assert "a session of 80 cache tokens is more than a peer may hold here (64" in str(refused.value)
 
 
+@contextmanager
+def crossed_servers(path: str, cache_tokens: int, limits: ServerLimits):
+    """In-process servers of `path` for a cycle of waits: X1 and X2 hold blocks [0, k), Y1 and Y2 blocks [k, n)
+    (k = n // 2); X2 and Y2 have `cache_tokens` and `limits`, X1 and Y1 ample room. Yields the identities, servers
+    and ServerInfos by name; every server is stopped at the end."""
+    n = load_client_head(path)[0].num_hidden_layers
+    k = n // 2
+    spans = {"X1": (0, k, False), "X2": (0, k, True), "Y1": (k, n, False), "Y2": (k, n, True)}
+    ids = {name: Identity.generate() for name in spans}
+    servers = {}
+    try:
+        for name, (start, end, tight) in spans.items():
+            room = (cache_tokens, limits) if tight else (4096, None)
+            servers[name] = start_server(path, end, ids[name], *room, start_block=start)
+        infos = {
+            name: online_server(ids[name].peer_id, start, end, address=servers[name].address)
+            for name, (start, end, _) in spans.items()
+        }
+        yield ids, servers, infos
+    finally:
+        for server in servers.values():
+            run_sync(server.stop())
+
+
+def _turns(model, prompt: torch.Tensor, opened: threading.Event, go: threading.Event) -> list:
+    """A session: 3 tokens, then (once `go`) 5 more."""
+    with model.inference_session(max_length=64), torch.no_grad():
+        first = model.generate(prompt, max_new_tokens=3, do_sample=False)
+        opened.set()
+        assert go.wait(60)
+        return model.generate(first, max_new_tokens=5, do_sample=False).tolist()
+
+
 def test_two_sessions_waiting_for_room_that_the_other_holds_do_not_wait_for_ever(llama_checkpoint):
     """A cycle: session 1 runs on X2 (blocks [0, k), one session of this peer at a time) and Y1 ([k, n)), session 2
     on X1 and Y2 (one at a time too). X1 and Y1 die: session 1's replacement waits for Y2, which session 2 holds, and
@@ -276,51 +309,75 @@ def test_two_sessions_waiting_for_room_that_the_other_holds_do_not_wait_for_ever
     want = [_expected(llama_checkpoint, p, 8).tolist() for p in prompts]
     config, head = load_client_head(llama_checkpoint)
     n = config.num_hidden_layers
-    k = n // 2
+    opened, go = [threading.Event(), threading.Event()], threading.Event()
     one_at_a_time = ServerLimits(max_sessions_per_peer=1)
-    spans = {"X1": (0, k, None), "X2": (0, k, one_at_a_time), "Y1": (k, n, None), "Y2": (k, n, one_at_a_time)}
-    ids = {name: Identity.generate() for name in spans}
-    servers = {
-        name: start_server(llama_checkpoint, end, ids[name], limits=limits, start_block=start)
-        for name, (start, end, limits) in spans.items()
-    }
-    infos = {
-        name: online_server(ids[name].peer_id, start, end, address=servers[name].address)
-        for name, (start, end, _) in spans.items()
-    }
-    swarm = SwarmClient([], "room-cycle", n, missing_blocks_timeout_s=0, request_timeout_s=120)
-    opened = [threading.Event(), threading.Event()]
-    go = threading.Event()
-
-    def turns(model, i: int) -> list:
-        with model.inference_session(max_length=64), torch.no_grad():
-            first = model.generate(prompts[i], max_new_tokens=3, do_sample=False)
-            opened[i].set()
-            assert go.wait(60)
-            return model.generate(first, max_new_tokens=5, do_sample=False).tolist()
-
-    try:
-        model = DistributedModelForCausalLM(config, head, swarm).eval()
-        with ThreadPoolExecutor(2) as pool:
-            swarm.use_servers([infos["X2"], infos["Y1"]])
-            runs = [pool.submit(turns, model, 0)]
-            assert opened[0].wait(60)
-            swarm.use_servers([infos["X1"], infos["Y2"]])
-            runs.append(pool.submit(turns, model, 1))
-            assert opened[1].wait(60)
-            for name in ("X1", "Y1"):
-                run_sync(servers[name].stop())
-            swarm.use_servers([infos["X2"], infos["Y2"]])
+    with crossed_servers(llama_checkpoint, 4096, one_at_a_time) as (ids, servers, infos):
+        # (the room wait would fail both after 60 s; the hold limit, which breaks cycles between clients, is off)
+        swarm = SwarmClient(
+            [], "room-cycle", n, missing_blocks_timeout_s=0, request_timeout_s=120, room_hold_s=120
+        )
+        try:
+            model = DistributedModelForCausalLM(config, head, swarm).eval()
+            with ThreadPoolExecutor(2) as pool:
+                swarm.use_servers([infos["X2"], infos["Y1"]])
+                runs = [pool.submit(_turns, model, prompts[0], opened[0], go)]
+                assert opened[0].wait(60)
+                swarm.use_servers([infos["X1"], infos["Y2"]])
+                runs.append(pool.submit(_turns, model, prompts[1], opened[1], go))
+                assert opened[1].wait(60)
+                for name in ("X1", "Y1"):
+                    run_sync(servers[name].stop())
+                swarm.use_servers([infos["X2"], infos["Y2"]])
+                go.set()
+                outs = [r.result(timeout=180) for r in runs]
+        finally:
             go.set()
-            outs = [r.result(timeout=180) for r in runs]
+            run_sync(swarm.shutdown())
         assert outs == want
         moved = [(f.peer_id, [h.peer_id for h in f.replacement]) for f in swarm.failovers]
         x2, y2 = ids["X2"].peer_id, ids["Y2"].peer_id
         assert (ids["Y1"].peer_id, [y2]) in moved and (ids["X1"].peer_id, [x2]) in moved
         assert (y2, [y2]) in moved  # session 2 gave Y2 up, and took it back
         assert swarm.bans._strikes.keys() <= {ids["X1"].peer_id, ids["Y1"].peer_id}
-    finally:
-        go.set()
-        run_sync(swarm.shutdown())
-        for server in servers.values():
-            run_sync(server.stop())
+
+
+def test_sessions_of_two_clients_waiting_for_room_that_the_other_holds_do_not_wait_for_ever(llama_checkpoint):
+    """The same cycle between two clients, each with one session, over X2 and Y2 that have cache for one session
+    in all: neither client sees the other's wait. The session that has waited `room_hold_s` (1 s here) for room lets
+    its other server go; the other session takes it and ends, and the first then gets both. Both get their solo
+    tokens (before, both waited out the room wait and failed)."""
+    prompts = [torch.tensor([[1, 5, 9, 3]]), torch.tensor([[2, 8, 4, 6, 7]])]
+    want = [_expected(llama_checkpoint, p, 8).tolist() for p in prompts]
+    config, head = load_client_head(llama_checkpoint)
+    n = config.num_hidden_layers
+    opened, go = [threading.Event(), threading.Event()], threading.Event()
+    whole_cache = ServerLimits(max_cache_share_per_peer=1.0)
+    with crossed_servers(llama_checkpoint, 64, whole_cache) as (ids, servers, infos):
+        swarms = [
+            SwarmClient(
+                [], f"room-clients-{i}", n, missing_blocks_timeout_s=0, request_timeout_s=120, room_hold_s=1
+            )
+            for i in range(2)
+        ]
+        try:
+            models = [DistributedModelForCausalLM(config, head, swarm).eval() for swarm in swarms]
+            swarms[0].use_servers([infos["X2"], infos["Y1"]])
+            swarms[1].use_servers([infos["X1"], infos["Y2"]])
+            with ThreadPoolExecutor(2) as pool:
+                runs = [pool.submit(_turns, m, p, o, go) for m, p, o in zip(models, prompts, opened)]
+                assert all(o.wait(60) for o in opened)
+                for name in ("X1", "Y1"):
+                    run_sync(servers[name].stop())
+                for swarm in swarms:
+                    swarm.use_servers([infos["X2"], infos["Y2"]])
+                go.set()
+                outs = [r.result(timeout=180) for r in runs]
+        finally:
+            go.set()
+            for swarm in swarms:
+                run_sync(swarm.shutdown())
+        assert outs == want
+        given_up = [f for swarm in swarms for f in swarm.failovers if "long wait for room" in f.reason]
+        assert given_up  # one of them let its other server go
+        for swarm in swarms:
+            assert swarm.bans._strikes.keys() <= {ids["X1"].peer_id, ids["Y1"].peer_id}

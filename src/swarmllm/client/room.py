@@ -10,6 +10,10 @@ room. The rule that breaks such cycles is wound-wait's: a waiting session gives 
 older waiting session waits for (closing them frees the room, and it rebuilds them from their kept inputs when it
 goes on, as after a failure). Only the younger gives way, so the oldest waiting session is never blocked by
 another waiting one; sessions that are not waiting give up nothing, as their steps go on and they end.
+
+Sessions of other clients can close such a cycle too, and no client sees the others' waits: a session that has
+waited for room for `SwarmClient.room_hold_s` (10 s) lets all its other servers go as well, so the room it held
+serves whoever waits for it, and the first of a cycle's sessions to wait that long breaks it.
 """
 
 from __future__ import annotations

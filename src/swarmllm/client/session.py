@@ -70,7 +70,7 @@ PUSH_UNANSWERED_TOKENS = 256
 
 
 class RoomGivenUp(Exception):
-    """Why a hop was closed: an older session of this client waited for room on its server (`client.room`)."""
+    """Why a hop was closed: its session waited for room elsewhere (`client.room`)."""
 
 
 class ReplayBudgetError(RuntimeError):
@@ -357,6 +357,7 @@ class InferenceSession:
         asks again after pauses, for up to ROOM_WAIT_S, where no other server holds its blocks."""
         route_s = replay_s = 0.0
         shed = self._shed
+        room_since: float | None = None  # when a server first refused it room
         try:
             while True:
                 began = time.perf_counter()
@@ -417,6 +418,17 @@ class InferenceSession:
                     elif inputs and shed.defer_for_room(new[-1].peer_id, e):
                         # a replacement waits for room (as sessions end) rather than lose the session's tokens
                         await self.swarm.rooms.wants(self, new[-1].peer_id)
+                        now = time.monotonic()
+                        room_since = now if room_since is None else room_since
+                        if now - room_since >= self.swarm.room_hold_s and (held := self.holding()):
+                            logger.info(
+                                "waited %.0f s for room on %s: letting this session's other servers go (%s)",
+                                now - room_since,
+                                new[-1].peer_id,
+                                ", ".join(sorted(held)),
+                            )
+                            for peer in sorted(held):
+                                await self.give_up(peer, "after a long wait for room elsewhere")
                         if self.swarm.room_wanted is not None:
                             self.swarm.room_wanted()
                     elif _refused_opening(e):
@@ -528,14 +540,16 @@ class InferenceSession:
         """The servers of this session's open hops (`client.room`)."""
         return {hop.peer_id for hop in self._hops if hop.is_open}
 
-    async def give_up(self, peer_id: str) -> None:
-        """Close this session's hops on `peer_id`, for an older session of this client that waits for room there
-        while this one waits too (`client.room`): its next step, or this one when it reaches them, rebuilds them
-        from their kept inputs, as after a failure (the server is not at fault)."""
+    async def give_up(
+        self, peer_id: str, why: str = "for an older session of this client waiting for room there"
+    ) -> None:
+        """Close this session's hops on `peer_id` while this session waits for room elsewhere (`client.room`):
+        its next step, or this one when it reaches them, rebuilds them from their kept inputs, as after a
+        failure (the server is not at fault)."""
         for hop in self._hops:
             if hop.peer_id == peer_id and hop.is_open:
-                logger.info("%s gives way to an older session of this client waiting for room there", hop)
-                hop.failure = RoomGivenUp("given up for an older session of this client waiting for room there")
+                logger.info("%s given up %s", hop, why)
+                hop.failure = RoomGivenUp(f"given up {why}")
                 hop.answered = False
                 await self._close_hops([hop])
 

@@ -306,6 +306,7 @@ class SwarmClient:
         push_timeout_s: float = 1.0,
         ban_s: float = 15.0,
         missing_blocks_timeout_s: float = 60.0,
+        room_hold_s: float = 10.0,
         max_replay_bytes: int = 1 << 30,
         prefer_direct: bool = True,
         push: bool = True,
@@ -361,6 +362,8 @@ class SwarmClient:
         # free (`wants_room`): an owner of idle sessions (the API's kept ones) gives them back
         self.room_wanted: Callable[[], None] | None = None
         self.rooms = RoomBoard()  # this client's sessions waiting for room on servers
+        # a replacement that has waited this long for room lets its session's other servers go (`client.room`)
+        self.room_hold_s = room_hold_s
         self.rng = random.Random()
         self.bans = Bans(base_s=ban_s)
         self._handed_back: dict[str, float] = {}  # peer -> when it last handed a session back
