@@ -290,6 +290,13 @@ def crossed_servers(path: str, cache_tokens: int, limits: ServerLimits):
             run_sync(server.stop())
 
 
+def _cycle_parts(path: str) -> tuple[list[torch.Tensor], list, object, object]:
+    """Two prompts, transformers' tokens for each (8 new), and the client's config and head."""
+    prompts = [torch.tensor([[1, 5, 9, 3]]), torch.tensor([[2, 8, 4, 6, 7]])]
+    config, head = load_client_head(path)
+    return prompts, [_expected(path, p, 8).tolist() for p in prompts], config, head
+
+
 def _turns(model, prompt: torch.Tensor, opened: threading.Event, go: threading.Event) -> list:
     """A session: 3 tokens, then (once `go`) 5 more."""
     with model.inference_session(max_length=64), torch.no_grad():
@@ -305,11 +312,8 @@ def test_two_sessions_waiting_for_room_that_the_other_holds_do_not_wait_for_ever
     session 2's for X2, which session 1 holds. The younger, session 2, gives Y2 up (wound-wait); session 1 moves there
     and ends, then session 2 takes X2 and Y2 back. Both get their solo tokens, and no server is banned (before,
     both waited out the room wait and failed)."""
-    prompts = [torch.tensor([[1, 5, 9, 3]]), torch.tensor([[2, 8, 4, 6, 7]])]
-    want = [_expected(llama_checkpoint, p, 8).tolist() for p in prompts]
-    config, head = load_client_head(llama_checkpoint)
-    n = config.num_hidden_layers
-    opened, go = [threading.Event(), threading.Event()], threading.Event()
+    prompts, want, config, head = _cycle_parts(llama_checkpoint)
+    n, opened, go = config.num_hidden_layers, [threading.Event(), threading.Event()], threading.Event()
     one_at_a_time = ServerLimits(max_sessions_per_peer=1)
     with crossed_servers(llama_checkpoint, 4096, one_at_a_time) as (ids, servers, infos):
         # (the room wait would fail both after 60 s; the hold limit, which breaks cycles between clients, is off)
@@ -346,11 +350,8 @@ def test_sessions_of_two_clients_waiting_for_room_that_the_other_holds_do_not_wa
     in all: neither client sees the other's wait. The session that has waited `room_hold_s` (1 s here) for room lets
     its other server go; the other session takes it and ends, and the first then gets both. Both get their solo
     tokens (before, both waited out the room wait and failed)."""
-    prompts = [torch.tensor([[1, 5, 9, 3]]), torch.tensor([[2, 8, 4, 6, 7]])]
-    want = [_expected(llama_checkpoint, p, 8).tolist() for p in prompts]
-    config, head = load_client_head(llama_checkpoint)
-    n = config.num_hidden_layers
-    opened, go = [threading.Event(), threading.Event()], threading.Event()
+    prompts, want, config, head = _cycle_parts(llama_checkpoint)
+    n, opened, go = config.num_hidden_layers, [threading.Event(), threading.Event()], threading.Event()
     whole_cache = ServerLimits(max_cache_share_per_peer=1.0)
     with crossed_servers(llama_checkpoint, 64, whole_cache) as (ids, servers, infos):
         swarms = [
