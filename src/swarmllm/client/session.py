@@ -354,10 +354,11 @@ class InferenceSession:
         replaying. A server past this client's request rate is routed around too, or, where no other holds its
         blocks, asked again once its refusal's `retry_after_s` passed (for up to the client's `request_timeout_s`).
         A replacement (`inputs` to replay) refused room that ending sessions free (its peer's share, a full cache)
-        asks again after pauses, for up to ROOM_WAIT_S, where no other server holds its blocks."""
+        asks again after pauses, or when this client closes a session there, for up to ROOM_WAIT_S, where no other
+        server holds its blocks (`_wants_room`)."""
         route_s = replay_s = 0.0
         shed = self._shed
-        room_since: float | None = None  # when a server first refused it room
+        room_since: float | None = None  # when a server first refused this replacement room
         try:
             while True:
                 began = time.perf_counter()
@@ -393,14 +394,18 @@ class InferenceSession:
                             await self.swarm.uploads.ensure(hop.peer_id, self.tuning.weights)
                         await shed.wait([hop])
                         await new[-1].open(
-                            await self.swarm.connection(hop.peer_id), self.swarm.connect_timeout_s, replay=bool(x)
+                            await self.swarm.connection(hop.peer_id),
+                            self.swarm.connect_timeout_s,
+                            replay=bool(x),
                         )
                         shed.done(hop)
                         if x:
                             tokens = sum(e.hidden.shape[0] * e.hidden.shape[1] for e in x)
                             floor_s = self.swarm.replay_timeout_s
                             x = await new[-1].replay(
-                                x, self.swarm.deadline_s(hop, tokens, decode=False, floor_s=floor_s), reordered_at
+                                x,
+                                self.swarm.deadline_s(hop, tokens, decode=False, floor_s=floor_s),
+                                reordered_at,
                             )
                     if self.closed:  # meanwhile, by another thread: nobody would close these
                         await self._close_hops(new)
@@ -411,26 +416,15 @@ class InferenceSession:
                     if self.closed:  # by another thread, which closed these hops: no fault of their servers
                         await self._close_hops(new)
                         raise RuntimeError("the inference session was closed during this step") from e
-                    logger.info("%s failed while joining the session (%s); trying another", new[-1], describe(e))
+                    logger.info(
+                        "%s failed while joining the session (%s); trying another", new[-1], describe(e)
+                    )
                     await self._close_hops(new)
                     if _waits_out(e) and shed.defer(new[-1].peer_id, e):
                         pass  # a refusal that clears by itself (a request rate): asked again once it has
                     elif inputs and shed.defer_for_room(new[-1].peer_id, e):
                         # a replacement waits for room (as sessions end) rather than lose the session's tokens
-                        await self.swarm.rooms.wants(self, new[-1].peer_id)
-                        now = time.monotonic()
-                        room_since = now if room_since is None else room_since
-                        if now - room_since >= self.swarm.room_hold_s and (held := self.holding()):
-                            logger.info(
-                                "waited %.0f s for room on %s: letting this session's other servers go (%s)",
-                                now - room_since,
-                                new[-1].peer_id,
-                                ", ".join(sorted(held)),
-                            )
-                            for peer in sorted(held):
-                                await self.give_up(peer, "after a long wait for room elsewhere")
-                        if self.swarm.room_wanted is not None:
-                            self.swarm.room_wanted()
+                        room_since = await self._wants_room(new[-1].peer_id, room_since)
                     elif _refused_opening(e):
                         self._refused[new[-1].peer_id] = e
                     else:
@@ -529,6 +523,26 @@ class InferenceSession:
             return
         self.closed = True
         await self._close_hops([*self._hops, *self._joining])  # a step waiting on any of them ends at once
+
+    async def _wants_room(self, peer_id: str, since: float | None) -> float:
+        """This replacement waits for room on `peer_id`, refused since `since` (None: now): this client's younger
+        waiting sessions give up what it waits for, and its owner of idle sessions is told (`room_wanted`); past
+        `room_hold_s` this session lets its own other servers go (`client.room`). Returns when the wait began."""
+        await self.swarm.rooms.wants(self, peer_id)
+        now = time.monotonic()
+        since = now if since is None else since
+        if now - since >= self.swarm.room_hold_s and (held := self.holding()):
+            logger.info(
+                "waited %.0f s for room on %s: letting this session's other servers go (%s)",
+                now - since,
+                peer_id,
+                ", ".join(sorted(held)),
+            )
+            for peer in sorted(held):
+                await self.give_up(peer, "after a long wait for room elsewhere")
+        if self.swarm.room_wanted is not None:
+            self.swarm.room_wanted()
+        return since
 
     async def _close_hops(self, hops: Sequence[HopSession]) -> None:
         """Close these hops; this client's sessions waiting for room on their servers ask again."""
