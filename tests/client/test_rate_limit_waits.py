@@ -246,6 +246,34 @@ def test_a_server_that_had_no_room_when_a_session_opened_takes_its_replacement_l
         assert [h.peer_id for h in model.swarm.failovers[-1].replacement] == [b]  # (the first: B refused it)
 
 
+def test_a_session_kept_between_uses_gives_way_to_a_replacement_waiting_for_its_room(llama_checkpoint):
+    """One thread keeps a conversation open between turns (`open_session`) on B, which takes one session of this
+    peer at a time, and runs another on A. A dies: the second session's replacement needs B, whose room the kept
+    one holds and, unused, would hold for ever. The kept session gives its hop up; the second gets B and ends, and
+    the kept one's next turn rebuilds its hop there. Both get their solo tokens, and B is not banned (before, the
+    replacement waited 60 s and failed)."""
+    prompts = [torch.tensor([[1, 5, 9, 3]]), torch.tensor([[2, 8, 4, 6, 7]])]
+    want = [_expected(llama_checkpoint, p, 8).tolist() for p in prompts]
+    limits = ServerLimits(max_sessions_per_peer=1)
+    with two_servers(llama_checkpoint, "room-kept", "B", limits, ServerMetrics()) as (model, stop_a, b):
+        kept = model.open_session(max_length=64)
+        try:
+            with model.use_session(kept), torch.no_grad():
+                first_turn = model.generate(prompts[0], max_new_tokens=3, do_sample=False)  # on B
+            with model.inference_session(max_length=64), torch.no_grad():
+                first = model.generate(prompts[1], max_new_tokens=3, do_sample=False)  # B refuses it: on A
+                stop_a()
+                second = model.generate(first, max_new_tokens=5, do_sample=False).tolist()
+            with model.use_session(kept), torch.no_grad():
+                next_turn = model.generate(first_turn, max_new_tokens=5, do_sample=False).tolist()
+        finally:
+            model.close_session(kept)
+        assert [next_turn, second] == want
+        reasons = [(f.peer_id, f.reason) for f in model.swarm.failovers]
+        assert any(peer == b and "given up" in reason for peer, reason in reasons)  # the kept session's hop
+        assert b not in model.swarm.bans._strikes
+
+
 def test_a_session_larger_than_any_peers_share_is_refused_as_such_at_once(llama_checkpoint):
     """No closing would make room for it, so the replacement does not wait: a session of 80 tokens (B's share is
     64) moving off A fails at once with SessionRefused (`bad_request`) naming the share."""

@@ -19,43 +19,49 @@ def _cycle(edges: dict[int, set[int]]) -> bool:
 
 
 def _waits_for(waiting: dict[int, str], holding: dict[int, set[str]]) -> dict[int, set[int]]:
-    """Which waiting sessions each waiting one waits for: those holding the server it wants."""
-    return {w: {o for o in waiting if o != w and peer in holding[o]} for w, peer in waiting.items()}
+    """Which sessions each waiting one waits for: those holding the server it wants."""
+    return {w: {o for o in holding if o != w and peer in holding[o]} for w, peer in waiting.items()}
 
 
-def test_give_ups_leave_no_cycle_and_take_only_what_an_older_waiter_wants():
-    """Random boards of up to 6 sessions over 4 servers, many with cycles of waits: after the give-ups, a waiting
-    session waits only for older waiting ones (so there is no cycle, and the oldest waits for none), only waiting
-    sessions give anything up, and only servers an older waiting session wants, each by every younger holder."""
+def test_give_ups_leave_no_cycle_of_waits_and_take_only_what_should_be_given():
+    """Random boards of up to 6 sessions over 4 servers, some waiting, some idle (kept between uses), the rest
+    running, many with cycles of waits: after the give-ups, a waiting session waits only for older waiting ones
+    and running ones (so no cycle among waits, and the oldest waiting session waits for no waiting or idle one);
+    running sessions give up nothing, a waiting one only what an older waiting one wants, an idle one only what
+    any waiting one wants, and each such server is given up by every holder that should give it."""
     rng = random.Random(0)
     servers = ["a", "b", "c", "d"]
     cycles_broken = 0
     for _ in range(3000):
         n = rng.randint(1, 6)
         holding = {age: set(rng.sample(servers, rng.randint(0, 3))) for age in range(n)}
-        waiting = {age: rng.choice(servers) for age in range(n) if rng.random() < 0.6}
-        before = _waits_for(waiting, holding)
-        out = give_ups(waiting, holding)
+        waiting = {age: rng.choice(servers) for age in range(n) if rng.random() < 0.5}
+        idle = {age for age in range(n) if age not in waiting and rng.random() < 0.5}
+        before = _waits_for(waiting, {a: h for a, h in holding.items() if a in waiting})
+        out = give_ups(waiting, holding, idle)
         after_holding = {age: held - out.get(age, set()) for age, held in holding.items()}
         after = _waits_for(waiting, after_holding)
-        assert not _cycle(after)
+        on_waits = {w: {o for o in os if o in waiting} for w, os in after.items()}
+        assert not _cycle(on_waits)
         cycles_broken += _cycle(before)
-        assert all(o < w for w, os in after.items() for o in os)  # only on older ones
+        running = set(holding) - waiting.keys() - idle
+        assert all((o in waiting and o < w) or o in running for w, os in after.items() for o in os)
         if waiting:
-            assert not after[min(waiting)]
+            assert not after[min(waiting)] & (waiting.keys() | idle)
         for age, lost in out.items():
-            assert age in waiting and lost <= holding[age]
-            assert all(any(o < age and waiting[o] == peer for o in waiting) for peer in lost)
-        # and nothing more than that: a server an older waiter wants is given up by every younger waiter
-        for w, o in itertools.permutations(waiting, 2):
-            if w < o and waiting[w] in holding[o]:
+            assert (age in waiting or age in idle) and lost <= holding[age]
+            wanted = {waiting[o] for o in waiting if o < age or age in idle}
+            assert lost <= wanted
+        # and nothing less: each holder that should give a wanted server up does
+        for w, o in itertools.permutations(range(n), 2):
+            if w in waiting and waiting[w] in holding[o] and (o in idle or (o in waiting and w < o)):
                 assert waiting[w] in out[o]
     assert cycles_broken > 100  # the boards held cycles to break
 
 
 class _Session:
-    def __init__(self, age: int, holding: set[str]):
-        self.age, self.held, self.given_up = age, holding, []
+    def __init__(self, age: int, holding: set[str], idle: bool = False):
+        self.age, self.held, self.idle, self.given_up = age, holding, idle, []
 
     def holding(self) -> set[str]:
         return set(self.held)
@@ -65,14 +71,18 @@ class _Session:
         self.held.discard(peer_id)
 
 
-def test_a_younger_waiting_session_gives_up_what_an_older_one_waits_for_and_others_keep_theirs():
+def test_a_younger_waiting_session_and_idle_ones_give_up_what_is_waited_for_and_running_ones_keep_theirs():
     async def main() -> None:
         board = RoomBoard()
         older, younger, busy = _Session(1, {"x"}), _Session(2, {"y", "z"}), _Session(3, {"y"})
-        await board.wants(older, "y")  # the younger one does not wait yet: nothing is given up
-        assert younger.given_up == [] and busy.given_up == []
+        kept, oldest_kept = _Session(4, {"y", "x"}, idle=True), _Session(0, {"z"}, idle=True)
+        for session in (older, younger, busy, kept, oldest_kept):
+            board.track(session)
+        await board.wants(older, "y")  # the younger one does not wait yet: only the idle one gives y up
+        assert (younger.given_up, busy.given_up, kept.given_up) == ([], [], ["y"])
         await board.wants(younger, "x")  # now both wait: the younger gives way, the older keeps x
-        assert younger.given_up == ["y"] and older.given_up == [] and busy.given_up == []
+        assert (younger.given_up, older.given_up, busy.given_up) == (["y"], [], [])
+        assert kept.given_up == ["y", "x"] and oldest_kept.given_up == []  # z: nobody waits for it
         board.done(older)
         board.done(younger)
         await board.wants(younger, "x")  # the older one got its room: nobody gives anything up

@@ -413,7 +413,9 @@ class DistributedModel(PreTrainedModel):
     def open_session(self, max_length: int, compression: str | None = None) -> RemoteSession:
         """An inference session that outlives a `with` block (see `inference_session`): `use_session` makes it
         the calling thread's for a while, any thread's in turn, and `close_session` ends it. What keeps
-        sessions between requests (`swarmllm api`) uses this."""
+        sessions between requests (`swarmllm api`) uses this. Between uses, a session of this client waiting
+        for room on one of its servers may have it give up its hops there (`client.room`): its next use
+        rebuilds them from its kept inputs."""
         n = self.prompt_length
         return RemoteSession(
             InferenceSession(self.swarm, max_length + n, self._session_tuning(), compression), n
@@ -426,10 +428,12 @@ class DistributedModel(PreTrainedModel):
         if self._active is not None:
             raise RuntimeError("an inference session is already active on this model")
         self._active = remote
+        remote.session.parked = False
         try:
             yield remote
         finally:
             self._active = None
+            remote.session.parked = True  # (`for_batch` may have put another session in its place meanwhile)
 
     def close_session(self, remote: RemoteSession) -> None:
         run_sync(remote.session.close())

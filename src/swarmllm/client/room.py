@@ -9,7 +9,9 @@ Two waiting sessions can hold what the other waits for (each kept its other hops
 room. The rule that breaks such cycles is wound-wait's: a waiting session gives up its hops on a server that an
 older waiting session waits for (closing them frees the room, and it rebuilds them from their kept inputs when it
 goes on, as after a failure). Only the younger gives way, so the oldest waiting session is never blocked by
-another waiting one; sessions that are not waiting give up nothing, as their steps go on and they end.
+another waiting one. Idle sessions (kept open between uses, as a conversation for its next turn:
+`DistributedModel.open_session` outside `use_session`) give up what any waiting session waits for, as they may
+never step again; sessions in use give up nothing, as their steps go on and they end.
 
 Sessions of other clients can close such a cycle too, and no client sees the others' waits: a session that has
 waited for room for `SwarmClient.room_hold_s` (10 s) lets all its other servers go as well, so the room it held
@@ -20,14 +22,19 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import weakref
 from collections.abc import Mapping, Set
 from typing import Protocol
 
 
 class Waiting(Protocol):
-    """A session that may wait for room: its age (lower is older) and what it holds."""
+    """A session that may wait for room: its age (lower is older), whether it is idle, and what it holds."""
 
     age: int
+
+    @property
+    def idle(self) -> bool:
+        """Open and kept between uses."""
 
     def holding(self) -> set[str]:
         """The servers of its open hops."""
@@ -44,35 +51,50 @@ def next_age() -> int:
     return next(_ages)
 
 
-def give_ups(waiting: Mapping[int, str], holding: Mapping[int, Set[str]]) -> dict[int, set[str]]:
-    """For waiting sessions (age -> the server each waits for) and the servers each holds: the servers each gives
-    up, those that an older waiting session waits for."""
+def give_ups(
+    waiting: Mapping[int, str], holding: Mapping[int, Set[str]], idle: Set[int] = frozenset()
+) -> dict[int, set[str]]:
+    """For waiting sessions (age -> the server each waits for), the servers each session holds (by age) and the
+    idle ones: the servers each gives up. A waiting session gives up those an older waiting one waits for, an idle
+    one those any waiting one waits for."""
     out: dict[int, set[str]] = {}
     for age, held in holding.items():
-        wanted = {peer for older, peer in waiting.items() if older < age}
-        if age in waiting and (lost := wanted & set(held)):
+        if age in waiting:
+            wanted = {peer for older, peer in waiting.items() if older < age}
+        elif age in idle:
+            wanted = set(waiting.values())
+        else:
+            continue
+        if lost := wanted & set(held):
             out[age] = lost
     return out
 
 
 class RoomBoard:
-    """This client's sessions waiting for room (on its event loop): wakes them when it closes a session on their
-    server, and has younger waiting sessions give up what older ones wait for."""
+    """This client's sessions and their waits for room (on its event loop): wakes them when it closes a session on
+    their server, and has the sessions that should give way (`give_ups`) give up what they wait for."""
 
     def __init__(self) -> None:
+        self._sessions: weakref.WeakValueDictionary[int, Waiting] = weakref.WeakValueDictionary()  # by age
         self._waiting: dict[int, tuple[Waiting, str]] = {}  # age -> the session, the server it waits for
         self._closings: dict[str, int] = {}  # peer id -> sessions this client closed there
         self._closed: dict[str, asyncio.Future[None]] = {}  # peer id -> the next closing there
 
+    def track(self, session: Waiting) -> None:
+        """A session of this client (forgotten once nothing else refers to it)."""
+        self._sessions[session.age] = session
+
     async def wants(self, session: Waiting, peer_id: str) -> None:
-        """`session` waits for room on `peer_id` (until `done`): the waiting sessions give up what older ones
-        wait for."""
+        """`session` waits for room on `peer_id` (until `done`): the sessions that should give way give up what
+        the waiting ones wait for."""
         self._waiting[session.age] = (session, peer_id)
+        sessions = {**self._sessions, **{age: s for age, (s, _) in self._waiting.items()}}
         waiting = {age: peer for age, (_, peer) in self._waiting.items()}
-        holding = {age: s.holding() for age, (s, _) in self._waiting.items()}
-        for age, peers in give_ups(waiting, holding).items():
+        idle = {age for age, s in sessions.items() if age not in waiting and s.idle}
+        holding = {age: s.holding() for age, s in sessions.items() if age in waiting or age in idle}
+        for age, peers in give_ups(waiting, holding, idle).items():
             for peer in sorted(peers):
-                await self._waiting[age][0].give_up(peer)
+                await sessions[age].give_up(peer)
 
     def done(self, session: Waiting) -> None:
         """`session` waits no more (it got its room, or gave up)."""

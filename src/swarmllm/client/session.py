@@ -132,6 +132,10 @@ class InferenceSession:
         self._shed = LoadShed(swarm.request_timeout_s, swarm.rooms)
         self.age = next_age()  # which of this client's sessions waiting for room gives way (`client.room`)
         self.closed = False
+        # kept open between uses (`DistributedModel.open_session`, outside `use_session`): it steps no more until
+        # used again, so it gives way to a session of its client waiting for room (`client.room`)
+        self.parked = False
+        swarm.rooms.track(self)
 
     @property
     def hops(self) -> list[Hop]:
@@ -142,6 +146,11 @@ class InferenceSession:
         """Memory held for failover: every hop's inputs (batch x tokens x hidden each, or twice that for a ladder
         pair)."""
         return sum(h.history.nbytes for h in self._hops)
+
+    @property
+    def idle(self) -> bool:
+        """Open and parked (`client.room`: it gives up what a waiting session of its client waits for)."""
+        return self.parked and not self.closed
 
     async def step(
         self,
@@ -261,7 +270,11 @@ class InferenceSession:
                         timeout = deadline + (fallback is not None) * self.swarm.push_timeout_s
                         reply = await hop.recv(self._steps, hidden, timeout, position)
                     except HOP_FAILURES as e:
-                        await self._replace(i, e)
+                        # given up meanwhile (`give_up`): its server is not at fault
+                        if hop.failure is not None:
+                            await self._replace(i, hop.failure, again=True)
+                        else:
+                            await self._replace(i, e)
                         pushed = False
                         continue
                     finally:
@@ -555,17 +568,17 @@ class InferenceSession:
         return {hop.peer_id for hop in self._hops if hop.is_open}
 
     async def give_up(
-        self, peer_id: str, why: str = "for an older session of this client waiting for room there"
+        self, peer_id: str, why: str = "for a session of this client waiting for room there"
     ) -> None:
-        """Close this session's hops on `peer_id` while this session waits for room elsewhere (`client.room`):
+        """Close this session's hops on `peer_id`, while it is idle or waits for room elsewhere (`client.room`):
         its next step, or this one when it reaches them, rebuilds them from their kept inputs, as after a
         failure (the server is not at fault)."""
-        for hop in self._hops:
-            if hop.peer_id == peer_id and hop.is_open:
-                logger.info("%s given up %s", hop, why)
-                hop.failure = RoomGivenUp(f"given up {why}")
-                hop.answered = False
-                await self._close_hops([hop])
+        given = [hop for hop in self._hops if hop.peer_id == peer_id and hop.is_open]
+        for hop in given:  # (all marked before any await: a step that starts meanwhile replaces them first)
+            logger.info("%s given up %s", hop, why)
+            hop.failure = RoomGivenUp(f"given up {why}")
+            hop.answered = False
+        await self._close_hops(given)
 
 
 class _Fallback:
