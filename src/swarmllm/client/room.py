@@ -87,12 +87,15 @@ class RoomBoard:
     async def wants(self, session: Waiting, peer_id: str) -> None:
         """`session` waits for room on `peer_id` (until `done`): the sessions that should give way give up what
         the waiting ones wait for."""
+        self.track(session)
         self._waiting[session.age] = (session, peer_id)
-        sessions = {**self._sessions, **{age: s for age, (s, _) in self._waiting.items()}}
+        sessions = dict(self._sessions)
         waiting = {age: peer for age, (_, peer) in self._waiting.items()}
         idle = {age for age, s in sessions.items() if age not in waiting and s.idle}
         holding = {age: s.holding() for age, s in sessions.items() if age in waiting or age in idle}
         for age, peers in give_ups(waiting, holding, idle).items():
+            if age in idle and not sessions[age].idle:
+                continue  # used again while others gave up theirs
             for peer in sorted(peers):
                 await sessions[age].give_up(peer)
 

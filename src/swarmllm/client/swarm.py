@@ -361,7 +361,7 @@ class SwarmClient:
         # called on the client's event loop while a session replacing a hop waits for room that ending sessions
         # free (`wants_room`): an owner of idle sessions (the API's kept ones) gives them back
         self.room_wanted: Callable[[], None] | None = None
-        self.rooms = RoomBoard()  # this client's sessions waiting for room on servers
+        self.rooms = RoomBoard()  # this client's sessions, and their waits for room on servers
         # a replacement that has waited this long for room lets its session's other servers go (`client.room`)
         self.room_hold_s = room_hold_s
         self.rng = random.Random()
