@@ -153,10 +153,13 @@ def test_a_peer_at_its_open_sessions_limit_is_told_so_at_once(llama_checkpoint):
 
 
 @contextmanager
-def two_servers(path: str, prefix: str, fast: str, limits_b: ServerLimits, metrics_b: ServerMetrics):
+def two_servers(
+    path: str, prefix: str, fast: str, limits_b: ServerLimits, metrics_b: ServerMetrics, **client: float
+):
     """The model of `path` over two in-process servers of every block: A (ample cache) and B (128 cache tokens,
-    so one peer's share, half of it, is one session of 64); `fast` ("A" or "B") is the one routing prefers.
-    Yields the model, a function that stops A (its connections dropped: a server gone) and B's peer id."""
+    so one peer's share, half of it, is one session of 64); `fast` ("A" or "B") is the one routing prefers;
+    `client`: SwarmClient options. Yields the model, a function that stops A (its connections dropped: a server
+    gone) and B's peer id."""
     config, head = load_client_head(path)
     blocks = config.num_hidden_layers
     ids = {"A": Identity.generate(), "B": Identity.generate()}
@@ -164,7 +167,9 @@ def two_servers(path: str, prefix: str, fast: str, limits_b: ServerLimits, metri
         "A": start_server(path, blocks, ids["A"]),
         "B": start_server(path, blocks, ids["B"], 128, limits_b, metrics_b),
     }
-    swarm = SwarmClient([], prefix, blocks, missing_blocks_timeout_s=0, request_timeout_s=120)
+    swarm = SwarmClient(
+        [], prefix, blocks, **{"missing_blocks_timeout_s": 0, "request_timeout_s": 120, **client}
+    )
     swarm.use_servers(
         [
             online_server(
@@ -271,6 +276,46 @@ def test_a_session_kept_between_uses_gives_way_to_a_replacement_waiting_for_its_
         assert [next_turn, second] == want
         reasons = [(f.peer_id, f.reason) for f in model.swarm.failovers]
         assert any(peer == b and "given up" in reason for peer, reason in reasons)  # the kept session's hop
+        assert b not in model.swarm.bans._strikes
+
+
+def test_a_session_unused_inside_its_block_for_room_hold_s_gives_way_too(llama_checkpoint):
+    """A thread holds a conversation on B inside `with model.inference_session()` and waits there for its user,
+    while another thread's session runs on A, which dies. The replacement needs B: once the idle one has not
+    stepped for `room_hold_s` (1 s here) it gives its hop up. The other ends; then the first conversation's next
+    turn rebuilds its hop. Both get their solo tokens (before, the replacement waited 60 s and failed)."""
+    prompts = [torch.tensor([[1, 5, 9, 3]]), torch.tensor([[2, 8, 4, 6, 7]])]
+    want = [_expected(llama_checkpoint, p, 8).tolist() for p in prompts]
+    limits = ServerLimits(max_sessions_per_peer=1)
+    on_b, user_back = threading.Event(), threading.Event()
+
+    def conversation(model) -> list:
+        with model.inference_session(max_length=64), torch.no_grad():
+            first = model.generate(prompts[0], max_new_tokens=3, do_sample=False)  # on B
+            on_b.set()
+            assert user_back.wait(120)
+            return model.generate(first, max_new_tokens=5, do_sample=False).tolist()
+
+    with two_servers(llama_checkpoint, "room-unused", "B", limits, ServerMetrics(), room_hold_s=1) as (
+        model,
+        stop_a,
+        b,
+    ):
+        with ThreadPoolExecutor(1) as pool:
+            try:
+                waiting = pool.submit(conversation, model)
+                assert on_b.wait(60)
+                with model.inference_session(max_length=64), torch.no_grad():
+                    first = model.generate(
+                        prompts[1], max_new_tokens=3, do_sample=False
+                    )  # B refuses it: on A
+                    stop_a()
+                    second = model.generate(first, max_new_tokens=5, do_sample=False).tolist()
+            finally:
+                user_back.set()
+            assert [waiting.result(timeout=120), second] == want
+        reasons = [(f.peer_id, f.reason) for f in model.swarm.failovers]
+        assert any(peer == b and "given up" in reason for peer, reason in reasons)
         assert b not in model.swarm.bans._strikes
 
 

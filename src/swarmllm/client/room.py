@@ -10,8 +10,9 @@ room. The rule that breaks such cycles is wound-wait's: a waiting session gives 
 older waiting session waits for (closing them frees the room, and it rebuilds them from their kept inputs when it
 goes on, as after a failure). Only the younger gives way, so the oldest waiting session is never blocked by
 another waiting one. Idle sessions (kept open between uses, as a conversation for its next turn:
-`DistributedModel.open_session` outside `use_session`) give up what any waiting session waits for, as they may
-never step again; sessions in use give up nothing, as their steps go on and they end.
+`DistributedModel.open_session` outside `use_session`; or not stepped for `SwarmClient.room_hold_s`, as one waiting
+for its user inside a `with` block) give up what any waiting session waits for, as they may never step again;
+running sessions give up nothing, as their steps go on and they end.
 
 Sessions of other clients can close such a cycle too, and no client sees the others' waits: a session that has
 waited for room for `SwarmClient.room_hold_s` (10 s) lets all its other servers go as well, so the room it held
@@ -34,7 +35,7 @@ class Waiting(Protocol):
 
     @property
     def idle(self) -> bool:
-        """Open and kept between uses."""
+        """Open, and kept between uses or unused for a while."""
 
     def holding(self) -> set[str]:
         """The servers of its open hops."""

@@ -135,6 +135,8 @@ class InferenceSession:
         # kept open between uses (`DistributedModel.open_session`, outside `use_session`): it steps no more until
         # used again, so it gives way to a session of its client waiting for room (`client.room`)
         self.parked = False
+        self._stepping = False
+        self._stepped_at = time.monotonic()  # when its last step ended (or it was made)
         swarm.rooms.track(self)
 
     @property
@@ -149,8 +151,11 @@ class InferenceSession:
 
     @property
     def idle(self) -> bool:
-        """Open and parked (`client.room`: it gives up what a waiting session of its client waits for)."""
-        return self.parked and not self.closed
+        """Open, between steps, and parked or unused for `room_hold_s` (a conversation waiting for its user inside
+        a `with` block): it gives up what a waiting session of its client waits for (`client.room`)."""
+        if self.closed or self._stepping:
+            return False
+        return self.parked or time.monotonic() - self._stepped_at >= self.swarm.room_hold_s
 
     async def step(
         self,
@@ -166,6 +171,20 @@ class InferenceSession:
         held, on every server and in the inputs kept for failover (a step that fails then leaves the session at
         position 0, since its servers' rows may disagree). A step that fails otherwise leaves the session at
         `position`, all that every server still holds."""
+        self._stepping = True
+        try:
+            return await self._step(hidden, key_mask, position, reorder)
+        finally:
+            self._stepping = False
+            self._stepped_at = time.monotonic()
+
+    async def _step(
+        self,
+        hidden: torch.Tensor,
+        key_mask: torch.Tensor | None,
+        position: int | None,
+        reorder: Sequence[int] | None,
+    ) -> torch.Tensor:
         if self.closed:
             raise RuntimeError("the inference session is closed")
         self.swarm.check_running()
