@@ -109,8 +109,9 @@ def test_decode_at_200_ms_rtt_bans_no_one_and_a_hang_is_still_noticed(llama_chec
     """Decode steps through [0, 2) -> [2, 4) with every server 200 ms away (50 Mbit/s): each step is pushed from
     the first server to the second (no fallback sends: no doubled load), no healthy server is banned, and when
     the second hop's server hangs (SIGSTOP) mid-generation the wait for that token stays within the step deadline
-    (5 s + the 1 s push allowance) plus a few round trips, after which the spare takes over with the same
-    tokens as transformers."""
+    (5 s + the 1 s push allowance) plus a few round trips (the client's route does not wait out the DHT look-up
+    that the hung server's DHT peer slows), after which the spare takes over with the same tokens as
+    transformers."""
     prompt, new_tokens, hang_at = torch.tensor([[1, 30, 40, 50, 7]]), 24, 12
     local = AutoModelForCausalLM.from_pretrained(llama_checkpoint, dtype=torch.float32).eval()
     with torch.no_grad():
@@ -166,7 +167,9 @@ def test_decode_at_200_ms_rtt_bans_no_one_and_a_hang_is_still_noticed(llama_chec
     assert after_hang == want
     assert set(bans_after_hang) == set(hung)
     wait = streamer.times[hang_at + 1] - streamer.times[hang_at]
-    assert wait < 5 + 1 + 10 * 0.2 + 2, wait
+    # (the route does not wait out a look-up that the hung server's own DHT peer holds up, hivemind's 3 s: it
+    # took the wait to ~9.7 s on this box before, ~7.2 s since)
+    assert wait < 5 + 1 + 10 * 0.2 + 0.5, wait
 
 
 def test_training_batch_over_10_mbit_is_not_a_timeout(wide, caplog):

@@ -89,6 +89,9 @@ HOP_FAILURES = (WireError, TimeoutError, OSError, BadReplyError, SessionError)
 # a hop's input or output: hidden states r, and the pending output p where its boundary carries the ladder pair
 State = tuple[torch.Tensor, torch.Tensor | None]
 MAX_ROUTE_RETRY_S = 2.0  # the longest wait between two look-ups while blocks have no usable server
+# how long a failover's route waits for its fresh look-up before it routes over the servers it knows: a DHT peer
+# that hangs with its server costs a look-up hivemind's 3 s wait for it (the look-up goes on, and is kept)
+FAILOVER_LOOKUP_S = 0.5
 SPOT_CHECKS_KEPT = 10_000  # records of the latest spot checks a client keeps
 FAILOVERS_KEPT = 10_000  # records of the latest hop replacements, and of the latest reports, a client keeps
 
@@ -383,6 +386,7 @@ class SwarmClient:
         # config): never used
         self.other_checkpoints: dict[str, ServerInfo] = {}
         self._servers_at = -float("inf")
+        self._lookup: asyncio.Future[None] | None = None  # the DHT look-up of the servers in flight
         self._fixed = False
         self.rtt_s: dict[str, float] = {}
         self.active_adapter = active_adapter  # a hosted adapter: only servers announcing it are used
@@ -399,18 +403,33 @@ class SwarmClient:
 
     async def shutdown(self) -> None:
         self.shut_down = True
+        if self._lookup is not None:
+            self._lookup.cancel()
         await self.uploads.close()
         await self.directory.shutdown()
 
-    async def servers(self, *, refresh: bool = False) -> list[ServerInfo]:
-        """The model's servers from the DHT, looked up again only when the list is older than `refresh_s`."""
+    async def servers(self, *, refresh: bool = False, patience_s: float | None = None) -> list[ServerInfo]:
+        """The model's servers from the DHT, looked up again when `refresh` or the list is older than
+        `refresh_s` (callers meanwhile share one look-up). `patience_s`: with a list at hand, wait at most that
+        long for the look-up, and return the list as it was if it is not back (its answer is kept when it is)."""
         stale = time.monotonic() - self._servers_at > self.refresh_s
         if self.dht is not None and not self._fixed and (refresh or stale):
-            async with asyncio.timeout(self.request_timeout_s):
-                found = await self.directory.servers(self.dht_prefix, self.num_blocks)
+            if self._lookup is None or self._lookup.done():
+                self._lookup = asyncio.ensure_future(self._look_up())
+                self._lookup.add_done_callback(lambda f: f.cancelled() or f.exception())  # (read by its waiters)
+            if patience_s is not None and self._servers:
+                await asyncio.wait([self._lookup], timeout=patience_s)
+                if not self._lookup.done():
+                    return list(self._servers.values())
+            await asyncio.shield(self._lookup)
+        return list(self._servers.values())
+
+    async def _look_up(self) -> None:
+        async with asyncio.timeout(self.request_timeout_s):
+            found = await self.directory.servers(self.dht_prefix, self.num_blocks)
+        if not self._fixed:  # (`use_servers` was called meanwhile: those stay)
             self._keep(found)
             self._servers_at = time.monotonic()
-        return list(self._servers.values())
 
     def check_running(self) -> None:
         """Raise ShutDownError once `shutdown` has begun: requests in flight end with it, and new ones start
@@ -527,8 +546,11 @@ class SwarmClient:
         delay, attempt = 0.25, 0
         while True:
             self.check_running()
-            # after a failure, the swarm as it is now (a server that moved or left has announced it)
-            servers = await self.servers(refresh=attempt > 0 or failure is not None)
+            # after a failure, the swarm as it is now (a server that moved or left has announced it), but not
+            # at the cost of a look-up slowed by the failed server's own DHT peer: then the servers known (the
+            # failed one banned) first, and, where they do not do, the look-up's answer
+            patience_s = FAILOVER_LOOKUP_S if attempt == 0 and failure is not None else None
+            servers = await self.servers(refresh=attempt > 0 or failure is not None, patience_s=patience_s)
             banned = self.bans.banned(time.monotonic())
             await self._ping_unknown(
                 [s for s in servers if s.state == ServerState.ONLINE and s.peer_id not in banned]
