@@ -20,18 +20,18 @@ from swarmllm.wire import DirectServer, Identity
 
 def start_server(
     path: str,
-    blocks: int,
+    end: int,
     identity: Identity,
     cache_tokens: int = 4096,
     limits: ServerLimits | None = None,
     metrics: ServerMetrics | None = None,
     start_block: int = 0,
 ) -> DirectServer:
-    """A real server of blocks [start_block, blocks) of checkpoint `path` (a `RequestHandler` behind a
+    """A real server of blocks [start_block, end) of checkpoint `path` (a `RequestHandler` behind a
     `DirectServer` on 127.0.0.1), started on the client's event loop; `run_sync(server.stop())` stops it."""
 
     async def start() -> DirectServer:
-        backend = Backend(load_span(path, start_block, blocks), cache_tokens=cache_tokens)
+        backend = Backend(load_span(path, start_block, end), cache_tokens=cache_tokens)
         handler = RequestHandler(backend, dict, limits or ServerLimits(), metrics=metrics)
         server = DirectServer(handler.handlers(), identity)
         await server.start()

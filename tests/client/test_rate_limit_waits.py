@@ -64,6 +64,12 @@ def _expected(path: str, ids: torch.Tensor, new_tokens: int = 4) -> torch.Tensor
         return local.generate(ids, max_new_tokens=new_tokens, do_sample=False)
 
 
+def _two_prompts(path: str) -> tuple[list[torch.Tensor], list[list[list[int]]]]:
+    """Two prompts of two sessions, and transformers' tokens for each (8 new)."""
+    prompts = [torch.tensor([[1, 5, 9, 3]]), torch.tensor([[2, 8, 4, 6, 7]])]
+    return prompts, [_expected(path, p, 8).tolist() for p in prompts]
+
+
 def test_a_tight_loop_of_generates_waits_out_the_request_rate(llama_checkpoint):
     """12 generates in a tight loop over the only server, at 20 session openings/s in bursts of 2: every one
     succeeds with transformers' tokens, the server refused some openings (`quota`), nothing was banned, and the
@@ -193,8 +199,7 @@ def test_replacements_that_find_no_room_wait_for_the_clients_other_session_to_en
     at a time (its cache share, or its open sessions limit). The first session moves to B; the second is refused
     room (`quota`, which only a closing clears) and, rather than lose its tokens, asks again until the first ends:
     both get their solo tokens, and B is not banned."""
-    prompts = [torch.tensor([[1, 5, 9, 3]]), torch.tensor([[2, 8, 4, 6, 7]])]
-    want = [_expected(llama_checkpoint, p, 8).tolist() for p in prompts]
+    prompts, want = _two_prompts(llama_checkpoint)
     limits = ServerLimits(max_sessions_per_peer=1) if limit == "open sessions" else ServerLimits()
     metrics = ServerMetrics()
     both_on_a, a_gone = threading.Barrier(3, timeout=60), threading.Event()
@@ -257,8 +262,7 @@ def test_a_session_kept_between_uses_gives_way_to_a_replacement_waiting_for_its_
     one holds and, unused, would hold for ever. The kept session gives its hop up; the second gets B and ends, and
     the kept one's next turn rebuilds its hop there. Both get their solo tokens, and B is not banned (before, the
     replacement waited 60 s and failed)."""
-    prompts = [torch.tensor([[1, 5, 9, 3]]), torch.tensor([[2, 8, 4, 6, 7]])]
-    want = [_expected(llama_checkpoint, p, 8).tolist() for p in prompts]
+    prompts, want = _two_prompts(llama_checkpoint)
     limits = ServerLimits(max_sessions_per_peer=1)
     with two_servers(llama_checkpoint, "room-kept", "B", limits, ServerMetrics()) as (model, stop_a, b):
         kept = model.open_session(max_length=64)
@@ -284,8 +288,7 @@ def test_a_session_unused_inside_its_block_for_room_hold_s_gives_way_too(llama_c
     while another thread's session runs on A, which dies. The replacement needs B: once the idle one has not
     stepped for `room_hold_s` (1 s here) it gives its hop up. The other ends; then the first conversation's next
     turn rebuilds its hop. Both get their solo tokens (before, the replacement waited 60 s and failed)."""
-    prompts = [torch.tensor([[1, 5, 9, 3]]), torch.tensor([[2, 8, 4, 6, 7]])]
-    want = [_expected(llama_checkpoint, p, 8).tolist() for p in prompts]
+    prompts, want = _two_prompts(llama_checkpoint)
     limits = ServerLimits(max_sessions_per_peer=1)
     on_b, user_back = threading.Event(), threading.Event()
 
@@ -363,13 +366,6 @@ def crossed_servers(path: str, cache_tokens: int, limits: ServerLimits):
             run_sync(server.stop())
 
 
-def _cycle_parts(path: str) -> tuple[list[torch.Tensor], list, object, object]:
-    """Two prompts, transformers' tokens for each (8 new), and the client's config and head."""
-    prompts = [torch.tensor([[1, 5, 9, 3]]), torch.tensor([[2, 8, 4, 6, 7]])]
-    config, head = load_client_head(path)
-    return prompts, [_expected(path, p, 8).tolist() for p in prompts], config, head
-
-
 def _turns(model, prompt: torch.Tensor, opened: threading.Event, go: threading.Event) -> list:
     """A session: 3 tokens, then (once `go`) 5 more."""
     with model.inference_session(max_length=64), torch.no_grad():
@@ -385,7 +381,8 @@ def test_two_sessions_waiting_for_room_that_the_other_holds_do_not_wait_for_ever
     session 2's for X2, which session 1 holds. The younger, session 2, gives Y2 up (wound-wait); session 1 moves there
     and ends, then session 2 takes X2 and Y2 back. Both get their solo tokens, and no server is banned (before,
     both waited out the room wait and failed)."""
-    prompts, want, config, head = _cycle_parts(llama_checkpoint)
+    prompts, want = _two_prompts(llama_checkpoint)
+    config, head = load_client_head(llama_checkpoint)
     n, opened, go = config.num_hidden_layers, [threading.Event(), threading.Event()], threading.Event()
     one_at_a_time = ServerLimits(max_sessions_per_peer=1)
     with crossed_servers(llama_checkpoint, 4096, one_at_a_time) as (ids, servers, infos):
@@ -423,7 +420,8 @@ def test_sessions_of_two_clients_waiting_for_room_that_the_other_holds_do_not_wa
     in all: neither client sees the other's wait. The session that has waited `room_hold_s` (1 s here) for room lets
     its other server go; the other session takes it and ends, and the first then gets both. Both get their solo
     tokens (before, both waited out the room wait and failed)."""
-    prompts, want, config, head = _cycle_parts(llama_checkpoint)
+    prompts, want = _two_prompts(llama_checkpoint)
+    config, head = load_client_head(llama_checkpoint)
     n, opened, go = config.num_hidden_layers, [threading.Event(), threading.Event()], threading.Event()
     whole_cache = ServerLimits(max_cache_share_per_peer=1.0)
     with crossed_servers(llama_checkpoint, 64, whole_cache) as (ids, servers, infos):

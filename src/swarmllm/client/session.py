@@ -289,11 +289,8 @@ class InferenceSession:
                         timeout = deadline + (fallback is not None) * self.swarm.push_timeout_s
                         reply = await hop.recv(self._steps, hidden, timeout, position)
                     except HOP_FAILURES as e:
-                        # given up meanwhile (`give_up`): its server is not at fault
-                        if hop.failure is not None:
-                            await self._replace(i, hop.failure, again=True)
-                        else:
-                            await self._replace(i, e)
+                        # (a hop given up meanwhile, `give_up`, is no fault of its server)
+                        await self._replace(i, hop.failure or e, again=hop.failure is not None)
                         pushed = False
                         continue
                     finally:
