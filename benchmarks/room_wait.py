@@ -1,14 +1,17 @@
 """Sessions moving onto a server short of room: how long after a failure they all finish.
 
-A local swarm of a tiny 6-layer Llama: server A holds every block with ample cache; N sessions of one client (one
-thread each) generate their first tokens there. Then server B starts, holding every block too but with cache room
-for only `--room` of this client's sessions at a time (its `--max-cache-tokens` is twice that, a peer's share being
-half), and A is killed (SIGKILL). Every session moves to B: the first `--room` at once, the others wait for room that
-the earlier ones free when they end (`client/room.py`). Reported: the seconds from the kill until the last session
+A local swarm of a tiny 6-layer Llama: server A holds every block with ample cache; N sessions (one thread each)
+generate their first tokens there. Then server B starts, holding every block too but with cache room for only
+`--room` of them at a time, and A is killed (SIGKILL). Every session moves to B: the first `--room` at once, the
+others wait for room that the earlier ones free when they end. With `--clients one` the sessions are one client's
+(B's `--max-cache-tokens` is twice the room, a peer's share being half), which wakes its own waits as it closes
+(`client/room.py`); with `--clients each` every session is its own client (B's cache is the room, `--room` >= 2),
+which only B's answer to its `room` query wakes. Reported: the seconds from the kill until the last session
 finished (median over repeats, a fresh swarm each), and whether every session's tokens equal transformers' greedy
 ones. Run it against another tree with `PYTHONPATH=that/src` to compare.
 
-    python benchmarks/room_wait.py [--sessions 6] [--room 2] [--tokens 24] [--repeats 3] [--no-record]
+    python benchmarks/room_wait.py [--sessions 6] [--room 2] [--tokens 24] [--clients one|each] [--repeats 3]
+        [--no-record]
 """
 
 from __future__ import annotations
@@ -44,12 +47,16 @@ def run(path: Path, args: argparse.Namespace, want: list[list[int]]) -> tuple[fl
     with LocalSwarm() as swarm:
         swarm.start_bootstrap()
         swarm.add_server(str(path), (0, 6), extra=flags)
-        model = AutoDistributedModelForCausalLM.from_pretrained(str(path), initial_peers=swarm.initial_peers)
+        clients = 1 if args.clients == "one" else args.sessions
+        models = [
+            AutoDistributedModelForCausalLM.from_pretrained(str(path), initial_peers=swarm.initial_peers)
+            for _ in range(clients)
+        ]
         on_a = threading.Barrier(args.sessions + 1, timeout=120)
         killed = threading.Event()
         ended: list[float] = []
 
-        def session(prompt: torch.Tensor) -> list[int]:
+        def session(model, prompt: torch.Tensor) -> list[int]:
             with model.inference_session(max_length=max_length), torch.no_grad():
                 first = model.generate(prompt, max_new_tokens=FIRST_TOKENS, do_sample=False)
                 on_a.wait()
@@ -60,18 +67,21 @@ def run(path: Path, args: argparse.Namespace, want: list[list[int]]) -> tuple[fl
 
         try:
             with ThreadPoolExecutor(args.sessions) as pool:
-                runs = [pool.submit(session, p) for p in prompts(args.sessions)]
+                runs = [
+                    pool.submit(session, models[i % clients], p) for i, p in enumerate(prompts(args.sessions))
+                ]
                 on_a.wait()
-                room = str(2 * args.room * max_length)
+                room = str((2 if clients == 1 else 1) * args.room * max_length)
                 swarm.add_server(str(path), (0, 6), extra=[*flags, "--max-cache-tokens", room])
                 began = time.perf_counter()
                 swarm.servers[0].kill()
                 killed.set()
                 outs = [r.result(timeout=600) for r in runs]
-            return max(ended) - began, outs == want, len(model.swarm.failovers)
+            return max(ended) - began, outs == want, sum(len(m.swarm.failovers) for m in models)
         finally:
             killed.set()
-            model.shutdown()
+            for model in models:
+                model.shutdown()
 
 
 def main() -> None:
@@ -81,9 +91,16 @@ def main() -> None:
     parser.add_argument("--sessions", type=int, default=6)
     parser.add_argument("--room", type=int, default=2, help="sessions of the client that B takes at a time")
     parser.add_argument("--tokens", type=int, default=24, help="tokens each session generates after the kill")
+    parser.add_argument(
+        "--clients", choices=["one", "each"], default="one", help="the sessions' clients: one, or one each"
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--no-record", action="store_true", help="print only, don't append to RESULTS.md")
     args = parser.parse_args()
+    if args.clients == "each" and args.room < 2:
+        parser.error(
+            "--clients each needs --room >= 2 (a session is at most a peer's share, half of B's cache)"
+        )
     hf_logging.set_verbosity_error()
     with tempfile.TemporaryDirectory() as tmp:
         path = make_tiny_checkpoint(Path(tmp) / "llama", "llama", num_layers=6, eos_token_id=None)
@@ -98,6 +115,7 @@ def main() -> None:
     table = markdown_table(
         [
             "sessions",
+            "clients",
             "B's room (sessions)",
             "tokens after the kill",
             "kill to last end, s (each)",
@@ -108,6 +126,7 @@ def main() -> None:
         [
             [
                 args.sessions,
+                1 if args.clients == "one" else args.sessions,
                 args.room,
                 args.tokens,
                 ", ".join(f"{s:.2f}" for s in seconds),

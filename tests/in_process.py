@@ -26,14 +26,19 @@ def start_server(
     limits: ServerLimits | None = None,
     metrics: ServerMetrics | None = None,
     start_block: int = 0,
+    unknown: tuple[str, ...] = (),
 ) -> DirectServer:
     """A real server of blocks [start_block, end) of checkpoint `path` (a `RequestHandler` behind a
-    `DirectServer` on 127.0.0.1), started on the client's event loop; `run_sync(server.stop())` stops it."""
+    `DirectServer` on 127.0.0.1), started on the client's event loop; `run_sync(server.stop())` stops it.
+    `unknown`: unary methods it does not answer, as an older server would not."""
 
     async def start() -> DirectServer:
         backend = Backend(load_span(path, start_block, end), cache_tokens=cache_tokens)
         handler = RequestHandler(backend, dict, limits or ServerLimits(), metrics=metrics)
-        server = DirectServer(handler.handlers(), identity)
+        handlers = handler.handlers()
+        for method in unknown:
+            del handlers.unary[method]
+        server = DirectServer(handlers, identity)
         await server.start()
         return server
 

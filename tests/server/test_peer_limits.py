@@ -1,6 +1,7 @@
 """Per-peer quotas and fair compute over a real direct connection: each refusal with its code and the limit it
 names, a refused peer's other sessions untouched, the cache share cap, the reply deadline that frees the cache
-of a client that stopped reading, and an honest peer's work not stuck behind another peer's pile."""
+of a client that stopped reading, an honest peer's work not stuck behind another peer's pile, and the `room` query
+that a client refused room waits on."""
 
 import asyncio
 import threading
@@ -13,6 +14,7 @@ from swarmllm.models import load_span
 from swarmllm.server.backend import Backend
 from swarmllm.server.handler import RequestHandler, ServerLimits
 from swarmllm.wire import DirectServer, Identity, Message, RemoteError, connect_direct
+from swarmllm.wire.messages import RoomQuery, RoomReply
 
 HIDDEN = 64
 
@@ -231,3 +233,101 @@ async def test_a_client_that_stops_reading_loses_its_session_and_its_cache(span)
         await _until(lambda: backend.budget.free_tokens == 4 * 512 and not backend.sessions)
         honest = await open_session(await connect(), batch_size=1, max_length=8)
         await check_steps(honest, span)
+
+
+def room(batch_size=1, max_length=32, wait_s=30.0, start=0, end=4) -> Message:
+    return RoomQuery(start, end, batch_size, max_length, wait_s).to_message()
+
+
+def room_waits(handler) -> int:
+    return sum(handler._room_waits.values())
+
+
+async def test_a_room_query_is_answered_once_a_closed_sessions_cache_is_back(span):
+    """A client refused room asks `room` and opens again once it is answered: no sooner than the closed
+    session's cache really is free (its release waits behind the compute thread's work), and then at once."""
+    async with serving(span, cache_tokens=128) as (backend, handler, connect):
+        holder, other, asker = await connect(), await connect(), await connect()
+        held = await open_session(holder, max_length=64)
+        hidden = torch.randn(1, 40, HIDDEN)  # above inline_tokens: computed on the compute thread
+        await held.send(Message({"position": 0}, [hidden]))
+        torch.testing.assert_close(
+            (await held.recv()).tensors[0], expected(span, hidden), rtol=1e-5, atol=1e-5
+        )
+        await check_steps(await open_session(other, max_length=64), span)  # the cache is full now
+        assert (await refused(await open_session(asker, max_length=64))).code == "cache_full"
+        reply = RoomReply.parse(
+            await asker.call("room", room(max_length=64, wait_s=0.1))
+        )  # the wait runs out
+        assert not reply.room and reply.why == "the cache has 0 of 128 tokens free"
+        gate = threading.Event()
+        backend.compute.submit(
+            "test", gate.wait
+        )  # the compute thread is busy: a closed cache comes back later
+        asked = asyncio.ensure_future(asker.call("room", room(max_length=64)))
+        await _until(lambda: room_waits(handler) == 1)
+        await held.close()
+        await _until(lambda: len(backend.sessions) == 1)  # closed, its release queued behind the gate
+        assert not asked.done() and backend.budget.free_tokens == 0
+        gate.set()
+        async with asyncio.timeout(
+            5
+        ):  # far less than the query's 30 s: it is answered as the cache comes back
+            assert RoomReply.parse(await asked) == RoomReply(True)
+        await check_steps(await open_session(asker, max_length=64), span)  # the room it was told of is there
+        assert room_waits(handler) == 0
+
+
+async def test_a_room_query_waits_for_the_peers_own_sessions_and_is_bounded(span):
+    limits = dict(max_sessions_per_peer=1, max_room_waits_per_peer=1, max_room_wait_s=30.0)
+    async with serving(span, **limits) as (backend, handler, connect):
+        me, them = await connect(), await connect()
+        mine = await open_session(me)
+        await check_steps(mine, span)
+        assert (await refused(await open_session(me))).code == "quota"
+        waiting = asyncio.ensure_future(me.call("room", room(max_length=8)))
+        await _until(lambda: room_waits(handler) == 1)
+        # past its waiting queries, a peer is answered at once (the server holds at most that many for it)
+        async with asyncio.timeout(5):
+            reply = RoomReply.parse(await me.call("room", room(max_length=8)))
+        assert not reply.room and "open sessions limit: 1 of 1" in reply.why
+        # another peer has room: answered at once, its wait unused
+        async with asyncio.timeout(5):
+            assert RoomReply.parse(await them.call("room", room(max_length=8))).room
+        await mine.close()
+        async with asyncio.timeout(5):
+            assert RoomReply.parse(await waiting).room
+        # the server caps a query's wait at its max_room_wait_s
+        async with serving(span, max_sessions_per_peer=1, max_room_wait_s=0.2) as (_, _, connect_short):
+            conn = await connect_short()
+            await check_steps(await open_session(conn), span)
+            async with asyncio.timeout(5):
+                assert not RoomReply.parse(await conn.call("room", room(max_length=8, wait_s=3600))).room
+
+
+async def test_room_queries_that_no_closing_answers_come_back_at_once_and_bad_ones_are_refused(span):
+    async with serving(span, cache_tokens=64, max_room_wait_s=30.0) as (_, handler, connect):
+        conn = await connect()
+        async with asyncio.timeout(5):
+            # more than a peer's share: no closing makes room for it
+            reply = RoomReply.parse(await conn.call("room", room(batch_size=2, max_length=32)))
+            assert not reply.room and "more than a peer may hold here" in reply.why
+            handler.leaving = True
+            reply = RoomReply.parse(await conn.call("room", room()))
+            assert not reply.room and "leaving" in reply.why
+            handler.leaving = False
+        bad = [
+            (room(end=5), "end"),
+            (room(batch_size=0), "batch_size"),
+            (room(max_length=10**9), "max_length"),
+            (
+                Message({"start": 0, "end": 4, "batch_size": 1, "max_length": 8, "wait_s": float("nan")}),
+                "wait_s",
+            ),
+            (Message({"start": 0, "end": 4, "batch_size": 1}), "max_length"),
+        ]
+        for message, named in bad:
+            with pytest.raises(RemoteError) as info:
+                await conn.call("room", message)
+            assert info.value.code == "bad_request" and named in str(info.value), info.value
+        await check_steps(await open_session(conn), span)  # the peer is served as before

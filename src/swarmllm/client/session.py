@@ -129,7 +129,7 @@ class InferenceSession:
         # unbanned
         self._refused: dict[str, RemoteError] = {}
         # servers past this client's request rate, waited for (`_waits_out`): for up to request_timeout_s a step
-        self._shed = LoadShed(swarm.request_timeout_s, swarm.rooms)
+        self._shed = self._new_shed()
         self.age = next_age()  # which of this client's sessions waiting for room gives way (`client.room`)
         self.closed = False
         # kept open between uses (`DistributedModel.open_session`, outside `use_session`): it steps no more until
@@ -204,7 +204,7 @@ class InferenceSession:
         end = position + hidden.shape[1]
         if end > self.max_length:
             raise ValueError(f"the session's max_length {self.max_length} is too small for {end} tokens")
-        self._shed = LoadShed(self.swarm.request_timeout_s, self.swarm.rooms)
+        self._shed = self._new_shed()
         if not self._hops:  # the first step, or the first one after an opening that failed
             self.batch_size = hidden.shape[0]
             await self._open()
@@ -552,6 +552,15 @@ class InferenceSession:
             return
         self.closed = True
         await self._close_hops([*self._hops, *self._joining])  # a step waiting on any of them ends at once
+
+    def _new_shed(self) -> LoadShed:
+        """A step's record of the servers that refused it for load (`LoadShed`), which asks one that refused room
+        for this session's size when it has room again."""
+
+        async def ask_room(hop: Hop, wait_s: float) -> bool:
+            return await self.swarm.ask_room(hop, self.batch_size, self.max_length, wait_s)
+
+        return LoadShed(self.swarm.request_timeout_s, self.swarm.rooms, ask_room)
 
     async def _wants_room(self, peer_id: str, since: float | None) -> float:
         """This replacement waits for room on `peer_id`, refused since `since` (None: now): this client's younger

@@ -76,7 +76,15 @@ from swarmllm.wire import (
     WireError,
 )
 from swarmllm.wire.compression import check_codec
-from swarmllm.wire.messages import BackwardReply, BackwardRequest, ForwardRequest, OpenSession, Step
+from swarmllm.wire.messages import (
+    BackwardReply,
+    BackwardRequest,
+    ForwardRequest,
+    OpenSession,
+    RoomQuery,
+    RoomReply,
+    Step,
+)
 from swarmllm.wire.validation import FLOAT_DTYPES, check_tensor
 
 if TYPE_CHECKING:
@@ -157,17 +165,24 @@ def sheds_load(error: BaseException) -> bool:
     return isinstance(error, RemoteError) and error.code in LOAD_REFUSALS
 
 
+# asks a hop's server whether it has room for this session, waiting up to the seconds given (`SwarmClient.ask_room`)
+AskRoom = Callable[[Hop, float], Awaitable[bool]]
+
+
 class LoadShed:
     """The servers that refused one request's hops for their load (`LOAD_REFUSALS`): routing leaves them out
     while other servers hold the blocks; where none does, the request asks them again once the refusal's
     `retry_after_s` passed (past a request rate: when its next token comes), or else after a pause (50 ms,
-    doubling up to MAX_ROUTE_RETRY_S), for up to `limit_s` before the refusal goes to the caller."""
+    doubling up to MAX_ROUTE_RETRY_S), for up to `limit_s` before the refusal goes to the caller. A server that
+    refused room is asked (`ask_room`) to answer as soon as room comes free there, rather than after the pause."""
 
-    def __init__(self, limit_s: float, rooms: RoomBoard | None = None):
+    def __init__(self, limit_s: float, rooms: RoomBoard | None = None, ask_room: AskRoom | None = None):
         self.refused: dict[str, float] = {}  # peer id -> when asking it again will do (time.monotonic)
         # of those, the ones that refused room (`defer_for_room`) -> the client's closings there by then (`rooms`)
         self.lacking_room: dict[str, int] = {}
         self.rooms = rooms
+        self.ask_room = ask_room
+        self.unasked: set[str] = set()  # servers that could not answer `ask_room` (older ones): pauses there
         self.pause_s = 0.05
         self.give_up_at = time.monotonic() + limit_s
         self.room_until = time.monotonic() + min(limit_s, ROOM_WAIT_S)
@@ -224,15 +239,30 @@ class LoadShed:
 
     async def wait(self, hops: Sequence[Hop]) -> None:
         """Wait (up to `limit_s` in all) until the servers of `hops` that refused for load may be asked again;
-        for one server that lacked room, only until this client closes a session there (`rooms`), if sooner."""
+        for one server that lacked room, only until it says room came free, or this client closes a session
+        there (`rooms`), if sooner."""
         until = min(max((self.refused.get(h.peer_id, 0.0) for h in hops), default=0.0), self.give_up_at)
         if (pause_s := until - time.monotonic()) <= 0:
             return
-        if self.rooms is not None and len(hops) == 1 and (peer_id := hops[0].peer_id) in self.lacking_room:
-            if await self.rooms.wait(peer_id, self.lacking_room[peer_id], pause_s):
+        if self.rooms is not None and len(hops) == 1 and hops[0].peer_id in self.lacking_room:
+            if await self._room(hops[0], until):
                 self.pause_s = 0.05  # (if the server has not freed it yet, the next try comes soon)
             return
         await asyncio.sleep(pause_s)
+
+    async def _room(self, hop: Hop, until: float) -> bool:
+        """Wait for room on `hop`'s server: its answer, which comes as soon as a session there ends (for up to
+        MAX_ROUTE_RETRY_S), then at least until `until` (a server that answered at once) or this client's next
+        closing there; whether room came."""
+        if self.ask_room is not None and hop.peer_id not in self.unasked:
+            try:
+                if await self.ask_room(hop, min(MAX_ROUTE_RETRY_S, self.give_up_at - time.monotonic())):
+                    return True
+            except (*HOP_FAILURES, RequestError) as e:  # (the opening that follows finds out a dead server)
+                logger.debug("server %s cannot say when it has room (%s): pausing", hop.peer_id, describe(e))
+                self.unasked.add(hop.peer_id)
+        assert self.rooms is not None
+        return await self.rooms.wait(hop.peer_id, self.lacking_room[hop.peer_id], until - time.monotonic())
 
 
 class ShutDownError(RuntimeError):
@@ -485,6 +515,13 @@ class SwarmClient:
         self.check_running()
         info = self._servers.get(peer_id)
         return await self.directory.connection(peer_id, info.direct_addrs if info is not None else ())
+
+    async def ask_room(self, hop: Hop, batch_size: int, max_length: int, wait_s: float) -> bool:
+        """Whether `hop`'s server has room for a session of this size now, or within `wait_s` (it answers as
+        soon as room comes free: `RoomQuery`)."""
+        conn = await self.connection(hop.peer_id)
+        query = RoomQuery(hop.start, hop.end, batch_size, max_length, wait_s).to_message()
+        return RoomReply.parse(await conn.call("room", query, timeout=wait_s + self.connect_timeout_s)).room
 
     async def ping(self, peer_id: str) -> float:
         """Round trip of an `info` call in seconds (also opens the connection). A refusal for load (e.g. past this

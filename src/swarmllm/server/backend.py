@@ -433,13 +433,21 @@ class Backend:
         self.sessions[session_id] = session
         return session
 
+    def has_room(self, batch_size: int, max_length: int, tokens: int) -> bool:
+        """Whether `open_session` would find cache for such a session now (`tokens`: as there)."""
+        if self.arena is not None and tokens >= batch_size * self.arena.length:
+            if self.arena.fits(batch_size, max_length):
+                return True
+        return batch_size * max_length <= self.budget.free_tokens
+
     def _new_cache(self, blocks: int, batch_size: int, max_length: int) -> KVCache | int:
         return KVCache(blocks, batch_size, max_length, self.span.config, self.dtype, self.device)
 
-    def close_session(self, session: Session) -> None:
+    def close_session(self, session: Session) -> Future | None:
         """Free a session's cache (closing it twice is harmless: its arena rows may be another's by then). A cache
         of its own is kept alive by the work that still uses it, and its tokens come back after that work (so that
-        no new session is allocated beside it past the budget), as arena rows do."""
+        no new session is allocated beside it past the budget), as arena rows do: then the returned future is
+        done (None: the room is free at once)."""
         open_ = self.sessions.pop(session.session_id, None) is not None
         self.batcher.forget(session.session_id)
         self.decoder.forget(session.cache)
@@ -447,13 +455,13 @@ class Backend:
             if open_ and session.computed:
                 # the compute thread may still hold its cache: a prefill it runs, or one whose client went away,
                 # cancelled but still queued (the release waits behind it, in the owner's turn)
-                self.compute.submit(session.owner, self.budget.release, session.session_id)
-            else:
-                self.budget.release(session.session_id)
+                return self.compute.submit(session.owner, self.budget.release, session.session_id)
+            self.budget.release(session.session_id)
         elif open_:
             # its rows go back once the compute thread is done with the session's work (a prefill running or
             # queued would write them): the give waits behind it, in the owner's turn
-            self.compute.submit(session.owner, self.arena.give, session.row, session.batch_size)
+            return self.compute.submit(session.owner, self.arena.give, session.row, session.batch_size)
+        return None
 
     def reorder(self, session: Session, rows: Sequence[int], length: int) -> None:
         """Before a session's next step (beam search): row i of its cache and key mask, over positions

@@ -1,5 +1,5 @@
 """The server's RPCs: `info`, `ping` (peers time it to measure their link), `forward` over a span, the
-`inference` stream that owns a KV-cache session, `push`, by which the previous server of a chain hands its
+`inference` stream that owns a KV-cache session, `room` (whether such a session would find room), `push`, by which the previous server of a chain hands its
 output straight to this one, and for fine-tuning `backward` over a span and the `adapters` stream on which a
 client uploads its LoRA adapters (`server.adapters`; they live as long as that stream, or until unused).
 
@@ -28,6 +28,8 @@ bounded number of calls waiting for compute, and call at a bounded rate. A reque
 refused with `quota`, one beyond the server's capacity with `busy` (and a cache too full for a session with
 `cache_full`); the message names the limit, and the refusal touches nothing else the peer holds. A session whose
 replies the client does not take within `reply_timeout_s` (it stopped reading) is closed and its cache freed.
+A client refused room (`quota` for its sessions or share, `cache_full`) asks `room` before it opens again: the
+query is answered as soon as a session here ends and frees room, or after `max_room_wait_s`.
 
 Leaving: `leave()` makes every session finish the steps already queued, then end with `server_leaving`, and
 refuses new sessions, so clients move to other servers before this one goes. Moving: `use_backend()` serves new
@@ -41,6 +43,8 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import Future
+from contextlib import suppress
 from dataclasses import dataclass
 from typing import Any
 
@@ -64,6 +68,8 @@ from swarmllm.wire.messages import (
     OpenSession,
     PushFailed,
     Repoint,
+    RoomQuery,
+    RoomReply,
     Step,
     StepError,
     StepReply,
@@ -84,10 +90,12 @@ class ServerLimits:
     session_idle_timeout_s: float = 300.0
     push_timeout_s: float = 10.0  # the most a step's push may take (a client may ask for less)
     reply_timeout_s: float = 30.0  # a session whose reply the client does not take this long is closed
+    max_room_wait_s: float = 2.0  # the most a `room` query waits for room to come free
     # per peer (a peer = an authenticated peer id), see `server.quota`
     max_sessions_per_peer: int = 16
     max_cache_share_per_peer: float = 0.5  # of the KV-cache budget
     max_queued_per_peer: int = 8  # forward calls waiting for (or on) the compute thread
+    max_room_waits_per_peer: int = 4  # `room` queries of a peer waiting at once (past them: answered at once)
     max_queued_total: int = 64  # the same over all peers; beyond it: `busy`
     peer_rate_per_s: float = 50.0  # calls and session openings per second (token bucket)
     peer_burst: int = 100
@@ -225,6 +233,8 @@ class RequestHandler:
         # blocks are left (`use_backend`)
         self._counted: dict[Incoming, tuple[str, int]] = {}
         self._session_closed = asyncio.Event()  # set whenever a session closes
+        self._room_freed = asyncio.Event()  # set whenever a session's quota or cache comes free
+        self._room_waits: dict[str, int] = {}  # `room` queries waiting, by peer
         self._pushes: set[asyncio.Task] = set()  # pushes waiting for a connection (a reply does not wait)
         self._push_connections: dict[str, Connection] = {}  # the next servers pushed to, by peer id
         self._early: dict[str, list[_EarlyPush]] = {}  # pushes that came before their session, by its secret id
@@ -241,6 +251,7 @@ class RequestHandler:
         handlers.refused = self.metrics.refused  # (a frame over its method's cap, refused by the wire)
         handlers.add_unary("info", self.rpc_info, max_payload_bytes=0)
         handlers.add_unary("ping", self.rpc_ping, max_payload_bytes=PING_MAX_BYTES)
+        handlers.add_unary("room", self.rpc_room, max_payload_bytes=0)
         handlers.add_unary("forward", self.rpc_forward, max_payload_bytes=forward_bytes)
         handlers.add_unary("backward", self.rpc_backward, max_payload_bytes=2 * forward_bytes)
         handlers.add_stream("inference", self.rpc_inference, max_payload_bytes=step_bytes)
@@ -292,6 +303,21 @@ class RequestHandler:
     def _uncount(self, inbox: Incoming) -> None:
         if (counted := self._counted.pop(inbox, None)) is not None:
             self.quotas.close_session(*counted)
+            self._room_freed.set()
+
+    def _cache_freed(self, freed: Future | None) -> None:
+        """Wake the `room` queries once a closed session's cache is back (at once, or after the compute thread's
+        work that still used it)."""
+        if freed is None:
+            self._room_freed.set()
+            return
+        loop = asyncio.get_running_loop()
+
+        def done(_: Future) -> None:
+            with suppress(RuntimeError):  # the loop closed: the server is gone, and nobody waits
+                loop.call_soon_threadsafe(self._room_freed.set)
+
+        freed.add_done_callback(done)
 
     def hand_back(self, backend: Backend) -> None:
         """Hand the sessions on `backend` back to their clients after the steps they already received, as when
@@ -324,6 +350,48 @@ class RequestHandler:
 
     async def rpc_info(self, request: Message, context: CallContext) -> Message:
         return Message(self.info())
+
+    async def rpc_room(self, request: Message, context: CallContext) -> Message:
+        """Whether a session like the query's would be opened for this peer now, answered as soon as room comes
+        free (a session here ends) within the query's wait: a client refused room asks this before it opens
+        again, rather than pausing. A peer's waiting queries are bounded; past them it is answered at once."""
+        peer = _peer(context)
+        query = RoomQuery.parse(request)
+        self._span(query.start, query.end)
+        check_range("batch_size", query.batch_size, 1, self.limits.max_batch_size)
+        check_range("max_length", query.max_length, 1, self.limits.max_session_length)
+        wait_s = min(max(query.wait_s, 0.0), self.limits.max_room_wait_s)
+        if self._room_waits.get(peer, 0) >= self.limits.max_room_waits_per_peer:
+            wait_s = 0.0
+        self._room_waits[peer] = self._room_waits.get(peer, 0) + 1
+        self.metrics.room_waits.inc()
+        why, final = self._lacks_room(peer, query.batch_size, query.max_length)
+        try:
+            async with asyncio.timeout(wait_s):
+                while why and not final:
+                    self._room_freed.clear()
+                    await self._room_freed.wait()
+                    why, final = self._lacks_room(peer, query.batch_size, query.max_length)
+        except TimeoutError:
+            pass
+        finally:
+            self.metrics.room_waits.dec()
+            if (waits := self._room_waits.pop(peer) - 1) > 0:
+                self._room_waits[peer] = waits
+        return RoomReply(not why, why).to_message()
+
+    def _lacks_room(self, peer: str, batch_size: int, max_length: int) -> tuple[str, bool]:
+        """Why `peer` could not open such a session now ("" if it could), and whether no closing changes that."""
+        if self.leaving:
+            return "this server is leaving the swarm", True
+        backend = self.backend
+        tokens = backend.session_tokens(batch_size, max_length)
+        if (refusal := self.quotas.admits(peer, tokens, backend.budget.capacity_tokens)) is not None:
+            return refusal.message, refusal.code == "bad_request"
+        if not backend.has_room(batch_size, max_length, tokens):
+            free, capacity = backend.free_tokens, backend.budget.capacity_tokens
+            return f"the cache has {free} of {capacity} tokens free", False
+        return "", False
 
     async def rpc_ping(self, request: Message, context: CallContext) -> Message:
         """Echo the payload's size: peers time it to measure their link to us (`server.network`); the payload
@@ -554,7 +622,7 @@ class RequestHandler:
             self._open.pop(incoming, None)
             self.metrics.sessions_open.dec()
             self._session_closed.set()
-            backend.close_session(session)
+            self._cache_freed(backend.close_session(session))
             logger.debug("session %s closed", session.session_id)
 
     def _reply_late(self, task: asyncio.Task, session: Session) -> None:

@@ -53,6 +53,11 @@ class ServerMetrics:
         self.sessions_opened = Counter(
             "swarmllm_server_sessions_opened", "Inference sessions opened", registry=registry
         )
+        self.room_waits = Gauge(
+            "swarmllm_server_room_waits",
+            "Room queries waiting now: clients refused room, to be told when a session here ends",
+            registry=registry,
+        )
         self.refusals = Counter(
             "swarmllm_server_refusals", "Requests refused, by error code", ["reason"], registry=registry
         )

@@ -101,7 +101,16 @@ class PeerQuotas:
     def open_session(self, peer: str, cache_tokens: int, capacity_tokens: int) -> Refusal | None:
         """Admit a session holding `cache_tokens` of a budget of `capacity_tokens`, or say which limit it breaks.
         On admission the session counts until `close_session`."""
-        state, share_tokens = self._peer(peer), self._share_tokens(capacity_tokens)
+        if (refusal := self.admits(peer, cache_tokens, capacity_tokens)) is not None:
+            return refusal
+        state = self._peer(peer)
+        state.sessions += 1
+        state.cache_tokens += cache_tokens
+        return None
+
+    def admits(self, peer: str, cache_tokens: int, capacity_tokens: int) -> Refusal | None:
+        """What `open_session` would say now, counting nothing."""
+        state, share_tokens = self._peers.get(peer) or _Peer(), self._share_tokens(capacity_tokens)
         if cache_tokens > share_tokens:  # no closing clears this: the request's size is at fault
             return Refusal(
                 "bad_request",
@@ -120,8 +129,6 @@ class PeerQuotas:
                 f"({self.limits.max_cache_share:.0%} of {capacity_tokens}); this one holds "
                 f"{state.cache_tokens} and asked for {cache_tokens} more",
             )
-        state.sessions += 1
-        state.cache_tokens += cache_tokens
         return None
 
     def _share_tokens(self, capacity_tokens: int) -> int:

@@ -13,6 +13,8 @@ sharded span has no prompt, adapter or autograd path.
 
 from __future__ import annotations
 
+from concurrent.futures import Future
+
 import torch
 
 from swarmllm.models.llama import position_ids
@@ -43,9 +45,10 @@ class TensorParallelBackend(Backend):
     def _new_cache(self, blocks: int, batch_size: int, max_length: int) -> int:
         return self.parallel.open_cache(batch_size, max_length, blocks)
 
-    def close_session(self, session: Session) -> None:
-        super().close_session(session)
+    def close_session(self, session: Session) -> Future | None:
+        freed = super().close_session(session)
         self.compute.submit(session.owner, self.parallel.close_cache, session.cache)
+        return freed
 
     def _reorder_cache(self, session: Session, index: torch.Tensor, length: int) -> None:
         """On the ranks' caches: a job of the compute thread, queued before the session's next step in its

@@ -14,6 +14,8 @@ step's positions; a one-token step may first reorder the session's rows, for bea
 names the session's activation compression (`wire.compression`): every step, push and reply of the session carries
 its hidden states in that form (blockwise8: int8 codes as `hidden`, plus `hidden_scales`); `parse` gives them back
 as float32.
+A client whose opening was refused room asks the unary `room` (`RoomQuery`, answered by a `RoomReply` once there
+is room or the wait is up) before it opens again.
 
 Ladder Residual (`models.ladder`): where a hop's boundary lies inside a ladder region, the state crossing it is the
 pair (r, p). The forward-side messages and their replies then carry `pending` (p, [B, T, H] like `hidden`, and
@@ -274,6 +276,58 @@ class OpenSession:
             meta.get("replay") is True,
             _codec(meta),
         )
+
+
+@dataclass(frozen=True)
+class RoomQuery:
+    """Whether the server would open a session like this one (`OpenSession`'s span and size) for the asking peer
+    now, waiting up to `wait_s` (capped by the server) for room to come free: what a client that was refused room
+    asks instead of pausing, so that it asks again as soon as any session there ends."""
+
+    start: int
+    end: int
+    batch_size: int
+    max_length: int
+    wait_s: float = 0.0
+
+    def to_message(self) -> Message:
+        return Message(
+            {
+                "start": self.start,
+                "end": self.end,
+                "batch_size": self.batch_size,
+                "max_length": self.max_length,
+                "wait_s": self.wait_s,
+            }
+        )
+
+    @classmethod
+    def parse(cls, message: Message) -> RoomQuery:
+        meta = message.meta
+        wait_s = meta.get("wait_s", 0.0)
+        if not isinstance(wait_s, int | float) or isinstance(wait_s, bool) or not math.isfinite(wait_s):
+            raise bad_request("wait_s must be a finite number")
+        return cls(
+            _int(meta, "start"), _int(meta, "end"), _int(meta, "batch_size"), _int(meta, "max_length"), wait_s
+        )
+
+
+@dataclass(frozen=True)
+class RoomReply:
+    """The answer to a `RoomQuery`: whether there is room now, else the refusal an opening would get."""
+
+    room: bool
+    why: str = ""
+
+    def to_message(self) -> Message:
+        return Message({"room": self.room, "why": self.why[:200]})
+
+    @classmethod
+    def parse(cls, message: Message) -> RoomReply:
+        room, why = message.meta.get("room"), message.meta.get("why", "")
+        if not isinstance(room, bool) or not isinstance(why, str):
+            raise bad_request("a room reply needs room (a bool) and why (a string)")
+        return cls(room, why)
 
 
 @dataclass(frozen=True)
