@@ -190,6 +190,12 @@ _LIMIT_FLAGS = [
         float,
         "seconds a session's reply may wait for the client to read it; then the session is closed",
     ),
+    (
+        "--max-room-wait",
+        "max_room_wait_s",
+        float,
+        "seconds a client refused room may wait for this server to say that a session ended (`room`)",
+    ),
 ]
 
 
