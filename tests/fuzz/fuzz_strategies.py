@@ -39,7 +39,7 @@ DTYPES = [
 # desc_len, payload_len
 HEADER = struct.Struct("<2sBBBBQIIQ")
 HEADER_FIELD_BITS = [None, 8, 8, 8, 8, 64, 32, 32, 64]  # None: the 2-byte magic
-METHODS = ["info", "ping", "forward", "inference", "push"]
+METHODS = ["info", "ping", "room", "forward", "inference", "push"]
 FILLS = ["randn", "zeros", "nan", "inf", "-inf", "huge"]
 
 # metadata: every msgpack type, nested; ints span the whole msgpack range

@@ -267,6 +267,30 @@ def test_forward(fuzzed):
     ), outcomes
 
 
+ROOM_FIELDS = {
+    "start": ints(0, 3),
+    "end": ints(1, 4),
+    "batch_size": ints(1, 4),
+    "max_length": ints(1, 32),
+    "wait_s": st.floats(-1.0, 0.2) | st.sampled_from([float("nan"), float("inf"), -float("inf"), True, "1"]),
+}
+
+
+def test_room(fuzzed):
+    """`room` queries: answered (room or why not) or refused `bad_request`, within the reply bound."""
+    no_tensors = st.just([])  # (it takes none: any is `too_large`)
+    valid = st.fixed_dictionaries(
+        {"start": st.integers(0, 3), "end": st.integers(1, 4), "batch_size": st.integers(1, 4)},
+        optional={"max_length": st.integers(1, 32), "wait_s": st.floats(0.0, 0.2)},
+    )
+    meta = metas(list(ROOM_FIELDS), ROOM_FIELDS) | valid
+    outcomes = fuzz_unary(fuzzed, "room", meta, no_tensors | no_tensors | any_tensors)
+    assert (
+        outcomes.get("reply", 0) > MESSAGES_PER_HANDLER // 50
+        and outcomes.get("bad_request", 0) > MESSAGES_PER_HANDLER // 5
+    ), outcomes
+
+
 def _tally(outcomes: dict[str, int], outcome: str) -> None:
     outcomes[outcome] = outcomes.get(outcome, 0) + 1
 
