@@ -331,3 +331,24 @@ async def test_room_queries_that_no_closing_answers_come_back_at_once_and_bad_on
                 await conn.call("room", message)
             assert info.value.code == "bad_request" and named in str(info.value), info.value
         await check_steps(await open_session(conn), span)  # the peer is served as before
+
+
+async def test_room_queries_waiting_are_bounded_over_all_peers(span):
+    async with serving(span, cache_tokens=64, max_room_waits_total=1, max_room_wait_s=30.0) as (
+        _,
+        handler,
+        connect,
+    ):
+        held = []
+        for _ in range(2):  # two peers' whole shares: the cache is full
+            held.append(await open_session(await connect(), max_length=32))
+            await check_steps(held[-1], span)
+        first, second = await connect(), await connect()
+        waiting = asyncio.ensure_future(first.call("room", room()))
+        await _until(lambda: room_waits(handler) == 1)
+        async with asyncio.timeout(5):  # another peer's query finds every waiting place taken: answered now
+            reply = RoomReply.parse(await second.call("room", room()))
+        assert not reply.room and reply.why == "the cache has 0 of 64 tokens free"
+        await held[0].close()
+        async with asyncio.timeout(5):
+            assert RoomReply.parse(await waiting).room

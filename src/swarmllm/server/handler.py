@@ -96,6 +96,7 @@ class ServerLimits:
     max_cache_share_per_peer: float = 0.5  # of the KV-cache budget
     max_queued_per_peer: int = 8  # forward calls waiting for (or on) the compute thread
     max_room_waits_per_peer: int = 4  # `room` queries of a peer waiting at once (past them: answered at once)
+    max_room_waits_total: int = 256  # the same over all peers (each session that ends wakes them all)
     max_queued_total: int = 64  # the same over all peers; beyond it: `busy`
     peer_rate_per_s: float = 50.0  # calls and session openings per second (token bucket)
     peer_burst: int = 100
@@ -354,14 +355,17 @@ class RequestHandler:
     async def rpc_room(self, request: Message, context: CallContext) -> Message:
         """Whether a session like the query's would be opened for this peer now, answered as soon as room comes
         free (a session here ends) within the query's wait: a client refused room asks this before it opens
-        again, rather than pausing. A peer's waiting queries are bounded; past them it is answered at once."""
-        peer = _peer(context)
+        again, rather than pausing. Waiting queries are bounded, per peer and in all; past them, one is answered at
+        once."""
+        peer, limits = _peer(context), self.limits
         query = RoomQuery.parse(request)
         self._span(query.start, query.end)
-        check_range("batch_size", query.batch_size, 1, self.limits.max_batch_size)
-        check_range("max_length", query.max_length, 1, self.limits.max_session_length)
-        wait_s = min(max(query.wait_s, 0.0), self.limits.max_room_wait_s)
-        if self._room_waits.get(peer, 0) >= self.limits.max_room_waits_per_peer:
+        check_range("batch_size", query.batch_size, 1, limits.max_batch_size)
+        check_range("max_length", query.max_length, 1, limits.max_session_length)
+        wait_s = min(max(query.wait_s, 0.0), limits.max_room_wait_s)
+        if self._room_waits.get(peer, 0) >= limits.max_room_waits_per_peer or (
+            sum(self._room_waits.values()) >= limits.max_room_waits_total
+        ):
             wait_s = 0.0
         self._room_waits[peer] = self._room_waits.get(peer, 0) + 1
         self.metrics.room_waits.inc()
