@@ -1,11 +1,15 @@
 """The room board (`client.room`): closing a session wakes this client's waits for room on its server, and a
-waiting session gives up what an older waiting session waits for, so waits never form a cycle."""
+waiting session gives up what an older waiting session waits for, so waits never form a cycle; and a server's word
+that it has room (`LoadShed`) never makes a spin."""
 
 import asyncio
 import itertools
 import random
 
 from swarmllm.client.room import RoomBoard, give_ups
+from swarmllm.client.routing import Hop
+from swarmllm.client.swarm import LoadShed
+from swarmllm.wire import RemoteError
 
 
 def _cycle(edges: dict[int, set[int]]) -> bool:
@@ -104,3 +108,34 @@ def test_a_closing_wakes_the_waits_for_its_server_only_and_one_that_came_first_i
         assert await asyncio.wait_for(board.wait("p", seen, 30), 5) is True  # closed since `seen`: at once
 
     asyncio.run(main())
+
+
+def test_a_server_that_says_it_has_room_yet_refuses_it_is_asked_after_pauses_not_in_a_spin():
+    """A replacement refused room asks the server (`room`) and opens again as soon as it says there is room. One
+    whose word is followed by another refusal (others took the room first, or its answer and its openings
+    disagree) must not make the client ask and open in a tight loop: its later answers are followed by the
+    pauses (50 ms, doubling), so in 1.2 s it is asked about 5 times, not thousands."""
+
+    async def go() -> tuple[int, int, float]:
+        asked = 0
+
+        async def says_room(hop: Hop, wait_s: float) -> bool:
+            nonlocal asked
+            asked += 1
+            return True
+
+        shed = LoadShed(60.0, RoomBoard(), says_room)
+        hop, refusal = Hop("B", 0, 4), RemoteError("cache_full", "the cache has 0 of 64 tokens free")
+        loop = asyncio.get_running_loop()
+        began, tries = loop.time(), 0
+        assert shed.defer_for_room("B", refusal)
+        await shed.wait([hop])  # its first word is taken: no pause
+        first = loop.time() - began
+        while loop.time() - began < 1.2:
+            assert shed.defer_for_room("B", refusal)  # the opening was refused again
+            await shed.wait([hop])
+            tries += 1
+        return asked, tries, first
+
+    asked, tries, first = asyncio.run(go())
+    assert first < 0.05 and 3 <= tries <= 8 and asked == tries + 1, (asked, tries, first)

@@ -183,6 +183,7 @@ class LoadShed:
         self.rooms = rooms
         self.ask_room = ask_room
         self.unasked: set[str] = set()  # servers that could not answer `ask_room` (older ones): pauses there
+        self.told_room: set[str] = set()  # servers that said they had room, and refused it again since
         self.pause_s = 0.05
         self.give_up_at = time.monotonic() + limit_s
         self.room_until = time.monotonic() + min(limit_s, ROOM_WAIT_S)
@@ -236,6 +237,7 @@ class LoadShed:
         """`hop`'s server took a call: it is asked without a pause again."""
         self.refused.pop(hop.peer_id, None)
         self.lacking_room.pop(hop.peer_id, None)
+        self.told_room.discard(hop.peer_id)
 
     async def wait(self, hops: Sequence[Hop]) -> None:
         """Wait (up to `limit_s` in all) until the servers of `hops` that refused for load may be asked again;
@@ -253,11 +255,14 @@ class LoadShed:
     async def _room(self, hop: Hop, until: float) -> bool:
         """Wait for room on `hop`'s server: its answer, which comes as soon as a session there ends (for up to
         MAX_ROUTE_RETRY_S), then at least until `until` (a server that answered at once) or this client's next
-        closing there; whether room came."""
+        closing there; whether room came. A server that said it had room and then refused it again (others took
+        it first) is not taken at its word again until it opens: the pause runs too, so no answer makes a spin."""
         if self.ask_room is not None and hop.peer_id not in self.unasked:
             try:
                 if await self.ask_room(hop, min(MAX_ROUTE_RETRY_S, self.give_up_at - time.monotonic())):
-                    return True
+                    if hop.peer_id not in self.told_room:
+                        self.told_room.add(hop.peer_id)
+                        return True
             except (*HOP_FAILURES, RequestError) as e:  # (the opening that follows finds out a dead server)
                 logger.debug("server %s cannot say when it has room (%s): pausing", hop.peer_id, describe(e))
                 self.unasked.add(hop.peer_id)
