@@ -1,7 +1,8 @@
 """The server's RPCs: `info`, `ping` (peers time it to measure their link), `forward` over a span, the
-`inference` stream that owns a KV-cache session, `room` (whether such a session would find room), `push`, by which the previous server of a chain hands its
-output straight to this one, and for fine-tuning `backward` over a span and the `adapters` stream on which a
-client uploads its LoRA adapters (`server.adapters`; they live as long as that stream, or until unused).
+`inference` stream that owns a KV-cache session, `room` (whether such a session would find room), `push`, by
+which the previous server of a chain hands its output straight to this one, and for fine-tuning `backward` over a
+span and the `adapters` stream on which a client uploads its LoRA adapters (`server.adapters`; they live as long
+as that stream, or until unused).
 
 Everything a peer sends is validated here before it reaches the backend (message types: `wire.messages`). A
 bad opening request or a full cache ends the call with an error frame; a bad step inside a session is answered
