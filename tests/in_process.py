@@ -1,7 +1,7 @@
 """In-process servers for client tests that need no DHT: a model over one real server (a `RequestHandler` behind a
 `DirectServer` on 127.0.0.1) holding every block, and what a server's metrics counted."""
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -26,18 +26,21 @@ def start_server(
     limits: ServerLimits | None = None,
     metrics: ServerMetrics | None = None,
     start_block: int = 0,
-    unknown: tuple[str, ...] = (),
+    methods: dict[str, Callable | None] | None = None,
 ) -> DirectServer:
     """A real server of blocks [start_block, end) of checkpoint `path` (a `RequestHandler` behind a
     `DirectServer` on 127.0.0.1), started on the client's event loop; `run_sync(server.stop())` stops it.
-    `unknown`: unary methods it does not answer, as an older server would not."""
+    `methods`: unary methods it answers otherwise (None: not at all, as an older server would not)."""
 
     async def start() -> DirectServer:
         backend = Backend(load_span(path, start_block, end), cache_tokens=cache_tokens)
         handler = RequestHandler(backend, dict, limits or ServerLimits(), metrics=metrics)
         handlers = handler.handlers()
-        for method in unknown:
-            del handlers.unary[method]
+        for method, fn in (methods or {}).items():
+            if fn is None:
+                del handlers.unary[method]
+            else:
+                handlers.unary[method] = fn
         server = DirectServer(handlers, identity)
         await server.start()
         return server

@@ -24,6 +24,7 @@ from swarmllm.server.handler import ServerLimits
 from swarmllm.server.metrics import ServerMetrics
 from swarmllm.server.quota import PeerLimits, PeerQuotas
 from swarmllm.wire import Identity, Message, RemoteError, connect_direct
+from swarmllm.wire.messages import RoomReply
 
 
 class Clock:
@@ -165,19 +166,19 @@ def two_servers(
     fast: str,
     limits_b: ServerLimits,
     metrics_b: ServerMetrics,
-    unknown_b: tuple[str, ...] = (),
+    methods_b: dict | None = None,
     **client: float,
 ):
     """The model of `path` over two in-process servers of every block: A (ample cache) and B (128 cache tokens,
-    so one peer's share, half of it, is one session of 64, and not answering the `unknown_b` methods); `fast` ("A"
-    or "B") is the one routing prefers; `client`: SwarmClient options. Yields the model, a function that stops A
+    so one peer's share, half of it, is one session of 64, its unary `methods_b` replaced, `in_process.start_server`);
+    `fast` ("A" or "B") is the one routing prefers; `client`: SwarmClient options. Yields the model, a function that stops A
     (its connections dropped: a server gone) and B's peer id."""
     config, head = load_client_head(path)
     blocks = config.num_hidden_layers
     ids = {"A": Identity.generate(), "B": Identity.generate()}
     servers = {
         "A": start_server(path, blocks, ids["A"]),
-        "B": start_server(path, blocks, ids["B"], 128, limits_b, metrics_b, unknown=unknown_b),
+        "B": start_server(path, blocks, ids["B"], 128, limits_b, metrics_b, methods=methods_b),
     }
     swarm = SwarmClient(
         [], prefix, blocks, **{"missing_blocks_timeout_s": 0, "request_timeout_s": 120, **client}
@@ -222,8 +223,8 @@ def test_replacements_that_find_no_room_wait_for_the_clients_other_session_to_en
             assert a_gone.wait(60)
             return model.generate(first, max_new_tokens=5, do_sample=False).tolist()
 
-    unknown = ("room",) if b_is == "older" else ()
-    with two_servers(llama_checkpoint, f"room-{limit[:4]}", "A", limits, metrics, unknown) as (
+    methods = {"room": None} if b_is == "older" else None
+    with two_servers(llama_checkpoint, f"room-{limit[:4]}", "A", limits, metrics, methods) as (
         model,
         stop_a,
         b,
@@ -339,6 +340,28 @@ def test_a_session_unused_inside_its_block_for_room_hold_s_gives_way_too(llama_c
         assert b not in model.swarm.bans._strikes
 
 
+async def _others_fill(model, peer_id: str) -> list:
+    """Two other peers (their own identities and connections) each open a session of 64 tokens on `peer_id`: a
+    128-token cache is full. Returns their (connection, stream) pairs."""
+    host, port = model.swarm.info(peer_id).direct_addrs[0].rsplit(":", 1)
+    held = []
+    for _ in range(2):
+        conn = await connect_direct(host, int(port), Identity.generate(), expected_peer_id=peer_id)
+        opening = {"start": 0, "end": model.config.num_hidden_layers, "batch_size": 1, "max_length": 64}
+        stream = await conn.open_stream("inference", Message(opening))
+        await stream.send(Message({"position": 0}, [torch.zeros(1, 1, model.config.hidden_size)]))
+        await stream.recv()  # open, its room taken
+        held.append((conn, stream))
+    return held
+
+
+def _until_a_room_query_waits(metrics: ServerMetrics, run) -> None:
+    deadline = time.monotonic() + 60
+    while metrics.room_waits._value.get() < 1:
+        assert time.monotonic() < deadline and not run.done(), "no room query reached the server"
+        time.sleep(0.01)
+
+
 def test_a_replacement_waiting_for_room_that_other_clients_hold_asks_again_when_one_closes(llama_checkpoint):
     """A session runs on A, which dies; B's cache is full of two other peers' sessions, which this client cannot
     see or close. Its replacement, refused (`cache_full`), asks B to say when room comes free (`room`) rather than
@@ -348,23 +371,6 @@ def test_a_replacement_waiting_for_room_that_other_clients_hold_asks_again_when_
     want = _expected(llama_checkpoint, prompt, 8).tolist()
     metrics = ServerMetrics()
     with two_servers(llama_checkpoint, "room-others", "A", ServerLimits(), metrics) as (model, stop_a, b):
-        host, port = model.swarm.info(b).direct_addrs[0].rsplit(":", 1)
-
-        async def others_fill_b() -> list:
-            held = []
-            for _ in range(2):  # each another peer's whole share: 64 of B's 128 cache tokens
-                conn = await connect_direct(host, int(port), Identity.generate(), expected_peer_id=b)
-                opening = {
-                    "start": 0,
-                    "end": model.config.num_hidden_layers,
-                    "batch_size": 1,
-                    "max_length": 64,
-                }
-                stream = await conn.open_stream("inference", Message(opening))
-                await stream.send(Message({"position": 0}, [torch.zeros(1, 1, model.config.hidden_size)]))
-                await stream.recv()  # open, its room taken
-                held.append((conn, stream))
-            return held
 
         def session(on_a: threading.Event, a_gone: threading.Event) -> list:
             with model.inference_session(max_length=64), torch.no_grad():
@@ -373,7 +379,7 @@ def test_a_replacement_waiting_for_room_that_other_clients_hold_asks_again_when_
                 assert a_gone.wait(60)
                 return model.generate(first, max_new_tokens=5, do_sample=False).tolist()
 
-        others = run_sync(others_fill_b())
+        others = run_sync(_others_fill(model, b))
         on_a, a_gone = threading.Event(), threading.Event()
         try:
             with ThreadPoolExecutor(1) as pool:  # (a session belongs to its thread)
@@ -381,10 +387,7 @@ def test_a_replacement_waiting_for_room_that_other_clients_hold_asks_again_when_
                 assert on_a.wait(60)
                 stop_a()
                 a_gone.set()
-                deadline = time.monotonic() + 60
-                while metrics.room_waits._value.get() < 1:  # the replacement waits on B's answer
-                    assert time.monotonic() < deadline and not run.done(), "no room query reached B"
-                    time.sleep(0.01)
+                _until_a_room_query_waits(metrics, run)  # the replacement waits on B's answer
                 run_sync(others[0][1].close())
                 out = run.result(timeout=60)
         finally:
@@ -396,6 +399,55 @@ def test_a_replacement_waiting_for_room_that_other_clients_hold_asks_again_when_
         assert 1 <= refusals(metrics, "cache_full") <= 2
         assert [h.peer_id for h in model.swarm.failovers[-1].replacement] == [b]
         assert b not in model.swarm.bans._strikes
+
+
+def test_a_server_that_always_says_it_has_room_is_not_asked_in_a_spin(llama_checkpoint):
+    """B's cache is full of two other peers' sessions, and B answers every `room` query "room" at once (a lying
+    server, or others that always take the room first). The replacement moving off A keeps being refused: after
+    B's first word it asks again only after pauses (50 ms, doubling), so in the ~1.5 s before one of the others
+    closes it asks B a few times, not hundreds; then it gets transformers' tokens."""
+    prompt = torch.tensor([[1, 5, 9, 3]])
+    want = _expected(llama_checkpoint, prompt, 8).tolist()
+    asked: list[float] = []
+
+    async def says_room(request: Message, context) -> Message:
+        asked.append(time.monotonic())
+        return RoomReply(True).to_message()
+
+    metrics, methods = ServerMetrics(), {"room": says_room}
+    with two_servers(llama_checkpoint, "room-liar", "A", ServerLimits(), metrics, methods) as (
+        model,
+        stop_a,
+        b,
+    ):
+
+        def session(on_a: threading.Event, a_gone: threading.Event) -> list:
+            with model.inference_session(max_length=64), torch.no_grad():
+                first = model.generate(prompt, max_new_tokens=3, do_sample=False)
+                on_a.set()
+                assert a_gone.wait(60)
+                return model.generate(first, max_new_tokens=5, do_sample=False).tolist()
+
+        others = run_sync(_others_fill(model, b))
+        on_a, a_gone = threading.Event(), threading.Event()
+        try:
+            with ThreadPoolExecutor(1) as pool:
+                run = pool.submit(session, on_a, a_gone)
+                assert on_a.wait(60)
+                stop_a()
+                a_gone.set()
+                deadline = time.monotonic() + 60
+                while not asked or time.monotonic() - asked[0] < 1.5:  # the others hold B's room 1.5 s
+                    assert time.monotonic() < deadline and not run.done(), "B was never asked"
+                    time.sleep(0.01)
+                run_sync(others[0][1].close())
+                out = run.result(timeout=60)
+        finally:
+            a_gone.set()
+            for conn, _ in others:
+                run_sync(conn.close())
+        assert out == want
+        assert 2 <= len(asked) <= 10, len(asked)  # (pauses of 50 ms doubling: ~5 in 1.5 s)
 
 
 def test_a_session_larger_than_any_peers_share_is_refused_as_such_at_once(llama_checkpoint):

@@ -288,6 +288,7 @@ class InferenceSession:
                             await hop.send(step, deadline)
                         timeout = deadline + (fallback is not None) * self.swarm.push_timeout_s
                         reply = await hop.recv(self._steps, hidden, timeout, position)
+                        self._shed.done(hop.hop)  # (its server took the session, if it was new)
                     except HOP_FAILURES as e:
                         # (a hop given up meanwhile, `give_up`, is no fault of its server)
                         await self._replace(i, hop.failure or e, again=hop.failure is not None)
@@ -427,7 +428,6 @@ class InferenceSession:
                             self.swarm.connect_timeout_s,
                             replay=bool(x),
                         )
-                        shed.done(hop)
                         if x:
                             tokens = sum(e.hidden.shape[0] * e.hidden.shape[1] for e in x)
                             floor_s = self.swarm.replay_timeout_s
@@ -436,6 +436,9 @@ class InferenceSession:
                                 self.swarm.deadline_s(hop, tokens, decode=False, floor_s=floor_s),
                                 reordered_at,
                             )
+                            # (only an answer says the server took the session: an opening is sent
+                            # optimistically, and its refusal comes as the first reply)
+                            shed.done(hop)
                     if self.closed:  # meanwhile, by another thread: nobody would close these
                         await self._close_hops(new)
                         raise RuntimeError("the inference session was closed during this step")
