@@ -362,15 +362,13 @@ def _until_a_room_query_waits(metrics: ServerMetrics, run) -> None:
         time.sleep(0.01)
 
 
-def test_a_replacement_waiting_for_room_that_other_clients_hold_asks_again_when_one_closes(llama_checkpoint):
-    """A session runs on A, which dies; B's cache is full of two other peers' sessions, which this client cannot
-    see or close. Its replacement, refused (`cache_full`), asks B to say when room comes free (`room`) rather than
-    asking again after pauses: when one of the others closes, B answers at once and the replacement opens there;
-    the session gets its solo tokens, and B is not banned."""
+def _moves_onto_a_full_b(path: str, prefix: str, metrics: ServerMetrics, methods, meanwhile) -> tuple:
+    """A session generates 3 tokens on A; B's cache is full of two other peers' sessions (`_others_fill`); A
+    stops, and while the session's replacement waits for room on B, `meanwhile(run)` runs (`run`: the session's
+    future); then one of the others closes. Returns the session's tokens after 5 more, the model's failovers and
+    B's peer id."""
     prompt = torch.tensor([[1, 5, 9, 3]])
-    want = _expected(llama_checkpoint, prompt, 8).tolist()
-    metrics = ServerMetrics()
-    with two_servers(llama_checkpoint, "room-others", "A", ServerLimits(), metrics) as (model, stop_a, b):
+    with two_servers(path, prefix, "A", ServerLimits(), metrics, methods) as (model, stop_a, b):
 
         def session(on_a: threading.Event, a_gone: threading.Event) -> list:
             with model.inference_session(max_length=64), torch.no_grad():
@@ -387,67 +385,58 @@ def test_a_replacement_waiting_for_room_that_other_clients_hold_asks_again_when_
                 assert on_a.wait(60)
                 stop_a()
                 a_gone.set()
-                _until_a_room_query_waits(metrics, run)  # the replacement waits on B's answer
+                meanwhile(run)
                 run_sync(others[0][1].close())
                 out = run.result(timeout=60)
         finally:
             a_gone.set()
             for conn, _ in others:
                 run_sync(conn.close())
-        assert out == want
-        # then it waited for B's answer, not asking again (twice only if the box stalled past the query's 2 s)
-        assert 1 <= refusals(metrics, "cache_full") <= 2
-        assert [h.peer_id for h in model.swarm.failovers[-1].replacement] == [b]
         assert b not in model.swarm.bans._strikes
+        return out, list(model.swarm.failovers), b
+
+
+def test_a_replacement_waiting_for_room_that_other_clients_hold_asks_again_when_one_closes(llama_checkpoint):
+    """A session runs on A, which dies; B's cache is full of two other peers' sessions, which this client cannot
+    see or close. Its replacement, refused (`cache_full`), asks B to say when room comes free (`room`) rather than
+    asking again after pauses: when one of the others closes, B answers at once and the replacement opens there;
+    the session gets its solo tokens, and B is not banned."""
+    metrics = ServerMetrics()
+    out, failovers, b = _moves_onto_a_full_b(
+        llama_checkpoint,
+        "room-others",
+        metrics,
+        None,
+        lambda run: _until_a_room_query_waits(metrics, run),  # the replacement waits on B's answer
+    )
+    assert out == _expected(llama_checkpoint, torch.tensor([[1, 5, 9, 3]]), 8).tolist()
+    # then it waited for B's answer, not asking again (twice only if the box stalled past the query's 2 s)
+    assert 1 <= refusals(metrics, "cache_full") <= 2
+    assert [h.peer_id for h in failovers[-1].replacement] == [b]
 
 
 def test_a_server_that_always_says_it_has_room_is_not_asked_in_a_spin(llama_checkpoint):
     """B's cache is full of two other peers' sessions, and B answers every `room` query "room" at once (a lying
     server, or others that always take the room first). The replacement moving off A keeps being refused: after
     B's first word it asks again only after pauses (50 ms, doubling), so in the ~1.5 s before one of the others
-    closes it asks B a few times, not hundreds; then it gets transformers' tokens."""
-    prompt = torch.tensor([[1, 5, 9, 3]])
-    want = _expected(llama_checkpoint, prompt, 8).tolist()
+    closes it asks B a few times, not dozens (51 at once, before); then it gets transformers' tokens."""
     asked: list[float] = []
 
     async def says_room(request: Message, context) -> Message:
         asked.append(time.monotonic())
         return RoomReply(True).to_message()
 
-    metrics, methods = ServerMetrics(), {"room": says_room}
-    with two_servers(llama_checkpoint, "room-liar", "A", ServerLimits(), metrics, methods) as (
-        model,
-        stop_a,
-        b,
-    ):
+    def for_a_while(run) -> None:  # the others hold B's room for 1.5 s after its first answer
+        deadline = time.monotonic() + 60
+        while not asked or time.monotonic() - asked[0] < 1.5:
+            assert time.monotonic() < deadline and not run.done(), "B was never asked"
+            time.sleep(0.01)
 
-        def session(on_a: threading.Event, a_gone: threading.Event) -> list:
-            with model.inference_session(max_length=64), torch.no_grad():
-                first = model.generate(prompt, max_new_tokens=3, do_sample=False)
-                on_a.set()
-                assert a_gone.wait(60)
-                return model.generate(first, max_new_tokens=5, do_sample=False).tolist()
-
-        others = run_sync(_others_fill(model, b))
-        on_a, a_gone = threading.Event(), threading.Event()
-        try:
-            with ThreadPoolExecutor(1) as pool:
-                run = pool.submit(session, on_a, a_gone)
-                assert on_a.wait(60)
-                stop_a()
-                a_gone.set()
-                deadline = time.monotonic() + 60
-                while not asked or time.monotonic() - asked[0] < 1.5:  # the others hold B's room 1.5 s
-                    assert time.monotonic() < deadline and not run.done(), "B was never asked"
-                    time.sleep(0.01)
-                run_sync(others[0][1].close())
-                out = run.result(timeout=60)
-        finally:
-            a_gone.set()
-            for conn, _ in others:
-                run_sync(conn.close())
-        assert out == want
-        assert 2 <= len(asked) <= 10, len(asked)  # (pauses of 50 ms doubling: ~5 in 1.5 s)
+    out, _, _ = _moves_onto_a_full_b(
+        llama_checkpoint, "room-liar", ServerMetrics(), {"room": says_room}, for_a_while
+    )
+    assert out == _expected(llama_checkpoint, torch.tensor([[1, 5, 9, 3]]), 8).tolist()
+    assert 2 <= len(asked) <= 10, len(asked)  # (pauses of 50 ms doubling: ~5 in 1.5 s)
 
 
 def test_a_session_larger_than_any_peers_share_is_refused_as_such_at_once(llama_checkpoint):
