@@ -384,8 +384,8 @@ class InferenceSession:
         replaying. A server past this client's request rate is routed around too, or, where no other holds its
         blocks, asked again once its refusal's `retry_after_s` passed (for up to the client's `request_timeout_s`).
         A replacement (`inputs` to replay) refused room that ending sessions free (its peer's share, a full cache)
-        asks again after pauses, or when this client closes a session there, for up to ROOM_WAIT_S, where no other
-        server holds its blocks (`_wants_room`)."""
+        asks again once the server says room came free (`LoadShed`), for up to ROOM_WAIT_S, where no other server
+        holds its blocks (`_wants_room`)."""
         route_s = replay_s = 0.0
         shed = self._shed
         room_since: float | None = None  # when a server first refused this replacement room
