@@ -287,8 +287,10 @@ class InferenceSession:
                         if not pushed:
                             await hop.send(step, deadline)
                         timeout = deadline + (fallback is not None) * self.swarm.push_timeout_s
+                        first = not hop.answered
                         reply = await hop.recv(self._steps, hidden, timeout, position)
-                        self._shed.done(hop.hop)  # (its server took the session, if it was new)
+                        if first:  # its server took the session (an opening is known taken by its first answer)
+                            self._shed.done(hop.hop)
                     except HOP_FAILURES as e:
                         # (a hop given up meanwhile, `give_up`, is no fault of its server)
                         await self._replace(i, hop.failure or e, again=hop.failure is not None)
