@@ -84,32 +84,47 @@ def run(path: Path, args: argparse.Namespace, want: list[list[int]]) -> tuple[fl
                 model.shutdown()
 
 
-def main() -> None:
+def tiny_and_greedy(folder: Path, sessions: int, tokens: int) -> tuple[Path, list[list[int]]]:
+    """The tiny 6-layer Llama saved in `folder`, and transformers' greedy `tokens` after each of `prompts`."""
+    hf_logging.set_verbosity_error()
+    path = make_tiny_checkpoint(folder / "llama", "llama", num_layers=6, eos_token_id=None)
+    local = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return path, [
+            local.generate(p, max_new_tokens=tokens, do_sample=False)[0].tolist() for p in prompts(sessions)
+        ]
+
+
+def room_parser(description: str, room_help: str, tokens: int, tokens_help: str) -> argparse.ArgumentParser:
+    """The options of a benchmark of sessions short of room (this one, `room_queue.py`)."""
     parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        description=description, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--sessions", type=int, default=6)
-    parser.add_argument("--room", type=int, default=2, help="sessions of the client that B takes at a time")
-    parser.add_argument("--tokens", type=int, default=24, help="tokens each session generates after the kill")
+    parser.add_argument("--room", type=int, default=2, help=room_help)
+    parser.add_argument("--tokens", type=int, default=tokens, help=tokens_help)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--no-record", action="store_true", help="print only, don't append to RESULTS.md")
+    return parser
+
+
+def main() -> None:
+    parser = room_parser(
+        __doc__,
+        "sessions of the client that B takes at a time",
+        24,
+        "tokens each session generates after the kill",
+    )
     parser.add_argument(
         "--clients", choices=["one", "each"], default="one", help="the sessions' clients: one, or one each"
     )
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--no-record", action="store_true", help="print only, don't append to RESULTS.md")
     args = parser.parse_args()
     if args.clients == "each" and args.room < 2:
         parser.error(
             "--clients each needs --room >= 2 (a session is at most a peer's share, half of B's cache)"
         )
-    hf_logging.set_verbosity_error()
     with tempfile.TemporaryDirectory() as tmp:
-        path = make_tiny_checkpoint(Path(tmp) / "llama", "llama", num_layers=6, eos_token_id=None)
-        local = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-        with torch.no_grad():
-            want = [
-                local.generate(p, max_new_tokens=FIRST_TOKENS + args.tokens, do_sample=False)[0].tolist()
-                for p in prompts(args.sessions)
-            ]
+        path, want = tiny_and_greedy(Path(tmp), args.sessions, FIRST_TOKENS + args.tokens)
         results = [run(path, args, want) for _ in range(args.repeats)]
     seconds = [r[0] for r in results]
     table = markdown_table(

@@ -494,6 +494,13 @@ def build_parser() -> argparse.ArgumentParser:
     api.add_argument(
         "--keep-sessions-s", type=_seconds, default=120.0, help="seconds a kept session may stay unused"
     )
+    api.add_argument(
+        "--room-wait",
+        type=_at_least_zero,
+        default=60.0,
+        help="seconds a request may wait for cache room on the servers, as other generations end, before a 503 "
+        "(0: at once)",
+    )
     _draft(api, repeat=True)
     api.add_argument(
         "--api-key",
@@ -837,6 +844,7 @@ def _api(args: argparse.Namespace) -> int:
             max_concurrent=args.max_concurrent,
             keep_sessions=args.keep_sessions,
             keep_sessions_s=args.keep_sessions_s,
+            room_wait_s=args.room_wait,
             dht_prefix=prefix,
             metrics=metrics,
             draft_model=draft,

@@ -1,9 +1,9 @@
 """A server's request-rate refusal (`quota`, past its token bucket) says when a token is available again
 (`retry_after_s`), and the client waits that out and asks the same server again, like an HTTP client taking a 429
 with Retry-After, when no other server can take the request; refusals that only a closed session clears (the
-peer's open sessions, its cache share) still name their reason at once to a new session, but a session replacing a
-failed server waits for such room rather than lose its tokens (unless it could never fit). A ping refused for load
-is no ban."""
+peer's open sessions, its cache share, a full cache) are waited for too, for up to the client's `room_wait_s`: a
+new session waits as a request does in vLLM's queue, and a session replacing a failed server rather than lose its
+tokens (unless it could never fit). A ping refused for load is no ban."""
 
 import threading
 import time
@@ -139,24 +139,73 @@ def test_a_ping_refused_for_the_request_rate_is_no_ban(llama_checkpoint):
         assert model.swarm.bans._strikes == {}
 
 
-def test_a_peer_at_its_open_sessions_limit_is_told_so_at_once(llama_checkpoint):
-    """A limit that only a closed session clears is not waited for: with its one allowed session open, a
-    generate outside it fails at once with SessionRefused naming the limit, and the server is not banned."""
+def test_a_new_session_past_its_peers_open_sessions_limit_waits_for_one_to_close(llama_checkpoint):
+    """A limit that only a closed session clears: with its one allowed session open, a generate outside it waits
+    for room, asking the server to say when it comes (as Petals' servers wait for memory and vLLM queues a
+    request), rather than fail; once the session closes it gets transformers' tokens. No failover, no ban."""
+    ids = torch.tensor([[1, 5, 9, 3]])
+    expected = _expected(llama_checkpoint, ids)
+    limits, metrics = ServerLimits(max_sessions_per_peer=1), ServerMetrics()
+    with model_over_one_server(
+        llama_checkpoint, "room-new", limits=limits, metrics=metrics, request_timeout_s=60
+    ) as model:
+        with ThreadPoolExecutor(1) as other_thread:  # (a session belongs to its thread)
+            with model.inference_session(max_length=16), torch.no_grad():
+                model.generate(ids, max_new_tokens=1, do_sample=False)  # opens it
+                outside = other_thread.submit(model.generate, ids, max_new_tokens=4, do_sample=False)
+                _until_a_room_query_waits(metrics, outside)  # refused, it waits on the server's answer
+            out = outside.result(timeout=60)  # the session above closed: the server answered
+        assert torch.equal(out, expected)
+        assert refusals(metrics, "quota") >= 1
+        assert model.swarm.bans._strikes == {} and not model.swarm.failovers
+
+
+@pytest.mark.parametrize("wait_s", [0.0, 1.5])
+def test_a_new_session_refused_room_past_room_wait_s_is_told_why(llama_checkpoint, wait_s):
+    """`room_wait_s` bounds the wait (0: none): with its one allowed session open, a generate outside it fails
+    with SessionRefused naming the limit once the wait is over, not before, and the server is not banned."""
     ids = torch.tensor([[1, 5, 9, 3]])
     limits = ServerLimits(max_sessions_per_peer=1)
     with model_over_one_server(
-        llama_checkpoint, "rate-sessions", limits=limits, request_timeout_s=30
+        llama_checkpoint, "rate-sessions", limits=limits, request_timeout_s=30, room_wait_s=wait_s
     ) as model:
         with model.inference_session(max_length=16), torch.no_grad():
             model.generate(ids, max_new_tokens=1, do_sample=False)  # opens it
             began = time.monotonic()
-            with ThreadPoolExecutor(1) as other_thread:  # (a session belongs to its thread)
+            with ThreadPoolExecutor(1) as other_thread:
                 outside = other_thread.submit(model.generate, ids, max_new_tokens=1, do_sample=False)
                 with pytest.raises(SessionRefused) as refused:
                     outside.result()
-            assert time.monotonic() - began < 5
+            waited = time.monotonic() - began
+        assert wait_s <= waited < wait_s + 5
         assert refused.value.codes == {"quota"} and "open sessions limit" in str(refused.value)
         assert model.swarm.bans._strikes == {}
+
+
+def test_a_new_session_finding_the_cache_full_of_other_clients_sessions_waits_for_one_to_close(
+    llama_checkpoint,
+):
+    """The server's cache is full of two other peers' sessions, which this client cannot see or close: a new
+    session, refused (`cache_full`), waits on the server's `room` answer and opens when one of the others closes,
+    then gets transformers' tokens."""
+    ids = torch.tensor([[1, 5, 9, 3]])
+    expected = _expected(llama_checkpoint, ids)
+    metrics = ServerMetrics()
+    with model_over_one_server(llama_checkpoint, "room-new-full", 128, metrics=metrics) as model:
+        (server,) = model.swarm._servers
+        others = run_sync(_others_fill(model, server))
+        try:
+            with ThreadPoolExecutor(1) as pool:
+                run = pool.submit(model.generate, ids, max_new_tokens=4, do_sample=False)
+                _until_a_room_query_waits(metrics, run)
+                run_sync(others[0][1].close())
+                out = run.result(timeout=60)
+        finally:
+            for conn, _ in others:
+                run_sync(conn.close())
+        assert torch.equal(out, expected)
+        assert 1 <= refusals(metrics, "cache_full") <= 2  # (twice only if the box stalled past the query's 2 s)
+        assert model.swarm.bans._strikes == {} and not model.swarm.failovers
 
 
 @contextmanager

@@ -352,3 +352,35 @@ async def test_room_queries_waiting_are_bounded_over_all_peers(span):
         await held[0].close()
         async with asyncio.timeout(5):
             assert RoomReply.parse(await waiting).room
+
+
+async def test_waiting_room_queries_are_told_in_the_order_they_came(span):
+    """Three peers wait for room on a full cache. Each session that ends frees room for one: only the query that
+    came first is told (not all three, which would race for it), and the next one only once the peer told opens
+    its session, or its promise (`room_promise_s`) runs out unused."""
+    async with serving(span, cache_tokens=128, max_room_wait_s=30.0) as (backend, handler, connect):
+        held = []
+        for _ in range(2):  # two peers' whole shares: the cache is full
+            held.append(await open_session(await connect(), max_length=64))
+            await check_steps(held[-1], span)
+        askers = [await connect() for _ in range(3)]
+        asked = []
+        for i, asker in enumerate(askers):  # one after another: the order they came in
+            asked.append(asyncio.ensure_future(asker.call("room", room(max_length=64))))
+            await _until(lambda i=i: room_waits(handler) == i + 1)
+        await held[0].close()
+        async with asyncio.timeout(5):
+            assert RoomReply.parse(await asked[0]).room
+        assert not asked[1].done() and not asked[2].done() and room_waits(handler) == 2
+        # the peer told opens there: the room is taken, and the others wait on
+        await check_steps(await open_session(askers[0], max_length=64), span)
+        await _until(lambda: not handler._room._promised)
+        assert not asked[1].done() and not asked[2].done()
+        await held[1].close()
+        async with asyncio.timeout(5):
+            assert RoomReply.parse(await asked[1]).room
+        assert not asked[2].done()  # the second peer's promise holds the room for it...
+        async with asyncio.timeout(5):  # ...until it runs out (1 s) unused: then the third is told
+            assert RoomReply.parse(await asked[2]).room
+        await check_steps(await open_session(askers[2], max_length=64), span)
+        assert room_waits(handler) == 0

@@ -16,7 +16,6 @@ import asyncio
 import itertools
 import json
 import logging
-import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -68,7 +67,6 @@ from swarmllm.api.streams import joined, merged, read_json, stream, swarm_error,
 from swarmllm.api.tools import ResponseStream, ToolCalling, ToolError, message_text
 from swarmllm.client.loop import event_loop
 from swarmllm.client.routing import missing_blocks
-from swarmllm.client.swarm import ROOM_REFUSALS, ROOM_WAIT_S, SessionRefused
 
 logger = logging.getLogger(__name__)
 
@@ -76,9 +74,6 @@ _END = object()  # the end of a generation's pieces
 MAX_EMBED_TOKENS = 65_536  # summed over one embeddings request's inputs
 HEALTH_TIMEOUT_S = 10.0  # for the swarm's server list (a DHT look-up when the list is stale)
 DONE = b"data: [DONE]\n\n"  # the last server-sent event
-# a new session refused cache room that this API's own sessions hold (kept ones, which it closes, or other
-# generations', which end): the waits before each try again (the last one repeated), up to ROOM_WAIT_S in all
-ROOM_RETRIES_S = (0.05, 0.1, 0.2, 0.4, 0.8, 1.6)
 
 
 @dataclass
@@ -146,20 +141,18 @@ class Engine:
         self.guides = GuideMasks(self.tokenizer, model.config.vocab_size, self.eos_ids)
         self.metrics = metrics or ApiMetrics()  # (one for every model of an API)
         self.counted = self.metrics.model(name)  # this model's series
-        self._running = 0  # generations in a worker now
-        self._ended = threading.Condition()  # notified as each ends (its session's cache room frees)
 
     def give_way_for_room(self) -> None:
-        """(The swarm client's `room_wanted`, on its event loop.) A generation moving off a failed server waits
-        for cache room: the sessions kept for next turns give way, as for a new session refused room (closed off
-        the loop, which closing waits on)."""
-        asyncio.get_running_loop().run_in_executor(None, self._give_way, "a generation moving servers")
+        """(The swarm client's `room_wanted`, on its event loop.) A generation waits for cache room (a new one,
+        or one moving off a failed server): the sessions kept for next turns give way (closed off the loop, which
+        closing waits on). It waits for the room its other generations hold as they end, or other requesters',
+        up to the client's `room_wait_s`, as vLLM queues a request."""
+        asyncio.get_running_loop().run_in_executor(None, self._give_way)
 
-    def _give_way(self, wanting: str) -> int:
-        """Close the sessions kept for next turns, for `wanting` refused cache room; how many."""
+    def _give_way(self) -> None:
+        """Close the sessions kept for next turns, for a generation refused cache room."""
         if closed := self.sessions.close_all():
-            logger.info("no cache room for %s: closed %d kept sessions", wanting, closed)
-        return closed
+            logger.info("no cache room for a generation: closed %d kept sessions", closed)
 
     def decode(self, tokens: list[int]) -> str:
         return self.tokenizer.decode(tokens, skip_special_tokens=True)
@@ -206,11 +199,7 @@ class Engine:
             index,
         )
 
-        sent = False  # whether anything went to the requester (then nothing may be tried again)
-
         def put(item) -> None:
-            nonlocal sent
-            sent = True
             loop.call_soon_threadsafe(gen.pieces.put_nowait, item)
 
         started = time.perf_counter()
@@ -219,8 +208,6 @@ class Engine:
         def work() -> None:
             self.counted.generations_waiting.dec()
             self.counted.generations_running.inc()
-            with self._ended:
-                self._running += 1
             outcome: object = _END
             try:
                 if gen.cancelled:  # its requester left while it waited for a worker: no session for nobody
@@ -228,29 +215,13 @@ class Engine:
                 need = len(prompt_ids) + max_new_tokens  # (0: echo alone, a forward over the prompt at most)
                 # scoring the prompt needs the logits of all of its positions: nothing held can serve
                 scored = echo and request.logprob_top() is not None
-                waits, deadline, ours = iter(ROOM_RETRIES_S), time.monotonic() + ROOM_WAIT_S, False
-                while True:
-                    streamer = PieceStreamer(gen.assembler, put, self._recorder(request))  # (per try)
-                    try:
-                        with self.sessions.use([] if scored else prompt_ids, need) as gen.cached_tokens:
-                            if echo:
-                                self._echo(prompt_ids, gen, request, streamer, put, index)
-                            else:
-                                self._generate(prompt_ids, gen, request, streamer, index)
-                        break
-                    except SessionRefused as e:
-                        # no cache room for a new session on its servers: the sessions this API keeps for next
-                        # turns may hold it (each its peer's share), so they give way, and its other generations
-                        # running hold it until they end (as a request past --max-concurrent waits for a
-                        # worker); the servers free their cache as they see them closed, which the tries wait for
-                        if sent or not e.codes <= ROOM_REFUSALS or gen.cancelled:
-                            raise
-                        closed = self._give_way("a new session")
-                        with self._ended:
-                            ours = ours or closed > 0 or self._running > 1
-                            if not ours or time.monotonic() > deadline:
-                                raise  # none of this API's: the room is another requester's
-                            self._ended.wait(next(waits, ROOM_RETRIES_S[-1]))  # (woken as one ends)
+                streamer = PieceStreamer(gen.assembler, put, self._recorder(request))
+                # (a session refused cache room waits for it in the swarm client: `give_way_for_room`)
+                with self.sessions.use([] if scored else prompt_ids, need) as gen.cached_tokens:
+                    if echo:
+                        self._echo(prompt_ids, gen, request, streamer, put, index)
+                    else:
+                        self._generate(prompt_ids, gen, request, streamer, index)
                 tail = streamer.finish()
                 if tail is not None:
                     put(tail)
@@ -267,9 +238,6 @@ class Engine:
                 # no longer running before its end is handed out: whoever reads the gauge after the answer
                 # sees it gone
                 self.counted.generations_running.dec()
-                with self._ended:
-                    self._running -= 1
-                    self._ended.notify_all()
                 put(outcome)
 
         loop.run_in_executor(self.executor, work)

@@ -130,6 +130,7 @@ class InferenceSession:
         self._refused: dict[str, RemoteError] = {}
         # servers past this client's request rate, waited for (`_waits_out`): for up to request_timeout_s a step
         self._shed = self._new_shed()
+        self._room_since: float | None = None  # when a server first refused this step room (`_wants_room`)
         self.age = next_age()  # which of this client's sessions waiting for room gives way (`client.room`)
         self.closed = False
         # kept open between uses (`DistributedModel.open_session`, outside `use_session`): it steps no more until
@@ -204,7 +205,7 @@ class InferenceSession:
         end = position + hidden.shape[1]
         if end > self.max_length:
             raise ValueError(f"the session's max_length {self.max_length} is too small for {end} tokens")
-        self._shed = self._new_shed()
+        self._shed, self._room_since = self._new_shed(), None
         if not self._hops:  # the first step, or the first one after an opening that failed
             self.batch_size = hidden.shape[0]
             await self._open()
@@ -385,12 +386,11 @@ class InferenceSession:
         meanwhile is banned and routed around. Returns the hops and the seconds spent routing and opening +
         replaying. A server past this client's request rate is routed around too, or, where no other holds its
         blocks, asked again once its refusal's `retry_after_s` passed (for up to the client's `request_timeout_s`).
-        A replacement (`inputs` to replay) refused room that ending sessions free (its peer's share, a full cache)
-        asks again once the server says room came free (`LoadShed`), for up to ROOM_WAIT_S, where no other server
-        holds its blocks (`_wants_room`)."""
+        A server that refuses room that ending sessions free (its peer's share, a full cache) is asked again once
+        it says room came free (`LoadShed`), for up to the client's `room_wait_s`, where no other server holds its
+        blocks (`_wants_room`)."""
         route_s = replay_s = 0.0
         shed = self._shed
-        room_since: float | None = None  # when a server first refused this replacement room
         try:
             while True:
                 began = time.perf_counter()
@@ -456,9 +456,9 @@ class InferenceSession:
                     await self._close_hops(new)
                     if _waits_out(e) and shed.defer(new[-1].peer_id, e):
                         pass  # a refusal that clears by itself (a request rate): asked again once it has
-                    elif inputs and shed.defer_for_room(new[-1].peer_id, e):
+                    elif shed.defer_for_room(new[-1].peer_id, e):
                         # a replacement waits for room (as sessions end) rather than lose the session's tokens
-                        room_since = await self._wants_room(new[-1].peer_id, room_since)
+                        await self._wants_room(new[-1].peer_id)
                     elif _refused_opening(e):
                         self._refused[new[-1].peer_id] = e
                     else:
@@ -497,6 +497,11 @@ class InferenceSession:
                 leaving = False
             if _waits_out(error) and self._shed.defer(failed.peer_id, error):
                 deferred = True
+            elif self._shed.defer_for_room(failed.peer_id, error):
+                # refused room at its opening (a new session's refusal is its first reply): it waits for the room
+                # as a replacement does, rather than fail
+                deferred = True
+                await self._wants_room(failed.peer_id)
             elif _refused_opening(error):  # what the session asks, not the server, is at fault: not banned
                 self._refused[failed.peer_id] = error
             elif not leaving and not isinstance(error, CorruptOutputError):  # a spot check banned it already
@@ -565,15 +570,15 @@ class InferenceSession:
         async def ask_room(hop: Hop, wait_s: float) -> bool:
             return await self.swarm.ask_room(hop, self.batch_size, self.max_length, wait_s)
 
-        return LoadShed(self.swarm.request_timeout_s, self.swarm.rooms, ask_room)
+        return LoadShed(self.swarm.request_timeout_s, self.swarm.rooms, ask_room, self.swarm.room_wait_s)
 
-    async def _wants_room(self, peer_id: str, since: float | None) -> float:
-        """This replacement waits for room on `peer_id`, refused since `since` (None: now): this client's younger
-        waiting sessions give up what it waits for, and its owner of idle sessions is told (`room_wanted`); past
-        `room_hold_s` this session lets its own other servers go (`client.room`). Returns when the wait began."""
+    async def _wants_room(self, peer_id: str) -> None:
+        """This session waits for room on `peer_id` (since a server first refused it room this step): this
+        client's younger waiting sessions give up what it waits for, and its owner of idle sessions is told
+        (`room_wanted`); past `room_hold_s` this session lets its own other servers go (`client.room`)."""
         await self.swarm.rooms.wants(self, peer_id)
         now = time.monotonic()
-        since = now if since is None else since
+        since = self._room_since = now if self._room_since is None else self._room_since
         if now - since >= self.swarm.room_hold_s and (held := self.holding()):
             logger.info(
                 "waited %.0f s for room on %s: letting this session's other servers go (%s)",
@@ -585,7 +590,6 @@ class InferenceSession:
                 await self.give_up(peer, "after a long wait for room elsewhere")
         if self.swarm.room_wanted is not None:
             self.swarm.room_wanted()
-        return since
 
     async def _close_hops(self, hops: Sequence[HopSession]) -> None:
         """Close these hops; this client's sessions waiting for room on their servers ask again."""

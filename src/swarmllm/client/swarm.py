@@ -36,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import os
 import random
 import time
@@ -145,8 +146,9 @@ class SessionRefused(ValueError):
 
 
 # refusals that only ending sessions clear: a peer's open sessions or cache share (`quota` with no `retry_after_s`)
-# and the server's whole cache (`cache_full`). A new session names them at once (its caller may free room: the API
-# closes its kept sessions); a session with tokens to keep, replacing a hop, waits up to ROOM_WAIT_S for the room
+# and the server's whole cache (`cache_full`). A session refused them where no other server holds its blocks, new or
+# replacing a hop, waits for the room (`SwarmClient.room_wait_s`, ROOM_WAIT_S by default), as Petals' servers wait
+# for memory and vLLM queues a request; past the wait it is refused (SessionRefused)
 ROOM_REFUSALS = frozenset({"quota", "cache_full"})
 ROOM_WAIT_S = 60.0
 
@@ -176,7 +178,13 @@ class LoadShed:
     doubling up to MAX_ROUTE_RETRY_S), for up to `limit_s` before the refusal goes to the caller. A server that
     refused room is asked (`ask_room`) to answer as soon as room comes free there, rather than after the pause."""
 
-    def __init__(self, limit_s: float, rooms: RoomBoard | None = None, ask_room: AskRoom | None = None):
+    def __init__(
+        self,
+        limit_s: float,
+        rooms: RoomBoard | None = None,
+        ask_room: AskRoom | None = None,
+        room_wait_s: float = ROOM_WAIT_S,
+    ):
         self.refused: dict[str, float] = {}  # peer id -> when asking it again will do (time.monotonic)
         # of those, the ones that refused room (`defer_for_room`) -> the client's closings there by then (`rooms`)
         self.lacking_room: dict[str, int] = {}
@@ -186,7 +194,7 @@ class LoadShed:
         self.told_room: set[str] = set()  # servers that said they had room, and refused it again since
         self.pause_s = 0.05
         self.give_up_at = time.monotonic() + limit_s
-        self.room_until = time.monotonic() + min(limit_s, ROOM_WAIT_S)
+        self.room_until = time.monotonic() + min(limit_s, room_wait_s)
 
     def plan(self, route: Callable[[list[ServerInfo]], R]) -> Callable[[list[ServerInfo]], R]:
         def plan(servers: list[ServerInfo]) -> R:
@@ -219,8 +227,8 @@ class LoadShed:
 
     def defer_for_room(self, peer_id: str, error: BaseException) -> bool:
         """Whether `error`, from `peer_id`, refused room that ending sessions free (`wants_room`), to ask for
-        again after a pause (noted); False past ROOM_WAIT_S. What a replacement does rather than lose its
-        session: the room it lacks is often its own client's other sessions', which end."""
+        again after a pause (noted); False past the room wait. What a session does rather than fail: the room it
+        lacks is often its own client's other sessions', which end, and else other clients', which end too."""
         now = time.monotonic()
         if not wants_room(error) or now >= self.room_until:
             return False
@@ -345,6 +353,7 @@ class SwarmClient:
         ban_s: float = 15.0,
         missing_blocks_timeout_s: float = 60.0,
         room_hold_s: float = 10.0,
+        room_wait_s: float = ROOM_WAIT_S,
         max_replay_bytes: int = 1 << 30,
         prefer_direct: bool = True,
         push: bool = True,
@@ -402,6 +411,11 @@ class SwarmClient:
         self.rooms = RoomBoard()  # this client's sessions, and their waits for room on servers
         # a replacement that has waited this long for room lets its session's other servers go (`client.room`)
         self.room_hold_s = room_hold_s
+        # the most a session waits for room that ending sessions free (`wants_room`) where no other server holds
+        # its blocks; 0: refused at once (SessionRefused)
+        if not 0 <= room_wait_s < math.inf:
+            raise ValueError(f"room_wait_s must be a finite number >= 0, got {room_wait_s}")
+        self.room_wait_s = room_wait_s
         self.rng = random.Random()
         self.bans = Bans(base_s=ban_s)
         self._handed_back: dict[str, float] = {}  # peer -> when it last handed a session back

@@ -30,7 +30,8 @@ refused with `quota`, one beyond the server's capacity with `busy` (and a cache 
 `cache_full`); the message names the limit, and the refusal touches nothing else the peer holds. A session whose
 replies the client does not take within `reply_timeout_s` (it stopped reading) is closed and its cache freed.
 A client refused room (`quota` for its sessions or share, `cache_full`) asks `room` before it opens again: the
-query is answered as soon as a session here ends and frees room, or after `max_room_wait_s`.
+query is answered as soon as a session here ends and frees room for it, the waiting queries in the order they came
+(`server.room`), or after `max_room_wait_s`.
 
 Leaving: `leave()` makes every session finish the steps already queued, then end with `server_leaving`, and
 refuses new sessions, so clients move to other servers before this one goes. Moving: `use_backend()` serves new
@@ -57,6 +58,7 @@ from swarmllm.server.cache import CacheFullError
 from swarmllm.server.metrics import ServerMetrics
 from swarmllm.server.network import PING_MAX_BYTES
 from swarmllm.server.quota import PeerLimits, PeerQuotas, Refusal
+from swarmllm.server.room import RoomQueue
 from swarmllm.wire import CallContext, Connection, Handlers, Incoming, Message, RequestError, WireError
 from swarmllm.wire.messages import (
     AdapterAck,
@@ -92,12 +94,13 @@ class ServerLimits:
     push_timeout_s: float = 10.0  # the most a step's push may take (a client may ask for less)
     reply_timeout_s: float = 30.0  # a session whose reply the client does not take this long is closed
     max_room_wait_s: float = 2.0  # the most a `room` query waits for room to come free
+    room_promise_s: float = 1.0  # room told to a waiting peer is its for this long (or until it opens): `room`
     # per peer (a peer = an authenticated peer id), see `server.quota`
     max_sessions_per_peer: int = 16
     max_cache_share_per_peer: float = 0.5  # of the KV-cache budget
     max_queued_per_peer: int = 8  # forward calls waiting for (or on) the compute thread
     max_room_waits_per_peer: int = 4  # `room` queries of a peer waiting at once (past them: answered at once)
-    max_room_waits_total: int = 256  # the same over all peers (each session that ends wakes them all)
+    max_room_waits_total: int = 256  # the same over all peers
     max_queued_total: int = 64  # the same over all peers; beyond it: `busy`
     peer_rate_per_s: float = 50.0  # calls and session openings per second (token bucket)
     peer_burst: int = 100
@@ -235,7 +238,7 @@ class RequestHandler:
         # blocks are left (`use_backend`)
         self._counted: dict[Incoming, tuple[str, int]] = {}
         self._session_closed = asyncio.Event()  # set whenever a session closes
-        self._room_freed = asyncio.Event()  # set whenever a session's quota or cache comes free
+        self._room = RoomQueue(self._lacks_room, limits.room_promise_s)  # `room` queries waiting, in turn
         self._room_waits: dict[str, int] = {}  # `room` queries waiting, by peer
         self._pushes: set[asyncio.Task] = set()  # pushes waiting for a connection (a reply does not wait)
         self._push_connections: dict[str, Connection] = {}  # the next servers pushed to, by peer id
@@ -305,19 +308,19 @@ class RequestHandler:
     def _uncount(self, inbox: Incoming) -> None:
         if (counted := self._counted.pop(inbox, None)) is not None:
             self.quotas.close_session(*counted)
-            self._room_freed.set()
+            self._room.changed()
 
     def _cache_freed(self, freed: Future | None) -> None:
         """Wake the `room` queries once a closed session's cache is back (at once, or after the compute thread's
         work that still used it)."""
         if freed is None:
-            self._room_freed.set()
+            self._room.changed()
             return
         loop = asyncio.get_running_loop()
 
         def done(_: Future) -> None:
             with suppress(RuntimeError):  # the loop closed: the server is gone, and nobody waits
-                loop.call_soon_threadsafe(self._room_freed.set)
+                loop.call_soon_threadsafe(self._room.changed)
 
         freed.add_done_callback(done)
 
@@ -347,6 +350,7 @@ class RequestHandler:
         """Hand back every session (after the steps it already received) and wait up to `timeout_s` for them
         to close."""
         self.leaving = True
+        self._room.changed()  # (its waiting queries are told at once)
         self._wake(list(self._open))
         await self.sessions_closed(None, timeout_s)
 
@@ -355,9 +359,9 @@ class RequestHandler:
 
     async def rpc_room(self, request: Message, context: CallContext) -> Message:
         """Whether a session like the query's would be opened for this peer now, answered as soon as room comes
-        free (a session here ends) within the query's wait: a client refused room asks this before it opens
-        again, rather than pausing. Waiting queries are bounded, per peer and in all; past them, one is answered at
-        once."""
+        free for it in its turn (`server.room`) within the query's wait: a client refused room asks this before
+        it opens again, rather than pausing. Waiting queries are bounded, per peer and in all; past them, one is
+        answered at once."""
         peer, limits = _peer(context), self.limits
         query = RoomQuery.parse(request)
         self._span(query.start, query.end)
@@ -370,15 +374,8 @@ class RequestHandler:
             wait_s = 0.0
         self._room_waits[peer] = self._room_waits.get(peer, 0) + 1
         self.metrics.room_waits.inc()
-        why, final = self._lacks_room(peer, query.batch_size, query.max_length)
         try:
-            async with asyncio.timeout(wait_s):
-                while why and not final:
-                    self._room_freed.clear()
-                    await self._room_freed.wait()
-                    why, final = self._lacks_room(peer, query.batch_size, query.max_length)
-        except TimeoutError:
-            pass
+            why = await self._room.ask(peer, query.batch_size, query.max_length, wait_s)
         finally:
             self.metrics.room_waits.dec()
             if (waits := self._room_waits.pop(peer) - 1) > 0:
@@ -550,6 +547,7 @@ class RequestHandler:
                 self._hand_over(early)
         self._open[incoming] = backend
         self._counted[incoming] = (peer, cache_tokens)
+        self._room.opened(peer)  # (room told to it is taken: the next waiting query's turn)
         self.metrics.sessions_opened.inc()
         self.metrics.sessions_open.inc()
         if opening.replay:
