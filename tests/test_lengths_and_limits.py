@@ -87,18 +87,18 @@ async def small_cache_server(llama_checkpoint):
         await server.stop()
 
 
-def _client(info) -> SwarmClient:
-    swarm = SwarmClient([], "lengths-cache", 4, missing_blocks_timeout_s=0, spot_check_fraction=0)
+def _client(info, **options: float) -> SwarmClient:
+    swarm = SwarmClient([], "lengths-cache", 4, missing_blocks_timeout_s=0, spot_check_fraction=0, **options)
     swarm.use_servers([info])
     return swarm
 
 
 async def test_a_session_refused_for_its_peers_cache_share_leaves_the_server_usable(small_cache_server):
     """A session that would take the client past its share of a server's cache is refused (`quota`, naming the
-    limit). That is the request's size, not a fault of the server: the client says why, at once, and its next
-    session that fits opens there. It used to ban the server as failed, so every session of the client found
-    "no online server holds blocks 0..3" until the ban ran out."""
-    swarm = _client(small_cache_server)
+    limit). That is the request's size, not a fault of the server: the client, told not to wait for room
+    (`room_wait_s=0`), says why at once, and its next session that fits opens there. It used to ban the server as
+    failed, so every session of the client found "no online server holds blocks 0..3" until the ban ran out."""
+    swarm = _client(small_cache_server, room_wait_s=0)
     hidden = torch.randn(1, 4, 64, generator=torch.Generator().manual_seed(0))
     try:
         held = InferenceSession(swarm, max_length=24)
@@ -116,9 +116,10 @@ async def test_a_session_refused_for_its_peers_cache_share_leaves_the_server_usa
 
 
 async def test_a_session_refused_for_a_full_cache_leaves_the_server_usable(small_cache_server):
-    """Two clients hold the server's whole cache: a third client's session is refused with `cache_full` (naming
+    """Two clients hold the server's whole cache: a third client's session, told not to wait for room
+    (`room_wait_s=0`; tests/client/test_rate_limit_waits.py has the wait), is refused with `cache_full` (naming
     the free tokens), and once a session closes, the third client's next one opens on the same server."""
-    swarms = [_client(small_cache_server) for _ in range(3)]
+    swarms = [_client(small_cache_server) for _ in range(2)] + [_client(small_cache_server, room_wait_s=0)]
     hidden = torch.randn(1, 4, 64, generator=torch.Generator().manual_seed(1))
     try:
         full = [InferenceSession(swarm, max_length=32) for swarm in swarms[:2]]

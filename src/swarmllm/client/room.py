@@ -1,7 +1,7 @@
 """The room this client's sessions wait for on servers, and what they give up so that no wait is for ever.
 
-A session replacing a failed hop may find the new server without room for it (this peer's cache share or open
-sessions, a full cache: `swarm.wants_room`); it waits, since other sessions end and free it. Most often that room
+A session, new or replacing a failed hop, may find its server without room for it (this peer's cache share or
+open sessions, a full cache: `swarm.wants_room`); it waits, since other sessions end and free it. Most often that room
 is held by this client's own sessions, so the client knows when it frees: closing a hop wakes the sessions waiting
 for its server at once, where otherwise they ask again on a timer.
 

@@ -483,7 +483,10 @@ class InferenceSession:
         if self.closed:  # by another thread while this step ran: its hops were closed, not failed
             raise RuntimeError("the inference session was closed during this step") from error
         self.swarm.check_running()  # (the shutdown closed the connections: no fault of their servers)
-        logger.info("%s failed (%s); replacing it", failed, describe(error))
+        if wants_room(error):  # (a refusal to open it: no failure, and a waiting session meets it every ~2 s)
+            logger.debug("%s refused room (%s)", failed, describe(error))
+        else:
+            logger.info("%s failed (%s); replacing it", failed, describe(error))
         # its opening was refused for now only (a request rate): it is opened again, after the wait, which is no
         # failover of a working hop
         deferred = False

@@ -405,11 +405,11 @@ class SwarmClient:
         self.forward_chunk_tokens = forward_chunk_tokens
         self.min_chunk_s = min_chunk_s
         self.push = push  # servers hand activations to the next server themselves (see client.session)
-        # called on the client's event loop while a session replacing a hop waits for room that ending sessions
-        # free (`wants_room`): an owner of idle sessions (the API's kept ones) gives them back
+        # called on the client's event loop while a session (new, or replacing a hop) waits for room that ending
+        # sessions free (`wants_room`): an owner of idle sessions (the API's kept ones) gives them back
         self.room_wanted: Callable[[], None] | None = None
         self.rooms = RoomBoard()  # this client's sessions, and their waits for room on servers
-        # a replacement that has waited this long for room lets its session's other servers go (`client.room`)
+        # a session that has waited this long for room lets its other servers go (`client.room`)
         self.room_hold_s = room_hold_s
         # the most a session waits for room that ending sessions free (`wants_room`) where no other server holds
         # its blocks; 0: refused at once (SessionRefused)
