@@ -455,11 +455,12 @@ class InferenceSession:
                     )
                     await self._close_hops(new)
                     if _waits_out(e) and shed.defer(new[-1].peer_id, e):
-                        pass  # a refusal that clears by itself (a request rate): asked again once it has
-                    elif shed.defer_for_room(new[-1].peer_id, e):
+                        continue  # a refusal that clears by itself (a request rate): asked again once it has
+                    if shed.defer_for_room(new[-1].peer_id, e):
                         # a replacement waits for room (as sessions end) rather than lose the session's tokens
                         await self._wants_room(new[-1].peer_id)
-                    elif _refused_opening(e):
+                        continue
+                    if _refused_opening(e):
                         self._refused[new[-1].peer_id] = e
                     else:
                         self.swarm.ban(new[-1].peer_id, e)
@@ -515,7 +516,12 @@ class InferenceSession:
         end = self.swarm.num_blocks if to_end else failed.end
         try:
             new, route_s, replay_s = await self._chain(
-                failed.start, end, accept_from, failed.history.steps, error, failed.history.reordered_at
+                failed.start,
+                end,
+                accept_from,
+                failed.history.steps,
+                None if deferred else error,
+                failed.history.reordered_at,
             )
         except BaseException as e:  # (cancelled too: the next step must not take the closing for a fault)
             # the step fails, and the next one replaces hop i first (`failure`): it stays, closed, for the blocks
