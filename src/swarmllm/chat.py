@@ -114,7 +114,7 @@ class Chat:
                 "do_sample": False,
                 "logits_processor": LogitsProcessorList(sampling(self.temperature, seed, top_p=self.top_p)),
             }
-        with self.sessions.use(ids, len(ids) + max_new_tokens) as cached:
+        with self.sessions.use(ids, len(ids) + max_new_tokens) as (_, cached):
             self.model.generate(
                 prompt,
                 attention_mask=torch.ones_like(prompt),

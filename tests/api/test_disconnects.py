@@ -6,6 +6,7 @@ API's own counts of what runs go back to 0; requests beyond `--max-concurrent` w
 never completes holds no generation; and after all of it a greedy answer is still transformers' own."""
 
 import json
+import re
 import socket
 import threading
 import time
@@ -23,7 +24,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from swarmllm import AutoDistributedModelForCausalLM
 from swarmllm.client.loop import run_sync
 from swarmllm.local import LocalSwarm
-from swarmllm.wire import Message
+from swarmllm.wire import Identity, Message, connect_direct
 
 NAME = "tiny"
 BUDGET = 65536  # --max-cache-tokens of each server
@@ -31,7 +32,16 @@ CONTEXT = 8000  # --context-length of the API: room for answers far longer than 
 LONG = 7000  # max_tokens of the requests that are left: minutes of tokens, were they all generated
 FEW = 1000  # more tokens than a left request may generate in all (it asked for LONG a choice)
 MAX_CONCURRENT = 2
-SERVER_ARGS = ["--throughput", "50", "--bandwidth", "1000", "--max-cache-tokens", str(BUDGET)]
+SERVER_ARGS = [
+    "--throughput",
+    "50",
+    "--bandwidth",
+    "1000",
+    "--max-cache-tokens",
+    str(BUDGET),
+    "--metrics-port",
+    "0",
+]
 MESSAGES = [{"role": "user", "content": "tell me a story about the river"}]
 
 
@@ -397,3 +407,56 @@ def test_a_stream_left_before_its_first_byte_stops(swarm):
             RawRequest(base, path, body).drop()
         after = settled(swarm)["swarmllm_api_generation_tokens_total"]
         assert after - before < FEW, f"{path}: {after - before} tokens generated for requesters that left"
+
+
+def server_metric(server, name: str) -> float:
+    """A series of a server process's `--metrics-port` page."""
+    line = next(line for line in server.log if "metrics at http://" in line)
+    with urllib.request.urlopen(re.search(r"http://\S+/metrics", line)[0], timeout=10) as page:
+        text = page.read().decode()
+    return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples if s.name == name)
+
+
+async def fill(observer, peer_id: str) -> list:
+    """Two other peers (identities and connections of their own) each open a session of a whole share (half the
+    budget) on `peer_id`: its cache is full. Returns their connections."""
+    info = observer.swarm.info(peer_id)
+    host, port = info.direct_addrs[0].rsplit(":", 1)
+    held = []
+    for _ in range(2):
+        conn = await connect_direct(host, int(port), Identity.generate(), expected_peer_id=peer_id)
+        opening = {
+            "start": info.start_block,
+            "end": info.end_block,
+            "batch_size": 4,
+            "max_length": BUDGET // 8,
+        }
+        stream = await conn.open_stream("inference", Message(opening))
+        await stream.send(Message({"position": 0}, [torch.zeros(4, 1, observer.config.hidden_size)]))
+        await stream.recv()  # open, its room taken
+        held.append(conn)
+    return held
+
+
+def test_a_request_left_while_it_waits_for_room_stops_waiting(swarm):
+    """The first server's cache is full of two other peers' sessions: a streamed request waits for room there (for
+    up to --room-wait, 60 s), its `room` query waiting on the server. Its requester leaves: the wait ends with it
+    (its session closed), well before the 60 s, and nothing is generated for nobody."""
+    local, base, observer, peer_ids = swarm
+    before, errors = settled(swarm)["swarmllm_api_generation_tokens_total"], server_errors(base)
+    held = run_sync(fill(observer, peer_ids[0]))
+    try:
+        body = {"model": NAME, "messages": MESSAGES, "max_tokens": 16, "stream": True}
+        request = RawRequest(base, "/v1/chat/completions", body)
+        waiting = lambda: server_metric(local.servers[0], "swarmllm_server_room_waits")  # noqa: E731
+        wait_until(lambda: (waiting() >= 1, waiting()), 30, "the request's room query waiting on the server")
+        request.drop()
+        running = lambda: api_metrics(base)["swarmllm_api_generations_running"]  # noqa: E731
+        wait_until(lambda: (running() == 0, running()), 15, "the generation's end once its requester left")
+        assert waiting() == 0
+    finally:
+        for conn in held:
+            run_sync(conn.close())
+    after = settled(swarm)["swarmllm_api_generation_tokens_total"]  # (and no traceback in the API's log)
+    assert after == before, f"{after - before} tokens generated for a requester that left"
+    assert server_errors(base) == errors, "a requester that left counted as the API's own failure"

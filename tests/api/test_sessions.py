@@ -28,10 +28,11 @@ def test_best_match_is_the_longest_shared_prefix_with_room():
 
 
 class Remote:
-    """What the pool reads of a RemoteSession: its room, and the tokens its servers hold."""
+    """What the pool reads of a RemoteSession: its room, the tokens its servers hold, whether it is closed."""
 
     def __init__(self, max_length: int):
         self.max_length, self.input_ids, self.position = max_length, None, 0
+        self.closed = False
 
     def holds(self, tokens: list[int]) -> "Remote":
         self.input_ids, self.position = torch.tensor([tokens + [99]]), len(tokens)  # the last token unsent

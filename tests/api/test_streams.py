@@ -12,7 +12,10 @@ from swarmllm.api.streams import stream
 
 
 class Generation:
-    """A generation as the stream sees it: pieces that come when the test releases them, and `cancelled`."""
+    """A generation as the stream sees it: pieces that come when the test releases them, `cancelled`, and no
+    `abort` (it has no session to close)."""
+
+    abort = None
 
     def __init__(self, texts: list[str], fails: bool = False):
         self.texts, self.fails = texts, fails

@@ -87,6 +87,8 @@ class Generation:
     index: int = 0  # which of its prompt's choices (or best_of candidates)
     pieces: asyncio.Queue = field(default_factory=asyncio.Queue)
     cancelled: bool = False  # the requester went away: the generate stops at its next token
+    # set while it runs: ends it before its first token (a wait for room, a prefill) when its requester goes away
+    abort: Callable[[], None] | None = None
     logprob_sum: float = 0.0  # of its tokens under the model, when recorded (set when it ends)
     cached_tokens: int = 0  # of the prompt, held by the servers already (a kept session's)
 
@@ -217,11 +219,24 @@ class Engine:
                 scored = echo and request.logprob_top() is not None
                 streamer = PieceStreamer(gen.assembler, put, self._recorder(request))
                 # (a session refused cache room waits for it in the swarm client: `give_way_for_room`)
-                with self.sessions.use([] if scored else prompt_ids, need) as gen.cached_tokens:
-                    if echo:
-                        self._echo(prompt_ids, gen, request, streamer, put, index)
-                    else:
-                        self._generate(prompt_ids, gen, request, streamer, index)
+                with self.sessions.use([] if scored else prompt_ids, need) as (remote, gen.cached_tokens):
+
+                    def abort() -> None:
+                        """(On the API's loop.) Its requester left before its first token: the session closes,
+                        which ends a wait for room (up to the client's `room_wait_s`) or a prefill now."""
+                        if streamer.first_token_at is None:
+                            loop.run_in_executor(None, self.sessions.drop, remote)
+
+                    gen.abort = abort
+                    if gen.cancelled:  # (left before `abort` was set)
+                        abort()
+                    try:
+                        if echo:
+                            self._echo(prompt_ids, gen, request, streamer, put, index)
+                        else:
+                            self._generate(prompt_ids, gen, request, streamer, index)
+                    finally:
+                        gen.abort = None  # (the session goes back to the pool next)
                 tail = streamer.finish()
                 if tail is not None:
                     put(tail)
@@ -231,8 +246,11 @@ class Engine:
                     gen.prompt_tokens, gen.cached_tokens,
                 )  # fmt: skip
             except BaseException as e:  # noqa: BLE001 - handed to the request, which answers with it
-                logger.warning("generation failed: %r", e)
-                self.counted.generation_failures.inc()
+                if gen.cancelled:  # its requester left (and its session may have been closed under it)
+                    logger.debug("generation ended for a requester that left: %r", e)
+                else:
+                    logger.warning("generation failed: %r", e)
+                    self.counted.generation_failures.inc()
                 outcome = e
             finally:
                 # no longer running before its end is handed out: whoever reads the gauge after the answer

@@ -81,13 +81,13 @@ class SessionPool:
         return self.model.open_session(length), 0
 
     @contextlib.contextmanager
-    def use(self, prompt: list[int], need: int) -> Iterator[int]:
+    def use(self, prompt: list[int], need: int) -> Iterator[tuple[RemoteSession, int]]:
         """A session for a request (see `take`), the calling thread's inside the block (`use_session`): given
-        back after it, closed if it raised. Yields how many of the prompt's tokens its servers hold."""
+        back after it, closed if it raised. Yields it and how many of the prompt's tokens its servers hold."""
         remote, cached = self.take(prompt, need)
         try:
             with self.model.use_session(remote):
-                yield cached
+                yield remote, cached
         except BaseException:
             self.drop(remote)
             raise
@@ -116,9 +116,11 @@ class SessionPool:
         return len(kept)
 
     def _expired(self) -> list[RemoteSession]:
+        """Kept sessions unused past `idle_s`, or closed meanwhile (a requester that left closes its session: one
+        given back just then must not serve another)."""
         now = time.monotonic()
         with self._lock:
-            old = [k for k in self._kept if now - k.given > self.idle_s]
+            old = [k for k in self._kept if now - k.given > self.idle_s or k.remote.closed]
             self._kept = [k for k in self._kept if k not in old]
         return [k.remote for k in old]
 

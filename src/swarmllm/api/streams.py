@@ -49,6 +49,8 @@ def swarm_error(e: BaseException) -> ApiError:
 def _cancel(gens: list[Generation]) -> None:
     for gen in gens:
         gen.cancelled = True  # each stops at its next token
+        if (abort := gen.abort) is not None:  # (before its first: at once)
+            abort()
 
 
 async def joined(gens: list[Generation]) -> list[Piece]:

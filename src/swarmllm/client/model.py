@@ -136,6 +136,10 @@ class RemoteSession:
         return max(self.session.position - self.prompt_length, 0)
 
     @property
+    def closed(self) -> bool:
+        return self.session.closed
+
+    @property
     def max_length(self) -> int:
         return self.session.max_length - self.prompt_length
 
