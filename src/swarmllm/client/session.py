@@ -457,7 +457,7 @@ class InferenceSession:
                     if _waits_out(e) and shed.defer(new[-1].peer_id, e):
                         continue  # a refusal that clears by itself (a request rate): asked again once it has
                     if shed.defer_for_room(new[-1].peer_id, e):
-                        # a replacement waits for room (as sessions end) rather than lose the session's tokens
+                        # it waits for room (as sessions end) rather than fail, or lose the session's tokens
                         await self._wants_room(new[-1].peer_id)
                         continue
                     if _refused_opening(e):
