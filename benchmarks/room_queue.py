@@ -30,6 +30,7 @@ from common import append_results, markdown_table
 from room_wait import prompts, room_parser, tiny_and_greedy
 
 from swarmllm import AutoDistributedModelForCausalLM
+from swarmllm.client.swarm import SessionRefused
 from swarmllm.local import LocalSwarm
 
 PROMPT_TOKENS = 6  # of each of `prompts`
@@ -53,7 +54,7 @@ def run(path: Path, args: argparse.Namespace, want: list[list[int]]) -> tuple[fl
             try:
                 with torch.no_grad():
                     out = model.generate(prompt, max_new_tokens=args.tokens, do_sample=False)[0].tolist()
-            except ValueError as e:  # SessionRefused
+            except SessionRefused as e:
                 print(f"refused: {e}")
                 out = None
             return out, time.perf_counter()

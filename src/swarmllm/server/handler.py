@@ -94,7 +94,7 @@ class ServerLimits:
     push_timeout_s: float = 10.0  # the most a step's push may take (a client may ask for less)
     reply_timeout_s: float = 30.0  # a session whose reply the client does not take this long is closed
     max_room_wait_s: float = 2.0  # the most a `room` query waits for room to come free
-    room_promise_s: float = 1.0  # room told to a waiting peer is its for this long (or until it opens): `room`
+    room_promise_s: float = 1.0  # room told to a waiting peer is its this long, or until it opens (`room`)
     # per peer (a peer = an authenticated peer id), see `server.quota`
     max_sessions_per_peer: int = 16
     max_cache_share_per_peer: float = 0.5  # of the KV-cache budget
@@ -238,8 +238,13 @@ class RequestHandler:
         # blocks are left (`use_backend`)
         self._counted: dict[Incoming, tuple[str, int]] = {}
         self._session_closed = asyncio.Event()  # set whenever a session closes
-        self._room = RoomQueue(self._lacks_room, limits.room_promise_s)  # `room` queries waiting, in turn
-        self._room_waits: dict[str, int] = {}  # `room` queries waiting, by peer
+        # `room` queries waiting, in turn
+        self._room = RoomQueue(
+            self._lacks_room,
+            limits.room_promise_s,
+            limits.max_room_waits_per_peer,
+            limits.max_room_waits_total,
+        )
         self._pushes: set[asyncio.Task] = set()  # pushes waiting for a connection (a reply does not wait)
         self._push_connections: dict[str, Connection] = {}  # the next servers pushed to, by peer id
         self._early: dict[str, list[_EarlyPush]] = {}  # pushes that came before their session, by its secret id
@@ -368,18 +373,11 @@ class RequestHandler:
         check_range("batch_size", query.batch_size, 1, limits.max_batch_size)
         check_range("max_length", query.max_length, 1, limits.max_session_length)
         wait_s = min(max(query.wait_s, 0.0), limits.max_room_wait_s)
-        if self._room_waits.get(peer, 0) >= limits.max_room_waits_per_peer or (
-            sum(self._room_waits.values()) >= limits.max_room_waits_total
-        ):
-            wait_s = 0.0
-        self._room_waits[peer] = self._room_waits.get(peer, 0) + 1
         self.metrics.room_waits.inc()
         try:
             why = await self._room.ask(peer, query.batch_size, query.max_length, wait_s)
         finally:
             self.metrics.room_waits.dec()
-            if (waits := self._room_waits.pop(peer) - 1) > 0:
-                self._room_waits[peer] = waits
         return RoomReply(not why, why).to_message()
 
     def _lacks_room(self, peer: str, batch_size: int, max_length: int) -> tuple[str, bool]:

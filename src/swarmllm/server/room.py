@@ -6,7 +6,8 @@ once: one gets the room, the others are refused again and pause, and whoever ask
 queries wait in the order they came: when room comes free, the earliest query that it fits is told, and it holds
 that room for `promise_s` (or until its peer opens a session here): the queries after it are considered only then.
 A query that no closing can answer (more than a peer's share, the server leaving) is answered at once, and one
-that waited its whole wait is answered with what is true then.
+that waited its whole wait is answered with what is true then. Waiting queries are bounded, per peer and in all:
+past the bounds, a query is answered at once.
 
 Openings do not look at the queue: a peer that did not wait may take the room first (then the peer told is refused
 and asks again), as a server of an older version would let it.
@@ -33,11 +34,14 @@ class _Query:
 class RoomQueue:
     """The waiting `room` queries of one server (on its event loop), in the order they came."""
 
-    def __init__(self, lacks_room: LacksRoom, promise_s: float = 1.0):
+    def __init__(
+        self, lacks_room: LacksRoom, promise_s: float = 1.0, max_per_peer: int = 4, max_total: int = 256
+    ):
         self.lacks_room = lacks_room
         self.promise_s = promise_s
+        self.max_per_peer, self.max_total = max_per_peer, max_total
         self._queries: list[_Query] = []
-        self._promised: str | None = None  # the peer told room, which holds it until it opens or the timer ends
+        self._promised: str | None = None  # the peer told room: it holds it until it opens or the timer ends
         self._timer: asyncio.TimerHandle | None = None
 
     def __len__(self) -> int:
@@ -45,7 +49,12 @@ class RoomQueue:
 
     async def ask(self, peer: str, batch_size: int, max_length: int, wait_s: float) -> str:
         """Why `peer` could not open a session of `batch_size` x `max_length` ("" once it can), told when room
-        comes free for it in its turn, or after `wait_s` (then: what is true at that moment)."""
+        comes free for it in its turn, or after `wait_s` (then: what is true at that moment); at once past the
+        bounds on waiting queries."""
+        if len(self._queries) >= self.max_total or (
+            sum(q.peer == peer for q in self._queries) >= self.max_per_peer
+        ):
+            wait_s = 0.0
         query = _Query(peer, batch_size, max_length)
         self._queries.append(query)
         try:
@@ -74,20 +83,15 @@ class RoomQueue:
             self._serve()
 
     def _serve(self) -> None:
-        """Answer the queries that no closing can help, then, unless room is promised to a peer, tell the earliest
-        query that has room and promise that room to its peer."""
+        """In order: answer the queries that no closing can help, and, unless room is promised to a peer, tell the
+        earliest query that has room and promise that room to its peer."""
         for query in list(self._queries):
             why, final = self.lacks_room(query.peer, query.batch_size, query.max_length)
             if final:
                 self._answer(query, why)
-        if self._promised is not None:
-            return
-        for query in list(self._queries):
-            why, _ = self.lacks_room(query.peer, query.batch_size, query.max_length)
-            if not why:
+            elif not why and self._promised is None:
                 self._answer(query, "")
                 self._promise(query.peer)
-                return
 
     def _answer(self, query: _Query, why: str) -> None:
         self._queries.remove(query)
