@@ -8,6 +8,7 @@ a real capture does) and a replay runs it again into the same output tensor, rea
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import threading
 
@@ -279,3 +280,39 @@ def test_arena_sessions_through_row_graphs_match_their_solo_runs(span):
         for (_, _, _, adapter, _), x, (out, _) in zip(plans, inputs, results, strict=True):
             lora = None if adapter is None else span_lora(config, settings, adapter.tensors, range(4))
             torch.testing.assert_close(out, span(x, lora=lora), rtol=1e-5, atol=1e-5)
+
+
+def test_has_room_for_sessions_opened_one_after_another_agrees_with_opening_them(span):
+    """`Backend.has_room` (what a promise of room to a waiting session checks another's opening against)
+    against the oracle: opening the sessions in turn, some already open, rows and the budget both in play."""
+    backend = Backend(span, cache_tokens=300, arena_length=32)  # 4 rows of 32 slots, 168 budget tokens
+    rng = torch.Generator().manual_seed(0)
+
+    def shape():
+        return int(torch.randint(1, 4, (), generator=rng)), int(torch.randint(4, 70, (), generator=rng))
+
+    try:
+        agreed = {True: 0, False: 0}
+        for _ in range(200):
+            held = []
+            for _ in range(int(torch.randint(0, 3, (), generator=rng))):
+                with contextlib.suppress(CacheFullError):
+                    held.append(backend.open_session(0, 4, *shape()))
+            wanted = [shape() for _ in range(int(torch.randint(1, 4, (), generator=rng)))]
+            asked = [(b, n, backend.session_tokens(b, n)) for b, n in wanted]
+            says = backend.has_room(*asked)
+            opened = []
+            try:
+                for b, n, tokens in asked:
+                    opened.append(backend.open_session(0, 4, b, n, tokens=tokens))
+                fits = True
+            except CacheFullError:
+                fits = False
+            assert says == fits, (held, asked)
+            agreed[fits] += 1
+            for session in held + opened:
+                backend.close_session(session)
+            backend.compute.submit("", lambda: None).result()
+        assert min(agreed.values()) > 20  # both answers were exercised
+    finally:
+        backend.shutdown()

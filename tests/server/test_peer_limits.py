@@ -384,3 +384,35 @@ async def test_waiting_room_queries_are_told_in_the_order_they_came(span):
             assert RoomReply.parse(await asked[2]).room
         await check_steps(await open_session(askers[2], max_length=64), span)
         assert room_waits(handler) == 0
+
+
+async def test_room_promised_to_a_waiting_peer_is_held_from_other_peers_openings(span):
+    """Room told to a peer that waited for it is its: another peer's opening that would leave it too little is
+    refused (`cache_full`, and that peer can wait in turn), one that fits beside it is opened. A query whose wait
+    ended keeps its place for the peer's next query, ahead of those that came since."""
+    async with serving(span, cache_tokens=128, max_room_wait_s=30.0) as (backend, handler, connect):
+        held = []
+        for _ in range(2):  # two peers' whole shares: the cache is full
+            held.append(await open_session(await connect(), max_length=64))
+            await check_steps(held[-1], span)
+        waiter, later, other = await connect(), await connect(), await connect()
+        reply = RoomReply.parse(await waiter.call("room", room(max_length=32, wait_s=0.05)))
+        assert not reply.room  # its wait ended; its place is kept for its next query
+        asked_later = asyncio.ensure_future(later.call("room", room(max_length=32)))
+        await _until(lambda: room_waits(handler) == 1)
+        asked = asyncio.ensure_future(waiter.call("room", room(max_length=32)))
+        await _until(lambda: room_waits(handler) == 2)
+        await held[0].close()
+        async with asyncio.timeout(5):
+            assert RoomReply.parse(await asked).room  # the waiter's, before the query that came since
+        assert not asked_later.done()
+        async with asyncio.timeout(5):  # it would take the waiter's room
+            error = await refused(await open_session(other, max_length=64))
+        assert error.code == "cache_full" and "promised to a session that waited" in str(error)
+        beside = await open_session(other, max_length=32)  # room for both: opened
+        await check_steps(beside, span)
+        await check_steps(await open_session(waiter, max_length=32), span)
+        assert not asked_later.done()  # the cache is full again
+        await beside.close()
+        async with asyncio.timeout(5):
+            assert RoomReply.parse(await asked_later).room

@@ -45,11 +45,11 @@ async def test_one_query_is_told_per_room_in_the_order_they_came():
     await settle()
     assert not asks["b"].done()
     room.free -= 1
-    queue.opened("a")  # a took its room; b's turn, for the room still free
+    queue.opened("a", 1, 8)  # a took its room; b's turn, for the room still free
     await settle()
     assert asks["b"].result() == "" and not asks["c"].done()
     room.free -= 1
-    queue.opened("b")
+    queue.opened("b", 1, 8)
     await settle()
     assert not asks["c"].done() and len(queue) == 1
     asks["c"].cancel()
@@ -100,3 +100,65 @@ async def test_a_query_whose_wait_ends_is_told_what_is_true_then(wait_s):
     room.free = 1
     assert await queue.ask("b", 1, 8, wait_s) == ""  # room, told and promised to b
     assert await queue.ask("c", 1, 8, wait_s) == ""  # its wait ends under b's promise: the room is there
+
+
+async def test_a_query_whose_wait_ended_keeps_its_place_for_its_next_query():
+    """A client waits longer than a server's bounded wait by asking again: it must not go behind everyone who
+    came since."""
+    room = Room()
+    queue = RoomQueue(room.lacks, promise_s=0.05)
+    assert await queue.ask("a", 1, 8, 0.01) == "full"
+    later = asyncio.ensure_future(queue.ask("b", 1, 8, 30.0))
+    await settle()
+    again = asyncio.ensure_future(queue.ask("a", 1, 8, 30.0))  # a asks again: in its old place, before b
+    await asyncio.sleep(0.1)  # past the time its place was kept for: taken again, it waits on
+    assert len(queue) == 2
+    room.free = 1
+    queue.changed()
+    await settle()
+    assert again.result() == "" and not later.done()
+    later.cancel()
+
+
+async def test_room_for_a_kept_place_is_promised_to_its_peer_and_told_to_its_next_query():
+    room = Room()
+    queue = RoomQueue(room.lacks, promise_s=30.0)
+    assert await queue.ask("a", 1, 8, 0.01) == "full"  # a's place is kept, nobody waiting on it
+    later = asyncio.ensure_future(queue.ask("b", 1, 8, 30.0))
+    await settle()
+    assert len(queue) == 1
+    room.free = 1
+    queue.changed()
+    await settle()
+    assert not later.done()  # the room is a's: promised, held from other peers' openings
+    assert queue.held("b") == (1, 8) and queue.held("a") is None
+    async with asyncio.timeout(5):
+        assert await queue.ask("a", 1, 8, 30.0) == ""  # a's next query is told at once
+    assert not later.done()
+    room.free = 0
+    queue.opened("a", 1, 8)
+    assert queue.held("b") is None and not later.done()
+    later.cancel()
+
+
+async def test_a_kept_place_lapses_and_an_opening_gives_it_up():
+    room = Room()
+    queue = RoomQueue(room.lacks, promise_s=0.05)
+    assert await queue.ask("a", 1, 8, 0.01) == "full"
+    later = asyncio.ensure_future(queue.ask("b", 1, 8, 30.0))
+    await asyncio.sleep(0.1)  # past the 50 ms that a's place is kept
+    room.free = 1
+    queue.changed()
+    await settle()
+    assert later.result() == "" and queue.held("a") == (1, 8)
+    queue.opened("b", 1, 8)
+    room.free = 0
+    # a's place kept, then a opens such a session without asking again: its place is given up
+    assert await queue.ask("a", 1, 8, 0.01) == "full"
+    queue.opened("a", 1, 8)
+    third = asyncio.ensure_future(queue.ask("c", 1, 8, 30.0))
+    await settle()
+    room.free = 1
+    queue.changed()
+    await settle()
+    assert third.result() == ""

@@ -84,6 +84,11 @@ class CacheArena:
         with self._lock:
             return self._taken.count(False)
 
+    def taken(self) -> list[bool]:
+        """Which rows are taken now (a copy)."""
+        with self._lock:
+            return list(self._taken)
+
     def fits(self, batch_size: int, max_length: int) -> bool:
         """Whether `take` would find rows for such a session now."""
         if max_length > self.length:

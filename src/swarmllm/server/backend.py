@@ -56,7 +56,7 @@ from swarmllm.models.packed import initial_rows, layout_for, packed_projections
 from swarmllm.models.panels import PanelProjection
 from swarmllm.models.quant import Nf4PanelProjection
 from swarmllm.server.adapters import Adapter
-from swarmllm.server.arena import ARENA_LENGTH, CacheArena, arena_rows
+from swarmllm.server.arena import ARENA_LENGTH, CacheArena, arena_rows, first_fit
 from swarmllm.server.batching import DecodeBatcher
 from swarmllm.server.cache import CacheBudget
 from swarmllm.server.compute import ComputeThread
@@ -433,12 +433,21 @@ class Backend:
         self.sessions[session_id] = session
         return session
 
-    def has_room(self, batch_size: int, max_length: int, tokens: int) -> bool:
-        """Whether `open_session` would find cache for such a session now (`tokens`: as there)."""
-        if self.arena is not None and tokens >= batch_size * self.arena.length:
-            if self.arena.fits(batch_size, max_length):
-                return True
-        return batch_size * max_length <= self.budget.free_tokens
+    def has_room(self, *sessions: tuple[int, int, int]) -> bool:
+        """Whether `open_session` would find cache now for these sessions (batch size, max length, and tokens as
+        there), opened one after another: a session that waited for room is promised it (`server.room`), and
+        another's opening must leave it enough."""
+        arena, free = self.arena, self.budget.free_tokens
+        taken = arena.taken() if arena is not None else []
+        for batch_size, max_length, tokens in sessions:
+            if arena is not None and tokens >= batch_size * arena.length and max_length <= arena.length:
+                if (row := first_fit(taken, batch_size)) is not None:
+                    taken[row : row + batch_size] = [True] * batch_size
+                    continue
+            if batch_size * max_length > free:
+                return False
+            free -= batch_size * max_length
+        return True
 
     def _new_cache(self, blocks: int, batch_size: int, max_length: int) -> KVCache | int:
         return KVCache(blocks, batch_size, max_length, self.span.config, self.dtype, self.device)

@@ -31,7 +31,8 @@ refused with `quota`, one beyond the server's capacity with `busy` (and a cache 
 replies the client does not take within `reply_timeout_s` (it stopped reading) is closed and its cache freed.
 A client refused room (`quota` for its sessions or share, `cache_full`) asks `room` before it opens again: the
 query is answered as soon as a session here ends and frees room for it, the waiting queries in the order they came
-(`server.room`), or after `max_room_wait_s`.
+(`server.room`), or after `max_room_wait_s`. Room told to a peer is held from other peers' openings until it opens
+or `room_promise_s` ends.
 
 Leaving: `leave()` makes every session finish the steps already queued, then end with `server_leaving`, and
 refuses new sessions, so clients move to other servers before this one goes. Moving: `use_backend()` serves new
@@ -94,7 +95,9 @@ class ServerLimits:
     push_timeout_s: float = 10.0  # the most a step's push may take (a client may ask for less)
     reply_timeout_s: float = 30.0  # a session whose reply the client does not take this long is closed
     max_room_wait_s: float = 2.0  # the most a `room` query waits for room to come free
-    room_promise_s: float = 1.0  # room told to a waiting peer is its this long, or until it opens (`room`)
+    # room told to a waiting peer is its this long, or until it opens; a query whose wait ended keeps its place
+    # this long for the peer's next one (`room`)
+    room_promise_s: float = 1.0
     # per peer (a peer = an authenticated peer id), see `server.quota`
     max_sessions_per_peer: int = 16
     max_cache_share_per_peer: float = 0.5  # of the KV-cache budget
@@ -388,7 +391,7 @@ class RequestHandler:
         tokens = backend.session_tokens(batch_size, max_length)
         if (refusal := self.quotas.admits(peer, tokens, backend.budget.capacity_tokens)) is not None:
             return refusal.message, refusal.code == "bad_request"
-        if not backend.has_room(batch_size, max_length, tokens):
+        if not backend.has_room((batch_size, max_length, tokens)):
             free, capacity = backend.free_tokens, backend.budget.capacity_tokens
             return f"the cache has {free} of {capacity} tokens free", False
         return "", False
@@ -518,6 +521,12 @@ class RequestHandler:
         backend = self.backend  # a session stays on the blocks it opened on, even if the server moves
         adapter = self._adapter(peer, opening.adapter, start, end)
         cache_tokens = backend.session_tokens(opening.batch_size, opening.max_length)  # (arena rows: whole)
+        if (held := self._room.held(peer)) is not None and not backend.has_room(
+            (opening.batch_size, opening.max_length, cache_tokens), (*held, backend.session_tokens(*held))
+        ):
+            raise self._refusal(
+                "cache_full", "the free cache here is promised to a session that waited for it"
+            )
         self._refuse(self.quotas.open_session(peer, cache_tokens, backend.budget.capacity_tokens))
         try:
             session = backend.open_session(
@@ -545,7 +554,7 @@ class RequestHandler:
                 self._hand_over(early)
         self._open[incoming] = backend
         self._counted[incoming] = (peer, cache_tokens)
-        self._room.opened(peer)  # (room told to it is taken: the next waiting query's turn)
+        self._room.opened(peer, opening.batch_size, opening.max_length)  # (the next waiting query's turn)
         self.metrics.sessions_opened.inc()
         self.metrics.sessions_open.inc()
         if opening.replay:
