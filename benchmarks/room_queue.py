@@ -8,10 +8,12 @@ once (SessionRefused). Reported: how many finished and how many were refused, wh
 equal transformers' greedy ones, the seconds from the start to the last end (median over repeats, a fresh swarm
 each), and that against the ideal queue: ceil(sessions / room) rounds of `room` sessions at once (a round measured
 first, in the same swarm, with room for all of it), so the ratio is what waiting for room costs on top of the
-work. With `--arrive-every S`, session i starts i x S seconds after the first, and two more figures tell
-whether the queue serves them in turn when waits outlast a server's bounded `room` wait (2 s): the pairs served out
-of turn (a session that came later ended more than a quarter of a round before one that came earlier) and the longest
-time from a session's start to its end. Run it against another tree with `PYTHONPATH=that/src` to compare.
+work. With `--arrive-every S`, session i starts i x S seconds after the first, and two more figures tell whether
+the queue serves them in turn when waits outlast a server's bounded `room` wait (2 s): the pairs served out of turn
+(a session that came later ended more than a quarter of a round before one that came earlier) and the longest time
+from a session's start to its end (every client is warmed first, its route found and its connection open, so that
+its first opening reaches the server in the order it started). Run it against another tree with
+`PYTHONPATH=that/src` to compare.
 
     python benchmarks/room_queue.py [--sessions 6] [--room 2] [--tokens 48] [--arrive-every 0] [--repeats 3]
         [--no-record]
@@ -91,10 +93,11 @@ def run(path: Path, args: argparse.Namespace, want: list[list[int]]) -> Repeat:
                 return [r.result(timeout=600) for r in runs]
 
         try:
-            with torch.no_grad():  # (warming the server and every client: routes known, connections open)
-                for model, prompt in zip(models, prompts(args.sessions), strict=True):
-                    model.generate(prompt, max_new_tokens=2, do_sample=False)
-            together(args.room)  # (and sessions side by side)
+            if args.arrive_every:  # (every client warmed: its first opening reaches the server in its turn)
+                with torch.no_grad():
+                    for model, prompt in zip(models, prompts(args.sessions), strict=True):
+                        model.generate(prompt, max_new_tokens=2, do_sample=False)
+            together(args.room)  # (warming the server and the clients, not counted)
             results = together(args.room)
             round_s = max(ended for *_, ended in results) - min(began for _, began, _ in results)
             results = together(args.sessions, args.arrive_every)
