@@ -85,8 +85,8 @@ class RoomQueue:
                 wait_s = 0.0
             query = _Query(peer, batch_size, max_length, None)
             self._queries.append(query)
-        query.answer, query.kept_until = loop.create_future(), math.inf
-        answer = query.answer
+        answer: asyncio.Future[str] = loop.create_future()
+        query.answer, query.kept_until = answer, math.inf
         why: str | None = None
         try:
             self._serve()
