@@ -83,9 +83,13 @@ async def test_a_query_held_back_by_its_own_peers_limit_does_not_hold_up_the_nex
 
 
 async def test_what_no_closing_helps_is_told_at_once_even_under_a_promise():
-    room = Room(free=1)
+    room = Room()
     queue = RoomQueue(room.lacks, promise_s=30.0)
-    assert await queue.ask("a", 1, 8, 30.0) == ""  # room now: told, and promised to a
+    first = asyncio.ensure_future(queue.ask("a", 1, 8, 30.0))
+    await settle()
+    room.free = 1
+    queue.changed()
+    assert await first == "" and queue.held("b") == (1, 8)  # a waited: the room is promised to it
     room.never.add("b")
     async with asyncio.timeout(5):
         assert await queue.ask("b", 1, 8, 30.0) == "more than a share"
@@ -98,8 +102,17 @@ async def test_a_query_whose_wait_ends_is_told_what_is_true_then(wait_s):
     assert await queue.ask("a", 1, 8, wait_s) == "full"
     assert len(queue) == 0
     room.free = 1
-    assert await queue.ask("b", 1, 8, wait_s) == ""  # room, told and promised to b
-    assert await queue.ask("c", 1, 8, wait_s) == ""  # its wait ends under b's promise: the room is there
+    assert await queue.ask("b", 1, 8, wait_s) == ""  # room: told at once
+
+
+async def test_a_query_that_finds_room_is_told_at_once_and_holds_nothing():
+    """Only waiting earns a promise: otherwise a peer could hold room from others' openings just by asking."""
+    room = Room(free=1)
+    queue = RoomQueue(room.lacks, promise_s=30.0)
+    async with asyncio.timeout(5):
+        assert await queue.ask("a", 1, 8, 30.0) == ""
+        assert queue.held("b") is None and len(queue) == 0
+        assert await queue.ask("b", 1, 8, 30.0) == ""  # the same room, for the one that opens first
 
 
 async def test_a_query_whose_wait_ended_keeps_its_place_for_its_next_query():

@@ -5,7 +5,9 @@ is told room came free. Telling every waiting query at once when one session end
 once: one gets the room, the others are refused again and pause, and whoever asks last may get it first. So the
 queries wait in the order they came: when room comes free, the earliest query that it fits is told, and it holds
 that room for `promise_s` (or until its peer opens a session here): the queries after it are considered only then,
-and another peer's opening that would leave too little of it is refused (`held`).
+and another peer's opening that would leave too little of it is refused (`held`). Only a query that waited is
+promised room: one that finds room when it comes is told so and holds nothing, so that asking is no way to hold
+room from others.
 A query that no closing can answer (more than a peer's share, the server leaving) is answered at once, and one
 that waited its whole wait is answered with what is true then. Waiting queries are bounded, per peer and in all:
 past the bounds, a query is answered at once.
@@ -70,13 +72,15 @@ class RoomQueue:
         comes free for it in its turn, or after `wait_s` (then: what is true at that moment); at once past the
         bounds on waiting queries."""
         loop = asyncio.get_running_loop()
-        self._forget_lapsed(loop.time())
+        self._serve()  # (what is owed to the queries before it first)
         promised = self._promised
         if self._untold and promised is not None and promised.same(peer, batch_size, max_length):
             self._untold = False  # room came for its kept place: it is this query's
             why = self.lacks_room(peer, batch_size, max_length)[0]
             if not why:
                 return why
+        if promised is None and not self.lacks_room(peer, batch_size, max_length)[0]:
+            return ""  # room now, owed to nobody waiting: told, and held for nobody (it did not wait for it)
         query = self._kept(peer, batch_size, max_length)
         if query is None:
             if len(self._queries) >= self.max_total or (
