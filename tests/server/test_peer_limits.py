@@ -390,7 +390,8 @@ async def test_room_promised_to_a_waiting_peer_is_held_from_other_peers_openings
     """Room told to a peer that waited for it is its: another peer's opening that would leave it too little is
     refused (`cache_full`, and that peer can wait in turn), one that fits beside it is opened. A query whose wait
     ended keeps its place for the peer's next query, ahead of those that came since."""
-    async with serving(span, cache_tokens=128, max_room_wait_s=30.0) as (backend, handler, connect):
+    limits = dict(max_room_wait_s=30.0, room_promise_s=30.0)  # (no place or promise lapses in this test)
+    async with serving(span, cache_tokens=128, **limits) as (backend, handler, connect):
         held = []
         for _ in range(2):  # two peers' whole shares: the cache is full
             held.append(await open_session(await connect(), max_length=64))
