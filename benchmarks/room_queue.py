@@ -49,9 +49,7 @@ class Repeat:
     finished: int
     refused: int
     equal: bool  # the finished ones' tokens equal transformers'
-    out_of_turn: (
-        int  # pairs: a session that started later ended more than a quarter round before an earlier one
-    )
+    out_of_turn: int  # pairs where the later start ended over a quarter round before the earlier one
     longest_s: float  # the longest from a session's start to its end
 
 
