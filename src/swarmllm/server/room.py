@@ -76,25 +76,26 @@ class RoomQueue:
         promised = self._promised
         if self._untold and promised is not None and promised.same(peer, batch_size, max_length):
             self._untold = False  # room came for its kept place: it is this query's
-            why = self.lacks_room(peer, batch_size, max_length)[0]
-            if not why:
+            if not (why := self.lacks_room(peer, batch_size, max_length)[0]):
                 return why
-        if promised is None and not self.lacks_room(peer, batch_size, max_length)[0]:
-            return ""  # room now, owed to nobody waiting: told, and held for nobody (it did not wait for it)
+        why, final = self.lacks_room(peer, batch_size, max_length)
+        if final or (not why and promised is None):
+            # no closing helps, or room now that nobody waiting is owed: told at once, and held for nobody (it
+            # did not wait for it)
+            return why
         query = self._kept(peer, batch_size, max_length)
         if query is None:
             if len(self._queries) >= self.max_total or (
                 sum(q.peer == peer for q in self._queries) >= self.max_per_peer
             ):
-                wait_s = 0.0
+                return why  # past the bounds on waiting queries
             query = _Query(peer, batch_size, max_length, None)
             self._queries.append(query)
         answer: asyncio.Future[str] = loop.create_future()
         query.answer, query.kept_until = answer, math.inf
-        why: str | None = None
+        why = ""
         try:
-            self._serve()
-            if not answer.done() and wait_s > 0:
+            if wait_s > 0:
                 try:
                     await asyncio.wait_for(asyncio.shield(answer), wait_s)
                 except TimeoutError:
