@@ -2,7 +2,7 @@
 shape (qkv [1536, 1024], o [1024, 1024], gate_up [5632, 1024], down [1024, 2816], float32) applied to a step's
 rows in turn, as a decode step through a server's span does, in four layouts: PyTorch's plain one (MKL), packed
 for oneDNN laid out for 1 row and for 16 (`models/packed.py`), and panels for our own kernel
-(`models/panels.py`); with `--quant`, also int8 and nf4 codes as panels (`models/quant.py`) and nf4 through
+(`models/panels.py`; on an AVX-512 host, through the AVX2 library as well); with `--quant`, also int8 and nf4 codes as panels (`models/quant.py`) and nf4 through
 bitsandbytes' CPU kernels. The layers' weights (362 MB for 8) are far larger than the caches, so every step reads
 them from memory. Median of interleaved repeats, in ms a step; the panels' largest error against a float64
 product.
@@ -15,15 +15,31 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 from common import append_results, markdown_table
 
 from swarmllm.models.packed import MANY_ROWS, ONE_ROW, PackedProjection
-from swarmllm.models.panels import PanelProjection, kernel
+from swarmllm.models.panels import MIN_PANELS_PER_THREAD, PanelProjection, host_isa, kernel
 from swarmllm.models.quant import BitsAndBytesProjection, QuantizedProjection
 
 SHAPES = [(1536, 1024), (1024, 1024), (5632, 1024), (1024, 2816)]  # one medium layer's [out, in]
+
+
+def avx2_panels(projection: PanelProjection) -> Callable[[torch.Tensor], torch.Tensor]:
+    """`projection`'s product through the AVX2 library (on a host whose panels use the AVX-512 one)."""
+    panels, out_features = projection.panels, projection.out_features
+    run = kernel("avx2").by_dtype[panels.dtype]
+
+    def call(x: torch.Tensor) -> torch.Tensor:
+        y = torch.empty(x.shape[0], out_features)
+        # as panels.py splits a call over threads
+        threads = max(1, min(torch.get_num_threads(), panels.shape[0] // MIN_PANELS_PER_THREAD))
+        run(x.data_ptr(), x.shape[0], x.shape[1], panels.data_ptr(), out_features, y.data_ptr(), threads)
+        return y
+
+    return call
 
 
 def main() -> None:
@@ -49,6 +65,9 @@ def main() -> None:
         "panels": [PanelProjection.from_projection(linear) for linear in linears],
     }
     float32 = [name for name in layouts if name != "panels"]  # what the panels are compared with
+    # on an AVX-512 host, the panels of the AVX2 library too, for comparison
+    if host_isa() == "avx512" and kernel("avx2") is not None:
+        layouts["panels, AVX2 library"] = [avx2_panels(panel) for panel in layouts["panels"]]
     if args.quant:
         for mode in ("int8", "nf4"):
             layouts[f"{mode} panels"] = [QuantizedProjection.from_projection(lin, mode) for lin in linears]
@@ -67,8 +86,9 @@ def main() -> None:
                     want = x.double() @ linear.weight.double().T
                     worst = max(worst, float((panel(x).double() - want).abs().max() / want.abs().max()))
                 times: dict[str, list[float]] = {name: [] for name in layouts}
-                for _ in range(args.repeats + 1):  # the first round warms up
-                    for name, calls in layouts.items():
+                for repeat in range(args.repeats + 1):  # the first round warms up
+                    # in turn, the order reversed every other round (a layout run after another runs faster here)
+                    for name, calls in list(layouts.items())[:: 1 if repeat % 2 else -1]:
                         began = time.perf_counter()
                         for call, linear in zip(calls, linears, strict=True):
                             call(inputs[linear.in_features])
@@ -89,8 +109,8 @@ def main() -> None:
             f"A CPU server's projections: panels against MKL and oneDNN ({args.layers} medium layers)",
             table,
             f"{len(linears)} projections ({megabytes:.0f} MB of float32 weights) applied in turn to a step's rows, "
-            f"median of {args.repeats} interleaved repeats after one. Panels' largest error against a float64 "
-            f"product: {worst:.1e} of its largest value.",
+            f"median of {args.repeats} interleaved repeats after one (the order reversed every other round). "
+            f"Panels' largest error against a float64 product: {worst:.1e} of its largest value.",
         )
 
 

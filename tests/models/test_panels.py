@@ -10,19 +10,25 @@ import pytest
 import torch
 
 from swarmllm.models import load_span
+from swarmllm.models import panels as panels_module
 from swarmllm.models.llama import Lora, Projection
 from swarmllm.models.packed import PackedCopy, packed_projections
 from swarmllm.models.panels import (
     MIN_PANEL_ELEMENTS,
     PANEL,
+    PANEL_DTYPES,
     PanelProjection,
     _compiler,
     build,
     dense_weight,
     from_panels,
+    host_isa,
     kernel,
+    nf4_matmul,
     panel_linear,
     panel_matmul,
+    panel_outputs,
+    to_nf4_panels,
     to_panels,
 )
 
@@ -181,9 +187,64 @@ def test_the_kernel_is_built_once_per_source_and_a_failing_compiler_leaves_none(
     assert library is not None and library.parent == tmp_path
     built = os.stat(library).st_mtime_ns
     assert build(tmp_path, compiler) == library and os.stat(library).st_mtime_ns == built
+    assert build(tmp_path, compiler, "avx512") not in (None, library)  # a library per instruction set
     assert build(tmp_path / "other", "false") is None  # a compiler that fails: nothing half-built is left
     assert list((tmp_path / "other").iterdir()) == []
     assert "did not compile" in caplog.text
+
+
+@pytest.mark.skipif(host_isa() != "avx512", reason="this CPU has no AVX-512")
+def test_the_avx2_and_the_avx512_library_give_the_same_bits(threads, monkeypatch):
+    """A server built for AVX-512 and one built for AVX2 compute a row the same, bit for bit (each output is one
+    FMA chain over the input in order in both): float32, bfloat16, float16, int8 and nf4 panels, padded last
+    panels, every row count a block takes (1-8) and more, on 1 thread and 2."""
+    libraries = {"avx2": kernel("avx2"), "avx512": kernel("avx512")}
+    assert None not in libraries.values() and libraries["avx2"] is not libraries["avx512"]
+    generator = torch.Generator().manual_seed(11)
+    panels = {
+        str(dtype): to_panels(torch.randn(200, 128, generator=generator).to(dtype)) for dtype in PANEL_DTYPES
+    }
+    int8 = to_panels(torch.randint(-127, 128, (200, 128), generator=generator, dtype=torch.int8))
+    scales = torch.rand(panel_outputs(200), generator=generator)
+    codes = torch.randint(0, 16, (200, 128), generator=generator, dtype=torch.uint8)
+    nf4 = (
+        *to_nf4_panels(codes, torch.rand(200, 2, generator=generator)),
+        torch.randn(16, generator=generator),
+    )
+
+    def products(x: torch.Tensor) -> dict[str, torch.Tensor]:
+        out = {name: panel_matmul(x, weight, 200) for name, weight in panels.items()}
+        return {**out, "int8": panel_matmul(x, int8, 200, scales), "nf4": nf4_matmul(x, *nf4, 200)}
+
+    for count in (1, 2):
+        threads(count)
+        for rows in (*range(1, 10), 13, 16, 300):
+            x = torch.randn(rows, 128, generator=generator)
+            got = {}
+            for isa, library in libraries.items():
+                monkeypatch.setattr(panels_module, "kernel", lambda library=library: library)
+                got[isa] = products(x)
+            for name, want in got["avx2"].items():
+                assert torch.equal(got["avx512"][name], want), (name, rows, count)
+
+
+@pytest.mark.skipif(host_isa() != "avx512", reason="this CPU has no AVX-512")
+def test_an_avx512_build_that_fails_falls_back_to_the_avx2_one(tmp_path, monkeypatch):
+    """A compiler that cannot build for AVX-512 (here: one that refuses -mavx512f) leaves the AVX2 library, not
+    none: the server keeps its panels."""
+    compiler = tmp_path / "cxx"
+    compiler.write_text(f'#!/bin/sh\ncase "$*" in *-mavx512f*) exit 1;; esac\nexec {_compiler()} "$@"\n')
+    compiler.chmod(0o755)
+    monkeypatch.setenv("CXX", str(compiler))
+    monkeypatch.setenv("SWARMLLM_KERNEL_DIR", str(tmp_path / "kernels"))
+    assert kernel.__wrapped__("avx512") is None  # asked for by name: none
+    fallback = kernel.__wrapped__()
+    assert fallback is not None
+    assert [p.name.split("-")[1] for p in (tmp_path / "kernels").glob("*.so")] == ["avx2"]
+    x, weight = torch.randn(3, 64), torch.randn(40, 64)
+    panels, y = to_panels(weight), torch.empty(3, 40)
+    fallback.by_dtype[torch.float32](x.data_ptr(), 3, 64, panels.data_ptr(), 40, y.data_ptr(), 1)
+    assert near(y, x.double() @ weight.double().T)
 
 
 def test_a_clients_head_copy_is_panels_and_follows_its_weight():

@@ -1,4 +1,4 @@
-"""Projections stored as panels of 16 outputs, multiplied by a small AVX2 kernel of our own
+"""Projections stored as panels of 16 outputs, multiplied by a small AVX2 or AVX-512 kernel of our own
 (`kernels/panel_gemm.cpp`): a CPU server's large projections, float32, bfloat16 or float16 (and int8 and nf4
 codes, `models.quant`), always summed in float32.
 
@@ -13,9 +13,16 @@ nothing is re-laid out as the load changes (as oneDNN's packed weights must be, 
 Each output is one float32 FMA chain over the input in order, so a row's result is bit for bit the same whatever
 rows share its call: a merged step, a failover's replay and a lone step agree exactly.
 
+On a CPU with AVX-512 the same source is built with it (`ISA_FLAGS`): a panel's 16 outputs fill one register, not
+two, and a block of rows takes up to 8 rows x 3 panels. Reading the weights costs the same; the rows' FMAs take
+half the instructions: 8 rows through 8 medium layers, one thread, 29 ms against 39-41 for the AVX2 build, a
+512-row prefill 586 against 992, 1 row the same (an Intel Xeon with AVX-512, `benchmarks/panel_matmul.py`). The
+chains are the AVX2 build's lane for lane, so servers of either build give the same bits too.
+
 The kernel is compiled once per source with the host's C++ compiler (the one Inductor uses too) into
 `~/.cache/swarmllm/kernels` and loaded with ctypes, which drops the GIL while it runs. Where the CPU lacks AVX2
-and FMA, or no compiler is found, `kernel()` is None and callers keep oneDNN's layout. With more than one torch
+and FMA, or no compiler is found, `kernel()` is None and callers keep oneDNN's layout (an AVX-512 build that fails
+falls back to the AVX2 one). With more than one torch
 thread, a call splits its panels over that many threads of torch's own OpenMP runtime (the library links
 libgomp.so.1, which torch has loaded: one pool of threads, not two spinning against each other).
 """
@@ -41,10 +48,12 @@ from swarmllm.models.llama import Lora, Projection, RowLoras
 
 logger = logging.getLogger(__name__)
 
-PANEL = 16  # outputs per panel (two AVX2 vectors)
+PANEL = 16  # outputs per panel (two AVX2 vectors, one AVX-512 vector)
 PANEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 SOURCE = Path(__file__).with_name("kernels") / "panel_gemm.cpp"
 FLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-std=c++17", "-shared", "-fPIC")
+# a library per instruction set (the source picks its AVX-512 path where built with these); both give the same bits
+ISA_FLAGS = {"avx2": (), "avx512": ("-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq")}
 # a call costs ~7 us more than a plain `F.linear` from Python: smaller weights (the tiny model's) stay plain; from
 # 576 x 576 (SmolLM2's) on, panels are as fast for one row and faster for several
 MIN_PANEL_ELEMENTS = 1 << 18
@@ -79,12 +88,13 @@ def _compiler() -> str | None:
     return None
 
 
-def build(directory: Path, compiler: str) -> Path | None:
-    """The kernel's library in `directory`, compiled there first unless a build of the same source, compiler and
-    flags is there already; None if it does not compile."""
+def build(directory: Path, compiler: str, isa: str = "avx2") -> Path | None:
+    """The kernel's library for instruction set `isa` (`ISA_FLAGS`) in `directory`, compiled there first unless a
+    build of the same source, compiler and flags is there already; None if it does not compile."""
     source = SOURCE.read_bytes()
-    digest = hashlib.sha256(source + " ".join((compiler, *FLAGS)).encode()).hexdigest()[:16]
-    library = directory / f"panel_gemm-{digest}.so"
+    flags = (*FLAGS, *ISA_FLAGS[isa])
+    digest = hashlib.sha256(source + " ".join((compiler, *flags)).encode()).hexdigest()[:16]
+    library = directory / f"panel_gemm-{isa}-{digest}.so"
     if library.exists():
         return library
     partial = None
@@ -94,7 +104,7 @@ def build(directory: Path, compiler: str) -> Path | None:
         fd, partial = tempfile.mkstemp(suffix=".so", dir=directory)
         os.close(fd)
         subprocess.run(
-            [compiler, *FLAGS, "-o", partial, str(SOURCE)], check=True, capture_output=True, timeout=120
+            [compiler, *flags, "-o", partial, str(SOURCE)], check=True, capture_output=True, timeout=120
         )
         os.replace(partial, library)
     except (OSError, subprocess.SubprocessError) as e:
@@ -107,16 +117,26 @@ def build(directory: Path, compiler: str) -> Path | None:
     return library
 
 
+def host_isa() -> str | None:
+    """The widest instruction set of `ISA_FLAGS` this CPU runs (PyTorch's own choice, which
+    `ATEN_CPU_CAPABILITY=avx2` lowers), or None."""
+    return {"AVX2": "avx2", "AVX512": "avx512"}.get(torch.backends.cpu.get_cpu_capability())
+
+
 @functools.cache
-def kernel() -> Kernels | None:
-    """The compiled kernels, or None where they cannot run here."""
-    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+def kernel(isa: str | None = None) -> Kernels | None:
+    """The compiled kernels for `isa` (by default the host's widest: an AVX-512 library that does not compile
+    falls back to the AVX2 one), or None where they cannot run here."""
+    widest = host_isa()
+    if widest is None or (isa == "avx512" and widest != "avx512"):
         return None
     compiler = _compiler()
     if compiler is None:
         logger.info("no C++ compiler found: CPU projections stay in oneDNN's layout")
         return None
-    library = build(_cache_dir(), compiler)
+    library = build(_cache_dir(), compiler, isa or widest)
+    if library is None and isa is None and widest != "avx2":
+        library = build(_cache_dir(), compiler, "avx2")
     if library is None:
         return None
     loaded = ctypes.CDLL(str(library))

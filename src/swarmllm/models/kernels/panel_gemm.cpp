@@ -1,19 +1,22 @@
 // y[M, N] = x[M, K] W^T for a weight stored as panels of 16 outputs, P[N / 16][K][16] (the last panel
-// zero-padded), float32 inputs and sums, with AVX2, FMA and F16C. The weight is float32, bfloat16, float16, or
+// zero-padded), float32 inputs and sums, with AVX2, FMA and F16C, or AVX-512 where the library is built for it
+// (swarmllm/models/panels.py builds one library per instruction set). The weight is float32, bfloat16, float16, or
 // int8 codes with one float32 scale per output (W = codes * scales, row-wise); each is widened to float32 in
 // registers. nf4 weights have panels of their own layout (see nf4_panels_through). Built and loaded by
 // swarmllm/models/panels.py, which says why.
 //
-// The weight is read once per call, front to back, whatever M. Rows go through it in blocks of at most 6, and
-// a block of few rows takes several panels at once: rows x 2 x panels accumulators stay within 12 of AVX2's 16
-// registers, and enough independent FMA chains and weight streams are in flight to keep up with memory (one row
-// alone through one panel would leave the FMA units waiting on its 2 chains); a block of 4-6 rows, one panel at
-// a time, prefetches the next. The first block of rows streams the panels from memory, the others find them in
-// L2. Each output is one float32 FMA chain over k in order (then scaled, for int8), so a row's result does not
-// depend on the rows that share its call.
+// The weight is read once per call, front to back, whatever M. Rows go through it in blocks of at most 6 (AVX2)
+// or 8 (AVX-512), and a block of few rows takes several panels at once: the rows x panels accumulators (two AVX2
+// registers a panel, one AVX-512 register) stay within 12 of AVX2's 16 registers or 24 of AVX-512's 32, and
+// enough independent FMA chains and weight streams are in flight to keep up with memory (one row alone through
+// one panel would leave the FMA units waiting on its chains); a block of one panel at a time prefetches the next.
+// The first block of rows streams the panels from memory, the others find them in L2. Each output is one float32
+// FMA chain over k in order (then scaled, for int8), so a row's result does not depend on the rows that share its
+// call, nor on the instruction set: the AVX2 and the AVX-512 library give the same bits.
 #include <immintrin.h>
 
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -102,29 +105,93 @@ inline void store(__m256 (&acc)[R][2 * J], float* y, int64_t ldy, int64_t cols) 
     }
 }
 
+// f(std::integral_constant<int, R>) for R = min(rows, Max), at least 1: a block's row count as a template argument
+template <int Max, typename F>
+inline void with_rows(int64_t rows, F f) {
+    if constexpr (Max > 1) {
+        if (rows < Max) return with_rows<Max - 1>(rows, f);
+    }
+    f(std::integral_constant<int, Max>{});
+}
+
 template <int J, typename T>
 inline void rows_through(int64_t rows, const float* x, int64_t K, const T* panel, const float* scale, float* y,
                          int64_t ldy, int64_t cols) {
-    switch (rows) {
-        case 6: block<6, J>(x, K, panel, scale, y, ldy, cols); break;
-        case 5: block<5, J>(x, K, panel, scale, y, ldy, cols); break;
-        case 4: block<4, J>(x, K, panel, scale, y, ldy, cols); break;
-        case 3: block<3, J>(x, K, panel, scale, y, ldy, cols); break;
-        case 2: block<2, J>(x, K, panel, scale, y, ldy, cols); break;
-        default: block<1, J>(x, K, panel, scale, y, ldy, cols); break;
+    with_rows<kMaxRows>(rows, [&](auto r) { block<decltype(r)::value, J>(x, K, panel, scale, y, ldy, cols); });
+}
+
+#if defined(__AVX512F__)
+// The same with AVX-512: a panel's 16 weights at one input k are one register, so a block holds up to 8 rows x 3
+// panels of accumulators. Each output's FMA chain is the AVX2 one's, lane for lane.
+constexpr int kMaxRows512 = 8;
+
+inline __m512 load16(const float* w) { return _mm512_loadu_ps(w); }
+inline __m512 load16(const int8_t* w) {
+    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w))));
+}
+inline __m512 load16(const bfloat16* w) {
+    const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w)));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
+}
+inline __m512 load16(const float16* w) {
+    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w)));
+}
+
+template <int R, int J, typename T>
+inline void block512(const float* x, int64_t K, const T* panel, const float* scale, float* y, int64_t ldy,
+                     int64_t cols) {
+    const int64_t stride = K * kPanel;
+    __m512 acc[R][J];
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+#pragma GCC unroll 8
+        for (int j = 0; j < J; ++j) acc[r][j] = _mm512_setzero_ps();
+    }
+    for (int64_t k = 0; k < K; ++k) {
+        __m512 w[J];
+        if (J == 1) {
+            _mm_prefetch(reinterpret_cast<const char*>(panel + stride + k * kPanel), _MM_HINT_T0);
+        }
+#pragma GCC unroll 8
+        for (int j = 0; j < J; ++j) w[j] = load16(panel + j * stride + k * kPanel);
+#pragma GCC unroll 8
+        for (int r = 0; r < R; ++r) {
+            const __m512 v = _mm512_set1_ps(x[r * K + k]);
+#pragma GCC unroll 8
+            for (int j = 0; j < J; ++j) acc[r][j] = _mm512_fmadd_ps(v, w[j], acc[r][j]);
+        }
+    }
+#pragma GCC unroll 8
+    for (int j = 0; j < J; ++j) {
+        const __m512 s = scale != nullptr ? _mm512_loadu_ps(scale + kPanel * j) : _mm512_setzero_ps();
+        const int64_t left = cols - j * kPanel;
+        const __mmask16 mask = left >= kPanel ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1);
+#pragma GCC unroll 8
+        for (int r = 0; r < R; ++r) {
+            const __m512 out = scale != nullptr ? _mm512_mul_ps(acc[r][j], s) : acc[r][j];
+            _mm512_mask_storeu_ps(y + r * ldy + j * kPanel, mask, out);
+        }
     }
 }
 
-// panels [first, last) of the product; y points at the first's outputs, rows ldy apart
-template <typename T>
-void panels_through(const float* x, int64_t M, int64_t K, const T* P, const float* scales, int64_t N, float* y,
-                    int64_t ldy, int64_t first, int64_t last) {
-    // rows in blocks of near-equal size, at most 6 (8 rows: 4 + 4, not 6 + 2); 4 rows as 2 + 2, whose blocks take
-    // 3 panels each: 21-22 ms against 24-26 as one block over 8 medium layers (benchmarks/RESULTS.md, session 26)
-    const int64_t most_rows = M == 4 ? 2 : kMaxRows;
+template <int J, typename T>
+inline void rows_through512(int64_t rows, const float* x, int64_t K, const T* panel, const float* scale,
+                            float* y, int64_t ldy, int64_t cols) {
+    with_rows<kMaxRows512>(rows, [&](auto r) {
+        block512<decltype(r)::value, J>(x, K, panel, scale, y, ldy, cols);
+    });
+}
+
+#endif
+
+// panels [first, last) of the product; y points at the first's outputs, rows ldy apart. Rows go in blocks of
+// near-equal size, at most `most_rows`, each block through `group` panels at once: through(take, rows, x, panel,
+// scale, y, cols) runs `rows` rows through `take` panels.
+template <typename T, typename Through>
+void walk(const float* x, int64_t M, int64_t K, const T* P, const float* scales, int64_t N, float* y, int64_t ldy,
+          int64_t first, int64_t last, int64_t most_rows, int64_t (*group_for)(int64_t), Through through) {
     const int64_t blocks = (M + most_rows - 1) / most_rows;
-    const int64_t most = M / blocks + (M % blocks ? 1 : 0);
-    const int64_t group = most == 1 ? 4 : most == 2 ? 3 : most == 3 ? 2 : 1;  // panels taken at once
+    const int64_t group = group_for(M / blocks + (M % blocks ? 1 : 0));  // by the largest block's rows
     for (int64_t p = first; p < last;) {
         const int64_t take = p + group <= last ? group : 1;
         const T* panel = P + p * K * kPanel;
@@ -133,18 +200,43 @@ void panels_through(const float* x, int64_t M, int64_t K, const T* P, const floa
         int64_t row = 0;
         for (int64_t b = 0; b < blocks; ++b) {
             const int64_t rows = M / blocks + (b < M % blocks ? 1 : 0);
-            const float* xb = x + row * K;
-            float* yb = y + row * ldy + (p - first) * kPanel;
-            switch (take) {
-                case 4: rows_through<4>(rows, xb, K, panel, scale, yb, ldy, cols); break;
-                case 3: rows_through<3>(rows, xb, K, panel, scale, yb, ldy, cols); break;
-                case 2: rows_through<2>(rows, xb, K, panel, scale, yb, ldy, cols); break;
-                default: rows_through<1>(rows, xb, K, panel, scale, yb, ldy, cols); break;
-            }
+            through(take, rows, x + row * K, panel, scale, y + row * ldy + (p - first) * kPanel, cols);
             row += rows;
         }
         p += take;
     }
+}
+
+template <typename T>
+void panels_through(const float* x, int64_t M, int64_t K, const T* P, const float* scales, int64_t N, float* y,
+                    int64_t ldy, int64_t first, int64_t last) {
+#if defined(__AVX512F__)
+    // 4 panels at once up to 4 rows, else 3 (8 medium layers, 8 rows: 29 ms against 32 for 2)
+    const auto group = [](int64_t most) -> int64_t { return most <= 4 ? 4 : 3; };
+    walk(x, M, K, P, scales, N, y, ldy, first, last, kMaxRows512, +group,
+         [&](int64_t take, int64_t rows, const float* xb, const T* panel, const float* scale, float* yb,
+             int64_t cols) {
+             switch (take) {
+                 case 4: rows_through512<4>(rows, xb, K, panel, scale, yb, ldy, cols); break;
+                 case 3: rows_through512<3>(rows, xb, K, panel, scale, yb, ldy, cols); break;
+                 default: rows_through512<1>(rows, xb, K, panel, scale, yb, ldy, cols); break;
+             }
+         });
+#else
+    // at most 6 rows a block (8 rows: 4 + 4, not 6 + 2); 4 rows as 2 + 2, whose blocks take 3 panels each: 21-22 ms
+    // against 24-26 as one block over 8 medium layers (benchmarks/RESULTS.md, session 26)
+    const auto group = [](int64_t most) -> int64_t { return most == 1 ? 4 : most == 2 ? 3 : most == 3 ? 2 : 1; };
+    walk(x, M, K, P, scales, N, y, ldy, first, last, M == 4 ? 2 : kMaxRows, +group,
+         [&](int64_t take, int64_t rows, const float* xb, const T* panel, const float* scale, float* yb,
+             int64_t cols) {
+             switch (take) {
+                 case 4: rows_through<4>(rows, xb, K, panel, scale, yb, ldy, cols); break;
+                 case 3: rows_through<3>(rows, xb, K, panel, scale, yb, ldy, cols); break;
+                 case 2: rows_through<2>(rows, xb, K, panel, scale, yb, ldy, cols); break;
+                 default: rows_through<1>(rows, xb, K, panel, scale, yb, ldy, cols); break;
+             }
+         });
+#endif
 }
 
 // run(first, last) over the N outputs' panels, split into `threads` contiguous runs, one per OpenMP thread
@@ -222,12 +314,9 @@ inline void nf4_block(const float* x, int64_t K, const uint8_t* codes, const flo
 
 inline void nf4_rows(int64_t rows, const float* x, int64_t K, const uint8_t* codes, const float* absmax,
                      __m256 low, __m256 high, float* y, int64_t ldy, int64_t cols) {
-    switch (rows) {
-        case 4: nf4_block<4>(x, K, codes, absmax, low, high, y, ldy, cols); break;
-        case 3: nf4_block<3>(x, K, codes, absmax, low, high, y, ldy, cols); break;
-        case 2: nf4_block<2>(x, K, codes, absmax, low, high, y, ldy, cols); break;
-        default: nf4_block<1>(x, K, codes, absmax, low, high, y, ldy, cols); break;
-    }
+    with_rows<4>(rows, [&](auto r) {
+        nf4_block<decltype(r)::value>(x, K, codes, absmax, low, high, y, ldy, cols);
+    });
 }
 
 // nf4 panels [first, last). Up to 4 rows make the weights in registers, a panel at a time (a lone row through 2
