@@ -2,8 +2,8 @@
 shape (qkv [1536, 1024], o [1024, 1024], gate_up [5632, 1024], down [1024, 2816], float32) applied to a step's
 rows in turn, as a decode step through a server's span does, in four layouts: PyTorch's plain one (MKL), packed
 for oneDNN laid out for 1 row and for 16 (`models/packed.py`), and panels for our own kernel
-(`models/panels.py`; on an AVX-512 host, through the AVX2 library as well); with `--quant`, also int8 and nf4 codes as panels (`models/quant.py`) and nf4 through
-bitsandbytes' CPU kernels. The layers' weights (362 MB for 8) are far larger than the caches, so every step reads
+(`models/panels.py`; on an AVX-512 host, through the AVX2 library as well); with `--quant`, also int8 and nf4
+codes as panels (`models/quant.py`) and nf4 through bitsandbytes' CPU kernels. The layers' weights (362 MB for 8) are far larger than the caches, so every step reads
 them from memory. Median of interleaved repeats, in ms a step; the panels' largest error against a float64
 product.
 

@@ -16,15 +16,16 @@ rows share its call: a merged step, a failover's replay and a lone step agree ex
 On a CPU with AVX-512 the same source is built with it (`ISA_FLAGS`): a panel's 16 outputs fill one register, not
 two, and a block of rows takes up to 8 rows x 3 panels. Reading the weights costs the same; the rows' FMAs take
 half the instructions: 8 rows through 8 medium layers, one thread, 29 ms against 39-41 for the AVX2 build, a
-512-row prefill 586 against 992, 1 row the same (an Intel Xeon with AVX-512, `benchmarks/panel_matmul.py`). The
-chains are the AVX2 build's lane for lane, so servers of either build give the same bits too.
+512-row prefill 572-586 against 992-997, 1 row the same (an Intel Xeon with AVX-512, `benchmarks/panel_matmul.py`);
+nf4 weights are looked up 16 at a time (1 row 8.8 ms against 25.5). The chains are the AVX2 build's lane for lane,
+so servers of either build give the same bits too.
 
 The kernel is compiled once per source with the host's C++ compiler (the one Inductor uses too) into
 `~/.cache/swarmllm/kernels` and loaded with ctypes, which drops the GIL while it runs. Where the CPU lacks AVX2
 and FMA, or no compiler is found, `kernel()` is None and callers keep oneDNN's layout (an AVX-512 build that fails
-falls back to the AVX2 one). With more than one torch
-thread, a call splits its panels over that many threads of torch's own OpenMP runtime (the library links
-libgomp.so.1, which torch has loaded: one pool of threads, not two spinning against each other).
+falls back to the AVX2 one). With more than one torch thread, a call splits its panels over that many threads of
+torch's own OpenMP runtime (the library links libgomp.so.1, which torch has loaded: one pool of threads, not two
+spinning against each other).
 """
 
 from __future__ import annotations
