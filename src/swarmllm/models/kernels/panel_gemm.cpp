@@ -122,7 +122,7 @@ inline void rows_through(int64_t rows, const float* x, int64_t K, const T* panel
 
 #if defined(__AVX512F__)
 // The same with AVX-512: a panel's 16 weights at one input k are one register, so a block holds up to 8 rows x 3
-// panels of accumulators. Each output's FMA chain is the AVX2 one's, lane for lane.
+// panels of accumulators (or 1 row x 8, 2 x 6). Each output's FMA chain is the AVX2 one's, lane for lane.
 constexpr int kMaxRows512 = 8;
 
 inline __m512 load16(const float* w) { return _mm512_loadu_ps(w); }
@@ -220,12 +220,15 @@ template <typename T>
 void panels_through(const float* x, int64_t M, int64_t K, const T* P, const float* scales, int64_t N, float* y,
                     int64_t ldy, int64_t first, int64_t last) {
 #if defined(__AVX512F__)
-    // 4 panels at once up to 4 rows, else 3 (8 medium layers, 8 rows: 29 ms against 32 for 2)
-    const auto group = [](int64_t most) -> int64_t { return most <= 4 ? 4 : 3; };
+    // panels at once: 8 for 1 row, 6 for 2, 4 up to 4 rows, else 3 (8 medium layers, one thread: 8 rows 29 ms
+    // against 32 for 2 panels; int8, 1 row 7.4 ms against 8.0 for 4 panels, float32 even, the weights' read bound)
+    const auto group = [](int64_t most) -> int64_t { return most <= 1 ? 8 : most <= 2 ? 6 : most <= 4 ? 4 : 3; };
     walk(x, M, K, P, scales, N, y, ldy, first, last, kMaxRows512, +group,
          [&](int64_t take, int64_t rows, const float* xb, const T* panel, const float* scale, float* yb,
              int64_t cols) {
              switch (take) {
+                 case 8: rows_through512<8>(rows, xb, K, panel, scale, yb, ldy, cols); break;
+                 case 6: rows_through512<6>(rows, xb, K, panel, scale, yb, ldy, cols); break;
                  case 4: rows_through512<4>(rows, xb, K, panel, scale, yb, ldy, cols); break;
                  case 3: rows_through512<3>(rows, xb, K, panel, scale, yb, ldy, cols); break;
                  default: rows_through512<1>(rows, xb, K, panel, scale, yb, ldy, cols); break;
