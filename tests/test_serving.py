@@ -11,6 +11,7 @@ from swarmllm.client.loop import run_sync
 from swarmllm.dht import find_servers
 from swarmllm.local import LocalSwarm
 from swarmllm.models import load_client_head, load_span
+from swarmllm.models.panels import host_isa
 from swarmllm.wire.compression import CODECS
 
 pytest.importorskip("bitsandbytes")
@@ -141,7 +142,7 @@ def test_servers_with_panel_weights_generate_transformers_tokens(checkpoints):
             return run_sync(ask())
 
         try:
-            assert layouts() == {0: "panels", 1: "plain"}
+            assert layouts() == {0: f"panels ({host_isa()})", 1: "plain"}  # the host's widest build
             want = [reference.generate(p, max_new_tokens=40, do_sample=False).tolist() for p in prompts]
             assert model.generate(prompts[0], max_new_tokens=40, do_sample=False).tolist() == want[0]
             with ThreadPoolExecutor(len(prompts)) as pool:

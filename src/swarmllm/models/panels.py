@@ -71,8 +71,10 @@ NF4_BLOCK = 64  # inputs per nf4 absmax (bitsandbytes' blocks of 64 along a row)
 @dataclass(frozen=True)
 class Kernels:
     """The kernel's entry points: for float32, bfloat16 and float16 panels by dtype (the same arguments: only the
-    weight's type differs), for int8 panels with a float32 scale per output, and for nf4 panels."""
+    weight's type differs), for int8 panels with a float32 scale per output, and for nf4 panels; `isa`: the
+    instruction set the library was built for (`ISA_FLAGS`)."""
 
+    isa: str
     by_dtype: dict[torch.dtype, Callable]
     int8: Callable
     nf4: Callable
@@ -135,13 +137,15 @@ def kernel(isa: str | None = None) -> Kernels | None:
     if compiler is None:
         logger.info("no C++ compiler found: CPU projections stay in oneDNN's layout")
         return None
-    library = build(_cache_dir(), compiler, isa or widest)
-    if library is None and isa is None and widest != "avx2":
-        library = build(_cache_dir(), compiler, "avx2")
+    chosen = isa or widest
+    library = build(_cache_dir(), compiler, chosen)
+    if library is None and isa is None and chosen != "avx2":
+        chosen, library = "avx2", build(_cache_dir(), compiler, "avx2")
     if library is None:
         return None
     loaded = ctypes.CDLL(str(library))
     return Kernels(
+        chosen,
         {
             torch.float32: _Float32(("swarmllm_panel_gemm", loaded)),
             torch.bfloat16: _Float32(("swarmllm_panel_gemm_bf16", loaded)),

@@ -53,7 +53,7 @@ from swarmllm.models import BlockSpan, KVCache
 from swarmllm.models.llama import BlockLora
 from swarmllm.models.lora import span_lora
 from swarmllm.models.packed import initial_rows, layout_for, packed_projections
-from swarmllm.models.panels import PanelProjection
+from swarmllm.models.panels import PanelProjection, kernel
 from swarmllm.models.quant import Nf4PanelProjection
 from swarmllm.server.adapters import Adapter
 from swarmllm.server.arena import ARENA_LENGTH, CacheArena, arena_rows, first_fit
@@ -219,10 +219,10 @@ class Backend:
 
     @property
     def weights_layout(self) -> str:
-        """How the span's large projections are stored: as panels for our kernel, packed for oneDNN and for how
-        many rows, or "plain"."""
+        """How the span's large projections are stored: as panels for our kernel (and the instruction set it was
+        built for), packed for oneDNN and for how many rows, or "plain"."""
         if self._panels:
-            return "panels"
+            return f"panels ({kernel().isa})"
         if not self._packed:
             return "plain"
         return f"packed for {self.layout_rows} row{'s' if self.layout_rows > 1 else ''}"
