@@ -184,7 +184,7 @@ def _rows_through(
 ) -> Tensor:
     """Check x (float32 [..., in] on the CPU), then `run(kernels, rows, m, y, threads)` over its m rows into y
     ([m, out] float32), as [..., out]; the call splits `panels` over threads."""
-    if x.dtype != torch.float32 or x.device.type != "cpu" or x.shape[-1] != in_features:
+    if x.dtype != torch.float32 or not x.is_cpu or x.shape[-1] != in_features:
         raise ValueError(
             f"{what} takes float32 CPU inputs of {in_features} features, got {x.dtype} {tuple(x.shape)} "
             f"on {x.device}"
@@ -340,9 +340,8 @@ class PanelProjection(nn.Module):
 
     def forward(self, x: Tensor, lora: Lora | RowLoras | None = None) -> Tensor:
         y = panel_linear(x.float(), self.panels, self.out_features, self.scales)
-        dtype = x.dtype
         if self.bias is not None:  # added in float32, then rounded once, as a half-precision `F.linear` does
-            dtype = torch.promote_types(dtype, self.bias.dtype)
-            y = y + self.bias
-        y = y.to(dtype)
+            y = (y + self.bias).to(torch.promote_types(x.dtype, self.bias.dtype))
+        elif x.dtype != torch.float32:
+            y = y.to(x.dtype)
         return y if lora is None else y + lora(x)
