@@ -21,7 +21,7 @@ import torch
 from common import append_results, markdown_table
 
 from swarmllm.models.packed import MANY_ROWS, ONE_ROW, PackedProjection
-from swarmllm.models.panels import MIN_PANELS_PER_THREAD, PanelProjection, host_isa, kernel
+from swarmllm.models.panels import PanelProjection, call_threads, host_isa, kernel
 from swarmllm.models.quant import BitsAndBytesProjection, QuantizedProjection
 
 SHAPES = [(1536, 1024), (1024, 1024), (5632, 1024), (1024, 2816)]  # one medium layer's [out, in]
@@ -34,8 +34,7 @@ def avx2_panels(projection: PanelProjection) -> Callable[[torch.Tensor], torch.T
 
     def call(x: torch.Tensor) -> torch.Tensor:
         y = torch.empty(x.shape[0], out_features)
-        # as panels.py splits a call over threads
-        threads = max(1, min(torch.get_num_threads(), panels.shape[0] // MIN_PANELS_PER_THREAD))
+        threads = call_threads(panels.shape[0])
         run(x.data_ptr(), x.shape[0], x.shape[1], panels.data_ptr(), out_features, y.data_ptr(), threads)
         return y
 

@@ -174,6 +174,11 @@ def from_panels(panels: Tensor, out_features: int) -> Tensor:
     return panels.transpose(1, 2).reshape(-1, panels.shape[1])[:out_features].contiguous()
 
 
+def call_threads(panels: int) -> int:
+    """The threads a call over `panels` panels splits them over: torch's count, each with MIN_PANELS_PER_THREAD."""
+    return max(1, min(torch.get_num_threads(), panels // MIN_PANELS_PER_THREAD))
+
+
 def _rows_through(
     x: Tensor,
     in_features: int,
@@ -196,7 +201,7 @@ def _rows_through(
         kernels = kernel()
         if kernels is None:
             raise RuntimeError("the panel kernel does not run on this machine")
-        run(kernels, rows, m, y, max(1, min(torch.get_num_threads(), panels // MIN_PANELS_PER_THREAD)))
+        run(kernels, rows, m, y, call_threads(panels))
     return y.view(*x.shape[:-1], out_features)
 
 

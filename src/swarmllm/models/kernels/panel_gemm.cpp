@@ -114,6 +114,13 @@ inline void with_rows(int64_t rows, F f) {
     f(std::integral_constant<int, Max>{});
 }
 
+// f(std::integral_constant<int, J>) for the J of Js equal to n, else for 1: a block's panel count as a template
+// argument
+template <int... Js, typename F>
+inline void with_panels(int64_t n, F f) {
+    if (!((n == Js && (f(std::integral_constant<int, Js>{}), true)) || ...)) f(std::integral_constant<int, 1>{});
+}
+
 template <int J, typename T>
 inline void rows_through(int64_t rows, const float* x, int64_t K, const T* panel, const float* scale, float* y,
                          int64_t ldy, int64_t cols) {
@@ -226,13 +233,9 @@ void panels_through(const float* x, int64_t M, int64_t K, const T* P, const floa
     walk(x, M, K, P, scales, N, y, ldy, first, last, kMaxRows512, +group,
          [&](int64_t take, int64_t rows, const float* xb, const T* panel, const float* scale, float* yb,
              int64_t cols) {
-             switch (take) {
-                 case 8: rows_through512<8>(rows, xb, K, panel, scale, yb, ldy, cols); break;
-                 case 6: rows_through512<6>(rows, xb, K, panel, scale, yb, ldy, cols); break;
-                 case 4: rows_through512<4>(rows, xb, K, panel, scale, yb, ldy, cols); break;
-                 case 3: rows_through512<3>(rows, xb, K, panel, scale, yb, ldy, cols); break;
-                 default: rows_through512<1>(rows, xb, K, panel, scale, yb, ldy, cols); break;
-             }
+             with_panels<8, 6, 4, 3>(take, [&](auto j) {
+                 rows_through512<decltype(j)::value>(rows, xb, K, panel, scale, yb, ldy, cols);
+             });
          });
 #else
     // at most 6 rows a block (8 rows: 4 + 4, not 6 + 2); 4 rows as 2 + 2, whose blocks take 3 panels each: 21-22 ms
@@ -241,12 +244,9 @@ void panels_through(const float* x, int64_t M, int64_t K, const T* P, const floa
     walk(x, M, K, P, scales, N, y, ldy, first, last, M == 4 ? 2 : kMaxRows, +group,
          [&](int64_t take, int64_t rows, const float* xb, const T* panel, const float* scale, float* yb,
              int64_t cols) {
-             switch (take) {
-                 case 4: rows_through<4>(rows, xb, K, panel, scale, yb, ldy, cols); break;
-                 case 3: rows_through<3>(rows, xb, K, panel, scale, yb, ldy, cols); break;
-                 case 2: rows_through<2>(rows, xb, K, panel, scale, yb, ldy, cols); break;
-                 default: rows_through<1>(rows, xb, K, panel, scale, yb, ldy, cols); break;
-             }
+             with_panels<4, 3, 2>(take, [&](auto j) {
+                 rows_through<decltype(j)::value>(rows, xb, K, panel, scale, yb, ldy, cols);
+             });
          });
 #endif
 }
@@ -375,11 +375,10 @@ void nf4_panels_through(const float* x, int64_t M, int64_t K, const uint8_t* cod
                 const float* xb = x + row * K;
                 float* yb = y + row * ldy + (p - first) * kPanel;
                 with_rows<kMaxRows512>(rows, [&](auto r) {
-                    if (take == 2) {
-                        block512<decltype(r)::value, 2>(xb, K, source, nullptr, yb, ldy, N - p * kPanel);
-                    } else {
-                        block512<decltype(r)::value, 1>(xb, K, source, nullptr, yb, ldy, N - p * kPanel);
-                    }
+                    with_panels<2>(take, [&](auto j) {
+                        block512<decltype(r)::value, decltype(j)::value>(xb, K, source, nullptr, yb, ldy,
+                                                                          N - p * kPanel);
+                    });
                 });
                 row += rows;
             }
