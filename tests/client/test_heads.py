@@ -115,9 +115,10 @@ class Caller:
         self.thread.start()
 
     def _serve(self, merged: MergedHead) -> None:
-        while (hidden := self.jobs.get()) is not None:
+        while (job := self.jobs.get()) is not None:
+            hidden, argmax_only = job if isinstance(job, tuple) else (job, False)
             with torch.no_grad():
-                self.results.put(merged(hidden))
+                self.results.put(merged(hidden, argmax_only=argmax_only))
 
     def stop(self) -> None:
         self.jobs.put(None)
@@ -166,3 +167,41 @@ def test_groups_calling_in_turn_do_not_wait_for_each_other(weight):
         for callers in groups.values():
             for caller in callers:
                 caller.stop()
+
+
+def test_a_merged_call_screens_only_when_every_call_takes_just_the_argmax(weight):
+    """Greedy steps ask for `argmax_only` logits (`models.screen`); merged with a call that reads every logit,
+    all get the full ones, which serve an argmax as well."""
+    clock, heads = Clock(), []
+
+    def head(kind: str):
+        def run(rows):
+            clock.t += 50.0  # a merged call takes 50 s of the head's clock: the budget of the next one's wait
+            heads.append((kind, rows.shape[0]))
+            return rows @ weight.T
+
+        return run
+
+    merged = MergedHead(head("full"), head("argmax"), max_wait_s=0.001, active_s=1e6, clock=clock)
+    callers = [Caller(merged) for _ in range(3)]
+    hidden = torch.randn(1, 1, HIDDEN, generator=torch.Generator().manual_seed(3))
+
+    def round_of(flags: list[bool]) -> list[tuple[str, int]]:
+        heads.clear()
+        for caller, flag in zip(callers, flags, strict=True):
+            caller.jobs.put((hidden, flag))
+        for caller in callers:
+            torch.testing.assert_close(
+                caller.results.get(timeout=60), hidden @ weight.T, rtol=1e-5, atol=1e-4
+            )
+        return list(heads)
+
+    try:
+        round_of([True] * 3)  # the threads become known to the head (calls alone or merged, either kind)
+        merged.timing.max_wait_s = 100.0  # from now on each call waits for the three
+        assert round_of([True] * 3) == [("argmax", 3)]
+        assert round_of([True, False, True]) == [("full", 3)]
+        assert round_of([False] * 3) == [("full", 3)]
+    finally:
+        for caller in callers:
+            caller.stop()

@@ -9,7 +9,8 @@ passed, and never later than the last merged call took; a thread whose next call
 waited for (8 API requests through 2 servers settle into two groups that reach the head in turn, and each group's
 call waited out the budget for the other). The first waiting thread runs it; the others wait for their rows.
 Only calls without gradients merge (generates run under `torch.no_grad`): a merged graph would tie the threads'
-backward passes together.
+backward passes together. A greedy step's call asks for `argmax_only` logits (`models.screen`: -inf where a
+row's largest cannot be); a merged call gives them only where all its calls asked for them.
 """
 
 from __future__ import annotations
@@ -29,23 +30,27 @@ from swarmllm.balancing.merging import MergeTiming
 class _Call:
     rows: Tensor  # [n, hidden]
     thread: int
+    argmax_only: bool
     out: Tensor | None = None
     error: BaseException | None = None
     done: bool = False
 
 
 class MergedHead:
-    """`head(hidden [..., hidden_size]) -> logits [..., vocab]`, row-wise, merged over concurrent threads."""
+    """`head(hidden [..., hidden_size]) -> logits [..., vocab]`, row-wise, merged over concurrent threads;
+    `argmax_head(hidden)`: logits whose argmax is `head`'s, for calls that take nothing else."""
 
     def __init__(
         self,
         head: Callable[[Tensor], Tensor],
+        argmax_head: Callable[[Tensor], Tensor] | None = None,
         *,
         max_wait_s: float = 0.005,
         active_s: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
     ):
         self.head = head
+        self.argmax_head = argmax_head or head
         self._clock = clock  # what calls are timed by (tests drive it; a wait itself runs on the real clock)
         self.timing: MergeTiming[int] = MergeTiming(max_wait_s, active_s)  # by thread id
         self._lock = threading.Condition()
@@ -54,11 +59,11 @@ class MergedHead:
         self.calls = 0  # merged calls run
         self.merged = 0  # thread calls run in them
 
-    def __call__(self, hidden: Tensor) -> Tensor:
+    def __call__(self, hidden: Tensor, argmax_only: bool = False) -> Tensor:
         if torch.is_grad_enabled():  # training, or a forward outside generate: alone
             return self.head(hidden)
         me = threading.get_ident()
-        call = _Call(hidden.reshape(-1, hidden.shape[-1]), me)
+        call = _Call(hidden.reshape(-1, hidden.shape[-1]), me, argmax_only)
         with self._lock:
             now = self._clock()
             self.timing.arrive(me, now)
@@ -126,8 +131,9 @@ class MergedHead:
 
     def _run(self, batch: list[_Call]) -> None:
         began = self._clock()
+        head = self.argmax_head if all(c.argmax_only for c in batch) else self.head
         try:
-            out = self.head(torch.cat([c.rows for c in batch]) if len(batch) > 1 else batch[0].rows)
+            out = head(torch.cat([c.rows for c in batch]) if len(batch) > 1 else batch[0].rows)
             for c, rows in zip(batch, out.split([c.rows.shape[0] for c in batch]), strict=True):
                 c.out = rows
         except Exception as e:  # noqa: BLE001 - each thread of the merged call raises it

@@ -42,6 +42,7 @@ from transformers import (
     TopKLogitsWarper,
     TopPLogitsWarper,
 )
+from transformers.generation.configuration_utils import GenerationMode
 from transformers.loss.loss_utils import ForCausalLMLoss, ForSequenceClassificationLoss
 from transformers.modeling_outputs import (
     BaseModelOutputWithPast,
@@ -213,8 +214,12 @@ class DistributedModel(PreTrainedModel):
         self.ptune: PromptTuning | None = None
         self.lora: RemoteLora | None = None
         self._sessions = threading.local()  # each thread its own active session: concurrent generates
-        packed = PackedCopy()  # the head's matmul without gradients, on a CPU (models/packed.py)
-        self.merged_head = MergedHead(lambda hidden: self.head.logits(hidden, packed))  # one a step for all
+        # the head's matmul without gradients on a CPU (models/packed.py), and a greedy step's (models/screen.py)
+        self.head_copy = copied = PackedCopy()
+        self.merged_head = MergedHead(  # one a step for all
+            lambda hidden: self.head.logits(hidden, copied),
+            lambda hidden: self.head.logits(hidden, copied.argmax_logits),
+        )
 
     @classmethod
     def from_pretrained(
@@ -481,8 +486,23 @@ class DistributedModelForCausalLM(DistributedModel, GenerationMixin):
         try:
             return self._generate(inputs, *args, **kwargs)
         finally:
-            self._sessions.after_embeds = False
+            self._sessions.after_embeds = self._sessions.argmax_only = False
             self.merged_head.forget()
+
+    def _get_logits_processor(
+        self, generation_config: GenerationConfig, *args, **kwargs
+    ) -> LogitsProcessorList:
+        """transformers' processors for this generate; with none, a greedy generate that returns no scores takes
+        each step's argmax and nothing else: its steps' logits are then screened (`models.screen`), -inf where
+        a row's largest cannot be."""
+        processors = super()._get_logits_processor(generation_config, *args, **kwargs)
+        self._sessions.argmax_only = (
+            not processors
+            and generation_config.get_generation_mode() == GenerationMode.GREEDY_SEARCH
+            and not generation_config.output_scores
+            and not generation_config.output_logits
+        )
+        return processors
 
     def _generate(self, inputs: torch.Tensor | None, *args, **kwargs):
         """`generate`'s work, while the calling thread takes part in the merged LM head."""
@@ -631,12 +651,15 @@ class DistributedModelForCausalLM(DistributedModel, GenerationMixin):
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         num_items_in_batch: torch.Tensor | int | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
         **options: object,
     ) -> CausalLMOutputWithPast:
-        """Logits of the tokens sent: all of them without a session; inside one, only those it had not seen.
-        Differentiable in whatever requires grad (prompts, the adapter, unfrozen local weights). The loss is
-        transformers' own: a Trainer accumulating gradients passes `num_items_in_batch` and then leaves the loss
-        unscaled, so it must divide the sum by it."""
+        """Logits of the tokens sent: all of them without a session; inside one, only those it had not seen; of
+        those, the last `logits_to_keep` (0: all) or the positions it lists, as in transformers (whose generate
+        keeps 1: a prompt's other positions cost a client the LM head's read for nothing). Differentiable in
+        whatever requires grad (prompts, the adapter, unfrozen local weights). The loss is transformers' own: a
+        Trainer accumulating gradients passes `num_items_in_batch` and then leaves the loss unscaled, so it must
+        divide the sum by it."""
         _refuse_layer_outputs(options, self.config)
         if self._active is not None and (input_ids is not None or inputs_embeds is not None):
             hidden = self._session_forward(input_ids, attention_mask, inputs_embeds)
@@ -644,7 +667,9 @@ class DistributedModelForCausalLM(DistributedModel, GenerationMixin):
             embeds = self.head.embed(input_ids) if inputs_embeds is None else inputs_embeds
             hidden = self._blocks(embeds, attention_mask)
         weight = self.head.lm_head.weight
-        logits = self.merged_head(hidden.to(weight.device, weight.dtype))
+        kept = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        argmax_only = getattr(self._sessions, "argmax_only", False)
+        logits = self.merged_head(hidden[:, kept].to(weight.device, weight.dtype), argmax_only=argmax_only)
         loss = None
         if labels is not None:
             loss = ForCausalLMLoss(logits, labels, logits.shape[-1], num_items_in_batch)

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from swarmllm.models.llama import LlamaBlock, Lora, Projection, RowLoras
 from swarmllm.models.panels import MIN_PANEL_ELEMENTS, PANEL_DTYPES, PanelProjection, kernel, panel_outputs
+from swarmllm.models.screen import Screen, argmax_logits
 
 MIN_PACKED_ELEMENTS = 1 << 20  # e.g. 1024 x 1024: ~0.3 ms a row in float32 on one core
 ONE_ROW, MANY_ROWS = 1, 16  # the row counts a weight is laid out for
@@ -126,10 +127,14 @@ class PackedCopy:
     oneDNN (3.7-5.6 and 9.2 ms), laid out as `layout_for` says over the rows of its recent calls, as a server's
     projections are.
 
-    The copy is made at the first call and again when the weight is replaced or changed in place. It costs the
-    head's size again (the plain weight stays: the embeddings may share it, training reads it), so a head over
-    `MAX_COPY_BYTES` is not copied; nor is one that can't be packed (a GPU, float16, a small head): those are
-    `linear(x)`.
+    `argmax_logits(linear, x)` is for a greedy step, which takes each row's argmax and nothing else: a float32
+    panel copy is then read through its int8 screen (`models.screen`: a quarter of the bytes, then the few
+    outputs that can be the largest in full), with the same argmax.
+
+    The copy is made at the first call and again when the weight is replaced or changed in place (the screen at
+    the first `argmax_logits` call after that). It costs the head's size again, and the screen a quarter more
+    (the plain weight stays: the embeddings may share it, training reads it), so a head over `MAX_COPY_BYTES` is
+    not copied; nor is one that can't be packed (a GPU, float16, a small head): those are `linear(x)`.
     """
 
     def __init__(self, history: int = 16) -> None:
@@ -139,25 +144,22 @@ class PackedCopy:
         self._version = -1
         self._lock = threading.Lock()
         self._recent: deque[int] = deque(maxlen=history)  # rows of the recent calls
+        self._screen: Screen | None = None  # of the panel copy, once a greedy step asked for it
+        self._screened = False  # whether `_screen` is made for the current copy (None: it can't be)
+        self.screened_calls = 0  # `argmax_logits` calls that went through the screen: for tests
 
     def __call__(self, linear: nn.Linear, x: Tensor) -> Tensor:
-        weight = linear.weight
-        if (
-            (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
-            or weight.numel() < MIN_PACKED_ELEMENTS
-            or weight.numel() * weight.element_size() > MAX_COPY_BYTES
-            or x.dtype != weight.dtype
-            or not can_pack(weight.device, weight.dtype)
-        ):
+        if not self._copied(linear, x):
             return linear(x)
-        with self._lock:  # one thread makes it (~0.3 s for 131 MB under load), the others wait for it
-            copy = self._copy
-            stale = self._weight is not weight or self._version != weight._version  # (no copy yet: stale)
-            if weight.dtype == torch.float32 and kernel() is not None:  # panels: one layout for any rows
-                if stale:
-                    copy = self._copy = PanelProjection.from_projection(linear)
-                    self._weight, self._version = weight, weight._version
-                return copy(x)
+        if _panel_head(linear):  # panels: one layout for any rows
+            with self._lock:  # one thread makes it (~0.3 s for 131 MB under load), the others wait for it
+                panels = self._panels(linear)
+            return panels(x)
+        weight = linear.weight
+        with self._lock:
+            # (a panel copy: the head was float32 before `model.to(torch.bfloat16)`)
+            copy = self._copy if isinstance(self._copy, PackedProjection) else None
+            stale = copy is None or self._weight is not weight or self._version != weight._version
             self._recent.append(x.numel() // x.shape[-1])
             current = copy.rows if copy is not None else initial_rows(weight.dtype)
             if weight.dtype != torch.float32:
@@ -170,10 +172,51 @@ class PackedCopy:
                 self._weight, self._version = weight, weight._version
         return copy(x)
 
+    def argmax_logits(self, linear: nn.Linear, x: Tensor) -> Tensor:
+        """`linear(x)` where only each row's argmax counts: -inf at outputs that cannot be the largest."""
+        if not self._copied(linear, x) or not _panel_head(linear):
+            return self(linear, x)
+        with self._lock:
+            copy = self._panels(linear)
+            if not self._screened:  # (~0.3 s for 131 MB; None for a weight with non-finite values)
+                self._screen, self._screened = Screen.of(linear.weight), True
+            screen = self._screen
+            self.screened_calls += screen is not None
+        return copy(x) if screen is None else argmax_logits(x, copy.panels, screen)
+
+    def _copied(self, linear: nn.Linear, x: Tensor) -> bool:
+        """Whether `linear(x)` goes through a copy: without gradients, a large head that fits and can be packed."""
+        weight = linear.weight
+        return not (
+            (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+            or weight.numel() < MIN_PACKED_ELEMENTS
+            or weight.numel() * weight.element_size() > MAX_COPY_BYTES
+            or x.dtype != weight.dtype
+            or not can_pack(weight.device, weight.dtype)
+        )
+
+    def _panels(self, linear: nn.Linear) -> PanelProjection:
+        """Under the lock: the panel copy of `linear`'s current weight, made anew if it changed."""
+        weight = linear.weight
+        if (
+            self._weight is not weight
+            or self._version != weight._version
+            or not isinstance(self._copy, PanelProjection)
+        ):
+            self._copy = PanelProjection.from_projection(linear)
+            self._weight, self._version = weight, weight._version
+            self._screen, self._screened = None, False
+        return self._copy
+
     @property
     def rows(self) -> int | None:
         """The row count a oneDNN copy is laid out for (None before one is made, or for panels): for tests."""
         return getattr(self._copy, "rows", None)
+
+
+def _panel_head(linear: nn.Linear) -> bool:
+    """Whether `PackedCopy` copies this head as panels (float32, where our kernel runs), not for oneDNN."""
+    return linear.weight.dtype == torch.float32 and kernel() is not None
 
 
 def pack_block(block: LlamaBlock) -> LlamaBlock:
