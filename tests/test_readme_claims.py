@@ -42,6 +42,7 @@ SCRIPT_FLAGS = {
     "--decode": "benchmarks/hotpath.py",
     "--models": "benchmarks/hotpath.py",
     "--faces": "benchmarks/multiclient.py",
+    "--checkpoint": "benchmarks/head_matmul.py",
     "--arrive-every": "benchmarks/room_queue.py",
     "--schedules": "tests/chaos.py",
     "--record": "tests/chaos.py",
