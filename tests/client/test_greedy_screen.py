@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from in_process import beside_transformers
+from in_process import beside_transformers, perturbed
 
 from swarmllm.models.panels import kernel
 
@@ -67,3 +67,25 @@ def test_logits_to_keep_keeps_the_last_positions(models):
         assert torch.equal(model(ids, logits_to_keep=1).logits, every[:, -1:])
         assert torch.equal(model(ids, logits_to_keep=3).logits, every[:, -3:])
         assert torch.equal(model(ids, logits_to_keep=torch.tensor([0, 2])).logits, every[:, [0, 2]])
+
+
+def test_greedy_speculative_decoding_screens_its_verify_steps(models, checkpoints):
+    """With a draft (`assistant_model`), greedy and nothing reading the logits: each round's verify step goes
+    through the screen, and the tokens stay plain greedy decoding's; a `record_logits` callback turns it off."""
+    model, local, tokenizer = models
+    draft = perturbed(checkpoints("llama", hidden_size=128, vocab_size=8192), noise=0.02)
+    ids = tokenizer(PROMPTS[0], return_tensors="pt")["input_ids"]
+    want = local.generate(ids, max_new_tokens=12, do_sample=False)
+    before = model.head_copy.screened_calls
+    assert (
+        model.generate(ids, max_new_tokens=12, do_sample=False, assistant_model=draft).tolist()
+        == want.tolist()
+    )
+    assert model.head_copy.screened_calls > before
+    before, recorded = model.head_copy.screened_calls, []
+    out = model.generate(
+        ids, max_new_tokens=12, do_sample=False, assistant_model=draft, record_logits=recorded.append
+    )
+    assert out.tolist() == want.tolist() and recorded
+    assert all(bool(torch.isfinite(logits).all()) for logits in recorded)
+    assert model.head_copy.screened_calls == before

@@ -10,7 +10,7 @@ import threading
 import pytest
 import torch
 
-from swarmllm.client.heads import MergedHead
+from swarmllm.client.heads import MergedHead, _Call
 
 HIDDEN, VOCAB = 256, 8192
 
@@ -115,10 +115,9 @@ class Caller:
         self.thread.start()
 
     def _serve(self, merged: MergedHead) -> None:
-        while (job := self.jobs.get()) is not None:
-            hidden, argmax_only = job if isinstance(job, tuple) else (job, False)
+        while (hidden := self.jobs.get()) is not None:
             with torch.no_grad():
-                self.results.put(merged(hidden, argmax_only=argmax_only))
+                self.results.put(merged(hidden))
 
     def stop(self) -> None:
         self.jobs.put(None)
@@ -170,38 +169,27 @@ def test_groups_calling_in_turn_do_not_wait_for_each_other(weight):
 
 
 def test_a_merged_call_screens_only_when_every_call_takes_just_the_argmax(weight):
-    """Greedy steps ask for `argmax_only` logits (`models.screen`); merged with a call that reads every logit,
-    all get the full ones, which serve an argmax as well."""
-    clock, heads = Clock(), []
+    """Greedy steps ask for `argmax_only` logits (`models.screen`); a merged call runs the argmax head only when
+    all its calls asked for it, else the full one for all (which serves an argmax as well)."""
+    heads = []
 
     def head(kind: str):
-        def run(rows):
-            clock.t += 50.0  # a merged call takes 50 s of the head's clock: the budget of the next one's wait
-            heads.append((kind, rows.shape[0]))
-            return rows @ weight.T
+        return lambda rows: heads.append((kind, rows.shape[0])) or rows @ weight.T
 
-        return run
-
-    merged = MergedHead(head("full"), head("argmax"), max_wait_s=0.001, active_s=1e6, clock=clock)
-    callers = [Caller(merged) for _ in range(3)]
+    merged = MergedHead(head("full"), head("argmax"), max_wait_s=0.001)
     hidden = torch.randn(1, 1, HIDDEN, generator=torch.Generator().manual_seed(3))
-
-    def round_of(flags: list[bool]) -> list[tuple[str, int]]:
+    with torch.no_grad():  # a lone thread's calls
+        merged(hidden, argmax_only=True)
+        merged(hidden)
+    assert heads == [("argmax", 1), ("full", 1)]
+    for flags, want in (
+        ([True, True, True], "argmax"),
+        ([True, False, True], "full"),
+        ([False, False], "full"),
+    ):
         heads.clear()
-        for caller, flag in zip(callers, flags, strict=True):
-            caller.jobs.put((hidden, flag))
-        for caller in callers:
-            torch.testing.assert_close(
-                caller.results.get(timeout=60), hidden @ weight.T, rtol=1e-5, atol=1e-4
-            )
-        return list(heads)
-
-    try:
-        round_of([True] * 3)  # the threads become known to the head (calls alone or merged, either kind)
-        merged.timing.max_wait_s = 100.0  # from now on each call waits for the three
-        assert round_of([True] * 3) == [("argmax", 3)]
-        assert round_of([True, False, True]) == [("full", 3)]
-        assert round_of([False] * 3) == [("full", 3)]
-    finally:
-        for caller in callers:
-            caller.stop()
+        calls = [_Call(hidden[0], thread, flag) for thread, flag in enumerate(flags)]
+        merged._run(calls)  # (a merged call as its leader runs it)
+        assert heads == [(want, len(flags))]
+        for call in calls:
+            torch.testing.assert_close(call.out, hidden[0] @ weight.T, rtol=1e-5, atol=1e-4)

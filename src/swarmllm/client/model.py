@@ -603,6 +603,8 @@ class DistributedModelForCausalLM(DistributedModel, GenerationMixin):
             raise ValueError(
                 f"speculative decoding takes one unpadded sequence: the prompt holds the pad token {pad}"
             )
+        # greedy with nothing that reads the logits but the argmax: the verify steps' head is screened too
+        argmax_only = not config.do_sample and not processors and record_logits is None
         self._sessions.speculation = stats = SpeculationStats()
         opened = self._active is None
         with (
@@ -622,7 +624,7 @@ class DistributedModelForCausalLM(DistributedModel, GenerationMixin):
                 # before its end: a streamer or a criterion that raises)
                 remote.input_ids, remote.attention_mask = held, torch.ones_like(held, dtype=torch.bool)
                 weight = self.head.lm_head.weight
-                return self.merged_head(hidden.to(weight.device, weight.dtype))
+                return self.merged_head(hidden.to(weight.device, weight.dtype), argmax_only=argmax_only)
 
             out = speculative_generate(
                 verify,
