@@ -178,7 +178,7 @@ class PackedCopy:
             return self(linear, x)
         with self._lock:
             copy = self._panels(linear)
-            if not self._screened:  # (~0.3 s for 131 MB; None for a weight with non-finite values)
+            if not self._screened:  # (~0.4 s for 131 MB, once; None for a weight with non-finite values)
                 self._screen, self._screened = Screen.of(linear.weight), True
             screen = self._screen
             self.screened_calls += screen is not None
