@@ -16,8 +16,8 @@ their argmax, ties included (the first index), is the full product's. A handful 
 (`benchmarks/head_matmul.py`); one row then takes 1.7-1.8 ms against 5.3-7.5 for the full panels on one thread.
 
 `argmax_logits` is for callers that take the argmax and nothing else (a greedy generate with no logits
-processors, `client.model`); where the screen cannot decide (non-finite values, more than `MAX_SHARE` of the panels
-left) it computes the full product.
+processors, `client.model`, through `PackedCopy`'s panel copy: heads up to its 1 GiB); where the screen cannot
+decide (non-finite values, more than `MAX_SHARE` of the panels left) it computes the full product.
 """
 
 from __future__ import annotations
