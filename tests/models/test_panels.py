@@ -181,6 +181,29 @@ def test_large_float32_projections_of_a_span_are_stored_as_panels(checkpoints):
         assert got.dtype == dtype and float((got.float() - want.float()).norm() / want.float().norm()) < 2e-2
 
 
+def test_a_merged_chunk_has_the_bits_of_a_lone_prefill_through_panels(checkpoints):
+    """A prefill's chunk merged into a decode step (`server.decode`, `Member.tokens`) gives its rows and cache
+    the very bits of the same prefill through `BlockSpan.forward` alone: each panel output is one FMA chain
+    whatever rows share the call, and the chunk's attention is `forward`'s call. (Plain weights' matmuls round
+    by the rows beside them, so there the two agree within float tolerance only.)"""
+    from swarmllm.models import KVCache
+    from swarmllm.server.decode import DecodeRunner, Member
+
+    span = load_span(checkpoints("qwen2", **WIDE), 0, 2, pack=True)
+    config, generator = span.config, torch.Generator().manual_seed(4)
+    prompt, other = torch.randn(1, 5, 1024, generator=generator), torch.randn(2, 1024, generator=generator)
+    caches = [KVCache(2, b, 16, config, torch.float32, "cpu") for b in (1, 2, 1)]
+    with torch.inference_mode():
+        want = span(prompt, cache=caches[2])
+        members = [
+            Member(other, 4, torch.ones(2, 16, dtype=torch.bool), False, caches[1], None),
+            Member(prompt[0], 0, torch.ones(1, 16, dtype=torch.bool), False, caches[0], None, tokens=5),
+        ]
+        got, _ = DecodeRunner(span, torch.device("cpu")).step_many(members, None, None)
+    assert torch.equal(got[2:].view(1, 5, 1024), want)
+    assert torch.equal(caches[0].keys, caches[2].keys) and torch.equal(caches[0].values, caches[2].values)
+
+
 def test_the_kernel_is_built_once_per_source_and_a_failing_compiler_leaves_none(tmp_path, caplog):
     compiler = _compiler()
     library = build(tmp_path, compiler)

@@ -338,3 +338,132 @@ def test_concurrent_sessions_on_a_backend_merge_and_match_their_solo_runs(span):
         for (_, _, adapter, _), x, out in zip(plans, inputs, solo, strict=True):
             lora = None if adapter is None else span_lora(config, settings, adapter.tensors, range(4))
             torch.testing.assert_close(out, span(x, lora=lora), rtol=1e-5, atol=1e-5)
+
+
+# ---- prefills merged into decode steps ----
+
+
+def test_prefills_arriving_in_one_loop_turn_run_as_one_step_without_a_wait():
+    """A prefill (`gather`) that is due on arrival runs at the loop's next turn, with the steps that arrive
+    meanwhile: new sessions come together, and none of them is expected by the timing yet."""
+
+    async def main():
+        run = Recorder()
+        batcher = DecodeBatcher(run, max_wait_s=10.0)
+        outs = await asyncio.wait_for(
+            asyncio.gather(*(batcher.step(s, f"{s}0", gather=True) for s in "abc")), timeout=5.0
+        )
+        assert outs == ["out-a0", "out-b0", "out-c0"]
+        assert run.batches == [["a0", "b0", "c0"]]
+        # a lone one is not held for the budget either (10 s: the timeout would fire first)
+        lone = DecodeBatcher(run, max_wait_s=10.0)
+        assert await asyncio.wait_for(lone.step("d", "d0", gather=True), timeout=5.0) == "out-d0"
+        assert run.batches[-1] == ["d0"]
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral"])
+def test_prefill_chunks_in_a_merged_step_equal_the_forward_path(checkpoints, family):
+    """A merged step carrying a decode step and two prefills' chunks (`Member.tokens` > 1): a new session's
+    prompt, and a left-padded batch of 2 with an adapter continuing its cache. Each chunk's rows and cache equal
+    `BlockSpan.forward`'s (mistral: a sliding window of 4 that the chunk reaches past), and the decode step's
+    its own `decode`'s, within float tolerance: these small weights stay plain, whose matmuls round by the rows
+    beside them (panels do not: `test_a_merged_chunk_has_the_bits_of_a_lone_prefill_through_panels`)."""
+    span = load_span(checkpoints(family), 0, 4)
+    config = span.config
+    settings = LoraSettings(rank=4, alpha=8, modules=MODULES)
+    lora = span_lora(config, settings, random_adapter(config, settings, 7), range(4))
+    generator = torch.Generator().manual_seed(3)
+
+    def cache(batch):
+        made = KVCache(4, batch, 16, config, torch.float32, "cpu")
+        made.keys.normal_(generator=generator)
+        made.values.normal_(generator=generator)
+        return made
+
+    def copy(c):
+        other = KVCache(4, c.keys.shape[1], 16, config, torch.float32, "cpu")
+        other.keys.copy_(c.keys)
+        other.values.copy_(c.values)
+        return other
+
+    hidden = config.hidden_size
+    decode_x = torch.randn(1, hidden, generator=generator)
+    new_x = torch.randn(1, 4, hidden, generator=generator)
+    padded_x = torch.randn(2, 3, hidden, generator=generator)
+    decode_cache, new_cache, padded_cache = cache(1), cache(1), cache(2)
+    padded_mask = torch.ones(2, 16, dtype=torch.bool)
+    padded_mask[1, :2] = False  # the second sequence's first two slots are pads
+    all_true = torch.ones(1, 16, dtype=torch.bool)
+    with torch.inference_mode():
+        solo = [copy(c) for c in (decode_cache, new_cache, padded_cache)]
+        want_decode = span.decode(
+            decode_x,
+            torch.tensor([5]),
+            torch.tensor([5]),
+            solo[0].keys[..., :6, :],
+            solo[0].values[..., :6, :],
+        )
+        want_new = span(new_x, pos=0, cache=solo[1])
+        want_padded = span(padded_x, pos=3, key_mask=padded_mask[:, :6], cache=solo[2], lora=lora)
+        members = [
+            Member(decode_x, 5, all_true, False, decode_cache, None),
+            Member(new_x.flatten(0, 1), 0, all_true, False, new_cache, None, tokens=4),
+            Member(padded_x.flatten(0, 1), 3, padded_mask, True, padded_cache, lora, tokens=3),
+        ]
+        got, _ = DecodeRunner(span, torch.device("cpu")).step_many(members, None, None)
+    close = dict(rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[:1], want_decode, **close)
+    torch.testing.assert_close(got[1:5].view(1, 4, hidden), want_new, **close)
+    torch.testing.assert_close(got[5:].view(2, 3, hidden), want_padded, **close)
+    for mine, theirs in zip((decode_cache, new_cache, padded_cache), solo, strict=True):
+        torch.testing.assert_close(mine.keys, theirs.keys, **close)
+        torch.testing.assert_close(mine.values, theirs.values, **close)
+
+
+def test_prefills_of_new_sessions_merge_on_a_backend_and_equal_the_forward_path(span):
+    """Three sessions' prompts arriving together at a backend run as one step, with a decoding session's step
+    that comes in the same turn; a prompt past `inline_tokens` does not go through the batcher (the compute
+    thread's path). Every output equals the span's forward over the session's cache (the long prompt's, which
+    took that very path, bit for bit)."""
+    config = span.config
+    generator = torch.Generator().manual_seed(11)
+    prompts = [torch.randn(1, n, config.hidden_size, generator=generator) for n in (5, 2, 7)]
+    decoding = torch.randn(1, 4, config.hidden_size, generator=generator)
+    long = torch.randn(1, 40, config.hidden_size, generator=generator)
+
+    def forward(x, pos=0, prefix=None):
+        with torch.inference_mode():
+            cache = KVCache(4, 1, 64, config, torch.float32, "cpu")
+            if prefix is not None:
+                span(prefix, cache=cache)
+            return span(x, pos=pos, cache=cache)
+
+    async def main():
+        backend = Backend(span, cache_tokens=4096, batch_wait_s=0.05)
+        try:
+            old = backend.open_session(0, 4, 1, 64)
+            await backend.step(old, decoding[:, :3], 0, None)
+            sessions = [backend.open_session(0, 4, 1, 64) for _ in prompts]
+            before = backend.batcher.steps
+            outs = await asyncio.gather(
+                *(backend.step(s, x, 0, None) for s, x in zip(sessions, prompts, strict=True)),
+                backend.step(old, decoding[:, 3:], 3, None),
+            )
+            merged = backend.batcher.steps - before
+            long_session = backend.open_session(0, 4, 1, 64)
+            before = backend.batcher.steps
+            long_out = await backend.step(long_session, long, 0, None)
+            assert backend.batcher.steps == before  # (40 > inline_tokens: not through the batcher)
+        finally:
+            backend.shutdown()
+        return outs, merged, long_out
+
+    outs, merged, long_out = asyncio.run(main())
+    assert merged == 1
+    torch.testing.assert_close(outs[3][0], forward(decoding[:, 3:], 3, decoding[:, :3]), rtol=1e-5, atol=1e-5)
+    for x, (out, pending) in zip(prompts, outs[:3], strict=True):
+        assert pending is None
+        torch.testing.assert_close(out, forward(x), rtol=1e-5, atol=1e-5)
+    assert torch.equal(long_out[0], forward(long))

@@ -363,7 +363,11 @@ def batch_lora(loras: Sequence[BlockLora | None], rows: Sequence[slice]) -> Bloc
 class DecodeSegment:
     """One session's part of a batched decode step (`BlockSpan.decode_batch`): its rows of the batch, the cache
     slot its tokens take, the attended slots of its cache, its key mask and its adapter (as `BlockSpan.decode`
-    takes them for one session)."""
+    takes them for one session).
+
+    A segment of `tokens` > 1 is a chunk of a prefill merged into the step: its rows are B x tokens, in [B, T]
+    order, and its tokens take the last `tokens` of the S slots given (S = the chunk's end); `slot` is unused and
+    key_mask [B, S] or None (no pads), as `BlockSpan.forward` takes them."""
 
     rows: slice
     slot: Tensor  # [1] long
@@ -371,6 +375,7 @@ class DecodeSegment:
     values: Tensor
     key_mask: Tensor | None = None  # [B, S]; None: S == slot + 1 and no pads
     lora: Sequence[BlockLora] | None = None
+    tokens: int = 1
 
 
 class Projection(nn.Linear):
@@ -464,6 +469,10 @@ class Attention(nn.Module):
         y = torch.cat(
             [
                 self._attend_cache(qkv[s.rows], qk[s.rows], s.slot, s.keys[block], s.values[block], mask)
+                if s.tokens == 1
+                else self._attend_chunk(
+                    qkv[s.rows], qk[s.rows], s.tokens, s.keys[block], s.values[block], mask
+                )
                 for s, mask in zip(segments, masks, strict=True)
             ]
         )
@@ -496,6 +505,21 @@ class Attention(nn.Module):
             qk[:, :heads, None], keys, values, attn_mask=mask, enable_gqa=True
         )  # [B, heads, 1, hd]
         return y.view(qk.shape[0], -1)
+
+    def _attend_chunk(
+        self, qkv: Tensor, qk: Tensor, tokens: int, keys: Tensor, values: Tensor, mask: Tensor | None
+    ) -> Tensor:
+        """A chunk of `tokens` tokens per sequence (rows [B x T] in [B, T] order): write its k/v into the last T
+        slots of keys/values [B, kv, S, hd] and attend causally to all S, with `forward`'s call; [B x T, q]."""
+        heads, kv = self.num_heads, self.num_kv_heads
+        batch, start = qk.shape[0] // tokens, keys.shape[2] - tokens
+        q = qk[:, :heads].view(batch, tokens, heads, self.head_dim).transpose(1, 2)
+        keys[:, :, start:] = qk[:, heads:].view(batch, tokens, kv, self.head_dim).transpose(1, 2)
+        values[:, :, start:] = qkv[:, heads + kv :].view(batch, tokens, kv, self.head_dim).transpose(1, 2)
+        y = F.scaled_dot_product_attention(
+            q, keys, values, attn_mask=mask, is_causal=mask is None, enable_gqa=True
+        )  # [B, heads, T, hd]
+        return y.transpose(1, 2).reshape(batch * tokens, -1)
 
 
 class MLP(nn.Module):
@@ -801,8 +825,9 @@ class BlockSpan(nn.Module):
         """One token per sequence of several sessions through the span (or its sub-range `blocks`) in one pass:
         hidden [N, H] and positions [N] hold every session's rows, each `DecodeSegment` says which rows are
         whose and brings that session's cache, mask and adapter. Row for row the same math as `decode` per
-        session; the projections read the weights once for all of them (continuous batching). Neither edge may
-        lie inside a ladder region (use decode_batch_pair there)."""
+        session (as `forward` for a segment that is a prefill's chunk); the projections read the weights once for
+        all of them (continuous batching). Neither edge may lie inside a ladder region (use decode_batch_pair
+        there)."""
         indices = self._indices(blocks, pair=False)
         return self.decode_batch_pair(hidden, None, positions, segments, indices)[0]
 
@@ -820,10 +845,7 @@ class BlockSpan(nn.Module):
         self._check_pending(indices, p)
         cos, sin = self.rotary.for_decode(positions, r.dtype)
         windows = [self.config.window(self.start + i) for i in indices]
-        masks = {
-            w: [self._decode_mask(s.key_mask, s.slot, s.keys.shape[3], w) for s in segments]
-            for w in set(windows)
-        }
+        masks = {w: [self._segment_mask(s, w) for s in segments] for w in set(windows)}
         rows = [s.rows for s in segments]
         adapted = any(s.lora is not None for s in segments)
         for n, (i, window) in enumerate(zip(indices, windows, strict=True)):
@@ -838,6 +860,14 @@ class BlockSpan(nn.Module):
                 r, p = r + p, None
             r = block.decode_batch(r, cos, sin, segments, n, masks[window], lora)
         return self._settle(indices, r, p)
+
+    def _segment_mask(self, segment: DecodeSegment, window: int | None) -> Tensor | None:
+        """A merged step's mask of one segment: `_decode_mask`'s for a decode step, `forward`'s for a chunk."""
+        length = segment.keys.shape[3]
+        if segment.tokens == 1:
+            return self._decode_mask(segment.key_mask, segment.slot, length, window)
+        start = length - segment.tokens
+        return attention_mask(segment.key_mask, segment.tokens, start, window, segment.keys.device)
 
     @staticmethod
     def _decode_mask(key_mask: Tensor | None, slot: Tensor, length: int, window: int | None) -> Tensor | None:

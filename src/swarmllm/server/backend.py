@@ -100,7 +100,9 @@ class Session:
     end: int
     batch_size: int
     max_length: int
-    cache: KVCache | int  # its KV cache (a tensor-parallel backend's: its id on the ranks, `server.tp_backend`)
+    cache: (
+        KVCache | int
+    )  # its KV cache (a tensor-parallel backend's: its id on the ranks, `server.tp_backend`)
     key_mask: torch.Tensor  # [batch, max_length] bool: which cached positions are real tokens (left padding)
     owner: str = ""  # the peer that opened it: its prefill waits in that peer's compute queue
     length: int = 0
@@ -113,10 +115,11 @@ class Session:
 
 @dataclass(frozen=True)
 class _Decode:
-    """One session's decode step, waiting to be merged with others' (`server.batching`)."""
+    """One session's decode step, or short prefill (`Backend.merges`), waiting to be merged with others'
+    (`server.batching`)."""
 
     session: Session
-    hidden: torch.Tensor  # [B, 1, H]
+    hidden: torch.Tensor  # [B, T, H]
     position: int
     new_mask: torch.Tensor | None
     pending: torch.Tensor | None  # [B, 1, H]: p, where the session's first edge carries the ladder pair
@@ -231,6 +234,14 @@ class Backend:
         """Whether work over `tokens` tokens runs inline on the event loop (else on the compute thread)."""
         return tokens <= self.inline_tokens
 
+    def merges(self, session: Session, batch: int, length: int) -> bool:
+        """Whether a step of `length` tokens per sequence runs in a merged step (`server.batching`): a decode
+        step that runs inline, and an inline prefill too where merged steps run eagerly (not from CUDA graphs)
+        and the session's edges carry r alone. A prefill's rows then share the step's read of the weights."""
+        if not self.inline(batch * length):
+            return False
+        return length == 1 or not (self.decoder.cuda_graphs or session.pair)
+
     async def run(self, tokens: int, owner: str, fn, *args):
         """`fn(*args)` inline when it touches at most `inline_tokens` tokens, else on the compute thread in
         `owner`'s turn."""
@@ -335,7 +346,18 @@ class Backend:
         last edge carries the ladder pair: `grad_pending`); always on the compute thread (a backward is several
         forwards' work)."""
         blocks = self._blocks(start, end)
-        args = (hidden, grad, key_mask, blocks, prompts, adapter, dropout_seed, lora_grads, pending, grad_pending)
+        args = (
+            hidden,
+            grad,
+            key_mask,
+            blocks,
+            prompts,
+            adapter,
+            dropout_seed,
+            lora_grads,
+            pending,
+            grad_pending,
+        )
         return await self.on_compute_thread(self._backward, *args, owner=owner)
 
     def _backward(
@@ -511,11 +533,11 @@ class Backend:
         server can push each on at once (the next server computes chunk k while this one computes k + 1). A step
         over more than `prefill_chunk_tokens` tokens runs as several (`prefill_chunks`), each a job of the
         compute thread in the owner's turn; a client gone meanwhile (the call cancelled) stops it between two."""
-        tokens = hidden.shape[0] * hidden.shape[1]
-        if hidden.shape[1] == 1 and prompts is None and self.inline(tokens):
+        if prompts is None and self.merges(session, hidden.shape[0], hidden.shape[1]):
             # merged with the other sessions' decode steps (continuous batching), inline on the loop
             step = _Decode(session, hidden, position, new_mask, pending)
-            yield 0, 1, *await self.batcher.step(session.session_id, step)
+            gather = hidden.shape[1] > 1
+            yield 0, hidden.shape[1], *await self.batcher.step(session.session_id, step, gather)
             return
         batch, at_least = hidden.shape[0], 0 if prompts is None else prompts.shape[2]
         for a, b in prefill_chunks(hidden.shape[1], batch, self.prefill_chunk_tokens, at_least):
@@ -592,10 +614,10 @@ class Backend:
         their edges or none does), run by `DecodeRunner.step_many` (a cohort's CUDA graph where enabled); a lone
         step takes the single-session path (compiled or CUDA graphs where enabled)."""
         for d in steps:
-            self._note_mask(d.session, d.position, d.position + 1, d.new_mask)
+            self._note_mask(d.session, d.position, d.position + d.hidden.shape[1], d.new_mask)
         if self._follows_load:
-            self._follow_load(sum(d.hidden.shape[0] for d in steps))
-        if len(steps) == 1:
+            self._follow_load(sum(d.hidden.shape[0] * d.hidden.shape[1] for d in steps))
+        if len(steps) == 1 and steps[0].hidden.shape[1] == 1:
             d = steps[0]
             return [self._on_host(*self._decode(d.session, d.hidden, d.position, d.pending, d.session.row))]
         groups: dict[tuple[int, int], list[int]] = {}
@@ -603,7 +625,9 @@ class Backend:
             groups.setdefault((d.session.start, d.session.end), []).append(i)
         outputs: list[tuple[torch.Tensor, torch.Tensor | None] | None] = [None] * len(steps)
         for (start, end), members in groups.items():
-            if len(members) == 1:
+            if len(members) == 1 and steps[members[0]].hidden.shape[1] == 1:
+                # a lone decode step: the single-session path (compiled or CUDA graphs where enabled); a lone
+                # prefill's chunk takes the merged path, so that its bits never depend on what ran beside it
                 d = steps[members[0]]
                 out = self._decode(d.session, d.hidden, d.position, d.pending, d.session.row)
                 outputs[members[0]] = self._on_host(*out)
@@ -611,25 +635,30 @@ class Backend:
             group = [steps[i] for i in members]
             merged = [
                 Member(
-                    d.hidden[:, 0].to(self.device, self.dtype),
+                    d.hidden.flatten(0, 1).to(self.device, self.dtype),
                     d.position,
                     d.session.key_mask,
                     d.session.padded,
                     d.session.cache,
                     d.session.lora,
                     d.session.row,
+                    d.hidden.shape[1],
                 )
                 for d in group
             ]
             pending = None
-            if group[0].pending is not None:
+            if group[0].pending is not None:  # (decode steps only: a pair session's prefill is not merged)
                 pending = torch.cat([d.pending[:, 0].to(self.device, self.dtype) for d in group])
             out, p = self._on_host(*self.decoder.step_many(merged, pending, self._blocks(start, end)))
             rows = 0
             for i, d in zip(members, group, strict=True):
-                own = slice(rows, rows + d.hidden.shape[0])
-                d.session.length = d.position + 1
-                outputs[i] = out[own, None], None if p is None else p[own, None]
+                batch, length = d.hidden.shape[:2]
+                own = slice(rows, rows + batch * length)
+                d.session.length = d.position + length
+                outputs[i] = (
+                    out[own].view(batch, length, -1),
+                    None if p is None else p[own].view(batch, length, -1),
+                )
                 rows = own.stop
         return outputs
 
@@ -648,12 +677,16 @@ class Backend:
         """Note a decode step's rows; every `LAYOUT_WINDOW` steps, re-lay the packed weights out if `layout_for`
         says so (on the compute thread, one weight at a time: decode steps go on meanwhile)."""
         self._recent_rows.append(rows)
-        if len(self._recent_rows) < LAYOUT_WINDOW or (self._relayout is not None and not self._relayout.done()):
+        if len(self._recent_rows) < LAYOUT_WINDOW or (
+            self._relayout is not None and not self._relayout.done()
+        ):
             return
         want = layout_for(self._recent_rows, self.layout_rows)
         self._recent_rows.clear()
         if want != self.layout_rows:
-            logger.info("decode steps carry %s rows: weights laid out for %d", "one" if want == 1 else "many", want)
+            logger.info(
+                "decode steps carry %s rows: weights laid out for %d", "one" if want == 1 else "many", want
+            )
             self.layout_rows = want
             self._relayout = self.compute.submit("", self._lay_out, want)
 

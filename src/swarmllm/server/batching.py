@@ -9,6 +9,10 @@ not wait for each other, which on a GPU saved 3.2 ms of idle device a step for t
 runs is the backend's (`Backend._decode_many`). Sessions join and leave between steps: a step runs over
 whichever sessions have a step waiting.
 
+Short prefills go through it too (`gather`, `Backend.merges`), as chunks of rows of the merged step: a new
+session's prompt then shares the step's read of the weights. The timing does not count them as decode steps, and
+prefills that arrive in one loop turn run as one step.
+
 The batcher holds no tensors of its own and never touches a cache: each request carries its session, and the
 sessions' own steps arrive one at a time, so a session has at most one request waiting.
 """
@@ -17,7 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Collection, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
@@ -33,6 +37,7 @@ class Waiting(Generic[R]):
     session: Hashable
     request: R
     future: asyncio.Future = field(repr=False)
+    gather: bool = False
 
 
 class DecodeBatcher(Generic[R]):
@@ -54,16 +59,21 @@ class DecodeBatcher(Generic[R]):
         self._clock = clock  # what arrivals are timed by (tests drive it; the wait itself runs on the loop)
         self._waiting: list[Waiting[R]] = []
         self._closed: set[Hashable] = set()  # forgotten sessions whose step is still waiting
-        self._timer: asyncio.TimerHandle | None = None
+        self._timer: asyncio.Handle | None = None
         self._deadline = 0.0  # when the pending timer runs the waiting steps (by `clock`)
-        self.steps = 0  # merged steps run
-        self.merged = 0  # session steps run in them
+        self._soon = False  # the pending timer runs them at the loop's next turn (`gather`)
+        self.steps = 0  # merged steps run that carried decode steps
+        self.merged = 0  # decode steps run in them
 
-    async def step(self, session: Hashable, request: R) -> object:
-        """This session's output of the merged step that takes `request`."""
+    async def step(self, session: Hashable, request: R, gather: bool = False) -> object:
+        """This session's output of the merged step that takes `request`. gather: a prefill, which `timing` does
+        not count as a decode step (the time from it to the session's first decode step is no step interval);
+        due on arrival, it still runs at the loop's next turn, with whatever steps arrive meanwhile (new
+        sessions tend to come together)."""
         now = self._clock()
-        self.timing.arrive(session, now)
-        if not self._waiting and self._due(session):
+        if not gather:
+            self.timing.arrive(session, now)
+        if not self._waiting and not gather and self._due(session):
             # due on arrival with no other step waiting (a lone session, as on a chain): run it, without the
             # future and queue entry a merge needs
             began = self._clock()
@@ -71,14 +81,21 @@ class DecodeBatcher(Generic[R]):
                 return self._run([request])[0]
             finally:
                 self._ran([session], began)
-        future = asyncio.get_running_loop().create_future()
-        self._waiting.append(Waiting(session, request, future))
-        if self._due():
-            self._flush()
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._waiting.append(Waiting(session, request, future, gather))
+        if self._soon:
+            pass  # runs at the loop's next turn with the others
+        elif self._due():
+            if gather:
+                self._cancel_timer()
+                self._soon, self._deadline, self._timer = True, now, loop.call_soon(self._flush)
+            else:
+                self._flush()
         elif self._timer is None:
             wait_s = self.timing.wait_s()
             self._deadline = now + wait_s
-            self._timer = asyncio.get_running_loop().call_later(wait_s, self._flush)
+            self._timer = loop.call_later(wait_s, self._flush)
         return await future  # done already when this call ran the step: no loop turn
 
     def forget(self, session: Hashable) -> None:
@@ -103,10 +120,14 @@ class DecodeBatcher(Generic[R]):
         ends = self._deadline if self._timer is not None else now + self.timing.wait_s()
         return self.timing.due(waiting, now, ends)
 
-    def _flush(self) -> None:
+    def _cancel_timer(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        self._soon = False
+
+    def _flush(self) -> None:
+        self._cancel_timer()
         batch, self._waiting = self._waiting[: self.max_sessions], self._waiting[self.max_sessions :]
         if not batch:
             return
@@ -121,15 +142,16 @@ class DecodeBatcher(Generic[R]):
             for w, out in zip(batch, outputs, strict=True):
                 if not w.future.done():  # (its session's task may have been cancelled meanwhile)
                     w.future.set_result(out)
-        self._ran([w.session for w in batch], began)
+        self._ran([w.session for w in batch], began, {w.session for w in batch if w.gather})
         if self._waiting:  # more than max_sessions were waiting: the rest go next, without a wait
             asyncio.get_running_loop().call_soon(self._flush)
 
-    def _ran(self, sessions: list[Hashable], began: float) -> None:
-        """A merged step of `sessions`, begun at `began`, is done (whether it succeeded or not)."""
-        self.steps += 1
-        self.merged += len(sessions)
+    def _ran(self, sessions: list[Hashable], began: float, prefills: Collection[Hashable] = ()) -> None:
+        """A merged step of `sessions` (`prefills` of them with a prefill), begun at `began`, is done (whether it
+        succeeded or not)."""
+        self.steps += int(len(sessions) > len(prefills))
+        self.merged += len(sessions) - len(prefills)
         # one that closed while its step waited: no later step waits for it
-        stepping = [s for s in sessions if s not in self._closed]
+        stepping = [s for s in sessions if s not in self._closed and s not in prefills]
         self._closed.difference_update(sessions)
         self.timing.ran(stepping, began, self._clock())
