@@ -100,9 +100,7 @@ class Session:
     end: int
     batch_size: int
     max_length: int
-    cache: (
-        KVCache | int
-    )  # its KV cache (a tensor-parallel backend's: its id on the ranks, `server.tp_backend`)
+    cache: KVCache | int  # its KV cache (`server.tp_backend`'s: the cache's id on its ranks)
     key_mask: torch.Tensor  # [batch, max_length] bool: which cached positions are real tokens (left padding)
     owner: str = ""  # the peer that opened it: its prefill waits in that peer's compute queue
     length: int = 0
@@ -609,10 +607,11 @@ class Backend:
 
     @torch.inference_mode()
     def _decode_many(self, steps: list[_Decode]) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
-        """Several sessions' decode steps as one pass per group of sessions over the same blocks (sessions of
-        one server may hold different sub-ranges of its span; those of a group all carry the ladder pair at
-        their edges or none does), run by `DecodeRunner.step_many` (a cohort's CUDA graph where enabled); a lone
-        step takes the single-session path (compiled or CUDA graphs where enabled)."""
+        """Several sessions' decode steps (and short prefills, as chunks) as one pass per group of sessions over
+        the same blocks (sessions of one server may hold different sub-ranges of its span; those of a group all
+        carry the ladder pair at their edges or none does), run by `DecodeRunner.step_many` (a cohort's CUDA
+        graph where enabled); a lone decode step takes the single-session path (compiled or CUDA graphs where
+        enabled)."""
         for d in steps:
             self._note_mask(d.session, d.position, d.position + d.hidden.shape[1], d.new_mask)
         if self._follows_load:

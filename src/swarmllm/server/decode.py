@@ -31,7 +31,7 @@ graphs would need a static buffer for p too (not built yet).
 Where steps do not replay CUDA graphs, a merged step may also carry short prefills (`Member.tokens` > 1: a new
 session's prompt, a verify step of speculative decoding), each as a chunk of rows attending causally to its own
 cache, as `BlockSpan.forward` would: their rows share the step's read of the weights instead of reading them
-once more (a 6-token prompt through 8 medium layers alone: 34 ms; as 6 more rows of a merged step: ~8).
+once more (a 6-token prompt through 8 medium layers alone: 34 ms; as 6 more rows of a merged step: ~9).
 """
 
 from __future__ import annotations
