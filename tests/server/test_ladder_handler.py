@@ -143,3 +143,17 @@ async def test_backward_through_cuts_inside_the_ladder_region_equals_local_autog
         await conn.call("backward", BackwardRequest(2, 4, r, grad_r, pending=p).to_message())
     with pytest.raises(RemoteError, match="grad_pending must be absent"):
         await conn.call("backward", BackwardRequest(0, 1, r, grad_r, grad_pending=grad_p).to_message())
+
+
+def test_a_pair_sessions_decode_steps_merge_and_its_prompts_do_not(span):
+    """`Backend.merges`: a prompt merges into the decode pass only where the session's edges carry r alone (a
+    merged chunk carries no p) and it runs inline; decode steps merge either way."""
+    backend = Backend(span, cache_tokens=256)
+    try:
+        pair, plain = backend.open_session(2, 4, 1, 16), backend.open_session(0, 1, 1, 16)
+        assert pair.pair and not plain.pair
+        assert backend.merges(pair, 1, 1) and not backend.merges(pair, 1, 3)
+        assert backend.merges(plain, 1, 3) and backend.merges(plain, 4, 8)
+        assert not backend.merges(plain, 4, 9)  # 36 rows > inline_tokens (32): the compute thread's
+    finally:
+        backend.shutdown()
