@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import PROMPT, append_results, checkpoint, markdown_table, start_worker
+from common import PROMPT, append_results, checkpoint, commit_src, markdown_table, start_worker
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -102,11 +102,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         a_src = ROOT / "src"
         if args.a_commit:
-            archive = subprocess.run(
-                ["git", "archive", args.a_commit], cwd=ROOT, capture_output=True, check=True
-            )
-            subprocess.run(["tar", "-x", "-C", tmp], input=archive.stdout, check=True)
-            a_src = Path(tmp) / "src"
+            a_src = commit_src(args.a_commit, tmp)
         workers = [start(a_src, args, args.a_args), start(ROOT / "src", args, args.b_args)]
         speeds: tuple[list[float], list[float]] = ([], [])
         cpus: tuple[list[float], list[float]] = ([], [])

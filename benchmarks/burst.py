@@ -20,7 +20,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import append_results, checkpoint, markdown_table
+from common import append_results, checkpoint, commit_src, markdown_table
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -85,9 +85,7 @@ def main() -> None:
         parser.error("--a-commit is required")
     checkpoint(args.model)  # built once, before the two swarms read it
     with tempfile.TemporaryDirectory() as tmp:
-        archive = subprocess.run(["git", "archive", args.a_commit], cwd=ROOT, capture_output=True, check=True)
-        subprocess.run(["tar", "-x", "-C", tmp], input=archive.stdout, check=True)
-        procs = {"A": start(Path(tmp) / "src", args), "B": start(ROOT / "src", args)}
+        procs = {"A": start(commit_src(args.a_commit, tmp), args), "B": start(ROOT / "src", args)}
         times: dict[str, list[list[float]]] = {"A": [], "B": []}
         try:
             for n in range(args.rounds):

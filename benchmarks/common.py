@@ -75,6 +75,15 @@ def checkpoint(name: str, root: Path | None = None) -> Path:
     return path
 
 
+def commit_src(commit: str, folder: str | Path) -> Path:
+    """The `src` folder of the repository's `commit`, extracted into `folder` (`git archive`): an older tree for
+    a paired A/B (`ab.py`, `burst.py`), run through `PYTHONPATH`."""
+    root = Path(__file__).resolve().parents[1]
+    archive = subprocess.run(["git", "archive", commit], cwd=root, capture_output=True, check=True)
+    subprocess.run(["tar", "-x", "-C", str(folder)], input=archive.stdout, check=True)
+    return Path(folder) / "src"
+
+
 def paired_median_times(
     first: Callable[[], object], second: Callable[[], object], repeats: int
 ) -> tuple[float, float]:
