@@ -7,8 +7,11 @@ FLOPs. oneDNN's and MKL's kernels do the two one after the other: 8 rows through
 took 45 ms where the read alone takes 22-26 (`benchmarks/RESULTS.md`, session 25). This kernel walks each panel
 front to back once per call and lets the rows' FMAs run while the next lines stream in: on the same 32
 projections, one thread, 1 row takes 17.6 ms against 22.8 for the best other layout, 8 rows 29.6 against 44.5,
-and a 512-row prefill 1,047 against 1,099 (`benchmarks/panel_matmul.py`). One layout serves every row count, so
-nothing is re-laid out as the load changes (as oneDNN's packed weights must be, `models.packed`).
+and a 512-row prefill 1,047 against 1,099 (`benchmarks/panel_matmul.py`). A block of several panels asks for
+their weights 32 inputs before it reads them: without that, a k's FMAs over several rows outlasted the hardware's
+own prefetch and the read stalled behind them (8 rows, AVX-512: 32.8 ms, with it 26.4; 1 row 24.0 and 23.4 on
+that VM). One layout serves every row count, so nothing is re-laid out as the load changes (as oneDNN's packed
+weights must be, `models.packed`).
 
 Each output is one float32 FMA chain over the input in order, so a row's result is bit for bit the same whatever
 rows share its call: a merged step, a failover's replay and a lone step agree exactly.

@@ -23,6 +23,12 @@ namespace {
 
 constexpr int kPanel = 16;
 constexpr int kMaxRows = 6;
+// A block of several panels asks for each one's weights kAhead inputs before it reads them (a prefetch; one panel
+// asks for the next panel's instead, a whole panel ahead). With several rows a k's FMAs take long enough that the
+// hardware's own prefetch fell behind, and the read and the FMAs ran one after the other: 8 medium layers, one
+// AVX-512 thread, 8 rows 32.8 ms -> 26.4, 16 rows 44.3 -> 35.6, 2 rows 27.1 -> 24.3; the AVX2 build's 4 rows
+// 39.9 -> 31.1; bfloat16 8 rows 21.8 -> 17.4, int8 14.3 -> 12.9, nf4 1 row 10.3 -> 8.9 (benchmarks/RESULTS.md).
+constexpr int64_t kAhead = 32;
 
 struct bfloat16 { uint16_t bits; };
 struct float16 { uint16_t bits; };
@@ -59,6 +65,11 @@ inline void block(const float* x, int64_t K, const T* panel, const float* scale,
         __m256 w[2 * J];
         if (J == 1) {  // one panel is one memory stream: ask for the next panel's row too (a prefetch never faults)
             _mm_prefetch(reinterpret_cast<const char*>(panel + stride + k * kPanel), _MM_HINT_T0);
+        } else {  // several: ask for each one's row kAhead inputs on
+#pragma GCC unroll 8
+            for (int j = 0; j < J; ++j) {
+                _mm_prefetch(reinterpret_cast<const char*>(panel + j * stride + (k + kAhead) * kPanel), _MM_HINT_T0);
+            }
         }
 #pragma GCC unroll 8
         for (int j = 0; j < J; ++j) {
@@ -149,8 +160,9 @@ template <typename T>
 struct Panels512 {
     const T* first;
     int64_t stride;  // K * kPanel: from a panel to the next
-    __m512 at(int j, int64_t k) const { return load16(first + j * stride + k * kPanel); }
-    const void* next(int64_t k) const { return first + stride + k * kPanel; }  // the next panel's, to prefetch
+    const T* row(int j, int64_t k) const { return first + j * stride + k * kPanel; }  // panel j's weights at k
+    __m512 at(int j, int64_t k) const { return load16(row(j, k)); }
+    const void* next(int64_t k) const { return row(1, k); }  // the next panel's, to prefetch
 };
 
 // R rows through the J panels of `source` (Panels512, Nf4Panels512); scale: the first's output scales (int8), or
@@ -166,7 +178,14 @@ inline void block512(const float* x, int64_t K, const Source& source, const floa
     }
     for (int64_t k = 0; k < K; ++k) {
         __m512 w[J];
-        if (J == 1) _mm_prefetch(reinterpret_cast<const char*>(source.next(k)), _MM_HINT_T0);
+        if (J == 1) {
+            _mm_prefetch(reinterpret_cast<const char*>(source.next(k)), _MM_HINT_T0);
+        } else {
+#pragma GCC unroll 8
+            for (int j = 0; j < J; ++j) {
+                _mm_prefetch(reinterpret_cast<const char*>(source.row(j, k + kAhead)), _MM_HINT_T0);
+            }
+        }
 #pragma GCC unroll 8
         for (int j = 0; j < J; ++j) w[j] = source.at(j, k);
 #pragma GCC unroll 8
@@ -316,12 +335,13 @@ struct Nf4Panels512 {
     int64_t K, scale_stride;
     __m512 table;
     __m512 at(int j, int64_t k) const {
-        const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes + (j * K + k) * 8));
+        const __m128i bytes = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(row(j, k)));
         const __m512i both = _mm512_cvtepu8_epi32(_mm_unpacklo_epi64(bytes, _mm_srli_epi16(bytes, 4)));
         const __m512 scale = _mm512_loadu_ps(absmax + j * scale_stride + k / kNf4Block * kPanel);
         return _mm512_mul_ps(_mm512_permutexvar_ps(both, table), scale);
     }
-    const void* next(int64_t k) const { return codes + (K + k) * 8; }
+    const uint8_t* row(int j, int64_t k) const { return codes + (j * K + k) * 8; }  // panel j's codes at k
+    const void* next(int64_t k) const { return row(1, k); }
 };
 #endif
 
