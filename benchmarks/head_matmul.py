@@ -2,7 +2,8 @@
 [vocab, hidden] weight, in PyTorch's plain layout (`F.linear`, MKL) and packed for oneDNN laid out for one row
 and for many (`models/packed.py`), and as panels for our own kernel (`models/panels.py`: what `PackedCopy` does with
 a client's float32 head where the kernel runs, and servers with their projections), and a greedy step's call
-through the head's int8 screen (`models/screen.py`), for 1 and 2 torch threads. Median of repeated calls, in ms.
+through the head's int8 screen (`models/screen.py`), from the panels or, as for a head too large to copy, from the
+plain weight, for 1 and 2 torch threads. Median of repeated calls, in ms.
 
 The head is random unless `--checkpoint` names a saved causal LM: then it is that model's, and the rows are its
 final hidden states over an English text (what decides how many outputs the screen leaves).
@@ -91,6 +92,7 @@ def main() -> None:
             if screen is not None:
                 screened = argmax_logits(x, panels.panels, screen)
                 assert torch.equal(screened.argmax(-1), panels(x).argmax(-1))
+                assert torch.equal(argmax_logits(x, weight, screen), screened)  # (from the plain weight)
                 estimates = panel_matmul(x, screen.codes, args.vocab, screen.scales)
                 left += candidates(estimates, screen.bounds(x)).sum(-1).tolist()
             with torch.no_grad():
@@ -102,6 +104,9 @@ def main() -> None:
                     median_ms(lambda: pointwise(x, MANY_ROWS), args.repeats),  # noqa: B023
                     median_ms(lambda: panels(x), args.repeats) if panels is not None else float("nan"),  # noqa: B023
                     median_ms(lambda: argmax_logits(x, panels.panels, screen), args.repeats)  # noqa: B023
+                    if screen is not None
+                    else float("nan"),
+                    median_ms(lambda: argmax_logits(x, weight, screen), args.repeats)  # noqa: B023
                     if screen is not None
                     else float("nan"),
                 ]
@@ -116,6 +121,7 @@ def main() -> None:
             f"packed for {MANY_ROWS} rows ms",
             "panels ms",
             "panels, screened (greedy) ms",
+            "plain weight, screened (no copy) ms",
             f"plain / packed for {MANY_ROWS}",
         ],
         table_rows,

@@ -159,7 +159,7 @@ def test_a_backend_relays_its_weights_out_as_sessions_come_and_go(wide_checkpoin
         backend.shutdown()
 
 
-def test_a_packed_copy_of_a_head_computes_its_product_and_follows_its_weight_and_rows(monkeypatch):
+def test_a_packed_copy_of_a_head_computes_its_product_and_follows_its_weight_and_rows():
     """A client's LM head through `PackedCopy`: the plain product for any number of rows, laid out for one row or
     many as its recent calls go, the new product once the weight changes in place or is replaced, and the plain
     call itself where the head is small, too large to copy, or a gradient is wanted."""
@@ -185,7 +185,7 @@ def test_a_packed_copy_of_a_head_computes_its_product_and_follows_its_weight_and
         small = torch.nn.Linear(64, 128)
         y = torch.randn(3, 64)
         assert torch.equal(packed(small, y), small(y))  # too small to pay: the plain call
-        monkeypatch.setattr(packed_module, "MAX_COPY_BYTES", 4096 * 1024 * 4 - 1)
+        packed.max_copy_bytes = 4096 * 1024 * 4 - 1
         assert torch.equal(packed(head, one), head(one))  # too large to copy: the plain call
     x = torch.randn(2, 1024, requires_grad=True)
     out = packed(head, x)

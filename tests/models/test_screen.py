@@ -132,3 +132,41 @@ def test_a_clients_head_copy_screens_greedy_steps_and_follows_its_weight():
         xb = x.to(torch.bfloat16)
         assert torch.equal(copy.argmax_logits(half, xb), copy(half, xb))
         assert copy.screened_calls == 2
+
+
+def test_a_screen_made_in_chunks_is_the_whole_ones():
+    generator = torch.Generator().manual_seed(6)
+    weight = torch.randn(1000, 300, generator=generator) * 0.1
+    whole, chunked = Screen.of(weight), Screen.of(weight, chunk_outputs=48)
+    assert torch.equal(whole.codes, chunked.codes)
+    assert torch.equal(whole.scales, chunked.scales)
+    assert torch.equal(whole.terms, chunked.terms)
+    weight[999, 7] = float("inf")  # in the last chunk only
+    assert Screen.of(weight, chunk_outputs=48) is None
+
+
+def test_a_head_too_large_to_copy_is_screened_from_its_plain_weight():
+    """`PackedCopy.argmax_logits` for a float32 head over `max_copy_bytes`: no copy is kept, the screen's codes
+    are, and the outputs it leaves are computed from the plain weight with the full panel product's bits; the
+    screen follows the weight, and what it cannot decide gets the plain product."""
+    torch.manual_seed(7)
+    head = torch.nn.Linear(256, 8191, bias=False)  # (8191: the last panel is padded)
+    copy = PackedCopy(max_copy_bytes=4 << 20)  # the head is 8 MB: too large to copy, its 2 MB of codes fit
+    with torch.no_grad():
+        x = torch.randn(5, 256)
+        x[:, 3] *= 50
+        screened = copy.argmax_logits(head, x)
+        assert copy.screened_calls == 1 and copy._copy is None
+        assert_same_argmax(panel_matmul(x, to_panels(head.weight), 8191), screened)
+        assert torch.equal(screened.argmax(-1), head(x).argmax(-1))
+        assert int(torch.isfinite(screened).sum()) < 8191 * 5 // 20  # it screens: few outputs left
+        head.weight.mul_(-1)
+        assert_same_argmax(panel_matmul(x, to_panels(head.weight), 8191), copy.argmax_logits(head, x))
+        assert copy.screened_calls == 2
+        nan = torch.full((1, 256), float("nan"))
+        assert bool(copy.argmax_logits(head, nan).isnan().all())  # the plain product's
+        assert torch.equal(copy(head, x), head(x))  # full logits: plain, no copy either
+        assert copy._copy is None
+        huge = PackedCopy(max_copy_bytes=1 << 20)  # codes over the limit too: the plain product
+        assert torch.equal(huge.argmax_logits(head, x), head(x))
+        assert huge.screened_calls == 0

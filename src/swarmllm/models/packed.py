@@ -19,6 +19,7 @@ backward pass, so the packed weight is the only copy held.
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections import deque
 from collections.abc import Sequence
@@ -29,6 +30,8 @@ from torch import Tensor, nn
 from swarmllm.models.llama import LlamaBlock, Lora, Projection, RowLoras
 from swarmllm.models.panels import MIN_PANEL_ELEMENTS, PANEL_DTYPES, PanelProjection, kernel, panel_outputs
 from swarmllm.models.screen import Screen, argmax_logits
+
+logger = logging.getLogger(__name__)
 
 MIN_PACKED_ELEMENTS = 1 << 20  # e.g. 1024 x 1024: ~0.3 ms a row in float32 on one core
 ONE_ROW, MANY_ROWS = 1, 16  # the row counts a weight is laid out for
@@ -133,11 +136,15 @@ class PackedCopy:
 
     The copy is made at the first call and again when the weight is replaced or changed in place (the screen at
     the first `argmax_logits` call after that). It costs the head's size again, and the screen a quarter more
-    (the plain weight stays: the embeddings may share it, training reads it), so a head over `MAX_COPY_BYTES` is
-    not copied; nor is one that can't be packed (a GPU, float16, a small head): those are `linear(x)`.
+    (the plain weight stays: the embeddings may share it, training reads it), so a head over `max_copy_bytes` is
+    not copied; nor is one that can't be packed (a GPU, float16, a small head): those are `linear(x)`. A float32
+    head too large to copy still gets its screen for greedy steps, up to `max_copy_bytes` of codes (a 128k
+    vocabulary at hidden size 4,096: 0.5 GB of codes for a 2.1 GB head), the panels of the outputs it leaves made
+    from the plain weight at each call (`models.screen.argmax_logits`).
     """
 
-    def __init__(self, history: int = 16) -> None:
+    def __init__(self, history: int = 16, max_copy_bytes: int = MAX_COPY_BYTES) -> None:
+        self.max_copy_bytes = max_copy_bytes
         self._copy: PackedProjection | PanelProjection | None = None
         # what it was packed from: holding the weight keeps a new one from taking its place at the same address
         self._weight: Tensor | None = None
@@ -174,6 +181,11 @@ class PackedCopy:
 
     def argmax_logits(self, linear: nn.Linear, x: Tensor) -> Tensor:
         """`linear(x)` where only each row's argmax counts: -inf at outputs that cannot be the largest."""
+        if self._screened_alone(linear, x):
+            with self._lock:
+                screen = self._plain_screen(linear)
+                self.screened_calls += screen is not None
+            return linear(x) if screen is None else argmax_logits(x, linear.weight.detach(), screen)
         if not self._copied(linear, x) or not _panel_head(linear):
             return self(linear, x)
         with self._lock:
@@ -190,10 +202,37 @@ class PackedCopy:
         return not (
             (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
             or weight.numel() < MIN_PACKED_ELEMENTS
-            or weight.numel() * weight.element_size() > MAX_COPY_BYTES
+            or weight.numel() * weight.element_size() > self.max_copy_bytes
             or x.dtype != weight.dtype
             or not can_pack(weight.device, weight.dtype)
         )
+
+    def _screened_alone(self, linear: nn.Linear, x: Tensor) -> bool:
+        """Whether a greedy step of `linear` goes through a screen without a copy: a float32 CPU head too large to
+        copy, whose codes (a quarter of it) fit, without gradients, where the panel kernel runs."""
+        weight = linear.weight
+        size = weight.numel() * weight.element_size()
+        return (
+            not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+            and weight.dtype == x.dtype == torch.float32
+            and weight.device.type == "cpu"
+            and linear.bias is None
+            and self.max_copy_bytes < size <= 4 * self.max_copy_bytes
+            and kernel() is not None
+        )
+
+    def _plain_screen(self, linear: nn.Linear) -> Screen | None:
+        """Under the lock: the screen of `linear`'s current weight, made anew if it changed (no copy kept)."""
+        weight = linear.weight
+        if self._copy is not None or self._weight is not weight or self._version != weight._version:
+            self._copy, self._weight, self._version = None, weight, weight._version
+            self._screen, self._screened = None, False
+        if not self._screened:  # (~12 s for a [128256, 4096] head on one slow core: said, as it holds a step)
+            logger.info(
+                "making the LM head's int8 screen for greedy steps (%d MB of codes)", weight.numel() >> 20
+            )
+            self._screen, self._screened = Screen.of(weight), True
+        return self._screen
 
     def _panels(self, linear: nn.Linear) -> PanelProjection:
         """Under the lock: the panel copy of `linear`'s current weight, made anew if it changed."""
