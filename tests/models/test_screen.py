@@ -143,6 +143,8 @@ def test_a_screen_made_in_chunks_is_the_whole_ones():
     assert torch.equal(whole.terms, chunked.terms)
     weight[999, 7] = float("inf")  # in the last chunk only
     assert Screen.of(weight, chunk_outputs=48) is None
+    with pytest.raises(ValueError, match="whole panels"):
+        Screen.of(weight, chunk_outputs=40)
 
 
 def test_a_head_too_large_to_copy_is_screened_from_its_plain_weight():

@@ -54,6 +54,10 @@ class Screen:
         """The screen of a float32 [out, in] weight; None if it holds non-finite values (no bound holds). Made
         `chunk_outputs` outputs at a time (a multiple of 16), so that its temporaries stay small beside a head of
         gigabytes."""
+        if chunk_outputs <= 0 or chunk_outputs % PANEL:
+            raise ValueError(
+                f"a screen is made in chunks of whole panels ({PANEL} outputs), not {chunk_outputs}"
+            )
         w = weight.detach().float()
         out_features, in_features = w.shape
         groups = min(MAX_GROUPS, -(-in_features // GROUP_INPUTS))
