@@ -181,20 +181,24 @@ class PackedCopy:
 
     def argmax_logits(self, linear: nn.Linear, x: Tensor) -> Tensor:
         """`linear(x)` where only each row's argmax counts: -inf at outputs that cannot be the largest."""
-        if self._screened_alone(linear, x):
-            with self._lock:
-                screen = self._plain_screen(linear)
-                self.screened_calls += screen is not None
-            return linear(x) if screen is None else argmax_logits(x, linear.weight.detach(), screen)
-        if not self._copied(linear, x) or not _panel_head(linear):
+        alone = self._screened_alone(linear, x)
+        if not alone and (not self._copied(linear, x) or not _panel_head(linear)):
             return self(linear, x)
         with self._lock:
-            copy = self._panels(linear)
-            if not self._screened:  # (~0.4 s for 131 MB, once; None for a weight with non-finite values)
-                self._screen, self._screened = Screen.of(linear.weight), True
+            if alone:  # too large to copy: the outputs the screen leaves are read from the plain weight
+                self._without_copy(linear)
+                full, head = linear, linear.weight.detach()
+            else:
+                full = self._panels(linear)
+                head = full.panels
+            # once a weight: ~0.4 s for 131 MB, ~12 s for Llama 3's 2.1 GB on a slow core (said: it holds a step)
+            if not self._screened:
+                codes = linear.weight.numel() >> 20
+                logger.info("making the LM head's int8 screen for greedy steps (%d MB of codes)", codes)
+                self._screen, self._screened = Screen.of(linear.weight), True  # (None: non-finite weights)
             screen = self._screen
             self.screened_calls += screen is not None
-        return copy(x) if screen is None else argmax_logits(x, copy.panels, screen)
+        return full(x) if screen is None else argmax_logits(x, head, screen)
 
     def _copied(self, linear: nn.Linear, x: Tensor) -> bool:
         """Whether `linear(x)` goes through a copy: without gradients, a large head that fits and can be packed."""
@@ -221,18 +225,12 @@ class PackedCopy:
             and kernel() is not None
         )
 
-    def _plain_screen(self, linear: nn.Linear) -> Screen | None:
-        """Under the lock: the screen of `linear`'s current weight, made anew if it changed (no copy kept)."""
+    def _without_copy(self, linear: nn.Linear) -> None:
+        """Under the lock: no copy for `linear`, whose screen is made anew if its weight changed."""
         weight = linear.weight
         if self._copy is not None or self._weight is not weight or self._version != weight._version:
             self._copy, self._weight, self._version = None, weight, weight._version
             self._screen, self._screened = None, False
-        if not self._screened:  # (~12 s for a [128256, 4096] head on one slow core: said, as it holds a step)
-            logger.info(
-                "making the LM head's int8 screen for greedy steps (%d MB of codes)", weight.numel() >> 20
-            )
-            self._screen, self._screened = Screen.of(weight), True
-        return self._screen
 
     def _panels(self, linear: nn.Linear) -> PanelProjection:
         """Under the lock: the panel copy of `linear`'s current weight, made anew if it changed."""
