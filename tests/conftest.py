@@ -29,21 +29,22 @@ os.environ.setdefault("SWARMLLM_COMPILE", "0")
 # first: with `--dist loadfile` each file goes whole to the next free worker in collection order, and the longest
 # ones, collected near the end (tests/test_*.py), kept one worker busy alone after the others had finished.
 LONGEST_FIRST = (
-    "tests/test_api.py",  # 239
-    "tests/test_failover.py",  # 148
-    "tests/client/test_failover_with_rewrites.py",  # 145
-    "tests/test_swarm.py",  # 106
-    "tests/client/test_long_lived_client.py",  # 99
-    "tests/fuzz/test_fuzz_handlers.py",  # 93
-    "tests/test_slow_network.py",  # 93
-    "tests/test_finetune_faults.py",  # 89
-    "tests/test_chaos.py",  # 86
-    "tests/server/test_frozen_tp_rank.py",  # 82
-    "tests/server/test_decode.py",  # 67
-    "tests/test_balancing_in_time.py",  # 63
-    "tests/server/test_startup_leftovers_s34.py",  # 60
-    "tests/test_cli_faces_review.py",  # 57
-    "tests/test_compose.py",  # 49
+    "tests/test_api.py",  # 404
+    "tests/test_swarm.py",  # 128
+    "tests/server/test_decode.py",  # 114
+    "tests/server/test_startup_leftovers_s34.py",  # 109
+    "tests/test_slow_network.py",  # 87
+    "tests/test_chaos.py",  # 83
+    "tests/server/test_frozen_tp_rank.py",  # 80
+    "tests/test_failover.py",  # 78
+    "tests/client/test_failover_with_rewrites.py",  # 74
+    "tests/fuzz/test_fuzz_handlers.py",  # 74
+    "tests/test_finetune_faults.py",  # 68
+    "tests/client/test_long_lived_client.py",  # 63
+    "tests/models/test_panels.py",  # 58
+    "tests/test_feature_crossings_two.py",  # 57
+    "tests/server/test_tp.py",  # 56
+    "tests/test_cli_faces_review.py",  # 50
 )
 
 

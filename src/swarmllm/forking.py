@@ -44,8 +44,23 @@ from typing import IO
 
 READY = b"ready\n"
 START_TIMEOUT_S = 120.0
-# what every swarmllm command imports; the faces' web modules are imported in the child that needs them
-PRELOAD = ("torch", "transformers", "hivemind", "swarmllm.server.server", "swarmllm.client", "swarmllm.dht")
+# what every swarmllm command imports; the faces' web modules are imported in the child that needs them. The
+# multiaddr codecs, idna and _strptime are imported lazily by each child's first peer address and log line:
+# ~40 ms of CPU a child, preloaded once here instead
+PRELOAD = (
+    "torch",
+    "transformers",
+    "hivemind",
+    "swarmllm.server.server",
+    "swarmllm.client",
+    "swarmllm.dht",
+    "hivemind.utils.multiaddr.codecs.cid",
+    "hivemind.utils.multiaddr.codecs.ip4",
+    "hivemind.utils.multiaddr.codecs.ip6",
+    "hivemind.utils.multiaddr.codecs.uint16be",
+    "encodings.idna",
+    "_strptime",
+)
 _PID = struct.Struct("<q")
 # a child's exit status once its forker died first: as Popen's for a child that someone else reaped
 LOST_STATUS = 0
