@@ -204,7 +204,7 @@ class PackedCopy:
         """Whether `linear(x)` goes through a copy: without gradients, a large head that fits and can be packed."""
         weight = linear.weight
         return not (
-            (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+            _wants_grad(weight, x)
             or weight.numel() < MIN_PACKED_ELEMENTS
             or weight.numel() * weight.element_size() > self.max_copy_bytes
             or x.dtype != weight.dtype
@@ -217,7 +217,7 @@ class PackedCopy:
         weight = linear.weight
         size = weight.numel() * weight.element_size()
         return (
-            not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+            not _wants_grad(weight, x)
             and weight.dtype == x.dtype == torch.float32
             and weight.device.type == "cpu"
             and linear.bias is None
@@ -295,3 +295,8 @@ def packed_weight_bytes(
 
 def packed_projections(module: nn.Module) -> list[PackedProjection]:
     return [m for m in module.modules() if isinstance(m, PackedProjection)]
+
+
+def _wants_grad(weight: Tensor, x: Tensor) -> bool:
+    """Whether a product of `weight` and `x` is recorded for a backward: a copy or screen would not carry it."""
+    return torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
