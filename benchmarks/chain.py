@@ -2,7 +2,7 @@
 servers on loopback (the model's 6 blocks split evenly), and the cost per added hop (a least-squares slope).
 
     python benchmarks/chain.py [--servers 1 2 3 6] [--new-tokens 64] [--repeats 9] [--rtt-ms 0] [--no-record]
-        [--server-args FLAG ...]      (last: the rest of the line goes to every `swarmllm serve`)
+        [--client-spin COUNT ...] [--server-args FLAG ...]   (last: the rest of the line goes to every server)
 
 The tiny model computes next to nothing, so the slope is the hop's overhead: the wire, the push to the next
 server, the event loops' wake-ups and the per-step Python on both ends. With --rtt-ms (and --mbit), every server
@@ -12,6 +12,10 @@ Every chain runs at once, each with its own swarm and client process, and the ge
 (the first chain of each round rotating), the way `ab.py` pairs two trees: on a shared machine, whose speed drifts
 by tens of percent over a minute, a chain measured after another would carry that drift into the slope. Besides
 the slope of the medians, each round's own slope is taken, and their median reported.
+
+Each client process spins its OpenMP workers as `swarmllm`'s client commands do (`swarmllm.spin.CLIENT`, unless
+GOMP_SPINCOUNT is set); `--client-spin` gives other counts to compare ("default": libgomp's own), each with its own
+set of chains in the same rounds.
 """
 
 from __future__ import annotations
@@ -30,6 +34,8 @@ from common import PROMPT, append_results, checkpoint, markdown_table, start_wor
 from netem import Emulator
 from transformers.utils import logging as hf_logging
 
+from swarmllm import spin
+
 ARGS_ENV = "SWARMLLM_CHAIN_ARGS"  # the parent's arguments, for a worker (server flags may start with "--")
 
 
@@ -42,6 +48,7 @@ def worker(servers: int, args: argparse.Namespace) -> None:
     from swarmllm.local import LocalSwarm
 
     path = checkpoint("tiny")
+    os.environ.pop("GOMP_SPINCOUNT", None)  # the client's, read as torch loaded: the servers take their own
     local = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     blocks = local.config.num_hidden_layers
     cuts = [round(i * blocks / servers) for i in range(servers + 1)]
@@ -68,9 +75,13 @@ def worker(servers: int, args: argparse.Namespace) -> None:
                 print(f"{time.perf_counter() - began:.6f}", flush=True)
 
 
-def start(servers: int, args: argparse.Namespace) -> tuple[subprocess.Popen, bool]:
-    """A worker process for one chain, once it is ready; and whether its tokens equal transformers'."""
-    env = {**os.environ, ARGS_ENV: json.dumps(vars(args))}
+def start(servers: int, spincount: str, args: argparse.Namespace) -> tuple[subprocess.Popen, bool]:
+    """A worker process for one chain, its client's OpenMP spin count `spincount` (its servers keep theirs), once
+    it is ready; and whether its tokens equal transformers'."""
+    env = {k: v for k, v in os.environ.items() if k != "GOMP_SPINCOUNT"}
+    env[ARGS_ENV] = json.dumps(vars(args))
+    if spincount != "default":
+        env["GOMP_SPINCOUNT"] = spincount
     proc, ready = start_worker([sys.executable, __file__, "--worker", str(servers)], env)
     return proc, ready.split()[1] == "True"
 
@@ -93,6 +104,12 @@ def main() -> None:
     parser.add_argument("--rtt-ms", type=float, default=0.0)
     parser.add_argument("--mbit", type=float, default=None)
     parser.add_argument("--no-record", action="store_true")
+    parser.add_argument(
+        "--client-spin",
+        nargs="+",
+        default=[os.environ.get("GOMP_SPINCOUNT", spin.CLIENT)],
+        help="the clients' GOMP_SPINCOUNT ('default': libgomp's); several: a set of chains for each",
+    )
     parser.add_argument("--worker", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     hf_logging.disable_progress_bar()
@@ -101,37 +118,42 @@ def main() -> None:
     if args.worker:
         worker(args.worker, argparse.Namespace(**json.loads(os.environ[ARGS_ENV])))
         return
-    chains: dict[int, subprocess.Popen] = {}
+    keys = [(c, n) for c in args.client_spin for n in args.servers]
+    chains: dict[tuple[str, int], subprocess.Popen] = {}
     equal = True
     try:
-        for n in args.servers:
-            print(f"starting a chain of {n} servers ...", file=sys.stderr)
-            chains[n], same = start(n, args)
+        for c, n in keys:
+            print(f"starting a chain of {n} servers (client spin {c}) ...", file=sys.stderr)
+            chains[c, n], same = start(n, c, args)
             equal &= same
-        results: dict[int, list[float]] = {n: [] for n in args.servers}
+        results: dict[tuple[str, int], list[float]] = {key: [] for key in keys}
         for r in range(args.repeats):
-            k = r % len(args.servers)
-            for n in args.servers[k:] + args.servers[:k]:
-                chains[n].stdin.write("go\n")
-                chains[n].stdin.flush()
-                results[n].append(float(chains[n].stdout.readline()) / args.new_tokens * 1e3)
+            k = r % len(keys)
+            for key in keys[k:] + keys[:k]:
+                chains[key].stdin.write("go\n")
+                chains[key].stdin.flush()
+                results[key].append(float(chains[key].stdout.readline()) / args.new_tokens * 1e3)
     finally:
         for proc in chains.values():
             proc.stdin.close()
         for proc in chains.values():
             proc.wait(timeout=120)
     xs = list(map(float, args.servers))
-    medians = {n: statistics.median(v) for n, v in results.items()}
-    per_hop = slope(xs, list(medians.values()))
-    per_round = statistics.median(
-        slope(xs, [results[n][r] for n in args.servers]) for r in range(args.repeats)
-    )
-    rows = [[n, f"{medians[n]:.2f}", f"{min(results[n]):.2f}"] for n in args.servers]
-    table = markdown_table(["servers in the chain", "ms/token (median)", "fastest"], rows)
-    summary = (
-        f"Cost per added hop (least-squares slope of the medians): {per_hop:.2f} ms/token; median of the rounds' "
-        f"own slopes: {per_round:.2f}; tokens equal to transformers: {equal}."
-    )
+    medians = {key: statistics.median(v) for key, v in results.items()}
+    rows, summaries = [], []
+    for c in args.client_spin:
+        per_hop = slope(xs, [medians[c, n] for n in args.servers])
+        per_round = statistics.median(
+            slope(xs, [results[c, n][r] for n in args.servers]) for r in range(args.repeats)
+        )
+        rows += [[c, n, f"{medians[c, n]:.2f}", f"{min(results[c, n]):.2f}"] for n in args.servers]
+        summaries.append(
+            f"client spin {c}: {per_hop:.2f} ms/token per added hop (least-squares slope of the medians; median "
+            f"of the rounds' own slopes {per_round:.2f})"
+        )
+    headers = ["client GOMP_SPINCOUNT", "servers in the chain", "ms/token (median)", "fastest"]
+    table = markdown_table(headers, rows)
+    summary = f"Cost per added hop: {'; '.join(summaries)}; tokens equal to transformers: {equal}."
     print(table)
     print(summary)
     if not args.no_record:

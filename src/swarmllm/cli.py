@@ -19,7 +19,7 @@ import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
-from swarmllm import ladder_commands
+from swarmllm import ladder_commands, spin
 from swarmllm.version import __version__
 
 
@@ -674,6 +674,7 @@ def _initial_peers_quietly(args: argparse.Namespace) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    spin.choose(spin.spincount(args.command))  # before anything loads torch
     _setup_logging(args.verbose)
     try:
         return _run(args)
@@ -780,12 +781,6 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "ladder":
         return ladder_commands.run(args)
     return 2
-
-
-# After each parallel region torch's OpenMP workers spin before they sleep: 300,000 rounds by default, which on a
-# host shared with clients and other servers burns a core doing nothing (a server answering a flood of small calls
-# used 0.56-0.61 of a core instead of 0.20-0.24); no speed difference was resolved (benchmarks/omp_spin.py).
-SERVER_OMP_SPINCOUNT = "30000"
 
 
 def _monitor(args: argparse.Namespace) -> int:
@@ -904,7 +899,9 @@ def _tp_problem(args: argparse.Namespace) -> str | None:
     if args.blocks is None:
         return "needs --blocks (a tensor-parallel server does not choose or move its blocks yet)"
     # a default the environment set is named as such: the user gave no --compile
-    compile_flag = "--compile" if args.compile else "SWARMLLM_COMPILE=1 (the environment's; give --no-compile)"
+    compile_flag = (
+        "--compile" if args.compile else "SWARMLLM_COMPILE=1 (the environment's; give --no-compile)"
+    )
     flags = {
         compile_flag: _compile(args) is True,
         "--quant": args.quant != "none",
@@ -940,8 +937,6 @@ def _check_device(device: str) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    if "torch" not in sys.modules:  # read once, when torch loads its OpenMP runtime; an operator's value wins
-        os.environ.setdefault("GOMP_SPINCOUNT", SERVER_OMP_SPINCOUNT)
     from swarmllm.server.handler import ServerLimits
     from swarmllm.server.memory import parse_size
     from swarmllm.server.network import parse_bandwidth

@@ -14,8 +14,8 @@ someone else reaped).
 
 A variable read while torch or transformers import (`GOMP_SPINCOUNT`, `TORCH_LOGS`, `OMP_NUM_THREADS`, ...)
 takes effect in the forker, not in its child; so a forker serves one environment only, and `forked` starts
-another for a different one. `serve` commands get the server's OpenMP spin count in their environment, as
-`swarmllm serve` sets it before torch loads, so they get a forker of their own.
+another for a different one. Each command gets its OpenMP spin count in its environment, as `swarmllm` sets it
+before torch loads (`spin`): a server's differs from a client's, so `serve` commands get a forker of their own.
 
 The forker runs no torch op and starts no Python thread before it forks: torch's OpenMP pool (started by the
 first parallel op) and a lock held by another thread do not survive a fork. (numpy's and scipy's OpenBLAS start
@@ -41,6 +41,8 @@ import traceback
 from collections import OrderedDict
 from collections.abc import Sequence
 from typing import IO
+
+from swarmllm import spin
 
 READY = b"ready\n"
 START_TIMEOUT_S = 120.0
@@ -258,11 +260,8 @@ _forkers_lock = threading.Lock()
 def forked(args: Sequence[str], env: dict[str, str]) -> ForkedProcess | subprocess.Popen:
     """`python -m swarmllm.cli ARGS` under `env`: forked from a warm forker for that environment (started on first
     use, closed at exit), or a plain `subprocess.Popen` where no forker can run."""
-    if args and args[0] == "serve":
-        # as `swarmllm serve` sets it before torch loads; an operator's value wins
-        from swarmllm.cli import SERVER_OMP_SPINCOUNT
-
-        env = {**env, "GOMP_SPINCOUNT": env.get("GOMP_SPINCOUNT", SERVER_OMP_SPINCOUNT)}
+    # as the command sets it before torch loads (`spin`); an operator's value wins
+    env = {**env, "GOMP_SPINCOUNT": env.get("GOMP_SPINCOUNT", spin.spincount(args[0] if args else ""))}
     key = frozenset((name, value) for name, value in env.items() if name not in RUNTIME_VARIABLES)
     with _forkers_lock:
         forker = _forkers.pop(key, None)

@@ -1,5 +1,5 @@
 """Servers sharing a host split its cores: the registry of CPU servers, two real servers started with default
-flags, and OpenMP workers that sleep soon instead of spinning on a shared core."""
+flags, and OpenMP workers that sleep soon (a server's) or at once (a client's) instead of spinning on a shared core."""
 
 import os
 import re
@@ -7,7 +7,7 @@ import subprocess
 import sys
 import time
 
-from swarmllm.cli import SERVER_OMP_SPINCOUNT
+from swarmllm import spin
 from swarmllm.local import LocalSwarm
 from swarmllm.server.host import HostShare, host_cores, threads_per_server
 
@@ -60,20 +60,26 @@ def test_servers_started_with_default_flags_share_the_cores(llama_checkpoint):
             assert int(measured[-1].group(1)) == threads
 
 
-def _spincount_seen_by_serve(env: dict[str, str]) -> str:
-    """GOMP_SPINCOUNT as `swarmllm serve` leaves it, in a fresh interpreter (it exits early: no peers given)."""
+def _spincount_seen_by(argv: list[str], env: dict[str, str]) -> str:
+    """GOMP_SPINCOUNT as a `swarmllm` command leaves it, in a fresh interpreter (it fails early: no peers given, or
+    no such model and the hub offline)."""
     code = (
         "import os, sys\n"
         "from swarmllm import cli\n"
-        "assert cli.main(['serve', 'some-model']) == 2\n"
-        "import torch\n"  # what the server's torch would read
+        f"assert cli.main({argv!r}) != 0\n"
+        "import torch\n"  # what the command's torch would read
         "print(os.environ.get('GOMP_SPINCOUNT'))\n"
     )
+    env = {**env, "HF_HUB_OFFLINE": "1"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     return out.stdout.strip()
 
 
-def test_serve_shortens_openmp_spinning_unless_the_operator_chose():
+def test_servers_spin_briefly_clients_not_at_all_unless_the_operator_chose():
     env = {k: v for k, v in os.environ.items() if k != "GOMP_SPINCOUNT"}
-    assert _spincount_seen_by_serve(env) == SERVER_OMP_SPINCOUNT
-    assert _spincount_seen_by_serve({**env, "GOMP_SPINCOUNT": "5"}) == "5"
+    serve, generate = ["serve", "some-model"], ["generate", "some-model", "--prompt", "hello"]
+    assert _spincount_seen_by(serve, env) == spin.SERVER
+    assert _spincount_seen_by(generate, env) == spin.CLIENT
+    assert spin.SERVER != spin.CLIENT
+    assert _spincount_seen_by(serve, {**env, "GOMP_SPINCOUNT": "5"}) == "5"
+    assert _spincount_seen_by(generate, {**env, "GOMP_SPINCOUNT": "5"}) == "5"

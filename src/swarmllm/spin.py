@@ -1,0 +1,29 @@
+"""How long torch's OpenMP workers spin after a parallel region before they sleep (libgomp's `GOMP_SPINCOUNT`).
+
+libgomp reads the count once, as torch loads, and spins 300,000 rounds by default: milliseconds in which a core
+does nothing for anyone else on the host. A server runs many short regions back to back in each step, so it keeps
+a short spin (answering a flood of small calls, it used 0.20-0.24 of a core instead of 0.56-0.61;
+benchmarks/omp_spin.py). A client runs a few regions a token and then waits for the swarm: its spinning worker
+took a core from the servers that compute that token on the same host, so a client does not spin (a 6-server
+chain of the tiny model: 11.9 ms a token with libgomp's default, 7.9-10.1 without a spin; RESULTS.md, session 49).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+SERVER = "30000"
+CLIENT = "0"
+
+
+def spincount(command: str) -> str:
+    """The count for a `swarmllm` command: `serve` is a server, every other command a client of the swarm or
+    none (`dht`, `monitor`: no torch work)."""
+    return SERVER if command == "serve" else CLIENT
+
+
+def choose(count: str) -> None:
+    """Take `count` for this process if torch has not loaded yet; an operator's `GOMP_SPINCOUNT` wins."""
+    if "torch" not in sys.modules:
+        os.environ.setdefault("GOMP_SPINCOUNT", count)
