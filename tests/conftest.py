@@ -5,8 +5,20 @@ import tempfile
 from pathlib import Path
 
 import pytest
-import torch
-from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+from swarmllm import spin
+
+# A test process is a client of the swarms it starts (and runs transformers' oracles beside them): as a client, its
+# OpenMP workers sleep at once after a parallel region instead of spinning on a core its servers need
+# (swarmllm/spin.py). libgomp reads the count once, as torch loads; the variable goes again after that, so the
+# servers the tests start take a server's count.
+_client_spin = "GOMP_SPINCOUNT" not in os.environ
+spin.choose(spin.CLIENT)
+import torch  # noqa: E402
+from torch._inductor.runtime.cache_dir_utils import default_cache_dir  # noqa: E402
+
+if _client_spin:
+    os.environ.pop("GOMP_SPINCOUNT", None)
 
 # Under pytest-xdist (the README's `-n 3`) each worker is a host of its own: its servers register in their own
 # folder (server/host.py reads the temp dir), so one worker's servers never count another's when they split the
