@@ -260,8 +260,7 @@ _forkers_lock = threading.Lock()
 def forked(args: Sequence[str], env: dict[str, str]) -> ForkedProcess | subprocess.Popen:
     """`python -m swarmllm.cli ARGS` under `env`: forked from a warm forker for that environment (started on first
     use, closed at exit), or a plain `subprocess.Popen` where no forker can run."""
-    # as the command sets it before torch loads (`spin`); an operator's value wins
-    env = {**env, "GOMP_SPINCOUNT": env.get("GOMP_SPINCOUNT", spin.spincount(args[0] if args else ""))}
+    env = spin.for_command(args[0] if args else "", env)  # as the command sets it before torch loads
     key = frozenset((name, value) for name, value in env.items() if name not in RUNTIME_VARIABLES)
     with _forkers_lock:
         forker = _forkers.pop(key, None)
@@ -293,7 +292,7 @@ def popen_cli(args: Sequence[str], env: dict[str, str]) -> subprocess.Popen:
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        env=env,
+        env=spin.for_command(args[0] if args else "", env),
         start_new_session=True,
     )
 

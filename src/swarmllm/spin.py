@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Mapping
 
 SERVER = "30000"
 CLIENT = "0"
+_chosen: str | None = None  # the count `choose` put into this process's environment: not an operator's
 
 
 def spincount(command: str) -> str:
@@ -25,5 +27,15 @@ def spincount(command: str) -> str:
 
 def choose(count: str) -> None:
     """Take `count` for this process if torch has not loaded yet; an operator's `GOMP_SPINCOUNT` wins."""
-    if "torch" not in sys.modules:
-        os.environ.setdefault("GOMP_SPINCOUNT", count)
+    global _chosen
+    if "torch" not in sys.modules and "GOMP_SPINCOUNT" not in os.environ:
+        os.environ["GOMP_SPINCOUNT"] = _chosen = count
+
+
+def for_command(command: str, env: Mapping[str, str]) -> dict[str, str]:
+    """`env` for a child `swarmllm COMMAND`, with that command's count unless an operator chose one: a client
+    (the demo, a test) that starts servers passes on its environment, in which `choose` put a client's count."""
+    count = env.get("GOMP_SPINCOUNT")
+    if count is None or count == _chosen:
+        count = spincount(command)
+    return {**env, "GOMP_SPINCOUNT": count}

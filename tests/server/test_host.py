@@ -83,3 +83,24 @@ def test_servers_spin_briefly_clients_not_at_all_unless_the_operator_chose():
     assert spin.SERVER != spin.CLIENT
     assert _spincount_seen_by(serve, {**env, "GOMP_SPINCOUNT": "5"}) == "5"
     assert _spincount_seen_by(generate, {**env, "GOMP_SPINCOUNT": "5"}) == "5"
+
+
+def test_a_client_starts_servers_with_a_servers_count():
+    """The demo's process is a client (`choose` gave it a client's count) that starts servers with its
+    environment: each child command gets its own count, unless the operator set one."""
+    code = (
+        "import os\n"
+        "from swarmllm import spin\n"
+        "spin.choose(spin.CLIENT)\n"
+        "print(os.environ['GOMP_SPINCOUNT'], *(spin.for_command(c, os.environ)['GOMP_SPINCOUNT'] "
+        "for c in ('serve', 'api', 'dht')))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "GOMP_SPINCOUNT"}
+
+    def counts(env: dict[str, str]) -> list[str]:
+        return subprocess.run(
+            [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+        ).stdout.split()
+
+    assert counts(env) == [spin.CLIENT, spin.SERVER, spin.CLIENT, spin.CLIENT]
+    assert counts({**env, "GOMP_SPINCOUNT": "5"}) == ["5"] * 4
