@@ -20,9 +20,11 @@ _chosen: str | None = None  # the count `choose` put into this process's environ
 
 
 def spincount(command: str) -> str:
-    """The count for a `swarmllm` command: `serve` is a server, every other command a client of the swarm or
-    none (`dht`, `monitor`: no torch work)."""
-    return SERVER if command == "serve" else CLIENT
+    """The count for a `swarmllm` command: `serve`, and `api`, whose steps compute the LM head of many requests at
+    once, regions back to back as a server's (8 medium requests: 76.4 tokens/s without a spin, 78.3 with 30,000;
+    RESULTS.md, session 49), spin briefly; every other command is a lone client of the swarm or does no torch work
+    (`dht`, `monitor`)."""
+    return SERVER if command in ("serve", "api") else CLIENT
 
 
 def choose(count: str) -> None:
