@@ -81,7 +81,8 @@ def signed_record(owner: Identity, key: str, value, subkey: bytes | None = None)
 
 async def _call_store(
     _dht, node, peer: str, key: str, records: list[tuple[bytes, bytes, float]]
-) -> list[bool]:
+) -> list[bool] | None:
+    """Each record stored or refused, or None where the peer did not answer within hivemind's wait timeout."""
     subkeys = [MSGPackSerializer.loads(subkey) for subkey, _, _ in records]
     stored = await node.protocol.call_store(
         PeerID.from_base58(peer),
@@ -90,7 +91,7 @@ async def _call_store(
         [expiration for _, _, expiration in records],
         subkeys=subkeys,
     )
-    return [bool(ok) for ok in stored] if stored is not None else [False] * len(records)
+    return None if stored is None else [bool(ok) for ok in stored]
 
 
 def pipe_chunks(records: list[tuple[bytes, bytes, float]], limit: int = 3000) -> list[list]:
@@ -109,14 +110,27 @@ def pipe_chunks(records: list[tuple[bytes, bytes, float]], limit: int = 3000) ->
 
 
 def store_as(
-    owners: list[Identity], values: list, key: str, via: hivemind.DHT, at: hivemind.DHT
+    owners: list[Identity], values: list, key: str, via: hivemind.DHT, at: hivemind.DHT, tries: int = 3
 ) -> list[bool]:
     """Records of many owners under one key, each signed by its owner, sent by peer `via` to be stored at peer
-    `at`: what one host holding many keys can do."""
-    records = [signed_record(owner, key, value) for owner, value in zip(owners, values, strict=True)]
-    stored = []
-    for chunk in pipe_chunks([(r.subkey, r.value, r.expiration_time) for r in records]):
-        stored += via.run_coroutine(partial(_call_store, peer=str(at.peer_id), key=key, records=chunk))
+    `at`: what one host holding many keys can do. A run the peer left unanswered (hivemind's 3 s wait, passed on
+    a loaded machine) is signed again, with a later expiry, and sent again: the first may have been stored all
+    the same, and a peer refuses a record that does not expire later than the one it holds."""
+
+    def signed(pairs: list) -> list[tuple[bytes, bytes, float]]:
+        records = [signed_record(owner, key, value) for owner, value in pairs]
+        return [(r.subkey, r.value, r.expiration_time) for r in records]
+
+    pairs = list(zip(owners, values, strict=True))
+    stored: list[bool] = []
+    for run in pipe_chunks(signed(pairs)):
+        answer = None
+        for attempt in range(tries):
+            records = run if attempt == 0 else signed(pairs[len(stored) : len(stored) + len(run)])
+            answer = via.run_coroutine(partial(_call_store, peer=str(at.peer_id), key=key, records=records))
+            if answer is not None:
+                break
+        stored += answer if answer is not None else [False] * len(run)
     return stored
 
 
