@@ -8,6 +8,12 @@ The tiny model computes next to nothing, so the slope is the hop's overhead: the
 server, the event loops' wake-ups and the per-step Python on both ends. With --rtt-ms (and --mbit), every server
 sits behind the network emulator (netem.py) instead.
 
+Each hop's time is split in two, from the servers' own account of each decode step (`compute_s` in every reply,
+summed over the chain's hops): the servers' compute (from the step's arrival at the backend to its output: the
+batcher, the decode runner and its compiled step) and the rest (the wire, TLS, the handlers' Python on both ends,
+the processes' wake-ups). Each gets its own slope. Beside them, `--warm-step` times the same one-block decode step
+in a loop in one process, its caches warm: what a hop's compute costs when nothing else runs between two steps.
+
 Every chain runs at once, each with its own swarm and client process, and the generates go round them in turn
 (the first chain of each round rotating), the way `ab.py` pairs two trees: on a shared machine, whose speed drifts
 by tens of percent over a minute, a chain measured after another would carry that drift into the slope. Besides
@@ -45,6 +51,7 @@ def worker(servers: int, args: argparse.Namespace) -> None:
     from transformers import AutoModelForCausalLM
 
     from swarmllm import AutoDistributedModelForCausalLM
+    from swarmllm.client import session as session_module
     from swarmllm.local import LocalSwarm
 
     path = checkpoint("tiny")
@@ -69,10 +76,43 @@ def worker(servers: int, args: argparse.Namespace) -> None:
             want = local.generate(prompt, max_new_tokens=args.new_tokens, do_sample=False)
             got = remote.generate(prompt, max_new_tokens=args.new_tokens, do_sample=False)
             print(f"ready {got.tolist() == want.tolist()}", flush=True)
+            computes: list[float] = []  # each decode step's compute, summed over the chain's servers
+            original_step = session_module.InferenceSession.step
+
+            async def step(self, hidden, *rest, **kwargs):
+                out = await original_step(self, hidden, *rest, **kwargs)
+                if hidden.shape[1] == 1:
+                    computes.append(sum(t.compute_s for t in self.last_timings))
+                return out
+
+            session_module.InferenceSession.step = step
             for _ in sys.stdin:
+                computes.clear()
                 began = time.perf_counter()
                 remote.generate(prompt, max_new_tokens=args.new_tokens, do_sample=False)
-                print(f"{time.perf_counter() - began:.6f}", flush=True)
+                print(f"{time.perf_counter() - began:.6f} {statistics.median(computes):.9f}", flush=True)
+
+
+def warm_step(blocks: int, steps: int = 300) -> float:
+    """ms of the tiny model's decode step over `blocks` blocks, compiled as a server compiles it, one thread,
+    run back to back in this process (its caches warm): the median over cache slots 50 to `steps`."""
+    from swarmllm.models import KVCache, load_span
+    from swarmllm.server.decode import DecodeRunner
+
+    torch.set_num_threads(1)  # as each server of a chain on this host
+    span = load_span(str(checkpoint("tiny")), 0, blocks)
+    runner = DecodeRunner(span, torch.device("cpu"), compile=True)
+    runner.warm_up()
+    cache = KVCache(blocks, 1, steps, span.config, torch.float32, "cpu")
+    key_mask = torch.ones(1, steps, dtype=torch.bool)
+    hidden = torch.randn(1, span.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    times = []
+    with torch.inference_mode():
+        for slot in range(steps):
+            began = time.perf_counter()
+            runner.step(hidden, slot, key_mask, False, cache, None)
+            times.append(time.perf_counter() - began)
+    return statistics.median(times[50:]) * 1e3
 
 
 def start(servers: int, spincount: str, args: argparse.Namespace) -> tuple[subprocess.Popen, bool]:
@@ -110,6 +150,9 @@ def main() -> None:
         default=[os.environ.get("GOMP_SPINCOUNT", spin.CLIENT)],
         help="the clients' GOMP_SPINCOUNT ('default': libgomp's); several: a set of chains for each",
     )
+    parser.add_argument(
+        "--warm-step", action="store_true", help="also time the one-block decode step warm, alone (see above)"
+    )
     parser.add_argument("--worker", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     hf_logging.disable_progress_bar()
@@ -127,12 +170,15 @@ def main() -> None:
             chains[c, n], same = start(n, c, args)
             equal &= same
         results: dict[tuple[str, int], list[float]] = {key: [] for key in keys}
+        computes: dict[tuple[str, int], list[float]] = {key: [] for key in keys}  # ms a token, all servers
         for r in range(args.repeats):
             k = r % len(keys)
             for key in keys[k:] + keys[:k]:
                 chains[key].stdin.write("go\n")
                 chains[key].stdin.flush()
-                results[key].append(float(chains[key].stdout.readline()) / args.new_tokens * 1e3)
+                seconds, compute_s = map(float, chains[key].stdout.readline().split())
+                results[key].append(seconds / args.new_tokens * 1e3)
+                computes[key].append(compute_s * 1e3)
     finally:
         for proc in chains.values():
             proc.stdin.close()
@@ -140,20 +186,42 @@ def main() -> None:
             proc.wait(timeout=120)
     xs = list(map(float, args.servers))
     medians = {key: statistics.median(v) for key, v in results.items()}
+    compute = {key: statistics.median(v) for key, v in computes.items()}
     rows, summaries = [], []
     for c in args.client_spin:
         per_hop = slope(xs, [medians[c, n] for n in args.servers])
         per_round = statistics.median(
             slope(xs, [results[c, n][r] for n in args.servers]) for r in range(args.repeats)
         )
-        rows += [[c, n, f"{medians[c, n]:.2f}", f"{min(results[c, n]):.2f}"] for n in args.servers]
+        compute_per_hop = slope(xs, [compute[c, n] for n in args.servers])
+        rows += [
+            [
+                c,
+                n,
+                f"{medians[c, n]:.2f}",
+                f"{min(results[c, n]):.2f}",
+                f"{compute[c, n]:.2f}",
+                f"{medians[c, n] - compute[c, n]:.2f}",
+            ]
+            for n in args.servers
+        ]
         summaries.append(
             f"client spin {c}: {per_hop:.2f} ms/token per added hop (least-squares slope of the medians; median "
-            f"of the rounds' own slopes {per_round:.2f})"
+            f"of the rounds' own slopes {per_round:.2f}), of which the servers' compute {compute_per_hop:.2f} "
+            f"and the rest {per_hop - compute_per_hop:.2f}"
         )
-    headers = ["client GOMP_SPINCOUNT", "servers in the chain", "ms/token (median)", "fastest"]
+    headers = [
+        "client GOMP_SPINCOUNT",
+        "servers in the chain",
+        "ms/token (median)",
+        "fastest",
+        "servers' compute ms/token (median)",
+        "the rest",
+    ]
     table = markdown_table(headers, rows)
     summary = f"Cost per added hop: {'; '.join(summaries)}; tokens equal to transformers: {equal}."
+    if args.warm_step:
+        summary += f" The one-block decode step alone, warm, back to back: {warm_step(1):.3f} ms."
     print(table)
     print(summary)
     if not args.no_record:
