@@ -114,6 +114,33 @@ def test_a_runner_compiles_for_each_thread_count_it_meets(checkpoints):
         torch.set_num_threads(threads)
 
 
+def test_the_ahead_of_time_step_serves_caches_of_any_length_and_equals_eager(checkpoints):
+    """`--aot-step`: the step exported and compiled by AOTInductor serves every compiled step from the second slot
+    on (the first attends to one slot, below its export's range: torch.compile's step), for sessions whose caches
+    differ in length, and equals eager (mistral's sliding window of 4 included). A graph built from a slice of
+    one cache read other sessions' slices at its own strides: wrong slots, 2.5 off after one step."""
+    span = load_span(checkpoints("mistral"), 0, 2)
+    runner = DecodeRunner(span, torch.device("cpu"), compile=True, aot=True)
+    runner.warm_up()
+    assert runner.mode == "compiled ahead of time"
+    aot = runner._aot[torch.get_num_threads()]
+    inner, attended = aot._runner, []
+    aot._runner = lambda *args: attended.append(args[5].shape[0]) or inner(*args)
+    eager = DecodeRunner(span, torch.device("cpu"))
+    generator = torch.Generator().manual_seed(0)
+    for max_length in (2, 6, 17):
+        caches = [KVCache(2, 1, max_length, span.config, torch.float32, "cpu") for _ in range(2)]
+        key_mask = torch.ones(1, max_length, dtype=torch.bool)
+        for slot in range(max_length):
+            hidden = torch.randn(1, span.config.hidden_size, generator=generator)
+            with torch.inference_mode():
+                got = runner.step(hidden, slot, key_mask, False, caches[0], None)
+                want = eager.step(hidden, slot, key_mask, False, caches[1], None)
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(caches[0].keys, caches[1].keys, atol=1e-5, rtol=1e-5)
+    assert attended == [slot + 1 for length in (2, 6, 17) for slot in range(1, length)]
+
+
 def test_a_compiled_step_takes_no_bound_from_the_disk_cache(checkpoints, tmp_path, monkeypatch):
     """torch's on-disk cache hands a compilation the guards of an identical graph compiled before; one compiled
     with the attended length bounded at 4 (as a sliding window's branch once did) would make the runner recompile

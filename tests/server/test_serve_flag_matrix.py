@@ -34,12 +34,13 @@ def test_a_device_adapters_or_block_count_the_server_cannot_use_is_one_line(chec
     adapter.mkdir()
     (adapter / "adapter_config.json").write_text('{"peft_type": "PREFIX_TUNING"}')
     serve = ["serve", model, "--new-swarm", "--throughput", "50", "--bandwidth", "1000"]
-    gpu, bogus, absent, not_lora, too_many = swarmllms(
+    gpu, bogus, absent, not_lora, too_many, uncompiled = swarmllms(
         [*serve, "--blocks", "0:4", "--device", missing_gpu],
         [*serve, "--blocks", "0:4", "--device", "gpu0"],
         [*serve, "--blocks", "0:4", "--adapters", str(tmp_path / "absent")],
         [*serve, "--blocks", "0:4", "--adapters", str(adapter)],
         [*serve, "--num-blocks", "10"],  # was silently 4
+        [*serve, "--blocks", "0:4", "--no-compile", "--aot-step"],  # nothing to build ahead of time
     )
     assert f"--device {missing_gpu}" in said(gpu, "serve")
     assert "--device gpu0" in said(bogus, "serve")
@@ -48,3 +49,4 @@ def test_a_device_adapters_or_block_count_the_server_cannot_use_is_one_line(chec
     line = said(not_lora, "serve")
     assert "--adapters" in line and "not a LoRA adapter" in line
     assert "--num-blocks 10 is more than the model's 4 blocks" in said(too_many, "serve")
+    assert "--aot-step" in said(uncompiled, "serve") and "--compile" in said(uncompiled, "serve")

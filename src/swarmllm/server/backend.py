@@ -151,8 +151,10 @@ class Backend:
         batch_wait_s: float = 0.01,
         arena_length: int | None = None,
         prefill_chunk_tokens: int | None = None,
+        aot_step: bool = False,
     ):
-        """arena_length: the slots of a row of the shared cache arena (`server.arena`), 0 for none; by default
+        """aot_step: with `compile` on a CPU, the compiled step built ahead of time too (`decode.AotStep`).
+        arena_length: the slots of a row of the shared cache arena (`server.arena`), 0 for none; by default
         `ARENA_LENGTH` where steps replay CUDA graphs, else none (on a CPU the arena gains nothing), and never
         with a compiled step (compiled for caches of their own, whose layout its guards check).
         prefill_chunk_tokens: a session's step over more tokens than this runs as several jobs of the compute
@@ -176,7 +178,7 @@ class Backend:
             arena_length = ARENA_LENGTH if graphs_enabled(self.device, cuda_graphs, compile) else 0
         self.arena = None if compile else self._make_arena(arena_length)
         self.decoder = DecodeRunner(
-            span, self.device, compile=compile, cuda_graphs=cuda_graphs, arena=self.arena
+            span, self.device, compile=compile, cuda_graphs=cuda_graphs, arena=self.arena, aot=aot_step
         )
         self.batcher: DecodeBatcher[_Decode] = DecodeBatcher(self._decode_many, max_wait_s=batch_wait_s)
         self._packed = packed_projections(span)

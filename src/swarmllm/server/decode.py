@@ -12,6 +12,9 @@ All three ways run `BlockSpan.decode`, so they compute the same thing:
   batch, padding, a sub-range of the span, an adapter, or a thread count not compiled yet), and every step
   while a compilation runs, runs eagerly on the compute thread, so no step ever waits for a compilation. A
   failure to compile (no C++ compiler, say) falls back to eager with a warning.
+  With `--aot-step` the same step is also compiled ahead of time (AOTInductor, `AotStep`), and serves those steps
+  instead: its runner skips torch.compile's guards and wrappers, half a one-block step's time on a CPU (warm or
+  with its caches evicted by other processes, as on a chain of servers sharing a host).
 - CUDA graphs: the default on CUDA, replayed with the slots and positions as tensors: one launch per step
   instead of hundreds. Sessions whose caches are rows of the server's cache arena (`server.arena`; those
   without an adapter) share row graphs: one per bucket of rows (a power of two that covers the highest row in
@@ -37,11 +40,14 @@ once more (a 6-token prompt through 8 medium layers alone: 34 ms; as 6 more rows
 from __future__ import annotations
 
 import logging
+import tempfile
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
+from torch import nn
 
 from swarmllm.models import BlockConfig, BlockSpan, KVCache
 from swarmllm.models.llama import BlockLora, DecodeSegment, position_ids
@@ -53,6 +59,7 @@ MIN_BUCKET = 64  # the smallest number of cache slots a CUDA graph attends to
 CAPTURE_AFTER = 3  # merged steps of one cohort before its CUDA graph is captured (a passing mix is not)
 MAX_COHORTS = 8  # cohorts whose merged-step graphs are kept (least recently used dropped)
 COMPILE_BELOW_WEIGHTS = 1 << 20  # weights of a block whose step is bound by per-op costs (4 MiB in float32)
+AOT_MAX_SLOTS = 1 << 20  # the longest cache an ahead-of-time step is built for
 RECOMPILE_LIMIT = 256  # compiled graphs of `BlockSpan.decode` in one process (~4 per span and thread count)
 
 
@@ -157,6 +164,58 @@ class _RowInputs:
     slots: torch.Tensor  # [rows] long: each row's arena slot (0, the scratch, for a row without a step)
 
 
+class _WholeCacheStep(nn.Module):
+    """`BlockSpan.decode` of one sequence over the whole span, given the whole cache and the attended length as
+    the length of `attended` (an empty carrier): an AOTInductor graph takes its inputs' strides as they were at
+    the export, and the slice a step attends to has its cache's, which differ from session to session."""
+
+    def __init__(self, span: BlockSpan):
+        super().__init__()
+        self.span = span
+
+    def forward(self, hidden, positions, slot, keys, values, attended):
+        length = attended.shape[0]
+        return self.span.decode(
+            hidden, positions, slot, keys[:, :, :, :length], values[:, :, :, :length], None, None
+        )
+
+
+class AotStep:
+    """The compiled step built ahead of time (`torch.export` and AOTInductor) for one CPU thread count: a runner
+    with no guards or Python wrappers around its kernels. The span's weights are constants of the package, so a
+    span whose weights change (none does once a server serves it) would need another."""
+
+    def __init__(self, span: BlockSpan, device: torch.device):
+        dtype = next(span.parameters()).dtype
+        cache = KVCache(len(span.blocks), 1, 8, span.config, dtype, device)
+        hidden = torch.zeros(1, span.config.hidden_size, dtype=dtype, device=device)
+        slot = torch.full((1,), 2, dtype=torch.long, device=device)
+        length = torch.export.Dim("cache_length", min=2, max=AOT_MAX_SLOTS)
+        attended = torch.export.Dim("attended", min=2, max=AOT_MAX_SLOTS)
+        example = (hidden, slot, slot, cache.keys, cache.values, self._carrier(3, device))
+        shapes = ({}, {}, {}, {3: length}, {3: length}, {0: attended})
+        with torch.no_grad():
+            program = torch.export.export(_WholeCacheStep(span).eval(), example, dynamic_shapes=shapes)
+            with tempfile.TemporaryDirectory(prefix="swarmllm-aot-") as folder:
+                package = torch._inductor.aoti_compile_and_package(
+                    program, package_path=str(Path(folder) / "step.pt2")
+                )
+                self._runner = torch._inductor.aoti_load_package(package)
+        self.device = device
+
+    @staticmethod
+    def _carrier(length: int, device: torch.device) -> torch.Tensor:
+        return torch.empty(length, dtype=torch.uint8, device=device)
+
+    def __call__(
+        self, hidden: torch.Tensor, positions: torch.Tensor, slot: torch.Tensor, cache: KVCache, attended: int
+    ) -> torch.Tensor:
+        """hidden [1, H] of the token taking cache slot `slot`, attending to the cache's first `attended` (>= 2)
+        slots. -> [1, H]"""
+        carrier = self._carrier(attended, self.device)
+        return self._runner(hidden, positions, slot, cache.keys, cache.values, carrier)
+
+
 class DecodeRunner:
     """Runs one token per sequence through a span: eagerly, compiled, or from CUDA graphs (see module doc)."""
 
@@ -168,7 +227,9 @@ class DecodeRunner:
         compile: bool = False,
         cuda_graphs: bool = True,
         arena: CacheArena | None = None,
+        aot: bool = False,
     ):
+        """aot: with `compile` on a CPU, also build the step ahead of time (`AotStep`) and serve it from that."""
         self.span = span
         self.device = device
         self.cuda_graphs = graphs_enabled(device, cuda_graphs, compile)
@@ -182,13 +243,17 @@ class DecodeRunner:
         # row graphs and the tensors their replays write, by (blocks' bounds, rows, attended slots)
         self._row_graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._warm: set[int] = set()  # the CPU thread counts the decode step is compiled for
+        self.aot = aot and compile and torch.device(device).type == "cpu"
+        self._aot: dict[int, AotStep] = {}  # by CPU thread count
         self._compiling = False
         if compile:
             self._decode = torch.compile(span.decode, fullgraph=True, options={"cpp_wrapper": True})
 
     @property
     def mode(self) -> str:
-        return "cuda-graphs" if self.cuda_graphs else "compiled" if self.compiled else "eager"
+        if self.cuda_graphs:
+            return "cuda-graphs"
+        return ("compiled ahead of time" if self.aot else "compiled") if self.compiled else "eager"
 
     def warm_up(self) -> None:
         """Compile the steps it serves (see the module doc) for the calling thread's CPU thread count (off the
@@ -244,6 +309,14 @@ class DecodeRunner:
             logger.warning("torch.compile failed (%s: %s); decoding eagerly", type(e).__name__, e)
             self.compiled, self._decode = False, self.span.decode
             return
+        if self.aot:
+            try:
+                self._aot[threads] = AotStep(self.span, self.device)
+            except Exception as e:  # noqa: BLE001 - any export or compiler failure: torch.compile's step serves
+                logger.warning(
+                    "the ahead-of-time step failed (%s: %s); torch.compile's serves", type(e).__name__, e
+                )
+                self.aot = False
         self._warm.add(threads)
 
     def _compiled_for(
@@ -299,6 +372,9 @@ class DecodeRunner:
         mask, positions = self._attended(hidden, slot, key_mask, padded)
         keys, values, slot_tensor = self._slots(cache, slot)
         if self._warm and self._compiled_for(hidden, mask, blocks, lora):
+            aot = self._aot.get(torch.get_num_threads())
+            if aot is not None and slot >= 1:  # (its export needs 2 attended slots or more)
+                return aot(hidden, positions, slot_tensor, cache, slot + 1)
             return self._compiled_step(hidden, positions, keys, values, slot_tensor)
         # any other step would compile a graph of its own, for seconds, on the event loop: eager instead
         return self.span.decode(hidden, positions, slot_tensor, keys, values, mask, blocks, lora)

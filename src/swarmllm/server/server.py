@@ -132,6 +132,8 @@ class ServerConfig:
     # torch.compile the decode step (seconds to compile at start, then ~1.2-2x faster steps on a CPU); None: on
     # a CPU for small blocks only (`decode.compiles_by_default`)
     compile: bool | None = None
+    # with compile on a CPU, the step built ahead of time too (AOTInductor, decode.AotStep)
+    aot_step: bool = False
     cuda_graphs: bool = True  # on CUDA, replay captured graphs of the decode step
     packed_weights: bool = True  # on a CPU, large projections as panels or for oneDNN (models.packed; not --compile)
     batch_wait_s: float = 0.01  # the most a decode step waits for others to merge with (server/batching.py)
@@ -244,6 +246,11 @@ class Server:
         self.compiles = cfg.compile
         if self.compiles is None:
             self.compiles = cfg.tp == 1 and compiles_by_default(block_config, cfg.device, cfg.quant != "none")
+        if cfg.aot_step and not (self.compiles and torch.device(cfg.device).type == "cpu"):
+            raise ServeConfigError(
+                "--aot-step builds the compiled step ahead of time: it needs the compiled step on a CPU "
+                "(--compile, or blocks small enough to compile by default, and --device cpu)"
+            )
         limits = cfg.limits
         self.adapters = AdapterStore(
             block_config,
@@ -483,6 +490,7 @@ class Server:
                     cache_tokens=cfg.max_cache_tokens,
                     device=cfg.device,
                     compile=self.compiles,
+                    aot_step=cfg.aot_step,
                     cuda_graphs=cfg.cuda_graphs,
                     batch_wait_s=cfg.batch_wait_s,
                     arena_length=cfg.arena_length,
