@@ -41,6 +41,25 @@ def test_eager_runner_steps_equal_the_span_forward(checkpoints, padded):
     torch.testing.assert_close(got[real], want[real], atol=1e-5, rtol=0)
 
 
+def steps_equal_eager(runner: DecodeRunner, span, lengths: tuple[int, ...]) -> None:
+    """Every slot of a session of each cache length, stepped by `runner` and eagerly: equal outputs and caches
+    (caches of different lengths lay their slices out with different strides)."""
+    eager = DecodeRunner(span, torch.device("cpu"))
+    generator = torch.Generator().manual_seed(0)
+    for max_length in lengths:
+        caches = [
+            KVCache(len(span.blocks), 1, max_length, span.config, torch.float32, "cpu") for _ in range(2)
+        ]
+        key_mask = torch.ones(1, max_length, dtype=torch.bool)
+        for slot in range(max_length):
+            hidden = torch.randn(1, span.config.hidden_size, generator=generator)
+            with torch.inference_mode():
+                got = runner.step(hidden, slot, key_mask, False, caches[0], None)
+                want = eager.step(hidden, slot, key_mask, False, caches[1], None)
+            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(caches[0].keys, caches[1].keys, atol=1e-5, rtol=1e-5)
+
+
 def test_small_cpu_blocks_compile_by_default(checkpoints):
     """Compiling pays where a step's fixed per-op costs dominate: small blocks on a CPU; larger blocks (reading
     weights dominates), quantized ones and other devices decode eagerly."""
@@ -69,20 +88,10 @@ def test_compiled_steps_need_no_compilation_after_the_warm_up(checkpoints):
     compiled = DecodeRunner(span, torch.device("cpu"), compile=True)
     compiled.warm_up()
     assert compiled.mode == "compiled"
-    eager = DecodeRunner(span, torch.device("cpu"))
     graphs = counters["stats"]["unique_graphs"]
-    generator = torch.Generator().manual_seed(0)
     compiled_step, compiled_steps = compiled._decode, []
     compiled._decode = lambda *args: compiled_steps.append(args[3].shape[3]) or compiled_step(*args)
-    for max_length in (1, 2, 6, 17):
-        caches = [KVCache(2, 1, max_length, span.config, torch.float32, "cpu") for _ in range(2)]
-        key_mask = torch.ones(1, max_length, dtype=torch.bool)
-        for slot in range(max_length):
-            hidden = torch.randn(1, span.config.hidden_size, generator=generator)
-            with torch.inference_mode():
-                got = compiled.step(hidden, slot, key_mask, False, caches[0], None)
-                want = eager.step(hidden, slot, key_mask, False, caches[1], None)
-            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    steps_equal_eager(compiled, span, (1, 2, 6, 17))
     assert compiled_steps == [slot + 1 for length in (1, 2, 6, 17) for slot in range(length)]  # none eagerly
     assert counters["stats"]["unique_graphs"] == graphs
 
@@ -126,18 +135,7 @@ def test_the_ahead_of_time_step_serves_caches_of_any_length_and_equals_eager(che
     aot = runner._aot[torch.get_num_threads()]
     inner, attended = aot._runner, []
     aot._runner = lambda *args: attended.append(args[5].shape[0]) or inner(*args)
-    eager = DecodeRunner(span, torch.device("cpu"))
-    generator = torch.Generator().manual_seed(0)
-    for max_length in (2, 6, 17):
-        caches = [KVCache(2, 1, max_length, span.config, torch.float32, "cpu") for _ in range(2)]
-        key_mask = torch.ones(1, max_length, dtype=torch.bool)
-        for slot in range(max_length):
-            hidden = torch.randn(1, span.config.hidden_size, generator=generator)
-            with torch.inference_mode():
-                got = runner.step(hidden, slot, key_mask, False, caches[0], None)
-                want = eager.step(hidden, slot, key_mask, False, caches[1], None)
-            torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(caches[0].keys, caches[1].keys, atol=1e-5, rtol=1e-5)
+    steps_equal_eager(runner, span, (2, 6, 17))
     assert attended == [slot + 1 for length in (2, 6, 17) for slot in range(1, length)]
 
 
