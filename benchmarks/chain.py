@@ -11,8 +11,10 @@ sits behind the network emulator (netem.py) instead.
 Each hop's time is split in two, from the servers' own account of each decode step (`compute_s` in every reply,
 summed over the chain's hops): the servers' compute (from the step's arrival at the backend to its output: the
 batcher, the decode runner and its compiled step) and the rest (the wire, TLS, the handlers' Python on both ends,
-the processes' wake-ups). Each gets its own slope. Beside them, `--warm-step` times the same one-block decode step
-in a loop in one process, its caches warm: what a hop's compute costs when nothing else runs between two steps.
+the processes' wake-ups; in a chain's row, the client's own work too, the same at every length). Each gets its own
+slope. Beside them, `--warm-step` times the same one-block decode step (built ahead of time where the servers run
+with --aot-step) in a loop in one process, its caches warm: what a hop's compute costs when nothing else runs
+between two steps.
 
 Every chain runs at once, each with its own swarm and client process, and the generates go round them in turn
 (the first chain of each round rotating), the way `ab.py` pairs two trees: on a shared machine, whose speed drifts
@@ -93,15 +95,16 @@ def worker(servers: int, args: argparse.Namespace) -> None:
                 print(f"{time.perf_counter() - began:.6f} {statistics.median(computes):.9f}", flush=True)
 
 
-def warm_step(blocks: int, steps: int = 300) -> float:
-    """ms of the tiny model's decode step over `blocks` blocks, compiled as a server compiles it, one thread,
-    run back to back in this process (its caches warm): the median over cache slots 50 to `steps`."""
+def warm_step(blocks: int, aot: bool, steps: int = 300) -> float:
+    """ms of the tiny model's decode step over `blocks` blocks, compiled as a server compiles it (`aot`: ahead of
+    time too), one thread, run back to back in this process (its caches warm): the median over cache slots 50 to
+    `steps`."""
     from swarmllm.models import KVCache, load_span
     from swarmllm.server.decode import DecodeRunner
 
     torch.set_num_threads(1)  # as each server of a chain on this host
     span = load_span(str(checkpoint("tiny")), 0, blocks)
-    runner = DecodeRunner(span, torch.device("cpu"), compile=True)
+    runner = DecodeRunner(span, torch.device("cpu"), compile=True, aot=aot)
     runner.warm_up()
     cache = KVCache(blocks, 1, steps, span.config, torch.float32, "cpu")
     key_mask = torch.ones(1, steps, dtype=torch.bool)
@@ -221,7 +224,8 @@ def main() -> None:
     table = markdown_table(headers, rows)
     summary = f"Cost per added hop: {'; '.join(summaries)}; tokens equal to transformers: {equal}."
     if args.warm_step:
-        summary += f" The one-block decode step alone, warm, back to back: {warm_step(1):.3f} ms."
+        step_ms = warm_step(1, aot="--aot-step" in args.server_args)
+        summary += f" The one-block decode step alone, warm, back to back: {step_ms:.3f} ms."
     print(table)
     print(summary)
     if not args.no_record:
