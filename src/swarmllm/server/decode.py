@@ -81,6 +81,11 @@ def compiles_by_default(config: BlockConfig, device: torch.device | str, quantiz
     return torch.device(device).type == "cpu" and not quantized and small
 
 
+def aot_applies(compiled: bool, device: torch.device | str) -> bool:
+    """Whether `--aot-step` can serve: it builds the compiled step ahead of time, for a CPU only."""
+    return compiled and torch.device(device).type == "cpu"
+
+
 def bucket(slots: int, max_length: int) -> int:
     """Cache slots a captured graph attends to when `slots` are in use: the next power of two (at least
     MIN_BUCKET), so a session needs few graphs and mostly wastes at most half; the whole cache once the next
@@ -208,12 +213,12 @@ class AotStep:
         return torch.empty(length, dtype=torch.uint8, device=device)
 
     def __call__(
-        self, hidden: torch.Tensor, positions: torch.Tensor, slot: torch.Tensor, cache: KVCache, attended: int
+        self, hidden: torch.Tensor, positions: torch.Tensor, cache: KVCache, slot: int
     ) -> torch.Tensor:
-        """hidden [1, H] of the token taking cache slot `slot`, attending to the cache's first `attended` (>= 2)
-        slots. -> [1, H]"""
-        carrier = self._carrier(attended, self.device)
-        return self._runner(hidden, positions, slot, cache.keys, cache.values, carrier)
+        """hidden [1, H] of one unpadded sequence's token taking cache slot `slot` (>= 1), so `positions` ([1]) is
+        the slot as a tensor too; it attends to slots [0, slot]. -> [1, H]"""
+        carrier = self._carrier(slot + 1, self.device)
+        return self._runner(hidden, positions, positions, cache.keys, cache.values, carrier)
 
 
 class DecodeRunner:
@@ -243,7 +248,7 @@ class DecodeRunner:
         # row graphs and the tensors their replays write, by (blocks' bounds, rows, attended slots)
         self._row_graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._warm: set[int] = set()  # the CPU thread counts the decode step is compiled for
-        self.aot = aot and compile and torch.device(device).type == "cpu"
+        self.aot = aot and aot_applies(compile, device)
         self._aot: dict[int, AotStep] = {}  # by CPU thread count
         self._compiling = False
         if compile:
@@ -370,12 +375,12 @@ class DecodeRunner:
             except RuntimeError as e:  # a capture this GPU or driver refuses: serve eagerly rather than fail
                 self._without_graphs(e)
         mask, positions = self._attended(hidden, slot, key_mask, padded)
-        keys, values, slot_tensor = self._slots(cache, slot)
         if self._warm and self._compiled_for(hidden, mask, blocks, lora):
             aot = self._aot.get(torch.get_num_threads())
             if aot is not None and slot >= 1:  # (its export needs 2 attended slots or more)
-                return aot(hidden, positions, slot_tensor, cache, slot + 1)
-            return self._compiled_step(hidden, positions, keys, values, slot_tensor)
+                return aot(hidden, positions, cache, slot)
+            return self._compiled_step(hidden, positions, *self._slots(cache, slot))
+        keys, values, slot_tensor = self._slots(cache, slot)
         # any other step would compile a graph of its own, for seconds, on the event loop: eager instead
         return self.span.decode(hidden, positions, slot_tensor, keys, values, mask, blocks, lora)
 

@@ -57,7 +57,7 @@ from swarmllm.models.tp import check_shardable
 from swarmllm.server.adapters import AdapterStore
 from swarmllm.server.backend import Backend
 from swarmllm.server.corrupt import corrupt_outputs
-from swarmllm.server.decode import compiles_by_default
+from swarmllm.server.decode import aot_applies, compiles_by_default
 from swarmllm.server.handler import RequestHandler, ServerLimits
 from swarmllm.server.host import HostShare, device_folder, host_cores, threads_per_server
 from swarmllm.server.memory import block_bytes, cache_bytes_per_block, device_memory, memory_share
@@ -246,7 +246,7 @@ class Server:
         self.compiles = cfg.compile
         if self.compiles is None:
             self.compiles = cfg.tp == 1 and compiles_by_default(block_config, cfg.device, cfg.quant != "none")
-        if cfg.aot_step and not (self.compiles and torch.device(cfg.device).type == "cpu"):
+        if cfg.aot_step and not aot_applies(self.compiles, cfg.device):
             raise ServeConfigError(
                 "--aot-step builds the compiled step ahead of time: it needs the compiled step on a CPU "
                 "(--compile, or blocks small enough to compile by default, and --device cpu)"
