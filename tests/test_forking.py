@@ -4,6 +4,7 @@ output, exit status, own process group, signals, and environment."""
 import os
 import signal
 import subprocess
+import sys
 
 import psutil
 import pytest
@@ -91,3 +92,44 @@ def test_each_environment_gets_its_own_forker_and_the_child_runs_in_it(started, 
     with pytest.raises(SystemExit) as done:
         main(["serve", "--help"])
     assert done.value.code == 0 and outputs[0] == capsys.readouterr().out
+
+
+# hivemind's cross-process locks held for good, as a process killed or stopped while it held them leaves them; then
+# a fork of that process starts a DHT peer (its readiness crosses an MPFuture) and asks it for its addresses
+_HELD_LOCKS_SCRIPT = """
+import os, sys
+import hivemind
+from hivemind.utils.mpfuture import MPFuture, SharedBytes
+from swarmllm.forking import take_own_locks
+
+for lock in (SharedBytes._lock, MPFuture._initialization_lock, MPFuture._update_lock):
+    lock.acquire()
+pid = os.fork()
+if pid == 0:
+    take_own_locks()
+    dht = hivemind.DHT(start=True, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+    code = 0 if dht.get_visible_maddrs() else 3
+    dht.shutdown()
+    os._exit(code)
+sys.exit(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
+"""
+
+
+def test_a_forked_child_starts_its_dht_while_a_dead_sibling_holds_the_forkers_locks():
+    """A forker's children each take hivemind's cross-process locks afresh (`take_own_locks`): made as hivemind was
+    imported, in the forker, they were one set for every child, and one killed while holding one hung every later
+    child's DHT start."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _HELD_LOCKS_SCRIPT],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        output, _ = proc.communicate(timeout=90)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+        pytest.fail(f"the child's DHT never started: {output}")
+    assert proc.returncode == 0, output

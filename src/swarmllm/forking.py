@@ -380,6 +380,7 @@ def _run_child(request: dict, out_w: int, sock: socket.socket, forker_fds: list[
     module one by one: with torch loaded that teardown alone takes ~1 s (multiprocessing's children end so too).
     """
     os.setsid()
+    take_own_locks()
     signal.set_wakeup_fd(-1)
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -409,6 +410,17 @@ def _run_child(request: dict, out_w: int, sock: socket.socket, forker_fds: list[
                 stream.flush()
         finally:
             os._exit(code)
+
+
+def take_own_locks() -> None:
+    """Give this forked child cross-process locks of its own, as a process started afresh has. hivemind makes
+    its locks (`MPFuture`'s and `SharedBytes`') as it is imported, so every child of a forker would share one set
+    with all its siblings and their DHT processes. A sibling killed or stopped while it held one (a server
+    killed as a crash kills it, a frozen peer) left every later sibling waiting for ever as its DHT started or
+    answered (a CI run's `generate` hung so). A child has no MPFuture yet: nothing of it is lost."""
+    from hivemind.utils.mpfuture import MPFuture
+
+    MPFuture.reset_backend()
 
 
 def _main(fd: int) -> None:
