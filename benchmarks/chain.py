@@ -12,8 +12,8 @@ Each hop's time is split in two, from the servers' own account of each decode st
 summed over the chain's hops): the servers' compute (from the step's arrival at the backend to its output: the
 batcher, the decode runner and its compiled step) and the rest (the wire, TLS, the handlers' Python on both ends,
 the processes' wake-ups; in a chain's row, the client's own work too, the same at every length). Each gets its own
-slope. Beside them, `--warm-step` times the same one-block decode step (built ahead of time where the servers run
-with --aot-step) in a loop in one process, its caches warm: what a hop's compute costs when nothing else runs
+slope. Beside them, `--warm-step` times the same one-block decode step (built ahead of time, as the servers build
+it unless they run with --no-aot-step) in a loop in one process, its caches warm: what a hop's compute costs when nothing else runs
 between two steps.
 
 Every chain runs at once, each with its own swarm and client process, and the generates go round them in turn
@@ -224,7 +224,7 @@ def main() -> None:
     table = markdown_table(headers, rows)
     summary = f"Cost per added hop: {'; '.join(summaries)}; tokens equal to transformers: {equal}."
     if args.warm_step:
-        step_ms = warm_step(1, aot="--aot-step" in args.server_args)
+        step_ms = warm_step(1, aot="--no-aot-step" not in args.server_args)
         summary += f" The one-block decode step alone, warm, back to back: {step_ms:.3f} ms."
     print(table)
     print(summary)

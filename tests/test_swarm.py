@@ -345,10 +345,10 @@ def test_cli_generate_prints_the_same_text_as_transformers(swarm, models, capsys
 
 
 def test_compiled_decode_gives_transformers_tokens(swarm, checkpoints, monkeypatch):
-    """A CPU server of small blocks compiles its decode step by default (torch.compile; mistral: sliding window
-    of 4, which the compiled steps pass) and gives transformers' greedy tokens, for a plain prompt and for a
-    left-padded batch, whose steps run eagerly: nothing is compiled again once it serves (torch logs every
-    recompilation)."""
+    """A CPU server of small blocks compiles its decode step by default (torch.compile, then ahead of time with
+    AOTInductor; mistral: sliding window of 4, which the compiled steps pass) and gives transformers' greedy
+    tokens, for a plain prompt and for a left-padded batch, whose steps run eagerly: nothing is compiled again
+    once it serves (torch logs every recompilation)."""
     local, _ = swarm
     path = checkpoints("mistral", num_layers=2)
     monkeypatch.delenv("SWARMLLM_COMPILE", raising=False)  # the suite's servers skip compiling (conftest)
@@ -367,7 +367,7 @@ def test_compiled_decode_gives_transformers_tokens(swarm, checkpoints, monkeypat
         ):
             ours = remote.generate(**batch, max_new_tokens=10, do_sample=False)
             assert ours.tolist() == reference.generate(**batch, max_new_tokens=10, do_sample=False).tolist()
-        assert any("decode steps run compiled" in line for line in log)
+        assert any("decode steps run compiled ahead of time" in line for line in log)
         assert sum("Recompiling" in line for line in log) == compiled_at_start, log[-20:]
     finally:
         remote.shutdown()

@@ -307,9 +307,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--aot-step",
-        action="store_true",
-        help="with the compiled step on a CPU, also compile it ahead of time (AOTInductor; 7-17 s more at start, "
-        "not cached): about half the step's fixed cost, its steps equal within float tolerance",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="with the compiled step on a CPU, also build it ahead of time (AOTInductor; 7-30 s at the first "
+        "start, then kept in ~/.cache/swarmllm/aot or SWARMLLM_AOT_DIR): about half the step's fixed cost, its "
+        "steps equal within float tolerance. Default: wherever the step is compiled on a CPU",
     )
     serve.add_argument(
         "--no-cuda-graphs", action="store_true", help="on CUDA, run decode steps eagerly instead of as graphs"

@@ -123,20 +123,35 @@ def test_a_runner_compiles_for_each_thread_count_it_meets(checkpoints):
         torch.set_num_threads(threads)
 
 
-def test_the_ahead_of_time_step_serves_caches_of_any_length_and_equals_eager(checkpoints):
+def test_the_ahead_of_time_step_serves_caches_of_any_length_and_equals_eager(
+    checkpoints, tmp_path, monkeypatch
+):
     """`--aot-step`: the step exported and compiled by AOTInductor serves every compiled step from the second slot
     on (the first attends to one slot, below its export's range: torch.compile's step), for sessions whose caches
     differ in length, and equals eager (mistral's sliding window of 4 included). A graph built from a slice of
-    one cache read other sessions' slices at its own strides: wrong slots, 2.5 off after one step."""
-    span = load_span(checkpoints("mistral"), 0, 2)
+    one cache read other sessions' slices at its own strides: wrong slots, 2.5 off after one step. Its package
+    holds no weights and is kept on disk: another span of the same shape, other weights, loads it without a
+    build and equals eager with its own weights."""
+    monkeypatch.setenv("SWARMLLM_AOT_DIR", str(tmp_path))
+    path = checkpoints("mistral")
+    span = load_span(path, 0, 2)
     runner = DecodeRunner(span, torch.device("cpu"), compile=True, aot=True)
     runner.warm_up()
     assert runner.mode == "compiled ahead of time"
     aot = runner._aot[torch.get_num_threads()]
+    packages = list(tmp_path.glob("*.pt2"))
+    assert aot.built and len(packages) == 1
     inner, attended = aot._runner, []
     aot._runner = lambda *args: attended.append(args[5].shape[0]) or inner(*args)
     steps_equal_eager(runner, span, (2, 6, 17))
     assert attended == [slot + 1 for length in (2, 6, 17) for slot in range(1, length)]
+
+    other = load_span(path, 2, 4)
+    assert not torch.equal(other.blocks[0].mlp.down_proj.weight, span.blocks[0].mlp.down_proj.weight)
+    again = DecodeRunner(other, torch.device("cpu"), compile=True, aot=True)
+    again.warm_up()
+    assert not again._aot[torch.get_num_threads()].built and list(tmp_path.glob("*.pt2")) == packages
+    steps_equal_eager(again, other, (6,))
 
 
 def test_a_compiled_step_takes_no_bound_from_the_disk_cache(checkpoints, tmp_path, monkeypatch):

@@ -12,9 +12,10 @@ All three ways run `BlockSpan.decode`, so they compute the same thing:
   batch, padding, a sub-range of the span, an adapter, or a thread count not compiled yet), and every step
   while a compilation runs, runs eagerly on the compute thread, so no step ever waits for a compilation. A
   failure to compile (no C++ compiler, say) falls back to eager with a warning.
-  With `--aot-step` the same step is also compiled ahead of time (AOTInductor, `AotStep`), and serves those steps
-  instead: its runner skips torch.compile's guards and wrappers, half a one-block step's time on a CPU (warm or
-  with its caches evicted by other processes, as on a chain of servers sharing a host).
+  The same step is also compiled ahead of time (`--aot-step`, the default wherever the step is compiled on a
+  CPU: AOTInductor, `AotStep`; its package kept on disk for the next start), and serves those steps instead: its
+  runner skips torch.compile's guards and wrappers, half a one-block step's time on a CPU (warm or with its caches
+  evicted by other processes, as on a chain of servers sharing a host).
 - CUDA graphs: the default on CUDA, replayed with the slots and positions as tensors: one launch per step
   instead of hundreds. Sessions whose caches are rows of the server's cache arena (`server.arena`; those
   without an adapter) share row graphs: one per bucket of rows (a power of two that covers the highest row in
@@ -39,7 +40,11 @@ once more (a 6-token prompt through 8 medium layers alone: 34 ms; as 6 more rows
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import logging
+import os
+import shutil
 import tempfile
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -82,7 +87,7 @@ def compiles_by_default(config: BlockConfig, device: torch.device | str, quantiz
 
 
 def aot_applies(compiled: bool, device: torch.device | str) -> bool:
-    """Whether `--aot-step` can serve: it builds the compiled step ahead of time, for a CPU only."""
+    """Whether the step built ahead of time (`--aot-step`) can serve: it builds the compiled step, for a CPU only."""
     return compiled and torch.device(device).type == "cpu"
 
 
@@ -185,10 +190,81 @@ class _WholeCacheStep(nn.Module):
         )
 
 
+def aot_dir() -> Path:
+    """Where built ahead-of-time steps are kept: `SWARMLLM_AOT_DIR`, else ~/.cache/swarmllm/aot."""
+    return Path(os.environ.get("SWARMLLM_AOT_DIR", Path.home() / ".cache" / "swarmllm" / "aot"))
+
+
+def _package_key(program: torch.export.ExportedProgram) -> str:
+    """What a built step depends on: the exported graph (its ops, shapes, dtypes and ranges, so the model code and
+    config that made it), the constants folded into it (rotary frequencies), the thread count it was tuned for,
+    torch and the CPU's instruction set. Not the weights, which are handed to it at load."""
+    digest = hashlib.sha256()
+    parts = (
+        torch.__version__,
+        torch.backends.cpu.get_cpu_capability(),
+        str(torch.get_num_threads()),
+        program.graph_module.print_readable(print_output=False),
+        str(program.graph_signature),
+        str(program.range_constraints),
+    )
+    for part in parts:
+        digest.update(part.encode() + b"\0")
+    for name, tensor in sorted(program.constants.items()):
+        digest.update(
+            name.encode() + b"\0" + tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes()
+        )
+    return digest.hexdigest()[:20]
+
+
+def _package(program: torch.export.ExportedProgram) -> tuple[Path, bool]:
+    """The path of AOTInductor's package of `program`'s kernels, kept in `aot_dir` (built first unless it is
+    there), and whether this call built it. Servers starting together on a host build it once: the others wait
+    for the first one's build (a file lock, which the kernel lets go of if its holder dies) and load it. Where the
+    folder is not writable, it is built in a temporary one, for this start only."""
+    kept = aot_dir() / f"decode-{_package_key(program)}.pt2"
+    if kept.exists():
+        return kept, False
+    try:
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        lock = open(kept.with_suffix(".lock"), "a")  # noqa: SIM115 - held by the with below
+    except OSError as e:
+        logger.warning(
+            "cannot keep the ahead-of-time step in %s (%s): it is built at each start", kept.parent, e
+        )
+        return _build(program, Path(tempfile.mkdtemp(prefix="swarmllm-aot-")) / kept.name), True
+    with lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if kept.exists():
+            return kept, False
+        logger.info("building the decode step ahead of time (AOTInductor), once; kept in %s", kept.parent)
+        return _build(program, kept), True
+
+
+def _build(program: torch.export.ExportedProgram, path: Path) -> Path:
+    """Compile `program` into a package at `path`, its weights left out (`load_constants` hands them over);
+    written under a name of its own and then renamed, so that no process loads a half-written one."""
+    fd, partial = tempfile.mkstemp(suffix=".pt2", dir=path.parent)
+    os.close(fd)
+    try:
+        with torch.no_grad():
+            torch._inductor.aoti_compile_and_package(
+                program,
+                package_path=partial,
+                inductor_configs={"aot_inductor.package_constants_in_so": False},
+            )
+        os.replace(partial, path)
+    finally:
+        if os.path.exists(partial):
+            os.unlink(partial)
+    return path
+
+
 class AotStep:
     """The compiled step built ahead of time (`torch.export` and AOTInductor) for one CPU thread count: a runner
-    with no guards or Python wrappers around its kernels. The span's weights are constants of the package, so a
-    span whose weights change (none does once a server serves it) would need another."""
+    with no guards or Python wrappers around its kernels. The package holds the kernels only; the runner reads the
+    span's own weight tensors (handed over at load, not copied), so every span whose step exports to the same
+    graph shares one package, built once (7-30 s) and kept on disk (`aot_dir`)."""
 
     def __init__(self, span: BlockSpan, device: torch.device):
         dtype = next(span.parameters()).dtype
@@ -199,13 +275,18 @@ class AotStep:
         attended = torch.export.Dim("attended", min=2, max=AOT_MAX_SLOTS)
         example = (hidden, slot, slot, cache.keys, cache.values, self._carrier(3, device))
         shapes = ({}, {}, {}, {3: length}, {3: length}, {0: attended})
+        module = _WholeCacheStep(span).eval()
         with torch.no_grad():
-            program = torch.export.export(_WholeCacheStep(span).eval(), example, dynamic_shapes=shapes)
-            with tempfile.TemporaryDirectory(prefix="swarmllm-aot-") as folder:
-                package = torch._inductor.aoti_compile_and_package(
-                    program, package_path=str(Path(folder) / "step.pt2")
-                )
-                self._runner = torch._inductor.aoti_load_package(package)
+            program = torch.export.export(module, example, dynamic_shapes=shapes)
+        path, self.built = _package(program)
+        self._runner = torch._inductor.aoti_load_package(str(path))
+        if path.parent != aot_dir():  # built in a temporary folder: loaded, it is not needed any more
+            shutil.rmtree(path.parent, ignore_errors=True)
+        tensors = {**dict(module.named_parameters()), **dict(module.named_buffers())}
+        names = self._runner.get_constant_fqns()
+        self._runner.load_constants(
+            {name: tensors[name] for name in names}, check_full_update=True, user_managed=True
+        )
         self.device = device
 
     @staticmethod

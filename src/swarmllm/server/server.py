@@ -132,8 +132,9 @@ class ServerConfig:
     # torch.compile the decode step (seconds to compile at start, then ~1.2-2x faster steps on a CPU); None: on
     # a CPU for small blocks only (`decode.compiles_by_default`)
     compile: bool | None = None
-    # with compile on a CPU, the step built ahead of time too (AOTInductor, decode.AotStep)
-    aot_step: bool = False
+    # with compile on a CPU, the step built ahead of time too (AOTInductor, decode.AotStep); None: wherever the
+    # compiled step runs on a CPU
+    aot_step: bool | None = None
     cuda_graphs: bool = True  # on CUDA, replay captured graphs of the decode step
     packed_weights: bool = True  # on a CPU, large projections as panels or for oneDNN (models.packed; not --compile)
     batch_wait_s: float = 0.01  # the most a decode step waits for others to merge with (server/batching.py)
@@ -184,6 +185,7 @@ class Server:
         self.ladder: tuple[tuple[int, int], ...] = ()  # the checkpoint's ladder layers, as announced
         self.fingerprint: str | None = None  # the checkpoint's dht.info.model_fingerprint, as announced
         self.compiles = False  # config.compile, resolved for this checkpoint and device
+        self.aot_step = False  # config.aot_step, likewise
         self._peers_at = -float("inf")
         self._stop = asyncio.Event()
         # servers of one device on this host split its memory, and CPU ones without --num-threads its cores
@@ -246,7 +248,8 @@ class Server:
         self.compiles = cfg.compile
         if self.compiles is None:
             self.compiles = cfg.tp == 1 and compiles_by_default(block_config, cfg.device, cfg.quant != "none")
-        if cfg.aot_step and not aot_applies(self.compiles, cfg.device):
+        self.aot_step = aot_applies(self.compiles, cfg.device) if cfg.aot_step is None else cfg.aot_step
+        if self.aot_step and not aot_applies(self.compiles, cfg.device):
             raise ServeConfigError(
                 "--aot-step builds the compiled step ahead of time: it needs the compiled step on a CPU "
                 "(--compile, or blocks small enough to compile by default, and --device cpu)"
@@ -490,7 +493,7 @@ class Server:
                     cache_tokens=cfg.max_cache_tokens,
                     device=cfg.device,
                     compile=self.compiles,
-                    aot_step=cfg.aot_step,
+                    aot_step=self.aot_step,
                     cuda_graphs=cfg.cuda_graphs,
                     batch_wait_s=cfg.batch_wait_s,
                     arena_length=cfg.arena_length,
