@@ -1,10 +1,14 @@
 """The command line's common mistakes, tried as a new user would (real `swarmllm` processes): each ends with one
 clear line on stderr and exit status 1, with no traceback unless `-v` asks for it."""
 
+import contextlib
 import os
+import select
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -29,12 +33,31 @@ def swarmllms(*commands: list[str], timeout_s: float = 120) -> list[subprocess.C
         try:
             proc.wait(timeout_s)
         except subprocess.TimeoutExpired:
+            stacks = stacks_of(proc)
             for other in procs:
                 other.kill()
-            raise
+            pytest.fail(
+                f"`swarmllm {' '.join(args)}` did not end in {timeout_s} s; its output, then its stacks:\n{stacks}"
+            )
         output = proc.stdout.read()
         done.append(subprocess.CompletedProcess(args, proc.returncode, output, output))
     return done
+
+
+def stacks_of(proc, wait_s: float = 5.0) -> str:
+    """What a hung `swarmllm` process printed, then every thread's stack of it and of its DHT process (a SIGUSR1
+    to its group: `cli.main`), as much as comes within `wait_s`."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGUSR1)
+    fd, chunks = proc.stdout.fileno(), []
+    os.set_blocking(fd, False)
+    deadline = time.monotonic() + wait_s
+    while (left := deadline - time.monotonic()) > 0 and select.select([fd], [], [], left)[0]:
+        chunk = os.read(fd, 1 << 16)
+        if not chunk:
+            break
+        chunks.append(chunk)
+    return b"".join(chunks).decode(errors="replace")[-20000:]
 
 
 def closed_port() -> int:

@@ -2,9 +2,12 @@
 output, exit status, own process group, signals, and environment."""
 
 import os
+import re
+import select
 import signal
 import subprocess
 import sys
+import time
 
 import psutil
 import pytest
@@ -133,3 +136,39 @@ def test_a_forked_child_starts_its_dht_while_a_dead_sibling_holds_the_forkers_lo
         output, _ = proc.communicate()
         pytest.fail(f"the child's DHT never started: {output}")
     assert proc.returncode == 0, output
+
+
+def _read_until(proc, done, timeout_s: float) -> str:
+    """proc's output from now until done(output) holds (failing after `timeout_s`)."""
+    fd, text = proc.stdout.fileno(), ""
+    os.set_blocking(fd, False)
+    deadline = time.monotonic() + timeout_s
+    while not done(text):
+        left = deadline - time.monotonic()
+        assert left > 0 and select.select([fd], [], [], left)[0], f"not there in {timeout_s} s: {text}"
+        chunk = os.read(fd, 1 << 16)
+        assert chunk, f"the process ended: {text}"
+        text += chunk.decode(errors="replace")
+    return text
+
+
+def test_usr1_prints_every_threads_stack_and_the_command_runs_on():
+    """`kill -USR1` makes a running `swarmllm` command print where each of its threads is (`cli.main`), as the
+    tests' helper for a hung command asks (`test_cli_errors.stacks_of`); the command runs on and answers the next
+    one too."""
+    proc = forked(["dht"], _env())
+    try:
+        _read_until(proc, lambda text: "--initial-peers" in text, 60)
+        # a dump ends with the main thread's stack (the oldest thread comes last), down to runpy's frame of
+        # `python -m`; a signal that comes while a dump is still being written is dropped (faulthandler's)
+        dumps = re.compile(r'cli\.py", line \d+ in main\n(  File .*\n)*  File .* in _run_module_as_main\n')
+        proc.send_signal(signal.SIGUSR1)
+        first = _read_until(proc, lambda text: dumps.search(text), 30)
+        assert proc.poll() is None
+        proc.send_signal(signal.SIGUSR1)
+        both = first + _read_until(proc, lambda text: len(dumps.findall(first + text)) == 2, 30)
+        assert "(most recent call first):\n  File " in both and 'bootstrap.py", line' in both, both
+        assert proc.poll() is None
+    finally:
+        proc.kill()
+        proc.wait(30)

@@ -10,9 +10,12 @@ does not answer, blocks without a server, a port in use) ends with one line sayi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
+import faulthandler
 import logging
 import os
+import signal
 import socket
 import sys
 import traceback
@@ -684,6 +687,10 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     spin.choose(spin.spincount(args.command))  # before anything loads torch
     _setup_logging(args.verbose)
+    # `kill -USR1 PID` prints every thread's stack on stderr, this process's and its DHT process's (a fork keeps
+    # it): where a command that hangs is waiting, without a debugger
+    with contextlib.suppress(ValueError, OSError, AttributeError, RuntimeError):  # (no stderr to print on)
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
     try:
         return _run(args)
     except KeyboardInterrupt:
@@ -793,7 +800,6 @@ def _run(args: argparse.Namespace) -> int:
 
 def _monitor(args: argparse.Namespace) -> int:
     import asyncio
-    import signal
 
     from swarmllm.monitor.app import run_monitor
 
@@ -818,7 +824,6 @@ def _monitor(args: argparse.Namespace) -> int:
 
 def _api(args: argparse.Namespace) -> int:
     import asyncio
-    import signal
 
     from swarmllm.api.app import load_engine, run_api
     from swarmllm.api.metrics import ApiMetrics
