@@ -131,7 +131,7 @@ def test_the_ahead_of_time_step_serves_caches_of_any_length_and_equals_eager(
     differ in length, and equals eager (mistral's sliding window of 4 included). A graph built from a slice of
     one cache read other sessions' slices at its own strides: wrong slots, 2.5 off after one step. Its package
     holds no weights and is kept on disk: another span of the same shape, other weights, loads it without a
-    build and equals eager with its own weights."""
+    build and equals eager with its own weights; a kept package that does not load is built again."""
     monkeypatch.setenv("SWARMLLM_AOT_DIR", str(tmp_path))
     path = checkpoints("mistral")
     span = load_span(path, 0, 2)
@@ -152,6 +152,13 @@ def test_the_ahead_of_time_step_serves_caches_of_any_length_and_equals_eager(
     again.warm_up()
     assert not again._aot[torch.get_num_threads()].built and list(tmp_path.glob("*.pt2")) == packages
     steps_equal_eager(again, other, (6,))
+
+    # damaged: built again, and the step it then serves equals eager
+    packages[0].write_bytes(b"not a package")
+    rebuilt = DecodeRunner(other, torch.device("cpu"), compile=True, aot=True)
+    rebuilt.warm_up()
+    assert rebuilt.mode == "compiled ahead of time" and rebuilt._aot[torch.get_num_threads()].built
+    steps_equal_eager(rebuilt, other, (4,))
 
 
 def test_a_compiled_step_takes_no_bound_from_the_disk_cache(checkpoints, tmp_path, monkeypatch):

@@ -279,7 +279,16 @@ class AotStep:
         with torch.no_grad():
             program = torch.export.export(module, example, dynamic_shapes=shapes)
         path, self.built = _package(program)
-        self._runner = torch._inductor.aoti_load_package(str(path))
+        try:
+            self._runner = torch._inductor.aoti_load_package(str(path))
+        except RuntimeError as e:
+            if self.built:
+                raise
+            # a kept package that does not load (damaged, or copied in from elsewhere): built again, once
+            logger.warning("the kept ahead-of-time step %s does not load (%s); building it again", path, e)
+            path.unlink(missing_ok=True)
+            path, self.built = _package(program)
+            self._runner = torch._inductor.aoti_load_package(str(path))
         if path.parent != aot_dir():  # built in a temporary folder: loaded, it is not needed any more
             shutil.rmtree(path.parent, ignore_errors=True)
         tensors = {**dict(module.named_parameters()), **dict(module.named_buffers())}
