@@ -13,8 +13,8 @@ summed over the chain's hops): the servers' compute (from the step's arrival at 
 batcher, the decode runner and its compiled step) and the rest (the wire, TLS, the handlers' Python on both ends,
 the processes' wake-ups; in a chain's row, the client's own work too, the same at every length). Each gets its own
 slope. Beside them, `--warm-step` times the same one-block decode step (built ahead of time, as the servers build
-it unless they run with --no-aot-step) in a loop in one process, its caches warm: what a hop's compute costs when nothing else runs
-between two steps.
+it unless they run with --no-aot-step) in a loop in one process, its caches warm: what a hop's compute costs when
+nothing else runs between two steps.
 
 Every chain runs at once, each with its own swarm and client process, and the generates go round them in turn
 (the first chain of each round rotating), the way `ab.py` pairs two trees: on a shared machine, whose speed drifts

@@ -44,20 +44,27 @@ def swarmllms(*commands: list[str], timeout_s: float = 120) -> list[subprocess.C
     return done
 
 
+def read_output(proc, timeout_s: float, done=lambda text: False) -> str:
+    """proc's output from now on, until done(output) holds, it ends, or `timeout_s` has passed."""
+    fd, text = proc.stdout.fileno(), ""
+    os.set_blocking(fd, False)
+    deadline = time.monotonic() + timeout_s
+    while (
+        not done(text) and (left := deadline - time.monotonic()) > 0 and select.select([fd], [], [], left)[0]
+    ):
+        chunk = os.read(fd, 1 << 16)
+        if not chunk:
+            break
+        text += chunk.decode(errors="replace")
+    return text
+
+
 def stacks_of(proc, wait_s: float = 5.0) -> str:
     """What a hung `swarmllm` process printed, then every thread's stack of it and of its DHT process (a SIGUSR1
     to its group: `cli.main`), as much as comes within `wait_s`."""
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGUSR1)
-    fd, chunks = proc.stdout.fileno(), []
-    os.set_blocking(fd, False)
-    deadline = time.monotonic() + wait_s
-    while (left := deadline - time.monotonic()) > 0 and select.select([fd], [], [], left)[0]:
-        chunk = os.read(fd, 1 << 16)
-        if not chunk:
-            break
-        chunks.append(chunk)
-    return b"".join(chunks).decode(errors="replace")[-20000:]
+    return read_output(proc, wait_s)[-20000:]
 
 
 def closed_port() -> int:

@@ -3,14 +3,13 @@ output, exit status, own process group, signals, and environment."""
 
 import os
 import re
-import select
 import signal
 import subprocess
 import sys
-import time
 
 import psutil
 import pytest
+from test_cli_errors import read_output
 
 from swarmllm.cli import main
 from swarmllm.forking import ForkedProcess, forked
@@ -139,16 +138,9 @@ def test_a_forked_child_starts_its_dht_while_a_dead_sibling_holds_the_forkers_lo
 
 
 def _read_until(proc, done, timeout_s: float) -> str:
-    """proc's output from now until done(output) holds (failing after `timeout_s`)."""
-    fd, text = proc.stdout.fileno(), ""
-    os.set_blocking(fd, False)
-    deadline = time.monotonic() + timeout_s
-    while not done(text):
-        left = deadline - time.monotonic()
-        assert left > 0 and select.select([fd], [], [], left)[0], f"not there in {timeout_s} s: {text}"
-        chunk = os.read(fd, 1 << 16)
-        assert chunk, f"the process ended: {text}"
-        text += chunk.decode(errors="replace")
+    """proc's output from now until done(output) holds (failing after `timeout_s` or at its end)."""
+    text = read_output(proc, timeout_s, done)
+    assert done(text), f"not there in {timeout_s} s: {text}"
     return text
 
 

@@ -248,12 +248,13 @@ class Server:
         self.compiles = cfg.compile
         if self.compiles is None:
             self.compiles = cfg.tp == 1 and compiles_by_default(block_config, cfg.device, cfg.quant != "none")
-        self.aot_step = aot_applies(self.compiles, cfg.device) if cfg.aot_step is None else cfg.aot_step
-        if self.aot_step and not aot_applies(self.compiles, cfg.device):
+        aot_step = aot_applies(self.compiles, cfg.device)
+        if cfg.aot_step and not aot_step:
             raise ServeConfigError(
                 "--aot-step builds the compiled step ahead of time: it needs the compiled step on a CPU "
                 "(--compile, or blocks small enough to compile by default, and --device cpu)"
             )
+        self.aot_step = aot_step and cfg.aot_step is not False
         limits = cfg.limits
         self.adapters = AdapterStore(
             block_config,
