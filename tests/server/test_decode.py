@@ -141,8 +141,8 @@ def test_the_ahead_of_time_step_serves_caches_of_any_length_and_equals_eager(
     aot = runner._aot[torch.get_num_threads()]
     packages = list(tmp_path.glob("*.pt2"))
     assert aot.built and len(packages) == 1
-    inner, attended = aot._runner, []
-    aot._runner = lambda *args: attended.append(args[5].shape[0]) or inner(*args)
+    inner, attended = aot._run, []
+    aot._run = lambda inputs: attended.append(inputs[5].shape[0]) or inner(inputs)
     steps_equal_eager(runner, span, (2, 6, 17))
     assert attended == [slot + 1 for length in (2, 6, 17) for slot in range(1, length)]
 

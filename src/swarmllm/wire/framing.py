@@ -68,6 +68,9 @@ class Kind(IntEnum):
     ERROR = 5  # the call failed; meta holds "code" and "message"
 
 
+_KINDS = {kind.value: kind for kind in Kind}
+
+
 @dataclass
 class Message:
     """What a call carries: plain msgpack-able metadata and a list of tensors.
@@ -303,17 +306,16 @@ async def read_frame(
     except OSError as e:
         raise ConnectionLost(f"connection broke: {e!r}") from e
 
-    magic, version, kind, method_len, n_tensors, call_id, meta_len, desc_len, payload_len = _HEADER.unpack(
+    magic, version, code, method_len, n_tensors, call_id, meta_len, desc_len, payload_len = _HEADER.unpack(
         header
     )
     if magic != MAGIC:
         raise FrameError(f"bad magic {magic!r}")
     if version != VERSION:
         raise FrameError(f"unsupported wire version {version} (expected {VERSION})")
-    try:
-        kind = Kind(kind)
-    except ValueError:
-        raise FrameError(f"unknown frame kind {kind}") from None
+    kind = _KINDS.get(code)  # (not Kind(code): an Enum's call is a few Python frames, on every frame's path)
+    if kind is None:
+        raise FrameError(f"unknown frame kind {code}")
     _check_sizes(n_tensors, meta_len, desc_len, payload_len, limits)
     head_len = method_len + meta_len + desc_len
     if clock is not None:
