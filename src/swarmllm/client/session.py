@@ -145,12 +145,6 @@ class InferenceSession:
         return [h.hop for h in self._hops]
 
     @property
-    def kept_bytes(self) -> int:
-        """Memory held for failover: every hop's inputs (batch x tokens x hidden each, or twice that for a ladder
-        pair)."""
-        return sum(h.history.nbytes for h in self._hops)
-
-    @property
     def idle(self) -> bool:
         """Open, between steps, and parked or unused for `room_hold_s` (a conversation waiting for its user inside
         a `with` block): it gives up what a waiting session of its client waits for (`client.room`)."""

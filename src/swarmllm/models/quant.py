@@ -380,11 +380,3 @@ def quantize_block(block: LlamaBlock, mode: str) -> LlamaBlock:
             if isinstance(child, Projection):
                 setattr(parent, name, QuantizedProjection.from_projection(child, mode))
     return block
-
-
-def span_quantization(module: nn.Module) -> str:
-    """ "none", or the mode of the module's quantized projections."""
-    modes = {m.mode for m in module.modules() if isinstance(m, QuantizedProjection)}
-    if len(modes) > 1:
-        raise ValueError(f"mixed quantization {sorted(modes)}")
-    return modes.pop() if modes else "none"
