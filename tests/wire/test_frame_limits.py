@@ -216,6 +216,11 @@ def test_inbox_is_bounded_in_bytes_but_admits_one_large_message():
 
 
 async def test_a_stream_that_is_not_read_stops_the_connection_at_its_byte_bound():
+    """10 MiB sent into a stream whose handler reads nothing: its inbox holds 1 MiB (4 messages), the read loop
+    stops, the stream reader's buffer fills and pauses the connection's transport, and the rest waits in the
+    kernel's buffers and then in the sender, whose sends block. How much the kernel takes depends on the host's
+    TCP settings (all 10 MiB on one, the sends hung on another), so the sends run in a task of their own and the
+    bound is checked once the transport has paused (without the bound, it never does)."""
     release = asyncio.Event()
     seen: list = []
     handlers = Handlers()
@@ -233,15 +238,23 @@ async def test_a_stream_that_is_not_read_stops_the_connection_at_its_byte_bound(
     conn = await connect_direct(*server.address, Identity.generate(), expected_peer_id=None)
     try:
         stream = await conn.open_stream("slow", Message())
-        chunk = 256 * 1024
-        for i in range(40):  # 10 MiB, far beyond the bound
-            await stream.send(Message(tensors=[torch.full((chunk + i,), i, dtype=torch.uint8)]))
-        await wait_until(lambda: seen and seen[0].queued_bytes >= MiB)
+        chunk, sent = 256 * 1024, []
+
+        async def send_all() -> None:
+            for i in range(40):  # 10 MiB, far beyond the bound
+                await stream.send(Message(tensors=[torch.full((chunk + i,), i, dtype=torch.uint8)]))
+                sent.append(i)
+
+        sending = asyncio.create_task(send_all())
+        (writer,) = server._connections.values()
+        await wait_until(lambda: not writer.transport.is_reading())
         inbox = seen[0]
         assert inbox.qsize() == 4 and inbox.queued_bytes < MiB + chunk + 40  # not 40 messages, not 10 MiB
+        assert len(sent) >= 12  # (3 MiB: the inbox's and the stream reader's 2 MiB, before the pause)
         release.set()
         for i in range(40):
             assert (await stream.recv(timeout=BOUND)).meta == {"n": chunk + i}
+        await asyncio.wait_for(sending, BOUND)
         await stream.close()
         with pytest.raises(StreamClosed):
             await stream.recv()
