@@ -9,6 +9,10 @@ from /proc, which a shared machine disturbs less than the wall clock.
     python benchmarks/ab.py --model medium --rounds 15 --new-tokens 24
     python benchmarks/ab.py --model ~/.cache/swarmllm/smollm2-135m-instruct --b-args="--no-compile"
     python benchmarks/ab.py --a-commit 77c1ab9 --servers 6 --rounds 12   # a hop's cost, old vs new
+
+With --a-commit, A runs from a fresh folder and B from the repository, and the two are not alike on the compiled
+path: a null run (the working tree equal to A's commit, a 6-server tiny chain) gave B/A 1.17 (RESULTS.md, session
+52). Run the null comparison beside such a result, or switch the old path on in one tree instead.
 """
 
 from __future__ import annotations

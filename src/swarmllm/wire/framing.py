@@ -17,6 +17,7 @@ tells its connection when it is not. This module knows nothing about calls, conn
 from __future__ import annotations
 
 import asyncio
+import functools
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from enum import IntEnum
 from typing import Any
 
 import msgpack
+import numpy as np
 import torch
 
 MAGIC = b"SW"
@@ -58,6 +60,18 @@ _DTYPE_CODES: dict[torch.dtype, int] = {
     torch.bool: 10,
 }
 _CODE_DTYPES: dict[int, torch.dtype] = {code: dtype for dtype, code in _DTYPE_CODES.items()}
+_NUMPY_DTYPES: dict[torch.dtype, type] = {
+    torch.float32: np.float32,
+    torch.float16: np.float16,
+    torch.bfloat16: np.int16,  # (read as its bits, then viewed as bfloat16)
+    torch.float64: np.float64,
+    torch.int64: np.int64,
+    torch.int32: np.int32,
+    torch.int16: np.int16,
+    torch.int8: np.int8,
+    torch.uint8: np.uint8,
+    torch.bool: np.bool_,
+}
 
 
 class Kind(IntEnum):
@@ -339,7 +353,7 @@ async def read_frame(
         raise FrameError(f"undecodable metadata: {e!r}") from None
     if not isinstance(meta, dict):
         raise FrameError(f"metadata must be a map, got {type(meta).__name__}")
-    layout = _parse_descriptors(head, method_len + meta_len, n_tensors, payload_len, limits)
+    layout = _parse_descriptors(head[method_len + meta_len :], n_tensors, payload_len, limits)
 
     if payload_cap is not None:
         cap = payload_cap(kind, call_id, method)
@@ -356,24 +370,30 @@ async def read_frame(
     tensors = []
     for dtype, shape, offset, count in layout:
         if count:
-            tensor = torch.frombuffer(payload, dtype=dtype, count=count, offset=base + offset)
-            tensors.append(tensor.view(shape))
-        else:  # torch.frombuffer refuses empty buffers
+            # through numpy: torch.frombuffer's argument parsing cost more than the view itself (2.2 against
+            # 1.3 us a tensor, warm); bfloat16, which numpy lacks, as int16 bits
+            array = np.frombuffer(payload, dtype=_NUMPY_DTYPES[dtype], count=count, offset=base + offset)
+            tensor = torch.from_numpy(array.reshape(shape))
+            tensors.append(tensor.view(torch.bfloat16) if dtype is torch.bfloat16 else tensor)
+        else:  # (an empty tensor reads no bytes)
             tensors.append(torch.empty(shape, dtype=dtype))
     return Frame(kind, call_id, Message(meta, tensors), method)
 
 
+@functools.lru_cache(maxsize=256)
 def _parse_descriptors(
-    head: bytes, start: int, n_tensors: int, payload_len: int, limits: WireLimits
-) -> list[tuple[torch.dtype, tuple[int, ...], int, int]]:
-    """(dtype, shape, byte offset, element count) per tensor; checks they tile the declared payload exactly."""
+    descriptors: bytes, n_tensors: int, payload_len: int, limits: WireLimits
+) -> tuple[tuple[torch.dtype, tuple[int, ...], int, int], ...]:
+    """(dtype, shape, byte offset, element count) per tensor; checks they tile the declared payload exactly.
+    Kept for the last few hundred layouts: a session's steps carry the same shapes, step after step (a layout
+    that fails is not kept, and a peer sending new ones only turns the cache over)."""
     layout = []
-    pos, end = start, len(head)
+    pos, end = 0, len(descriptors)
     offset = 0
     for _ in range(n_tensors):
         if pos + _DESC_PREFIX.size > end:
             raise FrameError("truncated tensor descriptor")
-        code, ndim = _DESC_PREFIX.unpack_from(head, pos)
+        code, ndim = _DESC_PREFIX.unpack_from(descriptors, pos)
         pos += _DESC_PREFIX.size
         dtype = _CODE_DTYPES.get(code)
         if dtype is None:
@@ -382,7 +402,7 @@ def _parse_descriptors(
             raise FrameError(f"tensor of {ndim} dims (max {limits.max_dims})")
         if pos + ndim * _DIM.size > end:
             raise FrameError("truncated tensor shape")
-        shape = struct.unpack_from(f"<{ndim}Q", head, pos)
+        shape = struct.unpack_from(f"<{ndim}Q", descriptors, pos)
         pos += ndim * _DIM.size
         count = 1
         for dim in shape:
@@ -402,7 +422,7 @@ def _parse_descriptors(
         raise FrameError(f"{end - pos} stray bytes after the tensor descriptors")
     if offset != payload_len:
         raise FrameError(f"tensor shapes cover {offset} bytes but the payload declares {payload_len}")
-    return layout
+    return tuple(layout)
 
 
 async def _read_part(reader: asyncio.StreamReader, size: int, what: str) -> bytes:
