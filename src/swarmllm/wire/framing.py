@@ -60,17 +60,10 @@ _DTYPE_CODES: dict[torch.dtype, int] = {
     torch.bool: 10,
 }
 _CODE_DTYPES: dict[int, torch.dtype] = {code: dtype for dtype, code in _DTYPE_CODES.items()}
-_NUMPY_DTYPES: dict[torch.dtype, type] = {
-    torch.float32: np.float32,
-    torch.float16: np.float16,
-    torch.bfloat16: np.int16,  # (read as its bits, then viewed as bfloat16)
-    torch.float64: np.float64,
-    torch.int64: np.int64,
-    torch.int32: np.int32,
-    torch.int16: np.int16,
-    torch.int8: np.int8,
-    torch.uint8: np.uint8,
-    torch.bool: np.bool_,
+# what a received tensor is read as (bfloat16, which numpy lacks, as its int16 bits, then viewed as bfloat16)
+_NUMPY_DTYPES: dict[torch.dtype, np.dtype] = {
+    dtype: torch.empty(0, dtype=torch.int16 if dtype is torch.bfloat16 else dtype).numpy().dtype
+    for dtype in _DTYPE_CODES
 }
 
 
