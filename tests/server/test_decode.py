@@ -6,7 +6,15 @@ import pytest
 import torch
 
 from swarmllm.models import KVCache, load_config, load_span
-from swarmllm.server.decode import MIN_BUCKET, DecodeRunner, block_weights, bucket, compiles_by_default
+from swarmllm.server.decode import (
+    MIN_BUCKET,
+    DecodeRunner,
+    _package_key,
+    block_weights,
+    bucket,
+    compiles_by_default,
+    export_step,
+)
 
 
 def test_buckets_are_powers_of_two_capped_at_the_cache():
@@ -159,6 +167,27 @@ def test_the_ahead_of_time_step_serves_caches_of_any_length_and_equals_eager(
     rebuilt.warm_up()
     assert rebuilt.mode == "compiled ahead of time" and rebuilt._aot[torch.get_num_threads()].built
     steps_equal_eager(rebuilt, other, (4,))
+
+
+def test_an_ahead_of_time_package_is_keyed_on_the_graph_and_not_on_where_the_source_lies(checkpoints):
+    """The exported graph notes, for each op, the file and line of the code that made it. A key holding those made
+    an install at another path (a reinstall, another venv, `ab.py --a-commit`'s folder) build packages of its
+    own, and steps ran eagerly while it did. Moved source keeps the key; another graph gets another."""
+    span = load_span(checkpoints("llama"), 0, 2)
+    _, program = export_step(span, torch.device("cpu"))
+    key = _package_key(program)
+    traced = [node for node in program.graph.nodes if node.meta.get("stack_trace")]
+    assert traced and "decode.py" in program.graph_module.print_readable(print_output=False)
+    for node in traced:
+        node.meta["stack_trace"] = (
+            node.meta["stack_trace"].replace("/", "/elsewhere/").replace(", line ", ", line 9")
+        )
+    program.graph_module.recompile()
+    assert "/elsewhere/" in program.graph_module.print_readable(print_output=False)
+    assert _package_key(program) == key
+
+    _, shorter = export_step(load_span(checkpoints("llama"), 0, 1), torch.device("cpu"))
+    assert _package_key(shorter) != key
 
 
 def test_a_compiled_step_takes_no_bound_from_the_disk_cache(checkpoints, tmp_path, monkeypatch):

@@ -196,16 +196,42 @@ def aot_dir() -> Path:
     return Path(os.environ.get("SWARMLLM_AOT_DIR", Path.home() / ".cache" / "swarmllm" / "aot"))
 
 
+def _carrier(length: int, device: torch.device) -> torch.Tensor:
+    """The attended length as a tensor's size (an export takes no int that varies)."""
+    return torch.empty(length, dtype=torch.uint8, device=device)
+
+
+def export_step(
+    span: BlockSpan, device: torch.device
+) -> tuple[_WholeCacheStep, torch.export.ExportedProgram]:
+    """The span's one-token step over a whole cache, exported for any cache and attended length in
+    [2, AOT_MAX_SLOTS]: what `AotStep` builds ahead of time."""
+    dtype = next(span.parameters()).dtype
+    cache = KVCache(len(span.blocks), 1, 8, span.config, dtype, device)
+    hidden = torch.zeros(1, span.config.hidden_size, dtype=dtype, device=device)
+    slot = torch.full((1,), 2, dtype=torch.long, device=device)
+    length = torch.export.Dim("cache_length", min=2, max=AOT_MAX_SLOTS)
+    attended = torch.export.Dim("attended", min=2, max=AOT_MAX_SLOTS)
+    example = (hidden, slot, slot, cache.keys, cache.values, _carrier(3, device))
+    shapes = ({}, {}, {}, {3: length}, {3: length}, {0: attended})
+    module = _WholeCacheStep(span).eval()
+    with torch.no_grad():
+        return module, torch.export.export(module, example, dynamic_shapes=shapes)
+
+
 def _package_key(program: torch.export.ExportedProgram) -> str:
     """What a built step depends on: the exported graph (its ops, shapes, dtypes and ranges, so the model code and
     config that made it), the constants folded into it (rotary frequencies), the thread count it was tuned for,
-    torch and the CPU's instruction set. Not the weights, which are handed to it at load."""
+    torch and the CPU's instruction set. Not the weights, which are handed to it at load, nor where the source
+    lies: the graph's printout comments each op with the file and line that made it, and keyed on those, an
+    install at another path (or an edit that only moves lines) built a package of its own."""
     digest = hashlib.sha256()
+    graph = program.graph_module.print_readable(print_output=False)
     parts = (
         torch.__version__,
         torch.backends.cpu.get_cpu_capability(),
         str(torch.get_num_threads()),
-        program.graph_module.print_readable(print_output=False),
+        "\n".join(line for line in graph.splitlines() if not line.lstrip().startswith("#")),
         str(program.graph_signature),
         str(program.range_constraints),
     )
@@ -268,17 +294,7 @@ class AotStep:
     graph shares one package, built once (7-30 s) and kept on disk (`aot_dir`)."""
 
     def __init__(self, span: BlockSpan, device: torch.device):
-        dtype = next(span.parameters()).dtype
-        cache = KVCache(len(span.blocks), 1, 8, span.config, dtype, device)
-        hidden = torch.zeros(1, span.config.hidden_size, dtype=dtype, device=device)
-        slot = torch.full((1,), 2, dtype=torch.long, device=device)
-        length = torch.export.Dim("cache_length", min=2, max=AOT_MAX_SLOTS)
-        attended = torch.export.Dim("attended", min=2, max=AOT_MAX_SLOTS)
-        example = (hidden, slot, slot, cache.keys, cache.values, self._carrier(3, device))
-        shapes = ({}, {}, {}, {3: length}, {3: length}, {0: attended})
-        module = _WholeCacheStep(span).eval()
-        with torch.no_grad():
-            program = torch.export.export(module, example, dynamic_shapes=shapes)
+        module, program = export_step(span, device)
         path, self.built = _package(program)
         try:
             self._runner = torch._inductor.aoti_load_package(str(path))
@@ -300,21 +316,17 @@ class AotStep:
         # called through its loader's `boxed_run` with the flat list of inputs: the runner's own `__call__`
         # flattens and unflattens them with pytree on every step (13 of its 30 us, warm)
         inputs, output = (pytree.treespec_loads(spec) for spec in self._runner.loader.get_call_spec())
-        if inputs.num_leaves != len(example) or not output.is_leaf():
+        if inputs.num_leaves != len(program.example_inputs[0]) or not output.is_leaf():
             raise RuntimeError(f"the exported step takes {inputs} and gives {output}, not flat tensors")
         self._run = self._runner.loader.boxed_run
         self.device = device
-
-    @staticmethod
-    def _carrier(length: int, device: torch.device) -> torch.Tensor:
-        return torch.empty(length, dtype=torch.uint8, device=device)
 
     def __call__(
         self, hidden: torch.Tensor, positions: torch.Tensor, cache: KVCache, slot: int
     ) -> torch.Tensor:
         """hidden [1, H] of one unpadded sequence's token taking cache slot `slot` (>= 1), so `positions` ([1]) is
         the slot as a tensor too; it attends to slots [0, slot]. -> [1, H]"""
-        carrier = self._carrier(slot + 1, self.device)
+        carrier = _carrier(slot + 1, self.device)
         return self._run([hidden, positions, positions, cache.keys, cache.values, carrier])[0]
 
 
