@@ -10,9 +10,12 @@ from /proc, which a shared machine disturbs less than the wall clock.
     python benchmarks/ab.py --model ~/.cache/swarmllm/smollm2-135m-instruct --b-args="--no-compile"
     python benchmarks/ab.py --a-commit 77c1ab9 --servers 6 --rounds 12   # a hop's cost, old vs new
 
-With --a-commit, A runs from a fresh folder and B from the repository, and the two are not alike on the compiled
-path: a null run (the working tree equal to A's commit, a 6-server tiny chain) gave B/A 1.17 (RESULTS.md, session
-52). Run the null comparison beside such a result, or switch the old path on in one tree instead.
+One pair of swarms is not enough: a swarm keeps a speed of its own for its life (where its processes' memory and
+threads landed), and null runs (A and B the same tree) of one pair each gave B/A anywhere from 0.87 (B faster in 7
+of 30 pairs) to 1.17 (11 of 12). So `--swarms` pairs of swarms are started afresh, one after the other (which of
+the two starts first, and goes first in a round, alternating), the rounds split between them; the verdict is the
+median over all pairs of generates, and each swarm pair's own median is printed beside it, so that a change is
+read as one only where the pairs agree. Results in RESULTS.md up to session 52 came from one pair of swarms.
 """
 
 from __future__ import annotations
@@ -68,8 +71,10 @@ def worker(model: str, new_tokens: int, server_args: list[str], servers: int) ->
         remote.shutdown()
 
 
-def start(src: Path, args: argparse.Namespace, server_args: str) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(src)}
+def start(src: Path, server_args: str, args: argparse.Namespace) -> subprocess.Popen:
+    # (its client imports torch before swarmllm, so it would keep libgomp's default spin, which swarmllm's own
+    # client commands switch off, and spin into the other swarm's turn)
+    env = {**os.environ, "PYTHONPATH": str(src), "GOMP_SPINCOUNT": "0"}
     command = [
         sys.executable,
         __file__,
@@ -95,7 +100,10 @@ def main() -> None:
     parser.add_argument("--model", default="tiny", help="tiny, medium or a checkpoint folder")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--servers", type=int, default=2, help="servers in each chain")
-    parser.add_argument("--rounds", type=int, default=40)
+    parser.add_argument("--rounds", type=int, default=40, help="generates of each swarm, in all")
+    parser.add_argument(
+        "--swarms", type=int, default=4, help="pairs of swarms started afresh, one after another"
+    )
     parser.add_argument("--no-record", action="store_true")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--server-args", default="", help=argparse.SUPPRESS)
@@ -103,27 +111,39 @@ def main() -> None:
     if args.worker:
         return worker(args.model, args.new_tokens, args.server_args.split(), args.servers)
 
+    speeds: tuple[list[float], list[float]] = ([], [])
+    cpus: tuple[list[float], list[float]] = ([], [])
+    pair_medians = []
+    same = True
     with tempfile.TemporaryDirectory() as tmp:
-        a_src = ROOT / "src"
-        if args.a_commit:
-            a_src = commit_src(args.a_commit, tmp)
-        workers = [start(a_src, args, args.a_args), start(ROOT / "src", args, args.b_args)]
-        speeds: tuple[list[float], list[float]] = ([], [])
-        cpus: tuple[list[float], list[float]] = ([], [])
-        same = True
-        try:
-            for _ in range(args.rounds):
-                for proc, out, cpu in zip(workers, speeds, cpus, strict=True):
-                    proc.stdin.write("go\n")
-                    proc.stdin.flush()
-                    steps, equal, cpu_ms = proc.stdout.readline().split()
-                    out.append(float(steps))
-                    cpu.append(float(cpu_ms))
-                    same = same and equal == "True"
-        finally:
-            for proc in workers:
-                proc.stdin.close()
-                proc.wait()
+        a_src = commit_src(args.a_commit, tmp) if args.a_commit else ROOT / "src"
+        for pair in range(args.swarms):
+            rounds = args.rounds // args.swarms + (pair < args.rounds % args.swarms)
+            sides = [(a_src, args.a_args), (ROOT / "src", args.b_args)]
+            first = [0, 1] if pair % 2 == 0 else [1, 0]
+            workers: list[subprocess.Popen | None] = [None, None]
+            try:
+                for i in first:
+                    workers[i] = start(*sides[i], args)
+                ratios = []
+                for round_ in range(rounds):
+                    for i in first if round_ % 2 == 0 else first[::-1]:
+                        workers[i].stdin.write("go\n")
+                        workers[i].stdin.flush()
+                        steps, equal, cpu_ms = workers[i].stdout.readline().split()
+                        speeds[i].append(float(steps))
+                        cpus[i].append(float(cpu_ms))
+                        same = same and equal == "True"
+                    ratios.append(speeds[1][-1] / speeds[0][-1])
+                pair_medians.append(statistics.median(ratios))
+                print(
+                    f"swarm pair {pair + 1}: B/A {pair_medians[-1]:.3f} over {rounds} rounds", file=sys.stderr
+                )
+            finally:
+                for proc in workers:
+                    if proc is not None:
+                        proc.stdin.close()
+                        proc.wait()
     ratios = [b / a for a, b in zip(*speeds)]
     cpu_ratios = [b / a for a, b in zip(*cpus)]
     a_name = f"{args.a_commit or 'working tree'} {args.a_args}".strip()
@@ -138,6 +158,7 @@ def main() -> None:
             "B steps/s",
             "B/A (median of pairs)",
             "B faster in",
+            "B/A of each swarm pair",
             "A CPU ms/token",
             "B CPU ms/token",
             "B/A CPU (median of pairs)",
@@ -153,6 +174,7 @@ def main() -> None:
                 f"{statistics.median(speeds[1]):.1f}",
                 f"{statistics.median(ratios):.3f}",
                 f"{sum(r > 1 for r in ratios)}/{len(ratios)}",
+                ", ".join(f"{m:.3f}" for m in pair_medians),
                 f"{statistics.median(cpus[0]):.2f}",
                 f"{statistics.median(cpus[1]):.2f}",
                 f"{statistics.median(cpu_ratios):.3f}",
@@ -165,7 +187,8 @@ def main() -> None:
         append_results(
             f"Paired A/B, single-session decode through {args.servers} server{'s' * (args.servers > 1)}",
             table,
-            f"{args.rounds} rounds of a {args.new_tokens}-token greedy generate, alternating A and B; "
+            f"{args.rounds} rounds of a {args.new_tokens}-token greedy generate, alternating A and B, over "
+            f"{args.swarms} pairs of swarms started afresh; "
             "CPU: user + system time of the swarm's servers and client per generated token (/proc); "
             "'tokens stable': every generate gave its swarm's first output.",
         )
