@@ -10,12 +10,11 @@ from /proc, which a shared machine disturbs less than the wall clock.
     python benchmarks/ab.py --model ~/.cache/swarmllm/smollm2-135m-instruct --b-args="--no-compile"
     python benchmarks/ab.py --a-commit 77c1ab9 --servers 6 --rounds 12   # a hop's cost, old vs new
 
-One pair of swarms is not enough: a swarm keeps a speed of its own for its life (where its processes' memory and
-threads landed), and null runs (A and B the same tree) of one pair each gave B/A anywhere from 0.87 (B faster in 7
-of 30 pairs) to 1.17 (11 of 12). So `--swarms` pairs of swarms are started afresh, one after the other (which of
-the two starts first, and goes first in a round, alternating), the rounds split between them; the verdict is the
-median over all pairs of generates, and each swarm pair's own median is printed beside it, so that a change is
-read as one only where the pairs agree. Results in RESULTS.md up to session 52 came from one pair of swarms.
+One pair of swarms is not enough: a swarm keeps a speed of its own for its life, and null runs (A and B the same
+tree) of one pair each gave B/A anywhere from 0.87 (B faster in 7 of 30 pairs) to 1.17 (11 of 12). So `--swarms`
+pairs are started afresh, one after the other (`common.paired_swarms`), the rounds split between them; the verdict
+is the median over all pairs of generates, with each swarm pair's own median beside it: a change is one where the
+pairs agree. Results in RESULTS.md up to session 52 came from one pair of swarms.
 """
 
 from __future__ import annotations
@@ -30,7 +29,15 @@ import time
 from pathlib import Path
 
 import torch
-from common import PROMPT, append_results, checkpoint, commit_src, markdown_table, start_worker
+from common import (
+    PROMPT,
+    append_results,
+    checkpoint,
+    commit_src,
+    markdown_table,
+    paired_swarms,
+    start_worker,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -113,37 +120,24 @@ def main() -> None:
 
     speeds: tuple[list[float], list[float]] = ([], [])
     cpus: tuple[list[float], list[float]] = ([], [])
-    pair_medians = []
+    by_pair: dict[int, list[float]] = {}
     same = True
     with tempfile.TemporaryDirectory() as tmp:
-        a_src = commit_src(args.a_commit, tmp) if args.a_commit else ROOT / "src"
-        for pair in range(args.swarms):
-            rounds = args.rounds // args.swarms + (pair < args.rounds % args.swarms)
-            sides = [(a_src, args.a_args), (ROOT / "src", args.b_args)]
-            first = [0, 1] if pair % 2 == 0 else [1, 0]
-            workers: list[subprocess.Popen | None] = [None, None]
-            try:
-                for i in first:
-                    workers[i] = start(*sides[i], args)
-                ratios = []
-                for round_ in range(rounds):
-                    for i in first if round_ % 2 == 0 else first[::-1]:
-                        workers[i].stdin.write("go\n")
-                        workers[i].stdin.flush()
-                        steps, equal, cpu_ms = workers[i].stdout.readline().split()
-                        speeds[i].append(float(steps))
-                        cpus[i].append(float(cpu_ms))
-                        same = same and equal == "True"
-                    ratios.append(speeds[1][-1] / speeds[0][-1])
-                pair_medians.append(statistics.median(ratios))
-                print(
-                    f"swarm pair {pair + 1}: B/A {pair_medians[-1]:.3f} over {rounds} rounds", file=sys.stderr
-                )
-            finally:
-                for proc in workers:
-                    if proc is not None:
-                        proc.stdin.close()
-                        proc.wait()
+        sides = [
+            (commit_src(args.a_commit, tmp) if args.a_commit else ROOT / "src", args.a_args),
+            (ROOT / "src", args.b_args),
+        ]
+        for pair, turns in paired_swarms(lambda side: start(*sides[side], args), args.swarms, args.rounds):
+            for side, proc in turns:
+                proc.stdin.write("go\n")
+                proc.stdin.flush()
+                steps, equal, cpu_ms = proc.stdout.readline().split()
+                speeds[side].append(float(steps))
+                cpus[side].append(float(cpu_ms))
+                same = same and equal == "True"
+            by_pair.setdefault(pair, []).append(speeds[1][-1] / speeds[0][-1])
+            print(f"swarm pair {pair + 1}: B/A {by_pair[pair][-1]:.3f}", file=sys.stderr)
+    pair_medians = [statistics.median(ratios) for ratios in by_pair.values()]
     ratios = [b / a for a, b in zip(*speeds)]
     cpu_ratios = [b / a for a, b in zip(*cpus)]
     a_name = f"{args.a_commit or 'working tree'} {args.a_args}".strip()

@@ -1,8 +1,10 @@
 """A burst of new users: N clients send their prompts at the same moment to an idle swarm of 2 servers, and
 each waits for its first token. Paired A/B: two swarms side by side (source trees: a git commit, checked out to
-a temporary folder, and the working tree), bursts alternating between them, as `ab.py` pairs single sessions.
+a temporary folder, and the working tree), bursts alternating between them, over `--swarms` pairs of swarms
+started afresh (`common.paired_swarms`), as `ab.py` pairs single sessions.
 
-    python benchmarks/burst.py --a-commit 04c3821 [--model medium] [--clients 8] [--rounds 9] [--no-record]
+    python benchmarks/burst.py --a-commit 04c3821 [--model medium] [--clients 8] [--rounds 12] [--swarms 4]
+        [--no-record]
 
 Each client (`multiclient.py`'s) sends a 6-token prompt and generates 1 token. Each burst reports the time
 from its start to each client's first token; a round's figures are the median and the last of the N. Servers merge prefills that arrive together into one step (`server/batching.py`: their
@@ -20,7 +22,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import append_results, checkpoint, commit_src, markdown_table
+from common import append_results, checkpoint, commit_src, markdown_table, paired_swarms
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -74,7 +76,10 @@ def main() -> None:
     parser.add_argument("--a-commit", help="the tree compared with the working tree (required)")
     parser.add_argument("--model", default="medium", choices=["tiny", "medium"])
     parser.add_argument("--clients", type=int, default=8)
-    parser.add_argument("--rounds", type=int, default=9)
+    parser.add_argument("--rounds", type=int, default=12, help="bursts of each swarm, in all")
+    parser.add_argument(
+        "--swarms", type=int, default=4, help="pairs of swarms started afresh, one after another"
+    )
     parser.add_argument("--no-record", action="store_true")
     parser.add_argument("--driver", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -84,19 +89,21 @@ def main() -> None:
     if not args.a_commit:
         parser.error("--a-commit is required")
     checkpoint(args.model)  # built once, before the two swarms read it
+    times: dict[str, list[list[float]]] = {"A": [], "B": []}
     with tempfile.TemporaryDirectory() as tmp:
-        procs = {"A": start(commit_src(args.a_commit, tmp), args), "B": start(ROOT / "src", args)}
-        times: dict[str, list[list[float]]] = {"A": [], "B": []}
-        try:
-            for n in range(args.rounds):
-                for name in ("A", "B") if n % 2 == 0 else ("B", "A"):
-                    times[name].append(sorted(burst(procs[name], n)))
-                a, b = times["A"][-1], times["B"][-1]
-                print(f"round {n + 1}: last first token A {a[-1]:.3f} s, B {b[-1]:.3f} s", file=sys.stderr)
-        finally:
-            for proc in procs.values():
-                proc.stdin.close()
-                proc.wait(60)
+        trees = [commit_src(args.a_commit, tmp), ROOT / "src"]
+        pairs_of: list[int] = []  # each round's swarm pair
+        for n, (pair, turns) in enumerate(
+            paired_swarms(lambda side: start(trees[side], args), args.swarms, args.rounds)
+        ):
+            for side, proc in turns:
+                times["AB"[side]].append(sorted(burst(proc, n)))
+            pairs_of.append(pair)
+            a, b = times["A"][-1], times["B"][-1]
+            print(
+                f"round {n + 1} (swarm pair {pair + 1}): last first token A {a[-1]:.3f} s, B {b[-1]:.3f} s",
+                file=sys.stderr,
+            )
     rows = []
     for name, tree in (("A", args.a_commit), ("B", "working tree")):
         medians = [statistics.median(t) for t in times[name]]
@@ -108,13 +115,19 @@ def main() -> None:
     rows.append(
         ["A / B (median of the rounds' ratios, last first token)", "", f"{statistics.median(pairs):.2f}x"]
     )
+    each = [
+        statistics.median(r for r, p in zip(pairs, pairs_of, strict=True) if p == pair)
+        for pair in sorted(set(pairs_of))
+    ]
+    rows.append(["A / B of each swarm pair", "", ", ".join(f"{r:.2f}x" for r in each)])
     header = ["tree", "median first token s", "last first token s"]
     table = markdown_table(header, rows)
     print(table)
     if not args.no_record:
         notes = (
             f"{args.model}, 2 servers on loopback, {args.clients} clients each sending a 6-token prompt"
-            f" at once (1 new token), {args.rounds} rounds alternating A and B; medians over rounds."
+            f" at once (1 new token), {args.rounds} rounds alternating A and B over {args.swarms} pairs of swarms"
+            " started afresh; medians over rounds."
         )
         append_results(f"A burst of {args.clients} new users: A/B", table, notes)
 

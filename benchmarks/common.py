@@ -84,6 +84,28 @@ def commit_src(commit: str, folder: str | Path) -> Path:
     return Path(folder) / "src"
 
 
+def paired_swarms(
+    start: Callable[[int], subprocess.Popen], swarms: int, rounds: int
+) -> Iterator[tuple[int, list[tuple[int, subprocess.Popen]]]]:
+    """The turns of a paired A/B of two swarm processes (side 0 is A, side 1 is B): `rounds` rounds split over
+    `swarms` pairs of them started afresh (`start(side)`), one pair after another, each round as (the pair's
+    number, its two (side, process) in the order they go). Which side starts first, and goes first in a round,
+    alternates. One pair is not enough: a swarm keeps a speed of its own for its life (null runs of one pair gave
+    B/A from 0.87 to 1.17; RESULTS.md, session 53), so a verdict needs the pairs to agree."""
+    for pair in range(swarms):
+        first = [0, 1] if pair % 2 == 0 else [1, 0]
+        procs: dict[int, subprocess.Popen] = {}
+        try:
+            for side in first:
+                procs[side] = start(side)
+            for round_ in range(rounds // swarms + (pair < rounds % swarms)):
+                yield pair, [(side, procs[side]) for side in (first if round_ % 2 == 0 else first[::-1])]
+        finally:
+            for proc in procs.values():
+                proc.stdin.close()
+                proc.wait(120)
+
+
 def paired_median_times(
     first: Callable[[], object], second: Callable[[], object], repeats: int
 ) -> tuple[float, float]:
