@@ -1,8 +1,8 @@
 """What each hop of a chain costs: single-session ms/token of the tiny model through chains of 1, 2, 3 and 6
 servers on loopback (the model's 6 blocks split evenly), and the cost per added hop (a least-squares slope).
 
-    python benchmarks/chain.py [--servers 1 2 3 6] [--new-tokens 64] [--repeats 9] [--rtt-ms 0] [--no-record]
-        [--client-spin COUNT ...] [--server-args FLAG ...]   (last: the rest of the line goes to every server)
+    python benchmarks/chain.py [--servers 1 2 3 6] [--new-tokens 64] [--repeats 9] [--swarms 3] [--rtt-ms 0]
+        [--no-record] [--client-spin COUNT ...] [--server-args FLAG ...]   (last: the rest goes to every server)
 
 The tiny model computes next to nothing, so the slope is the hop's overhead: the wire, the push to the next
 server, the event loops' wake-ups and the per-step Python on both ends. With --rtt-ms (and --mbit), every server
@@ -18,8 +18,10 @@ nothing else runs between two steps.
 
 Every chain runs at once, each with its own swarm and client process, and the generates go round them in turn
 (the first chain of each round rotating), the way `ab.py` pairs two trees: on a shared machine, whose speed drifts
-by tens of percent over a minute, a chain measured after another would carry that drift into the slope. Besides
-the slope of the medians, each round's own slope is taken, and their median reported.
+by tens of percent over a minute, a chain measured after another would carry that drift into the slope. A swarm
+also keeps a speed of its own for its life (`ab.py`'s null runs: up to 15% between two swarms of one tree), so
+`--swarms` sets of chains are started afresh, one after another, the rounds split between them. Besides the slope
+of the medians, each round's own slope is taken, and their median reported.
 
 Each client process spins its OpenMP workers as `swarmllm`'s client commands do (`swarmllm.spin.CLIENT`, unless
 GOMP_SPINCOUNT is set); `--client-spin` gives other counts to compare ("default": libgomp's own), each with its own
@@ -142,6 +144,12 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=9, help="rounds of one generate through every chain")
     parser.add_argument(
+        "--swarms",
+        type=int,
+        default=3,
+        help="sets of chains started afresh, one after another, the rounds split",
+    )
+    parser.add_argument(
         "--server-args", nargs=argparse.REMAINDER, default=[], help="the rest: `swarmllm serve` flags"
     )
     parser.add_argument("--rtt-ms", type=float, default=0.0)
@@ -165,28 +173,35 @@ def main() -> None:
         worker(args.worker, argparse.Namespace(**json.loads(os.environ[ARGS_ENV])))
         return
     keys = [(c, n) for c in args.client_spin for n in args.servers]
-    chains: dict[tuple[str, int], subprocess.Popen] = {}
-    equal = True
-    try:
-        for c, n in keys:
-            print(f"starting a chain of {n} servers (client spin {c}) ...", file=sys.stderr)
-            chains[c, n], same = start(n, c, args)
-            equal &= same
-        results: dict[tuple[str, int], list[float]] = {key: [] for key in keys}
-        computes: dict[tuple[str, int], list[float]] = {key: [] for key in keys}  # ms a token, all servers
-        for r in range(args.repeats):
-            k = r % len(keys)
-            for key in keys[k:] + keys[:k]:
-                chains[key].stdin.write("go\n")
-                chains[key].stdin.flush()
-                seconds, compute_s = map(float, chains[key].stdout.readline().split())
-                results[key].append(seconds / args.new_tokens * 1e3)
-                computes[key].append(compute_s * 1e3)
-    finally:
-        for proc in chains.values():
-            proc.stdin.close()
-        for proc in chains.values():
-            proc.wait(timeout=120)
+    results: dict[tuple[str, int], list[float]] = {key: [] for key in keys}
+    computes: dict[tuple[str, int], list[float]] = {key: [] for key in keys}  # ms a token, all servers
+    equal, r = True, 0
+    set_of_round: list[int] = []
+    for swarm_set in range(args.swarms):
+        chains: dict[tuple[str, int], subprocess.Popen] = {}
+        try:
+            for c, n in keys:
+                print(
+                    f"starting a chain of {n} servers (client spin {c}; set {swarm_set + 1} of {args.swarms}) ...",
+                    file=sys.stderr,
+                )
+                chains[c, n], same = start(n, c, args)
+                equal &= same
+            for _ in range(args.repeats // args.swarms + (swarm_set < args.repeats % args.swarms)):
+                k = r % len(keys)
+                for key in keys[k:] + keys[:k]:
+                    chains[key].stdin.write("go\n")
+                    chains[key].stdin.flush()
+                    seconds, compute_s = map(float, chains[key].stdout.readline().split())
+                    results[key].append(seconds / args.new_tokens * 1e3)
+                    computes[key].append(compute_s * 1e3)
+                set_of_round.append(swarm_set)
+                r += 1
+        finally:
+            for proc in chains.values():
+                proc.stdin.close()
+            for proc in chains.values():
+                proc.wait(timeout=120)
     xs = list(map(float, args.servers))
     medians = {key: statistics.median(v) for key, v in results.items()}
     compute = {key: statistics.median(v) for key, v in computes.items()}
@@ -197,6 +212,16 @@ def main() -> None:
             slope(xs, [results[c, n][r] for n in args.servers]) for r in range(args.repeats)
         )
         compute_per_hop = slope(xs, [compute[c, n] for n in args.servers])
+        per_set = [
+            slope(
+                xs,
+                [
+                    statistics.median(v for v, k in zip(results[c, n], set_of_round, strict=True) if k == one)
+                    for n in args.servers
+                ],
+            )
+            for one in sorted(set(set_of_round))
+        ]
         rows += [
             [
                 c,
@@ -210,7 +235,8 @@ def main() -> None:
         ]
         summaries.append(
             f"client spin {c}: {per_hop:.2f} ms/token per added hop (least-squares slope of the medians; median "
-            f"of the rounds' own slopes {per_round:.2f}), of which the servers' compute {compute_per_hop:.2f} "
+            f"of the rounds' own slopes {per_round:.2f}; each set of chains: "
+            f"{', '.join(f'{v:.2f}' for v in per_set)}), of which the servers' compute {compute_per_hop:.2f} "
             f"and the rest {per_hop - compute_per_hop:.2f}"
         )
     headers = [
@@ -234,7 +260,8 @@ def main() -> None:
             f"Chain length: tiny model, single session, {network}",
             table,
             f"{summary} Greedy, 6-token prompt, {args.new_tokens} new tokens; every chain up at once, each with "
-            f"its own swarm and client process, {args.repeats} rounds of one generate per chain in turn; server "
+            f"its own swarm and client process, {args.repeats} rounds of one generate per chain in turn, over "
+            f"{args.swarms} sets of chains started afresh; server "
             f"flags: {' '.join(args.server_args) or 'defaults'}.",
         )
 
