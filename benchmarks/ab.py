@@ -117,6 +117,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.worker:
         return worker(args.model, args.new_tokens, args.server_args.split(), args.servers)
+    if not 1 <= args.swarms <= args.rounds:
+        parser.error("--swarms must be between 1 and --rounds")
 
     speeds: tuple[list[float], list[float]] = ([], [])
     cpus: tuple[list[float], list[float]] = ([], [])

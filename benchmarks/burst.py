@@ -88,6 +88,8 @@ def main() -> None:
         return
     if not args.a_commit:
         parser.error("--a-commit is required")
+    if not 1 <= args.swarms <= args.rounds:
+        parser.error("--swarms must be between 1 and --rounds")
     checkpoint(args.model)  # built once, before the two swarms read it
     times: dict[str, list[list[float]]] = {"A": [], "B": []}
     with tempfile.TemporaryDirectory() as tmp:

@@ -172,6 +172,8 @@ def main() -> None:
     if args.worker:
         worker(args.worker, argparse.Namespace(**json.loads(os.environ[ARGS_ENV])))
         return
+    if not 1 <= args.swarms <= args.repeats:
+        parser.error("--swarms must be between 1 and --repeats")
     keys = [(c, n) for c in args.client_spin for n in args.servers]
     results: dict[tuple[str, int], list[float]] = {key: [] for key in keys}
     computes: dict[tuple[str, int], list[float]] = {key: [] for key in keys}  # ms a token, all servers
