@@ -38,6 +38,7 @@ NOT_REPO_FILES = {
 SCRIPT_FLAGS = {
     "--a-commit": "benchmarks/ab.py",
     "--b-args": "benchmarks/ab.py",
+    "--swarms": "benchmarks/ab.py",
     "--server-src": "benchmarks/abuse.py",
     "--decode": "benchmarks/hotpath.py",
     "--models": "benchmarks/hotpath.py",
