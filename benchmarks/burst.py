@@ -94,14 +94,14 @@ def main() -> None:
     times: dict[str, list[list[float]]] = {"A": [], "B": []}
     with tempfile.TemporaryDirectory() as tmp:
         trees = [commit_src(args.a_commit, tmp), ROOT / "src"]
-        pairs_of: list[int] = []  # each round's swarm pair
+        by_pair: dict[int, list[float]] = {}  # A / B of each round's last first token, by swarm pair
         for n, (pair, turns) in enumerate(
             paired_swarms(lambda side: start(trees[side], args), args.swarms, args.rounds)
         ):
             for side, proc in turns:
                 times["AB"[side]].append(sorted(burst(proc, n)))
-            pairs_of.append(pair)
             a, b = times["A"][-1], times["B"][-1]
+            by_pair.setdefault(pair, []).append(a[-1] / b[-1])
             print(
                 f"round {n + 1} (swarm pair {pair + 1}): last first token A {a[-1]:.3f} s, B {b[-1]:.3f} s",
                 file=sys.stderr,
@@ -113,15 +113,12 @@ def main() -> None:
         rows.append(
             [f"{name}: {tree}", f"{statistics.median(medians):.3f}", f"{statistics.median(lasts):.3f}"]
         )
-    pairs = [a[-1] / b[-1] for a, b in zip(times["A"], times["B"], strict=True)]
+    pairs = [ratio for ratios in by_pair.values() for ratio in ratios]
     rows.append(
         ["A / B (median of the rounds' ratios, last first token)", "", f"{statistics.median(pairs):.2f}x"]
     )
-    each = [
-        statistics.median(r for r, p in zip(pairs, pairs_of, strict=True) if p == pair)
-        for pair in sorted(set(pairs_of))
-    ]
-    rows.append(["A / B of each swarm pair", "", ", ".join(f"{r:.2f}x" for r in each)])
+    each = ", ".join(f"{statistics.median(ratios):.2f}x" for ratios in by_pair.values())
+    rows.append(["A / B of each swarm pair", "", each])
     header = ["tree", "median first token s", "last first token s"]
     table = markdown_table(header, rows)
     print(table)

@@ -40,7 +40,7 @@ import time
 from contextlib import ExitStack
 
 import torch
-from common import PROMPT, append_results, checkpoint, markdown_table, start_worker
+from common import PROMPT, append_results, checkpoint, markdown_table, rounds_of, start_worker
 from netem import Emulator
 from transformers.utils import logging as hf_logging
 
@@ -177,8 +177,8 @@ def main() -> None:
     keys = [(c, n) for c in args.client_spin for n in args.servers]
     results: dict[tuple[str, int], list[float]] = {key: [] for key in keys}
     computes: dict[tuple[str, int], list[float]] = {key: [] for key in keys}  # ms a token, all servers
-    equal, r = True, 0
-    set_of_round: list[int] = []
+    equal = True
+    set_of_round: list[int] = []  # the set of chains each round ran on
     for swarm_set in range(args.swarms):
         chains: dict[tuple[str, int], subprocess.Popen] = {}
         try:
@@ -189,8 +189,8 @@ def main() -> None:
                 )
                 chains[c, n], same = start(n, c, args)
                 equal &= same
-            for _ in range(args.repeats // args.swarms + (swarm_set < args.repeats % args.swarms)):
-                k = r % len(keys)
+            for _ in range(rounds_of(swarm_set, args.swarms, args.repeats)):
+                k = len(set_of_round) % len(keys)
                 for key in keys[k:] + keys[:k]:
                     chains[key].stdin.write("go\n")
                     chains[key].stdin.flush()
@@ -198,7 +198,6 @@ def main() -> None:
                     results[key].append(seconds / args.new_tokens * 1e3)
                     computes[key].append(compute_s * 1e3)
                 set_of_round.append(swarm_set)
-                r += 1
         finally:
             for proc in chains.values():
                 proc.stdin.close()

@@ -84,6 +84,11 @@ def commit_src(commit: str, folder: str | Path) -> Path:
     return Path(folder) / "src"
 
 
+def rounds_of(swarm: int, swarms: int, rounds: int) -> int:
+    """How many of `rounds` the `swarm`-th of `swarms` swarms (or pairs, or sets of them) started in turn runs."""
+    return rounds // swarms + (swarm < rounds % swarms)
+
+
 def paired_swarms(
     start: Callable[[int], subprocess.Popen], swarms: int, rounds: int
 ) -> Iterator[tuple[int, list[tuple[int, subprocess.Popen]]]]:
@@ -98,7 +103,7 @@ def paired_swarms(
         try:
             for side in first:
                 procs[side] = start(side)
-            for round_ in range(rounds // swarms + (pair < rounds % swarms)):
+            for round_ in range(rounds_of(pair, swarms, rounds)):
                 yield pair, [(side, procs[side]) for side in (first if round_ % 2 == 0 else first[::-1])]
         finally:
             for proc in procs.values():
