@@ -138,13 +138,15 @@ def test_nf4_logits_of_a_model_whose_sizes_are_not_multiples_of_64_are_within_th
 @pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3"])
 def test_half_precision_decode_steps_give_transformers_logits(checkpoints, family, dtype):
     """A server's decode hot path (`BlockSpan.decode`, one token a step over its KV cache) at bfloat16 / float16
-    gives, token by token, the logits of transformers' own decode steps (its KV cache, one token a call) at that
-    dtype, to 1e-4. A fused rotary (`addcmul`: one rounding where transformers rounds three times) made every
-    step after the first differ: ~1e-2 in bfloat16, ~1.5e-3 in float16. (transformers' forward over all the
-    tokens at once rounds otherwise, by as much: ~5e-3 in bfloat16 with transformers 5.25 and torch 2.13.) Once
-    Mistral's sliding window (4 here) is passed, transformers' cache holds the window alone while our step masks
-    the slots before it: the sums differ in their terms, and the step is held to transformers' own disagreement
-    between its two ways instead."""
+    gives, token by token, the logits of transformers at that dtype to 1e-4: of its own decode steps (its KV
+    cache, one token a call) or of its forward over all the tokens at once. The two round otherwise (by ~5e-3 in
+    bfloat16), and which one our step follows bit for bit depends on the CPU's matmul kernels: our fused q/k/v
+    projection rounds as transformers' one-row k_proj on an Intel Xeon, and as its many-row one on an AMD EPYC
+    with native bfloat16 dot products (oneDNN picks its kernel by the output width there). A fused rotary
+    (`addcmul`: one rounding where transformers rounds three times) differed from both at every step after the
+    first: ~1e-2 in bfloat16, ~1.5e-3 in float16. Once Mistral's sliding window (4 here) is passed,
+    transformers' cache holds the window alone while our step masks the slots before it: the sums differ in
+    their terms, and the step is held to transformers' own disagreement between its two ways instead."""
     path = checkpoints(family)
     steps = 8
     _, head = load_client_head(path, dtype=dtype)
@@ -165,7 +167,7 @@ def test_half_precision_decode_steps_give_transformers_logits(checkpoints, famil
             out = span.decode(hidden[:, t], slots, slots, keys[..., : t + 1, :], values[..., : t + 1, :])
             got = head.logits(out)
             assert got.dtype == dtype
-            error, bound = rel_l2(got, step), 1e-4
+            error, bound = min(rel_l2(got, step), rel_l2(got, whole[:, t])), 1e-4
             if window is not None and t >= window:
                 bound = max(bound, 2 * rel_l2(step, whole[:, t]))
             assert error <= bound, (t, error, bound)
