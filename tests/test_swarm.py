@@ -345,17 +345,17 @@ def test_cli_generate_prints_the_same_text_as_transformers(swarm, models, capsys
 
 
 def test_compiled_decode_gives_transformers_tokens(swarm, checkpoints, monkeypatch):
-    """A CPU server of small blocks compiles its decode step by default (torch.compile, then ahead of time with
-    AOTInductor; mistral: sliding window of 4, which the compiled steps pass) and gives transformers' greedy
-    tokens, for a plain prompt and for a left-padded batch, whose steps run eagerly: nothing is compiled again
-    once it serves (torch logs every recompilation)."""
+    """A CPU server of small blocks compiles its decode step by default (ahead of time with AOTInductor;
+    mistral: sliding window of 4, which the compiled steps pass) and gives transformers' greedy tokens, for a
+    plain prompt and for a left-padded batch, whose steps run eagerly: nothing is compiled once it serves (torch
+    logs every recompilation)."""
     local, _ = swarm
     path = checkpoints("mistral", num_layers=2)
     monkeypatch.delenv("SWARMLLM_COMPILE", raising=False)  # the suite's servers skip compiling (conftest)
     monkeypatch.setenv("TORCH_LOGS", "recompiles")
     local.add_server(str(path), (0, 2))
     log = local.servers[-1].log
-    compiled_at_start = sum("Recompiling" in line for line in log)  # the warm-up's, for a second cache length
+    compiled_at_start = sum("Recompiling" in line for line in log)
     remote = AutoDistributedModelForCausalLM.from_pretrained(str(path), initial_peers=local.initial_peers)
     reference = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(path)
@@ -407,7 +407,11 @@ def test_a_server_with_a_cache_arena_and_chunked_prefills_gives_transformers_tok
     # a row holds 24 slots: 8 new tokens fit, 30 do not (a cache of its own); a prompt of 2 x 130 tokens is long
     # enough for the client to let the first server push it on in parts (`PUSH_UNANSWERED_TOKENS`)
     long = torch.randint(3, reference.config.vocab_size, (2, 130), generator=torch.Generator().manual_seed(0))
-    jobs = [([prompt], 8) for prompt in PROMPTS] + [([PROMPTS[0]], 30), (PROMPTS, 8), ([" ".join(PROMPTS)], 4)]
+    jobs = [([prompt], 8) for prompt in PROMPTS] + [
+        ([PROMPTS[0]], 30),
+        (PROMPTS, 8),
+        ([" ".join(PROMPTS)], 4),
+    ]
     try:
         with ThreadPoolExecutor(len(jobs)) as pool:
             for ours, theirs in pool.map(lambda job: generate(*job), jobs):

@@ -312,9 +312,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--aot-step",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="with the compiled step on a CPU, also build it ahead of time (AOTInductor; 7-30 s at the first "
-        "start, then kept in ~/.cache/swarmllm/aot or SWARMLLM_AOT_DIR): about half the step's fixed cost, its "
-        "steps equal within float tolerance. Default: wherever the step is compiled on a CPU",
+        help="with the compiled step on a CPU, build it ahead of time instead of with torch.compile "
+        "(AOTInductor; 7-30 s at the first start, then kept in ~/.cache/swarmllm/aot or SWARMLLM_AOT_DIR): about "
+        "half the step's fixed cost, its steps equal within float tolerance; torch.compile's where the build "
+        "fails. Default: wherever the step is compiled on a CPU",
     )
     serve.add_argument(
         "--no-cuda-graphs", action="store_true", help="on CUDA, run decode steps eagerly instead of as graphs"

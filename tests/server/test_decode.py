@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from swarmllm.models import KVCache, load_config, load_span
+from swarmllm.server import decode as decode_module
 from swarmllm.server.decode import (
     MIN_BUCKET,
     DecodeRunner,
@@ -104,6 +105,30 @@ def test_compiled_steps_need_no_compilation_after_the_warm_up(checkpoints):
     assert counters["stats"]["unique_graphs"] == graphs
 
 
+def test_a_failed_ahead_of_time_build_leaves_torch_compiles_step_to_serve(checkpoints, monkeypatch, caplog):
+    """Where the step cannot be built ahead of time (an export or compiler failure, injected here), the runner
+    compiles torch.compile's step instead, as it warms up, and that serves every slot of a session's steps, equal
+    to eager, without compiling again."""
+    from torch._dynamo.utils import counters
+
+    def fails(*args, **kwargs):
+        raise RuntimeError("no exporter today")
+
+    monkeypatch.setattr(decode_module, "export_step", fails)
+    span = load_span(checkpoints("mistral"), 0, 2)
+    runner = DecodeRunner(span, torch.device("cpu"), compile=True, aot=True)
+    with caplog.at_level("WARNING", logger="swarmllm.server.decode"):
+        runner.warm_up()
+    assert runner.mode == "compiled" and not runner._aot
+    assert "the ahead-of-time step failed (RuntimeError: no exporter today)" in caplog.text
+    graphs = counters["stats"]["unique_graphs"]
+    compiled_step, compiled_steps = runner._decode, []
+    runner._decode = lambda *args: compiled_steps.append(args[3].shape[3]) or compiled_step(*args)
+    steps_equal_eager(runner, span, (2, 6))
+    assert compiled_steps == [slot + 1 for length in (2, 6) for slot in range(length)]
+    assert counters["stats"]["unique_graphs"] == graphs
+
+
 def test_a_runner_compiles_for_each_thread_count_it_meets(checkpoints):
     """A server compiles again whenever its CPU thread count changes (servers join and leave its host); torch's
     default cap of 8 graphs per function made the third count fail to compile and serve eagerly from then on.
@@ -135,7 +160,7 @@ def test_the_ahead_of_time_step_serves_caches_of_any_length_and_equals_eager(
     checkpoints, tmp_path, monkeypatch
 ):
     """`--aot-step`: the step exported and compiled by AOTInductor serves every compiled step from the second slot
-    on (the first attends to one slot, below its export's range: torch.compile's step), for sessions whose caches
+    on (the first attends to one slot, below its export's range, and runs eagerly), for sessions whose caches
     differ in length, and equals eager (mistral's sliding window of 4 included). A graph built from a slice of
     one cache read other sessions' slices at its own strides: wrong slots, 2.5 off after one step. Its package
     holds no weights and is kept on disk: another span of the same shape, other weights, loads it without a

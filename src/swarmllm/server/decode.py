@@ -12,10 +12,11 @@ All three ways run `BlockSpan.decode`, so they compute the same thing:
   batch, padding, a sub-range of the span, an adapter, or a thread count not compiled yet), and every step
   while a compilation runs, runs eagerly on the compute thread, so no step ever waits for a compilation. A
   failure to compile (no C++ compiler, say) falls back to eager with a warning.
-  The same step is also compiled ahead of time (`--aot-step`, the default wherever the step is compiled on a
-  CPU: AOTInductor, `AotStep`; its package kept on disk for the next start), and serves those steps instead: its
-  runner skips torch.compile's guards and wrappers, half a one-block step's time on a CPU (warm or with its caches
-  evicted by other processes, as on a chain of servers sharing a host).
+  The same step is built ahead of time instead (`--aot-step`, the default wherever the step is compiled on a
+  CPU: AOTInductor, `AotStep`; its package kept on disk for the next start), and serves those steps from a
+  session's second slot on (a first slot runs eagerly): its runner skips torch.compile's guards and wrappers,
+  half a one-block step's time on a CPU (warm or with its caches evicted by other processes, as on a chain of
+  servers sharing a host). torch.compile's step is then not compiled at all, unless the build fails.
 - CUDA graphs: the default on CUDA, replayed with the slots and positions as tensors: one launch per step
   instead of hundreds. Sessions whose caches are rows of the server's cache arena (`server.arena`; those
   without an adapter) share row graphs: one per bucket of rows (a power of two that covers the highest row in
@@ -385,6 +386,20 @@ class DecodeRunner:
             self._compiling = False
 
     def _compile(self, threads: int) -> None:
+        """The step ahead of time where it applies, else (or where it fails) torch.compile's: with the one built,
+        torch.compile's step would serve only a session's first slot (below the export's range; eager serves
+        it), and its compilation doubled a first start's (mistral's 2 tiny blocks: 37 s more)."""
+        if self.aot:
+            try:
+                self._aot[threads] = AotStep(self.span, self.device)
+            except Exception as e:  # noqa: BLE001 - any export or compiler failure: torch.compile's step serves
+                logger.warning(
+                    "the ahead-of-time step failed (%s: %s); compiling torch.compile's", type(e).__name__, e
+                )
+                self.aot = False
+            else:
+                self._warm.add(threads)
+                return
         config, span = self.span.config, self.span
         logger.info(
             "compiling the decode step for %d CPU threads (torch.compile); this takes a while once", threads
@@ -423,14 +438,6 @@ class DecodeRunner:
             logger.warning("torch.compile failed (%s: %s); decoding eagerly", type(e).__name__, e)
             self.compiled, self._decode = False, self.span.decode
             return
-        if self.aot:
-            try:
-                self._aot[threads] = AotStep(self.span, self.device)
-            except Exception as e:  # noqa: BLE001 - any export or compiler failure: torch.compile's step serves
-                logger.warning(
-                    "the ahead-of-time step failed (%s: %s); torch.compile's serves", type(e).__name__, e
-                )
-                self.aot = False
         self._warm.add(threads)
 
     def _compiled_for(
@@ -486,9 +493,10 @@ class DecodeRunner:
         mask, positions = self._attended(hidden, slot, key_mask, padded)
         if self._warm and self._compiled_for(hidden, mask, blocks, lora):
             aot = self._aot.get(torch.get_num_threads())
-            if aot is not None and slot >= 1:  # (its export needs 2 attended slots or more)
+            if aot is None:
+                return self._compiled_step(hidden, positions, *self._slots(cache, slot))
+            if slot >= 1:  # (its export needs 2 attended slots or more: a first slot runs eagerly)
                 return aot(hidden, positions, cache, slot)
-            return self._compiled_step(hidden, positions, *self._slots(cache, slot))
         keys, values, slot_tensor = self._slots(cache, slot)
         # any other step would compile a graph of its own, for seconds, on the event loop: eager instead
         return self.span.decode(hidden, positions, slot_tensor, keys, values, mask, blocks, lora)
