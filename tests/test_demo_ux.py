@@ -91,3 +91,38 @@ def test_ctrl_c_while_the_demo_starts_its_monitor_leaves_no_process(tmp_path):
         demo.kill()
         for process in _processes_tagged(tag):  # (what the demo left, so that no other test meets it)
             process.kill()
+
+
+def test_the_demo_runs_both_acts_and_leaves_no_process(tmp_path):
+    """The quick start's `swarmllm demo`, whole, as a user runs it: exit status 0, tokens identical to
+    transformers' before and after act 2 kills the first server of the route mid-generation, and nothing of the
+    swarm left running. Its output (stdout and the logs on stderr, in the order written) says the kill before any
+    log line of the failure the client then meets, and the failover after them."""
+    tag = f"demo-ux-{os.getpid()}-{tmp_path.name}"
+    try:
+        done = subprocess.run(
+            [str(Path(sys.executable).with_name("swarmllm")), "demo"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            timeout=600,
+            env={**os.environ, "UX_TAG": tag, "PYTHONUNBUFFERED": "1"},
+            start_new_session=True,
+        )
+        left = [(p.pid, p.name()) for p in _processes_tagged(tag)]
+    finally:
+        for process in _processes_tagged(tag):
+            process.kill()
+    out = done.stdout
+    assert done.returncode == 0, out
+    assert left == [], out
+    lines = out.splitlines()
+    assert "tokens identical to local transformers: True" in lines, out
+    assert "tokens identical to local transformers after the kill: True" in lines, out
+    (kill,) = [i for i, line in enumerate(lines) if line.startswith("killed server ")]
+    assert lines[kill].endswith("with SIGKILL after token 3"), lines[kill]
+    short_id = lines[kill].split()[2]
+    act2 = lines.index("act 2: a spare server joins, and a server of the route is killed mid-generation")
+    (failover,) = [i for i, line in enumerate(lines) if line.startswith("  failover: blocks [0, ")]
+    assert [i for i, line in enumerate(lines[act2:], act2) if short_id in line][0] == kill, out
+    assert kill < failover, out

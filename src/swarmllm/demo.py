@@ -224,15 +224,19 @@ def run_demo(
             def kill_first_hop() -> None:
                 hop = distributed._active.session.hops[0]
                 swarm.servers[index[hop.peer_id]].kill()
-                killed.append(f"server {hop.peer_id[-8:]} (blocks [{hop.start}, {hop.end}))")
+                killed.append(hop.peer_id)
+                # said now, before the client's own log lines of the failure that the next step meets
+                print(
+                    f"killed server {hop.peer_id[-8:]} (blocks [{hop.start}, {hop.end})) with SIGKILL after token "
+                    f"{KILL_AT_TOKEN}",
+                    flush=True,
+                )
 
             with distributed.inference_session(max_length=prompt_length + max_new_tokens):
                 again = distributed.generate(
                     **inputs, **greedy, streamer=_AtToken(KILL_AT_TOKEN, kill_first_hop)
                 )
-            if killed:
-                print(f"killed {killed[0]} with SIGKILL after token {KILL_AT_TOKEN}")
-            else:  # (--max-new-tokens below it, or an answer that ended sooner)
+            if not killed:  # (--max-new-tokens below it, or an answer that ended sooner)
                 print(f"  (the generation ended before token {KILL_AT_TOKEN}: no server was killed)")
             if killed and not distributed.swarm.failovers:
                 print("  (the generation ended before its next step: no failover was needed)")
