@@ -168,5 +168,6 @@ def test_usr1_prints_every_threads_stack_and_the_command_runs_on():
         assert "(most recent call first):\n  File " in both and 'bootstrap.py", line' in both, both
         assert proc.poll() is None
     finally:
-        proc.kill()
+        # its group: its DHT process and p2pd outlived a kill of its pid alone, for ever
+        os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(30)

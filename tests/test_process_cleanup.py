@@ -38,6 +38,21 @@ def test_stopping_a_local_swarm_leaves_no_process_behind(llama_checkpoint):
     assert [name for name, process in processes.items() if not process.proc.stdout.closed] == []
 
 
+def test_children_that_outlive_a_process_of_the_swarm_are_stopped_with_it():
+    """A bootstrap peer killed alone (its pid, not its group: as if it had died without stopping its DHT) leaves
+    its DHT process and p2pd waiting for ever; closing the swarm kills what is left of its group, and its output
+    pipe, which they held open, is closed."""
+    with LocalSwarm() as local:
+        local.start_bootstrap()
+        bootstrap = local.bootstrap
+        group = os.getpgid(bootstrap.proc.pid)
+        os.kill(bootstrap.proc.pid, signal.SIGKILL)
+        bootstrap.proc.wait(30)
+        assert _group_alive(group)  # its children, orphaned
+    assert not _group_alive(group)
+    assert bootstrap.proc.stdout.closed
+
+
 OWNER = """
 import sys, threading
 from swarmllm.local import LocalSwarm

@@ -7,7 +7,7 @@ import signal
 import threading
 from pathlib import Path
 
-from swarmllm.dht import start_dht, visible_maddrs
+from swarmllm.dht import start_dht, stop_dht, visible_maddrs
 from swarmllm.wire import Identity, load_swarm_key
 
 
@@ -45,5 +45,5 @@ def run_bootstrap(
     finally:
         if peers_file:
             Path(peers_file).unlink(missing_ok=True)
-        dht.shutdown()
+        stop_dht(dht)  # (its process and p2pd killed where they do not stop in time)
     return 0

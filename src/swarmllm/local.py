@@ -42,8 +42,11 @@ class ManagedProcess:
         self.lines.put(None)
 
     def _exited(self, status: int, strays: list[psutil.Process]) -> int:
-        """`status`, once the last of the process's output is read (its children hold the pipe until they exit;
-        `strays`, those outside its group, are killed first)."""
+        """`status`, once the last of the process's output is read (its children hold the pipe until they exit).
+        What is left of its group is killed first: a child that outlived it (a DHT process whose owner died
+        without stopping it waits for its pipe for ever, with its p2pd), and `strays`, its children outside the
+        group."""
+        self._signal_group(signal.SIGKILL)
         for stray in strays:
             with contextlib.suppress(psutil.Error):
                 stray.kill()
