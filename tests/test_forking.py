@@ -1,6 +1,7 @@
 """Processes forked from a warm interpreter behave as `python -m swarmllm.cli` processes started afresh: their
 output, exit status, own process group, signals, and environment."""
 
+import contextlib
 import os
 import re
 import signal
@@ -42,13 +43,15 @@ def test_a_command_gives_its_output_and_exit_status():
 
 @pytest.fixture
 def started():
-    """The processes a test starts; any still running when it ends (a failed assertion) is killed with its group."""
+    """The processes a test starts; when it ends, what is left of each one's group is killed (one still running
+    after a failed assertion, or a bootstrap's DHT process and p2pd, which outlive a kill of its pid alone for
+    ever)."""
     processes: list = []
     yield processes
     for proc in processes:
-        if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        proc.wait()
 
 
 def test_a_running_process_has_its_own_group_takes_signals_and_reports_how_it_ended(started):
@@ -145,29 +148,25 @@ def _read_until(proc, done, timeout_s: float) -> str:
     return text
 
 
-def test_usr1_prints_every_threads_stack_and_the_command_runs_on():
+def test_usr1_prints_every_threads_stack_and_the_command_runs_on(started):
     """`kill -USR1` makes a running `swarmllm` command print where each of its threads is (`cli.main`), as the
     tests' helper for a hung command asks (`test_cli_errors.stacks_of`); the command runs on and answers the next
     one too."""
     proc = forked(["dht"], _env())
-    try:
-        _read_until(proc, lambda text: "--initial-peers" in text, 60)
-        # a dump ends with the main thread's stack (the oldest thread comes last), down to runpy's frame of
-        # `python -m`
-        dumps = re.compile(r'cli\.py", line \d+ in main\n(  File .*\n)*  File .* in _run_module_as_main\n')
+    started.append(proc)
+    _read_until(proc, lambda text: "--initial-peers" in text, 60)
+    # a dump ends with the main thread's stack (the oldest thread comes last), down to runpy's frame of
+    # `python -m`
+    dumps = re.compile(r'cli\.py", line \d+ in main\n(  File .*\n)*  File .* in _run_module_as_main\n')
+    proc.send_signal(signal.SIGUSR1)
+    first = _read_until(proc, lambda text: dumps.search(text), 30)
+    assert proc.poll() is None
+    # faulthandler drops a signal that another thread takes while a dump is still being written, and its last
+    # line is out before it is done: the next signal is sent again, each second, until a second dump comes
+    both, deadline = first, time.monotonic() + 30
+    while len(dumps.findall(both)) < 2 and time.monotonic() < deadline:
         proc.send_signal(signal.SIGUSR1)
-        first = _read_until(proc, lambda text: dumps.search(text), 30)
-        assert proc.poll() is None
-        # faulthandler drops a signal that another thread takes while a dump is still being written, and its last
-        # line is out before it is done: the next signal is sent again, each second, until a second dump comes
-        both, deadline = first, time.monotonic() + 30
-        while len(dumps.findall(both)) < 2 and time.monotonic() < deadline:
-            proc.send_signal(signal.SIGUSR1)
-            both += read_output(proc, 1.0, lambda text, before=both: len(dumps.findall(before + text)) >= 2)
-        assert len(dumps.findall(both)) >= 2, both
-        assert "(most recent call first):\n  File " in both and 'bootstrap.py", line' in both, both
-        assert proc.poll() is None
-    finally:
-        # its group: its DHT process and p2pd outlived a kill of its pid alone, for ever
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(30)
+        both += read_output(proc, 1.0, lambda text, before=both: len(dumps.findall(before + text)) >= 2)
+    assert len(dumps.findall(both)) >= 2, both
+    assert "(most recent call first):\n  File " in both and 'bootstrap.py", line' in both, both
+    assert proc.poll() is None
