@@ -7,6 +7,8 @@ import signal
 import subprocess
 import sys
 
+import psutil
+
 from swarmllm.local import LocalSwarm
 
 
@@ -16,6 +18,17 @@ def _group_alive(pgid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+def _hivemind_sockets(pid: int) -> set[str]:
+    """The socket files in /tmp that a process and its children listen on for hivemind (p2pd and its clients)."""
+    processes = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+    return {
+        conn.laddr
+        for process in processes
+        for conn in process.net_connections(kind="unix")
+        if conn.laddr.startswith("/tmp/hivemind-")
+    }
 
 
 def test_stopping_a_local_swarm_leaves_no_process_behind(llama_checkpoint):
@@ -32,25 +45,79 @@ def test_stopping_a_local_swarm_leaves_no_process_behind(llama_checkpoint):
         }
         groups = {name: os.getpgid(process.proc.pid) for name, process in processes.items()}
         assert all(_group_alive(pgid) for pgid in groups.values())
+        sockets = {path for process in processes.values() for path in _hivemind_sockets(process.proc.pid)}
+        assert len(sockets) >= 5  # the four p2pds, and the server's own client of its p2pd
     # each stop() waited for its process; its children exit during its cleanup, before it does
     assert {name for name, pgid in groups.items() if _group_alive(pgid)} == set()
     # and the pipes their output came through are closed (they stayed open: 2 fds per replaced server)
     assert [name for name, process in processes.items() if not process.proc.stdout.closed] == []
+    # and their socket files are removed (a server's own client of its p2pd left one behind at every stop)
+    assert [path for path in sockets if os.path.exists(path)] == []
 
 
 def test_children_that_outlive_a_process_of_the_swarm_are_stopped_with_it():
-    """A bootstrap peer killed alone (its pid, not its group: as if it had died without stopping its DHT) leaves
-    its DHT process and p2pd waiting for ever; closing the swarm kills what is left of its group, and its output
-    pipe, which they held open, is closed."""
+    """A bootstrap peer killed alone (its pid, not its group) whose DHT process is frozen (SIGSTOP: it cannot see
+    its owner die and end itself) leaves that process and its p2pd behind; closing the swarm kills what is left of
+    its group, and its output pipe, which they held open, is closed."""
     with LocalSwarm() as local:
         local.start_bootstrap()
         bootstrap = local.bootstrap
         group = os.getpgid(bootstrap.proc.pid)
+        (dht,) = [
+            child for child in psutil.Process(bootstrap.proc.pid).children() if child.name() == "python"
+        ]
+        dht.suspend()
         os.kill(bootstrap.proc.pid, signal.SIGKILL)
         bootstrap.proc.wait(30)
         assert _group_alive(group)  # its children, orphaned
     assert not _group_alive(group)
     assert bootstrap.proc.stdout.closed
+
+
+def test_a_dht_process_ends_with_its_owner_killed_outright():
+    """hivemind's DHT process never saw its owner die (it holds both ends of its pipe): a peer killed by SIGKILL (the
+    OOM killer, a kernel restart) left its DHT process and p2pd running, in the swarm, for ever. Now they end by
+    themselves, without the local swarm's cleanup (which runs only when the swarm is closed)."""
+    with LocalSwarm() as local:
+        local.start_bootstrap()
+        pid = local.bootstrap.proc.pid
+        children = psutil.Process(pid).children(recursive=True)
+        assert {"python", "p2pd"} <= {child.name() for child in children}  # the DHT process and its daemon
+        (daemon_socket,) = _hivemind_sockets(pid)  # (a bootstrap peer holds no client of its p2pd)
+        os.kill(pid, signal.SIGKILL)
+        local.bootstrap.proc.wait(30)
+        _, alive = psutil.wait_procs(children, timeout=30)
+        assert alive == []
+        assert not os.path.exists(daemon_socket)
+
+
+NO_PIDFD = """
+import os, sys, threading
+def no_pidfd(pid, flags=0):
+    raise OSError(38, "Function not implemented")
+os.pidfd_open = no_pidfd
+from swarmllm.dht import start_dht
+from swarmllm.wire.identity import Identity
+dht, _ = start_dht(Identity.generate())
+print(dht.pid, flush=True)
+threading.Event().wait()
+"""
+
+
+def test_without_pidfds_a_dht_process_still_ends_with_its_owner():
+    """On a kernel without pidfds (Linux < 5.3) the DHT process watches its parent's pid instead."""
+    owner = subprocess.Popen([sys.executable, "-c", NO_PIDFD], stdout=subprocess.PIPE, text=True)
+    try:
+        dht = psutil.Process(int(owner.stdout.readline()))
+        children = [dht, *dht.children(recursive=True)]
+        assert len(children) == 2
+        owner.kill()
+        owner.wait(30)
+        _, alive = psutil.wait_procs(children, timeout=30)
+        assert alive == []
+    finally:
+        owner.kill()
+        owner.wait()
 
 
 OWNER = """

@@ -9,9 +9,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import select
 import tempfile
+import threading
+import time
 from collections.abc import Sequence
 from functools import partial
+from typing import NoReturn
 
 import hivemind
 import psutil
@@ -22,6 +26,65 @@ from hivemind.utils.multiaddr import Multiaddr
 from swarmllm.dht.membership import record_validators
 from swarmllm.wire.identity import Identity
 from swarmllm.wire.swarm_key import SwarmKey
+
+
+class OwnedDHT(hivemind.DHT):
+    """A hivemind DHT whose process ends with the process that started it.
+
+    hivemind's DHT process waits on a pipe it holds both ends of, so it never sees its owner die: a server or client
+    killed outright (SIGKILL, the OOM killer, a Jupyter kernel's restart) left its DHT process and that process's
+    libp2p daemon running for ever, still answering in the swarm for a peer that is gone. A thread of the DHT process
+    watches the owner's pidfd (a process, not the thread that forked: `start_dht` runs on an executor's thread) and,
+    once the owner has exited, kills the daemon and exits.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        self._owner_pid = os.getpid()
+        super().__init__(*args, **kwargs)
+
+    def run(self) -> None:
+        _end_with_owner(self._owner_pid)
+        super().run()
+
+
+def _end_with_owner(owner: int, poll_s: float = 1.0) -> None:
+    """Start a thread that kills this process's children and ends it once `owner` (its parent) has exited."""
+    try:
+        pidfd: int | None = os.pidfd_open(owner)
+    except ProcessLookupError:
+        _end_children_and_exit()  # the owner is gone already
+    except OSError:
+        pidfd = None  # no pidfds (Linux < 5.3): poll the parent's pid instead
+    if os.getppid() != owner:  # (a pidfd opened after the owner died names whatever process took its pid)
+        _end_children_and_exit()
+
+    def watch() -> None:
+        if pidfd is None:
+            while os.getppid() == owner:
+                time.sleep(poll_s)
+        else:
+            select.select([pidfd], [], [])
+        _end_children_and_exit()
+
+    threading.Thread(target=watch, name="swarmllm-owner-watch", daemon=True).start()
+
+
+def _end_children_and_exit() -> NoReturn:
+    """Kill this process's children (its p2pd) and exit; remove the socket files p2pd listened on, as hivemind does
+    when it stops p2pd itself."""
+    with contextlib.suppress(psutil.Error):
+        for child in psutil.Process().children(recursive=True):
+            with contextlib.suppress(psutil.Error):
+                sockets = [
+                    arg.removeprefix("-listen=/unix")
+                    for arg in child.cmdline()
+                    if arg.startswith("-listen=/unix/")
+                ]
+                child.kill()
+                for path in sockets:
+                    with contextlib.suppress(OSError):
+                        os.unlink(path)
+    os._exit(1)
 
 
 def start_dht(
@@ -47,7 +110,7 @@ def start_dht(
     identity.save(identity_path)
     announce = [f"/ip4/{announce_host}/tcp/{port}"] if announce_host and port else None
     try:
-        dht = hivemind.DHT(
+        dht = OwnedDHT(
             initial_peers=list(initial_peers),
             start=True,
             client_mode=client_mode,

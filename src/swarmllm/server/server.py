@@ -418,6 +418,7 @@ class Server:
             if metrics_page is not None:
                 await metrics_page.cleanup()
             await self.pool.close()
+            await self.pool.p2p.shutdown()  # (removes its socket file in /tmp, which stayed after every stop)
             self.backend.shutdown()
             logger.info("server %s left the swarm", self.identity.peer_id)
 
