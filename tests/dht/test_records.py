@@ -26,7 +26,7 @@ from swarmllm.dht import (
     start_dht,
     visible_maddrs,
 )
-from swarmllm.dht.records import MODELS_KEY
+from swarmllm.dht.records import MODELS_KEY, _store_records
 from swarmllm.wire import Identity
 
 
@@ -212,3 +212,34 @@ async def test_a_moving_server_announces_its_new_blocks_as_joining_and_stays_onl
     )
     found = await find_servers(client_dht, "moving", 8)
     assert [(s.state, s.start_block, s.end_block) for s in found] == [(ServerState.ONLINE, 4, 6)]
+
+
+async def _store_many(_dht, node, keys: list[str], values: list, subkey: bytes, expiration: float) -> dict:
+    return await node.store_many(keys, values, expiration, subkeys=[subkey] * len(keys))
+
+
+async def test_a_record_a_peer_holds_already_is_stored_again_a_little_later(peers):
+    """A peer refuses to store a record it already holds, and hivemind answers a store with the last replica's
+    word: a copy of a server's record, handed by a peer that stored it to another nearest peer of its key before
+    the server's own store reached that one, made servers starting beside each other log "announcing online to
+    the DHT failed" in a public swarm. The keys refused are stored again, a millisecond later, which every peer
+    takes; here every peer holds the record already (the same record, sent again)."""
+    (server_id, server_dht, tag), (_, client_dht, _), _ = peers
+    info, expiration = info_for(server_id.peer_id, 0, 2).to_record(), get_dht_time() + 60
+    store = partial(
+        _store_records,
+        dht_prefix="twice",
+        blocks=[0, 1],
+        subkey=tag,
+        info=info,
+        model=MODEL.to_record(),
+        expiration=expiration,
+    )
+    assert await server_dht.run_coroutine(store, return_future=True)
+    keys = [block_key("twice", 0), block_key("twice", 1), MODELS_KEY]
+    values = [info, info, MODEL.to_record()]
+    again = partial(_store_many, keys=keys, values=values, subkey=tag, expiration=expiration)
+    assert not any((await server_dht.run_coroutine(again, return_future=True)).values())  # what hivemind says
+    assert await server_dht.run_coroutine(store, return_future=True)
+    found = await find_servers(client_dht, "twice", 2)
+    assert [(s.peer_id, s.start_block, s.end_block) for s in found] == [(server_id.peer_id, 0, 2)]

@@ -43,6 +43,9 @@ def owner_peer_id(subkey: Any) -> str | None:
         return None
 
 
+STORE_TRIES = 3  # stores of the keys refused (see `_store_records`)
+
+
 # Calls into the DHT's process carry a prefix and block numbers, never lists of keys: hivemind reads its pipe
 # without blocking, and a message longer than the pipe holds (64 KiB; over 16 KiB, multiprocessing writes it in two)
 # can be read before its end is there. That jams the DHT process for good: after a look-up of 4,096 blocks, or of
@@ -51,10 +54,23 @@ def owner_peer_id(subkey: Any) -> str | None:
 async def _store_records(
     _dht: hivemind.DHT, node: hivemind.DHTNode, dht_prefix: str, blocks, subkey, info, model, expiration
 ) -> bool:
+    """Whether the last peer each record reached stored it. A peer refuses a record that expires no later than
+    the one it holds under that subkey, and hivemind answers a store with the last replica's word. A peer that
+    stored ours hands a copy to the key's other nearest peers as it meets them, and the copy may reach one before
+    our own store does: refused, though the record is there (servers starting beside each other logged
+    "announcing online to the DHT failed" in a public swarm). Only this peer's key signs under its subkey, so the
+    keys refused are stored again, expiring a millisecond later, which a copy does not block; a refusal for any
+    other cause (a private swarm's outsider) is the same each time."""
     keys = [block_key(dht_prefix, b) for b in blocks] + [MODELS_KEY]
     values = [info] * len(blocks) + [model]
-    results = await node.store_many(keys, values, expiration, subkeys=[subkey] * len(keys))
-    return all(results.values())
+    for _ in range(STORE_TRIES):
+        results = await node.store_many(keys, values, expiration, subkeys=[subkey] * len(keys))
+        refused = [i for i, key in enumerate(keys) if not results[key, subkey]]
+        if not refused:
+            return True
+        keys, values = [keys[i] for i in refused], [values[i] for i in refused]
+        expiration += 1e-3  # (newer than what a peer holds: it replaces the copy)
+    return False
 
 
 async def _get_records(
