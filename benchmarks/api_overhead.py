@@ -42,7 +42,9 @@ def main() -> None:
         options = {"model": "smollm2", "prompt": PROMPT, "max_tokens": args.tokens, "temperature": 0}
 
         def direct() -> tuple[str, int]:
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.tokens, do_sample=False)
+            out = model.generate(
+                ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.tokens, do_sample=False
+            )
             new = out[0, ids.shape[1] :]
             return tokenizer.decode(new, skip_special_tokens=True), len(new)
 
@@ -51,7 +53,9 @@ def main() -> None:
             return reply.choices[0].text, reply.usage.completion_tokens
 
         def streamed() -> tuple[str, int]:
-            chunks = list(client.completions.create(**options, stream=True, stream_options={"include_usage": True}))
+            chunks = list(
+                client.completions.create(**options, stream=True, stream_options={"include_usage": True})
+            )
             return "".join(c.choices[0].text for c in chunks if c.choices), chunks[-1].usage.completion_tokens
 
         host = ollama.Client(host=base.removesuffix("/v1"), timeout=600)
@@ -93,7 +97,14 @@ def main() -> None:
     rows = []
     for name in ways:
         per_token = statistics.median(seconds[name]) / tokens
-        rows.append([name, f"{per_token * 1e3:.2f}", f"{(per_token - base_s) * 1e3:+.2f}", f"{per_token / base_s:.2f}"])
+        rows.append(
+            [
+                name,
+                f"{per_token * 1e3:.2f}",
+                f"{(per_token - base_s) * 1e3:+.2f}",
+                f"{per_token / base_s:.2f}",
+            ]
+        )
     table = markdown_table(["way", "ms/token", "overhead ms/token", "ratio to generate()"], rows)
     print(table)
     if not args.no_record:

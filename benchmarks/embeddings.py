@@ -54,7 +54,9 @@ def main() -> None:
         # the API's own batching and pooling (api/embeddings.py), over transformers in this process
         in_process = SimpleNamespace(
             config=local.config,
-            hidden_states=lambda input_ids, mask: local(input_ids=input_ids, attention_mask=mask).last_hidden_state,
+            hidden_states=lambda input_ids, mask: (
+                local(input_ids=input_ids, attention_mask=mask).last_hidden_state
+            ),
         )
 
         def local_batched() -> torch.Tensor:
@@ -65,7 +67,9 @@ def main() -> None:
             return torch.tensor([d.embedding for d in reply.data])
 
         def api_alone() -> torch.Tensor:
-            return torch.tensor([client.embeddings.create(model="smollm2", input=t).data[0].embedding for t in texts])
+            return torch.tensor(
+                [client.embeddings.create(model="smollm2", input=t).data[0].embedding for t in texts]
+            )
 
         def ollama_batched() -> torch.Tensor:
             return torch.tensor(host.embed(model="smollm2", input=texts).embeddings)
@@ -94,9 +98,18 @@ def main() -> None:
         spent = statistics.median(seconds[name])
         error = float((vectors[name] - reference).abs().max())
         assert error < 1e-4, (name, error)
-        rows.append([name, f"{len(texts) / spent:.1f}", f"{tokens / spent:.0f}", f"{error:.1e}", f"{base_s / spent:.2f}"])
+        rows.append(
+            [
+                name,
+                f"{len(texts) / spent:.1f}",
+                f"{tokens / spent:.0f}",
+                f"{error:.1e}",
+                f"{base_s / spent:.2f}",
+            ]
+        )
     table = markdown_table(
-        ["way", "texts/s", "tokens/s", "max error vs transformers alone", "speed vs transformers batched"], rows
+        ["way", "texts/s", "tokens/s", "max error vs transformers alone", "speed vs transformers batched"],
+        rows,
     )
     print(table)
     if not args.no_record:

@@ -246,9 +246,7 @@ def bench(name: str, network: str, args: argparse.Namespace, local, petals) -> l
         for face in args.faces:
             if face == "api":
                 folder = Path(stack.enter_context(tempfile.TemporaryDirectory()))
-                clients = ApiClients(
-                    swarm, path, folder, local.config.vocab_size, args.device, args.dtype
-                )
+                clients = ApiClients(swarm, path, folder, local.config.vocab_size, args.device, args.dtype)
             else:
                 clients = Clients(max(args.clients), path, swarm.initial_peers, args.device, args.dtype)
             try:

@@ -107,7 +107,8 @@ def test_compose_services_run_as_plain_processes(tmp_path):
                 break
             assert time.monotonic() < deadline, state
             time.sleep(0.2)  # the poll interval of a condition with a deadline
-        assert sorted(row["public_name"] for row in state["servers"]) == ["server1", "server2"], state["servers"]
+        names = sorted(row["public_name"] for row in state["servers"])
+        assert names == ["server1", "server2"], state["servers"]
         assert {r["peer_id"] for r in records} == {row["peer_id"] for row in state["servers"]}
 
         body = {"model": "tiny", "prompt": "the cat", "max_tokens": 8, "temperature": 0}

@@ -218,7 +218,9 @@ def test_requests_only_tunable_servers_take_fail_at_once_where_only_a_tp_server_
             adapted(x, labels=x).loss.backward()
         assert time.monotonic() - began < 30
         with torch.no_grad():  # the same trained prompts, deep ones not zero
-            deep.ptune.deep.copy_(torch.randn(deep.ptune.deep.shape, generator=torch.Generator().manual_seed(9)))
+            deep.ptune.deep.copy_(
+                torch.randn(deep.ptune.deep.shape, generator=torch.Generator().manual_seed(9))
+            )
             plain.ptune.load_state_dict(deep.ptune.state_dict())
         deep.swarm.use_servers([kinds["tp2"], kinds["plain"]])
         ours = deep.generate(PROMPT, max_new_tokens=4)

@@ -93,7 +93,9 @@ def generate(remote, ids, compression=None, streamer=None):
         return out, active.session.hops, active.session.pushed_hops
 
 
-def test_cuts_inside_the_ladder_region_carry_the_pair_and_generate_the_local_tokens(paths, cut_swarm, reference):
+def test_cuts_inside_the_ladder_region_carry_the_pair_and_generate_the_local_tokens(
+    paths, cut_swarm, reference
+):
     """Push on and off, compressed activations, spot checks of every hop, batch forward hop by hop and pipelined:
     the tokens are the local ladder model's, the logits within float tolerance, and the standard server under the
     same name is never used."""
@@ -145,7 +147,9 @@ def test_a_server_refuses_p_where_its_checkpoint_has_none_and_the_reverse_and_se
         ]:
             with pytest.raises(RemoteError, match=match):
                 run_sync(conn.call("forward", request.to_message()))
-        reply = ForwardReply.parse(run_sync(conn.call("forward", ForwardRequest(2, 4, r, pending=r).to_message())))
+        reply = ForwardReply.parse(
+            run_sync(conn.call("forward", ForwardRequest(2, 4, r, pending=r).to_message()))
+        )
         assert reply.hidden.shape == reply.pending.shape == r.shape  # boundary 4 carries the pair too
         first = next(s for s in servers if (s.start_block, s.end_block) == (0, 2))
         conn = run_sync(remote.swarm.connection(first.peer_id))

@@ -204,7 +204,8 @@ def test_a_new_session_finding_the_cache_full_of_other_clients_sessions_waits_fo
             for conn, _ in others:
                 run_sync(conn.close())
         assert torch.equal(out, expected)
-        assert 1 <= refusals(metrics, "cache_full") <= 2  # (twice only if the box stalled past the query's 2 s)
+        # (twice only if the box stalled past the query's 2 s)
+        assert 1 <= refusals(metrics, "cache_full") <= 2
         assert model.swarm.bans._strikes == {} and not model.swarm.failovers
 
 

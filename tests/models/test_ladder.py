@@ -161,7 +161,9 @@ def test_merged_decode_of_several_sessions_equals_their_own_decode(ladder_checkp
             cache, slot = caches[row][n], torch.tensor([length])
             keys, values = cache.keys[:, :, :, : length + 1], cache.values[:, :, :, : length + 1]
             mine = None if p is None else p[row : row + 1]
-            out_r, out_p = span.decode_pair(r[row : row + 1], mine, positions[row : row + 1], slot, keys, values)
+            out_r, out_p = span.decode_pair(
+                r[row : row + 1], mine, positions[row : row + 1], slot, keys, values
+            )
             want_r.append(out_r)
             want_p.append(out_p)
         segments = [

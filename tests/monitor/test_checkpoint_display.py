@@ -40,7 +40,9 @@ async def test_many_small_fake_models_do_not_hide_the_real_one_for_good(llama_ch
             assert await announce(honest_dht, honest_tag, "real", info, real, 60)
             fakes = [ModelInfo(dht_prefix=f"fake{i:03d}", num_blocks=FAKE_BLOCKS) for i in range(FAKE_MODELS)]
             owners = [Identity.generate() for _ in fakes]  # a peer stores one registry entry per owner
-            stored = store_as(owners, [f.to_record() for f in fakes], MODELS_KEY, via=hostile_dht, at=honest_dht)
+            stored = store_as(
+                owners, [f.to_record() for f in fakes], MODELS_KEY, via=hostile_dht, at=honest_dht
+            )
             assert all(stored)
 
             directory = Directory(visible_maddrs(honest_dht), connect_timeout_s=1.0)

@@ -31,7 +31,9 @@ LADDER = (1, 5)  # of 6 layers: boundaries 2, 3 and 4 carry (r, p)
 @pytest.fixture(scope="module")
 def span(tmp_path_factory):
     root = tmp_path_factory.mktemp("ladder-handler")
-    path = convert_to_ladder(make_tiny_checkpoint(root / "source", "llama", num_layers=6), root / "ladder", *LADDER)
+    path = convert_to_ladder(
+        make_tiny_checkpoint(root / "source", "llama", num_layers=6), root / "ladder", *LADDER
+    )
     return load_span(str(path), 0, 6)
 
 
@@ -54,7 +56,9 @@ def local(span, r, p, blocks):
 
 
 async def forward(conn, start, end, r, p=None):
-    reply = ForwardReply.parse(await conn.call("forward", ForwardRequest(start, end, r, pending=p).to_message()))
+    reply = ForwardReply.parse(
+        await conn.call("forward", ForwardRequest(start, end, r, pending=p).to_message())
+    )
     return reply.hidden, reply.pending
 
 
@@ -100,7 +104,10 @@ async def test_session_steps_take_and_return_the_pair_and_merge_their_decode_ste
     generator = torch.Generator().manual_seed(1)
     length = 6
     inputs = [
-        (torch.randn(1, length, HIDDEN, generator=generator), torch.randn(1, length, HIDDEN, generator=generator))
+        (
+            torch.randn(1, length, HIDDEN, generator=generator),
+            torch.randn(1, length, HIDDEN, generator=generator),
+        )
         for _ in range(2)
     ]
 

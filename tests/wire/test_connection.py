@@ -331,7 +331,8 @@ async def test_a_watcher_sees_what_a_stream_receives_while_it_is_received_as_usu
         seen.clear()
         live.watch(seen.append)
         await live.send(Message({"step": 0}, [torch.ones(1)]))
-        assert (await live.recv(timeout=BOUND)).meta == {"step": 0} and [m.meta for m in seen] == [{"step": 0}]
+        assert (await live.recv(timeout=BOUND)).meta == {"step": 0}
+        assert [m.meta for m in seen] == [{"step": 0}]
         live.watch(None)
         await live.send(Message({"step": 1}, [torch.ones(1)]))
         assert (await live.recv(timeout=BOUND)).meta == {"step": 1} and len(seen) == 1
@@ -444,7 +445,9 @@ async def test_open_calls_per_connection_are_limited(probe, server_identity, cli
         await server.stop()
 
 
-async def test_a_call_refused_at_its_header_never_reaches_its_handler(probe, server_identity, client_identity):
+async def test_a_call_refused_at_its_header_never_reaches_its_handler(
+    probe, server_identity, client_identity
+):
     """`Handlers.admit` refuses calls before their payload is read: the caller gets the refusal's code, the
     handler never runs, notices are not asked about, and the connection goes on with the next call."""
     handlers = make_handlers(probe)

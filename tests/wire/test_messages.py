@@ -54,7 +54,11 @@ def test_ladder_pairs_round_trip_and_standard_layouts_stay_positional():
     r, p, mask = torch.randn(2, 3, 8), torch.randn(2, 3, 8), torch.ones(2, 3, dtype=torch.bool)
     step = Step(4, r, mask, step=2, push=[PushTarget("QmNext", "t" * 20)], pending=p)
     parsed = parse_session_input(through_the_wire(step.to_message()))
-    assert torch.equal(parsed.hidden, r) and torch.equal(parsed.pending, p) and torch.equal(parsed.key_mask, mask)
+    assert (
+        torch.equal(parsed.hidden, r)
+        and torch.equal(parsed.pending, p)
+        and torch.equal(parsed.key_mask, mask)
+    )
     assert Step(4, r, mask).to_message().meta.get("tensors") is None
     assert parse_session_input(through_the_wire(Step(4, r).to_message())).pending is None
 
@@ -73,15 +77,23 @@ def test_ladder_pairs_round_trip_and_standard_layouts_stay_positional():
     backward = BackwardRequest.parse(
         through_the_wire(BackwardRequest(2, 4, r, g, pending=p, grad_pending=gp).to_message())
     )
-    assert all(torch.equal(a, b) for a, b in ((backward.hidden, r), (backward.grad, g), (backward.pending, p)))
+    assert all(
+        torch.equal(a, b) for a, b in ((backward.hidden, r), (backward.grad, g), (backward.pending, p))
+    )
     assert torch.equal(backward.grad_pending, gp)
     grads = BackwardReply.parse(through_the_wire(BackwardReply(g, grad_pending=gp).to_message()))
-    assert torch.equal(grads.grad_hidden, g) and torch.equal(grads.grad_pending, gp) and grads.grad_prompts is None
+    assert (
+        torch.equal(grads.grad_hidden, g)
+        and torch.equal(grads.grad_pending, gp)
+        and grads.grad_prompts is None
+    )
 
 
 def test_pending_scales_without_pending_are_refused():
     scales = torch.ones(1, 3, 1, dtype=torch.bfloat16)
-    message = Message({"position": 0, "tensors": ["hidden", "pending_scales"]}, [torch.randn(1, 3, 8), scales])
+    message = Message(
+        {"position": 0, "tensors": ["hidden", "pending_scales"]}, [torch.randn(1, 3, 8), scales]
+    )
     with pytest.raises(RequestError, match="pending_scales without pending"):
         parse_session_input(message)
 

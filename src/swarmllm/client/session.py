@@ -220,7 +220,8 @@ class InferenceSession:
         self._steps += 1
         self.reorders += rows is not None
         timings, pushed, began, i = [], False, time.perf_counter(), 0
-        pending: torch.Tensor | None = None  # p beside `hidden` where the hop's first boundary carries the pair
+        # p beside `hidden` where the hop's first boundary carries the pair
+        pending: torch.Tensor | None = None
         inputs: list[State] = []  # each hop's input of this step
         checks: list[tuple[HopSession, asyncio.Future[SpotCheck]]] = []
         try:
@@ -284,7 +285,8 @@ class InferenceSession:
                         timeout = deadline + (fallback is not None) * self.swarm.push_timeout_s
                         first = not hop.answered
                         reply = await hop.recv(self._steps, hidden, timeout, position)
-                        if first:  # its server took the session (an opening is known taken by its first answer)
+                        # its server took the session (an opening is known taken by its first answer)
+                        if first:
                             self._shed.done(hop.hop)
                     except HOP_FAILURES as e:
                         # (a hop given up meanwhile, `give_up`, is no fault of its server)

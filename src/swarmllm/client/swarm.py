@@ -428,7 +428,8 @@ class SwarmClient:
         )
         self.spot_rng = random.Random(spot_check_seed)  # which steps are checked, and by whom
         self.spot_checks: deque[SpotCheck] = deque(maxlen=SPOT_CHECKS_KEPT)  # the latest checks, oldest first
-        self.reports: deque[SpotCheck] = deque(maxlen=FAILOVERS_KEPT)  # the latest checks that found wrong outputs
+        # the latest checks that found wrong outputs
+        self.reports: deque[SpotCheck] = deque(maxlen=FAILOVERS_KEPT)
         self.speeds = Speeds()  # measured speed of each server, which caps its announced one in routing
         self._servers: dict[str, ServerInfo] = {}
         # servers under this model name that serve another checkpoint (other ladder layers or another model's
@@ -465,7 +466,8 @@ class SwarmClient:
         if self.dht is not None and not self._fixed and (refresh or stale):
             if self._lookup is None or self._lookup.done():
                 self._lookup = asyncio.ensure_future(self._look_up())
-                self._lookup.add_done_callback(lambda f: f.cancelled() or f.exception())  # (read by its waiters)
+                # (read by its waiters)
+                self._lookup.add_done_callback(lambda f: f.cancelled() or f.exception())
             if patience_s is not None and self._servers:
                 await asyncio.wait([self._lookup], timeout=patience_s)
                 if not self._lookup.done():
@@ -732,7 +734,9 @@ class SwarmClient:
         # its states there and back, float32 at most (and the ladder pair's p beside r where an edge carries it)
         states = 2 + self.carries_pending(hop.start) + self.carries_pending(hop.end)
         transfer = states * tokens * (self.hidden_size or 0) * 4
-        deadline = step_deadline_s(tokens, hop.end - hop.start, rate, floor_s=floor_s, transfer_bytes=transfer)
+        deadline = step_deadline_s(
+            tokens, hop.end - hop.start, rate, floor_s=floor_s, transfer_bytes=transfer
+        )
         return min(deadline, self.request_timeout_s)
 
     async def forward(
@@ -754,7 +758,9 @@ class SwarmClient:
         failure: BaseException | None = None
         while True:
             hops = await self.route(
-                lambda s: route_forward(s, self.num_blocks, self.rng), failure=failure, tuned=tuning.needs_tunable
+                lambda s: route_forward(s, self.num_blocks, self.rng),
+                failure=failure,
+                tuned=tuning.needs_tunable,
             )
             chunk = max(1, self._chunk_tokens(hops) // batch)
             if length <= chunk:

@@ -250,7 +250,8 @@ class RequestHandler:
         )
         self._pushes: set[asyncio.Task] = set()  # pushes waiting for a connection (a reply does not wait)
         self._push_connections: dict[str, Connection] = {}  # the next servers pushed to, by peer id
-        self._early: dict[str, list[_EarlyPush]] = {}  # pushes that came before their session, by its secret id
+        # pushes that came before their session, by its secret id
+        self._early: dict[str, list[_EarlyPush]] = {}
 
     def handlers(self) -> Handlers:
         """The RPCs, each capped at the largest payload it can validly carry, so a peer's declared size costs
@@ -601,7 +602,8 @@ class RequestHandler:
                         elif pushed and item.step <= last_step:
                             continue  # a push that arrived after the client had already sent this step itself
                         if not pushed and item.step == last_pushed:
-                            continue  # the client sent a step whose push had landed (it took the push as failed)
+                            # the client sent a step whose push had landed (it took the push as failed)
+                            continue
                         if pushed and (
                             item.whole is None or item.position + item.hidden.shape[1] == item.whole[1]
                         ):

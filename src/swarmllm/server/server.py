@@ -136,7 +136,8 @@ class ServerConfig:
     # compiled step runs on a CPU
     aot_step: bool | None = None
     cuda_graphs: bool = True  # on CUDA, replay captured graphs of the decode step
-    packed_weights: bool = True  # on a CPU, large projections as panels or for oneDNN (models.packed; not --compile)
+    # on a CPU, large projections as panels or for oneDNN (models.packed; not --compile)
+    packed_weights: bool = True
     batch_wait_s: float = 0.01  # the most a decode step waits for others to merge with (server/batching.py)
     # slots of a row of the shared cache arena (server/arena.py), 0 for none; None: 1024 where steps replay CUDA
     # graphs, else none
@@ -144,7 +145,8 @@ class ServerConfig:
     # a prefill over more tokens runs as chunks on the compute thread, other peers' work between them; 0: in one
     # piece; None: the backend's PREFILL_CHUNK_TOKENS
     prefill_chunk_tokens: int | None = None
-    tp: int = 1  # processes (devices) the span runs across, tensor-parallel (server/tp_backend.py); needs blocks
+    # processes (devices) the span runs across, tensor-parallel (server/tp_backend.py); needs blocks
+    tp: int = 1
     # with --tp, a call on the ranks past this plus 10x its expected time means a rank froze (server/tp.py)
     tp_step_timeout_s: float = STEP_TIMEOUT_S
     throughput: float | None = None  # announced decode steps/s per block instead of measuring
@@ -272,7 +274,9 @@ class Server:
             except ValueError as e:
                 raise ServeConfigError(f"--adapters {e}") from None
         if len(self.dht_prefix) > MAX_PREFIX_CHARS:
-            raise ServeConfigError(f"--dht-prefix: at most {MAX_PREFIX_CHARS} characters, not {len(self.dht_prefix)}")
+            raise ServeConfigError(
+                f"--dht-prefix: at most {MAX_PREFIX_CHARS} characters, not {len(self.dht_prefix)}"
+            )
         self.model_info = ModelInfo(
             dht_prefix=self.dht_prefix, num_blocks=block_config.num_layers, repository=cfg.model
         )
@@ -472,7 +476,13 @@ class Server:
                 step_timeout_s=cfg.tp_step_timeout_s,
             )
         return load_span(
-            cfg.model, start, end, dtype=DTYPES[cfg.dtype], device=cfg.device, quant=cfg.quant, pack=self._pack
+            cfg.model,
+            start,
+            end,
+            dtype=DTYPES[cfg.dtype],
+            device=cfg.device,
+            quant=cfg.quant,
+            pack=self._pack,
         )
 
     @property
@@ -505,7 +515,9 @@ class Server:
             logger.info("decode steps run %s; weights %s", backend.decoder.mode, backend.weights_layout)
             if backend.arena is not None:
                 arena, began = backend.arena, time.perf_counter()
-                logger.info("cache arena: %d rows of %d slots (sessions up to that long)", arena.rows, arena.length)
+                logger.info(
+                    "cache arena: %d rows of %d slots (sessions up to that long)", arena.rows, arena.length
+                )
                 captured = await backend.on_compute_thread(backend.decoder.capture_rows)
                 if captured:
                     logger.info("captured %d decode graphs in %.1f s", captured, time.perf_counter() - began)

@@ -124,7 +124,8 @@ class TensorParallelSpan:
         self.local_config = local_config(self.config, world)
         self._caches: dict[int, KVCache] = {}
         self._next_cache = 0
-        self._unallocated: dict[int, dict[str, int]] = {}  # caches opened, to be allocated with their first use
+        # caches opened, to be allocated with their first use
+        self._unallocated: dict[int, dict[str, int]] = {}
         threading.Thread(target=self._watch, name="swarmllm-tp-watchdog", daemon=True).start()
         logger.info("span [%d, %d) sharded over %d ranks (%s)", start, end, world, backend)
 

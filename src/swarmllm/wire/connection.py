@@ -446,7 +446,8 @@ class Connection:
         except Exception:
             notices.pop(call_id, None)
             if told:
-                return  # while it waited to be sent, its failure (the connection's loss) went to on_error: once
+                # while it waited to be sent, its failure (the connection's loss) went to on_error: once
+                return
             raise
         except BaseException:
             notices.pop(call_id, None)
@@ -779,7 +780,9 @@ async def serve_connection(
                 _report_failure(out, call_id, context, e)
             else:
                 if later is not None:
-                    calls[call_id] = _ServerCall(asyncio.ensure_future(run_notice(call_id, later, context)), None, 0)
+                    calls[call_id] = _ServerCall(
+                        asyncio.ensure_future(run_notice(call_id, later, context)), None, 0
+                    )
         elif method in handlers.unary:
             task = asyncio.create_task(run_unary(call_id, handlers.unary[method], frame.message, context))
             calls[call_id] = _ServerCall(task, None, 0)
