@@ -459,9 +459,10 @@ class Server:
         finally:
             task.cancel()
 
-    def _load(self, start: int, end: int) -> BlockSpan | TensorParallelSpan:
+    def _load(self, start: int, end: int, reuse: BlockSpan | None = None) -> BlockSpan | TensorParallelSpan:
         """Blocks [start, end) in this process, or sharded over `tp` processes (each with its share of the
-        host's cores, unless --num-threads says otherwise)."""
+        host's cores, unless --num-threads says otherwise); a moving server's blocks reuse those of its old span
+        (`reuse`) that it keeps."""
         cfg = self.config
         if cfg.tp > 1:
             threads = cfg.num_threads or max(1, host_cores() // cfg.tp)
@@ -481,6 +482,7 @@ class Server:
             end,
             dtype=DTYPES[cfg.dtype],
             device=cfg.device,
+            reuse=reuse,
             quant=cfg.quant,
             pack=self._pack,
         )
@@ -590,16 +592,7 @@ class Server:
         new_blocks = [b for b in range(start, end) if not old_start <= b < old_end]
         load = asyncio.get_running_loop().run_in_executor(
             None,
-            lambda: load_span(
-                cfg.model,
-                start,
-                end,
-                dtype=DTYPES[cfg.dtype],
-                device=cfg.device,
-                reuse=old_backend.span,
-                quant=cfg.quant,
-                pack=self._pack,
-            ),
+            lambda: self._load(start, end, reuse=old_backend.span),
         )
         # the joining records go out while the blocks load (a store may wait seconds on a slow DHT peer)
         joining_records = self._announce(joining, blocks=new_blocks)
