@@ -340,6 +340,50 @@ async def test_a_push_whose_connection_ends_is_reported(span, llama_checkpoint):
         await second.stop()
 
 
+async def test_a_push_of_a_session_that_has_ended_is_not_reported(span, llama_checkpoint, caplog):
+    """A leaving server closes its connections after it has handed its sessions back: the last push of each
+    session counts as unknown then, but no client waits for it any more (it logged "push to ... failed;
+    telling the client to send it" once per kept session at every stop)."""
+    first_id, second_id, client_id = (Identity.generate() for _ in range(3))
+    second = DirectServer(
+        RequestHandler(Backend(load_span(str(llama_checkpoint), 2, 4), cache_tokens=64), dict).handlers(),
+        second_id,
+    )
+    await second.start()
+    made = []
+
+    async def connect(peer_id: str):
+        made.append(await connect_direct(*second.address, first_id, expected_peer_id=peer_id))
+        return made[-1]
+
+    handler = RequestHandler(Backend(span, cache_tokens=64), dict, connect=connect)
+    first = DirectServer(handler.handlers(), first_id)
+    await first.start()
+    try:
+        to_first = await connect_direct(*first.address, client_id, expected_peer_id=None)
+        to_second = await connect_direct(*second.address, client_id, expected_peer_id=None)
+        s1 = await to_first.open_stream("inference", OpenSession(0, 2, 1, 8).to_message())
+        s2 = await to_second.open_stream(
+            "inference", OpenSession(2, 4, 1, 8, "c" * 24, accept_push_from=first_id.peer_id).to_message()
+        )
+        chain = [PushTarget(second_id.peer_id, "c" * 24)]
+        await s1.send(Step(0, torch.randn(1, 1, HIDDEN), step=1, push=chain).to_message())
+        assert (await s1.recv(timeout=10)).meta["pushed"] is True
+        assert (await s2.recv(timeout=10)).meta["step"] == 1
+        await s1.close()
+        await handler.sessions_closed(None, 10)
+        assert not handler._open
+        with caplog.at_level("INFO", logger="swarmllm.server.handler"):
+            (pushes,) = made
+            await pushes.close()  # what the leaving server's pool does; the callbacks run before it returns
+        assert "push to" not in caplog.text
+        await to_first.close()
+        await to_second.close()
+    finally:
+        await first.stop()
+        await second.stop()
+
+
 async def test_the_reply_does_not_wait_for_the_push(span):
     """Connecting to the next server is not on the chain's critical path: the reply leaves while the push is
     still under way, and the push's failure follows as a notice."""

@@ -889,7 +889,11 @@ class RequestHandler:
             self._push_failed(session, step.step, peer_id, e)
 
     def _push_failed(self, session: _SessionInbox, step: int, peer_id: str, error: BaseException) -> None:
-        """Tell the client, after the step's reply, that it must send this step's input to the next hop itself."""
+        """Tell the client, after the step's reply, that it must send this step's input to the next hop itself
+        (while its session is open: a connection closed after the sessions whose last pushes it carried, as a
+        leaving server's are, leaves no one to tell)."""
+        if session.inbox not in self._open:
+            return
         logger.info("push to %s failed (%r); telling the client to send it", peer_id, error)
         try:
             session.inbox.put_nowait(_PushFailed(PushFailed(step, repr(error)).to_message().meta))
