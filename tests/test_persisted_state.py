@@ -142,3 +142,29 @@ def test_a_peers_file_that_is_a_folder_is_a_clear_error(tmp_path, capsys):
     assert str(folder) in one_line_error(capsys, "monitor")
     assert main(["dht", "--peers-file", str(folder)]) == 1
     assert str(folder) in one_line_error(capsys, "dht")
+
+
+def test_a_second_server_with_a_running_servers_identity_is_refused_and_a_restart_is_not(
+    tmp_path, llama_checkpoint
+):
+    """Two servers under one --identity (the same file started twice, or copied to another machine) would
+    overwrite each other's records: the second is refused with one line, while the first runs. Once the first
+    is gone (killed: its records still say online), the same identity starts again: a record of ours that no
+    server answers for is our own, from before the restart."""
+    from swarmllm.local import LocalSwarm, ProcessFailed
+
+    key = tmp_path / "server.key"
+    identity = ["--identity", str(key)]
+    with LocalSwarm() as local:
+        local.start_bootstrap()
+        first = local.add_server(str(llama_checkpoint), (0, 4), extra=identity)
+        with pytest.raises(ProcessFailed) as refused:
+            local.add_server(str(llama_checkpoint), (0, 4), extra=identity)
+        assert "exited with 1" in str(refused.value)
+        assert (
+            f"another server is running with this identity ({first['peer_id']}, at {first['direct']})"
+            in str(refused.value)
+        )
+        local.servers[0].kill()
+        again = local.add_server(str(llama_checkpoint), None, extra=identity)
+        assert again["peer_id"] == first["peer_id"]

@@ -26,7 +26,7 @@ def run_bootstrap(
         initial_peers=initial_peers,
         host=host,
         port=port,
-        fresh_identity=identity_path is None,
+        check_identity_free=identity_path is not None,
         swarm_key=load_swarm_key(swarm_key_path),
     )
     stop = threading.Event()

@@ -95,12 +95,14 @@ def start_dht(
     host: str = "127.0.0.1",
     port: int = 0,
     announce_host: str | None = None,
-    fresh_identity: bool = True,
+    check_identity_free: bool = False,
     swarm_key: SwarmKey | None = None,
 ) -> tuple[hivemind.DHT, bytes]:
     """A running DHT peer and its owner tag (the subkey under which it announces).
 
-    `fresh_identity` skips hivemind's check that no other peer uses the key (a just-generated key can't be).
+    `check_identity_free` runs hivemind's check that no other peer uses the key (it starts a second p2pd; a
+    just-generated key can't be; a server checks by the announcements under its id instead,
+    `Server._check_identity_free`).
     With `swarm_key`, the peer stores and reads only records sealed with it (`membership.py`).
     """
     signer = RSASignatureValidator(identity.private_key)
@@ -118,7 +120,7 @@ def start_dht(
             identity_path=identity_path,
             host_maddrs=[f"/ip4/{host}/tcp/{port}"],
             announce_maddrs=announce,
-            check_if_identity_free=not fresh_identity,
+            check_if_identity_free=check_identity_free,
         )
     finally:
         os.unlink(identity_path)

@@ -76,6 +76,7 @@ from swarmllm.wire import (
     Message,
     WireError,
     WireLimits,
+    connect_direct,
     load_swarm_key,
     serve_libp2p,
 )
@@ -90,6 +91,7 @@ WATCH_S = 1.0  # how often the server looks for broken connections to its peers 
 UNSETTLED_CHECK_S = 2.0  # while a move is due (by us or another server), check again this soon
 MAX_MOVE_BACKOFF_S = 600.0  # a move that keeps failing (out of memory, ...) is tried at most this rarely
 LEAVE_ANNOUNCE_TIMEOUT_S = 5.0  # on leaving, the most the offline announcement may take
+IDENTITY_CHECK_S = 3.0  # at start, the wait for a server announced under our identity to prove it is running
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -289,7 +291,6 @@ class Server:
                 host=cfg.host,
                 port=cfg.port,
                 announce_host=cfg.announce_host,
-                fresh_identity=cfg.identity_path is None,
                 swarm_key=self.swarm_key,
             ),
         )
@@ -300,6 +301,8 @@ class Server:
 
     async def _serve(self, block_config: BlockConfig) -> None:
         cfg = self.config
+        if cfg.identity_path is not None:  # (a fresh identity is nobody else's)
+            await self._check_identity_free()
         start, end = await self._choose_span(block_config)
         self.start, self.end = start, end
         await self._announce()
@@ -703,6 +706,48 @@ class Server:
         dtype = cfg.dtype if cfg.quant == "none" else f"{cfg.dtype}+{cfg.quant}"
         return dtype if cfg.tp == 1 or not tp else f"{dtype}+tp{cfg.tp}"
 
+    async def _check_identity_free(self) -> None:
+        """Refuse to start where a running server proves our identity (the same --identity file started twice,
+        or copied to another machine): two servers under one peer id overwrite each other's records, and the swarm
+        sees one of them at a time. hivemind's own check asks libp2p's peer routing, which finds no peer of a swarm
+        like ours. A record of ours that no server answers for is this server's own, from before a restart."""
+        _, servers = await self._views_at_start("check that no other server runs with this identity")
+        me = self.identity.peer_id
+        for addr in (
+            a for s in servers if s.peer_id == me and s.state != ServerState.OFFLINE for a in s.direct_addrs
+        ):
+            host, _, port = addr.rpartition(":")
+            try:
+                conn = await connect_direct(
+                    host,
+                    int(port),
+                    self.identity,
+                    expected_peer_id=me,
+                    limits=self.config.wire,
+                    timeout=IDENTITY_CHECK_S,
+                    swarm_key=self.swarm_key,
+                )
+            except (TimeoutError, WireError, OSError):
+                continue
+            await conn.close()
+            raise ServeStartError(
+                f"another server is running with this identity ({me}, at {addr}): stop it, or give this one an "
+                "--identity of its own"
+            )
+
+    async def _views_at_start(self, doing: str) -> tuple[list[ServerInfo], list[ServerInfo]]:
+        """`_find_server_views`, where a DHT that fails it stops the start with one line saying what it was
+        `doing`."""
+        try:
+            return await self._find_server_views()
+        except TimeoutError:
+            raise ServeStartError(
+                f"cannot {doing}: the DHT process (pid {self.dht.pid}) did not answer a look-up of the swarm in "
+                f"{self.config.dht_timeout_s:g} s"
+            ) from None
+        except DhtGone as e:
+            raise ServeStartError(f"cannot {doing}: {e}") from None
+
     async def _choose_span(self, block_config: BlockConfig) -> tuple[int, int]:
         cfg = self.config
         total_blocks = block_config.num_layers
@@ -716,16 +761,10 @@ class Server:
                 raise ServeConfigError(f"--blocks {start}:{end} is outside the model's {total_blocks} blocks")
             return start, end
         length = min(cfg.num_blocks or self._blocks_that_fit(block_config), total_blocks)
-        try:  # (a span chosen blind could take blocks the swarm has plenty of: stop, for a restart)
-            _, servers = await self._find_server_views()
-        except TimeoutError:
-            raise ServeStartError(
-                f"cannot choose blocks: the DHT process (pid {self.dht.pid}) did not answer a look-up of the "
-                f"swarm in {self.config.dht_timeout_s:g} s"
-            ) from None
-        except DhtGone as e:
-            raise ServeStartError(f"cannot choose blocks: {e}") from None
-        others = [s for s in servers if s.state != ServerState.OFFLINE]
+        # (a span chosen blind could take blocks the swarm has plenty of: stop, for a restart)
+        _, servers = await self._views_at_start("choose blocks")
+        # (a record of ours is this server's own from before a restart: the blocks it held are free)
+        others = [s for s in servers if s.state != ServerState.OFFLINE and s.peer_id != self.identity.peer_id]
         live = [(s.start_block, s.end_block, s.throughput) for s in others]
         if cfg.throughput is None and last is None and others:
             # never measured here: the swarm's typical figures (a placeholder of 1.0 counted it as next to nothing,
