@@ -43,9 +43,9 @@ class ManagedProcess:
 
     def _exited(self, status: int, strays: list[psutil.Process]) -> int:
         """`status`, once the last of the process's output is read (its children hold the pipe until they exit).
-        What is left of its group is killed first: a child that outlived it (a DHT process whose owner died
-        without stopping it waits for its pipe for ever, with its p2pd), and `strays`, its children outside the
-        group."""
+        What is left of its group is killed first: a child that outlived it (a frozen DHT process cannot see its
+        owner die and end itself, `dht.OwnedDHT`; its p2pd lives as long), and `strays`, its children outside
+        the group."""
         self._signal_group(signal.SIGKILL)
         for stray in strays:
             with contextlib.suppress(psutil.Error):

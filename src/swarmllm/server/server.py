@@ -301,9 +301,9 @@ class Server:
 
     async def _serve(self, block_config: BlockConfig) -> None:
         cfg = self.config
-        if cfg.identity_path is not None:  # (a fresh identity is nobody else's)
-            await self._check_identity_free()
-        start, end = await self._choose_span(block_config)
+        # (a fresh identity is nobody else's; the swarm as read for the check is the one to choose blocks in)
+        servers = await self._check_identity_free() if cfg.identity_path is not None else None
+        start, end = await self._choose_span(block_config, servers)
         self.start, self.end = start, end
         await self._announce()
         logger.info(
@@ -706,11 +706,12 @@ class Server:
         dtype = cfg.dtype if cfg.quant == "none" else f"{cfg.dtype}+{cfg.quant}"
         return dtype if cfg.tp == 1 or not tp else f"{dtype}+tp{cfg.tp}"
 
-    async def _check_identity_free(self) -> None:
+    async def _check_identity_free(self) -> list[ServerInfo]:
         """Refuse to start where a running server proves our identity (the same --identity file started twice,
         or copied to another machine): two servers under one peer id overwrite each other's records, and the swarm
         sees one of them at a time. hivemind's own check asks libp2p's peer routing, which finds no peer of a swarm
-        like ours. A record of ours that no server answers for is this server's own, from before a restart."""
+        like ours. A record of ours that no server answers for is this server's own, from before a restart.
+        Returns the model's servers as read for it (where they are going: `_find_server_views`)."""
         _, servers = await self._views_at_start("check that no other server runs with this identity")
         me = self.identity.peer_id
         for addr in (
@@ -734,6 +735,7 @@ class Server:
                 f"another server is running with this identity ({me}, at {addr}): stop it, or give this one an "
                 "--identity of its own"
             )
+        return servers
 
     async def _views_at_start(self, doing: str) -> tuple[list[ServerInfo], list[ServerInfo]]:
         """`_find_server_views`, where a DHT that fails it stops the start with one line saying what it was
@@ -748,7 +750,10 @@ class Server:
         except DhtGone as e:
             raise ServeStartError(f"cannot {doing}: {e}") from None
 
-    async def _choose_span(self, block_config: BlockConfig) -> tuple[int, int]:
+    async def _choose_span(
+        self, block_config: BlockConfig, servers: list[ServerInfo] | None
+    ) -> tuple[int, int]:
+        """The span to serve: --blocks, else the best window among the model's `servers` (read now where None)."""
         cfg = self.config
         total_blocks = block_config.num_layers
         last = last_measured(block_config, cfg.device, self._measured_dtype())
@@ -762,7 +767,8 @@ class Server:
             return start, end
         length = min(cfg.num_blocks or self._blocks_that_fit(block_config), total_blocks)
         # (a span chosen blind could take blocks the swarm has plenty of: stop, for a restart)
-        _, servers = await self._views_at_start("choose blocks")
+        if servers is None:
+            _, servers = await self._views_at_start("choose blocks")
         # (a record of ours is this server's own from before a restart: the blocks it held are free)
         others = [s for s in servers if s.state != ServerState.OFFLINE and s.peer_id != self.identity.peer_id]
         live = [(s.start_block, s.end_block, s.throughput) for s in others]
