@@ -10,7 +10,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, Trainer, TrainingArguments, default_data_collator
 
 from swarmllm import AutoDistributedModelForCausalLM, AutoDistributedModelForSequenceClassification
 from swarmllm.client.loop import run_sync
@@ -184,11 +184,15 @@ def test_concurrent_clients_adapters_never_mix(swarm, llama_checkpoint, referenc
             model.shutdown()
 
 
-def test_optimizer_steps_upload_each_version_once_and_round_trip(swarm, llama_checkpoint, tmp_path):
+@pytest.mark.parametrize("fused", [False, True], ids=["foreach", "fused"])
+def test_optimizer_steps_upload_each_version_once_and_round_trip(swarm, llama_checkpoint, tmp_path, fused):
+    """Each optimizer step's weights reach each server once; a fused step (transformers' Trainer's default
+    optimizer) bumps no version counter, and servers kept computing with the first version."""
     local, _ = swarm
     model = with_random_adapter(remote_model(llama_checkpoint, local), seed=9)
     try:
-        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=1e-2, fused=fused)
         x = ids(seed=10)
         losses = []
         for _ in range(3):
@@ -211,6 +215,43 @@ def test_optimizer_steps_upload_each_version_once_and_round_trip(swarm, llama_ch
                 torch.testing.assert_close(again(x).logits, ours, **TOL)
         finally:
             again.shutdown()
+    finally:
+        model.shutdown()
+
+
+def test_transformers_trainer_trains_the_adapter_that_peft_then_reproduces(swarm, llama_checkpoint, tmp_path):
+    """transformers' `Trainer` as a user runs it, with its default optimizer (a fused AdamW, whose steps the
+    servers missed: the loss hardly fell, and the saved adapter was not the one the swarm computed with)."""
+    local, _ = swarm
+    model = remote_model(llama_checkpoint, local)
+    model.add_adapter(peft.LoraConfig(**LORA))
+    data = ids(batch=8, seed=11)
+    rows = [{"input_ids": x, "labels": x} for x in data]
+    args = TrainingArguments(
+        tmp_path / "run",
+        per_device_train_batch_size=4,
+        num_train_epochs=3,
+        learning_rate=1e-2,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+        disable_tqdm=True,
+    )
+    try:
+        trainer = Trainer(model=model, args=args, train_dataset=rows, data_collator=default_data_collator)
+        assert "fused" in trainer.args.optim
+        with torch.no_grad():
+            before = model(data, labels=data).loss.item()
+        trainer.train()
+        with torch.no_grad():
+            assert model(data, labels=data).loss.item() < 0.9 * before
+        model.save_pretrained(tmp_path / "adapter")
+        x = ids(seed=12)
+        with torch.no_grad():
+            ours = model(x).logits
+            theirs = peft_reference(llama_checkpoint, tmp_path / "adapter")(x).logits
+        torch.testing.assert_close(theirs, ours, **TOL)
     finally:
         model.shutdown()
 

@@ -12,6 +12,7 @@ from swarmllm.models import packed as packed_module
 from swarmllm.models.llama import Lora, Projection
 from swarmllm.models.packed import (
     MANY_ROWS,
+    MAX_COPY_BYTES,
     MIN_PACKED_ELEMENTS,
     ONE_ROW,
     PackedCopy,
@@ -162,9 +163,9 @@ def test_a_backend_relays_its_weights_out_as_sessions_come_and_go(wide_checkpoin
 def test_a_packed_copy_of_a_head_computes_its_product_and_follows_its_weight_and_rows():
     """A client's LM head through `PackedCopy`: the plain product for any number of rows, laid out for one row or
     many as its recent calls go, the new product once the weight changes in place or is replaced, and the plain
-    call itself where the head is small, too large to copy, or a gradient is wanted."""
+    call itself where the head is small, too large to copy, trained, or a gradient is wanted."""
     torch.manual_seed(0)
-    head = torch.nn.Linear(1024, 4096, bias=False)  # 4M values: packed
+    head = torch.nn.Linear(1024, 4096, bias=False).requires_grad_(False)  # 4M values: packed
     packed = PackedCopy(history=4)
     with torch.no_grad():
         x = torch.randn(4, 1, 1024)
@@ -180,14 +181,23 @@ def test_a_packed_copy_of_a_head_computes_its_product_and_follows_its_weight_and
         before = packed(head, one)
         head.weight.mul_(-2.0)  # in place: the copy is re-made
         assert close(packed(head, one), head(one)) and close(packed(head, one), -2.0 * before)
-        head.weight = torch.nn.Parameter(torch.randn(4096, 1024))  # replaced
+        head.weight = torch.nn.Parameter(torch.randn(4096, 1024), requires_grad=False)  # replaced
         assert close(packed(head, one), head(one))
         small = torch.nn.Linear(64, 128)
         y = torch.randn(3, 64)
         assert torch.equal(packed(small, y), small(y))  # too small to pay: the plain call
         packed.max_copy_bytes = 4096 * 1024 * 4 - 1
         assert torch.equal(packed(head, one), head(one))  # too large to copy: the plain call
+        packed.max_copy_bytes = MAX_COPY_BYTES
+        before = packed(head, one)
+    # unfrozen and trained by a fused optimizer (transformers' Trainer's), which bumps no version counter
+    head.weight.requires_grad_(True)
+    head.weight.grad = torch.randn(4096, 1024)
+    torch.optim.AdamW([head.weight], lr=0.1, fused=True).step()
+    with torch.no_grad():
+        assert torch.equal(packed(head, one), head(one)) and not close(packed(head, one), before)
     x = torch.randn(2, 1024, requires_grad=True)
+    head.weight.requires_grad_(False)
     out = packed(head, x)
     assert torch.equal(out, head(x))  # the plain call, so the gradient reaches x
     out.sum().backward()

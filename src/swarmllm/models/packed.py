@@ -135,7 +135,8 @@ class PackedCopy:
     outputs that can be the largest in full), with the same argmax.
 
     The copy is made at the first call and again when the weight is replaced or changed in place (the screen at
-    the first `argmax_logits` call after that). It costs the head's size again, and the screen a quarter more
+    the first `argmax_logits` call after that). A trainable head is never copied: a fused optimizer (transformers'
+    Trainer's default) changes it in place without bumping its version counter, so a copy would go stale. It costs the head's size again, and the screen a quarter more
     (the plain weight stays: the embeddings may share it, training reads it), so a head over `max_copy_bytes` is
     not copied; nor is one that can't be packed (a GPU, float16, a small head): those are `linear(x)`. A float32
     head too large to copy still gets its screen for greedy steps, up to `max_copy_bytes` of codes (a 128k
@@ -298,5 +299,6 @@ def packed_projections(module: nn.Module) -> list[PackedProjection]:
 
 
 def _wants_grad(weight: Tensor, x: Tensor) -> bool:
-    """Whether a product of `weight` and `x` is recorded for a backward: a copy or screen would not carry it."""
-    return torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+    """Whether `weight` is trained, or a product with `x` is recorded for a backward: a copy or screen would not
+    carry the gradient, and would not see a fused optimizer's step (it bumps no version counter)."""
+    return weight.requires_grad or (torch.is_grad_enabled() and x.requires_grad)
