@@ -25,7 +25,7 @@ README = (ROOT / "README.md").read_text()
 NOT_REPO_FILES = {
     "adapter_config.json",
     "adapter_model.safetensors",
-    "client_weights.safetensors",
+    "model.safetensors",
     "config.json",
     "ladder_conversion.json",
     "throughput.json",

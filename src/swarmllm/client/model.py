@@ -103,7 +103,9 @@ _UNSPECULATIVE = (
 # sampling) that the speculative loop takes too; max_length (new_tokens counts it) and num_assistant_tokens
 # (DEFAULT_DRAFT_TOKENS) are its own
 _NOT_DEFAULTED = ("max_length", "num_assistant_tokens")
-CLIENT_WEIGHTS_FILE = "client_weights.safetensors"  # trainable tensors the client holds (prompts, a head)
+# every tensor the client trains (prompts, a head, the adapter's A/B) by its state-dict name, under transformers'
+# name for a model's weights: what a Trainer loads to resume from its checkpoints (it loads no adapter folder)
+CLIENT_WEIGHTS_FILE = "model.safetensors"
 DEFAULT_NEW_TOKENS = 20  # what transformers' generate adds when given neither max_new_tokens nor max_length
 
 
@@ -313,42 +315,42 @@ class DistributedModel(PreTrainedModel):
 
     def save_pretrained(self, save_directory: str | Path, **_) -> None:
         """A standard PEFT adapter folder for the LoRA adapter (what `peft.PeftModel.from_pretrained` loads onto
-        the local transformers model), plus the client-side trainable tensors (prompts, a head) if any."""
+        the local transformers model), and every tensor the client trains in `model.safetensors` (what
+        transformers' Trainer resumes from)."""
         path = Path(save_directory)
-        path.mkdir(parents=True, exist_ok=True)
         # a classifier's head is saved frozen too: it is random until trained, and the logits need it
         own = {
             n: p.detach().contiguous()
             for n, p in self.named_parameters()
             if p.requires_grad or n == "score.weight"
         }
-        own = {n: p for n, p in own.items() if not n.startswith("lora.")}
+        if self.lora is None and not own:
+            raise ValueError("nothing to save: the model has no adapter and no trainable parameters")
+        path.mkdir(parents=True, exist_ok=True)
         if self.lora is not None:
-            # a classifier's head goes in PEFT's file, as PEFT saves a SEQ_CLS adapter (modules_to_save)
-            score = own.pop("score.weight", None)
             write_peft_adapter(
                 path,
                 self.lora.settings,
                 self.lora.tensors(),
                 self.name_or_path,
-                score=score,
+                score=own.get("score.weight"),  # as PEFT saves a SEQ_CLS adapter (modules_to_save)
                 base_model_only=type(self) is DistributedModel,  # transformers' AutoModel: no LM head
             )
         if own:
             save_file(own, path / CLIENT_WEIGHTS_FILE)
-        if self.lora is None and not own:
-            raise ValueError("nothing to save: the model has no adapter and no trainable parameters")
 
     def load_adapter(self, path: str | Path, adapter_name: str | None = None) -> None:
-        """Load what `save_pretrained` wrote (a PEFT LoRA folder, and client-side tensors if present)."""
+        """Load what `save_pretrained` wrote (a PEFT LoRA folder, and the client's other tensors if present)."""
         path = Path(path)
         lora, own = None, {}
         if (path / CONFIG_FILE).exists():
             lora = read_peft_adapter(path, self.block_config)
             if (head := read_peft_head(path)) is not None:
                 own["score.weight"] = head
-        if (path / CLIENT_WEIGHTS_FILE).exists():
-            own.update(load_file(path / CLIENT_WEIGHTS_FILE))
+        if (path / CLIENT_WEIGHTS_FILE).exists():  # the adapter's tensors come from PEFT's folder
+            own.update(
+                {n: t for n, t in load_file(path / CLIENT_WEIGHTS_FILE).items() if not n.startswith("lora.")}
+            )
         if lora is None and not own:
             raise FileNotFoundError(f"{path}: no {CONFIG_FILE} or {CLIENT_WEIGHTS_FILE} to load")
         params = dict(self.named_parameters())
