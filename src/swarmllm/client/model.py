@@ -296,6 +296,10 @@ class DistributedModel(PreTrainedModel):
     def prompt_length(self) -> int:
         return 0 if self.ptune is None else self.ptune.length
 
+    def activation_checkpointing_enable(self, *args, **kwargs) -> None:
+        """Nothing to do, and accepted (a Trainer's `activation_checkpointing=True` calls it): the client keeps no
+        block's activations, only each hop's input, and servers recompute their span's forward at the backward."""
+
     def add_adapter(self, adapter_config, adapter_name: str | None = None) -> None:
         """A trainable LoRA adapter for every remote block (a `peft.LoraConfig`): its A/B matrices live here,
         and the servers apply them to this client's requests only."""
