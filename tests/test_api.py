@@ -13,6 +13,7 @@ import sys
 import threading
 import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from typing import Literal
 
 import jsonschema
@@ -38,6 +39,8 @@ from swarmllm.bundled import smollm2_checkpoint
 from swarmllm.cli import main
 from swarmllm.dht.records import dht_prefix_for
 from swarmllm.local import LocalSwarm
+from swarmllm.models import load_config
+from swarmllm.models.lora import LoraSettings, lora_shapes, write_peft_adapter
 
 NAME = "smollm2"
 TINY_PREFIX = "tiny-llama-of-the-api-tests"
@@ -98,13 +101,30 @@ def tiny_draft(tmp_path_factory, llama_checkpoint) -> str:
 
 
 @pytest.fixture(scope="module")
-def api(swarm, smollm2, llama_checkpoint, tiny_draft):
+def tiny_adapter(tmp_path_factory, llama_checkpoint) -> str:
+    """A PEFT LoRA folder for the tiny Llama, of random weights large enough to change its greedy tokens."""
+    _, config = load_config(llama_checkpoint)
+    settings = LoraSettings(rank=4, alpha=8, modules=("q_proj", "v_proj", "down_proj"))
+    generator = torch.Generator().manual_seed(3)
+    shapes = lora_shapes(config, settings, range(config.num_layers))
+    tensors = {name: torch.randn(shape, generator=generator) * 0.5 for name, shape in shapes.items()}
+    path = tmp_path_factory.mktemp("adapters") / "styled"
+    write_peft_adapter(path, settings, tensors, str(llama_checkpoint))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def api(swarm, smollm2, llama_checkpoint, tiny_draft, tiny_adapter):
     """One API for SmolLM2 (NAME) and the tiny Llama ("tiny", whose servers have a key of their own in the
-    swarm, with a draft model for speculative decoding), as `swarmllm api MODEL MODEL` serves them."""
+    swarm, with a draft model for speculative decoding), as `swarmllm api MODEL MODEL` serves them, and the tiny
+    Llama with a LoRA adapter ("tiny-styled", `--lora-modules`)."""
     names = ["--name", NAME, "--name", "tiny"]
     prefixes = ["--dht-prefix", dht_prefix_for(str(smollm2)), "--dht-prefix", TINY_PREFIX]
     drafts = ["--draft-model", "none", "--draft-model", tiny_draft, "--num-draft-tokens", "3"]
-    return swarm.start_api([str(smollm2), str(llama_checkpoint)], extra=[*names, *prefixes, *drafts])
+    adapters = ["--lora-modules", f"tiny-styled={tiny_adapter}"]
+    return swarm.start_api(
+        [str(smollm2), str(llama_checkpoint)], extra=[*names, *prefixes, *drafts, *adapters]
+    )
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +136,7 @@ def test_one_api_serves_each_model_as_its_own_transformers(api, client, llama_ch
     """`swarmllm api MODEL MODEL`: both models listed (OpenAI's, Ollama's tags and ps), each request answered by
     the model it names: the tiny Llama's greedy completion is its own transformers', through either face (Ollama's
     named with `:latest`); an unknown model's 404 names every model served."""
-    assert [m.id for m in client.models.list().data] == [NAME, "tiny"]
+    assert [m.id for m in client.models.list().data] == [NAME, "tiny", "tiny-styled"]
     assert client.models.retrieve("tiny").id == "tiny" and client.models.retrieve(NAME).id == NAME
     tokenizer = AutoTokenizer.from_pretrained(llama_checkpoint)
     tiny = AutoModelForCausalLM.from_pretrained(llama_checkpoint, dtype=torch.float32).eval()
@@ -126,8 +146,8 @@ def test_one_api_serves_each_model_as_its_own_transformers(api, client, llama_ch
     reply = client.completions.create(model="tiny", prompt="the cat", max_tokens=8, temperature=0)
     assert reply.choices[0].text == want and reply.model == "tiny"
     ollama_client = ollama.Client(host=api.removesuffix("/v1"), timeout=120)
-    assert [m.model for m in ollama_client.list().models] == [NAME, "tiny"]
-    assert [m.model for m in ollama_client.ps().models] == [NAME, "tiny"]
+    assert [m.model for m in ollama_client.list().models] == [NAME, "tiny", "tiny-styled"]
+    assert [m.model for m in ollama_client.ps().models] == [NAME, "tiny", "tiny-styled"]
     greedy = {"temperature": 0, "num_predict": 8}
     assert (
         ollama_client.generate(model="tiny:latest", prompt="the cat", raw=True, options=greedy).response
@@ -135,7 +155,45 @@ def test_one_api_serves_each_model_as_its_own_transformers(api, client, llama_ch
     )
     with pytest.raises(openai.NotFoundError) as unknown:
         client.completions.create(model="no-such-model", prompt="hi", max_tokens=4)
-    assert f"'{NAME}', 'tiny'" in unknown.value.message
+    assert f"'{NAME}', 'tiny', 'tiny-styled'" in unknown.value.message
+
+
+def test_a_lora_module_answers_as_peft_on_transformers_and_leaves_its_model_alone(
+    api, client, llama_checkpoint, tiny_adapter
+):
+    """`--lora-modules tiny-styled=DIR`: listed with its model as `parent` (as vLLM lists a LoRA), its greedy
+    completion is PEFT's adapter on transformers' tiny Llama (not the model's own, which stays the model's own, at
+    the same time), streamed or not, through either face."""
+    peft = pytest.importorskip("peft")
+    assert client.models.retrieve("tiny-styled").model_extra["parent"] == "tiny"
+    tokenizer = AutoTokenizer.from_pretrained(llama_checkpoint)
+    ids = tokenizer("the cat", return_tensors="pt")["input_ids"]
+    base = AutoModelForCausalLM.from_pretrained(llama_checkpoint, dtype=torch.float32).eval()
+    plain = base.generate(ids, max_new_tokens=8, do_sample=False)[0, ids.shape[1] :].tolist()
+    styled = peft.PeftModel.from_pretrained(base, tiny_adapter).eval()
+    new = styled.generate(input_ids=ids, max_new_tokens=8, do_sample=False)[0, ids.shape[1] :].tolist()
+    assert new != plain  # (the adapter changes the tokens)
+    want = {"tiny": after_prompt(tokenizer, ids[0].tolist(), plain)}
+    want["tiny-styled"] = after_prompt(tokenizer, ids[0].tolist(), new)
+
+    def complete(model: str) -> str:
+        return (
+            client.completions.create(model=model, prompt="the cat", max_tokens=8, temperature=0)
+            .choices[0]
+            .text
+        )
+
+    with ThreadPoolExecutor(4) as pool:  # both models at once, twice
+        answers = list(pool.map(complete, ["tiny-styled", "tiny", "tiny-styled", "tiny"]))
+    assert answers == [want["tiny-styled"], want["tiny"]] * 2
+    streamed = client.completions.create(
+        model="tiny-styled", prompt="the cat", max_tokens=8, temperature=0, stream=True
+    )
+    assert "".join(chunk.choices[0].text for chunk in streamed if chunk.choices) == want["tiny-styled"]
+    ollama_client = ollama.Client(host=api.removesuffix("/v1"), timeout=120)
+    greedy = {"temperature": 0, "num_predict": 8}
+    reply = ollama_client.generate(model="tiny-styled", prompt="the cat", raw=True, options=greedy)
+    assert reply.response == want["tiny-styled"]
 
 
 def after_prompt(tokenizer, prompt: list[int], new: list[int]) -> str:
@@ -1439,7 +1497,8 @@ def test_health_and_metrics_count_what_the_api_answered(api, client):
     root = api.removesuffix("/v1")
     with urllib.request.urlopen(root + "/health", timeout=60) as reply:
         health = json.load(reply)
-        assert reply.status == 200 and health["status"] == "ok" and set(health["models"]) == {NAME, "tiny"}
+        assert reply.status == 200 and health["status"] == "ok"
+        assert set(health["models"]) == {NAME, "tiny", "tiny-styled"}
     before = scrape(api)
     usage = client.completions.create(model=NAME, prompt="The sky is", max_tokens=5, temperature=0).usage
     assert post(api, "/completions", {"model": NAME, "prompt": "hi", "max_tokens": 0})[0] == 400

@@ -11,9 +11,12 @@ import sys
 import time
 
 import pytest
+import torch
 
 from swarmllm.forking import forked
 from swarmllm.local import LocalSwarm
+from swarmllm.models import load_config
+from swarmllm.models.lora import LoraSettings, lora_shapes, write_peft_adapter
 
 UNREACHABLE_PEER = "/ip4/127.0.0.1/tcp/{port}/p2p/QmYyQSo1c1Ym7orWxLYvCrM2EmxFTANf8wXmmE7DWjhx5N"
 
@@ -105,6 +108,30 @@ def test_missing_model_folder_api_flags_and_verbose_traceback(checkpoints):
     assert "--draft-model runs its draft on the CPU" in said(chat_draft, "chat")
     assert verbose.returncode == 1 and "Traceback" in verbose.stderr
     assert "model folder /nonexistent does not exist" in verbose.stderr.splitlines()[-1]
+
+
+def test_lora_modules_that_cannot_be_served_are_one_line(checkpoints, tmp_path):
+    """`swarmllm api --lora-modules NAME=DIR`: each mistake is named before anything loads."""
+    model, other = checkpoints("llama"), checkpoints("llama", vocab_size=300)
+    settings = LoraSettings(rank=2, alpha=4, modules=("q_proj",))
+    _, config = load_config(model)
+    tensors = {n: torch.zeros(s) for n, s in lora_shapes(config, settings, range(config.num_layers)).items()}
+    write_peft_adapter(tmp_path / "ours", settings, tensors, str(model))
+    write_peft_adapter(tmp_path / "theirs", settings, tensors, "/elsewhere/some-model")
+    five = [f"a{i}={tmp_path / 'ours'}" for i in range(5)]
+    pairs, taken, empty, unknown, many = swarmllms(
+        ["api", str(model), "--lora-modules", "styled"],
+        ["api", str(model), "--name", "m", "--lora-modules", f"m={tmp_path / 'ours'}"],
+        ["api", str(model), "--lora-modules", f"styled={tmp_path}"],
+        ["api", str(model), str(other), "--lora-modules", f"styled={tmp_path / 'theirs'}"],
+        ["api", str(model), "--lora-modules", *five],
+    )
+    assert "--lora-modules takes NAME=DIR pairs, not 'styled'" in said(pairs, "api")
+    assert "--lora-modules m: another model of this API has that name" in said(taken, "api")
+    assert f"--lora-modules styled: {tmp_path} holds no adapter_config.json" in said(empty, "api")
+    line = said(unknown, "api")
+    assert "names the base model '/elsewhere/some-model', which is none of the models served" in line
+    assert "at most 4 adapters a model" in said(many, "api")
 
 
 def test_malformed_peer_address():

@@ -6,6 +6,7 @@ survives the loss of a server."""
 from __future__ import annotations
 
 import logging
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -348,6 +349,38 @@ def test_a_classifiers_adapter_is_peft_seq_cls_with_its_head(swarm, llama_checkp
     finally:
         model.shutdown()
         other.shutdown()
+
+
+def test_one_client_serves_five_adapters_in_turn_with_peft_tokens(swarm, llama_checkpoint, tmp_path):
+    """`with_adapter`: five adapters over one client's swarm connection, used in turn and then the first two
+    again. A server holds 4 of a client's: the fifth took the least recently used one's place (it was refused, and
+    the client waited for room that never came), and a session that meets a dropped adapter uploads it again (it
+    banned the server). Every generate gives PEFT's tokens on transformers, and nobody is banned."""
+    local, _ = swarm
+    model = remote_model(llama_checkpoint, local)
+    settings = LoraSettings.from_peft(peft.LoraConfig(**LORA))
+    folders = []
+    for seed in range(5):
+        folders.append(tmp_path / f"adapter-{seed}")
+        write_peft_adapter(
+            folders[-1], settings, random_lora(model.block_config, settings, seed), str(llama_checkpoint)
+        )
+    x = ids(batch=1, length=5, seed=4)
+    try:
+        views = [model.with_adapter(folder) for folder in folders]
+        want = []
+        for folder in folders:
+            theirs = peft_reference(llama_checkpoint, folder)
+            want.append(theirs.generate(input_ids=x, max_new_tokens=6, do_sample=False).tolist())
+        assert len({str(w) for w in want}) > 1  # (the adapters differ in their tokens)
+        for i in (0, 1, 2, 3, 4, 0, 1):
+            assert views[i].generate(x, max_new_tokens=6, do_sample=False).tolist() == want[i], i
+        assert not model.swarm.bans.banned(time.monotonic())
+        assert model.swarm.uploads.uploads == 7 * len(CHAIN)  # five, and the two dropped ones again
+        views[0].shutdown()  # the swarm connection is the model's
+        assert model.generate(x, max_new_tokens=2, do_sample=False).shape == (1, 7)
+    finally:
+        model.shutdown()
 
 
 def test_hosted_adapter_routes_only_via_servers_announcing_it(swarm, llama_checkpoint):

@@ -230,7 +230,7 @@ def _claims():
         ("or after 2 s, `ServerLimits.max_room_wait_s`", limits.max_room_wait_s, 2),
         ("its for 1 s (`ServerLimits.room_promise_s`", limits.room_promise_s, 1),
         ("keeps a client's adapters (at most 4,", limits.max_adapters_per_peer, 4),
-        ("(at most 4, 256 MiB, per client)", limits.max_adapter_bytes_per_peer, 256 << 20),
+        ("(at most 4, 256 MiB, per client:", limits.max_adapter_bytes_per_peer, 256 << 20),
         ("go unused for 10 min", limits.adapter_idle_timeout_s, 600),
         ("the session idle timeout (300 s)", limits.session_idle_timeout_s, 300),
         ("`leave_timeout_s=5`", config.leave_timeout_s, 5),

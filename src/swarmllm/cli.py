@@ -13,6 +13,7 @@ import argparse
 import contextlib
 import errno
 import faulthandler
+import json
 import logging
 import os
 import signal
@@ -198,6 +199,18 @@ _LIMIT_FLAGS = [
         "max_room_wait_s",
         float,
         "seconds a client refused room may wait for this server to say that a session ended (`room`)",
+    ),
+    (
+        "--max-adapters-per-peer",
+        "max_adapters_per_peer",
+        int,
+        "LoRA adapters one peer may have uploaded at once (its least recently used give way to a new one)",
+    ),
+    (
+        "--adapter-idle-timeout",
+        "adapter_idle_timeout_s",
+        float,
+        "seconds a peer's uploaded adapters may all go unused before they are dropped",
     ),
 ]
 
@@ -514,6 +527,15 @@ def build_parser() -> argparse.ArgumentParser:
         "(0: at once)",
     )
     _draft(api, repeat=True)
+    api.add_argument(
+        "--lora-modules",
+        nargs="+",
+        default=[],
+        metavar="NAME=DIR",
+        help="serve a LoRA adapter (a folder save_pretrained or PEFT wrote) as the model NAME, as vLLM's flag does: "
+        "the client holds it and sends it to the servers with its requests (of its model: the one its "
+        "adapter_config.json names, or the only one served; at most 4 a model)",
+    )
     api.add_argument(
         "--api-key",
         action="append",
@@ -840,6 +862,7 @@ def _api(args: argparse.Namespace) -> int:
     for model, draft in zip(args.model, drafts, strict=True):
         _check_model(model)
         _check_draft(model, draft)
+    adapters = _lora_modules(args.lora_modules, args.model, names)
     _check_ports(args.host, args.port)
     sock = bind(args.host, args.port)
     metrics = ApiMetrics()  # one count for every model
@@ -873,12 +896,58 @@ def _api(args: argparse.Namespace) -> int:
             pass
 
     try:
+        for name, folder, base in adapters:
+            try:
+                engines.append(engines[base].with_adapter(name, folder))
+            except ValueError as e:  # (e.g. a rank or modules that do not fit the model's blocks)
+                raise UserError(f"--lora-modules {name}: {e}") from e
         asyncio.run(serve())
     finally:
         for engine in engines:
             engine.shutdown()
             engine.model.shutdown()
     return 0
+
+
+def _lora_modules(given: list[str], models: list[str], names: list[str | None]) -> list[tuple[str, str, int]]:
+    """`swarmllm api --lora-modules NAME=DIR ...`: each adapter's name, folder and model (an index into
+    `models`): the only model served, or the one its adapter_config.json names (by path, folder name or API
+    name). Checked before anything loads."""
+    from swarmllm.dht.records import dht_prefix_for
+    from swarmllm.models.lora import CONFIG_FILE
+
+    served = [name or dht_prefix_for(model) for model, name in zip(models, names, strict=True)]
+    adapters, taken = [], set(served)
+    for item in given:
+        name, _, folder = item.partition("=")
+        if not name or not folder:
+            raise UserError(f"--lora-modules takes NAME=DIR pairs, not {item!r}")
+        if name in taken:
+            raise UserError(f"--lora-modules {name}: another model of this API has that name")
+        taken.add(name)
+        config = Path(folder).expanduser() / CONFIG_FILE
+        if not config.is_file():
+            raise UserError(f"--lora-modules {name}: {folder} holds no {CONFIG_FILE} (a PEFT LoRA folder)")
+        try:
+            base = json.loads(config.read_text()).get("base_model_name_or_path") or ""
+        except (ValueError, AttributeError) as e:
+            raise UserError(f"--lora-modules {name}: {config} is not a JSON object ({e})") from e
+        named = [
+            i
+            for i, model in enumerate(models)
+            if base in (model, served[i]) or Path(base).name == Path(model).expanduser().name
+        ]
+        if len(models) == 1:
+            named = [0]
+        if len(named) != 1:
+            raise UserError(
+                f"--lora-modules {name}: its adapter_config.json names the base model {base!r}, which is "
+                f"{'none' if not named else 'more than one'} of the models served ({', '.join(served)})"
+            )
+        if sum(1 for _, _, other in adapters if other == named[0]) == 4:
+            raise UserError("--lora-modules: at most 4 adapters a model (a server holds 4 of one client)")
+        adapters.append((name, folder, named[0]))
+    return adapters
 
 
 def _draft(parser: argparse.ArgumentParser, repeat: bool = False) -> None:

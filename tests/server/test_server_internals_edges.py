@@ -18,7 +18,8 @@ from swarmllm.server.handler import RequestHandler, ServerLimits
 from swarmllm.server.host import HostShare
 from swarmllm.server.quota import PeerLimits, PeerQuotas
 from swarmllm.server.throughput import cached_threads, cached_throughput
-from swarmllm.wire import DirectServer, Identity, Message, RemoteError, connect_direct
+from swarmllm.wire import DirectServer, Identity, Message, RemoteError, RequestError, connect_direct
+from swarmllm.wire.messages import AdapterRef, AdapterUpload
 
 HIDDEN = 64  # the tiny llama's
 
@@ -103,6 +104,43 @@ def test_two_hosted_adapters_of_one_name_are_refused(span, tmp_path):
     with pytest.raises(ValueError, match="final"):
         store.host(folders[1])
     assert store.hosted["final"].tensors is first
+
+
+def test_a_peers_least_recently_used_adapters_give_way_to_its_new_ones(span, tmp_path):
+    """A peer's fifth adapter (or one past its bytes) replaces the peer's least recently used one, where it was
+    refused (its client waited for room that never came); other peers' stay; a folder whose name clients could
+    not send is not hosted."""
+    config = span.config
+    settings = LoraSettings(rank=2, alpha=4.0, modules=("q_proj", "v_proj"))
+    tensors = {name: torch.zeros(shape) for name, shape in lora_shapes(config, settings, range(2)).items()}
+
+    def upload(name: str, version: int = 1) -> AdapterUpload:
+        return AdapterUpload(name, version, 2, 4.0, 0.0, ("q_proj", "v_proj"), False, 0, 2, tensors)
+
+    store = AdapterStore(config, torch.float32, "cpu", max_adapters_per_peer=4)
+    span_of = (0, 2)
+    for i in range(4):
+        store.upload("alice", upload(f"a{i}"), span_of)
+    store.upload("bob", upload("b0"), span_of)
+    store.find("alice", AdapterRef("a0", 1), 0, 2)  # a1 is now the least recently used
+    store.upload("alice", upload("a4"), span_of)
+    assert store.held("alice") == ["a0", "a2", "a3", "a4"] and store.held("bob") == ["b0"]
+    with pytest.raises(RequestError) as dropped:
+        store.find("alice", AdapterRef("a1", 1), 0, 2)
+    assert dropped.value.code == "unknown_adapter"  # what has the client upload it again
+    store.upload("alice", upload("a2", version=2), span_of)  # a new version takes its own place
+    assert store.held("alice") == ["a0", "a2", "a3", "a4"]
+    size = store._uploaded["alice"]["a0"].nbytes
+    store.max_bytes_per_peer = 2 * size  # by bytes: the two least recently used go
+    store.upload("alice", upload("a5"), span_of)
+    assert store.held("alice") == ["a2", "a5"]
+    store.max_bytes_per_peer = size - 1  # one alone too large: refused, nothing dropped
+    with pytest.raises(RequestError, match="MiB"):
+        store.upload("alice", upload("a6"), span_of)
+    assert store.held("alice") == ["a2", "a5"]
+    write_peft_adapter(tmp_path / "styled v2", settings, tensors, "tiny")
+    with pytest.raises(ValueError, match="named by its folder"):
+        store.host(tmp_path / "styled v2")
 
 
 def test_popping_an_empty_round_robin_raises_index_error():

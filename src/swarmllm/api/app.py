@@ -143,6 +143,26 @@ class Engine:
         self.guides = GuideMasks(self.tokenizer, model.config.vocab_size, self.eos_ids)
         self.metrics = metrics or ApiMetrics()  # (one for every model of an API)
         self.counted = self.metrics.model(name)  # this model's series
+        self.adapters: list[Engine] = []  # engines of this model with an adapter, over its swarm connection
+        self.parent: str | None = None  # an adapter's engine: its model's name
+
+    def with_adapter(self, name: str, path: str) -> Engine:
+        """An engine of this model with the LoRA adapter saved at `path` (`--lora-modules NAME=DIR`), served as
+        `name`: the same swarm connection, head, tokenizer, draft and settings, and sessions of its own."""
+        engine = Engine(
+            self.model.with_adapter(path),  # (its name on the wire is the client's own)
+            self.tokenizer,
+            name,
+            context_length=self.context_length,
+            max_concurrent=self.executor._max_workers,
+            keep_sessions=self.sessions.size,
+            keep_sessions_s=self.sessions.idle_s,
+            metrics=self.metrics,
+            draft=self.draft,
+        )
+        engine.parent = self.name
+        self.adapters.append(engine)
+        return engine
 
     def give_way_for_room(self) -> None:
         """(The swarm client's `room_wanted`, on its event loop.) A generation waits for cache room (a new one,
@@ -152,8 +172,9 @@ class Engine:
         asyncio.get_running_loop().run_in_executor(None, self._give_way)
 
     def _give_way(self) -> None:
-        """Close the sessions kept for next turns, for a generation refused cache room."""
-        if closed := self.sessions.close_all():
+        """Close the sessions kept for next turns (its adapters' too: one swarm connection), for a generation
+        refused cache room."""
+        if closed := sum(engine.sessions.close_all() for engine in (self, *self.adapters)):
             logger.info("no cache room for a generation: closed %d kept sessions", closed)
 
     def decode(self, tokens: list[int]) -> str:
@@ -452,7 +473,10 @@ class Api:
         return True, {"status": "ok", "servers": len(servers)}
 
     def model_card(self) -> dict:
-        return {"id": self.engine.name, "object": "model", "created": 0, "owned_by": "swarmllm"}
+        card = {"id": self.engine.name, "object": "model", "created": 0, "owned_by": "swarmllm"}
+        return (
+            card if self.engine.parent is None else {**card, "parent": self.engine.parent}
+        )  # as vLLM's LoRA
 
     async def model(self, request: web.Request) -> web.Response:
         try:

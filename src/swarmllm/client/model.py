@@ -215,6 +215,9 @@ class DistributedModel(PreTrainedModel):
         self.block_config = BlockConfig.from_hf(config)
         self.ptune: PromptTuning | None = None
         self.lora: RemoteLora | None = None
+        self._base: DistributedModel | None = (
+            None  # (`with_adapter`'s models: the model whose swarm they use)
+        )
         self._sessions = threading.local()  # each thread its own active session: concurrent generates
         # the head's matmul without gradients on a CPU (models/packed.py), and a greedy step's (models/screen.py)
         self.head_copy = copied = PackedCopy()
@@ -343,6 +346,18 @@ class DistributedModel(PreTrainedModel):
         if own:
             save_file(own, path / CLIENT_WEIGHTS_FILE)
 
+    def with_adapter(self, path: str | Path, adapter_name: str | None = None) -> DistributedModel:
+        """Another model over this one's swarm connection and head, with the adapter `save_pretrained` wrote
+        at `path`: one client serving several fine-tunes at once (`swarmllm api --lora-modules`), without another
+        DHT peer or copy of the embeddings and LM head. The swarm stays this model's: the new one's `shutdown`
+        leaves it. A server holds at most 4 adapters of one client at a time."""
+        model = type(self)(self.config, self.head, self.swarm, self.name_or_path)
+        model._base, model.head_copy, model.merged_head = self, self.head_copy, self.merged_head
+        if isinstance(model, GenerationMixin):
+            model.generation_config = copy.deepcopy(self.generation_config)
+        model.load_adapter(path, adapter_name)
+        return model.eval()
+
     def load_adapter(self, path: str | Path, adapter_name: str | None = None) -> None:
         """Load what `save_pretrained` wrote (a PEFT LoRA folder, and the client's other tensors if present)."""
         path = Path(path)
@@ -454,6 +469,8 @@ class DistributedModel(PreTrainedModel):
         run_sync(remote.session.close())
 
     def shutdown(self) -> None:
+        if self._base is not None:  # the swarm is the base model's
+            return
         if (drop := getattr(self, "_drop_swarm", None)) is not None:
             drop.detach()
         run_sync(self.swarm.shutdown())

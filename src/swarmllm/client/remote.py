@@ -20,6 +20,7 @@ from swarmllm.client.swarm import SwarmClient
 from swarmllm.client.tuning import AdapterWeights, Tuning
 from swarmllm.models import BlockConfig
 from swarmllm.models.lora import LoraSettings, lora_shapes
+from swarmllm.wire.messages import NAME_RULE, valid_name
 
 _names = itertools.count()
 
@@ -52,6 +53,8 @@ class RemoteLora(nn.Module):
 
     def __init__(self, config: BlockConfig, settings: LoraSettings, name: str | None = None):
         super().__init__()
+        if name is not None and not valid_name(name):  # servers would refuse it
+            raise ValueError(f"adapter name {name!r}: an adapter's name is {NAME_RULE}")
         self.settings = settings
         self.name = name or f"lora{next(_names)}"
         shapes = lora_shapes(config, settings, range(config.num_layers))

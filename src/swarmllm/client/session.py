@@ -128,6 +128,9 @@ class InferenceSession:
         # servers that refused to open this session for what it asks (batch size, length, cache): routed around,
         # unbanned
         self._refused: dict[str, RemoteError] = {}
+        self._uploaded_again: set[str] = (
+            set()
+        )  # servers that dropped this session's adapter: uploaded once more
         # servers past this client's request rate, waited for (`_waits_out`): for up to request_timeout_s a step
         self._shed = self._new_shed()
         self._room_since: float | None = None  # when a server first refused this step room (`_wants_room`)
@@ -450,6 +453,8 @@ class InferenceSession:
                         "%s failed while joining the session (%s); trying another", new[-1], describe(e)
                     )
                     await self._close_hops(new)
+                    if self._adapter_dropped(new[-1].peer_id, e):
+                        continue
                     if _waits_out(e) and shed.defer(new[-1].peer_id, e):
                         continue  # a refusal that clears by itself (a request rate): asked again once it has
                     if shed.defer_for_room(new[-1].peer_id, e):
@@ -496,6 +501,8 @@ class InferenceSession:
             if leaving and self.swarm.handed_back_again(failed.peer_id):
                 leaving = False
             if _waits_out(error) and self._shed.defer(failed.peer_id, error):
+                deferred = True
+            elif self._adapter_dropped(failed.peer_id, error):
                 deferred = True
             elif self._shed.defer_for_room(failed.peer_id, error):
                 # refused room at its opening (a new session's refusal is its first reply): it waits for the room
@@ -576,6 +583,17 @@ class InferenceSession:
             return await self.swarm.ask_room(hop, self.batch_size, self.max_length, wait_s)
 
         return LoadShed(self.swarm.request_timeout_s, self.swarm.rooms, ask_room, self.swarm.room_wait_s)
+
+    def _adapter_dropped(self, peer_id: str, error: BaseException) -> bool:
+        """Whether `peer_id` refused the session because it no longer holds the adapter this client uploaded (it
+        went unused for a while, or gave way to the client's newer ones): the hop opens there again, once, after
+        a new upload. It was taken for a failure: the server banned, or waited on as for room."""
+        dropped = isinstance(error, RemoteError) and error.code == "unknown_adapter"
+        if not dropped or self.tuning.weights is None or peer_id in self._uploaded_again:
+            return False
+        self._uploaded_again.add(peer_id)
+        self.swarm.uploads.forget(peer_id)
+        return True
 
     async def _wants_room(self, peer_id: str) -> None:
         """This session waits for room on `peer_id` (since a server first refused it room this step): this

@@ -78,6 +78,7 @@ from swarmllm.wire import (
 )
 from swarmllm.wire.compression import check_codec
 from swarmllm.wire.messages import (
+    NAME_RULE,
     BackwardReply,
     BackwardRequest,
     ForwardRequest,
@@ -85,6 +86,7 @@ from swarmllm.wire.messages import (
     RoomQuery,
     RoomReply,
     Step,
+    valid_name,
 )
 from swarmllm.wire.validation import FLOAT_DTYPES, check_tensor
 
@@ -439,6 +441,8 @@ class SwarmClient:
         self._lookup: asyncio.Future[None] | None = None  # the DHT look-up of the servers in flight
         self._fixed = False
         self.rtt_s: dict[str, float] = {}
+        if active_adapter is not None and not valid_name(active_adapter):  # no server hosts such a name
+            raise ValueError(f"active_adapter {active_adapter!r}: an adapter's name is {NAME_RULE}")
         self.active_adapter = active_adapter  # a hosted adapter: only servers announcing it are used
         self.uploads = AdapterUploads(self)
         self.max_micro_batches = max_micro_batches  # in flight at once in a training forward/backward

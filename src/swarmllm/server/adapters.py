@@ -18,7 +18,7 @@ import torch
 from swarmllm.models import BlockConfig
 from swarmllm.models.lora import LoraSettings, lora_shapes, read_peft_adapter
 from swarmllm.wire import RequestError
-from swarmllm.wire.messages import AdapterRef, AdapterUpload
+from swarmllm.wire.messages import NAME_RULE, AdapterRef, AdapterUpload, valid_name
 
 
 @dataclass
@@ -67,6 +67,8 @@ class AdapterStore:
         """Load a PEFT LoRA folder (all layers: LoRA weights are small, and a server may move); its name is the
         folder's name."""
         name = Path(path).resolve().name
+        if not valid_name(name):  # clients could not name it
+            raise ValueError(f"{path}: a hosted adapter is named by its folder, and a name is {NAME_RULE}")
         if name in self.hosted:  # announced by name: a second one would silently replace the first
             raise ValueError(f"{path}: an adapter named {name!r} is hosted already (they go by folder name)")
         settings, tensors = read_peft_adapter(path, self.config)
@@ -103,19 +105,22 @@ class AdapterStore:
                 raise RequestError(
                     "bad_request", f"adapter {upload.name}: {name} is not finite floating point"
                 )
-        mine = self._uploaded.setdefault(peer, {})
-        others = {n: a for n, a in mine.items() if n != upload.name}
-        if len(others) >= self.max_adapters_per_peer:
-            raise RequestError(
-                "quota", f"a peer may hold {self.max_adapters_per_peer} adapters on this server"
-            )
         tensors = {k: t.to(self.device, self.dtype) for k, t in upload.tensors.items()}
         adapter = Adapter(settings, tensors, upload.start, upload.end, upload.version)
-        held = sum(a.nbytes for a in others.values())
-        if held + adapter.nbytes > self.max_bytes_per_peer:
+        if adapter.nbytes > self.max_bytes_per_peer:
             raise RequestError(
                 "quota", f"adapters of one peer may take {self.max_bytes_per_peer >> 20} MiB on this server"
             )
+        mine = self._uploaded.setdefault(peer, {})
+        mine.pop(upload.name, None)  # (an older version)
+        # the peer's least recently used adapters give way (a client trying adapter after adapter, or serving
+        # several in turn, was refused its fifth and waited); a session open with one keeps it, and a request
+        # naming one dropped is answered `unknown_adapter`, which has the client upload it again
+        while mine and (
+            len(mine) >= self.max_adapters_per_peer
+            or sum(a.nbytes for a in mine.values()) + adapter.nbytes > self.max_bytes_per_peer
+        ):
+            del mine[min(mine, key=lambda name: mine[name].last_used)]
         mine[upload.name] = adapter
         return adapter
 

@@ -52,7 +52,14 @@ BACKWARD_TENSORS = (
     *("hidden_scales", "grad_scales", "pending_scales", "grad_pending_scales"),
 )
 MAX_PACKED_TENSORS = 4096  # named tensors in one flat tensor (an adapter: layers x modules x 2)
-_NAME = r"[A-Za-z0-9_.]{1,128}"
+_NAME = r"[A-Za-z0-9_.-]{1,128}"  # an adapter's (a folder's, as `save_pretrained("my-adapter")` names it) or a tensor's
+NAME_RULE = "1 to 128 letters, digits, '_', '-' or '.'"
+
+
+def valid_name(name: object) -> bool:
+    """Whether `name` may name an adapter (or a packed tensor) on the wire: what clients and servers check
+    before one travels, so that no peer refuses it."""
+    return isinstance(name, str) and re.fullmatch(_NAME, name) is not None
 
 
 def _int(meta: dict[str, Any], name: str, default: int | None = None) -> int:
@@ -181,7 +188,7 @@ def unpack_tensors(manifest: Any, flat: torch.Tensor, what: str) -> dict[str, to
             and isinstance(entry[0], str)
             and isinstance(entry[1], list)
         )
-        if not ok or not re.fullmatch(_NAME, entry[0]) or entry[0] in names:
+        if not ok or not valid_name(entry[0]) or entry[0] in names:
             raise bad_request(f"{what}: bad manifest entry {str(entry)[:80]}")
         if len(entry[1]) > 4 or not all(
             isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in entry[1]
@@ -218,8 +225,8 @@ class AdapterRef:
             return None
         if not isinstance(value, dict) or not isinstance(value.get("name"), str):
             raise bad_request("adapter must be {name, version?}")
-        if not re.fullmatch(_NAME, value["name"]):
-            raise bad_request("an adapter's name is 1 to 128 letters, digits, '_' or '.'")
+        if not valid_name(value["name"]):
+            raise bad_request(f"an adapter's name is {NAME_RULE}")
         return cls(value["name"], _optional_int(value, "version"))
 
 
