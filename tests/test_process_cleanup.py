@@ -126,6 +126,9 @@ from swarmllm.local import LocalSwarm
 with LocalSwarm() as local:
     local.start_bootstrap()
     print(local.bootstrap.proc.pid, flush=True)
+    if len(sys.argv) > 1:
+        local.add_server(sys.argv[1], (0, 4))
+        print(local.servers[0].proc.pid, flush=True)
     threading.Event().wait()  # until terminated
 """
 
@@ -140,6 +143,27 @@ def test_a_terminated_owner_of_a_local_swarm_stops_its_processes():
         owner.terminate()
         assert owner.wait(timeout=60) == 128 + signal.SIGTERM
         assert not _group_alive(group)
+    finally:
+        owner.kill()
+        owner.wait()
+
+
+def test_the_processes_of_a_local_swarm_stop_when_its_owner_is_killed_outright(llama_checkpoint):
+    """The owner of a LocalSwarm killed without a word (SIGKILL, the OOM killer, a test worker killed at its
+    timeout): its bootstrap peer and server, each in a session of its own, ran on for ever. They stop by themselves
+    now, with their DHT processes and p2pd."""
+    owner = subprocess.Popen(
+        [sys.executable, "-c", OWNER, str(llama_checkpoint)], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        pids = [int(owner.stdout.readline()), int(owner.stdout.readline())]
+        processes = [psutil.Process(pid) for pid in pids]
+        processes += [child for p in processes for child in p.children(recursive=True)]
+        assert len(processes) >= 5  # the two, their DHT processes, p2pd
+        owner.kill()
+        owner.wait(timeout=30)
+        _, alive = psutil.wait_procs(processes, timeout=60)
+        assert not alive, [p.cmdline()[:3] for p in alive]
     finally:
         owner.kill()
         owner.wait()

@@ -23,7 +23,7 @@ import traceback
 from collections.abc import Sequence
 from pathlib import Path
 
-from swarmllm import ladder_commands, spin
+from swarmllm import ladder_commands, lifetime, spin
 from swarmllm.version import __version__
 
 
@@ -714,6 +714,9 @@ def main(argv: list[str] | None = None) -> int:
     # it): where a command that hangs is waiting, without a debugger
     with contextlib.suppress(ValueError, OSError, AttributeError, RuntimeError):  # (no stderr to print on)
         faulthandler.register(signal.SIGUSR1, all_threads=True)
+    owner = os.environ.get(lifetime.OWNER_ENV, "")
+    if owner.isdigit():  # started for a LocalSwarm: it stops (as on SIGTERM) when its owner has gone, however
+        lifetime.after_exit(int(owner), lambda: os.kill(os.getpid(), signal.SIGTERM), parent=False)
     try:
         return _run(args)
     except KeyboardInterrupt:

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import psutil
 
 from swarmllm.forking import ForkedProcess, forked, popen_cli
+from swarmllm.lifetime import OWNER_ENV
 
 
 class ProcessFailed(RuntimeError):
@@ -126,7 +127,8 @@ def _group(process: psutil.Process) -> int | None:
 def _spawn(name: str, args: Sequence[str], *, fork: bool) -> ManagedProcess:
     """`swarmllm ARGS` as a process of its own (its own process group, so kill() reaches its DHT process and
     daemons too): forked from a warm interpreter rather than importing torch again (see `forking`), or not."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    # it stops by itself if this process dies without stopping it (SIGKILL, the OOM killer, a crash)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", OWNER_ENV: str(os.getpid())}
     return ManagedProcess(name, forked(args, env) if fork else popen_cli(args, env))
 
 

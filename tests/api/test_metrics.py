@@ -42,7 +42,7 @@ async def test_health_follows_the_blocks_and_metrics_count_requests():
     swarm = Swarm([online_server("a", 0, 2), online_server("b", 2, 4)])
     config = SimpleNamespace(vocab_size=10, hidden_size=8)
     engine = SimpleNamespace(
-        name="m", tokenizer=tiny_tokenizer(), context_length=64, metrics=ApiMetrics(),
+        name="m", parent=None, tokenizer=tiny_tokenizer(), context_length=64, metrics=ApiMetrics(),
         model=SimpleNamespace(config=config, swarm=swarm),
     )  # fmt: skip
     client = TestClient(TestServer(Gateway([Api(engine)]).app()))
@@ -91,7 +91,7 @@ async def test_api_keys_guard_every_route_but_health_and_metrics():
     and get a 401 in their face's format without one; `/health` and `/metrics` stay open."""
     swarm = Swarm([online_server("a", 0, 4)])
     engine = SimpleNamespace(
-        name="m", tokenizer=tiny_tokenizer(), context_length=64, metrics=ApiMetrics(),
+        name="m", parent=None, tokenizer=tiny_tokenizer(), context_length=64, metrics=ApiMetrics(),
         model=SimpleNamespace(config=SimpleNamespace(vocab_size=10, hidden_size=8, model_type="llama"), swarm=swarm),
     )  # fmt: skip
     client = TestClient(TestServer(Gateway([Api(engine)], ["first-key", "second-key"]).app()))

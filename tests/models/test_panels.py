@@ -275,7 +275,7 @@ def test_a_clients_head_copy_is_panels_and_follows_its_weight():
     """`PackedCopy` (a CPU client's LM head) copies a float32 head as panels: the plain product for any rows, and
     the new product once the weight changes in place."""
     torch.manual_seed(0)
-    head = torch.nn.Linear(1024, 4096, bias=False)
+    head = torch.nn.Linear(1024, 4096, bias=False).requires_grad_(False)  # (frozen: a client's head)
     copy = PackedCopy()
     with torch.no_grad():
         for rows in (1, 8, 3):

@@ -115,7 +115,7 @@ def test_a_clients_head_copy_screens_greedy_steps_and_follows_its_weight():
     """`PackedCopy.argmax_logits`: through the screen for a float32 head, the screen made anew when the weight
     changes in place; a bfloat16 head (no panel copy) and a head with non-finite weights get full logits."""
     torch.manual_seed(5)
-    head = torch.nn.Linear(256, 8192, bias=False)
+    head = torch.nn.Linear(256, 8192, bias=False).requires_grad_(False)  # (frozen: a client's head)
     copy = PackedCopy()
     with torch.no_grad():
         x = torch.randn(3, 256)
@@ -128,7 +128,7 @@ def test_a_clients_head_copy_screens_greedy_steps_and_follows_its_weight():
         head.weight[0, 0] = float("nan")
         assert torch.equal(copy.argmax_logits(head, x).isnan(), copy(head, x).isnan())
         assert copy.screened_calls == 2
-        half = torch.nn.Linear(256, 8192, bias=False).to(torch.bfloat16)
+        half = torch.nn.Linear(256, 8192, bias=False).to(torch.bfloat16).requires_grad_(False)
         xb = x.to(torch.bfloat16)
         assert torch.equal(copy.argmax_logits(half, xb), copy(half, xb))
         assert copy.screened_calls == 2
@@ -152,7 +152,7 @@ def test_a_head_too_large_to_copy_is_screened_from_its_plain_weight():
     are, and the outputs it leaves are computed from the plain weight with the full panel product's bits; the
     screen follows the weight, and what it cannot decide gets the plain product."""
     torch.manual_seed(7)
-    head = torch.nn.Linear(256, 8191, bias=False)  # (8191: the last panel is padded)
+    head = torch.nn.Linear(256, 8191, bias=False).requires_grad_(False)  # (8191: the last panel is padded)
     copy = PackedCopy(max_copy_bytes=4 << 20)  # the head is 8 MB: too large to copy, its 2 MB of codes fit
     with torch.no_grad():
         x = torch.randn(5, 256)

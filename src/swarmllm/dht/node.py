@@ -9,10 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import select
 import tempfile
-import threading
-import time
 from collections.abc import Sequence
 from functools import partial
 from typing import NoReturn
@@ -24,6 +21,7 @@ from hivemind.p2p import PeerID
 from hivemind.utils.multiaddr import Multiaddr
 
 from swarmllm.dht.membership import record_validators
+from swarmllm.lifetime import after_exit
 from swarmllm.wire.identity import Identity
 from swarmllm.wire.swarm_key import SwarmKey
 
@@ -43,30 +41,8 @@ class OwnedDHT(hivemind.DHT):
         super().__init__(*args, **kwargs)
 
     def run(self) -> None:
-        _end_with_owner(self._owner_pid)
+        after_exit(self._owner_pid, _end_children_and_exit, parent=True)
         super().run()
-
-
-def _end_with_owner(owner: int, poll_s: float = 1.0) -> None:
-    """Start a thread that kills this process's children and ends it once `owner` (its parent) has exited."""
-    try:
-        pidfd: int | None = os.pidfd_open(owner)
-    except ProcessLookupError:
-        _end_children_and_exit()  # the owner is gone already
-    except OSError:
-        pidfd = None  # no pidfds (Linux < 5.3): poll the parent's pid instead
-    if os.getppid() != owner:  # (a pidfd opened after the owner died names whatever process took its pid)
-        _end_children_and_exit()
-
-    def watch() -> None:
-        if pidfd is None:
-            while os.getppid() == owner:
-                time.sleep(poll_s)
-        else:
-            select.select([pidfd], [], [])
-        _end_children_and_exit()
-
-    threading.Thread(target=watch, name="swarmllm-owner-watch", daemon=True).start()
 
 
 def _end_children_and_exit() -> NoReturn:
