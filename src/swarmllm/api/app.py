@@ -135,6 +135,7 @@ class Engine:
         self.model, self.tokenizer, self.name = model, tokenizer, name
         self.draft = draft  # speculative decoding, for every request
         self.context_length = context_length
+        self.max_concurrent = max_concurrent
         self.executor = ThreadPoolExecutor(max_workers=max_concurrent, thread_name_prefix="swarmllm-api")
         self.sessions = SessionPool(
             model, size=keep_sessions, idle_s=keep_sessions_s, context_length=context_length
@@ -154,7 +155,7 @@ class Engine:
             self.tokenizer,
             name,
             context_length=self.context_length,
-            max_concurrent=self.executor._max_workers,
+            max_concurrent=self.max_concurrent,
             keep_sessions=self.sessions.size,
             keep_sessions_s=self.sessions.idle_s,
             metrics=self.metrics,
@@ -474,9 +475,9 @@ class Api:
 
     def model_card(self) -> dict:
         card = {"id": self.engine.name, "object": "model", "created": 0, "owned_by": "swarmllm"}
-        return (
-            card if self.engine.parent is None else {**card, "parent": self.engine.parent}
-        )  # as vLLM's LoRA
+        if self.engine.parent is not None:  # an adapter's model, as vLLM lists a LoRA's
+            card["parent"] = self.engine.parent
+        return card
 
     async def model(self, request: web.Request) -> web.Response:
         try:

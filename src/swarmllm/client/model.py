@@ -215,9 +215,7 @@ class DistributedModel(PreTrainedModel):
         self.block_config = BlockConfig.from_hf(config)
         self.ptune: PromptTuning | None = None
         self.lora: RemoteLora | None = None
-        self._base: DistributedModel | None = (
-            None  # (`with_adapter`'s models: the model whose swarm they use)
-        )
+        self._base: DistributedModel | None = None  # (`with_adapter`'s: the model whose swarm it uses)
         self._sessions = threading.local()  # each thread its own active session: concurrent generates
         # the head's matmul without gradients on a CPU (models/packed.py), and a greedy step's (models/screen.py)
         self.head_copy = copied = PackedCopy()

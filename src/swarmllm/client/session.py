@@ -128,9 +128,8 @@ class InferenceSession:
         # servers that refused to open this session for what it asks (batch size, length, cache): routed around,
         # unbanned
         self._refused: dict[str, RemoteError] = {}
-        self._uploaded_again: set[str] = (
-            set()
-        )  # servers that dropped this session's adapter: uploaded once more
+        # servers that dropped this session's adapter (unused, or giving way to newer ones): it went again once
+        self._uploaded_again: set[str] = set()
         # servers past this client's request rate, waited for (`_waits_out`): for up to request_timeout_s a step
         self._shed = self._new_shed()
         self._room_since: float | None = None  # when a server first refused this step room (`_wants_room`)
