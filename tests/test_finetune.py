@@ -385,6 +385,34 @@ def test_one_client_serves_five_adapters_in_turn_with_peft_tokens(swarm, llama_c
         model.shutdown()
 
 
+def test_cli_generate_with_a_lora_folder_prints_peft_text(swarm, llama_checkpoint, tmp_path, capsys):
+    """`swarmllm generate MODEL --lora DIR` (and `chat`'s): the adapter's greedy text, PEFT's on transformers; a
+    folder that is no adapter's is one line before anything loads."""
+    from transformers import AutoTokenizer
+
+    from swarmllm.cli import main
+
+    local, _ = swarm
+    settings = LoraSettings.from_peft(peft.LoraConfig(**LORA))
+    _, config = load_config(llama_checkpoint)
+    write_peft_adapter(
+        tmp_path / "styled", settings, random_lora(config, settings, 21), str(llama_checkpoint)
+    )
+    tokenizer = AutoTokenizer.from_pretrained(llama_checkpoint)
+    inputs = tokenizer("the cat", return_tensors="pt")
+    theirs = peft_reference(llama_checkpoint, tmp_path / "styled")
+    want = tokenizer.decode(
+        theirs.generate(**inputs, max_new_tokens=6, do_sample=False)[0], skip_special_tokens=True
+    )
+    plain = AutoModelForCausalLM.from_pretrained(llama_checkpoint, dtype=torch.float32).eval()
+    assert want != tokenizer.decode(plain.generate(**inputs, max_new_tokens=6, do_sample=False)[0])
+    args = ["generate", str(llama_checkpoint), "--initial-peers", *local.initial_peers, "--prompt", "the cat"]
+    assert main([*args, "--max-new-tokens", "6", "--lora", str(tmp_path / "styled")]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == want
+    assert main([*args, "--lora", str(tmp_path)]) == 1
+    assert f"--lora {tmp_path}: it holds no adapter_config.json" in capsys.readouterr().err
+
+
 def test_hosted_adapter_routes_only_via_servers_announcing_it(swarm, llama_checkpoint):
     local, hosted = swarm
     model = remote_model(llama_checkpoint, local, chain=False, active_adapter=HOSTED)

@@ -223,6 +223,33 @@ def _limits(serve: argparse.ArgumentParser) -> None:
         group.add_argument(flag, dest=dest, type=kind, help=help)
 
 
+def _lora(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--lora",
+        metavar="DIR",
+        help="a LoRA adapter folder (what save_pretrained or PEFT wrote), which the client sends to the servers "
+        "with its requests",
+    )
+
+
+def _check_lora(folder: str | None) -> None:
+    """`--lora DIR` must be an adapter's folder, checked before anything loads."""
+    from swarmllm.models.lora import CONFIG_FILE
+
+    if folder is not None and not (Path(folder).expanduser() / CONFIG_FILE).is_file():
+        raise UserError(f"--lora {folder}: it holds no {CONFIG_FILE} (a PEFT LoRA folder)")
+
+
+def _with_lora(model, folder: str | None) -> None:
+    """Give `model` the adapter of `--lora DIR`, if given (the model is shut down if it does not fit)."""
+    if folder is not None:
+        try:
+            model.load_adapter(Path(folder).expanduser())
+        except ValueError as e:  # (a rank or modules that do not fit the model's blocks)
+            model.shutdown()
+            raise UserError(f"--lora {folder}: {e}") from e
+
+
 def _wait_for_blocks(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--wait-for-blocks",
@@ -441,6 +468,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0)
     _wait_for_blocks(gen)
     _head(gen)
+    _lora(gen)
 
     chat = commands.add_parser("chat", help="chat in the terminal with a model served by a swarm")
     chat.add_argument("model", help="hub id or local folder (the client loads only embeddings and LM head)")
@@ -460,6 +488,7 @@ def build_parser() -> argparse.ArgumentParser:
     _wait_for_blocks(chat)
     _draft(chat)
     _head(chat)
+    _lora(chat)
     chat.add_argument(
         "--stats",
         action="store_true",
@@ -1108,6 +1137,7 @@ def _generate(args: argparse.Namespace) -> int:
     peers = _initial_peers(args)
     head = _head_options(args)
     _check_model(args.model)
+    _check_lora(args.lora)
     import torch
     from transformers import AutoTokenizer
 
@@ -1125,6 +1155,7 @@ def _generate(args: argparse.Namespace) -> int:
         missing_blocks_timeout_s=args.wait_for_blocks,
         **head,
     )
+    _with_lora(model, args.lora)
     torch.manual_seed(args.seed)
     options: dict[str, object] = {"do_sample": False}  # greedy
     if args.num_beams > 1:
@@ -1149,6 +1180,7 @@ def _chat(args: argparse.Namespace) -> int:
     head = _head_options(args, [args.draft_model])
     _check_model(args.model)
     _check_draft(args.model, args.draft_model)
+    _check_lora(args.lora)
     from transformers import AutoTokenizer
 
     from swarmllm import AutoDistributedModelForCausalLM
@@ -1165,6 +1197,7 @@ def _chat(args: argparse.Namespace) -> int:
         missing_blocks_timeout_s=args.wait_for_blocks,
         **head,
     )
+    _with_lora(model, args.lora)
     draft = args.draft_model and Draft.load(args.draft_model, model.config.vocab_size, args.num_draft_tokens)
     chat = Chat(
         model,
