@@ -318,17 +318,28 @@ class DistributedModel(PreTrainedModel):
             raise ValueError(f"LoRA option init_lora_weights={init!r} is not supported")
         self.lora = RemoteLora(self.block_config, settings, adapter_name)
 
+    def _saved(self) -> dict[str, torch.Tensor]:
+        """What `save_pretrained` writes to `model.safetensors`, by state-dict name: every tensor the client
+        trains (a classifier's head frozen too: it is random until trained, and the logits need it)."""
+        return {
+            n: p.detach().contiguous()
+            for n, p in self.named_parameters()
+            if p.requires_grad or n == "score.weight"
+        }
+
+    @property
+    def _keys_to_ignore_on_save(self) -> list[str]:
+        """The state-dict entries `save_pretrained` leaves out (the checkpoint's embeddings, norm and head): a
+        Trainer resuming from one of its checkpoints misses exactly these, and says nothing (it warned of them)."""
+        saved = self._saved()
+        return [name for name in self.state_dict() if name not in saved]
+
     def save_pretrained(self, save_directory: str | Path, **_) -> None:
         """A standard PEFT adapter folder for the LoRA adapter (what `peft.PeftModel.from_pretrained` loads onto
         the local transformers model), and every tensor the client trains in `model.safetensors` (what
         transformers' Trainer resumes from)."""
         path = Path(save_directory)
-        # a classifier's head is saved frozen too: it is random until trained, and the logits need it
-        own = {
-            n: p.detach().contiguous()
-            for n, p in self.named_parameters()
-            if p.requires_grad or n == "score.weight"
-        }
+        own = self._saved()
         if self.lora is None and not own:
             raise ValueError("nothing to save: the model has no adapter and no trainable parameters")
         path.mkdir(parents=True, exist_ok=True)
