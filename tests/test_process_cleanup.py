@@ -75,9 +75,9 @@ def test_children_that_outlive_a_process_of_the_swarm_are_stopped_with_it():
 
 
 def test_a_dht_process_ends_with_its_owner_killed_outright():
-    """hivemind's DHT process never saw its owner die (it holds both ends of its pipe): a peer killed by SIGKILL (the
-    OOM killer, a Jupyter kernel's restart) left its DHT process and p2pd running, in the swarm, for ever. Now they end by
-    themselves, without the local swarm's cleanup (which runs only when the swarm is closed)."""
+    """hivemind's DHT process never saw its owner die (it holds both ends of its pipe): a peer killed by SIGKILL
+    (the OOM killer, a Jupyter kernel's restart) left its DHT process and p2pd running, in the swarm, for ever.
+    Now they end by themselves, without the local swarm's cleanup (which runs only when the swarm is closed)."""
     with LocalSwarm() as local:
         local.start_bootstrap()
         pid = local.bootstrap.proc.pid

@@ -3,8 +3,9 @@
 `PromptTuning` holds prompts (Petals' conventions: `ptune` prepends N trainable vectors to the input embeddings;
 `deep_ptune` also adds N trainable vectors per block to the first N positions before each block). `RemoteLora`
 holds a LoRA adapter's A/B matrices for every block, named as PEFT names them; a plain `optimizer.step()` is
-enough: the next request finds the changed tensors and uploads the new weights once per server. `run_blocks` sends hidden states through the swarm with them, through `RemoteBlocks` (a
-`torch.autograd.Function` whose backward asks the same servers for the gradients) when gradients are needed.
+enough: the next request finds the changed tensors and uploads the new weights once per server. `run_blocks`
+sends hidden states through the swarm with them, through `RemoteBlocks` (a `torch.autograd.Function` whose
+backward asks the same servers for the gradients) when gradients are needed.
 """
 
 from __future__ import annotations
@@ -82,13 +83,13 @@ class RemoteLora(nn.Module):
         """The weights as they are now, with a version that changes whenever any of them changed. The contents
         are compared, not the tensors' version counters: a fused optimizer (transformers' Trainer's default,
         `adamw_torch_fused`) and updates through `.data` change weights without bumping them, and servers kept
-        computing with the first version (comparing costs ~4 ms for a rank-8 q/v adapter of Llama-8B's shape on a CPU core)."""
+        computing with the first version (comparing costs ~4 ms for a rank-8 q/v adapter of Llama-8B's shape on
+        a CPU core)."""
+        current = {name: w.detach().float() for name, w in self.tensors().items()}
         old = self._snapshot
-        if old is None or any(
-            not torch.equal(old.tensors[name], w.detach().float()) for name, w in self.tensors().items()
-        ):
+        if old is None or any(not torch.equal(old.tensors[name], t) for name, t in current.items()):
             self._version += 1
-            tensors = {name: w.detach().float().clone() for name, w in self.tensors().items()}
+            tensors = {name: t.clone() for name, t in current.items()}
             self._snapshot = AdapterWeights(self.name, self._version, self.settings, tensors)
         return self._snapshot
 
