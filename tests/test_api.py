@@ -114,16 +114,20 @@ def tiny_adapter(tmp_path_factory, llama_checkpoint) -> str:
 
 
 @pytest.fixture(scope="module")
-def api(swarm, smollm2, llama_checkpoint, tiny_draft, tiny_adapter):
+def api(swarm, smollm2, llama_checkpoint, tiny_draft, tiny_adapter, tmp_path_factory):
     """One API for SmolLM2 (NAME) and the tiny Llama ("tiny", whose servers have a key of their own in the
-    swarm, with a draft model for speculative decoding), as `swarmllm api MODEL MODEL` serves them, and the tiny
-    Llama with a LoRA adapter ("tiny-styled", `--lora-modules`)."""
-    names = ["--name", NAME, "--name", "tiny"]
-    prefixes = ["--dht-prefix", dht_prefix_for(str(smollm2)), "--dht-prefix", TINY_PREFIX]
-    drafts = ["--draft-model", "none", "--draft-model", tiny_draft, "--num-draft-tokens", "3"]
+    swarm, with a draft model for speculative decoding), as `swarmllm api MODEL MODEL` serves them, the tiny
+    Llama with a LoRA adapter ("tiny-styled", `--lora-modules`), and the tiny Llama again, drafting by prompt
+    lookup ("tiny-lookup", `--draft-model ngram`)."""
+    names = ["--name", NAME, "--name", "tiny", "--name", "tiny-lookup"]
+    prefixes = ["--dht-prefix", dht_prefix_for(str(smollm2)), *["--dht-prefix", TINY_PREFIX] * 2]
+    drafts = [*["--draft-model", "none", "--draft-model", tiny_draft], "--draft-model", "ngram"]
     adapters = ["--lora-modules", f"tiny-styled={tiny_adapter}"]
+    lookup = tmp_path_factory.mktemp("lookup") / "tiny"  # another path: the adapter's base names the first
+    lookup.symlink_to(llama_checkpoint, target_is_directory=True)
     return swarm.start_api(
-        [str(smollm2), str(llama_checkpoint)], extra=[*names, *prefixes, *drafts, *adapters]
+        [str(smollm2), str(llama_checkpoint), str(lookup)],
+        extra=[*names, *prefixes, *drafts, "--num-draft-tokens", "3", *adapters],
     )
 
 
@@ -136,7 +140,7 @@ def test_one_api_serves_each_model_as_its_own_transformers(api, client, llama_ch
     """`swarmllm api MODEL MODEL`: both models listed (OpenAI's, Ollama's tags and ps), each request answered by
     the model it names: the tiny Llama's greedy completion is its own transformers', through either face (Ollama's
     named with `:latest`); an unknown model's 404 names every model served."""
-    assert [m.id for m in client.models.list().data] == [NAME, "tiny", "tiny-styled"]
+    assert [m.id for m in client.models.list().data] == [NAME, "tiny", "tiny-lookup", "tiny-styled"]
     assert client.models.retrieve("tiny").id == "tiny" and client.models.retrieve(NAME).id == NAME
     tokenizer = AutoTokenizer.from_pretrained(llama_checkpoint)
     tiny = AutoModelForCausalLM.from_pretrained(llama_checkpoint, dtype=torch.float32).eval()
@@ -146,8 +150,8 @@ def test_one_api_serves_each_model_as_its_own_transformers(api, client, llama_ch
     reply = client.completions.create(model="tiny", prompt="the cat", max_tokens=8, temperature=0)
     assert reply.choices[0].text == want and reply.model == "tiny"
     ollama_client = ollama.Client(host=api.removesuffix("/v1"), timeout=120)
-    assert [m.model for m in ollama_client.list().models] == [NAME, "tiny", "tiny-styled"]
-    assert [m.model for m in ollama_client.ps().models] == [NAME, "tiny", "tiny-styled"]
+    assert [m.model for m in ollama_client.list().models] == [NAME, "tiny", "tiny-lookup", "tiny-styled"]
+    assert [m.model for m in ollama_client.ps().models] == [NAME, "tiny", "tiny-lookup", "tiny-styled"]
     greedy = {"temperature": 0, "num_predict": 8}
     assert (
         ollama_client.generate(model="tiny:latest", prompt="the cat", raw=True, options=greedy).response
@@ -155,7 +159,7 @@ def test_one_api_serves_each_model_as_its_own_transformers(api, client, llama_ch
     )
     with pytest.raises(openai.NotFoundError) as unknown:
         client.completions.create(model="no-such-model", prompt="hi", max_tokens=4)
-    assert f"'{NAME}', 'tiny', 'tiny-styled'" in unknown.value.message
+    assert f"'{NAME}', 'tiny', 'tiny-lookup', 'tiny-styled'" in unknown.value.message
 
 
 def test_a_lora_module_answers_as_peft_on_transformers_and_leaves_its_model_alone(
@@ -212,6 +216,32 @@ def scrape(api: str) -> dict:
         for family in text_string_to_metric_families(text)
         for s in family.samples
     }
+
+
+def test_prompt_lookup_speculates_without_a_draft_model(api, client, llama_checkpoint):
+    """`--draft-model ngram` (vLLM's "ngram" speculative method): drafts copied from the prompt and the answer
+    so far, checked by the swarm 3 at a time. Greedy completions, whole and streamed, are transformers' tokens;
+    /metrics counts the drafts (some accepted, some not); seeded samples repeat."""
+    tokenizer = AutoTokenizer.from_pretrained(llama_checkpoint)
+    tiny = AutoModelForCausalLM.from_pretrained(llama_checkpoint, dtype=torch.float32).eval()
+    prompt = "the cat and the moon . the cat and the moon . the cat"
+    ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    out = tiny.generate(ids, max_new_tokens=24, do_sample=False)[0, ids.shape[1] :]
+    want = after_prompt(tokenizer, ids[0].tolist(), out.tolist())
+
+    def complete(**options):
+        return client.completions.create(model="tiny-lookup", prompt=prompt, max_tokens=24, **options)
+
+    def counted(what: str) -> float:
+        return scrape(api).get((f"swarmllm_api_spec_decode_{what}_total", (("model", "tiny-lookup"),)), 0.0)
+
+    before = {what: counted(what) for what in ("drafts", "draft_tokens", "accepted_tokens")}
+    assert complete(temperature=0).choices[0].text == want
+    assert "".join(c.choices[0].text for c in complete(temperature=0, stream=True)) == want
+    drafts = {what: counted(what) - before[what] for what in before}
+    assert 0 < drafts["accepted_tokens"] < drafts["draft_tokens"] and drafts["drafts"] < 2 * 24, drafts
+    sampled = [complete(temperature=1.0, seed=11).choices[0].text for _ in range(2)]
+    assert sampled[0] == sampled[1]
 
 
 def test_a_draft_model_speculates_and_the_tokens_stay_the_swarms(api, client, llama_checkpoint):
@@ -1498,7 +1528,7 @@ def test_health_and_metrics_count_what_the_api_answered(api, client):
     with urllib.request.urlopen(root + "/health", timeout=60) as reply:
         health = json.load(reply)
         assert reply.status == 200 and health["status"] == "ok"
-        assert set(health["models"]) == {NAME, "tiny", "tiny-styled"}
+        assert set(health["models"]) == {NAME, "tiny", "tiny-lookup", "tiny-styled"}
     before = scrape(api)
     usage = client.completions.create(model=NAME, prompt="The sky is", max_tokens=5, temperature=0).usage
     assert post(api, "/completions", {"model": NAME, "prompt": "hi", "max_tokens": 0})[0] == 400

@@ -112,6 +112,43 @@ def test_speculative_decoding_through_the_swarm(swarm, llama_checkpoint):
     assert sampled.shape == (1, PROMPT.shape[1] + 10) and torch.equal(sampled[:, : PROMPT.shape[1]], PROMPT)
 
 
+def test_prompt_lookup_decoding_through_the_swarm(plain_swarm, llama_checkpoint):
+    """`generate(prompt_lookup_num_tokens=K)`: drafts copied from the sequence (no draft model), checked by the
+    swarm several at a time: transformers' greedy tokens (its own prompt lookup gives them too) in fewer
+    rounds than tokens, drafts rejected on the way (the servers' caches rewound); sampled, a seeded run
+    repeats."""
+    reference = AutoModelForCausalLM.from_pretrained(llama_checkpoint, dtype=torch.float32).eval()
+    prompt = torch.cat([PROMPT, PROMPT[:, 1:]], dim=1)  # a text that repeats itself
+    want = reference.generate(prompt, max_new_tokens=20, do_sample=False)
+    assert reference.generate(
+        prompt, max_new_tokens=20, do_sample=False, prompt_lookup_num_tokens=4
+    ).tolist() == (want.tolist())
+    got = plain_swarm.generate(prompt, max_new_tokens=20, do_sample=False, prompt_lookup_num_tokens=4)
+    assert got.tolist() == want.tolist()
+    stats = plain_swarm.last_speculation
+    assert 0 < stats.accepted < stats.drafted and stats.rounds < 20
+    constant = dict(prompt_lookup_num_tokens=2, num_assistant_tokens_schedule="constant")
+    assert (
+        plain_swarm.generate(prompt, max_new_tokens=20, do_sample=False, **constant).tolist() == want.tolist()
+    )
+    assert plain_swarm.last_speculation.drafted <= 2 * plain_swarm.last_speculation.rounds  # K stayed 2
+    sampled = [
+        plain_swarm.generate(
+            prompt,
+            max_new_tokens=10,
+            do_sample=True,
+            temperature=0.8,
+            prompt_lookup_num_tokens=3,
+            max_matching_ngram_size=1,
+            generator=torch.Generator().manual_seed(5),
+        ).tolist()
+        for _ in range(2)
+    ]
+    assert sampled[0] == sampled[1] and len(sampled[0][0]) == prompt.shape[1] + 10
+    with pytest.raises(ValueError, match="not both"):
+        plain_swarm.generate(prompt, max_new_tokens=4, assistant_model=reference, prompt_lookup_num_tokens=3)
+
+
 def test_servers_with_panel_weights_generate_transformers_tokens(checkpoints):
     """A server whose projections are stored as panels for our CPU kernel (the float32 default at hidden size 1024)
     and one with --no-packed-weights: one session and concurrent ones (merged steps) give transformers' greedy

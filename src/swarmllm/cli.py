@@ -142,7 +142,9 @@ def _head_options(args: argparse.Namespace, drafts: Sequence[str | None] = ()) -
     command's draft models (None for none), which run on the CPU."""
     import torch
 
-    if args.device != "cpu" and any(drafts):
+    from swarmllm.api.generation import PROMPT_LOOKUP
+
+    if args.device != "cpu" and any(draft not in (None, PROMPT_LOOKUP) for draft in drafts):
         raise UserError("--draft-model runs its draft on the CPU: give it with --device cpu")
     _check_device(args.device)
     return {"device": args.device, "dtype": getattr(torch, args.dtype)}
@@ -679,7 +681,9 @@ def _check_model(model: str) -> None:
 
 def _check_draft(model: str, draft: str | None) -> None:
     """A draft model must be a checkpoint with `model`'s vocabulary (their configs say)."""
-    if draft is None:
+    from swarmllm.api.generation import PROMPT_LOOKUP
+
+    if draft in (None, PROMPT_LOOKUP):
         return
     _check_model(draft)
     from transformers import AutoConfig
@@ -988,8 +992,9 @@ def _draft(parser: argparse.ArgumentParser, repeat: bool = False) -> None:
         "--draft-model",
         action="append" if repeat else "store",
         help="speculative decoding: a local model (folder or hub id) with the same vocabulary that proposes "
-        f"tokens for the swarm to check several at a time{each} (the tokens, and their log-probabilities, stay "
-        "the swarm's own)",
+        "tokens for the swarm to check several at a time, or 'ngram' (prompt lookup: drafts copied "
+        f"from the prompt and the answer so far, no model){each} (the tokens, and their log-probabilities, "
+        "stay the swarm's own)",
     )
     parser.add_argument(
         "--num-draft-tokens",

@@ -117,32 +117,17 @@ def test_greedy_tokens_under_logits_processors_equal_transformers(checkpoints):
     assert ours.tolist() == want.tolist() and 0 < stats.accepted < stats.drafted
 
 
-def test_sampled_tokens_follow_the_target_distribution(tmp_path):
-    """Two sampled tokens after a prompt, many times over, on a 6-token vocabulary: their joint frequencies
-    match the target's p(x1) p(x2 | x1) (temperature 2 on both models), whatever the draft proposes."""
-    torch.manual_seed(0)
-    shape = dict(
-        vocab_size=6,
-        hidden_size=16,
-        intermediate_size=32,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=16,
-        eos_token_id=None,
-    )
-    LlamaForCausalLM(LlamaConfig(**shape)).save_pretrained(tmp_path / "target")
-    draft = LlamaForCausalLM(LlamaConfig(**shape)).eval()  # another random model: it disagrees often
-    path, prompt, vocab = tmp_path / "target", torch.tensor([[1, 3]]), 6
+def sampled_pairs_follow_the_target(path, draft, prompt: torch.Tensor, vocab: int) -> SpeculationStats:
+    """Two tokens sampled speculatively after `prompt`, many times over: their joint frequencies match the
+    target's p(x1) p(x2 | x1) (temperature 2 on both models; chi-square). Returns what the rounds did."""
     warpers = LogitsProcessorList([Temperature(2.0)])
-
     target = LocalTarget(path, max_length=8)
-    verify = target.session()
+    verify, n = target.session(), prompt.shape[1]
     with torch.no_grad():
         first = torch.softmax(warpers(prompt, verify(prompt, 0)[:, -1]), -1)[0]
         want = torch.stack(
             [
-                first[a] * torch.softmax(warpers(None, verify(torch.tensor([[a]]), 2)[:, -1]), -1)[0]
+                first[a] * torch.softmax(warpers(None, verify(torch.tensor([[a]]), n)[:, -1]), -1)[0]
                 for a in range(vocab)
             ]
         ).flatten()
@@ -160,8 +145,25 @@ def test_sampled_tokens_follow_the_target_distribution(tmp_path):
             generator=generator,
             stats=stats,
         )
-        counts[out[0, 2] * vocab + out[0, 3]] += 1
+        counts[out[0, n] * vocab + out[0, n + 1]] += 1
     assert chisquare(counts.numpy(), (want * runs).numpy()).pvalue > 1e-3
+    return stats
+
+
+def tiny_shape(vocab: int) -> dict:
+    return dict(
+        vocab_size=vocab, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=16, eos_token_id=None,
+    )  # fmt: skip
+
+
+def test_sampled_tokens_follow_the_target_distribution(tmp_path):
+    """Two sampled tokens after a prompt, many times over, on a 6-token vocabulary: their joint frequencies
+    match the target's p(x1) p(x2 | x1) (temperature 2 on both models), whatever the draft proposes."""
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(**tiny_shape(6))).save_pretrained(tmp_path / "target")
+    draft = LlamaForCausalLM(LlamaConfig(**tiny_shape(6))).eval()  # another random model: it disagrees often
+    stats = sampled_pairs_follow_the_target(tmp_path / "target", draft, torch.tensor([[1, 3]]), 6)
     assert 0 < stats.accepted < stats.drafted
 
 
@@ -260,3 +262,63 @@ def test_record_gets_the_targets_own_logits_of_each_new_token_before_the_streame
     rows = []
     cut = generate(eos_token_ids={eos}, record=rows.append)
     assert sum(r.shape[0] for r in rows) == cut.shape[1] - prompt.shape[1] and int(cut[0, -1]) == eos
+
+
+def test_prompt_lookup_proposes_what_transformers_candidate_generator_does():
+    """`PromptLookup` against transformers' own `PromptLookupCandidateGenerator` (the reference: the same
+    n-gram rule), over random sequences of a 4-token vocabulary (many matches) and of a large one (few)."""
+    from transformers.generation.candidate_generator import PromptLookupCandidateGenerator
+
+    from swarmllm.client.speculative import PromptLookup
+
+    generator = torch.Generator().manual_seed(0)
+    found = 0
+    for trial in range(400):
+        vocab = 4 if trial % 2 else 1000
+        length = int(torch.randint(2, 30, (), generator=generator))
+        ids = torch.randint(0, vocab, (1, length), generator=generator)
+        k, ngram = (
+            int(torch.randint(1, 8, (), generator=generator)),
+            int(torch.randint(1, 4, (), generator=generator)),
+        )
+        reference = PromptLookupCandidateGenerator(
+            num_output_tokens=k, max_matching_ngram_size=ngram, max_length=length + 100
+        )
+        candidates, _ = reference.get_candidates(ids)
+        want = candidates[0, length:].tolist()
+        got, q = PromptLookup(ngram).propose(ids, k, None, False, None)
+        assert got.tolist() == want and q is None, (ids.tolist(), k, ngram)
+        found += bool(want)
+    assert 50 < found < 400  # both: proposals and none
+
+
+def test_prompt_lookup_greedy_tokens_equal_plain_greedy_and_samples_follow_the_target(checkpoints, tmp_path):
+    """Prompt lookup's drafts (no draft model) are checked by the same loop: greedy tokens are plain greedy's
+    with drafts accepted and rejected on the way; sampled first tokens follow the target's distribution (the
+    drafts are certain: the rule's point-mass case)."""
+    from swarmllm.client.speculative import PromptLookup
+
+    path = checkpoints("llama")
+    reference = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    prompt = torch.tensor([[1, 17, 42, 99, 5, 23, 17, 42, 99, 5]])
+    want = reference.generate(prompt, max_new_tokens=24, do_sample=False)
+    for k, ngram in ((2, 1), (5, 2), (8, 3)):
+        stats = SpeculationStats()
+        ours = speculative_generate(
+            local_target(path),
+            PromptLookup(ngram),
+            prompt,
+            max_new_tokens=24,
+            num_draft_tokens=k,
+            stats=stats,
+        )
+        assert ours.tolist() == want.tolist(), (k, ngram)
+        assert 0 < stats.accepted < stats.drafted and stats.rounds < 24, (k, ngram, stats)
+
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(**tiny_shape(4))).save_pretrained(tmp_path / "target")
+    # PromptLookup(1) proposes 3: what followed the prompt's first 1
+    stats = sampled_pairs_follow_the_target(
+        tmp_path / "target", PromptLookup(1), torch.tensor([[1, 3, 2, 1]]), 4
+    )
+    assert 0 < stats.accepted < stats.drafted

@@ -335,7 +335,7 @@ class Engine:
             ),
             **draw,
         )
-        if "assistant_model" in draw:
+        if self.draft is not None:
             self.counted.speculated(self.model.last_speculation)
 
     @staticmethod

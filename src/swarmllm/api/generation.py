@@ -337,20 +337,25 @@ def sampling(
     return [*processors, SeededSampler(seed)]
 
 
+PROMPT_LOOKUP = "ngram"  # a draft "model" that names prompt lookup (vLLM's speculative method "ngram")
+
+
 @dataclass(frozen=True)
 class Draft:
-    """A local draft model that proposes `tokens` tokens a round for the swarm to check in one step (speculative
-    decoding, `client.speculative`), as vLLM's `--speculative-config` gives a server one. The tokens are the
-    swarm's own: greedy ones exactly plain greedy decoding's, sampled ones drawn from the same distribution
-    (with the request's seed, though not the same draws as without a draft)."""
+    """What proposes `tokens` tokens a round for the swarm to check in one step (speculative decoding,
+    `client.speculative`), as vLLM's `--speculative-config` gives a server: a local draft model, or prompt
+    lookup (drafts copied from the prompt and the answer so far). The tokens are the swarm's own: greedy ones
+    exactly plain greedy decoding's, sampled ones drawn from the same distribution (with the request's seed,
+    though not the same draws as without a draft)."""
 
-    model: Any  # a transformers causal LM with the swarm model's vocabulary
+    model: Any  # a transformers causal LM with the swarm model's vocabulary; None: prompt lookup
     tokens: int
 
     @classmethod
     def load(cls, path: str, vocab_size: int, tokens: int | None = None) -> Draft:
         """The checkpoint at `path` (a folder or hub id), in float32 on the CPU, checked against the vocabulary
-        of the model it drafts for; `tokens` a round (default: the client's, DEFAULT_DRAFT_TOKENS)."""
+        of the model it drafts for, or prompt lookup for PROMPT_LOOKUP; `tokens` a round (default: the
+        client's, DEFAULT_DRAFT_TOKENS)."""
         from transformers import AutoModelForCausalLM
 
         from swarmllm.client.model import DEFAULT_DRAFT_TOKENS
@@ -358,6 +363,8 @@ class Draft:
         tokens = DEFAULT_DRAFT_TOKENS if tokens is None else tokens
         if tokens < 1:
             raise ValueError(f"a draft proposes at least 1 token a round, not {tokens}")
+        if path == PROMPT_LOOKUP:
+            return cls(None, tokens)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
         if model.config.vocab_size != vocab_size:
             raise ValueError(
@@ -371,7 +378,10 @@ class Draft:
     ) -> dict:
         """`generate()`'s options that draw the tokens speculatively: greedy at temperature 0, else sampled
         with temperature, top-k, top-p and min-p, from a generator seeded with `seed`."""
-        options = {"assistant_model": self.model, "num_assistant_tokens": self.tokens, "do_sample": False}
+        if self.model is None:
+            options = {"prompt_lookup_num_tokens": self.tokens, "do_sample": False}
+        else:
+            options = {"assistant_model": self.model, "num_assistant_tokens": self.tokens, "do_sample": False}
         if temperature > 0:
             options |= {
                 "do_sample": True,

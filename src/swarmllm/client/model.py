@@ -55,7 +55,7 @@ from swarmllm.client.heads import MergedHead
 from swarmllm.client.loop import event_loop, run_sync
 from swarmllm.client.remote import PromptTuning, RemoteLora, run_blocks
 from swarmllm.client.session import InferenceSession
-from swarmllm.client.speculative import SpeculationStats, speculative_generate
+from swarmllm.client.speculative import PromptLookup, SpeculationStats, speculative_generate
 from swarmllm.client.swarm import SwarmClient
 from swarmllm.client.tuning import Tuning
 from swarmllm.dht.info import model_fingerprint
@@ -506,7 +506,10 @@ class DistributedModelForCausalLM(DistributedModel, GenerationMixin):
     def generate(self, inputs: torch.Tensor | None = None, *args, **kwargs):
         """transformers' `generate` over the swarm; with `assistant_model=DRAFT` (a local causal LM with the same
         vocabulary), speculative decoding (`client.speculative`): greedy or sampled (temperature, top_k, top_p,
-        min_p), `num_assistant_tokens` drafts per round ("heuristic" `num_assistant_tokens_schedule` adapts it),
+        min_p), `num_assistant_tokens` drafts per round ("heuristic" `num_assistant_tokens_schedule` adapts it);
+        with `prompt_lookup_num_tokens=K` instead, the same with drafts copied from the sequence, K at first
+        and then adapted unless the schedule is "constant" (`max_matching_ngram_size` its longest n-gram match,
+        2 by default), no draft model;
         batch size 1, with a `streamer`, `stopping_criteria` (asked after each round) and a `logits_processor`
         list (applied to both models at each prefix, in any order: each must depend on the prefix alone), and
         `record_logits`, a function given the model's own logits [n, vocab] at each round's n new tokens before
@@ -538,12 +541,15 @@ class DistributedModelForCausalLM(DistributedModel, GenerationMixin):
 
     def _generate(self, inputs: torch.Tensor | None, *args, **kwargs):
         """`generate`'s work, while the calling thread takes part in the merged LM head."""
-        if kwargs.get("assistant_model") is not None:
+        config = self._given_generation_config(kwargs.get("generation_config"))
+        lookup = kwargs.get("prompt_lookup_num_tokens", config.prompt_lookup_num_tokens)
+        if kwargs.get("assistant_model") is not None or lookup:
             if args:
-                raise TypeError("with assistant_model, pass generation options by keyword")
+                raise TypeError(
+                    "with assistant_model or prompt_lookup_num_tokens, pass generation options by keyword"
+                )
             return self._speculative_generate(inputs, **kwargs)
         kwargs["use_cache"] = False
-        config = self._given_generation_config(kwargs.get("generation_config"))
         embeds = kwargs.get("inputs_embeds")
         if embeds is not None and (kwargs.get("num_beams", config.num_beams) or 1) > 1:
             # transformers then sends each step's new tokens alone, without the beams they continue
@@ -573,7 +579,7 @@ class DistributedModelForCausalLM(DistributedModel, GenerationMixin):
         return config
 
     def _speculative_generate(self, inputs: torch.Tensor | None, **kwargs) -> torch.Tensor:
-        draft = kwargs.pop("assistant_model")
+        draft = kwargs.pop("assistant_model", None)
         input_ids = inputs if inputs is not None else kwargs.pop("input_ids", None)
         if input_ids is None:
             raise ValueError("generate needs input_ids")
@@ -606,11 +612,20 @@ class DistributedModelForCausalLM(DistributedModel, GenerationMixin):
             criteria.append(MaxTimeCriteria(config.max_time))
         if self.ptune is not None:
             raise NotImplementedError("speculative decoding with trainable prompts is not supported")
-        if draft.config.vocab_size != self.config.vocab_size:
+        if draft is not None and config.prompt_lookup_num_tokens:
+            raise ValueError("pass assistant_model or prompt_lookup_num_tokens, not both")
+        if draft is None:  # prompt lookup: drafts copied from the sequence itself
+            draft, k = PromptLookup(config.max_matching_ngram_size or 2), config.prompt_lookup_num_tokens
+            # by default, k adapts: a rejected draft costs the servers its compute (where nothing is copied, a
+            # reply's speed on the CPU fell 15% with k constant, 0-6% once it adapts: benchmarks/prompt_lookup.py)
+            default_schedule = "heuristic"
+        elif draft.config.vocab_size != self.config.vocab_size:
             raise ValueError(
                 f"the draft's vocabulary ({draft.config.vocab_size}) differs from the model's "
                 f"({self.config.vocab_size})"
             )
+        else:
+            k, default_schedule = config.num_assistant_tokens or DEFAULT_DRAFT_TOKENS, "constant"
         max_new = new_tokens(
             config.max_new_tokens,
             config.max_length,
@@ -663,8 +678,8 @@ class DistributedModelForCausalLM(DistributedModel, GenerationMixin):
                 draft,
                 input_ids,
                 max_new_tokens=max_new,
-                num_draft_tokens=config.num_assistant_tokens or DEFAULT_DRAFT_TOKENS,
-                adaptive=config.num_assistant_tokens_schedule == "heuristic",
+                num_draft_tokens=k,
+                adaptive=(config.num_assistant_tokens_schedule or default_schedule) == "heuristic",
                 do_sample=bool(config.do_sample),
                 processors=processors,
                 eos_token_ids=eos,

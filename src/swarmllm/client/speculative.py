@@ -15,6 +15,11 @@ Rejected tokens need no undo on the servers: the next round steps at the positio
 and a session step at an earlier position than the session's length rewinds it (`InferenceSession.step`; the
 servers overwrite those cache slots and never attend past the step). The draft's cache is cropped likewise.
 
+The drafts may also come from the text itself (prompt lookup, `PromptLookup`; vLLM's "ngram" method): the
+tokens that followed an earlier occurrence of the sequence's last n-gram. They cost no model at all, and
+pay where the answer repeats its context (code edits, quotes, extraction, summaries). A proposal without a
+distribution is a draft drawn from a point mass, for which the same rule is exact.
+
 This module holds the loop and the rule; `client.model` gives it the swarm as a function from (tokens, position)
 to logits, which is also how the tests give it a local model.
 """
@@ -23,6 +28,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -76,8 +82,27 @@ def accept_greedy(drafts: Tensor, target_logits: Tensor) -> tuple[int, int]:
     return accepted, int(best[accepted])
 
 
-class _Draft:
-    """The local draft model and its cache over the tokens it has read."""
+# (prefix [1, n], logits [V]) -> the logits shaped by the generation's processors at that prefix
+Shaper = Callable[[Tensor, Tensor], Tensor]
+
+
+class Drafter(Protocol):
+    """What proposes a round's drafts."""
+
+    def propose(
+        self, ids: Tensor, k: int, shaped: Shaper, do_sample: bool, generator: torch.Generator | None
+    ) -> tuple[Tensor, Tensor | None]:
+        """Up to k tokens [m] to follow ids [1, n], and the distributions [m, V] they were drawn from (None: each
+        was certain)."""
+        ...
+
+    def keep(self, length: int) -> None:
+        """Forget what was read past the first `length` tokens."""
+        ...
+
+
+class ModelDraft:
+    """A local draft model and its cache over the tokens it has read."""
 
     def __init__(self, model):
         self.model = model
@@ -95,15 +120,59 @@ class _Draft:
         self.length = ids.shape[1]
         return out.logits[0, -1].float()
 
+    def propose(
+        self, ids: Tensor, k: int, shaped: Shaper, do_sample: bool, generator: torch.Generator | None
+    ) -> tuple[Tensor, Tensor | None]:
+        drafts, q = [], []
+        prefix = ids
+        for _ in range(k):
+            logits = shaped(prefix, self.next_logits(prefix))
+            if do_sample:
+                q.append(torch.softmax(logits, dim=-1))
+                token = torch.multinomial(q[-1], 1, generator=generator)
+            else:
+                token = logits.argmax(-1, keepdim=True)
+            drafts.append(token)
+            prefix = torch.cat([prefix, token[None].to(prefix.dtype)], dim=1)
+        if not drafts:
+            return ids.new_zeros(0), None
+        return torch.cat(drafts), torch.stack(q) if q else None
+
     def keep(self, length: int) -> None:
         # transformers 5 crops by a negative count to remove; crop(0) still trims the recorded past to the windows
         self.cache.crop(min(0, length - self.length))
         self.length = min(length, self.length)
 
 
+class PromptLookup:
+    """Drafts copied from the sequence itself: the tokens after the first earlier occurrence of its last n
+    tokens, the longest n up to `max_ngram` that occurs with something after it (transformers'
+    `prompt_lookup_num_tokens` with `max_matching_ngram_size`)."""
+
+    def __init__(self, max_ngram: int = 2):
+        if max_ngram < 1:
+            raise ValueError(f"prompt lookup matches n-grams of at least 1 token, not {max_ngram}")
+        self.max_ngram = max_ngram
+
+    def propose(
+        self, ids: Tensor, k: int, shaped: Shaper, do_sample: bool, generator: torch.Generator | None
+    ) -> tuple[Tensor, Tensor | None]:
+        row, n = ids[0], ids.shape[1]
+        for size in range(min(self.max_ngram, n - 1), 0, -1):
+            # windows starting before n - size: each has at least one token after it
+            matches = (row[: n - 1].unfold(0, size, 1) == row[n - size :]).all(dim=1).nonzero()
+            if len(matches):
+                start = int(matches[0, 0]) + size
+                return row[start : min(start + k, n)], None
+        return ids.new_zeros(0), None
+
+    def keep(self, length: int) -> None:
+        pass  # nothing read: it looks at the whole sequence each round
+
+
 def speculative_generate(
     verify: Verifier,
-    draft_model,
+    draft,
     input_ids: Tensor,
     *,
     max_new_tokens: int,
@@ -123,8 +192,9 @@ def speculative_generate(
     says so of the tokens so far: it is asked after each round).
 
     `verify` is the target; it holds the first `held` tokens of input_ids already (a kept session's prefix).
-    `num_draft_tokens` is k; `adaptive` changes it as transformers' "heuristic" schedule does (+2 after a round
-    that accepted every draft, -1 otherwise). `processors` (penalties, a grammar's mask, then temperature, top-k,
+    `draft` proposes the drafts: a `Drafter`, or a transformers causal LM with the target's vocabulary
+    (`ModelDraft`). `num_draft_tokens` is k; `adaptive` changes it as transformers' "heuristic" schedule does
+    (+2 after a round that accepted every draft, -1 otherwise). `processors` (penalties, a grammar's mask, then temperature, top-k,
     top-p, min-p) shape both models' logits at each prefix: greedy takes the shaped target's argmax, sampling
     follows its distribution. Each is called with prefixes in any order (a round goes back over rejected
     drafts), so it must be a function of the prefix it is given. `streamer` gets the prompt, then each round's
@@ -138,7 +208,7 @@ def speculative_generate(
         )
     stats = stats if stats is not None else SpeculationStats()
     processors = processors or LogitsProcessorList()
-    draft = _Draft(draft_model)
+    draft = draft if hasattr(draft, "propose") else ModelDraft(draft)
     ids = input_ids
     if not 0 <= held < ids.shape[1]:
         raise ValueError(
@@ -156,25 +226,20 @@ def speculative_generate(
     while produced < max_new_tokens:
         n = ids.shape[1]
         drafting = max(0, min(k, max_new_tokens - produced - 1))  # room for the target's own extra token
-        drafts, q = [], []
-        prefix = ids
-        for _ in range(drafting):
-            logits = shaped(prefix, draft.next_logits(prefix))
-            if do_sample:
-                q.append(torch.softmax(logits, dim=-1))
-                token = torch.multinomial(q[-1], 1, generator=generator)
-            else:
-                token = logits.argmax(-1, keepdim=True)
-            drafts.append(token)
-            prefix = torch.cat([prefix, token[None].to(prefix.dtype)], dim=1)
-        drafted = torch.cat(drafts) if drafts else ids.new_zeros(0)
+        drafted, q = (
+            draft.propose(ids, drafting, shaped, do_sample, generator) if drafting else (ids[0, :0], None)
+        )
+        drafting = drafted.shape[0]
+        prefix = torch.cat([ids, drafted[None].to(ids.dtype)], dim=1)
         own = verify(prefix[:, n - 1 :], n - 1)[0].float()  # [drafting + 1, V]
         # (the processors shape a copy when `own` is recorded: one may shape its scores in place)
         scores = own if record is None else own.clone()
         target = torch.stack([shaped(prefix[:, : n + i], scores[i]) for i in range(drafting + 1)])
         if do_sample:
             p = torch.softmax(target, dim=-1)
-            accepted, token = accept_drafts(drafted, torch.stack(q) if q else p[:0], p, generator)
+            if q is None:  # certain drafts: each drawn from a point mass
+                q = torch.nn.functional.one_hot(drafted, p.shape[-1]).to(p.dtype)
+            accepted, token = accept_drafts(drafted, q, p, generator)
         else:
             accepted, token = accept_greedy(drafted, target)
         new = [*drafted[:accepted].tolist(), token]
