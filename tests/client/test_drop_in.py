@@ -4,6 +4,7 @@ streamers, losses, tuple outputs, scores, padded batches, resizing the vocabular
 
 from __future__ import annotations
 
+import logging
 import threading
 
 import pytest
@@ -26,9 +27,13 @@ def models(llama_checkpoint):
         yield model, local, tokenizer
 
 
-def test_text_generation_pipeline_equals_transformers(models):
+def test_text_generation_pipeline_equals_transformers(models, caplog):
+    """Its outputs are transformers', and it makes no error record (transformers' pipeline logs one, of a few KB,
+    for a class outside its list: that ours is "not supported")."""
     model, local, tokenizer = models
-    ours = pipeline("text-generation", model=model, tokenizer=tokenizer)
+    with caplog.at_level(logging.ERROR):
+        ours = pipeline("text-generation", model=model, tokenizer=tokenizer)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
     theirs = pipeline("text-generation", model=local, tokenizer=tokenizer)
     for options in [{}, {"return_full_text": False}]:
         want = theirs(PROMPTS[0], max_new_tokens=8, do_sample=False, **options)

@@ -162,7 +162,8 @@ def test_a_backend_relays_its_weights_out_as_sessions_come_and_go(wide_checkpoin
 
 def test_a_packed_copy_of_a_head_computes_its_product_and_follows_its_weight_and_rows():
     """A client's LM head through `PackedCopy`: the plain product for any number of rows, laid out for one row or
-    many as its recent calls go, the new product once the weight changes in place or is replaced, and the plain
+    many as its recent calls go, the new product once the weight changes in place, is replaced or is given other
+    data (transformers' `resize_token_embeddings` swaps `.data`), and the plain
     call itself where the head is small, too large to copy, trained, or a gradient is wanted."""
     torch.manual_seed(0)
     head = torch.nn.Linear(1024, 4096, bias=False).requires_grad_(False)  # 4M values: packed
@@ -183,6 +184,9 @@ def test_a_packed_copy_of_a_head_computes_its_product_and_follows_its_weight_and
         assert close(packed(head, one), head(one)) and close(packed(head, one), -2.0 * before)
         head.weight = torch.nn.Parameter(torch.randn(4096, 1024), requires_grad=False)  # replaced
         assert close(packed(head, one), head(one))
+        for rows in (4100, 4096):  # given other data, rows added and taken: as a resized vocabulary's
+            head.weight.data = torch.randn(rows, 1024)
+            assert packed(head, one).shape[-1] == rows and close(packed(head, one), head(one))
         small = torch.nn.Linear(64, 128)
         y = torch.randn(3, 64)
         assert torch.equal(packed(small, y), small(y))  # too small to pay: the plain call

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import inspect
 import logging
 import threading
 import weakref
@@ -60,7 +61,7 @@ from swarmllm.client.swarm import SwarmClient
 from swarmllm.client.tuning import Tuning
 from swarmllm.dht.info import model_fingerprint
 from swarmllm.dht.records import dht_prefix_for
-from swarmllm.models import BlockConfig, ClientHead, load_client_head
+from swarmllm.models import BlockConfig, ClientHead, load_client_head, load_config
 from swarmllm.models.llama import FAMILIES
 from swarmllm.models.lora import (
     CONFIG_FILE,
@@ -181,6 +182,32 @@ class RemoteSession:
         return (int(mismatch[0]) if len(mismatch) else n), None
 
 
+# what `from_pretrained` passes on to `SwarmClient`: its options but those the model sets itself
+_CLIENT_OPTIONS = frozenset(inspect.signature(SwarmClient).parameters) - {
+    "initial_peers",
+    "dht_prefix",
+    "num_blocks",
+    "active_adapter",
+    "ladder_layers",
+    "fingerprint",
+    "hidden_size",
+}
+
+
+def _head_dtype(dtype: torch.dtype | str, name_or_path: str, hub: dict) -> torch.dtype:
+    """`from_pretrained`'s dtype as transformers takes it: a torch dtype, its name ("bfloat16"), or "auto", the
+    checkpoint's own (its config's; float32 where it names none)."""
+    if dtype == "auto":
+        hf_config, _ = load_config(name_or_path, **hub)
+        dtype = getattr(hf_config, "dtype", None) or torch.float32
+    if isinstance(dtype, str):
+        named = getattr(torch, dtype, None)
+        if not isinstance(named, torch.dtype):
+            raise ValueError(f"dtype {dtype!r} names no torch dtype (e.g. 'bfloat16', or 'auto')")
+        dtype = named
+    return dtype
+
+
 def _shut_down_dropped(swarm: SwarmClient) -> None:
     """A model dropped without `shutdown`: its swarm (a DHT process, connections) goes in the background (the last
     reference may go on the client loop's own thread, which must not wait for it)."""
@@ -231,20 +258,39 @@ class DistributedModel(PreTrainedModel):
         *,
         initial_peers: Sequence[str],
         dht_prefix: str | None = None,
-        dtype: torch.dtype = torch.float32,
+        dtype: torch.dtype | str = torch.float32,
         device: str | torch.device = "cpu",
         tuning_mode: str | None = None,
         pre_seq_len: int = 0,
         active_adapter: str | None = None,
+        revision: str | None = None,
+        cache_dir: str | Path | None = None,
+        token: str | bool | None = None,
         **options,
     ):
         """Load the local parts of a model (hub id or local folder) and join the swarm serving its blocks.
 
-        ``swarm_key=FILE`` joins a private swarm (the file its servers were started with ``--swarm-key``);
-        ``tuning_mode`` ("ptune" or "deep_ptune") with ``pre_seq_len`` adds trainable prompts;
+        ``dtype`` is the head's, as transformers takes it: a torch dtype, its name, or "auto" (the checkpoint's;
+        ``torch_dtype``, its former name, too). ``revision``, ``cache_dir`` and ``token`` go to the hub, as in
+        transformers. ``swarm_key=FILE`` joins a private swarm (the file its servers were started with
+        ``--swarm-key``); ``tuning_mode`` ("ptune" or "deep_ptune") with ``pre_seq_len`` adds trainable prompts;
         ``active_adapter`` uses a LoRA adapter the servers host (``swarmllm serve --adapters``). The other
-        options go to `SwarmClient` (and ``num_labels`` to a classification model)."""
-        hf_config, head = load_client_head(name_or_path, dtype=dtype, device=device)
+        options go to `SwarmClient` (and ``num_labels`` to a classification model); any other is refused by
+        name (transformers' options for loading local blocks, such as ``low_cpu_mem_usage``, have nothing to
+        do here)."""
+        if "torch_dtype" in options:  # transformers' former name, which it still takes
+            dtype = options.pop("torch_dtype")
+        unknown = sorted(set(options) - _CLIENT_OPTIONS - {"num_labels"})
+        if unknown:
+            raise TypeError(
+                f"from_pretrained takes no option {', '.join(map(repr, unknown))}: besides initial_peers, "
+                "dht_prefix, dtype, device, tuning_mode, pre_seq_len, active_adapter, revision, cache_dir and "
+                f"token, it takes SwarmClient's {', '.join(sorted(_CLIENT_OPTIONS))}"
+            )
+        hub = dict(revision=revision, cache_dir=cache_dir, token=token)
+        hf_config, head = load_client_head(
+            name_or_path, dtype=_head_dtype(dtype, name_or_path, hub), device=device, **hub
+        )
         if hf_config.model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(
                 f"model type {hf_config.model_type!r} is not supported ({SUPPORTED_MODEL_TYPES})"
@@ -275,7 +321,7 @@ class DistributedModel(PreTrainedModel):
             model.ptune.to(device)
         if isinstance(model, GenerationMixin):
             with contextlib.suppress(OSError, ValueError):
-                model.generation_config = model.generation_config.from_pretrained(name_or_path)
+                model.generation_config = model.generation_config.from_pretrained(name_or_path, **hub)
             model.generation_config.use_cache = False  # the cache is on the servers
         return model.eval()
 
@@ -809,6 +855,22 @@ class DistributedModelForSequenceClassification(DistributedModel):
         if labels is not None:  # transformers' own: float labels over several classes are multi-label targets
             loss = ForSequenceClassificationLoss(labels, logits.float(), self.config)
         return SequenceClassifierOutput(loss=loss, logits=logits)
+
+
+class _PipelineCheck(logging.Filter):
+    """transformers' pipelines log an error for a model whose class is not in their task's list ("The model
+    'DistributedModelForCausalLM' is not supported for text-generation. Supported models are [...]", a few KB),
+    then run it as any model: a user of `pipeline("text-generation", model=swarm_model)` would read that it is
+    not supported. This drops that record for our classes."""
+
+    NAMES = ("DistributedModel", "DistributedModelForCausalLM", "DistributedModelForSequenceClassification")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(message.startswith(f"The model '{name}' is not supported for") for name in self.NAMES)
+
+
+logging.getLogger("transformers.pipelines.base").addFilter(_PipelineCheck())
 
 
 class AutoDistributedModel:

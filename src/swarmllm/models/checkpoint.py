@@ -57,6 +57,7 @@ def resolve_checkpoint(
     *,
     revision: str | None = None,
     cache_dir: str | PathLike | None = None,
+    token: str | bool | None = None,
     allow_patterns: list[str] | None = None,
 ) -> Path:
     """A local directory as is; otherwise the local snapshot of a hub repo, fetching the files `allow_patterns` match.
@@ -69,15 +70,25 @@ def resolve_checkpoint(
         return local
     return Path(
         snapshot_download(
-            str(name_or_path), revision=revision, cache_dir=cache_dir, allow_patterns=allow_patterns
+            str(name_or_path),
+            revision=revision,
+            cache_dir=cache_dir,
+            token=token,
+            allow_patterns=allow_patterns,
         )
     )
 
 
 def load_config(
-    name_or_path: str | PathLike, *, revision: str | None = None, cache_dir: str | PathLike | None = None
+    name_or_path: str | PathLike,
+    *,
+    revision: str | None = None,
+    cache_dir: str | PathLike | None = None,
+    token: str | bool | None = None,
 ) -> tuple[PretrainedConfig, BlockConfig]:
-    root = resolve_checkpoint(name_or_path, revision=revision, cache_dir=cache_dir, allow_patterns=["*.json"])
+    root = resolve_checkpoint(
+        name_or_path, revision=revision, cache_dir=cache_dir, token=token, allow_patterns=["*.json"]
+    )
     hf_config = AutoConfig.from_pretrained(root)
     return hf_config, BlockConfig.from_hf(hf_config)
 
@@ -142,8 +153,8 @@ def load_span(
     root, files, stored = _locate(
         name_or_path,
         lambda names: tensor_names_for_blocks(names, missing[0], missing[-1] + 1),
-        revision,
-        cache_dir,
+        revision=revision,
+        cache_dir=cache_dir,
     )
     names = [name for file_names in files.values() for name in file_names]
     with _tensor_reader(root, files, dtype, device, stored) as read:
@@ -165,14 +176,14 @@ def load_client_head(
     device: torch.device | str = "cpu",
     revision: str | None = None,
     cache_dir: str | PathLike | None = None,
+    token: str | bool | None = None,
 ) -> tuple[PretrainedConfig, ClientHead]:
     """The embeddings, final norm and LM head; the LM head is tied to the embeddings when the checkpoint has none,
     or has one equal to them where the config ties them (a stored head that differs is kept, as transformers does)."""
     _check_dtype(dtype)
-    hf_config, config = load_config(name_or_path, revision=revision, cache_dir=cache_dir)
-    root, files, stored = _locate(
-        name_or_path, lambda names: [n for n in HEAD_TENSORS if n in names], revision, cache_dir
-    )
+    hub = dict(revision=revision, cache_dir=cache_dir, token=token)
+    hf_config, config = load_config(name_or_path, **hub)
+    root, files, stored = _locate(name_or_path, lambda names: [n for n in HEAD_TENSORS if n in names], **hub)
     with _tensor_reader(root, files, dtype, device, stored) as read:
         state = {HEAD_TENSORS[name]: read(name) for file_names in files.values() for name in file_names}
     tied = "lm_head.weight" not in state or (
@@ -196,20 +207,18 @@ def _check_dtype(dtype: torch.dtype) -> None:
 def _locate(
     name_or_path: str | PathLike,
     select: Callable[[Iterable[str]], list[str]],
-    revision: str | None,
-    cache_dir: str | PathLike | None,
+    **hub,
 ) -> tuple[Path, dict[str, list[str]], dict[str, str]]:
     """The checkpoint root, {file: tensor names} for the tensors `select` picks (by our names, `our_names`) and
-    {our name: stored name}; fetches only those files."""
-    root = resolve_checkpoint(name_or_path, revision=revision, cache_dir=cache_dir, allow_patterns=["*.json"])
+    {our name: stored name}; fetches only those files (`hub`: `resolve_checkpoint`'s revision, cache_dir,
+    token)."""
+    root = resolve_checkpoint(name_or_path, allow_patterns=["*.json"], **hub)
     if (root / INDEX_FILE).is_file():
         weight_map = json.loads((root / INDEX_FILE).read_text())["weight_map"]
     elif (root / BIN_INDEX_FILE).is_file():
         weight_map = json.loads((root / BIN_INDEX_FILE).read_text())["weight_map"]
     else:
-        root = resolve_checkpoint(
-            name_or_path, revision=revision, cache_dir=cache_dir, allow_patterns=[SINGLE_FILE, BIN_FILE]
-        )
+        root = resolve_checkpoint(name_or_path, allow_patterns=[SINGLE_FILE, BIN_FILE], **hub)
         if (root / SINGLE_FILE).is_file():
             with safe_open(root / SINGLE_FILE, framework="pt") as f:
                 weight_map = dict.fromkeys(f.keys(), SINGLE_FILE)
@@ -222,9 +231,7 @@ def _locate(
     stored = our_names(weight_map)
     weight_map = {ours: weight_map[name] for ours, name in stored.items()}
     files = files_for_tensors(weight_map, select(weight_map))
-    root = resolve_checkpoint(
-        name_or_path, revision=revision, cache_dir=cache_dir, allow_patterns=sorted(files)
-    )
+    root = resolve_checkpoint(name_or_path, allow_patterns=sorted(files), **hub)
     return root, files, stored
 
 

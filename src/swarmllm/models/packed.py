@@ -150,7 +150,7 @@ class PackedCopy:
         self._copy: PackedProjection | PanelProjection | None = None
         # what it was packed from: holding the weight keeps a new one from taking its place at the same address
         self._weight: Tensor | None = None
-        self._version = -1
+        self._stamp: tuple = ()  # `_stamp` of the weight then
         self._lock = threading.Lock()
         self._recent: deque[int] = deque(maxlen=history)  # rows of the recent calls
         self._screen: Screen | None = None  # of the panel copy, once a greedy step asked for it
@@ -168,7 +168,7 @@ class PackedCopy:
         with self._lock:
             # (a panel copy: the head was float32 before `model.to(torch.bfloat16)`)
             copy = self._copy if isinstance(self._copy, PackedProjection) else None
-            stale = copy is None or self._weight is not weight or self._version != weight._version
+            stale = copy is None or self._changed(weight)
             self._recent.append(x.numel() // x.shape[-1])
             current = copy.rows if copy is not None else initial_rows(weight.dtype)
             if weight.dtype != torch.float32:
@@ -178,7 +178,7 @@ class PackedCopy:
                 rows = layout_for(self._recent, current) if full else current
             if stale or copy.rows != rows:
                 copy = self._copy = PackedProjection.from_projection(linear, rows)
-                self._weight, self._version = weight, weight._version
+                self._weight, self._stamp = weight, _stamp(weight)
         return copy(x)
 
     def argmax_logits(self, linear: nn.Linear, x: Tensor) -> Tensor:
@@ -230,27 +230,33 @@ class PackedCopy:
     def _without_copy(self, linear: nn.Linear) -> None:
         """Under the lock: no copy for `linear`, whose screen is made anew if its weight changed."""
         weight = linear.weight
-        if self._copy is not None or self._weight is not weight or self._version != weight._version:
-            self._copy, self._weight, self._version = None, weight, weight._version
+        if self._copy is not None or self._changed(weight):
+            self._copy, self._weight, self._stamp = None, weight, _stamp(weight)
             self._screen, self._screened = None, False
 
     def _panels(self, linear: nn.Linear) -> PanelProjection:
         """Under the lock: the panel copy of `linear`'s current weight, made anew if it changed."""
         weight = linear.weight
-        if (
-            self._weight is not weight
-            or self._version != weight._version
-            or not isinstance(self._copy, PanelProjection)
-        ):
+        if self._changed(weight) or not isinstance(self._copy, PanelProjection):
             self._copy = PanelProjection.from_projection(linear)
-            self._weight, self._version = weight, weight._version
+            self._weight, self._stamp = weight, _stamp(weight)
             self._screen, self._screened = None, False
         return self._copy
+
+    def _changed(self, weight: Tensor) -> bool:
+        """Whether `weight` is not what the copy was made from: another tensor, or the same one changed in
+        place or given other data (transformers' `resize_token_embeddings` swaps a Parameter's `.data`, which
+        leaves its version counter as it was)."""
+        return self._weight is not weight or self._stamp != _stamp(weight)
 
     @property
     def rows(self) -> int | None:
         """The row count a oneDNN copy is laid out for (None before one is made, or for panels): for tests."""
         return getattr(self._copy, "rows", None)
+
+
+def _stamp(weight: Tensor) -> tuple:
+    return weight._version, weight.data_ptr(), weight.shape
 
 
 def _panel_head(linear: nn.Linear) -> bool:
