@@ -1241,11 +1241,13 @@ def test_the_chat_command_answers_each_turn_as_transformers_does(
     assert held[:2] == [0, first_length - 1] and held[2] > first_length, stats
 
 
+@pytest.mark.parametrize("draft", ["model", "ngram"])
 def test_the_chat_command_with_a_draft_answers_as_transformers_does(
-    swarm, llama_checkpoint, tiny_draft, monkeypatch, capsys
+    swarm, llama_checkpoint, tiny_draft, monkeypatch, capsys, draft
 ):
-    """`swarmllm chat --draft-model`: the tiny Llama (no chat template: the plain layout), greedy, each answer
-    transformers' for the conversation so far."""
+    """`swarmllm chat --draft-model DRAFT` (a model, or prompt lookup's `ngram`): the tiny Llama (no chat
+    template: the plain layout), greedy, each answer transformers' for the conversation so far; `--stats` says
+    how many drafts the swarm accepted."""
     tokenizer = AutoTokenizer.from_pretrained(llama_checkpoint)
     tiny = AutoModelForCausalLM.from_pretrained(llama_checkpoint, dtype=torch.float32).eval()
     history, answers = [], []
@@ -1256,10 +1258,16 @@ def test_the_chat_command_with_a_draft_answers_as_transformers_does(
         answers.append(tokenizer.decode(out, skip_special_tokens=True))
         history.append({"role": "assistant", "content": answers[-1]})
     monkeypatch.setattr(sys, "stdin", io.StringIO("the cat\nthe moon\n"))
-    options = ["--temperature", "0", "--max-new-tokens", "8", "--draft-model", tiny_draft]
+    drafting = ["--draft-model", tiny_draft if draft == "model" else "ngram"]
+    options = ["--temperature", "0", "--max-new-tokens", "8", *drafting, "--stats"]
     peers = ["--initial-peers", *swarm.initial_peers, "--dht-prefix", TINY_PREFIX]
     assert main(["chat", str(llama_checkpoint), *peers, *options]) == 0
-    assert capsys.readouterr().out == "".join(f"{a}\n" for a in answers)
+    printed = capsys.readouterr()
+    assert printed.out == "".join(f"{a}\n" for a in answers)
+    stats = [line for line in printed.err.splitlines() if "tokens/s" in line]
+    assert len(stats) == 2 and all(re.search(r"; \d+ of \d+ drafts accepted\)$", line) for line in stats), (
+        stats
+    )
 
 
 def test_ollamas_api_answers_as_the_openai_one_does(api, client, local):

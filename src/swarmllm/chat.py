@@ -27,6 +27,7 @@ from swarmllm.api.generation import (
     special_ids,
 )
 from swarmllm.api.sessions import SessionPool
+from swarmllm.client.speculative import SpeculationStats
 
 PROMPT = ">>> "
 
@@ -34,17 +35,21 @@ PROMPT = ">>> "
 @dataclass(frozen=True)
 class TurnStats:
     """What one answer cost: the prompt's tokens, how many of them the servers held already, the tokens
-    generated (EOS included) and the seconds it took."""
+    generated (EOS included) and the seconds it took; with a draft, what speculative decoding did."""
 
     prompt_tokens: int
     cached_tokens: int
     tokens: int
     seconds: float
+    speculation: SpeculationStats | None = None
 
     def __str__(self) -> str:
+        drafts = self.speculation
         return (
             f"({self.tokens} tokens in {self.seconds:.2f} s, {self.tokens / max(self.seconds, 1e-9):.1f} tokens/s; "
-            f"{self.cached_tokens} of {self.prompt_tokens} prompt tokens held by the servers)"
+            f"{self.cached_tokens} of {self.prompt_tokens} prompt tokens held by the servers"
+            + ("" if drafts is None else f"; {drafts.accepted} of {drafts.drafted} drafts accepted")
+            + ")"
         )
 
 
@@ -129,7 +134,9 @@ class Chat:
             emit(tail)
         out.write("\n")
         out.flush()
-        self.last = TurnStats(len(ids), cached, len(assembler.tokens), time.perf_counter() - began)
+        spent = time.perf_counter() - began
+        speculation = None if self.draft is None else self.model.last_speculation
+        self.last = TurnStats(len(ids), cached, len(assembler.tokens), spent, speculation)
         answer = "".join(pieces)
         self.messages += [{"role": "user", "content": text}, {"role": "assistant", "content": answer}]
         self.turns += 1
