@@ -119,6 +119,23 @@ def test_generate_and_bad_numbers(swarm, model):
         assert output.splitlines()[-1].startswith(f"swarmllm {command}: error: argument {flag}"), output
 
 
+def test_generate_with_a_dht_prefix_and_a_draft(swarm, model):
+    """`generate --dht-prefix` finds a model its servers announce under a key of their own (a fine-tune's);
+    `--draft-model ngram` decodes speculatively with transformers' greedy text (greedy and seeded sampling
+    alike through `--draft-model`, which chat and api took already); with `--num-beams`, one line."""
+    path, tokenizer, reference = model
+    swarm.add_server(path, (0, 4), extra=["--dht-prefix", "tiny-tuned"])
+    peers = ["--initial-peers", *swarm.initial_peers, "--dht-prefix", "tiny-tuned"]
+    prompt = "the cat and the moon . the cat and the moon . the cat"
+    base = ["generate", path, *peers, "--prompt", prompt, "--max-new-tokens", "12"]
+    (code, out), beams = run_forked(
+        [*base, "--draft-model", "ngram"], [*base, "--draft-model", "ngram", "--num-beams", "2"]
+    )
+    want = reference.generate(**tokenizer(prompt, return_tensors="pt"), max_new_tokens=12, do_sample=False)
+    assert code == 0 and out.splitlines()[-1] == tokenizer.decode(want[0], skip_special_tokens=True), out
+    assert "does not go with --num-beams" in one_line(*beams, "generate")
+
+
 def test_chat_of_odd_lines_answers_as_transformers(swarm, model):
     """Empty and blank lines are skipped, emoji and accents go through, bytes that are not UTF-8 read as U+FFFD,
     a message longer than the context is refused and the conversation goes on, and the end of the input (no

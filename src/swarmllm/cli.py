@@ -468,7 +468,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-k", type=_count, default=50, help="0: no limit")
     gen.add_argument("--num-beams", type=_count, default=1, help="beam search over N beams (greedy; 1: none)")
     gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--dht-prefix", help="the model's key in the swarm, if its servers were given one")
     _wait_for_blocks(gen)
+    _draft(gen)
     _head(gen)
     _lora(gen)
 
@@ -1140,13 +1142,17 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _generate(args: argparse.Namespace) -> int:
     peers = _initial_peers(args)
-    head = _head_options(args)
+    head = _head_options(args, [args.draft_model])
     _check_model(args.model)
+    _check_draft(args.model, args.draft_model)
     _check_lora(args.lora)
+    if args.draft_model and args.num_beams > 1:
+        raise UserError("--draft-model decodes one sequence: it does not go with --num-beams")
     import torch
     from transformers import AutoTokenizer
 
     from swarmllm import AutoDistributedModelForCausalLM
+    from swarmllm.api.generation import Draft
 
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     inputs = tokenizer(args.prompt, return_tensors="pt").to(args.device)
@@ -1157,13 +1163,17 @@ def _generate(args: argparse.Namespace) -> int:
         args.model,
         initial_peers=peers,
         swarm_key=args.swarm_key,
+        dht_prefix=args.dht_prefix,
         missing_blocks_timeout_s=args.wait_for_blocks,
         **head,
     )
     _with_lora(model, args.lora)
     torch.manual_seed(args.seed)
     options: dict[str, object] = {"do_sample": False}  # greedy
-    if args.num_beams > 1:
+    if args.draft_model:
+        draft = Draft.load(args.draft_model, model.config.vocab_size, args.num_draft_tokens)
+        options = draft.options(args.temperature, args.seed, top_p=args.top_p, top_k=args.top_k)
+    elif args.num_beams > 1:
         options["num_beams"] = args.num_beams
     elif args.temperature > 0:
         options = {

@@ -863,7 +863,10 @@ class _PipelineCheck(logging.Filter):
     then run it as any model: a user of `pipeline("text-generation", model=swarm_model)` would read that it is
     not supported. This drops that record for our classes."""
 
-    NAMES = ("DistributedModel", "DistributedModelForCausalLM", "DistributedModelForSequenceClassification")
+    NAMES = tuple(
+        c.__name__
+        for c in (DistributedModel, DistributedModelForCausalLM, DistributedModelForSequenceClassification)
+    )
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
