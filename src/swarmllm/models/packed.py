@@ -134,8 +134,8 @@ class PackedCopy:
     panel copy is then read through its int8 screen (`models.screen`: a quarter of the bytes, then the few
     outputs that can be the largest in full), with the same argmax.
 
-    The copy is made at the first call and again when the weight is replaced or changed in place (the screen at
-    the first `argmax_logits` call after that). A trainable head is never copied: a fused optimizer (transformers'
+    The copy is made at the first call and again when the weight is replaced, changed in place or given other
+    data (the screen at the first `argmax_logits` call after that). A trainable head is never copied: a fused optimizer (transformers'
     Trainer's default) changes it in place without bumping its version counter, so a copy would go stale. It
     costs the head's size again, and the screen a quarter more (the plain weight stays: the embeddings may share
     it, training reads it), so a head over `max_copy_bytes` is not copied; nor is one that can't be packed (a
@@ -256,6 +256,8 @@ class PackedCopy:
 
 
 def _stamp(weight: Tensor) -> tuple:
+    """What changes when a tensor does: its version counter (in place), its data's address and shape (`.data`
+    swapped)."""
     return weight._version, weight.data_ptr(), weight.shape
 
 
