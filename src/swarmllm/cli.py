@@ -252,6 +252,14 @@ def _with_lora(model, folder: str | None) -> None:
             raise UserError(f"--lora {folder}: {e}") from e
 
 
+def _revision(parser: argparse.ArgumentParser, whose: str) -> None:
+    parser.add_argument(
+        "--revision",
+        help=f"the hub's revision of MODEL: a branch, tag or commit (default: its main branch){whose}; a gated "
+        "model's token comes from HF_TOKEN or `hf auth login`",
+    )
+
+
 def _wait_for_blocks(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--wait-for-blocks",
@@ -305,6 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=_port,
         help="direct path port others should dial, if not the one listened on (a port forward or proxy)",
     )
+    _revision(serve, "")
     serve.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     serve.add_argument(
         "--quant",
@@ -469,6 +478,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--num-beams", type=_count, default=1, help="beam search over N beams (greedy; 1: none)")
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--dht-prefix", help="the model's key in the swarm, if its servers were given one")
+    _revision(gen, ", as its servers serve it")
     _wait_for_blocks(gen)
     _draft(gen)
     _head(gen)
@@ -489,6 +499,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="conversation tokens at most (default: the model's, up to 4096)",
     )
     chat.add_argument("--dht-prefix", help="the model's key in the swarm, if its servers were given one")
+    _revision(chat, ", as its servers serve it")
     _wait_for_blocks(chat)
     _draft(chat)
     _head(chat)
@@ -1092,6 +1103,7 @@ def _serve(args: argparse.Namespace) -> int:
     run_server(
         ServerConfig(
             model=args.model,
+            revision=args.revision,
             blocks=args.blocks,
             num_blocks=args.num_blocks,
             initial_peers=peers,
@@ -1154,7 +1166,7 @@ def _generate(args: argparse.Namespace) -> int:
     from swarmllm import AutoDistributedModelForCausalLM
     from swarmllm.api.generation import Draft
 
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    tokenizer = AutoTokenizer.from_pretrained(args.model, revision=args.revision)
     inputs = tokenizer(args.prompt, return_tensors="pt").to(args.device)
     # a tokenizer that adds no BOS gives none for an empty prompt: a generate needs a token to go on from
     if inputs["input_ids"].shape[1] == 0:
@@ -1164,6 +1176,7 @@ def _generate(args: argparse.Namespace) -> int:
         initial_peers=peers,
         swarm_key=args.swarm_key,
         dht_prefix=args.dht_prefix,
+        revision=args.revision,
         missing_blocks_timeout_s=args.wait_for_blocks,
         **head,
     )
@@ -1203,12 +1216,13 @@ def _chat(args: argparse.Namespace) -> int:
     from swarmllm.api.generation import Draft
     from swarmllm.chat import Chat, run_chat
 
-    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    tokenizer = AutoTokenizer.from_pretrained(args.model, revision=args.revision)
     model = AutoDistributedModelForCausalLM.from_pretrained(
         args.model,
         initial_peers=peers,
         swarm_key=args.swarm_key,
         dht_prefix=args.dht_prefix,
+        revision=args.revision,
         missing_blocks_timeout_s=args.wait_for_blocks,
         **head,
     )

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -67,3 +69,62 @@ def test_a_hub_id_loads_from_the_hub_cache_at_the_revision_asked(checkpoint, tmp
         assert torch.equal(model.head.embed_tokens.weight, want.embed_tokens.weight)
     with pytest.raises(Exception, match="cached snapshot"):
         loaded("swarm/tiny", cache_dir=tmp_path, revision="v2")
+
+
+def hub_cache(root, snapshots: dict[str, object], main: str):
+    """huggingface_hub's cache layout for the repo swarm/tiny under `root`: a snapshot folder per commit (a copy
+    of the checkpoint given), refs/main naming `main`."""
+    repo = root / "models--swarm--tiny"
+    for commit, path in snapshots.items():
+        shutil.copytree(path, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(main)
+
+
+def test_servers_and_clients_load_the_hub_revision_they_are_given(checkpoints, tmp_path, monkeypatch):
+    """`serve swarm/tiny --revision COMMIT` serves that commit's weights (real processes reading the hub cache,
+    offline); a client at the same revision (`from_pretrained(revision=)`, `generate --revision`) generates
+    transformers' tokens of that checkpoint, and one at main (another commit, another checkpoint) is told that
+    only another checkpoint is served."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from swarmllm.client.routing import MissingBlocksError
+    from swarmllm.local import LocalSwarm
+
+    # (of another shape too: checkpoints of one shape share a fingerprint, which is all a client checks)
+    pinned, newer = checkpoints("llama"), checkpoints("llama", seed=1, intermediate_size=96)
+    other = "fedcba9876543210fedcba9876543210fedcba98"
+    hub_cache(tmp_path, {COMMIT: pinned, other: newer}, main=other)
+    # for the server's processes (their huggingface_hub reads it at import), and then for this one's
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    prompt = torch.tensor([[1, 17, 42, 99, 5]])
+    reference = AutoModelForCausalLM.from_pretrained(pinned).eval()
+    want = reference.generate(prompt, max_new_tokens=6, do_sample=False)
+    with LocalSwarm() as swarm:
+        swarm.start_bootstrap()
+        swarm.add_server("swarm/tiny", (0, 4), extra=["--revision", COMMIT])
+        options = dict(initial_peers=swarm.initial_peers, cache_dir=tmp_path, missing_blocks_timeout_s=0)
+        model = AutoDistributedModelForCausalLM.from_pretrained("swarm/tiny", revision=COMMIT, **options)
+        try:
+            assert model.generate(prompt, max_new_tokens=6, do_sample=False).tolist() == want.tolist()
+        finally:
+            model.shutdown()
+        peers = ["--initial-peers", *swarm.initial_peers]
+        revision = ["--revision", COMMIT, "--max-new-tokens", "6"]
+        command = ["generate", "swarm/tiny", *peers, *revision, "--prompt", "the cat"]
+        cli = [sys.executable, "-m", "swarmllm.cli", *command]
+        out = subprocess.run(cli, capture_output=True, text=True, timeout=240)
+        tokenizer = AutoTokenizer.from_pretrained(pinned)
+        ids = tokenizer("the cat", return_tensors="pt")["input_ids"]
+        text = tokenizer.decode(
+            reference.generate(ids, max_new_tokens=6, do_sample=False)[0], skip_special_tokens=True
+        )
+        assert out.returncode == 0 and out.stdout.splitlines()[-1] == text, out.stdout + out.stderr
+        at_main = AutoDistributedModelForCausalLM.from_pretrained("swarm/tiny", **options)
+        try:
+            with pytest.raises(MissingBlocksError, match="another model"):
+                at_main.generate(prompt, max_new_tokens=2, do_sample=False)
+        finally:
+            at_main.shutdown()

@@ -110,6 +110,9 @@ class ServeStartError(RuntimeError):
 @dataclass
 class ServerConfig:
     model: str
+    revision: str | None = (
+        None  # the hub's revision of `model` (a branch, tag or commit; None: the default branch)
+    )
     blocks: tuple[int, int] | None = None
     num_blocks: int | None = None
     initial_peers: list[str] = field(default_factory=list)
@@ -237,7 +240,7 @@ class Server:
     async def _start_and_serve(self) -> None:
         cfg = self.config
         loop = asyncio.get_running_loop()
-        _, block_config = load_config(cfg.model)
+        _, block_config = load_config(cfg.model, revision=cfg.revision)
         if cfg.tp > 1:
             try:
                 check_shardable(block_config, cfg.tp)
@@ -478,11 +481,13 @@ class Server:
                 device=cfg.device,
                 threads=threads,
                 step_timeout_s=cfg.tp_step_timeout_s,
+                revision=cfg.revision,
             )
         return load_span(
             cfg.model,
             start,
             end,
+            revision=cfg.revision,
             dtype=DTYPES[cfg.dtype],
             device=cfg.device,
             reuse=reuse,

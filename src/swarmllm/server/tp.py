@@ -63,6 +63,7 @@ class _Setup:
     init_method: str
     threads: int | None
     timeout_s: float
+    revision: str | None = None  # the hub's revision of `checkpoint` (None: its default branch)
 
     def device(self, rank: int) -> torch.device:
         return torch.device(f"cuda:{rank}") if self.backend == "nccl" else torch.device("cpu")
@@ -89,14 +90,25 @@ class TensorParallelSpan:
         threads: int | None = None,
         step_timeout_s: float = STEP_TIMEOUT_S,
         collective_timeout_s: float = COLLECTIVE_TIMEOUT_S,
+        revision: str | None = None,
     ):
         backend = "nccl" if device.startswith("cuda") else "gloo"
         if backend == "nccl" and torch.cuda.device_count() < world:
             raise ValueError(f"--tp {world} needs {world} CUDA devices, found {torch.cuda.device_count()}")
-        check_shardable(load_config(checkpoint)[1], world)  # before any rank starts, not in every rank after
+        # before any rank starts, not in every rank after
+        check_shardable(load_config(checkpoint, revision=revision)[1], world)
         init_method = f"tcp://127.0.0.1:{_free_port()}"
         self.setup = _Setup(
-            str(checkpoint), start, end, world, dtype, backend, init_method, threads, collective_timeout_s
+            str(checkpoint),
+            start,
+            end,
+            world,
+            dtype,
+            backend,
+            init_method,
+            threads,
+            collective_timeout_s,
+            revision,
         )
         context = mp.get_context("spawn")
         pipes = [context.Pipe(duplex=False) for _ in range(1, world)]
@@ -398,12 +410,13 @@ def _load_shard(setup: _Setup, rank: int, device: torch.device) -> BlockSpan:
     """This rank's shard of the span, read one block at a time on the CPU and sharded before it moves to
     `device`: a rank never holds more than its shard plus one whole block."""
     comm = TensorParallelComm()
-    _, config = load_config(setup.checkpoint)
+    _, config = load_config(setup.checkpoint, revision=setup.revision)
     with torch.device("meta"):
         span = BlockSpan(config, setup.start, setup.end)
     span.rotary.to(device)
     for i in range(setup.start, setup.end):
-        block = shard_span(load_span(setup.checkpoint, i, i + 1, dtype=setup.dtype), rank, setup.world, comm)
+        whole = load_span(setup.checkpoint, i, i + 1, dtype=setup.dtype, revision=setup.revision)
+        block = shard_span(whole, rank, setup.world, comm)
         span.blocks[i - setup.start] = block.blocks[0].to(device)
     span.comm = comm
     return span
