@@ -545,6 +545,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="the model's key in the swarm, if its servers were given one; once per model, in order",
     )
     api.add_argument(
+        "--revision",
+        action="append",
+        help="the hub's revision of the model (a branch, tag or commit) that its servers serve; once per model, "
+        "in order ('main': the default branch)",
+    )
+    api.add_argument(
         "--context-length",
         type=_positive,
         help="prompt + answer tokens at most (default: the model's, up to 4096)",
@@ -904,7 +910,7 @@ def _api(args: argparse.Namespace) -> int:
     keys = args.api_key or ([os.environ["SWARMLLM_API_KEY"]] if os.environ.get("SWARMLLM_API_KEY") else [])
     if any(not key.strip() for key in keys):
         raise UserError("an API key must not be empty")
-    names, prefixes = (_per_model(args, flag) for flag in ("name", "dht_prefix"))
+    names, prefixes, revisions = (_per_model(args, flag) for flag in ("name", "dht_prefix", "revision"))
     drafts = [None if draft == "none" else draft for draft in _per_model(args, "draft_model")]
     peers = _initial_peers(args)
     head = _head_options(args, drafts)
@@ -927,12 +933,15 @@ def _api(args: argparse.Namespace) -> int:
             keep_sessions_s=args.keep_sessions_s,
             room_wait_s=args.room_wait,
             dht_prefix=prefix,
+            revision=revision,
             metrics=metrics,
             draft_model=draft,
             draft_tokens=args.num_draft_tokens,
             **head,
         )
-        for model, name, prefix, draft in zip(args.model, names, prefixes, drafts, strict=True)
+        for model, name, prefix, revision, draft in zip(
+            args.model, names, prefixes, revisions, drafts, strict=True
+        )
     ]
 
     async def serve() -> None:

@@ -8,6 +8,7 @@ import json
 import shutil
 import subprocess
 import sys
+import urllib.request
 
 import pytest
 import torch
@@ -83,9 +84,9 @@ def hub_cache(root, snapshots: dict[str, object], main: str):
 
 def test_servers_and_clients_load_the_hub_revision_they_are_given(checkpoints, tmp_path, monkeypatch):
     """`serve swarm/tiny --revision COMMIT` serves that commit's weights (real processes reading the hub cache,
-    offline); a client at the same revision (`from_pretrained(revision=)`, `generate --revision`) generates
-    transformers' tokens of that checkpoint, and one at main (another commit, another checkpoint) is told that
-    only another checkpoint is served."""
+    offline); a client at the same revision (`from_pretrained(revision=)`, `generate` and `api --revision`)
+    generates transformers' tokens of that checkpoint, and one at main (another commit, another checkpoint) is
+    told that only another checkpoint is served."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from swarmllm.client.routing import MissingBlocksError
@@ -122,6 +123,13 @@ def test_servers_and_clients_load_the_hub_revision_they_are_given(checkpoints, t
             reference.generate(ids, max_new_tokens=6, do_sample=False)[0], skip_special_tokens=True
         )
         assert out.returncode == 0 and out.stdout.splitlines()[-1] == text, out.stdout + out.stderr
+        api = swarm.start_api("swarm/tiny", extra=["--revision", COMMIT])
+        body = {"model": "tiny", "prompt": "the cat", "max_tokens": 6, "temperature": 0}
+        request = urllib.request.Request(
+            api + "/completions", json.dumps(body).encode(), {"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(request, timeout=120) as reply:
+            assert "the cat" + json.load(reply)["choices"][0]["text"] == text
         at_main = AutoDistributedModelForCausalLM.from_pretrained("swarm/tiny", **options)
         try:
             with pytest.raises(MissingBlocksError, match="another model"):

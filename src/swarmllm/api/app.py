@@ -846,18 +846,20 @@ def load_engine(
     metrics: ApiMetrics | None = None,
     draft_model: str | None = None,
     draft_tokens: int | None = None,
+    revision: str | None = None,
     **client_options,
 ) -> Engine:
-    """The tokenizer and the client's part of `model` (embeddings, LM head), joined to the swarm; with
-    `draft_model`, a local draft for speculative decoding (`draft_tokens` a round, or the client's default)."""
+    """The tokenizer and the client's part of `model` (embeddings, LM head) at the hub's `revision`, joined to
+    the swarm; with `draft_model`, a local draft for speculative decoding (`draft_tokens` a round, or the
+    client's default)."""
     from transformers import AutoTokenizer
 
     from swarmllm import AutoDistributedModelForCausalLM
     from swarmllm.dht.records import dht_prefix_for
 
-    tokenizer = AutoTokenizer.from_pretrained(model)
+    tokenizer = AutoTokenizer.from_pretrained(model, revision=revision)
     distributed = AutoDistributedModelForCausalLM.from_pretrained(
-        model, initial_peers=initial_peers, swarm_key=swarm_key, **client_options
+        model, initial_peers=initial_peers, swarm_key=swarm_key, revision=revision, **client_options
     )
     draft = (
         None if draft_model is None else Draft.load(draft_model, distributed.config.vocab_size, draft_tokens)

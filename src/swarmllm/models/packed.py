@@ -134,14 +134,14 @@ class PackedCopy:
     panel copy is then read through its int8 screen (`models.screen`: a quarter of the bytes, then the few
     outputs that can be the largest in full), with the same argmax.
 
-    The copy is made at the first call and again when the weight is replaced, changed in place or given other
-    data (the screen at the first `argmax_logits` call after that). A trainable head is never copied: a fused optimizer (transformers'
-    Trainer's default) changes it in place without bumping its version counter, so a copy would go stale. It
-    costs the head's size again, and the screen a quarter more (the plain weight stays: the embeddings may share
-    it, training reads it), so a head over `max_copy_bytes` is not copied; nor is one that can't be packed (a
-    GPU, float16, a small head): those are `linear(x)`. A float32 head too large to copy still gets its screen
-    for greedy steps, up to `max_copy_bytes` of codes (a 128k vocabulary at hidden size 4,096: 0.5 GB of codes
-    for a 2.1 GB head), the panels of the outputs it leaves made from the plain weight at each call
+    The copy is made at the first call and again when the weight is replaced, changed in place or given other data
+    (the screen at the first `argmax_logits` call after that). A trainable head is never copied: a fused optimizer
+    (transformers' Trainer's default) changes it in place without bumping its version counter, so a copy would go
+    stale. It costs the head's size again, and the screen a quarter more (the plain weight stays: the embeddings may
+    share it, training reads it), so a head over `max_copy_bytes` is not copied; nor is one that can't be packed (a
+    GPU, float16, a small head): those are `linear(x)`. A float32 head too large to copy still gets its screen for
+    greedy steps, up to `max_copy_bytes` of codes (a 128k vocabulary at hidden size 4,096: 0.5 GB of codes for a 2.1
+    GB head), the panels of the outputs it leaves made from the plain weight at each call
     (`models.screen.argmax_logits`).
     """
 
