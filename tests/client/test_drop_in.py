@@ -192,3 +192,33 @@ def test_resize_token_embeddings_resizes_the_client_head_as_transformers(checkpo
             assert torch.allclose(model(new_ids).logits, want, atol=1e-5)
             want = local.generate(new_ids, max_new_tokens=4, do_sample=False)
             assert model.generate(new_ids, max_new_tokens=4, do_sample=False).tolist() == want.tolist()
+
+
+def test_trained_new_token_rows_are_saved_and_load_once_the_vocabulary_is_resized_alike(
+    llama_checkpoint, tmp_path
+):
+    """New tokens' embeddings trained (unfrozen after `resize_token_embeddings`) are saved by `save_pretrained`;
+    a model of the base vocabulary is told to resize first, to what size, and once resized loads them and
+    computes the trained model's logits."""
+    from swarmllm.models import load_client_head
+
+    path = str(llama_checkpoint)
+    with model_over_one_server(path, "drop-in-resize-save") as model:
+        vocab = model.config.vocab_size
+        model.resize_token_embeddings(vocab + 3)
+        model.get_input_embeddings().weight.requires_grad_(True)
+        with torch.no_grad():
+            model.get_input_embeddings().weight[vocab:] += 1.0  # as training would have moved them
+        model.save_pretrained(tmp_path)
+        ids = torch.tensor([[1, vocab + 1, 9, vocab + 2]])
+        with torch.no_grad():
+            want = model(ids).logits
+        config, head = load_client_head(path)
+        fresh = type(model)(config, head, model.swarm).eval()
+        with pytest.raises(ValueError, match=rf"resize_token_embeddings\({vocab + 3}\) first"):
+            fresh.load_adapter(tmp_path)
+        fresh.resize_token_embeddings(vocab + 3)
+        fresh.load_adapter(tmp_path)
+        with torch.no_grad():
+            # (over the base vocabulary: the untied head's new rows, not trained here, are each model's own draw)
+            assert torch.allclose(fresh(ids).logits[..., :vocab], want[..., :vocab], atol=1e-6)

@@ -429,8 +429,18 @@ class DistributedModel(PreTrainedModel):
             raise FileNotFoundError(f"{path}: no {CONFIG_FILE} or {CLIENT_WEIGHTS_FILE} to load")
         params = dict(self.named_parameters())
         for name, tensor in own.items():  # all checked before anything changes
-            if name not in params or params[name].shape != tensor.shape:
-                raise ValueError(f"{path}: {name} does not fit this model")
+            if name not in params:
+                raise ValueError(f"{path}: {name} does not fit this model (it has no such tensor)")
+            if params[name].shape != tensor.shape:
+                resize = (  # saved after `resize_token_embeddings`: the vocabulary's rows differ
+                    f": resize_token_embeddings({tensor.shape[0]}) first, as before the training"
+                    if name.startswith("head.") and params[name].shape[1:] == tensor.shape[1:]
+                    else ""
+                )
+                raise ValueError(
+                    f"{path}: {name} does not fit this model (saved {tuple(tensor.shape)}, this model's "
+                    f"{tuple(params[name].shape)}){resize}"
+                )
         if lora is not None:
             settings, tensors = lora
             if self.lora is None or self.lora.settings != settings:
