@@ -120,3 +120,16 @@ def test_the_fingerprint_ignores_dtype_and_old_records_stay_usable(tmp_path):
     assert old is not None and same_checkpoint(old, (), prints[0])
     new = parse_server_info({**record, "fingerprint": prints[2]})
     assert new is not None and not same_checkpoint(new, (), prints[0]) and same_checkpoint(new, (), prints[2])
+    # a hub commit tells apart what one fingerprint does not (two revisions of one repository), where both know it
+    a, b = "a" * 40, "b" * 40
+    at_a = parse_server_info({**record, "fingerprint": prints[0], "commit": a})
+    assert (
+        at_a is not None
+        and same_checkpoint(at_a, (), prints[0], a)
+        and not same_checkpoint(at_a, (), prints[0], b)
+    )
+    assert same_checkpoint(at_a, (), prints[0]) and same_checkpoint(
+        old, (), prints[0], b
+    )  # unknown on one side
+    assert not same_checkpoint(at_a, (), prints[2], a)
+    assert parse_server_info({**record, "commit": "main"}) is None  # a commit is 40 hex digits

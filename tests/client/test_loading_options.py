@@ -92,8 +92,8 @@ def test_servers_and_clients_load_the_hub_revision_they_are_given(checkpoints, t
     from swarmllm.client.routing import MissingBlocksError
     from swarmllm.local import LocalSwarm
 
-    # (of another shape too: checkpoints of one shape share a fingerprint, which is all a client checks)
-    pinned, newer = checkpoints("llama"), checkpoints("llama", seed=1, intermediate_size=96)
+    # (of one shape: they share a fingerprint, so the servers' announced commit tells them apart)
+    pinned, newer = checkpoints("llama"), checkpoints("llama", seed=1)
     other = "fedcba9876543210fedcba9876543210fedcba98"
     hub_cache(tmp_path, {COMMIT: pinned, other: newer}, main=other)
     # for the server's processes (their huggingface_hub reads it at import), and then for this one's
@@ -132,7 +132,7 @@ def test_servers_and_clients_load_the_hub_revision_they_are_given(checkpoints, t
             assert "the cat" + json.load(reply)["choices"][0]["text"] == text
         at_main = AutoDistributedModelForCausalLM.from_pretrained("swarm/tiny", **options)
         try:
-            with pytest.raises(MissingBlocksError, match="another model"):
+            with pytest.raises(MissingBlocksError, match="another model"):  # the commit differs
                 at_main.generate(prompt, max_new_tokens=2, do_sample=False)
         finally:
             at_main.shutdown()

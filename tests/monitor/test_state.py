@@ -123,3 +123,10 @@ def test_a_model_whose_blocks_only_other_checkpoints_complete_is_broken():
     rtt["x2"] = 0.01
     (model,) = swarm_state([MODEL], {"m": servers}, rtt)["models"]
     assert model["verdict"] == "healthy" and model["missing_blocks"] == [] and model["bottleneck_tps"] == 4.0
+    # two hub commits of X (one fingerprint) are two checkpoints too: X at commit 1 lacks what only commit 2 holds
+    servers = [
+        info("x", 0, 3, fingerprint=x, commit="1" * 40),
+        info("x2", 3, 6, fingerprint=x, commit="2" * 40),
+    ]
+    (model,) = swarm_state([MODEL], {"m": servers}, rtt)["models"]
+    assert model["verdict"] == "broken" and model["missing_blocks"] in ([0, 1, 2], [3, 4, 5])

@@ -61,7 +61,7 @@ from swarmllm.client.swarm import SwarmClient
 from swarmllm.client.tuning import Tuning
 from swarmllm.dht.info import model_fingerprint
 from swarmllm.dht.records import dht_prefix_for
-from swarmllm.models import BlockConfig, ClientHead, load_client_head, load_config
+from swarmllm.models import BlockConfig, ClientHead, hub_commit, load_client_head, load_config
 from swarmllm.models.llama import FAMILIES
 from swarmllm.models.lora import (
     CONFIG_FILE,
@@ -190,6 +190,7 @@ _CLIENT_OPTIONS = frozenset(inspect.signature(SwarmClient).parameters) - {
     "active_adapter",
     "ladder_layers",
     "fingerprint",
+    "commit",
     "hidden_size",
 }
 
@@ -307,6 +308,7 @@ class DistributedModel(PreTrainedModel):
             active_adapter=active_adapter,
             ladder_layers=block_config.ladder_layers,
             fingerprint=model_fingerprint(block_config),
+            commit=hub_commit(name_or_path, **hub),
             hidden_size=hf_config.hidden_size,
             **options,
         )

@@ -369,6 +369,7 @@ class SwarmClient:
         ladder_layers: Sequence[int] = (),
         hidden_size: int | None = None,
         fingerprint: str | None = None,
+        commit: str | None = None,
     ):
         self.initial_peers = list(initial_peers)
         # the model's hidden size, when known: inputs of another size are refused here (see `check_input`)
@@ -378,6 +379,8 @@ class SwarmClient:
         self.ladder = layer_ranges(self.ladder_layers)
         # the model's dht.info.model_fingerprint: only servers announcing it (or none) are used; None: any
         self.fingerprint = fingerprint
+        # the hub commit of its checkpoint (None: a local folder): servers announcing another are not used either
+        self.commit = commit
         # how hidden states (and their gradients) travel: in forwards, backwards, and inference sessions unless
         # a session says otherwise (wire.compression)
         self.compression = check_codec(compression)
@@ -500,7 +503,7 @@ class SwarmClient:
 
     def _keep(self, servers: Sequence[ServerInfo]) -> None:
         """Use the servers of this client's checkpoint; set those of another one aside (and say so, once)."""
-        mine = [same_checkpoint(s, self.ladder, self.fingerprint) for s in servers]
+        mine = [same_checkpoint(s, self.ladder, self.fingerprint, self.commit) for s in servers]
         self._servers = {s.peer_id: s for s, ok in zip(servers, mine) if ok}
         others = {s.peer_id: s for s, ok in zip(servers, mine) if not ok}
         for peer_id in others.keys() - self.other_checkpoints.keys():
@@ -515,12 +518,15 @@ class SwarmClient:
 
     def _describe_own(self) -> str:
         own = describe_ladder(self.ladder)
-        return own if self.fingerprint is None else f"model fingerprint {self.fingerprint}, {own}"
+        own = own if self.fingerprint is None else f"model fingerprint {self.fingerprint}, {own}"
+        return own if self.commit is None else f"{own}, hub commit {self.commit}"
 
     def _describe_other(self, server: ServerInfo) -> str:
         """How another checkpoint's server differs from this client's, for people."""
         if server.ladder != self.ladder:
             return describe_ladder(server.ladder)
+        if server.fingerprint == self.fingerprint:
+            return f"another model: hub commit {server.commit} (another revision)"
         return f"another model: fingerprint {server.fingerprint} (the config differs)"
 
     def carries_pending(self, boundary: int) -> bool:

@@ -141,6 +141,12 @@ class ServerInfo(BaseModel):
         description="model_fingerprint of the checkpoint it serves; clients chain only servers that announce "
         "their own (records without it, from older servers, are read and used as before)",
     )
+    commit: str | None = Field(
+        default=None,
+        pattern="^[0-9a-f]{40}$",
+        description="the hub commit its checkpoint was read at (None: a local folder); a client that knows its "
+        "own chains only servers of the same (two commits of one repository often share a fingerprint)",
+    )
 
     @field_validator("throughput", "inference_rps", "forward_rps", "network_rps")
     @classmethod
@@ -174,11 +180,19 @@ class ModelInfo(BaseModel):
         return self.model_dump(mode="json")
 
 
-def same_checkpoint(server: ServerInfo, ladder: tuple[tuple[int, int], ...], fingerprint: str | None) -> bool:
-    """Whether `server` serves the checkpoint of these ladder layers and `model_fingerprint`: the one test by
-    which clients route, servers choose their blocks and balance, so the three agree. A fingerprint unknown on
-    either side (an older server's record, a client built without a config) does not exclude."""
+def same_checkpoint(
+    server: ServerInfo,
+    ladder: tuple[tuple[int, int], ...],
+    fingerprint: str | None,
+    commit: str | None = None,
+) -> bool:
+    """Whether `server` serves the checkpoint of these ladder layers, `model_fingerprint` and hub `commit`: the
+    one test by which clients route, servers choose their blocks and balance, so the three agree. A fingerprint
+    or commit unknown on either side (an older server's record, a client built without a config, a checkpoint
+    read from a local folder) does not exclude."""
     if server.ladder != ladder:
+        return False
+    if server.commit is not None and commit is not None and server.commit != commit:
         return False
     return server.fingerprint is None or fingerprint is None or server.fingerprint == fingerprint
 

@@ -18,6 +18,7 @@ tiny.py        tiny random checkpoints (with a tokenizer) for tests and the demo
 
 from swarmllm.models.checkpoint import (
     files_for_tensors,
+    hub_commit,
     load_client_head,
     load_config,
     load_span,
@@ -44,6 +45,7 @@ __all__ = [
     "RotaryEmbedding",
     "files_for_tensors",
     "load_client_head",
+    "hub_commit",
     "load_config",
     "load_span",
     "resolve_checkpoint",

@@ -79,6 +79,22 @@ def resolve_checkpoint(
     )
 
 
+def hub_commit(
+    name_or_path: str | PathLike,
+    *,
+    revision: str | None = None,
+    cache_dir: str | PathLike | None = None,
+    token: str | bool | None = None,
+) -> str | None:
+    """The hub commit a checkpoint is read at (its snapshot folder's name), or None for a local folder."""
+    if Path(name_or_path).expanduser().is_dir():
+        return None
+    root = resolve_checkpoint(
+        name_or_path, revision=revision, cache_dir=cache_dir, token=token, allow_patterns=["*.json"]
+    )
+    return root.name if root.parent.name == "snapshots" and re.fullmatch("[0-9a-f]{40}", root.name) else None
+
+
 def load_config(
     name_or_path: str | PathLike,
     *,

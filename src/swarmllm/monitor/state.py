@@ -92,14 +92,15 @@ def server_state(info: ServerInfo, rtt_s: float | None) -> str:
 def best_checkpoint(live: Sequence[ServerInfo], num_blocks: int) -> list[ServerInfo]:
     """The live servers of the one checkpoint under this name that a client gets furthest with (fewest blocks
     missing, then the highest bottleneck): clients chain only servers of their own checkpoint
-    (`dht.info.same_checkpoint`: ladder layers and model fingerprint; a record without a fingerprint counts with
-    any), so servers of two checkpoints that only together hold every block serve no client."""
+    (`dht.info.same_checkpoint`: ladder layers, model fingerprint and hub commit; a record without a fingerprint
+    or commit counts with any), so servers of two checkpoints that only together hold every block serve no
+    client."""
     best: tuple[tuple[int, float], list[ServerInfo]] | None = None
-    known = {(s.ladder, s.fingerprint) for s in live if s.fingerprint is not None}
+    known = {(s.ladder, s.fingerprint, s.commit) for s in live if s.fingerprint is not None}
     # (a record without a fingerprint is a checkpoint of its own only where no server of its ladder has one)
-    unknown = {(s.ladder, None) for s in live if not any(k[0] == s.ladder for k in known)}
-    for ladder, fingerprint in known | unknown:
-        group = [s for s in live if same_checkpoint(s, ladder, fingerprint)]
+    unknown = {(s.ladder, None, None) for s in live if not any(k[0] == s.ladder for k in known)}
+    for ladder, fingerprint, commit in known | unknown:
+        group = [s for s in live if same_checkpoint(s, ladder, fingerprint, commit)]
         spans = [(s.start_block, s.end_block, s.throughput) for s in group]
         rank = (len(missing_blocks(group, num_blocks)), -swarm_bottleneck(num_blocks, spans))
         if best is None or rank < best[0]:

@@ -51,7 +51,7 @@ from swarmllm.dht.info import (
     same_checkpoint,
 )
 from swarmllm.dht.records import dht_prefix_for
-from swarmllm.models import BlockConfig, BlockSpan, KVCache, load_config, load_span
+from swarmllm.models import BlockConfig, BlockSpan, KVCache, hub_commit, load_config, load_span
 from swarmllm.models.ladder import layer_ranges
 from swarmllm.models.tp import check_shardable
 from swarmllm.server.adapters import AdapterStore
@@ -191,6 +191,7 @@ class Server:
         self.peers: dict[str, ServerInfo] = {}  # the other servers of this model, for pushes to the next one
         self.ladder: tuple[tuple[int, int], ...] = ()  # the checkpoint's ladder layers, as announced
         self.fingerprint: str | None = None  # the checkpoint's dht.info.model_fingerprint, as announced
+        self.commit: str | None = None  # the hub commit it is read at (None: a local folder), as announced
         self.compiles = False  # config.compile, resolved for this checkpoint and device
         self.aot_step = False  # config.aot_step, likewise
         self._peers_at = -float("inf")
@@ -252,6 +253,7 @@ class Server:
             )
         self.ladder = layer_ranges(block_config.ladder_layers)
         self.fingerprint = model_fingerprint(block_config)
+        self.commit = hub_commit(cfg.model, revision=cfg.revision)
         self.compiles = cfg.compile
         if self.compiles is None:
             self.compiles = cfg.tp == 1 and compiles_by_default(block_config, cfg.device, cfg.quant != "none")
@@ -854,6 +856,7 @@ class Server:
             tunable=self.config.tp == 1,
             ladder=self.ladder,
             fingerprint=self.fingerprint,
+            commit=self.commit,
         )
         return ServerInfo(**{**fields, **overrides})
 
@@ -896,7 +899,10 @@ class Server:
         under the same name (other ladder layers, another model's config) are never chained with us, so they
         neither cover our blocks nor take our pushes."""
         views = await self._on_dht(find_server_views(self.dht, self.dht_prefix, self.model_info.num_blocks))
-        return tuple([s for s in view if same_checkpoint(s, self.ladder, self.fingerprint)] for view in views)
+        return tuple(
+            [s for s in view if same_checkpoint(s, self.ladder, self.fingerprint, self.commit)]
+            for view in views
+        )
 
     async def _rejoin(self) -> None:
         """Ping the initial peers missing from our DHT routing table (`dht.rejoin`), in the background: one that
