@@ -289,6 +289,8 @@ class DistributedModel(PreTrainedModel):
                 f"token, it takes SwarmClient's {', '.join(sorted(_CLIENT_OPTIONS))}"
             )
         hub = dict(revision=revision, cache_dir=cache_dir, token=token)
+        commit = hub_commit(name_or_path, **hub)
+        hub["revision"] = commit or revision  # every file read at the one commit the swarm is told of
         hf_config, head = load_client_head(
             name_or_path, dtype=_head_dtype(dtype, name_or_path, hub), device=device, **hub
         )
@@ -308,7 +310,7 @@ class DistributedModel(PreTrainedModel):
             active_adapter=active_adapter,
             ladder_layers=block_config.ladder_layers,
             fingerprint=model_fingerprint(block_config),
-            commit=hub_commit(name_or_path, **hub),
+            commit=commit,
             hidden_size=hf_config.hidden_size,
             **options,
         )

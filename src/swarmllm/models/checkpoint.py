@@ -86,9 +86,9 @@ def hub_commit(
     cache_dir: str | PathLike | None = None,
     token: str | bool | None = None,
 ) -> str | None:
-    """The hub commit a checkpoint is read at (its snapshot folder's name), or None for a local folder."""
-    if Path(name_or_path).expanduser().is_dir():
-        return None
+    """The hub commit a checkpoint is read at: its snapshot folder's name (named by hub id or by its path in the
+    hub's cache), or None for another local folder. Loading at that commit afterwards reads what it names, even
+    if the branch moves meanwhile."""
     root = resolve_checkpoint(
         name_or_path, revision=revision, cache_dir=cache_dir, token=token, allow_patterns=["*.json"]
     )

@@ -192,6 +192,7 @@ class Server:
         self.ladder: tuple[tuple[int, int], ...] = ()  # the checkpoint's ladder layers, as announced
         self.fingerprint: str | None = None  # the checkpoint's dht.info.model_fingerprint, as announced
         self.commit: str | None = None  # the hub commit it is read at (None: a local folder), as announced
+        self.revision: str | None = None  # what it loads at: that commit, or --revision (a folder has none)
         self.compiles = False  # config.compile, resolved for this checkpoint and device
         self.aot_step = False  # config.aot_step, likewise
         self._peers_at = -float("inf")
@@ -241,7 +242,10 @@ class Server:
     async def _start_and_serve(self) -> None:
         cfg = self.config
         loop = asyncio.get_running_loop()
-        _, block_config = load_config(cfg.model, revision=cfg.revision)
+        # every load at the one commit it announces (a branch may move while it serves, and it loads on moves)
+        self.commit = hub_commit(cfg.model, revision=cfg.revision)
+        self.revision = self.commit or cfg.revision
+        _, block_config = load_config(cfg.model, revision=self.revision)
         if cfg.tp > 1:
             try:
                 check_shardable(block_config, cfg.tp)
@@ -253,7 +257,6 @@ class Server:
             )
         self.ladder = layer_ranges(block_config.ladder_layers)
         self.fingerprint = model_fingerprint(block_config)
-        self.commit = hub_commit(cfg.model, revision=cfg.revision)
         self.compiles = cfg.compile
         if self.compiles is None:
             self.compiles = cfg.tp == 1 and compiles_by_default(block_config, cfg.device, cfg.quant != "none")
@@ -483,13 +486,13 @@ class Server:
                 device=cfg.device,
                 threads=threads,
                 step_timeout_s=cfg.tp_step_timeout_s,
-                revision=cfg.revision,
+                revision=self.revision,
             )
         return load_span(
             cfg.model,
             start,
             end,
-            revision=cfg.revision,
+            revision=self.revision,
             dtype=DTYPES[cfg.dtype],
             device=cfg.device,
             reuse=reuse,
