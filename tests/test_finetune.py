@@ -238,21 +238,24 @@ def trainer(model, rows, out):
     return Trainer(model=model, args=args, train_dataset=rows, data_collator=default_data_collator)
 
 
-@pytest.mark.parametrize("tuning", ["lora", "deep_ptune"])
+@pytest.mark.parametrize("tuning", ["lora", "peft", "deep_ptune"])
 def test_transformers_trainer_trains_through_the_swarm_and_resumes_from_its_checkpoints(
     swarm, llama_checkpoint, tmp_path, tuning, caplog
 ):
     """transformers' `Trainer` as a user runs it: its default optimizer (a fused AdamW, whose steps the servers
     missed: the loss hardly fell, and the saved adapter was not the one the swarm computed with), a LoRA that
-    PEFT then reproduces, and a run resumed from a checkpoint (it found nothing it could load) ending with the
-    weights of the run that was not stopped. `activation_checkpointing=True` is accepted (it raised)."""
+    PEFT then reproduces (`add_adapter`'s, or PEFT's own `get_peft_model`: a Trainer saves and resumes a
+    PeftModel as PEFT's folder), and a run resumed from a checkpoint (it found nothing it could load) ending
+    with the weights of the run that was not stopped. `activation_checkpointing=True` is accepted (it raised)."""
     local, _ = swarm
 
     def model():
-        options = {"tuning_mode": tuning, "pre_seq_len": 2} if tuning != "lora" else {}
+        options = {"tuning_mode": tuning, "pre_seq_len": 2} if tuning == "deep_ptune" else {}
         made = remote_model(llama_checkpoint, local, **options)
         if tuning == "lora":
             made.add_adapter(peft.LoraConfig(**LORA))
+        if tuning == "peft":
+            made = peft.get_peft_model(made, peft.LoraConfig(**LORA, task_type="CAUSAL_LM"))
         return made
 
     data = ids(batch=8, seed=11)
@@ -277,7 +280,7 @@ def test_transformers_trainer_trains_through_the_swarm_and_resumes_from_its_chec
         for name, weight in resumed.named_parameters():
             if weight.requires_grad:
                 torch.testing.assert_close(weight, ours[name], **TOL)
-        if tuning == "lora":
+        if tuning != "deep_ptune":
             whole.save_pretrained(tmp_path / "adapter")
             x = ids(seed=12)
             with torch.no_grad():

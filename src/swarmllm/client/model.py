@@ -12,6 +12,8 @@ once); `add_adapter(peft.LoraConfig(...))` a trainable LoRA adapter for every bl
 client's requests only. The client's own weights are frozen unless the user unfreezes them. `save_pretrained`
 writes a PEFT adapter folder (and the client-side trainable tensors, if any); `load_adapter` reads one back.
 `active_adapter=NAME` uses an adapter the servers host instead (routing only via servers that announce it).
+PEFT's own `get_peft_model` / `PeftModel.from_pretrained` inject LoRA layers into the blocks' placeholders
+(`client.peft_layers`), whose active adapter each request sends likewise.
 `DistributedModelForSequenceClassification` puts a trainable classification head over the same blocks;
 `DistributedModel` itself is the base model (`last_hidden_state`, as transformers' `AutoModel`).
 """
@@ -54,7 +56,8 @@ from transformers.utils.generic import can_return_tuple
 
 from swarmllm.client.heads import MergedHead
 from swarmllm.client.loop import event_loop, run_sync
-from swarmllm.client.remote import PromptTuning, RemoteLora, run_blocks
+from swarmllm.client.peft_layers import injected_lora, remote_layers
+from swarmllm.client.remote import PeftLora, PromptTuning, RemoteLora, run_blocks
 from swarmllm.client.session import InferenceSession
 from swarmllm.client.speculative import PromptLookup, SpeculationStats, speculative_generate
 from swarmllm.client.swarm import SwarmClient
@@ -134,6 +137,9 @@ class RemoteSession:
         self.prompt_length = prompt_length
         self.input_ids: torch.Tensor | None = None  # [batch, position]
         self.attention_mask: torch.Tensor | None = None
+        self.embeds: torch.Tensor | None = (
+            None  # [batch, position, hidden], when they were sent as embeddings
+        )
 
     @property
     def position(self) -> int:
@@ -155,8 +161,20 @@ class RemoteSession:
         if old.hops and old.batch_size != batch_size:
             run_sync(old.close())
             self.session = InferenceSession(old.swarm, old.max_length, old.tuning, old.compression)
-            self.input_ids = self.attention_mask = None
+            self.input_ids = self.attention_mask = self.embeds = None
         return self.session
+
+    def reusable_embeds(self, embeds: torch.Tensor, attention_mask: torch.Tensor) -> int:
+        """How many leading positions of `embeds` the servers already hold: those equal to the embeddings sent
+        before (PEFT's prompt learning sends the whole sequence's, its prompts first, at every step)."""
+        if self.embeds is None or self.embeds.shape[0] != embeds.shape[0]:
+            return 0
+        n = min(self.position, embeds.shape[1], self.embeds.shape[1])
+        same = (self.embeds[:, :n] == embeds[:, :n]).all(-1) & (
+            self.attention_mask[:, :n] == attention_mask[:, :n]
+        )
+        mismatch = (~same.all(dim=0)).nonzero()
+        return int(mismatch[0]) if len(mismatch) else n
 
     def reusable_prefix(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor
@@ -223,6 +241,11 @@ def _refuse_layer_outputs(options: dict, config: PretrainedConfig) -> None:
         asked = options.get(option)
         if asked if asked is not None else getattr(config, option, False):
             raise NotImplementedError(f"{option}: the servers return no per-layer states or attentions")
+    if options.get("past_key_values") is not None:  # (PEFT's prefix tuning passes its prefixes so)
+        raise NotImplementedError(
+            "past_key_values: the KV cache lives on the servers (`inference_session`), and a client's keys and "
+            "values cannot be given to them; for prompts trained through the swarm, tuning_mode='deep_ptune'"
+        )
 
 
 class DistributedModel(PreTrainedModel):
@@ -232,6 +255,9 @@ class DistributedModel(PreTrainedModel):
     config_class = PretrainedConfig
     base_model_prefix = "head"
     main_input_name = "input_ids"
+    # where the blocks' placeholders for PEFT are (`client.peft_layers`): transformers' path of the decoder layers
+    # (a base model's own; a causal LM's and a classifier's under `model.`), so PEFT saves its keys
+    layers_path = "layers"
 
     def __init__(
         self, config: PretrainedConfig, head: ClientHead, swarm: SwarmClient, name_or_path: str = ""
@@ -243,6 +269,11 @@ class DistributedModel(PreTrainedModel):
         self.block_config = BlockConfig.from_hf(config)
         self.ptune: PromptTuning | None = None
         self.lora: RemoteLora | None = None
+        parent, _, name = self.layers_path.rpartition(".")
+        if parent:
+            self.add_module(parent, torch.nn.Module())
+        self.get_submodule(parent).add_module(name, remote_layers(self.block_config))
+        self._injected: dict[str, PeftLora] = {}  # PEFT's adapters by name, as last sent
         self._base: DistributedModel | None = None  # (`with_adapter`'s: the model whose swarm it uses)
         self._sessions = threading.local()  # each thread its own active session: concurrent generates
         # the head's matmul without gradients on a CPU (models/packed.py), and a greedy step's (models/screen.py)
@@ -463,7 +494,7 @@ class DistributedModel(PreTrainedModel):
             if mask is not None:
                 mask = torch.cat([mask.new_ones(mask.shape[0], self.prompt_length), mask], dim=1)
         key_mask = None if mask is None or bool(mask.all()) else mask
-        hidden = run_blocks(self.swarm, embeds, key_mask, self.ptune, self.lora, self.training)
+        hidden = run_blocks(self.swarm, embeds, key_mask, self.ptune, self._adapter(), self.training)
         return hidden[:, self.prompt_length :]
 
     def hidden_states(
@@ -490,9 +521,23 @@ class DistributedModel(PreTrainedModel):
         hidden = self.hidden_states(input_ids, attention_mask, inputs_embeds)
         return BaseModelOutputWithPast(last_hidden_state=hidden)
 
+    def _adapter(self) -> RemoteLora | PeftLora | None:
+        """The client's adapter for a request: `add_adapter`'s, or the one PEFT injected and has active."""
+        injected = injected_lora(self.get_submodule(self.layers_path), self.block_config)
+        if injected is None:
+            return self.lora
+        if self.lora is not None or self.swarm.active_adapter is not None:
+            raise ValueError("PEFT's adapter and another one (add_adapter's, or a hosted one): one at a time")
+        name, settings, tensors = injected
+        lora = self._injected.get(name)
+        if lora is None or not lora.holds(settings, tensors):
+            lora = self._injected[name] = PeftLora(settings, tensors)
+        return lora
+
     def _session_tuning(self) -> Tuning:
         deep = None if self.ptune is None or self.ptune.deep is None else self.ptune.deep.detach()[:, None]
-        weights = None if self.lora is None else self.lora.snapshot()
+        lora = self._adapter()
+        weights = None if lora is None else lora.snapshot()
         return Tuning(deep, self.swarm.active_adapter, weights)
 
     @contextlib.contextmanager
@@ -546,6 +591,7 @@ class DistributedModel(PreTrainedModel):
 
 
 class DistributedModelForCausalLM(DistributedModel, GenerationMixin):
+    layers_path = "model.layers"
     # transformers' `tie_weights` (which `resize_token_embeddings` calls) ties them where the config says so
     _tied_weights_keys = {"head.lm_head.weight": "head.embed_tokens.weight"}
 
@@ -626,8 +672,15 @@ class DistributedModelForCausalLM(DistributedModel, GenerationMixin):
             prompt.shape[1],
             getattr(self.config, "max_position_embeddings", None),
         )
-        with self.inference_session(max_length=prompt.shape[1] + max_new):
+        with self.inference_session(max_length=prompt.shape[1] + max_new + self._peft_virtual_tokens()):
             return super().generate(inputs, *args, **kwargs)
+
+    def _peft_virtual_tokens(self) -> int:
+        """How many prompt vectors PEFT's prompt learning (prompt tuning, P-tuning) puts before the input at
+        generate: its model replaces this one's `prepare_inputs_for_generation` with its own for the call."""
+        prepare = self.__dict__.get("prepare_inputs_for_generation")
+        config = getattr(getattr(prepare, "__self__", None), "active_peft_config", None)
+        return config.num_virtual_tokens if getattr(config, "is_prompt_learning", False) else 0
 
     def _given_generation_config(self, given: GenerationConfig | None) -> GenerationConfig:
         """A copy of the generation config a `generate` call runs with before its keyword options: the one it
@@ -790,9 +843,10 @@ class DistributedModelForCausalLM(DistributedModel, GenerationMixin):
         attention_mask: torch.Tensor | None,
         inputs_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Steps the active session. `inputs_embeds` are of tokens unknown: they reuse nothing held, and nothing
-        later matches them. `input_ids` shorter than `attention_mask` are the sequence's last tokens, the session
-        holding those before them (transformers' generate from inputs_embeds sends each new token alone)."""
+        """Steps the active session. `inputs_embeds` are of tokens unknown: they reuse only what embeddings equal
+        to theirs left, and no tokens later match them. `input_ids` shorter than `attention_mask` are the
+        sequence's last tokens, the session holding those before them (transformers' generate from inputs_embeds
+        sends each new token alone)."""
         active, n = self._active, self.prompt_length
         if inputs_embeds is not None:
             input_ids = torch.full(inputs_embeds.shape[:2], -1, dtype=torch.long, device=inputs_embeds.device)
@@ -813,10 +867,13 @@ class DistributedModelForCausalLM(DistributedModel, GenerationMixin):
         mask = (
             torch.ones_like(input_ids, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
         )
-        start, reorder = (0, None) if inputs_embeds is not None else active.reusable_prefix(input_ids, mask)
+        if inputs_embeds is not None:
+            start, reorder = active.reusable_embeds(inputs_embeds, mask), None
+        else:
+            start, reorder = active.reusable_prefix(input_ids, mask)
         start = min(start, input_ids.shape[1] - 1)
         new_mask = mask[:, start:]
-        hidden = self.head.embed(input_ids[:, start:]) if inputs_embeds is None else inputs_embeds
+        hidden = self.head.embed(input_ids[:, start:]) if inputs_embeds is None else inputs_embeds[:, start:]
         if n and start == 0:  # the prompts go first, once
             hidden = self.ptune.prepend(hidden)
             new_mask = torch.cat([new_mask.new_ones(new_mask.shape[0], n), new_mask], dim=1)
@@ -826,6 +883,7 @@ class DistributedModelForCausalLM(DistributedModel, GenerationMixin):
         step = session.step(hidden, new_mask if padded else None, position=position, reorder=reorder)
         out = run_sync(step)
         active.input_ids, active.attention_mask = input_ids, mask
+        active.embeds = None if inputs_embeds is None else inputs_embeds.detach().clone()
         return out[:, n:] if n and start == 0 else out
 
 
@@ -839,6 +897,8 @@ def last_tokens(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Ten
 class DistributedModelForSequenceClassification(DistributedModel):
     """Classification over the swarm's blocks: the final norm's output at each sequence's last real token,
     through a linear `score` head held (and trained) by the client."""
+
+    layers_path = "model.layers"
 
     def __init__(
         self, config: PretrainedConfig, head: ClientHead, swarm: SwarmClient, name_or_path: str = ""

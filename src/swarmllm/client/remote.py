@@ -3,7 +3,8 @@
 `PromptTuning` holds prompts (Petals' conventions: `ptune` prepends N trainable vectors to the input embeddings;
 `deep_ptune` also adds N trainable vectors per block to the first N positions before each block). `RemoteLora`
 holds a LoRA adapter's A/B matrices for every block, named as PEFT names them; a plain `optimizer.step()` is
-enough: the next request finds the changed tensors and uploads the new weights once per server. `run_blocks`
+enough: the next request finds the changed tensors and uploads the new weights once per server (`PeftLora`:
+the same for an adapter PEFT injected, `client.peft_layers`). `run_blocks`
 sends hidden states through the swarm with them, through `RemoteBlocks` (a `torch.autograd.Function` whose
 backward asks the same servers for the gradients) when gradients are needed.
 """
@@ -66,8 +67,7 @@ class RemoteLora(nn.Module):
                 nn.init.kaiming_uniform_(weight, a=math.sqrt(5))
             else:
                 nn.init.zeros_(weight)
-        self._snapshot: AdapterWeights | None = None
-        self._version = 0
+        self.versions = AdapterVersions(self.name, settings)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return dict(zip(self.names, self.weights, strict=True))
@@ -80,18 +80,51 @@ class RemoteLora(nn.Module):
                 weight.copy_(tensors[name])
 
     def snapshot(self) -> AdapterWeights:
+        return self.versions.snapshot(self.tensors())
+
+
+class AdapterVersions:
+    """The versions of one adapter's weights that servers are sent: a new one whenever any weight changed."""
+
+    def __init__(self, name: str, settings: LoraSettings):
+        self.name, self.settings = name, settings
+        self._snapshot: AdapterWeights | None = None
+        self._version = 0
+
+    def snapshot(self, weights: dict[str, torch.Tensor]) -> AdapterWeights:
         """The weights as they are now, with a version that changes whenever any of them changed. The contents
         are compared, not the tensors' version counters: a fused optimizer (transformers' Trainer's default,
         `adamw_torch_fused`) and updates through `.data` change weights without bumping them, and servers kept
         computing with the first version (comparing costs ~4 ms for a rank-8 q/v adapter of Llama-8B's shape on
         a CPU core)."""
-        current = {name: w.detach().float() for name, w in self.tensors().items()}
+        current = {name: w.detach().float() for name, w in weights.items()}
         old = self._snapshot
         if old is None or any(not torch.equal(old.tensors[name], t) for name, t in current.items()):
             self._version += 1
             tensors = {name: t.clone() for name, t in current.items()}
             self._snapshot = AdapterWeights(self.name, self._version, self.settings, tensors)
         return self._snapshot
+
+
+class PeftLora:
+    """An adapter PEFT injected into the model's placeholder layers (`client.peft_layers`), as `run_blocks`
+    takes one: its A/B are PEFT's own parameters, which receive the servers' gradients."""
+
+    def __init__(self, settings: LoraSettings, tensors: dict[str, torch.Tensor]):
+        self.settings = settings
+        self.names = list(tensors)
+        self.weights = list(tensors.values())
+        self.versions = AdapterVersions(f"lora{next(_names)}", settings)
+
+    def holds(self, settings: LoraSettings, tensors: dict[str, torch.Tensor]) -> bool:
+        """Whether this is the adapter of these settings and parameters (PEFT may replace an adapter by name)."""
+        same = len(tensors) == len(self.weights)
+        return (
+            same and settings == self.settings and all(a is b for a, b in zip(tensors.values(), self.weights))
+        )
+
+    def snapshot(self) -> AdapterWeights:
+        return self.versions.snapshot(dict(zip(self.names, self.weights, strict=True)))
 
 
 class RemoteBlocks(torch.autograd.Function):
@@ -121,7 +154,7 @@ def run_blocks(
     hidden: torch.Tensor,
     key_mask: torch.Tensor | None,
     ptune: PromptTuning | None,
-    lora: RemoteLora | None,
+    lora: RemoteLora | PeftLora | None,
     training: bool,
 ) -> torch.Tensor:
     """`hidden` (prompts already prepended) through the swarm's blocks with the client's deep prompts and

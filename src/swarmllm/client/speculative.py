@@ -196,11 +196,11 @@ def speculative_generate(
     (`ModelDraft`). `num_draft_tokens` is k; `adaptive` changes it as transformers' "heuristic" schedule does
     (+2 after a round that accepted every draft, -1 otherwise). `processors` (penalties, a grammar's mask, then
     temperature, top-k, top-p, min-p) shape both models' logits at each prefix: greedy takes the shaped
-    target's argmax, sampling follows its distribution. Each is called with prefixes in any order (a round goes back over rejected
-    drafts), so it must be a function of the prefix it is given. `streamer` gets the prompt, then each round's
-    new tokens, as transformers' streamers do. `record` gets the target's own logits (before `processors`) at
-    each of a round's new tokens, [new tokens, V], just before the streamer gets them: what log-probabilities
-    are read from.
+    target's argmax, sampling follows its distribution. Each is called with prefixes in any order (a round goes
+    back over rejected drafts), so it must be a function of the prefix it is given. `streamer` gets the prompt,
+    then each round's new tokens, as transformers' streamers do. `record` gets the target's own logits (before
+    `processors`) at each of a round's new tokens, [new tokens, V], just before the streamer gets them: what
+    log-probabilities are read from.
     """
     if input_ids.shape[0] != 1:
         raise ValueError(

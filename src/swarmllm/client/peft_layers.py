@@ -1,0 +1,146 @@
+"""The swarm's blocks as PEFT sees a model, so that `peft.get_peft_model(swarm_model, LoraConfig(...))` and
+`peft.PeftModel.from_pretrained(swarm_model, DIR)` work as on a local model.
+
+PEFT finds the modules to adapt by name. A client holds no block, so it holds placeholders instead, named as in
+transformers' decoder layers (`model.layers.3.self_attn.q_proj`, whatever a family calls its own): `RemoteLinear`,
+of a projection's shape and without weights. PEFT wraps them in its LoRA layers, whose A/B are then the client's
+trainable parameters, saved under transformers' key names. The placeholders never run: each request reads the
+active adapter from the wrapped layers (`injected_lora`) and sends it to the servers as `add_adapter`'s own.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from swarmllm.models import BlockConfig
+from swarmllm.models.lora import MODULES, LoraSettings, lora_shapes, module_features, tensor_name
+
+
+class _ServerWeight(torch.Tensor):
+    """A placeholder's weight: what PEFT reads of a weight (shape, device, dtype) and nothing it could change, so
+    that merging an adapter into it fails clearly, not with an error about memory layout, nor (PEFT's
+    `safe_merge` swaps `.data`) by dropping the adapter in silence."""
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        name = getattr(func, "__name__", "")
+        in_place = name.endswith("_") and not name.startswith("__") and name != "requires_grad_"
+        if name == "__set__" or in_place:
+            raise RuntimeError(
+                "the swarm's servers hold this model's weights: an adapter cannot be merged into them "
+                "(merge_and_unload, merge_adapter); unmerged, the servers apply it to each request"
+            )
+        with torch._C.DisableTorchFunctionSubclass():
+            out = func(*args, **(kwargs or {}))
+        # what is computed from it is a plain tensor; its `.data` is the weight still
+        return out.as_subclass(cls) if name == "__get__" and isinstance(out, Tensor) else out
+
+
+class RemoteLinear(nn.Linear):
+    """A projection a server computes: its shape, for PEFT, and no weight of its own."""
+
+    def __init__(self, in_features: int, out_features: int):
+        nn.Module.__init__(self)  # (not nn.Linear's: it would allocate the weight)
+        self.in_features, self.out_features = in_features, out_features
+        self.register_parameter("bias", None)
+
+    @property
+    def weight(self) -> Tensor:
+        """A float32 stand-in taking no memory: PEFT creates the adapter with its device and dtype."""
+        return (
+            torch.zeros((), dtype=torch.float32)
+            .expand(self.out_features, self.in_features)
+            .as_subclass(_ServerWeight)
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        raise RuntimeError("this projection is computed by the swarm's servers, not by the client")
+
+
+def remote_layers(config: BlockConfig) -> nn.ModuleList:
+    """A placeholder decoder layer per block: `self_attn.{q,k,v,o}_proj`, `mlp.{gate,up,down}_proj`."""
+    layers = nn.ModuleList()
+    for _ in range(config.num_layers):
+        layer = nn.Module()
+        for module, (path, _, _) in MODULES.items():
+            group, name = path.split(".")
+            if not hasattr(layer, group):
+                layer.add_module(group, nn.Module())
+            getattr(layer, group).add_module(name, RemoteLinear(*module_features(config, module)))
+        layers.append(layer)
+    return layers
+
+
+def injected_lora(
+    layers: nn.ModuleList, config: BlockConfig
+) -> tuple[str, LoraSettings, dict[str, Tensor]] | None:
+    """The adapter PEFT injected into `layers` and has active: its name, settings and every A/B (PEFT's own
+    parameters, under our tensor names); None when it injected none, or its adapters are disabled. What the
+    servers cannot apply as PEFT would is refused: another method than LoRA, a merged adapter, several active at
+    once, or modules that differ in rank, scale or dropout, or from layer to layer."""
+    wrapped = {}
+    for index, layer in enumerate(layers):
+        for module, (path, _, _) in MODULES.items():
+            found = layer.get_submodule(path)
+            if not isinstance(found, RemoteLinear):
+                wrapped[index, module] = found
+    if not wrapped:
+        return None
+    for (index, module), found in wrapped.items():
+        if not (isinstance(getattr(found, "lora_A", None), nn.ModuleDict) and hasattr(found, "scaling")):
+            method = type(found).__module__.removeprefix("peft.tuners.").split(".")[0]
+            raise ValueError(
+                f"layer {index}'s {module} holds a {type(found).__name__} of {method!r}: only LoRA adapters run "
+                "through the swarm"
+            )
+        if getattr(found, "merged", False):
+            raise ValueError(
+                "a LoRA adapter cannot be merged into the swarm's weights: the servers hold them"
+            )
+    first = next(iter(wrapped.values()))
+    if getattr(first, "disable_adapters", False):
+        return None
+    active = list(first.active_adapters)
+    if len(active) > 1:
+        raise ValueError(f"adapters {active} are active at once: the swarm applies one adapter per request")
+    name = active[0]
+    adapted = {key: found for key, found in wrapped.items() if name in found.lora_A}
+    if not adapted:
+        return None
+    described = set()
+    for found in adapted.values():
+        dropout = found.lora_dropout[name]
+        described.add(
+            (
+                found.r[name],
+                found.lora_alpha[name],
+                bool(found.use_rslora.get(name, False)),
+                dropout.p if isinstance(dropout, nn.Dropout) else 0.0,
+                found.scaling[name],
+                name in getattr(found, "lora_variant", {}) or bool(found.use_dora.get(name, False)),
+                bool(getattr(found, "lora_bias", {}).get(name, False)),
+            )
+        )
+    if len(described) > 1:
+        raise ValueError(
+            f"adapter {name!r}: its modules differ in rank, alpha or dropout, which the swarm cannot apply"
+        )
+    rank, alpha, rslora, dropout, scaling, variant, bias = described.pop()
+    if variant or bias:
+        raise ValueError(f"adapter {name!r}: LoRA variants (DoRA, ...) and lora_bias are not supported")
+    settings = LoraSettings(
+        rank, float(alpha), tuple(sorted({m for _, m in adapted}, key=list(MODULES).index)), dropout, rslora
+    )
+    if scaling != settings.scale:
+        raise ValueError(
+            f"adapter {name!r} is scaled by {scaling} (set_scale?), not by its alpha: not supported"
+        )
+    expected = lora_shapes(config, settings, range(config.num_layers))
+    tensors = {}
+    for (index, module), found in adapted.items():
+        tensors[tensor_name(index, module, "A")] = found.lora_A[name].weight
+        tensors[tensor_name(index, module, "B")] = found.lora_B[name].weight
+    if set(tensors) != set(expected):
+        raise ValueError(f"adapter {name!r} adapts some layers only (layers_to_transform?): not supported")
+    return name, settings, {key: tensors[key] for key in expected}
