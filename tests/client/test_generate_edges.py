@@ -146,6 +146,41 @@ def test_generates_of_other_batch_sizes_in_one_session_equal_transformers(models
     assert [g.tolist() for g in got] == [w.tolist() for w in want]
 
 
+def test_petals_style_generates_continue_the_session(models):
+    """Petals' chat loop: `generate(new_ids, session=s)`, then `generate(None, session=s)` for each token after,
+    each continuing what the session's latest generate returned and returning only its input and new tokens
+    (transformers' own tokens over the concatenation), the servers sent only what they do not hold. A padded
+    batch continues with its mask; no input inside a `with` block continues too. `session=` was refused as an
+    unknown model option, and `generate(None)` started again from BOS."""
+    model, local, tokenizer = models
+    prompt = tokenizer(PROMPTS[0], return_tensors="pt")["input_ids"]
+    follow = tokenizer(" and the", return_tensors="pt", add_special_tokens=False)["input_ids"]
+    want = local.generate(prompt, max_new_tokens=6, do_sample=False)
+    more = local.generate(torch.cat([want, follow], 1), max_new_tokens=3, do_sample=False)
+    with model.inference_session(max_length=64) as session:
+        got = [model.generate(prompt, max_new_tokens=1, do_sample=False, session=session)]
+        got += [model.generate(None, max_new_tokens=1, do_sample=False, session=session) for _ in range(3)]
+        got.append(model.generate(max_new_tokens=2, do_sample=False))  # (the active session: the same)
+        assert session.position == want.shape[1] - 1  # each call sent its new token alone
+        last = model.generate(
+            follow, max_new_tokens=3, do_sample=False, session=session, return_dict_in_generate=True
+        )
+        with pytest.raises(ValueError, match="cannot continue"):
+            model.generate(torch.cat([follow, follow]), max_new_tokens=1, session=session)
+    assert [g.shape[1] for g in got] == [prompt.shape[1] + 1, 1, 1, 1, 2]
+    assert torch.cat(got, 1).tolist() == want.tolist()
+    assert last.sequences.tolist() == more[:, want.shape[1] :].tolist()
+
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    batch = tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    tokenizer.padding_side = side
+    want = local.generate(**batch, max_new_tokens=5, do_sample=False)
+    with model.inference_session(max_length=64) as session:
+        first = model.generate(**batch, max_new_tokens=2, do_sample=False, session=session)
+        rest = model.generate(None, max_new_tokens=3, do_sample=False, session=session)
+    assert torch.cat([first, rest], 1).tolist() == want.tolist()
+
+
 def test_per_layer_outputs_are_refused_not_answered_with_none(models):
     """The servers return only the last block's hidden states: asking for every layer's, or for attentions,
     is an error, as a silent None would only fail later, in the caller's code."""

@@ -83,3 +83,40 @@ def test_a_batch_of_another_size_reuses_nothing():
     assert _remote(ids, torch.ones_like(ids, dtype=torch.bool)).reusable_prefix(
         torch.tensor([[1, 2, 3, 4]] * 2), torch.ones(2, 4, dtype=torch.bool)
     ) == (0, None)
+
+
+def test_embeddings_reuse_matches_the_oracle():
+    """`reusable_embeds` (PEFT's prompt learning resends the whole sequence's embeddings at each step): the
+    first position where any row's embedding or mask differs from what the servers hold."""
+    rng = random.Random(1)
+    for _ in range(300):
+        batch, n, hidden = rng.randrange(1, 4), rng.randrange(1, 6), 3
+        held = torch.randint(0, 2, (batch, n, hidden)).float()
+        held_mask = torch.ones(batch, n, dtype=torch.bool)
+        new, new_mask = held.clone(), held_mask.clone()
+        if rng.random() < 0.5:
+            new[rng.randrange(batch), rng.randrange(n), rng.randrange(hidden)] += 1
+        if rng.random() < 0.2:
+            new_mask[rng.randrange(batch), rng.randrange(n)] = False
+        extra = rng.randrange(0, 3)
+        new = torch.cat([new, torch.rand(batch, extra, hidden)], dim=1)
+        new_mask = torch.cat([new_mask, torch.ones(batch, extra, dtype=torch.bool)], dim=1)
+        remote = _remote(torch.full((batch, n), -1), held_mask)
+        remote.embeds = held
+        want = next(
+            (
+                i
+                for i in range(n)
+                if any(
+                    held[b, i].tolist() != new[b, i].tolist() or bool(held_mask[b, i]) != bool(new_mask[b, i])
+                    for b in range(batch)
+                )
+            ),
+            n,
+        )
+        assert remote.reusable_embeds(new, new_mask) == want
+        assert (
+            remote.reusable_embeds(new[:1].expand(batch + 1, -1, -1), new_mask[:1].expand(batch + 1, -1)) == 0
+        )
+    remote = _remote(torch.full((1, 2), -1), torch.ones(1, 2, dtype=torch.bool))
+    assert remote.reusable_embeds(torch.zeros(1, 3, 3), torch.ones(1, 3, dtype=torch.bool)) == 0  # none held

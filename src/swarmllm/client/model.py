@@ -52,7 +52,7 @@ from transformers.modeling_outputs import (
     CausalLMOutputWithPast,
     SequenceClassifierOutput,
 )
-from transformers.utils.generic import can_return_tuple
+from transformers.utils.generic import ModelOutput, can_return_tuple
 
 from swarmllm.client.heads import MergedHead
 from swarmllm.client.loop import event_loop, run_sync
@@ -137,9 +137,10 @@ class RemoteSession:
         self.prompt_length = prompt_length
         self.input_ids: torch.Tensor | None = None  # [batch, position]
         self.attention_mask: torch.Tensor | None = None
-        self.embeds: torch.Tensor | None = (
-            None  # [batch, position, hidden], when they were sent as embeddings
-        )
+        self.embeds: torch.Tensor | None = None  # [batch, position, hidden], when sent as embeddings
+        # what the latest generate in it returned (with its attention mask): what `generate(session=...)` continues
+        self.output_ids: torch.Tensor | None = None
+        self.output_mask: torch.Tensor | None = None
 
     @property
     def position(self) -> int:
@@ -161,7 +162,7 @@ class RemoteSession:
         if old.hops and old.batch_size != batch_size:
             run_sync(old.close())
             self.session = InferenceSession(old.swarm, old.max_length, old.tuning, old.compression)
-            self.input_ids = self.attention_mask = self.embeds = None
+            self.input_ids = self.attention_mask = self.embeds = self.output_ids = self.output_mask = None
         return self.session
 
     def reusable_embeds(self, embeds: torch.Tensor, attention_mask: torch.Tensor) -> int:
@@ -609,8 +610,12 @@ class DistributedModelForCausalLM(DistributedModel, GenerationMixin):
         self.head.lm_head = value
 
     @torch.no_grad()
-    def generate(self, inputs: torch.Tensor | None = None, *args, **kwargs):
-        """transformers' `generate` over the swarm; with `assistant_model=DRAFT` (a local causal LM with the same
+    def generate(
+        self, inputs: torch.Tensor | None = None, *args, session: RemoteSession | None = None, **kwargs
+    ):
+        """transformers' `generate` over the swarm (inside an `inference_session`, given the whole sequence: the
+        servers are sent what they do not hold); with `session=S`, or with no input inside a session, Petals'
+        way (`_continue`): the input continues what the session's latest generate returned. With `assistant_model=DRAFT` (a local causal LM with the same
         vocabulary), speculative decoding (`client.speculative`): greedy or sampled (temperature, top_k, top_p,
         min_p), `num_assistant_tokens` drafts per round ("heuristic" `num_assistant_tokens_schedule` adapts it);
         with `prompt_lookup_num_tokens=K` instead, the same with drafts copied from the sequence, K at first
@@ -621,14 +626,68 @@ class DistributedModelForCausalLM(DistributedModel, GenerationMixin):
         `record_logits`, a function given the model's own logits [n, vocab] at each round's n new tokens before
         the streamer gets them (for their log-probabilities). `self.last_speculation` then says how many drafts
         were accepted."""
+        given = (
+            inputs is not None
+            or kwargs.get("input_ids") is not None
+            or kwargs.get("inputs_embeds") is not None
+        )
+        if session is not None or (
+            self._active is not None and not given and self._active.output_ids is not None
+        ):
+            return self._continue(session or self._active, inputs, args, kwargs)
         # transformers drops an attention mask of all ones, and then sends the tokens after `inputs_embeds` alone:
         # only this says that they continue what the session holds (`_session_forward`)
         self._sessions.after_embeds = kwargs.get("inputs_embeds") is not None
         try:
-            return self._generate(inputs, *args, **kwargs)
+            result = self._generate(inputs, *args, **kwargs)
         finally:
             self._sessions.after_embeds = self._sessions.argmax_only = False
             self.merged_head.forget()
+        active = self._active
+        if active is not None and kwargs.get("inputs_embeds") is None:
+            sequences = result.sequences if isinstance(result, ModelOutput) else result
+            mask = kwargs.get("attention_mask")
+            if mask is not None:
+                mask = torch.cat(
+                    [mask, mask.new_ones(mask.shape[0], sequences.shape[1] - mask.shape[1])], dim=1
+                )
+            active.output_ids, active.output_mask = sequences, mask
+        return result
+
+    def _continue(self, remote: RemoteSession, inputs: torch.Tensor | None, args: tuple, kwargs: dict):
+        """Petals' way of generating in a session (`generate(ids, session=s)`, then `generate(None, session=s)`
+        for more): the input, or none, continues the sequences the session's latest generate returned, and the
+        result holds only the input and the new tokens. The whole sequence goes to `generate`, which sends the
+        servers only what they do not hold."""
+        if kwargs.get("inputs_embeds") is not None:
+            raise NotImplementedError(
+                "generate(session=...) continues a session with input_ids, not inputs_embeds"
+            )
+        if inputs is None:
+            inputs = kwargs.pop("input_ids", None)
+        held, held_mask = remote.output_ids, remote.output_mask
+        before = 0 if held is None else held.shape[1]
+        if held is not None:
+            if inputs is not None and inputs.shape[0] != held.shape[0]:
+                raise ValueError(
+                    f"{inputs.shape[0]} sequences cannot continue the session's {held.shape[0]} (generate(session="
+                    "...) continues what the session's latest generate returned)"
+                )
+            inputs = held if inputs is None else torch.cat([held, inputs.to(held.device)], dim=1)
+            mask = kwargs.get("attention_mask")
+            if mask is not None or held_mask is not None:
+                if held_mask is None:
+                    held_mask = torch.ones_like(held)
+                if mask is None:
+                    mask = held_mask.new_ones(inputs.shape[0], inputs.shape[1] - before)
+                kwargs["attention_mask"] = torch.cat([held_mask, mask.to(held_mask)], dim=1)
+        context = contextlib.nullcontext() if self._active is remote else self.use_session(remote)
+        with context:
+            result = self.generate(inputs, *args, **kwargs)
+        if isinstance(result, ModelOutput):
+            result.sequences = result.sequences[:, before:]
+            return result
+        return result[:, before:]
 
     def _get_logits_processor(
         self, generation_config: GenerationConfig, *args, **kwargs
