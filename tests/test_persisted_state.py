@@ -144,6 +144,20 @@ def test_a_peers_file_that_is_a_folder_is_a_clear_error(tmp_path, capsys):
     assert str(folder) in one_line_error(capsys, "dht")
 
 
+def test_a_second_bootstrap_peer_with_a_running_ones_identity_is_refused_naming_the_file(tmp_path, capsys):
+    """`swarmllm dht --identity KEY` joining a swarm where a peer runs with KEY: one line naming the user's file
+    (it named a temporary copy of the key)."""
+    from swarmllm.local import LocalSwarm
+
+    key = str(tmp_path / "bootstrap.key")
+    with LocalSwarm() as local:
+        peers = local.start_bootstrap(extra=["--identity", key])
+        assert main(["dht", "--host", "127.0.0.1", "--identity", key, "--initial-peers", *peers]) == 1
+    err = capsys.readouterr().err
+    assert f"another peer of the swarm runs with this identity ({key})" in err
+    assert "swarmllm-id-" not in err
+
+
 def test_a_second_server_with_a_running_servers_identity_is_refused_and_a_restart_is_not(
     tmp_path, llama_checkpoint
 ):

@@ -737,6 +737,11 @@ def _explain(error: BaseException, args: argparse.Namespace) -> str | None:
             return no_answer
         if "address already in use" in text:
             return f"a port is already in use ({text.splitlines()[-1]}); choose another --port"
+        if "is already taken by another peer" in text:  # (hivemind names the copy of the key it was given)
+            return (
+                f"another peer of the swarm runs with this identity ({getattr(args, 'identity', None)}): stop it, "
+                "or give this one an --identity of its own"
+            )
         return f"could not start the libp2p daemon: {text.strip().splitlines()[-1]}"
     model = getattr(args, "model", None)
     hub_errors = ("RepositoryNotFoundError", "HFValidationError", "LocalEntryNotFoundError", "GatedRepoError")
