@@ -2,10 +2,12 @@
 on 127.0.0.1): answers equal transformers' on the same checkpoint, and odd input ends in one clear line, never a
 traceback."""
 
+import json
 import os
 import socket
 import subprocess
 import sys
+import urllib.request
 
 import pytest
 import torch
@@ -170,6 +172,46 @@ def test_chat_of_odd_lines_answers_as_transformers(swarm, model):
     stderr = err.decode().splitlines()
     assert sum("tokens/s" in line for line in stderr) == len([a for a in answers if a is not None])
     assert sum("fills the context (256 tokens)" in line for line in stderr) == answers.count(None) == 1
+
+
+def test_a_chat_template_of_the_users_lays_out_chat_and_api_conversations(swarm, model, tmp_path):
+    """`chat --chat-template` and `api --chat-template` (vLLM's flag: the template itself, or a file) lay out
+    conversations with it: the answers are transformers' over that layout. A path naming no file, and a template
+    that does not parse, are one line each before anything starts."""
+    path, _, reference = model
+    template = (
+        "{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}<assistant>{% endif %}"
+    )
+    (tmp_path / "chat.jinja").write_text(template)
+    custom = AutoTokenizer.from_pretrained(path)
+    custom.chat_template = template
+    peers = ["--initial-peers", *swarm.initial_peers]
+    flags = [*peers, "--temperature", "0", "--max-new-tokens", "6", "--chat-template"]
+    chat = chat_process(path, *flags, template)
+    out, err = chat.communicate(b"hello world\nthe cat\n", timeout=120)
+    answers = expected_chat((path, custom, reference), ["hello world", "the cat"], 6, 256)
+    assert chat.returncode == 0, err.decode()
+    assert out.decode() == "".join(f"{a}\n" for a in answers)
+    assert answers != expected_chat(model, ["hello world", "the cat"], 6, 256)  # (the default layout's)
+
+    missing, broken = run_forked(
+        ["chat", path, *peers, "--chat-template", str(tmp_path / "missing.jinja")],
+        ["api", path, *peers, "--chat-template", "{% for m in %}"],
+    )
+    assert "missing.jinja: no such file" in one_line(*missing, "chat")
+    assert "--chat-template {% for m in %}: " in one_line(*broken, "api")
+
+    api = swarm.start_api(path, extra=["--chat-template", str(tmp_path / "chat.jinja")])
+    body = {"model": os.path.basename(path), "messages": [{"role": "user", "content": "hello world"}]}
+    request = urllib.request.Request(
+        api + "/chat/completions",
+        data=json.dumps({**body, "max_tokens": 6, "temperature": 0}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    with urllib.request.urlopen(request, timeout=60) as reply:
+        # (the API's text reads as in the sequence: the space before its first word stays)
+        assert json.load(reply)["choices"][0]["message"]["content"].strip() == answers[0]
 
 
 def test_demo_with_few_tokens_or_many_servers_and_fetch_into_a_file(tmp_path):

@@ -502,6 +502,7 @@ def build_parser() -> argparse.ArgumentParser:
     _revision(chat, ", as its servers serve it")
     _wait_for_blocks(chat)
     _draft(chat)
+    _chat_template_flag(chat)
     _head(chat)
     _lora(chat)
     chat.add_argument(
@@ -577,6 +578,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(0: at once)",
     )
     _draft(api, repeat=True)
+    _chat_template_flag(api, repeat=True)
     api.add_argument(
         "--lora-modules",
         nargs="+",
@@ -917,6 +919,7 @@ def _api(args: argparse.Namespace) -> int:
         raise UserError("an API key must not be empty")
     names, prefixes, revisions = (_per_model(args, flag) for flag in ("name", "dht_prefix", "revision"))
     drafts = [None if draft == "none" else draft for draft in _per_model(args, "draft_model")]
+    templates = [_chat_template(given) for given in _per_model(args, "chat_template")]
     peers = _initial_peers(args)
     head = _head_options(args, drafts)
     for model, draft in zip(args.model, drafts, strict=True):
@@ -942,10 +945,11 @@ def _api(args: argparse.Namespace) -> int:
             metrics=metrics,
             draft_model=draft,
             draft_tokens=args.num_draft_tokens,
+            chat_template=template,
             **head,
         )
-        for model, name, prefix, revision, draft in zip(
-            args.model, names, prefixes, revisions, drafts, strict=True
+        for model, name, prefix, revision, draft, template in zip(
+            args.model, names, prefixes, revisions, drafts, templates, strict=True
         )
     ]
 
@@ -1028,6 +1032,45 @@ def _draft(parser: argparse.ArgumentParser, repeat: bool = False) -> None:
         type=_positive,
         help="tokens the draft proposes a round (default: the client's, 5)",
     )
+
+
+def _chat_template_flag(parser: argparse.ArgumentParser, repeat: bool = False) -> None:
+    each = "; once per model, in order, 'default' for a model keeping its own" if repeat else ""
+    parser.add_argument(
+        "--chat-template",
+        action="append" if repeat else "store",
+        metavar="FILE_OR_TEMPLATE",
+        help="the Jinja chat template that lays out conversations, as vLLM's flag takes it: a file, or the "
+        f"template itself (default: the tokenizer's, else plain 'role: content' lines){each}",
+    )
+
+
+def _chat_template(given: str | None) -> str | None:
+    """`--chat-template`'s template: a file's text, or the value itself where it is a template (a path that
+    names no file is not one: its typo would become a template that prints the path); its syntax checked."""
+    if given is None or given == "default":
+        return None
+    path = Path(given)
+    if path.is_file():
+        try:
+            template = path.read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(
+                f"cannot read the chat template {given}: {getattr(e, 'strerror', None) or e}"
+            ) from None
+    elif "{{" in given or "{%" in given:
+        template = given
+    else:
+        raise UserError(
+            f"--chat-template {given}: no such file (and not a template: it has no '{{{{' or '{{%')"
+        )
+    import jinja2
+
+    try:
+        jinja2.Environment().parse(template)
+    except jinja2.TemplateSyntaxError as e:
+        raise UserError(f"--chat-template {given[:80]}: {e.message} (line {e.lineno})") from None
+    return template
 
 
 def _per_model(args: argparse.Namespace, flag: str) -> list[str | None]:
@@ -1230,7 +1273,10 @@ def _chat(args: argparse.Namespace) -> int:
     from swarmllm.api.generation import Draft
     from swarmllm.chat import Chat, run_chat
 
+    template = _chat_template(args.chat_template)
     tokenizer = AutoTokenizer.from_pretrained(args.model, revision=args.revision)
+    if template is not None:
+        tokenizer.chat_template = template
     model = AutoDistributedModelForCausalLM.from_pretrained(
         args.model,
         initial_peers=peers,

@@ -847,17 +847,20 @@ def load_engine(
     draft_model: str | None = None,
     draft_tokens: int | None = None,
     revision: str | None = None,
+    chat_template: str | None = None,
     **client_options,
 ) -> Engine:
     """The tokenizer and the client's part of `model` (embeddings, LM head) at the hub's `revision`, joined to
     the swarm; with `draft_model`, a local draft for speculative decoding (`draft_tokens` a round, or the
-    client's default)."""
+    client's default); `chat_template` in place of the tokenizer's."""
     from transformers import AutoTokenizer
 
     from swarmllm import AutoDistributedModelForCausalLM
     from swarmllm.dht.records import dht_prefix_for
 
     tokenizer = AutoTokenizer.from_pretrained(model, revision=revision)
+    if chat_template is not None:
+        tokenizer.chat_template = chat_template
     distributed = AutoDistributedModelForCausalLM.from_pretrained(
         model, initial_peers=initial_peers, swarm_key=swarm_key, revision=revision, **client_options
     )
