@@ -167,3 +167,37 @@ def test_the_processes_of_a_local_swarm_stop_when_its_owner_is_killed_outright(l
     finally:
         owner.kill()
         owner.wait()
+
+
+CLIENT_LEFT_RUNNING = """
+import sys
+from swarmllm import AutoDistributedModelForCausalLM
+model = AutoDistributedModelForCausalLM.from_pretrained(sys.argv[1], initial_peers=sys.argv[2:])
+if sys.stdin.readline().strip() == "drop":
+    del model  # (its finalizer's shutdown starts on the client loop, and the interpreter exits at once)
+print("ready", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_a_client_left_running_at_exit_removes_its_socket_files(llama_checkpoint):
+    """A script that ends without `model.shutdown()` (as most do) left its DHT process's p2pd socket file in
+    /tmp at every run (thousands on a machine that runs many): at exit, the client's DHT peer and libp2p
+    replica are shut down as `shutdown()` would."""
+    with LocalSwarm() as local:
+        peers = local.start_bootstrap()
+        for how in ("left", "drop"):
+            client = subprocess.Popen(
+                [sys.executable, "-c", CLIENT_LEFT_RUNNING, str(llama_checkpoint), *peers],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            client.stdin.write(how + "\n")
+            client.stdin.flush()
+            assert client.stdout.readline().strip() == "ready"
+            sockets = _hivemind_sockets(client.pid)
+            assert sockets  # its DHT process's p2pd
+            client.stdin.close()
+            assert client.wait(60) == 0
+            assert [path for path in sockets if os.path.exists(path)] == [], how

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 
 import hivemind
 
+from swarmllm.client.loop import forget_at_exit, shut_down_at_exit
 from swarmllm.dht import ModelInfo, ServerInfo, find_servers, list_models, rejoin, start_dht
 from swarmllm.wire import Connection, Identity, Message, SwarmKey, load_swarm_key
 from swarmllm.wire.pool import ConnectionPool
@@ -59,8 +60,10 @@ class Directory:
             ),
         )
         self.pool.p2p = await self.dht.replicate_p2p()
+        shut_down_at_exit(self)
 
     async def shutdown(self) -> None:
+        forget_at_exit(self)
         if self._rejoining is not None:
             self._rejoining.cancel()
             with contextlib.suppress(BaseException):

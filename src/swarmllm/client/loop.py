@@ -7,14 +7,30 @@ import asyncio
 import atexit
 import contextlib
 import threading
+import weakref
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
 T = TypeVar("T")
 
 CANCEL_WAIT_S = 10.0  # how long a caller that stopped waiting waits for its coroutine's cancellation
+EXIT_SHUTDOWN_S = 8.0  # what the owners left running get at exit to shut down (a DHT process takes ~1 s)
 _lock = threading.Lock()
 _loop: asyncio.AbstractEventLoop | None = None
+_at_exit: weakref.WeakSet = weakref.WeakSet()
+
+
+def shut_down_at_exit(owner) -> None:
+    """`await owner.shutdown()` on the loop at exit, unless `forget_at_exit(owner)` came first: a client left
+    running at exit (or dropped, its finalizer's shutdown not yet done) still ends its DHT process and libp2p
+    daemon cleanly. Killed with the interpreter, they left their socket files in /tmp, one per run. Only
+    owners running on this loop (the monitor's run on a loop of their own)."""
+    if asyncio.get_running_loop() is _loop:
+        _at_exit.add(owner)
+
+
+def forget_at_exit(owner) -> None:
+    _at_exit.discard(owner)
 
 
 def event_loop() -> asyncio.AbstractEventLoop:
@@ -37,6 +53,10 @@ def _stop(loop: asyncio.AbstractEventLoop) -> None:
     """At exit, cancel what still runs on the loop (e.g. libp2p control tasks) so nothing dies mid-flight."""
 
     async def cancel_all() -> None:
+        if owners := list(_at_exit):
+            await asyncio.wait(
+                [asyncio.ensure_future(owner.shutdown()) for owner in owners], timeout=EXIT_SHUTDOWN_S
+            )
         tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
         for task in tasks:
             task.cancel()
@@ -44,7 +64,7 @@ def _stop(loop: asyncio.AbstractEventLoop) -> None:
 
     if loop.is_running():
         try:
-            asyncio.run_coroutine_threadsafe(cancel_all(), loop).result(timeout=5)
+            asyncio.run_coroutine_threadsafe(cancel_all(), loop).result(timeout=EXIT_SHUTDOWN_S + 5)
         except Exception:  # noqa: BLE001 - best effort at interpreter exit
             pass
         loop.call_soon_threadsafe(loop.stop)
