@@ -147,6 +147,7 @@ def test_what_peft_would_compute_otherwise_is_refused_and_the_model_goes_on(swar
             peft.LoraConfig(target_modules=["q_proj", "v_proj"], rank_pattern={"v_proj": 2}),
             "differ in",
         ),
+        "head": (peft.LoraConfig(target_modules=["q_proj"], modules_to_save=["lm_head"]), "client's lm_head"),
     }
     for config, message in refused.values():
         model = swarm_model(swarm, llama_checkpoint)

@@ -56,7 +56,7 @@ from transformers.utils.generic import ModelOutput, can_return_tuple
 
 from swarmllm.client.heads import MergedHead
 from swarmllm.client.loop import event_loop, run_sync
-from swarmllm.client.peft_layers import injected_lora, remote_layers
+from swarmllm.client.peft_layers import injected_lora, refuse_wrapped_head, remote_layers
 from swarmllm.client.remote import PeftLora, PromptTuning, RemoteLora, run_blocks
 from swarmllm.client.session import InferenceSession
 from swarmllm.client.speculative import PromptLookup, SpeculationStats, speculative_generate
@@ -524,6 +524,7 @@ class DistributedModel(PreTrainedModel):
 
     def _adapter(self) -> RemoteLora | PeftLora | None:
         """The client's adapter for a request: `add_adapter`'s, or the one PEFT injected and has active."""
+        refuse_wrapped_head(self.head)
         injected = injected_lora(self.get_submodule(self.layers_path), self.block_config)
         if injected is None:
             return self.lora

@@ -144,3 +144,17 @@ def injected_lora(
     if set(tensors) != set(expected):
         raise ValueError(f"adapter {name!r} adapts some layers only (layers_to_transform?): not supported")
     return name, settings, {key: tensors[key] for key in expected}
+
+
+def refuse_wrapped_head(head: nn.Module) -> None:
+    """PEFT's `modules_to_save` or `trainable_token_indices` on the client's embeddings, norm or LM head: they
+    would train, and PEFT would save them under this model's names (`head.lm_head`), which a local model's
+    PEFT does not load (it drops them with a warning) and a hub adapter's do not match. Refused; unfrozen
+    (`requires_grad_`), they train and `save_pretrained` of this model saves them."""
+    for name, module in head.named_children():
+        if hasattr(module, "original_module"):  # (PEFT's AuxiliaryTrainingWrapper)
+            raise ValueError(
+                f"PEFT's modules_to_save or trainable_token_indices on the client's {name}: not supported (PEFT "
+                "would save it under a name a local model does not have); unfreeze it instead, and the swarm model's "
+                "save_pretrained saves it"
+            )
