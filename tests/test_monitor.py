@@ -112,6 +112,37 @@ def test_state_and_metrics_match_the_swarm(swarm):
     assert samples[("swarmllm_dht_lookup_duration_seconds", ())] > 0
 
 
+def test_status_prints_the_monitors_view_once_and_fails_where_blocks_are_missing(
+    swarm, llama_checkpoint, capsys
+):
+    """`swarmllm status`: the monitor's look-up once, in the terminal (or its JSON), status 0 for a healthy
+    swarm; 1, with one line saying why, for a swarm with no model announced or with blocks missing."""
+    from swarmllm.cli import main
+
+    a, b = (info["peer_id"] for info in swarm.infos)
+    assert main(["status", "--initial-peers", *swarm.initial_peers]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith(f"{PREFIX}: healthy; 4 blocks") and "2 online" in lines[0]
+    assert lines[1].startswith(f"  [0, 2)  {a}  online") and lines[2].startswith(f"  [2, 4)  {b}  online")
+    assert main(["status", "--initial-peers", *swarm.initial_peers, "--json"]) == 0
+    document = json.loads(capsys.readouterr().out)
+    assert document["schema"] == "swarmllm.monitor.state/1"
+    assert [m["verdict"] for m in document["models"] if m["name"] == PREFIX] == ["healthy"]
+
+    with LocalSwarm() as other:
+        peers = other.start_bootstrap()
+        assert main(["status", "--initial-peers", *peers]) == 1
+        assert (
+            "swarmllm status: DHT empty: the DHT answered, but no model is announced"
+            in capsys.readouterr().err
+        )
+        other.add_server(str(llama_checkpoint), (0, 2), extra=SERVER_ARGS)
+        assert main(["status", "--initial-peers", *peers]) == 1
+        out, err = capsys.readouterr()
+        assert out.startswith(f"{PREFIX}: broken (blocks 2..3 missing)")
+        assert f"swarmllm status: blocks are missing in {PREFIX}" in err
+
+
 class AtToken(BaseStreamer):
     def __init__(self, at: int, action):
         self.at, self.action, self.tokens = at, action, -1

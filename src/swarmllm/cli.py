@@ -1,5 +1,5 @@
 """The `swarmllm` command: `dht` (bootstrap peer), `serve` (donate blocks), `generate` (use a swarm), `monitor`
-(a web page of the swarm's health), `api` (an OpenAI-compatible API), `fetch` (a bundled model), `demo`,
+(a web page of the swarm's health), `status` (its health once, in the terminal), `api` (an OpenAI-compatible API), `fetch` (a bundled model), `demo`,
 `ladder` (convert a checkpoint to Ladder Residual and retrain it: ladder_commands.py).
 
 It speaks to people: a common mistake (a model folder that does not exist, a peer address that is malformed or
@@ -524,6 +524,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--refresh", type=_seconds, default=5.0, metavar="SECONDS", help="look the swarm up this often"
     )
 
+    status = commands.add_parser(
+        "status", help="look the swarm up once and print its models' health and servers (the monitor's view)"
+    )
+    _peers(status)
+    _swarm_key(status)
+    status.add_argument(
+        "--json", action="store_true", help="print the monitor's state document (/api/v1/state)"
+    )
+
     api = commands.add_parser("api", help="serve an OpenAI-compatible API for models of the swarm")
     api.add_argument(
         "model",
@@ -855,6 +864,8 @@ def _run(args: argparse.Namespace) -> int:
         return _chat(args)
     if args.command == "monitor":
         return _monitor(args)
+    if args.command == "status":
+        return _status(args)
     if args.command == "api":
         return _api(args)
     if args.command == "fetch":
@@ -904,6 +915,29 @@ def _monitor(args: argparse.Namespace) -> int:
             pass
 
     asyncio.run(serve())
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    """The swarm's health once: status 0 when every model announced has all its blocks, 1 otherwise (none
+    announced, a look-up that failed, or blocks missing), so a script or a cron job can check a swarm."""
+    import asyncio
+
+    from swarmllm.monitor.app import look_up_once
+    from swarmllm.monitor.state import state_text
+
+    if not args.verbose:  # (what the look-up meets, e.g. a server that does not answer, is in the table)
+        logging.getLogger("swarmllm").setLevel(logging.WARNING)
+    state = asyncio.run(look_up_once(_initial_peers(args), swarm_key=args.swarm_key))
+    print(json.dumps(state, indent=2) if args.json else state_text(state), flush=True)
+    dht = state["dht"]
+    if dht["status"] != "ok":
+        raise UserError(f"DHT {dht['status']}: {dht['message']}")
+    broken = [m["name"] for m in state["models"] if m["verdict"] != "healthy"]
+    if broken:
+        raise UserError(
+            f"blocks are missing in {', '.join(broken)}: clients cannot use it until servers take them"
+        )
     return 0
 
 

@@ -177,6 +177,18 @@ def make_app(monitor: Monitor) -> web.Application:
     return app
 
 
+async def look_up_once(initial_peers: list[str], *, swarm_key: str | None = None) -> dict:
+    """One look-up of the swarm, the monitor's state document (`swarmllm status`)."""
+    directory = Directory(initial_peers, swarm_key=swarm_key, connect_timeout_s=PING_TIMEOUT_S)
+    await directory.start()
+    try:
+        monitor = Monitor(directory, refresh_s=0.0)
+        await monitor.refresh()
+        return monitor.state
+    finally:
+        await directory.shutdown()
+
+
 async def run_monitor(
     initial_peers: list[str],
     *,

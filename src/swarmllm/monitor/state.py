@@ -255,3 +255,27 @@ def dht_status(status: str, lookup_s: float | None = None, failures: int = 0, de
 def history_point(model: Mapping, t: float) -> dict:
     """A chart point from a model's entry: online servers and bottleneck throughput at time `t`."""
     return {"t": t, "online": model["servers"]["online"], "bottleneck_tps": model["bottleneck_tps"]}
+
+
+def state_text(state: Mapping) -> str:
+    """The state as `swarmllm status` prints it: each model's verdict and, under it, its servers by blocks."""
+    lines = []
+    for model in state["models"]:
+        counts = ", ".join(f"{n} {name}" for name, n in model["servers"].items() if n)
+        verdict = model["verdict"] + ("" if not model["missing"] else f" (blocks {model['missing']} missing)")
+        lines.append(
+            f"{model['name']}: {verdict}; {model['num_blocks']} blocks, bottleneck "
+            f"{model['bottleneck_tps']:.1f} steps/s, servers: {counts or 'none'}"
+        )
+        for row in (r for r in state["servers"] if r["model"] == model["name"]):
+            rtt = "no answer" if row["rtt_ms"] is None else f"{row['rtt_ms']:.1f} ms"
+            name = f" {row['public_name']}" if row["public_name"] else ""
+            lines.append(
+                f"  [{row['start_block']}, {row['end_block']})  {row['peer_id']}{name}  {row['state']}  "
+                f"{row['throughput']:.1f} steps/s  {row['dtype']}"
+                + ("" if row["quantization"] == "none" else f"+{row['quantization']}")
+                + f"  {rtt}"
+            )
+    for model in state["not_looked_up"]:
+        lines.append(f"{model['name']}: not looked up ({model['reason']})")
+    return "\n".join(lines)
