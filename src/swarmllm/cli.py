@@ -1,6 +1,7 @@
 """The `swarmllm` command: `dht` (bootstrap peer), `serve` (donate blocks), `generate` (use a swarm), `monitor`
-(a web page of the swarm's health), `status` (its health once, in the terminal), `api` (an OpenAI-compatible API), `fetch` (a bundled model), `demo`,
-`ladder` (convert a checkpoint to Ladder Residual and retrain it: ladder_commands.py).
+(a web page of the swarm's health), `status` (its health once, in the terminal), `api` (an OpenAI-compatible
+API), `fetch` (a bundled model), `demo`, `ladder` (convert a checkpoint to Ladder Residual and retrain it:
+ladder_commands.py).
 
 It speaks to people: a common mistake (a model folder that does not exist, a peer address that is malformed or
 does not answer, blocks without a server, a port in use) ends with one line saying what to do and exit status 1;

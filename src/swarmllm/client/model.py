@@ -616,9 +616,10 @@ class DistributedModelForCausalLM(DistributedModel, GenerationMixin):
     ):
         """transformers' `generate` over the swarm (inside an `inference_session`, given the whole sequence: the
         servers are sent what they do not hold); with `session=S`, or with no input inside a session, Petals'
-        way (`_continue`): the input continues what the session's latest generate returned. With `assistant_model=DRAFT` (a local causal LM with the same
-        vocabulary), speculative decoding (`client.speculative`): greedy or sampled (temperature, top_k, top_p,
-        min_p), `num_assistant_tokens` drafts per round ("heuristic" `num_assistant_tokens_schedule` adapts it);
+        way (`_continue`): the input continues what the session's latest generate returned. With
+        `assistant_model=DRAFT` (a local causal LM with the same vocabulary), speculative decoding
+        (`client.speculative`): greedy or sampled (temperature, top_k, top_p, min_p), `num_assistant_tokens`
+        drafts per round ("heuristic" `num_assistant_tokens_schedule` adapts it);
         with `prompt_lookup_num_tokens=K` instead, the same with drafts copied from the sequence, K at first
         and then adapted unless the schedule is "constant" (`max_matching_ngram_size` its longest n-gram match,
         2 by default), no draft model;
@@ -676,7 +677,10 @@ class DistributedModelForCausalLM(DistributedModel, GenerationMixin):
                 )
             inputs = held if inputs is None else torch.cat([held, inputs.to(held.device)], dim=1)
             mask = kwargs.get("attention_mask")
-            if mask is not None or held_mask is not None:
+            if (mask is not None or held_mask is not None) and (
+                mask is None or mask.shape[1] < inputs.shape[1]
+            ):
+                # the new part's mask (or none: all ones) after the held part's (a mask of the whole is kept)
                 if held_mask is None:
                     held_mask = torch.ones_like(held)
                 if mask is None:

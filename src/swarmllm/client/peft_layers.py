@@ -154,7 +154,7 @@ def refuse_wrapped_head(head: nn.Module) -> None:
     for name, module in head.named_children():
         if hasattr(module, "original_module"):  # (PEFT's AuxiliaryTrainingWrapper)
             raise ValueError(
-                f"PEFT's modules_to_save or trainable_token_indices on the client's {name}: not supported (PEFT "
-                "would save it under a name a local model does not have); unfreeze it instead, and the swarm model's "
-                "save_pretrained saves it"
+                f"PEFT's modules_to_save or trainable_token_indices on the client's {name}: not supported "
+                "(PEFT would save it under a name a local model does not have); unfreeze it instead, and the "
+                "swarm model's save_pretrained saves it"
             )
