@@ -186,15 +186,17 @@ def test_a_client_left_running_at_exit_removes_its_socket_files(llama_checkpoint
     replica are shut down as `shutdown()` would."""
     with LocalSwarm() as local:
         peers = local.start_bootstrap()
-        for how in ("left", "drop"):
-            client = subprocess.Popen(
+        clients = {}
+        for how in ("left", "drop"):  # (at once: each spends seconds importing torch)
+            clients[how] = subprocess.Popen(
                 [sys.executable, "-c", CLIENT_LEFT_RUNNING, str(llama_checkpoint), *peers],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 text=True,
             )
-            client.stdin.write(how + "\n")
-            client.stdin.flush()
+            clients[how].stdin.write(how + "\n")
+            clients[how].stdin.flush()
+        for how, client in clients.items():
             assert client.stdout.readline().strip() == "ready"
             sockets = _hivemind_sockets(client.pid)
             assert sockets  # its DHT process's p2pd
