@@ -106,6 +106,10 @@ def test_get_peft_model_trains_saves_and_loads_as_local_peft(swarm, llama_checkp
             ours.set_adapter(name)
             theirs.set_adapter(name)
             torch.testing.assert_close(ours(input_ids=x).logits, theirs(input_ids=x).logits, **TOL)
+        for model_ in (ours, theirs):  # the two joined into one (ranks concatenated, weighted)
+            model_.add_weighted_adapter(["default", "other"], [1.0, 0.5], "mix", combination_type="cat")
+            model_.set_adapter("mix")
+        torch.testing.assert_close(ours(input_ids=x).logits, theirs(input_ids=x).logits, **TOL)
     model.shutdown()
 
 
