@@ -937,7 +937,8 @@ def _status(args: argparse.Namespace) -> int:
     broken = [m["name"] for m in state["models"] if m["verdict"] != "healthy"]
     if broken:
         raise UserError(
-            f"blocks are missing in {', '.join(broken)}: clients cannot use it until servers take them"
+            f"blocks are missing in {', '.join(broken)}: clients cannot use these models until servers take "
+            "the missing blocks"
         )
     return 0
 

@@ -110,9 +110,8 @@ class ServeStartError(RuntimeError):
 @dataclass
 class ServerConfig:
     model: str
-    revision: str | None = (
-        None  # the hub's revision of `model` (a branch, tag or commit; None: the default branch)
-    )
+    # the hub's revision of `model` (a branch, tag or commit; None: the default branch)
+    revision: str | None = None
     blocks: tuple[int, int] | None = None
     num_blocks: int | None = None
     initial_peers: list[str] = field(default_factory=list)
