@@ -211,3 +211,23 @@ def test_killing_the_middle_server_mid_generation_replays_the_pair(paths, cut_sw
         assert failover.replayed_tokens > ids.shape[1]
     finally:
         remote.shutdown()
+
+
+def test_the_layers_run_ranges_whose_ends_carry_r_alone_and_refuse_the_others(paths, cut_swarm, reference):
+    """`model.model.layers[a:b]` (Petals' RemoteSequential): [0, 1) and [1, 6) chained give the local ladder model's
+    span; [2, 4), whose ends inside the ladder region carry the pair, is refused for a call and a session."""
+    local, _ = cut_swarm
+    model, _ = reference
+    remote = client(paths[1], local)
+    try:
+        x = model.head.embed(reference[1][0]).detach()
+        layers = remote.model.layers
+        with torch.no_grad():
+            torch.testing.assert_close(layers[1:](layers[:1](x)), model.span(x), atol=1e-4, rtol=1e-4)
+            with pytest.raises(ValueError, match=r"blocks \[2, 4\).*two tensors.*ladder layers 1:5"):
+                layers[2:4](x)
+            with pytest.raises(ValueError, match=r"blocks \[2, 4\).*two tensors"):
+                with layers[2:4].inference_session(max_length=8):
+                    pass
+    finally:
+        remote.shutdown()

@@ -13,7 +13,7 @@ client's requests only. The client's own weights are frozen unless the user unfr
 writes a PEFT adapter folder (and the client-side trainable tensors, if any); `load_adapter` reads one back.
 `active_adapter=NAME` uses an adapter the servers host instead (routing only via servers that announce it).
 PEFT's own `get_peft_model` / `PeftModel.from_pretrained` inject LoRA layers into the blocks' placeholders
-(`client.peft_layers`), whose active adapter each request sends likewise.
+(`client.layers`), whose active adapter each request sends likewise.
 `DistributedModelForSequenceClassification` puts a trainable classification head over the same blocks;
 `DistributedModel` itself is the base model (`last_hidden_state`, as transformers' `AutoModel`).
 """
@@ -55,8 +55,8 @@ from transformers.modeling_outputs import (
 from transformers.utils.generic import ModelOutput, can_return_tuple
 
 from swarmllm.client.heads import MergedHead
+from swarmllm.client.layers import RemoteLayers, injected_lora, refuse_wrapped_head
 from swarmllm.client.loop import event_loop, run_sync
-from swarmllm.client.peft_layers import injected_lora, refuse_wrapped_head, remote_layers
 from swarmllm.client.remote import PeftLora, PromptTuning, RemoteLora, run_blocks
 from swarmllm.client.session import InferenceSession
 from swarmllm.client.speculative import PromptLookup, SpeculationStats, speculative_generate
@@ -256,7 +256,7 @@ class DistributedModel(PreTrainedModel):
     config_class = PretrainedConfig
     base_model_prefix = "head"
     main_input_name = "input_ids"
-    # where the blocks' placeholders for PEFT are (`client.peft_layers`): transformers' path of the decoder layers
+    # where the blocks' placeholders are (`client.layers`): transformers' path of the decoder layers
     # (a base model's own; a causal LM's and a classifier's under `model.`), so PEFT saves its keys
     layers_path = "layers"
 
@@ -273,7 +273,7 @@ class DistributedModel(PreTrainedModel):
         parent, _, name = self.layers_path.rpartition(".")
         if parent:
             self.add_module(parent, torch.nn.Module())
-        self.get_submodule(parent).add_module(name, remote_layers(self.block_config))
+        self.get_submodule(parent).add_module(name, RemoteLayers.build(self.block_config, self))
         self._injected: dict[str, PeftLora] = {}  # PEFT's adapters by name, as last sent
         self._base: DistributedModel | None = None  # (`with_adapter`'s: the model whose swarm it uses)
         self._sessions = threading.local()  # each thread its own active session: concurrent generates
@@ -521,6 +521,21 @@ class DistributedModel(PreTrainedModel):
         _refuse_layer_outputs(options, self.config)
         hidden = self.hidden_states(input_ids, attention_mask, inputs_embeds)
         return BaseModelOutputWithPast(last_hidden_state=hidden)
+
+    def run_layers(
+        self, hidden: torch.Tensor, attention_mask: torch.Tensor | None, blocks: tuple[int, int]
+    ) -> torch.Tensor:
+        """Hidden states through blocks [start, end) with the model's adapter and deep prompts: what the model's
+        layers do when called (`client.layers`)."""
+        mask = None if attention_mask is None else attention_mask.bool()
+        key_mask = None if mask is None or bool(mask.all()) else mask
+        return run_blocks(self.swarm, hidden, key_mask, self.ptune, self._adapter(), self.training, blocks)
+
+    def open_layers_session(
+        self, max_length: int, compression: str | None, blocks: tuple[int, int]
+    ) -> InferenceSession:
+        """A session through blocks [start, end) (the layers' `inference_session`)."""
+        return InferenceSession(self.swarm, max_length, self._session_tuning(), compression, blocks)
 
     def _adapter(self) -> RemoteLora | PeftLora | None:
         """The client's adapter for a request: `add_adapter`'s, or the one PEFT injected and has active."""

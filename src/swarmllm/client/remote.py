@@ -4,7 +4,7 @@
 `deep_ptune` also adds N trainable vectors per block to the first N positions before each block). `RemoteLora`
 holds a LoRA adapter's A/B matrices for every block, named as PEFT names them; a plain `optimizer.step()` is
 enough: the next request finds the changed tensors and uploads the new weights once per server (`PeftLora`:
-the same for an adapter PEFT injected, `client.peft_layers`). `run_blocks`
+the same for an adapter PEFT injected, `client.layers`). `run_blocks`
 sends hidden states through the swarm with them, through `RemoteBlocks` (a `torch.autograd.Function` whose
 backward asks the same servers for the gradients) when gradients are needed.
 """
@@ -107,7 +107,7 @@ class AdapterVersions:
 
 
 class PeftLora:
-    """An adapter PEFT injected into the model's placeholder layers (`client.peft_layers`), as `run_blocks`
+    """An adapter PEFT injected into the model's placeholder layers (`client.layers`), as `run_blocks`
     takes one: its A/B are PEFT's own parameters, which receive the servers' gradients."""
 
     def __init__(self, settings: LoraSettings, tensors: dict[str, torch.Tensor]):
@@ -128,13 +128,13 @@ class PeftLora:
 
 
 class RemoteBlocks(torch.autograd.Function):
-    """Hidden states through every block of the swarm, differentiable in the hidden states, the deep prompts
+    """Hidden states through the swarm's blocks (all, or a range), differentiable in the hidden states, the deep prompts
     and the adapter's tensors. Gradients come from the servers that computed the forward (or others of the same
     blocks if they fail), exact in float32."""
 
     @staticmethod
-    def forward(ctx, swarm, key_mask, tuning, names, hidden, prompts, *lora):
-        out, kept = run_sync(swarm.train_forward(hidden.detach(), key_mask, tuning))
+    def forward(ctx, swarm, key_mask, tuning, blocks, names, hidden, prompts, *lora):
+        out, kept = run_sync(swarm.train_forward(hidden.detach(), key_mask, tuning, blocks))
         ctx.swarm, ctx.key_mask, ctx.tuning, ctx.names, ctx.kept = swarm, key_mask, tuning, names, kept
         ctx.hidden_dtype = hidden.dtype
         return out.to(hidden.dtype)
@@ -146,7 +146,7 @@ class RemoteBlocks(torch.autograd.Function):
         )
         grads = [grad_hidden.to(ctx.hidden_dtype), grad_prompts]
         grads += [grad_lora.get(name) for name in ctx.names]
-        return None, None, None, None, *grads
+        return None, None, None, None, None, *grads
 
 
 def run_blocks(
@@ -156,9 +156,11 @@ def run_blocks(
     ptune: PromptTuning | None,
     lora: RemoteLora | PeftLora | None,
     training: bool,
+    blocks: tuple[int, int] | None = None,
 ) -> torch.Tensor:
-    """`hidden` (prompts already prepended) through the swarm's blocks with the client's deep prompts and
-    adapter: differentiably when gradients are wanted and anything requires them, else plainly (pipelined).
+    """`hidden` (prompts already prepended) through the swarm's blocks (those of `blocks`, [start, end), or all)
+    with the client's deep prompts and adapter: differentiably when gradients are wanted and anything requires
+    them, else plainly (pipelined).
     In training mode the adapter's dropout applies, with gradients or without (as PEFT's), with a fresh seed per
     call (from torch's generator).
     An empty input is refused here: servers refuse it too, and the client would ban them for the caller's error."""
@@ -180,9 +182,9 @@ def run_blocks(
         lora_grads=needs_grad and any(p.requires_grad for p in params),
     )
     if not needs_grad and seed is not None:  # the masks a training forward draws, micro-batches and all
-        return run_sync(swarm.train_forward(hidden.detach(), key_mask, tuning))[0]
+        return run_sync(swarm.train_forward(hidden.detach(), key_mask, tuning, blocks))[0]
     if not needs_grad:
-        return run_sync(swarm.forward(hidden.detach(), key_mask, tuning))
+        return run_sync(swarm.forward(hidden.detach(), key_mask, tuning, blocks))
     names = [] if lora is None else lora.names
     prompts = deep if deep is not None else torch.zeros(0)  # autograd.Function inputs must be tensors
-    return RemoteBlocks.apply(swarm, key_mask, tuning, names, hidden, prompts, *params)
+    return RemoteBlocks.apply(swarm, key_mask, tuning, blocks, names, hidden, prompts, *params)

@@ -107,10 +107,12 @@ class InferenceSession:
         max_length: int,
         tuning: Tuning = NO_TUNING,
         compression: str | None = None,
+        blocks: tuple[int, int] | None = None,
     ):
         if max_length < 1:
             raise ValueError(f"max_length must be positive, got {max_length}")
         self.swarm = swarm
+        self.start, self.end = swarm.block_range(blocks)  # its steps go through these blocks, all by default
         # how this session's hidden states travel (wire.compression); default: the client's
         self.compression = check_codec(compression or swarm.compression)
         self.tuning = tuning.for_inference()  # an adapter for every hop, deep prompts for positions 0..N-1
@@ -162,7 +164,7 @@ class InferenceSession:
         position: int | None = None,
         reorder: Sequence[int] | None = None,
     ) -> torch.Tensor:
-        """Hidden states of tokens [position, position + T) through every block; position defaults to the end
+        """Hidden states of tokens [position, position + T) through its blocks; position defaults to the end
         of what the session holds, and an earlier position rewinds (later tokens are forgotten). `reorder`
         (beam search, a one-token step): first, row i of what the session holds becomes what row reorder[i]
         held, on every server and in the inputs kept for failover (a step that fails then leaves the session at
@@ -251,8 +253,7 @@ class InferenceSession:
                         self.swarm.push
                         and i + 1 < len(self._hops)
                         and (long or self._hops[i + 1].answered)
-                        and self.tuning.hop_prompts(0, self.swarm.num_blocks, position, hidden.shape[1])
-                        is None
+                        and self.tuning.hop_prompts(self.start, self.end, position, hidden.shape[1]) is None
                     )
                     deadline = self.swarm.deadline_s(hop.hop, tokens, decode=hidden.shape[1] == 1)
                     later = self._hops[i + 1 :]
@@ -367,7 +368,7 @@ class InferenceSession:
         return first
 
     async def _open(self) -> None:
-        self._hops, _, _ = await self._chain(0, self.swarm.num_blocks, None, [])
+        self._hops, _, _ = await self._chain(self.start, self.end, None, [])
         logger.debug("session over %s", self._hops)
 
     async def _chain(
@@ -515,7 +516,7 @@ class InferenceSession:
         replaced = self._hops[i:] if to_end else [failed]
         await self._close_hops(replaced)
         accept_from = self._hops[i - 1].peer_id if i > 0 else None
-        end = self.swarm.num_blocks if to_end else failed.end
+        end = self.end if to_end else failed.end
         try:
             new, route_s, replay_s = await self._chain(
                 failed.start,

@@ -529,6 +529,22 @@ class SwarmClient:
             return f"another model: hub commit {server.commit} (another revision)"
         return f"another model: fingerprint {server.fingerprint} (the config differs)"
 
+    def block_range(self, blocks: tuple[int, int] | None) -> tuple[int, int]:
+        """[start, end) of a request through some of the blocks (all by default). Its input and output are the
+        hidden states alone: a range whose ends carry the ladder pair is refused."""
+        start, end = (0, self.num_blocks) if blocks is None else blocks
+        if not 0 <= start < end <= self.num_blocks:
+            raise ValueError(
+                f"blocks [{start}, {end}) are not a range of the model's {self.num_blocks} blocks"
+            )
+        if self.carries_pending(start) or self.carries_pending(end):
+            raise ValueError(
+                f"blocks [{start}, {end}): this Ladder Residual model's state between two of its ladder layers "
+                f"is two tensors (the residual stream and a sub-layer's pending output), not hidden states: start "
+                f"and end the range elsewhere ({describe_ladder(self.ladder)})"
+            )
+        return start, end
+
     def carries_pending(self, boundary: int) -> bool:
         """Whether the state crossing layer boundary `boundary` is the ladder pair (r, p) (`models.ladder`)."""
         return carries_pending(self.ladder_layers, boundary)
@@ -750,10 +766,14 @@ class SwarmClient:
         return min(deadline, self.request_timeout_s)
 
     async def forward(
-        self, hidden: torch.Tensor, key_mask: torch.Tensor | None = None, tuning: Tuning = NO_TUNING
+        self,
+        hidden: torch.Tensor,
+        key_mask: torch.Tensor | None = None,
+        tuning: Tuning = NO_TUNING,
+        blocks: tuple[int, int] | None = None,
     ) -> torch.Tensor:
-        """Hidden states through every block, spread over servers by throughput; a server that fails is banned
-        and its part computed again elsewhere.
+        """Hidden states through every block (or blocks [start, end) of `blocks`), spread over servers by
+        throughput; a server that fails is banned and its part computed again elsewhere.
 
         A long input is cut into chunks of positions and pipelined along the chain: while a server computes
         chunk k, the next one already works on chunk k-1 (chunk size: see `_chunk_tokens`). The chunks go
@@ -764,11 +784,12 @@ class SwarmClient:
         `tuning`: deep prompts and an adapter for this request.
         """
         check_input(hidden, key_mask, self.hidden_size)
+        first, last = self.block_range(blocks)
         batch, length = hidden.shape[:2]
         failure: BaseException | None = None
         while True:
             hops = await self.route(
-                lambda s: route_forward(s, self.num_blocks, self.rng),
+                self._forward_plan(first, last),
                 failure=failure,
                 tuned=tuning.needs_tunable,
             )
@@ -794,10 +815,10 @@ class SwarmClient:
             if (wrong := await self._first_wrong(checks)) is None:
                 return outputs[-1][0]
             failure = wrong[1]
-        boundary, checks, inputs = 0, [], {0: (hidden, None)}
+        boundary, checks, inputs = first, [], {first: (hidden, None)}
         shed = LoadShed(self.request_timeout_s)
-        while boundary < self.num_blocks:
-            plan = shed.plan(self._forward_plan(boundary))
+        while boundary < last:
+            plan = shed.plan(self._forward_plan(boundary, last))
             hop = (await self.route(plan, failure=failure, tuned=tuning.needs_tunable))[0]
             await shed.wait([hop])
             try:
@@ -812,12 +833,12 @@ class SwarmClient:
             shed.done(hop)
             checks.append(self._maybe_check(hop, inputs[boundary], key_mask, out, tuning))
             boundary, inputs[hop.end] = hop.end, out
-            if boundary == self.num_blocks and (wrong := await self._first_wrong(checks)) is not None:
+            if boundary == last and (wrong := await self._first_wrong(checks)) is not None:
                 (boundary, failure), checks = (
                     (wrong[0].start, wrong[1]),
                     [],
                 )  # again from the wrong hop's input
-        return inputs[self.num_blocks][0]  # the model's last boundary carries r alone
+        return inputs[last][0]  # the range's last boundary carries r alone (`block_range`)
 
     def _maybe_check(
         self, hop: Hop, state: State, key_mask: torch.Tensor | None, output: State, tuning: Tuning = NO_TUNING
@@ -1082,14 +1103,19 @@ class SwarmClient:
         return lambda servers: route_forward(servers, self.num_blocks, self.rng, start=start, end=end)
 
     async def train_forward(
-        self, hidden: torch.Tensor, key_mask: torch.Tensor | None, tuning: Tuning
+        self,
+        hidden: torch.Tensor,
+        key_mask: torch.Tensor | None,
+        tuning: Tuning,
+        blocks: tuple[int, int] | None = None,
     ) -> tuple[torch.Tensor, list[tuple[slice, list[tuple[Hop, State]]]]]:
-        """A forward to be differentiated: the output, and per micro-batch (its rows) every hop with its input
-        state, for `train_backward`. Hop by hop, a failed hop retried on another server of its blocks; the
-        micro-batches concurrently, so that they pipeline along the chain. Spot checked as plain forwards are
-        when the adapter has no dropout (with dropout, the masks drawn differ when other servers split the
+        """A forward to be differentiated (through `blocks`, as `forward`'s): the output, and per micro-batch
+        (its rows) every hop with its input state, for `train_backward`. Hop by hop, a failed hop retried on
+        another server of its blocks; the micro-batches concurrently, so that they pipeline along the chain.
+        Spot checked as plain forwards are when the adapter has no dropout (with dropout, the masks drawn differ when other servers split the
         blocks differently): a hop found wrong is computed again, from its input, on other servers."""
         check_input(hidden, key_mask, self.hidden_size)
+        first, last = self.block_range(blocks)
         checked = tuning.dropout_seed is None
 
         async def micro_batch(rows: slice) -> tuple[torch.Tensor, list[tuple[Hop, State]]]:
@@ -1100,10 +1126,11 @@ class SwarmClient:
             checks: list[tuple[Hop, asyncio.Task[SpotCheck] | None]] = []
             failure: BaseException | None = None
             shed = LoadShed(self.request_timeout_s)
-            while not kept or kept[-1][0].end < self.num_blocks:
-                start = kept[-1][0].end if kept else 0
+            while not kept or kept[-1][0].end < last:
+                start = kept[-1][0].end if kept else first
                 # (any server can compute it, but only a tunable one can take its backward)
-                hop = (await self.route(shed.plan(self._forward_plan(start)), failure=failure, tuned=True))[0]
+                plan = shed.plan(self._forward_plan(start, last))
+                hop = (await self.route(plan, failure=failure, tuned=True))[0]
                 await shed.wait([hop])
                 try:
                     out = await self._forward_hop(hop, *x, mask, own)
@@ -1119,7 +1146,7 @@ class SwarmClient:
                     checks.append(self._maybe_check(hop, x, mask, out, own))
                 kept.append((hop, x))
                 x = out
-                if hop.end == self.num_blocks and (wrong := await self._first_wrong(checks)):
+                if hop.end == last and (wrong := await self._first_wrong(checks)):
                     # again from the wrong hop's input (its server is banned)
                     index = next(i for i, (h, _) in enumerate(kept) if h is wrong[0])
                     x, failure, kept, checks = kept[index][1], wrong[1], kept[:index], []

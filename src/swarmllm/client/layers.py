@@ -1,20 +1,35 @@
-"""The swarm's blocks as PEFT sees a model, so that `peft.get_peft_model(swarm_model, LoraConfig(...))` and
-`peft.PeftModel.from_pretrained(swarm_model, DIR)` work as on a local model.
+"""The swarm's blocks as the client's model holds them: a placeholder decoder layer per block, named as
+transformers names a model's layers (`model.layers.3.self_attn.q_proj`, whatever a family calls its own).
 
-PEFT finds the modules to adapt by name. A client holds no block, so it holds placeholders instead, named as in
-transformers' decoder layers (`model.layers.3.self_attn.q_proj`, whatever a family calls its own): `RemoteLinear`,
-of a projection's shape and without weights. PEFT wraps them in its LoRA layers, whose A/B are then the client's
-trainable parameters, saved under transformers' key names. The placeholders never run: each request reads the
-active adapter from the wrapped layers (`injected_lora`) and sends it to the servers as `add_adapter`'s own.
+For PEFT, so that `peft.get_peft_model(swarm_model, LoraConfig(...))` and `peft.PeftModel.from_pretrained(
+swarm_model, DIR)` work as on a local model: PEFT finds the modules to adapt by name, and a client holds no block.
+Each projection is a `RemoteLinear`, of its shape and without weights. PEFT wraps them in its LoRA layers, whose
+A/B are then the client's trainable parameters, saved under transformers' key names. The projections never run:
+each request reads the active adapter from the wrapped layers (`injected_lora`) and sends it to the servers as
+`add_adapter`'s own.
+
+For research, as Petals' `RemoteSequential`: the layers (`RemoteLayers`), a slice of them or one layer, called on
+hidden states, run them through those blocks on the servers (differentiably), and `inference_session` steps them
+through those blocks with the servers' caches: intermediate states, custom paths, a logit lens.
 """
 
 from __future__ import annotations
 
+import contextlib
+import weakref
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
 import torch
 from torch import Tensor, nn
 
+from swarmllm.client.loop import run_sync
 from swarmllm.models import BlockConfig
 from swarmllm.models.lora import MODULES, LoraSettings, lora_shapes, module_features, tensor_name
+
+if TYPE_CHECKING:
+    from swarmllm.client.model import DistributedModel
+    from swarmllm.client.session import InferenceSession
 
 
 class _ServerWeight(torch.Tensor):
@@ -58,18 +73,110 @@ class RemoteLinear(nn.Linear):
         raise RuntimeError("this projection is computed by the swarm's servers, not by the client")
 
 
-def remote_layers(config: BlockConfig) -> nn.ModuleList:
-    """A placeholder decoder layer per block: `self_attn.{q,k,v,o}_proj`, `mlp.{gate,up,down}_proj`."""
-    layers = nn.ModuleList()
-    for _ in range(config.num_layers):
-        layer = nn.Module()
+class LayersSession:
+    """An inference session through some blocks (`RemoteLayers.inference_session`), as Petals' `step`s it: each
+    step takes the hidden states of the next positions and returns theirs after the blocks, whose keys and values
+    stay on the servers."""
+
+    def __init__(self, session: InferenceSession):
+        self.session = session
+
+    @property
+    def position(self) -> int:
+        """How many positions the servers hold."""
+        return self.session.position
+
+    def step(self, hidden: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """[B, T, H] of the next T positions -> [B, T, H]; `attention_mask` [B, T], 0 at padding (held for
+        the later steps)."""
+        mask = None if attention_mask is None else attention_mask.bool()
+        return run_sync(self.session.step(hidden.detach(), mask)).to(hidden.dtype)
+
+
+class _Layers(nn.Module):
+    """Calls through the swarm for a run of blocks: those of `RemoteLayers` and of each `RemoteLayer`."""
+
+    def __init__(self, owner: weakref.ref[DistributedModel]):
+        super().__init__()
+        self._owner = (
+            owner  # (weakly: the model holds these layers, and is dropped as transformers' models are)
+        )
+
+    @property
+    def blocks(self) -> tuple[int, int]:
+        raise NotImplementedError
+
+    def _model(self) -> DistributedModel:
+        model = self._owner()
+        if model is None:
+            raise RuntimeError("the model these layers belong to is gone")
+        return model
+
+    def forward(self, hidden_states: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """[B, T, H] -> [B, T, H]: the hidden states after these blocks, differentiable as the model's forward
+        is, with the model's adapter and deep prompts. `attention_mask` [B, T]: 0 at padding."""
+        if not hidden_states.is_floating_point():
+            raise TypeError(
+                f"the layers take hidden states (floats, [batch, tokens, hidden]), got {hidden_states.dtype}: "
+                "token ids go through the model's embeddings first (`model.get_input_embeddings()(ids)`)"
+            )
+        return self._model().run_layers(hidden_states, attention_mask, self.blocks)
+
+    @contextlib.contextmanager
+    def inference_session(self, max_length: int, compression: str | None = None) -> Iterator[LayersSession]:
+        """A session through these blocks, closed at the end of the block (see `LayersSession`)."""
+        session = self._model().open_layers_session(max_length, compression, self.blocks)
+        try:
+            yield LayersSession(session)
+        finally:
+            run_sync(session.close())
+
+
+class RemoteLayer(_Layers):
+    """One block's placeholder: its projections (`self_attn.q_proj`, ...) for PEFT; called, the block itself."""
+
+    def __init__(self, config: BlockConfig, index: int, owner: weakref.ref[DistributedModel]):
+        super().__init__(owner)
+        self.index = index
         for module, (path, _, _) in MODULES.items():
             group, name = path.split(".")
-            if not hasattr(layer, group):
-                layer.add_module(group, nn.Module())
-            getattr(layer, group).add_module(name, RemoteLinear(*module_features(config, module)))
-        layers.append(layer)
-    return layers
+            if not hasattr(self, group):
+                self.add_module(group, nn.Module())
+            getattr(self, group).add_module(name, RemoteLinear(*module_features(config, module)))
+
+    @property
+    def blocks(self) -> tuple[int, int]:
+        return self.index, self.index + 1
+
+
+class RemoteLayers(_Layers, nn.ModuleList):
+    """The model's decoder layers, an `nn.ModuleList` of them; called, their blocks in turn. A slice (of step 1)
+    is the layers of its blocks, called likewise."""
+
+    def __init__(self, layers: list[RemoteLayer], owner: weakref.ref[DistributedModel]):
+        super().__init__(owner)
+        self.extend(layers)
+
+    @classmethod
+    def build(cls, config: BlockConfig, owner: DistributedModel) -> RemoteLayers:
+        ref = weakref.ref(owner)
+        return cls([RemoteLayer(config, i, ref) for i in range(config.num_layers)], ref)
+
+    @property
+    def blocks(self) -> tuple[int, int]:
+        layers = list(self)
+        return layers[0].index, layers[-1].index + 1
+
+    def __getitem__(self, index: int | slice) -> RemoteLayer | RemoteLayers:
+        if not isinstance(index, slice):
+            return super().__getitem__(index)
+        start, stop, step = index.indices(len(self))
+        if step != 1 or stop <= start:
+            raise IndexError(
+                f"layers[{index.start}:{index.stop}:{index.step}]: a run of blocks through the swarm is a "
+                "non-empty slice of step 1"
+            )
+        return RemoteLayers(list(self)[start:stop], self._owner)
 
 
 def injected_lora(

@@ -1,0 +1,147 @@
+"""The model's layers as Petals' `RemoteSequential`: `model.model.layers`, a slice of them, or one layer, called on
+hidden states, run them through those blocks on the servers, differentiably, with the model's adapter; their
+`inference_session` steps them with the servers' caches. Checked against transformers' own decoder layers on the
+same checkpoint (a local model cut to the same layers)."""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import pytest
+import torch
+from torch import nn
+from transformers import AutoModelForCausalLM
+
+from swarmllm import AutoDistributedModel, AutoDistributedModelForCausalLM
+
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
+TOL = dict(rtol=1e-4, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def swarm(local, llama_checkpoint):
+    local.add_servers([(str(llama_checkpoint), (0, 2)), (str(llama_checkpoint), (2, 4))])
+    return local
+
+
+@pytest.fixture(scope="module")
+def model(swarm, llama_checkpoint):
+    remote = AutoDistributedModelForCausalLM.from_pretrained(
+        str(llama_checkpoint), initial_peers=swarm.initial_peers
+    )
+    yield remote
+    remote.shutdown()
+
+
+@pytest.fixture(scope="module")
+def hf(llama_checkpoint):
+    return AutoModelForCausalLM.from_pretrained(llama_checkpoint, dtype=torch.float32)
+
+
+def local_layers(hf, start: int, end: int):
+    """transformers' decoder model cut to layers [start, end), without its final norm: hidden states in, theirs
+    after those layers out (positions from 0, as the servers number a request's)."""
+    cut = copy.deepcopy(hf.model)
+    cut.layers = nn.ModuleList(list(cut.layers)[start:end])
+    cut.norm = nn.Identity()
+    return lambda hidden, mask=None: (
+        cut(inputs_embeds=hidden, attention_mask=mask, use_cache=False).last_hidden_state
+    )
+
+
+def states(model, batch=2, length=7, seed=0):
+    ids = torch.randint(3, 150, (batch, length), generator=torch.Generator().manual_seed(seed))
+    return model.get_input_embeddings()(ids).detach()
+
+
+def test_slices_and_single_layers_give_transformers_hidden_states(model, hf):
+    layers = model.model.layers
+    assert isinstance(layers, nn.ModuleList) and len(layers) == 4
+    x = states(model)
+    with torch.no_grad():
+        want = hf(inputs_embeds=x, output_hidden_states=True).hidden_states  # [i]: after i layers
+        for start, end in [(0, 2), (1, 3), (0, 3)]:
+            torch.testing.assert_close(
+                layers[start:end](want[start]), want[end], **TOL, msg=f"[{start}:{end})"
+            )
+        # (the last of transformers' hidden states is after the final norm: a cut model gives them before it)
+        torch.testing.assert_close(layers[2:](want[2]), local_layers(hf, 2, 4)(want[2]), **TOL)
+        torch.testing.assert_close(layers[1](want[1]), want[2], **TOL)
+        torch.testing.assert_close(layers[-1](want[3]), local_layers(hf, 3, 4)(want[3]), **TOL)
+        torch.testing.assert_close(layers(x), local_layers(hf, 0, 4)(x), **TOL)
+        # a padded batch: the real positions as transformers computes them with the same mask
+        mask = torch.ones(2, 7, dtype=torch.long)
+        mask[1, :3] = 0
+        mine, theirs = layers[1:3](want[1], attention_mask=mask), local_layers(hf, 1, 3)(want[1], mask)
+        torch.testing.assert_close(mine[mask.bool()], theirs[mask.bool()], **TOL)
+
+
+def test_gradients_through_a_slice_equal_local_autograd(model, hf):
+    x = states(model, seed=1)
+    ours = x.clone().requires_grad_()
+    theirs = x.clone().requires_grad_()
+    weights = torch.randn(2, 7, x.shape[2], generator=torch.Generator().manual_seed(2))
+    (model.model.layers[1:4](ours) * weights).sum().backward()
+    (local_layers(hf, 1, 4)(theirs) * weights).sum().backward()
+    torch.testing.assert_close(ours.grad, theirs.grad, **TOL)
+
+
+def test_an_inference_session_steps_a_slice_as_its_forward(model, hf):
+    x = states(model, seed=3)
+    layers = model.model.layers[1:3]
+    with torch.no_grad():
+        whole = local_layers(hf, 1, 3)(x)
+        with layers.inference_session(max_length=10) as session:
+            parts = [session.step(x[:, :4]), session.step(x[:, 4:5]), session.step(x[:, 5:7])]
+            assert session.position == 7
+    torch.testing.assert_close(torch.cat(parts, 1), whole, **TOL)
+
+
+def test_the_layers_apply_the_models_peft_adapter(swarm, llama_checkpoint, hf):
+    peft = pytest.importorskip("peft")
+    config = dict(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"])
+    remote = AutoDistributedModelForCausalLM.from_pretrained(
+        str(llama_checkpoint), initial_peers=swarm.initial_peers
+    )
+    try:
+        ours = peft.get_peft_model(remote, peft.LoraConfig(**config))
+        theirs = peft.get_peft_model(copy.deepcopy(hf), peft.LoraConfig(**config))
+        mine = {n: p for n, p in ours.named_parameters() if "lora_" in n}
+        other = {n: p for n, p in theirs.named_parameters() if "lora_" in n}
+        assert list(mine) == list(other)
+        generator = torch.Generator().manual_seed(4)
+        with torch.no_grad():
+            for name, weight in mine.items():
+                weight.copy_(torch.randn(weight.shape, generator=generator) * 0.2)
+                other[name].copy_(weight)
+        x = states(remote, seed=5)
+        with torch.no_grad():
+            want = theirs(inputs_embeds=x, output_hidden_states=True).hidden_states
+            got = ours.base_model.model.model.layers[1:3](want[1])
+            torch.testing.assert_close(got, want[3], **TOL)
+            assert not torch.allclose(got, hf(inputs_embeds=x, output_hidden_states=True).hidden_states[3])
+    finally:
+        remote.shutdown()
+
+
+def test_a_base_models_layers_and_what_is_refused(model, swarm, llama_checkpoint, hf):
+    base = AutoDistributedModel.from_pretrained(str(llama_checkpoint), initial_peers=swarm.initial_peers)
+    try:
+        x = states(model, seed=6)
+        with torch.no_grad():
+            torch.testing.assert_close(base.layers[0:2](x), model.model.layers[:2](x), **TOL)
+    finally:
+        base.shutdown()
+    layers = model.model.layers
+    with pytest.raises(IndexError, match="non-empty slice of step 1"):
+        layers[2:2]
+    with pytest.raises(IndexError, match="non-empty slice of step 1"):
+        layers[::2]
+    with pytest.raises(TypeError, match="token ids go through the model's embeddings"):
+        layers(torch.ones(1, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match="3 dimensions"):
+        layers(x[0])
+    with torch.no_grad():
+        torch.testing.assert_close(layers[:1](x), local_layers(hf, 0, 1)(x), **TOL)  # and it goes on
