@@ -216,3 +216,27 @@ def test_peft_prompt_tuning_trains_and_generates_its_prompts_once(swarm, llama_c
         assert steps == [(0, 4 + 6)] + [(4 + 6 + i, 1) for i in range(9)]
     finally:
         model.shutdown()
+
+
+def test_an_adapter_in_half_precision_trains_with_gradients_of_its_own_dtype(swarm, llama_checkpoint):
+    """A PEFT adapter cast to bfloat16 (as on a GPU, `peft_model.to(torch.bfloat16)`): the servers apply it, its
+    gradients come back in bfloat16, close to those of the same weights in float32 through the same servers."""
+    model = swarm_model(swarm, llama_checkpoint)
+    try:
+        ours = peft.get_peft_model(model, peft.LoraConfig(**LORA))
+        generator = torch.Generator().manual_seed(7)
+        with torch.no_grad():
+            for weight in lora_parameters(ours).values():
+                weight.copy_(torch.randn(weight.shape, generator=generator) * 0.2)
+        x = tokens(seed=8)
+        ours(input_ids=x, labels=x).loss.backward()
+        full = {name: w.grad.clone() for name, w in lora_parameters(ours).items()}
+        ours.zero_grad()
+        for weight in lora_parameters(ours).values():
+            weight.data = weight.data.to(torch.bfloat16)
+        ours(input_ids=x, labels=x).loss.backward()
+        for name, weight in lora_parameters(ours).items():
+            assert weight.grad.dtype == torch.bfloat16, name
+            torch.testing.assert_close(weight.grad.float(), full[name], rtol=0.05, atol=0.02, msg=name)
+    finally:
+        model.shutdown()

@@ -137,6 +137,43 @@ def test_an_empty_input_is_the_callers_error_and_bans_no_server(servers, llama_c
         model.shutdown()
 
 
+@pytest.mark.parametrize("tuning", ["lora", "peft", "deep_ptune"])
+def test_a_diverged_adapter_or_prompt_is_the_callers_error_and_bans_no_server(
+    servers, llama_checkpoint, tuning
+):
+    """NaN in the client's trainable tensors (float16 AdamW makes them at its first step): servers refuse them, so
+    the client refuses them first, naming the tensor, rather than ban each healthy server in turn."""
+    options = {"tuning_mode": "deep_ptune", "pre_seq_len": 2} if tuning == "deep_ptune" else {}
+    model = remote_model(llama_checkpoint, servers, **options)
+    try:
+        config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"])
+        if tuning == "lora":
+            model.add_adapter(config)
+        trained = peft.get_peft_model(model, config) if tuning == "peft" else model
+        if tuning == "lora":
+            weight = model.lora.weights[0]  # (0.self_attn.q_proj.lora_A)
+        else:
+            weight = next(
+                p for name, p in trained.named_parameters() if "lora_A" in name or "ptune.deep" in name
+            )
+        with torch.no_grad():
+            weight[0, 0] = float("nan")
+        x = ids(batch=2, length=4, seed=3)
+        message = (
+            "deep prompts hold NaN" if tuning == "deep_ptune" else r"0\.self_attn\.q_proj\.lora_A hold NaN"
+        )
+        with pytest.raises(ValueError, match=message):
+            trained(input_ids=x, labels=x)
+        with torch.no_grad(), pytest.raises(ValueError, match=message):
+            trained.generate(input_ids=x, max_new_tokens=2)
+        assert not model.swarm.bans.banned(time.monotonic())
+        with torch.no_grad():
+            weight[0, 0] = 0.0
+        trained(input_ids=x, labels=x).loss.backward()  # the servers still serve this client
+    finally:
+        model.shutdown()
+
+
 def test_dropout_masks_are_drawn_per_layer_whatever_server_runs_it(llama_checkpoint):
     """A request's dropout seed reaches every server of its route: each layer's masks come from the seed and the
     layer, so the next server's first layer does not repeat the masks of this server's first layer (PEFT draws

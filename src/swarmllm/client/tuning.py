@@ -36,6 +36,16 @@ class AdapterWeights:
     settings: LoraSettings
     tensors: dict[str, torch.Tensor]
 
+    def __post_init__(self) -> None:
+        # servers refuse such an adapter, and a server's refusal counts as its failure: the client would ban
+        # healthy servers for its own training's divergence
+        if bad := [name for name, t in self.tensors.items() if not bool(torch.isfinite(t).all())]:
+            raise ValueError(
+                f"adapter {self.name!r}: {bad[0]}{f' and {len(bad) - 1} more' if len(bad) > 1 else ''} hold NaN "
+                "or infinite values (has training diverged? in float16, e.g., AdamW's eps of 1e-8 is 0: keep "
+                "trainable weights in float32)"
+            )
+
     def layers(self, start: int, end: int) -> dict[str, torch.Tensor]:
         prefixes = tuple(f"{layer}." for layer in range(start, end))
         return {name: t for name, t in self.tensors.items() if name.startswith(prefixes)}
@@ -52,6 +62,10 @@ class Tuning:
     weights: AdapterWeights | None = None
     dropout_seed: int | None = None
     lora_grads: bool = False
+
+    def __post_init__(self) -> None:
+        if self.prompts is not None and not bool(torch.isfinite(self.prompts).all()):  # (as an adapter's)
+            raise ValueError("the deep prompts hold NaN or infinite values (has training diverged?)")
 
     @property
     def needs_tunable(self) -> bool:
