@@ -145,3 +145,24 @@ def test_a_base_models_layers_and_what_is_refused(model, swarm, llama_checkpoint
         layers(x[0])
     with torch.no_grad():
         torch.testing.assert_close(layers[:1](x), local_layers(hf, 0, 1)(x), **TOL)  # and it goes on
+
+
+def test_a_session_through_a_slice_survives_its_server_dying(model, swarm, llama_checkpoint, hf):
+    """(Last in this file: it kills one of the module's servers.) A third server holds [1, 4); the server of the
+    session's last hop is killed mid-session, and the next steps replay to others: the states of a fault-free
+    run."""
+    third = swarm.add_server(str(llama_checkpoint), (1, 4))["peer_id"]
+    x = states(model, seed=9)
+    with torch.no_grad():
+        want = local_layers(hf, 1, 4)(x)
+        with model.model.layers[1:].inference_session(max_length=12) as session:
+            parts = [session.step(x[:, :4])]
+            # the third server if the session goes through it, else the fixture's second, of [2, 4)
+            hops = session.session.hops
+            index = 2 if third in {h.peer_id for h in hops} else 1
+            victim = hops[-1].peer_id
+            swarm.servers[index].kill()
+            parts += [session.step(x[:, t : t + 1]) for t in range(4, 7)]
+            assert victim not in {hop.peer_id for hop in session.session.hops}
+            assert len(session.session.failovers) == 1
+    torch.testing.assert_close(torch.cat(parts, 1), want, **TOL)
