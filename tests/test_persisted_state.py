@@ -5,6 +5,7 @@ fallback, never a traceback at the next start."""
 import json
 import multiprocessing
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -145,16 +146,24 @@ def test_a_peers_file_that_is_a_folder_is_a_clear_error(tmp_path, capsys):
 
 
 def test_a_second_bootstrap_peer_with_a_running_ones_identity_is_refused_naming_the_file(tmp_path, capsys):
-    """`swarmllm dht --identity KEY` joining a swarm where a peer runs with KEY: one line naming the user's file
-    (it named a temporary copy of the key)."""
+    """`swarmllm dht --identity KEY` where a peer runs with KEY: on the same host, refused at once, whether it
+    joins that peer or starts a swarm of its own (which nothing else would notice: two swarms under one peer
+    id); with a copy of the key (another machine's), refused by the swarm as it joins. One line naming the user's
+    file each time (the swarm's refusal named a temporary copy of the key)."""
     from swarmllm.local import LocalSwarm
 
-    key = str(tmp_path / "bootstrap.key")
+    key, copy = str(tmp_path / "bootstrap.key"), str(tmp_path / "copied.key")
     with LocalSwarm() as local:
         peers = local.start_bootstrap(extra=["--identity", key])
-        assert main(["dht", "--host", "127.0.0.1", "--identity", key, "--initial-peers", *peers]) == 1
+        for initial in (["--initial-peers", *peers], []):
+            assert main(["dht", "--host", "127.0.0.1", "--identity", key, *initial]) == 1
+            assert f"another swarmllm process on this host runs with this identity ({key})" in one_line_error(
+                capsys, "dht"
+            )
+        shutil.copy(key, copy)
+        assert main(["dht", "--host", "127.0.0.1", "--identity", copy, "--initial-peers", *peers]) == 1
     err = capsys.readouterr().err
-    assert f"another peer of the swarm runs with this identity ({key})" in err
+    assert f"another peer of the swarm runs with this identity ({copy})" in err
     assert "swarmllm-id-" not in err
 
 
@@ -172,8 +181,13 @@ def test_a_second_server_with_a_running_servers_identity_is_refused_and_a_restar
     with LocalSwarm() as local:
         local.start_bootstrap()
         first = local.add_server(str(llama_checkpoint), (0, 4), extra=identity)
-        with pytest.raises(ProcessFailed) as refused:
+        with pytest.raises(ProcessFailed) as refused:  # the same file on this host
             local.add_server(str(llama_checkpoint), (0, 4), extra=identity)
+        assert f"another swarmllm process on this host runs with this identity ({key})" in str(refused.value)
+        copy = tmp_path / "copied.key"  # another machine's copy of it
+        shutil.copy(key, copy)
+        with pytest.raises(ProcessFailed) as refused:
+            local.add_server(str(llama_checkpoint), (0, 4), extra=["--identity", str(copy)])
         assert "exited with 1" in str(refused.value)
         assert (
             f"another server is running with this identity ({first['peer_id']}, at {first['direct']})"

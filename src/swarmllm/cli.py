@@ -815,18 +815,52 @@ def _check_swarm_key(path: str | None) -> None:
         raise UserError(f"{path}: {e}") from None
 
 
+# --identity files this process runs with, each open with its lock held (`_check_identity`), by real path
+_identities: dict[str, int] = {}
+
+
 def _check_identity(path: str | None) -> None:
-    """An --identity file must hold a key, or be made now where it is not there yet, before anything starts."""
+    """An --identity file must hold a key, or be made now where it is not there yet, before anything starts; and
+    no other process of this host may run with it. Two peers under one id split the swarm (two bootstrap peers,
+    neither told of the other) or overwrite each other's records, and the checks through the swarm see only a
+    peer that is reachable already. The process holds a lock on the file while it runs (released when it ends,
+    however it ends); the children it forks do not (its DHT process)."""
     if path is None:
         return
     from swarmllm.wire import Identity
 
     try:
         Identity.load_or_create(path)
+        real = os.path.realpath(path)
+        if real in _identities:  # (this process runs `main` again: tests)
+            return
+        fd = os.open(real, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as e:
         raise UserError(f"cannot read or write the identity file {path}: {e.strerror or e}") from None
     except ValueError as e:
         raise UserError(f"--identity {e}") from None
+    import fcntl
+
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise UserError(
+            f"another swarmllm process on this host runs with this identity ({path}): stop it, or give this one "
+            "an --identity of its own"
+        ) from None
+    _identities[real] = fd
+
+
+def _drop_identities() -> None:
+    """In a forked child: close the identity files' copies, so that the locks end with the process that took
+    them (a DHT process outliving a killed server would keep its identity from a restart)."""
+    for fd in _identities.values():
+        os.close(fd)
+    _identities.clear()
+
+
+os.register_at_fork(after_in_child=_drop_identities)
 
 
 def _check_peers_file(path: str | None) -> None:
