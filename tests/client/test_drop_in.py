@@ -97,21 +97,44 @@ def test_return_dict_false_gives_a_tuple_as_transformers(models):
         assert model(ids, return_dict=True).logits.shape == logits.shape
 
 
-@pytest.mark.parametrize("option", ["output_hidden_states", "output_attentions"])
-def test_per_layer_outputs_are_refused_also_when_the_config_asks(models, option):
-    """transformers reads `config.output_hidden_states` when the call does not say: it answers with every
-    layer's states, which the servers do not return, so the call is refused rather than answered with None."""
+def test_every_layers_hidden_states_are_transformers_also_when_the_config_asks(models):
+    """`output_hidden_states` (the call's, else the config's, as transformers reads it): the input embeddings, the
+    states after each block and the last through the final norm, transformers' own; in a tuple output too."""
+    model, local, tokenizer = models
+    batch = tokenizer(PROMPTS[:2], return_tensors="pt", padding=True)
+    real = batch["attention_mask"].bool()
+    with torch.no_grad():
+        want = local(**batch, output_hidden_states=True)
+        got = model(**batch, output_hidden_states=True)
+        assert len(got.hidden_states) == len(want.hidden_states) == local.config.num_hidden_layers + 1
+        for i, (mine, theirs) in enumerate(zip(got.hidden_states, want.hidden_states, strict=True)):
+            torch.testing.assert_close(
+                mine[real], theirs[real], rtol=1e-4, atol=1e-5, msg=f"hidden_states[{i}]"
+            )
+        torch.testing.assert_close(got.logits[real], want.logits[real], rtol=1e-4, atol=1e-5)
+        model.config.output_hidden_states = True
+        try:
+            assert len(model(**batch).hidden_states) == len(want.hidden_states)
+            assert model(**batch, output_hidden_states=False).hidden_states is None  # the call's word wins
+            logits, states = model(**batch, return_dict=False)
+            torch.testing.assert_close(states[2][real], want.hidden_states[2][real], rtol=1e-4, atol=1e-5)
+        finally:
+            model.config.output_hidden_states = False
+
+
+def test_attentions_are_refused_also_when_the_config_asks(models):
+    """The servers return no attention weights: asking for them is refused rather than answered with None."""
     model, _, tokenizer = models
     ids = tokenizer(PROMPTS[0], return_tensors="pt")["input_ids"]
-    with pytest.raises(NotImplementedError, match=option):
-        model(ids, **{option: True})
-    setattr(model.config, option, True)
+    with pytest.raises(NotImplementedError, match="output_attentions"):
+        model(ids, output_attentions=True)
+    model.config.output_attentions = True
     try:
-        with pytest.raises(NotImplementedError, match=option):
+        with pytest.raises(NotImplementedError, match="output_attentions"):
             model(ids)
-        assert model(ids, **{option: False}).logits.shape[1] == ids.shape[1]  # the call's word wins
+        assert model(ids, output_attentions=False).logits.shape[1] == ids.shape[1]  # the call's word wins
     finally:
-        setattr(model.config, option, False)
+        model.config.output_attentions = False
 
 
 def test_model_attributes_and_modes(models):

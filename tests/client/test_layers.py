@@ -166,3 +166,65 @@ def test_a_session_through_a_slice_survives_its_server_dying(model, swarm, llama
             assert victim not in {hop.peer_id for hop in session.session.hops}
             assert len(session.session.failovers) == 1
     torch.testing.assert_close(torch.cat(parts, 1), want, **TOL)
+
+
+def test_output_hidden_states_with_an_adapter_give_local_peft_states_and_gradients(
+    swarm, llama_checkpoint, hf
+):
+    """`output_hidden_states=True` (a request a block): with a PEFT adapter, local PEFT's states, and a loss on
+    a middle layer's states gives its gradients (none for the blocks after it)."""
+    peft = pytest.importorskip("peft")
+    config = dict(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"])
+    remote = AutoDistributedModelForCausalLM.from_pretrained(
+        str(llama_checkpoint), initial_peers=swarm.initial_peers
+    )
+    try:
+        ours = peft.get_peft_model(remote, peft.LoraConfig(**config))
+        theirs = peft.get_peft_model(copy.deepcopy(hf), peft.LoraConfig(**config))
+        mine = {n: p for n, p in ours.named_parameters() if "lora_" in n}
+        other = {n: p for n, p in theirs.named_parameters() if "lora_" in n}
+        generator = torch.Generator().manual_seed(10)
+        with torch.no_grad():
+            for name, weight in mine.items():
+                weight.copy_(torch.randn(weight.shape, generator=generator) * 0.2)
+                other[name].copy_(weight)
+        x = torch.randint(3, 150, (2, 6), generator=torch.Generator().manual_seed(11))
+        got = ours(input_ids=x, output_hidden_states=True).hidden_states
+        want = theirs(input_ids=x, output_hidden_states=True).hidden_states
+        assert len(got) == len(want) == 5
+        for i, (a, b) in enumerate(zip(got, want, strict=True)):
+            torch.testing.assert_close(a, b, **TOL, msg=f"hidden_states[{i}]")
+        weights = torch.randn(got[2].shape, generator=generator)
+        (got[2] * weights).sum().backward()
+        (want[2] * weights).sum().backward()
+        for name, weight in mine.items():
+            torch.testing.assert_close(weight.grad, other[name].grad, **TOL, msg=name)
+        lora_a = "base_model.model.model.layers.{}.self_attn.q_proj.lora_A.default.weight"
+        assert mine[lora_a.format(0)].grad.abs().sum() > 0 and mine[lora_a.format(3)].grad is None
+    finally:
+        remote.shutdown()
+
+
+def test_output_hidden_states_of_a_base_model_and_with_deep_prompts(swarm, llama_checkpoint, hf):
+    """A base model's `hidden_states` are transformers' `AutoModel`'s; with deep prompts (cut off each state, added
+    before every block) the last state's logits are the plain forward's."""
+    base = AutoDistributedModel.from_pretrained(str(llama_checkpoint), initial_peers=swarm.initial_peers)
+    tuned = AutoDistributedModelForCausalLM.from_pretrained(
+        str(llama_checkpoint), initial_peers=swarm.initial_peers, tuning_mode="deep_ptune", pre_seq_len=2
+    )
+    try:
+        x = torch.randint(3, 150, (2, 6), generator=torch.Generator().manual_seed(12))
+        with torch.no_grad():
+            got = base(x, output_hidden_states=True)
+            want = hf.model(x, output_hidden_states=True)
+            for i, (a, b) in enumerate(zip(got.hidden_states, want.hidden_states, strict=True)):
+                torch.testing.assert_close(a, b, **TOL, msg=f"hidden_states[{i}]")
+            torch.testing.assert_close(got.last_hidden_state, want.last_hidden_state, **TOL)
+            tuned.ptune.deep.normal_(generator=torch.Generator().manual_seed(13))
+            every = tuned(x, output_hidden_states=True)
+            assert all(state.shape == (2, 6, hf.config.hidden_size) for state in every.hidden_states)
+            torch.testing.assert_close(every.logits, tuned(x).logits, **TOL)
+            assert not torch.allclose(every.logits, hf(x).logits, **TOL)
+    finally:
+        base.shutdown()
+        tuned.shutdown()

@@ -234,19 +234,23 @@ def _shut_down_dropped(swarm: SwarmClient) -> None:
     asyncio.run_coroutine_threadsafe(swarm.shutdown(), event_loop())
 
 
-def _refuse_layer_outputs(options: dict, config: PretrainedConfig) -> None:
-    """transformers' per-layer outputs: the blocks run on servers, which return only the last block's hidden
-    states, so asking for them is refused rather than answered with None (generate passes them on too). A call
-    that does not say asks what the config says, as transformers' models read it."""
+def _layer_outputs(options: dict, config: PretrainedConfig) -> bool:
+    """Whether the call asks for every layer's hidden states (`output_hidden_states`; a call that does not say
+    asks what the config says, as transformers' models read it): they come a block at a time (`_blocks`).
+    Attentions, which the servers do not return, and a client's `past_key_values` are refused rather than
+    answered with None or ignored (generate passes them on too)."""
+    asked = {}
     for option in ("output_hidden_states", "output_attentions"):
-        asked = options.get(option)
-        if asked if asked is not None else getattr(config, option, False):
-            raise NotImplementedError(f"{option}: the servers return no per-layer states or attentions")
+        given = options.get(option)
+        asked[option] = bool(given if given is not None else getattr(config, option, False))
+    if asked["output_attentions"]:
+        raise NotImplementedError("output_attentions: the servers return no attention weights")
     if options.get("past_key_values") is not None:  # (PEFT's prefix tuning passes its prefixes so)
         raise NotImplementedError(
             "past_key_values: the KV cache lives on the servers (`inference_session`), and a client's keys and "
             "values cannot be given to them; for prompts trained through the swarm, tuning_mode='deep_ptune'"
         )
+    return asked["output_hidden_states"]
 
 
 class DistributedModel(PreTrainedModel):
@@ -487,16 +491,38 @@ class DistributedModel(PreTrainedModel):
             for name, tensor in own.items():
                 params[name].copy_(tensor)
 
-    def _blocks(self, embeds: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-        """The input's hidden states after every block (prompts prepended, and cut off again)."""
+    def _blocks(
+        self, embeds: torch.Tensor, attention_mask: torch.Tensor | None, every_layer: bool = False
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
+        """The input's hidden states after every block (prompts prepended, and cut off again), and with
+        `every_layer` transformers' `hidden_states` (the input, then the states after each block, the last through
+        the final norm), one request a block: the servers return only their last block's states."""
         mask = None if attention_mask is None else attention_mask.bool()
         if self.ptune is not None:
             embeds = self.ptune.prepend(embeds)
             if mask is not None:
                 mask = torch.cat([mask.new_ones(mask.shape[0], self.prompt_length), mask], dim=1)
         key_mask = None if mask is None or bool(mask.all()) else mask
-        hidden = run_blocks(self.swarm, embeds, key_mask, self.ptune, self._adapter(), self.training)
-        return hidden[:, self.prompt_length :]
+        n = self.prompt_length
+        if not every_layer:
+            hidden = run_blocks(self.swarm, embeds, key_mask, self.ptune, self._adapter(), self.training)
+            return hidden[:, n:], None
+        blocks = self.block_config.num_layers
+        if any(self.swarm.carries_pending(boundary) for boundary in range(1, blocks)):
+            raise NotImplementedError(
+                "output_hidden_states of a Ladder Residual model: between two of its ladder layers the state is "
+                "two tensors (the residual stream and a sub-layer's pending output), not hidden states"
+            )
+        states = [embeds]
+        for block in range(blocks):
+            lora = self._adapter()
+            states.append(
+                run_blocks(
+                    self.swarm, states[-1], key_mask, self.ptune, lora, self.training, (block, block + 1)
+                )
+            )
+        states = [state[:, n:] for state in states]
+        return states[-1], (*states[:-1], self.head.norm(states[-1]))
 
     def hidden_states(
         self,
@@ -506,8 +532,19 @@ class DistributedModel(PreTrainedModel):
     ) -> torch.Tensor:
         """[B, T, H]: the final norm's output at every position of the input, through every block (no
         session): transformers' `last_hidden_state`."""
+        return self._final_states(input_ids, attention_mask, inputs_embeds)[0]
+
+    def _final_states(
+        self,
+        input_ids: torch.Tensor | None,
+        attention_mask: torch.Tensor | None,
+        inputs_embeds: torch.Tensor | None,
+        every_layer: bool = False,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
+        """`hidden_states`, and with `every_layer` transformers' `hidden_states` too (see `_blocks`)."""
         embeds = self.head.embed(input_ids) if inputs_embeds is None else inputs_embeds
-        return self.head.norm(self._blocks(embeds, attention_mask))
+        hidden, every = self._blocks(embeds, attention_mask, every_layer)
+        return self.head.norm(hidden) if every is None else every[-1], every
 
     @can_return_tuple  # return_dict=False (or the config's) gives a tuple, as transformers' models do
     def forward(
@@ -517,10 +554,11 @@ class DistributedModel(PreTrainedModel):
         inputs_embeds: torch.Tensor | None = None,
         **options: object,
     ) -> BaseModelOutputWithPast:
-        """The base model's output, as transformers' `AutoModel` gives it: `last_hidden_state`."""
-        _refuse_layer_outputs(options, self.config)
-        hidden = self.hidden_states(input_ids, attention_mask, inputs_embeds)
-        return BaseModelOutputWithPast(last_hidden_state=hidden)
+        """The base model's output, as transformers' `AutoModel` gives it: `last_hidden_state` (and with
+        `output_hidden_states`, every layer's)."""
+        every_layer = _layer_outputs(options, self.config)
+        hidden, every = self._final_states(input_ids, attention_mask, inputs_embeds, every_layer)
+        return BaseModelOutputWithPast(last_hidden_state=hidden, hidden_states=every)
 
     def run_layers(
         self, hidden: torch.Tensor, attention_mask: torch.Tensor | None, blocks: tuple[int, int]
@@ -901,12 +939,17 @@ class DistributedModelForCausalLM(DistributedModel, GenerationMixin):
         whatever requires grad (prompts, the adapter, unfrozen local weights). The loss is transformers' own: a
         Trainer accumulating gradients passes `num_items_in_batch` and then leaves the loss unscaled, so it must
         divide the sum by it."""
-        _refuse_layer_outputs(options, self.config)
+        every_layer, every = _layer_outputs(options, self.config), None
         if self._active is not None and (input_ids is not None or inputs_embeds is not None):
+            if every_layer:
+                raise NotImplementedError(
+                    "output_hidden_states in an inference session (as generate steps one): a session's servers "
+                    "return their last block's states only; a forward outside one returns every layer's"
+                )
             hidden = self._session_forward(input_ids, attention_mask, inputs_embeds)
         else:
             embeds = self.head.embed(input_ids) if inputs_embeds is None else inputs_embeds
-            hidden = self._blocks(embeds, attention_mask)
+            hidden, every = self._blocks(embeds, attention_mask, every_layer)
         weight = self.head.lm_head.weight
         kept = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         argmax_only = getattr(self._sessions, "argmax_only", False)
@@ -914,7 +957,7 @@ class DistributedModelForCausalLM(DistributedModel, GenerationMixin):
         loss = None
         if labels is not None:
             loss = ForCausalLMLoss(logits, labels, logits.shape[-1], num_items_in_batch)
-        return CausalLMOutputWithPast(loss=loss, logits=logits)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=every)
 
     def _session_forward(
         self,
@@ -997,8 +1040,9 @@ class DistributedModelForSequenceClassification(DistributedModel):
         labels: torch.Tensor | None = None,
         **options: object,
     ) -> SequenceClassifierOutput:
-        _refuse_layer_outputs(options, self.config)
-        hidden = self.hidden_states(input_ids, attention_mask, inputs_embeds)
+        hidden, every = self._final_states(
+            input_ids, attention_mask, inputs_embeds, _layer_outputs(options, self.config)
+        )
         pad = getattr(self.config, "pad_token_id", None)
         if attention_mask is None and input_ids is not None and pad is not None:
             attention_mask = input_ids != pad  # transformers' rule without a mask: the last token not a pad
@@ -1007,7 +1051,7 @@ class DistributedModelForSequenceClassification(DistributedModel):
         loss = None
         if labels is not None:  # transformers' own: float labels over several classes are multi-label targets
             loss = ForSequenceClassificationLoss(labels, logits.float(), self.config)
-        return SequenceClassifierOutput(loss=loss, logits=logits)
+        return SequenceClassifierOutput(loss=loss, logits=logits, hidden_states=every)
 
 
 class _PipelineCheck(logging.Filter):
