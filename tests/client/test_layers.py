@@ -5,6 +5,7 @@ same checkpoint (a local model cut to the same layers)."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 
@@ -49,6 +50,31 @@ def local_layers(hf, start: int, end: int):
     return lambda hidden, mask=None: (
         cut(inputs_embeds=hidden, attention_mask=mask, use_cache=False).last_hidden_state
     )
+
+
+@contextlib.contextmanager
+def peft_pair(swarm, llama_checkpoint, hf, seed):
+    """(a swarm model under PEFT's LoRA, local PEFT on transformers' model, each's LoRA parameters by name), the
+    same random weights in both (B nonzero: the adapter changes the states)."""
+    peft = pytest.importorskip("peft")
+    config = dict(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"])
+    remote = AutoDistributedModelForCausalLM.from_pretrained(
+        str(llama_checkpoint), initial_peers=swarm.initial_peers
+    )
+    try:
+        ours = peft.get_peft_model(remote, peft.LoraConfig(**config))
+        theirs = peft.get_peft_model(copy.deepcopy(hf), peft.LoraConfig(**config))
+        mine = {n: p for n, p in ours.named_parameters() if "lora_" in n}
+        other = {n: p for n, p in theirs.named_parameters() if "lora_" in n}
+        assert list(mine) == list(other)
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for name, weight in mine.items():
+                weight.copy_(torch.randn(weight.shape, generator=generator) * 0.2)
+                other[name].copy_(weight)
+        yield ours, theirs, mine, other
+    finally:
+        remote.shutdown()
 
 
 def states(model, batch=2, length=7, seed=0):
@@ -100,30 +126,13 @@ def test_an_inference_session_steps_a_slice_as_its_forward(model, hf):
 
 
 def test_the_layers_apply_the_models_peft_adapter(swarm, llama_checkpoint, hf):
-    peft = pytest.importorskip("peft")
-    config = dict(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"])
-    remote = AutoDistributedModelForCausalLM.from_pretrained(
-        str(llama_checkpoint), initial_peers=swarm.initial_peers
-    )
-    try:
-        ours = peft.get_peft_model(remote, peft.LoraConfig(**config))
-        theirs = peft.get_peft_model(copy.deepcopy(hf), peft.LoraConfig(**config))
-        mine = {n: p for n, p in ours.named_parameters() if "lora_" in n}
-        other = {n: p for n, p in theirs.named_parameters() if "lora_" in n}
-        assert list(mine) == list(other)
-        generator = torch.Generator().manual_seed(4)
-        with torch.no_grad():
-            for name, weight in mine.items():
-                weight.copy_(torch.randn(weight.shape, generator=generator) * 0.2)
-                other[name].copy_(weight)
-        x = states(remote, seed=5)
+    with peft_pair(swarm, llama_checkpoint, hf, seed=4) as (ours, theirs, _, _):
+        x = states(ours, seed=5)
         with torch.no_grad():
             want = theirs(inputs_embeds=x, output_hidden_states=True).hidden_states
             got = ours.base_model.model.model.layers[1:3](want[1])
             torch.testing.assert_close(got, want[3], **TOL)
             assert not torch.allclose(got, hf(inputs_embeds=x, output_hidden_states=True).hidden_states[3])
-    finally:
-        remote.shutdown()
 
 
 def test_a_base_models_layers_and_what_is_refused(model, swarm, llama_checkpoint, hf):
@@ -173,36 +182,20 @@ def test_output_hidden_states_with_an_adapter_give_local_peft_states_and_gradien
 ):
     """`output_hidden_states=True` (a request a block): with a PEFT adapter, local PEFT's states, and a loss on
     a middle layer's states gives its gradients (none for the blocks after it)."""
-    peft = pytest.importorskip("peft")
-    config = dict(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"])
-    remote = AutoDistributedModelForCausalLM.from_pretrained(
-        str(llama_checkpoint), initial_peers=swarm.initial_peers
-    )
-    try:
-        ours = peft.get_peft_model(remote, peft.LoraConfig(**config))
-        theirs = peft.get_peft_model(copy.deepcopy(hf), peft.LoraConfig(**config))
-        mine = {n: p for n, p in ours.named_parameters() if "lora_" in n}
-        other = {n: p for n, p in theirs.named_parameters() if "lora_" in n}
-        generator = torch.Generator().manual_seed(10)
-        with torch.no_grad():
-            for name, weight in mine.items():
-                weight.copy_(torch.randn(weight.shape, generator=generator) * 0.2)
-                other[name].copy_(weight)
+    with peft_pair(swarm, llama_checkpoint, hf, seed=10) as (ours, theirs, mine, other):
         x = torch.randint(3, 150, (2, 6), generator=torch.Generator().manual_seed(11))
         got = ours(input_ids=x, output_hidden_states=True).hidden_states
         want = theirs(input_ids=x, output_hidden_states=True).hidden_states
         assert len(got) == len(want) == 5
         for i, (a, b) in enumerate(zip(got, want, strict=True)):
             torch.testing.assert_close(a, b, **TOL, msg=f"hidden_states[{i}]")
-        weights = torch.randn(got[2].shape, generator=generator)
+        weights = torch.randn(got[2].shape, generator=torch.Generator().manual_seed(12))
         (got[2] * weights).sum().backward()
         (want[2] * weights).sum().backward()
         for name, weight in mine.items():
             torch.testing.assert_close(weight.grad, other[name].grad, **TOL, msg=name)
         lora_a = "base_model.model.model.layers.{}.self_attn.q_proj.lora_A.default.weight"
         assert mine[lora_a.format(0)].grad.abs().sum() > 0 and mine[lora_a.format(3)].grad is None
-    finally:
-        remote.shutdown()
 
 
 def test_output_hidden_states_of_a_base_model_and_with_deep_prompts(swarm, llama_checkpoint, hf):
