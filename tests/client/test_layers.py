@@ -115,14 +115,22 @@ def test_gradients_through_a_slice_equal_local_autograd(model, hf):
 
 
 def test_an_inference_session_steps_a_slice_as_its_forward(model, hf):
-    x = states(model, seed=3)
+    x = states(model, length=8, seed=3)
     layers = model.model.layers[1:3]
     with torch.no_grad():
         whole = local_layers(hf, 1, 3)(x)
         with layers.inference_session(max_length=10) as session:
             parts = [session.step(x[:, :4]), session.step(x[:, 4:5]), session.step(x[:, 5:7])]
             assert session.position == 7
-    torch.testing.assert_close(torch.cat(parts, 1), whole, **TOL)
+            # rewound to position 5, and beam search's reorder (row 0 continues row 1's states)
+            torch.testing.assert_close(session.step(x[:, 5:7], position=5), whole[:, 5:7], **TOL)
+            swapped = x[[1, 1]]
+            torch.testing.assert_close(
+                session.step(swapped[:, 7:8], reorder=[1, 1]),
+                local_layers(hf, 1, 3)(swapped[:, :8])[:, 7:],
+                **TOL,
+            )
+    torch.testing.assert_close(torch.cat(parts, 1), whole[:, :7], **TOL)
 
 
 def test_the_layers_apply_the_models_peft_adapter(swarm, llama_checkpoint, hf):

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
 import torch
@@ -86,11 +86,21 @@ class LayersSession:
         """How many positions the servers hold."""
         return self.session.position
 
-    def step(self, hidden: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+    def step(
+        self,
+        hidden: Tensor,
+        attention_mask: Tensor | None = None,
+        *,
+        position: int | None = None,
+        reorder: Sequence[int] | None = None,
+    ) -> Tensor:
         """[B, T, H] of the next T positions -> [B, T, H]; `attention_mask` [B, T], 0 at padding (held for
-        the later steps)."""
+        the later steps). `position`: where these positions start (default: after those held; an earlier one
+        rewinds); `reorder` (Petals' `hypo_ids`, a one-position step): first, row i of what the servers hold
+        becomes what row reorder[i] held (`InferenceSession.step`)."""
         mask = None if attention_mask is None else attention_mask.bool()
-        return run_sync(self.session.step(hidden.detach(), mask)).to(hidden.dtype)
+        step = self.session.step(hidden.detach(), mask, position=position, reorder=reorder)
+        return run_sync(step).to(hidden.dtype)
 
 
 class _Layers(nn.Module):
