@@ -108,9 +108,8 @@ class _Layers(nn.Module):
 
     def __init__(self, owner: weakref.ref[DistributedModel]):
         super().__init__()
-        self._owner = (
-            owner  # (weakly: the model holds these layers, and is dropped as transformers' models are)
-        )
+        # (weakly: the model holds these layers, and is dropped as transformers' models are)
+        self._owner = owner
 
     @property
     def blocks(self) -> tuple[int, int]:

@@ -502,11 +502,9 @@ class DistributedModel(PreTrainedModel):
             embeds = self.ptune.prepend(embeds)
             if mask is not None:
                 mask = torch.cat([mask.new_ones(mask.shape[0], self.prompt_length), mask], dim=1)
-        key_mask = None if mask is None or bool(mask.all()) else mask
         n = self.prompt_length
         if not every_layer:
-            hidden = run_blocks(self.swarm, embeds, key_mask, self.ptune, self._adapter(), self.training)
-            return hidden[:, n:], None
+            return self.run_layers(embeds, mask)[:, n:], None
         blocks = self.block_config.num_layers
         if any(self.swarm.carries_pending(boundary) for boundary in range(1, blocks)):
             raise NotImplementedError(
@@ -515,12 +513,7 @@ class DistributedModel(PreTrainedModel):
             )
         states = [embeds]
         for block in range(blocks):
-            lora = self._adapter()
-            states.append(
-                run_blocks(
-                    self.swarm, states[-1], key_mask, self.ptune, lora, self.training, (block, block + 1)
-                )
-            )
+            states.append(self.run_layers(states[-1], mask, (block, block + 1)))
         states = [state[:, n:] for state in states]
         return states[-1], (*states[:-1], self.head.norm(states[-1]))
 
@@ -561,10 +554,10 @@ class DistributedModel(PreTrainedModel):
         return BaseModelOutputWithPast(last_hidden_state=hidden, hidden_states=every)
 
     def run_layers(
-        self, hidden: torch.Tensor, attention_mask: torch.Tensor | None, blocks: tuple[int, int]
+        self, hidden: torch.Tensor, attention_mask: torch.Tensor | None, blocks: tuple[int, int] | None = None
     ) -> torch.Tensor:
-        """Hidden states through blocks [start, end) with the model's adapter and deep prompts: what the model's
-        layers do when called (`client.layers`)."""
+        """Hidden states through blocks [start, end) (all by default) with the model's adapter and deep prompts:
+        what the model's layers do when called (`client.layers`)."""
         mask = None if attention_mask is None else attention_mask.bool()
         key_mask = None if mask is None or bool(mask.all()) else mask
         return run_blocks(self.swarm, hidden, key_mask, self.ptune, self._adapter(), self.training, blocks)

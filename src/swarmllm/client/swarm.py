@@ -1112,8 +1112,9 @@ class SwarmClient:
         """A forward to be differentiated (through `blocks`, as `forward`'s): the output, and per micro-batch
         (its rows) every hop with its input state, for `train_backward`. Hop by hop, a failed hop retried on
         another server of its blocks; the micro-batches concurrently, so that they pipeline along the chain.
-        Spot checked as plain forwards are when the adapter has no dropout (with dropout, the masks drawn differ when other servers split the
-        blocks differently): a hop found wrong is computed again, from its input, on other servers."""
+        Spot checked as plain forwards are when the adapter has no dropout (with dropout, the masks drawn differ
+        when other servers split the blocks differently): a hop found wrong is computed again, from its input, on
+        other servers."""
         check_input(hidden, key_mask, self.hidden_size)
         first, last = self.block_range(blocks)
         checked = tuning.dropout_seed is None
