@@ -1081,8 +1081,6 @@ def _lora_modules(given: list[str], models: list[str], names: list[str | None]) 
                 f"--lora-modules {name}: its adapter_config.json names the base model {base!r}, which is "
                 f"{'none' if not named else 'more than one'} of the models served ({', '.join(served)})"
             )
-        if sum(1 for _, _, other in adapters if other == named[0]) == 4:
-            raise UserError("--lora-modules: at most 4 adapters a model (a server holds 4 of one client)")
         adapters.append((name, folder, named[0]))
     return adapters
 
