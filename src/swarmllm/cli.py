@@ -698,25 +698,35 @@ def _port_message(host: str, port: int, error: OSError) -> str:
     return f"cannot listen on {host}:{port}: {error.strerror or error}"
 
 
-def _check_model(model: str) -> None:
-    """A model named as a path must be a folder holding a checkpoint; anything else is taken for a hub id."""
+def _check_model(model: str) -> str:
+    """A model named as a path must be a folder holding a checkpoint, or a GGUF file (whose checkpoint folder is
+    returned: converted once, `models.gguf`); anything else is taken for a hub id."""
+    from swarmllm.models.gguf import gguf_checkpoint, is_gguf
+
+    if is_gguf(model):
+        try:
+            return str(gguf_checkpoint(model))
+        except Exception as e:  # noqa: BLE001 - transformers' reasons are many (an architecture it cannot read)
+            raise UserError(f"cannot read the GGUF file {model}: {str(e).strip().splitlines()[-1]}") from None
     path = Path(model).expanduser()
     looks_local = model.startswith(("/", "./", "../", "~")) or path.exists()
     if looks_local and not path.is_dir():
         raise UserError(
-            f"model folder {model} does not exist (give a checkpoint folder or a Hugging Face hub id)"
+            f"model folder {model} does not exist (give a checkpoint folder, a GGUF file or a Hugging Face hub id)"
         )
     if looks_local and not (path / "config.json").exists():
         raise UserError(f"{model} holds no config.json: it is not a Hugging Face checkpoint folder")
+    return model
 
 
-def _check_draft(model: str, draft: str | None) -> None:
-    """A draft model must be a checkpoint with `model`'s vocabulary (their configs say)."""
+def _check_draft(model: str, draft: str | None) -> str | None:
+    """A draft model must be a checkpoint with `model`'s vocabulary (their configs say); returns its name as
+    `_check_model` does."""
     from swarmllm.api.generation import PROMPT_LOOKUP
 
     if draft in (None, PROMPT_LOOKUP):
-        return
-    _check_model(draft)
+        return draft
+    draft = _check_model(draft)
     from transformers import AutoConfig
 
     sizes = [AutoConfig.from_pretrained(path).vocab_size for path in (model, draft)]
@@ -725,6 +735,7 @@ def _check_draft(model: str, draft: str | None) -> None:
             f"the draft model {draft} has a vocabulary of {sizes[1]} tokens and {model} of {sizes[0]}: a draft "
             "must share its model's"
         )
+    return draft
 
 
 def _explain(error: BaseException, args: argparse.Namespace) -> str | None:
@@ -992,9 +1003,8 @@ def _api(args: argparse.Namespace) -> int:
     templates = [_chat_template(given) for given in _per_model(args, "chat_template")]
     peers = _initial_peers(args)
     head = _head_options(args, drafts)
-    for model, draft in zip(args.model, drafts, strict=True):
-        _check_model(model)
-        _check_draft(model, draft)
+    args.model = [_check_model(model) for model in args.model]
+    drafts = [_check_draft(model, draft) for model, draft in zip(args.model, drafts, strict=True)]
     adapters = _lora_modules(args.lora_modules, args.model, names)
     _check_ports(args.host, args.port)
     sock = bind(args.host, args.port)
@@ -1214,7 +1224,7 @@ def _serve(args: argparse.Namespace) -> int:
             "swarmllm serve: give --initial-peers (join a swarm) or --new-swarm (start one)", file=sys.stderr
         )
         return 2
-    _check_model(args.model)
+    args.model = _check_model(args.model)
     _check_ports(args.host, args.port, args.direct_port, args.metrics_port)
     _check_identity(args.identity)
     _check_device(args.device)
@@ -1280,8 +1290,8 @@ def _serve(args: argparse.Namespace) -> int:
 def _generate(args: argparse.Namespace) -> int:
     peers = _initial_peers(args)
     head = _head_options(args, [args.draft_model])
-    _check_model(args.model)
-    _check_draft(args.model, args.draft_model)
+    args.model = _check_model(args.model)
+    args.draft_model = _check_draft(args.model, args.draft_model)
     _check_lora(args.lora)
     if args.draft_model and args.num_beams > 1:
         raise UserError("--draft-model decodes one sequence: it does not go with --num-beams")
@@ -1331,8 +1341,8 @@ def _generate(args: argparse.Namespace) -> int:
 def _chat(args: argparse.Namespace) -> int:
     peers = _initial_peers(args)
     head = _head_options(args, [args.draft_model])
-    _check_model(args.model)
-    _check_draft(args.model, args.draft_model)
+    args.model = _check_model(args.model)
+    args.draft_model = _check_draft(args.model, args.draft_model)
     _check_lora(args.lora)
     from transformers import AutoTokenizer
 
