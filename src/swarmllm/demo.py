@@ -8,10 +8,7 @@ its word-level vocabulary (nothing is downloaded), so that what it writes throug
 
 from __future__ import annotations
 
-import fcntl
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -36,29 +33,18 @@ def demo_checkpoint(path: Path | None = None) -> Path:
 
     Built beside `path` and renamed into place when trained, under a lock: a demo, an example or a test starting
     meanwhile waits for it, instead of finding the folder and serving weights not yet trained."""
+    from swarmllm.models.built import built_once
     from swarmllm.models.tiny import make_tiny_checkpoint
 
-    path = path or Path.home() / ".cache" / "swarmllm" / "demo-tiny-llama-v2"
-    if (path / "config.json").exists():
-        return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.parent / f".{path.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # (released when the file closes, or when a builder dies)
-        if (path / "config.json").exists():  # another process built it while this one waited
-            return path
+    def build(building: Path) -> None:
         print(  # progress on stderr: `swarmllm fetch` prints the folder alone on stdout
             "building the demo model (once): a tiny Llama trained for a few seconds on simple sentences",
             file=sys.stderr,
         )
-        building = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-        try:
-            make_tiny_checkpoint(building, "llama", num_layers=6, seed=2026)
-            _train(building)
-            shutil.rmtree(path, ignore_errors=True)  # what an interrupted build of an older version left
-            building.rename(path)
-        finally:
-            shutil.rmtree(building, ignore_errors=True)
-    return path
+        make_tiny_checkpoint(building, "llama", num_layers=6, seed=2026)
+        _train(building)
+
+    return built_once(path or Path.home() / ".cache" / "swarmllm" / "demo-tiny-llama-v2", build)
 
 
 def _train(path: Path, steps: int = 300, batch: int = 32, length: int = 32, seed: int = 2026) -> None:

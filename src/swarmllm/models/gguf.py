@@ -9,14 +9,13 @@ so servers and clients of one GGUF file name the same model whichever of the two
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import logging
 import os
-import shutil
-import tempfile
 from os import PathLike
 from pathlib import Path
+
+from swarmllm.models.built import built_once
 
 logger = logging.getLogger(__name__)
 
@@ -32,27 +31,16 @@ def is_gguf(name_or_path: str | PathLike) -> bool:
 
 
 def gguf_checkpoint(gguf: str | PathLike) -> Path:
-    """The checkpoint folder of GGUF file `gguf`, converted on first use (by one process at a time, whole or not
-    at all: a folder with a config.json is complete)."""
+    """The checkpoint folder of GGUF file `gguf`, converted on first use (by one process at a time: `built_once`)."""
     path = Path(gguf).expanduser().resolve()
     stat = path.stat()
     key = hashlib.sha256(f"{path}\0{stat.st_size}\0{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-    folder = gguf_dir() / key / path.name
-    if (folder / "config.json").exists():
-        return folder
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    # one process converts; the others (servers of one host started at once) wait for its folder
-    with open(folder.parent / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if (folder / "config.json").exists():
-            return folder
-        logger.warning("converting %s (GGUF) into a float32 checkpoint at %s, once", path, folder)
-        with tempfile.TemporaryDirectory(dir=folder.parent) as tmp:
-            partial = Path(tmp) / "checkpoint"
-            convert_gguf(path, partial)
-            shutil.rmtree(folder, ignore_errors=True)  # (one an interrupted conversion left)
-            os.replace(partial, folder)
-    return folder
+
+    def convert(folder: Path) -> None:
+        logger.warning("converting %s (GGUF) into a float32 checkpoint in %s, once", path, gguf_dir())
+        convert_gguf(path, folder)
+
+    return built_once(gguf_dir() / key / path.name, convert)
 
 
 def convert_gguf(gguf: Path, out: Path) -> None:
