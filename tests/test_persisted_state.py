@@ -196,3 +196,29 @@ def test_a_second_server_with_a_running_servers_identity_is_refused_and_a_restar
         local.servers[0].kill()
         again = local.add_server(str(llama_checkpoint), None, extra=identity)
         assert again["peer_id"] == first["peer_id"]
+
+
+def test_an_identity_file_that_cannot_be_locked_is_no_reason_to_refuse(tmp_path, monkeypatch):
+    """The lock on an --identity file is refused to a second process only where another holds it: a file system
+    without locks (ENOLCK: an NFS mount without its lock service) starts the peer as before, unchecked."""
+    import errno
+    import fcntl
+
+    from swarmllm import cli
+    from swarmllm.cli import UserError
+
+    key = tmp_path / "nfs.key"
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    cli._check_identity(str(key))  # no error
+    assert str(key.resolve()) not in cli._identities
+
+    def taken(fd, operation):
+        raise BlockingIOError(errno.EWOULDBLOCK, "Resource temporarily unavailable")
+
+    monkeypatch.setattr(fcntl, "flock", taken)
+    with pytest.raises(UserError, match="another swarmllm process on this host runs with this identity"):
+        cli._check_identity(str(key))

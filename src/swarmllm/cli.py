@@ -854,12 +854,16 @@ def _check_identity(path: str | None) -> None:
 
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    except BlockingIOError:
         os.close(fd)
         raise UserError(
             f"another swarmllm process on this host runs with this identity ({path}): stop it, or give this one "
             "an --identity of its own"
         ) from None
+    except OSError as e:  # a file system without locks (an NFS mount without its lock service): no check here
+        os.close(fd)
+        logging.getLogger(__name__).debug("cannot lock the identity file %s: %s", path, e)
+        return
     _identities[real] = fd
 
 

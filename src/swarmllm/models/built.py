@@ -3,6 +3,7 @@ conversion), each made once and shared by every process of the host."""
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import shutil
 import tempfile
@@ -18,7 +19,10 @@ def built_once(path: Path, build: Callable[[Path], None]) -> Path:
         return path
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.parent / f".{path.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # (released when the file closes, or when a builder dies)
+        # (released when the file closes, or when a builder dies; a file system without locks, an NFS mount
+        # without its lock service, builds unguarded, as before there was a lock)
+        with contextlib.suppress(OSError):
+            fcntl.flock(lock, fcntl.LOCK_EX)
         if (path / "config.json").exists():  # another process built it while this one waited
             return path
         building = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
