@@ -26,8 +26,7 @@ def test_a_gguf_file_is_served_and_used_as_its_checkpoint(tmp_path, monkeypatch,
     with LocalSwarm() as local:
         local.start_bootstrap()
         local.add_servers([(str(gguf), (0, 15)), (str(gguf), (15, 30))])  # at once: one converts, one waits
-        (folder,) = converted.glob(f"*/{gguf.name}")  # named as the file: one DHT prefix for both
-        # one conversion, and no partial one left beside it
+        # one conversion, named as the file (one DHT prefix for both), and no partial one left beside it
         assert sorted(p.name for p in converted.glob("*/*")) == [f".{gguf.name}.lock", gguf.name]
         model = AutoDistributedModelForCausalLM.from_pretrained(str(gguf), initial_peers=local.initial_peers)
         try:

@@ -229,5 +229,11 @@ def test_the_layers_run_ranges_whose_ends_carry_r_alone_and_refuse_the_others(pa
             with pytest.raises(ValueError, match=r"blocks \[2, 4\).*two tensors"):
                 with layers[2:4].inference_session(max_length=8):
                     pass
+            with pytest.raises(
+                NotImplementedError, match=r"output_hidden_states: blocks \[1, 2\).*two tensors"
+            ):
+                remote(
+                    reference[1][0], output_hidden_states=True
+                )  # (its state between blocks 2 and 3 is a pair)
     finally:
         remote.shutdown()

@@ -506,11 +506,11 @@ class DistributedModel(PreTrainedModel):
         if not every_layer:
             return self.run_layers(embeds, mask)[:, n:], None
         blocks = self.block_config.num_layers
-        if any(self.swarm.carries_pending(boundary) for boundary in range(1, blocks)):
-            raise NotImplementedError(
-                "output_hidden_states of a Ladder Residual model: between two of its ladder layers the state is "
-                "two tensors (the residual stream and a sub-layer's pending output), not hidden states"
-            )
+        try:  # every block's range first, so that a model that has no such states is refused before any request
+            for block in range(blocks):
+                self.swarm.block_range((block, block + 1))
+        except ValueError as e:
+            raise NotImplementedError(f"output_hidden_states: {e}") from None
         states = [embeds]
         for block in range(blocks):
             states.append(self.run_layers(states[-1], mask, (block, block + 1)))
