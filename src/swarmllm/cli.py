@@ -409,6 +409,14 @@ def build_parser() -> argparse.ArgumentParser:
         "them, so they wait for one chunk, not a whole long prompt (default 512; 0: in one piece)",
     )
     serve.add_argument(
+        "--prefix-cache-tokens",
+        type=_count,
+        default=None,
+        help="the most cache tokens kept of what sessions computed, so that a session whose inputs begin the "
+        "same (a shared system prompt, a conversation resent each turn) copies it instead of computing it "
+        "(default: half of --max-cache-tokens, given back to sessions that need it; 0: none)",
+    )
+    serve.add_argument(
         "--throughput", type=_rate, help="announced decode steps/s per block instead of measuring it"
     )
     serve.add_argument(
@@ -1261,6 +1269,7 @@ def _serve(args: argparse.Namespace) -> int:
             batch_wait_s=args.batch_wait_ms / 1e3,
             arena_length=args.arena_length,
             prefill_chunk_tokens=args.prefill_chunk_tokens,
+            prefix_cache_tokens=args.prefix_cache_tokens,
             tp=args.tp,
             max_cache_tokens=args.max_cache_tokens,
             max_memory=max_memory,

@@ -195,7 +195,8 @@ class Fuzzed:
         except TimeoutError:
             raise AssertionError(f"{len(self.backend.sessions)} sessions open, {live} expected") from None
         held = sum(s.batch_size * s.max_length for s in self.backend.sessions.values())
-        assert self.backend.budget.used_tokens == held
+        kept = self.backend.prefix.tokens  # the prefix cache's blocks: in the budget, free for sessions
+        assert self.backend.budget.used_tokens == held + kept and self.backend.used_tokens == held
 
 
 @pytest.fixture(scope="module")

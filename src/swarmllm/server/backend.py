@@ -61,6 +61,7 @@ from swarmllm.server.batching import DecodeBatcher
 from swarmllm.server.cache import CacheBudget
 from swarmllm.server.compute import ComputeThread
 from swarmllm.server.decode import DecodeRunner, Member, graphs_enabled
+from swarmllm.server.prefix import BLOCK_TOKENS, Chain, Entry, PrefixCache, block_keys, root_key
 
 logger = logging.getLogger(__name__)
 
@@ -109,6 +110,9 @@ class Session:
     pair: bool = False  # an edge lies inside a ladder region: its steps take or return p (Ladder Residual)
     row: int | None = None  # its first row of the cache arena, where its cache is one (`server.arena`)
     computed: bool = False  # it sent work to the compute thread (which may hold its cache after it closes)
+    chain: Chain | None = (
+        None  # where it stands in the prefix cache (`server.prefix`); None: it takes no part
+    )
 
 
 @dataclass(frozen=True)
@@ -152,6 +156,7 @@ class Backend:
         arena_length: int | None = None,
         prefill_chunk_tokens: int | None = None,
         aot_step: bool = False,
+        prefix_cache_tokens: int | None = None,
     ):
         """aot_step: with `compile` on a CPU, the compiled step built ahead of time too (`decode.AotStep`).
         arena_length: the slots of a row of the shared cache arena (`server.arena`), 0 for none; by default
@@ -159,7 +164,9 @@ class Backend:
         with a compiled step (compiled for caches of their own, whose layout its guards check).
         prefill_chunk_tokens: a session's step over more tokens than this runs as several jobs of the compute
         thread (`prefill_chunks`), so another peer's prefill waits for one chunk, not the whole; 0: one job; by
-        default `PREFILL_CHUNK_TOKENS`."""
+        default `PREFILL_CHUNK_TOKENS`.
+        prefix_cache_tokens: the most cache tokens the prefix cache (`server.prefix`) keeps, 0 for none; by default
+        half the budget (taken back whenever sessions need them)."""
         self.span = span.requires_grad_(False)  # frozen: backward computes gradients of inputs only
         self.device = torch.device(device)
         self.dtype = next(span.parameters()).dtype
@@ -177,6 +184,9 @@ class Backend:
         if arena_length is None:
             arena_length = ARENA_LENGTH if graphs_enabled(self.device, cuda_graphs, compile) else 0
         self.arena = None if compile else self._make_arena(arena_length)
+        if prefix_cache_tokens is None:
+            prefix_cache_tokens = cache_tokens // 2
+        self.prefix = PrefixCache(self.budget, prefix_cache_tokens) if prefix_cache_tokens > 0 else None
         self.decoder = DecodeRunner(
             span, self.device, compile=compile, cuda_graphs=cuda_graphs, arena=self.arena, aot=aot_step
         )
@@ -200,9 +210,15 @@ class Backend:
 
     @property
     def free_tokens(self) -> int:
-        """Cache tokens free for new sessions: the budget's, and the arena's free rows."""
+        """Cache tokens free for new sessions: the budget's (the prefix cache's among them), and the arena's free
+        rows."""
         arena = 0 if self.arena is None else self.arena.free_rows * self.arena.length
-        return self.budget.free_tokens + arena
+        return self._budget_free + arena
+
+    @property
+    def _budget_free(self) -> int:
+        """The budget's free tokens, with those the prefix cache holds (it gives them up to sessions)."""
+        return self.budget.free_tokens + (0 if self.prefix is None else self.prefix.tokens)
 
     @property
     def used_tokens(self) -> int:
@@ -439,6 +455,8 @@ class Backend:
         if self.arena is not None and (tokens is None or tokens >= batch_size * self.arena.length):
             placed = self.arena.take(batch_size, max_length)
         if placed is None:
+            if self.prefix is not None:
+                self.prefix.evict(batch_size * max_length - self.budget.free_tokens)
             self.budget.reserve(session_id, batch_size * max_length)
             try:
                 cache = self._new_cache(end - start, batch_size, max_length)
@@ -452,6 +470,8 @@ class Backend:
         session = Session(session_id, start, end, batch_size, max_length, cache, key_mask, owner, row=row)
         session.lora = self._lora(adapter, self._blocks(start, end), None)
         session.pair = self.span.config.carries_pending(start) or self.span.config.carries_pending(end)
+        if self.prefix is not None and batch_size == 1 and session.lora is None and not session.pair:
+            session.chain = Chain(root_key(start, end)) if isinstance(session.cache, KVCache) else None
         self.sessions[session_id] = session
         return session
 
@@ -459,7 +479,7 @@ class Backend:
         """Whether `open_session` would find cache now for these sessions (batch size, max length, and tokens as
         there), opened one after another: a session that waited for room is promised it (`server.room`), and
         another's opening must leave it enough."""
-        arena, free = self.arena, self.budget.free_tokens
+        arena, free = self.arena, self._budget_free
         taken = arena.taken() if arena is not None else []
         for batch_size, max_length, tokens in sessions:
             if arena is not None and tokens >= batch_size * arena.length and max_length <= arena.length:
@@ -532,7 +552,41 @@ class Backend:
         """`step`, chunk by chunk: (a, b, r, p) for the step's tokens [a, b) as each chunk is done, so that a
         server can push each on at once (the next server computes chunk k while this one computes k + 1). A step
         over more than `prefill_chunk_tokens` tokens runs as several (`prefill_chunks`), each a job of the
-        compute thread in the owner's turn; a client gone meanwhile (the call cancelled) stops it between two."""
+        compute thread in the owner's turn; a client gone meanwhile (the call cancelled) stops it between two.
+        Positions the prefix cache holds are copied from it (one chunk first), and whole blocks computed are kept
+        in it (`server.prefix`)."""
+        chain, session.chain = session.chain, None  # (alive again only if the step completes)
+        plain = prompts is None and pending is None and (new_mask is None or bool(new_mask.all()))
+        if chain is None or not plain or position != chain.end:
+            async for chunk in self._computed_chunks(session, hidden, position, new_mask, prompts, pending):
+                yield chunk
+            return
+        copied = 0
+        if not chain.tail and hidden.shape[1] >= BLOCK_TOKENS:
+            keys = block_keys(chain.key, hidden[0])
+            if found := self.prefix.find(keys):
+                copied = len(found) * BLOCK_TOKENS
+                out = await self.run(copied, session.owner, self._copy_in, session, position, found)
+                chain = Chain(keys[len(found) - 1], position + copied)
+                yield 0, copied, out, None
+        outs = []
+        if copied < hidden.shape[1]:
+            rest = hidden[:, copied:]
+            async for a, b, r, _ in self._computed_chunks(session, rest, position + copied, None):
+                outs.append(r[0])
+                yield copied + a, copied + b, r, None
+        session.chain = await self._keep(session, chain, hidden[0, copied:], outs)
+
+    async def _computed_chunks(
+        self,
+        session: Session,
+        hidden: torch.Tensor,
+        position: int,
+        new_mask: torch.Tensor | None,
+        prompts: torch.Tensor | None = None,
+        pending: torch.Tensor | None = None,
+    ) -> AsyncIterator[tuple[int, int, torch.Tensor, torch.Tensor | None]]:
+        """`step_chunks` computing every position."""
         if prompts is None and self.merges(session, hidden.shape[0], hidden.shape[1]):
             # merged with the other sessions' decode steps (continuous batching), inline on the loop
             step = _Decode(session, hidden, position, new_mask, pending)
@@ -546,6 +600,47 @@ class Backend:
             args = (session, hidden[:, a:b], position + a, mask, prompts if a == 0 else None, p)
             session.computed = session.computed or not self.inline(batch * (b - a))
             yield a, b, *await self.run(batch * (b - a), session.owner, self._step, *args)
+
+    @torch.inference_mode()
+    def _copy_in(self, session: Session, position: int, found: list[Entry]) -> torch.Tensor:
+        """Write the prefix cache's blocks into a session's cache from `position` on; their outputs [1, T, H]."""
+        end = position + len(found) * BLOCK_TOKENS
+        self._note_mask(session, position, end, None)
+        for t, part in ((session.cache.keys, "keys"), (session.cache.values, "values")):
+            t[:, 0, :, position:end] = torch.cat([getattr(entry, part) for entry in found], 2)
+        session.length = end
+        return torch.cat([entry.out for entry in found])[None]
+
+    async def _keep(
+        self, session: Session, chain: Chain, inputs: torch.Tensor, outs: list[torch.Tensor]
+    ) -> Chain | None:
+        """Where a session stands after its positions from `chain.end` on were computed (inputs [T, H], outputs
+        [t, H] a chunk): the whole blocks among them and the tail before kept in the prefix cache, the rest the
+        new tail. None: the session no longer takes part (the cache found no room)."""
+        if not outs:
+            return chain
+        tail = [*chain.tail, (inputs, torch.cat(outs) if len(outs) > 1 else outs[0])]
+        length = chain.tail_length + inputs.shape[0]
+        if length < BLOCK_TOKENS:  # (a decode step, mostly: no copy until a block is whole)
+            return Chain(chain.key, chain.done, tail, length)
+        inputs, out = (torch.cat(parts) for parts in zip(*tail, strict=True))
+        keys = block_keys(chain.key, inputs)
+        whole = len(keys) * BLOCK_TOKENS
+        entries = await self.run(whole, session.owner, self._copy_out, session, chain.done, out[:whole])
+        if not self.prefix.add(list(zip(keys, entries, strict=True))):
+            return None
+        rest = [(inputs[whole:].clone(), out[whole:].clone())] if whole < length else []
+        return Chain(keys[-1], chain.done + whole, rest, length - whole)
+
+    @torch.inference_mode()
+    def _copy_out(self, session: Session, start: int, out: torch.Tensor) -> list[Entry]:
+        """The prefix cache's entries for a session's positions [start, start + len(out)), whole blocks."""
+        entries = []
+        for a in range(0, out.shape[0], BLOCK_TOKENS):
+            at = slice(start + a, start + a + BLOCK_TOKENS)
+            keys, values = (t[:, 0, :, at].clone() for t in (session.cache.keys, session.cache.values))
+            entries.append(Entry(keys, values, out[a : a + BLOCK_TOKENS].clone()))
+        return entries
 
     def _note_mask(self, session: Session, position: int, end: int, new_mask: torch.Tensor | None) -> None:
         """Record which of the slots [position, end) hold real tokens (False: left padding)."""

@@ -17,7 +17,9 @@ import logging
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.registry import Collector
 
 logger = logging.getLogger(__name__)
 
@@ -96,6 +98,17 @@ class ServerMetrics:
         self.cache_used.set_function(used_tokens)
         self.cache_capacity.set_function(capacity_tokens)
 
+    def watch_prefix(self, held_tokens: Callable[[], int], hit_tokens: Callable[[], int]) -> None:
+        """Read the prefix cache's figures (`server.prefix`) at scrape time: the tokens it holds, and the positions
+        sessions copied from it instead of computing them (since the backend began: a move starts it again)."""
+        self.prefix_held = Gauge(
+            "swarmllm_server_prefix_cache_tokens",
+            "Cache tokens the prefix cache holds (given up to sessions that need them)",
+            registry=self.registry,
+        )
+        self.prefix_held.set_function(held_tokens)
+        self.registry.register(_Total("swarmllm_server_prefix_cache_hit_tokens", _HITS_HELP, hit_tokens))
+
     def serving(self, model: str, start: int, end: int) -> None:
         self.blocks.clear()
         self.blocks.labels(model, str(start), str(end)).set(end - start)
@@ -120,6 +133,19 @@ class ServerMetrics:
 
     def text(self) -> bytes:
         return generate_latest(self.registry)
+
+
+_HITS_HELP = "Positions copied from the prefix cache instead of computed"
+
+
+class _Total(Collector):
+    """A counter whose value is read at scrape time."""
+
+    def __init__(self, name: str, documentation: str, value: Callable[[], int]):
+        self.name, self.documentation, self.value = name, documentation, value
+
+    def collect(self):
+        yield CounterMetricFamily(self.name, self.documentation, value=self.value())
 
 
 async def serve_metrics(metrics: ServerMetrics, host: str, port: int):

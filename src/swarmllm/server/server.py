@@ -149,6 +149,8 @@ class ServerConfig:
     # a prefill over more tokens runs as chunks on the compute thread, other peers' work between them; 0: in one
     # piece; None: the backend's PREFILL_CHUNK_TOKENS
     prefill_chunk_tokens: int | None = None
+    # the most cache tokens the prefix cache keeps (server/prefix.py), 0 for none; None: half of max_cache_tokens
+    prefix_cache_tokens: int | None = None
     # processes (devices) the span runs across, tensor-parallel (server/tp_backend.py); needs blocks
     tp: int = 1
     # with --tp, a call on the ranks past this plus 10x its expected time means a rank froze (server/tp.py)
@@ -334,6 +336,10 @@ class Server:
         self.metrics = ServerMetrics()
         self.metrics.watch_cache(
             lambda: self.backend.used_tokens, lambda: self.backend.budget.capacity_tokens
+        )
+        self.metrics.watch_prefix(
+            lambda: 0 if self.backend.prefix is None else self.backend.prefix.tokens,
+            lambda: 0 if self.backend.prefix is None else self.backend.prefix.hit_tokens,
         )
         self.metrics.serving(self.dht_prefix, start, end)
         self.handler = handler = RequestHandler(
@@ -524,9 +530,12 @@ class Server:
                     batch_wait_s=cfg.batch_wait_s,
                     arena_length=cfg.arena_length,
                     prefill_chunk_tokens=cfg.prefill_chunk_tokens,
+                    prefix_cache_tokens=cfg.prefix_cache_tokens,
                 ),
             )
             logger.info("decode steps run %s; weights %s", backend.decoder.mode, backend.weights_layout)
+            if backend.prefix is not None:
+                logger.info("prefix cache: up to %d tokens", backend.prefix.capacity_tokens)
             if backend.arena is not None:
                 arena, began = backend.arena, time.perf_counter()
                 logger.info(

@@ -1,0 +1,137 @@
+"""A server's prefix cache: the keys, values and outputs of positions that sessions computed, found again by the
+next session whose inputs begin the same (vLLM's automatic prefix caching, over hidden states).
+
+Why: many clients send the same beginning (a chat's system prompt, a few-shot preamble, a conversation resent whole
+each turn), and its prefill is the same work each time: a server that kept it copies it instead.
+
+Keys: a server sees hidden states, not tokens, and takes no client's word for what they are: it hashes the inputs
+it received. Positions go in blocks of `BLOCK_TOKENS`; block j's key hashes block j-1's key with the bytes of
+block j's inputs, and the first block's parent (`root_key`) names the span's blocks [start, end). A span's keys,
+values and outputs at a position are a function of its inputs up to that position (causal attention), so a key
+found means the values a prefill would compute (up to the rounding of a different chunking). Only sessions whose
+steps the inputs alone decide take part: one row, no deep prompts, no adapter, no padding, r alone on the edges.
+
+Memory: entries hold cache tokens of the server's budget (owner `OWNER`) and count as free: a session that needs
+them takes them, least recently used first. Their outputs wait in host memory, as replies do.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import torch
+
+from swarmllm.server.cache import CacheBudget
+
+BLOCK_TOKENS = 16
+OWNER = "prefix"
+
+
+def root_key(start: int, end: int) -> bytes:
+    """The parent of a chain's first block: the span's blocks it runs through."""
+    return hashlib.blake2b(f"swarmllm-prefix:{start}:{end}".encode(), digest_size=16).digest()
+
+
+def block_keys(parent: bytes, inputs: torch.Tensor, block: int = BLOCK_TOKENS) -> list[bytes]:
+    """The keys of the whole blocks of `inputs` [T, H] (host memory), each chained on the one before."""
+    rows = inputs.contiguous().view(torch.uint8).reshape(inputs.shape[0], -1)
+    dtype = str(inputs.dtype).encode()
+    keys = []
+    for a in range(0, inputs.shape[0] - block + 1, block):
+        digest = hashlib.blake2b(parent, digest_size=16)
+        digest.update(dtype)
+        digest.update(rows[a : a + block].numpy().data)
+        parent = digest.digest()
+        keys.append(parent)
+    return keys
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One block of positions over a span: keys and values [blocks, kv heads, BLOCK_TOKENS, head dim] on the
+    server's device, and the span's outputs [BLOCK_TOKENS, H] in host memory."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    out: torch.Tensor
+
+
+@dataclass
+class Chain:
+    """Where a session stands in the prefix cache: `key` covers its whole blocks [0, done); `tail` holds the
+    inputs and outputs ([t, H] each) of the `tail_length` positions after them, short of a block. Alive only while
+    it has followed every step of the session: `end` is then the session's length."""
+
+    key: bytes
+    done: int = 0
+    tail: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    tail_length: int = 0
+
+    @property
+    def end(self) -> int:
+        return self.done + self.tail_length
+
+
+class PrefixCache:
+    """Entries by key, least recently used first, within `capacity_tokens` of the server's cache budget."""
+
+    def __init__(self, budget: CacheBudget, capacity_tokens: int, block: int = BLOCK_TOKENS):
+        self.budget, self.capacity_tokens, self.block = budget, capacity_tokens, block
+        self._entries: OrderedDict[bytes, Entry] = OrderedDict()
+        self.hit_tokens = 0  # positions copied instead of computed, since the server started
+
+    @property
+    def tokens(self) -> int:
+        return len(self._entries) * self.block
+
+    def find(self, keys: list[bytes]) -> list[Entry]:
+        """The entries of the longest run of `keys` from the first, marked used (the run's first last, so that its
+        later blocks, which need the earlier ones to be found, go first)."""
+        found = []
+        for key in keys:
+            if (entry := self._entries.get(key)) is None:
+                break
+            found.append(entry)
+        for key in reversed(keys[: len(found)]):
+            self._entries.move_to_end(key)
+        self.hit_tokens += len(found) * self.block
+        return found
+
+    def add(self, items: list[tuple[bytes, Entry]]) -> bool:
+        """Keep these blocks (a chain's, in order), older entries making room within the capacity; False where
+        some found no room (the chain's later ones, unreachable without the earlier)."""
+        new = [key for key, _ in items if key not in self._entries]
+        while self._entries and self.tokens + len(new) * self.block > self.capacity_tokens:
+            self._drop_oldest()
+        room = max(0, min(self.capacity_tokens - self.tokens, self.budget.free_tokens)) // self.block
+        keep = set(new[:room])
+        for key, entry in reversed(items):  # the chain's first ends up most recently used
+            if key in keep:
+                self._entries[key] = entry
+            if key in self._entries:
+                self._entries.move_to_end(key)
+        self._hold()
+        return len(keep) == len(new)
+
+    def evict(self, tokens: int) -> None:
+        """Free at least `tokens` of the budget's tokens held here (all if there are fewer), oldest first."""
+        freed = 0
+        while freed < tokens and self._entries:
+            self._drop_oldest()
+            freed += self.block
+
+    def clear(self) -> None:
+        self._entries.clear()
+        self._hold()
+
+    def _drop_oldest(self) -> None:
+        if self._entries:
+            self._entries.popitem(last=False)
+            self._hold()
+
+    def _hold(self) -> None:
+        self.budget.release(OWNER)
+        if self._entries:
+            self.budget.reserve(OWNER, self.tokens)

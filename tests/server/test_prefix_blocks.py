@@ -1,0 +1,191 @@
+"""The prefix cache (`server.prefix`): its bookkeeping as plain functions, and a backend whose sessions copy what
+earlier sessions computed against one that computes everything (the oracle): the same outputs and caches, the hits
+where the inputs begin the same and nowhere else, and its tokens given up to sessions that need them."""
+
+import asyncio
+
+import pytest
+import torch
+
+from swarmllm.models import load_span
+from swarmllm.models.lora import LoraSettings, lora_shapes
+from swarmllm.server.adapters import Adapter
+from swarmllm.server.backend import Backend
+from swarmllm.server.cache import CacheBudget, CacheFullError
+from swarmllm.server.prefix import BLOCK_TOKENS, OWNER, Entry, PrefixCache, block_keys, root_key
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+TOL = 1e-5  # a position computed in another chunking rounds differently
+
+
+def entry(value: float = 0.0) -> Entry:
+    return Entry(
+        torch.full((1, 1, BLOCK_TOKENS, 2), value), torch.zeros(1, 1, BLOCK_TOKENS, 2), torch.zeros(4)
+    )
+
+
+def test_keys_chain_every_block_on_all_the_inputs_before_it():
+    x = torch.randn(50, 8)
+    keys = block_keys(root_key(0, 2), x)
+    assert len(keys) == 50 // BLOCK_TOKENS
+    assert block_keys(root_key(0, 2), x[:32]) == keys[:2]  # a block's key does not depend on what follows
+    y = x.clone()
+    y[20, 3] += 1e-3  # a change in block 1 changes its key and every later one, not block 0's
+    changed = block_keys(root_key(0, 2), y)
+    assert changed[0] == keys[0] and all(a != b for a, b in zip(changed[1:], keys[1:], strict=True))
+    assert block_keys(root_key(0, 3), x)[0] != keys[0]  # another span's blocks
+    assert block_keys(root_key(0, 2), x.half())[0] != block_keys(root_key(0, 2), x)[0]  # other bytes
+    assert block_keys(root_key(0, 2), x.bfloat16())  # any float dtype hashes
+
+
+def test_cache_finds_the_longest_run_and_drops_the_least_recently_used_within_budget():
+    budget = CacheBudget(10 * BLOCK_TOKENS)
+    cache = PrefixCache(budget, 4 * BLOCK_TOKENS)
+    a = [(bytes([1, i]), entry(i)) for i in range(3)]
+    assert cache.add(a) and cache.tokens == 3 * BLOCK_TOKENS
+    assert budget.free_tokens == 7 * BLOCK_TOKENS  # held in the server's budget
+    keys = [key for key, _ in a]
+    assert [e.keys[0, 0, 0, 0].item() for e in cache.find(keys)] == [0, 1, 2]
+    assert len(cache.find([keys[0], b"x", keys[2]])) == 1  # a run from the first key only
+    assert cache.find([b"x", *keys]) == []
+    assert cache.hit_tokens == 4 * BLOCK_TOKENS
+    # a second chain past the capacity: the oldest blocks go, a chain's last before its first
+    b = [(bytes([2, i]), entry(10 + i)) for i in range(2)]
+    assert cache.add(b) and cache.tokens == 4 * BLOCK_TOKENS
+    assert len(cache.find(keys)) == 2 and len(cache.find([key for key, _ in b])) == 2
+    # a session's reservation takes what the cache holds beyond the free tokens
+    cache.evict(budget.capacity_tokens - budget.free_tokens + 1)
+    assert cache.tokens == 0 and budget.free_tokens == budget.capacity_tokens
+    # no room in the budget: nothing kept, and the caller told
+    budget.reserve("session", budget.capacity_tokens - BLOCK_TOKENS)
+    assert not cache.add(a) and cache.tokens == BLOCK_TOKENS and len(cache.find(keys)) == 1
+    with pytest.raises(CacheFullError):
+        budget.reserve("another", 1)
+    cache.clear()
+    assert OWNER not in budget._held
+
+
+@pytest.fixture(scope="module")
+def span_path(llama_checkpoint):
+    return str(llama_checkpoint)
+
+
+def backends(path: str, cache_tokens: int = 4096, **kwargs) -> tuple[Backend, Backend]:
+    """A backend with a prefix cache, and the oracle: one without."""
+    cached = Backend(load_span(path, 0, 4), cache_tokens=cache_tokens, **kwargs)
+    oracle = Backend(load_span(path, 0, 4), cache_tokens=cache_tokens, prefix_cache_tokens=0, **kwargs)
+    return cached, oracle
+
+
+def run_both(cached: Backend, oracle: Backend, steps, length: int = 160, rows: int = 1):
+    """Open a session on each and take `steps` ((hidden, position, mask, prompts) each) on both: the outputs and
+    then the caches over the session's length must agree; returns the two sessions."""
+
+    async def go():
+        a = cached.open_session(0, 4, rows, length)
+        b = oracle.open_session(0, 4, rows, length)
+        for hidden, position, mask, prompts in steps:
+            out_a = (await cached.step(a, hidden, position, mask, prompts))[0]
+            out_b = (await oracle.step(b, hidden, position, mask, prompts))[0]
+            assert out_a.shape == out_b.shape and (out_a - out_b).abs().max() < TOL
+        for t_a, t_b in ((a.cache.keys, b.cache.keys), (a.cache.values, b.cache.values)):
+            assert (t_a[:, :, :, : a.length] - t_b[:, :, :, : b.length]).abs().max() < TOL
+        assert a.length == b.length
+        return a, b
+
+    return asyncio.run(go())
+
+
+def inputs(length: int, seed: int, hidden: int) -> torch.Tensor:
+    return torch.randn(1, length, hidden, generator=torch.Generator().manual_seed(seed))
+
+
+def test_sessions_beginning_alike_copy_what_the_first_computed(span_path):
+    cached, oracle = backends(span_path, prefill_chunk_tokens=24)  # steps run in chunks across blocks
+    hidden = cached.hidden_size
+    x = inputs(70, 0, hidden)
+    # the first session's prompt arrives in two steps whose edge is not a block's: blocks [0, 64) kept
+    run_both(cached, oracle, [(x[:, :37], 0, None, None), (x[:, 37:], 37, None, None)])
+    assert cached.prefix.hit_tokens == 0 and cached.prefix.tokens == 64
+    # the same beginning up to position 50: blocks [0, 48) copied, the rest computed (and then kept)
+    y = torch.cat([x[:, :50], inputs(30, 1, hidden)], 1)
+    decode = [(inputs(1, 2 + i, hidden), 80 + i, None, None) for i in range(3)]
+    run_both(cached, oracle, [(y, 0, None, None), *decode])
+    assert cached.prefix.hit_tokens == 48 and cached.prefix.tokens == 64 + 32
+    # the whole step found (a resent conversation): nothing computed, and the session steps on from there
+    before = cached.prefix.hit_tokens
+    run_both(cached, oracle, [(x[:, :64], 0, None, None), (inputs(1, 9, hidden), 64, None, None)])
+    assert cached.prefix.hit_tokens - before == 64
+    # other inputs from the start: nothing found
+    before = cached.prefix.hit_tokens
+    run_both(cached, oracle, [(inputs(40, 3, hidden), 0, None, None)])
+    assert cached.prefix.hit_tokens == before
+
+
+def test_decode_steps_extend_what_is_kept_and_a_rewind_stops_it(span_path):
+    """A chat's next turn resends the reply too: positions decoded one at a time are kept as well; after a
+    rewind (a rejected draft) the session keeps nothing more, and what was kept before it stays right."""
+    cached, oracle = backends(span_path)
+    hidden = cached.hidden_size
+    prompt, replies = inputs(20, 4, hidden), [inputs(1, 100 + i, hidden) for i in range(14)]
+    run_both(
+        cached, oracle, [(prompt, 0, None, None), *((r, 20 + i, None, None) for i, r in enumerate(replies))]
+    )
+    assert cached.prefix.tokens == 32  # blocks [0, 32): the prompt's 20 and 12 decoded
+    turn = torch.cat([prompt, *replies, inputs(10, 5, hidden)], 1)
+    before = cached.prefix.hit_tokens
+    run_both(cached, oracle, [(turn, 0, None, None)])
+    assert cached.prefix.hit_tokens - before == 32
+
+    rewound = [(inputs(40, 6, hidden), 0, None, None), (inputs(3, 7, hidden), 30, None, None)]
+    kept = cached.prefix.tokens
+    run_both(cached, oracle, [*rewound, (inputs(20, 8, hidden), 33, None, None)])
+    assert cached.prefix.tokens == kept + 32  # the first step's blocks [0, 32) only
+    before = cached.prefix.hit_tokens
+    run_both(cached, oracle, [(rewound[0][0], 0, None, None)])
+    assert cached.prefix.hit_tokens - before == 32
+
+
+def test_steps_the_inputs_alone_do_not_decide_take_no_part(span_path):
+    cached, oracle = backends(span_path)
+    hidden, blocks = cached.hidden_size, 4
+    x = inputs(40, 10, hidden)
+    prompts = torch.randn(blocks, 1, 4, hidden) * 0.1
+    run_both(cached, oracle, [(x, 0, None, prompts)])  # deep prompts change the keys and values
+    padded = torch.ones(1, 40, dtype=torch.bool)
+    padded[0, :3] = False
+    run_both(cached, oracle, [(x, 0, padded, None)])  # left padding
+    run_both(cached, oracle, [(x.expand(2, -1, -1), 0, None, None)], rows=2)  # more rows than one
+    assert cached.prefix.tokens == 0 and cached.prefix.hit_tokens == 0
+
+    # a session with an adapter neither keeps nor finds (its keys and values are the adapter's)
+    run_both(cached, oracle, [(x, 0, None, None)])
+    assert cached.prefix.tokens == 32
+    settings = LoraSettings(rank=2, alpha=4, modules=("q_proj", "v_proj"))
+    config = cached.span.config
+    tensors = {n: torch.randn(s) * 0.1 for n, s in lora_shapes(config, settings, range(blocks)).items()}
+    adapter = Adapter(settings, tensors, 0, blocks)
+
+    async def with_adapter(backend):
+        session = backend.open_session(0, blocks, 1, 64, adapter=adapter)
+        return (await backend.step(session, x, 0, None))[0]
+
+    assert (asyncio.run(with_adapter(cached)) - asyncio.run(with_adapter(oracle))).abs().max() < TOL
+    assert cached.prefix.hit_tokens == 0 and cached.prefix.tokens == 32
+
+
+def test_sessions_take_back_the_tokens_it_holds(span_path):
+    cached, oracle = backends(span_path, cache_tokens=256)
+    hidden = cached.hidden_size
+    session, _ = run_both(cached, oracle, [(inputs(100, 11, hidden), 0, None, None)], length=100)
+    assert cached.prefix.tokens == 96 and cached.free_tokens == 256 - 100
+    if (released := cached.close_session(session)) is not None:
+        released.result(timeout=10)
+    # the session closed, the kept blocks count as free: announced, promised and given
+    assert cached.free_tokens == 256 and cached.used_tokens == 0
+    assert cached.has_room((1, 256, 256)) and not cached.has_room((1, 257, 257))
+    session = cached.open_session(0, 4, 1, 200)
+    assert cached.prefix.tokens == 48  # the oldest blocks gave way, as few as needed
+    assert cached.free_tokens == 256 - 200
+    cached.close_session(session)
