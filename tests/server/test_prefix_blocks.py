@@ -1,6 +1,7 @@
 """The prefix cache (`server.prefix`): its bookkeeping as plain functions, and a backend whose sessions copy what
 earlier sessions computed against one that computes everything (the oracle): the same outputs and caches, the hits
-where the inputs begin the same and nowhere else, and its tokens given up to sessions that need them."""
+where the inputs (and the adapter) begin the same and nowhere else, and its tokens given up to sessions that need
+them."""
 
 import asyncio
 
@@ -78,13 +79,13 @@ def backends(path: str, cache_tokens: int = 4096, **kwargs) -> tuple[Backend, Ba
     return cached, oracle
 
 
-def run_both(cached: Backend, oracle: Backend, steps, length: int = 160, rows: int = 1):
-    """Open a session on each and take `steps` ((hidden, position, mask, prompts) each) on both: the outputs and
-    then the caches over the session's length must agree; returns the two sessions."""
+def run_both(cached: Backend, oracle: Backend, steps, length: int = 160, rows: int = 1, adapter=None):
+    """Open a session on each (with `adapter`) and take `steps` ((hidden, position, mask, prompts) each) on both:
+    the outputs and then the caches over the session's length must agree; returns the two sessions."""
 
     async def go():
-        a = cached.open_session(0, 4, rows, length)
-        b = oracle.open_session(0, 4, rows, length)
+        a = cached.open_session(0, 4, rows, length, adapter=adapter)
+        b = oracle.open_session(0, 4, rows, length, adapter=adapter)
         for hidden, position, mask, prompts in steps:
             out_a = (await cached.step(a, hidden, position, mask, prompts))[0]
             out_b = (await oracle.step(b, hidden, position, mask, prompts))[0]
@@ -159,20 +160,29 @@ def test_steps_the_inputs_alone_do_not_decide_take_no_part(span_path):
     run_both(cached, oracle, [(x.expand(2, -1, -1), 0, None, None)], rows=2)  # more rows than one
     assert cached.prefix.tokens == 0 and cached.prefix.hit_tokens == 0
 
-    # a session with an adapter neither keeps nor finds (its keys and values are the adapter's)
-    run_both(cached, oracle, [(x, 0, None, None)])
-    assert cached.prefix.tokens == 32
+
+def lora(backend: Backend, seed: int, version: int | None) -> Adapter:
     settings = LoraSettings(rank=2, alpha=4, modules=("q_proj", "v_proj"))
-    config = cached.span.config
-    tensors = {n: torch.randn(s) * 0.1 for n, s in lora_shapes(config, settings, range(blocks)).items()}
-    adapter = Adapter(settings, tensors, 0, blocks)
+    generator = torch.Generator().manual_seed(seed)
+    shapes = lora_shapes(backend.span.config, settings, range(4))
+    return Adapter(
+        settings, {n: torch.randn(s, generator=generator) * 0.1 for n, s in shapes.items()}, 0, 4, version
+    )
 
-    async def with_adapter(backend):
-        session = backend.open_session(0, blocks, 1, 64, adapter=adapter)
-        return (await backend.step(session, x, 0, None))[0]
 
-    assert (asyncio.run(with_adapter(cached)) - asyncio.run(with_adapter(oracle))).abs().max() < TOL
-    assert cached.prefix.hit_tokens == 0 and cached.prefix.tokens == 32
+def test_sessions_with_an_adapter_share_blocks_with_its_equals_alone(span_path):
+    """An adapter's keys and values are its own: its sessions find what sessions with an equal adapter kept (another
+    client's upload, another version), never a plain session's or another adapter's."""
+    cached, oracle = backends(span_path)
+    x = inputs(40, 12, cached.hidden_size)
+    run_both(cached, oracle, [(x, 0, None, None)], adapter=lora(cached, 0, 3))
+    assert cached.prefix.tokens == 32 and cached.prefix.hit_tokens == 0
+    run_both(cached, oracle, [(x, 0, None, None)], adapter=lora(cached, 0, 1))  # equal tensors
+    assert cached.prefix.hit_tokens == 32
+    run_both(cached, oracle, [(x, 0, None, None)], adapter=lora(cached, 1, 3))  # other tensors
+    run_both(cached, oracle, [(x, 0, None, None)], adapter=lora(cached, 0, None))  # hosted: found too
+    run_both(cached, oracle, [(x, 0, None, None)])  # no adapter
+    assert cached.prefix.hit_tokens == 64 and cached.prefix.tokens == 96
 
 
 def test_sessions_take_back_the_tokens_it_holds(span_path):

@@ -9,8 +9,10 @@ neither it nor any request used them for `idle_timeout_s`.
 
 from __future__ import annotations
 
+import hashlib
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import torch
@@ -38,6 +40,18 @@ class Adapter:
 
     def covers(self, start: int, end: int) -> bool:
         return self.start <= start and end <= self.end
+
+    @cached_property
+    def fingerprint(self) -> bytes:
+        """A digest of what the adapter computes (settings, layers, tensors), equal for equal adapters whoever
+        uploaded them and under whatever name or version: the prefix cache keys its sessions with it
+        (`server.prefix`). Made once, when a session first opens with it."""
+        digest = hashlib.blake2b(repr((self.settings, self.start, self.end)).encode(), digest_size=16)
+        for name in sorted(self.tensors):
+            tensor = self.tensors[name].detach().cpu().contiguous()
+            digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+            digest.update(tensor.view(torch.uint8).numpy().data)
+        return digest.digest()
 
 
 def unknown_adapter(message: str) -> RequestError:

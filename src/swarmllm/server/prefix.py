@@ -8,8 +8,9 @@ Keys: a server sees hidden states, not tokens, and takes no client's word for wh
 it received. Positions go in blocks of `BLOCK_TOKENS`; block j's key hashes block j-1's key with the bytes of
 block j's inputs, and the first block's parent (`root_key`) names the span's blocks [start, end). A span's keys,
 values and outputs at a position are a function of its inputs up to that position (causal attention), so a key
-found means the values a prefill would compute (up to the rounding of a different chunking). Only sessions whose
-steps the inputs alone decide take part: one row, no deep prompts, no adapter, no padding, r alone on the edges.
+found means the values a prefill would compute (up to the rounding of a different chunking). The root also names
+the session's LoRA adapter by its contents. Only sessions whose steps the inputs (and the adapter) alone decide take
+part: one row, no deep prompts, no padding, r alone on the edges.
 
 Memory: entries hold cache tokens of the server's budget (owner `OWNER`) and count as free: a session that needs
 them takes them, least recently used first. Their outputs wait in host memory, as replies do.
@@ -29,9 +30,10 @@ BLOCK_TOKENS = 16
 OWNER = "prefix"
 
 
-def root_key(start: int, end: int) -> bytes:
-    """The parent of a chain's first block: the span's blocks it runs through."""
-    return hashlib.blake2b(f"swarmllm-prefix:{start}:{end}".encode(), digest_size=16).digest()
+def root_key(start: int, end: int, adapter: bytes = b"") -> bytes:
+    """The parent of a chain's first block: the span's blocks it runs through, and the fingerprint of the adapter
+    its session applies (`Adapter.fingerprint`; none: empty)."""
+    return hashlib.blake2b(f"swarmllm-prefix:{start}:{end}:".encode() + adapter, digest_size=16).digest()
 
 
 def block_keys(parent: bytes, inputs: torch.Tensor, block: int = BLOCK_TOKENS) -> list[bytes]:
