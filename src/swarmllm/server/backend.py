@@ -470,7 +470,12 @@ class Backend:
         session = Session(session_id, start, end, batch_size, max_length, cache, key_mask, owner, row=row)
         session.lora = self._lora(adapter, self._blocks(start, end), None)
         session.pair = self.span.config.carries_pending(start) or self.span.config.carries_pending(end)
-        if self.prefix is not None and batch_size == 1 and not session.pair and isinstance(session.cache, KVCache):
+        if (
+            self.prefix is not None
+            and batch_size == 1
+            and not session.pair
+            and isinstance(session.cache, KVCache)
+        ):
             session.chain = Chain(root_key(start, end, b"" if adapter is None else adapter.fingerprint))
         self.sessions[session_id] = session
         return session
@@ -608,7 +613,9 @@ class Backend:
         self._note_mask(session, position, end, None)
         for t, part in ((session.cache.keys, "keys"), (session.cache.values, "values")):
             t[:, 0, :, position:end] = torch.cat([getattr(entry, part) for entry in found], 2)
-        if self.device.type == "cuda":  # an entry dropped meanwhile keeps its memory until this stream read it
+        if (
+            self.device.type == "cuda"
+        ):  # an entry dropped meanwhile keeps its memory until this stream read it
             for entry in found:
                 entry.keys.record_stream(torch.cuda.current_stream(self.device))
                 entry.values.record_stream(torch.cuda.current_stream(self.device))
