@@ -186,6 +186,20 @@ def test_an_api_that_keeps_no_sessions_reserves_no_room_for_a_next_turn(tight_sw
     assert not any("Traceback" in line for line in local.api.log), "".join(local.api.log[-60:])
 
 
+def test_a_prompt_sent_again_counts_what_the_servers_copied_as_cached(tight_swarm):
+    """Without kept sessions, a prompt sent again opens new sessions, whose servers copy its whole blocks from
+    their prefix caches (`server.prefix`): usage's cached_tokens counts them (2 blocks of 16 of a 40-token
+    prompt, on both servers), and the answer is the first one's."""
+    local, base = tight_swarm
+    client = openai.OpenAI(base_url=base, api_key="unused", max_retries=0, timeout=60)
+    prompt = [random.Random(11).randrange(4, 200) for _ in range(40)]
+    replies = [
+        client.completions.create(model="tiny", prompt=prompt, max_tokens=4, temperature=0) for _ in range(2)
+    ]
+    assert [r.usage.prompt_tokens_details.cached_tokens for r in replies] == [0, 32]
+    assert replies[0].choices[0].text == replies[1].choices[0].text
+
+
 def test_requests_past_the_servers_room_wait_for_it_rather_than_fail(tight_swarm):
     """What the official client sends by default (no max_tokens: up to the context), from more users at once than
     the servers have cache room for: the extra ones wait for room, as requests past --max-concurrent do,

@@ -42,7 +42,7 @@ class LocalModel:
         return self.model(ids)
 
     def open_session(self, max_length: int):
-        return SimpleNamespace(max_length=max_length, input_ids=None, position=0)
+        return SimpleNamespace(max_length=max_length, input_ids=None, position=0, copied=0)
 
     @contextlib.contextmanager
     def use_session(self, remote):

@@ -107,6 +107,8 @@ def _ok(step, **meta):
             "nan",
         ),
         (lambda s: Message(_ok(s, compute_s="1"), [torch.randn(1, 2, HIDDEN)]), BadReplyError, "compute_s"),
+        (lambda s: Message(_ok(s, copied=3), [torch.randn(1, 2, HIDDEN)]), BadReplyError, "copied 3"),
+        (lambda s: Message(_ok(s, copied=True), [torch.randn(1, 2, HIDDEN)]), BadReplyError, "copied True"),
         (
             lambda s: Message(_ok(s), [torch.randn(1, 2, HIDDEN, dtype=torch.float64)]),
             BadReplyError,

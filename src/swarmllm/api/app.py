@@ -90,7 +90,9 @@ class Generation:
     # set while it runs: ends it before its first token (a wait for room, a prefill) when its requester goes away
     abort: Callable[[], None] | None = None
     logprob_sum: float = 0.0  # of its tokens under the model, when recorded (set when it ends)
-    cached_tokens: int = 0  # of the prompt, held by the servers already (a kept session's)
+    cached_tokens: int = (
+        0  # of the prompt, held by the servers already (a kept session's) or copied (prefix caches)
+    )
 
     @property
     def mean_logprob(self) -> float:
@@ -242,6 +244,7 @@ class Engine:
                 streamer = PieceStreamer(gen.assembler, put, self._recorder(request))
                 # (a session refused cache room waits for it in the swarm client: `give_way_for_room`)
                 with self.sessions.use([] if scored else prompt_ids, need) as (remote, gen.cached_tokens):
+                    copied = remote.copied
 
                     def abort() -> None:
                         """(On the API's loop.) Its requester left before its first token: the session closes,
@@ -259,6 +262,8 @@ class Engine:
                             self._generate(prompt_ids, gen, request, streamer, index)
                     finally:
                         gen.abort = None  # (the session goes back to the pool next)
+                    # and the positions the servers copied from their prefix caches
+                    gen.cached_tokens = min(gen.cached_tokens + remote.copied - copied, len(prompt_ids))
                 tail = streamer.finish()
                 if tail is not None:
                     put(tail)

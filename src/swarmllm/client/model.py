@@ -141,6 +141,7 @@ class RemoteSession:
         # what the latest generate in it returned (with its attention mask): what `generate(session=...)` continues
         self.output_ids: torch.Tensor | None = None
         self.output_mask: torch.Tensor | None = None
+        self._copied_before = 0  # `copied` of the sessions it replaced (`for_batch`)
 
     @property
     def position(self) -> int:
@@ -149,6 +150,11 @@ class RemoteSession:
     @property
     def closed(self) -> bool:
         return self.session.closed
+
+    @property
+    def copied(self) -> int:
+        """Positions of its steps that every server copied from its prefix cache (`server.prefix`), so far."""
+        return self._copied_before + self.session.copied
 
     @property
     def max_length(self) -> int:
@@ -161,6 +167,7 @@ class RemoteSession:
         old = self.session
         if old.hops and old.batch_size != batch_size:
             run_sync(old.close())
+            self._copied_before += old.copied
             self.session = InferenceSession(old.swarm, old.max_length, old.tuning, old.compression)
             self.input_ids = self.attention_mask = self.embeds = self.output_ids = self.output_mask = None
         return self.session

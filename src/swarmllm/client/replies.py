@@ -141,6 +141,9 @@ def step_reply(
     compute_s = meta.get("compute_s", 0.0)
     if isinstance(compute_s, bool) or not isinstance(compute_s, int | float) or not 0 <= compute_s < math.inf:
         raise BadReplyError(peer_id, f"compute_s {_short(compute_s)} is not a duration")
+    copied = meta.get("copied", 0)
+    if not _is_int(copied) or not 0 <= copied <= sent.shape[1]:
+        raise BadReplyError(peer_id, f"copied {_short(copied)} is not a count of the step's positions")
     try:
         hidden, p = StepReply.states(message)  # float32 again, when the session compresses activations
     except RequestError as e:
@@ -152,6 +155,7 @@ def step_reply(
         float(compute_s),
         meta.get("pushed") is True,
         pending=checked_pending(p, peer_id, sent, pending),
+        copied=copied,
     )
 
 

@@ -80,10 +80,11 @@ class ReplayBudgetError(RuntimeError):
 @dataclass(frozen=True)
 class HopTiming:
     """One hop of a step as the client saw it: the time from the previous hop's reply (or the step's start) to
-    this hop's reply, and the server's compute within it."""
+    this hop's reply, the server's compute within it, and the positions it copied from its prefix cache."""
 
     elapsed_s: float
     compute_s: float
+    copied: int = 0
 
 
 @dataclass(frozen=True)
@@ -126,6 +127,9 @@ class InferenceSession:
         self.reorders = 0  # steps that reordered the rows (beam search)
         self.pushed_hops = 0  # hop inputs that a server pushed to the next one (the client did not send them)
         self.last_timings: list[HopTiming] = []
+        # positions of its steps that every hop's server copied from its prefix cache (`server.prefix`), by the
+        # servers' word (what the API reports as cached prompt tokens)
+        self.copied = 0
         self.failovers: list[Failover] = []
         # servers that refused to open this session for what it asks (batch size, length, cache): routed around,
         # unbanned
@@ -308,7 +312,7 @@ class InferenceSession:
                     hidden, pending, pushed = reply.hidden, reply.pending, reply.pushed
                     self.pushed_hops += pushed
                     now = time.perf_counter()
-                    timings.append(HopTiming(now - began, reply.compute_s))
+                    timings.append(HopTiming(now - began, reply.compute_s, reply.copied))
                     if reply.hidden.shape[1] == 1:
                         self.swarm.observe_step(hop.hop, now - began, reply.compute_s)
                     began, i = now, i + 1
@@ -330,6 +334,7 @@ class InferenceSession:
             for _, check in checks:
                 check.cancel()
         self.last_timings = timings
+        self.copied += min(t.copied for t in timings)
         self.position = end
         self.hidden_size = hidden.shape[2]
         return hidden

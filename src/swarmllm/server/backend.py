@@ -110,9 +110,8 @@ class Session:
     pair: bool = False  # an edge lies inside a ladder region: its steps take or return p (Ladder Residual)
     row: int | None = None  # its first row of the cache arena, where its cache is one (`server.arena`)
     computed: bool = False  # it sent work to the compute thread (which may hold its cache after it closes)
-    chain: Chain | None = (
-        None  # where it stands in the prefix cache (`server.prefix`); None: it takes no part
-    )
+    chain: Chain | None = None  # where it stands in the prefix cache (`server.prefix`); None: no part
+    copied: int = 0  # positions of its latest step copied from the prefix cache
 
 
 @dataclass(frozen=True)
@@ -560,7 +559,7 @@ class Backend:
         compute thread in the owner's turn; a client gone meanwhile (the call cancelled) stops it between two.
         Positions the prefix cache holds are copied from it (one chunk first), and whole blocks computed are kept
         in it (`server.prefix`)."""
-        chain, session.chain = session.chain, None  # (alive again only if the step completes)
+        chain, session.chain, session.copied = session.chain, None, 0  # (alive again if the step completes)
         plain = prompts is None and pending is None and (new_mask is None or bool(new_mask.all()))
         if chain is None or not plain or position != chain.end:
             async for chunk in self._computed_chunks(session, hidden, position, new_mask, prompts, pending):
@@ -572,7 +571,7 @@ class Backend:
             if found := self.prefix.find(keys):
                 copied = len(found) * BLOCK_TOKENS
                 out = await self.run(copied, session.owner, self._copy_in, session, position, found)
-                chain = Chain(keys[len(found) - 1], position + copied)
+                chain, session.copied = Chain(keys[len(found) - 1], position + copied), copied
                 yield 0, copied, out, None
         outs = []
         if copied < hidden.shape[1]:

@@ -134,6 +134,7 @@ class _Parts:
     outs: list[tuple[torch.Tensor, torch.Tensor | None]]
     compute_s: float = 0.0
     pushed: bool = True  # every part's output went on to the next server
+    copied: int = 0  # positions copied from the prefix cache
 
 
 @dataclass
@@ -767,11 +768,13 @@ class RequestHandler:
         # (after the push: off the chain's path)
         if step.whole is not None:
             self.metrics.part(hidden.shape[0] * length, step.whole[1] - step.whole[0])
-            return self._assemble(step, target, outs, compute_s, pushed, compression)
+            return self._assemble(step, target, outs, compute_s, pushed, compression, session.copied)
         self.metrics.step(hidden.shape[0] * length, length, compute_s)
         target.parts = None
         out, out_pending = joined(outs)
-        reply = StepReply(step.position, step.step, out, compute_s, pushed, compression, out_pending)
+        reply = StepReply(
+            step.position, step.step, out, compute_s, pushed, compression, out_pending, session.copied
+        )
         return reply.to_message()
 
     def _assemble(
@@ -782,6 +785,7 @@ class RequestHandler:
         compute_s: float,
         pushed: bool,
         compression: str,
+        copied: int,
     ) -> Message | None:
         """Add a part's outputs to its step's; the reply to the client once the part that ends the step is in."""
         if step.position == step.whole[0]:
@@ -791,13 +795,21 @@ class RequestHandler:
         parts.next = step.position + step.hidden.shape[1]
         parts.compute_s += compute_s
         parts.pushed = parts.pushed and pushed
+        parts.copied += copied
         if parts.next < parts.whole[1]:
             return None
         target.parts = None
         self.metrics.step(0, parts.whole[1] - parts.whole[0], parts.compute_s)  # (its tokens counted by part)
         out, out_pending = joined(parts.outs)
         reply = StepReply(
-            parts.whole[0], step.step, out, parts.compute_s, parts.pushed, compression, out_pending
+            parts.whole[0],
+            step.step,
+            out,
+            parts.compute_s,
+            parts.pushed,
+            compression,
+            out_pending,
+            parts.copied,
         )
         return reply.to_message()
 

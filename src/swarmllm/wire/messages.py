@@ -495,8 +495,9 @@ def parse_session_input(message: Message) -> Step | Repoint:
 @dataclass(frozen=True)
 class StepReply:
     """A session's answer to one step: the output hidden states (and p where the span's last boundary carries
-    the ladder pair), the server's compute time (so a hop's time can be split into network and compute), and
-    whether it pushed the output on to the next hop itself."""
+    the ladder pair), the server's compute time (so a hop's time can be split into network and compute),
+    whether it pushed the output on to the next hop itself, and how many of the step's positions it copied from
+    its prefix cache instead of computing them (`server.prefix`)."""
 
     position: int
     step: int
@@ -505,6 +506,7 @@ class StepReply:
     pushed: bool = False
     compression: str = "none"  # how `hidden` travels (the session's codec)
     pending: torch.Tensor | None = None
+    copied: int = 0
 
     def to_message(self) -> Message:
         meta = {
@@ -513,6 +515,8 @@ class StepReply:
             "compute_s": self.compute_s,
             "pushed": self.pushed,
         }
+        if self.copied:  # (absent from decode steps: they copy nothing)
+            meta["copied"] = self.copied
         return _message(meta, _compressed(self.hidden, self.pending, self.compression), positional=1)
 
     @staticmethod
