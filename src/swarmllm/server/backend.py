@@ -567,7 +567,8 @@ class Backend:
             return
         copied = 0
         if not chain.tail and hidden.shape[1] >= BLOCK_TOKENS:
-            keys = block_keys(chain.key, hidden[0])
+            # (a long prompt's hashing on the compute thread, off the loop)
+            keys = await self.run(hidden.shape[1], session.owner, block_keys, chain.key, hidden[0])
             if found := self.prefix.find(keys):
                 copied = len(found) * BLOCK_TOKENS
                 out = await self.run(copied, session.owner, self._copy_in, session, position, found)
@@ -634,23 +635,27 @@ class Backend:
         if length < BLOCK_TOKENS:  # (a decode step, mostly: no copy until a block is whole)
             return Chain(chain.key, chain.done, tail, length)
         inputs, out = (torch.cat(parts) for parts in zip(*tail, strict=True))
-        keys = block_keys(chain.key, inputs)
-        whole = len(keys) * BLOCK_TOKENS
-        entries = await self.run(whole, session.owner, self._copy_out, session, chain.done, out[:whole])
+        whole = length // BLOCK_TOKENS * BLOCK_TOKENS
+        keys, entries = await self.run(
+            whole, session.owner, self._copy_out, session, chain, inputs, out[:whole]
+        )
         if not self.prefix.add(list(zip(keys, entries, strict=True))):
             return None
         rest = [(inputs[whole:].clone(), out[whole:].clone())] if whole < length else []
         return Chain(keys[-1], chain.done + whole, rest, length - whole)
 
     @torch.inference_mode()
-    def _copy_out(self, session: Session, start: int, out: torch.Tensor) -> list[Entry]:
-        """The prefix cache's entries for a session's positions [start, start + len(out)), whole blocks."""
+    def _copy_out(
+        self, session: Session, chain: Chain, inputs: torch.Tensor, out: torch.Tensor
+    ) -> tuple[list[bytes], list[Entry]]:
+        """The keys and entries of a session's whole blocks from `chain.done` on: `out` covers them, `inputs`
+        them and maybe a tail."""
         entries = []
         for a in range(0, out.shape[0], BLOCK_TOKENS):
-            at = slice(start + a, start + a + BLOCK_TOKENS)
-            keys, values = (t[:, 0, :, at].clone() for t in (session.cache.keys, session.cache.values))
-            entries.append(Entry(keys, values, out[a : a + BLOCK_TOKENS].clone()))
-        return entries
+            at = slice(chain.done + a, chain.done + a + BLOCK_TOKENS)
+            k, v = (t[:, 0, :, at].clone() for t in (session.cache.keys, session.cache.values))
+            entries.append(Entry(k, v, out[a : a + BLOCK_TOKENS].clone()))
+        return block_keys(chain.key, inputs), entries
 
     def _note_mask(self, session: Session, position: int, end: int, new_mask: torch.Tensor | None) -> None:
         """Record which of the slots [position, end) hold real tokens (False: left padding)."""
