@@ -706,16 +706,18 @@ def _port_message(host: str, port: int, error: OSError) -> str:
     return f"cannot listen on {host}:{port}: {error.strerror or error}"
 
 
-def _check_model(model: str) -> str:
+def _check_model(model: str, revision: str | None = None) -> str:
     """A model named as a path must be a folder holding a checkpoint, or a GGUF file (whose checkpoint folder is
-    returned: converted once, `models.gguf`); anything else is taken for a hub id."""
-    from swarmllm.models.gguf import gguf_checkpoint, is_gguf
+    returned: converted once, `models.gguf`; `owner/repo/file.gguf`: a hub one); anything else is taken for a
+    hub id."""
+    from swarmllm.models.gguf import gguf_checkpoint, local_gguf
 
-    if is_gguf(model):
-        try:
-            return str(gguf_checkpoint(model))
-        except Exception as e:  # noqa: BLE001 - transformers' reasons are many (an architecture it cannot read)
-            raise UserError(f"cannot read the GGUF file {model}: {str(e).strip().splitlines()[-1]}") from None
+    try:
+        gguf = local_gguf(model, revision=revision)
+        if gguf is not None:
+            return str(gguf_checkpoint(gguf))
+    except Exception as e:  # noqa: BLE001 - transformers' reasons are many (an architecture it cannot read)
+        raise UserError(f"cannot read the GGUF file {model}: {str(e).strip().splitlines()[-1]}") from None
     path = Path(model).expanduser()
     looks_local = model.startswith(("/", "./", "../", "~")) or path.exists()
     if looks_local and not path.is_dir():
@@ -1236,7 +1238,7 @@ def _serve(args: argparse.Namespace) -> int:
             "swarmllm serve: give --initial-peers (join a swarm) or --new-swarm (start one)", file=sys.stderr
         )
         return 2
-    args.model = _check_model(args.model)
+    args.model = _check_model(args.model, args.revision)
     _check_ports(args.host, args.port, args.direct_port, args.metrics_port)
     _check_identity(args.identity)
     _check_device(args.device)
@@ -1303,7 +1305,7 @@ def _serve(args: argparse.Namespace) -> int:
 def _generate(args: argparse.Namespace) -> int:
     peers = _initial_peers(args)
     head = _head_options(args, [args.draft_model])
-    args.model = _check_model(args.model)
+    args.model = _check_model(args.model, args.revision)
     args.draft_model = _check_draft(args.model, args.draft_model)
     _check_lora(args.lora)
     if args.draft_model and args.num_beams > 1:
@@ -1354,7 +1356,7 @@ def _generate(args: argparse.Namespace) -> int:
 def _chat(args: argparse.Namespace) -> int:
     peers = _initial_peers(args)
     head = _head_options(args, [args.draft_model])
-    args.model = _check_model(args.model)
+    args.model = _check_model(args.model, args.revision)
     args.draft_model = _check_draft(args.model, args.draft_model)
     _check_lora(args.lora)
     from transformers import AutoTokenizer

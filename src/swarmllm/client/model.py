@@ -65,6 +65,7 @@ from swarmllm.client.tuning import Tuning
 from swarmllm.dht.info import model_fingerprint
 from swarmllm.dht.records import dht_prefix_for
 from swarmllm.models import BlockConfig, ClientHead, hub_commit, load_client_head, load_config
+from swarmllm.models.gguf import local_gguf
 from swarmllm.models.llama import FAMILIES
 from swarmllm.models.lora import (
     CONFIG_FILE,
@@ -310,13 +311,15 @@ class DistributedModel(PreTrainedModel):
         revision: str | None = None,
         cache_dir: str | Path | None = None,
         token: str | bool | None = None,
+        gguf_file: str | None = None,
         **options,
     ):
         """Load the local parts of a model (hub id or local folder) and join the swarm serving its blocks.
 
         ``dtype`` is the head's, as transformers takes it: a torch dtype, its name, or "auto" (the checkpoint's;
         ``torch_dtype``, its former name, too). ``revision``, ``cache_dir`` and ``token`` go to the hub, as in
-        transformers. ``swarm_key=FILE`` joins a private swarm (the file its servers were started with
+        transformers, and ``gguf_file`` names a GGUF file in the folder or hub repo (as in transformers; the name
+        may also be the file's path, or ``owner/repo/file.gguf``). ``swarm_key=FILE`` joins a private swarm (the file its servers were started with
         ``--swarm-key``); ``tuning_mode`` ("ptune" or "deep_ptune") with ``pre_seq_len`` adds trainable prompts;
         ``active_adapter`` uses a LoRA adapter the servers host (``swarmllm serve --adapters``). The other
         options go to `SwarmClient` (and ``num_labels`` to a classification model); any other is refused by
@@ -328,10 +331,16 @@ class DistributedModel(PreTrainedModel):
         if unknown:
             raise TypeError(
                 f"from_pretrained takes no option {', '.join(map(repr, unknown))}: besides initial_peers, "
-                "dht_prefix, dtype, device, tuning_mode, pre_seq_len, active_adapter, revision, cache_dir and "
-                f"token, it takes SwarmClient's {', '.join(sorted(_CLIENT_OPTIONS))}"
+                "dht_prefix, dtype, device, tuning_mode, pre_seq_len, active_adapter, revision, cache_dir, token "
+                f"and gguf_file, it takes SwarmClient's {', '.join(sorted(_CLIENT_OPTIONS))}"
             )
         hub = dict(revision=revision, cache_dir=cache_dir, token=token)
+        if gguf_file is not None:
+            name_or_path = f"{str(name_or_path).rstrip('/')}/{gguf_file}"
+        if (gguf := local_gguf(name_or_path, **hub)) is not None:
+            name_or_path = str(
+                gguf
+            )  # (a hub one fetched: a local file from here on, named as the servers' is)
         commit = hub_commit(name_or_path, **hub)
         hub["revision"] = commit or revision  # every file read at the one commit the swarm is told of
         hf_config, head = load_client_head(

@@ -29,7 +29,7 @@ from huggingface_hub import snapshot_download
 from safetensors import safe_open
 from transformers import AutoConfig, PretrainedConfig
 
-from swarmllm.models.gguf import gguf_checkpoint, is_gguf
+from swarmllm.models.gguf import gguf_checkpoint, local_gguf
 from swarmllm.models.llama import BlockConfig, BlockSpan, ClientHead, block_state_from_hf
 from swarmllm.models.packed import pack_block
 from swarmllm.models.quant import check_quant, quantize_block
@@ -61,8 +61,8 @@ def resolve_checkpoint(
     token: str | bool | None = None,
     allow_patterns: list[str] | None = None,
 ) -> Path:
-    """A local directory as is; a GGUF file's checkpoint folder (`models.gguf`); otherwise the local snapshot of a
-    hub repo, fetching the files `allow_patterns` match.
+    """A local directory as is; a GGUF file's checkpoint folder (`models.gguf`: a local file, or `owner/repo/file.gguf`
+    on the hub); otherwise the local snapshot of a hub repo, fetching the files `allow_patterns` match.
 
     Calling again with other patterns adds files to the same snapshot directory, which is how loaders fetch
     the index first and then only the shards they need.
@@ -70,8 +70,8 @@ def resolve_checkpoint(
     local = Path(name_or_path).expanduser()
     if local.is_dir():
         return local
-    if is_gguf(local):
-        return gguf_checkpoint(local)
+    if (gguf := local_gguf(name_or_path, revision=revision, cache_dir=cache_dir, token=token)) is not None:
+        return gguf_checkpoint(gguf)
     return Path(
         snapshot_download(
             str(name_or_path),
