@@ -229,3 +229,44 @@ def test_output_hidden_states_of_a_base_model_and_with_deep_prompts(swarm, llama
     finally:
         base.shutdown()
         tuned.shutdown()
+
+
+def prompted_layers(hf, start: int, end: int, prompts):
+    """`local_layers` with `prompts[i]` ([B or 1, P, H]) added to the first P positions of block start + i's
+    input: deep prompts as the servers apply them."""
+    cut = copy.deepcopy(hf.model)
+    cut.layers = nn.ModuleList(list(cut.layers)[start:end])
+    cut.norm = nn.Identity()
+    for i, layer in enumerate(cut.layers):
+
+        def add(module, args, kwargs, i=i):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            n = prompts.shape[2]
+            hidden = torch.cat([hidden[:, :n] + prompts[i], hidden[:, n:]], 1)
+            return ((hidden, *args[1:]), kwargs) if args else (args, {**kwargs, "hidden_states": hidden})
+
+        layer.register_forward_pre_hook(add, with_kwargs=True)
+    return lambda hidden: cut(inputs_embeds=hidden, use_cache=False).last_hidden_state
+
+
+def test_the_layers_take_deep_prompts_as_petals_remote_sequential_does(model, hf):
+    """`layers[a:b](x, prompts=...)` (Petals' `RemoteSequential`): block i's prompts added to the first positions
+    of its input, per row or one for all rows, as transformers computes with the same additions; their gradients
+    and the input's are local autograd's; a wrong shape is refused, naming the expected one."""
+    x = states(model, seed=5)
+    generator = torch.Generator().manual_seed(6)
+    for rows in (2, 1):
+        prompts = torch.randn(2, rows, 3, x.shape[2], generator=generator) * 0.5
+        ours, theirs = prompts.clone().requires_grad_(), prompts.clone().requires_grad_()
+        x_ours, x_theirs = x.clone().requires_grad_(), x.clone().requires_grad_()
+        got = model.model.layers[1:3](x_ours, prompts=ours)
+        want = prompted_layers(hf, 1, 3, theirs)(x_theirs)
+        torch.testing.assert_close(got, want, **TOL)
+        assert not torch.allclose(got, local_layers(hf, 1, 3)(x), **TOL)
+        weights = torch.randn(got.shape, generator=generator)
+        (got * weights).sum().backward()
+        (want * weights).sum().backward()
+        torch.testing.assert_close(ours.grad, theirs.grad, **TOL)
+        torch.testing.assert_close(x_ours.grad, x_theirs.grad, **TOL)
+    with pytest.raises(ValueError, match=r"prompts must be \[blocks=2, batch=2 or 1, positions <= 7"):
+        model.model.layers[1:3](x, prompts=torch.zeros(3, 1, 2, x.shape[2]))

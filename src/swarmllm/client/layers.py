@@ -121,15 +121,39 @@ class _Layers(nn.Module):
             raise RuntimeError("the model these layers belong to is gone")
         return model
 
-    def forward(self, hidden_states: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+    def forward(
+        self, hidden_states: Tensor, attention_mask: Tensor | None = None, prompts: Tensor | None = None
+    ) -> Tensor:
         """[B, T, H] -> [B, T, H]: the hidden states after these blocks, differentiable as the model's forward
-        is, with the model's adapter and deep prompts. `attention_mask` [B, T]: 0 at padding."""
+        is, with the model's adapter and deep prompts. `attention_mask` [B, T]: 0 at padding. `prompts`
+        [blocks, B or 1, P, H] (Petals' `RemoteSequential(x, prompts=...)`): deep prompts of these blocks in
+        place of the model's, block i's added to the first P positions of its input; differentiable too."""
         if not hidden_states.is_floating_point():
             raise TypeError(
                 f"the layers take hidden states (floats, [batch, tokens, hidden]), got {hidden_states.dtype}: "
                 "token ids go through the model's embeddings first (`model.get_input_embeddings()(ids)`)"
             )
-        return self._model().run_layers(hidden_states, attention_mask, self.blocks)
+        model, (start, end) = self._model(), self.blocks
+        if prompts is not None:
+            batch, length, hidden = hidden_states.shape
+            if (
+                prompts.ndim != 4
+                or prompts.shape[0] != end - start
+                or prompts.shape[1] not in (1, batch)
+                or not 0 < prompts.shape[2] <= length
+                or prompts.shape[3] != hidden
+                or not prompts.is_floating_point()
+            ):
+                raise ValueError(
+                    f"prompts must be [blocks={end - start}, batch={batch} or 1, positions <= {length}, "
+                    f"hidden={hidden}] floats, got {tuple(prompts.shape)} {prompts.dtype}"
+                )
+            none = prompts.new_zeros(
+                1, *prompts.shape[1:]
+            )  # (the other blocks': the request covers only these)
+            after = model.block_config.num_layers - end
+            prompts = torch.cat([none.expand(start, -1, -1, -1), prompts, none.expand(after, -1, -1, -1)])
+        return model.run_layers(hidden_states, attention_mask, self.blocks, prompts)
 
     @contextlib.contextmanager
     def inference_session(self, max_length: int, compression: str | None = None) -> Iterator[LayersSession]:

@@ -570,13 +570,19 @@ class DistributedModel(PreTrainedModel):
         return BaseModelOutputWithPast(last_hidden_state=hidden, hidden_states=every)
 
     def run_layers(
-        self, hidden: torch.Tensor, attention_mask: torch.Tensor | None, blocks: tuple[int, int] | None = None
+        self,
+        hidden: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        blocks: tuple[int, int] | None = None,
+        prompts: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Hidden states through blocks [start, end) (all by default) with the model's adapter and deep prompts:
-        what the model's layers do when called (`client.layers`)."""
+        """Hidden states through blocks [start, end) (all by default) with the model's adapter and deep prompts
+        (or `prompts`, [all blocks, B or 1, P, H], instead): what the model's layers do when called
+        (`client.layers`)."""
         mask = None if attention_mask is None else attention_mask.bool()
         key_mask = None if mask is None or bool(mask.all()) else mask
-        return run_blocks(self.swarm, hidden, key_mask, self.ptune, self._adapter(), self.training, blocks)
+        lora = self._adapter()
+        return run_blocks(self.swarm, hidden, key_mask, self.ptune, lora, self.training, blocks, prompts)
 
     def open_layers_session(
         self, max_length: int, compression: str | None, blocks: tuple[int, int]

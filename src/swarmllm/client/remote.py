@@ -157,16 +157,23 @@ def run_blocks(
     lora: RemoteLora | PeftLora | None,
     training: bool,
     blocks: tuple[int, int] | None = None,
+    prompts: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`hidden` (prompts already prepended) through the swarm's blocks (those of `blocks`, [start, end), or all)
-    with the client's deep prompts and adapter: differentiably when gradients are wanted and anything requires
-    them, else plainly (pipelined).
+    with the client's deep prompts (or `prompts` [all blocks, B or 1, P, H] instead) and adapter: differentiably
+    when gradients are wanted and anything requires them, else plainly (pipelined).
     In training mode the adapter's dropout applies, with gradients or without (as PEFT's), with a fresh seed per
     call (from torch's generator).
     An empty input is refused here: servers refuse it too, and the client would ban them for the caller's error."""
     if hidden.shape[0] == 0 or hidden.shape[1] == 0:
         raise ValueError(f"the input is empty ({hidden.shape[0]} sequences of {hidden.shape[1]} tokens)")
-    deep = None if ptune is None or ptune.deep is None else ptune.deep[:, None]  # [L, 1, N, H]
+    deep = (
+        prompts
+        if prompts is not None
+        else None
+        if ptune is None or ptune.deep is None
+        else ptune.deep[:, None]
+    )
     params = [] if lora is None else list(lora.weights)
     trainable = [t for t in (hidden, deep, *params) if t is not None and t.requires_grad]
     needs_grad = torch.is_grad_enabled() and bool(trainable)
