@@ -90,9 +90,8 @@ class Generation:
     # set while it runs: ends it before its first token (a wait for room, a prefill) when its requester goes away
     abort: Callable[[], None] | None = None
     logprob_sum: float = 0.0  # of its tokens under the model, when recorded (set when it ends)
-    cached_tokens: int = (
-        0  # of the prompt, held by the servers already (a kept session's) or copied (prefix caches)
-    )
+    # of the prompt, held by the servers already (a kept session's) or copied (their prefix caches)
+    cached_tokens: int = 0
 
     @property
     def mean_logprob(self) -> float:

@@ -148,9 +148,8 @@ class _Layers(nn.Module):
                     f"prompts must be [blocks={end - start}, batch={batch} or 1, positions <= {length}, "
                     f"hidden={hidden}] floats, got {tuple(prompts.shape)} {prompts.dtype}"
                 )
-            none = prompts.new_zeros(
-                1, *prompts.shape[1:]
-            )  # (the other blocks': the request covers only these)
+            # (the other blocks' are zeros: the request covers only these)
+            none = prompts.new_zeros(1, *prompts.shape[1:])
             after = model.block_config.num_layers - end
             prompts = torch.cat([none.expand(start, -1, -1, -1), prompts, none.expand(after, -1, -1, -1)])
         return model.run_layers(hidden_states, attention_mask, self.blocks, prompts)

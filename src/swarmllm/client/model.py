@@ -319,12 +319,12 @@ class DistributedModel(PreTrainedModel):
         ``dtype`` is the head's, as transformers takes it: a torch dtype, its name, or "auto" (the checkpoint's;
         ``torch_dtype``, its former name, too). ``revision``, ``cache_dir`` and ``token`` go to the hub, as in
         transformers, and ``gguf_file`` names a GGUF file in the folder or hub repo (as in transformers; the name
-        may also be the file's path, or ``owner/repo/file.gguf``). ``swarm_key=FILE`` joins a private swarm (the file its servers were started with
-        ``--swarm-key``); ``tuning_mode`` ("ptune" or "deep_ptune") with ``pre_seq_len`` adds trainable prompts;
-        ``active_adapter`` uses a LoRA adapter the servers host (``swarmllm serve --adapters``). The other
-        options go to `SwarmClient` (and ``num_labels`` to a classification model); any other is refused by
-        name (transformers' options for loading local blocks, such as ``low_cpu_mem_usage``, have nothing to
-        do here)."""
+        may also be the file's path, or ``owner/repo/file.gguf``). ``swarm_key=FILE`` joins a private swarm (the
+        file its servers were started with ``--swarm-key``); ``tuning_mode`` ("ptune" or "deep_ptune") with
+        ``pre_seq_len`` adds trainable prompts; ``active_adapter`` uses a LoRA adapter the servers host
+        (``swarmllm serve --adapters``). The other options go to `SwarmClient` (and ``num_labels`` to a
+        classification model); any other is refused by name (transformers' options for loading local blocks,
+        such as ``low_cpu_mem_usage``, have nothing to do here)."""
         if "torch_dtype" in options:  # transformers' former name, which it still takes
             dtype = options.pop("torch_dtype")
         unknown = sorted(set(options) - _CLIENT_OPTIONS - {"num_labels"})
@@ -338,9 +338,8 @@ class DistributedModel(PreTrainedModel):
         if gguf_file is not None:
             name_or_path = f"{str(name_or_path).rstrip('/')}/{gguf_file}"
         if (gguf := local_gguf(name_or_path, **hub)) is not None:
-            name_or_path = str(
-                gguf
-            )  # (a hub one fetched: a local file from here on, named as the servers' is)
+            # (a hub one fetched: a local file from here on, named as the servers' is)
+            name_or_path = str(gguf)
         commit = hub_commit(name_or_path, **hub)
         hub["revision"] = commit or revision  # every file read at the one commit the swarm is told of
         hf_config, head = load_client_head(

@@ -167,13 +167,9 @@ def run_blocks(
     An empty input is refused here: servers refuse it too, and the client would ban them for the caller's error."""
     if hidden.shape[0] == 0 or hidden.shape[1] == 0:
         raise ValueError(f"the input is empty ({hidden.shape[0]} sequences of {hidden.shape[1]} tokens)")
-    deep = (
-        prompts
-        if prompts is not None
-        else None
-        if ptune is None or ptune.deep is None
-        else ptune.deep[:, None]
-    )
+    deep = prompts  # [L, B or 1, N, H]: the caller's, else the model's own
+    if deep is None and ptune is not None and ptune.deep is not None:
+        deep = ptune.deep[:, None]
     params = [] if lora is None else list(lora.weights)
     trainable = [t for t in (hidden, deep, *params) if t is not None and t.requires_grad]
     needs_grad = torch.is_grad_enabled() and bool(trainable)

@@ -561,11 +561,11 @@ class Backend:
         in it (`server.prefix`)."""
         chain, session.chain, session.copied = session.chain, None, 0  # (alive again if the step completes)
         plain = prompts is None and pending is None and (new_mask is None or bool(new_mask.all()))
-        if chain is None or not plain or position != chain.end:
+        if chain is None or position != chain.end or not plain:
             async for chunk in self._computed_chunks(session, hidden, position, new_mask, prompts, pending):
                 yield chunk
             return
-        copied = 0
+        copied, keys = 0, None
         if not chain.tail and hidden.shape[1] >= BLOCK_TOKENS:
             # (a long prompt's hashing on the compute thread, off the loop)
             keys = await self.run(hidden.shape[1], session.owner, block_keys, chain.key, hidden[0])
@@ -573,6 +573,7 @@ class Backend:
                 copied = len(found) * BLOCK_TOKENS
                 out = await self.run(copied, session.owner, self._copy_in, session, position, found)
                 chain, session.copied = Chain(keys[len(found) - 1], position + copied), copied
+                keys = keys[len(found) :]  # (those of the positions computed next)
                 yield 0, copied, out, None
         outs = []
         if copied < hidden.shape[1]:
@@ -580,7 +581,7 @@ class Backend:
             async for a, b, r, _ in self._computed_chunks(session, rest, position + copied, None):
                 outs.append(r[0])
                 yield copied + a, copied + b, r, None
-        session.chain = await self._keep(session, chain, hidden[0, copied:], outs)
+        session.chain = await self._keep(session, chain, hidden[0, copied:], outs, keys)
 
     async def _computed_chunks(
         self,
@@ -613,9 +614,8 @@ class Backend:
         self._note_mask(session, position, end, None)
         for t, part in ((session.cache.keys, "keys"), (session.cache.values, "values")):
             t[:, 0, :, position:end] = torch.cat([getattr(entry, part) for entry in found], 2)
-        if (
-            self.device.type == "cuda"
-        ):  # an entry dropped meanwhile keeps its memory until this stream read it
+        if self.device.type == "cuda":
+            # an entry dropped meanwhile keeps its memory until this stream has read it
             for entry in found:
                 entry.keys.record_stream(torch.cuda.current_stream(self.device))
                 entry.values.record_stream(torch.cuda.current_stream(self.device))
@@ -623,11 +623,17 @@ class Backend:
         return torch.cat([entry.out for entry in found])[None]
 
     async def _keep(
-        self, session: Session, chain: Chain, inputs: torch.Tensor, outs: list[torch.Tensor]
+        self,
+        session: Session,
+        chain: Chain,
+        inputs: torch.Tensor,
+        outs: list[torch.Tensor],
+        keys: list[bytes] | None = None,
     ) -> Chain | None:
         """Where a session stands after its positions from `chain.end` on were computed (inputs [T, H], outputs
         [t, H] a chunk): the whole blocks among them and the tail before kept in the prefix cache, the rest the
-        new tail. None: the session no longer takes part (the cache found no room)."""
+        new tail. None: the session no longer takes part (the cache found no room). `keys`: those of the whole
+        blocks of `inputs`, where a look-up made them (with no tail before)."""
         if not outs:
             return chain
         tail = [*chain.tail, (inputs, torch.cat(outs) if len(outs) > 1 else outs[0])]
@@ -637,7 +643,7 @@ class Backend:
         inputs, out = (torch.cat(parts) for parts in zip(*tail, strict=True))
         whole = length // BLOCK_TOKENS * BLOCK_TOKENS
         keys, entries = await self.run(
-            whole, session.owner, self._copy_out, session, chain, inputs, out[:whole]
+            whole, session.owner, self._copy_out, session, chain, inputs, out[:whole], keys
         )
         if not self.prefix.add(list(zip(keys, entries, strict=True))):
             return None
@@ -646,16 +652,21 @@ class Backend:
 
     @torch.inference_mode()
     def _copy_out(
-        self, session: Session, chain: Chain, inputs: torch.Tensor, out: torch.Tensor
+        self,
+        session: Session,
+        chain: Chain,
+        inputs: torch.Tensor,
+        out: torch.Tensor,
+        keys: list[bytes] | None,
     ) -> tuple[list[bytes], list[Entry]]:
-        """The keys and entries of a session's whole blocks from `chain.done` on: `out` covers them, `inputs`
-        them and maybe a tail."""
+        """The keys (`keys`, or made here) and entries of a session's whole blocks from `chain.done` on: `out`
+        covers them, `inputs` them and maybe a tail."""
         entries = []
         for a in range(0, out.shape[0], BLOCK_TOKENS):
             at = slice(chain.done + a, chain.done + a + BLOCK_TOKENS)
             k, v = (t[:, 0, :, at].clone() for t in (session.cache.keys, session.cache.values))
             entries.append(Entry(k, v, out[a : a + BLOCK_TOKENS].clone()))
-        return block_keys(chain.key, inputs), entries
+        return block_keys(chain.key, inputs) if keys is None else keys, entries
 
     def _note_mask(self, session: Session, position: int, end: int, new_mask: torch.Tensor | None) -> None:
         """Record which of the slots [position, end) hold real tokens (False: left padding)."""
