@@ -127,7 +127,8 @@ def main() -> None:
             f"SmolLM2-135M-Instruct through 2 servers on loopback; a {len(SYSTEM)}-character system message, "
             f"{args.turns} user turns each sent with the whole history, greedy answers of up to {args.tokens} "
             f"tokens, streamed; medians of {args.repeats} conversations per API, the APIs alternating; equal "
-            "answers. 'kept': `swarmllm api` as by default (4 kept sessions); 'fresh': `--keep-sessions 0`."
+            "answers. 'kept': `swarmllm api` as by default (4 kept sessions); 'fresh': `--keep-sessions 0`. The "
+            "servers keep their prefix cache (the default): 'fresh' sessions copy what earlier ones computed."
         )
         append_results(
             "A conversation's turns through the API: kept sessions against fresh ones", table, notes
