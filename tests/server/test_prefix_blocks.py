@@ -63,7 +63,7 @@ def test_cache_finds_the_longest_run_and_drops_the_least_recently_used_within_bu
     assert not cache.add(a) and cache.tokens == BLOCK_TOKENS and len(cache.find(keys)) == 1
     with pytest.raises(CacheFullError):
         budget.reserve("another", 1)
-    cache.clear()
+    cache.evict(cache.tokens)
     assert OWNER not in budget._held
 
 

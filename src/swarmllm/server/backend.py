@@ -560,8 +560,13 @@ class Backend:
         Positions the prefix cache holds are copied from it (one chunk first), and whole blocks computed are kept
         in it (`server.prefix`)."""
         chain, session.chain, session.copied = session.chain, None, 0  # (alive again if the step completes)
-        plain = prompts is None and pending is None and (new_mask is None or bool(new_mask.all()))
-        if chain is None or position != chain.end or not plain:
+        if (
+            chain is None
+            or position != chain.end
+            or prompts is not None
+            or pending is not None
+            or (new_mask is not None and not bool(new_mask.all()))
+        ):
             async for chunk in self._computed_chunks(session, hidden, position, new_mask, prompts, pending):
                 yield chunk
             return
@@ -639,7 +644,7 @@ class Backend:
         tail = [*chain.tail, (inputs, torch.cat(outs) if len(outs) > 1 else outs[0])]
         length = chain.tail_length + inputs.shape[0]
         if length < BLOCK_TOKENS:  # (a decode step, mostly: no copy until a block is whole)
-            return Chain(chain.key, chain.done, tail, length)
+            return Chain(chain.key, chain.done, tail)
         inputs, out = (torch.cat(parts) for parts in zip(*tail, strict=True))
         whole = length // BLOCK_TOKENS * BLOCK_TOKENS
         keys, entries = await self.run(
@@ -648,7 +653,7 @@ class Backend:
         if not self.prefix.add(list(zip(keys, entries, strict=True))):
             return None
         rest = [(inputs[whole:].clone(), out[whole:].clone())] if whole < length else []
-        return Chain(keys[-1], chain.done + whole, rest, length - whole)
+        return Chain(keys[-1], chain.done + whole, rest)
 
     @torch.inference_mode()
     def _copy_out(

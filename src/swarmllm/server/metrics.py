@@ -79,6 +79,11 @@ class ServerMetrics:
         self.cache_capacity = Gauge(
             "swarmllm_server_cache_capacity_tokens", "KV-cache budget in tokens", registry=registry
         )
+        self.prefix_held = Gauge(
+            "swarmllm_server_prefix_cache_tokens",
+            "Cache tokens the prefix cache holds (given up to sessions that need them)",
+            registry=registry,
+        )
         self.blocks = Gauge(
             "swarmllm_server_blocks",
             "Blocks served (the span's start and end are labels)",
@@ -101,11 +106,6 @@ class ServerMetrics:
     def watch_prefix(self, held_tokens: Callable[[], int], hit_tokens: Callable[[], int]) -> None:
         """Read the prefix cache's figures (`server.prefix`) at scrape time: the tokens it holds, and the positions
         sessions copied from it instead of computing them (since the backend began: a move starts it again)."""
-        self.prefix_held = Gauge(
-            "swarmllm_server_prefix_cache_tokens",
-            "Cache tokens the prefix cache holds (given up to sessions that need them)",
-            registry=self.registry,
-        )
         self.prefix_held.set_function(held_tokens)
         self.registry.register(_Total("swarmllm_server_prefix_cache_hit_tokens", _HITS_HELP, hit_tokens))
 

@@ -63,13 +63,16 @@ class Entry:
 @dataclass
 class Chain:
     """Where a session stands in the prefix cache: `key` covers its whole blocks [0, done); `tail` holds the
-    inputs and outputs ([t, H] each) of the `tail_length` positions after them, short of a block. Alive only while
-    it has followed every step of the session: `end` is then the session's length."""
+    inputs and outputs ([t, H] each) of the positions after them, short of a block. Alive only while it has
+    followed every step of the session: `end` is then the session's length."""
 
     key: bytes
     done: int = 0
     tail: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
-    tail_length: int = 0
+
+    @property
+    def tail_length(self) -> int:
+        return sum(inputs.shape[0] for inputs, _ in self.tail)
 
     @property
     def end(self) -> int:
@@ -123,10 +126,6 @@ class PrefixCache:
         while freed < tokens and self._entries:
             self._drop_oldest()
             freed += self.block
-
-    def clear(self) -> None:
-        self._entries.clear()
-        self._hold()
 
     def _drop_oldest(self) -> None:
         if self._entries:
