@@ -57,6 +57,7 @@ async def test_health_follows_the_blocks_and_metrics_count_requests():
         assert (await client.get("/v1/models/other")).status == 404
         assert (await client.get("/nowhere")).status == 404
         model, other = engine.metrics.model("m"), engine.metrics.model("other")
+        model.generation_tokens.inc(5)  # (as a generation's streamer counts its tokens when they come)
         model.generated(started=1.0, first=1.5, ended=2.5, tokens=5, prompt=7, cached=3)
         model.generated(started=1.0, first=None, ended=1.0, tokens=0, prompt=2, cached=0)
         other.generated(started=1.0, first=3.0, ended=3.0, tokens=1, prompt=4, cached=0)

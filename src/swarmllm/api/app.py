@@ -240,7 +240,9 @@ class Engine:
                 need = len(prompt_ids) + max_new_tokens  # (0: echo alone, a forward over the prompt at most)
                 # scoring the prompt needs the logits of all of its positions: nothing held can serve
                 scored = echo and request.logprob_top() is not None
-                streamer = PieceStreamer(gen.assembler, put, self._recorder(request))
+                streamer = PieceStreamer(
+                    gen.assembler, put, self._recorder(request), self.counted.generation_tokens.inc
+                )
                 # (a session refused cache room waits for it in the swarm client: `give_way_for_room`)
                 with self.sessions.use([] if scored else prompt_ids, need) as (remote, gen.cached_tokens):
                     copied = remote.copied

@@ -255,15 +255,17 @@ class LogprobRecorder(LogitsProcessor):
 
 class PieceStreamer(BaseStreamer):
     """Feeds each new token of a generate (batch 1) to an assembler and hands the resulting pieces to `emit`,
-    with the tokens' log-probabilities when a `recorder` is given (EOS has none: it is not part of the text)."""
+    with the tokens' log-probabilities when a `recorder` is given (EOS has none: it is not part of the text);
+    `counted(n)` as tokens come (a metric that shows them live, not when their generation ends)."""
 
     def __init__(
         self,
         assembler: TextAssembler,
         emit: Callable[[Piece], None],
         recorder: LogprobRecorder | None = None,
+        counted: Callable[[int], None] | None = None,
     ):
-        self.assembler, self.emit, self.recorder = assembler, emit, recorder
+        self.assembler, self.emit, self.recorder, self.counted = assembler, emit, recorder, counted
         self._prompt_seen = False
         self._pending: list[TokenLogprob] = []  # of tokens whose text has not been sent yet
         self.logprob_sum = 0.0  # of every generated token, EOS included (with a recorder): what best_of ranks
@@ -275,7 +277,10 @@ class PieceStreamer(BaseStreamer):
             return
         if self.first_token_at is None:
             self.first_token_at = time.perf_counter()
-        for token in value.reshape(-1).tolist():
+        tokens = value.reshape(-1).tolist()
+        if self.counted is not None:
+            self.counted(len(tokens))
+        for token in tokens:
             shown = token not in self.assembler.eos_ids and not self.assembler.stopped
             if self.recorder is not None:
                 entry = self.recorder.entry(int(token))  # (taken even past a stop: the rows stay in step)

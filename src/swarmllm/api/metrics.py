@@ -150,10 +150,10 @@ class ModelMetrics:
     def generated(
         self, started: float, first: float | None, ended: float, tokens: int, prompt: int, cached: int
     ) -> None:
-        """One generation that ended (times from `time.perf_counter`; `first`: its first token, if any)."""
+        """One generation that ended (times from `time.perf_counter`; `first`: its first token, if any); its
+        tokens were counted in `generation_tokens` as they came."""
         self.prompt_tokens.inc(prompt)
         self.cached_tokens.inc(cached)
-        self.generation_tokens.inc(tokens)
         if first is not None:
             self.first_token_seconds.observe(first - started)
             if tokens > 1:
