@@ -9,6 +9,7 @@ from /proc, which a shared machine disturbs less than the wall clock.
     python benchmarks/ab.py --model medium --rounds 15 --new-tokens 24
     python benchmarks/ab.py --model ~/.cache/swarmllm/smollm2-135m-instruct --b-args="--no-compile"
     python benchmarks/ab.py --a-commit 77c1ab9 --servers 6 --rounds 12   # a hop's cost, old vs new
+    python benchmarks/ab.py --a-commit HEAD --workload samples --rows 4 --prompt-tokens 300 --new-tokens 16
 
 One pair of swarms is not enough: a swarm keeps a speed of its own for its life, and null runs (A and B the same
 tree) of one pair each gave B/A anywhere from 0.87 (B faster in 7 of 30 pairs) to 1.17 (11 of 12). So `--swarms`
@@ -48,30 +49,53 @@ def cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def worker(model: str, new_tokens: int, server_args: list[str], servers: int) -> None:
+def workload(name: str, rows: int) -> dict:
+    """generate's arguments for a workload: one greedy sequence, `rows` beams, or `rows` samples of a prompt."""
+    if name == "beams":
+        return {"num_beams": rows, "do_sample": False}
+    if name == "samples":
+        return {"num_return_sequences": rows, "do_sample": True, "top_k": 0}
+    return {"do_sample": False}
+
+
+def worker(args: argparse.Namespace) -> None:
     """One swarm of `servers` servers and a client; on each stdin line, one timed generate, printed as steps/s,
-    whether its tokens equal the first generate's, and the CPU ms per token of all the swarm's processes."""
+    whether its tokens equal the first generate's, and the CPU ms per token of all the swarm's processes.
+    (Samples are drawn with the same seed each time.)"""
     from transformers import AutoConfig
 
     from swarmllm import AutoDistributedModelForCausalLM
     from swarmllm.local import LocalSwarm
 
+    model, new_tokens, servers = args.model, args.new_tokens, args.servers
     path = checkpoint(model) if model in ("tiny", "medium") else Path(model)
     num_blocks = AutoConfig.from_pretrained(path).num_hidden_layers
     cuts = [round(i * num_blocks / servers) for i in range(servers + 1)]
     prompt = torch.tensor(PROMPT)
+    if args.prompt_tokens:  # (the prompt repeated to that length)
+        prompt = prompt.repeat(1, -(-args.prompt_tokens // prompt.shape[1]))[:, : args.prompt_tokens]
+    kwargs = {
+        "max_new_tokens": new_tokens,
+        "min_new_tokens": new_tokens,
+        **workload(args.workload, args.rows),
+    }
+
+    def generate() -> torch.Tensor:
+        torch.manual_seed(0)
+        return remote.generate(prompt, **kwargs)
+
     with LocalSwarm() as swarm:
         swarm.start_bootstrap()
-        swarm.add_servers([(str(path), span) for span in zip(cuts, cuts[1:])], extra=server_args)
+        swarm.add_servers([(str(path), span) for span in zip(cuts, cuts[1:])], extra=args.server_args.split())
         remote = AutoDistributedModelForCausalLM.from_pretrained(str(path), initial_peers=swarm.initial_peers)
         pids = [server.proc.pid for server in swarm.servers] + [os.getpid()]
         with torch.no_grad():
-            first = remote.generate(prompt, max_new_tokens=new_tokens, do_sample=False)
+            first = generate()
             print("ready", flush=True)
             for _ in sys.stdin:
                 cpu = sum(cpu_s(pid) for pid in pids)
                 began = time.perf_counter()
-                out = remote.generate(prompt, max_new_tokens=new_tokens, do_sample=False)
+                out = generate()
                 elapsed = time.perf_counter() - began
                 cpu_ms = (sum(cpu_s(pid) for pid in pids) - cpu) / new_tokens * 1e3
                 print(f"{new_tokens / elapsed:.3f} {out.tolist() == first.tolist()} {cpu_ms:.3f}", flush=True)
@@ -92,6 +116,12 @@ def start(src: Path, server_args: str, args: argparse.Namespace) -> subprocess.P
         str(args.new_tokens),
         "--servers",
         str(args.servers),
+        "--workload",
+        args.workload,
+        "--rows",
+        str(args.rows),
+        "--prompt-tokens",
+        str(args.prompt_tokens),
     ]
     proc, _ = start_worker([*command, f"--server-args={server_args}"], env)
     return proc
@@ -111,12 +141,15 @@ def main() -> None:
     parser.add_argument(
         "--swarms", type=int, default=4, help="pairs of swarms started afresh, one after another"
     )
+    parser.add_argument("--workload", choices=["greedy", "beams", "samples"], default="greedy")
+    parser.add_argument("--rows", type=int, default=4, help="beams or samples of the prompt")
+    parser.add_argument("--prompt-tokens", type=int, default=0, help="the prompt repeated to this length")
     parser.add_argument("--no-record", action="store_true")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--server-args", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        return worker(args.model, args.new_tokens, args.server_args.split(), args.servers)
+        return worker(args)
     if not 1 <= args.swarms <= args.rounds:
         parser.error("--swarms must be between 1 and --rounds")
 
@@ -179,11 +212,13 @@ def main() -> None:
         ],
     )
     print(table)
+    what = "greedy" if args.workload == "greedy" else f"{args.rows} {args.workload}"
+    what += f", a {args.prompt_tokens or len(PROMPT[0])}-token prompt"
     if not args.no_record:
         append_results(
-            f"Paired A/B, single-session decode through {args.servers} server{'s' * (args.servers > 1)}",
+            f"Paired A/B, one client's generates through {args.servers} server{'s' * (args.servers > 1)}",
             table,
-            f"{args.rounds} rounds of a {args.new_tokens}-token greedy generate, alternating A and B, over "
+            f"{args.rounds} rounds of a {args.new_tokens}-token generate ({what}), alternating A and B, over "
             f"{args.swarms} pairs of swarms started afresh; "
             "CPU: user + system time of the swarm's servers and client per generated token (/proc); "
             "'tokens stable': every generate gave its swarm's first output.",

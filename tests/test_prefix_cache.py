@@ -70,3 +70,24 @@ def test_a_next_turn_copies_the_first_turns_positions(swarm, llama_checkpoint):
     counts = scrape(plain)
     assert counts["swarmllm_server_prefix_cache_hit_tokens_total"] == 0
     assert counts["swarmllm_server_prefix_cache_tokens"] == 0
+
+
+def test_beams_of_a_prompt_copy_it_once_and_equal_transformers(swarm, llama_checkpoint):
+    """A generate with beams repeats its prompt in every row: the server computes it as one row, so it finds what a
+    one-row session kept of it (and the beams still equal transformers')."""
+    reference = AutoModelForCausalLM.from_pretrained(llama_checkpoint, dtype=torch.float32).eval()
+    generator = torch.Generator().manual_seed(6)
+    prompt = torch.randint(3, reference.config.vocab_size, (1, 40), generator=generator)
+    kept = swarm.infos[0]["metrics"]
+    model = AutoDistributedModelForCausalLM.from_pretrained(
+        str(llama_checkpoint), initial_peers=swarm.initial_peers
+    )
+    try:
+        model.generate(prompt, max_new_tokens=2)  # keeps [0, 32) of the prompt
+        before = scrape(kept)["swarmllm_server_prefix_cache_hit_tokens_total"]
+        out = model.generate(prompt, max_new_tokens=6, min_new_tokens=6, num_beams=3, num_return_sequences=2)
+    finally:
+        model.shutdown()
+    want = reference.generate(prompt, max_new_tokens=6, min_new_tokens=6, num_beams=3, num_return_sequences=2)
+    assert torch.equal(out, want)
+    assert scrape(kept)["swarmllm_server_prefix_cache_hit_tokens_total"] - before == 2 * BLOCK_TOKENS

@@ -157,7 +157,8 @@ def test_steps_the_inputs_alone_do_not_decide_take_no_part(span_path):
     padded = torch.ones(1, 40, dtype=torch.bool)
     padded[0, :3] = False
     run_both(cached, oracle, [(x, 0, padded, None)])  # left padding
-    run_both(cached, oracle, [(x.expand(2, -1, -1), 0, None, None)], rows=2)  # more rows than one
+    rows = torch.cat([x, inputs(40, 11, hidden)])
+    run_both(cached, oracle, [(rows, 0, None, None)], rows=2)  # rows that differ
     assert cached.prefix.tokens == 0 and cached.prefix.hit_tokens == 0
 
 
@@ -199,3 +200,50 @@ def test_sessions_take_back_the_tokens_it_holds(span_path):
     assert cached.prefix.tokens == 48  # the oldest blocks gave way, as few as needed
     assert cached.free_tokens == 256 - 200
     cached.close_session(session)
+
+
+def computed_rows(backend: Backend) -> list[int]:
+    """The row counts of every prefill `backend` computes from now on (its span's calls, passed through)."""
+    calls, forward = [], backend.span.forward_pair
+
+    def counted(hidden, *args, **kwargs):
+        calls.append(hidden.shape[0])
+        return forward(hidden, *args, **kwargs)
+
+    backend.span.forward_pair = counted
+    return calls
+
+
+def test_rows_alike_are_computed_once_and_share_the_prefix_cache(span_path):
+    """A prompt repeated in every row (beam search, `num_return_sequences`) costs one row's prefill, its keys and
+    values copied to the other rows, and finds and keeps blocks as a one-row session does; once the rows differ,
+    every row is computed. The oracle computes every row all along."""
+    # (every prefill on the compute thread, through the span's forward: none merged inline)
+    cached, oracle = backends(span_path, prefill_chunk_tokens=24, inline_tokens=0)
+    hidden = cached.hidden_size
+    calls = computed_rows(cached)
+    x = inputs(40, 20, hidden)
+    decode = [(inputs(3, 30 + i, hidden).transpose(0, 1), 40 + i, None, None) for i in range(2)]
+    session, _ = run_both(cached, oracle, [(x.expand(3, -1, -1), 0, None, None), *decode], rows=3)
+    assert calls == [1, 1] and not session.alike  # two chunks of one row; then the rows' own tokens
+    assert cached.prefix.tokens == 32 and cached.prefix.hit_tokens == 0
+    # the same beginning in two rows: its blocks copied (a one-row session's too), the rest computed in one row
+    calls.clear()
+    y = torch.cat([x, inputs(8, 21, hidden)], 1)
+    run_both(cached, oracle, [(y.expand(2, -1, -1), 0, None, None), (y[:, :2].expand(2, -1, -1), 48, None, None)],
+             rows=2)  # fmt: skip
+    assert cached.prefix.hit_tokens == 32 and calls == [1, 1]  # [32, 48), then 2 more
+    before = cached.prefix.hit_tokens
+    run_both(cached, oracle, [(y[:, :34], 0, None, None)])
+    assert cached.prefix.hit_tokens - before == 32  # (kept by the rows alike: [0, 32) of the first, again)
+    # rows alike after rows that differed: every row computed (their caches differ)
+    calls.clear()
+    unlike = torch.cat([inputs(1, 22, hidden), inputs(1, 23, hidden)])
+    run_both(cached, oracle, [(unlike, 0, None, None), (y[:, :5].expand(2, -1, -1), 1, None, None)], rows=2)
+    assert calls == [2]  # (the rows' first tokens decoded, on the decode path)
+    # padded rows alike: computed as they are (a mask is per row)
+    calls.clear()
+    padded = torch.ones(2, 40, dtype=torch.bool)
+    padded[:, :3] = False
+    run_both(cached, oracle, [(x.expand(2, -1, -1), 0, padded, None)], rows=2)
+    assert calls and set(calls) == {2}

@@ -45,7 +45,7 @@ import logging
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -112,6 +112,7 @@ class Session:
     computed: bool = False  # it sent work to the compute thread (which may hold its cache after it closes)
     chain: Chain | None = None  # where it stands in the prefix cache (`server.prefix`); None: no part
     copied: int = 0  # positions of its latest step copied from the prefix cache
+    alike: bool = True  # its rows have held the same inputs at every position so far (`Backend._row_chunks`)
 
 
 @dataclass(frozen=True)
@@ -469,12 +470,7 @@ class Backend:
         session = Session(session_id, start, end, batch_size, max_length, cache, key_mask, owner, row=row)
         session.lora = self._lora(adapter, self._blocks(start, end), None)
         session.pair = self.span.config.carries_pending(start) or self.span.config.carries_pending(end)
-        if (
-            self.prefix is not None
-            and batch_size == 1
-            and not session.pair
-            and isinstance(session.cache, KVCache)
-        ):
+        if self.prefix is not None and not session.pair and isinstance(session.cache, KVCache):
             session.chain = Chain(root_key(start, end, b"" if adapter is None else adapter.fingerprint))
         self.sessions[session_id] = session
         return session
@@ -544,7 +540,7 @@ class Backend:
         chunks = self.step_chunks(session, hidden, position, new_mask, prompts, pending)
         return joined([(r, p) async for _, _, r, p in chunks])
 
-    async def step_chunks(
+    def step_chunks(
         self,
         session: Session,
         hidden: torch.Tensor,
@@ -558,7 +554,80 @@ class Backend:
         over more than `prefill_chunk_tokens` tokens runs as several (`prefill_chunks`), each a job of the
         compute thread in the owner's turn; a client gone meanwhile (the call cancelled) stops it between two.
         Positions the prefix cache holds are copied from it (one chunk first), and whole blocks computed are kept
-        in it (`server.prefix`)."""
+        in it (`server.prefix`). Rows that hold the same inputs (a prompt repeated for beams) are computed once."""
+        # (set before any of it runs: a session closed meanwhile gives its cache back behind the thread's work)
+        session.computed = session.computed or not self.inline(hidden.shape[0] * hidden.shape[1])
+        if session.batch_size > 1:
+            if session.alike and self._rows_alike(session, hidden, new_mask, prompts, pending):
+                return self._row_chunks(session, hidden, position)
+            session.alike, session.chain = False, None
+        return self._looked_up_chunks(session, hidden, position, new_mask, prompts, pending)
+
+    def _rows_alike(
+        self,
+        session: Session,
+        hidden: torch.Tensor,
+        new_mask: torch.Tensor | None,
+        prompts: torch.Tensor | None,
+        pending: torch.Tensor | None,
+    ) -> bool:
+        """Whether a step of a session whose rows were alike so far keeps them alike, computed as one row: a
+        prefill-like step (decode steps take the merged paths, arena row graphs included) of the same inputs in
+        every row, with no padding, deep prompts or Ladder pair, over a cache of its own rows."""
+        return (
+            hidden.shape[1] > 1
+            and prompts is None
+            and pending is None
+            and not session.pair
+            and isinstance(session.cache, KVCache)
+            and (new_mask is None or bool(new_mask.all()))
+            and bool((hidden == hidden[:1]).all())
+        )
+
+    async def _row_chunks(
+        self, session: Session, hidden: torch.Tensor, position: int
+    ) -> AsyncIterator[tuple[int, int, torch.Tensor, torch.Tensor | None]]:
+        """`step_chunks` of rows alike (`_rows_alike`): the first row alone, through the prefix cache as a session
+        of one row, then its keys and values copied to the other rows. A prompt repeated for beam search or
+        `num_return_sequences` costs one row's prefill, as vLLM's `n` shares its prompt's blocks."""
+        rows, end = session.batch_size, position + hidden.shape[1]
+        first = replace(
+            session,
+            batch_size=1,
+            cache=KVCache.over(session.cache.keys[:, :1], session.cache.values[:, :1]),
+            key_mask=session.key_mask[:1],
+        )
+        session.alike = False  # (alike again once the other rows hold the step too)
+        async for a, b, r, _ in self._looked_up_chunks(first, hidden[:1], position, None):
+            session.length, session.copied = first.length, first.copied
+            yield a, b, r.expand(rows, -1, -1).contiguous(), None
+        await self.run(rows * hidden.shape[1], session.owner, self._spread, session, position, end)
+        session.length, session.padded, session.chain, session.copied = (
+            end,
+            first.padded,
+            first.chain,
+            first.copied,
+        )
+        session.alike = True
+
+    @torch.inference_mode()
+    def _spread(self, session: Session, position: int, end: int) -> None:
+        """Copy the first row's keys and values over [position, end) to the session's other rows."""
+        for t in (session.cache.keys, session.cache.values):
+            t[:, 1:, :, position:end] = t[:, :1, :, position:end]
+        session.key_mask[1:, position:end] = True
+
+    async def _looked_up_chunks(
+        self,
+        session: Session,
+        hidden: torch.Tensor,
+        position: int,
+        new_mask: torch.Tensor | None,
+        prompts: torch.Tensor | None = None,
+        pending: torch.Tensor | None = None,
+    ) -> AsyncIterator[tuple[int, int, torch.Tensor, torch.Tensor | None]]:
+        """`step_chunks` of a session's rows as they come: positions found in the prefix cache copied, the rest
+        computed (and its whole blocks kept) where the session takes part, else every position computed."""
         chain, session.chain, session.copied = session.chain, None, 0  # (alive again if the step completes)
         if (
             chain is None
@@ -609,7 +678,6 @@ class Backend:
             mask = None if new_mask is None else new_mask[:, a:b]
             p = None if pending is None else pending[:, a:b]
             args = (session, hidden[:, a:b], position + a, mask, prompts if a == 0 else None, p)
-            session.computed = session.computed or not self.inline(batch * (b - a))
             yield a, b, *await self.run(batch * (b - a), session.owner, self._step, *args)
 
     @torch.inference_mode()
