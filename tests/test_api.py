@@ -41,6 +41,7 @@ from swarmllm.dht.records import dht_prefix_for
 from swarmllm.local import LocalSwarm
 from swarmllm.models import load_config
 from swarmllm.models.lora import LoraSettings, lora_shapes, write_peft_adapter
+from swarmllm.server.prefix import BLOCK_TOKENS
 
 NAME = "smollm2"
 TINY_PREFIX = "tiny-llama-of-the-api-tests"
@@ -484,6 +485,20 @@ def test_several_choices_each_sample_with_a_seed_of_their_own(client):
         model=NAME, messages=[{"role": "user", "content": "Hi"}], max_tokens=6, temperature=0, n=2
     )
     assert greedy.choices[0].message.content == greedy.choices[1].message.content
+
+
+def test_several_choices_compute_their_prompt_once(client, api, local):
+    """n = 3: the first choice computes the prompt; the others open their sessions at its first token and copy
+    its whole blocks from the servers' prefix caches (the API's cached-tokens series counts them, usage does not:
+    the prompt's first computation found none), each still transformers' greedy answer."""
+    tokenizer, complete, _ = local
+    ids = tokenizer(" ".join(f"item {i} of a list no earlier test sent" for i in range(12)))["input_ids"]
+    series = ("swarmllm_api_prompt_tokens_cached_total", (("model", NAME),))
+    before = scrape(api)[series]
+    reply = client.completions.create(model=NAME, prompt=ids, max_tokens=4, temperature=0, n=3)
+    assert [c.text for c in reply.choices] == [complete(ids, 4)[0]] * 3
+    assert reply.usage.prompt_tokens_details.cached_tokens == 0
+    assert scrape(api)[series] - before == 2 * (len(ids) // BLOCK_TOKENS * BLOCK_TOKENS)
 
 
 def test_tokenizer_endpoints_are_vllms(api, local):

@@ -1,6 +1,7 @@
 """The servers' prefix cache through real server processes: a conversation's next turn, sent by another client,
 copies the positions the first turn computed (its prompt and its reply) on the server that keeps them, computes
-them on the server started with `--prefix-cache-tokens 0`, and both clients get transformers' greedy tokens."""
+them on the server started with `--prefix-cache-tokens 0`, and both clients get transformers' greedy tokens; a
+prompt repeated for beams is computed once, and finds what a one-row session kept."""
 
 import time
 import urllib.request

@@ -16,6 +16,7 @@ import asyncio
 import itertools
 import json
 import logging
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -92,6 +93,8 @@ class Generation:
     logprob_sum: float = 0.0  # of its tokens under the model, when recorded (set when it ends)
     # of the prompt, held by the servers already (a kept session's) or copied (their prefix caches)
     cached_tokens: int = 0
+    # set at its first token (its prompt is through the servers, in their prefix caches) or when it ends
+    primed: threading.Event = field(default_factory=threading.Event)
 
     @property
     def mean_logprob(self) -> float:
@@ -184,8 +187,15 @@ class Engine:
 
     def start_all(self, prompt_ids: list[int], max_new_tokens: int | None, request) -> list[Generation]:
         """The request's `n` choices (or `best_of` candidates), each a generate of its own (seeded `seed + i`,
-        when seeded)."""
-        return [self.start(prompt_ids, max_new_tokens, request, i) for i in range(request.candidates())]
+        when seeded). The others open their sessions once the first has its first token: its prompt is then in
+        the servers' prefix caches, and they copy its whole blocks instead of computing them again (a server's
+        compute thread would have run their prefills one after another anyway), as vLLM's `n` shares its prompt."""
+        first = self.start(prompt_ids, max_new_tokens, request)
+        others = (
+            self.start(prompt_ids, max_new_tokens, request, i, first.primed)
+            for i in range(1, request.candidates())
+        )
+        return [first, *others]
 
     def stop_ids(self, request) -> list[int]:
         """The tokens that end a generate's text: EOS (unless `ignore_eos`) and the request's `stop_token_ids`."""
@@ -210,7 +220,16 @@ class Engine:
             )
         return max_new_tokens
 
-    def start(self, prompt_ids: list[int], max_new_tokens: int | None, request, index: int = 0) -> Generation:
+    def start(
+        self,
+        prompt_ids: list[int],
+        max_new_tokens: int | None,
+        request,
+        index: int = 0,
+        after: threading.Event | None = None,
+    ) -> Generation:
+        """A generate in a worker thread (at most `--max-concurrent` at once); `after`: what it waits for before
+        it opens its session (`start_all`)."""
         max_new_tokens = self.fit(prompt_ids, max_new_tokens)
         loop = asyncio.get_running_loop()
         echo = getattr(request, "echo", False)  # (then the prompt's tokens come first)
@@ -235,14 +254,19 @@ class Engine:
             self.counted.generations_running.inc()
             outcome: object = _END
             try:
+                if after is not None:
+                    after.wait()  # (set by a generation started before it, whose end sets it anyway)
                 if gen.cancelled:  # its requester left while it waited for a worker: no session for nobody
                     return
                 need = len(prompt_ids) + max_new_tokens  # (0: echo alone, a forward over the prompt at most)
                 # scoring the prompt needs the logits of all of its positions: nothing held can serve
                 scored = echo and request.logprob_top() is not None
-                streamer = PieceStreamer(
-                    gen.assembler, put, self._recorder(request), self.counted.generation_tokens.inc
-                )
+
+                def counted(tokens: int) -> None:
+                    self.counted.generation_tokens.inc(tokens)
+                    gen.primed.set()
+
+                streamer = PieceStreamer(gen.assembler, put, self._recorder(request), counted)
                 # (a session refused cache room waits for it in the swarm client: `give_way_for_room`)
                 with self.sessions.use([] if scored else prompt_ids, need) as (remote, gen.cached_tokens):
                     copied = remote.copied
@@ -284,6 +308,7 @@ class Engine:
                 # no longer running before its end is handed out: whoever reads the gauge after the answer
                 # sees it gone
                 self.counted.generations_running.dec()
+                gen.primed.set()
                 put(outcome)
 
         loop.run_in_executor(self.executor, work)
@@ -825,12 +850,11 @@ class _Reply:
 
 
 def _usage(gens: list[Generation]) -> dict:
-    """Each prompt once, every choice's completion tokens; of each prompt's tokens, the most that one of its
-    choices found held by the servers already (OpenAI's `cached_tokens`)."""
+    """Each prompt once, every choice's completion tokens; of each prompt's tokens, those its first choice found
+    held by the servers already (OpenAI's `cached_tokens`: the others copy what the first computed, `start_all`)."""
     completion = sum(gen.completion_tokens for gen in gens)
     prompt = sum(gen.prompt_tokens for gen in gens if gen.index == 0)
-    firsts = [i for i, gen in enumerate(gens) if gen.index == 0] + [len(gens)]
-    cached = sum(max(gen.cached_tokens for gen in gens[a:b]) for a, b in itertools.pairwise(firsts))
+    cached = sum(gen.cached_tokens for gen in gens if gen.index == 0)
     return {
         "prompt_tokens": prompt,
         "completion_tokens": completion,
