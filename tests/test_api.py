@@ -16,6 +16,8 @@ import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from typing import Literal
 
+import anthropic
+import httpx
 import jsonschema
 import ollama
 import openai
@@ -499,6 +501,104 @@ def test_several_choices_compute_their_prompt_once(client, api, local):
     assert [c.text for c in reply.choices] == [complete(ids, 4)[0]] * 3
     assert reply.usage.prompt_tokens_details.cached_tokens == 0
     assert scrape(api)[series] - before == 2 * (len(ids) // BLOCK_TOKENS * BLOCK_TOKENS)
+
+
+def test_anthropics_messages_api_answers_as_chat_does(client, api):
+    """Anthropic's Messages API through the official `anthropic` client: greedy answers equal chat completions'
+    on the same conversation (`system` as the system message), whole and streamed (the deltas joined the text),
+    usage as Anthropic counts it (computed plus read from cache: chat's prompt tokens) and `count_tokens` agreeing;
+    a stop sequence ends the text where chat's stop does and is named; a named tool's call is a tool_use block equal
+    to chat's tool call, and its tool_result continues the conversation as chat's tool message does; bad requests
+    get Anthropic's errors."""
+    messages = anthropic.Anthropic(
+        base_url=api.removesuffix("/v1"), api_key="unused", max_retries=0, timeout=120
+    )
+    # (the client sends no sampling fields any more: greedy through the body, as older clients send it)
+    greedy = {"model": NAME, "extra_body": {"temperature": 0}}
+    system, question = "You answer in one word.", [{"role": "user", "content": "Name a color."}]
+    told = [{"role": "system", "content": system}, *question]
+    chat = client.chat.completions.create(model=NAME, temperature=0, messages=told, max_tokens=MAX_TOKENS)
+    reply = messages.messages.create(**greedy, max_tokens=MAX_TOKENS, system=system, messages=question)
+    (block,) = reply.content
+    assert (block.type, block.text) == ("text", chat.choices[0].message.content)
+    assert reply.stop_reason == {"stop": "end_turn", "length": "max_tokens"}[chat.choices[0].finish_reason]
+    assert reply.usage.input_tokens + reply.usage.cache_read_input_tokens == chat.usage.prompt_tokens
+    assert reply.usage.output_tokens == chat.usage.completion_tokens
+    counted = messages.messages.count_tokens(model=NAME, system=system, messages=question)
+    assert counted.input_tokens == chat.usage.prompt_tokens
+    marked = [{"type": "text", "text": system, "cache_control": {"type": "ephemeral"}}]  # (Claude Code marks)
+    with messages.messages.stream(
+        **greedy, max_tokens=MAX_TOKENS, system=marked, messages=question
+    ) as events:
+        kinds, deltas = [], []
+        for event in events:
+            kinds.append(event.type)
+            if event.type == "content_block_delta":
+                deltas.append(event.delta.text)
+        final = events.get_final_message()
+    assert "".join(deltas) == final.content[0].text == block.text
+    assert kinds[0] == "message_start" and kinds[-1] == "message_stop" and "message_delta" in kinds
+    assert (final.stop_reason, final.usage.output_tokens) == (reply.stop_reason, reply.usage.output_tokens)
+
+    sea = [{"role": "user", "content": "Tell me about the sea."}]
+    plain = {"model": NAME, "temperature": 0, "messages": sea, "max_tokens": 24}
+    stop = client.chat.completions.create(**plain).choices[0].message.content.split()[2]
+    cut = client.chat.completions.create(**plain, stop=[stop]).choices[0]
+    stopped = messages.messages.create(
+        **greedy, max_tokens=24, messages=sea, stop_sequences=["never said", stop]
+    )
+    assert stopped.content[0].text == cut.message.content and cut.finish_reason == "stop"
+    assert (stopped.stop_reason, stopped.stop_sequence) == ("stop_sequence", stop)
+
+    weather = [{"role": "user", "content": "What is the weather in Paris?"}]
+    function = WEATHER["function"]
+    tool = {
+        "name": function["name"],
+        "description": function["description"],
+        "input_schema": function["parameters"],
+    }
+    named = {"type": "tool", "name": function["name"], "disable_parallel_tool_use": True}
+    called = messages.messages.create(
+        **greedy, max_tokens=64, messages=weather, tools=[tool], tool_choice=named
+    )
+    chat_call = client.chat.completions.create(
+        model=NAME, temperature=0, max_tokens=64, messages=weather, tools=[WEATHER], parallel_tool_calls=False,
+        tool_choice={"type": "function", "function": {"name": function["name"]}},
+    ).choices[0].message.tool_calls[0]  # fmt: skip
+    (use,) = called.content
+    assert called.stop_reason == "tool_use" and use.type == "tool_use" and use.name == function["name"]
+    assert use.input == json.loads(chat_call.function.arguments)
+    answered = messages.messages.create(
+        **greedy, max_tokens=24, tools=[tool], tool_choice={"type": "none"},
+        messages=[*weather, {"role": "assistant", "content": [use.model_dump()]},
+                  {"role": "user", "content": [{"type": "tool_result", "tool_use_id": use.id, "content": "18 C and sunny"}]}],
+    )  # fmt: skip
+    history = [
+        *weather,
+        {"role": "assistant", "content": None, "tool_calls": [chat_call.model_dump()]},
+        {"role": "tool", "tool_call_id": chat_call.id, "content": "18 C and sunny"},
+    ]
+    chat_answer = client.chat.completions.create(
+        model=NAME, temperature=0, max_tokens=24, messages=history, tools=[WEATHER], tool_choice="none"
+    )
+    assert answered.content[0].text == chat_answer.choices[0].message.content
+    ask = [{"role": "user", "content": "Give a color as JSON."}]
+    parsed = messages.messages.parse(**greedy, max_tokens=32, messages=ask, output_format=Color)
+    assert isinstance(parsed.parsed_output, Color) and parsed.stop_reason == "end_turn"
+
+    with pytest.raises(anthropic.NotFoundError) as refused:
+        messages.messages.create(model="nowhere", max_tokens=4, messages=question)
+    assert refused.value.body["error"]["type"] == "not_found_error"
+    image = {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "AAAA"}}
+    with pytest.raises(anthropic.BadRequestError) as refused:
+        messages.messages.create(model=NAME, max_tokens=4, messages=[{"role": "user", "content": [image]}])
+    assert "messages.0.content.0" in refused.value.body["error"]["message"]
+    raw = httpx.post(
+        api.removesuffix("/v1") + "/v1/messages", json={"model": NAME, "messages": question}, timeout=60
+    )
+    assert raw.status_code == 400 and raw.json() == {
+        "type": "error", "error": {"type": "invalid_request_error", "message": "max_tokens: Field required"}
+    }  # fmt: skip
 
 
 def test_tokenizer_endpoints_are_vllms(api, local):

@@ -319,12 +319,14 @@ def test_stated_defaults_and_limits_are_the_codes():
 def test_api_routes_are_the_readmes():
     """Every route the README names is served, by the API's gateway or the monitor."""
     from swarmllm.api.app import Api
+    from swarmllm.api.messages import MessagesApi
     from swarmllm.api.ollama import OllamaApi
     from swarmllm.api.responses import ResponsesApi
 
     # the routes a gateway serves for a model: its own table's paths and the gateway's listing routes
     source = inspect.getsource(Api.routes) + inspect.getsource(OllamaApi.routes)
-    source += inspect.getsource(ResponsesApi.routes) + (PACKAGE / "api" / "gateway.py").read_text()
+    source += inspect.getsource(ResponsesApi.routes) + inspect.getsource(MessagesApi.routes)
+    source += (PACKAGE / "api" / "gateway.py").read_text()
     source += (PACKAGE / "monitor" / "app.py").read_text()
     named = set(re.findall(r"`(?:(?:GET|POST|DELETE) )?(/(?:v1|api|health|metrics|tokenize|detokenize|tokenizer_info)"
                            r"[\w/{}.-]*)`", README))  # fmt: skip

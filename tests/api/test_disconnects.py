@@ -199,6 +199,11 @@ def test_ollamas_streams_left_stop_and_close_their_sessions(swarm):
     left_stream(swarm, "/api/generate", {"model": NAME, "prompt": "the river", "options": options}, b"\n")
 
 
+def test_a_streamed_message_left_stops_and_closes_its_session(swarm):
+    body = {"model": NAME, "messages": MESSAGES, "max_tokens": LONG, "ignore_eos": True, "stream": True}
+    left_stream(swarm, "/v1/messages", body, b"\n\n", chunks=6)
+
+
 def test_a_streamed_response_left_stops_and_closes_its_session(swarm):
     body = {
         "model": NAME,
@@ -252,6 +257,7 @@ def test_a_whole_answer_whose_requester_left_stops(swarm):
         ("/api/generate", {"model": NAME, "prompt": "the river", "stream": False,
                            "options": {"num_predict": LONG, "temperature": 0}}),
         ("/v1/responses", {"model": NAME, "input": "the river", "max_output_tokens": LONG, "ignore_eos": True}),
+        ("/v1/messages", {"model": NAME, "messages": MESSAGES, "max_tokens": LONG, "ignore_eos": True}),
     ]  # fmt: skip
     for path, body in bodies:
         settled(swarm)
@@ -405,6 +411,8 @@ def test_a_stream_left_before_its_first_byte_stops(swarm):
         ("/api/generate", {"model": NAME, "prompt": "the river", "options": {"num_predict": LONG}}),
         ("/v1/responses", {"model": NAME, "input": "the river", "max_output_tokens": LONG, "ignore_eos": True,
                            "stream": True}),
+        ("/v1/messages", {"model": NAME, "messages": MESSAGES, "max_tokens": LONG, "ignore_eos": True,
+                          "stream": True}),
     ]  # fmt: skip
     for path, body in bodies:
         before = settled(swarm)["swarmllm_api_generation_tokens_total"]

@@ -4,6 +4,7 @@ unknown route too), a generation's tokens and times by `ApiMetrics.generated`; k
 
 from types import SimpleNamespace
 
+import anthropic
 import ollama
 import openai
 import pytest
@@ -88,8 +89,8 @@ async def test_health_follows_the_blocks_and_metrics_count_requests():
 
 
 async def test_api_keys_guard_every_route_but_health_and_metrics():
-    """With `--api-key`s, the official OpenAI and Ollama clients get in with any one of them (a bearer token)
-    and get a 401 in their face's format without one; `/health` and `/metrics` stay open."""
+    """With `--api-key`s, the official OpenAI, Ollama and Anthropic clients get in with any one of them (a bearer
+    token, or Anthropic's x-api-key) and get a 401 in their face's format without one; `/health` and `/metrics` stay open."""
     swarm = Swarm([online_server("a", 0, 4)])
     engine = SimpleNamespace(
         name="m", parent=None, tokenizer=tiny_tokenizer(), context_length=64, metrics=ApiMetrics(),
@@ -111,6 +112,13 @@ async def test_api_keys_guard_every_route_but_health_and_metrics():
         assert refused.value.status_code == 401 and "API key" in refused.value.error
         for header in ({}, {"Authorization": "first-key"}, {"Authorization": "Basic first-key"}):
             assert (await client.get("/v1/models", headers=header)).status == 401
+        # Anthropic's client sends its key as x-api-key, and gets Anthropic's error
+        assert (await client.get("/v1/models", headers={"x-api-key": "second-key"})).status == 200
+        with pytest.raises(anthropic.AuthenticationError) as refused:
+            await anthropic.AsyncAnthropic(base_url=base, api_key="second-ke", max_retries=0).messages.create(
+                model="m", max_tokens=4, messages=[{"role": "user", "content": "Hi"}]
+            )
+        assert refused.value.body["error"]["type"] == "authentication_error"
         assert (await client.post("/tokenize", json={"prompt": "the cat"})).status == 401
         assert (await client.get("/health")).status == 200 and (await client.get("/metrics")).status == 200
     finally:

@@ -51,6 +51,7 @@ from swarmllm.api.generation import (
     special_ids,
 )
 from swarmllm.api.json_mode import GrammarLogits, text_bytes
+from swarmllm.api.messages import MessagesApi
 from swarmllm.api.metrics import ApiMetrics
 from swarmllm.api.ollama import OllamaApi
 from swarmllm.api.responses import ResponsesApi
@@ -474,6 +475,7 @@ class Api:
         self.served = [engine.name]  # the names of every model the API serves (a gateway's, all of them)
         self.responses = ResponsesApi(self)  # OpenAI's Responses API (`/v1/responses`)
         self.ollama = OllamaApi(self)  # Ollama's API beside it (`/api/...`)
+        self.messages = MessagesApi(self)  # and Anthropic's Messages API (`/v1/messages`)
 
     def routes(self) -> list[tuple[str, str, Callable]]:
         """(method, path, handler) of every route that answers for this model."""
@@ -488,6 +490,7 @@ class Api:
             ("POST", "/detokenize", self.detokenize),
             *self.responses.routes(),
             *self.ollama.routes(),
+            *self.messages.routes(),
         ]
 
     async def health(self) -> tuple[bool, dict]:

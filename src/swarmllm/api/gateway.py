@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 from aiohttp import web
 
 from swarmllm.api.app import Api
+from swarmllm.api.messages import error_body
 from swarmllm.api.schemas import ApiError
 from swarmllm.version import __version__
 
@@ -78,19 +79,24 @@ class Gateway:
     @web.middleware
     async def _authorized(self, request: web.Request, handler) -> web.StreamResponse:
         """With API keys, every route but OPEN_PATHS needs `Authorization: Bearer KEY` (what OpenAI's and
-        Ollama's clients send for an `api_key` or a header); else a 401 in the face's error format."""
+        Ollama's clients send for an `api_key` or a header) or `x-api-key: KEY` (Anthropic's client); else a 401
+        in the face's error format."""
         if not self.api_keys or request.path in OPEN_PATHS:
             return await handler(request)
         scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-        given = token.strip().encode()
+        given = token.strip().encode() if scheme.lower() == "bearer" else None
+        if given is None and "x-api-key" in request.headers:
+            given = request.headers["x-api-key"].strip().encode()
         # every key compared in constant time, so the time taken says nothing of how much of one matched
-        if scheme.lower() == "bearer" and sum(hmac.compare_digest(given, key) for key in self.api_keys):
+        if given is not None and sum(hmac.compare_digest(given, key) for key in self.api_keys):
             return await handler(request)
-        message = "Incorrect or missing API key: send it as 'Authorization: Bearer KEY'"
+        message = "Incorrect or missing API key: send it as 'Authorization: Bearer KEY' or 'x-api-key: KEY'"
         if request.path.startswith("/api/"):  # Ollama's face
             return web.json_response({"error": message}, status=401)
-        body = ApiError(401, message, "invalid_request_error", None, "invalid_api_key").body
-        return web.json_response(body, status=401)
+        error = ApiError(401, message, "invalid_request_error", None, "invalid_api_key")
+        if request.path.startswith("/v1/messages"):  # Anthropic's
+            return web.json_response(error_body(error), status=401)
+        return web.json_response(error.body, status=401)
 
     async def health(self, _request: web.Request) -> web.Response:
         """200 while online servers hold each block of every model (as the DHT says), else 503 with the blocks

@@ -88,6 +88,7 @@ class TextAssembler:
         self._text_tokens: list[int] = []
         self._sent = 0  # characters of the decoded text already handed out
         self.finish_reason: str | None = None  # "stop" (EOS or a stop string); the caller sets "length"
+        self.stop_string: str | None = None  # the stop string that ended the text, if one did
 
     @property
     def stopped(self) -> bool:
@@ -132,11 +133,15 @@ class TextAssembler:
         return piece
 
     def _stop_at(self, text: str) -> int | None:
-        """Where the first stop string in the unsent part (or straddling its start) begins, if any: each is
-        looked for only where it would end in unsent text past the first `min_tokens` tokens' text."""
+        """Where the first stop string in the unsent part (or straddling its start) begins, if any (and which it
+        is, in `stop_string`): each is looked for only where it would end in unsent text past the first
+        `min_tokens` tokens' text."""
         checked = max(self._sent, self._free)
-        found = [i for i in (text.find(s, max(0, checked - len(s) + 1)) for s in self.stop) if i >= 0]
-        return min(found) if found else None
+        found = [(i, s) for s in self.stop if (i := text.find(s, max(0, checked - len(s) + 1))) >= 0]
+        if not found:
+            return None
+        at, self.stop_string = min(found)
+        return at
 
     def _held_back(self, text: str) -> int:
         """The length of the longest end of `text` that a stop string starts with (it may grow into one)."""

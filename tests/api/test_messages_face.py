@@ -1,0 +1,104 @@
+"""Anthropic's Messages API as the chat request it means (`api.messages`), as plain functions: a conversation's
+blocks as chat messages (a user's tool results before its text, an assistant's tool_use blocks its tool calls),
+tools, tool choices and structured output in chat's nesting, errors naming the field in Anthropic's form; and the
+text assembler naming the stop sequence that ended a text."""
+
+import json
+
+import pytest
+
+from swarmllm.api.generation import TextAssembler
+from swarmllm.api.messages import chat_messages, chat_tool_choice, chat_tools, error_body, response_format
+from swarmllm.api.schemas import ApiError
+
+
+def test_a_conversation_of_blocks_is_chats_messages():
+    use = {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {"city": "Paris"}}
+    body = {
+        "system": [{"type": "text", "text": "Be brief. ", "cache_control": {"type": "ephemeral"}},
+                   {"type": "text", "text": "Use tools."}],
+        "messages": [
+            {"role": "user", "content": "Weather in Paris?"},
+            {"role": "assistant", "content": [{"type": "text", "text": "Checking."}, use]},
+            {"role": "user", "content": [
+                {"type": "tool_result", "tool_use_id": "toolu_1", "content": [{"type": "text", "text": "18 C"}]},
+                {"type": "text", "text": "And tomorrow?"},
+            ]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_2", "content": "rain"}]},
+        ],
+    }  # fmt: skip
+    call = {
+        "id": "toolu_1",
+        "type": "function",
+        "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+    }
+    assert chat_messages(body) == [
+        {"role": "system", "content": "Be brief. Use tools."},
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": "Checking.", "tool_calls": [call]},
+        {"role": "tool", "content": "18 C"},
+        {"role": "user", "content": "And tomorrow?"},
+        {"role": "tool", "content": "rain"},  # (a user turn of results alone adds no empty user message)
+    ]
+    assert json.loads(call["function"]["arguments"]) == use["input"]
+
+
+@pytest.mark.parametrize(
+    ("body", "named"),
+    [
+        ({"messages": []}, "messages"),
+        ({"messages": [{"role": "system", "content": "x"}]}, "messages.0"),
+        ({"messages": [{"role": "user", "content": [{"type": "image", "source": {}}]}]}, "messages.0.content.0"),
+        ({"messages": [{"role": "user", "content": [{"type": "tool_use", "name": "f", "input": {}}]}]},
+         "messages.0.content.0"),
+        ({"messages": [{"role": "assistant", "content": [{"type": "tool_use", "name": "f", "input": "x"}]}]},
+         "messages.0.content.0"),
+        ({"messages": [{"role": "user", "content": "x"}], "system": [{"type": "image"}]}, "system"),
+    ],
+)  # fmt: skip
+def test_what_a_text_model_cannot_take_is_refused_naming_where(body, named):
+    with pytest.raises(ApiError) as refused:
+        chat_messages(body)
+    assert refused.value.status == 400 and refused.value.body["error"]["message"].startswith(f"{named}: ")
+
+
+def test_tools_choices_and_formats_in_chats_nesting():
+    schema = {"type": "object", "properties": {"city": {"type": "string"}}}
+    tools = [
+        {"name": "get_weather", "description": "d", "input_schema": schema, "cache_control": {"type": "x"}}
+    ]
+    assert chat_tools(tools) == [
+        {"type": "function", "function": {"name": "get_weather", "parameters": schema, "description": "d"}}
+    ]
+    with pytest.raises(ApiError, match="tools.0"):
+        chat_tools([{"type": "web_search_20250305", "name": "web_search"}])  # a server tool
+    assert chat_tool_choice(None) == (None, True)
+    assert chat_tool_choice({"type": "auto"}) == ("auto", True)
+    assert chat_tool_choice({"type": "any", "disable_parallel_tool_use": True}) == ("required", False)
+    assert chat_tool_choice({"type": "none"}) == ("none", True)
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    assert chat_tool_choice({"type": "tool", "name": "get_weather"}) == (named, True)
+    with pytest.raises(ApiError, match="tool_choice"):
+        chat_tool_choice("auto")
+    assert response_format({"effort": "low"}) is None
+    assert response_format({"format": {"type": "json_schema", "schema": schema}}) == {
+        "type": "json_schema",
+        "json_schema": {"name": "output", "schema": schema},
+    }
+    with pytest.raises(ApiError, match="output_config"):
+        response_format({"format": {"type": "json_object"}})
+
+
+def test_errors_are_anthropics():
+    for status, kind in ((400, "invalid_request_error"), (404, "not_found_error"), (503, "overloaded_error"),
+                         (500, "api_error"), (422, "invalid_request_error")):  # fmt: skip
+        body = error_body(ApiError(status, "what went wrong", "x", None))
+        assert body == {"type": "error", "error": {"type": kind, "message": "what went wrong"}}
+
+
+def test_the_assembler_names_the_stop_sequence_met():
+    assembler = TextAssembler(lambda ids: "".join(chr(97 + i) for i in ids), ["zz", "cd"])
+    text = "".join(assembler.add(i) for i in (0, 1, 2, 3, 4))
+    assert text + assembler.finish() == "ab" and assembler.stop_string == "cd"
+    plain = TextAssembler(lambda ids: "".join(chr(97 + i) for i in ids), ["zz"], eos_ids=[9])
+    assert "".join(plain.add(i) for i in (0, 9)) == "a" and plain.stop_string is None
