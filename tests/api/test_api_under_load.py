@@ -8,6 +8,7 @@ import random
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
+import anthropic
 import openai
 import pytest
 import torch
@@ -198,6 +199,33 @@ def test_a_prompt_sent_again_counts_what_the_servers_copied_as_cached(tight_swar
     ]
     assert [r.usage.prompt_tokens_details.cached_tokens for r in replies] == [0, 32]
     assert replies[0].choices[0].text == replies[1].choices[0].text
+
+
+def test_a_message_asking_past_the_context_ends_at_it_as_anthropics(tight_swarm):
+    """What Claude Code sends (max_tokens 32,000) to a model of a small context: Anthropic's Messages API bounds
+    the answer by max_tokens and ends it at the context, `model_context_window_exceeded`, not a 400 (chat's);
+    a prompt that leaves no room is a 400."""
+    local, base = tight_swarm
+    client = anthropic.Anthropic(
+        base_url=base.removesuffix("/v1"), api_key="unused", max_retries=0, timeout=60
+    )
+    ask = [{"role": "user", "content": "tell me a story"}]
+    reply = client.messages.create(
+        model="tiny", max_tokens=32000, messages=ask, extra_body={"ignore_eos": True}
+    )
+    assert reply.stop_reason == "model_context_window_exceeded"
+    assert (
+        reply.usage.input_tokens + reply.usage.cache_read_input_tokens + reply.usage.output_tokens
+        == SMALL_CONTEXT
+    )
+    short = client.messages.create(model="tiny", max_tokens=5, messages=ask, extra_body={"ignore_eos": True})
+    assert (short.stop_reason, short.usage.output_tokens) == ("max_tokens", 5)
+    with pytest.raises(anthropic.BadRequestError) as refused:
+        client.messages.create(
+            model="tiny", max_tokens=8, messages=[{"role": "user", "content": "river " * 300}]
+        )
+    assert refused.value.body["error"]["type"] == "invalid_request_error"
+    assert not any("Traceback" in line for line in local.api.log), "".join(local.api.log[-60:])
 
 
 def test_requests_past_the_servers_room_wait_for_it_rather_than_fail(tight_swarm):

@@ -5,20 +5,21 @@ tools built on it send (Claude Code, pointed here by `ANTHROPIC_BASE_URL`), as O
 Each request is translated into the chat request it means (`ChatRequest`), so it is checked, sampled and held to
 a format exactly as chat is: `system` (a text or text blocks) as the system message, then `messages`, whose content
 is a text or blocks: text, an assistant's `tool_use` (a call) and a user's `tool_result` (a call's output);
-`max_tokens` (required), `stop_sequences`, custom `tools` (their `input_schema` as the parameters), `tool_choice`
-(auto, any, a named tool, none; `disable_parallel_tool_use`), `output_config.format` (structured output: the answer
-held to a JSON schema, what the client's `messages.parse` sends), and the sampling fields the client no longer
-sends but older clients and raw requests do (`temperature`, `top_p`, `top_k`; and vLLM's extras). The answer is a
-text block or `tool_use` blocks, with `stop_reason` end_turn, max_tokens, stop_sequence (and the one met) or
-tool_use, and usage as Anthropic counts it: `input_tokens` the prompt's tokens the servers computed,
-`cache_read_input_tokens` those they held already or copied (`server.prefix`). Streamed, the events are
-Anthropic's: message_start, content_block_start, ping, a content_block_delta per piece (text_delta; a tool call's
-input_json_delta, sent once the answer is whole), content_block_stop, message_delta (the stop reason and usage),
-message_stop; a failure once the stream has started is an `error` event. Errors are Anthropic's JSON. Ignored:
-`cache_control` marks (the servers' prefix caches need none), `thinking` and `output_config.effort` (the answer
-has no thinking blocks, as a model's that did not think), and the fields that steer Anthropic's service
-(`metadata`, `service_tier`, `speed`, `inference_geo`, ...). Not supported (a 400): image, document and
-thinking blocks in the messages, server tools, MCP servers.
+`max_tokens` (required; an answer that reaches the model's context first ends there, with the stop reason
+`model_context_window_exceeded`, as Anthropic's), `stop_sequences`, custom `tools` (their `input_schema` as the
+parameters), `tool_choice` (auto, any, a named tool, none; `disable_parallel_tool_use`), `output_config.format`
+(structured output: the answer held to a JSON schema, what the client's `messages.parse` sends), and the sampling
+fields the client no longer sends but older clients and raw requests do (`temperature`, `top_p`, `top_k`; and
+vLLM's extras). The answer is a text block or `tool_use` blocks, with `stop_reason` end_turn, max_tokens,
+stop_sequence (and the one met), tool_use or model_context_window_exceeded, and usage as Anthropic counts it:
+`input_tokens` the prompt's tokens the servers computed, `cache_read_input_tokens` those they held already or
+copied (`server.prefix`). Streamed, the events are Anthropic's: message_start, content_block_start, ping, a
+content_block_delta per piece (text_delta; a tool call's input_json_delta, sent once the answer is whole),
+content_block_stop, message_delta (the stop reason and usage), message_stop; a failure once the stream has started
+is an `error` event. Errors are Anthropic's JSON. Ignored: `cache_control` marks (the servers' prefix caches need
+none), `thinking` and `output_config.effort` (the answer has no thinking blocks, as a model's that did not think),
+and the fields that steer Anthropic's service (`metadata`, `service_tier`, `speed`, `inference_geo`, ...). Not
+supported (a 400): image, document and thinking blocks in the messages, server tools, MCP servers.
 """
 
 from __future__ import annotations
@@ -197,7 +198,7 @@ class MessagesApi:
         for name in UNSUPPORTED:
             if body.get(name):
                 raise _bad("is not supported by this API", name)
-        if not counting and "max_tokens" not in body:
+        if not counting and body.get("max_tokens") is None:
             raise _bad("Field required", "max_tokens")
         choice, parallel = chat_tool_choice(body.get("tool_choice"))
         fields = {ours: body[theirs] for theirs, ours in PASSED.items() if body.get(theirs) is not None}
@@ -228,10 +229,12 @@ class MessagesApi:
             body = await read_json(request)
             chat = self._chat(body)
             ids, tools = self.api.chat_ids(chat)
-            gen = self.engine.start(ids, chat.max_new_tokens(), chat)
+            # as Anthropic's: max_tokens bounds the answer, the context ends it where it comes first
+            room = self.engine.context_length - len(ids)
+            gen = self.engine.start(ids, max(1, min(chat.max_new_tokens(), room)), chat)
         except ApiError as e:
             return web.json_response(error_body(e), status=e.status)
-        answer = _Answer(self.engine.name, gen, tools)
+        answer = _Answer(self.engine.name, gen, tools, chat.max_new_tokens())
         if body.get("stream"):
             return await answer.stream(request)
         try:
@@ -244,8 +247,8 @@ class MessagesApi:
 class _Answer:
     """One message: its envelope, its content blocks once the text is whole, and its stream of events."""
 
-    def __init__(self, model: str, gen, tools: ToolCalling | None):
-        self.model, self.gen, self.tools = model, gen, tools
+    def __init__(self, model: str, gen, tools: ToolCalling | None, max_tokens: int):
+        self.model, self.gen, self.tools, self.max_tokens = model, gen, tools, max_tokens
         self.id = f"msg_{uuid.uuid4().hex[:24]}"
 
     def usage(self) -> dict:
@@ -273,11 +276,15 @@ class _Answer:
                 for call in calls
             ]  # fmt: skip
             return uses, "tool_use", None
-        stop = self.gen.assembler.stop_string
+        stop, gen = self.gen.assembler.stop_string, self.gen
         if stop is not None:
             reason = "stop_sequence"
-        else:
-            reason = "max_tokens" if self.gen.finish_reason == "length" else "end_turn"
+        elif gen.finish_reason != "length":
+            reason = "end_turn"
+        else:  # cut short: at max_tokens, or before where the model's context ended
+            reason = (
+                "max_tokens" if gen.completion_tokens >= self.max_tokens else "model_context_window_exceeded"
+            )
         return [{"type": "text", "text": content or ""}], reason, stop
 
     def message(self, text: str) -> dict:
