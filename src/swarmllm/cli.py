@@ -542,7 +542,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--json", action="store_true", help="print the monitor's state document (/api/v1/state)"
     )
 
-    api = commands.add_parser("api", help="serve an OpenAI-compatible API for models of the swarm")
+    api = commands.add_parser(
+        "api", help="serve an OpenAI-compatible API (and Ollama's and Anthropic's) for models of the swarm"
+    )
     api.add_argument(
         "model",
         nargs="+",

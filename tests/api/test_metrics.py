@@ -113,7 +113,9 @@ async def test_api_keys_guard_every_route_but_health_and_metrics():
         for header in ({}, {"Authorization": "first-key"}, {"Authorization": "Basic first-key"}):
             assert (await client.get("/v1/models", headers=header)).status == 401
         # Anthropic's client sends its key as x-api-key, and gets Anthropic's error
-        assert (await client.get("/v1/models", headers={"x-api-key": "second-key"})).status == 200
+        keyed = anthropic.AsyncAnthropic(base_url=base, api_key="second-key")
+        assert [m.id for m in (await keyed.models.list()).data] == ["m"]  # (its format of the same list)
+        assert (await keyed.models.retrieve("m")).display_name == "m"
         with pytest.raises(anthropic.AuthenticationError) as refused:
             await anthropic.AsyncAnthropic(base_url=base, api_key="second-ke", max_retries=0).messages.create(
                 model="m", max_tokens=4, messages=[{"role": "user", "content": "Hi"}]

@@ -1,10 +1,11 @@
 """`swarmllm api MODEL`: an OpenAI-compatible HTTP API over a swarm (`/v1/models`, `/v1/completions`,
 `/v1/chat/completions`, with `stream: true` as server-sent events, `/v1/embeddings`, `/v1/responses` in
-api/responses.py), and Ollama's beside it (api/ollama.py).
+api/responses.py), and Ollama's and Anthropic's beside it (api/ollama.py, api/messages.py).
 
 Each request (each of its `n` choices) runs `generate()` of one shared `DistributedModelForCausalLM` in a worker
 thread with an inference session of its own while it runs (sessions are per thread), so concurrent requests each
-hold their own caches on the servers and never wait for one another's tokens. Between requests the sessions are
+hold their own caches on the servers and never wait for one another's tokens (a request's later choices wait for
+its first one's prompt to be through, `Engine.start_all`). Between requests the sessions are
 kept (`api.sessions`): a prompt that extends what one holds sends the servers only its new tokens. Text comes out of `api.generation.TextAssembler` piece by piece; a
 non-streamed answer is those pieces joined. Errors use OpenAI's format: 404 for an unknown model, 400 for an
 invalid parameter, 503 when the swarm cannot serve the request (e.g. blocks without a server).
@@ -75,6 +76,8 @@ logger = logging.getLogger(__name__)
 _END = object()  # the end of a generation's pieces
 MAX_EMBED_TOKENS = 65_536  # summed over one embeddings request's inputs
 HEALTH_TIMEOUT_S = 10.0  # for the swarm's server list (a DHT look-up when the list is stale)
+# the most a request's later choice waits for the first's prompt to be through (then it computes its own)
+FIRST_CHOICE_WAIT_S = 300.0
 DONE = b"data: [DONE]\n\n"  # the last server-sent event
 
 
@@ -255,8 +258,8 @@ class Engine:
             self.counted.generations_running.inc()
             outcome: object = _END
             try:
-                if after is not None:
-                    after.wait()  # (set by a generation started before it, whose end sets it anyway)
+                if after is not None:  # (set by a generation started before it, whose end sets it anyway)
+                    after.wait(FIRST_CHOICE_WAIT_S)
                 if gen.cancelled:  # its requester left while it waited for a worker: no session for nobody
                     return
                 need = len(prompt_ids) + max_new_tokens  # (0: echo alone, a forward over the prompt at most)
@@ -509,6 +512,8 @@ class Api:
 
     def model_card(self) -> dict:
         card = {"id": self.engine.name, "object": "model", "created": 0, "owned_by": "swarmllm"}
+        # and Anthropic's fields of a model (its client's `models.list` and `models.retrieve`)
+        card |= {"type": "model", "display_name": self.engine.name, "created_at": "1970-01-01T00:00:00Z"}
         if self.engine.parent is not None:  # an adapter's model, as vLLM lists a LoRA's
             card["parent"] = self.engine.parent
         return card

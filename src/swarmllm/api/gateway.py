@@ -112,7 +112,10 @@ class Gateway:
         return self.apis[0].engine.metrics.page()
 
     async def models(self, _request: web.Request) -> web.Response:
-        return web.json_response({"object": "list", "data": [api.model_card() for api in self.apis]})
+        cards = [api.model_card() for api in self.apis]
+        # (OpenAI's list, with Anthropic's paging fields: one page)
+        listed = {"has_more": False, "first_id": cards[0]["id"], "last_id": cards[-1]["id"]}
+        return web.json_response({"object": "list", "data": cards, **listed})
 
     async def tags(self, _request: web.Request) -> web.Response:
         return web.json_response({"models": [api.ollama.card() for api in self.apis]})

@@ -602,13 +602,8 @@ class Backend:
             session.length, session.copied = first.length, first.copied
             yield a, b, r.expand(rows, -1, -1).contiguous(), None
         await self.run(rows * hidden.shape[1], session.owner, self._spread, session, position, end)
-        session.length, session.padded, session.chain, session.copied = (
-            end,
-            first.padded,
-            first.chain,
-            first.copied,
-        )
-        session.alike = True
+        session.length, session.padded = end, first.padded
+        session.chain, session.copied, session.alike = first.chain, first.copied, True
 
     @torch.inference_mode()
     def _spread(self, session: Session, position: int, end: int) -> None:
