@@ -247,3 +247,45 @@ def test_rows_alike_are_computed_once_and_share_the_prefix_cache(span_path):
     padded[:, :3] = False
     run_both(cached, oracle, [(x.expand(2, -1, -1), 0, padded, None)], rows=2)
     assert calls and set(calls) == {2}
+
+
+def test_sessions_sending_one_beginning_at_once_compute_it_once(span_path):
+    """Two sessions whose prompts begin alike, sent at the same moment: the second waits for the blocks the first
+    computes and copies them (both outputs the oracle's); a claiming step that is cancelled lets the waiting one
+    compute them itself."""
+    cached, oracle = backends(span_path)
+    hidden = cached.hidden_size
+    x = inputs(50, 40, hidden)
+    y = torch.cat([x[:, :48], inputs(10, 41, hidden)], 1)
+
+    async def together(prompts, cancel_first: bool = False):
+        sessions = [cached.open_session(0, 4, 1, 64) for _ in prompts]
+        steps = [
+            asyncio.create_task(cached.step(s, p, 0, None)) for s, p in zip(sessions, prompts, strict=True)
+        ]
+        if cancel_first:  # once it has claimed its blocks (a condition polled with a deadline)
+            first_key = block_keys(root_key(0, 4), prompts[0][0])[0]
+            deadline = asyncio.get_running_loop().time() + 30
+            while cached.prefix.computing(first_key) is None:
+                assert asyncio.get_running_loop().time() < deadline, (
+                    "the first session never claimed its blocks"
+                )
+                await asyncio.sleep(0.001)
+            steps[0].cancel()
+        outs = await asyncio.gather(*steps, return_exceptions=True)
+        for s in sessions:
+            if (released := cached.close_session(s)) is not None:
+                await asyncio.wrap_future(released)
+        return outs
+
+    def computed(prompt: torch.Tensor) -> torch.Tensor:
+        return asyncio.run(oracle.step(oracle.open_session(0, 4, 1, 64), prompt, 0, None))[0]
+
+    first, second = asyncio.run(together([x, y]))
+    assert cached.prefix.hit_tokens == 48  # the second copied the first's 3 blocks
+    assert (first[0] - computed(x)).abs().max() < TOL and (second[0] - computed(y)).abs().max() < TOL
+
+    z = inputs(50, 42, hidden)
+    cancelled, alone = asyncio.run(together([z, z.clone()], cancel_first=True))
+    assert isinstance(cancelled, asyncio.CancelledError) and cached.prefix.hit_tokens == 48  # nothing copied
+    assert (alone[0] - computed(z)).abs().max() < TOL

@@ -40,6 +40,7 @@ carry p or none does). Every method returns (r, p), p None where the last edge c
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 from collections import deque
@@ -67,6 +68,9 @@ logger = logging.getLogger(__name__)
 
 LAYOUT_WINDOW = 32  # decode steps between looks at the packed weights' layout, and the steps each look weighs
 PREFILL_CHUNK_TOKENS = 512  # a longer prefill (over its rows) runs as chunks, other peers' work between them
+COMPUTING_WAIT_S = (
+    30.0  # the most a prefill waits for another session computing its blocks (then computes them)
+)
 
 
 def prefill_chunks(length: int, batch: int, chunk_tokens: int, at_least: int = 0) -> list[tuple[int, int]]:
@@ -634,23 +638,36 @@ class Backend:
             async for chunk in self._computed_chunks(session, hidden, position, new_mask, prompts, pending):
                 yield chunk
             return
-        copied, keys = 0, None
+        copied, keys, claimed = 0, None, []
         if not chain.tail and hidden.shape[1] >= BLOCK_TOKENS:
             # (a long prompt's hashing on the compute thread, off the loop)
             keys = await self.run(hidden.shape[1], session.owner, block_keys, chain.key, hidden[0])
+            await self._await_computing(keys)
             if found := self.prefix.find(keys):
                 copied = len(found) * BLOCK_TOKENS
                 out = await self.run(copied, session.owner, self._copy_in, session, position, found)
                 chain, session.copied = Chain(keys[len(found) - 1], position + copied), copied
                 keys = keys[len(found) :]  # (those of the positions computed next)
                 yield 0, copied, out, None
-        outs = []
-        if copied < hidden.shape[1]:
-            rest = hidden[:, copied:]
-            async for a, b, r, _ in self._computed_chunks(session, rest, position + copied, None):
-                outs.append(r[0])
-                yield copied + a, copied + b, r, None
-        session.chain = await self._keep(session, chain, hidden[0, copied:], outs, keys)
+            claimed = self.prefix.claim(keys)
+        try:
+            outs = []
+            if copied < hidden.shape[1]:
+                rest = hidden[:, copied:]
+                async for a, b, r, _ in self._computed_chunks(session, rest, position + copied, None):
+                    outs.append(r[0])
+                    yield copied + a, copied + b, r, None
+            session.chain = await self._keep(session, chain, hidden[0, copied:], outs, keys)
+        finally:  # (a step cancelled too: sessions waiting for its blocks compute them themselves)
+            self.prefix.settle(claimed)
+
+    async def _await_computing(self, keys: list[bytes]) -> None:
+        """Wait (up to `COMPUTING_WAIT_S`) for the session that computes the first of `keys` not held yet, if one
+        does now: the blocks it keeps are copied rather than computed twice."""
+        held = self.prefix.held(keys)
+        if held < len(keys) and (done := self.prefix.computing(keys[held])) is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(done.wait(), COMPUTING_WAIT_S)
 
     async def _computed_chunks(
         self,

@@ -14,10 +14,15 @@ part: one row, no deep prompts, no padding, r alone on the edges.
 
 Memory: entries hold cache tokens of the server's budget (owner `OWNER`) and count as free: a session that needs
 them takes them, least recently used first. Their outputs wait in host memory, as replies do.
+
+In flight: blocks that a session computes now are claimed (`claim`) until its step ends (`settle`); a session
+that would compute them too waits for them instead (sessions that send one beginning at once, a burst of users
+with one system prompt), as a server's compute thread would have run the two prefills one after the other anyway.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -85,24 +90,47 @@ class PrefixCache:
     def __init__(self, budget: CacheBudget, capacity_tokens: int, block: int = BLOCK_TOKENS):
         self.budget, self.capacity_tokens, self.block = budget, capacity_tokens, block
         self._entries: OrderedDict[bytes, Entry] = OrderedDict()
+        self._computing: dict[bytes, asyncio.Event] = {}  # blocks a session computes now: set when it is done
         self.hit_tokens = 0  # positions copied instead of computed, since the server started
 
     @property
     def tokens(self) -> int:
         return len(self._entries) * self.block
 
+    def held(self, keys: list[bytes]) -> int:
+        """How many of `keys`, from the first, are held (not marked used)."""
+        run = 0
+        while run < len(keys) and keys[run] in self._entries:
+            run += 1
+        return run
+
     def find(self, keys: list[bytes]) -> list[Entry]:
         """The entries of the longest run of `keys` from the first, marked used (the run's first last, so that its
         later blocks, which need the earlier ones to be found, go first)."""
-        found = []
-        for key in keys:
-            if (entry := self._entries.get(key)) is None:
-                break
-            found.append(entry)
+        found = [self._entries[key] for key in keys[: self.held(keys)]]
         for key in reversed(keys[: len(found)]):
             self._entries.move_to_end(key)
         self.hit_tokens += len(found) * self.block
         return found
+
+    def computing(self, key: bytes) -> asyncio.Event | None:
+        """Set when the session computing this block now is done with it (None: none is)."""
+        return self._computing.get(key)
+
+    def claim(self, keys: list[bytes]) -> list[bytes]:
+        """Mark the blocks a session is about to compute (those neither held nor claimed by another); returns the
+        ones claimed, for `settle`."""
+        claimed = [key for key in keys if key not in self._entries and key not in self._computing]
+        event = asyncio.Event()
+        for key in claimed:
+            self._computing[key] = event
+        return claimed
+
+    def settle(self, claimed: list[bytes]) -> None:
+        """The claiming session's step is over (its blocks kept, or not): whoever waits for them goes on."""
+        for key in claimed:
+            if (event := self._computing.pop(key, None)) is not None:
+                event.set()
 
     def add(self, items: list[tuple[bytes, Entry]]) -> bool:
         """Keep these blocks (a chain's, in order), older entries making room within the capacity; False where
