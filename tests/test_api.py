@@ -503,11 +503,12 @@ def test_several_choices_compute_their_prompt_once(client, api, local):
     assert scrape(api)[series] - before == 2 * (len(ids) // BLOCK_TOKENS * BLOCK_TOKENS)
 
 
-def test_anthropics_messages_api_answers_as_chat_does(client, api):
+def test_anthropics_messages_api_answers_as_chat_does(client, api, local):
     """Anthropic's Messages API through the official `anthropic` client: greedy answers equal chat completions'
     on the same conversation (`system` as the system message), whole and streamed (the deltas joined the text),
     usage as Anthropic counts it (computed plus read from cache: chat's prompt tokens) and `count_tokens` agreeing;
-    a stop sequence ends the text where chat's stop does and is named; a named tool's call is a tool_use block equal
+    a stop sequence ends the text where chat's stop does and is named; an assistant prefill is continued as
+    transformers continues it; a named tool's call is a tool_use block equal
     to chat's tool call, and its tool_result continues the conversation as chat's tool message does; bad requests
     get Anthropic's errors."""
     messages = anthropic.Anthropic(
@@ -585,6 +586,21 @@ def test_anthropics_messages_api_answers_as_chat_does(client, api):
     ask = [{"role": "user", "content": "Give a color as JSON."}]
     parsed = messages.messages.parse(**greedy, max_tokens=32, messages=ask, output_format=Color)
     assert isinstance(parsed.parsed_output, Color) and parsed.stop_reason == "end_turn"
+
+    # an assistant prefill: the answer continues it, as transformers continues the template's open last message
+    tokenizer, complete, _ = local
+    prefilled = [{"role": "user", "content": "Name three colors."}, {"role": "assistant", "content": "Red,"}]
+    text = tokenizer.apply_chat_template(prefilled, continue_final_message=True, tokenize=False)
+    want = complete(tokenizer(text, add_special_tokens=False)["input_ids"])[0]
+    continued = messages.messages.create(**greedy, max_tokens=MAX_TOKENS, messages=prefilled)
+    assert continued.content[0].text == want
+    options = {"model": NAME, "temperature": 0, "max_tokens": MAX_TOKENS, "messages": prefilled}
+    chat_continued = client.chat.completions.create(**options, extra_body={"continue_final_message": True})
+    assert chat_continued.choices[0].message.content == want  # (vLLM's continue_final_message)
+    with pytest.raises(anthropic.BadRequestError, match="trailing whitespace"):
+        messages.messages.create(
+            **greedy, max_tokens=4, messages=[*question, {"role": "assistant", "content": "A "}]
+        )
 
     with pytest.raises(anthropic.NotFoundError) as refused:
         messages.messages.create(model="nowhere", max_tokens=4, messages=question)

@@ -7,9 +7,11 @@ import json
 
 import pytest
 
-from swarmllm.api.generation import TextAssembler
+from swarmllm.api.generation import TextAssembler, chat_prompt
 from swarmllm.api.messages import chat_messages, chat_tool_choice, chat_tools, error_body, response_format
-from swarmllm.api.schemas import ApiError
+from swarmllm.api.schemas import ApiError, ChatRequest
+from swarmllm.api.streams import validated
+from swarmllm.models.tiny import tiny_tokenizer
 
 
 def test_a_conversation_of_blocks_is_chats_messages():
@@ -102,3 +104,21 @@ def test_the_assembler_names_the_stop_sequence_met():
     assert text + assembler.finish() == "ab" and assembler.stop_string == "cd"
     plain = TextAssembler(lambda ids: "".join(chr(97 + i) for i in ids), ["zz"], eos_ids=[9])
     assert "".join(plain.add(i) for i in (0, 9)) == "a" and plain.stop_string is None
+
+
+def test_a_continued_final_message_is_the_assistants_text_left_open():
+    """vLLM's `continue_final_message` (an Anthropic prefill): the prompt ends inside the assistant's message, in
+    the template and in the plain layout of a tokenizer without one; refused where the last message is not the
+    assistant's text, or where the answer might call tools."""
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Red,"}]
+    assert chat_prompt(tiny_tokenizer(), messages, continue_final=True) == "user: hi\nassistant: Red,"
+    assert chat_prompt(tiny_tokenizer(), messages[:1]) == "user: hi\nassistant:"
+    chat = {"model": "m", "messages": messages, "continue_final_message": True}
+    assert validated(ChatRequest, chat).continue_final_message
+    with pytest.raises(ApiError, match="the assistant's text") as refused:
+        validated(ChatRequest, {**chat, "messages": messages[:1]})
+    assert refused.value.body["error"]["param"] == "messages"
+    tools = {"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]}
+    with pytest.raises(ApiError, match="calls no tools"):
+        validated(ChatRequest, {**chat, **tools})
+    assert validated(ChatRequest, {**chat, **tools, "tool_choice": "none"}).continue_final_message

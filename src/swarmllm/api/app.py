@@ -696,7 +696,7 @@ class Api:
         except ToolError as e:
             raise ApiError(400, str(e), "invalid_request_error", e.param) from None
         try:
-            text = chat_prompt(self.engine.tokenizer, messages)
+            text = chat_prompt(self.engine.tokenizer, messages, body.continue_final_message)
         except (TemplateError, ValueError) as e:  # a role or an order the model's template refuses
             message = f"the model's chat template refused the messages: {e}"
             raise ApiError(400, message, "invalid_request_error", "messages") from None

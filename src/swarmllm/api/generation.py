@@ -33,13 +33,19 @@ FALLBACK_ROLE_LINE = "{role}: {content}\n"
 FALLBACK_GENERATION_PROMPT = "assistant:"
 
 
-def chat_prompt(tokenizer, messages: Sequence[dict[str, str]]) -> str:
+def chat_prompt(tokenizer, messages: Sequence[dict[str, str]], continue_final: bool = False) -> str:
     """The prompt text for chat `messages` (each with `role` and `content`): the tokenizer's chat template with
-    the assistant's turn opened, or the plain fallback layout when the tokenizer has no template."""
+    the assistant's turn opened, or the plain fallback layout when the tokenizer has no template. continue_final:
+    the last message (the assistant's) left open instead, its answer continuing its text (an assistant prefill)."""
     if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(list(messages), add_generation_prompt=True, tokenize=False)
+        return tokenizer.apply_chat_template(
+            list(messages),
+            add_generation_prompt=not continue_final,
+            continue_final_message=continue_final,
+            tokenize=False,
+        )
     lines = "".join(FALLBACK_ROLE_LINE.format(role=m["role"], content=m["content"]) for m in messages)
-    return lines + FALLBACK_GENERATION_PROMPT
+    return lines.removesuffix("\n") if continue_final else lines + FALLBACK_GENERATION_PROMPT
 
 
 CONTEXT_TOKENS = 6  # decoded before a token for its text as it reads in its sequence: enough for its space

@@ -4,7 +4,8 @@ tools built on it send (Claude Code, pointed here by `ANTHROPIC_BASE_URL`), as O
 
 Each request is translated into the chat request it means (`ChatRequest`), so it is checked, sampled and held to
 a format exactly as chat is: `system` (a text or text blocks) as the system message, then `messages`, whose content
-is a text or blocks: text, an assistant's `tool_use` (a call) and a user's `tool_result` (a call's output);
+is a text or blocks: text, an assistant's `tool_use` (a call) and a user's `tool_result` (a call's output), a
+last assistant message of text being a prefill that the answer continues;
 `max_tokens` (required; an answer that reaches the model's context first ends there, with the stop reason
 `model_context_window_exceeded`, as Anthropic's), `stop_sequences`, custom `tools` (their `input_schema` as the
 parameters), `tool_choice` (auto, any, a named tool, none; `disable_parallel_tool_use`), `output_config.format`
@@ -204,9 +205,15 @@ class MessagesApi:
         fields = {ours: body[theirs] for theirs, ours in PASSED.items() if body.get(theirs) is not None}
         if counting:
             fields.pop("max_tokens", None)
+        messages = chat_messages(body)
+        last = messages[-1]
+        if last["role"] == "assistant" and not last.get("tool_calls"):  # a prefill: the answer continues it
+            if last["content"] != last["content"].rstrip():
+                raise _bad("final assistant content cannot end with trailing whitespace", "messages")
+            fields["continue_final_message"] = True
         fields.update(
             model=body.get("model"),
-            messages=chat_messages(body),
+            messages=messages,
             tools=chat_tools(body.get("tools")),
             tool_choice=choice,
             parallel_tool_calls=parallel,

@@ -326,6 +326,8 @@ class ChatRequest(_Sampling):
     parallel_tool_calls: bool = Field(default=True, strict=True)
     functions: list | None = None  # OpenAI's deprecated form of tools: refused
     response_format: dict | None = None
+    # vLLM's: the answer continues the last message (the assistant's), whose turn the prompt leaves open
+    continue_final_message: bool = Field(default=False, strict=True)
     _tools: ToolCalling | None = PrivateAttr(default=None)
 
     @field_validator("functions")
@@ -365,6 +367,20 @@ class ChatRequest(_Sampling):
     def _top_needs_logprobs(self):
         if self.top_logprobs and not self.logprobs:
             raise ParamError("top_logprobs", "top_logprobs needs logprobs: true")
+        return self
+
+    @model_validator(mode="after")
+    def _continued(self):
+        if self.continue_final_message:
+            last = self.messages[-1]
+            if last.role != "assistant" or last.tool_calls:
+                raise ParamError(
+                    "messages", "continue_final_message needs a last message of the assistant's text"
+                )
+            if self.tools and self.tool_choice != "none":
+                raise ParamError(
+                    "continue_final_message", "an answer that continues a message calls no tools"
+                )
         return self
 
     @model_validator(mode="after")
