@@ -2,25 +2,25 @@
 official `anthropic` client's `messages.create`, `messages.stream` and `messages.count_tokens` speak, and what
 tools built on it send (Claude Code, pointed here by `ANTHROPIC_BASE_URL`), as Ollama and vLLM serve it.
 
-Each request is translated into the chat request it means (`ChatRequest`), so it is checked, sampled and held to
-a format exactly as chat is: `system` (a text or text blocks) as the system message, then `messages`, whose content
-is a text or blocks: text, an assistant's `tool_use` (a call) and a user's `tool_result` (a call's output), a
-last assistant message of text being a prefill that the answer continues;
-`max_tokens` (required; an answer that reaches the model's context first ends there, with the stop reason
-`model_context_window_exceeded`, as Anthropic's), `stop_sequences`, custom `tools` (their `input_schema` as the
-parameters), `tool_choice` (auto, any, a named tool, none; `disable_parallel_tool_use`), `output_config.format`
-(structured output: the answer held to a JSON schema, what the client's `messages.parse` sends), and the sampling
-fields the client no longer sends but older clients and raw requests do (`temperature`, `top_p`, `top_k`; and
-vLLM's extras). The answer is a text block or `tool_use` blocks, with `stop_reason` end_turn, max_tokens,
-stop_sequence (and the one met), tool_use or model_context_window_exceeded, and usage as Anthropic counts it:
-`input_tokens` the prompt's tokens the servers computed, `cache_read_input_tokens` those they held already or
-copied (`server.prefix`). Streamed, the events are Anthropic's: message_start, content_block_start, ping, a
-content_block_delta per piece (text_delta; a tool call's input_json_delta, sent once the answer is whole),
-content_block_stop, message_delta (the stop reason and usage), message_stop; a failure once the stream has started
-is an `error` event. Errors are Anthropic's JSON. Ignored: `cache_control` marks (the servers' prefix caches need
-none), `thinking` and `output_config.effort` (the answer has no thinking blocks, as a model's that did not think),
-and the fields that steer Anthropic's service (`metadata`, `service_tier`, `speed`, `inference_geo`, ...). Not
-supported (a 400): image, document and thinking blocks in the messages, server tools, MCP servers.
+Each request is translated into the chat request it means (`ChatRequest`), so it is checked, sampled and held to a
+format exactly as chat is: `system` (a text or text blocks) as the system message, then `messages`, whose content is
+a text or blocks: text, an assistant's `tool_use` (a call) and a user's `tool_result` (a call's output), a last
+assistant message of text being a prefill that the answer continues; `max_tokens` (required; an answer that reaches
+the model's context first ends there, with the stop reason `model_context_window_exceeded`, as Anthropic's),
+`stop_sequences`, custom `tools` (their `input_schema` as the parameters), `tool_choice` (auto, any, a named tool,
+none; `disable_parallel_tool_use`), `output_config.format` (structured output: the answer held to a JSON schema,
+what the client's `messages.parse` sends), and the sampling fields the client no longer sends but older clients and
+raw requests do (`temperature`, `top_p`, `top_k`; and vLLM's extras). The answer is a text block or `tool_use`
+blocks, with `stop_reason` end_turn, max_tokens, stop_sequence (and the one met), tool_use or
+model_context_window_exceeded, and usage as Anthropic counts it: `input_tokens` the prompt's tokens the servers
+computed, `cache_read_input_tokens` those they held already or copied (`server.prefix`). Streamed, the events are
+Anthropic's: message_start, content_block_start, ping, a content_block_delta per piece (text_delta; a tool call's
+input_json_delta, sent once the answer is whole), content_block_stop, message_delta (the stop reason and usage),
+message_stop; a failure once the stream has started is an `error` event. Errors are Anthropic's JSON. Ignored:
+`cache_control` marks (the servers' prefix caches need none), `thinking` and `output_config.effort` (the answer has
+no thinking blocks, as a model's that did not think), and the fields that steer Anthropic's service (`metadata`,
+`service_tier`, `speed`, `inference_geo`, ...). Not supported (a 400): image, document and thinking blocks in the
+messages, server tools, MCP servers.
 """
 
 from __future__ import annotations
