@@ -569,10 +569,11 @@ def test_anthropics_messages_api_answers_as_chat_does(client, api, local):
     (use,) = called.content
     assert called.stop_reason == "tool_use" and use.type == "tool_use" and use.name == function["name"]
     assert use.input == json.loads(chat_call.function.arguments)
+    result = {"type": "tool_result", "tool_use_id": use.id, "content": "18 C and sunny"}
     answered = messages.messages.create(
         **greedy, max_tokens=24, tools=[tool], tool_choice={"type": "none"},
         messages=[*weather, {"role": "assistant", "content": [use.model_dump()]},
-                  {"role": "user", "content": [{"type": "tool_result", "tool_use_id": use.id, "content": "18 C and sunny"}]}],
+                  {"role": "user", "content": [result]}],
     )  # fmt: skip
     history = [
         *weather,

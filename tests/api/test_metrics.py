@@ -90,7 +90,8 @@ async def test_health_follows_the_blocks_and_metrics_count_requests():
 
 async def test_api_keys_guard_every_route_but_health_and_metrics():
     """With `--api-key`s, the official OpenAI, Ollama and Anthropic clients get in with any one of them (a bearer
-    token, or Anthropic's x-api-key) and get a 401 in their face's format without one; `/health` and `/metrics` stay open."""
+    token, or Anthropic's x-api-key) and get a 401 in their face's format without one; `/health` and `/metrics`
+    stay open."""
     swarm = Swarm([online_server("a", 0, 4)])
     engine = SimpleNamespace(
         name="m", parent=None, tokenizer=tiny_tokenizer(), context_length=64, metrics=ApiMetrics(),

@@ -245,18 +245,25 @@ def _shut_down_dropped(swarm: SwarmClient) -> None:
 def _layer_outputs(options: dict, config: PretrainedConfig) -> bool:
     """Whether the call asks for every layer's hidden states (`output_hidden_states`; a call that does not say
     asks what the config says, as transformers' models read it): they come a block at a time (`_blocks`).
-    Attentions, which the servers do not return, and a client's `past_key_values` are refused rather than
-    answered with None or ignored (generate passes them on too)."""
+    Attentions, which the servers do not return, and a client's `past_key_values` or `cache` are refused rather
+    than answered with None or ignored (generate passes them on too)."""
     asked = {}
     for option in ("output_hidden_states", "output_attentions"):
         given = options.get(option)
         asked[option] = bool(given if given is not None else getattr(config, option, False))
     if asked["output_attentions"]:
         raise NotImplementedError("output_attentions: the servers return no attention weights")
-    if options.get("past_key_values") is not None:  # (PEFT's prefix tuning passes its prefixes so)
+    # PEFT's prefix tuning passes its prefixes so: as `past_key_values`, or as `cache` (its name since transformers
+    # 5.24, which PEFT 0.22 uses; an empty one is generate's own)
+    for name in ("past_key_values", "cache"):
+        given = options.get(name)
+        if given is None or (
+            name == "cache" and hasattr(given, "get_seq_length") and not given.get_seq_length()
+        ):
+            continue
         raise NotImplementedError(
-            "past_key_values: the KV cache lives on the servers (`inference_session`), and a client's keys and "
-            "values cannot be given to them; for prompts trained through the swarm, tuning_mode='deep_ptune'"
+            f"{name}: the KV cache lives on the servers (`inference_session`), and a client's keys and values "
+            "cannot be given to them; for prompts trained through the swarm, tuning_mode='deep_ptune'"
         )
     return asked["output_hidden_states"]
 

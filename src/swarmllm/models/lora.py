@@ -40,6 +40,9 @@ _PEFT_KEY = re.compile(r"base_model\.model\.(?:model\.)?layers\.(\d+)\.(\w+\.\w+
 # a sequence classifier's adapter (PEFT's task_type SEQ_CLS) also trains and saves the model's head, whichever
 # of these names it has (Llama-style models call it `score`); the client holds it, servers never use it
 CLASSIFIER_HEADS = ("classifier", "score")
+# what PEFT lists as a SEQ_CLS adapter's modules_to_save by default (0.22 adds DistilBERT's pre_classifier, which
+# a decoder model has not): any of them may be named, the head saved is one of CLASSIFIER_HEADS
+SEQ_CLS_MODULES = (*CLASSIFIER_HEADS, "pre_classifier")
 _HEAD_KEY = re.compile(r"base_model\.model\.(classifier|score)\.weight")
 
 
@@ -95,7 +98,7 @@ class LoraSettings:
         if get("exclude_modules"):
             raise ValueError(f"LoRA option exclude_modules={get('exclude_modules')!r} is not supported")
         to_save = get("modules_to_save")
-        if to_save and not (get("task_type") == "SEQ_CLS" and set(to_save) <= set(CLASSIFIER_HEADS)):
+        if to_save and not (get("task_type") == "SEQ_CLS" and set(to_save) <= set(SEQ_CLS_MODULES)):
             raise ValueError(f"LoRA option modules_to_save={to_save!r} is not supported")
         if get("rank_pattern") or get("alpha_pattern"):
             raise ValueError("per-module ranks or alphas (rank_pattern, alpha_pattern) are not supported")
