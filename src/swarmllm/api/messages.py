@@ -194,8 +194,6 @@ class MessagesApi:
 
     def _chat(self, body: dict, counting: bool = False) -> ChatRequest:
         """The chat request an Anthropic request means (counting tokens: no max_tokens needed)."""
-        if not isinstance(body, dict):
-            raise _bad("the body must be a JSON object", "body")
         for name in UNSUPPORTED:
             if body.get(name):
                 raise _bad("is not supported by this API", name)

@@ -68,9 +68,8 @@ logger = logging.getLogger(__name__)
 
 LAYOUT_WINDOW = 32  # decode steps between looks at the packed weights' layout, and the steps each look weighs
 PREFILL_CHUNK_TOKENS = 512  # a longer prefill (over its rows) runs as chunks, other peers' work between them
-COMPUTING_WAIT_S = (
-    30.0  # the most a prefill waits for another session computing its blocks (then computes them)
-)
+# the most a prefill waits for another session computing its blocks (then it computes them)
+COMPUTING_WAIT_S = 30.0
 
 
 def prefill_chunks(length: int, batch: int, chunk_tokens: int, at_least: int = 0) -> list[tuple[int, int]]:
@@ -86,6 +85,11 @@ def prefill_chunks(length: int, batch: int, chunk_tokens: int, at_least: int = 0
     bounds = [0, first] if first else [0]
     bounds += [first + rest * i // count for i in range(1, count + 1)]
     return list(itertools.pairwise(bounds))
+
+
+def _pads(new_mask: torch.Tensor | None) -> bool:
+    """Whether a step's key mask marks left padding (a step whose outputs its inputs alone do not decide)."""
+    return new_mask is not None and not bool(new_mask.all())
 
 
 def joined(outs: list[tuple[torch.Tensor, torch.Tensor | None]]) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -584,7 +588,7 @@ class Backend:
             and pending is None
             and not session.pair
             and isinstance(session.cache, KVCache)
-            and (new_mask is None or bool(new_mask.all()))
+            and not _pads(new_mask)
             and bool((hidden == hidden[:1]).all())
         )
 
@@ -603,7 +607,6 @@ class Backend:
         )
         session.alike = False  # (alike again once the other rows hold the step too)
         async for a, b, r, _ in self._looked_up_chunks(first, hidden[:1], position, None):
-            session.length, session.copied = first.length, first.copied
             yield a, b, r.expand(rows, -1, -1).contiguous(), None
         await self.run(rows * hidden.shape[1], session.owner, self._spread, session, position, end)
         session.length, session.padded = end, first.padded
@@ -633,7 +636,7 @@ class Backend:
             or position != chain.end
             or prompts is not None
             or pending is not None
-            or (new_mask is not None and not bool(new_mask.all()))
+            or _pads(new_mask)
         ):
             async for chunk in self._computed_chunks(session, hidden, position, new_mask, prompts, pending):
                 yield chunk
@@ -761,7 +764,7 @@ class Backend:
             session.key_mask[:, position:end] = True
         else:
             session.key_mask[:, position:end] = new_mask.to(self.device)
-            session.padded = session.padded or not bool(new_mask.all())
+            session.padded = session.padded or _pads(new_mask)
 
     @torch.inference_mode()
     def _step(
