@@ -467,3 +467,26 @@ def test_prefills_of_new_sessions_merge_on_a_backend_and_equal_the_forward_path(
         assert pending is None
         torch.testing.assert_close(out, forward(x), rtol=1e-5, atol=1e-5)
     assert torch.equal(long_out[0], forward(long))
+
+
+def test_a_backend_is_as_busy_as_the_rows_of_its_sessions_that_stepped_lately(span):
+    """What a server announces as its load (`busy_rows`): rows of sessions that stepped within the window, not
+    those kept open without steps (a conversation waiting for its next turn) nor those closed."""
+
+    async def main():
+        backend = Backend(span, cache_tokens=4096)
+        try:
+            x = torch.randn(2, 3, span.config.hidden_size, generator=torch.Generator().manual_seed(0))
+            beams, kept = backend.open_session(0, 4, 2, 16), backend.open_session(0, 4, 1, 16)
+            assert backend.busy_rows(30.0) == 0
+            await backend.step(beams, x, 0, None)
+            await backend.step(kept, x[:1], 0, None)
+            assert backend.busy_rows(30.0) == 3
+            kept.stepped_at -= 60.0  # its last step a minute ago
+            assert backend.busy_rows(30.0) == 2
+            backend.close_session(beams)
+            assert backend.busy_rows(30.0) == 0 and backend.busy_rows(120.0) == 1
+        finally:
+            backend.shutdown()
+
+    asyncio.run(main())

@@ -13,7 +13,8 @@ from swarmllm.models.lora import LoraSettings, lora_shapes
 from swarmllm.server.adapters import Adapter
 from swarmllm.server.backend import Backend
 from swarmllm.server.cache import CacheBudget, CacheFullError
-from swarmllm.server.prefix import BLOCK_TOKENS, OWNER, Entry, PrefixCache, block_keys, root_key
+from swarmllm.server.prefix import OWNER, Entry, PrefixCache, root_key
+from swarmllm.wire.prefix import BLOCK_TOKENS, block_keys
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -32,6 +32,7 @@ class Waiting(Protocol):
     """A session that may wait for room: its age (lower is older), whether it is idle, and what it holds."""
 
     age: int
+    batch_size: int | None
 
     @property
     def idle(self) -> bool:
@@ -84,6 +85,17 @@ class RoomBoard:
     def track(self, session: Waiting) -> None:
         """A session of this client (forgotten once nothing else refers to it)."""
         self._sessions[session.age] = session
+
+    def rows(self) -> dict[str, int]:
+        """Peer id -> rows of this client's sessions open there that are not idle: the load they put on it (routing
+        spreads new sessions by it, `SwarmClient.load`)."""
+        rows: dict[str, int] = {}
+        for session in list(self._sessions.values()):
+            if session.idle:
+                continue
+            for peer in session.holding():
+                rows[peer] = rows.get(peer, 0) + (session.batch_size or 0)
+        return rows
 
     async def wants(self, session: Waiting, peer_id: str) -> None:
         """`session` waits for room on `peer_id` (until `done`): the sessions that should give way give up what

@@ -3,6 +3,12 @@
 Inference wants the chain with the lowest expected time per step (a shortest path over block boundaries, each
 hop costing a round trip plus its blocks' compute); batch forward wants load spread over servers, so it picks
 among the servers that cover each next block at random, weighted by their throughput.
+
+Servers holding the same blocks (replicas) are told apart by what a session would find there: the rows their
+merged decode steps already carry (their load: a server steps all its sessions at once, so each row more slows
+every step a little, `ROW_COST`), and the session's beginning where a server likely keeps it in its prefix cache
+(its prefill there is mostly a copy). A session weighs its prefill against its decode steps (`Demand`): a long
+prompt goes where it is held even onto a busier server, a long answer to the idler one.
 """
 
 from __future__ import annotations
@@ -10,11 +16,15 @@ from __future__ import annotations
 import heapq
 import random
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from swarmllm.dht import ServerInfo, ServerState
 
 DEFAULT_RTT_S = 0.05  # assumed round trip to a server not yet pinged
+# what one more row in a server's merged decode step adds to the step's time, as a share of a lone row's step: on
+# the 2-core CPU box 8 sessions step in 1.83x one's time (0.12 a row); a GPU's steps, bound by reading the
+# weights, grow less
+ROW_COST = 0.1
 
 
 class MissingBlocksError(RuntimeError):
@@ -35,6 +45,17 @@ class Hop:
     peer_id: str
     start: int
     end: int
+
+
+@dataclass(frozen=True)
+class Demand:
+    """What a session about to open asks of its servers beside its decode steps: `prompt` positions to prefill
+    first, over `steps` decode steps after it (the prefill's time is shared among them), of which `cached`
+    (peer id, start, end) -> positions the server of that span likely holds in its prefix cache."""
+
+    prompt: int = 0
+    steps: int = 1
+    cached: Mapping[tuple[str, int, int], int] = field(default_factory=dict)
 
 
 def _ranges(blocks: list[int]) -> str:
@@ -83,13 +104,19 @@ def route_inference(
     start: int = 0,
     end: int | None = None,
     min_cache_tokens: int = 0,
+    load: Mapping[str, float] | None = None,
+    demand: Demand | None = None,
 ) -> list[Hop]:
     """The chain of hops covering [start, end) with the least expected step time.
 
     Dijkstra over block boundaries: from boundary b a server holding b can take us to any boundary up to its end,
-    at the cost of its round trip plus its compute per block. Servers without room for the session's cache are
-    avoided unless nothing else covers their blocks.
+    at the cost of its round trip plus, per block, its decode step slowed by the rows it already steps (`load`:
+    peer id -> rows) and its share of the prefill of what it does not hold of the prompt (`demand`). Servers
+    without room for the session's cache are avoided unless nothing else covers their blocks.
     """
+    load = load or {}
+    demand = demand or Demand()
+    steps = max(demand.steps, 1)
     end = num_blocks if end is None else end
     online = _online(servers)
     if missing := [b for b in missing_blocks(online, num_blocks) if start <= b < end]:
@@ -106,11 +133,13 @@ def route_inference(
         for s in online:
             if not s.start_block <= boundary < s.end_block:
                 continue
-            per_block = 1.0 / max(s.inference_rps, 1e-9)
+            per_block = (1.0 + ROW_COST * load.get(s.peer_id, 0.0)) / max(s.inference_rps, 1e-9)
+            prefill = 1.0 / (max(s.forward_rps, 1e-9) * steps)  # a prompt position through a block, shared
             penalty = 0.0 if s.cache_tokens_left >= min_cache_tokens else 100.0
             hop_cost = rtt_s.get(s.peer_id, DEFAULT_RTT_S) + penalty
             for stop in range(boundary + 1, min(s.end_block, end) + 1):
-                new_cost = cost + hop_cost + per_block * (stop - boundary)
+                uncached = max(demand.prompt - demand.cached.get((s.peer_id, boundary, stop), 0), 0)
+                new_cost = cost + hop_cost + (per_block + prefill * uncached) * (stop - boundary)
                 if new_cost < best.get(stop, float("inf")):
                     best[stop] = new_cost
                     came_from[stop] = Hop(s.peer_id, boundary, stop)

@@ -40,10 +40,11 @@ from dataclasses import dataclass
 
 import torch
 
+from swarmllm.client.affinity import Span, entry_keys
 from swarmllm.client.hop import History, HopSession, KeptInput
 from swarmllm.client.replies import CorruptOutputError, push_failure
 from swarmllm.client.room import next_age
-from swarmllm.client.routing import Hop
+from swarmllm.client.routing import Demand, Hop
 from swarmllm.client.swarm import (
     HOP_FAILURES,
     LoadShed,
@@ -62,6 +63,10 @@ from swarmllm.wire.compression import check_codec
 from swarmllm.wire.messages import PushTarget, Step
 
 logger = logging.getLogger(__name__)
+
+# the decode steps a session's prefill is weighed against in routing (`routing.Demand`): its room says little of
+# its answer (an API request's max_tokens is often the whole context), so no more than a long chat answer's
+ANSWER_STEPS = 256
 
 # a step of this many tokens is pushed on even into sessions that have not answered yet (a prompt's prefill: the
 # first step), so that servers that prefill in chunks pipeline it along the chain; a push that outruns the
@@ -130,6 +135,7 @@ class InferenceSession:
         # positions of its steps that every hop's server copied from its prefix cache (`server.prefix`), by the
         # servers' word (what the API reports as cached prompt tokens)
         self.copied = 0
+        self._keys: list[bytes] = []  # its first step's blocks' keys (`client.affinity`): [] for none
         self.failovers: list[Failover] = []
         # servers that refused to open this session for what it asks (batch size, length, cache): routed around,
         # unbanned
@@ -210,7 +216,7 @@ class InferenceSession:
         self._shed, self._room_since = self._new_shed(), None
         if not self._hops:  # the first step, or the first one after an opening that failed
             self.batch_size = hidden.shape[0]
-            await self._open()
+            await self._open(hidden, key_mask)
         elif hidden.shape[0] != self.batch_size:
             raise ValueError(
                 f"the session was opened for batch size {self.batch_size}, got {hidden.shape[0]}"
@@ -372,9 +378,25 @@ class InferenceSession:
                     first = i, corrupt_output_error(record)
         return first
 
-    async def _open(self) -> None:
-        self._hops, _, _ = await self._chain(self.start, self.end, None, [])
+    async def _open(self, hidden: torch.Tensor, key_mask: torch.Tensor | None) -> None:
+        """Route and open the hops for the first step, `hidden`: to servers likely holding its beginning where
+        that pays (`client.affinity`, `client.routing`), and remember where it went."""
+        self._keys = keys = self._beginning(hidden, key_mask)
+        steps = min(self.max_length - hidden.shape[1], ANSWER_STEPS)
+        demand = Demand(hidden.shape[1], steps, self.swarm.affinity.held(keys))
+        self._hops, _, _ = await self._chain(self.start, self.end, None, [], demand=demand)
+        self.swarm.affinity.note(self._spans(), keys)
         logger.debug("session over %s", self._hops)
+
+    def _beginning(self, hidden: torch.Tensor, key_mask: torch.Tensor | None) -> list[bytes]:
+        """The keys of the whole blocks of inputs from position 0 (`affinity.entry_keys`), where servers keep
+        them in their prefix caches: no deep prompts, nor a ladder pair as the first hop's input."""
+        if self.tuning.prompts is not None or self.swarm.carries_pending(self.start):
+            return []
+        return entry_keys(hidden, key_mask)
+
+    def _spans(self) -> list[Span]:
+        return [(h.peer_id, h.start, h.end) for h in self._hops]
 
     async def _chain(
         self,
@@ -384,6 +406,7 @@ class InferenceSession:
         inputs: list[KeptInput],
         failure: BaseException | None = None,
         reordered_at: int = -1,
+        demand: Demand | None = None,
     ) -> tuple[list[HopSession], float, float]:
         """New hop sessions covering blocks [start, end), brought to the state that `inputs` (kept inputs of
         block `start`, their rows as the step `reordered_at` reordered them last) produce; a server that fails
@@ -406,6 +429,7 @@ class InferenceSession:
                     refused=self._refused,
                     shed=shed,
                     tuned=self.tuning.needs_tunable,
+                    demand=demand,
                 )
                 routed = time.perf_counter()
                 route_s += routed - began
@@ -523,6 +547,7 @@ class InferenceSession:
         accept_from = self._hops[i - 1].peer_id if i > 0 else None
         end = self.end if to_end else failed.end
         try:
+            held = failed.history.length
             new, route_s, replay_s = await self._chain(
                 failed.start,
                 end,
@@ -530,6 +555,8 @@ class InferenceSession:
                 failed.history.steps,
                 None if deferred else error,
                 failed.history.reordered_at,
+                # a replay is a prefill, of which servers may hold the beginning (as this client noted at opening)
+                Demand(held, min(self.max_length - held, ANSWER_STEPS), self.swarm.affinity.held(self._keys)),
             )
         except BaseException as e:  # (cancelled too: the next step must not take the closing for a fault)
             # the step fails, and the next one replaces hop i first (`failure`): it stays, closed, for the blocks
@@ -578,7 +605,17 @@ class InferenceSession:
         if self.closed:
             return
         self.closed = True
+        self._remember()
         await self._close_hops([*self._hops, *self._joining])  # a step waiting on any of them ends at once
+
+    def _remember(self) -> None:
+        """Note all that a one-row session's servers kept of it (its answer too: a conversation's next turn
+        sends it back) as held where it went (`client.affinity`)."""
+        if self.batch_size != 1 or not self._hops or not self._hops[0].history.length:
+            return
+        hidden, key_mask, _ = _concat(self._hops[0].history)
+        if keys := self._beginning(hidden, key_mask):
+            self.swarm.affinity.note(self._spans(), keys)
 
     def _new_shed(self) -> LoadShed:
         """A step's record of the servers that refused it for load (`LoadShed`), which asks one that refused room

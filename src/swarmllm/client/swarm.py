@@ -48,6 +48,7 @@ from typing import TYPE_CHECKING, TypeVar
 import hivemind
 import torch
 
+from swarmllm.client.affinity import PrefixMemory
 from swarmllm.client.directory import Directory
 from swarmllm.client.health import Bans, Speeds, step_deadline_s
 from swarmllm.client.replies import (
@@ -59,7 +60,14 @@ from swarmllm.client.replies import (
     step_reply,
 )
 from swarmllm.client.room import RoomBoard
-from swarmllm.client.routing import Hop, MissingBlocksError, cap_throughput, route_forward, route_inference
+from swarmllm.client.routing import (
+    Demand,
+    Hop,
+    MissingBlocksError,
+    cap_throughput,
+    route_forward,
+    route_inference,
+)
 from swarmllm.client.tuning import NO_TUNING, AdapterUploads, Tuning
 from swarmllm.client.verify import Gradients, judge, mismatch, should_check, tolerance
 from swarmllm.dht import ServerInfo, ServerState
@@ -105,6 +113,8 @@ MAX_ROUTE_RETRY_S = 2.0  # the longest wait between two look-ups while blocks ha
 FAILOVER_LOOKUP_S = 0.5
 SPOT_CHECKS_KEPT = 10_000  # records of the latest spot checks a client keeps
 FAILOVERS_KEPT = 10_000  # records of the latest hop replacements, and of the latest reports, a client keeps
+# forwards of fewer tokens are not taken as measures of a server's forward speed (`_forward_hop`)
+MEASURED_FORWARD_TOKENS = 64
 
 
 @dataclass(frozen=True)
@@ -414,6 +424,7 @@ class SwarmClient:
         # sessions free (`wants_room`): an owner of idle sessions (the API's kept ones) gives them back
         self.room_wanted: Callable[[], None] | None = None
         self.rooms = RoomBoard()  # this client's sessions, and their waits for room on servers
+        self.affinity = PrefixMemory()  # the beginnings of its sessions, and the servers it sent them to
         # a session that has waited this long for room lets its other servers go (`client.room`)
         self.room_hold_s = room_hold_s
         # the most a session waits for room that ending sessions free (`wants_room`) where no other server holds
@@ -714,19 +725,29 @@ class SwarmClient:
         refused: Mapping[str, RemoteError] | None = None,
         shed: LoadShed | None = None,
         tuned: bool = False,
+        demand: Demand | None = None,
     ) -> list[Hop]:
         """The fastest chain over [start, end) among usable servers (see `route`), but for those that `refused`
         to open the session (its batch size or length: the request's fault, not theirs, so they are not
         banned); SessionRefused with their reasons at once when the blocks have no other server. Servers that
         `shed` load (past this client's request rate) are left out too, but where only they and refusing
-        servers hold some blocks they are chained again (the caller waits for them: `shed.wait`)."""
+        servers hold some blocks they are chained again (the caller waits for them: `shed.wait`). Servers of
+        the same blocks are told apart by their load and what they likely hold of the session's prompt
+        (`demand`; see `client.routing`)."""
         refused = refused or {}
         waiting = shed.refused if shed is not None else {}
 
         def plan(servers: list[ServerInfo]) -> list[Hop]:
             def chain(over: list[ServerInfo]) -> list[Hop]:
                 return route_inference(
-                    over, self.num_blocks, self.rtt_s, start=start, end=end, min_cache_tokens=min_cache_tokens
+                    over,
+                    self.num_blocks,
+                    self.rtt_s,
+                    start=start,
+                    end=end,
+                    min_cache_tokens=min_cache_tokens,
+                    load=self.load(over),
+                    demand=demand,
                 )
 
             willing = [s for s in servers if s.peer_id not in refused and s.peer_id not in waiting]
@@ -747,6 +768,12 @@ class SwarmClient:
                 ) from None
 
         return await self.route(plan, failure=failure, tuned=tuned)
+
+    def load(self, servers: Sequence[ServerInfo]) -> dict[str, float]:
+        """Peer id -> the rows its merged decode steps carry: what it announced (other clients' sessions too, as
+        of its last announcement) or, where more, this client's sessions stepping there now (known at once)."""
+        own = self.rooms.rows()
+        return {s.peer_id: float(max(s.busy_rows, own.get(s.peer_id, 0))) for s in servers}
 
     def deadline_s(self, hop: Hop, tokens: int, *, decode: bool, floor_s: float | None = None) -> float:
         """How long `hop` may take for `tokens` (batch x length) tokens, by its announced speed (capped by the
@@ -1034,9 +1061,12 @@ class SwarmClient:
             out = checked_forward(reply, hop.peer_id, hidden, self.carries_pending(hop.end))
         except BadReplyError as e:
             raise HopFailed(hop, e) from e
-        # what it took, less a round trip, is at most its compute: a lower bound on its speed
-        compute_s = time.perf_counter() - began - self.rtt_s.get(hop.peer_id, 0.0)
-        self.speeds.observe(hop.peer_id, "forward", tokens * (hop.end - hop.start) / max(compute_s, 1e-6))
+        # what it took, less a round trip, is at most its compute: a lower bound on its speed, where compute is
+        # most of it (a spot check of a decode step's token measures the call's overheads, and routing would
+        # price a session's prefill by them)
+        if tokens >= MEASURED_FORWARD_TOKENS:
+            compute_s = time.perf_counter() - began - self.rtt_s.get(hop.peer_id, 0.0)
+            self.speeds.observe(hop.peer_id, "forward", tokens * (hop.end - hop.start) / max(compute_s, 1e-6))
         return out.hidden, out.pending
 
     async def _call(self, hop: Hop, method: str, request: Message, tokens: int, tuning: Tuning) -> Message:

@@ -36,6 +36,7 @@ FINGERPRINT_CHARS = 16  # hex digits of a model fingerprint: 64 bits, no acciden
 # The largest value of one record that peers store (`dht.membership.OwnedRecordsValidator`); a server's is ~0.4 KB.
 # Unbounded, a peer's megabytes under a block key made each look-up of that block take seconds.
 MAX_RECORD_BYTES = 16 * 1024
+MAX_BUSY_ROWS = 1 << 20  # rows a server may claim to step (more would only push clients away from it)
 # A model's DHT prefix: a repository's or folder's name is far shorter. Look-ups carry the prefix into hivemind's
 # DHT process through a pipe that takes no long message whole (`records.py`).
 MAX_PREFIX_CHARS = 256
@@ -111,6 +112,13 @@ class ServerInfo(BaseModel):
         default=None,
     )
     cache_tokens_left: int = Field(ge=0)
+    busy_rows: int = Field(
+        default=0,
+        ge=0,
+        le=MAX_BUSY_ROWS,
+        description="rows of the inference sessions that stepped in its last update period: its load, by which "
+        "clients spread sessions over the servers of the same blocks (0 in records of older servers)",
+    )
     version: str
     dtype: str
     quantization: str = "none"

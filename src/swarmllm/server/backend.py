@@ -43,6 +43,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -62,7 +63,8 @@ from swarmllm.server.batching import DecodeBatcher
 from swarmllm.server.cache import CacheBudget
 from swarmllm.server.compute import ComputeThread
 from swarmllm.server.decode import DecodeRunner, Member, graphs_enabled
-from swarmllm.server.prefix import BLOCK_TOKENS, Chain, Entry, PrefixCache, block_keys, root_key
+from swarmllm.server.prefix import Chain, Entry, PrefixCache, root_key
+from swarmllm.wire.prefix import BLOCK_TOKENS, block_keys
 
 logger = logging.getLogger(__name__)
 
@@ -121,6 +123,9 @@ class Session:
     chain: Chain | None = None  # where it stands in the prefix cache (`server.prefix`); None: no part
     copied: int = 0  # positions of its latest step copied from the prefix cache
     alike: bool = True  # its rows have held the same inputs at every position so far (`Backend._row_chunks`)
+    stepped_at: float = float(
+        "-inf"
+    )  # when a step of it last came (time.monotonic()): see `Backend.busy_rows`
 
 
 @dataclass(frozen=True)
@@ -227,6 +232,13 @@ class Backend:
     def _budget_free(self) -> int:
         """The budget's free tokens, with those the prefix cache holds (it gives them up to sessions)."""
         return self.budget.free_tokens + (0 if self.prefix is None else self.prefix.tokens)
+
+    def busy_rows(self, within_s: float) -> int:
+        """Rows of the sessions that stepped in the last `within_s` seconds: the load it announces, by which
+        clients spread new sessions over the servers of these blocks (sessions kept open for a conversation's
+        next turn hold cache, not compute)."""
+        since = time.monotonic() - within_s
+        return sum(s.batch_size for s in self.sessions.values() if s.stepped_at >= since)
 
     @property
     def used_tokens(self) -> int:
@@ -563,6 +575,7 @@ class Backend:
         compute thread in the owner's turn; a client gone meanwhile (the call cancelled) stops it between two.
         Positions the prefix cache holds are copied from it (one chunk first), and whole blocks computed are kept
         in it (`server.prefix`). Rows that hold the same inputs (a prompt repeated for beams) are computed once."""
+        session.stepped_at = time.monotonic()
         # (set before any of it runs: a session closed meanwhile gives its cache back behind the thread's work)
         session.computed = session.computed or not self.inline(hidden.shape[0] * hidden.shape[1])
         if session.batch_size > 1:

@@ -30,8 +30,8 @@ from dataclasses import dataclass, field
 import torch
 
 from swarmllm.server.cache import CacheBudget
+from swarmllm.wire.prefix import BLOCK_TOKENS
 
-BLOCK_TOKENS = 16
 OWNER = "prefix"
 
 
@@ -39,20 +39,6 @@ def root_key(start: int, end: int, adapter: bytes = b"") -> bytes:
     """The parent of a chain's first block: the span's blocks it runs through, and the fingerprint of the adapter
     its session applies (`Adapter.fingerprint`; none: empty)."""
     return hashlib.blake2b(f"swarmllm-prefix:{start}:{end}:".encode() + adapter, digest_size=16).digest()
-
-
-def block_keys(parent: bytes, inputs: torch.Tensor, block: int = BLOCK_TOKENS) -> list[bytes]:
-    """The keys of the whole blocks of `inputs` [T, H] (host memory), each chained on the one before."""
-    rows = inputs.contiguous().view(torch.uint8).reshape(inputs.shape[0], -1)
-    dtype = str(inputs.dtype).encode()
-    keys = []
-    for a in range(0, inputs.shape[0] - block + 1, block):
-        digest = hashlib.blake2b(parent, digest_size=16)
-        digest.update(dtype)
-        digest.update(rows[a : a + block].numpy().data)
-        parent = digest.digest()
-        keys.append(parent)
-    return keys
 
 
 @dataclass(frozen=True)

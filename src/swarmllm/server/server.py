@@ -43,6 +43,7 @@ from swarmllm.dht import (
     visible_maddrs,
 )
 from swarmllm.dht.info import (
+    MAX_BUSY_ROWS,
     MAX_PREFIX_CHARS,
     MAX_RATE,
     MAX_RECORD_BYTES,
@@ -834,6 +835,7 @@ class Server:
             forward_rps=MAX_RATE,
             network_rps=MAX_RATE,
             cache_tokens_left=2**63 - 1,
+            busy_rows=MAX_BUSY_ROWS,
             direct_addrs=(f"{'x' * 253}:65535",),
         )
         size = record_bytes(widest.to_record())
@@ -856,6 +858,7 @@ class Server:
             forward_rps=self.forward_rps,
             network_rps=self.network_rps,
             cache_tokens_left=free,
+            busy_rows=self.backend.busy_rows(self.config.update_period_s) if self.backend else 0,
             version=__version__,
             dtype=self.config.dtype,
             quantization=self.config.quant,
