@@ -1,10 +1,9 @@
 """The servers' prefix cache through real server processes: a conversation's next turn, sent by another client,
 copies the positions the first turn computed (its prompt and its reply) on the server that keeps them, computes
 them on the server started with `--prefix-cache-tokens 0`, and both clients get transformers' greedy tokens; a
-prompt repeated for beams is computed once, and finds what a one-row session kept; over replicas, sessions spread
-and a next turn goes back where its first is kept (below)."""
+prompt repeated for beams is computed once, and finds what a one-row session kept; over replicas, a next turn goes
+back where its first is kept, and sessions go where other clients' leave room (below)."""
 
-import threading
 import time
 import urllib.request
 
@@ -14,6 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from transformers import AutoModelForCausalLM
 
 from swarmllm import AutoDistributedModelForCausalLM
+from swarmllm.client.loop import run_sync
 from swarmllm.local import LocalSwarm
 from swarmllm.wire.prefix import BLOCK_TOKENS
 
@@ -98,95 +98,107 @@ def test_beams_of_a_prompt_copy_it_once_and_equal_transformers(swarm, llama_chec
 
 # ---- replicas: servers holding the same blocks ----
 #
-# A session goes to the replica that its client's running sessions leave idle, and a conversation's next turn goes
-# back to the replica that keeps its first turn (the client noted where it sent it: `client.affinity`), copying it
-# from that server's prefix cache, though the other replica is nearer. The client's round trips to the two are set
-# (the first a little nearer) rather than measured: on loopback they differ by noise, which would decide. The
-# first turn is long and the next asks one token, so that its prefill outweighs the noise in the client's measures
-# of the two replicas' speeds.
+# A conversation's next turn goes back to the replica that keeps its first turn (its client noted where it sent
+# it: `client.affinity`) though the other replica is now nearer, copying the first turn from that server's prefix
+# cache; and a new client's session goes to the replica that another client's running session leaves idle (the
+# servers announce their busy rows). Round trips are set rather than measured: on loopback they differ by noise,
+# which would decide.
 
 
 @pytest.fixture(scope="module")
 def replicas(llama_checkpoint):
     with LocalSwarm() as local:
         local.start_bootstrap()
-        local.infos = local.add_servers([(str(llama_checkpoint), (0, 4), METRICS)] * 2)
+        flags = [*METRICS, "--update-period", "1"]  # (busy rows announced within a second)
+        local.infos = local.add_servers([(str(llama_checkpoint), (0, 4), flags)] * 2)
         yield local
 
 
-@pytest.fixture(scope="module")
-def reference(llama_checkpoint):
-    return AutoModelForCausalLM.from_pretrained(llama_checkpoint, dtype=torch.float32).eval()
+def client(replicas, llama_checkpoint, rtt: dict[str, float]):
+    model = AutoDistributedModelForCausalLM.from_pretrained(
+        str(llama_checkpoint), initial_peers=replicas.initial_peers
+    )
+    model.swarm.rtt_s.update(rtt)
+    return model
 
 
 def greedy(reference, prompt, new):
     return reference.generate(prompt, max_new_tokens=new, min_new_tokens=new, do_sample=False)
 
 
-def generate_beside(model, prompt, new, max_length):
-    """A generate in a session of its own, on another thread (a model holds one session per thread), while the
-    caller's session stays open and running; its tokens and its servers."""
-    out = {}
-
-    def run():
-        with model.inference_session(max_length=max_length) as session:
-            out["tokens"] = model.generate(prompt, max_new_tokens=new, min_new_tokens=new)
-            out["peers"] = {hop.peer_id for hop in session.session.hops}
-
-    thread = threading.Thread(target=run)
-    thread.start()
-    thread.join(120)
-    assert "peers" in out, "the generate beside did not finish"
-    return out["tokens"], out["peers"]
-
-
-def test_sessions_spread_over_replicas_and_a_next_turn_returns_where_its_first_is_kept(
-    replicas, llama_checkpoint, reference
-):
+def test_a_next_turn_goes_back_to_the_replica_that_keeps_its_first(replicas, llama_checkpoint):
+    """The first turn is long and the next asks one token, so that the copy outweighs the noise in the client's
+    measures of the two replicas' speeds; the replica that keeps it is made farther by half what the copy saves
+    (the prefill of 512 positions through 4 blocks at its announced rate), so only the memory makes it worth it."""
+    reference = AutoModelForCausalLM.from_pretrained(llama_checkpoint, dtype=torch.float32).eval()
     generator = torch.Generator().manual_seed(11)
     vocab = reference.config.vocab_size
-    other, prompt = (torch.randint(3, vocab, (1, n), generator=generator) for n in (12, 500))
+    prompt = torch.randint(3, vocab, (1, 500), generator=generator)
     blocks = 32
     new = (
         blocks * BLOCK_TOKENS + 1 - prompt.shape[1]
     )  # positions [0, 512) go through the blocks: 32 whole blocks
     first = greedy(reference, prompt, new)
     turn = torch.cat([first, torch.randint(3, vocab, (1, 10), generator=generator)], 1)
+    keeper, other = (info["peer_id"] for info in replicas.infos)
+    urls = {info["peer_id"]: info["metrics"] for info in replicas.infos}
+    hits = {peer: scrape(url)["swarmllm_server_prefix_cache_hit_tokens_total"] for peer, url in urls.items()}
 
-    model = AutoDistributedModelForCausalLM.from_pretrained(
-        str(llama_checkpoint), initial_peers=replicas.initial_peers
-    )
-    near, far = (info["peer_id"] for info in replicas.infos)
-    model.swarm.rtt_s.update({near: 0.001, far: 0.00101})
+    model = client(replicas, llama_checkpoint, {keeper: 0.001, other: 0.00101})
     try:
-        with model.inference_session(max_length=128) as running:
-            assert torch.equal(
-                model.generate(other, max_new_tokens=4, min_new_tokens=4), greedy(reference, other, 4)
-            )
-            assert {hop.peer_id for hop in running.session.hops} == {near}  # both idle: the nearer one
-            # while it runs, a conversation's first turn goes to the other replica
-            tokens, peers = generate_beside(model, prompt, new, 600)
-            assert torch.equal(tokens, first) and peers == {far}
-        # both idle again, and `far` now farther by half of what its copy saves (the prefill of 512 positions
-        # through 4 blocks at its announced rate, weighed against the one step asked): the next turn goes back to
-        # where its first is kept, and only that makes `far` worth it
-        saved_s = blocks * BLOCK_TOKENS * 4 / model.swarm._servers[far].forward_rps
-        model.swarm.rtt_s[far] = model.swarm.rtt_s[near] + saved_s / 2
+        with model.inference_session(max_length=600) as session:
+            assert torch.equal(model.generate(prompt, max_new_tokens=new, min_new_tokens=new), first)
+            assert {hop.peer_id for hop in session.session.hops} == {keeper}  # the nearer, then
+        saved_s = blocks * BLOCK_TOKENS * 4 / model.swarm._servers[keeper].forward_rps
+        model.swarm.rtt_s[keeper] = model.swarm.rtt_s[other] + saved_s / 2
         with model.inference_session(max_length=turn.shape[1] + 1) as session:
             assert torch.equal(
                 model.generate(turn, max_new_tokens=1, min_new_tokens=1), greedy(reference, turn, 1)
             )
-            assert {hop.peer_id for hop in session.session.hops} == {far}
+            assert {hop.peer_id for hop in session.session.hops} == {keeper}
             assert session.session.copied == blocks * BLOCK_TOKENS
     finally:
         model.shutdown()
-
-    # and the servers say so: the far one copied the first turn's blocks, the near one nothing
-    urls = {info["peer_id"]: info["metrics"] for info in replicas.infos}
+    # and the servers say so: the keeper copied the first turn's blocks, the other nothing
     deadline = time.monotonic() + 30
     while (
         any(scrape(u)["swarmllm_server_sessions_open"] for u in urls.values()) and time.monotonic() < deadline
     ):
         time.sleep(0.1)  # the poll interval of a condition with a deadline
-    assert scrape(urls[far])["swarmllm_server_prefix_cache_hit_tokens_total"] == blocks * BLOCK_TOKENS
-    assert scrape(urls[near])["swarmllm_server_prefix_cache_hit_tokens_total"] == 0
+    gained = {
+        peer: scrape(url)["swarmllm_server_prefix_cache_hit_tokens_total"] - hits[peer]
+        for peer, url in urls.items()
+    }
+    assert gained == {keeper: blocks * BLOCK_TOKENS, other: 0}
+
+
+def test_a_session_goes_to_the_replica_that_other_clients_leave_idle(replicas, llama_checkpoint):
+    reference = AutoModelForCausalLM.from_pretrained(llama_checkpoint, dtype=torch.float32).eval()
+    prompt = torch.randint(
+        3, reference.config.vocab_size, (1, 12), generator=torch.Generator().manual_seed(12)
+    )
+    expected = greedy(reference, prompt, 4)
+    near, far = (info["peer_id"] for info in replicas.infos)
+    rtt = {near: 0.001, far: 0.00101}
+    busy, fresh = client(replicas, llama_checkpoint, rtt), client(replicas, llama_checkpoint, rtt)
+    try:
+        with busy.inference_session(max_length=64) as running:
+            assert torch.equal(busy.generate(prompt, max_new_tokens=4, min_new_tokens=4), expected)
+            assert {hop.peer_id for hop in running.session.hops} == {near}
+            deadline = time.monotonic() + 30  # until the near one has announced the session's row
+            while time.monotonic() < deadline:
+                loads = {s.peer_id: s.busy_rows for s in run_sync(fresh.swarm.servers(refresh=True))}
+                if loads.get(near):
+                    break
+                time.sleep(0.2)  # the poll interval of a condition with a deadline
+            assert loads == {near: 1, far: 0}
+            # the other client's session goes to the idle replica, though the busy one is nearer
+            with fresh.inference_session(max_length=64) as session:
+                assert torch.equal(fresh.generate(prompt, max_new_tokens=4, min_new_tokens=4), expected)
+                assert {hop.peer_id for hop in session.session.hops} == {far}
+            # while to the client whose session it is, the near one is as idle as the other (its own sessions share
+            # its steps: they are not spread)
+            assert busy.swarm.load(run_sync(busy.swarm.servers(refresh=True))) == {near: 0.0, far: 0.0}
+    finally:
+        busy.shutdown()
+        fresh.shutdown()

@@ -66,10 +66,13 @@ def test_give_ups_leave_no_cycle_of_waits_and_take_only_what_should_be_given():
 class _Session:
     def __init__(self, age: int, holding: set[str], idle: bool = False, batch_size: int = 1):
         self.age, self.held, self.idle, self.given_up = age, holding, idle, []
-        self.batch_size = batch_size
+        self.batch_size, self.opening = batch_size, set()
 
     def holding(self) -> set[str]:
         return set(self.held)
+
+    def loads(self) -> set[str]:
+        return self.holding() | self.opening
 
     async def give_up(self, peer_id: str) -> None:
         self.given_up.append(peer_id)
@@ -142,18 +145,19 @@ def test_a_server_that_says_it_has_room_yet_refuses_it_is_asked_after_pauses_not
     assert first < 0.05 and 3 <= tries <= 8 and asked == tries + 1, (asked, tries, first)
 
 
-def test_the_rows_of_running_sessions_count_on_their_servers_and_idle_ones_do_not():
+def test_the_rows_of_its_sessions_count_on_their_servers_from_their_routing():
     board = RoomBoard()
     sessions = [
         _Session(0, {"x", "y"}),
         _Session(1, {"x"}, batch_size=4),
-        _Session(2, {"y"}, idle=True, batch_size=8),  # kept for a conversation's next turn: no steps now
-        _Session(3, set()),  # not open yet (or its hops given up)
+        _Session(
+            2, {"y"}, idle=True, batch_size=8
+        ),  # kept for a conversation's next turn: its server announces
+        _Session(3, set()),  # not routed yet (or its hops given up)
     ]
-    for session in sessions:
-        board.track(session)
-    assert board.rows() == {"x": 5, "y": 1}
-    sessions[2].idle = False
+    list(map(board.track, sessions))  # (no name left holding the last one)
     assert board.rows() == {"x": 5, "y": 9}
+    sessions[3].opening = {"z"}  # routed to z, its opening not answered yet: z counts it already
+    assert board.rows() == {"x": 5, "y": 9, "z": 1}
     del sessions[1:]  # ended and dropped: the board forgets them
     assert board.rows() == {"x": 1, "y": 1}

@@ -41,6 +41,9 @@ class Waiting(Protocol):
     def holding(self) -> set[str]:
         """The servers of its open hops."""
 
+    def loads(self) -> set[str]:
+        """The servers its steps load (open hops, and a chain being opened)."""
+
     async def give_up(self, peer_id: str) -> None:
         """Close its hops on `peer_id`, to rebuild them when it next steps."""
 
@@ -87,13 +90,11 @@ class RoomBoard:
         self._sessions[session.age] = session
 
     def rows(self) -> dict[str, int]:
-        """Peer id -> rows of this client's sessions open there that are not idle: the load they put on it (routing
-        spreads new sessions by it, `SwarmClient.load`)."""
+        """Peer id -> rows of this client's sessions there (open, or being opened): what of a server's announced
+        load is this client's own (`SwarmClient.load`)."""
         rows: dict[str, int] = {}
         for session in list(self._sessions.values()):
-            if session.idle:
-                continue
-            for peer in session.holding():
+            for peer in session.loads():
                 rows[peer] = rows.get(peer, 0) + (session.batch_size or 0)
         return rows
 

@@ -128,6 +128,7 @@ class InferenceSession:
         self.hidden_size = swarm.hidden_size  # the model's, or else that of the first step taken
         self._hops: list[HopSession] = []
         self._joining: list[HopSession] = []  # hops a failover opens and replays to: `close` closes them too
+        self._routed: list[Hop] = []  # the chain being opened: it loads its servers already (`loads`)
         self._steps = 0
         self.reorders = 0  # steps that reordered the rows (beam search)
         self.pushed_hops = 0  # hop inputs that a server pushed to the next one (the client did not send them)
@@ -434,7 +435,7 @@ class InferenceSession:
                 routed = time.perf_counter()
                 route_s += routed - began
                 new: list[HopSession] = []
-                self._joining = new
+                self._joining, self._routed = new, hops
                 try:
                     x = inputs
                     for hop in hops:
@@ -499,7 +500,7 @@ class InferenceSession:
                     await self._close_hops(new)
                     raise
                 finally:
-                    self._joining = []
+                    self._joining, self._routed = [], []
         finally:
             self.swarm.rooms.done(self)  # (it waited for room, or not at all)
 
@@ -665,6 +666,11 @@ class InferenceSession:
     def holding(self) -> set[str]:
         """The servers of this session's open hops (`client.room`)."""
         return {hop.peer_id for hop in self._hops if hop.is_open}
+
+    def loads(self) -> set[str]:
+        """The servers its steps load: its open hops', and those of a chain it opens, counted from the moment it is
+        routed (sessions routed at once must not all see the same idle server: `RoomBoard.rows`)."""
+        return self.holding() | {hop.peer_id for hop in self._routed}
 
     async def give_up(
         self, peer_id: str, why: str = "for a session of this client waiting for room there"

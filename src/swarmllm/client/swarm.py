@@ -770,10 +770,12 @@ class SwarmClient:
         return await self.route(plan, failure=failure, tuned=tuned)
 
     def load(self, servers: Sequence[ServerInfo]) -> dict[str, float]:
-        """Peer id -> the rows its merged decode steps carry: what it announced (other clients' sessions too, as
-        of its last announcement) or, where more, this client's sessions stepping there now (known at once)."""
+        """Peer id -> the rows of other clients' sessions that its merged decode steps carry: what it announced
+        (as of its last announcement) less this client's sessions there. This client's own are not spread over
+        replicas: they share the server's merged steps and this client's merged LM head (spreading one API's
+        sessions measured 0.81-0.85x here, `benchmarks/replicas.py`); a server they slow is measured slower."""
         own = self.rooms.rows()
-        return {s.peer_id: float(max(s.busy_rows, own.get(s.peer_id, 0))) for s in servers}
+        return {s.peer_id: float(max(s.busy_rows - own.get(s.peer_id, 0), 0)) for s in servers}
 
     def deadline_s(self, hop: Hop, tokens: int, *, decode: bool, floor_s: float | None = None) -> float:
         """How long `hop` may take for `tokens` (batch x length) tokens, by its announced speed (capped by the

@@ -116,7 +116,7 @@ class ServerInfo(BaseModel):
         default=0,
         ge=0,
         le=MAX_BUSY_ROWS,
-        description="rows of the inference sessions that stepped in its last update period: its load, by which "
+        description="rows of the inference sessions that stepped in the last 30 s: its load, by which other "
         "clients spread sessions over the servers of the same blocks (0 in records of older servers)",
     )
     version: str

@@ -102,6 +102,10 @@ def joined(outs: list[tuple[torch.Tensor, torch.Tensor | None]]) -> tuple[torch.
     return torch.cat(r, 1), None if p[0] is None else torch.cat(p, 1)
 
 
+# a session that stepped this recently counts as the server's load (`Backend.busy_rows`)
+BUSY_WINDOW_S = 30.0
+
+
 @dataclass
 class Session:
     """One client's inference state over blocks [start, end) of this server."""
@@ -233,10 +237,10 @@ class Backend:
         """The budget's free tokens, with those the prefix cache holds (it gives them up to sessions)."""
         return self.budget.free_tokens + (0 if self.prefix is None else self.prefix.tokens)
 
-    def busy_rows(self, within_s: float) -> int:
-        """Rows of the sessions that stepped in the last `within_s` seconds: the load it announces, by which
-        clients spread new sessions over the servers of these blocks (sessions kept open for a conversation's
-        next turn hold cache, not compute)."""
+    def busy_rows(self, within_s: float = BUSY_WINDOW_S) -> int:
+        """Rows of the sessions that stepped in the last `within_s` seconds: the load it announces, by which other
+        clients spread new sessions over the servers of these blocks (sessions kept open, unused, for a
+        conversation's next turn hold cache, not compute)."""
         since = time.monotonic() - within_s
         return sum(s.batch_size for s in self.sessions.values() if s.stepped_at >= since)
 

@@ -858,7 +858,7 @@ class Server:
             forward_rps=self.forward_rps,
             network_rps=self.network_rps,
             cache_tokens_left=free,
-            busy_rows=self.backend.busy_rows(self.config.update_period_s) if self.backend else 0,
+            busy_rows=self.backend.busy_rows() if self.backend else 0,
             version=__version__,
             dtype=self.config.dtype,
             quantization=self.config.quant,
