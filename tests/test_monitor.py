@@ -97,6 +97,7 @@ def test_state_and_metrics_match_the_swarm(swarm):
     for row in rows.values():
         assert row["state"] == "online" and row["connection"] == "direct" and row["rtt_ms"] > 0
         assert row["dtype"] == "float32" and row["cache_tokens_left"] == CACHE_TOKENS
+        assert row["busy_rows"] == 0  # no session has stepped yet
 
     samples = metrics(swarm.url + "metrics")
     assert samples[("swarmllm_model_servers", (("model", PREFIX), ("state", "online")))] == 2
@@ -108,6 +109,7 @@ def test_state_and_metrics_match_the_swarm(swarm):
     for peer in (a, b):
         labels = (("model", PREFIX), ("peer_id", peer), ("public_name", ""))
         assert samples[("swarmllm_server_cache_free_tokens", labels)] == CACHE_TOKENS
+        assert samples[("swarmllm_server_busy_rows", labels)] == 0
         assert samples[("swarmllm_server_up", labels)] == 1
     assert samples[("swarmllm_dht_lookup_duration_seconds", ())] > 0
 

@@ -60,6 +60,11 @@ def state_metrics(state: Mapping) -> Iterator[Metric]:
         "A server's announced decode steps/s per block",
         labels=labels,
     )
+    busy = GaugeMetricFamily(
+        "swarmllm_server_busy_rows",
+        "Rows of a server's inference sessions that stepped in the last 30 s, as it announces",
+        labels=labels,
+    )
     rtt = GaugeMetricFamily(
         "swarmllm_server_rtt_seconds",
         "Round trip of the monitor's info call (absent: no answer)",
@@ -70,10 +75,11 @@ def state_metrics(state: Mapping) -> Iterator[Metric]:
         values = [row["model"], row["peer_id"], row["public_name"] or ""]
         cache.add_metric(values, row["cache_tokens_left"])
         throughput.add_metric(values, row["throughput"])
+        busy.add_metric(values, row["busy_rows"])
         up.add_metric(values, 0.0 if row["rtt_ms"] is None else 1.0)
         if row["rtt_ms"] is not None:
             rtt.add_metric(values, row["rtt_ms"] / 1e3)
-    yield from (cache, throughput, rtt, up)
+    yield from (cache, throughput, busy, rtt, up)
 
     dht = state["dht"]
     lookup = GaugeMetricFamily("swarmllm_dht_lookup_duration_seconds", "How long the last DHT look-up took")

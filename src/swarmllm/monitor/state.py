@@ -38,6 +38,7 @@ Schema `swarmllm.monitor.state/1` (times are Unix seconds, throughputs decode st
       "start_block": int, "end_block": int,
       "throughput": float, "inference_rps": float, "forward_rps": float, "network_rps": float | null,
       "dtype": str, "quantization": str, "cache_tokens_left": int, "adapters": [str],
+      "busy_rows": int,                                 # rows of its sessions that stepped in the last 30 s
       "connection": "direct" | "relayed" | "libp2p",   # direct: announces a direct TCP address
       "rtt_ms": float | null                            # the monitor's `info` round trip (null: no answer)
   }],
@@ -175,6 +176,7 @@ def server_row(model: str, info: ServerInfo, rtt_s: float | None) -> dict:
         "quantization": info.quantization,
         "cache_tokens_left": info.cache_tokens_left,
         "adapters": list(info.adapters),
+        "busy_rows": info.busy_rows,
         "connection": connection,
         "rtt_ms": None if rtt_s is None else rtt_s * 1e3,
     }
