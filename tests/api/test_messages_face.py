@@ -11,6 +11,7 @@ from swarmllm.api.generation import TextAssembler, chat_prompt
 from swarmllm.api.messages import chat_messages, chat_tool_choice, chat_tools, error_body, response_format
 from swarmllm.api.schemas import ApiError, ChatRequest
 from swarmllm.api.streams import validated
+from swarmllm.api.tools import ToolCalling, closed_json
 from swarmllm.models.tiny import tiny_tokenizer
 
 
@@ -122,3 +123,47 @@ def test_a_continued_final_message_is_the_assistants_text_left_open():
     with pytest.raises(ApiError, match="calls no tools"):
         validated(ChatRequest, {**chat, **tools})
     assert validated(ChatRequest, {**chat, **tools, "tool_choice": "none"}).continue_final_message
+
+
+CALLS = {
+    "tool_calls": [
+        {
+            "name": "Bash",
+            "arguments": {"command": 'ls -la "/tmp"', "timeout": 1200, "flags": [True, None, -2.5e3]},
+        },
+        {"name": "Read", "arguments": {"path": "/x", "nested": {"a": [1, {"b": "c"}], "d": False}}},
+    ]
+}
+
+
+def _within(cut, whole) -> bool:
+    """`cut` is what a prefix of `whole`'s text holds: equal, a string's prefix, or a container whose items
+    are each within their counterparts (those it has, in order)."""
+    if isinstance(cut, str):
+        return isinstance(whole, str) and whole.startswith(cut)
+    if isinstance(cut, dict):
+        return isinstance(whole, dict) and all(k in whole and _within(v, whole[k]) for k, v in cut.items())
+    if isinstance(cut, list):
+        return isinstance(whole, list) and len(cut) <= len(whole) and all(map(_within, cut, whole))
+    return cut == whole and type(cut) is type(whole)
+
+
+def test_calls_cut_short_are_their_arguments_so_far_at_every_cut():
+    """At every cut of a calls answer: only calls whose name is whole, each with arguments that a prefix of the
+    whole call's holds (no number cut short taken for a whole one: 1200 cut to 12 is dropped); the whole text is
+    its calls."""
+    text = json.dumps(CALLS)
+    whole = [(c["name"], c["arguments"]) for c in CALLS["tool_calls"]]
+    seen = set()
+    for end in range(len(text) + 1):
+        cut = ToolCalling.cut_calls(text[:end])
+        assert [name for name, _ in cut] == [name for name, _ in whole][: len(cut)], text[:end]
+        for (_, arguments), (_, full) in zip(cut, whole, strict=False):
+            assert _within(arguments, full), (text[:end], arguments)
+        seen.add(json.dumps(cut))
+        if '"timeout": 12' in text[:end] and '"timeout": 1200' not in text[:end]:
+            assert "timeout" not in cut[0][1]
+    assert ToolCalling.cut_calls(text) == whole and len(seen) > 20
+    assert ToolCalling.cut_calls('{"response": "a cut answ') == []  # an answer, not a call
+    assert closed_json("[1, 2, 3,") == [1, 2, 3] and closed_json("[1, 2, 3") == [1, 2]
+    assert closed_json('{"a": "x\\') == {"a": "x"} and closed_json("]") is None

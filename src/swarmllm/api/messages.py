@@ -249,6 +249,10 @@ class MessagesApi:
         return web.json_response(answer.message(whole.text))
 
 
+def _use(name: str, arguments: dict) -> dict:
+    return {"type": "tool_use", "id": f"toolu_{uuid.uuid4().hex[:24]}", "name": name, "input": arguments}
+
+
 class _Answer:
     """One message: its envelope, its content blocks once the text is whole, and its stream of events."""
 
@@ -272,15 +276,15 @@ class _Answer:
         }  # fmt: skip
 
     def blocks(self, text: str) -> tuple[list[dict], str, str | None]:
-        """The content blocks of the answer `text`, its stop reason and the stop sequence met."""
+        """The content blocks of the answer `text`, its stop reason and the stop sequence met. Calls cut short
+        come as Anthropic's do: tool_use blocks of the input so far, stop reason max_tokens."""
         content, calls = (text, []) if self.tools is None else self.tools.parse(text)
         if calls:
-            uses = [
-                {"type": "tool_use", "id": f"toolu_{uuid.uuid4().hex[:24]}", "name": call["function"]["name"],
-                 "input": json.loads(call["function"]["arguments"])}
-                for call in calls
-            ]  # fmt: skip
-            return uses, "tool_use", None
+            return (
+                [_use(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls],
+                "tool_use",
+                None,
+            )
         stop, gen = self.gen.assembler.stop_string, self.gen
         if stop is not None:
             reason = "stop_sequence"
@@ -290,6 +294,8 @@ class _Answer:
             reason = (
                 "max_tokens" if gen.completion_tokens >= self.max_tokens else "model_context_window_exceeded"
             )
+            if self.tools is not None and (cut := self.tools.cut_calls(text)):
+                return [_use(name, arguments) for name, arguments in cut], reason, None
         return [{"type": "text", "text": content or ""}], reason, stop
 
     def message(self, text: str) -> dict:

@@ -147,8 +147,77 @@ class ToolCalling:
             return answer["response"], []
         return text, []
 
+    @staticmethod
+    def cut_calls(text: str) -> list[tuple[str, dict]]:
+        """The calls of an answer cut short (at max_tokens) in the middle of its calls, as far as they go: each
+        named call's (name, arguments so far: the longest prefix that parses, its open strings, arrays and objects
+        closed); [] where the text is no cut call or no call's name is whole (Anthropic returns such a call as
+        an incomplete tool_use block)."""
+        if not CALLING.match(text):
+            return []
+        answer = closed_json(text)
+        calls = answer.get("tool_calls") if isinstance(answer, dict) else None
+        named = [c for c in calls or () if isinstance(c, dict) and c.get("name") in _names_in(text)]
+        return [(c["name"], c["arguments"] if isinstance(c.get("arguments"), dict) else {}) for c in named]
+
+
+def _names_in(text: str) -> set[str]:
+    """The call names whose string closed in `text` (a name cut short parses, closed, as a name it is not)."""
+    return set(re.findall(r'"name"\s*:\s*"((?:[^"\\]|\\.)*)"', text))
+
+
+# how far back from its end a JSON text cut short is cut further to parse (a partial key, number or literal, a
+# dangling comma or colon): strings cut short are closed instead, so what is dropped is short
+CLOSE_BACKTRACK = 256
+NUMBER_CHARS = frozenset("0123456789.-+eE")
+
+
+def closed_json(prefix: str) -> object | None:
+    """The value of the longest prefix of `prefix` (cut at most `CLOSE_BACKTRACK` characters shorter) that
+    parses once its open string, arrays and objects are closed; None where none does."""
+    floor = max(len(prefix) - CLOSE_BACKTRACK, 0)
+    state = _scan(prefix[:floor], ([], False, False))
+    top = len(prefix)
+    run = top - len(prefix.rstrip("".join(NUMBER_CHARS)))
+    if any(c.isdigit() for c in prefix[top - run :]) and not _scan(prefix[floor:], state)[1]:
+        top -= run  # a number cut short (1200 cut to 12) is not taken for a whole one
+    for end in range(top, floor - 1, -1):
+        stack, in_string, escaped = _scan(prefix[floor:end], state)
+        if escaped or stack is None:
+            continue
+        try:
+            return json.loads(prefix[:end] + ('"' if in_string else "") + "".join(reversed(stack)))
+        except ValueError:
+            continue
+    return None
+
+
+def _scan(text: str, state: tuple[list[str] | None, bool, bool]) -> tuple[list[str] | None, bool, bool]:
+    """(the closers of the containers open, in a string, after a backslash) once `text` follows `state`."""
+    stack, in_string, escaped = state
+    if stack is None:
+        return state
+    stack = list(stack)
+    for ch in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch in "[{":
+            stack.append("]" if ch == "[" else "}")
+        elif ch in "]}":
+            if not stack or stack.pop() != ch:
+                return None, False, False
+    return stack, in_string, escaped
+
 
 ANSWERING = re.compile(r'\s*\{\s*"response"\s*:\s*"')
+CALLING = re.compile(r'\s*\{\s*"tool_calls"\s*:\s*\[')
 ESCAPES = {'"': '"', "\\": "\\", "/": "/", "b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t"}
 
 
