@@ -7,8 +7,8 @@ among the servers that cover each next block at random, weighted by their throug
 Servers holding the same blocks (replicas) are told apart by what a session would find there: the rows of other
 clients' sessions that their merged decode steps carry (their load: a server steps all its sessions at once, so
 each row more slows every step a little, `ROW_COST`), and the session's beginning where a server likely keeps it
-in its prefix cache (its prefill there is mostly a copy). A session weighs its prefill against its decode steps (`Demand`): a long
-prompt goes where it is held even onto a busier server, a long answer to the idler one.
+in its prefix cache (its prefill there is mostly a copy). A session weighs its prefill against its decode steps
+(`Demand`): a long prompt goes where it is held even onto a busier server, a long answer to the idler one.
 """
 
 from __future__ import annotations

@@ -89,6 +89,9 @@ MAX_PINGS = 64  # peers pinged before each rebalancing decision
 PING_TIMEOUT_S = 3.0
 HOST_CHECK_S = 2.0  # how often a CPU server looks for other servers on its host
 WATCH_S = 1.0  # how often the server looks for broken connections to its peers (one may have died)
+# a change of its busy rows is announced at once, rather than at the next period, but no more often than this:
+# clients spread new sessions by it (`ServerInfo.busy_rows`), and a period is long beside a burst of them
+LOAD_ANNOUNCE_S = 5.0
 UNSETTLED_CHECK_S = 2.0  # while a move is due (by us or another server), check again this soon
 MAX_MOVE_BACKOFF_S = 600.0  # a move that keeps failing (out of memory, ...) is tried at most this rarely
 LEAVE_ANNOUNCE_TIMEOUT_S = 5.0  # on leaving, the most the offline announcement may take
@@ -188,6 +191,8 @@ class Server:
         self.network_rps: float | None = None
         self._network_task: asyncio.Task | None = None
         self.backend: Backend | None = None
+        # the busy rows it last announced, and when (`_load_moved`)
+        self._announced_rows, self._announced_at = 0, float("-inf")
         self.adapters: AdapterStore | None = None  # hosted (--adapters) and clients' uploaded LoRA adapters
         self.direct_addr: str | None = None
         self.peers: dict[str, ServerInfo] = {}  # the other servers of this model, for pushes to the next one
@@ -415,6 +420,8 @@ class Server:
                     await self._announce()
                     await self._refresh_peers()
                     self._measure_network_soon()
+                elif self._load_moved(now):
+                    await self._announce()
                 # an operator's --blocks is kept; a chosen span may move
                 if cfg.blocks is None and (now >= next_balance or lost):
                     if lost:
@@ -947,6 +954,16 @@ class Server:
             self.network_rps,
         )
 
+    def _load_moved(self, now: float) -> bool:
+        """Whether its busy rows changed since it last announced, at least `LOAD_ANNOUNCE_S` ago."""
+        if (
+            self.backend is None
+            or self.state != ServerState.ONLINE
+            or now - self._announced_at < LOAD_ANNOUNCE_S
+        ):
+            return False
+        return self.backend.busy_rows() != self._announced_rows
+
     async def _announce(
         self,
         info: ServerInfo | None = None,
@@ -956,6 +973,7 @@ class Server:
     ) -> None:
         expiration = self.config.expiration_s or 3 * self.config.update_period_s
         info = info or self._info()
+        self._announced_rows, self._announced_at = info.busy_rows, time.monotonic()
         store = announce(
             self.dht, self.owner_tag, self.dht_prefix, info, self.model_info, expiration, blocks=blocks
         )
