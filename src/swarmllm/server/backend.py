@@ -127,9 +127,8 @@ class Session:
     chain: Chain | None = None  # where it stands in the prefix cache (`server.prefix`); None: no part
     copied: int = 0  # positions of its latest step copied from the prefix cache
     alike: bool = True  # its rows have held the same inputs at every position so far (`Backend._row_chunks`)
-    stepped_at: float = float(
-        "-inf"
-    )  # when a step of it last came (time.monotonic()): see `Backend.busy_rows`
+    # when a step of it last came (time.monotonic()): see `Backend.busy_rows`
+    stepped_at: float = float("-inf")
 
 
 @dataclass(frozen=True)
