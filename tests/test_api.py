@@ -509,7 +509,7 @@ def test_anthropics_messages_api_answers_as_chat_does(client, api, local):
     usage as Anthropic counts it (computed plus read from cache: chat's prompt tokens) and `count_tokens` agreeing;
     a stop sequence ends the text where chat's stop does and is named; an assistant prefill is continued as
     transformers continues it; a named tool's call is a tool_use block equal
-    to chat's tool call (cut short at max_tokens: a tool_use block of its input so far), and its tool_result
+    to chat's tool call (cut short at max_tokens: a tool_use block of its whole arguments so far), and its tool_result
     continues the conversation as chat's tool message does; bad requests get Anthropic's errors."""
     messages = anthropic.Anthropic(
         base_url=api.removesuffix("/v1"), api_key="unused", max_retries=0, timeout=120
@@ -586,8 +586,7 @@ def test_anthropics_messages_api_answers_as_chat_does(client, api, local):
         (cut,) = short.content
         assert short.stop_reason == "max_tokens" and (cut.type, cut.name) == ("tool_use", use.name)
         assert cut.input and set(cut.input) <= set(use.input), how
-        for key, value in cut.input.items():  # each argument so far: whole, or a string cut short
-            assert value == use.input[key] or (isinstance(value, str) and use.input[key].startswith(value))
+        assert all(value == use.input[key] for key, value in cut.input.items())  # whole arguments only
     result = {"type": "tool_result", "tool_use_id": use.id, "content": "18 C and sunny"}
     answered = messages.messages.create(
         **greedy, max_tokens=24, tools=[tool], tool_choice={"type": "none"},

@@ -150,46 +150,60 @@ class ToolCalling:
     @staticmethod
     def cut_calls(text: str) -> list[tuple[str, dict]]:
         """The calls of an answer cut short (at max_tokens) in the middle of its calls, as far as they go: each
-        named call's (name, arguments so far: the longest prefix that parses, its open strings, arrays and objects
-        closed); [] where the text is no cut call or no call's name is whole (Anthropic returns such a call as
-        an incomplete tool_use block)."""
+        named call's (name, its arguments' whole values so far: `closed_json`); [] where the text is no cut call
+        or no call's name is whole (Anthropic returns such a call as an incomplete tool_use block)."""
         if not CALLING.match(text):
             return []
         answer = closed_json(text)
         calls = answer.get("tool_calls") if isinstance(answer, dict) else None
-        named = [c for c in calls or () if isinstance(c, dict) and c.get("name") in _names_in(text)]
+        named = [c for c in calls or () if isinstance(c, dict) and isinstance(c.get("name"), str)]
         return [(c["name"], c["arguments"] if isinstance(c.get("arguments"), dict) else {}) for c in named]
 
 
-def _names_in(text: str) -> set[str]:
-    """The call names whose string closed in `text` (a name cut short parses, closed, as a name it is not)."""
-    return set(re.findall(r'"name"\s*:\s*"((?:[^"\\]|\\.)*)"', text))
-
-
-# how far back from its end a JSON text cut short is cut further to parse (a partial key, number or literal, a
-# dangling comma or colon): strings cut short are closed instead, so what is dropped is short
+# how far back a JSON text cut short is cut further to parse, once a string or number cut short is dropped (a
+# partial literal, the key of what was dropped, a dangling comma or colon)
 CLOSE_BACKTRACK = 256
 NUMBER_CHARS = frozenset("0123456789.-+eE")
 
 
 def closed_json(prefix: str) -> object | None:
-    """The value of the longest prefix of `prefix` (cut at most `CLOSE_BACKTRACK` characters shorter) that
-    parses once its open string, arrays and objects are closed; None where none does."""
-    floor = max(len(prefix) - CLOSE_BACKTRACK, 0)
+    """The value of the longest prefix of `prefix` that parses once its open arrays and objects are closed, of
+    whole values only: a string or number cut short is dropped, not taken for a shorter one (a command
+    "rm -rf /tmp/x" cut to "rm -rf /", 1200 cut to 12); None where none does (cut at most `CLOSE_BACKTRACK`
+    characters before that)."""
+    top = _open_string(prefix)
+    if top is None:
+        top = len(prefix)
+        run = top - len(prefix.rstrip("".join(NUMBER_CHARS)))
+        if any(c.isdigit() for c in prefix[top - run :]):
+            top -= run
+    floor = max(top - CLOSE_BACKTRACK, 0)
     state = _scan(prefix[:floor], ([], False, False))
-    top = len(prefix)
-    run = top - len(prefix.rstrip("".join(NUMBER_CHARS)))
-    if any(c.isdigit() for c in prefix[top - run :]) and not _scan(prefix[floor:], state)[1]:
-        top -= run  # a number cut short (1200 cut to 12) is not taken for a whole one
     for end in range(top, floor - 1, -1):
-        stack, in_string, escaped = _scan(prefix[floor:end], state)
-        if escaped or stack is None:
+        stack, in_string, _ = _scan(prefix[floor:end], state)
+        if in_string or stack is None:
             continue
         try:
-            return json.loads(prefix[:end] + ('"' if in_string else "") + "".join(reversed(stack)))
+            return json.loads(prefix[:end] + "".join(reversed(stack)))
         except ValueError:
             continue
     return None
+
+
+def _open_string(text: str) -> int | None:
+    """Where the string still open at the end of `text` begins (its opening quote); None if none is."""
+    start, escaped = None, False
+    for i, ch in enumerate(text):
+        if start is not None:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                start = None
+        elif ch == '"':
+            start = i
+    return start
 
 
 def _scan(text: str, state: tuple[list[str] | None, bool, bool]) -> tuple[list[str] | None, bool, bool]:
