@@ -171,17 +171,17 @@ def closed_json(prefix: str) -> object | None:
     whole values only: a string or number cut short is dropped, not taken for a shorter one (a command
     "rm -rf /tmp/x" cut to "rm -rf /", 1200 cut to 12); None where none does (cut at most `CLOSE_BACKTRACK`
     characters before that)."""
-    top = _open_string(prefix)
+    top = _scan(prefix, ([], None, False))[1]  # (where a string cut short opens)
     if top is None:
         top = len(prefix)
         run = top - len(prefix.rstrip("".join(NUMBER_CHARS)))
         if any(c.isdigit() for c in prefix[top - run :]):
             top -= run
     floor = max(top - CLOSE_BACKTRACK, 0)
-    state = _scan(prefix[:floor], ([], False, False))
+    state = _scan(prefix[:floor], ([], None, False))
     for end in range(top, floor - 1, -1):
-        stack, in_string, _ = _scan(prefix[floor:end], state)
-        if in_string or stack is None:
+        stack, open_at, _ = _scan(prefix[floor:end], state, floor)
+        if open_at is not None or stack is None:
             continue
         try:
             return json.loads(prefix[:end] + "".join(reversed(stack)))
@@ -190,44 +190,31 @@ def closed_json(prefix: str) -> object | None:
     return None
 
 
-def _open_string(text: str) -> int | None:
-    """Where the string still open at the end of `text` begins (its opening quote); None if none is."""
-    start, escaped = None, False
-    for i, ch in enumerate(text):
-        if start is not None:
-            if escaped:
-                escaped = False
-            elif ch == "\\":
-                escaped = True
-            elif ch == '"':
-                start = None
-        elif ch == '"':
-            start = i
-    return start
-
-
-def _scan(text: str, state: tuple[list[str] | None, bool, bool]) -> tuple[list[str] | None, bool, bool]:
-    """(the closers of the containers open, in a string, after a backslash) once `text` follows `state`."""
-    stack, in_string, escaped = state
+def _scan(
+    text: str, state: tuple[list[str] | None, int | None, bool], at: int = 0
+) -> tuple[list[str] | None, int | None, bool]:
+    """(the closers of the containers open, where the string open begins, after a backslash) once `text`, which
+    begins at position `at`, follows `state`; (None, None, False) once a bracket closes what is not open."""
+    stack, open_at, escaped = state
     if stack is None:
         return state
     stack = list(stack)
-    for ch in text:
-        if in_string:
+    for i, ch in enumerate(text, at):
+        if open_at is not None:
             if escaped:
                 escaped = False
             elif ch == "\\":
                 escaped = True
             elif ch == '"':
-                in_string = False
+                open_at = None
         elif ch == '"':
-            in_string = True
+            open_at = i
         elif ch in "[{":
             stack.append("]" if ch == "[" else "}")
         elif ch in "]}":
             if not stack or stack.pop() != ch:
-                return None, False, False
-    return stack, in_string, escaped
+                return None, None, False
+    return stack, open_at, escaped
 
 
 ANSWERING = re.compile(r'\s*\{\s*"response"\s*:\s*"')
