@@ -50,16 +50,18 @@ def test_a_next_turn_copies_the_first_turns_positions(swarm, llama_checkpoint):
     second = reference.generate(turn, max_new_tokens=6, min_new_tokens=6, do_sample=False)
 
     kept, plain = (info["metrics"] for info in swarm.infos)
-    outs = []
+    outs, memories = [], 0
     for prompt_ids, new_tokens in ((prompt, new), (turn, 6)):
         model = AutoDistributedModelForCausalLM.from_pretrained(
             str(llama_checkpoint), initial_peers=swarm.initial_peers
         )
         try:
             outs.append(model.generate(prompt_ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens))
+            memories += len(model.swarm.affinity)
         finally:
             model.shutdown()
     assert torch.equal(outs[0], first) and torch.equal(outs[1], second)
+    assert not memories  # a single chain: nothing hashed or noted of where beginnings went
 
     # the sessions' last steps are in once the servers saw their streams end (a moment after generate returns)
     deadline = time.monotonic() + 30

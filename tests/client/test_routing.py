@@ -8,6 +8,7 @@ from swarmllm.client.routing import (
     Demand,
     Hop,
     MissingBlocksError,
+    has_replicas,
     route_forward,
     route_inference,
 )
@@ -173,3 +174,11 @@ def test_the_chosen_chain_costs_least_of_all_chains():
         chosen = route_inference(servers, blocks, rtt, load=load, demand=demand, min_cache_tokens=100)
         best = min(_cost(c, *args) for c in _chains(servers, 0, blocks))
         assert _cost(chosen, *args) == pytest.approx(best, rel=1e-9, abs=1e-12)
+
+
+def test_replicas_are_two_online_servers_of_one_block_in_the_range():
+    chain = [server("a", 0, 4), server("b", 4, 8)]
+    assert not has_replicas(chain, 0, 8)
+    assert has_replicas([*chain, server("c", 3, 5)], 0, 8)
+    assert not has_replicas([*chain, server("c", 3, 5)], 5, 8)  # outside the range asked
+    assert not has_replicas([*chain, server("c", 0, 8, state=ServerState.JOINING)], 0, 8)

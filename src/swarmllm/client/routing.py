@@ -96,6 +96,16 @@ def missing_blocks(servers: Sequence[ServerInfo], num_blocks: int) -> list[int]:
     return [b for b, ok in enumerate(covered) if not ok]
 
 
+def has_replicas(servers: Sequence[ServerInfo], start: int, end: int) -> bool:
+    """Whether two online servers hold one of the blocks [start, end): only then can where a session's beginning
+    went decide a route (`client.affinity`)."""
+    held = [0] * max(end - start, 0)
+    for s in _online(servers):
+        for b in range(max(s.start_block, start), min(s.end_block, end)):
+            held[b - start] += 1
+    return any(n > 1 for n in held)
+
+
 def route_inference(
     servers: Sequence[ServerInfo],
     num_blocks: int,

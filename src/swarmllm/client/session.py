@@ -391,8 +391,11 @@ class InferenceSession:
 
     def _beginning(self, hidden: torch.Tensor, key_mask: torch.Tensor | None) -> list[bytes]:
         """The keys of the whole blocks of inputs from position 0 (`affinity.entry_keys`), where servers keep
-        them in their prefix caches: no deep prompts, nor a ladder pair as the first hop's input."""
+        them in their prefix caches (no deep prompts, nor a ladder pair as the first hop's input) and a route has
+        a choice to make by them (replicas of its blocks known: a single chain hashes nothing)."""
         if self.tuning.prompts is not None or self.swarm.carries_pending(self.start):
+            return []
+        if not self.swarm.has_replicas(self.start, self.end):
             return []
         return entry_keys(hidden, key_mask)
 
@@ -613,6 +616,8 @@ class InferenceSession:
         """Note all that a one-row session's servers kept of it (its answer too: a conversation's next turn
         sends it back) as held where it went (`client.affinity`)."""
         if self.batch_size != 1 or not self._hops or not self._hops[0].history.length:
+            return
+        if not self.swarm.has_replicas(self.start, self.end):  # (before the copy `_concat` makes)
             return
         hidden, key_mask, _ = _concat(self._hops[0].history)
         if keys := self._beginning(hidden, key_mask):

@@ -65,6 +65,7 @@ from swarmllm.client.routing import (
     Hop,
     MissingBlocksError,
     cap_throughput,
+    has_replicas,
     route_forward,
     route_inference,
 )
@@ -768,6 +769,10 @@ class SwarmClient:
                 ) from None
 
         return await self.route(plan, failure=failure, tuned=tuned)
+
+    def has_replicas(self, start: int, end: int) -> bool:
+        """Whether the servers known hold some block of [start, end) twice (`routing.has_replicas`)."""
+        return has_replicas(list(self._servers.values()), start, end)
 
     def load(self, servers: Sequence[ServerInfo]) -> dict[str, float]:
         """Peer id -> the rows of other clients' sessions that its merged decode steps carry: what it announced
