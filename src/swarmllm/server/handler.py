@@ -59,6 +59,7 @@ from swarmllm.server.cache import CacheFullError
 from swarmllm.server.metrics import ServerMetrics
 from swarmllm.server.network import PING_MAX_BYTES
 from swarmllm.server.quota import PeerLimits, PeerQuotas, Refusal
+from swarmllm.server.reachability import DialBacks
 from swarmllm.server.room import RoomQueue
 from swarmllm.wire import CallContext, Connection, Handlers, Incoming, Message, RequestError, WireError
 from swarmllm.wire.messages import (
@@ -71,6 +72,8 @@ from swarmllm.wire.messages import (
     ForwardRequest,
     OpenSession,
     PushFailed,
+    ReachQuery,
+    ReachReply,
     Repoint,
     RoomQuery,
     RoomReply,
@@ -219,8 +222,10 @@ class RequestHandler:
         peer_id: str | None = None,
         adapters: AdapterStore | None = None,
         metrics: ServerMetrics | None = None,
+        dial_backs: DialBacks | None = None,
     ):
         self.backend = backend
+        self.dial_backs = dial_backs  # checks of whether peers can be dialled where they announce (`reach`)
         self.metrics = metrics or ServerMetrics()
         self.adapters = adapters or AdapterStore(
             backend.span.config,
@@ -267,6 +272,8 @@ class RequestHandler:
         handlers.add_unary("info", self.rpc_info, max_payload_bytes=0)
         handlers.add_unary("ping", self.rpc_ping, max_payload_bytes=PING_MAX_BYTES)
         handlers.add_unary("room", self.rpc_room, max_payload_bytes=0)
+        if self.dial_backs is not None:
+            handlers.add_unary("reach", self.rpc_reach, max_payload_bytes=0)
         handlers.add_unary("forward", self.rpc_forward, max_payload_bytes=forward_bytes)
         handlers.add_unary("backward", self.rpc_backward, max_payload_bytes=2 * forward_bytes)
         handlers.add_stream("inference", self.rpc_inference, max_payload_bytes=step_bytes)
@@ -403,6 +410,14 @@ class RequestHandler:
         is capped at PING_MAX_BYTES where the method is registered."""
         check_count(request.tensors, 0, 1, "ping")
         return Message({"bytes": sum(t.numel() * t.element_size() for t in request.tensors)})
+
+    async def rpc_reach(self, request: Message, context: CallContext) -> Message:
+        """Dial the asking peer back at the address it asks about (`server.reachability`): whether it answers
+        there and proves its id; a failure is answered only after the check's whole time."""
+        query = ReachQuery.parse(request)
+        if (refusal := self.dial_backs.refusal(context.peer_id)) is not None:
+            raise self._refusal(*refusal)
+        return ReachReply(await self.dial_backs.check(context.peer_id, query.addr)).to_message()
 
     async def rpc_forward(self, request: Message, context: CallContext) -> Message:
         peer = _peer(context)

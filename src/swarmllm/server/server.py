@@ -64,6 +64,7 @@ from swarmllm.server.host import HostShare, device_folder, host_cores, threads_p
 from swarmllm.server.memory import block_bytes, cache_bytes_per_block, device_memory, memory_share
 from swarmllm.server.metrics import ServerMetrics, serve_metrics
 from swarmllm.server.network import measure_network, network_rps
+from swarmllm.server.reachability import DialBacks, ask_reachable
 from swarmllm.server.throughput import cached_threads, cached_throughput, last_measured
 from swarmllm.server.tp import STEP_TIMEOUT_S, TensorParallelSpan
 from swarmllm.server.tp_backend import TensorParallelBackend
@@ -77,8 +78,8 @@ from swarmllm.wire import (
     Message,
     WireError,
     WireLimits,
-    connect_direct,
     load_swarm_key,
+    proves_at,
     serve_libp2p,
 )
 
@@ -195,6 +196,9 @@ class Server:
         self._announced_rows, self._announced_at = 0, float("-inf")
         self.adapters: AdapterStore | None = None  # hosted (--adapters) and clients' uploaded LoRA adapters
         self.direct_addr: str | None = None
+        # whether peers reach us at direct_addr (`server.reachability`): None until one answers
+        self.direct_reachable: bool | None = None
+        self._reach_task: asyncio.Task | None = None
         self.peers: dict[str, ServerInfo] = {}  # the other servers of this model, for pushes to the next one
         self.ladder: tuple[tuple[int, int], ...] = ()  # the checkpoint's ladder layers, as announced
         self.fingerprint: str | None = None  # the checkpoint's dht.info.model_fingerprint, as announced
@@ -356,6 +360,7 @@ class Server:
             self.identity.peer_id,
             self.adapters,
             self.metrics,
+            DialBacks(self.identity, self.swarm_key),
         )
         handlers = handler.handlers()
         slots = ConnectionSlots(cfg.wire)
@@ -381,6 +386,7 @@ class Server:
         await self._announce()
         await self._refresh_peers()  # now, not inside the first push's time budget
         self._measure_network_soon()
+        self._check_reach_soon()
         print(
             json.dumps(
                 {
@@ -420,6 +426,7 @@ class Server:
                     await self._announce()
                     await self._refresh_peers()
                     self._measure_network_soon()
+                    self._check_reach_soon()
                 elif self._load_moved(now):
                     await self._announce()
                 # an operator's --blocks is kept; a chosen span may move
@@ -435,7 +442,7 @@ class Server:
         except DhtGone:
             pass  # (`_on_dht` said why) its sessions are handed back all the same
         finally:
-            for task in (host_watch, self._network_task, rejoining):
+            for task in (host_watch, self._network_task, self._reach_task, rejoining):
                 if task is not None:
                     task.cancel()
             self.state = ServerState.OFFLINE
@@ -743,24 +750,19 @@ class Server:
         for addr in (
             a for s in servers if s.peer_id == me and s.state != ServerState.OFFLINE for a in s.direct_addrs
         ):
-            host, _, port = addr.rpartition(":")
-            try:
-                conn = await connect_direct(
-                    host,
-                    int(port),
-                    self.identity,
-                    expected_peer_id=me,
-                    limits=self.config.wire,
-                    timeout=IDENTITY_CHECK_S,
-                    swarm_key=self.swarm_key,
-                )
-            except (TimeoutError, WireError, OSError):
-                continue
-            await conn.close()
-            raise ServeStartError(
-                f"another server is running with this identity ({me}, at {addr}): stop it, or give this one an "
-                "--identity of its own"
+            proved = await proves_at(
+                addr,
+                self.identity,
+                me,
+                timeout=IDENTITY_CHECK_S,
+                swarm_key=self.swarm_key,
+                limits=self.config.wire,
             )
+            if proved:
+                raise ServeStartError(
+                    f"another server is running with this identity ({me}, at {addr}): stop it, or give this one an "
+                    "--identity of its own"
+                )
         return servers
 
     async def _views_at_start(self, doing: str) -> tuple[list[ServerInfo], list[ServerInfo]]:
@@ -873,7 +875,10 @@ class Server:
             adapters=tuple(sorted(self.adapters.hosted)) if self.adapters else (),
             # a server backing off after a failed move is not waited for either (see `_move`)
             movable=self.config.blocks is None and time.monotonic() >= self._move_retry_at,
-            direct_addrs=(self.direct_addr,) if self.direct_addr else (),
+            # an address no peer could dial is not announced: others go straight to libp2p
+            direct_addrs=(self.direct_addr,)
+            if self.direct_addr and self.direct_reachable is not False
+            else (),
             tunable=self.config.tp == 1,
             ladder=self.ladder,
             fingerprint=self.fingerprint,
@@ -890,6 +895,8 @@ class Server:
             "decode_steps": self.backend.batcher.steps if self.backend else 0,
             "decode_session_steps": self.backend.batcher.merged if self.backend else 0,
             "weights_layout": self.backend.weights_layout if self.backend else None,
+            # whether peers reached it at its direct address (None: not known yet), `server.reachability`
+            "direct_reachable": self.direct_reachable,
         }
 
     async def _connect(self, peer_id: str) -> Connection:
@@ -953,6 +960,33 @@ class Server:
             speed.bandwidth * 8 / 1e6,
             self.network_rps,
         )
+
+    def _check_reach_soon(self) -> None:
+        """Ask peers, in the background, whether they reach us at our direct address, until one answers."""
+        if (
+            self.direct_reachable is None
+            and self.direct_addr
+            and (self._reach_task is None or self._reach_task.done())
+        ):
+            self._reach_task = asyncio.create_task(self._check_reach())
+
+    async def _check_reach(self) -> None:
+        peers = [p for p, s in self.peers.items() if s.state == ServerState.ONLINE]
+        reachable = await ask_reachable(self._connect, random.sample(peers, len(peers)), self.direct_addr)
+        if reachable is None:
+            return
+        self.direct_reachable = reachable
+        if reachable:
+            logger.info("peers reach this server's direct address %s", self.direct_addr)
+            return
+        logger.warning(
+            "no peer could dial this server at %s: it no longer announces that address, and clients reach it "
+            "through libp2p (slower). Open or forward the port (--direct-port, --announce-direct-port) and give "
+            "the address others dial (--announce-host), then restart",
+            self.direct_addr,
+        )
+        if self.state == ServerState.ONLINE:
+            await self._announce()  # at once: each client's new connection would wait at the address first
 
     def _load_moved(self, now: float) -> bool:
         """Whether its busy rows changed since it last announced, at least `LOAD_ANNOUNCE_S` ago."""

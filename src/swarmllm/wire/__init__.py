@@ -26,7 +26,14 @@ from swarmllm.wire.connection import (
     UnaryHandler,
     serve_connection,
 )
-from swarmllm.wire.direct import DirectServer, HandshakeError, IdentityMismatch, NotAMember, connect_direct
+from swarmllm.wire.direct import (
+    DirectServer,
+    HandshakeError,
+    IdentityMismatch,
+    NotAMember,
+    connect_direct,
+    proves_at,
+)
 from swarmllm.wire.framing import (
     DEFAULT_LIMITS,
     ConnectionLost,
@@ -82,6 +89,7 @@ __all__ = [
     "encode_frame",
     "load_swarm_key",
     "peer_id_from_public_key",
+    "proves_at",
     "read_frame",
     "serve_connection",
     "serve_libp2p",

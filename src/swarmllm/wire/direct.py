@@ -328,3 +328,31 @@ async def connect_direct(
 
     reader, writer, peer_id = await asyncio.wait_for(open_and_prove(), timeout)
     return Connection(reader, writer, transport=TRANSPORT, remote_peer_id=peer_id, limits=limits)
+
+
+async def proves_at(
+    addr: str,
+    identity: Identity,
+    peer_id: str,
+    *,
+    timeout: float,
+    swarm_key: SwarmKey | None = None,
+    limits: WireLimits = DEFAULT_LIMITS,
+) -> bool:
+    """Whether `peer_id` answers at `addr` (host:port) and proves its id there (the connection is closed again):
+    a server's check that its identity is not in use elsewhere, and a peer's dial-back (`server.reachability`)."""
+    host, _, port = addr.rpartition(":")
+    try:
+        conn = await connect_direct(
+            host,
+            int(port),
+            identity,
+            expected_peer_id=peer_id,
+            limits=limits,
+            timeout=timeout,
+            swarm_key=swarm_key,
+        )
+    except (TimeoutError, OSError, WireError, ValueError):
+        return False
+    await conn.close()
+    return True

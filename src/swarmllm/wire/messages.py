@@ -15,7 +15,8 @@ names the session's activation compression (`wire.compression`): every step, pus
 its hidden states in that form (blockwise8: int8 codes as `hidden`, plus `hidden_scales`); `parse` gives them back
 as float32.
 A client whose opening was refused room asks the unary `room` (`RoomQuery`, answered by a `RoomReply` once there
-is room or the wait is up) before it opens again.
+is room or the wait is up) before it opens again. A server asks its peers the unary `reach` (`ReachQuery`, answered
+by a `ReachReply`) to learn whether its announced direct address can be dialled.
 
 Ladder Residual (`models.ladder`): where a hop's boundary lies inside a ladder region, the state crossing it is the
 pair (r, p). The forward-side messages and their replies then carry `pending` (p, [B, T, H] like `hidden`, and
@@ -335,6 +336,54 @@ class RoomReply:
         if not isinstance(room, bool) or not isinstance(why, str):
             raise bad_request("a room reply needs room (a bool) and why (a string)")
         return cls(room, why)
+
+
+@dataclass(frozen=True)
+class ReachQuery:
+    """Asks a server to dial the asking peer back at `addr`, the direct address it announces: whether others can
+    reach it there (`server.reachability`)."""
+
+    addr: str
+
+    def to_message(self) -> Message:
+        return Message({"addr": self.addr})
+
+    @classmethod
+    def parse(cls, message: Message) -> ReachQuery:
+        addr = message.meta.get("addr")
+        if not isinstance(addr, str) or not _host_port(addr):
+            raise bad_request(
+                "addr must be host:port, a host of at most 253 characters and a port in 1-65535"
+            )
+        return cls(addr)
+
+
+@dataclass(frozen=True)
+class ReachReply:
+    """The answer to a `ReachQuery`: whether the asking peer answered at the address and proved its id there."""
+
+    reached: bool
+
+    def to_message(self) -> Message:
+        return Message({"reached": self.reached})
+
+    @classmethod
+    def parse(cls, message: Message) -> ReachReply:
+        reached = message.meta.get("reached")
+        if not isinstance(reached, bool):
+            raise bad_request("a reach reply needs reached (a bool)")
+        return cls(reached)
+
+
+def _host_port(addr: str) -> bool:
+    host, _, port = addr.rpartition(":")
+    return (
+        0 < len(host) <= 253
+        and 0 < len(port) <= 5
+        and port.isascii()
+        and port.isdigit()
+        and 0 < int(port) < 65536
+    )
 
 
 @dataclass(frozen=True)

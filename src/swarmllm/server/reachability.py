@@ -1,0 +1,102 @@
+"""Whether others can reach a server at the direct address it announces, as its peers find by dialling it back.
+
+Why: a volunteer's server behind a NAT or a firewall, or one given a wrong `--announce-host`, announces an address
+nobody can dial, and every client and every server pushing to it then waits there for its connect timeout (5 s
+where packets are dropped) before falling back to libp2p, again on each new connection. Petals asks a central
+service whether a server is reachable; here the swarm answers. Once online, a server asks up to `PEERS` of its
+peers (the unary `reach`) to dial it at that address and have it prove its peer id there. One that reached it
+settles it: reachable. If every peer that answered failed, the server stops announcing the address (clients and
+servers go straight to libp2p) and says what to do. If none answered (the first server of a swarm, peers of an
+older version), it asks again each announce period. A peer that lies costs at most the direct path, and only if
+every peer asked lies.
+
+The dialling side is bounded so that no one can use it against others: it dials only on behalf of a proven peer
+id, expects that id to answer (so only a peer that listens there itself can get a yes), runs one check per peer
+and `MAX_CHECKS` in all at once, and answers a failure only `ANSWER_S` after the query, whatever went wrong: a
+refused connection and a silent address read the same, so the answer tells nothing about an address but whether
+the asking peer listens there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable, Sequence
+
+from swarmllm.wire import Connection, Identity, RequestError, WireError, proves_at
+from swarmllm.wire.messages import ReachQuery, ReachReply
+from swarmllm.wire.swarm_key import SwarmKey
+
+logger = logging.getLogger(__name__)
+
+ANSWER_S = 5.0  # how long a check dials; a failure is answered only then
+PEERS = 3  # peers asked at once
+MAX_CHECKS = 4  # checks a server runs for others at once
+
+
+class DialBacks:
+    """The checks a server runs for its peers: dial the asking peer back at an address and see it prove its id."""
+
+    def __init__(
+        self,
+        identity: Identity,
+        swarm_key: SwarmKey | None = None,
+        *,
+        answer_s: float = ANSWER_S,
+        max_checks: int = MAX_CHECKS,
+    ):
+        self.identity, self.swarm_key = identity, swarm_key
+        self.answer_s, self.max_checks = answer_s, max_checks
+        self._checking: set[str] = set()  # peers whose check runs now
+
+    def refusal(self, peer_id: str | None) -> tuple[str, str] | None:
+        """(code, message) where a check for `peer_id` is not run now, else None."""
+        if peer_id is None:
+            return "bad_request", "a reach check is run only for a peer that proved its id"
+        if peer_id in self._checking:
+            return "quota", "a reach check for this peer is running: one at a time"
+        if len(self._checking) >= self.max_checks:
+            return "busy", f"{self.max_checks} reach checks are running"
+        return None
+
+    async def check(self, peer_id: str, addr: str) -> bool:
+        """Whether `peer_id` answers at `addr` and proves its id there; False comes `answer_s` after the call."""
+        if (refused := self.refusal(peer_id)) is not None:
+            raise RequestError(*refused)
+        self._checking.add(peer_id)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.answer_s
+        try:
+            if await proves_at(addr, self.identity, peer_id, timeout=self.answer_s, swarm_key=self.swarm_key):
+                return True
+            await asyncio.sleep(max(0.0, deadline - loop.time()))  # the same answer time, whatever failed
+            return False
+        finally:
+            self._checking.discard(peer_id)
+
+
+def verdict(answers: Sequence[bool | None]) -> bool | None:
+    """Reachable if one peer reached us, unreachable if every peer that answered failed, unknown (None) if none
+    answered."""
+    known = [answer for answer in answers if answer is not None]
+    if any(known):
+        return True
+    return False if known else None
+
+
+async def ask_reachable(
+    connect: Callable[[str], Awaitable[Connection]], peer_ids: Sequence[str], addr: str
+) -> bool | None:
+    """Ask the first `PEERS` of `peer_ids`, at once, whether they reach us at `addr` (`verdict` of their answers;
+    one that fails to answer, or refuses, counts as no answer)."""
+
+    async def ask(peer_id: str) -> bool | None:
+        try:
+            async with asyncio.timeout(2 * ANSWER_S):
+                conn = await connect(peer_id)
+                return ReachReply.parse(await conn.call("reach", ReachQuery(addr).to_message())).reached
+        except (TimeoutError, WireError, OSError, RequestError) as e:
+            logger.debug("no reach answer from %s: %r", peer_id, e)
+            return None
+
+    return verdict(await asyncio.gather(*(ask(peer_id) for peer_id in peer_ids[:PEERS])))

@@ -1,0 +1,109 @@
+"""A server's dial-back checks (`server.reachability`) against real listeners on 127.0.0.1: only the asking peer
+listening at the address gets a yes, a failure reads the same whatever went wrong, and the checks are bounded."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+
+import pytest
+import pytest_asyncio
+
+from swarmllm.server.reachability import DialBacks, verdict
+from swarmllm.wire import DirectServer, Handlers, Identity, Message, RequestError
+from swarmllm.wire.messages import ReachQuery
+
+ANSWER_S = 0.6
+
+on_module_loop = pytest.mark.asyncio(loop_scope="module")  # (the listener fixture's loop)
+
+
+@pytest.fixture(scope="module")
+def listener_identity() -> Identity:
+    return Identity.generate()
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def listener(listener_identity):
+    server = DirectServer(Handlers(), listener_identity, handshake_timeout=2.0)
+    await server.start()
+    yield "{}:{}".format(*server.address)
+    await server.stop()
+
+
+def closed_port() -> int:
+    """A port of 127.0.0.1 that nothing listens on (bound and released: connecting is refused)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+async def timed(check) -> tuple[bool, float]:
+    began = time.monotonic()
+    answer = await check
+    return answer, time.monotonic() - began
+
+
+@on_module_loop
+async def test_the_peer_listening_there_is_reached(listener, listener_identity):
+    checks = DialBacks(Identity.generate(), answer_s=ANSWER_S)
+    reached, took = await timed(checks.check(listener_identity.peer_id, listener))
+    assert reached and took < ANSWER_S
+
+
+@on_module_loop
+async def test_another_peer_listening_there_is_not(listener):
+    """Someone else's address: the listener proves another id, so the asking peer gets no."""
+    checks = DialBacks(Identity.generate(), answer_s=ANSWER_S)
+    reached, took = await timed(checks.check(Identity.generate().peer_id, listener))
+    assert not reached and took >= ANSWER_S
+
+
+@on_module_loop
+async def test_a_refused_address_answers_no_sooner_than_any_failure():
+    """Nothing listens there: the connection is refused at once, yet the answer comes at the check's whole time,
+    so it tells a refused port from a silent one no better than a yes/no."""
+    checks = DialBacks(Identity.generate(), answer_s=ANSWER_S)
+    reached, took = await timed(checks.check(Identity.generate().peer_id, f"127.0.0.1:{closed_port()}"))
+    assert not reached and took >= ANSWER_S
+
+
+@on_module_loop
+async def test_checks_are_bounded_per_peer_and_in_all():
+    checks = DialBacks(Identity.generate(), answer_s=ANSWER_S, max_checks=2)
+    assert checks.refusal(None)[0] == "bad_request"  # no proven id: nobody to dial back
+    peers = [Identity.generate().peer_id for _ in range(3)]
+    addr = f"127.0.0.1:{closed_port()}"
+    running = [asyncio.ensure_future(checks.check(peer, addr)) for peer in peers[:2]]
+    await asyncio.sleep(0)  # (both checks start: they hold their places until answered)
+    with pytest.raises(RequestError) as same_peer:
+        await checks.check(peers[0], addr)
+    with pytest.raises(RequestError) as third:
+        await checks.check(peers[2], addr)
+    assert (same_peer.value.code, third.value.code) == ("quota", "busy")
+    assert await asyncio.gather(*running) == [False, False]
+    assert checks.refusal(peers[2]) is None  # places are given back
+
+
+def test_verdict_against_every_mix_of_answers():
+    """One yes settles it; only noes is unreachable; no answer at all is unknown."""
+    options = (True, False, None)
+    for a in options:
+        for b in options:
+            for c in options:
+                answers = [a, b, c]
+                want = True if True in answers else (False if False in answers else None)
+                assert verdict(answers) is want
+    assert verdict([]) is None
+
+
+@pytest.mark.parametrize(
+    "addr", ["", "host", ":80", "h:0", "h:65536", "h:8x", "h:" + "9" * 5000, "x" * 254 + ":1"]
+)
+def test_a_query_needs_host_and_port(addr):
+    with pytest.raises(RequestError):
+        ReachQuery.parse(Message({"addr": addr}))
+    with pytest.raises(RequestError):
+        ReachQuery.parse(Message({"addr": 8080}))
+    assert ReachQuery.parse(ReachQuery("peer.example:31338").to_message()).addr == "peer.example:31338"
