@@ -126,6 +126,7 @@ def test_status_prints_the_monitors_view_once_and_fails_where_blocks_are_missing
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith(f"{PREFIX}: healthy; 4 blocks") and "2 online" in lines[0]
     assert lines[1].startswith(f"  [0, 2)  {a}  online") and lines[2].startswith(f"  [2, 4)  {b}  online")
+    assert all("float32  direct  " in line for line in lines[1:3])  # how clients reach them
     assert main(["status", "--initial-peers", *swarm.initial_peers, "--json"]) == 0
     document = json.loads(capsys.readouterr().out)
     assert document["schema"] == "swarmllm.monitor.state/1"

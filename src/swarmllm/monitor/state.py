@@ -276,7 +276,7 @@ def state_text(state: Mapping) -> str:
                 f"  [{row['start_block']}, {row['end_block']})  {row['peer_id']}{name}  {row['state']}  "
                 f"{row['throughput']:.1f} steps/s  {row['dtype']}"
                 + ("" if row["quantization"] == "none" else f"+{row['quantization']}")
-                + f"  {rtt}"
+                + f"  {row['connection']}  {rtt}"
             )
     for model in state["not_looked_up"]:
         lines.append(f"{model['name']}: not looked up ({model['reason']})")
