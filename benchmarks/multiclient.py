@@ -157,6 +157,7 @@ class ApiClients:
             "max_tokens": new_tokens,
             "temperature": 0,
             "ignore_eos": True,
+            "skip_special_tokens": False,  # (the word-level tokenizer's "t0" is its unk token: special)
         }
         request = urllib.request.Request(
             self.api + "/completions", json.dumps(body).encode(), {"Content-Type": "application/json"}
@@ -336,7 +337,13 @@ def main() -> None:
     parser.add_argument("--rtt-ms", type=float, default=100.0)
     parser.add_argument("--mbit", type=float, default=100.0)
     parser.add_argument("--batch-wait-ms", type=float, default=10.0)
-    parser.add_argument("--server-args", nargs="*", default=[], help="more `swarmllm serve` flags")
+    parser.add_argument(
+        "--server-args",
+        nargs="*",
+        action="extend",
+        default=[],
+        help="more `swarmllm serve` flags (may repeat)",
+    )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--petals-venv", type=Path, default=Path("/tmp/pvenv"))
     parser.add_argument("--petals-dir", type=Path, default=Path("/tmp/pbench-multi"))

@@ -1106,9 +1106,9 @@ def test_a_required_tool_call_is_transformers_constrained_answer_and_its_result_
 
 
 def test_penalties_bias_and_vllms_extras_equal_the_rules_written_out(client, local, reference):
-    """logit_bias, frequency/presence/repetition penalties, min_tokens, ignore_eos and stop_token_ids give the
-    tokens of a plain loop over transformers' logits that applies each rule by hand; top_k 1 and min_p 1 leave
-    only the most likely token, so sampling hot with them is greedy."""
+    """logit_bias, frequency/presence/repetition penalties, min_tokens, ignore_eos, skip_special_tokens and
+    stop_token_ids give the tokens of a plain loop over transformers' logits that applies each rule by hand; top_k
+    1 and min_p 1 leave only the most likely token, so sampling hot with them is greedy."""
     tokenizer, complete, _ = local
     eos = tokenizer.eos_token_id
     prompt = "The capital of France is"
@@ -1155,6 +1155,19 @@ def test_penalties_bias_and_vllms_extras_equal_the_rules_written_out(client, loc
     through = _greedy_loop(reference, short_ids, len(short) + 4)
     got = ask_ids(len(short) + 4, ignore_eos=True)
     assert (got.text, got.finish_reason) == (text(through), "length") and text(through) != text(short)
+    # vLLM's skip_special_tokens false: the EOS generated through reads as its text, streamed or not
+    kept = tokenizer.decode(through, skip_special_tokens=False)
+    assert eos in through and kept != text(through)
+    assert ask_ids(len(short) + 4, ignore_eos=True, skip_special_tokens=False).text == kept
+    streamed = client.completions.create(
+        model=NAME,
+        prompt=short_ids,
+        max_tokens=len(short) + 4,
+        temperature=0,
+        stream=True,
+        extra_body={"ignore_eos": True, "skip_special_tokens": False},
+    )
+    assert "".join(chunk.choices[0].text for chunk in streamed) == kept
     got = ask_ids(40, stop_token_ids=[short[2]])
     assert (got.text, got.finish_reason) == (text(short[:2]), "stop")
     hot = {"temperature": 1.5, "seed": 11}

@@ -13,6 +13,9 @@
 #                per cohort, the A/B of the arena's graphs per batch-size bucket (~3 min)
 #   multiclient-api  multiclient with the clients as concurrent requests to one `swarmllm api --device cuda`
 #                (one process holding the head, as a GPU host serving many users would) (~3 min)
+#   multiclient-many  1, 16, 32 and 64 concurrent requests to one `swarmllm api --device cuda`: the >= 1,000
+#                tokens/s line needs more rows a step than 8 clients give (session 35: 4 a step, 232 tokens/s); the
+#                servers let one peer (the API) hold 128 sessions and the whole cache, of 65,536 tokens (~4 min)
 #   multiclient-nowait  multiclient with --batch-wait-ms 0: servers merge only the steps already waiting (~2 min)
 #   batch-fp32   multiclient of the medium model in float32: merged steps through the row graphs give each
 #                client its solo tokens where half precision's rounding does not differ between batch sizes (~1 min)
@@ -55,11 +58,15 @@ for name in "${steps[@]}"; do
             --dtype float16 --networks loopback --clients 1 4 8 --repeats 2 --server-args=--arena-length=0 ;;
         multiclient-api) step multiclient-api 220 benchmarks/multiclient.py --models llama7b --device cuda \
             --dtype float16 --networks loopback --clients 1 4 8 --repeats 2 --faces api ;;
+        multiclient-many) step multiclient-many 260 benchmarks/multiclient.py --models llama7b --device cuda \
+            --dtype float16 --networks loopback --clients 1 16 32 64 --repeats 1 --faces api --no-petals \
+            --server-args=--max-sessions-per-peer=128 --server-args=--max-cache-share-per-peer=1 \
+            --server-args=--max-cache-tokens=65536 ;;
         multiclient-nowait) step multiclient-nowait 150 benchmarks/multiclient.py --models llama7b --device cuda \
             --dtype float16 --networks loopback --clients 1 4 8 --repeats 2 --batch-wait-ms 0 ;;
         batch-fp32) step batch-fp32 100 benchmarks/multiclient.py --models medium --device cuda \
             --dtype float32 --networks loopback --clients 1 4 8 --repeats 2 --no-petals ;;
         smoke) step smoke 120 benchmarks/hotpath.py --models tiny --device cuda --repeats 2 --calls 100 ;;
-        *) echo "unknown step $name (hotpath, multiclient, multiclient-own, multiclient-api, multiclient-nowait, batch-fp32, smoke)" ;;
+        *) echo "unknown step $name (hotpath, multiclient, multiclient-own, multiclient-api, multiclient-many, multiclient-nowait, batch-fp32, smoke)" ;;
     esac
 done

@@ -14,6 +14,7 @@ invalid parameter, 503 when the swarm cannot serve the request (e.g. blocks with
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import json
 import logging
@@ -186,8 +187,8 @@ class Engine:
         if closed := sum(engine.sessions.close_all() for engine in (self, *self.adapters)):
             logger.info("no cache room for a generation: closed %d kept sessions", closed)
 
-    def decode(self, tokens: list[int]) -> str:
-        return self.tokenizer.decode(tokens, skip_special_tokens=True)
+    def decode(self, tokens: list[int], skip_special_tokens: bool = True) -> str:
+        return self.tokenizer.decode(tokens, skip_special_tokens=skip_special_tokens)
 
     def start_all(self, prompt_ids: list[int], max_new_tokens: int | None, request) -> list[Generation]:
         """The request's `n` choices (or `best_of` candidates), each a generate of its own (seeded `seed + i`,
@@ -241,7 +242,11 @@ class Engine:
             len(prompt_ids),
             max_new_tokens,
             TextAssembler(
-                self.decode, request.stop_strings(), self.stop_ids(request), request.min_tokens, prompt_ids
+                functools.partial(self.decode, skip_special_tokens=request.skip_special_tokens),
+                request.stop_strings(),
+                self.stop_ids(request),
+                request.min_tokens,
+                prompt_ids,
             ),
             TokenTexts(self.tokenizer.decode, () if echo else prompt_ids),
             index,

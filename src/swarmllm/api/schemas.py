@@ -1,7 +1,7 @@
 """The request bodies the API accepts, checked at the edge (pydantic), and OpenAI's error body.
 
 OpenAI's sampling fields are all honoured, with vLLM's extras (`top_k`, `min_p`, `repetition_penalty`,
-`min_tokens`, `ignore_eos`, `stop_token_ids`, guided decoding: `guided_json`, `guided_regex`, `guided_choice`
+`min_tokens`, `ignore_eos`, `stop_token_ids`, `skip_special_tokens`, guided decoding: `guided_json`, `guided_regex`, `guided_choice`
 or `structured_outputs`), JSON mode (`response_format` `json_object`) and structured output (`json_schema`,
 api/json_schema.py). A request's grammar is a `Guide`: (kind, value), built by `guide_grammar`. What the API
 cannot do is refused with a 400 rather than silently
@@ -172,6 +172,8 @@ class _Sampling(BaseModel):
     # before EOS, a stop token id or a stop string may end the text
     min_tokens: int = Field(default=0, ge=0, strict=True)
     ignore_eos: bool = Field(default=False, strict=True)
+    # False: special tokens (other than an EOS that ends the text) read as their text, as vLLM's
+    skip_special_tokens: bool = Field(default=True, strict=True)
     stop_token_ids: Annotated[list[int], Field(max_length=16)] | None = None
     # vLLM's guided decoding, by its older names or its `structured_outputs` ({"json" | "regex" | "choice": ...})
     guided_json: dict | bool | str | None = None
