@@ -1,12 +1,13 @@
-"""Servers behind a NAT, on 127.0.0.1: a server that announces a direct address nobody can dial (as a volunteer's
-behind a router with no port forwarded: here, a port nothing listens on) learns it from its peers' dial-backs
-(`server.reachability`) and stops announcing it, so clients reach it through libp2p without first waiting at the
+"""Servers behind a NAT, on 127.0.0.1: a server given a direct address nobody can dial (as a volunteer's behind a
+router with no port forwarded: here, a port nothing listens on) learns it from its peers' dial-backs
+(`server.reachability`) and does not announce it, so clients reach it through libp2p without first waiting at the
 dead address; a server whose address works keeps it."""
 
 from __future__ import annotations
 
 import logging
 import socket
+import threading
 import time
 
 import torch
@@ -35,24 +36,20 @@ def until(condition, what: str):
     return value
 
 
-def test_an_address_no_peer_can_dial_is_no_longer_announced(llama_checkpoint, caplog):
+def test_an_address_no_peer_can_dial_is_never_announced_or_dropped(llama_checkpoint, caplog):
+    """A server with peers asks them before it comes online, and never announces an address none can dial; the
+    first server of a swarm, with nobody to ask, announces it and drops it once a later peer answers."""
     caplog.set_level(logging.INFO, logger="swarmllm.wire.pool")
     reference = AutoModelForCausalLM.from_pretrained(llama_checkpoint, dtype=torch.float32).eval()
     prompt = torch.tensor([[1, 30, 40, 50, 60]])
     want = reference.generate(prompt, max_new_tokens=8, do_sample=False).tolist()
+    ckpt = str(llama_checkpoint)
+    fast = ["--update-period", "3"]  # (the first one asks again soon once peers are there)
     with LocalSwarm() as local:
         local.start_bootstrap()
-        # a period of 3 s: the first server, alone when it came online, asks again soon once the second is there
-        fast = ["--update-period", "3"]
-        reachable = local.add_server(str(llama_checkpoint), (0, 2), extra=fast)
-        dead = closed_port()
-        behind_nat = local.add_server(
-            str(llama_checkpoint), (2, 4), extra=[*fast, "--announce-direct-port", str(dead)]
-        )
-        assert behind_nat["direct"] == f"127.0.0.1:{dead}"  # what it announced at first
-        model = AutoDistributedModelForCausalLM.from_pretrained(
-            str(llama_checkpoint), initial_peers=local.initial_peers
-        )
+        first_dead, later_dead = closed_port(), closed_port()
+        first = local.add_server(ckpt, (0, 2), extra=[*fast, "--announce-direct-port", str(first_dead)])
+        model = AutoDistributedModelForCausalLM.from_pretrained(ckpt, initial_peers=local.initial_peers)
         swarm = model.swarm
 
         def announced() -> dict:
@@ -63,18 +60,45 @@ def test_an_address_no_peer_can_dial_is_no_longer_announced(llama_checkpoint, ca
             return run_sync(conn.call("info", Message(), timeout=10)).meta["direct_reachable"]
 
         try:
-            until(lambda: announced().get(behind_nat["peer_id"]) == (), "the dead address dropped")
-            assert model.generate(prompt, max_new_tokens=8, do_sample=False).tolist() == want
-            assert run_sync(swarm.connection(behind_nat["peer_id"])).transport == "libp2p"
-            assert run_sync(swarm.connection(reachable["peer_id"])).transport == "direct"
-            # straight to libp2p: the client never waited at the dead address
-            assert not [r for r in caplog.records if f":{dead}" in r.getMessage()]
-            assert verdict(behind_nat["peer_id"]) is False
-            # the other one was reached by its peer at the address it announces, and still announces it
-            until(
-                lambda: verdict(reachable["peer_id"], announced()[reachable["peer_id"]]),
-                "the first one reached",
+            # alone: nobody to ask, so it announces the address it was given
+            assert until(lambda: announced().get(first["peer_id"]), "the first one announced") == (
+                f"127.0.0.1:{first_dead}",
             )
-            assert announced()[reachable["peer_id"]] == (reachable["direct"],)
+            good = local.add_server(ckpt, (2, 4), extra=fast)
+            # the later one asks its peers before it comes online: no record of it ever has its dead address
+            seen: set[str] = set()
+            starting = threading.Event()
+            starting.set()
+
+            def watch() -> None:
+                while starting.is_set():
+                    seen.update(a for addrs in announced().values() for a in addrs)
+                    time.sleep(0.1)
+
+            watcher = threading.Thread(target=watch)
+            watcher.start()
+            try:
+                later = local.add_server(
+                    ckpt, (0, 2), extra=[*fast, "--announce-direct-port", str(later_dead)]
+                )
+                until(lambda: later["peer_id"] in announced(), "the later one announced")
+            finally:
+                starting.clear()
+                watcher.join()
+            assert good["direct"] in seen and f"127.0.0.1:{later_dead}" not in seen
+            assert announced()[later["peer_id"]] == ()
+            until(lambda: announced().get(first["peer_id"]) == (), "the first one's dead address dropped")
+            # the good one was reached at its address, before it came online, and announces it
+            assert announced()[good["peer_id"]] == (good["direct"],)
+            assert verdict(good["peer_id"], announced()[good["peer_id"]]) is True
+
+            caplog.clear()
+            assert model.generate(prompt, max_new_tokens=8, do_sample=False).tolist() == want
+            for peer in (first, later):
+                assert run_sync(swarm.connection(peer["peer_id"])).transport == "libp2p"
+                assert verdict(peer["peer_id"]) is False
+            assert run_sync(swarm.connection(good["peer_id"])).transport == "direct"
+            # straight to libp2p: the client never waited at a dead address
+            assert not [r for r in caplog.records if f":{first_dead}" in r.getMessage()]
         finally:
             model.shutdown()

@@ -4,15 +4,16 @@ listening at the address gets a yes, a failure reads the same whatever went wron
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
 import time
 
 import pytest
 import pytest_asyncio
 
-from swarmllm.server.reachability import DialBacks, verdict
-from swarmllm.wire import DirectServer, Handlers, Identity, Message, RequestError
-from swarmllm.wire.messages import ReachQuery
+from swarmllm.server.reachability import DialBacks, ask_reachable, verdict
+from swarmllm.wire import DirectServer, Handlers, Identity, Message, RequestError, SwarmKey, connect_direct
+from swarmllm.wire.messages import ReachQuery, ReachReply
 
 ANSWER_S = 0.6
 
@@ -84,6 +85,45 @@ async def test_checks_are_bounded_per_peer_and_in_all():
     assert (same_peer.value.code, third.value.code) == ("quota", "busy")
     assert await asyncio.gather(*running) == [False, False]
     assert checks.refusal(peers[2]) is None  # places are given back
+
+
+async def checker(dial_backs: DialBacks) -> DirectServer:
+    """A peer that answers `reach` with `dial_backs` (as a server's handler does)."""
+
+    async def reach(request: Message, context) -> Message:
+        query = ReachQuery.parse(request)
+        return ReachReply(await dial_backs.check(context.peer_id, query.addr)).to_message()
+
+    handlers = Handlers()
+    handlers.add_unary("reach", reach, max_payload_bytes=0)
+    server = DirectServer(handlers, dial_backs.identity, handshake_timeout=2.0)
+    await server.start()
+    return server
+
+
+@on_module_loop
+async def test_the_first_peer_that_reaches_us_settles_it(listener, listener_identity):
+    """Asked at once, a peer that reaches us answers at once, and we do not wait for one that cannot (it dials
+    as a member of another private swarm, which our listener refuses), whose no comes at its whole time."""
+    reaching = await checker(DialBacks(Identity.generate(), answer_s=ANSWER_S))
+    failing = await checker(DialBacks(Identity.generate(), SwarmKey(os.urandom(32)), answer_s=ANSWER_S))
+    gone = await checker(DialBacks(Identity.generate(), answer_s=ANSWER_S))
+    await gone.stop()
+    peers = {s.identity.peer_id: s.address for s in (reaching, failing, gone)}
+
+    async def connect(peer_id: str):  # as the listener's peer, whose address is asked about
+        return await connect_direct(*peers[peer_id], listener_identity, expected_peer_id=peer_id, timeout=2.0)
+
+    try:
+        ids = list(peers)
+        answer, took = await timed(ask_reachable(connect, ids[:2], listener))
+        assert answer is True and took < ANSWER_S
+        answer, took = await timed(ask_reachable(connect, ids[1:], listener))
+        assert answer is False and took >= ANSWER_S  # the failing one's no; the gone one no answer
+        assert await ask_reachable(connect, ids[2:], listener) is None
+    finally:
+        await reaching.stop()
+        await failing.stop()
 
 
 def test_verdict_against_every_mix_of_answers():

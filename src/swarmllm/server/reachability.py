@@ -3,12 +3,13 @@
 Why: a volunteer's server behind a NAT or a firewall, or one given a wrong `--announce-host`, announces an address
 nobody can dial, and every client and every server pushing to it then waits there for its connect timeout (5 s
 where packets are dropped) before falling back to libp2p, again on each new connection. Petals asks a central
-service whether a server is reachable; here the swarm answers. Once online, a server asks up to `PEERS` of its
-peers (the unary `reach`) to dial it at that address and have it prove its peer id there. One that reached it
-settles it: reachable. If every peer that answered failed, the server stops announcing the address (clients and
-servers go straight to libp2p) and says what to do. If none answered (the first server of a swarm, peers of an
-older version), it asks again each announce period. A peer that lies costs at most the direct path, and only if
-every peer asked lies.
+service whether a server is reachable; here the swarm answers. Before it announces itself online, a server asks
+up to `PEERS` of its peers (the unary `reach`) to dial it at that address and have it prove its peer id there. The
+first that reached it settles it: reachable. If every peer that answered failed, the server never announces the
+address (clients and servers go straight to libp2p) and says what to do; that costs its start `ANSWER_S`. If none
+answered (the first server of a swarm, peers of an older version), it announces the address and asks again each
+announce period, dropping it once peers answer that they cannot dial it. A peer that lies costs at most the
+direct path, and only if every peer asked lies.
 
 The dialling side is bounded so that no one can use it against others: it dials only on behalf of a proven peer
 id, expects that id to answer (so only a peer that listens there itself can get a yes), runs one check per peer
@@ -87,8 +88,8 @@ def verdict(answers: Sequence[bool | None]) -> bool | None:
 async def ask_reachable(
     connect: Callable[[str], Awaitable[Connection]], peer_ids: Sequence[str], addr: str
 ) -> bool | None:
-    """Ask the first `PEERS` of `peer_ids`, at once, whether they reach us at `addr` (`verdict` of their answers;
-    one that fails to answer, or refuses, counts as no answer)."""
+    """Ask the first `PEERS` of `peer_ids`, at once, whether they reach us at `addr`: True at the first that did,
+    else the `verdict` of their answers (one that fails to answer, or refuses, counts as no answer)."""
 
     async def ask(peer_id: str) -> bool | None:
         try:
@@ -99,4 +100,14 @@ async def ask_reachable(
             logger.debug("no reach answer from %s: %r", peer_id, e)
             return None
 
-    return verdict(await asyncio.gather(*(ask(peer_id) for peer_id in peer_ids[:PEERS])))
+    asked = [asyncio.ensure_future(ask(peer_id)) for peer_id in peer_ids[:PEERS]]
+    answers = []
+    try:
+        for answer in asyncio.as_completed(asked):
+            answers.append(await answer)
+            if answers[-1]:  # one that reached us settles it: no waiting for the failures' fixed answer time
+                break
+    finally:
+        for task in asked:
+            task.cancel()
+    return verdict(answers)

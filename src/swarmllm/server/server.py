@@ -382,11 +382,13 @@ class Server:
         if cfg.metrics_port is not None:
             metrics_page, bound = await serve_metrics(self.metrics, cfg.host, cfg.metrics_port)
             metrics_url = f"http://{cfg.announce_host or cfg.host}:{bound}/metrics"
+        # peers now (not inside the first push's time budget), and whether they reach us at the direct address,
+        # so that one none can dial is never announced (none answering: asked again each period)
+        await self._refresh_peers()
+        await self._check_reach()
         self.state = ServerState.ONLINE
         await self._announce()
-        await self._refresh_peers()  # now, not inside the first push's time budget
         self._measure_network_soon()
-        self._check_reach_soon()
         print(
             json.dumps(
                 {
@@ -980,12 +982,12 @@ class Server:
             logger.info("peers reach this server's direct address %s", self.direct_addr)
             return
         logger.warning(
-            "no peer could dial this server at %s: it no longer announces that address, and clients reach it "
-            "through libp2p (slower). Open or forward the port (--direct-port, --announce-direct-port) and give "
-            "the address others dial (--announce-host), then restart",
+            "no peer could dial this server at %s: it announces no direct address, and clients reach it through "
+            "libp2p (slower). Open or forward the port (--direct-port, --announce-direct-port) and give the "
+            "address others dial (--announce-host), then restart",
             self.direct_addr,
         )
-        if self.state == ServerState.ONLINE:
+        if self.state == ServerState.ONLINE:  # (found after it came online: its first peers had not answered)
             await self._announce()  # at once: each client's new connection would wait at the address first
 
     def _load_moved(self, now: float) -> bool:
