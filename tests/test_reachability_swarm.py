@@ -102,3 +102,35 @@ def test_an_address_no_peer_can_dial_is_never_announced_or_dropped(llama_checkpo
             assert not [r for r in caplog.records if f":{first_dead}" in r.getMessage()]
         finally:
             model.shutdown()
+
+
+def test_auto_learns_the_address_peers_see(llama_checkpoint):
+    """`--announce-host auto` (the default with --host 0.0.0.0, which no peer can dial): a server announces the
+    address its peers see its connections come from, once one of them reached it there; with no peer yet, none."""
+    reference = AutoModelForCausalLM.from_pretrained(llama_checkpoint, dtype=torch.float32).eval()
+    prompt = torch.tensor([[1, 30, 40, 50, 60]])
+    want = reference.generate(prompt, max_new_tokens=8, do_sample=False).tolist()
+    ckpt, auto = str(llama_checkpoint), ["--announce-host", "auto", "--update-period", "3"]
+    with LocalSwarm() as local:
+        local.start_bootstrap()
+        first = local.add_server(ckpt, (0, 2), extra=auto)
+        assert first["direct"] is None  # alone: nobody to ask where it is
+        second = local.add_server(ckpt, (2, 4), extra=auto)
+        assert second["direct"].startswith("127.0.0.1:")  # its peer saw it there, and reached it
+        model = AutoDistributedModelForCausalLM.from_pretrained(ckpt, initial_peers=local.initial_peers)
+        swarm = model.swarm
+        try:
+            announced = until(
+                lambda: (
+                    (found := {s.peer_id: s.direct_addrs for s in run_sync(swarm.servers(refresh=True))})
+                    and all(found.get(s["peer_id"]) for s in (first, second))
+                    and found
+                ),
+                "both announce a direct address",
+            )
+            assert announced[second["peer_id"]] == (second["direct"],)
+            assert announced[first["peer_id"]][0].startswith("127.0.0.1:")
+            assert model.generate(prompt, max_new_tokens=8, do_sample=False).tolist() == want
+            assert {run_sync(swarm.connection(s["peer_id"])).transport for s in (first, second)} == {"direct"}
+        finally:
+            model.shutdown()

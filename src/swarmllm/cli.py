@@ -308,7 +308,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
     serve.add_argument("--port", type=_port, default=0, help="libp2p TCP port (0 = any free port)")
     serve.add_argument("--direct-port", type=_port, default=0, help="direct tensor path TCP port (0 = any)")
-    serve.add_argument("--announce-host", help="address others should dial, if not --host")
+    serve.add_argument(
+        "--announce-host",
+        help="address others should dial, if not --host ('auto': the one peers see this server's connections come "
+        "from, checked by dialling it back; the default where --host is 0.0.0.0)",
+    )
     serve.add_argument(
         "--announce-direct-port",
         type=_port,

@@ -11,7 +11,14 @@ import time
 import pytest
 import pytest_asyncio
 
-from swarmllm.server.reachability import DialBacks, ask_reachable, verdict
+from swarmllm.server.reachability import (
+    DialBacks,
+    ask_address,
+    ask_reachable,
+    best_address,
+    dial_address,
+    verdict,
+)
 from swarmllm.wire import DirectServer, Handlers, Identity, Message, RequestError, SwarmKey, connect_direct
 from swarmllm.wire.messages import ReachQuery, ReachReply
 
@@ -91,8 +98,8 @@ async def checker(dial_backs: DialBacks) -> DirectServer:
     """A peer that answers `reach` with `dial_backs` (as a server's handler does)."""
 
     async def reach(request: Message, context) -> Message:
-        query = ReachQuery.parse(request)
-        return ReachReply(await dial_backs.check(context.peer_id, query.addr)).to_message()
+        addr = dial_address(ReachQuery.parse(request), context.remote_host)
+        return ReachReply(await dial_backs.check(context.peer_id, addr), addr).to_message()
 
     handlers = Handlers()
     handlers.add_unary("reach", reach, max_payload_bytes=0)
@@ -121,9 +128,27 @@ async def test_the_first_peer_that_reaches_us_settles_it(listener, listener_iden
         answer, took = await timed(ask_reachable(connect, ids[1:], listener))
         assert answer is False and took >= ANSWER_S  # the failing one's no; the gone one no answer
         assert await ask_reachable(connect, ids[2:], listener) is None
+        # by port: at the address our connection comes from, as the checker sees it (the listener's own here)
+        port = int(listener.rpartition(":")[2])
+        assert await ask_address(connect, ids[:1], port) == (True, listener)
+        assert await ask_address(connect, ids[1:2], port) == (False, None)
     finally:
         await reaching.stop()
         await failing.stop()
+
+
+def test_the_best_address_is_the_one_most_peers_can_dial():
+    public, private, loopback = "93.184.216.34:31330", "192.168.1.5:31330", "127.0.0.1:31330"
+    assert best_address([loopback, private, public]) == public
+    assert best_address([loopback, private]) == private
+    assert best_address([loopback]) == loopback and best_address([]) is None
+
+
+def test_a_query_by_port_is_dialled_where_the_asker_comes_from():
+    assert dial_address(ReachQuery(port=31330), "198.51.100.4") == "198.51.100.4:31330"
+    assert dial_address(ReachQuery(addr="peer.example:1"), None) == "peer.example:1"
+    with pytest.raises(RequestError, match="not through a relay"):  # the asker's address unknown
+        dial_address(ReachQuery(port=31330), None)
 
 
 def test_verdict_against_every_mix_of_answers():
@@ -144,6 +169,8 @@ def test_verdict_against_every_mix_of_answers():
 def test_a_query_needs_host_and_port(addr):
     with pytest.raises(RequestError):
         ReachQuery.parse(Message({"addr": addr}))
-    with pytest.raises(RequestError):
-        ReachQuery.parse(Message({"addr": 8080}))
+    for meta in ({"addr": 8080}, {}, {"addr": "h:1", "port": 1}, {"port": 0}, {"port": True}, {"port": "1"}):
+        with pytest.raises(RequestError):
+            ReachQuery.parse(Message(meta))
+    assert ReachQuery.parse(ReachQuery(port=31330).to_message()).port == 31330
     assert ReachQuery.parse(ReachQuery("peer.example:31338").to_message()).addr == "peer.example:31338"

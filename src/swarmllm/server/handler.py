@@ -59,7 +59,7 @@ from swarmllm.server.cache import CacheFullError
 from swarmllm.server.metrics import ServerMetrics
 from swarmllm.server.network import PING_MAX_BYTES
 from swarmllm.server.quota import PeerLimits, PeerQuotas, Refusal
-from swarmllm.server.reachability import DialBacks
+from swarmllm.server.reachability import DialBacks, dial_address
 from swarmllm.server.room import RoomQueue
 from swarmllm.wire import CallContext, Connection, Handlers, Incoming, Message, RequestError, WireError
 from swarmllm.wire.messages import (
@@ -412,12 +412,13 @@ class RequestHandler:
         return Message({"bytes": sum(t.numel() * t.element_size() for t in request.tensors)})
 
     async def rpc_reach(self, request: Message, context: CallContext) -> Message:
-        """Dial the asking peer back at the address it asks about (`server.reachability`): whether it answers
-        there and proves its id; a failure is answered only after the check's whole time."""
-        query = ReachQuery.parse(request)
+        """Dial the asking peer back at the address it asks about, or at a port of the address its connection
+        comes from (`server.reachability`): whether it answers there and proves its id; a failure is answered only
+        after the check's whole time."""
+        addr = dial_address(ReachQuery.parse(request), context.remote_host)
         if (refusal := self.dial_backs.refusal(context.peer_id)) is not None:
             raise self._refusal(*refusal)
-        return ReachReply(await self.dial_backs.check(context.peer_id, query.addr)).to_message()
+        return ReachReply(await self.dial_backs.check(context.peer_id, addr), addr).to_message()
 
     async def rpc_forward(self, request: Message, context: CallContext) -> Message:
         peer = _peer(context)

@@ -9,7 +9,9 @@ first that reached it settles it: reachable. If every peer that answered failed,
 address (clients and servers go straight to libp2p) and says what to do; that costs its start `ANSWER_S`. If none
 answered (the first server of a swarm, peers of an older version), it announces the address and asks again each
 announce period, dropping it once peers answer that they cannot dial it. A peer that lies costs at most the
-direct path, and only if every peer asked lies.
+direct path, and only if every peer asked lies. A server that does not know its address (`--announce-host auto`,
+the default with a wildcard `--host`) asks by port instead: each peer dials that port at the address it sees the
+server's connection come from, and the server announces the best one reached (a public one settles it).
 
 The dialling side is bounded so that no one can use it against others: it dials only on behalf of a proven peer
 id, expects that id to answer (so only a peer that listens there itself can get a yes), runs one check per peer
@@ -21,12 +23,14 @@ the asking peer listens there.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 
 from swarmllm.wire import Connection, Identity, RequestError, WireError, proves_at
 from swarmllm.wire.messages import ReachQuery, ReachReply
 from swarmllm.wire.swarm_key import SwarmKey
+from swarmllm.wire.validation import bad_request
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +80,33 @@ class DialBacks:
             self._checking.discard(peer_id)
 
 
+def dial_address(query: ReachQuery, remote_host: str | None) -> str:
+    """The address a query asks to be dialled at: its own, or its port at the host its connection came from
+    (`CallContext.remote_host`: unknown through a libp2p relay)."""
+    if query.addr is not None:
+        return query.addr
+    if remote_host is None:
+        raise bad_request(
+            "a reach query by port needs a connection whose address is known (not through a relay)"
+        )
+    return f"{remote_host}:{query.port}"
+
+
+def _rank(addr: str) -> int:
+    """How widely an address (host:port) can be dialled: 0 public, 1 a private network's, 2 loopback, 3 a name."""
+    try:
+        ip = ipaddress.ip_address(addr.rpartition(":")[0])
+    except ValueError:
+        return 3
+    return 0 if ip.is_global else 2 if ip.is_loopback else 1
+
+
+def best_address(addrs: Sequence[str]) -> str | None:
+    """Of the addresses peers reached us at (each the host they see us from), the one most peers can dial: a
+    public one before a private network's, a loopback one last."""
+    return min(addrs, key=_rank, default=None)
+
+
 def verdict(answers: Sequence[bool | None]) -> bool | None:
     """Reachable if one peer reached us, unreachable if every peer that answered failed, unknown (None) if none
     answered."""
@@ -85,29 +116,53 @@ def verdict(answers: Sequence[bool | None]) -> bool | None:
     return False if known else None
 
 
-async def ask_reachable(
-    connect: Callable[[str], Awaitable[Connection]], peer_ids: Sequence[str], addr: str
-) -> bool | None:
-    """Ask the first `PEERS` of `peer_ids`, at once, whether they reach us at `addr`: True at the first that did,
-    else the `verdict` of their answers (one that fails to answer, or refuses, counts as no answer)."""
+async def ask_peers(
+    connect: Callable[[str], Awaitable[Connection]],
+    peer_ids: Sequence[str],
+    query: ReachQuery,
+    settles: Callable[[ReachReply], bool],
+) -> list[ReachReply | None]:
+    """Ask the first `PEERS` of `peer_ids` `query` at once; their answers (None: no answer, or a refusal) until one
+    `settles` it, whose answer is the last (the others are not waited for: a failure comes only at `ANSWER_S`)."""
 
-    async def ask(peer_id: str) -> bool | None:
+    async def ask(peer_id: str) -> ReachReply | None:
         try:
             async with asyncio.timeout(2 * ANSWER_S):
                 conn = await connect(peer_id)
-                return ReachReply.parse(await conn.call("reach", ReachQuery(addr).to_message())).reached
+                return ReachReply.parse(await conn.call("reach", query.to_message()))
         except (TimeoutError, WireError, OSError, RequestError) as e:
             logger.debug("no reach answer from %s: %r", peer_id, e)
             return None
 
     asked = [asyncio.ensure_future(ask(peer_id)) for peer_id in peer_ids[:PEERS]]
-    answers = []
+    answers: list[ReachReply | None] = []
     try:
         for answer in asyncio.as_completed(asked):
             answers.append(await answer)
-            if answers[-1]:  # one that reached us settles it: no waiting for the failures' fixed answer time
+            if answers[-1] is not None and settles(answers[-1]):
                 break
     finally:
         for task in asked:
             task.cancel()
-    return verdict(answers)
+    return answers
+
+
+async def ask_reachable(
+    connect: Callable[[str], Awaitable[Connection]], peer_ids: Sequence[str], addr: str
+) -> bool | None:
+    """Whether peers reach us at `addr` (`verdict`; the first that does settles it)."""
+    answers = await ask_peers(connect, peer_ids, ReachQuery(addr=addr), lambda reply: reply.reached)
+    return verdict([None if answer is None else answer.reached for answer in answers])
+
+
+async def ask_address(
+    connect: Callable[[str], Awaitable[Connection]], peer_ids: Sequence[str], port: int
+) -> tuple[bool | None, str | None]:
+    """Where peers reach us at `port`: (`verdict`, the `best_address` they reached us at); a public address
+    settles it."""
+
+    answers = await ask_peers(
+        connect, peer_ids, ReachQuery(port=port), lambda reply: reply.reached and _rank(reply.addr) == 0
+    )
+    reached = [answer.addr for answer in answers if answer is not None and answer.reached]
+    return verdict([None if answer is None else answer.reached for answer in answers]), best_address(reached)

@@ -64,7 +64,7 @@ from swarmllm.server.host import HostShare, device_folder, host_cores, threads_p
 from swarmllm.server.memory import block_bytes, cache_bytes_per_block, device_memory, memory_share
 from swarmllm.server.metrics import ServerMetrics, serve_metrics
 from swarmllm.server.network import measure_network, network_rps
-from swarmllm.server.reachability import DialBacks, ask_reachable
+from swarmllm.server.reachability import DialBacks, ask_address, ask_reachable
 from swarmllm.server.throughput import cached_threads, cached_throughput, last_measured
 from swarmllm.server.tp import STEP_TIMEOUT_S, TensorParallelSpan
 from swarmllm.server.tp_backend import TensorParallelBackend
@@ -96,6 +96,7 @@ LOAD_ANNOUNCE_S = 5.0
 UNSETTLED_CHECK_S = 2.0  # while a move is due (by us or another server), check again this soon
 MAX_MOVE_BACKOFF_S = 600.0  # a move that keeps failing (out of memory, ...) is tried at most this rarely
 LEAVE_ANNOUNCE_TIMEOUT_S = 5.0  # on leaving, the most the offline announcement may take
+WILDCARD_HOSTS = ("0.0.0.0", "::", "")  # a --host that listens everywhere, which no peer can dial
 IDENTITY_CHECK_S = 3.0  # at start, the wait for a server announced under our identity to prove it is running
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -123,6 +124,8 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 0
     direct_port: int = 0
+    # the address others dial ("auto": the one peers see this server's connections come from, `server.reachability`;
+    # the default where `host` is a wildcard, which nobody can dial)
     announce_host: str | None = None
     announce_direct_port: int | None = None  # the direct port others dial, if not ours (a forward or proxy)
     dtype: str = "float32"
@@ -196,6 +199,11 @@ class Server:
         self._announced_rows, self._announced_at = 0, float("-inf")
         self.adapters: AdapterStore | None = None  # hosted (--adapters) and clients' uploaded LoRA adapters
         self.direct_addr: str | None = None
+        self.direct_port = 0  # the direct port others dial
+        # the direct address is learned from peers (`ServerConfig.announce_host`)
+        self.auto_host = config.announce_host == "auto" or (
+            config.announce_host is None and config.host in WILDCARD_HOSTS
+        )
         # whether peers reach us at direct_addr (`server.reachability`): None until one answers
         self.direct_reachable: bool | None = None
         self._reach_task: asyncio.Task | None = None
@@ -309,7 +317,7 @@ class Server:
                 initial_peers=cfg.initial_peers,
                 host=cfg.host,
                 port=cfg.port,
-                announce_host=cfg.announce_host,
+                announce_host=None if self.auto_host else cfg.announce_host,
                 swarm_key=self.swarm_key,
             ),
         )
@@ -376,16 +384,21 @@ class Server:
         )
         await direct.start()
         host, port = direct.address
-        self.direct_addr = f"{cfg.announce_host or host}:{cfg.announce_direct_port or port}"
+        self.direct_port = cfg.announce_direct_port or port
+        # (an address to learn from peers: none announced until one reaches us)
+        self.direct_addr = None if self.auto_host else f"{cfg.announce_host or host}:{self.direct_port}"
         await serve_libp2p(p2p, handlers, limits=cfg.wire, slots=slots, swarm_key=self.swarm_key)
-        metrics_page, metrics_url = None, None
-        if cfg.metrics_port is not None:
-            metrics_page, bound = await serve_metrics(self.metrics, cfg.host, cfg.metrics_port)
-            metrics_url = f"http://{cfg.announce_host or cfg.host}:{bound}/metrics"
         # peers now (not inside the first push's time budget), and whether they reach us at the direct address,
         # so that one none can dial is never announced (none answering: asked again each period)
         await self._refresh_peers()
         await self._check_reach()
+        metrics_page, metrics_url = None, None
+        if cfg.metrics_port is not None:
+            metrics_page, bound = await serve_metrics(self.metrics, cfg.host, cfg.metrics_port)
+            public = (
+                self.direct_addr.rpartition(":")[0] if self.direct_addr else cfg.announce_host or cfg.host
+            )
+            metrics_url = f"http://{cfg.host if public == 'auto' else public}:{bound}/metrics"
         self.state = ServerState.ONLINE
         await self._announce()
         self._measure_network_soon()
@@ -967,28 +980,35 @@ class Server:
         """Ask peers, in the background, whether they reach us at our direct address, until one answers."""
         if (
             self.direct_reachable is None
-            and self.direct_addr
+            and (self.direct_addr or self.auto_host)
             and (self._reach_task is None or self._reach_task.done())
         ):
             self._reach_task = asyncio.create_task(self._check_reach())
 
     async def _check_reach(self) -> None:
+        """Whether peers reach us at the direct address (with `auto_host`: at which address they do, the one they
+        see our connections come from)."""
         peers = [p for p, s in self.peers.items() if s.state == ServerState.ONLINE]
-        reachable = await ask_reachable(self._connect, random.sample(peers, len(peers)), self.direct_addr)
+        order = random.sample(peers, len(peers))
+        if self.auto_host:
+            reachable, learned = await ask_address(self._connect, order, self.direct_port)
+            self.direct_addr = learned or self.direct_addr
+        else:
+            reachable = await ask_reachable(self._connect, order, self.direct_addr)
         if reachable is None:
             return
         self.direct_reachable = reachable
         if reachable:
             logger.info("peers reach this server's direct address %s", self.direct_addr)
-            return
-        logger.warning(
-            "no peer could dial this server at %s: it announces no direct address, and clients reach it through "
-            "libp2p (slower). Open or forward the port (--direct-port, --announce-direct-port) and give the "
-            "address others dial (--announce-host), then restart",
-            self.direct_addr,
-        )
+        else:
+            logger.warning(
+                "no peer could dial this server at %s: it announces no direct address, and clients reach it "
+                "through libp2p (slower). Open or forward the port (--direct-port, --announce-direct-port) and give "
+                "the address others dial (--announce-host), then restart",
+                self.direct_addr or f"port {self.direct_port}",
+            )
         if self.state == ServerState.ONLINE:  # (found after it came online: its first peers had not answered)
-            await self._announce()  # at once: each client's new connection would wait at the address first
+            await self._announce()  # at once: a dead address costs each new connection its wait there
 
     def _load_moved(self, now: float) -> bool:
         """Whether its busy rows changed since it last announced, at least `LOAD_ANNOUNCE_S` ago."""

@@ -81,6 +81,9 @@ class CallContext:
     peer_id: str | None  # the caller's proven libp2p peer id (base58), if the transport proved one
     transport: str  # "direct" | "libp2p"
     method: str
+    remote_host: str | None = (
+        None  # the caller's address as this end sees it (its TCP peer's, its libp2p connection's)
+    )
 
 
 class Inbox(asyncio.Queue):
@@ -670,8 +673,10 @@ async def serve_connection(
     limits: WireLimits,
     peer_id: str | None,
     transport: str,
+    remote_host: str | None = None,
 ) -> None:
     """Answer calls on one connection until it closes; handler failures become ERROR frames, never crashes.
+    `remote_host`: the caller's address as this end sees it, where the transport knows it (`CallContext`).
 
     When the connection ends, every running handler is cancelled, so session resources can be freed in their
     ``finally`` blocks. A frame larger than its method may carry fails only its call; a frame that does not
@@ -772,7 +777,7 @@ async def serve_connection(
                 call_id, "too_many_calls", f"{len(calls)} calls are already open on this connection"
             )
             return
-        context = CallContext(peer_id=peer_id, transport=transport, method=method)
+        context = CallContext(peer_id=peer_id, transport=transport, method=method, remote_host=remote_host)
         if method in handlers.notice:
             try:
                 later = handlers.notice[method](frame.message, context)

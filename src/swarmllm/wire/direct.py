@@ -280,7 +280,13 @@ class DirectServer:
                 refuse_connection(writer, "too_many_connections", str(e))
                 return
             await serve_connection(
-                reader, writer, self.handlers, limits=self.limits, peer_id=peer_id, transport=TRANSPORT
+                reader,
+                writer,
+                self.handlers,
+                limits=self.limits,
+                peer_id=peer_id,
+                transport=TRANSPORT,
+                remote_host=_peer_host(writer),
             )
         except asyncio.CancelledError:
             pass  # Python 3.11 logs a spurious error when a connection callback task ends cancelled
@@ -290,6 +296,11 @@ class DirectServer:
             self.slots.close(peer_id)
             del self._connections[task]
             writer.close()
+
+
+def _peer_host(writer: asyncio.StreamWriter) -> str | None:
+    peer = writer.get_extra_info("peername")
+    return peer[0] if isinstance(peer, tuple) else None
 
 
 async def connect_direct(
@@ -306,7 +317,8 @@ async def connect_direct(
 
     ``expected_peer_id=None`` accepts whoever answers (its proven id is still in ``remote_peer_id``).
     Raises ConnectionLost if the address is unreachable or TLS fails, HandshakeError / IdentityMismatch /
-    NotAMember if the peer is not who it should be or one side is not a member of the private swarm, asyncio.TimeoutError if connecting and the handshake take longer than ``timeout``.
+    NotAMember if the peer is not who it should be or one side is not a member of the private swarm,
+    asyncio.TimeoutError if connecting and the handshake take longer than ``timeout``.
     """
 
     async def open_and_prove() -> tuple[asyncio.StreamReader, asyncio.StreamWriter, str]:

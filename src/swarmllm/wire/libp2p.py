@@ -27,6 +27,7 @@ import os
 from hivemind.p2p import P2P, PeerID
 from hivemind.p2p.p2p_daemon_bindings.datastructures import StreamInfo
 from hivemind.p2p.p2p_daemon_bindings.utils import P2PDaemonError
+from hivemind.utils.multiaddr import Multiaddr
 
 from swarmllm.wire.connection import (
     Connection,
@@ -99,6 +100,18 @@ async def _prove_membership_as_caller(
     await read_handshake_message(reader, ())
 
 
+def host_of(addr: Multiaddr) -> str | None:
+    """The IP address a libp2p connection comes from (its remote multiaddr's), None where it comes through a
+    relay (the address would be the relay's)."""
+    parts = str(addr).split("/")
+    if "p2p-circuit" in parts:
+        return None
+    for protocol in ("ip4", "ip6"):
+        if protocol in parts and parts.index(protocol) + 1 < len(parts):
+            return parts[parts.index(protocol) + 1]
+    return None
+
+
 async def serve_libp2p(
     p2p: P2P,
     handlers: Handlers,
@@ -148,7 +161,13 @@ async def serve_libp2p(
                         )
                     return
             await serve_connection(
-                reader, writer, handlers, limits=limits, peer_id=peer_id, transport=TRANSPORT
+                reader,
+                writer,
+                handlers,
+                limits=limits,
+                peer_id=peer_id,
+                transport=TRANSPORT,
+                remote_host=host_of(info.addr),
             )
         except asyncio.CancelledError:
             pass  # Python 3.11 logs a spurious error when a connection callback task ends cancelled

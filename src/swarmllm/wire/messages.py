@@ -340,39 +340,47 @@ class RoomReply:
 
 @dataclass(frozen=True)
 class ReachQuery:
-    """Asks a server to dial the asking peer back at `addr`, the direct address it announces: whether others can
-    reach it there (`server.reachability`)."""
+    """Asks a server to dial the asking peer back at `addr`, the direct address it would announce, or, with
+    `port` instead, at that port of the address the server sees the asking peer's connection come from (a server
+    that does not know its public address): whether others can reach it there (`server.reachability`)."""
 
-    addr: str
+    addr: str | None = None
+    port: int | None = None
 
     def to_message(self) -> Message:
-        return Message({"addr": self.addr})
+        return Message({"addr": self.addr} if self.addr is not None else {"port": self.port})
 
     @classmethod
     def parse(cls, message: Message) -> ReachQuery:
-        addr = message.meta.get("addr")
-        if not isinstance(addr, str) or not _host_port(addr):
+        addr, port = message.meta.get("addr"), message.meta.get("port")
+        if (addr is None) == (port is None):
+            raise bad_request("a reach query names an address (addr) or a port, one of them")
+        if addr is not None and (not isinstance(addr, str) or not _host_port(addr)):
             raise bad_request(
                 "addr must be host:port, a host of at most 253 characters and a port in 1-65535"
             )
-        return cls(addr)
+        if port is not None and (not isinstance(port, int) or isinstance(port, bool) or not 0 < port < 65536):
+            raise bad_request("port must be a port number, 1-65535")
+        return cls(addr, port)
 
 
 @dataclass(frozen=True)
 class ReachReply:
-    """The answer to a `ReachQuery`: whether the asking peer answered at the address and proved its id there."""
+    """The answer to a `ReachQuery`: whether the asking peer answered at `addr` (the address dialled) and proved its
+    id there."""
 
     reached: bool
+    addr: str
 
     def to_message(self) -> Message:
-        return Message({"reached": self.reached})
+        return Message({"reached": self.reached, "addr": self.addr})
 
     @classmethod
     def parse(cls, message: Message) -> ReachReply:
-        reached = message.meta.get("reached")
-        if not isinstance(reached, bool):
-            raise bad_request("a reach reply needs reached (a bool)")
-        return cls(reached)
+        reached, addr = message.meta.get("reached"), message.meta.get("addr")
+        if not isinstance(reached, bool) or not isinstance(addr, str) or not _host_port(addr):
+            raise bad_request("a reach reply needs reached (a bool) and addr (host:port)")
+        return cls(reached, addr)
 
 
 def _host_port(addr: str) -> bool:
