@@ -395,10 +395,10 @@ class Server:
         metrics_page, metrics_url = None, None
         if cfg.metrics_port is not None:
             metrics_page, bound = await serve_metrics(self.metrics, cfg.host, cfg.metrics_port)
-            public = (
-                self.direct_addr.rpartition(":")[0] if self.direct_addr else cfg.announce_host or cfg.host
-            )
-            metrics_url = f"http://{cfg.host if public == 'auto' else public}:{bound}/metrics"
+            public = cfg.announce_host or cfg.host
+            if self.auto_host:  # (the host peers reached us at, where one did)
+                public = self.direct_addr.rpartition(":")[0] if self.direct_addr else cfg.host
+            metrics_url = f"http://{public}:{bound}/metrics"
         self.state = ServerState.ONLINE
         await self._announce()
         self._measure_network_soon()

@@ -81,9 +81,8 @@ class CallContext:
     peer_id: str | None  # the caller's proven libp2p peer id (base58), if the transport proved one
     transport: str  # "direct" | "libp2p"
     method: str
-    remote_host: str | None = (
-        None  # the caller's address as this end sees it (its TCP peer's, its libp2p connection's)
-    )
+    # the caller's address as this end sees it (its TCP peer's, its libp2p connection's), where known
+    remote_host: str | None = None
 
 
 class Inbox(asyncio.Queue):
