@@ -253,3 +253,42 @@ async def test_a_parameter_of_the_wrong_json_type_is_a_400_naming_it(client, pat
     status, answer = await _post(client, path, body)
     assert status == 400, answer
     assert answer["error"]["param"] == field, answer
+
+
+THINKING_TEMPLATE = (
+    "{% for m in messages %}{{ m['role'] }} {{ m['content'] }} {% endfor %}"
+    "{% if enable_thinking is defined and not enable_thinking %}nothink {% endif %}"
+    "{% if add_generation_prompt %}assistant{% endif %}"
+)
+
+
+async def test_chat_template_kwargs_and_add_generation_prompt_are_vllms(client, engine):
+    """vLLM's `chat_template_kwargs` (Qwen3's `enable_thinking`: false) reach the template, and
+    `add_generation_prompt: false` leaves the assistant's turn unopened; a variable the API sets itself is a 400."""
+    tokenizer = engine.tokenizer
+    kept, tokenizer.chat_template = tokenizer.chat_template, THINKING_TEMPLATE
+    try:
+        messages = [{"role": "user", "content": "the cat"}]
+
+        def ids(**fields) -> list[int]:
+            return Api(engine).chat_ids(ChatRequest(model="m", messages=messages, **fields))[0]
+
+        def words(text: str) -> list[int]:
+            return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+        assert ids() == words("user the cat assistant")
+        assert ids(chat_template_kwargs={"enable_thinking": False}) == words("user the cat nothink assistant")
+        assert ids(add_generation_prompt=False) == words("user the cat ")
+        chat = {"model": "m", "messages": messages, "max_tokens": 1, "temperature": 0}
+        counts = []
+        for extra in ({}, {"chat_template_kwargs": {"enable_thinking": False}}):
+            status, body = await _post(client, "/v1/chat/completions", {**chat, **extra})
+            assert status == 200, body
+            counts.append(body["usage"]["prompt_tokens"])
+        assert counts[1] == counts[0] + 1  # the template's one more word
+        status, body = await _post(
+            client, "/v1/chat/completions", {**chat, "chat_template_kwargs": {"add_generation_prompt": False}}
+        )
+        assert status == 400 and body["error"]["param"] == "chat_template_kwargs", body
+    finally:
+        tokenizer.chat_template = kept

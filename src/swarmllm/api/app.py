@@ -701,8 +701,14 @@ class Api:
         except ToolError as e:
             raise ApiError(400, str(e), "invalid_request_error", e.param) from None
         try:
-            text = chat_prompt(self.engine.tokenizer, messages, body.continue_final_message)
-        except (TemplateError, ValueError) as e:  # a role or an order the model's template refuses
+            text = chat_prompt(
+                self.engine.tokenizer,
+                messages,
+                body.continue_final_message,
+                body.add_generation_prompt,
+                body.chat_template_kwargs,
+            )
+        except (TemplateError, ValueError, TypeError) as e:  # a role, order or variable the template refuses
             message = f"the model's chat template refused the messages: {e}"
             raise ApiError(400, message, "invalid_request_error", "messages") from None
         return self.engine.tokenizer(text, add_special_tokens=False)["input_ids"], tools

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,19 +33,30 @@ FALLBACK_ROLE_LINE = "{role}: {content}\n"
 FALLBACK_GENERATION_PROMPT = "assistant:"
 
 
-def chat_prompt(tokenizer, messages: Sequence[dict[str, str]], continue_final: bool = False) -> str:
+def chat_prompt(
+    tokenizer,
+    messages: Sequence[dict[str, str]],
+    continue_final: bool = False,
+    open_turn: bool = True,
+    variables: Mapping[str, Any] | None = None,
+) -> str:
     """The prompt text for chat `messages` (each with `role` and `content`): the tokenizer's chat template with
     the assistant's turn opened, or the plain fallback layout when the tokenizer has no template. continue_final:
-    the last message (the assistant's) left open instead, its answer continuing its text (an assistant prefill)."""
+    the last message (the assistant's) left open instead, its answer continuing its text (an assistant prefill).
+    open_turn False: the assistant's turn not opened (vLLM's `add_generation_prompt`); `variables`: more for the
+    template (vLLM's `chat_template_kwargs`; the fallback layout has none)."""
     if getattr(tokenizer, "chat_template", None):
         return tokenizer.apply_chat_template(
             list(messages),
-            add_generation_prompt=not continue_final,
+            add_generation_prompt=open_turn and not continue_final,
             continue_final_message=continue_final,
             tokenize=False,
+            **(variables or {}),
         )
     lines = "".join(FALLBACK_ROLE_LINE.format(role=m["role"], content=m["content"]) for m in messages)
-    return lines.removesuffix("\n") if continue_final else lines + FALLBACK_GENERATION_PROMPT
+    if continue_final:
+        return lines.removesuffix("\n")
+    return lines + FALLBACK_GENERATION_PROMPT if open_turn else lines
 
 
 CONTEXT_TOKENS = 6  # decoded before a token for its text as it reads in its sequence: enough for its space

@@ -299,6 +299,16 @@ class CompletionRequest(_Sampling):
         return self.logprobs
 
 
+# what a chat template is given by the API itself (transformers' `apply_chat_template` parameters among them)
+RESERVED_TEMPLATE_VARIABLES = frozenset(
+    {
+        "messages", "conversation", "tools", "documents", "chat_template", "add_generation_prompt",
+        "continue_final_message", "tokenize", "padding", "truncation", "max_length", "return_tensors",
+        "return_dict", "return_assistant_tokens_mask", "tokenizer_kwargs",
+    }
+)  # fmt: skip
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
@@ -330,7 +340,19 @@ class ChatRequest(_Sampling):
     response_format: dict | None = None
     # vLLM's: the answer continues the last message (the assistant's), whose turn the prompt leaves open
     continue_final_message: bool = Field(default=False, strict=True)
+    # vLLM's: whether the prompt opens the assistant's turn, and more variables for the chat template (Qwen3's
+    # `enable_thinking`, ...)
+    add_generation_prompt: bool = Field(default=True, strict=True)
+    chat_template_kwargs: Annotated[dict[str, Any], Field(max_length=32)] | None = None
     _tools: ToolCalling | None = PrivateAttr(default=None)
+
+    @field_validator("chat_template_kwargs")
+    @classmethod
+    def _template_variables(cls, kwargs):
+        """Variables the template reads beside the messages: not the ones the API sets itself."""
+        if kwargs and (taken := sorted(set(kwargs) & RESERVED_TEMPLATE_VARIABLES)):
+            raise ValueError(f"chat_template_kwargs may not set {taken}: the request's own fields do")
+        return kwargs
 
     @field_validator("functions")
     @classmethod
