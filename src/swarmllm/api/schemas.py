@@ -2,7 +2,8 @@
 
 OpenAI's sampling fields are all honoured, with vLLM's extras (`top_k`, `min_p`, `repetition_penalty`,
 `min_tokens`, `ignore_eos`, `stop_token_ids`, `skip_special_tokens`, guided decoding: `guided_json`,
-`guided_regex`, `guided_choice` or `structured_outputs`), JSON mode (`response_format` `json_object`) and structured output (`json_schema`,
+`guided_regex`, `guided_choice` or `structured_outputs`; on chat `add_generation_prompt` and
+`chat_template_kwargs`), JSON mode (`response_format` `json_object`) and structured output (`json_schema`,
 api/json_schema.py). A request's grammar is a `Guide`: (kind, value), built by `guide_grammar`. What the API
 cannot do is refused with a 400 rather than silently
 ignored: a schema keyword it cannot hold an answer to, deprecated `functions`, a completion `suffix`. Tools
