@@ -12,6 +12,7 @@ import time
 
 import pytest
 import torch
+from ports import free_port
 
 from swarmllm.forking import forked
 from swarmllm.local import LocalSwarm
@@ -68,12 +69,6 @@ def stacks_of(proc, wait_s: float = 5.0) -> str:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGUSR1)
     return read_output(proc, wait_s)[-20000:]
-
-
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]  # nothing listens on it once the socket is closed
 
 
 def said(done: subprocess.CompletedProcess, command: str) -> str:
@@ -141,7 +136,7 @@ def test_malformed_peer_address():
 
 
 def test_unreachable_peer():
-    peer = UNREACHABLE_PEER.format(port=closed_port())
+    peer = UNREACHABLE_PEER.format(port=free_port())
     line = said(swarmllm("dht", "--initial-peers", peer), "dht")
     assert "none of the initial peers answered" in line and peer in line
 

@@ -7,7 +7,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -17,18 +16,13 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from ports import free_port
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from swarmllm.local import ManagedProcess
 
 COMPOSE = Path(__file__).parent.parent / "docker" / "compose.yaml"
 SWARMLLM = [sys.executable, "-m", "swarmllm.cli"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def docker_compose() -> list[str] | None:

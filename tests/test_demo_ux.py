@@ -2,10 +2,11 @@
 a user starts them, and their output checked as a shell would use it (the answer alone on stdout)."""
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
+
+from ports import free_port
 
 
 def cli(
@@ -22,16 +23,10 @@ def cli(
     )
 
 
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_fetch_smollm2_keeps_stdout_for_the_folder(tmp_path):
     """Where the download fails (here: an index that does not answer), stdout holds nothing: no progress line
     that a script would take for the folder."""
-    index = f"http://127.0.0.1:{closed_port()}/simple"
+    index = f"http://127.0.0.1:{free_port()}/simple"
     env = {
         "HOME": str(tmp_path / "home"),
         "PIP_INDEX_URL": index,

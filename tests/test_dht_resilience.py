@@ -2,12 +2,12 @@
 comes back, initial peers that do not answer."""
 
 import asyncio
-import socket
 import subprocess
 import time
 
 import psutil
 import torch
+from ports import free_port
 from transformers import AutoModelForCausalLM
 
 from swarmllm import AutoDistributedModelForCausalLM
@@ -16,12 +16,6 @@ from swarmllm.client.loop import run_sync
 from swarmllm.local import LocalSwarm
 
 BOUND_S = 20  # seconds; only to fail a test instead of hanging
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 async def servers_seen_through(

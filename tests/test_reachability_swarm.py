@@ -6,11 +6,11 @@ dead address; a server whose address works keeps it."""
 from __future__ import annotations
 
 import logging
-import socket
 import threading
 import time
 
 import torch
+from ports import free_port
 from transformers import AutoModelForCausalLM
 
 from swarmllm import AutoDistributedModelForCausalLM
@@ -19,12 +19,6 @@ from swarmllm.local import LocalSwarm
 from swarmllm.wire import Message
 
 DEADLINE_S = 60.0
-
-
-def closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def until(condition, what: str):
@@ -47,7 +41,7 @@ def test_an_address_no_peer_can_dial_is_never_announced_or_dropped(llama_checkpo
     fast = ["--update-period", "3"]  # (the first one asks again soon once peers are there)
     with LocalSwarm() as local:
         local.start_bootstrap()
-        first_dead, later_dead = closed_port(), closed_port()
+        first_dead, later_dead = free_port(), free_port()
         first = local.add_server(ckpt, (0, 2), extra=[*fast, "--announce-direct-port", str(first_dead)])
         model = AutoDistributedModelForCausalLM.from_pretrained(ckpt, initial_peers=local.initial_peers)
         swarm = model.swarm

@@ -4,13 +4,13 @@ client whose DHT loses every peer. Real server processes on 127.0.0.1; tokens co
 
 import itertools
 import os
-import socket
 import threading
 import time
 
 import psutil
 import pytest
 import torch
+from ports import free_port
 from transformers import AutoModelForCausalLM
 
 from swarmllm import AutoDistributedModelForCausalLM
@@ -32,12 +32,6 @@ def path(checkpoints):
 def reference(path):
     model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     return model.generate(PROMPT, max_new_tokens=NEW_TOKENS, do_sample=False).tolist()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def greedy(model, new_tokens: int = NEW_TOKENS) -> list:

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 import time
 
 import pytest
 import pytest_asyncio
+from ports import free_port
 
 from swarmllm.server.reachability import (
     DialBacks,
@@ -40,13 +40,6 @@ async def listener(listener_identity):
     await server.stop()
 
 
-def closed_port() -> int:
-    """A port of 127.0.0.1 that nothing listens on (bound and released: connecting is refused)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 async def timed(check) -> tuple[bool, float]:
     began = time.monotonic()
     answer = await check
@@ -73,7 +66,7 @@ async def test_a_refused_address_answers_no_sooner_than_any_failure():
     """Nothing listens there: the connection is refused at once, yet the answer comes at the check's whole time,
     so it tells a refused port from a silent one no better than a yes/no."""
     checks = DialBacks(Identity.generate(), answer_s=ANSWER_S)
-    reached, took = await timed(checks.check(Identity.generate().peer_id, f"127.0.0.1:{closed_port()}"))
+    reached, took = await timed(checks.check(Identity.generate().peer_id, f"127.0.0.1:{free_port()}"))
     assert not reached and took >= ANSWER_S
 
 
@@ -82,7 +75,7 @@ async def test_checks_are_bounded_per_peer_and_in_all():
     checks = DialBacks(Identity.generate(), answer_s=ANSWER_S, max_checks=2)
     assert checks.refusal(None)[0] == "bad_request"  # no proven id: nobody to dial back
     peers = [Identity.generate().peer_id for _ in range(3)]
-    addr = f"127.0.0.1:{closed_port()}"
+    addr = f"127.0.0.1:{free_port()}"
     running = [asyncio.ensure_future(checks.check(peer, addr)) for peer in peers[:2]]
     await asyncio.sleep(0)  # (both checks start: they hold their places until answered)
     with pytest.raises(RequestError) as same_peer:
