@@ -48,8 +48,14 @@ def nf4_swarm(llama_checkpoint):
 @pytest.fixture(scope="module")
 def plain_swarm(llama_checkpoint):
     """Two full-precision servers: a codec's error alone (an int8 server on a CPU without our panel kernel rounds
-    its inputs to bfloat16, which would add its own)."""
-    yield from two_servers(llama_checkpoint, [])
+    its inputs to bfloat16, which would add its own). The first admits 5 sessions of a peer."""
+    yield from two_servers(llama_checkpoint, ["--max-sessions-per-peer", "5"])
+
+
+def test_servers_announce_the_sessions_they_admit_from_one_peer(plain_swarm):
+    """What a client queues its own sessions by (`client.room.SessionPlaces`): the flag's value, or the default."""
+    servers = run_sync(find_servers(plain_swarm.swarm.dht, plain_swarm.swarm.dht_prefix, 4))
+    assert {(s.start_block, s.max_sessions_per_peer) for s in servers} == {(0, 5), (2, 16)}
 
 
 def rel_l2(a, b):

@@ -11,8 +11,11 @@ the lost server had computed (the same kernels on the same inputs), so no logit 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import secrets
+import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +26,12 @@ from swarmllm.client.tuning import NO_TUNING, Tuning
 from swarmllm.wire import Connection, Stream, WireError
 from swarmllm.wire.connection import Watcher
 from swarmllm.wire.messages import OpenSession, Repoint, Step, StepReply
+
+
+def _on_loop(loop: asyncio.AbstractEventLoop, fn: Callable[[], None]) -> None:
+    """Call `fn` on `loop` (from whichever thread the garbage collector runs in), unless the loop is closed."""
+    with contextlib.suppress(RuntimeError):  # (closed meanwhile)
+        loop.call_soon_threadsafe(fn)
 
 
 class HopTimeoutError(TimeoutError):
@@ -138,8 +147,14 @@ class HopSession:
         tuning: Tuning = NO_TUNING,
         compression: str = "none",
         returns_pending: bool = False,
+        release: Callable[[], None] | None = None,
     ):
         self.hop = hop
+        # gives back its client's place on the server (`client.room.SessionPlaces`) when it closes, or when a
+        # session its user never closed is collected (on the client's loop, as the places are)
+        self._release = (
+            None if release is None else weakref.finalize(self, _on_loop, asyncio.get_running_loop(), release)
+        )
         self.returns_pending = returns_pending
         self.compression = compression  # how the session's hidden states travel (wire.compression)
         self.tuning = tuning  # the session's adapter and deep prompts (this hop sends its blocks' share)
@@ -253,12 +268,17 @@ class HopSession:
         return self._stream is not None and not self._closed
 
     async def close(self) -> bool:
-        """Close the server's session; whether it was open (its server frees its room)."""
-        if not self.is_open:
-            return False
-        self._closed = True
+        """Close the server's session; whether it was open (its server frees its room). The client's place there
+        goes back once the closing is sent (or at once, for a hop never opened)."""
         try:
-            await self._stream.close()
-        except WireError:
-            pass  # the connection is already gone, and the server frees the session with it
-        return True
+            if not self.is_open:
+                return False
+            self._closed = True
+            try:
+                await self._stream.close()
+            except WireError:
+                pass  # the connection is already gone, and the server frees the session with it
+            return True
+        finally:
+            if self._release is not None:
+                self._release()  # (once: a finalizer runs at most once)

@@ -17,6 +17,9 @@ running sessions give up nothing, as their steps go on and they end.
 Sessions of other clients can close such a cycle too, and no client sees the others' waits: a session that has
 waited for room for `SwarmClient.room_hold_s` (10 s) lets all its other servers go as well, so the room it held
 serves whoever waits for it, and the first of a cycle's sessions to wait that long breaks it.
+
+A server admits a bounded number of sessions from one peer, and announces it: where this client holds that many,
+its next session waits here for one of them to close (`SessionPlaces`), in turn, instead of being refused.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import weakref
-from collections.abc import Mapping, Set
+from collections.abc import Mapping, Sequence, Set
 from typing import Protocol
 
 
@@ -140,3 +143,87 @@ class RoomBoard:
         except TimeoutError:
             return False
         return True
+
+
+class SessionPlaces:
+    """This client's sessions on each server (on its event loop), against how many a server lets one peer hold
+    (`ServerInfo.max_sessions_per_peer`). A session takes a place on every server of its chain before it opens
+    there, and gives it back when its hop closes. Where this client already holds all it may, the session waits
+    here for one of its own to close, rather than be refused, ask for room and open again (`swarm.LoadShed`): a
+    client running more sessions than a server admits from one peer (an API serving many users) made a storm of
+    such tries at every closing, one of which won, and used up its request rate.
+
+    Waiting sessions go oldest first (`next_age`; a session that replaces a hop is older than one that is new): a
+    younger one never takes a place on a server of an older waiting one's chain; on other servers it may go ahead.
+    Sessions of other clients are not seen here: the servers' own refusals still cover them."""
+
+    def __init__(self) -> None:
+        self._held: dict[str, int] = {}  # peer id -> places this client's sessions hold there
+        self._waiting: dict[int, tuple[tuple[str, ...], dict[str, int], asyncio.Future[None]]] = {}  # by age
+
+    def held(self, peer_id: str) -> int:
+        return self._held.get(peer_id, 0)
+
+    def full(self, peers: Sequence[str], limits: Mapping[str, int | None]) -> list[str]:
+        """Those of `peers` where one more session of this client is past the server's limit (a server twice in
+        `peers` counts twice)."""
+        want: dict[str, int] = {}
+        for peer in peers:
+            want[peer] = want.get(peer, 0) + 1
+        return [
+            p for p, n in want.items() if (limit := limits.get(p)) is not None and self.held(p) + n > limit
+        ]
+
+    def take_now(self, peers: Sequence[str]) -> None:
+        """Take places on `peers` whatever the limits (a session that waited its whole wait: the servers decide)."""
+        for peer in peers:
+            self._held[peer] = self.held(peer) + 1
+
+    def give(self, peer_id: str) -> None:
+        """A hop of this client on `peer_id` closed: its place goes to the oldest session waiting for it."""
+        if (held := self.held(peer_id) - 1) > 0:
+            self._held[peer_id] = held
+        else:
+            self._held.pop(peer_id, None)
+        self._serve()
+
+    async def take(
+        self, age: int, peers: Sequence[str], limits: Mapping[str, int | None], timeout_s: float
+    ) -> bool:
+        """Take a place on each of `peers` for the session of `age`, in its turn; whether it got them within
+        `timeout_s` (if not, it holds none and is no longer waiting)."""
+        known = {p: limit for p in peers if (limit := limits.get(p)) is not None}
+        answer: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiting[age] = (tuple(peers), known, answer)
+        self._serve()
+        try:
+            await asyncio.wait([answer], timeout=max(timeout_s, 0.0))
+        except BaseException:  # cancelled: places given meanwhile go back
+            self._leave(age, answer, peers)
+            raise
+        got = answer.done()
+        if not got:
+            self._leave(age, answer, peers)
+        return got
+
+    def _leave(self, age: int, answer: asyncio.Future[None], peers: Sequence[str]) -> None:
+        if self._waiting.get(age, (None, None, None))[2] is answer:
+            del self._waiting[age]
+        if answer.done():  # (granted after all: handed back)
+            for peer in peers:
+                self.give(peer)
+        answer.cancel()
+
+    def _serve(self) -> None:
+        """Give places to waiting sessions, oldest first; the servers of one that must wait are kept from younger
+        ones (all of its servers: a place it has must not go to a younger one while it waits for the others, or
+        with places coming free on each at other times it could wait for ever)."""
+        kept: set[str] = set()
+        for age in sorted(self._waiting):
+            peers, limits, answer = self._waiting[age]
+            if self.full(peers, limits) or kept & set(peers):
+                kept.update(peers)
+                continue
+            del self._waiting[age]
+            self.take_now(peers)
+            answer.set_result(None)

@@ -32,6 +32,7 @@ rebuilt from it to the end: its kept inputs are replayed through new servers, an
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 import time
@@ -47,6 +48,7 @@ from swarmllm.client.room import next_age
 from swarmllm.client.routing import Demand, Hop
 from swarmllm.client.swarm import (
     HOP_FAILURES,
+    MAX_ROUTE_RETRY_S,
     LoadShed,
     SpotCheck,
     State,
@@ -435,6 +437,7 @@ class InferenceSession:
                     tuned=self.tuning.needs_tunable,
                     demand=demand,
                 )
+                await self._take_places(hops, shed)
                 routed = time.perf_counter()
                 route_s += routed - began
                 new: list[HopSession] = []
@@ -452,6 +455,7 @@ class InferenceSession:
                                 self.tuning,
                                 self.compression,
                                 self.swarm.carries_pending(hop.end),
+                                functools.partial(self.swarm.places.give, hop.peer_id),
                             )
                         )
                         if self.tuning.weights is not None:
@@ -504,8 +508,24 @@ class InferenceSession:
                     raise
                 finally:
                     self._joining, self._routed = [], []
+                    for hop in hops[len(new) :]:  # (places taken for hops never made)
+                        self.swarm.places.give(hop.peer_id)
         finally:
             self.swarm.rooms.done(self)  # (it waited for room, or not at all)
+
+    async def _take_places(self, hops: Sequence[Hop], shed: LoadShed) -> None:
+        """Take this client's place for a session on each server of `hops` (`client.room.SessionPlaces`): where
+        it already holds as many sessions as the server lets one peer hold, this one waits for one of them to
+        close, as for room (`_wants_room`: younger waiting and idle sessions of this client give up theirs there),
+        for up to the room wait; then the servers decide."""
+        places, peers = self.swarm.places, [h.peer_id for h in hops]
+        limits = self.swarm.session_limits(peers)
+        while (left_s := shed.room_until - time.monotonic()) > 0:
+            if full := places.full(peers, limits):
+                await self._wants_room(full[0])
+            if await places.take(self.age, peers, limits, min(left_s, MAX_ROUTE_RETRY_S)):
+                return
+        places.take_now(peers)
 
     async def _replace(
         self, i: int, error: BaseException, *, to_end: bool = False, again: bool = False

@@ -59,7 +59,7 @@ from swarmllm.client.replies import (
     checked_gradients,
     step_reply,
 )
-from swarmllm.client.room import RoomBoard
+from swarmllm.client.room import RoomBoard, SessionPlaces
 from swarmllm.client.routing import (
     Demand,
     Hop,
@@ -425,6 +425,9 @@ class SwarmClient:
         # sessions free (`wants_room`): an owner of idle sessions (the API's kept ones) gives them back
         self.room_wanted: Callable[[], None] | None = None
         self.rooms = RoomBoard()  # this client's sessions, and their waits for room on servers
+        self.places = (
+            SessionPlaces()
+        )  # its sessions on each server, against the sessions a server admits a peer
         self.affinity = PrefixMemory()  # the beginnings of its sessions, and the servers it sent them to
         # a session that has waited this long for room lets its other servers go (`client.room`)
         self.room_hold_s = room_hold_s
@@ -731,10 +734,11 @@ class SwarmClient:
         """The fastest chain over [start, end) among usable servers (see `route`), but for those that `refused`
         to open the session (its batch size or length: the request's fault, not theirs, so they are not
         banned); SessionRefused with their reasons at once when the blocks have no other server. Servers that
-        `shed` load (past this client's request rate) are left out too, but where only they and refusing
-        servers hold some blocks they are chained again (the caller waits for them: `shed.wait`). Servers of
-        the same blocks are told apart by their load and what they likely hold of the session's prompt
-        (`demand`; see `client.routing`)."""
+        `shed` load (past this client's request rate), and those where this client holds all the sessions they
+        admit from one peer (`places`), are left out too, but where only they and refusing servers hold some
+        blocks they are chained again (the caller waits for them: `shed.wait`, `InferenceSession._take_places`).
+        Servers of the same blocks are told apart by their load and what they likely hold of the session's
+        prompt (`demand`; see `client.routing`)."""
         refused = refused or {}
         waiting = shed.refused if shed is not None else {}
 
@@ -751,13 +755,18 @@ class SwarmClient:
                     demand=demand,
                 )
 
-            willing = [s for s in servers if s.peer_id not in refused and s.peer_id not in waiting]
+            # servers where this client holds all the sessions it may are left out too where others will do
+            peers = [s.peer_id for s in servers]
+            full = set(self.places.full(peers, self.session_limits(peers)))
+            willing = [
+                s for s in servers if s.peer_id not in refused and s.peer_id not in waiting.keys() | full
+            ]
             try:
                 return chain(willing)
             except MissingBlocksError:
                 if len(willing) == len(servers):
                     raise
-                if waiting:
+                if waiting or full:
                     with contextlib.suppress(MissingBlocksError):
                         return chain([s for s in servers if s.peer_id not in refused])
                 chain(servers)  # (a MissingBlocksError still when the refusing servers would not cover them)
@@ -769,6 +778,10 @@ class SwarmClient:
                 ) from None
 
         return await self.route(plan, failure=failure, tuned=tuned)
+
+    def session_limits(self, peers: Sequence[str]) -> dict[str, int | None]:
+        """Peer id -> the inference sessions its server lets one peer hold open (None: not announced)."""
+        return {p: info.max_sessions_per_peer if (info := self._servers.get(p)) else None for p in peers}
 
     def has_replicas(self, start: int, end: int) -> bool:
         """Whether the servers known hold some block of [start, end) twice (`routing.has_replicas`)."""

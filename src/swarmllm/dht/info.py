@@ -119,6 +119,12 @@ class ServerInfo(BaseModel):
         description="rows of the inference sessions that stepped in the last 30 s: its load, by which other "
         "clients spread sessions over the servers of the same blocks (0 in records of older servers)",
     )
+    max_sessions_per_peer: int | None = Field(
+        default=None,
+        ge=1,
+        description="inference sessions one peer may hold open here at once: a client with more waits its turn "
+        "locally rather than ask again and again (None in records of older servers)",
+    )
     version: str
     dtype: str
     quantization: str = "none"

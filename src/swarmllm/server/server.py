@@ -883,6 +883,7 @@ class Server:
             network_rps=self.network_rps,
             cache_tokens_left=free,
             busy_rows=self.backend.busy_rows() if self.backend else 0,
+            max_sessions_per_peer=self.config.limits.max_sessions_per_peer,
             version=__version__,
             dtype=self.config.dtype,
             quantization=self.config.quant,
