@@ -430,6 +430,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--update-period", type=_seconds, default=30.0, help="seconds between re-announcements"
     )
     serve.add_argument(
+        "--reach-recheck",
+        type=_seconds,
+        default=600.0,
+        help="seconds after which peers are asked again whether they reach this server's direct address (and, "
+        "with --announce-host auto, at which address): a home connection's address changes",
+    )
+    serve.add_argument(
         "--balance-period",
         type=_seconds,
         default=15.0,
@@ -1290,6 +1297,7 @@ def _serve(args: argparse.Namespace) -> int:
             throughput=args.throughput,
             bandwidth=None if args.bandwidth is None else parse_bandwidth(args.bandwidth),
             update_period_s=args.update_period,
+            reach_recheck_s=args.reach_recheck,
             balance_period_s=args.balance_period,
             dht_timeout_s=args.dht_timeout,
             wire=WireLimits(**{name: value for name, value in wire_options.items() if value is not None}),

@@ -5,10 +5,11 @@ api/responses.py), and Ollama's and Anthropic's beside it (api/ollama.py, api/me
 Each request (each of its `n` choices) runs `generate()` of one shared `DistributedModelForCausalLM` in a worker
 thread with an inference session of its own while it runs (sessions are per thread), so concurrent requests each
 hold their own caches on the servers and never wait for one another's tokens (a request's later choices wait for
-its first one's prompt to be through, `Engine.start_all`). Between requests the sessions are
-kept (`api.sessions`): a prompt that extends what one holds sends the servers only its new tokens. Text comes out of `api.generation.TextAssembler` piece by piece; a
-non-streamed answer is those pieces joined. Errors use OpenAI's format: 404 for an unknown model, 400 for an
-invalid parameter, 503 when the swarm cannot serve the request (e.g. blocks without a server).
+its first one's prompt to be through, `Engine.start_all`). Between requests the sessions are kept
+(`api.sessions`): a prompt that extends what one holds sends the servers only its new tokens. Text comes out of
+`api.generation.TextAssembler` piece by piece; a non-streamed answer is those pieces joined. Errors use OpenAI's
+format: 404 for an unknown model, 400 for an invalid parameter, 503 when the swarm cannot serve the request (e.g.
+blocks without a server).
 """
 
 from __future__ import annotations

@@ -5,7 +5,8 @@ Servers leave and join, so the arrangement chosen at join time decays. Moving co
 when the swarm's bottleneck rises by a factor of at least `min_gain` (what counts in a small swarm), or by at
 least `min_lift` of the mover's own throughput and by `MIN_LIFT_FRACTION` (in a large one, where no single
 server lifts the bottleneck by much, but one that fills a dip left by an outage lifts it by all it brings), or
-when the move covers blocks no server holds; and only the server whose move helps most moves. `petals_should_move` is Petals' published rule, re-implemented from its description for comparison
+when the move covers blocks no server holds; and only the server whose move helps most moves.
+`petals_should_move` is Petals' published rule, re-implemented from its description for comparison
 (`benchmarks/balancing_sim.py`). No networking; the caller announces the move.
 """
 

@@ -8,10 +8,13 @@ up to `PEERS` of its peers (the unary `reach`) to dial it at that address and ha
 first that reached it settles it: reachable. If every peer that answered failed, the server never announces the
 address (clients and servers go straight to libp2p) and says what to do; that costs its start `ANSWER_S`. If none
 answered (the first server of a swarm, peers of an older version), it announces the address and asks again each
-announce period, dropping it once peers answer that they cannot dial it. A peer that lies costs at most the
-direct path, and only if every peer asked lies. A server that does not know its address (`--announce-host auto`,
-the default with a wildcard `--host`) asks by port instead: each peer dials that port at the address it sees the
-server's connection come from, and the server announces the best one reached (a public one settles it).
+announce period, or as soon as a peer asks it the same (a server joining), dropping it once peers answer that
+they cannot dial it. A verdict is asked again every `RECHECK_S`, and the address announced or dropped at once
+where it changed: a home connection's address changes, a forwarded port is opened or closed. A peer that lies
+costs at most the direct path, and only if every peer asked lies. A server that does not know its address
+(`--announce-host auto`, the default with a wildcard `--host`) asks by port instead: each peer dials that port at
+the address it sees the server's connection come from, and the server announces the best one reached (a public
+one settles it).
 
 The dialling side is bounded so that no one can use it against others: it dials only on behalf of a proven peer
 id, expects that id to answer (so only a peer that listens there itself can get a yes), runs one check per peer
@@ -36,6 +39,7 @@ logger = logging.getLogger(__name__)
 
 ANSWER_S = 5.0  # how long a check dials; a failure is answered only then
 PEERS = 3  # peers asked at once
+RECHECK_S = 600.0  # a server asks again this long after its last verdict
 MAX_CHECKS = 4  # checks a server runs for others at once
 
 
@@ -49,9 +53,13 @@ class DialBacks:
         *,
         answer_s: float = ANSWER_S,
         max_checks: int = MAX_CHECKS,
+        asked: Callable[[str], None] | None = None,
     ):
         self.identity, self.swarm_key = identity, swarm_key
         self.answer_s, self.max_checks = answer_s, max_checks
+        # told the peer id of each check run: a peer that asks is a peer this server can ask in turn (the first
+        # server of a swarm, which had nobody to ask, then need not wait for its next announce period)
+        self.asked = asked
         self._checking: set[str] = set()  # peers whose check runs now
 
     def refusal(self, peer_id: str | None) -> tuple[str, str] | None:
@@ -69,6 +77,8 @@ class DialBacks:
         if (refused := self.refusal(peer_id)) is not None:
             raise RequestError(*refused)
         self._checking.add(peer_id)
+        if self.asked is not None:
+            self.asked(peer_id)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.answer_s
         try:

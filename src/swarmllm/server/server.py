@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import multiprocessing
 import os
 import random
@@ -64,7 +65,7 @@ from swarmllm.server.host import HostShare, device_folder, host_cores, threads_p
 from swarmllm.server.memory import block_bytes, cache_bytes_per_block, device_memory, memory_share
 from swarmllm.server.metrics import ServerMetrics, serve_metrics
 from swarmllm.server.network import measure_network, network_rps
-from swarmllm.server.reachability import DialBacks, ask_address, ask_reachable
+from swarmllm.server.reachability import RECHECK_S, DialBacks, ask_address, ask_reachable
 from swarmllm.server.throughput import cached_threads, cached_throughput, last_measured
 from swarmllm.server.tp import STEP_TIMEOUT_S, TensorParallelSpan
 from swarmllm.server.tp_backend import TensorParallelBackend
@@ -166,6 +167,7 @@ class ServerConfig:
     throughput: float | None = None  # announced decode steps/s per block instead of measuring
     bandwidth: float | None = None  # bytes/s of this server's uplink instead of measuring it to peers
     update_period_s: float = 30.0  # re-announce this often (records expire after 3 periods)
+    reach_recheck_s: float = RECHECK_S  # ask peers again whether they reach our direct address this often
     balance_period_s: float = 15.0  # a movable server checks whether to move this often, and soon after a
     # connection to a peer breaks
     # the most a DHT request may take (hivemind gives up on a peer after 3 s; a store or look-up asks a few in turn):
@@ -207,6 +209,7 @@ class Server:
         # whether peers reach us at direct_addr (`server.reachability`): None until one answers
         self.direct_reachable: bool | None = None
         self._reach_task: asyncio.Task | None = None
+        self._reached_at = -math.inf  # (monotonic) when peers last gave a verdict
         self.peers: dict[str, ServerInfo] = {}  # the other servers of this model, for pushes to the next one
         self.ladder: tuple[tuple[int, int], ...] = ()  # the checkpoint's ladder layers, as announced
         self.fingerprint: str | None = None  # the checkpoint's dht.info.model_fingerprint, as announced
@@ -368,7 +371,7 @@ class Server:
             self.identity.peer_id,
             self.adapters,
             self.metrics,
-            DialBacks(self.identity, self.swarm_key),
+            DialBacks(self.identity, self.swarm_key, asked=self._asked_reach),
         )
         handlers = handler.handlers()
         slots = ConnectionSlots(cfg.wire)
@@ -977,20 +980,32 @@ class Server:
             self.network_rps,
         )
 
-    def _check_reach_soon(self) -> None:
-        """Ask peers, in the background, whether they reach us at our direct address, until one answers."""
-        if (
+    def _check_reach_soon(self, asker: str | None = None) -> None:
+        """Ask peers, in the background, whether they reach us at our direct address: until one answers, then
+        every `reach_recheck_s`; `asker` (a peer that asked us the same) first."""
+        due = (
             self.direct_reachable is None
+            or time.monotonic() - self._reached_at >= self.config.reach_recheck_s
+        )
+        if (
+            due
             and (self.direct_addr or self.auto_host)
             and (self._reach_task is None or self._reach_task.done())
         ):
-            self._reach_task = asyncio.create_task(self._check_reach())
+            self._reach_task = asyncio.create_task(self._check_reach(asker))
 
-    async def _check_reach(self) -> None:
+    def _asked_reach(self, peer_id: str) -> None:
+        """A peer asked us to dial it back (a server joining): the first server of a swarm, whose own question
+        found nobody to ask, asks it now rather than at its next announce period."""
+        if self.direct_reachable is None and self.state == ServerState.ONLINE:
+            self._check_reach_soon(peer_id)
+
+    async def _check_reach(self, asker: str | None = None) -> None:
         """Whether peers reach us at the direct address (with `auto_host`: at which address they do, the one they
-        see our connections come from)."""
-        peers = [p for p, s in self.peers.items() if s.state == ServerState.ONLINE]
-        order = random.sample(peers, len(peers))
+        see our connections come from); announced at once where that changed (after we came online)."""
+        peers = [p for p, s in self.peers.items() if s.state == ServerState.ONLINE and p != asker]
+        order = [asker] * (asker is not None) + random.sample(peers, len(peers))
+        before = (self.direct_reachable, self.direct_addr)
         if self.auto_host:
             reachable, learned = await ask_address(self._connect, order, self.direct_port)
             self.direct_addr = learned or self.direct_addr
@@ -998,7 +1013,9 @@ class Server:
             reachable = await ask_reachable(self._connect, order, self.direct_addr)
         if reachable is None:
             return
-        self.direct_reachable = reachable
+        self.direct_reachable, self._reached_at = reachable, time.monotonic()
+        if (reachable, self.direct_addr) == before:
+            return  # (a re-check that found what we announce)
         if reachable:
             logger.info("peers reach this server's direct address %s", self.direct_addr)
         else:

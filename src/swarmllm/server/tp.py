@@ -11,8 +11,8 @@ A rank that is frozen (stopped, its device hung) does not die: the others would 
 timeout, and again at the next call. So a watchdog bounds every call: `step_timeout_s` (default STEP_TIMEOUT_S)
 plus SLOWDOWN_ALLOWED times what its tokens took at the slowest rate a call on this span has run at so far (until
 one has run, as where the throughput came from the cache file: 0.9 of torch.distributed's timeout, since a first
-long prefill may legitimately take minutes). A call over its bound means the ranks are broken: the watchdog ends them (the call then fails at once) and `failure`
-says why, for the server to leave the swarm.
+long prefill may legitimately take minutes). A call over its bound means the ranks are broken: the watchdog ends
+them (the call then fails at once) and `failure` says why, for the server to leave the swarm.
 
 It knows nothing of sessions, the wire or the swarm: the backend decides what to run and names caches by the ids
 `open_cache` returns. Every method is a sequence of collectives that all ranks must meet in the same order, so one

@@ -108,7 +108,8 @@ class Identity:
 
 
 def peer_id_from_public_key(public_key: RSAPublicKey) -> str:
-    """The base58 libp2p peer id: sha2-256 multihash of the protobuf-wrapped DER public key (as PeerID.from_identity)."""
+    """The base58 libp2p peer id: sha2-256 multihash of the protobuf-wrapped DER public key (as
+    PeerID.from_identity)."""
     der = serialization.load_ssh_public_key(public_key.to_bytes()).public_bytes(
         encoding=serialization.Encoding.DER, format=serialization.PublicFormat.SubjectPublicKeyInfo
     )
