@@ -4,8 +4,8 @@ Servers of the tiny model on loopback. The first announces its direct path at a 
 connections and then answers nothing (as an address behind a NAT or a firewall that drops packets: a client waits
 out its connect timeout there, 5 s, before it falls back to libp2p); alone, it has no peer to ask whether the
 address works (`server/reachability.py`). A second, reachable server joins; a new client generates one token
-while the dead address is still announced, and another once the first server asked its new peer and dropped the
-address: the time to that first token, the client's start (DHT, look-up) not counted. A third server, given a
+while the dead address is still announced, and another once the first server asked its new peer (when that peer
+asked it the same) and dropped the address: the time to that first token, the client's start (DHT, look-up) not counted. A third server, given a
 dead address too, asks its peers before it comes online and never announces it: what that costs its start.
 
     python benchmarks/reachability.py [--repeats 3] [--no-record]
@@ -52,8 +52,8 @@ def one_round(path: Path, prompt: torch.Tensor) -> tuple[float, float, float, fl
         hole.listen(64)  # the kernel takes the connections; nobody ever answers on them
         dead = ["--announce-direct-port", str(hole.getsockname()[1])]
         swarm.start_bootstrap()
-        # alone, it has nobody to ask: it announces the address, and asks again each (3 s) period
-        first = swarm.add_server(str(path), (0, 3), extra=[*dead, "--update-period", "3"])
+        # alone, it has nobody to ask: it announces the address, and asks the first peer that asks it (the next)
+        first = swarm.add_server(str(path), (0, 3), extra=dead)
         swarm.add_server(str(path), (3, 6))
         began = time.monotonic()
         before, tokens = first_token_s(path, swarm.initial_peers, prompt)
@@ -117,7 +117,8 @@ def main() -> None:
             "A direct address nobody can dial: before and after the peers' check",
             table,
             "Tiny model on loopback. The first server announces its direct port at a listener that takes "
-            "connections and answers nothing (alone, it has no peer to ask, and asks again every 3 s); a second, "
+            "connections and answers nothing (alone, it has no peer to ask; it asks the first peer that asks it, "
+            "and else again each 30 s announce period); a second, "
             "reachable server joins; a new client's first token (greedy, 5-token prompt, the client's start not "
             "counted) while the dead address is announced, and again once its peer's answer made the first server "
             "drop it; then a reachable server of the first one's blocks starts, and one with a dead address, which "
