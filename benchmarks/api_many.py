@@ -6,6 +6,7 @@ servers' `quota` refusals per request, and whether every request's tokens equal 
 (`--rounds`), medians over rounds and repeats.
 
     python benchmarks/api_many.py --a-commit HEAD [--requests 8 16 32 64] [--repeats 3] [--rounds 2]
+        [--server-args=--max-cache-tokens=4096]
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ def side(src: Path | None, args: argparse.Namespace) -> dict[int, list[tuple[flo
         with LocalSwarm(fork=False) as swarm, tempfile.TemporaryDirectory() as folder:
             swarm.start_bootstrap()
             records = [
-                swarm.add_server(str(path), span, extra=["--metrics-port", "0"])
+                swarm.add_server(str(path), span, extra=["--metrics-port", "0", *args.server_args])
                 for span in [(0, half), (half, config.num_hidden_layers)]
             ]
             urls = [r["metrics"] for r in records]
@@ -106,6 +107,14 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64, help="new tokens per request")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--rounds", type=int, default=2, help="swarms per side, started in alternation")
+    parser.add_argument(
+        "--server-args",
+        action="extend",
+        nargs="+",
+        default=[],
+        help="more `swarmllm serve` flags, e.g. --server-args=--max-cache-tokens=4096 (one peer's cache share "
+        "then holds 3 of the API's sessions)",
+    )
     parser.add_argument("--no-record", action="store_true")
     args = parser.parse_args()
 
@@ -136,7 +145,8 @@ def main() -> None:
     print(table)
     if not args.no_record:
         notes = (
-            f"The {MODEL} model on a bootstrap and 2 local servers (default limits: 16 sessions a peer), one "
+            f"The {MODEL} model on a bootstrap and 2 local servers (default limits: 16 sessions a peer; "
+            f"server flags: {' '.join(args.server_args) or 'none'}), one "
             f"`swarmllm api --max-concurrent 64`, greedy completions of {args.tokens} tokens (`ignore_eos`); "
             f"A: commit {args.a_commit}, B: the working tree; {args.rounds} swarms a side, {args.repeats} timed "
             "runs of each request count in each, medians. API CPU: the API process's user + system time over the "

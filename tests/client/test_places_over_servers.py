@@ -8,6 +8,7 @@ import gc
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 
+import pytest
 import torch
 from in_process import refusals, start_server
 from server_infos import online_server
@@ -36,18 +37,32 @@ def _expected(path: str, prompts: list[torch.Tensor], new_tokens: int) -> list[l
 
 
 @contextmanager
-def over_servers(path: str, prefix: str, speeds: list[float], announce: bool = True, idle_s: float = 300.0):
+def over_servers(
+    path: str,
+    prefix: str,
+    speeds: list[float],
+    announce: bool = True,
+    idle_s: float = 300.0,
+    cache_tokens: int = 4096,
+    cache_share: float = 0.5,
+    sessions: int = LIMIT,
+):
     """The model of `path` over in-process servers of every block, one per speed (routing prefers the fastest),
-    each admitting LIMIT sessions of a peer and announcing it (`announce`), closing sessions idle for `idle_s`;
-    yields the model and each server's metrics."""
+    each admitting `sessions` of a peer and announcing it (`announce`), closing sessions idle for `idle_s`,
+    with a cache of `cache_tokens` of which a peer may hold `cache_share`; yields the model and each server's
+    metrics."""
     config, head = load_client_head(path)
     blocks = config.num_hidden_layers
     ids = [Identity.generate() for _ in speeds]
     metrics = [ServerMetrics() for _ in speeds]
-    limits = ServerLimits(max_sessions_per_peer=LIMIT, session_idle_timeout_s=idle_s)
-    servers = [start_server(path, blocks, i, 4096, limits, m) for i, m in zip(ids, metrics, strict=True)]
+    limits = ServerLimits(
+        max_sessions_per_peer=sessions, session_idle_timeout_s=idle_s, max_cache_share_per_peer=cache_share
+    )
+    servers = [
+        start_server(path, blocks, i, cache_tokens, limits, m) for i, m in zip(ids, metrics, strict=True)
+    ]
     swarm = SwarmClient([], prefix, blocks, missing_blocks_timeout_s=0, request_timeout_s=120)
-    announced = {"max_sessions_per_peer": LIMIT} if announce else {}
+    announced = {"max_sessions_per_peer": sessions} if announce else {}
     swarm.use_servers(
         [
             online_server(i.peer_id, 0, blocks, address=s.address, inference_rps=rate, **announced)
@@ -86,14 +101,22 @@ def test_sessions_past_the_servers_limit_wait_their_turn_in_the_client(llama_che
         assert model.swarm.places.held(next(iter(model.swarm._servers))) == 0  # every place given back
 
 
-def test_without_an_announced_limit_the_servers_refusals_still_queue_them(llama_checkpoint):
-    """A server that announces no limit (an older one) is opened on as before: it refuses what is past its limit
-    and the sessions wait for room there; every generate still gets transformers' tokens."""
-    prompts = _prompts(4)
-    expected = _expected(llama_checkpoint, prompts, 6)
-    with over_servers(llama_checkpoint, "places-unannounced", [1.0], announce=False) as (model, (metrics,)):
-        assert _generate_all(model, prompts, 6) == expected
-        assert refusals(metrics, "quota") > 0
+@pytest.mark.parametrize("limit", ["open sessions", "cache share"])
+def test_a_limit_not_announced_is_learned_from_the_servers_refusals(llama_checkpoint, limit):
+    """A server that does not announce its limit (an older one), or whose binding limit is this peer's share of
+    its cache (30 of 100 tokens: two of these sessions): 12 generates at once get transformers' tokens, and the
+    server refuses a few, those opened before its first refusals came back: the client then holds its sessions
+    there to what it held when refused (before, every closing woke every waiting session, and all but one were
+    refused again: 600 to 1,000 refusals)."""
+    prompts = _prompts(12)
+    expected = _expected(llama_checkpoint, prompts, 8)
+    server = {"announce": False}  # (LIMIT sessions)
+    if limit == "cache share":
+        server = {"cache_tokens": 100, "cache_share": 0.3, "sessions": 16}
+    with over_servers(llama_checkpoint, f"places-learned-{limit}", [1.0], **server) as (model, (metrics,)):
+        assert _generate_all(model, prompts, 8) == expected
+        assert 1 <= refusals(metrics, "quota") <= len(prompts)  # (without learning: 600-1,000)
+        assert model.swarm.bans._strikes == {}
 
 
 def test_sessions_kept_between_uses_give_their_places_to_waiting_ones(llama_checkpoint):

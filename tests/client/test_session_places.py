@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from swarmllm.client.room import SessionPlaces
+from swarmllm.client.room import LEARNED_S, SessionPlaces
 
 
 def _run(coro):
@@ -149,3 +149,46 @@ def test_places_never_pass_the_limits_and_every_waiting_session_waits_for_a_reas
 
     for seed in range(20):
         _run(main(seed))
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_refusal_teaches_a_limit_for_a_while():
+    """Refused with 3 places held (1 of them the refused session's own): 2 sessions for LEARNED_S, the lower of
+    that and an announced limit; afterwards the announced one again. With nothing else held, nothing is learned
+    (a session refused alone says nothing of how many fit)."""
+
+    async def main():
+        clock = Clock()
+        places = SessionPlaces(clock)
+        places.take_now(["a", "a", "a"])
+        places.refused("a", own=1)
+        assert places.limit("a", None) == 2 and places.limit("a", 1) == 1 and places.limit("a", 5) == 2
+        assert places.full(["a"], {}) == ["a"]
+        clock.now += LEARNED_S
+        assert places.limit("a", None) is None and places.limit("a", 5) == 5
+        places.take_now(["b"])
+        places.refused("b", own=1)
+        assert places.limit("b", None) is None
+
+    _run(main())
+
+
+def test_a_session_waiting_for_a_learned_limit_goes_when_one_of_its_clients_sessions_closes():
+    async def main():
+        places = SessionPlaces()
+        assert await places.take(0, ["a"], {}, 0.0) and await places.take(1, ["a"], {}, 0.0)
+        places.refused("a")  # (a third was refused)
+        waiting = asyncio.ensure_future(places.take(2, ["a"], {}, 30.0))
+        await asyncio.sleep(0)
+        assert not waiting.done()
+        places.give("a")
+        assert await waiting and places.held("a") == 2
+
+    _run(main())

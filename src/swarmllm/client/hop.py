@@ -151,8 +151,9 @@ class HopSession:
     ):
         self.hop = hop
         # gives back its client's place on the server (`client.room.SessionPlaces`) when it closes, or when a
-        # session its user never closed is collected (on the client's loop, as the places are)
-        self._release = (
+        # session its user never closed is collected (then soon after, on the client's loop, as the places are)
+        self._release = release
+        self._collected = (
             None if release is None else weakref.finalize(self, _on_loop, asyncio.get_running_loop(), release)
         )
         self.returns_pending = returns_pending
@@ -280,5 +281,5 @@ class HopSession:
                 pass  # the connection is already gone, and the server frees the session with it
             return True
         finally:
-            if self._release is not None:
-                self._release()  # (once: a finalizer runs at most once)
+            if self._collected is not None and self._collected.detach() is not None:  # (once)
+                self._release()

@@ -26,8 +26,9 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import time
 import weakref
-from collections.abc import Mapping, Sequence, Set
+from collections.abc import Callable, Mapping, Sequence, Set
 from typing import Protocol
 
 
@@ -52,6 +53,7 @@ class Waiting(Protocol):
 
 
 _ages = itertools.count()
+LEARNED_S = 60.0  # how long a limit learned from a server's refusal holds (`SessionPlaces.refused`)
 
 
 def next_age() -> int:
@@ -146,32 +148,53 @@ class RoomBoard:
 
 
 class SessionPlaces:
-    """This client's sessions on each server (on its event loop), against how many a server lets one peer hold
-    (`ServerInfo.max_sessions_per_peer`). A session takes a place on every server of its chain before it opens
-    there, and gives it back when its hop closes. Where this client already holds all it may, the session waits
-    here for one of its own to close, rather than be refused, ask for room and open again (`swarm.LoadShed`): a
-    client running more sessions than a server admits from one peer (an API serving many users) made a storm of
-    such tries at every closing, one of which won, and used up its request rate.
+    """This client's sessions on each server (on its event loop), against how many a server lets one peer hold:
+    what it announces (`ServerInfo.max_sessions_per_peer`), or what it held when the server refused it one more
+    for its per-peer limits (`refused`: its open sessions or its share of the cache, which only this client's
+    own sessions there use up), for LEARNED_S after. A session takes a place on every server of its chain before
+    it opens there, and gives it back when its hop closes. Where this client already holds all it may, the
+    session waits here for one of its own to close, rather than be refused, ask for room and open again
+    (`swarm.LoadShed`): a client running more sessions than a server admits from one peer (an API serving many
+    users) made a storm of such tries at every closing, one of which won, and used up its request rate.
 
     Waiting sessions go oldest first (`next_age`; a session that replaces a hop is older than one that is new): a
     younger one never takes a place on a server of an older waiting one's chain; on other servers it may go ahead.
     Sessions of other clients are not seen here: the servers' own refusals still cover them."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
         self._held: dict[str, int] = {}  # peer id -> places this client's sessions hold there
-        self._waiting: dict[int, tuple[tuple[str, ...], dict[str, int], asyncio.Future[None]]] = {}  # by age
+        # by age: the servers of a waiting session's chain, their announced limits, its answer
+        self._waiting: dict[int, tuple[tuple[str, ...], dict[str, int | None], asyncio.Future[None]]] = {}
+        self._learned: dict[str, tuple[int, float]] = {}  # peer id -> (sessions it admits us, until when)
 
     def held(self, peer_id: str) -> int:
         return self._held.get(peer_id, 0)
 
+    def refused(self, peer_id: str, own: int = 0) -> None:
+        """`peer_id` refused this client a session for its per-peer limits: for LEARNED_S it is opened no more
+        sessions than this client holds there now (less `own`: places of the refused session's hops there)."""
+        if (held := self.held(peer_id) - own) > 0:
+            self._learned[peer_id] = (held, self.clock() + LEARNED_S)
+
+    def limit(self, peer_id: str, announced: int | None) -> int | None:
+        """The sessions `peer_id` admits this client: the lower of what it announced and what it taught."""
+        if (learned := self._learned.get(peer_id)) is not None:
+            if learned[1] > self.clock():
+                return learned[0] if announced is None else min(learned[0], announced)
+            del self._learned[peer_id]
+        return announced
+
     def full(self, peers: Sequence[str], limits: Mapping[str, int | None]) -> list[str]:
-        """Those of `peers` where one more session of this client is past the server's limit (a server twice in
-        `peers` counts twice)."""
+        """Those of `peers` where one more session of this client is past the server's limit (`limits`: what they
+        announce; a server twice in `peers` counts twice)."""
         want: dict[str, int] = {}
         for peer in peers:
             want[peer] = want.get(peer, 0) + 1
         return [
-            p for p, n in want.items() if (limit := limits.get(p)) is not None and self.held(p) + n > limit
+            p
+            for p, n in want.items()
+            if (limit := self.limit(p, limits.get(p))) is not None and self.held(p) + n > limit
         ]
 
     def take_now(self, peers: Sequence[str]) -> None:
@@ -192,7 +215,7 @@ class SessionPlaces:
     ) -> bool:
         """Take a place on each of `peers` for the session of `age`, in its turn; whether it got them within
         `timeout_s` (if not, it holds none and is no longer waiting)."""
-        known = {p: limit for p in peers if (limit := limits.get(p)) is not None}
+        known = {p: limits.get(p) for p in peers}
         answer: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiting[age] = (tuple(peers), known, answer)
         self._serve()

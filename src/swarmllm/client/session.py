@@ -494,6 +494,7 @@ class InferenceSession:
                         continue
                     if _waits_out(e) and shed.defer(new[-1].peer_id, e):
                         continue  # a refusal that clears by itself (a request rate): asked again once it has
+                    self._learn_limit(new[-1].peer_id, e)
                     if shed.defer_for_room(new[-1].peer_id, e):
                         # it waits for room (as sessions end) rather than fail, or lose the session's tokens
                         await self._wants_room(new[-1].peer_id)
@@ -512,6 +513,13 @@ class InferenceSession:
                         self.swarm.places.give(hop.peer_id)
         finally:
             self.swarm.rooms.done(self)  # (it waited for room, or not at all)
+
+    def _learn_limit(self, peer_id: str, error: BaseException, own: int = 0) -> None:
+        """Where a server refused this session for its per-peer limits (`quota` without a wait: its sessions or
+        cache share), this client's sessions there wait their turn in the client for a while
+        (`SessionPlaces.refused`; `own`: places there of the refused hop, not yet closed)."""
+        if wants_room(error) and error.code == "quota":
+            self.swarm.places.refused(peer_id, own)
 
     async def _take_places(self, hops: Sequence[Hop], shed: LoadShed) -> None:
         """Take this client's place for a session on each server of `hops` (`client.room.SessionPlaces`): where
@@ -553,6 +561,7 @@ class InferenceSession:
             leaving = isinstance(error, RemoteError) and error.code == "server_leaving"
             if leaving and self.swarm.handed_back_again(failed.peer_id):
                 leaving = False
+            self._learn_limit(failed.peer_id, error, own=1)
             if _waits_out(error) and self._shed.defer(failed.peer_id, error):
                 deferred = True
             elif self._adapter_dropped(failed.peer_id, error):
