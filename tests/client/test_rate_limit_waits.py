@@ -141,8 +141,9 @@ def test_a_ping_refused_for_the_request_rate_is_no_ban(llama_checkpoint):
 
 def test_a_new_session_past_its_peers_open_sessions_limit_waits_for_one_to_close(llama_checkpoint):
     """A limit that only a closed session clears: with its one allowed session open, a generate outside it waits
-    for room, asking the server to say when it comes (as Petals' servers wait for memory and vLLM queues a
-    request), rather than fail; once the session closes it gets transformers' tokens. No failover, no ban."""
+    for room (as Petals' servers wait for memory and vLLM queues a request), rather than fail: refused once, in
+    the client, which learned that the server admits this peer one session (`client.room.SessionPlaces`); once
+    the session closes it gets transformers' tokens. No failover, no ban."""
     ids = torch.tensor([[1, 5, 9, 3]])
     expected = _expected(llama_checkpoint, ids)
     limits, metrics = ServerLimits(max_sessions_per_peer=1), ServerMetrics()
@@ -153,8 +154,8 @@ def test_a_new_session_past_its_peers_open_sessions_limit_waits_for_one_to_close
             with model.inference_session(max_length=16), torch.no_grad():
                 model.generate(ids, max_new_tokens=1, do_sample=False)  # opens it
                 outside = other_thread.submit(model.generate, ids, max_new_tokens=4, do_sample=False)
-                _until_a_room_query_waits(metrics, outside)  # refused, it waits on the server's answer
-            out = outside.result(timeout=60)  # the session above closed: the server answered
+                _until_refused(metrics, outside)  # refused, it waits for this client's session to close
+            out = outside.result(timeout=60)  # (the session above closed)
         assert torch.equal(out, expected)
         assert refusals(metrics, "quota") >= 1
         assert model.swarm.bans._strikes == {} and not model.swarm.failovers
@@ -403,6 +404,13 @@ async def _others_fill(model, peer_id: str) -> list:
         await stream.recv()  # open, its room taken
         held.append((conn, stream))
     return held
+
+
+def _until_refused(metrics: ServerMetrics, run) -> None:
+    deadline = time.monotonic() + 60
+    while refusals(metrics, "quota") < 1:
+        assert time.monotonic() < deadline and not run.done(), "the server refused nothing"
+        time.sleep(0.01)
 
 
 def _until_a_room_query_waits(metrics: ServerMetrics, run) -> None:
