@@ -18,8 +18,9 @@ Sessions of other clients can close such a cycle too, and no client sees the oth
 waited for room for `SwarmClient.room_hold_s` (10 s) lets all its other servers go as well, so the room it held
 serves whoever waits for it, and the first of a cycle's sessions to wait that long breaks it.
 
-A server admits a bounded number of sessions from one peer, and announces it: where this client holds that many,
-its next session waits here for one of them to close (`SessionPlaces`), in turn, instead of being refused.
+A server admits a bounded number of sessions from one peer (it announces how many; its share of the cache for a
+peer is learned from its refusal): where this client holds that many, its next session waits here for one of them
+to close (`SessionPlaces`), in turn, instead of being refused.
 """
 
 from __future__ import annotations

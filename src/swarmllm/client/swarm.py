@@ -425,9 +425,8 @@ class SwarmClient:
         # sessions free (`wants_room`): an owner of idle sessions (the API's kept ones) gives them back
         self.room_wanted: Callable[[], None] | None = None
         self.rooms = RoomBoard()  # this client's sessions, and their waits for room on servers
-        self.places = (
-            SessionPlaces()
-        )  # its sessions on each server, against the sessions a server admits a peer
+        # its sessions on each server, against the sessions a server admits from one peer
+        self.places = SessionPlaces()
         self.affinity = PrefixMemory()  # the beginnings of its sessions, and the servers it sent them to
         # a session that has waited this long for room lets its other servers go (`client.room`)
         self.room_hold_s = room_hold_s
@@ -758,9 +757,8 @@ class SwarmClient:
             # servers where this client holds all the sessions it may are left out too where others will do
             peers = [s.peer_id for s in servers]
             full = set(self.places.full(peers, self.session_limits(peers)))
-            willing = [
-                s for s in servers if s.peer_id not in refused and s.peer_id not in waiting.keys() | full
-            ]
+            avoided = waiting.keys() | full
+            willing = [s for s in servers if s.peer_id not in refused and s.peer_id not in avoided]
             try:
                 return chain(willing)
             except MissingBlocksError:
