@@ -35,18 +35,13 @@ from common import (
     append_results,
     checkpoint,
     commit_src,
+    cpu_s,
     markdown_table,
     paired_swarms,
     start_worker,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def cpu_s(pid: int) -> float:
-    """The CPU time (user + system) a process has used so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def workload(name: str, rows: int) -> dict:

@@ -26,7 +26,7 @@ import sys
 import time
 
 import torch
-from common import PROMPT, append_results, checkpoint, markdown_table
+from common import PROMPT, append_results, checkpoint, cpu_s, markdown_table
 
 
 async def abuse(address: str, sessions: int, rate_per_s: float, forward_tokens: int, hidden: int) -> None:
@@ -126,11 +126,6 @@ def main() -> None:
         )  # the server processes inherit it; this one keeps its modules
 
     failures: list[str] = []
-
-    def cpu_s(pid: int) -> float:
-        """CPU seconds a process has used (all its threads), from /proc."""
-        fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     server_cpu: dict[str, list[float]] = {"alone": [], "attacked": []}
 

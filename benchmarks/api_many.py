@@ -21,15 +21,9 @@ import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import append_results, checkpoint, commit_src, markdown_table  # noqa: E402
+from common import append_results, checkpoint, commit_src, cpu_s, markdown_table  # noqa: E402
 
 MODEL = "tiny"
-
-
-def cpu_s(pid: int) -> float:
-    """User + system CPU seconds of process `pid` so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def quota_refusals(urls: list[str]) -> float:
@@ -113,7 +107,7 @@ def main() -> None:
         nargs="+",
         default=[],
         help="more `swarmllm serve` flags, e.g. --server-args=--max-cache-tokens=4096 (one peer's cache share "
-        "then holds 3 of the API's sessions)",
+        "then holds 16 of the API's sessions, the tiny model's 128-token context each)",
     )
     parser.add_argument("--no-record", action="store_true")
     args = parser.parse_args()

@@ -126,6 +126,12 @@ def paired_median_times(
     return statistics.median(times[0]), statistics.median(times[1])
 
 
+def cpu_s(pid: int) -> float:
+    """CPU seconds (user + system, all its threads) process `pid` has used so far, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
     try:

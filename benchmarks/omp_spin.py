@@ -17,7 +17,7 @@ import subprocess
 import sys
 import time
 
-from common import append_results, checkpoint, markdown_table
+from common import append_results, checkpoint, cpu_s, markdown_table
 
 LOCAL = """
 import statistics, sys, time, torch
@@ -36,12 +36,6 @@ with torch.no_grad():
     steps = 32 / (time.perf_counter() - began)
 print(128 / statistics.median(times), steps)
 """
-
-
-def cpu_s(pid: int) -> float:
-    """CPU seconds a process has used (all its threads), from /proc."""
-    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def env_with(spincount: str) -> dict[str, str]:

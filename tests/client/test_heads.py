@@ -9,6 +9,7 @@ import threading
 
 import pytest
 import torch
+from clocks import Clock
 
 from swarmllm.client.heads import MergedHead, _Call
 
@@ -95,16 +96,6 @@ def test_calls_that_track_gradients_run_alone(weight):
     assert hidden.grad is not None and merged.calls == 0 and calls == [(2, 1, HIDDEN)]
 
 
-class Clock:
-    """The head's clock, set by the test (a wait itself still runs on the real clock)."""
-
-    def __init__(self):
-        self.t = 0.0
-
-    def __call__(self):
-        return self.t
-
-
 class Caller:
     """A thread of its own (as an API request's generate) that calls the head whenever asked to."""
 
@@ -132,7 +123,7 @@ def test_groups_calling_in_turn_do_not_wait_for_each_other(weight):
     step_s, period = 50.0, 1000.0
 
     def head(rows):
-        clock.t += step_s  # a merged call takes step_s of the head's clock
+        clock.now += step_s  # a merged call takes step_s of the head's clock
         return rows @ weight.T
 
     merged = MergedHead(head, max_wait_s=0.001, active_s=1e6, clock=clock)
@@ -141,7 +132,7 @@ def test_groups_calling_in_turn_do_not_wait_for_each_other(weight):
     hidden = torch.randn(1, 1, HIDDEN, generator=torch.Generator().manual_seed(2))
 
     def call(group: str, k: int, timeout_s: float) -> None:
-        clock.t = k * period + offsets[group]
+        clock.now = k * period + offsets[group]
         for caller in groups[group]:
             caller.jobs.put(hidden)
         for caller in groups[group]:

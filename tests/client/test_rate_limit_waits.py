@@ -12,6 +12,7 @@ from contextlib import contextmanager
 
 import pytest
 import torch
+from clocks import Clock
 from in_process import model_over_one_server, refusals, start_server
 from server_infos import online_server
 from transformers import AutoModelForCausalLM
@@ -27,19 +28,11 @@ from swarmllm.wire import Identity, Message, RemoteError, connect_direct
 from swarmllm.wire.messages import RoomReply
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def test_a_rate_refusal_says_when_a_token_is_available():
     """After a burst of 3 at 4/s, a request 1/8 s later (half a token back) is refused with the time the rest of
     its token takes (1/8 s); half of that later it is refused with the time left (1/16 s), and once that passed
     it is admitted. (Times in binary fractions, so the sums are exact.)"""
-    clock = Clock()
+    clock = Clock(100.0)
     quotas = PeerQuotas(PeerLimits(rate_per_s=4.0, burst=3), clock=clock)
     assert all(quotas.request("p") is None for _ in range(3))
     clock.now += 0.125

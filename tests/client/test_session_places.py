@@ -5,6 +5,7 @@ import asyncio
 import random
 
 import pytest
+from clocks import Clock
 
 from swarmllm.client.room import LEARNED_S, SessionPlaces
 
@@ -151,21 +152,13 @@ def test_places_never_pass_the_limits_and_every_waiting_session_waits_for_a_reas
         _run(main(seed))
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def test_a_refusal_teaches_a_limit_for_a_while():
     """Refused with 3 places held (1 of them the refused session's own): 2 sessions for LEARNED_S, the lower of
     that and an announced limit; afterwards the announced one again. With nothing else held, nothing is learned
     (a session refused alone says nothing of how many fit)."""
 
     async def main():
-        clock = Clock()
+        clock = Clock(100.0)
         places = SessionPlaces(clock)
         places.take_now(["a", "a", "a"])
         places.refused("a", own=1)

@@ -8,6 +8,7 @@ import dataclasses
 
 import pytest
 import torch
+from clocks import Clock
 
 from swarmllm.models import KVCache, load_span
 from swarmllm.models.llama import DecodeSegment
@@ -83,16 +84,6 @@ def test_a_late_session_costs_at_most_the_wait_budget():
     asyncio.run(main())
 
 
-class Clock:
-    """The batcher's clock, set by the test (its waits still run on the loop's real clock)."""
-
-    def __init__(self):
-        self.t = 0.0
-
-    def __call__(self):
-        return self.t
-
-
 def test_groups_stepping_in_turn_do_not_wait_for_each_other():
     """Two groups of sessions that take turns at this server (as 8 clients through 2 servers settle): a group's
     step waits for its own late member, but not for the other group, which comes half a period later, after any
@@ -103,7 +94,7 @@ def test_groups_stepping_in_turn_do_not_wait_for_each_other():
         step_s, period = 5.0, 100.0
 
         def run(requests):
-            clock.t += step_s  # a merged step takes step_s of the batcher's clock
+            clock.now += step_s  # a merged step takes step_s of the batcher's clock
             return [f"out-{r}" for r in requests]
 
         batcher = DecodeBatcher(run, max_wait_s=0.001, active_s=1e6, clock=clock)
@@ -111,7 +102,7 @@ def test_groups_stepping_in_turn_do_not_wait_for_each_other():
         offsets = {"A": 0.0, "B": period / 2}
 
         def arrive(group, k):
-            clock.t = k * period + offsets[group]
+            clock.now = k * period + offsets[group]
             return [asyncio.ensure_future(batcher.step(s, f"{s}.{k}")) for s in groups[group]]
 
         for k in range(3):  # the groups take turns; a 1 ms budget while they settle
@@ -128,12 +119,12 @@ def test_groups_stepping_in_turn_do_not_wait_for_each_other():
                 assert [t.result() for t in tasks] == [f"out-{s}.{k}" for s in groups[group]]
                 assert batcher.steps == before + 1  # the group's sessions in one merged step
         # a missing session expected within the budget (a2, late this round) is still waited for
-        clock.t = 6 * period
+        clock.now = 6 * period
         first = asyncio.ensure_future(batcher.step("a1", "a1.6"))
         for _ in range(3):
             await asyncio.sleep(0)
         assert not first.done()
-        clock.t += 1.0
+        clock.now += 1.0
         assert await batcher.step("a2", "a2.6") == "out-a2.6"
         assert await first == "out-a1.6" and batcher.steps == before + 2
 

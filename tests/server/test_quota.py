@@ -4,16 +4,9 @@ from the whole history of requests."""
 import random
 
 import pytest
+from clocks import Clock
 
 from swarmllm.server.quota import PeerLimits, PeerQuotas
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def test_sessions_and_cache_share_match_counters():
