@@ -91,6 +91,20 @@ def live_steps() -> int:
     return sum(type(o) is Step for o in gc.get_objects())
 
 
+def step_holders() -> dict[str, int]:
+    """Type name -> how many objects of it refer to the live `Step`s: what a failed count points at."""
+    gc.collect()
+    holders: dict[str, int] = {}
+    steps = [o for o in gc.get_objects() if type(o) is Step]
+    for step in steps:
+        for referrer in gc.get_referrers(step):
+            if referrer is steps:
+                continue
+            name = getattr(referrer, "__qualname__", None) or type(referrer).__qualname__
+            holders[name] = holders.get(name, 0) + 1
+    return holders
+
+
 def settled(count, timeout_s: float = 5.0) -> int:
     """`count()` once it is 0, or its value at the deadline (what is left once work in flight has ended)."""
     deadline = time.monotonic() + timeout_s
@@ -117,7 +131,9 @@ def test_pushed_sessions_hold_nothing_once_closed(llama_checkpoint):
             held.append(settled(lambda: live_steps() - baseline))
         assert all(not h.backend.sessions for h in handlers)
         # (a push still in flight when the baseline was counted makes it one too many: -1 then, not a leak)
-        assert max(held) <= 0, f"Steps alive after 100 and 200 more sessions: {held}"
+        assert max(held) <= 0, (
+            f"Steps alive after 100 and 200 more sessions: {held}, held by {step_holders()}"
+        )
 
 
 @pytest.fixture(scope="module")
