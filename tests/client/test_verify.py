@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from swarmllm.client.health import Speeds
-from swarmllm.client.routing import cap_throughput, route_inference
+from swarmllm.client.routing import MIN_UNMEASURED_SHARE, cap_throughput, route_inference
 from swarmllm.client.verify import (
     Gradients,
     detection_odds,
@@ -79,13 +79,34 @@ def test_a_server_announcing_absurd_speed_is_routed_by_its_measured_one():
         speeds.observe("boaster", "inference", rate)
     capped = cap_throughput(servers, speeds.measured("inference"), speeds.measured("forward"))
     assert capped[0].inference_rps == 12.0 and capped[0].forward_rps == 1e30
-    assert capped[1] is servers[1]
+    # the unmeasured one is taken at the share its measured replica delivers, but the boaster's shortfall is its
+    # own past half: it makes the honest one look at most half as fast
+    assert capped[1].inference_rps == 100.0 * MIN_UNMEASURED_SHARE and capped[1].forward_rps == 100.0
     assert [h.peer_id for h in route_inference(capped, 4, {})] == ["honest"]
-    # a hop's deadline caps one server the same way, without copying the server list
-    for s in servers:
-        for kind, announced in (("inference", s.inference_rps), ("forward", s.forward_rps)):
-            want = next(c for c in capped if c.peer_id == s.peer_id).model_dump()[f"{kind}_rps"]
-            assert speeds.capped(s.peer_id, kind, announced) == want
+    # a hop's deadline caps a measured server the same way, without copying the server list; an unmeasured one's
+    # is by its announced speed (the tighter deadline)
+    for kind, announced in (("inference", 1e30), ("forward", 1e30)):
+        assert speeds.capped("boaster", kind, announced) == capped[0].model_dump()[f"{kind}_rps"]
+        assert speeds.capped("honest", kind, 100.0) == 100.0
+
+
+def test_an_unmeasured_replica_is_discounted_by_what_a_measured_one_delivers():
+    """A used replica is measured with the client's own overheads (its loop, the wire), which an unused one's
+    announced speed lacks: both are compared as delivering the same share of what they announce, the best
+    measured share, so the used one (which may keep a conversation's beginning) is not left for a replica of
+    the same speed. (Without the share the unused one looked 1.25x faster and took the session.)"""
+    servers = [info("used", 0, 4, 100.0), info("unused", 0, 4, 100.0), info("slow", 0, 4, 100.0)]
+    speeds = Speeds()
+    speeds.observe("used", "inference", 80.0)
+    speeds.observe("slow", "inference", 20.0)
+    speeds.observe("used", "forward", 60.0)
+    capped = cap_throughput(servers, speeds.measured("inference"), speeds.measured("forward"))
+    assert [(s.inference_rps, s.forward_rps) for s in capped] == [(80.0, 60.0), (80.0, 60.0), (20.0, 60.0)]
+    # the used one a little nearer: it keeps the session (the unused one, at its announced speed, took it)
+    rtt = {"used": 0.001, "unused": 0.0011, "slow": 0.0}
+    assert [h.peer_id for h in route_inference(capped, 4, rtt)] == ["used"]
+    # nothing measured: announced speeds as they are
+    assert cap_throughput(servers, {}, {}) == servers
 
 
 def test_gradient_opinions_differ_by_their_worst_part():

@@ -92,6 +92,7 @@ class Speeds:
 
     def capped(self, peer_id: str, kind: str, announced: float) -> float:
         """`announced` capped by the peer's median measured rate for `kind`, if any: what `cap_throughput`
-        does for one server, cheap enough for every hop of every step."""
+        does for one measured server, cheap enough for every hop of every step (a hop's deadline; an unmeasured
+        server's is by its announced speed, which routing discounts)."""
         samples = self._samples.get((peer_id, kind))
         return min(announced, statistics.median(samples)) if samples else announced

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import heapq
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from swarmllm.dht import ServerInfo, ServerState
@@ -25,6 +25,11 @@ DEFAULT_RTT_S = 0.05  # assumed round trip to a server not yet pinged
 # the 2-core CPU box 8 sessions step in 1.83x one's time (0.12 a row); a GPU's steps, bound by reading the
 # weights, grow less
 ROW_COST = 0.1
+# the most of a measured server's shortfall against its announced speed taken as the client's own path (its loop,
+# the wire, a server's per-step work: what any server would show it), and so applied to a server not measured yet
+# (`cap_throughput`); what a server falls short beyond it is its own, so announcing more than it delivers makes the
+# others look at most this much slower
+MIN_UNMEASURED_SHARE = 0.5
 
 
 class MissingBlocksError(RuntimeError):
@@ -77,11 +82,26 @@ def cap_throughput(
     servers: Sequence[ServerInfo], inference_rps: Mapping[str, float], forward_rps: Mapping[str, float]
 ) -> list[ServerInfo]:
     """The servers with their announced speeds capped by what the client measured of them (peer id -> rate):
-    a server that announces more than it delivers is routed by what it delivers."""
+    a server that announces more than it delivers is routed by what it delivers. A server not measured yet is
+    taken at the share of its announced speed that the best measured one delivers (at least
+    `MIN_UNMEASURED_SHARE`): measures include the client's own path, which an announced speed does not, and
+    otherwise an unused replica looks faster than a used one of the same speed (and draws a conversation away
+    from the server that keeps its beginning)."""
+
+    def share(measured: Mapping[str, float], announced: Callable[[ServerInfo], float]) -> float:
+        shares = [
+            min(measured[s.peer_id] / a, 1.0)
+            for s in servers
+            if s.peer_id in measured and (a := announced(s))
+        ]
+        return max(max(shares), MIN_UNMEASURED_SHARE) if shares else 1.0
+
+    decode_share = share(inference_rps, lambda s: s.inference_rps)
+    forward_share = share(forward_rps, lambda s: s.forward_rps)
     out = []
     for s in servers:
-        decode = min(s.inference_rps, inference_rps.get(s.peer_id, float("inf")))
-        forward = min(s.forward_rps, forward_rps.get(s.peer_id, float("inf")))
+        decode = min(s.inference_rps, inference_rps.get(s.peer_id, s.inference_rps * decode_share))
+        forward = min(s.forward_rps, forward_rps.get(s.peer_id, s.forward_rps * forward_share))
         if (decode, forward) != (s.inference_rps, s.forward_rps):
             s = s.model_copy(update={"inference_rps": decode, "forward_rps": forward})
         out.append(s)
