@@ -68,6 +68,20 @@ def test_cache_finds_the_longest_run_and_drops_the_least_recently_used_within_bu
     assert OWNER not in budget._held
 
 
+def test_a_chain_kept_chunk_by_chunk_past_the_capacity_keeps_its_beginning():
+    """A long prefill keeps its blocks chunk by chunk: a later chunk's blocks make room by dropping other chains,
+    never the chain's own earlier blocks (without which they are unreachable); past the capacity the chain's
+    beginning stays, as when it was kept at once."""
+    cache = PrefixCache(CacheBudget(100 * BLOCK_TOKENS), 4 * BLOCK_TOKENS)
+    other = [(bytes([9, i]), entry()) for i in range(2)]
+    chain = [(bytes([1, i]), entry(i)) for i in range(6)]
+    assert cache.add(other) and cache.add(chain[:3])
+    assert not cache.add(chain[3:], before=[key for key, _ in chain[:3]])
+    keys = [key for key, _ in chain]
+    assert len(cache.find(keys)) == 4 and cache.find([key for key, _ in other]) == []
+    # (dropping the oldest regardless lost the chain's beginning: 1 block found)
+
+
 @pytest.fixture(scope="module")
 def span_path(llama_checkpoint):
     return str(llama_checkpoint)
@@ -248,6 +262,42 @@ def test_rows_alike_are_computed_once_and_share_the_prefix_cache(span_path):
     padded[:, :3] = False
     run_both(cached, oracle, [(x.expand(2, -1, -1), 0, padded, None)], rows=2)
     assert calls and set(calls) == {2}
+
+
+def test_a_session_waits_for_the_blocks_it_shares_not_for_the_others_whole_prefill(span_path):
+    """A long prompt computed in chunks keeps each chunk's blocks as it is done: sessions sent at the same moment
+    whose prompts share its first chunk's blocks, or one and a half chunks', copy them and are done while the long
+    one still computes (they waited for its whole prefill, ten chunks, before); every output is the oracle's."""
+    # (chunks of 4 blocks: past the backend's 32 tokens run inline, so on the compute thread, in the peers' turns)
+    cached, oracle = backends(span_path, prefill_chunk_tokens=4 * BLOCK_TOKENS)
+    hidden = cached.hidden_size
+    long = inputs(40 * BLOCK_TOKENS, 60, hidden)
+    short = torch.cat([long[:, : 4 * BLOCK_TOKENS], inputs(8, 61, hidden)], 1)
+    middle = torch.cat([long[:, : 6 * BLOCK_TOKENS], inputs(8, 62, hidden)], 1)
+    finished = []
+
+    async def together():
+        async def step(name: str, prompt: torch.Tensor) -> torch.Tensor:
+            session = cached.open_session(0, 4, 1, prompt.shape[1], owner=name)
+            out = (await cached.step(session, prompt, 0, None))[0]
+            finished.append(name)
+            if (released := cached.close_session(session)) is not None:
+                await asyncio.wrap_future(released)
+            return out
+
+        first = asyncio.create_task(step("long", long))
+        return await asyncio.gather(first, step("short", short), step("middle", middle))
+
+    def computed(prompt: torch.Tensor) -> torch.Tensor:
+        return asyncio.run(oracle.step(oracle.open_session(0, 4, 1, prompt.shape[1]), prompt, 0, None))[0]
+
+    outs = asyncio.run(together())
+    assert finished[-1] == "long"
+    # the short one copied the long one's first 4 blocks, the middle one its first 6 (it waited for two chunks)
+    assert cached.prefix.hit_tokens == (4 + 6) * BLOCK_TOKENS
+    assert cached.prefix.tokens >= 40 * BLOCK_TOKENS  # and the long one kept all of its own
+    for out, prompt in zip(outs, (long, short, middle), strict=True):
+        assert (out[0] - computed(prompt)).abs().max() < TOL
 
 
 def test_sessions_sending_one_beginning_at_once_compute_it_once(span_path):

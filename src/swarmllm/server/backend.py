@@ -45,7 +45,7 @@ import itertools
 import logging
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Collection, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, replace
 
@@ -657,7 +657,7 @@ class Backend:
             async for chunk in self._computed_chunks(session, hidden, position, new_mask, prompts, pending):
                 yield chunk
             return
-        copied, keys, claimed = 0, None, []
+        copied, keys, claimed, kept_before = 0, None, [], []
         if not chain.tail and hidden.shape[1] >= BLOCK_TOKENS:
             # (a long prompt's hashing on the compute thread, off the loop)
             keys = await self.run(hidden.shape[1], session.owner, block_keys, chain.key, hidden[0])
@@ -666,27 +666,45 @@ class Backend:
                 copied = len(found) * BLOCK_TOKENS
                 out = await self.run(copied, session.owner, self._copy_in, session, position, found)
                 chain, session.copied = Chain(keys[len(found) - 1], position + copied), copied
-                keys = keys[len(found) :]  # (those of the positions computed next)
+                kept_before, keys = (
+                    keys[: len(found)],
+                    keys[len(found) :],
+                )  # (keys: of the positions computed next)
                 yield 0, copied, out, None
             claimed = self.prefix.claim(keys)
         try:
-            outs = []
-            if copied < hidden.shape[1]:
-                rest = hidden[:, copied:]
+            rest, kept = hidden[:, copied:], 0  # (kept: how many of `keys` are kept so far)
+            if rest.shape[1]:
                 async for a, b, r, _ in self._computed_chunks(session, rest, position + copied, None):
-                    outs.append(r[0])
                     yield copied + a, copied + b, r, None
-            session.chain = await self._keep(session, chain, hidden[0, copied:], outs, keys)
+                    if chain is None:  # (the cache found no room for an earlier chunk's blocks)
+                        continue
+                    # each chunk's whole blocks kept as it is done: a session waiting for the first of them goes on
+                    # then, not after the whole prefill
+                    chunk_keys, before = None, ()
+                    if keys is not None:
+                        whole = (chain.tail_length + b - a) // BLOCK_TOKENS
+                        chunk_keys, before = keys[kept : kept + whole], {*kept_before, *keys[:kept]}
+                        kept += whole
+                    chain = await self._keep(session, chain, rest[0, a:b], [r[0]], chunk_keys, before)
+                    if claimed:
+                        done = set(claimed if chain is None else chunk_keys or ())
+                        self.prefix.settle([key for key in claimed if key in done])
+                        claimed = [key for key in claimed if key not in done]
+            session.chain = chain
         finally:  # (a step cancelled too: sessions waiting for its blocks compute them themselves)
             self.prefix.settle(claimed)
 
     async def _await_computing(self, keys: list[bytes]) -> None:
-        """Wait (up to `COMPUTING_WAIT_S`) for the session that computes the first of `keys` not held yet, if one
-        does now: the blocks it keeps are copied rather than computed twice."""
-        held = self.prefix.held(keys)
-        if held < len(keys) and (done := self.prefix.computing(keys[held])) is not None:
+        """Wait (up to `COMPUTING_WAIT_S` in all) while another session computes the first of `keys` not held yet:
+        the blocks it keeps are copied rather than computed twice. It keeps them chunk by chunk of its prefill,
+        so this waits for the blocks these keys share with it, not for its whole step."""
+        deadline = time.monotonic() + COMPUTING_WAIT_S
+        while (held := self.prefix.held(keys)) < len(keys) and (done := self.prefix.computing(keys[held])):
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(done.wait(), COMPUTING_WAIT_S)
+                await asyncio.wait_for(done.wait(), max(deadline - time.monotonic(), 0.0))
+            if time.monotonic() >= deadline:
+                return
 
     async def _computed_chunks(
         self,
@@ -733,11 +751,13 @@ class Backend:
         inputs: torch.Tensor,
         outs: list[torch.Tensor],
         keys: list[bytes] | None = None,
+        before: Collection[bytes] = (),
     ) -> Chain | None:
         """Where a session stands after its positions from `chain.end` on were computed (inputs [T, H], outputs
         [t, H] a chunk): the whole blocks among them and the tail before kept in the prefix cache, the rest the
         new tail. None: the session no longer takes part (the cache found no room). `keys`: those of the whole
-        blocks of `inputs`, where a look-up made them (with no tail before)."""
+        blocks of the tail and `inputs`, where a look-up made them; `before`: the chain's blocks before them that
+        this step copied or kept (the cache makes room for these without dropping them)."""
         if not outs:
             return chain
         tail = [*chain.tail, (inputs, torch.cat(outs) if len(outs) > 1 else outs[0])]
@@ -749,7 +769,7 @@ class Backend:
         keys, entries = await self.run(
             whole, session.owner, self._copy_out, session, chain, inputs, out[:whole], keys
         )
-        if not self.prefix.add(list(zip(keys, entries, strict=True))):
+        if not self.prefix.add(list(zip(keys, entries, strict=True)), before):
             return None
         rest = [(inputs[whole:].clone(), out[whole:].clone())] if whole < length else []
         return Chain(keys[-1], chain.done + whole, rest)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 from collections import OrderedDict
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 import torch
@@ -105,25 +106,25 @@ class PrefixCache:
 
     def claim(self, keys: list[bytes]) -> list[bytes]:
         """Mark the blocks a session is about to compute (those neither held nor claimed by another); returns the
-        ones claimed, for `settle`."""
+        ones claimed, for `settle`. Each has its own event: they are settled chunk by chunk of the prefill."""
         claimed = [key for key in keys if key not in self._entries and key not in self._computing]
-        event = asyncio.Event()
         for key in claimed:
-            self._computing[key] = event
+            self._computing[key] = asyncio.Event()
         return claimed
 
     def settle(self, claimed: list[bytes]) -> None:
-        """The claiming session's step is over (its blocks kept, or not): whoever waits for them goes on."""
+        """The claiming session is done with these blocks (kept, or not): whoever waits for them goes on."""
         for key in claimed:
             if (event := self._computing.pop(key, None)) is not None:
                 event.set()
 
-    def add(self, items: list[tuple[bytes, Entry]]) -> bool:
-        """Keep these blocks (a chain's, in order), older entries making room within the capacity; False where
-        some found no room (the chain's later ones, unreachable without the earlier)."""
+    def add(self, items: list[tuple[bytes, Entry]], before: Collection[bytes] = ()) -> bool:
+        """Keep these blocks (a chain's, in order), older entries making room within the capacity but those of
+        `before` (the chain's blocks before these: without them these are unreachable); False where some found
+        no room (the chain's later ones, unreachable without the earlier)."""
         new = [key for key, _ in items if key not in self._entries]
-        while self._entries and self.tokens + len(new) * self.block > self.capacity_tokens:
-            self._drop_oldest()
+        while self.tokens + len(new) * self.block > self.capacity_tokens and self._drop_oldest(before):
+            pass
         room = max(0, min(self.capacity_tokens - self.tokens, self.budget.free_tokens)) // self.block
         keep = set(new[:room])
         for key, entry in reversed(items):  # the chain's first ends up most recently used
@@ -141,10 +142,14 @@ class PrefixCache:
             self._drop_oldest()
             freed += self.block
 
-    def _drop_oldest(self) -> None:
-        if self._entries:
-            self._entries.popitem(last=False)
-            self._hold()
+    def _drop_oldest(self, spare: Collection[bytes] = ()) -> bool:
+        """Drop the least recently used entry not in `spare`; False where there is none."""
+        for key in self._entries:
+            if key not in spare:
+                del self._entries[key]
+                self._hold()
+                return True
+        return False
 
     def _hold(self) -> None:
         self.budget.release(OWNER)
