@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import logging
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -26,7 +27,7 @@ from swarmllm.client.swarm import SwarmClient
 from swarmllm.local import LocalSwarm
 from swarmllm.models import load_client_head, load_span
 from swarmllm.server.backend import Backend
-from swarmllm.server.handler import RequestHandler
+from swarmllm.server.handler import RequestHandler, ServerLimits
 from swarmllm.wire import DirectServer, Identity
 from swarmllm.wire.messages import Step
 from swarmllm.wire.pool import ConnectionPool
@@ -37,8 +38,15 @@ PROMPT = 120  # tokens of each cycle's prompt: its hidden states are what a leak
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
+# servers that never refuse this client for its request rate: a fast machine's generates (~6 ms each, 2-3 requests)
+# pass the default 50 a second, and the hops refused and replaced then are `test_refused_hops_...`'s subject
+UNLIMITED = ServerLimits(peer_rate_per_s=100_000.0, peer_burst=100_000)
+
+
 @contextmanager
-def push_chain(path: str) -> Iterator[tuple[DistributedModelForCausalLM, list[RequestHandler]]]:
+def push_chain(
+    path: str, limits: ServerLimits = UNLIMITED
+) -> Iterator[tuple[DistributedModelForCausalLM, list[RequestHandler]]]:
     """The model of checkpoint `path` over two in-process servers of half its blocks each, the first pushing its
     outputs straight to the second (as `Server` wires them: a connection pool to its peers)."""
     config, head = load_client_head(path)
@@ -57,7 +65,7 @@ def push_chain(path: str) -> Iterator[tuple[DistributedModelForCausalLM, list[Re
                 return await pool.get(peer_id, [f"{host}:{port}"])
 
             backend = Backend(load_span(path, start, end), cache_tokens=4096)
-            handler = RequestHandler(backend, dict, connect=connect, peer_id=identity.peer_id)
+            handler = RequestHandler(backend, dict, limits=limits, connect=connect, peer_id=identity.peer_id)
             server = DirectServer(handler.handlers(), identity)
             await server.start()
             addresses[identity.peer_id] = server.address
@@ -134,6 +142,25 @@ def test_pushed_sessions_hold_nothing_once_closed(llama_checkpoint):
         assert max(held) <= 0, (
             f"Steps alive after 100 and 200 more sessions: {held}, held by {step_holders()}"
         )
+
+
+def test_refused_hops_leave_nothing_alive_in_kept_log_records(llama_checkpoint, caplog):
+    """Servers that refuse this client past a request rate make it replace hops, which it logs: a handler that
+    keeps log records (pytest's does, as a memory handler would) must not keep the hops' steps alive through them.
+    (A record's arguments held the replaced hop, and the re-pointing's error with its traceback's frames: the
+    soak above, held to the default 50 requests a second on a fast machine, counted 8 steps alive.)"""
+    caplog.set_level(logging.INFO, logger="swarmllm")
+    prompt = torch.randint(3, 100, (1, PROMPT))
+    with push_chain(str(llama_checkpoint), ServerLimits(peer_rate_per_s=10.0, peer_burst=2)) as (model, _):
+        model.generate(prompt, max_new_tokens=2)
+        baseline = live_steps()
+        for _ in range(12):
+            model.generate(prompt, max_new_tokens=2)
+        assert any("replacing it" in r.getMessage() for r in caplog.records), (
+            "no hop was refused and replaced"
+        )
+        held = settled(lambda: live_steps() - baseline)
+        assert held <= 0, f"Steps alive after 12 sessions with refused hops: {held}, held by {step_holders()}"
 
 
 @pytest.fixture(scope="module")

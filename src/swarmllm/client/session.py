@@ -389,7 +389,7 @@ class InferenceSession:
         demand = Demand(hidden.shape[1], steps, self.swarm.affinity.held(keys))
         self._hops, _, _ = await self._chain(self.start, self.end, None, [], demand=demand)
         self.swarm.affinity.note(self._spans(), keys)
-        logger.debug("session over %s", self._hops)
+        logger.debug("session over %s", ", ".join(map(str, self._hops)))
 
     def _beginning(self, hidden: torch.Tensor, key_mask: torch.Tensor | None) -> list[bytes]:
         """The keys of the whole blocks of inputs from position 0 (`affinity.entry_keys`), where servers keep
@@ -487,7 +487,7 @@ class InferenceSession:
                         await self._close_hops(new)
                         raise RuntimeError("the inference session was closed during this step") from e
                     logger.info(
-                        "%s failed while joining the session (%s); trying another", new[-1], describe(e)
+                        "%s failed while joining the session (%s); trying another", str(new[-1]), describe(e)
                     )
                     await self._close_hops(new)
                     if self._adapter_dropped(new[-1].peer_id, e):
@@ -547,9 +547,9 @@ class InferenceSession:
             raise RuntimeError("the inference session was closed during this step") from error
         self.swarm.check_running()  # (the shutdown closed the connections: no fault of their servers)
         if wants_room(error):  # (a refusal to open it: no failure, and a waiting session meets it every ~2 s)
-            logger.debug("%s refused room (%s)", failed, describe(error))
+            logger.debug("%s refused room (%s)", str(failed), describe(error))
         else:
-            logger.info("%s failed (%s); replacing it", failed, describe(error))
+            logger.info("%s failed (%s); replacing it", str(failed), describe(error))
         # its opening was refused for now only (a request rate): it is opened again, after the wait, which is no
         # failover of a working hop
         deferred = False
@@ -607,7 +607,11 @@ class InferenceSession:
             try:
                 await self._hops[after].repoint(new[-1].peer_id, self.swarm.connect_timeout_s)
             except HOP_FAILURES as e:
-                logger.info("re-pointing %s failed (%s); it is replaced when used", self._hops[after], e)
+                logger.info(
+                    "re-pointing %s failed (%s); it is replaced when used",
+                    str(self._hops[after]),
+                    describe(e),
+                )
         if deferred:
             return
         record = Failover(
@@ -714,7 +718,7 @@ class InferenceSession:
         failure (the server is not at fault)."""
         given = [hop for hop in self._hops if hop.peer_id == peer_id and hop.is_open]
         for hop in given:  # (all marked before any await: a step that starts meanwhile replaces them first)
-            logger.info("%s given up %s", hop, why)
+            logger.info("%s given up %s", str(hop), why)
             hop.failure = RoomGivenUp(f"given up {why}")
             hop.answered = False
         await self._close_hops(given)

@@ -694,7 +694,7 @@ class SwarmClient:
                         )
                     raise MissingBlocksError(e.missing, self.num_blocks, detail) from failure
                 if attempt > 0:
-                    logger.info("%s; looking again in %.1f s", e, delay)
+                    logger.info("%s; looking again in %.1f s", str(e), delay)
                     await asyncio.sleep(delay)
                     delay = min(delay * 2, MAX_ROUTE_RETRY_S)
                 attempt += 1
@@ -851,7 +851,7 @@ class SwarmClient:
                 codes = ("cache_full", "quota", "busy", "bad_request")
                 if isinstance(e.cause, RemoteError) and e.cause.code in codes:
                     break
-                logger.warning("%s; computing the batch again on another route", e)
+                logger.warning("%s; computing the batch again on another route", str(e))
                 self.ban(e.hop.peer_id, e.cause)
                 failure = e.cause
                 continue
@@ -871,7 +871,7 @@ class SwarmClient:
             except HopFailed as e:
                 if shed.note(e):
                     continue
-                logger.warning("%s; computing its blocks on another server", e)
+                logger.warning("%s; computing its blocks on another server", str(e))
                 self.ban(hop.peer_id, e.cause)
                 failure = e.cause
                 continue
@@ -1186,7 +1186,7 @@ class SwarmClient:
                 except HopFailed as e:
                     if shed.note(e):
                         continue
-                    logger.warning("%s; computing its blocks on another server", e)
+                    logger.warning("%s; computing its blocks on another server", str(e))
                     self.ban(hop.peer_id, e.cause)
                     failure = e.cause
                     continue
@@ -1243,7 +1243,7 @@ class SwarmClient:
                     if shed.note(e):  # the same server again, after a pause (its kept input is here)
                         todo.append((hop, x))
                         continue
-                    logger.warning("%s; computing its backward on other servers", e)
+                    logger.warning("%s; computing its backward on other servers", str(e))
                     self.ban(hop.peer_id, e.cause)
                     try:
                         todo += await self._reroute(hop, x, mask, own, e.cause)

@@ -867,7 +867,7 @@ class RequestHandler:
                 self._deliver_push(pushed, self.peer_id)
                 return True
             except RequestError as e:
-                logger.info("push to our own session failed (%s); the client will send it", e)
+                logger.info("push to our own session failed (%s); the client will send it", str(e))
                 return False
         if self.connect is None:
             return False
@@ -922,7 +922,7 @@ class RequestHandler:
         leaving server's are, leaves no one to tell)."""
         if session.inbox not in self._open:
             return
-        logger.info("push to %s failed (%r); telling the client to send it", peer_id, error)
+        logger.info("push to %s failed (%s); telling the client to send it", peer_id, repr(error))
         try:
             session.inbox.put_nowait(_PushFailed(PushFailed(step, repr(error)).to_message().meta))
         except asyncio.QueueFull:
