@@ -666,10 +666,8 @@ class Backend:
                 copied = len(found) * BLOCK_TOKENS
                 out = await self.run(copied, session.owner, self._copy_in, session, position, found)
                 chain, session.copied = Chain(keys[len(found) - 1], position + copied), copied
-                kept_before, keys = (
-                    keys[: len(found)],
-                    keys[len(found) :],
-                )  # (keys: of the positions computed next)
+                # (keys: those of the positions computed next)
+                kept_before, keys = keys[: len(found)], keys[len(found) :]
                 yield 0, copied, out, None
             claimed = self.prefix.claim(keys)
         try:
@@ -700,7 +698,9 @@ class Backend:
         the blocks it keeps are copied rather than computed twice. It keeps them chunk by chunk of its prefill,
         so this waits for the blocks these keys share with it, not for its whole step."""
         deadline = time.monotonic() + COMPUTING_WAIT_S
-        while (held := self.prefix.held(keys)) < len(keys) and (done := self.prefix.computing(keys[held])):
+        while (held := self.prefix.held(keys)) < len(keys) and (
+            done := self.prefix.computing(keys[held])
+        ) is not None:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(done.wait(), max(deadline - time.monotonic(), 0.0))
             if time.monotonic() >= deadline:
